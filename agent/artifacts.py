@@ -1,0 +1,128 @@
+"""Saving a job's declared artifact folders: every file uploaded and checked, then the manifest."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+log = logging.getLogger("dstack.agent")
+CHUNK = 1 << 20
+T = TypeVar("T")
+PARALLEL = 4
+
+
+class ArtifactError(Exception):
+    pass
+
+
+def resolve_inside(workdir: Path, rel: str) -> Path:
+    """The artifact path, refusing absolute paths and paths or symlinks that lead out of workdir."""
+    if os.path.isabs(rel):
+        raise ArtifactError(f"artifact path {rel!r} must be relative to the working directory")
+    p = (workdir / rel).resolve()
+    if not p.is_relative_to(workdir.resolve()):
+        raise ArtifactError(f"artifact path {rel!r} leads outside the working directory")
+    return p
+
+
+def prepare_dirs(workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]) -> None:
+    for a in specs:
+        resolve_inside(workdir, a.path).mkdir(parents=True, exist_ok=True)
+
+
+def collect_files(workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]) -> list[tuple[str, Path]]:
+    root = workdir.resolve()
+    out: dict[str, Path] = {}
+    for a in specs:
+        base = resolve_inside(workdir, a.path)
+        if base.is_file():
+            out[base.relative_to(root).as_posix()] = base
+            continue
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                p = Path(dirpath) / name
+                if p.is_symlink():
+                    target = p.resolve()
+                    if not target.is_relative_to(root) or not target.is_file():
+                        log.warning("skipping symlink %s: it points outside the working directory", p)
+                        continue
+                if p.is_file():
+                    out[p.relative_to(root).as_posix()] = p
+    return sorted(out.items())
+
+
+class Uploader:
+    def __init__(
+        self,
+        stub: agent_pb2_grpc.AgentServiceStub,
+        metadata: Callable[[], list[tuple[str, str]]],
+        attempts: int,
+    ) -> None:
+        self.stub = stub
+        self.metadata = metadata
+        self.attempts = attempts
+
+    async def upload(self, job_id: str, workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]) -> int:
+        """Uploads every file, then commits the manifest; returns the number of files."""
+        files = await asyncio.to_thread(collect_files, workdir, specs)
+        sem = asyncio.Semaphore(PARALLEL)
+
+        async def one(rel: str, path: Path) -> common_pb2.ArtifactFile:
+            async with sem:
+                return await self._retry(f"upload {rel}", lambda: self._upload_file(job_id, rel, path))
+
+        manifest = await asyncio.gather(*(one(rel, p) for rel, p in files))
+        req = agent_pb2.CommitArtifactsRequest(job_id=job_id, files=manifest)
+        await self._retry("commit manifest", lambda: self.stub.CommitArtifacts(req, metadata=self.metadata()))
+        return len(manifest)
+
+    async def _retry(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        delay = 0.2
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return await fn()
+            except grpc.aio.AioRpcError as e:
+                final = e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+                if final or attempt == self.attempts:
+                    raise ArtifactError(f"{what} failed: {e.details() or e.code().name}") from e
+                log.warning("%s failed (%s); retry %d in %.1fs", what, e.code().name, attempt, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    async def _upload_file(self, job_id: str, rel: str, path: Path) -> common_pb2.ArtifactFile:
+        digest = hashlib.sha256()
+        size = 0
+
+        async def requests() -> AsyncIterator[agent_pb2.UploadArtifactRequest]:
+            nonlocal size
+            f = await asyncio.to_thread(path.open, "rb")
+            try:
+                first = True
+                while True:
+                    data = await asyncio.to_thread(f.read, CHUNK)
+                    digest.update(data)
+                    size += len(data)
+                    if first:
+                        yield agent_pb2.UploadArtifactRequest(job_id=job_id, path=rel, data=data)
+                        first = False
+                    elif data:
+                        yield agent_pb2.UploadArtifactRequest(data=data)
+                    if not data:
+                        return
+            finally:
+                f.close()
+
+        resp = await self.stub.UploadArtifact(requests(), metadata=self.metadata())
+        if resp.sha256 != digest.hexdigest() or resp.size != size:
+            raise ArtifactError(f"{rel}: the store received different bytes than were sent")
+        return common_pb2.ArtifactFile(path=rel, size=size, sha256=resp.sha256)

@@ -1,0 +1,80 @@
+"""The code cache: packed working trees by content hash, fetched once per agent."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+
+class CodeError(Exception):
+    pass
+
+
+def extract(archive: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "r:gz") as tar:
+        # The "data" filter refuses absolute paths, links out of dest and device files.
+        tar.extractall(dest, filter="data")
+
+
+class CodeCache:
+    def __init__(
+        self, root: Path, stub: agent_pb2_grpc.AgentServiceStub, metadata: Callable[[], list[tuple[str, str]]]
+    ) -> None:
+        self.root = root
+        self.stub = stub
+        self.metadata = metadata
+        self._inflight: dict[str, asyncio.Future[Path]] = {}
+        self.bytes_downloaded = 0
+
+    async def materialize(self, code: common_pb2.CodeRef, dest: Path) -> None:
+        if not code.hash:
+            await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
+            return
+        archive = await self._get(code.hash)
+        await asyncio.to_thread(extract, archive, dest)
+
+    async def _get(self, code_hash: str) -> Path:
+        path = self.root / f"{code_hash}.tar.gz"
+        if await asyncio.to_thread(path.exists):
+            return path
+        fut = self._inflight.get(code_hash)
+        if fut is not None:
+            return await fut
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[code_hash] = fut
+        try:
+            await self._download(code_hash, path)
+            fut.set_result(path)
+            return path
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # mark retrieved: waiters (if any) get it
+            raise
+        finally:
+            del self._inflight[code_hash]
+
+    async def _download(self, code_hash: str, path: Path) -> None:
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        fd, tmp = await asyncio.to_thread(tempfile.mkstemp, dir=self.root, prefix=".part-")
+        f = os.fdopen(fd, "wb")
+        digest = hashlib.sha256()
+        try:
+            async for chunk in self.stub.GetCode(agent_pb2.GetCodeRequest(hash=code_hash), metadata=self.metadata()):
+                digest.update(chunk.data)
+                await asyncio.to_thread(f.write, chunk.data)
+                self.bytes_downloaded += len(chunk.data)
+            f.close()
+            if digest.hexdigest() != code_hash:
+                raise CodeError(f"code {code_hash[:12]} arrived corrupted (sha256 {digest.hexdigest()[:12]})")
+            await asyncio.to_thread(os.replace, tmp, path)
+        finally:
+            f.close()
+            await asyncio.to_thread(Path(tmp).unlink, missing_ok=True)

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    coordinator: str  # "unix:///path.sock" or "HOST:PORT"
+    home: Path  # credentials, code cache, job working directories
+    join_token: str = ""
+    name: str = ""
+    runtime: str = "host"  # host | null
+    simulate_gpus: str = ""  # e.g. "8xA100-80GB": test/dev only, never on by default
+    max_jobs: int = 64
+    stop_grace_s: float = 10.0
+    inventory_interval_s: float = 10.0
+    upload_attempts: int = 5
+
+    @property
+    def credentials_path(self) -> Path:
+        return self.home / "agent.json"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    @property
+    def code_dir(self) -> Path:
+        return self.home / "code"

@@ -1,0 +1,210 @@
+"""The agent's session with the coordinator: register, connect, and keep the stream alive.
+
+One stream at a time. On any failure the agent reconnects with backoff; running jobs keep running
+and what they produced meanwhile waits in the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+
+import grpc
+
+from agent.artifacts import Uploader
+from agent.code import CodeCache
+from agent.config import AgentConfig
+from agent.inventory import Inventory
+from agent.outbox import Outbox
+from agent.runner import JobRunner, RunnerDeps
+from agent.runtimes import make_runtime
+from protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+log = logging.getLogger("dstack.agent")
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # Reconnect fast after a coordinator restart: the default backoff grows to 2 minutes.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+class FatalAgentError(Exception):
+    """Retrying cannot help (e.g. the join token is wrong)."""
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.outbox = Outbox()
+        self.runtime = make_runtime(config.runtime, config.stop_grace_s)
+        self.inventory = Inventory(config.home, config.runtime, config.max_jobs, config.simulate_gpus)
+        self.jobs: dict[str, JobRunner] = {}
+        self.agent_id = ""
+        self.token = ""
+        self.channel = grpc.aio.insecure_channel(config.coordinator, options=CHANNEL_OPTIONS)
+        self.stub = agent_pb2_grpc.AgentServiceStub(self.channel)
+        self.code = CodeCache(config.code_dir, self.stub, self.metadata)
+        self._last_inventory: common_pb2.Inventory | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self.deps = RunnerDeps(
+            jobs_dir=config.jobs_dir,
+            runtime=self.runtime,
+            code=self.code,
+            outbox=self.outbox,
+            uploader=Uploader(self.stub, self.metadata, config.upload_attempts),
+            gpu_uuids=self._gpu_uuids,
+        )
+
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token}")]
+
+    def _gpu_uuids(self, indices: list[int]) -> list[str]:
+        inv = self._last_inventory
+        if inv is None or any(g.simulated for g in inv.gpus):
+            return []  # simulated GPUs have no real UUID: pin by index
+        by_index = {g.index: g.uuid for g in inv.gpus}
+        return [by_index[i] for i in indices if i in by_index]
+
+    # ---- credentials -------------------------------------------------------------------------
+    async def _load_credentials(self) -> bool:
+        path = self.config.credentials_path
+        if not await asyncio.to_thread(path.exists):
+            return False
+        data = json.loads(await asyncio.to_thread(path.read_text))
+        if data.get("coordinator") != self.config.coordinator:
+            return False
+        self.agent_id, self.token = data["agent_id"], data["agent_token"]
+        return True
+
+    async def _register(self) -> None:
+        if not self.config.join_token:
+            raise FatalAgentError("this agent is not registered: pass --join-token (see `dstack server` output)")
+        inv = await asyncio.to_thread(self.inventory.collect)
+        try:
+            resp = await self.stub.Register(
+                agent_pb2.RegisterRequest(join_token=self.config.join_token, name=self.config.name, inventory=inv)
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise FatalAgentError(f"the coordinator refused the join token: {e.details()}") from e
+            raise
+        self.agent_id, self.token = resp.agent_id, resp.agent_token
+        creds = {"coordinator": self.config.coordinator, "agent_id": self.agent_id, "agent_token": self.token}
+
+        def save() -> None:
+            path = self.config.credentials_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(creds, f)
+            os.replace(tmp, path)
+
+        await asyncio.to_thread(save)
+        log.info("registered with the coordinator as %s", self.agent_id)
+
+    # ---- main loop ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        await self.runtime.cleanup_leftovers(self.config.jobs_dir)
+        delay = 0.1
+        registered = await self._load_credentials()
+        while True:
+            try:
+                if not registered:
+                    await self._register()
+                    registered = True
+                await self._session()
+                delay = 0.1
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    log.warning("the coordinator does not know this agent any more; registering again")
+                    registered = False
+                    continue
+                log.info("coordinator unreachable (%s); retrying in %.1fs", e.code().name, delay)
+            await asyncio.sleep(delay * (1 + random.random() / 5))
+            delay = min(delay * 2, 2.0)
+
+    async def _session(self) -> None:
+        call = self.stub.Connect(metadata=self.metadata())
+        inv = await asyncio.to_thread(self.inventory.collect)
+        self._last_inventory = inv
+        active = set(self.jobs) | self.outbox.jobs_with_pending()
+        await call.write(
+            agent_pb2.AgentMessage(
+                hello=agent_pb2.Hello(agent_id=self.agent_id, inventory=inv, active_job_ids=sorted(active))
+            )
+        )
+        first = await call.read()
+        if first is grpc.aio.EOF:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "stream closed")  # type: ignore[arg-type]
+        ack = first.hello_ack
+        self.outbox.on_new_stream({p.job_id: p.seq for p in ack.log_positions})
+        interval = (ack.heartbeat_interval_ms or 3000) / 1000
+        log.info("connected to the coordinator (%d active jobs)", len(active))
+        await self._handle(first)
+        sender = asyncio.create_task(self._send_loop(call, interval))
+        try:
+            while (msg := await call.read()) is not grpc.aio.EOF:
+                await self._handle(msg)  # type: ignore[arg-type]
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await sender
+        # The stream ended without an error status: treat as a disconnect.
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "stream ended")  # type: ignore[arg-type]
+
+    async def _send_loop(self, call: grpc.aio.StreamStreamCall, interval: float) -> None:  # type: ignore[type-arg]
+        next_beat = time.monotonic() + interval
+        next_inventory = time.monotonic() + self.config.inventory_interval_s
+        while True:
+            timeout = max(0.0, next_beat - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.outbox.wake.wait(), timeout)
+            self.outbox.wake.clear()
+            while (msg := self.outbox.take()) is not None:
+                await call.write(msg)
+            now = time.monotonic()
+            if now >= next_beat:
+                beat = agent_pb2.Heartbeat()
+                if now >= next_inventory:
+                    self._last_inventory = await asyncio.to_thread(self.inventory.collect)
+                    beat.inventory.CopyFrom(self._last_inventory)
+                    next_inventory = now + self.config.inventory_interval_s
+                await call.write(agent_pb2.AgentMessage(heartbeat=beat))
+                next_beat = now + interval
+
+    async def _handle(self, msg: agent_pb2.CoordinatorMessage) -> None:
+        for ack in msg.log_acks:
+            self.outbox.ack_logs(ack.job_id, ack.seq)
+        for uack in msg.update_acks:
+            self.outbox.ack_update(uack.job_id, uack.status)
+        for a in msg.assignments:
+            if a.job_id in self.jobs:
+                continue  # re-sent after a reconnect: already running
+            runner = JobRunner(self.deps, a)
+            self.jobs[a.job_id] = runner
+            runner.start().add_done_callback(lambda _t, j=a.job_id: self.jobs.pop(j, None))
+        for stop in msg.stops:
+            runner_ = self.jobs.get(stop.job_id)
+            if runner_ is not None:
+                task = asyncio.create_task(runner_.stop(stop.abort))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        for r in list(self.jobs.values()):
+            if r.task is not None:
+                r.task.cancel()
+        await asyncio.gather(*(r.task for r in self.jobs.values() if r.task), return_exceptions=True)
+        await self.channel.close()

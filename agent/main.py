@@ -1,0 +1,80 @@
+"""`python -m agent` / `dstack agent`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from agent.config import AgentConfig
+from agent.connection import Agent, FatalAgentError
+from agent.inventory import InventoryError, parse_simulated
+
+
+def parse_args(argv: list[str] | None = None) -> AgentConfig:
+    p = argparse.ArgumentParser(prog="dstack agent", description="Runs a dstack agent on this host.")
+    p.add_argument("--coordinator", required=True, help="HOST:PORT or unix:///path.sock")
+    p.add_argument("--join-token", default=os.environ.get("DSTACK_JOIN_TOKEN", ""))
+    p.add_argument("--home", default=os.environ.get("DSTACK_AGENT_HOME", "~/.dstack/agent"))
+    p.add_argument("--name", default=socket.gethostname())
+    p.add_argument("--runtime", default=os.environ.get("DSTACK_RUNTIME", "host"), choices=["host", "null"])
+    p.add_argument(
+        "--simulate-gpus",
+        default=os.environ.get("DSTACK_SIMULATE_GPUS", ""),
+        help="test/dev only: report simulated GPUs instead of NVML's, e.g. 8xA100-80GB",
+    )
+    p.add_argument("--max-jobs", type=int, default=64)
+    p.add_argument("--stop-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    a = p.parse_args(argv)
+    if a.simulate_gpus:
+        try:
+            parse_simulated(a.simulate_gpus)
+        except InventoryError as e:
+            p.error(str(e))
+    return AgentConfig(
+        coordinator=a.coordinator,
+        home=Path(a.home).expanduser().resolve(),
+        join_token=a.join_token,
+        name=a.name,
+        runtime=a.runtime,
+        simulate_gpus=a.simulate_gpus,
+        max_jobs=a.max_jobs,
+        stop_grace_s=a.stop_grace,
+    )
+
+
+async def run_agent(config: AgentConfig) -> None:
+    agent = Agent(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    main = asyncio.create_task(agent.run())
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    main.cancel()
+    stopper.cancel()
+    await agent.close()
+    if main in done:
+        main.result()  # raises FatalAgentError
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(
+        level=os.environ.get("DSTACK_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = parse_args(argv)
+    try:
+        asyncio.run(run_agent(config))
+    except FatalAgentError as e:
+        print(f"dstack agent: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass

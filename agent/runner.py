@@ -1,0 +1,200 @@
+"""One job on this agent, from assignment to its final report.
+
+Lifecycle (docs/lifecycle.md):
+  1. fetch the code (cached by hash) and unpack it into the job's own directory;
+  2. create the declared artifact folders;
+  3. start the process through the runtime; report RUNNING;
+  4. stream stdout/stderr line by line into the outbox;
+  5. on exit report UPLOADING, save the artifacts (manifest last);
+  6. report DONE, FAILED or STOPPED, only after every log line has been sent;
+  7. remove the job's directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.artifacts import ArtifactError, Uploader, prepare_dirs
+from agent.code import CodeCache
+from agent.outbox import Outbox
+from agent.runtimes import JobProcess, Runtime, RuntimeJob
+from protos.v1 import agent_pb2, common_pb2
+
+log = logging.getLogger("dstack.agent")
+JS = common_pb2.JobStatus
+TR = common_pb2.TerminationReason
+MAX_LINE = 64 * 1024  # longer lines are split, so one line cannot exhaust memory
+
+
+@dataclass
+class RunnerDeps:
+    jobs_dir: Path
+    runtime: Runtime
+    code: CodeCache
+    outbox: Outbox
+    uploader: Uploader
+    gpu_uuids: Callable[[list[int]], list[str]]
+
+
+class LineSplitter:
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        self.emit = emit
+        self.buf = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self.buf += chunk
+        *lines, self.buf = self.buf.split(b"\n")
+        for line in lines:
+            self._emit(line)
+        while len(self.buf) > MAX_LINE:
+            self._emit(self.buf[:MAX_LINE])
+            self.buf = self.buf[MAX_LINE:]
+
+    def _emit(self, line: bytes) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        self.emit(line.decode("utf-8", errors="replace"))
+
+    def close(self) -> None:
+        if self.buf:
+            self._emit(self.buf)
+            self.buf = b""
+
+
+def base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "USER", "LOGNAME", "TZ")}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env["LANG"] = "C.UTF-8"
+    env["PYTHONUNBUFFERED"] = "1"  # logs of Python jobs arrive as they are printed
+    return env
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class JobRunner:
+    def __init__(self, deps: RunnerDeps, assignment: agent_pb2.JobAssignment) -> None:
+        self.deps = deps
+        self.a = assignment
+        self.job_id = assignment.job_id
+        self.proc: JobProcess | None = None
+        self.stop_requested = False
+        self.abort = False
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> asyncio.Task[None]:
+        self.task = asyncio.create_task(self._run(), name=f"job-{self.job_id}")
+        return self.task
+
+    def _update(self, status: int, reason: int = 0, message: str = "", exit_code: int | None = None) -> None:
+        u = agent_pb2.JobUpdate(job_id=self.job_id, status=status, termination_reason=reason, message=message)
+        if exit_code is not None:
+            u.exit_code, u.has_exit_code = exit_code, True
+        self.deps.outbox.add_update(u)
+
+    def _system_line(self, text: str) -> None:
+        self.deps.outbox.add_line(self.job_id, common_pb2.LOG_STREAM_SYSTEM, text)
+
+    async def stop(self, abort: bool) -> None:
+        self.stop_requested = True
+        self.abort = self.abort or abort
+        if self.proc is not None:
+            await self.proc.stop(abort)
+
+    async def _run(self) -> None:
+        job_dir = self.deps.jobs_dir / self.job_id
+        workdir = job_dir / "workdir"
+        spec = self.a.spec
+        try:
+            try:
+                await self.deps.code.materialize(self.a.code, workdir)
+                await asyncio.to_thread(prepare_dirs, workdir, spec.artifacts)
+                if self.stop_requested:
+                    self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user")
+                    return
+                env = base_env() | dict(self.a.env) | dict(spec.env)
+                self.proc = await self.deps.runtime.start(
+                    RuntimeJob(
+                        job_id=self.job_id,
+                        workdir=workdir,
+                        working_dir=spec.working_dir or ".",
+                        commands=list(spec.commands),
+                        env=env,
+                        gpu_indices=list(self.a.gpu_indices),
+                        gpu_uuids=self.deps.gpu_uuids(list(self.a.gpu_indices)),
+                        image=spec.image,
+                        cpu=spec.resources.cpu,
+                        memory_bytes=spec.resources.memory_bytes,
+                        shm_size_bytes=spec.resources.shm_size_bytes,
+                    )
+                )
+            except Exception as e:
+                log.warning("job %s could not start: %s", self.job_id, e)
+                self._system_line(f"dstack: the job could not start: {e}")
+                self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_EXECUTOR_ERROR, str(e))
+                return
+            self._update(JS.JOB_STATUS_RUNNING)
+            if self.stop_requested:  # a stop that arrived while the process was starting
+                await self.proc.stop(self.abort)
+            await self._pump_output(self.proc)
+            code = await self.proc.wait()
+            await self._finish(code, workdir, spec)
+        except asyncio.CancelledError:
+            if self.proc is not None:
+                await self.proc.stop(abort=True)
+            raise
+        finally:
+            self.deps.outbox.mark_finished(self.job_id)
+            await asyncio.to_thread(shutil.rmtree, job_dir, True)
+
+    async def _pump_output(self, proc: JobProcess) -> None:
+        outbox, job_id = self.deps.outbox, self.job_id
+        splitters = {
+            kind: LineSplitter(lambda text, k=kind: outbox.add_line(job_id, k, text))
+            for kind in (common_pb2.LOG_STREAM_STDOUT, common_pb2.LOG_STREAM_STDERR)
+        }
+        async for kind, chunk in proc.output():
+            splitters[kind].feed(chunk)
+        for s in splitters.values():
+            s.close()
+
+    async def _finish(self, code: int, workdir: Path, spec: common_pb2.JobSpec) -> None:
+        if self.stop_requested:
+            if spec.artifacts and not self.abort:
+                self._update(JS.JOB_STATUS_UPLOADING, exit_code=code)
+                await self._save_artifacts(workdir, spec)
+            self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user", code)
+            return
+        if spec.artifacts:
+            self._update(JS.JOB_STATUS_UPLOADING, exit_code=code)
+            error = await self._save_artifacts(workdir, spec)
+            if error is not None and code == 0:
+                self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_ARTIFACT_UPLOAD_FAILED, error, code)
+                return
+        if code == 0:
+            self._update(JS.JOB_STATUS_DONE, TR.TERMINATION_REASON_DONE, "", code)
+        else:
+            self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_EXIT_CODE, describe_exit(code), code)
+
+    async def _save_artifacts(self, workdir: Path, spec: common_pb2.JobSpec) -> str | None:
+        try:
+            n = await self.deps.uploader.upload(self.job_id, workdir, spec.artifacts)
+            log.info("job %s: %d artifact file(s) saved", self.job_id, n)
+            return None
+        except (ArtifactError, OSError) as e:
+            msg = f"artifact upload failed: {e}"
+            self._system_line(f"dstack: {msg}")
+            return msg

@@ -1,0 +1,127 @@
+"""Host-process runtime: the job runs as a process tree in its own session on this host."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import psutil
+
+from agent.runtimes.base import JobProcess, Runtime, RuntimeError_, RuntimeJob
+from protos.v1 import common_pb2
+
+READ_CHUNK = 1 << 16
+PGID_FILE = "pgid"
+
+
+def _script(job: RuntimeJob) -> str:
+    # `set -e`: a failing command fails the job, as a user of a CI system expects.
+    return "set -e\n" + "\n".join(job.commands) + "\n"
+
+
+class HostProcess(JobProcess):
+    def __init__(self, proc: asyncio.subprocess.Process, grace_s: float) -> None:
+        self.proc = proc
+        self.grace_s = grace_s
+
+    async def output(self) -> AsyncIterator[tuple[int, bytes]]:
+        q: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=64)
+
+        async def pump(stream: asyncio.StreamReader | None, kind: int) -> None:
+            try:
+                while stream is not None and (chunk := await stream.read(READ_CHUNK)):
+                    await q.put((kind, chunk))
+            finally:
+                await q.put(None)
+
+        tasks = [
+            asyncio.create_task(pump(self.proc.stdout, common_pb2.LOG_STREAM_STDOUT)),
+            asyncio.create_task(pump(self.proc.stderr, common_pb2.LOG_STREAM_STDERR)),
+        ]
+        open_streams = 2
+        try:
+            while open_streams:
+                item = await q.get()
+                if item is None:
+                    open_streams -= 1
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def wait(self) -> int:
+        return await self.proc.wait()
+
+    def _tree(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def _signal(self, sig: int, tree: list[psutil.Process]) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)  # the job's session leader is its process group leader
+        for p in tree:  # and descendants that left the group (setsid, double fork)
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(sig)
+
+    async def stop(self, abort: bool) -> None:
+        if self.proc.returncode is not None:
+            return
+        tree = await asyncio.to_thread(self._tree)
+        if not abort:
+            self._signal(signal.SIGTERM, tree)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.proc.wait()), self.grace_s)
+        tree += await asyncio.to_thread(self._tree)
+        self._signal(signal.SIGKILL, tree)
+
+
+class HostRuntime(Runtime):
+    name = "host"
+
+    def __init__(self, stop_grace_s: float) -> None:
+        self.stop_grace_s = stop_grace_s
+
+    async def start(self, job: RuntimeJob) -> JobProcess:
+        cwd = (job.workdir / job.working_dir).resolve()
+        if not cwd.is_relative_to(job.workdir.resolve()):
+            raise RuntimeError_(f"working_dir {job.working_dir!r} escapes the job's directory")
+        if not cwd.is_dir():
+            raise RuntimeError_(f"working_dir {job.working_dir!r} does not exist in the code")
+        env = dict(job.env)
+        if job.gpu_indices:
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(job.gpu_uuids or [str(i) for i in job.gpu_indices])
+        else:
+            env.setdefault("CUDA_VISIBLE_DEVICES", "")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "bash",
+                "-c",
+                _script(job),
+                cwd=cwd,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise RuntimeError_(f"cannot start the job: {e}") from e
+        await asyncio.to_thread((job.workdir.parent / PGID_FILE).write_text, str(proc.pid))
+        return HostProcess(proc, self.stop_grace_s)
+
+    async def cleanup_leftovers(self, jobs_dir: Path) -> None:
+        def kill_all() -> None:
+            for pgid_file in jobs_dir.glob(f"*/{PGID_FILE}"):
+                with contextlib.suppress(ValueError, ProcessLookupError, PermissionError, OSError):
+                    os.killpg(int(pgid_file.read_text()), signal.SIGKILL)
+                pgid_file.unlink(missing_ok=True)
+
+        await asyncio.to_thread(kill_all)

@@ -1,0 +1,98 @@
+"""A blocking client of the coordinator's ClientService, with gRPC errors turned into CLI errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from cli.errors import AuthError, CliError, CoordinatorUnreachable, NotFoundError, RequestRejected
+from cli.home import Endpoint
+from protos.v1 import client_pb2, client_pb2_grpc
+
+T = TypeVar("T")
+CHUNK = 1 << 20
+
+
+def _translate(e: grpc.RpcError, address: str) -> CliError:
+    code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (e.details() if isinstance(e, grpc.Call) else None) or str(code)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return CoordinatorUnreachable(
+            f"cannot reach the coordinator at {address}: {details}. Check `dstack config` and that it is running."
+        )
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFoundError(details)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return AuthError(details)
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+        return RequestRejected(details)
+    return CliError(f"the coordinator failed: {code.name}: {details}")
+
+
+class Client:
+    def __init__(self, endpoint: Endpoint, timeout: float = 30.0) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(
+            endpoint.address,
+            options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+        )
+        self.stub = client_pb2_grpc.ClientServiceStub(self.channel)
+        self.metadata = [("authorization", f"Bearer {endpoint.token}")]
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, fn: Callable[..., T], request: Any, **kw: Any) -> T:
+        try:
+            return fn(request, metadata=self.metadata, timeout=kw.pop("timeout", self.timeout), **kw)
+        except grpc.RpcError as e:
+            raise _translate(e, self.endpoint.address) from None
+
+    def _stream(self, fn: Callable[..., Iterator[T]], request: Any) -> Iterator[T]:
+        try:
+            yield from fn(request, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise _translate(e, self.endpoint.address) from None
+
+    def info(self, timeout: float | None = None) -> client_pb2.GetInfoResponse:
+        return self._call(self.stub.GetInfo, client_pb2.GetInfoRequest(), timeout=timeout or self.timeout)
+
+    def has_code(self, code_hash: str) -> bool:
+        return self._call(self.stub.HasCode, client_pb2.HasCodeRequest(hash=code_hash)).present
+
+    def put_code(self, code_hash: str, data: bytes) -> int:
+        def chunks() -> Iterator[client_pb2.PutCodeRequest]:
+            yield client_pb2.PutCodeRequest(hash=code_hash, size=len(data), data=data[:CHUNK])
+            for i in range(CHUNK, len(data), CHUNK):
+                yield client_pb2.PutCodeRequest(data=data[i : i + CHUNK])
+
+        return self._call(self.stub.PutCode, chunks(), timeout=600).bytes_received
+
+    def submit(self, request: client_pb2.SubmitRunRequest) -> client_pb2.Run:
+        return self._call(self.stub.SubmitRun, request).run
+
+    def get_run(self, name: str) -> client_pb2.Run:
+        return self._call(self.stub.GetRun, client_pb2.GetRunRequest(name=name)).run
+
+    def list_runs(self, include_all: bool) -> list[client_pb2.Run]:
+        return list(self._call(self.stub.ListRuns, client_pb2.ListRunsRequest(all=include_all)).runs)
+
+    def stop_run(self, name: str) -> client_pb2.Run:
+        return self._call(self.stub.StopRun, client_pb2.StopRunRequest(name=name)).run
+
+    def logs(self, name: str, follow: bool) -> Iterator[client_pb2.StreamLogsResponse]:
+        return self._stream(self.stub.StreamLogs, client_pb2.StreamLogsRequest(run_name=name, follow=follow))
+
+    def list_artifacts(self, name: str) -> list[Any]:
+        return list(self._call(self.stub.ListArtifacts, client_pb2.ListArtifactsRequest(run_name=name)).files)
+
+    def download(self, run: str, job: str, path: str) -> Iterator[bytes]:
+        req = client_pb2.DownloadArtifactRequest(run_name=run, job_name=job, path=path)
+        for chunk in self._stream(self.stub.DownloadArtifact, req):
+            yield chunk.data
+
+    def list_agents(self) -> list[client_pb2.Agent]:
+        return list(self._call(self.stub.ListAgents, client_pb2.ListAgentsRequest()).agents)

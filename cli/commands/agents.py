@@ -1,0 +1,67 @@
+"""`dstack agents`: the pool."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+GIB = 1 << 30
+
+
+def agents_command(as_json: bool) -> None:
+    from cli.session import connect
+
+    agents = connect().list_agents()
+    if as_json:
+        out = []
+        for a in agents:
+            inv = a.inventory
+            out.append(
+                {
+                    "name": a.name,
+                    "host": inv.hostname,
+                    "status": a.status,
+                    "runtime": inv.runtime,
+                    "cpu": inv.cpu_count,
+                    "memory_bytes": inv.memory_total_bytes,
+                    "running_jobs": a.running_jobs,
+                    "gpus": [
+                        {
+                            "index": g.index,
+                            "name": g.name,
+                            "uuid": g.uuid,
+                            "memory_bytes": g.memory_total_bytes,
+                            "utilization_percent": g.utilization_percent,
+                            "busy": g.index in a.busy_gpu_indices,
+                            "simulated": g.simulated,
+                        }
+                        for g in inv.gpus
+                    ],
+                }
+            )
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for col in ("AGENT", "HOST", "STATUS", "GPUS", "CPU", "MEMORY", "JOBS"):
+        table.add_column(col)
+    for a in agents:
+        inv = a.inventory
+        gpus = "-"
+        if inv.gpus:
+            names = sorted({g.name for g in inv.gpus})
+            free = len(inv.gpus) - len(a.busy_gpu_indices)
+            gpus = f"{free}/{len(inv.gpus)} free, {', '.join(names)}"
+        table.add_row(
+            a.name,
+            inv.hostname,
+            a.status,
+            gpus,
+            str(inv.cpu_count),
+            f"{inv.memory_total_bytes / GIB:.0f} GiB",
+            str(a.running_jobs),
+        )
+    Console().print(table)

@@ -1,0 +1,80 @@
+"""`dstack run WORKFLOW`: validate, pack the code, submit, follow the logs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from cli.client import Client
+from cli.commands.logs import print_logs
+from cli.errors import NotFoundError
+from cli.render import run_status, run_summary
+from protos.v1 import client_pb2, common_pb2
+
+FINISHED = (common_pb2.RUN_STATUS_DONE, common_pb2.RUN_STATUS_FAILED, common_pb2.RUN_STATUS_STOPPED)
+
+
+def build_request(root: Path, workflow_name: str, args: list[str]) -> client_pb2.SubmitRunRequest:
+    from cli.providers import load_provider
+    from cli.workflows import load_workflows
+
+    workflows = load_workflows(root)
+    wf = workflows.get(workflow_name)
+    if wf is None:
+        known = ", ".join(sorted(workflows)) or "none"
+        raise NotFoundError(
+            f"workflow {workflow_name!r} is not defined in {root / '.dstack' / 'workflows.yaml'};"
+            f" workflows: {known}"
+        )
+    jobs = load_provider(wf.provider, wf.node).job_specs(wf)
+    return client_pb2.SubmitRunRequest(workflow=wf.name, jobs=jobs, args=args)
+
+
+def upload_code(client: Client, root: Path, err: Console) -> common_pb2.CodeRef:
+    from cli.packing import pack
+
+    packed = pack(root)
+    if not client.has_code(packed.ref.hash):
+        client.put_code(packed.ref.hash, packed.data)
+        err.print(f"[dim]code: {packed.files} files, {packed.ref.size / 1024:.0f} KiB uploaded[/dim]")
+    return packed.ref
+
+
+def run_command(workflow: str, args: list[str], detach: bool) -> int:
+    from cli.session import connect
+    from cli.workflows import find_project_root
+
+    err = Console(stderr=True, highlight=False)
+    root = find_project_root(Path.cwd())
+    request = build_request(root, workflow, args)  # every workflow error before anything starts
+    client = connect()
+    request.code.CopyFrom(upload_code(client, root, err))
+    run = client.submit(request)
+    err.print(f"[bold]{run.name}[/bold] submitted")
+    if detach:
+        print(run.name)
+        return 0
+    try:
+        final = print_logs(client, run, follow=True)
+    except KeyboardInterrupt:
+        return _interrupted(client, run.name, err)
+    final = final or client.get_run(run.name)
+    style = "green" if final.status == common_pb2.RUN_STATUS_DONE else "red"
+    err.print(f"[{style}]{run_summary(final)}[/{style}]")
+    return 0 if final.status == common_pb2.RUN_STATUS_DONE else 1
+
+
+def _interrupted(client: Client, name: str, err: Console) -> int:
+    if sys.stdin.isatty():
+        try:
+            answer = input(f"\nStop the run {name}? [y/N] ").strip().lower()
+        except (EOFError, KeyboardInterrupt):
+            answer = ""
+        if answer in ("y", "yes"):
+            run = client.stop_run(name)
+            err.print(f"run {name}: {run_status(run.status)} (stop requested)")
+            return 130
+    err.print(f"\ndetached; the run goes on: `dstack logs {name} -f` to follow, `dstack stop {name}` to stop")
+    return 130

@@ -1,0 +1,57 @@
+"""Errors the CLI prints as one clear message (no traceback) before exiting non-zero.
+
+    CliError
+    ├── WorkflowError        a workflow file is wrong: names the file, line and column
+    ├── ProviderError        a provider refused a workflow's fields
+    ├── NotFoundError        a run, workflow or artifact that does not exist
+    ├── CoordinatorUnreachable
+    ├── AuthError
+    └── RequestRejected      the coordinator refused a request (its message says why)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class CliError(Exception):
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Location:
+    file: Path
+    line: int  # 1-based
+    column: int  # 1-based
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+
+class WorkflowError(CliError):
+    exit_code = 2
+
+    def __init__(self, message: str, location: Location | None = None) -> None:
+        super().__init__(f"{location}: {message}" if location else message)
+        self.location = location
+
+
+class ProviderError(WorkflowError):
+    pass
+
+
+class NotFoundError(CliError):
+    pass
+
+
+class CoordinatorUnreachable(CliError):
+    pass
+
+
+class AuthError(CliError):
+    pass
+
+
+class RequestRejected(CliError):
+    pass

@@ -1,0 +1,111 @@
+"""Readers for typed workflow fields: each error names the file, line and field."""
+
+from __future__ import annotations
+
+import difflib
+import posixpath
+import re
+from typing import Any
+
+from cli.errors import WorkflowError
+from cli.yamlsrc import Node, Seq
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)\s*$", re.IGNORECASE)
+_POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
+
+
+def check_unknown(node: Node, known: set[str], what: str) -> None:
+    for key in node:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(sorted(known))}"
+            raise WorkflowError(f"unknown field {key!r} in {what}{hint}", node.key_locations[key])
+
+
+def string(node: Node, key: str, required: bool = False, default: str = "") -> str:
+    if key not in node or node[key] is None:
+        if required:
+            raise WorkflowError(f"missing required field {key!r}", node.location)
+        return default
+    value = node[key]
+    if isinstance(value, bool) or isinstance(value, (dict, list)):
+        raise WorkflowError(f"field {key!r} must be a string, not {type_name(value)}", node.at(key))
+    return str(value)
+
+
+def string_list(node: Node, key: str, required: bool = False, split: bool = False) -> list[str]:
+    """A list of strings; with split, a single string is accepted as one item."""
+    if key not in node or node[key] is None:
+        if required:
+            raise WorkflowError(f"missing required field {key!r}", node.location)
+        return []
+    value = node[key]
+    if isinstance(value, str) and split:
+        return [value]
+    if not isinstance(value, list):
+        raise WorkflowError(f"field {key!r} must be a list of strings, not {type_name(value)}", node.at(key))
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, (dict, list)) or item is None:
+            loc = value.item_locations[i] if isinstance(value, Seq) else node.at(key)
+            raise WorkflowError(f"item {i + 1} of {key!r} must be a string, not {type_name(item)}", loc)
+        out.append(str(item))
+    return out
+
+
+def type_name(value: Any) -> str:
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def size_bytes(node: Node, key: str) -> int:
+    """`64GB`, `512MB`, `1.5GiB`, or a plain number of bytes."""
+    value = node.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        raise WorkflowError(f"field {key!r} must be a size like 64GB, not a boolean", node.at(key))
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise WorkflowError(f"field {key!r} must not be negative", node.at(key))
+        return int(value)
+    m = _SIZE.match(str(value))
+    if not m:
+        raise WorkflowError(f"field {key!r}: {value!r} is not a size (e.g. 512MB, 64GB, 1.5GiB)", node.at(key))
+    number, unit = float(m.group(1)), m.group(2).upper()
+    letter = unit.replace("I", "").replace("B", "")
+    if "I" in unit and not letter:
+        raise WorkflowError(f"field {key!r}: {value!r} is not a size", node.at(key))
+    # As in dstack and Docker, K/M/G/T/P (with or without B or iB) are powers of 1024.
+    return int(number * 1024 ** _POWERS[letter])
+
+
+def number(node: Node, key: str, minimum: float = 0) -> float:
+    value = node.get(key)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise WorkflowError(f"field {key!r} must be a number, not {type_name(value)}", node.at(key))
+    if value < minimum:
+        raise WorkflowError(f"field {key!r} must be >= {minimum:g}, got {value}", node.at(key))
+    return float(value)
+
+
+def relative_path(node: Node, key: str, value: str) -> str:
+    norm = posixpath.normpath(value)
+    if not value or value.startswith("/") or norm == ".." or norm.startswith("../"):
+        raise WorkflowError(
+            f"{key} path {value!r} must be relative and stay inside the working directory", node.at(key)
+        )
+    return norm

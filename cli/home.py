@@ -1,0 +1,57 @@
+"""Where the CLI keeps its state: $DSTACK_HOME (default ~/.dstack)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cli.errors import CliError
+
+
+def dstack_home() -> Path:
+    return Path(os.environ.get("DSTACK_HOME") or "~/.dstack").expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str  # HOST:PORT or unix:///path
+    token: str
+    local: bool = False
+
+
+def config_path() -> Path:
+    return dstack_home() / "config.yaml"
+
+
+def load_configured() -> Endpoint | None:
+    """The coordinator set with `dstack config`, or None for the embedded local mode."""
+    address = os.environ.get("DSTACK_COORDINATOR")
+    token = os.environ.get("DSTACK_TOKEN", "")
+    if address:
+        return Endpoint(address, token)
+    path = config_path()
+    if not path.exists():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CliError(f"{path}: not valid YAML ({e}); fix it or run `dstack config` again") from None
+    if not isinstance(data, dict) or not data.get("coordinator"):
+        return None
+    return Endpoint(str(data["coordinator"]), str(data.get("token", "")))
+
+
+def save_config(address: str, token: str) -> Path:
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump({"coordinator": address, "token": token}, f)
+    return path
+
+
+def clear_config() -> None:
+    config_path().unlink(missing_ok=True)

@@ -1,0 +1,164 @@
+"""The `dstack` command. Each command imports what it needs when it runs, so start-up stays fast."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from cli.errors import CliError
+
+app = typer.Typer(
+    name="dstack",
+    help="Run ML workflows from .dstack/workflows.yaml on your GPU pool or locally.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+artifacts_app = typer.Typer(help="List and download the artifacts of runs.", no_args_is_help=True)
+local_app = typer.Typer(help="Manage the embedded local coordinator and agent.", no_args_is_help=True)
+app.add_typer(artifacts_app, name="artifacts")
+app.add_typer(local_app, name="local")
+
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=PASS_THROUGH)
+def run(
+    ctx: typer.Context,
+    workflow: Annotated[str, typer.Argument(help="Name of a workflow in .dstack/workflows.yaml")],
+    detach: Annotated[bool, typer.Option("-d", "--detach", help="Submit and return at once")] = False,
+) -> None:
+    """Run a workflow and follow its logs until it ends (exit code 0 when done)."""
+    from cli.commands.run import run_command
+
+    raise typer.Exit(run_command(workflow, list(ctx.args), detach))
+
+
+@app.command()
+def ps(
+    all_: Annotated[bool, typer.Option("-a", "--all", help="Show all runs, not only recent ones")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """List runs."""
+    from cli.commands.ps import ps_command
+
+    ps_command(all_, as_json)
+
+
+@app.command()
+def logs(
+    run: Annotated[str, typer.Argument(help="Run name")],
+    follow: Annotated[bool, typer.Option("-f", "--follow", help="Follow until the run ends")] = False,
+) -> None:
+    """Print the logs of a run."""
+    from cli.commands.logs import logs_command
+
+    logs_command(run, follow)
+
+
+@app.command()
+def stop(run: Annotated[str, typer.Argument(help="Run name")]) -> None:
+    """Stop a run: its processes get SIGTERM, then SIGKILL after a grace period."""
+    from cli.render import run_status
+    from cli.session import connect
+
+    r = connect().stop_run(run)
+    print(f"{r.name}: {run_status(r.status)}")
+
+
+@app.command()
+def agents(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
+    """List the agents of the pool."""
+    from cli.commands.agents import agents_command
+
+    agents_command(as_json)
+
+
+@artifacts_app.command("list")
+def artifacts_list(
+    run: Annotated[str, typer.Argument(help="Run name")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """List the artifact files of a run."""
+    from cli.commands.artifacts import list_command
+
+    list_command(run, as_json)
+
+
+@artifacts_app.command("download")
+def artifacts_download(
+    run: Annotated[str, typer.Argument(help="Run name")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Destination folder")] = Path("."),
+) -> None:
+    """Download all artifacts of a run, keeping their paths."""
+    from cli.commands.artifacts import download_command
+
+    download_command(run, output)
+
+
+@app.command()
+def init() -> None:
+    """Create .dstack/workflows.yaml in the current folder with an example workflow."""
+    from cli.commands.init import init_command
+
+    init_command(Path.cwd())
+
+
+@app.command()
+def config(
+    coordinator: Annotated[str, typer.Option("--coordinator", help="HOST:PORT of the coordinator")] = "",
+    token: Annotated[str, typer.Option("--token", help="Your token")] = "",
+    local: Annotated[bool, typer.Option("--local", help="Forget the coordinator: use local mode")] = False,
+) -> None:
+    """Set the coordinator address and token (without options: show the current setting)."""
+    from cli.commands.init import config_command
+
+    config_command(coordinator, token, local)
+
+
+@app.command(context_settings={**PASS_THROUGH, "help_option_names": []})
+def server(ctx: typer.Context) -> None:
+    """Run a coordinator (`dstack server --help` for its options)."""
+    from coordinator.main import main as coordinator_main
+
+    coordinator_main(list(ctx.args))
+
+
+@app.command(context_settings={**PASS_THROUGH, "help_option_names": []})
+def agent(ctx: typer.Context) -> None:
+    """Run an agent on this host (`dstack agent --help` for its options)."""
+    from agent.main import main as agent_main
+
+    agent_main(list(ctx.args))
+
+
+@local_app.command("stop")
+def local_stop() -> None:
+    """Stop the local coordinator and agent (running local jobs are stopped)."""
+    from cli.local import stop_all
+
+    stopped = stop_all()
+    print("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
+
+
+def main() -> None:
+    try:
+        rc = app(standalone_mode=False)
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -1,0 +1,39 @@
+"""The provider interface and the parts every provider shares."""
+
+from __future__ import annotations
+
+import abc
+
+from cli.spec import Workflow
+from protos.v1 import common_pb2
+
+
+class Provider(abc.ABC):
+    name: str
+    fields: frozenset[str] = frozenset()  # the provider's own workflow fields
+
+    def validate(self, wf: Workflow) -> None:
+        """Raises ProviderError (with the field's location) for a workflow it cannot run."""
+        self.commands(wf)
+
+    @abc.abstractmethod
+    def commands(self, wf: Workflow) -> list[str]:
+        """The shell commands that run the workflow."""
+
+    def image(self, wf: Workflow) -> str:
+        return ""
+
+    def job_specs(self, wf: Workflow) -> list[common_pb2.JobSpec]:
+        return [
+            common_pb2.JobSpec(
+                job_name=wf.name,
+                workflow=wf.name,
+                provider=self.name,
+                commands=self.commands(wf),
+                env=wf.env,
+                working_dir=wf.working_dir,
+                artifacts=[common_pb2.ArtifactSpec(path=a.path, mount=a.mount) for a in wf.artifacts],
+                resources=wf.resources,
+                image=self.image(wf),
+            )
+        ]

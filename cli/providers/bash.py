@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from cli import fields
+from cli.providers.base import Provider
+from cli.spec import Workflow
+
+
+class BashProvider(Provider):
+    """Runs `commands` with bash, in order; the first failing command fails the job."""
+
+    name = "bash"
+    fields = frozenset({"commands"})
+
+    def commands(self, wf: Workflow) -> list[str]:
+        return fields.string_list(wf.node, "commands", required=True)

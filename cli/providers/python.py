@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import re
+import shlex
+
+from cli import fields
+from cli.errors import ProviderError
+from cli.providers.base import Provider
+from cli.spec import Workflow
+
+_VERSION = re.compile(r"^3(\.\d{1,2})?$")
+
+
+class PythonProvider(Provider):
+    """Runs `file` with `args` under Python `version`, after installing `requirements` into a venv."""
+
+    name = "python"
+    fields = frozenset({"file", "args", "requirements", "version", "python"})
+
+    def _version(self, wf: Workflow) -> str:
+        key = "version" if "version" in wf.node else "python"
+        raw = wf.node.get(key)
+        if raw is None:
+            return ""
+        # As written: YAML would read `version: 3.10` as the number 3.1.
+        version = wf.node.raw_values.get(key, str(raw))
+        if not _VERSION.match(version):
+            raise ProviderError(f"{key} must look like 3.11, got {raw!r}", wf.node.at(key))
+        return version
+
+    def commands(self, wf: Workflow) -> list[str]:
+        file = fields.relative_path(wf.node, "file", fields.string(wf.node, "file", required=True))
+        args = wf.node.get("args")
+        if isinstance(args, str):
+            arg_text = args  # a string is passed as the user wrote it, shell words and all
+        else:
+            arg_text = shlex.join(fields.string_list(wf.node, "args"))
+        version = self._version(wf)
+        python = f"python{version}" if version else "python3"
+        cmds = [
+            f"command -v {python} >/dev/null || {{ echo 'dstack: {python} is not installed on this host' >&2;"
+            " exit 127; }"
+        ]
+        requirements = fields.string(wf.node, "requirements")
+        if requirements:
+            req = shlex.quote(fields.relative_path(wf.node, "requirements", requirements))
+            cmds += [
+                f"{python} -m venv --system-site-packages .dstack-venv",
+                ". .dstack-venv/bin/activate",
+                f"python -m pip install --disable-pip-version-check -q -r {req}",
+                "PYTHON=python",
+            ]
+        else:
+            cmds.append(f"PYTHON={python}")
+        cmds.append(f"exec $PYTHON {shlex.quote(file)} {arg_text}".rstrip())
+        return cmds
+
+    def image(self, wf: Workflow) -> str:
+        return f"python:{self._version(wf) or '3.11'}-slim"
+

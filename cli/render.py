@@ -1,0 +1,82 @@
+"""How runs, jobs and times are shown."""
+
+from __future__ import annotations
+
+import time
+
+from protos.v1 import client_pb2, common_pb2
+
+
+def run_status(status: int) -> str:
+    return common_pb2.RunStatus.Name(status).removeprefix("RUN_STATUS_").lower()
+
+
+def job_status(status: int) -> str:
+    return common_pb2.JobStatus.Name(status).removeprefix("JOB_STATUS_").lower()
+
+
+def reason(value: int) -> str:
+    if not value:
+        return ""
+    return common_pb2.TerminationReason.Name(value).removeprefix("TERMINATION_REASON_").lower().replace("_", " ")
+
+
+def ago(ns: int, now: float | None = None) -> str:
+    if not ns:
+        return ""
+    delta = (now or time.time()) - ns / 1e9
+    if delta < 60:
+        return f"{max(0, int(delta))} sec ago"
+    if delta < 3600:
+        return f"{int(delta // 60)} min ago"
+    if delta < 86400:
+        return f"{int(delta // 3600)} hours ago"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ns / 1e9))
+
+
+def iso(ns: int) -> str | None:
+    if not ns:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns % 1_000_000_000 // 1_000_000:03d}Z"
+
+
+def run_summary(run: client_pb2.Run) -> str:
+    """One line for the end of `dstack run`: the status and, if it did not finish done, why."""
+    text = f"run {run.name} {run_status(run.status)}"
+    if run.message:
+        text += f": {run.message}"
+    return text
+
+
+def run_to_json(run: client_pb2.Run) -> dict[str, object]:
+    return {
+        "name": run.name,
+        "workflow": run.workflow,
+        "owner": run.owner,
+        "status": run_status(run.status),
+        "termination_reason": reason(run.termination_reason) or None,
+        "message": run.message or None,
+        "submitted_at": iso(run.submitted_at_ns),
+        "finished_at": iso(run.finished_at_ns),
+        "tags": list(run.tags),
+        "code": {
+            "hash": run.code.hash,
+            "commit": run.code.commit or None,
+            "branch": run.code.branch or None,
+            "repo_url": run.code.repo_url or None,
+            "dirty": run.code.dirty,
+        },
+        "jobs": [
+            {
+                "id": j.id,
+                "name": j.job_name,
+                "status": job_status(j.status),
+                "termination_reason": reason(j.termination_reason) or None,
+                "message": j.message or None,
+                "agent": j.agent_name or None,
+                "gpus": list(j.gpu_indices),
+                "exit_code": j.exit_code if j.has_exit_code else None,
+            }
+            for j in run.jobs
+        ],
+    }

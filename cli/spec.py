@@ -1,0 +1,29 @@
+"""Typed workflow specs, as the loader produces them from workflows.yaml."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cli.errors import Location
+from cli.yamlsrc import Node
+from protos.v1 import common_pb2
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: str
+    mount: bool = False
+
+
+@dataclass
+class Workflow:
+    name: str
+    provider: str
+    node: Node  # every field as written, with locations (providers read their own fields here)
+    location: Location
+    help: str = ""
+    depends_on: list[str] = field(default_factory=list)
+    artifacts: list[Artifact] = field(default_factory=list)
+    resources: common_pb2.Resources = field(default_factory=common_pb2.Resources)
+    env: dict[str, str] = field(default_factory=dict)
+    working_dir: str = ""

@@ -1,0 +1,87 @@
+"""YAML loading that remembers where every mapping and value came from (file, line, column)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cli.errors import Location, WorkflowError
+
+
+class Node(dict[str, Any]):
+    """A YAML mapping with the location of itself, of each key and of each value."""
+
+    location: Location
+    key_locations: dict[str, Location]
+    value_locations: dict[str, Location]
+    raw_values: dict[str, str]  # scalars as written (`3.10` stays "3.10", not the float 3.1)
+
+    def at(self, key: str) -> Location:
+        return self.value_locations.get(key) or self.key_locations.get(key) or self.location
+
+
+class Seq(list[Any]):
+    location: Location
+    item_locations: list[Location]
+
+
+def _loc(path: Path, node: yaml.Node) -> Location:
+    return Location(path, node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _convert(path: Path, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        out = Node()
+        out.location = _loc(path, node)
+        out.key_locations, out.value_locations, out.raw_values = {}, {}, {}
+        for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode):
+                raise WorkflowError("mapping keys must be plain strings", _loc(path, k))
+            key = str(_scalar(k))
+            if key in out:
+                raise WorkflowError(f"duplicate key {key!r}", _loc(path, k))
+            out[key] = _convert(path, v)
+            out.key_locations[key] = _loc(path, k)
+            out.value_locations[key] = _loc(path, v)
+            if isinstance(v, yaml.ScalarNode):
+                out.raw_values[key] = v.value
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        seq = Seq(_convert(path, n) for n in node.value)
+        seq.location = _loc(path, node)
+        seq.item_locations = [_loc(path, n) for n in node.value]
+        return seq
+    assert isinstance(node, yaml.ScalarNode)
+    return _scalar(node)
+
+
+_CONSTRUCTOR = yaml.constructor.SafeConstructor()
+
+
+def _scalar(node: yaml.ScalarNode) -> Any:
+    """The typed value of a scalar (int, float, bool, null, str...) as YAML 1.1 resolves it."""
+    if node.tag == "tag:yaml.org,2002:str":
+        return node.value
+    return _CONSTRUCTOR.construct_object(node, deep=True)
+
+
+def load(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise WorkflowError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise WorkflowError(f"{path} is not UTF-8 text") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        loc = Location(path, mark.line + 1, mark.column + 1) if mark else None
+        raise WorkflowError(f"invalid YAML: {e.problem or e.context}", loc) from None
+    except yaml.YAMLError as e:
+        raise WorkflowError(f"invalid YAML: {e}", Location(path, 1, 1)) from None
+    if root is None:
+        return None
+    return _convert(path, root)

@@ -1,0 +1,9 @@
+"""The coordinator: owns all state (SQLite) and every scheduling decision.
+
+Public surface: `CoordinatorConfig` and `serve` (used by `dstack server` and the embedded local mode).
+"""
+
+from coordinator.config import CoordinatorConfig
+from coordinator.server import serve
+
+__all__ = ["CoordinatorConfig", "serve"]

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    state_dir: Path
+    # "unix:///path/to.sock" or "HOST:PORT"
+    listen: str
+    storage_url: str
+    admin_token: str
+    join_token: str
+    lease_timeout_s: float = 15.0
+    heartbeat_interval_s: float = 3.0
+    # Local mode: the one local agent is all there is, so a request it can never fit fails at once
+    # instead of waiting for a bigger agent to join.
+    fail_unsatisfiable: bool = False
+    local_mode: bool = False
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "coordinator.db"

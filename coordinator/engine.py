@@ -1,0 +1,256 @@
+"""The coordinator's decisions: scheduling passes, leases, agent reconciliation, run watchers.
+
+Each step loads state through the store (on the DB thread), decides, then does its network I/O on
+the event loop with no transaction open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+from coordinator.config import CoordinatorConfig
+from coordinator.hub import AgentHub
+from coordinator.scheduler import AgentState, Gpu, JobRequest, schedule
+from coordinator.store import Store
+from coordinator.store.db import Assignment, Placement
+from coordinator.store.executor import DbExecutor
+from protos.v1 import agent_pb2, common_pb2
+
+log = logging.getLogger("dstack.coordinator")
+JS = common_pb2.JobStatus
+
+
+class RunWatchers:
+    """Wakes log followers when something about a run changed."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def event(self, run_id: str) -> asyncio.Event:
+        ev = self._events.get(run_id)
+        if ev is None:
+            ev = self._events[run_id] = asyncio.Event()
+        return ev
+
+    def notify(self, run_ids: Sequence[str] | set[str]) -> None:
+        for run_id in run_ids:
+            ev = self._events.pop(run_id, None)
+            if ev is not None:
+                ev.set()
+
+    def notify_all(self) -> None:
+        self.notify(list(self._events))
+
+
+class Engine:
+    def __init__(self, config: CoordinatorConfig, store: Store, db: DbExecutor) -> None:
+        self.config = config
+        self.store = store
+        self.db = db
+        self.hub = AgentHub()
+        self.watchers = RunWatchers()
+        self._kick = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._job_runs: dict[str, str] = {}  # job_id -> run_id, for routing log notifications
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.db(self.store.extend_all_leases, self._lease_until())
+        self._tasks = [
+            asyncio.create_task(self._scheduler_loop(), name="scheduler"),
+            asyncio.create_task(self._lease_loop(), name="leases"),
+        ]
+        self.kick()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.hub.close_all()
+
+    def kick(self) -> None:
+        """Asks for a scheduling pass; many kicks before a pass cost one pass."""
+        self._kick.set()
+
+    def _lease_until(self) -> int:
+        return time.time_ns() + int(self.config.lease_timeout_s * 1e9)
+
+    # ---- scheduling --------------------------------------------------------------------------
+    async def _scheduler_loop(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            try:
+                assignments = await self.db(self._plan, self.hub.connected_ids())
+            except Exception:
+                log.exception("scheduling pass failed")
+                await asyncio.sleep(0.5)
+                self.kick()
+                continue
+            for a in assignments:
+                self.hub.send(a.agent_id, agent_pb2.CoordinatorMessage(assignments=[self._assignment(a)]))
+
+    def _plan(self, connected: set[str]) -> list[Assignment]:
+        """One scheduling pass (runs on the DB thread)."""
+        store = self.store
+        waiting = store.waiting_jobs()
+        if not waiting:
+            return []
+        agents: dict[str, AgentState] = {}
+        for row in store.online_agents():
+            if row["id"] not in connected:
+                continue
+            inv = common_pb2.Inventory()
+            inv.ParseFromString(row["inventory"] or b"")
+            agents[row["id"]] = AgentState(
+                agent_id=row["id"],
+                name=row["name"],
+                cpu_total=float(inv.cpu_count),
+                memory_total=inv.memory_total_bytes,
+                gpus=[Gpu(g.index, g.name, g.memory_total_bytes) for g in inv.gpus],
+                max_jobs=inv.max_jobs or 1_000_000,
+            )
+        for alloc in store.active_allocations():
+            a = agents.get(alloc["agent_id"])
+            if a is not None:
+                a.used_cpu += alloc["cpu"] or 0.0
+                a.used_memory += alloc["memory"] or 0
+                a.busy_gpus.update(json.loads(alloc["gpu_indices"] or "[]"))
+                a.jobs += 1
+        deps = store.dependency_statuses(sorted({j["run_id"] for j in waiting if j["depends_on"] != "[]"}))
+        queue: list[JobRequest] = []
+        reasons: dict[str, str] = {}
+        for j in waiting:
+            blocked = [
+                d for d in json.loads(j["depends_on"]) if deps.get((j["run_id"], d)) != JS.JOB_STATUS_DONE
+            ]
+            if blocked:
+                reasons[j["id"]] = "waiting for " + ", ".join(blocked)
+                continue
+            spec = common_pb2.JobSpec()
+            spec.ParseFromString(j["spec"])
+            queue.append(
+                JobRequest(
+                    job_id=j["id"],
+                    cpu=spec.resources.cpu,
+                    memory=spec.resources.memory_bytes,
+                    gpu_count=spec.resources.gpu.count,
+                    gpu_name=spec.resources.gpu.name,
+                    gpu_memory=spec.resources.gpu.memory_bytes,
+                )
+            )
+        decision = schedule(queue, list(agents.values()))
+        reasons.update(decision.waiting)
+        failures = []
+        for job_id, why in decision.impossible.items():
+            if self.config.fail_unsatisfiable:
+                failures.append((job_id, common_pb2.TERMINATION_REASON_UNSCHEDULABLE, why))
+            else:
+                reasons[job_id] = f"waiting: {why}"
+        return store.apply_schedule(
+            [Placement(job, agent, gpus) for job, agent, gpus in decision.placements], reasons, failures
+        )
+
+    def _assignment(self, a: Assignment) -> agent_pb2.JobAssignment:
+        spec = common_pb2.JobSpec()
+        spec.ParseFromString(a.spec)
+        code = common_pb2.CodeRef()
+        code.ParseFromString(a.code)
+        env = {"RUN_NAME": a.run_name, "JOB_ID": a.job_id, "WORKFLOW": spec.workflow}
+        if code.commit:
+            env.update(REPO_COMMIT=code.commit, REPO_BRANCH=code.branch, REPO_URL=code.repo_url)
+        return agent_pb2.JobAssignment(
+            job_id=a.job_id, run_name=a.run_name, spec=spec, code=code, gpu_indices=a.gpu_indices, env=env
+        )
+
+    # ---- leases ------------------------------------------------------------------------------
+    async def _lease_loop(self) -> None:
+        interval = min(1.0, self.config.lease_timeout_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                lost = await self.db(self.store.expire_leases, time.time_ns())
+            except Exception:
+                log.exception("lease check failed")
+                continue
+            for agent_id in lost:
+                log.warning("agent %s lost: its lease ran out", agent_id)
+                self.hub.drop(agent_id)
+            if lost:
+                self.watchers.notify_all()
+                self.kick()
+
+    # ---- agent stream ------------------------------------------------------------------------
+    async def on_hello(self, agent_id: str, msg: agent_pb2.AgentMessage) -> agent_pb2.CoordinatorMessage:
+        hello = msg.hello
+        await self.db(self.store.agent_online, agent_id, hello.inventory.SerializeToString(), self._lease_until())
+        # Results the agent kept while it could not reach us come first.
+        await self.on_message(agent_id, msg)
+        active = list(hello.active_job_ids)
+        reply = agent_pb2.CoordinatorMessage()
+
+        def reconcile() -> tuple[list[str], list[str], list[str], dict[str, int]]:
+            jobs = self.store.jobs_on_agent(agent_id)
+            resend = [j["id"] for j in jobs if j["status"] == JS.JOB_STATUS_ASSIGNED and j["id"] not in active]
+            lost = [j["id"] for j in jobs if j["status"] != JS.JOB_STATUS_ASSIGNED and j["id"] not in active]
+            stop = [j["id"] for j in jobs if j["stop_requested"] and j["id"] in active]
+            self.store.fail_jobs_lost_by_agent(agent_id, lost)
+            stale = self.store.terminal_or_unknown(agent_id, active)
+            return resend, stop, stale, self.store.log_positions([j for j in active if j not in stale])
+
+        resend, stop, stale, positions = await self.db(reconcile)
+        for a in await self.db(self.store.assignments_for_agent, agent_id, resend):
+            reply.assignments.append(self._assignment(a))
+        reply.stops.extend(agent_pb2.StopJob(job_id=j) for j in stop)
+        reply.stops.extend(agent_pb2.StopJob(job_id=j, abort=True) for j in stale)
+        reply.hello_ack.CopyFrom(
+            agent_pb2.HelloAck(
+                heartbeat_interval_ms=int(self.config.heartbeat_interval_s * 1000),
+                lease_timeout_ms=int(self.config.lease_timeout_s * 1000),
+                log_positions=[agent_pb2.LogAck(job_id=j, seq=s) for j, s in positions.items()],
+            )
+        )
+        self.watchers.notify_all()
+        self.kick()
+        return reply
+
+    async def on_message(self, agent_id: str, msg: agent_pb2.AgentMessage) -> agent_pb2.CoordinatorMessage | None:
+        """Stores logs, then updates (logs of a job are stored before it is reported finished)."""
+        reply = agent_pb2.CoordinatorMessage()
+        changed: set[str] = set()
+        if msg.logs:
+            reply.log_acks.extend(await self.db(self.store.insert_logs, msg.logs))
+            changed.update(await self._runs_of(j.job_id for j in msg.logs))
+        if msg.updates:
+            res = await self.db(self.store.apply_job_updates, agent_id, msg.updates)
+            reply.update_acks.extend(res.acks)
+            changed |= res.changed_runs
+            if res.freed:
+                self.kick()
+        if msg.HasField("heartbeat"):
+            inv = msg.heartbeat.inventory.SerializeToString() if msg.heartbeat.HasField("inventory") else None
+            await self.db(self.store.heartbeat, agent_id, inv, self._lease_until())
+        self.watchers.notify(changed)
+        if reply.log_acks or reply.update_acks:
+            return reply
+        return None
+
+    async def _runs_of(self, job_ids: Iterable[str]) -> set[str]:
+        ids = set(job_ids)
+        missing = [j for j in ids if j not in self._job_runs]
+        if missing:
+            self._job_runs.update(await self.db(self.store.run_ids_of_jobs, missing))
+        return {self._job_runs[j] for j in ids if j in self._job_runs}
+
+    # ---- user requests -----------------------------------------------------------------------
+    async def stop_run(self, run_name: str) -> None:
+        on_agents = await self.db(self.store.request_stop, run_name)
+        for job_id, agent_id in on_agents:
+            self.hub.send(agent_id, agent_pb2.CoordinatorMessage(stops=[agent_pb2.StopJob(job_id=job_id)]))
+        run = await self.db(self.store.run_by_name, run_name)
+        self.watchers.notify([run["id"]])
+        self.kick()

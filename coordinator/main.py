@@ -1,0 +1,69 @@
+"""`python -m coordinator` / `dstack server`: options, secrets on disk, logging."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from coordinator.config import CoordinatorConfig
+from coordinator.server import serve
+
+
+def read_or_create_secret(path: Path) -> str:
+    """Tokens live in 0600 files beside the database, created on first start."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
+    p = argparse.ArgumentParser(prog="dstack server", description="Runs a dstack coordinator.")
+    p.add_argument("--state-dir", default=os.environ.get("DSTACK_SERVER_DIR", "~/.dstack/server"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--listen", default="", help="unix:///path.sock or HOST:PORT (overrides --host/--port)")
+    p.add_argument("--storage", default=os.environ.get("DSTACK_STORAGE", ""), help="artifact store URL")
+    p.add_argument("--lease-timeout", type=float, default=15.0, help="seconds without heartbeat: agent lost")
+    p.add_argument("--heartbeat-interval", type=float, default=3.0)
+    p.add_argument("--fail-unsatisfiable", action="store_true", help="fail jobs no agent can ever run")
+    p.add_argument("--local-mode", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    state = Path(a.state_dir).expanduser().resolve()
+    return CoordinatorConfig(
+        state_dir=state,
+        listen=a.listen or f"{a.host}:{a.port}",
+        storage_url=a.storage or str(state / "storage"),
+        admin_token=os.environ.get("DSTACK_ADMIN_TOKEN") or read_or_create_secret(state / "admin-token"),
+        join_token=os.environ.get("DSTACK_JOIN_TOKEN") or read_or_create_secret(state / "join-token"),
+        lease_timeout_s=a.lease_timeout,
+        heartbeat_interval_s=a.heartbeat_interval,
+        fail_unsatisfiable=a.fail_unsatisfiable,
+        local_mode=a.local_mode,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(
+        level=os.environ.get("DSTACK_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = parse_args(argv)
+    if not config.local_mode:
+        print(f"dstack coordinator on {config.listen}; state in {config.state_dir}", file=sys.stderr)
+        print(f"admin token: {config.state_dir / 'admin-token'}; join token: {config.state_dir / 'join-token'}",
+              file=sys.stderr)
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,162 @@
+"""Placement of waiting jobs onto agents: pure functions over a snapshot, no I/O.
+
+One pass walks the queue in order (priority, then submission time) and places every job that fits
+somewhere now (backfilling past jobs that do not). Among the agents that fit, it picks the tightest
+(best fit: fewest GPUs, then CPU and memory, left over), so large GPU jobs are not starved by small
+jobs scattered over every host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    memory: int
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    job_id: str
+    cpu: float = 0.0
+    memory: int = 0
+    gpu_count: int = 0
+    gpu_name: str = ""
+    gpu_memory: int = 0
+
+
+@dataclass
+class AgentState:
+    agent_id: str
+    name: str
+    cpu_total: float
+    memory_total: int
+    gpus: list[Gpu]
+    max_jobs: int
+    used_cpu: float = 0.0
+    used_memory: int = 0
+    busy_gpus: set[int] = field(default_factory=set)
+    jobs: int = 0
+
+    def matching_gpus(self, req: JobRequest, free_only: bool) -> list[Gpu]:
+        return [
+            g
+            for g in self.gpus
+            if (not free_only or g.index not in self.busy_gpus)
+            and (not req.gpu_name or req.gpu_name.lower() in g.name.lower())
+            and g.memory >= req.gpu_memory
+        ]
+
+
+@dataclass
+class Decision:
+    placements: list[tuple[str, str, list[int]]] = field(default_factory=list)  # job, agent, gpus
+    waiting: dict[str, str] = field(default_factory=dict)  # job -> reason
+    impossible: dict[str, str] = field(default_factory=dict)  # job -> reason
+
+
+def describe(req: JobRequest) -> str:
+    parts = []
+    if req.gpu_count:
+        gpu = f"{req.gpu_count} GPU" + ("s" if req.gpu_count > 1 else "")
+        if req.gpu_name:
+            gpu = f"{req.gpu_count} x {req.gpu_name}"
+        if req.gpu_memory:
+            gpu += f" with >= {req.gpu_memory / GIB:g} GiB"
+        parts.append(gpu)
+    if req.cpu:
+        parts.append(f"{req.cpu:g} CPU")
+    if req.memory:
+        parts.append(f"{req.memory / GIB:g} GiB memory")
+    return ", ".join(parts) or "a job slot"
+
+
+def never_fits(req: JobRequest, agents: list[AgentState]) -> str | None:
+    """Why no agent could run the job even when idle, or None if one could."""
+    if any(
+        len(a.matching_gpus(req, free_only=False)) >= req.gpu_count
+        and a.cpu_total >= req.cpu
+        and a.memory_total >= req.memory
+        for a in agents
+    ):
+        return None
+    need = describe(req)
+    if req.gpu_count:
+        best = max(len(a.matching_gpus(req, free_only=False)) for a in agents)
+        if best < req.gpu_count:
+            what = "GPUs"
+            if req.gpu_name or req.gpu_memory:
+                what = f"matching GPUs ({_gpu_names(agents)})"
+            return f"needs {need}; the largest agent has {best} {what}"
+    if req.cpu and max(a.cpu_total for a in agents) < req.cpu:
+        return f"needs {need}; the largest agent has {max(a.cpu_total for a in agents):g} CPU"
+    if req.memory and max(a.memory_total for a in agents) < req.memory:
+        most = max(a.memory_total for a in agents) / GIB
+        return f"needs {need}; the largest agent has {most:.1f} GiB memory"
+    return f"needs {need}; no single agent has all of it"
+
+
+def _gpu_names(agents: list[AgentState]) -> str:
+    names = sorted({g.name for a in agents for g in a.gpus})
+    return "agents have " + ", ".join(names) if names else "no agent has a GPU"
+
+
+def _fits(a: AgentState, req: JobRequest) -> list[int] | None:
+    if a.jobs >= a.max_jobs:
+        return None
+    if a.cpu_total - a.used_cpu < req.cpu - 1e-9 or a.memory_total - a.used_memory < req.memory:
+        return None
+    free = a.matching_gpus(req, free_only=True)
+    if len(free) < req.gpu_count:
+        return None
+    return [g.index for g in sorted(free, key=lambda g: g.index)[: req.gpu_count]]
+
+
+def _leftover(a: AgentState, req: JobRequest) -> tuple[int, float, int]:
+    return (
+        len(a.gpus) - len(a.busy_gpus) - req.gpu_count,
+        a.cpu_total - a.used_cpu - req.cpu,
+        a.memory_total - a.used_memory - req.memory,
+    )
+
+
+def _busy_summary(agents: list[AgentState]) -> str:
+    parts = []
+    for a in agents:
+        if a.gpus:
+            parts.append(f"{a.name} ({len(a.busy_gpus)}/{len(a.gpus)} GPUs)")
+        else:
+            parts.append(f"{a.name} ({a.jobs} jobs, {a.used_cpu:g}/{a.cpu_total:g} CPU)")
+    return ", ".join(parts)
+
+
+def schedule(queue: list[JobRequest], agents: list[AgentState]) -> Decision:
+    """Places what fits now; `agents` is updated in place with the placements made."""
+    d = Decision()
+    if not queue:
+        return d
+    if not agents:
+        for req in queue:
+            d.waiting[req.job_id] = "waiting: no agent is online"
+        return d
+    for req in queue:
+        reason = never_fits(req, agents)
+        if reason is not None:
+            d.impossible[req.job_id] = reason
+            continue
+        candidates = [(a, gpus) for a in agents if (gpus := _fits(a, req)) is not None]
+        if not candidates:
+            d.waiting[req.job_id] = f"waiting: {describe(req)} free on no agent; busy: {_busy_summary(agents)}"
+            continue
+        agent, gpus = min(candidates, key=lambda c: _leftover(c[0], req))
+        agent.used_cpu += req.cpu
+        agent.used_memory += req.memory
+        agent.busy_gpus.update(gpus)
+        agent.jobs += 1
+        d.placements.append((req.job_id, agent.agent_id, gpus))
+    return d

@@ -1,0 +1,66 @@
+"""Builds the coordinator's gRPC server and runs it until cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+
+from coordinator.config import CoordinatorConfig
+from coordinator.engine import Engine
+from coordinator.services.agent import AgentService
+from coordinator.services.client import ClientService
+from coordinator.store import Store
+from coordinator.store.executor import DbExecutor
+from protos.v1 import agent_pb2_grpc, client_pb2_grpc
+from storage import open_store
+
+log = logging.getLogger("dstack.coordinator")
+
+# Generous limits: log batches and code chunks are bounded by the senders, not by gRPC defaults.
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -> None:
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(config.db_path)
+    db = DbExecutor()
+    await db(store.ensure_user, "admin", config.admin_token, "admin")
+    artifacts = open_store(config.storage_url)
+    engine = Engine(config, store, db)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    client_pb2_grpc.add_ClientServiceServicer_to_server(ClientService(engine, artifacts), server)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(engine, artifacts), server)
+    if config.listen.startswith("unix://"):
+        Path(config.listen[len("unix://") :]).unlink(missing_ok=True)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {config.listen}")
+    await server.start()
+    await engine.start()
+    log.info("coordinator listening on %s (pid %d)", config.listen, os.getpid())
+    if ready is not None:
+        ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("coordinator stopping")
+        await engine.stop()
+        await server.stop(grace=1.0)
+        db.shutdown()
+        store.close()

@@ -1,0 +1,155 @@
+"""AgentService: registration, the long-lived job stream, code and artifact transfer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import posixpath
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from coordinator.engine import Engine
+from coordinator.errors import Conflict, InvalidRequest, Unauthenticated
+from coordinator.services.client import artifact_key, code_key, put_from_stream, read_chunks
+from coordinator.services.rpc import bearer_token, streaming, unary
+from protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2
+from storage import ArtifactStore
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+log = logging.getLogger("dstack.coordinator")
+
+
+def check_relative_path(path: str) -> str:
+    norm = posixpath.normpath(path)
+    if not path or path.startswith("/") or norm.startswith("..") or norm == ".":
+        raise InvalidRequest(f"artifact path {path!r} must be relative and inside the working directory")
+    return norm
+
+
+class AgentService(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, engine: Engine, artifacts: ArtifactStore) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.db = engine.db
+        self.artifacts = artifacts
+
+    async def _agent(self, context: Ctx) -> str:
+        row = await self.db(self.store.agent_by_token, bearer_token(context))
+        if row is None:
+            raise Unauthenticated("unknown agent token: register the agent again with the join token")
+        return str(row["id"])
+
+    async def _own_job(self, agent_id: str, job_id: str) -> dict[str, Any]:
+        job = await self.db(self.store.job_location, job_id)
+        if job["agent_id"] != agent_id:
+            raise Conflict(f"job {job_id} is not assigned to this agent")
+        return job
+
+    @unary
+    async def Register(self, request: agent_pb2.RegisterRequest, context: Ctx) -> agent_pb2.RegisterResponse:
+        if not hmac.compare_digest(request.join_token.encode(), self.engine.config.join_token.encode()):
+            raise Unauthenticated("invalid join token")
+        token = secrets.token_urlsafe(32)
+        name = request.name or request.inventory.hostname or "agent"
+        agent_id = await self.db(self.store.register_agent, name, token, request.inventory.SerializeToString())
+        log.info("agent %s registered as %s", name, agent_id)
+        return agent_pb2.RegisterResponse(agent_id=agent_id, agent_token=token)
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[agent_pb2.AgentMessage], context: Ctx
+    ) -> AsyncIterator[agent_pb2.CoordinatorMessage]:
+        try:
+            agent_id = await self._agent(context)
+        except Unauthenticated as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+            return
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("hello"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a hello")
+            return
+        conn = self.engine.hub.attach(agent_id)
+        log.info("agent %s connected", agent_id)
+
+        async def read() -> None:
+            try:
+                async for msg in request_iterator:
+                    reply = await self.engine.on_message(agent_id, msg)
+                    if reply is not None:
+                        conn.send(reply)
+            except (asyncio.CancelledError, grpc.aio.AioRpcError):
+                pass
+            except Exception:
+                log.exception("agent %s stream failed", agent_id)
+            finally:
+                conn.close()
+
+        reader: asyncio.Task[None] | None = None
+        try:
+            yield await self.engine.on_hello(agent_id, first)
+            reader = asyncio.create_task(read())
+            while (msg := await conn.next_batch()) is not None:
+                yield msg
+        finally:
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+            self.engine.hub.detach(conn)
+            log.info("agent %s disconnected", agent_id)
+
+    @streaming
+    async def GetCode(self, request: agent_pb2.GetCodeRequest, context: Ctx) -> AsyncIterator[client_pb2.DataChunk]:
+        await self._agent(context)
+        async for chunk in read_chunks(self.artifacts, code_key(request.hash)):
+            yield client_pb2.DataChunk(data=chunk)
+
+    @unary
+    async def UploadArtifact(
+        self, request_iterator: AsyncIterator[agent_pb2.UploadArtifactRequest], context: Ctx
+    ) -> agent_pb2.UploadArtifactResponse:
+        agent_id = await self._agent(context)
+        first = await anext(aiter(request_iterator))
+        job = await self._own_job(agent_id, first.job_id)
+        path = check_relative_path(first.path)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield first.data
+            async for msg in request_iterator:
+                yield msg.data
+
+        key = artifact_key(job["run_name"], job["job_name"], path)
+        size, digest = await put_from_stream(self.artifacts, key, chunks())
+        return agent_pb2.UploadArtifactResponse(size=size, sha256=digest)
+
+    @unary
+    async def CommitArtifacts(
+        self, request: agent_pb2.CommitArtifactsRequest, context: Ctx
+    ) -> agent_pb2.CommitArtifactsResponse:
+        agent_id = await self._agent(context)
+        job = await self._own_job(agent_id, request.job_id)
+        files = [(check_relative_path(f.path), f.size, f.sha256) for f in request.files]
+        for path, _, _ in files:
+            key = artifact_key(job["run_name"], job["job_name"], path)
+            if not await asyncio.to_thread(self.artifacts.exists, key):
+                raise InvalidRequest(f"artifact {path!r} was not uploaded")
+        manifest = {
+            "run": job["run_name"],
+            "job": job["job_name"],
+            "files": [{"path": p, "size": s, "sha256": h} for p, s, h in files],
+        }
+        # The manifest is written last: its presence means the job's artifacts are complete.
+        await asyncio.to_thread(
+            self.artifacts.put_bytes,
+            f"runs/{job['run_name']}/{job['job_name']}/manifest.json",
+            json.dumps(manifest, indent=1).encode(),
+        )
+        await self.db(self.store.save_artifacts, request.job_id, files)
+        return agent_pb2.CommitArtifactsResponse()
+
+

@@ -1,0 +1,289 @@
+"""ClientService: what the CLI calls. Thin: authenticate, validate, delegate to the store/engine."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import queue
+import re
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+
+from coordinator.convert import inventory_from_bytes, run_to_proto
+from coordinator.engine import Engine
+from coordinator.errors import InvalidRequest
+from coordinator.services.rpc import authenticate, streaming, unary
+from coordinator.store.db import NewJob
+from protos.v1 import client_pb2, client_pb2_grpc, common_pb2
+from storage import ArtifactStore
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+VERSION = "0.1.0"
+CHUNK = 1 << 20
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+LOG_BATCH = 5000
+
+
+def code_key(code_hash: str) -> str:
+    if not _HASH.match(code_hash):
+        raise InvalidRequest(f"invalid code hash {code_hash!r}")
+    return f"code/{code_hash}.tar.gz"
+
+
+def artifact_key(run_name: str, job_name: str, path: str) -> str:
+    return f"runs/{run_name}/{job_name}/artifacts/{path}"
+
+
+async def put_from_stream(
+    store: ArtifactStore, key: str, chunks: AsyncIterator[bytes], expected_sha256: str = ""
+) -> tuple[int, str]:
+    """Streams async chunks into the (blocking) store on a worker thread; returns size and sha256.
+
+    With `expected_sha256`, a mismatch aborts the write, so a corrupted object is never visible."""
+    q: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+    digest = hashlib.sha256()
+
+    def gen() -> Iterator[bytes]:
+        while (chunk := q.get()) is not None:
+            digest.update(chunk)
+            yield chunk
+        if expected_sha256 and digest.hexdigest() != expected_sha256:
+            raise InvalidRequest(f"upload corrupted: expected sha256 {expected_sha256}, got {digest.hexdigest()}")
+
+    writer = asyncio.get_running_loop().run_in_executor(None, store.put_stream, key, gen())
+
+    async def feed(item: bytes | None) -> bool:
+        while not writer.done():
+            try:
+                q.put_nowait(item)
+                return True
+            except queue.Full:
+                await asyncio.sleep(0.001)
+        return False
+
+    try:
+        async for chunk in chunks:
+            if not await feed(chunk):
+                break
+    finally:
+        await feed(None)
+    size = await writer
+    return size, digest.hexdigest()
+
+
+async def read_chunks(store: ArtifactStore, key: str) -> AsyncIterator[bytes]:
+    f = await asyncio.to_thread(store.open_read, key)
+    try:
+        while chunk := await asyncio.to_thread(f.read, CHUNK):
+            yield chunk
+    finally:
+        f.close()
+
+
+class ClientService(client_pb2_grpc.ClientServiceServicer):
+    def __init__(self, engine: Engine, artifacts: ArtifactStore) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.db = engine.db
+        self.artifacts = artifacts
+
+    async def _user(self, context: Ctx) -> str:
+        return await authenticate(context, lambda t: self.db(self.store.user_for_token, t))
+
+    async def _run(self, name: str) -> client_pb2.Run:
+        def load() -> client_pb2.Run:
+            row = self.store.run_by_name(name)
+            jobs = self.store.jobs_of_runs([row["id"]])[row["id"]]
+            return run_to_proto(row, jobs, self.store.tags_of_runs([row["id"]])[row["id"]])
+
+        return await self.db(load)
+
+    @unary
+    async def GetInfo(self, request: client_pb2.GetInfoRequest, context: Ctx) -> client_pb2.GetInfoResponse:
+        user = await self._user(context)
+        return client_pb2.GetInfoResponse(
+            version=VERSION, user=user, local_mode=self.engine.config.local_mode
+        )
+
+    @unary
+    async def HasCode(self, request: client_pb2.HasCodeRequest, context: Ctx) -> client_pb2.HasCodeResponse:
+        await self._user(context)
+        code_key(request.hash)
+        return client_pb2.HasCodeResponse(present=await self.db(self.store.has_code, request.hash))
+
+    @unary
+    async def PutCode(
+        self, request_iterator: AsyncIterator[client_pb2.PutCodeRequest], context: Ctx
+    ) -> client_pb2.PutCodeResponse:
+        await self._user(context)
+        first = await anext(aiter(request_iterator))
+        key = code_key(first.hash)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield first.data
+            async for msg in request_iterator:
+                yield msg.data
+
+        size, _ = await put_from_stream(self.artifacts, key, chunks(), expected_sha256=first.hash)
+        await self.db(self.store.add_code, first.hash, size)
+        return client_pb2.PutCodeResponse(bytes_received=size)
+
+    @unary
+    async def SubmitRun(self, request: client_pb2.SubmitRunRequest, context: Ctx) -> client_pb2.SubmitRunResponse:
+        owner = await self._user(context)
+        if not request.jobs:
+            raise InvalidRequest("a run needs at least one job")
+        names = [j.job_name for j in request.jobs]
+        if len(set(names)) != len(names) or not all(names):
+            raise InvalidRequest("job names within a run must be unique and non-empty")
+        for j in request.jobs:
+            unknown = set(j.depends_on) - set(names)
+            if unknown:
+                raise InvalidRequest(f"job {j.job_name!r} depends on unknown jobs: {', '.join(sorted(unknown))}")
+            if j.resources.gpu.count > 1024 or j.resources.cpu < 0:
+                raise InvalidRequest(f"job {j.job_name!r}: invalid resources")
+        if request.code.hash and not await self.db(self.store.has_code, request.code.hash):
+            raise InvalidRequest(f"code {request.code.hash} was not uploaded")
+        jobs = [
+            NewJob(
+                job_name=j.job_name,
+                spec=j.SerializeToString(),
+                cpu=j.resources.cpu,
+                memory=j.resources.memory_bytes,
+                gpu_count=j.resources.gpu.count,
+                depends_on=list(j.depends_on),
+            )
+            for j in request.jobs
+        ]
+        name = await self.db(
+            self.store.create_run,
+            owner,
+            request.workflow,
+            request.code.SerializeToString(),
+            request.code.hash,
+            list(request.args),
+            jobs,
+        )
+        self.engine.kick()
+        return client_pb2.SubmitRunResponse(run=await self._run(name))
+
+    @unary
+    async def GetRun(self, request: client_pb2.GetRunRequest, context: Ctx) -> client_pb2.GetRunResponse:
+        await self._user(context)
+        return client_pb2.GetRunResponse(run=await self._run(request.name))
+
+    @unary
+    async def ListRuns(self, request: client_pb2.ListRunsRequest, context: Ctx) -> client_pb2.ListRunsResponse:
+        await self._user(context)
+
+        def load() -> list[client_pb2.Run]:
+            rows = self.store.list_runs(request.all, request.limit or 1000)
+            ids = [r["id"] for r in rows]
+            jobs, tags = self.store.jobs_of_runs(ids), self.store.tags_of_runs(ids)
+            return [run_to_proto(r, jobs[r["id"]], tags[r["id"]]) for r in rows]
+
+        return client_pb2.ListRunsResponse(runs=await self.db(load))
+
+    @unary
+    async def StopRun(self, request: client_pb2.StopRunRequest, context: Ctx) -> client_pb2.StopRunResponse:
+        await self._user(context)
+        await self.engine.stop_run(request.name)
+        return client_pb2.StopRunResponse(run=await self._run(request.name))
+
+    @streaming
+    async def StreamLogs(
+        self, request: client_pb2.StreamLogsRequest, context: Ctx
+    ) -> AsyncIterator[client_pb2.StreamLogsResponse]:
+        await self._user(context)
+        run = await self.db(self.store.run_by_name, request.run_name)
+        jobs = (await self.db(self.store.jobs_of_runs, [run["id"]]))[run["id"]]
+        cursors = {j["id"]: 0 for j in jobs}
+        names = {j["id"]: j["job_name"] for j in jobs}
+
+        def read() -> list[client_pb2.JobLogs]:
+            out = []
+            for job_id, after in cursors.items():
+                rows = self.store.read_logs(job_id, after, LOG_BATCH)
+                if rows:
+                    out.append(
+                        client_pb2.JobLogs(
+                            job_name=names[job_id],
+                            lines=[common_pb2.LogLine(seq=s, stream=st, time_ns=t, text=x) for s, st, t, x in rows],
+                        )
+                    )
+            return out
+
+        finished = False
+        while True:
+            event = self.engine.watchers.event(run["id"])
+            # Check for the end before reading: every line of a job is stored before its end is.
+            if request.follow and not finished:
+                finished = (await self.db(self.store.run_by_id, run["id"]))["finished_at"] is not None
+            batch = await self.db(read)
+            if batch:
+                for jl in batch:
+                    job_id = next(k for k, v in names.items() if v == jl.job_name)
+                    cursors[job_id] = jl.lines[-1].seq
+                yield client_pb2.StreamLogsResponse(jobs=batch)
+                continue
+            if not request.follow:
+                return
+            if finished:
+                yield client_pb2.StreamLogsResponse(finished_run=await self._run(request.run_name))
+                return
+            try:
+                await asyncio.wait_for(event.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+
+    @unary
+    async def ListArtifacts(
+        self, request: client_pb2.ListArtifactsRequest, context: Ctx
+    ) -> client_pb2.ListArtifactsResponse:
+        await self._user(context)
+        run = await self.db(self.store.run_by_name, request.run_name)
+        rows = await self.db(self.store.list_artifacts, run["id"])
+        return client_pb2.ListArtifactsResponse(
+            files=[
+                common_pb2.ArtifactFile(job_name=r["job_name"], path=r["path"], size=r["size"], sha256=r["sha256"])
+                for r in rows
+            ]
+        )
+
+    @streaming
+    async def DownloadArtifact(
+        self, request: client_pb2.DownloadArtifactRequest, context: Ctx
+    ) -> AsyncIterator[client_pb2.DataChunk]:
+        await self._user(context)
+        run = await self.db(self.store.run_by_name, request.run_name)
+        await self.db(self.store.artifact, run["id"], request.job_name, request.path)
+        async for chunk in read_chunks(self.artifacts, artifact_key(run["name"], request.job_name, request.path)):
+            yield client_pb2.DataChunk(data=chunk)
+
+    @unary
+    async def ListAgents(self, request: client_pb2.ListAgentsRequest, context: Ctx) -> client_pb2.ListAgentsResponse:
+        await self._user(context)
+
+        def load() -> list[client_pb2.Agent]:
+            busy: dict[str, list[int]] = {}
+            count: dict[str, int] = {}
+            for a in self.store.active_allocations():
+                busy.setdefault(a["agent_id"], []).extend(json.loads(a["gpu_indices"] or "[]"))
+                count[a["agent_id"]] = count.get(a["agent_id"], 0) + 1
+            return [
+                client_pb2.Agent(
+                    id=r["id"],
+                    name=r["name"],
+                    status=r["status"],
+                    inventory=inventory_from_bytes(r["inventory"]),
+                    running_jobs=count.get(r["id"], 0),
+                    last_heartbeat_ns=r["last_heartbeat"] or 0,
+                    busy_gpu_indices=sorted(busy.get(r["id"], [])),
+                )
+                for r in self.store.list_agents()
+            ]
+
+        return client_pb2.ListAgentsResponse(agents=await self.db(load))

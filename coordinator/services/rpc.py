@@ -1,0 +1,89 @@
+"""The one place where domain errors become gRPC status codes, and where callers are authenticated."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from coordinator.errors import (
+    Conflict,
+    CoordinatorError,
+    InvalidRequest,
+    NotFound,
+    StorageUnavailable,
+    Unauthenticated,
+)
+from storage import ObjectNotFound, StoreError
+
+log = logging.getLogger("dstack.coordinator")
+
+_CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (ObjectNotFound, grpc.StatusCode.NOT_FOUND),
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (StoreError, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_for(exc: Exception) -> grpc.StatusCode | None:
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code
+    return None
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def unary(fn: F) -> F:
+    """Maps domain errors raised by a unary (or stream-in) handler to status codes."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await fn(self, request, context)
+        except (CoordinatorError, StoreError) as e:
+            code = status_for(e)
+            assert code is not None
+            await context.abort(code, str(e))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def streaming(fn: F) -> F:
+    """Same as `unary`, for handlers that are async generators."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except (CoordinatorError, StoreError) as e:
+            code = status_for(e)
+            assert code is not None
+            await context.abort(code, str(e))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def bearer_token(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer ") :]
+    raise Unauthenticated("missing token: run `dstack config` with the coordinator's address and your token")
+
+
+async def authenticate(
+    context: grpc.aio.ServicerContext[Any, Any], lookup: Callable[[str], Awaitable[str | None]]
+) -> str:
+    name = await lookup(bearer_token(context))
+    if name is None:
+        raise Unauthenticated("invalid token: check `dstack config`")
+    return name

@@ -1,0 +1,115 @@
+"""SQLite schema with explicit, numbered migrations (tracked in PRAGMA user_version).
+
+A migration is only ever appended; never edit one that has shipped. Each must be safe to run again
+after a crash halfway through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlite_utils
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db["users"].create(
+        {"name": str, "token_hash": str, "role": str, "created_at": int},
+        pk="name",
+        not_null={"token_hash"},
+        if_not_exists=True,
+    )
+    db["users"].create_index(["token_hash"], unique=True, if_not_exists=True)
+    db["runs"].create(
+        {
+            "id": str,
+            "name": str,
+            "owner": str,
+            "workflow": str,
+            "status": int,
+            "termination_reason": int,
+            "message": str,
+            "submitted_at": int,
+            "finished_at": int,
+            "code_hash": str,
+            "code": bytes,  # serialized dstack.v1.CodeRef
+            "args": str,  # JSON list of the extra CLI arguments
+            "queue": str,  # fair-share queue (team), reserved for the scheduling issue
+            "priority": int,
+        },
+        pk="id",
+        not_null={"name", "owner", "workflow", "status", "submitted_at"},
+        if_not_exists=True,
+    )
+    db["runs"].create_index(["name"], unique=True, if_not_exists=True)
+    db["runs"].create_index(["status"], if_not_exists=True)
+    db["jobs"].create(
+        {
+            "id": str,
+            "run_id": str,
+            "job_name": str,
+            "spec": bytes,  # serialized dstack.v1.JobSpec
+            "status": int,
+            "termination_reason": int,
+            "message": str,
+            "agent_id": str,
+            "gpu_indices": str,  # JSON list
+            "exit_code": int,
+            "submitted_at": int,
+            "started_at": int,
+            "finished_at": int,
+            "stop_requested": int,
+            "cpu": float,
+            "memory": int,
+            "gpu_count": int,
+            "depends_on": str,  # JSON list of job_names in the same run
+        },
+        pk="id",
+        not_null={"run_id", "job_name", "spec", "status", "submitted_at"},
+        foreign_keys=[("run_id", "runs", "id")],
+        if_not_exists=True,
+    )
+    db["jobs"].create_index(["status"], if_not_exists=True)
+    db["jobs"].create_index(["run_id"], if_not_exists=True)
+    db["jobs"].create_index(["agent_id", "status"], if_not_exists=True)
+    db["agents"].create(
+        {
+            "id": str,
+            "name": str,
+            "token_hash": str,
+            "status": str,
+            "inventory": bytes,  # serialized dstack.v1.Inventory
+            "registered_at": int,
+            "last_heartbeat": int,
+            "lease_expires_at": int,
+        },
+        pk="id",
+        if_not_exists=True,
+    )
+    db["agents"].create_index(["token_hash"], unique=True, if_not_exists=True)
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS logs (job_id TEXT NOT NULL, seq INTEGER NOT NULL, stream INTEGER NOT NULL,"
+        " time_ns INTEGER NOT NULL, text TEXT NOT NULL, PRIMARY KEY (job_id, seq)) WITHOUT ROWID"
+    )
+    db["artifacts"].create(
+        {"job_id": str, "path": str, "size": int, "sha256": str}, pk=("job_id", "path"), if_not_exists=True
+    )
+    db["code"].create({"hash": str, "size": int, "created_at": int}, pk="hash", if_not_exists=True)
+    db["tags"].create({"name": str, "run_id": str, "created_at": int}, pk="name", if_not_exists=True)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(db: sqlite_utils.Database) -> None:
+    current = db.execute("PRAGMA user_version").fetchone()[0]
+    if current > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"the database is at schema version {current}, newer than this coordinator ({SCHEMA_VERSION});"
+            " upgrade dstack"
+        )
+    for version in range(current + 1, SCHEMA_VERSION + 1):
+        # sqlite-utils commits each DDL statement itself, so a migration cannot be one transaction;
+        # instead every step is idempotent (IF NOT EXISTS) and the version is bumped after the last.
+        MIGRATIONS[version - 1](db)
+        db.execute(f"PRAGMA user_version = {version:d}")

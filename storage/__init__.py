@@ -1,0 +1,13 @@
+"""The artifact store: where code blobs, job artifacts and manifests live.
+
+Key layout (docs/storage.md):
+  code/<sha256>.tar.gz                      packed working trees, content-addressed
+  runs/<run>/<job>/artifacts/<path>         files of a job's declared artifact folders
+  runs/<run>/<job>/manifest.json            written last: the job's artifacts are complete
+"""
+
+from storage.base import ArtifactStore, ObjectNotFound, StoreError
+from storage.local import LocalStore
+from storage.open import open_store
+
+__all__ = ["ArtifactStore", "LocalStore", "ObjectNotFound", "StoreError", "open_store"]
