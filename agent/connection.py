@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -89,11 +90,15 @@ class Agent:
 
     async def _register(self) -> None:
         if not self.config.join_token:
-            raise FatalAgentError("this agent is not registered: pass --join-token (see `dstack server` output)")
+            raise FatalAgentError(
+                "this agent is not registered: pass --join-token (see `dstack server` output)"
+            )
         inv = await asyncio.to_thread(self.inventory.collect)
         try:
             resp = await self.stub.Register(
-                agent_pb2.RegisterRequest(join_token=self.config.join_token, name=self.config.name, inventory=inv)
+                agent_pb2.RegisterRequest(
+                    join_token=self.config.join_token, name=self.config.name, inventory=inv
+                )
             )
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -194,13 +199,19 @@ class Agent:
                 continue  # re-sent after a reconnect: already running
             runner = JobRunner(self.deps, a)
             self.jobs[a.job_id] = runner
-            runner.start().add_done_callback(lambda _t, j=a.job_id: self.jobs.pop(j, None))
+            runner.start().add_done_callback(self._forget_job(a.job_id))
         for stop in msg.stops:
             runner_ = self.jobs.get(stop.job_id)
             if runner_ is not None:
                 task = asyncio.create_task(runner_.stop(stop.abort))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+
+    def _forget_job(self, job_id: str) -> Callable[[asyncio.Task[None]], None]:
+        def forget(_task: asyncio.Task[None]) -> None:
+            self.jobs.pop(job_id, None)
+
+        return forget
 
     async def close(self) -> None:
         for r in list(self.jobs.values()):

@@ -36,9 +36,11 @@ class Outbox:
         self.wake = asyncio.Event()
 
     # ---- producers ---------------------------------------------------------------------------
-    def add_line(self, job_id: str, stream: int, text: str) -> None:
+    def add_line(self, job_id: str, stream: common_pb2.LogStream.ValueType, text: str) -> None:
         jl = self._logs.setdefault(job_id, _JobLog())
-        jl.unacked.append(common_pb2.LogLine(seq=jl.next_seq, stream=stream, text=text, time_ns=time.time_ns()))
+        jl.unacked.append(
+            common_pb2.LogLine(seq=jl.next_seq, stream=stream, text=text, time_ns=time.time_ns())
+        )
         jl.next_seq += 1
         self.wake.set()
 
@@ -64,8 +66,8 @@ class Outbox:
                 jl.sent_upto = lines[-1].seq
                 budget -= len(lines)
         for job_id, items in self._updates.items():
-            jl = self._logs.get(job_id)
-            lines_pending = jl is not None and jl.sent_upto < jl.next_seq - 1
+            pending = self._logs.get(job_id)
+            lines_pending = pending is not None and pending.sent_upto < pending.next_seq - 1
             for i, (u, sent) in enumerate(items):
                 if sent or (u.status in FINAL and lines_pending):
                     continue

@@ -99,7 +99,13 @@ class JobRunner:
         self.task = asyncio.create_task(self._run(), name=f"job-{self.job_id}")
         return self.task
 
-    def _update(self, status: int, reason: int = 0, message: str = "", exit_code: int | None = None) -> None:
+    def _update(
+        self,
+        status: common_pb2.JobStatus.ValueType,
+        reason: common_pb2.TerminationReason.ValueType = TR.TERMINATION_REASON_UNSPECIFIED,
+        message: str = "",
+        exit_code: int | None = None,
+    ) -> None:
         u = agent_pb2.JobUpdate(job_id=self.job_id, status=status, termination_reason=reason, message=message)
         if exit_code is not None:
             u.exit_code, u.has_exit_code = exit_code, True
@@ -123,7 +129,9 @@ class JobRunner:
                 await self.deps.code.materialize(self.a.code, workdir)
                 await asyncio.to_thread(prepare_dirs, workdir, spec.artifacts)
                 if self.stop_requested:
-                    self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user")
+                    self._update(
+                        JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user"
+                    )
                     return
                 env = base_env() | dict(self.a.env) | dict(spec.env)
                 self.proc = await self.deps.runtime.start(
@@ -162,8 +170,12 @@ class JobRunner:
 
     async def _pump_output(self, proc: JobProcess) -> None:
         outbox, job_id = self.deps.outbox, self.job_id
+
+        def emitter(kind: common_pb2.LogStream.ValueType) -> Callable[[str], None]:
+            return lambda text: outbox.add_line(job_id, kind, text)
+
         splitters = {
-            kind: LineSplitter(lambda text, k=kind: outbox.add_line(job_id, k, text))
+            int(kind): LineSplitter(emitter(kind))
             for kind in (common_pb2.LOG_STREAM_STDOUT, common_pb2.LOG_STREAM_STDERR)
         }
         async for kind, chunk in proc.output():
@@ -176,7 +188,9 @@ class JobRunner:
             if spec.artifacts and not self.abort:
                 self._update(JS.JOB_STATUS_UPLOADING, exit_code=code)
                 await self._save_artifacts(workdir, spec)
-            self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user", code)
+            self._update(
+                JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user", code
+            )
             return
         if spec.artifacts:
             self._update(JS.JOB_STATUS_UPLOADING, exit_code=code)

@@ -37,7 +37,10 @@ class Client:
         self.timeout = timeout
         self.channel = grpc.insecure_channel(
             endpoint.address,
-            options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+            options=[
+                ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.max_send_message_length", 64 << 20),
+            ],
         )
         self.stub = client_pb2_grpc.ClientServiceStub(self.channel)
         self.metadata = [("authorization", f"Bearer {endpoint.token}")]
@@ -58,10 +61,16 @@ class Client:
             raise _translate(e, self.endpoint.address) from None
 
     def info(self, timeout: float | None = None) -> client_pb2.GetInfoResponse:
-        return self._call(self.stub.GetInfo, client_pb2.GetInfoRequest(), timeout=timeout or self.timeout)
+        resp: client_pb2.GetInfoResponse = self._call(
+            self.stub.GetInfo, client_pb2.GetInfoRequest(), timeout=timeout or self.timeout
+        )
+        return resp
 
     def has_code(self, code_hash: str) -> bool:
-        return self._call(self.stub.HasCode, client_pb2.HasCodeRequest(hash=code_hash)).present
+        resp: client_pb2.HasCodeResponse = self._call(
+            self.stub.HasCode, client_pb2.HasCodeRequest(hash=code_hash)
+        )
+        return resp.present
 
     def put_code(self, code_hash: str, data: bytes) -> int:
         def chunks() -> Iterator[client_pb2.PutCodeRequest]:
@@ -69,19 +78,23 @@ class Client:
             for i in range(CHUNK, len(data), CHUNK):
                 yield client_pb2.PutCodeRequest(data=data[i : i + CHUNK])
 
-        return self._call(self.stub.PutCode, chunks(), timeout=600).bytes_received
+        resp: client_pb2.PutCodeResponse = self._call(self.stub.PutCode, chunks(), timeout=600)
+        return resp.bytes_received
 
     def submit(self, request: client_pb2.SubmitRunRequest) -> client_pb2.Run:
-        return self._call(self.stub.SubmitRun, request).run
+        resp: client_pb2.SubmitRunResponse = self._call(self.stub.SubmitRun, request)
+        return resp.run
 
     def get_run(self, name: str) -> client_pb2.Run:
-        return self._call(self.stub.GetRun, client_pb2.GetRunRequest(name=name)).run
+        resp: client_pb2.GetRunResponse = self._call(self.stub.GetRun, client_pb2.GetRunRequest(name=name))
+        return resp.run
 
     def list_runs(self, include_all: bool) -> list[client_pb2.Run]:
         return list(self._call(self.stub.ListRuns, client_pb2.ListRunsRequest(all=include_all)).runs)
 
     def stop_run(self, name: str) -> client_pb2.Run:
-        return self._call(self.stub.StopRun, client_pb2.StopRunRequest(name=name)).run
+        resp: client_pb2.StopRunResponse = self._call(self.stub.StopRun, client_pb2.StopRunRequest(name=name))
+        return resp.run
 
     def logs(self, name: str, follow: bool) -> Iterator[client_pb2.StreamLogsResponse]:
         return self._stream(self.stub.StreamLogs, client_pb2.StreamLogsRequest(run_name=name, follow=follow))

@@ -1,12 +1,12 @@
 """Errors the CLI prints as one clear message (no traceback) before exiting non-zero.
 
-    CliError
-    ├── WorkflowError        a workflow file is wrong: names the file, line and column
-    ├── ProviderError        a provider refused a workflow's fields
-    ├── NotFoundError        a run, workflow or artifact that does not exist
-    ├── CoordinatorUnreachable
-    ├── AuthError
-    └── RequestRejected      the coordinator refused a request (its message says why)
+CliError
+├── WorkflowError        a workflow file is wrong: names the file, line and column
+├── ProviderError        a provider refused a workflow's fields
+├── NotFoundError        a run, workflow or artifact that does not exist
+├── CoordinatorUnreachable
+├── AuthError
+└── RequestRejected      the coordinator refused a request (its message says why)
 """
 
 from __future__ import annotations

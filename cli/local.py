@@ -73,7 +73,7 @@ def _alive(pid_file: Path, module: str) -> int | None:
 
 def _spawn(name: str, args: list[str], env: dict[str, str]) -> None:
     d = local_dir()
-    log = open(d / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+    log = open(d / f"{name}.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", name, *args],
         stdin=subprocess.DEVNULL,

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import time
+from typing import cast
 
 from protos.v1 import client_pb2, common_pb2
 
 
 def run_status(status: int) -> str:
+    # protobuf stubs want the enum's ValueType; an int from the wire is what we hold
+    status = cast(common_pb2.RunStatus.ValueType, status)
     return common_pb2.RunStatus.Name(status).removeprefix("RUN_STATUS_").lower()
 
 
 def job_status(status: int) -> str:
+    status = cast(common_pb2.JobStatus.ValueType, status)
     return common_pb2.JobStatus.Name(status).removeprefix("JOB_STATUS_").lower()
 
 
 def reason(value: int) -> str:
     if not value:
         return ""
-    return common_pb2.TerminationReason.Name(value).removeprefix("TERMINATION_REASON_").lower().replace("_", " ")
+    value = cast(common_pb2.TerminationReason.ValueType, value)
+    return (
+        common_pb2.TerminationReason.Name(value).removeprefix("TERMINATION_REASON_").lower().replace("_", " ")
+    )
 
 
 def ago(ns: int, now: float | None = None) -> str:
@@ -37,7 +44,9 @@ def ago(ns: int, now: float | None = None) -> str:
 def iso(ns: int) -> str | None:
     if not ns:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns % 1_000_000_000 // 1_000_000:03d}Z"
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns % 1_000_000_000 // 1_000_000:03d}Z"
+    )
 
 
 def run_summary(run: client_pb2.Run) -> str:

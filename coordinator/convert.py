@@ -17,7 +17,7 @@ def job_to_proto(r: Row) -> client_pb2.Job:
         id=r["id"],
         job_name=r["job_name"],
         status=r["status"],
-        termination_reason=r["termination_reason"] or 0,
+        termination_reason=r["termination_reason"] or 0,  # type: ignore[arg-type]
         message=r["message"] or "",
         agent_name=r.get("agent_name") or "",
         gpu_indices=json.loads(r["gpu_indices"] or "[]"),
@@ -41,7 +41,7 @@ def run_to_proto(r: Row, jobs: list[Row], tags: list[str]) -> client_pb2.Run:
         workflow=r["workflow"],
         owner=r["owner"],
         status=r["status"],
-        termination_reason=r["termination_reason"] or 0,
+        termination_reason=r["termination_reason"] or 0,  # type: ignore[arg-type]
         message=r["message"] or "",
         submitted_at_ns=r["submitted_at"],
         finished_at_ns=r["finished_at"] or 0,

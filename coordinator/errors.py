@@ -1,11 +1,11 @@
 """Domain errors of the coordinator; `coordinator.services.rpc` maps each to one gRPC status code.
 
-    CoordinatorError
-    ├── NotFound            (NOT_FOUND)            a run, job, code blob or artifact that does not exist
-    ├── InvalidRequest      (INVALID_ARGUMENT)     a request that can never succeed as sent
-    ├── Conflict            (FAILED_PRECONDITION)  valid, but not in the current state
-    ├── Unauthenticated     (UNAUTHENTICATED)      missing or wrong token
-    └── StorageUnavailable  (UNAVAILABLE)          the artifact store failed; retrying may help
+CoordinatorError
+├── NotFound            (NOT_FOUND)            a run, job, code blob or artifact that does not exist
+├── InvalidRequest      (INVALID_ARGUMENT)     a request that can never succeed as sent
+├── Conflict            (FAILED_PRECONDITION)  valid, but not in the current state
+├── Unauthenticated     (UNAUTHENTICATED)      missing or wrong token
+└── StorageUnavailable  (UNAVAILABLE)          the artifact store failed; retrying may help
 """
 
 

@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     if not config.local_mode:
         print(f"dstack coordinator on {config.listen}; state in {config.state_dir}", file=sys.stderr)
-        print(f"admin token: {config.state_dir / 'admin-token'}; join token: {config.state_dir / 'join-token'}",
-              file=sys.stderr)
+        print(
+            f"admin token: {config.state_dir / 'admin-token'}; join token: {config.state_dir / 'join-token'}",
+            file=sys.stderr,
+        )
     try:
         asyncio.run(serve(config))
     except KeyboardInterrupt:

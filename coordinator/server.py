@@ -43,7 +43,8 @@ async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -
     client_pb2_grpc.add_ClientServiceServicer_to_server(ClientService(engine, artifacts), server)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(engine, artifacts), server)
     if config.listen.startswith("unix://"):
-        Path(config.listen[len("unix://") :]).unlink(missing_ok=True)
+        # A socket file left by a killed coordinator would make the bind fail.
+        await asyncio.to_thread(Path(config.listen[len("unix://") :]).unlink, missing_ok=True)
     port = server.add_insecure_port(config.listen)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.listen}")

@@ -11,4 +11,12 @@ def make_runtime(name: str, stop_grace_s: float) -> Runtime:
     raise RuntimeError_(f"unknown runtime {name!r}: expected host or null")
 
 
-__all__ = ["HostRuntime", "JobProcess", "NullRuntime", "Runtime", "RuntimeError_", "RuntimeJob", "make_runtime"]
+__all__ = [
+    "HostRuntime",
+    "JobProcess",
+    "NullRuntime",
+    "Runtime",
+    "RuntimeError_",
+    "RuntimeJob",
+    "make_runtime",
+]

@@ -49,3 +49,4 @@ class Runtime(abc.ABC):
 
     async def cleanup_leftovers(self, jobs_dir: Path) -> None:
         """Called at agent start: processes of jobs from a previous agent instance are killed."""
+        return None

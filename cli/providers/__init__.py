@@ -30,7 +30,8 @@ def load_provider(name: str, node: Node | None = None) -> Provider:
         return provider
     known = ", ".join(known_providers()) or "none installed"
     raise WorkflowError(
-        f"unknown provider {name!r}; known providers: {known}", node.at("provider") if node is not None else None
+        f"unknown provider {name!r}; known providers: {known}",
+        node.at("provider") if node is not None else None,
     )
 
 

@@ -57,4 +57,3 @@ class PythonProvider(Provider):
 
     def image(self, wf: Workflow) -> str:
         return f"python:{self._version(wf) or '3.11'}-slim"
-

@@ -10,7 +10,7 @@ import logging
 import posixpath
 import secrets
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -21,7 +21,7 @@ from coordinator.services.rpc import bearer_token, streaming, unary
 from protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2
 from storage import ArtifactStore
 
-Ctx = grpc.aio.ServicerContext[Any, Any]
+Ctx: TypeAlias = Any  # grpc.aio.ServicerContext: grpc ships no type information
 log = logging.getLogger("dstack.coordinator")
 
 
@@ -57,7 +57,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             raise Unauthenticated("invalid join token")
         token = secrets.token_urlsafe(32)
         name = request.name or request.inventory.hostname or "agent"
-        agent_id = await self.db(self.store.register_agent, name, token, request.inventory.SerializeToString())
+        agent_id = await self.db(
+            self.store.register_agent, name, token, request.inventory.SerializeToString()
+        )
         log.info("agent %s registered as %s", name, agent_id)
         return agent_pb2.RegisterResponse(agent_id=agent_id, agent_token=token)
 
@@ -104,7 +106,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             log.info("agent %s disconnected", agent_id)
 
     @streaming
-    async def GetCode(self, request: agent_pb2.GetCodeRequest, context: Ctx) -> AsyncIterator[client_pb2.DataChunk]:
+    async def GetCode(
+        self, request: agent_pb2.GetCodeRequest, context: Ctx
+    ) -> AsyncIterator[client_pb2.DataChunk]:
         await self._agent(context)
         async for chunk in read_chunks(self.artifacts, code_key(request.hash)):
             yield client_pb2.DataChunk(data=chunk)
@@ -151,5 +155,3 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         )
         await self.db(self.store.save_artifacts, request.job_id, files)
         return agent_pb2.CommitArtifactsResponse()
-
-

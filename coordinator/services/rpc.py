@@ -46,7 +46,7 @@ def unary(fn: F) -> F:
     """Maps domain errors raised by a unary (or stream-in) handler to status codes."""
 
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def wrapper(self: Any, request: Any, context: Any) -> Any:
         try:
             return await fn(self, request, context)
         except (CoordinatorError, StoreError) as e:
@@ -61,7 +61,7 @@ def streaming(fn: F) -> F:
     """Same as `unary`, for handlers that are async generators."""
 
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+    async def wrapper(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
         try:
             async for item in fn(self, request, context):
                 yield item
@@ -73,16 +73,14 @@ def streaming(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def bearer_token(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+def bearer_token(context: Any) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
             return value[len("Bearer ") :]
     raise Unauthenticated("missing token: run `dstack config` with the coordinator's address and your token")
 
 
-async def authenticate(
-    context: grpc.aio.ServicerContext[Any, Any], lookup: Callable[[str], Awaitable[str | None]]
-) -> str:
+async def authenticate(context: Any, lookup: Callable[[str], Awaitable[str | None]]) -> str:
     name = await lookup(bearer_token(context))
     if name is None:
         raise Unauthenticated("invalid token: check `dstack config`")

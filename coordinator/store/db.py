@@ -346,7 +346,7 @@ class Store:
         self,
         placements: list[Placement],
         waiting: dict[str, str],
-        failures: list[tuple[str, int, str]],
+        failures: Sequence[tuple[str, int, str]],
     ) -> list[Assignment]:
         """Records a scheduler pass: placed jobs become ASSIGNED, waiting ones PENDING with a reason,
         impossible ones FAILED."""
@@ -503,8 +503,7 @@ class Store:
         live = {
             r["id"]
             for r in self._rows(
-                f"SELECT id FROM jobs WHERE id IN ({marks}) AND agent_id = ?"
-                f" AND status IN ({_in(ON_AGENT)})",
+                f"SELECT id FROM jobs WHERE id IN ({marks}) AND agent_id = ? AND status IN ({_in(ON_AGENT)})",
                 [*job_ids, agent_id],
             )
         }
@@ -581,7 +580,12 @@ class Store:
                 c.execute(
                     f"UPDATE jobs SET status = {JS.JOB_STATUS_FAILED}, termination_reason = ?, message = ?,"
                     " finished_at = ? WHERE id = ?",
-                    [TR.TERMINATION_REASON_DEPENDENCY_FAILED, f"dependency {dep!r} failed", self.clock(), job_id],
+                    [
+                        TR.TERMINATION_REASON_DEPENDENCY_FAILED,
+                        f"dependency {dep!r} failed",
+                        self.clock(),
+                        job_id,
+                    ],
                 )
 
     # ---- logs --------------------------------------------------------------------------------
@@ -600,18 +604,20 @@ class Store:
 
     def log_positions(self, job_ids: Sequence[str]) -> dict[str, int]:
         return {
-            j: int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM logs WHERE job_id = ?", [j]).fetchone()[0])
+            j: int(
+                self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM logs WHERE job_id = ?", [j]).fetchone()[
+                    0
+                ]
+            )
             for j in job_ids
         }
 
-    def read_logs(self, job_id: str, after_seq: int, limit: int) -> list[tuple[int, int, int, str]]:
-        return [
-            (int(r[0]), int(r[1]), int(r[2]), str(r[3]))
-            for r in self.conn.execute(
-                "SELECT seq, stream, time_ns, text FROM logs WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                [job_id, after_seq, limit],
-            )
-        ]
+    def read_logs(self, job_id: str, after_seq: int, limit: int) -> list[common_pb2.LogLine]:
+        cur = self.conn.execute(
+            "SELECT seq, stream, time_ns, text FROM logs WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            [job_id, after_seq, limit],
+        )
+        return [common_pb2.LogLine(seq=r[0], stream=r[1], time_ns=r[2], text=r[3]) for r in cur]
 
     def run_ids_of_jobs(self, job_ids: Sequence[str]) -> dict[str, str]:
         marks = ",".join("?" for _ in job_ids)

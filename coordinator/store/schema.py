@@ -9,17 +9,21 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import sqlite_utils
+from sqlite_utils.db import Table
 
 
 def _v1(db: sqlite_utils.Database) -> None:
-    db["users"].create(
+    def t(name: str) -> Table:
+        return Table(db, name)
+
+    t("users").create(
         {"name": str, "token_hash": str, "role": str, "created_at": int},
         pk="name",
         not_null={"token_hash"},
         if_not_exists=True,
     )
-    db["users"].create_index(["token_hash"], unique=True, if_not_exists=True)
-    db["runs"].create(
+    t("users").create_index(["token_hash"], unique=True, if_not_exists=True)
+    t("runs").create(
         {
             "id": str,
             "name": str,
@@ -40,9 +44,9 @@ def _v1(db: sqlite_utils.Database) -> None:
         not_null={"name", "owner", "workflow", "status", "submitted_at"},
         if_not_exists=True,
     )
-    db["runs"].create_index(["name"], unique=True, if_not_exists=True)
-    db["runs"].create_index(["status"], if_not_exists=True)
-    db["jobs"].create(
+    t("runs").create_index(["name"], unique=True, if_not_exists=True)
+    t("runs").create_index(["status"], if_not_exists=True)
+    t("jobs").create(
         {
             "id": str,
             "run_id": str,
@@ -68,10 +72,10 @@ def _v1(db: sqlite_utils.Database) -> None:
         foreign_keys=[("run_id", "runs", "id")],
         if_not_exists=True,
     )
-    db["jobs"].create_index(["status"], if_not_exists=True)
-    db["jobs"].create_index(["run_id"], if_not_exists=True)
-    db["jobs"].create_index(["agent_id", "status"], if_not_exists=True)
-    db["agents"].create(
+    t("jobs").create_index(["status"], if_not_exists=True)
+    t("jobs").create_index(["run_id"], if_not_exists=True)
+    t("jobs").create_index(["agent_id", "status"], if_not_exists=True)
+    t("agents").create(
         {
             "id": str,
             "name": str,
@@ -85,16 +89,16 @@ def _v1(db: sqlite_utils.Database) -> None:
         pk="id",
         if_not_exists=True,
     )
-    db["agents"].create_index(["token_hash"], unique=True, if_not_exists=True)
+    t("agents").create_index(["token_hash"], unique=True, if_not_exists=True)
     db.execute(
         "CREATE TABLE IF NOT EXISTS logs (job_id TEXT NOT NULL, seq INTEGER NOT NULL, stream INTEGER NOT NULL,"
         " time_ns INTEGER NOT NULL, text TEXT NOT NULL, PRIMARY KEY (job_id, seq)) WITHOUT ROWID"
     )
-    db["artifacts"].create(
+    t("artifacts").create(
         {"job_id": str, "path": str, "size": int, "sha256": str}, pk=("job_id", "path"), if_not_exists=True
     )
-    db["code"].create({"hash": str, "size": int, "created_at": int}, pk="hash", if_not_exists=True)
-    db["tags"].create({"name": str, "run_id": str, "created_at": int}, pk="name", if_not_exists=True)
+    t("code").create({"hash": str, "size": int, "created_at": int}, pk="hash", if_not_exists=True)
+    t("tags").create({"name": str, "run_id": str, "created_at": int}, pk="name", if_not_exists=True)
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
