@@ -67,9 +67,7 @@ class CodeCache:
         f = os.fdopen(fd, "wb")
         digest = hashlib.sha256()
         try:
-            async for chunk in self.stub.GetCode(
-                agent_pb2.GetCodeRequest(hash=code_hash), metadata=self.metadata()
-            ):
+            async for chunk in self.stub.GetCode(agent_pb2.GetCodeRequest(hash=code_hash), metadata=self.metadata()):
                 digest.update(chunk.data)
                 await asyncio.to_thread(f.write, chunk.data)
                 self.bytes_downloaded += len(chunk.data)

@@ -90,15 +90,11 @@ class Agent:
 
     async def _register(self) -> None:
         if not self.config.join_token:
-            raise FatalAgentError(
-                "this agent is not registered: pass --join-token (see `dstack server` output)"
-            )
+            raise FatalAgentError("this agent is not registered: pass --join-token (see `dstack server` output)")
         inv = await asyncio.to_thread(self.inventory.collect)
         try:
             resp = await self.stub.Register(
-                agent_pb2.RegisterRequest(
-                    join_token=self.config.join_token, name=self.config.name, inventory=inv
-                )
+                agent_pb2.RegisterRequest(join_token=self.config.join_token, name=self.config.name, inventory=inv)
             )
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAUTHENTICATED:

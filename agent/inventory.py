@@ -24,9 +24,7 @@ def parse_simulated(spec: str) -> list[common_pb2.GpuInfo]:
     """`8xA100-80GB` -> eight simulated A100s with 80 GiB each (test/dev option)."""
     m = _SIM.match(spec.strip())
     if not m:
-        raise InventoryError(
-            f"invalid simulated GPUs {spec!r}: expected COUNTxNAME[-MEMGB], e.g. 8xA100-80GB"
-        )
+        raise InventoryError(f"invalid simulated GPUs {spec!r}: expected COUNTxNAME[-MEMGB], e.g. 8xA100-80GB")
     count, model, mem = int(m.group(1)), m.group(2), int(m.group(3) or 16)
     return [
         common_pb2.GpuInfo(
@@ -53,9 +51,7 @@ class NvmlGpus:
             try:
                 pynvml.nvmlInit()
                 self._ok = True
-                log.info(
-                    "NVML %s: %d GPU(s)", pynvml.nvmlSystemGetDriverVersion(), pynvml.nvmlDeviceGetCount()
-                )
+                log.info("NVML %s: %d GPU(s)", pynvml.nvmlSystemGetDriverVersion(), pynvml.nvmlDeviceGetCount())
             except pynvml.NVMLError as e:
                 self._ok = False
                 log.info("no NVIDIA GPUs: NVML is not available (%s)", e)

@@ -38,9 +38,7 @@ class Outbox:
     # ---- producers ---------------------------------------------------------------------------
     def add_line(self, job_id: str, stream: common_pb2.LogStream.ValueType, text: str) -> None:
         jl = self._logs.setdefault(job_id, _JobLog())
-        jl.unacked.append(
-            common_pb2.LogLine(seq=jl.next_seq, stream=stream, text=text, time_ns=time.time_ns())
-        )
+        jl.unacked.append(common_pb2.LogLine(seq=jl.next_seq, stream=stream, text=text, time_ns=time.time_ns()))
         jl.next_seq += 1
         self.wake.set()
 

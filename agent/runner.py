@@ -129,9 +129,7 @@ class JobRunner:
                 await self.deps.code.materialize(self.a.code, workdir)
                 await asyncio.to_thread(prepare_dirs, workdir, spec.artifacts)
                 if self.stop_requested:
-                    self._update(
-                        JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user"
-                    )
+                    self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user")
                     return
                 env = base_env() | dict(self.a.env) | dict(spec.env)
                 self.proc = await self.deps.runtime.start(
@@ -188,9 +186,7 @@ class JobRunner:
             if spec.artifacts and not self.abort:
                 self._update(JS.JOB_STATUS_UPLOADING, exit_code=code)
                 await self._save_artifacts(workdir, spec)
-            self._update(
-                JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user", code
-            )
+            self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user", code)
             return
         if spec.artifacts:
             self._update(JS.JOB_STATUS_UPLOADING, exit_code=code)

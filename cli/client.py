@@ -67,9 +67,7 @@ class Client:
         return resp
 
     def has_code(self, code_hash: str) -> bool:
-        resp: client_pb2.HasCodeResponse = self._call(
-            self.stub.HasCode, client_pb2.HasCodeRequest(hash=code_hash)
-        )
+        resp: client_pb2.HasCodeResponse = self._call(self.stub.HasCode, client_pb2.HasCodeRequest(hash=code_hash))
         return resp.present
 
     def put_code(self, code_hash: str, data: bytes) -> int:

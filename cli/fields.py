@@ -82,9 +82,7 @@ def size_bytes(node: Node, key: str) -> int:
         return int(value)
     m = _SIZE.match(str(value))
     if not m:
-        raise WorkflowError(
-            f"field {key!r}: {value!r} is not a size (e.g. 512MB, 64GB, 1.5GiB)", node.at(key)
-        )
+        raise WorkflowError(f"field {key!r}: {value!r} is not a size (e.g. 512MB, 64GB, 1.5GiB)", node.at(key))
     number, unit = float(m.group(1)), m.group(2).upper()
     letter = unit.replace("I", "").replace("B", "")
     if "I" in unit and not letter:

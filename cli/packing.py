@@ -32,9 +32,7 @@ class PackedCode:
 
 def _git(root: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "-C", str(root), *args], capture_output=True, check=True, timeout=30
-        ).stdout
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, check=True, timeout=30).stdout
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
         return None
     return out.decode("utf-8", errors="replace")

@@ -23,9 +23,7 @@ def reason(value: int) -> str:
     if not value:
         return ""
     value = cast(common_pb2.TerminationReason.ValueType, value)
-    return (
-        common_pb2.TerminationReason.Name(value).removeprefix("TERMINATION_REASON_").lower().replace("_", " ")
-    )
+    return common_pb2.TerminationReason.Name(value).removeprefix("TERMINATION_REASON_").lower().replace("_", " ")
 
 
 def ago(ns: int, now: float | None = None) -> str:
@@ -44,9 +42,7 @@ def ago(ns: int, now: float | None = None) -> str:
 def iso(ns: int) -> str | None:
     if not ns:
         return None
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns % 1_000_000_000 // 1_000_000:03d}Z"
-    )
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns % 1_000_000_000 // 1_000_000:03d}Z"
 
 
 def run_summary(run: client_pb2.Run) -> str:

@@ -49,9 +49,7 @@ def load_workflows(root: Path) -> dict[str, Workflow]:
     out: dict[str, Workflow] = {}
     for i, node in enumerate(items):
         if not isinstance(node, Node):
-            raise WorkflowError(
-                "each workflow must be a mapping with name and provider", items.item_locations[i]
-            )
+            raise WorkflowError("each workflow must be a mapping with name and provider", items.item_locations[i])
         wf = parse_workflow(node)
         if wf.name in out:
             raise WorkflowError(
@@ -77,18 +75,14 @@ def parse_workflow(node: Node) -> Workflow:
         artifacts=_artifacts(node),
         resources=_resources(node),
         env=_environment(node),
-        working_dir=fields.relative_path(
-            node, "working_dir", fields.string(node, "working_dir", default=".")
-        ),
+        working_dir=fields.relative_path(node, "working_dir", fields.string(node, "working_dir", default=".")),
     )
     provider.validate(wf)
     return wf
 
 
 def _artifacts(node: Node) -> list[Artifact]:
-    return [
-        Artifact(fields.relative_path(node, "artifacts", p)) for p in fields.string_list(node, "artifacts")
-    ]
+    return [Artifact(fields.relative_path(node, "artifacts", p)) for p in fields.string_list(node, "artifacts")]
 
 
 def _environment(node: Node) -> dict[str, str]:

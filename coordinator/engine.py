@@ -125,9 +125,7 @@ class Engine:
         queue: list[JobRequest] = []
         reasons: dict[str, str] = {}
         for j in waiting:
-            blocked = [
-                d for d in json.loads(j["depends_on"]) if deps.get((j["run_id"], d)) != JS.JOB_STATUS_DONE
-            ]
+            blocked = [d for d in json.loads(j["depends_on"]) if deps.get((j["run_id"], d)) != JS.JOB_STATUS_DONE]
             if blocked:
                 reasons[j["id"]] = "waiting for " + ", ".join(blocked)
                 continue
@@ -187,9 +185,7 @@ class Engine:
     # ---- agent stream ------------------------------------------------------------------------
     async def on_hello(self, agent_id: str, msg: agent_pb2.AgentMessage) -> agent_pb2.CoordinatorMessage:
         hello = msg.hello
-        await self.db(
-            self.store.agent_online, agent_id, hello.inventory.SerializeToString(), self._lease_until()
-        )
+        await self.db(self.store.agent_online, agent_id, hello.inventory.SerializeToString(), self._lease_until())
         # Results the agent kept while it could not reach us come first.
         await self.on_message(agent_id, msg)
         active = list(hello.active_job_ids)
@@ -197,9 +193,7 @@ class Engine:
 
         def reconcile() -> tuple[list[str], list[str], list[str], dict[str, int]]:
             jobs = self.store.jobs_on_agent(agent_id)
-            resend = [
-                j["id"] for j in jobs if j["status"] == JS.JOB_STATUS_ASSIGNED and j["id"] not in active
-            ]
+            resend = [j["id"] for j in jobs if j["status"] == JS.JOB_STATUS_ASSIGNED and j["id"] not in active]
             lost = [j["id"] for j in jobs if j["status"] != JS.JOB_STATUS_ASSIGNED and j["id"] not in active]
             stop = [j["id"] for j in jobs if j["stop_requested"] and j["id"] in active]
             self.store.fail_jobs_lost_by_agent(agent_id, lost)
@@ -222,9 +216,7 @@ class Engine:
         self.kick()
         return reply
 
-    async def on_message(
-        self, agent_id: str, msg: agent_pb2.AgentMessage
-    ) -> agent_pb2.CoordinatorMessage | None:
+    async def on_message(self, agent_id: str, msg: agent_pb2.AgentMessage) -> agent_pb2.CoordinatorMessage | None:
         """Stores logs, then updates (logs of a job are stored before it is reported finished)."""
         reply = agent_pb2.CoordinatorMessage()
         changed: set[str] = set()

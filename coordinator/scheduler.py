@@ -151,9 +151,7 @@ def schedule(queue: list[JobRequest], agents: list[AgentState]) -> Decision:
             continue
         candidates = [(a, gpus) for a in agents if (gpus := _fits(a, req)) is not None]
         if not candidates:
-            d.waiting[req.job_id] = (
-                f"waiting: {describe(req)} free on no agent; busy: {_busy_summary(agents)}"
-            )
+            d.waiting[req.job_id] = f"waiting: {describe(req)} free on no agent; busy: {_busy_summary(agents)}"
             continue
         agent, gpus = min(candidates, key=lambda c: _leftover(c[0], req))
         agent.used_cpu += req.cpu

@@ -25,8 +25,7 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> client_pb2
     if wf is None:
         known = ", ".join(sorted(workflows)) or "none"
         raise NotFoundError(
-            f"workflow {workflow_name!r} is not defined in {root / '.dstack' / 'workflows.yaml'};"
-            f" workflows: {known}"
+            f"workflow {workflow_name!r} is not defined in {root / '.dstack' / 'workflows.yaml'}; workflows: {known}"
         )
     jobs = load_provider(wf.provider, wf.node).job_specs(wf)
     return client_pb2.SubmitRunRequest(workflow=wf.name, jobs=jobs, args=args)

@@ -57,9 +57,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             raise Unauthenticated("invalid join token")
         token = secrets.token_urlsafe(32)
         name = request.name or request.inventory.hostname or "agent"
-        agent_id = await self.db(
-            self.store.register_agent, name, token, request.inventory.SerializeToString()
-        )
+        agent_id = await self.db(self.store.register_agent, name, token, request.inventory.SerializeToString())
         log.info("agent %s registered as %s", name, agent_id)
         return agent_pb2.RegisterResponse(agent_id=agent_id, agent_token=token)
 
@@ -106,9 +104,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             log.info("agent %s disconnected", agent_id)
 
     @streaming
-    async def GetCode(
-        self, request: agent_pb2.GetCodeRequest, context: Ctx
-    ) -> AsyncIterator[client_pb2.DataChunk]:
+    async def GetCode(self, request: agent_pb2.GetCodeRequest, context: Ctx) -> AsyncIterator[client_pb2.DataChunk]:
         await self._agent(context)
         async for chunk in read_chunks(self.artifacts, code_key(request.hash)):
             yield client_pb2.DataChunk(data=chunk)

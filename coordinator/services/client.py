@@ -49,9 +49,7 @@ async def put_from_stream(
             digest.update(chunk)
             yield chunk
         if expected_sha256 and digest.hexdigest() != expected_sha256:
-            raise InvalidRequest(
-                f"upload corrupted: expected sha256 {expected_sha256}, got {digest.hexdigest()}"
-            )
+            raise InvalidRequest(f"upload corrupted: expected sha256 {expected_sha256}, got {digest.hexdigest()}")
 
     writer = asyncio.get_running_loop().run_in_executor(None, store.put_stream, key, gen())
 
@@ -104,9 +102,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     @unary
     async def GetInfo(self, request: client_pb2.GetInfoRequest, context: Ctx) -> client_pb2.GetInfoResponse:
         user = await self._user(context)
-        return client_pb2.GetInfoResponse(
-            version=VERSION, user=user, local_mode=self.engine.config.local_mode
-        )
+        return client_pb2.GetInfoResponse(version=VERSION, user=user, local_mode=self.engine.config.local_mode)
 
     @unary
     async def HasCode(self, request: client_pb2.HasCodeRequest, context: Ctx) -> client_pb2.HasCodeResponse:
@@ -132,9 +128,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         return client_pb2.PutCodeResponse(bytes_received=size)
 
     @unary
-    async def SubmitRun(
-        self, request: client_pb2.SubmitRunRequest, context: Ctx
-    ) -> client_pb2.SubmitRunResponse:
+    async def SubmitRun(self, request: client_pb2.SubmitRunRequest, context: Ctx) -> client_pb2.SubmitRunResponse:
         owner = await self._user(context)
         if not request.jobs:
             raise InvalidRequest("a run needs at least one job")
@@ -144,9 +138,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         for j in request.jobs:
             unknown = set(j.depends_on) - set(names)
             if unknown:
-                raise InvalidRequest(
-                    f"job {j.job_name!r} depends on unknown jobs: {', '.join(sorted(unknown))}"
-                )
+                raise InvalidRequest(f"job {j.job_name!r} depends on unknown jobs: {', '.join(sorted(unknown))}")
             if j.resources.gpu.count > 1024 or j.resources.cpu < 0:
                 raise InvalidRequest(f"job {j.job_name!r}: invalid resources")
         if request.code.hash and not await self.db(self.store.has_code, request.code.hash):
@@ -180,9 +172,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         return client_pb2.GetRunResponse(run=await self._run(request.name))
 
     @unary
-    async def ListRuns(
-        self, request: client_pb2.ListRunsRequest, context: Ctx
-    ) -> client_pb2.ListRunsResponse:
+    async def ListRuns(self, request: client_pb2.ListRunsRequest, context: Ctx) -> client_pb2.ListRunsResponse:
         await self._user(context)
 
         def load() -> list[client_pb2.Run]:
@@ -254,9 +244,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         rows = await self.db(self.store.list_artifacts, run["id"])
         return client_pb2.ListArtifactsResponse(
             files=[
-                common_pb2.ArtifactFile(
-                    job_name=r["job_name"], path=r["path"], size=r["size"], sha256=r["sha256"]
-                )
+                common_pb2.ArtifactFile(job_name=r["job_name"], path=r["path"], size=r["size"], sha256=r["sha256"])
                 for r in rows
             ]
         )
@@ -268,15 +256,11 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         await self._user(context)
         run = await self.db(self.store.run_by_name, request.run_name)
         await self.db(self.store.artifact, run["id"], request.job_name, request.path)
-        async for chunk in read_chunks(
-            self.artifacts, artifact_key(run["name"], request.job_name, request.path)
-        ):
+        async for chunk in read_chunks(self.artifacts, artifact_key(run["name"], request.job_name, request.path)):
             yield client_pb2.DataChunk(data=chunk)
 
     @unary
-    async def ListAgents(
-        self, request: client_pb2.ListAgentsRequest, context: Ctx
-    ) -> client_pb2.ListAgentsResponse:
+    async def ListAgents(self, request: client_pb2.ListAgentsRequest, context: Ctx) -> client_pb2.ListAgentsResponse:
         await self._user(context)
 
         def load() -> list[client_pb2.Agent]:

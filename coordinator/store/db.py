@@ -253,8 +253,7 @@ class Store:
         statuses = [
             (r[0], r[1], r[2], r[3])
             for r in c.execute(
-                "SELECT status, termination_reason, message, job_name FROM jobs WHERE run_id = ?"
-                " ORDER BY finished_at",
+                "SELECT status, termination_reason, message, job_name FROM jobs WHERE run_id = ? ORDER BY finished_at",
                 [run_id],
             )
         ]
@@ -329,18 +328,14 @@ class Store:
         marks = ",".join("?" for _ in run_ids)
         return {
             (r["run_id"], r["job_name"]): int(r["status"])
-            for r in self._rows(
-                f"SELECT run_id, job_name, status FROM jobs WHERE run_id IN ({marks})", list(run_ids)
-            )
+            for r in self._rows(f"SELECT run_id, job_name, status FROM jobs WHERE run_id IN ({marks})", list(run_ids))
         }
 
     def online_agents(self) -> list[Row]:
         return self._rows("SELECT id, name, inventory FROM agents WHERE status = 'online'")
 
     def active_allocations(self) -> list[Row]:
-        return self._rows(
-            f"SELECT agent_id, cpu, memory, gpu_indices FROM jobs WHERE status IN ({_in(ON_AGENT)})"
-        )
+        return self._rows(f"SELECT agent_id, cpu, memory, gpu_indices FROM jobs WHERE status IN ({_in(ON_AGENT)})")
 
     def apply_schedule(
         self,
@@ -401,8 +396,7 @@ class Store:
             [*job_ids, agent_id],
         )
         return [
-            Assignment(r["id"], agent_id, r["name"], r["spec"], r["code"], json.loads(r["gpu_indices"]))
-            for r in rows
+            Assignment(r["id"], agent_id, r["name"], r["spec"], r["code"], json.loads(r["gpu_indices"])) for r in rows
         ]
 
     # ---- agents ------------------------------------------------------------------------------
@@ -432,8 +426,7 @@ class Store:
         with self.tx() as c:
             if inventory is None:
                 c.execute(
-                    "UPDATE agents SET last_heartbeat = ?, lease_expires_at = ? WHERE id = ?"
-                    " AND status = 'online'",
+                    "UPDATE agents SET last_heartbeat = ?, lease_expires_at = ? WHERE id = ? AND status = 'online'",
                     [self.clock(), lease_until, agent_id],
                 )
             else:
@@ -452,10 +445,7 @@ class Store:
         """Marks agents whose lease ran out as lost and fails their jobs; returns the lost agents' ids."""
         with self.tx() as c:
             lost = [
-                r[0]
-                for r in c.execute(
-                    "SELECT id FROM agents WHERE status = 'online' AND lease_expires_at < ?", [now]
-                )
+                r[0] for r in c.execute("SELECT id FROM agents WHERE status = 'online' AND lease_expires_at < ?", [now])
             ]
             for agent_id in lost:
                 self._fail_agent_jobs(c, agent_id, TR.TERMINATION_REASON_AGENT_LOST, "agent lost", now)
@@ -565,9 +555,7 @@ class Store:
     def _fail_dependants(self, c: sqlite3.Connection, run_id: str) -> None:
         """Jobs waiting on a job that did not finish done can never start."""
         while True:
-            rows = c.execute(
-                "SELECT id, job_name, status, depends_on FROM jobs WHERE run_id = ?", [run_id]
-            ).fetchall()
+            rows = c.execute("SELECT id, job_name, status, depends_on FROM jobs WHERE run_id = ?", [run_id]).fetchall()
             bad = {r[1] for r in rows if r[2] in (JS.JOB_STATUS_FAILED, JS.JOB_STATUS_STOPPED)}
             victims = [
                 (r[0], next(d for d in json.loads(r[3]) if d in bad))
@@ -604,11 +592,7 @@ class Store:
 
     def log_positions(self, job_ids: Sequence[str]) -> dict[str, int]:
         return {
-            j: int(
-                self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM logs WHERE job_id = ?", [j]).fetchone()[
-                    0
-                ]
-            )
+            j: int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM logs WHERE job_id = ?", [j]).fetchone()[0])
             for j in job_ids
         }
 

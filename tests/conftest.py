@@ -1,0 +1,225 @@
+"""Test harness: real coordinator and agent processes on loopback, driven through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def write_project(root: Path, workflows: str, files: dict[str, str] | None = None) -> Path:
+    (root / ".dstack").mkdir(parents=True, exist_ok=True)
+    (root / ".dstack" / "workflows.yaml").write_text(textwrap.dedent(workflows))
+    for name, text in (files or {}).items():
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(textwrap.dedent(text))
+    return root
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def kill9(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait(10)
+
+    def terminate(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@dataclass
+class Cluster:
+    """A coordinator on 127.0.0.1 plus agents, with a CLI environment pointing at it."""
+
+    tmp: Path
+    port: int
+    lease_timeout: float = 3.0
+    heartbeat: float = 0.5
+    coordinator: Proc | None = None
+    agents: list[Proc] = field(default_factory=list)
+    admin_token: str = "test-admin-token"
+    join_token: str = "test-join-token"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start_coordinator(self, *extra: str) -> Proc:
+        log = self.tmp / "coordinator.log"
+        f = log.open("ab")
+        popen = subprocess.Popen(
+            [
+                PY,
+                "-m",
+                "coordinator",
+                "--state-dir",
+                str(self.tmp / "server"),
+                "--listen",
+                self.address,
+                "--lease-timeout",
+                str(self.lease_timeout),
+                "--heartbeat-interval",
+                str(self.heartbeat),
+                *extra,
+            ],
+            stdout=f,
+            stderr=f,
+            env={**os.environ, "DSTACK_ADMIN_TOKEN": self.admin_token, "DSTACK_JOIN_TOKEN": self.join_token},
+            cwd=REPO,
+        )
+        f.close()
+        self.coordinator = Proc(popen, log)
+        wait_for(lambda: self.cli("ps").returncode == 0, what="the coordinator to answer")
+        return self.coordinator
+
+    def start_agent(self, name: str = "agent-1", *extra: str) -> Proc:
+        log = self.tmp / f"{name}.log"
+        f = log.open("ab")
+        popen = subprocess.Popen(
+            [
+                PY,
+                "-m",
+                "agent",
+                "--coordinator",
+                self.address,
+                "--join-token",
+                self.join_token,
+                "--home",
+                str(self.tmp / name),
+                "--name",
+                name,
+                "--stop-grace",
+                "2",
+                *extra,
+            ],
+            stdout=f,
+            stderr=f,
+            cwd=REPO,
+        )
+        f.close()
+        proc = Proc(popen, log)
+        self.agents.append(proc)
+        wait_for(
+            lambda: any(a["name"] == name and a["status"] == "online" for a in self.agents_json()),
+            what=f"agent {name} online",
+        )
+        return proc
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "DSTACK_HOME": str(self.tmp / "cli-home"),
+            "DSTACK_COORDINATOR": self.address,
+            "DSTACK_TOKEN": self.admin_token,
+        }
+
+    def cli(self, *args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PY, "-m", "cli", *args],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            cwd=cwd or self.tmp,
+            timeout=timeout,
+        )
+
+    def agents_json(self) -> list[dict[str, object]]:
+        r = self.cli("agents", "--json")
+        return json.loads(r.stdout) if r.returncode == 0 else []
+
+    def runs(self) -> list[dict[str, object]]:
+        r = self.cli("ps", "-a", "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+    def run_info(self, name: str) -> dict[str, object]:
+        return next(r for r in self.runs() if r["name"] == name)
+
+    def wait_status(self, name: str, statuses: set[str], timeout: float = 60) -> dict[str, object]:
+        return wait_for(  # type: ignore[return-value]
+            lambda: (r := self.run_info(name))["status"] in statuses and r,
+            timeout=timeout,
+            interval=0.2,
+            what=f"run {name} to be {statuses}",
+        )
+
+    def stop_all(self) -> None:
+        for a in self.agents:
+            a.terminate()
+        if self.coordinator is not None:
+            self.coordinator.terminate()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, free_port())
+    try:
+        yield c
+    finally:
+        c.stop_all()
+
+
+@dataclass
+class LocalMode:
+    home: Path
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DSTACK_")}
+        env["DSTACK_HOME"] = str(self.home)
+        return env
+
+    def cli(self, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PY, "-m", "cli", *args], capture_output=True, text=True, env=self.env(), cwd=cwd, timeout=timeout
+        )
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Iterator[LocalMode]:
+    lm = LocalMode(tmp_path / "dstack-home")
+    try:
+        yield lm
+    finally:
+        subprocess.run([PY, "-m", "cli", "local", "stop"], env=lm.env(), capture_output=True, timeout=60)

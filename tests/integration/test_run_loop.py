@@ -1,0 +1,218 @@
+"""The run loop end to end: real coordinator and agent processes on loopback, the real CLI."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import Cluster, wait_for, write_project
+
+pytestmark = pytest.mark.integration
+
+LINES = 200_000
+
+
+def submit(cluster: Cluster, project: Path, workflow: str, *args: str) -> str:
+    r = cluster.cli("run", "-d", workflow, *args, cwd=project)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_200k_lines_arrive_complete_and_in_order(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_coordinator()
+    cluster.start_agent()
+    project = write_project(
+        tmp_path / "p",
+        f"""
+        workflows:
+          - name: many
+            provider: bash
+            commands: ["seq 1 {LINES}", "echo done >&2"]
+        """,
+    )
+    r = cluster.cli("run", "many", cwd=project)
+    assert r.returncode == 0, r.stderr[-2000:]
+    name = re.search(r"(\S+) submitted", r.stderr).group(1)  # type: ignore[union-attr]
+    expected = [str(i) for i in range(1, LINES + 1)] + ["done"]
+    assert r.stdout.splitlines() == expected
+    # and again from storage, in a separate invocation
+    logs = cluster.cli("logs", name)
+    assert logs.returncode == 0
+    assert logs.stdout.splitlines() == expected
+
+
+def test_stop_kills_the_whole_process_tree(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_coordinator()
+    cluster.start_agent()
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: tree
+            provider: bash
+            commands:
+              - sleep 1000 &
+              - echo "child $!"
+              - setsid sleep 1001 &
+              - echo "escaped $!"
+              - trap '' TERM
+              - wait
+        """,
+    )
+    name = submit(cluster, project, "tree")
+
+    def pids() -> list[int]:
+        out = cluster.cli("logs", name).stdout
+        return [int(x) for x in re.findall(r"(?:child|escaped) (\d+)", out)]
+
+    found = wait_for(lambda: len(pids()) == 2 and pids(), what="the job's children to start")
+    assert all(psutil.pid_exists(p) for p in found)  # type: ignore[union-attr]
+    r = cluster.cli("stop", name)
+    assert r.returncode == 0, r.stderr
+    run = cluster.wait_status(name, {"stopped"}, timeout=30)
+    assert run["termination_reason"] == "stopped by user"
+
+    def gone() -> bool:
+        return not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in found)  # type: ignore[union-attr]
+
+    wait_for(gone, timeout=10, what="every process of the job to be killed")
+
+
+def test_coordinator_kill9_and_restart_loses_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_coordinator()
+    cluster.start_agent()
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: slow
+            provider: bash
+            commands:
+              - for i in $(seq 1 40); do echo "line $i"; sleep 0.1; done
+              - mkdir -p out && echo result > out/r.txt
+            artifacts: [out]
+        """,
+    )
+    name = submit(cluster, project, "slow")
+    wait_for(lambda: "line 5" in cluster.cli("logs", name).stdout, what="the job to print")
+    assert cluster.coordinator is not None
+    cluster.coordinator.kill9()
+    time.sleep(1.5)  # the job keeps running and printing while the coordinator is down
+    cluster.start_coordinator()
+    run = cluster.wait_status(name, {"done", "failed"}, timeout=60)
+    assert run["status"] == "done", run
+    out = cluster.cli("logs", name).stdout.splitlines()
+    assert out == [f"line {i}" for i in range(1, 41)]
+    arts = cluster.cli("artifacts", "list", name, "--json")
+    assert '"out/r.txt"' in arts.stdout
+    # and the pool still works after the restart
+    assert cluster.cli("run", "slow", cwd=project).returncode == 0
+
+
+def test_agent_kill9_fails_its_job_with_agent_lost(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_coordinator()
+    agent = cluster.start_agent()
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: long
+            provider: bash
+            commands: ["echo started", "sleep 600"]
+        """,
+    )
+    name = submit(cluster, project, "long")
+    wait_for(lambda: "started" in cluster.cli("logs", name).stdout, what="the job to start")
+    killed_at = time.monotonic()
+    agent.kill9()
+    run = cluster.wait_status(name, {"failed"}, timeout=cluster.lease_timeout + 10)
+    elapsed = time.monotonic() - killed_at
+    assert run["termination_reason"] == "agent lost"
+    assert run["message"] == "agent lost"
+    assert elapsed < cluster.lease_timeout + 3, elapsed
+    agents = cluster.agents_json()
+    assert agents[0]["status"] == "lost"
+
+
+def test_job_output_env_and_exit_codes(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_coordinator()
+    cluster.start_agent()
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: env
+            provider: bash
+            environment:
+              GREETING: hi there
+            commands:
+              - echo "$GREETING $RUN_NAME $WORKFLOW $JOB_ID"
+          - name: fail
+            provider: bash
+            commands: ["echo before", "exit 3", "echo never"]
+          - name: train
+            provider: python
+            file: train.py
+            args: ["--epochs", "2"]
+        """,
+        {"train.py": "import sys\nprint('argv', sys.argv[1:])\n"},
+    )
+    r = cluster.cli("run", "env", cwd=project)
+    assert r.returncode == 0
+    name = re.search(r"(\S+) submitted", r.stderr).group(1)  # type: ignore[union-attr]
+    words = r.stdout.split()
+    assert words[:4] == ["hi", "there", name, "env"]
+    r = cluster.cli("run", "fail", cwd=project)
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == ["before"]
+    assert "exited with code 3" in r.stderr
+    r = cluster.cli("run", "train", cwd=project)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "argv ['--epochs', '2']"
+
+
+def test_pool_keeps_an_unsatisfiable_job_pending_with_a_reason(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_coordinator()
+    cluster.start_agent()
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: gpu
+            provider: bash
+            commands: ["nvidia-smi"]
+            resources: {gpu: 1}
+        """,
+    )
+    name = submit(cluster, project, "gpu")
+    run = cluster.wait_status(name, {"pending"}, timeout=20)
+    assert "needs 1 GPU; the largest agent has 0 GPUs" in str(run["message"])
+    r = cluster.cli("ps")
+    assert "needs 1 GPU" in r.stdout.replace("\n", " ").replace("  ", " ") or "needs" in r.stdout
+    assert cluster.cli("stop", name).returncode == 0
+    cluster.wait_status(name, {"stopped"})
+
+
+def test_jobs_are_spread_and_all_finish_with_two_agents(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_coordinator()
+    cluster.start_agent("a1")
+    cluster.start_agent("a2")
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: quick
+            provider: bash
+            commands: ["echo ok"]
+            resources: {cpu: 1}
+        """,
+    )
+    names = [submit(cluster, project, "quick") for _ in range(6)]
+    for n in names:
+        assert cluster.wait_status(n, {"done", "failed"})["status"] == "done"
+    agents_used = {r["jobs"][0]["agent"] for r in cluster.runs()}  # type: ignore[index]
+    assert agents_used <= {"a1", "a2"}

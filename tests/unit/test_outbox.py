@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import asyncio
+
+from agent.outbox import Outbox
+from protos.v1 import agent_pb2, common_pb2
+
+OUT = common_pb2.LOG_STREAM_STDOUT
+JS = common_pb2.JobStatus
+
+
+def texts(msg: agent_pb2.AgentMessage | None) -> list[str]:
+    return [ln.text for b in (msg.logs if msg else []) for ln in b.lines]
+
+
+def make() -> Outbox:
+    async def build() -> Outbox:
+        return Outbox(max_lines_per_message=3)
+
+    return asyncio.run(build())
+
+
+def test_lines_are_sent_once_and_resent_after_reconnect_from_the_acked_position() -> None:
+    ob = make()
+    for i in range(5):
+        ob.add_line("j", OUT, f"l{i}")
+    assert texts(ob.take()) == ["l0", "l1", "l2"]
+    assert texts(ob.take()) == ["l3", "l4"]
+    assert ob.take() is None
+    ob.ack_logs("j", 2)  # the coordinator stored l0, l1
+    ob.on_new_stream({"j": 3})  # ...and after a reconnect says it also has l2
+    assert texts(ob.take()) == ["l3", "l4"]
+
+
+def test_final_update_waits_for_every_line() -> None:
+    ob = make()
+    for i in range(5):
+        ob.add_line("j", OUT, f"l{i}")
+    ob.add_update(agent_pb2.JobUpdate(job_id="j", status=JS.JOB_STATUS_DONE))
+    first = ob.take()
+    assert first is not None and not first.updates
+    second = ob.take()
+    assert second is not None and [u.status for u in second.updates] == [JS.JOB_STATUS_DONE]
+
+
+def test_unacked_updates_are_resent_and_acked_ones_forgotten() -> None:
+    ob = make()
+    ob.add_update(agent_pb2.JobUpdate(job_id="j", status=JS.JOB_STATUS_RUNNING))
+    assert ob.take() is not None
+    assert ob.take() is None
+    ob.on_new_stream({})
+    msg = ob.take()
+    assert msg is not None and len(msg.updates) == 1
+    ob.ack_update("j", JS.JOB_STATUS_RUNNING)
+    ob.mark_finished("j")
+    assert ob.jobs_with_pending() == set()
+
+
+def test_sequence_numbers_are_consecutive_per_job() -> None:
+    ob = Outbox.__new__(Outbox)
+    ob.__init__()  # type: ignore[misc]
+    for i in range(3):
+        ob.add_line("a", OUT, str(i))
+        ob.add_line("b", OUT, str(i))
+    msg = ob.take()
+    assert msg is not None
+    seqs = {b.job_id: [ln.seq for ln in b.lines] for b in msg.logs}
+    assert seqs == {"a": [1, 2, 3], "b": [1, 2, 3]}

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import gzip
+import io
+import subprocess
+import tarfile
+from pathlib import Path
+
+from cli.packing import pack
+
+
+def names(data: bytes) -> list[str]:
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(data))) as t:
+        return t.getnames()
+
+
+def test_same_tree_same_hash(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("print(1)\n")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "b.txt").write_text("b")
+    first = pack(tmp_path)
+    (tmp_path / "a.py").touch()  # a new mtime does not change the content
+    assert pack(tmp_path).ref.hash == first.ref.hash
+    (tmp_path / "a.py").write_text("print(2)\n")
+    assert pack(tmp_path).ref.hash != first.ref.hash
+
+
+def test_git_tree_respects_ignore_and_records_the_commit(tmp_path: Path) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q", "-b", "main")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (tmp_path / ".gitignore").write_text("data/\n")
+    (tmp_path / "train.py").write_text("x")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "big.bin").write_text("ignored")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    (tmp_path / "new.py").write_text("untracked but not ignored")
+    packed = pack(tmp_path)
+    assert names(packed.data) == [".gitignore", "new.py", "train.py"]
+    assert packed.ref.branch == "main"
+    assert len(packed.ref.commit) == 40
+    assert packed.ref.dirty

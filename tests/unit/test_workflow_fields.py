@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cli.errors import WorkflowError
+from cli.workflows import load_workflows
+
+
+def load(tmp_path: Path, text: str):  # type: ignore[no-untyped-def]
+    (tmp_path / ".dstack").mkdir(exist_ok=True)
+    (tmp_path / ".dstack" / "workflows.yaml").write_text(text)
+    return load_workflows(tmp_path)
+
+
+def test_resources_parse(tmp_path: Path) -> None:
+    wfs = load(
+        tmp_path,
+        "workflows:\n  - name: t\n    provider: bash\n    commands: [x]\n    resources:\n"
+        "      gpu: {count: 2, name: A100, memory: 40GB}\n      cpu: 4\n      memory: 64GB\n      shm_size: 1GiB\n",
+    )
+    r = wfs["t"].resources
+    assert (r.gpu.count, r.gpu.name, r.gpu.memory_bytes) == (2, "A100", 40 << 30)
+    assert r.cpu == 4 and r.memory_bytes == 64 << 30 and r.shm_size_bytes == 1 << 30
+
+
+@pytest.mark.parametrize("gpu", ["-1", "1.5", "lots", "true"])
+def test_bad_gpu_values(tmp_path: Path, gpu: str) -> None:
+    with pytest.raises(WorkflowError, match=r"workflows.yaml:6:\d+: 'gpu' must"):
+        load(
+            tmp_path,
+            f"workflows:\n  - name: t\n    provider: bash\n    commands: [x]\n    resources:\n      gpu: {gpu}\n",
+        )
+
+
+def test_python_version_keeps_its_text(tmp_path: Path) -> None:
+    wfs = load(tmp_path, "workflows:\n  - name: t\n    provider: python\n    file: a.py\n    version: 3.10\n")
+    from cli.providers import load_provider
+
+    spec = load_provider("python").job_specs(wfs["t"])[0]
+    assert "python3.10" in "\n".join(spec.commands)
+    assert spec.image == "python:3.10-slim"
+
+
+def test_args_string_or_list(tmp_path: Path) -> None:
+    wfs = load(
+        tmp_path,
+        "workflows:\n  - name: s\n    provider: python\n    file: a.py\n    args: --lr 0.1\n"
+        "  - name: l\n    provider: python\n    file: a.py\n    args: [--name, two words]\n",
+    )
+    from cli.providers import load_provider
+
+    p = load_provider("python")
+    assert p.job_specs(wfs["s"])[0].commands[-1] == "exec $PYTHON a.py --lr 0.1"
+    assert p.job_specs(wfs["l"])[0].commands[-1] == "exec $PYTHON a.py --name 'two words'"
