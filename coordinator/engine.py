@@ -56,6 +56,7 @@ class Engine:
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._job_runs: dict[str, str] = {}  # job_id -> run_id, for routing log notifications
+        self._inventories: dict[str, tuple[bytes, common_pb2.Inventory]] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -104,8 +105,7 @@ class Engine:
         for row in store.online_agents():
             if row["id"] not in connected:
                 continue
-            inv = common_pb2.Inventory()
-            inv.ParseFromString(row["inventory"] or b"")
+            inv = self._inventory(row["id"], row["inventory"] or b"")
             agents[row["id"]] = AgentState(
                 agent_id=row["id"],
                 name=row["name"],
@@ -129,18 +129,13 @@ class Engine:
             if blocked:
                 reasons[j["id"]] = "waiting for " + ", ".join(blocked)
                 continue
-            spec = common_pb2.JobSpec()
-            spec.ParseFromString(j["spec"])
-            queue.append(
-                JobRequest(
-                    job_id=j["id"],
-                    cpu=spec.resources.cpu,
-                    memory=spec.resources.memory_bytes,
-                    gpu_count=spec.resources.gpu.count,
-                    gpu_name=spec.resources.gpu.name,
-                    gpu_memory=spec.resources.gpu.memory_bytes,
-                )
-            )
+            req = JobRequest(job_id=j["id"], cpu=j["cpu"] or 0.0, memory=j["memory"] or 0)
+            if j["gpu_count"]:  # the GPU name and memory are only in the spec
+                spec = common_pb2.JobSpec()
+                spec.ParseFromString(j["spec"])
+                gpu = spec.resources.gpu
+                req = JobRequest(req.job_id, req.cpu, req.memory, gpu.count, gpu.name, gpu.memory_bytes)
+            queue.append(req)
         decision = schedule(queue, list(agents.values()))
         reasons.update(decision.waiting)
         failures = []
@@ -152,6 +147,16 @@ class Engine:
         return store.apply_schedule(
             [Placement(job, agent, gpus) for job, agent, gpus in decision.placements], reasons, failures
         )
+
+    def _inventory(self, agent_id: str, data: bytes) -> common_pb2.Inventory:
+        """Parsed inventories, re-parsed only when an agent reports a different one."""
+        cached = self._inventories.get(agent_id)
+        if cached is not None and cached[0] == data:
+            return cached[1]
+        inv = common_pb2.Inventory()
+        inv.ParseFromString(data)
+        self._inventories[agent_id] = (data, inv)
+        return inv
 
     def _assignment(self, a: Assignment) -> agent_pb2.JobAssignment:
         spec = common_pb2.JobSpec()

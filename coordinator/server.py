@@ -35,7 +35,7 @@ SERVER_OPTIONS = [
 async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -> None:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     store = Store(config.db_path)
-    db = DbExecutor()
+    db = DbExecutor(store)
     await db(store.ensure_user, "admin", config.admin_token, "admin")
     artifacts = open_store(config.storage_url)
     engine = Engine(config, store, db)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import queue
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeAlias
 
@@ -23,6 +24,7 @@ VERSION = "0.1.0"
 CHUNK = 1 << 20
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 LOG_BATCH = 5000
+TOKEN_CACHE_S = 30.0
 
 
 def code_key(code_hash: str) -> str:
@@ -87,17 +89,32 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         self.store = engine.store
         self.db = engine.db
         self.artifacts = artifacts
+        self._tokens: dict[str, tuple[str, float]] = {}
 
     async def _user(self, context: Ctx) -> str:
-        return await authenticate(context, lambda t: self.db(self.store.user_for_token, t))
+        return await authenticate(context, self._lookup_token)
+
+    async def _lookup_token(self, token: str) -> str | None:
+        # Cached briefly: every call is authenticated, and a DB round trip each time would dominate
+        # small requests. A revoked token stops working within TOKEN_CACHE_S.
+        now = time.monotonic()
+        hit = self._tokens.get(token)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        user = await self.db(self.store.user_for_token, token)
+        if user is not None:
+            if len(self._tokens) > 10_000:
+                self._tokens.clear()
+            self._tokens[token] = (user, now + TOKEN_CACHE_S)
+        return user
+
+    def _load_run(self, name: str) -> client_pb2.Run:
+        row = self.store.run_by_name(name)
+        jobs = self.store.jobs_of_runs([row["id"]])[row["id"]]
+        return run_to_proto(row, jobs, self.store.tags_of_runs([row["id"]])[row["id"]])
 
     async def _run(self, name: str) -> client_pb2.Run:
-        def load() -> client_pb2.Run:
-            row = self.store.run_by_name(name)
-            jobs = self.store.jobs_of_runs([row["id"]])[row["id"]]
-            return run_to_proto(row, jobs, self.store.tags_of_runs([row["id"]])[row["id"]])
-
-        return await self.db(load)
+        return await self.db(self._load_run, name)
 
     @unary
     async def GetInfo(self, request: client_pb2.GetInfoRequest, context: Ctx) -> client_pb2.GetInfoResponse:
@@ -154,17 +171,15 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
             )
             for j in request.jobs
         ]
-        name = await self.db(
-            self.store.create_run,
-            owner,
-            request.workflow,
-            request.code.SerializeToString(),
-            request.code.hash,
-            list(request.args),
-            jobs,
-        )
+        code = request.code.SerializeToString()
+
+        def create() -> client_pb2.Run:
+            name = self.store.create_run(owner, request.workflow, code, request.code.hash, list(request.args), jobs)
+            return self._load_run(name)
+
+        run = await self.db(create)
         self.engine.kick()
-        return client_pb2.SubmitRunResponse(run=await self._run(name))
+        return client_pb2.SubmitRunResponse(run=run)
 
     @unary
     async def GetRun(self, request: client_pb2.GetRunRequest, context: Ctx) -> client_pb2.GetRunResponse:

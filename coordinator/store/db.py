@@ -101,6 +101,7 @@ class Store:
         self.db = sqlite_utils.Database(conn)
         self.conn = conn
         self.clock = clock
+        self.in_batch = False
         migrate(self.db)
 
     def close(self) -> None:
@@ -108,6 +109,10 @@ class Store:
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
+        """A transaction; inside a group-commit batch (DbExecutor) the batch's transaction is used."""
+        if self.in_batch:
+            yield self.conn
+            return
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
@@ -158,8 +163,12 @@ class Store:
         run_id = uuid.uuid4().hex
         with self.tx() as c:
             prefix = random_run_prefix()
-            n = c.execute("SELECT COUNT(*) FROM runs WHERE name LIKE ?", [prefix + "-%"]).fetchone()[0]
-            name = f"{prefix}-{n + 1}"
+            n = c.execute(
+                "INSERT INTO run_name_counters (prefix, n) VALUES (?, 1)"
+                " ON CONFLICT(prefix) DO UPDATE SET n = n + 1 RETURNING n",
+                [prefix],
+            ).fetchone()[0]
+            name = f"{prefix}-{n}"
             c.execute(
                 "INSERT INTO runs (id, name, owner, workflow, status, termination_reason, message,"
                 " submitted_at, code_hash, code, args, queue, priority) VALUES (:id, :name, :owner,"
@@ -548,8 +557,9 @@ class Store:
                     )
                     if status_new != JS.JOB_STATUS_DONE:
                         self._fail_dependants(c, run_id)
-                self.refresh_run_status(c, run_id)
                 res.changed_runs.add(run_id)
+            for run_id in res.changed_runs:  # once per run, however many of its jobs changed
+                self.refresh_run_status(c, run_id)
         return res
 
     def _fail_dependants(self, c: sqlite3.Connection, run_id: str) -> None:

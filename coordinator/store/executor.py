@@ -1,25 +1,96 @@
-"""Runs blocking store calls on one dedicated thread, so the event loop never waits on disk."""
+"""Runs blocking store calls on one dedicated thread, so the event loop never waits on disk.
+
+Group commit: the thread takes every call that is queued, runs them in one transaction (each in
+its own savepoint, so one call's error undoes only that call) and commits once. Under load many
+small writes share one commit; with no load a call is a transaction of its own. Results go back
+to the event loop in one wake-up per batch.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
+
+from coordinator.store.db import Store
 
 P = ParamSpec("P")
 T = TypeVar("T")
+MAX_BATCH = 512
+
+_Item = tuple[Callable[[], Any], asyncio.Future[Any]]
 
 
 class DbExecutor:
-    def __init__(self) -> None:
-        # One thread: SQLite allows one writer anyway, and it keeps the connection single-threaded.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="db")
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._work, name="db", daemon=True)
+        self._thread.start()
 
     async def __call__(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        self._loop = loop
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put((functools.partial(fn, *args, **kwargs), fut))
+        return await fut
+
+    def _work(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(item)
+            results = self._run_batch(batch)
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(_resolve, results)
+
+    def _run_batch(self, batch: list[_Item]) -> list[tuple[asyncio.Future[Any], bool, Any]]:
+        results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        conn = self.store.conn
+        try:
+            with self.store.tx():
+                self.store.in_batch = True
+                for fn, fut in batch:
+                    conn.execute("SAVEPOINT call")
+                    try:
+                        value = fn()
+                        conn.execute("RELEASE call")
+                        results.append((fut, True, value))
+                    except Exception as e:
+                        conn.execute("ROLLBACK TO call")
+                        conn.execute("RELEASE call")
+                        results.append((fut, False, e))
+        except Exception as e:  # the commit itself failed: every call in the batch failed
+            results = [(fut, False, e) for _, fut in batch]
+        finally:
+            self.store.in_batch = False
+        return results
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+
+def _resolve(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in results:
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)

@@ -98,6 +98,8 @@ def _v1(db: sqlite_utils.Database) -> None:
         {"job_id": str, "path": str, "size": int, "sha256": str}, pk=("job_id", "path"), if_not_exists=True
     )
     t("code").create({"hash": str, "size": int, "created_at": int}, pk="hash", if_not_exists=True)
+    # Next N for each adjective-animal prefix: O(1) run naming however many runs exist.
+    t("run_name_counters").create({"prefix": str, "n": int}, pk="prefix", if_not_exists=True)
     t("tags").create({"name": str, "run_id": str, "created_at": int}, pk="name", if_not_exists=True)
 
 
