@@ -133,6 +133,14 @@ class Agent:
                     registered = False
                     continue
                 log.info("coordinator unreachable (%s); retrying in %.1fs", e.code().name, delay)
+            except asyncio.InvalidStateError:
+                # grpc.aio raises this from write() when the call already failed (e.g. connection refused)
+                log.info("coordinator unreachable; retrying in %.1fs", delay)
+            except FatalAgentError:
+                raise
+            except Exception:
+                # The agent must outlive any one bad session: its jobs are still running.
+                log.exception("session with the coordinator failed; retrying in %.1fs", delay)
             await asyncio.sleep(delay * (1 + random.random() / 5))
             delay = min(delay * 2, 2.0)
 

@@ -36,12 +36,23 @@ class Services:
         self.coordinator: subprocess.Popen[bytes] | None = None
 
     def start_coordinator(self, *extra: str) -> None:
-        log = open(self.tmp / "coordinator.log", "ab")  # noqa: SIM115
+        log = open(self.tmp / "coordinator.log", "ab")
         env = {**os.environ, "DSTACK_ADMIN_TOKEN": ADMIN, "DSTACK_JOIN_TOKEN": JOIN, "DSTACK_LOG_LEVEL": "WARNING"}
         self.coordinator = subprocess.Popen(
-            [sys.executable, "-m", "coordinator", "--state-dir", str(self.tmp / "server"), "--listen", self.address,
-             *extra],
-            stdout=log, stderr=log, env=env, cwd=REPO,
+            [
+                sys.executable,
+                "-m",
+                "coordinator",
+                "--state-dir",
+                str(self.tmp / "server"),
+                "--listen",
+                self.address,
+                *extra,
+            ],
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=REPO,
         )
         self.procs.append(self.coordinator)
         stub = self.client_stub()
@@ -56,13 +67,28 @@ class Services:
                 time.sleep(0.05)
 
     def start_agent(self, name: str, *extra: str) -> None:
-        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115
+        log = open(self.tmp / f"{name}.log", "ab")
         env = {**os.environ, "DSTACK_LOG_LEVEL": "WARNING"}
         self.procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "agent", "--coordinator", self.address, "--join-token", JOIN,
-                 "--home", str(self.tmp / name), "--name", name, *extra],
-                stdout=log, stderr=log, env=env, cwd=REPO,
+                [
+                    sys.executable,
+                    "-m",
+                    "agent",
+                    "--coordinator",
+                    self.address,
+                    "--join-token",
+                    JOIN,
+                    "--home",
+                    str(self.tmp / name),
+                    "--name",
+                    name,
+                    *extra,
+                ],
+                stdout=log,
+                stderr=log,
+                env=env,
+                cwd=REPO,
             )
         )
 
@@ -100,9 +126,11 @@ def meta() -> list[tuple[str, str]]:
 
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
 
 def summary_ms(values: list[float]) -> str:
-    return (f"p50 {pct(values, 50) * 1e3:.1f} ms, p99 {pct(values, 99) * 1e3:.1f} ms, "
-            f"mean {statistics.mean(values) * 1e3:.1f} ms (n={len(values)})")
+    return (
+        f"p50 {pct(values, 50) * 1e3:.1f} ms, p99 {pct(values, 99) * 1e3:.1f} ms, "
+        f"mean {statistics.mean(values) * 1e3:.1f} ms (n={len(values)})"
+    )

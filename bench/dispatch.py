@@ -33,7 +33,9 @@ def main() -> None:
             run = stub.SubmitRun(client_pb2.SubmitRunRequest(workflow="d", jobs=[job]), metadata=meta()).run
             started = None
             while started is None:
-                for resp in stub.StreamLogs(client_pb2.StreamLogsRequest(run_name=run.name, follow=True), metadata=meta()):
+                for resp in stub.StreamLogs(
+                    client_pb2.StreamLogsRequest(run_name=run.name, follow=True), metadata=meta()
+                ):
                     for jl in resp.jobs:
                         for ln in jl.lines:
                             started = float(ln.text)

@@ -28,8 +28,9 @@ class SimAgent:
     async def run(self, ready: asyncio.Event) -> None:
         channel = grpc.aio.insecure_channel(self.address)
         stub = agent_pb2_grpc.AgentServiceStub(channel)
-        inv = common_pb2.Inventory(hostname=self.name, cpu_count=64, memory_total_bytes=256 << 30, runtime="null",
-                                   max_jobs=1000)
+        inv = common_pb2.Inventory(
+            hostname=self.name, cpu_count=64, memory_total_bytes=256 << 30, runtime="null", max_jobs=1000
+        )
         reg = await stub.Register(agent_pb2.RegisterRequest(join_token=JOIN, name=self.name, inventory=inv))
         call = stub.Connect(metadata=[("authorization", f"Bearer {reg.agent_token}")])
         await call.write(agent_pb2.AgentMessage(hello=agent_pb2.Hello(agent_id=reg.agent_id, inventory=inv)))
@@ -41,8 +42,14 @@ class SimAgent:
                 updates = []
                 for a in msg.assignments:
                     updates.append(agent_pb2.JobUpdate(job_id=a.job_id, status=JS.JOB_STATUS_RUNNING, time_ns=now))
-                    updates.append(agent_pb2.JobUpdate(job_id=a.job_id, status=JS.JOB_STATUS_DONE, time_ns=now,
-                                                       termination_reason=common_pb2.TERMINATION_REASON_DONE))
+                    updates.append(
+                        agent_pb2.JobUpdate(
+                            job_id=a.job_id,
+                            status=JS.JOB_STATUS_DONE,
+                            time_ns=now,
+                            termination_reason=common_pb2.TERMINATION_REASON_DONE,
+                        )
+                    )
                 await call.write(agent_pb2.AgentMessage(updates=updates))
             for ack in msg.update_acks:
                 if ack.status == JS.JOB_STATUS_DONE:
@@ -61,7 +68,7 @@ async def bench(svc: Services, jobs: int, agents: int, per_run: int, clients: in
     runs = jobs // per_run
 
     async def submitter(k: int) -> None:
-        for r in range(k, runs, clients):
+        for _ in range(k, runs, clients):
             req = client_pb2.SubmitRunRequest(workflow="t")
             for j in range(per_run):
                 s = req.jobs.add()
@@ -95,9 +102,11 @@ def main() -> None:
             rate, submit_rate = asyncio.run(bench(svc, jobs, agents, per_run))
             wall = time.monotonic() - t0
             c_cpu, m_cpu = (sum(coord.cpu_times()[:2]) - c0) / wall, (sum(me.cpu_times()[:2]) - m0) / wall
-            print(f"{jobs} jobs, {agents} simulated agents, {per_run} job(s) per run: {rate:,.0f} jobs/s end to end "
-                  f"(submit {submit_rate:,.0f} jobs/s); coordinator RSS {svc.coordinator_rss_mib():.0f} MiB, "
-                  f"CPU: coordinator {c_cpu:.0%}, load generator {m_cpu:.0%} of one core")
+            print(
+                f"{jobs} jobs, {agents} simulated agents, {per_run} job(s) per run: {rate:,.0f} jobs/s end to end "
+                f"(submit {submit_rate:,.0f} jobs/s); coordinator RSS {svc.coordinator_rss_mib():.0f} MiB, "
+                f"CPU: coordinator {c_cpu:.0%}, load generator {m_cpu:.0%} of one core"
+            )
         finally:
             svc.stop()
 

@@ -11,12 +11,14 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from coordinator.config import CoordinatorConfig
 from coordinator.hub import AgentHub
+from coordinator.queue import Waiting, WaitingQueue
 from coordinator.scheduler import AgentState, Gpu, JobRequest, schedule
 from coordinator.store import Store
-from coordinator.store.db import Assignment, Placement
+from coordinator.store.db import WAITING, Assignment, Placement
 from coordinator.store.executor import DbExecutor
 from protos.v1 import agent_pb2, common_pb2
 
@@ -46,6 +48,14 @@ class RunWatchers:
         self.notify(list(self._events))
 
 
+@dataclass
+class Plan:
+    assignments: list[Assignment]
+    reasons: dict[str, str]  # why each job still waits
+    done: list[str]  # jobs that left the queue (placed, failed, or no longer waiting)
+    marked_pending: list[str]
+
+
 class Engine:
     def __init__(self, config: CoordinatorConfig, store: Store, db: DbExecutor) -> None:
         self.config = config
@@ -57,10 +67,15 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         self._job_runs: dict[str, str] = {}  # job_id -> run_id, for routing log notifications
         self._inventories: dict[str, tuple[bytes, common_pb2.Inventory]] = {}
+        # Why each waiting job waits, from the last scheduling pass (shown by `dstack ps`).
+        self.pending_reasons: dict[str, str] = {}
+        self.queue = WaitingQueue()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         await self.db(self.store.extend_all_leases, self._lease_until())
+        for row in await self.db(self.store.waiting_jobs):
+            self.queue.add_row(row)
         self._tasks = [
             asyncio.create_task(self._scheduler_loop(), name="scheduler"),
             asyncio.create_task(self._lease_loop(), name="leases"),
@@ -85,22 +100,24 @@ class Engine:
         while True:
             await self._kick.wait()
             self._kick.clear()
+            if not len(self.queue):
+                continue
             try:
-                assignments = await self.db(self._plan, self.hub.connected_ids())
+                plan = await self.db(self._plan, self.queue.snapshot(), self.hub.connected_ids())
             except Exception:
                 log.exception("scheduling pass failed")
                 await asyncio.sleep(0.5)
                 self.kick()
                 continue
-            for a in assignments:
+            self.pending_reasons = plan.reasons  # replaced whole: jobs placed or gone drop out
+            self.queue.discard(plan.done)
+            self.queue.mark_pending(plan.marked_pending)
+            for a in plan.assignments:
                 self.hub.send(a.agent_id, agent_pb2.CoordinatorMessage(assignments=[self._assignment(a)]))
 
-    def _plan(self, connected: set[str]) -> list[Assignment]:
+    def _plan(self, waiting: list[Waiting], connected: set[str]) -> Plan:
         """One scheduling pass (runs on the DB thread)."""
         store = self.store
-        waiting = store.waiting_jobs()
-        if not waiting:
-            return []
         agents: dict[str, AgentState] = {}
         for row in store.online_agents():
             if row["id"] not in connected:
@@ -121,21 +138,22 @@ class Engine:
                 a.used_memory += alloc["memory"] or 0
                 a.busy_gpus.update(json.loads(alloc["gpu_indices"] or "[]"))
                 a.jobs += 1
-        deps = store.dependency_statuses(sorted({j["run_id"] for j in waiting if j["depends_on"] != "[]"}))
+        # Statuses within runs that have dependencies: of the dependencies, and of the job itself
+        # (a dependant failed by its dependency is no longer waiting).
+        statuses = store.dependency_statuses(sorted({w.run_id for w in waiting if w.depends_on}))
+        gone: list[str] = []
         queue: list[JobRequest] = []
         reasons: dict[str, str] = {}
-        for j in waiting:
-            blocked = [d for d in json.loads(j["depends_on"]) if deps.get((j["run_id"], d)) != JS.JOB_STATUS_DONE]
-            if blocked:
-                reasons[j["id"]] = "waiting for " + ", ".join(blocked)
-                continue
-            req = JobRequest(job_id=j["id"], cpu=j["cpu"] or 0.0, memory=j["memory"] or 0)
-            if j["gpu_count"]:  # the GPU name and memory are only in the spec
-                spec = common_pb2.JobSpec()
-                spec.ParseFromString(j["spec"])
-                gpu = spec.resources.gpu
-                req = JobRequest(req.job_id, req.cpu, req.memory, gpu.count, gpu.name, gpu.memory_bytes)
-            queue.append(req)
+        for w in waiting:
+            if w.depends_on:
+                if statuses.get((w.run_id, "#" + w.job_id), JS.JOB_STATUS_PENDING) not in WAITING:
+                    gone.append(w.job_id)
+                    continue
+                blocked = [d for d in w.depends_on if statuses.get((w.run_id, d)) != JS.JOB_STATUS_DONE]
+                if blocked:
+                    reasons[w.job_id] = "waiting for " + ", ".join(blocked)
+                    continue
+            queue.append(w.request)
         decision = schedule(queue, list(agents.values()))
         reasons.update(decision.waiting)
         failures = []
@@ -144,9 +162,12 @@ class Engine:
                 failures.append((job_id, common_pb2.TERMINATION_REASON_UNSCHEDULABLE, why))
             else:
                 reasons[job_id] = f"waiting: {why}"
-        return store.apply_schedule(
-            [Placement(job, agent, gpus) for job, agent, gpus in decision.placements], reasons, failures
+        to_mark = [w.job_id for w in waiting if w.submitted and w.job_id in reasons]
+        assignments = store.apply_schedule(
+            [Placement(job, agent, gpus) for job, agent, gpus in decision.placements], to_mark, failures
         )
+        done = gone + [p[0] for p in decision.placements] + [f[0] for f in failures]
+        return Plan(assignments, reasons, done, to_mark)
 
     def _inventory(self, agent_id: str, data: bytes) -> common_pb2.Inventory:
         """Parsed inventories, re-parsed only when an agent reports a different one."""
@@ -255,5 +276,6 @@ class Engine:
         for job_id, agent_id in on_agents:
             self.hub.send(agent_id, agent_pb2.CoordinatorMessage(stops=[agent_pb2.StopJob(job_id=job_id)]))
         run = await self.db(self.store.run_by_name, run_name)
+        self.queue.discard_run(run["id"])
         self.watchers.notify([run["id"]])
         self.kick()

@@ -144,14 +144,25 @@ def schedule(queue: list[JobRequest], agents: list[AgentState]) -> Decision:
         for req in queue:
             d.waiting[req.job_id] = "waiting: no agent is online"
         return d
+    never: dict[tuple[float, int, int, str, int], str | None] = {}
+    unfit: dict[tuple[float, int, int, str, int], str] = {}
     for req in queue:
-        reason = never_fits(req, agents)
+        # Jobs of the same shape share every answer within a pass; and once a shape fits nowhere
+        # it fits nowhere for the rest of the pass (placements only take capacity away).
+        shape = (req.cpu, req.memory, req.gpu_count, req.gpu_name, req.gpu_memory)
+        if shape not in never:
+            never[shape] = never_fits(req, agents)
+        reason = never[shape]
         if reason is not None:
             d.impossible[req.job_id] = reason
             continue
+        if shape in unfit:
+            d.waiting[req.job_id] = unfit[shape]
+            continue
         candidates = [(a, gpus) for a in agents if (gpus := _fits(a, req)) is not None]
         if not candidates:
-            d.waiting[req.job_id] = f"waiting: {describe(req)} free on no agent; busy: {_busy_summary(agents)}"
+            unfit[shape] = f"waiting: {describe(req)} free on no agent; busy: {_busy_summary(agents)}"
+            d.waiting[req.job_id] = unfit[shape]
             continue
         agent, gpus = min(candidates, key=lambda c: _leftover(c[0], req))
         agent.used_cpu += req.cpu

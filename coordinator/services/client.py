@@ -111,7 +111,8 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     def _load_run(self, name: str) -> client_pb2.Run:
         row = self.store.run_by_name(name)
         jobs = self.store.jobs_of_runs([row["id"]])[row["id"]]
-        return run_to_proto(row, jobs, self.store.tags_of_runs([row["id"]])[row["id"]])
+        tags = self.store.tags_of_runs([row["id"]])[row["id"]]
+        return run_to_proto(row, jobs, tags, self.engine.pending_reasons)
 
     async def _run(self, name: str) -> client_pb2.Run:
         return await self.db(self._load_run, name)
@@ -173,11 +174,12 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         ]
         code = request.code.SerializeToString()
 
-        def create() -> client_pb2.Run:
+        def create() -> tuple[str, client_pb2.Run]:
             name = self.store.create_run(owner, request.workflow, code, request.code.hash, list(request.args), jobs)
-            return self._load_run(name)
+            return self.store.run_by_name(name)["id"], self._load_run(name)
 
-        run = await self.db(create)
+        run_id, run = await self.db(create)
+        self.engine.queue.add_run(run_id, run)
         self.engine.kick()
         return client_pb2.SubmitRunResponse(run=run)
 
@@ -194,7 +196,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
             rows = self.store.list_runs(request.all, request.limit or 1000)
             ids = [r["id"] for r in rows]
             jobs, tags = self.store.jobs_of_runs(ids), self.store.tags_of_runs(ids)
-            return [run_to_proto(r, jobs[r["id"]], tags[r["id"]]) for r in rows]
+            return [run_to_proto(r, jobs[r["id"]], tags[r["id"]], self.engine.pending_reasons) for r in rows]
 
         return client_pb2.ListRunsResponse(runs=await self.db(load))
 

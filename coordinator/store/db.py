@@ -11,7 +11,7 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,8 +286,6 @@ class Store:
             status = common_pb2.RUN_STATUS_UPLOADING
         elif JS.JOB_STATUS_PENDING in s:
             status = common_pb2.RUN_STATUS_PENDING
-            pending_msgs = [x[2] for x in statuses if x[0] == JS.JOB_STATUS_PENDING and x[2]]
-            message = pending_msgs[0] if pending_msgs else ""
         else:
             status = common_pb2.RUN_STATUS_SUBMITTED
         c.execute(
@@ -325,20 +323,21 @@ class Store:
     # ---- scheduling --------------------------------------------------------------------------
     def waiting_jobs(self) -> list[Row]:
         return self._rows(
-            "SELECT j.id, j.run_id, j.job_name, j.spec, j.status, j.message, j.cpu, j.memory, j.gpu_count,"
-            " j.depends_on, j.submitted_at, r.owner, r.priority FROM jobs j JOIN runs r ON r.id = j.run_id"
+            "SELECT j.id, j.run_id, j.status, j.spec, j.depends_on, r.owner, r.priority"
+            " FROM jobs j JOIN runs r ON r.id = j.run_id"
             f" WHERE j.status IN ({_in(WAITING)}) ORDER BY r.priority DESC, j.submitted_at, j.rowid"
         )
 
     def dependency_statuses(self, run_ids: Sequence[str]) -> dict[tuple[str, str], int]:
-        """(run_id, job_name) -> status, for resolving depends_on within runs."""
+        """(run_id, job_name) -> status, and (run_id, "#" + job_id) -> status, for the jobs of runs."""
         if not run_ids:
             return {}
         marks = ",".join("?" for _ in run_ids)
-        return {
-            (r["run_id"], r["job_name"]): int(r["status"])
-            for r in self._rows(f"SELECT run_id, job_name, status FROM jobs WHERE run_id IN ({marks})", list(run_ids))
-        }
+        out: dict[tuple[str, str], int] = {}
+        sql = f"SELECT id, run_id, job_name, status FROM jobs WHERE run_id IN ({marks})"
+        for r in self._rows(sql, list(run_ids)):
+            out[(r["run_id"], r["job_name"])] = out[(r["run_id"], "#" + r["id"])] = int(r["status"])
+        return out
 
     def online_agents(self) -> list[Row]:
         return self._rows("SELECT id, name, inventory FROM agents WHERE status = 'online'")
@@ -349,11 +348,11 @@ class Store:
     def apply_schedule(
         self,
         placements: list[Placement],
-        waiting: dict[str, str],
+        waiting: Collection[str],
         failures: Sequence[tuple[str, int, str]],
     ) -> list[Assignment]:
-        """Records a scheduler pass: placed jobs become ASSIGNED, waiting ones PENDING with a reason,
-        impossible ones FAILED."""
+        """Records a scheduler pass: placed jobs become ASSIGNED, waiting ones PENDING, impossible ones
+        FAILED. Why a job waits changes with every pass, so it is kept in memory, not written here."""
         if not placements and not waiting and not failures:
             return []
         now = self.clock()
@@ -374,12 +373,11 @@ class Store:
                 touched.add(run_id)
                 name, code = c.execute("SELECT name, code FROM runs WHERE id = ?", [run_id]).fetchone()
                 out.append(Assignment(p.job_id, p.agent_id, name, spec, code, p.gpu_indices))
-            for job_id, reason in waiting.items():
+            for job_id in waiting:
                 cur = c.execute(
-                    f"UPDATE jobs SET status = {JS.JOB_STATUS_PENDING}, message = ? WHERE id = ?"
-                    f" AND status IN ({_in(WAITING)}) AND (status != {JS.JOB_STATUS_PENDING} OR message != ?)"
-                    " RETURNING run_id",
-                    [reason, job_id, reason],
+                    f"UPDATE jobs SET status = {JS.JOB_STATUS_PENDING} WHERE id = ?"
+                    f" AND status = {JS.JOB_STATUS_SUBMITTED} RETURNING run_id",
+                    [job_id],
                 )
                 for (run_id,) in cur.fetchall():
                     touched.add(run_id)

@@ -1,0 +1,81 @@
+"""The waiting jobs, in memory and in submission order, so a scheduling pass costs no database scan.
+
+The database stays the truth: the queue is rebuilt from it at start-up, and every decision taken
+from it is applied with a status check in SQL (a job stopped meanwhile is not placed).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator.scheduler import JobRequest
+from protos.v1 import client_pb2, common_pb2
+
+
+@dataclass
+class Waiting:
+    job_id: str
+    run_id: str
+    request: JobRequest
+    depends_on: tuple[str, ...]
+    submitted: bool  # still SUBMITTED in the database (not yet marked PENDING)
+
+
+def request_of(job_id: str, resources: common_pb2.Resources) -> JobRequest:
+    return JobRequest(
+        job_id=job_id,
+        cpu=resources.cpu,
+        memory=resources.memory_bytes,
+        gpu_count=resources.gpu.count,
+        gpu_name=resources.gpu.name,
+        gpu_memory=resources.gpu.memory_bytes,
+    )
+
+
+class WaitingQueue:
+    def __init__(self) -> None:
+        self._jobs: dict[str, Waiting] = {}
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def add_row(self, row: dict[str, Any]) -> None:
+        """From store.waiting_jobs() at start-up."""
+        spec = common_pb2.JobSpec()
+        spec.ParseFromString(row["spec"])
+        self._jobs[row["id"]] = Waiting(
+            job_id=row["id"],
+            run_id=row["run_id"],
+            request=request_of(row["id"], spec.resources),
+            depends_on=tuple(json.loads(row["depends_on"] or "[]")),
+            submitted=row["status"] == common_pb2.JOB_STATUS_SUBMITTED,
+        )
+
+    def add_run(self, run_id: str, run: client_pb2.Run) -> None:
+        for j in run.jobs:
+            self._jobs[j.id] = Waiting(
+                job_id=j.id,
+                run_id=run_id,
+                request=request_of(j.id, j.spec.resources),
+                depends_on=tuple(j.spec.depends_on),
+                submitted=True,
+            )
+
+    def snapshot(self) -> list[Waiting]:
+        return list(self._jobs.values())
+
+    def discard(self, job_ids: list[str]) -> None:
+        for j in job_ids:
+            self._jobs.pop(j, None)
+
+    def discard_run(self, run_id: str) -> None:
+        for j in [w.job_id for w in self._jobs.values() if w.run_id == run_id]:
+            del self._jobs[j]
+
+    def mark_pending(self, job_ids: list[str]) -> None:
+        for j in job_ids:
+            w = self._jobs.get(j)
+            if w is not None:
+                w.submitted = False
