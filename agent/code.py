@@ -34,12 +34,19 @@ class CodeCache:
         self._inflight: dict[str, asyncio.Future[Path]] = {}
         self.bytes_downloaded = 0
 
-    async def materialize(self, code: common_pb2.CodeRef, dest: Path) -> None:
-        if not code.hash:
-            await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
-            return
-        archive = await self._get(code.hash)
-        await asyncio.to_thread(extract, archive, dest)
+    async def materialize(self, code: common_pb2.CodeRef, dest: Path, then: Callable[[], None] | None = None) -> None:
+        """Unpacks the code into dest, then runs `then` on the same worker thread (one hop for both)."""
+        archive = await self._get(code.hash) if code.hash else None
+
+        def work() -> None:
+            if archive is None:
+                dest.mkdir(parents=True, exist_ok=True)
+            else:
+                extract(archive, dest)
+            if then is not None:
+                then()
+
+        await asyncio.to_thread(work)
 
     async def _get(self, code_hash: str) -> Path:
         path = self.root / f"{code_hash}.tar.gz"

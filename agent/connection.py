@@ -22,7 +22,7 @@ from agent.code import CodeCache
 from agent.config import AgentConfig
 from agent.inventory import Inventory
 from agent.outbox import Outbox
-from agent.runner import JobRunner, RunnerDeps
+from agent.runner import Janitor, JobRunner, RunnerDeps
 from agent.runtimes import make_runtime
 from protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
@@ -65,6 +65,7 @@ class Agent:
             outbox=self.outbox,
             uploader=Uploader(self.stub, self.metadata, config.upload_attempts),
             gpu_uuids=self._gpu_uuids,
+            janitor=Janitor(),
         )
 
     def metadata(self) -> list[tuple[str, str]]:

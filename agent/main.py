@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import warnings
 from pathlib import Path
 
 from agent.config import AgentConfig
@@ -64,6 +65,21 @@ async def run_agent(config: AgentConfig) -> None:
         main.result()  # raises FatalAgentError
 
 
+def _use_pidfd_child_watcher() -> None:
+    """Python 3.11 waits for each job process with a thread of its own; a pidfd needs no thread.
+
+    (3.12 and later pick the pidfd watcher by themselves.)"""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return  # kernel without pidfd support
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=os.environ.get("DSTACK_LOG_LEVEL", "INFO"),
@@ -71,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     config = parse_args(argv)
+    _use_pidfd_child_watcher()
     try:
         asyncio.run(run_agent(config))
     except FatalAgentError as e:

@@ -13,6 +13,7 @@ Lifecycle (docs/lifecycle.md):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -41,6 +42,31 @@ class RunnerDeps:
     outbox: Outbox
     uploader: Uploader
     gpu_uuids: Callable[[list[int]], list[str]]
+    janitor: Janitor
+
+
+class Janitor:
+    """Removes finished jobs' directories in batches, off the path of the next job."""
+
+    def __init__(self) -> None:
+        self._dirs: list[Path] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def remove(self, path: Path) -> None:
+        self._dirs.append(path)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        await asyncio.sleep(0.2)  # let a burst of finishing jobs share one trip to the worker thread
+        while self._dirs:
+            batch, self._dirs = self._dirs, []
+            await asyncio.to_thread(_remove_all, batch)
+
+
+def _remove_all(dirs: list[Path]) -> None:
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 class LineSplitter:
@@ -68,7 +94,9 @@ class LineSplitter:
             self.buf = b""
 
 
+@functools.cache
 def base_env() -> dict[str, str]:
+    """What every job's environment starts from (computed once; callers copy it)."""
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "USER", "LOGNAME", "TZ")}
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     env["LANG"] = "C.UTF-8"
@@ -126,8 +154,7 @@ class JobRunner:
         spec = self.a.spec
         try:
             try:
-                await self.deps.code.materialize(self.a.code, workdir)
-                await asyncio.to_thread(prepare_dirs, workdir, spec.artifacts)
+                await self.deps.code.materialize(self.a.code, workdir, lambda: prepare_dirs(workdir, spec.artifacts))
                 if self.stop_requested:
                     self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user")
                     return
@@ -164,7 +191,7 @@ class JobRunner:
             raise
         finally:
             self.deps.outbox.mark_finished(self.job_id)
-            await asyncio.to_thread(shutil.rmtree, job_dir, True)
+            self.deps.janitor.remove(job_dir)
 
     async def _pump_output(self, proc: JobProcess) -> None:
         outbox, job_id = self.deps.outbox, self.job_id

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from coordinator.config import CoordinatorConfig
-from coordinator.server import serve
+from coordinator.server import StartError, serve
 
 
 def read_or_create_secret(path: Path) -> str:
@@ -67,5 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     try:
         asyncio.run(serve(config))
+    except StartError as e:
+        print(f"dstack server: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         pass

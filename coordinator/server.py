@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import signal
@@ -32,8 +33,27 @@ SERVER_OPTIONS = [
 ]
 
 
+class StartError(Exception):
+    """The coordinator cannot start; the message says why."""
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """One coordinator per state directory: two writing one database would corrupt runs."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "coordinator.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise StartError(f"another coordinator (pid {holder or '?'}) is already using {state_dir}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd  # held open for the life of the process
+
+
 async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -> None:
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    lock_state_dir(config.state_dir)
     store = Store(config.db_path)
     db = DbExecutor(store)
     await db(store.ensure_user, "admin", config.admin_token, "admin")
@@ -45,9 +65,12 @@ async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -
     if config.listen.startswith("unix://"):
         # A socket file left by a killed coordinator would make the bind fail.
         await asyncio.to_thread(Path(config.listen[len("unix://") :]).unlink, missing_ok=True)
-    port = server.add_insecure_port(config.listen)
+    try:
+        port = server.add_insecure_port(config.listen)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise RuntimeError(f"cannot listen on {config.listen}")
+        raise StartError(f"cannot listen on {config.listen}: is the address in use?")
     await server.start()
     await engine.start()
     log.info("coordinator listening on %s (pid %d)", config.listen, os.getpid())

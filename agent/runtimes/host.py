@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import posixpath
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -89,11 +90,10 @@ class HostRuntime(Runtime):
         self.stop_grace_s = stop_grace_s
 
     async def start(self, job: RuntimeJob) -> JobProcess:
-        cwd = (job.workdir / job.working_dir).resolve()
-        if not cwd.is_relative_to(job.workdir.resolve()):
+        rel = posixpath.normpath(job.working_dir or ".")
+        if rel.startswith("/") or rel == ".." or rel.startswith("../"):
             raise RuntimeError_(f"working_dir {job.working_dir!r} escapes the job's directory")
-        if not cwd.is_dir():
-            raise RuntimeError_(f"working_dir {job.working_dir!r} does not exist in the code")
+        cwd = job.workdir / rel
         env = dict(job.env)
         if job.gpu_indices:
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
@@ -112,6 +112,10 @@ class HostRuntime(Runtime):
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
             )
+        except FileNotFoundError as e:
+            if not await asyncio.to_thread(cwd.is_dir):
+                raise RuntimeError_(f"working_dir {rel!r} does not exist in the code") from e
+            raise RuntimeError_(f"cannot start the job: {e}") from e
         except OSError as e:
             raise RuntimeError_(f"cannot start the job: {e}") from e
         await asyncio.to_thread((job.workdir.parent / PGID_FILE).write_text, str(proc.pid))

@@ -111,3 +111,16 @@ def test_broken_workflow_files(local_tmp: Path, workflows: str, needle: str, lin
 @pytest.fixture
 def local_tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def test_second_coordinator_on_the_same_state_dir_is_refused(cluster: Cluster) -> None:
+    cluster.start_coordinator()
+    r = subprocess.run(
+        [sys.executable, "-m", "coordinator", "--state-dir", str(cluster.tmp / "server"), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1
+    assert "another coordinator" in r.stderr and "is already using" in r.stderr
+    no_traceback(r)
