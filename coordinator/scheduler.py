@@ -89,9 +89,9 @@ def never_fits(req: JobRequest, agents: list[AgentState]) -> str | None:
     if req.gpu_count:
         best = max(len(a.matching_gpus(req, free_only=False)) for a in agents)
         if best < req.gpu_count:
-            what = "GPUs"
+            what = "GPU" if best == 1 else "GPUs"
             if req.gpu_name or req.gpu_memory:
-                what = f"matching GPUs ({_gpu_names(agents)})"
+                what = f"matching {what} ({_gpu_names(agents)})"
             return f"needs {need}; the largest agent has {best} {what}"
     if req.cpu and max(a.cpu_total for a in agents) < req.cpu:
         return f"needs {need}; the largest agent has {max(a.cpu_total for a in agents):g} CPU"

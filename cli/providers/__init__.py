@@ -17,17 +17,27 @@ from cli.yamlsrc import Node
 GROUP = "dstack.providers"
 
 
+def _builtin() -> dict[str, type[Provider]]:
+    # Also registered as entry points; listed here so a source checkout without installed metadata works.
+    from cli.providers.bash import BashProvider
+    from cli.providers.python import PythonProvider
+
+    return {"bash": BashProvider, "python": PythonProvider}
+
+
 def known_providers() -> list[str]:
-    return sorted(ep.name for ep in entry_points(group=GROUP))
+    return sorted({ep.name for ep in entry_points(group=GROUP)} | set(_builtin()))
 
 
 def load_provider(name: str, node: Node | None = None) -> Provider:
     for ep in entry_points(group=GROUP, name=name):
-        cls = ep.load()
-        provider = cls()
+        provider = ep.load()()
         if not isinstance(provider, Provider):
             raise WorkflowError(f"provider {name!r} ({ep.value}) does not implement the Provider interface")
         return provider
+    builtin = _builtin().get(name)
+    if builtin is not None:
+        return builtin()
     known = ", ".join(known_providers()) or "none installed"
     raise WorkflowError(
         f"unknown provider {name!r}; known providers: {known}",

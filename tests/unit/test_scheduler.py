@@ -82,3 +82,8 @@ def test_job_slots_limit_concurrency() -> None:
     a.max_jobs = 2
     d = schedule([JobRequest(f"j{i}") for i in range(3)], [a])
     assert len(d.placements) == 2 and "j2" in d.waiting
+
+
+def test_reason_grammar_for_one_gpu() -> None:
+    d = schedule([JobRequest("j", gpu_count=2)], [agent("h", gpus=1)])
+    assert d.impossible["j"] == "needs 2 GPUs; the largest agent has 1 GPU"
