@@ -6,8 +6,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from cli.errors import CliError
 
 
@@ -35,6 +33,8 @@ def load_configured() -> Endpoint | None:
     path = config_path()
     if not path.exists():
         return None
+    import yaml  # only when there is a config file: keeps local-mode commands fast
+
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -45,6 +45,8 @@ def load_configured() -> Endpoint | None:
 
 
 def save_config(address: str, token: str) -> Path:
+    import yaml
+
     path = config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -19,8 +19,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
-
 from cli.errors import CliError
 from cli.home import Endpoint, dstack_home
 
@@ -63,12 +61,13 @@ def _lock() -> Iterator[None]:
 
 
 def _alive(pid_file: Path, module: str) -> int | None:
+    """The pid in pid_file if that process is alive and is `python -m MODULE` (not a reused pid)."""
     try:
         pid = int(pid_file.read_text())
-        cmd = psutil.Process(pid).cmdline()
-    except (OSError, ValueError, psutil.Error):
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
         return None
-    return pid if module in cmd else None
+    return pid if module.encode() in cmd else None
 
 
 def _spawn(name: str, args: list[str], env: dict[str, str]) -> None:
@@ -151,13 +150,12 @@ def stop_all(timeout_s: float = 15.0) -> list[str]:
                 continue
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            try:
-                psutil.Process(pid).wait(timeout_s)
-            except psutil.TimeoutExpired:
+            deadline = time.monotonic() + timeout_s
+            while _alive(d / f"{name}.pid", name) is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(d / f"{name}.pid", name) is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
             (d / f"{name}.pid").unlink(missing_ok=True)
             stopped.append(name)
     return stopped

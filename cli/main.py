@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from cli.errors import CliError
@@ -146,19 +145,12 @@ def local_stop() -> None:
 
 
 def main() -> None:
+    # Standalone mode: typer prints usage errors itself (no traceback) and exits 2; our own errors
+    # pass through it and are printed here.
     try:
-        rc = app(standalone_mode=False)
+        app()
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
-    sys.exit(rc if isinstance(rc, int) else 0)

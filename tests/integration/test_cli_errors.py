@@ -124,3 +124,12 @@ def test_second_coordinator_on_the_same_state_dir_is_refused(cluster: Cluster) -
     assert r.returncode == 1
     assert "another coordinator" in r.stderr and "is already using" in r.stderr
     no_traceback(r)
+
+
+@pytest.mark.parametrize("args", [["run"], ["ps", "--bogus"], ["nosuchcommand"]])
+def test_usage_errors_exit_2_without_traceback(tmp_path: Path, args: list[str]) -> None:
+    env = {**os.environ, "DSTACK_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2
+    assert "Usage:" in r.stderr
+    no_traceback(r)
