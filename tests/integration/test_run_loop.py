@@ -216,3 +216,61 @@ def test_jobs_are_spread_and_all_finish_with_two_agents(cluster: Cluster, tmp_pa
         assert cluster.wait_status(n, {"done", "failed"})["status"] == "done"
     agents_used = {r["jobs"][0]["agent"] for r in cluster.runs()}  # type: ignore[index]
     assert agents_used <= {"a1", "a2"}
+
+
+def test_logs_follow_and_python_requirements(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_coordinator()
+    cluster.start_agent()
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: reqs
+            provider: python
+            file: main.py
+            requirements: requirements.txt
+        """,
+        {
+            "main.py": "import sys, time\nprint(sys.prefix.endswith('.dstack-venv'))\ntime.sleep(1)\nprint('end')\n",
+            "requirements.txt": "# nothing to install\n",
+        },
+    )
+    name = submit(cluster, project, "reqs")
+    r = cluster.cli("logs", name, "-f", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["True", "end"]
+
+
+def test_interrupted_run_without_a_terminal_detaches_and_the_run_goes_on(cluster: Cluster, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    cluster.start_coordinator()
+    cluster.start_agent()
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: slow
+            provider: bash
+            commands: ["echo started", "sleep 2", "echo finished"]
+        """,
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cli", "run", "slow"],
+        cwd=project,
+        env=cluster.env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None
+    assert p.stdout.readline() == "started\n"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130
+    assert "detached" in err and "Traceback" not in err
+    name = re.search(r"(\S+) submitted", err).group(1)  # type: ignore[union-attr]
+    assert cluster.wait_status(name, {"done", "failed"})["status"] == "done"
