@@ -66,6 +66,7 @@ class Agent:
             uploader=Uploader(self.stub, self.metadata, config.upload_attempts),
             gpu_uuids=self._gpu_uuids,
             janitor=Janitor(),
+            agent_home=str(config.home),
         )
 
     def metadata(self) -> list[tuple[str, str]]:
@@ -118,7 +119,7 @@ class Agent:
 
     # ---- main loop ---------------------------------------------------------------------------
     async def run(self) -> None:
-        await self.runtime.cleanup_leftovers(self.config.jobs_dir)
+        await self.runtime.cleanup_leftovers(str(self.config.home))
         delay = 0.1
         registered = await self._load_credentials()
         while True:

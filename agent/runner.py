@@ -25,7 +25,7 @@ from pathlib import Path
 from agent.artifacts import ArtifactError, Uploader, prepare_dirs
 from agent.code import CodeCache
 from agent.outbox import Outbox
-from agent.runtimes import JobProcess, Runtime, RuntimeJob
+from agent.runtimes import AGENT_MARKER, JobProcess, Runtime, RuntimeJob
 from protos.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger("dstack.agent")
@@ -43,6 +43,7 @@ class RunnerDeps:
     uploader: Uploader
     gpu_uuids: Callable[[list[int]], list[str]]
     janitor: Janitor
+    agent_home: str
 
 
 class Janitor:
@@ -149,8 +150,7 @@ class JobRunner:
             await self.proc.stop(abort)
 
     async def _run(self) -> None:
-        job_dir = self.deps.jobs_dir / self.job_id
-        workdir = job_dir / "workdir"
+        workdir = self.deps.jobs_dir / self.job_id
         spec = self.a.spec
         try:
             try:
@@ -158,7 +158,7 @@ class JobRunner:
                 if self.stop_requested:
                     self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user")
                     return
-                env = base_env() | dict(self.a.env) | dict(spec.env)
+                env = base_env() | dict(self.a.env) | dict(spec.env) | {AGENT_MARKER: self.deps.agent_home}
                 self.proc = await self.deps.runtime.start(
                     RuntimeJob(
                         job_id=self.job_id,
@@ -191,7 +191,7 @@ class JobRunner:
             raise
         finally:
             self.deps.outbox.mark_finished(self.job_id)
-            self.deps.janitor.remove(job_dir)
+            self.deps.janitor.remove(workdir)
 
     async def _pump_output(self, proc: JobProcess) -> None:
         outbox, job_id = self.deps.outbox, self.job_id

@@ -1,4 +1,4 @@
-from agent.runtimes.base import JobProcess, Runtime, RuntimeError_, RuntimeJob
+from agent.runtimes.base import AGENT_MARKER, JobProcess, Runtime, RuntimeError_, RuntimeJob
 from agent.runtimes.host import HostRuntime
 from agent.runtimes.null import NullRuntime
 
@@ -12,6 +12,7 @@ def make_runtime(name: str, stop_grace_s: float) -> Runtime:
 
 
 __all__ = [
+    "AGENT_MARKER",
     "HostRuntime",
     "JobProcess",
     "NullRuntime",

@@ -7,6 +7,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Every job process carries this variable (set by the runner): after an agent crash, the next agent
+# finds the jobs its predecessor left behind by it, with no bookkeeping file per job.
+AGENT_MARKER = "DSTACK_AGENT_HOME"
+
 
 class RuntimeError_(Exception):
     """The runtime could not start the job (the job fails with reason `executor error`)."""
@@ -47,6 +51,6 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def start(self, job: RuntimeJob) -> JobProcess: ...
 
-    async def cleanup_leftovers(self, jobs_dir: Path) -> None:
-        """Called at agent start: processes of jobs from a previous agent instance are killed."""
+    async def cleanup_leftovers(self, agent_home: str) -> None:
+        """Called at agent start: jobs left by a previous run of the agent with this home are killed."""
         return None

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import posixpath
 import signal
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import psutil
 
-from agent.runtimes.base import JobProcess, Runtime, RuntimeError_, RuntimeJob
+from agent.runtimes.base import AGENT_MARKER, JobProcess, Runtime, RuntimeError_, RuntimeJob
 from protos.v1 import common_pb2
 
 READ_CHUNK = 1 << 16
-PGID_FILE = "pgid"
+log = logging.getLogger("dstack.agent")
 
 
 def _script(job: RuntimeJob) -> str:
@@ -118,14 +118,20 @@ class HostRuntime(Runtime):
             raise RuntimeError_(f"cannot start the job: {e}") from e
         except OSError as e:
             raise RuntimeError_(f"cannot start the job: {e}") from e
-        await asyncio.to_thread((job.workdir.parent / PGID_FILE).write_text, str(proc.pid))
         return HostProcess(proc, self.stop_grace_s)
 
-    async def cleanup_leftovers(self, jobs_dir: Path) -> None:
-        def kill_all() -> None:
-            for pgid_file in jobs_dir.glob(f"*/{PGID_FILE}"):
-                with contextlib.suppress(ValueError, ProcessLookupError, PermissionError, OSError):
-                    os.killpg(int(pgid_file.read_text()), signal.SIGKILL)
-                pgid_file.unlink(missing_ok=True)
+    async def cleanup_leftovers(self, agent_home: str) -> None:
+        def kill_all() -> int:
+            killed = 0
+            for p in psutil.process_iter(["pid"]):
+                with contextlib.suppress(psutil.Error, OSError):
+                    if p.pid != os.getpid() and p.environ().get(AGENT_MARKER) == agent_home:
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.killpg(os.getpgid(p.pid), signal.SIGKILL)
+                        p.kill()
+                        killed += 1
+            return killed
 
-        await asyncio.to_thread(kill_all)
+        killed = await asyncio.to_thread(kill_all)
+        if killed:
+            log.warning("killed %d process(es) left by jobs of a previous agent run", killed)

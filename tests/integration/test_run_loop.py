@@ -274,3 +274,26 @@ def test_interrupted_run_without_a_terminal_detaches_and_the_run_goes_on(cluster
     assert "detached" in err and "Traceback" not in err
     name = re.search(r"(\S+) submitted", err).group(1)  # type: ignore[union-attr]
     assert cluster.wait_status(name, {"done", "failed"})["status"] == "done"
+
+
+def test_a_restarted_agent_kills_what_its_predecessor_left_running(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_coordinator()
+    agent = cluster.start_agent()
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: orphan
+            provider: bash
+            commands: ["sleep 600 &", "echo pid $!", "wait"]
+        """,
+    )
+    name = submit(cluster, project, "orphan")
+    pid = int(wait_for(lambda: re.findall(r"pid (\d+)", cluster.cli("logs", name).stdout), what="the job")[0])  # type: ignore[index]
+    agent.kill9()
+    assert psutil.pid_exists(pid)  # the job outlived its agent...
+    cluster.agents.clear()
+    cluster.start_agent()  # ...until the agent comes back with the same home
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", what="the orphan killed")
+    run = cluster.wait_status(name, {"failed"})
+    assert run["termination_reason"] in ("agent lost", "executor error")
