@@ -255,6 +255,9 @@ class Engine:
             changed |= res.changed_runs
             if res.freed:
                 self.kick()
+            for u in msg.updates:  # a job's last update comes after its last line: forget its run
+                if u.status in (JS.JOB_STATUS_DONE, JS.JOB_STATUS_FAILED, JS.JOB_STATUS_STOPPED):
+                    self._job_runs.pop(u.job_id, None)
         if msg.HasField("heartbeat"):
             inv = msg.heartbeat.inventory.SerializeToString() if msg.heartbeat.HasField("inventory") else None
             await self.db(self.store.heartbeat, agent_id, inv, self._lease_until())
