@@ -102,27 +102,39 @@ class Uploader:
     async def _upload_file(self, job_id: str, rel: str, path: Path) -> common_pb2.ArtifactFile:
         digest = hashlib.sha256()
         size = 0
+        read_error: OSError | None = None
+        try:
+            f = await asyncio.to_thread(path.open, "rb")
+        except OSError as e:
+            raise ArtifactError(f"{rel}: cannot read it: {e.strerror}") from e
 
         async def requests() -> AsyncIterator[agent_pb2.UploadArtifactRequest]:
-            nonlocal size
-            f = await asyncio.to_thread(path.open, "rb")
-            try:
-                first = True
-                while True:
+            nonlocal size, read_error
+            first = True
+            while True:
+                try:
                     data = await asyncio.to_thread(f.read, CHUNK)
-                    digest.update(data)
-                    size += len(data)
-                    if first:
-                        yield agent_pb2.UploadArtifactRequest(job_id=job_id, path=rel, data=data)
-                        first = False
-                    elif data:
-                        yield agent_pb2.UploadArtifactRequest(data=data)
-                    if not data:
-                        return
-            finally:
-                f.close()
+                except OSError as e:
+                    read_error = e
+                    raise  # grpc cancels the call: the coordinator keeps no partial object
+                digest.update(data)
+                size += len(data)
+                if first:
+                    yield agent_pb2.UploadArtifactRequest(job_id=job_id, path=rel, data=data)
+                    first = False
+                elif data:
+                    yield agent_pb2.UploadArtifactRequest(data=data)
+                if not data:
+                    return
 
-        resp = await self.stub.UploadArtifact(requests(), metadata=self.metadata())
+        try:
+            resp = await self.stub.UploadArtifact(requests(), metadata=self.metadata())
+        except asyncio.CancelledError:
+            if read_error is None:
+                raise  # a real cancellation (the agent is stopping)
+            raise ArtifactError(f"{rel}: reading it failed: {read_error}") from read_error
+        finally:
+            f.close()
         if resp.sha256 != digest.hexdigest() or resp.size != size:
             raise ArtifactError(f"{rel}: the store received different bytes than were sent")
         return common_pb2.ArtifactFile(path=rel, size=size, sha256=resp.sha256)

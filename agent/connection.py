@@ -164,16 +164,25 @@ class Agent:
         interval = (ack.heartbeat_interval_ms or 3000) / 1000
         log.info("connected to the coordinator (%d active jobs)", len(active))
         await self._handle(first)
-        sender = asyncio.create_task(self._send_loop(call, interval))
+        # The session lasts while both directions do: if either ends or fails, the session ends
+        # (a dead sender would otherwise stop heartbeats while the agent looks connected).
+        tasks = {asyncio.create_task(self._send_loop(call, interval)), asyncio.create_task(self._read_loop(call))}
         try:
-            while (msg := await call.read()) is not grpc.aio.EOF:
-                await self._handle(msg)  # type: ignore[arg-type]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                await sender
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            call.cancel()
+        for t in done:
+            if not t.cancelled() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
         # The stream ended without an error status: treat as a disconnect.
         raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "stream ended")  # type: ignore[arg-type]
+
+    async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+        while (msg := await call.read()) is not grpc.aio.EOF:
+            await self._handle(msg)
 
     async def _send_loop(self, call: grpc.aio.StreamStreamCall, interval: float) -> None:  # type: ignore[type-arg]
         next_beat = time.monotonic() + interval
@@ -189,9 +198,12 @@ class Agent:
             if now >= next_beat:
                 beat = agent_pb2.Heartbeat()
                 if now >= next_inventory:
-                    self._last_inventory = await asyncio.to_thread(self.inventory.collect)
-                    beat.inventory.CopyFrom(self._last_inventory)
                     next_inventory = now + self.config.inventory_interval_s
+                    try:
+                        self._last_inventory = await asyncio.to_thread(self.inventory.collect)
+                        beat.inventory.CopyFrom(self._last_inventory)
+                    except Exception:  # a flaky NVML read must not stop the heartbeat
+                        log.exception("reading the inventory failed; heartbeat without it")
                 await call.write(agent_pb2.AgentMessage(heartbeat=beat))
                 next_beat = now + interval
 

@@ -28,8 +28,10 @@ class _JobLog:
 
 
 class Outbox:
-    def __init__(self, max_lines_per_message: int = 5000) -> None:
+    def __init__(self, max_lines_per_message: int = 5000, max_bytes_per_message: int = 4 << 20) -> None:
+        # Far below gRPC's 64 MiB message limit, whatever the lines' length (up to 64 KiB each).
         self.max_lines = max_lines_per_message
+        self.max_bytes = max_bytes_per_message
         self._logs: dict[str, _JobLog] = {}
         self._updates: dict[str, list[tuple[agent_pb2.JobUpdate, bool]]] = {}  # job -> [(update, sent)]
         self._finished: set[str] = set()  # jobs that will produce no more lines
@@ -50,15 +52,21 @@ class Outbox:
 
     # ---- the sender --------------------------------------------------------------------------
     def take(self) -> agent_pb2.AgentMessage | None:
-        """The next message to write: unsent lines (bounded), then updates whose lines are all sent."""
+        """The next message to write: unsent lines (bounded in count and bytes, at least one line),
+        then updates whose lines are all sent."""
         msg = agent_pb2.AgentMessage()
-        budget = self.max_lines
+        budget, byte_budget = self.max_lines, self.max_bytes
         for job_id, jl in self._logs.items():
-            if budget <= 0:
+            if budget <= 0 or byte_budget <= 0:
                 break
             # unacked holds consecutive seqs: skip the ones already written to this stream.
-            start = jl.sent_upto - jl.unacked[0].seq + 1 if jl.unacked else 0
-            lines = list(itertools.islice(jl.unacked, max(start, 0), max(start, 0) + budget))
+            start = max(jl.sent_upto - jl.unacked[0].seq + 1, 0) if jl.unacked else 0
+            lines: list[common_pb2.LogLine] = []
+            for ln in itertools.islice(jl.unacked, start, start + budget):
+                if lines and len(ln.text) > byte_budget:
+                    break
+                lines.append(ln)
+                byte_budget -= len(ln.text) + 32
             if lines:
                 msg.logs.append(agent_pb2.LogBatch(job_id=job_id, lines=lines))
                 jl.sent_upto = lines[-1].seq

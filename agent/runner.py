@@ -32,6 +32,7 @@ log = logging.getLogger("dstack.agent")
 JS = common_pb2.JobStatus
 TR = common_pb2.TerminationReason
 MAX_LINE = 64 * 1024  # longer lines are split, so one line cannot exhaust memory
+DRAIN_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -182,9 +183,18 @@ class JobRunner:
             self._update(JS.JOB_STATUS_RUNNING)
             if self.stop_requested:  # a stop that arrived while the process was starting
                 await self.proc.stop(self.abort)
-            await self._pump_output(self.proc)
-            code = await self.proc.wait()
-            await self._finish(code, workdir, spec)
+            pump = asyncio.create_task(self._pump_output(self.proc))
+            try:
+                # The job ends when its main process does; the runtime then kills what is left of it.
+                code = await self.proc.wait()
+                await self._drain(pump)
+            finally:
+                pump.cancel()
+            try:
+                await self._finish(code, workdir, spec)
+            except Exception as e:  # a job must never be left without a final state
+                log.exception("job %s: finishing failed", self.job_id)
+                self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_EXECUTOR_ERROR, f"agent error: {e}", code)
         except asyncio.CancelledError:
             if self.proc is not None:
                 await self.proc.stop(abort=True)
@@ -192,6 +202,16 @@ class JobRunner:
         finally:
             self.deps.outbox.mark_finished(self.job_id)
             self.deps.janitor.remove(workdir)
+
+    async def _drain(self, pump: asyncio.Task[None]) -> None:
+        """Waits for the output the job wrote before it ended; a process that escaped the job's
+        process group (setsid) may hold the pipes open, so the wait is bounded."""
+        try:
+            await asyncio.wait_for(asyncio.shield(pump), DRAIN_TIMEOUT_S)
+        except TimeoutError:
+            self._system_line(
+                "dstack: output written after the job ended is not shown (a detached process kept it open)"
+            )
 
     async def _pump_output(self, proc: JobProcess) -> None:
         outbox, job_id = self.deps.outbox, self.job_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import posixpath
 import re
 from typing import Any
@@ -11,6 +12,7 @@ from cli.errors import WorkflowError
 from cli.yamlsrc import Node, Seq
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)\s*$", re.IGNORECASE)
+MAX_SIZE = 1 << 63
 _POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
 
 
@@ -77,8 +79,8 @@ def size_bytes(node: Node, key: str) -> int:
     if isinstance(value, bool):
         raise WorkflowError(f"field {key!r} must be a size like 64GB, not a boolean", node.at(key))
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise WorkflowError(f"field {key!r} must not be negative", node.at(key))
+        if not math.isfinite(value) or not 0 <= value < MAX_SIZE:
+            raise WorkflowError(f"field {key!r} must be a size from 0 to 8 EiB, got {value}", node.at(key))
         return int(value)
     m = _SIZE.match(str(value))
     if not m:
@@ -88,18 +90,28 @@ def size_bytes(node: Node, key: str) -> int:
     if "I" in unit and not letter:
         raise WorkflowError(f"field {key!r}: {value!r} is not a size", node.at(key))
     # As in dstack and Docker, K/M/G/T/P (with or without B or iB) are powers of 1024.
-    return int(number * 1024 ** _POWERS[letter])
+    result = int(number * 1024 ** _POWERS[letter])
+    if result >= MAX_SIZE:
+        raise WorkflowError(f"field {key!r}: {value!r} is too large", node.at(key))
+    return result
 
 
-def number(node: Node, key: str, minimum: float = 0) -> float:
+def number(node: Node, key: str, minimum: float = 0, maximum: float = 1e6) -> float:
     value = node.get(key)
     if value is None:
         return 0.0
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise WorkflowError(f"field {key!r} must be a number, not {type_name(value)}", node.at(key))
-    if value < minimum:
-        raise WorkflowError(f"field {key!r} must be >= {minimum:g}, got {value}", node.at(key))
+    if not math.isfinite(value) or not minimum <= value <= maximum:
+        raise WorkflowError(f"field {key!r} must be between {minimum:g} and {maximum:g}, got {value}", node.at(key))
     return float(value)
+
+
+def whole_number(node: Node, key: str, minimum: int, maximum: int) -> int:
+    value = node.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise WorkflowError(f"{key!r} must be a whole number from {minimum} to {maximum}, got {value!r}", node.at(key))
+    return value
 
 
 def relative_path(node: Node, key: str, value: str) -> str:

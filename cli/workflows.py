@@ -23,6 +23,7 @@ COMMON_FIELDS = {
 }
 RESOURCE_FIELDS = {"gpu", "cpu", "memory", "shm_size", "interruptible"}
 GPU_FIELDS = {"count", "name", "memory"}
+MAX_GPUS = 1024
 
 
 def find_project_root(start: Path) -> Path:
@@ -71,7 +72,7 @@ def parse_workflow(node: Node) -> Workflow:
         node=node,
         location=node.location,
         help=fields.string(node, "help"),
-        depends_on=fields.string_list(node, "depends-on"),
+        depends_on=_depends_on(node),
         artifacts=_artifacts(node),
         resources=_resources(node),
         env=_environment(node),
@@ -79,6 +80,18 @@ def parse_workflow(node: Node) -> Workflow:
     )
     provider.validate(wf)
     return wf
+
+
+def _depends_on(node: Node) -> list[str]:
+    deps = fields.string_list(node, "depends-on")
+    if deps:
+        # Refused rather than ignored: running a workflow without its dependency would be wrong.
+        raise WorkflowError(
+            "depends-on is not supported yet by this version of dstack (runtime and tag dependencies come"
+            " with the workflow-language work); remove it and run the dependency first",
+            node.at("depends-on"),
+        )
+    return deps
 
 
 def _artifacts(node: Node) -> list[Artifact]:
@@ -113,13 +126,13 @@ def _resources(node: Node) -> common_pb2.Resources:
     gpu = r.get("gpu")
     if isinstance(gpu, Node):
         fields.check_unknown(gpu, GPU_FIELDS, "resources.gpu")
-        out.gpu.count = int(fields.number(gpu, "count")) if "count" in gpu else 1
+        out.gpu.count = fields.whole_number(gpu, "count", 0, MAX_GPUS) if "count" in gpu else 1
         out.gpu.name = fields.string(gpu, "name")
         out.gpu.memory_bytes = fields.size_bytes(gpu, "memory")
     elif gpu is not None:
         if isinstance(gpu, bool) or not isinstance(gpu, int):
             raise WorkflowError("'gpu' must be a whole number or {count, name, memory}", r.at("gpu"))
-        if gpu < 0:
-            raise WorkflowError(f"'gpu' must be >= 0, got {gpu}", r.at("gpu"))
+        if not 0 <= gpu <= MAX_GPUS:
+            raise WorkflowError(f"'gpu' must be >= 0 and at most {MAX_GPUS}, got {gpu}", r.at("gpu"))
         out.gpu.count = gpu
     return out

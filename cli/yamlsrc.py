@@ -39,7 +39,7 @@ def _convert(path: Path, node: yaml.Node) -> Any:
         for k, v in node.value:
             if not isinstance(k, yaml.ScalarNode):
                 raise WorkflowError("mapping keys must be plain strings", _loc(path, k))
-            key = str(_scalar(k))
+            key = str(_scalar(path, k))
             if key in out:
                 raise WorkflowError(f"duplicate key {key!r}", _loc(path, k))
             out[key] = _convert(path, v)
@@ -54,17 +54,22 @@ def _convert(path: Path, node: yaml.Node) -> Any:
         seq.item_locations = [_loc(path, n) for n in node.value]
         return seq
     assert isinstance(node, yaml.ScalarNode)
-    return _scalar(node)
+    return _scalar(path, node)
 
 
 _CONSTRUCTOR = yaml.constructor.SafeConstructor()
 
 
-def _scalar(node: yaml.ScalarNode) -> Any:
+def _scalar(path: Path, node: yaml.ScalarNode) -> Any:
     """The typed value of a scalar (int, float, bool, null, str...) as YAML 1.1 resolves it."""
     if node.tag == "tag:yaml.org,2002:str":
         return node.value
-    return _CONSTRUCTOR.construct_object(node, deep=True)
+    try:
+        return _CONSTRUCTOR.construct_object(node, deep=True)
+    except (ValueError, OverflowError, yaml.YAMLError) as e:  # e.g. `2024-13-45` looks like a date
+        raise WorkflowError(
+            f"invalid value {node.value!r} ({e}); quote it to use it as text", _loc(path, node)
+        ) from None
 
 
 def load(path: Path) -> Any:

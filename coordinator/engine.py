@@ -219,7 +219,10 @@ class Engine:
 
         def reconcile() -> tuple[list[str], list[str], list[str], dict[str, int]]:
             jobs = self.store.jobs_on_agent(agent_id)
-            resend = [j["id"] for j in jobs if j["status"] == JS.JOB_STATUS_ASSIGNED and j["id"] not in active]
+            unstarted = [j for j in jobs if j["status"] == JS.JOB_STATUS_ASSIGNED and j["id"] not in active]
+            resend = [j["id"] for j in unstarted if not j["stop_requested"]]
+            # Stopped while the agent was away, before it ever got the job: it ends here.
+            self.store.stop_unstarted([j["id"] for j in unstarted if j["stop_requested"]])
             lost = [j["id"] for j in jobs if j["status"] != JS.JOB_STATUS_ASSIGNED and j["id"] not in active]
             stop = [j["id"] for j in jobs if j["stop_requested"] and j["id"] in active]
             self.store.fail_jobs_lost_by_agent(agent_id, lost)

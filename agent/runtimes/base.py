@@ -38,7 +38,8 @@ class JobProcess(abc.ABC):
 
     @abc.abstractmethod
     async def wait(self) -> int:
-        """The exit code; negative: killed by that signal."""
+        """The exit code of the job's main process (negative: killed by that signal). When it
+        returns, whatever else the job started has been killed."""
 
     @abc.abstractmethod
     async def stop(self, abort: bool) -> None:

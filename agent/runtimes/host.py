@@ -16,6 +16,7 @@ from agent.runtimes.base import AGENT_MARKER, JobProcess, Runtime, RuntimeError_
 from protos.v1 import common_pb2
 
 READ_CHUNK = 1 << 16
+PIPE_CLOSE_TIMEOUT_S = 5.0
 log = logging.getLogger("dstack.agent")
 
 
@@ -56,7 +57,43 @@ class HostProcess(JobProcess):
                 t.cancel()
 
     async def wait(self) -> int:
-        return await self.proc.wait()
+        await self._main_process_exited()
+        # What the job left running in its process group (`cmd &`, daemons) dies with it, as in
+        # Slurm: otherwise it would hold the job's GPUs and output pipes with no job to show for it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        try:
+            # On Python 3.11 Process.wait() also waits for the pipes to close...
+            return await asyncio.wait_for(asyncio.shield(self.proc.wait()), PIPE_CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            # ...which a process that left the group (setsid) can hold open: the exit code is known anyway.
+            while self.proc.returncode is None:  # noqa: ASYNC110 - asyncio offers no event for it
+                await asyncio.sleep(0.01)
+            return self.proc.returncode
+
+    async def _main_process_exited(self) -> None:
+        """Returns when the job's main process has exited, without waiting for its pipes."""
+        try:
+            fd = os.pidfd_open(self.proc.pid)
+        except ProcessLookupError:
+            return  # already gone
+        except (AttributeError, OSError):  # no pidfd on this kernel: poll
+            while self.proc.returncode is None:  # noqa: ASYNC110 - asyncio offers no event for it
+                await asyncio.sleep(0.05)
+            return
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def on_exit() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(fd, on_exit)
+        try:
+            await exited
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
 
     def _tree(self) -> list[psutil.Process]:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import queue
@@ -17,13 +18,14 @@ from coordinator.errors import InvalidRequest
 from coordinator.services.rpc import authenticate, streaming, unary
 from coordinator.store.db import NewJob
 from protos.v1 import client_pb2, client_pb2_grpc, common_pb2
-from storage import ArtifactStore
+from storage import ArtifactStore, StoreError
 
 Ctx: TypeAlias = Any  # grpc.aio.ServicerContext: grpc ships no type information
 VERSION = "0.1.0"
 CHUNK = 1 << 20
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 LOG_BATCH = 5000
+LOG_BATCH_BYTES = 4 << 20
 TOKEN_CACHE_S = 30.0
 
 
@@ -43,11 +45,13 @@ async def put_from_stream(
     """Streams async chunks into the (blocking) store on a worker thread; returns size and sha256.
 
     With `expected_sha256`, a mismatch aborts the write, so a corrupted object is never visible."""
-    q: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+    q: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=8)
     digest = hashlib.sha256()
 
     def gen() -> Iterator[bytes]:
         while (chunk := q.get()) is not None:
+            if isinstance(chunk, BaseException):
+                raise StoreError("the upload was interrupted") from chunk  # nothing is committed
             digest.update(chunk)
             yield chunk
         if expected_sha256 and digest.hexdigest() != expected_sha256:
@@ -55,7 +59,7 @@ async def put_from_stream(
 
     writer = asyncio.get_running_loop().run_in_executor(None, store.put_stream, key, gen())
 
-    async def feed(item: bytes | None) -> bool:
+    async def feed(item: bytes | BaseException | None) -> bool:
         while not writer.done():
             try:
                 q.put_nowait(item)
@@ -68,8 +72,12 @@ async def put_from_stream(
         async for chunk in chunks:
             if not await feed(chunk):
                 break
-    finally:
-        await feed(None)
+    except BaseException as e:  # the sender went away or cancelled: abort the write
+        await asyncio.shield(feed(e))
+        with contextlib.suppress(Exception):
+            await writer
+        raise
+    await feed(None)
     size = await writer
     return size, digest.hexdigest()
 
@@ -178,9 +186,14 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
             name = self.store.create_run(owner, request.workflow, code, request.code.hash, list(request.args), jobs)
             return self.store.run_by_name(name)["id"], self._load_run(name)
 
-        run_id, run = await self.db(create)
-        self.engine.queue.add_run(run_id, run)
-        self.engine.kick()
+        async def create_and_enqueue() -> client_pb2.Run:
+            run_id, run = await self.db(create)
+            self.engine.queue.add_run(run_id, run)
+            self.engine.kick()
+            return run
+
+        # Shielded: a client that gives up (deadline, Ctrl+C) must not leave a stored run unqueued.
+        run = await asyncio.shield(create_and_enqueue())
         return client_pb2.SubmitRunResponse(run=run)
 
     @unary
@@ -203,7 +216,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     @unary
     async def StopRun(self, request: client_pb2.StopRunRequest, context: Ctx) -> client_pb2.StopRunResponse:
         await self._user(context)
-        await self.engine.stop_run(request.name)
+        await asyncio.shield(self.engine.stop_run(request.name))  # stop messages go out even if the client leaves
         return client_pb2.StopRunResponse(run=await self._run(request.name))
 
     @streaming
@@ -218,8 +231,12 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
         def read() -> list[client_pb2.JobLogs]:
             out = []
+            budget = LOG_BATCH_BYTES  # one response stays far below gRPC's message limit
             for job_id, after in cursors.items():
-                rows = self.store.read_logs(job_id, after, LOG_BATCH)
+                if budget <= 0:
+                    break
+                rows = self.store.read_logs(job_id, after, LOG_BATCH, budget)
+                budget -= sum(len(r.text) + 32 for r in rows)
                 if rows:
                     out.append(
                         client_pb2.JobLogs(

@@ -389,6 +389,7 @@ class Store:
                 )
                 for (run_id,) in cur.fetchall():
                     touched.add(run_id)
+                    self._fail_dependants(c, run_id)
             for run_id in touched:
                 self.refresh_run_status(c, run_id)
         return out
@@ -472,6 +473,7 @@ class Store:
             params += list(job_ids)
         sql += " RETURNING run_id"
         for run_id in {r[0] for r in c.execute(sql, params).fetchall()}:
+            self._fail_dependants(c, run_id)
             self.refresh_run_status(c, run_id)
 
     def fail_jobs_lost_by_agent(self, agent_id: str, job_ids: Sequence[str]) -> None:
@@ -485,6 +487,21 @@ class Store:
                     self.clock(),
                     job_ids,
                 )
+
+    def stop_unstarted(self, job_ids: Sequence[str]) -> None:
+        if not job_ids:
+            return
+        with self.tx() as c:
+            marks = ",".join("?" for _ in job_ids)
+            cur = c.execute(
+                f"UPDATE jobs SET status = {JS.JOB_STATUS_STOPPED}, finished_at = ?,"
+                f" termination_reason = {TR.TERMINATION_REASON_STOPPED_BY_USER}, message = 'stopped by user'"
+                f" WHERE id IN ({marks}) AND status = {JS.JOB_STATUS_ASSIGNED} RETURNING run_id",
+                [self.clock(), *job_ids],
+            )
+            for run_id in {r[0] for r in cur.fetchall()}:
+                self._fail_dependants(c, run_id)
+                self.refresh_run_status(c, run_id)
 
     def jobs_on_agent(self, agent_id: str) -> list[Row]:
         return self._rows(
@@ -604,12 +621,19 @@ class Store:
             for j in job_ids
         }
 
-    def read_logs(self, job_id: str, after_seq: int, limit: int) -> list[common_pb2.LogLine]:
+    def read_logs(self, job_id: str, after_seq: int, limit: int, max_bytes: int = 4 << 20) -> list[common_pb2.LogLine]:
+        """Lines after `after_seq`, at most `limit` of them and about `max_bytes` (at least one)."""
         cur = self.conn.execute(
             "SELECT seq, stream, time_ns, text FROM logs WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
             [job_id, after_seq, limit],
         )
-        return [common_pb2.LogLine(seq=r[0], stream=r[1], time_ns=r[2], text=r[3]) for r in cur]
+        out: list[common_pb2.LogLine] = []
+        for r in cur:
+            max_bytes -= len(r[3]) + 32
+            if out and max_bytes < 0:
+                break
+            out.append(common_pb2.LogLine(seq=r[0], stream=r[1], time_ns=r[2], text=r[3]))
+        return out
 
     def run_ids_of_jobs(self, job_ids: Sequence[str]) -> dict[str, str]:
         marks = ",".join("?" for _ in job_ids)

@@ -297,3 +297,23 @@ def test_a_restarted_agent_kills_what_its_predecessor_left_running(cluster: Clus
     wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", what="the orphan killed")
     run = cluster.wait_status(name, {"failed"})
     assert run["termination_reason"] in ("agent lost", "executor error")
+
+
+def test_background_processes_end_with_the_job(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_coordinator()
+    cluster.start_agent()
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: bg
+            provider: bash
+            commands: ["sleep 300 &", "echo pid $!", "echo main done"]
+        """,
+    )
+    started = time.monotonic()
+    r = cluster.cli("run", "bg", cwd=project, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - started < 20  # not the 300 s of the background sleep
+    pid = int(re.findall(r"pid (\d+)", r.stdout)[0])
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", timeout=10)

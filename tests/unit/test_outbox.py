@@ -66,3 +66,19 @@ def test_sequence_numbers_are_consecutive_per_job() -> None:
     assert msg is not None
     seqs = {b.job_id: [ln.seq for ln in b.lines] for b in msg.logs}
     assert seqs == {"a": [1, 2, 3], "b": [1, 2, 3]}
+
+
+def test_messages_are_bounded_in_bytes_but_carry_at_least_one_line() -> None:
+    async def build() -> Outbox:
+        return Outbox(max_lines_per_message=5000, max_bytes_per_message=100_000)
+
+    ob = asyncio.run(build())
+    for _ in range(10):
+        ob.add_line("j", OUT, "x" * 60_000)
+    sizes = []
+    while (msg := ob.take()) is not None:
+        sizes.append(len(texts(msg)))
+    assert sizes == [1] * 10  # two would exceed 100 kB
+    big = asyncio.run(build())
+    big.add_line("j", OUT, "y" * 200_000)
+    assert len(texts(big.take())) == 1

@@ -64,3 +64,28 @@ def test_logs_are_idempotent(tmp_path: Path) -> None:
     s.insert_logs([agent_pb2.LogBatch(job_id="j", lines=lines[1:])])  # a resend after reconnect
     assert [ln.text for ln in s.read_logs("j", 0, 100)] == ["1", "2", "3"]
     assert s.log_positions(["j"]) == {"j": 3}
+
+
+def test_dependants_fail_when_the_coordinator_fails_a_job(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db.sqlite")
+    name = s.create_run("admin", "wf", b"", "", [], [job("a"), job("b", ["a"]), job("c", ["b"])])
+    run = s.run_by_name(name)
+    jobs = {j["job_name"]: j["id"] for j in s.jobs_of_runs([run["id"]])[run["id"]]}
+    agent_id = s.register_agent("h", "tok", b"")
+    s.agent_online(agent_id, b"", 0)
+    s.apply_schedule([Placement(jobs["a"], agent_id, [])], [jobs["b"], jobs["c"]], [])
+    assert s.expire_leases(now=1) == [agent_id]  # the lease ran out: a fails with "agent lost"
+    rows = {j["job_name"]: j for j in s.jobs_of_runs([run["id"]])[run["id"]]}
+    assert rows["a"]["message"] == "agent lost"
+    assert rows["b"]["status"] == rows["c"]["status"] == JS.JOB_STATUS_FAILED
+    assert rows["c"]["message"] == "dependency 'b' failed"
+    assert s.run_by_name(name)["status"] == common_pb2.RUN_STATUS_FAILED
+
+
+def test_dependants_fail_when_a_job_is_unschedulable(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db.sqlite")
+    name = s.create_run("admin", "wf", b"", "", [], [job("a"), job("b", ["a"])])
+    run = s.run_by_name(name)
+    jobs = {j["job_name"]: j["id"] for j in s.jobs_of_runs([run["id"]])[run["id"]]}
+    s.apply_schedule([], [jobs["b"]], [(jobs["a"], 5, "needs 8 GPUs; the largest agent has 0 GPUs")])
+    assert s.run_by_name(name)["status"] == common_pb2.RUN_STATUS_FAILED

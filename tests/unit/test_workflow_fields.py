@@ -54,3 +54,20 @@ def test_args_string_or_list(tmp_path: Path) -> None:
     p = load_provider("python")
     assert p.job_specs(wfs["s"])[0].commands[-1] == "exec $PYTHON a.py --lr 0.1"
     assert p.job_specs(wfs["l"])[0].commands[-1] == "exec $PYTHON a.py --name 'two words'"
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ("    help: 2024-13-45\n", "invalid value '2024-13-45'"),
+        ("    resources:\n      memory: 99999PB\n", "too large"),
+        ("    resources:\n      gpu: {count: .inf}\n", "'count' must be a whole number"),
+        ("    resources:\n      gpu: 5000000000\n", "at most 1024"),
+        ("    resources:\n      cpu: .nan\n", "'cpu' must be between"),
+        ("    depends-on: [download]\n", "depends-on is not supported yet"),
+    ],
+)
+def test_values_out_of_range_are_workflow_errors(tmp_path: Path, line: str, needle: str) -> None:
+    with pytest.raises(WorkflowError, match=r"workflows.yaml:\d+:\d+: ") as info:
+        load(tmp_path, "workflows:\n  - name: t\n    provider: bash\n    commands: [x]\n" + line)
+    assert needle in str(info.value)
