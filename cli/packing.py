@@ -38,7 +38,8 @@ def _git(root: Path, *args: str) -> str | None:
     return out.decode("utf-8", errors="replace")
 
 
-def list_files(root: Path) -> tuple[list[str], common_pb2.CodeRef]:
+def list_files(root: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[str], common_pb2.CodeRef]:
+    """The files to pack, relative to root; outside git, folders in `exclude` are left out."""
     ref = common_pb2.CodeRef()
     listed = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
     if listed is not None:
@@ -49,16 +50,17 @@ def list_files(root: Path) -> tuple[list[str], common_pb2.CodeRef]:
         ref.dirty = bool((_git(root, "status", "--porcelain") or "").strip())
     else:
         names = []
+        skip = {p.resolve() for p in exclude}
         for dirpath, dirs, files in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and (Path(dirpath) / d).resolve() not in skip)
             rel = Path(dirpath).relative_to(root)
             names.extend((rel / f).as_posix() for f in files)
     # Deleted-but-tracked files are listed by git; keep only what exists.
     return sorted(n for n in set(names) if os.path.lexists(root / n)), ref
 
 
-def pack(root: Path) -> PackedCode:
-    names, ref = list_files(root)
+def pack(root: Path, exclude: tuple[Path, ...] = ()) -> PackedCode:
+    names, ref = list_files(root, exclude)
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=6) as gz:
         with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:

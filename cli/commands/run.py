@@ -13,6 +13,7 @@ from cli.errors import NotFoundError
 from cli.render import run_status, run_summary
 from protos.v1 import client_pb2, common_pb2
 
+LARGE_CODE = 50 << 20
 FINISHED = (common_pb2.RUN_STATUS_DONE, common_pb2.RUN_STATUS_FAILED, common_pb2.RUN_STATUS_STOPPED)
 
 
@@ -32,9 +33,15 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> client_pb2
 
 
 def upload_code(client: Client, root: Path, err: Console) -> common_pb2.CodeRef:
+    from cli.home import dstack_home
     from cli.packing import pack
 
-    packed = pack(root)
+    packed = pack(root, exclude=(dstack_home(),))  # never ship dstack's own state
+    if packed.ref.size > LARGE_CODE:
+        err.print(
+            f"[yellow]warning: the code is {packed.ref.size / (1 << 20):.0f} MiB packed; keep data out of the"
+            " working tree (use .gitignore, and artifacts for data)[/yellow]"
+        )
     if not client.has_code(packed.ref.hash):
         client.put_code(packed.ref.hash, packed.data)
         err.print(f"[dim]code: {packed.files} files, {packed.ref.size / 1024:.0f} KiB uploaded[/dim]")

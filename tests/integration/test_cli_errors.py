@@ -133,3 +133,21 @@ def test_usage_errors_exit_2_without_traceback(tmp_path: Path, args: list[str]) 
     assert r.returncode == 2
     assert "Usage:" in r.stderr
     no_traceback(r)
+
+
+def test_config_saves_the_coordinator_and_checks_the_token(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_coordinator()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSTACK_")}
+    env["DSTACK_HOME"] = str(tmp_path / "home")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env, timeout=60)
+
+    bad = cli("config", "--coordinator", cluster.address, "--token", "wrong")
+    assert bad.returncode != 0 and "invalid token" in bad.stderr
+    assert not (tmp_path / "home" / "config.yaml").exists()  # nothing saved on failure
+    ok = cli("config", "--coordinator", cluster.address, "--token", cluster.admin_token)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "home" / "config.yaml").stat().st_mode & 0o777 == 0o600
+    assert cli("ps").returncode == 0
+    assert cli("config").stdout.strip() == f"coordinator: {cluster.address}"

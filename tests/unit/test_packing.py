@@ -44,3 +44,10 @@ def test_git_tree_respects_ignore_and_records_the_commit(tmp_path: Path) -> None
     assert packed.ref.branch == "main"
     assert len(packed.ref.commit) == 40
     assert packed.ref.dirty
+
+
+def test_excluded_folders_stay_out_outside_git(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("x")
+    (tmp_path / "home" / "local").mkdir(parents=True)
+    (tmp_path / "home" / "local" / "coordinator.db").write_text("state")
+    assert names(pack(tmp_path, exclude=(tmp_path / "home",)).data) == ["a.py"]
