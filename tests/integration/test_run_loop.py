@@ -317,3 +317,28 @@ def test_background_processes_end_with_the_job(cluster: Cluster, tmp_path: Path)
     assert time.monotonic() - started < 20  # not the 300 s of the background sleep
     pid = int(re.findall(r"pid (\d+)", r.stdout)[0])
     wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", timeout=10)
+
+
+def test_a_job_that_ends_while_the_coordinator_is_down_is_reported_after_restart(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.start_coordinator()
+    cluster.start_agent()
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: short
+            provider: bash
+            commands: ["echo one", "sleep 1", "for i in $(seq 2 500); do echo line $i; done", "exit 4"]
+        """,
+    )
+    name = submit(cluster, project, "short")
+    wait_for(lambda: "one" in cluster.cli("logs", name).stdout, what="the job to start")
+    assert cluster.coordinator is not None
+    cluster.coordinator.kill9()
+    time.sleep(2.5)  # the job ends meanwhile; its last lines and exit code wait in the agent's outbox
+    cluster.start_coordinator()
+    run = cluster.wait_status(name, {"done", "failed"}, timeout=30)
+    assert run["status"] == "failed" and run["message"] == "exited with code 4"
+    assert cluster.cli("logs", name).stdout.splitlines() == ["one"] + [f"line {i}" for i in range(2, 501)]
