@@ -182,13 +182,30 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         ]
         code = request.code.SerializeToString()
 
-        def create() -> tuple[str, client_pb2.Run]:
-            name = self.store.create_run(owner, request.workflow, code, request.code.hash, list(request.args), jobs)
-            return self.store.run_by_name(name)["id"], self._load_run(name)
-
         async def create_and_enqueue() -> client_pb2.Run:
-            run_id, run = await self.db(create)
-            self.engine.queue.add_run(run_id, run)
+            created = await self.db(
+                self.store.create_run, owner, request.workflow, code, request.code.hash, list(request.args), jobs
+            )
+            # The new run, as the database now holds it, built without reading it back.
+            run = client_pb2.Run(
+                name=created.name,
+                workflow=request.workflow,
+                owner=owner,
+                status=common_pb2.RUN_STATUS_SUBMITTED,
+                submitted_at_ns=created.submitted_at,
+                code=request.code,
+                jobs=[
+                    client_pb2.Job(
+                        id=job_id,
+                        job_name=spec.job_name,
+                        status=common_pb2.JOB_STATUS_SUBMITTED,
+                        submitted_at_ns=created.submitted_at,
+                        spec=spec,
+                    )
+                    for job_id, spec in zip(created.job_ids, request.jobs, strict=True)
+                ],
+            )
+            self.engine.queue.add_run(created.run_id, run)
             self.engine.kick()
             return run
 

@@ -64,6 +64,14 @@ class NewJob:
 
 
 @dataclass
+class CreatedRun:
+    run_id: str
+    name: str
+    job_ids: list[str]  # in the order the jobs were given
+    submitted_at: int
+
+
+@dataclass
 class Placement:
     job_id: str
     agent_id: str
@@ -157,10 +165,11 @@ class Store:
     # ---- runs --------------------------------------------------------------------------------
     def create_run(
         self, owner: str, workflow: str, code: bytes, code_hash: str, args: list[str], jobs: list[NewJob]
-    ) -> str:
-        """Inserts a run and its jobs in one transaction; returns the run's name."""
+    ) -> CreatedRun:
+        """Inserts a run and its jobs in one transaction."""
         now = self.clock()
         run_id = uuid.uuid4().hex
+        job_ids = [uuid.uuid4().hex for _ in jobs]
         with self.tx() as c:
             prefix = random_run_prefix()
             n = c.execute(
@@ -191,7 +200,7 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?, 0, '', NULL, '[]', ?, 0, ?, ?, ?, ?)",
                 [
                     (
-                        uuid.uuid4().hex,
+                        job_id,
                         run_id,
                         j.job_name,
                         j.spec,
@@ -202,10 +211,10 @@ class Store:
                         j.gpu_count,
                         json.dumps(j.depends_on),
                     )
-                    for j in jobs
+                    for job_id, j in zip(job_ids, jobs, strict=True)
                 ],
             )
-        return name
+        return CreatedRun(run_id, name, job_ids, now)
 
     def run_by_name(self, name: str) -> Row:
         row = self._row("SELECT * FROM runs WHERE name = ?", [name])

@@ -26,7 +26,7 @@ def test_schema_version_and_reopen(tmp_path: Path) -> None:
 
 def test_job_lifecycle_and_run_status(tmp_path: Path) -> None:
     s = Store(tmp_path / "db.sqlite")
-    name = s.create_run("admin", "wf", b"", "", [], [job("a"), job("b", ["a"])])
+    name = s.create_run("admin", "wf", b"", "", [], [job("a"), job("b", ["a"])]).name
     run = s.run_by_name(name)
     assert run["status"] == common_pb2.RUN_STATUS_SUBMITTED
     agent_id = s.register_agent("h", "tok", b"")
@@ -46,7 +46,7 @@ def test_job_lifecycle_and_run_status(tmp_path: Path) -> None:
 
 def test_stale_updates_are_ignored_but_acked(tmp_path: Path) -> None:
     s = Store(tmp_path / "db.sqlite")
-    name = s.create_run("admin", "wf", b"", "", [], [job("a")])
+    name = s.create_run("admin", "wf", b"", "", [], [job("a")]).name
     run = s.run_by_name(name)
     jid = s.jobs_of_runs([run["id"]])[run["id"]][0]["id"]
     agent_id = s.register_agent("h", "tok", b"")
@@ -68,7 +68,7 @@ def test_logs_are_idempotent(tmp_path: Path) -> None:
 
 def test_dependants_fail_when_the_coordinator_fails_a_job(tmp_path: Path) -> None:
     s = Store(tmp_path / "db.sqlite")
-    name = s.create_run("admin", "wf", b"", "", [], [job("a"), job("b", ["a"]), job("c", ["b"])])
+    name = s.create_run("admin", "wf", b"", "", [], [job("a"), job("b", ["a"]), job("c", ["b"])]).name
     run = s.run_by_name(name)
     jobs = {j["job_name"]: j["id"] for j in s.jobs_of_runs([run["id"]])[run["id"]]}
     agent_id = s.register_agent("h", "tok", b"")
@@ -84,7 +84,7 @@ def test_dependants_fail_when_the_coordinator_fails_a_job(tmp_path: Path) -> Non
 
 def test_dependants_fail_when_a_job_is_unschedulable(tmp_path: Path) -> None:
     s = Store(tmp_path / "db.sqlite")
-    name = s.create_run("admin", "wf", b"", "", [], [job("a"), job("b", ["a"])])
+    name = s.create_run("admin", "wf", b"", "", [], [job("a"), job("b", ["a"])]).name
     run = s.run_by_name(name)
     jobs = {j["job_name"]: j["id"] for j in s.jobs_of_runs([run["id"]])[run["id"]]}
     s.apply_schedule([], [jobs["b"]], [(jobs["a"], 5, "needs 8 GPUs; the largest agent has 0 GPUs")])
