@@ -32,7 +32,6 @@ class CodeCache:
         self.stub = stub
         self.metadata = metadata
         self._inflight: dict[str, asyncio.Future[Path]] = {}
-        self.bytes_downloaded = 0
 
     async def materialize(self, code: common_pb2.CodeRef, dest: Path, then: Callable[[], None] | None = None) -> None:
         """Unpacks the code into dest, then runs `then` on the same worker thread (one hop for both)."""
@@ -77,7 +76,6 @@ class CodeCache:
             async for chunk in self.stub.GetCode(agent_pb2.GetCodeRequest(hash=code_hash), metadata=self.metadata()):
                 digest.update(chunk.data)
                 await asyncio.to_thread(f.write, chunk.data)
-                self.bytes_downloaded += len(chunk.data)
             f.close()
             if digest.hexdigest() != code_hash:
                 raise CodeError(f"code {code_hash[:12]} arrived corrupted (sha256 {digest.hexdigest()[:12]})")

@@ -83,11 +83,6 @@ class Outbox:
             return None
         return msg
 
-    def has_unsent(self) -> bool:
-        return any(jl.sent_upto < jl.next_seq - 1 for jl in self._logs.values()) or any(
-            not sent for items in self._updates.values() for _, sent in items
-        )
-
     # ---- acknowledgements --------------------------------------------------------------------
     def ack_logs(self, job_id: str, seq: int) -> None:
         jl = self._logs.get(job_id)
@@ -130,9 +125,6 @@ class Outbox:
     def jobs_with_pending(self) -> set[str]:
         """Jobs the coordinator has not heard the end of: they count as active on reconnect."""
         return set(self._updates) | {j for j, jl in self._logs.items() if jl.unacked}
-
-    def pending_update_count(self) -> int:
-        return sum(len(v) for v in self._updates.values())
 
 
 def _drop_upto(jl: _JobLog, seq: int) -> None:

@@ -58,9 +58,6 @@ class AgentHub:
         if conn is not None:
             conn.close()
 
-    def is_connected(self, agent_id: str) -> bool:
-        return agent_id in self._conns
-
     def send(self, agent_id: str, msg: agent_pb2.CoordinatorMessage) -> bool:
         conn = self._conns.get(agent_id)
         if conn is None:

@@ -14,7 +14,6 @@ from cli.render import run_status, run_summary
 from protos.v1 import client_pb2, common_pb2
 
 LARGE_CODE = 50 << 20
-FINISHED = (common_pb2.RUN_STATUS_DONE, common_pb2.RUN_STATUS_FAILED, common_pb2.RUN_STATUS_STOPPED)
 
 
 def build_request(root: Path, workflow_name: str, args: list[str]) -> client_pb2.SubmitRunRequest:

@@ -19,7 +19,7 @@ from typing import Any
 
 import sqlite_utils
 
-from coordinator.errors import Conflict, NotFound
+from coordinator.errors import NotFound
 from coordinator.names import random_run_prefix
 from coordinator.store.schema import migrate
 from protos.v1 import agent_pb2, common_pb2
@@ -686,7 +686,3 @@ class Store:
         if row is None:
             raise NotFound(f"artifact {path!r} of job {job_name!r} does not exist")
         return row
-
-    def ensure_not_finished(self, run: Row) -> None:
-        if run["finished_at"] is not None:
-            raise Conflict(f"run {run['name']!r} has already finished")
