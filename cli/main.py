@@ -25,13 +25,22 @@ app.add_typer(local_app, name="local")
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-@app.command(context_settings=PASS_THROUGH)
+@app.command(context_settings={**PASS_THROUGH, "help_option_names": []})
 def run(
     ctx: typer.Context,
-    workflow: Annotated[str, typer.Argument(help="Name of a workflow in .dstack/workflows.yaml")],
+    workflow: Annotated[str, typer.Argument(help="Name of a workflow in .dstack/workflows.yaml")] = "",
     detach: Annotated[bool, typer.Option("-d", "--detach", help="Submit and return at once")] = False,
 ) -> None:
-    """Run a workflow and follow its logs until it ends (exit code 0 when done)."""
+    """Run a workflow and follow its logs until it ends (exit code 0 when done).
+
+    `dstack run WORKFLOW --help` shows the workflow's help and its variables.
+
+    `--NAME VALUE` (or `--NAME=VALUE`) overrides a variable; other arguments go to the workflow."""
+    if workflow in ("--help", "-h"):
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
+    if not workflow:
+        raise typer.BadParameter("missing the workflow to run (`dstack run --help`)", param_hint="'WORKFLOW'")
     from cli.commands.run import run_command
 
     raise typer.Exit(run_command(workflow, list(ctx.args), detach))

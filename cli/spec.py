@@ -27,3 +27,4 @@ class Workflow:
     resources: common_pb2.Resources = field(default_factory=common_pb2.Resources)
     env: dict[str, str] = field(default_factory=dict)
     working_dir: str = ""
+    run_args: list[str] = field(default_factory=list)  # extra `dstack run` arguments, for the provider

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 from cli import fields
@@ -19,46 +21,62 @@ COMMON_FIELDS = {
     "artifacts",
     "resources",
     "environment",
+    "env",
     "working_dir",
 }
 RESOURCE_FIELDS = {"gpu", "cpu", "memory", "shm_size", "interruptible"}
 GPU_FIELDS = {"count", "name", "memory"}
 MAX_GPUS = 1024
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def find_project_root(start: Path) -> Path:
-    """The nearest folder at or above `start` that has .dstack/workflows.yaml."""
+    """The nearest folder at or above `start` that has .dstack/workflows.yaml or .dstack/workflows/."""
     for d in [start, *start.parents]:
-        if (d / ".dstack" / "workflows.yaml").is_file():
+        if (d / ".dstack" / "workflows.yaml").is_file() or (d / ".dstack" / "workflows").is_dir():
             return d
     raise CliError(f"no .dstack/workflows.yaml in {start} or above it: run `dstack init` or create one")
 
 
-def load_workflows(root: Path) -> dict[str, Workflow]:
-    path = root / ".dstack" / "workflows.yaml"
-    data = load(path)
-    if data is None:
-        return {}
-    if not isinstance(data, Node) or "workflows" not in data:
-        raise WorkflowError("expected a top-level 'workflows:' list", getattr(data, "location", None))
-    fields.check_unknown(data, {"workflows"}, "the file")
-    items = data["workflows"]
-    if items is None:
-        return {}
-    if not isinstance(items, Seq):
-        raise WorkflowError("'workflows' must be a list", data.at("workflows"))
-    out: dict[str, Workflow] = {}
-    for i, node in enumerate(items):
-        if not isinstance(node, Node):
-            raise WorkflowError("each workflow must be a mapping with name and provider", items.item_locations[i])
-        wf = parse_workflow(node)
-        if wf.name in out:
-            raise WorkflowError(
-                f"workflow {wf.name!r} is defined twice (first at line {out[wf.name].location.line})",
-                node.at("name"),
-            )
-        out[wf.name] = wf
+def workflow_files(root: Path) -> list[Path]:
+    """.dstack/workflows.yaml, then every *.yaml / *.yml under .dstack/workflows/ (sorted)."""
+    files = [root / ".dstack" / "workflows.yaml"] if (root / ".dstack" / "workflows.yaml").is_file() else []
+    folder = root / ".dstack" / "workflows"
+    if folder.is_dir():
+        files += sorted(p for p in folder.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    return files
+
+
+def load_workflow_nodes(root: Path) -> dict[str, Node]:
+    """Every workflow of the project, as written (names checked, fields not yet parsed)."""
+    out: dict[str, Node] = {}
+    for path in workflow_files(root):
+        data = load(path)
+        if data is None:
+            continue
+        if not isinstance(data, Node) or "workflows" not in data:
+            raise WorkflowError("expected a top-level 'workflows:' list", getattr(data, "location", None))
+        fields.check_unknown(data, {"workflows"}, "the file")
+        items = data["workflows"]
+        if items is None:
+            continue
+        if not isinstance(items, Seq):
+            raise WorkflowError("'workflows' must be a list", data.at("workflows"))
+        for i, node in enumerate(items):
+            if not isinstance(node, Node):
+                raise WorkflowError("each workflow must be a mapping with name and provider", items.item_locations[i])
+            name = fields.string(node, "name", required=True)
+            if name in out:
+                first = out[name].location
+                where = f"line {first.line}" if first.file == path else f"{first.file}:{first.line}"
+                raise WorkflowError(f"workflow {name!r} is defined twice (first at {where})", node.at("name"))
+            out[name] = node
     return out
+
+
+def load_workflows(root: Path) -> dict[str, Workflow]:
+    """Every workflow, parsed and validated (without variables: see cli.commands.run)."""
+    return {name: parse_workflow(node) for name, node in load_workflow_nodes(root).items()}
 
 
 def parse_workflow(node: Node) -> Workflow:
@@ -99,12 +117,28 @@ def _artifacts(node: Node) -> list[Artifact]:
 
 
 def _environment(node: Node) -> dict[str, str]:
+    """`environment: {K: V}`, and the later syntax `env: [K=V, K]` (a bare K is taken from the caller)."""
+    out: dict[str, str] = {}
     env = node.get("environment")
-    if env is None:
-        return {}
-    if not isinstance(env, Node):
-        raise WorkflowError("'environment' must be a mapping of NAME: value", node.at("environment"))
-    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+    if env is not None:
+        if not isinstance(env, Node):
+            raise WorkflowError("'environment' must be a mapping of NAME: value", node.at("environment"))
+        out.update({str(k): "" if v is None else str(v) for k, v in env.items()})
+    items = node.get("env")
+    if isinstance(items, Node):  # a mapping under `env:` works too
+        out.update({str(k): "" if v is None else str(v) for k, v in items.items()})
+    elif items is not None:
+        for i, item in enumerate(fields.string_list(node, "env")):
+            name, eq, value = item.partition("=")
+            loc = items.item_locations[i] if isinstance(items, Seq) else node.at("env")
+            if not _ENV_NAME.match(name):
+                raise WorkflowError(f"invalid environment variable name {name!r} in 'env'", loc)
+            if not eq:
+                if name not in os.environ:
+                    raise WorkflowError(f"'env' takes {name} from your environment, but it is not set there", loc)
+                value = os.environ[name]
+            out[name] = value
+    return out
 
 
 def _resources(node: Node) -> common_pb2.Resources:

@@ -11,24 +11,60 @@ from cli.client import Client
 from cli.commands.logs import print_logs
 from cli.errors import NotFoundError
 from cli.render import run_status, run_summary
+from cli.yamlsrc import Node
 from protos.v1 import client_pb2, common_pb2
 
 LARGE_CODE = 50 << 20
 
 
-def build_request(root: Path, workflow_name: str, args: list[str]) -> client_pb2.SubmitRunRequest:
-    from cli.providers import load_provider
-    from cli.workflows import load_workflows
+def _workflow_node(root: Path, workflow_name: str) -> Node:
+    from cli.workflows import load_workflow_nodes
 
-    workflows = load_workflows(root)
-    wf = workflows.get(workflow_name)
-    if wf is None:
-        known = ", ".join(sorted(workflows)) or "none"
+    nodes = load_workflow_nodes(root)
+    node = nodes.get(workflow_name)
+    if node is None:
+        known = ", ".join(sorted(nodes)) or "none"
         raise NotFoundError(
             f"workflow {workflow_name!r} is not defined in {root / '.dstack' / 'workflows.yaml'}; workflows: {known}"
         )
+    return node
+
+
+def build_request(root: Path, workflow_name: str, args: list[str]) -> client_pb2.SubmitRunRequest:
+    """Workflow + variables (with `--name value` overrides) -> job specs; every error before anything starts."""
+    from cli.providers import load_provider
+    from cli.variables import load_variables, run_args_text, split_overrides, substitute
+    from cli.workflows import parse_workflow
+
+    node = _workflow_node(root, workflow_name)
+    variables = load_variables(root, workflow_name)
+    overrides, rest = split_overrides(args, set(variables.defaults))
+    variables.values.update(overrides)
+    substitute(node, lambda name: run_args_text(rest) if name == "run.args" else variables.values.get(name))
+    wf = parse_workflow(node)
+    wf.env = variables.env() | wf.env  # what the workflow sets explicitly wins
+    wf.run_args = rest
     jobs = load_provider(wf.provider, wf.node).job_specs(wf)
     return client_pb2.SubmitRunRequest(workflow=wf.name, jobs=jobs, args=args)
+
+
+def workflow_help(root: Path, workflow_name: str) -> str:
+    """`dstack run WORKFLOW --help`: the workflow's help and its variables with their defaults."""
+    from cli.variables import env_name, load_variables
+
+    node = _workflow_node(root, workflow_name)
+    variables = load_variables(root, workflow_name)
+    lines = [f"Usage: dstack run {workflow_name} [--VARIABLE VALUE ...] [ARGS ...]", ""]
+    if node.get("help"):
+        lines += [f"  {node['help']}", ""]
+    if variables.defaults:
+        lines.append("Variables (override with --NAME VALUE; the job sees them as environment variables):")
+        width = max(len(n) for n in variables.defaults)
+        for name, value in variables.defaults.items():
+            lines.append(f"  --{name.ljust(width)}  default: {value!s:<12} env: {env_name(name)}")
+    else:
+        lines.append("No variables (define them in .dstack/variables.yaml).")
+    return "\n".join(lines)
 
 
 def upload_code(client: Client, root: Path, err: Console) -> common_pb2.CodeRef:
@@ -53,6 +89,9 @@ def run_command(workflow: str, args: list[str], detach: bool) -> int:
 
     err = Console(stderr=True, highlight=False)
     root = find_project_root(Path.cwd())
+    if "--help" in args or "-h" in args:
+        print(workflow_help(root, workflow))
+        return 0
     request = build_request(root, workflow, args)  # every workflow error before anything starts
     client = connect()
     request.code.CopyFrom(upload_code(client, root, err))

@@ -35,6 +35,8 @@ class PythonProvider(Provider):
             arg_text = args  # a string is passed as the user wrote it, shell words and all
         else:
             arg_text = shlex.join(fields.string_list(wf.node, "args"))
+        if wf.run_args:  # `dstack run train --lr 0.1`: arguments that are not variables go to the script
+            arg_text = f"{arg_text} {shlex.join(wf.run_args)}".strip()
         version = self._version(wf)
         python = f"python{version}" if version else "python3"
         cmds = [

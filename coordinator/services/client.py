@@ -16,7 +16,8 @@ from coordinator.convert import inventory_from_bytes, run_to_proto
 from coordinator.engine import Engine
 from coordinator.errors import InvalidRequest
 from coordinator.services.rpc import authenticate, streaming, unary
-from coordinator.store.db import NewJob
+from coordinator.store.db import CreatedRun, NewJob
+from coordinator.templates import with_run_name
 from protos.v1 import client_pb2, client_pb2_grpc, common_pb2
 from storage import ArtifactStore, StoreError
 
@@ -169,23 +170,27 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
                 raise InvalidRequest(f"job {j.job_name!r}: invalid resources")
         if request.code.hash and not await self.db(self.store.has_code, request.code.hash):
             raise InvalidRequest(f"code {request.code.hash} was not uploaded")
-        jobs = [
-            NewJob(
-                job_name=j.job_name,
-                spec=j.SerializeToString(),
-                cpu=j.resources.cpu,
-                memory=j.resources.memory_bytes,
-                gpu_count=j.resources.gpu.count,
-                depends_on=list(j.depends_on),
-            )
-            for j in request.jobs
-        ]
         code = request.code.SerializeToString()
 
+        def create() -> tuple[CreatedRun, list[common_pb2.JobSpec]]:
+            name = self.store.reserve_run_name()
+            specs = [with_run_name(j, name) for j in request.jobs]
+            jobs = [
+                NewJob(
+                    job_name=j.job_name,
+                    spec=j.SerializeToString(),
+                    cpu=j.resources.cpu,
+                    memory=j.resources.memory_bytes,
+                    gpu_count=j.resources.gpu.count,
+                    depends_on=list(j.depends_on),
+                )
+                for j in specs
+            ]
+            args = list(request.args)
+            return self.store.create_run(owner, request.workflow, code, request.code.hash, args, jobs, name), specs
+
         async def create_and_enqueue() -> client_pb2.Run:
-            created = await self.db(
-                self.store.create_run, owner, request.workflow, code, request.code.hash, list(request.args), jobs
-            )
+            created, specs = await self.db(create)
             # The new run, as the database now holds it, built without reading it back.
             run = client_pb2.Run(
                 name=created.name,
@@ -202,7 +207,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
                         submitted_at_ns=created.submitted_at,
                         spec=spec,
                     )
-                    for job_id, spec in zip(created.job_ids, request.jobs, strict=True)
+                    for job_id, spec in zip(created.job_ids, specs, strict=True)
                 ],
             )
             self.engine.queue.add_run(created.run_id, run)

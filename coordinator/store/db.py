@@ -163,21 +163,33 @@ class Store:
             )
 
     # ---- runs --------------------------------------------------------------------------------
-    def create_run(
-        self, owner: str, workflow: str, code: bytes, code_hash: str, args: list[str], jobs: list[NewJob]
-    ) -> CreatedRun:
-        """Inserts a run and its jobs in one transaction."""
-        now = self.clock()
-        run_id = uuid.uuid4().hex
-        job_ids = [uuid.uuid4().hex for _ in jobs]
+    def reserve_run_name(self) -> str:
+        """A new readable name (adjective-animal-N); never handed out twice."""
+        prefix = random_run_prefix()
         with self.tx() as c:
-            prefix = random_run_prefix()
             n = c.execute(
                 "INSERT INTO run_name_counters (prefix, n) VALUES (?, 1)"
                 " ON CONFLICT(prefix) DO UPDATE SET n = n + 1 RETURNING n",
                 [prefix],
             ).fetchone()[0]
-            name = f"{prefix}-{n}"
+        return f"{prefix}-{n}"
+
+    def create_run(
+        self,
+        owner: str,
+        workflow: str,
+        code: bytes,
+        code_hash: str,
+        args: list[str],
+        jobs: list[NewJob],
+        name: str | None = None,
+    ) -> CreatedRun:
+        """Inserts a run and its jobs in one transaction (under `name`, or a new one)."""
+        now = self.clock()
+        run_id = uuid.uuid4().hex
+        job_ids = [uuid.uuid4().hex for _ in jobs]
+        name = name or self.reserve_run_name()
+        with self.tx() as c:
             c.execute(
                 "INSERT INTO runs (id, name, owner, workflow, status, termination_reason, message,"
                 " submitted_at, code_hash, code, args, queue, priority) VALUES (:id, :name, :owner,"

@@ -1,0 +1,157 @@
+"""Variables: .dstack/variables.yaml, `--name value` overrides, and `${{ name }}` in workflow files.
+
+    variables:
+      global:            # every workflow
+        seed: 1
+      train:             # the `train` workflow only (wins over global)
+        batch-size: 64
+
+Each variable reaches the job as an environment variable: upper-cased, with every character outside
+[A-Z0-9] mapped to `_` (`batch-size` -> `BATCH_SIZE`). `${{ batch-size }}` is replaced in any string of
+the workflow. `${{ run.args }}` is the run's extra CLI arguments; `${{ run.name }}` is left for the
+coordinator, which alone knows the run's name.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cli import fields
+from cli.errors import Location, WorkflowError
+from cli.yamlsrc import Node, Seq, load
+
+_REF = re.compile(r"\$\{\{\s*([^}]*?)\s*\}\}")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+COORDINATOR_REFS = {"run.name"}  # replaced by the coordinator when it names the run
+
+
+def env_name(variable: str) -> str:
+    """`batch-size` -> `BATCH_SIZE`."""
+    return "".join(c if "A" <= c <= "Z" or "0" <= c <= "9" else "_" for c in variable.upper())
+
+
+@dataclass
+class Variables:
+    values: dict[str, str] = field(default_factory=dict)  # name -> value (after overrides)
+    defaults: dict[str, str] = field(default_factory=dict)  # name -> value from variables.yaml
+    locations: dict[str, Location] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        return {env_name(k): v for k, v in self.values.items()}
+
+
+def _scalar_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def load_variables(root: Path, workflow: str) -> Variables:
+    path = root / ".dstack" / "variables.yaml"
+    out = Variables()
+    if not path.exists():
+        return out
+    data = load(path)
+    if data is None:
+        return out
+    if not isinstance(data, Node) or not isinstance(data.get("variables"), (Node, type(None))):
+        raise WorkflowError("expected a top-level 'variables:' mapping", getattr(data, "location", None))
+    fields.check_unknown(data, {"variables"}, "variables.yaml")
+    sections = data.get("variables") or Node()
+    for section in ("global", workflow):
+        vars_ = sections.get(section)
+        if vars_ is None:
+            continue
+        if not isinstance(vars_, Node):
+            raise WorkflowError(f"'{section}' must be a mapping of name: value", sections.at(section))
+        for name, value in vars_.items():
+            if not _NAME.match(name):
+                raise WorkflowError(f"invalid variable name {name!r}", vars_.key_locations[name])
+            if isinstance(value, (dict, list)):
+                raise WorkflowError(f"variable {name!r} must be a single value", vars_.at(name))
+            # As written (`lr: 1.0` stays "1.0", not "1.0" re-printed from a float).
+            out.defaults[name] = vars_.raw_values.get(name, _scalar_text(value))
+            out.locations[name] = vars_.at(name)
+    out.values = dict(out.defaults)
+    return out
+
+
+def split_overrides(args: list[str], known: set[str]) -> tuple[dict[str, str], list[str]]:
+    """`--batch-size 128` and `--batch-size=128` for known variables; every other argument is passed on."""
+    overrides: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            if name in known:
+                if not eq:
+                    if i + 1 >= len(args):
+                        raise WorkflowError(f"--{name} needs a value (e.g. --{name} VALUE)")
+                    value = args[i + 1]
+                    i += 1
+                overrides[name] = value
+                i += 1
+                continue
+        rest.append(arg)
+        i += 1
+    return overrides, rest
+
+
+def substitute(node: Node, lookup: Callable[[str], str | None]) -> None:
+    """Replaces `${{ name }}` in every string of the workflow, in place; an unknown name is an error
+    at the string's location."""
+
+    def expand(text: str, loc: Location) -> str:
+        def one(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name in COORDINATOR_REFS:
+                return m.group(0)
+            value = lookup(name)
+            if value is None:
+                raise WorkflowError(f"${{{{ {name} }}}} is not defined (define it in .dstack/variables.yaml)", loc)
+            return value
+
+        return _REF.sub(one, text)
+
+    def walk(value: Any, loc: Location) -> Any:
+        if isinstance(value, str):
+            if "${{" not in value:
+                return value
+            expanded = expand(value, loc)
+            if _REF.fullmatch(value.strip()) and expanded != value:
+                return _typed(expanded)  # `gpu: ${{ gpus }}` is the number 2, not the text "2"
+            return expanded
+        if isinstance(value, Node):
+            for k in list(value):
+                value[k] = walk(value[k], value.at(k))
+                if k in value.raw_values and isinstance(value[k], str):
+                    value.raw_values[k] = expand(value.raw_values[k], value.at(k))
+            return value
+        if isinstance(value, Seq):
+            for i, item in enumerate(value):
+                value[i] = walk(item, value.item_locations[i])
+            return value
+        return value
+
+    walk(node, node.location)
+
+
+def _typed(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (bool, int, float)) else text
+
+
+def run_args_text(args: list[str]) -> str:
+    return shlex.join(args)
