@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import grpc
 
-from protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, common_pb2
 
 log = logging.getLogger("dstack.agent")
 CHUNK = 1 << 20
@@ -138,3 +138,56 @@ class Uploader:
         if resp.sha256 != digest.hexdigest() or resp.size != size:
             raise ArtifactError(f"{rel}: the store received different bytes than were sent")
         return common_pb2.ArtifactFile(path=rel, size=size, sha256=resp.sha256)
+
+
+class Downloader:
+    """Fetches the artifacts of the jobs a job depends on into its working directory, in parallel,
+    each file checked against the sha256 in its manifest."""
+
+    def __init__(
+        self, stub: agent_pb2_grpc.AgentServiceStub, metadata: Callable[[], list[tuple[str, str]]], attempts: int
+    ) -> None:
+        self.stub = stub
+        self.metadata = metadata
+        self.attempts = attempts
+
+    async def fetch(self, inputs: Sequence[agent_pb2.ArtifactInput], workdir: Path) -> int:
+        sem = asyncio.Semaphore(PARALLEL)
+
+        async def one(src: agent_pb2.ArtifactInput, f: common_pb2.ArtifactFile) -> None:
+            async with sem:
+                await self._fetch_file(src, f, workdir)
+
+        files = [(src, f) for src in inputs for f in src.files]
+        await asyncio.gather(*(one(src, f) for src, f in files))
+        return len(files)
+
+    async def _fetch_file(self, src: agent_pb2.ArtifactInput, f: common_pb2.ArtifactFile, workdir: Path) -> None:
+        dest = resolve_inside(workdir, f.path)
+        what = f"{f.path} (from {src.run_name}/{src.job_name})"
+        for attempt in range(1, self.attempts + 1):
+            tmp = dest.with_name(f".{dest.name}.part")
+            try:
+                await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
+                digest = hashlib.sha256()
+                out = await asyncio.to_thread(tmp.open, "wb")
+                try:
+                    req = client_pb2.DownloadArtifactRequest(run_name=src.run_name, job_name=src.job_name, path=f.path)
+                    async for chunk in self.stub.DownloadArtifact(req, metadata=self.metadata()):
+                        digest.update(chunk.data)
+                        await asyncio.to_thread(out.write, chunk.data)
+                finally:
+                    out.close()
+                if digest.hexdigest() != f.sha256:
+                    raise ArtifactError(f"{what}: checksum mismatch (expected {f.sha256}, got {digest.hexdigest()})")
+                await asyncio.to_thread(os.replace, tmp, dest)
+                return
+            except grpc.aio.AioRpcError as e:
+                if attempt == self.attempts or e.code() in (
+                    grpc.StatusCode.NOT_FOUND,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                ):
+                    raise ArtifactError(f"{what}: download failed: {e.details() or e.code().name}") from e
+                await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+            finally:
+                await asyncio.to_thread(tmp.unlink, missing_ok=True)

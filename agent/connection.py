@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import grpc
 
-from agent.artifacts import Uploader
+from agent.artifacts import Downloader, Uploader
 from agent.code import CodeCache
 from agent.config import AgentConfig
 from agent.inventory import Inventory
@@ -64,6 +64,7 @@ class Agent:
             code=self.code,
             outbox=self.outbox,
             uploader=Uploader(self.stub, self.metadata, config.upload_attempts),
+            downloader=Downloader(self.stub, self.metadata, config.upload_attempts),
             gpu_uuids=self._gpu_uuids,
             janitor=Janitor(),
             agent_home=str(config.home),

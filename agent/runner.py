@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.artifacts import ArtifactError, Uploader, prepare_dirs
+from agent.artifacts import ArtifactError, Downloader, Uploader, prepare_dirs
 from agent.code import CodeCache
 from agent.outbox import Outbox
 from agent.runtimes import AGENT_MARKER, JobProcess, Runtime, RuntimeJob
@@ -42,6 +42,7 @@ class RunnerDeps:
     code: CodeCache
     outbox: Outbox
     uploader: Uploader
+    downloader: Downloader
     gpu_uuids: Callable[[list[int]], list[str]]
     janitor: Janitor
     agent_home: str
@@ -156,6 +157,10 @@ class JobRunner:
         try:
             try:
                 await self.deps.code.materialize(self.a.code, workdir, lambda: prepare_dirs(workdir, spec.artifacts))
+                if self.a.inputs:  # the artifacts of its dependencies, at the same relative paths
+                    n = await self.deps.downloader.fetch(self.a.inputs, workdir)
+                    sources = ", ".join(f"{i.run_name}/{i.job_name}" for i in self.a.inputs)
+                    self._system_line(f"dstack: {n} artifact file(s) from {sources}")
                 if self.stop_requested:
                     self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user")
                     return

@@ -107,3 +107,14 @@ class Client:
 
     def list_agents(self) -> list[client_pb2.Agent]:
         return list(self._call(self.stub.ListAgents, client_pb2.ListAgentsRequest()).agents)
+
+    def add_tag(self, tag: str, run: str) -> client_pb2.Tag:
+        resp: client_pb2.AddTagResponse = self._call(self.stub.AddTag, client_pb2.AddTagRequest(tag=tag, run_name=run))
+        return resp.tag
+
+    def list_tags(self) -> list[client_pb2.Tag]:
+        resp: client_pb2.ListTagsResponse = self._call(self.stub.ListTags, client_pb2.ListTagsRequest())
+        return list(resp.tags)
+
+    def delete_tag(self, tag: str) -> None:
+        self._call(self.stub.DeleteTag, client_pb2.DeleteTagRequest(tag=tag))

@@ -19,6 +19,8 @@ app = typer.Typer(
 )
 artifacts_app = typer.Typer(help="List and download the artifacts of runs.", no_args_is_help=True)
 local_app = typer.Typer(help="Manage the embedded local coordinator and agent.", no_args_is_help=True)
+tags_app = typer.Typer(help="Name runs, so that workflows can depend on their artifacts.", no_args_is_help=True)
+app.add_typer(tags_app, name="tags")
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(local_app, name="local")
 
@@ -30,6 +32,7 @@ def run(
     ctx: typer.Context,
     workflow: Annotated[str, typer.Argument(help="Name of a workflow in .dstack/workflows.yaml")] = "",
     detach: Annotated[bool, typer.Option("-d", "--detach", help="Submit and return at once")] = False,
+    tag: Annotated[str, typer.Option("-t", "--tag", help="Tag the run when it finishes done")] = "",
 ) -> None:
     """Run a workflow and follow its logs until it ends (exit code 0 when done).
 
@@ -43,7 +46,7 @@ def run(
         raise typer.BadParameter("missing the workflow to run (`dstack run --help`)", param_hint="'WORKFLOW'")
     from cli.commands.run import run_command
 
-    raise typer.Exit(run_command(workflow, list(ctx.args), detach))
+    raise typer.Exit(run_command(workflow, list(ctx.args), detach, tag))
 
 
 @app.command()
@@ -142,6 +145,34 @@ def agent(ctx: typer.Context) -> None:
     from agent.main import main as agent_main
 
     agent_main(list(ctx.args))
+
+
+@tags_app.command("add")
+def tags_add(
+    tag: Annotated[str, typer.Argument(help="Tag name")], run: Annotated[str, typer.Argument(help="Run name")]
+) -> None:
+    """Tag a run that finished done."""
+    from cli.session import connect
+
+    t = connect().add_tag(tag, run)
+    print(f"{t.name} -> {t.run_name} ({t.workflow})")
+
+
+@tags_app.command("list")
+def tags_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
+    """List tags."""
+    from cli.commands.tags import list_command
+
+    list_command(as_json)
+
+
+@tags_app.command("delete")
+def tags_delete(tag: Annotated[str, typer.Argument(help="Tag name")]) -> None:
+    """Delete a tag (the run and its artifacts stay)."""
+    from cli.session import connect
+
+    connect().delete_tag(tag)
+    print(f"deleted {tag}")
 
 
 @local_app.command("stop")

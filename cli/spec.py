@@ -22,7 +22,9 @@ class Workflow:
     node: Node  # every field as written, with locations (providers read their own fields here)
     location: Location
     help: str = ""
-    depends_on: list[str] = field(default_factory=list)
+    depends_on: list[str] = field(default_factory=list)  # runtime dependencies: workflows run first, in the same run
+    input_tags: list[str] = field(default_factory=list)  # tag dependencies: artifacts of the tagged run
+    input_workflows: list[str] = field(default_factory=list)  # the latest run of these that finished done
     artifacts: list[Artifact] = field(default_factory=list)
     resources: common_pb2.Resources = field(default_factory=common_pb2.Resources)
     env: dict[str, str] = field(default_factory=dict)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from cli import fields
@@ -22,6 +23,7 @@ COMMON_FIELDS = {
     "resources",
     "environment",
     "env",
+    "deps",
     "working_dir",
 }
 RESOURCE_FIELDS = {"gpu", "cpu", "memory", "shm_size", "interruptible"}
@@ -90,7 +92,9 @@ def parse_workflow(node: Node) -> Workflow:
         node=node,
         location=node.location,
         help=fields.string(node, "help"),
-        depends_on=_depends_on(node),
+        depends_on=(deps := dependencies(node)).runtime,
+        input_tags=deps.tags,
+        input_workflows=deps.workflows,
         artifacts=_artifacts(node),
         resources=_resources(node),
         env=_environment(node),
@@ -100,15 +104,35 @@ def parse_workflow(node: Node) -> Workflow:
     return wf
 
 
-def _depends_on(node: Node) -> list[str]:
-    deps = fields.string_list(node, "depends-on")
-    if deps:
-        # Refused rather than ignored: running a workflow without its dependency would be wrong.
-        raise WorkflowError(
-            "depends-on is not supported yet by this version of dstack (runtime and tag dependencies come"
-            " with the workflow-language work); remove it and run the dependency first",
-            node.at("depends-on"),
-        )
+@dataclass
+class Dependencies:
+    runtime: list[str]
+    tags: list[str]
+    workflows: list[str]
+
+
+def dependencies(node: Node) -> Dependencies:
+    """`depends-on: [download, download:latest]` and the later syntax `deps: [{tag: T}, {workflow: W}]`."""
+    deps = Dependencies([], [], [])
+    for item in fields.string_list(node, "depends-on"):
+        name, colon, tag = item.partition(":")
+        if not name or (colon and not tag):
+            raise WorkflowError(
+                f"invalid dependency {item!r}: expected WORKFLOW or WORKFLOW:TAG", node.at("depends-on")
+            )
+        (deps.tags if colon else deps.runtime).append(tag if colon else name)
+    items = node.get("deps")
+    if items is None:
+        return deps
+    if not isinstance(items, Seq):
+        raise WorkflowError("'deps' must be a list of {tag: NAME} or {workflow: NAME}", node.at("deps"))
+    for i, item in enumerate(items):
+        loc = items.item_locations[i]
+        if not isinstance(item, Node) or len(item) != 1 or not set(item) <= {"tag", "workflow"}:
+            raise WorkflowError("each item of 'deps' must be {tag: NAME} or {workflow: NAME}", loc)
+        key = next(iter(item))
+        value = fields.string(item, key, required=True)
+        (deps.tags if key == "tag" else deps.workflows).append(value)
     return deps
 
 

@@ -188,7 +188,13 @@ class Engine:
         if code.commit:
             env.update(REPO_COMMIT=code.commit, REPO_BRANCH=code.branch, REPO_URL=code.repo_url)
         return agent_pb2.JobAssignment(
-            job_id=a.job_id, run_name=a.run_name, spec=spec, code=code, gpu_indices=a.gpu_indices, env=env
+            job_id=a.job_id,
+            run_name=a.run_name,
+            spec=spec,
+            code=code,
+            gpu_indices=a.gpu_indices,
+            env=env,
+            inputs=a.inputs,
         )
 
     # ---- leases ------------------------------------------------------------------------------

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 
 from cli.client import Client
 from cli.commands.logs import print_logs
-from cli.errors import NotFoundError
+from cli.errors import NotFoundError, WorkflowError
 from cli.render import run_status, run_summary
 from cli.yamlsrc import Node
 from protos.v1 import client_pb2, common_pb2
@@ -31,21 +32,64 @@ def _workflow_node(root: Path, workflow_name: str) -> Node:
 
 
 def build_request(root: Path, workflow_name: str, args: list[str]) -> client_pb2.SubmitRunRequest:
-    """Workflow + variables (with `--name value` overrides) -> job specs; every error before anything starts."""
+    """Workflow + variables (with `--name value` overrides) -> job specs; every error before anything starts.
+
+    Runtime dependencies (`depends-on: [download]`) join the run as jobs of their own, each run once,
+    in dependency order; the coordinator starts a job when those it depends on are done."""
     from cli.providers import load_provider
     from cli.variables import load_variables, run_args_text, split_overrides, substitute
-    from cli.workflows import parse_workflow
+    from cli.workflows import dependencies, load_workflow_nodes, parse_workflow
 
-    node = _workflow_node(root, workflow_name)
-    variables = load_variables(root, workflow_name)
-    overrides, rest = split_overrides(args, set(variables.defaults))
-    variables.values.update(overrides)
-    substitute(node, lambda name: run_args_text(rest) if name == "run.args" else variables.values.get(name))
-    wf = parse_workflow(node)
-    wf.env = variables.env() | wf.env  # what the workflow sets explicitly wins
-    wf.run_args = rest
-    jobs = load_provider(wf.provider, wf.node).job_specs(wf)
-    return client_pb2.SubmitRunRequest(workflow=wf.name, jobs=jobs, args=args)
+    nodes = load_workflow_nodes(root)
+    _workflow_node(root, workflow_name)  # a clear error for an unknown name
+    order = _dependency_order(nodes, workflow_name, lambda n: dependencies(n).runtime)
+    variables = {name: load_variables(root, name) for name in order}
+    known = set().union(*(v.defaults for v in variables.values()))
+    overrides, rest = split_overrides(args, known)
+    jobs = []
+    for name in order:
+        vs = variables[name]
+        vs.values.update({k: v for k, v in overrides.items() if k in vs.defaults})
+        run_args = rest if name == workflow_name else []
+        node = nodes[name]
+        substitute(node, _lookup(vs.values, run_args_text(run_args)))
+        wf = parse_workflow(node)
+        wf.env = vs.env() | wf.env  # what the workflow sets explicitly wins
+        wf.run_args = run_args
+        jobs += load_provider(wf.provider, wf.node).job_specs(wf)
+    return client_pb2.SubmitRunRequest(workflow=workflow_name, jobs=jobs, args=args)
+
+
+def _lookup(values: dict[str, str], run_args: str) -> Callable[[str], str | None]:
+    return lambda ref: run_args if ref == "run.args" else values.get(ref)
+
+
+def _dependency_order(nodes: dict[str, Node], target: str, deps_of: Callable[[Node], list[str]]) -> list[str]:
+    """The target's runtime dependencies, transitively, each once, dependencies first."""
+    order: list[str] = []
+    state: dict[str, str] = {}  # name -> "visiting" | "done"
+
+    def visit(name: str, path: list[str], referrer: Node | None) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            cycle = " -> ".join([*path[path.index(name) :], name])
+            raise WorkflowError(f"dependency cycle: {cycle}", referrer.at("depends-on") if referrer else None)
+        node = nodes.get(name)
+        if node is None:
+            known = ", ".join(sorted(nodes))
+            raise WorkflowError(
+                f"depends-on names {name!r}, which is not a workflow; workflows: {known}",
+                referrer.at("depends-on") if referrer else None,
+            )
+        state[name] = "visiting"
+        for dep in deps_of(node):
+            visit(dep, [*path, name], node)
+        state[name] = "done"
+        order.append(name)
+
+    visit(target, [], None)
+    return order
 
 
 def workflow_help(root: Path, workflow_name: str) -> str:
@@ -83,7 +127,7 @@ def upload_code(client: Client, root: Path, err: Console) -> common_pb2.CodeRef:
     return packed.ref
 
 
-def run_command(workflow: str, args: list[str], detach: bool) -> int:
+def run_command(workflow: str, args: list[str], detach: bool, tag: str = "") -> int:
     from cli.session import connect
     from cli.workflows import find_project_root
 
@@ -93,6 +137,7 @@ def run_command(workflow: str, args: list[str], detach: bool) -> int:
         print(workflow_help(root, workflow))
         return 0
     request = build_request(root, workflow, args)  # every workflow error before anything starts
+    request.tag_on_done = tag
     client = connect()
     request.code.CopyFrom(upload_code(client, root, err))
     run = client.submit(request)

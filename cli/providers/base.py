@@ -35,5 +35,8 @@ class Provider(abc.ABC):
                 artifacts=[common_pb2.ArtifactSpec(path=a.path, mount=a.mount) for a in wf.artifacts],
                 resources=wf.resources,
                 image=self.image(wf),
+                depends_on=wf.depends_on,
+                input_tags=wf.input_tags,
+                input_workflows=wf.input_workflows,
             )
         ]

@@ -151,3 +151,13 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         )
         await self.db(self.store.save_artifacts, request.job_id, files)
         return agent_pb2.CommitArtifactsResponse()
+
+    @streaming
+    async def DownloadArtifact(
+        self, request: client_pb2.DownloadArtifactRequest, context: Ctx
+    ) -> AsyncIterator[client_pb2.DataChunk]:
+        await self._agent(context)
+        run = await self.db(self.store.run_by_name, request.run_name)
+        await self.db(self.store.artifact, run["id"], request.job_name, request.path)
+        async for chunk in read_chunks(self.artifacts, artifact_key(run["name"], request.job_name, request.path)):
+            yield client_pb2.DataChunk(data=chunk)

@@ -171,8 +171,16 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         if request.code.hash and not await self.db(self.store.has_code, request.code.hash):
             raise InvalidRequest(f"code {request.code.hash} was not uploaded")
         code = request.code.SerializeToString()
+        if request.tag_on_done:
+            check_tag_name(request.tag_on_done)
 
         def create() -> tuple[CreatedRun, list[common_pb2.JobSpec]]:
+            # Tag and workflow dependencies resolve now, to the runs they name at submission.
+            inputs = [
+                [self.store.tag(t)["run_id"] for t in j.input_tags]
+                + [self.store.latest_done_run(w)["id"] for w in j.input_workflows]
+                for j in request.jobs
+            ]
             name = self.store.reserve_run_name()
             specs = [with_run_name(j, name) for j in request.jobs]
             jobs = [
@@ -183,11 +191,15 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
                     memory=j.resources.memory_bytes,
                     gpu_count=j.resources.gpu.count,
                     depends_on=list(j.depends_on),
+                    inputs=job_inputs,
                 )
-                for j in specs
+                for j, job_inputs in zip(specs, inputs, strict=True)
             ]
             args = list(request.args)
-            return self.store.create_run(owner, request.workflow, code, request.code.hash, args, jobs, name), specs
+            created = self.store.create_run(
+                owner, request.workflow, code, request.code.hash, args, jobs, name, request.tag_on_done
+            )
+            return created, specs
 
         async def create_and_enqueue() -> client_pb2.Run:
             created, specs = await self.db(create)
@@ -339,3 +351,34 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
             ]
 
         return client_pb2.ListAgentsResponse(agents=await self.db(load))
+
+    @unary
+    async def AddTag(self, request: client_pb2.AddTagRequest, context: Ctx) -> client_pb2.AddTagResponse:
+        await self._user(context)
+        check_tag_name(request.tag)
+        return client_pb2.AddTagResponse(
+            tag=tag_to_proto(await self.db(self.store.add_tag, request.tag, request.run_name))
+        )
+
+    @unary
+    async def ListTags(self, request: client_pb2.ListTagsRequest, context: Ctx) -> client_pb2.ListTagsResponse:
+        await self._user(context)
+        return client_pb2.ListTagsResponse(tags=[tag_to_proto(r) for r in await self.db(self.store.list_tags)])
+
+    @unary
+    async def DeleteTag(self, request: client_pb2.DeleteTagRequest, context: Ctx) -> client_pb2.DeleteTagResponse:
+        await self._user(context)
+        await self.db(self.store.delete_tag, request.tag)
+        return client_pb2.DeleteTagResponse()
+
+
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_tag_name(tag: str) -> None:
+    if not _TAG.match(tag):
+        raise InvalidRequest(f"invalid tag {tag!r}: letters, digits, '.', '_' and '-', starting with a letter or digit")
+
+
+def tag_to_proto(r: dict[str, Any]) -> client_pb2.Tag:
+    return client_pb2.Tag(name=r["name"], run_name=r["run_name"], workflow=r["workflow"], created_at_ns=r["created_at"])

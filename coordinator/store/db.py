@@ -19,7 +19,7 @@ from typing import Any
 
 import sqlite_utils
 
-from coordinator.errors import NotFound
+from coordinator.errors import Conflict, NotFound
 from coordinator.names import random_run_prefix
 from coordinator.store.schema import migrate
 from protos.v1 import agent_pb2, common_pb2
@@ -61,6 +61,7 @@ class NewJob:
     memory: int
     gpu_count: int
     depends_on: list[str]
+    inputs: list[str] = field(default_factory=list)  # ids of runs whose artifacts the job takes
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Assignment:
     spec: bytes
     code: bytes
     gpu_indices: list[int]
+    inputs: list[agent_pb2.ArtifactInput] = field(default_factory=list)
 
 
 @dataclass
@@ -183,6 +185,7 @@ class Store:
         args: list[str],
         jobs: list[NewJob],
         name: str | None = None,
+        tag_on_done: str = "",
     ) -> CreatedRun:
         """Inserts a run and its jobs in one transaction (under `name`, or a new one)."""
         now = self.clock()
@@ -192,8 +195,8 @@ class Store:
         with self.tx() as c:
             c.execute(
                 "INSERT INTO runs (id, name, owner, workflow, status, termination_reason, message,"
-                " submitted_at, code_hash, code, args, queue, priority) VALUES (:id, :name, :owner,"
-                " :wf, :st, 0, '', :now, :ch, :code, :args, '', 0)",
+                " submitted_at, code_hash, code, args, queue, priority, tag_on_done) VALUES (:id, :name, :owner,"
+                " :wf, :st, 0, '', :now, :ch, :code, :args, '', 0, :tag)",
                 {
                     "id": run_id,
                     "name": name,
@@ -204,12 +207,13 @@ class Store:
                     "ch": code_hash,
                     "code": code,
                     "args": json.dumps(args),
+                    "tag": tag_on_done or None,
                 },
             )
             c.executemany(
                 "INSERT INTO jobs (id, run_id, job_name, spec, status, termination_reason, message,"
-                " agent_id, gpu_indices, submitted_at, stop_requested, cpu, memory, gpu_count, depends_on)"
-                " VALUES (?, ?, ?, ?, ?, 0, '', NULL, '[]', ?, 0, ?, ?, ?, ?)",
+                " agent_id, gpu_indices, submitted_at, stop_requested, cpu, memory, gpu_count, depends_on, inputs)"
+                " VALUES (?, ?, ?, ?, ?, 0, '', NULL, '[]', ?, 0, ?, ?, ?, ?, ?)",
                 [
                     (
                         job_id,
@@ -222,6 +226,7 @@ class Store:
                         j.memory,
                         j.gpu_count,
                         json.dumps(j.depends_on),
+                        json.dumps(j.inputs),
                     )
                     for job_id, j in zip(job_ids, jobs, strict=True)
                 ],
@@ -309,11 +314,18 @@ class Store:
             status = common_pb2.RUN_STATUS_PENDING
         else:
             status = common_pb2.RUN_STATUS_SUBMITTED
-        c.execute(
+        cur = c.execute(
             "UPDATE runs SET status = :s, termination_reason = :r, message = :m,"
-            " finished_at = COALESCE(finished_at, :f) WHERE id = :id",
+            " finished_at = COALESCE(finished_at, :f) WHERE id = :id AND status != :s RETURNING tag_on_done",
             {"s": status, "r": reason, "m": message, "f": finished_at, "id": run_id},
         )
+        row = cur.fetchone()
+        if row is not None and row[0] and status == common_pb2.RUN_STATUS_DONE:  # `dstack run -t TAG`
+            c.execute(
+                "INSERT INTO tags (name, run_id, created_at) VALUES (?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET run_id = excluded.run_id, created_at = excluded.created_at",
+                [row[0], run_id, self.clock()],
+            )
 
     def request_stop(self, run_name: str) -> list[tuple[str, str]]:
         """Marks the run's unfinished jobs to stop. Jobs not yet on an agent stop at once; returns
@@ -393,7 +405,7 @@ class Store:
                 run_id, spec = row
                 touched.add(run_id)
                 name, code = c.execute("SELECT name, code FROM runs WHERE id = ?", [run_id]).fetchone()
-                out.append(Assignment(p.job_id, p.agent_id, name, spec, code, p.gpu_indices))
+                out.append(Assignment(p.job_id, p.agent_id, name, spec, code, p.gpu_indices, self._inputs(c, p.job_id)))
             for job_id in waiting:
                 cur = c.execute(
                     f"UPDATE jobs SET status = {JS.JOB_STATUS_PENDING} WHERE id = ?"
@@ -415,6 +427,36 @@ class Store:
                 self.refresh_run_status(c, run_id)
         return out
 
+    def _inputs(self, c: sqlite3.Connection, job_id: str) -> list[agent_pb2.ArtifactInput]:
+        """The artifacts a job starts with: of the jobs it depends on in its run, and of the runs it
+        takes as inputs (tag and workflow dependencies), in that order."""
+        run_id, depends_on, inputs = c.execute(
+            "SELECT run_id, depends_on, inputs FROM jobs WHERE id = ?", [job_id]
+        ).fetchone()
+        sources: list[tuple[str, str]] = [(run_id, n) for n in json.loads(depends_on or "[]")]
+        for source_run in json.loads(inputs or "[]"):
+            sources += [
+                (source_run, r[0]) for r in c.execute("SELECT job_name FROM jobs WHERE run_id = ?", [source_run])
+            ]
+        out = []
+        for source_run, job_name in sources:
+            rows = c.execute(
+                "SELECT r.name, a.path, a.size, a.sha256 FROM jobs j JOIN runs r ON r.id = j.run_id"
+                " JOIN artifacts a ON a.job_id = j.id WHERE j.run_id = ? AND j.job_name = ? ORDER BY a.path",
+                [source_run, job_name],
+            ).fetchall()
+            if rows:
+                out.append(
+                    agent_pb2.ArtifactInput(
+                        run_name=rows[0][0],
+                        job_name=job_name,
+                        files=[
+                            common_pb2.ArtifactFile(job_name=job_name, path=p, size=s, sha256=h) for _, p, s, h in rows
+                        ],
+                    )
+                )
+        return out
+
     def assignments_for_agent(self, agent_id: str, job_ids: Sequence[str]) -> list[Assignment]:
         if not job_ids:
             return []
@@ -425,7 +467,16 @@ class Store:
             [*job_ids, agent_id],
         )
         return [
-            Assignment(r["id"], agent_id, r["name"], r["spec"], r["code"], json.loads(r["gpu_indices"])) for r in rows
+            Assignment(
+                r["id"],
+                agent_id,
+                r["name"],
+                r["spec"],
+                r["code"],
+                json.loads(r["gpu_indices"]),
+                self._inputs(self.conn, r["id"]),
+            )
+            for r in rows
         ]
 
     # ---- agents ------------------------------------------------------------------------------
@@ -697,4 +748,46 @@ class Store:
         )
         if row is None:
             raise NotFound(f"artifact {path!r} of job {job_name!r} does not exist")
+        return row
+
+    # ---- tags --------------------------------------------------------------------------------
+    def add_tag(self, tag: str, run_name: str) -> Row:
+        run = self.run_by_name(run_name)
+        if run["status"] != common_pb2.RUN_STATUS_DONE:
+            state = "has not finished" if run["finished_at"] is None else "did not finish done"
+            raise Conflict(f"run {run_name!r} {state}: only runs that finished done can be tagged")
+        with self.tx() as c:
+            if c.execute("SELECT 1 FROM tags WHERE name = ?", [tag]).fetchone():
+                raise Conflict(f"tag {tag!r} already exists: delete it first (`dstack tags delete {tag}`)")
+            c.execute("INSERT INTO tags (name, run_id, created_at) VALUES (?, ?, ?)", [tag, run["id"], self.clock()])
+        return self.tag(tag)
+
+    def tag(self, tag: str) -> Row:
+        row = self._row(
+            "SELECT t.name, t.created_at, r.id AS run_id, r.name AS run_name, r.workflow FROM tags t"
+            " JOIN runs r ON r.id = t.run_id WHERE t.name = ?",
+            [tag],
+        )
+        if row is None:
+            raise NotFound(f"tag {tag!r} does not exist (see `dstack tags list`)")
+        return row
+
+    def list_tags(self) -> list[Row]:
+        return self._rows(
+            "SELECT t.name, t.created_at, r.name AS run_name, r.workflow FROM tags t"
+            " JOIN runs r ON r.id = t.run_id ORDER BY t.name"
+        )
+
+    def delete_tag(self, tag: str) -> None:
+        with self.tx() as c:
+            if c.execute("DELETE FROM tags WHERE name = ? RETURNING name", [tag]).fetchone() is None:
+                raise NotFound(f"tag {tag!r} does not exist (see `dstack tags list`)")
+
+    def latest_done_run(self, workflow: str) -> Row:
+        row = self._row(
+            "SELECT id, name FROM runs WHERE workflow = ? AND status = ? ORDER BY finished_at DESC LIMIT 1",
+            [workflow, common_pb2.RUN_STATUS_DONE],
+        )
+        if row is None:
+            raise NotFound(f"no run of workflow {workflow!r} has finished done yet: run it first")
         return row

@@ -103,7 +103,14 @@ def _v1(db: sqlite_utils.Database) -> None:
     t("tags").create({"name": str, "run_id": str, "created_at": int}, pk="name", if_not_exists=True)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+def _v2(db: sqlite_utils.Database) -> None:
+    """Dependencies and tags: the runs whose artifacts a job takes as inputs, and a tag to set on done."""
+    for table, column in (("jobs", "inputs"), ("runs", "tag_on_done")):
+        if column not in Table(db, table).columns_dict:
+            Table(db, table).add_column(column, str)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

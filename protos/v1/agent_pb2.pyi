@@ -247,6 +247,7 @@ class JobAssignment(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     GPU_INDICES_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     run_name: _builtins.str
     @_builtins.property
@@ -259,6 +260,10 @@ class JobAssignment(_message.Message):
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """env added by the coordinator (RUN_NAME, JOB_ID, ...)"""
 
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArtifactInput]:
+        """artifacts to fetch into the working directory first"""
+
     def __init__(
         self,
         *,
@@ -268,14 +273,43 @@ class JobAssignment(_message.Message):
         code: _common_pb2.CodeRef | None = ...,
         gpu_indices: _abc.Iterable[_builtins.int] | None = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        inputs: _abc.Iterable[Global___ArtifactInput] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "env", b"env", "gpu_indices", b"gpu_indices", "job_id", b"job_id", "run_name", b"run_name", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "env", b"env", "gpu_indices", b"gpu_indices", "inputs", b"inputs", "job_id", b"job_id", "run_name", b"run_name", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobAssignment: _TypeAlias = JobAssignment  # noqa: Y015
+
+@_typing.final
+class ArtifactInput(_message.Message):
+    """The artifacts of one job that another depends on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_NAME_FIELD_NUMBER: _builtins.int
+    JOB_NAME_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    run_name: _builtins.str
+    job_name: _builtins.str
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ArtifactFile]: ...
+    def __init__(
+        self,
+        *,
+        run_name: _builtins.str = ...,
+        job_name: _builtins.str = ...,
+        files: _abc.Iterable[_common_pb2.ArtifactFile] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "job_name", b"job_name", "run_name", b"run_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArtifactInput: _TypeAlias = ArtifactInput  # noqa: Y015
 
 @_typing.final
 class StopJob(_message.Message):

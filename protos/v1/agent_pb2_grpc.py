@@ -60,6 +60,11 @@ class AgentServiceStub:
                 request_serializer=protos_dot_v1_dot_agent__pb2.CommitArtifactsRequest.SerializeToString,
                 response_deserializer=protos_dot_v1_dot_agent__pb2.CommitArtifactsResponse.FromString,
                 _registered_method=True)
+        self.DownloadArtifact = channel.unary_stream(
+                '/dstack.v1.AgentService/DownloadArtifact',
+                request_serializer=protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_client__pb2.DataChunk.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -97,6 +102,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadArtifact(self, request, context):
+        """Artifacts of another job that this agent's job depends on (listed in its assignment's inputs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +136,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.CommitArtifacts,
                     request_deserializer=protos_dot_v1_dot_agent__pb2.CommitArtifactsRequest.FromString,
                     response_serializer=protos_dot_v1_dot_agent__pb2.CommitArtifactsResponse.SerializeToString,
+            ),
+            'DownloadArtifact': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadArtifact,
+                    request_deserializer=protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_client__pb2.DataChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +278,33 @@ class AgentService:
             '/dstack.v1.AgentService/CommitArtifacts',
             protos_dot_v1_dot_agent__pb2.CommitArtifactsRequest.SerializeToString,
             protos_dot_v1_dot_agent__pb2.CommitArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dstack.v1.AgentService/DownloadArtifact',
+            protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.SerializeToString,
+            protos_dot_v1_dot_client__pb2.DataChunk.FromString,
             options,
             channel_credentials,
             insecure,

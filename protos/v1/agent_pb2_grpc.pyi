@@ -41,6 +41,8 @@ class AgentServiceStub:
     GetCode: _grpc.UnaryStreamMultiCallable[_agent_pb2.GetCodeRequest, _client_pb2.DataChunk]
     UploadArtifact: _grpc.StreamUnaryMultiCallable[_agent_pb2.UploadArtifactRequest, _agent_pb2.UploadArtifactResponse]
     CommitArtifacts: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CommitArtifactsRequest, _agent_pb2.CommitArtifactsResponse]
+    DownloadArtifact: _grpc.UnaryStreamMultiCallable[_client_pb2.DownloadArtifactRequest, _client_pb2.DataChunk]
+    """Artifacts of another job that this agent's job depends on (listed in its assignment's inputs)."""
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -52,6 +54,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     GetCode: _aio.UnaryStreamMultiCallable[_agent_pb2.GetCodeRequest, _client_pb2.DataChunk]  # type: ignore[assignment]
     UploadArtifact: _aio.StreamUnaryMultiCallable[_agent_pb2.UploadArtifactRequest, _agent_pb2.UploadArtifactResponse]  # type: ignore[assignment]
     CommitArtifacts: _aio.UnaryUnaryMultiCallable[_agent_pb2.CommitArtifactsRequest, _agent_pb2.CommitArtifactsResponse]  # type: ignore[assignment]
+    DownloadArtifact: _aio.UnaryStreamMultiCallable[_client_pb2.DownloadArtifactRequest, _client_pb2.DataChunk]  # type: ignore[assignment]
+    """Artifacts of another job that this agent's job depends on (listed in its assignment's inputs)."""
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -90,5 +94,13 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.CommitArtifactsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.CommitArtifactsResponse, _abc.Awaitable[_agent_pb2.CommitArtifactsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DownloadArtifact(
+        self,
+        request: _client_pb2.DownloadArtifactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_client_pb2.DataChunk], _abc.AsyncIterator[_client_pb2.DataChunk]]:
+        """Artifacts of another job that this agent's job depends on (listed in its assignment's inputs)."""
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -89,6 +89,21 @@ class ClientServiceStub:
                 request_serializer=protos_dot_v1_dot_client__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=protos_dot_v1_dot_client__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.AddTag = channel.unary_unary(
+                '/dstack.v1.ClientService/AddTag',
+                request_serializer=protos_dot_v1_dot_client__pb2.AddTagRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_client__pb2.AddTagResponse.FromString,
+                _registered_method=True)
+        self.ListTags = channel.unary_unary(
+                '/dstack.v1.ClientService/ListTags',
+                request_serializer=protos_dot_v1_dot_client__pb2.ListTagsRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_client__pb2.ListTagsResponse.FromString,
+                _registered_method=True)
+        self.DeleteTag = channel.unary_unary(
+                '/dstack.v1.ClientService/DeleteTag',
+                request_serializer=protos_dot_v1_dot_client__pb2.DeleteTagRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_client__pb2.DeleteTagResponse.FromString,
+                _registered_method=True)
 
 
 class ClientServiceServicer:
@@ -160,6 +175,24 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddTag(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTags(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTag(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +250,21 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=protos_dot_v1_dot_client__pb2.ListAgentsRequest.FromString,
                     response_serializer=protos_dot_v1_dot_client__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'AddTag': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddTag,
+                    request_deserializer=protos_dot_v1_dot_client__pb2.AddTagRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_client__pb2.AddTagResponse.SerializeToString,
+            ),
+            'ListTags': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTags,
+                    request_deserializer=protos_dot_v1_dot_client__pb2.ListTagsRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_client__pb2.ListTagsResponse.SerializeToString,
+            ),
+            'DeleteTag': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTag,
+                    request_deserializer=protos_dot_v1_dot_client__pb2.DeleteTagRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_client__pb2.DeleteTagResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +564,87 @@ class ClientService:
             '/dstack.v1.ClientService/ListAgents',
             protos_dot_v1_dot_client__pb2.ListAgentsRequest.SerializeToString,
             protos_dot_v1_dot_client__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddTag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/AddTag',
+            protos_dot_v1_dot_client__pb2.AddTagRequest.SerializeToString,
+            protos_dot_v1_dot_client__pb2.AddTagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTags(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/ListTags',
+            protos_dot_v1_dot_client__pb2.ListTagsRequest.SerializeToString,
+            protos_dot_v1_dot_client__pb2.ListTagsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/DeleteTag',
+            protos_dot_v1_dot_client__pb2.DeleteTagRequest.SerializeToString,
+            protos_dot_v1_dot_client__pb2.DeleteTagResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,9 @@ class ClientServiceStub:
     ListArtifacts: _grpc.UnaryUnaryMultiCallable[_client_pb2.ListArtifactsRequest, _client_pb2.ListArtifactsResponse]
     DownloadArtifact: _grpc.UnaryStreamMultiCallable[_client_pb2.DownloadArtifactRequest, _client_pb2.DataChunk]
     ListAgents: _grpc.UnaryUnaryMultiCallable[_client_pb2.ListAgentsRequest, _client_pb2.ListAgentsResponse]
+    AddTag: _grpc.UnaryUnaryMultiCallable[_client_pb2.AddTagRequest, _client_pb2.AddTagResponse]
+    ListTags: _grpc.UnaryUnaryMultiCallable[_client_pb2.ListTagsRequest, _client_pb2.ListTagsResponse]
+    DeleteTag: _grpc.UnaryUnaryMultiCallable[_client_pb2.DeleteTagRequest, _client_pb2.DeleteTagResponse]
 
 @_typing.type_check_only
 class ClientServiceAsyncStub(ClientServiceStub):
@@ -59,6 +62,9 @@ class ClientServiceAsyncStub(ClientServiceStub):
     ListArtifacts: _aio.UnaryUnaryMultiCallable[_client_pb2.ListArtifactsRequest, _client_pb2.ListArtifactsResponse]  # type: ignore[assignment]
     DownloadArtifact: _aio.UnaryStreamMultiCallable[_client_pb2.DownloadArtifactRequest, _client_pb2.DataChunk]  # type: ignore[assignment]
     ListAgents: _aio.UnaryUnaryMultiCallable[_client_pb2.ListAgentsRequest, _client_pb2.ListAgentsResponse]  # type: ignore[assignment]
+    AddTag: _aio.UnaryUnaryMultiCallable[_client_pb2.AddTagRequest, _client_pb2.AddTagResponse]  # type: ignore[assignment]
+    ListTags: _aio.UnaryUnaryMultiCallable[_client_pb2.ListTagsRequest, _client_pb2.ListTagsResponse]  # type: ignore[assignment]
+    DeleteTag: _aio.UnaryUnaryMultiCallable[_client_pb2.DeleteTagRequest, _client_pb2.DeleteTagResponse]  # type: ignore[assignment]
 
 class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -137,5 +143,26 @@ class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _client_pb2.ListAgentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_client_pb2.ListAgentsResponse, _abc.Awaitable[_client_pb2.ListAgentsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AddTag(
+        self,
+        request: _client_pb2.AddTagRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.AddTagResponse, _abc.Awaitable[_client_pb2.AddTagResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListTags(
+        self,
+        request: _client_pb2.ListTagsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.ListTagsResponse, _abc.Awaitable[_client_pb2.ListTagsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteTag(
+        self,
+        request: _client_pb2.DeleteTagRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.DeleteTagResponse, _abc.Awaitable[_client_pb2.DeleteTagResponse]]: ...
 
 def add_ClientServiceServicer_to_server(servicer: ClientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

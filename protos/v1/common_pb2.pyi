@@ -289,6 +289,8 @@ class JobSpec(_message.Message):
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
     PORTS_FIELD_NUMBER: _builtins.int
+    INPUT_TAGS_FIELD_NUMBER: _builtins.int
+    INPUT_WORKFLOWS_FIELD_NUMBER: _builtins.int
     job_name: _builtins.str
     """unique within the run (usually the workflow name)"""
     workflow: _builtins.str
@@ -313,6 +315,14 @@ class JobSpec(_message.Message):
 
     @_builtins.property
     def ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___PortSpec]: ...
+    @_builtins.property
+    def input_tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """tag dependencies: the tagged run's artifacts are fetched"""
+
+    @_builtins.property
+    def input_workflows(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the latest run of these workflows that finished done"""
+
     def __init__(
         self,
         *,
@@ -327,10 +337,12 @@ class JobSpec(_message.Message):
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
         image: _builtins.str = ...,
         ports: _abc.Iterable[Global___PortSpec] | None = ...,
+        input_tags: _abc.Iterable[_builtins.str] | None = ...,
+        input_workflows: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "commands", b"commands", "depends_on", b"depends_on", "env", b"env", "image", b"image", "job_name", b"job_name", "ports", b"ports", "provider", b"provider", "resources", b"resources", "workflow", b"workflow", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "commands", b"commands", "depends_on", b"depends_on", "env", b"env", "image", b"image", "input_tags", b"input_tags", "input_workflows", b"input_workflows", "job_name", b"job_name", "ports", b"ports", "provider", b"provider", "resources", b"resources", "workflow", b"workflow", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -64,7 +64,7 @@ def test_args_string_or_list(tmp_path: Path) -> None:
         ("    resources:\n      gpu: {count: .inf}\n", "'count' must be a whole number"),
         ("    resources:\n      gpu: 5000000000\n", "at most 1024"),
         ("    resources:\n      cpu: .nan\n", "'cpu' must be between"),
-        ("    depends-on: [download]\n", "depends-on is not supported yet"),
+        ('    depends-on: ["download:"]\n', "invalid dependency"),
     ],
 )
 def test_values_out_of_range_are_workflow_errors(tmp_path: Path, line: str, needle: str) -> None:
