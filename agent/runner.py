@@ -24,6 +24,7 @@ from pathlib import Path
 
 from agent.artifacts import ArtifactError, Downloader, Uploader, prepare_dirs
 from agent.code import CodeCache
+from agent.masking import Masker
 from agent.outbox import Outbox
 from agent.runtimes import AGENT_MARKER, JobProcess, Runtime, RuntimeJob
 from protos.v1 import agent_pb2, common_pb2
@@ -164,7 +165,8 @@ class JobRunner:
                 if self.stop_requested:
                     self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user")
                     return
-                env = base_env() | dict(self.a.env) | dict(spec.env) | {AGENT_MARKER: self.deps.agent_home}
+                env = base_env() | dict(self.a.secrets) | dict(self.a.env) | dict(spec.env)
+                env[AGENT_MARKER] = self.deps.agent_home
                 self.proc = await self.deps.runtime.start(
                     RuntimeJob(
                         job_id=self.job_id,
@@ -220,9 +222,10 @@ class JobRunner:
 
     async def _pump_output(self, proc: JobProcess) -> None:
         outbox, job_id = self.deps.outbox, self.job_id
+        mask = Masker(self.a.secrets.values()).mask
 
         def emitter(kind: common_pb2.LogStream.ValueType) -> Callable[[str], None]:
-            return lambda text: outbox.add_line(job_id, kind, text)
+            return lambda text: outbox.add_line(job_id, kind, mask(text))
 
         splitters = {
             int(kind): LineSplitter(emitter(kind))

@@ -118,3 +118,15 @@ class Client:
 
     def delete_tag(self, tag: str) -> None:
         self._call(self.stub.DeleteTag, client_pb2.DeleteTagRequest(tag=tag))
+
+    def add_secret(self, name: str, value: str) -> client_pb2.Secret:
+        req = client_pb2.AddSecretRequest(name=name, value=value)
+        resp: client_pb2.AddSecretResponse = self._call(self.stub.AddSecret, req)
+        return resp.secret
+
+    def list_secrets(self) -> list[client_pb2.Secret]:
+        resp: client_pb2.ListSecretsResponse = self._call(self.stub.ListSecrets, client_pb2.ListSecretsRequest())
+        return list(resp.secrets)
+
+    def delete_secret(self, name: str) -> None:
+        self._call(self.stub.DeleteSecret, client_pb2.DeleteSecretRequest(name=name))

@@ -21,6 +21,8 @@ artifacts_app = typer.Typer(help="List and download the artifacts of runs.", no_
 local_app = typer.Typer(help="Manage the embedded local coordinator and agent.", no_args_is_help=True)
 tags_app = typer.Typer(help="Name runs, so that workflows can depend on their artifacts.", no_args_is_help=True)
 app.add_typer(tags_app, name="tags")
+secrets_app = typer.Typer(help="Secrets every job gets as environment variables.", no_args_is_help=True)
+app.add_typer(secrets_app, name="secrets")
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(local_app, name="local")
 
@@ -173,6 +175,34 @@ def tags_delete(tag: Annotated[str, typer.Argument(help="Tag name")]) -> None:
 
     connect().delete_tag(tag)
     print(f"deleted {tag}")
+
+
+@secrets_app.command("add")
+def secrets_add(
+    name: Annotated[str, typer.Argument(help="Secret name (the job's environment variable)")],
+    value: Annotated[str | None, typer.Argument(help="Value; omitted: asked for, hidden (or read from stdin)")] = None,
+) -> None:
+    """Add or replace a secret."""
+    from cli.commands.secrets import add_command
+
+    add_command(name, value)
+
+
+@secrets_app.command("list")
+def secrets_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
+    """List secrets: names and dates, never values."""
+    from cli.commands.secrets import list_command
+
+    list_command(as_json)
+
+
+@secrets_app.command("delete")
+def secrets_delete(name: Annotated[str, typer.Argument(help="Secret name")]) -> None:
+    """Delete a secret."""
+    from cli.session import connect
+
+    connect().delete_secret(name)
+    print(f"deleted {name}")
 
 
 @local_app.command("stop")

@@ -22,3 +22,7 @@ class CoordinatorConfig:
     @property
     def db_path(self) -> Path:
         return self.state_dir / "coordinator.db"
+
+    @property
+    def secrets_key_path(self) -> Path:
+        return self.state_dir / "secrets.key"

@@ -17,6 +17,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.hub import AgentHub
 from coordinator.queue import Waiting, WaitingQueue
 from coordinator.scheduler import AgentState, Gpu, JobRequest, schedule
+from coordinator.secrets import SecretBox
 from coordinator.store import Store
 from coordinator.store.db import WAITING, Assignment, Placement
 from coordinator.store.executor import DbExecutor
@@ -70,10 +71,13 @@ class Engine:
         # Why each waiting job waits, from the last scheduling pass (shown by `dstack ps`).
         self.pending_reasons: dict[str, str] = {}
         self.queue = WaitingQueue()
+        self.secret_box = SecretBox(config.secrets_key_path)
+        self.secrets: dict[str, str] = {}  # decrypted, for the job hand-off only
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         await self.db(self.store.extend_all_leases, self._lease_until())
+        self.secrets = {n: self.secret_box.decrypt(c) for n, c in await self.db(self.store.secret_ciphertexts)}
         for row in await self.db(self.store.waiting_jobs):
             self.queue.add_row(row)
         self._tasks = [
@@ -195,6 +199,7 @@ class Engine:
             gpu_indices=a.gpu_indices,
             env=env,
             inputs=a.inputs,
+            secrets=self.secrets,
         )
 
     # ---- leases ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any, TypeAlias
 from coordinator.convert import inventory_from_bytes, run_to_proto
 from coordinator.engine import Engine
 from coordinator.errors import InvalidRequest
+from coordinator.secrets import check_secret_name
 from coordinator.services.rpc import authenticate, streaming, unary
 from coordinator.store.db import CreatedRun, NewJob
 from coordinator.templates import with_run_name
@@ -370,6 +371,36 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         await self._user(context)
         await self.db(self.store.delete_tag, request.tag)
         return client_pb2.DeleteTagResponse()
+
+    @unary
+    async def AddSecret(self, request: client_pb2.AddSecretRequest, context: Ctx) -> client_pb2.AddSecretResponse:
+        await self._user(context)
+        check_secret_name(request.name)
+        if not request.value:
+            raise InvalidRequest("a secret needs a value")
+        row = await self.db(self.store.put_secret, request.name, self.engine.secret_box.encrypt(request.value))
+        self.engine.secrets[request.name] = request.value
+        return client_pb2.AddSecretResponse(secret=secret_to_proto(row))
+
+    @unary
+    async def ListSecrets(self, request: client_pb2.ListSecretsRequest, context: Ctx) -> client_pb2.ListSecretsResponse:
+        await self._user(context)
+        return client_pb2.ListSecretsResponse(
+            secrets=[secret_to_proto(r) for r in await self.db(self.store.list_secrets)]
+        )
+
+    @unary
+    async def DeleteSecret(
+        self, request: client_pb2.DeleteSecretRequest, context: Ctx
+    ) -> client_pb2.DeleteSecretResponse:
+        await self._user(context)
+        await self.db(self.store.delete_secret, request.name)
+        self.engine.secrets.pop(request.name, None)
+        return client_pb2.DeleteSecretResponse()
+
+
+def secret_to_proto(r: dict[str, Any]) -> client_pb2.Secret:
+    return client_pb2.Secret(name=r["name"], created_at_ns=r["created_at"], updated_at_ns=r["updated_at"])
 
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")

@@ -791,3 +791,27 @@ class Store:
         if row is None:
             raise NotFound(f"no run of workflow {workflow!r} has finished done yet: run it first")
         return row
+
+    # ---- secrets (values encrypted by coordinator.secrets) -----------------------------------
+    def put_secret(self, name: str, ciphertext: bytes) -> Row:
+        now = self.clock()
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO secrets (name, ciphertext, created_at, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET ciphertext = excluded.ciphertext, updated_at = excluded.updated_at",
+                [name, ciphertext, now, now],
+            )
+        row = self._row("SELECT name, created_at, updated_at FROM secrets WHERE name = ?", [name])
+        assert row is not None
+        return row
+
+    def list_secrets(self) -> list[Row]:
+        return self._rows("SELECT name, created_at, updated_at FROM secrets ORDER BY name")
+
+    def secret_ciphertexts(self) -> list[tuple[str, bytes]]:
+        return [(r["name"], r["ciphertext"]) for r in self._rows("SELECT name, ciphertext FROM secrets")]
+
+    def delete_secret(self, name: str) -> None:
+        with self.tx() as c:
+            if c.execute("DELETE FROM secrets WHERE name = ? RETURNING name", [name]).fetchone() is None:
+                raise NotFound(f"secret {name!r} does not exist (see `dstack secrets list`)")

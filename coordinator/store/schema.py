@@ -110,7 +110,14 @@ def _v2(db: sqlite_utils.Database) -> None:
             Table(db, table).add_column(column, str)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
+def _v3(db: sqlite_utils.Database) -> None:
+    """Secrets, encrypted (coordinator/secrets.py): the database never holds a value in the clear."""
+    Table(db, "secrets").create(
+        {"name": str, "ciphertext": bytes, "created_at": int, "updated_at": int}, pk="name", if_not_exists=True
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

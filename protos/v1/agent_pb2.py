@@ -26,7 +26,7 @@ from protos.v1 import common_pb2 as protos_dot_v1_dot_common__pb2
 from protos.v1 import client_pb2 as protos_dot_v1_dot_client__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/v1/agent.proto\x12\tdstack.v1\x1a\x16protos/v1/common.proto\x1a\x16protos/v1/client.proto\"\\\n\x0fRegisterRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\tinventory\x18\x03 \x01(\x0b\x32\x14.dstack.v1.Inventory\"9\n\x10RegisterResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61gent_token\x18\x02 \x01(\t\"\xc7\x01\n\tJobUpdate\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.dstack.v1.JobStatus\x12\x38\n\x12termination_reason\x18\x03 \x01(\x0e\x32\x1c.dstack.v1.TerminationReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x15\n\rhas_exit_code\x18\x06 \x01(\x08\x12\x0f\n\x07time_ns\x18\x07 \x01(\x03\"=\n\x08LogBatch\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x05lines\x18\x02 \x03(\x0b\x32\x12.dstack.v1.LogLine\"Z\n\x05Hello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\'\n\tinventory\x18\x02 \x01(\x0b\x32\x14.dstack.v1.Inventory\x12\x16\n\x0e\x61\x63tive_job_ids\x18\x03 \x03(\t\"4\n\tHeartbeat\x12\'\n\tinventory\x18\x01 \x01(\x0b\x32\x14.dstack.v1.Inventory\"\xa2\x01\n\x0c\x41gentMessage\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x10.dstack.v1.Hello\x12\'\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.dstack.v1.Heartbeat\x12%\n\x07updates\x18\x03 \x03(\x0b\x32\x14.dstack.v1.JobUpdate\x12!\n\x04logs\x18\x04 \x03(\x0b\x32\x13.dstack.v1.LogBatch\"\x90\x02\n\rJobAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08run_name\x18\x02 \x01(\t\x12 \n\x04spec\x18\x03 \x01(\x0b\x32\x12.dstack.v1.JobSpec\x12 \n\x04\x63ode\x18\x04 \x01(\x0b\x32\x12.dstack.v1.CodeRef\x12\x13\n\x0bgpu_indices\x18\x05 \x03(\r\x12.\n\x03\x65nv\x18\x06 \x03(\x0b\x32!.dstack.v1.JobAssignment.EnvEntry\x12(\n\x06inputs\x18\x07 \x03(\x0b\x32\x18.dstack.v1.ArtifactInput\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"[\n\rArtifactInput\x12\x10\n\x08run_name\x18\x01 \x01(\t\x12\x10\n\x08job_name\x18\x02 \x01(\t\x12&\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x17.dstack.v1.ArtifactFile\"(\n\x07StopJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x62ort\x18\x02 \x01(\x08\"A\n\tUpdateAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.dstack.v1.JobStatus\"%\n\x06LogAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"m\n\x08HelloAck\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\x12\x18\n\x10lease_timeout_ms\x18\x02 \x01(\r\x12(\n\rlog_positions\x18\x03 \x03(\x0b\x32\x11.dstack.v1.LogAck\"\xde\x01\n\x12\x43oordinatorMessage\x12&\n\thello_ack\x18\x01 \x01(\x0b\x32\x13.dstack.v1.HelloAck\x12-\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x18.dstack.v1.JobAssignment\x12!\n\x05stops\x18\x03 \x03(\x0b\x32\x12.dstack.v1.StopJob\x12)\n\x0bupdate_acks\x18\x04 \x03(\x0b\x32\x14.dstack.v1.UpdateAck\x12#\n\x08log_acks\x18\x05 \x03(\x0b\x32\x11.dstack.v1.LogAck\"\x1e\n\x0eGetCodeRequest\x12\x0c\n\x04hash\x18\x01 \x01(\t\"Q\n\x15UploadArtifactRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"6\n\x16UploadArtifactResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"P\n\x16\x43ommitArtifactsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x17.dstack.v1.ArtifactFile\"\x19\n\x17\x43ommitArtifactsResponse2\xdb\x03\n\x0c\x41gentService\x12\x43\n\x08Register\x12\x1a.dstack.v1.RegisterRequest\x1a\x1b.dstack.v1.RegisterResponse\x12\x45\n\x07\x43onnect\x12\x17.dstack.v1.AgentMessage\x1a\x1d.dstack.v1.CoordinatorMessage(\x01\x30\x01\x12<\n\x07GetCode\x12\x19.dstack.v1.GetCodeRequest\x1a\x14.dstack.v1.DataChunk0\x01\x12W\n\x0eUploadArtifact\x12 .dstack.v1.UploadArtifactRequest\x1a!.dstack.v1.UploadArtifactResponse(\x01\x12X\n\x0f\x43ommitArtifacts\x12!.dstack.v1.CommitArtifactsRequest\x1a\".dstack.v1.CommitArtifactsResponse\x12N\n\x10\x44ownloadArtifact\x12\".dstack.v1.DownloadArtifactRequest\x1a\x14.dstack.v1.DataChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/v1/agent.proto\x12\tdstack.v1\x1a\x16protos/v1/common.proto\x1a\x16protos/v1/client.proto\"\\\n\x0fRegisterRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\tinventory\x18\x03 \x01(\x0b\x32\x14.dstack.v1.Inventory\"9\n\x10RegisterResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61gent_token\x18\x02 \x01(\t\"\xc7\x01\n\tJobUpdate\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.dstack.v1.JobStatus\x12\x38\n\x12termination_reason\x18\x03 \x01(\x0e\x32\x1c.dstack.v1.TerminationReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x15\n\rhas_exit_code\x18\x06 \x01(\x08\x12\x0f\n\x07time_ns\x18\x07 \x01(\x03\"=\n\x08LogBatch\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x05lines\x18\x02 \x03(\x0b\x32\x12.dstack.v1.LogLine\"Z\n\x05Hello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\'\n\tinventory\x18\x02 \x01(\x0b\x32\x14.dstack.v1.Inventory\x12\x16\n\x0e\x61\x63tive_job_ids\x18\x03 \x03(\t\"4\n\tHeartbeat\x12\'\n\tinventory\x18\x01 \x01(\x0b\x32\x14.dstack.v1.Inventory\"\xa2\x01\n\x0c\x41gentMessage\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x10.dstack.v1.Hello\x12\'\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.dstack.v1.Heartbeat\x12%\n\x07updates\x18\x03 \x03(\x0b\x32\x14.dstack.v1.JobUpdate\x12!\n\x04logs\x18\x04 \x03(\x0b\x32\x13.dstack.v1.LogBatch\"\xf8\x02\n\rJobAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08run_name\x18\x02 \x01(\t\x12 \n\x04spec\x18\x03 \x01(\x0b\x32\x12.dstack.v1.JobSpec\x12 \n\x04\x63ode\x18\x04 \x01(\x0b\x32\x12.dstack.v1.CodeRef\x12\x13\n\x0bgpu_indices\x18\x05 \x03(\r\x12.\n\x03\x65nv\x18\x06 \x03(\x0b\x32!.dstack.v1.JobAssignment.EnvEntry\x12(\n\x06inputs\x18\x07 \x03(\x0b\x32\x18.dstack.v1.ArtifactInput\x12\x36\n\x07secrets\x18\x08 \x03(\x0b\x32%.dstack.v1.JobAssignment.SecretsEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cSecretsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"[\n\rArtifactInput\x12\x10\n\x08run_name\x18\x01 \x01(\t\x12\x10\n\x08job_name\x18\x02 \x01(\t\x12&\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x17.dstack.v1.ArtifactFile\"(\n\x07StopJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x62ort\x18\x02 \x01(\x08\"A\n\tUpdateAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.dstack.v1.JobStatus\"%\n\x06LogAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"m\n\x08HelloAck\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\x12\x18\n\x10lease_timeout_ms\x18\x02 \x01(\r\x12(\n\rlog_positions\x18\x03 \x03(\x0b\x32\x11.dstack.v1.LogAck\"\xde\x01\n\x12\x43oordinatorMessage\x12&\n\thello_ack\x18\x01 \x01(\x0b\x32\x13.dstack.v1.HelloAck\x12-\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x18.dstack.v1.JobAssignment\x12!\n\x05stops\x18\x03 \x03(\x0b\x32\x12.dstack.v1.StopJob\x12)\n\x0bupdate_acks\x18\x04 \x03(\x0b\x32\x14.dstack.v1.UpdateAck\x12#\n\x08log_acks\x18\x05 \x03(\x0b\x32\x11.dstack.v1.LogAck\"\x1e\n\x0eGetCodeRequest\x12\x0c\n\x04hash\x18\x01 \x01(\t\"Q\n\x15UploadArtifactRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"6\n\x16UploadArtifactResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"P\n\x16\x43ommitArtifactsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x17.dstack.v1.ArtifactFile\"\x19\n\x17\x43ommitArtifactsResponse2\xdb\x03\n\x0c\x41gentService\x12\x43\n\x08Register\x12\x1a.dstack.v1.RegisterRequest\x1a\x1b.dstack.v1.RegisterResponse\x12\x45\n\x07\x43onnect\x12\x17.dstack.v1.AgentMessage\x1a\x1d.dstack.v1.CoordinatorMessage(\x01\x30\x01\x12<\n\x07GetCode\x12\x19.dstack.v1.GetCodeRequest\x1a\x14.dstack.v1.DataChunk0\x01\x12W\n\x0eUploadArtifact\x12 .dstack.v1.UploadArtifactRequest\x1a!.dstack.v1.UploadArtifactResponse(\x01\x12X\n\x0f\x43ommitArtifacts\x12!.dstack.v1.CommitArtifactsRequest\x1a\".dstack.v1.CommitArtifactsResponse\x12N\n\x10\x44ownloadArtifact\x12\".dstack.v1.DownloadArtifactRequest\x1a\x14.dstack.v1.DataChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBASSIGNMENT_ENVENTRY']._loaded_options = None
   _globals['_JOBASSIGNMENT_ENVENTRY']._serialized_options = b'8\001'
+  _globals['_JOBASSIGNMENT_SECRETSENTRY']._loaded_options = None
+  _globals['_JOBASSIGNMENT_SECRETSENTRY']._serialized_options = b'8\001'
   _globals['_REGISTERREQUEST']._serialized_start=84
   _globals['_REGISTERREQUEST']._serialized_end=176
   _globals['_REGISTERRESPONSE']._serialized_start=178
@@ -50,31 +52,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTMESSAGE']._serialized_start=649
   _globals['_AGENTMESSAGE']._serialized_end=811
   _globals['_JOBASSIGNMENT']._serialized_start=814
-  _globals['_JOBASSIGNMENT']._serialized_end=1086
-  _globals['_JOBASSIGNMENT_ENVENTRY']._serialized_start=1044
-  _globals['_JOBASSIGNMENT_ENVENTRY']._serialized_end=1086
-  _globals['_ARTIFACTINPUT']._serialized_start=1088
-  _globals['_ARTIFACTINPUT']._serialized_end=1179
-  _globals['_STOPJOB']._serialized_start=1181
-  _globals['_STOPJOB']._serialized_end=1221
-  _globals['_UPDATEACK']._serialized_start=1223
-  _globals['_UPDATEACK']._serialized_end=1288
-  _globals['_LOGACK']._serialized_start=1290
-  _globals['_LOGACK']._serialized_end=1327
-  _globals['_HELLOACK']._serialized_start=1329
-  _globals['_HELLOACK']._serialized_end=1438
-  _globals['_COORDINATORMESSAGE']._serialized_start=1441
-  _globals['_COORDINATORMESSAGE']._serialized_end=1663
-  _globals['_GETCODEREQUEST']._serialized_start=1665
-  _globals['_GETCODEREQUEST']._serialized_end=1695
-  _globals['_UPLOADARTIFACTREQUEST']._serialized_start=1697
-  _globals['_UPLOADARTIFACTREQUEST']._serialized_end=1778
-  _globals['_UPLOADARTIFACTRESPONSE']._serialized_start=1780
-  _globals['_UPLOADARTIFACTRESPONSE']._serialized_end=1834
-  _globals['_COMMITARTIFACTSREQUEST']._serialized_start=1836
-  _globals['_COMMITARTIFACTSREQUEST']._serialized_end=1916
-  _globals['_COMMITARTIFACTSRESPONSE']._serialized_start=1918
-  _globals['_COMMITARTIFACTSRESPONSE']._serialized_end=1943
-  _globals['_AGENTSERVICE']._serialized_start=1946
-  _globals['_AGENTSERVICE']._serialized_end=2421
+  _globals['_JOBASSIGNMENT']._serialized_end=1190
+  _globals['_JOBASSIGNMENT_ENVENTRY']._serialized_start=1100
+  _globals['_JOBASSIGNMENT_ENVENTRY']._serialized_end=1142
+  _globals['_JOBASSIGNMENT_SECRETSENTRY']._serialized_start=1144
+  _globals['_JOBASSIGNMENT_SECRETSENTRY']._serialized_end=1190
+  _globals['_ARTIFACTINPUT']._serialized_start=1192
+  _globals['_ARTIFACTINPUT']._serialized_end=1283
+  _globals['_STOPJOB']._serialized_start=1285
+  _globals['_STOPJOB']._serialized_end=1325
+  _globals['_UPDATEACK']._serialized_start=1327
+  _globals['_UPDATEACK']._serialized_end=1392
+  _globals['_LOGACK']._serialized_start=1394
+  _globals['_LOGACK']._serialized_end=1431
+  _globals['_HELLOACK']._serialized_start=1433
+  _globals['_HELLOACK']._serialized_end=1542
+  _globals['_COORDINATORMESSAGE']._serialized_start=1545
+  _globals['_COORDINATORMESSAGE']._serialized_end=1767
+  _globals['_GETCODEREQUEST']._serialized_start=1769
+  _globals['_GETCODEREQUEST']._serialized_end=1799
+  _globals['_UPLOADARTIFACTREQUEST']._serialized_start=1801
+  _globals['_UPLOADARTIFACTREQUEST']._serialized_end=1882
+  _globals['_UPLOADARTIFACTRESPONSE']._serialized_start=1884
+  _globals['_UPLOADARTIFACTRESPONSE']._serialized_end=1938
+  _globals['_COMMITARTIFACTSREQUEST']._serialized_start=1940
+  _globals['_COMMITARTIFACTSREQUEST']._serialized_end=2020
+  _globals['_COMMITARTIFACTSRESPONSE']._serialized_start=2022
+  _globals['_COMMITARTIFACTSRESPONSE']._serialized_end=2047
+  _globals['_AGENTSERVICE']._serialized_start=2050
+  _globals['_AGENTSERVICE']._serialized_end=2525
 # @@protoc_insertion_point(module_scope)

@@ -241,6 +241,26 @@ class JobAssignment(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class SecretsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     JOB_ID_FIELD_NUMBER: _builtins.int
     RUN_NAME_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
@@ -248,6 +268,7 @@ class JobAssignment(_message.Message):
     GPU_INDICES_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    SECRETS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     run_name: _builtins.str
     @_builtins.property
@@ -264,6 +285,10 @@ class JobAssignment(_message.Message):
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArtifactInput]:
         """artifacts to fetch into the working directory first"""
 
+    @_builtins.property
+    def secrets(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The team's secrets: set as environment variables, and masked in the job's log lines."""
+
     def __init__(
         self,
         *,
@@ -274,10 +299,11 @@ class JobAssignment(_message.Message):
         gpu_indices: _abc.Iterable[_builtins.int] | None = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         inputs: _abc.Iterable[Global___ArtifactInput] | None = ...,
+        secrets: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "env", b"env", "gpu_indices", b"gpu_indices", "inputs", b"inputs", "job_id", b"job_id", "run_name", b"run_name", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "env", b"env", "gpu_indices", b"gpu_indices", "inputs", b"inputs", "job_id", b"job_id", "run_name", b"run_name", "secrets", b"secrets", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -104,6 +104,21 @@ class ClientServiceStub:
                 request_serializer=protos_dot_v1_dot_client__pb2.DeleteTagRequest.SerializeToString,
                 response_deserializer=protos_dot_v1_dot_client__pb2.DeleteTagResponse.FromString,
                 _registered_method=True)
+        self.AddSecret = channel.unary_unary(
+                '/dstack.v1.ClientService/AddSecret',
+                request_serializer=protos_dot_v1_dot_client__pb2.AddSecretRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_client__pb2.AddSecretResponse.FromString,
+                _registered_method=True)
+        self.ListSecrets = channel.unary_unary(
+                '/dstack.v1.ClientService/ListSecrets',
+                request_serializer=protos_dot_v1_dot_client__pb2.ListSecretsRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_client__pb2.ListSecretsResponse.FromString,
+                _registered_method=True)
+        self.DeleteSecret = channel.unary_unary(
+                '/dstack.v1.ClientService/DeleteSecret',
+                request_serializer=protos_dot_v1_dot_client__pb2.DeleteSecretRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_client__pb2.DeleteSecretResponse.FromString,
+                _registered_method=True)
 
 
 class ClientServiceServicer:
@@ -193,6 +208,25 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddSecret(self, request, context):
+        """Values go in, never out: only the job hand-off to an agent carries them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSecrets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSecret(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -265,6 +299,21 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.DeleteTag,
                     request_deserializer=protos_dot_v1_dot_client__pb2.DeleteTagRequest.FromString,
                     response_serializer=protos_dot_v1_dot_client__pb2.DeleteTagResponse.SerializeToString,
+            ),
+            'AddSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddSecret,
+                    request_deserializer=protos_dot_v1_dot_client__pb2.AddSecretRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_client__pb2.AddSecretResponse.SerializeToString,
+            ),
+            'ListSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSecrets,
+                    request_deserializer=protos_dot_v1_dot_client__pb2.ListSecretsRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_client__pb2.ListSecretsResponse.SerializeToString,
+            ),
+            'DeleteSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSecret,
+                    request_deserializer=protos_dot_v1_dot_client__pb2.DeleteSecretRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_client__pb2.DeleteSecretResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -645,6 +694,87 @@ class ClientService:
             '/dstack.v1.ClientService/DeleteTag',
             protos_dot_v1_dot_client__pb2.DeleteTagRequest.SerializeToString,
             protos_dot_v1_dot_client__pb2.DeleteTagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/AddSecret',
+            protos_dot_v1_dot_client__pb2.AddSecretRequest.SerializeToString,
+            protos_dot_v1_dot_client__pb2.AddSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/ListSecrets',
+            protos_dot_v1_dot_client__pb2.ListSecretsRequest.SerializeToString,
+            protos_dot_v1_dot_client__pb2.ListSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/DeleteSecret',
+            protos_dot_v1_dot_client__pb2.DeleteSecretRequest.SerializeToString,
+            protos_dot_v1_dot_client__pb2.DeleteSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,

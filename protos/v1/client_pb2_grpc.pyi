@@ -47,6 +47,10 @@ class ClientServiceStub:
     AddTag: _grpc.UnaryUnaryMultiCallable[_client_pb2.AddTagRequest, _client_pb2.AddTagResponse]
     ListTags: _grpc.UnaryUnaryMultiCallable[_client_pb2.ListTagsRequest, _client_pb2.ListTagsResponse]
     DeleteTag: _grpc.UnaryUnaryMultiCallable[_client_pb2.DeleteTagRequest, _client_pb2.DeleteTagResponse]
+    AddSecret: _grpc.UnaryUnaryMultiCallable[_client_pb2.AddSecretRequest, _client_pb2.AddSecretResponse]
+    """Values go in, never out: only the job hand-off to an agent carries them."""
+    ListSecrets: _grpc.UnaryUnaryMultiCallable[_client_pb2.ListSecretsRequest, _client_pb2.ListSecretsResponse]
+    DeleteSecret: _grpc.UnaryUnaryMultiCallable[_client_pb2.DeleteSecretRequest, _client_pb2.DeleteSecretResponse]
 
 @_typing.type_check_only
 class ClientServiceAsyncStub(ClientServiceStub):
@@ -65,6 +69,10 @@ class ClientServiceAsyncStub(ClientServiceStub):
     AddTag: _aio.UnaryUnaryMultiCallable[_client_pb2.AddTagRequest, _client_pb2.AddTagResponse]  # type: ignore[assignment]
     ListTags: _aio.UnaryUnaryMultiCallable[_client_pb2.ListTagsRequest, _client_pb2.ListTagsResponse]  # type: ignore[assignment]
     DeleteTag: _aio.UnaryUnaryMultiCallable[_client_pb2.DeleteTagRequest, _client_pb2.DeleteTagResponse]  # type: ignore[assignment]
+    AddSecret: _aio.UnaryUnaryMultiCallable[_client_pb2.AddSecretRequest, _client_pb2.AddSecretResponse]  # type: ignore[assignment]
+    """Values go in, never out: only the job hand-off to an agent carries them."""
+    ListSecrets: _aio.UnaryUnaryMultiCallable[_client_pb2.ListSecretsRequest, _client_pb2.ListSecretsResponse]  # type: ignore[assignment]
+    DeleteSecret: _aio.UnaryUnaryMultiCallable[_client_pb2.DeleteSecretRequest, _client_pb2.DeleteSecretResponse]  # type: ignore[assignment]
 
 class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -164,5 +172,27 @@ class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _client_pb2.DeleteTagRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_client_pb2.DeleteTagResponse, _abc.Awaitable[_client_pb2.DeleteTagResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AddSecret(
+        self,
+        request: _client_pb2.AddSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.AddSecretResponse, _abc.Awaitable[_client_pb2.AddSecretResponse]]:
+        """Values go in, never out: only the job hand-off to an agent carries them."""
+
+    @_abc_1.abstractmethod
+    def ListSecrets(
+        self,
+        request: _client_pb2.ListSecretsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.ListSecretsResponse, _abc.Awaitable[_client_pb2.ListSecretsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteSecret(
+        self,
+        request: _client_pb2.DeleteSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.DeleteSecretResponse, _abc.Awaitable[_client_pb2.DeleteSecretResponse]]: ...
 
 def add_ClientServiceServicer_to_server(servicer: ClientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
