@@ -60,6 +60,19 @@ def collect_files(workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]) -> li
     return sorted(out.items())
 
 
+UploadCache = dict[str, tuple[tuple[int, int], common_pb2.ArtifactFile]]  # path -> ((size, mtime), file)
+
+
+def _collect_with_stat(
+    workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]
+) -> list[tuple[str, Path, tuple[int, int]]]:
+    out = []
+    for rel, p in collect_files(workdir, specs):
+        st = p.stat()
+        out.append((rel, p, (st.st_size, st.st_mtime_ns)))
+    return out
+
+
 class Uploader:
     def __init__(
         self,
@@ -71,16 +84,25 @@ class Uploader:
         self.metadata = metadata
         self.attempts = attempts
 
-    async def upload(self, job_id: str, workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]) -> int:
-        """Uploads every file, then commits the manifest; returns the number of files."""
-        files = await asyncio.to_thread(collect_files, workdir, specs)
+    async def upload(
+        self, job_id: str, workdir: Path, specs: Sequence[common_pb2.ArtifactSpec], cache: UploadCache | None = None
+    ) -> int:
+        """Uploads every file (skipping those in `cache` that did not change since), then commits the
+        manifest; returns the number of files."""
+        cache = {} if cache is None else cache
+        files = await asyncio.to_thread(_collect_with_stat, workdir, specs)
         sem = asyncio.Semaphore(PARALLEL)
 
-        async def one(rel: str, path: Path) -> common_pb2.ArtifactFile:
+        async def one(rel: str, path: Path, key: tuple[int, int]) -> common_pb2.ArtifactFile:
+            hit = cache.get(rel)
+            if hit is not None and hit[0] == key:
+                return hit[1]
             async with sem:
-                return await self._retry(f"upload {rel}", lambda: self._upload_file(job_id, rel, path))
+                f = await self._retry(f"upload {rel}", lambda: self._upload_file(job_id, rel, path))
+            cache[rel] = (key, f)
+            return f
 
-        manifest = await asyncio.gather(*(one(rel, p) for rel, p in files))
+        manifest = await asyncio.gather(*(one(rel, p, key) for rel, p, key in files))
         req = agent_pb2.CommitArtifactsRequest(job_id=job_id, files=manifest)
         await self._retry("commit manifest", lambda: self.stub.CommitArtifacts(req, metadata=self.metadata()))
         return len(manifest)

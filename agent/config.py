@@ -16,6 +16,7 @@ class AgentConfig:
     stop_grace_s: float = 10.0
     inventory_interval_s: float = 10.0
     upload_attempts: int = 5
+    mount_sync_s: float = 10.0  # how often `mount: true` artifact folders are saved while a job runs
 
     @property
     def credentials_path(self) -> Path:

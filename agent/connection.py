@@ -67,6 +67,7 @@ class Agent:
             downloader=Downloader(self.stub, self.metadata, config.upload_attempts),
             gpu_uuids=self._gpu_uuids,
             janitor=Janitor(),
+            mount_sync_s=config.mount_sync_s,
             agent_home=str(config.home),
         )
 

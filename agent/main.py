@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     )
     p.add_argument("--max-jobs", type=int, default=64)
     p.add_argument("--stop-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    p.add_argument("--mount-sync", type=float, default=10.0, help="seconds between saves of mount: true artifacts")
     a = p.parse_args(argv)
     if a.simulate_gpus:
         try:
@@ -46,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         simulate_gpus=a.simulate_gpus,
         max_jobs=a.max_jobs,
         stop_grace_s=a.stop_grace,
+        mount_sync_s=a.mount_sync,
     )
 
 

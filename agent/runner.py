@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.artifacts import ArtifactError, Downloader, Uploader, prepare_dirs
+from agent.artifacts import ArtifactError, Downloader, UploadCache, Uploader, prepare_dirs
 from agent.code import CodeCache
 from agent.masking import Masker
 from agent.outbox import Outbox
@@ -46,6 +46,7 @@ class RunnerDeps:
     downloader: Downloader
     gpu_uuids: Callable[[list[int]], list[str]]
     janitor: Janitor
+    mount_sync_s: float
     agent_home: str
 
 
@@ -125,6 +126,7 @@ class JobRunner:
         self.proc: JobProcess | None = None
         self.stop_requested = False
         self.abort = False
+        self.upload_cache: UploadCache = {}  # files already saved (mounted artifacts), by size and mtime
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> asyncio.Task[None]:
@@ -191,12 +193,17 @@ class JobRunner:
             if self.stop_requested:  # a stop that arrived while the process was starting
                 await self.proc.stop(self.abort)
             pump = asyncio.create_task(self._pump_output(self.proc))
+            mounts = [a for a in spec.artifacts if a.mount]
+            syncer = asyncio.create_task(self._sync_mounts(workdir, mounts)) if mounts else None
             try:
                 # The job ends when its main process does; the runtime then kills what is left of it.
                 code = await self.proc.wait()
                 await self._drain(pump)
             finally:
                 pump.cancel()
+                if syncer is not None:
+                    syncer.cancel()
+                    await asyncio.gather(syncer, return_exceptions=True)
             try:
                 await self._finish(code, workdir, spec)
             except Exception as e:  # a job must never be left without a final state
@@ -209,6 +216,15 @@ class JobRunner:
         finally:
             self.deps.outbox.mark_finished(self.job_id)
             self.deps.janitor.remove(workdir)
+
+    async def _sync_mounts(self, workdir: Path, mounts: list[common_pb2.ArtifactSpec]) -> None:
+        """`mount: true` folders are saved while the job runs (changed files only), not only at the end."""
+        while True:
+            await asyncio.sleep(self.deps.mount_sync_s)
+            try:
+                await self.deps.uploader.upload(self.job_id, workdir, mounts, self.upload_cache)
+            except (ArtifactError, OSError) as e:
+                log.warning("job %s: syncing mounted artifacts failed (will retry): %s", self.job_id, e)
 
     async def _drain(self, pump: asyncio.Task[None]) -> None:
         """Waits for the output the job wrote before it ended; a process that escaped the job's
@@ -256,7 +272,7 @@ class JobRunner:
 
     async def _save_artifacts(self, workdir: Path, spec: common_pb2.JobSpec) -> str | None:
         try:
-            n = await self.deps.uploader.upload(self.job_id, workdir, spec.artifacts)
+            n = await self.deps.uploader.upload(self.job_id, workdir, spec.artifacts, self.upload_cache)
             log.info("job %s: %d artifact file(s) saved", self.job_id, n)
             return None
         except (ArtifactError, OSError) as e:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from cli import fields
-from cli.errors import CliError, WorkflowError
+from cli.errors import CliError, Location, WorkflowError
 from cli.providers import load_provider
 from cli.spec import Artifact, Workflow
 from cli.yamlsrc import Node, Seq, load
@@ -137,7 +138,46 @@ def dependencies(node: Node) -> Dependencies:
 
 
 def _artifacts(node: Node) -> list[Artifact]:
-    return [Artifact(fields.relative_path(node, "artifacts", p)) for p in fields.string_list(node, "artifacts")]
+    """`artifacts: [model, {path: logs, mount: true}]`: paths relative to the working directory."""
+    items = node.get("artifacts")
+    if items is None:
+        return []
+    if not isinstance(items, Seq):
+        raise WorkflowError("'artifacts' must be a list of paths or {path, mount}", node.at("artifacts"))
+    out = []
+    for i, item in enumerate(items):
+        loc = items.item_locations[i]
+        if isinstance(item, Node):
+            fields.check_unknown(item, {"path", "mount"}, "an artifact")
+            mount = item.get("mount", False)
+            if not isinstance(mount, bool):
+                raise WorkflowError("'mount' must be true or false", item.at("mount"))
+            out.append(Artifact(_relative(fields.string(item, "path", required=True), item.at("path")), mount))
+        elif isinstance(item, (str, int, float)) and not isinstance(item, bool):
+            out.append(Artifact(_relative(str(item), loc)))
+        else:
+            raise WorkflowError("each artifact must be a path or {path, mount}", loc)
+    return out
+
+
+def _relative(path: str, loc: Location) -> str:
+    norm = posixpath.normpath(path)
+    if not path or path.startswith("/") or norm == ".." or norm.startswith("../"):
+        raise WorkflowError(f"artifacts path {path!r} must be relative and stay inside the working directory", loc)
+    root = _project_root(loc.file)
+    if root is not None and (root / norm).is_symlink():
+        target = (root / norm).resolve()
+        if not target.is_relative_to(root.resolve()):
+            raise WorkflowError(f"artifacts path {path!r} is a symlink to {target}, outside the working directory", loc)
+    return norm
+
+
+def _project_root(workflow_file: Path) -> Path | None:
+    """The folder holding .dstack/ for a workflow file in .dstack/ or .dstack/workflows/."""
+    for parent in workflow_file.parents:
+        if parent.name == ".dstack":
+            return parent.parent
+    return None
 
 
 def _environment(node: Node) -> dict[str, str]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 from cli.client import Client
 from cli.commands.logs import print_logs
-from cli.errors import NotFoundError, WorkflowError
+from cli.errors import Location, NotFoundError, WorkflowError
 from cli.render import run_status, run_summary
 from cli.yamlsrc import Node
 from protos.v1 import client_pb2, common_pb2
@@ -31,7 +32,13 @@ def _workflow_node(root: Path, workflow_name: str) -> Node:
     return node
 
 
-def build_request(root: Path, workflow_name: str, args: list[str]) -> client_pb2.SubmitRunRequest:
+@dataclass
+class Request:
+    submit: client_pb2.SubmitRunRequest
+    tag_locations: dict[str, Location]  # where each tag dependency is written, for a missing-tag error
+
+
+def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
     """Workflow + variables (with `--name value` overrides) -> job specs; every error before anything starts.
 
     Runtime dependencies (`depends-on: [download]`) join the run as jobs of their own, each run once,
@@ -47,6 +54,7 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> client_pb2
     known = set().union(*(v.defaults for v in variables.values()))
     overrides, rest = split_overrides(args, known)
     jobs = []
+    tag_locations: dict[str, Location] = {}
     for name in order:
         vs = variables[name]
         vs.values.update({k: v for k, v in overrides.items() if k in vs.defaults})
@@ -56,8 +64,23 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> client_pb2
         wf = parse_workflow(node)
         wf.env = vs.env() | wf.env  # what the workflow sets explicitly wins
         wf.run_args = run_args
+        for tag in wf.input_tags:
+            tag_locations.setdefault(tag, node.at("depends-on") if "depends-on" in node else node.at("deps"))
         jobs += load_provider(wf.provider, wf.node).job_specs(wf)
-    return client_pb2.SubmitRunRequest(workflow=workflow_name, jobs=jobs, args=args)
+    return Request(client_pb2.SubmitRunRequest(workflow=workflow_name, jobs=jobs, args=args), tag_locations)
+
+
+def check_tags(client: Client, request: Request) -> None:
+    """A tag dependency that does not exist is an error at the line that names it, before anything starts."""
+    if not request.tag_locations:
+        return
+    existing = {t.name for t in client.list_tags()}
+    for tag, loc in request.tag_locations.items():
+        if tag not in existing:
+            known = ", ".join(sorted(existing)) or "none"
+            raise WorkflowError(
+                f"tag {tag!r} does not exist (tags: {known}; `dstack tags add` or `dstack run -t`)", loc
+            )
 
 
 def _lookup(values: dict[str, str], run_args: str) -> Callable[[str], str | None]:
@@ -136,9 +159,11 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "") -> 
     if "--help" in args or "-h" in args:
         print(workflow_help(root, workflow))
         return 0
-    request = build_request(root, workflow, args)  # every workflow error before anything starts
+    built = build_request(root, workflow, args)  # every workflow error before anything starts
+    request = built.submit
     request.tag_on_done = tag
     client = connect()
+    check_tags(client, built)
     request.code.CopyFrom(upload_code(client, root, err))
     run = client.submit(request)
     err.print(f"[bold]{run.name}[/bold] submitted")

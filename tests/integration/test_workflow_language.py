@@ -113,3 +113,57 @@ def test_language_errors(tmp_path: Path) -> None:
     env["CALLER_TOKEN"] = "t"
     r = run("train")
     assert r.returncode == 2 and "${{ epoch }} is not defined" in r.stderr and "workflows.yaml:10:" in r.stderr
+
+
+def test_mounted_artifacts_are_saved_while_the_job_runs(cluster: Cluster, tmp_path: Path) -> None:
+    import json
+    import time
+
+    cluster.start_coordinator()
+    cluster.start_agent("agent-1", "--mount-sync", "0.3")
+    root = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: long
+            provider: bash
+            commands:
+              - mkdir -p logs model
+              - echo step-1 > logs/progress.txt
+              - sleep 30
+              - echo final > model/m.bin
+            artifacts:
+              - path: logs
+                mount: true
+              - model
+        """,
+    )
+    name = cluster.cli("run", "-d", "long", cwd=root).stdout.strip()
+    deadline = time.monotonic() + 20
+    files: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        files = json.loads(cluster.cli("artifacts", "list", name, "--json").stdout)
+        if files:
+            break
+        time.sleep(0.3)
+    assert [f["path"] for f in files] == ["logs/progress.txt"]  # while the job still runs
+    assert cluster.run_info(name)["status"] == "running"
+    cluster.cli("stop", name)
+
+
+def test_artifact_symlink_out_of_the_tree_is_an_error(tmp_path: Path) -> None:
+    root = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: w
+            provider: bash
+            commands: [echo]
+            artifacts: [escape]
+        """,
+    )
+    (root / "escape").symlink_to(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSTACK_")}
+    env.update(DSTACK_HOME=str(tmp_path / "h"), DSTACK_COORDINATOR="127.0.0.1:1", DSTACK_TOKEN="x")
+    r = subprocess.run([sys.executable, "-m", "cli", "run", "w"], capture_output=True, text=True, env=env, cwd=root)
+    assert r.returncode == 2 and "is a symlink to" in r.stderr and "workflows.yaml:6:" in r.stderr
