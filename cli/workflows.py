@@ -7,6 +7,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cli import fields
 from cli.errors import CliError, Location, WorkflowError
@@ -15,20 +16,69 @@ from cli.spec import Artifact, Workflow
 from cli.yamlsrc import Node, Seq, load
 from protos.v1 import common_pb2
 
-COMMON_FIELDS = {
-    "name",
-    "help",
-    "provider",
-    "depends-on",
-    "artifacts",
-    "resources",
-    "environment",
-    "env",
-    "deps",
-    "working_dir",
+# The fields every workflow may have, as JSON Schema: the loader accepts exactly these names (plus
+# the provider's own), and docs/workflows.schema.json is generated from the same tables (cli/schema.py).
+_STR = {"type": "string"}
+_STR_LIST = {"type": "array", "items": _STR}
+_SIZE = {"type": ["string", "integer"], "description": "bytes, or a size like 512MB, 64GB, 1.5GiB"}
+GPU_SCHEMA: dict[str, Any] = {
+    "count": {"type": "integer", "minimum": 0, "maximum": 1024},
+    "name": {"type": "string", "description": "matches GPU names case-insensitively, e.g. A100"},
+    "memory": {**_SIZE, "description": "minimum memory per GPU"},
 }
-RESOURCE_FIELDS = {"gpu", "cpu", "memory", "shm_size", "interruptible"}
-GPU_FIELDS = {"count", "name", "memory"}
+RESOURCE_SCHEMA: dict[str, Any] = {
+    "gpu": {
+        "oneOf": [
+            {"type": "integer", "minimum": 0, "maximum": 1024},
+            {"type": "object", "properties": GPU_SCHEMA, "additionalProperties": False},
+        ]
+    },
+    "cpu": {"type": "number", "minimum": 0},
+    "memory": _SIZE,
+    "shm_size": _SIZE,
+    "interruptible": {"type": "boolean"},
+}
+COMMON_SCHEMA: dict[str, Any] = {
+    "name": _STR,
+    "help": _STR,
+    "provider": _STR,
+    "depends-on": {**_STR_LIST, "description": "WORKFLOW (runs it first) or WORKFLOW:TAG (uses a tagged run)"},
+    "deps": {
+        "type": "array",
+        "items": {
+            "oneOf": [
+                {"type": "object", "properties": {"tag": _STR}, "required": ["tag"], "additionalProperties": False},
+                {
+                    "type": "object",
+                    "properties": {"workflow": _STR},
+                    "required": ["workflow"],
+                    "additionalProperties": False,
+                },
+            ]
+        },
+    },
+    "artifacts": {
+        "type": "array",
+        "items": {
+            "oneOf": [
+                _STR,
+                {
+                    "type": "object",
+                    "properties": {"path": _STR, "mount": {"type": "boolean"}},
+                    "required": ["path"],
+                    "additionalProperties": False,
+                },
+            ]
+        },
+    },
+    "resources": {"type": "object", "properties": RESOURCE_SCHEMA, "additionalProperties": False},
+    "environment": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean", "null"]}},
+    "env": {**_STR_LIST, "description": "K=V, or K to take K from the caller's environment"},
+    "working_dir": _STR,
+}
+COMMON_FIELDS = set(COMMON_SCHEMA)
+RESOURCE_FIELDS = set(RESOURCE_SCHEMA)
+GPU_FIELDS = set(GPU_SCHEMA)
 MAX_GPUS = 1024
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

@@ -84,7 +84,10 @@ def load(path: Path) -> Any:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         loc = Location(path, mark.line + 1, mark.column + 1) if mark else None
-        raise WorkflowError(f"invalid YAML: {e.problem or e.context}", loc) from None
+        message = f"invalid YAML: {e.problem or e.context}"
+        if e.problem and e.context and e.context_mark is not None and e.context_mark is not mark:
+            message += f" ({e.context} at line {e.context_mark.line + 1})"  # e.g. where a bracket was opened
+        raise WorkflowError(message, loc) from None
     except yaml.YAMLError as e:
         raise WorkflowError(f"invalid YAML: {e}", Location(path, 1, 1)) from None
     if root is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from typing import Any
 
 from cli.spec import Workflow
 from protos.v1 import common_pb2
@@ -10,7 +11,12 @@ from protos.v1 import common_pb2
 
 class Provider(abc.ABC):
     name: str
-    fields: frozenset[str] = frozenset()  # the provider's own workflow fields
+    schema: dict[str, Any] = {}  # the provider's own workflow fields, as JSON Schema
+    required: tuple[str, ...] = ()
+
+    @property
+    def fields(self) -> frozenset[str]:
+        return frozenset(self.schema)
 
     def validate(self, wf: Workflow) -> None:
         """Raises ProviderError (with the field's location) for a workflow it cannot run."""

@@ -9,7 +9,8 @@ class BashProvider(Provider):
     """Runs `commands` with bash, in order; the first failing command fails the job."""
 
     name = "bash"
-    fields = frozenset({"commands"})
+    schema = {"commands": {"type": "array", "items": {"type": "string"}, "description": "run by bash, in order"}}
+    required = ("commands",)
 
     def commands(self, wf: Workflow) -> list[str]:
         return fields.string_list(wf.node, "commands", required=True)

@@ -15,7 +15,14 @@ class PythonProvider(Provider):
     """Runs `file` with `args` under Python `version`, after installing `requirements` into a venv."""
 
     name = "python"
-    fields = frozenset({"file", "args", "requirements", "version", "python"})
+    schema = {
+        "file": {"type": "string", "description": "the script, relative to the working directory"},
+        "args": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        "requirements": {"type": "string", "description": "a requirements.txt installed into a venv first"},
+        "version": {"type": ["string", "number"], "description": "Python version, e.g. '3.11'"},
+        "python": {"type": ["string", "number"], "description": "same as version"},
+    }
+    required = ("file",)
 
     def _version(self, wf: Workflow) -> str:
         key = "version" if "version" in wf.node else "python"
