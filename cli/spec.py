@@ -29,4 +29,7 @@ class Workflow:
     resources: common_pb2.Resources = field(default_factory=common_pb2.Resources)
     env: dict[str, str] = field(default_factory=dict)
     working_dir: str = ""
+    before_run: list[str] = field(default_factory=list)
+    image: str = ""
+    ports: list[tuple[int, int]] = field(default_factory=list)  # (host, container)
     run_args: list[str] = field(default_factory=list)  # extra `dstack run` arguments, for the provider

@@ -75,6 +75,13 @@ COMMON_SCHEMA: dict[str, Any] = {
     "environment": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean", "null"]}},
     "env": {**_STR_LIST, "description": "K=V, or K to take K from the caller's environment"},
     "working_dir": _STR,
+    "before_run": {**_STR_LIST, "description": "commands run before the provider's own"},
+    "image": {**_STR, "description": "container image (container runtimes); the provider picks one if omitted"},
+    "ports": {
+        "type": "array",
+        "items": {"oneOf": [{"type": "integer", "minimum": 1, "maximum": 65535}, {"type": "string"}]},
+        "description": "PORT, or HOST_PORT:CONTAINER_PORT",
+    },
 }
 COMMON_FIELDS = set(COMMON_SCHEMA)
 RESOURCE_FIELDS = set(RESOURCE_SCHEMA)
@@ -150,6 +157,9 @@ def parse_workflow(node: Node) -> Workflow:
         resources=_resources(node),
         env=_environment(node),
         working_dir=fields.relative_path(node, "working_dir", fields.string(node, "working_dir", default=".")),
+        before_run=fields.string_list(node, "before_run"),
+        image=fields.string(node, "image"),
+        ports=_ports(node),
     )
     provider.validate(wf)
     return wf
@@ -228,6 +238,27 @@ def _project_root(workflow_file: Path) -> Path | None:
         if parent.name == ".dstack":
             return parent.parent
     return None
+
+
+def _ports(node: Node) -> list[tuple[int, int]]:
+    """`ports: [8888, "8080:80"]` -> (host, container) pairs, each in 1..65535."""
+    items = node.get("ports")
+    if items is None:
+        return []
+    if not isinstance(items, Seq):
+        raise WorkflowError("'ports' must be a list of PORT or HOST:CONTAINER", node.at("ports"))
+    out = []
+    for i, item in enumerate(items):
+        loc = items.item_locations[i]
+        text = str(item)
+        parts = text.split(":")
+        if isinstance(item, bool) or len(parts) > 2 or not all(p.isdigit() for p in parts):
+            raise WorkflowError(f"port {text!r} is not PORT or HOST:CONTAINER", loc)
+        numbers = [int(p) for p in parts]
+        if not all(1 <= n <= 65535 for n in numbers):
+            raise WorkflowError(f"port {text!r} is out of range (1-65535)", loc)
+        out.append((numbers[0], numbers[-1]))
+    return out
 
 
 def _environment(node: Node) -> dict[str, str]:

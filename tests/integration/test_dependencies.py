@@ -17,6 +17,7 @@ workflows:
   - name: download
     help: "Downloads the training data"
     provider: python
+    before_run: ["echo preparing"]
     file: download.py
     artifacts: ["data"]
   - name: train
@@ -51,7 +52,12 @@ FILES = {
         rows = open("data/sub/train.csv").read().splitlines()
         os.makedirs("model", exist_ok=True)
         open("model/weights.txt", "w").write(rows[1])
-        print("trained on data from", rows[1])
+        print("trained on data from", rows[1], "with batch size", os.environ.get("BATCH_SIZE", "none"))
+    """,
+    ".dstack/variables.yaml": """
+        variables:
+          train:
+            batch-size: 64
     """,
 }
 
@@ -70,11 +76,11 @@ def test_seed_example_runtime_and_tag_dependencies(cluster: Cluster, tmp_path: P
     root = write_project(tmp_path / "p", SEED, FILES)
 
     # Runtime dependency: one run, download then train; train sees download's artifacts.
-    r = cluster.cli("run", "train", cwd=root)
+    r = cluster.cli("run", "train", "--batch-size", "32", cwd=root)
     assert r.returncode == 0, r.stderr
     run = submitted(r.stderr)
-    assert "download | downloaded" in r.stdout
-    assert f"train | trained on data from {run}" in r.stdout
+    assert "download | preparing" in r.stdout and "download | downloaded" in r.stdout
+    assert f"train | trained on data from {run} with batch size 32" in r.stdout
     jobs = next(x for x in cluster.runs() if x["name"] == run)["jobs"]
     assert [j["name"] for j in jobs] == ["download", "train"]  # type: ignore[index]
 
@@ -92,7 +98,8 @@ def test_seed_example_runtime_and_tag_dependencies(cluster: Cluster, tmp_path: P
     downloads_before = len(runs_named(cluster, "download"))
     r = cluster.cli("run", "train-tagged", cwd=root)
     assert r.returncode == 0, r.stderr
-    assert f"trained on data from {tagged}" in r.stdout
+    # train's variables are train's alone (variables.yaml has no section for train-tagged)
+    assert f"trained on data from {tagged} with batch size none" in r.stdout
     assert len(runs_named(cluster, "download")) == downloads_before
 
     # deps: - workflow: download  uses the latest run of download that finished done.
