@@ -51,7 +51,8 @@ def string_list(node: Node, key: str, required: bool = False, split: bool = Fals
         if isinstance(item, (dict, list)) or item is None:
             loc = value.item_locations[i] if isinstance(value, Seq) else node.at(key)
             raise WorkflowError(f"item {i + 1} of {key!r} must be a string, not {type_name(item)}", loc)
-        out.append(str(item))
+        raw = value.item_raw[i] if isinstance(value, Seq) else None
+        out.append(raw if raw is not None and not isinstance(item, str) else str(item))  # `- true` is "true"
     return out
 
 

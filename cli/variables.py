@@ -122,25 +122,27 @@ def substitute(node: Node, lookup: Callable[[str], str | None]) -> None:
 
         return _REF.sub(one, text)
 
-    def walk(value: Any, loc: Location) -> Any:
-        if isinstance(value, str):
-            if "${{" not in value:
-                return value
-            expanded = expand(value, loc)
-            if _REF.fullmatch(value.strip()) and expanded != value:
-                return _typed(expanded)  # `gpu: ${{ gpus }}` is the number 2, not the text "2"
-            return expanded
+    def expand_scalar(text: str, loc: Location) -> tuple[Any, str]:
+        """The new value and its text as written; `gpu: ${{ gpus }}` is the number 2, not "2"."""
+        expanded = expand(text, loc)
+        if _REF.fullmatch(text.strip()) and expanded != text:
+            return _typed(expanded), expanded
+        return expanded, expanded
+
+    def walk(value: Any, loc: Location) -> None:
         if isinstance(value, Node):
             for k in list(value):
-                value[k] = walk(value[k], value.at(k))
-                if k in value.raw_values and isinstance(value[k], str):
-                    value.raw_values[k] = expand(value.raw_values[k], value.at(k))
-            return value
-        if isinstance(value, Seq):
-            for i, item in enumerate(value):
-                value[i] = walk(item, value.item_locations[i])
-            return value
-        return value
+                v = value[k]
+                if isinstance(v, str) and "${{" in v:
+                    value[k], value.raw_values[k] = expand_scalar(v, value.at(k))
+                else:
+                    walk(v, value.at(k))
+        elif isinstance(value, Seq):
+            for i, v in enumerate(value):
+                if isinstance(v, str) and "${{" in v:
+                    value[i], value.item_raw[i] = expand_scalar(v, value.item_locations[i])
+                else:
+                    walk(v, value.item_locations[i])
 
     walk(node, node.location)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,7 @@ class Dependencies:
     runtime: list[str]
     tags: list[str]
     workflows: list[str]
+    tag_workflows: dict[str, str] = field(default_factory=dict)  # `download:latest` -> {latest: download}
 
 
 def dependencies(node: Node) -> Dependencies:
@@ -182,6 +183,8 @@ def dependencies(node: Node) -> Dependencies:
                 f"invalid dependency {item!r}: expected WORKFLOW or WORKFLOW:TAG", node.at("depends-on")
             )
         (deps.tags if colon else deps.runtime).append(tag if colon else name)
+        if colon:
+            deps.tag_workflows[tag] = name
     items = node.get("deps")
     if items is None:
         return deps

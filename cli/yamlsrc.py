@@ -25,6 +25,7 @@ class Node(dict[str, Any]):
 class Seq(list[Any]):
     location: Location
     item_locations: list[Location]
+    item_raw: list[str | None]  # scalars as written (`- true` stays "true"); None for collections
 
 
 def _loc(path: Path, node: yaml.Node) -> Location:
@@ -52,6 +53,7 @@ def _convert(path: Path, node: yaml.Node) -> Any:
         seq = Seq(_convert(path, n) for n in node.value)
         seq.location = _loc(path, node)
         seq.item_locations = [_loc(path, n) for n in node.value]
+        seq.item_raw = [n.value if isinstance(n, yaml.ScalarNode) else None for n in node.value]
         return seq
     assert isinstance(node, yaml.ScalarNode)
     return _scalar(path, node)

@@ -36,6 +36,7 @@ def _workflow_node(root: Path, workflow_name: str) -> Node:
 class Request:
     submit: client_pb2.SubmitRunRequest
     tag_locations: dict[str, Location]  # where each tag dependency is written, for a missing-tag error
+    tag_workflows: dict[str, str]  # `download:latest`: the tagged run must be of workflow download
 
 
 def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
@@ -55,6 +56,7 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
     overrides, rest = split_overrides(args, known)
     jobs = []
     tag_locations: dict[str, Location] = {}
+    tag_workflows: dict[str, str] = {}
     for name in order:
         vs = variables[name]
         vs.values.update({k: v for k, v in overrides.items() if k in vs.defaults})
@@ -66,20 +68,29 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
         wf.run_args = run_args
         for tag in wf.input_tags:
             tag_locations.setdefault(tag, node.at("depends-on") if "depends-on" in node else node.at("deps"))
+        tag_workflows.update(dependencies(node).tag_workflows)
         jobs += load_provider(wf.provider, wf.node).job_specs(wf)
-    return Request(client_pb2.SubmitRunRequest(workflow=workflow_name, jobs=jobs, args=args), tag_locations)
+    submit = client_pb2.SubmitRunRequest(workflow=workflow_name, jobs=jobs, args=args)
+    return Request(submit, tag_locations, tag_workflows)
 
 
 def check_tags(client: Client, request: Request) -> None:
     """A tag dependency that does not exist is an error at the line that names it, before anything starts."""
     if not request.tag_locations:
         return
-    existing = {t.name for t in client.list_tags()}
+    existing = {t.name: t for t in client.list_tags()}
     for tag, loc in request.tag_locations.items():
         if tag not in existing:
             known = ", ".join(sorted(existing)) or "none"
             raise WorkflowError(
                 f"tag {tag!r} does not exist (tags: {known}; `dstack tags add` or `dstack run -t`)", loc
+            )
+        expected = request.tag_workflows.get(tag)
+        if expected and existing[tag].workflow != expected:
+            raise WorkflowError(
+                f"tag {tag!r} is on run {existing[tag].run_name} of workflow {existing[tag].workflow!r},"
+                f" not of {expected!r}",
+                loc,
             )
 
 

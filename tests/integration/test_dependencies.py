@@ -102,6 +102,14 @@ def test_seed_example_runtime_and_tag_dependencies(cluster: Cluster, tmp_path: P
     assert f"trained on data from {tagged} with batch size none" in r.stdout
     assert len(runs_named(cluster, "download")) == downloads_before
 
+    # `download:latest` needs `latest` on a run of download.
+    other = write_project(tmp_path / "q", "workflows:\n  - name: x\n    provider: bash\n    commands: [true]\n")
+    assert cluster.cli("run", "x", "-t", "on-x", cwd=other).returncode == 0
+    wrong = (root / ".dstack" / "workflows.yaml").read_text().replace("download:latest", "download:on-x")
+    (root / ".dstack" / "workflows.yaml").write_text(wrong)
+    r = cluster.cli("run", "train-tagged", cwd=root)
+    assert r.returncode == 2 and "tag 'on-x' is on run" in r.stderr and "not of 'download'" in r.stderr
+
     # deps: - workflow: download  uses the latest run of download that finished done.
     r = cluster.cli("run", "train-deps", cwd=root)
     assert r.returncode == 0, r.stderr

@@ -71,3 +71,10 @@ def test_values_out_of_range_are_workflow_errors(tmp_path: Path, line: str, need
     with pytest.raises(WorkflowError, match=r"workflows.yaml:\d+:\d+: ") as info:
         load(tmp_path, "workflows:\n  - name: t\n    provider: bash\n    commands: [x]\n" + line)
     assert needle in str(info.value)
+
+
+def test_list_items_keep_their_text(tmp_path: Path) -> None:
+    wfs = load(tmp_path, "workflows:\n  - name: t\n    provider: bash\n    commands: [true, 3.10, yes]\n")
+    from cli.providers import load_provider
+
+    assert list(load_provider("bash").job_specs(wfs["t"])[0].commands) == ["true", "3.10", "yes"]
