@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -60,16 +61,17 @@ def collect_files(workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]) -> li
     return sorted(out.items())
 
 
-UploadCache = dict[str, tuple[tuple[int, int], common_pb2.ArtifactFile]]  # path -> ((size, mtime), file)
+# path -> ((size, mtime, ctime, inode), file): a rewrite that keeps size and mtime still changes ctime
+UploadCache = dict[str, tuple[tuple[int, int, int, int], common_pb2.ArtifactFile]]
 
 
 def _collect_with_stat(
     workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]
-) -> list[tuple[str, Path, tuple[int, int]]]:
+) -> list[tuple[str, Path, tuple[int, int, int, int]]]:
     out = []
     for rel, p in collect_files(workdir, specs):
         st = p.stat()
-        out.append((rel, p, (st.st_size, st.st_mtime_ns)))
+        out.append((rel, p, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)))
     return out
 
 
@@ -93,7 +95,7 @@ class Uploader:
         files = await asyncio.to_thread(_collect_with_stat, workdir, specs)
         sem = asyncio.Semaphore(PARALLEL)
 
-        async def one(rel: str, path: Path, key: tuple[int, int]) -> common_pb2.ArtifactFile:
+        async def one(rel: str, path: Path, key: tuple[int, int, int, int]) -> common_pb2.ArtifactFile:
             hit = cache.get(rel)
             if hit is not None and hit[0] == key:
                 return hit[1]
@@ -181,6 +183,12 @@ class Downloader:
                 await self._fetch_file(src, f, workdir)
 
         files = [(src, f) for src in inputs for f in src.files]
+        seen: dict[str, agent_pb2.ArtifactInput] = {}
+        for src, f in files:
+            other = seen.setdefault(f.path, src)
+            if other is not src:  # two dependencies would write one file: refuse rather than pick one
+                first, second = f"{other.run_name}/{other.job_name}", f"{src.run_name}/{src.job_name}"
+                raise ArtifactError(f"{f.path} is an artifact of both {first} and {second}")
         await asyncio.gather(*(one(src, f) for src, f in files))
         return len(files)
 
@@ -188,11 +196,12 @@ class Downloader:
         dest = resolve_inside(workdir, f.path)
         what = f"{f.path} (from {src.run_name}/{src.job_name})"
         for attempt in range(1, self.attempts + 1):
-            tmp = dest.with_name(f".{dest.name}.part")
+            await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
+            fd, tmp_name = await asyncio.to_thread(tempfile.mkstemp, dir=dest.parent, prefix=f".{dest.name}.")
+            tmp = Path(tmp_name)
             try:
-                await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
                 digest = hashlib.sha256()
-                out = await asyncio.to_thread(tmp.open, "wb")
+                out = os.fdopen(fd, "wb")
                 try:
                     req = client_pb2.DownloadArtifactRequest(run_name=src.run_name, job_name=src.job_name, path=f.path)
                     async for chunk in self.stub.DownloadArtifact(req, metadata=self.metadata()):

@@ -32,7 +32,19 @@ def string(node: Node, key: str, required: bool = False, default: str = "") -> s
     value = node[key]
     if isinstance(value, bool) or isinstance(value, (dict, list)):
         raise WorkflowError(f"field {key!r} must be a string, not {type_name(value)}", node.at(key))
-    return str(value)
+    if isinstance(value, str):
+        return value
+    return node.raw_values.get(key, str(value))  # as written: `3.10` stays "3.10", not "3.1"
+
+
+def scalar_text(node: Node, key: str) -> str:
+    """A scalar mapping value as the user wrote it (YAML 1.1 would turn `yes` into True, `0123` into 83)."""
+    value = node[key]
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return node.raw_values.get(key, str(value))
 
 
 def string_list(node: Node, key: str, required: bool = False, split: bool = False) -> list[str]:

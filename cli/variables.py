@@ -28,8 +28,24 @@ from cli.errors import Location, WorkflowError
 from cli.yamlsrc import Node, Seq, load
 
 _REF = re.compile(r"\$\{\{\s*([^}]*?)\s*\}\}")
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 COORDINATOR_REFS = {"run.name"}  # replaced by the coordinator when it names the run
+# Set by the agent or dstack itself: a variable of the same (mapped) name would break the job.
+RESERVED_ENV = {
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "TZ",
+    "PYTHONUNBUFFERED",
+    "RUN_NAME",
+    "JOB_ID",
+    "WORKFLOW",
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    "DSTACK_AGENT_HOME",
+}
 
 
 def env_name(variable: str) -> str:
@@ -72,13 +88,26 @@ def load_variables(root: Path, workflow: str) -> Variables:
         if not isinstance(vars_, Node):
             raise WorkflowError(f"'{section}' must be a mapping of name: value", sections.at(section))
         for name, value in vars_.items():
-            if not _NAME.match(name):
+            if not _NAME.fullmatch(name):
                 raise WorkflowError(f"invalid variable name {name!r}", vars_.key_locations[name])
             if isinstance(value, (dict, list)):
                 raise WorkflowError(f"variable {name!r} must be a single value", vars_.at(name))
             # As written (`lr: 1.0` stays "1.0", not "1.0" re-printed from a float).
             out.defaults[name] = vars_.raw_values.get(name, _scalar_text(value))
             out.locations[name] = vars_.at(name)
+    by_env: dict[str, str] = {}
+    for name in out.defaults:
+        env = env_name(name)
+        if env in RESERVED_ENV:
+            raise WorkflowError(
+                f"variable {name!r} would set the job's {env}, which the job needs; rename it", out.locations[name]
+            )
+        if env in by_env and by_env[env] != name:
+            raise WorkflowError(
+                f"variables {by_env[env]!r} and {name!r} both become the environment variable {env}",
+                out.locations[name],
+            )
+        by_env[env] = name
     out.values = dict(out.defaults)
     return out
 

@@ -126,6 +126,8 @@ def load_workflow_nodes(root: Path) -> dict[str, Node]:
             if not isinstance(node, Node):
                 raise WorkflowError("each workflow must be a mapping with name and provider", items.item_locations[i])
             name = fields.string(node, "name", required=True)
+            _no_templates(node, "name")
+            _no_templates(node, "depends-on")
             if name in out:
                 first = out[name].location
                 where = f"line {first.line}" if first.file == path else f"{first.file}:{first.line}"
@@ -137,6 +139,14 @@ def load_workflow_nodes(root: Path) -> dict[str, Node]:
 def load_workflows(root: Path) -> dict[str, Workflow]:
     """Every workflow, parsed and validated (without variables: see cli.commands.run)."""
     return {name: parse_workflow(node) for name, node in load_workflow_nodes(root).items()}
+
+
+def _no_templates(node: Node, key: str) -> None:
+    """Names and dependencies decide the run's shape before variables are known: no `${{ }}` there."""
+    value = node.get(key)
+    texts = value if isinstance(value, list) else [value]
+    if any(isinstance(t, str) and "${{" in t for t in texts):
+        raise WorkflowError(f"'{key}' cannot use ${{{{ }}}} variables", node.at(key))
 
 
 def parse_workflow(node: Node) -> Workflow:
@@ -228,10 +238,15 @@ def _relative(path: str, loc: Location) -> str:
     if not path or path.startswith("/") or norm == ".." or norm.startswith("../"):
         raise WorkflowError(f"artifacts path {path!r} must be relative and stay inside the working directory", loc)
     root = _project_root(loc.file)
-    if root is not None and (root / norm).is_symlink():
-        target = (root / norm).resolve()
+    if root is not None:
+        try:
+            target = (root / norm).resolve()  # follows links anywhere on the path, not only the last part
+        except (OSError, RuntimeError) as e:  # a symlink loop
+            raise WorkflowError(f"artifacts path {path!r} cannot be resolved: {e}", loc) from None
         if not target.is_relative_to(root.resolve()):
-            raise WorkflowError(f"artifacts path {path!r} is a symlink to {target}, outside the working directory", loc)
+            raise WorkflowError(
+                f"artifacts path {path!r} leads through a symlink to {target}, outside the working directory", loc
+            )
     return norm
 
 
@@ -253,9 +268,10 @@ def _ports(node: Node) -> list[tuple[int, int]]:
     out = []
     for i, item in enumerate(items):
         loc = items.item_locations[i]
-        text = str(item)
+        raw = items.item_raw[i]
+        text = raw if raw is not None else str(item)  # `22:22` unquoted is a YAML 1.1 base-60 number
         parts = text.split(":")
-        if isinstance(item, bool) or len(parts) > 2 or not all(p.isdigit() for p in parts):
+        if isinstance(item, bool) or len(parts) > 2 or not all(p.isascii() and p.isdigit() for p in parts):
             raise WorkflowError(f"port {text!r} is not PORT or HOST:CONTAINER", loc)
         numbers = [int(p) for p in parts]
         if not all(1 <= n <= 65535 for n in numbers):
@@ -271,15 +287,15 @@ def _environment(node: Node) -> dict[str, str]:
     if env is not None:
         if not isinstance(env, Node):
             raise WorkflowError("'environment' must be a mapping of NAME: value", node.at("environment"))
-        out.update({str(k): "" if v is None else str(v) for k, v in env.items()})
+        out.update({str(k): fields.scalar_text(env, k) for k in env})
     items = node.get("env")
     if isinstance(items, Node):  # a mapping under `env:` works too
-        out.update({str(k): "" if v is None else str(v) for k, v in items.items()})
+        out.update({str(k): fields.scalar_text(items, k) for k in items})
     elif items is not None:
         for i, item in enumerate(fields.string_list(node, "env")):
             name, eq, value = item.partition("=")
             loc = items.item_locations[i] if isinstance(items, Seq) else node.at("env")
-            if not _ENV_NAME.match(name):
+            if not _ENV_NAME.fullmatch(name):
                 raise WorkflowError(f"invalid environment variable name {name!r} in 'env'", loc)
             if not eq:
                 if name not in os.environ:

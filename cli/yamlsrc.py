@@ -32,7 +32,10 @@ def _loc(path: Path, node: yaml.Node) -> Location:
     return Location(path, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
-def _convert(path: Path, node: yaml.Node) -> Any:
+def _convert(path: Path, node: yaml.Node, open_nodes: frozenset[int] = frozenset()) -> Any:
+    if id(node) in open_nodes:  # `- &w {x: *w}`: an alias inside itself
+        raise WorkflowError("a YAML alias refers to the node that contains it", _loc(path, node))
+    open_nodes = open_nodes | {id(node)}
     if isinstance(node, yaml.MappingNode):
         out = Node()
         out.location = _loc(path, node)
@@ -43,14 +46,14 @@ def _convert(path: Path, node: yaml.Node) -> Any:
             key = str(_scalar(path, k))
             if key in out:
                 raise WorkflowError(f"duplicate key {key!r}", _loc(path, k))
-            out[key] = _convert(path, v)
+            out[key] = _convert(path, v, open_nodes)
             out.key_locations[key] = _loc(path, k)
             out.value_locations[key] = _loc(path, v)
             if isinstance(v, yaml.ScalarNode):
                 out.raw_values[key] = v.value
         return out
     if isinstance(node, yaml.SequenceNode):
-        seq = Seq(_convert(path, n) for n in node.value)
+        seq = Seq(_convert(path, n, open_nodes) for n in node.value)
         seq.location = _loc(path, node)
         seq.item_locations = [_loc(path, n) for n in node.value]
         seq.item_raw = [n.value if isinstance(n, yaml.ScalarNode) else None for n in node.value]

@@ -14,12 +14,12 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from coordinator.errors import InvalidRequest
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MIN_MASKED_LENGTH = 4
 
 
 def check_secret_name(name: str) -> None:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidRequest(f"invalid secret name {name!r}: it becomes an environment variable (letters, digits, _)")
 
 

@@ -35,8 +35,8 @@ def _workflow_node(root: Path, workflow_name: str) -> Node:
 @dataclass
 class Request:
     submit: client_pb2.SubmitRunRequest
-    tag_locations: dict[str, Location]  # where each tag dependency is written, for a missing-tag error
-    tag_workflows: dict[str, str]  # `download:latest`: the tagged run must be of workflow download
+    # (tag, the workflow its run must be of, or "" for any; where it is written), for errors at that line
+    tag_checks: list[tuple[str, str, Location]]
 
 
 def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
@@ -55,8 +55,7 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
     known = set().union(*(v.defaults for v in variables.values()))
     overrides, rest = split_overrides(args, known)
     jobs = []
-    tag_locations: dict[str, Location] = {}
-    tag_workflows: dict[str, str] = {}
+    tag_checks: list[tuple[str, str, Location]] = []
     for name in order:
         vs = variables[name]
         vs.values.update({k: v for k, v in overrides.items() if k in vs.defaults})
@@ -66,26 +65,26 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
         wf = parse_workflow(node)
         wf.env = vs.env() | wf.env  # what the workflow sets explicitly wins
         wf.run_args = run_args
+        expected = dependencies(node).tag_workflows
         for tag in wf.input_tags:
-            tag_locations.setdefault(tag, node.at("depends-on") if "depends-on" in node else node.at("deps"))
-        tag_workflows.update(dependencies(node).tag_workflows)
+            loc = node.at("depends-on") if tag in expected else node.at("deps")
+            tag_checks.append((tag, expected.get(tag, ""), loc))
         jobs += load_provider(wf.provider, wf.node).job_specs(wf)
     submit = client_pb2.SubmitRunRequest(workflow=workflow_name, jobs=jobs, args=args)
-    return Request(submit, tag_locations, tag_workflows)
+    return Request(submit, tag_checks)
 
 
 def check_tags(client: Client, request: Request) -> None:
     """A tag dependency that does not exist is an error at the line that names it, before anything starts."""
-    if not request.tag_locations:
+    if not request.tag_checks:
         return
     existing = {t.name: t for t in client.list_tags()}
-    for tag, loc in request.tag_locations.items():
+    for tag, expected, loc in request.tag_checks:
         if tag not in existing:
             known = ", ".join(sorted(existing)) or "none"
             raise WorkflowError(
                 f"tag {tag!r} does not exist (tags: {known}; `dstack tags add` or `dstack run -t`)", loc
             )
-        expected = request.tag_workflows.get(tag)
         if expected and existing[tag].workflow != expected:
             raise WorkflowError(
                 f"tag {tag!r} is on run {existing[tag].run_name} of workflow {existing[tag].workflow!r},"

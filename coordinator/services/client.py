@@ -32,7 +32,7 @@ TOKEN_CACHE_S = 30.0
 
 
 def code_key(code_hash: str) -> str:
-    if not _HASH.match(code_hash):
+    if not _HASH.fullmatch(code_hash):
         raise InvalidRequest(f"invalid code hash {code_hash!r}")
     return f"code/{code_hash}.tar.gz"
 
@@ -403,11 +403,11 @@ def secret_to_proto(r: dict[str, Any]) -> client_pb2.Secret:
     return client_pb2.Secret(name=r["name"], created_at_ns=r["created_at"], updated_at_ns=r["updated_at"])
 
 
-_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def check_tag_name(tag: str) -> None:
-    if not _TAG.match(tag):
+    if not _TAG.fullmatch(tag):
         raise InvalidRequest(f"invalid tag {tag!r}: letters, digits, '.', '_' and '-', starting with a letter or digit")
 
 

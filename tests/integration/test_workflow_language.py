@@ -166,4 +166,4 @@ def test_artifact_symlink_out_of_the_tree_is_an_error(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSTACK_")}
     env.update(DSTACK_HOME=str(tmp_path / "h"), DSTACK_COORDINATOR="127.0.0.1:1", DSTACK_TOKEN="x")
     r = subprocess.run([sys.executable, "-m", "cli", "run", "w"], capture_output=True, text=True, env=env, cwd=root)
-    assert r.returncode == 2 and "is a symlink to" in r.stderr and "workflows.yaml:6:" in r.stderr
+    assert r.returncode == 2 and "leads through a symlink to" in r.stderr and "workflows.yaml:6:" in r.stderr

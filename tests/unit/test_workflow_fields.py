@@ -78,3 +78,47 @@ def test_list_items_keep_their_text(tmp_path: Path) -> None:
     from cli.providers import load_provider
 
     assert list(load_provider("bash").job_specs(wfs["t"])[0].commands) == ["true", "3.10", "yes"]
+
+
+def test_values_keep_their_text_in_env_image_and_ports(tmp_path: Path) -> None:
+    wfs = load(
+        tmp_path,
+        "workflows:\n  - name: t\n    provider: bash\n    commands: [x]\n    image: 3.10\n"
+        "    environment: {PY: 3.10, F: yes, ID: 0123}\n    ports: [22:22, 8080]\n",
+    )
+    wf = wfs["t"]
+    assert wf.env == {"PY": "3.10", "F": "yes", "ID": "0123"}
+    assert wf.image == "3.10"
+    assert wf.ports == [(22, 22), (8080, 8080)]
+
+
+@pytest.mark.parametrize(
+    ("variables", "needle"),
+    [
+        ("variables:\n  global:\n    path: data/train.csv\n", "would set the job's PATH"),
+        (
+            "variables:\n  global:\n    batch-size: 1\n    batch_size: 2\n",
+            "both become the environment variable BATCH_SIZE",
+        ),
+    ],
+)
+def test_variables_that_would_break_the_job(tmp_path: Path, variables: str, needle: str) -> None:
+    from cli.variables import load_variables
+
+    (tmp_path / ".dstack").mkdir()
+    (tmp_path / ".dstack" / "variables.yaml").write_text(variables)
+    with pytest.raises(WorkflowError, match=r"variables.yaml:\d+:\d+: ") as info:
+        load_variables(tmp_path, "t")
+    assert needle in str(info.value)
+
+
+def test_duplicate_input_paths_are_refused() -> None:
+    import asyncio
+
+    from agent.artifacts import ArtifactError, Downloader
+    from protos.v1 import agent_pb2, common_pb2
+
+    f = common_pb2.ArtifactFile(path="data/x", size=1, sha256="0" * 64)
+    inputs = [agent_pb2.ArtifactInput(run_name=r, job_name="download", files=[f]) for r in ("run-1", "run-2")]
+    with pytest.raises(ArtifactError, match="data/x is an artifact of both run-1/download and run-2/download"):
+        asyncio.run(Downloader(None, list, 1).fetch(inputs, Path("/nonexistent")))  # type: ignore[arg-type]
