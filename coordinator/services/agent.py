@@ -16,7 +16,7 @@ import grpc
 
 from coordinator.engine import Engine
 from coordinator.errors import Conflict, InvalidRequest, Unauthenticated
-from coordinator.services.client import artifact_key, code_key, put_from_stream, read_chunks
+from coordinator.services.client import artifact_key, code_key, put_from_stream, read_chunks, stream_artifact
 from coordinator.services.rpc import bearer_token, streaming, unary
 from protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2
 from storage import ArtifactStore
@@ -157,7 +157,5 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self, request: client_pb2.DownloadArtifactRequest, context: Ctx
     ) -> AsyncIterator[client_pb2.DataChunk]:
         await self._agent(context)
-        run = await self.db(self.store.run_by_name, request.run_name)
-        await self.db(self.store.artifact, run["id"], request.job_name, request.path)
-        async for chunk in read_chunks(self.artifacts, artifact_key(run["name"], request.job_name, request.path)):
-            yield client_pb2.DataChunk(data=chunk)
+        async for chunk in stream_artifact(self.engine, self.artifacts, request):
+            yield chunk

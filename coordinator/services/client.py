@@ -84,6 +84,16 @@ async def put_from_stream(
     return size, digest.hexdigest()
 
 
+async def stream_artifact(
+    engine: Engine, artifacts: ArtifactStore, request: client_pb2.DownloadArtifactRequest
+) -> AsyncIterator[client_pb2.DataChunk]:
+    """One recorded artifact file of a run's job, in chunks (for users and for agents' job inputs)."""
+    run = await engine.db(engine.store.run_by_name, request.run_name)
+    await engine.db(engine.store.artifact, run["id"], request.job_name, request.path)  # NOT_FOUND if not recorded
+    async for chunk in read_chunks(artifacts, artifact_key(run["name"], request.job_name, request.path)):
+        yield client_pb2.DataChunk(data=chunk)
+
+
 async def read_chunks(store: ArtifactStore, key: str) -> AsyncIterator[bytes]:
     f = await asyncio.to_thread(store.open_read, key)
     try:
@@ -323,10 +333,8 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         self, request: client_pb2.DownloadArtifactRequest, context: Ctx
     ) -> AsyncIterator[client_pb2.DataChunk]:
         await self._user(context)
-        run = await self.db(self.store.run_by_name, request.run_name)
-        await self.db(self.store.artifact, run["id"], request.job_name, request.path)
-        async for chunk in read_chunks(self.artifacts, artifact_key(run["name"], request.job_name, request.path)):
-            yield client_pb2.DataChunk(data=chunk)
+        async for chunk in stream_artifact(self.engine, self.artifacts, request):
+            yield chunk
 
     @unary
     async def ListAgents(self, request: client_pb2.ListAgentsRequest, context: Ctx) -> client_pb2.ListAgentsResponse:
