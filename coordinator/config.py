@@ -18,6 +18,12 @@ class CoordinatorConfig:
     # instead of waiting for a bigger agent to join.
     fail_unsatisfiable: bool = False
     local_mode: bool = False
+    # Logs of jobs finished this long ago move from the database to the store (coordinator/retention.py).
+    archive_after_s: float = 600.0
+    archive_interval_s: float = 30.0
+    # Delete archived logs (and, with retention_artifacts, artifacts of untagged runs) after this many days.
+    retention_days: float | None = None
+    retention_artifacts: bool = False
 
     @property
     def db_path(self) -> Path:

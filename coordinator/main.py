@@ -32,7 +32,18 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--listen", default="", help="unix:///path.sock or HOST:PORT (overrides --host/--port)")
-    p.add_argument("--storage", default=os.environ.get("DSTACK_STORAGE", ""), help="artifact store URL")
+    p.add_argument(
+        "--storage",
+        default=os.environ.get("DSTACK_STORAGE", ""),
+        help="artifact store: s3://BUCKET/PREFIX (endpoint and credentials from the standard AWS settings) or a"
+        " folder (default: STATE_DIR/storage)",
+    )
+    p.add_argument("--archive-logs-after", type=float, default=600.0, help="seconds after a job ends")
+    p.add_argument("--archive-interval", type=float, default=30.0, help=argparse.SUPPRESS)
+    p.add_argument("--retention-days", type=float, default=None, help="delete logs of runs finished this long ago")
+    p.add_argument(
+        "--retention-artifacts", action="store_true", help="with --retention-days: also artifacts of untagged runs"
+    )
     p.add_argument("--lease-timeout", type=float, default=15.0, help="seconds without heartbeat: agent lost")
     p.add_argument("--heartbeat-interval", type=float, default=3.0)
     p.add_argument("--fail-unsatisfiable", action="store_true", help="fail jobs no agent can ever run")
@@ -49,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         heartbeat_interval_s=a.heartbeat_interval,
         fail_unsatisfiable=a.fail_unsatisfiable,
         local_mode=a.local_mode,
+        archive_after_s=a.archive_logs_after,
+        archive_interval_s=a.archive_interval,
+        retention_days=a.retention_days,
+        retention_artifacts=a.retention_artifacts,
     )
 
 

@@ -11,14 +11,16 @@ from pathlib import Path
 
 import grpc
 
+from coordinator.artifacts import Artifacts
 from coordinator.config import CoordinatorConfig
 from coordinator.engine import Engine
+from coordinator.retention import Retention
 from coordinator.services.agent import AgentService
 from coordinator.services.client import ClientService
 from coordinator.store import Store
 from coordinator.store.executor import DbExecutor
 from protos.v1 import agent_pb2_grpc, client_pb2_grpc
-from storage import open_store
+from storage import StoreError, open_store
 
 log = logging.getLogger("dstack.coordinator")
 
@@ -57,8 +59,15 @@ async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -
     store = Store(config.db_path)
     db = DbExecutor(store)
     await db(store.ensure_user, "admin", config.admin_token, "admin")
-    artifacts = open_store(config.storage_url)
+    try:
+        object_store = open_store(config.storage_url)
+        await asyncio.to_thread(object_store.check)
+    except StoreError as e:
+        raise StartError(f"storage {config.storage_url}: {e}") from None
+    log.info("artifacts in %s", object_store.description)
+    artifacts = Artifacts(object_store)
     engine = Engine(config, store, db)
+    retention = Retention(config, store, db, artifacts)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     client_pb2_grpc.add_ClientServiceServicer_to_server(ClientService(engine, artifacts), server)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(engine, artifacts), server)
@@ -73,6 +82,7 @@ async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -
         raise StartError(f"cannot listen on {config.listen}: is the address in use?")
     await server.start()
     await engine.start()
+    retention_task = asyncio.create_task(retention.run_forever())
     log.info("coordinator listening on %s (pid %d)", config.listen, os.getpid())
     if ready is not None:
         ready.set()
@@ -84,6 +94,7 @@ async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -
         await stop.wait()
     finally:
         log.info("coordinator stopping")
+        retention_task.cancel()
         await engine.stop()
         await server.stop(grace=1.0)
         db.shutdown()

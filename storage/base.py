@@ -1,9 +1,10 @@
-"""The interface every artifact-store backend implements (local folder now, S3 next)."""
+"""The interface every artifact-store backend implements (a local folder, or S3)."""
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import BinaryIO
 
 
@@ -25,8 +26,24 @@ def check_key(key: str) -> str:
     return key
 
 
+@dataclass(frozen=True)
+class UploadGrant:
+    """Where a client with no credentials sends one object: one presigned PUT, or (for big objects) a
+    multipart upload whose parts each have a presigned PUT and which the store owner completes."""
+
+    key: str
+    url: str = ""
+    upload_id: str = ""
+    part_size: int = 0
+    part_urls: tuple[str, ...] = ()
+
+
 class ArtifactStore(abc.ABC):
     """Blocking API: callers run it in a worker thread, never on an event loop."""
+
+    #: whether clients can be handed presigned URLs; if not, the coordinator streams the bytes itself
+    presigns = False
+    description = ""
 
     @abc.abstractmethod
     def put_stream(self, key: str, chunks: Iterator[bytes]) -> int:
@@ -39,7 +56,15 @@ class ArtifactStore(abc.ABC):
     def exists(self, key: str) -> bool: ...
 
     @abc.abstractmethod
-    def delete_prefix(self, prefix: str) -> None: ...
+    def list_prefix(self, prefix: str) -> dict[str, int]:
+        """Every object under `prefix`, key -> size."""
+
+    @abc.abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Deletes every object under `prefix`; returns how many."""
+
+    def check(self) -> None:  # noqa: B027 (optional hook, nothing to check by default)
+        """Raises StoreError with an actionable message when the store cannot be used."""
 
     def put_bytes(self, key: str, data: bytes) -> int:
         return self.put_stream(key, iter([data]))
@@ -47,3 +72,16 @@ class ArtifactStore(abc.ABC):
     def read_bytes(self, key: str) -> bytes:
         with self.open_read(key) as f:
             return f.read()
+
+    # Presigning: only stores with `presigns = True` implement these.
+    def presign_get(self, key: str, expires_s: int) -> str:
+        raise StoreError(f"{type(self).__name__} cannot presign")
+
+    def grant_upload(self, key: str, size: int, expires_s: int) -> UploadGrant:
+        raise StoreError(f"{type(self).__name__} cannot presign")
+
+    def complete_upload(self, key: str, upload_id: str, etags: Sequence[str]) -> None:
+        raise StoreError(f"{type(self).__name__} cannot presign")
+
+    def abort_upload(self, key: str, upload_id: str) -> None:  # noqa: B027 (nothing to abort by default)
+        """Abandons an unfinished multipart upload (best effort)."""

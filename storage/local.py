@@ -15,6 +15,7 @@ from storage.base import ArtifactStore, ObjectNotFound, check_key
 class LocalStore(ArtifactStore):
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.description = str(root)
         root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
@@ -45,5 +46,23 @@ class LocalStore(ArtifactStore):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def delete_prefix(self, prefix: str) -> None:
-        shutil.rmtree(self._path(prefix.rstrip("/")), ignore_errors=True)
+    def list_prefix(self, prefix: str) -> dict[str, int]:
+        base = self._path(prefix.rstrip("/"))
+        if base.is_file():
+            return {prefix.rstrip("/"): base.stat().st_size}
+        out = {}
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if not name.startswith(".tmp-"):
+                    p = Path(dirpath) / name
+                    out[p.relative_to(self.root).as_posix()] = p.stat().st_size
+        return out
+
+    def delete_prefix(self, prefix: str) -> int:
+        base = self._path(prefix.rstrip("/"))
+        if base.is_file():
+            base.unlink()
+            return 1
+        count = sum(len(files) for _, _, files in os.walk(base))
+        shutil.rmtree(base, ignore_errors=True)
+        return count

@@ -1,16 +1,18 @@
-"""Chooses a backend from a storage URL."""
+"""Chooses a backend from a storage URL: s3://BUCKET/PREFIX, file://PATH or a plain path."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from storage.base import ArtifactStore, StoreError
+from storage.base import ArtifactStore
 from storage.local import LocalStore
 
 
 def open_store(url: str) -> ArtifactStore:
     if url.startswith("s3://"):
-        raise StoreError("the S3 backend is not available yet; use a local folder")
+        from storage.s3 import S3Location, S3Store
+
+        return S3Store(S3Location.parse(url))
     if url.startswith("file://"):
         url = url[len("file://") :]
     return LocalStore(Path(url).expanduser().resolve())

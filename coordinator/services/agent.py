@@ -5,39 +5,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
-import posixpath
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import grpc
 
+from coordinator.artifacts import Artifacts, artifact_key, code_key
 from coordinator.engine import Engine
-from coordinator.errors import Conflict, InvalidRequest, Unauthenticated
-from coordinator.services.client import artifact_key, code_key, put_from_stream, read_chunks, stream_artifact
+from coordinator.errors import Conflict, Unauthenticated
+from coordinator.services.client import check_relative_path, put_from_stream, read_chunks, stream_artifact
 from coordinator.services.rpc import bearer_token, streaming, unary
 from protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2
-from storage import ArtifactStore
 
 Ctx: TypeAlias = Any  # grpc.aio.ServicerContext: grpc ships no type information
 log = logging.getLogger("dstack.coordinator")
 
 
-def check_relative_path(path: str) -> str:
-    norm = posixpath.normpath(path)
-    if not path or path.startswith("/") or norm.startswith("..") or norm == ".":
-        raise InvalidRequest(f"artifact path {path!r} must be relative and inside the working directory")
-    return norm
-
-
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, engine: Engine, artifacts: ArtifactStore) -> None:
+    def __init__(self, engine: Engine, artifacts: Artifacts) -> None:
         self.engine = engine
         self.store = engine.store
         self.db = engine.db
-        self.artifacts = artifacts
+        self.artifacts = artifacts.store
+        self.bookkeeping = artifacts
 
     async def _agent(self, context: Ctx) -> str:
         row = await self.db(self.store.agent_by_token, bearer_token(context))
@@ -134,23 +126,48 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         agent_id = await self._agent(context)
         job = await self._own_job(agent_id, request.job_id)
         files = [(check_relative_path(f.path), f.size, f.sha256) for f in request.files]
-        for path, _, _ in files:
-            key = artifact_key(job["run_name"], job["job_name"], path)
-            if not await asyncio.to_thread(self.artifacts.exists, key):
-                raise InvalidRequest(f"artifact {path!r} was not uploaded")
-        manifest = {
-            "run": job["run_name"],
-            "job": job["job_name"],
-            "files": [{"path": p, "size": s, "sha256": h} for p, s, h in files],
-        }
-        # The manifest is written last: its presence means the job's artifacts are complete.
-        await asyncio.to_thread(
-            self.artifacts.put_bytes,
-            f"runs/{job['run_name']}/{job['job_name']}/manifest.json",
-            json.dumps(manifest, indent=1).encode(),
-        )
+        await self.bookkeeping.commit(job["run_name"], job["job_name"], files, request.completed)
         await self.db(self.store.save_artifacts, request.job_id, files)
         return agent_pb2.CommitArtifactsResponse()
+
+    @unary
+    async def GrantCode(self, request: agent_pb2.GetCodeRequest, context: Ctx) -> agent_pb2.GrantCodeResponse:
+        await self._agent(context)
+        return agent_pb2.GrantCodeResponse(url=await self.bookkeeping.code_download_url(request.hash))
+
+    @unary
+    async def GrantUploads(
+        self, request: agent_pb2.GrantUploadsRequest, context: Ctx
+    ) -> agent_pb2.GrantUploadsResponse:
+        agent_id = await self._agent(context)
+        job = await self._own_job(agent_id, request.job_id)
+        if not self.bookkeeping.presigns:
+            return agent_pb2.GrantUploadsResponse(stream=True)
+        for f in request.files:
+            check_relative_path(f.path)
+        grants = await self.bookkeeping.grant_uploads(job["run_name"], job["job_name"], request.files)
+        return agent_pb2.GrantUploadsResponse(grants=grants)
+
+    @unary
+    async def GrantDownloads(
+        self, request: agent_pb2.GrantDownloadsRequest, context: Ctx
+    ) -> agent_pb2.GrantDownloadsResponse:
+        await self._agent(context)
+        if not self.bookkeeping.presigns:
+            return agent_pb2.GrantDownloadsResponse(stream=True)
+        keys = await self.db(self._recorded_keys, list(request.files))
+        return agent_pb2.GrantDownloadsResponse(urls=await self.bookkeeping.download_urls(keys))
+
+    def _recorded_keys(self, files: list[client_pb2.DownloadArtifactRequest]) -> list[str]:
+        """Store keys of recorded artifacts only (NOT_FOUND otherwise): no URL for an unknown object."""
+        keys = []
+        runs: dict[str, str] = {}
+        for f in files:
+            if f.run_name not in runs:
+                runs[f.run_name] = self.store.run_by_name(f.run_name)["id"]
+            self.store.artifact(runs[f.run_name], f.job_name, f.path)
+            keys.append(artifact_key(f.run_name, f.job_name, f.path))
+        return keys
 
     @streaming
     async def DownloadArtifact(

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import json
+import posixpath
 import queue
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeAlias
 
+from coordinator.artifacts import Artifacts, artifact_key, code_key, logs_key
 from coordinator.convert import inventory_from_bytes, run_to_proto
 from coordinator.engine import Engine
 from coordinator.errors import InvalidRequest
@@ -25,20 +28,9 @@ from storage import ArtifactStore, StoreError
 Ctx: TypeAlias = Any  # grpc.aio.ServicerContext: grpc ships no type information
 VERSION = "0.1.0"
 CHUNK = 1 << 20
-_HASH = re.compile(r"^[0-9a-f]{64}$")
 LOG_BATCH = 5000
 LOG_BATCH_BYTES = 4 << 20
 TOKEN_CACHE_S = 30.0
-
-
-def code_key(code_hash: str) -> str:
-    if not _HASH.fullmatch(code_hash):
-        raise InvalidRequest(f"invalid code hash {code_hash!r}")
-    return f"code/{code_hash}.tar.gz"
-
-
-def artifact_key(run_name: str, job_name: str, path: str) -> str:
-    return f"runs/{run_name}/{job_name}/artifacts/{path}"
 
 
 async def put_from_stream(
@@ -94,6 +86,15 @@ async def stream_artifact(
         yield client_pb2.DataChunk(data=chunk)
 
 
+def read_log_archive(store: ArtifactStore, key: str) -> list[common_pb2.LogLine]:
+    """The lines of an archived job log (gzipped JSON lines, one per log line)."""
+    with store.open_read(key) as f, gzip.open(f, "rt", encoding="utf-8") as lines:
+        return [
+            common_pb2.LogLine(seq=d["seq"], stream=d["stream"], time_ns=d["t"], text=d["text"])
+            for d in map(json.loads, lines)
+        ]
+
+
 async def read_chunks(store: ArtifactStore, key: str) -> AsyncIterator[bytes]:
     f = await asyncio.to_thread(store.open_read, key)
     try:
@@ -104,11 +105,12 @@ async def read_chunks(store: ArtifactStore, key: str) -> AsyncIterator[bytes]:
 
 
 class ClientService(client_pb2_grpc.ClientServiceServicer):
-    def __init__(self, engine: Engine, artifacts: ArtifactStore) -> None:
+    def __init__(self, engine: Engine, artifacts: Artifacts) -> None:
         self.engine = engine
         self.store = engine.store
         self.db = engine.db
-        self.artifacts = artifacts
+        self.artifacts = artifacts.store
+        self.bookkeeping = artifacts
         self._tokens: dict[str, tuple[str, float]] = {}
 
     async def _user(self, context: Ctx) -> str:
@@ -146,7 +148,9 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     async def HasCode(self, request: client_pb2.HasCodeRequest, context: Ctx) -> client_pb2.HasCodeResponse:
         await self._user(context)
         code_key(request.hash)
-        return client_pb2.HasCodeResponse(present=await self.db(self.store.has_code, request.hash))
+        if await self.db(self.store.has_code, request.hash):
+            return client_pb2.HasCodeResponse(present=True)
+        return client_pb2.HasCodeResponse(upload_url=await self.bookkeeping.code_upload_url(request.hash))
 
     @unary
     async def PutCode(
@@ -180,7 +184,11 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
             if j.resources.gpu.count > 1024 or j.resources.cpu < 0:
                 raise InvalidRequest(f"job {j.job_name!r}: invalid resources")
         if request.code.hash and not await self.db(self.store.has_code, request.code.hash):
-            raise InvalidRequest(f"code {request.code.hash} was not uploaded")
+            # Uploaded straight to the store with a presigned URL: checked once, then recorded.
+            size = await self.bookkeeping.verify_code(request.code.hash)
+            if size is None:
+                raise InvalidRequest(f"code {request.code.hash} was not uploaded")
+            await self.db(self.store.add_code, request.code.hash, size)
         code = request.code.SerializeToString()
         if request.tag_on_done:
             check_tag_name(request.tag_on_done)
@@ -271,7 +279,12 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         await self._user(context)
         run = await self.db(self.store.run_by_name, request.run_name)
         jobs = (await self.db(self.store.jobs_of_runs, [run["id"]]))[run["id"]]
-        cursors = {j["id"]: 0 for j in jobs}
+        # Logs of long-finished jobs live in the store (coordinator/retention.py), not the database.
+        for j in jobs:
+            if j["logs_state"]:
+                async for part in self._archived_logs(run["name"], j["job_name"], j["logs_state"]):
+                    yield part
+        cursors = {j["id"]: 0 for j in jobs if not j["logs_state"]}
         names = {j["id"]: j["job_name"] for j in jobs}
 
         def read() -> list[client_pb2.JobLogs]:
@@ -314,6 +327,26 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
             except TimeoutError:
                 pass
 
+    async def _archived_logs(
+        self, run_name: str, job_name: str, state: int
+    ) -> AsyncIterator[client_pb2.StreamLogsResponse]:
+        if state == 2:
+            text = "[dstack: the logs of this job were deleted by the retention policy]"
+            yield client_pb2.StreamLogsResponse(
+                jobs=[
+                    client_pb2.JobLogs(
+                        job_name=job_name,
+                        lines=[common_pb2.LogLine(seq=1, stream=common_pb2.LOG_STREAM_SYSTEM, text=text)],
+                    )
+                ]
+            )
+            return
+        lines = await asyncio.to_thread(read_log_archive, self.artifacts, logs_key(run_name, job_name))
+        for i in range(0, len(lines), LOG_BATCH):
+            yield client_pb2.StreamLogsResponse(
+                jobs=[client_pb2.JobLogs(job_name=job_name, lines=lines[i : i + LOG_BATCH])]
+            )
+
     @unary
     async def ListArtifacts(
         self, request: client_pb2.ListArtifactsRequest, context: Ctx
@@ -321,11 +354,17 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         await self._user(context)
         run = await self.db(self.store.run_by_name, request.run_name)
         rows = await self.db(self.store.list_artifacts, run["id"])
+        urls: list[str] = []
+        if request.with_urls and self.bookkeeping.presigns:
+            urls = await self.bookkeeping.download_urls(
+                [artifact_key(run["name"], r["job_name"], r["path"]) for r in rows]
+            )
         return client_pb2.ListArtifactsResponse(
             files=[
                 common_pb2.ArtifactFile(job_name=r["job_name"], path=r["path"], size=r["size"], sha256=r["sha256"])
                 for r in rows
-            ]
+            ],
+            urls=urls,
         )
 
     @streaming
@@ -335,6 +374,60 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         await self._user(context)
         async for chunk in stream_artifact(self.engine, self.artifacts, request):
             yield chunk
+
+    @unary
+    async def CreateUpload(
+        self, request: client_pb2.CreateUploadRequest, context: Ctx
+    ) -> client_pb2.CreateUploadResponse:
+        owner = await self._user(context)
+        check_tag_name(request.tag)
+        if not _WORKFLOW.fullmatch(request.workflow):
+            raise InvalidRequest(f"invalid workflow name {request.workflow!r}")
+        for f in request.files:
+            check_relative_path(f.path)
+        _, name, _ = await self.db(self.store.create_upload_run, owner, request.workflow, request.tag)
+        if not self.bookkeeping.presigns:
+            return client_pb2.CreateUploadResponse(run_name=name, stream=True)
+        grants = await self.bookkeeping.grant_uploads(name, request.workflow, request.files)
+        return client_pb2.CreateUploadResponse(run_name=name, grants=grants)
+
+    @unary
+    async def PutArtifact(
+        self, request_iterator: AsyncIterator[client_pb2.PutArtifactRequest], context: Ctx
+    ) -> client_pb2.PutArtifactResponse:
+        await self._user(context)
+        first = await anext(aiter(request_iterator))
+        job = await self.db(self.store.upload_job, first.run_name)
+        path = check_relative_path(first.path)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield first.data
+            async for msg in request_iterator:
+                yield msg.data
+
+        key = artifact_key(first.run_name, job["job_name"], path)
+        size, digest = await put_from_stream(self.artifacts, key, chunks())
+        return client_pb2.PutArtifactResponse(size=size, sha256=digest)
+
+    @unary
+    async def CommitUpload(
+        self, request: client_pb2.CommitUploadRequest, context: Ctx
+    ) -> client_pb2.CommitUploadResponse:
+        await self._user(context)
+        job = await self.db(self.store.upload_job, request.run_name)
+        files = [(check_relative_path(f.path), f.size, f.sha256) for f in request.files]
+        await self.bookkeeping.commit(request.run_name, job["job_name"], files, request.completed)
+        await self.db(self.store.finish_upload_run, request.run_name, files)
+        return client_pb2.CommitUploadResponse(run=await self._run(request.run_name))
+
+    @unary
+    async def DeleteRun(self, request: client_pb2.DeleteRunRequest, context: Ctx) -> client_pb2.DeleteRunResponse:
+        await self._user(context)
+        run = await self.db(self.store.deletable_run, request.name)
+        # Objects first: if this fails halfway, the run is still listed and `dstack rm` can be repeated.
+        deleted = await self.bookkeeping.delete_run(run["name"])
+        await self.db(self.store.delete_run, run["id"])
+        return client_pb2.DeleteRunResponse(objects_deleted=deleted)
 
     @unary
     async def ListAgents(self, request: client_pb2.ListAgentsRequest, context: Ctx) -> client_pb2.ListAgentsResponse:
@@ -409,6 +502,16 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
 def secret_to_proto(r: dict[str, Any]) -> client_pb2.Secret:
     return client_pb2.Secret(name=r["name"], created_at_ns=r["created_at"], updated_at_ns=r["updated_at"])
+
+
+_WORKFLOW = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_relative_path(path: str) -> str:
+    norm = posixpath.normpath(path)
+    if not path or path.startswith("/") or norm.startswith("..") or norm == "." or "\x00" in path:
+        raise InvalidRequest(f"artifact path {path!r} must be relative and inside the working directory")
+    return norm
 
 
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

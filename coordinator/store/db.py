@@ -19,7 +19,7 @@ from typing import Any
 
 import sqlite_utils
 
-from coordinator.errors import Conflict, NotFound
+from coordinator.errors import Conflict, InvalidRequest, NotFound
 from coordinator.names import random_run_prefix
 from coordinator.store.schema import migrate
 from protos.v1 import agent_pb2, common_pb2
@@ -749,6 +749,120 @@ class Store:
         if row is None:
             raise NotFound(f"artifact {path!r} of job {job_name!r} does not exist")
         return row
+
+    # ---- uploaded artifact sets (`dstack artifacts upload`) -------------------------------------
+    def create_upload_run(self, owner: str, workflow: str, tag: str) -> tuple[str, str, str]:
+        """A run with one job, already uploading (never queued); returns run id, name and job id."""
+        if self._row("SELECT 1 FROM tags WHERE name = ?", [tag]):
+            raise Conflict(f"tag {tag!r} already exists: delete it first (`dstack tags delete {tag}`)")
+        name = self.reserve_run_name()
+        now = self.clock()
+        run_id, job_id = uuid.uuid4().hex, uuid.uuid4().hex
+        spec = common_pb2.JobSpec(job_name=workflow, provider="upload").SerializeToString()
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO runs (id, name, owner, workflow, status, termination_reason, message, submitted_at,"
+                " code_hash, code, args, queue, priority, tag_on_done, kind) VALUES (?, ?, ?, ?, ?, 0, '', ?, '',"
+                " ?, '[]', '', 0, ?, 'upload')",
+                [run_id, name, owner, workflow, common_pb2.RUN_STATUS_RUNNING, now, b"", tag],
+            )
+            c.execute(
+                "INSERT INTO jobs (id, run_id, job_name, spec, status, termination_reason, message, agent_id,"
+                " gpu_indices, submitted_at, started_at, stop_requested, cpu, memory, gpu_count, depends_on, inputs)"
+                " VALUES (?, ?, ?, ?, ?, 0, '', NULL, '[]', ?, ?, 0, 0, 0, 0, '[]', '[]')",
+                [job_id, run_id, workflow, spec, JS.JOB_STATUS_UPLOADING, now, now],
+            )
+        return run_id, name, job_id
+
+    def upload_job(self, run_name: str) -> Row:
+        run = self.run_by_name(run_name)
+        job = self._row("SELECT id, job_name, status FROM jobs WHERE run_id = ?", [run["id"]])
+        if run["kind"] != "upload" or job is None:
+            raise InvalidRequest(f"run {run_name!r} is not an artifact upload")
+        if job["status"] != JS.JOB_STATUS_UPLOADING:
+            raise Conflict(f"the upload {run_name!r} is already finished")
+        return {**job, "run_id": run["id"], "run_name": run_name, "tag": run["tag_on_done"]}
+
+    def finish_upload_run(self, run_name: str, files: Sequence[tuple[str, int, str]]) -> None:
+        """Records the files, marks the job (and so the run) done and sets the tag, in one transaction."""
+        job = self.upload_job(run_name)
+        now = self.clock()
+        with self.tx() as c:
+            c.execute("DELETE FROM artifacts WHERE job_id = ?", [job["id"]])
+            c.executemany(
+                "INSERT INTO artifacts (job_id, path, size, sha256) VALUES (?, ?, ?, ?)",
+                [(job["id"], p, sz, h) for p, sz, h in files],
+            )
+            c.execute(
+                "UPDATE jobs SET status = ?, termination_reason = ?, finished_at = ?, exit_code = 0 WHERE id = ?",
+                [JS.JOB_STATUS_DONE, TR.TERMINATION_REASON_DONE, now, job["id"]],
+            )
+            self.refresh_run_status(c, job["run_id"])
+            if job["tag"]:
+                if c.execute("SELECT 1 FROM tags WHERE name = ?", [job["tag"]]).fetchone():
+                    raise Conflict(f"tag {job['tag']!r} already exists: delete it first")
+                c.execute(
+                    "INSERT INTO tags (name, run_id, created_at) VALUES (?, ?, ?)", [job["tag"], job["run_id"], now]
+                )
+
+    # ---- deletion and retention ----------------------------------------------------------------
+    def deletable_run(self, run_name: str) -> Row:
+        run = self.run_by_name(run_name)
+        unfinished_upload = run["kind"] == "upload" and run["finished_at"] is None
+        if run["finished_at"] is None and not unfinished_upload:
+            raise Conflict(f"run {run_name!r} has not finished: stop it first (`dstack stop {run_name}`)")
+        tags = [r["name"] for r in self._rows("SELECT name FROM tags WHERE run_id = ?", [run["id"]])]
+        if tags:
+            raise Conflict(
+                f"run {run_name!r} is tagged {', '.join(tags)}: delete the tag first (`dstack tags delete {tags[0]}`)"
+            )
+        return run
+
+    def delete_run(self, run_id: str) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM logs WHERE job_id IN (SELECT id FROM jobs WHERE run_id = ?)", [run_id])
+            c.execute("DELETE FROM artifacts WHERE job_id IN (SELECT id FROM jobs WHERE run_id = ?)", [run_id])
+            c.execute("DELETE FROM jobs WHERE run_id = ?", [run_id])
+            c.execute("DELETE FROM runs WHERE id = ?", [run_id])
+
+    def jobs_to_archive(self, finished_before: int, limit: int) -> list[Row]:
+        return self._rows(
+            "SELECT j.id, j.job_name, r.name AS run_name FROM jobs j JOIN runs r ON r.id = j.run_id"
+            f" WHERE j.logs_state = 0 AND j.status IN ({_in(TERMINAL)}) AND j.finished_at < ? LIMIT ?",
+            [finished_before, limit],
+        )
+
+    def all_logs(self, job_id: str) -> list[tuple[int, int, int, str]]:
+        return [
+            (r[0], r[1], r[2], r[3])
+            for r in self.conn.execute(
+                "SELECT seq, stream, time_ns, text FROM logs WHERE job_id = ? ORDER BY seq", [job_id]
+            )
+        ]
+
+    def mark_logs_archived(self, job_id: str) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE jobs SET logs_state = 1 WHERE id = ?", [job_id])
+            c.execute("DELETE FROM logs WHERE job_id = ?", [job_id])
+
+    def expired_runs(self, finished_before: int) -> list[Row]:
+        """Finished runs past retention whose logs or (untagged) artifacts are still kept."""
+        return self._rows(
+            "SELECT r.id, r.name, r.artifacts_deleted, EXISTS(SELECT 1 FROM tags t WHERE t.run_id = r.id) AS tagged,"
+            " EXISTS(SELECT 1 FROM jobs j WHERE j.run_id = r.id AND j.logs_state < 2) AS has_logs"
+            " FROM runs r WHERE r.finished_at IS NOT NULL AND r.finished_at < ?",
+            [finished_before],
+        )
+
+    def mark_logs_deleted(self, run_id: str) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM logs WHERE job_id IN (SELECT id FROM jobs WHERE run_id = ?)", [run_id])
+            c.execute("UPDATE jobs SET logs_state = 2 WHERE run_id = ?", [run_id])
+
+    def mark_artifacts_deleted(self, run_id: str) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM artifacts WHERE job_id IN (SELECT id FROM jobs WHERE run_id = ?)", [run_id])
+            c.execute("UPDATE runs SET artifacts_deleted = 1 WHERE id = ?", [run_id])
 
     # ---- tags --------------------------------------------------------------------------------
     def add_tag(self, tag: str, run_name: str) -> Row:

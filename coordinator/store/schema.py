@@ -117,7 +117,20 @@ def _v3(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
+def _v4(db: sqlite_utils.Database) -> None:
+    """Logs archived to the store (0: in the database, 1: archived, 2: deleted by retention), artifacts
+    deleted by retention, and runs that are uploaded artifact sets rather than executed workflows."""
+    for table, column, kind in (
+        ("jobs", "logs_state", int),
+        ("runs", "artifacts_deleted", int),
+        ("runs", "kind", str),
+    ):
+        if column not in Table(db, table).columns_dict:
+            Table(db, table).add_column(column, kind, not_null_default=0 if kind is int else "")
+    Table(db, "jobs").create_index(["finished_at"], if_not_exists=True)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

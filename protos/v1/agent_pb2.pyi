@@ -9,6 +9,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from protos.v1 import client_pb2 as _client_pb2
 from protos.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -546,14 +547,63 @@ class CommitArtifactsRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ArtifactFile]: ...
+    @_builtins.property
+    def completed(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.CompletedUpload]:
+        """multipart uploads to complete before the manifest"""
+
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         files: _abc.Iterable[_common_pb2.ArtifactFile] | None = ...,
+        completed: _abc.Iterable[_common_pb2.CompletedUpload] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "files", b"files", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitArtifactsRequest: _TypeAlias = CommitArtifactsRequest  # noqa: Y015
+
+@_typing.final
+class GrantCodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """empty: the store cannot presign; use GetCode"""
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantCodeResponse: _TypeAlias = GrantCodeResponse  # noqa: Y015
+
+@_typing.final
+class GrantUploadsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.FileSize]: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        files: _abc.Iterable[_common_pb2.FileSize] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -561,7 +611,77 @@ class CommitArtifactsRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CommitArtifactsRequest: _TypeAlias = CommitArtifactsRequest  # noqa: Y015
+Global___GrantUploadsRequest: _TypeAlias = GrantUploadsRequest  # noqa: Y015
+
+@_typing.final
+class GrantUploadsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    GRANTS_FIELD_NUMBER: _builtins.int
+    stream: _builtins.bool
+    """the store cannot presign: use UploadArtifact"""
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.UploadGrant]: ...
+    def __init__(
+        self,
+        *,
+        stream: _builtins.bool = ...,
+        grants: _abc.Iterable[_common_pb2.UploadGrant] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantUploadsResponse: _TypeAlias = GrantUploadsResponse  # noqa: Y015
+
+@_typing.final
+class GrantDownloadsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[_client_pb2.DownloadArtifactRequest]: ...
+    def __init__(
+        self,
+        *,
+        files: _abc.Iterable[_client_pb2.DownloadArtifactRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantDownloadsRequest: _TypeAlias = GrantDownloadsRequest  # noqa: Y015
+
+@_typing.final
+class GrantDownloadsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    URLS_FIELD_NUMBER: _builtins.int
+    stream: _builtins.bool
+    """the store cannot presign: use DownloadArtifact"""
+    @_builtins.property
+    def urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """in the order of the request's files"""
+
+    def __init__(
+        self,
+        *,
+        stream: _builtins.bool = ...,
+        urls: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stream", b"stream", "urls", b"urls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantDownloadsResponse: _TypeAlias = GrantDownloadsResponse  # noqa: Y015
 
 @_typing.final
 class CommitArtifactsResponse(_message.Message):

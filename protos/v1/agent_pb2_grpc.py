@@ -65,6 +65,21 @@ class AgentServiceStub:
                 request_serializer=protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.SerializeToString,
                 response_deserializer=protos_dot_v1_dot_client__pb2.DataChunk.FromString,
                 _registered_method=True)
+        self.GrantCode = channel.unary_unary(
+                '/dstack.v1.AgentService/GrantCode',
+                request_serializer=protos_dot_v1_dot_agent__pb2.GetCodeRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_agent__pb2.GrantCodeResponse.FromString,
+                _registered_method=True)
+        self.GrantUploads = channel.unary_unary(
+                '/dstack.v1.AgentService/GrantUploads',
+                request_serializer=protos_dot_v1_dot_agent__pb2.GrantUploadsRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_agent__pb2.GrantUploadsResponse.FromString,
+                _registered_method=True)
+        self.GrantDownloads = channel.unary_unary(
+                '/dstack.v1.AgentService/GrantDownloads',
+                request_serializer=protos_dot_v1_dot_agent__pb2.GrantDownloadsRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_agent__pb2.GrantDownloadsResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -109,6 +124,25 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GrantCode(self, request, context):
+        """Presigned URLs for stores that allow them (S3); `stream` answers mean: use the calls above.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GrantUploads(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GrantDownloads(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +175,21 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.DownloadArtifact,
                     request_deserializer=protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.FromString,
                     response_serializer=protos_dot_v1_dot_client__pb2.DataChunk.SerializeToString,
+            ),
+            'GrantCode': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantCode,
+                    request_deserializer=protos_dot_v1_dot_agent__pb2.GetCodeRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_agent__pb2.GrantCodeResponse.SerializeToString,
+            ),
+            'GrantUploads': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantUploads,
+                    request_deserializer=protos_dot_v1_dot_agent__pb2.GrantUploadsRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_agent__pb2.GrantUploadsResponse.SerializeToString,
+            ),
+            'GrantDownloads': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantDownloads,
+                    request_deserializer=protos_dot_v1_dot_agent__pb2.GrantDownloadsRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_agent__pb2.GrantDownloadsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +354,87 @@ class AgentService:
             '/dstack.v1.AgentService/DownloadArtifact',
             protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.SerializeToString,
             protos_dot_v1_dot_client__pb2.DataChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.AgentService/GrantCode',
+            protos_dot_v1_dot_agent__pb2.GetCodeRequest.SerializeToString,
+            protos_dot_v1_dot_agent__pb2.GrantCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantUploads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.AgentService/GrantUploads',
+            protos_dot_v1_dot_agent__pb2.GrantUploadsRequest.SerializeToString,
+            protos_dot_v1_dot_agent__pb2.GrantUploadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantDownloads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.AgentService/GrantDownloads',
+            protos_dot_v1_dot_agent__pb2.GrantDownloadsRequest.SerializeToString,
+            protos_dot_v1_dot_agent__pb2.GrantDownloadsResponse.FromString,
             options,
             channel_credentials,
             insecure,

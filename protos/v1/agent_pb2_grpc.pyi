@@ -43,6 +43,10 @@ class AgentServiceStub:
     CommitArtifacts: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CommitArtifactsRequest, _agent_pb2.CommitArtifactsResponse]
     DownloadArtifact: _grpc.UnaryStreamMultiCallable[_client_pb2.DownloadArtifactRequest, _client_pb2.DataChunk]
     """Artifacts of another job that this agent's job depends on (listed in its assignment's inputs)."""
+    GrantCode: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetCodeRequest, _agent_pb2.GrantCodeResponse]
+    """Presigned URLs for stores that allow them (S3); `stream` answers mean: use the calls above."""
+    GrantUploads: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GrantUploadsRequest, _agent_pb2.GrantUploadsResponse]
+    GrantDownloads: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GrantDownloadsRequest, _agent_pb2.GrantDownloadsResponse]
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -56,6 +60,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     CommitArtifacts: _aio.UnaryUnaryMultiCallable[_agent_pb2.CommitArtifactsRequest, _agent_pb2.CommitArtifactsResponse]  # type: ignore[assignment]
     DownloadArtifact: _aio.UnaryStreamMultiCallable[_client_pb2.DownloadArtifactRequest, _client_pb2.DataChunk]  # type: ignore[assignment]
     """Artifacts of another job that this agent's job depends on (listed in its assignment's inputs)."""
+    GrantCode: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetCodeRequest, _agent_pb2.GrantCodeResponse]  # type: ignore[assignment]
+    """Presigned URLs for stores that allow them (S3); `stream` answers mean: use the calls above."""
+    GrantUploads: _aio.UnaryUnaryMultiCallable[_agent_pb2.GrantUploadsRequest, _agent_pb2.GrantUploadsResponse]  # type: ignore[assignment]
+    GrantDownloads: _aio.UnaryUnaryMultiCallable[_agent_pb2.GrantDownloadsRequest, _agent_pb2.GrantDownloadsResponse]  # type: ignore[assignment]
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -102,5 +110,27 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_client_pb2.DataChunk], _abc.AsyncIterator[_client_pb2.DataChunk]]:
         """Artifacts of another job that this agent's job depends on (listed in its assignment's inputs)."""
+
+    @_abc_1.abstractmethod
+    def GrantCode(
+        self,
+        request: _agent_pb2.GetCodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.GrantCodeResponse, _abc.Awaitable[_agent_pb2.GrantCodeResponse]]:
+        """Presigned URLs for stores that allow them (S3); `stream` answers mean: use the calls above."""
+
+    @_abc_1.abstractmethod
+    def GrantUploads(
+        self,
+        request: _agent_pb2.GrantUploadsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.GrantUploadsResponse, _abc.Awaitable[_agent_pb2.GrantUploadsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GrantDownloads(
+        self,
+        request: _agent_pb2.GrantDownloadsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.GrantDownloadsResponse, _abc.Awaitable[_agent_pb2.GrantDownloadsResponse]]: ...
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -119,6 +119,26 @@ class ClientServiceStub:
                 request_serializer=protos_dot_v1_dot_client__pb2.DeleteSecretRequest.SerializeToString,
                 response_deserializer=protos_dot_v1_dot_client__pb2.DeleteSecretResponse.FromString,
                 _registered_method=True)
+        self.CreateUpload = channel.unary_unary(
+                '/dstack.v1.ClientService/CreateUpload',
+                request_serializer=protos_dot_v1_dot_client__pb2.CreateUploadRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_client__pb2.CreateUploadResponse.FromString,
+                _registered_method=True)
+        self.PutArtifact = channel.stream_unary(
+                '/dstack.v1.ClientService/PutArtifact',
+                request_serializer=protos_dot_v1_dot_client__pb2.PutArtifactRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_client__pb2.PutArtifactResponse.FromString,
+                _registered_method=True)
+        self.CommitUpload = channel.unary_unary(
+                '/dstack.v1.ClientService/CommitUpload',
+                request_serializer=protos_dot_v1_dot_client__pb2.CommitUploadRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_client__pb2.CommitUploadResponse.FromString,
+                _registered_method=True)
+        self.DeleteRun = channel.unary_unary(
+                '/dstack.v1.ClientService/DeleteRun',
+                request_serializer=protos_dot_v1_dot_client__pb2.DeleteRunRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_client__pb2.DeleteRunResponse.FromString,
+                _registered_method=True)
 
 
 class ClientServiceServicer:
@@ -227,6 +247,32 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateUpload(self, request, context):
+        """`dstack artifacts upload DIR -t TAG`: a run with one done job whose artifacts are a local folder.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutArtifact(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitUpload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRun(self, request, context):
+        """`dstack rm`: a finished run, its logs and its artifacts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -314,6 +360,26 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.DeleteSecret,
                     request_deserializer=protos_dot_v1_dot_client__pb2.DeleteSecretRequest.FromString,
                     response_serializer=protos_dot_v1_dot_client__pb2.DeleteSecretResponse.SerializeToString,
+            ),
+            'CreateUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateUpload,
+                    request_deserializer=protos_dot_v1_dot_client__pb2.CreateUploadRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_client__pb2.CreateUploadResponse.SerializeToString,
+            ),
+            'PutArtifact': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutArtifact,
+                    request_deserializer=protos_dot_v1_dot_client__pb2.PutArtifactRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_client__pb2.PutArtifactResponse.SerializeToString,
+            ),
+            'CommitUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitUpload,
+                    request_deserializer=protos_dot_v1_dot_client__pb2.CommitUploadRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_client__pb2.CommitUploadResponse.SerializeToString,
+            ),
+            'DeleteRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRun,
+                    request_deserializer=protos_dot_v1_dot_client__pb2.DeleteRunRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_client__pb2.DeleteRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -775,6 +841,114 @@ class ClientService:
             '/dstack.v1.ClientService/DeleteSecret',
             protos_dot_v1_dot_client__pb2.DeleteSecretRequest.SerializeToString,
             protos_dot_v1_dot_client__pb2.DeleteSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/CreateUpload',
+            protos_dot_v1_dot_client__pb2.CreateUploadRequest.SerializeToString,
+            protos_dot_v1_dot_client__pb2.CreateUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutArtifact(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/dstack.v1.ClientService/PutArtifact',
+            protos_dot_v1_dot_client__pb2.PutArtifactRequest.SerializeToString,
+            protos_dot_v1_dot_client__pb2.PutArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/CommitUpload',
+            protos_dot_v1_dot_client__pb2.CommitUploadRequest.SerializeToString,
+            protos_dot_v1_dot_client__pb2.CommitUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/DeleteRun',
+            protos_dot_v1_dot_client__pb2.DeleteRunRequest.SerializeToString,
+            protos_dot_v1_dot_client__pb2.DeleteRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

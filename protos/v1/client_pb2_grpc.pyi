@@ -51,6 +51,12 @@ class ClientServiceStub:
     """Values go in, never out: only the job hand-off to an agent carries them."""
     ListSecrets: _grpc.UnaryUnaryMultiCallable[_client_pb2.ListSecretsRequest, _client_pb2.ListSecretsResponse]
     DeleteSecret: _grpc.UnaryUnaryMultiCallable[_client_pb2.DeleteSecretRequest, _client_pb2.DeleteSecretResponse]
+    CreateUpload: _grpc.UnaryUnaryMultiCallable[_client_pb2.CreateUploadRequest, _client_pb2.CreateUploadResponse]
+    """`dstack artifacts upload DIR -t TAG`: a run with one done job whose artifacts are a local folder."""
+    PutArtifact: _grpc.StreamUnaryMultiCallable[_client_pb2.PutArtifactRequest, _client_pb2.PutArtifactResponse]
+    CommitUpload: _grpc.UnaryUnaryMultiCallable[_client_pb2.CommitUploadRequest, _client_pb2.CommitUploadResponse]
+    DeleteRun: _grpc.UnaryUnaryMultiCallable[_client_pb2.DeleteRunRequest, _client_pb2.DeleteRunResponse]
+    """`dstack rm`: a finished run, its logs and its artifacts."""
 
 @_typing.type_check_only
 class ClientServiceAsyncStub(ClientServiceStub):
@@ -73,6 +79,12 @@ class ClientServiceAsyncStub(ClientServiceStub):
     """Values go in, never out: only the job hand-off to an agent carries them."""
     ListSecrets: _aio.UnaryUnaryMultiCallable[_client_pb2.ListSecretsRequest, _client_pb2.ListSecretsResponse]  # type: ignore[assignment]
     DeleteSecret: _aio.UnaryUnaryMultiCallable[_client_pb2.DeleteSecretRequest, _client_pb2.DeleteSecretResponse]  # type: ignore[assignment]
+    CreateUpload: _aio.UnaryUnaryMultiCallable[_client_pb2.CreateUploadRequest, _client_pb2.CreateUploadResponse]  # type: ignore[assignment]
+    """`dstack artifacts upload DIR -t TAG`: a run with one done job whose artifacts are a local folder."""
+    PutArtifact: _aio.StreamUnaryMultiCallable[_client_pb2.PutArtifactRequest, _client_pb2.PutArtifactResponse]  # type: ignore[assignment]
+    CommitUpload: _aio.UnaryUnaryMultiCallable[_client_pb2.CommitUploadRequest, _client_pb2.CommitUploadResponse]  # type: ignore[assignment]
+    DeleteRun: _aio.UnaryUnaryMultiCallable[_client_pb2.DeleteRunRequest, _client_pb2.DeleteRunResponse]  # type: ignore[assignment]
+    """`dstack rm`: a finished run, its logs and its artifacts."""
 
 class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -194,5 +206,35 @@ class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _client_pb2.DeleteSecretRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_client_pb2.DeleteSecretResponse, _abc.Awaitable[_client_pb2.DeleteSecretResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateUpload(
+        self,
+        request: _client_pb2.CreateUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.CreateUploadResponse, _abc.Awaitable[_client_pb2.CreateUploadResponse]]:
+        """`dstack artifacts upload DIR -t TAG`: a run with one done job whose artifacts are a local folder."""
+
+    @_abc_1.abstractmethod
+    def PutArtifact(
+        self,
+        request_iterator: _MaybeAsyncIterator[_client_pb2.PutArtifactRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.PutArtifactResponse, _abc.Awaitable[_client_pb2.PutArtifactResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CommitUpload(
+        self,
+        request: _client_pb2.CommitUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.CommitUploadResponse, _abc.Awaitable[_client_pb2.CommitUploadResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteRun(
+        self,
+        request: _client_pb2.DeleteRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.DeleteRunResponse, _abc.Awaitable[_client_pb2.DeleteRunResponse]]:
+        """`dstack rm`: a finished run, its logs and its artifacts."""
 
 def add_ClientServiceServicer_to_server(servicer: ClientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
