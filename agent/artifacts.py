@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -14,11 +16,14 @@ from typing import TypeVar
 import grpc
 
 from protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, common_pb2
+from storage.base import UploadGrant
+from storage.transfer import Download, Transfer, TransferError
 
 log = logging.getLogger("dstack.agent")
 CHUNK = 1 << 20
 T = TypeVar("T")
 PARALLEL = 4
+GRANT_BATCH = 1000  # files per grant request: keeps each reply far below gRPC's message limit
 
 
 class ArtifactError(Exception):
@@ -75,16 +80,27 @@ def _collect_with_stat(
     return out
 
 
+def grant_from_proto(g: common_pb2.UploadGrant) -> UploadGrant:
+    return UploadGrant(
+        key=g.path, url=g.url, upload_id=g.upload_id, part_size=g.part_size, part_urls=tuple(g.part_urls)
+    )
+
+
 class Uploader:
+    """Sends files straight to the store with presigned URLs the coordinator grants (S3), or streams
+    them through the coordinator when its store cannot presign (a local folder)."""
+
     def __init__(
         self,
         stub: agent_pb2_grpc.AgentServiceStub,
         metadata: Callable[[], list[tuple[str, str]]],
         attempts: int,
+        transfer: Transfer,
     ) -> None:
         self.stub = stub
         self.metadata = metadata
         self.attempts = attempts
+        self.transfer = transfer
 
     async def upload(
         self, job_id: str, workdir: Path, specs: Sequence[common_pb2.ArtifactSpec], cache: UploadCache | None = None
@@ -93,35 +109,76 @@ class Uploader:
         manifest; returns the number of files."""
         cache = {} if cache is None else cache
         files = await asyncio.to_thread(_collect_with_stat, workdir, specs)
-        sem = asyncio.Semaphore(PARALLEL)
-
-        async def one(rel: str, path: Path, key: tuple[int, int, int, int]) -> common_pb2.ArtifactFile:
-            hit = cache.get(rel)
-            if hit is not None and hit[0] == key:
-                return hit[1]
-            async with sem:
-                f = await self._retry(f"upload {rel}", lambda: self._upload_file(job_id, rel, path))
-            cache[rel] = (key, f)
-            return f
-
-        manifest = await asyncio.gather(*(one(rel, p, key) for rel, p, key in files))
-        req = agent_pb2.CommitArtifactsRequest(job_id=job_id, files=manifest)
+        todo = [(rel, p, key) for rel, p, key in files if (hit := cache.get(rel)) is None or hit[0] != key]
+        fresh: dict[str, tuple[tuple[int, int, int, int], common_pb2.ArtifactFile]] = {}
+        completed: list[common_pb2.CompletedUpload] = []
+        for i in range(0, len(todo), GRANT_BATCH):
+            batch = todo[i : i + GRANT_BATCH]
+            grant_req = agent_pb2.GrantUploadsRequest(
+                job_id=job_id, files=[common_pb2.FileSize(path=rel, size=key[0]) for rel, _, key in batch]
+            )
+            resp: agent_pb2.GrantUploadsResponse = await self._retry(
+                "grant uploads", functools.partial(self.stub.GrantUploads, grant_req, metadata=self.metadata())
+            )
+            if resp.stream:
+                done = await self._stream_all(job_id, batch)
+            else:
+                done = await self._put_all(batch, list(resp.grants), completed)
+            fresh.update({rel: (key, f) for (rel, _, key), f in zip(batch, done, strict=True)})
+        manifest = [fresh[rel][1] if rel in fresh else cache[rel][1] for rel, _, _ in files]
+        req = agent_pb2.CommitArtifactsRequest(job_id=job_id, files=manifest, completed=completed)
         await self._retry("commit manifest", lambda: self.stub.CommitArtifacts(req, metadata=self.metadata()))
+        # Only now: a multipart upload whose commit failed must be sent (and completed) again.
+        cache.update(fresh)
         return len(manifest)
 
+    async def _stream_all(
+        self, job_id: str, batch: list[tuple[str, Path, tuple[int, int, int, int]]]
+    ) -> list[common_pb2.ArtifactFile]:
+        sem = asyncio.Semaphore(PARALLEL)
+
+        async def one(rel: str, path: Path) -> common_pb2.ArtifactFile:
+            async with sem:
+                return await self._retry(f"upload {rel}", lambda: self._upload_file(job_id, rel, path))
+
+        return list(await asyncio.gather(*(one(rel, p) for rel, p, _ in batch)))
+
+    async def _put_all(
+        self,
+        batch: list[tuple[str, Path, tuple[int, int, int, int]]],
+        grants: list[common_pb2.UploadGrant],
+        completed: list[common_pb2.CompletedUpload],
+    ) -> list[common_pb2.ArtifactFile]:
+        items = [(p, grant_from_proto(g), rel) for (rel, p, _), g in zip(batch, grants, strict=True)]
+        try:
+            results = await asyncio.to_thread(self.transfer.put_many, items)
+        except TransferError as e:
+            raise ArtifactError(str(e)) from e
+        out = []
+        for (rel, _, _), g, r in zip(batch, grants, results, strict=True):
+            if g.upload_id:
+                completed.append(common_pb2.CompletedUpload(path=rel, upload_id=g.upload_id, etags=r.etags))
+            out.append(common_pb2.ArtifactFile(path=rel, size=r.size, sha256=r.sha256))
+        return out
+
     async def _retry(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Retries a coordinator call with backoff: at least `attempts` times, and for as long as the
+        transfer engine retries the store (the coordinator answers UNAVAILABLE while its store is down)."""
         delay = 0.2
-        for attempt in range(1, self.attempts + 1):
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return await fn()
             except grpc.aio.AioRpcError as e:
                 final = e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
-                if final or attempt == self.attempts:
+                out_of_time = time.monotonic() - start >= self.transfer.retry_for
+                if final or (attempt >= self.attempts and out_of_time):
                     raise ArtifactError(f"{what} failed: {e.details() or e.code().name}") from e
                 log.warning("%s failed (%s); retry %d in %.1fs", what, e.code().name, attempt, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        raise AssertionError("unreachable")
 
     async def _upload_file(self, job_id: str, rel: str, path: Path) -> common_pb2.ArtifactFile:
         digest = hashlib.sha256()
@@ -169,11 +226,16 @@ class Downloader:
     each file checked against the sha256 in its manifest."""
 
     def __init__(
-        self, stub: agent_pb2_grpc.AgentServiceStub, metadata: Callable[[], list[tuple[str, str]]], attempts: int
+        self,
+        stub: agent_pb2_grpc.AgentServiceStub,
+        metadata: Callable[[], list[tuple[str, str]]],
+        attempts: int,
+        transfer: Transfer,
     ) -> None:
         self.stub = stub
         self.metadata = metadata
         self.attempts = attempts
+        self.transfer = transfer
 
     async def fetch(self, inputs: Sequence[agent_pb2.ArtifactInput], workdir: Path) -> int:
         sem = asyncio.Semaphore(PARALLEL)
@@ -189,8 +251,41 @@ class Downloader:
             if other is not src:  # two dependencies would write one file: refuse rather than pick one
                 first, second = f"{other.run_name}/{other.job_name}", f"{src.run_name}/{src.job_name}"
                 raise ArtifactError(f"{f.path} is an artifact of both {first} and {second}")
-        await asyncio.gather(*(one(src, f) for src, f in files))
+        for i in range(0, len(files), GRANT_BATCH):
+            batch = files[i : i + GRANT_BATCH]
+            req = agent_pb2.GrantDownloadsRequest(
+                files=[
+                    client_pb2.DownloadArtifactRequest(run_name=src.run_name, job_name=src.job_name, path=f.path)
+                    for src, f in batch
+                ]
+            )
+            resp = await self._grant(req)
+            if resp.stream:
+                await asyncio.gather(*(one(src, f) for src, f in batch))
+                continue
+            items = [
+                Download(url, resolve_inside(workdir, f.path), f.size, f.sha256, f"{f.path} (from {src.run_name})")
+                for (src, f), url in zip(batch, resp.urls, strict=True)
+            ]
+            try:
+                await asyncio.to_thread(self.transfer.get_many, items)
+            except TransferError as e:
+                raise ArtifactError(str(e)) from e
         return len(files)
+
+    async def _grant(self, req: agent_pb2.GrantDownloadsRequest) -> agent_pb2.GrantDownloadsResponse:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                resp: agent_pb2.GrantDownloadsResponse = await self.stub.GrantDownloads(req, metadata=self.metadata())
+                return resp
+            except grpc.aio.AioRpcError as e:
+                if attempt == self.attempts or e.code() in (
+                    grpc.StatusCode.NOT_FOUND,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                ):
+                    raise ArtifactError(f"dependency artifacts: {e.details() or e.code().name}") from e
+                await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+        raise AssertionError("unreachable")
 
     async def _fetch_file(self, src: agent_pb2.ArtifactInput, f: common_pb2.ArtifactFile, workdir: Path) -> None:
         dest = resolve_inside(workdir, f.path)

@@ -16,6 +16,8 @@ class AgentConfig:
     stop_grace_s: float = 10.0
     inventory_interval_s: float = 10.0
     upload_attempts: int = 5
+    # How long a store request is retried (with backoff) before the transfer, and so the job, fails.
+    store_retry_s: float = 300.0
     mount_sync_s: float = 10.0  # how often `mount: true` artifact folders are saved while a job runs
 
     @property

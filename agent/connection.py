@@ -25,6 +25,7 @@ from agent.outbox import Outbox
 from agent.runner import Janitor, JobRunner, RunnerDeps
 from agent.runtimes import make_runtime
 from protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from storage.transfer import Transfer
 
 log = logging.getLogger("dstack.agent")
 
@@ -55,7 +56,9 @@ class Agent:
         self.token = ""
         self.channel = grpc.aio.insecure_channel(config.coordinator, options=CHANNEL_OPTIONS)
         self.stub = agent_pb2_grpc.AgentServiceStub(self.channel)
-        self.code = CodeCache(config.code_dir, self.stub, self.metadata)
+        # One pool of store connections for code, inputs and artifacts of every job on this agent.
+        self.transfer = Transfer(retry_for=config.store_retry_s)
+        self.code = CodeCache(config.code_dir, self.stub, self.metadata, self.transfer)
         self._last_inventory: common_pb2.Inventory | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.deps = RunnerDeps(
@@ -63,8 +66,8 @@ class Agent:
             runtime=self.runtime,
             code=self.code,
             outbox=self.outbox,
-            uploader=Uploader(self.stub, self.metadata, config.upload_attempts),
-            downloader=Downloader(self.stub, self.metadata, config.upload_attempts),
+            uploader=Uploader(self.stub, self.metadata, config.upload_attempts, self.transfer),
+            downloader=Downloader(self.stub, self.metadata, config.upload_attempts, self.transfer),
             gpu_uuids=self._gpu_uuids,
             janitor=Janitor(),
             mount_sync_s=config.mount_sync_s,

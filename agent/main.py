@@ -31,6 +31,12 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     )
     p.add_argument("--max-jobs", type=int, default=64)
     p.add_argument("--stop-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    p.add_argument(
+        "--store-retry",
+        type=float,
+        default=300.0,
+        help="seconds to keep retrying an unreachable artifact store before the job fails",
+    )
     p.add_argument("--mount-sync", type=float, default=10.0, help="seconds between saves of mount: true artifacts")
     a = p.parse_args(argv)
     if a.simulate_gpus:
@@ -48,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         max_jobs=a.max_jobs,
         stop_grace_s=a.stop_grace,
         mount_sync_s=a.mount_sync,
+        store_retry_s=a.store_retry,
     )
 
 

@@ -121,4 +121,4 @@ def test_duplicate_input_paths_are_refused() -> None:
     f = common_pb2.ArtifactFile(path="data/x", size=1, sha256="0" * 64)
     inputs = [agent_pb2.ArtifactInput(run_name=r, job_name="download", files=[f]) for r in ("run-1", "run-2")]
     with pytest.raises(ArtifactError, match="data/x is an artifact of both run-1/download and run-2/download"):
-        asyncio.run(Downloader(None, list, 1).fetch(inputs, Path("/nonexistent")))  # type: ignore[arg-type]
+        asyncio.run(Downloader(None, list, 1, None).fetch(inputs, Path("/nonexistent")))  # type: ignore[arg-type]
