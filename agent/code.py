@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import tarfile
 import tempfile
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from storage.transfer import Download, Transfer, TransferError
+
+log = logging.getLogger("dstack.agent")
 
 
 class CodeError(Exception):
@@ -65,6 +68,7 @@ class CodeCache:
         self._inflight[code_hash] = fut
         try:
             await self._download(code_hash, size, path)
+            log.info("code %s fetched: %d bytes", code_hash[:12], await asyncio.to_thread(lambda: path.stat().st_size))
             fut.set_result(path)
             return path
         except BaseException as e:

@@ -9,7 +9,7 @@ import grpc
 
 from cli.errors import AuthError, CliError, CoordinatorUnreachable, NotFoundError, RequestRejected
 from cli.home import Endpoint
-from protos.v1 import client_pb2, client_pb2_grpc
+from protos.v1 import client_pb2, client_pb2_grpc, common_pb2
 
 T = TypeVar("T")
 CHUNK = 1 << 20
@@ -66,9 +66,9 @@ class Client:
         )
         return resp
 
-    def has_code(self, code_hash: str) -> bool:
+    def has_code(self, code_hash: str) -> client_pb2.HasCodeResponse:
         resp: client_pb2.HasCodeResponse = self._call(self.stub.HasCode, client_pb2.HasCodeRequest(hash=code_hash))
-        return resp.present
+        return resp
 
     def put_code(self, code_hash: str, data: bytes) -> int:
         def chunks() -> Iterator[client_pb2.PutCodeRequest]:
@@ -99,6 +99,46 @@ class Client:
 
     def list_artifacts(self, name: str) -> list[Any]:
         return list(self._call(self.stub.ListArtifacts, client_pb2.ListArtifactsRequest(run_name=name)).files)
+
+    def list_artifacts_with_urls(self, name: str) -> client_pb2.ListArtifactsResponse:
+        resp: client_pb2.ListArtifactsResponse = self._call(
+            self.stub.ListArtifacts, client_pb2.ListArtifactsRequest(run_name=name, with_urls=True)
+        )
+        return resp
+
+    def create_upload(
+        self, workflow: str, tag: str, files: list[common_pb2.FileSize]
+    ) -> client_pb2.CreateUploadResponse:
+        req = client_pb2.CreateUploadRequest(workflow=workflow, tag=tag, files=files)
+        resp: client_pb2.CreateUploadResponse = self._call(self.stub.CreateUpload, req, timeout=300)
+        return resp
+
+    def put_artifact(self, run_name: str, path: str, chunks: Iterator[bytes]) -> client_pb2.PutArtifactResponse:
+        def requests() -> Iterator[client_pb2.PutArtifactRequest]:
+            first = True
+            for data in chunks:
+                yield client_pb2.PutArtifactRequest(
+                    run_name=run_name if first else "", path=path if first else "", data=data
+                )
+                first = False
+            if first:
+                yield client_pb2.PutArtifactRequest(run_name=run_name, path=path)
+
+        resp: client_pb2.PutArtifactResponse = self._call(self.stub.PutArtifact, requests(), timeout=3600)
+        return resp
+
+    def commit_upload(
+        self, run_name: str, files: list[common_pb2.ArtifactFile], completed: list[common_pb2.CompletedUpload]
+    ) -> client_pb2.Run:
+        req = client_pb2.CommitUploadRequest(run_name=run_name, files=files, completed=completed)
+        resp: client_pb2.CommitUploadResponse = self._call(self.stub.CommitUpload, req, timeout=300)
+        return resp.run
+
+    def delete_run(self, name: str) -> int:
+        resp: client_pb2.DeleteRunResponse = self._call(
+            self.stub.DeleteRun, client_pb2.DeleteRunRequest(name=name), timeout=300
+        )
+        return resp.objects_deleted
 
     def download(self, run: str, job: str, path: str) -> Iterator[bytes]:
         req = client_pb2.DownloadArtifactRequest(run_name=run, job_name=job, path=path)

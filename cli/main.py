@@ -17,7 +17,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-artifacts_app = typer.Typer(help="List and download the artifacts of runs.", no_args_is_help=True)
+artifacts_app = typer.Typer(help="List, download and publish artifacts.", no_args_is_help=True)
 local_app = typer.Typer(help="Manage the embedded local coordinator and agent.", no_args_is_help=True)
 tags_app = typer.Typer(help="Name runs, so that workflows can depend on their artifacts.", no_args_is_help=True)
 app.add_typer(tags_app, name="tags")
@@ -105,12 +105,38 @@ def artifacts_list(
 @artifacts_app.command("download")
 def artifacts_download(
     run: Annotated[str, typer.Argument(help="Run name")],
+    path: Annotated[str, typer.Argument(help="Only this file or folder")] = "",
     output: Annotated[Path, typer.Option("-o", "--output", help="Destination folder")] = Path("."),
 ) -> None:
-    """Download all artifacts of a run, keeping their paths."""
+    """Download the artifacts of a run (all, or those at or under PATH), keeping their paths."""
     from cli.commands.artifacts import download_command
 
-    download_command(run, output)
+    download_command(run, output, path)
+
+
+@artifacts_app.command("upload")
+def artifacts_upload(
+    folder: Annotated[Path, typer.Argument(help="Local folder to publish")],
+    tag: Annotated[str, typer.Option("-t", "--tag", help="Tag to publish it under")],
+    workflow: Annotated[
+        str, typer.Option("-w", "--workflow", help="Workflow name it stands for (depends-on: WORKFLOW:TAG)")
+    ] = "",
+) -> None:
+    """Publish a local folder (e.g. a dataset) as a tagged artifact set that workflows can depend on."""
+    from cli.commands.artifacts import upload_command
+
+    upload_command(folder, tag, workflow or folder.resolve().name)
+
+
+@app.command()
+def rm(runs: Annotated[list[str], typer.Argument(help="Run names")]) -> None:
+    """Delete finished runs: their records, logs and artifacts."""
+    from cli.session import connect
+
+    client = connect()
+    for name in runs:
+        n = client.delete_run(name)
+        print(f"deleted {name} ({n} stored object(s))")
 
 
 @app.command()

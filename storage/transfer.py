@@ -241,6 +241,9 @@ class Transfer:
         finally:
             _settle([hashing, *futures])  # no part may still read `fd` once the caller closes it
 
+    def put_bytes(self, url: str, data: bytes, what: str) -> None:
+        self._request(what, "PUT", url, lambda: data, {"Content-Length": str(len(data))})
+
     def put_many(self, items: Sequence[tuple[Path, UploadGrant, str]]) -> list[Uploaded]:
         """Uploads every (path, grant, what) in parallel; the first failure is raised."""
         futures = [self._pool.submit(self.put_file, p, g, w) for p, g, w in items]

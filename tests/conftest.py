@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from storage.devserver import SeaweedServer
+
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
@@ -81,6 +83,8 @@ class Cluster:
     agents: list[Proc] = field(default_factory=list)
     admin_token: str = "test-admin-token"
     join_token: str = "test-join-token"
+    # Only the coordinator gets these (e.g. S3 credentials): CLIs and agents must do without.
+    coordinator_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -106,7 +110,12 @@ class Cluster:
             ],
             stdout=f,
             stderr=f,
-            env={**os.environ, "DSTACK_ADMIN_TOKEN": self.admin_token, "DSTACK_JOIN_TOKEN": self.join_token},
+            env={
+                **_without_aws(os.environ),
+                "DSTACK_ADMIN_TOKEN": self.admin_token,
+                "DSTACK_JOIN_TOKEN": self.join_token,
+                **self.coordinator_env,
+            },
             cwd=REPO,
         )
         f.close()
@@ -136,6 +145,7 @@ class Cluster:
             ],
             stdout=f,
             stderr=f,
+            env=_without_aws(os.environ),
             cwd=REPO,
         )
         f.close()
@@ -149,7 +159,7 @@ class Cluster:
 
     def env(self) -> dict[str, str]:
         return {
-            **os.environ,
+            **_without_aws(os.environ),
             "DSTACK_HOME": str(self.tmp / "cli-home"),
             "DSTACK_COORDINATOR": self.address,
             "DSTACK_TOKEN": self.admin_token,
@@ -190,6 +200,32 @@ class Cluster:
             a.terminate()
         if self.coordinator is not None:
             self.coordinator.terminate()
+
+
+def _without_aws(env: os._Environ[str] | dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if not k.startswith("AWS_")}
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """A real S3 server (SeaweedFS) shared by the session; tests keep apart by key prefix."""
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def own_seaweed(tmp_path: Path) -> Iterator[SeaweedServer]:
+    """A server of the test's own, for tests that kill it."""
+    server = SeaweedServer(tmp_path / "seaweed")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 @pytest.fixture

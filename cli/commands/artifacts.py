@@ -1,4 +1,4 @@
-"""`dstack artifacts list|download`."""
+"""`dstack artifacts list|download|upload`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
+from typing import Any
 
 from cli.errors import CliError
 
@@ -44,28 +44,125 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def download_command(run_name: str, output: Path) -> None:
-    """Downloads every artifact of the run into OUTPUT, keeping paths; each file is checked by sha256."""
+def _selected(path: str, wanted: str) -> bool:
+    wanted = wanted.strip("/")
+    return not wanted or path == wanted or path.startswith(wanted + "/")
+
+
+def download_command(run_name: str, output: Path, path: str = "") -> None:
+    """Downloads the run's artifacts (all, or those at or under PATH) into OUTPUT, keeping their paths;
+    each file is checked by sha256 before it is put in place."""
     from cli.session import connect
+    from cli.transfers import progress
+    from storage.transfer import Download, Transfer, TransferError
 
     client = connect()
-    files = client.list_artifacts(run_name)
+    listing = client.list_artifacts_with_urls(run_name)
+    pairs = [(f, u) for f, u in zip(listing.files, list(listing.urls) or [""] * len(listing.files), strict=True)]
+    pairs = [(f, u) for f, u in pairs if _selected(f.path, path)]
+    if path and not pairs:
+        raise CliError(f"run {run_name!r} has no artifact at {path!r} (see `dstack artifacts list {run_name}`)")
     root = output.resolve()
-    for f in files:
-        dest = (root / f.path).resolve()
-        if not dest.is_relative_to(root):
+    for f, _ in pairs:
+        if not (root / f.path).resolve().is_relative_to(root):
             raise CliError(f"artifact path {f.path!r} leads outside {root}; refusing to write it")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".dstack-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                for chunk in client.download(run_name, f.job_name, f.path):
-                    digest.update(chunk)
-                    out.write(chunk)
-            if digest.hexdigest() != f.sha256:
-                raise CliError(f"{f.path}: checksum mismatch (expected {f.sha256}, got {digest.hexdigest()})")
-            os.replace(tmp, dest)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    print(f"{len(files)} file(s) downloaded to {root}", file=sys.stderr)
+    total = sum(f.size for f, _ in pairs)
+    with progress(f"{run_name}: {len(pairs)} file(s)", total) as advance:
+        if all(u for _, u in pairs):
+            items = [Download(u, root / f.path, f.size, f.sha256, f.path) for f, u in pairs]
+            with Transfer(retry_for=60.0, progress=advance) as t:
+                try:
+                    t.get_many(items)
+                except TransferError as e:
+                    raise CliError(str(e)) from None
+        else:  # the coordinator's store cannot presign: it streams the bytes
+            for f, _ in pairs:
+                _stream_one(client, run_name, f, root / f.path, advance)
+    print(f"{len(pairs)} file(s) downloaded to {root}", file=sys.stderr)
+
+
+def _stream_one(client: Any, run_name: str, f: Any, dest: Path, advance: Any) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.urandom(4).hex()}.part")
+    digest = hashlib.sha256()
+    try:
+        with tmp.open("wb") as out:
+            for chunk in client.download(run_name, f.job_name, f.path):
+                digest.update(chunk)
+                out.write(chunk)
+                advance(len(chunk))
+        if digest.hexdigest() != f.sha256:
+            raise CliError(
+                f"{f.path}: checksum mismatch: expected sha256 {f.sha256}, got {digest.hexdigest()};"
+                " the file was not saved"
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _collect(folder: Path) -> tuple[Path, list[tuple[str, Path]]]:
+    """The files under `folder` and the paths they get: relative to the current folder when `folder`
+    is inside it (as a workflow's `artifacts:` path would be), else relative to its parent."""
+    folder = folder.resolve()
+    if not folder.is_dir():
+        raise CliError(f"{folder} is not a folder")
+    cwd = Path.cwd().resolve()
+    base = cwd if folder.is_relative_to(cwd) and folder != cwd else folder.parent
+    out = []
+    for dirpath, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            p = Path(dirpath) / name
+            if p.is_symlink() and not p.resolve().is_relative_to(folder):
+                print(f"skipping {p}: a symlink out of {folder}", file=sys.stderr)
+                continue
+            if p.is_file():
+                out.append((p.relative_to(base).as_posix(), p))
+    if not out:
+        raise CliError(f"{folder} has no files to upload")
+    return base, out
+
+
+def upload_command(folder: Path, tag: str, workflow: str) -> None:
+    """Publishes a local folder as a tagged artifact set that `depends-on: WORKFLOW:TAG` and
+    `deps: - tag: TAG` can use."""
+    from cli.session import connect
+    from cli.transfers import progress
+    from protos.v1 import common_pb2
+    from storage.transfer import Transfer, TransferError
+
+    client = connect()
+    _, files = _collect(folder)
+    sizes = [(rel, p, p.stat().st_size) for rel, p in files]
+    created = client.create_upload(workflow, tag, [common_pb2.FileSize(path=r, size=s) for r, _, s in sizes])
+    manifest: list[common_pb2.ArtifactFile] = []
+    completed: list[common_pb2.CompletedUpload] = []
+    with progress(f"{tag}: {len(sizes)} file(s)", sum(s for _, _, s in sizes)) as advance:
+        if created.stream:
+            for rel, p, _ in sizes:
+                resp = client.put_artifact(created.run_name, rel, _chunks(p, advance))
+                manifest.append(common_pb2.ArtifactFile(path=rel, size=resp.size, sha256=resp.sha256))
+        else:
+            from storage.base import UploadGrant
+
+            grants = [UploadGrant(g.path, g.url, g.upload_id, g.part_size, tuple(g.part_urls)) for g in created.grants]
+            with Transfer(retry_for=60.0, progress=advance) as t:
+                try:
+                    results = t.put_many([(p, g, rel) for (rel, p, _), g in zip(sizes, grants, strict=True)])
+                except TransferError as e:
+                    raise CliError(f"{e} (the upload {created.run_name} is unfinished: `dstack rm` it)") from None
+            for (rel, _, _), g, r in zip(sizes, grants, results, strict=True):
+                manifest.append(common_pb2.ArtifactFile(path=rel, size=r.size, sha256=r.sha256))
+                if g.upload_id:
+                    completed.append(common_pb2.CompletedUpload(path=rel, upload_id=g.upload_id, etags=r.etags))
+    run = client.commit_upload(created.run_name, manifest, completed)
+    total = sum(f.size for f in manifest)
+    print(f"{tag} -> {run.name}: {len(manifest)} file(s), {_size(total)} ({workflow})", file=sys.stderr)
+
+
+def _chunks(path: Path, advance: Any) -> Any:
+    with path.open("rb") as f:
+        while data := f.read(1 << 20):
+            advance(len(data))
+            yield data

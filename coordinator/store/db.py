@@ -797,13 +797,7 @@ class Store:
                 "UPDATE jobs SET status = ?, termination_reason = ?, finished_at = ?, exit_code = 0 WHERE id = ?",
                 [JS.JOB_STATUS_DONE, TR.TERMINATION_REASON_DONE, now, job["id"]],
             )
-            self.refresh_run_status(c, job["run_id"])
-            if job["tag"]:
-                if c.execute("SELECT 1 FROM tags WHERE name = ?", [job["tag"]]).fetchone():
-                    raise Conflict(f"tag {job['tag']!r} already exists: delete it first")
-                c.execute(
-                    "INSERT INTO tags (name, run_id, created_at) VALUES (?, ?, ?)", [job["tag"], job["run_id"], now]
-                )
+            self.refresh_run_status(c, job["run_id"])  # done: this also sets the run's tag_on_done
 
     # ---- deletion and retention ----------------------------------------------------------------
     def deletable_run(self, run_name: str) -> Row:
