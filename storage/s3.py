@@ -14,12 +14,14 @@ from typing import Any, BinaryIO, cast
 from urllib.parse import parse_qs, urlsplit
 
 from storage.base import ArtifactStore, ObjectNotFound, StoreError, UploadGrant, check_key
+from storage.presign import Credentials, PathStylePresigner
 
 # Objects above this size go up in parts; S3 needs parts of at least 5 MiB (except the last) and at
 # most 10,000 parts, so the part size grows with the object.
 MULTIPART_THRESHOLD = 64 << 20
 PART_SIZE = 32 << 20
 MAX_PARTS = 10_000
+NO_CREDENTIALS = "no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
 
 
 def part_size_for(size: int) -> int:
@@ -104,6 +106,20 @@ class S3Store(ArtifactStore):
         )
         self.client = session.client("s3", config=config, **client_kwargs)
         self.endpoint = self.client.meta.endpoint_url
+        self.presigner: PathStylePresigner | None = None
+        if path_style:
+            botocore_session = session._session  # the credential chain (refreshing role credentials too)
+
+            def credentials() -> Credentials:
+                c = botocore_session.get_credentials()
+                if c is None:
+                    raise StoreError(
+                        "no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+                    )
+                f = c.get_frozen_credentials()
+                return Credentials(f.access_key, f.secret_key, f.token)
+
+            self.presigner = PathStylePresigner(self.endpoint, self.client.meta.region_name or "us-east-1", credentials)
         self.description = f"s3://{self.bucket}/{location.prefix} at {self.endpoint}"
 
     def _key(self, key: str) -> str:
@@ -206,6 +222,8 @@ class S3Store(ArtifactStore):
         return len(keys)
 
     def presign_get(self, key: str, expires_s: int) -> str:
+        if self.presigner is not None:
+            return self.presigner.url("GET", self.bucket, self._key(key), expires_s)
         return cast(
             str,
             self.client.generate_presigned_url(
@@ -216,6 +234,8 @@ class S3Store(ArtifactStore):
     def grant_upload(self, key: str, size: int, expires_s: int) -> UploadGrant:
         full = self._key(key)
         if size <= MULTIPART_THRESHOLD:
+            if self.presigner is not None:
+                return UploadGrant(key=key, url=self.presigner.url("PUT", self.bucket, full, expires_s))
             url = self.client.generate_presigned_url(
                 "put_object", Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=expires_s
             )
@@ -226,7 +246,9 @@ class S3Store(ArtifactStore):
             raise self._error(f"start upload of {key}", e) from e
         part = part_size_for(size)
         urls = tuple(
-            self.client.generate_presigned_url(
+            self.presigner.url("PUT", self.bucket, full, expires_s, {"partNumber": str(n), "uploadId": upload_id})
+            if self.presigner is not None
+            else self.client.generate_presigned_url(
                 "upload_part",
                 Params={"Bucket": self.bucket, "Key": full, "UploadId": upload_id, "PartNumber": n},
                 ExpiresIn=expires_s,

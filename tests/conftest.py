@@ -240,11 +240,12 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 @dataclass
 class LocalMode:
     home: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DSTACK_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DSTACK_", "AWS_"))}
         env["DSTACK_HOME"] = str(self.home)
-        return env
+        return {**env, **self.extra_env}
 
     def cli(self, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -292,3 +292,25 @@ def test_bad_storage_settings_stop_the_coordinator_with_a_clear_error(
     r = start("s3://dstack/x?pathstyle=1", env)
     assert r.returncode != 0 and "unknown option 'pathstyle'" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_local_mode_honours_dstack_storage(local: Any, seaweed: SeaweedServer, tmp_path: Path) -> None:
+    prefix = f"local-{uuid.uuid4().hex[:8]}"
+    local.extra_env = {**seaweed.env(), "DSTACK_STORAGE": f"s3://dstack/{prefix}"}
+    root = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: hello
+            provider: bash
+            commands: ["mkdir -p out && echo hello > out/greeting && cat out/greeting"]
+            artifacts: [out]
+        """,
+    )
+    r = local.cli("run", "hello", cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert "hello" in r.stdout
+    run = submitted(r.stderr)
+    got = objects(seaweed, f"{prefix}/runs/{run}/hello/")
+    assert got[f"{prefix}/runs/{run}/hello/artifacts/out/greeting"] == b"hello\n"
+    assert f"{prefix}/runs/{run}/hello/manifest.json" in got
