@@ -41,6 +41,7 @@ PULL_PROGRESS_EVERY_S = 2.0
 ENGINE_RETRY_S = 60.0  # how long a running job waits for a restarting Docker engine to answer again
 # What these SDK calls raise when the engine is away or refuses: both mean "the job cannot go on here".
 EngineErrors = (docker.errors.DockerException, requests.exceptions.RequestException)
+OutputStream = Iterator[tuple[bytes | None, bytes | None]]  # (stdout, stderr) chunks, one of them None
 
 
 @dataclass(frozen=True)
@@ -188,12 +189,14 @@ class _PullProgress:
 
 
 class DockerProcess(JobProcess):
-    def __init__(self, runtime: DockerRuntime, container_id: str, job: RuntimeJob) -> None:
+    def __init__(self, runtime: DockerRuntime, container_id: str, stream: OutputStream, job: RuntimeJob) -> None:
         self.rt = runtime
         self.cid = container_id
+        self.stream = stream  # attached before the container started: no output is missed
         self.job = job
         self.exit_note = ""
         self.lost = ""
+        self._stopping = False
         self._closed = threading.Event()
 
     async def output(self) -> AsyncIterator[tuple[int, bytes]]:
@@ -212,10 +215,7 @@ class DockerProcess(JobProcess):
 
         def pump() -> None:
             try:
-                stream: Iterator[tuple[bytes | None, bytes | None]] = self.rt.stream_api.attach(
-                    self.cid, stdout=True, stderr=True, stream=True, logs=True, demux=True
-                )
-                for out, err in stream:
+                for out, err in self.stream:
                     if out and not put((common_pb2.LOG_STREAM_STDOUT, out)):
                         return
                     if err and not put((common_pb2.LOG_STREAM_STDERR, err)):
@@ -246,14 +246,19 @@ class DockerProcess(JobProcess):
                 self.lost = "the job's container disappeared (removed outside dstack?)"
                 return -9
             except EngineErrors as e:
-                # The engine went away (restart, crash): wait for it, then look at the container again.
+                # The engine went away (restart, crash): wait for it, then look at the container again
+                # (with live-restore the container is still running).
                 log.warning("job %s: lost the Docker engine (%s); waiting for it", self.job.job_id, e)
-                self.exit_note = "the Docker engine restarted while the job ran"
                 self.job.system_line("dstack: lost the Docker engine; waiting for it to answer again")
                 if not await self.rt.wait_for_engine(ENGINE_RETRY_S):
                     self.lost = f"the Docker engine at {self.rt.address} stopped answering while the job ran"
                     return -9
         code = int(result.get("StatusCode", -1))
+        if code != 0 and not self._stopping and not await self.rt.answers():
+            # An engine shutting down closes its API first, then stops every container: that is
+            # why this one ended, not the job itself.
+            self.lost = f"the Docker engine at {self.rt.address} stopped while the job ran (it stopped the container)"
+            return code
         try:
             state = (await asyncio.to_thread(api.inspect_container, self.cid)).get("State", {})
             if state.get("OOMKilled"):
@@ -264,6 +269,7 @@ class DockerProcess(JobProcess):
         return code
 
     async def stop(self, abort: bool) -> None:
+        self._stopping = True
         api = self.rt.client.api
         try:
             if abort:
@@ -295,10 +301,18 @@ class DockerRuntime(Runtime):
         # Output streams wait for as long as a job is silent: no read timeout on their connection.
         self.stream_api = make_client(self.opts.base_url, timeout=None).api
         self._pulls: dict[str, asyncio.Future[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     def base_env(self, host_env: dict[str, str]) -> dict[str, str]:
         # The image's own PATH, HOME and user apply inside the container, not the agent host's.
         return {k: v for k, v in host_env.items() if k not in ("PATH", "HOME", "USER", "LOGNAME")}
+
+    async def answers(self) -> bool:
+        try:
+            await asyncio.to_thread(self.client.ping)
+            return True
+        except EngineErrors:
+            return False
 
     async def wait_for_engine(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -315,7 +329,7 @@ class DockerRuntime(Runtime):
         config = container_config(job, self.opts, image, self.agent_home)
         try:
             await self._ensure_image(image, job)
-            cid = await asyncio.to_thread(self._create_and_start, config)
+            cid, stream = await asyncio.to_thread(self._create_and_start, config)
         except RuntimeError_:
             raise
         except docker.errors.APIError as e:
@@ -323,9 +337,9 @@ class DockerRuntime(Runtime):
         except EngineErrors as e:
             raise RuntimeError_(f"the Docker engine at {self.address} does not answer: {e}") from e
         log.info("job %s: container %s (%s)", job.job_id, cid[:12], image)
-        return DockerProcess(self, cid, job)
+        return DockerProcess(self, cid, stream, job)
 
-    def _create_and_start(self, config: dict[str, Any]) -> str:
+    def _create_and_start(self, config: dict[str, Any]) -> tuple[str, OutputStream]:
         try:
             container = self.client.containers.create(**config)
         except docker.errors.APIError as e:
@@ -334,12 +348,17 @@ class DockerRuntime(Runtime):
             self.client.api.remove_container(config["name"], force=True)
             container = self.client.containers.create(**config)
         try:
+            # Attached before it starts: a job that ends at once still has all its output read.
+            cid = str(container.id)
+            stream: OutputStream = self.stream_api.attach(
+                cid, stdout=True, stderr=True, stream=True, logs=False, demux=True
+            )
             container.start()
         except Exception:
             with contextlib.suppress(*EngineErrors):
                 container.remove(force=True)
             raise
-        return str(container.id)
+        return cid, stream
 
     async def _ensure_image(self, image: str, job: RuntimeJob) -> None:
         try:
@@ -358,6 +377,7 @@ class DockerRuntime(Runtime):
 
     async def _pull(self, image: str, emit: Callable[[str], None]) -> None:
         loop = asyncio.get_running_loop()
+
         def emit_threadsafe(text: str) -> None:
             loop.call_soon_threadsafe(emit, text)
 
@@ -378,8 +398,18 @@ class DockerRuntime(Runtime):
             await asyncio.to_thread(self.client.api.remove_container, cid, force=True, v=True)
         except docker.errors.NotFound:
             pass
-        except EngineErrors as e:  # the next agent start removes it (it carries our label)
-            log.warning("removing container %s failed: %s", cid[:12], e)
+        except EngineErrors as e:
+            # The engine is away: remove it once it answers again, without holding up the job's report
+            # (and if it never does, the next agent start removes it: it carries our label).
+            log.warning("removing container %s failed (will retry): %s", cid[:12], e)
+            task = asyncio.create_task(self._remove_later(cid))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _remove_later(self, cid: str) -> None:
+        if await self.wait_for_engine(ENGINE_RETRY_S):
+            with contextlib.suppress(*EngineErrors):
+                await asyncio.to_thread(self.client.api.remove_container, cid, force=True, v=True)
 
     async def cleanup_leftovers(self, agent_home: str) -> None:
         """Containers of a previous run of this agent (same home) are removed: the coordinator fails their jobs."""
