@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
@@ -42,6 +42,38 @@ ENGINE_RETRY_S = 60.0  # how long a running job waits for a restarting Docker en
 # What these SDK calls raise when the engine is away or refuses: both mean "the job cannot go on here".
 EngineErrors = (docker.errors.DockerException, requests.exceptions.RequestException)
 OutputStream = Iterator[tuple[bytes | None, bytes | None]]  # (stdout, stderr) chunks, one of them None
+
+
+T = TypeVar("T")
+
+
+async def in_own_thread(fn: Callable[[], T]) -> T:
+    """Runs a call that may block for long (waiting for a container, a pull, a stop with its grace
+    period) in a thread of its own: in asyncio's default pool, eight of them would starve every
+    other worker-thread call of the agent (the pool has min(32, CPUs + 4) threads)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)
+
+    def run() -> None:
+        try:
+            value = fn()
+        except BaseException as e:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(settle, None, e)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, value, None)
+
+    threading.Thread(target=run, name="docker-call", daemon=True).start()
+    return await fut
 
 
 @dataclass(frozen=True)
@@ -240,7 +272,7 @@ class DockerProcess(JobProcess):
         api = self.rt.client.api
         while True:
             try:
-                result = await asyncio.to_thread(api.wait, self.cid, timeout=None)
+                result = await in_own_thread(lambda: api.wait(self.cid, timeout=None))
                 break
             except docker.errors.NotFound:
                 self.lost = "the job's container disappeared (removed outside dstack?)"
@@ -275,7 +307,8 @@ class DockerProcess(JobProcess):
             if abort:
                 await asyncio.to_thread(api.kill, self.cid)
             else:  # SIGTERM, then SIGKILL after the grace period: the engine does both
-                await asyncio.to_thread(api.stop, self.cid, timeout=max(1, round(self.rt.stop_grace_s)))
+                grace = max(1, round(self.rt.stop_grace_s))
+                await in_own_thread(lambda: api.stop(self.cid, timeout=grace))
         except docker.errors.NotFound:
             pass
         except docker.errors.APIError as e:
@@ -389,7 +422,7 @@ class DockerRuntime(Runtime):
                 progress.feed(event)
 
         try:
-            await asyncio.to_thread(pull)
+            await in_own_thread(pull)
         except docker.errors.APIError as e:
             raise RuntimeError_(f"cannot pull image {image!r}: {e.explanation or e}") from e
 

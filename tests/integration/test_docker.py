@@ -15,6 +15,9 @@ from tests.dockerd import BUSYBOX, BUSYBOX_CMD, PYTHON, Dockerd
 pytestmark = pytest.mark.integration
 
 
+MAIN_PY = "import os, sys\nprint('python', sys.version_info[:2], os.path.exists('/.dockerenv'), sys.argv[1:])\n"
+
+
 def docker_agent(cluster: Cluster, dockerd: Dockerd, name: str = "agent-1", *extra: str, wait: bool = True) -> Path:
     cluster.start_agent(
         name,
@@ -183,7 +186,7 @@ def test_python_provider_runs_in_the_python_image_of_its_version(
             file: main.py
             args: ["--n", "3"]
         """,
-        {"main.py": "import os, sys\nprint('python', sys.version_info[:2], os.path.exists('/.dockerenv'), sys.argv[1:])"},
+        {"main.py": MAIN_PY},
     )
     r = cluster.cli("run", "py", cwd=project)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -231,16 +234,12 @@ def test_docker_provider_jobs_never_run_as_host_processes(cluster: Cluster, tmp_
         """,
     )
     name = submit(cluster, project, "boxed")
-    run = wait_for(
-        lambda: (r := cluster.run_info(name))["message"] and r, what="a pending reason", interval=0.2
-    )
+    run = wait_for(lambda: (r := cluster.run_info(name))["message"] and r, what="a pending reason", interval=0.2)
     assert run["status"] == "pending"  # type: ignore[index]
     assert "needs an agent with the docker runtime" in str(run["message"])  # type: ignore[index]
 
 
-def test_eight_one_gpu_containers_get_eight_different_gpus(
-    cluster: Cluster, dockerd: Dockerd, tmp_path: Path
-) -> None:
+def test_eight_one_gpu_containers_get_eight_different_gpus(cluster: Cluster, dockerd: Dockerd, tmp_path: Path) -> None:
     cluster.start_coordinator()
     docker_agent(cluster, dockerd, "gpu-host", "--simulate-gpus", "8xA100-80GB", "--docker-image-cuda", BUSYBOX)
     project = write_project(
@@ -263,7 +262,9 @@ def test_eight_one_gpu_containers_get_eight_different_gpus(
     )
     seen = []
     for n in names:
-        text = wait_for(lambda n=n: re.search(r"gpus (\S+) nvidia (\S+)", logs(cluster, n)), what="the GPU line")
+        text = wait_for(
+            lambda n=n: re.search(r"gpus (\S+) nvidia (\S+)", logs(cluster, n)), what=f"the GPU line: {logs(cluster, n)}"
+        )
         cuda, nvidia = text.groups()  # type: ignore[union-attr]
         assert cuda == nvidia and "," not in cuda
         seen.append(cuda)
