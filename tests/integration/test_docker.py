@@ -74,6 +74,10 @@ def test_a_job_runs_in_a_container_with_its_limits(cluster: Cluster, dockerd: Do
               memory: 64MB
               cpu: 0.5
               shm_size: 32MB
+          - name: hog
+            provider: bash
+            commands: ["head -c 200000000 /dev/zero | tail > /dev/null"]
+            resources: {memory: 32MB}
         """,
         {"sub/data.txt": "from the working tree\n"},
     )
@@ -93,6 +97,9 @@ def test_a_job_runs_in_a_container_with_its_limits(cluster: Cluster, dockerd: Do
     assert "out/result.txt" in listed.stdout, listed.stdout + listed.stderr
     # the container is removed once the job is over
     wait_for(lambda: not dockerd.containers(home), timeout=10, what="the container to be removed")
+    r = cluster.cli("run", "hog", cwd=project)
+    assert r.returncode == 1
+    assert "(out of memory: the limit is 32 MiB)" in " ".join(r.stderr.split()), r.stderr[-2000:]
 
 
 def test_stop_sends_sigterm_then_leaves_no_container(cluster: Cluster, dockerd: Dockerd, tmp_path: Path) -> None:
@@ -263,7 +270,8 @@ def test_eight_one_gpu_containers_get_eight_different_gpus(cluster: Cluster, doc
     seen = []
     for n in names:
         text = wait_for(
-            lambda n=n: re.search(r"gpus (\S+) nvidia (\S+)", logs(cluster, n)), what=f"the GPU line: {logs(cluster, n)}"
+            lambda n=n: re.search(r"gpus (\S+) nvidia (\S+)", logs(cluster, n)),
+            what=f"the GPU line: {logs(cluster, n)}",
         )
         cuda, nvidia = text.groups()  # type: ignore[union-attr]
         assert cuda == nvidia and "," not in cuda
