@@ -211,12 +211,13 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 @dataclass
 class LocalMode:
     home: Path
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. DSTACK_RUNTIME for the embedded agent
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DSTACK_")}
         env["DSTACK_HOME"] = str(self.home)
         env["DSTACK_RUNTIME"] = "host"  # not `auto`: a dev box may run Docker
-        return env
+        return env | self.extra_env
 
     def cli(self, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

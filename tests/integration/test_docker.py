@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster, wait_for, write_project
+from tests.conftest import Cluster, LocalMode, wait_for, write_project
 from tests.dockerd import BUSYBOX, BUSYBOX_CMD, PYTHON, Dockerd
 
 pytestmark = pytest.mark.integration
@@ -337,3 +338,31 @@ def test_the_agent_survives_the_docker_engine_restarting(cluster: Cluster, docke
     assert r.returncode == 0, r.stderr[-3000:] + agent.output()[-3000:]
     assert "quick and boxed yes" in r.stdout
     wait_for(lambda: not dockerd.containers(home), timeout=20, what="no container left")
+
+
+def test_the_embedded_local_agent_takes_its_runtime_from_the_environment(
+    local: LocalMode, dockerd: Dockerd, tmp_path: Path
+) -> None:
+    local.extra_env = {
+        "DSTACK_RUNTIME": "docker",
+        "DSTACK_DOCKER_HOST": dockerd.host,
+        "DSTACK_DOCKER_IMAGE_BASH": BUSYBOX,
+        "DSTACK_DOCKER_IMAGE_CUDA": BUSYBOX,
+        "DSTACK_DOCKER_NETWORK": "none",
+        "DSTACK_SIMULATE_GPUS": "2xA100-80GB",
+    }
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: where
+            provider: bash
+            commands: ['test -f /.dockerenv && echo "boxed, gpus=$CUDA_VISIBLE_DEVICES"']
+            resources: {gpu: {count: 2, name: a100}}
+        """,
+    )
+    r = local.cli("run", "where", cwd=project)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "boxed, gpus=0,1" in r.stdout
+    agents = json.loads(local.cli("agents", "--json", cwd=project).stdout)
+    assert agents[0]["runtime"] == "docker" and all(g["simulated"] for g in agents[0]["gpus"])
