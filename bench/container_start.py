@@ -3,7 +3,8 @@
 Two coordinators, each with one warm agent: one runs jobs as host processes, the other in Docker
 containers (busybox image, no network). Submissions alternate between them, so both see the same
 machine noise. The job is `echo first`; the time is from just before SubmitRun to the moment the
-client's StreamLogs yields that line. The Docker engine: DOCKER_HOST if one answers there, else the
+client's StreamLogs yields that line. Also measured: the engine alone (SDK create, attach, start,
+first line), the floor of any Docker runtime. The Docker engine: DOCKER_HOST if one answers there, else the
 tests' own dockerd (started here, as in tests/dockerd.py; needs root and `apt-get install docker.io
 busybox-static`).
 Usage: python -m bench.container_start [N]
@@ -35,6 +36,28 @@ def first_line_latency(stub: client_pb2_grpc.ClientServiceStub) -> float:
                         return time.monotonic() - t0
                     if ln.stream == common_pb2.LOG_STREAM_SYSTEM and "could not start" in ln.text:
                         raise RuntimeError(ln.text)
+
+
+def engine_floor(docker_host: str, image: str, n: int) -> list[float]:
+    """The engine's own share: create, attach, start a container and read its first line, then remove it."""
+    from agent.runtimes.docker import make_client
+
+    client = make_client(docker_host)
+    stream_client = make_client(docker_host, timeout=None)
+    out = []
+    try:
+        for _ in range(n):
+            t0 = time.monotonic()
+            c = client.containers.create(image, ["echo", "first"], network_mode="none", init=True)
+            stream = stream_client.api.attach(c.id, stdout=True, stderr=True, stream=True, demux=True)
+            c.start()
+            next(iter(stream))
+            out.append(time.monotonic() - t0)
+            c.remove(force=True)
+    finally:
+        client.close()
+        stream_client.close()
+    return out
 
 
 def main() -> None:
@@ -78,9 +101,11 @@ def main() -> None:
         for _ in range(n):
             h.append(first_line_latency(hs))
             d.append(first_line_latency(ds))
+        floor = engine_floor(docker_host, BUSYBOX, n)
         print(f"Docker engine {engine}; {os.cpu_count()} CPUs; {n} jobs each, alternating")
         print(f"host runtime   submit -> first log line: {summary_ms(h)}")
         print(f"docker runtime submit -> first log line: {summary_ms(d)}")
+        print(f"engine alone: create+attach+start -> first line: {summary_ms(floor)}")
         print(
             f"container overhead: +{(pct(d, 50) - pct(h, 50)) * 1e3:.0f} ms at the median"
             f" ({statistics.median(d) / statistics.median(h):.1f}x the host runtime)"
