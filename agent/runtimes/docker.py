@@ -238,9 +238,9 @@ class DockerProcess(JobProcess):
         def put(item: tuple[int, bytes] | None) -> bool:
             if self._closed.is_set():
                 return False
-            fut = asyncio.run_coroutine_threadsafe(q.put(item), loop)  # blocks: backpressure from the outbox
             try:
-                fut.result()
+                # Blocks while the queue is full: backpressure from the outbox down to the engine.
+                asyncio.run_coroutine_threadsafe(q.put(item), loop).result()
             except Exception:  # the loop is closing
                 return False
             return True
@@ -252,7 +252,7 @@ class DockerProcess(JobProcess):
                         return
                     if err and not put((common_pb2.LOG_STREAM_STDERR, err)):
                         return
-            except EngineErrors as e:
+            except (OSError, *EngineErrors) as e:
                 log.warning("job %s: the container's output stream broke: %s", self.job.job_id, e)
             finally:
                 put(None)
