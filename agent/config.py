@@ -1,7 +1,9 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from agent.runtimes.docker import DockerOptions
 
 
 @dataclass(frozen=True)
@@ -10,7 +12,8 @@ class AgentConfig:
     home: Path  # credentials, code cache, job working directories
     join_token: str = ""
     name: str = ""
-    runtime: str = "host"  # host | null
+    runtime: str = "host"  # host | docker | null (`auto` is resolved before the agent starts)
+    docker: DockerOptions = field(default_factory=DockerOptions)
     simulate_gpus: str = ""  # e.g. "8xA100-80GB": test/dev only, never on by default
     max_jobs: int = 64
     stop_grace_s: float = 10.0

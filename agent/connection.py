@@ -49,7 +49,7 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.outbox = Outbox()
-        self.runtime = make_runtime(config.runtime, config.stop_grace_s)
+        self.runtime = make_runtime(config.runtime, config.stop_grace_s, config.docker, str(config.home))
         self.inventory = Inventory(config.home, config.runtime, config.max_jobs, config.simulate_gpus)
         self.jobs: dict[str, JobRunner] = {}
         self.agent_id = ""
@@ -69,6 +69,7 @@ class Agent:
             uploader=Uploader(self.stub, self.metadata, config.upload_attempts, self.transfer),
             downloader=Downloader(self.stub, self.metadata, config.upload_attempts, self.transfer),
             gpu_uuids=self._gpu_uuids,
+            gpus_simulated=bool(config.simulate_gpus),
             janitor=Janitor(),
             mount_sync_s=config.mount_sync_s,
             agent_home=str(config.home),

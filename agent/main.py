@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 from agent.config import AgentConfig
 from agent.connection import Agent, FatalAgentError
 from agent.inventory import InventoryError, parse_simulated
+from agent.runtimes import RUNTIMES, DockerOptions, RuntimeError_, resolve_runtime
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
@@ -23,7 +25,28 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     p.add_argument("--join-token", default=os.environ.get("DSTACK_JOIN_TOKEN", ""))
     p.add_argument("--home", default=os.environ.get("DSTACK_AGENT_HOME", "~/.dstack/agent"))
     p.add_argument("--name", default=socket.gethostname())
-    p.add_argument("--runtime", default=os.environ.get("DSTACK_RUNTIME", "host"), choices=["host", "null"])
+    p.add_argument(
+        "--runtime",
+        default=os.environ.get("DSTACK_RUNTIME", "auto"),
+        choices=RUNTIMES,
+        help="where jobs run: docker containers, host processes, or auto (docker when a Docker engine answers)",
+    )
+    d = DockerOptions()
+    env = os.environ.get
+    p.add_argument("--docker-host", default=env("DSTACK_DOCKER_HOST", ""), help="Docker engine (default: DOCKER_HOST)")
+    p.add_argument("--docker-image-bash", default=env("DSTACK_DOCKER_IMAGE_BASH", d.bash_image))
+    p.add_argument(
+        "--docker-image-python",
+        default=env("DSTACK_DOCKER_IMAGE_PYTHON", d.python_image),
+        help="{version} is the workflow's Python version",
+    )
+    p.add_argument("--docker-image-cuda", default=env("DSTACK_DOCKER_IMAGE_CUDA", d.cuda_image))
+    p.add_argument(
+        "--docker-network",
+        default=env("DSTACK_DOCKER_NETWORK", d.network),
+        choices=["bridge", "host", "none"],
+        help="bridge publishes ports HOST:CONTAINER; host shares the host's network (no mapping)",
+    )
     p.add_argument(
         "--simulate-gpus",
         default=os.environ.get("DSTACK_SIMULATE_GPUS", ""),
@@ -50,6 +73,13 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         join_token=a.join_token,
         name=a.name,
         runtime=a.runtime,
+        docker=DockerOptions(
+            bash_image=a.docker_image_bash,
+            python_image=a.docker_image_python,
+            cuda_image=a.docker_image_cuda,
+            network=a.docker_network,
+            base_url=a.docker_host,
+        ),
         simulate_gpus=a.simulate_gpus,
         max_jobs=a.max_jobs,
         stop_grace_s=a.stop_grace,
@@ -96,6 +126,11 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     config = parse_args(argv)
+    try:
+        config = dataclasses.replace(config, runtime=resolve_runtime(config.runtime, config.docker))
+    except RuntimeError_ as e:
+        print(f"dstack agent: {e}", file=sys.stderr)
+        sys.exit(2)
     _use_pidfd_child_watcher()
     try:
         asyncio.run(run_agent(config))

@@ -45,6 +45,7 @@ class RunnerDeps:
     uploader: Uploader
     downloader: Downloader
     gpu_uuids: Callable[[list[int]], list[str]]
+    gpus_simulated: bool
     janitor: Janitor
     mount_sync_s: float
     agent_home: str
@@ -167,7 +168,7 @@ class JobRunner:
                 if self.stop_requested:
                     self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user")
                     return
-                env = base_env() | dict(self.a.secrets) | dict(self.a.env) | dict(spec.env)
+                env = self.deps.runtime.base_env(base_env()) | dict(self.a.secrets) | dict(self.a.env) | dict(spec.env)
                 env[AGENT_MARKER] = self.deps.agent_home
                 self.proc = await self.deps.runtime.start(
                     RuntimeJob(
@@ -182,6 +183,12 @@ class JobRunner:
                         cpu=spec.resources.cpu,
                         memory_bytes=spec.resources.memory_bytes,
                         shm_size_bytes=spec.resources.shm_size_bytes,
+                        provider=spec.provider,
+                        python_version=spec.python_version,
+                        ports=[(p.host_port, p.container_port) for p in spec.ports],
+                        gpus_simulated=self.deps.gpus_simulated,
+                        system_line=self._system_line,
+                        on_pulling=lambda: self._update(JS.JOB_STATUS_PULLING),
                     )
                 )
             except Exception as e:
@@ -204,7 +211,12 @@ class JobRunner:
                 if syncer is not None:
                     syncer.cancel()
                     await asyncio.gather(syncer, return_exceptions=True)
+                await self.proc.cleanup()
             try:
+                if self.proc.lost and not self.stop_requested:
+                    self._system_line(f"dstack: {self.proc.lost}")
+                    self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_EXECUTOR_ERROR, self.proc.lost, code)
+                    return
                 await self._finish(code, workdir, spec)
             except Exception as e:  # a job must never be left without a final state
                 log.exception("job %s: finishing failed", self.job_id)
@@ -212,6 +224,7 @@ class JobRunner:
         except asyncio.CancelledError:
             if self.proc is not None:
                 await self.proc.stop(abort=True)
+                await self.proc.cleanup()
             raise
         finally:
             self.deps.outbox.mark_finished(self.job_id)
@@ -268,7 +281,9 @@ class JobRunner:
         if code == 0:
             self._update(JS.JOB_STATUS_DONE, TR.TERMINATION_REASON_DONE, "", code)
         else:
-            self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_EXIT_CODE, describe_exit(code), code)
+            note = self.proc.exit_note if self.proc is not None else ""
+            message = describe_exit(code) + (f" ({note})" if note else "")
+            self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_EXIT_CODE, message, code)
 
     async def _save_artifacts(self, workdir: Path, spec: common_pb2.JobSpec) -> str | None:
         try:

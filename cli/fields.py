@@ -13,6 +13,12 @@ from cli.yamlsrc import Node, Seq
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)\s*$", re.IGNORECASE)
 MAX_SIZE = 1 << 63
+# A Docker image reference: [DOMAIN[:PORT]/]PATH[:TAG][@DIGEST] (github.com/distribution/reference).
+_DOMAIN = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::\d+)?"
+_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE = re.compile(
+    rf"^(?:{_DOMAIN}/)?{_PATH}(?:/{_PATH})*(?::[\w][\w.-]{{0,127}})?(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{{32,}})?$"
+)
 _POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
 
 
@@ -134,3 +140,15 @@ def relative_path(node: Node, key: str, value: str) -> str:
             f"{key} path {value!r} must be relative and stay inside the working directory", node.at(key)
         )
     return norm
+
+
+def image_ref(node: Node, key: str) -> str:
+    """A container image reference, e.g. python:3.11-slim, ghcr.io/org/app:1.0, or empty."""
+    value = string(node, key)
+    if value and not _IMAGE.match(value):
+        hint = "; repository names are lowercase" if value.lower() != value and _IMAGE.match(value.lower()) else ""
+        raise WorkflowError(
+            f"{key} {value!r} is not an image reference like python:3.11-slim or ghcr.io/org/app:1.0{hint}",
+            node.at(key),
+        )
+    return value

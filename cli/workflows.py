@@ -168,7 +168,7 @@ def parse_workflow(node: Node) -> Workflow:
         env=_environment(node),
         working_dir=fields.relative_path(node, "working_dir", fields.string(node, "working_dir", default=".")),
         before_run=fields.string_list(node, "before_run"),
-        image=fields.string(node, "image"),
+        image=fields.image_ref(node, "image"),
         ports=_ports(node),
     )
     provider.validate(wf)

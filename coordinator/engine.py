@@ -134,6 +134,7 @@ class Engine:
                 memory_total=inv.memory_total_bytes,
                 gpus=[Gpu(g.index, g.name, g.memory_total_bytes) for g in inv.gpus],
                 max_jobs=inv.max_jobs or 1_000_000,
+                containers=inv.runtime == "docker",
             )
         for alloc in store.active_allocations():
             a = agents.get(alloc["agent_id"])

@@ -23,7 +23,8 @@ class Waiting:
     submitted: bool  # still SUBMITTED in the database (not yet marked PENDING)
 
 
-def request_of(job_id: str, resources: common_pb2.Resources) -> JobRequest:
+def request_of(job_id: str, spec: common_pb2.JobSpec) -> JobRequest:
+    resources = spec.resources
     return JobRequest(
         job_id=job_id,
         cpu=resources.cpu,
@@ -31,6 +32,7 @@ def request_of(job_id: str, resources: common_pb2.Resources) -> JobRequest:
         gpu_count=resources.gpu.count,
         gpu_name=resources.gpu.name,
         gpu_memory=resources.gpu.memory_bytes,
+        needs_container=spec.needs_container,
     )
 
 
@@ -48,7 +50,7 @@ class WaitingQueue:
         self._jobs[row["id"]] = Waiting(
             job_id=row["id"],
             run_id=row["run_id"],
-            request=request_of(row["id"], spec.resources),
+            request=request_of(row["id"], spec),
             depends_on=tuple(json.loads(row["depends_on"] or "[]")),
             submitted=row["status"] == common_pb2.JOB_STATUS_SUBMITTED,
         )
@@ -58,7 +60,7 @@ class WaitingQueue:
             self._jobs[j.id] = Waiting(
                 job_id=j.id,
                 run_id=run_id,
-                request=request_of(j.id, j.spec.resources),
+                request=request_of(j.id, j.spec),
                 depends_on=tuple(j.spec.depends_on),
                 submitted=True,
             )

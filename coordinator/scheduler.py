@@ -28,6 +28,7 @@ class JobRequest:
     gpu_count: int = 0
     gpu_name: str = ""
     gpu_memory: int = 0
+    needs_container: bool = False  # the docker provider: only agents whose runtime runs containers
 
 
 @dataclass
@@ -38,10 +39,14 @@ class AgentState:
     memory_total: int
     gpus: list[Gpu]
     max_jobs: int
+    containers: bool = False  # its runtime runs containers (docker)
     used_cpu: float = 0.0
     used_memory: int = 0
     busy_gpus: set[int] = field(default_factory=set)
     jobs: int = 0
+
+    def can_run(self, req: JobRequest) -> bool:
+        return self.containers or not req.needs_container
 
     def matching_gpus(self, req: JobRequest, free_only: bool) -> list[Gpu]:
         return [
@@ -79,13 +84,18 @@ def describe(req: JobRequest) -> str:
 def never_fits(req: JobRequest, agents: list[AgentState]) -> str | None:
     """Why no agent could run the job even when idle, or None if one could."""
     if any(
-        len(a.matching_gpus(req, free_only=False)) >= req.gpu_count
+        a.can_run(req)
+        and len(a.matching_gpus(req, free_only=False)) >= req.gpu_count
         and a.cpu_total >= req.cpu
         and a.memory_total >= req.memory
         for a in agents
     ):
         return None
     need = describe(req)
+    if req.needs_container:
+        if not any(a.containers for a in agents):
+            return "needs an agent with the docker runtime; every agent runs host processes"
+        agents = [a for a in agents if a.containers]
     if req.gpu_count:
         best = max(len(a.matching_gpus(req, free_only=False)) for a in agents)
         if best < req.gpu_count:
@@ -107,7 +117,7 @@ def _gpu_names(agents: list[AgentState]) -> str:
 
 
 def _fits(a: AgentState, req: JobRequest) -> list[int] | None:
-    if a.jobs >= a.max_jobs:
+    if a.jobs >= a.max_jobs or not a.can_run(req):
         return None
     if a.cpu_total - a.used_cpu < req.cpu - 1e-9 or a.memory_total - a.used_memory < req.memory:
         return None
@@ -144,12 +154,12 @@ def schedule(queue: list[JobRequest], agents: list[AgentState]) -> Decision:
         for req in queue:
             d.waiting[req.job_id] = "waiting: no agent is online"
         return d
-    never: dict[tuple[float, int, int, str, int], str | None] = {}
-    unfit: dict[tuple[float, int, int, str, int], str] = {}
+    never: dict[tuple[float, int, int, str, int, bool], str | None] = {}
+    unfit: dict[tuple[float, int, int, str, int, bool], str] = {}
     for req in queue:
         # Jobs of the same shape share every answer within a pass; and once a shape fits nowhere
         # it fits nowhere for the rest of the pass (placements only take capacity away).
-        shape = (req.cpu, req.memory, req.gpu_count, req.gpu_name, req.gpu_memory)
+        shape = (req.cpu, req.memory, req.gpu_count, req.gpu_name, req.gpu_memory, req.needs_container)
         if shape not in never:
             never[shape] = never_fits(req, agents)
         reason = never[shape]

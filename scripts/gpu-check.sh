@@ -3,7 +3,9 @@
 #   1. the agent's NVML inventory (agent.inventory, through pynvml);
 #   2. a real coordinator + agent + CLI run of a 1-GPU job, pinned with CUDA_VISIBLE_DEVICES,
 #      printing `nvidia-smi -L` and what CUDA (PyTorch, if present) sees;
-#   3. a request the pool can never satisfy (more GPUs than the host has) and its reason.
+#   3. a request the pool can never satisfy (more GPUs than the host has) and its reason;
+#   4. when a Docker engine with the NVIDIA container toolkit answers: the same 1-GPU job through an
+#      agent with --runtime docker (device request by UUID), printing `nvidia-smi -L` in the container.
 # Usage: scripts/gpu-check.sh [LOGFILE]   (extra wheels, if any, in .whl/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -87,5 +89,32 @@ python3 -m cli ps
 python3 -m cli ps --json | python3 -c "import json,sys; r=[x for x in json.load(sys.stdin) if x['name']=='$run'][0]; print(r['status'], '|', r['message'])"
 python3 -m cli stop "$run"
 
-kill "$apid" "$cpid"; wait "$apid" "$cpid"
+kill "$apid"; wait "$apid"
 echo "== agent log"; tail -5 "$tmp/agent.log"
+
+echo "== 4. a 1-GPU job in a container (--runtime docker)"
+if docker info 2>/dev/null | grep -qi nvidia; then
+  python3 -m agent --coordinator "127.0.0.1:$port" --join-token join --home "$tmp/agent-docker" --name gpu-docker \
+    --runtime docker --docker-image-cuda "${CUDA_IMAGE:-nvidia/cuda:12.4.1-base-ubuntu22.04}" \
+    >"$tmp/agent-docker.log" 2>&1 &
+  dpid=$!
+  for _ in $(seq 1 50); do python3 -m cli agents --json 2>/dev/null | grep -q '"docker"' && break; sleep 0.2; done
+  cat >"$tmp/p/.dstack/workflows.yaml" <<'EOF2'
+workflows:
+  - name: gpu-container
+    provider: bash
+    commands:
+      - test -f /.dockerenv && echo "in a container"
+      - nvidia-smi -L
+      - echo "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES NVIDIA_VISIBLE_DEVICES=$NVIDIA_VISIBLE_DEVICES"
+    resources:
+      gpu: 1
+EOF2
+  timeout "${RUN_TIMEOUT:-600}" python3 -m cli run gpu-container
+  echo "exit code: $?"
+  kill "$dpid"; wait "$dpid"
+  tail -5 "$tmp/agent-docker.log"
+else
+  echo "skipped: no Docker engine with the NVIDIA runtime here"
+fi
+kill "$cpid"; wait "$cpid"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from storage.devserver import SeaweedServer
+from tests.dockerd import Dockerd, DockerUnavailable
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -123,7 +126,7 @@ class Cluster:
         wait_for(lambda: self.cli("ps").returncode == 0, what="the coordinator to answer")
         return self.coordinator
 
-    def start_agent(self, name: str = "agent-1", *extra: str) -> Proc:
+    def start_agent(self, name: str = "agent-1", *extra: str, wait: bool = True) -> Proc:
         log = self.tmp / f"{name}.log"
         f = log.open("ab")
         popen = subprocess.Popen(
@@ -141,6 +144,7 @@ class Cluster:
                 name,
                 "--stop-grace",
                 "2",
+                *([] if "--runtime" in extra else ["--runtime", "host"]),  # not `auto`: a dev box may run Docker
                 *extra,
             ],
             stdout=f,
@@ -151,6 +155,8 @@ class Cluster:
         f.close()
         proc = Proc(popen, log)
         self.agents.append(proc)
+        if not wait:
+            return proc
         wait_for(
             lambda: any(a["name"] == name and a["status"] == "online" for a in self.agents_json()),
             what=f"agent {name} online",
@@ -240,12 +246,13 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 @dataclass
 class LocalMode:
     home: Path
-    extra_env: dict[str, str] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. DSTACK_RUNTIME, DSTACK_STORAGE
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DSTACK_", "AWS_"))}
         env["DSTACK_HOME"] = str(self.home)
-        return {**env, **self.extra_env}
+        env["DSTACK_RUNTIME"] = "host"  # not `auto`: a dev box may run Docker
+        return env | self.extra_env
 
     def cli(self, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -260,3 +267,25 @@ def local(tmp_path: Path) -> Iterator[LocalMode]:
         yield lm
     finally:
         subprocess.run([PY, "-m", "cli", "local", "stop"], env=lm.env(), capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockerd]:
+    """The tests' own Docker engine (see tests/dockerd.py). Missing Docker fails under CI=true, else skips."""
+    # A short path: the engine's socket must fit in AF_UNIX's 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="dstack-dockerd-", dir="/tmp"))
+    d = Dockerd(root)
+    try:
+        d.start()
+        d.load_images()
+    except DockerUnavailable as e:
+        d.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Docker is required under CI: {e}")
+        pytest.skip(f"no Docker engine for the tests: {e}")
+    try:
+        yield d
+    finally:
+        d.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,18 +1,46 @@
+import logging
+
 from agent.runtimes.base import AGENT_MARKER, JobProcess, Runtime, RuntimeError_, RuntimeJob
+from agent.runtimes.docker import DockerOptions, DockerRuntime, engine_address, engine_version
 from agent.runtimes.host import HostRuntime
 from agent.runtimes.null import NullRuntime
 
+log = logging.getLogger("dstack.agent")
+RUNTIMES = ("auto", "docker", "host", "null")
 
-def make_runtime(name: str, stop_grace_s: float) -> Runtime:
+
+def resolve_runtime(name: str, docker: DockerOptions) -> str:
+    """`auto`: docker when a Docker engine answers (at --docker-host, DOCKER_HOST or the default socket), else host."""
+    if name not in RUNTIMES:
+        raise RuntimeError_(f"unknown runtime {name!r}: expected one of {', '.join(RUNTIMES)}")
+    if name not in ("auto", "docker"):
+        return name
+    version = engine_version(docker.base_url)
+    where = engine_address(docker.base_url)
+    if version is not None:
+        log.info("runtime: docker (Docker engine %s at %s)", version, where)
+        return "docker"
+    if name == "docker":
+        raise RuntimeError_(f"--runtime docker: no Docker engine answers at {where} (set DOCKER_HOST?)")
+    log.info("runtime: host processes (no Docker engine answers at %s)", where)
+    return "host"
+
+
+def make_runtime(name: str, stop_grace_s: float, docker: DockerOptions | None = None, agent_home: str = "") -> Runtime:
     if name == "host":
-        return HostRuntime(stop_grace_s)
+        return HostRuntime(stop_grace_s, agent_home)
     if name == "null":
         return NullRuntime()
-    raise RuntimeError_(f"unknown runtime {name!r}: expected host or null")
+    if name == "docker":
+        return DockerRuntime(stop_grace_s, docker, agent_home)
+    raise RuntimeError_(f"unknown runtime {name!r}: expected host, docker or null")
 
 
 __all__ = [
     "AGENT_MARKER",
+    "RUNTIMES",
+    "DockerOptions",
+    "DockerRuntime",
     "HostRuntime",
     "JobProcess",
     "NullRuntime",
@@ -20,4 +48,5 @@ __all__ = [
     "RuntimeError_",
     "RuntimeJob",
     "make_runtime",
+    "resolve_runtime",
 ]

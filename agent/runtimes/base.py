@@ -1,9 +1,9 @@
-"""The runtime interface: how a job's commands become a running process (host now, Docker later)."""
+"""The runtime interface: how a job's commands become a running process (host processes or Docker)."""
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +29,29 @@ class RuntimeJob:
     cpu: float = 0.0
     memory_bytes: int = 0
     shm_size_bytes: int = 0
+    provider: str = ""
+    python_version: str = ""  # the python provider's `version` (a container runtime picks its image by it)
+    ports: list[tuple[int, int]] = field(default_factory=list)  # (host, container)
+    gpus_simulated: bool = False  # simulated GPUs: the assignment goes only into the environment
+    # Progress the runtime reports while starting: a system log line, and "pulling the image now".
+    system_line: Callable[[str], None] = field(default=lambda _text: None)
+    on_pulling: Callable[[], None] = field(default=lambda: None)
+
+
+def gpu_env(job: RuntimeJob) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for the assigned GPUs (UUIDs when known, else indices); empty without GPUs."""
+    if not job.gpu_indices:
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    return {
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": ",".join(job.gpu_uuids or [str(i) for i in job.gpu_indices]),
+    }
 
 
 class JobProcess(abc.ABC):
+    exit_note: str = ""  # said after the exit code when the job failed (e.g. "out of memory")
+    lost: str = ""  # set when the runtime lost the job: it fails with this message (executor error)
+
     @abc.abstractmethod
     def output(self) -> AsyncIterator[tuple[int, bytes]]:
         """Yields (stream, chunk) until both stdout and stderr are closed; stream is a LogStream value."""
@@ -45,9 +65,17 @@ class JobProcess(abc.ABC):
     async def stop(self, abort: bool) -> None:
         """Terminates the whole process tree: SIGTERM, then SIGKILL after the grace period (at once if abort)."""
 
+    async def cleanup(self) -> None:
+        """Called once the output is drained: releases what the job held (its container, its cgroup)."""
+        return None
+
 
 class Runtime(abc.ABC):
     name: str
+
+    def base_env(self, host_env: dict[str, str]) -> dict[str, str]:
+        """What a job's environment starts from; a container keeps its image's PATH and HOME."""
+        return dict(host_env)
 
     @abc.abstractmethod
     async def start(self, job: RuntimeJob) -> JobProcess: ...

@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 
 import psutil
 
-from agent.runtimes.base import AGENT_MARKER, JobProcess, Runtime, RuntimeError_, RuntimeJob
+from agent.runtimes.base import AGENT_MARKER, JobProcess, Runtime, RuntimeError_, RuntimeJob, gpu_env
+from agent.runtimes.cgroups import CgroupLayout, JobCgroup
 from protos.v1 import common_pb2
 
 READ_CHUNK = 1 << 16
@@ -26,9 +27,10 @@ def _script(job: RuntimeJob) -> str:
 
 
 class HostProcess(JobProcess):
-    def __init__(self, proc: asyncio.subprocess.Process, grace_s: float) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, grace_s: float, cgroup: JobCgroup | None = None) -> None:
         self.proc = proc
         self.grace_s = grace_s
+        self.cgroup = cgroup
 
     async def output(self) -> AsyncIterator[tuple[int, bytes]]:
         q: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=64)
@@ -62,6 +64,11 @@ class HostProcess(JobProcess):
         # Slurm: otherwise it would hold the job's GPUs and output pipes with no job to show for it.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.cgroup is not None:  # and what left the group (setsid) but not the job's cgroup
+            await asyncio.to_thread(self.cgroup.kill_all)
+            if await asyncio.to_thread(self.cgroup.oom_killed):
+                limit = self.cgroup.memory_bytes
+                self.exit_note = f"out of memory: the limit is {limit / (1 << 20):.0f} MiB"
         try:
             # On Python 3.11 Process.wait() also waits for the pipes to close...
             return await asyncio.wait_for(asyncio.shield(self.proc.wait()), PIPE_CLOSE_TIMEOUT_S)
@@ -118,13 +125,33 @@ class HostProcess(JobProcess):
                 await asyncio.wait_for(asyncio.shield(self.proc.wait()), self.grace_s)
         tree += await asyncio.to_thread(self._tree)
         self._signal(signal.SIGKILL, tree)
+        if self.cgroup is not None:
+            await asyncio.to_thread(self.cgroup.kill_all)
+
+    async def cleanup(self) -> None:
+        if self.cgroup is not None:
+            await asyncio.to_thread(self.cgroup.remove)
 
 
 class HostRuntime(Runtime):
     name = "host"
 
-    def __init__(self, stop_grace_s: float) -> None:
+    def __init__(self, stop_grace_s: float, agent_home: str = "", cgroups: bool = True) -> None:
         self.stop_grace_s = stop_grace_s
+        self.agent_home = agent_home
+        self.use_cgroups = cgroups
+        self._layout: CgroupLayout | None = None
+
+    async def _cgroup(self, job: RuntimeJob) -> JobCgroup | None:
+        if not self.use_cgroups:
+            return None
+        if self._layout is None:
+            self._layout = await asyncio.to_thread(CgroupLayout.discover, self.agent_home or str(os.getpid()))
+        cg = self._layout.job(job.job_id, job.memory_bytes, job.cpu)
+        missing = await asyncio.to_thread(cg.create)
+        if missing:
+            job.system_line(f"dstack: this host cannot limit the job's {' and '.join(missing)} (no writable cgroup v1)")
+        return cg
 
     async def start(self, job: RuntimeJob) -> JobProcess:
         rel = posixpath.normpath(job.working_dir or ".")
@@ -133,15 +160,15 @@ class HostRuntime(Runtime):
         cwd = job.workdir / rel
         env = dict(job.env)
         if job.gpu_indices:
-            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(job.gpu_uuids or [str(i) for i in job.gpu_indices])
+            env.update(gpu_env(job))
         else:
             env.setdefault("CUDA_VISIBLE_DEVICES", "")
+        cgroup = await self._cgroup(job)
         try:
             proc = await asyncio.create_subprocess_exec(
                 "bash",
                 "-c",
-                _script(job),
+                (cgroup.join_script() if cgroup else "") + _script(job),
                 cwd=cwd,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -150,12 +177,18 @@ class HostRuntime(Runtime):
                 start_new_session=True,
             )
         except FileNotFoundError as e:
+            await self._release(cgroup)
             if not await asyncio.to_thread(cwd.is_dir):
                 raise RuntimeError_(f"working_dir {rel!r} does not exist in the code") from e
             raise RuntimeError_(f"cannot start the job: {e}") from e
         except OSError as e:
+            await self._release(cgroup)
             raise RuntimeError_(f"cannot start the job: {e}") from e
-        return HostProcess(proc, self.stop_grace_s)
+        return HostProcess(proc, self.stop_grace_s, cgroup)
+
+    async def _release(self, cgroup: JobCgroup | None) -> None:
+        if cgroup is not None:
+            await asyncio.to_thread(cgroup.remove)
 
     async def cleanup_leftovers(self, agent_home: str) -> None:
         def kill_all() -> int:
@@ -170,5 +203,11 @@ class HostRuntime(Runtime):
             return killed
 
         killed = await asyncio.to_thread(kill_all)
+        if self.use_cgroups:  # and what escaped the session but stayed in its job's cgroup
+            if self._layout is None:
+                self._layout = await asyncio.to_thread(CgroupLayout.discover, agent_home)
+            for cg in self._layout.leftovers():
+                killed += await asyncio.to_thread(cg.kill_all)
+                await asyncio.to_thread(cg.remove)
         if killed:
             log.warning("killed %d process(es) left by jobs of a previous agent run", killed)

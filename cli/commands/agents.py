@@ -24,14 +24,19 @@ def agents_command(as_json: bool) -> None:
                     "runtime": inv.runtime,
                     "cpu": inv.cpu_count,
                     "memory_bytes": inv.memory_total_bytes,
+                    "memory_available_bytes": inv.memory_available_bytes,
                     "running_jobs": a.running_jobs,
+                    "gpus_free": len(inv.gpus) - len(a.busy_gpu_indices),
                     "gpus": [
                         {
                             "index": g.index,
                             "name": g.name,
                             "uuid": g.uuid,
                             "memory_bytes": g.memory_total_bytes,
+                            "memory_total_bytes": g.memory_total_bytes,
+                            "memory_used_bytes": g.memory_used_bytes,
                             "utilization_percent": g.utilization_percent,
+                            "temperature_c": g.temperature_c,
                             "busy": g.index in a.busy_gpu_indices,
                             "simulated": g.simulated,
                         }
@@ -46,22 +51,29 @@ def agents_command(as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
-    for col in ("AGENT", "HOST", "STATUS", "GPUS", "CPU", "MEMORY", "JOBS"):
-        table.add_column(col)
+    for col in ("AGENT", "HOST", "STATUS", "RUNTIME", "GPUS", "CPU", "MEMORY", "JOBS"):
+        table.add_column(col, overflow="fold")
     for a in agents:
         inv = a.inventory
         gpus = "-"
         if inv.gpus:
             names = sorted({g.name for g in inv.gpus})
             free = len(inv.gpus) - len(a.busy_gpu_indices)
+            used = sum(g.memory_used_bytes for g in inv.gpus) / GIB
+            total = sum(g.memory_total_bytes for g in inv.gpus) / GIB
+            util = sum(g.utilization_percent for g in inv.gpus) / len(inv.gpus)
             gpus = f"{free}/{len(inv.gpus)} free, {', '.join(names)}"
+            gpus += f"; memory {used:.0f}/{total:.0f} GiB used, util {util:.0f}%"
+            if any(g.simulated for g in inv.gpus) and not any("simulated" in n for n in names):
+                gpus += " (simulated)"
         table.add_row(
             a.name,
             inv.hostname,
             a.status,
+            inv.runtime,
             gpus,
             str(inv.cpu_count),
-            f"{inv.memory_total_bytes / GIB:.0f} GiB",
+            f"{inv.memory_available_bytes / GIB:.0f}/{inv.memory_total_bytes / GIB:.0f} GiB free",
             str(a.running_jobs),
         )
     Console().print(table)

@@ -7,7 +7,14 @@ import sys
 
 from cli.render import ago, run_status, run_to_json
 
-STYLE = {"done": "green", "failed": "red", "stopped": "yellow", "running": "cyan", "uploading": "cyan"}
+STYLE = {
+    "done": "green",
+    "failed": "red",
+    "stopped": "yellow",
+    "running": "cyan",
+    "uploading": "cyan",
+    "pulling": "cyan",
+}
 
 
 def ps_command(show_all: bool, as_json: bool) -> None:

@@ -20,9 +20,11 @@ GROUP = "dstack.providers"
 def _builtin() -> dict[str, type[Provider]]:
     # Also registered as entry points; listed here so a source checkout without installed metadata works.
     from cli.providers.bash import BashProvider
+    from cli.providers.curl import CurlProvider
+    from cli.providers.docker import DockerProvider
     from cli.providers.python import PythonProvider
 
-    return {"bash": BashProvider, "python": PythonProvider}
+    return {"bash": BashProvider, "curl": CurlProvider, "docker": DockerProvider, "python": PythonProvider}
 
 
 def known_providers() -> list[str]:

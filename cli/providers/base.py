@@ -13,6 +13,7 @@ class Provider(abc.ABC):
     name: str
     schema: dict[str, Any] = {}  # the provider's own workflow fields, as JSON Schema
     required: tuple[str, ...] = ()
+    needs_container: bool = False  # its jobs run only on agents with a container runtime
 
     @property
     def fields(self) -> frozenset[str]:
@@ -27,6 +28,11 @@ class Provider(abc.ABC):
         """The shell commands that run the workflow."""
 
     def image(self, wf: Workflow) -> str:
+        """The image when the workflow names none; empty: the agent's default for the provider."""
+        return ""
+
+    def python_version(self, wf: Workflow) -> str:
+        """The Python version a container runtime picks its image by (the agent maps it to an image)."""
         return ""
 
     def job_specs(self, wf: Workflow) -> list[common_pb2.JobSpec]:
@@ -41,6 +47,8 @@ class Provider(abc.ABC):
                 artifacts=[common_pb2.ArtifactSpec(path=a.path, mount=a.mount) for a in wf.artifacts],
                 resources=wf.resources,
                 image=wf.image or self.image(wf),
+                python_version=self.python_version(wf),
+                needs_container=self.needs_container,
                 ports=[common_pb2.PortSpec(host_port=h, container_port=c) for h, c in wf.ports],
                 depends_on=wf.depends_on,
                 input_tags=wf.input_tags,

@@ -64,5 +64,5 @@ class PythonProvider(Provider):
         cmds.append(f"exec $PYTHON {shlex.quote(file)} {arg_text}".rstrip())
         return cmds
 
-    def image(self, wf: Workflow) -> str:
-        return f"python:{self._version(wf) or '3.11'}-slim"
+    def python_version(self, wf: Workflow) -> str:
+        return self._version(wf)  # the agent's --docker-image-python, e.g. python:{version}-slim

@@ -28,18 +28,19 @@ JS = common_pb2.JobStatus
 TR = common_pb2.TerminationReason
 
 TERMINAL = (JS.JOB_STATUS_DONE, JS.JOB_STATUS_FAILED, JS.JOB_STATUS_STOPPED)
-ON_AGENT = (JS.JOB_STATUS_ASSIGNED, JS.JOB_STATUS_RUNNING, JS.JOB_STATUS_UPLOADING)
+ON_AGENT = (JS.JOB_STATUS_ASSIGNED, JS.JOB_STATUS_PULLING, JS.JOB_STATUS_RUNNING, JS.JOB_STATUS_UPLOADING)
 WAITING = (JS.JOB_STATUS_SUBMITTED, JS.JOB_STATUS_PENDING)
-# Agents report RUNNING, UPLOADING and terminal states; a status may only move forward.
+# Agents report PULLING, RUNNING, UPLOADING and terminal states; a status may only move forward.
 _RANK = {
     JS.JOB_STATUS_SUBMITTED: 1,
     JS.JOB_STATUS_PENDING: 2,
     JS.JOB_STATUS_ASSIGNED: 3,
-    JS.JOB_STATUS_RUNNING: 4,
-    JS.JOB_STATUS_UPLOADING: 5,
-    JS.JOB_STATUS_DONE: 6,
-    JS.JOB_STATUS_FAILED: 6,
-    JS.JOB_STATUS_STOPPED: 6,
+    JS.JOB_STATUS_PULLING: 4,
+    JS.JOB_STATUS_RUNNING: 5,
+    JS.JOB_STATUS_UPLOADING: 6,
+    JS.JOB_STATUS_DONE: 7,
+    JS.JOB_STATUS_FAILED: 7,
+    JS.JOB_STATUS_STOPPED: 7,
 }
 
 Row = dict[str, Any]
@@ -306,6 +307,8 @@ class Store:
                 status, reason, message = common_pb2.RUN_STATUS_STOPPED, stopped[0][1], stopped[0][2]
             else:
                 status, reason = common_pb2.RUN_STATUS_DONE, TR.TERMINATION_REASON_DONE
+        elif JS.JOB_STATUS_PULLING in s and JS.JOB_STATUS_RUNNING not in s:
+            status = common_pb2.RUN_STATUS_PULLING
         elif JS.JOB_STATUS_RUNNING in s or JS.JOB_STATUS_ASSIGNED in s:
             status = common_pb2.RUN_STATUS_RUNNING
         elif JS.JOB_STATUS_UPLOADING in s:
@@ -627,7 +630,9 @@ class Store:
                     "e": u.exit_code if u.has_exit_code else None,
                     "id": u.job_id,
                 }
-                if status_new == JS.JOB_STATUS_RUNNING:
+                if status_new == JS.JOB_STATUS_PULLING:
+                    c.execute("UPDATE jobs SET status = :s WHERE id = :id", params)
+                elif status_new == JS.JOB_STATUS_RUNNING:
                     c.execute("UPDATE jobs SET status = :s, started_at = :t WHERE id = :id", params)
                 elif status_new == JS.JOB_STATUS_UPLOADING:
                     c.execute(

@@ -33,6 +33,8 @@ class _RunStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunStatus.V
     RUN_STATUS_DONE: _RunStatus.ValueType  # 5
     RUN_STATUS_FAILED: _RunStatus.ValueType  # 6
     RUN_STATUS_STOPPED: _RunStatus.ValueType  # 7
+    RUN_STATUS_PULLING: _RunStatus.ValueType  # 8
+    """a job's container image is being pulled, none runs yet"""
 
 class RunStatus(_RunStatus, metaclass=_RunStatusEnumTypeWrapper):
     """Lifecycle of a run; a run's status is derived from its jobs (docs/lifecycle.md)."""
@@ -45,6 +47,8 @@ RUN_STATUS_UPLOADING: RunStatus.ValueType  # 4
 RUN_STATUS_DONE: RunStatus.ValueType  # 5
 RUN_STATUS_FAILED: RunStatus.ValueType  # 6
 RUN_STATUS_STOPPED: RunStatus.ValueType  # 7
+RUN_STATUS_PULLING: RunStatus.ValueType  # 8
+"""a job's container image is being pulled, none runs yet"""
 Global___RunStatus: _TypeAlias = RunStatus  # noqa: Y015
 
 class _JobStatus:
@@ -66,6 +70,8 @@ class _JobStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobStatus.V
     JOB_STATUS_DONE: _JobStatus.ValueType  # 6
     JOB_STATUS_FAILED: _JobStatus.ValueType  # 7
     JOB_STATUS_STOPPED: _JobStatus.ValueType  # 8
+    JOB_STATUS_PULLING: _JobStatus.ValueType  # 9
+    """on the agent, its container image being pulled (between assigned and running)"""
 
 class JobStatus(_JobStatus, metaclass=_JobStatusEnumTypeWrapper):
     """Lifecycle of one job (docs/lifecycle.md lists the allowed transitions)."""
@@ -83,6 +89,8 @@ JOB_STATUS_UPLOADING: JobStatus.ValueType  # 5
 JOB_STATUS_DONE: JobStatus.ValueType  # 6
 JOB_STATUS_FAILED: JobStatus.ValueType  # 7
 JOB_STATUS_STOPPED: JobStatus.ValueType  # 8
+JOB_STATUS_PULLING: JobStatus.ValueType  # 9
+"""on the agent, its container image being pulled (between assigned and running)"""
 Global___JobStatus: _TypeAlias = JobStatus  # noqa: Y015
 
 class _TerminationReason:
@@ -291,6 +299,8 @@ class JobSpec(_message.Message):
     PORTS_FIELD_NUMBER: _builtins.int
     INPUT_TAGS_FIELD_NUMBER: _builtins.int
     INPUT_WORKFLOWS_FIELD_NUMBER: _builtins.int
+    PYTHON_VERSION_FIELD_NUMBER: _builtins.int
+    NEEDS_CONTAINER_FIELD_NUMBER: _builtins.int
     job_name: _builtins.str
     """unique within the run (usually the workflow name)"""
     workflow: _builtins.str
@@ -299,6 +309,10 @@ class JobSpec(_message.Message):
     """relative to the code root"""
     image: _builtins.str
     """container runtimes only"""
+    python_version: _builtins.str
+    """The python provider's version: a container runtime picks its Python image for it (agent config)."""
+    needs_container: _builtins.bool
+    """Runs only on an agent with a container runtime (the docker provider): never as host processes."""
     @_builtins.property
     def commands(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """run by bash -e in order"""
@@ -339,10 +353,12 @@ class JobSpec(_message.Message):
         ports: _abc.Iterable[Global___PortSpec] | None = ...,
         input_tags: _abc.Iterable[_builtins.str] | None = ...,
         input_workflows: _abc.Iterable[_builtins.str] | None = ...,
+        python_version: _builtins.str = ...,
+        needs_container: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "commands", b"commands", "depends_on", b"depends_on", "env", b"env", "image", b"image", "input_tags", b"input_tags", "input_workflows", b"input_workflows", "job_name", b"job_name", "ports", b"ports", "provider", b"provider", "resources", b"resources", "workflow", b"workflow", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "commands", b"commands", "depends_on", b"depends_on", "env", b"env", "image", b"image", "input_tags", b"input_tags", "input_workflows", b"input_workflows", "job_name", b"job_name", "needs_container", b"needs_container", "ports", b"ports", "provider", b"provider", "python_version", b"python_version", "resources", b"resources", "workflow", b"workflow", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -441,7 +457,7 @@ class Inventory(_message.Message):
     memory_available_bytes: _builtins.int
     disk_free_bytes: _builtins.int
     runtime: _builtins.str
-    """"host", "null", later "docker" """
+    """"host", "null" or "docker" """
     max_jobs: _builtins.int
     """concurrent job slots on this agent"""
     @_builtins.property

@@ -71,7 +71,11 @@ def test_wrong_token(cluster: Cluster) -> None:
     ("workflows", "needle", "line"),
     [
         ("workflows:\n  - name: a\n    provider: bash\n    commands: [echo\n", "invalid YAML", 5),
-        ("workflows:\n  - name: a\n    provider: nope\n", "unknown provider 'nope'; known providers: bash, python", 3),
+        (
+            "workflows:\n  - name: a\n    provider: nope\n",
+            "unknown provider 'nope'; known providers: bash, curl, docker, python",
+            3,
+        ),
         ("workflows:\n  - name: a\n    provider: bash\n    comands: [x]\n", "did you mean 'commands'", 4),
         ("workflows:\n  - name: a\n    provider: bash\n", "missing required field 'commands'", 2),
         ("workflows:\n  - provider: bash\n    commands: [x]\n", "missing required field 'name'", 2),

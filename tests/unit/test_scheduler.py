@@ -87,3 +87,13 @@ def test_job_slots_limit_concurrency() -> None:
 def test_reason_grammar_for_one_gpu() -> None:
     d = schedule([JobRequest("j", gpu_count=2)], [agent("h", gpus=1)])
     assert d.impossible["j"] == "needs 2 GPUs; the largest agent has 1 GPU"
+
+
+def test_container_jobs_go_only_to_docker_agents() -> None:
+    host, box = agent("host"), agent("box")
+    box.containers = True
+    d = schedule([JobRequest("c", needs_container=True), JobRequest("any")], [host, box])
+    placed = dict((j, a) for j, a, _ in d.placements)
+    assert placed["c"] == "box"
+    d = schedule([JobRequest("c", needs_container=True)], [agent("host")])
+    assert d.impossible["c"] == "needs an agent with the docker runtime; every agent runs host processes"

@@ -89,3 +89,24 @@ def test_dependants_fail_when_a_job_is_unschedulable(tmp_path: Path) -> None:
     jobs = {j["job_name"]: j["id"] for j in s.jobs_of_runs([run["id"]])[run["id"]]}
     s.apply_schedule([], [jobs["b"]], [(jobs["a"], 5, "needs 8 GPUs; the largest agent has 0 GPUs")])
     assert s.run_by_name(name)["status"] == common_pb2.RUN_STATUS_FAILED
+
+
+def test_pulling_comes_between_assigned_and_running(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db.sqlite")
+    name = s.create_run("admin", "wf", b"", "", [], [job("a")]).name
+    run = s.run_by_name(name)
+    jid = s.jobs_of_runs([run["id"]])[run["id"]][0]["id"]
+    agent_id = s.register_agent("h", "tok", b"")
+    s.apply_schedule([Placement(jid, agent_id, [0])], {}, [])
+
+    def update(status: common_pb2.JobStatus.ValueType) -> None:
+        s.apply_job_updates(agent_id, [agent_pb2.JobUpdate(job_id=jid, status=status)])
+
+    update(JS.JOB_STATUS_PULLING)
+    assert s.run_by_name(name)["status"] == common_pb2.RUN_STATUS_PULLING
+    assert s.active_allocations()[0]["gpu_indices"] == "[0]"  # a pulling job holds its GPUs
+    assert [j for j, _ in s.request_stop(name)] == [jid]  # and is stopped on its agent
+    update(JS.JOB_STATUS_RUNNING)
+    assert s.run_by_name(name)["status"] == common_pb2.RUN_STATUS_RUNNING
+    update(JS.JOB_STATUS_PULLING)  # late, out of order: ignored
+    assert s.run_by_name(name)["status"] == common_pb2.RUN_STATUS_RUNNING
