@@ -114,7 +114,7 @@ def one_round(
     manifest: list[tuple[str, int, str]] = []
     ups: list[tuple[str, Callable[[], object]]] = [
         ("ours", lambda: manifest.extend(tools.ours_up(files, f"ours-{tag}"))),
-        ("s5cmd", lambda: tools.s5_up(folder, f"s5-{tag}", many)),
+        ("s5cmd", lambda: tools.s5_up(folder if many else files[0], f"s5-{tag}", many)),
         ("boto3", lambda: tools.boto_up(files, f"boto-{tag}")),
     ]
     # Every tool downloads the same objects (s5cmd's): how an object was uploaded (its part size)
