@@ -11,6 +11,7 @@ presigned URLs (presigning included in the time) through storage/transfer.py.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import statistics
@@ -90,6 +91,12 @@ class Tools:
     def s5_down(self, prefix: str, dest: Path) -> None:
         self.s5("cp", f"s3://dstack/bench/{prefix}/*", f"{dest}/")
 
+    def s5_down_verified(self, prefix: str, dest: Path) -> None:
+        self.s5_down(prefix, dest)
+        for p in dest.iterdir():
+            with p.open("rb") as f:
+                hashlib.file_digest(f, "sha256")
+
     # -- boto3 defaults ------------------------------------------------------------------------------
     def boto_up(self, files: list[Path], prefix: str) -> None:
         for p in files:
@@ -128,6 +135,8 @@ def one_round(
             ),
         ),
         ("s5cmd", lambda: tools.s5_down(f"s5-{tag}", tools.fresh("s5"))),
+        # s5cmd does not verify what it downloads; this is what it costs with the check we always do
+        ("s5+sha", lambda: tools.s5_down_verified(f"s5-{tag}", tools.fresh("s5v"))),
         ("boto3", lambda: tools.boto_down(files, f"s5-{tag}", tools.fresh("boto"))),
     ]
     k = rnd % 3
@@ -159,16 +168,22 @@ def main() -> None:
             print(f"round {rnd + 1}/{rounds} done", file=sys.stderr)
 
         print(f"SeaweedFS on 127.0.0.1, {rounds} rounds, medians (each tool's own time, all in one run)")
-        print(f"{'data set':<16} {'way':<5} {'tool':<6} {'seconds':>8} {'MB/s':>8} {'files/s':>8} {'vs s5cmd':>9}")
+        print(
+            f"{'data set':<16} {'way':<5} {'tool':<6} {'seconds':>8} {'MB/s':>8} {'files/s':>8} {'vs s5cmd':>9}"
+            "  every round (s)"
+        )
         for set_name, (files, _, _) in sets.items():
             nbytes = sum(p.stat().st_size for p in files)
             for way in ("up", "down"):
                 base = statistics.median(results[(set_name, "s5cmd", way)])
-                for tool in ("ours", "s5cmd", "boto3"):
+                for tool in ("ours", "s5cmd", "boto3", "s5+sha"):
+                    if (set_name, tool, way) not in results:
+                        continue
                     secs = statistics.median(results[(set_name, tool, way)])
                     print(
                         f"{set_name:<16} {way:<5} {tool:<6} {secs:8.2f} {nbytes / secs / 1e6:8.1f}"
-                        f" {len(files) / secs:8.0f} {base / secs:8.2f}x"
+                        f" {len(files) / secs:8.0f} {base / secs:8.2f}x  "
+                        + " ".join(f"{x:.2f}" for x in results[(set_name, tool, way)])
                     )
     finally:
         server.kill()

@@ -7,6 +7,7 @@ test session) never collide. Credentials are enforced: clients must sign with `a
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -46,18 +47,19 @@ def weed_binary() -> str:
 
 
 def free_port_base(span: int = SPAN) -> int:
-    """A base port with `span` consecutive free ports above it (checked by binding each)."""
+    """A base port with `span` consecutive free ports above it (checked by binding each).
+
+    Chosen below the kernel's ephemeral range (32768+), where clients' connections in TIME_WAIT pile
+    up after a benchmark; SO_REUSEADDR as weed itself binds, so only a listener counts as taken."""
+    rng = random.Random()
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + span > 60000:
-            continue
+        base = rng.randrange(20000, 32000 - span)
         socks = []
         try:
             for p in range(base, base + span):
                 t = socket.socket()
                 socks.append(t)
+                t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 t.bind(("127.0.0.1", p))
             return base
         except OSError:
