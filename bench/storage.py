@@ -140,9 +140,13 @@ def one_round(
         ("boto3", lambda: tools.boto_down(files, f"s5-{tag}", tools.fresh("boto"))),
     ]
     k = rnd % 3
-    out = [((tool, "up"), timed(fn)) for tool, fn in ups[k:] + ups[:k]]
-    subprocess.run(["sync"], check=False)  # the uploads' dirty pages must not slow the first download
-    out += [((tool, "down"), timed(fn)) for tool, fn in downs[k:] + downs[:k]]
+    out = []
+    for way, tools_fns in (("up", ups[k:] + ups[:k]), ("down", downs[k:] + downs[:k])):
+        for tool, fn in tools_fns:
+            # Each starts with clean page cache writeback: one tool's 1 GiB of dirty pages being
+            # flushed must not throttle the next tool's writes.
+            subprocess.run(["sync"], check=False)
+            out.append(((tool, way), timed(fn)))
     return out
 
 
