@@ -221,6 +221,11 @@ class Uploader:
         return common_pb2.ArtifactFile(path=rel, size=size, sha256=resp.sha256)
 
 
+def _give_up(e: grpc.aio.AioRpcError, attempt: int, attempts: int) -> bool:
+    """A download call is retried unless it is refused for good or out of attempts."""
+    return attempt == attempts or e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+
+
 class Downloader:
     """Fetches the artifacts of the jobs a job depends on into its working directory, in parallel,
     each file checked against the sha256 in its manifest."""
@@ -279,10 +284,7 @@ class Downloader:
                 resp: agent_pb2.GrantDownloadsResponse = await self.stub.GrantDownloads(req, metadata=self.metadata())
                 return resp
             except grpc.aio.AioRpcError as e:
-                if attempt == self.attempts or e.code() in (
-                    grpc.StatusCode.NOT_FOUND,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                ):
+                if _give_up(e, attempt, self.attempts):
                     raise ArtifactError(f"dependency artifacts: {e.details() or e.code().name}") from e
                 await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
         raise AssertionError("unreachable")
@@ -309,10 +311,7 @@ class Downloader:
                 await asyncio.to_thread(os.replace, tmp, dest)
                 return
             except grpc.aio.AioRpcError as e:
-                if attempt == self.attempts or e.code() in (
-                    grpc.StatusCode.NOT_FOUND,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                ):
+                if _give_up(e, attempt, self.attempts):
                     raise ArtifactError(f"{what}: download failed: {e.details() or e.code().name}") from e
                 await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
             finally:

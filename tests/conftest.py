@@ -215,18 +215,16 @@ def _without_aws(env: os._Environ[str] | dict[str, str]) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
     """A real S3 server (SeaweedFS) shared by the session; tests keep apart by key prefix."""
-    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
+    yield from _running(SeaweedServer(tmp_path_factory.mktemp("seaweed")))
 
 
 @pytest.fixture
 def own_seaweed(tmp_path: Path) -> Iterator[SeaweedServer]:
     """A server of the test's own, for tests that kill it."""
-    server = SeaweedServer(tmp_path / "seaweed")
+    yield from _running(SeaweedServer(tmp_path / "seaweed"))
+
+
+def _running(server: SeaweedServer) -> Iterator[SeaweedServer]:
     server.start()
     try:
         yield server

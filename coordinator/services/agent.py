@@ -15,7 +15,7 @@ import grpc
 from coordinator.artifacts import Artifacts, artifact_key, code_key
 from coordinator.engine import Engine
 from coordinator.errors import Conflict, Unauthenticated
-from coordinator.services.client import check_relative_path, put_from_stream, read_chunks, stream_artifact
+from coordinator.services.client import check_relative_path, put_from_messages, read_chunks, stream_artifact
 from coordinator.services.rpc import bearer_token, streaming, unary
 from protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2
 
@@ -108,15 +108,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         agent_id = await self._agent(context)
         first = await anext(aiter(request_iterator))
         job = await self._own_job(agent_id, first.job_id)
-        path = check_relative_path(first.path)
-
-        async def chunks() -> AsyncIterator[bytes]:
-            yield first.data
-            async for msg in request_iterator:
-                yield msg.data
-
-        key = artifact_key(job["run_name"], job["job_name"], path)
-        size, digest = await put_from_stream(self.artifacts, key, chunks())
+        key = artifact_key(job["run_name"], job["job_name"], check_relative_path(first.path))
+        size, digest = await put_from_messages(self.artifacts, key, first, request_iterator)
         return agent_pb2.UploadArtifactResponse(size=size, sha256=digest)
 
     @unary

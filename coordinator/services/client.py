@@ -76,6 +76,17 @@ async def put_from_stream(
     return size, digest.hexdigest()
 
 
+async def put_from_messages(store: ArtifactStore, key: str, first: Any, rest: AsyncIterator[Any]) -> tuple[int, str]:
+    """A client-streamed upload (messages with a `data` field, the first already read) into the store."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield first.data
+        async for msg in rest:
+            yield msg.data
+
+    return await put_from_stream(store, key, chunks())
+
+
 async def stream_artifact(
     engine: Engine, artifacts: ArtifactStore, request: client_pb2.DownloadArtifactRequest
 ) -> AsyncIterator[client_pb2.DataChunk]:
@@ -398,15 +409,8 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         await self._user(context)
         first = await anext(aiter(request_iterator))
         job = await self.db(self.store.upload_job, first.run_name)
-        path = check_relative_path(first.path)
-
-        async def chunks() -> AsyncIterator[bytes]:
-            yield first.data
-            async for msg in request_iterator:
-                yield msg.data
-
-        key = artifact_key(first.run_name, job["job_name"], path)
-        size, digest = await put_from_stream(self.artifacts, key, chunks())
+        key = artifact_key(first.run_name, job["job_name"], check_relative_path(first.path))
+        size, digest = await put_from_messages(self.artifacts, key, first, request_iterator)
         return client_pb2.PutArtifactResponse(size=size, sha256=digest)
 
     @unary

@@ -223,3 +223,33 @@ def test_cycles_and_unknown_dependencies_are_errors(cluster: Cluster, tmp_path: 
     r = cluster.cli("run", "c", cwd=root)
     assert r.returncode == 2 and "depends-on names 'nope', which is not a workflow" in r.stderr
     assert cluster.runs() == []  # none of these started anything
+
+
+def test_an_uploaded_folder_serves_as_a_tag_with_the_local_store(cluster: Cluster, tmp_path: Path) -> None:
+    # The folder store cannot presign: the CLI streams through the coordinator (PutArtifact).
+    cluster.start_coordinator()
+    cluster.start_agent()
+    root = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: train
+            depends-on: ["download:v1"]
+            provider: bash
+            commands: ["cat data/sub/train.csv"]
+        """,
+        {"data/sub/train.csv": "x,y\n3,4\n", "data/empty": ""},
+    )
+    r = cluster.cli("artifacts", "upload", "data", "-t", "v1", "-w", "download", cwd=root)
+    assert r.returncode == 0, r.stderr
+    r = cluster.cli("run", "train", cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert "x,y\n3,4" in r.stdout
+    listed = json.loads(
+        cluster.cli(
+            "artifacts", "list", json.loads(cluster.cli("tags", "list", "--json").stdout)[0]["run"], "--json"
+        ).stdout
+    )
+    assert sorted(f["path"] for f in listed) == ["data/empty", "data/sub/train.csv"]
+    r = cluster.cli("artifacts", "upload", "data", "-t", "v1", cwd=root)
+    assert r.returncode == 1 and "tag 'v1' already exists" in r.stderr
