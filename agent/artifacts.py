@@ -16,7 +16,7 @@ from typing import TypeVar
 import grpc
 
 from protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, common_pb2
-from storage.base import UploadGrant
+from storage.granted import put_granted
 from storage.transfer import Download, Transfer, TransferError
 
 log = logging.getLogger("dstack.agent")
@@ -80,10 +80,29 @@ def _collect_with_stat(
     return out
 
 
-def grant_from_proto(g: common_pb2.UploadGrant) -> UploadGrant:
-    return UploadGrant(
-        key=g.path, url=g.url, upload_id=g.upload_id, part_size=g.part_size, part_urls=tuple(g.part_urls)
-    )
+async def retry_rpc(
+    what: str,
+    fn: Callable[[], Awaitable[T]],
+    attempts: int,
+    retry_for: float,
+    final: tuple[grpc.StatusCode, ...],
+) -> T:
+    """Retries a coordinator call with backoff, at least `attempts` times and for at least `retry_for`
+    seconds, unless it fails with one of the `final` codes."""
+    delay = 0.2
+    start = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await fn()
+        except grpc.aio.AioRpcError as e:
+            out_of_time = time.monotonic() - start >= retry_for
+            if e.code() in final or (attempt >= attempts and out_of_time):
+                raise ArtifactError(f"{what} failed: {e.details() or e.code().name}") from e
+            log.warning("%s failed (%s); retry %d in %.1fs", what, e.code().name, attempt, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 class Uploader:
@@ -149,36 +168,19 @@ class Uploader:
         grants: list[common_pb2.UploadGrant],
         completed: list[common_pb2.CompletedUpload],
     ) -> list[common_pb2.ArtifactFile]:
-        items = [(p, grant_from_proto(g), rel) for (rel, p, _), g in zip(batch, grants, strict=True)]
+        files = [(rel, p) for rel, p, _ in batch]
         try:
-            results = await asyncio.to_thread(self.transfer.put_many, items)
+            manifest, done = await asyncio.to_thread(put_granted, self.transfer, files, grants)
         except TransferError as e:
             raise ArtifactError(str(e)) from e
-        out = []
-        for (rel, _, _), g, r in zip(batch, grants, results, strict=True):
-            if g.upload_id:
-                completed.append(common_pb2.CompletedUpload(path=rel, upload_id=g.upload_id, etags=r.etags))
-            out.append(common_pb2.ArtifactFile(path=rel, size=r.size, sha256=r.sha256))
-        return out
+        completed.extend(done)
+        return manifest
 
     async def _retry(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Retries a coordinator call with backoff: at least `attempts` times, and for as long as the
-        transfer engine retries the store (the coordinator answers UNAVAILABLE while its store is down)."""
-        delay = 0.2
-        start = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await fn()
-            except grpc.aio.AioRpcError as e:
-                final = e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
-                out_of_time = time.monotonic() - start >= self.transfer.retry_for
-                if final or (attempt >= self.attempts and out_of_time):
-                    raise ArtifactError(f"{what} failed: {e.details() or e.code().name}") from e
-                log.warning("%s failed (%s); retry %d in %.1fs", what, e.code().name, attempt, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        # As long as the transfer engine retries the store: the coordinator answers UNAVAILABLE while
+        # its store is down.
+        final = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+        return await retry_rpc(what, fn, self.attempts, self.transfer.retry_for, final)
 
     async def _upload_file(self, job_id: str, rel: str, path: Path) -> common_pb2.ArtifactFile:
         digest = hashlib.sha256()
@@ -279,15 +281,10 @@ class Downloader:
         return len(files)
 
     async def _grant(self, req: agent_pb2.GrantDownloadsRequest) -> agent_pb2.GrantDownloadsResponse:
-        for attempt in range(1, self.attempts + 1):
-            try:
-                resp: agent_pb2.GrantDownloadsResponse = await self.stub.GrantDownloads(req, metadata=self.metadata())
-                return resp
-            except grpc.aio.AioRpcError as e:
-                if _give_up(e, attempt, self.attempts):
-                    raise ArtifactError(f"dependency artifacts: {e.details() or e.code().name}") from e
-                await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
-        raise AssertionError("unreachable")
+        call = functools.partial(self.stub.GrantDownloads, req, metadata=self.metadata())
+        final = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+        resp: agent_pb2.GrantDownloadsResponse = await retry_rpc("dependency artifacts", call, self.attempts, 0, final)
+        return resp
 
     async def _fetch_file(self, src: agent_pb2.ArtifactInput, f: common_pb2.ArtifactFile, workdir: Path) -> None:
         dest = resolve_inside(workdir, f.path)

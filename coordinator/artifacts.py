@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import posixpath
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -24,6 +25,14 @@ from storage.base import UploadGrant
 URL_TTL_S = 3600
 T = TypeVar("T")
 _HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_relative_path(path: str) -> str:
+    """The normalised artifact path, refusing any that could leave the job's folder."""
+    norm = posixpath.normpath(path)
+    if not path or path.startswith("/") or norm.startswith("..") or norm == "." or "\x00" in path:
+        raise InvalidRequest(f"artifact path {path!r} must be relative and inside the working directory")
+    return norm
 
 
 def code_key(code_hash: str) -> str:
@@ -100,12 +109,13 @@ class Artifacts:
     async def grant_uploads(
         self, run_name: str, job_name: str, files: Sequence[common_pb2.FileSize]
     ) -> list[common_pb2.UploadGrant]:
+        """A grant per file, in order; a path that could leave the job's folder is refused first."""
+        keys = [artifact_key(run_name, job_name, check_relative_path(f.path)) for f in files]
+
         def grant() -> list[common_pb2.UploadGrant]:
             return [
-                grant_to_proto(
-                    f.path, self.store.grant_upload(artifact_key(run_name, job_name, f.path), f.size, URL_TTL_S)
-                )
-                for f in files
+                grant_to_proto(f.path, self.store.grant_upload(key, f.size, URL_TTL_S))
+                for f, key in zip(files, keys, strict=True)
             ]
 
         return await self._io(grant)

@@ -18,14 +18,26 @@ from coordinator.artifacts import Artifacts, logs_key
 from coordinator.config import CoordinatorConfig
 from coordinator.store.db import Store
 from coordinator.store.executor import DbExecutor
+from protos.v1 import common_pb2
+from storage import ArtifactStore
 
 log = logging.getLogger("dstack.coordinator")
 BATCH = 100
 
 
 def pack_logs(rows: list[tuple[int, int, int, str]]) -> bytes:
+    """The archive format (docs/storage.md): gzipped JSON lines, one per log line."""
     body = "".join(json.dumps({"seq": s, "stream": st, "t": t, "text": x}) + "\n" for s, st, t, x in rows)
     return gzip.compress(body.encode(), compresslevel=6)
+
+
+def read_log_archive(store: ArtifactStore, key: str) -> list[common_pb2.LogLine]:
+    """What pack_logs wrote, as log lines."""
+    with store.open_read(key) as f, gzip.open(f, "rt", encoding="utf-8") as lines:
+        return [
+            common_pb2.LogLine(seq=d["seq"], stream=d["stream"], time_ns=d["t"], text=d["text"])
+            for d in map(json.loads, lines)
+        ]
 
 
 class Retention:
@@ -65,14 +77,17 @@ class Retention:
 
     async def _expire(self, before: int) -> None:
         for run in await self.db(self.store.expired_runs, before):
+            drop_artifacts = self.config.retention_artifacts and not run["tagged"] and not run["artifacts_deleted"]
+            if not (run["has_logs"] or drop_artifacts):
+                continue
+            jobs = (await self.db(self.store.jobs_of_runs, [run["id"]]))[run["id"]]
             if run["has_logs"]:
-                jobs = (await self.db(self.store.jobs_of_runs, [run["id"]]))[run["id"]]
                 for j in jobs:
                     await asyncio.to_thread(self.artifacts.store.delete_prefix, logs_key(run["name"], j["job_name"]))
                 await self.db(self.store.mark_logs_deleted, run["id"])
                 log.info("retention: deleted the logs of run %s", run["name"])
-            if self.config.retention_artifacts and not run["tagged"] and not run["artifacts_deleted"]:
-                for j in (await self.db(self.store.jobs_of_runs, [run["id"]]))[run["id"]]:
+            if drop_artifacts:
+                for j in jobs:
                     await self.artifacts.delete_job_artifacts(run["name"], j["job_name"])
                 await self.db(self.store.mark_artifacts_deleted, run["id"])
                 log.info("retention: deleted the artifacts of untagged run %s", run["name"])

@@ -144,18 +144,13 @@ def upload_command(folder: Path, tag: str, workflow: str) -> None:
                 resp = client.put_artifact(created.run_name, rel, _chunks(p, advance))
                 manifest.append(common_pb2.ArtifactFile(path=rel, size=resp.size, sha256=resp.sha256))
         else:
-            from storage.base import UploadGrant
+            from storage.granted import put_granted
 
-            grants = [UploadGrant(g.path, g.url, g.upload_id, g.part_size, tuple(g.part_urls)) for g in created.grants]
             with Transfer(retry_for=60.0, progress=advance) as t:
                 try:
-                    results = t.put_many([(p, g, rel) for (rel, p, _), g in zip(sizes, grants, strict=True)])
+                    manifest, completed = put_granted(t, files, created.grants)
                 except TransferError as e:
                     raise CliError(f"{e} (the upload {created.run_name} is unfinished: `dstack rm` it)") from None
-            for (rel, _, _), g, r in zip(sizes, grants, results, strict=True):
-                manifest.append(common_pb2.ArtifactFile(path=rel, size=r.size, sha256=r.sha256))
-                if g.upload_id:
-                    completed.append(common_pb2.CompletedUpload(path=rel, upload_id=g.upload_id, etags=r.etags))
     run = client.commit_upload(created.run_name, manifest, completed)
     total = sum(f.size for f in manifest)
     print(f"{tag} -> {run.name}: {len(manifest)} file(s), {_size(total)} ({workflow})", file=sys.stderr)

@@ -12,10 +12,10 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from coordinator.artifacts import Artifacts, artifact_key, code_key
+from coordinator.artifacts import Artifacts, artifact_key, check_relative_path, code_key
 from coordinator.engine import Engine
 from coordinator.errors import Conflict, Unauthenticated
-from coordinator.services.client import check_relative_path, put_from_messages, read_chunks, stream_artifact
+from coordinator.services.client import put_from_messages, read_chunks, stream_artifact
 from coordinator.services.rpc import bearer_token, streaming, unary
 from protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2
 
@@ -136,8 +136,6 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         job = await self._own_job(agent_id, request.job_id)
         if not self.bookkeeping.presigns:
             return agent_pb2.GrantUploadsResponse(stream=True)
-        for f in request.files:
-            check_relative_path(f.path)
         grants = await self.bookkeeping.grant_uploads(job["run_name"], job["job_name"], request.files)
         return agent_pb2.GrantUploadsResponse(grants=grants)
 

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
 import hashlib
 import json
-import posixpath
 import queue
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeAlias
 
-from coordinator.artifacts import Artifacts, artifact_key, code_key, logs_key
+from coordinator.artifacts import Artifacts, artifact_key, check_relative_path, code_key, logs_key
 from coordinator.convert import inventory_from_bytes, run_to_proto
 from coordinator.engine import Engine
 from coordinator.errors import InvalidRequest
+from coordinator.retention import read_log_archive
 from coordinator.secrets import check_secret_name
 from coordinator.services.rpc import authenticate, streaming, unary
 from coordinator.store.db import CreatedRun, NewJob
@@ -95,15 +94,6 @@ async def stream_artifact(
     await engine.db(engine.store.artifact, run["id"], request.job_name, request.path)  # NOT_FOUND if not recorded
     async for chunk in read_chunks(artifacts, artifact_key(run["name"], request.job_name, request.path)):
         yield client_pb2.DataChunk(data=chunk)
-
-
-def read_log_archive(store: ArtifactStore, key: str) -> list[common_pb2.LogLine]:
-    """The lines of an archived job log (gzipped JSON lines, one per log line)."""
-    with store.open_read(key) as f, gzip.open(f, "rt", encoding="utf-8") as lines:
-        return [
-            common_pb2.LogLine(seq=d["seq"], stream=d["stream"], time_ns=d["t"], text=d["text"])
-            for d in map(json.loads, lines)
-        ]
 
 
 async def read_chunks(store: ArtifactStore, key: str) -> AsyncIterator[bytes]:
@@ -392,9 +382,9 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     ) -> client_pb2.CreateUploadResponse:
         owner = await self._user(context)
         check_tag_name(request.tag)
-        if not _WORKFLOW.fullmatch(request.workflow):
+        if not _NAME.fullmatch(request.workflow):
             raise InvalidRequest(f"invalid workflow name {request.workflow!r}")
-        for f in request.files:
+        for f in request.files:  # before the run exists: a refused upload leaves nothing behind
             check_relative_path(f.path)
         _, name, _ = await self.db(self.store.create_upload_run, owner, request.workflow, request.tag)
         if not self.bookkeeping.presigns:
@@ -508,21 +498,12 @@ def secret_to_proto(r: dict[str, Any]) -> client_pb2.Secret:
     return client_pb2.Secret(name=r["name"], created_at_ns=r["created_at"], updated_at_ns=r["updated_at"])
 
 
-_WORKFLOW = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-def check_relative_path(path: str) -> str:
-    norm = posixpath.normpath(path)
-    if not path or path.startswith("/") or norm.startswith("..") or norm == "." or "\x00" in path:
-        raise InvalidRequest(f"artifact path {path!r} must be relative and inside the working directory")
-    return norm
-
-
-_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# Tags, and the workflow names an uploaded artifact set stands for.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def check_tag_name(tag: str) -> None:
-    if not _TAG.fullmatch(tag):
+    if not _NAME.fullmatch(tag):
         raise InvalidRequest(f"invalid tag {tag!r}: letters, digits, '.', '_' and '-', starting with a letter or digit")
 
 

@@ -1,0 +1,33 @@
+"""Sending files with grants from the coordinator (the protocol's side of storage/transfer.py),
+shared by agents (job artifacts) and the CLI (`dstack artifacts upload`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from protos.v1 import common_pb2
+from storage.base import UploadGrant
+from storage.transfer import Transfer
+
+
+def grant_from_proto(g: common_pb2.UploadGrant) -> UploadGrant:
+    return UploadGrant(
+        key=g.path, url=g.url, upload_id=g.upload_id, part_size=g.part_size, part_urls=tuple(g.part_urls)
+    )
+
+
+def put_granted(
+    transfer: Transfer, files: Sequence[tuple[str, Path]], grants: Sequence[common_pb2.UploadGrant]
+) -> tuple[list[common_pb2.ArtifactFile], list[common_pb2.CompletedUpload]]:
+    """Uploads each (path, local file) with its grant, in parallel (blocking: run it in a thread).
+    Returns the manifest entries, and the multipart uploads the coordinator must complete at commit."""
+    results = transfer.put_many(
+        [(local, grant_from_proto(g), rel) for (rel, local), g in zip(files, grants, strict=True)]
+    )
+    manifest, completed = [], []
+    for (rel, _), g, r in zip(files, grants, results, strict=True):
+        manifest.append(common_pb2.ArtifactFile(path=rel, size=r.size, sha256=r.sha256))
+        if g.upload_id:
+            completed.append(common_pb2.CompletedUpload(path=rel, upload_id=g.upload_id, etags=r.etags))
+    return manifest, completed
