@@ -211,7 +211,7 @@ class JobRunner:
                 if syncer is not None:
                     syncer.cancel()
                     await asyncio.gather(syncer, return_exceptions=True)
-                await self.proc.cleanup()
+            await self.proc.cleanup()  # when wait() did not return, the handler below stops first, then cleans
             try:
                 if self.proc.lost and not self.stop_requested:
                     self._system_line(f"dstack: {self.proc.lost}")
@@ -221,7 +221,7 @@ class JobRunner:
             except Exception as e:  # a job must never be left without a final state
                 log.exception("job %s: finishing failed", self.job_id)
                 self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_EXECUTOR_ERROR, f"agent error: {e}", code)
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled (the agent is stopping) or broken: nothing of the job may survive
             if self.proc is not None:
                 await self.proc.stop(abort=True)
                 await self.proc.cleanup()

@@ -92,10 +92,9 @@ def never_fits(req: JobRequest, agents: list[AgentState]) -> str | None:
     ):
         return None
     need = describe(req)
-    if req.needs_container:
-        if not any(a.containers for a in agents):
-            return "needs an agent with the docker runtime; every agent runs host processes"
-        agents = [a for a in agents if a.containers]
+    agents = [a for a in agents if a.can_run(req)]
+    if not agents:
+        return "needs an agent with the docker runtime; every agent runs host processes"
     if req.gpu_count:
         best = max(len(a.matching_gpus(req, free_only=False)) for a in agents)
         if best < req.gpu_count:

@@ -100,12 +100,10 @@ class Transfer:
         parts_per_file: int = PARTS_PER_FILE,
         progress: Callable[[int], None] | None = None,
     ) -> None:
-        self.workers = workers
         self.parts_per_file = parts_per_file
         self.retry_for = retry_for
         self.progress = progress
         self._local = threading.local()
-        self._made_dirs: set[Path] = set()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="transfer")
         self._gets = ThreadPoolExecutor(min(workers, DOWNLOADS), thread_name_prefix="transfer-get")
         self._parts = ThreadPoolExecutor(workers, thread_name_prefix="transfer-part")
@@ -268,12 +266,12 @@ class Transfer:
 
     def get_file(self, item: Download) -> None:
         what = item.what or str(item.dest)
-        parent = item.dest.parent
-        if parent not in self._made_dirs:  # thousands of files in one folder: one mkdir, not thousands
-            parent.mkdir(parents=True, exist_ok=True)
-            self._made_dirs.add(parent)
         tmp = item.dest.with_name(f".{item.dest.name}.{os.urandom(4).hex()}.part")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileNotFoundError:  # its folder is new: thousands of files in one folder cost one mkdir
+            item.dest.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         moved = False
         try:
             if item.size <= RANGE_THRESHOLD:

@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,7 @@ def python_tar() -> Path:
 class Dockerd:
     root: Path
     proc: subprocess.Popen[bytes] | None = None
-    _clients: list[Any] = field(default_factory=list)
+    _client: Any = None
 
     @property
     def sock(self) -> Path:
@@ -149,9 +149,9 @@ class Dockerd:
                 time.sleep(0.1)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        for c in self._clients:
-            c.close()
-        self._clients.clear()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -162,11 +162,12 @@ class Dockerd:
         self.proc = None
 
     def client(self) -> Any:
-        import docker
+        """One client for the engine's life (made once it answers: the SDK asks for its version)."""
+        if self._client is None:
+            import docker
 
-        c = docker.DockerClient(base_url=self.host, timeout=30)
-        self._clients.append(c)
-        return c
+            self._client = docker.DockerClient(base_url=self.host, timeout=30)
+        return self._client
 
     def containers(self, agent_home: Path | str) -> list[Any]:
         """Containers (also stopped ones) that an agent with this home created."""

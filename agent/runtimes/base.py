@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import posixpath
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +39,24 @@ class RuntimeJob:
     on_pulling: Callable[[], None] = field(default=lambda: None)
 
 
+def gpu_ids(job: RuntimeJob) -> list[str]:
+    """The assigned GPUs by UUID when known, else by index."""
+    return job.gpu_uuids or [str(i) for i in job.gpu_indices]
+
+
 def gpu_env(job: RuntimeJob) -> dict[str, str]:
-    """CUDA_VISIBLE_DEVICES for the assigned GPUs (UUIDs when known, else indices); empty without GPUs."""
+    """CUDA_VISIBLE_DEVICES for the assigned GPUs; empty without GPUs."""
     if not job.gpu_indices:
         return {"CUDA_VISIBLE_DEVICES": ""}
-    return {
-        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-        "CUDA_VISIBLE_DEVICES": ",".join(job.gpu_uuids or [str(i) for i in job.gpu_indices]),
-    }
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(gpu_ids(job))}
+
+
+def working_subdir(job: RuntimeJob) -> str:
+    """The job's working_dir, relative to its folder; one that leads out of it is refused."""
+    rel = posixpath.normpath(job.working_dir or ".")
+    if rel.startswith("/") or rel == ".." or rel.startswith("../"):
+        raise RuntimeError_(f"working_dir {job.working_dir!r} escapes the job's directory")
+    return rel
 
 
 class JobProcess(abc.ABC):

@@ -27,7 +27,7 @@ import requests
 from docker.types import DeviceRequest
 from docker.utils import parse_repository_tag
 
-from agent.runtimes.base import JobProcess, Runtime, RuntimeError_, RuntimeJob, gpu_env
+from agent.runtimes.base import JobProcess, Runtime, RuntimeError_, RuntimeJob, gpu_env, gpu_ids, working_subdir
 from protos.v1 import common_pb2
 
 log = logging.getLogger("dstack.agent")
@@ -87,10 +87,16 @@ class DockerOptions:
     base_url: str = ""  # empty: DOCKER_HOST, else the default socket
 
 
-def make_client(base_url: str = "", timeout: float | None = 60) -> docker.DockerClient:
+def make_client(base_url: str = "", timeout: float | None = 60, version: str | None = None) -> docker.DockerClient:
+    """Without `version`, the SDK asks the engine for it: one blocking round trip per client."""
     if base_url:
-        return docker.DockerClient(base_url=base_url, timeout=timeout, max_pool_size=64)  # type: ignore[arg-type]
-    return docker.from_env(timeout=timeout, max_pool_size=64)  # type: ignore[arg-type]
+        return docker.DockerClient(
+            base_url=base_url,
+            timeout=timeout,  # type: ignore[arg-type]
+            max_pool_size=64,
+            version=version,
+        )
+    return docker.from_env(timeout=timeout, max_pool_size=64, version=version)  # type: ignore[arg-type]
 
 
 def engine_version(base_url: str = "", timeout: float = 3.0) -> str | None:
@@ -126,20 +132,16 @@ def _script(commands: list[str]) -> str:
 
 def container_config(job: RuntimeJob, opts: DockerOptions, image: str, agent_home: str) -> dict[str, Any]:
     """The arguments of `containers.create` for a job (pure: unit-tested without an engine)."""
-    rel = posixpath.normpath(job.working_dir or ".")
-    if rel.startswith("/") or rel == ".." or rel.startswith("../"):
-        raise RuntimeError_(f"working_dir {job.working_dir!r} escapes the job's directory")
-    env = dict(job.env)
+    rel = working_subdir(job)
+    env = dict(job.env) | gpu_env(job)
     device_requests = None
     if job.gpu_indices:
-        env.update(gpu_env(job))
-        ids = job.gpu_uuids or [str(i) for i in job.gpu_indices]
+        ids = gpu_ids(job)
         env["NVIDIA_VISIBLE_DEVICES"] = ",".join(ids)
         if not job.gpus_simulated:
             # Inside the container only these GPUs exist; CUDA_VISIBLE_DEVICES by UUID still names them.
             device_requests = [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
     else:
-        env["CUDA_VISIBLE_DEVICES"] = ""
         env["NVIDIA_VISIBLE_DEVICES"] = "void"  # a CUDA image's default `all` must not expose the host's GPUs
     ports: dict[str, int] | None = None
     if job.ports:
@@ -332,7 +334,7 @@ class DockerRuntime(Runtime):
         self.address = engine_address(self.opts.base_url)
         self.client = make_client(self.opts.base_url)
         # Output streams wait for as long as a job is silent: no read timeout on their connection.
-        self.stream_api = make_client(self.opts.base_url, timeout=None).api
+        self.stream_api = make_client(self.opts.base_url, timeout=None, version=self.client.api.api_version).api
         self._pulls: dict[str, asyncio.Future[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -350,11 +352,9 @@ class DockerRuntime(Runtime):
     async def wait_for_engine(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            try:
-                await asyncio.to_thread(self.client.ping)
+            if await self.answers():
                 return True
-            except EngineErrors:
-                await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)
         return False
 
     async def start(self, job: RuntimeJob) -> JobProcess:

@@ -6,13 +6,12 @@ import asyncio
 import contextlib
 import logging
 import os
-import posixpath
 import signal
 from collections.abc import AsyncIterator
 
 import psutil
 
-from agent.runtimes.base import AGENT_MARKER, JobProcess, Runtime, RuntimeError_, RuntimeJob, gpu_env
+from agent.runtimes.base import AGENT_MARKER, JobProcess, Runtime, RuntimeError_, RuntimeJob, gpu_env, working_subdir
 from agent.runtimes.cgroups import CgroupLayout, JobCgroup
 from protos.v1 import common_pb2
 
@@ -142,21 +141,24 @@ class HostRuntime(Runtime):
         self.use_cgroups = cgroups
         self._layout: CgroupLayout | None = None
 
+    async def _get_layout(self, agent_home: str) -> CgroupLayout:
+        """Where this agent's job cgroups go, found once (the first caller's home names it)."""
+        if self._layout is None:
+            self._layout = await asyncio.to_thread(CgroupLayout.discover, agent_home)
+        return self._layout
+
     async def _cgroup(self, job: RuntimeJob) -> JobCgroup | None:
         if not self.use_cgroups:
             return None
-        if self._layout is None:
-            self._layout = await asyncio.to_thread(CgroupLayout.discover, self.agent_home or str(os.getpid()))
-        cg = self._layout.job(job.job_id, job.memory_bytes, job.cpu)
+        layout = await self._get_layout(self.agent_home or str(os.getpid()))
+        cg = layout.job(job.job_id, job.memory_bytes, job.cpu)
         missing = await asyncio.to_thread(cg.create)
         if missing:
             job.system_line(f"dstack: this host cannot limit the job's {' and '.join(missing)} (no writable cgroup v1)")
         return cg
 
     async def start(self, job: RuntimeJob) -> JobProcess:
-        rel = posixpath.normpath(job.working_dir or ".")
-        if rel.startswith("/") or rel == ".." or rel.startswith("../"):
-            raise RuntimeError_(f"working_dir {job.working_dir!r} escapes the job's directory")
+        rel = working_subdir(job)
         cwd = job.workdir / rel
         env = dict(job.env)
         if job.gpu_indices:
@@ -204,9 +206,7 @@ class HostRuntime(Runtime):
 
         killed = await asyncio.to_thread(kill_all)
         if self.use_cgroups:  # and what escaped the session but stayed in its job's cgroup
-            if self._layout is None:
-                self._layout = await asyncio.to_thread(CgroupLayout.discover, agent_home)
-            for cg in self._layout.leftovers():
+            for cg in (await self._get_layout(agent_home)).leftovers():
                 killed += await asyncio.to_thread(cg.kill_all)
                 await asyncio.to_thread(cg.remove)
         if killed:
