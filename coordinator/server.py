@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 
 import grpc
@@ -32,6 +34,9 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # gRPC sets SO_REUSEPORT by default: a second coordinator on the same port would then start
+    # and the kernel would split connections between the two (tokens of one fail on the other).
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -54,8 +59,47 @@ def lock_state_dir(state_dir: Path) -> int:
     return fd  # held open for the life of the process
 
 
+ADDRESS_IN_USE = "the address is in use (another coordinator?)"
+
+
+def tcp_bind_error(listen: str) -> OSError | None:
+    """Binds HOST:PORT the way gRPC does (SO_REUSEADDR, no SO_REUSEPORT) and lets go at once.
+
+    Returns the error of the first address that cannot be bound, if any. gRPC's own bind says only
+    "no address added", and logs that at the C level; this check gives the reason in one line.
+    """
+    if listen.startswith("unix://"):
+        return None
+    host, _, port = listen.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as e:
+        return OSError(errno.EINVAL, f"not a usable address ({e})")
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as s:
+            # As gRPC: a port whose old connections linger in TIME_WAIT (a restart) can be bound.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                return e
+    return None
+
+
+def _reason(e: OSError | None) -> str:
+    if e is None:
+        return "gRPC could not bind it"
+    if e.errno == errno.EADDRINUSE:
+        return ADDRESS_IN_USE
+    return e.strerror or str(e)
+
+
 async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -> None:
     lock_state_dir(config.state_dir)
+    # Before anything else starts, and before gRPC's bind, which would log a C-level error first.
+    in_use = await asyncio.to_thread(tcp_bind_error, config.listen)
+    if in_use is not None and in_use.errno == errno.EADDRINUSE:
+        raise StartError(f"cannot listen on {config.listen}: {ADDRESS_IN_USE}")
     store = Store(config.db_path)
     db = DbExecutor(store)
     await db(store.ensure_user, "admin", config.admin_token, "admin")
@@ -79,7 +123,8 @@ async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -
     except RuntimeError:
         port = 0
     if port == 0:
-        raise StartError(f"cannot listen on {config.listen}: is the address in use?")
+        why = _reason(await asyncio.to_thread(tcp_bind_error, config.listen))
+        raise StartError(f"cannot listen on {config.listen}: {why}")
     await server.start()
     await engine.start()
     retention_task = asyncio.create_task(retention.run_forever())
