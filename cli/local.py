@@ -16,17 +16,28 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cli.errors import CliError
 from cli.home import Endpoint, dstack_home
 
+if TYPE_CHECKING:
+    from cli.client import Client
+
 START_TIMEOUT_S = 20.0
+TAIL_LINES = 15
+LOCAL_AGENT = "local"
 
 
 class LocalServicesError(CliError):
-    pass
+    def __init__(self, message: str, started: Started | None = None) -> None:
+        if started is not None:
+            tail = started.tail()
+            message += f"; the end of {started.log}:\n{tail}" if tail else f"; its log is {started.log}"
+        super().__init__(message)
 
 
 def local_dir() -> Path:
@@ -70,20 +81,51 @@ def _alive(pid_file: Path, module: str) -> int | None:
     return pid if module.encode() in cmd else None
 
 
-def _spawn(name: str, args: list[str], env: dict[str, str]) -> None:
+@dataclass
+class Started:
+    """A local service this CLI has just started: its process and where its log for this start begins."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    log_offset: int
+    started_ns: int
+
+    def failure(self) -> LocalServicesError | None:
+        """An error with the end of its log if the process has exited, else None."""
+        code = self.proc.poll()
+        if code is None:
+            return None
+        return LocalServicesError(f"the local {self.name} exited (code {code}) as it started", self)
+
+    def tail(self, lines: int = TAIL_LINES) -> str:
+        try:
+            with self.log.open("rb") as f:
+                f.seek(self.log_offset)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+def _spawn(name: str, args: list[str], env: dict[str, str]) -> Started:
     d = local_dir()
-    log = open(d / f"{name}.log", "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", name, *args],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-        env={**os.environ, **env},
-        start_new_session=True,  # outlives this CLI and its terminal
-        cwd=d,
-    )
-    log.close()
+    log_path = d / f"{name}.log"
+    with open(log_path, "ab") as log:
+        offset = log.tell()
+        proc = subprocess.Popen(
+            # -P: the working directory is not put on sys.path, so no folder named like one of our packages
+            # (the agent's own state folder `agent/` sits in this directory) can shadow it.
+            [sys.executable, "-P", "-m", name, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env={**os.environ, **env},
+            start_new_session=True,  # outlives this CLI and its terminal
+            cwd=d,
+        )
     (d / f"{name}.pid").write_text(str(proc.pid))
+    return Started(name, proc, log_path, offset, time.time_ns())
 
 
 def endpoint() -> Endpoint:
@@ -97,7 +139,13 @@ def ensure_running() -> Endpoint:
         ep = endpoint()
         join = _secret(d / "join-token")
         if _alive(d / "coordinator.pid", "coordinator") is None:
-            _spawn(
+            # Said every time, so that local mode is never a silent stand-in for a team coordinator.
+            print(
+                f"dstack: starting the local coordinator and agent in {d} (no coordinator is configured;"
+                " `dstack config --coordinator HOST:PORT` uses a team's)",
+                file=sys.stderr,
+            )
+            coordinator = _spawn(
                 "coordinator",
                 [
                     "--state-dir",
@@ -109,32 +157,44 @@ def ensure_running() -> Endpoint:
                 ],
                 {"DSTACK_ADMIN_TOKEN": ep.token, "DSTACK_JOIN_TOKEN": join},
             )
-            _wait_ready(ep)
+            _wait_until(ep, coordinator, lambda client: bool(client.info(timeout=1.0)))
         if _alive(d / "agent.pid", "agent") is None:
-            _spawn(
+            agent = _spawn(
                 "agent",
-                ["--coordinator", ep.address, "--home", str(d / "agent"), "--name", "local"],
+                ["--coordinator", ep.address, "--home", str(d / "agent"), "--name", LOCAL_AGENT],
                 {"DSTACK_JOIN_TOKEN": join},
             )
+            _wait_until(ep, agent, lambda client: _agent_online_since(client, agent.started_ns))
     return ep
 
 
-def _wait_ready(ep: Endpoint) -> None:
+def _agent_online_since(client: Client, since_ns: int) -> bool:
+    """The local agent is online and has said so since it was started (not a row left by its predecessor)."""
+    return any(
+        a.name == LOCAL_AGENT and a.status == "online" and a.last_heartbeat_ns >= since_ns for a in client.list_agents()
+    )
+
+
+def is_running() -> bool:
+    return _alive(local_dir() / "coordinator.pid", "coordinator") is not None
+
+
+def _wait_until(ep: Endpoint, started: Started, ready: Callable[[Client], bool]) -> None:
+    """Waits until `ready` says yes; a service that exits meanwhile is reported at once, with its log."""
     from cli.client import Client
 
     deadline = time.monotonic() + START_TIMEOUT_S
     client = Client(ep)
     try:
         while True:
-            try:
-                client.info(timeout=1.0)
-                return
-            except CliError:
-                if time.monotonic() > deadline:
-                    raise LocalServicesError(
-                        f"the local coordinator did not start; see {local_dir() / 'coordinator.log'}"
-                    ) from None
-                time.sleep(0.05)
+            if (failed := started.failure()) is not None:
+                raise failed
+            with contextlib.suppress(CliError):  # not answering yet
+                if ready(client):
+                    return
+            if time.monotonic() > deadline:
+                raise LocalServicesError(f"the local {started.name} did not start in {START_TIMEOUT_S:.0f} s", started)
+            time.sleep(0.05)
     finally:
         client.close()
 
