@@ -45,6 +45,16 @@ def iso(ns: int) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns % 1_000_000_000 // 1_000_000:03d}Z"
 
 
+def plural(n: int, word: str) -> str:
+    """`1 file`, `2 files`."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def waiting_text(status: str, message: str) -> str:
+    """A run's state and the reason it is in it: `dstack ps`'s STATUS and MESSAGE columns on one line."""
+    return f"{status}: {message}" if message else status
+
+
 def run_summary(run: client_pb2.Run) -> str:
     """One line for the end of `dstack run`: the status and, if it did not finish done, why."""
     text = f"run {run.name} {run_status(run.status)}"

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from cli.client import Client
 from protos.v1 import client_pb2
 
 
-def print_logs(client: Client, run: client_pb2.Run, follow: bool) -> client_pb2.Run | None:
-    """Prints every line of the run; with follow, until it finishes. Returns the finished run."""
+def print_logs(
+    client: Client, run: client_pb2.Run, follow: bool, before_output: Callable[[], None] = lambda: None
+) -> client_pb2.Run | None:
+    """Prints every line of the run; with follow, until it finishes. Returns the finished run.
+    `before_output` is called before each batch of lines (to clear a status line first)."""
     prefix = len(run.jobs) > 1
     out = sys.stdout
     for resp in client.logs(run.name, follow):
+        if resp.jobs:
+            before_output()
         for jl in resp.jobs:
             head = f"{jl.job_name} | " if prefix else ""
             out.write("".join(f"{head}{ln.text}\n" for ln in jl.lines))
