@@ -44,6 +44,11 @@ def load_configured() -> Endpoint | None:
     return Endpoint(str(data["coordinator"]), str(data.get("token", "")))
 
 
+def config_source() -> str:
+    """Where the configured coordinator comes from, for `dstack config`."""
+    return "DSTACK_COORDINATOR" if os.environ.get("DSTACK_COORDINATOR") else str(config_path())
+
+
 def save_config(address: str, token: str) -> Path:
     import yaml
 

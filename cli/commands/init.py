@@ -25,28 +25,57 @@ def init_command(root: Path) -> None:
     print(f"created {path}; try `dstack run hello`")
 
 
-def config_command(coordinator: str, token: str, local: bool) -> None:
-    from cli.home import clear_config, config_path, load_configured, save_config
+def config_command(coordinator: str, token: str, local: bool, check: bool = True) -> None:
+    from cli.home import clear_config, config_path, save_config
 
     if local:
         clear_config()
         print("using the embedded local coordinator")
         return
     if not coordinator:
-        ep = load_configured()
-        print(f"coordinator: {ep.address}" if ep else "coordinator: local (embedded)")
+        show_config()
         return
     if not token:
         import getpass
 
         token = getpass.getpass("token: ")
+    if not check:
+        save_config(coordinator, token)
+        print(f"saved {coordinator} to {config_path()} without checking it; `dstack config` checks it")
+        return
+    try:
+        user = _check(coordinator, token)
+    except CliError as e:
+        raise CliError(f"{e}\nnothing was saved (`--no-check` saves it anyway)") from None
+    save_config(coordinator, token)
+    print(f"connected to {coordinator} as {user}; saved to {config_path()}")
+
+
+def _check(address: str, token: str) -> str:
+    """The user the coordinator at `address` knows `token` as; an error that says what went wrong."""
     from cli.client import Client
+    from cli.errors import AuthError
     from cli.home import Endpoint
 
-    client = Client(Endpoint(coordinator, token), timeout=5.0)
+    client = Client(Endpoint(address, token), timeout=5.0)
     try:
-        info = client.info()
+        return client.info().user
+    except AuthError as e:
+        raise AuthError(f"the coordinator at {address} refused the token: {e}") from None
     finally:
         client.close()
-    save_config(coordinator, token)
-    print(f"connected to {coordinator} as {info.user}; saved to {config_path()}")
+
+
+def show_config() -> None:
+    """Which coordinator and user the CLI uses, and where that comes from; an error if it does not answer."""
+    from cli.home import config_source, load_configured
+
+    ep = load_configured()
+    if ep is None:
+        from cli import local
+
+        print(f"coordinator: local (embedded; state in {local.local_dir()})")
+        print("local services: " + ("running" if local.is_running() else "not running (started on first use)"))
+        return
+    print(f"coordinator: {ep.address} (from {config_source()})")
+    print(f"user: {_check(ep.address, ep.token)}")
