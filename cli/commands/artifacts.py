@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import sys
 from pathlib import Path
 from typing import Any
@@ -101,14 +102,12 @@ def _stream_one(client: Any, run_name: str, f: Any, dest: Path, advance: Any) ->
         tmp.unlink(missing_ok=True)
 
 
-def _collect(folder: Path) -> tuple[Path, list[tuple[str, Path]]]:
-    """The files under `folder` and the paths they get: relative to the current folder when `folder`
-    is inside it (as a workflow's `artifacts:` path would be), else relative to its parent."""
+def _collect(folder: Path, prefix: str = "") -> list[tuple[str, Path]]:
+    """The files under `folder` and the paths they get: relative to `folder` itself (its contents are the
+    artifact set, as a job's working directory would hold them), under `prefix` when one is given."""
     folder = folder.resolve()
     if not folder.is_dir():
         raise CliError(f"{folder} is not a folder")
-    cwd = Path.cwd().resolve()
-    base = cwd if folder.is_relative_to(cwd) and folder != cwd else folder.parent
     out = []
     for dirpath, dirs, names in os.walk(folder):
         dirs.sort()
@@ -118,13 +117,37 @@ def _collect(folder: Path) -> tuple[Path, list[tuple[str, Path]]]:
                 print(f"skipping {p}: a symlink out of {folder}", file=sys.stderr)
                 continue
             if p.is_file():
-                out.append((p.relative_to(base).as_posix(), p))
+                out.append((posixpath.join(prefix, p.relative_to(folder).as_posix()), p))
     if not out:
         raise CliError(f"{folder} has no files to upload")
-    return base, out
+    return out
 
 
-def upload_command(folder: Path, tag: str, workflow: str) -> None:
+def _check_prefix(prefix: str) -> str:
+    if not prefix:
+        return ""
+    norm = posixpath.normpath(prefix)
+    if prefix.startswith("/") or norm == ".." or norm.startswith("../"):
+        raise CliError(f"--prefix {prefix!r} must be a relative path inside the working directory")
+    return "" if norm == "." else norm
+
+
+def _outside_declared(workflow: str, paths: list[str]) -> tuple[list[str], list[str]]:
+    """Where the project's workflow WORKFLOW saves its artifacts, and the paths not under any of them
+    (nothing to say when there is no such workflow here)."""
+    from cli.workflows import artifact_paths, find_project_root
+
+    try:
+        declared = artifact_paths(find_project_root(Path.cwd()), workflow)
+    except CliError:
+        return [], []
+    if not declared:
+        return [], []
+    outside = [p for p in paths if not any(p == d or p.startswith(d.rstrip("/") + "/") for d in declared)]
+    return declared, outside
+
+
+def upload_command(folder: Path, tag: str, workflow: str, prefix: str = "") -> None:
     """Publishes a local folder as a tagged artifact set that `depends-on: WORKFLOW:TAG` and
     `deps: - tag: TAG` can use."""
     from cli.session import connect
@@ -132,8 +155,15 @@ def upload_command(folder: Path, tag: str, workflow: str) -> None:
     from protos.v1 import common_pb2
     from storage.transfer import Transfer, TransferError
 
+    files = _collect(folder, _check_prefix(prefix))
+    declared, outside = _outside_declared(workflow, [rel for rel, _ in files])
+    if outside:
+        print(
+            f"warning: workflow {workflow!r} saves its artifacts under {', '.join(declared)}; {len(outside)} of these"
+            f" files are not under it (e.g. {outside[0]}): `--prefix` puts them under a folder",
+            file=sys.stderr,
+        )
     client = connect()
-    _, files = _collect(folder)
     sizes = [(rel, p, p.stat().st_size) for rel, p in files]
     created = client.create_upload(workflow, tag, [common_pb2.FileSize(path=r, size=s) for r, _, s in sizes])
     manifest: list[common_pb2.ArtifactFile] = []

@@ -240,7 +240,7 @@ def test_an_uploaded_folder_serves_as_a_tag_with_the_local_store(cluster: Cluste
         """,
         {"data/sub/train.csv": "x,y\n3,4\n", "data/empty": ""},
     )
-    r = cluster.cli("artifacts", "upload", "data", "-t", "v1", "-w", "download", cwd=root)
+    r = cluster.cli("artifacts", "upload", "data", "-t", "v1", "-w", "download", "--prefix", "data", cwd=root)
     assert r.returncode == 0, r.stderr
     r = cluster.cli("run", "train", cwd=root)
     assert r.returncode == 0, r.stderr
@@ -251,5 +251,5 @@ def test_an_uploaded_folder_serves_as_a_tag_with_the_local_store(cluster: Cluste
         ).stdout
     )
     assert sorted(f["path"] for f in listed) == ["data/empty", "data/sub/train.csv"]
-    r = cluster.cli("artifacts", "upload", "data", "-t", "v1", cwd=root)
+    r = cluster.cli("artifacts", "upload", "data", "-t", "v1", "--prefix", "data", cwd=root)
     assert r.returncode == 1 and "tag 'v1' already exists" in r.stderr

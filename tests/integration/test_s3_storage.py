@@ -189,7 +189,7 @@ def test_upload_a_folder_as_a_tagged_artifact_set_then_rm(
         {"data/sub/train.csv": "x,y\n1,2\n"},
     )
     (root / "data" / "big.bin").write_bytes(b"\x01" * (65 * 1024 * 1024))
-    r = cluster.cli("artifacts", "upload", "data", "-t", "mnist", "-w", "download", cwd=root)
+    r = cluster.cli("artifacts", "upload", "data", "-t", "mnist", "-w", "download", "--prefix", "data", cwd=root)
     assert r.returncode == 0, r.stderr
     assert "mnist ->" in r.stderr and "2 file(s)" in r.stderr
     tags = json.loads(cluster.cli("tags", "list", "--json").stdout)
