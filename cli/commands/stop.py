@@ -1,0 +1,36 @@
+"""`dstack stop RUN`: asks the coordinator to stop a run, then says how it ended."""
+
+from __future__ import annotations
+
+import time
+
+from cli.client import Client
+from cli.render import run_status
+from protos.v1 import client_pb2, common_pb2
+
+FINISHED = frozenset({common_pb2.RUN_STATUS_DONE, common_pb2.RUN_STATUS_FAILED, common_pb2.RUN_STATUS_STOPPED})
+POLL_S = 0.2
+
+
+def stop_and_wait(client: Client, name: str, wait_s: float) -> tuple[client_pb2.Run, bool]:
+    """Stops the run and waits up to wait_s for it to end; returns the run and whether it has ended."""
+    run = client.stop_run(name)
+    deadline = time.monotonic() + wait_s
+    while run.status not in FINISHED and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        run = client.get_run(name)
+    return run, run.status in FINISHED
+
+
+def describe(run: client_pb2.Run, ended: bool) -> str:
+    if ended:
+        return f"{run.name}: {run_status(run.status)}"
+    return f"{run.name}: stopping (stop requested; was {run_status(run.status)}); `dstack ps` shows when it has ended"
+
+
+def stop_command(name: str, wait_s: float) -> int:
+    from cli.session import connect
+
+    run, ended = stop_and_wait(connect(), name, wait_s)
+    print(describe(run, ended))
+    return 0
