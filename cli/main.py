@@ -44,11 +44,23 @@ def run(
     if workflow in ("--help", "-h"):
         typer.echo(ctx.get_help())
         raise typer.Exit(0)
-    if not workflow:
-        raise typer.BadParameter("missing the workflow to run (`dstack run --help`)", param_hint="'WORKFLOW'")
-    from cli.commands.run import run_command
+    from cli.commands.run import no_workflow_error, run_command
 
-    raise typer.Exit(run_command(workflow, list(ctx.args), detach, tag))
+    if not workflow:
+        raise no_workflow_error(Path.cwd())
+
+    raise typer.Exit(run_command(workflow, _with_separator(list(ctx.args)), detach, tag))
+
+
+def _with_separator(args: list[str]) -> list[str]:
+    """Click drops the `--` that ends the options; put it back where it was, since `dstack run` gives it a
+    meaning (what follows goes to the workflow as it is, never read as a variable)."""
+    if "--" not in sys.argv:
+        return args
+    after = sys.argv[sys.argv.index("--") + 1 :]
+    if not after or args[len(args) - len(after) :] != after:
+        return args
+    return [*args[: len(args) - len(after)], "--", *after]
 
 
 @app.command()
@@ -74,13 +86,14 @@ def logs(
 
 
 @app.command()
-def stop(run: Annotated[str, typer.Argument(help="Run name")]) -> None:
-    """Stop a run: its processes get SIGTERM, then SIGKILL after a grace period."""
-    from cli.render import run_status
-    from cli.session import connect
+def stop(
+    run: Annotated[str, typer.Argument(help="Run name")],
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for the run to end (0: do not wait)")] = 60.0,
+) -> None:
+    """Stop a run: its processes get SIGTERM, then SIGKILL after a grace period; prints how it ended."""
+    from cli.commands.stop import stop_command
 
-    r = connect().stop_run(run)
-    print(f"{r.name}: {run_status(r.status)}")
+    raise typer.Exit(stop_command(run, wait))
 
 
 @app.command()
@@ -121,11 +134,15 @@ def artifacts_upload(
     workflow: Annotated[
         str, typer.Option("-w", "--workflow", help="Workflow name it stands for (depends-on: WORKFLOW:TAG)")
     ] = "",
+    prefix: Annotated[str, typer.Option("--prefix", help="Put the files under this path (e.g. data: data/...)")] = "",
 ) -> None:
-    """Publish a local folder (e.g. a dataset) as a tagged artifact set that workflows can depend on."""
+    """Publish a local folder (e.g. a dataset) as a tagged artifact set that workflows can depend on.
+
+    The folder's contents keep their paths relative to it: uploading `staging/` that holds `data/a.csv`
+    publishes `data/a.csv`, which `depends-on: [WORKFLOW:TAG]` puts at `data/a.csv` in the job."""
     from cli.commands.artifacts import upload_command
 
-    upload_command(folder, tag, workflow or folder.resolve().name)
+    upload_command(folder, tag, workflow or folder.resolve().name, prefix)
 
 
 @app.command()
@@ -152,11 +169,15 @@ def config(
     coordinator: Annotated[str, typer.Option("--coordinator", help="HOST:PORT of the coordinator")] = "",
     token: Annotated[str, typer.Option("--token", help="Your token")] = "",
     local: Annotated[bool, typer.Option("--local", help="Forget the coordinator: use local mode")] = False,
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="Check the address and token before saving them")
+    ] = True,
 ) -> None:
-    """Set the coordinator address and token (without options: show the current setting)."""
+    """Set the coordinator address and token, checked first (without options: show which coordinator and user
+    the CLI uses)."""
     from cli.commands.init import config_command
 
-    config_command(coordinator, token, local)
+    config_command(coordinator, token, local, check)
 
 
 @app.command(context_settings={**PASS_THROUGH, "help_option_names": []})

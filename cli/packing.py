@@ -14,7 +14,7 @@ import os
 import stat
 import subprocess
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cli.errors import CliError
@@ -27,7 +27,12 @@ SKIP_DIRS = {".git", "__pycache__", ".venv", ".dstack-venv", "node_modules"}
 class PackedCode:
     data: bytes
     ref: common_pb2.CodeRef
-    files: int
+    names: list[str]  # the files packed, relative to the root
+    left_out: list[str] = field(default_factory=list)  # output folders that held files not packed
+
+    @property
+    def files(self) -> int:
+        return len(self.names)
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -38,12 +43,17 @@ def _git(root: Path, *args: str) -> str | None:
     return out.decode("utf-8", errors="replace")
 
 
-def list_files(root: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[str], common_pb2.CodeRef]:
-    """The files to pack, relative to root; outside git, folders in `exclude` are left out."""
+def list_files(root: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[str], set[str], common_pb2.CodeRef]:
+    """The files to pack, relative to root, and which of them git tracks; outside git, folders in `exclude`
+    are left out."""
     ref = common_pb2.CodeRef()
-    listed = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    tracked: set[str] = set()
+    listed = _git(root, "ls-files", "-z", "-t", "--cached", "--others", "--exclude-standard")
     if listed is not None:
-        names = [n for n in listed.split("\0") if n]
+        # `-t`: "H name" for a tracked file, "? name" for an untracked one.
+        entries = [e for e in listed.split("\0") if len(e) > 2]
+        names = [e[2:] for e in entries]
+        tracked = {e[2:] for e in entries if e[0] != "?"}
         ref.commit = (_git(root, "rev-parse", "HEAD") or "").strip()
         ref.branch = (_git(root, "rev-parse", "--abbrev-ref", "HEAD") or "").strip()
         ref.repo_url = (_git(root, "config", "--get", "remote.origin.url") or "").strip()
@@ -56,11 +66,26 @@ def list_files(root: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[str], c
             rel = Path(dirpath).relative_to(root)
             names.extend((rel / f).as_posix() for f in files)
     # Deleted-but-tracked files are listed by git; keep only what exists.
-    return sorted(n for n in set(names) if os.path.lexists(root / n)), ref
+    return sorted(n for n in set(names) if os.path.lexists(root / n)), tracked, ref
 
 
-def pack(root: Path, exclude: tuple[Path, ...] = ()) -> PackedCode:
-    names, ref = list_files(root, exclude)
+def _without_outputs(names: list[str], tracked: set[str], outputs: list[str]) -> tuple[list[str], list[str]]:
+    """Leaves out files under the workflows' artifact folders (outputs a user downloaded into the project
+    are not code), except those git tracks; returns the files kept and the folders that lost files."""
+    prefixes = [o.rstrip("/") + "/" for o in outputs if o not in ("", ".")]
+    kept, left_out = [], set()
+    for n in names:
+        hit = next((p for p in prefixes if n.startswith(p) or n == p[:-1]), None)
+        if hit is None or n in tracked:
+            kept.append(n)
+        else:
+            left_out.add(hit[:-1])
+    return kept, sorted(left_out)
+
+
+def pack(root: Path, exclude: tuple[Path, ...] = (), outputs: list[str] | None = None) -> PackedCode:
+    names, tracked, ref = list_files(root, exclude)
+    names, left_out = _without_outputs(names, tracked, outputs or [])
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=6) as gz:
         with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -87,4 +112,4 @@ def pack(root: Path, exclude: tuple[Path, ...] = ()) -> PackedCode:
     data = buf.getvalue()
     ref.hash = hashlib.sha256(data).hexdigest()
     ref.size = len(data)
-    return PackedCode(data=data, ref=ref, files=len(names))
+    return PackedCode(data=data, ref=ref, names=names, left_out=left_out)

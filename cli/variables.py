@@ -113,12 +113,16 @@ def load_variables(root: Path, workflow: str) -> Variables:
 
 
 def split_overrides(args: list[str], known: set[str]) -> tuple[dict[str, str], list[str]]:
-    """`--batch-size 128` and `--batch-size=128` for known variables; every other argument is passed on."""
+    """`--batch-size 128` and `--batch-size=128` for known variables; every other argument is passed on,
+    and so is everything after `--`."""
     overrides: dict[str, str] = {}
     rest: list[str] = []
     i = 0
     while i < len(args):
         arg = args[i]
+        if arg == "--":
+            rest.extend(args[i + 1 :])
+            break
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
             if name in known:
@@ -133,6 +137,34 @@ def split_overrides(args: list[str], known: set[str]) -> tuple[dict[str, str], l
         rest.append(arg)
         i += 1
     return overrides, rest
+
+
+def check_run_args(args: list[str], rest: list[str], known: set[str], workflow: str, takes_args: bool) -> None:
+    """What is not a variable goes to the workflow, if it takes arguments; an option that looks like a
+    mistyped variable, or any argument to a workflow that takes none, is an error before anything starts."""
+    explicit = args[args.index("--") + 1 :] if "--" in args else []
+    options = rest[: len(rest) - len(explicit)]  # before `--`: these could have been meant as variables
+    if not takes_args and rest:
+        hint = _variable_hint(options[0], known) if options and options[0].startswith("--") else ""
+        variables = f"its variables: {', '.join(f'--{k}' for k in sorted(known))}" if known else "it has no variables"
+        raise WorkflowError(
+            f"workflow {workflow!r} takes no arguments, and {rest[0]!r} is not one of its variables ({variables}){hint}"
+        )
+    for arg in options:
+        if arg.startswith("--") and len(arg) > 2 and (hint := _variable_hint(arg, known)):
+            raise WorkflowError(
+                f"{arg.partition('=')[0]!r} is not a variable of workflow {workflow!r}{hint};"
+                " to pass it to the workflow as it is, put it after `--`"
+            )
+
+
+def _variable_hint(option: str, known: set[str]) -> str:
+    import difflib
+
+    name = option[2:].partition("=")[0]
+    by_key = {k.replace("_", "-").lower(): k for k in known}
+    close = difflib.get_close_matches(name.replace("_", "-").lower(), list(by_key), n=1, cutoff=0.75)
+    return f"; did you mean --{by_key[close[0]]}?" if close else ""
 
 
 def substitute(node: Node, lookup: Callable[[str], str | None]) -> None:

@@ -210,6 +210,33 @@ def dependencies(node: Node) -> Dependencies:
     return deps
 
 
+def output_paths(root: Path) -> list[str]:
+    """Every artifact folder the project's workflows declare, relative to the project root (a workflow
+    that cannot be read adds none: `dstack run` reports its errors where they matter)."""
+    out: list[str] = []
+    try:
+        nodes = load_workflow_nodes(root)
+    except WorkflowError:
+        return out
+    for node in nodes.values():
+        working_dir = node.get("working_dir")
+        base = working_dir if isinstance(working_dir, str) and "${{" not in working_dir else "."
+        try:
+            artifacts = _artifacts(node)
+        except WorkflowError:
+            continue
+        out += [posixpath.normpath(posixpath.join(base, a.path)) for a in artifacts if "${{" not in a.path]
+    return sorted(set(out))
+
+
+def artifact_paths(root: Path, workflow: str) -> list[str]:
+    """The artifact paths the project's workflow declares; none for a workflow that is not here."""
+    node = load_workflow_nodes(root).get(workflow)
+    if node is None:
+        return []
+    return [a.path for a in _artifacts(node) if "${{" not in a.path]
+
+
 def _artifacts(node: Node) -> list[Artifact]:
     """`artifacts: [model, {path: logs, mount: true}]`: paths relative to the working directory."""
     items = node.get("artifacts")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,11 +13,14 @@ from rich.console import Console
 from cli.client import Client
 from cli.commands.logs import print_logs
 from cli.errors import Location, NotFoundError, WorkflowError
-from cli.render import run_status, run_summary
+from cli.packing import PackedCode
+from cli.providers import load_provider
+from cli.render import run_summary
 from cli.yamlsrc import Node
 from protos.v1 import client_pb2, common_pb2
 
 LARGE_CODE = 50 << 20
+STOP_WAIT_S = 60.0
 
 
 def _workflow_node(root: Path, workflow_name: str) -> Node:
@@ -32,11 +36,35 @@ def _workflow_node(root: Path, workflow_name: str) -> Node:
     return node
 
 
+def no_workflow_error(cwd: Path) -> WorkflowError:
+    """`dstack run` alone: which workflows there are to run, with their help."""
+    from cli.workflows import find_project_root, load_workflow_nodes
+
+    root = find_project_root(cwd)
+    nodes = load_workflow_nodes(root)
+    if not nodes:
+        return WorkflowError(f"no workflows in {root / '.dstack'}; `dstack init` writes an example")
+    width = max(len(n) for n in nodes)
+    lines = [f"  {name.ljust(width)}  {node.get('help') or ''}".rstrip() for name, node in sorted(nodes.items())]
+    return WorkflowError("which workflow? `dstack run WORKFLOW`, one of:\n" + "\n".join(lines))
+
+
 @dataclass
 class Request:
     submit: client_pb2.SubmitRunRequest
     # (tag, the workflow its run must be of, or "" for any; where it is written), for errors at that line
     tag_checks: list[tuple[str, str, Location]]
+    # Files the workflows name (a script, a requirements file), relative to the code root, and where: each must
+    # be in the packed code, unless the job gets artifacts from dependencies, which may bring it.
+    code_files: list[CodeFile]
+
+
+@dataclass(frozen=True)
+class CodeFile:
+    path: str
+    field: str
+    location: Location
+    may_come_from_inputs: bool
 
 
 def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
@@ -44,18 +72,23 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
 
     Runtime dependencies (`depends-on: [download]`) join the run as jobs of their own, each run once,
     in dependency order; the coordinator starts a job when those it depends on are done."""
-    from cli.providers import load_provider
-    from cli.variables import load_variables, run_args_text, split_overrides, substitute
+    from cli.variables import check_run_args, load_variables, run_args_text, split_overrides, substitute
     from cli.workflows import dependencies, load_workflow_nodes, parse_workflow
 
     nodes = load_workflow_nodes(root)
-    _workflow_node(root, workflow_name)  # a clear error for an unknown name
+    target = _workflow_node(root, workflow_name)  # a clear error for an unknown name
     order = _dependency_order(nodes, workflow_name, lambda n: dependencies(n).runtime)
     variables = {name: load_variables(root, name) for name in order}
     known = set().union(*(v.defaults for v in variables.values()))
     overrides, rest = split_overrides(args, known)
+    provider_name = target.get("provider")
+    takes_args = _mentions(target, "run.args") or (
+        isinstance(provider_name, str) and load_provider(provider_name, target).passes_run_args
+    )
+    check_run_args(args, rest, known, workflow_name, takes_args)
     jobs = []
     tag_checks: list[tuple[str, str, Location]] = []
+    code_files: list[CodeFile] = []
     for name in order:
         vs = variables[name]
         vs.values.update({k: v for k, v in overrides.items() if k in vs.defaults})
@@ -69,9 +102,45 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
         for tag in wf.input_tags:
             loc = node.at("depends-on") if tag in expected else node.at("deps")
             tag_checks.append((tag, expected.get(tag, ""), loc))
-        jobs += load_provider(wf.provider, wf.node).job_specs(wf)
+        provider = load_provider(wf.provider, wf.node)
+        has_inputs = bool(wf.depends_on or wf.input_tags or wf.input_workflows)
+        for key in provider.code_file_fields:
+            value = wf.node.get(key)
+            if isinstance(value, str) and value:
+                path = posixpath.normpath(posixpath.join(wf.working_dir or ".", value))
+                code_files.append(CodeFile(path, key, wf.node.at(key), has_inputs))
+        jobs += provider.job_specs(wf)
     submit = client_pb2.SubmitRunRequest(workflow=workflow_name, jobs=jobs, args=args)
-    return Request(submit, tag_checks)
+    return Request(submit, tag_checks, code_files)
+
+
+def _mentions(value: object, text: str) -> bool:
+    """Whether any string in a workflow (before substitution) contains `text`."""
+    if isinstance(value, str):
+        return text in value
+    if isinstance(value, dict):
+        return any(_mentions(v, text) for v in value.values())
+    if isinstance(value, list):
+        return any(_mentions(v, text) for v in value)
+    return False
+
+
+def check_code_files(request: Request, packed: PackedCode, root: Path, err: Console) -> None:
+    """A file the workflow names that is not in the code sent is an error at its line, before anything starts."""
+    names = set(packed.names)
+    for f in request.code_files:
+        if f.path in names:
+            continue
+        on_disk = (root / f.path).exists()
+        why = (
+            "it exists but is not sent with the code (ignored by git, or an artifact folder: `git add` it)"
+            if on_disk
+            else "there is no such file in the project"
+        )
+        if f.may_come_from_inputs:  # a dependency's artifacts may bring it
+            err.print(f"[yellow]warning: {f.location}: {f.field} {f.path!r}: {why}[/yellow]")
+            continue
+        raise WorkflowError(f"{f.field} {f.path!r}: {why}", f.location)
 
 
 def check_tags(client: Client, request: Request) -> None:
@@ -144,11 +213,21 @@ def workflow_help(root: Path, workflow_name: str) -> str:
     return "\n".join(lines)
 
 
-def upload_code(client: Client, root: Path, err: Console) -> common_pb2.CodeRef:
+def pack_code(root: Path) -> PackedCode:
     from cli.home import dstack_home
     from cli.packing import pack
+    from cli.workflows import output_paths
 
-    packed = pack(root, exclude=(dstack_home(),))  # never ship dstack's own state
+    # Never dstack's own state; nor artifact folders (downloaded outputs), unless git tracks them.
+    return pack(root, exclude=(dstack_home(),), outputs=output_paths(root))
+
+
+def upload_code(client: Client, packed: PackedCode, err: Console) -> common_pb2.CodeRef:
+    from cli.render import plural
+
+    if packed.left_out:
+        shown = ", ".join(f"{p}/" for p in packed.left_out[:5]) + (", ..." if len(packed.left_out) > 5 else "")
+        err.print(f"[dim]code: left out artifact folders {shown} (`git add` what should be sent)[/dim]")
     if packed.ref.size > LARGE_CODE:
         err.print(
             f"[yellow]warning: the code is {packed.ref.size / (1 << 20):.0f} MiB packed; keep data out of the"
@@ -162,7 +241,7 @@ def upload_code(client: Client, root: Path, err: Console) -> common_pb2.CodeRef:
             put_bytes(answer.upload_url, packed.data)
         else:
             client.put_code(packed.ref.hash, packed.data)
-        err.print(f"[dim]code: {packed.files} files, {packed.ref.size / 1024:.0f} KiB uploaded[/dim]")
+        err.print(f"[dim]code: {plural(packed.files, 'file')}, {packed.ref.size / 1024:.0f} KiB uploaded[/dim]")
     return packed.ref
 
 
@@ -176,20 +255,28 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "") -> 
         print(workflow_help(root, workflow))
         return 0
     built = build_request(root, workflow, args)  # every workflow error before anything starts
+    packed = pack_code(root)
+    check_code_files(built, packed, root, err)
     request = built.submit
     request.tag_on_done = tag
     client = connect()
     check_tags(client, built)
-    request.code.CopyFrom(upload_code(client, root, err))
+    request.code.CopyFrom(upload_code(client, packed, err))
     run = client.submit(request)
     err.print(f"[bold]{run.name}[/bold] submitted")
     if detach:
         print(run.name)
         return 0
+    from cli.waiting import WaitReporter
+
+    waiting = WaitReporter(client, run.name, err).start()
     try:
-        final = print_logs(client, run, follow=True)
+        final = print_logs(client, run, follow=True, before_output=waiting.stop)
     except KeyboardInterrupt:
+        waiting.stop()
         return _interrupted(client, run.name, err)
+    finally:
+        waiting.stop()
     final = final or client.get_run(run.name)
     style = "green" if final.status == common_pb2.RUN_STATUS_DONE else "red"
     err.print(f"[{style}]{run_summary(final)}[/{style}]")
@@ -203,8 +290,9 @@ def _interrupted(client: Client, name: str, err: Console) -> int:
         except (EOFError, KeyboardInterrupt):
             answer = ""
         if answer in ("y", "yes"):
-            run = client.stop_run(name)
-            err.print(f"run {name}: {run_status(run.status)} (stop requested)")
+            from cli.commands.stop import describe, stop_and_wait
+
+            err.print(describe(*stop_and_wait(client, name, STOP_WAIT_S)))
             return 130
     err.print(f"\ndetached; the run goes on: `dstack logs {name} -f` to follow, `dstack stop {name}` to stop")
     return 130

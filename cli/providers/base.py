@@ -14,6 +14,10 @@ class Provider(abc.ABC):
     schema: dict[str, Any] = {}  # the provider's own workflow fields, as JSON Schema
     required: tuple[str, ...] = ()
     needs_container: bool = False  # its jobs run only on agents with a container runtime
+    # `dstack run WORKFLOW ARGS...`: the provider hands ARGS to the job (else only `${{ run.args }}` uses them).
+    passes_run_args: bool = False
+    # Fields that name a file of the project (relative to the working directory): checked before submitting.
+    code_file_fields: tuple[str, ...] = ()
 
     @property
     def fields(self) -> frozenset[str]:

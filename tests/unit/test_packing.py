@@ -51,3 +51,30 @@ def test_excluded_folders_stay_out_outside_git(tmp_path: Path) -> None:
     (tmp_path / "home" / "local").mkdir(parents=True)
     (tmp_path / "home" / "local" / "coordinator.db").write_text("state")
     assert names(pack(tmp_path, exclude=(tmp_path / "home",)).data) == ["a.py"]
+
+
+def test_artifact_folders_are_left_out_unless_git_tracks_them(tmp_path: Path) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q", "-b", "main")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    for rel in ("train.py", "model/README.md", "model/w.bin", "src/out/x.bin", "models.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    git("add", "train.py", "model/README.md")
+    git("commit", "-qm", "init")
+    packed = pack(tmp_path, outputs=["model", "src/out"])
+    # model/README.md is tracked: the user means it to be code; `models.txt` only shares a prefix.
+    assert sorted(names(packed.data)) == ["model/README.md", "models.txt", "train.py"]
+    assert packed.left_out == ["model", "src/out"]
+    assert packed.files == 3
+
+
+def test_outside_git_artifact_folders_are_left_out(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("x")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "w.bin").write_text("w")
+    packed = pack(tmp_path, outputs=["model"])
+    assert names(packed.data) == ["a.py"] and packed.left_out == ["model"]

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cli.errors import WorkflowError
-from cli.variables import env_name, load_variables, split_overrides, substitute
+from cli.variables import check_run_args, env_name, load_variables, split_overrides, substitute
 from cli.yamlsrc import load
 
 
@@ -71,3 +71,20 @@ def test_substitution_replaces_every_reference(values: dict[str, str]) -> None:
         node = load(p)
     substitute(node, values.get)
     assert node["s"] == (" ".join(f"<{v}>" for v in values.values()) or "plain")
+
+
+def test_everything_after_the_separator_is_passed_on() -> None:
+    overrides, rest = split_overrides(["--lr", "1", "--", "--lr", "2", "x"], {"lr"})
+    assert overrides == {"lr": "1"} and rest == ["--lr", "2", "x"]
+
+
+def test_run_args_checks() -> None:
+    args = ["--batchsize", "3"]
+    with pytest.raises(WorkflowError, match="did you mean --batch-size"):
+        check_run_args(args, args, {"batch-size"}, "train", takes_args=True)
+    check_run_args(["--lr", "3"], ["--lr", "3"], {"batch-size"}, "train", takes_args=True)  # for the script
+    args = ["--", "--batchsize", "3"]
+    check_run_args(args, ["--batchsize", "3"], {"batch-size"}, "train", takes_args=True)
+    with pytest.raises(WorkflowError, match=r"takes no arguments.*its variables: --batch-size"):
+        check_run_args(["x"], ["x"], {"batch-size"}, "hello", takes_args=False)
+    check_run_args([], [], set(), "hello", takes_args=False)
