@@ -12,8 +12,9 @@ args = parser.parse_args()
 random.seed(0)
 data = [(x, 3 * x + 1 + random.gauss(0, 0.1)) for x in [i / 100 for i in range(100)]]
 a, b, lr = 0.0, 0.0, 0.5
+STEPS_PER_EPOCH = 10  # few enough that each epoch still improves the fit
 for epoch in range(1, args.epochs + 1):
-    for _ in range(200):
+    for _ in range(STEPS_PER_EPOCH):
         ga = sum(2 * (a * x + b - y) * x for x, y in data) / len(data)
         gb = sum(2 * (a * x + b - y) for x, y in data) / len(data)
         a, b = a - lr * ga, b - lr * gb
