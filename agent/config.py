@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.envcache import EnvCache
 from agent.runtimes.docker import DockerOptions
 
 
@@ -22,6 +23,7 @@ class AgentConfig:
     # How long a store request is retried (with backoff) before the transfer, and so the job, fails.
     store_retry_s: float = 300.0
     mount_sync_s: float = 10.0  # how often `mount: true` artifact folders are saved while a job runs
+    env_cache_max_bytes: int = 20 << 30  # Python job environments (requirements venvs); 0: one per job
 
     @property
     def credentials_path(self) -> Path:
@@ -34,3 +36,7 @@ class AgentConfig:
     @property
     def code_dir(self) -> Path:
         return self.home / "code"
+
+    @property
+    def env_cache(self) -> EnvCache:
+        return EnvCache(self.home / "envs", self.env_cache_max_bytes)

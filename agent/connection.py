@@ -49,7 +49,9 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.outbox = Outbox()
-        self.runtime = make_runtime(config.runtime, config.stop_grace_s, config.docker, str(config.home))
+        self.runtime = make_runtime(
+            config.runtime, config.stop_grace_s, config.docker, str(config.home), config.env_cache
+        )
         self.inventory = Inventory(config.home, config.runtime, config.max_jobs, config.simulate_gpus)
         self.jobs: dict[str, JobRunner] = {}
         self.agent_id = ""
@@ -126,6 +128,8 @@ class Agent:
     # ---- main loop ---------------------------------------------------------------------------
     async def run(self) -> None:
         await self.runtime.cleanup_leftovers(str(self.config.home))
+        # Made by the agent, not by the first job: Docker would create a missing bind-mount source as root.
+        await asyncio.to_thread(self.config.env_cache.folder.mkdir, parents=True, exist_ok=True)
         delay = 0.1
         registered = await self._load_credentials()
         while True:

@@ -15,58 +15,114 @@ from pathlib import Path
 
 from agent.config import AgentConfig
 from agent.connection import Agent, FatalAgentError
+from agent.envcache import DEFAULT_SIZE, parse_size
 from agent.inventory import InventoryError, parse_simulated
 from agent.runtimes import RUNTIMES, DockerOptions, RuntimeError_, resolve_runtime
 
 
-def parse_args(argv: list[str] | None = None) -> AgentConfig:
-    p = argparse.ArgumentParser(prog="dstack agent", description="Runs a dstack agent on this host.")
-    p.add_argument("--coordinator", required=True, help="HOST:PORT or unix:///path.sock")
-    p.add_argument("--join-token", default=os.environ.get("DSTACK_JOIN_TOKEN", ""))
-    p.add_argument("--home", default=os.environ.get("DSTACK_AGENT_HOME", "~/.dstack/agent"))
-    p.add_argument("--name", default=socket.gethostname())
+def default_home() -> str:
+    """DSTACK_AGENT_HOME, else `agent` in DSTACK_HOME (where the CLI keeps its state), else ~/.dstack/agent."""
+    if home := os.environ.get("DSTACK_AGENT_HOME"):
+        return home
+    if dstack_home := os.environ.get("DSTACK_HOME"):
+        return str(Path(dstack_home) / "agent")
+    return "~/.dstack/agent"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    d = DockerOptions()
+    p = argparse.ArgumentParser(
+        prog="dstack agent",
+        description="Runs a dstack agent on this host.",
+    )
+    p.add_argument("--coordinator", required=True, help="the coordinator: HOST:PORT or unix:///path.sock")
+    p.add_argument(
+        "--join-token",
+        default=env("DSTACK_JOIN_TOKEN", ""),
+        help="registers the agent on its first start (printed by `dstack server`; env DSTACK_JOIN_TOKEN)",
+    )
+    p.add_argument(
+        "--home",
+        default=default_home(),
+        help="the agent's state: credentials, code cache, job folders, Python environments"
+        " (default: %(default)s, from DSTACK_AGENT_HOME, else $DSTACK_HOME/agent)",
+    )
+    p.add_argument(
+        "--name", default=socket.gethostname(), help="the name `dstack agents` shows (default: this host's name)"
+    )
     p.add_argument(
         "--runtime",
-        default=os.environ.get("DSTACK_RUNTIME", "auto"),
+        default=env("DSTACK_RUNTIME", "auto"),
         choices=RUNTIMES,
-        help="where jobs run: docker containers, host processes, or auto (docker when a Docker engine answers)",
+        help="where jobs run: docker containers, host processes, or auto (docker when a Docker engine answers;"
+        " default: %(default)s)",
     )
-    d = DockerOptions()
-    env = os.environ.get
     p.add_argument("--docker-host", default=env("DSTACK_DOCKER_HOST", ""), help="Docker engine (default: DOCKER_HOST)")
-    p.add_argument("--docker-image-bash", default=env("DSTACK_DOCKER_IMAGE_BASH", d.bash_image))
+    p.add_argument(
+        "--docker-image-bash",
+        default=env("DSTACK_DOCKER_IMAGE_BASH", d.bash_image),
+        help="the image of jobs that name none and need no GPU (default: %(default)s)",
+    )
     p.add_argument(
         "--docker-image-python",
         default=env("DSTACK_DOCKER_IMAGE_PYTHON", d.python_image),
-        help="{version} is the workflow's Python version",
+        help="the python provider's image; {version} is the workflow's Python version (default: %(default)s)",
     )
-    p.add_argument("--docker-image-cuda", default=env("DSTACK_DOCKER_IMAGE_CUDA", d.cuda_image))
+    p.add_argument(
+        "--docker-image-cuda",
+        default=env("DSTACK_DOCKER_IMAGE_CUDA", d.cuda_image),
+        help="the image of GPU jobs that name none (default: %(default)s)",
+    )
     p.add_argument(
         "--docker-network",
         default=env("DSTACK_DOCKER_NETWORK", d.network),
         choices=["bridge", "host", "none"],
-        help="bridge publishes ports HOST:CONTAINER; host shares the host's network (no mapping)",
+        help="bridge publishes ports HOST:CONTAINER; host shares the host's network (no mapping); default: %(default)s",
     )
     p.add_argument(
         "--simulate-gpus",
-        default=os.environ.get("DSTACK_SIMULATE_GPUS", ""),
+        default=env("DSTACK_SIMULATE_GPUS", ""),
         help="test/dev only: report simulated GPUs instead of NVML's, e.g. 8xA100-80GB",
     )
-    p.add_argument("--max-jobs", type=int, default=64)
-    p.add_argument("--stop-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    p.add_argument("--max-jobs", type=int, default=64, help="how many jobs may run here at once (default: %(default)s)")
+    p.add_argument(
+        "--stop-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default: %(default)s)"
+    )
     p.add_argument(
         "--store-retry",
         type=float,
         default=300.0,
-        help="seconds to keep retrying an unreachable artifact store before the job fails",
+        help="seconds to keep retrying an unreachable artifact store before the job fails (default: %(default)s)",
     )
-    p.add_argument("--mount-sync", type=float, default=10.0, help="seconds between saves of mount: true artifacts")
+    p.add_argument(
+        "--mount-sync",
+        type=float,
+        default=10.0,
+        help="seconds between saves of mount: true artifacts (default: %(default)s)",
+    )
+    p.add_argument(
+        "--env-cache-size",
+        default=env("DSTACK_ENV_CACHE_SIZE", DEFAULT_SIZE),
+        help="bound of the cache of Python job environments (venvs of `requirements`) in HOME/envs,"
+        " e.g. 20GiB or 500MB; least recently used ones not in use go first; 0: a fresh venv per job"
+        " (default: %(default)s, from DSTACK_ENV_CACHE_SIZE)",
+    )
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> AgentConfig:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.simulate_gpus:
         try:
             parse_simulated(a.simulate_gpus)
         except InventoryError as e:
             p.error(str(e))
+    try:
+        env_cache_max_bytes = parse_size(a.env_cache_size)
+    except ValueError as e:
+        p.error(f"--env-cache-size: {e}")
     return AgentConfig(
         coordinator=a.coordinator,
         home=Path(a.home).expanduser().resolve(),
@@ -85,6 +141,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         stop_grace_s=a.stop_grace,
         mount_sync_s=a.mount_sync,
         store_retry_s=a.store_retry,
+        env_cache_max_bytes=env_cache_max_bytes,
     )
 
 

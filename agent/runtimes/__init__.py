@@ -1,5 +1,6 @@
 import logging
 
+from agent.envcache import EnvCache
 from agent.runtimes.base import AGENT_MARKER, JobProcess, Runtime, RuntimeError_, RuntimeJob
 from agent.runtimes.docker import DockerOptions, DockerRuntime, engine_address, engine_version
 from agent.runtimes.host import HostRuntime
@@ -24,13 +25,19 @@ def resolve_runtime(name: str, docker: DockerOptions) -> str:
     return "host"
 
 
-def make_runtime(name: str, stop_grace_s: float, docker: DockerOptions | None = None, agent_home: str = "") -> Runtime:
+def make_runtime(
+    name: str,
+    stop_grace_s: float,
+    docker: DockerOptions | None = None,
+    agent_home: str = "",
+    env_cache: EnvCache | None = None,
+) -> Runtime:
     if name == "host":
-        return HostRuntime(stop_grace_s, agent_home)
+        return HostRuntime(stop_grace_s, agent_home, env_cache=env_cache)
     if name == "null":
         return NullRuntime()
     if name == "docker":
-        return DockerRuntime(stop_grace_s, docker, agent_home)
+        return DockerRuntime(stop_grace_s, docker, agent_home, env_cache)
     raise RuntimeError_(f"unknown runtime {name!r}: expected host, docker or null")
 
 

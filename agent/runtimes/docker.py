@@ -27,6 +27,7 @@ import requests
 from docker.types import DeviceRequest
 from docker.utils import parse_repository_tag
 
+from agent.envcache import EnvCache, applies_to
 from agent.runtimes.base import JobProcess, Runtime, RuntimeError_, RuntimeJob, gpu_env, gpu_ids, working_subdir
 from protos.v1 import common_pb2
 
@@ -130,10 +131,22 @@ def _script(commands: list[str]) -> str:
     return "set -e\n" + "\n".join(commands) + "\n"
 
 
-def container_config(job: RuntimeJob, opts: DockerOptions, image: str, agent_home: str) -> dict[str, Any]:
+def container_config(
+    job: RuntimeJob,
+    opts: DockerOptions,
+    image: str,
+    agent_home: str,
+    env_cache: EnvCache | None = None,
+    image_id: str = "",
+) -> dict[str, Any]:
     """The arguments of `containers.create` for a job (pure: unit-tested without an engine)."""
     rel = working_subdir(job)
     env = dict(job.env) | gpu_env(job)
+    volumes = {str(job.workdir): {"bind": MOUNT, "mode": "rw"}}
+    if env_cache is not None and applies_to(job.provider):
+        # The cache at the same path in every container (venvs are not relocatable), the helper read-only.
+        env |= env_cache.container_env(image_id)
+        volumes |= env_cache.container_volumes()
     device_requests = None
     if job.gpu_indices:
         ids = gpu_ids(job)
@@ -164,7 +177,7 @@ def container_config(job: RuntimeJob, opts: DockerOptions, image: str, agent_hom
         "labels": {LABEL_HOME: agent_home, LABEL_JOB: job.job_id},
         "environment": env,
         "working_dir": posixpath.normpath(posixpath.join(MOUNT, rel)),
-        "volumes": {str(job.workdir): {"bind": MOUNT, "mode": "rw"}},
+        "volumes": volumes,
         "network_mode": opts.network,
         "ports": ports,
         "init": True,  # docker-init (tini) as PID 1 passes SIGTERM on to the job's shell
@@ -327,8 +340,15 @@ class DockerProcess(JobProcess):
 class DockerRuntime(Runtime):
     name = "docker"
 
-    def __init__(self, stop_grace_s: float, options: DockerOptions | None = None, agent_home: str = "") -> None:
+    def __init__(
+        self,
+        stop_grace_s: float,
+        options: DockerOptions | None = None,
+        agent_home: str = "",
+        env_cache: EnvCache | None = None,
+    ) -> None:
         self.stop_grace_s = stop_grace_s
+        self.env_cache = env_cache
         self.opts = options or DockerOptions()
         self.agent_home = agent_home
         self.address = engine_address(self.opts.base_url)
@@ -359,9 +379,10 @@ class DockerRuntime(Runtime):
 
     async def start(self, job: RuntimeJob) -> JobProcess:
         image = pick_image(job, self.opts)
-        config = container_config(job, self.opts, image, self.agent_home)
+        container_config(job, self.opts, image, self.agent_home)  # a job this agent cannot run fails before a pull
         try:
-            await self._ensure_image(image, job)
+            image_id = await self._ensure_image(image, job)
+            config = container_config(job, self.opts, image, self.agent_home, self.env_cache, image_id)
             cid, stream = await asyncio.to_thread(self._create_and_start, config)
         except RuntimeError_:
             raise
@@ -393,10 +414,10 @@ class DockerRuntime(Runtime):
             raise
         return cid, stream
 
-    async def _ensure_image(self, image: str, job: RuntimeJob) -> None:
+    async def _ensure_image(self, image: str, job: RuntimeJob) -> str:
+        """Pulls the image if it is missing; returns its id."""
         try:
-            await asyncio.to_thread(self.client.images.get, image)
-            return
+            return str((await asyncio.to_thread(self.client.images.get, image)).id)
         except docker.errors.ImageNotFound:
             pass
         job.on_pulling()
@@ -407,6 +428,7 @@ class DockerRuntime(Runtime):
             pending.add_done_callback(lambda _f: self._pulls.pop(image, None))
         await asyncio.shield(pending)
         job.system_line(f"dstack: pulled image {image}")
+        return str((await asyncio.to_thread(self.client.images.get, image)).id)
 
     async def _pull(self, image: str, emit: Callable[[str], None]) -> None:
         loop = asyncio.get_running_loop()

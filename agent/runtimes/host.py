@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import psutil
 
+from agent.envcache import EnvCache, applies_to
 from agent.runtimes.base import AGENT_MARKER, JobProcess, Runtime, RuntimeError_, RuntimeJob, gpu_env, working_subdir
 from agent.runtimes.cgroups import CgroupLayout, JobCgroup
 from protos.v1 import common_pb2
@@ -135,10 +136,13 @@ class HostProcess(JobProcess):
 class HostRuntime(Runtime):
     name = "host"
 
-    def __init__(self, stop_grace_s: float, agent_home: str = "", cgroups: bool = True) -> None:
+    def __init__(
+        self, stop_grace_s: float, agent_home: str = "", cgroups: bool = True, env_cache: EnvCache | None = None
+    ) -> None:
         self.stop_grace_s = stop_grace_s
         self.agent_home = agent_home
         self.use_cgroups = cgroups
+        self.env_cache = env_cache
         self._layout: CgroupLayout | None = None
 
     async def _get_layout(self, agent_home: str) -> CgroupLayout:
@@ -165,6 +169,8 @@ class HostRuntime(Runtime):
             env.update(gpu_env(job))
         else:
             env.setdefault("CUDA_VISIBLE_DEVICES", "")
+        if self.env_cache is not None and applies_to(job.provider):
+            env.update(self.env_cache.host_env())  # the agent's, whatever the workflow's environment says
         cgroup = await self._cgroup(job)
         try:
             proc = await asyncio.create_subprocess_exec(

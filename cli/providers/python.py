@@ -9,6 +9,7 @@ from cli.providers.base import Provider
 from cli.spec import Workflow
 
 _VERSION = re.compile(r"^3(\.\d{1,2})?$")
+HELPER_VAR = "DSTACK_ENV_HELPER"  # set by the agent (agent/envcache.py): its environment cache's helper
 
 
 class PythonProvider(Provider):
@@ -23,6 +24,8 @@ class PythonProvider(Provider):
         "python": {"type": ["string", "number"], "description": "same as version"},
     }
     required = ("file",)
+    passes_run_args = True  # `dstack run train --lr 0.1`: what is not a variable goes to the script
+    code_file_fields = ("file", "requirements")
 
     def _version(self, wf: Workflow) -> str:
         key = "version" if "version" in wf.node else "python"
@@ -51,17 +54,24 @@ class PythonProvider(Provider):
             " exit 127; }"
         ]
         requirements = fields.string(wf.node, "requirements")
+        run = f"{shlex.quote(file)} {arg_text}".rstrip()
         if requirements:
             req = shlex.quote(fields.relative_path(wf.node, "requirements", requirements))
             cmds += [
+                # An agent with an environment cache says where its helper is: it reuses a venv made
+                # for the same interpreter and requirements, or makes one, then execs the script.
+                f'if [ -f "${{{HELPER_VAR}:-}}" ]; then'
+                f' exec {python} "${HELPER_VAR}" --requirements {req} -- {run}; fi',
+                # An agent without one (older): a venv of the job's own, as before.
+                "echo 'dstack: installing requirements into a new environment .dstack-venv'",
                 f"{python} -m venv --system-site-packages .dstack-venv",
                 ". .dstack-venv/bin/activate",
-                f"python -m pip install --disable-pip-version-check -q -r {req}",
+                f"python -m pip install --disable-pip-version-check -r {req}",
                 "PYTHON=python",
             ]
         else:
             cmds.append(f"PYTHON={python}")
-        cmds.append(f"exec $PYTHON {shlex.quote(file)} {arg_text}".rstrip())
+        cmds.append(f"exec $PYTHON {run}")
         return cmds
 
     def python_version(self, wf: Workflow) -> str:
