@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from agent import env_helper
-from agent.envcache import HELPER, parse_size
+from agent.envcache import CONTAINER_CACHE, CONTAINER_HELPER, HELPER, EnvCache, parse_size
+from agent.runtimes.base import RuntimeJob
+from agent.runtimes.docker import DockerOptions, container_config
 from tests.conftest import wait_for
 from tests.tinywheel import build_wheel, offline_requirements
 
@@ -293,3 +295,33 @@ def test_sizes(text: str, size: int) -> None:
 def test_bad_sizes(text: str) -> None:
     with pytest.raises(ValueError, match="not a size"):
         parse_size(text)
+
+
+def test_containers_of_python_jobs_get_the_cache_at_a_fixed_path_and_the_helper_read_only() -> None:
+    cache = EnvCache(Path("/agent/envs"), 5 << 30)
+    python_job = RuntimeJob(job_id="j1", workdir=Path("/agent/jobs/j1"), working_dir=".", commands=["x"], env={})
+    python_job.provider = "python"
+    cfg = container_config(python_job, DockerOptions(), "py:3", "/agent", cache, "sha256:abc")
+    assert cfg["volumes"] == {
+        "/agent/jobs/j1": {"bind": "/workflow", "mode": "rw"},
+        "/agent/envs": {"bind": CONTAINER_CACHE, "mode": "rw"},
+        str(HELPER): {"bind": CONTAINER_HELPER, "mode": "ro"},
+    }
+    env = cfg["environment"]
+    assert env["DSTACK_ENV_CACHE"] == CONTAINER_CACHE and env["DSTACK_ENV_HELPER"] == CONTAINER_HELPER
+    assert env["DSTACK_ENV_CACHE_MAX_BYTES"] == str(5 << 30)
+    assert env["DSTACK_ENV_SCOPE"] == "sha256:abc"  # the image's id: another image, another environment
+    python_job.provider = "bash"  # other providers' containers see nothing of it
+    other = container_config(python_job, DockerOptions(), "py:3", "/agent", cache, "sha256:abc")
+    assert list(other["volumes"]) == ["/agent/jobs/j1"]
+    assert not any(k.startswith("DSTACK_ENV") for k in other["environment"])
+
+
+def test_host_jobs_of_the_python_provider_are_told_where_the_cache_is(tmp_path: Path) -> None:
+    env = EnvCache(tmp_path / "envs", 7).host_env()
+    assert env == {
+        "DSTACK_ENV_HELPER": str(HELPER),
+        "DSTACK_ENV_CACHE": str(tmp_path / "envs"),
+        "DSTACK_ENV_CACHE_MAX_BYTES": "7",
+    }
+    assert HELPER.is_file()

@@ -1,0 +1,72 @@
+"""`dstack agent`'s options: each one is described, and the defaults that come from the environment."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.main import build_parser, parse_args
+from tests.conftest import REPO
+
+
+def agent_help(env: dict[str, str]) -> str:
+    r = subprocess.run(
+        [sys.executable, "-m", "agent", "--help"], capture_output=True, text=True, env=env, cwd=REPO, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("DSTACK_")} | {"COLUMNS": "100", **extra}
+
+
+def test_every_option_of_the_help_has_a_description() -> None:
+    text = agent_help(clean_env())
+    options = text.split("options:", 1)[1]
+    # An option's entry: its line, then its description on the same line or on the indented lines after it.
+    entries = re.split(r"\n(?=  -)", options.strip("\n"))
+    described = {}
+    for entry in entries:
+        head, _, rest = entry.strip().partition("\n")
+        flag = head.split()[0].rstrip(",")
+        words = re.split(r"\s{2,}", head.strip(), maxsplit=1)
+        described[flag] = (words[1] if len(words) > 1 else "") + rest.strip()
+    expected = {a.option_strings[-1] for a in build_parser()._actions if a.option_strings}
+    assert {f.split(",")[0] for f in described} >= {e for e in expected if not e.startswith("--help")}
+    missing = sorted(flag for flag, text in described.items() if len(text) < 10)
+    assert not missing, f"options without a description: {missing}\n{text}"
+
+
+def test_the_help_leaks_no_secret_from_the_environment() -> None:
+    assert "s3cret-join" not in agent_help(clean_env(DSTACK_JOIN_TOKEN="s3cret-join"))
+
+
+def test_the_default_home_is_under_dstack_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("DSTACK_AGENT_HOME", raising=False)
+    monkeypatch.setenv("DSTACK_HOME", str(tmp_path / "dh"))
+    assert parse_args(["--coordinator", "x:1"]).home == (tmp_path / "dh" / "agent").resolve()
+    help_text = agent_help(clean_env(DSTACK_HOME=str(tmp_path / "dh")))
+    assert f"default:{tmp_path / 'dh' / 'agent'}," in "".join(help_text.split())  # wrapped anywhere
+    monkeypatch.setenv("DSTACK_AGENT_HOME", str(tmp_path / "own"))  # the agent's own variable wins
+    assert parse_args(["--coordinator", "x:1"]).home == (tmp_path / "own").resolve()
+    monkeypatch.delenv("DSTACK_AGENT_HOME")
+    monkeypatch.delenv("DSTACK_HOME")
+    assert parse_args(["--coordinator", "x:1"]).home == (Path.home() / ".dstack" / "agent").resolve()
+
+
+def test_the_environment_cache_size(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("DSTACK_ENV_CACHE_SIZE", raising=False)
+    config = parse_args(["--coordinator", "x:1", "--home", str(tmp_path)])
+    assert config.env_cache_max_bytes == 20 << 30
+    assert config.env_cache.folder == tmp_path.resolve() / "envs"
+    assert parse_args(["--coordinator", "x:1", "--env-cache-size", "0"]).env_cache_max_bytes == 0
+    monkeypatch.setenv("DSTACK_ENV_CACHE_SIZE", "500MB")  # the embedded local agent takes it this way
+    assert parse_args(["--coordinator", "x:1"]).env_cache_max_bytes == 500_000_000
+    with pytest.raises(SystemExit):
+        parse_args(["--coordinator", "x:1", "--env-cache-size", "lots"])
