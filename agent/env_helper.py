@@ -401,6 +401,9 @@ def main() -> None:
     except HelperError as e:
         say(str(e))
         sys.exit(e.code)
+    except OSError as e:  # e.g. a cache folder this job may not write to
+        say(f"the environment cache failed: {e}")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -60,8 +60,9 @@ class PythonProvider(Provider):
             cmds += [
                 # An agent with an environment cache says where its helper is: it reuses a venv made
                 # for the same interpreter and requirements, or makes one, then execs the script.
+                # -I: nothing next to the helper (the agent's own modules) or in PYTHON* shadows its imports.
                 f'if [ -f "${{{HELPER_VAR}:-}}" ]; then'
-                f' exec {python} "${HELPER_VAR}" --requirements {req} -- {run}; fi',
+                f' exec {python} -I "${HELPER_VAR}" --requirements {req} -- {run}; fi',
                 # An agent without one (older): a venv of the job's own, as before.
                 "echo 'dstack: installing requirements into a new environment .dstack-venv'",
                 f"{python} -m venv --system-site-packages .dstack-venv",
