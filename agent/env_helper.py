@@ -117,10 +117,10 @@ def env_key(requirements: str) -> str:
 
 
 def count_requirements(path: str) -> int:
-    """Requirement lines: not blank, not comments, not options such as --find-links."""
+    """Requirement lines: not blank, not comments, not options such as --find-links (but -e PATH is one)."""
     with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
-    return sum(1 for line in lines if (s := line.split("#", 1)[0].strip()) and not s.startswith("-"))
+        lines = [line.split("#", 1)[0].strip() for line in f.read().splitlines()]
+    return sum(1 for s in lines if s and (not s.startswith("-") or s.startswith(("-e ", "--editable"))))
 
 
 # ---- creating and using an environment -----------------------------------------------------------

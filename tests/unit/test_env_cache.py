@@ -283,6 +283,12 @@ def test_the_helper_runs_on_python_3_8(project: Path, tmp_path: Path) -> None:
     assert key(project, "a.txt", python=str(PY38)) != key(project, "a.txt")
 
 
+def test_the_packages_counted_are_the_requirement_lines(tmp_path: Path) -> None:
+    req = tmp_path / "r.txt"
+    req.write_text("# data tools\n--no-index\n-f wheels\nnumpy>=1.26  # arrays\n\n-e ./mylib\npandas\n-r more.txt\n")
+    assert env_helper.count_requirements(str(req)) == 3
+
+
 @pytest.mark.parametrize(
     ("text", "size"),
     [("20GiB", 20 << 30), ("500MB", 500_000_000), ("1.5G", 1_500_000_000), ("0", 0), ("123", 123), ("64kib", 65536)],
