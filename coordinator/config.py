@@ -14,6 +14,10 @@ class CoordinatorConfig:
     join_token: str
     lease_timeout_s: float = 15.0
     heartbeat_interval_s: float = 3.0
+    # After the coordinator starts, agents that were online get this long on top of their lease to
+    # reconnect: they could not renew while it was down, and they notice it is back only at their
+    # next retry (the agent's own backoff and gRPC's reconnect backoff, each up to about 2.4 s, add up).
+    reconnect_grace_s: float = 30.0
     # Local mode: the one local agent is all there is, so a request it can never fit fails at once
     # instead of waiting for a bigger agent to join.
     fail_unsatisfiable: bool = False

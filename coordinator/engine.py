@@ -76,7 +76,10 @@ class Engine:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        await self.db(self.store.extend_all_leases, self._lease_until())
+        # Agents could not renew their leases while we were down, and each notices we are back only at
+        # its next reconnect attempt: a lease counted from now alone would let a restart make healthy
+        # agents "lost" (and fail their jobs) whenever that attempt comes later than the lease timeout.
+        await self.db(self.store.extend_all_leases, self._lease_until(self.config.reconnect_grace_s))
         self.secrets = {n: self.secret_box.decrypt(c) for n, c in await self.db(self.store.secret_ciphertexts)}
         for row in await self.db(self.store.waiting_jobs):
             self.queue.add_row(row)
@@ -96,8 +99,8 @@ class Engine:
         """Asks for a scheduling pass; many kicks before a pass cost one pass."""
         self._kick.set()
 
-    def _lease_until(self) -> int:
-        return time.time_ns() + int(self.config.lease_timeout_s * 1e9)
+    def _lease_until(self, grace_s: float = 0.0) -> int:
+        return time.time_ns() + int((self.config.lease_timeout_s + grace_s) * 1e9)
 
     # ---- scheduling --------------------------------------------------------------------------
     async def _scheduler_loop(self) -> None:

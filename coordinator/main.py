@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
     )
     p.add_argument("--lease-timeout", type=float, default=15.0, help="seconds without heartbeat: agent lost")
     p.add_argument("--heartbeat-interval", type=float, default=3.0)
+    p.add_argument(
+        "--reconnect-grace",
+        type=float,
+        default=30.0,
+        help="seconds agents get on top of --lease-timeout to reconnect after the coordinator (re)starts",
+    )
     p.add_argument("--fail-unsatisfiable", action="store_true", help="fail jobs no agent can ever run")
     p.add_argument("--local-mode", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -58,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         join_token=os.environ.get("DSTACK_JOIN_TOKEN") or read_or_create_secret(state / "join-token"),
         lease_timeout_s=a.lease_timeout,
         heartbeat_interval_s=a.heartbeat_interval,
+        reconnect_grace_s=a.reconnect_grace,
         fail_unsatisfiable=a.fail_unsatisfiable,
         local_mode=a.local_mode,
         archive_after_s=a.archive_logs_after,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -324,21 +325,67 @@ def test_a_job_that_ends_while_the_coordinator_is_down_is_reported_after_restart
 ) -> None:
     cluster.start_coordinator()
     cluster.start_agent()
+    go = tmp_path / "go"
     project = write_project(
         tmp_path / "p",
-        """
+        f"""
         workflows:
           - name: short
             provider: bash
-            commands: ["echo one", "sleep 1", "for i in $(seq 2 500); do echo line $i; done", "exit 4"]
+            commands:
+              - echo one
+              - while [ ! -e {go} ]; do sleep 0.05; done
+              - for i in $(seq 2 500); do echo line $i; done
+              - exit 4
         """,
     )
     name = submit(cluster, project, "short")
     wait_for(lambda: "one" in cluster.cli("logs", name).stdout, what="the job to start")
+    jobs_dir = cluster.tmp / "agent-1" / "jobs"
+    assert any(jobs_dir.iterdir())  # the job's working directory, removed once the job has ended
     assert cluster.coordinator is not None
     cluster.coordinator.kill9()
-    time.sleep(2.5)  # the job ends meanwhile; its last lines and exit code wait in the agent's outbox
+    go.touch()  # only now may the job go on and end
+    # The runner queues the job's last lines and final update in its outbox, then removes the
+    # working directory: from then on, all that remains is to deliver them after the restart.
+    wait_for(lambda: not any(jobs_dir.iterdir()), what="the job to end while the coordinator is down")
     cluster.start_coordinator()
-    run = cluster.wait_status(name, {"done", "failed"}, timeout=30)
-    assert run["status"] == "failed" and run["message"] == "exited with code 4"
+    run = cluster.wait_status(name, {"done", "failed"}, timeout=60)
+    assert run["status"] == "failed" and run["message"] == "exited with code 4", run
     assert cluster.cli("logs", name).stdout.splitlines() == ["one"] + [f"line {i}" for i in range(2, 501)]
+
+
+def test_an_agent_slow_to_reconnect_after_a_coordinator_restart_is_not_lost(cluster: Cluster, tmp_path: Path) -> None:
+    """An agent notices a restarted coordinator only at its next retry (its backoff and gRPC's add up,
+    and a loaded host adds more): one lease period from the restart is not enough to declare it lost."""
+    cluster.start_coordinator()
+    agent = cluster.start_agent()
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: long
+            provider: bash
+            commands: ["echo started", "sleep 600"]
+        """,
+    )
+    name = submit(cluster, project, "long")
+    wait_for(lambda: "started" in cluster.cli("logs", name).stdout, what="the job to start")
+    assert cluster.coordinator is not None
+    cluster.coordinator.kill9()
+    agent.popen.send_signal(signal.SIGSTOP)  # the agent cannot retry: as if its backoff were long
+    sessions = agent.output().count("connected to the coordinator")
+    try:
+        cluster.start_coordinator()
+        restarted = time.monotonic()
+        # What is under test is a duration: the agent stays away for longer than one lease period
+        # (plus two passes of the lease checker) after the restart.
+        wait_for(lambda: time.monotonic() > restarted + cluster.lease_timeout + 2, timeout=60, interval=0.2)
+        assert cluster.run_info(name)["status"] == "running"
+    finally:
+        agent.popen.send_signal(signal.SIGCONT)
+    wait_for(lambda: agent.output().count("connected to the coordinator") > sessions, what="the agent to reconnect")
+    assert [a["status"] for a in cluster.agents_json()] == ["online"]
+    assert cluster.run_info(name)["status"] == "running"
+    assert cluster.cli("stop", name).returncode == 0
+    assert cluster.wait_status(name, {"stopped", "failed"})["status"] == "stopped"
