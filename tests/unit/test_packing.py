@@ -4,6 +4,7 @@ import gzip
 import io
 import subprocess
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 from cli.packing import pack
@@ -12,6 +13,18 @@ from cli.packing import pack
 def names(data: bytes) -> list[str]:
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(data))) as t:
         return t.getnames()
+
+
+def git_repo(root: Path) -> Callable[..., None]:
+    """A new repository at root; returns a function that runs git in it."""
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True)
+
+    git("init", "-q", "-b", "main")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    return git
 
 
 def test_same_tree_same_hash(tmp_path: Path) -> None:
@@ -26,12 +39,7 @@ def test_same_tree_same_hash(tmp_path: Path) -> None:
 
 
 def test_git_tree_respects_ignore_and_records_the_commit(tmp_path: Path) -> None:
-    def git(*args: str) -> None:
-        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
-
-    git("init", "-q", "-b", "main")
-    git("config", "user.email", "t@example.com")
-    git("config", "user.name", "t")
+    git = git_repo(tmp_path)
     (tmp_path / ".gitignore").write_text("data/\n")
     (tmp_path / "train.py").write_text("x")
     (tmp_path / "data").mkdir()
@@ -54,12 +62,7 @@ def test_excluded_folders_stay_out_outside_git(tmp_path: Path) -> None:
 
 
 def test_artifact_folders_are_left_out_unless_git_tracks_them(tmp_path: Path) -> None:
-    def git(*args: str) -> None:
-        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
-
-    git("init", "-q", "-b", "main")
-    git("config", "user.email", "t@example.com")
-    git("config", "user.name", "t")
+    git = git_repo(tmp_path)
     for rel in ("train.py", "model/README.md", "model/w.bin", "src/out/x.bin", "models.txt"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(rel)
