@@ -18,6 +18,9 @@ class CoordinatorConfig:
     # reconnect: they could not renew while it was down, and they notice it is back only at their
     # next retry (the agent's own backoff and gRPC's reconnect backoff, each up to about 2.4 s, add up).
     reconnect_grace_s: float = 30.0
+    # Lost agents not heard from for this long (and agents that registered but never connected) leave
+    # the pool: `dstack agents` stops listing them and their names are free.
+    forget_lost_agents_after_s: float = 86400.0
     # Local mode: the one local agent is all there is, so a request it can never fit fails at once
     # instead of waiting for a bigger agent to join.
     fail_unsatisfiable: bool = False

@@ -209,6 +209,8 @@ class Engine:
     # ---- leases ------------------------------------------------------------------------------
     async def _lease_loop(self) -> None:
         interval = min(1.0, self.config.lease_timeout_s / 4)
+        forget_every = min(60.0, self.config.forget_lost_agents_after_s / 2)
+        next_forget = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             try:
@@ -222,6 +224,20 @@ class Engine:
             if lost:
                 self.watchers.notify_all()
                 self.kick()
+            if time.monotonic() >= next_forget:
+                next_forget = time.monotonic() + forget_every
+                await self._forget_lost_agents()
+
+    async def _forget_lost_agents(self) -> None:
+        before = time.time_ns() - int(self.config.forget_lost_agents_after_s * 1e9)
+        try:
+            gone = await self.db(self.store.forget_lost_agents, before)
+        except Exception:
+            log.exception("forgetting lost agents failed")
+            return
+        for agent_id in gone:
+            log.info("agent %s forgotten: lost for over %.0f s", agent_id, self.config.forget_lost_agents_after_s)
+            self._inventories.pop(agent_id, None)
 
     # ---- agent stream ------------------------------------------------------------------------
     async def on_hello(self, agent_id: str, msg: agent_pb2.AgentMessage) -> agent_pb2.CoordinatorMessage:

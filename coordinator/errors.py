@@ -4,6 +4,7 @@ CoordinatorError
 ├── NotFound            (NOT_FOUND)            a run, job, code blob or artifact that does not exist
 ├── InvalidRequest      (INVALID_ARGUMENT)     a request that can never succeed as sent
 ├── Conflict            (FAILED_PRECONDITION)  valid, but not in the current state
+├── AlreadyExists       (ALREADY_EXISTS)       a name that someone else holds (e.g. an online agent's)
 ├── Unauthenticated     (UNAUTHENTICATED)      missing or wrong token
 └── StorageUnavailable  (UNAVAILABLE)          the artifact store failed; retrying may help
 """
@@ -22,6 +23,10 @@ class InvalidRequest(CoordinatorError):
 
 
 class Conflict(CoordinatorError):
+    pass
+
+
+class AlreadyExists(CoordinatorError):
     pass
 
 

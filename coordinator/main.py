@@ -52,6 +52,13 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         default=30.0,
         help="seconds agents get on top of --lease-timeout to reconnect after the coordinator (re)starts",
     )
+    p.add_argument(
+        "--forget-lost-agents-after",
+        type=float,
+        default=86400.0,
+        metavar="SECONDS",
+        help="lost agents not heard from for this long leave `dstack agents` (their names are free anyway)",
+    )
     p.add_argument("--fail-unsatisfiable", action="store_true", help="fail jobs no agent can ever run")
     p.add_argument("--local-mode", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -65,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         lease_timeout_s=a.lease_timeout,
         heartbeat_interval_s=a.heartbeat_interval,
         reconnect_grace_s=a.reconnect_grace,
+        forget_lost_agents_after_s=a.forget_lost_agents_after,
         fail_unsatisfiable=a.fail_unsatisfiable,
         local_mode=a.local_mode,
         archive_after_s=a.archive_logs_after,

@@ -14,7 +14,7 @@ import grpc
 
 from coordinator.artifacts import Artifacts, artifact_key, check_relative_path, code_key
 from coordinator.engine import Engine
-from coordinator.errors import Conflict, Unauthenticated
+from coordinator.errors import AlreadyExists, Conflict, Unauthenticated
 from coordinator.services.client import put_from_messages, read_chunks, stream_artifact
 from coordinator.services.rpc import bearer_token, streaming, unary
 from protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2
@@ -49,7 +49,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             raise Unauthenticated("invalid join token")
         token = secrets.token_urlsafe(32)
         name = request.name or request.inventory.hostname or "agent"
-        agent_id = await self.db(self.store.register_agent, name, token, request.inventory.SerializeToString())
+        try:
+            agent_id = await self.db(self.store.register_agent, name, token, request.inventory.SerializeToString())
+        except AlreadyExists as e:
+            log.warning("registration refused (host %s): %s", request.inventory.hostname or "?", e)
+            raise
         log.info("agent %s registered as %s", name, agent_id)
         return agent_pb2.RegisterResponse(agent_id=agent_id, agent_token=token)
 

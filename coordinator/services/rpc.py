@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import grpc
 
 from coordinator.errors import (
+    AlreadyExists,
     Conflict,
     CoordinatorError,
     InvalidRequest,
@@ -26,6 +27,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (ObjectNotFound, grpc.StatusCode.NOT_FOUND),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
     (StoreError, grpc.StatusCode.UNAVAILABLE),

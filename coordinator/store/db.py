@@ -19,7 +19,7 @@ from typing import Any
 
 import sqlite_utils
 
-from coordinator.errors import Conflict, InvalidRequest, NotFound
+from coordinator.errors import AlreadyExists, Conflict, InvalidRequest, NotFound
 from coordinator.names import random_run_prefix
 from coordinator.store.schema import migrate
 from protos.v1 import agent_pb2, common_pb2
@@ -48,6 +48,12 @@ Row = dict[str, Any]
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _hostname(inventory: bytes | None) -> str:
+    inv = common_pb2.Inventory()
+    inv.ParseFromString(inventory or b"")
+    return inv.hostname
 
 
 def _in(values: Sequence[Any]) -> str:
@@ -483,16 +489,55 @@ class Store:
         ]
 
     # ---- agents ------------------------------------------------------------------------------
+    # A name is unique among the rows that are not 'retired' (a partial unique index, migration 5):
+    # 'registered' (not connected yet), 'online' and 'lost'. A new agent may take the name of one
+    # that is not online; the old row is then deleted, or retired while jobs still refer to it.
     def register_agent(self, name: str, token: str, inventory: bytes) -> str:
         agent_id = uuid.uuid4().hex
         now = self.clock()
         with self.tx() as c:
+            holder = c.execute(
+                "SELECT id, status, inventory FROM agents WHERE name = :name AND status != 'retired'", {"name": name}
+            ).fetchone()
+            if holder is not None:
+                if holder[1] == "online":
+                    host = _hostname(holder[2])
+                    raise AlreadyExists(
+                        f"an agent named {name} is already online{f' (host {host})' if host else ''};"
+                        " choose another --name"
+                    )
+                self._retire(c, holder[0])
             c.execute(
-                "INSERT INTO agents (id, name, token_hash, status, inventory, registered_at,"
-                " last_heartbeat, lease_expires_at) VALUES (?, ?, ?, 'registered', ?, ?, ?, 0)",
-                [agent_id, name, hash_token(token), inventory, now, now],
+                "INSERT INTO agents (id, name, token_hash, status, inventory, registered_at, last_heartbeat,"
+                " lease_expires_at) VALUES (:id, :name, :hash, 'registered', :inventory, :now, :now, 0)",
+                {"id": agent_id, "name": name, "hash": hash_token(token), "inventory": inventory, "now": now},
             )
         return agent_id
+
+    def _retire(self, c: sqlite3.Connection, agent_id: str) -> None:
+        """The agent leaves the pool: its token stops working, its name is free. The row stays only
+        while jobs refer to it (so that they still say where they ran)."""
+        if c.execute("SELECT 1 FROM jobs WHERE agent_id = :id LIMIT 1", {"id": agent_id}).fetchone():
+            c.execute("UPDATE agents SET status = 'retired', token_hash = NULL WHERE id = :id", {"id": agent_id})
+        else:
+            c.execute("DELETE FROM agents WHERE id = :id", {"id": agent_id})
+
+    def forget_lost_agents(self, not_seen_since: int) -> list[str]:
+        """Agents lost (or registered but never connected) and not heard from since then, with no job
+        on them, leave the pool; returns their ids."""
+        with self.tx() as c:
+            gone = [
+                r[0]
+                for r in c.execute(
+                    "SELECT id FROM agents a WHERE status IN ('lost', 'registered') AND last_heartbeat < :before"
+                    " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.agent_id = a.id"
+                    f" AND j.status IN ({_in(ON_AGENT)}))",
+                    {"before": not_seen_since},
+                )
+            ]
+            for agent_id in gone:
+                self._retire(c, agent_id)
+        return gone
 
     def agent_by_token(self, token: str) -> Row | None:
         return self._row("SELECT id, name, status FROM agents WHERE token_hash = ?", [hash_token(token)])
@@ -500,9 +545,9 @@ class Store:
     def agent_online(self, agent_id: str, inventory: bytes, lease_until: int) -> None:
         with self.tx() as c:
             c.execute(
-                "UPDATE agents SET status = 'online', inventory = ?, last_heartbeat = ?,"
-                " lease_expires_at = ? WHERE id = ?",
-                [inventory, self.clock(), lease_until, agent_id],
+                "UPDATE agents SET status = 'online', inventory = :inventory, last_heartbeat = :now,"
+                " lease_expires_at = :lease WHERE id = :id AND status != 'retired'",
+                {"inventory": inventory, "now": self.clock(), "lease": lease_until, "id": agent_id},
             )
 
     def heartbeat(self, agent_id: str, inventory: bytes | None, lease_until: int) -> None:
@@ -599,7 +644,7 @@ class Store:
         return [j for j in job_ids if j not in live]
 
     def list_agents(self) -> list[Row]:
-        return self._rows("SELECT * FROM agents WHERE status != 'registered' ORDER BY name")
+        return self._rows("SELECT * FROM agents WHERE status IN ('online', 'lost') ORDER BY name")
 
     # ---- job updates from agents -------------------------------------------------------------
     def apply_job_updates(self, agent_id: str, updates: Sequence[agent_pb2.JobUpdate]) -> UpdateResult:

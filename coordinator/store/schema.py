@@ -130,7 +130,20 @@ def _v4(db: sqlite_utils.Database) -> None:
     Table(db, "jobs").create_index(["finished_at"], if_not_exists=True)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
+def _v5(db: sqlite_utils.Database) -> None:
+    """Agent names are unique in the pool: at most one row per name that is not 'retired' (a retired
+    row is kept only while jobs refer to it, without a token). Rows that duplicate a name are retired
+    first, keeping per name the online one that was heard from last, else the newest."""
+    db.execute(
+        "UPDATE agents SET status = 'retired', token_hash = NULL WHERE status != 'retired' AND id NOT IN ("
+        " SELECT id FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY name ORDER BY status = 'online' DESC,"
+        " last_heartbeat DESC, registered_at DESC, id) AS n FROM agents WHERE status != 'retired') WHERE n = 1)"
+    )
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS agents_live_name ON agents (name) WHERE status != 'retired'")
+    Table(db, "agents").create_index(["status"], if_not_exists=True)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
+from coordinator.errors import AlreadyExists
 from coordinator.store import SCHEMA_VERSION, Store
 from coordinator.store.db import NewJob, Placement
 from protos.v1 import agent_pb2, common_pb2
@@ -110,3 +113,93 @@ def test_pulling_comes_between_assigned_and_running(tmp_path: Path) -> None:
     assert s.run_by_name(name)["status"] == common_pb2.RUN_STATUS_RUNNING
     update(JS.JOB_STATUS_PULLING)  # late, out of order: ignored
     assert s.run_by_name(name)["status"] == common_pb2.RUN_STATUS_RUNNING
+
+
+def inventory(host: str) -> bytes:
+    return common_pb2.Inventory(hostname=host).SerializeToString()
+
+
+def test_an_agent_name_held_by_an_online_agent_is_refused(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db.sqlite")
+    first = s.register_agent("gpu-1", "tok-1", inventory("host-a"))
+    s.agent_online(first, inventory("host-a"), 2**62)
+    with pytest.raises(AlreadyExists) as e:
+        s.register_agent("gpu-1", "tok-2", inventory("host-b"))
+    assert str(e.value) == "an agent named gpu-1 is already online (host host-a); choose another --name"
+    assert [(a["id"], a["status"]) for a in s.list_agents()] == [(first, "online")]
+    assert s.agent_by_token("tok-2") is None
+    # The agent itself reconnects with its own credentials, as always.
+    assert s.agent_by_token("tok-1")["id"] == first  # type: ignore[index]
+
+
+def test_a_new_agent_takes_the_name_of_a_lost_one(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db.sqlite")
+    old = s.register_agent("gpu-1", "tok-old", b"")
+    s.agent_online(old, b"", 0)
+    assert s.expire_leases(now=1) == [old]
+    new = s.register_agent("gpu-1", "tok-new", b"")
+    s.agent_online(new, b"", 2**62)
+    assert [(a["id"], a["name"], a["status"]) for a in s.list_agents()] == [(new, "gpu-1", "online")]
+    assert s.agent_by_token("tok-old") is None  # the old agent can no longer come back as gpu-1
+    assert s.conn.execute("SELECT COUNT(*) FROM agents").fetchone()[0] == 1  # no job refers to it: deleted
+
+
+def test_a_replaced_agent_that_ran_jobs_stays_only_for_their_history(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db.sqlite")
+    name = s.create_run("admin", "wf", b"", "", [], [job("a")]).name
+    run = s.run_by_name(name)
+    jid = s.jobs_of_runs([run["id"]])[run["id"]][0]["id"]
+    old = s.register_agent("gpu-1", "tok-old", b"")
+    s.agent_online(old, b"", 0)
+    s.apply_schedule([Placement(jid, old, [])], {}, [])
+    assert s.expire_leases(now=1) == [old]
+    new = s.register_agent("gpu-1", "tok-new", b"")
+    s.agent_online(new, b"", 2**62)
+    assert [a["id"] for a in s.list_agents()] == [new]
+    assert s.jobs_of_runs([run["id"]])[run["id"]][0]["agent_name"] == "gpu-1"  # where the job ran
+    s.agent_online(old, b"", 2**62)  # a stream authenticated just before the take-over: stays retired
+    assert [a["id"] for a in s.list_agents()] == [new]
+
+
+def test_lost_agents_are_forgotten_after_the_period(tmp_path: Path) -> None:
+    now = [1_000]
+    s = Store(tmp_path / "db.sqlite", clock=lambda: now[0])
+    lost = s.register_agent("lost", "tok-1", b"")
+    s.agent_online(lost, b"", 2_000)  # heard from at 1000
+    online = s.register_agent("online", "tok-2", b"")
+    s.agent_online(online, b"", 2**62)
+    never = s.register_agent("never-connected", "tok-3", b"")
+    assert s.expire_leases(now=3_000) == [lost]
+    assert s.forget_lost_agents(not_seen_since=1_000) == []  # not yet
+    assert sorted(s.forget_lost_agents(not_seen_since=1_001)) == sorted([lost, never])
+    assert [a["name"] for a in s.list_agents()] == ["online"]
+    assert s.agent_by_token("tok-1") is None
+    s.register_agent("lost", "tok-4", b"")  # the name is free
+
+
+def test_migration_5_keeps_one_agent_per_name(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    Store(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP INDEX agents_live_name")
+    rows = [  # id, name, status, last_heartbeat, registered_at
+        ("a-lost", "a", "lost", 50, 1),
+        ("a-online-old", "a", "online", 10, 2),
+        ("a-online", "a", "online", 20, 3),
+        ("b-old", "b", "lost", 5, 1),
+        ("b-new", "b", "lost", 5, 2),
+        ("c", "c", "online", 1, 1),
+    ]
+    conn.executemany(
+        "INSERT INTO agents (id, name, token_hash, status, last_heartbeat, registered_at) VALUES (?, ?, ?, ?, ?, ?)",
+        [(i, n, f"hash-{i}", st, hb, reg) for i, n, st, hb, reg in rows],
+    )
+    conn.execute("PRAGMA user_version = 4")
+    conn.commit()
+    conn.close()
+    s = Store(path)
+    assert [(a["name"], a["id"]) for a in s.list_agents()] == [("a", "a-online"), ("b", "b-new"), ("c", "c")]
+    retired = s.conn.execute("SELECT id, token_hash FROM agents WHERE status = 'retired' ORDER BY id").fetchall()
+    assert retired == [("a-lost", None), ("a-online-old", None), ("b-old", None)]
+    with pytest.raises(sqlite3.IntegrityError):  # the schema itself keeps names unique from now on
+        s.conn.execute("UPDATE agents SET status = 'lost' WHERE id = 'b-old'")
