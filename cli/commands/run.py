@@ -12,7 +12,7 @@ from rich.console import Console
 
 from cli.client import Client
 from cli.commands.logs import print_logs
-from cli.errors import Location, NotFoundError, WorkflowError
+from cli.errors import CliError, Location, NotFoundError, WorkflowError
 from cli.packing import PackedCode
 from cli.providers import load_provider
 from cli.render import run_summary
@@ -37,16 +37,20 @@ def _workflow_node(root: Path, workflow_name: str) -> Node:
 
 
 def no_workflow_error(cwd: Path) -> WorkflowError:
-    """`dstack run` alone: which workflows there are to run, with their help."""
+    """`dstack run` alone: its usage, and the workflows there are to run, with their help."""
     from cli.workflows import find_project_root, load_workflow_nodes
 
-    root = find_project_root(cwd)
+    usage = "missing the workflow to run. Usage: dstack run WORKFLOW [ARGS]..."
+    try:
+        root = find_project_root(cwd)
+    except CliError as e:
+        return WorkflowError(f"{usage}\n{e}")
     nodes = load_workflow_nodes(root)
     if not nodes:
-        return WorkflowError(f"no workflows in {root / '.dstack'}; `dstack init` writes an example")
+        return WorkflowError(f"{usage}\nno workflows in {root / '.dstack'}; `dstack init` writes an example")
     width = max(len(n) for n in nodes)
     lines = [f"  {name.ljust(width)}  {node.get('help') or ''}".rstrip() for name, node in sorted(nodes.items())]
-    return WorkflowError("which workflow? `dstack run WORKFLOW`, one of:\n" + "\n".join(lines))
+    return WorkflowError(f"{usage}, one of:\n" + "\n".join(lines))
 
 
 @dataclass

@@ -154,4 +154,4 @@ def test_config_saves_the_coordinator_and_checks_the_token(cluster: Cluster, tmp
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "home" / "config.yaml").stat().st_mode & 0o777 == 0o600
     assert cli("ps").returncode == 0
-    assert cli("config").stdout.strip() == f"coordinator: {cluster.address}"
+    assert cli("config").stdout.splitlines()[0].startswith(f"coordinator: {cluster.address} (from ")

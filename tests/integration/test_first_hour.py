@@ -288,7 +288,10 @@ def test_run_without_a_workflow_lists_them(nowhere: dict[str, str], tmp_path: Pa
     project = write_project(tmp_path / "p", HELLO)
     r = _run(nowhere, project)
     assert r.returncode == 2
-    assert r.stderr == "error: which workflow? `dstack run WORKFLOW`, one of:\n  hello  Prints a greeting\n"
+    assert r.stderr == (
+        "error: missing the workflow to run. Usage: dstack run WORKFLOW [ARGS]..., one of:\n"
+        "  hello  Prints a greeting\n"
+    )
 
 
 def test_downloaded_artifact_folders_are_not_packed_again(local: LocalMode, tmp_path: Path) -> None:
