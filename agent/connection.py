@@ -55,6 +55,7 @@ class Agent:
         self.inventory = Inventory(config.home, config.runtime, config.max_jobs, config.simulate_gpus)
         self.jobs: dict[str, JobRunner] = {}
         self.agent_id = ""
+        self.session_started = False  # set once a session is acknowledged: its end resets the retry delay
         self.token = ""
         self.channel = grpc.aio.insecure_channel(config.coordinator, options=CHANNEL_OPTIONS)
         self.stub = agent_pb2_grpc.AgentServiceStub(self.channel)
@@ -109,6 +110,8 @@ class Agent:
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise FatalAgentError(f"the coordinator refused the join token: {e.details()}") from e
+            if e.code() == grpc.StatusCode.ALREADY_EXISTS:  # its name is taken by an agent that is online
+                raise FatalAgentError(e.details() or "this agent's name is taken") from e
             raise
         self.agent_id, self.token = resp.agent_id, resp.agent_token
         creds = {"coordinator": self.config.coordinator, "agent_id": self.agent_id, "agent_token": self.token}
@@ -137,8 +140,8 @@ class Agent:
                 if not registered:
                     await self._register()
                     registered = True
+                self.session_started = False
                 await self._session()
-                delay = 0.1
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.UNAUTHENTICATED:
                     log.warning("the coordinator does not know this agent any more; registering again")
@@ -153,6 +156,8 @@ class Agent:
             except Exception:
                 # The agent must outlive any one bad session: its jobs are still running.
                 log.exception("session with the coordinator failed; retrying in %.1fs", delay)
+            if self.session_started:  # a session that got going ended: the next try is a fresh start
+                delay = 0.1
             await asyncio.sleep(delay * (1 + random.random() / 5))
             delay = min(delay * 2, 2.0)
 
@@ -172,6 +177,7 @@ class Agent:
         ack = first.hello_ack
         self.outbox.on_new_stream({p.job_id: p.seq for p in ack.log_positions})
         interval = (ack.heartbeat_interval_ms or 3000) / 1000
+        self.session_started = True
         log.info("connected to the coordinator (%d active jobs)", len(active))
         await self._handle(first)
         # The session lasts while both directions do: if either ends or fails, the session ends

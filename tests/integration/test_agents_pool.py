@@ -67,11 +67,6 @@ def test_a_second_agent_with_the_name_of_an_online_one_is_refused(cluster: Clust
     assert pool(cluster) == [("gpu-1", "online")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent side: agent/connection.py retries a refused registration forever ('coordinator unreachable"
-    " (ALREADY_EXISTS)'); it should raise FatalAgentError with e.details() so that the agent exits non-zero",
-)
 def test_the_refused_agent_exits_with_the_reason(cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_coordinator()
     cluster.start_agent("gpu-1")
