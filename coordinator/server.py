@@ -62,6 +62,15 @@ def lock_state_dir(state_dir: Path) -> int:
 ADDRESS_IN_USE = "the address is in use (another coordinator?)"
 
 
+def unix_socket_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:  # none there, or a file left by a process that is gone
+            return False
+    return True
+
+
 def tcp_bind_error(listen: str) -> OSError | None:
     """Binds HOST:PORT the way gRPC does (SO_REUSEADDR, no SO_REUSEPORT) and lets go at once.
 
@@ -116,8 +125,12 @@ async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -
     client_pb2_grpc.add_ClientServiceServicer_to_server(ClientService(engine, artifacts), server)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(engine, artifacts), server)
     if config.listen.startswith("unix://"):
-        # A socket file left by a killed coordinator would make the bind fail.
-        await asyncio.to_thread(Path(config.listen[len("unix://") :]).unlink, missing_ok=True)
+        # A socket file left by a killed coordinator would make the bind fail; one that a live process
+        # answers on belongs to another coordinator, which deleting it would silently cut off.
+        path = Path(config.listen[len("unix://") :])
+        if await asyncio.to_thread(unix_socket_answers, path):
+            raise StartError(f"cannot listen on {config.listen}: another process is listening there")
+        await asyncio.to_thread(path.unlink, missing_ok=True)
     try:
         port = server.add_insecure_port(config.listen)
     except RuntimeError:
