@@ -252,13 +252,16 @@ def test_interrupted_run_without_a_terminal_detaches_and_the_run_goes_on(cluster
 
     cluster.start_coordinator()
     cluster.start_agent()
+    # The job goes on only when the test says so: under load, a fixed `sleep` could end before the
+    # interrupt arrives, and the run would finish done with the CLI still following it.
+    release = tmp_path / "release"
     project = write_project(
         tmp_path / "p",
-        """
+        f"""
         workflows:
           - name: slow
             provider: bash
-            commands: ["echo started", "sleep 2", "echo finished"]
+            commands: ["echo started", "while [ ! -e {release} ]; do sleep 0.05; done", "echo finished"]
         """,
     )
     p = subprocess.Popen(
@@ -277,6 +280,8 @@ def test_interrupted_run_without_a_terminal_detaches_and_the_run_goes_on(cluster
     assert p.returncode == 130
     assert "detached" in err and "Traceback" not in err
     name = re.search(r"(\S+) submitted", err).group(1)  # type: ignore[union-attr]
+    assert cluster.run_info(name)["status"] == "running"  # detached, not stopped
+    release.touch()
     assert cluster.wait_status(name, {"done", "failed"})["status"] == "done"
 
 
