@@ -127,15 +127,18 @@ def test_store_outage_during_upload_is_retried_and_then_fails_cleanly(
 ) -> None:
     prefix = s3_cluster(cluster, own_seaweed)
     cluster.start_agent("agent-1", "--store-retry", "6")
+    # Each job ends only when the test has taken the store away (a fixed sleep could end first under load).
+    gate = tmp_path / "gate"
+    gate.mkdir()
     root = write_project(
         tmp_path / "p",
-        """
+        f"""
         workflows:
           - name: save
             provider: bash
             commands:
               - mkdir -p out && for i in $(seq 50); do head -c 100000 /dev/urandom > out/f$i; done
-              - touch ready && sleep 1.5
+              - while [ ! -e {gate}/$RUN_NAME ]; do sleep 0.05; done
             artifacts: [out]
         """,
     )
@@ -144,6 +147,7 @@ def test_store_outage_during_upload_is_retried_and_then_fails_cleanly(
     run = submitted(r.stderr)
     wait_for(lambda: cluster.run_info(run)["status"] == "running", what="running")
     own_seaweed.kill()
+    (gate / run).touch()
     wait_for(lambda: cluster.run_info(run)["jobs"][0]["status"] == "uploading", timeout=20)  # type: ignore[index]
     time.sleep(2)
     own_seaweed.start()
@@ -160,6 +164,7 @@ def test_store_outage_during_upload_is_retried_and_then_fails_cleanly(
     run = submitted(r.stderr)
     wait_for(lambda: cluster.run_info(run)["status"] == "running", what="running")
     own_seaweed.kill()
+    (gate / run).touch()
     info = cluster.wait_status(run, {"done", "failed"}, timeout=90)
     own_seaweed.start()
     job = info["jobs"][0]  # type: ignore[index]
