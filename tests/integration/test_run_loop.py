@@ -272,6 +272,9 @@ def test_interrupted_run_without_a_terminal_detaches_and_the_run_goes_on(cluster
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a suite started in the background by a script (`cmd &`) inherits SIGINT
+        # ignored, and a Python started so never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert p.stdout is not None
     assert p.stdout.readline() == "started\n"
