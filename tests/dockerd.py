@@ -75,16 +75,22 @@ def busybox_tar() -> Path:
 
 
 def python_tar() -> Path:
-    out = CACHE / f"python-3.11-bookworm-{IMAGES_VERSION}.tar.gz"
+    return debootstrap_tar(f"python-3.11-bookworm-{IMAGES_VERSION}", "python3-minimal")
+
+
+def debootstrap_tar(name: str, include: str) -> Path:
+    """A Debian bookworm root file system with `include` (debootstrap --include), as CACHE/NAME.tar.gz, built
+    once per machine: no registry is needed to import it as an image."""
+    out = CACHE / f"{name}.tar.gz"
     with _cache_lock():
         if out.exists():
             return out
         if shutil.which("debootstrap") is None:
             raise DockerUnavailable("debootstrap is not installed (apt-get install debootstrap)")
-        root = Path(tempfile.mkdtemp(prefix="dstack-pyroot-"))
+        root = Path(tempfile.mkdtemp(prefix=f"dstack-{name}-"))
         try:
             subprocess.run(
-                ["debootstrap", "--variant=minbase", "--include=python3-minimal", "bookworm", str(root)],
+                ["debootstrap", "--variant=minbase", f"--include={include}", "bookworm", str(root)],
                 check=True,
                 capture_output=True,
             )

@@ -4,15 +4,13 @@ requirements (a wheel made here, installed with no network), on host processes a
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Cluster, write_project
-from tests.dockerd import CACHE, Dockerd, DockerUnavailable, _cache_lock
+from tests.dockerd import Dockerd, DockerUnavailable, debootstrap_tar
 from tests.tinywheel import build_wheel, offline_requirements
 
 pytestmark = pytest.mark.integration
@@ -80,27 +78,7 @@ PYTHON_VENV = "dstack-test/python-venv:3.11"
 
 
 def python_venv_tar() -> Path:
-    out = CACHE / "python-venv-3.11-bookworm-1.tar.gz"
-    with _cache_lock():
-        if out.exists():
-            return out
-        if shutil.which("debootstrap") is None:
-            raise DockerUnavailable("debootstrap is not installed (apt-get install debootstrap)")
-        root = Path(tempfile.mkdtemp(prefix="dstack-pyvenvroot-"))
-        try:
-            subprocess.run(
-                ["debootstrap", "--variant=minbase", "--include=python3-venv", "bookworm", str(root)],
-                check=True,
-                capture_output=True,
-            )
-            for junk in ("var/cache/apt/archives", "usr/share/doc", "usr/share/man", "usr/share/locale"):
-                shutil.rmtree(root / junk, ignore_errors=True)
-            tmp = out.with_suffix(".tmp")
-            subprocess.run(["tar", "-C", str(root), "-czf", str(tmp), "."], check=True)
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-    return out
+    return debootstrap_tar("python-venv-3.11-bookworm-1", "python3-venv")
 
 
 def load_python_venv_image(dockerd: Dockerd) -> None:
