@@ -23,6 +23,22 @@ def submit(cluster: Cluster, project: Path, workflow: str, *args: str) -> str:
     return r.stdout.strip()
 
 
+def start_long_job(cluster: Cluster, tmp_path: Path) -> str:
+    """Submits a job that runs for ten minutes and returns its run's name once the job has started."""
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: long
+            provider: bash
+            commands: ["echo started", "sleep 600"]
+        """,
+    )
+    name = submit(cluster, project, "long")
+    wait_for(lambda: "started" in cluster.cli("logs", name).stdout, what="the job to start")
+    return name
+
+
 def test_200k_lines_arrive_complete_and_in_order(cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_coordinator()
     cluster.start_agent()
@@ -117,17 +133,7 @@ def test_coordinator_kill9_and_restart_loses_nothing(cluster: Cluster, tmp_path:
 def test_agent_kill9_fails_its_job_with_agent_lost(cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_coordinator()
     agent = cluster.start_agent()
-    project = write_project(
-        tmp_path / "p",
-        """
-        workflows:
-          - name: long
-            provider: bash
-            commands: ["echo started", "sleep 600"]
-        """,
-    )
-    name = submit(cluster, project, "long")
-    wait_for(lambda: "started" in cluster.cli("logs", name).stdout, what="the job to start")
+    name = start_long_job(cluster, tmp_path)
     killed_at = time.monotonic()
     agent.kill9()
     run = cluster.wait_status(name, {"failed"}, timeout=cluster.lease_timeout + 10)
@@ -371,17 +377,7 @@ def test_an_agent_slow_to_reconnect_after_a_coordinator_restart_is_not_lost(clus
     and a loaded host adds more): one lease period from the restart is not enough to declare it lost."""
     cluster.start_coordinator()
     agent = cluster.start_agent()
-    project = write_project(
-        tmp_path / "p",
-        """
-        workflows:
-          - name: long
-            provider: bash
-            commands: ["echo started", "sleep 600"]
-        """,
-    )
-    name = submit(cluster, project, "long")
-    wait_for(lambda: "started" in cluster.cli("logs", name).stdout, what="the job to start")
+    name = start_long_job(cluster, tmp_path)
     assert cluster.coordinator is not None
     cluster.coordinator.kill9()
     agent.popen.send_signal(signal.SIGSTOP)  # the agent cannot retry: as if its backoff were long
