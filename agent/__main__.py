@@ -1,3 +1,3 @@
-from agent.main import main
+from dstack.agent.main import main
 
 main()

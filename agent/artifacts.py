@@ -15,9 +15,9 @@ from typing import TypeVar
 
 import grpc
 
-from protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, common_pb2
-from storage.granted import put_granted
-from storage.transfer import Download, Transfer, TransferError
+from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, common_pb2
+from dstack.storage.granted import put_granted
+from dstack.storage.transfer import Download, Transfer, TransferError
 
 log = logging.getLogger("dstack.agent")
 CHUNK = 1 << 20

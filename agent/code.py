@@ -11,8 +11,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
-from storage.transfer import Download, Transfer, TransferError
+from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from dstack.storage.transfer import Download, Transfer, TransferError
 
 log = logging.getLogger("dstack.agent")
 

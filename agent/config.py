@@ -3,8 +3,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.envcache import EnvCache
-from agent.runtimes.docker import DockerOptions
+from dstack.agent.envcache import EnvCache
+from dstack.agent.runtimes.docker import DockerOptions
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,15 @@ from collections.abc import Callable
 
 import grpc
 
-from agent.artifacts import Downloader, Uploader
-from agent.code import CodeCache
-from agent.config import AgentConfig
-from agent.inventory import Inventory
-from agent.outbox import Outbox
-from agent.runner import Janitor, JobRunner, RunnerDeps
-from agent.runtimes import make_runtime
-from protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
-from storage.transfer import Transfer
+from dstack.agent.artifacts import Downloader, Uploader
+from dstack.agent.code import CodeCache
+from dstack.agent.config import AgentConfig
+from dstack.agent.inventory import Inventory
+from dstack.agent.outbox import Outbox
+from dstack.agent.runner import Janitor, JobRunner, RunnerDeps
+from dstack.agent.runtimes import make_runtime
+from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from dstack.storage.transfer import Transfer
 
 log = logging.getLogger("dstack.agent")
 

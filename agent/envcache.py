@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import env_helper
+from dstack.agent import env_helper
 
 HELPER = Path(env_helper.__file__).resolve()
 DEFAULT_SIZE = "20GiB"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from protos.v1 import common_pb2
+from dstack.protos.v1 import common_pb2
 
 log = logging.getLogger("dstack.agent")
 GIB = 1 << 30

@@ -1,4 +1,4 @@
-"""`python -m agent` / `dstack agent`."""
+"""`python -m dstack.agent` / `dstack agent`."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from agent.config import AgentConfig
-from agent.connection import Agent, FatalAgentError
-from agent.envcache import DEFAULT_SIZE, parse_size
-from agent.inventory import InventoryError, parse_simulated
-from agent.runtimes import RUNTIMES, DockerOptions, RuntimeError_, resolve_runtime
+from dstack.agent.config import AgentConfig
+from dstack.agent.connection import Agent, FatalAgentError
+from dstack.agent.envcache import DEFAULT_SIZE, parse_size
+from dstack.agent.inventory import InventoryError, parse_simulated
+from dstack.agent.runtimes import RUNTIMES, DockerOptions, RuntimeError_, resolve_runtime
 
 
 def default_home() -> str:

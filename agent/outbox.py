@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from protos.v1 import agent_pb2, common_pb2
+from dstack.protos.v1 import agent_pb2, common_pb2
 
 JS = common_pb2.JobStatus
 FINAL = (JS.JOB_STATUS_DONE, JS.JOB_STATUS_FAILED, JS.JOB_STATUS_STOPPED)

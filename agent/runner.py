@@ -22,12 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.artifacts import ArtifactError, Downloader, UploadCache, Uploader, prepare_dirs
-from agent.code import CodeCache
-from agent.masking import Masker
-from agent.outbox import Outbox
-from agent.runtimes import AGENT_MARKER, JobProcess, Runtime, RuntimeJob
-from protos.v1 import agent_pb2, common_pb2
+from dstack.agent.artifacts import ArtifactError, Downloader, UploadCache, Uploader, prepare_dirs
+from dstack.agent.code import CodeCache
+from dstack.agent.masking import Masker
+from dstack.agent.outbox import Outbox
+from dstack.agent.runtimes import AGENT_MARKER, JobProcess, Runtime, RuntimeJob
+from dstack.protos.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger("dstack.agent")
 JS = common_pb2.JobStatus

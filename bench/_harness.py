@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import psutil
 
-from protos.v1 import client_pb2, client_pb2_grpc
+from dstack.protos.v1 import client_pb2, client_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 ADMIN = "bench-admin"

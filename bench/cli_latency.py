@@ -37,7 +37,7 @@ def main() -> None:
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSTACK_")}
     env["DSTACK_HOME"] = str(tmp / "home")
-    dstack = [sys.executable, "-m", "cli"]
+    dstack = [sys.executable, "-m", "dstack.cli"]
     try:
         subprocess.run([*dstack, "run", "hello"], env=env, cwd=project, capture_output=True, check=True)
         floor = timed(FLOOR, env, project, repeat)

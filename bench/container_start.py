@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench._harness import Services, meta, pct, summary_ms
-from protos.v1 import client_pb2, client_pb2_grpc, common_pb2
+from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
 
 
 def first_line_latency(stub: client_pb2_grpc.ClientServiceStub) -> float:
@@ -40,7 +40,7 @@ def first_line_latency(stub: client_pb2_grpc.ClientServiceStub) -> float:
 
 def engine_floor(docker_host: str, image: str, n: int) -> list[float]:
     """The engine's own share: create, attach, start a container and read its first line, then remove it."""
-    from agent.runtimes.docker import make_client
+    from dstack.agent.runtimes.docker import make_client
 
     client = make_client(docker_host)
     stream_client = make_client(docker_host, timeout=None)
@@ -62,7 +62,7 @@ def engine_floor(docker_host: str, image: str, n: int) -> list[float]:
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 30
-    from agent.runtimes.docker import engine_version
+    from dstack.agent.runtimes.docker import engine_version
     from tests.dockerd import BUSYBOX, Dockerd
 
     own: Dockerd | None = None

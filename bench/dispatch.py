@@ -13,7 +13,7 @@ import sys
 import time
 
 from bench._harness import Services, meta, summary_ms
-from protos.v1 import client_pb2, common_pb2
+from dstack.protos.v1 import client_pb2, common_pb2
 
 CMD = 'echo "$EPOCHREALTIME"'
 

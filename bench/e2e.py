@@ -13,7 +13,7 @@ import grpc
 import psutil
 
 from bench._harness import Services, meta
-from protos.v1 import client_pb2, client_pb2_grpc, common_pb2
+from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
 
 FINISHED = (common_pb2.RUN_STATUS_DONE, common_pb2.RUN_STATUS_FAILED, common_pb2.RUN_STATUS_STOPPED)
 

@@ -84,7 +84,11 @@ def run_twice(tmp: Path, label: str, extra_env: dict[str, str]) -> list[tuple[fl
         for i in (1, 2):
             t0 = time.monotonic()
             r = subprocess.run(
-                [sys.executable, "-m", "cli", "run", "train"], cwd=project, env=env, capture_output=True, text=True
+                [sys.executable, "-m", "dstack.cli", "run", "train"],
+                cwd=project,
+                env=env,
+                capture_output=True,
+                text=True,
             )
             wall = time.monotonic() - t0
             if r.returncode != 0:
@@ -98,13 +102,13 @@ def run_twice(tmp: Path, label: str, extra_env: dict[str, str]) -> list[tuple[fl
             print(f"{label} run {i}: wall {wall:.2f} s; environment {env_s:.2f} s ({jobs})")
             results.append((wall, env_s))
     finally:
-        subprocess.run([sys.executable, "-m", "cli", "local", "stop"], env=env, capture_output=True, cwd=tmp)
+        subprocess.run([sys.executable, "-m", "dstack.cli", "local", "stop"], env=env, capture_output=True, cwd=tmp)
     return results
 
 
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="dstack-bench-envs-"))
-    os.chdir(REPO)  # `python -m cli` from this checkout
+    os.chdir(REPO)  # `python -m dstack.cli` from this checkout
     cached = run_twice(tmp, "cache", {})
     baseline = run_twice(tmp, "no-cache", {"DSTACK_ENV_CACHE_SIZE": "0"})
     for label, ((w1, e1), (w2, e2)) in (("cache", cached), ("no-cache", baseline)):

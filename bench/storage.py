@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from storage.devserver import SeaweedServer
-from storage.s3 import S3Location, S3Store
-from storage.transfer import Download, Transfer
+from dstack.storage.devserver import SeaweedServer
+from dstack.storage.s3 import S3Location, S3Store
+from dstack.storage.transfer import Download, Transfer
 
 S5CMD = str(Path(sys.executable).with_name("s5cmd"))
 

@@ -16,7 +16,7 @@ import grpc
 import psutil
 
 from bench._harness import ADMIN, JOIN, Services
-from protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, client_pb2_grpc, common_pb2
+from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, client_pb2_grpc, common_pb2
 
 JS = common_pb2.JobStatus
 

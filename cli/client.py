@@ -7,9 +7,9 @@ from typing import Any, TypeVar
 
 import grpc
 
-from cli.errors import AuthError, CliError, CoordinatorUnreachable, NotFoundError, RequestRejected
-from cli.home import Endpoint
-from protos.v1 import client_pb2, client_pb2_grpc, common_pb2
+from dstack.cli.errors import AuthError, CliError, CoordinatorUnreachable, NotFoundError, RequestRejected
+from dstack.cli.home import Endpoint
+from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
 
 T = TypeVar("T")
 CHUNK = 1 << 20

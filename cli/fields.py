@@ -8,8 +8,8 @@ import posixpath
 import re
 from typing import Any
 
-from cli.errors import WorkflowError
-from cli.yamlsrc import Node, Seq
+from dstack.cli.errors import WorkflowError
+from dstack.cli.yamlsrc import Node, Seq
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)\s*$", re.IGNORECASE)
 MAX_SIZE = 1 << 63

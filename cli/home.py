@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli.errors import CliError
+from dstack.cli.errors import CliError
 
 
 def dstack_home() -> Path:

@@ -1,6 +1,6 @@
 """The embedded default: a local coordinator and one local agent, started on first use and reused.
 
-They are the same programs as the team setup (`python -m coordinator`, `python -m agent`), bound
+They are the same programs as the team setup (`python -m dstack.coordinator`, `python -m dstack.agent`), bound
 only to a Unix socket, with all state under $DSTACK_HOME/local.
 """
 
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cli.errors import CliError
-from cli.home import Endpoint, dstack_home
+from dstack.cli.errors import CliError
+from dstack.cli.home import Endpoint, dstack_home
 
 if TYPE_CHECKING:
-    from cli.client import Client
+    from dstack.cli.client import Client
 
 START_TIMEOUT_S = 20.0
 TAIL_LINES = 15
@@ -72,13 +72,13 @@ def _lock() -> Iterator[None]:
 
 
 def _alive(pid_file: Path, module: str) -> int | None:
-    """The pid in pid_file if that process is alive and is `python -m MODULE` (not a reused pid)."""
+    """The pid in pid_file if that process is alive and is `python -m dstack.MODULE` (not a reused pid)."""
     try:
         pid = int(pid_file.read_text())
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
-    return pid if module.encode() in cmd else None
+    return pid if f"dstack.{module}".encode() in cmd else None
 
 
 @dataclass
@@ -116,7 +116,7 @@ def _spawn(name: str, args: list[str], env: dict[str, str]) -> Started:
         proc = subprocess.Popen(
             # -P: the working directory is not put on sys.path, so no folder named like one of our packages
             # (the agent's own state folder `agent/` sits in this directory) can shadow it.
-            [sys.executable, "-P", "-m", name, *args],
+            [sys.executable, "-P", "-m", f"dstack.{name}", *args],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -181,7 +181,7 @@ def is_running() -> bool:
 
 def _wait_until(ep: Endpoint, started: Started, ready: Callable[[Client], bool]) -> None:
     """Waits until `ready` says yes; a service that exits meanwhile is reported at once, with its log."""
-    from cli.client import Client
+    from dstack.cli.client import Client
 
     deadline = time.monotonic() + START_TIMEOUT_S
     client = Client(ep)

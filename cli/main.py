@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli.errors import CliError
+from dstack.cli.errors import CliError
 
 app = typer.Typer(
     name="dstack",
@@ -44,7 +44,7 @@ def run(
     if workflow in ("--help", "-h"):
         typer.echo(ctx.get_help())
         raise typer.Exit(0)
-    from cli.commands.run import no_workflow_error, run_command
+    from dstack.cli.commands.run import no_workflow_error, run_command
 
     if not workflow:
         raise no_workflow_error(Path.cwd())
@@ -69,7 +69,7 @@ def ps(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
     """List runs."""
-    from cli.commands.ps import ps_command
+    from dstack.cli.commands.ps import ps_command
 
     ps_command(all_, as_json)
 
@@ -80,7 +80,7 @@ def logs(
     follow: Annotated[bool, typer.Option("-f", "--follow", help="Follow until the run ends")] = False,
 ) -> None:
     """Print the logs of a run."""
-    from cli.commands.logs import logs_command
+    from dstack.cli.commands.logs import logs_command
 
     logs_command(run, follow)
 
@@ -91,7 +91,7 @@ def stop(
     wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for the run to end (0: do not wait)")] = 60.0,
 ) -> None:
     """Stop a run: its processes get SIGTERM, then SIGKILL after a grace period; prints how it ended."""
-    from cli.commands.stop import stop_command
+    from dstack.cli.commands.stop import stop_command
 
     raise typer.Exit(stop_command(run, wait))
 
@@ -99,7 +99,7 @@ def stop(
 @app.command()
 def agents(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
     """List the agents of the pool."""
-    from cli.commands.agents import agents_command
+    from dstack.cli.commands.agents import agents_command
 
     agents_command(as_json)
 
@@ -110,7 +110,7 @@ def artifacts_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
     """List the artifact files of a run."""
-    from cli.commands.artifacts import list_command
+    from dstack.cli.commands.artifacts import list_command
 
     list_command(run, as_json)
 
@@ -122,7 +122,7 @@ def artifacts_download(
     output: Annotated[Path, typer.Option("-o", "--output", help="Destination folder")] = Path("."),
 ) -> None:
     """Download the artifacts of a run (all, or those at or under PATH), keeping their paths."""
-    from cli.commands.artifacts import download_command
+    from dstack.cli.commands.artifacts import download_command
 
     download_command(run, output, path)
 
@@ -140,7 +140,7 @@ def artifacts_upload(
 
     The folder's contents keep their paths relative to it: uploading `staging/` that holds `data/a.csv`
     publishes `data/a.csv`, which `depends-on: [WORKFLOW:TAG]` puts at `data/a.csv` in the job."""
-    from cli.commands.artifacts import upload_command
+    from dstack.cli.commands.artifacts import upload_command
 
     upload_command(folder, tag, workflow or folder.resolve().name, prefix)
 
@@ -148,7 +148,7 @@ def artifacts_upload(
 @app.command()
 def rm(runs: Annotated[list[str], typer.Argument(help="Run names")]) -> None:
     """Delete finished runs: their records, logs and artifacts."""
-    from cli.session import connect
+    from dstack.cli.session import connect
 
     client = connect()
     for name in runs:
@@ -159,7 +159,7 @@ def rm(runs: Annotated[list[str], typer.Argument(help="Run names")]) -> None:
 @app.command()
 def init() -> None:
     """Create .dstack/workflows.yaml in the current folder with an example workflow."""
-    from cli.commands.init import init_command
+    from dstack.cli.commands.init import init_command
 
     init_command(Path.cwd())
 
@@ -175,7 +175,7 @@ def config(
 ) -> None:
     """Set the coordinator address and token, checked first (without options: show which coordinator and user
     the CLI uses)."""
-    from cli.commands.init import config_command
+    from dstack.cli.commands.init import config_command
 
     config_command(coordinator, token, local, check)
 
@@ -183,7 +183,7 @@ def config(
 @app.command(context_settings={**PASS_THROUGH, "help_option_names": []})
 def server(ctx: typer.Context) -> None:
     """Run a coordinator (`dstack server --help` for its options)."""
-    from coordinator.main import main as coordinator_main
+    from dstack.coordinator.main import main as coordinator_main
 
     coordinator_main(list(ctx.args))
 
@@ -191,7 +191,7 @@ def server(ctx: typer.Context) -> None:
 @app.command(context_settings={**PASS_THROUGH, "help_option_names": []})
 def agent(ctx: typer.Context) -> None:
     """Run an agent on this host (`dstack agent --help` for its options)."""
-    from agent.main import main as agent_main
+    from dstack.agent.main import main as agent_main
 
     agent_main(list(ctx.args))
 
@@ -201,7 +201,7 @@ def tags_add(
     tag: Annotated[str, typer.Argument(help="Tag name")], run: Annotated[str, typer.Argument(help="Run name")]
 ) -> None:
     """Tag a run that finished done."""
-    from cli.session import connect
+    from dstack.cli.session import connect
 
     t = connect().add_tag(tag, run)
     print(f"{t.name} -> {t.run_name} ({t.workflow})")
@@ -210,7 +210,7 @@ def tags_add(
 @tags_app.command("list")
 def tags_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
     """List tags."""
-    from cli.commands.tags import list_command
+    from dstack.cli.commands.tags import list_command
 
     list_command(as_json)
 
@@ -218,7 +218,7 @@ def tags_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")
 @tags_app.command("delete")
 def tags_delete(tag: Annotated[str, typer.Argument(help="Tag name")]) -> None:
     """Delete a tag (the run and its artifacts stay)."""
-    from cli.session import connect
+    from dstack.cli.session import connect
 
     connect().delete_tag(tag)
     print(f"deleted {tag}")
@@ -230,7 +230,7 @@ def secrets_add(
     value: Annotated[str | None, typer.Argument(help="Value; omitted: asked for, hidden (or read from stdin)")] = None,
 ) -> None:
     """Add or replace a secret."""
-    from cli.commands.secrets import add_command
+    from dstack.cli.commands.secrets import add_command
 
     add_command(name, value)
 
@@ -238,7 +238,7 @@ def secrets_add(
 @secrets_app.command("list")
 def secrets_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
     """List secrets: names and dates, never values."""
-    from cli.commands.secrets import list_command
+    from dstack.cli.commands.secrets import list_command
 
     list_command(as_json)
 
@@ -246,7 +246,7 @@ def secrets_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
 @secrets_app.command("delete")
 def secrets_delete(name: Annotated[str, typer.Argument(help="Secret name")]) -> None:
     """Delete a secret."""
-    from cli.session import connect
+    from dstack.cli.session import connect
 
     connect().delete_secret(name)
     print(f"deleted {name}")
@@ -255,7 +255,7 @@ def secrets_delete(name: Annotated[str, typer.Argument(help="Secret name")]) -> 
 @local_app.command("stop")
 def local_stop() -> None:
     """Stop the local coordinator and agent (running local jobs are stopped)."""
-    from cli.local import stop_all
+    from dstack.cli.local import stop_all
 
     stopped = stop_all()
     print("stopped: " + ", ".join(stopped) if stopped else "nothing was running")

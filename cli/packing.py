@@ -17,8 +17,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cli.errors import CliError
-from protos.v1 import common_pb2
+from dstack.cli.errors import CliError
+from dstack.protos.v1 import common_pb2
 
 SKIP_DIRS = {".git", "__pycache__", ".venv", ".dstack-venv", "node_modules"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import cast
 
-from protos.v1 import client_pb2, common_pb2
+from dstack.protos.v1 import client_pb2, common_pb2
 
 
 def run_status(status: int) -> str:

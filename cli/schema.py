@@ -1,6 +1,6 @@
 """JSON Schema for .dstack/workflows.yaml, for editors, generated from the loader's own field tables.
 
-Regenerate: `python -m cli.schema > docs/workflows.schema.json` (a test fails when it is stale).
+Regenerate: `python -m dstack.cli.schema > docs/workflows.schema.json` (a test fails when it is stale).
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cli.providers import known_providers, load_provider
-from cli.workflows import COMMON_SCHEMA
+from dstack.cli.providers import known_providers, load_provider
+from dstack.cli.workflows import COMMON_SCHEMA
 
 
 def workflows_schema() -> dict[str, Any]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from cli.client import Client
-from cli.home import load_configured
+from dstack.cli.client import Client
+from dstack.cli.home import load_configured
 
 
 def connect() -> Client:
     endpoint = load_configured()
     if endpoint is None:
-        from cli import local
+        from dstack.cli import local
 
         endpoint = local.ensure_running()
     return Client(endpoint)

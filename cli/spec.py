@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cli.errors import Location
-from cli.yamlsrc import Node
-from protos.v1 import common_pb2
+from dstack.cli.errors import Location
+from dstack.cli.yamlsrc import Node
+from dstack.protos.v1 import common_pb2
 
 
 @dataclass(frozen=True)

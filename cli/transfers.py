@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 
 from rich.console import Console
 
-from cli.errors import CliError
-from storage.transfer import Transfer, TransferError
+from dstack.cli.errors import CliError
+from dstack.storage.transfer import Transfer, TransferError
 
 
 def put_bytes(url: str, data: bytes) -> None:

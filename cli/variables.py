@@ -23,9 +23,9 @@ from typing import Any
 
 import yaml
 
-from cli import fields
-from cli.errors import Location, WorkflowError
-from cli.yamlsrc import Node, Seq, load
+from dstack.cli import fields
+from dstack.cli.errors import Location, WorkflowError
+from dstack.cli.yamlsrc import Node, Seq, load
 
 _REF = re.compile(r"\$\{\{\s*([^}]*?)\s*\}\}")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")

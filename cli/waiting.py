@@ -11,10 +11,10 @@ import threading
 from rich.console import Console
 from rich.status import Status
 
-from cli.client import Client
-from cli.errors import CliError
-from cli.render import run_status, waiting_text
-from protos.v1 import common_pb2
+from dstack.cli.client import Client
+from dstack.cli.errors import CliError
+from dstack.cli.render import run_status, waiting_text
+from dstack.protos.v1 import common_pb2
 
 POLL_S = 0.5
 WAITING = frozenset({common_pb2.RUN_STATUS_SUBMITTED, common_pb2.RUN_STATUS_PENDING, common_pb2.RUN_STATUS_PULLING})

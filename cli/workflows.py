@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cli import fields
-from cli.errors import CliError, Location, WorkflowError
-from cli.providers import load_provider
-from cli.spec import Artifact, Workflow
-from cli.yamlsrc import Node, Seq, load
-from protos.v1 import common_pb2
+from dstack.cli import fields
+from dstack.cli.errors import CliError, Location, WorkflowError
+from dstack.cli.providers import load_provider
+from dstack.cli.spec import Artifact, Workflow
+from dstack.cli.yamlsrc import Node, Seq, load
+from dstack.protos.v1 import common_pb2
 
 # The fields every workflow may have, as JSON Schema: the loader accepts exactly these names (plus
 # the provider's own), and docs/workflows.schema.json is generated from the same tables (cli/schema.py).

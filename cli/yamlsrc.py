@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from cli.errors import Location, WorkflowError
+from dstack.cli.errors import Location, WorkflowError
 
 
 class Node(dict[str, Any]):

@@ -3,7 +3,7 @@
 Public surface: `CoordinatorConfig` and `serve` (used by `dstack server` and the embedded local mode).
 """
 
-from coordinator.config import CoordinatorConfig
-from coordinator.server import serve
+from dstack.coordinator.config import CoordinatorConfig
+from dstack.coordinator.server import serve
 
 __all__ = ["CoordinatorConfig", "serve"]

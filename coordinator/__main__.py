@@ -1,3 +1,3 @@
-from coordinator.main import main
+from dstack.coordinator.main import main
 
 main()

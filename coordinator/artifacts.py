@@ -17,10 +17,10 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from coordinator.errors import InvalidRequest
-from protos.v1 import common_pb2
-from storage import ArtifactStore, ObjectNotFound
-from storage.base import UploadGrant
+from dstack.coordinator.errors import InvalidRequest
+from dstack.protos.v1 import common_pb2
+from dstack.storage import ArtifactStore, ObjectNotFound
+from dstack.storage.base import UploadGrant
 
 URL_TTL_S = 3600
 T = TypeVar("T")

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from protos.v1 import client_pb2, common_pb2
+from dstack.protos.v1 import client_pb2, common_pb2
 
 Row = dict[str, Any]
 WAITING = (common_pb2.JOB_STATUS_SUBMITTED, common_pb2.JOB_STATUS_PENDING)

@@ -13,15 +13,15 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from coordinator.config import CoordinatorConfig
-from coordinator.hub import AgentHub
-from coordinator.queue import Waiting, WaitingQueue
-from coordinator.scheduler import AgentState, Gpu, JobRequest, schedule
-from coordinator.secrets import SecretBox
-from coordinator.store import Store
-from coordinator.store.db import WAITING, Assignment, Placement
-from coordinator.store.executor import DbExecutor
-from protos.v1 import agent_pb2, common_pb2
+from dstack.coordinator.config import CoordinatorConfig
+from dstack.coordinator.hub import AgentHub
+from dstack.coordinator.queue import Waiting, WaitingQueue
+from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest, schedule
+from dstack.coordinator.secrets import SecretBox
+from dstack.coordinator.store import Store
+from dstack.coordinator.store.db import WAITING, Assignment, Placement
+from dstack.coordinator.store.executor import DbExecutor
+from dstack.protos.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger("dstack.coordinator")
 JS = common_pb2.JobStatus

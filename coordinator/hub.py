@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from protos.v1 import agent_pb2
+from dstack.protos.v1 import agent_pb2
 
 
 class AgentConnection:

@@ -1,4 +1,4 @@
-"""`python -m coordinator` / `dstack server`: options, secrets on disk, logging."""
+"""`python -m dstack.coordinator` / `dstack server`: options, secrets on disk, logging."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import secrets
 import sys
 from pathlib import Path
 
-from coordinator.config import CoordinatorConfig
-from coordinator.server import StartError, serve
+from dstack.coordinator.config import CoordinatorConfig
+from dstack.coordinator.server import StartError, serve
 
 
 def read_or_create_secret(path: Path) -> str:

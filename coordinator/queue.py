@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.scheduler import JobRequest
-from protos.v1 import client_pb2, common_pb2
+from dstack.coordinator.scheduler import JobRequest
+from dstack.protos.v1 import client_pb2, common_pb2
 
 
 @dataclass

@@ -14,12 +14,12 @@ import gzip
 import json
 import logging
 
-from coordinator.artifacts import Artifacts, logs_key
-from coordinator.config import CoordinatorConfig
-from coordinator.store.db import Store
-from coordinator.store.executor import DbExecutor
-from protos.v1 import common_pb2
-from storage import ArtifactStore
+from dstack.coordinator.artifacts import Artifacts, logs_key
+from dstack.coordinator.config import CoordinatorConfig
+from dstack.coordinator.store.db import Store
+from dstack.coordinator.store.executor import DbExecutor
+from dstack.protos.v1 import common_pb2
+from dstack.storage import ArtifactStore
 
 log = logging.getLogger("dstack.coordinator")
 BATCH = 100

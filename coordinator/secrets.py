@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from coordinator.errors import InvalidRequest
+from dstack.coordinator.errors import InvalidRequest
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MIN_MASKED_LENGTH = 4

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import grpc
 
-from coordinator.artifacts import Artifacts
-from coordinator.config import CoordinatorConfig
-from coordinator.engine import Engine
-from coordinator.retention import Retention
-from coordinator.services.agent import AgentService
-from coordinator.services.client import ClientService
-from coordinator.store import Store
-from coordinator.store.executor import DbExecutor
-from protos.v1 import agent_pb2_grpc, client_pb2_grpc
-from storage import StoreError, open_store
+from dstack.coordinator.artifacts import Artifacts
+from dstack.coordinator.config import CoordinatorConfig
+from dstack.coordinator.engine import Engine
+from dstack.coordinator.retention import Retention
+from dstack.coordinator.services.agent import AgentService
+from dstack.coordinator.services.client import ClientService
+from dstack.coordinator.store import Store
+from dstack.coordinator.store.executor import DbExecutor
+from dstack.protos.v1 import agent_pb2_grpc, client_pb2_grpc
+from dstack.storage import StoreError, open_store
 
 log = logging.getLogger("dstack.coordinator")
 

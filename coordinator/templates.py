@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from protos.v1 import common_pb2
+from dstack.protos.v1 import common_pb2
 
 _RUN_NAME = re.compile(r"\$\{\{\s*run\.name\s*\}\}")
 

@@ -6,4 +6,4 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-$root}
 cd "$root"
 python -m grpc_tools.protoc -I. --python_out="$out" --grpc_python_out="$out" --mypy_out="$out" --mypy_grpc_out="$out" \
-  protos/v1/common.proto protos/v1/client.proto protos/v1/agent.proto
+  dstack/protos/v1/common.proto dstack/protos/v1/client.proto dstack/protos/v1/agent.proto

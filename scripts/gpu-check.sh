@@ -37,11 +37,11 @@ EOF
 echo "== 2. a 1-GPU job through coordinator, agent and CLI"
 tmp=$(mktemp -d)
 port=$((20000 + RANDOM % 20000))
-DSTACK_ADMIN_TOKEN=adm DSTACK_JOIN_TOKEN=join python3 -m coordinator --state-dir "$tmp/server" \
+DSTACK_ADMIN_TOKEN=adm DSTACK_JOIN_TOKEN=join python3 -m dstack.coordinator --state-dir "$tmp/server" \
   --listen "127.0.0.1:$port" >"$tmp/coordinator.log" 2>&1 &
 cpid=$!
 sleep 2
-python3 -m agent --coordinator "127.0.0.1:$port" --join-token join --home "$tmp/agent" --name gpu-host \
+python3 -m dstack.agent --coordinator "127.0.0.1:$port" --join-token join --home "$tmp/agent" --name gpu-host \
   >"$tmp/agent.log" 2>&1 &
 apid=$!
 export DSTACK_HOME=$tmp/cli DSTACK_COORDINATOR=127.0.0.1:$port DSTACK_TOKEN=adm
@@ -76,29 +76,29 @@ else:
     print("matmul on the GPU ok:", float((x @ x).abs().sum()) > 0)
 EOF
 cd "$tmp/p"
-for _ in $(seq 1 50); do python3 -m cli agents --json 2>/dev/null | grep -q '"online"' && break; sleep 0.2; done
-python3 -m cli agents
-python3 -m cli agents --json
-timeout "${RUN_TIMEOUT:-180}" python3 -m cli run gpu
+for _ in $(seq 1 50); do python3 -m dstack.cli agents --json 2>/dev/null | grep -q '"online"' && break; sleep 0.2; done
+python3 -m dstack.cli agents
+python3 -m dstack.cli agents --json
+timeout "${RUN_TIMEOUT:-180}" python3 -m dstack.cli run gpu
 echo "exit code: $?"
 
 echo "== 3. more GPUs than any agent has"
-run=$(python3 -m cli run -d too-many)
+run=$(python3 -m dstack.cli run -d too-many)
 sleep 2
-python3 -m cli ps
-python3 -m cli ps --json | python3 -c "import json,sys; r=[x for x in json.load(sys.stdin) if x['name']=='$run'][0]; print(r['status'], '|', r['message'])"
-python3 -m cli stop "$run"
+python3 -m dstack.cli ps
+python3 -m dstack.cli ps --json | python3 -c "import json,sys; r=[x for x in json.load(sys.stdin) if x['name']=='$run'][0]; print(r['status'], '|', r['message'])"
+python3 -m dstack.cli stop "$run"
 
 kill "$apid"; wait "$apid"
 echo "== agent log"; tail -5 "$tmp/agent.log"
 
 echo "== 4. a 1-GPU job in a container (--runtime docker)"
 if docker info 2>/dev/null | grep -qi nvidia; then
-  python3 -m agent --coordinator "127.0.0.1:$port" --join-token join --home "$tmp/agent-docker" --name gpu-docker \
+  python3 -m dstack.agent --coordinator "127.0.0.1:$port" --join-token join --home "$tmp/agent-docker" --name gpu-docker \
     --runtime docker --docker-image-cuda "${CUDA_IMAGE:-nvidia/cuda:12.4.1-base-ubuntu22.04}" \
     >"$tmp/agent-docker.log" 2>&1 &
   dpid=$!
-  for _ in $(seq 1 50); do python3 -m cli agents --json 2>/dev/null | grep -q '"docker"' && break; sleep 0.2; done
+  for _ in $(seq 1 50); do python3 -m dstack.cli agents --json 2>/dev/null | grep -q '"docker"' && break; sleep 0.2; done
   cat >"$tmp/p/.dstack/workflows.yaml" <<'EOF2'
 workflows:
   - name: gpu-container
@@ -110,7 +110,7 @@ workflows:
     resources:
       gpu: 1
 EOF2
-  timeout "${RUN_TIMEOUT:-600}" python3 -m cli run gpu-container
+  timeout "${RUN_TIMEOUT:-600}" python3 -m dstack.cli run gpu-container
   echo "exit code: $?"
   kill "$dpid"; wait "$dpid"
   tail -5 "$tmp/agent-docker.log"

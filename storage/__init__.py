@@ -6,8 +6,8 @@ Key layout (docs/storage.md):
   runs/<run>/<job>/manifest.json            written last: the job's artifacts are complete
 """
 
-from storage.base import ArtifactStore, ObjectNotFound, StoreError
-from storage.local import LocalStore
-from storage.open import open_store
+from dstack.storage.base import ArtifactStore, ObjectNotFound, StoreError
+from dstack.storage.local import LocalStore
+from dstack.storage.open import open_store
 
 __all__ = ["ArtifactStore", "LocalStore", "ObjectNotFound", "StoreError", "open_store"]

@@ -162,7 +162,7 @@ class SeaweedServer:
         self.start()
 
 
-if __name__ == "__main__":  # python -m storage.devserver DIR: a server for trying things by hand
+if __name__ == "__main__":  # python -m dstack.storage.devserver DIR: a server for trying things by hand
     server = SeaweedServer(Path(sys.argv[1] if len(sys.argv) > 1 else "weed-data").resolve())
     server.start()
     print("\n".join(f"export {k}={v}" for k, v in server.env().items()), flush=True)

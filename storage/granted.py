@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from protos.v1 import common_pb2
-from storage.base import UploadGrant
-from storage.transfer import Transfer
+from dstack.protos.v1 import common_pb2
+from dstack.storage.base import UploadGrant
+from dstack.storage.transfer import Transfer
 
 
 def grant_from_proto(g: common_pb2.UploadGrant) -> UploadGrant:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from storage.base import ArtifactStore, ObjectNotFound, check_key
+from dstack.storage.base import ArtifactStore, ObjectNotFound, check_key
 
 
 class LocalStore(ArtifactStore):

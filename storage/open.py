@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from storage.base import ArtifactStore
-from storage.local import LocalStore
+from dstack.storage.base import ArtifactStore
+from dstack.storage.local import LocalStore
 
 
 def open_store(url: str) -> ArtifactStore:
     if url.startswith("s3://"):
-        from storage.s3 import S3Location, S3Store
+        from dstack.storage.s3 import S3Location, S3Store
 
         return S3Store(S3Location.parse(url))
     if url.startswith("file://"):

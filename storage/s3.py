@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 from urllib.parse import parse_qs, urlsplit
 
-from storage.base import ArtifactStore, ObjectNotFound, StoreError, UploadGrant, check_key
-from storage.presign import Credentials, PathStylePresigner
+from dstack.storage.base import ArtifactStore, ObjectNotFound, StoreError, UploadGrant, check_key
+from dstack.storage.presign import Credentials, PathStylePresigner
 
 # Objects above this size go up in parts; S3 needs parts of at least 5 MiB (except the last) and at
 # most 10,000 parts, so the part size grows with the object.

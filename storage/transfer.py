@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from storage.base import StoreError, UploadGrant
+from dstack.storage.base import StoreError, UploadGrant
 
 # Files in flight at once. Measured on 2 cores against loopback SeaweedFS, 2,000 x 64 KiB: uploads
 # 1.67/1.40/1.55 s with 16/32/64 threads, downloads 1.79/1.96/2.12 s: more threads only fight over

@@ -18,11 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from storage.devserver import SeaweedServer
+from dstack.storage.devserver import SeaweedServer
 from tests.dockerd import Dockerd, DockerUnavailable
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
+
+# Every process a test starts (`python -P -m dstack.agent`, the `dstack` script) imports `dstack` from this
+# checkout, not from wherever the venv's editable install points (a git worktree has its own code).
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
 
 
 def free_port() -> int:
@@ -173,7 +177,7 @@ class Cluster:
 
     def cli(self, *args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [PY, "-m", "cli", *args],
+            [PY, "-m", "dstack.cli", *args],
             capture_output=True,
             text=True,
             env=self.env(),
@@ -254,7 +258,7 @@ class LocalMode:
 
     def cli(self, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [PY, "-m", "cli", *args], capture_output=True, text=True, env=self.env(), cwd=cwd, timeout=timeout
+            [PY, "-m", "dstack.cli", *args], capture_output=True, text=True, env=self.env(), cwd=cwd, timeout=timeout
         )
 
 
@@ -264,7 +268,7 @@ def local(tmp_path: Path) -> Iterator[LocalMode]:
     try:
         yield lm
     finally:
-        subprocess.run([PY, "-m", "cli", "local", "stop"], env=lm.env(), capture_output=True, timeout=60)
+        subprocess.run([PY, "-m", "dstack.cli", "local", "stop"], env=lm.env(), capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,10 @@
 import logging
 
-from agent.envcache import EnvCache
-from agent.runtimes.base import AGENT_MARKER, JobProcess, Runtime, RuntimeError_, RuntimeJob
-from agent.runtimes.docker import DockerOptions, DockerRuntime, engine_address, engine_version
-from agent.runtimes.host import HostRuntime
-from agent.runtimes.null import NullRuntime
+from dstack.agent.envcache import EnvCache
+from dstack.agent.runtimes.base import AGENT_MARKER, JobProcess, Runtime, RuntimeError_, RuntimeJob
+from dstack.agent.runtimes.docker import DockerOptions, DockerRuntime, engine_address, engine_version
+from dstack.agent.runtimes.host import HostRuntime
+from dstack.agent.runtimes.null import NullRuntime
 
 log = logging.getLogger("dstack.agent")
 RUNTIMES = ("auto", "docker", "host", "null")

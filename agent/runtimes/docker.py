@@ -27,9 +27,9 @@ import requests
 from docker.types import DeviceRequest
 from docker.utils import parse_repository_tag
 
-from agent.envcache import EnvCache, applies_to
-from agent.runtimes.base import JobProcess, Runtime, RuntimeError_, RuntimeJob, gpu_env, gpu_ids, working_subdir
-from protos.v1 import common_pb2
+from dstack.agent.envcache import EnvCache, applies_to
+from dstack.agent.runtimes.base import JobProcess, Runtime, RuntimeError_, RuntimeJob, gpu_env, gpu_ids, working_subdir
+from dstack.protos.v1 import common_pb2
 
 log = logging.getLogger("dstack.agent")
 

@@ -11,10 +11,18 @@ from collections.abc import AsyncIterator
 
 import psutil
 
-from agent.envcache import EnvCache, applies_to
-from agent.runtimes.base import AGENT_MARKER, JobProcess, Runtime, RuntimeError_, RuntimeJob, gpu_env, working_subdir
-from agent.runtimes.cgroups import CgroupLayout, JobCgroup
-from protos.v1 import common_pb2
+from dstack.agent.envcache import EnvCache, applies_to
+from dstack.agent.runtimes.base import (
+    AGENT_MARKER,
+    JobProcess,
+    Runtime,
+    RuntimeError_,
+    RuntimeJob,
+    gpu_env,
+    working_subdir,
+)
+from dstack.agent.runtimes.cgroups import CgroupLayout, JobCgroup
+from dstack.protos.v1 import common_pb2
 
 READ_CHUNK = 1 << 16
 PIPE_CLOSE_TIMEOUT_S = 5.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from agent.runtimes.base import JobProcess, Runtime, RuntimeJob
+from dstack.agent.runtimes.base import JobProcess, Runtime, RuntimeJob
 
 
 class _Done(JobProcess):

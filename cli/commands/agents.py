@@ -9,7 +9,7 @@ GIB = 1 << 30
 
 
 def agents_command(as_json: bool) -> None:
-    from cli.session import connect
+    from dstack.cli.session import connect
 
     agents = connect().list_agents()
     if as_json:

@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cli.errors import CliError
+from dstack.cli.errors import CliError
 
 
 def list_command(run_name: str, as_json: bool) -> None:
-    from cli.session import connect
+    from dstack.cli.session import connect
 
     files = connect().list_artifacts(run_name)
     if as_json:
@@ -53,9 +53,9 @@ def _selected(path: str, wanted: str) -> bool:
 def download_command(run_name: str, output: Path, path: str = "") -> None:
     """Downloads the run's artifacts (all, or those at or under PATH) into OUTPUT, keeping their paths;
     each file is checked by sha256 before it is put in place."""
-    from cli.session import connect
-    from cli.transfers import progress
-    from storage.transfer import Download, Transfer, TransferError
+    from dstack.cli.session import connect
+    from dstack.cli.transfers import progress
+    from dstack.storage.transfer import Download, Transfer, TransferError
 
     client = connect()
     listing = client.list_artifacts_with_urls(run_name)
@@ -135,7 +135,7 @@ def _check_prefix(prefix: str) -> str:
 def _outside_declared(workflow: str, paths: list[str]) -> tuple[list[str], list[str]]:
     """Where the project's workflow WORKFLOW saves its artifacts, and the paths not under any of them
     (nothing to say when there is no such workflow here)."""
-    from cli.workflows import artifact_paths, find_project_root
+    from dstack.cli.workflows import artifact_paths, find_project_root
 
     try:
         declared = artifact_paths(find_project_root(Path.cwd()), workflow)
@@ -150,10 +150,10 @@ def _outside_declared(workflow: str, paths: list[str]) -> tuple[list[str], list[
 def upload_command(folder: Path, tag: str, workflow: str, prefix: str = "") -> None:
     """Publishes a local folder as a tagged artifact set that `depends-on: WORKFLOW:TAG` and
     `deps: - tag: TAG` can use."""
-    from cli.session import connect
-    from cli.transfers import progress
-    from protos.v1 import common_pb2
-    from storage.transfer import Transfer, TransferError
+    from dstack.cli.session import connect
+    from dstack.cli.transfers import progress
+    from dstack.protos.v1 import common_pb2
+    from dstack.storage.transfer import Transfer, TransferError
 
     files = _collect(folder, _check_prefix(prefix))
     declared, outside = _outside_declared(workflow, [rel for rel, _ in files])
@@ -174,7 +174,7 @@ def upload_command(folder: Path, tag: str, workflow: str, prefix: str = "") -> N
                 resp = client.put_artifact(created.run_name, rel, _chunks(p, advance))
                 manifest.append(common_pb2.ArtifactFile(path=rel, size=resp.size, sha256=resp.sha256))
         else:
-            from storage.granted import put_granted
+            from dstack.storage.granted import put_granted
 
             with Transfer(retry_for=60.0, progress=advance) as t:
                 try:

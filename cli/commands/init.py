@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cli.errors import CliError
+from dstack.cli.errors import CliError
 
 EXAMPLE = """\
 workflows:
@@ -26,7 +26,7 @@ def init_command(root: Path) -> None:
 
 
 def config_command(coordinator: str, token: str, local: bool, check: bool = True) -> None:
-    from cli.home import clear_config, config_path, save_config
+    from dstack.cli.home import clear_config, config_path, save_config
 
     if local:
         clear_config()
@@ -53,9 +53,9 @@ def config_command(coordinator: str, token: str, local: bool, check: bool = True
 
 def _check(address: str, token: str) -> str:
     """The user the coordinator at `address` knows `token` as; an error that says what went wrong."""
-    from cli.client import Client
-    from cli.errors import AuthError
-    from cli.home import Endpoint
+    from dstack.cli.client import Client
+    from dstack.cli.errors import AuthError
+    from dstack.cli.home import Endpoint
 
     client = Client(Endpoint(address, token), timeout=5.0)
     try:
@@ -68,11 +68,11 @@ def _check(address: str, token: str) -> str:
 
 def show_config() -> None:
     """Which coordinator and user the CLI uses, and where that comes from; an error if it does not answer."""
-    from cli.home import config_source, load_configured
+    from dstack.cli.home import config_source, load_configured
 
     ep = load_configured()
     if ep is None:
-        from cli import local
+        from dstack.cli import local
 
         print(f"coordinator: local (embedded; state in {local.local_dir()})")
         print("local services: " + ("running" if local.is_running() else "not running (started on first use)"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from cli.client import Client
-from protos.v1 import client_pb2
+from dstack.cli.client import Client
+from dstack.protos.v1 import client_pb2
 
 
 def print_logs(
@@ -29,7 +29,7 @@ def print_logs(
 
 
 def logs_command(run_name: str, follow: bool) -> None:
-    from cli.session import connect
+    from dstack.cli.session import connect
 
     client = connect()
     run = client.get_run(run_name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from cli.render import ago, run_status, run_to_json
+from dstack.cli.render import ago, run_status, run_to_json
 
 STYLE = {
     "done": "green",
@@ -18,7 +18,7 @@ STYLE = {
 
 
 def ps_command(show_all: bool, as_json: bool) -> None:
-    from cli.session import connect
+    from dstack.cli.session import connect
 
     runs = connect().list_runs(show_all)
     if as_json:

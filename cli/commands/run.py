@@ -10,21 +10,21 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cli.client import Client
-from cli.commands.logs import print_logs
-from cli.errors import CliError, Location, NotFoundError, WorkflowError
-from cli.packing import PackedCode
-from cli.providers import load_provider
-from cli.render import run_summary
-from cli.yamlsrc import Node
-from protos.v1 import client_pb2, common_pb2
+from dstack.cli.client import Client
+from dstack.cli.commands.logs import print_logs
+from dstack.cli.errors import CliError, Location, NotFoundError, WorkflowError
+from dstack.cli.packing import PackedCode
+from dstack.cli.providers import load_provider
+from dstack.cli.render import run_summary
+from dstack.cli.yamlsrc import Node
+from dstack.protos.v1 import client_pb2, common_pb2
 
 LARGE_CODE = 50 << 20
 STOP_WAIT_S = 60.0
 
 
 def _workflow_node(root: Path, workflow_name: str) -> Node:
-    from cli.workflows import load_workflow_nodes
+    from dstack.cli.workflows import load_workflow_nodes
 
     nodes = load_workflow_nodes(root)
     node = nodes.get(workflow_name)
@@ -38,7 +38,7 @@ def _workflow_node(root: Path, workflow_name: str) -> Node:
 
 def no_workflow_error(cwd: Path) -> WorkflowError:
     """`dstack run` alone: its usage, and the workflows there are to run, with their help."""
-    from cli.workflows import find_project_root, load_workflow_nodes
+    from dstack.cli.workflows import find_project_root, load_workflow_nodes
 
     usage = "missing the workflow to run. Usage: dstack run WORKFLOW [ARGS]..."
     try:
@@ -76,8 +76,8 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
 
     Runtime dependencies (`depends-on: [download]`) join the run as jobs of their own, each run once,
     in dependency order; the coordinator starts a job when those it depends on are done."""
-    from cli.variables import check_run_args, load_variables, run_args_text, split_overrides, substitute
-    from cli.workflows import dependencies, load_workflow_nodes, parse_workflow
+    from dstack.cli.variables import check_run_args, load_variables, run_args_text, split_overrides, substitute
+    from dstack.cli.workflows import dependencies, load_workflow_nodes, parse_workflow
 
     nodes = load_workflow_nodes(root)
     target = _workflow_node(root, workflow_name)  # a clear error for an unknown name
@@ -200,7 +200,7 @@ def _dependency_order(nodes: dict[str, Node], target: str, deps_of: Callable[[No
 
 def workflow_help(root: Path, workflow_name: str) -> str:
     """`dstack run WORKFLOW --help`: the workflow's help and its variables with their defaults."""
-    from cli.variables import env_name, load_variables
+    from dstack.cli.variables import env_name, load_variables
 
     node = _workflow_node(root, workflow_name)
     variables = load_variables(root, workflow_name)
@@ -218,16 +218,16 @@ def workflow_help(root: Path, workflow_name: str) -> str:
 
 
 def pack_code(root: Path) -> PackedCode:
-    from cli.home import dstack_home
-    from cli.packing import pack
-    from cli.workflows import output_paths
+    from dstack.cli.home import dstack_home
+    from dstack.cli.packing import pack
+    from dstack.cli.workflows import output_paths
 
     # Never dstack's own state; nor artifact folders (downloaded outputs), unless git tracks them.
     return pack(root, exclude=(dstack_home(),), outputs=output_paths(root))
 
 
 def upload_code(client: Client, packed: PackedCode, err: Console) -> common_pb2.CodeRef:
-    from cli.render import plural
+    from dstack.cli.render import plural
 
     if packed.left_out:
         shown = ", ".join(f"{p}/" for p in packed.left_out[:5]) + (", ..." if len(packed.left_out) > 5 else "")
@@ -240,7 +240,7 @@ def upload_code(client: Client, packed: PackedCode, err: Console) -> common_pb2.
     answer = client.has_code(packed.ref.hash)
     if not answer.present:
         if answer.upload_url:  # straight to the object store; the coordinator checks it at submit
-            from cli.transfers import put_bytes
+            from dstack.cli.transfers import put_bytes
 
             put_bytes(answer.upload_url, packed.data)
         else:
@@ -250,8 +250,8 @@ def upload_code(client: Client, packed: PackedCode, err: Console) -> common_pb2.
 
 
 def run_command(workflow: str, args: list[str], detach: bool, tag: str = "") -> int:
-    from cli.session import connect
-    from cli.workflows import find_project_root
+    from dstack.cli.session import connect
+    from dstack.cli.workflows import find_project_root
 
     err = Console(stderr=True, highlight=False)
     root = find_project_root(Path.cwd())
@@ -271,7 +271,7 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "") -> 
     if detach:
         print(run.name)
         return 0
-    from cli.waiting import WaitReporter
+    from dstack.cli.waiting import WaitReporter
 
     waiting = WaitReporter(client, run.name, err).start()
     try:
@@ -294,7 +294,7 @@ def _interrupted(client: Client, name: str, err: Console) -> int:
         except (EOFError, KeyboardInterrupt):
             answer = ""
         if answer in ("y", "yes"):
-            from cli.commands.stop import describe, stop_and_wait
+            from dstack.cli.commands.stop import describe, stop_and_wait
 
             err.print(describe(*stop_and_wait(client, name, STOP_WAIT_S)))
             return 130

@@ -6,14 +6,14 @@ import getpass
 import json
 import sys
 
-from cli.errors import CliError
-from cli.render import ago, iso
+from dstack.cli.errors import CliError
+from dstack.cli.render import ago, iso
 
 MIN_MASKED_LENGTH = 4  # as the agent's log masking (agent/masking.py)
 
 
 def add_command(name: str, value: str | None) -> None:
-    from cli.session import connect
+    from dstack.cli.session import connect
 
     if value is None:
         if not sys.stdin.isatty():
@@ -32,7 +32,7 @@ def add_command(name: str, value: str | None) -> None:
 
 
 def list_command(as_json: bool) -> None:
-    from cli.session import connect
+    from dstack.cli.session import connect
 
     secrets = connect().list_secrets()
     if as_json:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from cli.client import Client
-from cli.render import run_status
-from protos.v1 import client_pb2, common_pb2
+from dstack.cli.client import Client
+from dstack.cli.render import run_status
+from dstack.protos.v1 import client_pb2, common_pb2
 
 FINISHED = frozenset({common_pb2.RUN_STATUS_DONE, common_pb2.RUN_STATUS_FAILED, common_pb2.RUN_STATUS_STOPPED})
 POLL_S = 0.2
@@ -29,7 +29,7 @@ def describe(run: client_pb2.Run, ended: bool) -> str:
 
 
 def stop_command(name: str, wait_s: float) -> int:
-    from cli.session import connect
+    from dstack.cli.session import connect
 
     run, ended = stop_and_wait(connect(), name, wait_s)
     print(describe(run, ended))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
-from cli.render import ago, iso
+from dstack.cli.render import ago, iso
 
 
 def list_command(as_json: bool) -> None:
-    from cli.session import connect
+    from dstack.cli.session import connect
 
     tags = connect().list_tags()
     if as_json:

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from cli.errors import WorkflowError
-from cli.providers.base import Provider
-from cli.yamlsrc import Node
+from dstack.cli.errors import WorkflowError
+from dstack.cli.providers.base import Provider
+from dstack.cli.yamlsrc import Node
 
 GROUP = "dstack.providers"
 
 
 def _builtin() -> dict[str, type[Provider]]:
     # Also registered as entry points; listed here so a source checkout without installed metadata works.
-    from cli.providers.bash import BashProvider
-    from cli.providers.curl import CurlProvider
-    from cli.providers.docker import DockerProvider
-    from cli.providers.python import PythonProvider
+    from dstack.cli.providers.bash import BashProvider
+    from dstack.cli.providers.curl import CurlProvider
+    from dstack.cli.providers.docker import DockerProvider
+    from dstack.cli.providers.python import PythonProvider
 
     return {"bash": BashProvider, "curl": CurlProvider, "docker": DockerProvider, "python": PythonProvider}
 

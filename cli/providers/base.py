@@ -5,8 +5,8 @@ from __future__ import annotations
 import abc
 from typing import Any
 
-from cli.spec import Workflow
-from protos.v1 import common_pb2
+from dstack.cli.spec import Workflow
+from dstack.protos.v1 import common_pb2
 
 
 class Provider(abc.ABC):

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from cli import fields
-from cli.providers.base import Provider
-from cli.spec import Workflow
+from dstack.cli import fields
+from dstack.cli.providers.base import Provider
+from dstack.cli.spec import Workflow
 
 
 class BashProvider(Provider):

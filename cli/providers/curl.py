@@ -4,11 +4,11 @@ import posixpath
 import shlex
 from urllib.parse import urlsplit
 
-from cli import fields
-from cli.errors import ProviderError
-from cli.providers.base import Provider
-from cli.spec import Workflow
-from protos.v1 import common_pb2
+from dstack.cli import fields
+from dstack.cli.errors import ProviderError
+from dstack.cli.providers.base import Provider
+from dstack.cli.spec import Workflow
+from dstack.protos.v1 import common_pb2
 
 CURL_IMAGE = "curlimages/curl:8.11.1"
 

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-from cli import fields
-from cli.errors import ProviderError
-from cli.providers.base import Provider
-from cli.spec import Workflow
+from dstack.cli import fields
+from dstack.cli.errors import ProviderError
+from dstack.cli.providers.base import Provider
+from dstack.cli.spec import Workflow
 
 
 class DockerProvider(Provider):

@@ -3,10 +3,10 @@ from __future__ import annotations
 import re
 import shlex
 
-from cli import fields
-from cli.errors import ProviderError
-from cli.providers.base import Provider
-from cli.spec import Workflow
+from dstack.cli import fields
+from dstack.cli.errors import ProviderError
+from dstack.cli.providers.base import Provider
+from dstack.cli.spec import Workflow
 
 _VERSION = re.compile(r"^3(\.\d{1,2})?$")
 HELPER_VAR = "DSTACK_ENV_HELPER"  # set by the agent (agent/envcache.py): its environment cache's helper

@@ -12,12 +12,12 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from coordinator.artifacts import Artifacts, artifact_key, check_relative_path, code_key
-from coordinator.engine import Engine
-from coordinator.errors import AlreadyExists, Conflict, Unauthenticated
-from coordinator.services.client import put_from_messages, read_chunks, stream_artifact
-from coordinator.services.rpc import bearer_token, streaming, unary
-from protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2
+from dstack.coordinator.artifacts import Artifacts, artifact_key, check_relative_path, code_key
+from dstack.coordinator.engine import Engine
+from dstack.coordinator.errors import AlreadyExists, Conflict, Unauthenticated
+from dstack.coordinator.services.client import put_from_messages, read_chunks, stream_artifact
+from dstack.coordinator.services.rpc import bearer_token, streaming, unary
+from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2
 
 Ctx: TypeAlias = Any  # grpc.aio.ServicerContext: grpc ships no type information
 log = logging.getLogger("dstack.coordinator")

@@ -12,17 +12,17 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeAlias
 
-from coordinator.artifacts import Artifacts, artifact_key, check_relative_path, code_key, logs_key
-from coordinator.convert import inventory_from_bytes, run_to_proto
-from coordinator.engine import Engine
-from coordinator.errors import InvalidRequest
-from coordinator.retention import read_log_archive
-from coordinator.secrets import check_secret_name
-from coordinator.services.rpc import authenticate, streaming, unary
-from coordinator.store.db import CreatedRun, NewJob
-from coordinator.templates import with_run_name
-from protos.v1 import client_pb2, client_pb2_grpc, common_pb2
-from storage import ArtifactStore, StoreError
+from dstack.coordinator.artifacts import Artifacts, artifact_key, check_relative_path, code_key, logs_key
+from dstack.coordinator.convert import inventory_from_bytes, run_to_proto
+from dstack.coordinator.engine import Engine
+from dstack.coordinator.errors import InvalidRequest
+from dstack.coordinator.retention import read_log_archive
+from dstack.coordinator.secrets import check_secret_name
+from dstack.coordinator.services.rpc import authenticate, streaming, unary
+from dstack.coordinator.store.db import CreatedRun, NewJob
+from dstack.coordinator.templates import with_run_name
+from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
+from dstack.storage import ArtifactStore, StoreError
 
 Ctx: TypeAlias = Any  # grpc.aio.ServicerContext: grpc ships no type information
 VERSION = "0.1.0"

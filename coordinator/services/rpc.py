@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from coordinator.errors import (
+from dstack.coordinator.errors import (
     AlreadyExists,
     Conflict,
     CoordinatorError,
@@ -18,7 +18,7 @@ from coordinator.errors import (
     StorageUnavailable,
     Unauthenticated,
 )
-from storage import ObjectNotFound, StoreError
+from dstack.storage import ObjectNotFound, StoreError
 
 log = logging.getLogger("dstack.coordinator")
 

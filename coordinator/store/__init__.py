@@ -1,4 +1,4 @@
-from coordinator.store.db import Store
-from coordinator.store.schema import SCHEMA_VERSION
+from dstack.coordinator.store.db import Store
+from dstack.coordinator.store.schema import SCHEMA_VERSION
 
 __all__ = ["SCHEMA_VERSION", "Store"]

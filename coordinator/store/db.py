@@ -19,10 +19,10 @@ from typing import Any
 
 import sqlite_utils
 
-from coordinator.errors import AlreadyExists, Conflict, InvalidRequest, NotFound
-from coordinator.names import random_run_prefix
-from coordinator.store.schema import migrate
-from protos.v1 import agent_pb2, common_pb2
+from dstack.coordinator.errors import AlreadyExists, Conflict, InvalidRequest, NotFound
+from dstack.coordinator.names import random_run_prefix
+from dstack.coordinator.store.schema import migrate
+from dstack.protos.v1 import agent_pb2, common_pb2
 
 JS = common_pb2.JobStatus
 TR = common_pb2.TerminationReason

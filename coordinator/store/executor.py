@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
-from coordinator.store.db import Store
+from dstack.coordinator.store.db import Store
 
 P = ParamSpec("P")
 T = TypeVar("T")

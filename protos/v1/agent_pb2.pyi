@@ -6,11 +6,11 @@ the long-lived Connect stream.
 """
 
 from collections import abc as _abc
+from dstack.protos.v1 import client_pb2 as _client_pb2
+from dstack.protos.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
-from protos.v1 import client_pb2 as _client_pb2
-from protos.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing

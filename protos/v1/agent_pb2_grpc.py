@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from protos.v1 import agent_pb2 as protos_dot_v1_dot_agent__pb2
-from protos.v1 import client_pb2 as protos_dot_v1_dot_client__pb2
+from dstack.protos.v1 import agent_pb2 as dstack_dot_protos_dot_v1_dot_agent__pb2
+from dstack.protos.v1 import client_pb2 as dstack_dot_protos_dot_v1_dot_client__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/v1/agent_pb2_grpc.py depends on'
+        + ' but the generated code in dstack/protos/v1/agent_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,48 +37,48 @@ class AgentServiceStub:
         """
         self.Register = channel.unary_unary(
                 '/dstack.v1.AgentService/Register',
-                request_serializer=protos_dot_v1_dot_agent__pb2.RegisterRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_agent__pb2.RegisterResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_agent__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_agent__pb2.RegisterResponse.FromString,
                 _registered_method=True)
         self.Connect = channel.stream_stream(
                 '/dstack.v1.AgentService/Connect',
-                request_serializer=protos_dot_v1_dot_agent__pb2.AgentMessage.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_agent__pb2.CoordinatorMessage.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_agent__pb2.AgentMessage.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_agent__pb2.CoordinatorMessage.FromString,
                 _registered_method=True)
         self.GetCode = channel.unary_stream(
                 '/dstack.v1.AgentService/GetCode',
-                request_serializer=protos_dot_v1_dot_agent__pb2.GetCodeRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.DataChunk.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GetCodeRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DataChunk.FromString,
                 _registered_method=True)
         self.UploadArtifact = channel.stream_unary(
                 '/dstack.v1.AgentService/UploadArtifact',
-                request_serializer=protos_dot_v1_dot_agent__pb2.UploadArtifactRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_agent__pb2.UploadArtifactResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_agent__pb2.UploadArtifactRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_agent__pb2.UploadArtifactResponse.FromString,
                 _registered_method=True)
         self.CommitArtifacts = channel.unary_unary(
                 '/dstack.v1.AgentService/CommitArtifacts',
-                request_serializer=protos_dot_v1_dot_agent__pb2.CommitArtifactsRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_agent__pb2.CommitArtifactsResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_agent__pb2.CommitArtifactsRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_agent__pb2.CommitArtifactsResponse.FromString,
                 _registered_method=True)
         self.DownloadArtifact = channel.unary_stream(
                 '/dstack.v1.AgentService/DownloadArtifact',
-                request_serializer=protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.DataChunk.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DataChunk.FromString,
                 _registered_method=True)
         self.GrantCode = channel.unary_unary(
                 '/dstack.v1.AgentService/GrantCode',
-                request_serializer=protos_dot_v1_dot_agent__pb2.GetCodeRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_agent__pb2.GrantCodeResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GetCodeRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GrantCodeResponse.FromString,
                 _registered_method=True)
         self.GrantUploads = channel.unary_unary(
                 '/dstack.v1.AgentService/GrantUploads',
-                request_serializer=protos_dot_v1_dot_agent__pb2.GrantUploadsRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_agent__pb2.GrantUploadsResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GrantUploadsRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GrantUploadsResponse.FromString,
                 _registered_method=True)
         self.GrantDownloads = channel.unary_unary(
                 '/dstack.v1.AgentService/GrantDownloads',
-                request_serializer=protos_dot_v1_dot_agent__pb2.GrantDownloadsRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_agent__pb2.GrantDownloadsResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GrantDownloadsRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GrantDownloadsResponse.FromString,
                 _registered_method=True)
 
 
@@ -148,48 +148,48 @@ def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
-                    request_deserializer=protos_dot_v1_dot_agent__pb2.RegisterRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_agent__pb2.RegisterResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_agent__pb2.RegisterRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_agent__pb2.RegisterResponse.SerializeToString,
             ),
             'Connect': grpc.stream_stream_rpc_method_handler(
                     servicer.Connect,
-                    request_deserializer=protos_dot_v1_dot_agent__pb2.AgentMessage.FromString,
-                    response_serializer=protos_dot_v1_dot_agent__pb2.CoordinatorMessage.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_agent__pb2.AgentMessage.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_agent__pb2.CoordinatorMessage.SerializeToString,
             ),
             'GetCode': grpc.unary_stream_rpc_method_handler(
                     servicer.GetCode,
-                    request_deserializer=protos_dot_v1_dot_agent__pb2.GetCodeRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.DataChunk.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GetCodeRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DataChunk.SerializeToString,
             ),
             'UploadArtifact': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadArtifact,
-                    request_deserializer=protos_dot_v1_dot_agent__pb2.UploadArtifactRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_agent__pb2.UploadArtifactResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_agent__pb2.UploadArtifactRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_agent__pb2.UploadArtifactResponse.SerializeToString,
             ),
             'CommitArtifacts': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitArtifacts,
-                    request_deserializer=protos_dot_v1_dot_agent__pb2.CommitArtifactsRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_agent__pb2.CommitArtifactsResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_agent__pb2.CommitArtifactsRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_agent__pb2.CommitArtifactsResponse.SerializeToString,
             ),
             'DownloadArtifact': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadArtifact,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.DataChunk.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DataChunk.SerializeToString,
             ),
             'GrantCode': grpc.unary_unary_rpc_method_handler(
                     servicer.GrantCode,
-                    request_deserializer=protos_dot_v1_dot_agent__pb2.GetCodeRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_agent__pb2.GrantCodeResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GetCodeRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GrantCodeResponse.SerializeToString,
             ),
             'GrantUploads': grpc.unary_unary_rpc_method_handler(
                     servicer.GrantUploads,
-                    request_deserializer=protos_dot_v1_dot_agent__pb2.GrantUploadsRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_agent__pb2.GrantUploadsResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GrantUploadsRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GrantUploadsResponse.SerializeToString,
             ),
             'GrantDownloads': grpc.unary_unary_rpc_method_handler(
                     servicer.GrantDownloads,
-                    request_deserializer=protos_dot_v1_dot_agent__pb2.GrantDownloadsRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_agent__pb2.GrantDownloadsResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GrantDownloadsRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GrantDownloadsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,8 +217,8 @@ class AgentService:
             request,
             target,
             '/dstack.v1.AgentService/Register',
-            protos_dot_v1_dot_agent__pb2.RegisterRequest.SerializeToString,
-            protos_dot_v1_dot_agent__pb2.RegisterResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_agent__pb2.RegisterRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_agent__pb2.RegisterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -244,8 +244,8 @@ class AgentService:
             request_iterator,
             target,
             '/dstack.v1.AgentService/Connect',
-            protos_dot_v1_dot_agent__pb2.AgentMessage.SerializeToString,
-            protos_dot_v1_dot_agent__pb2.CoordinatorMessage.FromString,
+            dstack_dot_protos_dot_v1_dot_agent__pb2.AgentMessage.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_agent__pb2.CoordinatorMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -271,8 +271,8 @@ class AgentService:
             request,
             target,
             '/dstack.v1.AgentService/GetCode',
-            protos_dot_v1_dot_agent__pb2.GetCodeRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.DataChunk.FromString,
+            dstack_dot_protos_dot_v1_dot_agent__pb2.GetCodeRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.DataChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -298,8 +298,8 @@ class AgentService:
             request_iterator,
             target,
             '/dstack.v1.AgentService/UploadArtifact',
-            protos_dot_v1_dot_agent__pb2.UploadArtifactRequest.SerializeToString,
-            protos_dot_v1_dot_agent__pb2.UploadArtifactResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_agent__pb2.UploadArtifactRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_agent__pb2.UploadArtifactResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -325,8 +325,8 @@ class AgentService:
             request,
             target,
             '/dstack.v1.AgentService/CommitArtifacts',
-            protos_dot_v1_dot_agent__pb2.CommitArtifactsRequest.SerializeToString,
-            protos_dot_v1_dot_agent__pb2.CommitArtifactsResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_agent__pb2.CommitArtifactsRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_agent__pb2.CommitArtifactsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -352,8 +352,8 @@ class AgentService:
             request,
             target,
             '/dstack.v1.AgentService/DownloadArtifact',
-            protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.DataChunk.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.DataChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -379,8 +379,8 @@ class AgentService:
             request,
             target,
             '/dstack.v1.AgentService/GrantCode',
-            protos_dot_v1_dot_agent__pb2.GetCodeRequest.SerializeToString,
-            protos_dot_v1_dot_agent__pb2.GrantCodeResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_agent__pb2.GetCodeRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_agent__pb2.GrantCodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -406,8 +406,8 @@ class AgentService:
             request,
             target,
             '/dstack.v1.AgentService/GrantUploads',
-            protos_dot_v1_dot_agent__pb2.GrantUploadsRequest.SerializeToString,
-            protos_dot_v1_dot_agent__pb2.GrantUploadsResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_agent__pb2.GrantUploadsRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_agent__pb2.GrantUploadsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -433,8 +433,8 @@ class AgentService:
             request,
             target,
             '/dstack.v1.AgentService/GrantDownloads',
-            protos_dot_v1_dot_agent__pb2.GrantDownloadsRequest.SerializeToString,
-            protos_dot_v1_dot_agent__pb2.GrantDownloadsResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_agent__pb2.GrantDownloadsRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_agent__pb2.GrantDownloadsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,9 +6,9 @@ the long-lived Connect stream.
 """
 
 from collections import abc as _abc
+from dstack.protos.v1 import agent_pb2 as _agent_pb2
+from dstack.protos.v1 import client_pb2 as _client_pb2
 from grpc import aio as _aio
-from protos.v1 import agent_pb2 as _agent_pb2
-from protos.v1 import client_pb2 as _client_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.v1 import client_pb2 as protos_dot_v1_dot_client__pb2
+from dstack.protos.v1 import client_pb2 as dstack_dot_protos_dot_v1_dot_client__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/v1/client_pb2_grpc.py depends on'
+        + ' but the generated code in dstack/protos/v1/client_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,108 +36,108 @@ class ClientServiceStub:
         """
         self.GetInfo = channel.unary_unary(
                 '/dstack.v1.ClientService/GetInfo',
-                request_serializer=protos_dot_v1_dot_client__pb2.GetInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.GetInfoResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.GetInfoRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
         self.HasCode = channel.unary_unary(
                 '/dstack.v1.ClientService/HasCode',
-                request_serializer=protos_dot_v1_dot_client__pb2.HasCodeRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.HasCodeResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.HasCodeRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.HasCodeResponse.FromString,
                 _registered_method=True)
         self.PutCode = channel.stream_unary(
                 '/dstack.v1.ClientService/PutCode',
-                request_serializer=protos_dot_v1_dot_client__pb2.PutCodeRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.PutCodeResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.PutCodeRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.PutCodeResponse.FromString,
                 _registered_method=True)
         self.SubmitRun = channel.unary_unary(
                 '/dstack.v1.ClientService/SubmitRun',
-                request_serializer=protos_dot_v1_dot_client__pb2.SubmitRunRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.SubmitRunResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunResponse.FromString,
                 _registered_method=True)
         self.GetRun = channel.unary_unary(
                 '/dstack.v1.ClientService/GetRun',
-                request_serializer=protos_dot_v1_dot_client__pb2.GetRunRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.GetRunResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.GetRunRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.GetRunResponse.FromString,
                 _registered_method=True)
         self.ListRuns = channel.unary_unary(
                 '/dstack.v1.ClientService/ListRuns',
-                request_serializer=protos_dot_v1_dot_client__pb2.ListRunsRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.ListRunsResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
         self.StopRun = channel.unary_unary(
                 '/dstack.v1.ClientService/StopRun',
-                request_serializer=protos_dot_v1_dot_client__pb2.StopRunRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.StopRunResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.StopRunRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.StopRunResponse.FromString,
                 _registered_method=True)
         self.StreamLogs = channel.unary_stream(
                 '/dstack.v1.ClientService/StreamLogs',
-                request_serializer=protos_dot_v1_dot_client__pb2.StreamLogsRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.StreamLogsResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.StreamLogsRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.StreamLogsResponse.FromString,
                 _registered_method=True)
         self.ListArtifacts = channel.unary_unary(
                 '/dstack.v1.ClientService/ListArtifacts',
-                request_serializer=protos_dot_v1_dot_client__pb2.ListArtifactsRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.ListArtifactsResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListArtifactsRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListArtifactsResponse.FromString,
                 _registered_method=True)
         self.DownloadArtifact = channel.unary_stream(
                 '/dstack.v1.ClientService/DownloadArtifact',
-                request_serializer=protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.DataChunk.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DataChunk.FromString,
                 _registered_method=True)
         self.ListAgents = channel.unary_unary(
                 '/dstack.v1.ClientService/ListAgents',
-                request_serializer=protos_dot_v1_dot_client__pb2.ListAgentsRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.ListAgentsResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
         self.AddTag = channel.unary_unary(
                 '/dstack.v1.ClientService/AddTag',
-                request_serializer=protos_dot_v1_dot_client__pb2.AddTagRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.AddTagResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.AddTagRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.AddTagResponse.FromString,
                 _registered_method=True)
         self.ListTags = channel.unary_unary(
                 '/dstack.v1.ClientService/ListTags',
-                request_serializer=protos_dot_v1_dot_client__pb2.ListTagsRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.ListTagsResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListTagsRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListTagsResponse.FromString,
                 _registered_method=True)
         self.DeleteTag = channel.unary_unary(
                 '/dstack.v1.ClientService/DeleteTag',
-                request_serializer=protos_dot_v1_dot_client__pb2.DeleteTagRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.DeleteTagResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteTagRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteTagResponse.FromString,
                 _registered_method=True)
         self.AddSecret = channel.unary_unary(
                 '/dstack.v1.ClientService/AddSecret',
-                request_serializer=protos_dot_v1_dot_client__pb2.AddSecretRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.AddSecretResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.AddSecretRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.AddSecretResponse.FromString,
                 _registered_method=True)
         self.ListSecrets = channel.unary_unary(
                 '/dstack.v1.ClientService/ListSecrets',
-                request_serializer=protos_dot_v1_dot_client__pb2.ListSecretsRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.ListSecretsResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListSecretsRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListSecretsResponse.FromString,
                 _registered_method=True)
         self.DeleteSecret = channel.unary_unary(
                 '/dstack.v1.ClientService/DeleteSecret',
-                request_serializer=protos_dot_v1_dot_client__pb2.DeleteSecretRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.DeleteSecretResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteSecretRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteSecretResponse.FromString,
                 _registered_method=True)
         self.CreateUpload = channel.unary_unary(
                 '/dstack.v1.ClientService/CreateUpload',
-                request_serializer=protos_dot_v1_dot_client__pb2.CreateUploadRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.CreateUploadResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.CreateUploadRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.CreateUploadResponse.FromString,
                 _registered_method=True)
         self.PutArtifact = channel.stream_unary(
                 '/dstack.v1.ClientService/PutArtifact',
-                request_serializer=protos_dot_v1_dot_client__pb2.PutArtifactRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.PutArtifactResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.PutArtifactRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.PutArtifactResponse.FromString,
                 _registered_method=True)
         self.CommitUpload = channel.unary_unary(
                 '/dstack.v1.ClientService/CommitUpload',
-                request_serializer=protos_dot_v1_dot_client__pb2.CommitUploadRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.CommitUploadResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.CommitUploadRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.CommitUploadResponse.FromString,
                 _registered_method=True)
         self.DeleteRun = channel.unary_unary(
                 '/dstack.v1.ClientService/DeleteRun',
-                request_serializer=protos_dot_v1_dot_client__pb2.DeleteRunRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_client__pb2.DeleteRunResponse.FromString,
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunResponse.FromString,
                 _registered_method=True)
 
 
@@ -278,108 +278,108 @@ def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.GetInfoRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.GetInfoResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.GetInfoRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.GetInfoResponse.SerializeToString,
             ),
             'HasCode': grpc.unary_unary_rpc_method_handler(
                     servicer.HasCode,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.HasCodeRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.HasCodeResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.HasCodeRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.HasCodeResponse.SerializeToString,
             ),
             'PutCode': grpc.stream_unary_rpc_method_handler(
                     servicer.PutCode,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.PutCodeRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.PutCodeResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.PutCodeRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.PutCodeResponse.SerializeToString,
             ),
             'SubmitRun': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitRun,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.SubmitRunRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.SubmitRunResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunResponse.SerializeToString,
             ),
             'GetRun': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRun,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.GetRunRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.GetRunResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.GetRunRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.GetRunResponse.SerializeToString,
             ),
             'ListRuns': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRuns,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.ListRunsRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.ListRunsResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListRunsRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListRunsResponse.SerializeToString,
             ),
             'StopRun': grpc.unary_unary_rpc_method_handler(
                     servicer.StopRun,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.StopRunRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.StopRunResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.StopRunRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.StopRunResponse.SerializeToString,
             ),
             'StreamLogs': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamLogs,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.StreamLogsRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.StreamLogsResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.StreamLogsRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.StreamLogsResponse.SerializeToString,
             ),
             'ListArtifacts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListArtifacts,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.ListArtifactsRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.ListArtifactsResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListArtifactsRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListArtifactsResponse.SerializeToString,
             ),
             'DownloadArtifact': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadArtifact,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.DataChunk.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DataChunk.SerializeToString,
             ),
             'ListAgents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAgents,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.ListAgentsRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.ListAgentsResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListAgentsRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListAgentsResponse.SerializeToString,
             ),
             'AddTag': grpc.unary_unary_rpc_method_handler(
                     servicer.AddTag,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.AddTagRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.AddTagResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.AddTagRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.AddTagResponse.SerializeToString,
             ),
             'ListTags': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTags,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.ListTagsRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.ListTagsResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListTagsRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListTagsResponse.SerializeToString,
             ),
             'DeleteTag': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteTag,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.DeleteTagRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.DeleteTagResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteTagRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteTagResponse.SerializeToString,
             ),
             'AddSecret': grpc.unary_unary_rpc_method_handler(
                     servicer.AddSecret,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.AddSecretRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.AddSecretResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.AddSecretRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.AddSecretResponse.SerializeToString,
             ),
             'ListSecrets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSecrets,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.ListSecretsRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.ListSecretsResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListSecretsRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListSecretsResponse.SerializeToString,
             ),
             'DeleteSecret': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteSecret,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.DeleteSecretRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.DeleteSecretResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteSecretRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteSecretResponse.SerializeToString,
             ),
             'CreateUpload': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateUpload,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.CreateUploadRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.CreateUploadResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.CreateUploadRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.CreateUploadResponse.SerializeToString,
             ),
             'PutArtifact': grpc.stream_unary_rpc_method_handler(
                     servicer.PutArtifact,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.PutArtifactRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.PutArtifactResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.PutArtifactRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.PutArtifactResponse.SerializeToString,
             ),
             'CommitUpload': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitUpload,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.CommitUploadRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.CommitUploadResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.CommitUploadRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.CommitUploadResponse.SerializeToString,
             ),
             'DeleteRun': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteRun,
-                    request_deserializer=protos_dot_v1_dot_client__pb2.DeleteRunRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_client__pb2.DeleteRunResponse.SerializeToString,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -407,8 +407,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/GetInfo',
-            protos_dot_v1_dot_client__pb2.GetInfoRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.GetInfoResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.GetInfoRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.GetInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -434,8 +434,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/HasCode',
-            protos_dot_v1_dot_client__pb2.HasCodeRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.HasCodeResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.HasCodeRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.HasCodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -461,8 +461,8 @@ class ClientService:
             request_iterator,
             target,
             '/dstack.v1.ClientService/PutCode',
-            protos_dot_v1_dot_client__pb2.PutCodeRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.PutCodeResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.PutCodeRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.PutCodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -488,8 +488,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/SubmitRun',
-            protos_dot_v1_dot_client__pb2.SubmitRunRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.SubmitRunResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -515,8 +515,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/GetRun',
-            protos_dot_v1_dot_client__pb2.GetRunRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.GetRunResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.GetRunRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.GetRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -542,8 +542,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/ListRuns',
-            protos_dot_v1_dot_client__pb2.ListRunsRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.ListRunsResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.ListRunsRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.ListRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -569,8 +569,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/StopRun',
-            protos_dot_v1_dot_client__pb2.StopRunRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.StopRunResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.StopRunRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.StopRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -596,8 +596,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/StreamLogs',
-            protos_dot_v1_dot_client__pb2.StreamLogsRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.StreamLogsResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.StreamLogsRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.StreamLogsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -623,8 +623,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/ListArtifacts',
-            protos_dot_v1_dot_client__pb2.ListArtifactsRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.ListArtifactsResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.ListArtifactsRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.ListArtifactsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -650,8 +650,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/DownloadArtifact',
-            protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.DataChunk.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.DownloadArtifactRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.DataChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -677,8 +677,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/ListAgents',
-            protos_dot_v1_dot_client__pb2.ListAgentsRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.ListAgentsResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.ListAgentsRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.ListAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -704,8 +704,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/AddTag',
-            protos_dot_v1_dot_client__pb2.AddTagRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.AddTagResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.AddTagRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.AddTagResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -731,8 +731,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/ListTags',
-            protos_dot_v1_dot_client__pb2.ListTagsRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.ListTagsResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.ListTagsRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.ListTagsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -758,8 +758,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/DeleteTag',
-            protos_dot_v1_dot_client__pb2.DeleteTagRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.DeleteTagResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.DeleteTagRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.DeleteTagResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -785,8 +785,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/AddSecret',
-            protos_dot_v1_dot_client__pb2.AddSecretRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.AddSecretResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.AddSecretRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.AddSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -812,8 +812,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/ListSecrets',
-            protos_dot_v1_dot_client__pb2.ListSecretsRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.ListSecretsResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.ListSecretsRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.ListSecretsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -839,8 +839,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/DeleteSecret',
-            protos_dot_v1_dot_client__pb2.DeleteSecretRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.DeleteSecretResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.DeleteSecretRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.DeleteSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -866,8 +866,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/CreateUpload',
-            protos_dot_v1_dot_client__pb2.CreateUploadRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.CreateUploadResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.CreateUploadRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.CreateUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -893,8 +893,8 @@ class ClientService:
             request_iterator,
             target,
             '/dstack.v1.ClientService/PutArtifact',
-            protos_dot_v1_dot_client__pb2.PutArtifactRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.PutArtifactResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.PutArtifactRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.PutArtifactResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -920,8 +920,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/CommitUpload',
-            protos_dot_v1_dot_client__pb2.CommitUploadRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.CommitUploadResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.CommitUploadRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.CommitUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -947,8 +947,8 @@ class ClientService:
             request,
             target,
             '/dstack.v1.ClientService/DeleteRun',
-            protos_dot_v1_dot_client__pb2.DeleteRunRequest.SerializeToString,
-            protos_dot_v1_dot_client__pb2.DeleteRunResponse.FromString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,8 +6,8 @@ Every call carries `authorization: Bearer TOKEN` metadata.
 """
 
 from collections import abc as _abc
+from dstack.protos.v1 import client_pb2 as _client_pb2
 from grpc import aio as _aio
-from protos.v1 import client_pb2 as _client_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

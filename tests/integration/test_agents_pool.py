@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from tests.conftest import PY, REPO, Cluster, Proc, wait_for
 
 pytestmark = pytest.mark.integration
@@ -23,7 +23,7 @@ def spawn_agent(cluster: Cluster, name: str, home: Path) -> Proc:
     with log.open("ab") as f:
         popen = subprocess.Popen(
             [
-                *(PY, "-m", "agent", "--coordinator", cluster.address, "--join-token", cluster.join_token),
+                *(PY, "-m", "dstack.agent", "--coordinator", cluster.address, "--join-token", cluster.join_token),
                 *("--home", str(home), "--name", name, "--runtime", "host"),
             ],
             stdout=f,

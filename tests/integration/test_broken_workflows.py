@@ -32,7 +32,12 @@ def test_broken_workflow(case: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSTACK_")}
     env.update(DSTACK_HOME=str(tmp_path / "home"), DSTACK_COORDINATOR="127.0.0.1:1", DSTACK_TOKEN="x")
     r = subprocess.run(
-        [sys.executable, "-m", "cli", "run", target], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60
+        [sys.executable, "-m", "dstack.cli", "run", target],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
     )
     assert r.returncode == 2, r.stderr
     assert message in r.stderr

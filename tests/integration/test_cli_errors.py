@@ -51,7 +51,7 @@ def test_unknown_run_name(cluster: Cluster) -> None:
 def test_unreachable_coordinator(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "DSTACK_HOME": str(tmp_path), "DSTACK_COORDINATOR": f"127.0.0.1:{port}", "DSTACK_TOKEN": "x"}
-    r = subprocess.run([sys.executable, "-m", "cli", "ps"], capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "dstack.cli", "ps"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode != 0
     assert f"cannot reach the coordinator at 127.0.0.1:{port}" in r.stderr
     no_traceback(r)
@@ -104,7 +104,12 @@ def test_broken_workflow_files(local_tmp: Path, workflows: str, needle: str, lin
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSTACK_")}
     env.update(DSTACK_HOME=str(local_tmp / "home"), DSTACK_COORDINATOR="127.0.0.1:1", DSTACK_TOKEN="x")
     r = subprocess.run(
-        [sys.executable, "-m", "cli", "run", "a"], capture_output=True, text=True, env=env, cwd=project, timeout=60
+        [sys.executable, "-m", "dstack.cli", "run", "a"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=project,
+        timeout=60,
     )
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr
@@ -120,7 +125,15 @@ def local_tmp(tmp_path: Path) -> Path:
 def test_second_coordinator_on_the_same_state_dir_is_refused(cluster: Cluster) -> None:
     cluster.start_coordinator()
     r = subprocess.run(
-        [sys.executable, "-m", "coordinator", "--state-dir", str(cluster.tmp / "server"), "--port", str(free_port())],
+        [
+            sys.executable,
+            "-m",
+            "dstack.coordinator",
+            "--state-dir",
+            str(cluster.tmp / "server"),
+            "--port",
+            str(free_port()),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -133,7 +146,7 @@ def test_second_coordinator_on_the_same_state_dir_is_refused(cluster: Cluster) -
 @pytest.mark.parametrize("args", [["run"], ["ps", "--bogus"], ["nosuchcommand"]])
 def test_usage_errors_exit_2_without_traceback(tmp_path: Path, args: list[str]) -> None:
     env = {**os.environ, "DSTACK_HOME": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "dstack.cli", *args], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2
     assert "Usage:" in r.stderr
     no_traceback(r)
@@ -145,7 +158,9 @@ def test_config_saves_the_coordinator_and_checks_the_token(cluster: Cluster, tmp
     env["DSTACK_HOME"] = str(tmp_path / "home")
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "dstack.cli", *args], capture_output=True, text=True, env=env, timeout=60
+        )
 
     bad = cli("config", "--coordinator", cluster.address, "--token", "wrong")
     assert bad.returncode != 0 and "invalid token" in bad.stderr

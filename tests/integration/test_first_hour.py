@@ -69,7 +69,7 @@ def test_run_in_the_foreground_says_why_it_waits(cluster: Cluster, tmp_path: Pat
     cluster.start_coordinator()
     project = write_project(tmp_path / "p", HELLO)
     proc = subprocess.Popen(
-        [PY, "-m", "cli", "run", "hello"],
+        [PY, "-m", "dstack.cli", "run", "hello"],
         cwd=project,
         env=cluster.env(),
         stdout=subprocess.PIPE,
@@ -106,7 +106,7 @@ def test_config_checks_before_saving_and_never_falls_back_to_local(cluster: Clus
     env["DSTACK_HOME"] = str(home)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([PY, "-m", "cli", *args], capture_output=True, text=True, env=env, timeout=60)
+        return subprocess.run([PY, "-m", "dstack.cli", *args], capture_output=True, text=True, env=env, timeout=60)
 
     bad = cli("config", "--coordinator", cluster.address, "--token", "wrong")
     assert bad.returncode == 1
@@ -214,7 +214,9 @@ def nowhere(tmp_path: Path) -> dict[str, str]:
 
 
 def _run(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PY, "-m", "cli", "run", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=60)
+    return subprocess.run(
+        [PY, "-m", "dstack.cli", "run", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=60
+    )
 
 
 def test_a_file_the_workflow_names_must_be_in_the_code(nowhere: dict[str, str], tmp_path: Path) -> None:

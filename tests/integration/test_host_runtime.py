@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.runtimes.cgroups import _mounts
+from dstack.agent.runtimes.cgroups import _mounts
 from tests.conftest import Cluster, wait_for, write_project
 
 pytestmark = pytest.mark.integration

@@ -271,7 +271,7 @@ def test_interrupted_run_without_a_terminal_detaches_and_the_run_goes_on(cluster
         """,
     )
     p = subprocess.Popen(
-        [sys.executable, "-m", "cli", "run", "slow"],
+        [sys.executable, "-m", "dstack.cli", "run", "slow"],
         cwd=project,
         env=cluster.env(),
         stdin=subprocess.DEVNULL,

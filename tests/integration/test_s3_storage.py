@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from storage.devserver import SeaweedServer
+from dstack.storage.devserver import SeaweedServer
 from tests.conftest import Cluster, wait_for, write_project
 from tests.integration.test_dependencies import FILES, SEED, submitted
 
@@ -279,7 +279,15 @@ def test_bad_storage_settings_stop_the_coordinator_with_a_clear_error(
 
     def start(url: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "coordinator", "--state-dir", str(tmp_path / uuid.uuid4().hex), "--storage", url],
+            [
+                sys.executable,
+                "-m",
+                "dstack.coordinator",
+                "--state-dir",
+                str(tmp_path / uuid.uuid4().hex),
+                "--storage",
+                url,
+            ],
             capture_output=True,
             text=True,
             timeout=60,

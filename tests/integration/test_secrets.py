@@ -26,7 +26,7 @@ def test_secret_reaches_the_job_masked_in_logs_and_encrypted_at_rest(cluster: Cl
     assert r.returncode == 0, r.stderr
     # from stdin, as a script would
     r = subprocess.run(
-        [sys.executable, "-m", "cli", "secrets", "add", "SHORT"],
+        [sys.executable, "-m", "dstack.cli", "secrets", "add", "SHORT"],
         input="ab\n",
         capture_output=True,
         text=True,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.server import tcp_bind_error, unix_socket_answers
+from dstack.coordinator.server import tcp_bind_error, unix_socket_answers
 from tests.conftest import PY, REPO, Cluster, wait_for
 
 pytestmark = pytest.mark.integration
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 def test_a_second_coordinator_on_the_same_port_refuses_to_start(cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_coordinator()
     second = subprocess.run(
-        [PY, "-m", "coordinator", "--state-dir", str(tmp_path / "other-server"), "--port", str(cluster.port)],
+        [PY, "-m", "dstack.coordinator", "--state-dir", str(tmp_path / "other-server"), "--port", str(cluster.port)],
         capture_output=True,
         text=True,
         env={**os.environ, "DSTACK_ADMIN_TOKEN": "other-admin", "DSTACK_JOIN_TOKEN": "other-join"},
@@ -57,7 +57,7 @@ def test_a_second_coordinator_on_the_same_unix_socket_refuses_to_start(tmp_path:
     sock = Path("/tmp") / f"dstack-test-{os.getpid()}-{tmp_path.name[-12:]}.sock"  # AF_UNIX: 108 bytes at most
     env = {**os.environ, "DSTACK_ADMIN_TOKEN": "a", "DSTACK_JOIN_TOKEN": "j"}
     first = subprocess.Popen(
-        [PY, "-m", "coordinator", "--state-dir", str(tmp_path / "a"), "--listen", f"unix://{sock}"],
+        [PY, "-m", "dstack.coordinator", "--state-dir", str(tmp_path / "a"), "--listen", f"unix://{sock}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,
@@ -66,7 +66,7 @@ def test_a_second_coordinator_on_the_same_unix_socket_refuses_to_start(tmp_path:
     try:
         wait_for(lambda: sock.exists() and unix_socket_answers(sock), what="the first coordinator's socket")
         second = subprocess.run(
-            [PY, "-m", "coordinator", "--state-dir", str(tmp_path / "b"), "--listen", f"unix://{sock}"],
+            [PY, "-m", "dstack.coordinator", "--state-dir", str(tmp_path / "b"), "--listen", f"unix://{sock}"],
             capture_output=True,
             text=True,
             env=env,

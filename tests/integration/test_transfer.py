@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import storage.s3 as s3mod
-import storage.transfer as transfer
-from storage.devserver import SeaweedServer
-from storage.s3 import S3Location, S3Store
-from storage.transfer import ChecksumError, Download, Transfer
+import dstack.storage.s3 as s3mod
+import dstack.storage.transfer as transfer
+from dstack.storage.devserver import SeaweedServer
+from dstack.storage.s3 import S3Location, S3Store
+from dstack.storage.transfer import ChecksumError, Download, Transfer
 
 pytestmark = pytest.mark.integration
 

@@ -61,7 +61,7 @@ def test_variables_overrides_and_run_templates(cluster: Cluster, tmp_path: Path)
     root = project(tmp_path)
     env = {**cluster.env(), "CALLER_TOKEN": "from-caller"}
     r = subprocess.run(
-        [sys.executable, "-m", "cli", "run", "train", "--batch-size", "128", "--epochs=5", "a b", "--flag"],
+        [sys.executable, "-m", "dstack.cli", "run", "train", "--batch-size", "128", "--epochs=5", "a b", "--flag"],
         capture_output=True,
         text=True,
         env=env,
@@ -99,7 +99,7 @@ def test_language_errors(tmp_path: Path) -> None:
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "cli", "run", *args], capture_output=True, text=True, env=env, cwd=root
+            [sys.executable, "-m", "dstack.cli", "run", *args], capture_output=True, text=True, env=env, cwd=root
         )
 
     r = run("train")
@@ -165,5 +165,7 @@ def test_artifact_symlink_out_of_the_tree_is_an_error(tmp_path: Path) -> None:
     (root / "escape").symlink_to(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSTACK_")}
     env.update(DSTACK_HOME=str(tmp_path / "h"), DSTACK_COORDINATOR="127.0.0.1:1", DSTACK_TOKEN="x")
-    r = subprocess.run([sys.executable, "-m", "cli", "run", "w"], capture_output=True, text=True, env=env, cwd=root)
+    r = subprocess.run(
+        [sys.executable, "-m", "dstack.cli", "run", "w"], capture_output=True, text=True, env=env, cwd=root
+    )
     assert r.returncode == 2 and "leads through a symlink to" in r.stderr and "workflows.yaml:6:" in r.stderr

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.main import build_parser, parse_args
+from dstack.agent.main import build_parser, parse_args
 from tests.conftest import REPO
 
 
 def agent_help(env: dict[str, str]) -> str:
     r = subprocess.run(
-        [sys.executable, "-m", "agent", "--help"], capture_output=True, text=True, env=env, cwd=REPO, timeout=60
+        [sys.executable, "-m", "dstack.agent", "--help"], capture_output=True, text=True, env=env, cwd=REPO, timeout=60
     )
     assert r.returncode == 0, r.stderr
     return r.stdout

@@ -7,8 +7,15 @@ from typing import Any
 
 import pytest
 
-from agent.runtimes.base import RuntimeError_, RuntimeJob
-from agent.runtimes.docker import LABEL_HOME, DockerOptions, DockerRuntime, _PullProgress, container_config, pick_image
+from dstack.agent.runtimes.base import RuntimeError_, RuntimeJob
+from dstack.agent.runtimes.docker import (
+    LABEL_HOME,
+    DockerOptions,
+    DockerRuntime,
+    _PullProgress,
+    container_config,
+    pick_image,
+)
 
 OPTS = DockerOptions(bash_image="debian:bookworm-slim", python_image="python:{version}-slim", cuda_image="cuda:12")
 

@@ -6,10 +6,10 @@ import asyncio
 import time
 from pathlib import Path
 
-from coordinator.config import CoordinatorConfig
-from coordinator.engine import Engine
-from coordinator.store import Store
-from coordinator.store.executor import DbExecutor
+from dstack.coordinator.config import CoordinatorConfig
+from dstack.coordinator.engine import Engine
+from dstack.coordinator.store import Store
+from dstack.coordinator.store.executor import DbExecutor
 
 LEASE_S = 3.0
 GRACE_S = 30.0

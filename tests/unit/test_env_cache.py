@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import env_helper
-from agent.envcache import CONTAINER_CACHE, CONTAINER_HELPER, HELPER, EnvCache, parse_size
-from agent.runtimes.base import RuntimeJob
-from agent.runtimes.docker import DockerOptions, container_config
+from dstack.agent import env_helper
+from dstack.agent.envcache import CONTAINER_CACHE, CONTAINER_HELPER, HELPER, EnvCache, parse_size
+from dstack.agent.runtimes.base import RuntimeJob
+from dstack.agent.runtimes.docker import DockerOptions, container_config
 from tests.conftest import wait_for
 from tests.tinywheel import build_wheel, offline_requirements
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.inventory import Inventory, InventoryError, parse_simulated
+from dstack.agent.inventory import Inventory, InventoryError, parse_simulated
 
 
 def test_no_nvml_means_zero_gpus_and_one_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

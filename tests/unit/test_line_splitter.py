@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from agent.runner import MAX_LINE, LineSplitter, describe_exit
+from dstack.agent.runner import MAX_LINE, LineSplitter, describe_exit
 
 
 def collect(chunks: list[bytes]) -> list[str]:

@@ -8,8 +8,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cli.errors import CliError
-from cli.workflows import load_workflow_nodes, parse_workflow
+from dstack.cli.errors import CliError
+from dstack.cli.workflows import load_workflow_nodes, parse_workflow
 
 FIELDS = [
     "name",

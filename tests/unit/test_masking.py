@@ -5,7 +5,7 @@ import base64
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.masking import Masker
+from dstack.agent.masking import Masker
 
 
 def test_value_base64_and_lines_are_masked() -> None:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import asyncio
 
-from agent.outbox import Outbox
-from protos.v1 import agent_pb2, common_pb2
+from dstack.agent.outbox import Outbox
+from dstack.protos.v1 import agent_pb2, common_pb2
 
 OUT = common_pb2.LOG_STREAM_STDOUT
 JS = common_pb2.JobStatus

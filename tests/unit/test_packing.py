@@ -7,7 +7,7 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
-from cli.packing import pack
+from dstack.cli.packing import pack
 
 
 def names(data: bytes) -> list[str]:

@@ -7,7 +7,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
-from storage.presign import Credentials, PathStylePresigner
+from dstack.storage.presign import Credentials, PathStylePresigner
 
 KEY = "runs/r-1/job/artifacts/dir with space/ü+x=y&z.txt"
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from coordinator.scheduler import GIB, AgentState, Gpu, JobRequest, schedule
+from dstack.coordinator.scheduler import GIB, AgentState, Gpu, JobRequest, schedule
 
 
 def agent(

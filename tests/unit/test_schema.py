@@ -7,14 +7,14 @@ import jsonschema
 import pytest
 import yaml
 
-from cli.schema import workflows_schema
+from dstack.cli.schema import workflows_schema
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_published_schema_is_up_to_date() -> None:
     published = json.loads((REPO / "docs" / "workflows.schema.json").read_text())
-    assert published == workflows_schema(), "run: python -m cli.schema > docs/workflows.schema.json"
+    assert published == workflows_schema(), "run: python -m dstack.cli.schema > docs/workflows.schema.json"
 
 
 def test_example_and_seed_files_validate() -> None:

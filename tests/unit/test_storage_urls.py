@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from storage import StoreError
+from dstack.storage import StoreError
 
 
 @pytest.mark.parametrize(
@@ -16,14 +16,14 @@ from storage import StoreError
     ],
 )
 def test_bad_s3_urls_say_what_is_wrong(url: str, needle: str) -> None:
-    from storage.s3 import S3Location
+    from dstack.storage.s3 import S3Location
 
     with pytest.raises(StoreError, match=needle):
         S3Location.parse(url)
 
 
 def test_s3_url_options() -> None:
-    from storage.s3 import S3Location, part_size_for
+    from dstack.storage.s3 import S3Location, part_size_for
 
     loc = S3Location.parse("s3://bucket/a/b/?endpoint=http://h:9000&region=eu&path_style=false&profile=p")
     assert (loc.bucket, loc.prefix, loc.endpoint, loc.region, loc.path_style, loc.profile) == (

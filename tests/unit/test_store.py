@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.errors import AlreadyExists
-from coordinator.store import SCHEMA_VERSION, Store
-from coordinator.store.db import NewJob, Placement
-from protos.v1 import agent_pb2, common_pb2
+from dstack.coordinator.errors import AlreadyExists
+from dstack.coordinator.store import SCHEMA_VERSION, Store
+from dstack.coordinator.store.db import NewJob, Placement
+from dstack.protos.v1 import agent_pb2, common_pb2
 
 JS = common_pb2.JobStatus
 

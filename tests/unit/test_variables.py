@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cli.errors import WorkflowError
-from cli.variables import check_run_args, env_name, load_variables, split_overrides, substitute
-from cli.yamlsrc import load
+from dstack.cli.errors import WorkflowError
+from dstack.cli.variables import check_run_args, env_name, load_variables, split_overrides, substitute
+from dstack.cli.yamlsrc import load
 
 
 def test_env_name_mapping() -> None:

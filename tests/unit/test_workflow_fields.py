@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from cli.errors import WorkflowError
-from cli.workflows import load_workflows
+from dstack.cli.errors import WorkflowError
+from dstack.cli.workflows import load_workflows
 
 
 def load(tmp_path: Path, text: str):  # type: ignore[no-untyped-def]
@@ -36,7 +36,7 @@ def test_bad_gpu_values(tmp_path: Path, gpu: str) -> None:
 
 def test_python_version_keeps_its_text(tmp_path: Path) -> None:
     wfs = load(tmp_path, "workflows:\n  - name: t\n    provider: python\n    file: a.py\n    version: 3.10\n")
-    from cli.providers import load_provider
+    from dstack.cli.providers import load_provider
 
     spec = load_provider("python").job_specs(wfs["t"])[0]
     assert "python3.10" in "\n".join(spec.commands)
@@ -49,7 +49,7 @@ def test_args_string_or_list(tmp_path: Path) -> None:
         "workflows:\n  - name: s\n    provider: python\n    file: a.py\n    args: --lr 0.1\n"
         "  - name: l\n    provider: python\n    file: a.py\n    args: [--name, two words]\n",
     )
-    from cli.providers import load_provider
+    from dstack.cli.providers import load_provider
 
     p = load_provider("python")
     assert p.job_specs(wfs["s"])[0].commands[-1] == "exec $PYTHON a.py --lr 0.1"
@@ -75,7 +75,7 @@ def test_values_out_of_range_are_workflow_errors(tmp_path: Path, line: str, need
 
 def test_list_items_keep_their_text(tmp_path: Path) -> None:
     wfs = load(tmp_path, "workflows:\n  - name: t\n    provider: bash\n    commands: [true, 3.10, yes]\n")
-    from cli.providers import load_provider
+    from dstack.cli.providers import load_provider
 
     assert list(load_provider("bash").job_specs(wfs["t"])[0].commands) == ["true", "3.10", "yes"]
 
@@ -103,7 +103,7 @@ def test_values_keep_their_text_in_env_image_and_ports(tmp_path: Path) -> None:
     ],
 )
 def test_variables_that_would_break_the_job(tmp_path: Path, variables: str, needle: str) -> None:
-    from cli.variables import load_variables
+    from dstack.cli.variables import load_variables
 
     (tmp_path / ".dstack").mkdir()
     (tmp_path / ".dstack" / "variables.yaml").write_text(variables)
@@ -115,8 +115,8 @@ def test_variables_that_would_break_the_job(tmp_path: Path, variables: str, need
 def test_duplicate_input_paths_are_refused() -> None:
     import asyncio
 
-    from agent.artifacts import ArtifactError, Downloader
-    from protos.v1 import agent_pb2, common_pb2
+    from dstack.agent.artifacts import ArtifactError, Downloader
+    from dstack.protos.v1 import agent_pb2, common_pb2
 
     f = common_pb2.ArtifactFile(path="data/x", size=1, sha256="0" * 64)
     inputs = [agent_pb2.ArtifactInput(run_name=r, job_name="download", files=[f]) for r in ("run-1", "run-2")]
