@@ -49,7 +49,7 @@ def engine_floor(docker_host: str, image: str, n: int) -> list[float]:
         for _ in range(n):
             t0 = time.monotonic()
             c = client.containers.create(image, ["echo", "first"], network_mode="none", init=True)
-            stream = stream_client.api.attach(c.id, stdout=True, stderr=True, stream=True, demux=True)
+            stream = stream_client.api.attach(str(c.id), stdout=True, stderr=True, stream=True, demux=True)
             c.start()
             next(iter(stream))
             out.append(time.monotonic() - t0)

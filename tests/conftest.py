@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict, TypeVar
 
 import pytest
 
@@ -35,7 +37,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> object:
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> T:
+    """Polls `predicate` until it returns a truthy value, and returns that value."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -44,6 +50,74 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def search(pattern: str, text: str, flags: int = 0) -> re.Match[str]:
+    """`re.search` for text the test expects to match: no match fails the test, showing the text."""
+    m = re.search(pattern, text, flags)
+    if m is None:
+        raise AssertionError(f"no match for {pattern!r} in {text!r}")
+    return m
+
+
+# What `dstack ps --json` and `dstack agents --json` print (cli/render.py, cli/commands/agents.py).
+class CodeJSON(TypedDict):
+    hash: str
+    commit: str | None
+    branch: str | None
+    repo_url: str | None
+    dirty: bool
+
+
+class JobJSON(TypedDict):
+    id: str
+    name: str
+    status: str
+    termination_reason: str | None
+    message: str | None
+    agent: str | None
+    gpus: list[int]
+    exit_code: int | None
+
+
+class RunJSON(TypedDict):
+    name: str
+    workflow: str
+    owner: str
+    status: str
+    termination_reason: str | None
+    message: str | None
+    submitted_at: str | None
+    finished_at: str | None
+    tags: list[str]
+    code: CodeJSON
+    jobs: list[JobJSON]
+
+
+class GpuJSON(TypedDict):
+    index: int
+    name: str
+    uuid: str
+    memory_bytes: int
+    memory_total_bytes: int
+    memory_used_bytes: int
+    utilization_percent: int
+    temperature_c: int
+    busy: bool
+    simulated: bool
+
+
+class AgentJSON(TypedDict):
+    name: str
+    host: str
+    status: str
+    runtime: str
+    cpu: int
+    memory_bytes: int
+    memory_available_bytes: int
+    running_jobs: int
+    gpus_free: int
+    gpus: list[GpuJSON]
 
 
 def write_project(root: Path, workflows: str, files: dict[str, str] | None = None) -> Path:
@@ -185,21 +259,23 @@ class Cluster:
             timeout=timeout,
         )
 
-    def agents_json(self) -> list[dict[str, object]]:
+    def agents_json(self) -> list[AgentJSON]:
         r = self.cli("agents", "--json")
-        return json.loads(r.stdout) if r.returncode == 0 else []
+        agents: list[AgentJSON] = json.loads(r.stdout) if r.returncode == 0 else []
+        return agents
 
-    def runs(self) -> list[dict[str, object]]:
+    def runs(self) -> list[RunJSON]:
         r = self.cli("ps", "-a", "--json")
         assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)  # type: ignore[no-any-return]
+        runs: list[RunJSON] = json.loads(r.stdout)
+        return runs
 
-    def run_info(self, name: str) -> dict[str, object]:
+    def run_info(self, name: str) -> RunJSON:
         return next(r for r in self.runs() if r["name"] == name)
 
-    def wait_status(self, name: str, statuses: set[str], timeout: float = 60) -> dict[str, object]:
-        return wait_for(  # type: ignore[return-value]
-            lambda: (r := self.run_info(name))["status"] in statuses and r,
+    def wait_status(self, name: str, statuses: set[str], timeout: float = 60) -> RunJSON:
+        return wait_for(
+            lambda: r if (r := self.run_info(name))["status"] in statuses else None,
             timeout=timeout,
             interval=0.2,
             what=f"run {name} to be {statuses}",

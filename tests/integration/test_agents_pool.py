@@ -62,8 +62,8 @@ def test_a_second_agent_with_the_name_of_an_online_one_is_refused(cluster: Clust
                 ),
                 timeout=30,
             )
-    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS  # type: ignore[attr-defined]
-    assert e.value.details() == REFUSED.format(host=online_host(cluster))  # type: ignore[attr-defined]
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert e.value.details() == REFUSED.format(host=online_host(cluster))
     assert pool(cluster) == [("gpu-1", "online")]
 
 

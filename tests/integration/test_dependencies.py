@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster, write_project
+from tests.conftest import Cluster, RunJSON, search, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -62,12 +61,12 @@ FILES = {
 }
 
 
-def runs_named(cluster: Cluster, workflow: str) -> list[dict[str, object]]:
+def runs_named(cluster: Cluster, workflow: str) -> list[RunJSON]:
     return [r for r in cluster.runs() if r["workflow"] == workflow]
 
 
 def submitted(stderr: str) -> str:
-    return re.search(r"(\S+) submitted", stderr).group(1)  # type: ignore[union-attr]
+    return search(r"(\S+) submitted", stderr).group(1)
 
 
 def test_seed_example_runtime_and_tag_dependencies(cluster: Cluster, tmp_path: Path) -> None:
@@ -82,7 +81,7 @@ def test_seed_example_runtime_and_tag_dependencies(cluster: Cluster, tmp_path: P
     assert "download | preparing" in r.stdout and "download | downloaded" in r.stdout
     assert f"train | trained on data from {run} with batch size 32" in r.stdout
     jobs = next(x for x in cluster.runs() if x["name"] == run)["jobs"]
-    assert [j["name"] for j in jobs] == ["download", "train"]  # type: ignore[index]
+    assert [j["name"] for j in jobs] == ["download", "train"]
 
     # A tag dependency needs the tag.
     r = cluster.cli("run", "train-tagged", cwd=root)
@@ -153,13 +152,13 @@ def test_diamond_runs_each_workflow_once_and_a_failure_stops_dependants(cluster:
     r = cluster.cli("run", "d", cwd=root)
     assert r.returncode == 0, r.stderr
     run = next(x for x in cluster.runs() if x["name"] == submitted(r.stderr))
-    assert sorted(j["name"] for j in run["jobs"]) == ["a", "b", "c", "d"]  # type: ignore[union-attr]
+    assert sorted(j["name"] for j in run["jobs"]) == ["a", "b", "c", "d"]
     assert "b | a" in r.stdout and "c | a" in r.stdout and "d | b" in r.stdout and "d | c" in r.stdout
 
     r = cluster.cli("run", "after-broken", cwd=root)
     assert r.returncode == 1
     run = next(x for x in cluster.runs() if x["name"] == submitted(r.stderr))
-    job = next(j for j in run["jobs"] if j["name"] == "after-broken")  # type: ignore[union-attr]
+    job = next(j for j in run["jobs"] if j["name"] == "after-broken")
     assert job["status"] == "failed" and job["message"] == "dependency 'broken' failed"
     assert "never" not in r.stdout
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import signal
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster, LocalMode, wait_for, write_project
+from tests.conftest import Cluster, LocalMode, search, wait_for, write_project
 from tests.dockerd import BUSYBOX, BUSYBOX_CMD, PYTHON, Dockerd
 
 pytestmark = pytest.mark.integration
@@ -42,6 +43,10 @@ def submit(cluster: Cluster, project: Path, workflow: str, *args: str) -> str:
     r = cluster.cli("run", "-d", workflow, *args, cwd=project)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
+
+
+def gpu_line(cluster: Cluster, name: str) -> re.Match[str] | None:
+    return re.search(r"gpus (\S+) nvidia (\S+)", logs(cluster, name))
 
 
 def logs(cluster: Cluster, name: str) -> str:
@@ -93,7 +98,7 @@ def test_a_job_runs_in_a_container_with_its_limits(cluster: Cluster, dockerd: Do
     assert "quota 50000 100000" in out  # 0.5 CPU
     assert f"shm {32 << 10}" in out
     assert "cuda [] nvidia [void]" in out
-    name = re.search(r"(\S+) submitted", r.stderr).group(1)  # type: ignore[union-attr]
+    name = search(r"(\S+) submitted", r.stderr).group(1)
     listed = cluster.cli("artifacts", "list", name)
     assert "out/result.txt" in listed.stdout, listed.stdout + listed.stderr
     # the container is removed once the job is over
@@ -243,8 +248,8 @@ def test_docker_provider_jobs_never_run_as_host_processes(cluster: Cluster, tmp_
     )
     name = submit(cluster, project, "boxed")
     run = wait_for(lambda: (r := cluster.run_info(name))["message"] and r, what="a pending reason", interval=0.2)
-    assert run["status"] == "pending"  # type: ignore[index]
-    assert "needs an agent with the docker runtime" in str(run["message"])  # type: ignore[index]
+    assert run["status"] == "pending"
+    assert "needs an agent with the docker runtime" in str(run["message"])
 
 
 def test_eight_one_gpu_containers_get_eight_different_gpus(cluster: Cluster, dockerd: Dockerd, tmp_path: Path) -> None:
@@ -270,16 +275,13 @@ def test_eight_one_gpu_containers_get_eight_different_gpus(cluster: Cluster, doc
     )
     seen = []
     for n in names:
-        text = wait_for(
-            lambda n=n: re.search(r"gpus (\S+) nvidia (\S+)", logs(cluster, n)),
-            what=f"the GPU line: {logs(cluster, n)}",
-        )
-        cuda, nvidia = text.groups()  # type: ignore[union-attr]
+        text = wait_for(functools.partial(gpu_line, cluster, n), what=f"the GPU line: {logs(cluster, n)}")
+        cuda, nvidia = text.groups()
         assert cuda == nvidia and "," not in cuda
         seen.append(cuda)
     assert sorted(seen) == [str(i) for i in range(8)]
     gpus = cluster.agents_json()[0]["gpus"]
-    assert all(g["busy"] and g["simulated"] for g in gpus)  # type: ignore[union-attr,index]
+    assert all(g["busy"] and g["simulated"] for g in gpus)
     for n in names:
         cluster.cli("stop", n)
     for n in names:

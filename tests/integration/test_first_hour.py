@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PY, Cluster, LocalMode, free_port, wait_for, write_project
+from tests.conftest import PY, Cluster, LocalMode, free_port, search, wait_for, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -77,14 +77,16 @@ def test_run_in_the_foreground_says_why_it_waits(cluster: Cluster, tmp_path: Pat
         text=True,
     )
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
+    stderr = proc.stderr
+    assert stderr is not None
+    reader = threading.Thread(target=lambda: lines.extend(iter(stderr.readline, "")), daemon=True)
     reader.start()
     try:
         waiting = wait_for(lambda: next((ln for ln in lines if ": pending: " in ln), None), what="the waiting line")
-        name = re.search(r"(\S+) submitted", "".join(lines)).group(1)  # type: ignore[union-attr]
+        name = search(r"(\S+) submitted", "".join(lines)).group(1)
         ps = cluster.run_info(name)
         # the same text as `dstack ps`: its STATUS and MESSAGE columns
-        assert waiting.strip() == f"{name}: pending: {ps['message']}"  # type: ignore[union-attr]
+        assert waiting.strip() == f"{name}: pending: {ps['message']}"
         assert ps["message"] == "waiting: no agent is online"
         cluster.start_agent()
         out, _ = proc.communicate(timeout=60)
@@ -310,7 +312,7 @@ def test_downloaded_artifact_folders_are_not_packed_again(local: LocalMode, tmp_
     first = local.cli("run", "train", cwd=project)
     assert first.returncode == 0, first.stderr
     assert "code: 1 file," in first.stderr  # singular
-    name = re.search(r"(\S+) submitted", first.stderr).group(1)  # type: ignore[union-attr]
+    name = search(r"(\S+) submitted", first.stderr).group(1)
     assert local.cli("artifacts", "download", name, cwd=project).returncode == 0
     assert (project / "model" / "w.bin").exists()
     second = local.cli("run", "train", cwd=project)

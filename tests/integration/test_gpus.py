@@ -42,7 +42,7 @@ def submit(cluster: Cluster, project: Path, workflow: str) -> str:
 
 def gpus_of(cluster: Cluster, name: str) -> list[str]:
     found = wait_for(lambda: re.search(r"gpus=(\S*)", cluster.cli("logs", name).stdout), what=f"the GPU line of {name}")
-    return found.group(1).split(",")  # type: ignore[union-attr]
+    return found.group(1).split(",")
 
 
 def test_a_four_gpu_job_waits_while_three_are_free_and_starts_when_a_fourth_frees(
@@ -58,8 +58,8 @@ def test_a_four_gpu_job_waits_while_three_are_free_and_starts_when_a_fourth_free
     assert sorted(g for gs in taken.values() for g in gs) == sorted({g for gs in taken.values() for g in gs})
     big = submit(cluster, project, "four")
     run = wait_for(lambda: (r := cluster.run_info(big))["message"] and r, what="a pending reason", interval=0.2)
-    assert run["status"] == "pending"  # type: ignore[index]
-    assert run["message"] == "waiting: 4 GPUs free on no agent; busy: host-3 (5/8 GPUs)"  # type: ignore[index]
+    assert run["status"] == "pending"
+    assert run["message"] == "waiting: 4 GPUs free on no agent; busy: host-3 (5/8 GPUs)"
     assert "waiting: 4 GPUs free" in " ".join(cluster.cli("ps").stdout.split())  # the table says it too
     cluster.cli("stop", small[0])
     cluster.wait_status(big, {"running"}, timeout=30)
@@ -81,8 +81,8 @@ def test_an_h100_job_never_lands_on_an_a100_agent_and_says_why(cluster: Cluster,
     assert cluster.wait_status(a100, {"done", "failed"})["status"] == "done"
     assert len(gpus_of(cluster, a100)) == 2
     run = wait_for(lambda: (r := cluster.run_info(name))["message"] and r, what="a pending reason", interval=0.2)
-    assert run["status"] == "pending"  # type: ignore[index]
-    assert run["message"] == (  # type: ignore[index]
+    assert run["status"] == "pending"
+    assert run["message"] == (
         "waiting: needs 1 x H100; the largest agent has 0 matching GPUs (agents have NVIDIA A100-80GB (simulated))"
     )
     cluster.start_agent("h100-box", "--simulate-gpus", "2xH100-80GB")
@@ -106,11 +106,9 @@ def test_agents_lists_gpus_free_and_total_and_marks_simulated_ones(cluster: Clus
     assert gpu_box["status"] == "online" and gpu_box["runtime"] == "host"
     assert gpu_box["running_jobs"] == 1
     gpus = gpu_box["gpus"]
-    assert len(gpus) == 4 and all(g["simulated"] for g in gpus)  # type: ignore[union-attr,arg-type]
-    assert sum(g["busy"] for g in gpus) == 1  # type: ignore[union-attr,misc]
-    assert {"memory_total_bytes", "memory_used_bytes", "utilization_percent", "temperature_c", "uuid"} <= set(
-        gpus[0]  # type: ignore[index]
-    )
+    assert len(gpus) == 4 and all(g["simulated"] for g in gpus)
+    assert sum(g["busy"] for g in gpus) == 1
+    assert {"memory_total_bytes", "memory_used_bytes", "utilization_percent", "temperature_c", "uuid"} <= set(gpus[0])
     assert agents["cpu-box"]["gpus"] == []
     table = cluster.cli("agents").stdout
     assert "3/4 free" in table and "simulated" in table

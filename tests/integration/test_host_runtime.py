@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from dstack.agent.runtimes.cgroups import _mounts
-from tests.conftest import Cluster, wait_for, write_project
+from tests.conftest import Cluster, search, wait_for, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ def test_host_jobs_get_memory_and_cpu_limits_and_lose_their_escapees(cluster: Cl
     assert f"memory {48 << 20}" in r.stdout
     assert "quota 25000" in r.stdout
     assert re.search(r"gpus [01]$", r.stdout, re.M)
-    escaped = int(re.search(r"escaped (\d+)", r.stdout).group(1))  # type: ignore[union-attr]
+    escaped = int(search(r"escaped (\d+)", r.stdout).group(1))
 
     def gone() -> bool:
         return not psutil.pid_exists(escaped) or psutil.Process(escaped).status() == "zombie"
@@ -118,7 +118,7 @@ def test_curl_provider_saves_the_download_as_an_artifact(cluster: Cluster, tmp_p
     r = cluster.cli("run", "use", cwd=project)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "use | a,b\nuse | 1,2" in r.stdout
-    name = re.search(r"(\S+) submitted", r.stderr).group(1)  # type: ignore[union-attr]
+    name = search(r"(\S+) submitted", r.stderr).group(1)
     listed = cluster.cli("artifacts", "list", name, "--json")
     assert "raw/data.csv" in listed.stdout
     out = tmp_path / "got"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LocalMode, write_project
+from tests.conftest import LocalMode, search, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ def test_zero_config_run_ps_logs_artifacts(local: LocalMode, tmp_path: Path) -> 
     assert r.returncode == 0, r.stderr
     assert r.stdout == "Hello, world!\n"
     assert "uploaded" in r.stderr  # first run: the code is sent
-    name = re.search(r"(\S+) submitted", r.stderr).group(1)  # type: ignore[union-attr]
+    name = search(r"(\S+) submitted", r.stderr).group(1)
     assert re.fullmatch(r"[a-z]+-[a-z]+-\d+", name)
 
     # Second run of unchanged code: nothing is uploaded again.
@@ -91,7 +91,7 @@ def test_local_stop_then_state_survives(local: LocalMode, tmp_path: Path) -> Non
     )
     r = local.cli("run", "hi", cwd=project)
     assert r.returncode == 0
-    name = re.search(r"(\S+) submitted", r.stderr).group(1)  # type: ignore[union-attr]
+    name = search(r"(\S+) submitted", r.stderr).group(1)
     stopped = local.cli("local", "stop", cwd=project)
     assert "coordinator" in stopped.stdout
     # the next command starts the services again and the run is still there

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import search
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,7 +22,7 @@ def readme_quick_start() -> str:
     """The first command of the README's quick start section, as written there."""
     text = (REPO / "README.md").read_text()
     section = text.split("## Quick start", 1)[1]
-    return re.search(r"```bash\n(.+?)\n```", section, re.S).group(1).strip()  # type: ignore[union-attr]
+    return search(r"```bash\n(.+?)\n```", section, re.S).group(1).strip()
 
 
 def test_readme_quick_start_from_a_fresh_clone_survives_local_stop(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import Cluster, wait_for, write_project
+from tests.conftest import Cluster, search, wait_for, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,7 @@ def test_200k_lines_arrive_complete_and_in_order(cluster: Cluster, tmp_path: Pat
     )
     r = cluster.cli("run", "many", cwd=project)
     assert r.returncode == 0, r.stderr[-2000:]
-    name = re.search(r"(\S+) submitted", r.stderr).group(1)  # type: ignore[union-attr]
+    name = search(r"(\S+) submitted", r.stderr).group(1)
     expected = [str(i) for i in range(1, LINES + 1)] + ["done"]
     assert r.stdout.splitlines() == expected
     # and again from storage, in a separate invocation
@@ -86,15 +86,15 @@ def test_stop_kills_the_whole_process_tree(cluster: Cluster, tmp_path: Path) -> 
         out = cluster.cli("logs", name).stdout
         return [int(x) for x in re.findall(r"(?:child|escaped) (\d+)", out)]
 
-    found = wait_for(lambda: len(pids()) == 2 and pids(), what="the job's children to start")
-    assert all(psutil.pid_exists(p) for p in found)  # type: ignore[union-attr]
+    found = wait_for(lambda: p if len(p := pids()) == 2 else None, what="the job's children to start")
+    assert all(psutil.pid_exists(p) for p in found)
     r = cluster.cli("stop", name)
     assert r.returncode == 0, r.stderr
     run = cluster.wait_status(name, {"stopped"}, timeout=30)
     assert run["termination_reason"] == "stopped by user"
 
     def gone() -> bool:
-        return not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in found)  # type: ignore[union-attr]
+        return not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in found)
 
     wait_for(gone, timeout=10, what="every process of the job to be killed")
 
@@ -170,7 +170,7 @@ def test_job_output_env_and_exit_codes(cluster: Cluster, tmp_path: Path) -> None
     )
     r = cluster.cli("run", "env", cwd=project)
     assert r.returncode == 0
-    name = re.search(r"(\S+) submitted", r.stderr).group(1)  # type: ignore[union-attr]
+    name = search(r"(\S+) submitted", r.stderr).group(1)
     words = r.stdout.split()
     assert words[:4] == ["hi", "there", name, "env"]
     r = cluster.cli("run", "fail", cwd=project)
@@ -221,7 +221,7 @@ def test_jobs_are_spread_and_all_finish_with_two_agents(cluster: Cluster, tmp_pa
     names = [submit(cluster, project, "quick") for _ in range(6)]
     for n in names:
         assert cluster.wait_status(n, {"done", "failed"})["status"] == "done"
-    agents_used = {r["jobs"][0]["agent"] for r in cluster.runs()}  # type: ignore[index]
+    agents_used = {r["jobs"][0]["agent"] for r in cluster.runs()}
     assert agents_used <= {"a1", "a2"}
 
 
@@ -288,7 +288,7 @@ def test_interrupted_run_without_a_terminal_detaches_and_the_run_goes_on(cluster
     _, err = p.communicate(timeout=30)
     assert p.returncode == 130
     assert "detached" in err and "Traceback" not in err
-    name = re.search(r"(\S+) submitted", err).group(1)  # type: ignore[union-attr]
+    name = search(r"(\S+) submitted", err).group(1)
     assert cluster.run_info(name)["status"] == "running"  # detached, not stopped
     release.touch()
     assert cluster.wait_status(name, {"done", "failed"})["status"] == "done"
@@ -307,7 +307,7 @@ def test_a_restarted_agent_kills_what_its_predecessor_left_running(cluster: Clus
         """,
     )
     name = submit(cluster, project, "orphan")
-    pid = int(wait_for(lambda: re.findall(r"pid (\d+)", cluster.cli("logs", name).stdout), what="the job")[0])  # type: ignore[index]
+    pid = int(wait_for(lambda: re.findall(r"pid (\d+)", cluster.cli("logs", name).stdout), what="the job")[0])
     agent.kill9()
     assert psutil.pid_exists(pid)  # the job outlived its agent...
     cluster.agents.clear()

@@ -5,6 +5,7 @@ presigned URLs. Objects are checked from outside with plain boto3."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -148,7 +149,7 @@ def test_store_outage_during_upload_is_retried_and_then_fails_cleanly(
     wait_for(lambda: cluster.run_info(run)["status"] == "running", what="running")
     own_seaweed.kill()
     (gate / run).touch()
-    wait_for(lambda: cluster.run_info(run)["jobs"][0]["status"] == "uploading", timeout=20)  # type: ignore[index]
+    wait_for(lambda: cluster.run_info(run)["jobs"][0]["status"] == "uploading", timeout=20)
     time.sleep(2)
     own_seaweed.start()
     info = cluster.wait_status(run, {"done", "failed"}, timeout=60)
@@ -167,7 +168,7 @@ def test_store_outage_during_upload_is_retried_and_then_fails_cleanly(
     (gate / run).touch()
     info = cluster.wait_status(run, {"done", "failed"}, timeout=90)
     own_seaweed.start()
-    job = info["jobs"][0]  # type: ignore[index]
+    job = info["jobs"][0]
     assert info["status"] == "failed" and "artifact upload failed" in json.dumps(job), info
     assert cluster.cli("artifacts", "list", run, "--json").stdout.strip() == "[]"
     assert f"{prefix}/runs/{run}/save/manifest.json" not in objects(own_seaweed, f"{prefix}/runs/{run}/")
@@ -242,13 +243,14 @@ def test_logs_archived_to_the_store_and_expired_by_retention(
         assert r.returncode == 0, r.stderr
         runs.append(submitted(r.stderr))
     for run in runs:
-        wait_for(lambda run=run: objects(seaweed, f"{prefix}/runs/{run}/talk/logs.jsonl.gz"), what="log archive")
+        wait_for(functools.partial(objects, seaweed, f"{prefix}/runs/{run}/talk/logs.jsonl.gz"), what="log archive")
         r = cluster.cli("logs", run)
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == [str(i) for i in range(1, 3001)]
 
     # Retention: logs of old runs go; artifacts of untagged ones too; a tagged run keeps its artifacts.
-    cluster.coordinator.terminate()  # type: ignore[union-attr]
+    assert cluster.coordinator is not None
+    cluster.coordinator.terminate()
     cluster.start_coordinator(
         "--storage",
         f"s3://dstack/{prefix}",

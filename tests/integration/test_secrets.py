@@ -5,14 +5,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster, write_project
+from tests.conftest import Cluster, search, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +52,7 @@ def test_secret_reaches_the_job_masked_in_logs_and_encrypted_at_rest(cluster: Cl
     r = cluster.cli("run", "use", cwd=root)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["key=***", "***", hashlib.sha256(VALUE.encode()).hexdigest()]
-    name = re.search(r"(\S+) submitted", r.stderr).group(1)  # type: ignore[union-attr]
+    name = search(r"(\S+) submitted", r.stderr).group(1)
     assert cluster.cli("logs", name).stdout.splitlines()[:2] == ["key=***", "***"]
 
     cluster.stop_all()  # flush the database (WAL) to disk, then look at every byte of it

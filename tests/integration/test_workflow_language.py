@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster, write_project
+from tests.conftest import Cluster, search, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +69,7 @@ def test_variables_overrides_and_run_templates(cluster: Cluster, tmp_path: Path)
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
-    name = re.search(r"(\S+) submitted", r.stderr).group(1)  # type: ignore[union-attr]
+    name = search(r"(\S+) submitted", r.stderr).group(1)
     assert r.stdout.splitlines() == [
         "bs=128 lr=1.0 seed=1 epochs=5",
         "args='a b' --flag",

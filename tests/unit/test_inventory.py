@@ -59,9 +59,10 @@ def test_nvml_inventory_reads_each_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path
 
     def temp(h: int, sensor: int) -> int:
         assert sensor == pynvml.NVML_TEMPERATURE_GPU
-        if devices[h][4] is None:
+        t = devices[h][4]
+        if t is None:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
-        return devices[h][4]  # type: ignore[return-value]
+        return t
 
     monkeypatch.setattr(pynvml, "nvmlInit", init)
     monkeypatch.setattr(pynvml, "nvmlSystemGetDriverVersion", lambda: "550.54")

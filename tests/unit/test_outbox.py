@@ -57,8 +57,7 @@ def test_unacked_updates_are_resent_and_acked_ones_forgotten() -> None:
 
 
 def test_sequence_numbers_are_consecutive_per_job() -> None:
-    ob = Outbox.__new__(Outbox)
-    ob.__init__()  # type: ignore[misc]
+    ob = Outbox()
     for i in range(3):
         ob.add_line("a", OUT, str(i))
         ob.add_line("b", OUT, str(i))

@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 
 from dstack.cli.errors import WorkflowError
+from dstack.cli.spec import Workflow
 from dstack.cli.workflows import load_workflows
 
 
-def load(tmp_path: Path, text: str):  # type: ignore[no-untyped-def]
+def load(tmp_path: Path, text: str) -> dict[str, Workflow]:
     (tmp_path / ".dstack").mkdir(exist_ok=True)
     (tmp_path / ".dstack" / "workflows.yaml").write_text(text)
     return load_workflows(tmp_path)
