@@ -24,7 +24,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import docker
+    from docker.models.containers import Container
 
 IMAGES_VERSION = "1"
 BUSYBOX = f"dstack-test/busybox:{IMAGES_VERSION}"
@@ -108,7 +112,7 @@ def debootstrap_tar(name: str, include: str) -> Path:
 class Dockerd:
     root: Path
     proc: subprocess.Popen[bytes] | None = None
-    _client: Any = None
+    _client: docker.DockerClient | None = None
 
     @property
     def sock(self) -> Path:
@@ -167,7 +171,7 @@ class Dockerd:
                 self.proc.wait(10)
         self.proc = None
 
-    def client(self) -> Any:
+    def client(self) -> docker.DockerClient:
         """One client for the engine's life (made once it answers: the SDK asks for its version)."""
         if self._client is None:
             import docker
@@ -175,7 +179,7 @@ class Dockerd:
             self._client = docker.DockerClient(base_url=self.host, timeout=30)
         return self._client
 
-    def containers(self, agent_home: Path | str) -> list[Any]:
+    def containers(self, agent_home: Path | str) -> list[Container]:
         """Containers (also stopped ones) that an agent with this home created."""
         return list(self.client().containers.list(all=True, filters={"label": f"dstack.agent-home={agent_home}"}))
 

@@ -3,6 +3,7 @@ and the curl provider (host runtime: the host's curl or wget)."""
 
 from __future__ import annotations
 
+import functools
 import http.server
 import re
 import threading
@@ -83,14 +84,11 @@ def http_file(tmp_path: Path) -> Iterator[str]:
     root.mkdir()
     (root / "data.csv").write_text("a,b\n1,2\n")
 
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a: object, **kw: object) -> None:
-            super().__init__(*a, directory=str(root), **kw)  # type: ignore[arg-type]
-
+    class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *_: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/data.csv"

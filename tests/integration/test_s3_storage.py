@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 
 from dstack.storage.devserver import SeaweedServer
-from tests.conftest import Cluster, wait_for, write_project
+from tests.conftest import Cluster, LocalMode, wait_for, write_project
 from tests.integration.test_dependencies import FILES, SEED, submitted
 
 pytestmark = pytest.mark.integration
 
 
-def s3_client(server: SeaweedServer) -> Any:
+def s3_client(server: SeaweedServer) -> Any:  # a boto3 client: boto3 ships no types
     import boto3
 
     env = server.env()
@@ -309,7 +309,7 @@ def test_bad_storage_settings_stop_the_coordinator_with_a_clear_error(
     assert "Traceback" not in r.stderr
 
 
-def test_local_mode_honours_dstack_storage(local: Any, seaweed: SeaweedServer, tmp_path: Path) -> None:
+def test_local_mode_honours_dstack_storage(local: LocalMode, seaweed: SeaweedServer, tmp_path: Path) -> None:
     prefix = f"local-{uuid.uuid4().hex[:8]}"
     local.extra_env = {**seaweed.env(), "DSTACK_STORAGE": f"s3://dstack/{prefix}"}
     root = write_project(

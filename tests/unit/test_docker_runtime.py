@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TypedDict, Unpack
 
 import pytest
 
@@ -20,15 +21,28 @@ from dstack.agent.runtimes.docker import (
 OPTS = DockerOptions(bash_image="debian:bookworm-slim", python_image="python:{version}-slim", cuda_image="cuda:12")
 
 
-def job(**kw: Any) -> RuntimeJob:
-    base: dict[str, Any] = {
-        "job_id": "j1",
-        "workdir": Path("/agent/jobs/j1"),
-        "working_dir": "src",
-        "commands": ["echo hi"],
-        "env": {"A": "1"},
-    }
-    return RuntimeJob(**(base | kw))
+class JobChanges(TypedDict, total=False):
+    """The RuntimeJob fields a test sets."""
+
+    working_dir: str
+    commands: list[str]
+    gpu_indices: list[int]
+    gpu_uuids: list[str]
+    image: str
+    cpu: float
+    memory_bytes: int
+    shm_size_bytes: int
+    provider: str
+    python_version: str
+    ports: list[tuple[int, int]]
+    gpus_simulated: bool
+
+
+def job(**changes: Unpack[JobChanges]) -> RuntimeJob:
+    base = RuntimeJob(
+        job_id="j1", workdir=Path("/agent/jobs/j1"), working_dir="src", commands=["echo hi"], env={"A": "1"}
+    )
+    return dataclasses.replace(base, **changes)
 
 
 def test_real_gpus_are_requested_by_uuid_through_a_device_request() -> None:

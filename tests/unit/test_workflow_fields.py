@@ -116,10 +116,22 @@ def test_variables_that_would_break_the_job(tmp_path: Path, variables: str, need
 def test_duplicate_input_paths_are_refused() -> None:
     import asyncio
 
+    import grpc
+
     from dstack.agent.artifacts import ArtifactError, Downloader
-    from dstack.protos.v1 import agent_pb2, common_pb2
+    from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+    from dstack.storage.transfer import Transfer
 
     f = common_pb2.ArtifactFile(path="data/x", size=1, sha256="0" * 64)
     inputs = [agent_pb2.ArtifactInput(run_name=r, job_name="download", files=[f]) for r in ("run-1", "run-2")]
+
+    async def fetch() -> None:
+        # Refused before anything is asked of the coordinator (nothing listens there) or of the store.
+        async with grpc.aio.insecure_channel("127.0.0.1:1") as channel:
+            with Transfer() as transfer:
+                await Downloader(agent_pb2_grpc.AgentServiceStub(channel), list, 1, transfer).fetch(
+                    inputs, Path("/nonexistent")
+                )
+
     with pytest.raises(ArtifactError, match="data/x is an artifact of both run-1/download and run-2/download"):
-        asyncio.run(Downloader(None, list, 1, None).fetch(inputs, Path("/nonexistent")))  # type: ignore[arg-type]
+        asyncio.run(fetch())
