@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import logging
 import os
 import queue
 import random
@@ -29,6 +30,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dstack.storage.base import StoreError, UploadGrant
+
+log = logging.getLogger(__name__)
 
 # Files in flight at once. Measured on 2 cores against loopback SeaweedFS, 2,000 x 64 KiB: uploads
 # 1.67/1.40/1.55 s with 16/32/64 threads, downloads 1.79/1.96/2.12 s: more threads only fight over
@@ -186,7 +189,9 @@ class Transfer:
                 first_failure = first_failure or now
                 if now - first_failure >= self.retry_for:
                     raise TransferError(f"{what}: {e} (gave up after retrying for {self.retry_for:.0f}s)") from None
-                time.sleep(delay * (0.5 + random.random()))
+                pause = delay * (0.5 + random.random())
+                log.info("%s: %s; retrying in %.1fs", what, e, pause)
+                time.sleep(pause)
                 delay = min(delay * 2, 5.0)
             except TransferError as e:
                 raise TransferError(f"{what}: {e}") from None

@@ -94,6 +94,13 @@ class RunJSON(TypedDict):
     jobs: list[JobJSON]
 
 
+class ArtifactJSON(TypedDict):  # `dstack artifacts list --json` (cli/commands/artifacts.py)
+    job: str
+    path: str
+    size: int
+    sha256: str
+
+
 class GpuJSON(TypedDict):
     index: int
     name: str

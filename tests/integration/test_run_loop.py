@@ -101,7 +101,7 @@ def test_stop_kills_the_whole_process_tree(cluster: Cluster, tmp_path: Path) -> 
 
 def test_coordinator_kill9_and_restart_loses_nothing(cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_coordinator()
-    cluster.start_agent()
+    agent = cluster.start_agent()
     project = write_project(
         tmp_path / "p",
         """
@@ -117,8 +117,11 @@ def test_coordinator_kill9_and_restart_loses_nothing(cluster: Cluster, tmp_path:
     name = submit(cluster, project, "slow")
     wait_for(lambda: "line 5" in cluster.cli("logs", name).stdout, what="the job to print")
     assert cluster.coordinator is not None
+    lost = agent.output().count("; retrying in")
     cluster.coordinator.kill9()
-    time.sleep(1.5)  # the job keeps running and printing while the coordinator is down
+    # The job keeps running and printing while the coordinator is down: restarted only once the agent has
+    # lost its session (it logs "coordinator unreachable ...; retrying in ...") and buffers the lines.
+    wait_for(lambda: agent.output().count("; retrying in") > lost, what="the agent to lose the coordinator")
     cluster.start_coordinator()
     run = cluster.wait_status(name, {"done", "failed"}, timeout=60)
     assert run["status"] == "done", run

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import time
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -127,7 +127,7 @@ def test_store_outage_during_upload_is_retried_and_then_fails_cleanly(
     cluster: Cluster, own_seaweed: SeaweedServer, tmp_path: Path
 ) -> None:
     prefix = s3_cluster(cluster, own_seaweed)
-    cluster.start_agent("agent-1", "--store-retry", "6")
+    agent = cluster.start_agent("agent-1", "--store-retry", "6")
     # Each job ends only when the test has taken the store away (a fixed sleep could end first under load).
     gate = tmp_path / "gate"
     gate.mkdir()
@@ -150,7 +150,8 @@ def test_store_outage_during_upload_is_retried_and_then_fails_cleanly(
     own_seaweed.kill()
     (gate / run).touch()
     wait_for(lambda: cluster.run_info(run)["jobs"][0]["status"] == "uploading", timeout=20)
-    time.sleep(2)
+    # Back only once an upload has failed and is being retried (the agent logs each retry).
+    wait_for(lambda: re.search(r"out/f\d+.*; retrying in", agent.output()), timeout=20, what="a failed upload's retry")
     own_seaweed.start()
     info = cluster.wait_status(run, {"done", "failed"}, timeout=60)
     assert info["status"] == "done", info

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster, search, write_project
+from tests.conftest import ArtifactJSON, Cluster, search, wait_for, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -117,7 +117,6 @@ def test_language_errors(tmp_path: Path) -> None:
 
 def test_mounted_artifacts_are_saved_while_the_job_runs(cluster: Cluster, tmp_path: Path) -> None:
     import json
-    import time
 
     cluster.start_coordinator()
     cluster.start_agent("agent-1", "--mount-sync", "0.3")
@@ -139,13 +138,12 @@ def test_mounted_artifacts_are_saved_while_the_job_runs(cluster: Cluster, tmp_pa
         """,
     )
     name = cluster.cli("run", "-d", "long", cwd=root).stdout.strip()
-    deadline = time.monotonic() + 20
-    files: list[dict[str, object]] = []
-    while time.monotonic() < deadline:
-        files = json.loads(cluster.cli("artifacts", "list", name, "--json").stdout)
-        if files:
-            break
-        time.sleep(0.3)
+
+    def artifacts() -> list[ArtifactJSON]:
+        files: list[ArtifactJSON] = json.loads(cluster.cli("artifacts", "list", name, "--json").stdout)
+        return files
+
+    files = wait_for(artifacts, timeout=20, interval=0.3, what="the mounted artifact to be saved")
     assert [f["path"] for f in files] == ["logs/progress.txt"]  # while the job still runs
     assert cluster.run_info(name)["status"] == "running"
     cluster.cli("stop", name)
