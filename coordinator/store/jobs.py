@@ -1,6 +1,6 @@
 """Jobs: reads, scheduling passes, agents' reports, and what an agent's reconnect settles.
 
-Every status change goes through coordinator/lifecycle.py (the transition table)."""
+Every status change goes through coordinator/lifecycle (the transition table)."""
 
 from __future__ import annotations
 
