@@ -21,7 +21,7 @@ from dstack.coordinator.convert import (
     update_acks_to_proto,
 )
 from dstack.coordinator.hub import AgentHub
-from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobStatus
+from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobStatus, LogAck
 from dstack.coordinator.queue import Waiting, WaitingQueue
 from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest, schedule
 from dstack.coordinator.secrets import SecretBox
@@ -286,7 +286,7 @@ class Engine:
         reply = agent_pb2.CoordinatorMessage()
         changed: set[str] = set()
         if msg.logs:
-            acks = await self.db(self.store.insert_logs, log_batches_from_proto(msg.logs))
+            acks = await self.db(self._insert_logs, msg.logs)
             reply.log_acks.extend(log_acks_to_proto(acks))
             changed.update(await self._runs_of(j.job_id for j in msg.logs))
         if msg.updates:
@@ -306,6 +306,11 @@ class Engine:
         if reply.log_acks or reply.update_acks:
             return reply
         return None
+
+    def _insert_logs(self, logs: Sequence[agent_pb2.LogBatch]) -> list[LogAck]:
+        # Converted on the DB thread, as the store would have read them: a big batch costs the event
+        # loop nothing (heartbeats keep being answered).
+        return self.store.insert_logs(log_batches_from_proto(logs))
 
     async def _runs_of(self, job_ids: Iterable[str]) -> set[str]:
         ids = set(job_ids)
