@@ -59,14 +59,6 @@ class TerminationReason(enum.IntEnum):
         return self.name.lower().replace("_", " ")
 
 
-def job_status(value: int) -> JobStatus | None:
-    """The status a number names, or None for one this coordinator does not know (UNSPECIFIED)."""
-    try:
-        return JobStatus(value)
-    except ValueError:
-        return None
-
-
 def termination_reason(value: int | None) -> TerminationReason:
     try:
         return TerminationReason(value or 0)

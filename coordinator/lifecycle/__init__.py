@@ -31,6 +31,7 @@ from dstack.coordinator.model import (
     JobStatus,
     RunStatus,
     TerminationReason,
+    termination_reason,
 )
 
 log = logging.getLogger("dstack.coordinator")
@@ -293,9 +294,9 @@ def derive_run_status(jobs: list[tuple[int, int, str, str]]) -> tuple[RunStatus,
         stopped = [x for x in jobs if x[0] == JS.STOPPED]
         if failed:
             message = f"{failed[0][3]}: {failed[0][2]}" if len(jobs) > 1 else failed[0][2]
-            return RS.FAILED, _reason(failed[0][1]), message
+            return RS.FAILED, termination_reason(failed[0][1]), message
         if stopped:
-            return RS.STOPPED, _reason(stopped[0][1]), stopped[0][2]
+            return RS.STOPPED, termination_reason(stopped[0][1]), stopped[0][2]
         return RS.DONE, TR.DONE, ""
     if JS.PULLING in s and JS.RUNNING not in s:
         status = RS.PULLING
@@ -308,13 +309,6 @@ def derive_run_status(jobs: list[tuple[int, int, str, str]]) -> tuple[RunStatus,
     else:
         status = RS.SUBMITTED
     return status, TR.UNSPECIFIED, ""
-
-
-def _reason(value: int | None) -> TerminationReason:
-    try:
-        return TR(value or 0)
-    except ValueError:
-        return TR.UNSPECIFIED
 
 
 def refresh_run_status(c: sqlite3.Connection, run_id: str, now: int) -> RunStatus | None:
