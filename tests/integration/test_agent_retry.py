@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from dstack.agent.artifacts import Uploader
+from dstack.agent.artifacts import ArtifactError, Downloader, Uploader
 from dstack.agent.code import CodeCache, CodeError
 from dstack.agent.outbox import Outbox
 from dstack.agent.retry import RetryPolicy
@@ -119,6 +119,12 @@ class CoordinatorStub:
         self.grants.append(req)
         grants = [common_pb2.UploadGrant(path=f.path, url=self._url(f"art/{f.path}")) for f in req.files]
         return agent_pb2.GrantUploadsResponse(grants=grants)
+
+    async def GrantDownloads(
+        self, req: agent_pb2.GrantDownloadsRequest, metadata: Any = None
+    ) -> agent_pb2.GrantDownloadsResponse:
+        self.grants.append(req)
+        return agent_pb2.GrantDownloadsResponse(urls=[self._url(f"runs/{f.run_name}/{f.path}") for f in req.files])
 
     async def CommitArtifacts(
         self, req: agent_pb2.CommitArtifactsRequest, metadata: Any = None
@@ -243,3 +249,44 @@ def test_uploads_whose_urls_expired_are_granted_again_and_only_they_are_sent_aga
     assert fake.count("PUT", "/dstack/art/out/a") == 1 and fake.count("PUT", "/dstack/art/out/b") == 2
     (commit,) = stub.commits
     assert sorted(f.path for f in commit.files) == ["out/a", "out/b", "out/c"]
+
+
+def dependency(fake: FakeStore, files: dict[str, bytes]) -> agent_pb2.ArtifactInput:
+    for path, data in files.items():
+        fake.objects[f"/dstack/runs/r1/{path}"] = data
+    return agent_pb2.ArtifactInput(
+        run_name="r1",
+        job_name="download",
+        files=[
+            common_pb2.ArtifactFile(path=p, size=len(d), sha256=hashlib.sha256(d).hexdigest()) for p, d in files.items()
+        ],
+    )
+
+
+def test_dependency_downloads_whose_urls_expired_are_granted_again(
+    store: tuple[FakeStore, str], tmp_path: Path
+) -> None:
+    fake, base = store
+    src = dependency(fake, {"data/x": b"x" * 100, "data/y": b"y" * 100})
+    fake.script[("GET", "/dstack/runs/r1/data/x", "1")] = [(403, EXPIRED)]
+    fake.script[("GET", "/dstack/runs/r1/data/y", "*")] = [(503, SLOW_DOWN)]  # retried in place, same URL
+    stub = CoordinatorStub(base)
+    with Transfer(backoff=FAST.backoff, retryable=FAST.retries_in_place) as transfer:
+        n = asyncio.run(Downloader(stub, list, FAST, transfer).fetch([src], tmp_path))  # type: ignore[arg-type]
+    assert n == 2
+    assert (tmp_path / "data" / "x").read_bytes() == b"x" * 100 and (tmp_path / "data" / "y").read_bytes() == b"y" * 100
+    assert [f.path for f in stub.grants[1].files] == ["data/x"] and len(stub.grants) == 2
+
+
+def test_a_denied_dependency_download_fails_at_once(store: tuple[FakeStore, str], tmp_path: Path) -> None:
+    fake, base = store
+    src = dependency(fake, {"data/x": b"x"})
+    fake.script[("GET", "/dstack/runs/r1/data/x", "*")] = [(403, DENIED)] * 100
+    stub = CoordinatorStub(base)
+    with (
+        Transfer(backoff=RetryPolicy().backoff, retryable=RetryPolicy().retries_in_place) as transfer,
+        pytest.raises(ArtifactError, match=r"data/x \(from r1\): HTTP 403 SignatureDoesNotMatch"),
+    ):
+        asyncio.run(Downloader(stub, list, RetryPolicy(), transfer).fetch([src], tmp_path))  # type: ignore[arg-type]
+    assert fake.count("GET", "/dstack/runs/r1/data/x") == 1 and len(stub.grants) == 1
+    assert not (tmp_path / "data" / "x").exists()
