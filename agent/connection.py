@@ -155,7 +155,7 @@ class Agent:
                     continue
                 # Any other outcome, FINAL too, is retried: the session outlives coordinator restarts
                 # and upgrades, and its jobs keep running meanwhile.
-                log.info("coordinator unreachable (%s)", describe(e))
+                log.info("the session with the coordinator ended: %s", describe(e))
             except Exception:
                 # The agent must outlive any one bad session: its jobs are still running.
                 log.exception("session with the coordinator failed")

@@ -186,3 +186,13 @@ def test_other_exceptions_pass_through_untouched() -> None:
     with pytest.raises(ValueError, match="a bug"):
         asyncio.run(FAST.call("x", fn))
     assert calls[0] == 1
+
+
+def test_backoff_grows_with_jitter_up_to_its_cap_and_stops_at_the_deadline() -> None:
+    attempts = Backoff(deadline_s=3600.0, first_s=0.2, max_s=5.0).start()
+    delays = [attempts.next_delay() for _ in range(10)]
+    bases = [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0, 5.0, 5.0]
+    for d, base in zip(delays, bases, strict=True):
+        assert d is not None and 0.5 * base <= d <= 1.5 * base  # jittered around the base
+    assert attempts.failures == 10
+    assert Backoff(deadline_s=0.0).start().next_delay() is None  # no time: no retry
