@@ -119,6 +119,7 @@ def test_duplicate_input_paths_are_refused() -> None:
     import grpc
 
     from dstack.agent.artifacts import ArtifactError, Downloader
+    from dstack.agent.retry import RetryPolicy
     from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
     from dstack.storage.transfer import Transfer
 
@@ -129,7 +130,7 @@ def test_duplicate_input_paths_are_refused() -> None:
         # Refused before anything is asked of the coordinator (nothing listens there) or of the store.
         async with grpc.aio.insecure_channel("127.0.0.1:1") as channel:
             with Transfer() as transfer:
-                await Downloader(agent_pb2_grpc.AgentServiceStub(channel), list, 1, transfer).fetch(
+                await Downloader(agent_pb2_grpc.AgentServiceStub(channel), list, RetryPolicy(), transfer).fetch(
                     inputs, Path("/nonexistent")
                 )
 
