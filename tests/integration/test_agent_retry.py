@@ -9,11 +9,10 @@ import hashlib
 import io
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -23,7 +22,8 @@ from dstack.agent.code import CodeCache, CodeError
 from dstack.agent.outbox import Outbox
 from dstack.agent.retry import RetryPolicy
 from dstack.agent.runner import Janitor, JobRunner, RunnerDeps
-from dstack.protos.v1 import agent_pb2, common_pb2
+from dstack.agent.runtimes.null import NullRuntime
+from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from dstack.storage.backoff import Backoff
 from dstack.storage.transfer import Transfer
 
@@ -84,7 +84,7 @@ def store() -> Iterator[tuple[FakeStore, str]]:
 
         do_GET = do_PUT = _serve
 
-        def log_message(self, *args: Any) -> None:
+        def log_message(self, *args: object) -> None:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -97,37 +97,48 @@ def store() -> Iterator[tuple[FakeStore, str]]:
         server.server_close()
 
 
-class CoordinatorStub:
+GrantRequest = agent_pb2.GetCodeRequest | agent_pb2.GrantUploadsRequest | agent_pb2.GrantDownloadsRequest
+Metadata = Sequence[tuple[str, str]] | None
+
+
+class CoordinatorStub(agent_pb2_grpc.AgentServiceStub):
     """GrantCode / GrantUploads / CommitArtifacts as the coordinator answers them with an S3 store: a
-    URL per object, numbered by grant so the store can tell a fresh grant from an old one."""
+    URL per object, numbered by grant so the store can tell a fresh grant from an old one. (A subclass
+    of the real stub, for its type only: no channel, and the calls the agent makes are these methods.)"""
 
     def __init__(self, base: str) -> None:
         self.base = base
-        self.grants: list[Any] = []
+        self.grants: list[GrantRequest] = []
         self.commits: list[agent_pb2.CommitArtifactsRequest] = []
+
+    def granted_paths(self, n: int) -> list[str]:
+        """The paths of the files in the n-th grant (of uploads or downloads)."""
+        grant = self.grants[n]
+        assert not isinstance(grant, agent_pb2.GetCodeRequest), grant
+        return [f.path for f in grant.files]
 
     def _url(self, key: str) -> str:
         return f"{self.base}/dstack/{key}?grant={len(self.grants)}&X-Amz-Credential=AKID%2F20260101%2Fus-east-1"
 
-    async def GrantCode(self, req: agent_pb2.GetCodeRequest, metadata: Any = None) -> agent_pb2.GrantCodeResponse:
+    async def GrantCode(self, req: agent_pb2.GetCodeRequest, metadata: Metadata = None) -> agent_pb2.GrantCodeResponse:
         self.grants.append(req)
         return agent_pb2.GrantCodeResponse(url=self._url(f"code/{req.hash}.tar.gz"))
 
     async def GrantUploads(
-        self, req: agent_pb2.GrantUploadsRequest, metadata: Any = None
+        self, req: agent_pb2.GrantUploadsRequest, metadata: Metadata = None
     ) -> agent_pb2.GrantUploadsResponse:
         self.grants.append(req)
         grants = [common_pb2.UploadGrant(path=f.path, url=self._url(f"art/{f.path}")) for f in req.files]
         return agent_pb2.GrantUploadsResponse(grants=grants)
 
     async def GrantDownloads(
-        self, req: agent_pb2.GrantDownloadsRequest, metadata: Any = None
+        self, req: agent_pb2.GrantDownloadsRequest, metadata: Metadata = None
     ) -> agent_pb2.GrantDownloadsResponse:
         self.grants.append(req)
         return agent_pb2.GrantDownloadsResponse(urls=[self._url(f"runs/{f.run_name}/{f.path}") for f in req.files])
 
     async def CommitArtifacts(
-        self, req: agent_pb2.CommitArtifactsRequest, metadata: Any = None
+        self, req: agent_pb2.CommitArtifactsRequest, metadata: Metadata = None
     ) -> agent_pb2.CommitArtifactsResponse:
         self.commits.append(req)
         return agent_pb2.CommitArtifactsResponse()
@@ -147,7 +158,7 @@ def code_blob() -> tuple[bytes, str]:
 def code_cache(tmp_path: Path, base: str, policy: RetryPolicy) -> tuple[CodeCache, CoordinatorStub, Transfer]:
     stub = CoordinatorStub(base)
     transfer = Transfer(backoff=policy.backoff, retryable=policy.retries_in_place)
-    return CodeCache(tmp_path / "code", stub, list, transfer, policy), stub, transfer  # type: ignore[arg-type]
+    return CodeCache(tmp_path / "code", stub, list, transfer, policy), stub, transfer
 
 
 def test_code_download_retries_a_transient_failure_and_succeeds(store: tuple[FakeStore, str], tmp_path: Path) -> None:
@@ -175,11 +186,11 @@ def test_access_denied_fails_the_job_at_once_with_the_store_s_reason(
     outbox = Outbox()
     deps = RunnerDeps(
         jobs_dir=tmp_path / "jobs",
-        runtime=None,  # type: ignore[arg-type]  # the job fails before anything is started
+        runtime=NullRuntime(),  # the job fails before anything is started
         code=cache,
         outbox=outbox,
-        uploader=None,  # type: ignore[arg-type]
-        downloader=None,  # type: ignore[arg-type]
+        uploader=Uploader(stub, list, RetryPolicy(), transfer),
+        downloader=Downloader(stub, list, RetryPolicy(), transfer),
         gpu_uuids=lambda _: [],
         gpus_simulated=False,
         janitor=Janitor(),
@@ -240,10 +251,10 @@ def test_uploads_whose_urls_expired_are_granted_again_and_only_they_are_sent_aga
     fake.script[("PUT", "/dstack/art/out/b", "1")] = [(403, EXPIRED)]
     stub = CoordinatorStub(base)
     with Transfer(backoff=FAST.backoff, retryable=FAST.retries_in_place) as transfer:
-        uploader = Uploader(stub, list, FAST, transfer)  # type: ignore[arg-type]
+        uploader = Uploader(stub, list, FAST, transfer)
         n = asyncio.run(uploader.upload("j1", work, [common_pb2.ArtifactSpec(path="out")]))
     assert n == 3
-    assert [f.path for f in stub.grants[1].files] == ["out/b"]  # the second grant: only the expired one
+    assert stub.granted_paths(1) == ["out/b"]  # the second grant: only the expired one
     for name in ("a", "b", "c"):
         assert fake.objects[f"/dstack/art/out/{name}"] == name.encode() * 1000
     assert fake.count("PUT", "/dstack/art/out/a") == 1 and fake.count("PUT", "/dstack/art/out/b") == 2
@@ -272,10 +283,10 @@ def test_dependency_downloads_whose_urls_expired_are_granted_again(
     fake.script[("GET", "/dstack/runs/r1/data/y", "*")] = [(503, SLOW_DOWN)]  # retried in place, same URL
     stub = CoordinatorStub(base)
     with Transfer(backoff=FAST.backoff, retryable=FAST.retries_in_place) as transfer:
-        n = asyncio.run(Downloader(stub, list, FAST, transfer).fetch([src], tmp_path))  # type: ignore[arg-type]
+        n = asyncio.run(Downloader(stub, list, FAST, transfer).fetch([src], tmp_path))
     assert n == 2
     assert (tmp_path / "data" / "x").read_bytes() == b"x" * 100 and (tmp_path / "data" / "y").read_bytes() == b"y" * 100
-    assert [f.path for f in stub.grants[1].files] == ["data/x"] and len(stub.grants) == 2
+    assert stub.granted_paths(1) == ["data/x"] and len(stub.grants) == 2
 
 
 def test_a_denied_dependency_download_fails_at_once(store: tuple[FakeStore, str], tmp_path: Path) -> None:
@@ -287,6 +298,6 @@ def test_a_denied_dependency_download_fails_at_once(store: tuple[FakeStore, str]
         Transfer(backoff=RetryPolicy().backoff, retryable=RetryPolicy().retries_in_place) as transfer,
         pytest.raises(ArtifactError, match=r"data/x \(from r1\): HTTP 403 SignatureDoesNotMatch"),
     ):
-        asyncio.run(Downloader(stub, list, RetryPolicy(), transfer).fetch([src], tmp_path))  # type: ignore[arg-type]
+        asyncio.run(Downloader(stub, list, RetryPolicy(), transfer).fetch([src], tmp_path))
     assert fake.count("GET", "/dstack/runs/r1/data/x") == 1 and len(stub.grants) == 1
     assert not (tmp_path / "data" / "x").exists()
