@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from dstack.coordinator.artifacts import Artifacts
+from dstack.coordinator.auth import Authenticator, AuthInterceptor
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.engine import Engine
 from dstack.coordinator.retention import Retention
@@ -121,7 +122,8 @@ async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -
     artifacts = Artifacts(object_store)
     engine = Engine(config, store, db)
     retention = Retention(config, store, db, artifacts)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    auth = Authenticator(store, db, config.join_token)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(auth)])
     client_pb2_grpc.add_ClientServiceServicer_to_server(ClientService(engine, artifacts), server)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(engine, artifacts), server)
     if config.listen.startswith("unix://"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -12,11 +11,12 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from dstack.coordinator import auth
 from dstack.coordinator.artifacts import Artifacts, artifact_key, check_relative_path, code_key
 from dstack.coordinator.engine import Engine
-from dstack.coordinator.errors import AlreadyExists, Conflict, Unauthenticated
+from dstack.coordinator.errors import AlreadyExists, Conflict
 from dstack.coordinator.services.client import put_from_messages, read_chunks, stream_artifact
-from dstack.coordinator.services.rpc import bearer_token, streaming, unary
+from dstack.coordinator.services.rpc import streaming, unary
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2
 
 Ctx: TypeAlias = Any  # grpc.aio.ServicerContext: grpc ships no type information
@@ -31,12 +31,6 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self.artifacts = artifacts.store
         self.bookkeeping = artifacts
 
-    async def _agent(self, context: Ctx) -> str:
-        row = await self.db(self.store.agent_by_token, bearer_token(context))
-        if row is None:
-            raise Unauthenticated("unknown agent token: register the agent again with the join token")
-        return str(row["id"])
-
     async def _own_job(self, agent_id: str, job_id: str) -> dict[str, Any]:
         job = await self.db(self.store.job_location, job_id)
         if job["agent_id"] != agent_id:
@@ -45,8 +39,6 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
     @unary
     async def Register(self, request: agent_pb2.RegisterRequest, context: Ctx) -> agent_pb2.RegisterResponse:
-        if not hmac.compare_digest(request.join_token.encode(), self.engine.config.join_token.encode()):
-            raise Unauthenticated("invalid join token")
         token = secrets.token_urlsafe(32)
         name = request.name or request.inventory.hostname or "agent"
         try:
@@ -60,11 +52,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def Connect(
         self, request_iterator: AsyncIterator[agent_pb2.AgentMessage], context: Ctx
     ) -> AsyncIterator[agent_pb2.CoordinatorMessage]:
-        try:
-            agent_id = await self._agent(context)
-        except Unauthenticated as e:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
-            return
+        agent_id = auth.agent_id()
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("hello"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a hello")
@@ -101,7 +89,6 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
     @streaming
     async def GetCode(self, request: agent_pb2.GetCodeRequest, context: Ctx) -> AsyncIterator[client_pb2.DataChunk]:
-        await self._agent(context)
         async for chunk in read_chunks(self.artifacts, code_key(request.hash)):
             yield client_pb2.DataChunk(data=chunk)
 
@@ -109,7 +96,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def UploadArtifact(
         self, request_iterator: AsyncIterator[agent_pb2.UploadArtifactRequest], context: Ctx
     ) -> agent_pb2.UploadArtifactResponse:
-        agent_id = await self._agent(context)
+        agent_id = auth.agent_id()
         first = await anext(aiter(request_iterator))
         job = await self._own_job(agent_id, first.job_id)
         key = artifact_key(job["run_name"], job["job_name"], check_relative_path(first.path))
@@ -120,7 +107,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def CommitArtifacts(
         self, request: agent_pb2.CommitArtifactsRequest, context: Ctx
     ) -> agent_pb2.CommitArtifactsResponse:
-        agent_id = await self._agent(context)
+        agent_id = auth.agent_id()
         job = await self._own_job(agent_id, request.job_id)
         files = [(check_relative_path(f.path), f.size, f.sha256) for f in request.files]
         await self.bookkeeping.commit(job["run_name"], job["job_name"], files, request.completed)
@@ -129,14 +116,13 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
     @unary
     async def GrantCode(self, request: agent_pb2.GetCodeRequest, context: Ctx) -> agent_pb2.GrantCodeResponse:
-        await self._agent(context)
         return agent_pb2.GrantCodeResponse(url=await self.bookkeeping.code_download_url(request.hash))
 
     @unary
     async def GrantUploads(
         self, request: agent_pb2.GrantUploadsRequest, context: Ctx
     ) -> agent_pb2.GrantUploadsResponse:
-        agent_id = await self._agent(context)
+        agent_id = auth.agent_id()
         job = await self._own_job(agent_id, request.job_id)
         if not self.bookkeeping.presigns:
             return agent_pb2.GrantUploadsResponse(stream=True)
@@ -147,7 +133,6 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def GrantDownloads(
         self, request: agent_pb2.GrantDownloadsRequest, context: Ctx
     ) -> agent_pb2.GrantDownloadsResponse:
-        await self._agent(context)
         if not self.bookkeeping.presigns:
             return agent_pb2.GrantDownloadsResponse(stream=True)
         keys = await self.db(self._recorded_keys, list(request.files))
@@ -168,6 +153,5 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def DownloadArtifact(
         self, request: client_pb2.DownloadArtifactRequest, context: Ctx
     ) -> AsyncIterator[client_pb2.DataChunk]:
-        await self._agent(context)
         async for chunk in stream_artifact(self.engine, self.artifacts, request):
             yield chunk

@@ -8,17 +8,18 @@ import hashlib
 import json
 import queue
 import re
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeAlias
 
-from dstack.coordinator.artifacts import Artifacts, artifact_key, check_relative_path, code_key, logs_key
+from dstack.coordinator.app import logs
+from dstack.coordinator.app.core import Core
+from dstack.coordinator.artifacts import Artifacts, artifact_key, check_relative_path, code_key
+from dstack.coordinator.auth import user_name
 from dstack.coordinator.convert import inventory_from_bytes, run_to_proto
 from dstack.coordinator.engine import Engine
 from dstack.coordinator.errors import InvalidRequest
-from dstack.coordinator.retention import read_log_archive
 from dstack.coordinator.secrets import check_secret_name
-from dstack.coordinator.services.rpc import authenticate, streaming, unary
+from dstack.coordinator.services.rpc import streaming, unary
 from dstack.coordinator.store.db import CreatedRun, NewJob
 from dstack.coordinator.templates import with_run_name
 from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
@@ -27,9 +28,6 @@ from dstack.storage import ArtifactStore, StoreError
 Ctx: TypeAlias = Any  # grpc.aio.ServicerContext: grpc ships no type information
 VERSION = "0.1.0"
 CHUNK = 1 << 20
-LOG_BATCH = 5000
-LOG_BATCH_BYTES = 4 << 20
-TOKEN_CACHE_S = 30.0
 
 
 async def put_from_stream(
@@ -108,28 +106,11 @@ async def read_chunks(store: ArtifactStore, key: str) -> AsyncIterator[bytes]:
 class ClientService(client_pb2_grpc.ClientServiceServicer):
     def __init__(self, engine: Engine, artifacts: Artifacts) -> None:
         self.engine = engine
+        self.core = Core(engine, artifacts)
         self.store = engine.store
         self.db = engine.db
         self.artifacts = artifacts.store
         self.bookkeeping = artifacts
-        self._tokens: dict[str, tuple[str, float]] = {}
-
-    async def _user(self, context: Ctx) -> str:
-        return await authenticate(context, self._lookup_token)
-
-    async def _lookup_token(self, token: str) -> str | None:
-        # Cached briefly: every call is authenticated, and a DB round trip each time would dominate
-        # small requests. A revoked token stops working within TOKEN_CACHE_S.
-        now = time.monotonic()
-        hit = self._tokens.get(token)
-        if hit is not None and hit[1] > now:
-            return hit[0]
-        user = await self.db(self.store.user_for_token, token)
-        if user is not None:
-            if len(self._tokens) > 10_000:
-                self._tokens.clear()
-            self._tokens[token] = (user, now + TOKEN_CACHE_S)
-        return user
 
     def _load_run(self, name: str) -> client_pb2.Run:
         row = self.store.run_by_name(name)
@@ -142,12 +123,11 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def GetInfo(self, request: client_pb2.GetInfoRequest, context: Ctx) -> client_pb2.GetInfoResponse:
-        user = await self._user(context)
+        user = user_name()
         return client_pb2.GetInfoResponse(version=VERSION, user=user, local_mode=self.engine.config.local_mode)
 
     @unary
     async def HasCode(self, request: client_pb2.HasCodeRequest, context: Ctx) -> client_pb2.HasCodeResponse:
-        await self._user(context)
         code_key(request.hash)
         if await self.db(self.store.has_code, request.hash):
             return client_pb2.HasCodeResponse(present=True)
@@ -157,7 +137,6 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     async def PutCode(
         self, request_iterator: AsyncIterator[client_pb2.PutCodeRequest], context: Ctx
     ) -> client_pb2.PutCodeResponse:
-        await self._user(context)
         first = await anext(aiter(request_iterator))
         key = code_key(first.hash)
 
@@ -172,7 +151,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def SubmitRun(self, request: client_pb2.SubmitRunRequest, context: Ctx) -> client_pb2.SubmitRunResponse:
-        owner = await self._user(context)
+        owner = user_name()
         if not request.jobs:
             raise InvalidRequest("a run needs at least one job")
         names = [j.job_name for j in request.jobs]
@@ -252,12 +231,10 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def GetRun(self, request: client_pb2.GetRunRequest, context: Ctx) -> client_pb2.GetRunResponse:
-        await self._user(context)
         return client_pb2.GetRunResponse(run=await self._run(request.name))
 
     @unary
     async def ListRuns(self, request: client_pb2.ListRunsRequest, context: Ctx) -> client_pb2.ListRunsResponse:
-        await self._user(context)
 
         def load() -> list[client_pb2.Run]:
             rows = self.store.list_runs(request.all, request.limit or 1000)
@@ -269,7 +246,6 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def StopRun(self, request: client_pb2.StopRunRequest, context: Ctx) -> client_pb2.StopRunResponse:
-        await self._user(context)
         await asyncio.shield(self.engine.stop_run(request.name))  # stop messages go out even if the client leaves
         return client_pb2.StopRunResponse(run=await self._run(request.name))
 
@@ -277,82 +253,18 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     async def StreamLogs(
         self, request: client_pb2.StreamLogsRequest, context: Ctx
     ) -> AsyncIterator[client_pb2.StreamLogsResponse]:
-        await self._user(context)
-        run = await self.db(self.store.run_by_name, request.run_name)
-        jobs = (await self.db(self.store.jobs_of_runs, [run["id"]]))[run["id"]]
-        # Logs of long-finished jobs live in the store (coordinator/retention.py), not the database.
-        for j in jobs:
-            if j["logs_state"]:
-                async for part in self._archived_logs(run["name"], j["job_name"], j["logs_state"]):
-                    yield part
-        cursors = {j["id"]: 0 for j in jobs if not j["logs_state"]}
-        names = {j["id"]: j["job_name"] for j in jobs}
-
-        def read() -> list[client_pb2.JobLogs]:
-            out = []
-            budget = LOG_BATCH_BYTES  # one response stays far below gRPC's message limit
-            for job_id, after in cursors.items():
-                if budget <= 0:
-                    break
-                rows = self.store.read_logs(job_id, after, LOG_BATCH, budget)
-                budget -= sum(len(r.text) + 32 for r in rows)
-                if rows:
-                    out.append(
-                        client_pb2.JobLogs(
-                            job_name=names[job_id],
-                            lines=rows,
-                        )
-                    )
-            return out
-
-        finished = False
-        while True:
-            event = self.engine.watchers.event(run["id"])
-            # Check for the end before reading: every line of a job is stored before its end is.
-            if request.follow and not finished:
-                finished = (await self.db(self.store.run_by_id, run["id"]))["finished_at"] is not None
-            batch = await self.db(read)
-            if batch:
-                for jl in batch:
-                    job_id = next(k for k, v in names.items() if v == jl.job_name)
-                    cursors[job_id] = jl.lines[-1].seq
-                yield client_pb2.StreamLogsResponse(jobs=batch)
-                continue
-            if not request.follow:
-                return
-            if finished:
-                yield client_pb2.StreamLogsResponse(finished_run=await self._run(request.run_name))
-                return
-            try:
-                await asyncio.wait_for(event.wait(), timeout=1.0)
-            except TimeoutError:
-                pass
-
-    async def _archived_logs(
-        self, run_name: str, job_name: str, state: int
-    ) -> AsyncIterator[client_pb2.StreamLogsResponse]:
-        if state == 2:
-            text = "[dstack: the logs of this job were deleted by the retention policy]"
+        after = {c.job_name: c.seq for c in request.after}
+        async for chunk in logs.stream_logs(self.core, request.run_name, request.follow, after):
             yield client_pb2.StreamLogsResponse(
-                jobs=[
-                    client_pb2.JobLogs(
-                        job_name=job_name,
-                        lines=[common_pb2.LogLine(seq=1, stream=common_pb2.LOG_STREAM_SYSTEM, text=text)],
-                    )
-                ]
-            )
-            return
-        lines = await asyncio.to_thread(read_log_archive, self.artifacts, logs_key(run_name, job_name))
-        for i in range(0, len(lines), LOG_BATCH):
-            yield client_pb2.StreamLogsResponse(
-                jobs=[client_pb2.JobLogs(job_name=job_name, lines=lines[i : i + LOG_BATCH])]
+                jobs=[client_pb2.JobLogs(job_name=j.job_name, lines=j.lines) for j in chunk.jobs],
+                finished_run=chunk.finished_run,
+                cursor=[client_pb2.LogCursor(job_name=k, seq=v) for k, v in chunk.cursor.items()],
             )
 
     @unary
     async def ListArtifacts(
         self, request: client_pb2.ListArtifactsRequest, context: Ctx
     ) -> client_pb2.ListArtifactsResponse:
-        await self._user(context)
         run = await self.db(self.store.run_by_name, request.run_name)
         rows = await self.db(self.store.list_artifacts, run["id"])
         urls: list[str] = []
@@ -372,7 +284,6 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     async def DownloadArtifact(
         self, request: client_pb2.DownloadArtifactRequest, context: Ctx
     ) -> AsyncIterator[client_pb2.DataChunk]:
-        await self._user(context)
         async for chunk in stream_artifact(self.engine, self.artifacts, request):
             yield chunk
 
@@ -380,7 +291,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     async def CreateUpload(
         self, request: client_pb2.CreateUploadRequest, context: Ctx
     ) -> client_pb2.CreateUploadResponse:
-        owner = await self._user(context)
+        owner = user_name()
         check_tag_name(request.tag)
         if not _NAME.fullmatch(request.workflow):
             raise InvalidRequest(f"invalid workflow name {request.workflow!r}")
@@ -396,7 +307,6 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     async def PutArtifact(
         self, request_iterator: AsyncIterator[client_pb2.PutArtifactRequest], context: Ctx
     ) -> client_pb2.PutArtifactResponse:
-        await self._user(context)
         first = await anext(aiter(request_iterator))
         job = await self.db(self.store.upload_job, first.run_name)
         key = artifact_key(first.run_name, job["job_name"], check_relative_path(first.path))
@@ -407,7 +317,6 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     async def CommitUpload(
         self, request: client_pb2.CommitUploadRequest, context: Ctx
     ) -> client_pb2.CommitUploadResponse:
-        await self._user(context)
         job = await self.db(self.store.upload_job, request.run_name)
         files = [(check_relative_path(f.path), f.size, f.sha256) for f in request.files]
         await self.bookkeeping.commit(request.run_name, job["job_name"], files, request.completed)
@@ -416,7 +325,6 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def DeleteRun(self, request: client_pb2.DeleteRunRequest, context: Ctx) -> client_pb2.DeleteRunResponse:
-        await self._user(context)
         run = await self.db(self.store.deletable_run, request.name)
         # Objects first: if this fails halfway, the run is still listed and `dstack rm` can be repeated.
         deleted = await self.bookkeeping.delete_run(run["name"])
@@ -425,7 +333,6 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def ListAgents(self, request: client_pb2.ListAgentsRequest, context: Ctx) -> client_pb2.ListAgentsResponse:
-        await self._user(context)
 
         def load() -> list[client_pb2.Agent]:
             busy: dict[str, list[int]] = {}
@@ -450,7 +357,6 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def AddTag(self, request: client_pb2.AddTagRequest, context: Ctx) -> client_pb2.AddTagResponse:
-        await self._user(context)
         check_tag_name(request.tag)
         return client_pb2.AddTagResponse(
             tag=tag_to_proto(await self.db(self.store.add_tag, request.tag, request.run_name))
@@ -458,18 +364,15 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def ListTags(self, request: client_pb2.ListTagsRequest, context: Ctx) -> client_pb2.ListTagsResponse:
-        await self._user(context)
         return client_pb2.ListTagsResponse(tags=[tag_to_proto(r) for r in await self.db(self.store.list_tags)])
 
     @unary
     async def DeleteTag(self, request: client_pb2.DeleteTagRequest, context: Ctx) -> client_pb2.DeleteTagResponse:
-        await self._user(context)
         await self.db(self.store.delete_tag, request.tag)
         return client_pb2.DeleteTagResponse()
 
     @unary
     async def AddSecret(self, request: client_pb2.AddSecretRequest, context: Ctx) -> client_pb2.AddSecretResponse:
-        await self._user(context)
         check_secret_name(request.name)
         if not request.value:
             raise InvalidRequest("a secret needs a value")
@@ -479,7 +382,6 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def ListSecrets(self, request: client_pb2.ListSecretsRequest, context: Ctx) -> client_pb2.ListSecretsResponse:
-        await self._user(context)
         return client_pb2.ListSecretsResponse(
             secrets=[secret_to_proto(r) for r in await self.db(self.store.list_secrets)]
         )
@@ -488,7 +390,6 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     async def DeleteSecret(
         self, request: client_pb2.DeleteSecretRequest, context: Ctx
     ) -> client_pb2.DeleteSecretResponse:
-        await self._user(context)
         await self.db(self.store.delete_secret, request.name)
         self.engine.secrets.pop(request.name, None)
         return client_pb2.DeleteSecretResponse()
