@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 
+from dstack.coordinator.app.core import Core
 from dstack.coordinator.artifacts import Artifacts
 from dstack.coordinator.auth import Authenticator, AuthInterceptor
 from dstack.coordinator.config import CoordinatorConfig
@@ -124,8 +125,9 @@ async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -
     retention = Retention(config, store, db, artifacts)
     auth = Authenticator(store, db, config.join_token)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(auth)])
-    client_pb2_grpc.add_ClientServiceServicer_to_server(ClientService(engine, artifacts), server)
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(engine, artifacts), server)
+    core = Core(engine, artifacts)
+    client_pb2_grpc.add_ClientServiceServicer_to_server(ClientService(core), server)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(core), server)
     if config.listen.startswith("unix://"):
         # A socket file left by a killed coordinator would make the bind fail; one that a live process
         # answers on belongs to another coordinator, which deleting it would silently cut off.

@@ -26,6 +26,10 @@ class Core:
         self.db = self.engine.db
         self.objects = self.artifacts.store
 
+    @property
+    def local_mode(self) -> bool:
+        return self.engine.config.local_mode
+
     def load_run(self, name: str) -> client_pb2.Run:
         """A run as clients see it (on the DB thread)."""
         row = self.store.run_by_name(name)

@@ -73,3 +73,18 @@ def streaming(fn: F) -> F:
             await context.abort(code, str(e))
 
     return wrapper  # type: ignore[return-value]
+
+
+async def first_message(request_iterator: AsyncIterator[Any]) -> Any:
+    """The first message of a client stream (which carries the call's arguments)."""
+    first = await anext(aiter(request_iterator), None)
+    if first is None:
+        raise InvalidRequest("an empty stream: the first message carries the call's arguments")
+    return first
+
+
+async def data_of(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    """The bytes of an upload's messages (each with a `data` field; the first already read)."""
+    yield first.data
+    async for msg in rest:
+        yield msg.data

@@ -87,3 +87,30 @@ def test_agent_token_is_not_a_user_token(cluster: Cluster) -> None:
             list(get_code(iter([b""]), metadata=[("authorization", f"Bearer {cluster.admin_token}")], timeout=30))
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "needs an agent token" in (e.value.details() or "")
+
+
+def test_register_needs_the_join_token(cluster: Cluster) -> None:
+    from dstack.protos.v1 import agent_pb2
+
+    cluster.start_coordinator()
+    with channel(cluster) as ch:
+        register = ch.unary_unary("/dstack.v1.AgentService/Register", **RAW)
+        with pytest.raises(grpc.RpcError) as e:
+            register(agent_pb2.RegisterRequest(join_token="wrong", name="x").SerializeToString(), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "invalid join token" in (e.value.details() or "")
+        ok = agent_pb2.RegisterResponse.FromString(
+            register(agent_pb2.RegisterRequest(join_token=cluster.join_token, name="x").SerializeToString(), timeout=30)
+        )
+        # The agent's own token now works for agent calls, and only for them.
+        grant = ch.unary_unary("/dstack.v1.AgentService/GrantCode", **RAW)
+        grant(
+            agent_pb2.GetCodeRequest(hash="0" * 64).SerializeToString(),
+            metadata=[("authorization", f"Bearer {ok.agent_token}")],
+            timeout=30,
+        )
+        info = ch.unary_unary("/dstack.v1.ClientService/GetInfo", **RAW)
+        with pytest.raises(grpc.RpcError) as e:
+            info(b"", metadata=[("authorization", f"Bearer {ok.agent_token}")], timeout=30)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "needs a user token" in (e.value.details() or "")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from dstack.coordinator.auth import PERMISSIONS, Role, bearer_token
 from dstack.protos.v1 import agent_pb2, client_pb2
 
@@ -29,3 +31,12 @@ def test_bearer_token() -> None:
     assert bearer_token([("authorization", "Bearer abc")]) == "abc"
     assert bearer_token([("authorization", "Basic abc")]) is None
     assert bearer_token(None) is None
+
+
+def test_servicers_only_translate() -> None:
+    """No servicer authenticates by hand or reaches past coordinator/app into the engine or store."""
+    services = Path(__file__).resolve().parents[2] / "coordinator" / "services"
+    for path in services.glob("*.py"):
+        text = path.read_text()
+        for word in ("engine", ".store", ".db(", "bearer_token", "invocation_metadata", "authenticate("):
+            assert word not in text, f"{path.name} uses {word!r}"
