@@ -49,6 +49,7 @@ def test_big_unauthenticated_request_is_refused_unread(
         with pytest.raises(grpc.RpcError) as e:
             submit(body, metadata=metadata, timeout=60)
         grown = peak_rss(pid) - before
+    print(f"refused; the coordinator's peak RSS grew by {grown / MIB:.1f} MiB")
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value
     assert ("missing token: run `dstack config`" if metadata is None else "invalid token") in (e.value.details() or "")
     assert grown < 20 * MIB, f"the coordinator's peak RSS grew by {grown / MIB:.1f} MiB"
@@ -71,6 +72,7 @@ def test_unauthenticated_upload_stops_its_sender(cluster: Cluster) -> None:
         with pytest.raises(grpc.RpcError) as e:
             put(chunks(), timeout=60)
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value
+    print(f"refused after the client had handed over {sent // MIB} of {BIG // MIB} MiB")
     assert sent < BIG, "the whole upload was sent"
     assert peak_rss(coordinator.popen.pid) - before < 20 * MIB
 
