@@ -140,7 +140,7 @@ class Authenticator:
 
     async def agent(self, token: str) -> str | None:
         row = await self.db(self.store.agent_by_token, token)
-        return None if row is None else str(row["id"])
+        return None if row is None else str(row.id)
 
     def is_join_token(self, token: str) -> bool:
         return hmac.compare_digest(token.encode(), self.join_token.encode())

@@ -54,7 +54,7 @@ class Session:
 
 async def own_job(core: Core, agent_id: str, job_id: str) -> Any:
     job = await core.db(core.store.job_location, job_id)
-    if job["agent_id"] != agent_id:
+    if job.agent_id != agent_id:
         raise Conflict(f"job {job_id} is not assigned to this agent")
     return job
 
@@ -64,7 +64,7 @@ async def upload_artifact(
 ) -> tuple[int, str]:
     """One artifact file of the agent's job, streamed through the coordinator; returns size and sha256."""
     job = await own_job(core, agent_id, job_id)
-    key = artifact_key(job["run_name"], job["job_name"], check_relative_path(path))
+    key = artifact_key(job.run_name, job.job_name, check_relative_path(path))
     return await put_from_stream(core.objects, key, chunks)
 
 
@@ -77,7 +77,7 @@ async def commit_artifacts(
 ) -> None:
     job = await own_job(core, agent_id, job_id)
     checked = [(check_relative_path(p), size, sha) for p, size, sha in files]
-    await core.artifacts.commit(job["run_name"], job["job_name"], checked, completed)
+    await core.artifacts.commit(job.run_name, job.job_name, checked, completed)
     await core.db(core.store.save_artifacts, job_id, checked)
 
 
@@ -88,4 +88,4 @@ async def grant_uploads(
     job = await own_job(core, agent_id, job_id)
     if not core.artifacts.presigns:
         return None
-    return await core.artifacts.grant_uploads(job["run_name"], job["job_name"], files)
+    return await core.artifacts.grant_uploads(job.run_name, job.job_name, files)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -50,17 +49,17 @@ async def list_agents(core: Core) -> list[AgentInfo]:
         busy: dict[str, list[int]] = {}
         count: dict[str, int] = {}
         for a in core.store.active_allocations():
-            busy.setdefault(a["agent_id"], []).extend(json.loads(a["gpu_indices"] or "[]"))
-            count[a["agent_id"]] = count.get(a["agent_id"], 0) + 1
+            busy.setdefault(a.agent_id, []).extend(a.gpu_indices)
+            count[a.agent_id] = count.get(a.agent_id, 0) + 1
         return [
             AgentInfo(
-                id=r["id"],
-                name=r["name"],
-                status=r["status"],
-                inventory=inventory_from_bytes(r["inventory"]),
-                running_jobs=count.get(r["id"], 0),
-                last_heartbeat_ns=r["last_heartbeat"] or 0,
-                busy_gpu_indices=sorted(busy.get(r["id"], [])),
+                id=r.id,
+                name=r.name,
+                status=r.status,
+                inventory=inventory_from_bytes(r.inventory),
+                running_jobs=count.get(r.id, 0),
+                last_heartbeat_ns=r.last_heartbeat or 0,
+                busy_gpu_indices=sorted(busy.get(r.id, [])),
             )
             for r in core.store.list_agents()
         ]

@@ -38,19 +38,19 @@ class Upload:
 
 async def list_artifacts(core: Core, run_name: str, with_urls: bool = False) -> ArtifactListing:
     run = await core.db(core.store.run_by_name, run_name)
-    rows = await core.db(core.store.list_artifacts, run["id"])
+    rows = await core.db(core.store.list_artifacts, run.id)
     urls: list[str] = []
     if with_urls and core.artifacts.presigns:
-        urls = await core.artifacts.download_urls([artifact_key(run["name"], r["job_name"], r["path"]) for r in rows])
-    files = [ArtifactFile(r["job_name"], r["path"], r["size"], r["sha256"]) for r in rows]
+        urls = await core.artifacts.download_urls([artifact_key(run.name, r.job_name, r.path) for r in rows])
+    files = [ArtifactFile(r.job_name, r.path, r.size, r.sha256) for r in rows]
     return ArtifactListing(files, urls)
 
 
 async def download(core: Core, run_name: str, job_name: str, path: str) -> AsyncIterator[bytes]:
     """One recorded artifact file of a run's job, in chunks (for users and for agents' job inputs)."""
     run = await core.db(core.store.run_by_name, run_name)
-    await core.db(core.store.artifact, run["id"], job_name, path)  # NOT_FOUND if not recorded
-    async for chunk in read_chunks(core.objects, artifact_key(run["name"], job_name, path)):
+    await core.db(core.store.artifact, run.id, job_name, path)  # NOT_FOUND if not recorded
+    async for chunk in read_chunks(core.objects, artifact_key(run.name, job_name, path)):
         yield chunk
 
 
@@ -65,7 +65,7 @@ async def recorded_download_urls(core: Core, files: Sequence[tuple[str, str, str
         runs: dict[str, str] = {}
         for run_name, job_name, path in files:
             if run_name not in runs:
-                runs[run_name] = core.store.run_by_name(run_name)["id"]
+                runs[run_name] = core.store.run_by_name(run_name).id
             core.store.artifact(runs[run_name], job_name, path)
             out.append(artifact_key(run_name, job_name, path))
         return out
@@ -91,7 +91,7 @@ async def create_upload(
 async def put_upload_file(core: Core, run_name: str, path: str, chunks: AsyncIterator[bytes]) -> tuple[int, str]:
     """One file of an upload run, streamed through the coordinator; returns size and sha256."""
     job = await core.db(core.store.upload_job, run_name)
-    key = artifact_key(run_name, job["job_name"], check_relative_path(path))
+    key = artifact_key(run_name, job.job_name, check_relative_path(path))
     return await put_from_stream(core.objects, key, chunks)
 
 
@@ -100,6 +100,6 @@ async def commit_upload(
 ) -> client_pb2.Run:
     job = await core.db(core.store.upload_job, run_name)
     checked = [(check_relative_path(p), size, sha) for p, size, sha in files]
-    await core.artifacts.commit(run_name, job["job_name"], checked, completed)
+    await core.artifacts.commit(run_name, job.job_name, checked, completed)
     await core.db(core.store.finish_upload_run, run_name, checked)
     return await core.run(run_name)

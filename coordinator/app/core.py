@@ -33,8 +33,8 @@ class Core:
     def load_run(self, name: str) -> client_pb2.Run:
         """A run as clients see it (on the DB thread)."""
         row = self.store.run_by_name(name)
-        jobs = self.store.jobs_of_runs([row["id"]])[row["id"]]
-        tags = self.store.tags_of_runs([row["id"]])[row["id"]]
+        jobs = self.store.jobs_of_runs([row.id])[row.id]
+        tags = self.store.tags_of_runs([row.id])[row.id]
         return run_to_proto(row, jobs, tags, self.engine.pending_reasons)
 
     async def run(self, name: str) -> client_pb2.Run:

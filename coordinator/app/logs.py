@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.artifacts import logs_key
+from dstack.coordinator.model import LogLine
 from dstack.coordinator.retention import read_log_archive
 from dstack.protos.v1 import client_pb2, common_pb2
 
@@ -28,7 +29,7 @@ DELETED_NOTICE = "[dstack: the logs of this job were deleted by the retention po
 @dataclass(frozen=True)
 class JobLines:
     job_name: str
-    lines: list[common_pb2.LogLine]
+    lines: list[LogLine]
 
 
 @dataclass(frozen=True)
@@ -53,24 +54,24 @@ async def stream_logs(
     """Every line of the run after `after`; with `follow`, until the run has finished (the last
     chunk then carries the finished run)."""
     run = await core.db(core.store.run_by_name, run_name)
-    run_id: str = run["id"]
+    run_id: str = run.id
     cursor: dict[str, int] = {k: v for k, v in (after or {}).items() if v > 0}
     done: set[str] = set()  # archived (or deleted) jobs whose lines have all been sent
 
     def poll() -> _Poll:
         # The end first: every line of a job is stored before its end is.
-        finished = core.store.run_by_id(run_id)["finished_at"] is not None
+        finished = core.store.run_by_id(run_id).finished_at is not None
         jobs = core.store.jobs_of_runs([run_id])[run_id]
         out: list[JobLines] = []
         budget = LOG_BATCH_BYTES
         for j in jobs:
-            if j["logs_state"] != IN_DATABASE or budget <= 0:
+            if j.logs_state != IN_DATABASE or budget <= 0:
                 continue
-            rows = core.store.read_logs(j["id"], cursor.get(j["job_name"], 0), LOG_BATCH, budget)
+            rows = core.store.read_logs(j.id, cursor.get(j.job_name, 0), LOG_BATCH, budget)
             budget -= sum(len(r.text) + 32 for r in rows)
             if rows:
-                out.append(JobLines(j["job_name"], rows))
-        return _Poll(finished, out, {j["job_name"]: j["logs_state"] for j in jobs})
+                out.append(JobLines(j.job_name, rows))
+        return _Poll(finished, out, {j.job_name: j.logs_state for j in jobs})
 
     while True:
         event = core.engine.watchers.event(run_id)
@@ -78,7 +79,7 @@ async def stream_logs(
         moved = False
         for name, state in p.states.items():
             if state != IN_DATABASE and name not in done:
-                async for chunk in _from_archive(core, run["name"], name, state, cursor):
+                async for chunk in _from_archive(core, run.name, name, state, cursor):
                     yield chunk
                 done.add(name)
                 moved = True
@@ -92,7 +93,7 @@ async def stream_logs(
         if not follow:
             return
         if p.finished:
-            yield LogChunk([], dict(cursor), finished_run=await core.run(run["name"]))
+            yield LogChunk([], dict(cursor), finished_run=await core.run(run.name))
             return
         try:
             await asyncio.wait_for(event.wait(), timeout=1.0)
@@ -107,11 +108,11 @@ async def _from_archive(
     if state == DELETED:
         if after < 1:
             cursor[job_name] = 1
-            notice = common_pb2.LogLine(seq=1, stream=common_pb2.LOG_STREAM_SYSTEM, text=DELETED_NOTICE)
+            notice = LogLine(seq=1, stream=common_pb2.LOG_STREAM_SYSTEM, time_ns=0, text=DELETED_NOTICE)
             yield LogChunk([JobLines(job_name, [notice])], dict(cursor))
         return
-    lines = await asyncio.to_thread(read_log_archive, core.objects, logs_key(run_name, job_name))
-    lines = [ln for ln in lines if ln.seq > after]
+    archived = await asyncio.to_thread(read_log_archive, core.objects, logs_key(run_name, job_name))
+    lines = [LogLine(ln.seq, ln.stream, ln.time_ns, ln.text) for ln in archived if ln.seq > after]
     for i in range(0, len(lines), LOG_BATCH):
         part = lines[i : i + LOG_BATCH]
         cursor[job_name] = part[-1].seq

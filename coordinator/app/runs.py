@@ -62,8 +62,8 @@ async def submit(core: Core, owner: str, sub: Submission) -> client_pb2.Run:
     def create() -> tuple[CreatedRun, list[common_pb2.JobSpec]]:
         # Tag and workflow dependencies resolve now, to the runs they name at submission.
         inputs = [
-            [core.store.tag(t)["run_id"] for t in j.input_tags]
-            + [core.store.latest_done_run(w)["id"] for w in j.input_workflows]
+            [core.store.tag(t).run_id for t in j.input_tags]
+            + [core.store.latest_done_run(w).id for w in j.input_workflows]
             for j in sub.jobs
         ]
         name = core.store.reserve_run_name()
@@ -120,9 +120,9 @@ async def get(core: Core, name: str) -> client_pb2.Run:
 async def list_runs(core: Core, include_all: bool, limit: int = 0) -> list[client_pb2.Run]:
     def load() -> list[client_pb2.Run]:
         rows = core.store.list_runs(include_all, limit or 1000)
-        ids = [r["id"] for r in rows]
+        ids = [r.id for r in rows]
         jobs, tags = core.store.jobs_of_runs(ids), core.store.tags_of_runs(ids)
-        return [run_to_proto(r, jobs[r["id"]], tags[r["id"]], core.engine.pending_reasons) for r in rows]
+        return [run_to_proto(r, jobs[r.id], tags[r.id], core.engine.pending_reasons) for r in rows]
 
     return await core.db(load)
 
@@ -136,6 +136,6 @@ async def delete(core: Core, name: str) -> int:
     """Deletes a finished run, its logs and artifacts; returns how many objects were deleted."""
     run = await core.db(core.store.deletable_run, name)
     # Objects first: if this fails halfway, the run is still listed and `dstack rm` can be repeated.
-    deleted = await core.artifacts.delete_run(run["name"])
-    await core.db(core.store.delete_run, run["id"])
+    deleted = await core.artifacts.delete_run(run.name)
+    await core.db(core.store.delete_run, run.id)
     return deleted

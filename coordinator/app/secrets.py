@@ -18,7 +18,7 @@ class Secret:
 
 
 def _secret(r: Any) -> Secret:
-    return Secret(r["name"], r["created_at"], r["updated_at"])
+    return Secret(r.name, r.created_at, r.updated_at)
 
 
 async def add(core: Core, name: str, value: str) -> Secret:

@@ -18,7 +18,7 @@ class Tag:
 
 
 def _tag(r: Any) -> Tag:
-    return Tag(r["name"], r["run_name"], r["workflow"], r["created_at"])
+    return Tag(r.name, r.run_name, r.workflow, r.created_at)
 
 
 async def add(core: Core, tag: str, run_name: str) -> Tag:

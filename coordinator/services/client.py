@@ -9,6 +9,7 @@ from typing import Any, TypeAlias
 from dstack.coordinator.app import agents, artifacts, code, logs, runs, secrets, tags
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.auth import user_name
+from dstack.coordinator.convert import log_line_to_proto
 from dstack.coordinator.services.rpc import data_of, first_message, streaming, unary
 from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
 
@@ -67,7 +68,10 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         after = {c.job_name: c.seq for c in request.after}
         async for chunk in logs.stream_logs(self.core, request.run_name, request.follow, after):
             yield client_pb2.StreamLogsResponse(
-                jobs=[client_pb2.JobLogs(job_name=j.job_name, lines=j.lines) for j in chunk.jobs],
+                jobs=[
+                    client_pb2.JobLogs(job_name=j.job_name, lines=[log_line_to_proto(ln) for ln in j.lines])
+                    for j in chunk.jobs
+                ],
                 finished_run=chunk.finished_run,
                 cursor=[client_pb2.LogCursor(job_name=k, seq=v) for k, v in chunk.cursor.items()],
             )

@@ -38,7 +38,7 @@ def test_a_start_gives_online_agents_a_lease_plus_the_reconnect_grace(tmp_path: 
         db.shutdown()
 
     asyncio.run(start_and_stop())
-    lease = next(r for r in store.list_agents() if r["id"] == online)["lease_expires_at"]
+    lease = next(r for r in store.list_agents() if r.id == online).lease_expires_at
     assert lease >= started + int((LEASE_S + GRACE_S) * 1e9)
     # When one lease period alone would have run out, the agent has not been declared lost...
     assert store.expire_leases(started + int((LEASE_S + 1) * 1e9)) == []

@@ -15,11 +15,11 @@ from dstack.coordinator.app.logs import LogChunk, stream_logs
 from dstack.coordinator.artifacts import Artifacts
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.engine import Engine
+from dstack.coordinator.model import JobUpdate, LogBatch, LogLine
 from dstack.coordinator.retention import Retention
-from dstack.coordinator.store import Store
-from dstack.coordinator.store.db import NewJob, Placement
+from dstack.coordinator.store import NewJob, Placement, Store
 from dstack.coordinator.store.executor import DbExecutor
-from dstack.protos.v1 import agent_pb2, common_pb2
+from dstack.protos.v1 import common_pb2
 from dstack.storage import LocalStore
 
 LINES = 100_000
@@ -45,14 +45,14 @@ def world(tmp_path: Path) -> Iterator[World]:
     new = [NewJob(n, common_pb2.JobSpec(job_name=n).SerializeToString(), 0, 0, 0, []) for n in names]
     run_name = store.create_run("admin", "wf", b"", "", [], new).name
     run = store.run_by_name(run_name)
-    ids = [j["id"] for j in store.jobs_of_runs([run["id"]])[run["id"]]]
+    ids = [j.id for j in store.jobs_of_runs([run.id])[run.id]]
     agent = store.register_agent("h", "tok", b"")
     store.apply_schedule([Placement(j, agent, []) for j in ids], {}, [])
     for job_id in ids:
         for start in range(1, LINES + 1, 10_000):
-            lines = [common_pb2.LogLine(seq=s, text=f"{job_id[:4]} line {s}") for s in range(start, start + 10_000)]
-            store.insert_logs([agent_pb2.LogBatch(job_id=job_id, lines=lines)])
-    store.apply_job_updates(agent, [agent_pb2.JobUpdate(job_id=j, status=JS.JOB_STATUS_DONE) for j in ids])
+            lines = [LogLine(s, 0, 0, f"{job_id[:4]} line {s}") for s in range(start, start + 10_000)]
+            store.insert_logs([LogBatch(job_id, lines)])
+    store.apply_job_updates(agent, [JobUpdate(job_id=j, status=JS.JOB_STATUS_DONE) for j in ids])
     artifacts = Artifacts(LocalStore(tmp_path / "objects"))
     engine = Engine(config, store, db)
     try:
