@@ -40,6 +40,11 @@ class Client:
             options=[
                 ("grpc.max_receive_message_length", 64 << 20),
                 ("grpc.max_send_message_length", 64 << 20),
+                # A followed log stream may be quiet for hours: pings find a link that died silently
+                # (no reset ever comes), so `dstack logs -f` can resume instead of waiting forever.
+                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.max_pings_without_data", 0),
             ],
         )
         self.stub = client_pb2_grpc.ClientServiceStub(self.channel)

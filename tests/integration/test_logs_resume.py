@@ -52,10 +52,12 @@ class CuttingProxy:
                     dst.sendall(data[: limit - sent])
                     with self.lock:
                         self.cut += 1
-                    for s in (src, dst):  # a reset, as from a dropped link
+                    for s in (src, dst):  # dropped, as by a broken link
                         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-                        s.close()
-                    return
+                        # shutdown, not just close: the other direction's thread is blocked in recv on
+                        # this socket, and only shutdown ends the connection under it.
+                        s.shutdown(socket.SHUT_RDWR)
+                    break
                 dst.sendall(data)
                 sent += len(data)
         except OSError:
@@ -65,6 +67,8 @@ class CuttingProxy:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        for s in (src, dst):
+            s.close()
 
     def close(self) -> None:
         self.server.close()
@@ -90,24 +94,28 @@ def test_logs_follow_resumes_after_the_connection_drops(cluster: Cluster, tmp_pa
     assert r.returncode == 0, r.stderr
     name = r.stdout.strip()
     proxy = CuttingProxy(cluster.address, cut_after=30_000, cuts=3)
-    out = tmp_path / "logs.out"
+    out, err = tmp_path / "logs.out", tmp_path / "logs.err"
     try:
-        with out.open("w") as f:
+        with out.open("w") as f, err.open("w") as e:
             logs = subprocess.Popen(
                 [PY, "-m", "dstack.cli", "logs", "-f", name],
                 stdout=f,
-                stderr=subprocess.PIPE,
-                text=True,
+                stderr=e,
                 env={**cluster.env(), "DSTACK_COORDINATOR": proxy.address},
             )
         # The second half starts once the first has been printed: the stream is followed live.
-        wait_for(lambda: out.read_text().endswith(f"\n{HALF}\n"), timeout=120, what="the first half")
+        wait_for(
+            lambda: logs.poll() is not None or out.read_text().endswith(f"\n{HALF}\n"),
+            timeout=120,
+            what="the first half",
+        )
+        assert logs.poll() is None, err.read_text()
         gate.touch()
-        _, err = logs.communicate(timeout=120)
+        logs.wait(timeout=120)
     finally:
         proxy.close()
         if logs.poll() is None:
             logs.kill()
-    assert logs.returncode == 0, err
+    assert logs.returncode == 0, err.read_text()
     assert proxy.cut == 3, "the connection was not cut"
     assert out.read_text().splitlines() == [str(i) for i in range(1, 2 * HALF + 1)]
