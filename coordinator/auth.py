@@ -110,6 +110,14 @@ def agent_id() -> str:
     return c.name
 
 
+_NEEDS = {
+    Role.PUBLIC: "nothing",
+    Role.JOIN: "the join token",
+    Role.USER: "a user token",
+    Role.AGENT: "an agent token",
+}
+
+
 class Refused(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -226,7 +234,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         try:
             who = await self.auth.check(role, token)
         except Refused as e:
-            return refusal(e.code, str(e))
+            return refusal(e.code, f"{e} ({method.rsplit('/', 1)[-1]} needs {_NEEDS[role]})")
         except sqlite3.Error as e:  # the database could not answer: the caller may retry
             return refusal(grpc.StatusCode.UNAVAILABLE, f"cannot check the token: {e}")
         _CALLER.set(who)

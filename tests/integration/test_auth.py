@@ -116,3 +116,20 @@ def test_register_needs_the_join_token(cluster: Cluster) -> None:
             info(b"", metadata=[("authorization", f"Bearer {ok.agent_token}")], timeout=30)
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "needs a user token" in (e.value.details() or "")
+
+
+def test_register_with_the_join_token_in_metadata(cluster: Cluster) -> None:
+    """The join token may come as `authorization` metadata too: then the body is never needed to refuse."""
+    from dstack.protos.v1 import agent_pb2
+
+    cluster.start_coordinator()
+    body = agent_pb2.RegisterRequest(name="y").SerializeToString()
+    with channel(cluster) as ch:
+        register = ch.unary_unary("/dstack.v1.AgentService/Register", **RAW)
+        ok = agent_pb2.RegisterResponse.FromString(
+            register(body, metadata=[("authorization", f"Bearer {cluster.join_token}")], timeout=30)
+        )
+        assert ok.agent_token
+        with pytest.raises(grpc.RpcError) as e:
+            register(body, metadata=[("authorization", "Bearer wrong")], timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from dstack.coordinator.auth import PERMISSIONS, Role, bearer_token
+import grpc
+import pytest
+
+from dstack.coordinator.auth import PERMISSIONS, Authenticator, AuthInterceptor, Role, bearer_token
 from dstack.protos.v1 import agent_pb2, client_pb2
 
 
@@ -40,3 +45,57 @@ def test_servicers_only_translate() -> None:
         text = path.read_text()
         for word in ("engine", ".store", ".db(", "bearer_token", "invocation_metadata", "authenticate("):
             assert word not in text, f"{path.name} uses {word!r}"
+
+
+class FakeContext:
+    def __init__(self) -> None:
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        raise RuntimeError("aborted")
+
+
+class Details:
+    def __init__(self, method: str, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.method = method
+        self.invocation_metadata = metadata
+
+
+def refused_with(handler: grpc.RpcMethodHandler) -> tuple[grpc.StatusCode, str] | None:
+    """Runs a refusal handler; it must not read its request stream."""
+
+    async def never_read() -> AsyncIterator[bytes]:
+        raise AssertionError("the request was read")
+        yield b""  # pragma: no cover
+
+    async def run() -> tuple[grpc.StatusCode, str] | None:
+        ctx = FakeContext()
+        assert handler.request_streaming and handler.stream_unary is not None
+        with pytest.raises(RuntimeError):
+            await handler.stream_unary(never_read(), ctx)
+        return ctx.aborted
+
+    return asyncio.run(run())
+
+
+def test_a_method_missing_from_the_table_is_refused_unread() -> None:
+    async def continuation(details: object) -> grpc.RpcMethodHandler:
+        raise AssertionError("a refused call must not reach its handler")
+
+    interceptor = AuthInterceptor(Authenticator(None, None, "join"), permissions={})  # type: ignore[arg-type]
+    handler = asyncio.run(interceptor.intercept_service(continuation, Details("/dstack.v1.ClientService/GetRun")))
+    aborted = refused_with(handler)
+    assert aborted is not None and aborted[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert "not in the coordinator's permission table" in aborted[1]
+
+
+def test_a_call_without_a_token_is_refused_unread_saying_what_is_missing() -> None:
+    async def continuation(details: object) -> grpc.RpcMethodHandler:
+        raise AssertionError("a refused call must not reach its handler")
+
+    interceptor = AuthInterceptor(Authenticator(None, None, "join"))  # type: ignore[arg-type]
+    handler = asyncio.run(interceptor.intercept_service(continuation, Details("/dstack.v1.ClientService/SubmitRun")))
+    aborted = refused_with(handler)
+    assert aborted is not None and aborted[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert "missing token: run `dstack config`" in aborted[1] and "SubmitRun needs a user token" in aborted[1]
