@@ -11,13 +11,15 @@ after the cursor, so a stream that meets the archiver mid-way still returns ever
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.artifacts import logs_key
 from dstack.coordinator.model import LogLine
-from dstack.coordinator.retention import read_log_archive
+from dstack.coordinator.retention import iter_log_archive
 from dstack.protos.v1 import client_pb2, common_pb2
 
 LOG_BATCH = 5000
@@ -111,9 +113,14 @@ async def _from_archive(
             notice = LogLine(seq=1, stream=common_pb2.LOG_STREAM_SYSTEM, time_ns=0, text=DELETED_NOTICE)
             yield LogChunk([JobLines(job_name, [notice])], dict(cursor))
         return
-    archived = await asyncio.to_thread(read_log_archive, core.objects, logs_key(run_name, job_name))
-    lines = [LogLine(ln.seq, ln.stream, ln.time_ns, ln.text) for ln in archived if ln.seq > after]
-    for i in range(0, len(lines), LOG_BATCH):
-        part = lines[i : i + LOG_BATCH]
-        cursor[job_name] = part[-1].seq
-        yield LogChunk([JobLines(job_name, part)], dict(cursor))
+    f = await asyncio.to_thread(core.objects.open_read, logs_key(run_name, job_name))
+    unsent = (ln for ln in iter_log_archive(f) if ln.seq > after)
+    try:
+        # Batch by batch on a worker thread: reading and unzipping a long archive must not stall the loop.
+        while part := await asyncio.to_thread(lambda: list(itertools.islice(unsent, LOG_BATCH))):
+            cursor[job_name] = part[-1].seq
+            yield LogChunk([JobLines(job_name, part)], dict(cursor))
+    finally:
+        with contextlib.suppress(ValueError):  # a batch still being read, if the stream was cancelled
+            unsent.close()
+        f.close()
