@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from dstack.coordinator.auth import PERMISSIONS, Authenticator, AuthInterceptor, Role, bearer_token
+from dstack.coordinator.store import Store
+from dstack.coordinator.store.executor import DbExecutor
 from dstack.protos.v1 import agent_pb2, client_pb2
 
 
@@ -79,22 +81,34 @@ def refused_with(handler: grpc.RpcMethodHandler) -> tuple[grpc.StatusCode, str] 
     return asyncio.run(run())
 
 
-def test_a_method_missing_from_the_table_is_refused_unread() -> None:
+@pytest.fixture
+def authenticator(tmp_path: Path) -> Iterator[Authenticator]:
+    """A real one on an empty store (the refusals under test come before any look-up)."""
+    store = Store(tmp_path / "db.sqlite")
+    db = DbExecutor(store)
+    try:
+        yield Authenticator(store, db, "join")
+    finally:
+        db.shutdown()
+        store.close()
+
+
+def test_a_method_missing_from_the_table_is_refused_unread(authenticator: Authenticator) -> None:
     async def continuation(details: object) -> grpc.RpcMethodHandler:
         raise AssertionError("a refused call must not reach its handler")
 
-    interceptor = AuthInterceptor(Authenticator(None, None, "join"), permissions={})  # type: ignore[arg-type]
+    interceptor = AuthInterceptor(authenticator, permissions={})
     handler = asyncio.run(interceptor.intercept_service(continuation, Details("/dstack.v1.ClientService/GetRun")))
     aborted = refused_with(handler)
     assert aborted is not None and aborted[0] == grpc.StatusCode.PERMISSION_DENIED
     assert "not in the coordinator's permission table" in aborted[1]
 
 
-def test_a_call_without_a_token_is_refused_unread_saying_what_is_missing() -> None:
+def test_a_call_without_a_token_is_refused_unread_saying_what_is_missing(authenticator: Authenticator) -> None:
     async def continuation(details: object) -> grpc.RpcMethodHandler:
         raise AssertionError("a refused call must not reach its handler")
 
-    interceptor = AuthInterceptor(Authenticator(None, None, "join"))  # type: ignore[arg-type]
+    interceptor = AuthInterceptor(authenticator)
     handler = asyncio.run(interceptor.intercept_service(continuation, Details("/dstack.v1.ClientService/SubmitRun")))
     aborted = refused_with(handler)
     assert aborted is not None and aborted[0] == grpc.StatusCode.UNAUTHENTICATED
