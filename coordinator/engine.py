@@ -21,13 +21,13 @@ from dstack.coordinator.convert import (
     update_acks_to_proto,
 )
 from dstack.coordinator.hub import AgentHub
-from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobStatus, LogAck
+from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, LogAck
 from dstack.coordinator.queue import Waiting, WaitingQueue
 from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest, schedule
 from dstack.coordinator.secrets import SecretBox
 from dstack.coordinator.store import Assignment, Placement, Store
 from dstack.coordinator.store.executor import DbExecutor
-from dstack.protos.v1 import agent_pb2, client_pb2, common_pb2
+from dstack.protos.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger("dstack.coordinator")
 
@@ -320,9 +320,9 @@ class Engine:
         return {self._job_runs[j] for j in ids if j in self._job_runs}
 
     # ---- user requests -----------------------------------------------------------------------
-    def enqueue_run(self, run_id: str, run: client_pb2.Run) -> None:
-        """A run just stored joins the scheduling queue."""
-        self.queue.add_run(run_id, run)
+    def enqueue_run(self, run_id: str, jobs: Sequence[tuple[str, JobSpec]]) -> None:
+        """A run just stored joins the scheduling queue: its jobs' ids and specs."""
+        self.queue.add_run(run_id, jobs)
         self.kick()
 
     def seal_secret(self, value: str) -> bytes:
