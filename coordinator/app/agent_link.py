@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 from dstack.coordinator.app.artifacts import FileEntry
 from dstack.coordinator.app.core import Core
@@ -13,11 +12,12 @@ from dstack.coordinator.app.transfer import put_from_stream
 from dstack.coordinator.artifacts import artifact_key, check_relative_path
 from dstack.coordinator.errors import Conflict
 from dstack.coordinator.model import CompletedUpload, FileSize, UploadGrant
+from dstack.coordinator.store import JobLocation
 
 log = logging.getLogger("dstack.coordinator")
 
 
-async def own_job(core: Core, agent_id: str, job_id: str) -> Any:
+async def own_job(core: Core, agent_id: str, job_id: str) -> JobLocation:
     job = await core.db(core.store.job_location, job_id)
     if job.agent_id != agent_id:
         raise Conflict(f"job {job_id} is not assigned to this agent")
