@@ -60,6 +60,7 @@ class Harness:
     coordinator: Coordinator
     channel: grpc.aio.Channel
     client: client_pb2_grpc.ClientServiceStub
+    stopped: bool = False
 
     @property
     def address(self) -> str:
@@ -70,13 +71,16 @@ class Harness:
         return [("authorization", f"Bearer {ADMIN}")]
 
     async def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
         await self.coordinator.stop(grace=0.5)
 
-    async def restart(self) -> None:
-        """Stops and starts it again on the same port and state (what an agent sees as a restart)."""
-        await self.stop()
-        config = dataclasses.replace(self.config, listen=self.address)
-        self.coordinator = await start(config, self.clock)
+    async def start_again(self) -> None:
+        """Starts a stopped coordinator again on the same port and state (a restart, to its agents)."""
+        assert self.stopped
+        self.coordinator = await start(dataclasses.replace(self.config, listen=self.address), self.clock)
+        self.stopped = False
 
     # ---- reads, through the client API -------------------------------------------------------
     async def run(self, name: str) -> client_pb2.Run:
