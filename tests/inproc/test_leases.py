@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.inproc.factories import JS, TR, Harness, coordinator, job_ids, job_spec, sim_agent, submit_run, wait_until
@@ -63,3 +64,19 @@ async def test_a_silent_agent_is_lost_when_its_lease_runs_out_and_its_running_jo
         # Without heartbeats the other lease runs out too.
         await h.clock.advance(LEASE_S)
         assert await status_of(h, "beating") == "lost"
+
+
+async def test_a_lost_agent_is_forgotten_once_not_heard_from_for_the_configured_time(tmp_path: Path) -> None:
+    forget_s = 100.0
+    async with coordinator(tmp_path, lease_timeout_s=LEASE_S, forget_lost_agents_after_s=forget_s) as h:
+        async with sim_agent(h, "gone") as agent:
+            await h.clock.advance(LEASE_S + 1)
+            assert await status_of(h, "gone") == "lost"
+            await h.clock.advance(forget_s / 2)  # lost, but not for long enough
+            assert await status_of(h, "gone") == "lost"
+            await h.clock.advance(forget_s)
+            assert await h.agent("gone") is None
+            # Its token went with it: the agent has to register again.
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await agent.connect()
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
