@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
@@ -92,7 +92,8 @@ class Harness:
         return next(j for j in (await self.run(run_name)).jobs if j.job_name == job_name)
 
     async def agent(self, name: str) -> client_pb2.Agent | None:
-        resp = await self.client.ListAgents(client_pb2.ListAgentsRequest(), metadata=self.meta)
+        req = client_pb2.ListAgentsRequest()
+        resp: client_pb2.ListAgentsResponse = await self.client.ListAgents(req, metadata=self.meta)
         return next((a for a in resp.agents if a.name == name), None)
 
     async def logs(self, run_name: str) -> list[tuple[str, int, str]]:
@@ -127,21 +128,20 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def coordinator(tmp: Path, **config: float | bool) -> AsyncIterator[Harness]:
+async def coordinator(tmp: Path, **overrides: Any) -> AsyncIterator[Harness]:
     """The real server assembly (coordinator/server.py) on a free port, its leases on a manual clock.
 
-    `config` overrides CoordinatorConfig fields, e.g. lease_timeout_s=5.
+    `overrides` replace CoordinatorConfig fields, e.g. lease_timeout_s=5.
     """
     clock = ManualClock()
-    cfg = CoordinatorConfig(
+    base = CoordinatorConfig(
         state_dir=tmp / "server",
         listen="127.0.0.1:0",
         storage_url=str(tmp / "storage"),
         admin_token=ADMIN,
         join_token=JOIN,
-        heartbeat_interval_s=0.2,
-        **config,  # type: ignore[arg-type]
     )
+    cfg = dataclasses.replace(base, **overrides)
     running = await start(cfg, clock)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     h = Harness(tmp, clock, cfg, running, channel, client_pb2_grpc.ClientServiceStub(channel))
