@@ -8,20 +8,17 @@ import hashlib
 import logging
 import os
 import tempfile
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
 
-import grpc
-
+from dstack.agent.retry import Outcome, RetryPolicy, classify
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, common_pb2
-from dstack.storage.granted import put_granted
-from dstack.storage.transfer import Download, Transfer, TransferError
+from dstack.storage.errors import ChecksumMismatch, StoreError
+from dstack.storage.granted import put_granted_each
+from dstack.storage.transfer import Download, Transfer
 
 log = logging.getLogger("dstack.agent")
 CHUNK = 1 << 20
-T = TypeVar("T")
 PARALLEL = 4
 GRANT_BATCH = 1000  # files per grant request: keeps each reply far below gRPC's message limit
 
@@ -80,29 +77,11 @@ def _collect_with_stat(
     return out
 
 
-async def retry_rpc(
-    what: str,
-    fn: Callable[[], Awaitable[T]],
-    attempts: int,
-    retry_for: float,
-    final: tuple[grpc.StatusCode, ...],
-) -> T:
-    """Retries a coordinator call with backoff, at least `attempts` times and for at least `retry_for`
-    seconds, unless it fails with one of the `final` codes."""
-    delay = 0.2
-    start = time.monotonic()
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return await fn()
-        except grpc.aio.AioRpcError as e:
-            out_of_time = time.monotonic() - start >= retry_for
-            if e.code() in final or (attempt >= attempts and out_of_time):
-                raise ArtifactError(f"{what} failed: {e.details() or e.code().name}") from e
-            log.warning("%s failed (%s); retry %d in %.1fs", what, e.code().name, attempt, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+def _worst(errors: Sequence[StoreError]) -> StoreError:
+    """Of a batch's failures, the one that decides what happens next: a final one over an expired
+    grant over a transient one (agent/retry.py)."""
+    rank = {Outcome.FINAL: 0, Outcome.REGRANT: 1, Outcome.REREGISTER: 2, Outcome.RETRY: 3}
+    return min(errors, key=lambda e: rank[classify(e)])
 
 
 class Uploader:
@@ -113,12 +92,12 @@ class Uploader:
         self,
         stub: agent_pb2_grpc.AgentServiceStub,
         metadata: Callable[[], list[tuple[str, str]]],
-        attempts: int,
+        policy: RetryPolicy,
         transfer: Transfer,
     ) -> None:
         self.stub = stub
-        self.metadata = metadata
-        self.attempts = attempts
+        self.metadata = metadata  # called for every try: a re-registered agent has a new token
+        self.policy = policy
         self.transfer = transfer
 
     async def upload(
@@ -136,17 +115,17 @@ class Uploader:
             grant_req = agent_pb2.GrantUploadsRequest(
                 job_id=job_id, files=[common_pb2.FileSize(path=rel, size=key[0]) for rel, _, key in batch]
             )
-            resp: agent_pb2.GrantUploadsResponse = await self._retry(
-                "grant uploads", functools.partial(self.stub.GrantUploads, grant_req, metadata=self.metadata())
-            )
+            resp = await self.policy.call("grant uploads", functools.partial(self._grant, grant_req), ArtifactError)
             if resp.stream:
                 done = await self._stream_all(job_id, batch)
             else:
-                done = await self._put_all(batch, list(resp.grants), completed)
+                done = await self._put_all(job_id, batch, list(resp.grants), completed)
             fresh.update({rel: (key, f) for (rel, _, key), f in zip(batch, done, strict=True)})
         manifest = [fresh[rel][1] if rel in fresh else cache[rel][1] for rel, _, _ in files]
         req = agent_pb2.CommitArtifactsRequest(job_id=job_id, files=manifest, completed=completed)
-        await self._retry("commit manifest", lambda: self.stub.CommitArtifacts(req, metadata=self.metadata()))
+        await self.policy.call(
+            "commit manifest", lambda: self.stub.CommitArtifacts(req, metadata=self.metadata()), ArtifactError
+        )
         # Only now: a multipart upload whose commit failed must be sent (and completed) again.
         cache.update(fresh)
         return len(manifest)
@@ -158,29 +137,51 @@ class Uploader:
 
         async def one(rel: str, path: Path) -> common_pb2.ArtifactFile:
             async with sem:
-                return await self._retry(f"upload {rel}", lambda: self._upload_file(job_id, rel, path))
+                return await self.policy.call(
+                    f"upload {rel}", lambda: self._upload_file(job_id, rel, path), ArtifactError
+                )
 
         return list(await asyncio.gather(*(one(rel, p) for rel, p, _ in batch)))
 
+    async def _grant(self, req: agent_pb2.GrantUploadsRequest) -> agent_pb2.GrantUploadsResponse:
+        resp: agent_pb2.GrantUploadsResponse = await self.stub.GrantUploads(req, metadata=self.metadata())
+        return resp
+
     async def _put_all(
         self,
+        job_id: str,
         batch: list[tuple[str, Path, tuple[int, int, int, int]]],
         grants: list[common_pb2.UploadGrant],
         completed: list[common_pb2.CompletedUpload],
     ) -> list[common_pb2.ArtifactFile]:
-        files = [(rel, p) for rel, p, _ in batch]
-        try:
-            manifest, done = await asyncio.to_thread(put_granted, self.transfer, files, grants)
-        except TransferError as e:
-            raise ArtifactError(str(e)) from e
-        completed.extend(done)
-        return manifest
+        sizes = {rel: key[0] for rel, _, key in batch}
+        saved: dict[str, common_pb2.ArtifactFile] = {}
+        fresh: list[common_pb2.UploadGrant] | None = grants
 
-    async def _retry(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
-        # As long as the transfer engine retries the store: the coordinator answers UNAVAILABLE while
-        # its store is down.
-        final = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
-        return await retry_rpc(what, fn, self.attempts, self.transfer.retry_for, final)
+        async def once() -> None:
+            nonlocal fresh
+            todo = [(rel, p) for rel, p, _ in batch if rel not in saved]
+            if fresh is None:  # a later try: new grants for the files not saved yet (some had expired)
+                req = agent_pb2.GrantUploadsRequest(
+                    job_id=job_id, files=[common_pb2.FileSize(path=rel, size=sizes[rel]) for rel, _ in todo]
+                )
+                fresh = list((await self._grant(req)).grants)
+            by_path = {g.path: g for g in fresh}
+            fresh = None
+            results = await asyncio.to_thread(put_granted_each, self.transfer, todo, [by_path[r] for r, _ in todo])
+            errors = []
+            for (rel, _), r in zip(todo, results, strict=True):
+                if isinstance(r, StoreError):
+                    errors.append(r)
+                    continue
+                saved[rel] = r[0]
+                if r[1] is not None:
+                    completed.append(r[1])
+            if errors:
+                raise _worst(errors)
+
+        await self.policy.call(f"upload of {len(batch)} file(s)", once, ArtifactError)
+        return [saved[rel] for rel, _, _ in batch]
 
     async def _upload_file(self, job_id: str, rel: str, path: Path) -> common_pb2.ArtifactFile:
         digest = hashlib.sha256()
@@ -219,13 +220,8 @@ class Uploader:
         finally:
             f.close()
         if resp.sha256 != digest.hexdigest() or resp.size != size:
-            raise ArtifactError(f"{rel}: the store received different bytes than were sent")
+            raise ChecksumMismatch(f"{rel}: the store received different bytes than were sent")
         return common_pb2.ArtifactFile(path=rel, size=size, sha256=resp.sha256)
-
-
-def _give_up(e: grpc.aio.AioRpcError, attempt: int, attempts: int) -> bool:
-    """A download call is retried unless it is refused for good or out of attempts."""
-    return attempt == attempts or e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 class Downloader:
@@ -236,12 +232,12 @@ class Downloader:
         self,
         stub: agent_pb2_grpc.AgentServiceStub,
         metadata: Callable[[], list[tuple[str, str]]],
-        attempts: int,
+        policy: RetryPolicy,
         transfer: Transfer,
     ) -> None:
         self.stub = stub
-        self.metadata = metadata
-        self.attempts = attempts
+        self.metadata = metadata  # called for every try: a re-registered agent has a new token
+        self.policy = policy
         self.transfer = transfer
 
     async def fetch(self, inputs: Sequence[agent_pb2.ArtifactInput], workdir: Path) -> int:
@@ -269,47 +265,81 @@ class Downloader:
             resp = await self._grant(req)
             if resp.stream:
                 await asyncio.gather(*(one(src, f) for src, f in batch))
-                continue
-            items = [
-                Download(url, resolve_inside(workdir, f.path), f.size, f.sha256, f"{f.path} (from {src.run_name})")
-                for (src, f), url in zip(batch, resp.urls, strict=True)
-            ]
-            try:
-                await asyncio.to_thread(self.transfer.get_many, items)
-            except TransferError as e:
-                raise ArtifactError(str(e)) from e
+            else:
+                await self._get_all(batch, list(resp.urls), workdir)
         return len(files)
 
     async def _grant(self, req: agent_pb2.GrantDownloadsRequest) -> agent_pb2.GrantDownloadsResponse:
-        call = functools.partial(self.stub.GrantDownloads, req, metadata=self.metadata())
-        final = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
-        resp: agent_pb2.GrantDownloadsResponse = await retry_rpc("dependency artifacts", call, self.attempts, 0, final)
+        resp: agent_pb2.GrantDownloadsResponse = await self.policy.call(
+            "dependency artifacts", lambda: self.stub.GrantDownloads(req, metadata=self.metadata()), ArtifactError
+        )
         return resp
+
+    async def _get_all(
+        self,
+        batch: list[tuple[agent_pb2.ArtifactInput, common_pb2.ArtifactFile]],
+        urls: list[str],
+        workdir: Path,
+    ) -> None:
+        """Fetches with presigned URLs; a later try asks for new URLs for the files not saved yet."""
+        left = list(range(len(batch)))
+        fresh: list[str] | None = urls
+
+        async def once() -> None:
+            nonlocal left, fresh
+            if fresh is None:
+                req = agent_pb2.GrantDownloadsRequest(
+                    files=[
+                        client_pb2.DownloadArtifactRequest(
+                            run_name=batch[i][0].run_name, job_name=batch[i][0].job_name, path=batch[i][1].path
+                        )
+                        for i in left
+                    ]
+                )
+                fresh = list((await self.stub.GrantDownloads(req, metadata=self.metadata())).urls)
+            items = [
+                Download(
+                    url,
+                    resolve_inside(workdir, batch[i][1].path),
+                    batch[i][1].size,
+                    batch[i][1].sha256,
+                    f"{batch[i][1].path} (from {batch[i][0].run_name})",
+                )
+                for i, url in zip(left, fresh, strict=True)
+            ]
+            fresh = None
+            results = await asyncio.to_thread(self.transfer.get_each, items)
+            left = [i for i, r in zip(left, results, strict=True) if r is not None]
+            errors = [r for r in results if r is not None]
+            if errors:
+                raise _worst(errors)
+
+        await self.policy.call(f"download of {len(batch)} file(s)", once, ArtifactError)
 
     async def _fetch_file(self, src: agent_pb2.ArtifactInput, f: common_pb2.ArtifactFile, workdir: Path) -> None:
         dest = resolve_inside(workdir, f.path)
         what = f"{f.path} (from {src.run_name}/{src.job_name})"
-        for attempt in range(1, self.attempts + 1):
-            await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
-            fd, tmp_name = await asyncio.to_thread(tempfile.mkstemp, dir=dest.parent, prefix=f".{dest.name}.")
-            tmp = Path(tmp_name)
+        await self.policy.call(what, lambda: self._stream_file(src, f, dest, what), ArtifactError)
+
+    async def _stream_file(
+        self, src: agent_pb2.ArtifactInput, f: common_pb2.ArtifactFile, dest: Path, what: str
+    ) -> None:
+        """One try at streaming a file through the coordinator (a store that cannot presign)."""
+        await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
+        fd, tmp_name = await asyncio.to_thread(tempfile.mkstemp, dir=dest.parent, prefix=f".{dest.name}.")
+        tmp = Path(tmp_name)
+        try:
+            digest = hashlib.sha256()
+            out = os.fdopen(fd, "wb")
             try:
-                digest = hashlib.sha256()
-                out = os.fdopen(fd, "wb")
-                try:
-                    req = client_pb2.DownloadArtifactRequest(run_name=src.run_name, job_name=src.job_name, path=f.path)
-                    async for chunk in self.stub.DownloadArtifact(req, metadata=self.metadata()):
-                        digest.update(chunk.data)
-                        await asyncio.to_thread(out.write, chunk.data)
-                finally:
-                    out.close()
-                if digest.hexdigest() != f.sha256:
-                    raise ArtifactError(f"{what}: checksum mismatch (expected {f.sha256}, got {digest.hexdigest()})")
-                await asyncio.to_thread(os.replace, tmp, dest)
-                return
-            except grpc.aio.AioRpcError as e:
-                if _give_up(e, attempt, self.attempts):
-                    raise ArtifactError(f"{what}: download failed: {e.details() or e.code().name}") from e
-                await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+                req = client_pb2.DownloadArtifactRequest(run_name=src.run_name, job_name=src.job_name, path=f.path)
+                async for chunk in self.stub.DownloadArtifact(req, metadata=self.metadata()):
+                    digest.update(chunk.data)
+                    await asyncio.to_thread(out.write, chunk.data)
             finally:
-                await asyncio.to_thread(tmp.unlink, missing_ok=True)
+                out.close()
+            if digest.hexdigest() != f.sha256:
+                raise ChecksumMismatch(f"{what}: checksum mismatch (expected {f.sha256}, got {digest.hexdigest()})")
+            await asyncio.to_thread(os.replace, tmp, dest)
+        finally:
+            await asyncio.to_thread(tmp.unlink, missing_ok=True)

@@ -11,8 +11,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from dstack.agent.retry import RetryPolicy
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
-from dstack.storage.transfer import Download, Transfer, TransferError
+from dstack.storage.errors import ChecksumMismatch
+from dstack.storage.transfer import Download, Transfer
 
 log = logging.getLogger("dstack.agent")
 
@@ -35,11 +37,13 @@ class CodeCache:
         stub: agent_pb2_grpc.AgentServiceStub,
         metadata: Callable[[], list[tuple[str, str]]],
         transfer: Transfer,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self.root = root
         self.stub = stub
         self.metadata = metadata
         self.transfer = transfer
+        self.policy = policy or RetryPolicy()
         self.downloaded_bytes = 0  # what the cache has fetched (a cache hit fetches nothing)
         self._inflight: dict[str, asyncio.Future[Path]] = {}
 
@@ -80,16 +84,20 @@ class CodeCache:
 
     async def _download(self, code_hash: str, size: int, path: Path) -> None:
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
-        grant = await self.stub.GrantCode(agent_pb2.GetCodeRequest(hash=code_hash), metadata=self.metadata())
-        if grant.url:  # straight from the store; checked against its hash before it is kept
-            try:
-                await asyncio.to_thread(
-                    self.transfer.get_file, Download(grant.url, path, size, code_hash, f"code {code_hash[:12]}")
-                )
-            except TransferError as e:
-                raise CodeError(str(e)) from e
-            self.downloaded_bytes += size
-            return
+
+        async def once() -> int:
+            # A fresh grant on every try: an expired URL (agent/retry.py: REGRANT) gets a new one.
+            grant = await self.stub.GrantCode(agent_pb2.GetCodeRequest(hash=code_hash), metadata=self.metadata())
+            if not grant.url:  # the store cannot presign: the coordinator streams it
+                return await self._stream(code_hash, path)
+            # Straight from the store; checked against its hash before it is kept.
+            what = f"code {code_hash[:12]}"
+            await asyncio.to_thread(self.transfer.get_file, Download(grant.url, path, size, code_hash, what))
+            return size
+
+        self.downloaded_bytes += await self.policy.call(f"fetching code {code_hash[:12]}", once, fail=CodeError)
+
+    async def _stream(self, code_hash: str, path: Path) -> int:
         fd, tmp = await asyncio.to_thread(tempfile.mkstemp, dir=self.root, prefix=".part-")
         f = os.fdopen(fd, "wb")
         digest = hashlib.sha256()
@@ -101,9 +109,9 @@ class CodeCache:
                 await asyncio.to_thread(f.write, chunk.data)
             f.close()
             if digest.hexdigest() != code_hash:
-                raise CodeError(f"code {code_hash[:12]} arrived corrupted (sha256 {digest.hexdigest()[:12]})")
+                raise ChecksumMismatch(f"code {code_hash[:12]} arrived corrupted (sha256 {digest.hexdigest()[:12]})")
             await asyncio.to_thread(os.replace, tmp, path)
-            self.downloaded_bytes += code_size
+            return code_size
         finally:
             f.close()
             await asyncio.to_thread(Path(tmp).unlink, missing_ok=True)

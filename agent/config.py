@@ -19,8 +19,8 @@ class AgentConfig:
     max_jobs: int = 64
     stop_grace_s: float = 10.0
     inventory_interval_s: float = 10.0
-    upload_attempts: int = 5
-    # How long a store request is retried (with backoff) before the transfer, and so the job, fails.
+    # How long a failing coordinator call or store request of a job is retried (transient failures
+    # only, with backoff: agent/retry.py) before the job fails.
     store_retry_s: float = 300.0
     mount_sync_s: float = 10.0  # how often `mount: true` artifact folders are saved while a job runs
     env_cache_max_bytes: int = 20 << 30  # Python job environments (requirements venvs); 0: one per job

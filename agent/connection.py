@@ -1,7 +1,7 @@
 """The agent's session with the coordinator: register, connect, and keep the stream alive.
 
-One stream at a time. On any failure the agent reconnects with backoff; running jobs keep running
-and what they produced meanwhile waits in the outbox.
+One stream at a time. On any failure the agent reconnects with backoff (agent/retry.py: the session
+never gives up); running jobs keep running and what they produced meanwhile waits in the outbox.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import time
 from collections.abc import Callable
 
@@ -22,9 +21,11 @@ from dstack.agent.code import CodeCache
 from dstack.agent.config import AgentConfig
 from dstack.agent.inventory import Inventory
 from dstack.agent.outbox import Outbox
+from dstack.agent.retry import SESSION_BACKOFF, Outcome, RetryPolicy, classify, describe
 from dstack.agent.runner import Janitor, JobRunner, RunnerDeps
 from dstack.agent.runtimes import make_runtime
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from dstack.storage.backoff import Backoff
 from dstack.storage.transfer import Transfer
 
 log = logging.getLogger("dstack.agent")
@@ -59,9 +60,11 @@ class Agent:
         self.token = ""
         self.channel = grpc.aio.insecure_channel(config.coordinator, options=CHANNEL_OPTIONS)
         self.stub = agent_pb2_grpc.AgentServiceStub(self.channel)
+        # One policy (agent/retry.py) for every coordinator call and store transfer a job makes.
+        self.policy = RetryPolicy(Backoff(deadline_s=config.store_retry_s))
         # One pool of store connections for code, inputs and artifacts of every job on this agent.
-        self.transfer = Transfer(retry_for=config.store_retry_s)
-        self.code = CodeCache(config.code_dir, self.stub, self.metadata, self.transfer)
+        self.transfer = Transfer(backoff=self.policy.backoff, retryable=self.policy.retries_in_place)
+        self.code = CodeCache(config.code_dir, self.stub, self.metadata, self.transfer, self.policy)
         self._last_inventory: common_pb2.Inventory | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.deps = RunnerDeps(
@@ -69,8 +72,8 @@ class Agent:
             runtime=self.runtime,
             code=self.code,
             outbox=self.outbox,
-            uploader=Uploader(self.stub, self.metadata, config.upload_attempts, self.transfer),
-            downloader=Downloader(self.stub, self.metadata, config.upload_attempts, self.transfer),
+            uploader=Uploader(self.stub, self.metadata, self.policy, self.transfer),
+            downloader=Downloader(self.stub, self.metadata, self.policy, self.transfer),
             gpu_uuids=self._gpu_uuids,
             gpus_simulated=bool(config.simulate_gpus),
             janitor=Janitor(),
@@ -108,10 +111,11 @@ class Agent:
                 agent_pb2.RegisterRequest(join_token=self.config.join_token, name=self.config.name, inventory=inv)
             )
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+            # Registering is what REREGISTER does: refused here, the join token is wrong (agent/retry.py).
+            if classify(e) is Outcome.REREGISTER:
                 raise FatalAgentError(f"the coordinator refused the join token: {e.details()}") from e
-            if e.code() == grpc.StatusCode.ALREADY_EXISTS:  # its name is taken by an agent that is online
-                raise FatalAgentError(e.details() or "this agent's name is taken") from e
+            if classify(e) is Outcome.FINAL:  # e.g. its name is taken by an agent that is online
+                raise FatalAgentError(f"the coordinator refused to register this agent: {describe(e)}") from e
             raise
         self.agent_id, self.token = resp.agent_id, resp.agent_token
         creds = {"coordinator": self.config.coordinator, "agent_id": self.agent_id, "agent_token": self.token}
@@ -133,7 +137,7 @@ class Agent:
         await self.runtime.cleanup_leftovers(str(self.config.home))
         # Made by the agent, not by the first job: Docker would create a missing bind-mount source as root.
         await asyncio.to_thread(self.config.env_cache.folder.mkdir, parents=True, exist_ok=True)
-        delay = 0.1
+        attempts = SESSION_BACKOFF.start()
         registered = await self._load_credentials()
         while True:
             try:
@@ -142,24 +146,24 @@ class Agent:
                     registered = True
                 self.session_started = False
                 await self._session()
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+            except FatalAgentError:
+                raise
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
+                if classify(e) is Outcome.REREGISTER:
                     log.warning("the coordinator does not know this agent any more; registering again")
                     registered = False
                     continue
-                log.info("coordinator unreachable (%s); retrying in %.1fs", e.code().name, delay)
-            except asyncio.InvalidStateError:
-                # grpc.aio raises this from write() when the call already failed (e.g. connection refused)
-                log.info("coordinator unreachable; retrying in %.1fs", delay)
-            except FatalAgentError:
-                raise
+                # Any other outcome, FINAL too, is retried: the session outlives coordinator restarts
+                # and upgrades, and its jobs keep running meanwhile.
+                log.info("the session with the coordinator ended: %s", describe(e))
             except Exception:
                 # The agent must outlive any one bad session: its jobs are still running.
-                log.exception("session with the coordinator failed; retrying in %.1fs", delay)
+                log.exception("session with the coordinator failed")
             if self.session_started:  # a session that got going ended: the next try is a fresh start
-                delay = 0.1
-            await asyncio.sleep(delay * (1 + random.random() / 5))
-            delay = min(delay * 2, 2.0)
+                attempts = SESSION_BACKOFF.start()
+            delay = attempts.next_delay() or SESSION_BACKOFF.max_s
+            log.info("reconnecting in %.1fs", delay)
+            await asyncio.sleep(delay)
 
     async def _session(self) -> None:
         call = self.stub.Connect(metadata=self.metadata())

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--store-retry",
         type=float,
         default=300.0,
-        help="seconds to keep retrying an unreachable artifact store before the job fails (default: %(default)s)",
+        help="seconds to keep retrying a job's transient coordinator or store failures (unreachable, 5xx)"
+        " before the job fails; refusals (access denied, no such bucket) fail it at once (default: %(default)s)",
     )
     p.add_argument(
         "--mount-sync",

@@ -7,6 +7,11 @@ CoordinatorError
 ├── AlreadyExists       (ALREADY_EXISTS)       a name that someone else holds (e.g. an online agent's)
 ├── Unauthenticated     (UNAUTHENTICATED)      missing or wrong token
 └── StorageUnavailable  (UNAVAILABLE)          the artifact store failed; retrying may help
+
+The store's own errors (storage/errors.py) reach the RPC layer as they are and are mapped there too:
+StoreUnavailable -> UNAVAILABLE (transient), AccessDenied -> PERMISSION_DENIED (the message names the
+store, bucket and access key), NoSuchBucket -> FAILED_PRECONDITION, ObjectNotFound -> NOT_FOUND,
+ChecksumMismatch -> DATA_LOSS, any other StoreError -> FAILED_PRECONDITION (refused as sent).
 """
 
 

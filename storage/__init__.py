@@ -6,8 +6,30 @@ Key layout (docs/storage.md):
   runs/<run>/<job>/manifest.json            written last: the job's artifacts are complete
 """
 
-from dstack.storage.base import ArtifactStore, ObjectNotFound, StoreError
+from dstack.storage.base import ArtifactStore
+from dstack.storage.errors import (
+    AccessDenied,
+    ChecksumMismatch,
+    ExpiredGrant,
+    InvalidKey,
+    NoSuchBucket,
+    ObjectNotFound,
+    StoreError,
+    StoreUnavailable,
+)
 from dstack.storage.local import LocalStore
 from dstack.storage.open import open_store
 
-__all__ = ["ArtifactStore", "LocalStore", "ObjectNotFound", "StoreError", "open_store"]
+__all__ = [
+    "AccessDenied",
+    "ArtifactStore",
+    "ChecksumMismatch",
+    "ExpiredGrant",
+    "InvalidKey",
+    "LocalStore",
+    "NoSuchBucket",
+    "ObjectNotFound",
+    "StoreError",
+    "StoreUnavailable",
+    "open_store",
+]

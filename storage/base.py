@@ -7,22 +7,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from dstack.storage.errors import InvalidKey, ObjectNotFound, StoreError
 
-class StoreError(Exception):
-    """The store failed or is unreachable."""
-
-
-class ObjectNotFound(StoreError):
-    def __init__(self, key: str) -> None:
-        super().__init__(f"object {key!r} is not in the store")
-        self.key = key
+__all__ = ["ArtifactStore", "ObjectNotFound", "StoreError", "UploadGrant", "check_key"]
 
 
 def check_key(key: str) -> str:
     """Refuses keys that could escape the store's namespace."""
     parts = key.split("/")
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise StoreError(f"invalid object key {key!r}")
+        raise InvalidKey(f"invalid object key {key!r}")
     return key
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dstack.protos.v1 import common_pb2
 from dstack.storage.base import UploadGrant
+from dstack.storage.errors import StoreError
 from dstack.storage.transfer import Transfer
 
 
@@ -31,3 +32,21 @@ def put_granted(
         if g.upload_id:
             completed.append(common_pb2.CompletedUpload(path=rel, upload_id=g.upload_id, etags=r.etags))
     return manifest, completed
+
+
+def put_granted_each(
+    transfer: Transfer, files: Sequence[tuple[str, Path]], grants: Sequence[common_pb2.UploadGrant]
+) -> list[tuple[common_pb2.ArtifactFile, common_pb2.CompletedUpload | None] | StoreError]:
+    """Like put_granted, but every file's own outcome, so that a caller can ask again for the grants
+    that expired and send only those files (blocking: run it in a thread)."""
+    results = transfer.put_each(
+        [(local, grant_from_proto(g), rel) for (rel, local), g in zip(files, grants, strict=True)]
+    )
+    out: list[tuple[common_pb2.ArtifactFile, common_pb2.CompletedUpload | None] | StoreError] = []
+    for (rel, _), g, r in zip(files, grants, results, strict=True):
+        if isinstance(r, StoreError):
+            out.append(r)
+            continue
+        done = common_pb2.CompletedUpload(path=rel, upload_id=g.upload_id, etags=r.etags) if g.upload_id else None
+        out.append((common_pb2.ArtifactFile(path=rel, size=r.size, sha256=r.sha256), done))
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -9,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from dstack.storage.base import ArtifactStore, ObjectNotFound, check_key
+from dstack.storage.base import ArtifactStore, check_key
+from dstack.storage.errors import AccessDenied, NoSuchBucket, ObjectNotFound, StoreError, StoreUnavailable
 
 
 class LocalStore(ArtifactStore):
@@ -21,7 +23,30 @@ class LocalStore(ArtifactStore):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """OSErrors as the store's error types (storage/errors.py), so callers decide on type alone."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except PermissionError as e:
+            raise AccessDenied(
+                f"{what}: permission denied on {e.filename or self.root}: the store folder "
+                "must be writable by the coordinator's user"
+            ) from e
+        except FileNotFoundError as e:
+            if not self.root.is_dir():
+                raise NoSuchBucket(f"{what}: the store folder {self.root} does not exist any more") from e
+            raise StoreUnavailable(f"{what}: {e}") from e  # a concurrent delete of the same prefix: passes
+        except OSError as e:  # a full or failing disk: it may pass (space freed, disk back)
+            raise StoreUnavailable(f"{what}: {e.strerror or e} on {self.root}") from e
+
     def put_stream(self, key: str, chunks: Iterator[bytes]) -> int:
+        with self._errors(f"put {key}"):
+            return self._put_stream(key, chunks)
+
+    def _put_stream(self, key: str, chunks: Iterator[bytes]) -> int:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         size = 0
@@ -42,11 +67,18 @@ class LocalStore(ArtifactStore):
             return self._path(key).open("rb")
         except FileNotFoundError:
             raise ObjectNotFound(key) from None
+        except OSError as e:
+            with self._errors(f"get {key}"):
+                raise e
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def list_prefix(self, prefix: str) -> dict[str, int]:
+        with self._errors(f"list {prefix}"):
+            return self._list_prefix(prefix)
+
+    def _list_prefix(self, prefix: str) -> dict[str, int]:
         base = self._path(prefix.rstrip("/"))
         if base.is_file():
             return {prefix.rstrip("/"): base.stat().st_size}
@@ -59,6 +91,10 @@ class LocalStore(ArtifactStore):
         return out
 
     def delete_prefix(self, prefix: str) -> int:
+        with self._errors(f"delete {prefix}"):
+            return self._delete_prefix(prefix)
+
+    def _delete_prefix(self, prefix: str) -> int:
         base = self._path(prefix.rstrip("/"))
         if base.is_file():
             base.unlink()

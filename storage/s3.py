@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 from urllib.parse import parse_qs, urlsplit
 
-from dstack.storage.base import ArtifactStore, ObjectNotFound, StoreError, UploadGrant, check_key
+from dstack.storage.base import ArtifactStore, UploadGrant, check_key
+from dstack.storage.errors import (
+    AccessDenied,
+    NoSuchBucket,
+    ObjectNotFound,
+    StoreError,
+    StoreUnavailable,
+    from_http,
+)
 from dstack.storage.presign import Credentials, PathStylePresigner
 
 # Objects above this size go up in parts; S3 needs parts of at least 5 MiB (except the last) and at
@@ -64,11 +72,15 @@ class S3Location:
 class _Body:
     """A streaming GET body as a closeable binary file."""
 
-    def __init__(self, body: Any) -> None:
+    def __init__(self, body: Any, what: str) -> None:
         self._body = body
+        self._what = what
 
     def read(self, n: int = -1) -> bytes:
-        return cast(bytes, self._body.read(None if n < 0 else n))
+        try:
+            return cast(bytes, self._body.read(None if n < 0 else n))
+        except Exception as e:  # the connection broke or timed out mid-object: a new request may do
+            raise StoreUnavailable(f"{self._what}: reading from the store failed: {e}") from e
 
     def close(self) -> None:
         self._body.close()
@@ -113,9 +125,7 @@ class S3Store(ArtifactStore):
             def credentials() -> Credentials:
                 c = botocore_session.get_credentials()
                 if c is None:
-                    raise StoreError(
-                        "no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
-                    )
+                    raise AccessDenied(NO_CREDENTIALS)
                 f = c.get_frozen_credentials()
                 return Credentials(f.access_key, f.secret_key, f.token)
 
@@ -125,23 +135,40 @@ class S3Store(ArtifactStore):
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)
 
-    def _error(self, what: str, e: Exception) -> StoreError:
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    def _key_id(self) -> str:
+        """The access key id in use (not secret), so that an AccessDenied says which credential."""
+        try:
+            creds = self.client._request_signer._credentials  # the credentials the client signs with
+            return str(creds.access_key) if creds is not None else "none"
+        except AttributeError:
+            return "?"
 
+    def _error(self, what: str, e: Exception) -> StoreError:
+        """The StoreError subclass for a failed boto3 call (storage/errors.py)."""
+        from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+
+        if isinstance(e, StoreError):
+            return e
         if isinstance(e, NoCredentialsError):
-            return StoreError(
-                f"{what}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or a profile)"
-            )
-        if isinstance(e, EndpointConnectionError):
-            return StoreError(f"{what}: cannot reach the store at {self.endpoint}")
+            return AccessDenied(f"{what}: {NO_CREDENTIALS}")
+        if isinstance(e, BotoConnectionError | HTTPClientError):  # refused, reset, timed out
+            return StoreUnavailable(f"{what}: cannot reach the store at {self.endpoint} ({e})")
         if isinstance(e, ClientError):
             err = e.response.get("Error", {})
-            code = err.get("Code", "")
-            if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403"):
-                return StoreError(f"{what}: access denied by {self.endpoint} ({code}): check the S3 credentials")
-            if code in ("NoSuchBucket", "404") and what.startswith("bucket"):
-                return StoreError(f"{what}: bucket {self.bucket!r} does not exist at {self.endpoint}")
-            return StoreError(f"{what}: {code or 'error'}: {err.get('Message', e)}")
+            code = str(err.get("Code", ""))
+            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if code == "NoSuchBucket" or (status == 404 and what.startswith("bucket")):
+                return NoSuchBucket(f"{what}: bucket {self.bucket!r} does not exist at {self.endpoint}")
+            if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied") or status == 403:
+                return AccessDenied(
+                    f"{what}: access denied by {self.endpoint} ({code or status}) to bucket {self.bucket!r} "
+                    f"with access key {self._key_id()!r}: check the S3 credentials"
+                )
+            return from_http(status, code, str(err.get("Message", "")), what)
+        inner = e.__cause__ or e.__context__
+        if isinstance(inner, Exception):  # boto3's transfer manager wraps the ClientError (S3UploadFailedError)
+            return self._error(what, inner)
         return StoreError(f"{what}: {e}")
 
     def check(self) -> None:
@@ -183,7 +210,7 @@ class S3Store(ArtifactStore):
             raise self._error(f"get {key}", e) from e
         except Exception as e:
             raise self._error(f"get {key}", e) from e
-        return cast(BinaryIO, _Body(resp["Body"]))
+        return cast(BinaryIO, _Body(resp["Body"], f"get {key}"))
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError

@@ -8,17 +8,20 @@ http.client connections kept per thread beat urllib3/botocore (bench/storage.py 
   disk (no part is held in memory) and retried on its own.
 - Downloads of big objects are split into parallel ranged GETs written in place; the sha256 is computed
   alongside, in order, and checked before the file is moved into place (a bad file is never left).
-- A failing request is retried with exponential backoff until `retry_for` seconds have passed since its
-  first failure; then the transfer fails with the last error.
+- A failing request is retried with exponential backoff (storage/backoff.py) until `retry_for` seconds
+  have passed since its first failure, if `retryable` says so (by default: StoreUnavailable, the
+  transient errors); then the transfer fails with the last error. Every failure is a StoreError
+  subclass (storage/errors.py): an expired presigned URL is ExpiredGrant, a refused signature
+  AccessDenied, a bad download ChecksumMismatch.
 """
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import http.client
 import os
 import queue
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,9 +29,11 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
-from dstack.storage.base import StoreError, UploadGrant
+from dstack.storage.backoff import Backoff
+from dstack.storage.base import UploadGrant
+from dstack.storage.errors import AccessDenied, ChecksumMismatch, StoreError, StoreUnavailable, from_http
 
 # Files in flight at once. Measured on 2 cores against loopback SeaweedFS, 2,000 x 64 KiB: uploads
 # 1.67/1.40/1.55 s with 16/32/64 threads, downloads 1.79/1.96/2.12 s: more threads only fight over
@@ -49,16 +54,14 @@ IO_BLOCK = 1 << 20
 TIMEOUT_S = 60.0
 
 
-class TransferError(StoreError):
-    pass
+# The engine's errors are the store's (storage/errors.py); these names stay for callers that catch them.
+TransferError = StoreError
+ChecksumError = ChecksumMismatch
 
 
-class ChecksumError(TransferError):
-    pass
-
-
-class _Retryable(Exception):
-    pass
+def transient(e: StoreError) -> bool:
+    """The default of what the engine retries in place: only what may pass by itself."""
+    return isinstance(e, StoreUnavailable)
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,13 @@ class Transfer:
         retry_for: float = 60.0,
         parts_per_file: int = PARTS_PER_FILE,
         progress: Callable[[int], None] | None = None,
+        backoff: Backoff | None = None,
+        retryable: Callable[[StoreError], bool] = transient,
     ) -> None:
         self.parts_per_file = parts_per_file
-        self.retry_for = retry_for
+        self.backoff = backoff or Backoff(deadline_s=retry_for)
+        self.retry_for = self.backoff.deadline_s
+        self.retryable = retryable
         self.progress = progress
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="transfer")
@@ -137,6 +144,7 @@ class Transfer:
 
     def _once(
         self,
+        what: str,
         method: str,
         url: str,
         body: object,
@@ -151,18 +159,18 @@ class Transfer:
             resp = conn.getresponse()
             if resp.status >= 300:
                 detail = resp.read(2048).decode("utf-8", "replace")
-                code = _xml_field(detail, "Code") or str(resp.status)
-                message = _xml_field(detail, "Message")
-                error = f"HTTP {resp.status} {code}" + (f": {message}" if message else "")
-                if resp.status >= 500 or resp.status in (408, 429):
-                    raise _Retryable(error)
-                raise TransferError(error)
+                code, message = _xml_field(detail, "Code"), _xml_field(detail, "Message")
+                error = from_http(resp.status, code, message, what, expired=_url_expired(url))
+                if type(error) is AccessDenied:  # say whose signature it was: the coordinator's credentials
+                    error = AccessDenied(f"{error} ({_signer(url)}: check the coordinator's S3 credentials)")
+                raise error
             result = sink(resp)
             resp.read()  # drain so the connection can be reused
             return result
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out: transient
             self._drop(u.scheme, u.netloc)
-            raise _Retryable(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from e
+            detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            raise StoreUnavailable(f"{what}: {detail} ({u.scheme}://{u.netloc})") from e
         except BaseException:
             self._drop(u.scheme, u.netloc)
             raise
@@ -176,20 +184,19 @@ class Transfer:
         headers: dict[str, str],
         sink: Callable[[http.client.HTTPResponse], object] = lambda r: r.getheader("ETag", ""),
     ) -> object:
-        first_failure: float | None = None
-        delay = 0.2
+        attempts = self.backoff.start()
         while True:
             try:
-                return self._once(method, url, body(), headers, sink)
-            except _Retryable as e:
-                now = time.monotonic()
-                first_failure = first_failure or now
-                if now - first_failure >= self.retry_for:
-                    raise TransferError(f"{what}: {e} (gave up after retrying for {self.retry_for:.0f}s)") from None
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
-            except TransferError as e:
-                raise TransferError(f"{what}: {e}") from None
+                return self._once(what, method, url, body(), headers, sink)
+            except StoreError as e:
+                if not self.retryable(e):
+                    raise
+                delay = attempts.next_delay()
+                if delay is None:
+                    e.args = (f"{e} (gave up after retrying for {attempts.elapsed():.0f}s)",)
+                    e.exhausted = True
+                    raise e from None
+                time.sleep(delay)
 
     # -- uploads -------------------------------------------------------------------------------------
 
@@ -211,7 +218,7 @@ class Transfer:
             while len(data) < size:  # pread may return short reads
                 more = os.pread(fd, size - len(data), len(data))
                 if not more:
-                    raise TransferError(f"{what}: the file shrank while it was read")
+                    raise StoreError(f"{what}: the file shrank while it was read")
                 data += more
             digest.update(data)
             self._request(what, "PUT", url, lambda: data, {"Content-Length": str(size)})
@@ -262,6 +269,11 @@ class Transfer:
         futures = [self._pool.submit(self.put_file, p, g, w) for p, g, w in items]
         return [f.result() for f in futures]
 
+    def put_each(self, items: Sequence[tuple[Path, UploadGrant, str]]) -> list[Uploaded | StoreError]:
+        """Like put_many, but every item's own outcome: a caller can ask again for the grants that
+        expired and send only those files."""
+        return _outcomes([self._pool.submit(self.put_file, p, g, w) for p, g, w in items])
+
     # -- downloads -----------------------------------------------------------------------------------
 
     def get_file(self, item: Download) -> None:
@@ -296,7 +308,7 @@ class Transfer:
                     _settle(futures)
                 got = digest.hexdigest()
             if got != item.sha256:
-                raise ChecksumError(
+                raise ChecksumMismatch(
                     f"{what}: checksum mismatch: expected sha256 {item.sha256}, got {got}; the file was not saved"
                 )
             os.replace(tmp, item.dest)
@@ -313,7 +325,7 @@ class Transfer:
 
         def sink(resp: http.client.HTTPResponse) -> str:
             if hashed and length > SMALL:
-                return self._sink_pipelined(resp, fd, off, length)
+                return self._sink_pipelined(what, resp, fd, off, length)
             digest = hashlib.sha256() if hashed else None
             pos = off
             buf = bytearray(IO_BLOCK)
@@ -327,12 +339,12 @@ class Transfer:
                 if self.progress is not None:
                     self.progress(n)
             if pos - off != length:
-                raise _Retryable(f"short read: {pos - off} of {length} bytes")
+                raise StoreUnavailable(f"{what}: short read: {pos - off} of {length} bytes")
             return digest.hexdigest() if digest is not None else ""
 
         return str(self._request(what, "GET", url, lambda: None, headers, sink))
 
-    def _sink_pipelined(self, resp: http.client.HTTPResponse, fd: int, off: int, length: int) -> str:
+    def _sink_pipelined(self, what: str, resp: http.client.HTTPResponse, fd: int, off: int, length: int) -> str:
         """Receives and writes on this thread while another hashes the same chunks: sha256 releases the
         GIL, so on a fast link a big download costs the longer of the two, not their sum."""
         chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
@@ -356,13 +368,30 @@ class Transfer:
             chunks.put(None)
         got = hasher.result()
         if pos - off != length:
-            raise _Retryable(f"short read: {pos - off} of {length} bytes")
+            raise StoreUnavailable(f"{what}: short read: {pos - off} of {length} bytes")
         return got
 
     def get_many(self, items: Sequence[Download]) -> None:
         futures = [self._gets.submit(self.get_file, d) for d in items]
         for f in futures:
             f.result()
+
+    def get_each(self, items: Sequence[Download]) -> list[StoreError | None]:
+        """Like get_many, but every item's own outcome (None: saved)."""
+        return _outcomes([self._gets.submit(self.get_file, d) for d in items])
+
+
+def _outcomes(futures: Sequence[Future[Any]]) -> list[Any]:
+    out: list[Any] = []
+    try:
+        for f in futures:
+            try:
+                out.append(f.result())
+            except StoreError as e:
+                out.append(e)
+    finally:
+        _settle(futures)  # on another error (a local file gone), nothing may keep running after us
+    return out
 
 
 def _settle(futures: Sequence[Future[Any]]) -> None:
@@ -376,7 +405,7 @@ def _hash_into(digest: hashlib._Hash, fd: int, off: int, length: int) -> None:
     while pos < off + length:
         chunk = os.pread(fd, min(IO_BLOCK * 8, off + length - pos), pos)
         if not chunk:
-            raise TransferError("the file shrank while it was read")
+            raise StoreError("the file shrank while it was read")
         digest.update(chunk)
         pos += len(chunk)
 
@@ -385,6 +414,26 @@ def _hash_range(fd: int, off: int, length: int) -> str:
     digest = hashlib.sha256()
     _hash_into(digest, fd, off, length)
     return digest.hexdigest()
+
+
+def _url_expired(url: str) -> bool:
+    """Whether a presigned URL's own expiry (X-Amz-Date + X-Amz-Expires) has passed: stores say it in
+    different words (AWS and MinIO: 403 "Request has expired"), the URL says it the same way everywhere."""
+    q = parse_qs(urlsplit(url).query)
+    try:
+        signed = time.strptime(q["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ")
+        expires = int(q["X-Amz-Expires"][0])
+    except (KeyError, ValueError):
+        return False
+    return calendar.timegm(signed) + expires <= time.time()
+
+
+def _signer(url: str) -> str:
+    """Which store, bucket and access key a presigned URL was signed for (no secret is in a URL)."""
+    u = urlsplit(url)
+    bucket = u.path.lstrip("/").split("/", 1)[0]
+    key_id = parse_qs(u.query).get("X-Amz-Credential", ["?/"])[0].split("/", 1)[0]
+    return f"store {u.netloc}, bucket {bucket!r}, access key {key_id!r}"
 
 
 def _xml_field(xml: str, name: str) -> str:

@@ -18,19 +18,35 @@ from dstack.coordinator.errors import (
     StorageUnavailable,
     Unauthenticated,
 )
-from dstack.storage import ObjectNotFound, StoreError
+from dstack.storage import (
+    AccessDenied,
+    ChecksumMismatch,
+    ExpiredGrant,
+    InvalidKey,
+    NoSuchBucket,
+    ObjectNotFound,
+    StoreError,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("dstack.coordinator")
 
+# First match wins: subclasses before their bases. What an agent does with each code: agent/retry.py.
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (ObjectNotFound, grpc.StatusCode.NOT_FOUND),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidKey, grpc.StatusCode.INVALID_ARGUMENT),
     (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (StoreError, grpc.StatusCode.UNAVAILABLE),
+    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),  # transient: callers retry
+    (ExpiredGrant, grpc.StatusCode.UNAVAILABLE),  # the coordinator's own credentials expired: boto renews them
+    (AccessDenied, grpc.StatusCode.PERMISSION_DENIED),  # the store refused the coordinator's credentials
+    (NoSuchBucket, grpc.StatusCode.FAILED_PRECONDITION),  # the coordinator's storage setting is wrong
+    (ChecksumMismatch, grpc.StatusCode.DATA_LOSS),  # stored bytes differ from their recorded sha256
+    (StoreError, grpc.StatusCode.FAILED_PRECONDITION),  # refused as sent (another 4xx): final
 ]
 
 
