@@ -7,24 +7,29 @@ the event loop with no transaction open.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from dstack.coordinator.clock import SYSTEM_CLOCK, Clock
 from dstack.coordinator.config import CoordinatorConfig
+from dstack.coordinator.convert import (
+    artifact_input_to_proto,
+    job_updates_from_proto,
+    log_acks_to_proto,
+    log_batches_from_proto,
+    update_acks_to_proto,
+)
 from dstack.coordinator.hub import AgentHub
+from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobStatus, LogAck
 from dstack.coordinator.queue import Waiting, WaitingQueue
 from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest, schedule
 from dstack.coordinator.secrets import SecretBox
-from dstack.coordinator.store import Store
-from dstack.coordinator.store.db import WAITING, Assignment, Placement
+from dstack.coordinator.store import Assignment, Placement, Store
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.protos.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger("dstack.coordinator")
-JS = common_pb2.JobStatus
 
 
 class RunWatchers:
@@ -129,12 +134,12 @@ class Engine:
         store = self.store
         agents: dict[str, AgentState] = {}
         for row in store.online_agents():
-            if row["id"] not in connected:
+            if row.id not in connected:
                 continue
-            inv = self._inventory(row["id"], row["inventory"] or b"")
-            agents[row["id"]] = AgentState(
-                agent_id=row["id"],
-                name=row["name"],
+            inv = self._inventory(row.id, row.inventory)
+            agents[row.id] = AgentState(
+                agent_id=row.id,
+                name=row.name,
                 cpu_total=float(inv.cpu_count),
                 memory_total=inv.memory_total_bytes,
                 gpus=[Gpu(g.index, g.name, g.memory_total_bytes) for g in inv.gpus],
@@ -142,11 +147,11 @@ class Engine:
                 containers=inv.runtime == "docker",
             )
         for alloc in store.active_allocations():
-            a = agents.get(alloc["agent_id"])
+            a = agents.get(alloc.agent_id)
             if a is not None:
-                a.used_cpu += alloc["cpu"] or 0.0
-                a.used_memory += alloc["memory"] or 0
-                a.busy_gpus.update(json.loads(alloc["gpu_indices"] or "[]"))
+                a.used_cpu += alloc.cpu
+                a.used_memory += alloc.memory
+                a.busy_gpus.update(alloc.gpu_indices)
                 a.jobs += 1
         # Statuses within runs that have dependencies: of the dependencies, and of the job itself
         # (a dependant failed by its dependency is no longer waiting).
@@ -156,10 +161,10 @@ class Engine:
         reasons: dict[str, str] = {}
         for w in waiting:
             if w.depends_on:
-                if statuses.get((w.run_id, "#" + w.job_id), JS.JOB_STATUS_PENDING) not in WAITING:
+                if statuses.get((w.run_id, "#" + w.job_id), JobStatus.PENDING) not in WAITING:
                     gone.append(w.job_id)
                     continue
-                blocked = [d for d in w.depends_on if statuses.get((w.run_id, d)) != JS.JOB_STATUS_DONE]
+                blocked = [d for d in w.depends_on if statuses.get((w.run_id, d)) != JobStatus.DONE]
                 if blocked:
                     reasons[w.job_id] = "waiting for " + ", ".join(blocked)
                     continue
@@ -169,7 +174,7 @@ class Engine:
         failures = []
         for job_id, why in decision.impossible.items():
             if self.config.fail_unsatisfiable:
-                failures.append((job_id, common_pb2.TERMINATION_REASON_UNSCHEDULABLE, why))
+                failures.append((job_id, why))
             else:
                 reasons[job_id] = f"waiting: {why}"
         to_mark = [w.job_id for w in waiting if w.submitted and w.job_id in reasons]
@@ -204,7 +209,7 @@ class Engine:
             code=code,
             gpu_indices=a.gpu_indices,
             env=env,
-            inputs=a.inputs,
+            inputs=[artifact_input_to_proto(i) for i in a.inputs],
             secrets=self.secrets,
         )
 
@@ -252,12 +257,12 @@ class Engine:
 
         def reconcile() -> tuple[list[str], list[str], list[str], dict[str, int]]:
             jobs = self.store.jobs_on_agent(agent_id)
-            unstarted = [j for j in jobs if j["status"] == JS.JOB_STATUS_ASSIGNED and j["id"] not in active]
-            resend = [j["id"] for j in unstarted if not j["stop_requested"]]
+            unstarted = [j for j in jobs if j.status == JobStatus.ASSIGNED and j.id not in active]
+            resend = [j.id for j in unstarted if not j.stop_requested]
             # Stopped while the agent was away, before it ever got the job: it ends here.
-            self.store.stop_unstarted([j["id"] for j in unstarted if j["stop_requested"]])
-            lost = [j["id"] for j in jobs if j["status"] != JS.JOB_STATUS_ASSIGNED and j["id"] not in active]
-            stop = [j["id"] for j in jobs if j["stop_requested"] and j["id"] in active]
+            self.store.stop_unstarted([j.id for j in unstarted if j.stop_requested])
+            lost = [j.id for j in jobs if j.status != JobStatus.ASSIGNED and j.id not in active]
+            stop = [j.id for j in jobs if j.stop_requested and j.id in active]
             self.store.fail_jobs_lost_by_agent(agent_id, lost)
             stale = self.store.terminal_or_unknown(agent_id, active)
             return resend, stop, stale, self.store.log_positions([j for j in active if j not in stale])
@@ -283,16 +288,18 @@ class Engine:
         reply = agent_pb2.CoordinatorMessage()
         changed: set[str] = set()
         if msg.logs:
-            reply.log_acks.extend(await self.db(self.store.insert_logs, msg.logs))
+            acks = await self.db(self._insert_logs, msg.logs)
+            reply.log_acks.extend(log_acks_to_proto(acks))
             changed.update(await self._runs_of(j.job_id for j in msg.logs))
         if msg.updates:
-            res = await self.db(self.store.apply_job_updates, agent_id, msg.updates)
-            reply.update_acks.extend(res.acks)
+            updates = job_updates_from_proto(msg.updates)
+            res = await self.db(self.store.apply_job_updates, agent_id, updates)
+            reply.update_acks.extend(update_acks_to_proto(res.acks))
             changed |= res.changed_runs
             if res.freed:
                 self.kick()
-            for u in msg.updates:  # a job's last update comes after its last line: forget its run
-                if u.status in (JS.JOB_STATUS_DONE, JS.JOB_STATUS_FAILED, JS.JOB_STATUS_STOPPED):
+            for u in updates:  # a job's last update comes after its last line: forget its run
+                if u.status in TERMINAL_JOB:
                     self._job_runs.pop(u.job_id, None)
         if msg.HasField("heartbeat"):
             inv = msg.heartbeat.inventory.SerializeToString() if msg.heartbeat.HasField("inventory") else None
@@ -301,6 +308,11 @@ class Engine:
         if reply.log_acks or reply.update_acks:
             return reply
         return None
+
+    def _insert_logs(self, logs: Sequence[agent_pb2.LogBatch]) -> list[LogAck]:
+        # Converted on the DB thread, as the store would have read them: a big batch costs the event
+        # loop nothing (heartbeats keep being answered).
+        return self.store.insert_logs(log_batches_from_proto(logs))
 
     async def _runs_of(self, job_ids: Iterable[str]) -> set[str]:
         ids = set(job_ids)
@@ -315,6 +327,6 @@ class Engine:
         for job_id, agent_id in on_agents:
             self.hub.send(agent_id, agent_pb2.CoordinatorMessage(stops=[agent_pb2.StopJob(job_id=job_id)]))
         run = await self.db(self.store.run_by_name, run_name)
-        self.queue.discard_run(run["id"])
-        self.watchers.notify([run["id"]])
+        self.queue.discard_run(run.id)
+        self.watchers.notify([run.id])
         self.kick()

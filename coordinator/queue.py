@@ -6,11 +6,11 @@ from it is applied with a status check in SQL (a job stopped meanwhile is not pl
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any
 
+from dstack.coordinator.model import JobStatus
 from dstack.coordinator.scheduler import JobRequest
+from dstack.coordinator.store import WaitingJob
 from dstack.protos.v1 import client_pb2, common_pb2
 
 
@@ -43,16 +43,16 @@ class WaitingQueue:
     def __len__(self) -> int:
         return len(self._jobs)
 
-    def add_row(self, row: dict[str, Any]) -> None:
+    def add_row(self, row: WaitingJob) -> None:
         """From store.waiting_jobs() at start-up."""
         spec = common_pb2.JobSpec()
-        spec.ParseFromString(row["spec"])
-        self._jobs[row["id"]] = Waiting(
-            job_id=row["id"],
-            run_id=row["run_id"],
-            request=request_of(row["id"], spec),
-            depends_on=tuple(json.loads(row["depends_on"] or "[]")),
-            submitted=row["status"] == common_pb2.JOB_STATUS_SUBMITTED,
+        spec.ParseFromString(row.spec)
+        self._jobs[row.id] = Waiting(
+            job_id=row.id,
+            run_id=row.run_id,
+            request=request_of(row.id, spec),
+            depends_on=tuple(row.depends_on),
+            submitted=row.status == JobStatus.SUBMITTED,
         )
 
     def add_run(self, run_id: str, run: client_pb2.Run) -> None:

@@ -16,7 +16,8 @@ import logging
 
 from dstack.coordinator.artifacts import Artifacts, logs_key
 from dstack.coordinator.config import CoordinatorConfig
-from dstack.coordinator.store.db import Store
+from dstack.coordinator.model import LogLine
+from dstack.coordinator.store import Store
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.protos.v1 import common_pb2
 from dstack.storage import ArtifactStore
@@ -25,9 +26,9 @@ log = logging.getLogger("dstack.coordinator")
 BATCH = 100
 
 
-def pack_logs(rows: list[tuple[int, int, int, str]]) -> bytes:
+def pack_logs(rows: list[LogLine]) -> bytes:
     """The archive format (docs/storage.md): gzipped JSON lines, one per log line."""
-    body = "".join(json.dumps({"seq": s, "stream": st, "t": t, "text": x}) + "\n" for s, st, t, x in rows)
+    body = "".join(json.dumps({"seq": r.seq, "stream": r.stream, "t": r.time_ns, "text": r.text}) + "\n" for r in rows)
     return gzip.compress(body.encode(), compresslevel=6)
 
 
@@ -63,11 +64,11 @@ class Retention:
         while True:
             jobs = await self.db(self.store.jobs_to_archive, now - int(self.config.archive_after_s * 1e9), BATCH)
             for job in jobs:
-                rows = await self.db(self.store.all_logs, job["id"])
+                rows = await self.db(self.store.all_logs, job.id)
                 data = await asyncio.to_thread(pack_logs, rows)
-                key = logs_key(job["run_name"], job["job_name"])
+                key = logs_key(job.run_name, job.job_name)
                 await asyncio.to_thread(self.artifacts.store.put_bytes, key, data)
-                await self.db(self.store.mark_logs_archived, job["id"])
+                await self.db(self.store.mark_logs_archived, job.id)
                 archived += 1
             if len(jobs) < BATCH:
                 break
@@ -77,17 +78,17 @@ class Retention:
 
     async def _expire(self, before: int) -> None:
         for run in await self.db(self.store.expired_runs, before):
-            drop_artifacts = self.config.retention_artifacts and not run["tagged"] and not run["artifacts_deleted"]
-            if not (run["has_logs"] or drop_artifacts):
+            drop_artifacts = self.config.retention_artifacts and not run.tagged and not run.artifacts_deleted
+            if not (run.has_logs or drop_artifacts):
                 continue
-            jobs = (await self.db(self.store.jobs_of_runs, [run["id"]]))[run["id"]]
-            if run["has_logs"]:
+            jobs = (await self.db(self.store.jobs_of_runs, [run.id]))[run.id]
+            if run.has_logs:
                 for j in jobs:
-                    await asyncio.to_thread(self.artifacts.store.delete_prefix, logs_key(run["name"], j["job_name"]))
-                await self.db(self.store.mark_logs_deleted, run["id"])
-                log.info("retention: deleted the logs of run %s", run["name"])
+                    await asyncio.to_thread(self.artifacts.store.delete_prefix, logs_key(run.name, j.job_name))
+                await self.db(self.store.mark_logs_deleted, run.id)
+                log.info("retention: deleted the logs of run %s", run.name)
             if drop_artifacts:
                 for j in jobs:
-                    await self.artifacts.delete_job_artifacts(run["name"], j["job_name"])
-                await self.db(self.store.mark_artifacts_deleted, run["id"])
-                log.info("retention: deleted the artifacts of untagged run %s", run["name"])
+                    await self.artifacts.delete_job_artifacts(run.name, j.job_name)
+                await self.db(self.store.mark_artifacts_deleted, run.id)
+                log.info("retention: deleted the artifacts of untagged run %s", run.name)

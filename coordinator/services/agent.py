@@ -17,6 +17,7 @@ from dstack.coordinator.engine import Engine
 from dstack.coordinator.errors import AlreadyExists, Conflict, Unauthenticated
 from dstack.coordinator.services.client import put_from_messages, read_chunks, stream_artifact
 from dstack.coordinator.services.rpc import bearer_token, streaming, unary
+from dstack.coordinator.store import JobLocation
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2
 
 Ctx: TypeAlias = Any  # grpc.aio.ServicerContext: grpc ships no type information
@@ -35,11 +36,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         row = await self.db(self.store.agent_by_token, bearer_token(context))
         if row is None:
             raise Unauthenticated("unknown agent token: register the agent again with the join token")
-        return str(row["id"])
+        return row.id
 
-    async def _own_job(self, agent_id: str, job_id: str) -> dict[str, Any]:
+    async def _own_job(self, agent_id: str, job_id: str) -> JobLocation:
         job = await self.db(self.store.job_location, job_id)
-        if job["agent_id"] != agent_id:
+        if job.agent_id != agent_id:
             raise Conflict(f"job {job_id} is not assigned to this agent")
         return job
 
@@ -112,7 +113,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         agent_id = await self._agent(context)
         first = await anext(aiter(request_iterator))
         job = await self._own_job(agent_id, first.job_id)
-        key = artifact_key(job["run_name"], job["job_name"], check_relative_path(first.path))
+        key = artifact_key(job.run_name, job.job_name, check_relative_path(first.path))
         size, digest = await put_from_messages(self.artifacts, key, first, request_iterator)
         return agent_pb2.UploadArtifactResponse(size=size, sha256=digest)
 
@@ -123,7 +124,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         agent_id = await self._agent(context)
         job = await self._own_job(agent_id, request.job_id)
         files = [(check_relative_path(f.path), f.size, f.sha256) for f in request.files]
-        await self.bookkeeping.commit(job["run_name"], job["job_name"], files, request.completed)
+        await self.bookkeeping.commit(job.run_name, job.job_name, files, request.completed)
         await self.db(self.store.save_artifacts, request.job_id, files)
         return agent_pb2.CommitArtifactsResponse()
 
@@ -140,7 +141,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         job = await self._own_job(agent_id, request.job_id)
         if not self.bookkeeping.presigns:
             return agent_pb2.GrantUploadsResponse(stream=True)
-        grants = await self.bookkeeping.grant_uploads(job["run_name"], job["job_name"], request.files)
+        grants = await self.bookkeeping.grant_uploads(job.run_name, job.job_name, request.files)
         return agent_pb2.GrantUploadsResponse(grants=grants)
 
     @unary
@@ -159,7 +160,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         runs: dict[str, str] = {}
         for f in files:
             if f.run_name not in runs:
-                runs[f.run_name] = self.store.run_by_name(f.run_name)["id"]
+                runs[f.run_name] = self.store.run_by_name(f.run_name).id
             self.store.artifact(runs[f.run_name], f.job_name, f.path)
             keys.append(artifact_key(f.run_name, f.job_name, f.path))
         return keys

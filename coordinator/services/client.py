@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import queue
 import re
 import time
@@ -13,13 +12,13 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeAlias
 
 from dstack.coordinator.artifacts import Artifacts, artifact_key, check_relative_path, code_key, logs_key
-from dstack.coordinator.convert import inventory_from_bytes, run_to_proto
+from dstack.coordinator.convert import inventory_from_bytes, log_line_to_proto, run_to_proto
 from dstack.coordinator.engine import Engine
 from dstack.coordinator.errors import InvalidRequest
 from dstack.coordinator.retention import read_log_archive
 from dstack.coordinator.secrets import check_secret_name
 from dstack.coordinator.services.rpc import authenticate, streaming, unary
-from dstack.coordinator.store.db import CreatedRun, NewJob
+from dstack.coordinator.store import CreatedRun, NewJob, SecretRow, TagRow
 from dstack.coordinator.templates import with_run_name
 from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
 from dstack.storage import ArtifactStore, StoreError
@@ -91,8 +90,8 @@ async def stream_artifact(
 ) -> AsyncIterator[client_pb2.DataChunk]:
     """One recorded artifact file of a run's job, in chunks (for users and for agents' job inputs)."""
     run = await engine.db(engine.store.run_by_name, request.run_name)
-    await engine.db(engine.store.artifact, run["id"], request.job_name, request.path)  # NOT_FOUND if not recorded
-    async for chunk in read_chunks(artifacts, artifact_key(run["name"], request.job_name, request.path)):
+    await engine.db(engine.store.artifact, run.id, request.job_name, request.path)  # NOT_FOUND if not recorded
+    async for chunk in read_chunks(artifacts, artifact_key(run.name, request.job_name, request.path)):
         yield client_pb2.DataChunk(data=chunk)
 
 
@@ -133,8 +132,8 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     def _load_run(self, name: str) -> client_pb2.Run:
         row = self.store.run_by_name(name)
-        jobs = self.store.jobs_of_runs([row["id"]])[row["id"]]
-        tags = self.store.tags_of_runs([row["id"]])[row["id"]]
+        jobs = self.store.jobs_of_runs([row.id])[row.id]
+        tags = self.store.tags_of_runs([row.id])[row.id]
         return run_to_proto(row, jobs, tags, self.engine.pending_reasons)
 
     async def _run(self, name: str) -> client_pb2.Run:
@@ -197,8 +196,8 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         def create() -> tuple[CreatedRun, list[common_pb2.JobSpec]]:
             # Tag and workflow dependencies resolve now, to the runs they name at submission.
             inputs = [
-                [self.store.tag(t)["run_id"] for t in j.input_tags]
-                + [self.store.latest_done_run(w)["id"] for w in j.input_workflows]
+                [self.store.tag(t).run_id for t in j.input_tags]
+                + [self.store.latest_done_run(w).id for w in j.input_workflows]
                 for j in request.jobs
             ]
             name = self.store.reserve_run_name()
@@ -261,9 +260,9 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
         def load() -> list[client_pb2.Run]:
             rows = self.store.list_runs(request.all, request.limit or 1000)
-            ids = [r["id"] for r in rows]
+            ids = [r.id for r in rows]
             jobs, tags = self.store.jobs_of_runs(ids), self.store.tags_of_runs(ids)
-            return [run_to_proto(r, jobs[r["id"]], tags[r["id"]], self.engine.pending_reasons) for r in rows]
+            return [run_to_proto(r, jobs[r.id], tags[r.id], self.engine.pending_reasons) for r in rows]
 
         return client_pb2.ListRunsResponse(runs=await self.db(load))
 
@@ -279,14 +278,14 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     ) -> AsyncIterator[client_pb2.StreamLogsResponse]:
         await self._user(context)
         run = await self.db(self.store.run_by_name, request.run_name)
-        jobs = (await self.db(self.store.jobs_of_runs, [run["id"]]))[run["id"]]
+        jobs = (await self.db(self.store.jobs_of_runs, [run.id]))[run.id]
         # Logs of long-finished jobs live in the store (coordinator/retention.py), not the database.
         for j in jobs:
-            if j["logs_state"]:
-                async for part in self._archived_logs(run["name"], j["job_name"], j["logs_state"]):
+            if j.logs_state:
+                async for part in self._archived_logs(run.name, j.job_name, j.logs_state):
                     yield part
-        cursors = {j["id"]: 0 for j in jobs if not j["logs_state"]}
-        names = {j["id"]: j["job_name"] for j in jobs}
+        cursors = {j.id: 0 for j in jobs if not j.logs_state}
+        names = {j.id: j.job_name for j in jobs}
 
         def read() -> list[client_pb2.JobLogs]:
             out = []
@@ -300,17 +299,17 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
                     out.append(
                         client_pb2.JobLogs(
                             job_name=names[job_id],
-                            lines=rows,
+                            lines=[log_line_to_proto(r) for r in rows],
                         )
                     )
             return out
 
         finished = False
         while True:
-            event = self.engine.watchers.event(run["id"])
+            event = self.engine.watchers.event(run.id)
             # Check for the end before reading: every line of a job is stored before its end is.
             if request.follow and not finished:
-                finished = (await self.db(self.store.run_by_id, run["id"]))["finished_at"] is not None
+                finished = (await self.db(self.store.run_by_id, run.id)).finished_at is not None
             batch = await self.db(read)
             if batch:
                 for jl in batch:
@@ -354,16 +353,13 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     ) -> client_pb2.ListArtifactsResponse:
         await self._user(context)
         run = await self.db(self.store.run_by_name, request.run_name)
-        rows = await self.db(self.store.list_artifacts, run["id"])
+        rows = await self.db(self.store.list_artifacts, run.id)
         urls: list[str] = []
         if request.with_urls and self.bookkeeping.presigns:
-            urls = await self.bookkeeping.download_urls(
-                [artifact_key(run["name"], r["job_name"], r["path"]) for r in rows]
-            )
+            urls = await self.bookkeeping.download_urls([artifact_key(run.name, r.job_name, r.path) for r in rows])
         return client_pb2.ListArtifactsResponse(
             files=[
-                common_pb2.ArtifactFile(job_name=r["job_name"], path=r["path"], size=r["size"], sha256=r["sha256"])
-                for r in rows
+                common_pb2.ArtifactFile(job_name=r.job_name, path=r.path, size=r.size, sha256=r.sha256) for r in rows
             ],
             urls=urls,
         )
@@ -399,7 +395,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         await self._user(context)
         first = await anext(aiter(request_iterator))
         job = await self.db(self.store.upload_job, first.run_name)
-        key = artifact_key(first.run_name, job["job_name"], check_relative_path(first.path))
+        key = artifact_key(first.run_name, job.job_name, check_relative_path(first.path))
         size, digest = await put_from_messages(self.artifacts, key, first, request_iterator)
         return client_pb2.PutArtifactResponse(size=size, sha256=digest)
 
@@ -410,7 +406,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         await self._user(context)
         job = await self.db(self.store.upload_job, request.run_name)
         files = [(check_relative_path(f.path), f.size, f.sha256) for f in request.files]
-        await self.bookkeeping.commit(request.run_name, job["job_name"], files, request.completed)
+        await self.bookkeeping.commit(request.run_name, job.job_name, files, request.completed)
         await self.db(self.store.finish_upload_run, request.run_name, files)
         return client_pb2.CommitUploadResponse(run=await self._run(request.run_name))
 
@@ -419,8 +415,8 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         await self._user(context)
         run = await self.db(self.store.deletable_run, request.name)
         # Objects first: if this fails halfway, the run is still listed and `dstack rm` can be repeated.
-        deleted = await self.bookkeeping.delete_run(run["name"])
-        await self.db(self.store.delete_run, run["id"])
+        deleted = await self.bookkeeping.delete_run(run.name)
+        await self.db(self.store.delete_run, run.id)
         return client_pb2.DeleteRunResponse(objects_deleted=deleted)
 
     @unary
@@ -431,17 +427,17 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
             busy: dict[str, list[int]] = {}
             count: dict[str, int] = {}
             for a in self.store.active_allocations():
-                busy.setdefault(a["agent_id"], []).extend(json.loads(a["gpu_indices"] or "[]"))
-                count[a["agent_id"]] = count.get(a["agent_id"], 0) + 1
+                busy.setdefault(a.agent_id, []).extend(a.gpu_indices)
+                count[a.agent_id] = count.get(a.agent_id, 0) + 1
             return [
                 client_pb2.Agent(
-                    id=r["id"],
-                    name=r["name"],
-                    status=r["status"],
-                    inventory=inventory_from_bytes(r["inventory"]),
-                    running_jobs=count.get(r["id"], 0),
-                    last_heartbeat_ns=r["last_heartbeat"] or 0,
-                    busy_gpu_indices=sorted(busy.get(r["id"], [])),
+                    id=r.id,
+                    name=r.name,
+                    status=r.status,
+                    inventory=inventory_from_bytes(r.inventory),
+                    running_jobs=count.get(r.id, 0),
+                    last_heartbeat_ns=r.last_heartbeat,
+                    busy_gpu_indices=sorted(busy.get(r.id, [])),
                 )
                 for r in self.store.list_agents()
             ]
@@ -494,8 +490,8 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         return client_pb2.DeleteSecretResponse()
 
 
-def secret_to_proto(r: dict[str, Any]) -> client_pb2.Secret:
-    return client_pb2.Secret(name=r["name"], created_at_ns=r["created_at"], updated_at_ns=r["updated_at"])
+def secret_to_proto(r: SecretRow) -> client_pb2.Secret:
+    return client_pb2.Secret(name=r.name, created_at_ns=r.created_at, updated_at_ns=r.updated_at)
 
 
 # Tags, and the workflow names an uploaded artifact set stands for.
@@ -507,5 +503,5 @@ def check_tag_name(tag: str) -> None:
         raise InvalidRequest(f"invalid tag {tag!r}: letters, digits, '.', '_' and '-', starting with a letter or digit")
 
 
-def tag_to_proto(r: dict[str, Any]) -> client_pb2.Tag:
-    return client_pb2.Tag(name=r["name"], run_name=r["run_name"], workflow=r["workflow"], created_at_ns=r["created_at"])
+def tag_to_proto(r: TagRow) -> client_pb2.Tag:
+    return client_pb2.Tag(name=r.name, run_name=r.run_name, workflow=r.workflow, created_at_ns=r.created_at)

@@ -39,8 +39,8 @@ def test_a_start_gives_online_agents_a_lease_plus_the_reconnect_grace(tmp_path: 
         engine = Engine(config, store, db, clock)
 
         async def agent() -> tuple[str, int]:
-            row = next(r for r in await db(store.list_agents) if r["id"] == online)
-            return row["status"], row["lease_expires_at"]
+            row = next(r for r in await db(store.list_agents) if r.id == online)
+            return row.status, row.lease_expires_at
 
         await engine.start()
         try:

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from dstack.coordinator.errors import AlreadyExists
-from dstack.coordinator.store import SCHEMA_VERSION, Store
-from dstack.coordinator.store.db import NewJob, Placement
-from dstack.protos.v1 import agent_pb2, common_pb2
+from dstack.coordinator.model import JobUpdate, LogBatch, LogLine
+from dstack.coordinator.store import SCHEMA_VERSION, NewJob, Placement, Store
+from dstack.protos.v1 import common_pb2
 
 JS = common_pb2.JobStatus
 
@@ -31,40 +31,40 @@ def test_job_lifecycle_and_run_status(tmp_path: Path) -> None:
     s = Store(tmp_path / "db.sqlite")
     name = s.create_run("admin", "wf", b"", "", [], [job("a"), job("b", ["a"])]).name
     run = s.run_by_name(name)
-    assert run["status"] == common_pb2.RUN_STATUS_SUBMITTED
+    assert run.status == common_pb2.RUN_STATUS_SUBMITTED
     agent_id = s.register_agent("h", "tok", b"")
     s.agent_online(agent_id, b"", 2**62)
-    jobs = {j["job_name"]: j["id"] for j in s.jobs_of_runs([run["id"]])[run["id"]]}
+    jobs = {j.job_name: j.id for j in s.jobs_of_runs([run.id])[run.id]}
     s.apply_schedule([Placement(jobs["a"], agent_id, [])], {jobs["b"]: "waiting for a"}, [])
-    assert s.run_by_name(name)["status"] == common_pb2.RUN_STATUS_RUNNING
+    assert s.run_by_name(name).status == common_pb2.RUN_STATUS_RUNNING
     res = s.apply_job_updates(
-        agent_id, [agent_pb2.JobUpdate(job_id=jobs["a"], status=JS.JOB_STATUS_FAILED, message="exited with code 1")]
+        agent_id, [JobUpdate(job_id=jobs["a"], status=JS.JOB_STATUS_FAILED, message="exited with code 1")]
     )
     assert res.freed and len(res.acks) == 1
-    rows = {j["job_name"]: j for j in s.jobs_of_runs([run["id"]])[run["id"]]}
-    assert rows["b"]["status"] == JS.JOB_STATUS_FAILED
-    assert rows["b"]["message"] == "dependency 'a' failed"
-    assert s.run_by_name(name)["status"] == common_pb2.RUN_STATUS_FAILED
+    rows = {j.job_name: j for j in s.jobs_of_runs([run.id])[run.id]}
+    assert rows["b"].status == JS.JOB_STATUS_FAILED
+    assert rows["b"].message == "dependency 'a' failed"
+    assert s.run_by_name(name).status == common_pb2.RUN_STATUS_FAILED
 
 
 def test_stale_updates_are_ignored_but_acked(tmp_path: Path) -> None:
     s = Store(tmp_path / "db.sqlite")
     name = s.create_run("admin", "wf", b"", "", [], [job("a")]).name
     run = s.run_by_name(name)
-    jid = s.jobs_of_runs([run["id"]])[run["id"]][0]["id"]
+    jid = s.jobs_of_runs([run.id])[run.id][0].id
     agent_id = s.register_agent("h", "tok", b"")
     s.apply_schedule([Placement(jid, agent_id, [])], {}, [])
-    s.apply_job_updates(agent_id, [agent_pb2.JobUpdate(job_id=jid, status=JS.JOB_STATUS_DONE)])
-    res = s.apply_job_updates(agent_id, [agent_pb2.JobUpdate(job_id=jid, status=JS.JOB_STATUS_RUNNING)])
+    s.apply_job_updates(agent_id, [JobUpdate(job_id=jid, status=JS.JOB_STATUS_DONE)])
+    res = s.apply_job_updates(agent_id, [JobUpdate(job_id=jid, status=JS.JOB_STATUS_RUNNING)])
     assert len(res.acks) == 1 and not res.changed_runs
-    assert s.run_by_name(name)["status"] == common_pb2.RUN_STATUS_DONE
+    assert s.run_by_name(name).status == common_pb2.RUN_STATUS_DONE
 
 
 def test_logs_are_idempotent(tmp_path: Path) -> None:
     s = Store(tmp_path / "db.sqlite")
-    lines = [common_pb2.LogLine(seq=i, text=str(i)) for i in range(1, 4)]
-    s.insert_logs([agent_pb2.LogBatch(job_id="j", lines=lines)])
-    s.insert_logs([agent_pb2.LogBatch(job_id="j", lines=lines[1:])])  # a resend after reconnect
+    lines = [LogLine(seq=i, stream=1, time_ns=0, text=str(i)) for i in range(1, 4)]
+    s.insert_logs([LogBatch(job_id="j", lines=lines)])
+    s.insert_logs([LogBatch(job_id="j", lines=lines[1:])])  # a resend after reconnect
     assert [ln.text for ln in s.read_logs("j", 0, 100)] == ["1", "2", "3"]
     assert s.log_positions(["j"]) == {"j": 3}
 
@@ -73,46 +73,46 @@ def test_dependants_fail_when_the_coordinator_fails_a_job(tmp_path: Path) -> Non
     s = Store(tmp_path / "db.sqlite")
     name = s.create_run("admin", "wf", b"", "", [], [job("a"), job("b", ["a"]), job("c", ["b"])]).name
     run = s.run_by_name(name)
-    jobs = {j["job_name"]: j["id"] for j in s.jobs_of_runs([run["id"]])[run["id"]]}
+    jobs = {j.job_name: j.id for j in s.jobs_of_runs([run.id])[run.id]}
     agent_id = s.register_agent("h", "tok", b"")
     s.agent_online(agent_id, b"", 0)
     s.apply_schedule([Placement(jobs["a"], agent_id, [])], [jobs["b"], jobs["c"]], [])
     assert s.expire_leases(now=1) == [agent_id]  # the lease ran out: a fails with "agent lost"
-    rows = {j["job_name"]: j for j in s.jobs_of_runs([run["id"]])[run["id"]]}
-    assert rows["a"]["message"] == "agent lost"
-    assert rows["b"]["status"] == rows["c"]["status"] == JS.JOB_STATUS_FAILED
-    assert rows["c"]["message"] == "dependency 'b' failed"
-    assert s.run_by_name(name)["status"] == common_pb2.RUN_STATUS_FAILED
+    rows = {j.job_name: j for j in s.jobs_of_runs([run.id])[run.id]}
+    assert rows["a"].message == "agent lost"
+    assert rows["b"].status == rows["c"].status == JS.JOB_STATUS_FAILED
+    assert rows["c"].message == "dependency 'b' failed"
+    assert s.run_by_name(name).status == common_pb2.RUN_STATUS_FAILED
 
 
 def test_dependants_fail_when_a_job_is_unschedulable(tmp_path: Path) -> None:
     s = Store(tmp_path / "db.sqlite")
     name = s.create_run("admin", "wf", b"", "", [], [job("a"), job("b", ["a"])]).name
     run = s.run_by_name(name)
-    jobs = {j["job_name"]: j["id"] for j in s.jobs_of_runs([run["id"]])[run["id"]]}
-    s.apply_schedule([], [jobs["b"]], [(jobs["a"], 5, "needs 8 GPUs; the largest agent has 0 GPUs")])
-    assert s.run_by_name(name)["status"] == common_pb2.RUN_STATUS_FAILED
+    jobs = {j.job_name: j.id for j in s.jobs_of_runs([run.id])[run.id]}
+    s.apply_schedule([], [jobs["b"]], [(jobs["a"], "needs 8 GPUs; the largest agent has 0 GPUs")])
+    assert s.run_by_name(name).status == common_pb2.RUN_STATUS_FAILED
 
 
 def test_pulling_comes_between_assigned_and_running(tmp_path: Path) -> None:
     s = Store(tmp_path / "db.sqlite")
     name = s.create_run("admin", "wf", b"", "", [], [job("a")]).name
     run = s.run_by_name(name)
-    jid = s.jobs_of_runs([run["id"]])[run["id"]][0]["id"]
+    jid = s.jobs_of_runs([run.id])[run.id][0].id
     agent_id = s.register_agent("h", "tok", b"")
     s.apply_schedule([Placement(jid, agent_id, [0])], {}, [])
 
     def update(status: common_pb2.JobStatus.ValueType) -> None:
-        s.apply_job_updates(agent_id, [agent_pb2.JobUpdate(job_id=jid, status=status)])
+        s.apply_job_updates(agent_id, [JobUpdate(job_id=jid, status=status)])
 
     update(JS.JOB_STATUS_PULLING)
-    assert s.run_by_name(name)["status"] == common_pb2.RUN_STATUS_PULLING
-    assert s.active_allocations()[0]["gpu_indices"] == "[0]"  # a pulling job holds its GPUs
+    assert s.run_by_name(name).status == common_pb2.RUN_STATUS_PULLING
+    assert s.active_allocations()[0].gpu_indices == [0]  # a pulling job holds its GPUs
     assert [j for j, _ in s.request_stop(name)] == [jid]  # and is stopped on its agent
     update(JS.JOB_STATUS_RUNNING)
-    assert s.run_by_name(name)["status"] == common_pb2.RUN_STATUS_RUNNING
+    assert s.run_by_name(name).status == common_pb2.RUN_STATUS_RUNNING
     update(JS.JOB_STATUS_PULLING)  # late, out of order: ignored
-    assert s.run_by_name(name)["status"] == common_pb2.RUN_STATUS_RUNNING
+    assert s.run_by_name(name).status == common_pb2.RUN_STATUS_RUNNING
 
 
 def inventory(host: str) -> bytes:
@@ -126,10 +126,10 @@ def test_an_agent_name_held_by_an_online_agent_is_refused(tmp_path: Path) -> Non
     with pytest.raises(AlreadyExists) as e:
         s.register_agent("gpu-1", "tok-2", inventory("host-b"))
     assert str(e.value) == "an agent named gpu-1 is already online (host host-a); choose another --name"
-    assert [(a["id"], a["status"]) for a in s.list_agents()] == [(first, "online")]
+    assert [(a.id, a.status) for a in s.list_agents()] == [(first, "online")]
     assert s.agent_by_token("tok-2") is None
     # The agent itself reconnects with its own credentials, as always.
-    assert s.agent_by_token("tok-1")["id"] == first  # type: ignore[index]
+    assert s.agent_by_token("tok-1").id == first  # type: ignore[union-attr]
 
 
 def test_a_new_agent_takes_the_name_of_a_lost_one(tmp_path: Path) -> None:
@@ -139,7 +139,7 @@ def test_a_new_agent_takes_the_name_of_a_lost_one(tmp_path: Path) -> None:
     assert s.expire_leases(now=1) == [old]
     new = s.register_agent("gpu-1", "tok-new", b"")
     s.agent_online(new, b"", 2**62)
-    assert [(a["id"], a["name"], a["status"]) for a in s.list_agents()] == [(new, "gpu-1", "online")]
+    assert [(a.id, a.name, a.status) for a in s.list_agents()] == [(new, "gpu-1", "online")]
     assert s.agent_by_token("tok-old") is None  # the old agent can no longer come back as gpu-1
     assert s.conn.execute("SELECT COUNT(*) FROM agents").fetchone()[0] == 1  # no job refers to it: deleted
 
@@ -148,17 +148,17 @@ def test_a_replaced_agent_that_ran_jobs_stays_only_for_their_history(tmp_path: P
     s = Store(tmp_path / "db.sqlite")
     name = s.create_run("admin", "wf", b"", "", [], [job("a")]).name
     run = s.run_by_name(name)
-    jid = s.jobs_of_runs([run["id"]])[run["id"]][0]["id"]
+    jid = s.jobs_of_runs([run.id])[run.id][0].id
     old = s.register_agent("gpu-1", "tok-old", b"")
     s.agent_online(old, b"", 0)
     s.apply_schedule([Placement(jid, old, [])], {}, [])
     assert s.expire_leases(now=1) == [old]
     new = s.register_agent("gpu-1", "tok-new", b"")
     s.agent_online(new, b"", 2**62)
-    assert [a["id"] for a in s.list_agents()] == [new]
-    assert s.jobs_of_runs([run["id"]])[run["id"]][0]["agent_name"] == "gpu-1"  # where the job ran
+    assert [a.id for a in s.list_agents()] == [new]
+    assert s.jobs_of_runs([run.id])[run.id][0].agent_name == "gpu-1"  # where the job ran
     s.agent_online(old, b"", 2**62)  # a stream authenticated just before the take-over: stays retired
-    assert [a["id"] for a in s.list_agents()] == [new]
+    assert [a.id for a in s.list_agents()] == [new]
 
 
 def test_lost_agents_are_forgotten_after_the_period(tmp_path: Path) -> None:
@@ -172,7 +172,7 @@ def test_lost_agents_are_forgotten_after_the_period(tmp_path: Path) -> None:
     assert s.expire_leases(now=3_000) == [lost]
     assert s.forget_lost_agents(not_seen_since=1_000) == []  # not yet
     assert sorted(s.forget_lost_agents(not_seen_since=1_001)) == sorted([lost, never])
-    assert [a["name"] for a in s.list_agents()] == ["online"]
+    assert [a.name for a in s.list_agents()] == ["online"]
     assert s.agent_by_token("tok-1") is None
     s.register_agent("lost", "tok-4", b"")  # the name is free
 
@@ -198,7 +198,7 @@ def test_migration_5_keeps_one_agent_per_name(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     s = Store(path)
-    assert [(a["name"], a["id"]) for a in s.list_agents()] == [("a", "a-online"), ("b", "b-new"), ("c", "c")]
+    assert [(a.name, a.id) for a in s.list_agents()] == [("a", "a-online"), ("b", "b-new"), ("c", "c")]
     retired = s.conn.execute("SELECT id, token_hash FROM agents WHERE status = 'retired' ORDER BY id").fetchall()
     assert retired == [("a-lost", None), ("a-online-old", None), ("b-old", None)]
     with pytest.raises(sqlite3.IntegrityError):  # the schema itself keeps names unique from now on

@@ -1,0 +1,82 @@
+"""The connection every repository of the store shares, its transaction helper and small SQL helpers.
+
+The store is blocking by design: the coordinator calls it from one dedicated thread
+(`coordinator.store.executor.DbExecutor`), never from the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence, Sized
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from dstack.coordinator.store.schema import migrate
+
+Params = dict[str, Any] | Sequence[Any]
+
+
+class Db:
+    def __init__(self, path: Path, clock: Callable[[], int] = time.time_ns) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a power loss may drop the last commits, never corrupt the file.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        self.db = sqlite_utils.Database(conn)
+        self.conn = conn
+        self.clock = clock
+        self.in_batch = False
+        migrate(self.db)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """A transaction; inside a group-commit batch (DbExecutor) the batch's transaction is used."""
+        if self.in_batch:
+            yield self.conn
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def rows(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+        return rows(self.conn, sql, params)
+
+    def row(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
+        found = self.rows(sql, params)
+        return found[0] if found else None
+
+
+def rows(c: sqlite3.Connection, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+    """Rows addressed by column name. Set on the cursor, not the connection, so that callers
+    reading plain tuples from `conn` (tests, migrations) still get tuples."""
+    cur = c.execute(sql, params)
+    cur.row_factory = sqlite3.Row
+    return list(cur.fetchall())
+
+
+def ints_in(values: Collection[int]) -> str:
+    """An `IN (...)` list of integers (statuses), inlined: they are ours, never user input."""
+    return ",".join(str(int(v)) for v in sorted(values))
+
+
+def marks(values: Sized) -> str:
+    return ",".join("?" for _ in range(len(values)))
+
+
+def json_list(text: str | None) -> list[Any]:
+    return list(json.loads(text or "[]"))

@@ -1,0 +1,83 @@
+"""Job logs: lines with per-job sequence numbers, stored once however often an agent resends them,
+and archived to the object store once a job has been finished a while (coordinator/retention.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dstack.coordinator.model import TERMINAL_JOB, LogAck, LogBatch, LogLine
+from dstack.coordinator.store.base import Db, ints_in
+
+
+@dataclass(frozen=True)
+class ArchivableJob:
+    id: str
+    job_name: str
+    run_name: str
+
+
+class Logs:
+    def __init__(self, db: Db) -> None:
+        self.db = db
+
+    def insert(self, batches: Sequence[LogBatch]) -> list[LogAck]:
+        acks = []
+        with self.db.tx() as c:
+            for b in batches:
+                if not b.lines:
+                    continue
+                c.executemany(
+                    "INSERT OR IGNORE INTO logs (job_id, seq, stream, time_ns, text) VALUES (?, ?, ?, ?, ?)",
+                    [(b.job_id, ln.seq, ln.stream, ln.time_ns, ln.text) for ln in b.lines],
+                )
+                acks.append(LogAck(b.job_id, b.lines[-1].seq))
+        return acks
+
+    def positions(self, job_ids: Sequence[str]) -> dict[str, int]:
+        """The last seq stored of each job (0: none)."""
+        return {
+            j: int(self.db.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM logs WHERE job_id = ?", [j]).fetchone()[0])
+            for j in job_ids
+        }
+
+    def read(self, job_id: str, after_seq: int, limit: int, max_bytes: int = 4 << 20) -> list[LogLine]:
+        """Lines after `after_seq`, at most `limit` of them and about `max_bytes` (at least one)."""
+        cur = self.db.conn.execute(
+            "SELECT seq, stream, time_ns, text FROM logs WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            [job_id, after_seq, limit],
+        )
+        out: list[LogLine] = []
+        for r in cur:
+            max_bytes -= len(r[3]) + 32
+            if out and max_bytes < 0:
+                break
+            out.append(LogLine(r[0], r[1], r[2], r[3]))
+        return out
+
+    def all(self, job_id: str) -> list[LogLine]:
+        return [
+            LogLine(r[0], r[1], r[2], r[3])
+            for r in self.db.conn.execute(
+                "SELECT seq, stream, time_ns, text FROM logs WHERE job_id = ? ORDER BY seq", [job_id]
+            )
+        ]
+
+    def jobs_to_archive(self, finished_before: int, limit: int) -> list[ArchivableJob]:
+        rows = self.db.rows(
+            "SELECT j.id, j.job_name, r.name AS run_name FROM jobs j JOIN runs r ON r.id = j.run_id"
+            f" WHERE j.logs_state = 0 AND j.status IN ({ints_in(TERMINAL_JOB)}) AND j.finished_at < ? LIMIT ?",
+            [finished_before, limit],
+        )
+        return [ArchivableJob(r["id"], r["job_name"], r["run_name"]) for r in rows]
+
+    def mark_archived(self, job_id: str) -> None:
+        with self.db.tx() as c:
+            c.execute("UPDATE jobs SET logs_state = 1 WHERE id = ?", [job_id])
+            c.execute("DELETE FROM logs WHERE job_id = ?", [job_id])
+
+    def mark_deleted(self, run_id: str) -> None:
+        """Retention deleted the run's archived logs."""
+        with self.db.tx() as c:
+            c.execute("DELETE FROM logs WHERE job_id IN (SELECT id FROM jobs WHERE run_id = ?)", [run_id])
+            c.execute("UPDATE jobs SET logs_state = 2 WHERE run_id = ?", [run_id])

@@ -1,0 +1,272 @@
+"""Runs: creation (with their jobs), reads, stop requests, deletion and retention bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from dstack.coordinator import lifecycle
+from dstack.coordinator.errors import Conflict, NotFound
+from dstack.coordinator.model import ON_AGENT, TERMINAL_RUN, RunStatus, TerminationReason, termination_reason
+from dstack.coordinator.names import random_run_prefix
+from dstack.coordinator.store.base import Db, ints_in, json_list
+
+_COLUMNS = (
+    "id, name, owner, workflow, status, termination_reason, message, submitted_at, finished_at, code_hash, code,"
+    " args, queue, priority, tag_on_done, artifacts_deleted, kind"
+)
+
+
+@dataclass(frozen=True)
+class RunRow:
+    id: str
+    name: str
+    owner: str
+    workflow: str
+    status: RunStatus
+    termination_reason: TerminationReason
+    message: str
+    submitted_at: int
+    finished_at: int | None
+    code_hash: str
+    code: bytes  # a serialized dstack.v1.CodeRef, kept opaque
+    args: list[str]
+    queue: str
+    priority: int
+    tag_on_done: str  # "" for none
+    artifacts_deleted: bool
+    kind: str  # "" for an executed workflow, "upload" for an uploaded artifact set
+
+    @classmethod
+    def of(cls, r: sqlite3.Row) -> RunRow:
+        return cls(
+            id=r["id"],
+            name=r["name"],
+            owner=r["owner"],
+            workflow=r["workflow"],
+            status=RunStatus(r["status"]),
+            termination_reason=termination_reason(r["termination_reason"]),
+            message=r["message"] or "",
+            submitted_at=r["submitted_at"],
+            finished_at=r["finished_at"],
+            code_hash=r["code_hash"] or "",
+            code=r["code"] or b"",
+            args=json_list(r["args"]),
+            queue=r["queue"] or "",
+            priority=r["priority"] or 0,
+            tag_on_done=r["tag_on_done"] or "",
+            artifacts_deleted=bool(r["artifacts_deleted"]),
+            kind=r["kind"] or "",
+        )
+
+
+@dataclass(frozen=True)
+class NewJob:
+    job_name: str
+    spec: bytes  # a serialized dstack.v1.JobSpec, kept opaque
+    cpu: float
+    memory: int
+    gpu_count: int
+    depends_on: list[str]
+    inputs: list[str] = field(default_factory=list)  # ids of runs whose artifacts the job takes
+
+
+@dataclass(frozen=True)
+class CreatedRun:
+    run_id: str
+    name: str
+    job_ids: list[str]  # in the order the jobs were given
+    submitted_at: int
+
+
+@dataclass(frozen=True)
+class ExpiredRun:
+    """A finished run past retention, with what of it is still kept."""
+
+    id: str
+    name: str
+    artifacts_deleted: bool
+    tagged: bool
+    has_logs: bool
+
+
+class StopOnAgent(NamedTuple):
+    job_id: str
+    agent_id: str
+
+
+class Runs:
+    def __init__(self, db: Db) -> None:
+        self.db = db
+
+    def reserve_name(self) -> str:
+        """A new readable name (adjective-animal-N); never handed out twice."""
+        prefix = random_run_prefix()
+        with self.db.tx() as c:
+            n = c.execute(
+                "INSERT INTO run_name_counters (prefix, n) VALUES (?, 1)"
+                " ON CONFLICT(prefix) DO UPDATE SET n = n + 1 RETURNING n",
+                [prefix],
+            ).fetchone()[0]
+        return f"{prefix}-{n}"
+
+    def create(
+        self,
+        owner: str,
+        workflow: str,
+        code: bytes,
+        code_hash: str,
+        args: list[str],
+        jobs: list[NewJob],
+        name: str | None = None,
+        tag_on_done: str = "",
+    ) -> CreatedRun:
+        """Inserts a run and its jobs in one transaction (under `name`, or a new one)."""
+        now = self.db.clock()
+        run_id = uuid.uuid4().hex
+        job_ids = [uuid.uuid4().hex for _ in jobs]
+        name = name or self.reserve_name()
+        with self.db.tx() as c:
+            c.execute(
+                "INSERT INTO runs (id, name, owner, workflow, status, termination_reason, message,"
+                " submitted_at, code_hash, code, args, queue, priority, tag_on_done) VALUES (:id, :name, :owner,"
+                " :wf, :st, 0, '', :now, :ch, :code, :args, '', 0, :tag)",
+                {
+                    "id": run_id,
+                    "name": name,
+                    "owner": owner,
+                    "wf": workflow,
+                    "st": int(lifecycle.SUBMIT_RUN.dst),
+                    "now": now,
+                    "ch": code_hash,
+                    "code": code,
+                    "args": json.dumps(args),
+                    "tag": tag_on_done or None,
+                },
+            )
+            c.executemany(
+                "INSERT INTO jobs (id, run_id, job_name, spec, status, termination_reason, message,"
+                " agent_id, gpu_indices, submitted_at, stop_requested, cpu, memory, gpu_count, depends_on, inputs)"
+                " VALUES (?, ?, ?, ?, ?, 0, '', NULL, '[]', ?, 0, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        job_id,
+                        run_id,
+                        j.job_name,
+                        j.spec,
+                        int(lifecycle.SUBMIT.dst),
+                        now,
+                        j.cpu,
+                        j.memory,
+                        j.gpu_count,
+                        json.dumps(j.depends_on),
+                        json.dumps(j.inputs),
+                    )
+                    for job_id, j in zip(job_ids, jobs, strict=True)
+                ],
+            )
+        return CreatedRun(run_id, name, job_ids, now)
+
+    def by_name(self, name: str) -> RunRow:
+        row = self.db.row(f"SELECT {_COLUMNS} FROM runs WHERE name = ?", [name])
+        if row is None:
+            raise NotFound(f"run {name!r} does not exist (see `dstack ps -a`)")
+        return RunRow.of(row)
+
+    def by_id(self, run_id: str) -> RunRow:
+        row = self.db.row(f"SELECT {_COLUMNS} FROM runs WHERE id = ?", [run_id])
+        if row is None:
+            raise NotFound(f"run {run_id!r} does not exist")
+        return RunRow.of(row)
+
+    def recent(self, include_all: bool, limit: int) -> list[RunRow]:
+        """The unfinished runs then the most recent finished ones (with `include_all`, every run)."""
+        if include_all:
+            rows = self.db.rows(f"SELECT {_COLUMNS} FROM runs ORDER BY submitted_at DESC LIMIT ?", [limit])
+            return [RunRow.of(r) for r in rows]
+        finished = ints_in(TERMINAL_RUN)
+        active = self.db.rows(
+            f"SELECT {_COLUMNS} FROM runs WHERE status NOT IN ({finished}) ORDER BY submitted_at DESC LIMIT ?",
+            [limit],
+        )
+        recent = self.db.rows(
+            f"SELECT {_COLUMNS} FROM runs WHERE status IN ({finished}) ORDER BY submitted_at DESC LIMIT ?",
+            [max(0, min(10, limit - len(active)))],
+        )
+        return sorted((RunRow.of(r) for r in active + recent), key=lambda r: -r.submitted_at)
+
+    def request_stop(self, run_name: str) -> list[StopOnAgent]:
+        """Marks the run's unfinished jobs to stop. Jobs not yet on an agent stop at once; returns
+        the jobs an agent must stop."""
+        run = self.by_name(run_name)
+        with self.db.tx() as c:
+            now = self.db.clock()
+            lifecycle.move_jobs(
+                c,
+                lifecycle.STOP_WAITING,
+                "run_id = :run",
+                {"run": run.id},
+                message="stopped by user",
+                at=now,
+                also="stop_requested = 1",
+            )
+            on_agent = [
+                StopOnAgent(r[0], r[1])
+                for r in c.execute(
+                    f"UPDATE jobs SET stop_requested = 1 WHERE run_id = ? AND status IN ({ints_in(ON_AGENT)})"
+                    " RETURNING id, agent_id",
+                    [run.id],
+                ).fetchall()
+            ]
+            lifecycle.refresh_run_status(c, run.id, now)
+        return on_agent
+
+    def latest_done(self, workflow: str) -> RunRow:
+        row = self.db.row(
+            f"SELECT {_COLUMNS} FROM runs WHERE workflow = ? AND status = ? ORDER BY finished_at DESC LIMIT 1",
+            [workflow, int(RunStatus.DONE)],
+        )
+        if row is None:
+            raise NotFound(f"no run of workflow {workflow!r} has finished done yet: run it first")
+        return RunRow.of(row)
+
+    # ---- deletion and retention ----------------------------------------------------------------
+    def deletable(self, run_name: str) -> RunRow:
+        run = self.by_name(run_name)
+        unfinished_upload = run.kind == "upload" and run.finished_at is None
+        if run.finished_at is None and not unfinished_upload:
+            raise Conflict(f"run {run_name!r} has not finished: stop it first (`dstack stop {run_name}`)")
+        tags = [r["name"] for r in self.db.rows("SELECT name FROM tags WHERE run_id = ?", [run.id])]
+        if tags:
+            raise Conflict(
+                f"run {run_name!r} is tagged {', '.join(tags)}: delete the tag first (`dstack tags delete {tags[0]}`)"
+            )
+        return run
+
+    def delete(self, run_id: str) -> None:
+        with self.db.tx() as c:
+            c.execute("DELETE FROM logs WHERE job_id IN (SELECT id FROM jobs WHERE run_id = ?)", [run_id])
+            c.execute("DELETE FROM artifacts WHERE job_id IN (SELECT id FROM jobs WHERE run_id = ?)", [run_id])
+            c.execute("DELETE FROM jobs WHERE run_id = ?", [run_id])
+            c.execute("DELETE FROM runs WHERE id = ?", [run_id])
+
+    def expired(self, finished_before: int) -> list[ExpiredRun]:
+        """Finished runs past retention whose logs or (untagged) artifacts are still kept."""
+        rows = self.db.rows(
+            "SELECT r.id, r.name, r.artifacts_deleted, EXISTS(SELECT 1 FROM tags t WHERE t.run_id = r.id) AS tagged,"
+            " EXISTS(SELECT 1 FROM jobs j WHERE j.run_id = r.id AND j.logs_state < 2) AS has_logs"
+            " FROM runs r WHERE r.finished_at IS NOT NULL AND r.finished_at < ?",
+            [finished_before],
+        )
+        return [
+            ExpiredRun(r["id"], r["name"], bool(r["artifacts_deleted"]), bool(r["tagged"]), bool(r["has_logs"]))
+            for r in rows
+        ]
+
+    def mark_artifacts_deleted(self, run_id: str) -> None:
+        with self.db.tx() as c:
+            c.execute("DELETE FROM artifacts WHERE job_id IN (SELECT id FROM jobs WHERE run_id = ?)", [run_id])
+            c.execute("UPDATE runs SET artifacts_deleted = 1 WHERE id = ?", [run_id])
