@@ -40,6 +40,11 @@ class Client:
             options=[
                 ("grpc.max_receive_message_length", 64 << 20),
                 ("grpc.max_send_message_length", 64 << 20),
+                # A followed log stream may be quiet for hours: pings find a link that died silently
+                # (no reset ever comes), so `dstack logs -f` can resume instead of waiting forever.
+                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.max_pings_without_data", 0),
             ],
         )
         self.stub = client_pb2_grpc.ClientServiceStub(self.channel)
@@ -94,8 +99,14 @@ class Client:
         resp: client_pb2.StopRunResponse = self._call(self.stub.StopRun, client_pb2.StopRunRequest(name=name))
         return resp.run
 
-    def logs(self, name: str, follow: bool) -> Iterator[client_pb2.StreamLogsResponse]:
-        return self._stream(self.stub.StreamLogs, client_pb2.StreamLogsRequest(run_name=name, follow=follow))
+    def logs(
+        self, name: str, follow: bool, after: dict[str, int] | None = None
+    ) -> Iterator[client_pb2.StreamLogsResponse]:
+        """The run's log stream; with `after` (job name -> last seq received), only the lines that follow."""
+        cursor = [client_pb2.LogCursor(job_name=k, seq=v) for k, v in (after or {}).items()]
+        return self._stream(
+            self.stub.StreamLogs, client_pb2.StreamLogsRequest(run_name=name, follow=follow, after=cursor)
+        )
 
     def list_artifacts(self, name: str) -> list[Any]:
         return list(self._call(self.stub.ListArtifacts, client_pb2.ListArtifactsRequest(run_name=name)).files)

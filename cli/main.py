@@ -1,6 +1,8 @@
-"""The `dstack` command. Each command imports what it needs when it runs, so start-up stays fast."""
+"""The `dstack` command. Each command imports what it needs when it runs, so start-up stays fast.
 
-from __future__ import annotations
+No `from __future__ import annotations` here: typer reads every command's signature on every call, and string
+annotations would be compiled and evaluated each time (twice: inspect.signature and get_type_hints).
+"""
 
 import sys
 from pathlib import Path

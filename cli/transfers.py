@@ -6,9 +6,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
-from rich.console import Console
-
 from dstack.cli.errors import CliError
+from dstack.cli.term import Term
 from dstack.storage.transfer import Transfer, TransferError
 
 
@@ -23,10 +22,10 @@ def put_bytes(url: str, data: bytes) -> None:
 @contextlib.contextmanager
 def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
     """Yields an `advance(nbytes)` callback (safe from worker threads)."""
-    err = Console(stderr=True)
-    if not err.is_terminal:
+    if not Term(stderr=True).is_terminal:
         yield lambda n: None
         return
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -42,7 +41,7 @@ def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=err,
+        console=Console(stderr=True),
         transient=False,
     ) as bar:
         task = bar.add_task(description, total=total)

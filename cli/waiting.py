@@ -7,21 +7,23 @@ when the run starts (or ends), or when the first log line arrives, so it never m
 from __future__ import annotations
 
 import threading
-
-from rich.console import Console
-from rich.status import Status
+from typing import TYPE_CHECKING
 
 from dstack.cli.client import Client
 from dstack.cli.errors import CliError
 from dstack.cli.render import run_status, waiting_text
+from dstack.cli.term import Term
 from dstack.protos.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from rich.status import Status
 
 POLL_S = 0.5
 WAITING = frozenset({common_pb2.RUN_STATUS_SUBMITTED, common_pb2.RUN_STATUS_PENDING, common_pb2.RUN_STATUS_PULLING})
 
 
 class WaitReporter:
-    def __init__(self, client: Client, run_name: str, console: Console, poll_s: float = POLL_S) -> None:
+    def __init__(self, client: Client, run_name: str, console: Term, poll_s: float = POLL_S) -> None:
         self.client = client
         self.run_name = run_name
         self.console = console
@@ -64,9 +66,17 @@ class WaitReporter:
             if self._done.is_set():
                 return
             if not self.console.is_terminal:
-                self.console.print(text, markup=False)
-            elif self._status is None:
-                self._status = self.console.status(text)
+                self.console.print(text)
+                return
+            # rich's spinner only on a terminal, and only once a run has waited: a run that starts at once never
+            # imports rich (~30 ms of the CLI's start).
+            from rich.text import Text  # a Text, so that a message is never read as markup
+
+            if self._status is None:
+                from rich.console import Console
+
+                rich = Console(file=self.console.file, highlight=False, _environ=self.console.environ)
+                self._status = rich.status(Text(text))
                 self._status.start()
             else:
-                self._status.update(text)
+                self._status.update(Text(text))

@@ -27,7 +27,7 @@ from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest, schedule
 from dstack.coordinator.secrets import SecretBox
 from dstack.coordinator.store import Assignment, Placement, Store
 from dstack.coordinator.store.executor import DbExecutor
-from dstack.protos.v1 import agent_pb2, common_pb2
+from dstack.protos.v1 import agent_pb2, client_pb2, common_pb2
 
 log = logging.getLogger("dstack.coordinator")
 
@@ -322,6 +322,22 @@ class Engine:
         return {self._job_runs[j] for j in ids if j in self._job_runs}
 
     # ---- user requests -----------------------------------------------------------------------
+    def enqueue_run(self, run_id: str, run: client_pb2.Run) -> None:
+        """A run just stored joins the scheduling queue."""
+        self.queue.add_run(run_id, run)
+        self.kick()
+
+    def seal_secret(self, value: str) -> bytes:
+        """A secret's value as the store keeps it (encrypted)."""
+        return self.secret_box.encrypt(value)
+
+    def remember_secret(self, name: str, value: str) -> None:
+        """A secret the store now holds: job hand-offs from now on carry it."""
+        self.secrets[name] = value
+
+    def forget_secret(self, name: str) -> None:
+        self.secrets.pop(name, None)
+
     async def stop_run(self, run_name: str) -> None:
         on_agents = await self.db(self.store.request_stop, run_name)
         for job_id, agent_id in on_agents:

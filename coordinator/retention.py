@@ -13,14 +13,14 @@ import asyncio
 import gzip
 import json
 import logging
+from collections.abc import Iterator
+from typing import BinaryIO
 
 from dstack.coordinator.artifacts import Artifacts, logs_key
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.model import LogLine
 from dstack.coordinator.store import Store
 from dstack.coordinator.store.executor import DbExecutor
-from dstack.protos.v1 import common_pb2
-from dstack.storage import ArtifactStore
 
 log = logging.getLogger("dstack.coordinator")
 BATCH = 100
@@ -32,13 +32,11 @@ def pack_logs(rows: list[LogLine]) -> bytes:
     return gzip.compress(body.encode(), compresslevel=6)
 
 
-def read_log_archive(store: ArtifactStore, key: str) -> list[common_pb2.LogLine]:
-    """What pack_logs wrote, as log lines."""
-    with store.open_read(key) as f, gzip.open(f, "rt", encoding="utf-8") as lines:
-        return [
-            common_pb2.LogLine(seq=d["seq"], stream=d["stream"], time_ns=d["t"], text=d["text"])
-            for d in map(json.loads, lines)
-        ]
+def iter_log_archive(f: BinaryIO) -> Iterator[LogLine]:
+    """What pack_logs wrote, line by line, from the open object (a long archive is never held whole)."""
+    with gzip.open(f, "rt", encoding="utf-8") as lines:
+        for d in map(json.loads, lines):
+            yield LogLine(d["seq"], d["stream"], d["t"], d["text"])
 
 
 class Retention:

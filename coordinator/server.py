@@ -14,7 +14,9 @@ from pathlib import Path
 
 import grpc
 
+from dstack.coordinator.app.core import Core
 from dstack.coordinator.artifacts import Artifacts
+from dstack.coordinator.auth import Authenticator, AuthInterceptor
 from dstack.coordinator.clock import SYSTEM_CLOCK, Clock
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.engine import Engine
@@ -155,9 +157,11 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
     artifacts = Artifacts(object_store)
     engine = Engine(config, store, db, clock)
     retention = Retention(config, store, db, artifacts)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    client_pb2_grpc.add_ClientServiceServicer_to_server(ClientService(engine, artifacts), server)
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(engine, artifacts), server)
+    auth = Authenticator(store, db, config.join_token)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(auth)])
+    core = Core(engine, artifacts)
+    client_pb2_grpc.add_ClientServiceServicer_to_server(ClientService(core), server)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(core), server)
     if config.listen.startswith("unix://"):
         # A socket file left by a killed coordinator would make the bind fail; one that a live process
         # answers on belongs to another coordinator, which deleting it would silently cut off.

@@ -47,12 +47,9 @@ def agents_command(as_json: bool) -> None:
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
-    from rich.console import Console
-    from rich.table import Table
+    from dstack.cli.term import Term
 
-    table = Table(box=None, header_style="bold")
-    for col in ("AGENT", "HOST", "STATUS", "RUNTIME", "GPUS", "CPU", "MEMORY", "JOBS"):
-        table.add_column(col, overflow="fold")
+    rows: list[list[str | tuple[str, str]]] = []
     for a in agents:
         inv = a.inventory
         gpus = "-"
@@ -66,14 +63,17 @@ def agents_command(as_json: bool) -> None:
             gpus += f"; memory {used:.0f}/{total:.0f} GiB used, util {util:.0f}%"
             if any(g.simulated for g in inv.gpus) and not any("simulated" in n for n in names):
                 gpus += " (simulated)"
-        table.add_row(
-            a.name,
-            inv.hostname,
-            a.status,
-            inv.runtime,
-            gpus,
-            str(inv.cpu_count),
-            f"{inv.memory_available_bytes / GIB:.0f}/{inv.memory_total_bytes / GIB:.0f} GiB free",
-            str(a.running_jobs),
+        rows.append(
+            [
+                a.name,
+                inv.hostname,
+                a.status,
+                inv.runtime,
+                gpus,
+                str(inv.cpu_count),
+                f"{inv.memory_available_bytes / GIB:.0f}/{inv.memory_total_bytes / GIB:.0f} GiB free",
+                str(a.running_jobs),
+            ]
         )
-    Console().print(table)
+    headers = ("AGENT", "HOST", "STATUS", "RUNTIME", "GPUS", "CPU", "MEMORY", "JOBS")
+    Term().table(headers, rows, overflow="fold")

@@ -25,15 +25,9 @@ def list_command(run_name: str, as_json: bool) -> None:
         )
         sys.stdout.write("\n")
         return
-    from rich.console import Console
-    from rich.table import Table
+    from dstack.cli.term import Term
 
-    table = Table(box=None, header_style="bold")
-    for col in ("JOB", "PATH", "SIZE"):
-        table.add_column(col)
-    for f in files:
-        table.add_row(f.job_name, f.path, _size(f.size))
-    Console().print(table)
+    Term().table(("JOB", "PATH", "SIZE"), [[f.job_name, f.path, _size(f.size)] for f in files])
 
 
 def _size(n: int) -> str:

@@ -25,20 +25,19 @@ def ps_command(show_all: bool, as_json: bool) -> None:
         json.dump([run_to_json(r) for r in runs], sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
-    from rich.console import Console
-    from rich.table import Table
+    from dstack.cli.term import Term
 
-    table = Table(box=None, header_style="bold")
-    for col in ("RUN", "WORKFLOW", "STATUS", "SUBMITTED", "TAGS", "MESSAGE"):
-        table.add_column(col, overflow="fold")
+    rows: list[list[str | tuple[str, str]]] = []
     for r in runs:
         status = run_status(r.status)
-        table.add_row(
-            r.name,
-            r.workflow,
-            f"[{STYLE.get(status, 'white')}]{status}[/]",
-            ago(r.submitted_at_ns),
-            ", ".join(r.tags),
-            r.message,
+        rows.append(
+            [
+                r.name,
+                r.workflow,
+                (status, STYLE.get(status, "white")),
+                ago(r.submitted_at_ns),
+                ", ".join(r.tags),
+                r.message,
+            ]
         )
-    Console().print(table)
+    Term().table(("RUN", "WORKFLOW", "STATUS", "SUBMITTED", "TAGS", "MESSAGE"), rows, overflow="fold")

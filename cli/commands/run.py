@@ -8,14 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
-
 from dstack.cli.client import Client
 from dstack.cli.commands.logs import print_logs
 from dstack.cli.errors import CliError, Location, NotFoundError, WorkflowError
 from dstack.cli.packing import PackedCode
 from dstack.cli.providers import load_provider
 from dstack.cli.render import run_summary
+from dstack.cli.term import Term
 from dstack.cli.yamlsrc import Node
 from dstack.protos.v1 import client_pb2, common_pb2
 
@@ -129,7 +128,7 @@ def _mentions(value: object, text: str) -> bool:
     return False
 
 
-def check_code_files(request: Request, packed: PackedCode, root: Path, err: Console) -> None:
+def check_code_files(request: Request, packed: PackedCode, root: Path, err: Term) -> None:
     """A file the workflow names that is not in the code sent is an error at its line, before anything starts."""
     names = set(packed.names)
     for f in request.code_files:
@@ -142,7 +141,7 @@ def check_code_files(request: Request, packed: PackedCode, root: Path, err: Cons
             else "there is no such file in the project"
         )
         if f.may_come_from_inputs:  # a dependency's artifacts may bring it
-            err.print(f"[yellow]warning: {f.location}: {f.field} {f.path!r}: {why}[/yellow]")
+            err.print((f"warning: {f.location}: {f.field} {f.path!r}: {why}", "yellow"))
             continue
         raise WorkflowError(f"{f.field} {f.path!r}: {why}", f.location)
 
@@ -226,16 +225,19 @@ def pack_code(root: Path) -> PackedCode:
     return pack(root, exclude=(dstack_home(),), outputs=output_paths(root))
 
 
-def upload_code(client: Client, packed: PackedCode, err: Console) -> common_pb2.CodeRef:
+def upload_code(client: Client, packed: PackedCode, err: Term) -> common_pb2.CodeRef:
     from dstack.cli.render import plural
 
     if packed.left_out:
         shown = ", ".join(f"{p}/" for p in packed.left_out[:5]) + (", ..." if len(packed.left_out) > 5 else "")
-        err.print(f"[dim]code: left out artifact folders {shown} (`git add` what should be sent)[/dim]")
+        err.print((f"code: left out artifact folders {shown} (`git add` what should be sent)", "dim"))
     if packed.ref.size > LARGE_CODE:
         err.print(
-            f"[yellow]warning: the code is {packed.ref.size / (1 << 20):.0f} MiB packed; keep data out of the"
-            " working tree (use .gitignore, and artifacts for data)[/yellow]"
+            (
+                f"warning: the code is {packed.ref.size / (1 << 20):.0f} MiB packed; keep data out of the"
+                " working tree (use .gitignore, and artifacts for data)",
+                "yellow",
+            )
         )
     answer = client.has_code(packed.ref.hash)
     if not answer.present:
@@ -245,7 +247,7 @@ def upload_code(client: Client, packed: PackedCode, err: Console) -> common_pb2.
             put_bytes(answer.upload_url, packed.data)
         else:
             client.put_code(packed.ref.hash, packed.data)
-        err.print(f"[dim]code: {plural(packed.files, 'file')}, {packed.ref.size / 1024:.0f} KiB uploaded[/dim]")
+        err.print((f"code: {plural(packed.files, 'file')}, {packed.ref.size / 1024:.0f} KiB uploaded", "dim"))
     return packed.ref
 
 
@@ -253,7 +255,7 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "") -> 
     from dstack.cli.session import connect
     from dstack.cli.workflows import find_project_root
 
-    err = Console(stderr=True, highlight=False)
+    err = Term(stderr=True)
     root = find_project_root(Path.cwd())
     if "--help" in args or "-h" in args:
         print(workflow_help(root, workflow))
@@ -267,7 +269,7 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "") -> 
     check_tags(client, built)
     request.code.CopyFrom(upload_code(client, packed, err))
     run = client.submit(request)
-    err.print(f"[bold]{run.name}[/bold] submitted")
+    err.print((run.name, "bold"), " submitted")
     if detach:
         print(run.name)
         return 0
@@ -283,11 +285,11 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "") -> 
         waiting.stop()
     final = final or client.get_run(run.name)
     style = "green" if final.status == common_pb2.RUN_STATUS_DONE else "red"
-    err.print(f"[{style}]{run_summary(final)}[/{style}]")
+    err.print((run_summary(final), style))
     return 0 if final.status == common_pb2.RUN_STATUS_DONE else 1
 
 
-def _interrupted(client: Client, name: str, err: Console) -> int:
+def _interrupted(client: Client, name: str, err: Term) -> int:
     if sys.stdin.isatty():
         try:
             answer = input(f"\nStop the run {name}? [y/N] ").strip().lower()

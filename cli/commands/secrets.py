@@ -42,12 +42,7 @@ def list_command(as_json: bool) -> None:
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
-    from rich.console import Console
-    from rich.table import Table
+    from dstack.cli.term import Term
 
-    table = Table(box=None, header_style="bold")
-    for col in ("SECRET", "CREATED", "UPDATED"):
-        table.add_column(col)
-    for s in secrets:
-        table.add_row(s.name, ago(s.created_at_ns), ago(s.updated_at_ns))
-    Console().print(table)
+    rows = [[s.name, ago(s.created_at_ns), ago(s.updated_at_ns)] for s in secrets]
+    Term().table(("SECRET", "CREATED", "UPDATED"), rows)

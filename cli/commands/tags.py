@@ -20,12 +20,7 @@ def list_command(as_json: bool) -> None:
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
-    from rich.console import Console
-    from rich.table import Table
+    from dstack.cli.term import Term
 
-    table = Table(box=None, header_style="bold")
-    for col in ("TAG", "RUN", "WORKFLOW", "CREATED"):
-        table.add_column(col)
-    for t in tags:
-        table.add_row(t.name, t.run_name, t.workflow, ago(t.created_at_ns))
-    Console().print(table)
+    rows = [[t.name, t.run_name, t.workflow, ago(t.created_at_ns)] for t in tags]
+    Term().table(("TAG", "RUN", "WORKFLOW", "CREATED"), rows)

@@ -1,10 +1,10 @@
-"""The one place where domain errors become gRPC status codes, and where callers are authenticated."""
+"""The one place where domain errors become gRPC status codes (callers are authenticated in coordinator/auth.py)."""
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -91,15 +91,16 @@ def streaming(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def bearer_token(context: Any) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer ") :]
-    raise Unauthenticated("missing token: run `dstack config` with the coordinator's address and your token")
+async def first_message(request_iterator: AsyncIterator[Any]) -> Any:
+    """The first message of a client stream (which carries the call's arguments)."""
+    first = await anext(aiter(request_iterator), None)
+    if first is None:
+        raise InvalidRequest("an empty stream: the first message carries the call's arguments")
+    return first
 
 
-async def authenticate(context: Any, lookup: Callable[[str], Awaitable[str | None]]) -> str:
-    name = await lookup(bearer_token(context))
-    if name is None:
-        raise Unauthenticated("invalid token: check `dstack config`")
-    return name
+async def data_of(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    """The bytes of an upload's messages (each with a `data` field; the first already read)."""
+    yield first.data
+    async for msg in rest:
+        yield msg.data

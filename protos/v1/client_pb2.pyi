@@ -458,23 +458,57 @@ class StopRunResponse(_message.Message):
 Global___StopRunResponse: _TypeAlias = StopRunResponse  # noqa: Y015
 
 @_typing.final
+class LogCursor(_message.Message):
+    """Where a reader of a run's logs is: every line of job `job_name` up to and including `seq` has
+    been received (seqs of a job start at 1 and have no gaps).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_NAME_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    job_name: _builtins.str
+    seq: _builtins.int
+    def __init__(
+        self,
+        *,
+        job_name: _builtins.str = ...,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_name", b"job_name", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogCursor: _TypeAlias = LogCursor  # noqa: Y015
+
+@_typing.final
 class StreamLogsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUN_NAME_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
     run_name: _builtins.str
     follow: _builtins.bool
     """keep streaming until the run has finished"""
+    @_builtins.property
+    def after(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogCursor]:
+        """Resume: send only lines after these positions (jobs not listed: from their first line). A
+        client whose stream broke passes the `cursor` of the last response it received.
+        """
+
     def __init__(
         self,
         *,
         run_name: _builtins.str = ...,
         follow: _builtins.bool = ...,
+        after: _abc.Iterable[Global___LogCursor] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "run_name", b"run_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "follow", b"follow", "run_name", b"run_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -511,19 +545,27 @@ class StreamLogsResponse(_message.Message):
 
     JOBS_FIELD_NUMBER: _builtins.int
     FINISHED_RUN_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobLogs]: ...
     @_builtins.property
     def finished_run(self) -> Global___Run: ...
+    @_builtins.property
+    def cursor(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogCursor]:
+        """The position after this response, for every job with lines sent so far (including those of
+        `after`): resuming with it gives the lines that follow, with no gap and no repeat.
+        """
+
     def __init__(
         self,
         *,
         jobs: _abc.Iterable[Global___JobLogs] | None = ...,
         finished_run: Global___Run | None = ...,
+        cursor: _abc.Iterable[Global___LogCursor] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_run", b"finished_run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished_run", b"finished_run", "jobs", b"jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "finished_run", b"finished_run", "jobs", b"jobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,141 @@
+"""Runs: submit, look up, list, stop, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from dstack.coordinator.app.core import Core
+from dstack.coordinator.convert import run_to_proto
+from dstack.coordinator.errors import InvalidRequest
+from dstack.coordinator.store.db import CreatedRun, NewJob
+from dstack.coordinator.templates import with_run_name
+from dstack.protos.v1 import client_pb2, common_pb2
+
+# Tags, and the workflow names an uploaded artifact set stands for.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_tag_name(tag: str) -> None:
+    if not NAME.fullmatch(tag):
+        raise InvalidRequest(f"invalid tag {tag!r}: letters, digits, '.', '_' and '-', starting with a letter or digit")
+
+
+@dataclass(frozen=True)
+class Submission:
+    workflow: str
+    jobs: Sequence[common_pb2.JobSpec]
+    code: common_pb2.CodeRef = field(default_factory=common_pb2.CodeRef)
+    args: Sequence[str] = ()  # extra CLI arguments, recorded for the run
+    tag_on_done: str = ""
+
+
+def _check(jobs: Sequence[common_pb2.JobSpec]) -> None:
+    if not jobs:
+        raise InvalidRequest("a run needs at least one job")
+    names = [j.job_name for j in jobs]
+    if len(set(names)) != len(names) or not all(names):
+        raise InvalidRequest("job names within a run must be unique and non-empty")
+    for j in jobs:
+        unknown = set(j.depends_on) - set(names)
+        if unknown:
+            raise InvalidRequest(f"job {j.job_name!r} depends on unknown jobs: {', '.join(sorted(unknown))}")
+        if j.resources.gpu.count > 1024 or j.resources.cpu < 0:
+            raise InvalidRequest(f"job {j.job_name!r}: invalid resources")
+
+
+async def submit(core: Core, owner: str, sub: Submission) -> client_pb2.Run:
+    """Stores a new run and queues its jobs; returns the run as stored."""
+    _check(sub.jobs)
+    if sub.code.hash and not await core.db(core.store.has_code, sub.code.hash):
+        # Uploaded straight to the store with a presigned URL: checked once, then recorded.
+        size = await core.artifacts.verify_code(sub.code.hash)
+        if size is None:
+            raise InvalidRequest(f"code {sub.code.hash} was not uploaded")
+        await core.db(core.store.add_code, sub.code.hash, size)
+    code = sub.code.SerializeToString()
+    if sub.tag_on_done:
+        check_tag_name(sub.tag_on_done)
+
+    def create() -> tuple[CreatedRun, list[common_pb2.JobSpec]]:
+        # Tag and workflow dependencies resolve now, to the runs they name at submission.
+        inputs = [
+            [core.store.tag(t).run_id for t in j.input_tags]
+            + [core.store.latest_done_run(w).id for w in j.input_workflows]
+            for j in sub.jobs
+        ]
+        name = core.store.reserve_run_name()
+        specs = [with_run_name(j, name) for j in sub.jobs]
+        jobs = [
+            NewJob(
+                job_name=j.job_name,
+                spec=j.SerializeToString(),
+                cpu=j.resources.cpu,
+                memory=j.resources.memory_bytes,
+                gpu_count=j.resources.gpu.count,
+                depends_on=list(j.depends_on),
+                inputs=job_inputs,
+            )
+            for j, job_inputs in zip(specs, inputs, strict=True)
+        ]
+        created = core.store.create_run(
+            owner, sub.workflow, code, sub.code.hash, list(sub.args), jobs, name, sub.tag_on_done
+        )
+        return created, specs
+
+    async def create_and_enqueue() -> client_pb2.Run:
+        created, specs = await core.db(create)
+        # The new run, as the database now holds it, built without reading it back.
+        run = client_pb2.Run(
+            name=created.name,
+            workflow=sub.workflow,
+            owner=owner,
+            status=common_pb2.RUN_STATUS_SUBMITTED,
+            submitted_at_ns=created.submitted_at,
+            code=sub.code,
+            jobs=[
+                client_pb2.Job(
+                    id=job_id,
+                    job_name=spec.job_name,
+                    status=common_pb2.JOB_STATUS_SUBMITTED,
+                    submitted_at_ns=created.submitted_at,
+                    spec=spec,
+                )
+                for job_id, spec in zip(created.job_ids, specs, strict=True)
+            ],
+        )
+        core.engine.enqueue_run(created.run_id, run)
+        return run
+
+    # Shielded: a client that gives up (deadline, Ctrl+C) must not leave a stored run unqueued.
+    return await asyncio.shield(create_and_enqueue())
+
+
+async def get(core: Core, name: str) -> client_pb2.Run:
+    return await core.run(name)
+
+
+async def list_runs(core: Core, include_all: bool, limit: int = 0) -> list[client_pb2.Run]:
+    def load() -> list[client_pb2.Run]:
+        rows = core.store.list_runs(include_all, limit or 1000)
+        ids = [r.id for r in rows]
+        jobs, tags = core.store.jobs_of_runs(ids), core.store.tags_of_runs(ids)
+        return [run_to_proto(r, jobs[r.id], tags[r.id], core.engine.pending_reasons) for r in rows]
+
+    return await core.db(load)
+
+
+async def stop(core: Core, name: str) -> client_pb2.Run:
+    await asyncio.shield(core.engine.stop_run(name))  # stop messages go out even if the client leaves
+    return await core.run(name)
+
+
+async def delete(core: Core, name: str) -> int:
+    """Deletes a finished run, its logs and artifacts; returns how many objects were deleted."""
+    run = await core.db(core.store.deletable_run, name)
+    # Objects first: if this fails halfway, the run is still listed and `dstack rm` can be repeated.
+    deleted = await core.artifacts.delete_run(run.name)
+    await core.db(core.store.delete_run, run.id)
+    return deleted

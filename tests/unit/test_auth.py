@@ -1,0 +1,101 @@
+"""The permission table covers every RPC, and the interceptor refuses before a handler runs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dstack.coordinator.auth import PERMISSIONS, Authenticator, AuthInterceptor, Role, bearer_token
+from dstack.protos.v1 import agent_pb2, client_pb2
+
+
+def test_every_method_of_every_service_is_in_the_table() -> None:
+    methods = {
+        f"/{service.full_name}/{m.name}"
+        for file in (client_pb2.DESCRIPTOR, agent_pb2.DESCRIPTOR)
+        for service in file.services_by_name.values()
+        for m in service.methods
+    }
+    assert methods == set(PERMISSIONS), methods ^ set(PERMISSIONS)
+
+
+def test_agent_calls_need_an_agent_and_client_calls_a_user() -> None:
+    for method, role in PERMISSIONS.items():
+        if method.startswith("/dstack.v1.ClientService/"):
+            assert role is Role.USER, method
+        elif method != "/dstack.v1.AgentService/Register":
+            assert role is Role.AGENT, method
+    assert PERMISSIONS["/dstack.v1.AgentService/Register"] is Role.JOIN
+
+
+def test_bearer_token() -> None:
+    assert bearer_token([("authorization", "Bearer abc")]) == "abc"
+    assert bearer_token([("authorization", "Basic abc")]) is None
+    assert bearer_token(None) is None
+
+
+def test_servicers_only_translate() -> None:
+    """No servicer authenticates by hand or reaches past coordinator/app into the engine or store."""
+    services = Path(__file__).resolve().parents[2] / "coordinator" / "services"
+    for path in services.glob("*.py"):
+        text = path.read_text()
+        for word in ("engine", ".store", ".db(", "bearer_token", "invocation_metadata", "authenticate("):
+            assert word not in text, f"{path.name} uses {word!r}"
+
+
+class FakeContext:
+    def __init__(self) -> None:
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        raise RuntimeError("aborted")
+
+
+class Details:
+    def __init__(self, method: str, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.method = method
+        self.invocation_metadata = metadata
+
+
+def refused_with(handler: grpc.RpcMethodHandler) -> tuple[grpc.StatusCode, str] | None:
+    """Runs a refusal handler; it must not read its request stream."""
+
+    async def never_read() -> AsyncIterator[bytes]:
+        raise AssertionError("the request was read")
+        yield b""  # pragma: no cover
+
+    async def run() -> tuple[grpc.StatusCode, str] | None:
+        ctx = FakeContext()
+        assert handler.request_streaming and handler.stream_unary is not None
+        with pytest.raises(RuntimeError):
+            await handler.stream_unary(never_read(), ctx)
+        return ctx.aborted
+
+    return asyncio.run(run())
+
+
+def test_a_method_missing_from_the_table_is_refused_unread() -> None:
+    async def continuation(details: object) -> grpc.RpcMethodHandler:
+        raise AssertionError("a refused call must not reach its handler")
+
+    interceptor = AuthInterceptor(Authenticator(None, None, "join"), permissions={})  # type: ignore[arg-type]
+    handler = asyncio.run(interceptor.intercept_service(continuation, Details("/dstack.v1.ClientService/GetRun")))
+    aborted = refused_with(handler)
+    assert aborted is not None and aborted[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert "not in the coordinator's permission table" in aborted[1]
+
+
+def test_a_call_without_a_token_is_refused_unread_saying_what_is_missing() -> None:
+    async def continuation(details: object) -> grpc.RpcMethodHandler:
+        raise AssertionError("a refused call must not reach its handler")
+
+    interceptor = AuthInterceptor(Authenticator(None, None, "join"))  # type: ignore[arg-type]
+    handler = asyncio.run(interceptor.intercept_service(continuation, Details("/dstack.v1.ClientService/SubmitRun")))
+    aborted = refused_with(handler)
+    assert aborted is not None and aborted[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert "missing token: run `dstack config`" in aborted[1] and "SubmitRun needs a user token" in aborted[1]
