@@ -107,8 +107,11 @@ class Agent:
             raise FatalAgentError("this agent is not registered: pass --join-token (see `dstack server` output)")
         inv = await asyncio.to_thread(self.inventory.collect)
         try:
+            # The join token as metadata: the coordinator refuses a Register without it before reading
+            # the body. The body's copy is for coordinators older than that check.
             resp = await self.stub.Register(
-                agent_pb2.RegisterRequest(join_token=self.config.join_token, name=self.config.name, inventory=inv)
+                agent_pb2.RegisterRequest(join_token=self.config.join_token, name=self.config.name, inventory=inv),
+                metadata=[("authorization", f"Bearer {self.config.join_token}")],
             )
         except grpc.aio.AioRpcError as e:
             # Registering is what REREGISTER does: refused here, the join token is wrong (agent/retry.py).

@@ -31,7 +31,9 @@ class SimAgent:
         inv = common_pb2.Inventory(
             hostname=self.name, cpu_count=64, memory_total_bytes=256 << 30, runtime="null", max_jobs=1000
         )
-        reg = await stub.Register(agent_pb2.RegisterRequest(join_token=JOIN, name=self.name, inventory=inv))
+        reg = await stub.Register(
+            agent_pb2.RegisterRequest(name=self.name, inventory=inv), metadata=[("authorization", f"Bearer {JOIN}")]
+        )
         call = stub.Connect(metadata=[("authorization", f"Bearer {reg.agent_token}")])
         await call.write(agent_pb2.AgentMessage(hello=agent_pb2.Hello(agent_id=reg.agent_id, inventory=inv)))
         await call.read()

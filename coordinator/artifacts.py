@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from dstack.coordinator.errors import InvalidRequest
-from dstack.protos.v1 import common_pb2
+from dstack.coordinator.model import CompletedUpload, FileSize, UploadGrant
 from dstack.storage import ArtifactStore, ObjectNotFound
-from dstack.storage.base import UploadGrant
+from dstack.storage.base import UploadGrant as StoreGrant
 
 URL_TTL_S = 3600
 T = TypeVar("T")
@@ -57,10 +57,8 @@ def logs_key(run_name: str, job_name: str) -> str:
     return f"{job_prefix(run_name, job_name)}/logs.jsonl.gz"
 
 
-def grant_to_proto(path: str, g: UploadGrant) -> common_pb2.UploadGrant:
-    return common_pb2.UploadGrant(
-        path=path, url=g.url, upload_id=g.upload_id, part_size=g.part_size, part_urls=list(g.part_urls)
-    )
+def grant_of(path: str, g: StoreGrant) -> UploadGrant:
+    return UploadGrant(path=path, url=g.url, upload_id=g.upload_id, part_size=g.part_size, part_urls=list(g.part_urls))
 
 
 class Artifacts:
@@ -106,15 +104,13 @@ class Artifacts:
 
         return await self._io(check)
 
-    async def grant_uploads(
-        self, run_name: str, job_name: str, files: Sequence[common_pb2.FileSize]
-    ) -> list[common_pb2.UploadGrant]:
+    async def grant_uploads(self, run_name: str, job_name: str, files: Sequence[FileSize]) -> list[UploadGrant]:
         """A grant per file, in order; a path that could leave the job's folder is refused first."""
         keys = [artifact_key(run_name, job_name, check_relative_path(f.path)) for f in files]
 
-        def grant() -> list[common_pb2.UploadGrant]:
+        def grant() -> list[UploadGrant]:
             return [
-                grant_to_proto(f.path, self.store.grant_upload(key, f.size, URL_TTL_S))
+                grant_of(f.path, self.store.grant_upload(key, f.size, URL_TTL_S))
                 for f, key in zip(files, keys, strict=True)
             ]
 
@@ -131,7 +127,7 @@ class Artifacts:
         run_name: str,
         job_name: str,
         files: Sequence[tuple[str, int, str]],
-        completed: Sequence[common_pb2.CompletedUpload],
+        completed: Sequence[CompletedUpload],
     ) -> None:
         """Completes multipart uploads, checks every listed file is in the store at its size, then
         writes the manifest: its presence means the job's artifacts are complete."""

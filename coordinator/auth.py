@@ -3,8 +3,8 @@
 Each RPC needs one role (`PERMISSIONS`):
 - `user`: `authorization: Bearer USER_TOKEN` (what `dstack config` stores);
 - `agent`: `authorization: Bearer AGENT_TOKEN` (what Register handed the agent);
-- `join`: the team's join token, in `authorization` metadata or (as agents send it) the request's
-  `join_token` field;
+- `join`: `authorization: Bearer JOIN_TOKEN`, the team's join token (Register). The request's
+  `join_token` field is not read: agents still fill it in for coordinators older than this check;
 - `public`: anyone.
 A method missing from the table is refused. A refused call gets a handler that aborts without
 reading the request, so an unauthenticated upload is not buffered: HTTP/2 flow control stops its
@@ -118,6 +118,12 @@ _NEEDS = {
 }
 
 
+MISSING_JOIN_TOKEN = (
+    "invalid join token: none in the call's metadata (an agent sends it as `authorization: Bearer <join token>`;"
+    " upgrade an agent older than the coordinator)"
+)
+
+
 class Refused(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -158,7 +164,9 @@ class Authenticator:
         if role is Role.PUBLIC:
             return Caller(role)
         if role is Role.JOIN:
-            if token is None or not self.is_join_token(token):
+            if token is None:
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, MISSING_JOIN_TOKEN)
+            if not self.is_join_token(token):
                 raise Refused(grpc.StatusCode.UNAUTHENTICATED, INVALID_JOIN_TOKEN)
             return Caller(role)
         if role is Role.USER:
@@ -200,18 +208,6 @@ def refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     return grpc.stream_unary_rpc_method_handler(refuse)
 
 
-def _checking_join_field(handler: grpc.RpcMethodHandler, auth: Authenticator) -> grpc.RpcMethodHandler:
-    """Register as agents send it: the join token in the (small, unary) request's `join_token`."""
-    inner: Callable[[Any, Any], Awaitable[Any]] = handler.unary_unary  # type: ignore[attr-defined]
-
-    async def behaviour(request: Any, context: Any) -> Any:
-        if not auth.is_join_token(request.join_token):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, INVALID_JOIN_TOKEN)
-        return await inner(request, context)
-
-    return handler._replace(unary_unary=behaviour)  # type: ignore[attr-defined,no-any-return]
-
-
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, auth: Authenticator, permissions: dict[str, Role] = PERMISSIONS) -> None:
         self.auth = auth
@@ -227,10 +223,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if role is None:
             return refusal(grpc.StatusCode.PERMISSION_DENIED, f"{method} is not in the coordinator's permission table")
         token = bearer_token(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
-        if role is Role.JOIN and token is None:
-            handler = await continuation(handler_call_details)
-            _CALLER.set(Caller(role))
-            return handler if handler is None else _checking_join_field(handler, self.auth)
         try:
             who = await self.auth.check(role, token)
         except Refused as e:

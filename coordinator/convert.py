@@ -1,76 +1,209 @@
-"""Converters between the store's typed rows / domain values (coordinator/model.py) and dstack.v1
-messages: the only place the two meet."""
+"""Converters between the coordinator's domain values (coordinator/model.py) and dstack.v1 messages:
+the only place the two meet.
+
+Two kinds: the wire (`*_to_proto`, `*_from_proto`), called by the servicers and the engine's agent
+stream; and the stored blobs (`*_to_bytes`, `*_from_bytes`): specs, code refs and inventories are
+kept in SQLite as serialized dstack.v1 messages, so the use cases of coordinator/app encode and
+decode them through here, with plain values on their side.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from dstack.coordinator.model import (
-    WAITING,
+    AgentView,
     ArtifactFile,
     ArtifactInput,
+    CodeRef,
+    CompletedUpload,
+    FileSize,
+    GpuInfo,
+    Inventory,
+    JobSpec,
     JobUpdate,
+    JobView,
     LogAck,
     LogBatch,
     LogLine,
-    RunStatus,
+    Resources,
+    RunView,
     UpdateAck,
+    UploadGrant,
     termination_reason,
 )
-from dstack.coordinator.store import JobRow, RunRow
 from dstack.protos.v1 import agent_pb2, client_pb2, common_pb2
 
 
-def job_to_proto(r: JobRow, pending_reasons: Mapping[str, str]) -> client_pb2.Job:
-    spec = common_pb2.JobSpec()
-    spec.ParseFromString(r.spec)
-    j = client_pb2.Job(
-        id=r.id,
-        job_name=r.job_name,
-        status=common_pb2.JobStatus.ValueType(r.status),
-        termination_reason=common_pb2.TerminationReason.ValueType(r.termination_reason),
-        message=pending_reasons.get(r.id, "") if r.status in WAITING else r.message,
-        agent_name=r.agent_name,
-        gpu_indices=r.gpu_indices,
-        submitted_at_ns=r.submitted_at or 0,
-        started_at_ns=r.started_at or 0,
-        finished_at_ns=r.finished_at or 0,
-        spec=spec,
+# ---- job specs -----------------------------------------------------------------------------------
+def job_spec_from_proto(spec: common_pb2.JobSpec) -> JobSpec:
+    r = spec.resources
+    return JobSpec(
+        encoded=spec.SerializeToString(),
+        job_name=spec.job_name,
+        workflow=spec.workflow,
+        resources=Resources(
+            cpu=r.cpu,
+            memory_bytes=r.memory_bytes,
+            gpu_count=r.gpu.count,
+            gpu_name=r.gpu.name,
+            gpu_memory_bytes=r.gpu.memory_bytes,
+        ),
+        needs_container=spec.needs_container,
+        depends_on=tuple(spec.depends_on),
+        input_tags=tuple(spec.input_tags),
+        input_workflows=tuple(spec.input_workflows),
     )
-    if r.exit_code is not None:
-        j.exit_code = r.exit_code
-        j.has_exit_code = True
-    return j
 
 
-def run_to_proto(r: RunRow, jobs: list[JobRow], tags: list[str], pending_reasons: Mapping[str, str]) -> client_pb2.Run:
-    code = common_pb2.CodeRef()
-    if r.code:
-        code.ParseFromString(r.code)
-    job_protos = [job_to_proto(j, pending_reasons) for j in jobs]
-    message = r.message
-    if r.status in (RunStatus.SUBMITTED, RunStatus.PENDING):
-        message = next((j.message for j in job_protos if j.message), "")
+def job_spec_from_bytes(data: bytes) -> JobSpec:
+    return job_spec_from_proto(common_pb2.JobSpec.FromString(data))
+
+
+def job_spec_proto(data: bytes) -> common_pb2.JobSpec:
+    return common_pb2.JobSpec.FromString(data)
+
+
+# ---- code refs -----------------------------------------------------------------------------------
+def code_from_proto(c: common_pb2.CodeRef) -> CodeRef:
+    return CodeRef(c.hash, c.size, c.repo_url, c.branch, c.commit, c.dirty)
+
+
+def code_to_proto(c: CodeRef) -> common_pb2.CodeRef:
+    return common_pb2.CodeRef(
+        hash=c.hash, size=c.size, repo_url=c.repo_url, branch=c.branch, commit=c.commit, dirty=c.dirty
+    )
+
+
+def code_from_bytes(data: bytes) -> CodeRef:
+    return code_from_proto(common_pb2.CodeRef.FromString(data)) if data else CodeRef()
+
+
+def code_to_bytes(c: CodeRef) -> bytes:
+    return code_to_proto(c).SerializeToString()
+
+
+# ---- runs ----------------------------------------------------------------------------------------
+def job_to_proto(j: JobView) -> client_pb2.Job:
+    out = client_pb2.Job(
+        id=j.id,
+        job_name=j.job_name,
+        status=common_pb2.JobStatus.ValueType(j.status),
+        termination_reason=common_pb2.TerminationReason.ValueType(j.termination_reason),
+        message=j.message,
+        agent_name=j.agent_name,
+        gpu_indices=j.gpu_indices,
+        submitted_at_ns=j.submitted_at_ns,
+        started_at_ns=j.started_at_ns,
+        finished_at_ns=j.finished_at_ns,
+        spec=job_spec_proto(j.spec),
+    )
+    if j.exit_code is not None:
+        out.exit_code = j.exit_code
+        out.has_exit_code = True
+    return out
+
+
+def run_to_proto(r: RunView) -> client_pb2.Run:
     return client_pb2.Run(
         name=r.name,
         workflow=r.workflow,
         owner=r.owner,
         status=common_pb2.RunStatus.ValueType(r.status),
         termination_reason=common_pb2.TerminationReason.ValueType(r.termination_reason),
-        message=message,
-        submitted_at_ns=r.submitted_at,
-        finished_at_ns=r.finished_at or 0,
-        code=code,
-        tags=tags,
-        jobs=job_protos,
+        message=r.message,
+        submitted_at_ns=r.submitted_at_ns,
+        finished_at_ns=r.finished_at_ns,
+        code=code_to_proto(r.code),
+        tags=r.tags,
+        jobs=[job_to_proto(j) for j in r.jobs],
     )
 
 
-def inventory_from_bytes(data: bytes | None) -> common_pb2.Inventory:
-    inv = common_pb2.Inventory()
-    if data:
-        inv.ParseFromString(data)
-    return inv
+# ---- agents --------------------------------------------------------------------------------------
+def inventory_from_proto(inv: common_pb2.Inventory) -> Inventory:
+    return Inventory(
+        hostname=inv.hostname,
+        cpu_count=inv.cpu_count,
+        memory_total_bytes=inv.memory_total_bytes,
+        memory_available_bytes=inv.memory_available_bytes,
+        disk_free_bytes=inv.disk_free_bytes,
+        gpus=[
+            GpuInfo(
+                index=g.index,
+                uuid=g.uuid,
+                name=g.name,
+                memory_total_bytes=g.memory_total_bytes,
+                memory_used_bytes=g.memory_used_bytes,
+                utilization_percent=g.utilization_percent,
+                temperature_c=g.temperature_c,
+                simulated=g.simulated,
+            )
+            for g in inv.gpus
+        ],
+        runtime=inv.runtime,
+        max_jobs=inv.max_jobs,
+    )
+
+
+def inventory_to_proto(inv: Inventory) -> common_pb2.Inventory:
+    return common_pb2.Inventory(
+        hostname=inv.hostname,
+        cpu_count=inv.cpu_count,
+        memory_total_bytes=inv.memory_total_bytes,
+        memory_available_bytes=inv.memory_available_bytes,
+        disk_free_bytes=inv.disk_free_bytes,
+        gpus=[
+            common_pb2.GpuInfo(
+                index=g.index,
+                uuid=g.uuid,
+                name=g.name,
+                memory_total_bytes=g.memory_total_bytes,
+                memory_used_bytes=g.memory_used_bytes,
+                utilization_percent=g.utilization_percent,
+                temperature_c=g.temperature_c,
+                simulated=g.simulated,
+            )
+            for g in inv.gpus
+        ],
+        runtime=inv.runtime,
+        max_jobs=inv.max_jobs,
+    )
+
+
+def inventory_from_bytes(data: bytes | None) -> Inventory:
+    return inventory_from_proto(common_pb2.Inventory.FromString(data)) if data else Inventory()
+
+
+def inventory_to_bytes(inv: Inventory) -> bytes:
+    return inventory_to_proto(inv).SerializeToString()
+
+
+def agent_to_proto(a: AgentView) -> client_pb2.Agent:
+    return client_pb2.Agent(
+        id=a.id,
+        name=a.name,
+        status=a.status,
+        inventory=inventory_to_proto(a.inventory),
+        running_jobs=a.running_jobs,
+        last_heartbeat_ns=a.last_heartbeat_ns,
+        busy_gpu_indices=a.busy_gpu_indices,
+    )
+
+
+# ---- transfers -----------------------------------------------------------------------------------
+def file_sizes_from_proto(files: Iterable[common_pb2.FileSize]) -> list[FileSize]:
+    return [FileSize(f.path, f.size) for f in files]
+
+
+def completed_uploads_from_proto(completed: Iterable[common_pb2.CompletedUpload]) -> list[CompletedUpload]:
+    return [CompletedUpload(c.path, c.upload_id, list(c.etags)) for c in completed]
+
+
+def upload_grant_to_proto(g: UploadGrant) -> common_pb2.UploadGrant:
+    return common_pb2.UploadGrant(
+        path=g.path, url=g.url, upload_id=g.upload_id, part_size=g.part_size, part_urls=g.part_urls
+    )
 
 
 # ---- logs --------------------------------------------------------------------------------------

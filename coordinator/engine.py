@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from dstack.coordinator.clock import SYSTEM_CLOCK, Clock
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.convert import (
     artifact_input_to_proto,
@@ -21,13 +21,13 @@ from dstack.coordinator.convert import (
     update_acks_to_proto,
 )
 from dstack.coordinator.hub import AgentHub
-from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobStatus, LogAck
+from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, LogAck
 from dstack.coordinator.queue import Waiting, WaitingQueue
 from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest, schedule
 from dstack.coordinator.secrets import SecretBox
 from dstack.coordinator.store import Assignment, Placement, Store
 from dstack.coordinator.store.executor import DbExecutor
-from dstack.protos.v1 import agent_pb2, client_pb2, common_pb2
+from dstack.protos.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger("dstack.coordinator")
 
@@ -63,8 +63,10 @@ class Plan:
 
 
 class Engine:
-    def __init__(self, config: CoordinatorConfig, store: Store, db: DbExecutor) -> None:
+    def __init__(self, config: CoordinatorConfig, store: Store, db: DbExecutor, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
+        # Leases are read and paced by this clock; the store should stamp rows with the same one.
+        self.clock = clock
         self.store = store
         self.db = db
         self.hub = AgentHub()
@@ -105,7 +107,7 @@ class Engine:
         self._kick.set()
 
     def _lease_until(self, grace_s: float = 0.0) -> int:
-        return time.time_ns() + int((self.config.lease_timeout_s + grace_s) * 1e9)
+        return self.clock.time_ns() + int((self.config.lease_timeout_s + grace_s) * 1e9)
 
     # ---- scheduling --------------------------------------------------------------------------
     async def _scheduler_loop(self) -> None:
@@ -215,11 +217,11 @@ class Engine:
     async def _lease_loop(self) -> None:
         interval = min(1.0, self.config.lease_timeout_s / 4)
         forget_every = min(60.0, self.config.forget_lost_agents_after_s / 2)
-        next_forget = time.monotonic()
+        next_forget = self.clock.monotonic()
         while True:
-            await asyncio.sleep(interval)
+            await self.clock.sleep(interval)
             try:
-                lost = await self.db(self.store.expire_leases, time.time_ns())
+                lost = await self.db(self.store.expire_leases, self.clock.time_ns())
             except Exception:
                 log.exception("lease check failed")
                 continue
@@ -229,12 +231,12 @@ class Engine:
             if lost:
                 self.watchers.notify_all()
                 self.kick()
-            if time.monotonic() >= next_forget:
-                next_forget = time.monotonic() + forget_every
+            if self.clock.monotonic() >= next_forget:
+                next_forget = self.clock.monotonic() + forget_every
                 await self._forget_lost_agents()
 
     async def _forget_lost_agents(self) -> None:
-        before = time.time_ns() - int(self.config.forget_lost_agents_after_s * 1e9)
+        before = self.clock.time_ns() - int(self.config.forget_lost_agents_after_s * 1e9)
         try:
             gone = await self.db(self.store.forget_lost_agents, before)
         except Exception:
@@ -320,9 +322,9 @@ class Engine:
         return {self._job_runs[j] for j in ids if j in self._job_runs}
 
     # ---- user requests -----------------------------------------------------------------------
-    def enqueue_run(self, run_id: str, run: client_pb2.Run) -> None:
-        """A run just stored joins the scheduling queue."""
-        self.queue.add_run(run_id, run)
+    def enqueue_run(self, run_id: str, jobs: Sequence[tuple[str, JobSpec]]) -> None:
+        """A run just stored joins the scheduling queue: its jobs' ids and specs."""
+        self.queue.add_run(run_id, jobs)
         self.kick()
 
     def seal_secret(self, value: str) -> bytes:

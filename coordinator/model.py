@@ -1,4 +1,5 @@
-"""The coordinator's domain values in plain Python: what the store takes and returns.
+"""The coordinator's domain values in plain Python: what the store takes and returns, and what the
+use cases of coordinator/app take and return (the `*View`s, specs, inventories, transfer grants).
 
 Protobuf messages are converted to and from these only at the edges (coordinator/convert.py, the
 gRPC services, the engine's agent stream). The enums keep the wire values of dstack.v1 so that a
@@ -57,6 +58,13 @@ class TerminationReason(enum.IntEnum):
     @property
     def label(self) -> str:
         return self.name.lower().replace("_", " ")
+
+
+class LogStream(enum.IntEnum):
+    UNSPECIFIED = 0
+    STDOUT = 1
+    STDERR = 2
+    SYSTEM = 3  # lines written by dstack itself
 
 
 def termination_reason(value: int | None) -> TerminationReason:
@@ -125,3 +133,141 @@ class ArtifactInput:
     run_name: str
     job_name: str
     files: list[ArtifactFile] = field(default_factory=list)
+
+
+# ---- what a client submits and sees --------------------------------------------------------------
+@dataclass(frozen=True)
+class CodeRef:
+    hash: str = ""  # sha256 of the packed tarball; "" for a run without code
+    size: int = 0
+    repo_url: str = ""
+    branch: str = ""
+    commit: str = ""
+    dirty: bool = False
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: float = 0.0  # cores; 0: no reservation
+    memory_bytes: int = 0
+    gpu_count: int = 0
+    gpu_name: str = ""  # case-insensitive substring of the GPU name; "" for any
+    gpu_memory_bytes: int = 0  # minimum per GPU; 0 for any
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job spec as the coordinator handles it: an opaque, encoded payload plus the few fields it reads.
+
+    Opaque because the coordinator only stores a spec and hands it to an agent as it came (bar the
+    `${{ run.name }}` template, coordinator/templates.py): its commands, env, image, ports, artifacts
+    are the provider's and the agent's business. A plain copy of all fifteen fields would be a second
+    schema to keep in step with dstack.v1.JobSpec that nothing here reads. `encoded` is the
+    serialized dstack.v1.JobSpec (convert.job_spec_from_proto builds both halves from one message,
+    so they agree); the fields below are what validation, scheduling and dependencies use.
+    """
+
+    encoded: bytes
+    job_name: str
+    workflow: str = ""
+    resources: Resources = field(default_factory=Resources)
+    needs_container: bool = False
+    depends_on: tuple[str, ...] = ()  # job names in the same run
+    input_tags: tuple[str, ...] = ()
+    input_workflows: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class JobView:
+    id: str
+    job_name: str
+    status: JobStatus
+    spec: bytes  # the encoded dstack.v1.JobSpec, as submitted with the run's name filled in (JobSpec)
+    termination_reason: TerminationReason = TerminationReason.UNSPECIFIED
+    message: str = ""  # why it is waiting, or why it ended
+    agent_name: str = ""
+    gpu_indices: list[int] = field(default_factory=list)
+    exit_code: int | None = None
+    submitted_at_ns: int = 0
+    started_at_ns: int = 0
+    finished_at_ns: int = 0
+
+
+@dataclass(frozen=True)
+class RunView:
+    """A run as clients see it."""
+
+    name: str
+    workflow: str
+    owner: str
+    status: RunStatus
+    submitted_at_ns: int
+    termination_reason: TerminationReason = TerminationReason.UNSPECIFIED
+    message: str = ""
+    finished_at_ns: int = 0
+    code: CodeRef = field(default_factory=CodeRef)
+    tags: list[str] = field(default_factory=list)
+    jobs: list[JobView] = field(default_factory=list)
+
+
+# ---- agents --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    uuid: str = ""
+    name: str = ""
+    memory_total_bytes: int = 0
+    memory_used_bytes: int = 0
+    utilization_percent: int = 0
+    temperature_c: int = 0
+    simulated: bool = False
+
+
+@dataclass(frozen=True)
+class Inventory:
+    hostname: str = ""
+    cpu_count: int = 0
+    memory_total_bytes: int = 0
+    memory_available_bytes: int = 0
+    disk_free_bytes: int = 0
+    gpus: list[GpuInfo] = field(default_factory=list)
+    runtime: str = ""  # "host", "null" or "docker"
+    max_jobs: int = 0  # concurrent job slots
+
+
+@dataclass(frozen=True)
+class AgentView:
+    id: str
+    name: str
+    status: str  # online, lost
+    inventory: Inventory
+    running_jobs: int
+    last_heartbeat_ns: int
+    busy_gpu_indices: list[int] = field(default_factory=list)
+
+
+# ---- object-store transfers without credentials (the coordinator presigns) -----------------------
+@dataclass(frozen=True)
+class FileSize:
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class UploadGrant:
+    """One presigned PUT (`url`), or a multipart upload: a presigned PUT per part of `part_size` bytes."""
+
+    path: str
+    url: str = ""
+    upload_id: str = ""
+    part_size: int = 0
+    part_urls: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CompletedUpload:
+    """A multipart upload the sender finished: the coordinator completes it with the parts' etags."""
+
+    path: str
+    upload_id: str
+    etags: list[str] = field(default_factory=list)

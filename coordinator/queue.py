@@ -6,12 +6,13 @@ from it is applied with a status check in SQL (a job stopped meanwhile is not pl
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from dstack.coordinator.model import JobStatus
+from dstack.coordinator.convert import job_spec_from_bytes
+from dstack.coordinator.model import JobSpec, JobStatus
 from dstack.coordinator.scheduler import JobRequest
 from dstack.coordinator.store import WaitingJob
-from dstack.protos.v1 import client_pb2, common_pb2
 
 
 @dataclass
@@ -23,15 +24,15 @@ class Waiting:
     submitted: bool  # still SUBMITTED in the database (not yet marked PENDING)
 
 
-def request_of(job_id: str, spec: common_pb2.JobSpec) -> JobRequest:
+def request_of(job_id: str, spec: JobSpec) -> JobRequest:
     resources = spec.resources
     return JobRequest(
         job_id=job_id,
         cpu=resources.cpu,
         memory=resources.memory_bytes,
-        gpu_count=resources.gpu.count,
-        gpu_name=resources.gpu.name,
-        gpu_memory=resources.gpu.memory_bytes,
+        gpu_count=resources.gpu_count,
+        gpu_name=resources.gpu_name,
+        gpu_memory=resources.gpu_memory_bytes,
         needs_container=spec.needs_container,
     )
 
@@ -45,8 +46,7 @@ class WaitingQueue:
 
     def add_row(self, row: WaitingJob) -> None:
         """From store.waiting_jobs() at start-up."""
-        spec = common_pb2.JobSpec()
-        spec.ParseFromString(row.spec)
+        spec = job_spec_from_bytes(row.spec)
         self._jobs[row.id] = Waiting(
             job_id=row.id,
             run_id=row.run_id,
@@ -55,13 +55,14 @@ class WaitingQueue:
             submitted=row.status == JobStatus.SUBMITTED,
         )
 
-    def add_run(self, run_id: str, run: client_pb2.Run) -> None:
-        for j in run.jobs:
-            self._jobs[j.id] = Waiting(
-                job_id=j.id,
+    def add_run(self, run_id: str, jobs: Iterable[tuple[str, JobSpec]]) -> None:
+        """A run just stored: its jobs (id, spec), all submitted."""
+        for job_id, spec in jobs:
+            self._jobs[job_id] = Waiting(
+                job_id=job_id,
                 run_id=run_id,
-                request=request_of(j.id, j.spec),
-                depends_on=tuple(j.spec.depends_on),
+                request=request_of(job_id, spec),
+                depends_on=spec.depends_on,
                 submitted=True,
             )
 

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -16,6 +17,7 @@ import grpc
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.artifacts import Artifacts
 from dstack.coordinator.auth import Authenticator, AuthInterceptor
+from dstack.coordinator.clock import SYSTEM_CLOCK, Clock
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.engine import Engine
 from dstack.coordinator.retention import Retention
@@ -105,13 +107,45 @@ def _reason(e: OSError | None) -> str:
     return e.strerror or str(e)
 
 
-async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -> None:
-    lock_state_dir(config.state_dir)
+@dataclass
+class Coordinator:
+    """A started coordinator: what `serve` runs until a signal, and what in-process tests drive."""
+
+    server: grpc.aio.Server
+    engine: Engine
+    port: int  # the bound TCP port (the one picked for HOST:0); 0 for a unix socket
+    _store: Store
+    _db: DbExecutor
+    _retention: asyncio.Task[None]
+    _lock_fd: int
+
+    async def stop(self, grace: float = 1.0) -> None:
+        log.info("coordinator stopping")
+        self._retention.cancel()
+        await asyncio.gather(self._retention, return_exceptions=True)
+        await self.engine.stop()
+        await self.server.stop(grace=grace)
+        self._db.shutdown()
+        self._store.close()
+        os.close(self._lock_fd)  # a coordinator started again in this process takes the lock anew
+
+
+async def start(config: CoordinatorConfig, clock: Clock = SYSTEM_CLOCK) -> Coordinator:
+    """Opens the state, binds, and starts serving; `clock` paces leases (tests pass a manual one)."""
+    lock_fd = lock_state_dir(config.state_dir)
+    try:
+        return await _start(config, clock, lock_fd)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+
+
+async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coordinator:
     # Before anything else starts, and before gRPC's bind, which would log a C-level error first.
     in_use = await asyncio.to_thread(tcp_bind_error, config.listen)
     if in_use is not None and in_use.errno == errno.EADDRINUSE:
         raise StartError(f"cannot listen on {config.listen}: {ADDRESS_IN_USE}")
-    store = Store(config.db_path)
+    store = Store(config.db_path, clock=clock.time_ns)
     db = DbExecutor(store)
     await db(store.ensure_user, "admin", config.admin_token, "admin")
     try:
@@ -121,7 +155,7 @@ async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -
         raise StartError(f"storage {config.storage_url}: {e}") from None
     log.info("artifacts in %s", object_store.description)
     artifacts = Artifacts(object_store)
-    engine = Engine(config, store, db)
+    engine = Engine(config, store, db, clock)
     retention = Retention(config, store, db, artifacts)
     auth = Authenticator(store, db, config.join_token)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(auth)])
@@ -146,6 +180,12 @@ async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -
     await engine.start()
     retention_task = asyncio.create_task(retention.run_forever())
     log.info("coordinator listening on %s (pid %d)", config.listen, os.getpid())
+    unix = config.listen.startswith("unix://")
+    return Coordinator(server, engine, 0 if unix else port, store, db, retention_task, lock_fd)
+
+
+async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -> None:
+    coordinator = await start(config)
     if ready is not None:
         ready.set()
     stop = asyncio.Event()
@@ -155,9 +195,4 @@ async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -
     try:
         await stop.wait()
     finally:
-        log.info("coordinator stopping")
-        retention_task.cancel()
-        await engine.stop()
-        await server.stop(grace=1.0)
-        db.shutdown()
-        store.close()
+        await coordinator.stop()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
+from dstack.coordinator.model import JobSpec
 from dstack.protos.v1 import common_pb2
 
 _RUN_NAME = re.compile(r"\$\{\{\s*run\.name\s*\}\}")
@@ -25,3 +27,12 @@ def with_run_name(spec: common_pb2.JobSpec, run_name: str) -> common_pb2.JobSpec
     for a in out.artifacts:
         a.path = sub(a.path)
     return out
+
+
+def spec_with_run_name(spec: JobSpec, run_name: str) -> JobSpec:
+    """`with_run_name` on an encoded spec: only its payload changes (no field the coordinator reads
+    is templated)."""
+    if b"${{" not in spec.encoded:
+        return spec
+    rendered = with_run_name(common_pb2.JobSpec.FromString(spec.encoded), run_name)
+    return dataclasses.replace(spec, encoded=rendered.SerializeToString())

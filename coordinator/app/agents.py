@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dstack.coordinator.app.core import Core
-from dstack.coordinator.convert import inventory_from_bytes
+from dstack.coordinator.convert import inventory_from_bytes, inventory_to_bytes
 from dstack.coordinator.errors import AlreadyExists
-from dstack.protos.v1 import common_pb2
+from dstack.coordinator.model import AgentView, Inventory
 
 log = logging.getLogger("dstack.coordinator")
 
@@ -20,23 +20,12 @@ class Registration:
     agent_token: str
 
 
-@dataclass(frozen=True)
-class AgentInfo:
-    id: str
-    name: str
-    status: str  # online, lost
-    inventory: common_pb2.Inventory
-    running_jobs: int
-    last_heartbeat_ns: int
-    busy_gpu_indices: list[int] = field(default_factory=list)
-
-
-async def register(core: Core, name: str, inventory: common_pb2.Inventory) -> Registration:
+async def register(core: Core, name: str, inventory: Inventory) -> Registration:
     """A new agent (the caller showed the join token): its id and its own token."""
     token = secrets.token_urlsafe(32)
     name = name or inventory.hostname or "agent"
     try:
-        agent_id = await core.db(core.store.register_agent, name, token, inventory.SerializeToString())
+        agent_id = await core.db(core.store.register_agent, name, token, inventory_to_bytes(inventory))
     except AlreadyExists as e:
         log.warning("registration refused (host %s): %s", inventory.hostname or "?", e)
         raise
@@ -44,15 +33,15 @@ async def register(core: Core, name: str, inventory: common_pb2.Inventory) -> Re
     return Registration(agent_id, token)
 
 
-async def list_agents(core: Core) -> list[AgentInfo]:
-    def load() -> list[AgentInfo]:
+async def list_agents(core: Core) -> list[AgentView]:
+    def load() -> list[AgentView]:
         busy: dict[str, list[int]] = {}
         count: dict[str, int] = {}
         for a in core.store.active_allocations():
             busy.setdefault(a.agent_id, []).extend(a.gpu_indices)
             count[a.agent_id] = count.get(a.agent_id, 0) + 1
         return [
-            AgentInfo(
+            AgentView(
                 id=r.id,
                 name=r.name,
                 status=r.status,

@@ -10,17 +10,9 @@ from dstack.coordinator.app.runs import NAME, check_tag_name
 from dstack.coordinator.app.transfer import put_from_stream, read_chunks
 from dstack.coordinator.artifacts import artifact_key, check_relative_path
 from dstack.coordinator.errors import InvalidRequest
-from dstack.protos.v1 import client_pb2, common_pb2
+from dstack.coordinator.model import ArtifactFile, CompletedUpload, FileSize, RunView, UploadGrant
 
 FileEntry = tuple[str, int, str]  # path, size, sha256
-
-
-@dataclass(frozen=True)
-class ArtifactFile:
-    job_name: str
-    path: str
-    size: int
-    sha256: str
 
 
 @dataclass(frozen=True)
@@ -33,7 +25,7 @@ class ArtifactListing:
 class Upload:
     run_name: str
     stream: bool  # the store cannot presign: send each file with put_upload_file
-    grants: list[common_pb2.UploadGrant] = field(default_factory=list)
+    grants: list[UploadGrant] = field(default_factory=list)
 
 
 async def list_artifacts(core: Core, run_name: str, with_urls: bool = False) -> ArtifactListing:
@@ -73,9 +65,7 @@ async def recorded_download_urls(core: Core, files: Sequence[tuple[str, str, str
     return await core.artifacts.download_urls(await core.db(keys))
 
 
-async def create_upload(
-    core: Core, owner: str, workflow: str, tag: str, files: Sequence[common_pb2.FileSize]
-) -> Upload:
+async def create_upload(core: Core, owner: str, workflow: str, tag: str, files: Sequence[FileSize]) -> Upload:
     """`dstack artifacts upload DIR -t TAG`: a run with one done job whose artifacts are the files."""
     check_tag_name(tag)
     if not NAME.fullmatch(workflow):
@@ -96,8 +86,8 @@ async def put_upload_file(core: Core, run_name: str, path: str, chunks: AsyncIte
 
 
 async def commit_upload(
-    core: Core, run_name: str, files: Sequence[FileEntry], completed: Sequence[common_pb2.CompletedUpload]
-) -> client_pb2.Run:
+    core: Core, run_name: str, files: Sequence[FileEntry], completed: Sequence[CompletedUpload]
+) -> RunView:
     job = await core.db(core.store.upload_job, run_name)
     checked = [(check_relative_path(p), size, sha) for p, size, sha in files]
     await core.artifacts.commit(run_name, job.job_name, checked, completed)

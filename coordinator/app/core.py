@@ -2,15 +2,54 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from dstack.coordinator.artifacts import Artifacts
-from dstack.coordinator.convert import run_to_proto
+from dstack.coordinator.convert import code_from_bytes
 from dstack.coordinator.engine import Engine
-from dstack.coordinator.store import Store
+from dstack.coordinator.model import WAITING, JobView, RunStatus, RunView
+from dstack.coordinator.store import JobRow, RunRow, Store
 from dstack.coordinator.store.executor import DbExecutor
-from dstack.protos.v1 import client_pb2
 from dstack.storage import ArtifactStore
+
+
+def job_view(r: JobRow, pending_reasons: Mapping[str, str]) -> JobView:
+    return JobView(
+        id=r.id,
+        job_name=r.job_name,
+        status=r.status,
+        spec=r.spec,
+        termination_reason=r.termination_reason,
+        message=pending_reasons.get(r.id, "") if r.status in WAITING else r.message,
+        agent_name=r.agent_name,
+        gpu_indices=list(r.gpu_indices),
+        exit_code=r.exit_code,
+        submitted_at_ns=r.submitted_at or 0,
+        started_at_ns=r.started_at or 0,
+        finished_at_ns=r.finished_at or 0,
+    )
+
+
+def run_view(r: RunRow, jobs: list[JobRow], tags: list[str], pending_reasons: Mapping[str, str]) -> RunView:
+    """A run as clients see it: a waiting run says why, with its first waiting job's reason."""
+    views = [job_view(j, pending_reasons) for j in jobs]
+    message = r.message
+    if r.status in (RunStatus.SUBMITTED, RunStatus.PENDING):
+        message = next((j.message for j in views if j.message), "")
+    return RunView(
+        name=r.name,
+        workflow=r.workflow,
+        owner=r.owner,
+        status=r.status,
+        submitted_at_ns=r.submitted_at,
+        termination_reason=r.termination_reason,
+        message=message,
+        finished_at_ns=r.finished_at or 0,
+        code=code_from_bytes(r.code),
+        tags=list(tags),
+        jobs=views,
+    )
 
 
 @dataclass
@@ -30,12 +69,12 @@ class Core:
     def local_mode(self) -> bool:
         return self.engine.config.local_mode
 
-    def load_run(self, name: str) -> client_pb2.Run:
+    def load_run(self, name: str) -> RunView:
         """A run as clients see it (on the DB thread)."""
         row = self.store.run_by_name(name)
         jobs = self.store.jobs_of_runs([row.id])[row.id]
         tags = self.store.tags_of_runs([row.id])[row.id]
-        return run_to_proto(row, jobs, tags, self.engine.pending_reasons)
+        return run_view(row, jobs, tags, self.engine.pending_reasons)
 
-    async def run(self, name: str) -> client_pb2.Run:
+    async def run(self, name: str) -> RunView:
         return await self.db(self.load_run, name)

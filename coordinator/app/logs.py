@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.artifacts import logs_key
-from dstack.coordinator.model import LogLine
+from dstack.coordinator.model import LogLine, LogStream, RunView
 from dstack.coordinator.retention import iter_log_archive
-from dstack.protos.v1 import client_pb2, common_pb2
 
 LOG_BATCH = 5000
 LOG_BATCH_BYTES = 4 << 20  # one response stays far below gRPC's message limit
@@ -40,7 +39,7 @@ class LogChunk:
 
     jobs: list[JobLines]
     cursor: dict[str, int]
-    finished_run: client_pb2.Run | None = None
+    finished_run: RunView | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ async def _from_archive(
     if state == DELETED:
         if after < 1:
             cursor[job_name] = 1
-            notice = LogLine(seq=1, stream=common_pb2.LOG_STREAM_SYSTEM, time_ns=0, text=DELETED_NOTICE)
+            notice = LogLine(seq=1, stream=LogStream.SYSTEM, time_ns=0, text=DELETED_NOTICE)
             yield LogChunk([JobLines(job_name, [notice])], dict(cursor))
         return
     f = await asyncio.to_thread(core.objects.open_read, logs_key(run_name, job_name))

@@ -1,4 +1,10 @@
-"""Runs: submit, look up, list, stop, delete."""
+"""Runs: submit, look up, list, stop, delete.
+
+A submitted job spec travels as `model.JobSpec`: the encoded dstack.v1.JobSpec plus the fields the
+coordinator reads (name, workflow, resources, needs_container, depends_on, inputs). The coordinator
+stores a spec and hands it to an agent as it came, so converting all of it to plain Python would be
+a second schema with no reader; see model.JobSpec.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from dstack.coordinator.app.core import Core
-from dstack.coordinator.convert import run_to_proto
+from dstack.coordinator.app.core import Core, run_view
+from dstack.coordinator.convert import code_to_bytes
 from dstack.coordinator.errors import InvalidRequest
+from dstack.coordinator.model import CodeRef, JobSpec, JobStatus, JobView, RunStatus, RunView
 from dstack.coordinator.store.db import CreatedRun, NewJob
-from dstack.coordinator.templates import with_run_name
-from dstack.protos.v1 import client_pb2, common_pb2
+from dstack.coordinator.templates import spec_with_run_name
 
 # Tags, and the workflow names an uploaded artifact set stands for.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -26,13 +32,13 @@ def check_tag_name(tag: str) -> None:
 @dataclass(frozen=True)
 class Submission:
     workflow: str
-    jobs: Sequence[common_pb2.JobSpec]
-    code: common_pb2.CodeRef = field(default_factory=common_pb2.CodeRef)
+    jobs: Sequence[JobSpec]
+    code: CodeRef = field(default_factory=CodeRef)
     args: Sequence[str] = ()  # extra CLI arguments, recorded for the run
     tag_on_done: str = ""
 
 
-def _check(jobs: Sequence[common_pb2.JobSpec]) -> None:
+def _check(jobs: Sequence[JobSpec]) -> None:
     if not jobs:
         raise InvalidRequest("a run needs at least one job")
     names = [j.job_name for j in jobs]
@@ -42,11 +48,11 @@ def _check(jobs: Sequence[common_pb2.JobSpec]) -> None:
         unknown = set(j.depends_on) - set(names)
         if unknown:
             raise InvalidRequest(f"job {j.job_name!r} depends on unknown jobs: {', '.join(sorted(unknown))}")
-        if j.resources.gpu.count > 1024 or j.resources.cpu < 0:
+        if j.resources.gpu_count > 1024 or j.resources.cpu < 0:
             raise InvalidRequest(f"job {j.job_name!r}: invalid resources")
 
 
-async def submit(core: Core, owner: str, sub: Submission) -> client_pb2.Run:
+async def submit(core: Core, owner: str, sub: Submission) -> RunView:
     """Stores a new run and queues its jobs; returns the run as stored."""
     _check(sub.jobs)
     if sub.code.hash and not await core.db(core.store.has_code, sub.code.hash):
@@ -55,11 +61,11 @@ async def submit(core: Core, owner: str, sub: Submission) -> client_pb2.Run:
         if size is None:
             raise InvalidRequest(f"code {sub.code.hash} was not uploaded")
         await core.db(core.store.add_code, sub.code.hash, size)
-    code = sub.code.SerializeToString()
+    code = code_to_bytes(sub.code)
     if sub.tag_on_done:
         check_tag_name(sub.tag_on_done)
 
-    def create() -> tuple[CreatedRun, list[common_pb2.JobSpec]]:
+    def create() -> tuple[CreatedRun, list[JobSpec]]:
         # Tag and workflow dependencies resolve now, to the runs they name at submission.
         inputs = [
             [core.store.tag(t).run_id for t in j.input_tags]
@@ -67,14 +73,14 @@ async def submit(core: Core, owner: str, sub: Submission) -> client_pb2.Run:
             for j in sub.jobs
         ]
         name = core.store.reserve_run_name()
-        specs = [with_run_name(j, name) for j in sub.jobs]
+        specs = [spec_with_run_name(j, name) for j in sub.jobs]
         jobs = [
             NewJob(
                 job_name=j.job_name,
-                spec=j.SerializeToString(),
+                spec=j.encoded,
                 cpu=j.resources.cpu,
                 memory=j.resources.memory_bytes,
-                gpu_count=j.resources.gpu.count,
+                gpu_count=j.resources.gpu_count,
                 depends_on=list(j.depends_on),
                 inputs=job_inputs,
             )
@@ -85,49 +91,49 @@ async def submit(core: Core, owner: str, sub: Submission) -> client_pb2.Run:
         )
         return created, specs
 
-    async def create_and_enqueue() -> client_pb2.Run:
+    async def create_and_enqueue() -> RunView:
         created, specs = await core.db(create)
         # The new run, as the database now holds it, built without reading it back.
-        run = client_pb2.Run(
+        run = RunView(
             name=created.name,
             workflow=sub.workflow,
             owner=owner,
-            status=common_pb2.RUN_STATUS_SUBMITTED,
+            status=RunStatus.SUBMITTED,
             submitted_at_ns=created.submitted_at,
             code=sub.code,
             jobs=[
-                client_pb2.Job(
+                JobView(
                     id=job_id,
                     job_name=spec.job_name,
-                    status=common_pb2.JOB_STATUS_SUBMITTED,
+                    status=JobStatus.SUBMITTED,
+                    spec=spec.encoded,
                     submitted_at_ns=created.submitted_at,
-                    spec=spec,
                 )
                 for job_id, spec in zip(created.job_ids, specs, strict=True)
             ],
         )
-        core.engine.enqueue_run(created.run_id, run)
+        core.engine.enqueue_run(created.run_id, list(zip(created.job_ids, specs, strict=True)))
         return run
 
     # Shielded: a client that gives up (deadline, Ctrl+C) must not leave a stored run unqueued.
     return await asyncio.shield(create_and_enqueue())
 
 
-async def get(core: Core, name: str) -> client_pb2.Run:
+async def get(core: Core, name: str) -> RunView:
     return await core.run(name)
 
 
-async def list_runs(core: Core, include_all: bool, limit: int = 0) -> list[client_pb2.Run]:
-    def load() -> list[client_pb2.Run]:
+async def list_runs(core: Core, include_all: bool, limit: int = 0) -> list[RunView]:
+    def load() -> list[RunView]:
         rows = core.store.list_runs(include_all, limit or 1000)
         ids = [r.id for r in rows]
         jobs, tags = core.store.jobs_of_runs(ids), core.store.tags_of_runs(ids)
-        return [run_to_proto(r, jobs[r.id], tags[r.id], core.engine.pending_reasons) for r in rows]
+        return [run_view(r, jobs[r.id], tags[r.id], core.engine.pending_reasons) for r in rows]
 
     return await core.db(load)
 
 
-async def stop(core: Core, name: str) -> client_pb2.Run:
+async def stop(core: Core, name: str) -> RunView:
     await asyncio.shield(core.engine.stop_run(name))  # stop messages go out even if the client leaves
     return await core.run(name)
 

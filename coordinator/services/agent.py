@@ -11,9 +11,15 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from dstack.coordinator.app import agent_link, agents, artifacts, code
+from dstack.coordinator.app import agent_link, agent_stream, agents, artifacts, code
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.auth import agent_id
+from dstack.coordinator.convert import (
+    completed_uploads_from_proto,
+    file_sizes_from_proto,
+    inventory_from_proto,
+    upload_grant_to_proto,
+)
 from dstack.coordinator.services.rpc import data_of, first_message, streaming, unary
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2
 
@@ -27,7 +33,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
     @unary
     async def Register(self, request: agent_pb2.RegisterRequest, context: Ctx) -> agent_pb2.RegisterResponse:
-        reg = await agents.register(self.core, request.name, request.inventory)
+        reg = await agents.register(self.core, request.name, inventory_from_proto(request.inventory))
         return agent_pb2.RegisterResponse(agent_id=reg.agent_id, agent_token=reg.agent_token)
 
     async def Connect(
@@ -38,7 +44,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         if first is None or not first.HasField("hello"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a hello")
             return
-        session = agent_link.Session(self.core, me)
+        session = agent_stream.Session(self.core, me)
 
         async def read() -> None:
             try:
@@ -84,7 +90,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self, request: agent_pb2.CommitArtifactsRequest, context: Ctx
     ) -> agent_pb2.CommitArtifactsResponse:
         files = [(f.path, f.size, f.sha256) for f in request.files]
-        await agent_link.commit_artifacts(self.core, agent_id(), request.job_id, files, request.completed)
+        completed = completed_uploads_from_proto(request.completed)
+        await agent_link.commit_artifacts(self.core, agent_id(), request.job_id, files, completed)
         return agent_pb2.CommitArtifactsResponse()
 
     @unary
@@ -95,10 +102,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def GrantUploads(
         self, request: agent_pb2.GrantUploadsRequest, context: Ctx
     ) -> agent_pb2.GrantUploadsResponse:
-        grants = await agent_link.grant_uploads(self.core, agent_id(), request.job_id, request.files)
+        files = file_sizes_from_proto(request.files)
+        grants = await agent_link.grant_uploads(self.core, agent_id(), request.job_id, files)
         if grants is None:
             return agent_pb2.GrantUploadsResponse(stream=True)
-        return agent_pb2.GrantUploadsResponse(grants=grants)
+        return agent_pb2.GrantUploadsResponse(grants=[upload_grant_to_proto(g) for g in grants])
 
     @unary
     async def GrantDownloads(

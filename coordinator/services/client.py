@@ -3,15 +3,26 @@ caller is authenticated by coordinator/auth.py, and domain errors become status 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 from dstack.coordinator.app import agents, artifacts, code, logs, runs, secrets, tags
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.auth import user_name
-from dstack.coordinator.convert import log_line_to_proto
+from dstack.coordinator.convert import (
+    agent_to_proto,
+    artifact_file_to_proto,
+    code_from_proto,
+    completed_uploads_from_proto,
+    file_sizes_from_proto,
+    job_spec_from_proto,
+    log_line_to_proto,
+    run_to_proto,
+    upload_grant_to_proto,
+)
 from dstack.coordinator.services.rpc import data_of, first_message, streaming, unary
-from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
+from dstack.protos.v1 import client_pb2, client_pb2_grpc
 
 Ctx: TypeAlias = Any  # grpc.aio.ServicerContext: grpc ships no type information
 VERSION = "0.1.0"
@@ -41,21 +52,27 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     @unary
     async def SubmitRun(self, request: client_pb2.SubmitRunRequest, context: Ctx) -> client_pb2.SubmitRunResponse:
         sub = runs.Submission(
-            request.workflow, list(request.jobs), request.code, list(request.args), request.tag_on_done
+            request.workflow,
+            [job_spec_from_proto(j) for j in request.jobs],
+            code_from_proto(request.code),
+            list(request.args),
+            request.tag_on_done,
         )
-        return client_pb2.SubmitRunResponse(run=await runs.submit(self.core, user_name(), sub))
+        return client_pb2.SubmitRunResponse(run=run_to_proto(await runs.submit(self.core, user_name(), sub)))
 
     @unary
     async def GetRun(self, request: client_pb2.GetRunRequest, context: Ctx) -> client_pb2.GetRunResponse:
-        return client_pb2.GetRunResponse(run=await runs.get(self.core, request.name))
+        return client_pb2.GetRunResponse(run=run_to_proto(await runs.get(self.core, request.name)))
 
     @unary
     async def ListRuns(self, request: client_pb2.ListRunsRequest, context: Ctx) -> client_pb2.ListRunsResponse:
-        return client_pb2.ListRunsResponse(runs=await runs.list_runs(self.core, request.all, request.limit))
+        found = await runs.list_runs(self.core, request.all, request.limit)
+        # Off the event loop: thousands of runs take a while to build (about 17 ms per 1000).
+        return await asyncio.to_thread(lambda: client_pb2.ListRunsResponse(runs=[run_to_proto(r) for r in found]))
 
     @unary
     async def StopRun(self, request: client_pb2.StopRunRequest, context: Ctx) -> client_pb2.StopRunResponse:
-        return client_pb2.StopRunResponse(run=await runs.stop(self.core, request.name))
+        return client_pb2.StopRunResponse(run=run_to_proto(await runs.stop(self.core, request.name)))
 
     @unary
     async def DeleteRun(self, request: client_pb2.DeleteRunRequest, context: Ctx) -> client_pb2.DeleteRunResponse:
@@ -72,7 +89,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
                     client_pb2.JobLogs(job_name=j.job_name, lines=[log_line_to_proto(ln) for ln in j.lines])
                     for j in chunk.jobs
                 ],
-                finished_run=chunk.finished_run,
+                finished_run=None if chunk.finished_run is None else run_to_proto(chunk.finished_run),
                 cursor=[client_pb2.LogCursor(job_name=k, seq=v) for k, v in chunk.cursor.items()],
             )
 
@@ -82,10 +99,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     ) -> client_pb2.ListArtifactsResponse:
         listing = await artifacts.list_artifacts(self.core, request.run_name, request.with_urls)
         return client_pb2.ListArtifactsResponse(
-            files=[
-                common_pb2.ArtifactFile(job_name=f.job_name, path=f.path, size=f.size, sha256=f.sha256)
-                for f in listing.files
-            ],
+            files=[artifact_file_to_proto(f) for f in listing.files],
             urls=listing.urls,
         )
 
@@ -100,8 +114,10 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     async def CreateUpload(
         self, request: client_pb2.CreateUploadRequest, context: Ctx
     ) -> client_pb2.CreateUploadResponse:
-        up = await artifacts.create_upload(self.core, user_name(), request.workflow, request.tag, request.files)
-        return client_pb2.CreateUploadResponse(run_name=up.run_name, stream=up.stream, grants=up.grants)
+        files = file_sizes_from_proto(request.files)
+        up = await artifacts.create_upload(self.core, user_name(), request.workflow, request.tag, files)
+        grants = [upload_grant_to_proto(g) for g in up.grants]
+        return client_pb2.CreateUploadResponse(run_name=up.run_name, stream=up.stream, grants=grants)
 
     @unary
     async def PutArtifact(
@@ -118,25 +134,13 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         self, request: client_pb2.CommitUploadRequest, context: Ctx
     ) -> client_pb2.CommitUploadResponse:
         files = [(f.path, f.size, f.sha256) for f in request.files]
-        run = await artifacts.commit_upload(self.core, request.run_name, files, request.completed)
-        return client_pb2.CommitUploadResponse(run=run)
+        completed = completed_uploads_from_proto(request.completed)
+        run = await artifacts.commit_upload(self.core, request.run_name, files, completed)
+        return client_pb2.CommitUploadResponse(run=run_to_proto(run))
 
     @unary
     async def ListAgents(self, request: client_pb2.ListAgentsRequest, context: Ctx) -> client_pb2.ListAgentsResponse:
-        return client_pb2.ListAgentsResponse(
-            agents=[
-                client_pb2.Agent(
-                    id=a.id,
-                    name=a.name,
-                    status=a.status,
-                    inventory=a.inventory,
-                    running_jobs=a.running_jobs,
-                    last_heartbeat_ns=a.last_heartbeat_ns,
-                    busy_gpu_indices=a.busy_gpu_indices,
-                )
-                for a in await agents.list_agents(self.core)
-            ]
-        )
+        return client_pb2.ListAgentsResponse(agents=[agent_to_proto(a) for a in await agents.list_agents(self.core)])
 
     @unary
     async def AddTag(self, request: client_pb2.AddTagRequest, context: Ctx) -> client_pb2.AddTagResponse:

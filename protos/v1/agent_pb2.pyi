@@ -30,6 +30,7 @@ class RegisterRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     INVENTORY_FIELD_NUMBER: _builtins.int
     join_token: _builtins.str
+    """not read: the metadata's token counts (sent for older coordinators)"""
     name: _builtins.str
     @_builtins.property
     def inventory(self) -> _common_pb2.Inventory: ...

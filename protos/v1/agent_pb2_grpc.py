@@ -87,6 +87,7 @@ class AgentServiceServicer:
 
     def Register(self, request, context):
         """Exchanges the team's join token for this agent's own credential.
+        Metadata: `authorization: Bearer JOIN_TOKEN` (checked before the body is read).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

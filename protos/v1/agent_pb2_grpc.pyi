@@ -35,7 +35,9 @@ class AgentServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     Register: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RegisterRequest, _agent_pb2.RegisterResponse]
-    """Exchanges the team's join token for this agent's own credential."""
+    """Exchanges the team's join token for this agent's own credential.
+    Metadata: `authorization: Bearer JOIN_TOKEN` (checked before the body is read).
+    """
     Connect: _grpc.StreamStreamMultiCallable[_agent_pb2.AgentMessage, _agent_pb2.CoordinatorMessage]
     """One long-lived stream per agent. Metadata: `authorization: Bearer AGENT_TOKEN`."""
     GetCode: _grpc.UnaryStreamMultiCallable[_agent_pb2.GetCodeRequest, _client_pb2.DataChunk]
@@ -52,7 +54,9 @@ class AgentServiceStub:
 class AgentServiceAsyncStub(AgentServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Register: _aio.UnaryUnaryMultiCallable[_agent_pb2.RegisterRequest, _agent_pb2.RegisterResponse]  # type: ignore[assignment]
-    """Exchanges the team's join token for this agent's own credential."""
+    """Exchanges the team's join token for this agent's own credential.
+    Metadata: `authorization: Bearer JOIN_TOKEN` (checked before the body is read).
+    """
     Connect: _aio.StreamStreamMultiCallable[_agent_pb2.AgentMessage, _agent_pb2.CoordinatorMessage]  # type: ignore[assignment]
     """One long-lived stream per agent. Metadata: `authorization: Bearer AGENT_TOKEN`."""
     GetCode: _aio.UnaryStreamMultiCallable[_agent_pb2.GetCodeRequest, _client_pb2.DataChunk]  # type: ignore[assignment]
@@ -72,7 +76,9 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.RegisterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.RegisterResponse, _abc.Awaitable[_agent_pb2.RegisterResponse]]:
-        """Exchanges the team's join token for this agent's own credential."""
+        """Exchanges the team's join token for this agent's own credential.
+        Metadata: `authorization: Bearer JOIN_TOKEN` (checked before the body is read).
+        """
 
     @_abc_1.abstractmethod
     def Connect(

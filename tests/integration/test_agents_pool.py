@@ -60,6 +60,7 @@ def test_a_second_agent_with_the_name_of_an_online_one_is_refused(cluster: Clust
                 agent_pb2.RegisterRequest(
                     join_token=cluster.join_token, name="gpu-1", inventory=common_pb2.Inventory(hostname="elsewhere")
                 ),
+                metadata=[("authorization", f"Bearer {cluster.join_token}")],
                 timeout=30,
             )
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS

@@ -1,5 +1,5 @@
-"""Calls are authenticated before their body is read: a 60 MiB unauthenticated request is refused
-on its metadata alone, and the coordinator never holds the 60 MiB."""
+"""Calls are authenticated before their body is read: a 60 MiB unauthenticated request (a user's
+SubmitRun, an agent's Register) is refused on its metadata alone, and the coordinator never holds the 60 MiB."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from dstack.protos.v1 import client_pb2
+from dstack.protos.v1 import agent_pb2, client_pb2
 from tests.conftest import Cluster
 
 BIG = 60 << 20
@@ -32,16 +32,33 @@ def channel(cluster: Cluster) -> grpc.Channel:
     return grpc.insecure_channel(cluster.address, options=LIMITS)
 
 
+def big_body(method: str, join_token: str) -> bytes:
+    """A well-formed request, so that the only reason to refuse it is the token's absence from the metadata."""
+    if method == "Register":  # the right join token in the body: only the metadata counts
+        name = "x" * BIG
+        return agent_pb2.RegisterRequest(join_token=join_token, name=name).SerializeToString()
+    return client_pb2.SubmitRunRequest(workflow="big", args=["x" * BIG]).SerializeToString()
+
+
+BIG_CALLS = {"SubmitRun": "/dstack.v1.ClientService/SubmitRun", "Register": "/dstack.v1.AgentService/Register"}
+REFUSALS = {
+    ("SubmitRun", False): "missing token: run `dstack config`",
+    ("SubmitRun", True): "invalid token",
+    ("Register", False): "invalid join token: none in the call's metadata",
+    ("Register", True): "invalid join token",
+}
+
+
+@pytest.mark.parametrize("method", list(BIG_CALLS))
 @pytest.mark.parametrize("metadata", [None, [("authorization", "Bearer wrong")]], ids=["no-token", "wrong-token"])
 def test_big_unauthenticated_request_is_refused_unread(
-    cluster: Cluster, metadata: list[tuple[str, str]] | None
+    cluster: Cluster, metadata: list[tuple[str, str]] | None, method: str
 ) -> None:
     coordinator = cluster.start_coordinator()
     pid = coordinator.popen.pid
     with channel(cluster) as ch:
-        # A well-formed request, so that the only reason to refuse it is the token.
-        body = client_pb2.SubmitRunRequest(workflow="big", args=["x" * BIG]).SerializeToString()
-        submit = ch.unary_unary("/dstack.v1.ClientService/SubmitRun", **RAW)
+        body = big_body(method, cluster.join_token)
+        submit = ch.unary_unary(BIG_CALLS[method], **RAW)
         for _ in range(2):  # warm-up, so the peak before is that of a serving coordinator
             with pytest.raises(grpc.RpcError):
                 submit(b"", metadata=metadata, timeout=30)
@@ -51,7 +68,7 @@ def test_big_unauthenticated_request_is_refused_unread(
         grown = peak_rss(pid) - before
     print(f"refused; the coordinator's peak RSS grew by {grown / MIB:.1f} MiB")
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value
-    assert ("missing token: run `dstack config`" if metadata is None else "invalid token") in (e.value.details() or "")
+    assert REFUSALS[method, metadata is not None] in (e.value.details() or "")
     assert grown < 20 * MIB, f"the coordinator's peak RSS grew by {grown / MIB:.1f} MiB"
 
 
@@ -92,8 +109,6 @@ def test_agent_token_is_not_a_user_token(cluster: Cluster) -> None:
 
 
 def test_register_needs_the_join_token(cluster: Cluster) -> None:
-    from dstack.protos.v1 import agent_pb2
-
     cluster.start_coordinator()
     with channel(cluster) as ch:
         register = ch.unary_unary("/dstack.v1.AgentService/Register", **RAW)
@@ -101,8 +116,13 @@ def test_register_needs_the_join_token(cluster: Cluster) -> None:
             register(agent_pb2.RegisterRequest(join_token="wrong", name="x").SerializeToString(), timeout=30)
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "invalid join token" in (e.value.details() or "")
+        body = agent_pb2.RegisterRequest(join_token=cluster.join_token, name="x").SerializeToString()
+        with pytest.raises(grpc.RpcError) as e:  # the right token in the body only: the metadata is what counts
+            register(body, timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "none in the call's metadata" in (e.value.details() or "")
         ok = agent_pb2.RegisterResponse.FromString(
-            register(agent_pb2.RegisterRequest(join_token=cluster.join_token, name="x").SerializeToString(), timeout=30)
+            register(body, metadata=[("authorization", f"Bearer {cluster.join_token}")], timeout=30)
         )
         # The agent's own token now works for agent calls, and only for them.
         grant = ch.unary_unary("/dstack.v1.AgentService/GrantCode", **RAW)
@@ -119,9 +139,7 @@ def test_register_needs_the_join_token(cluster: Cluster) -> None:
 
 
 def test_register_with_the_join_token_in_metadata(cluster: Cluster) -> None:
-    """The join token may come as `authorization` metadata too: then the body is never needed to refuse."""
-    from dstack.protos.v1 import agent_pb2
-
+    """The join token comes as `authorization` metadata: the body is never needed to refuse."""
     cluster.start_coordinator()
     body = agent_pb2.RegisterRequest(name="y").SerializeToString()
     with channel(cluster) as ch:

@@ -113,3 +113,17 @@ def test_a_call_without_a_token_is_refused_unread_saying_what_is_missing(authent
     aborted = refused_with(handler)
     assert aborted is not None and aborted[0] == grpc.StatusCode.UNAUTHENTICATED
     assert "missing token: run `dstack config`" in aborted[1] and "SubmitRun needs a user token" in aborted[1]
+
+
+def test_a_register_without_the_join_token_in_metadata_is_refused_unread() -> None:
+    """Its body (which may carry a `join_token` field) is never read: the metadata alone decides."""
+
+    async def continuation(details: object) -> grpc.RpcMethodHandler:
+        raise AssertionError("a refused call must not reach its handler")
+
+    interceptor = AuthInterceptor(Authenticator(None, None, "join"))  # type: ignore[arg-type]
+    for metadata in ((), (("authorization", "Bearer wrong"),)):
+        details = Details("/dstack.v1.AgentService/Register", metadata)
+        aborted = refused_with(asyncio.run(interceptor.intercept_service(continuation, details)))
+        assert aborted is not None and aborted[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert "invalid join token" in aborted[1] and "Register needs the join token" in aborted[1]

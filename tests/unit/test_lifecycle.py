@@ -19,6 +19,7 @@ from dstack.coordinator.model import (
     TERMINAL_RUN,
     JobStatus,
     JobUpdate,
+    LogStream,
     RunStatus,
     TerminationReason,
 )
@@ -40,6 +41,7 @@ def test_the_docs_show_the_current_table() -> None:
         (JobStatus, common_pb2.JobStatus, "JOB_STATUS_"),
         (RunStatus, common_pb2.RunStatus, "RUN_STATUS_"),
         (TerminationReason, common_pb2.TerminationReason, "TERMINATION_REASON_"),
+        (LogStream, common_pb2.LogStream, "LOG_STREAM_"),
     ],
 )
 def test_the_domain_enums_keep_the_wire_numbers(enum: type[IntEnum], proto: EnumTypeWrapper, prefix: str) -> None:

@@ -1,0 +1,82 @@
+"""Leases on the coordinator's clock: the test moves time, nothing sleeps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.inproc.factories import JS, TR, Harness, coordinator, job_ids, job_spec, sim_agent, submit_run, wait_until
+
+pytestmark = pytest.mark.inproc
+LEASE_S = 5.0
+
+
+async def status_of(h: Harness, name: str) -> str:
+    agent = await h.agent(name)
+    assert agent is not None, f"agent {name} is not listed"
+    return agent.status
+
+
+async def test_a_silent_agent_is_lost_when_its_lease_runs_out_and_its_running_jobs_fail(tmp_path: Path) -> None:
+    async with (
+        coordinator(tmp_path, lease_timeout_s=LEASE_S) as h,
+        sim_agent(h, "silent", cpu=1) as silent,
+        sim_agent(h, "beating", cpu=1) as beating,
+    ):
+        run = await submit_run(h, job_spec("a"), job_spec("b"))  # one CPU each: one job per agent
+        await silent.wait_assignments(1)
+        await beating.wait_assignments(1)
+        on_silent, on_beating = silent.assignments()[0].job_id, beating.assignments()[0].job_id
+        assert {on_silent, on_beating} == set(job_ids(run).values())
+        await silent.report(on_silent, JS.JOB_STATUS_RUNNING)
+        await beating.report(on_beating, JS.JOB_STATUS_RUNNING)
+
+        # Just short of the lease: the lease check runs (advance returns after its pass) and finds nothing.
+        await h.clock.advance(LEASE_S - 0.5)
+        assert await status_of(h, "silent") == "online"
+        assert await status_of(h, "beating") == "online"
+        # One of them renews its lease now (its heartbeat is stamped with the coordinator's clock).
+        renewed_at = h.clock.time_ns()
+        await beating.heartbeat()
+
+        async def renewed() -> bool:
+            agent = await h.agent("beating")
+            return agent is not None and agent.last_heartbeat_ns == renewed_at
+
+        await wait_until(renewed, "the heartbeat to be stored")
+
+        await h.clock.advance(1.0)
+        assert await status_of(h, "silent") == "lost"
+        assert await status_of(h, "beating") == "online"
+        by_id = {j.id: j for j in (await h.run(run.name)).jobs}
+        failed = by_id[on_silent]
+        assert failed.status == JS.JOB_STATUS_FAILED
+        assert failed.termination_reason == TR.TERMINATION_REASON_AGENT_LOST
+        assert failed.message == "agent lost"
+        assert failed.finished_at_ns == h.clock.time_ns()  # failed by the lease pass, at the clock's time
+        assert by_id[on_beating].status == JS.JOB_STATUS_RUNNING
+        # The lost agent's stream is ended by the coordinator; the other one's goes on.
+        await silent.until(lambda: silent.ended, "the end of the lost agent's stream")
+        assert not beating.ended
+
+        # Without heartbeats the other lease runs out too.
+        await h.clock.advance(LEASE_S)
+        assert await status_of(h, "beating") == "lost"
+
+
+async def test_a_lost_agent_is_forgotten_once_not_heard_from_for_the_configured_time(tmp_path: Path) -> None:
+    forget_s = 100.0
+    async with coordinator(tmp_path, lease_timeout_s=LEASE_S, forget_lost_agents_after_s=forget_s) as h:
+        async with sim_agent(h, "gone") as agent:
+            await h.clock.advance(LEASE_S + 1)
+            assert await status_of(h, "gone") == "lost"
+            await h.clock.advance(forget_s / 2)  # lost, but not for long enough
+            assert await status_of(h, "gone") == "lost"
+            await h.clock.advance(forget_s)
+            assert await h.agent("gone") is None
+            # Its token went with it: the agent has to register again.
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await agent.connect()
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED

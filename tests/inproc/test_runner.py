@@ -1,0 +1,77 @@
+"""agent/runner.py end to end against the in-process coordinator, with the real agent connection code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dstack.protos.v1 import client_pb2, common_pb2
+from tests.inproc.factories import JS, TR, GatedRuntime, coordinator, job_ids, job_spec, real_agent, submit_run
+
+pytestmark = pytest.mark.inproc
+
+
+async def test_null_runtime_runs_a_run_of_three_jobs_to_done(tmp_path: Path) -> None:
+    async with coordinator(tmp_path) as h, real_agent(h):
+        run = await submit_run(h, job_spec("a"), job_spec("b"), job_spec("c", "true", cpu=0.5))
+        assert [j.status for j in run.jobs] == [JS.JOB_STATUS_SUBMITTED] * 3
+        for name in ("a", "b", "c"):
+            job = await h.wait_job(run.name, name, [JS.JOB_STATUS_DONE])
+            assert job.termination_reason == TR.TERMINATION_REASON_DONE
+            assert job.agent_name == "agent-1" and job.has_exit_code and job.exit_code == 0
+            assert job.started_at_ns and job.finished_at_ns >= job.started_at_ns
+
+
+async def test_a_job_goes_assigned_running_done_and_its_lines_arrive_while_it_runs(tmp_path: Path) -> None:
+    runtime = GatedRuntime(hold_start=True)
+    async with coordinator(tmp_path) as h, real_agent(h, runtime=runtime):
+        run = await submit_run(h, job_spec("main", "echo one", "echo two"))
+        job_id = job_ids(run)["main"]
+        # The agent has the job but the runtime has not started it.
+        await h.wait_job(run.name, "main", [JS.JOB_STATUS_ASSIGNED])
+        runtime.allow_start()
+        proc = await runtime.started(job_id)
+        await h.wait_job(run.name, "main", [JS.JOB_STATUS_RUNNING])
+        await h.wait_logs(run.name, ["echo one", "echo two"])
+        proc.say("three")
+        await h.wait_logs(run.name, ["echo one", "echo two", "three"])
+        proc.exit(0)
+        job = await h.wait_job(run.name, "main", [JS.JOB_STATUS_DONE])
+        assert job.termination_reason == TR.TERMINATION_REASON_DONE
+        assert await h.logs(run.name) == [("main", 1, "echo one"), ("main", 2, "echo two"), ("main", 3, "three")]
+
+
+async def test_a_dependant_job_starts_only_after_its_dependency_is_done(tmp_path: Path) -> None:
+    runtime = GatedRuntime()
+    async with coordinator(tmp_path) as h, real_agent(h, runtime=runtime):
+        second = job_spec("second")
+        second.depends_on.append("first")
+        run = await submit_run(h, job_spec("first"), second)
+        ids = job_ids(run)
+        first = await runtime.started(ids["first"])
+        waiting = await h.job(run.name, "second")
+        assert waiting.status in (JS.JOB_STATUS_SUBMITTED, JS.JOB_STATUS_PENDING)
+        assert ids["second"] not in runtime.procs
+        first.exit(0)
+        (await runtime.started(ids["second"])).exit(0)
+        done = await h.wait_job(run.name, "second", [JS.JOB_STATUS_DONE])
+        assert done.started_at_ns >= (await h.job(run.name, "first")).finished_at_ns
+
+
+async def test_a_non_zero_exit_fails_the_job_and_a_stop_ends_a_running_one(tmp_path: Path) -> None:
+    runtime = GatedRuntime()
+    async with coordinator(tmp_path) as h, real_agent(h, runtime=runtime):
+        failing = await submit_run(h, job_spec("main"))
+        (await runtime.started(job_ids(failing)["main"])).exit(3)
+        job = await h.wait_job(failing.name, "main", [JS.JOB_STATUS_FAILED])
+        assert job.termination_reason == TR.TERMINATION_REASON_EXIT_CODE
+        assert (job.exit_code, job.message) == (3, "exited with code 3")
+
+        stopped = await submit_run(h, job_spec("main"))
+        await runtime.started(job_ids(stopped)["main"])
+        await h.wait_job(stopped.name, "main", [JS.JOB_STATUS_RUNNING])
+        await h.client.StopRun(client_pb2.StopRunRequest(name=stopped.name), metadata=h.meta)
+        job = await h.wait_job(stopped.name, "main", [JS.JOB_STATUS_STOPPED])
+        assert job.termination_reason == TR.TERMINATION_REASON_STOPPED_BY_USER
+        assert (await h.run(stopped.name)).status == common_pb2.RUN_STATUS_STOPPED
