@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import TypeAlias, TypedDict, TypeVar, Unpack
 
 import grpc
 
@@ -127,8 +127,15 @@ class Harness:
         return await wait_until(check, f"agent {name} {status}")
 
 
+class ConfigOverrides(TypedDict, total=False):
+    """The CoordinatorConfig fields a test changes."""
+
+    lease_timeout_s: float
+    forget_lost_agents_after_s: float
+
+
 @contextlib.asynccontextmanager
-async def coordinator(tmp: Path, **overrides: Any) -> AsyncIterator[Harness]:
+async def coordinator(tmp: Path, **overrides: Unpack[ConfigOverrides]) -> AsyncIterator[Harness]:
     """The real server assembly (coordinator/server.py) on a free port, its leases on a manual clock.
 
     `overrides` replace CoordinatorConfig fields, e.g. lease_timeout_s=5.
@@ -193,7 +200,7 @@ class SimAgent:
         self.received: list[agent_pb2.CoordinatorMessage] = []
         self.ended = False  # the coordinator ended the stream
         self._channel: grpc.aio.Channel | None = None
-        self._call: grpc.aio.StreamStreamCall | None = None  # type: ignore[type-arg]
+        self._call: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
 
@@ -222,9 +229,10 @@ class SimAgent:
         assert first is not grpc.aio.EOF, "the coordinator closed the stream instead of answering the hello"
         self._call, self.ended, self.received = call, False, []
         self._reader = asyncio.create_task(self._read(call))
-        return first  # type: ignore[no-any-return]
+        answer: agent_pb2.CoordinatorMessage = first
+        return answer
 
-    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         try:
             while (msg := await call.read()) is not grpc.aio.EOF:
                 async with self._changed:

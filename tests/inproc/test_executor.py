@@ -35,7 +35,7 @@ def executor(tmp_path: Path) -> Iterator[tuple[Store, DbExecutor, list[int]]]:
         sizes.append(len(batch))
         return run_batch(batch)
 
-    db._run_batch = counted  # type: ignore[method-assign]
+    db._run_batch = counted  # type: ignore[method-assign]  # counting the batches means wrapping the method
     try:
         yield store, db, sizes
     finally:

@@ -115,13 +115,13 @@ def test_a_call_without_a_token_is_refused_unread_saying_what_is_missing(authent
     assert "missing token: run `dstack config`" in aborted[1] and "SubmitRun needs a user token" in aborted[1]
 
 
-def test_a_register_without_the_join_token_in_metadata_is_refused_unread() -> None:
+def test_a_register_without_the_join_token_in_metadata_is_refused_unread(authenticator: Authenticator) -> None:
     """Its body (which may carry a `join_token` field) is never read: the metadata alone decides."""
 
     async def continuation(details: object) -> grpc.RpcMethodHandler:
         raise AssertionError("a refused call must not reach its handler")
 
-    interceptor = AuthInterceptor(Authenticator(None, None, "join"))  # type: ignore[arg-type]
+    interceptor = AuthInterceptor(authenticator)
     for metadata in ((), (("authorization", "Bearer wrong"),)):
         details = Details("/dstack.v1.AgentService/Register", metadata)
         aborted = refused_with(asyncio.run(interceptor.intercept_service(continuation, details)))
