@@ -180,7 +180,7 @@ class Agent:
         )
         first = await call.read()
         if first is grpc.aio.EOF:
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "stream closed")  # type: ignore[arg-type]
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "stream closed")
         ack = first.hello_ack
         self.outbox.on_new_stream({p.job_id: p.seq for p in ack.log_positions})
         interval = (ack.heartbeat_interval_ms or 3000) / 1000
@@ -201,13 +201,13 @@ class Agent:
             if not t.cancelled() and t.exception() is not None:
                 raise t.exception()  # type: ignore[misc]
         # The stream ended without an error status: treat as a disconnect.
-        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "stream ended")  # type: ignore[arg-type]
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "stream ended")
 
-    async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+    async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         while (msg := await call.read()) is not grpc.aio.EOF:
             await self._handle(msg)
 
-    async def _send_loop(self, call: grpc.aio.StreamStreamCall, interval: float) -> None:  # type: ignore[type-arg]
+    async def _send_loop(self, call: grpc.aio.StreamStreamCall, interval: float) -> None:
         next_beat = time.monotonic() + interval
         next_inventory = time.monotonic() + self.config.inventory_interval_s
         while True:

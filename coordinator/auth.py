@@ -218,11 +218,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         role = self.permissions.get(method)
         if role is None:
             return refusal(grpc.StatusCode.PERMISSION_DENIED, f"{method} is not in the coordinator's permission table")
-        token = bearer_token(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
+        token = bearer_token(handler_call_details.invocation_metadata)
         try:
             who = await self.auth.check(role, token)
         except Refused as e:

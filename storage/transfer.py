@@ -334,7 +334,7 @@ class Transfer:
             pos = off
             buf = bytearray(IO_BLOCK)
             view = memoryview(buf)
-            while n := resp.readinto(view):  # type: ignore[arg-type]
+            while n := resp.readinto(view):
                 chunk = view[:n]
                 if digest is not None:
                     digest.update(chunk)
