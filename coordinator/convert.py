@@ -9,7 +9,9 @@ decode them through here, with plain values on their side.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
+from typing import Any
 
 from dstack.coordinator.model import (
     AgentView,
@@ -121,53 +123,21 @@ def run_to_proto(r: RunView) -> client_pb2.Run:
 
 
 # ---- agents --------------------------------------------------------------------------------------
+def _scalars(value: object, cls: type[object], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of dataclass `cls` read from `value` (a message or a dataclass with the same names)."""
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(cls) if f.name not in skip}  # type: ignore[arg-type]
+
+
+# Inventory and GpuInfo carry the message's field names one to one (test_app_layer round-trips them).
 def inventory_from_proto(inv: common_pb2.Inventory) -> Inventory:
     return Inventory(
-        hostname=inv.hostname,
-        cpu_count=inv.cpu_count,
-        memory_total_bytes=inv.memory_total_bytes,
-        memory_available_bytes=inv.memory_available_bytes,
-        disk_free_bytes=inv.disk_free_bytes,
-        gpus=[
-            GpuInfo(
-                index=g.index,
-                uuid=g.uuid,
-                name=g.name,
-                memory_total_bytes=g.memory_total_bytes,
-                memory_used_bytes=g.memory_used_bytes,
-                utilization_percent=g.utilization_percent,
-                temperature_c=g.temperature_c,
-                simulated=g.simulated,
-            )
-            for g in inv.gpus
-        ],
-        runtime=inv.runtime,
-        max_jobs=inv.max_jobs,
+        **_scalars(inv, Inventory, skip=("gpus",)), gpus=[GpuInfo(**_scalars(g, GpuInfo)) for g in inv.gpus]
     )
 
 
 def inventory_to_proto(inv: Inventory) -> common_pb2.Inventory:
     return common_pb2.Inventory(
-        hostname=inv.hostname,
-        cpu_count=inv.cpu_count,
-        memory_total_bytes=inv.memory_total_bytes,
-        memory_available_bytes=inv.memory_available_bytes,
-        disk_free_bytes=inv.disk_free_bytes,
-        gpus=[
-            common_pb2.GpuInfo(
-                index=g.index,
-                uuid=g.uuid,
-                name=g.name,
-                memory_total_bytes=g.memory_total_bytes,
-                memory_used_bytes=g.memory_used_bytes,
-                utilization_percent=g.utilization_percent,
-                temperature_c=g.temperature_c,
-                simulated=g.simulated,
-            )
-            for g in inv.gpus
-        ],
-        runtime=inv.runtime,
-        max_jobs=inv.max_jobs,
+        **_scalars(inv, Inventory, skip=("gpus",)), gpus=[common_pb2.GpuInfo(**_scalars(g, GpuInfo)) for g in inv.gpus]
     )
 
 
