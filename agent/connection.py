@@ -210,12 +210,21 @@ class Agent:
     async def _send_loop(self, call: grpc.aio.StreamStreamCall, interval: float) -> None:
         next_beat = time.monotonic() + interval
         next_inventory = time.monotonic() + self.config.inventory_interval_s
+        drained = True
         while True:
-            timeout = max(0.0, next_beat - time.monotonic())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.outbox.wake.wait(), timeout)
-            self.outbox.wake.clear()
-            while (msg := self.outbox.take()) is not None:
+            if drained:
+                timeout = max(0.0, next_beat - time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.outbox.wake.wait(), timeout)
+                self.outbox.wake.clear()
+            drained = False
+            # A job that prints heavily must not hold the heartbeat back: the backlog is sent until the
+            # beat is due, then the beat, then the rest (else the lease can run out mid-burst).
+            while time.monotonic() < next_beat:
+                msg = self.outbox.take()
+                if msg is None:
+                    drained = True
+                    break
                 await call.write(msg)
             now = time.monotonic()
             if now >= next_beat:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -74,6 +75,7 @@ class Engine:
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._job_runs: dict[str, str] = {}  # job_id -> run_id, for routing log notifications
+        self._renewed: dict[str, float] = {}  # agent_id -> when its lease was last renewed (monotonic)
         self._inventories: dict[str, tuple[bytes, common_pb2.Inventory]] = {}
         # Why each waiting job waits, from the last scheduling pass (shown by `dstack ps`).
         self.pending_reasons: dict[str, str] = {}
@@ -245,6 +247,7 @@ class Engine:
         for agent_id in gone:
             log.info("agent %s forgotten: lost for over %.0f s", agent_id, self.config.forget_lost_agents_after_s)
             self._inventories.pop(agent_id, None)
+            self._renewed.pop(agent_id, None)
 
     # ---- agent stream ------------------------------------------------------------------------
     async def on_hello(self, agent_id: str, msg: agent_pb2.AgentMessage) -> agent_pb2.CoordinatorMessage:
@@ -287,6 +290,7 @@ class Engine:
         """Stores logs, then updates (logs of a job are stored before it is reported finished)."""
         reply = agent_pb2.CoordinatorMessage()
         changed: set[str] = set()
+        await self._renew_lease(agent_id, msg)
         if msg.logs:
             acks = await self.db(self._insert_logs, msg.logs)
             reply.log_acks.extend(log_acks_to_proto(acks))
@@ -301,13 +305,24 @@ class Engine:
             for u in updates:  # a job's last update comes after its last line: forget its run
                 if u.status in TERMINAL_JOB:
                     self._job_runs.pop(u.job_id, None)
-        if msg.HasField("heartbeat"):
-            inv = msg.heartbeat.inventory.SerializeToString() if msg.heartbeat.HasField("inventory") else None
-            await self.db(self.store.heartbeat, agent_id, inv, self._lease_until())
         self.watchers.notify(changed)
         if reply.log_acks or reply.update_acks:
             return reply
         return None
+
+    async def _renew_lease(self, agent_id: str, msg: agent_pb2.AgentMessage) -> None:
+        """A heartbeat renews the agent's lease; so does any other message, at most once per heartbeat
+        interval, and before its logs are stored: a burst of log batches is proof of life too, and may
+        reach us for longer than the lease before the agent's next heartbeat does."""
+        now = self.clock.monotonic()
+        if msg.HasField("heartbeat"):
+            inv = msg.heartbeat.inventory.SerializeToString() if msg.heartbeat.HasField("inventory") else None
+        elif now - self._renewed.get(agent_id, -math.inf) >= self.config.heartbeat_interval_s:
+            inv = None
+        else:
+            return
+        self._renewed[agent_id] = now
+        await self.db(self.store.heartbeat, agent_id, inv, self._lease_until())
 
     def _insert_logs(self, logs: Sequence[agent_pb2.LogBatch]) -> list[LogAck]:
         # Converted on the DB thread, as the store would have read them: a big batch costs the event

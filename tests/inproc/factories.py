@@ -132,6 +132,7 @@ class ConfigOverrides(TypedDict, total=False):
 
     lease_timeout_s: float
     forget_lost_agents_after_s: float
+    heartbeat_interval_s: float
 
 
 @contextlib.asynccontextmanager

@@ -80,3 +80,23 @@ async def test_a_lost_agent_is_forgotten_once_not_heard_from_for_the_configured_
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await agent.connect()
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_log_batches_renew_the_lease_of_an_agent_whose_heartbeat_is_held_back(tmp_path: Path) -> None:
+    """A job printing heavily fills the stream with log batches; the agent's next heartbeat may come after
+    the lease. The batches themselves show it is alive (at most one renewal per heartbeat interval)."""
+    async with coordinator(tmp_path, lease_timeout_s=LEASE_S, heartbeat_interval_s=1.0) as h:
+        async with sim_agent(h, "chatty", cpu=1) as chatty:
+            run = await submit_run(h, job_spec("a"))
+            (job_id,) = job_ids(run).values()
+            await chatty.wait_assignments(1)
+            await chatty.report(job_id, JS.JOB_STATUS_RUNNING)
+            seq = 1
+            for _ in range(4):  # 4 x (lease - 1.5 s): well past one lease, with log batches only
+                await h.clock.advance(LEASE_S - 1.5)
+                await chatty.log(job_id, seq, f"line {seq}")
+                seq += 1
+                assert await status_of(h, "chatty") == "online"
+            # Silence: now the lease runs out.
+            await h.clock.advance(LEASE_S + 0.5)
+            assert await status_of(h, "chatty") == "lost"
