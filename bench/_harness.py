@@ -42,7 +42,7 @@ class Services:
             [
                 sys.executable,
                 "-m",
-                "coordinator",
+                "dstack.coordinator",
                 "--state-dir",
                 str(self.tmp / "server"),
                 "--listen",
@@ -74,7 +74,7 @@ class Services:
                 [
                     sys.executable,
                     "-m",
-                    "agent",
+                    "dstack.agent",
                     "--coordinator",
                     self.address,
                     "--join-token",

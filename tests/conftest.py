@@ -185,7 +185,7 @@ class Cluster:
             [
                 PY,
                 "-m",
-                "coordinator",
+                "dstack.coordinator",
                 "--state-dir",
                 str(self.tmp / "server"),
                 "--listen",
@@ -218,7 +218,7 @@ class Cluster:
             [
                 PY,
                 "-m",
-                "agent",
+                "dstack.agent",
                 "--coordinator",
                 self.address,
                 "--join-token",
