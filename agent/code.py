@@ -6,12 +6,12 @@ import asyncio
 import hashlib
 import logging
 import os
-import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from dstack.agent.retry import RetryPolicy
+from dstack.agent.unpack import extract  # member by member, not tarfile's filters (CVE-2025-4517)
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from dstack.storage.errors import ChecksumMismatch
 from dstack.storage.transfer import Download, Transfer
@@ -21,13 +21,6 @@ log = logging.getLogger("dstack.agent")
 
 class CodeError(Exception):
     pass
-
-
-def extract(archive: Path, dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "r:gz") as tar:
-        # The "data" filter refuses absolute paths, links out of dest and device files.
-        tar.extractall(dest, filter="data")
 
 
 class CodeCache:
