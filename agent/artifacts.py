@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -42,39 +44,135 @@ def prepare_dirs(workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]) -> Non
         resolve_inside(workdir, a.path).mkdir(parents=True, exist_ok=True)
 
 
-def collect_files(workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]) -> list[tuple[str, Path]]:
-    root = workdir.resolve()
-    out: dict[str, Path] = {}
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a fifo the job left there returns at once (and fstat refuses it) instead of hanging.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _components(rel: str) -> list[str]:
+    if os.path.isabs(rel):
+        raise ArtifactError(f"artifact path {rel!r} must be relative to the working directory")
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ArtifactError(f"artifact path {rel!r} leads outside the working directory")
+    return parts
+
+
+def _open_dir_at(workdir: Path, parts: Sequence[str], rel: str) -> int:
+    """A descriptor of workdir/parts, each component opened relative to its parent's descriptor with
+    O_NOFOLLOW: a symlink anywhere on the way (even one swapped in a moment ago) is refused, not followed."""
+    fd = os.open(workdir, _DIR_FLAGS)
+    try:
+        for part in parts:
+            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return fd
+    except OSError as e:
+        os.close(fd)
+        raise ArtifactError(f"{rel}: not a folder inside the working directory ({e.strerror})") from None
+
+
+def open_inside(workdir: Path, rel: str) -> int:
+    """A read descriptor of the regular file rel under workdir, no symlink followed on the way; the file
+    is checked on that descriptor (fstat), so what is hashed and sent is what was checked."""
+    parts = _components(rel)
+    if not parts:
+        raise ArtifactError(f"artifact path {rel!r} names the working directory itself")
+    dir_fd = _open_dir_at(workdir, parts[:-1], rel)
+    try:
+        fd = os.open(parts[-1], _READ_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        what = "a symlink (not followed)" if e.errno == errno.ELOOP else e.strerror
+        raise ArtifactError(f"{rel}: cannot open it inside the working directory: {what}") from None
+    finally:
+        os.close(dir_fd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ArtifactError(f"{rel}: not a regular file (mode {stat.filemode(st.st_mode)})")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _opener(workdir: Path) -> Callable[[Path], int]:
+    return lambda p: open_inside(workdir, p.relative_to(workdir).as_posix())
+
+
+# (size, mtime, ctime, inode): a rewrite that keeps size and mtime still changes ctime
+StatKey = tuple[int, int, int, int]
+
+
+def _key(st: os.stat_result) -> StatKey:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def _scan(dir_fd: int, prefix: str, out: dict[str, StatKey]) -> None:
+    """The regular files under the folder dir_fd, by descriptor: symlinks, devices and fifos are skipped."""
+    with os.scandir(dir_fd) as it:
+        entries = list(it)
+    for e in entries:
+        rel = f"{prefix}/{e.name}" if prefix else e.name
+        try:
+            st = e.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # gone since it was listed
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                sub = os.open(e.name, _DIR_FLAGS, dir_fd=dir_fd)
+            except OSError as err:  # swapped for a symlink (ELOOP/ENOTDIR) or removed since
+                log.warning("skipping %s: %s", rel, err.strerror)
+                continue
+            try:
+                _scan(sub, rel, out)
+            finally:
+                os.close(sub)
+        elif stat.S_ISREG(st.st_mode):
+            out[rel] = _key(st)
+        elif stat.S_ISLNK(st.st_mode):
+            log.warning("skipping symlink %s: artifact symlinks are not followed (docs/storage.md)", rel)
+        else:
+            log.warning("skipping %s: not a regular file (mode %s)", rel, stat.filemode(st.st_mode))
+
+
+def collect_files(workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]) -> list[tuple[str, StatKey]]:
+    """Every regular file in the artifact folders, relative to workdir, walked by folder descriptors
+    opened with O_NOFOLLOW: nothing outside workdir is listed, even if the job swaps in symlinks."""
+    out: dict[str, StatKey] = {}
     for a in specs:
-        base = resolve_inside(workdir, a.path)
-        if base.is_file():
-            out[base.relative_to(root).as_posix()] = base
-            continue
-        for dirpath, _dirs, files in os.walk(base):
-            for name in files:
-                p = Path(dirpath) / name
-                if p.is_symlink():
-                    target = p.resolve()
-                    if not target.is_relative_to(root) or not target.is_file():
-                        log.warning("skipping symlink %s: it points outside the working directory", p)
-                        continue
-                if p.is_file():
-                    out[p.relative_to(root).as_posix()] = p
+        parts = _components(a.path)
+        base = "/".join(parts)
+        if parts:
+            parent = _open_dir_at(workdir, parts[:-1], a.path)
+            try:
+                try:
+                    st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode):  # an artifact that is one file
+                    out[base] = _key(st)
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    log.warning(
+                        "skipping artifact %s: not a folder or a regular file (symlinks are not followed)", base
+                    )
+                    continue
+            finally:
+                os.close(parent)
+        fd = _open_dir_at(workdir, parts, a.path)
+        try:
+            _scan(fd, base, out)
+        finally:
+            os.close(fd)
     return sorted(out.items())
 
 
-# path -> ((size, mtime, ctime, inode), file): a rewrite that keeps size and mtime still changes ctime
-UploadCache = dict[str, tuple[tuple[int, int, int, int], common_pb2.ArtifactFile]]
+# path -> ((size, mtime, ctime, inode), file)
+UploadCache = dict[str, tuple[StatKey, common_pb2.ArtifactFile]]
 
 
-def _collect_with_stat(
-    workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]
-) -> list[tuple[str, Path, tuple[int, int, int, int]]]:
-    out = []
-    for rel, p in collect_files(workdir, specs):
-        st = p.stat()
-        out.append((rel, p, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)))
-    return out
+def _collect_with_stat(workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]) -> list[tuple[str, Path, StatKey]]:
+    return [(rel, workdir / rel, key) for rel, key in collect_files(workdir, specs)]
 
 
 def _worst(errors: Sequence[StoreError]) -> StoreError:
@@ -117,9 +215,9 @@ class Uploader:
             )
             resp = await self.policy.call("grant uploads", functools.partial(self._grant, grant_req), ArtifactError)
             if resp.stream:
-                done = await self._stream_all(job_id, batch)
+                done = await self._stream_all(job_id, workdir, batch)
             else:
-                done = await self._put_all(job_id, batch, list(resp.grants), completed)
+                done = await self._put_all(job_id, workdir, batch, list(resp.grants), completed)
             fresh.update({rel: (key, f) for (rel, _, key), f in zip(batch, done, strict=True)})
         manifest = [fresh[rel][1] if rel in fresh else cache[rel][1] for rel, _, _ in files]
         req = agent_pb2.CommitArtifactsRequest(job_id=job_id, files=manifest, completed=completed)
@@ -131,14 +229,14 @@ class Uploader:
         return len(manifest)
 
     async def _stream_all(
-        self, job_id: str, batch: list[tuple[str, Path, tuple[int, int, int, int]]]
+        self, job_id: str, workdir: Path, batch: list[tuple[str, Path, tuple[int, int, int, int]]]
     ) -> list[common_pb2.ArtifactFile]:
         sem = asyncio.Semaphore(PARALLEL)
 
         async def one(rel: str, path: Path) -> common_pb2.ArtifactFile:
             async with sem:
                 return await self.policy.call(
-                    f"upload {rel}", lambda: self._upload_file(job_id, rel, path), ArtifactError
+                    f"upload {rel}", lambda: self._upload_file(job_id, workdir, rel), ArtifactError
                 )
 
         return list(await asyncio.gather(*(one(rel, p) for rel, p, _ in batch)))
@@ -150,6 +248,7 @@ class Uploader:
     async def _put_all(
         self,
         job_id: str,
+        workdir: Path,
         batch: list[tuple[str, Path, tuple[int, int, int, int]]],
         grants: list[common_pb2.UploadGrant],
         completed: list[common_pb2.CompletedUpload],
@@ -168,7 +267,8 @@ class Uploader:
                 fresh = list((await self._grant(req)).grants)
             by_path = {g.path: g for g in fresh}
             fresh = None
-            results = await asyncio.to_thread(put_granted_each, self.transfer, todo, [by_path[r] for r, _ in todo])
+            grants = [by_path[r] for r, _ in todo]
+            results = await asyncio.to_thread(put_granted_each, self.transfer, todo, grants, _opener(workdir))
             errors = []
             for (rel, _), r in zip(todo, results, strict=True):
                 if isinstance(r, StoreError):
@@ -183,12 +283,13 @@ class Uploader:
         await self.policy.call(f"upload of {len(batch)} file(s)", once, ArtifactError)
         return [saved[rel] for rel, _, _ in batch]
 
-    async def _upload_file(self, job_id: str, rel: str, path: Path) -> common_pb2.ArtifactFile:
+    async def _upload_file(self, job_id: str, workdir: Path, rel: str) -> common_pb2.ArtifactFile:
         digest = hashlib.sha256()
         size = 0
         read_error: OSError | None = None
         try:
-            f = await asyncio.to_thread(path.open, "rb")
+            # Opened without following symlinks and checked on the descriptor it is read from.
+            f = os.fdopen(await asyncio.to_thread(open_inside, workdir, rel), "rb")
         except OSError as e:
             raise ArtifactError(f"{rel}: cannot read it: {e.strerror}") from e
 

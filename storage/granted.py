@@ -3,7 +3,7 @@ shared by agents (job artifacts) and the CLI (`dstack artifacts upload`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dstack.protos.v1 import common_pb2
@@ -35,12 +35,15 @@ def put_granted(
 
 
 def put_granted_each(
-    transfer: Transfer, files: Sequence[tuple[str, Path]], grants: Sequence[common_pb2.UploadGrant]
+    transfer: Transfer,
+    files: Sequence[tuple[str, Path]],
+    grants: Sequence[common_pb2.UploadGrant],
+    opener: Callable[[Path], int] | None = None,
 ) -> list[tuple[common_pb2.ArtifactFile, common_pb2.CompletedUpload | None] | StoreError]:
     """Like put_granted, but every file's own outcome, so that a caller can ask again for the grants
     that expired and send only those files (blocking: run it in a thread)."""
     results = transfer.put_each(
-        [(local, grant_from_proto(g), rel) for (rel, local), g in zip(files, grants, strict=True)]
+        [(local, grant_from_proto(g), rel) for (rel, local), g in zip(files, grants, strict=True)], opener
     )
     out: list[tuple[common_pb2.ArtifactFile, common_pb2.CompletedUpload | None] | StoreError] = []
     for (rel, _), g, r in zip(files, grants, results, strict=True):

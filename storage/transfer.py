@@ -204,9 +204,13 @@ class Transfer:
 
     # -- uploads -------------------------------------------------------------------------------------
 
-    def put_file(self, path: Path, grant: UploadGrant, what: str = "") -> Uploaded:
+    def put_file(
+        self, path: Path, grant: UploadGrant, what: str = "", opener: Callable[[Path], int] | None = None
+    ) -> Uploaded:
+        """`opener`, if given, opens the file instead of a plain open (the agent's refuses symlinks and
+        anything but a regular file); the file is read only through the descriptor it returns."""
         what = what or str(path)
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY) if opener is None else opener(path)
         try:
             size = os.fstat(fd).st_size
             if not grant.upload_id:
@@ -273,10 +277,12 @@ class Transfer:
         futures = [self._pool.submit(self.put_file, p, g, w) for p, g, w in items]
         return [f.result() for f in futures]
 
-    def put_each(self, items: Sequence[tuple[Path, UploadGrant, str]]) -> list[Uploaded | StoreError]:
+    def put_each(
+        self, items: Sequence[tuple[Path, UploadGrant, str]], opener: Callable[[Path], int] | None = None
+    ) -> list[Uploaded | StoreError]:
         """Like put_many, but every item's own outcome: a caller can ask again for the grants that
         expired and send only those files."""
-        return _outcomes([self._pool.submit(self.put_file, p, g, w) for p, g, w in items])
+        return _outcomes([self._pool.submit(self.put_file, p, g, w, opener) for p, g, w in items])
 
     # -- downloads -----------------------------------------------------------------------------------
 
