@@ -144,11 +144,11 @@ class CoordinatorStub(agent_pb2_grpc.AgentServiceStub):
         return agent_pb2.CommitArtifactsResponse()
 
 
-def code_blob() -> tuple[bytes, str]:
+def code_blob(name: str = "main.py") -> tuple[bytes, str]:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         data = b"print('hi')\n"
-        info = tarfile.TarInfo("main.py")
+        info = tarfile.TarInfo(name)
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     blob = buf.getvalue()
@@ -174,19 +174,14 @@ def test_code_download_retries_a_transient_failure_and_succeeds(store: tuple[Fak
     assert fake.count("GET", path) == 3 and len(stub.grants) == 1  # retried in place, with the same grant
 
 
-def test_access_denied_fails_the_job_at_once_with_the_store_s_reason(
-    store: tuple[FakeStore, str], tmp_path: Path
-) -> None:
-    fake, base = store
-    blob, h = code_blob()
-    path = f"/dstack/code/{h}.tar.gz"
-    fake.objects[path] = blob
-    fake.script[("GET", path, "*")] = [(403, DENIED)] * 100
-    cache, stub, transfer = code_cache(tmp_path, base, RetryPolicy())  # the agent's own 300 s deadline
+def _run_job(
+    tmp_path: Path, cache: CodeCache, stub: CoordinatorStub, transfer: Transfer, code: common_pb2.CodeRef
+) -> list[agent_pb2.JobUpdate]:
+    """Runs one job (NullRuntime) through a JobRunner; returns the updates it sent."""
     outbox = Outbox()
     deps = RunnerDeps(
         jobs_dir=tmp_path / "jobs",
-        runtime=NullRuntime(),  # the job fails before anything is started
+        runtime=NullRuntime(),
         code=cache,
         outbox=outbox,
         uploader=Uploader(stub, list, RetryPolicy(), transfer),
@@ -197,7 +192,7 @@ def test_access_denied_fails_the_job_at_once_with_the_store_s_reason(
         mount_sync_s=10.0,
         agent_home=str(tmp_path),
     )
-    assignment = agent_pb2.JobAssignment(job_id="j1", code=common_pb2.CodeRef(hash=h, size=len(blob)))
+    assignment = agent_pb2.JobAssignment(job_id="j1", code=code)
 
     async def run() -> list[agent_pb2.JobUpdate]:
         await JobRunner(deps, assignment).start()
@@ -207,7 +202,19 @@ def test_access_denied_fails_the_job_at_once_with_the_store_s_reason(
         return updates
 
     with transfer:
-        updates = asyncio.run(run())
+        return asyncio.run(run())
+
+
+def test_access_denied_fails_the_job_at_once_with_the_store_s_reason(
+    store: tuple[FakeStore, str], tmp_path: Path
+) -> None:
+    fake, base = store
+    blob, h = code_blob()
+    path = f"/dstack/code/{h}.tar.gz"
+    fake.objects[path] = blob
+    fake.script[("GET", path, "*")] = [(403, DENIED)] * 100
+    cache, stub, transfer = code_cache(tmp_path, base, RetryPolicy())  # the agent's own 300 s deadline
+    updates = _run_job(tmp_path, cache, stub, transfer, common_pb2.CodeRef(hash=h, size=len(blob)))
     failed = [u for u in updates if u.status == common_pb2.JobStatus.JOB_STATUS_FAILED]
     assert len(failed) == 1, updates
     reason = failed[0].message
@@ -215,6 +222,20 @@ def test_access_denied_fails_the_job_at_once_with_the_store_s_reason(
     assert "access key 'AKID'" in reason and "check the coordinator's S3 credentials" in reason, reason
     assert failed[0].termination_reason == common_pb2.TERMINATION_REASON_EXECUTOR_ERROR
     assert fake.count("GET", path) == 1 and len(stub.grants) == 1  # not retried: refused for good
+
+
+def test_a_hostile_code_archive_fails_the_job_with_the_member_named(
+    store: tuple[FakeStore, str], tmp_path: Path
+) -> None:
+    fake, base = store
+    blob, h = code_blob("../x")
+    fake.objects[f"/dstack/code/{h}.tar.gz"] = blob
+    cache, stub, transfer = code_cache(tmp_path, base, FAST)
+    updates = _run_job(tmp_path, cache, stub, transfer, common_pb2.CodeRef(hash=h, size=len(blob)))
+    failed = [u for u in updates if u.status == common_pb2.JobStatus.JOB_STATUS_FAILED]
+    assert len(failed) == 1, updates
+    assert failed[0].message == "code archive: member '../x' escapes the job folder"
+    assert not (tmp_path / "jobs" / "x").exists() and not (tmp_path / "x").exists()
 
 
 def test_an_expired_code_url_gets_a_fresh_grant(store: tuple[FakeStore, str], tmp_path: Path) -> None:
