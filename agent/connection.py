@@ -26,6 +26,7 @@ from dstack.agent.runner import Janitor, JobRunner, RunnerDeps
 from dstack.agent.runtimes import make_runtime
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from dstack.storage.backoff import Backoff
+from dstack.storage.private import private_dir, tighten_file
 from dstack.storage.transfer import Transfer
 
 log = logging.getLogger("dstack.agent")
@@ -125,9 +126,10 @@ class Agent:
 
         def save() -> None:
             path = self.config.credentials_path
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(path.parent, log)
             tmp = path.with_suffix(".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # a .tmp left by a crash keeps its mode through O_CREAT
             with os.fdopen(fd, "w") as f:
                 json.dump(creds, f)
             os.replace(tmp, path)
@@ -137,6 +139,9 @@ class Agent:
 
     # ---- main loop ---------------------------------------------------------------------------
     async def run(self) -> None:
+        # The home holds the agent's credential and the jobs' folders: the owner's only.
+        await asyncio.to_thread(private_dir, self.config.home, log)
+        await asyncio.to_thread(tighten_file, self.config.credentials_path, log)
         await self.runtime.cleanup_leftovers(str(self.config.home))
         # Made by the agent, not by the first job: Docker would create a missing bind-mount source as root.
         await asyncio.to_thread(self.config.env_cache.folder.mkdir, parents=True, exist_ok=True)
