@@ -105,7 +105,10 @@ class Agent:
 
     async def _register(self) -> None:
         if not self.config.join_token:
-            raise FatalAgentError("this agent is not registered: pass --join-token (see `dstack server` output)")
+            raise FatalAgentError(
+                "this agent is not registered: give it the join token with --join-token-file PATH or the"
+                " DSTACK_JOIN_TOKEN environment variable (the server keeps it in STATE_DIR/join-token)"
+            )
         inv = await asyncio.to_thread(self.inventory.collect)
         try:
             # The join token as metadata: the coordinator refuses a Register without it before reading

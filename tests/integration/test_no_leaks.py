@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster, search, wait_for, write_project
+from tests.conftest import PY, REPO, Cluster, Proc, search, wait_for, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -98,3 +98,32 @@ def test_a_start_tightens_what_an_older_version_left_open(cluster: Cluster, tmp_
     assert cluster.coordinator is not None
     assert f"{server} was readable by other users (mode 0755): now 0700" in cluster.coordinator.output()
     assert f"{home / 'agent.json'} was readable by other users (mode 0644): now 0600" in agent.output()
+
+
+def test_an_agent_registers_with_a_token_file_and_no_token_in_argv(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_coordinator()
+    token_file = tmp_path / "join-token"
+    token_file.write_text(cluster.join_token + "\n")
+    home = tmp_path / "filed"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DSTACK_"))}
+    log = tmp_path / "filed.log"
+    with log.open("ab") as f:
+        popen = subprocess.Popen(
+            [
+                *(PY, "-m", "dstack.agent", "--coordinator", cluster.address, "--join-token-file", str(token_file)),
+                *("--home", str(home), "--name", "filed", "--runtime", "null"),
+            ],
+            stdout=f,
+            stderr=f,
+            env=env,
+            cwd=REPO,
+        )
+    cluster.agents.append(Proc(popen, log))
+    wait_for(
+        lambda: any(a["name"] == "filed" and a["status"] == "online" for a in cluster.agents_json()),
+        what="the agent to register with the token from its file",
+    )
+    cmdline = Path(f"/proc/{popen.pid}/cmdline").read_bytes()
+    assert cluster.join_token.encode() not in cmdline
+    assert "warning" not in log.read_text()
+    assert mode(home / "agent.json") == 0o600
