@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from dstack.cli.client import Client
+from dstack.cli.home import Endpoint
+from dstack.protos.v1 import client_pb2, common_pb2
 from tests.conftest import PY, REPO, Cluster, Proc, search, wait_for, write_project
 
 pytestmark = pytest.mark.integration
@@ -54,10 +57,36 @@ def test_a_token_in_the_git_remote_reaches_no_record(cluster: Cluster, tmp_path:
     assert TOKEN not in ps.stdout
     [run] = [x for x in json.loads(ps.stdout) if x["name"] == name]
     assert run["code"]["repo_url"] == "https://github.com/org/repo.git"
-    # Nor in the database's bytes, the write-ahead log included (read while the coordinator runs).
-    server = tmp_path / "server"
-    for db in server.glob("coordinator.db*"):
-        assert TOKEN.encode() not in db.read_bytes(), db.name
+    # Nor in the database's bytes, the write-ahead log included (read while the coordinator runs), nor in
+    # what the coordinator and the agent log.
+    assert_nowhere(tmp_path)
+
+
+def assert_nowhere(tmp_path: Path) -> None:
+    files = [*(tmp_path / "server").glob("coordinator.db*"), *tmp_path.glob("*.log")]
+    assert any(f.name == "coordinator.db-wal" for f in files)
+    for path in files:
+        assert TOKEN.encode() not in path.read_bytes(), path.name
+
+
+def test_the_coordinator_stores_no_token_an_old_client_sends(cluster: Cluster, tmp_path: Path) -> None:
+    """A client older than the CLI's stripping (or a hostile one) sends the URL as git has it."""
+    cluster.start_coordinator()
+    cluster.start_agent()
+    client = Client(Endpoint(cluster.address, cluster.admin_token), timeout=30.0)
+    try:
+        spec = common_pb2.JobSpec(job_name="main", workflow="w", provider="bash", commands=['echo "url=$REPO_URL"'])
+        url = f"https://oauth2:{TOKEN}@gitlab.example.com:8443/g/r.git"
+        code = common_pb2.CodeRef(repo_url=url, branch="main", commit="c" * 40)
+        run = client.submit(client_pb2.SubmitRunRequest(workflow="w", jobs=[spec], code=code))
+    finally:
+        client.close()
+    assert run.code.repo_url == "https://gitlab.example.com:8443/g/r.git"
+    cluster.wait_status(run.name, {"done"})
+    logs = cluster.cli("logs", run.name)
+    assert "url=https://gitlab.example.com:8443/g/r.git" in logs.stdout.splitlines(), logs.stdout + logs.stderr
+    assert TOKEN not in cluster.cli("ps", "-a", "--json").stdout
+    assert_nowhere(tmp_path)
 
 
 def test_state_and_agent_home_are_the_owners_only(cluster: Cluster, tmp_path: Path) -> None:
