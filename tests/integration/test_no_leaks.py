@@ -13,7 +13,7 @@ import pytest
 from dstack.cli.client import Client
 from dstack.cli.home import Endpoint
 from dstack.protos.v1 import client_pb2, common_pb2
-from tests.conftest import PY, REPO, Cluster, Proc, search, wait_for, write_project
+from tests.conftest import PY, REPO, Cluster, LocalMode, Proc, search, wait_for, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -156,3 +156,15 @@ def test_an_agent_registers_with_a_token_file_and_no_token_in_argv(cluster: Clus
     assert cluster.join_token.encode() not in cmdline
     assert "warning" not in log.read_text()
     assert mode(home / "agent.json") == 0o600
+
+
+def test_local_mode_keeps_its_state_to_its_user(local: LocalMode, tmp_path: Path) -> None:
+    project = write_project(tmp_path / "p", "workflows:\n  - name: w\n    provider: bash\n    commands: [true]\n")
+    r = local.cli("ps", cwd=project)
+    assert r.returncode == 0, r.stderr
+    d = local.home / "local"
+    assert mode(d) == 0o700
+    wait_for(lambda: (d / "agent" / "agent.json").exists(), what="the local agent's credential")
+    assert mode(d / "server") == 0o700 and mode(d / "server" / "coordinator.db") == 0o600
+    assert mode(d / "agent") == 0o700 and mode(d / "agent" / "agent.json") == 0o600
+    assert mode(d / "admin-token") == 0o600 and mode(d / "join-token") == 0o600
