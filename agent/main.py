@@ -140,6 +140,11 @@ def join_token(p: argparse.ArgumentParser, a: argparse.Namespace) -> str:
             p.error(f"--join-token-file {path}: {e.strerror}: give the file that holds the join token")
         if not token:
             p.error(f"--join-token-file {path} is empty: copy the token from the server's STATE_DIR/join-token")
+        if path.stat().st_mode & 0o077:
+            print(
+                f"dstack agent: warning: {path} is readable by other users of this host: `chmod 600 {path}`",
+                file=sys.stderr,
+            )
         return token
     return os.environ.get("DSTACK_JOIN_TOKEN", "").strip()
 

@@ -133,6 +133,7 @@ def test_an_agent_registers_with_a_token_file_and_no_token_in_argv(cluster: Clus
     cluster.start_coordinator()
     token_file = tmp_path / "join-token"
     token_file.write_text(cluster.join_token + "\n")
+    token_file.chmod(0o600)
     home = tmp_path / "filed"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DSTACK_"))}
     log = tmp_path / "filed.log"

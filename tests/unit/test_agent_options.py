@@ -80,6 +80,7 @@ def test_the_join_token_comes_from_a_file_or_the_environment_without_a_warning(
     assert parse_args(["--coordinator", "c:1"]).join_token == "from-env"
     token_file = tmp_path / "join-token"
     token_file.write_text("from-file\n")
+    token_file.chmod(0o600)
     assert parse_args(["--coordinator", "c:1", "--join-token-file", str(token_file)]).join_token == "from-file"
     monkeypatch.setenv("DSTACK_JOIN_TOKEN_FILE", str(token_file))
     assert parse_args(["--coordinator", "c:1"]).join_token == "from-file"
@@ -116,3 +117,13 @@ def test_join_token_and_join_token_file_exclude_each_other(capsys: pytest.Captur
     with pytest.raises(SystemExit):
         parse_args(["--coordinator", "c:1", "--join-token", "t", "--join-token-file", "f"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_join_token_file_others_may_read_is_used_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "join-token"
+    path.write_text("t\n")
+    path.chmod(0o644)
+    assert parse_args(["--coordinator", "c:1", "--join-token-file", str(path)]).join_token == "t"
+    assert f"{path} is readable by other users of this host: `chmod 600 {path}`" in capsys.readouterr().err
