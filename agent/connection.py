@@ -26,6 +26,7 @@ from dstack.agent.runner import Janitor, JobRunner, RunnerDeps
 from dstack.agent.runtimes import make_runtime
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from dstack.storage.backoff import Backoff
+from dstack.storage.private import private_dir, tighten_file
 from dstack.storage.transfer import Transfer
 
 log = logging.getLogger("dstack.agent")
@@ -104,7 +105,10 @@ class Agent:
 
     async def _register(self) -> None:
         if not self.config.join_token:
-            raise FatalAgentError("this agent is not registered: pass --join-token (see `dstack server` output)")
+            raise FatalAgentError(
+                "this agent is not registered: give it the join token with --join-token-file PATH or the"
+                " DSTACK_JOIN_TOKEN environment variable (the server keeps it in STATE_DIR/join-token)"
+            )
         inv = await asyncio.to_thread(self.inventory.collect)
         try:
             # The join token as metadata: the coordinator refuses a Register without it before reading
@@ -125,9 +129,10 @@ class Agent:
 
         def save() -> None:
             path = self.config.credentials_path
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(path.parent, log)
             tmp = path.with_suffix(".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # a .tmp left by a crash keeps its mode through O_CREAT
             with os.fdopen(fd, "w") as f:
                 json.dump(creds, f)
             os.replace(tmp, path)
@@ -137,6 +142,9 @@ class Agent:
 
     # ---- main loop ---------------------------------------------------------------------------
     async def run(self) -> None:
+        # The home holds the agent's credential and the jobs' folders: the owner's only.
+        await asyncio.to_thread(private_dir, self.config.home, log)
+        await asyncio.to_thread(tighten_file, self.config.credentials_path, log)
         await self.runtime.cleanup_leftovers(str(self.config.home))
         # Made by the agent, not by the first job: Docker would create a missing bind-mount source as root.
         await asyncio.to_thread(self.config.env_cache.folder.mkdir, parents=True, exist_ok=True)

@@ -37,10 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs a dstack agent on this host.",
     )
     p.add_argument("--coordinator", required=True, help="the coordinator: HOST:PORT or unix:///path.sock")
-    p.add_argument(
+    token = p.add_mutually_exclusive_group()
+    token.add_argument(
+        "--join-token-file",
+        metavar="PATH",
+        default=env("DSTACK_JOIN_TOKEN_FILE", ""),
+        help="a file holding the join token, which registers the agent on its first start (STATE_DIR/join-token"
+        " of `dstack server`; env DSTACK_JOIN_TOKEN_FILE, or the token itself in DSTACK_JOIN_TOKEN)",
+    )
+    token.add_argument(
         "--join-token",
-        default=env("DSTACK_JOIN_TOKEN", ""),
-        help="registers the agent on its first start (printed by `dstack server`; env DSTACK_JOIN_TOKEN)",
+        default=None,
+        help="the join token itself: avoid it, as other users of this host see a command line"
+        " (ps, /proc/PID/cmdline); use --join-token-file or DSTACK_JOIN_TOKEN",
     )
     p.add_argument(
         "--home",
@@ -112,9 +121,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+ARGV_TOKEN_WARNING = (
+    "dstack agent: warning: --join-token puts the token on the command line, where other users of this host"
+    " see it (ps, /proc/PID/cmdline); use --join-token-file PATH or the DSTACK_JOIN_TOKEN environment variable"
+)
+
+
+def join_token(p: argparse.ArgumentParser, a: argparse.Namespace) -> str:
+    """The join token: from --join-token (with a warning), --join-token-file or DSTACK_JOIN_TOKEN, in that order."""
+    if a.join_token is not None:
+        print(ARGV_TOKEN_WARNING, file=sys.stderr)
+        return str(a.join_token).strip()
+    if a.join_token_file:
+        path = Path(a.join_token_file).expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError as e:
+            p.error(f"--join-token-file {path}: {e.strerror}: give the file that holds the join token")
+        if not token:
+            p.error(f"--join-token-file {path} is empty: copy the token from the server's STATE_DIR/join-token")
+        if path.stat().st_mode & 0o077:
+            print(
+                f"dstack agent: warning: {path} is readable by other users of this host: `chmod 600 {path}`",
+                file=sys.stderr,
+            )
+        return token
+    return os.environ.get("DSTACK_JOIN_TOKEN", "").strip()
+
+
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
     p = build_parser()
     a = p.parse_args(argv)
+    token = join_token(p, a)
     if a.simulate_gpus:
         try:
             parse_simulated(a.simulate_gpus)
@@ -127,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     return AgentConfig(
         coordinator=a.coordinator,
         home=Path(a.home).expanduser().resolve(),
-        join_token=a.join_token,
+        join_token=token,
         name=a.name,
         runtime=a.runtime,
         docker=DockerOptions(

@@ -68,7 +68,7 @@ class Services:
 
     def start_agent(self, name: str, *extra: str) -> None:
         log = open(self.tmp / f"{name}.log", "ab")
-        env = {**os.environ, "DSTACK_LOG_LEVEL": "WARNING"}
+        env = {**os.environ, "DSTACK_LOG_LEVEL": "WARNING", "DSTACK_JOIN_TOKEN": JOIN}
         self.procs.append(
             subprocess.Popen(
                 [
@@ -77,8 +77,6 @@ class Services:
                     "dstack.agent",
                     "--coordinator",
                     self.address,
-                    "--join-token",
-                    JOIN,
                     "--home",
                     str(self.tmp / name),
                     "--name",

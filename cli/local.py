@@ -43,6 +43,15 @@ def local_dir() -> Path:
     return dstack_home() / "local"
 
 
+def _private_local_dir() -> Path:
+    """local_dir(), made 0700 (or tightened to it): it holds the local admin and join tokens and the state."""
+    d = local_dir()
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if d.stat().st_mode & 0o077:
+        os.chmod(d, 0o700)
+    return d
+
+
 def socket_path() -> Path:
     sock = local_dir() / "coordinator.sock"
     if len(str(sock)) > 100:  # AF_UNIX paths are limited to 108 bytes
@@ -59,7 +68,7 @@ def _secret(path: Path) -> str:
         return path.read_text().strip()
     import secrets
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _private_local_dir()  # where every secret of local mode lives
     value = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -69,8 +78,7 @@ def _secret(path: Path) -> str:
 
 @contextlib.contextmanager
 def _lock() -> Iterator[None]:
-    local_dir().mkdir(parents=True, exist_ok=True)
-    with open(local_dir() / "lock", "w") as f:
+    with open(_private_local_dir() / "lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # two CLIs starting at once start one coordinator
         yield
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dstack.cli.errors import CliError
+from dstack.protos.urls import public_repo_url
 from dstack.protos.v1 import common_pb2
 
 SKIP_DIRS = {".git", "__pycache__", ".venv", ".dstack-venv", "node_modules"}
@@ -84,7 +85,8 @@ def list_files(root: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[str], s
         )
         commit_branch = (head or "").split()  # both, or neither (no commit yet)
         ref.commit, ref.branch = commit_branch if len(commit_branch) == 2 else ["", ""]
-        ref.repo_url = (url or "").strip()
+        # A remote cloned with a token has it in its URL: it must not reach the run's record.
+        ref.repo_url = public_repo_url(url or "")
         ref.dirty = bool((status or "").strip())
     else:
         names = []

@@ -34,6 +34,7 @@ from dstack.coordinator.model import (
     UploadGrant,
     termination_reason,
 )
+from dstack.protos.urls import public_repo_url
 from dstack.protos.v1 import agent_pb2, client_pb2, common_pb2
 
 
@@ -68,7 +69,9 @@ def job_spec_proto(data: bytes) -> common_pb2.JobSpec:
 
 # ---- code refs -----------------------------------------------------------------------------------
 def code_from_proto(c: common_pb2.CodeRef) -> CodeRef:
-    return CodeRef(c.hash, c.size, c.repo_url, c.branch, c.commit, c.dirty)
+    # The CLI strips credentials from the remote URL; an older or hostile client may not, and rows
+    # stored before that still hold them: never store, show or hand a job a token (protos/urls.py).
+    return CodeRef(c.hash, c.size, public_repo_url(c.repo_url), c.branch, c.commit, c.dirty)
 
 
 def code_to_proto(c: CodeRef) -> common_pb2.CodeRef:

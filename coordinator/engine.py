@@ -28,6 +28,7 @@ from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest, schedule
 from dstack.coordinator.secrets import SecretBox
 from dstack.coordinator.store import Assignment, Placement, Store
 from dstack.coordinator.store.executor import DbExecutor
+from dstack.protos.urls import public_repo_url
 from dstack.protos.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger("dstack.coordinator")
@@ -201,6 +202,7 @@ class Engine:
         spec.ParseFromString(a.spec)
         code = common_pb2.CodeRef()
         code.ParseFromString(a.code)
+        code.repo_url = public_repo_url(code.repo_url)  # a run stored before the coordinator stripped tokens
         env = {"RUN_NAME": a.run_name, "JOB_ID": a.job_id, "WORKFLOW": spec.workflow}
         if code.commit:
             env.update(REPO_COMMIT=code.commit, REPO_BRANCH=code.branch, REPO_URL=code.repo_url)

@@ -12,13 +12,16 @@ from pathlib import Path
 
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.server import StartError, serve
+from dstack.storage.private import private_dir
+
+log = logging.getLogger(__name__)
 
 
 def read_or_create_secret(path: Path) -> str:
     """Tokens live in 0600 files beside the database, created on first start."""
     if path.exists():
         return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent, log)  # the state directory, made before the server locks it
     token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -27,6 +27,7 @@ from dstack.coordinator.store import Store
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.protos.v1 import agent_pb2_grpc, client_pb2_grpc
 from dstack.storage import StoreError, open_store
+from dstack.storage.private import private_dir, tighten_file
 
 log = logging.getLogger("dstack.coordinator")
 
@@ -49,8 +50,13 @@ class StartError(Exception):
 
 
 def lock_state_dir(state_dir: Path) -> int:
-    """One coordinator per state directory: two writing one database would corrupt runs."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    """One coordinator per state directory: two writing one database would corrupt runs.
+
+    The directory is the owner's only (0700; tightened with a log line when it was not), and so are the
+    files in it that hold secrets (0600): tokens, the secrets key, the database."""
+    private_dir(state_dir, log)
+    for name in ("admin-token", "join-token", "secrets.key"):
+        tighten_file(state_dir / name, log)
     fd = os.open(state_dir / "coordinator.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

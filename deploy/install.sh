@@ -210,7 +210,7 @@ install_agent() {
         shift 2
         ;;
       --join-token-file=*) token_file=${1#*=}; shift ;;
-      --join-token | --join-token=*)
+      --join-token | --join-token=* | --token | --token=*)
         die "do not pass the join token on the command line (ps and shell history show it): export" \
           "DSTACK_JOIN_TOKEN, or use --join-token-file FILE, or give no token and type it when asked" ;;
       --runtime)

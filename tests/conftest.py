@@ -221,8 +221,6 @@ class Cluster:
                 "dstack.agent",
                 "--coordinator",
                 self.address,
-                "--join-token",
-                self.join_token,
                 "--home",
                 str(self.tmp / name),
                 "--name",
@@ -234,7 +232,8 @@ class Cluster:
             ],
             stdout=f,
             stderr=f,
-            env=_without_aws(os.environ),
+            # From the environment, as README.md says: a token in argv is visible to every user of the host.
+            env={**_without_aws(os.environ), "DSTACK_JOIN_TOKEN": self.join_token},
             cwd=REPO,
         )
         f.close()

@@ -7,6 +7,7 @@ The store is blocking by design: the coordinator calls it from one dedicated thr
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence, Sized
@@ -17,6 +18,9 @@ from typing import Any
 import sqlite_utils
 
 from dstack.coordinator.store.schema import migrate
+from dstack.storage.private import private_file, tighten_file
+
+log = logging.getLogger(__name__)
 
 Params = dict[str, Any] | Sequence[Any]
 
@@ -24,8 +28,13 @@ Params = dict[str, Any] | Sequence[Any]
 class Db:
     def __init__(self, path: Path, clock: Callable[[], int] = time.time_ns) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # The database holds tokens' hashes, runs and logs: 0600 from its first byte. SQLite creates
+        # its -wal and -shm files with the database's mode; ones an older version made are tightened.
+        private_file(path, log)
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
+        for suffix in ("-wal", "-shm"):
+            tighten_file(path.with_name(path.name + suffix), log)
         # NORMAL in WAL mode: a power loss may drop the last commits, never corrupt the file.
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")

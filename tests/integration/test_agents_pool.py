@@ -23,12 +23,13 @@ def spawn_agent(cluster: Cluster, name: str, home: Path) -> Proc:
     with log.open("ab") as f:
         popen = subprocess.Popen(
             [
-                *(PY, "-m", "dstack.agent", "--coordinator", cluster.address, "--join-token", cluster.join_token),
+                *(PY, "-m", "dstack.agent", "--coordinator", cluster.address),
                 *("--home", str(home), "--name", name, "--runtime", "host"),
             ],
             stdout=f,
             stderr=f,
-            env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+            env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+            | {"DSTACK_JOIN_TOKEN": cluster.join_token},
             cwd=REPO,
         )
     proc = Proc(popen, log)

@@ -70,3 +70,60 @@ def test_the_environment_cache_size(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert parse_args(["--coordinator", "x:1"]).env_cache_max_bytes == 500_000_000
     with pytest.raises(SystemExit):
         parse_args(["--coordinator", "x:1", "--env-cache-size", "lots"])
+
+
+def test_the_join_token_comes_from_a_file_or_the_environment_without_a_warning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("DSTACK_JOIN_TOKEN_FILE", raising=False)
+    monkeypatch.setenv("DSTACK_JOIN_TOKEN", "from-env")
+    assert parse_args(["--coordinator", "c:1"]).join_token == "from-env"
+    token_file = tmp_path / "join-token"
+    token_file.write_text("from-file\n")
+    token_file.chmod(0o600)
+    assert parse_args(["--coordinator", "c:1", "--join-token-file", str(token_file)]).join_token == "from-file"
+    monkeypatch.setenv("DSTACK_JOIN_TOKEN_FILE", str(token_file))
+    assert parse_args(["--coordinator", "c:1"]).join_token == "from-file"
+    assert capsys.readouterr().err == ""
+
+
+def test_a_join_token_in_argv_still_works_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DSTACK_JOIN_TOKEN", "from-env")
+    assert parse_args(["--coordinator", "c:1", "--join-token", "from-argv"]).join_token == "from-argv"
+    err = capsys.readouterr().err
+    assert "other users of this host see it (ps, /proc/PID/cmdline)" in err
+    assert "--join-token-file PATH" in err and "from-argv" not in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "No such file or directory: give the file that holds the join token"), ("\n", "is empty")],
+)
+def test_a_join_token_file_that_gives_no_token_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str
+) -> None:
+    path = tmp_path / "join-token"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--coordinator", "c:1", "--join-token-file", str(path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_join_token_and_join_token_file_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--coordinator", "c:1", "--join-token", "t", "--join-token-file", "f"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_join_token_file_others_may_read_is_used_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "join-token"
+    path.write_text("t\n")
+    path.chmod(0o644)
+    assert parse_args(["--coordinator", "c:1", "--join-token-file", str(path)]).join_token == "t"
+    assert f"{path} is readable by other users of this host: `chmod 600 {path}`" in capsys.readouterr().err

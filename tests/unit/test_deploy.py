@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -144,3 +145,39 @@ def test_env_files_keep_lines_added_by_hand(tmp_path: Path) -> None:
     )
     assert env.read_text() == "AWS_ACCESS_KEY_ID=key\nDSTACK_HOST=0.0.0.0\nDSTACK_PORT=3000\n"
     assert env.stat().st_mode & 0o777 == 0o600
+
+
+UNITS = sorted((REPO / "deploy" / "systemd").glob("*.service"))
+TOKEN_IN_ARGV = re.compile(r"--(join-)?token\b(?!-file)|\$\{?DSTACK_(JOIN|ADMIN)_TOKEN\b|\$\{?DSTACK_TOKEN\b")
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_no_unit_puts_a_token_in_argv(unit: Path) -> None:
+    text = unit.read_text()
+    [exec_start] = [line for line in text.splitlines() if line.startswith("ExecStart=")]
+    assert not TOKEN_IN_ARGV.search(exec_start), exec_start
+    assert re.search(r"^EnvironmentFile=-?/etc/dstack/\S+\.env$", text, re.M)
+
+
+def test_the_coordinator_unit_creates_files_for_its_user_only() -> None:
+    assert "UMask=0077" in (REPO / "deploy" / "systemd" / "dstack-coordinator.service").read_text()
+
+
+@pytest.mark.parametrize("doc", ["README.md", "deploy/README.md"])
+def test_the_docs_show_no_token_in_argv(doc: str) -> None:
+    """A command someone copies keeps its token out of ps and shell history."""
+    text = (REPO / doc).read_text()
+    assert not re.search(r"--(join-)?token[ =](?!-)[A-Z.$]", text), re.findall(r".*--(?:join-)?token[ =].*", text)
+
+
+def test_the_install_passes_the_token_in_the_environment_file_not_in_the_agent_options(
+    host: FakeHost, tmp_path: Path
+) -> None:
+    r = host.install("agent", "srv:3000", "--name", "gpu-7")
+    assert r.returncode == 0, r.stderr
+    [args] = [line for line in r.stdout.splitlines() if "DSTACK_AGENT_ARGS=" in line]
+    assert "token" not in args.lower()
+    for bad in (["--join-token=x"], ["--token", "x"], ["--token=x"]):
+        r = host.install("agent", "srv:3000", *bad)
+        assert r.returncode == 1 and "do not pass the join token on the command line" in r.stderr
+        assert "would run" not in r.stdout
