@@ -180,8 +180,12 @@ class Dockerd:
         return self._client
 
     def containers(self, agent_home: Path | str) -> list[Container]:
-        """Containers (also stopped ones) that an agent with this home created."""
-        return list(self.client().containers.list(all=True, filters={"label": f"dstack.agent-home={agent_home}"}))
+        """Containers (also stopped ones) that an agent with this home created. One removed while it is listed
+        (the agent may be removing it right now) is left out, not an error."""
+        found = self.client().containers.list(
+            all=True, ignore_removed=True, filters={"label": f"dstack.agent-home={agent_home}"}
+        )
+        return list(found)
 
     def load_images(self, python: bool = False) -> None:
         c = self.client()

@@ -469,8 +469,12 @@ class DockerRuntime(Runtime):
     async def cleanup_leftovers(self, agent_home: str) -> None:
         """Containers of a previous run of this agent (same home) are removed: the coordinator fails their jobs."""
         try:
+            # ignore_removed: a container that goes away between the listing and its inspection is no error.
             left = await asyncio.to_thread(
-                self.client.containers.list, all=True, filters={"label": f"{LABEL_HOME}={agent_home}"}
+                self.client.containers.list,
+                all=True,
+                ignore_removed=True,
+                filters={"label": f"{LABEL_HOME}={agent_home}"},
             )
         except EngineErrors as e:
             log.warning("cannot list containers left by a previous agent run: %s", e)
