@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict, TypeVar
 
+import grpc
 import pytest
 
 from dstack.storage.devserver import SeaweedServer
@@ -177,6 +178,12 @@ class Cluster:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def channel(self, options: list[tuple[str, int]] | None = None) -> grpc.Channel:
+        """A raw gRPC channel to the coordinator, as an agent or a hand-written client opens one.
+
+        Tests that speak gRPC directly open it here, so that they follow the cluster's transport."""
+        return grpc.insecure_channel(self.address, options=options or [])
 
     def start_coordinator(self, *extra: str) -> Proc:
         log = self.tmp / "coordinator.log"

@@ -54,7 +54,7 @@ def test_a_second_agent_with_the_name_of_an_online_one_is_refused(cluster: Clust
     wait_for(lambda: "registration refused" in coordinator.output(), what="the coordinator to refuse the name")
     assert pool(cluster) == [("gpu-1", "online")]
     # What the agent is told, on the wire.
-    with grpc.insecure_channel(cluster.address) as channel:
+    with cluster.channel() as channel:
         stub = agent_pb2_grpc.AgentServiceStub(channel)
         with pytest.raises(grpc.RpcError) as e:
             stub.Register(

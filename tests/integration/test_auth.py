@@ -29,7 +29,7 @@ RAW = {"request_serializer": None, "response_deserializer": None}
 
 
 def channel(cluster: Cluster) -> grpc.Channel:
-    return grpc.insecure_channel(cluster.address, options=LIMITS)
+    return cluster.channel(LIMITS)
 
 
 def big_body(method: str, join_token: str) -> bytes:
