@@ -27,6 +27,7 @@ from dstack.coordinator.store.jobs import (
 )
 from dstack.coordinator.store.logs import ArchivableJob, Logs
 from dstack.coordinator.store.runs import CreatedRun, ExpiredRun, NewJob, RunRow, Runs, StopOnAgent
+from dstack.coordinator.store.scope import Scope
 from dstack.coordinator.store.secrets import SecretRow, Secrets
 from dstack.coordinator.store.tags import TagRow, Tags
 from dstack.coordinator.store.users import Users, hash_token
@@ -69,6 +70,7 @@ class Store(Db):
         self.artifacts = Artifacts(self, self.runs)
         self.tags = Tags(self, self.runs)
         self.secrets = Secrets(self)
+        self.scope = Scope(self)
 
         # users and code
         self.ensure_user = self.users.ensure
@@ -137,3 +139,8 @@ class Store(Db):
         self.list_secrets = self.secrets.all
         self.secret_ciphertexts = self.secrets.ciphertexts
         self.delete_secret = self.secrets.delete
+        # what an agent may touch (coordinator/app/agent_scope.py)
+        self.agent_acting_job = self.scope.acting_job
+        self.agent_acting_jobs = self.scope.acting_jobs
+        self.agent_has_code = self.scope.has_code
+        self.agent_input_sources = self.scope.input_sources

@@ -1,0 +1,66 @@
+"""Least privilege for agents: the one check every agent call goes through.
+
+An agent's credential proves who it is; this module decides what it may touch: the jobs assigned
+to it that may still act (coordinator/store/scope.py says which statuses), the code those jobs run,
+and the artifacts they take as inputs. Each check costs one indexed query.
+
+- unary calls (code, grants, artifacts) are refused with PermissionDenied (PERMISSION_DENIED, which
+  the agent does not retry), whatever the job, run or blob: a job that does not exist reads the
+  same as another agent's, so a refusal tells a prober nothing;
+- on the Connect stream (coordinator/app/agent_stream.py), log lines and status updates for other
+  jobs are dropped with a warning naming the agent: never stored, so they cannot add to or take
+  the place of another job's lines, nor keep lines of a job that does not exist. They are
+  acknowledged all the same, so an honest agent that still holds lines of a job it lost (its lease
+  ran out) stops resending them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from dstack.coordinator.app.core import Core
+from dstack.coordinator.errors import PermissionDenied
+from dstack.coordinator.store import JobLocation
+
+log = logging.getLogger("dstack.coordinator")
+
+
+async def own_job(core: Core, agent_id: str, job_id: str) -> JobLocation:
+    """The job, if it is assigned to the agent and may still act."""
+    job = await core.db(core.store.agent_acting_job, agent_id, job_id)
+    if job is None:
+        log.warning("agent %s was refused job %s: not one of its running jobs", agent_id, job_id)
+        raise PermissionDenied(f"job {job_id} is not running on this agent")
+    return job
+
+
+async def check_code(core: Core, agent_id: str, code_hash: str) -> None:
+    """The code blob is the code of one of the agent's jobs."""
+    if not await core.db(core.store.agent_has_code, agent_id, code_hash):
+        log.warning("agent %s was refused code %s: none of its running jobs runs it", agent_id, code_hash[:12])
+        raise PermissionDenied(f"code {code_hash[:12]} is not the code of a job running on this agent")
+
+
+async def check_inputs(core: Core, agent_id: str, sources: Sequence[tuple[str, str]]) -> None:
+    """Each (run name, job name) is an input of one of the agent's jobs (a job it depends on, or
+    one of a run it takes artifacts from)."""
+    allowed = await core.db(core.store.agent_input_sources, agent_id)
+    for run_name, job_name in sources:
+        if (run_name, job_name) not in allowed:
+            log.warning(
+                "agent %s was refused the artifacts of %s/%s: not an input of its jobs", agent_id, run_name, job_name
+            )
+            raise PermissionDenied(
+                f"the artifacts of {run_name}/{job_name} are not an input of a job running on this agent"
+            )
+
+
+async def acting_jobs(core: Core, agent_id: str, job_ids: Sequence[str]) -> set[str]:
+    """Of the jobs an agent's stream message names, those it may report on: its own acting jobs.
+    What it says about the others is dropped by coordinator/app/agent_stream.py."""
+    return await core.db(core.store.agent_acting_jobs, agent_id, job_ids)
+
+
+def dropped(agent_id: str, what: str, job_id: str) -> None:
+    log.warning("agent %s sent %s for job %s, which is not running on it: dropped", agent_id, what, job_id)
