@@ -13,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from dstack.agent import jobuser
 from dstack.agent.config import AgentConfig
 from dstack.agent.connection import Agent, FatalAgentError
 from dstack.agent.envcache import DEFAULT_SIZE, parse_size
@@ -118,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         " e.g. 20GiB or 500MB; least recently used ones not in use go first; 0: a fresh venv per job"
         " (default: %(default)s, from DSTACK_ENV_CACHE_SIZE)",
     )
+    p.add_argument(
+        "--job-user",
+        default=env("DSTACK_JOB_USER", jobuser.DEFAULT),
+        help="as root, host-runtime jobs run as this unprivileged user, who cannot read the agent's credential"
+        " (deploy/install.sh creates it: `useradd --system --no-create-home --shell /usr/sbin/nologin"
+        f" {jobuser.DEFAULT}`); {jobuser.NONE}: as the agent's own user (default: %(default)s, from DSTACK_JOB_USER)",
+    )
     return p
 
 
@@ -181,6 +189,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         mount_sync_s=a.mount_sync,
         store_retry_s=a.store_retry,
         env_cache_max_bytes=env_cache_max_bytes,
+        job_user_name=a.job_user,
     )
 
 
@@ -224,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     try:
         config = dataclasses.replace(config, runtime=resolve_runtime(config.runtime, config.docker))
-    except RuntimeError_ as e:
+        config = dataclasses.replace(config, job_user=jobuser.resolve(config.job_user_name, config.runtime))
+    except (RuntimeError_, jobuser.JobUserError) as e:
         print(f"dstack agent: {e}", file=sys.stderr)
         sys.exit(2)
     _use_pidfd_child_watcher()

@@ -235,6 +235,8 @@ class Cluster:
                 "--stop-grace",
                 "2",
                 *([] if "--runtime" in extra else ["--runtime", "host"]),  # not `auto`: a dev box may run Docker
+                # Jobs as the agent's user unless a test names a job user (tests/integration/test_agent_scope.py).
+                *([] if "--job-user" in extra else ["--job-user", "none"]),
                 *extra,
             ],
             stdout=f,

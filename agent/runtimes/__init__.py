@@ -1,6 +1,7 @@
 import logging
 
 from dstack.agent.envcache import EnvCache
+from dstack.agent.jobuser import JobUser
 from dstack.agent.runtimes.base import AGENT_MARKER, JobProcess, Runtime, RuntimeError_, RuntimeJob
 from dstack.agent.runtimes.docker import DockerOptions, DockerRuntime, engine_address, engine_version
 from dstack.agent.runtimes.host import HostRuntime
@@ -31,9 +32,10 @@ def make_runtime(
     docker: DockerOptions | None = None,
     agent_home: str = "",
     env_cache: EnvCache | None = None,
+    job_user: JobUser | None = None,
 ) -> Runtime:
     if name == "host":
-        return HostRuntime(stop_grace_s, agent_home, env_cache=env_cache)
+        return HostRuntime(stop_grace_s, agent_home, env_cache=env_cache, job_user=job_user)
     if name == "null":
         return NullRuntime()
     if name == "docker":

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import psutil
 
 from dstack.agent.envcache import EnvCache, applies_to
+from dstack.agent.jobuser import JOB_HOME, JobUser, drop_privileges, give
 from dstack.agent.runtimes.base import (
     AGENT_MARKER,
     JobProcess,
@@ -145,9 +146,15 @@ class HostRuntime(Runtime):
     name = "host"
 
     def __init__(
-        self, stop_grace_s: float, agent_home: str = "", cgroups: bool = True, env_cache: EnvCache | None = None
+        self,
+        stop_grace_s: float,
+        agent_home: str = "",
+        cgroups: bool = True,
+        env_cache: EnvCache | None = None,
+        job_user: JobUser | None = None,
     ) -> None:
         self.stop_grace_s = stop_grace_s
+        self.job_user = job_user  # None: jobs run as the agent's own user
         self.agent_home = agent_home
         self.use_cgroups = cgroups
         self.env_cache = env_cache
@@ -179,18 +186,27 @@ class HostRuntime(Runtime):
             env.setdefault("CUDA_VISIBLE_DEVICES", "")
         if self.env_cache is not None and applies_to(job.provider):
             env.update(self.env_cache.host_env())  # the agent's, whatever the workflow's environment says
+        user = self.job_user
+        if user is not None:  # the job's folder becomes its user's; its HOME is in it
+            await asyncio.to_thread(give, job.workdir, user)
+            env.update(HOME=str(job.workdir / JOB_HOME), USER=user.name, LOGNAME=user.name)
         cgroup = await self._cgroup(job)
+        script = _script(job)
+        if cgroup is not None and user is None:
+            script = cgroup.join_script() + script
         try:
             proc = await asyncio.create_subprocess_exec(
                 "bash",
                 "-c",
-                (cgroup.join_script() if cgroup else "") + _script(job),
+                script,
                 cwd=cwd,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
+                # As root, the job's process joins its cgroups and becomes the job user before exec.
+                preexec_fn=None if user is None else drop_privileges(user, cgroup.joined if cgroup else []),
             )
         except FileNotFoundError as e:
             await self._release(cgroup)
