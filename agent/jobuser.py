@@ -18,8 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import re
+import shutil
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,8 @@ class JobUser:
     name: str
     uid: int
     gid: int
+    setpriv: str = "/usr/bin/setpriv"  # util-linux: becomes the user, then execs (no fork in the agent)
+    bash: str = "/bin/bash"
 
 
 def not_root_warning(agent_user: str) -> str:
@@ -68,7 +72,12 @@ def resolve(name: str, runtime: str, euid: int | None = None) -> JobUser | None:
         ) from None
     if pw.pw_uid == 0:
         raise JobUserError(f"--job-user {name}: jobs must not run as root; name an unprivileged user")
-    return JobUser(name, pw.pw_uid, pw.pw_gid)
+    setpriv, bash = shutil.which("setpriv"), shutil.which("bash")
+    if setpriv is None or bash is None:
+        raise JobUserError(
+            f"--job-user {name} needs setpriv (util-linux) and bash on PATH: install them, or use the docker runtime"
+        )
+    return JobUser(name, pw.pw_uid, pw.pw_gid, setpriv, bash)
 
 
 def _user_name(uid: int) -> str:
@@ -115,28 +124,53 @@ def give(folder: Path, user: JobUser) -> None:
             os.lchown(os.path.join(top, name), user.uid, user.gid)
 
 
-def drop_privileges(user: JobUser, cgroup_procs: Sequence[Path]) -> Callable[[], None]:
-    """What the job's process runs between fork and exec, as root still: it joins the job's cgroups
-    (root-owned files the job user cannot write), then becomes the job user for good. Only system
-    calls: no lock another thread of the agent could hold at fork time is taken here, and the job's
-    environment (LD_PRELOAD, BASH_ENV, ...) applies only at exec, once unprivileged."""
-    procs = [os.fsencode(p) for p in cgroup_procs]
+# The job user's first shell: it imports the job's environment from its stdin (NUL-separated
+# KEY=VALUE, then END), which the agent writes once it has moved the shell into the job's cgroups,
+# and only then runs the job's script ($1). The environment never goes through argv or a file,
+# and no process runs as root with it: what reads it (LD_PRELOAD, BASH_ENV, ...) runs as the job user.
+END = "--dstack-env-end--"
+_IMPORT_ENV = (
+    "ok=\n"
+    "while IFS= read -r -d '' kv; do\n"
+    f'  if [ "$kv" = {END} ]; then ok=1; break; fi\n'
+    '  export "$kv"\n'
+    "done\n"
+    '[ -n "$ok" ] || { echo "dstack: the agent did not hand the job its environment" >&2; exit 1; }\n'
+    'exec bash -c "$1"\n'
+)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# What setpriv itself runs with (as root): nothing of the job's.
+ROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
-    def run() -> None:
-        pid = str(os.getpid()).encode()
-        for path in procs:
-            try:
-                fd = os.open(path, os.O_WRONLY)
-            except OSError:
-                continue
-            try:
-                os.write(fd, pid)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        os.setgroups([])
-        os.setresgid(user.gid, user.gid, user.gid)
-        os.setresuid(user.uid, user.uid, user.uid)
 
-    return run
+def command(user: JobUser, script: str) -> list[str]:
+    """The argv of a job as its user: setpriv drops to the user, bash imports the environment."""
+    return [
+        user.setpriv,
+        f"--reuid={user.uid}",
+        f"--regid={user.gid}",
+        "--clear-groups",
+        "--",
+        user.bash,
+        "-c",
+        _IMPORT_ENV,
+        "dstack-job",
+        script,
+    ]
+
+
+def encode_env(env: dict[str, str]) -> bytes:
+    """The job's environment as the first shell reads it (names a shell cannot export are left out)."""
+    items = [f"{k}={v}" for k, v in env.items() if _NAME.fullmatch(k) and "\0" not in v]
+    return b"".join(item.encode() + b"\0" for item in [*items, END])
+
+
+def join_cgroups(cgroup_procs: Sequence[Path], pid: int) -> None:
+    """Moves a job user's process into its job's cgroups: their root-owned files are the agent's to
+    write (the job's own shell could not). The process waits for this before it runs a command
+    (it reads its environment first, written after this), so what it starts is in the cgroups too."""
+    for path in cgroup_procs:
+        try:
+            path.write_text(str(pid))
+        except OSError as e:
+            log.warning("cannot move job process %d into %s: %s", pid, path.parent, e)

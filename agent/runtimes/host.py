@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 
 import psutil
 
+from dstack.agent import jobuser
 from dstack.agent.envcache import EnvCache, applies_to
-from dstack.agent.jobuser import JOB_HOME, JobUser, drop_privileges, give
+from dstack.agent.jobuser import JOB_HOME, JobUser, give
 from dstack.agent.runtimes.base import (
     AGENT_MARKER,
     JobProcess,
@@ -192,21 +193,21 @@ class HostRuntime(Runtime):
             env.update(HOME=str(job.workdir / JOB_HOME), USER=user.name, LOGNAME=user.name)
         cgroup = await self._cgroup(job)
         script = _script(job)
-        if cgroup is not None and user is None:
-            script = cgroup.join_script() + script
+        if user is None:
+            argv = ["bash", "-c", (cgroup.join_script() if cgroup else "") + script]
+        else:
+            # Not `user=`: that makes the interpreter fork() this process, gRPC threads and all,
+            # instead of vfork(); the job's own user is set by setpriv after exec.
+            argv = jobuser.command(user, script)
         try:
             proc = await asyncio.create_subprocess_exec(
-                "bash",
-                "-c",
-                script,
+                *argv,
                 cwd=cwd,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
+                env=env if user is None else jobuser.ROOT_ENV,
+                stdin=asyncio.subprocess.DEVNULL if user is None else asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
-                # As root, the job's process joins its cgroups and becomes the job user before exec.
-                preexec_fn=None if user is None else drop_privileges(user, cgroup.joined if cgroup else []),
             )
         except FileNotFoundError as e:
             await self._release(cgroup)
@@ -216,6 +217,16 @@ class HostRuntime(Runtime):
         except OSError as e:
             await self._release(cgroup)
             raise RuntimeError_(f"cannot start the job: {e}") from e
+        if proc.stdin is not None:  # the job user's shell waits for its environment
+            try:
+                if cgroup is not None:
+                    await asyncio.to_thread(jobuser.join_cgroups, cgroup.joined, proc.pid)
+                proc.stdin.write(jobuser.encode_env(env))
+                await proc.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it died first: its exit code and stderr say why
+            finally:
+                proc.stdin.close()
         return HostProcess(proc, self.stop_grace_s, cgroup)
 
     async def _release(self, cgroup: JobCgroup | None) -> None:
