@@ -211,3 +211,60 @@ async def reconnect_with(agent: SimAgent, logs: Sequence[agent_pb2.LogBatch]) ->
     first: agent_pb2.CoordinatorMessage = await call.read()
     call.cancel()
     return first
+
+
+ACTING = [JS.JOB_STATUS_ASSIGNED, JS.JOB_STATUS_PULLING, JS.JOB_STATUS_RUNNING, JS.JOB_STATUS_UPLOADING]
+FINISHED = [JS.JOB_STATUS_DONE, JS.JOB_STATUS_FAILED]
+
+
+@pytest.mark.parametrize("status", ACTING + FINISHED, ids=lambda s: JS.Name(s))
+async def test_an_agent_acts_on_its_job_exactly_while_the_job_may_still_act(
+    tmp_path: Path, status: common_pb2.JobStatus.ValueType
+) -> None:
+    async with coordinator(tmp_path) as h, sim_agent(h, "agent") as agent:
+        code = await put_code(h)
+        run = await submit(h, code, with_artifacts(job_spec("main"), "out"))
+        job_id = job_ids(run)["main"]
+        await agent.wait_assignments(1)
+        path = {
+            JS.JOB_STATUS_ASSIGNED: [],
+            JS.JOB_STATUS_PULLING: [JS.JOB_STATUS_PULLING],
+            JS.JOB_STATUS_RUNNING: [JS.JOB_STATUS_RUNNING],
+            JS.JOB_STATUS_UPLOADING: [JS.JOB_STATUS_RUNNING, JS.JOB_STATUS_UPLOADING],
+            JS.JOB_STATUS_DONE: [JS.JOB_STATUS_RUNNING, JS.JOB_STATUS_DONE],
+            JS.JOB_STATUS_FAILED: [JS.JOB_STATUS_RUNNING, JS.JOB_STATUS_FAILED],
+        }[status]
+        for step in path:
+            await agent.report(job_id, step)
+        assert (await h.job(run.name, "main")).status == status
+        s, meta = stub(h, agent)
+        grant = agent_pb2.GrantUploadsRequest(job_id=job_id, files=[common_pb2.FileSize(path="out/a", size=1)])
+        await agent.log(job_id, 1, "a line")
+        if status in ACTING:
+            assert await get_code(h, agent) == CODE
+            await s.GrantUploads(grant, metadata=meta)
+            await upload(h, agent, job_id, "out/a", b"a")
+            assert await stored_lines(h, job_id) == ["a line"]
+        else:
+            await denied(get_code(h, agent), "GetCode")
+            await denied(s.GrantUploads(grant, metadata=meta), "GrantUploads")
+            await denied(upload(h, agent, job_id, "out/a", b"a"), "UploadArtifact")
+            assert await stored_lines(h, job_id) == []
+
+
+async def test_a_workflow_input_is_readable_by_the_job_that_takes_it_only(tmp_path: Path) -> None:
+    async with coordinator(tmp_path) as h, sim_agent(h, "agent") as agent:
+        source = await submit_run(h, with_artifacts(job_spec("prepare"), "data"))
+        prepare = job_ids(source)["prepare"]
+        await agent.wait_assignments(1)
+        await agent.report(prepare, JS.JOB_STATUS_RUNNING)
+        await save_artifact(h, agent, prepare, "data/x.csv", b"x")
+        await agent.report(prepare, JS.JOB_STATUS_DONE, TR.TERMINATION_REASON_DONE)
+        # A job that takes the latest done run of workflow "w" (the source's).
+        taker = job_spec("taker")
+        taker.input_workflows.append("w")
+        await submit_run(h, taker)
+        await agent.wait_assignments(2)
+        assert await download(h, agent, source.name, "prepare", "data/x.csv") == b"x"
+        # Another job name in the same run, which does not exist: refused like anything else.
+        await denied(download(h, agent, source.name, "other", "data/x.csv"), "a job the run does not have")
