@@ -25,6 +25,7 @@ import pytest
 
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, common_pb2
 from tests.conftest import Cluster, search, wait_for, write_project
+from tests.integration.test_docker import docker_agent
 
 pytestmark = pytest.mark.integration
 
@@ -252,3 +253,56 @@ def test_the_agent_refuses_to_start_with_a_job_user_it_cannot_use(cluster: Clust
     proc = cluster.start_agent("agent-2", "--job-user", job_user, "--home", str(closed / "agent"), wait=False)
     assert wait_for(lambda: proc.popen.poll(), what="the agent to exit") == 2
     assert f"cannot reach {closed / 'agent-jobs'}" in proc.output() and "chmod o+x" in proc.output()
+
+
+def processes_showing(value: str) -> list[str]:
+    """Command lines of this host's processes that hold `value` (what `ps` shows every user)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if value.encode() in cmdline:
+                found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+@pytest.mark.parametrize("runtime", ["host", "docker"])
+def test_a_running_jobs_secret_is_in_no_command_line_file_or_log_of_the_agent(
+    cluster: Cluster, tmp_path: Path, request: pytest.FixtureRequest, runtime: str
+) -> None:
+    cluster.start_coordinator()
+    assert cluster.cli("secrets", "add", "HF_TOKEN", SECRET).returncode == 0
+    home = cluster.tmp / "agent-1"
+    if runtime == "docker":
+        docker_agent(cluster, request.getfixturevalue("dockerd"))
+        flag_dir = "/workflow"
+    else:
+        cluster.start_agent("agent-1")
+        flag_dir = "."
+    agent = cluster.agents[-1]
+    root = write_project(
+        tmp_path / "p",
+        f"""
+        workflows:
+          - name: hold
+            provider: bash
+            commands:
+              - echo "secret of ${{#HF_TOKEN}} characters"
+              - while [ ! -f {flag_dir}/go ]; do sleep 0.1; done
+        """,
+    )
+    r = cluster.cli("run", "hold", "-d", cwd=root)
+    assert r.returncode == 0, r.stderr
+    name = search(r"(\S+) submitted", r.stderr).group(1)
+    wait_for(lambda: f"secret of {len(SECRET)}" in cluster.cli("logs", name).stdout, timeout=60, what="the job")
+    assert processes_showing(SECRET) == []
+    job_id = cluster.run_info(name)["jobs"][0]["id"]
+    (home / "jobs" / job_id / "go").touch()
+    assert cluster.wait_status(name, {"done"}, timeout=60)["status"] == "done"
+    wait_for(lambda: not (home / "jobs" / job_id).exists(), what="the job's folder to be removed")
+    cluster.stop_all()
+    for f in [*files_under(home), agent.log]:
+        assert SECRET.encode() not in f.read_bytes(), f
