@@ -25,10 +25,13 @@ def test_every_method_of_every_service_is_in_the_table() -> None:
     assert methods == set(PERMISSIONS), methods ^ set(PERMISSIONS)
 
 
+ADMIN_ONLY = {"CreateJoinToken", "ListJoinTokens", "RevokeJoinToken", "RemoveAgent", "ApproveAgent"}
+
+
 def test_agent_calls_need_an_agent_and_client_calls_a_user() -> None:
     for method, role in PERMISSIONS.items():
         if method.startswith("/dstack.v1.ClientService/"):
-            assert role is Role.USER, method
+            assert role is (Role.ADMIN if method.rsplit("/", 1)[1] in ADMIN_ONLY else Role.USER), method
         elif method != "/dstack.v1.AgentService/Register":
             assert role is Role.AGENT, method
     assert PERMISSIONS["/dstack.v1.AgentService/Register"] is Role.JOIN
@@ -87,7 +90,8 @@ def authenticator(tmp_path: Path) -> Iterator[Authenticator]:
     store = Store(tmp_path / "db.sqlite")
     db = DbExecutor(store)
     try:
-        yield Authenticator(store, db, "join")
+        store.ensure_default_join_token("join")
+        yield Authenticator(store, db)
     finally:
         db.shutdown()
         store.close()
