@@ -164,7 +164,8 @@ class Agent:
                     # Retrying cannot help: its credential is revoked for good. Its jobs were failed by
                     # the coordinator; close() stops what still runs here.
                     raise FatalAgentError(
-                        f"{describe(e)}; the agent stops (its credential is {self.config.credentials_path})"
+                        f"{describe(e)}. The agent stops. To enrol this host again, delete"
+                        f" {self.config.credentials_path} and start the agent with a new join token"
                     ) from e
                 if classify(e) is Outcome.REREGISTER:
                     log.warning("the coordinator does not know this agent any more; registering again")

@@ -7,10 +7,7 @@ AGENT_REMOVED = "this agent was removed by an admin"
 
 
 def agent_removed(name: str) -> str:
-    return (
-        f"{AGENT_REMOVED} (agent {name}): its credential is revoked; to enrol it again, delete its agent.json"
-        " and start it with a new join token"
-    )
+    return f"{AGENT_REMOVED} (agent {name}): its credential is revoked"
 
 
 def is_agent_removed(details: str | None) -> bool:
