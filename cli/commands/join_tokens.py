@@ -82,7 +82,7 @@ def list_command(as_json: bool) -> None:
         else:
             state = "valid"
         expires = iso(t.expires_at_ns) or "never"
-        rows.append([t.id, ago(t.created_at_ns), expires or "", f"{t.uses}/{t.max_uses or 'unlimited'}", state])
+        rows.append([t.id, ago(t.created_at_ns), expires, f"{t.uses}/{t.max_uses or 'unlimited'}", state])
     Term().table(("ID", "CREATED", "EXPIRES", "USES", "STATE"), rows)
 
 
