@@ -131,3 +131,18 @@ def test_a_register_without_the_join_token_in_metadata_is_refused_unread(authent
         aborted = refused_with(asyncio.run(interceptor.intercept_service(continuation, details)))
         assert aborted is not None and aborted[0] == grpc.StatusCode.UNAUTHENTICATED
         assert "invalid join token" in aborted[1] and "Register needs the join token" in aborted[1]
+
+
+def test_enrolment_calls_need_an_admin(authenticator: Authenticator) -> None:
+    """A member's token is a user's, not an admin's: refused unread, saying so."""
+    authenticator.store.ensure_user("alice", "alice-token", "member")
+
+    async def continuation(details: object) -> grpc.RpcMethodHandler:
+        raise AssertionError("a refused call must not reach its handler")
+
+    interceptor = AuthInterceptor(authenticator)
+    for method in ("CreateJoinToken", "ListJoinTokens", "RevokeJoinToken", "RemoveAgent", "ApproveAgent"):
+        details = Details(f"/dstack.v1.ClientService/{method}", (("authorization", "Bearer alice-token"),))
+        aborted = refused_with(asyncio.run(interceptor.intercept_service(continuation, details)))
+        assert aborted is not None and aborted[0] == grpc.StatusCode.PERMISSION_DENIED, method
+        assert "user alice is not an admin" in aborted[1] and "needs an admin token" in aborted[1]
