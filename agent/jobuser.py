@@ -121,7 +121,11 @@ def give(folder: Path, user: JobUser) -> None:
     os.chmod(folder, 0o700)
     for top, dirs, files in os.walk(folder):
         for name in (*dirs, *files):
-            os.lchown(os.path.join(top, name), user.uid, user.gid)
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                continue  # a hard link (the code unpacker makes none) may be a file outside the folder
+            os.lchown(path, user.uid, user.gid)
 
 
 # The job user's first shell: it imports the job's environment from its stdin (NUL-separated

@@ -56,3 +56,20 @@ def test_the_first_shell_exports_what_it_reads_then_runs_the_script() -> None:
     # Without the end marker (the agent died while writing) nothing runs.
     r = subprocess.run(argv, input=b"A=1\0", capture_output=True, env={"PATH": os.environ["PATH"]})
     assert r.returncode == 1 and r.stdout == b"" and b"did not hand the job its environment" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_handing_a_folder_over_follows_no_link(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.write_text("root's")
+    job = tmp_path / "job"
+    (job / "code").mkdir(parents=True)
+    (job / "code" / "train.py").write_text("print()")
+    (job / "link").symlink_to(outside)
+    os.link(outside, job / "hard")
+    user = JobUser("u", 4242, 4243)
+    jobuser.give(job, user)
+    assert (job.stat().st_uid, (job / "code" / "train.py").stat().st_uid) == (4242, 4242)
+    assert (job / jobuser.JOB_HOME).stat().st_uid == 4242
+    assert (job / "link").lstat().st_uid == 4242
+    assert outside.stat().st_uid == 0  # neither through the symlink nor through the hard link
