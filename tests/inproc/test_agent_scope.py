@@ -268,3 +268,19 @@ async def test_a_workflow_input_is_readable_by_the_job_that_takes_it_only(tmp_pa
         assert await download(h, agent, source.name, "prepare", "data/x.csv") == b"x"
         # Another job name in the same run, which does not exist: refused like anything else.
         await denied(download(h, agent, source.name, "other", "data/x.csv"), "a job the run does not have")
+
+
+async def test_a_rogue_hello_that_claims_another_agents_job_changes_nothing_of_it(tmp_path: Path) -> None:
+    async with coordinator(tmp_path) as h, sim_agent(h, "victim") as victim:
+        run, ids = await build_then_train(h, victim)
+        train = ids["train"]
+        await victim.log(train, 1, "real 1")
+        async with sim_agent(h, "rogue") as rogue:
+            reply = await rogue.connect(active=[train])
+            # Told to drop what is not its own; no log position of the victim's job leaks to it.
+            assert [(s.job_id, s.abort) for s in reply.stops] == [(train, True)]
+            assert list(reply.hello_ack.log_positions) == []
+        await victim.log(train, 2, "real 2")
+        await victim.report(train, JS.JOB_STATUS_DONE, TR.TERMINATION_REASON_DONE)
+        assert await stored_lines(h, train) == ["real 1", "real 2"]
+        assert (await h.job(run.name, "train")).status == JS.JOB_STATUS_DONE
