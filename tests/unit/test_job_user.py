@@ -11,6 +11,7 @@ import pytest
 
 from dstack.agent import jobuser
 from dstack.agent.jobuser import JobUser, JobUserError
+from dstack.agent.main import parse_args
 
 
 def test_only_a_root_host_agent_switches_users(caplog: pytest.LogCaptureFixture) -> None:
@@ -73,3 +74,11 @@ def test_handing_a_folder_over_follows_no_link(tmp_path: Path) -> None:
     assert (job / jobuser.JOB_HOME).stat().st_uid == 4242
     assert (job / "link").lstat().st_uid == 4242
     assert outside.stat().st_uid == 0  # neither through the symlink nor through the hard link
+
+
+def test_the_default_job_user_is_dstack_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DSTACK_JOB_USER", raising=False)
+    assert parse_args(["--coordinator", "c:1"]).job_user_name == "dstack-job"
+    monkeypatch.setenv("DSTACK_JOB_USER", "trainer")
+    assert parse_args(["--coordinator", "c:1"]).job_user_name == "trainer"
+    assert parse_args(["--coordinator", "c:1", "--job-user", "none"]).job_user_name == "none"
