@@ -141,7 +141,7 @@ def test_an_agent_registers_with_a_token_file_and_no_token_in_argv(cluster: Clus
         popen = subprocess.Popen(
             [
                 *(PY, "-m", "dstack.agent", "--coordinator", cluster.address, "--join-token-file", str(token_file)),
-                *("--home", str(home), "--name", "filed", "--runtime", "null"),
+                *("--home", str(home), "--name", "filed", "--runtime", "null", *cluster.transport_args()),
             ],
             stdout=f,
             stderr=f,
