@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
+# gRPC's C core logs a failed TLS handshake on stderr at INFO; the CLI says it once, in words (_translate).
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import grpc  # after the verbosity, which gRPC reads when it loads
 
 from dstack.cli.errors import (
     AuthError,

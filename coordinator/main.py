@@ -134,8 +134,8 @@ def banner(config: CoordinatorConfig, coordinator: Coordinator) -> str:
         lines.append("PLAINTEXT (--insecure): clients and agents must say --insecure too")
     lines.append(f"join an agent:   dstack agent --coordinator {address} {pin} --join-token-file JOIN_TOKEN_FILE")
     lines.append(f"  (JOIN_TOKEN_FILE: a 0600 copy of {state / 'join-token'})")
-    lines.append(f"configure a CLI: dstack config --coordinator {address} {pin} --token TOKEN")
-    lines.append(f"  (the admin token is in {state / 'admin-token'})")
+    lines.append(f"configure a CLI: dstack config --coordinator {address} {pin}")
+    lines.append(f"  (it asks for the token; the admin token is in {state / 'admin-token'})")
     return "\n".join(lines)
 
 

@@ -199,7 +199,7 @@ class Cluster:
         return grpc.secure_channel(self.address, creds, options=[*(options or []), *tls_options])
 
     def transport_args(self) -> list[str]:
-        """The agent's options for the cluster's transport."""
+        """The options of `dstack agent` and `dstack config` for the cluster's transport."""
         return ["--ca-file", str(self.ca_file)] if self.tls else ["--insecure"]
 
     def start_coordinator(self, *extra: str) -> Proc:
