@@ -59,13 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     pin.add_argument(
         "--ca-file",
         metavar="PATH",
-        default=env("DSTACK_CA_FILE", ""),
+        default="",
         help="the coordinator's CA certificate (its STATE_DIR/tls/ca.pem, or an admin's CA); env DSTACK_CA_FILE",
     )
     pin.add_argument(
         "--ca-fingerprint",
         metavar="SHA256:HEX",
-        default=env("DSTACK_CA_FINGERPRINT", ""),
+        default="",
         help="the CA fingerprint `dstack server` prints: the CA is fetched with it once and pinned in HOME;"
         " env DSTACK_CA_FINGERPRINT",
     )
@@ -174,6 +174,7 @@ def join_token(p: argparse.ArgumentParser, a: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
+    env = os.environ.get
     p = build_parser()
     a = p.parse_args(argv)
     token = join_token(p, a)
@@ -186,10 +187,10 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         env_cache_max_bytes = parse_size(a.env_cache_size)
     except ValueError as e:
         p.error(f"--env-cache-size: {e}")
-    if a.insecure:
-        a.ca_file = a.ca_fingerprint = ""  # the environment's CA settings yield to an explicit --insecure
-    elif a.ca_file and a.ca_fingerprint:
-        p.error("give one of --ca-file (DSTACK_CA_FILE) and --ca-fingerprint (DSTACK_CA_FINGERPRINT)")
+    if not (a.insecure or a.ca_file or a.ca_fingerprint):  # an option given wins over the environment
+        a.ca_file, a.ca_fingerprint = env("DSTACK_CA_FILE", ""), env("DSTACK_CA_FINGERPRINT", "")
+        if a.ca_file and a.ca_fingerprint:
+            p.error("DSTACK_CA_FILE and DSTACK_CA_FINGERPRINT are both set: keep one")
     return AgentConfig(
         coordinator=a.coordinator,
         ca_file=Path(a.ca_file).expanduser().resolve() if a.ca_file else None,

@@ -217,3 +217,24 @@ def test_ip_names_are_ip_sans(tmp_path: Path) -> None:
     cert = x509.load_pem_x509_certificate((tmp_path / "tls" / "server.pem").read_bytes())
     ips = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress)
     assert ipaddress.ip_address("fd00::5") in ips
+
+
+def test_a_tls_client_does_not_import_cryptography(tmp_path: Path) -> None:
+    """The CLI's start-up: a TLS channel with a pinned CA costs no import of `cryptography` (tens of ms; grpc
+    imports ssl anyway)."""
+    import json
+    import subprocess
+    import sys
+
+    st = tls.ensure_server_tls(tmp_path, "127.0.0.1")
+    assert st.ca_path is not None
+    script = (
+        "import json, sys\n"
+        "from dstack.cli.client import Client\n"
+        "from dstack.cli.home import Endpoint\n"
+        f"c = Client(Endpoint('127.0.0.1:1', 't', ca_file={str(st.ca_path)!r}))\n"
+        "c.close()\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'cryptography')))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    assert json.loads(r.stdout) == []
