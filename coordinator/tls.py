@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -178,7 +179,7 @@ def _server_cert_usable(cert: x509.Certificate, ca_cert: x509.Certificate, names
         return "it was not signed by the CA in ca.pem"
     try:
         cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, Exception):  # InvalidSignature has no common base to name here
+    except (InvalidSignature, ValueError, TypeError):
         return "it was not signed by the CA in ca.pem"
     if cert.not_valid_after_utc - _now() < RENEW_BEFORE:
         return f"it expires on {cert.not_valid_after_utc:%Y-%m-%d}"

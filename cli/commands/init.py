@@ -121,7 +121,7 @@ def _pinned_ca(address: str, tls: TlsChoice) -> bytes | None:
         try:
             return pin_by_fingerprint(address, expected, timeout=5.0)
         except FingerprintMismatch as e:
-            raise TlsMismatch(str(e)) from None
+            raise TlsMismatch(f"{e}; nothing was sent to it, and nothing was saved") from None
         except ssl.SSLError as e:
             raise TlsMismatch(
                 f"the coordinator at {address} did not complete a TLS handshake ({e.reason or e}): is it one started"
