@@ -25,6 +25,7 @@ def spawn_agent(cluster: Cluster, name: str, home: Path) -> Proc:
             [
                 *(PY, "-m", "dstack.agent", "--coordinator", cluster.address),
                 *("--home", str(home), "--name", name, "--runtime", "host", "--job-user", "none"),
+                *cluster.transport_args(),
             ],
             stdout=f,
             stderr=f,
