@@ -17,6 +17,7 @@ from dstack.coordinator.clock import SYSTEM_CLOCK, Clock
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.convert import (
     artifact_input_to_proto,
+    job_spec_from_bytes,
     job_updates_from_proto,
     log_acks_to_proto,
     log_batches_from_proto,
@@ -26,7 +27,8 @@ from dstack.coordinator.errors import Unauthenticated
 from dstack.coordinator.hub import AgentHub
 from dstack.coordinator.lifecycle.agents import AgentStatus
 from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, LogAck
-from dstack.coordinator.queue import Waiting, WaitingQueue
+from dstack.coordinator.preemption import victims_for
+from dstack.coordinator.queue import Waiting, WaitingQueue, request_of
 from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest, schedule
 from dstack.coordinator.secrets import SecretBox
 from dstack.coordinator.store import Assignment, Placement, Store
@@ -241,6 +243,7 @@ class Engine:
                 self.watchers.notify_all()
                 self.kick()
             await self._stop_overdue()
+            await self._preempt_for_starved()
             if self.clock.monotonic() >= next_forget:
                 next_forget = self.clock.monotonic() + forget_every
                 await self._forget_lost_agents()
@@ -255,6 +258,61 @@ class Engine:
         for order in overdue:
             log.info("job %s: max_duration exceeded, stopping it", order.wire_id)
             self.hub.send(order.agent_id, agent_pb2.CoordinatorMessage(stops=[agent_pb2.StopJob(job_id=order.wire_id)]))
+
+    async def _preempt_for_starved(self) -> None:
+        """A job that has waited longer than `--reserve-after` and fits nowhere gets interruptible
+        jobs of one agent preempted where that lets it fit (coordinator/preemption.py)."""
+        if math.isinf(self.config.reserve_after_s) or not len(self.queue):
+            return
+        try:
+            victims = await self.db(self._victims, self.hub.connected_ids())
+        except Exception:
+            log.exception("preemption check failed")
+            return
+        if victims:
+            job_id, ids = victims
+            await self.preempt(ids, f"preempted for job {job_id}, which waited over {self.config.reserve_after_s:g} s")
+
+    def _victims(self, connected: set[str]) -> tuple[str, list[str]] | None:
+        """(starved job, the jobs to preempt for it), for the oldest starved job that needs any (DB thread)."""
+        since = self.clock.time_ns() - int(self.config.reserve_after_s * 1e9)
+        starved = self.store.starved_jobs(since)
+        if not starved:
+            return None
+        running = self.store.running_for_preemption()
+        if not any(j.interruptible and not j.being_preempted for j in running):
+            return None
+        agents = self._agent_states(connected)
+        for w in starved:
+            ids = victims_for(request_of(w.id, job_spec_from_bytes(w.spec)), list(agents.values()), running)
+            if ids:
+                return w.id, ids
+        return None
+
+    def _agent_states(self, connected: set[str]) -> dict[str, AgentState]:
+        """The connected agents with what their jobs hold (as a scheduling pass sees them)."""
+        agents: dict[str, AgentState] = {}
+        for row in self.store.online_agents():
+            if row.id not in connected:
+                continue
+            inv = self._inventory(row.id, row.inventory)
+            agents[row.id] = AgentState(
+                agent_id=row.id,
+                name=row.name,
+                cpu_total=float(inv.cpu_count),
+                memory_total=inv.memory_total_bytes,
+                gpus=[Gpu(g.index, g.name, g.memory_total_bytes) for g in inv.gpus],
+                max_jobs=inv.max_jobs or 1_000_000,
+                containers=inv.runtime == "docker",
+            )
+        for alloc in self.store.active_allocations():
+            a = agents.get(alloc.agent_id)
+            if a is not None:
+                a.used_cpu += alloc.cpu
+                a.used_memory += alloc.memory
+                a.busy_gpus.update(alloc.gpu_indices)
+                a.jobs += 1
+        return agents
 
     async def _requeued(self) -> None:
         """Jobs back to waiting as a new attempt (their rows say so) join the queue."""

@@ -109,6 +109,8 @@ class Store(Db):
         self.request_preempt = self.jobs.request_preempt
         self.stop_overdue = self.jobs.stop_overdue
         self.job_attempts = self.jobs.attempts_of
+        self.starved_jobs = self.jobs.starved
+        self.running_for_preemption = self.jobs.running_for_preemption
         # agents
         self.register_agent = self.agents.register
         self.forget_lost_agents = self.agents.forget_lost

@@ -24,6 +24,7 @@ from dstack.coordinator.model import (
     UpdateAck,
     termination_reason,
 )
+from dstack.coordinator.preemption import RunningJob
 from dstack.coordinator.store.artifacts import inputs_of
 from dstack.coordinator.store.base import Db, ints_in, json_list, marks
 from dstack.protos.v1 import common_pb2
@@ -540,6 +541,50 @@ class Jobs:
                 ).fetchone()
                 out.append(StopOrder(wire_job_id(job_id, r[0]), r[1]))
         return out
+
+    def starved(self, waiting_since: int) -> list[WaitingJob]:
+        """Waiting jobs that are not interruptible and were submitted (or requeued) before
+        `waiting_since`, oldest first, whose dependencies in their run are all done."""
+        rows = self.db.rows(
+            "SELECT j.id, j.run_id, j.status, j.spec, j.depends_on, r.owner, r.priority, j.avoid_agent"
+            " FROM jobs j JOIN runs r ON r.id = j.run_id"
+            f" WHERE j.status IN ({ints_in(WAITING)}) AND j.submitted_at <= ? ORDER BY j.submitted_at, j.rowid",
+            [waiting_since],
+        )
+        out = []
+        for r in rows:
+            if common_pb2.JobSpec.FromString(r["spec"]).resources.interruptible:
+                continue
+            deps = json_list(r["depends_on"])
+            if deps:
+                statuses = self.dependency_statuses([r["run_id"]])
+                if any(statuses.get((r["run_id"], d)) != JobStatus.DONE for d in deps):
+                    continue
+            out.append(
+                WaitingJob(
+                    r["id"], r["run_id"], JobStatus(r["status"]), r["spec"], deps, r["owner"], r["priority"] or 0
+                )
+            )
+        return out
+
+    def running_for_preemption(self) -> list[RunningJob]:
+        rows = self.db.rows(
+            "SELECT id, agent_id, cpu, memory, gpu_indices, spec, stop_requested, stop_reason FROM jobs"
+            f" WHERE status IN ({ints_in(ON_AGENT)})"
+        )
+        return [
+            RunningJob(
+                job_id=r["id"],
+                agent_id=r["agent_id"],
+                cpu=r["cpu"] or 0.0,
+                memory=r["memory"] or 0,
+                gpu_indices=tuple(json_list(r["gpu_indices"])),
+                interruptible=common_pb2.JobSpec.FromString(r["spec"]).resources.interruptible,
+                being_preempted=bool(r["stop_requested"]) and r["stop_reason"] == TerminationReason.PREEMPTED,
+            )
+            for r in rows
+            if r["agent_id"]
+        ]
 
     def attempts_of(self, job_ids: Sequence[str]) -> dict[str, list[AttemptRow]]:
         """The earlier attempts of jobs, oldest first."""

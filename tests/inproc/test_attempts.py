@@ -226,3 +226,42 @@ async def test_only_an_admin_may_preempt(tmp_path: Path) -> None:
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "needs an admin token" in (refused.value.details() or "")
         assert stops(agent) == [] and (await h.job(run.name)).attempt == 1
+
+
+async def test_a_job_waiting_past_reserve_after_gets_interruptible_jobs_preempted_for_it(tmp_path: Path) -> None:
+    async with (
+        coordinator(tmp_path, lease_timeout_s=10_000, reserve_after_s=60) as h,
+        sim_agent(h, "only", cpu=2) as agent,
+    ):
+        spot = await submit_run(h, interruptible(job_spec("main", "train", cpu=2)))
+        (a,) = await agent.wait_assignments(1)
+        await agent.report(a.job_id, JS.JOB_STATUS_RUNNING)
+        urgent = await submit_run(h, job_spec("main", "serve", cpu=2))
+        await h.clock.advance(59)
+        assert stops(agent) == []  # it has not waited long enough
+        await h.clock.advance(2)
+        await agent.until(lambda: stops(agent), "the preemption of the interruptible job")
+        assert stops(agent) == [(a.job_id, False)]
+        await h.clock.advance(5)
+        assert len(stops(agent)) == 1  # not preempted twice while it stops
+        await agent.report(a.job_id, JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER)
+        assignments = await agent.wait_assignments(2)
+        assert assignments[1].job_id == urgent.jobs[0].id  # the waiting job gets the room, not the requeued one
+        job = await h.job(spot.name)
+        assert job.status == JS.JOB_STATUS_PENDING and job.attempt == 2
+        assert "preempted for job" in job.attempts[0].message
+
+
+async def test_nothing_is_preempted_when_that_would_not_let_the_job_fit(tmp_path: Path) -> None:
+    async with (
+        coordinator(tmp_path, lease_timeout_s=10_000, reserve_after_s=60) as h,
+        sim_agent(h, "small", cpu=2) as agent,
+    ):
+        await submit_run(h, interruptible(job_spec("main", "train", cpu=1)))
+        await submit_run(h, job_spec("main", "serve", cpu=1))
+        (a, b) = await agent.wait_assignments(2)
+        for x in (a, b):
+            await agent.report(x.job_id, JS.JOB_STATUS_RUNNING)
+        await submit_run(h, job_spec("main", "big", cpu=2))  # needs both CPUs: the steady job holds one
+        await h.clock.advance(120)
+        assert stops(agent) == []
