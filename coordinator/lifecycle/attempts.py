@@ -64,8 +64,8 @@ def end_attempt(
             job_id,
             also="attempt = attempt + 1, agent_id = NULL, gpu_indices = '[]', started_at = NULL, exit_code = NULL,"
             " stop_requested = 0, stop_reason = 0, stop_message = '', deadline_at = 0, avoid_agent = :_avoid,"
-            " termination_reason = :_why, message = :_msg",
-            params={"_avoid": agent_id or "", "_why": int(reason), "_msg": f"attempt {attempt}: {message}"},
+            " termination_reason = 0, message = :_msg",  # the ended attempt's reason is in job_attempts
+            params={"_avoid": agent_id or "", "_msg": f"attempt {attempt}: {message}"},
         )
         if moved is not None:
             attempt_status = JobStatus.STOPPED if cause == PREEMPTED else JobStatus.FAILED
