@@ -3,8 +3,10 @@ on another agent (once per attempt), a retry limit, and max_duration."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import Cluster, wait_for, write_project
@@ -130,6 +132,57 @@ def test_a_job_on_a_killed_agent_runs_again_on_another_agent_once_per_attempt(cl
     assert starts.read_text().splitlines() == ["attempt 1", "attempt 2"]
     text = logs(cluster, run)
     assert "── attempt 1 ──\nrunning attempt 1\n── attempt 2 ──\nrunning attempt 2\n" in text, text
+
+
+def test_a_partitioned_agent_that_comes_back_is_made_to_abort_its_old_attempt(cluster: Cluster, tmp_path: Path) -> None:
+    """The agent is frozen (SIGSTOP) past its lease while its job runs on: the job is retried on
+    another agent; when the frozen one wakes up and reconnects, its attempt 1 is aborted (the process
+    dies), and what it saves or reports for attempt 1 changes nothing: the artifacts are attempt 2's."""
+    cluster.start_coordinator()
+    frozen = cluster.start_agent("a", "--mount-sync", "0.3")
+    starts, pids = tmp_path / "starts.txt", tmp_path / "pids"
+    pids.mkdir()
+    project = write_project(
+        tmp_path / "p",
+        f"""
+        workflows:
+          - name: job
+            provider: bash
+            commands:
+              - echo "attempt $DSTACK_ATTEMPT" >> {starts}
+              - echo $$ > {pids}/$DSTACK_ATTEMPT
+              - ticks=$([ "$DSTACK_ATTEMPT" = 1 ] && echo 600 || echo 5)
+              - for i in $(seq 1 $ticks); do echo "$DSTACK_ATTEMPT $i" > out/who; echo "tick $i"; sleep 0.1; done
+            artifacts:
+              - path: out
+                mount: true
+            retry:
+              limit: 1
+              on: [agent-lost]
+        """,
+    )
+    run = submit(cluster, project, "job")
+    wait_for(lambda: "tick 3\n" in logs(cluster, run), what="attempt 1 to run on a")
+    cluster.start_agent("b")
+    frozen.popen.send_signal(signal.SIGSTOP)
+    try:
+        done = cluster.wait_status(run, {"done", "failed", "stopped"}, timeout=90)
+    finally:
+        frozen.popen.send_signal(signal.SIGCONT)
+    assert done["status"] == "done", done
+    assert (done["jobs"][0]["attempt"], done["jobs"][0]["agent"]) == (2, "b")
+    first = psutil.Process(int((pids / "1").read_text()))  # still running while its agent was frozen
+    first.wait(timeout=60)  # aborted once its agent is back and reconnects
+    wait_for(
+        lambda: any(a["name"] == "a" and a["status"] == "online" for a in cluster.agents_json()),
+        what="agent a back online",
+    )
+    assert starts.read_text().splitlines() == ["attempt 1", "attempt 2"]
+    r = cluster.cli("artifacts", "download", run, "-o", str(tmp_path / "got"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "got" / "out" / "who").read_text() == "2 5\n"
+    final = cluster.run_info(run)
+    assert final["status"] == "done" and final["jobs"][0]["attempt"] == 2, final
 
 
 def test_the_retry_limit_reached_fails_the_run_with_the_last_reason(cluster: Cluster, tmp_path: Path) -> None:
