@@ -265,3 +265,14 @@ async def test_nothing_is_preempted_when_that_would_not_let_the_job_fit(tmp_path
         await submit_run(h, job_spec("main", "big", cpu=2))  # needs both CPUs: the steady job holds one
         await h.clock.advance(120)
         assert stops(agent) == []
+
+
+async def test_a_new_attempt_avoids_the_agent_the_last_one_failed_on_when_another_fits(tmp_path: Path) -> None:
+    async with coordinator(tmp_path) as h, sim_agent(h, "snug", cpu=1) as snug, sim_agent(h, "roomy", cpu=4) as roomy:
+        run = await submit_run(h, retrying(["error"]))  # one CPU: snug is the best fit
+        (a,) = await snug.wait_assignments(1)
+        await snug.report(a.job_id, JS.JOB_STATUS_RUNNING)
+        await snug.report(a.job_id, JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_EXIT_CODE)
+        (b,) = await roomy.wait_assignments(1)
+        assert b.job_id == f"{run.jobs[0].id}-a2"
+        assert len(snug.assignments()) == 1
