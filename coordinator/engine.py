@@ -366,10 +366,10 @@ class Engine:
             unstarted = [j for w, j in jobs.items() if j.status == JobStatus.ASSIGNED and w not in active]
             resend = [j.id for j in unstarted if not j.stop_requested]
             # Stopped while the agent was away, before it ever got the job: it ends here.
-            self.store.stop_unstarted([j.id for j in unstarted if j.stop_requested])
+            requeued = self.store.stop_unstarted([j.id for j in unstarted if j.stop_requested])
             lost = [j.id for w, j in jobs.items() if j.status != JobStatus.ASSIGNED and w not in active]
             stop = [w for w, j in jobs.items() if j.stop_requested and w in active]
-            requeued = self.store.fail_jobs_lost_by_agent(agent_id, lost)
+            requeued += self.store.fail_jobs_lost_by_agent(agent_id, lost)
             stale = [w for w in active if w not in jobs]
             return resend, stop, stale, self.store.log_positions([w for w in active if w in jobs]), requeued
 

@@ -389,20 +389,38 @@ class Jobs:
         }
         return [j for j in job_ids if j not in live]
 
-    def stop_unstarted(self, job_ids: Sequence[str]) -> None:
-        """Jobs stopped while their agent was away, which came back without having started them."""
+    def stop_unstarted(self, job_ids: Sequence[str]) -> list[str]:
+        """Jobs stopped while their agent was away, which came back without having started them; a
+        preempted one is requeued as a new attempt (returned) as if its agent had stopped it."""
         if not job_ids:
-            return
+            return []
+        requeued: list[str] = []
         with self.db.tx() as c:
             now = self.db.clock()
             runs = set()
             for job_id in job_ids:
-                moved = lifecycle.move_job(c, lifecycle.STOP_UNSTARTED, job_id, message="stopped by user", at=now)
+                row = c.execute("SELECT stop_reason, stop_message FROM jobs WHERE id = ?", [job_id]).fetchone()
+                if row is not None and row[0] == TerminationReason.PREEMPTED:
+                    moved, again = attempts.end_attempt(
+                        c,
+                        job_id,
+                        attempts.PREEMPTED,
+                        lifecycle.AGENT_PREEMPTED,
+                        lifecycle.REQUEUE_PREEMPTED,
+                        reason=TerminationReason.PREEMPTED,
+                        message=row[1] or "preempted",
+                        now=now,
+                    )
+                    if again:
+                        requeued.append(job_id)
+                else:
+                    moved = lifecycle.move_job(c, lifecycle.STOP_UNSTARTED, job_id, message="stopped by user", at=now)
                 if moved is not None:
                     runs.add(moved.run_id)
             for run_id in runs:
                 lifecycle.fail_dependants(c, run_id, now)
                 lifecycle.refresh_run_status(c, run_id, now)
+        return requeued
 
     def fail_lost_by_agent(self, agent_id: str, job_ids: Sequence[str]) -> list[str]:
         """Jobs the agent came back without: failed, or requeued (returned) where `retry` says so."""

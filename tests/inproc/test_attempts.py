@@ -276,3 +276,17 @@ async def test_a_new_attempt_avoids_the_agent_the_last_one_failed_on_when_anothe
         (b,) = await roomy.wait_assignments(1)
         assert b.job_id == f"{run.jobs[0].id}-a2"
         assert len(snug.assignments()) == 1
+
+
+async def test_a_job_preempted_while_its_agent_was_away_before_it_started_is_requeued(tmp_path: Path) -> None:
+    async with coordinator(tmp_path, lease_timeout_s=10_000) as h, sim_agent(h, "only") as agent:
+        run = await submit_run(h, interruptible(job_spec("main", "train")))
+        (a,) = await agent.wait_assignments(1)
+        await agent.disconnect()  # the assignment never reached a process
+        assert await preempt(h, run.name) == 1
+        answer = await agent.connect(active=[])
+        assert [x.job_id for x in answer.assignments] == []  # not resent as attempt 1
+        (again,) = await agent.wait_assignments(1)
+        assert again.job_id == f"{a.job_id}-a2"
+        job = await h.job(run.name)
+        assert job.attempt == 2 and job.attempts[0].termination_reason == TR.TERMINATION_REASON_PREEMPTED
