@@ -38,7 +38,7 @@ async def commit_artifacts(
     job = await own_job(core, agent_id, job_id)
     checked = [(check_relative_path(p), size, sha) for p, size, sha in files]
     await core.artifacts.commit(job.run_name, job.job_name, checked, completed)
-    await core.db(core.store.save_artifacts, job_id, checked)
+    await core.db(core.store.save_artifacts, job.id, checked)
 
 
 async def grant_uploads(core: Core, agent_id: str, job_id: str, files: Sequence[FileSize]) -> list[UploadGrant] | None:

@@ -26,12 +26,13 @@ from dstack.coordinator.store import JobLocation
 log = logging.getLogger("dstack.coordinator")
 
 
-async def own_job(core: Core, agent_id: str, job_id: str) -> JobLocation:
-    """The job, if it is assigned to the agent and may still act."""
-    job = await core.db(core.store.agent_acting_job, agent_id, job_id)
+async def own_job(core: Core, agent_id: str, wire_id: str) -> JobLocation:
+    """The job whose attempt the agent names, if that is the job's current attempt, assigned to the
+    agent and still acting (a lost agent's late uploads for an attempt that is over are refused)."""
+    job = await core.db(core.store.agent_acting_job, agent_id, wire_id)
     if job is None:
-        log.warning("agent %s was refused job %s: not one of its running jobs", agent_id, job_id)
-        raise PermissionDenied(f"job {job_id} is not running on this agent")
+        log.warning("agent %s was refused job %s: not one of its running jobs", agent_id, wire_id)
+        raise PermissionDenied(f"job {wire_id} is not running on this agent (or that attempt is over)")
     return job
 
 
@@ -56,10 +57,11 @@ async def check_inputs(core: Core, agent_id: str, sources: Sequence[tuple[str, s
             )
 
 
-async def acting_jobs(core: Core, agent_id: str, job_ids: Sequence[str]) -> set[str]:
-    """Of the jobs an agent's stream message names, those it may report on: its own acting jobs.
-    What it says about the others is dropped by coordinator/app/agent_stream.py."""
-    return await core.db(core.store.agent_acting_jobs, agent_id, job_ids)
+async def reportable(core: Core, agent_id: str, wire_ids: Sequence[str]) -> tuple[set[str], set[str]]:
+    """Of the attempts an agent's stream message names, (current, ended): its acting attempts (lines
+    and updates) and its own attempts that ended while their job goes on (lines only, into their
+    own range). What it says about any other is dropped by coordinator/app/agent_stream.py."""
+    return await core.db(core.store.agent_reportable, agent_id, wire_ids)
 
 
 def dropped(agent_id: str, what: str, job_id: str) -> None:

@@ -57,21 +57,21 @@ class Session:
         if not msg.logs and not msg.updates:
             return msg, acks
         named = [b.job_id for b in msg.logs] + [u.job_id for u in msg.updates]
-        allowed = await agent_scope.acting_jobs(self.core, self.agent_id, named)
-        if allowed.issuperset(named):
+        current, ended = await agent_scope.reportable(self.core, self.agent_id, named)
+        if current.issuperset(named):
             return msg, acks
         kept = agent_pb2.AgentMessage()
         kept.CopyFrom(msg)
         del kept.logs[:]
         del kept.updates[:]
         for b in msg.logs:
-            if b.job_id in allowed:
+            if b.job_id in current or b.job_id in ended:
                 kept.logs.append(b)
             elif b.lines:
                 agent_scope.dropped(self.agent_id, f"{len(b.lines)} log line(s)", b.job_id)
                 acks.log_acks.append(agent_pb2.LogAck(job_id=b.job_id, seq=max(ln.seq for ln in b.lines)))
         for u in msg.updates:
-            if u.job_id in allowed:
+            if u.job_id in current:
                 kept.updates.append(u)
             else:
                 agent_scope.dropped(self.agent_id, "a status update", u.job_id)

@@ -108,6 +108,11 @@ class Store(Db):
         self.stop_unstarted = self.jobs.stop_unstarted
         self.fail_jobs_lost_by_agent = self.jobs.fail_lost_by_agent
         self.apply_job_updates = self.jobs.apply_updates
+        self.request_preempt = self.jobs.request_preempt
+        self.stop_overdue = self.jobs.stop_overdue
+        self.job_attempts = self.jobs.attempts_of
+        self.starved_jobs = self.jobs.starved
+        self.running_for_preemption = self.jobs.running_for_preemption
         # agents
         self.register_agent = self.agents.register
         self.forget_lost_agents = self.agents.forget_lost
@@ -154,6 +159,6 @@ class Store(Db):
         self.delete_secret = self.secrets.delete
         # what an agent may touch (coordinator/app/agent_scope.py)
         self.agent_acting_job = self.scope.acting_job
-        self.agent_acting_jobs = self.scope.acting_jobs
+        self.agent_reportable = self.scope.reportable
         self.agent_has_code = self.scope.has_code
         self.agent_input_sources = self.scope.input_sources

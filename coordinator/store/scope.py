@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dstack.coordinator.model import ON_AGENT, JobStatus
+from dstack.coordinator.attempts import parse_wire_job_id
+from dstack.coordinator.model import ON_AGENT, TERMINAL_JOB, JobStatus
 from dstack.coordinator.store.base import Db, ints_in, marks
 from dstack.coordinator.store.jobs import JobLocation
 
@@ -21,24 +22,39 @@ class Scope:
     def __init__(self, db: Db) -> None:
         self.db = db
 
-    def acting_job(self, agent_id: str, job_id: str) -> JobLocation | None:
-        """The job, if the agent may act on it now."""
+    def acting_job(self, agent_id: str, wire_id: str) -> JobLocation | None:
+        """The job, if the agent may act on it now: the attempt it names (coordinator/attempts.py) is
+        the job's current one, on this agent, in a status that still acts."""
+        job_id, attempt = parse_wire_job_id(wire_id)
         r = self.db.row(
-            "SELECT j.id, j.run_id, j.job_name, j.agent_id, j.status, r.name AS run_name FROM jobs j"
-            f" JOIN runs r ON r.id = j.run_id WHERE j.id = ? AND {_ACTING}",
-            [job_id, agent_id],
+            "SELECT j.id, j.run_id, j.job_name, j.agent_id, j.status, j.attempt, r.name AS run_name FROM jobs j"
+            f" JOIN runs r ON r.id = j.run_id WHERE j.id = ? AND j.attempt = ? AND {_ACTING}",
+            [job_id, attempt, agent_id],
         )
         if r is None:
             return None
-        return JobLocation(r["id"], r["run_id"], r["run_name"], r["job_name"], r["agent_id"], JobStatus(r["status"]))
+        return JobLocation(
+            r["id"], r["run_id"], r["run_name"], r["job_name"], r["agent_id"], JobStatus(r["status"]), r["attempt"]
+        )
 
-    def acting_jobs(self, agent_id: str, job_ids: Sequence[str]) -> set[str]:
-        """Of `job_ids`, those the agent may act on now."""
-        if not job_ids:
-            return set()
-        ids = sorted(set(job_ids))
-        rows = self.db.rows(f"SELECT j.id FROM jobs j WHERE j.id IN ({marks(ids)}) AND {_ACTING}", [*ids, agent_id])
-        return {r["id"] for r in rows}
+    def reportable(self, agent_id: str, wire_ids: Sequence[str]) -> tuple[set[str], set[str]]:
+        """Of the attempts an agent's stream message names, (current, ended): those that are the
+        agent's acting attempt of their job (lines and updates), and those the agent ran and that
+        ended while their job goes on (a lost agent come back: its late lines go into that attempt's
+        own range of seqs, its updates change nothing)."""
+        if not wire_ids:
+            return set(), set()
+        named = {w: parse_wire_job_id(w) for w in set(wire_ids)}
+        ids = sorted({job for job, _ in named.values()})
+        rows = self.db.rows(
+            f"SELECT j.id, j.attempt, 1 AS current FROM jobs j WHERE j.id IN ({marks(ids)}) AND {_ACTING}"
+            " UNION ALL SELECT a.job_id, a.attempt, 0 FROM job_attempts a JOIN jobs j ON j.id = a.job_id"
+            f" WHERE a.job_id IN ({marks(ids)}) AND a.agent_id = ? AND j.status NOT IN ({ints_in(TERMINAL_JOB)})",
+            [*ids, agent_id, *ids, agent_id],
+        )
+        current = {(r["id"], r["attempt"]) for r in rows if r["current"]}
+        ended = {(r["id"], r["attempt"]) for r in rows if not r["current"]}
+        return {w for w, p in named.items() if p in current}, {w for w, p in named.items() if p in ended}
 
     def has_code(self, agent_id: str, code_hash: str) -> bool:
         """Whether one of the agent's acting jobs runs this code."""

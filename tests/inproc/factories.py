@@ -134,6 +134,7 @@ class ConfigOverrides(TypedDict, total=False):
     forget_lost_agents_after_s: float
     heartbeat_interval_s: float
     approve_agents: bool
+    reserve_after_s: float
 
 
 @contextlib.asynccontextmanager

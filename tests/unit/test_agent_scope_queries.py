@@ -16,11 +16,11 @@ from dstack.coordinator.store import Store
     "check",
     [
         lambda s: s.agent_acting_job("agent", "job"),
-        lambda s: s.agent_acting_jobs("agent", ["job-1", "job-2", "job-1"]),
+        lambda s: s.agent_reportable("agent", ["job-1", "job-2-a2", "job-1"]),
         lambda s: s.agent_has_code("agent", "0" * 64),
         lambda s: s.agent_input_sources("agent"),
     ],
-    ids=["acting_job", "acting_jobs", "has_code", "input_sources"],
+    ids=["acting_job", "reportable", "has_code", "input_sources"],
 )
 def test_a_scope_check_is_one_indexed_query(tmp_path: Path, check: Callable[[Store], Any]) -> None:
     store = Store(tmp_path / "state.db")
