@@ -16,7 +16,18 @@ import grpc
 import pytest
 
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, common_pb2
-from tests.inproc.factories import JS, TR, Harness, SimAgent, coordinator, job_ids, job_spec, sim_agent, submit_run
+from tests.inproc.factories import (
+    JS,
+    TR,
+    Harness,
+    SimAgent,
+    coordinator,
+    job_ids,
+    job_spec,
+    sim_agent,
+    submit_run,
+    wait_until,
+)
 
 pytestmark = pytest.mark.inproc
 
@@ -284,3 +295,39 @@ async def test_a_rogue_hello_that_claims_another_agents_job_changes_nothing_of_i
         await victim.report(train, JS.JOB_STATUS_DONE, TR.TERMINATION_REASON_DONE)
         assert await stored_lines(h, train) == ["real 1", "real 2"]
         assert (await h.job(run.name, "train")).status == JS.JOB_STATUS_DONE
+
+
+async def test_only_the_agent_that_ran_an_ended_attempt_may_add_late_lines_to_it(tmp_path: Path) -> None:
+    lease_s = 5.0
+    async with coordinator(tmp_path, lease_timeout_s=lease_s) as h, sim_agent(h, "a", cpu=1) as a:
+        spec = job_spec("main", "train")
+        spec.retry.CopyFrom(common_pb2.RetryPolicy(limit=1, on=["agent-lost"]))
+        run = await submit_run(h, spec)
+        job_id = job_ids(run)["main"]
+        await a.wait_assignments(1)
+        await a.report(job_id, JS.JOB_STATUS_RUNNING)
+        await a.log(job_id, 1, "attempt 1")
+        async with sim_agent(h, "b", cpu=1) as b, sim_agent(h, "rogue", cpu=0) as rogue:
+            await h.clock.advance(lease_s - 0.5)
+            at = h.clock.time_ns()
+            await b.heartbeat()
+            await rogue.heartbeat()
+            await wait_until(lambda: _renewed(h, "b", at), "b's heartbeat stored")
+            await wait_until(lambda: _renewed(h, "rogue", at), "the rogue's heartbeat stored")
+            await h.clock.advance(1.0)  # a's lease ran out: attempt 2 goes to b
+            (second,) = await b.wait_assignments(1)
+            # The rogue writes into neither attempt: not the ended one of a, not the current one of b.
+            await rogue.log(job_id, 2, "FORGED into attempt 1")
+            await rogue.log(second.job_id, 1, "FORGED into attempt 2")
+            # a, back, may still add its own late lines to its attempt; b writes its own.
+            await a.connect(active=[job_id])
+            await a.log(job_id, 2, "attempt 1, late")
+            await b.report(second.job_id, JS.JOB_STATUS_RUNNING)
+            await b.log(second.job_id, 1, "attempt 2")
+            texts = [t for _, _, t in await h.logs(run.name)]
+            assert texts == ["attempt 1", "attempt 1, late", "attempt 2"], texts
+
+
+async def _renewed(h: Harness, name: str, at: int) -> bool:
+    agent = await h.agent(name)
+    return agent is not None and agent.last_heartbeat_ns >= at
