@@ -66,13 +66,16 @@ class Scope:
 
     def input_sources(self, agent_id: str) -> set[tuple[str, str]]:
         """(run name, job name) of every job whose artifacts one of the agent's acting jobs takes as
-        inputs: the jobs it depends on in its run, and every job of the runs it takes (tags and
-        workflow dependencies), as `store.artifacts.inputs_of` resolves them into the assignment."""
+        inputs: the jobs it depends on in its run, every job of the runs it takes (tags and workflow
+        dependencies), as `store.artifacts.inputs_of` resolves them into the assignment, and for a
+        later attempt its own job (the checkpoint of `lifecycle.attempts.resume_inputs`)."""
         rows = self.db.rows(
             "SELECT r.name AS run_name, d.value AS job_name FROM jobs j JOIN runs r ON r.id = j.run_id,"
             f" json_each(j.depends_on) d WHERE {_ACTING}"
             " UNION SELECT r.name, s.job_name FROM jobs j, json_each(j.inputs) i"
-            f" JOIN runs r ON r.id = i.value JOIN jobs s ON s.run_id = r.id WHERE {_ACTING}",
-            [agent_id, agent_id],
+            f" JOIN runs r ON r.id = i.value JOIN jobs s ON s.run_id = r.id WHERE {_ACTING}"
+            " UNION SELECT r.name, j.job_name FROM jobs j JOIN runs r ON r.id = j.run_id"
+            f" WHERE {_ACTING} AND j.attempt > 1",
+            [agent_id, agent_id, agent_id],
         )
         return {(r["run_name"], r["job_name"]) for r in rows}
