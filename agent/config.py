@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dstack.agent.envcache import EnvCache
+from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT
 from dstack.agent.runtimes.docker import DockerOptions
 
 
@@ -24,6 +25,7 @@ class AgentConfig:
     store_retry_s: float = 300.0
     mount_sync_s: float = 10.0  # how often `mount: true` artifact folders are saved while a job runs
     env_cache_max_bytes: int = 20 << 30  # Python job environments (requirements venvs); 0: one per job
+    pids_limit: int = DEFAULT_PIDS_LIMIT  # processes and threads per job (cgroup pids, Docker pids_limit); 0: none
 
     @property
     def credentials_path(self) -> Path:

@@ -52,7 +52,12 @@ class Agent:
         self.config = config
         self.outbox = Outbox()
         self.runtime = make_runtime(
-            config.runtime, config.stop_grace_s, config.docker, str(config.home), config.env_cache
+            config.runtime,
+            config.stop_grace_s,
+            config.docker,
+            str(config.home),
+            config.env_cache,
+            config.pids_limit,
         )
         self.inventory = Inventory(config.home, config.runtime, config.max_jobs, config.simulate_gpus)
         self.jobs: dict[str, JobRunner] = {}

@@ -127,3 +127,13 @@ def test_a_join_token_file_others_may_read_is_used_with_a_warning(
     path.chmod(0o644)
     assert parse_args(["--coordinator", "c:1", "--join-token-file", str(path)]).join_token == "t"
     assert f"{path} is readable by other users of this host: `chmod 600 {path}`" in capsys.readouterr().err
+
+
+def test_pids_limit_defaults_to_4096_and_0_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DSTACK_PIDS_LIMIT", raising=False)
+    assert parse_args(["--coordinator", "x:1"]).pids_limit == 4096
+    assert parse_args(["--coordinator", "x:1", "--pids-limit", "0"]).pids_limit == 0
+    monkeypatch.setenv("DSTACK_PIDS_LIMIT", "512")
+    assert build_parser().parse_args(["--coordinator", "x:1"]).pids_limit == 512
+    with pytest.raises(SystemExit):
+        parse_args(["--coordinator", "x:1", "--pids-limit", "-1"])
