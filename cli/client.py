@@ -7,7 +7,14 @@ from typing import Any, TypeVar
 
 import grpc
 
-from dstack.cli.errors import AuthError, CliError, CoordinatorUnreachable, NotFoundError, RequestRejected
+from dstack.cli.errors import (
+    AuthError,
+    CliError,
+    CoordinatorUnreachable,
+    LimitReached,
+    NotFoundError,
+    RequestRejected,
+)
 from dstack.cli.home import Endpoint
 from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
 
@@ -26,6 +33,8 @@ def _translate(e: grpc.RpcError, address: str) -> CliError:
         return NotFoundError(details)
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return AuthError(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a per-user limit: the message names it and the numbers
+        return LimitReached(details)
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
         return RequestRejected(details)
     return CliError(f"the coordinator failed: {code.name}: {details}")

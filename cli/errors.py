@@ -6,7 +6,8 @@ CliError
 ├── NotFoundError        a run, workflow or artifact that does not exist
 ├── CoordinatorUnreachable
 ├── AuthError
-└── RequestRejected      the coordinator refused a request (its message says why)
+├── RequestRejected      the coordinator refused a request (its message says why)
+└── LimitReached         a per-user limit of the coordinator (queued jobs, submission rate)
 """
 
 from __future__ import annotations
@@ -54,4 +55,8 @@ class AuthError(CliError):
 
 
 class RequestRejected(CliError):
+    pass
+
+
+class LimitReached(CliError):
     pass

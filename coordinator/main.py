@@ -10,6 +10,7 @@ import secrets
 import sys
 from pathlib import Path
 
+from dstack.coordinator.app.limits import DEFAULT_MAX_QUEUED_PER_USER, DEFAULT_MAX_SUBMISSIONS_PER_MINUTE
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.server import StartError, serve
 from dstack.storage.private import private_dir
@@ -63,6 +64,20 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         help="lost agents not heard from for this long leave `dstack agents` (their names are free anyway)",
     )
     p.add_argument("--fail-unsatisfiable", action="store_true", help="fail jobs no agent can ever run")
+    p.add_argument(
+        "--max-queued-per-user",
+        type=int,
+        default=DEFAULT_MAX_QUEUED_PER_USER,
+        metavar="N",
+        help="jobs a user may have waiting to start; more are refused (0: no limit; default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-submissions-per-minute",
+        type=int,
+        default=DEFAULT_MAX_SUBMISSIONS_PER_MINUTE,
+        metavar="N",
+        help="runs a user may submit per minute, in bursts of up to N (0: no limit; default: %(default)s)",
+    )
     p.add_argument("--local-mode", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     state = Path(a.state_dir).expanduser().resolve()
@@ -82,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         archive_interval_s=a.archive_interval,
         retention_days=a.retention_days,
         retention_artifacts=a.retention_artifacts,
+        max_queued_per_user=max(0, a.max_queued_per_user),
+        max_submissions_per_minute=max(0, a.max_submissions_per_minute),
     )
 
 

@@ -143,7 +143,12 @@ def _v5(db: sqlite_utils.Database) -> None:
     Table(db, "agents").create_index(["status"], if_not_exists=True)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
+def _v6(db: sqlite_utils.Database) -> None:
+    """A user's unfinished runs, found by index: the per-user limit on queued jobs counts them at every submission."""
+    Table(db, "runs").create_index(["owner", "status"], if_not_exists=True)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
