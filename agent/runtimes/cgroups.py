@@ -218,6 +218,7 @@ class JobCgroup:
     v2: bool = False
     created: bool = False  # groups exist (made by create(), or found left over)
     limited: set[str] = field(default_factory=set)  # controllers whose limit was written
+    hits_at_kill: int | None = None  # pids limit hits when the agent closed the group (kill_all)
 
     def _groups(self) -> list[Path]:
         return list(dict.fromkeys(self.paths.values()))  # v2: one folder
@@ -288,12 +289,22 @@ class JobCgroup:
         return _read_int_keys(events).get("oom_kill", 0) > 0
 
     def pids_limit_hits(self) -> int:
-        """How often the job's fork or clone failed on its pids limit."""
+        """How often the job's fork or clone failed on its pids limit (before the agent ended it)."""
+        if self.hits_at_kill is not None:
+            return self.hits_at_kill
         path = self.paths.get("pids")
         return pids_limit_hits(path / "pids.events") if path is not None else 0
 
     def kill_all(self) -> int:
-        """SIGKILLs every process still in the job's groups (also those that left its session)."""
+        """SIGKILLs every process still in the job's groups (also those that left its session).
+
+        A fork bomb forks faster than its pids can be listed and killed one by one: its pids.max goes
+        to 0 first, so that nothing in the group can fork any more, then the listed processes die."""
+        pids_group = self.paths.get("pids")
+        if pids_group is not None and self.created and self.hits_at_kill is None:
+            self.hits_at_kill = self.pids_limit_hits()  # what the job hit, not the forks refused from now on
+            with contextlib.suppress(OSError):
+                (pids_group / "pids.max").write_text("0")
         if self.v2 and self.created:
             # cgroup.kill (Linux 5.14) kills the whole group at once: nothing forks in between.
             for path in self._groups():
