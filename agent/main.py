@@ -122,11 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pids-limit",
         type=int,
-        default=int(env("DSTACK_PIDS_LIMIT", str(DEFAULT_PIDS_LIMIT))),
+        default=env("DSTACK_PIDS_LIMIT", str(DEFAULT_PIDS_LIMIT)),  # a string: argparse checks it with `type`
         metavar="N",
         help="processes and threads each job may have at once (cgroup pids controller, Docker pids_limit),"
         " so a fork bomb cannot take the host's pid space: every DataLoader worker and thread counts;"
-        " 0: no limit (default: %(default)s, from DSTACK_PIDS_LIMIT)",
+        " 0: no limit (default: 4096 or 32 per CPU core, whichever is more: %(default)s here;"
+        " from DSTACK_PIDS_LIMIT)",
     )
     return p
 

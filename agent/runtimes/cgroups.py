@@ -33,9 +33,11 @@ from pathlib import Path
 
 log = logging.getLogger("dstack.agent")
 CFS_PERIOD_US = 100_000
-# Enough for real ML jobs (every DataLoader worker, tokenizer and BLAS thread counts: a process is
-# one pid, each of its threads another), far below a host's pid space (often 32768 or 4 million).
-DEFAULT_PIDS_LIMIT = 4096
+# Enough for real ML jobs, far below a host's pid space (32768, or 4194304 under systemd). A process is
+# one pid and each of its threads another, and thread pools size themselves by the cores: a DataLoader
+# worker started with `spawn` loads OpenBLAS/OpenMP (a thread per core), a HF tokenizer has a Rayon pool
+# per process. So 4096, or 32 per core on big hosts (16 workers x 192 cores would pass 4096).
+DEFAULT_PIDS_LIMIT = max(4096, 32 * (os.cpu_count() or 1))
 CONTROLLERS = ("memory", "cpu", "pids")
 ROOT = Path("/sys/fs/cgroup")
 V2_AGENT_LEAF = "agent"  # where a v2 agent moves itself so that its group may delegate controllers

@@ -8,12 +8,13 @@ never bombs the machine the tests run on; it also runs under `timeout`, which ki
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import psutil
 import pytest
 
-from dstack.agent.runtimes.cgroups import _mounts, pids_events_of, pids_limit_hits
+from dstack.agent.runtimes.cgroups import ROOT, _mounts, _own_groups, is_unified, pids_events_of, pids_limit_hits
 from dstack.protos.v1 import client_pb2, client_pb2_grpc
 from tests.conftest import Cluster, search, wait_for, write_project
 from tests.dockerd import BUSYBOX, Dockerd
@@ -22,11 +23,13 @@ pytestmark = pytest.mark.integration
 
 PIDS_LIMIT = 64
 BOMB_TIMEOUT_S = 240  # the bomb's own bound, far beyond what the test needs: it is stopped long before
-# The job's pids.max: v2 (also a container's own namespace), the host's v1 group of the job, or a v1
-# container's group (Docker mounts it at the hierarchy's root).
+# The job's pids.max: a container's own v2 namespace, the job's v2 group on the host, the job's v1 group
+# on the host, or a v1 container's group (Docker mounts it at the hierarchy's root).
 BOMB_SH = f"""
 g=$(grep -E '^[0-9]+:pids:' /proc/self/cgroup | cut -d: -f3)
-for f in /sys/fs/cgroup/pids.max "/sys/fs/cgroup/pids$g/pids.max" /sys/fs/cgroup/pids/pids.max; do
+u=$(grep -E '^0::' /proc/self/cgroup | cut -d: -f3)
+for f in /sys/fs/cgroup/pids.max "/sys/fs/cgroup$u/pids.max" \\
+         "/sys/fs/cgroup/pids$g/pids.max" /sys/fs/cgroup/pids/pids.max; do
   [ -f "$f" ] && break
 done
 limit=$(cat "$f" 2>/dev/null || echo none)
@@ -49,7 +52,14 @@ workflows:
 """
 
 
-def cgroup_v1_pids_writable() -> bool:
+def host_pids_limit_possible() -> bool:
+    """A writable v1 pids hierarchy, or v2 with the pids controller delegated to this process's group."""
+    if is_unified():
+        own = ROOT / _own_groups().get("", "/").lstrip("/")
+        try:
+            return "pids" in (own / "cgroup.controllers").read_text().split() and os.access(own, os.W_OK)
+        except OSError:
+            return False
     mount = _mounts().get("pids")
     if mount is None:
         return False
@@ -111,7 +121,7 @@ def survives_the_bomb(cluster: Cluster, agent: str, name: str, group: Path, proj
     assert "still fine" in r.stdout and "forked 8" in r.stdout
 
 
-@pytest.mark.skipif(not cgroup_v1_pids_writable(), reason="no writable cgroup v1 pids hierarchy here")
+@pytest.mark.skipif(not host_pids_limit_possible(), reason="no writable cgroup pids controller here")
 def test_a_fork_bomb_in_a_host_job_stays_in_its_pids_limit(cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_coordinator()
     cluster.start_agent("h1", "--pids-limit", str(PIDS_LIMIT))

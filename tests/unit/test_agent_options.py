@@ -129,9 +129,9 @@ def test_a_join_token_file_others_may_read_is_used_with_a_warning(
     assert f"{path} is readable by other users of this host: `chmod 600 {path}`" in capsys.readouterr().err
 
 
-def test_pids_limit_defaults_to_4096_and_0_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pids_limit_defaults_to_4096_or_32_per_core_and_0_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DSTACK_PIDS_LIMIT", raising=False)
-    assert parse_args(["--coordinator", "x:1"]).pids_limit == 4096
+    assert parse_args(["--coordinator", "x:1"]).pids_limit == max(4096, 32 * (os.cpu_count() or 1))
     assert parse_args(["--coordinator", "x:1", "--pids-limit", "0"]).pids_limit == 0
     monkeypatch.setenv("DSTACK_PIDS_LIMIT", "512")
     assert build_parser().parse_args(["--coordinator", "x:1"]).pids_limit == 512
