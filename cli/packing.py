@@ -1,12 +1,16 @@
 """Packs the working tree into a reproducible tarball, named by its sha256.
 
 In a git repository: tracked files plus untracked files that are not ignored; outside git: every
-file. The same tree always gives the same bytes (sorted entries, zeroed times and owners), so
+file. Untracked files that look like credentials (`.env`, `.netrc`, private keys, ...) are left out:
+the code is readable by the whole team and by the agent that runs the job, and a token left in the
+working tree should not travel with it (`dstack secrets add` is the way; `git add` sends one on
+purpose). The same tree always gives the same bytes (sorted entries, zeroed times and owners), so
 unchanged code has the same hash and is not sent again.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import hashlib
 import io
@@ -23,6 +27,33 @@ from dstack.protos.v1 import common_pb2
 
 SKIP_DIRS = {".git", "__pycache__", ".venv", ".dstack-venv", "node_modules"}
 
+# Base names (fnmatch) of files that usually hold credentials; examples and templates are code.
+CREDENTIAL_NAMES = (
+    ".env",
+    ".env.*",
+    "*.env",
+    ".netrc",
+    "_netrc",
+    ".git-credentials",
+    ".pgpass",
+    ".pypirc",
+    ".npmrc",
+    ".dockercfg",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "id_rsa",
+    "id_dsa",
+    "id_ecdsa",
+    "id_ed25519",
+    "kaggle.json",
+    "credentials.json",
+    "service-account*.json",
+)
+NOT_CREDENTIALS = ("*.example", "*.sample", "*.template", "*.dist")
+CREDENTIAL_PATHS = (".aws/credentials", ".docker/config.json", ".kube/config", ".ssh/*")
+
 
 @dataclass
 class PackedCode:
@@ -30,6 +61,7 @@ class PackedCode:
     ref: common_pb2.CodeRef
     names: list[str]  # the files packed, relative to the root
     left_out: list[str] = field(default_factory=list)  # output folders that held files not packed
+    credentials_left_out: list[str] = field(default_factory=list)  # untracked files that look like credentials
 
     @property
     def files(self) -> int:
@@ -113,9 +145,29 @@ def _without_outputs(names: list[str], tracked: set[str], outputs: list[str]) ->
     return kept, sorted(left_out)
 
 
+def looks_like_credentials(name: str) -> bool:
+    """Whether a file (a path relative to the root) is one that usually holds a token or a key."""
+    base = name.rsplit("/", 1)[-1]
+    if any(fnmatch.fnmatchcase(base, p) for p in NOT_CREDENTIALS):
+        return False
+    if any(fnmatch.fnmatchcase(base, p) for p in CREDENTIAL_NAMES):
+        return True
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*/" + p) for p in CREDENTIAL_PATHS)
+
+
+def _without_credentials(names: list[str], tracked: set[str]) -> tuple[list[str], list[str]]:
+    """Leaves out untracked files that look like credentials; returns the files kept and those left out."""
+    kept: list[str] = []
+    left_out: list[str] = []
+    for n in names:
+        (left_out if n not in tracked and looks_like_credentials(n) else kept).append(n)
+    return kept, left_out
+
+
 def pack(root: Path, exclude: tuple[Path, ...] = (), outputs: list[str] | None = None) -> PackedCode:
     names, tracked, ref = list_files(root, exclude)
     names, left_out = _without_outputs(names, tracked, outputs or [])
+    names, credentials = _without_credentials(names, tracked)
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=6) as gz:
         with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -142,4 +194,4 @@ def pack(root: Path, exclude: tuple[Path, ...] = (), outputs: list[str] | None =
     data = buf.getvalue()
     ref.hash = hashlib.sha256(data).hexdigest()
     ref.size = len(data)
-    return PackedCode(data=data, ref=ref, names=names, left_out=left_out)
+    return PackedCode(data=data, ref=ref, names=names, left_out=left_out, credentials_left_out=credentials)

@@ -231,6 +231,16 @@ def upload_code(client: Client, packed: PackedCode, err: Term) -> common_pb2.Cod
     if packed.left_out:
         shown = ", ".join(f"{p}/" for p in packed.left_out[:5]) + (", ..." if len(packed.left_out) > 5 else "")
         err.print((f"code: left out artifact folders {shown} (`git add` what should be sent)", "dim"))
+    if packed.credentials_left_out:
+        names = packed.credentials_left_out
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        err.print(
+            (
+                f"code: left out {shown}: untracked files that look like credentials are not sent (pass tokens"
+                " with `dstack secrets add`; `git add` a file to send it anyway)",
+                "yellow",
+            )
+        )
     if packed.ref.size > LARGE_CODE:
         err.print(
             (

@@ -169,3 +169,22 @@ def test_local_mode_keeps_its_state_to_its_user(local: LocalMode, tmp_path: Path
     assert mode(d / "server") == 0o700 and mode(d / "server" / "coordinator.db") == 0o600
     assert mode(d / "agent") == 0o700 and mode(d / "agent" / "agent.json") == 0o600
     assert mode(d / "admin-token") == 0o600 and mode(d / "join-token") == 0o600
+
+
+def test_an_untracked_dotenv_stays_on_the_users_machine(local: LocalMode, tmp_path: Path) -> None:
+    """The path a user takes: a `.env` with a token beside the code; `dstack run` sends the code, not the token."""
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: look
+            provider: bash
+            commands: ["ls -a", "cat .env || echo no-dotenv-here"]
+        """,
+        {".env": f"GITHUB_TOKEN={TOKEN}\n", "train.py": "print(1)\n"},
+    )
+    r = local.cli("run", "look", cwd=project)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "left out .env: untracked files that look like credentials" in r.stderr
+    assert "no-dotenv-here" in r.stdout and "train.py" in r.stdout
+    assert TOKEN not in r.stdout + r.stderr

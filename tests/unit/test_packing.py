@@ -81,3 +81,35 @@ def test_outside_git_artifact_folders_are_left_out(tmp_path: Path) -> None:
     (tmp_path / "model" / "w.bin").write_text("w")
     packed = pack(tmp_path, outputs=["model"])
     assert names(packed.data) == ["a.py"] and packed.left_out == ["model"]
+
+
+def test_untracked_credentials_stay_home(tmp_path: Path) -> None:
+    """A token left in the working tree (`.env`, `.netrc`, a key) is not packed unless git tracks it."""
+    git = git_repo(tmp_path)
+    files = {
+        "train.py": "x",
+        ".env": "HF_TOKEN=hf_secret",
+        ".env.example": "HF_TOKEN=",
+        "conf/.netrc": "machine example.com password p",
+        "keys/server.pem": "-----BEGIN PRIVATE KEY-----",
+        ".aws/credentials": "[default]",
+        "kaggle.json": '{"key": "k"}',
+        "tracked.key": "committed on purpose",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    git("add", "train.py", "tracked.key")
+    git("commit", "-qm", "init")
+    packed = pack(tmp_path)
+    assert sorted(names(packed.data)) == [".env.example", "tracked.key", "train.py"]
+    assert packed.credentials_left_out == [".aws/credentials", ".env", "conf/.netrc", "kaggle.json", "keys/server.pem"]
+    assert b"hf_secret" not in gzip.decompress(packed.data)
+
+
+def test_credentials_stay_home_outside_git(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("x")
+    (tmp_path / ".netrc").write_text("machine h password p")
+    packed = pack(tmp_path)
+    assert names(packed.data) == ["a.py"]
+    assert packed.credentials_left_out == [".netrc"]
