@@ -281,5 +281,6 @@ class Agent:
             if r.task is not None:
                 r.task.cancel()
         await asyncio.gather(*(r.task for r in self.jobs.values() if r.task), return_exceptions=True)
+        await self.runtime.close()
         await asyncio.to_thread(self.transfer.close)
         await self.channel.close()

@@ -83,6 +83,16 @@ def is_unified(root: Path = ROOT) -> bool:
     return (root / "cgroup.controllers").is_file()
 
 
+def host_pids_budget(proc_sys: Path = Path("/proc/sys/kernel")) -> int:
+    """The pids all jobs may hold together: three quarters of what the host can have (the smaller of
+    pid_max and threads-max), the rest kept for the agent, sshd and the system. 0 where unknown."""
+    try:
+        room = min(int((proc_sys / name).read_text()) for name in ("pid_max", "threads-max"))
+    except (OSError, ValueError):
+        return 0
+    return room * 3 // 4
+
+
 def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -174,6 +184,23 @@ class CgroupLayout:
             warn_once("v2", f"cgroup v2: cannot set up job groups under {own} ({e}): host jobs run without limits")
             return cls(v2=True)
         return cls({c: parent for c in wanted}, v2=True)
+
+    def limit_all_jobs(self, pids: int) -> None:
+        """Bounds the pids of all this agent's jobs together (their parent group), so that several jobs at
+        their own limits (a user's fork bombs, one per job) still leave the host pids to run on."""
+        parent = self.dirs.get("pids")
+        if parent is None or pids <= 0:
+            return
+        try:
+            (parent / "pids.max").write_text(str(pids))
+        except OSError as e:
+            warn_once("pids-all", f"cannot bound the pids of all jobs together in {parent}: {e}")
+
+    def remove(self) -> None:
+        """Removes the jobs' parent groups where they are empty (the agent stops: it leaves no trace)."""
+        for parent in set(self.dirs.values()):
+            with contextlib.suppress(OSError):  # not empty: a job's group is left, for the next start
+                parent.rmdir()
 
     def job(self, job_id: str, memory_bytes: int, cpu: float, pids_limit: int = 0) -> JobCgroup:
         return JobCgroup(job_id, {c: d / job_id for c, d in self.dirs.items()}, memory_bytes, cpu, pids_limit, self.v2)

@@ -21,7 +21,14 @@ from dstack.agent.runtimes.base import (
     gpu_env,
     working_subdir,
 )
-from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT, CgroupLayout, JobCgroup, pids_limit_line, warn_once
+from dstack.agent.runtimes.cgroups import (
+    DEFAULT_PIDS_LIMIT,
+    CgroupLayout,
+    JobCgroup,
+    host_pids_budget,
+    pids_limit_line,
+    warn_once,
+)
 from dstack.protos.v1 import common_pb2
 
 READ_CHUNK = 1 << 16
@@ -173,7 +180,11 @@ class HostRuntime(Runtime):
     async def _get_layout(self, agent_home: str) -> CgroupLayout:
         """Where this agent's job cgroups go, found once (the first caller's home names it)."""
         if self._layout is None:
-            self._layout = await asyncio.to_thread(CgroupLayout.discover, agent_home)
+            layout = await asyncio.to_thread(CgroupLayout.discover, agent_home)
+            if self.pids_limit:
+                budget = max(self.pids_limit, await asyncio.to_thread(host_pids_budget))
+                await asyncio.to_thread(layout.limit_all_jobs, budget)
+            self._layout = layout
         return self._layout
 
     async def _cgroup(self, job: RuntimeJob) -> JobCgroup | None:
@@ -223,6 +234,10 @@ class HostRuntime(Runtime):
             await self._release(cgroup)
             raise RuntimeError_(f"cannot start the job: {e}") from e
         return HostProcess(proc, self.stop_grace_s, cgroup, job.system_line)
+
+    async def close(self) -> None:
+        if self._layout is not None:  # the jobs' parent groups, empty now (a job left over keeps its own)
+            await asyncio.to_thread(self._layout.remove)
 
     async def _release(self, cgroup: JobCgroup | None) -> None:
         if cgroup is not None:

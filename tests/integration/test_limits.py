@@ -14,7 +14,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dstack.agent.runtimes.cgroups import ROOT, _mounts, _own_groups, is_unified, pids_events_of, pids_limit_hits
+from dstack.agent.runtimes.cgroups import (
+    ROOT,
+    _mounts,
+    _own_groups,
+    host_pids_budget,
+    is_unified,
+    pids_events_of,
+    pids_limit_hits,
+)
 from dstack.protos.v1 import client_pb2, client_pb2_grpc
 from tests.conftest import Cluster, search, wait_for, write_project
 from tests.dockerd import BUSYBOX, Dockerd
@@ -129,6 +137,8 @@ def test_a_fork_bomb_in_a_host_job_stays_in_its_pids_limit(cluster: Cluster, tmp
     name = start_bomb(cluster, project)
     group = Path(search(r"group (\S+) limit", logs(cluster, name)).group(1))
     assert group.parent.name.startswith("dstack-") and (group / "pids.max").read_text().strip() == str(PIDS_LIMIT)
+    # All of the agent's jobs together are bounded too, below the host's pid space.
+    assert (group.parent / "pids.max").read_text().strip() == str(max(PIDS_LIMIT, host_pids_budget()))
     survives_the_bomb(cluster, "h1", name, group, project)
     assert not group.exists()  # the job's group is removed with it
     marker = str(cluster.tmp / "h1")
@@ -144,6 +154,9 @@ def test_a_fork_bomb_in_a_host_job_stays_in_its_pids_limit(cluster: Cluster, tmp
         return out
 
     wait_for(lambda: not left(), timeout=10, what="no process of the job left on the host")
+    # A stopping agent removes its jobs' parent groups: agents come and go without a trace in cgroupfs.
+    cluster.agents[0].terminate()
+    assert not group.parent.exists()
 
 
 def test_a_fork_bomb_in_a_container_stays_in_its_pids_limit(cluster: Cluster, dockerd: Dockerd, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from dstack.agent.runtimes.cgroups import (
     V2_AGENT_LEAF,
     CgroupLayout,
+    host_pids_budget,
     is_unified,
     pids_events_of,
     pids_limit_hits,
@@ -190,3 +191,33 @@ def test_pids_events_of_a_process_in_either_layout(tmp_path: Path) -> None:
     (tmp_path / "ev").write_text("max 0\n")
     assert pids_limit_hits(tmp_path / "ev") == 0
     assert pids_limit_hits(tmp_path / "missing") == 0
+
+
+def test_all_jobs_together_are_bounded_below_the_hosts_pid_space(tmp_path: Path) -> None:
+    """One fork bomb per job, each at its own limit, must still leave the host pids to run on."""
+    kernel = tmp_path / "kernel"
+    kernel.mkdir()
+    (kernel / "pid_max").write_text("32768\n")
+    (kernel / "threads-max").write_text("192731\n")
+    assert host_pids_budget(kernel) == 24576
+    (kernel / "threads-max").write_text("8000\n")
+    assert host_pids_budget(kernel) == 6000
+    assert host_pids_budget(tmp_path / "none") == 0
+    root, proc_cgroup = fake_cgroupfs(tmp_path)
+    layout = discover(tmp_path, root, proc_cgroup)
+    layout.limit_all_jobs(24576)
+    assert (layout.dirs["pids"] / "pids.max").read_text() == "24576"
+
+
+def test_a_stopping_agent_removes_its_empty_parent_groups(tmp_path: Path) -> None:
+    root, proc_cgroup = fake_cgroupfs(tmp_path)
+    layout = discover(tmp_path, root, proc_cgroup)
+    parent = layout.dirs["pids"]
+    (parent / "cgroup.subtree_control").unlink()  # the kernel drops interface files with the folder
+    left = parent / "job-left"
+    left.mkdir()
+    layout.remove()
+    assert parent.exists()  # a job's group is still there: kept for the next start to clean up
+    left.rmdir()
+    layout.remove()
+    assert not parent.exists()
