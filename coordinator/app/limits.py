@@ -52,8 +52,8 @@ class SubmissionLimits:
         if bucket.tokens < 1.0:
             wait_s = math.ceil((1.0 - bucket.tokens) / rate)
             raise LimitExceeded(
-                f"you submitted more than {per_minute} runs in the last minute, the limit is {per_minute} per"
-                f" minute (--max-submissions-per-minute): try again in {wait_s} s"
+                f"you submit runs faster than the limit of {per_minute} per minute, in bursts of up to"
+                f" {per_minute} (--max-submissions-per-minute): try again in {wait_s} s"
             )
         bucket.tokens -= 1.0
 

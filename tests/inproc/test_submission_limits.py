@@ -77,7 +77,7 @@ async def test_submission_rate_is_a_token_bucket_per_user(tmp_path: Path) -> Non
         # ...the next is refused, saying when to try again (one token per 10 s at 6 per minute).
         e = await refused(h, h.meta)
         assert e.details() == (
-            "you submitted more than 6 runs in the last minute, the limit is 6 per minute"
+            "you submit runs faster than the limit of 6 per minute, in bursts of up to 6"
             " (--max-submissions-per-minute): try again in 10 s"
         )
         # Another user is not slowed down by the first.
