@@ -181,7 +181,11 @@ class CgroupLayout:
             parent.mkdir(exist_ok=True)
             _enable(parent, wanted)
         except OSError as e:
-            warn_once("v2", f"cgroup v2: cannot set up job groups under {own} ({e}): host jobs run without limits")
+            warn_once(
+                "v2",
+                f"cgroup v2: cannot set up job groups under {own} ({e}): host jobs run without limits; the agent"
+                " needs a cgroup of its own (systemd: a service with Delegate=yes, as deploy/systemd sets)",
+            )
             return cls(v2=True)
         return cls({c: parent for c in wanted}, v2=True)
 
@@ -217,19 +221,15 @@ class CgroupLayout:
 
 def _leave_inner_group(own: Path) -> None:
     """v2's "no internal processes": a group that hands controllers to its children holds no process
-    itself, so what is in the agent's group (the agent) moves into a leaf of it. The host's root group is
-    exempt, and has no `cgroup.type` (a container's namespace root has one: it is not exempt)."""
-    procs = own / "cgroup.procs"
-    if not (own / "cgroup.type").exists() or not procs.exists():
-        return
-    pids = procs.read_text().split()
-    if not pids:
+    itself, so the agent moves into a leaf of its group. Only the agent moves: started from a login
+    shell, its group is the session's, whose processes are not the agent's to move (delegating then
+    fails, and the agent says to give it a group of its own). The host's root group is exempt, and has
+    no `cgroup.type` (a container's namespace root has one: it is not exempt)."""
+    if not (own / "cgroup.type").exists():
         return
     leaf = own / V2_AGENT_LEAF
     leaf.mkdir(exist_ok=True)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):  # exited meanwhile
-            (leaf / "cgroup.procs").write_text(pid)
+    (leaf / "cgroup.procs").write_text(str(os.getpid()))
 
 
 def _enable(group: Path, controllers: list[str]) -> None:

@@ -11,13 +11,18 @@ pids limit hits. The v1 path, pids included, runs for real in tests/integration/
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 import threading
 from pathlib import Path
 
+import pytest
+
 from dstack.agent.runtimes.cgroups import (
     V2_AGENT_LEAF,
     CgroupLayout,
+    _warned,
     host_pids_budget,
     is_unified,
     pids_events_of,
@@ -29,7 +34,7 @@ AGENT_GROUP = "system.slice/dstack-agent.service"
 
 
 def fake_cgroupfs(tmp: Path, controllers: str = "cpuset cpu io memory hugetlb pids rdma misc") -> tuple[Path, Path]:
-    """A unified hierarchy at tmp/cgroup with the agent (pid 4242) in AGENT_GROUP; returns (root, proc_cgroup)."""
+    """A unified hierarchy at tmp/cgroup with the agent in AGENT_GROUP; returns (root, proc_cgroup)."""
     root = tmp / "cgroup"
     own = root / AGENT_GROUP
     own.mkdir(parents=True)
@@ -56,8 +61,8 @@ def test_v2_layout_delegates_controllers_down_the_agents_subtree(tmp_path: Path)
     parent = layout.dirs["memory"]
     assert layout.dirs == {"memory": parent, "cpu": parent, "pids": parent}
     assert parent.parent == own and parent.name.startswith("dstack-")
-    # "No internal processes": the agent left its group for a leaf before the group delegated.
-    assert (own / V2_AGENT_LEAF / "cgroup.procs").read_text() == "4242"
+    # "No internal processes": the agent (this process) left its group for a leaf before the group delegated.
+    assert (own / V2_AGENT_LEAF / "cgroup.procs").read_text() == str(os.getpid())
     assert (own / "cgroup.subtree_control").read_text() == "+memory +cpu +pids"
     assert (parent / "cgroup.subtree_control").read_text() == "+memory +cpu +pids"
 
@@ -172,7 +177,7 @@ def test_v2_agent_at_a_containers_namespace_root_moves_into_a_leaf(tmp_path: Pat
     (root / "cgroup.type").write_text("domain\n")
     layout = discover(tmp_path, root, proc_cgroup)
     assert layout.dirs["pids"].parent == root
-    assert (root / V2_AGENT_LEAF / "cgroup.procs").read_text() == "1"
+    assert (root / V2_AGENT_LEAF / "cgroup.procs").read_text() == str(os.getpid())
 
 
 def test_pids_events_of_a_process_in_either_layout(tmp_path: Path) -> None:
@@ -221,3 +226,18 @@ def test_a_stopping_agent_removes_its_empty_parent_groups(tmp_path: Path) -> Non
     left.rmdir()
     layout.remove()
     assert not parent.exists()
+
+
+def test_v2_refused_delegation_runs_jobs_without_limits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Started from a login shell, the agent's group holds the session's processes too: the kernel refuses
+    the controllers (EBUSY; here a write that fails), and jobs run unlimited with a warning saying why."""
+    root, proc_cgroup = fake_cgroupfs(tmp_path)
+    subtree = root / AGENT_GROUP / "cgroup.subtree_control"
+    subtree.unlink()
+    subtree.mkdir()  # writing it fails, as the kernel's EBUSY would
+    _warned.discard("v2")
+    with caplog.at_level(logging.WARNING, logger="dstack.agent"):
+        layout = discover(tmp_path, root, proc_cgroup)
+    assert layout.v2 and layout.dirs == {}
+    assert "needs a cgroup of its own (systemd: a service with Delegate=yes" in caplog.text
+    assert layout.job("j", 64 << 20, 1.0, 64).create() == ["memory", "cpu", "pids"]
