@@ -364,15 +364,18 @@ class JobCgroup:
                     time.sleep(0.02)
 
 
-def pids_events_of(pid: int, root: Path = ROOT, proc: Path = Path("/proc")) -> Path | None:
-    """The pids.events of the group a process is in (a container's, found by its first process), or None
-    where this host's pids controller is not visible here (a remote Docker engine, no pids hierarchy)."""
+def pids_events_of(pid: int, container_id: str, root: Path = ROOT, proc: Path = Path("/proc")) -> Path | None:
+    """The pids.events of a container's group, found by its first process, or None where it is not
+    visible here (no pids hierarchy). The group's path must name the container (`docker/<id>`,
+    `docker-<id>.scope`): a pid from an engine in another pid namespace, or on another host, may
+    be an unrelated process here."""
     own = _own_groups(str(proc / str(pid) / "cgroup"))
     if is_unified(root):
         group = own.get("")
-        return root / group.lstrip("/") / "pids.events" if group is not None else None
-    mount = _mounts(str(proc / "self" / "mountinfo")).get("pids")
-    group = own.get("pids")
-    if mount is None or group is None:
+        mount: Path | None = root
+    else:
+        group = own.get("pids")
+        mount = _mounts(str(proc / "self" / "mountinfo")).get("pids")
+    if mount is None or group is None or not container_id or container_id not in group:
         return None
     return mount / group.lstrip("/") / "pids.events"

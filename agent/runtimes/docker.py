@@ -259,7 +259,7 @@ class DockerProcess(JobProcess):
         group as it ends, so its pids.events is read while it runs."""
         try:
             state = (await asyncio.to_thread(self.rt.client.api.inspect_container, self.cid)).get("State", {})
-            events = await asyncio.to_thread(pids_events_of, int(state.get("Pid") or 0))
+            events = await asyncio.to_thread(pids_events_of, int(state.get("Pid") or 0), self.cid)
         except (*EngineErrors, ValueError):
             return
         if events is None or not state.get("Pid"):

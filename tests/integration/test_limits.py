@@ -179,7 +179,7 @@ def test_a_fork_bomb_in_a_container_stays_in_its_pids_limit(cluster: Cluster, do
     name = start_bomb(cluster, project)
     (container,) = dockerd.containers(home)
     assert container.attrs["HostConfig"]["PidsLimit"] == PIDS_LIMIT
-    events = pids_events_of(int(container.attrs["State"]["Pid"]))
+    events = pids_events_of(int(container.attrs["State"]["Pid"]), str(container.id))
     if events is None:
         pytest.skip("this host's pids controller is not visible to the test")
     survives_the_bomb(cluster, "d1", name, events.parent, project)

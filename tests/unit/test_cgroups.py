@@ -185,14 +185,20 @@ def test_pids_events_of_a_process_in_either_layout(tmp_path: Path) -> None:
     proc = tmp_path / "proc"
     (proc / "77").mkdir(parents=True)
     (proc / "77" / "cgroup").write_text("0::/docker/abc\n")
-    assert pids_events_of(77, root, proc) == root / "docker/abc/pids.events"
+    assert pids_events_of(77, "abc", root, proc) == root / "docker/abc/pids.events"
+    # A pid that is not the container's here (another pid namespace, a remote engine): nothing is read.
+    assert pids_events_of(77, "def", root, proc) is None
     # v1: the pids hierarchy's mount point, from mountinfo, and the process's group in it.
     v1root = tmp_path / "v1"
     v1root.mkdir()
     (proc / "self").mkdir()
     (proc / "self" / "mountinfo").write_text("39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids\n")
     (proc / "77" / "cgroup").write_text("8:pids:/docker/abc\n4:memory:/docker/abc\n0::/\n")
-    assert pids_events_of(77, v1root, proc) == Path("/sys/fs/cgroup/pids/docker/abc/pids.events")
+    assert pids_events_of(77, "abc", v1root, proc) == Path("/sys/fs/cgroup/pids/docker/abc/pids.events")
+    (proc / "77" / "cgroup").write_text("8:pids:/system.slice/docker-abc.scope\n0::/\n")  # the systemd driver
+    assert pids_events_of(77, "abc", v1root, proc) == Path(
+        "/sys/fs/cgroup/pids/system.slice/docker-abc.scope/pids.events"
+    )
     (tmp_path / "ev").write_text("max 0\n")
     assert pids_limit_hits(tmp_path / "ev") == 0
     assert pids_limit_hits(tmp_path / "missing") == 0
