@@ -227,12 +227,24 @@ def config(
     check: Annotated[
         bool, typer.Option("--check/--no-check", help="Check the address and token before saving them")
     ] = True,
+    ca_file: Annotated[
+        str, typer.Option("--ca-file", help="The coordinator's CA certificate (its STATE_DIR/tls/ca.pem): pin it")
+    ] = "",
+    ca_fingerprint: Annotated[
+        str,
+        typer.Option(
+            "--ca-fingerprint", help="SHA256:... as `dstack server` prints it: fetch the CA with it once and pin it"
+        ),
+    ] = "",
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Plaintext: only for a coordinator started with --insecure")
+    ] = False,
 ) -> None:
     """Set the coordinator address and token, checked first (without options: show which coordinator and user
-    the CLI uses)."""
-    from dstack.cli.commands.init import config_command
+    the CLI uses). Over TCP the CLI speaks TLS: pin the coordinator's CA with --ca-file or --ca-fingerprint."""
+    from dstack.cli.commands.init import TlsChoice, config_command
 
-    config_command(coordinator, token, local, check)
+    config_command(coordinator, token, local, check, TlsChoice(ca_file, ca_fingerprint, insecure))
 
 
 @app.command(context_settings={**PASS_THROUGH, "help_option_names": []})

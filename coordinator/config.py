@@ -37,6 +37,13 @@ class CoordinatorConfig:
     # Per user (coordinator/app/limits.py): jobs waiting to start, and runs submitted per minute; 0: no limit.
     max_queued_per_user: int = 1000
     max_submissions_per_minute: int = 600
+    # TCP only (a unix socket is always plaintext: its folder is the boundary). By default the coordinator
+    # serves TLS with its own private CA (coordinator/tls.py); `insecure` serves plaintext (the in-process
+    # tests, and an admin who says --insecure); tls_cert/tls_key serve an admin's certificate instead.
+    insecure: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_sans: tuple[str, ...] = ()  # more names and addresses for the generated server certificate
 
     @property
     def db_path(self) -> Path:
