@@ -281,5 +281,9 @@ class Client:
         resp: client_pb2.RemoveAgentResponse = self._call(self.stub.RemoveAgent, req)
         return resp.failed_jobs
 
+    def preempt_run(self, name: str) -> tuple[int, client_pb2.Run]:
+        resp: client_pb2.PreemptRunResponse = self._call(self.stub.PreemptRun, client_pb2.PreemptRunRequest(name=name))
+        return resp.preempted, resp.run
+
     def approve_agent(self, name: str) -> None:
         self._call(self.stub.ApproveAgent, client_pb2.ApproveAgentRequest(name=name))

@@ -80,22 +80,29 @@ def ps(
 def logs(
     run: Annotated[str, typer.Argument(help="Run name")],
     follow: Annotated[bool, typer.Option("-f", "--follow", help="Follow until the run ends")] = False,
+    attempt: Annotated[
+        int | None, typer.Option("--attempt", min=1, help="Only this attempt's lines (jobs retried or preempted)")
+    ] = None,
 ) -> None:
-    """Print the logs of a run."""
+    """Print the logs of a run (each attempt of a retried job under its own header)."""
     from dstack.cli.commands.logs import logs_command
 
-    logs_command(run, follow)
+    logs_command(run, follow, attempt)
 
 
 @app.command()
 def stop(
     run: Annotated[str, typer.Argument(help="Run name")],
     wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for the run to end (0: do not wait)")] = 60.0,
+    preempt: Annotated[
+        bool,
+        typer.Option("--preempt", help="Admin: preempt its interruptible jobs (saved, requeued as new attempts)"),
+    ] = False,
 ) -> None:
     """Stop a run: its processes get SIGTERM, then SIGKILL after a grace period; prints how it ended."""
-    from dstack.cli.commands.stop import stop_command
+    from dstack.cli.commands.stop import preempt_command, stop_command
 
-    raise typer.Exit(stop_command(run, wait))
+    raise typer.Exit(preempt_command(run) if preempt else stop_command(run, wait))
 
 
 agents_app = typer.Typer(help="List the agents of the pool; remove or approve one (admin).")

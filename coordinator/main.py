@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import secrets
 import socket
@@ -29,6 +30,15 @@ def read_or_create_secret(path: Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token
+
+
+def _seconds_or_off(text: str) -> float:
+    if text == "off":
+        return math.inf
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds or 'off'") from None
 
 
 def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
@@ -70,6 +80,14 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         help="new agents wait in `dstack agents` as `pending approval`, with no job, until"
         " `dstack agents approve NAME`",
     )
+    p.add_argument(
+        "--reserve-after",
+        type=_seconds_or_off,
+        default=300.0,
+        metavar="SECONDS",
+        help="a job waiting this long gets an agent reserved: smaller jobs are not placed there until it starts"
+        " ('off': never); interruptible jobs are preempted for it where that lets it fit",
+    )
     p.add_argument("--fail-unsatisfiable", action="store_true", help="fail jobs no agent can ever run")
     p.add_argument(
         "--max-queued-per-user",
@@ -106,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         help="serve plaintext: tokens and secrets cross the network readable by anyone on the path",
     )
     a = p.parse_args(argv)
+    if a.reserve_after < 0:
+        p.error("--reserve-after must not be negative")
     if bool(a.tls_cert) != bool(a.tls_key):
         p.error("--tls-cert and --tls-key go together")
     if a.insecure and a.tls_cert:
@@ -130,6 +150,7 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         retention_artifacts=a.retention_artifacts,
         max_queued_per_user=max(0, a.max_queued_per_user),
         max_submissions_per_minute=max(0, a.max_submissions_per_minute),
+        reserve_after_s=a.reserve_after,
         insecure=a.insecure,
         tls_cert=Path(a.tls_cert).expanduser().resolve() if a.tls_cert else None,
         tls_key=Path(a.tls_key).expanduser().resolve() if a.tls_key else None,

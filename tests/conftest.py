@@ -79,6 +79,18 @@ class JobJSON(TypedDict):
     agent: str | None
     gpus: list[int]
     exit_code: int | None
+    attempt: int  # 1 unless retried or preempted
+    attempts: list[AttemptJSON]  # the earlier attempts, oldest first
+
+
+class AttemptJSON(TypedDict):
+    attempt: int
+    agent: str | None
+    status: str
+    termination_reason: str | None
+    message: str | None
+    started_at: str | None
+    finished_at: str | None
 
 
 class RunJSON(TypedDict):

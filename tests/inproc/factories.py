@@ -136,6 +136,7 @@ class ConfigOverrides(TypedDict, total=False):
     approve_agents: bool
     max_queued_per_user: int
     max_submissions_per_minute: int
+    reserve_after_s: float
 
 
 @contextlib.asynccontextmanager
