@@ -62,6 +62,8 @@ PERMISSIONS: dict[str, Role] = {
     _C + "PutArtifact": Role.USER,
     _C + "CommitUpload": Role.USER,
     _C + "DeleteRun": Role.USER,
+    # Admins only: the handler checks the caller's role (coordinator/app/users.py).
+    _C + "SetUserLimits": Role.USER,
     _A + "Register": Role.JOIN,
     _A + "Connect": Role.AGENT,
     _A + "GetCode": Role.AGENT,

@@ -31,6 +31,11 @@ class CoordinatorConfig:
     # Delete archived logs (and, with retention_artifacts, artifacts of untagged runs) after this many days.
     retention_days: float | None = None
     retention_artifacts: bool = False
+    # Fair share (coordinator/planner.py): off gives first come, first served (with backfill).
+    fairshare: bool = True
+    fairshare_half_life_s: float = 86400.0
+    # A job waiting this long gets an agent reserved for it (when smaller jobs could starve it).
+    reserve_after_s: float = 300.0
 
     @property
     def db_path(self) -> Path:

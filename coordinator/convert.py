@@ -102,6 +102,9 @@ def job_to_proto(j: JobView) -> client_pb2.Job:
         started_at_ns=j.started_at_ns,
         finished_at_ns=j.finished_at_ns,
         spec=job_spec_proto(j.spec),
+        queue_position=j.queue_position,
+        wait_reason=j.wait_reason,
+        eta_ns=j.eta_ns,
     )
     if j.exit_code is not None:
         out.exit_code = j.exit_code

@@ -62,9 +62,31 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         metavar="SECONDS",
         help="lost agents not heard from for this long leave `dstack agents` (their names are free anyway)",
     )
+    p.add_argument(
+        "--fairshare",
+        choices=["on", "off"],
+        default="on",
+        help="order waiting jobs by each user's decayed usage against their share (off: first come, first served)",
+    )
+    p.add_argument(
+        "--fairshare-half-life",
+        type=float,
+        default=86400.0,
+        metavar="SECONDS",
+        help="usage counts half as much this long after it happened (default: one day)",
+    )
+    p.add_argument(
+        "--reserve-after",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="a job waiting this long gets an agent reserved: smaller jobs are not placed there until it starts",
+    )
     p.add_argument("--fail-unsatisfiable", action="store_true", help="fail jobs no agent can ever run")
     p.add_argument("--local-mode", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.fairshare_half_life <= 0 or a.reserve_after < 0:
+        p.error("--fairshare-half-life must be positive and --reserve-after not negative")
     state = Path(a.state_dir).expanduser().resolve()
     return CoordinatorConfig(
         state_dir=state,
@@ -82,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         archive_interval_s=a.archive_interval,
         retention_days=a.retention_days,
         retention_artifacts=a.retention_artifacts,
+        fairshare=a.fairshare == "on",
+        fairshare_half_life_s=a.fairshare_half_life,
+        reserve_after_s=a.reserve_after,
     )
 
 

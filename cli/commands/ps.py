@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from dstack.cli.render import ago, run_status, run_to_json
+from dstack.cli.render import ago, queue_text, run_status, run_to_json
 
 STYLE = {
     "done": "green",
@@ -37,7 +37,9 @@ def ps_command(show_all: bool, as_json: bool) -> None:
                 (status, STYLE.get(status, "white")),
                 ago(r.submitted_at_ns),
                 ", ".join(r.tags),
+                queue_text(r),
                 r.message,
             ]
         )
-    Term().table(("RUN", "WORKFLOW", "STATUS", "SUBMITTED", "TAGS", "MESSAGE"), rows, overflow="fold")
+    header = ("RUN", "WORKFLOW", "STATUS", "SUBMITTED", "TAGS", "QUEUE", "MESSAGE")
+    Term().table(header, rows, overflow="fold")

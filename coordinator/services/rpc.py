@@ -13,6 +13,7 @@ from dstack.coordinator.errors import (
     AlreadyExists,
     Conflict,
     CoordinatorError,
+    Forbidden,
     InvalidRequest,
     NotFound,
     StorageUnavailable,
@@ -40,6 +41,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
     (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),  # transient: callers retry
     (ExpiredGrant, grpc.StatusCode.UNAVAILABLE),  # the coordinator's own credentials expired: boto renews them

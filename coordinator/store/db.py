@@ -29,6 +29,7 @@ from dstack.coordinator.store.logs import ArchivableJob, Logs
 from dstack.coordinator.store.runs import CreatedRun, ExpiredRun, NewJob, RunRow, Runs, StopOnAgent
 from dstack.coordinator.store.secrets import SecretRow, Secrets
 from dstack.coordinator.store.tags import TagRow, Tags
+from dstack.coordinator.store.usage import FinishedJob, OnAgent, Usage, UserLimitsRow
 from dstack.coordinator.store.users import Users, hash_token
 
 __all__ = [
@@ -41,9 +42,11 @@ __all__ = [
     "CreatedRun",
     "ExpiredRun",
     "FileRecord",
+    "FinishedJob",
     "JobLocation",
     "JobRow",
     "NewJob",
+    "OnAgent",
     "Placement",
     "RunRow",
     "SecretRow",
@@ -52,6 +55,7 @@ __all__ = [
     "TagRow",
     "UpdateResult",
     "UploadJob",
+    "UserLimitsRow",
     "WaitingJob",
     "hash_token",
 ]
@@ -69,6 +73,7 @@ class Store(Db):
         self.artifacts = Artifacts(self, self.runs)
         self.tags = Tags(self, self.runs)
         self.secrets = Secrets(self)
+        self.usage = Usage(self)
 
         # users and code
         self.ensure_user = self.users.ensure
@@ -137,3 +142,11 @@ class Store(Db):
         self.list_secrets = self.secrets.all
         self.secret_ciphertexts = self.secrets.ciphertexts
         self.delete_secret = self.secrets.delete
+        # fair share and quotas
+        self.charge_finished_usage = self.usage.charge_finished
+        self.usage_accumulators = self.usage.accumulators
+        self.recent_durations = self.usage.recent_durations
+        self.jobs_on_agents = self.usage.on_agents
+        self.user_limits = self.usage.limits
+        self.user_role = self.usage.role
+        self.set_user_limits = self.usage.set_limits

@@ -86,6 +86,9 @@ class WaitingJob:
     depends_on: list[str]
     owner: str
     priority: int
+    submitted_at: int = 0
+    workflow: str = ""
+    job_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,8 @@ class Jobs:
     # ---- scheduling --------------------------------------------------------------------------
     def waiting(self) -> list[WaitingJob]:
         rows = self.db.rows(
-            "SELECT j.id, j.run_id, j.status, j.spec, j.depends_on, r.owner, r.priority"
+            "SELECT j.id, j.run_id, j.status, j.spec, j.depends_on, r.owner, r.priority, j.submitted_at, r.workflow,"
+            " j.job_name"
             " FROM jobs j JOIN runs r ON r.id = j.run_id"
             f" WHERE j.status IN ({ints_in(WAITING)}) ORDER BY r.priority DESC, j.submitted_at, j.rowid"
         )
@@ -208,6 +212,9 @@ class Jobs:
                 json_list(r["depends_on"]),
                 r["owner"],
                 r["priority"] or 0,
+                r["submitted_at"],
+                r["workflow"],
+                r["job_name"],
             )
             for r in rows
         ]

@@ -57,6 +57,8 @@ class ClientServiceStub:
     CommitUpload: _grpc.UnaryUnaryMultiCallable[_client_pb2.CommitUploadRequest, _client_pb2.CommitUploadResponse]
     DeleteRun: _grpc.UnaryUnaryMultiCallable[_client_pb2.DeleteRunRequest, _client_pb2.DeleteRunResponse]
     """`dstack rm`: a finished run, its logs and its artifacts."""
+    SetUserLimits: _grpc.UnaryUnaryMultiCallable[_client_pb2.SetUserLimitsRequest, _client_pb2.SetUserLimitsResponse]
+    """`dstack users set NAME --share N --max-gpus N --max-running N` (admins only): fair share and quotas."""
 
 @_typing.type_check_only
 class ClientServiceAsyncStub(ClientServiceStub):
@@ -85,6 +87,8 @@ class ClientServiceAsyncStub(ClientServiceStub):
     CommitUpload: _aio.UnaryUnaryMultiCallable[_client_pb2.CommitUploadRequest, _client_pb2.CommitUploadResponse]  # type: ignore[assignment]
     DeleteRun: _aio.UnaryUnaryMultiCallable[_client_pb2.DeleteRunRequest, _client_pb2.DeleteRunResponse]  # type: ignore[assignment]
     """`dstack rm`: a finished run, its logs and its artifacts."""
+    SetUserLimits: _aio.UnaryUnaryMultiCallable[_client_pb2.SetUserLimitsRequest, _client_pb2.SetUserLimitsResponse]  # type: ignore[assignment]
+    """`dstack users set NAME --share N --max-gpus N --max-running N` (admins only): fair share and quotas."""
 
 class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -236,5 +240,13 @@ class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_client_pb2.DeleteRunResponse, _abc.Awaitable[_client_pb2.DeleteRunResponse]]:
         """`dstack rm`: a finished run, its logs and its artifacts."""
+
+    @_abc_1.abstractmethod
+    def SetUserLimits(
+        self,
+        request: _client_pb2.SetUserLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.SetUserLimitsResponse, _abc.Awaitable[_client_pb2.SetUserLimitsResponse]]:
+        """`dstack users set NAME --share N --max-gpus N --max-running N` (admins only): fair share and quotas."""
 
 def add_ClientServiceServicer_to_server(servicer: ClientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

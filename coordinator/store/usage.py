@@ -1,0 +1,157 @@
+"""Fair-share usage: each user's decayed GPU-seconds of finished jobs (coordinator/fairshare.py), and
+per-user shares and quotas.
+
+Each finished job is counted once: a pass charges the jobs that finished since the last one (found
+through a partial index, never a scan of every finished job) in the same transaction that marks them
+counted and writes the users' accumulators, so a restart neither loses nor double-counts usage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dstack.coordinator.errors import NotFound
+from dstack.coordinator.fairshare import Accumulator, interval_usage, weight
+from dstack.coordinator.model import ON_AGENT, JobStatus
+from dstack.coordinator.store.base import Db, ints_in, json_list, marks
+
+NS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class FinishedJob:
+    """A job just counted: what it ran (for the duration estimates) and for how long."""
+
+    workflow: str
+    job_name: str
+    seconds: float
+    done: bool = True  # finished done (only those say how long the workflow takes)
+
+
+@dataclass(frozen=True)
+class UserLimitsRow:
+    name: str
+    role: str
+    share: float
+    max_gpus: int
+    max_running: int
+
+
+@dataclass(frozen=True)
+class OnAgent:
+    """A job an agent holds, with what fair share, quotas and reservations need to know of it."""
+
+    id: str
+    agent_id: str
+    owner: str
+    workflow: str
+    job_name: str
+    cpu: float
+    memory: int
+    gpu_indices: list[int]
+    started_at: int | None
+    assigned_at: int  # its submission, for a job not started yet
+
+
+class Usage:
+    def __init__(self, db: Db) -> None:
+        self.db = db
+        self._acc: dict[str, Accumulator] | None = None
+
+    def accumulators(self) -> dict[str, Accumulator]:
+        if self._acc is None:
+            rows = self.db.rows('SELECT "user", value, as_of FROM usage')
+            self._acc = {r["user"]: Accumulator(r["value"], r["as_of"]) for r in rows}
+        return self._acc
+
+    def charge_finished(self, now_ns: int, half_life_s: float) -> list[FinishedJob]:
+        """Adds the jobs finished since the last call to their owners' usage; returns them."""
+        rows = self.db.rows(
+            "SELECT j.id, j.job_name, j.status, j.started_at, j.finished_at, j.gpu_count, j.cpu, r.owner, r.workflow"
+            " FROM jobs j INDEXED BY jobs_uncharged JOIN runs r ON r.id = j.run_id"
+            " WHERE j.usage_charged = 0 AND j.finished_at IS NOT NULL LIMIT 5000"
+        )
+        if not rows:
+            return []
+        acc = self.accumulators()
+        out: list[FinishedJob] = []
+        changed: set[str] = set()
+        for r in rows:
+            start, end = r["started_at"], r["finished_at"]
+            if start is None or end <= start:
+                continue
+            end = min(end, now_ns)
+            amount = interval_usage(weight(r["gpu_count"] or 0, r["cpu"] or 0.0), start, end, now_ns, half_life_s)
+            acc.setdefault(r["owner"], Accumulator(0.0, now_ns)).add(amount, now_ns, half_life_s)
+            changed.add(r["owner"])
+            seconds = (r["finished_at"] - start) / NS
+            out.append(FinishedJob(r["workflow"], r["job_name"], seconds, r["status"] == JobStatus.DONE))
+        ids = [r["id"] for r in rows]
+        with self.db.tx() as c:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                c.execute(f"UPDATE jobs SET usage_charged = 1 WHERE id IN ({marks(chunk)})", chunk)
+            for user in changed:
+                c.execute(
+                    'INSERT INTO usage ("user", value, as_of) VALUES (?, ?, ?)'
+                    ' ON CONFLICT("user") DO UPDATE SET value = excluded.value, as_of = excluded.as_of',
+                    [user, acc[user].value, acc[user].as_of_ns],
+                )
+        return out
+
+    def recent_durations(self, limit: int = 2000) -> list[FinishedJob]:
+        """The last finished jobs' durations, newest first (seeds the estimates at start-up)."""
+        rows = self.db.rows(
+            "SELECT j.job_name, j.started_at, j.finished_at, r.workflow FROM jobs j JOIN runs r ON r.id = j.run_id"
+            f" WHERE j.finished_at IS NOT NULL AND j.started_at IS NOT NULL AND j.status = {int(JobStatus.DONE)}"
+            " ORDER BY j.finished_at DESC LIMIT ?",
+            [limit],
+        )
+        return [FinishedJob(r["workflow"], r["job_name"], (r["finished_at"] - r["started_at"]) / NS) for r in rows]
+
+    def on_agents(self) -> list[OnAgent]:
+        rows = self.db.rows(
+            "SELECT j.id, j.agent_id, j.job_name, j.cpu, j.memory, j.gpu_indices, j.started_at, j.submitted_at,"
+            f" r.owner, r.workflow FROM jobs j JOIN runs r ON r.id = j.run_id WHERE j.status IN ({ints_in(ON_AGENT)})"
+        )
+        return [
+            OnAgent(
+                r["id"],
+                r["agent_id"],
+                r["owner"],
+                r["workflow"],
+                r["job_name"],
+                r["cpu"] or 0.0,
+                r["memory"] or 0,
+                json_list(r["gpu_indices"]),
+                r["started_at"],
+                r["submitted_at"],
+            )
+            for r in rows
+        ]
+
+    # ---- shares and quotas -------------------------------------------------------------------
+    def limits(self) -> list[UserLimitsRow]:
+        rows = self.db.rows("SELECT name, role, share, max_gpus, max_running FROM users")
+        return [UserLimitsRow(r["name"], r["role"] or "", r["share"], r["max_gpus"], r["max_running"]) for r in rows]
+
+    def role(self, name: str) -> str | None:
+        row = self.db.row("SELECT role FROM users WHERE name = ?", [name])
+        return None if row is None else str(row["role"] or "")
+
+    def set_limits(
+        self, name: str, share: float | None, max_gpus: int | None, max_running: int | None
+    ) -> UserLimitsRow:
+        sets, params = [], []
+        for column, value in (("share", share), ("max_gpus", max_gpus), ("max_running", max_running)):
+            if value is not None:
+                sets.append(f"{column} = ?")
+                params.append(value)
+        with self.db.tx() as c:
+            if sets:
+                c.execute(f"UPDATE users SET {', '.join(sets)} WHERE name = ?", [*params, name])
+            found = c.execute("SELECT name, role, share, max_gpus, max_running FROM users WHERE name = ?", [name])
+            row = found.fetchone()
+        if row is None:
+            raise NotFound(f"no user {name!r}")
+        return UserLimitsRow(row[0], row[1] or "", row[2], row[3], row[4])
