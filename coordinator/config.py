@@ -34,7 +34,7 @@ class CoordinatorConfig:
     # Fair share (coordinator/planner.py): off gives first come, first served (with backfill).
     fairshare: bool = True
     fairshare_half_life_s: float = 86400.0
-    # A job waiting this long gets an agent reserved for it (when smaller jobs could starve it).
+    # A job waiting this long gets an agent reserved for it (when smaller jobs could starve it); inf: never.
     reserve_after_s: float = 300.0
 
     @property

@@ -91,6 +91,8 @@ class Engine:
         self.reservations: dict[str, str] = {}
         self.durations = Durations()
         self._max_durations: dict[str, float] = {}  # job_id -> its own limit, for jobs that have one
+        self._idle = asyncio.Event()  # no pass asked for or running
+        self.assignments_sent = 0  # over the engine's life (the fairness bench counts deliveries by it)
         self.queue = WaitingQueue()
         self.secret_box = SecretBox(config.secrets_key_path)
         self.secrets: dict[str, str] = {}  # decrypted, for the job hand-off only
@@ -122,6 +124,7 @@ class Engine:
     def kick(self) -> None:
         """Asks for a scheduling pass; many kicks before a pass cost one pass."""
         self._kick.set()
+        self._idle.clear()
 
     def _lease_until(self, grace_s: float = 0.0) -> int:
         return self.clock.time_ns() + int((self.config.lease_timeout_s + grace_s) * 1e9)
@@ -129,6 +132,8 @@ class Engine:
     # ---- scheduling --------------------------------------------------------------------------
     async def _scheduler_loop(self) -> None:
         while True:
+            if not self._kick.is_set():
+                self._idle.set()
             await self._kick.wait()
             self._kick.clear()
             if not len(self.queue):
@@ -147,11 +152,17 @@ class Engine:
             self.queue.mark_pending(plan.marked_pending)
             for a in plan.assignments:
                 self.hub.send(a.agent_id, agent_pb2.CoordinatorMessage(assignments=[self._assignment(a)]))
+            self.assignments_sent += len(plan.assignments)
+
+    async def settled(self) -> None:
+        """Returns once no scheduling pass is asked for or running (in-process tests and the fairness
+        bench step a manual clock by it)."""
+        await self._idle.wait()
 
     async def _refresh_loop(self) -> None:
         """A pass now and then while jobs wait, though nothing happened: waits pass the reservation
         threshold, and positions and estimates age."""
-        every = max(1.0, min(10.0, self.config.reserve_after_s / 4))
+        every = max(1.0, min(10.0, self.config.reserve_after_s / 4))  # 10 s when reservations are off (inf)
         while True:
             await self.clock.sleep(every)
             if len(self.queue):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import secrets
 import sys
@@ -27,6 +28,15 @@ def read_or_create_secret(path: Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token
+
+
+def _seconds_or_off(text: str) -> float:
+    if text == "off":
+        return math.inf
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds or 'off'") from None
 
 
 def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
@@ -77,10 +87,11 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
     )
     p.add_argument(
         "--reserve-after",
-        type=float,
+        type=_seconds_or_off,
         default=300.0,
         metavar="SECONDS",
-        help="a job waiting this long gets an agent reserved: smaller jobs are not placed there until it starts",
+        help="a job waiting this long gets an agent reserved: smaller jobs are not placed there until it starts"
+        " ('off': never)",
     )
     p.add_argument("--fail-unsatisfiable", action="store_true", help="fail jobs no agent can ever run")
     p.add_argument("--local-mode", action="store_true", help=argparse.SUPPRESS)

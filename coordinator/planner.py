@@ -290,6 +290,8 @@ def _reserve(
     waiting = {r.job_id for r in ordered}
     out = {j: a for j, a in policy.reservations.items() if j in waiting and a in online}
     taken = set(out.values())
+    if math.isinf(policy.reserve_after_s):
+        return out
     smallest = min(_size(r) for r in ordered)
     after_ns = int(policy.reserve_after_s * NS)
     for req in ordered:
