@@ -143,6 +143,31 @@ def _v5(db: sqlite_utils.Database) -> None:
     Table(db, "agents").create_index(["status"], if_not_exists=True)
 
 
+def _v6(db: sqlite_utils.Database) -> None:
+    """Enrolment: join tokens with an expiry, a use limit and a revocation (only their sha256 is kept;
+    the server's own token is the row 'default'), and removed agents: a 'removed' row keeps its token's
+    hash (so that the agent is told it was removed) but not its name, which a new agent may take."""
+    Table(db, "join_tokens").create(
+        {
+            "id": str,
+            "token_hash": str,
+            "created_at": int,
+            "expires_at": int,  # 0: never
+            "max_uses": int,  # 0: unlimited
+            "uses": int,
+            "revoked_at": int,  # 0: not revoked
+        },
+        pk="id",
+        not_null={"token_hash", "created_at", "expires_at", "max_uses", "uses", "revoked_at"},
+        if_not_exists=True,
+    )
+    Table(db, "join_tokens").create_index(["token_hash"], unique=True, if_not_exists=True)
+    db.execute("DROP INDEX IF EXISTS agents_live_name")
+    db.execute(
+        "CREATE UNIQUE INDEX IF NOT EXISTS agents_pool_name ON agents (name) WHERE status NOT IN ('retired', 'removed')"
+    )
+
+
 def _fair_share(db: sqlite_utils.Database) -> None:
     """Fair share and quotas: per-user share and limits (0: none), each user's decayed usage of finished
     jobs (one accumulator, coordinator/fairshare.py), and which finished jobs it already counts (the
@@ -160,7 +185,7 @@ def _fair_share(db: sqlite_utils.Database) -> None:
     Table(db, "usage").create({"user": str, "value": float, "as_of": int}, pk="user", if_not_exists=True)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _fair_share]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _fair_share]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

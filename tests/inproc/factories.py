@@ -136,6 +136,7 @@ class ConfigOverrides(TypedDict, total=False):
     fairshare: bool
     fairshare_half_life_s: float
     reserve_after_s: float
+    approve_agents: bool
 
 
 @contextlib.asynccontextmanager

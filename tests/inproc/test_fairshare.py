@@ -182,7 +182,7 @@ async def test_a_user_at_quota_waits_with_reason_quota_and_only_an_admin_sets_qu
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await h.client.SetUserLimits(attack, metadata=meta("alice"))
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "only an admin" in str(refused.value.details())
+        assert "admin" in str(refused.value.details())
         for bad in (
             client_pb2.SetUserLimitsRequest(name="alice", share=0),
             client_pb2.SetUserLimitsRequest(name="alice", share=math.nan),
