@@ -18,9 +18,10 @@ from pass to pass while the job waits and the agent is online.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from dstack.coordinator.fairshare import weight
@@ -116,24 +117,28 @@ def order(queue: Sequence[JobRequest], policy: Policy) -> list[JobRequest]:
     per_user: dict[str, list[JobRequest]] = {}
     for i in own:
         per_user.setdefault(queue[i].owner, []).append(queue[i])
+    shares = {user: max(limits_of(policy, user).share, 1e-9) for user in per_user}
     heap: list[tuple[float, int, int, str]] = []
     for user, jobs in per_user.items():
-        share = max(limits_of(policy, user).share, 1e-9)
-        heap.append((policy.usage.get(user, 0.0) / share, -jobs[0].priority, jobs[0].submitted_at, user))
+        heap.append((policy.usage.get(user, 0.0) / shares[user], -jobs[0].priority, jobs[0].submitted_at, user))
     heapq.heapify(heap)
     nexts = dict.fromkeys(per_user, 0)
     out: list[JobRequest] = []
     while heap:
         key, _, _, user = heapq.heappop(heap)
-        jobs, i = per_user[user], nexts[user]
-        req = jobs[i]
-        out.append(req)
-        nexts[user] = i + 1
-        if i + 1 < len(jobs):
-            share = max(limits_of(policy, user).share, 1e-9)
+        jobs, share, i = per_user[user], shares[user], nexts[user]
+        rival = heap[0][0] if heap else math.inf
+        # The user keeps the turn while their key stays the lowest (one heap operation per turn).
+        while i < len(jobs):
+            req = jobs[i]
+            out.append(req)
+            i += 1
             key += weight(req.gpu_count, req.cpu) * (expected_s(req, policy) or UNKNOWN_DURATION_S) / share
-            nxt = jobs[i + 1]
-            heapq.heappush(heap, (key, -nxt.priority, nxt.submitted_at, user))
+            if key > rival:
+                break
+        nexts[user] = i
+        if i < len(jobs):
+            heapq.heappush(heap, (key, -jobs[i].priority, jobs[i].submitted_at, user))
     return out
 
 
@@ -195,7 +200,18 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
         held_gpus[r.owner] = held_gpus.get(r.owner, 0) + len(r.gpu_indices)
         held_jobs[r.owner] = held_jobs.get(r.owner, 0) + 1
 
-    reserved = _reserve(ordered, agents, running, policy)
+    # A job its owner's quota holds back earns no reservation: the agent would sit idle for it.
+    reserved = _reserve(
+        ordered,
+        agents,
+        running,
+        policy,
+        lambda r: (
+            not _over_quota(
+                limits_of(policy, r.owner), held_gpus.get(r.owner, 0), held_jobs.get(r.owner, 0), r.gpu_count
+            )
+        ),
+    )
     p.reservations = dict(reserved)
     reserved_agents = {agent: job for job, agent in reserved.items()}
     open_agents = [a for a in agents if a.agent_id not in reserved_agents]
@@ -204,6 +220,8 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
     unfit: dict[tuple[float, int, int, str, int, bool], str] = {}
     waiting_users: dict[str, int] = {}  # user -> jobs of theirs already waiting, ahead in the order
     reasons: dict[str, tuple[str, str]] = {}
+    limits = {u: limits_of(policy, u) for u in {r.owner for r in ordered}}
+    behind: dict[str, str] = {}  # user -> why their jobs wait behind others' (one text per user)
     for req in ordered:
         shape = (req.cpu, req.memory, req.gpu_count, req.gpu_name, req.gpu_memory, req.needs_container)
         if shape not in never:
@@ -212,7 +230,7 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
             p.impossible[req.job_id] = str(never[shape])
             reasons[req.job_id] = (NEVER_FITS, f"waiting: {never[shape]}")
             continue
-        lim = limits_of(policy, req.owner)
+        lim = limits[req.owner]
         gpus_now, jobs_now = held_gpus.get(req.owner, 0), held_jobs.get(req.owner, 0)
         if lim.max_gpus and req.gpu_count and gpus_now + req.gpu_count > lim.max_gpus:
             reasons[req.job_id] = (QUOTA, f"quota: {req.owner} holds {gpus_now} of at most {lim.max_gpus} GPUs")
@@ -231,20 +249,21 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
         if mine is not None:
             _, n = drain(by_id[mine], req, running)
             reasons[req.job_id] = (RESERVATION, f"reserved {by_id[mine].name}, draining {_jobs(n)}")
-        elif any(_fits(a, req) is not None for a in agents if a.agent_id in reserved_agents):
-            held = [by_id[ag].name for ag in reserved_agents if _fits(by_id[ag], req) is not None]
+        elif reserved_agents and (
+            held := [by_id[ag].name for ag in reserved_agents if _fits(by_id[ag], req) is not None]
+        ):
             reasons[req.job_id] = (RESERVATION, f"waiting: {', '.join(held)} reserved for a job that waited longer")
         else:
             if shape not in unfit:
                 unfit[shape] = f"waiting: {describe(req)} free on no agent; busy: {_busy_summary(agents)}"
-            ahead = sum(n for u, n in waiting_users.items() if u != req.owner)
-            if policy.fairshare and ahead:
-                use = policy.usage.get(req.owner, 0.0) / 3600
-                reasons[req.job_id] = (
-                    FAIR_SHARE,
-                    f"fair share: {_jobs(ahead)} of users with less usage come first"
-                    f" ({req.owner}: {use:.3g} GPU-hours decayed, share {lim.share:g})",
-                )
+            if policy.fairshare and waiting_users.keys() - {req.owner}:
+                if req.owner not in behind:
+                    use = policy.usage.get(req.owner, 0.0) / 3600
+                    behind[req.owner] = (
+                        "fair share: jobs of users with less usage (against their share) come first"
+                        f" ({req.owner}: {use:.3g} GPU-hours, decayed; share {lim.share:g})"
+                    )
+                reasons[req.job_id] = (FAIR_SHARE, behind[req.owner])
             else:
                 reasons[req.job_id] = (RESOURCES, unfit[shape])
         waiting_users[req.owner] = waiting_users.get(req.owner, 0) + 1
@@ -265,6 +284,13 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
     return p
 
 
+def _over_quota(lim: UserLimits, gpus_now: int, jobs_now: int, gpus: int) -> bool:
+    """Whether one more job of `gpus` GPUs would take its user over a quota."""
+    return bool(lim.max_gpus and gpus and gpus_now + gpus > lim.max_gpus) or bool(
+        lim.max_running and jobs_now + 1 > lim.max_running
+    )
+
+
 def _jobs(n: int) -> str:
     return f"{n} job" + ("" if n == 1 else "s")
 
@@ -283,7 +309,11 @@ def _place(req: JobRequest, pool: Sequence[AgentState], p: Plan) -> bool:
 
 
 def _reserve(
-    ordered: Sequence[JobRequest], agents: Sequence[AgentState], running: Sequence[RunningJob], policy: Policy
+    ordered: Sequence[JobRequest],
+    agents: Sequence[AgentState],
+    running: Sequence[RunningJob],
+    policy: Policy,
+    may_start: Callable[[JobRequest], bool],
 ) -> dict[str, str]:
     """job -> agent: last pass's reservations that still hold, then new ones for jobs that earned one."""
     online = {a.agent_id: a for a in agents}
@@ -296,6 +326,8 @@ def _reserve(
     after_ns = int(policy.reserve_after_s * NS)
     for req in ordered:
         if req.job_id in out or _size(req) <= smallest or policy.now_ns - req.submitted_at < after_ns:
+            continue
+        if not may_start(req):
             continue
         free = [a for a in agents if a.agent_id not in taken]
         if any(_fits(a, req) is not None for a in free):
@@ -322,7 +354,7 @@ def _etas(
     (an agent once taken is not looked at before that instant: a slight overestimate, cheaply)."""
     now = policy.now_ns
     state: dict[str, AgentState] = {}
-    events: dict[str, list[tuple[float, int, float, int, tuple[int, ...]]]] = {}
+    events: dict[str, list[_Event]] = {}
     clock: dict[str, float] = {}
     for a in agents:
         state[a.agent_id] = replace(a, busy_gpus=set(a.busy_gpus))
@@ -340,23 +372,44 @@ def _etas(
         events[agent_id].append((end, seq, req.cpu, req.memory, tuple(gpus)))
         seq += 1
     for ev in events.values():
-        heapq.heapify(ev)
+        ev.sort()
     reserved_for = {agent: job for job, agent in p.reservations.items()}
+    # Per job shape, the agents by when that shape fits there next (version: the agent's state it was
+    # worked out from). An agent's answer changes only when a job is put on it, so a long run of
+    # same-shaped jobs costs a heap operation or two each, not one look per agent.
+    heaps: dict[tuple[float, int, int, str, int, bool], list[tuple[float, str, int]]] = {}
+    version = dict.fromkeys(state, 0)
+
+    matching: dict[tuple[str, tuple[float, int, int, str, int, bool]], frozenset[int]] = {}
+
+    def when(aid: str, req: JobRequest, shape: tuple[float, int, int, str, int, bool]) -> float:
+        match = matching.get((aid, shape))
+        if match is None:
+            match = matching[(aid, shape)] = frozenset(g.index for g in state[aid].matching_gpus(req, free_only=False))
+        t = _earliest(state[aid], req, events[aid], clock[aid], match)
+        return math.inf if t is None else t
+
     out: dict[str, int] = {}
     for req in waiting[:ETA_LIMIT]:
-        best: tuple[float, str] | None = None
-        for aid, a in state.items():
-            owner = reserved_for.get(aid)
-            if owner is not None and owner != req.job_id:
-                continue
-            t = _earliest(a, req, events[aid], clock[aid])
-            if t is not None and (best is None or t < best[0]):
-                best = (t, aid)
+        shape = (req.cpu, req.memory, req.gpu_count, req.gpu_name, req.gpu_memory, req.needs_container)
+        heap = heaps.get(shape)
+        if heap is None:
+            able = [a.agent_id for a in agents if a.agent_id not in reserved_for and never_fits(req, [a]) is None]
+            heap = heaps[shape] = [(when(aid, req, shape), aid, version[aid]) for aid in able]
+            heapq.heapify(heap)
+        while heap and heap[0][2] != version[heap[0][1]]:  # worked out before a job went there
+            _, aid, _ = heapq.heappop(heap)
+            heapq.heappush(heap, (when(aid, req, shape), aid, version[aid]))
+        best: tuple[float, str] | None = (heap[0][0], heap[0][1]) if heap else None
+        own = p.reservations.get(req.job_id)
+        if own is not None and (t := when(own, req, shape)) < (best[0] if best else math.inf):
+            best = (t, own)
         if best is None or best[0] == math.inf:
             continue
         t, aid = best
         _advance(state[aid], events[aid], t)
         clock[aid] = t
+        version[aid] += 1
         fit = _fits(state[aid], req)
         if fit is None:
             continue
@@ -367,36 +420,44 @@ def _etas(
         a.jobs += 1
         took = expected_s(req, policy)
         end = t + took * NS if took is not None else math.inf
-        heapq.heappush(events[aid], (end, seq, req.cpu, req.memory, tuple(fit)))
+        bisect.insort(events[aid], (end, seq, req.cpu, req.memory, tuple(fit)))
         seq += 1
         out[req.job_id] = int(t)
     return out
 
 
+# (expected end in ns, tie-breaker, cpu, memory, GPU indices) of a job holding an agent's resources
+_Event = tuple[float, int, float, int, tuple[int, ...]]
+
+
 def _earliest(
-    a: AgentState, req: JobRequest, events: list[tuple[float, int, float, int, tuple[int, ...]]], since: float
+    a: AgentState, req: JobRequest, events: list[_Event], since: float, match: frozenset[int]
 ) -> float | None:
-    """When `req` first fits on `a` as its jobs end (None: never, with what is known)."""
-    if _fits(a, req) is not None:
+    """When `req` first fits on `a` as its jobs end, in order (None: never, or not before a job whose
+    end nobody can guess). `match`: the agent's GPUs of the kind `req` asks for."""
+    cpu, memory, jobs = a.cpu_total - a.used_cpu, a.memory_total - a.used_memory, a.max_jobs - a.jobs
+    gpus = len(match - a.busy_gpus)
+    if cpu >= req.cpu - 1e-9 and memory >= req.memory and jobs >= 1 and gpus >= req.gpu_count:
         return since
-    cpu, mem, busy, jobs = a.used_cpu, a.used_memory, set(a.busy_gpus), a.jobs
-    try:
-        for end, _, c, m, g in sorted(events):
-            a.used_cpu -= c
-            a.used_memory -= m
-            a.busy_gpus.difference_update(g)
-            a.jobs -= 1
-            if _fits(a, req) is not None:
-                return max(end, since)
-        return None
-    finally:
-        a.used_cpu, a.used_memory, a.busy_gpus, a.jobs = cpu, mem, busy, jobs
+    for end, _, c, m, g in events:
+        if end == math.inf:
+            return None
+        cpu, memory, jobs = cpu + c, memory + m, jobs + 1
+        gpus += sum(1 for i in g if i in match)
+        if cpu >= req.cpu - 1e-9 and memory >= req.memory and jobs >= 1 and gpus >= req.gpu_count:
+            return max(end, since)
+    return None
 
 
-def _advance(a: AgentState, events: list[tuple[float, int, float, int, tuple[int, ...]]], t: float) -> None:
-    while events and events[0][0] <= t:
-        _, _, c, m, g = heapq.heappop(events)
+def _advance(a: AgentState, events: list[_Event], t: float) -> None:
+    """Lets the agent's jobs that end by `t` go."""
+    n = 0
+    for end, _, c, m, g in events:
+        if end > t:
+            break
         a.used_cpu -= c
         a.used_memory -= m
         a.busy_gpus.difference_update(g)
         a.jobs -= 1
+        n += 1
+    del events[:n]

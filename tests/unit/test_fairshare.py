@@ -232,3 +232,12 @@ def test_a_pass_never_overcommits_and_every_job_is_placed_or_explained(
     assert b_gpus <= 6
     for job_id, agent in p.reservations.items():
         assert all(a != agent for j, a, _ in p.placements if j != job_id)
+
+
+def test_a_big_job_held_back_by_its_owners_quota_reserves_nothing() -> None:
+    agents = [gpu_agent("host-1", busy=set(range(8)))]
+    runs = [running(f"x{i}", "host-1", "carol", [i], 400 + i) for i in range(8)]
+    queue = [job("big", "carol", gpus=8, at=0), job("small", "alice", at=1)]
+    limits = {"carol": UserLimits(max_gpus=8)}
+    p = plan(queue, agents, runs, Policy(now_ns=301 * NS, reserve_after_s=300, limits=limits))
+    assert p.reservations == {} and p.info["big"].reason == QUOTA
