@@ -241,3 +241,10 @@ def test_a_big_job_held_back_by_its_owners_quota_reserves_nothing() -> None:
     limits = {"carol": UserLimits(max_gpus=8)}
     p = plan(queue, agents, runs, Policy(now_ns=301 * NS, reserve_after_s=300, limits=limits))
     assert p.reservations == {} and p.info["big"].reason == QUOTA
+
+
+def test_a_huge_priority_does_not_jump_ahead_of_other_users() -> None:
+    """--priority orders only its owner's jobs: a heavy user cannot buy their way past fair share."""
+    queue = [job("b0", "bob", at=5), job("a0", "alice", at=1, priority=1_000_000)]
+    policy = Policy(now_ns=0, usage={"alice": 5000.0, "bob": 10.0})
+    assert [r.job_id for r in order(queue, policy)] == ["b0", "a0"]
