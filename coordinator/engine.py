@@ -95,6 +95,9 @@ class Engine:
         self.durations = Durations()
         self._max_durations: dict[str, float] = {}  # job_id -> its own limit, for jobs that have one
         self._idle = asyncio.Event()  # no pass asked for or running
+        # Whether a job may have finished since usage was last charged (a submission alone cannot).
+        self._charge_due = True
+        self._limits: dict[str, UserLimits] | None = None  # users' shares and quotas, until one changes
         self.assignments_sent = 0  # over the engine's life (the fairness bench counts deliveries by it)
         self.queue = WaitingQueue()
         self.secret_box = SecretBox(config.secrets_key_path)
@@ -124,10 +127,17 @@ class Engine:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.hub.close_all()
 
-    def kick(self) -> None:
-        """Asks for a scheduling pass; many kicks before a pass cost one pass."""
+    def kick(self, finished: bool = True) -> None:
+        """Asks for a scheduling pass; many kicks before a pass cost one pass. `finished`: whether a job
+        may have ended meanwhile (its usage is then charged in the pass; a new submission says no)."""
+        self._charge_due = self._charge_due or finished
         self._kick.set()
         self._idle.clear()
+
+    def limits_changed(self) -> None:
+        """A user's share or quotas changed: the next pass reads them again."""
+        self._limits = None
+        self.kick(finished=False)
 
     def lease_until(self, grace_s: float = 0.0) -> int:
         return self.clock.time_ns() + int((self.config.lease_timeout_s + grace_s) * 1e9)
@@ -141,12 +151,13 @@ class Engine:
             self._kick.clear()
             if not len(self.queue):
                 continue
+            charge, self._charge_due = self._charge_due, False
             try:
-                plan = await self.db(self._plan, self.queue.snapshot(), self.hub.connected_ids())
+                plan = await self.db(self._plan, self.queue.snapshot(), self.hub.connected_ids(), charge)
             except Exception:
                 log.exception("scheduling pass failed")
                 await asyncio.sleep(0.5)
-                self.kick()
+                self.kick(finished=charge)
                 continue
             self.pending_reasons = plan.reasons  # replaced whole: jobs placed or gone drop out
             self.wait_info = plan.info
@@ -171,14 +182,15 @@ class Engine:
             if len(self.queue):
                 self.kick()
 
-    def _plan(self, waiting: list[Waiting], connected: set[str]) -> Plan:
-        """One scheduling pass (runs on the DB thread)."""
+    def _plan(self, waiting: list[Waiting], connected: set[str], charge: bool = True) -> Plan:
+        """One scheduling pass (runs on the DB thread); `charge`: count the usage of jobs that ended."""
         store = self.store
         cfg = self.config
         now = self.clock.time_ns()
         half_life = cfg.fairshare_half_life_s
-        finished = store.charge_finished_usage(now, half_life)
-        self.durations.add((duration_key(f.workflow, f.job_name), f.seconds) for f in finished if f.done)
+        if charge:
+            finished = store.charge_finished_usage(now, half_life)
+            self.durations.add((duration_key(f.workflow, f.job_name), f.seconds) for f in finished if f.done)
         usage = {u: acc.at(now, half_life) for u, acc in store.usage_accumulators().items()}
         agents: dict[str, AgentState] = {}
         for row in store.online_agents():
@@ -246,7 +258,7 @@ class Engine:
             now_ns=now,
             fairshare=cfg.fairshare,
             usage=usage,
-            limits={u.name: UserLimits(u.share, u.max_gpus, u.max_running) for u in store.user_limits()},
+            limits=self._user_limits(),
             reserve_after_s=cfg.reserve_after_s,
             reservations=self.reservations,
             durations=self.durations.medians,
@@ -269,6 +281,13 @@ class Engine:
         live = {j.job_id for j in running} | {p[0] for p in decision.placements}
         self._max_durations = {j: s for j, s in self._max_durations.items() if j in live or j in reasons}
         return Plan(assignments, reasons, done, to_mark, info, decision.reservations)
+
+    def _user_limits(self) -> dict[str, UserLimits]:
+        limits = self._limits
+        if limits is None:
+            limits = {u.name: UserLimits(u.share, u.max_gpus, u.max_running) for u in self.store.user_limits()}
+            self._limits = limits
+        return limits
 
     def _inventory(self, agent_id: str, data: bytes) -> common_pb2.Inventory:
         """Parsed inventories, re-parsed only when an agent reports a different one."""
@@ -452,7 +471,7 @@ class Engine:
         """A run just stored joins the scheduling queue: its jobs' ids and specs, its owner, priority,
         submission time and workflow (for fair share and estimates)."""
         self.queue.add_run(run_id, jobs, owner, priority, submitted_at, workflow)
-        self.kick()
+        self.kick(finished=False)
 
     def seal_secret(self, value: str) -> bytes:
         """A secret's value as the store keeps it (encrypted)."""

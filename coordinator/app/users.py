@@ -25,5 +25,5 @@ async def set_limits(
         if value is not None and value > MAX_LIMIT:
             raise InvalidRequest(f"{flag} must be at most {MAX_LIMIT} (0: no limit)")
     row = await core.db(core.store.set_user_limits, name, share, max_gpus, max_running)
-    core.engine.kick()
+    core.engine.limits_changed()
     return row
