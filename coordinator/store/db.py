@@ -77,6 +77,7 @@ class Store(Db):
         self.tags = Tags(self, self.runs)
         self.secrets = Secrets(self)
         self.usage = Usage(self)
+        self.jobs.charge = self.usage.charge_ended
         self.join_tokens = JoinTokens(self)
 
         # users and code

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from dstack.coordinator import lifecycle
@@ -167,6 +167,9 @@ def fail_agent_jobs(
 class Jobs:
     def __init__(self, db: Db) -> None:
         self.db = db
+        # Charges a job's fair-share usage in the transaction that ends it (store/usage.py), so that
+        # the common end (an agent's report) needs no second write of the job's row.
+        self.charge: Callable[[sqlite3.Connection, Sequence[str]], None] | None = None
 
     def of_runs(self, run_ids: Sequence[str]) -> dict[str, list[JobRow]]:
         out: dict[str, list[JobRow]] = {r: [] for r in run_ids}
@@ -344,6 +347,7 @@ class Jobs:
     def apply_updates(self, agent_id: str, updates: Sequence[JobUpdate]) -> UpdateResult:
         """An agent's reports, each acknowledged; stale or repeated ones change nothing."""
         res = UpdateResult()
+        ended: list[str] = []
         with self.db.tx() as c:
             for u in updates:
                 res.acks.append(UpdateAck(u.job_id, u.status))
@@ -360,11 +364,14 @@ class Jobs:
                     continue
                 if self._apply(c, t, u) and t.dst in TERMINAL_JOB:
                     res.freed = True
+                    ended.append(u.job_id)
                     if t.dst != JobStatus.DONE:
                         lifecycle.fail_dependants(c, run_id, self.db.clock())
                 res.changed_runs.add(run_id)
             for run_id in res.changed_runs:  # once per run, however many of its jobs changed
                 lifecycle.refresh_run_status(c, run_id, self.db.clock())
+            if ended and self.charge is not None:
+                self.charge(c, ended)
         return res
 
     def _apply(self, c: sqlite3.Connection, t: lifecycle.JobTransition, u: JobUpdate) -> bool:
@@ -377,7 +384,10 @@ class Jobs:
         elif t.dst == JobStatus.UPLOADING:
             also = "exit_code = :e, started_at = COALESCE(started_at, :t)"
         else:
+            # Ended: its usage is charged in this transaction (apply_updates), so it is marked counted.
             also = "exit_code = COALESCE(:e, exit_code)"
+            if self.charge is not None:
+                also += ", usage_charged = 1"
         # A job the user asked to stop ends stopped, however its agent saw the end.
         message = "stopped by user" if t is lifecycle.AGENT_STOPPED_ON_REQUEST else u.message
         moved = lifecycle.move_job(

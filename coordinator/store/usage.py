@@ -8,12 +8,15 @@ counted and writes the users' accumulators, so a restart neither loses nor doubl
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dstack.coordinator.errors import NotFound
 from dstack.coordinator.fairshare import Accumulator, interval_usage, weight
 from dstack.coordinator.model import ON_AGENT, JobStatus
 from dstack.coordinator.store.base import Db, ints_in, json_list, marks
+from dstack.coordinator.store.base import rows as rows_of
 
 NS = 1_000_000_000
 
@@ -54,9 +57,11 @@ class OnAgent:
 
 
 class Usage:
-    def __init__(self, db: Db) -> None:
+    def __init__(self, db: Db, half_life_s: float = 86400.0) -> None:
         self.db = db
+        self.half_life_s = half_life_s  # the coordinator sets its --fairshare-half-life
         self._acc: dict[str, Accumulator] | None = None
+        self._finished: list[FinishedJob] = []  # charged by `charge_ended`, until the next pass takes them
 
     def accumulators(self) -> dict[str, Accumulator]:
         if self._acc is None:
@@ -64,40 +69,65 @@ class Usage:
             self._acc = {r["user"]: Accumulator(r["value"], r["as_of"]) for r in rows}
         return self._acc
 
-    def charge_finished(self, now_ns: int, half_life_s: float) -> list[FinishedJob]:
-        """Adds the jobs finished since the last call to their owners' usage; returns them."""
-        rows = self.db.rows(
-            "SELECT j.id, j.job_name, j.status, j.started_at, j.finished_at, j.gpu_count, j.cpu, r.owner, r.workflow"
-            " FROM jobs j INDEXED BY jobs_uncharged JOIN runs r ON r.id = j.run_id"
-            " WHERE j.usage_charged = 0 AND j.finished_at IS NOT NULL LIMIT 5000"
+    def charge_ended(self, c: sqlite3.Connection, job_ids: Sequence[str]) -> None:
+        """Charges jobs that an agent just reported ended, in the transaction that ended them (which
+        marked them counted). On the DB thread, like every store call."""
+        now = self.db.clock()
+        rows = rows_of(
+            c,
+            "SELECT j.job_name, j.status, j.started_at, j.finished_at, j.gpu_count, j.cpu, r.owner, r.workflow"
+            f" FROM jobs j JOIN runs r ON r.id = j.run_id WHERE j.id IN ({marks(job_ids)})",
+            list(job_ids),
         )
-        if not rows:
-            return []
+        self._write(c, self._add(rows, now, self.half_life_s), now)
+
+    def take_finished(self) -> list[FinishedJob]:
+        """The jobs charged since the last call (for the duration estimates)."""
+        out, self._finished = self._finished, []
+        return out
+
+    def _add(self, rows: Sequence[sqlite3.Row], now_ns: int, half_life_s: float) -> set[str]:
         acc = self.accumulators()
-        out: list[FinishedJob] = []
         changed: set[str] = set()
         for r in rows:
             start, end = r["started_at"], r["finished_at"]
-            if start is None or end <= start:
+            if start is None or end is None or end <= start:
                 continue
             end = min(end, now_ns)
             amount = interval_usage(weight(r["gpu_count"] or 0, r["cpu"] or 0.0), start, end, now_ns, half_life_s)
             acc.setdefault(r["owner"], Accumulator(0.0, now_ns)).add(amount, now_ns, half_life_s)
             changed.add(r["owner"])
             seconds = (r["finished_at"] - start) / NS
-            out.append(FinishedJob(r["workflow"], r["job_name"], seconds, r["status"] == JobStatus.DONE))
-        ids = [r["id"] for r in rows]
-        with self.db.tx() as c:
-            for i in range(0, len(ids), 500):
-                chunk = ids[i : i + 500]
-                c.execute(f"UPDATE jobs SET usage_charged = 1 WHERE id IN ({marks(chunk)})", chunk)
-            for user in changed:
-                c.execute(
-                    'INSERT INTO usage ("user", value, as_of) VALUES (?, ?, ?)'
-                    ' ON CONFLICT("user") DO UPDATE SET value = excluded.value, as_of = excluded.as_of',
-                    [user, acc[user].value, acc[user].as_of_ns],
-                )
-        return out
+            self._finished.append(FinishedJob(r["workflow"], r["job_name"], seconds, r["status"] == JobStatus.DONE))
+        return changed
+
+    def _write(self, c: sqlite3.Connection, users: set[str], now_ns: int) -> None:
+        acc = self.accumulators()
+        for user in users:
+            c.execute(
+                'INSERT INTO usage ("user", value, as_of) VALUES (?, ?, ?)'
+                ' ON CONFLICT("user") DO UPDATE SET value = excluded.value, as_of = excluded.as_of',
+                [user, acc[user].value, acc[user].as_of_ns],
+            )
+
+    def charge_finished(self, now_ns: int, half_life_s: float) -> list[FinishedJob]:
+        """Adds the jobs that ended since the last call and are not counted yet (those that ended
+        otherwise than by their agent's report: lost agents, stops, failures) to their owners' usage;
+        returns every job charged since the last call, those of `charge_ended` included."""
+        rows = self.db.rows(
+            "SELECT j.id, j.job_name, j.status, j.started_at, j.finished_at, j.gpu_count, j.cpu, r.owner, r.workflow"
+            " FROM jobs j INDEXED BY jobs_uncharged JOIN runs r ON r.id = j.run_id"
+            " WHERE j.usage_charged = 0 AND j.finished_at IS NOT NULL LIMIT 5000"
+        )
+        if rows:
+            changed = self._add(rows, now_ns, half_life_s)
+            ids = [r["id"] for r in rows]
+            with self.db.tx() as c:
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i : i + 500]
+                    c.execute(f"UPDATE jobs SET usage_charged = 1 WHERE id IN ({marks(chunk)})", chunk)
+                self._write(c, changed, now_ns)
+        return self.take_finished()
 
     def recent_durations(self, limit: int = 2000) -> list[FinishedJob]:
         """The last finished jobs' durations, newest first (seeds the estimates at start-up)."""
