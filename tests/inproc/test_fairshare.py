@@ -282,3 +282,19 @@ async def test_an_estimated_start_comes_from_the_running_jobs_expected_ends(tmp_
         # the estimate is worked out in floating point).
         assert abs(job.eta_ns - (h.clock.time_ns() + int(JOB_S * 1e9))) < 1000
         assert pool.running(ids([second]))
+
+
+async def test_a_job_failed_with_its_lost_agent_is_charged_for_the_time_it_ran(tmp_path: Path) -> None:
+    async with coordinator(tmp_path, lease_timeout_s=30.0) as h, sim_agent(h, "gpu-1", gpus=1) as agent:
+        await add_users(h)
+        pool = Pool(h, agent)
+        run = await submit(h, "alice")
+        await pool.settle()
+        await h.clock.advance(40.0)  # no heartbeat: the agent's lease runs out, its job fails
+        await h.wait_job(run.name, "main", [JS.JOB_STATUS_FAILED])
+        await submit(h, "bob")  # a pass (there is a job to place), which counts the failed job's usage
+        engine = h.coordinator.engine
+        await engine.settled()
+        accs = await engine.db(engine.store.usage_accumulators)
+        charged = accs["alice"].at(h.clock.time_ns(), engine.config.fairshare_half_life_s)
+        assert 39.0 < charged <= 40.0  # 1 GPU from its start to the lease check that failed it
