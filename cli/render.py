@@ -72,16 +72,13 @@ def eta(ns: int, now: float | None = None) -> str:
 
 
 def queue_text(run: client_pb2.Run) -> str:
-    """`#3, fair-share, starts in 4 min` for a run's first waiting job in the scheduler's order."""
-    waiting = [j for j in run.jobs if j.wait_reason]
-    if not waiting:
+    """`#3 (starts in 4 min)` for a run's first waiting job in the scheduler's order ("" when none is
+    in the order); the reason is the run's message (`waiting: ...`, `quota: ...`, `fair share: ...`)."""
+    placed = [j for j in run.jobs if j.queue_position]
+    if not placed:
         return ""
-    j = min(waiting, key=lambda j: j.queue_position or 1 << 31)
-    parts = [f"#{j.queue_position}"] if j.queue_position else []
-    parts.append(j.wait_reason)
-    if j.queue_position:
-        parts.append(f"starts {eta(j.eta_ns)}")
-    return ", ".join(parts)
+    j = min(placed, key=lambda j: j.queue_position)
+    return f"#{j.queue_position} (starts {eta(j.eta_ns)})"
 
 
 def run_summary(run: client_pb2.Run) -> str:

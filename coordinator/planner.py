@@ -270,8 +270,17 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
     p.reservations = {j: a for j, a in p.reservations.items() if j in reasons}
     reqs = {r.job_id: r for r in ordered}
     done = [(reqs[j], a, g) for j, a, g in p.placements]
-    still = [r for r in ordered if r.job_id in reasons and r.job_id not in p.impossible]
+    # A job held back by its owner's quota starts when one of the owner's jobs ends, at the soonest;
+    # the others as agents free up, in order.
+    still = [r for r in ordered if r.job_id in reasons and reasons[r.job_id][0] not in (NEVER_FITS, QUOTA)]
     etas = _etas(still, agents, running, done, p, policy)
+    owner_ends: dict[str, int] = {}
+    for r in running:
+        if r.expected_end_ns is not None:
+            owner_ends[r.owner] = min(owner_ends.get(r.owner, r.expected_end_ns), r.expected_end_ns)
+    for req in ordered:
+        if req.job_id in reasons and reasons[req.job_id][0] == QUOTA and req.owner in owner_ends:
+            etas[req.job_id] = max(owner_ends[req.owner], policy.now_ns)
     pos = 0
     for req in ordered:
         if req.job_id not in reasons:

@@ -37,9 +37,8 @@ def ps_command(show_all: bool, as_json: bool) -> None:
                 (status, STYLE.get(status, "white")),
                 ago(r.submitted_at_ns),
                 ", ".join(r.tags),
-                queue_text(r),
-                r.message,
+                # A waiting run: its place in the scheduler's order and expected start, then why.
+                " ".join(filter(None, [queue_text(r), r.message])),
             ]
         )
-    header = ("RUN", "WORKFLOW", "STATUS", "SUBMITTED", "TAGS", "QUEUE", "MESSAGE")
-    Term().table(header, rows, overflow="fold")
+    Term().table(("RUN", "WORKFLOW", "STATUS", "SUBMITTED", "TAGS", "MESSAGE"), rows, overflow="fold")

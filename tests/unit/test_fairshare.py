@@ -248,3 +248,10 @@ def test_a_huge_priority_does_not_jump_ahead_of_other_users() -> None:
     queue = [job("b0", "bob", at=5), job("a0", "alice", at=1, priority=1_000_000)]
     policy = Policy(now_ns=0, usage={"alice": 5000.0, "bob": 10.0})
     assert [r.job_id for r in order(queue, policy)] == ["b0", "a0"]
+
+
+def test_a_job_over_quota_is_expected_when_its_owners_first_job_ends() -> None:
+    agents = [gpu_agent("host-1", busy={0})]
+    runs = [running("r0", "host-1", "alice", [0], 90)]
+    p = plan([job("a1", "alice")], agents, runs, Policy(now_ns=0, limits={"alice": UserLimits(max_running=1)}))
+    assert p.info["a1"].reason == QUOTA and p.info["a1"].eta_ns == 90 * NS  # not "now", though GPUs are free
