@@ -143,6 +143,7 @@ async def replay(fairshare: bool, hosts: int, half_life: float) -> list[Started]
         admin_token=ADMIN,
         join_token=JOIN,
         lease_timeout_s=1e6,  # the simulated agents send no heartbeats; jumps of the clock must not lose them
+        insecure=True,  # plaintext on loopback in this process, as the in-process tests
         fairshare=fairshare,
         fairshare_half_life_s=half_life,
         reserve_after_s=RESERVE_AFTER if fairshare else math.inf,

@@ -308,7 +308,8 @@ def _place(req: JobRequest, pool: Sequence[AgentState], p: Plan) -> bool:
     candidates = [(a, gpus) for a in pool if (gpus := _fits(a, req)) is not None]
     if not candidates:
         return False
-    agent, gpus = min(candidates, key=lambda c: _leftover(c[0], req))
+    # Best fit; a new attempt's last agent (where it was lost) only if nothing else fits.
+    agent, gpus = min(candidates, key=lambda c: (c[0].agent_id == req.avoid_agent, _leftover(c[0], req)))
     agent.used_cpu += req.cpu
     agent.used_memory += req.memory
     agent.busy_gpus.update(gpus)

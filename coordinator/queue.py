@@ -26,7 +26,13 @@ class Waiting:
 
 
 def request_of(
-    job_id: str, spec: JobSpec, owner: str = "", priority: int = 0, submitted_at: int = 0, workflow: str = ""
+    job_id: str,
+    spec: JobSpec,
+    owner: str = "",
+    priority: int = 0,
+    submitted_at: int = 0,
+    workflow: str = "",
+    avoid_agent: str = "",
 ) -> JobRequest:
     resources = spec.resources
     return JobRequest(
@@ -42,6 +48,7 @@ def request_of(
         submitted_at=submitted_at,
         duration_key=duration_key(workflow or spec.workflow, spec.job_name),
         max_duration_s=max_duration_s(spec),
+        avoid_agent=avoid_agent,
     )
 
 
@@ -52,13 +59,18 @@ class WaitingQueue:
     def __len__(self) -> int:
         return len(self._jobs)
 
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._jobs
+
     def add_row(self, row: WaitingJob) -> None:
         """From store.waiting_jobs() at start-up."""
         spec = job_spec_from_bytes(row.spec)
         self._jobs[row.id] = Waiting(
             job_id=row.id,
             run_id=row.run_id,
-            request=request_of(row.id, spec, row.owner, row.priority, row.submitted_at, row.workflow),
+            request=request_of(
+                row.id, spec, row.owner, row.priority, row.submitted_at, row.workflow, avoid_agent=row.avoid_agent
+            ),
             depends_on=tuple(row.depends_on),
             submitted=row.status == JobStatus.SUBMITTED,
         )

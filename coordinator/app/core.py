@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from dstack.coordinator.artifacts import Artifacts
 from dstack.coordinator.convert import code_from_bytes
 from dstack.coordinator.engine import Engine
-from dstack.coordinator.model import WAITING, JobView, RunStatus, RunView
+from dstack.coordinator.model import WAITING, AttemptView, JobView, RunStatus, RunView
 from dstack.coordinator.planner import WaitInfo
 from dstack.coordinator.store import JobRow, RunRow, Store
 from dstack.coordinator.store.executor import DbExecutor
@@ -33,6 +33,19 @@ def job_view(r: JobRow, pending_reasons: Mapping[str, str], wait_info: Mapping[s
         queue_position=info.position if info else 0,
         wait_reason=info.reason if info else "",
         eta_ns=info.eta_ns if info else 0,
+        attempt=r.attempt,
+        attempts=[
+            AttemptView(
+                a.attempt,
+                a.agent_name,
+                a.status,
+                a.termination_reason,
+                a.message,
+                a.started_at,
+                a.finished_at,
+            )
+            for a in r.attempts
+        ],
     )
 
 

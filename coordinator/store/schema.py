@@ -183,9 +183,48 @@ def _fair_share(db: sqlite_utils.Database) -> None:
         " WHERE usage_charged = 0 AND finished_at IS NOT NULL"
     )
     Table(db, "usage").create({"user": str, "value": float, "as_of": int}, pk="user", if_not_exists=True)
+    # Attempts that ended in a requeue (retry, preemption) used GPUs too: counted the same way.
+    if "job_attempts" in db.table_names() and "usage_charged" not in Table(db, "job_attempts").columns_dict:
+        Table(db, "job_attempts").add_column("usage_charged", int, not_null_default=0)
+    if "job_attempts" in db.table_names():
+        db.execute(
+            "CREATE INDEX IF NOT EXISTS attempts_uncharged ON job_attempts (finished_at) WHERE usage_charged = 0"
+        )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _fair_share]
+def _v7(db: sqlite_utils.Database) -> None:
+    """Attempts (workflow `retry`, preemption): a job's current attempt number, why its agent was asked
+    to stop it (0: by its user; else the termination reason the coordinator records: preempted or
+    max_duration, with that message), the agent a requeued attempt should avoid, when its current
+    attempt must end (max_duration, on the coordinator's clock; 0: never), and one row per attempt
+    that ended without ending the job (its agent, times, status and reason)."""
+    for column, kind in (
+        ("attempt", int),
+        ("stop_reason", int),
+        ("stop_message", str),
+        ("avoid_agent", str),
+        ("deadline_at", int),
+    ):
+        if column not in Table(db, "jobs").columns_dict:
+            default: int | str = 1 if column == "attempt" else 0 if kind is int else ""
+            Table(db, "jobs").add_column(column, kind, not_null_default=default)
+    Table(db, "job_attempts").create(
+        {
+            "job_id": str,
+            "attempt": int,
+            "agent_id": str,
+            "status": int,
+            "termination_reason": int,
+            "message": str,
+            "started_at": int,
+            "finished_at": int,
+        },
+        pk=("job_id", "attempt"),
+        if_not_exists=True,
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _fair_share]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

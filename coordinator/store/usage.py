@@ -91,7 +91,7 @@ class Usage:
         changed: set[str] = set()
         for r in rows:
             start, end = r["started_at"], r["finished_at"]
-            if start is None or end is None or end <= start:
+            if not start or end is None or end <= start:
                 continue
             end = min(end, now_ns)
             amount = interval_usage(weight(r["gpu_count"] or 0, r["cpu"] or 0.0), start, end, now_ns, half_life_s)
@@ -119,13 +119,23 @@ class Usage:
             " FROM jobs j INDEXED BY jobs_uncharged JOIN runs r ON r.id = j.run_id"
             " WHERE j.usage_charged = 0 AND j.finished_at IS NOT NULL LIMIT 5000"
         )
-        if rows:
-            changed = self._add(rows, now_ns, half_life_s)
+        # Attempts that ended in a requeue (retried, preempted): their own start and end.
+        attempts = self.db.rows(
+            "SELECT a.job_id, a.attempt, j.job_name, a.status, a.started_at, a.finished_at, j.gpu_count, j.cpu,"
+            " r.owner, r.workflow FROM job_attempts a INDEXED BY attempts_uncharged"
+            " JOIN jobs j ON j.id = a.job_id JOIN runs r ON r.id = j.run_id WHERE a.usage_charged = 0 LIMIT 5000"
+        )
+        if rows or attempts:
+            changed = self._add(rows, now_ns, half_life_s) | self._add(attempts, now_ns, half_life_s)
             ids = [r["id"] for r in rows]
             with self.db.tx() as c:
                 for i in range(0, len(ids), 500):
                     chunk = ids[i : i + 500]
                     c.execute(f"UPDATE jobs SET usage_charged = 1 WHERE id IN ({marks(chunk)})", chunk)
+                c.executemany(
+                    "UPDATE job_attempts SET usage_charged = 1 WHERE job_id = ? AND attempt = ?",
+                    [(a["job_id"], a["attempt"]) for a in attempts],
+                )
                 self._write(c, changed, now_ns)
         return self.take_finished()
 
