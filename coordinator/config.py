@@ -37,6 +37,9 @@ class CoordinatorConfig:
     # Fair share (coordinator/planner.py): off gives first come, first served (with backfill).
     fairshare: bool = True
     fairshare_half_life_s: float = 86400.0
+    # Per user (coordinator/app/limits.py): jobs waiting to start, and runs submitted per minute; 0: no limit.
+    max_queued_per_user: int = 1000
+    max_submissions_per_minute: int = 600
     # A job waiting this long gets an agent reserved for it (when smaller jobs could starve it); inf: never.
     reserve_after_s: float = 300.0
     # TCP only (a unix socket is always plaintext: its folder is the boundary). By default the coordinator

@@ -58,6 +58,7 @@ async def submit(core: Core, owner: str, sub: Submission) -> RunView:
     _check(sub.jobs)
     if abs(sub.priority) > 1_000_000:
         raise InvalidRequest("--priority must be between -1000000 and 1000000")
+    core.limits.take_submission(owner)
     if sub.code.hash and not await core.db(core.store.has_code, sub.code.hash):
         # Uploaded straight to the store with a presigned URL: checked once, then recorded.
         size = await core.artifacts.verify_code(sub.code.hash)
@@ -69,6 +70,8 @@ async def submit(core: Core, owner: str, sub: Submission) -> RunView:
         check_tag_name(sub.tag_on_done)
 
     def create() -> tuple[CreatedRun, list[JobSpec]]:
+        # Counted in the step that stores the run: two submissions at once cannot both pass at the limit.
+        core.limits.check_queued(owner, core.store.queued_jobs_of(owner), len(sub.jobs))
         # Tag and workflow dependencies resolve now, to the runs they name at submission.
         inputs = [
             [core.store.tag(t).run_id for t in j.input_tags]

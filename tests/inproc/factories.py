@@ -135,8 +135,10 @@ class ConfigOverrides(TypedDict, total=False):
     heartbeat_interval_s: float
     fairshare: bool
     fairshare_half_life_s: float
-    reserve_after_s: float
     approve_agents: bool
+    max_queued_per_user: int
+    max_submissions_per_minute: int
+    reserve_after_s: float
 
 
 @contextlib.asynccontextmanager
