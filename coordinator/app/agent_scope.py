@@ -4,7 +4,7 @@ An agent's credential proves who it is; this module decides what it may touch: t
 to it that may still act (coordinator/store/scope.py says which statuses), the code those jobs run,
 and the artifacts they take as inputs. Each check costs one indexed query.
 
-- unary calls (code, grants, artifacts) are refused with PermissionDenied (PERMISSION_DENIED, which
+- unary calls (code, grants, artifacts) are refused with Forbidden (PERMISSION_DENIED, which
   the agent does not retry), whatever the job, run or blob: a job that does not exist reads the
   same as another agent's, so a refusal tells a prober nothing;
 - on the Connect stream (coordinator/app/agent_stream.py), log lines and status updates for other
@@ -20,7 +20,7 @@ import logging
 from collections.abc import Sequence
 
 from dstack.coordinator.app.core import Core
-from dstack.coordinator.errors import PermissionDenied
+from dstack.coordinator.errors import Forbidden
 from dstack.coordinator.store import JobLocation
 
 log = logging.getLogger("dstack.coordinator")
@@ -32,7 +32,7 @@ async def own_job(core: Core, agent_id: str, wire_id: str) -> JobLocation:
     job = await core.db(core.store.agent_acting_job, agent_id, wire_id)
     if job is None:
         log.warning("agent %s was refused job %s: not one of its running jobs", agent_id, wire_id)
-        raise PermissionDenied(f"job {wire_id} is not running on this agent (or that attempt is over)")
+        raise Forbidden(f"job {wire_id} is not running on this agent (or that attempt is over)")
     return job
 
 
@@ -40,7 +40,7 @@ async def check_code(core: Core, agent_id: str, code_hash: str) -> None:
     """The code blob is the code of one of the agent's jobs."""
     if not await core.db(core.store.agent_has_code, agent_id, code_hash):
         log.warning("agent %s was refused code %s: none of its running jobs runs it", agent_id, code_hash[:12])
-        raise PermissionDenied(f"code {code_hash[:12]} is not the code of a job running on this agent")
+        raise Forbidden(f"code {code_hash[:12]} is not the code of a job running on this agent")
 
 
 async def check_inputs(core: Core, agent_id: str, sources: Sequence[tuple[str, str]]) -> None:
@@ -52,9 +52,7 @@ async def check_inputs(core: Core, agent_id: str, sources: Sequence[tuple[str, s
             log.warning(
                 "agent %s was refused the artifacts of %s/%s: not an input of its jobs", agent_id, run_name, job_name
             )
-            raise PermissionDenied(
-                f"the artifacts of {run_name}/{job_name} are not an input of a job running on this agent"
-            )
+            raise Forbidden(f"the artifacts of {run_name}/{job_name} are not an input of a job running on this agent")
 
 
 async def reportable(core: Core, agent_id: str, wire_ids: Sequence[str]) -> tuple[set[str], set[str]]:

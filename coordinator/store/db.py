@@ -31,6 +31,7 @@ from dstack.coordinator.store.runs import CreatedRun, ExpiredRun, NewJob, RunRow
 from dstack.coordinator.store.scope import Scope
 from dstack.coordinator.store.secrets import SecretRow, Secrets
 from dstack.coordinator.store.tags import TagRow, Tags
+from dstack.coordinator.store.usage import FinishedJob, OnAgent, Usage, UserLimitsRow
 from dstack.coordinator.store.users import Users, hash_token
 
 __all__ = [
@@ -43,10 +44,12 @@ __all__ = [
     "CreatedRun",
     "ExpiredRun",
     "FileRecord",
+    "FinishedJob",
     "JobLocation",
     "JobRow",
     "JoinTokenRow",
     "NewJob",
+    "OnAgent",
     "Placement",
     "Removal",
     "RunRow",
@@ -56,6 +59,7 @@ __all__ = [
     "TagRow",
     "UpdateResult",
     "UploadJob",
+    "UserLimitsRow",
     "WaitingJob",
     "hash_token",
 ]
@@ -74,6 +78,8 @@ class Store(Db):
         self.tags = Tags(self, self.runs)
         self.secrets = Secrets(self)
         self.scope = Scope(self)
+        self.usage = Usage(self)
+        self.jobs.charge = self.usage.charge_ended
         self.join_tokens = JoinTokens(self)
 
         # users and code
@@ -163,3 +169,11 @@ class Store(Db):
         self.agent_reportable = self.scope.reportable
         self.agent_has_code = self.scope.has_code
         self.agent_input_sources = self.scope.input_sources
+        # fair share and quotas
+        self.charge_finished_usage = self.usage.charge_finished
+        self.usage_accumulators = self.usage.accumulators
+        self.recent_durations = self.usage.recent_durations
+        self.jobs_on_agents = self.usage.on_agents
+        self.user_limits = self.usage.limits
+        self.user_role = self.usage.role
+        self.set_user_limits = self.usage.set_limits
