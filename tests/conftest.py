@@ -84,6 +84,7 @@ class JobJSON(TypedDict):
 class RunJSON(TypedDict):
     name: str
     workflow: str
+    repository: str
     owner: str
     status: str
     termination_reason: str | None

@@ -49,6 +49,7 @@ def run_view(r: RunRow, jobs: list[JobRow], tags: list[str], pending_reasons: Ma
         code=code_from_bytes(r.code),
         tags=list(tags),
         jobs=views,
+        repository=r.repository,
     )
 
 
