@@ -32,7 +32,7 @@ LOCAL = "local"  # the first component of a repository named after a folder
 LEGACY = "legacy"  # runs (and their tags) from before repositories, whose code named no remote
 MAX_LENGTH = 300
 
-_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?#]*)(?P<path>[^?#]*)", re.S)
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?#]*)(?P<path>[^?#]*)(?P<rest>.*)", re.S)
 _SCP = re.compile(r"(?:[^/]*@)?(?P<host>\[[^\]/]*\]|[^/:\[\]@]+):(?P<path>.*)", re.S)
 _CASE_INSENSITIVE_HOSTS = {"github.com", "gitlab.com", "bitbucket.org"}
 BAD_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # control characters
@@ -62,6 +62,8 @@ def repository_from_remote(url: str) -> str | None:
         if m["scheme"].lower() == "file":
             return _local_path(m["path"])
         host, path = _host(m["authority"]), m["path"]
+    elif "://" in url:
+        return None
     elif url.startswith("/"):
         return _local_path(url)
     else:
