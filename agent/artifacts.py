@@ -178,7 +178,7 @@ def _collect_with_stat(workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]) 
 def _worst(errors: Sequence[StoreError]) -> StoreError:
     """Of a batch's failures, the one that decides what happens next: a final one over an expired
     grant over a transient one (agent/retry.py)."""
-    rank = {Outcome.FINAL: 0, Outcome.REGRANT: 1, Outcome.REREGISTER: 2, Outcome.RETRY: 3}
+    rank = {Outcome.FINAL: 0, Outcome.REMOVED: 0, Outcome.REGRANT: 1, Outcome.REREGISTER: 2, Outcome.RETRY: 3}
     return min(errors, key=lambda e: rank[classify(e)])
 
 

@@ -160,6 +160,13 @@ class Agent:
             except FatalAgentError:
                 raise
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
+                if classify(e) is Outcome.REMOVED:
+                    # Retrying cannot help: its credential is revoked for good. Its jobs were failed by
+                    # the coordinator; close() stops what still runs here.
+                    raise FatalAgentError(
+                        f"{describe(e)}. The agent stops. To enrol this host again, delete"
+                        f" {self.config.credentials_path} and start the agent with a new join token"
+                    ) from e
                 if classify(e) is Outcome.REREGISTER:
                     log.warning("the coordinator does not know this agent any more; registering again")
                     registered = False

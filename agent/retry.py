@@ -9,10 +9,13 @@ The table (also in docs/lifecycle.md, "What the agent retries"). Outcomes:
               at once (at most MAX_REGRANTS times in a row, so a store whose clock is off cannot loop)
   REREGISTER  the coordinator does not know the agent's token: the session registers again (with the
               join token); a job's call waits with backoff, as for RETRY, and is sent with the new token
+  REMOVED     an admin removed this agent (UNAUTHENTICATED, "this agent was removed by an admin"): the
+              agent stops with that message (FatalAgentError); a job's call fails at once
 
 The session itself (agent/connection.py: Connect) never gives up: its jobs keep running meanwhile, so
-every failure but REREGISTER is retried with SESSION_BACKOFF for as long as the agent runs; Register
-fails the agent (FatalAgentError) on a FINAL or REREGISTER outcome (a wrong join token, a taken name).
+every failure but REREGISTER and REMOVED is retried with SESSION_BACKOFF for as long as the agent runs;
+Register fails the agent (FatalAgentError) on a FINAL or REREGISTER outcome (a wrong, revoked, expired
+or used-up join token, a taken name), and so does REMOVED anywhere.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import TypeVar
 
 import grpc
 
+from dstack.protos.refusals import is_agent_removed
 from dstack.storage.backoff import Backoff
 from dstack.storage.errors import (
     AccessDenied,
@@ -49,6 +53,7 @@ class Outcome(enum.Enum):
     RETRY = "retry"
     REGRANT = "regrant"
     REREGISTER = "reregister"
+    REMOVED = "removed"
 
 
 F, R, G, A = Outcome.FINAL, Outcome.RETRY, Outcome.REGRANT, Outcome.REREGISTER
@@ -93,6 +98,8 @@ SESSION_BACKOFF = Backoff(deadline_s=math.inf, first_s=0.1, max_s=2.0)
 
 def classify(e: BaseException) -> Outcome:
     if isinstance(e, grpc.aio.AioRpcError):
+        if e.code() == SC.UNAUTHENTICATED and is_agent_removed(e.details()):
+            return Outcome.REMOVED  # not "unknown token": registering again must not be tried
         return GRPC.get(e.code(), F)
     if isinstance(e, StoreError):
         return next(outcome for cls, outcome in STORE if isinstance(e, cls))

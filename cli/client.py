@@ -187,3 +187,27 @@ class Client:
 
     def delete_secret(self, name: str) -> None:
         self._call(self.stub.DeleteSecret, client_pb2.DeleteSecretRequest(name=name))
+
+    # ---- enrolment (admin only) ----------------------------------------------------------------
+    def create_join_token(self, ttl_s: float, max_uses: int) -> client_pb2.CreateJoinTokenResponse:
+        req = client_pb2.CreateJoinTokenRequest(ttl_s=ttl_s, max_uses=max_uses)
+        resp: client_pb2.CreateJoinTokenResponse = self._call(self.stub.CreateJoinToken, req)
+        return resp
+
+    def list_join_tokens(self) -> list[client_pb2.JoinToken]:
+        req = client_pb2.ListJoinTokensRequest()
+        resp: client_pb2.ListJoinTokensResponse = self._call(self.stub.ListJoinTokens, req)
+        return list(resp.join_tokens)
+
+    def revoke_join_token(self, token_id: str) -> client_pb2.JoinToken:
+        req = client_pb2.RevokeJoinTokenRequest(id=token_id)
+        resp: client_pb2.RevokeJoinTokenResponse = self._call(self.stub.RevokeJoinToken, req)
+        return resp.join_token
+
+    def remove_agent(self, name: str) -> int:
+        req = client_pb2.RemoveAgentRequest(name=name)
+        resp: client_pb2.RemoveAgentResponse = self._call(self.stub.RemoveAgent, req)
+        return resp.failed_jobs
+
+    def approve_agent(self, name: str) -> None:
+        self._call(self.stub.ApproveAgent, client_pb2.ApproveAgentRequest(name=name))

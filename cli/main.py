@@ -98,12 +98,65 @@ def stop(
     raise typer.Exit(stop_command(run, wait))
 
 
-@app.command()
-def agents(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
-    """List the agents of the pool."""
+agents_app = typer.Typer(help="List the agents of the pool; remove or approve one (admin).")
+app.add_typer(agents_app, name="agents")
+join_tokens_app = typer.Typer(help="Tokens agents enrol with (admin).", no_args_is_help=True)
+app.add_typer(join_tokens_app, name="join-tokens")
+
+
+@agents_app.callback(invoke_without_command=True)
+def agents(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
+    """List the agents of the pool: every agent that registered (online, lost, never connected, pending
+    approval, removed)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from dstack.cli.commands.agents import agents_command
 
     agents_command(as_json)
+
+
+@agents_app.command("remove")
+def agents_remove(name: Annotated[str, typer.Argument(help="Agent name")]) -> None:
+    """Remove an agent (admin): its credential is revoked, its connection dropped, its running jobs fail."""
+    from dstack.cli.commands.agents import remove_command
+
+    remove_command(name)
+
+
+@agents_app.command("approve")
+def agents_approve(name: Annotated[str, typer.Argument(help="Agent name")]) -> None:
+    """Let an agent that waits for approval (`dstack server --approve-agents`) into the pool (admin)."""
+    from dstack.cli.commands.agents import approve_command
+
+    approve_command(name)
+
+
+@join_tokens_app.command("create")
+def join_tokens_create(
+    ttl: Annotated[str, typer.Option("--ttl", help="Expires after this long: 90s, 30m, 24h, 7d (default: never)")] = "",
+    uses: Annotated[int, typer.Option("--uses", help="Enrols at most this many agents (default: unlimited)")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Create a join token; its value is printed this once (the coordinator keeps only its hash)."""
+    from dstack.cli.commands.join_tokens import create_command
+
+    create_command(ttl, uses, as_json)
+
+
+@join_tokens_app.command("list")
+def join_tokens_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
+    """List join tokens: id, dates, uses and whether revoked; never their values."""
+    from dstack.cli.commands.join_tokens import list_command
+
+    list_command(as_json)
+
+
+@join_tokens_app.command("revoke")
+def join_tokens_revoke(token_id: Annotated[str, typer.Argument(metavar="ID", help="Join token id")]) -> None:
+    """Revoke a join token: no agent can enrol with it any more (`default` is the server's own)."""
+    from dstack.cli.commands.join_tokens import revoke_command
+
+    revoke_command(token_id)
 
 
 @artifacts_app.command("list")

@@ -3,8 +3,11 @@
 Each RPC needs one role (`PERMISSIONS`):
 - `user`: `authorization: Bearer USER_TOKEN` (what `dstack config` stores);
 - `agent`: `authorization: Bearer AGENT_TOKEN` (what Register handed the agent);
-- `join`: `authorization: Bearer JOIN_TOKEN`, the team's join token (Register). The request's
-  `join_token` field is not read: agents still fill it in for coordinators older than this check;
+- `admin`: a user token whose user has the role 'admin' (enrolment: join tokens, removing and
+  approving agents); another user's token is refused with PERMISSION_DENIED;
+- `join`: `authorization: Bearer JOIN_TOKEN`, a join token that is not revoked, expired or used up
+  (Register, which takes one use; coordinator/store/join_tokens.py). The request's `join_token` field
+  is not read: agents still fill it in for coordinators older than this check;
 - `public`: anyone.
 A method missing from the table is refused. A refused call gets a handler that aborts without
 reading the request, so an unauthenticated upload is not buffered: HTTP/2 flow control stops its
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import contextvars
 import enum
-import hmac
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -25,14 +27,18 @@ from typing import Any
 
 import grpc
 
+from dstack.coordinator.errors import Unauthenticated
+from dstack.coordinator.lifecycle.agents import AgentStatus
 from dstack.coordinator.store import Store
 from dstack.coordinator.store.executor import DbExecutor
+from dstack.protos.refusals import agent_removed
 
 
 class Role(enum.Enum):
     PUBLIC = "public"
     JOIN = "join"
     USER = "user"
+    ADMIN = "admin"
     AGENT = "agent"
 
 
@@ -63,6 +69,11 @@ PERMISSIONS: dict[str, Role] = {
     _C + "PutArtifact": Role.USER,
     _C + "CommitUpload": Role.USER,
     _C + "DeleteRun": Role.USER,
+    _C + "CreateJoinToken": Role.ADMIN,
+    _C + "ListJoinTokens": Role.ADMIN,
+    _C + "RevokeJoinToken": Role.ADMIN,
+    _C + "RemoveAgent": Role.ADMIN,
+    _C + "ApproveAgent": Role.ADMIN,
     _A + "Register": Role.JOIN,
     _A + "Connect": Role.AGENT,
     _A + "GetCode": Role.AGENT,
@@ -80,12 +91,14 @@ INVALID_USER_TOKEN = "invalid token: check `dstack config`"
 MISSING_AGENT_TOKEN = "missing agent token: register the agent with the join token first"
 UNKNOWN_AGENT_TOKEN = "unknown agent token: register the agent again with the join token"
 INVALID_JOIN_TOKEN = "invalid join token"
+NOT_ADMIN = "needs an admin token"
+ADMIN_ROLE = "admin"  # users.role (the store's `ensure_user(..., "admin")`)
 
 
 @dataclass(frozen=True)
 class Caller:
     role: Role
-    name: str = ""  # the user's name, or the agent's id; empty for public and join calls
+    name: str = ""  # the user's name, the agent's id, or the join token's id; empty for public calls
 
 
 _CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("dstack_caller")
@@ -101,7 +114,13 @@ def caller() -> Caller:
 
 def user_name() -> str:
     c = caller()
-    assert c.role is Role.USER, c
+    assert c.role in (Role.USER, Role.ADMIN), c
+    return c.name
+
+
+def join_token_id() -> str:
+    c = caller()
+    assert c.role is Role.JOIN, c
     return c.name
 
 
@@ -115,6 +134,7 @@ _NEEDS = {
     Role.PUBLIC: "nothing",
     Role.JOIN: "the join token",
     Role.USER: "a user token",
+    Role.ADMIN: "an admin token",
     Role.AGENT: "an agent token",
 }
 
@@ -132,33 +152,39 @@ class Refused(Exception):
 
 
 class Authenticator:
-    """Token -> caller, against the store. User tokens are cached briefly (every call checks one)."""
+    """Token -> caller, against the store. User tokens are cached briefly (every call checks one);
+    agent and join tokens are not: a removed agent or a revoked join token is refused at once."""
 
-    def __init__(self, store: Store, db: DbExecutor, join_token: str) -> None:
+    def __init__(self, store: Store, db: DbExecutor) -> None:
         self.store = store
         self.db = db
-        self.join_token = join_token
-        self._users: dict[str, tuple[str, float]] = {}
+        self._users: dict[str, tuple[tuple[str, str], float]] = {}
 
-    async def user(self, token: str) -> str | None:
+    async def user_with_role(self, token: str) -> tuple[str, str] | None:
         # A revoked token stops working within TOKEN_CACHE_S.
         now = time.monotonic()
         hit = self._users.get(token)
         if hit is not None and hit[1] > now:
             return hit[0]
-        name = await self.db(self.store.user_for_token, token)
-        if name is not None:
+        found = await self.db(self.store.user_with_role, token)
+        if found is not None:
             if len(self._users) > 10_000:
                 self._users.clear()
-            self._users[token] = (name, now + TOKEN_CACHE_S)
-        return name
+            self._users[token] = (found, now + TOKEN_CACHE_S)
+        return found
+
+    async def user(self, token: str) -> str | None:
+        found = await self.user_with_role(token)
+        return None if found is None else found[0]
 
     async def agent(self, token: str) -> str | None:
+        """The agent's id; Refused if the token was an agent's that an admin removed."""
         row = await self.db(self.store.agent_by_token, token)
-        return None if row is None else str(row.id)
-
-    def is_join_token(self, token: str) -> bool:
-        return hmac.compare_digest(token.encode(), self.join_token.encode())
+        if row is None:
+            return None
+        if row.status == AgentStatus.REMOVED:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, agent_removed(row.name))
+        return str(row.id)
 
     async def check(self, role: Role, token: str | None) -> Caller:
         """The caller for `role`, or Refused saying what is missing."""
@@ -167,9 +193,19 @@ class Authenticator:
         if role is Role.JOIN:
             if token is None:
                 raise Refused(grpc.StatusCode.UNAUTHENTICATED, MISSING_JOIN_TOKEN)
-            if not self.is_join_token(token):
-                raise Refused(grpc.StatusCode.UNAUTHENTICATED, INVALID_JOIN_TOKEN)
-            return Caller(role)
+            try:
+                return Caller(role, await self.db(self.store.check_join_token, token))
+            except Unauthenticated as e:  # unknown, revoked, expired or used up: the message says which
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, str(e)) from None
+        if role is Role.ADMIN:
+            if token is None:
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, MISSING_USER_TOKEN)
+            found = await self.user_with_role(token)
+            if found is None:
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, INVALID_USER_TOKEN)
+            if found[1] != ADMIN_ROLE:
+                raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"user {found[0]} is not an admin")
+            return Caller(role, found[0])
         if role is Role.USER:
             if token is None:
                 raise Refused(grpc.StatusCode.UNAUTHENTICATED, MISSING_USER_TOKEN)

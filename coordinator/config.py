@@ -25,6 +25,9 @@ class CoordinatorConfig:
     # instead of waiting for a bigger agent to join.
     fail_unsatisfiable: bool = False
     local_mode: bool = False
+    # `dstack server --approve-agents`: a newly registered agent waits as `pending approval` and gets
+    # no job until an admin runs `dstack agents approve NAME`.
+    approve_agents: bool = False
     # Logs of jobs finished this long ago move from the database to the store (coordinator/retention.py).
     archive_after_s: float = 600.0
     archive_interval_s: float = 30.0

@@ -21,13 +21,16 @@ from dstack.coordinator.convert import (
     log_batches_from_proto,
     update_acks_to_proto,
 )
+from dstack.coordinator.errors import Unauthenticated
 from dstack.coordinator.hub import AgentHub
+from dstack.coordinator.lifecycle.agents import AgentStatus
 from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, LogAck
 from dstack.coordinator.queue import Waiting, WaitingQueue
 from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest, schedule
 from dstack.coordinator.secrets import SecretBox
 from dstack.coordinator.store import Assignment, Placement, Store
 from dstack.coordinator.store.executor import DbExecutor
+from dstack.protos.refusals import agent_removed
 from dstack.protos.urls import public_repo_url
 from dstack.protos.v1 import agent_pb2, common_pb2
 
@@ -89,7 +92,7 @@ class Engine:
         # Agents could not renew their leases while we were down, and each notices we are back only at
         # its next reconnect attempt: a lease counted from now alone would let a restart make healthy
         # agents "lost" (and fail their jobs) whenever that attempt comes later than the lease timeout.
-        await self.db(self.store.extend_all_leases, self._lease_until(self.config.reconnect_grace_s))
+        await self.db(self.store.extend_all_leases, self.lease_until(self.config.reconnect_grace_s))
         self.secrets = {n: self.secret_box.decrypt(c) for n, c in await self.db(self.store.secret_ciphertexts)}
         for row in await self.db(self.store.waiting_jobs):
             self.queue.add_row(row)
@@ -109,7 +112,7 @@ class Engine:
         """Asks for a scheduling pass; many kicks before a pass cost one pass."""
         self._kick.set()
 
-    def _lease_until(self, grace_s: float = 0.0) -> int:
+    def lease_until(self, grace_s: float = 0.0) -> int:
         return self.clock.time_ns() + int((self.config.lease_timeout_s + grace_s) * 1e9)
 
     # ---- scheduling --------------------------------------------------------------------------
@@ -252,9 +255,27 @@ class Engine:
             self._renewed.pop(agent_id, None)
 
     # ---- agent stream ------------------------------------------------------------------------
+    def on_agent_removed(self, agent_id: str, failed_jobs: Sequence[str]) -> None:
+        """An admin removed the agent (its row says so, its jobs failed): it is told to abort them, if
+        it still listens, then its stream is dropped (it reconnects, and its credential is refused)."""
+        if failed_jobs:
+            stops = [agent_pb2.StopJob(job_id=j, abort=True) for j in failed_jobs]
+            self.hub.send(agent_id, agent_pb2.CoordinatorMessage(stops=stops))
+        self.hub.drop(agent_id)
+        self._inventories.pop(agent_id, None)
+        self._renewed.pop(agent_id, None)
+        self.watchers.notify_all()
+        self.kick()  # its jobs' dependants may have failed; its resources are gone from the next pass
+
     async def on_hello(self, agent_id: str, msg: agent_pb2.AgentMessage) -> agent_pb2.CoordinatorMessage:
+        """Raises Unauthenticated for an agent removed since its stream was authenticated (a removal
+        racing with its hello): it must not stay connected."""
         hello = msg.hello
-        await self.db(self.store.agent_online, agent_id, hello.inventory.SerializeToString(), self._lease_until())
+        status = await self.db(
+            self.store.agent_online, agent_id, hello.inventory.SerializeToString(), self.lease_until()
+        )
+        if status not in (AgentStatus.ONLINE, AgentStatus.PENDING):
+            raise Unauthenticated(agent_removed(agent_id))
         # Results the agent kept while it could not reach us come first.
         await self.on_message(agent_id, msg)
         active = list(hello.active_job_ids)
@@ -324,7 +345,7 @@ class Engine:
         else:
             return
         self._renewed[agent_id] = now
-        await self.db(self.store.heartbeat, agent_id, inv, self._lease_until())
+        await self.db(self.store.heartbeat, agent_id, inv, self.lease_until())
 
     def _insert_logs(self, logs: Sequence[agent_pb2.LogBatch]) -> list[LogAck]:
         # Converted on the DB thread, as the store would have read them: a big batch costs the event

@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         metavar="SECONDS",
         help="lost agents not heard from for this long leave `dstack agents` (their names are free anyway)",
     )
+    p.add_argument(
+        "--approve-agents",
+        action="store_true",
+        help="new agents wait in `dstack agents` as `pending approval`, with no job, until"
+        " `dstack agents approve NAME`",
+    )
     p.add_argument("--fail-unsatisfiable", action="store_true", help="fail jobs no agent can ever run")
     p.add_argument("--local-mode", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -78,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         forget_lost_agents_after_s=a.forget_lost_agents_after,
         fail_unsatisfiable=a.fail_unsatisfiable,
         local_mode=a.local_mode,
+        approve_agents=a.approve_agents,
         archive_after_s=a.archive_logs_after,
         archive_interval_s=a.archive_interval,
         retention_days=a.retention_days,
@@ -96,6 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dstack coordinator on {config.listen}; state in {config.state_dir}", file=sys.stderr)
         print(
             f"admin token: {config.state_dir / 'admin-token'}; join token: {config.state_dir / 'join-token'}",
+            file=sys.stderr,
+        )
+        print(
+            "join tokens with an expiry and a use limit: `dstack join-tokens create --ttl 24h --uses 1`"
+            + ("; new agents wait for `dstack agents approve NAME`" if config.approve_agents else ""),
             file=sys.stderr,
         )
     try:

@@ -154,6 +154,8 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
     store = Store(config.db_path, clock=clock.time_ns)
     db = DbExecutor(store)
     await db(store.ensure_user, "admin", config.admin_token, "admin")
+    # The server's own join token is the join token 'default' (revocable; revoked, it stays so).
+    await db(store.ensure_default_join_token, config.join_token)
     try:
         object_store = open_store(config.storage_url)
         await asyncio.to_thread(object_store.check)
@@ -163,7 +165,7 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
     artifacts = Artifacts(object_store)
     engine = Engine(config, store, db, clock)
     retention = Retention(config, store, db, artifacts)
-    auth = Authenticator(store, db, config.join_token)
+    auth = Authenticator(store, db)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(auth)])
     core = Core(engine, artifacts)
     client_pb2_grpc.add_ClientServiceServicer_to_server(ClientService(core), server)

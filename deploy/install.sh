@@ -195,6 +195,9 @@ install_coordinator() {
   set_env "$ETC/coordinator.env" "" "DSTACK_HOST=$host" "DSTACK_PORT=$port" "DSTACK_SERVER_ARGS=\"$options\""
   enable_unit dstack-coordinator
   say "tokens: /var/lib/dstack/server/admin-token and /var/lib/dstack/server/join-token"
+  say "one join token per GPU host, used once and expiring: dstack join-tokens create --ttl 24h --uses 1" \
+    "(admin token); revoke the server's own with: dstack join-tokens revoke default"
+  say "to approve each new agent before it gets jobs, add --approve-agents to DSTACK_SERVER_ARGS in $ETC/coordinator.env"
   say "S3 storage: --storage s3://BUCKET/PREFIX, with AWS_* credentials added to $ETC/coordinator.env (see docs/storage.md)"
 }
 
@@ -267,6 +270,7 @@ install_agent() {
     "DSTACK_AGENT_ARGS=\"$joined\""
   enable_unit dstack-agent
   say "the agent registers once with the join token, then keeps its own credential in /var/lib/dstack/agent/agent.json"
+  say "an admin lists it with dstack agents, and removes it with dstack agents remove NAME (its credential is revoked)"
 }
 
 main() {

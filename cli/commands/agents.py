@@ -77,3 +77,18 @@ def agents_command(as_json: bool) -> None:
         )
     headers = ("AGENT", "HOST", "STATUS", "RUNTIME", "GPUS", "CPU", "MEMORY", "JOBS")
     Term().table(headers, rows, overflow="fold")
+
+
+def remove_command(name: str) -> None:
+    from dstack.cli.session import connect
+
+    failed = connect().remove_agent(name)
+    jobs = f"; {failed} running job(s) failed" if failed else ""
+    print(f"agent {name} removed: its credential is revoked and its connection dropped{jobs}")
+
+
+def approve_command(name: str) -> None:
+    from dstack.cli.session import connect
+
+    connect().approve_agent(name)
+    print(f"agent {name} approved: it gets jobs from now on")

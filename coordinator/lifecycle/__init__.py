@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dstack.coordinator.lifecycle import agents as agent_lifecycle
 from dstack.coordinator.model import (
     ON_AGENT,
     TERMINAL_JOB,
@@ -118,6 +119,14 @@ AGENT_STOPPED_ON_REQUEST = _job(
     "the user asked to stop it and the agent reports it failed or stopped",
 )
 AGENT_LOST = _job("agent-lost", ON_AGENT, JS.FAILED, Actor.SYSTEM, TR.AGENT_LOST, "its agent's lease ran out")
+AGENT_REMOVED = _job(
+    "agent-removed",
+    ON_AGENT,
+    JS.FAILED,
+    Actor.USER,
+    TR.AGENT_LOST,
+    "an admin removed its agent (`dstack agents remove`)",
+)
 LOST_BY_AGENT = _job(
     "lost-by-agent",
     ON_AGENT,
@@ -147,6 +156,7 @@ JOB_TRANSITIONS: tuple[JobTransition, ...] = (
     AGENT_STOPPED,
     AGENT_STOPPED_ON_REQUEST,
     AGENT_LOST,
+    AGENT_REMOVED,
     LOST_BY_AGENT,
     UPLOAD_DONE,
 )
@@ -374,7 +384,8 @@ def markdown() -> str:
         if r.src and r.src == ACTIVE_RUN - {r.dst}:
             src = "any unfinished" if r.dst in TERMINAL_RUN else "any other unfinished"
         out.append(f"| {r.name} | {src} | `{r.dst.label}` | {r.actor} | {r.cause} |")
-    out += ["", "Final states (`done`, `failed`, `stopped`) have no exits.", "", END]
+    out += ["", "Final states (`done`, `failed`, `stopped`) have no exits.", ""]
+    out += [*agent_lifecycle.markdown_lines(), "", END]
     return "\n".join(out)
 
 

@@ -13,14 +13,15 @@ import grpc
 
 from dstack.coordinator.app import agent_link, agent_stream, agents, artifacts, code
 from dstack.coordinator.app.core import Core
-from dstack.coordinator.auth import agent_id
+from dstack.coordinator.auth import agent_id, join_token_id
 from dstack.coordinator.convert import (
     completed_uploads_from_proto,
     file_sizes_from_proto,
     inventory_from_proto,
     upload_grant_to_proto,
 )
-from dstack.coordinator.services.rpc import data_of, first_message, streaming, unary
+from dstack.coordinator.errors import CoordinatorError
+from dstack.coordinator.services.rpc import data_of, first_message, status_for, streaming, unary
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2
 
 Ctx: TypeAlias = Any  # grpc.aio.ServicerContext: grpc ships no type information
@@ -33,7 +34,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
     @unary
     async def Register(self, request: agent_pb2.RegisterRequest, context: Ctx) -> agent_pb2.RegisterResponse:
-        reg = await agents.register(self.core, request.name, inventory_from_proto(request.inventory))
+        reg = await agents.register(self.core, request.name, inventory_from_proto(request.inventory), join_token_id())
         return agent_pb2.RegisterResponse(agent_id=reg.agent_id, agent_token=reg.agent_token)
 
     async def Connect(
@@ -59,7 +60,12 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
         reader: asyncio.Task[None] | None = None
         try:
-            yield await session.start(first)
+            try:
+                ack = await session.start(first)
+            except CoordinatorError as e:  # removed since the stream was authenticated
+                await context.abort(status_for(e) or grpc.StatusCode.UNKNOWN, str(e))
+                return
+            yield ack
             reader = asyncio.create_task(read())
             async for msg in session.outgoing():
                 yield msg

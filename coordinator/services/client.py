@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
-from dstack.coordinator.app import agents, artifacts, code, logs, runs, secrets, tags
+from dstack.coordinator.app import agents, artifacts, code, join_tokens, logs, runs, secrets, tags
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.auth import user_name
 from dstack.coordinator.convert import (
@@ -181,6 +181,51 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     ) -> client_pb2.DeleteSecretResponse:
         await secrets.delete(self.core, request.name)
         return client_pb2.DeleteSecretResponse()
+
+    # ---- enrolment (admin only) ----------------------------------------------------------------
+    @unary
+    async def CreateJoinToken(
+        self, request: client_pb2.CreateJoinTokenRequest, context: Ctx
+    ) -> client_pb2.CreateJoinTokenResponse:
+        new = await join_tokens.create(self.core, request.ttl_s, request.max_uses, user_name())
+        return client_pb2.CreateJoinTokenResponse(join_token=join_token_to_proto(new.row), token=new.token)
+
+    @unary
+    async def ListJoinTokens(
+        self, request: client_pb2.ListJoinTokensRequest, context: Ctx
+    ) -> client_pb2.ListJoinTokensResponse:
+        rows = await join_tokens.list_tokens(self.core)
+        return client_pb2.ListJoinTokensResponse(join_tokens=[join_token_to_proto(r) for r in rows])
+
+    @unary
+    async def RevokeJoinToken(
+        self, request: client_pb2.RevokeJoinTokenRequest, context: Ctx
+    ) -> client_pb2.RevokeJoinTokenResponse:
+        row = await join_tokens.revoke(self.core, request.id, user_name())
+        return client_pb2.RevokeJoinTokenResponse(join_token=join_token_to_proto(row))
+
+    @unary
+    async def RemoveAgent(self, request: client_pb2.RemoveAgentRequest, context: Ctx) -> client_pb2.RemoveAgentResponse:
+        failed = await agents.remove(self.core, request.name, user_name())
+        return client_pb2.RemoveAgentResponse(failed_jobs=failed)
+
+    @unary
+    async def ApproveAgent(
+        self, request: client_pb2.ApproveAgentRequest, context: Ctx
+    ) -> client_pb2.ApproveAgentResponse:
+        await agents.approve(self.core, request.name, user_name())
+        return client_pb2.ApproveAgentResponse()
+
+
+def join_token_to_proto(r: join_tokens.JoinToken) -> client_pb2.JoinToken:
+    return client_pb2.JoinToken(
+        id=r.id,
+        created_at_ns=r.created_at,
+        expires_at_ns=r.expires_at,
+        uses=r.uses,
+        max_uses=r.max_uses,
+        revoked_at_ns=r.revoked_at,
+    )
 
 
 def secret_to_proto(s: secrets.Secret) -> client_pb2.Secret:

@@ -1,18 +1,22 @@
-"""Agents: registration, the pool's names, leases and heartbeats.
+"""Agents: registration, the pool's names, leases, heartbeats, removal and approval.
 
-A name is unique among the rows that are not 'retired' (a partial unique index, migration 5):
-'registered' (not connected yet), 'online' and 'lost'. A new agent may take the name of one that is
-not online; the old row is then deleted, or retired while jobs still refer to it.
+Statuses move only through coordinator/lifecycle/agents.py. A name is unique among the rows in the
+pool (a partial unique index, migration 6): 'registered' (not connected yet), 'pending' (approval),
+'online' and 'lost'. A new agent may take the name of one that is not online; the old row is then
+deleted, or retired while jobs still refer to it. A 'removed' row keeps its token's hash, so that its
+agent is told why it is refused, but not its name.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dstack.coordinator import lifecycle
-from dstack.coordinator.errors import AlreadyExists
+from dstack.coordinator.errors import AlreadyExists, Conflict, NotFound
+from dstack.coordinator.lifecycle import agents as al
 from dstack.coordinator.model import ON_AGENT
 from dstack.coordinator.store.base import Db, ints_in
 from dstack.coordinator.store.jobs import fail_agent_jobs
@@ -24,7 +28,7 @@ from dstack.protos.v1 import common_pb2
 class AgentRow:
     id: str
     name: str
-    status: str  # registered, online, lost (retired rows are never listed)
+    status: str  # an AgentStatus value (retired rows are never listed)
     inventory: bytes  # a serialized dstack.v1.Inventory, kept opaque
     registered_at: int
     last_heartbeat: int
@@ -56,21 +60,42 @@ def _retire(c: sqlite3.Connection, agent_id: str) -> None:
     """The agent leaves the pool: its token stops working, its name is free. The row stays only
     while jobs refer to it (so that they still say where they ran)."""
     if c.execute("SELECT 1 FROM jobs WHERE agent_id = :id LIMIT 1", {"id": agent_id}).fetchone():
-        c.execute("UPDATE agents SET status = 'retired', token_hash = NULL WHERE id = :id", {"id": agent_id})
+        al.move_agents(c, al.RETIRE, "id = :id", {"id": agent_id}, also="token_hash = NULL")
     else:
         c.execute("DELETE FROM agents WHERE id = :id", {"id": agent_id})
+
+
+_POOL = al.sql_list(al.IN_POOL)
+
+
+@dataclass(frozen=True)
+class Removal:
+    agent_id: str
+    failed_jobs: list[str]  # its jobs that were on it, now failed
 
 
 class Agents:
     def __init__(self, db: Db) -> None:
         self.db = db
 
-    def register(self, name: str, token: str, inventory: bytes) -> str:
+    def register(
+        self,
+        name: str,
+        token: str,
+        inventory: bytes,
+        *,
+        pending: bool = False,
+        enrol: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> str:
+        """A new agent; `enrol` (the join token's use, store/join_tokens.py) runs in the same
+        transaction, so that a refused name does not use the token up. `pending`: it waits for an
+        admin's approval."""
         agent_id = uuid.uuid4().hex
         now = self.db.clock()
+        created = al.REGISTER_PENDING if pending else al.REGISTER
         with self.db.tx() as c:
             holder = c.execute(
-                "SELECT id, status, inventory FROM agents WHERE name = :name AND status != 'retired'", {"name": name}
+                f"SELECT id, status, inventory FROM agents WHERE name = :name AND status IN ({_POOL})", {"name": name}
             ).fetchone()
             if holder is not None:
                 if holder[1] == "online":
@@ -80,21 +105,31 @@ class Agents:
                         " choose another --name"
                     )
                 _retire(c, holder[0])
+            if enrol is not None:
+                enrol(c)
             c.execute(
                 "INSERT INTO agents (id, name, token_hash, status, inventory, registered_at, last_heartbeat,"
-                " lease_expires_at) VALUES (:id, :name, :hash, 'registered', :inventory, :now, :now, 0)",
-                {"id": agent_id, "name": name, "hash": hash_token(token), "inventory": inventory, "now": now},
+                " lease_expires_at) VALUES (:id, :name, :hash, :status, :inventory, :now, :now, 0)",
+                {
+                    "id": agent_id,
+                    "name": name,
+                    "hash": hash_token(token),
+                    "status": created.dst.value,
+                    "inventory": inventory,
+                    "now": now,
+                },
             )
         return agent_id
 
     def forget_lost(self, not_seen_since: int) -> list[str]:
-        """Agents lost (or registered but never connected) and not heard from since then, with no job
-        on them, leave the pool; returns their ids."""
+        """Agents lost, registered but never connected, or removed, and not heard from since then,
+        with no job on them, leave the pool; returns their ids. (Pending ones wait for an admin.)"""
         with self.db.tx() as c:
             gone = [
                 r[0]
                 for r in c.execute(
-                    "SELECT id FROM agents a WHERE status IN ('lost', 'registered') AND last_heartbeat < :before"
+                    "SELECT id FROM agents a WHERE status IN ('lost', 'registered', 'removed')"
+                    " AND last_heartbeat < :before"
                     " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.agent_id = a.id"
                     f" AND j.status IN ({ints_in(ON_AGENT)}))",
                     {"before": not_seen_since},
@@ -108,13 +143,25 @@ class Agents:
         row = self.db.row(f"SELECT {_COLUMNS} FROM agents WHERE token_hash = ?", [hash_token(token)])
         return None if row is None else AgentRow.of(row)
 
-    def online(self, agent_id: str, inventory: bytes, lease_until: int) -> None:
+    def online(self, agent_id: str, inventory: bytes, lease_until: int) -> str:
+        """The agent's hello: it is online, unless it waits for approval (then only its inventory is
+        kept, for the admin to see) or was removed. Returns its status after the hello."""
+        params = {"inventory": inventory, "now": self.db.clock(), "lease": lease_until, "id": agent_id}
         with self.db.tx() as c:
+            if al.move_agents(
+                c,
+                al.CONNECT,
+                "id = :id",
+                params,
+                also="inventory = :inventory, last_heartbeat = :now, lease_expires_at = :lease",
+            ):
+                return al.AgentStatus.ONLINE.value
             c.execute(
-                "UPDATE agents SET status = 'online', inventory = :inventory, last_heartbeat = :now,"
-                " lease_expires_at = :lease WHERE id = :id AND status != 'retired'",
-                {"inventory": inventory, "now": self.db.clock(), "lease": lease_until, "id": agent_id},
+                "UPDATE agents SET inventory = :inventory, last_heartbeat = :now WHERE id = :id AND status = 'pending'",
+                params,
             )
+            row = c.execute("SELECT status FROM agents WHERE id = :id", params).fetchone()
+        return al.AgentStatus.RETIRED.value if row is None else str(row[0])
 
     def heartbeat(self, agent_id: str, inventory: bytes | None, lease_until: int) -> None:
         with self.db.tx() as c:
@@ -143,13 +190,59 @@ class Agents:
             ]
             for agent_id in lost:
                 fail_agent_jobs(c, agent_id, lifecycle.AGENT_LOST, "agent lost", now)
-                c.execute("UPDATE agents SET status = 'lost' WHERE id = ?", [agent_id])
+                al.move_agents(c, al.LOSE, "id = :id", {"id": agent_id})
         return lost
 
     def online_agents(self) -> list[AgentRow]:
         return [AgentRow.of(r) for r in self.db.rows(f"SELECT {_COLUMNS} FROM agents WHERE status = 'online'")]
 
     def pool(self) -> list[AgentRow]:
-        """Online and lost agents, by name (`dstack agents`)."""
-        rows = self.db.rows(f"SELECT {_COLUMNS} FROM agents WHERE status IN ('online', 'lost') ORDER BY name")
+        """Every agent that registered and was not retired, by name (`dstack agents`): online, lost,
+        never connected, pending approval and removed."""
+        rows = self.db.rows(f"SELECT {_COLUMNS} FROM agents WHERE status != 'retired' ORDER BY name, registered_at")
         return [AgentRow.of(r) for r in rows]
+
+    def _in_pool(self, c: sqlite3.Connection, name: str) -> tuple[str, str]:
+        row = c.execute(
+            f"SELECT id, status FROM agents WHERE name = :n AND status IN ({_POOL})", {"n": name}
+        ).fetchone()
+        if row is None:
+            removed = c.execute("SELECT 1 FROM agents WHERE name = :n AND status = 'removed'", {"n": name}).fetchone()
+            raise NotFound(f"agent {name} was already removed" if removed else f"no agent named {name} in the pool")
+        return str(row[0]), str(row[1])
+
+    def remove(self, name: str) -> Removal:
+        """An admin removes the agent: its credential is refused from now on, its name is free, and
+        the jobs on it fail (their dependants and runs follow)."""
+        now = self.db.clock()
+        with self.db.tx() as c:
+            agent_id, _ = self._in_pool(c, name)
+            on_it = [
+                r[0]
+                for r in c.execute(
+                    f"SELECT id FROM jobs WHERE agent_id = :a AND status IN ({ints_in(ON_AGENT)})", {"a": agent_id}
+                )
+            ]
+            fail_agent_jobs(c, agent_id, lifecycle.AGENT_REMOVED, f"agent {name} was removed by an admin", now)
+            # Its heartbeat time is when it was removed: `--forget-lost-agents-after` counts from there.
+            al.move_agents(c, al.REMOVE, "id = :id", {"id": agent_id, "now": now}, also="last_heartbeat = :now")
+        return Removal(agent_id, on_it)
+
+    def approve(self, name: str, connected: Callable[[str], bool], lease_until: int) -> str:
+        """An admin approves a pending agent: online at once if it is connected, else when it
+        connects. Returns its id."""
+        with self.db.tx() as c:
+            agent_id, status = self._in_pool(c, name)
+            if status != al.AgentStatus.PENDING:
+                raise Conflict(f"agent {name} is not waiting for approval (it is {al.label(status)})")
+            if connected(agent_id):
+                al.move_agents(
+                    c,
+                    al.APPROVE_CONNECTED,
+                    "id = :id",
+                    {"id": agent_id, "lease": lease_until, "now": self.db.clock()},
+                    also="lease_expires_at = :lease, last_heartbeat = :now",
+                )
+            else:
+                al.move_agents(c, al.APPROVE, "id = :id", {"id": agent_id})
+        return agent_id

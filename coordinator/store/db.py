@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dstack.coordinator.store.agents import AgentRow, Agents
+from dstack.coordinator.store.agents import AgentRow, Agents, Removal
 from dstack.coordinator.store.artifacts import ArtifactRow, Artifacts, FileRecord, UploadJob
 from dstack.coordinator.store.base import Db
 from dstack.coordinator.store.code import CodeBlobs
@@ -25,6 +25,7 @@ from dstack.coordinator.store.jobs import (
     UpdateResult,
     WaitingJob,
 )
+from dstack.coordinator.store.join_tokens import JoinTokenRow, JoinTokens
 from dstack.coordinator.store.logs import ArchivableJob, Logs
 from dstack.coordinator.store.runs import CreatedRun, ExpiredRun, NewJob, RunRow, Runs, StopOnAgent
 from dstack.coordinator.store.secrets import SecretRow, Secrets
@@ -43,8 +44,10 @@ __all__ = [
     "FileRecord",
     "JobLocation",
     "JobRow",
+    "JoinTokenRow",
     "NewJob",
     "Placement",
+    "Removal",
     "RunRow",
     "SecretRow",
     "StopOnAgent",
@@ -69,10 +72,12 @@ class Store(Db):
         self.artifacts = Artifacts(self, self.runs)
         self.tags = Tags(self, self.runs)
         self.secrets = Secrets(self)
+        self.join_tokens = JoinTokens(self)
 
         # users and code
         self.ensure_user = self.users.ensure
         self.user_for_token = self.users.for_token
+        self.user_with_role = self.users.with_role
         self.has_code = self.code.has
         self.add_code = self.code.add
         # runs
@@ -112,6 +117,14 @@ class Store(Db):
         self.expire_leases = self.agents.expire_leases
         self.online_agents = self.agents.online_agents
         self.list_agents = self.agents.pool
+        self.remove_agent = self.agents.remove
+        self.approve_agent = self.agents.approve
+        # join tokens
+        self.ensure_default_join_token = self.join_tokens.ensure_default
+        self.create_join_token = self.join_tokens.create
+        self.list_join_tokens = self.join_tokens.all
+        self.revoke_join_token = self.join_tokens.revoke
+        self.check_join_token = self.join_tokens.check
         # logs
         self.insert_logs = self.logs.insert
         self.log_positions = self.logs.positions

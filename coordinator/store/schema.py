@@ -144,6 +144,31 @@ def _v5(db: sqlite_utils.Database) -> None:
 
 
 def _v6(db: sqlite_utils.Database) -> None:
+    """Enrolment: join tokens with an expiry, a use limit and a revocation (only their sha256 is kept;
+    the server's own token is the row 'default'), and removed agents: a 'removed' row keeps its token's
+    hash (so that the agent is told it was removed) but not its name, which a new agent may take."""
+    Table(db, "join_tokens").create(
+        {
+            "id": str,
+            "token_hash": str,
+            "created_at": int,
+            "expires_at": int,  # 0: never
+            "max_uses": int,  # 0: unlimited
+            "uses": int,
+            "revoked_at": int,  # 0: not revoked
+        },
+        pk="id",
+        not_null={"token_hash", "created_at", "expires_at", "max_uses", "uses", "revoked_at"},
+        if_not_exists=True,
+    )
+    Table(db, "join_tokens").create_index(["token_hash"], unique=True, if_not_exists=True)
+    db.execute("DROP INDEX IF EXISTS agents_live_name")
+    db.execute(
+        "CREATE UNIQUE INDEX IF NOT EXISTS agents_pool_name ON agents (name) WHERE status NOT IN ('retired', 'removed')"
+    )
+
+
+def _v7(db: sqlite_utils.Database) -> None:
     """Repositories as namespaces: each run belongs to a repository (runs stored before get the one their
     code's remote names, else `legacy`), and a tag name is unique within its repository (the tags table
     is rebuilt with the key (repository, name); its rows keep their runs)."""
@@ -159,23 +184,23 @@ def _v6(db: sqlite_utils.Database) -> None:
     tables = set(db.table_names())
     if "tags" in tables and "repository" not in Table(db, "tags").columns_dict:
         # Rebuilt under a new name, then swapped: a crash before the drop leaves the old table whole
-        # (and this step runs again), one after it leaves only tags_v6, renamed below.
+        # (and this step runs again), one after it leaves only tags_v7, renamed below.
         db.execute(
-            "CREATE TABLE IF NOT EXISTS tags_v6 (repository TEXT NOT NULL, name TEXT NOT NULL, run_id TEXT NOT NULL,"
+            "CREATE TABLE IF NOT EXISTS tags_v7 (repository TEXT NOT NULL, name TEXT NOT NULL, run_id TEXT NOT NULL,"
             " created_at INTEGER, PRIMARY KEY (repository, name))"
         )
         db.execute(
-            "INSERT OR IGNORE INTO tags_v6 (repository, name, run_id, created_at) SELECT r.repository, t.name,"
+            "INSERT OR IGNORE INTO tags_v7 (repository, name, run_id, created_at) SELECT r.repository, t.name,"
             " t.run_id, t.created_at FROM tags t JOIN runs r ON r.id = t.run_id"
         )
         db.execute("DROP TABLE tags")
         tables.discard("tags")
-    if "tags" not in tables and "tags_v6" in set(db.table_names()):
-        db.execute("ALTER TABLE tags_v6 RENAME TO tags")
+    if "tags" not in tables and "tags_v7" in set(db.table_names()):
+        db.execute("ALTER TABLE tags_v7 RENAME TO tags")
     Table(db, "tags").create_index(["run_id"], if_not_exists=True)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

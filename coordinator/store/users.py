@@ -26,3 +26,8 @@ class Users:
     def for_token(self, token: str) -> str | None:
         row = self.db.row("SELECT name FROM users WHERE token_hash = ?", [hash_token(token)])
         return None if row is None else str(row["name"])
+
+    def with_role(self, token: str) -> tuple[str, str] | None:
+        """The token's user and role ('admin' or another), or None."""
+        row = self.db.row("SELECT name, role FROM users WHERE token_hash = ?", [hash_token(token)])
+        return None if row is None else (str(row["name"]), str(row["role"] or ""))

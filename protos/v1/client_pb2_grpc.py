@@ -144,6 +144,31 @@ class ClientServiceStub:
                 request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunRequest.SerializeToString,
                 response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunResponse.FromString,
                 _registered_method=True)
+        self.CreateJoinToken = channel.unary_unary(
+                '/dstack.v1.ClientService/CreateJoinToken',
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.CreateJoinTokenRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.CreateJoinTokenResponse.FromString,
+                _registered_method=True)
+        self.ListJoinTokens = channel.unary_unary(
+                '/dstack.v1.ClientService/ListJoinTokens',
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListJoinTokensRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListJoinTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeJoinToken = channel.unary_unary(
+                '/dstack.v1.ClientService/RevokeJoinToken',
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.RevokeJoinTokenRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.RevokeJoinTokenResponse.FromString,
+                _registered_method=True)
+        self.RemoveAgent = channel.unary_unary(
+                '/dstack.v1.ClientService/RemoveAgent',
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.RemoveAgentRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.RemoveAgentResponse.FromString,
+                _registered_method=True)
+        self.ApproveAgent = channel.unary_unary(
+                '/dstack.v1.ClientService/ApproveAgent',
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ApproveAgentRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ApproveAgentResponse.FromString,
+                _registered_method=True)
 
 
 class ClientServiceServicer:
@@ -284,6 +309,37 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateJoinToken(self, request, context):
+        """Enrolment (admin only): join tokens with limits, removing and approving agents.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJoinTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeJoinToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveAgent(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveAgent(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -396,6 +452,31 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.DeleteRun,
                     request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunRequest.FromString,
                     response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunResponse.SerializeToString,
+            ),
+            'CreateJoinToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJoinToken,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.CreateJoinTokenRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.CreateJoinTokenResponse.SerializeToString,
+            ),
+            'ListJoinTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJoinTokens,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListJoinTokensRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListJoinTokensResponse.SerializeToString,
+            ),
+            'RevokeJoinToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeJoinToken,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.RevokeJoinTokenRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.RevokeJoinTokenResponse.SerializeToString,
+            ),
+            'RemoveAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveAgent,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.RemoveAgentRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.RemoveAgentResponse.SerializeToString,
+            ),
+            'ApproveAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveAgent,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ApproveAgentRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ApproveAgentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -992,6 +1073,141 @@ class ClientService:
             '/dstack.v1.ClientService/DeleteRun',
             dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunRequest.SerializeToString,
             dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateJoinToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/CreateJoinToken',
+            dstack_dot_protos_dot_v1_dot_client__pb2.CreateJoinTokenRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.CreateJoinTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJoinTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/ListJoinTokens',
+            dstack_dot_protos_dot_v1_dot_client__pb2.ListJoinTokensRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.ListJoinTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeJoinToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/RevokeJoinToken',
+            dstack_dot_protos_dot_v1_dot_client__pb2.RevokeJoinTokenRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.RevokeJoinTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/RemoveAgent',
+            dstack_dot_protos_dot_v1_dot_client__pb2.RemoveAgentRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.RemoveAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/ApproveAgent',
+            dstack_dot_protos_dot_v1_dot_client__pb2.ApproveAgentRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.ApproveAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,

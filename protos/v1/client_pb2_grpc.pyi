@@ -58,6 +58,12 @@ class ClientServiceStub:
     CommitUpload: _grpc.UnaryUnaryMultiCallable[_client_pb2.CommitUploadRequest, _client_pb2.CommitUploadResponse]
     DeleteRun: _grpc.UnaryUnaryMultiCallable[_client_pb2.DeleteRunRequest, _client_pb2.DeleteRunResponse]
     """`dstack rm`: a finished run, its logs and its artifacts."""
+    CreateJoinToken: _grpc.UnaryUnaryMultiCallable[_client_pb2.CreateJoinTokenRequest, _client_pb2.CreateJoinTokenResponse]
+    """Enrolment (admin only): join tokens with limits, removing and approving agents."""
+    ListJoinTokens: _grpc.UnaryUnaryMultiCallable[_client_pb2.ListJoinTokensRequest, _client_pb2.ListJoinTokensResponse]
+    RevokeJoinToken: _grpc.UnaryUnaryMultiCallable[_client_pb2.RevokeJoinTokenRequest, _client_pb2.RevokeJoinTokenResponse]
+    RemoveAgent: _grpc.UnaryUnaryMultiCallable[_client_pb2.RemoveAgentRequest, _client_pb2.RemoveAgentResponse]
+    ApproveAgent: _grpc.UnaryUnaryMultiCallable[_client_pb2.ApproveAgentRequest, _client_pb2.ApproveAgentResponse]
 
 @_typing.type_check_only
 class ClientServiceAsyncStub(ClientServiceStub):
@@ -87,6 +93,12 @@ class ClientServiceAsyncStub(ClientServiceStub):
     CommitUpload: _aio.UnaryUnaryMultiCallable[_client_pb2.CommitUploadRequest, _client_pb2.CommitUploadResponse]  # type: ignore[assignment]
     DeleteRun: _aio.UnaryUnaryMultiCallable[_client_pb2.DeleteRunRequest, _client_pb2.DeleteRunResponse]  # type: ignore[assignment]
     """`dstack rm`: a finished run, its logs and its artifacts."""
+    CreateJoinToken: _aio.UnaryUnaryMultiCallable[_client_pb2.CreateJoinTokenRequest, _client_pb2.CreateJoinTokenResponse]  # type: ignore[assignment]
+    """Enrolment (admin only): join tokens with limits, removing and approving agents."""
+    ListJoinTokens: _aio.UnaryUnaryMultiCallable[_client_pb2.ListJoinTokensRequest, _client_pb2.ListJoinTokensResponse]  # type: ignore[assignment]
+    RevokeJoinToken: _aio.UnaryUnaryMultiCallable[_client_pb2.RevokeJoinTokenRequest, _client_pb2.RevokeJoinTokenResponse]  # type: ignore[assignment]
+    RemoveAgent: _aio.UnaryUnaryMultiCallable[_client_pb2.RemoveAgentRequest, _client_pb2.RemoveAgentResponse]  # type: ignore[assignment]
+    ApproveAgent: _aio.UnaryUnaryMultiCallable[_client_pb2.ApproveAgentRequest, _client_pb2.ApproveAgentResponse]  # type: ignore[assignment]
 
 class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -245,5 +257,41 @@ class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_client_pb2.DeleteRunResponse, _abc.Awaitable[_client_pb2.DeleteRunResponse]]:
         """`dstack rm`: a finished run, its logs and its artifacts."""
+
+    @_abc_1.abstractmethod
+    def CreateJoinToken(
+        self,
+        request: _client_pb2.CreateJoinTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.CreateJoinTokenResponse, _abc.Awaitable[_client_pb2.CreateJoinTokenResponse]]:
+        """Enrolment (admin only): join tokens with limits, removing and approving agents."""
+
+    @_abc_1.abstractmethod
+    def ListJoinTokens(
+        self,
+        request: _client_pb2.ListJoinTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.ListJoinTokensResponse, _abc.Awaitable[_client_pb2.ListJoinTokensResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeJoinToken(
+        self,
+        request: _client_pb2.RevokeJoinTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.RevokeJoinTokenResponse, _abc.Awaitable[_client_pb2.RevokeJoinTokenResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveAgent(
+        self,
+        request: _client_pb2.RemoveAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.RemoveAgentResponse, _abc.Awaitable[_client_pb2.RemoveAgentResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ApproveAgent(
+        self,
+        request: _client_pb2.ApproveAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.ApproveAgentResponse, _abc.Awaitable[_client_pb2.ApproveAgentResponse]]: ...
 
 def add_ClientServiceServicer_to_server(servicer: ClientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -133,6 +133,7 @@ class ConfigOverrides(TypedDict, total=False):
     lease_timeout_s: float
     forget_lost_agents_after_s: float
     heartbeat_interval_s: float
+    approve_agents: bool
 
 
 @contextlib.asynccontextmanager

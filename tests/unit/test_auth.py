@@ -25,10 +25,13 @@ def test_every_method_of_every_service_is_in_the_table() -> None:
     assert methods == set(PERMISSIONS), methods ^ set(PERMISSIONS)
 
 
+ADMIN_ONLY = {"CreateJoinToken", "ListJoinTokens", "RevokeJoinToken", "RemoveAgent", "ApproveAgent"}
+
+
 def test_agent_calls_need_an_agent_and_client_calls_a_user() -> None:
     for method, role in PERMISSIONS.items():
         if method.startswith("/dstack.v1.ClientService/"):
-            assert role is Role.USER, method
+            assert role is (Role.ADMIN if method.rsplit("/", 1)[1] in ADMIN_ONLY else Role.USER), method
         elif method != "/dstack.v1.AgentService/Register":
             assert role is Role.AGENT, method
     assert PERMISSIONS["/dstack.v1.AgentService/Register"] is Role.JOIN
@@ -87,7 +90,8 @@ def authenticator(tmp_path: Path) -> Iterator[Authenticator]:
     store = Store(tmp_path / "db.sqlite")
     db = DbExecutor(store)
     try:
-        yield Authenticator(store, db, "join")
+        store.ensure_default_join_token("join")
+        yield Authenticator(store, db)
     finally:
         db.shutdown()
         store.close()
@@ -127,3 +131,18 @@ def test_a_register_without_the_join_token_in_metadata_is_refused_unread(authent
         aborted = refused_with(asyncio.run(interceptor.intercept_service(continuation, details)))
         assert aborted is not None and aborted[0] == grpc.StatusCode.UNAUTHENTICATED
         assert "invalid join token" in aborted[1] and "Register needs the join token" in aborted[1]
+
+
+def test_enrolment_calls_need_an_admin(authenticator: Authenticator) -> None:
+    """A member's token is a user's, not an admin's: refused unread, saying so."""
+    authenticator.store.ensure_user("alice", "alice-token", "member")
+
+    async def continuation(details: object) -> grpc.RpcMethodHandler:
+        raise AssertionError("a refused call must not reach its handler")
+
+    interceptor = AuthInterceptor(authenticator)
+    for method in ("CreateJoinToken", "ListJoinTokens", "RevokeJoinToken", "RemoveAgent", "ApproveAgent"):
+        details = Details(f"/dstack.v1.ClientService/{method}", (("authorization", "Bearer alice-token"),))
+        aborted = refused_with(asyncio.run(interceptor.intercept_service(continuation, details)))
+        assert aborted is not None and aborted[0] == grpc.StatusCode.PERMISSION_DENIED, method
+        assert "user alice is not an admin" in aborted[1] and "needs an admin token" in aborted[1]

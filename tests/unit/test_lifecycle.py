@@ -81,10 +81,13 @@ def test_a_final_job_state_records_a_reason() -> None:
 def test_only_the_lifecycle_writes_a_status() -> None:
     # A status in the SET list (not in the WHERE clause), or a new job or run.
     writes = re.compile(
-        r"UPDATE\s+(jobs|runs)\s+SET(?:(?!\bWHERE\b).)*?\bstatus\s*=|INSERT\s+INTO\s+(jobs|runs)\b", re.S
+        r"UPDATE\s+(jobs|runs|agents)\s+SET(?:(?!\bWHERE\b).)*?\bstatus\s*=|INSERT\s+INTO\s+(jobs|runs|agents)\b",
+        re.S,
     )
     offenders = []
     for path in sorted((REPO / "coordinator").rglob("*.py")):
+        if path.name == "schema.py":  # shipped migrations are never edited (migration 5 retires agents)
+            continue
         text = path.read_text()
         for m in writes.finditer(text):
             # Creating a job or run (INSERT) is allowed to the store, in its creation transition's state.

@@ -196,3 +196,23 @@ def test_backoff_grows_with_jitter_up_to_its_cap_and_stops_at_the_deadline() -> 
         assert d is not None and 0.5 * base <= d <= 1.5 * base  # jittered around the base
     assert attempts.failures == 10
     assert Backoff(deadline_s=0.0).start().next_delay() is None  # no time: no retry
+
+
+def test_a_removed_agent_is_told_apart_from_an_unknown_token() -> None:
+    """Unknown: register again. Removed by an admin: stop (agent/connection.py raises FatalAgentError)."""
+    from dstack.protos.refusals import agent_removed
+
+    assert classify(rpc_error(SC.UNAUTHENTICATED, "unknown agent token: register the agent again")) is A
+    removed = rpc_error(SC.UNAUTHENTICATED, agent_removed("gpu-1") + " (Connect needs an agent token)")
+    assert classify(removed) is Outcome.REMOVED
+    assert classify(rpc_error(SC.PERMISSION_DENIED, agent_removed("gpu-1"))) is F  # only as UNAUTHENTICATED
+
+    async def call() -> None:
+        raise removed
+
+    async def run() -> None:
+        with pytest.raises(CallFailed) as e:
+            await RetryPolicy(Backoff(deadline_s=60)).call("GetCode", call)
+        assert e.value.outcome is Outcome.REMOVED and "removed by an admin" in str(e.value)
+
+    asyncio.run(run())

@@ -182,7 +182,7 @@ def test_migration_5_keeps_one_agent_per_name(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
     Store(path).close()
     conn = sqlite3.connect(path)
-    conn.execute("DROP INDEX agents_live_name")
+    conn.execute("DROP INDEX agents_pool_name")  # as a database at version 4 was: without it
     rows = [  # id, name, status, last_heartbeat, registered_at
         ("a-lost", "a", "lost", 50, 1),
         ("a-online-old", "a", "online", 10, 2),
