@@ -43,15 +43,29 @@ COMMON_SCHEMA: dict[str, Any] = {
     "name": _STR,
     "help": _STR,
     "provider": _STR,
-    "depends-on": {**_STR_LIST, "description": "WORKFLOW (runs it first) or WORKFLOW:TAG (uses a tagged run)"},
+    "depends-on": {
+        **_STR_LIST,
+        "description": "WORKFLOW (runs it first) or WORKFLOW:TAG (uses a tagged run of this repository);"
+        " OWNER/REPO/WORKFLOW[:TAG] uses another repository's tagged or last done run",
+    },
     "deps": {
         "type": "array",
         "items": {
             "oneOf": [
-                {"type": "object", "properties": {"tag": _STR}, "required": ["tag"], "additionalProperties": False},
                 {
                     "type": "object",
-                    "properties": {"workflow": _STR},
+                    "properties": {"tag": {**_STR, "description": "TAG of this repository, or OWNER/REPO/TAG"}},
+                    "required": ["tag"],
+                    "additionalProperties": False,
+                },
+                {
+                    "type": "object",
+                    "properties": {
+                        "workflow": {
+                            **_STR,
+                            "description": "the last done run of WORKFLOW in this repository, or OWNER/REPO/WORKFLOW",
+                        }
+                    },
                     "required": ["workflow"],
                     "additionalProperties": False,
                 },

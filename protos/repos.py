@@ -88,6 +88,13 @@ def _checked(name: str) -> str | None:
     return name if len(name) <= MAX_LENGTH and not BAD_CHARS.search(name) else None
 
 
+def reads_legacy(repository: str) -> bool:
+    """Whether a name this repository lacks is looked up in `legacy` too. Only folders without a remote:
+    their runs from before repositories went there (runs whose code named a remote got that remote's
+    repository), and a repository with a remote never takes artifacts from outside it unasked."""
+    return repository.startswith(f"{LOCAL}/")
+
+
 def folder_repository(folder_name: str) -> str:
     """What the CLI sends for a project without a remote; the coordinator adds the user."""
     return f"{LOCAL}/{folder_name}"

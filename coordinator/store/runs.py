@@ -14,7 +14,7 @@ from dstack.coordinator.model import ON_AGENT, TERMINAL_RUN, RunStatus, Terminat
 from dstack.coordinator.names import random_run_prefix
 from dstack.coordinator.repositories import resolve_qualifier
 from dstack.coordinator.store.base import Db, ints_in, json_list
-from dstack.protos.repos import LEGACY, BadRef, split_ref
+from dstack.protos.repos import LEGACY, BadRef, reads_legacy, split_ref
 
 _COLUMNS = (
     "id, name, owner, workflow, status, termination_reason, message, submitted_at, finished_at, code_hash, code,"
@@ -245,7 +245,8 @@ class Runs:
 
     def latest_done_ref(self, repository: str, ref: str) -> RunRow:
         """The run a workflow dependency names from a run of `repository`: the last done run of `WORKFLOW`
-        there (else, for runs stored before repositories, in `legacy`), or of `OWNER/REPO/WORKFLOW` there."""
+        there (else, for a folder without a remote, in `legacy`: protos/repos.py `reads_legacy`), or of
+        `OWNER/REPO/WORKFLOW` there."""
         try:
             parsed = split_ref(ref)
         except BadRef as e:
@@ -255,7 +256,7 @@ class Runs:
         try:
             return self.latest_done(repository, parsed.name)
         except NotFound:
-            if repository == LEGACY:
+            if not reads_legacy(repository):
                 raise
             try:
                 return self.latest_done(LEGACY, parsed.name)

@@ -11,7 +11,7 @@ from dstack.coordinator.model import RunStatus
 from dstack.coordinator.repositories import resolve_qualifier
 from dstack.coordinator.store.base import Db
 from dstack.coordinator.store.runs import Runs
-from dstack.protos.repos import LEGACY, BadRef, split_ref
+from dstack.protos.repos import LEGACY, BadRef, reads_legacy, split_ref
 
 _SELECT = (
     "SELECT t.repository, t.name, t.created_at, r.id AS run_id, r.name AS run_name, r.workflow FROM tags t"
@@ -63,8 +63,8 @@ class Tags:
         return TagRow.of(row)
 
     def resolve(self, repository: str, ref: str) -> TagRow:
-        """The tag a reference names from a run of `repository`: `TAG` there (else, for runs stored before
-        repositories, in `legacy`), or `OWNER/REPO/TAG` in that repository."""
+        """The tag a reference names from a run of `repository`: `TAG` there (else, for a folder without a
+        remote, in `legacy`: protos/repos.py `reads_legacy`), or `OWNER/REPO/TAG` in that repository."""
         try:
             parsed = split_ref(ref)
         except BadRef as e:
@@ -74,12 +74,12 @@ class Tags:
         try:
             return self.get(repository, parsed.name)
         except NotFound:
-            if (
-                repository == LEGACY
-                or self.db.row("SELECT 1 FROM tags WHERE repository = ? AND name = ?", [LEGACY, parsed.name]) is None
-            ):
+            if not reads_legacy(repository):
                 raise
-            return self.get(LEGACY, parsed.name)
+            legacy = self.db.row(f"{_SELECT} WHERE t.repository = ? AND t.name = ?", [LEGACY, parsed.name])
+            if legacy is None:
+                raise
+            return TagRow.of(legacy)
 
     def all(self, repository: str | None = None) -> list[TagRow]:
         """The tags of one repository, or of every one (None)."""

@@ -167,10 +167,14 @@ def test_migration_gives_stored_runs_and_tags_a_repository(tmp_path: Path) -> No
     assert repos == {"old-cat-1": "github.com/team/a", "old-cat-2": LEGACY, "old-cat-3": "git.example.com/team/b"}
     tags = {t.name: (t.repository, t.run_name) for t in s.list_tags(None)}
     assert tags == {"latest": ("github.com/team/a", "old-cat-1"), "data": (LEGACY, "old-cat-2")}
-    # old tags still resolve: in their repository, and a legacy one from any repository that lacks the name
+    # old tags still resolve: in their repository, and a legacy one from a folder without a remote that
+    # lacks the name (where such runs came from); a repository with a remote never reads legacy unasked
     assert s.resolve_tag("github.com/team/a", "latest").run_name == "old-cat-1"
     assert s.resolve_tag("local/alice/app", "data").run_name == "old-cat-2"
     assert s.latest_done_run("local/alice/app", "download").name == "old-cat-2"
+    with pytest.raises(NotFound, match=r"in repository git\.example\.com/team/b"):
+        s.resolve_tag("git.example.com/team/b", "data")
+    assert s.resolve_tag("git.example.com/team/b", "legacy/data").run_name == "old-cat-2"
     # and the schema now keys tags by repository
     with pytest.raises(sqlite3.IntegrityError):
         s.conn.execute(
@@ -201,3 +205,64 @@ def test_migration_resumes_after_a_crash_between_drop_and_rename(tmp_path: Path)
     s = Store(path)
     assert [(t.repository, t.name) for t in s.list_tags(None)] == [(LEGACY, "t")]
     s.close()
+
+
+# ---- the CLI: qualified dependencies, and the repository of the current project -------------------------
+def _deps(tmp_path: Path, lines: str) -> tuple[list[str], list[str], list[str], dict[str, str]]:
+    from dstack.cli.workflows import dependencies, load_workflow_nodes
+
+    (tmp_path / ".dstack").mkdir(exist_ok=True)
+    (tmp_path / ".dstack" / "workflows.yaml").write_text(
+        f"workflows:\n  - name: t\n    provider: bash\n    commands: [x]\n{lines}"
+    )
+    d = dependencies(load_workflow_nodes(tmp_path)["t"])
+    return d.runtime, d.tags, d.workflows, d.tag_workflows
+
+
+def test_qualified_dependencies_parse(tmp_path: Path) -> None:
+    runtime, tags, workflows, expected = _deps(
+        tmp_path,
+        '    depends-on: [prep, "download:latest", "org/repo/download:v1", "org/repo/prep"]\n'
+        "    deps: [{tag: org/repo/nightly}, {workflow: org/repo/train}, {tag: local}]\n",
+    )
+    assert runtime == ["prep"]  # another repository's workflow cannot run in this run: its last done run
+    assert tags == ["latest", "org/repo/v1", "org/repo/nightly", "local"]
+    assert workflows == ["org/repo/prep", "org/repo/train"]
+    assert expected == {"latest": "download", "org/repo/v1": "download"}
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ('    depends-on: ["org/repo/:v1"]\n', r"workflows\.yaml:5:\d+: invalid reference 'org/repo/'"),
+        ('    depends-on: ["download:org/v1"]\n', r"workflows\.yaml:5:\d+: invalid dependency"),
+        ("    deps: [{tag: org//v1}]\n", r"workflows\.yaml:5:\d+: invalid reference 'org//v1'"),
+        ("    deps: [{workflow: /train}]\n", r"workflows\.yaml:5:\d+: invalid reference '/train'"),
+    ],
+)
+def test_bad_qualified_dependencies_are_errors_at_their_line(tmp_path: Path, lines: str, message: str) -> None:
+    from dstack.cli.errors import WorkflowError
+
+    with pytest.raises(WorkflowError, match=message):
+        _deps(tmp_path, lines)
+
+
+def _git(root: Path, *args: str) -> None:
+    import subprocess
+
+    subprocess.run(["git", "-c", "init.defaultBranch=main", *args], cwd=root, check=True, capture_output=True)
+
+
+def test_the_current_repository_is_the_remote_else_the_folder(tmp_path: Path) -> None:
+    from dstack.cli.repository import current_repository
+
+    project = tmp_path / "my-app"
+    (project / ".dstack").mkdir(parents=True)
+    (project / ".dstack" / "workflows.yaml").write_text("workflows: []\n")
+    (project / "src").mkdir()
+    assert current_repository(project / "src") == "local/my-app"  # the project folder, not the subfolder
+    _git(project, "init", "-q")
+    assert current_repository(project / "src") == "local/my-app"  # git without a remote: still the folder
+    _git(project, "remote", "add", "origin", "https://oauth2:glpat-SECRET@gitlab.com/Group/App.git")
+    assert current_repository(project / "src") == "gitlab.com/group/app"
+    assert current_repository(tmp_path) == f"local/{tmp_path.name}"  # no project here: this folder
