@@ -184,3 +184,38 @@ def test_a_folder_without_git_works_and_an_upgraded_database_keeps_its_tags(clus
     ok(cluster, root, "tags", "delete", "legacy/latest")
     listed = json.loads(ok(cluster, root, "tags", "list", "--all", "--json").stdout)
     assert [(t["run"], t["repository"]) for t in listed] == [(new, "local/admin/app")]
+
+
+def test_an_impostor_repository_and_forged_names_are_refused(cluster: Cluster, tmp_path: Path) -> None:
+    """Someone publishes `team/b` on another host to catch `team/b/...` references: the reference becomes
+    ambiguous and is refused with both candidates named, rather than resolving to either. And the names a
+    client sends cannot reach into another user's folder namespace or carry terminal control characters."""
+    import grpc
+
+    from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
+
+    cluster.start_coordinator()
+    cluster.start_agent()
+    b = git_project(tmp_path / "b", B_REMOTE, WORKFLOWS.format(mark="b"))
+    evil = git_project(tmp_path / "evil", "https://evil.example.org/team/b.git", WORKFLOWS.format(mark="evil"))
+    a = git_project(tmp_path / "a", A_REMOTE, WORKFLOWS.format(mark="a") + CROSS)
+    b_run = submitted(ok(cluster, b, "run", "download", "-t", "latest").stderr)
+    assert f"data of b from {b_run}" in ok(cluster, a, "run", "b-by-tag").stdout  # one candidate: fine
+    ok(cluster, evil, "run", "download", "-t", "latest")
+    r = cluster.cli("run", "b-by-tag", cwd=a)
+    assert r.returncode == 2, r.stderr
+    assert "matches several repositories" in r.stderr and B in r.stderr and "evil.example.org/team/b" in r.stderr
+    r = cluster.cli("run", "b-by-workflow", cwd=a)
+    assert r.returncode != 0 and "matches several repositories" in r.stderr
+    assert "data of evil" not in r.stdout
+
+    stub = client_pb2_grpc.ClientServiceStub(cluster.channel())
+    meta = [("authorization", f"Bearer {cluster.admin_token}")]
+    job = common_pb2.JobSpec(job_name="main", workflow="w", provider="bash", commands=["true"])
+    for forged in ("local/bob/app", "github.com/x/\x1b[2Jcleared", "legacy", "local/../app"):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.SubmitRun(client_pb2.SubmitRunRequest(workflow="w", jobs=[job], repository=forged), metadata=meta)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, forged
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ListTags(client_pb2.ListTagsRequest(repository="local/bob/app"), metadata=meta)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
