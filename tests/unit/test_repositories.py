@@ -127,10 +127,14 @@ def test_tags_are_per_repository(tmp_path: Path) -> None:
     with pytest.raises(NotFound, match=r"in repository github\.com/team/c"):
         s.latest_done_run("github.com/team/c", "download")
     assert [t.repository for t in s.list_tags(None)] == ["github.com/team/a", "github.com/team/b"]
+    with pytest.raises(InvalidRequest, match="several repositories"):  # a client that names no repository
+        s.delete_tag(None, "latest")
     s.delete_tag("github.com/team/a", "latest")
     assert [t.run_name for t in s.list_tags(None)] == [b]
     with pytest.raises(NotFound):
         s.delete_tag("github.com/team/a", "latest")
+    s.delete_tag(None, "latest")  # in one repository only: that one
+    assert s.list_tags(None) == []
 
 
 def _migration_index() -> int:
