@@ -46,7 +46,7 @@ def _host(hostport: str) -> str:
 
 
 def _clean_path(path: str) -> str:
-    parts = [p for p in path.split("/") if p not in ("", ".")]
+    parts = [p for p in posixpath.normpath("/" + path).split("/") if p]  # no '.', '..' or empty parts
     if parts and parts[-1].endswith(".git"):
         parts[-1] = parts[-1][: -len(".git")]
     return "/".join(p for p in parts if p)

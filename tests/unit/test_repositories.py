@@ -45,6 +45,7 @@ from dstack.protos.v1 import common_pb2
         ("ssh://git@[2001:db8::1]:2222/team/app.git", "[2001:db8::1]/team/app"),
         ("git@bitbucket.org:Team/Repo.git", "bitbucket.org/team/repo"),
         ("https://gitlab.com//group//repo.git//", "gitlab.com/group/repo"),
+        ("https://git.example.com/team/../other/./app.git", "git.example.com/other/app"),
         # remotes on this machine
         ("/srv/git/app.git", "file/srv/git/app"),
         ("file:///srv/git/app.git", "file/srv/git/app"),
