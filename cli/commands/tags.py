@@ -52,5 +52,6 @@ def list_command(as_json: bool, include_all: bool = False) -> None:
         return
     rows = [[t.name, t.run_name, t.workflow, ago(t.created_at_ns)] for t in tags]
     shown = tags[0].repository if tags else repository  # as stored: a local one with its user
-    Term(stderr=True).print((f"repository {shown} (--all: every repository)", "dim"))
+    note = "" if tags else "no tags; "
+    Term(stderr=True).print((f"repository {shown}: {note}`dstack tags list --all` lists every repository's", "dim"))
     Term().table(("TAG", "RUN", "WORKFLOW", "CREATED"), rows)

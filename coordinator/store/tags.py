@@ -104,10 +104,23 @@ class Tags:
                     f" e.g. {sorted(found)[0]}/{ref}"
                 )
             repository = found[0] if found else LEGACY
-        row = self.get(repository, parsed.name)
+        try:
+            row = self.get(repository, parsed.name)
+        except NotFound as e:
+            elsewhere = self._repositories_with(parsed.name)
+            if parsed.repository or not elsewhere:
+                raise
+            # `dstack tags delete` works in the current project's repository: say where the tag is.
+            raise NotFound(
+                f"{e}; it is in {', '.join(elsewhere)}: delete it from that project, or as"
+                f" `dstack tags delete {elsewhere[0]}/{parsed.name}`"
+            ) from None
         with self.db.tx() as c:
             c.execute("DELETE FROM tags WHERE repository = ? AND name = ?", [repository, parsed.name])
         return row
+
+    def _repositories_with(self, tag: str) -> list[str]:
+        return [r["repository"] for r in self.db.rows("SELECT repository FROM tags WHERE name = ? ORDER BY 1", [tag])]
 
     def of_runs(self, run_ids: Sequence[str]) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {r: [] for r in run_ids}

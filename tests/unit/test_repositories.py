@@ -130,6 +130,13 @@ def test_tags_are_per_repository(tmp_path: Path) -> None:
     assert [t.repository for t in s.list_tags(None)] == ["github.com/team/a", "github.com/team/b"]
     with pytest.raises(InvalidRequest, match="several repositories"):  # a client that names no repository
         s.delete_tag(None, "latest")
+    with pytest.raises(NotFound) as e:  # from another project: where the tag is, and how to name it
+        s.delete_tag("local/admin/home", "latest")
+    assert str(e.value) == (
+        "tag 'latest' does not exist in repository local/admin/home (see `dstack tags list`); it is in"
+        " github.com/team/a, github.com/team/b: delete it from that project, or as"
+        " `dstack tags delete github.com/team/a/latest`"
+    )
     s.delete_tag("github.com/team/a", "latest")
     assert [t.run_name for t in s.list_tags(None)] == [b]
     with pytest.raises(NotFound):
