@@ -14,10 +14,11 @@ import warnings
 from pathlib import Path
 
 from dstack.agent.config import AgentConfig
-from dstack.agent.connection import Agent, FatalAgentError
+from dstack.agent.connection import Agent, FatalAgentError, pin_ca
 from dstack.agent.envcache import DEFAULT_SIZE, parse_size
 from dstack.agent.inventory import InventoryError, parse_simulated
 from dstack.agent.runtimes import RUNTIMES, DockerOptions, RuntimeError_, resolve_runtime
+from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT
 
 
 def default_home() -> str:
@@ -50,6 +51,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the join token itself: avoid it, as other users of this host see a command line"
         " (ps, /proc/PID/cmdline); use --join-token-file or DSTACK_JOIN_TOKEN",
+    )
+    tls = p.add_argument_group(
+        "TLS (TCP only; a unix socket is plaintext)",
+        "The agent speaks TLS to the coordinator and checks its certificate against the coordinator's CA.",
+    )
+    pin = tls.add_mutually_exclusive_group()
+    pin.add_argument(
+        "--ca-file",
+        metavar="PATH",
+        default="",
+        help="the coordinator's CA certificate (its STATE_DIR/tls/ca.pem, or an admin's CA); env DSTACK_CA_FILE",
+    )
+    pin.add_argument(
+        "--ca-fingerprint",
+        metavar="SHA256:HEX",
+        default="",
+        help="the CA fingerprint `dstack server` prints: the CA is fetched with it once and pinned in HOME;"
+        " env DSTACK_CA_FINGERPRINT",
+    )
+    pin.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext, for a coordinator started with --insecure: tokens, jobs and their secrets cross the"
+        " network readable by anyone on the path",
     )
     p.add_argument(
         "--home",
@@ -118,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
         " e.g. 20GiB or 500MB; least recently used ones not in use go first; 0: a fresh venv per job"
         " (default: %(default)s, from DSTACK_ENV_CACHE_SIZE)",
     )
+    p.add_argument(
+        "--pids-limit",
+        type=int,
+        default=env("DSTACK_PIDS_LIMIT", str(DEFAULT_PIDS_LIMIT)),  # a string: argparse checks it with `type`
+        metavar="N",
+        help="processes and threads each job may have at once (cgroup pids controller, Docker pids_limit),"
+        " so a fork bomb cannot take the host's pid space: every DataLoader worker and thread counts;"
+        " 0: no limit (default: 4096 or 32 per CPU core, whichever is more: %(default)s here;"
+        " from DSTACK_PIDS_LIMIT)",
+    )
     return p
 
 
@@ -150,6 +185,7 @@ def join_token(p: argparse.ArgumentParser, a: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
+    env = os.environ.get
     p = build_parser()
     a = p.parse_args(argv)
     token = join_token(p, a)
@@ -158,12 +194,21 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
             parse_simulated(a.simulate_gpus)
         except InventoryError as e:
             p.error(str(e))
+    if a.pids_limit < 0:
+        p.error(f"--pids-limit {a.pids_limit}: give a number of processes, or 0 for no limit")
     try:
         env_cache_max_bytes = parse_size(a.env_cache_size)
     except ValueError as e:
         p.error(f"--env-cache-size: {e}")
+    if not (a.insecure or a.ca_file or a.ca_fingerprint):  # an option given wins over the environment
+        a.ca_file, a.ca_fingerprint = env("DSTACK_CA_FILE", ""), env("DSTACK_CA_FINGERPRINT", "")
+        if a.ca_file and a.ca_fingerprint:
+            p.error("DSTACK_CA_FILE and DSTACK_CA_FINGERPRINT are both set: keep one")
     return AgentConfig(
         coordinator=a.coordinator,
+        ca_file=Path(a.ca_file).expanduser().resolve() if a.ca_file else None,
+        ca_fingerprint=a.ca_fingerprint,
+        insecure=a.insecure,
         home=Path(a.home).expanduser().resolve(),
         join_token=token,
         name=a.name,
@@ -181,17 +226,33 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         mount_sync_s=a.mount_sync,
         store_retry_s=a.store_retry,
         env_cache_max_bytes=env_cache_max_bytes,
+        pids_limit=a.pids_limit,
     )
 
 
+INSECURE_WARNING = (
+    "dstack agent: warning: --insecure: the agent's credential, its jobs and their secrets cross the network in"
+    " plaintext, and nothing proves the server is your coordinator (one that answers in its place gets them all)"
+)
+
+
 async def run_agent(config: AgentConfig) -> None:
-    agent = Agent(config)
+    if config.insecure and not config.coordinator.startswith("unix:"):
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    main = asyncio.create_task(agent.run())
     stopper = asyncio.create_task(stop.wait())
+    # Before the agent starts: with --ca-fingerprint, the CA is fetched and pinned (or the agent stops).
+    pinning = asyncio.create_task(pin_ca(config))
+    await asyncio.wait({pinning, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if not pinning.done():
+        pinning.cancel()
+        await asyncio.gather(pinning, return_exceptions=True)
+        return
+    agent = Agent(pinning.result())  # raises FatalAgentError
+    main = asyncio.create_task(agent.run())
     done, _ = await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
     main.cancel()
     stopper.cancel()

@@ -5,8 +5,10 @@ CliError
 ├── ProviderError        a provider refused a workflow's fields
 ├── NotFoundError        a run, workflow or artifact that does not exist
 ├── CoordinatorUnreachable
+├── TlsMismatch          the TLS settings and the coordinator disagree (untrusted certificate, TLS vs plaintext)
 ├── AuthError
-└── RequestRejected      the coordinator refused a request (its message says why)
+├── RequestRejected      the coordinator refused a request (its message says why)
+└── LimitReached         a per-user limit of the coordinator (queued jobs, submission rate)
 """
 
 from __future__ import annotations
@@ -49,9 +51,17 @@ class CoordinatorUnreachable(CliError):
     pass
 
 
+class TlsMismatch(CliError):
+    """Not worth retrying: the coordinator's certificate or transport is not what the CLI is set up for."""
+
+
 class AuthError(CliError):
     pass
 
 
 class RequestRejected(CliError):
+    pass
+
+
+class LimitReached(CliError):
     pass

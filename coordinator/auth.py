@@ -74,6 +74,7 @@ PERMISSIONS: dict[str, Role] = {
     _C + "RevokeJoinToken": Role.ADMIN,
     _C + "RemoveAgent": Role.ADMIN,
     _C + "ApproveAgent": Role.ADMIN,
+    _C + "PreemptRun": Role.ADMIN,
     _A + "Register": Role.JOIN,
     _A + "Connect": Role.AGENT,
     _A + "GetCode": Role.AGENT,

@@ -6,7 +6,8 @@ CoordinatorError
 ├── Conflict            (FAILED_PRECONDITION)  valid, but not in the current state
 ├── AlreadyExists       (ALREADY_EXISTS)       a name that someone else holds (e.g. an online agent's)
 ├── Unauthenticated     (UNAUTHENTICATED)      missing or wrong token
-└── StorageUnavailable  (UNAVAILABLE)          the artifact store failed; retrying may help
+├── StorageUnavailable  (UNAVAILABLE)          the artifact store failed; retrying may help
+└── LimitExceeded       (RESOURCE_EXHAUSTED)   a per-user limit (queued jobs, submission rate) is reached
 
 The store's own errors (storage/errors.py) reach the RPC layer as they are and are mapped there too:
 StoreUnavailable -> UNAVAILABLE (transient), AccessDenied -> PERMISSION_DENIED (the message names the
@@ -40,4 +41,8 @@ class Unauthenticated(CoordinatorError):
 
 
 class StorageUnavailable(CoordinatorError):
+    pass
+
+
+class LimitExceeded(CoordinatorError):
     pass

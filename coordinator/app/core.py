@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from dstack.coordinator.app.limits import SubmissionLimits
 from dstack.coordinator.artifacts import Artifacts
 from dstack.coordinator.convert import code_from_bytes
 from dstack.coordinator.engine import Engine
-from dstack.coordinator.model import WAITING, JobView, RunStatus, RunView
+from dstack.coordinator.model import WAITING, AttemptView, JobView, RunStatus, RunView
 from dstack.coordinator.store import JobRow, RunRow, Store
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.storage import ArtifactStore
@@ -28,6 +29,19 @@ def job_view(r: JobRow, pending_reasons: Mapping[str, str]) -> JobView:
         submitted_at_ns=r.submitted_at or 0,
         started_at_ns=r.started_at or 0,
         finished_at_ns=r.finished_at or 0,
+        attempt=r.attempt,
+        attempts=[
+            AttemptView(
+                a.attempt,
+                a.agent_name,
+                a.status,
+                a.termination_reason,
+                a.message,
+                a.started_at,
+                a.finished_at,
+            )
+            for a in r.attempts
+        ],
     )
 
 
@@ -60,11 +74,14 @@ class Core:
     store: Store = field(init=False)
     db: DbExecutor = field(init=False)
     objects: ArtifactStore = field(init=False)
+    limits: SubmissionLimits = field(init=False)
 
     def __post_init__(self) -> None:
         self.store = self.engine.store
         self.db = self.engine.db
         self.objects = self.artifacts.store
+        config = self.engine.config
+        self.limits = SubmissionLimits(config.max_queued_per_user, config.max_submissions_per_minute, self.engine.clock)
 
     @property
     def local_mode(self) -> bool:

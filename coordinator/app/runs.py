@@ -57,6 +57,7 @@ def _check(jobs: Sequence[JobSpec]) -> None:
 async def submit(core: Core, owner: str, sub: Submission) -> RunView:
     """Stores a new run and queues its jobs; returns the run as stored."""
     _check(sub.jobs)
+    core.limits.take_submission(owner)
     if sub.code.hash and not await core.db(core.store.has_code, sub.code.hash):
         # Uploaded straight to the store with a presigned URL: checked once, then recorded.
         size = await core.artifacts.verify_code(sub.code.hash)
@@ -69,6 +70,8 @@ async def submit(core: Core, owner: str, sub: Submission) -> RunView:
     repository = run_repository(sub.repository, sub.code.repo_url, owner)
 
     def create() -> tuple[CreatedRun, list[JobSpec]]:
+        # Counted in the step that stores the run: two submissions at once cannot both pass at the limit.
+        core.limits.check_queued(owner, core.store.queued_jobs_of(owner), len(sub.jobs))
         # Tag and workflow dependencies resolve now, to the runs they name at submission, in the
         # run's repository (or the one an OWNER/REPO/NAME reference names).
         inputs = [
@@ -141,6 +144,15 @@ async def list_runs(core: Core, include_all: bool, limit: int = 0) -> list[RunVi
 async def stop(core: Core, name: str) -> RunView:
     await asyncio.shield(core.engine.stop_run(name))  # stop messages go out even if the client leaves
     return await core.run(name)
+
+
+async def preempt(core: Core, name: str) -> tuple[int, RunView]:
+    """Preempts the run's interruptible jobs that are on agents (`dstack stop --preempt`): each is
+    stopped with its grace period and requeued as a new attempt; returns how many, and the run."""
+    run = await core.run(name)
+    ids = [j.id for j in run.jobs]
+    n = await asyncio.shield(core.engine.preempt(ids, "preempted by an admin (`dstack stop --preempt`)"))
+    return n, await core.run(name)
 
 
 async def delete(core: Core, name: str) -> int:

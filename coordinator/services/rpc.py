@@ -14,6 +14,7 @@ from dstack.coordinator.errors import (
     Conflict,
     CoordinatorError,
     InvalidRequest,
+    LimitExceeded,
     NotFound,
     StorageUnavailable,
     Unauthenticated,
@@ -41,6 +42,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),  # a per-user limit: the message names it
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),  # transient: callers retry
     (ExpiredGrant, grpc.StatusCode.UNAVAILABLE),  # the coordinator's own credentials expired: boto renews them
     (AccessDenied, grpc.StatusCode.PERMISSION_DENIED),  # the store refused the coordinator's credentials

@@ -86,6 +86,7 @@ class Store(Db):
         self.run_by_name = self.runs.by_name
         self.run_by_id = self.runs.by_id
         self.list_runs = self.runs.recent
+        self.queued_jobs_of = self.runs.queued_jobs_of
         self.request_stop = self.runs.request_stop
         self.latest_done_run = self.runs.latest_done_ref
         self.repositories = self.runs.repositories
@@ -107,6 +108,11 @@ class Store(Db):
         self.stop_unstarted = self.jobs.stop_unstarted
         self.fail_jobs_lost_by_agent = self.jobs.fail_lost_by_agent
         self.apply_job_updates = self.jobs.apply_updates
+        self.request_preempt = self.jobs.request_preempt
+        self.stop_overdue = self.jobs.stop_overdue
+        self.job_attempts = self.jobs.attempts_of
+        self.starved_jobs = self.jobs.starved
+        self.running_for_preemption = self.jobs.running_for_preemption
         # agents
         self.register_agent = self.agents.register
         self.forget_lost_agents = self.agents.forget_lost

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from dstack.coordinator import lifecycle
+from dstack.coordinator.attempts import wire_job_id
 from dstack.coordinator.errors import Conflict, InvalidRequest, NotFound
-from dstack.coordinator.model import ON_AGENT, TERMINAL_RUN, RunStatus, TerminationReason, termination_reason
+from dstack.coordinator.model import ON_AGENT, TERMINAL_RUN, WAITING, RunStatus, TerminationReason, termination_reason
 from dstack.coordinator.names import random_run_prefix
 from dstack.coordinator.repositories import resolve_qualifier
 from dstack.coordinator.store.base import Db, ints_in, json_list
@@ -98,7 +99,7 @@ class ExpiredRun:
 
 
 class StopOnAgent(NamedTuple):
-    job_id: str
+    job_id: str  # the id the agent knows the job's current attempt by (coordinator/attempts.py)
     agent_id: str
 
 
@@ -188,6 +189,16 @@ class Runs:
             raise NotFound(f"run {run_id!r} does not exist")
         return RunRow.of(row)
 
+    def queued_jobs_of(self, owner: str) -> int:
+        """How many of the owner's jobs wait to start (submitted or pending): found through the owner's
+        unfinished runs (index runs(owner, status)) and their jobs (index jobs(run_id)), never a scan."""
+        row = self.db.row(
+            f"SELECT COUNT(*) AS n FROM jobs WHERE status IN ({ints_in(WAITING)}) AND run_id IN"
+            f" (SELECT id FROM runs WHERE owner = ? AND status NOT IN ({ints_in(TERMINAL_RUN)}))",
+            [owner],
+        )
+        return int(row["n"]) if row is not None else 0
+
     def recent(self, include_all: bool, limit: int) -> list[RunRow]:
         """The unfinished runs then the most recent finished ones (with `include_all`, every run)."""
         if include_all:
@@ -219,11 +230,12 @@ class Runs:
                 at=now,
                 also="stop_requested = 1",
             )
+            # A user's stop wins over a preemption or max_duration asked before: the job ends stopped.
             on_agent = [
-                StopOnAgent(r[0], r[1])
+                StopOnAgent(wire_job_id(r[0], r[2]), r[1])
                 for r in c.execute(
-                    f"UPDATE jobs SET stop_requested = 1 WHERE run_id = ? AND status IN ({ints_in(ON_AGENT)})"
-                    " RETURNING id, agent_id",
+                    "UPDATE jobs SET stop_requested = 1, stop_reason = 0, stop_message = ''"
+                    f" WHERE run_id = ? AND status IN ({ints_in(ON_AGENT)}) RETURNING id, agent_id, attempt",
                     [run.id],
                 ).fetchall()
             ]

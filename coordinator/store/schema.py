@@ -169,6 +169,43 @@ def _v6(db: sqlite_utils.Database) -> None:
 
 
 def _v7(db: sqlite_utils.Database) -> None:
+    """Attempts (workflow `retry`, preemption): a job's current attempt number, why its agent was asked
+    to stop it (0: by its user; else the termination reason the coordinator records: preempted or
+    max_duration, with that message), the agent a requeued attempt should avoid, when its current
+    attempt must end (max_duration, on the coordinator's clock; 0: never), and one row per attempt
+    that ended without ending the job (its agent, times, status and reason)."""
+    for column, kind in (
+        ("attempt", int),
+        ("stop_reason", int),
+        ("stop_message", str),
+        ("avoid_agent", str),
+        ("deadline_at", int),
+    ):
+        if column not in Table(db, "jobs").columns_dict:
+            default: int | str = 1 if column == "attempt" else 0 if kind is int else ""
+            Table(db, "jobs").add_column(column, kind, not_null_default=default)
+    Table(db, "job_attempts").create(
+        {
+            "job_id": str,
+            "attempt": int,
+            "agent_id": str,
+            "status": int,
+            "termination_reason": int,
+            "message": str,
+            "started_at": int,
+            "finished_at": int,
+        },
+        pk=("job_id", "attempt"),
+        if_not_exists=True,
+    )
+
+
+def _v8(db: sqlite_utils.Database) -> None:
+    """A user's unfinished runs, found by index: the per-user limit on queued jobs counts them at every submission."""
+    Table(db, "runs").create_index(["owner", "status"], if_not_exists=True)
+
+
+def _v9(db: sqlite_utils.Database) -> None:
     """Repositories as namespaces: each run belongs to a repository (runs stored before get the one their
     code's remote names, else `legacy`), and a tag name is unique within its repository (the tags table
     is rebuilt with the key (repository, name); its rows keep their runs)."""
@@ -184,23 +221,23 @@ def _v7(db: sqlite_utils.Database) -> None:
     tables = set(db.table_names())
     if "tags" in tables and "repository" not in Table(db, "tags").columns_dict:
         # Rebuilt under a new name, then swapped: a crash before the drop leaves the old table whole
-        # (and this step runs again), one after it leaves only tags_v7, renamed below.
+        # (and this step runs again), one after it leaves only tags_v9, renamed below.
         db.execute(
-            "CREATE TABLE IF NOT EXISTS tags_v7 (repository TEXT NOT NULL, name TEXT NOT NULL, run_id TEXT NOT NULL,"
+            "CREATE TABLE IF NOT EXISTS tags_v9 (repository TEXT NOT NULL, name TEXT NOT NULL, run_id TEXT NOT NULL,"
             " created_at INTEGER, PRIMARY KEY (repository, name))"
         )
         db.execute(
-            "INSERT OR IGNORE INTO tags_v7 (repository, name, run_id, created_at) SELECT r.repository, t.name,"
+            "INSERT OR IGNORE INTO tags_v9 (repository, name, run_id, created_at) SELECT r.repository, t.name,"
             " t.run_id, t.created_at FROM tags t JOIN runs r ON r.id = t.run_id"
         )
         db.execute("DROP TABLE tags")
         tables.discard("tags")
-    if "tags" not in tables and "tags_v7" in set(db.table_names()):
-        db.execute("ALTER TABLE tags_v7 RENAME TO tags")
+    if "tags" not in tables and "tags_v9" in set(db.table_names()):
+        db.execute("ALTER TABLE tags_v9 RENAME TO tags")
     Table(db, "tags").create_index(["run_id"], if_not_exists=True)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

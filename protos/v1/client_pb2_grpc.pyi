@@ -64,6 +64,8 @@ class ClientServiceStub:
     RevokeJoinToken: _grpc.UnaryUnaryMultiCallable[_client_pb2.RevokeJoinTokenRequest, _client_pb2.RevokeJoinTokenResponse]
     RemoveAgent: _grpc.UnaryUnaryMultiCallable[_client_pb2.RemoveAgentRequest, _client_pb2.RemoveAgentResponse]
     ApproveAgent: _grpc.UnaryUnaryMultiCallable[_client_pb2.ApproveAgentRequest, _client_pb2.ApproveAgentResponse]
+    PreemptRun: _grpc.UnaryUnaryMultiCallable[_client_pb2.PreemptRunRequest, _client_pb2.PreemptRunResponse]
+    """Admin only: preempts the run's interruptible jobs (requeued as new attempts), `dstack stop --preempt`."""
 
 @_typing.type_check_only
 class ClientServiceAsyncStub(ClientServiceStub):
@@ -99,6 +101,8 @@ class ClientServiceAsyncStub(ClientServiceStub):
     RevokeJoinToken: _aio.UnaryUnaryMultiCallable[_client_pb2.RevokeJoinTokenRequest, _client_pb2.RevokeJoinTokenResponse]  # type: ignore[assignment]
     RemoveAgent: _aio.UnaryUnaryMultiCallable[_client_pb2.RemoveAgentRequest, _client_pb2.RemoveAgentResponse]  # type: ignore[assignment]
     ApproveAgent: _aio.UnaryUnaryMultiCallable[_client_pb2.ApproveAgentRequest, _client_pb2.ApproveAgentResponse]  # type: ignore[assignment]
+    PreemptRun: _aio.UnaryUnaryMultiCallable[_client_pb2.PreemptRunRequest, _client_pb2.PreemptRunResponse]  # type: ignore[assignment]
+    """Admin only: preempts the run's interruptible jobs (requeued as new attempts), `dstack stop --preempt`."""
 
 class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -293,5 +297,13 @@ class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _client_pb2.ApproveAgentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_client_pb2.ApproveAgentResponse, _abc.Awaitable[_client_pb2.ApproveAgentResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PreemptRun(
+        self,
+        request: _client_pb2.PreemptRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.PreemptRunResponse, _abc.Awaitable[_client_pb2.PreemptRunResponse]]:
+        """Admin only: preempts the run's interruptible jobs (requeued as new attempts), `dstack stop --preempt`."""
 
 def add_ClientServiceServicer_to_server(servicer: ClientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
