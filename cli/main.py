@@ -27,6 +27,8 @@ secrets_app = typer.Typer(help="Secrets every job gets as environment variables.
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(local_app, name="local")
+users_app = typer.Typer(help="Users' fair share and quotas.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
 
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -37,6 +39,9 @@ def run(
     workflow: Annotated[str, typer.Argument(help="Name of a workflow in .dstack/workflows.yaml")] = "",
     detach: Annotated[bool, typer.Option("-d", "--detach", help="Submit and return at once")] = False,
     tag: Annotated[str, typer.Option("-t", "--tag", help="Tag the run when it finishes done")] = "",
+    priority: Annotated[
+        int, typer.Option("--priority", help="Orders your own waiting jobs: higher first (default 0)")
+    ] = 0,
 ) -> None:
     """Run a workflow and follow its logs until it ends (exit code 0 when done).
 
@@ -51,7 +56,7 @@ def run(
     if not workflow:
         raise no_workflow_error(Path.cwd())
 
-    raise typer.Exit(run_command(workflow, _with_separator(list(ctx.args)), detach, tag))
+    raise typer.Exit(run_command(workflow, _with_separator(list(ctx.args)), detach, tag, priority))
 
 
 def _with_separator(args: list[str]) -> list[str]:
@@ -325,6 +330,21 @@ def secrets_delete(name: Annotated[str, typer.Argument(help="Secret name")]) -> 
 
     connect().delete_secret(name)
     print(f"deleted {name}")
+
+
+@users_app.command("set")
+def users_set(
+    name: Annotated[str, typer.Argument(help="User name")],
+    share: Annotated[float | None, typer.Option("--share", help="Weight in fair share (default 1)")] = None,
+    max_gpus: Annotated[int | None, typer.Option("--max-gpus", min=0, help="GPUs held at once (0: no limit)")] = None,
+    max_running: Annotated[
+        int | None, typer.Option("--max-running", min=0, help="Jobs on agents at once (0: no limit)")
+    ] = None,
+) -> None:
+    """Set a user's fair share and quotas (admins only); what is not given is kept."""
+    from dstack.cli.commands.users import set_command
+
+    set_command(name, share, max_gpus, max_running)
 
 
 @local_app.command("stop")

@@ -69,6 +69,8 @@ PERMISSIONS: dict[str, Role] = {
     _C + "PutArtifact": Role.USER,
     _C + "CommitUpload": Role.USER,
     _C + "DeleteRun": Role.USER,
+    # The handler checks the role again, from the database at once (coordinator/app/users.py).
+    _C + "SetUserLimits": Role.ADMIN,
     _C + "CreateJoinToken": Role.ADMIN,
     _C + "ListJoinTokens": Role.ADMIN,
     _C + "RevokeJoinToken": Role.ADMIN,

@@ -6,6 +6,7 @@ CoordinatorError
 ├── Conflict            (FAILED_PRECONDITION)  valid, but not in the current state
 ├── AlreadyExists       (ALREADY_EXISTS)       a name that someone else holds (e.g. an online agent's)
 ├── Unauthenticated     (UNAUTHENTICATED)      missing or wrong token
+├── Forbidden           (PERMISSION_DENIED)    a valid caller whose role may not do this
 ├── StorageUnavailable  (UNAVAILABLE)          the artifact store failed; retrying may help
 └── LimitExceeded       (RESOURCE_EXHAUSTED)   a per-user limit (queued jobs, submission rate) is reached
 
@@ -37,6 +38,10 @@ class AlreadyExists(CoordinatorError):
 
 
 class Unauthenticated(CoordinatorError):
+    pass
+
+
+class Forbidden(CoordinatorError):
     pass
 
 

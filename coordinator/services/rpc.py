@@ -13,6 +13,7 @@ from dstack.coordinator.errors import (
     AlreadyExists,
     Conflict,
     CoordinatorError,
+    Forbidden,
     InvalidRequest,
     LimitExceeded,
     NotFound,
@@ -41,6 +42,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
     (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),  # a per-user limit: the message names it
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),  # transient: callers retry

@@ -128,6 +128,7 @@ class Runs:
         jobs: list[NewJob],
         name: str | None = None,
         tag_on_done: str = "",
+        priority: int = 0,
         repository: str = LEGACY,
     ) -> CreatedRun:
         """Inserts a run and its jobs in one transaction (under `name`, or a new one)."""
@@ -139,7 +140,7 @@ class Runs:
             c.execute(
                 "INSERT INTO runs (id, name, owner, workflow, status, termination_reason, message,"
                 " submitted_at, code_hash, code, args, queue, priority, tag_on_done, repository) VALUES (:id, :name,"
-                " :owner, :wf, :st, 0, '', :now, :ch, :code, :args, '', 0, :tag, :repo)",
+                " :owner, :wf, :st, 0, '', :now, :ch, :code, :args, '', :prio, :tag, :repo)",
                 {
                     "id": run_id,
                     "name": name,
@@ -151,6 +152,7 @@ class Runs:
                     "code": code,
                     "args": json.dumps(args),
                     "tag": tag_on_done or None,
+                    "prio": priority,
                     "repo": repository,
                 },
             )

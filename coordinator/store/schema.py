@@ -205,7 +205,31 @@ def _v8(db: sqlite_utils.Database) -> None:
     Table(db, "runs").create_index(["owner", "status"], if_not_exists=True)
 
 
-def _v9(db: sqlite_utils.Database) -> None:
+def _fair_share(db: sqlite_utils.Database) -> None:
+    """Fair share and quotas: per-user share and limits (0: none), each user's decayed usage of finished
+    jobs (one accumulator, coordinator/fairshare.py), and which finished jobs it already counts (the
+    partial index finds the ones it does not yet, however many jobs the database holds)."""
+    users = Table(db, "users")
+    for column, kind, default in (("share", float, 1.0), ("max_gpus", int, 0), ("max_running", int, 0)):
+        if column not in users.columns_dict:
+            users.add_column(column, kind, not_null_default=default)
+    if "usage_charged" not in Table(db, "jobs").columns_dict:
+        Table(db, "jobs").add_column("usage_charged", int, not_null_default=0)
+    db.execute(
+        "CREATE INDEX IF NOT EXISTS jobs_uncharged ON jobs (finished_at)"
+        " WHERE usage_charged = 0 AND finished_at IS NOT NULL"
+    )
+    Table(db, "usage").create({"user": str, "value": float, "as_of": int}, pk="user", if_not_exists=True)
+    # Attempts that ended in a requeue (retry, preemption) used GPUs too: counted the same way.
+    if "job_attempts" in db.table_names() and "usage_charged" not in Table(db, "job_attempts").columns_dict:
+        Table(db, "job_attempts").add_column("usage_charged", int, not_null_default=0)
+    if "job_attempts" in db.table_names():
+        db.execute(
+            "CREATE INDEX IF NOT EXISTS attempts_uncharged ON job_attempts (finished_at) WHERE usage_charged = 0"
+        )
+
+
+def _repositories(db: sqlite_utils.Database) -> None:
     """Repositories as namespaces: each run belongs to a repository (runs stored before get the one their
     code's remote names, else `legacy`), and a tag name is unique within its repository (the tags table
     is rebuilt with the key (repository, name); its rows keep their runs)."""
@@ -221,23 +245,34 @@ def _v9(db: sqlite_utils.Database) -> None:
     tables = set(db.table_names())
     if "tags" in tables and "repository" not in Table(db, "tags").columns_dict:
         # Rebuilt under a new name, then swapped: a crash before the drop leaves the old table whole
-        # (and this step runs again), one after it leaves only tags_v9, renamed below.
+        # (and this step runs again), one after it leaves only tags_by_repository, renamed below.
         db.execute(
-            "CREATE TABLE IF NOT EXISTS tags_v9 (repository TEXT NOT NULL, name TEXT NOT NULL, run_id TEXT NOT NULL,"
-            " created_at INTEGER, PRIMARY KEY (repository, name))"
+            "CREATE TABLE IF NOT EXISTS tags_by_repository (repository TEXT NOT NULL, name TEXT NOT NULL,"
+            " run_id TEXT NOT NULL, created_at INTEGER, PRIMARY KEY (repository, name))"
         )
         db.execute(
-            "INSERT OR IGNORE INTO tags_v9 (repository, name, run_id, created_at) SELECT r.repository, t.name,"
-            " t.run_id, t.created_at FROM tags t JOIN runs r ON r.id = t.run_id"
+            "INSERT OR IGNORE INTO tags_by_repository (repository, name, run_id, created_at)"
+            " SELECT r.repository, t.name, t.run_id, t.created_at FROM tags t JOIN runs r ON r.id = t.run_id"
         )
         db.execute("DROP TABLE tags")
         tables.discard("tags")
-    if "tags" not in tables and "tags_v9" in set(db.table_names()):
-        db.execute("ALTER TABLE tags_v9 RENAME TO tags")
+    if "tags" not in tables and "tags_by_repository" in set(db.table_names()):
+        db.execute("ALTER TABLE tags_by_repository RENAME TO tags")
     Table(db, "tags").create_index(["run_id"], if_not_exists=True)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _v1,
+    _v2,
+    _v3,
+    _v4,
+    _v5,
+    _v6,
+    _v7,
+    _v8,
+    _fair_share,
+    _repositories,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

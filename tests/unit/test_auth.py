@@ -26,7 +26,7 @@ def test_every_method_of_every_service_is_in_the_table() -> None:
 
 
 ADMIN_ONLY = {"CreateJoinToken", "ListJoinTokens", "RevokeJoinToken", "RemoveAgent", "ApproveAgent"}
-ADMIN_ONLY |= {"PreemptRun"}
+ADMIN_ONLY |= {"PreemptRun", "SetUserLimits"}
 
 
 def test_agent_calls_need_an_agent_and_client_calls_a_user() -> None:

@@ -210,7 +210,7 @@ def test_migration_resumes_after_a_crash_between_drop_and_rename(tmp_path: Path)
     db.execute("INSERT INTO runs (id, name, owner, workflow, status, submitted_at) VALUES ('r', 'n', 'o', 'w', 5, 1)")
     db.execute("INSERT INTO tags (name, run_id, created_at) VALUES ('t', 'r', 1)")
     MIGRATIONS[before](db)  # then undo its last step: as if it had died after the drop
-    db.execute("ALTER TABLE tags RENAME TO tags_v9")
+    db.execute("ALTER TABLE tags RENAME TO tags_by_repository")
     db.execute(f"PRAGMA user_version = {before}")
     db.conn.commit()
     db.close()
