@@ -61,6 +61,7 @@ PERMISSIONS: dict[str, Role] = {
     _C + "AddTag": Role.USER,
     _C + "ListTags": Role.USER,
     _C + "DeleteTag": Role.USER,
+    _C + "GetTag": Role.USER,
     _C + "AddSecret": Role.USER,
     _C + "ListSecrets": Role.USER,
     _C + "DeleteSecret": Role.USER,

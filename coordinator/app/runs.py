@@ -17,6 +17,7 @@ from dstack.coordinator.app.core import Core, run_view
 from dstack.coordinator.convert import code_to_bytes
 from dstack.coordinator.errors import InvalidRequest
 from dstack.coordinator.model import CodeRef, JobSpec, JobStatus, JobView, RunStatus, RunView
+from dstack.coordinator.repositories import run_repository
 from dstack.coordinator.store.db import CreatedRun, NewJob
 from dstack.coordinator.templates import spec_with_run_name
 
@@ -37,6 +38,7 @@ class Submission:
     args: Sequence[str] = ()  # extra CLI arguments, recorded for the run
     tag_on_done: str = ""
     priority: int = 0  # orders the owner's own waiting jobs (higher first)
+    repository: str = ""  # as the client sent it (coordinator/repositories.py)
 
 
 def _check(jobs: Sequence[JobSpec]) -> None:
@@ -68,14 +70,16 @@ async def submit(core: Core, owner: str, sub: Submission) -> RunView:
     code = code_to_bytes(sub.code)
     if sub.tag_on_done:
         check_tag_name(sub.tag_on_done)
+    repository = run_repository(sub.repository, sub.code.repo_url, owner)
 
     def create() -> tuple[CreatedRun, list[JobSpec]]:
         # Counted in the step that stores the run: two submissions at once cannot both pass at the limit.
         core.limits.check_queued(owner, core.store.queued_jobs_of(owner), len(sub.jobs))
-        # Tag and workflow dependencies resolve now, to the runs they name at submission.
+        # Tag and workflow dependencies resolve now, to the runs they name at submission, in the
+        # run's repository (or the one an OWNER/REPO/NAME reference names).
         inputs = [
-            [core.store.tag(t).run_id for t in j.input_tags]
-            + [core.store.latest_done_run(w).id for w in j.input_workflows]
+            [core.store.resolve_tag(repository, t).run_id for t in j.input_tags]
+            + [core.store.latest_done_run(repository, w).id for w in j.input_workflows]
             for j in sub.jobs
         ]
         name = core.store.reserve_run_name()
@@ -93,7 +97,16 @@ async def submit(core: Core, owner: str, sub: Submission) -> RunView:
             for j, job_inputs in zip(specs, inputs, strict=True)
         ]
         created = core.store.create_run(
-            owner, sub.workflow, code, sub.code.hash, list(sub.args), jobs, name, sub.tag_on_done, sub.priority
+            owner,
+            sub.workflow,
+            code,
+            sub.code.hash,
+            list(sub.args),
+            jobs,
+            name,
+            sub.tag_on_done,
+            sub.priority,
+            repository,
         )
         return created, specs
 
@@ -107,6 +120,7 @@ async def submit(core: Core, owner: str, sub: Submission) -> RunView:
             status=RunStatus.SUBMITTED,
             submitted_at_ns=created.submitted_at,
             code=sub.code,
+            repository=repository,
             jobs=[
                 JobView(
                     id=job_id,

@@ -1,4 +1,4 @@
-"""Tags: names for runs whose artifacts other runs use."""
+"""Tags: names for runs whose artifacts other runs use, unique within a repository."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.runs import check_tag_name
+from dstack.coordinator.repositories import run_repository
 
 
 @dataclass(frozen=True)
@@ -15,20 +16,36 @@ class Tag:
     run_name: str
     workflow: str
     created_at_ns: int
+    repository: str = ""
 
 
 def _tag(r: Any) -> Tag:
-    return Tag(r.name, r.run_name, r.workflow, r.created_at)
+    return Tag(r.name, r.run_name, r.workflow, r.created_at, r.repository)
+
+
+def _repository(sent: str, user: str) -> str:
+    """A repository a client names (the rule of a submission: `local/FOLDER` is the user's own)."""
+    return run_repository(sent, "", user)
 
 
 async def add(core: Core, tag: str, run_name: str) -> Tag:
+    """Tags a run in the run's repository."""
     check_tag_name(tag)
     return _tag(await core.db(core.store.add_tag, tag, run_name))
 
 
-async def list_tags(core: Core) -> list[Tag]:
-    return [_tag(r) for r in await core.db(core.store.list_tags)]
+async def get(core: Core, user: str, repository: str, ref: str) -> Tag:
+    """The tag a dependency `ref` names from a run of `repository` (as a submission resolves it)."""
+    return _tag(await core.db(core.store.resolve_tag, _repository(repository, user), ref))
 
 
-async def delete(core: Core, tag: str) -> None:
-    await core.db(core.store.delete_tag, tag)
+async def list_tags(core: Core, user: str, repository: str = "", include_all: bool = False) -> list[Tag]:
+    """The tags of one repository; of all with `include_all` or without a repository (older clients)."""
+    where = None if include_all or not repository else _repository(repository, user)
+    return [_tag(r) for r in await core.db(core.store.list_tags, where)]
+
+
+async def delete(core: Core, user: str, ref: str, repository: str = "") -> Tag:
+    """Deletes `TAG` of `repository`, or `OWNER/REPO/TAG`; returns what it was."""
+    where = _repository(repository, user) if repository else None
+    return _tag(await core.db(core.store.delete_tag, where, ref))
