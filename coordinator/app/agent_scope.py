@@ -17,6 +17,7 @@ and the artifacts they take as inputs. Each check costs one indexed query.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 from dstack.coordinator.app.core import Core
@@ -62,5 +63,22 @@ async def reportable(core: Core, agent_id: str, wire_ids: Sequence[str]) -> tupl
     return await core.db(core.store.agent_reportable, agent_id, wire_ids)
 
 
-def dropped(agent_id: str, what: str, job_id: str) -> None:
-    log.warning("agent %s sent %s for job %s, which is not running on it: dropped", agent_id, what, job_id)
+DROP_LOG_INTERVAL_S = 60.0
+# (agent id, kind of message) -> (when its last warning was logged, drops since)
+_drops: dict[tuple[str, str], tuple[float, int]] = {}
+
+
+def dropped(agent_id: str, kind: str, what: str, job_id: str, now: float | None = None) -> None:
+    """Logs a dropped message (`kind`: lines or update): the first of each kind from an agent at once,
+    then at most one a minute that counts the rest, so a rogue agent cannot fill the coordinator's log."""
+    now = time.monotonic() if now is None else now
+    key = (agent_id, kind)
+    last, since = _drops.get(key, (float("-inf"), 0))
+    if now - last < DROP_LOG_INTERVAL_S:
+        _drops[key] = (last, since + 1)
+        return
+    more = f" ({since} more dropped since the last warning)" if since else ""
+    log.warning("agent %s sent %s for job %s, which is not running on it: dropped%s", agent_id, what, job_id, more)
+    if len(_drops) > 10_000:
+        _drops.clear()
+    _drops[key] = (now, 0)

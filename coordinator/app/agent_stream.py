@@ -68,13 +68,13 @@ class Session:
             if b.job_id in current or b.job_id in ended:
                 kept.logs.append(b)
             elif b.lines:
-                agent_scope.dropped(self.agent_id, f"{len(b.lines)} log line(s)", b.job_id)
+                agent_scope.dropped(self.agent_id, "lines", f"{len(b.lines)} log line(s)", b.job_id)
                 acks.log_acks.append(agent_pb2.LogAck(job_id=b.job_id, seq=max(ln.seq for ln in b.lines)))
         for u in msg.updates:
             if u.job_id in current:
                 kept.updates.append(u)
             else:
-                agent_scope.dropped(self.agent_id, "a status update", u.job_id)
+                agent_scope.dropped(self.agent_id, "update", "a status update", u.job_id)
                 acks.update_acks.append(agent_pb2.UpdateAck(job_id=u.job_id, status=u.status))
         return kept, acks
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from dstack.coordinator.app import agent_scope
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, common_pb2
 from tests.inproc.factories import (
     JS,
@@ -179,8 +180,9 @@ async def test_an_agent_reads_only_the_declared_inputs_of_its_own_jobs(tmp_path:
 
 
 async def test_forged_lines_and_updates_are_dropped_and_never_replace_the_real_ones(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(agent_scope, "DROP_LOG_INTERVAL_S", 0.0)  # every drop logged (the rate limit: tests/unit)
     async with coordinator(tmp_path) as h, sim_agent(h, "victim") as victim:
         run, ids = await build_then_train(h, victim)
         train = ids["train"]
