@@ -42,6 +42,12 @@ class CoordinatorConfig:
     max_submissions_per_minute: int = 600
     # A job waiting this long gets an agent reserved for it (when smaller jobs could starve it); inf: never.
     reserve_after_s: float = 300.0
+    # Fair-share preemption (coordinator/preemption.py): a job below its user's fair share that waited this
+    # long may preempt interruptible jobs of users above theirs by `preempt_margin` (inf: never); no job
+    # is preempted in its first `preempt_min_run_s`.
+    preempt_after_s: float = 60.0
+    preempt_min_run_s: float = 60.0
+    preempt_margin: float = 2.0
     # TCP only (a unix socket is always plaintext: its folder is the boundary). By default the coordinator
     # serves TLS with its own private CA (coordinator/tls.py); `insecure` serves plaintext (the in-process
     # tests, and an admin who says --insecure); tls_cert/tls_key serve an admin's certificate instead.

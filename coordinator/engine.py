@@ -30,7 +30,7 @@ from dstack.coordinator.hub import AgentHub
 from dstack.coordinator.lifecycle.agents import AgentStatus
 from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, LogAck
 from dstack.coordinator.planner import DEPENDENCIES, Policy, RunningJob, UserLimits, WaitInfo, plan
-from dstack.coordinator.preemption import victims_for
+from dstack.coordinator.preemption import Preemption, Rules, choose
 from dstack.coordinator.queue import Waiting, WaitingQueue, request_of
 from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest
 from dstack.coordinator.secrets import SecretBox
@@ -96,6 +96,8 @@ class Engine:
         self.wait_info: dict[str, WaitInfo] = {}
         # Agents held for jobs that waited too long (job -> agent), kept from pass to pass.
         self.reservations: dict[str, str] = {}
+        # Users' decayed usage as of the last pass (running jobs' so far included), for preemption.
+        self.last_usage: dict[str, float] = {}
         self.durations = Durations()
         self._max_durations: dict[str, float] = {}  # job_id -> its own limit, for jobs that have one
         self._idle = asyncio.Event()  # no pass asked for or running
@@ -267,6 +269,7 @@ class Engine:
             reservations=self.reservations,
             durations=self.durations.medians,
         )
+        self.last_usage = usage
         decision = plan(queue, list(agents.values()), running, policy)
         reasons.update(decision.waiting)
         info.update(decision.info)
@@ -343,7 +346,7 @@ class Engine:
                 self.watchers.notify_all()
                 self.kick()
             await self._stop_overdue()
-            await self._preempt_for_starved()
+            await self._preempt_by_policy()
             if self.clock.monotonic() >= next_forget:
                 next_forget = self.clock.monotonic() + forget_every
                 await self._forget_lost_agents()
@@ -359,35 +362,55 @@ class Engine:
             log.info("job %s: max_duration exceeded, stopping it", order.wire_id)
             self.hub.send(order.agent_id, agent_pb2.CoordinatorMessage(stops=[agent_pb2.StopJob(job_id=order.wire_id)]))
 
-    async def _preempt_for_starved(self) -> None:
-        """A job that has waited longer than `--reserve-after` and fits nowhere gets interruptible
-        jobs of one agent preempted where that lets it fit (coordinator/preemption.py)."""
-        if math.isinf(self.config.reserve_after_s) or not len(self.queue):
+    async def _preempt_by_policy(self) -> None:
+        """Applies the preemption policy (coordinator/preemption.py): interruptible jobs are preempted
+        for a job that waited past `--reserve-after` (reservation) or, below its user's fair share,
+        past `--preempt-after` (fair share), and fits nowhere now."""
+        cfg = self.config
+        if (math.isinf(cfg.reserve_after_s) and (math.isinf(cfg.preempt_after_s) or not cfg.fairshare)) or not len(
+            self.queue
+        ):
             return
         try:
-            victims = await self.db(self._victims, self.hub.connected_ids())
+            chosen = await self.db(self._victims, self.hub.connected_ids())
         except Exception:
             log.exception("preemption check failed")
             return
-        if victims:
-            job_id, ids = victims
-            await self.preempt(ids, f"preempted for job {job_id}, which waited over {self.config.reserve_after_s:g} s")
+        if chosen is not None:
+            choice, name = chosen
+            await self.preempt(list(choice.victims), f"preempted for {choice.for_owner}'s job {name} ({choice.cause})")
 
-    def _victims(self, connected: set[str]) -> tuple[str, list[str]] | None:
-        """(starved job, the jobs to preempt for it), for the oldest starved job that needs any (DB thread)."""
-        since = self.clock.time_ns() - int(self.config.reserve_after_s * 1e9)
-        starved = self.store.starved_jobs(since)
+    def _victims(self, connected: set[str]) -> tuple[Preemption, str] | None:
+        """What the policy preempts now, and the name of the job it is for (DB thread)."""
+        cfg = self.config
+        now = self.clock.time_ns()
+        after = min(cfg.reserve_after_s, cfg.preempt_after_s if cfg.fairshare else math.inf)
+        starved = self.store.starved_jobs(now - int(after * 1e9))
         if not starved:
             return None
         running = self.store.running_for_preemption()
         if not any(j.interruptible and not j.being_preempted for j in running):
             return None
-        agents = self._agent_states(connected)
-        for w in starved:
-            ids = victims_for(request_of(w.id, job_spec_from_bytes(w.spec)), list(agents.values()), running)
-            if ids:
-                return w.id, ids
-        return None
+        rules = Rules(
+            now_ns=now,
+            reserve_after_s=cfg.reserve_after_s,
+            preempt_after_s=cfg.preempt_after_s,
+            min_run_s=cfg.preempt_min_run_s,
+            margin=cfg.preempt_margin,
+            fairshare=cfg.fairshare,
+            usage=self.last_usage,
+            shares={u: lim.share for u, lim in self._user_limits().items()},
+            reservations=self.reservations,
+        )
+        reqs = [
+            request_of(w.id, job_spec_from_bytes(w.spec), w.owner, w.priority, w.submitted_at, "", w.avoid_agent)
+            for w in starved
+        ]
+        choice = choose(reqs, list(self._agent_states(connected).values()), running, rules)
+        if choice is None:
+            return None
+        w = next(w for w in starved if w.id == choice.for_job)
+        return choice, f"{w.run_name}/{w.job_name}" if w.job_name else w.run_name
 
     def _agent_states(self, connected: set[str]) -> dict[str, AgentState]:
         """The connected agents with what their jobs hold (as a scheduling pass sees them)."""

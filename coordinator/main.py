@@ -101,6 +101,29 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         help="a job waiting this long gets an agent reserved: smaller jobs are not placed there until it starts"
         " ('off': never); interruptible jobs are preempted for it where that lets it fit",
     )
+    p.add_argument(
+        "--preempt-after",
+        type=_seconds_or_off,
+        default=60.0,
+        metavar="SECONDS",
+        help="a job of a user below their fair share that waited this long and fits nowhere preempts"
+        " interruptible jobs of users over theirs by --preempt-margin ('off': never; default: %(default)s)",
+    )
+    p.add_argument(
+        "--preempt-min-run",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="no job is preempted in its first SECONDS of running (time to write a checkpoint)",
+    )
+    p.add_argument(
+        "--preempt-margin",
+        type=float,
+        default=2.0,
+        metavar="FACTOR",
+        help="fair share preempts only jobs of users whose usage/share is over FACTOR times the waiting"
+        " user's (hysteresis: two users never take GPUs back and forth)",
+    )
     p.add_argument("--fail-unsatisfiable", action="store_true", help="fail jobs no agent can ever run")
     p.add_argument(
         "--max-queued-per-user",
@@ -139,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
     a = p.parse_args(argv)
     if a.fairshare_half_life <= 0 or a.reserve_after < 0:
         p.error("--fairshare-half-life must be positive and --reserve-after not negative")
+    if a.preempt_after < 0 or a.preempt_min_run < 0 or a.preempt_margin < 1:
+        p.error("--preempt-after and --preempt-min-run must not be negative, --preempt-margin at least 1")
     if bool(a.tls_cert) != bool(a.tls_key):
         p.error("--tls-cert and --tls-key go together")
     if a.insecure and a.tls_cert:
@@ -166,6 +191,9 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         max_queued_per_user=max(0, a.max_queued_per_user),
         max_submissions_per_minute=max(0, a.max_submissions_per_minute),
         reserve_after_s=a.reserve_after,
+        preempt_after_s=a.preempt_after,
+        preempt_min_run_s=a.preempt_min_run,
+        preempt_margin=a.preempt_margin,
         insecure=a.insecure,
         tls_cert=Path(a.tls_cert).expanduser().resolve() if a.tls_cert else None,
         tls_key=Path(a.tls_key).expanduser().resolve() if a.tls_key else None,

@@ -1,23 +1,38 @@
-"""Which interruptible jobs to preempt so that a job that has waited too long can start.
+"""Who is preempted for whom: the one preemption policy, pure over a snapshot (no I/O, no clock).
 
-The mechanism is `Engine.preempt` (SIGTERM, grace, artifacts saved, requeued as a new attempt);
-this is the minimal policy that uses it today, pure over a snapshot (no I/O, no clock):
+The mechanism is `Engine.preempt` (SIGTERM, grace, artifacts saved, requeued as a new attempt); the
+engine asks `choose` once per lease tick and applies what it returns. Two causes, checked for each
+waiting job that is not interruptible (oldest first); the first job that needs a preemption gets it:
 
-A job that is not interruptible, has waited longer than `--reserve-after`, and fits on no agent
-now, gets the fewest interruptible jobs of one agent preempted such that it would fit there (those
-with the most GPUs first). Jobs already stopping for a preemption count as gone, so a job that is
-waiting for its victims to end does not take more. Fair share and reservations (the planner) decide
-who runs when; they call the same entry point for their own preemptions, and a reservation keeps
-the preempted jobs' next attempts off the host while the job it was freed for waits to start.
+- reservation: the job has waited longer than `--reserve-after` and fits on no agent now. When the
+  planner holds an agent for it, only that agent's jobs are candidates (it then starts there at once
+  instead of waiting for the agent to drain; the planner keeps everything else, the requeued attempts
+  included, off a reserved agent until its job starts). Without a reservation, any one agent.
+- fair share: the job has waited longer than `--preempt-after`, fits on no agent now, and its user
+  is below their fair share against the victims' users. Hysteresis, so two users never take GPUs back
+  and forth: a victim's user must have a usage/share more than `margin` times the waiting user's
+  (and above zero). Once the waiting user's job runs, their usage grows and the victim's user waits
+  with a lower key, but for the victim's user to preempt back, the first user must have grown past
+  `margin` times theirs: equal users never preempt each other. A user's jobs are never preempted for
+  that same user by fair share (a user orders their own jobs with --priority).
+
+Always: only interruptible jobs; none in its first `min_run_s` (so it can write a checkpoint); the
+fewest jobs of one agent that let the job fit (those with the most GPUs first); jobs already stopping
+for a preemption count as gone, so a job waiting for its victims to end takes no more.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from dstack.coordinator.scheduler import AgentState, JobRequest, _fits, never_fits
+
+NS = 1_000_000_000
+RESERVATION = "reservation"
+FAIR_SHARE = "fair share"
 
 
 @dataclass(frozen=True)
@@ -31,6 +46,34 @@ class RunningJob:
     gpu_indices: tuple[int, ...]
     interruptible: bool
     being_preempted: bool  # asked to stop for a preemption already
+    owner: str = ""
+    started_ns: int = 0  # when it started running (0: not yet: too young to preempt)
+
+
+@dataclass(frozen=True)
+class Rules:
+    now_ns: int
+    reserve_after_s: float = 300.0  # inf: no preemption for reservations
+    preempt_after_s: float = 60.0  # inf: no preemption for fair share
+    min_run_s: float = 60.0
+    margin: float = 2.0
+    fairshare: bool = True
+    usage: Mapping[str, float] = field(default_factory=dict)  # decayed GPU-seconds per user
+    shares: Mapping[str, float] = field(default_factory=dict)  # per user; 1 when absent
+    reservations: Mapping[str, str] = field(default_factory=dict)  # job -> agent, from the planner
+
+
+@dataclass(frozen=True)
+class Preemption:
+    for_job: str
+    for_owner: str
+    cause: str  # RESERVATION or FAIR_SHARE
+    victims: tuple[str, ...]
+
+
+def key(rules: Rules, user: str) -> float:
+    """A user's usage against their share (lower: further below their fair share)."""
+    return rules.usage.get(user, 0.0) / max(rules.shares.get(user, 1.0), 1e-9)
 
 
 def _release(a: AgentState, j: RunningJob) -> None:
@@ -40,9 +83,16 @@ def _release(a: AgentState, j: RunningJob) -> None:
     a.jobs -= 1
 
 
-def victims_for(req: JobRequest, agents: Sequence[AgentState], running: Sequence[RunningJob]) -> list[str]:
-    """The interruptible jobs (ids) to preempt on one agent so that `req` fits there; none when it
-    fits somewhere already (counting jobs being preempted as gone), never fits, or cannot fit even so."""
+def victims_for(
+    req: JobRequest,
+    agents: Sequence[AgentState],
+    running: Sequence[RunningJob],
+    may_preempt: Callable[[RunningJob], bool] = lambda j: True,
+    only_agent: str | None = None,
+) -> list[str]:
+    """The interruptible jobs (ids) that `may_preempt` allows, on one agent (`only_agent` if given),
+    to preempt so that `req` fits there; none when it fits somewhere already (counting jobs being
+    preempted as gone), never fits, or cannot fit even so."""
     if never_fits(req, list(agents)) is not None:
         return []
     freed = {a.agent_id: copy.deepcopy(a) for a in agents}
@@ -53,10 +103,16 @@ def victims_for(req: JobRequest, agents: Sequence[AgentState], running: Sequence
         return []
     best: list[str] | None = None
     for agent_id, state in freed.items():
+        if only_agent is not None and agent_id != only_agent:
+            continue
         if not state.can_run(req):
             continue
         candidates = sorted(
-            (j for j in running if j.agent_id == agent_id and j.interruptible and not j.being_preempted),
+            (
+                j
+                for j in running
+                if j.agent_id == agent_id and j.interruptible and not j.being_preempted and may_preempt(j)
+            ),
             key=lambda j: (-len(j.gpu_indices), -j.cpu, -j.memory, j.job_id),
         )
         trial, chosen = copy.deepcopy(state), []
@@ -68,3 +124,34 @@ def victims_for(req: JobRequest, agents: Sequence[AgentState], running: Sequence
                     best = list(chosen)
                 break
     return best or []
+
+
+def choose(
+    waiting: Sequence[JobRequest], agents: Sequence[AgentState], running: Sequence[RunningJob], rules: Rules
+) -> Preemption | None:
+    """The first waiting job (in the given order: oldest first) that a preemption lets start, and the
+    jobs to preempt for it (see the module's docstring); None when none should be preempted."""
+    if not any(j.interruptible and not j.being_preempted for j in running):
+        return None
+    min_run_ns = rules.min_run_s * NS
+
+    def old_enough(j: RunningJob) -> bool:
+        return j.started_ns > 0 and rules.now_ns - j.started_ns >= min_run_ns
+
+    for req in waiting:
+        waited_s = (rules.now_ns - req.submitted_at) / NS
+        if not math.isinf(rules.reserve_after_s) and waited_s >= rules.reserve_after_s:
+            ids = victims_for(req, agents, running, old_enough, rules.reservations.get(req.job_id))
+            if ids:
+                return Preemption(req.job_id, req.owner, RESERVATION, tuple(ids))
+        if rules.fairshare and not math.isinf(rules.preempt_after_s) and waited_s >= rules.preempt_after_s:
+            mine = key(rules, req.owner)
+
+            def below_share(j: RunningJob, owner: str = req.owner, mine: float = mine) -> bool:
+                theirs = key(rules, j.owner)
+                return j.owner != owner and theirs > 0 and theirs > rules.margin * mine and old_enough(j)
+
+            ids = victims_for(req, agents, running, below_share)
+            if ids:
+                return Preemption(req.job_id, req.owner, FAIR_SHARE, tuple(ids))
+    return None

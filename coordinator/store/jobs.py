@@ -97,6 +97,7 @@ class WaitingJob:
     workflow: str = ""
     job_name: str = ""
     avoid_agent: str = ""  # a requeued attempt's last agent: placed elsewhere when another fits
+    run_name: str = ""  # filled where a message names the job (preemption)
 
 
 @dataclass(frozen=True)
@@ -581,8 +582,8 @@ class Jobs:
         """Waiting jobs that are not interruptible and were submitted (or requeued) before
         `waiting_since`, oldest first, whose dependencies in their run are all done."""
         rows = self.db.rows(
-            "SELECT j.id, j.run_id, j.status, j.spec, j.depends_on, r.owner, r.priority, j.avoid_agent"
-            " FROM jobs j JOIN runs r ON r.id = j.run_id"
+            "SELECT j.id, j.run_id, j.status, j.spec, j.depends_on, r.owner, r.priority, j.avoid_agent,"
+            " j.submitted_at, j.job_name, r.name AS run_name FROM jobs j JOIN runs r ON r.id = j.run_id"
             f" WHERE j.status IN ({ints_in(WAITING)}) AND j.submitted_at <= ? ORDER BY j.submitted_at, j.rowid",
             [waiting_since],
         )
@@ -597,15 +598,26 @@ class Jobs:
                     continue
             out.append(
                 WaitingJob(
-                    r["id"], r["run_id"], JobStatus(r["status"]), r["spec"], deps, r["owner"], r["priority"] or 0
+                    r["id"],
+                    r["run_id"],
+                    JobStatus(r["status"]),
+                    r["spec"],
+                    deps,
+                    r["owner"],
+                    r["priority"] or 0,
+                    submitted_at=r["submitted_at"] or 0,
+                    job_name=r["job_name"] or "",
+                    avoid_agent=r["avoid_agent"] or "",
+                    run_name=r["run_name"] or "",
                 )
             )
         return out
 
     def running_for_preemption(self) -> list[RunningJob]:
         rows = self.db.rows(
-            "SELECT id, agent_id, cpu, memory, gpu_indices, spec, stop_requested, stop_reason FROM jobs"
-            f" WHERE status IN ({ints_in(ON_AGENT)})"
+            "SELECT j.id, j.agent_id, j.cpu, j.memory, j.gpu_indices, j.spec, j.stop_requested, j.stop_reason,"
+            " j.started_at, r.owner FROM jobs j JOIN runs r ON r.id = j.run_id"
+            f" WHERE j.status IN ({ints_in(ON_AGENT)})"
         )
         return [
             RunningJob(
@@ -616,6 +628,8 @@ class Jobs:
                 gpu_indices=tuple(json_list(r["gpu_indices"])),
                 interruptible=common_pb2.JobSpec.FromString(r["spec"]).resources.interruptible,
                 being_preempted=bool(r["stop_requested"]) and r["stop_reason"] == TerminationReason.PREEMPTED,
+                owner=r["owner"] or "",
+                started_ns=r["started_at"] or 0,
             )
             for r in rows
             if r["agent_id"]

@@ -249,7 +249,7 @@ async def test_a_job_waiting_past_reserve_after_gets_interruptible_jobs_preempte
         assert assignments[1].job_id == urgent.jobs[0].id  # the waiting job gets the room, not the requeued one
         job = await h.job(spot.name)
         assert job.status == JS.JOB_STATUS_PENDING and job.attempt == 2
-        assert "preempted for job" in job.attempts[0].message
+        assert "preempted for admin's job " in job.attempts[0].message and "(reservation)" in job.attempts[0].message
 
 
 async def test_nothing_is_preempted_when_that_would_not_let_the_job_fit(tmp_path: Path) -> None:
