@@ -96,6 +96,9 @@ class Engine:
         self.wait_info: dict[str, WaitInfo] = {}
         # Agents held for jobs that waited too long (job -> agent), kept from pass to pass.
         self.reservations: dict[str, str] = {}
+        # Agents held for jobs that preempted jobs there (job -> agent), until the job leaves the queue:
+        # merged into the planner's reservations, so nothing else takes the room the preemption frees.
+        self.preempted_for: dict[str, str] = {}
         # Users' decayed usage as of the last pass (running jobs' so far included), for preemption.
         self.last_usage: dict[str, float] = {}
         self.durations = Durations()
@@ -266,7 +269,7 @@ class Engine:
             usage=usage,
             limits=self._user_limits(),
             reserve_after_s=cfg.reserve_after_s,
-            reservations=self.reservations,
+            reservations=self._held(),
             durations=self.durations.medians,
         )
         self.last_usage = usage
@@ -288,6 +291,15 @@ class Engine:
         live = {j.job_id for j in running} | {p[0] for p in decision.placements}
         self._max_durations = {j: s for j, s in self._max_durations.items() if j in live or j in reasons}
         return Plan(assignments, reasons, done, to_mark, info, decision.reservations)
+
+    def _held(self) -> dict[str, str]:
+        """Last pass's reservations, with the agents held for jobs that preemption served (those win)."""
+        # DB thread only (passes and preemption checks take turns there); a job no longer waiting lets go.
+        self.preempted_for = {j: a for j, a in self.preempted_for.items() if j in self.queue}
+        taken = set(self.preempted_for.values())
+        held = {j: a for j, a in self.reservations.items() if a not in taken}
+        held.update(self.preempted_for)
+        return held
 
     def _user_limits(self) -> dict[str, UserLimits]:
         limits = self._limits
@@ -400,7 +412,7 @@ class Engine:
             fairshare=cfg.fairshare,
             usage=self.last_usage,
             shares={u: lim.share for u, lim in self._user_limits().items()},
-            reservations=self.reservations,
+            reservations=self._held(),
         )
         reqs = [
             request_of(w.id, job_spec_from_bytes(w.spec), w.owner, w.priority, w.submitted_at, "", w.avoid_agent)
@@ -409,6 +421,7 @@ class Engine:
         choice = choose(reqs, list(self._agent_states(connected).values()), running, rules)
         if choice is None:
             return None
+        self.preempted_for[choice.for_job] = choice.agent_id
         w = next(w for w in starved if w.id == choice.for_job)
         return choice, f"{w.run_name}/{w.job_name}" if w.job_name else w.run_name
 

@@ -16,6 +16,9 @@ waiting job that is not interruptible (oldest first); the first job that needs a
   `margin` times theirs: equal users never preempt each other. A user's jobs are never preempted for
   that same user by fair share (a user orders their own jobs with --priority).
 
+The agent whose jobs are preempted is then held for the job (the engine adds it to the planner's
+reservations), so nothing else, the preempted jobs' next attempts included, takes the room first.
+
 Always: only interruptible jobs; none in its first `min_run_s` (so it can write a checkpoint); the
 fewest jobs of one agent that let the job fit (those with the most GPUs first); jobs already stopping
 for a preemption count as gone, so a job waiting for its victims to end takes no more.
@@ -69,6 +72,7 @@ class Preemption:
     for_owner: str
     cause: str  # RESERVATION or FAIR_SHARE
     victims: tuple[str, ...]
+    agent_id: str  # where the victims run: held for `for_job` until it starts there
 
 
 def key(rules: Rules, user: str) -> float:
@@ -93,15 +97,27 @@ def victims_for(
     """The interruptible jobs (ids) that `may_preempt` allows, on one agent (`only_agent` if given),
     to preempt so that `req` fits there; none when it fits somewhere already (counting jobs being
     preempted as gone), never fits, or cannot fit even so."""
+    return _victims_on(req, agents, running, may_preempt, only_agent)[1]
+
+
+def _victims_on(
+    req: JobRequest,
+    agents: Sequence[AgentState],
+    running: Sequence[RunningJob],
+    may_preempt: Callable[[RunningJob], bool],
+    only_agent: str | None,
+) -> tuple[str, list[str]]:
+    """(agent, victims) as `victims_for` says; ("", []) for none."""
     if never_fits(req, list(agents)) is not None:
-        return []
+        return "", []
     freed = {a.agent_id: copy.deepcopy(a) for a in agents}
     for j in running:
         if j.being_preempted and j.agent_id in freed:
             _release(freed[j.agent_id], j)
     if any(_fits(a, req) is not None for a in freed.values()):
-        return []
+        return "", []
     best: list[str] | None = None
+    where = ""
     for agent_id, state in freed.items():
         if only_agent is not None and agent_id != only_agent:
             continue
@@ -121,9 +137,9 @@ def victims_for(
             chosen.append(j.job_id)
             if _fits(trial, req) is not None:
                 if best is None or len(chosen) < len(best):
-                    best = list(chosen)
+                    best, where = list(chosen), agent_id
                 break
-    return best or []
+    return (where, best) if best else ("", [])
 
 
 def choose(
@@ -141,9 +157,9 @@ def choose(
     for req in waiting:
         waited_s = (rules.now_ns - req.submitted_at) / NS
         if not math.isinf(rules.reserve_after_s) and waited_s >= rules.reserve_after_s:
-            ids = victims_for(req, agents, running, old_enough, rules.reservations.get(req.job_id))
+            where, ids = _victims_on(req, agents, running, old_enough, rules.reservations.get(req.job_id))
             if ids:
-                return Preemption(req.job_id, req.owner, RESERVATION, tuple(ids))
+                return Preemption(req.job_id, req.owner, RESERVATION, tuple(ids), where)
         if rules.fairshare and not math.isinf(rules.preempt_after_s) and waited_s >= rules.preempt_after_s:
             mine = key(rules, req.owner)
 
@@ -151,7 +167,7 @@ def choose(
                 theirs = key(rules, j.owner)
                 return j.owner != owner and theirs > 0 and theirs > rules.margin * mine and old_enough(j)
 
-            ids = victims_for(req, agents, running, below_share)
+            where, ids = _victims_on(req, agents, running, below_share, None)
             if ids:
-                return Preemption(req.job_id, req.owner, FAIR_SHARE, tuple(ids))
+                return Preemption(req.job_id, req.owner, FAIR_SHARE, tuple(ids), where)
     return None

@@ -139,6 +139,9 @@ class ConfigOverrides(TypedDict, total=False):
     max_queued_per_user: int
     max_submissions_per_minute: int
     reserve_after_s: float
+    preempt_after_s: float
+    preempt_min_run_s: float
+    preempt_margin: float
 
 
 @contextlib.asynccontextmanager
