@@ -14,6 +14,12 @@ Reported, per mode: each user's share of GPU time per window, Jain's fairness in
 while both have jobs waiting (from one job duration after B's submission), B's first wait (target:
 at most one job duration), C's wait (target: at most --reserve-after plus one job duration).
 
+Preemption: the same trace once more with fair share on and A's jobs `interruptible: true`, so that
+B's and C's jobs may preempt them (coordinator/preemption.py: fair share after --preempt-after, a
+reservation after --reserve-after); a preempted job of A is requeued and its next attempt runs the
+time it had left (it resumes from its checkpoint). The first run (A's jobs not interruptible) is the
+same trace with preemption off.
+
 Usage: python -m bench.fairness [HOSTS] [HALF_LIFE_S]
 """
 
@@ -30,6 +36,7 @@ from pathlib import Path
 
 import grpc
 
+from dstack.coordinator.attempts import parse_wire_job_id
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.server import Coordinator, start
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, client_pb2_grpc, common_pb2
@@ -44,6 +51,11 @@ ONE_JOB = JOB_S[1]  # "one job duration" for the targets: the longest
 BIG_JOB_S = 120
 B_AT = C_AT = 60.0
 RESERVE_AFTER = 300.0
+# The trace's jobs run about a minute: the coordinator's default minimum run time before a preemption
+# (60 s, for jobs of hours that checkpoint every few minutes) would leave almost nothing to preempt, so
+# the bench says these jobs checkpoint within 10 s. --preempt-after stays at its default.
+PREEMPT_MIN_RUN = 10.0
+PREEMPT_AFTER = 60.0
 WINDOW = 60.0
 
 
@@ -80,6 +92,10 @@ class SimHost:
     address: str
     clock: ManualClock
     ends: dict[str, float] = field(default_factory=dict)  # job id -> end (seconds since t0)
+    began: dict[str, float] = field(default_factory=dict)  # job id (of an attempt) -> its start
+    segments: list[tuple[str, float, float]] = field(default_factory=list)  # (job id, start, end) run
+    left: dict[str, float] = field(default_factory=dict)  # preempted job -> seconds it still had to run
+    preempted: int = 0
     received: int = 0
     unacked: set[tuple[str, int]] = field(default_factory=set)
     call: grpc.aio.StreamStreamCall | None = None
@@ -110,8 +126,18 @@ class SimHost:
         while (msg := await self.call.read()) is not grpc.aio.EOF:
             for a in msg.assignments:
                 self.received += 1
-                self.ends[a.job_id] = self.now() + int(a.spec.commands[0].split()[1])
+                base = parse_wire_job_id(a.job_id)[0]
+                self.began[a.job_id] = self.now()
+                self.ends[a.job_id] = self.now() + self.left.pop(base, int(a.spec.commands[0].split()[1]))
                 await self._update(a.job_id, JS.JOB_STATUS_RUNNING)
+            for stop in msg.stops:  # a preemption: the job checkpoints and stops at once (no grace here)
+                end = self.ends.pop(stop.job_id, None)
+                if end is None:
+                    continue
+                self.preempted += 1
+                self.left[parse_wire_job_id(stop.job_id)[0]] = end - self.now()
+                self.segments.append((stop.job_id, self.began.pop(stop.job_id), self.now()))
+                await self._update(stop.job_id, JS.JOB_STATUS_STOPPED)
             for ack in msg.update_acks:
                 self.unacked.discard((ack.job_id, ack.status))
 
@@ -121,6 +147,8 @@ class SimHost:
         update = agent_pb2.JobUpdate(job_id=job_id, status=status, time_ns=self.clock.time_ns())  # type: ignore[arg-type]
         if status == JS.JOB_STATUS_DONE:
             update.termination_reason = common_pb2.TERMINATION_REASON_DONE
+        if status == JS.JOB_STATUS_STOPPED:
+            update.termination_reason = common_pb2.TERMINATION_REASON_STOPPED_BY_USER
         async with self.writing:
             await self.call.write(agent_pb2.AgentMessage(updates=[update]))
 
@@ -128,12 +156,17 @@ class SimHost:
         for job_id, end in list(self.ends.items()):
             if end <= self.now() + 1e-9:
                 del self.ends[job_id]
+                self.segments.append((job_id, self.began.pop(job_id), end))
                 await self._update(job_id, JS.JOB_STATUS_DONE)
 
 
-async def replay(fairshare: bool, hosts: int, half_life: float) -> list[Started]:
+async def replay(
+    fairshare: bool, hosts: int, half_life: float, a_interruptible: bool = False
+) -> tuple[list[Started], int]:
     """The trace through a fresh coordinator: fair share and reservations on, or both off (the
-    scheduler as it was before them: first come, first served, with backfill)."""
+    scheduler as it was before them: first come, first served, with backfill); with A's jobs
+    interruptible, preemption serves B and C. Returns what ran (a preempted job: one part per
+    attempt) and how many jobs were preempted."""
     tmp = Path(tempfile.mkdtemp(prefix="dstack-fairness-"))
     clock = ManualClock()
     config = CoordinatorConfig(
@@ -147,6 +180,8 @@ async def replay(fairshare: bool, hosts: int, half_life: float) -> list[Started]
         fairshare=fairshare,
         fairshare_half_life_s=half_life,
         reserve_after_s=RESERVE_AFTER if fairshare else math.inf,
+        preempt_after_s=PREEMPT_AFTER,
+        preempt_min_run_s=PREEMPT_MIN_RUN,
     )
     coordinator: Coordinator = await start(replace(config), clock)
     engine = coordinator.engine
@@ -156,7 +191,8 @@ async def replay(fairshare: bool, hosts: int, half_life: float) -> list[Started]
     channel = grpc.aio.insecure_channel(address)
     client = client_pb2_grpc.ClientServiceStub(channel)
     t0 = clock.time_ns()
-    sims = [SimHost(f"host-{i + 1}", address, clock, t0=t0) for i in range(hosts)]
+    left: dict[str, float] = {}  # shared: a preempted job's next attempt may run on another host
+    sims = [SimHost(f"host-{i + 1}", address, clock, t0=t0, left=left) for i in range(hosts)]
     for s in sims:
         await s.connect()
 
@@ -172,9 +208,8 @@ async def replay(fairshare: bool, hosts: int, half_life: float) -> list[Started]
 
     pending = sorted(trace(), key=lambda j: j.at)
     submitted: dict[str, TraceJob] = {}
-    starts: dict[str, float] = {}
     now = 0.0
-    while pending or any(s.ends for s in sims):
+    while pending or any(s.ends for s in sims) or len(engine.queue):
         due = [j for j in pending if j.at <= now]
         pending = pending[len(due) :]
         for j in due:
@@ -183,7 +218,9 @@ async def replay(fairshare: bool, hosts: int, half_life: float) -> list[Started]
                 workflow="big" if j.gpus > 1 else "train",
                 provider="bash",
                 commands=[f"sleep {j.seconds}"],
-                resources=common_pb2.Resources(gpu=common_pb2.GpuRequest(count=j.gpus)),
+                resources=common_pb2.Resources(
+                    gpu=common_pb2.GpuRequest(count=j.gpus), interruptible=a_interruptible and j.user == "A"
+                ),
             )
             req = client_pb2.SubmitRunRequest(workflow=spec.workflow, jobs=[spec])
             resp = await client.SubmitRun(req, metadata=[("authorization", f"Bearer {USERS[j.user]}")])
@@ -191,13 +228,11 @@ async def replay(fairshare: bool, hosts: int, half_life: float) -> list[Started]
         for s in sims:
             await s.finish_due()
         await settle()
-        for s in sims:
-            for job_id, end in s.ends.items():
-                starts.setdefault(job_id, end - submitted[job_id].seconds)
         nexts = [j.at for j in pending[:1]] + [e for s in sims for e in s.ends.values()]
-        if not nexts:
+        if not nexts and not len(engine.queue):
             break
-        step = max(min(nexts) - now, 0.0)
+        # Nothing due but jobs wait (a preempted job on its way back): time moves on by a second.
+        step = max(min(nexts) - now, 0.0) if nexts else 1.0
         await clock.advance(step)
         now = (clock.time_ns() - t0) / NS
     await channel.close()
@@ -205,9 +240,12 @@ async def replay(fairshare: bool, hosts: int, half_life: float) -> list[Started]
         if s.call is not None:
             s.call.cancel()
     await coordinator.stop(grace=0.1)
-    return [
-        Started(j.user, j.gpus, j.at, starts[job_id], starts[job_id] + j.seconds) for job_id, j in submitted.items()
-    ]
+    ran = []
+    for s in sims:
+        for wire_id, began, ended in s.segments:
+            j = submitted[parse_wire_job_id(wire_id)[0]]
+            ran.append(Started(j.user, j.gpus, j.at, began, ended))
+    return ran, sum(s.preempted for s in sims)
 
 
 # ---- figures -------------------------------------------------------------------------------------
@@ -287,13 +325,20 @@ async def main_async(hosts: int, half_life: float) -> None:
     print(
         f"trace: A 500 x 1 GPU at t=0, B 20 x 1 GPU at t={B_AT:.0f} s, C 1 x 8 GPUs at t={C_AT:.0f} s;"
         f" jobs {JOB_S[0]}-{JOB_S[1]} s (C's {BIG_JOB_S} s); {hosts} agents x 8 GPUs;"
-        f" --reserve-after {RESERVE_AFTER:.0f}, --fairshare-half-life {half_life:g}"
+        f" --reserve-after {RESERVE_AFTER:.0f}, --fairshare-half-life {half_life:g};"
+        f" with preemption: --preempt-after {PREEMPT_AFTER:.0f}, --preempt-min-run {PREEMPT_MIN_RUN:.0f}"
     )
-    for fairshare in (True, False):
+    modes = [
+        (True, False, "fair share and reservations on, A's jobs not interruptible (no preemption)"),
+        (True, True, "fair share and reservations on, A's jobs interruptible (preemption on)"),
+        (False, False, "both off: first come, first served"),
+    ]
+    for fairshare, a_interruptible, title in modes:
         t = time.monotonic()
-        jobs = await replay(fairshare, hosts, half_life)
-        title = "fair share and reservations on" if fairshare else "both off: first come, first served"
+        jobs, preempted = await replay(fairshare, hosts, half_life, a_interruptible)
         report(title, figures(jobs, hosts), time.monotonic() - t)
+        if a_interruptible:
+            print(f"A's jobs preempted: {preempted} (each resumed later for the time it had left)")
 
 
 def main() -> None:
