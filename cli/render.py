@@ -94,6 +94,19 @@ def attempts(run: client_pb2.Run) -> int:
     return max((j.attempt or 1 for j in run.jobs), default=1)
 
 
+def preempted_text(run: client_pb2.Run) -> str:
+    """Why the run's latest preempted attempt was preempted (`attempt 1 preempted for alice's job
+    train-3/main (fair share)`), "" when none was."""
+    latest: tuple[int, str] | None = None
+    for j in run.jobs:
+        for a in j.attempts:
+            if a.termination_reason == common_pb2.TERMINATION_REASON_PREEMPTED and (
+                latest is None or a.finished_at_ns >= latest[0]
+            ):
+                latest = (a.finished_at_ns, f"attempt {a.attempt} {a.message or 'preempted'}")
+    return latest[1] if latest else ""
+
+
 def run_to_json(run: client_pb2.Run) -> dict[str, object]:
     return {
         "name": run.name,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dstack.cli.render import preempted_text
 from dstack.protos.v1 import client_pb2, common_pb2
 from tests.inproc.factories import JS, TR, Harness, SimAgent, coordinator, sim_agent
 from tests.inproc.test_fairshare import NO_LEASES, Pool, add_users, ids, job_of, meta
@@ -76,6 +77,9 @@ async def test_a_user_below_fair_share_preempts_one_interruptible_job_which_runs
         (first,) = job.attempts
         assert first.termination_reason == TR.TERMINATION_REASON_PREEMPTED
         assert first.message == f"preempted for bob's job {b.name}/main (fair share)"
+        listed = await h.client.ListRuns(client_pb2.ListRunsRequest(), metadata=h.meta)
+        shown = next(r for r in listed.runs if r.name == preempted.name)  # as `dstack ps` gets it
+        assert preempted_text(shown) == f"attempt 1 preempted for bob's job {b.name}/main (fair share)"
         await pool.finish(b.jobs[0].id)
         assert f"{victim}-a2" in pool.started  # attempt 2 runs once bob's job is done
         assert len(stops(agent)) == 1  # and alice's attempts never preempt anyone (interruptible jobs do not)
