@@ -413,6 +413,7 @@ class Engine:
             usage=self.last_usage,
             shares={u: lim.share for u, lim in self._user_limits().items()},
             reservations=self._held(),
+            limits=self._user_limits(),
         )
         reqs = [
             request_of(w.id, job_spec_from_bytes(w.spec), w.owner, w.priority, w.submitted_at, "", w.avoid_agent)

@@ -19,7 +19,8 @@ waiting job that is not interruptible (oldest first); the first job that needs a
 The agent whose jobs are preempted is then held for the job (the engine adds it to the planner's
 reservations), so nothing else, the preempted jobs' next attempts included, takes the room first.
 
-Always: only interruptible jobs; none in its first `min_run_s` (so it can write a checkpoint); the
+Always: only for a job its owner's quota lets start (room freed for any other would sit idle); only
+interruptible jobs; none in its first `min_run_s` (so it can write a checkpoint); the
 fewest jobs of one agent that let the job fit (those with the most GPUs first); jobs already stopping
 for a preemption count as gone, so a job waiting for its victims to end takes no more.
 """
@@ -31,6 +32,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from dstack.coordinator.planner import UserLimits, _over_quota
 from dstack.coordinator.scheduler import AgentState, JobRequest, _fits, never_fits
 
 NS = 1_000_000_000
@@ -64,6 +66,7 @@ class Rules:
     usage: Mapping[str, float] = field(default_factory=dict)  # decayed GPU-seconds per user
     shares: Mapping[str, float] = field(default_factory=dict)  # per user; 1 when absent
     reservations: Mapping[str, str] = field(default_factory=dict)  # job -> agent, from the planner
+    limits: Mapping[str, UserLimits] = field(default_factory=dict)  # quotas, per user
 
 
 @dataclass(frozen=True)
@@ -154,8 +157,16 @@ def choose(
     def old_enough(j: RunningJob) -> bool:
         return j.started_ns > 0 and rules.now_ns - j.started_ns >= min_run_ns
 
+    held_gpus: dict[str, int] = {}
+    held_jobs: dict[str, int] = {}
+    for j in running:
+        held_gpus[j.owner] = held_gpus.get(j.owner, 0) + len(j.gpu_indices)
+        held_jobs[j.owner] = held_jobs.get(j.owner, 0) + 1
     for req in waiting:
         waited_s = (rules.now_ns - req.submitted_at) / NS
+        lim = rules.limits.get(req.owner) or UserLimits()
+        if _over_quota(lim, held_gpus.get(req.owner, 0), held_jobs.get(req.owner, 0), req.gpu_count):
+            continue  # its owner's quota holds it back: room freed for it would sit idle
         if not math.isinf(rules.reserve_after_s) and waited_s >= rules.reserve_after_s:
             where, ids = _victims_on(req, agents, running, old_enough, rules.reservations.get(req.job_id))
             if ids:

@@ -177,3 +177,27 @@ async def test_two_users_with_close_usage_never_preempt_each_other(tmp_path: Pat
         assert stops(agent) == []
         assert all(len(pool.running(ids(runs[u]))) == 2 for u in runs)
         assert not any(pool.running(ids(more[u])) for u in runs)
+
+
+async def test_a_user_at_quota_cannot_get_others_jobs_preempted_to_idle_a_host(tmp_path: Path) -> None:
+    """The attack: bob, at his GPU quota, waits with one more job: were it served, alice's job would be
+    killed and its GPU held for a job the quota will not let start."""
+    async with (
+        coordinator(
+            tmp_path, lease_timeout_s=NO_LEASES, preempt_after_s=60, preempt_min_run_s=60, reserve_after_s=120
+        ) as h,
+        sim_agent(h, "gpu-1", gpus=4) as agent,
+    ):
+        await add_users(h)
+        await h.client.SetUserLimits(client_pb2.SetUserLimitsRequest(name="bob", max_gpus=1), metadata=h.meta)
+        pool = Pool(h, agent)
+        a_runs = [await submit(h, "alice", interruptible=True) for _ in range(3)]
+        held = await submit(h, "bob")
+        await pool.settle()
+        assert len(pool.running(ids([*a_runs, held]))) == 4
+        more = await submit(h, "bob")
+        for _ in range(6):
+            await pool.advance(60)
+        assert stops(agent) == []
+        job = await job_of(h, more)
+        assert job.wait_reason == "quota" and not h.coordinator.engine.preempted_for

@@ -8,6 +8,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dstack.coordinator.planner import UserLimits
 from dstack.coordinator.preemption import FAIR_SHARE, RESERVATION, Preemption, Rules, RunningJob, choose, key
 from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest, _fits
 
@@ -109,6 +110,16 @@ def test_a_reservation_preempts_only_on_the_reserved_host_the_fewest_that_let_it
     assert sorted(got.victims) == sorted(j.job_id for j in on_2)
 
 
+def test_a_job_its_owners_quota_holds_back_preempts_nobody() -> None:
+    # bob already holds a GPU elsewhere and may hold one: freeing a GPU for his second job would leave it idle.
+    jobs = [job(f"a{i}", "gpu-1", (i,), "alice") for i in range(4)] + [job("b0", "gpu-2", (0,), "bob", False)]
+    agents = fill([agent("gpu-1"), agent("gpu-2", gpus=1)], jobs)
+    r = rules(usage={"alice": 2400.0}, reserve_after_s=60.0, limits={"bob": UserLimits(max_gpus=1)})
+    assert choose([waiting("b1", "bob", waited_s=400)], agents, jobs, r) is None
+    r = rules(usage={"alice": 2400.0}, reserve_after_s=60.0, limits={"bob": UserLimits(max_gpus=2)})
+    assert choose([waiting("b1", "bob", waited_s=400)], agents, jobs, r) is not None
+
+
 def test_a_job_waiting_for_its_victims_to_stop_takes_no_more() -> None:
     agents, jobs = alice_fills_four_gpus()
     stopping = [RunningJob(**{**j.__dict__, "being_preempted": j.job_id == "a0"}) for j in jobs]
@@ -160,6 +171,7 @@ def snapshots(draw: st.DrawFn) -> tuple[list[AgentState], list[RunningJob], list
         usage={u: draw(st.sampled_from([0.0, 100.0, 1000.0, 5000.0])) for u in USERS},
         shares={u: draw(st.sampled_from([1.0, 2.0])) for u in USERS},
         reservations={reqs[0].job_id: agents[0].agent_id} if draw(st.booleans()) else {},
+        limits={u: UserLimits(max_gpus=draw(st.sampled_from([0, 2, 4]))) for u in USERS},
     )
     return agents, jobs, reqs, r
 
@@ -190,6 +202,10 @@ def test_choose_never_breaks_the_rules(
     assert all(v.interruptible and not v.being_preempted and v.started_ns > 0 for v in victims)
     assert all(r.now_ns - v.started_ns >= r.min_run_s * NS for v in victims)
     assert {v.agent_id for v in victims} == {got.agent_id}
+    # Its owner's quota lets it start.
+    held = sum(len(j.gpu_indices) for j in jobs if j.owner == req.owner)
+    cap = r.limits[req.owner].max_gpus
+    assert not cap or not req.gpu_count or held + req.gpu_count <= cap
     if got.cause == FAIR_SHARE:
         assert all(v.owner != req.owner for v in victims)  # never for the same user
         assert all(key(r, v.owner) > r.margin * key(r, req.owner) for v in victims)
