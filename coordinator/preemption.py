@@ -21,13 +21,14 @@ reservations), so nothing else, the preempted jobs' next attempts included, take
 
 Always: only for a job its owner's quota lets start (room freed for any other would sit idle); only
 interruptible jobs; none in its first `min_run_s` (so it can write a checkpoint); the
-fewest jobs of one agent that let the job fit (those with the most GPUs first); jobs already stopping
+fewest jobs of one agent that let the job fit (the smallest such set; see `_fewest`); jobs already stopping
 for a preemption count as gone, so a job waiting for its victims to end takes no more.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -132,17 +133,47 @@ def _victims_on(
                 for j in running
                 if j.agent_id == agent_id and j.interruptible and not j.being_preempted and may_preempt(j)
             ),
-            key=lambda j: (-len(j.gpu_indices), -j.cpu, -j.memory, j.job_id),
+            key=lambda j: (len(j.gpu_indices), j.cpu, j.memory, j.job_id),
         )
-        trial, chosen = copy.deepcopy(state), []
-        for j in candidates:
-            _release(trial, j)
-            chosen.append(j.job_id)
-            if _fits(trial, req) is not None:
-                if best is None or len(chosen) < len(best):
-                    best, where = list(chosen), agent_id
-                break
+        chosen = _fewest(state, req, candidates, len(best) - 1 if best is not None else len(candidates))
+        if chosen is not None:
+            best, where = chosen, agent_id
     return (where, best) if best else ("", [])
+
+
+EXHAUSTIVE = 8  # up to this many candidates on an agent, every subset is tried (2^8 fits at most)
+
+
+def _fewest(state: AgentState, req: JobRequest, candidates: list[RunningJob], most: int) -> list[str] | None:
+    """The fewest of `candidates` (at most `most`) whose going lets `req` fit on `state`; smallest jobs
+    first among sets of one size (the least work lost). Exhaustive for a few candidates; beyond that,
+    any single job, else the biggest first until it fits (a near-minimal set, cheaply)."""
+    if most < 1 or not candidates:
+        return None
+    everything = copy.deepcopy(state)
+    for j in candidates:
+        _release(everything, j)
+    if _fits(everything, req) is None:
+        return None  # not even all of them would do (the usual miss: cheap)
+    limit = min(most, len(candidates)) if len(candidates) <= EXHAUSTIVE else 1
+    for k in range(1, limit + 1):
+        for combo in itertools.combinations(candidates, k):
+            trial = copy.deepcopy(state)
+            for j in combo:
+                _release(trial, j)
+            if _fits(trial, req) is not None:
+                return [j.job_id for j in combo]
+    if len(candidates) <= EXHAUSTIVE:
+        return None
+    trial, chosen = copy.deepcopy(state), []
+    for j in reversed(candidates):
+        _release(trial, j)
+        chosen.append(j.job_id)
+        if len(chosen) > most:
+            return None
+        if _fits(trial, req) is not None:
+            return chosen
+    return None
 
 
 def choose(
@@ -162,16 +193,27 @@ def choose(
     for j in running:
         held_gpus[j.owner] = held_gpus.get(j.owner, 0) + len(j.gpu_indices)
         held_jobs[j.owner] = held_jobs.get(j.owner, 0) + 1
+    missed: set[tuple[object, ...]] = set()  # (cause, shape, owner, agent) that found nothing this call
     for req in waiting:
         waited_s = (rules.now_ns - req.submitted_at) / NS
         lim = rules.limits.get(req.owner) or UserLimits()
         if _over_quota(lim, held_gpus.get(req.owner, 0), held_jobs.get(req.owner, 0), req.gpu_count):
             continue  # its owner's quota holds it back: room freed for it would sit idle
-        if not math.isinf(rules.reserve_after_s) and waited_s >= rules.reserve_after_s:
-            where, ids = _victims_on(req, agents, running, old_enough, rules.reservations.get(req.job_id))
+        shape = (req.cpu, req.memory, req.gpu_count, req.gpu_name, req.gpu_memory, req.needs_container)
+        held_for = rules.reservations.get(req.job_id)
+        tried = (RESERVATION, shape, held_for)
+        if not math.isinf(rules.reserve_after_s) and waited_s >= rules.reserve_after_s and tried not in missed:
+            where, ids = _victims_on(req, agents, running, old_enough, held_for)
             if ids:
                 return Preemption(req.job_id, req.owner, RESERVATION, tuple(ids), where)
-        if rules.fairshare and not math.isinf(rules.preempt_after_s) and waited_s >= rules.preempt_after_s:
+            missed.add(tried)
+        tried = (FAIR_SHARE, shape, req.owner)
+        if (
+            rules.fairshare
+            and not math.isinf(rules.preempt_after_s)
+            and waited_s >= rules.preempt_after_s
+            and tried not in missed
+        ):
             mine = key(rules, req.owner)
 
             def below_share(j: RunningJob, owner: str = req.owner, mine: float = mine) -> bool:
@@ -181,4 +223,5 @@ def choose(
             where, ids = _victims_on(req, agents, running, below_share, None)
             if ids:
                 return Preemption(req.job_id, req.owner, FAIR_SHARE, tuple(ids), where)
+            missed.add(tried)
     return None
