@@ -6,6 +6,7 @@ CoordinatorError
 ├── Conflict            (FAILED_PRECONDITION)  valid, but not in the current state
 ├── AlreadyExists       (ALREADY_EXISTS)       a name that someone else holds (e.g. an online agent's)
 ├── Unauthenticated     (UNAUTHENTICATED)      missing or wrong token
+├── PermissionDenied    (PERMISSION_DENIED)    authenticated, but not allowed this (another user's run)
 └── StorageUnavailable  (UNAVAILABLE)          the artifact store failed; retrying may help
 
 The store's own errors (storage/errors.py) reach the RPC layer as they are and are mapped there too:
@@ -36,6 +37,10 @@ class AlreadyExists(CoordinatorError):
 
 
 class Unauthenticated(CoordinatorError):
+    pass
+
+
+class PermissionDenied(CoordinatorError):
     pass
 
 

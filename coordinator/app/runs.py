@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dstack.coordinator.app.core import Core, run_view
+from dstack.coordinator.app.ownership import Actor, check_owner
 from dstack.coordinator.convert import code_to_bytes
 from dstack.coordinator.errors import InvalidRequest
 from dstack.coordinator.model import CodeRef, JobSpec, JobStatus, JobView, RunStatus, RunView
@@ -133,13 +134,16 @@ async def list_runs(core: Core, include_all: bool, limit: int = 0) -> list[RunVi
     return await core.db(load)
 
 
-async def stop(core: Core, name: str) -> RunView:
+async def stop(core: Core, actor: Actor, name: str) -> RunView:
+    run = await core.db(core.store.run_by_name, name)
+    check_owner(actor, run.owner, f"stop run {name}")
     await asyncio.shield(core.engine.stop_run(name))  # stop messages go out even if the client leaves
     return await core.run(name)
 
 
-async def delete(core: Core, name: str) -> int:
+async def delete(core: Core, actor: Actor, name: str) -> int:
     """Deletes a finished run, its logs and artifacts; returns how many objects were deleted."""
+    check_owner(actor, (await core.db(core.store.run_by_name, name)).owner, f"remove run {name}")
     run = await core.db(core.store.deletable_run, name)
     # Objects first: if this fails halfway, the run is still listed and `dstack rm` can be repeated.
     deleted = await core.artifacts.delete_run(run.name)

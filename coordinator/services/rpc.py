@@ -15,6 +15,7 @@ from dstack.coordinator.errors import (
     CoordinatorError,
     InvalidRequest,
     NotFound,
+    PermissionDenied,
     StorageUnavailable,
     Unauthenticated,
 )
@@ -40,6 +41,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),  # another user's run: only its owner or an admin
     (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),  # transient: callers retry
     (ExpiredGrant, grpc.StatusCode.UNAVAILABLE),  # the coordinator's own credentials expired: boto renews them

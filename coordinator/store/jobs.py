@@ -133,6 +133,7 @@ class Assignment:
     code: bytes
     gpu_indices: list[int]
     inputs: list[ArtifactInput] = field(default_factory=list)
+    owner: str = ""  # the run's owner: the job gets the team's secrets and this user's own
 
 
 @dataclass
@@ -255,8 +256,11 @@ class Jobs:
                     continue  # stopped meanwhile
                 touched.add(moved.run_id)
                 spec = c.execute("SELECT spec FROM jobs WHERE id = ?", [p.job_id]).fetchone()[0]
-                name, code = c.execute("SELECT name, code FROM runs WHERE id = ?", [moved.run_id]).fetchone()
-                out.append(Assignment(p.job_id, p.agent_id, name, spec, code, p.gpu_indices, inputs_of(c, p.job_id)))
+                name, code, owner = c.execute(
+                    "SELECT name, code, owner FROM runs WHERE id = ?", [moved.run_id]
+                ).fetchone()
+                inputs = inputs_of(c, p.job_id)
+                out.append(Assignment(p.job_id, p.agent_id, name, spec, code, p.gpu_indices, inputs, owner))
             for job_id in waiting:
                 moved = lifecycle.move_job(c, lifecycle.MARK_PENDING, job_id)
                 if moved is not None:
@@ -274,7 +278,7 @@ class Jobs:
         if not job_ids:
             return []
         rows = self.db.rows(
-            "SELECT j.id, j.spec, j.gpu_indices, r.name, r.code FROM jobs j JOIN runs r ON r.id = j.run_id"
+            "SELECT j.id, j.spec, j.gpu_indices, r.name, r.code, r.owner FROM jobs j JOIN runs r ON r.id = j.run_id"
             f" WHERE j.id IN ({marks(job_ids)}) AND j.agent_id = ?",
             [*job_ids, agent_id],
         )
@@ -287,6 +291,7 @@ class Jobs:
                 r["code"],
                 json_list(r["gpu_indices"]),
                 inputs_of(self.db.conn, r["id"]),
+                r["owner"],
             )
             for r in rows
         ]
