@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from dstack.cli.errors import CliError
@@ -35,6 +36,8 @@ def config_command(coordinator: str, token: str, local: bool, check: bool = True
     if not coordinator:
         show_config()
         return
+    if token == "-" or (not token and not sys.stdin.isatty()):
+        token = sys.stdin.readline().strip()  # `dstack config --token - < FILE`: out of shell history
     if not token:
         import getpass
 
