@@ -190,7 +190,7 @@ def test_a_removed_or_rotated_token_is_refused_at_once(cluster: Cluster, tmp_pat
             follower.kill()
             follower.wait()
     # The run stays bob's; an admin stops it.
-    assert cluster.run_info(run)["owner"] == "bob"  # type: ignore[typeddict-item]
+    assert cluster.run_info(run)["owner"] == "bob"
     assert cluster.cli("stop", run).returncode == 0
 
 
