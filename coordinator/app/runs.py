@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from dstack.coordinator.app.core import Core, run_view
 from dstack.coordinator.app.ownership import Actor, check_owner
 from dstack.coordinator.convert import code_to_bytes
-from dstack.coordinator.errors import InvalidRequest
+from dstack.coordinator.errors import InvalidRequest, NotFound
 from dstack.coordinator.model import CodeRef, JobSpec, JobStatus, JobView, RunStatus, RunView
 from dstack.coordinator.store.db import CreatedRun, NewJob
 from dstack.coordinator.templates import spec_with_run_name
@@ -53,8 +53,21 @@ def _check(jobs: Sequence[JobSpec]) -> None:
             raise InvalidRequest(f"job {j.job_name!r}: invalid resources")
 
 
-async def submit(core: Core, owner: str, sub: Submission) -> RunView:
-    """Stores a new run and queues its jobs; returns the run as stored."""
+async def check_tag_movable(core: Core, actor: Actor, tag: str) -> None:
+    """`dstack run -t TAG` moves TAG to the new run when it finishes done: if TAG is on another
+    user's run, that changes their run, which only its owner or an admin may (checked at submission;
+    the move itself happens at the end)."""
+    try:
+        tagged = await core.db(core.store.tag, tag)
+    except NotFound:
+        return
+    owner = (await core.db(core.store.run_by_name, tagged.run_name)).owner
+    check_owner(actor, owner, f"move tag {tag} (of run {tagged.run_name})")
+
+
+async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = None) -> RunView:
+    """Stores a new run and queues its jobs; returns the run as stored. `actor`: the submitting
+    user (`owner`), with their role, for the ownership checks (None: trusted, e.g. tests)."""
     _check(sub.jobs)
     if sub.code.hash and not await core.db(core.store.has_code, sub.code.hash):
         # Uploaded straight to the store with a presigned URL: checked once, then recorded.
@@ -65,6 +78,8 @@ async def submit(core: Core, owner: str, sub: Submission) -> RunView:
     code = code_to_bytes(sub.code)
     if sub.tag_on_done:
         check_tag_name(sub.tag_on_done)
+        if actor is not None:
+            await check_tag_movable(core, actor, sub.tag_on_done)
 
     def create() -> tuple[CreatedRun, list[JobSpec]]:
         # Tag and workflow dependencies resolve now, to the runs they name at submission.

@@ -62,7 +62,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
             list(request.args),
             request.tag_on_done,
         )
-        return client_pb2.SubmitRunResponse(run=run_to_proto(await runs.submit(self.core, user_name(), sub)))
+        return client_pb2.SubmitRunResponse(run=run_to_proto(await runs.submit(self.core, user_name(), sub, actor())))
 
     @unary
     async def GetRun(self, request: client_pb2.GetRunRequest, context: Ctx) -> client_pb2.GetRunResponse:

@@ -132,6 +132,13 @@ async def test_only_the_owner_or_an_admin_changes_a_run(tmp_path: Path) -> None:
         )
         assert (code, details) == (PD, f"only the owner (alice) or an admin can tag run {done.name}; you are bob")
         await c.AddTag(client_pb2.AddTagRequest(tag="best", run_name=done.name), metadata=meta(alice))
+        # `dstack run -t best` would move alice's tag to bob's run when it ends: refused at submission.
+        steal = client_pb2.SubmitRunRequest(workflow="w", jobs=[job_spec()], tag_on_done="best")
+        code, details = await refused(c.SubmitRun(steal, metadata=meta(bob)))
+        assert (code, details) == (
+            PD,
+            f"only the owner (alice) or an admin can move tag best (of run {done.name}); you are bob",
+        )
         code, details = await refused(c.DeleteTag(client_pb2.DeleteTagRequest(tag="best"), metadata=meta(bob)))
         assert code == PD and details.startswith("only the owner (alice) or an admin can delete tag best")
         await c.DeleteTag(client_pb2.DeleteTagRequest(tag="best"), metadata=h.meta)  # an admin may
