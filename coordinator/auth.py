@@ -234,7 +234,7 @@ class Authenticator:
 
     async def _touch(self, name: str) -> None:
         # `dstack users list` shows when each user was last seen: one write a minute per user, at most.
-        now = time.time_ns()
+        now = self.store.clock()
         if now - self._seen.get(name, 0) < LAST_SEEN_EVERY_NS:
             return
         self._seen[name] = now
