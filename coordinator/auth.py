@@ -111,7 +111,6 @@ INVALID_USER_TOKEN = "invalid token: check `dstack config`"
 MISSING_AGENT_TOKEN = "missing agent token: register the agent with the join token first"
 UNKNOWN_AGENT_TOKEN = "unknown agent token: register the agent again with the join token"
 INVALID_JOIN_TOKEN = "invalid join token"
-ADMIN_ROLE = ADMIN  # users.role (the store's `ensure_user(..., "admin")`)
 LAST_SEEN_EVERY_NS = 60 * 10**9  # users.last_seen_at is written at most this often per user
 
 
@@ -208,10 +207,6 @@ class Authenticator:
 
     def _generation(self) -> int:
         return self.store.users.generation
-
-    async def user_with_role(self, token: str) -> tuple[str, str] | None:
-        found = await self._user(token)
-        return None if found is None else (found[0], found[1])
 
     async def _user(self, token: str) -> tuple[str, str, str] | None:
         now = time.monotonic()
