@@ -24,10 +24,20 @@ class AgentConfig:
     store_retry_s: float = 300.0
     mount_sync_s: float = 10.0  # how often `mount: true` artifact folders are saved while a job runs
     env_cache_max_bytes: int = 20 << 30  # Python job environments (requirements venvs); 0: one per job
+    # TCP only (a unix socket is plaintext). TLS verified against ca_file (else the system's roots); a
+    # ca_fingerprint is turned into a ca_file at the first connection (agent/connection.py: pin_ca).
+    ca_file: Path | None = None
+    ca_fingerprint: str = ""
+    insecure: bool = False
 
     @property
     def credentials_path(self) -> Path:
         return self.home / "agent.json"
+
+    @property
+    def pinned_ca_path(self) -> Path:
+        """Where the CA pinned by --ca-fingerprint is kept (0600, in the 0700 home)."""
+        return self.home / "coordinator-ca.pem"
 
     @property
     def jobs_dir(self) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +29,18 @@ from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from dstack.storage.backoff import Backoff
 from dstack.storage.private import private_dir, tighten_file
 from dstack.storage.transfer import Transfer
+from dstack.tls import (
+    FingerprintMismatch,
+    TlsSetupError,
+    Transport,
+    fingerprint,
+    handshake_failure,
+    parse_fingerprint,
+    pin_by_fingerprint,
+    read_ca_file,
+    save_pem,
+    speaks_tls,
+)
 
 log = logging.getLogger("dstack.agent")
 
@@ -47,6 +60,114 @@ class FatalAgentError(Exception):
     """Retrying cannot help (e.g. the join token is wrong)."""
 
 
+PIN_HINT = (
+    "give the coordinator's CA with --ca-file (its STATE_DIR/tls/ca.pem) or --ca-fingerprint SHA256:... (printed by"
+    " `dstack server`), or the environment variables DSTACK_CA_FILE / DSTACK_CA_FINGERPRINT"
+)
+
+
+def plaintext(config: AgentConfig) -> bool:
+    return config.insecure or config.coordinator.startswith("unix:")
+
+
+def transport(config: AgentConfig) -> Transport:
+    if plaintext(config):
+        return Transport(insecure=True)
+    if config.ca_file is None:
+        return Transport()
+    try:
+        return Transport(ca_pem=read_ca_file(config.ca_file), ca_source=str(config.ca_file))
+    except TlsSetupError as e:
+        raise FatalAgentError(f"{e}; {PIN_HINT}") from None
+
+
+def open_channel(config: AgentConfig) -> grpc.aio.Channel:
+    t = transport(config)
+    if t.insecure:
+        return grpc.aio.insecure_channel(config.coordinator, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(config.coordinator, t.credentials(), options=[*CHANNEL_OPTIONS, *t.options()])
+
+
+async def pin_ca(config: AgentConfig) -> AgentConfig:
+    """With --ca-fingerprint: the config with ca_file set to the CA pinned in the agent's home.
+
+    The first start fetches the server's chain (retrying while the coordinator is unreachable), keeps the
+    certificate with that fingerprint and saves it 0600; later starts use the saved one. A server that
+    presents no such certificate stops the agent: retrying cannot make it the right coordinator."""
+    if not config.ca_fingerprint or plaintext(config):
+        return config
+    try:
+        expected = parse_fingerprint(config.ca_fingerprint)
+    except TlsSetupError as e:
+        raise FatalAgentError(str(e)) from None
+    path = config.pinned_ca_path
+    pinned = dataclasses.replace(config, ca_file=path, ca_fingerprint="")
+    if await asyncio.to_thread(path.exists):
+        try:
+            if fingerprint(await asyncio.to_thread(path.read_bytes)) == expected:
+                return pinned
+        except (OSError, TlsSetupError):
+            pass
+        log.warning("%s is not the CA with fingerprint %s: fetching it again", path, expected)
+    await asyncio.to_thread(private_dir, config.home, log)
+    attempts = SESSION_BACKOFF.start()
+    while True:
+        try:
+            pem = await asyncio.to_thread(pin_by_fingerprint, config.coordinator, expected)
+            break
+        except FingerprintMismatch as e:
+            raise FatalAgentError(f"{e}; nothing was sent to it") from None
+        except TlsSetupError as e:
+            raise FatalAgentError(str(e)) from None
+        except OSError as e:  # ssl.SSLError too: a plaintext server, or one still starting
+            if "WRONG_VERSION_NUMBER" in str(e) or "wrong version number" in str(e):
+                raise FatalAgentError(_not_tls(config.coordinator)) from None
+            delay = attempts.next_delay() or SESSION_BACKOFF.max_s
+            log.info("fetching the coordinator's CA from %s failed (%s); again in %.1fs", config.coordinator, e, delay)
+            await asyncio.sleep(delay)
+    await asyncio.to_thread(save_pem, path, pem)
+    log.info("pinned the coordinator's CA %s in %s", expected, path)
+    return pinned
+
+
+def _not_tls(address: str) -> str:
+    return (
+        f"the coordinator at {address} does not speak TLS (was it started with --insecure?): give this agent"
+        " --insecure too, only on a network you trust completely"
+    )
+
+
+async def tls_fatal(config: AgentConfig, e: grpc.aio.AioRpcError) -> FatalAgentError | None:
+    """A failed handshake that retrying cannot fix, as a clear error; None for any other failure."""
+    if e.code() != grpc.StatusCode.UNAVAILABLE or config.coordinator.startswith("unix:"):
+        return None
+    details = e.details() or ""
+    if config.insecure:
+        # A TLS server closes a plaintext connection without a word: ask it whether it speaks TLS.
+        if ("Socket closed" in details or "Connection reset" in details) and await asyncio.to_thread(
+            speaks_tls, config.coordinator
+        ):
+            return FatalAgentError(
+                f"the coordinator at {config.coordinator} speaks TLS, and this agent has --insecure: {PIN_HINT}"
+            )
+        return None
+    kind = handshake_failure(details)
+    if kind == "plaintext":
+        return FatalAgentError(_not_tls(config.coordinator))
+    if kind == "untrusted":
+        if config.ca_file is not None:
+            return FatalAgentError(
+                f"the certificate of the coordinator at {config.coordinator} does not match the pinned CA"
+                f" ({config.ca_file}): if the coordinator's CA was made anew, give the new one; if not, something"
+                f" is answering in its place. ({details})"
+            )
+        return FatalAgentError(
+            f"the coordinator at {config.coordinator} speaks TLS with a certificate this agent does not trust:"
+            f" {PIN_HINT}"
+        )
+    return None
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -59,7 +180,7 @@ class Agent:
         self.agent_id = ""
         self.session_started = False  # set once a session is acknowledged: its end resets the retry delay
         self.token = ""
-        self.channel = grpc.aio.insecure_channel(config.coordinator, options=CHANNEL_OPTIONS)
+        self.channel = open_channel(config)
         self.stub = agent_pb2_grpc.AgentServiceStub(self.channel)
         # One policy (agent/retry.py) for every coordinator call and store transfer a job makes.
         self.policy = RetryPolicy(Backoff(deadline_s=config.store_retry_s))
@@ -167,6 +288,8 @@ class Agent:
                         f"{describe(e)}. The agent stops. To enrol this host again, delete"
                         f" {self.config.credentials_path} and start the agent with a new join token"
                     ) from e
+                if isinstance(e, grpc.aio.AioRpcError) and (fatal := await tls_fatal(self.config, e)) is not None:
+                    raise fatal from None
                 if classify(e) is Outcome.REREGISTER:
                     log.warning("the coordinator does not know this agent any more; registering again")
                     registered = False

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from dstack.agent.config import AgentConfig
-from dstack.agent.connection import Agent, FatalAgentError
+from dstack.agent.connection import Agent, FatalAgentError, pin_ca
 from dstack.agent.envcache import DEFAULT_SIZE, parse_size
 from dstack.agent.inventory import InventoryError, parse_simulated
 from dstack.agent.runtimes import RUNTIMES, DockerOptions, RuntimeError_, resolve_runtime
@@ -50,6 +50,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the join token itself: avoid it, as other users of this host see a command line"
         " (ps, /proc/PID/cmdline); use --join-token-file or DSTACK_JOIN_TOKEN",
+    )
+    tls = p.add_argument_group(
+        "TLS (TCP only; a unix socket is plaintext)",
+        "The agent speaks TLS to the coordinator and checks its certificate against the coordinator's CA.",
+    )
+    pin = tls.add_mutually_exclusive_group()
+    pin.add_argument(
+        "--ca-file",
+        metavar="PATH",
+        default="",
+        help="the coordinator's CA certificate (its STATE_DIR/tls/ca.pem, or an admin's CA); env DSTACK_CA_FILE",
+    )
+    pin.add_argument(
+        "--ca-fingerprint",
+        metavar="SHA256:HEX",
+        default="",
+        help="the CA fingerprint `dstack server` prints: the CA is fetched with it once and pinned in HOME;"
+        " env DSTACK_CA_FINGERPRINT",
+    )
+    pin.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext, for a coordinator started with --insecure: tokens, jobs and their secrets cross the"
+        " network readable by anyone on the path",
     )
     p.add_argument(
         "--home",
@@ -150,6 +174,7 @@ def join_token(p: argparse.ArgumentParser, a: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
+    env = os.environ.get
     p = build_parser()
     a = p.parse_args(argv)
     token = join_token(p, a)
@@ -162,8 +187,15 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         env_cache_max_bytes = parse_size(a.env_cache_size)
     except ValueError as e:
         p.error(f"--env-cache-size: {e}")
+    if not (a.insecure or a.ca_file or a.ca_fingerprint):  # an option given wins over the environment
+        a.ca_file, a.ca_fingerprint = env("DSTACK_CA_FILE", ""), env("DSTACK_CA_FINGERPRINT", "")
+        if a.ca_file and a.ca_fingerprint:
+            p.error("DSTACK_CA_FILE and DSTACK_CA_FINGERPRINT are both set: keep one")
     return AgentConfig(
         coordinator=a.coordinator,
+        ca_file=Path(a.ca_file).expanduser().resolve() if a.ca_file else None,
+        ca_fingerprint=a.ca_fingerprint,
+        insecure=a.insecure,
         home=Path(a.home).expanduser().resolve(),
         join_token=token,
         name=a.name,
@@ -184,14 +216,29 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     )
 
 
+INSECURE_WARNING = (
+    "dstack agent: warning: --insecure: the agent's credential, its jobs and their secrets cross the network in"
+    " plaintext, and nothing proves the server is your coordinator (one that answers in its place gets them all)"
+)
+
+
 async def run_agent(config: AgentConfig) -> None:
-    agent = Agent(config)
+    if config.insecure and not config.coordinator.startswith("unix:"):
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    main = asyncio.create_task(agent.run())
     stopper = asyncio.create_task(stop.wait())
+    # Before the agent starts: with --ca-fingerprint, the CA is fetched and pinned (or the agent stops).
+    pinning = asyncio.create_task(pin_ca(config))
+    await asyncio.wait({pinning, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if not pinning.done():
+        pinning.cancel()
+        await asyncio.gather(pinning, return_exceptions=True)
+        return
+    agent = Agent(pinning.result())  # raises FatalAgentError
+    main = asyncio.create_task(agent.run())
     done, _ = await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
     main.cancel()
     stopper.cancel()

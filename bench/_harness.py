@@ -15,6 +15,7 @@ import grpc
 import psutil
 
 from dstack.protos.v1 import client_pb2, client_pb2_grpc
+from dstack.tls import SERVER_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 ADMIN = "bench-admin"
@@ -28,7 +29,11 @@ def free_port() -> int:
 
 
 class Services:
-    def __init__(self) -> None:
+    """A coordinator and agents over TLS with the coordinator's own CA, as a team runs them (tls=False:
+    plaintext, `--insecure` on both sides, to measure what TLS costs)."""
+
+    def __init__(self, tls: bool = True) -> None:
+        self.tls = tls
         self.tmp = Path(tempfile.mkdtemp(prefix="dstack-bench-"))
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -47,6 +52,7 @@ class Services:
                 str(self.tmp / "server"),
                 "--listen",
                 self.address,
+                *([] if self.tls else ["--insecure"]),
                 *extra,
             ],
             stdout=log,
@@ -55,6 +61,9 @@ class Services:
             cwd=REPO,
         )
         self.procs.append(self.coordinator)
+        deadline = time.monotonic() + 20
+        while self.tls and not self.ca_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         stub = self.client_stub()
         deadline = time.monotonic() + 20
         while True:
@@ -81,6 +90,7 @@ class Services:
                     str(self.tmp / name),
                     "--name",
                     name,
+                    *(["--ca-file", str(self.ca_file)] if self.tls else ["--insecure"]),
                     *extra,
                 ],
                 stdout=log,
@@ -100,8 +110,31 @@ class Services:
             time.sleep(0.05)
         raise RuntimeError(f"{n} agents did not come online")
 
+    @property
+    def ca_file(self) -> Path:
+        return self.tmp / "server" / "tls" / "ca.pem"
+
+    def _tls(self) -> tuple[grpc.ChannelCredentials, list[tuple[str, str]]]:
+        creds = grpc.ssl_channel_credentials(root_certificates=self.ca_file.read_bytes())
+        return creds, [("grpc.ssl_target_name_override", SERVER_NAME)]
+
+    def channel(self) -> grpc.Channel:
+        if not self.tls:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, *self._tls())
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        if not self.tls:
+            return grpc.aio.insecure_channel(self.address)
+        return grpc.aio.secure_channel(self.address, *self._tls())
+
+    def cli_env(self) -> dict[str, str]:
+        """What a CLI needs to talk to this coordinator."""
+        tls = {"DSTACK_CA_FILE": str(self.ca_file)} if self.tls else {"DSTACK_INSECURE": "1"}
+        return {"DSTACK_COORDINATOR": self.address, "DSTACK_TOKEN": ADMIN, **tls}
+
     def client_stub(self) -> client_pb2_grpc.ClientServiceStub:
-        return client_pb2_grpc.ClientServiceStub(grpc.insecure_channel(self.address))
+        return client_pb2_grpc.ClientServiceStub(self.channel())
 
     def coordinator_rss_mib(self) -> float:
         assert self.coordinator is not None

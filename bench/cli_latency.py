@@ -5,6 +5,8 @@ medians and the ratio to the floor. The commands take turns (floor, ps, run, flo
 a shared machine, which changes from one second to the next, weighs on the floor as on the commands. The CPU
 time of each command's own process is printed too: it hardly moves with the load, and shows what the CLI itself
 costs (the services' work for `run` is not in it).
+Then the same for `dstack ps` against a team coordinator over TCP: with TLS (its own CA, pinned with
+DSTACK_CA_FILE) and plaintext (--insecure on both sides), taking turns, to show what TLS adds to a command.
 Usage: python -m bench.cli_latency [REPEAT]
 
 Bytecode is written (under a cache folder of the bench's own) even where PYTHONDONTWRITEBYTECODE is set: an
@@ -78,7 +80,38 @@ def main() -> None:
         )
     finally:
         subprocess.run([*dstack, "local", "stop"], env=env, cwd=project, capture_output=True)
+    try:
+        tls_ps(env, project, repeat)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tls_ps(env: dict[str, str], cwd: Path, repeat: int) -> None:
+    """`dstack ps` against a TCP coordinator with TLS and against one in plaintext, taking turns."""
+    from bench._harness import Services
+
+    tls, plain = Services(tls=True), Services(tls=False)
+    try:
+        tls.start_coordinator()
+        plain.start_coordinator()
+        dstack = [sys.executable, "-m", "dstack.cli", "ps"]
+        # One env per command: `timed` takes one, so each command carries its own in a wrapper.
+        cmds = {
+            name: ["env", *(f"{k}={v}" for k, v in svc.cli_env().items()), *dstack]
+            for name, svc in (("tls", tls), ("plain", plain))
+        }
+        medians = timed(cmds, env, cwd, repeat)
+        (t, t_cpu), (p, p_cpu) = medians["tls"], medians["plain"]
+        print(
+            f"dstack ps over TCP, TLS:                {t * 1e3:.0f} ms (median of {repeat}); CPU {t_cpu * 1e3:.0f} ms"
+        )
+        print(f"dstack ps over TCP, plaintext:          {p * 1e3:.0f} ms; CPU {p_cpu * 1e3:.0f} ms")
+        print(
+            f"TLS adds:                               {(t - p) * 1e3:+.0f} ms wall, {(t_cpu - p_cpu) * 1e3:+.0f} ms CPU"
+        )
+    finally:
+        tls.stop()
+        plain.stop()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import asyncio
 import sys
 import time
 
-import grpc
 import psutil
 
 from bench._harness import Services, meta
@@ -35,7 +34,7 @@ def run(jobs: int, agents: int, per_run: int) -> None:
 
         async def submit_all() -> list[str]:
             # An efficient load generator: it shares the 2 cores with what it measures.
-            async with grpc.aio.insecure_channel(svc.address) as channel:
+            async with svc.aio_channel() as channel:
                 astub = client_pb2_grpc.ClientServiceStub(channel)
                 names: list[str] = []
 

@@ -22,11 +22,11 @@ JS = common_pb2.JobStatus
 
 
 class SimAgent:
-    def __init__(self, address: str, name: str, done: asyncio.Queue[float]) -> None:
-        self.address, self.name, self.done = address, name, done
+    def __init__(self, svc: Services, name: str, done: asyncio.Queue[float]) -> None:
+        self.svc, self.name, self.done = svc, name, done
 
     async def run(self, ready: asyncio.Event) -> None:
-        channel = grpc.aio.insecure_channel(self.address)
+        channel = self.svc.aio_channel()
         stub = agent_pb2_grpc.AgentServiceStub(channel)
         inv = common_pb2.Inventory(
             hostname=self.name, cpu_count=64, memory_total_bytes=256 << 30, runtime="null", max_jobs=1000
@@ -61,9 +61,9 @@ class SimAgent:
 async def bench(svc: Services, jobs: int, agents: int, per_run: int, clients: int = 16) -> tuple[float, float]:
     done: asyncio.Queue[float] = asyncio.Queue()
     readies = [asyncio.Event() for _ in range(agents)]
-    sims = [asyncio.create_task(SimAgent(svc.address, f"sim-{i}", done).run(readies[i])) for i in range(agents)]
+    sims = [asyncio.create_task(SimAgent(svc, f"sim-{i}", done).run(readies[i])) for i in range(agents)]
     await asyncio.gather(*(r.wait() for r in readies))
-    channel = grpc.aio.insecure_channel(svc.address)
+    channel = svc.aio_channel()
     stub = client_pb2_grpc.ClientServiceStub(channel)
     meta = [("authorization", f"Bearer {ADMIN}")]
     spec = common_pb2.JobSpec(workflow="t", provider="bash", commands=["true"])

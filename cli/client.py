@@ -2,22 +2,107 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
+# gRPC's C core logs a failed TLS handshake on stderr at INFO; the CLI says it once, in words (_translate).
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from dstack.cli.errors import AuthError, CliError, CoordinatorUnreachable, NotFoundError, RequestRejected
+import grpc  # after the verbosity, which gRPC reads when it loads
+
+from dstack.cli.errors import (
+    AuthError,
+    CliError,
+    CoordinatorUnreachable,
+    NotFoundError,
+    RequestRejected,
+    TlsMismatch,
+)
 from dstack.cli.home import Endpoint
 from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
+from dstack.tls import TlsSetupError, Transport, handshake_failure, read_ca_file, speaks_tls
 
 T = TypeVar("T")
 CHUNK = 1 << 20
 
+CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    # A followed log stream may be quiet for hours: pings find a link that died silently
+    # (no reset ever comes), so `dstack logs -f` can resume instead of waiting forever.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
-def _translate(e: grpc.RpcError, address: str) -> CliError:
+PIN_HINT = (
+    "run `dstack config --coordinator {address} --ca-file CA.pem` (the server's STATE_DIR/tls/ca.pem) or"
+    " `--ca-fingerprint SHA256:...` (printed by `dstack server`); in scripts, set DSTACK_CA_FILE"
+)
+
+
+def transport(endpoint: Endpoint) -> Transport:
+    """How the CLI reaches `endpoint`: plaintext, or TLS verified against its CA file (else the system's roots)."""
+    if endpoint.plaintext:
+        return Transport(insecure=True)
+    if not endpoint.ca_file:
+        return Transport()
+    try:
+        return Transport(ca_pem=read_ca_file(Path(endpoint.ca_file).expanduser()), ca_source=endpoint.ca_file)
+    except TlsSetupError as e:
+        raise TlsMismatch(f"{e}; {PIN_HINT.format(address=endpoint.address)}") from None
+
+
+def open_channel(endpoint: Endpoint, via: Transport | None = None) -> grpc.Channel:
+    t = via or transport(endpoint)
+    if t.insecure:
+        return grpc.insecure_channel(endpoint.address, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(endpoint.address, t.credentials(), options=[*CHANNEL_OPTIONS, *t.options()])
+
+
+def _tls_error(endpoint: Endpoint, details: str) -> CliError | None:
+    """A handshake failure in words a user can act on, or None when it is none."""
+    address = endpoint.address
+    if endpoint.address.startswith("unix:"):
+        return None
+    if endpoint.insecure:
+        # A TLS server closes a plaintext connection without a word: ask it whether it speaks TLS.
+        if "Socket closed" in details or "Connection reset" in details:
+            if speaks_tls(address):
+                return TlsMismatch(
+                    f"the coordinator at {address} speaks TLS, and this CLI is set to plaintext (--insecure or"
+                    f" DSTACK_INSECURE): {PIN_HINT.format(address=address)}"
+                )
+        return None
+    kind = handshake_failure(details)
+    if kind == "plaintext":
+        return TlsMismatch(
+            f"the coordinator at {address} does not speak TLS (was it started with --insecure?). Plaintext shows"
+            " tokens and secrets to anyone on the network: use `dstack config --coordinator"
+            f" {address} --insecure` (or DSTACK_INSECURE=1) only on a network you trust completely"
+        )
+    if kind == "untrusted":
+        if endpoint.ca_file:
+            return TlsMismatch(
+                f"the certificate of the coordinator at {address} does not match the pinned CA ({endpoint.ca_file})."
+                " If the coordinator's CA was made anew, pin the new one (`dstack config --coordinator"
+                f" {address} --ca-fingerprint SHA256:...`); if not, something is answering in its place"
+            )
+        return TlsMismatch(
+            f"the coordinator at {address} speaks TLS with a certificate this CLI does not trust: "
+            + PIN_HINT.format(address=address)
+        )
+    return None
+
+
+def _translate(e: grpc.RpcError, endpoint: Endpoint) -> CliError:
+    address = endpoint.address
     code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (e.details() if isinstance(e, grpc.Call) else None) or str(code)
+    if code == grpc.StatusCode.UNAVAILABLE and (tls := _tls_error(endpoint, details)) is not None:
+        return tls
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return CoordinatorUnreachable(
             f"cannot reach the coordinator at {address}: {details}. Check `dstack config` and that it is running."
@@ -32,21 +117,11 @@ def _translate(e: grpc.RpcError, address: str) -> CliError:
 
 
 class Client:
-    def __init__(self, endpoint: Endpoint, timeout: float = 30.0) -> None:
+    def __init__(self, endpoint: Endpoint, timeout: float = 30.0, via: Transport | None = None) -> None:
+        """`via`: the transport to use instead of the endpoint's (`dstack config` checks a CA before saving it)."""
         self.endpoint = endpoint
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(
-            endpoint.address,
-            options=[
-                ("grpc.max_receive_message_length", 64 << 20),
-                ("grpc.max_send_message_length", 64 << 20),
-                # A followed log stream may be quiet for hours: pings find a link that died silently
-                # (no reset ever comes), so `dstack logs -f` can resume instead of waiting forever.
-                ("grpc.keepalive_time_ms", 20_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.http2.max_pings_without_data", 0),
-            ],
-        )
+        self.channel = open_channel(endpoint, via)
         self.stub = client_pb2_grpc.ClientServiceStub(self.channel)
         self.metadata = [("authorization", f"Bearer {endpoint.token}")]
 
@@ -57,13 +132,13 @@ class Client:
         try:
             return fn(request, metadata=self.metadata, timeout=kw.pop("timeout", self.timeout), **kw)
         except grpc.RpcError as e:
-            raise _translate(e, self.endpoint.address) from None
+            raise _translate(e, self.endpoint) from None
 
     def _stream(self, fn: Callable[..., Iterator[T]], request: Any) -> Iterator[T]:
         try:
             yield from fn(request, metadata=self.metadata)
         except grpc.RpcError as e:
-            raise _translate(e, self.endpoint.address) from None
+            raise _translate(e, self.endpoint) from None
 
     def info(self, timeout: float | None = None) -> client_pb2.GetInfoResponse:
         resp: client_pb2.GetInfoResponse = self._call(
@@ -202,6 +277,10 @@ class Client:
         req = client_pb2.RemoveAgentRequest(name=name)
         resp: client_pb2.RemoveAgentResponse = self._call(self.stub.RemoveAgent, req)
         return resp.failed_jobs
+
+    def preempt_run(self, name: str) -> tuple[int, client_pb2.Run]:
+        resp: client_pb2.PreemptRunResponse = self._call(self.stub.PreemptRun, client_pb2.PreemptRunRequest(name=name))
+        return resp.preempted, resp.run
 
     def approve_agent(self, name: str) -> None:
         self._call(self.stub.ApproveAgent, client_pb2.ApproveAgentRequest(name=name))

@@ -5,6 +5,7 @@ CliError
 ├── ProviderError        a provider refused a workflow's fields
 ├── NotFoundError        a run, workflow or artifact that does not exist
 ├── CoordinatorUnreachable
+├── TlsMismatch          the TLS settings and the coordinator disagree (untrusted certificate, TLS vs plaintext)
 ├── AuthError
 └── RequestRejected      the coordinator refused a request (its message says why)
 """
@@ -47,6 +48,10 @@ class NotFoundError(CliError):
 
 class CoordinatorUnreachable(CliError):
     pass
+
+
+class TlsMismatch(CliError):
+    """Not worth retrying: the coordinator's certificate or transport is not what the CLI is set up for."""
 
 
 class AuthError(CliError):

@@ -152,3 +152,29 @@ def image_ref(node: Node, key: str) -> str:
             node.at(key),
         )
     return value
+
+
+_DURATION = re.compile(r"^\s*(?:(\d+)d)?\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*$")
+MAX_DURATION_S = 366 * 86400
+
+
+def duration_s(node: Node, key: str) -> int:
+    """`2h`, `30m`, `90s`, `1h30m`, `1d`, or a plain number of seconds; 0 when absent."""
+    value = node.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or isinstance(value, (dict, list)):
+        raise WorkflowError(
+            f"field {key!r} must be a duration like 2h, 30m or 90s, not {type_name(value)}", node.at(key)
+        )
+    if isinstance(value, (int, float)):
+        seconds = value
+    else:
+        m = _DURATION.match(str(value))
+        if m is None or not any(m.groups()):
+            raise WorkflowError(f"field {key!r}: {value!r} is not a duration (e.g. 2h, 30m, 90s, 1h30m)", node.at(key))
+        d, h, mi, s = (int(g or 0) for g in m.groups())
+        seconds = ((d * 24 + h) * 60 + mi) * 60 + s
+    if not isinstance(seconds, int) or not 1 <= seconds <= MAX_DURATION_S:
+        raise WorkflowError(f"field {key!r} must be from 1 second to 366 days, got {value!r}", node.at(key))
+    return seconds

@@ -18,6 +18,23 @@ class Endpoint:
     address: str  # HOST:PORT or unix:///path
     token: str
     local: bool = False
+    # TCP only (a unix socket is plaintext): the CA the coordinator's certificate must chain to (a PEM file;
+    # none: the system's roots), or plaintext when `insecure`.
+    ca_file: str = ""
+    insecure: bool = False
+
+    @property
+    def plaintext(self) -> bool:
+        return self.insecure or self.address.startswith("unix:")
+
+
+def pinned_ca_path() -> Path:
+    """Where `dstack config` keeps the CA it pinned (0600)."""
+    return dstack_home() / "coordinator-ca.pem"
+
+
+def truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def config_path() -> Path:
@@ -29,7 +46,12 @@ def load_configured() -> Endpoint | None:
     address = os.environ.get("DSTACK_COORDINATOR")
     token = os.environ.get("DSTACK_TOKEN", "")
     if address:
-        return Endpoint(address, token)
+        return Endpoint(
+            address,
+            token,
+            ca_file=os.environ.get("DSTACK_CA_FILE", ""),
+            insecure=truthy(os.environ.get("DSTACK_INSECURE")),
+        )
     path = config_path()
     if not path.exists():
         return None
@@ -41,7 +63,12 @@ def load_configured() -> Endpoint | None:
         raise CliError(f"{path}: not valid YAML ({e}); fix it or run `dstack config` again") from None
     if not isinstance(data, dict) or not data.get("coordinator"):
         return None
-    return Endpoint(str(data["coordinator"]), str(data.get("token", "")))
+    return Endpoint(
+        str(data["coordinator"]),
+        str(data.get("token", "")),
+        ca_file=str(data.get("ca_file") or ""),
+        insecure=data.get("insecure") is True,
+    )
 
 
 def config_source() -> str:
@@ -49,14 +76,19 @@ def config_source() -> str:
     return "DSTACK_COORDINATOR" if os.environ.get("DSTACK_COORDINATOR") else str(config_path())
 
 
-def save_config(address: str, token: str) -> Path:
+def save_config(address: str, token: str, ca_file: str = "", insecure: bool = False) -> Path:
     import yaml
 
     path = config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
+    data: dict[str, object] = {"coordinator": address, "token": token}
+    if ca_file:
+        data["ca_file"] = ca_file
+    if insecure:
+        data["insecure"] = True
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        yaml.safe_dump({"coordinator": address, "token": token}, f)
+        yaml.safe_dump(data, f)
     return path
 
 

@@ -83,22 +83,29 @@ def ps(
 def logs(
     run: Annotated[str, typer.Argument(help="Run name")],
     follow: Annotated[bool, typer.Option("-f", "--follow", help="Follow until the run ends")] = False,
+    attempt: Annotated[
+        int | None, typer.Option("--attempt", min=1, help="Only this attempt's lines (jobs retried or preempted)")
+    ] = None,
 ) -> None:
-    """Print the logs of a run."""
+    """Print the logs of a run (each attempt of a retried job under its own header)."""
     from dstack.cli.commands.logs import logs_command
 
-    logs_command(run, follow)
+    logs_command(run, follow, attempt)
 
 
 @app.command()
 def stop(
     run: Annotated[str, typer.Argument(help="Run name")],
     wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for the run to end (0: do not wait)")] = 60.0,
+    preempt: Annotated[
+        bool,
+        typer.Option("--preempt", help="Admin: preempt its interruptible jobs (saved, requeued as new attempts)"),
+    ] = False,
 ) -> None:
     """Stop a run: its processes get SIGTERM, then SIGKILL after a grace period; prints how it ended."""
-    from dstack.cli.commands.stop import stop_command
+    from dstack.cli.commands.stop import preempt_command, stop_command
 
-    raise typer.Exit(stop_command(run, wait))
+    raise typer.Exit(preempt_command(run) if preempt else stop_command(run, wait))
 
 
 agents_app = typer.Typer(help="List the agents of the pool; remove or approve one (admin).")
@@ -230,12 +237,24 @@ def config(
     check: Annotated[
         bool, typer.Option("--check/--no-check", help="Check the address and token before saving them")
     ] = True,
+    ca_file: Annotated[
+        str, typer.Option("--ca-file", help="The coordinator's CA certificate (its STATE_DIR/tls/ca.pem): pin it")
+    ] = "",
+    ca_fingerprint: Annotated[
+        str,
+        typer.Option(
+            "--ca-fingerprint", help="SHA256:... as `dstack server` prints it: fetch the CA with it once and pin it"
+        ),
+    ] = "",
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Plaintext: only for a coordinator started with --insecure")
+    ] = False,
 ) -> None:
     """Set the coordinator address and token, checked first (without options: show which coordinator and user
-    the CLI uses)."""
-    from dstack.cli.commands.init import config_command
+    the CLI uses). Over TCP the CLI speaks TLS: pin the coordinator's CA with --ca-file or --ca-fingerprint."""
+    from dstack.cli.commands.init import TlsChoice, config_command
 
-    config_command(coordinator, token, local, check)
+    config_command(coordinator, token, local, check, TlsChoice(ca_file, ca_fingerprint, insecure))
 
 
 @app.command(context_settings={**PASS_THROUGH, "help_option_names": []})

@@ -63,6 +63,11 @@ def run_summary(run: client_pb2.Run) -> str:
     return text
 
 
+def attempts(run: client_pb2.Run) -> int:
+    """The highest attempt number of the run's jobs (1: none was retried or preempted)."""
+    return max((j.attempt or 1 for j in run.jobs), default=1)
+
+
 def run_to_json(run: client_pb2.Run) -> dict[str, object]:
     return {
         "name": run.name,
@@ -91,6 +96,19 @@ def run_to_json(run: client_pb2.Run) -> dict[str, object]:
                 "agent": j.agent_name or None,
                 "gpus": list(j.gpu_indices),
                 "exit_code": j.exit_code if j.has_exit_code else None,
+                "attempt": j.attempt or 1,
+                "attempts": [
+                    {
+                        "attempt": a.attempt,
+                        "agent": a.agent_name or None,
+                        "status": job_status(a.status),
+                        "termination_reason": reason(a.termination_reason) or None,
+                        "message": a.message or None,
+                        "started_at": iso(a.started_at_ns),
+                        "finished_at": iso(a.finished_at_ns),
+                    }
+                    for a in j.attempts
+                ],
             }
             for j in run.jobs
         ],

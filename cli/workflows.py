@@ -38,6 +38,8 @@ RESOURCE_SCHEMA: dict[str, Any] = {
     "shm_size": _SIZE,
     "interruptible": {"type": "boolean"},
 }
+RETRY_CAUSES = ("agent-lost", "preempted", "error")
+MAX_RETRIES = 100
 COMMON_SCHEMA: dict[str, Any] = {
     "name": _STR,
     "help": _STR,
@@ -77,6 +79,19 @@ COMMON_SCHEMA: dict[str, Any] = {
     "working_dir": _STR,
     "before_run": {**_STR_LIST, "description": "commands run before the provider's own"},
     "image": {**_STR, "description": "container image (container runtimes); the provider picks one if omitted"},
+    "retry": {
+        "type": "object",
+        "properties": {
+            "limit": {"type": "integer", "minimum": 0, "maximum": MAX_RETRIES},
+            "on": {"type": "array", "items": {"enum": list(RETRY_CAUSES)}},
+        },
+        "additionalProperties": False,
+        "description": "requeue the job as a new attempt when it ends for one of `on` (default: all), `limit` times",
+    },
+    "max_duration": {
+        "type": ["string", "integer"],
+        "description": "stop the job when it runs longer: 2h, 30m, 90s, 1h30m, or seconds",
+    },
     "ports": {
         "type": "array",
         "items": {"oneOf": [{"type": "integer", "minimum": 1, "maximum": 65535}, {"type": "string"}]},
@@ -170,6 +185,8 @@ def parse_workflow(node: Node) -> Workflow:
         before_run=fields.string_list(node, "before_run"),
         image=fields.image_ref(node, "image"),
         ports=_ports(node),
+        retry=_retry(node),
+        max_duration_s=fields.duration_s(node, "max_duration"),
     )
     provider.validate(wf)
     return wf
@@ -330,6 +347,26 @@ def _environment(node: Node) -> dict[str, str]:
                 value = os.environ[name]
             out[name] = value
     return out
+
+
+def _retry(node: Node) -> common_pb2.RetryPolicy | None:
+    """`retry: {limit: 3, on: [agent-lost, preempted, error]}`; `on` defaults to all three."""
+    if "retry" not in node:
+        return None
+    r = node.get("retry")
+    if not isinstance(r, Node):
+        raise WorkflowError("'retry' must be a mapping like {limit: 3, on: [agent-lost, error]}", node.at("retry"))
+    fields.check_unknown(r, {"limit", "on"}, "retry")
+    if "limit" not in r:
+        raise WorkflowError("'retry' needs a 'limit' (how many new attempts at most)", node.at("retry"))
+    limit = fields.whole_number(r, "limit", 0, MAX_RETRIES)
+    on = fields.string_list(r, "on", split=True) if "on" in r else list(RETRY_CAUSES)
+    for i, cause in enumerate(on):
+        if cause not in RETRY_CAUSES:
+            items = r.get("on")
+            loc = items.item_locations[i] if isinstance(items, Seq) else r.at("on")
+            raise WorkflowError(f"retry on {cause!r}: must be one of {', '.join(RETRY_CAUSES)}", loc)
+    return common_pb2.RetryPolicy(limit=limit, on=list(dict.fromkeys(on)))
 
 
 def _resources(node: Node) -> common_pb2.Resources:

@@ -43,7 +43,8 @@ def _convert(path: Path, node: yaml.Node, open_nodes: frozenset[int] = frozenset
         for k, v in node.value:
             if not isinstance(k, yaml.ScalarNode):
                 raise WorkflowError("mapping keys must be plain strings", _loc(path, k))
-            key = str(_scalar(path, k))
+            # Keys as written: YAML 1.1 would make `on:` (retry.on) the boolean True, `yes:` True.
+            key = k.value
             if key in out:
                 raise WorkflowError(f"duplicate key {key!r}", _loc(path, k))
             out[key] = _convert(path, v, open_nodes)

@@ -90,6 +90,7 @@ PERMISSIONS: dict[str, Role] = {
     _C + "RevokeJoinToken": Role.ADMIN,
     _C + "RemoveAgent": Role.ADMIN,
     _C + "ApproveAgent": Role.ADMIN,
+    _C + "PreemptRun": Role.ADMIN,
     _C + "AddUser": Role.ADMIN,
     _C + "ListUsers": Role.USER,  # names and roles: who the owners in `dstack ps` are
     _C + "RemoveUser": Role.ADMIN,

@@ -34,6 +34,15 @@ class CoordinatorConfig:
     # Delete archived logs (and, with retention_artifacts, artifacts of untagged runs) after this many days.
     retention_days: float | None = None
     retention_artifacts: bool = False
+    # A job waiting this long gets an agent reserved for it (when smaller jobs could starve it); inf: never.
+    reserve_after_s: float = 300.0
+    # TCP only (a unix socket is always plaintext: its folder is the boundary). By default the coordinator
+    # serves TLS with its own private CA (coordinator/tls.py); `insecure` serves plaintext (the in-process
+    # tests, and an admin who says --insecure); tls_cert/tls_key serve an admin's certificate instead.
+    insecure: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_sans: tuple[str, ...] = ()  # more names and addresses for the generated server certificate
 
     @property
     def db_path(self) -> Path:

@@ -29,6 +29,7 @@ from dstack.coordinator.model import (
     LogBatch,
     LogLine,
     Resources,
+    RetryPolicy,
     RunView,
     UpdateAck,
     UploadGrant,
@@ -56,6 +57,9 @@ def job_spec_from_proto(spec: common_pb2.JobSpec) -> JobSpec:
         depends_on=tuple(spec.depends_on),
         input_tags=tuple(spec.input_tags),
         input_workflows=tuple(spec.input_workflows),
+        retry=RetryPolicy(spec.retry.limit, tuple(spec.retry.on)) if spec.HasField("retry") else None,
+        max_duration_s=spec.max_duration_s,
+        interruptible=r.interruptible,
     )
 
 
@@ -102,6 +106,19 @@ def job_to_proto(j: JobView) -> client_pb2.Job:
         started_at_ns=j.started_at_ns,
         finished_at_ns=j.finished_at_ns,
         spec=job_spec_proto(j.spec),
+        attempt=j.attempt,
+        attempts=[
+            client_pb2.JobAttempt(
+                attempt=a.attempt,
+                agent_name=a.agent_name,
+                status=common_pb2.JobStatus.ValueType(a.status),
+                termination_reason=common_pb2.TerminationReason.ValueType(a.termination_reason),
+                message=a.message,
+                started_at_ns=a.started_at_ns,
+                finished_at_ns=a.finished_at_ns,
+            )
+            for a in j.attempts
+        ],
     )
     if j.exit_code is not None:
         out.exit_code = j.exit_code

@@ -12,10 +12,12 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from dstack.coordinator.attempts import parse_wire_job_id, wire_job_id
 from dstack.coordinator.clock import SYSTEM_CLOCK, Clock
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.convert import (
     artifact_input_to_proto,
+    job_spec_from_bytes,
     job_updates_from_proto,
     log_acks_to_proto,
     log_batches_from_proto,
@@ -25,7 +27,8 @@ from dstack.coordinator.errors import Unauthenticated
 from dstack.coordinator.hub import AgentHub
 from dstack.coordinator.lifecycle.agents import AgentStatus
 from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, LogAck
-from dstack.coordinator.queue import Waiting, WaitingQueue
+from dstack.coordinator.preemption import victims_for
+from dstack.coordinator.queue import Waiting, WaitingQueue, request_of
 from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest, schedule
 from dstack.coordinator.secrets import SecretBox
 from dstack.coordinator.store import Assignment, Placement, Store
@@ -210,11 +213,11 @@ class Engine:
         code = common_pb2.CodeRef()
         code.ParseFromString(a.code)
         code.repo_url = public_repo_url(code.repo_url)  # a run stored before the coordinator stripped tokens
-        env = {"RUN_NAME": a.run_name, "JOB_ID": a.job_id, "WORKFLOW": spec.workflow}
+        env = {"RUN_NAME": a.run_name, "JOB_ID": a.job_id, "WORKFLOW": spec.workflow, "DSTACK_ATTEMPT": str(a.attempt)}
         if code.commit:
             env.update(REPO_COMMIT=code.commit, REPO_BRANCH=code.branch, REPO_URL=code.repo_url)
         return agent_pb2.JobAssignment(
-            job_id=a.job_id,
+            job_id=wire_job_id(a.job_id, a.attempt),
             run_name=a.run_name,
             spec=spec,
             code=code,
@@ -240,11 +243,86 @@ class Engine:
                 log.warning("agent %s lost: its lease ran out", agent_id)
                 self.hub.drop(agent_id)
             if lost:
+                await self._requeued()
                 self.watchers.notify_all()
                 self.kick()
+            await self._stop_overdue()
+            await self._preempt_for_starved()
             if self.clock.monotonic() >= next_forget:
                 next_forget = self.clock.monotonic() + forget_every
                 await self._forget_lost_agents()
+
+    async def _stop_overdue(self) -> None:
+        """Jobs past their `max_duration` are stopped (SIGTERM, the grace period, then killed)."""
+        try:
+            overdue = await self.db(self.store.stop_overdue, self.clock.time_ns())
+        except Exception:
+            log.exception("max_duration check failed")
+            return
+        for order in overdue:
+            log.info("job %s: max_duration exceeded, stopping it", order.wire_id)
+            self.hub.send(order.agent_id, agent_pb2.CoordinatorMessage(stops=[agent_pb2.StopJob(job_id=order.wire_id)]))
+
+    async def _preempt_for_starved(self) -> None:
+        """A job that has waited longer than `--reserve-after` and fits nowhere gets interruptible
+        jobs of one agent preempted where that lets it fit (coordinator/preemption.py)."""
+        if math.isinf(self.config.reserve_after_s) or not len(self.queue):
+            return
+        try:
+            victims = await self.db(self._victims, self.hub.connected_ids())
+        except Exception:
+            log.exception("preemption check failed")
+            return
+        if victims:
+            job_id, ids = victims
+            await self.preempt(ids, f"preempted for job {job_id}, which waited over {self.config.reserve_after_s:g} s")
+
+    def _victims(self, connected: set[str]) -> tuple[str, list[str]] | None:
+        """(starved job, the jobs to preempt for it), for the oldest starved job that needs any (DB thread)."""
+        since = self.clock.time_ns() - int(self.config.reserve_after_s * 1e9)
+        starved = self.store.starved_jobs(since)
+        if not starved:
+            return None
+        running = self.store.running_for_preemption()
+        if not any(j.interruptible and not j.being_preempted for j in running):
+            return None
+        agents = self._agent_states(connected)
+        for w in starved:
+            ids = victims_for(request_of(w.id, job_spec_from_bytes(w.spec)), list(agents.values()), running)
+            if ids:
+                return w.id, ids
+        return None
+
+    def _agent_states(self, connected: set[str]) -> dict[str, AgentState]:
+        """The connected agents with what their jobs hold (as a scheduling pass sees them)."""
+        agents: dict[str, AgentState] = {}
+        for row in self.store.online_agents():
+            if row.id not in connected:
+                continue
+            inv = self._inventory(row.id, row.inventory)
+            agents[row.id] = AgentState(
+                agent_id=row.id,
+                name=row.name,
+                cpu_total=float(inv.cpu_count),
+                memory_total=inv.memory_total_bytes,
+                gpus=[Gpu(g.index, g.name, g.memory_total_bytes) for g in inv.gpus],
+                max_jobs=inv.max_jobs or 1_000_000,
+                containers=inv.runtime == "docker",
+            )
+        for alloc in self.store.active_allocations():
+            a = agents.get(alloc.agent_id)
+            if a is not None:
+                a.used_cpu += alloc.cpu
+                a.used_memory += alloc.memory
+                a.busy_gpus.update(alloc.gpu_indices)
+                a.jobs += 1
+        return agents
+
+    async def _requeued(self) -> None:
+        """Jobs back to waiting as a new attempt (their rows say so) join the queue."""
+        for row in await self.db(self.store.waiting_jobs):
+            if row.id not in self.queue:
+                self.queue.add_row(row)
 
     async def _forget_lost_agents(self) -> None:
         before = self.clock.time_ns() - int(self.config.forget_lost_agents_after_s * 1e9)
@@ -285,19 +363,23 @@ class Engine:
         active = list(hello.active_job_ids)
         reply = agent_pb2.CoordinatorMessage()
 
-        def reconcile() -> tuple[list[str], list[str], list[str], dict[str, int]]:
-            jobs = self.store.jobs_on_agent(agent_id)
-            unstarted = [j for j in jobs if j.status == JobStatus.ASSIGNED and j.id not in active]
+        def reconcile() -> tuple[list[str], list[str], list[str], dict[str, int], list[str]]:
+            # The agent knows each job by its current attempt's id: an id of an earlier attempt (it
+            # was lost, and the job requeued meanwhile) is stale like a finished job's, and aborted.
+            jobs = {wire_job_id(j.id, j.attempt): j for j in self.store.jobs_on_agent(agent_id)}
+            unstarted = [j for w, j in jobs.items() if j.status == JobStatus.ASSIGNED and w not in active]
             resend = [j.id for j in unstarted if not j.stop_requested]
             # Stopped while the agent was away, before it ever got the job: it ends here.
-            self.store.stop_unstarted([j.id for j in unstarted if j.stop_requested])
-            lost = [j.id for j in jobs if j.status != JobStatus.ASSIGNED and j.id not in active]
-            stop = [j.id for j in jobs if j.stop_requested and j.id in active]
-            self.store.fail_jobs_lost_by_agent(agent_id, lost)
-            stale = self.store.terminal_or_unknown(agent_id, active)
-            return resend, stop, stale, self.store.log_positions([j for j in active if j not in stale])
+            requeued = self.store.stop_unstarted([j.id for j in unstarted if j.stop_requested])
+            lost = [j.id for w, j in jobs.items() if j.status != JobStatus.ASSIGNED and w not in active]
+            stop = [w for w, j in jobs.items() if j.stop_requested and w in active]
+            requeued += self.store.fail_jobs_lost_by_agent(agent_id, lost)
+            stale = [w for w in active if w not in jobs]
+            return resend, stop, stale, self.store.log_positions([w for w in active if w in jobs]), requeued
 
-        resend, stop, stale, positions = await self.db(reconcile)
+        resend, stop, stale, positions, requeued = await self.db(reconcile)
+        if requeued:
+            await self._requeued()
         for a in await self.db(self.store.assignments_for_agent, agent_id, resend):
             reply.assignments.append(self._assignment(a))
         reply.stops.extend(agent_pb2.StopJob(job_id=j) for j in stop)
@@ -321,17 +403,19 @@ class Engine:
         if msg.logs:
             acks = await self.db(self._insert_logs, msg.logs)
             reply.log_acks.extend(log_acks_to_proto(acks))
-            changed.update(await self._runs_of(j.job_id for j in msg.logs))
+            changed.update(await self._runs_of(parse_wire_job_id(j.job_id)[0] for j in msg.logs))
         if msg.updates:
             updates = job_updates_from_proto(msg.updates)
             res = await self.db(self.store.apply_job_updates, agent_id, updates)
             reply.update_acks.extend(update_acks_to_proto(res.acks))
             changed |= res.changed_runs
+            if res.requeued:
+                await self._requeued()
             if res.freed:
                 self.kick()
             for u in updates:  # a job's last update comes after its last line: forget its run
                 if u.status in TERMINAL_JOB:
-                    self._job_runs.pop(u.job_id, None)
+                    self._job_runs.pop(parse_wire_job_id(u.job_id)[0], None)
         self.watchers.notify(changed)
         if reply.log_acks or reply.update_acks:
             return reply
@@ -391,6 +475,20 @@ class Engine:
         if owner != TEAM:
             out.update(self.secrets.get(owner, {}))
         return out
+
+    async def preempt(self, job_ids: Sequence[str], reason: str) -> int:
+        """Preempts interruptible jobs on agents: each gets SIGTERM and the grace period, its artifacts
+        are saved, and it is requeued as a new attempt that starts with its `mount: true` folders as
+        saved (coordinator/lifecycle/attempts.py). Jobs not interruptible, not on an agent or already
+        stopping are left alone; returns how many were asked to stop. The one entry point for
+        preemption: policies (who is preempted for whom) call this."""
+        orders = await self.db(self.store.request_preempt, list(job_ids), reason)
+        for order in orders:
+            log.info("job %s: preempted (%s)", order.wire_id, reason)
+            self.hub.send(order.agent_id, agent_pb2.CoordinatorMessage(stops=[agent_pb2.StopJob(job_id=order.wire_id)]))
+        if orders:
+            self.watchers.notify_all()
+        return len(orders)
 
     async def stop_run(self, run_name: str) -> None:
         on_agents = await self.db(self.store.request_stop, run_name)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import secrets
+import socket
 import sys
 from pathlib import Path
 
 from dstack.coordinator.config import CoordinatorConfig
-from dstack.coordinator.server import StartError, serve
+from dstack.coordinator.server import Coordinator, StartError, serve
 from dstack.storage.private import private_dir
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,15 @@ def read_or_create_secret(path: Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token
+
+
+def _seconds_or_off(text: str) -> float:
+    if text == "off":
+        return math.inf
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds or 'off'") from None
 
 
 def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
@@ -68,9 +79,42 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         help="new agents wait in `dstack agents` as `pending approval`, with no job, until"
         " `dstack agents approve NAME`",
     )
+    p.add_argument(
+        "--reserve-after",
+        type=_seconds_or_off,
+        default=300.0,
+        metavar="SECONDS",
+        help="a job waiting this long gets an agent reserved: smaller jobs are not placed there until it starts"
+        " ('off': never); interruptible jobs are preempted for it where that lets it fit",
+    )
     p.add_argument("--fail-unsatisfiable", action="store_true", help="fail jobs no agent can ever run")
     p.add_argument("--local-mode", action="store_true", help=argparse.SUPPRESS)
+    tls = p.add_argument_group(
+        "TLS (TCP only; a unix socket is always plaintext)",
+        "By default the coordinator makes a private CA and a server certificate in STATE_DIR/tls/ on first"
+        " start and prints the CA's fingerprint, which clients and agents pin (--ca-fingerprint).",
+    )
+    tls.add_argument(
+        "--tls-san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another DNS name or IP address for the generated server certificate (repeatable)",
+    )
+    tls.add_argument("--tls-cert", metavar="FILE", help="serve this certificate (PEM, leaf first, then its chain)")
+    tls.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM, unencrypted)")
+    tls.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve plaintext: tokens and secrets cross the network readable by anyone on the path",
+    )
     a = p.parse_args(argv)
+    if a.reserve_after < 0:
+        p.error("--reserve-after must not be negative")
+    if bool(a.tls_cert) != bool(a.tls_key):
+        p.error("--tls-cert and --tls-key go together")
+    if a.insecure and a.tls_cert:
+        p.error("--insecure serves plaintext: it cannot go with --tls-cert")
     state = Path(a.state_dir).expanduser().resolve()
     return CoordinatorConfig(
         state_dir=state,
@@ -89,7 +133,42 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         archive_interval_s=a.archive_interval,
         retention_days=a.retention_days,
         retention_artifacts=a.retention_artifacts,
+        reserve_after_s=a.reserve_after,
+        insecure=a.insecure,
+        tls_cert=Path(a.tls_cert).expanduser().resolve() if a.tls_cert else None,
+        tls_key=Path(a.tls_key).expanduser().resolve() if a.tls_key else None,
+        tls_sans=tuple(a.tls_san),
     )
+
+
+def banner(config: CoordinatorConfig, coordinator: Coordinator) -> str:
+    """What an admin needs to connect CLIs and agents, printed once the coordinator listens."""
+    state = config.state_dir
+    host, _, port = config.listen.rpartition(":")
+    if host.strip("[]") in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()  # a wildcard bind: name this machine
+    address = f"{host}:{coordinator.port or port}"
+    lines = [f"dstack coordinator on {config.listen}; state in {state}"]
+    tls = coordinator.tls
+    if tls is not None:
+        lines.append(f"TLS CA fingerprint: {tls.fingerprint}")
+        pin = f"--ca-fingerprint {tls.fingerprint}"
+        if tls.ca_path is not None:
+            lines.append(f"  (the CA certificate is {tls.ca_path}: give it with --ca-file, or pin the fingerprint)")
+        elif tls.ca_pem:
+            pin = "--ca-file CA.pem"  # an admin's certificate: its clients verify it as the admin set up
+    else:
+        pin = "--insecure"
+        lines.append("PLAINTEXT (--insecure): clients and agents must say --insecure too")
+    lines.append(f"join an agent:   dstack agent --coordinator {address} {pin} --join-token-file JOIN_TOKEN_FILE")
+    lines.append(f"  (JOIN_TOKEN_FILE: a 0600 copy of {state / 'join-token'})")
+    lines.append(f"configure a CLI: dstack config --coordinator {address} {pin}")
+    lines.append(f"  (it asks for the token; the admin token is in {state / 'admin-token'})")
+    lines.append(
+        "join tokens with an expiry and a use limit: `dstack join-tokens create --ttl 24h --uses 1`"
+        + ("; new agents wait for `dstack agents approve NAME`" if config.approve_agents else "")
+    )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,19 +178,13 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     config = parse_args(argv)
-    if not config.local_mode:
-        print(f"dstack coordinator on {config.listen}; state in {config.state_dir}", file=sys.stderr)
-        print(
-            f"admin token: {config.state_dir / 'admin-token'}; join token: {config.state_dir / 'join-token'}",
-            file=sys.stderr,
-        )
-        print(
-            "join tokens with an expiry and a use limit: `dstack join-tokens create --ttl 24h --uses 1`"
-            + ("; new agents wait for `dstack agents approve NAME`" if config.approve_agents else ""),
-            file=sys.stderr,
-        )
+
+    def on_started(coordinator: Coordinator) -> None:
+        if not config.local_mode:
+            print(banner(config, coordinator), file=sys.stderr, flush=True)
+
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, on_started=on_started))
     except StartError as e:
         print(f"dstack server: {e}", file=sys.stderr)
         sys.exit(1)

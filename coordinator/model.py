@@ -54,6 +54,8 @@ class TerminationReason(enum.IntEnum):
     EXECUTOR_ERROR = 6
     DEPENDENCY_FAILED = 7
     ARTIFACT_UPLOAD_FAILED = 8
+    PREEMPTED = 20
+    MAX_DURATION = 21
 
     @property
     def label(self) -> str:
@@ -175,6 +177,28 @@ class JobSpec:
     depends_on: tuple[str, ...] = ()  # job names in the same run
     input_tags: tuple[str, ...] = ()
     input_workflows: tuple[str, ...] = ()
+    retry: RetryPolicy | None = None  # None: no `retry` field
+    max_duration_s: int = 0  # 0: no limit
+    interruptible: bool = False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    limit: int  # new attempts at most
+    on: tuple[str, ...]  # agent-lost, preempted, error (coordinator/lifecycle/attempts.py)
+
+
+@dataclass(frozen=True)
+class AttemptView:
+    """An attempt of a job that ended without ending the job (it was requeued)."""
+
+    attempt: int
+    agent_name: str
+    status: JobStatus
+    termination_reason: TerminationReason
+    message: str
+    started_at_ns: int = 0
+    finished_at_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -191,6 +215,8 @@ class JobView:
     submitted_at_ns: int = 0
     started_at_ns: int = 0
     finished_at_ns: int = 0
+    attempt: int = 1
+    attempts: list[AttemptView] = field(default_factory=list)  # the earlier ones, oldest first
 
 
 @dataclass(frozen=True)

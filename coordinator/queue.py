@@ -24,7 +24,7 @@ class Waiting:
     submitted: bool  # still SUBMITTED in the database (not yet marked PENDING)
 
 
-def request_of(job_id: str, spec: JobSpec) -> JobRequest:
+def request_of(job_id: str, spec: JobSpec, avoid_agent: str = "") -> JobRequest:
     resources = spec.resources
     return JobRequest(
         job_id=job_id,
@@ -34,6 +34,7 @@ def request_of(job_id: str, spec: JobSpec) -> JobRequest:
         gpu_name=resources.gpu_name,
         gpu_memory=resources.gpu_memory_bytes,
         needs_container=spec.needs_container,
+        avoid_agent=avoid_agent,
     )
 
 
@@ -44,13 +45,16 @@ class WaitingQueue:
     def __len__(self) -> int:
         return len(self._jobs)
 
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._jobs
+
     def add_row(self, row: WaitingJob) -> None:
         """From store.waiting_jobs() at start-up."""
         spec = job_spec_from_bytes(row.spec)
         self._jobs[row.id] = Waiting(
             job_id=row.id,
             run_id=row.run_id,
-            request=request_of(row.id, spec),
+            request=request_of(row.id, spec, row.avoid_agent),
             depends_on=tuple(row.depends_on),
             submitted=row.status == JobStatus.SUBMITTED,
         )

@@ -29,6 +29,7 @@ class JobRequest:
     gpu_name: str = ""
     gpu_memory: int = 0
     needs_container: bool = False  # the docker provider: only agents whose runtime runs containers
+    avoid_agent: str = ""  # a new attempt's last agent (it was lost there): placed elsewhere when another fits
 
 
 @dataclass
@@ -173,7 +174,7 @@ def schedule(queue: list[JobRequest], agents: list[AgentState]) -> Decision:
             unfit[shape] = f"waiting: {describe(req)} free on no agent; busy: {_busy_summary(agents)}"
             d.waiting[req.job_id] = unfit[shape]
             continue
-        agent, gpus = min(candidates, key=lambda c: _leftover(c[0], req))
+        agent, gpus = min(candidates, key=lambda c: (c[0].agent_id == req.avoid_agent, _leftover(c[0], req)))
         agent.used_cpu += req.cpu
         agent.used_memory += req.memory
         agent.busy_gpus.update(gpus)

@@ -9,8 +9,10 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -28,6 +30,9 @@ from dstack.coordinator.store.executor import DbExecutor
 from dstack.protos.v1 import agent_pb2_grpc, client_pb2_grpc
 from dstack.storage import StoreError, open_store
 from dstack.storage.private import private_dir, tighten_file
+
+if TYPE_CHECKING:
+    from dstack.coordinator.tls import ServerTls
 
 log = logging.getLogger("dstack.coordinator")
 
@@ -124,6 +129,7 @@ class Coordinator:
     _db: DbExecutor
     _retention: asyncio.Task[None]
     _lock_fd: int
+    tls: ServerTls | None = None  # what it serves over TCP; None: plaintext (a unix socket, or --insecure)
 
     async def stop(self, grace: float = 1.0) -> None:
         log.info("coordinator stopping")
@@ -177,8 +183,13 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
         if await asyncio.to_thread(unix_socket_answers, path):
             raise StartError(f"cannot listen on {config.listen}: another process is listening there")
         await asyncio.to_thread(path.unlink, missing_ok=True)
+    tls = await asyncio.to_thread(server_tls, config)
     try:
-        port = server.add_insecure_port(config.listen)
+        if tls is None:
+            port = server.add_insecure_port(config.listen)
+        else:
+            creds = grpc.ssl_server_credentials([(tls.key_pem, tls.chain_pem)])
+            port = server.add_secure_port(config.listen, creds)
     except RuntimeError:
         port = 0
     if port == 0:
@@ -189,11 +200,45 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
     retention_task = asyncio.create_task(retention.run_forever())
     log.info("coordinator listening on %s (pid %d)", config.listen, os.getpid())
     unix = config.listen.startswith("unix://")
-    return Coordinator(server, engine, 0 if unix else port, store, db, retention_task, lock_fd)
+    return Coordinator(server, engine, 0 if unix else port, store, db, retention_task, lock_fd, tls)
 
 
-async def serve(config: CoordinatorConfig, ready: asyncio.Event | None = None) -> None:
+INSECURE_WARNING = (
+    "serving PLAINTEXT on %s (--insecure): tokens, secrets and logs cross the network readable by anyone on"
+    " the path, and anyone who can answer in the coordinator's place gets the agents' jobs and secrets;"
+    " use it only on a network you trust completely"
+)
+
+
+def server_tls(config: CoordinatorConfig) -> ServerTls | None:
+    """What the server presents over TCP (made on first start), or None for plaintext.
+
+    A unix socket is plaintext: local mode needs no configuration, and the socket's 0700 folder is its
+    boundary. TCP is TLS unless the config says `insecure`."""
+    if config.listen.startswith("unix://"):
+        return None
+    if config.insecure:
+        log.warning(INSECURE_WARNING, config.listen)
+        return None
+    from dstack.coordinator import tls  # `cryptography` only for a TCP coordinator
+
+    try:
+        if config.tls_cert is not None and config.tls_key is not None:
+            return tls.load_admin_tls(config.tls_cert, config.tls_key)
+        host = config.listen.rpartition(":")[0]
+        return tls.ensure_server_tls(config.state_dir, host, config.tls_sans)
+    except tls.TlsError as e:
+        raise StartError(str(e)) from None
+
+
+async def serve(
+    config: CoordinatorConfig,
+    ready: asyncio.Event | None = None,
+    on_started: Callable[[Coordinator], None] | None = None,
+) -> None:
     coordinator = await start(config)
+    if on_started is not None:
+        on_started(coordinator)
     if ready is not None:
         ready.set()
     stop = asyncio.Event()

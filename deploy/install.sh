@@ -2,7 +2,7 @@
 # Installs dstack from this checkout into /opt/dstack/venv and enables its systemd unit.
 #
 #   deploy/install.sh coordinator [HOST [PORT]] [SERVER OPTIONS...]
-#   deploy/install.sh agent COORDINATOR:PORT [--join-token-file FILE] [AGENT OPTIONS...]
+#   deploy/install.sh agent COORDINATOR:PORT [--join-token-file FILE] [--ca-fingerprint SHA256:...] [AGENT OPTIONS...]
 #
 # SERVER OPTIONS are `dstack server`'s (e.g. --storage s3://BUCKET/PREFIX --retention-days 30);
 # AGENT OPTIONS are `dstack agent`'s (e.g. --name gpu-7 --runtime docker --docker-image-cuda IMAGE).
@@ -11,6 +11,10 @@
 # The agent's join token never goes on the command line (`ps` and shell history show it): it comes
 # from DSTACK_JOIN_TOKEN, from --join-token-file FILE, or from a prompt, and is kept in
 # /etc/dstack/agent.env (0600).
+#
+# TLS: the coordinator makes its own CA on first start and this script prints its fingerprint; give
+# it to each agent with --ca-fingerprint SHA256:... (or DSTACK_CA_FINGERPRINT), or give the CA file
+# with --ca-file FILE (copied to /etc/dstack/coordinator-ca.pem). --insecure (both sides) is plaintext.
 #
 # Environment: DSTACK_PYTHON, the interpreter (default python3; 3.11 or newer);
 # DSTACK_INSTALL_DRY_RUN=1: run the checks and print what would be done; change nothing, no root needed.
@@ -198,15 +202,55 @@ install_coordinator() {
   say "one join token per GPU host, used once and expiring: dstack join-tokens create --ttl 24h --uses 1" \
     "(admin token); revoke the server's own with: dstack join-tokens revoke default"
   say "to approve each new agent before it gets jobs, add --approve-agents to DSTACK_SERVER_ARGS in $ETC/coordinator.env"
+  case " $options " in
+    *" --insecure "*)
+      say "WARNING: --insecure: the coordinator serves PLAINTEXT; tokens and secrets cross the network readable" \
+        "by anyone on the path. Agents and CLIs need --insecure too."
+      ;;
+    *" --tls-cert "*) say "TLS: the coordinator serves your --tls-cert; agents and CLIs verify it with --ca-file CA.pem" ;;
+    *) print_fingerprint "$port" ;;
+  esac
   say "S3 storage: --storage s3://BUCKET/PREFIX, with AWS_* credentials added to $ETC/coordinator.env (see docs/storage.md)"
+}
+
+# The fingerprint of the CA the coordinator makes on its first start: what agents and CLIs pin.
+print_fingerprint() {
+  local port=$1 ca=/var/lib/dstack/server/tls/ca.pem fp="" tries=0
+  if [ "$dry" = 1 ]; then
+    say "would print the fingerprint of $ca (the CA the coordinator makes on its first start)"
+    return
+  fi
+  while [ ! -s "$ca" ] && [ "$tries" -lt 100 ]; do
+    sleep 0.2
+    tries=$((tries + 1))
+  done
+  fp=$("$VENV/bin/python" -m dstack.coordinator.tls fingerprint "$ca" 2>/dev/null) ||
+    die "the coordinator made no CA in $ca yet: see 'journalctl -u dstack-coordinator'"
+  say "TLS CA fingerprint: $fp"
+  say "agents: DSTACK_JOIN_TOKEN=... deploy/install.sh agent $(hostname):$port --ca-fingerprint $fp"
+  say "users:  dstack config --coordinator $(hostname):$port --ca-fingerprint $fp"
 }
 
 install_agent() {
   if [ $# -lt 1 ] || [[ $1 == -* ]]; then usage; fi
-  local coordinator=$1 token_file="" runtime=auto options=() token=""
+  local coordinator=$1 token_file="" runtime=auto options=() token="" ca_file="" tls=""
   shift
   while [ $# -gt 0 ]; do
     case $1 in
+      --ca-file)
+        [ $# -ge 2 ] || die "--ca-file needs a FILE"
+        ca_file=$2
+        shift 2
+        ;;
+      --ca-file=*) ca_file=${1#*=}; shift ;;
+      --ca-fingerprint)
+        [ $# -ge 2 ] || die "--ca-fingerprint needs a value: SHA256:... as the coordinator's install printed it"
+        tls=pinned
+        options+=("$1" "$2")
+        shift 2
+        ;;
+      --ca-fingerprint=*) tls=pinned; options+=("$1"); shift ;;
+      --insecure) tls=insecure; options+=("$1"); shift ;;
       --join-token-file)
         [ $# -ge 2 ] || die "--join-token-file needs a FILE"
         token_file=$2
@@ -246,6 +290,23 @@ install_agent() {
     docker) docker_installed || die "--runtime docker, but Docker is not installed (e.g. apt-get install docker.io)" ;;
     *) die "--runtime must be auto, docker or host, not '$runtime'" ;;
   esac
+  if [ -n "$ca_file" ]; then
+    [ -r "$ca_file" ] || die "cannot read the CA file $ca_file"
+    tls=pinned
+    options+=(--ca-file "$ETC/coordinator-ca.pem")
+  fi
+  local ca_env=()
+  if [ -z "$tls" ] && [ -n "${DSTACK_CA_FINGERPRINT:-}" ]; then
+    tls=pinned
+    ca_env=("DSTACK_CA_FINGERPRINT=$DSTACK_CA_FINGERPRINT")
+  fi
+  case $tls in
+    insecure) say "WARNING: --insecure: the agent's credential, its jobs and their secrets cross the network in PLAINTEXT" ;;
+    pinned) ;;
+    *) say "no --ca-fingerprint or --ca-file: the agent checks the coordinator's certificate against this host's CA" \
+      "certificates, which only knows a --tls-cert from a public CA; for the coordinator's own CA pass" \
+      "--ca-fingerprint SHA256:... (printed when the coordinator was installed, and by 'dstack server')" ;;
+  esac
   local joined
   joined=$(join_options "${options[@]+"${options[@]}"}")
   if [ -n "$token_file" ]; then
@@ -264,10 +325,13 @@ install_agent() {
   check_gpus "$runtime"
   explain_runtime "$runtime"
   install_venv
+  if [ -n "$ca_file" ]; then
+    run install -m 0644 "$ca_file" "$ETC/coordinator-ca.pem"
+  fi
   # The agent runs jobs as root by default, as the host-process runtime needs the GPUs and
   # cgroups; run it as a dedicated user if jobs need no more than that user may do.
   set_env "$ETC/agent.env" DSTACK_JOIN_TOKEN "DSTACK_COORDINATOR=$coordinator" "DSTACK_JOIN_TOKEN=$token" \
-    "DSTACK_AGENT_ARGS=\"$joined\""
+    "DSTACK_AGENT_ARGS=\"$joined\"" "${ca_env[@]+"${ca_env[@]}"}"
   enable_unit dstack-agent
   say "the agent registers once with the join token, then keeps its own credential in /var/lib/dstack/agent/agent.json"
   say "an admin lists it with dstack agents, and removes it with dstack agents remove NAME (its credential is revoked)"

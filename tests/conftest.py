@@ -79,6 +79,18 @@ class JobJSON(TypedDict):
     agent: str | None
     gpus: list[int]
     exit_code: int | None
+    attempt: int  # 1 unless retried or preempted
+    attempts: list[AttemptJSON]  # the earlier attempts, oldest first
+
+
+class AttemptJSON(TypedDict):
+    attempt: int
+    agent: str | None
+    status: str
+    termination_reason: str | None
+    message: str | None
+    started_at: str | None
+    finished_at: str | None
 
 
 class RunJSON(TypedDict):
@@ -174,16 +186,33 @@ class Cluster:
     join_token: str = "test-join-token"
     # Only the coordinator gets these (e.g. S3 credentials): CLIs and agents must do without.
     coordinator_env: dict[str, str] = field(default_factory=dict)
+    # TLS with the coordinator's own CA, as in a team setup; False: everything plaintext (--insecure).
+    tls: bool = True
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def ca_file(self) -> Path:
+        """The CA the coordinator makes on first start (clients pin it)."""
+        return self.tmp / "server" / "tls" / "ca.pem"
+
     def channel(self, options: list[tuple[str, int]] | None = None) -> grpc.Channel:
         """A raw gRPC channel to the coordinator, as an agent or a hand-written client opens one.
 
         Tests that speak gRPC directly open it here, so that they follow the cluster's transport."""
-        return grpc.insecure_channel(self.address, options=options or [])
+        if not self.tls:
+            return grpc.insecure_channel(self.address, options=options or [])
+        from dstack.tls import SERVER_NAME
+
+        creds = grpc.ssl_channel_credentials(root_certificates=self.ca_file.read_bytes())
+        tls_options: list[tuple[str, str | int]] = [("grpc.ssl_target_name_override", SERVER_NAME)]
+        return grpc.secure_channel(self.address, creds, options=[*(options or []), *tls_options])
+
+    def transport_args(self) -> list[str]:
+        """The options of `dstack agent` and `dstack config` for the cluster's transport."""
+        return ["--ca-file", str(self.ca_file)] if self.tls else ["--insecure"]
 
     def start_coordinator(self, *extra: str) -> Proc:
         log = self.tmp / "coordinator.log"
@@ -201,6 +230,7 @@ class Cluster:
                 str(self.lease_timeout),
                 "--heartbeat-interval",
                 str(self.heartbeat),
+                *([] if self.tls else ["--insecure"]),
                 *extra,
             ],
             stdout=f,
@@ -235,6 +265,7 @@ class Cluster:
                 "--stop-grace",
                 "2",
                 *([] if "--runtime" in extra else ["--runtime", "host"]),  # not `auto`: a dev box may run Docker
+                *([] if {"--ca-file", "--ca-fingerprint", "--insecure"} & set(extra) else self.transport_args()),
                 *extra,
             ],
             stdout=f,
@@ -260,6 +291,7 @@ class Cluster:
             "DSTACK_HOME": str(self.tmp / "cli-home"),
             "DSTACK_COORDINATOR": self.address,
             "DSTACK_TOKEN": self.admin_token,
+            **({"DSTACK_CA_FILE": str(self.ca_file)} if self.tls else {"DSTACK_INSECURE": "1"}),
         }
 
     def cli(self, *args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -18,14 +18,33 @@ from dstack.protos.v1 import client_pb2
 RESUME_WINDOW_S = 60.0
 
 
+# A line's attempt is in its seq: attempt N's lines have seqs ((N - 1) << 32) + 1, ... (coordinator/attempts.py).
+SEQ_BITS = 32
+
+
+def attempt_of(seq: int) -> int:
+    return (seq >> SEQ_BITS) + 1
+
+
+def attempt_header(head: str, attempt: int) -> str:
+    return f"{head}── attempt {attempt} ──\n"
+
+
 def print_logs(
-    client: Client, run: client_pb2.Run, follow: bool, before_output: Callable[[], None] = lambda: None
+    client: Client,
+    run: client_pb2.Run,
+    follow: bool,
+    before_output: Callable[[], None] = lambda: None,
+    attempt: int | None = None,
 ) -> client_pb2.Run | None:
-    """Prints every line of the run; with follow, until it finishes. Returns the finished run.
-    `before_output` is called before each batch of lines (to clear a status line first)."""
+    """Prints every line of the run (of one attempt of each job, if `attempt`); with follow, until it
+    finishes. A job with several attempts gets a header line before each attempt's lines. Returns the
+    finished run. `before_output` is called before each batch of lines (to clear a status line first)."""
     prefix = len(run.jobs) > 1
     out = sys.stdout
     cursor: dict[str, int] = {}  # job name -> seq of the last line printed
+    # The attempt whose lines each job printed last; 0 where a header is due before attempt 1's.
+    shown = {j.job_name: (0 if j.attempt > 1 else 1) for j in run.jobs}
     backoff = 0.1
     progress = time.monotonic()
     while True:
@@ -39,7 +58,16 @@ def print_logs(
                     last = cursor.get(jl.job_name, 0)
                     # Lines at or before the cursor were printed already (a coordinator that does not
                     # know cursors sends the stream from the start again).
-                    out.write("".join(f"{head}{ln.text}\n" for ln in jl.lines if ln.seq > last))
+                    text = []
+                    for ln in jl.lines:
+                        n = attempt_of(ln.seq)
+                        if ln.seq <= last or (attempt is not None and n != attempt):
+                            continue
+                        if n != shown.get(jl.job_name, 1):
+                            text.append(attempt_header(head, n))
+                            shown[jl.job_name] = n
+                        text.append(f"{head}{ln.text}\n")
+                    out.write("".join(text))
                     if jl.lines:
                         cursor[jl.job_name] = max(last, jl.lines[-1].seq)
                 out.flush()
@@ -53,9 +81,9 @@ def print_logs(
             backoff = min(backoff * 2, 2.0)
 
 
-def logs_command(run_name: str, follow: bool) -> None:
+def logs_command(run_name: str, follow: bool, attempt: int | None = None) -> None:
     from dstack.cli.session import connect
 
     client = connect()
     run = client.get_run(run_name)
-    print_logs(client, run, follow)
+    print_logs(client, run, follow, attempt=attempt)

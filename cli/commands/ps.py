@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from dstack.cli.render import ago, run_status, run_to_json
+from dstack.cli.render import ago, attempts, run_status, run_to_json
 
 STYLE = {
     "done": "green",
@@ -30,11 +30,13 @@ def ps_command(show_all: bool, as_json: bool) -> None:
     rows: list[list[str | tuple[str, str]]] = []
     for r in runs:
         status = run_status(r.status)
+        n = attempts(r)
+        shown = f"{status} (attempt {n})" if n > 1 else status
         rows.append(
             [
                 r.name,
                 r.workflow,
-                (status, STYLE.get(status, "white")),
+                (shown, STYLE.get(status, "white")),
                 ago(r.submitted_at_ns),
                 ", ".join(r.tags),
                 r.message,

@@ -34,3 +34,16 @@ def stop_command(name: str, wait_s: float) -> int:
     run, ended = stop_and_wait(connect(), name, wait_s)
     print(describe(run, ended))
     return 0
+
+
+def preempt_command(name: str) -> int:
+    """`dstack stop --preempt RUN`: its interruptible jobs are stopped with their grace period, their
+    artifacts saved, and requeued as new attempts (an admin's command)."""
+    from dstack.cli.session import connect
+
+    n, _ = connect().preempt_run(name)
+    if n == 0:
+        print(f"{name}: nothing to preempt (no interruptible job of it is on an agent)")
+        return 1
+    print(f"{name}: {n} job(s) preempted; each is requeued as a new attempt once its agent has saved it")
+    return 0

@@ -57,5 +57,7 @@ class Provider(abc.ABC):
                 depends_on=wf.depends_on,
                 input_tags=wf.input_tags,
                 input_workflows=wf.input_workflows,
+                retry=wf.retry,
+                max_duration_s=wf.max_duration_s,
             )
         ]

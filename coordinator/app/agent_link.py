@@ -10,6 +10,7 @@ from dstack.coordinator.app.artifacts import FileEntry
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.transfer import put_from_stream
 from dstack.coordinator.artifacts import artifact_key, check_relative_path
+from dstack.coordinator.attempts import parse_wire_job_id
 from dstack.coordinator.errors import Conflict
 from dstack.coordinator.model import CompletedUpload, FileSize, UploadGrant
 from dstack.coordinator.store import JobLocation
@@ -17,10 +18,15 @@ from dstack.coordinator.store import JobLocation
 log = logging.getLogger("dstack.coordinator")
 
 
-async def own_job(core: Core, agent_id: str, job_id: str) -> JobLocation:
+async def own_job(core: Core, agent_id: str, wire_id: str) -> JobLocation:
+    """The job of the attempt an agent names (coordinator/attempts.py): it must be the job's current
+    attempt, on this agent; a lost agent's late uploads for an attempt that is over are refused."""
+    job_id, attempt = parse_wire_job_id(wire_id)
     job = await core.db(core.store.job_location, job_id)
     if job.agent_id != agent_id:
         raise Conflict(f"job {job_id} is not assigned to this agent")
+    if job.attempt != attempt:
+        raise Conflict(f"attempt {attempt} of job {job_id} is over (the job is at attempt {job.attempt})")
     return job
 
 
@@ -43,7 +49,7 @@ async def commit_artifacts(
     job = await own_job(core, agent_id, job_id)
     checked = [(check_relative_path(p), size, sha) for p, size, sha in files]
     await core.artifacts.commit(job.run_name, job.job_name, checked, completed)
-    await core.db(core.store.save_artifacts, job_id, checked)
+    await core.db(core.store.save_artifacts, job.id, checked)
 
 
 async def grant_uploads(core: Core, agent_id: str, job_id: str, files: Sequence[FileSize]) -> list[UploadGrant] | None:

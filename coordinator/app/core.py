@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from dstack.coordinator.artifacts import Artifacts
 from dstack.coordinator.convert import code_from_bytes
 from dstack.coordinator.engine import Engine
-from dstack.coordinator.model import WAITING, JobView, RunStatus, RunView
+from dstack.coordinator.model import WAITING, AttemptView, JobView, RunStatus, RunView
 from dstack.coordinator.store import JobRow, RunRow, Store
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.storage import ArtifactStore
@@ -28,6 +28,19 @@ def job_view(r: JobRow, pending_reasons: Mapping[str, str]) -> JobView:
         submitted_at_ns=r.submitted_at or 0,
         started_at_ns=r.started_at or 0,
         finished_at_ns=r.finished_at or 0,
+        attempt=r.attempt,
+        attempts=[
+            AttemptView(
+                a.attempt,
+                a.agent_name,
+                a.status,
+                a.termination_reason,
+                a.message,
+                a.started_at,
+                a.finished_at,
+            )
+            for a in r.attempts
+        ],
     )
 
 

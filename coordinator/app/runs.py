@@ -156,6 +156,15 @@ async def stop(core: Core, actor: Actor, name: str) -> RunView:
     return await core.run(name)
 
 
+async def preempt(core: Core, name: str) -> tuple[int, RunView]:
+    """Preempts the run's interruptible jobs that are on agents (`dstack stop --preempt`): each is
+    stopped with its grace period and requeued as a new attempt; returns how many, and the run."""
+    run = await core.run(name)
+    ids = [j.id for j in run.jobs]
+    n = await asyncio.shield(core.engine.preempt(ids, "preempted by an admin (`dstack stop --preempt`)"))
+    return n, await core.run(name)
+
+
 async def delete(core: Core, actor: Actor, name: str) -> int:
     """Deletes a finished run, its logs and artifacts; returns how many objects were deleted."""
     check_owner(actor, (await core.db(core.store.run_by_name, name)).owner, f"remove run {name}")

@@ -135,6 +135,49 @@ LOST_BY_AGENT = _job(
     TR.EXECUTOR_ERROR,
     "its agent reconnected without it (the agent restarted)",
 )
+# Attempts (workflow `retry`, preemption; coordinator/lifecycle/attempts.py): the job goes back to
+# waiting as a new attempt, its attempt number counted up; the attempt that ended is kept in
+# job_attempts with its agent, times and reason.
+REQUEUE_AGENT_LOST = _job(
+    "requeue-agent-lost",
+    ON_AGENT,
+    JS.PENDING,
+    Actor.SYSTEM,
+    None,
+    "its agent was lost (lease ran out, or it restarted without the job) and `retry.on` lists agent-lost",
+)
+REQUEUE_ERROR = _job(
+    "requeue-error",
+    ON_AGENT,
+    JS.PENDING,
+    Actor.AGENT,
+    None,
+    "it exited non-zero and `retry.on` lists error",
+)
+REQUEUE_PREEMPTED = _job(
+    "requeue-preempted",
+    ON_AGENT,
+    JS.PENDING,
+    Actor.AGENT,
+    None,
+    "preempted (interruptible): its agent stopped it and saved its artifacts; the next attempt starts with them",
+)
+AGENT_PREEMPTED = _job(
+    "agent-preempted",
+    ON_AGENT,
+    JS.FAILED,
+    Actor.AGENT,
+    TR.PREEMPTED,
+    "preempted, and `retry` (which lists preempted) allows no more attempts",
+)
+AGENT_MAX_DURATION = _job(
+    "agent-max-duration",
+    ON_AGENT,
+    JS.FAILED,
+    Actor.AGENT,
+    TR.MAX_DURATION,
+    "it ran longer than its `max_duration` and its agent stopped it",
+)
 UPLOAD_DONE = _job(
     "upload-done", (JS.UPLOADING,), JS.DONE, Actor.USER, TR.DONE, "`dstack artifacts upload` committed the files"
 )
@@ -158,6 +201,11 @@ JOB_TRANSITIONS: tuple[JobTransition, ...] = (
     AGENT_LOST,
     AGENT_REMOVED,
     LOST_BY_AGENT,
+    REQUEUE_AGENT_LOST,
+    REQUEUE_ERROR,
+    REQUEUE_PREEMPTED,
+    AGENT_PREEMPTED,
+    AGENT_MAX_DURATION,
     UPLOAD_DONE,
 )
 _FROM_AGENT: dict[int, JobTransition] = {

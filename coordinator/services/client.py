@@ -79,6 +79,11 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         return client_pb2.StopRunResponse(run=run_to_proto(await runs.stop(self.core, actor(), request.name)))
 
     @unary
+    async def PreemptRun(self, request: client_pb2.PreemptRunRequest, context: Ctx) -> client_pb2.PreemptRunResponse:
+        n, run = await runs.preempt(self.core, request.name)
+        return client_pb2.PreemptRunResponse(preempted=n, run=run_to_proto(run))
+
+    @unary
     async def DeleteRun(self, request: client_pb2.DeleteRunRequest, context: Ctx) -> client_pb2.DeleteRunResponse:
         return client_pb2.DeleteRunResponse(objects_deleted=await runs.delete(self.core, actor(), request.name))
 

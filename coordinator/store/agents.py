@@ -15,11 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dstack.coordinator import lifecycle
+from dstack.coordinator.attempts import wire_job_id
 from dstack.coordinator.errors import AlreadyExists, Conflict, NotFound
 from dstack.coordinator.lifecycle import agents as al
 from dstack.coordinator.model import ON_AGENT
 from dstack.coordinator.store.base import Db, ints_in
-from dstack.coordinator.store.jobs import fail_agent_jobs
+from dstack.coordinator.store.jobs import end_agent_jobs, fail_agent_jobs
 from dstack.coordinator.store.users import hash_token
 from dstack.protos.v1 import common_pb2
 
@@ -183,13 +184,14 @@ class Agents:
             c.execute("UPDATE agents SET lease_expires_at = ? WHERE status = 'online'", [lease_until])
 
     def expire_leases(self, now: int) -> list[str]:
-        """Marks agents whose lease ran out as lost and fails their jobs; returns the lost agents' ids."""
+        """Marks agents whose lease ran out as lost, and fails their jobs or requeues them as new
+        attempts (their `retry` lists agent-lost); returns the lost agents' ids."""
         with self.db.tx() as c:
             lost = [
                 r[0] for r in c.execute("SELECT id FROM agents WHERE status = 'online' AND lease_expires_at < ?", [now])
             ]
             for agent_id in lost:
-                fail_agent_jobs(c, agent_id, lifecycle.AGENT_LOST, "agent lost", now)
+                end_agent_jobs(c, agent_id, lifecycle.AGENT_LOST, "agent lost", now)
                 al.move_agents(c, al.LOSE, "id = :id", {"id": agent_id})
         return lost
 
@@ -218,9 +220,10 @@ class Agents:
         with self.db.tx() as c:
             agent_id, _ = self._in_pool(c, name)
             on_it = [
-                r[0]
+                wire_job_id(r[0], r[1])
                 for r in c.execute(
-                    f"SELECT id FROM jobs WHERE agent_id = :a AND status IN ({ints_in(ON_AGENT)})", {"a": agent_id}
+                    f"SELECT id, attempt FROM jobs WHERE agent_id = :a AND status IN ({ints_in(ON_AGENT)})",
+                    {"a": agent_id},
                 )
             ]
             fail_agent_jobs(c, agent_id, lifecycle.AGENT_REMOVED, f"agent {name} was removed by an admin", now)

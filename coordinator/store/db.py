@@ -114,6 +114,11 @@ class Store(Db):
         self.stop_unstarted = self.jobs.stop_unstarted
         self.fail_jobs_lost_by_agent = self.jobs.fail_lost_by_agent
         self.apply_job_updates = self.jobs.apply_updates
+        self.request_preempt = self.jobs.request_preempt
+        self.stop_overdue = self.jobs.stop_overdue
+        self.job_attempts = self.jobs.attempts_of
+        self.starved_jobs = self.jobs.starved
+        self.running_for_preemption = self.jobs.running_for_preemption
         # agents
         self.register_agent = self.agents.register
         self.forget_lost_agents = self.agents.forget_lost

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dstack.coordinator import lifecycle
+from dstack.coordinator.attempts import parse_wire_job_id, wire_job_id
 from dstack.coordinator.errors import NotFound
+from dstack.coordinator.lifecycle import attempts
 from dstack.coordinator.model import (
     ON_AGENT,
     TERMINAL_JOB,
@@ -22,8 +24,10 @@ from dstack.coordinator.model import (
     UpdateAck,
     termination_reason,
 )
+from dstack.coordinator.preemption import RunningJob
 from dstack.coordinator.store.artifacts import inputs_of
 from dstack.coordinator.store.base import Db, ints_in, json_list, marks
+from dstack.protos.v1 import common_pb2
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class JobRow:
     depends_on: list[str]  # job names in the same run
     inputs: list[str]  # ids of runs whose artifacts it takes
     logs_state: int  # 0: logs in the database, 1: archived to the store, 2: deleted by retention
+    attempt: int = 1  # the current attempt's number (coordinator/attempts.py)
+    attempts: tuple[AttemptRow, ...] = ()  # the earlier ones, oldest first (filled by Jobs.of_runs)
 
     @classmethod
     def of(cls, r: sqlite3.Row) -> JobRow:
@@ -74,6 +80,7 @@ class JobRow:
             depends_on=json_list(r["depends_on"]),
             inputs=json_list(r["inputs"]),
             logs_state=r["logs_state"] or 0,
+            attempt=r["attempt"] if "attempt" in r.keys() else 1,
         )
 
 
@@ -86,6 +93,7 @@ class WaitingJob:
     depends_on: list[str]
     owner: str
     priority: int
+    avoid_agent: str = ""  # a requeued attempt's last agent: placed elsewhere when another fits
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,7 @@ class AgentJob:
     id: str
     status: JobStatus
     stop_requested: bool
+    attempt: int = 1
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,7 @@ class JobLocation:
     job_name: str
     agent_id: str | None
     status: JobStatus
+    attempt: int = 1
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,7 @@ class Assignment:
     code: bytes
     gpu_indices: list[int]
     inputs: list[ArtifactInput] = field(default_factory=list)
+    attempt: int = 1
     owner: str = ""  # the run's owner: the job gets the team's secrets and this user's own
 
 
@@ -141,6 +152,63 @@ class UpdateResult:
     acks: list[UpdateAck] = field(default_factory=list)
     changed_runs: set[str] = field(default_factory=set)  # run ids whose status may have changed
     freed: bool = False  # capacity was released: the scheduler should look again
+    requeued: list[str] = field(default_factory=list)  # jobs back to waiting as a new attempt
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    job_id: str
+    attempt: int
+    agent_name: str
+    status: JobStatus
+    termination_reason: TerminationReason
+    message: str
+    started_at: int
+    finished_at: int
+
+
+@dataclass(frozen=True)
+class StopOrder:
+    """A job whose agent must stop it: the id its agent knows the attempt by (coordinator/attempts.py)."""
+
+    wire_id: str
+    agent_id: str
+
+
+def end_agent_jobs(
+    c: sqlite3.Connection,
+    agent_id: str,
+    final: lifecycle.JobTransition,
+    message: str,
+    now: int,
+    job_ids: Sequence[str] | None = None,
+) -> list[str]:
+    """The agent's jobs (those of `job_ids` only, if given) lost with it: each a new attempt where its
+    `retry` lists agent-lost, else failed (`final`, its dependants too); returns the requeued ones."""
+    sql = f"SELECT id FROM jobs WHERE agent_id = ? AND status IN ({ints_in(ON_AGENT)})"
+    ids = [r[0] for r in c.execute(sql, [agent_id])]
+    if job_ids is not None:
+        ids = [j for j in ids if j in set(job_ids)]
+    requeued, runs = [], set()
+    for job_id in ids:
+        moved, again = attempts.end_attempt(
+            c,
+            job_id,
+            attempts.AGENT_LOST,
+            final,
+            lifecycle.REQUEUE_AGENT_LOST,
+            reason=TerminationReason.AGENT_LOST if final.reason is None else final.reason,
+            message=message,
+            now=now,
+        )
+        if moved is not None:
+            runs.add(moved.run_id)
+            if again:
+                requeued.append(job_id)
+    for run_id in runs:
+        lifecycle.fail_dependants(c, run_id, now)
+        lifecycle.refresh_run_status(c, run_id, now)
+    return requeued
 
 
 def fail_agent_jobs(
@@ -175,8 +243,10 @@ class Jobs:
             f" WHERE j.run_id IN ({marks(run_ids)}) ORDER BY j.submitted_at, j.rowid",
             list(run_ids),
         )
-        for r in rows:
-            out[r["run_id"]].append(JobRow.of(r))
+        jobs = [JobRow.of(r) for r in rows]
+        earlier = self.attempts_of([j.id for j in jobs if j.attempt > 1])
+        for j in jobs:
+            out[j.run_id].append(replace(j, attempts=tuple(earlier.get(j.id, ()))) if j.id in earlier else j)
         return out
 
     def run_ids(self, job_ids: Sequence[str]) -> dict[str, str]:
@@ -185,18 +255,20 @@ class Jobs:
 
     def location(self, job_id: str) -> JobLocation:
         r = self.db.row(
-            "SELECT j.id, j.run_id, j.job_name, j.agent_id, j.status, r.name AS run_name FROM jobs j"
+            "SELECT j.id, j.run_id, j.job_name, j.agent_id, j.status, j.attempt, r.name AS run_name FROM jobs j"
             " JOIN runs r ON r.id = j.run_id WHERE j.id = ?",
             [job_id],
         )
         if r is None:
             raise NotFound(f"job {job_id!r} does not exist")
-        return JobLocation(r["id"], r["run_id"], r["run_name"], r["job_name"], r["agent_id"], JobStatus(r["status"]))
+        return JobLocation(
+            r["id"], r["run_id"], r["run_name"], r["job_name"], r["agent_id"], JobStatus(r["status"]), r["attempt"]
+        )
 
     # ---- scheduling --------------------------------------------------------------------------
     def waiting(self) -> list[WaitingJob]:
         rows = self.db.rows(
-            "SELECT j.id, j.run_id, j.status, j.spec, j.depends_on, r.owner, r.priority"
+            "SELECT j.id, j.run_id, j.status, j.spec, j.depends_on, r.owner, r.priority, j.avoid_agent"
             " FROM jobs j JOIN runs r ON r.id = j.run_id"
             f" WHERE j.status IN ({ints_in(WAITING)}) ORDER BY r.priority DESC, j.submitted_at, j.rowid"
         )
@@ -209,6 +281,7 @@ class Jobs:
                 json_list(r["depends_on"]),
                 r["owner"],
                 r["priority"] or 0,
+                r["avoid_agent"] or "",
             )
             for r in rows
         ]
@@ -255,12 +328,12 @@ class Jobs:
                 if moved is None:
                     continue  # stopped meanwhile
                 touched.add(moved.run_id)
-                spec = c.execute("SELECT spec FROM jobs WHERE id = ?", [p.job_id]).fetchone()[0]
+                spec, attempt = c.execute("SELECT spec, attempt FROM jobs WHERE id = ?", [p.job_id]).fetchone()
                 name, code, owner = c.execute(
                     "SELECT name, code, owner FROM runs WHERE id = ?", [moved.run_id]
                 ).fetchone()
-                inputs = inputs_of(c, p.job_id)
-                out.append(Assignment(p.job_id, p.agent_id, name, spec, code, p.gpu_indices, inputs, owner))
+                inputs = inputs_of(c, p.job_id) + attempts.resume_inputs(c, p.job_id)
+                out.append(Assignment(p.job_id, p.agent_id, name, spec, code, p.gpu_indices, inputs, attempt, owner))
             for job_id in waiting:
                 moved = lifecycle.move_job(c, lifecycle.MARK_PENDING, job_id)
                 if moved is not None:
@@ -278,7 +351,8 @@ class Jobs:
         if not job_ids:
             return []
         rows = self.db.rows(
-            "SELECT j.id, j.spec, j.gpu_indices, r.name, r.code, r.owner FROM jobs j JOIN runs r ON r.id = j.run_id"
+            "SELECT j.id, j.spec, j.gpu_indices, j.attempt, r.name, r.code, r.owner"
+            " FROM jobs j JOIN runs r ON r.id = j.run_id"
             f" WHERE j.id IN ({marks(job_ids)}) AND j.agent_id = ?",
             [*job_ids, agent_id],
         )
@@ -290,7 +364,8 @@ class Jobs:
                 r["spec"],
                 r["code"],
                 json_list(r["gpu_indices"]),
-                inputs_of(self.db.conn, r["id"]),
+                inputs_of(self.db.conn, r["id"]) + attempts.resume_inputs(self.db.conn, r["id"]),
+                r["attempt"],
                 r["owner"],
             )
             for r in rows
@@ -299,10 +374,11 @@ class Jobs:
     # ---- an agent's jobs ---------------------------------------------------------------------
     def on_agent(self, agent_id: str) -> list[AgentJob]:
         rows = self.db.rows(
-            f"SELECT id, status, stop_requested FROM jobs WHERE agent_id = ? AND status IN ({ints_in(ON_AGENT)})",
+            "SELECT id, status, stop_requested, attempt FROM jobs"
+            f" WHERE agent_id = ? AND status IN ({ints_in(ON_AGENT)})",
             [agent_id],
         )
-        return [AgentJob(r["id"], JobStatus(r["status"]), bool(r["stop_requested"])) for r in rows]
+        return [AgentJob(r["id"], JobStatus(r["status"]), bool(r["stop_requested"]), r["attempt"]) for r in rows]
 
     def terminal_or_unknown(self, agent_id: str, job_ids: Sequence[str]) -> list[str]:
         """Of the jobs an agent says it runs, those it should not be running any more."""
@@ -318,43 +394,73 @@ class Jobs:
         }
         return [j for j in job_ids if j not in live]
 
-    def stop_unstarted(self, job_ids: Sequence[str]) -> None:
-        """Jobs stopped while their agent was away, which came back without having started them."""
+    def stop_unstarted(self, job_ids: Sequence[str]) -> list[str]:
+        """Jobs stopped while their agent was away, which came back without having started them; a
+        preempted one is requeued as a new attempt (returned) as if its agent had stopped it."""
         if not job_ids:
-            return
+            return []
+        requeued: list[str] = []
         with self.db.tx() as c:
             now = self.db.clock()
             runs = set()
             for job_id in job_ids:
-                moved = lifecycle.move_job(c, lifecycle.STOP_UNSTARTED, job_id, message="stopped by user", at=now)
+                row = c.execute("SELECT stop_reason, stop_message FROM jobs WHERE id = ?", [job_id]).fetchone()
+                if row is not None and row[0] == TerminationReason.PREEMPTED:
+                    moved, again = attempts.end_attempt(
+                        c,
+                        job_id,
+                        attempts.PREEMPTED,
+                        lifecycle.AGENT_PREEMPTED,
+                        lifecycle.REQUEUE_PREEMPTED,
+                        reason=TerminationReason.PREEMPTED,
+                        message=row[1] or "preempted",
+                        now=now,
+                    )
+                    if again:
+                        requeued.append(job_id)
+                else:
+                    moved = lifecycle.move_job(c, lifecycle.STOP_UNSTARTED, job_id, message="stopped by user", at=now)
                 if moved is not None:
                     runs.add(moved.run_id)
             for run_id in runs:
                 lifecycle.fail_dependants(c, run_id, now)
                 lifecycle.refresh_run_status(c, run_id, now)
+        return requeued
 
-    def fail_lost_by_agent(self, agent_id: str, job_ids: Sequence[str]) -> None:
-        if job_ids:
-            with self.db.tx() as c:
-                message = "the agent restarted and no longer has this job"
-                fail_agent_jobs(c, agent_id, lifecycle.LOST_BY_AGENT, message, self.db.clock(), job_ids)
+    def fail_lost_by_agent(self, agent_id: str, job_ids: Sequence[str]) -> list[str]:
+        """Jobs the agent came back without: failed, or requeued (returned) where `retry` says so."""
+        if not job_ids:
+            return []
+        with self.db.tx() as c:
+            message = "the agent restarted and no longer has this job"
+            return end_agent_jobs(c, agent_id, lifecycle.LOST_BY_AGENT, message, self.db.clock(), job_ids)
 
     def apply_updates(self, agent_id: str, updates: Sequence[JobUpdate]) -> UpdateResult:
         """An agent's reports, each acknowledged; stale or repeated ones change nothing."""
         res = UpdateResult()
         with self.db.tx() as c:
             for u in updates:
-                res.acks.append(UpdateAck(u.job_id, u.status))
+                res.acks.append(UpdateAck(u.job_id, u.status))  # acknowledged by the id the agent sent
+                job_id, attempt = parse_wire_job_id(u.job_id)
                 row = c.execute(
-                    "SELECT status, run_id, stop_requested FROM jobs WHERE id = ? AND agent_id = ?",
-                    [u.job_id, agent_id],
+                    "SELECT status, run_id, stop_requested, stop_reason, stop_message FROM jobs"
+                    " WHERE id = ? AND agent_id = ? AND attempt = ?",
+                    [job_id, agent_id, attempt],
                 ).fetchone()
                 if row is None:
-                    continue  # not this agent's job (any more)
-                status, run_id, stop_requested = row
+                    continue  # not this agent's job, or an attempt that is over: a late report changes nothing
+                status, run_id, stop_requested, stop_reason, stop_message = row
+                u = replace(u, job_id=job_id)
                 t = lifecycle.agent_transition(u.status, bool(stop_requested))
                 if t is None or status not in t.src:
                     lifecycle.refuse_job(u.job_id, status, u.status, "agent report")
+                    continue
+                ended = self._end_attempt(c, t, u, stop_reason, stop_message or "")
+                if ended is not None:
+                    res.freed = True
+                    if ended:
+                        res.requeued.append(job_id)
+                    res.changed_runs.add(run_id)
                     continue
                 if self._apply(c, t, u) and t.dst in TERMINAL_JOB:
                     res.freed = True
@@ -365,13 +471,48 @@ class Jobs:
                 lifecycle.refresh_run_status(c, run_id, self.db.clock())
         return res
 
+    def _end_attempt(
+        self, c: sqlite3.Connection, t: lifecycle.JobTransition, u: JobUpdate, stop_reason: int, stop_message: str
+    ) -> bool | None:
+        """A report that ends the attempt other than as the agent sees it: stopped by the coordinator
+        (preempted, max_duration), or failed with `retry.on: [error]`. None: not such a report;
+        else whether the job was requeued as a new attempt."""
+        if t.dst not in (JobStatus.FAILED, JobStatus.STOPPED):
+            return None
+        now = self.db.clock()
+        also, params = "exit_code = COALESCE(:e, exit_code)", {"e": u.exit_code}
+        if stop_reason == TerminationReason.MAX_DURATION:
+            moved = lifecycle.move_job(
+                c, lifecycle.AGENT_MAX_DURATION, u.job_id, message=stop_message, at=now, also=also, params=params
+            )
+            if moved is not None:
+                lifecycle.fail_dependants(c, moved.run_id, now)
+            return False
+        if stop_reason == TerminationReason.PREEMPTED:
+            cause, final, requeue = attempts.PREEMPTED, lifecycle.AGENT_PREEMPTED, lifecycle.REQUEUE_PREEMPTED
+            reason, message = TerminationReason.PREEMPTED, stop_message or "preempted"
+        elif t is lifecycle.AGENT_FAILED and u.termination_reason == TerminationReason.EXIT_CODE:
+            cause, final, requeue = attempts.ERROR, lifecycle.AGENT_FAILED, lifecycle.REQUEUE_ERROR
+            reason, message = TerminationReason.EXIT_CODE, u.message
+        else:
+            return None
+        moved, again = attempts.end_attempt(
+            c, u.job_id, cause, final, requeue, reason=reason, message=message, now=now, also=also, params=params
+        )
+        if moved is not None and not again:
+            lifecycle.fail_dependants(c, moved.run_id, now)
+        return again
+
     def _apply(self, c: sqlite3.Connection, t: lifecycle.JobTransition, u: JobUpdate) -> bool:
         at = u.time_ns or self.db.clock()
-        params = {"t": at, "e": u.exit_code}
+        params = {"t": at, "e": u.exit_code, "now": self.db.clock()}
         if t.dst == JobStatus.PULLING:
             also = ""
         elif t.dst == JobStatus.RUNNING:
-            also = "started_at = :t"
+            # max_duration counts on the coordinator's clock from when the agent says it runs.
+            also = "started_at = :t, deadline_at = CASE WHEN :limit > 0 THEN :now + :limit ELSE 0 END"
+            spec = c.execute("SELECT spec FROM jobs WHERE id = ?", [u.job_id]).fetchone()
+            params["limit"] = common_pb2.JobSpec.FromString(spec[0]).max_duration_s * 1_000_000_000 if spec else 0
         elif t.dst == JobStatus.UPLOADING:
             also = "exit_code = :e, started_at = COALESCE(started_at, :t)"
         else:
@@ -382,3 +523,124 @@ class Jobs:
             c, t, u.job_id, reason=u.termination_reason, message=message, at=at, also=also, params=params
         )
         return moved is not None
+
+    # ---- attempts: preemption, max_duration, history --------------------------------------------
+    def request_preempt(self, job_ids: Sequence[str], message: str) -> list[StopOrder]:
+        """Marks interruptible jobs on agents to be preempted (a user's stop already asked wins);
+        returns what their agents must stop. Jobs that are not interruptible are left alone."""
+        out: list[StopOrder] = []
+        with self.db.tx() as c:
+            for job_id in job_ids:
+                row = c.execute(
+                    f"SELECT spec FROM jobs WHERE id = ? AND status IN ({ints_in(ON_AGENT)}) AND stop_requested = 0",
+                    [job_id],
+                ).fetchone()
+                if row is None or not common_pb2.JobSpec.FromString(row[0]).resources.interruptible:
+                    continue
+                r = c.execute(
+                    "UPDATE jobs SET stop_requested = 1, stop_reason = ?, stop_message = ? WHERE id = ?"
+                    " RETURNING attempt, agent_id",
+                    [int(TerminationReason.PREEMPTED), message, job_id],
+                ).fetchone()
+                out.append(StopOrder(wire_job_id(job_id, r[0]), r[1]))
+        return out
+
+    def stop_overdue(self, now: int) -> list[StopOrder]:
+        """Jobs running past their max_duration: marked to stop with that reason; returns what their
+        agents must stop (each once: a job already asked to stop is not asked again)."""
+        out: list[StopOrder] = []
+        with self.db.tx() as c:
+            due = c.execute(
+                f"SELECT id, spec FROM jobs WHERE status IN ({ints_in(ON_AGENT)}) AND deadline_at > 0"
+                " AND deadline_at <= ? AND stop_requested = 0",
+                [now],
+            ).fetchall()
+            for job_id, spec in due:
+                limit = format_duration(common_pb2.JobSpec.FromString(spec).max_duration_s)
+                r = c.execute(
+                    "UPDATE jobs SET stop_requested = 1, stop_reason = ?, stop_message = ? WHERE id = ?"
+                    " RETURNING attempt, agent_id",
+                    [int(TerminationReason.MAX_DURATION), f"max_duration {limit} exceeded", job_id],
+                ).fetchone()
+                out.append(StopOrder(wire_job_id(job_id, r[0]), r[1]))
+        return out
+
+    def starved(self, waiting_since: int) -> list[WaitingJob]:
+        """Waiting jobs that are not interruptible and were submitted (or requeued) before
+        `waiting_since`, oldest first, whose dependencies in their run are all done."""
+        rows = self.db.rows(
+            "SELECT j.id, j.run_id, j.status, j.spec, j.depends_on, r.owner, r.priority, j.avoid_agent"
+            " FROM jobs j JOIN runs r ON r.id = j.run_id"
+            f" WHERE j.status IN ({ints_in(WAITING)}) AND j.submitted_at <= ? ORDER BY j.submitted_at, j.rowid",
+            [waiting_since],
+        )
+        out = []
+        for r in rows:
+            if common_pb2.JobSpec.FromString(r["spec"]).resources.interruptible:
+                continue
+            deps = json_list(r["depends_on"])
+            if deps:
+                statuses = self.dependency_statuses([r["run_id"]])
+                if any(statuses.get((r["run_id"], d)) != JobStatus.DONE for d in deps):
+                    continue
+            out.append(
+                WaitingJob(
+                    r["id"], r["run_id"], JobStatus(r["status"]), r["spec"], deps, r["owner"], r["priority"] or 0
+                )
+            )
+        return out
+
+    def running_for_preemption(self) -> list[RunningJob]:
+        rows = self.db.rows(
+            "SELECT id, agent_id, cpu, memory, gpu_indices, spec, stop_requested, stop_reason FROM jobs"
+            f" WHERE status IN ({ints_in(ON_AGENT)})"
+        )
+        return [
+            RunningJob(
+                job_id=r["id"],
+                agent_id=r["agent_id"],
+                cpu=r["cpu"] or 0.0,
+                memory=r["memory"] or 0,
+                gpu_indices=tuple(json_list(r["gpu_indices"])),
+                interruptible=common_pb2.JobSpec.FromString(r["spec"]).resources.interruptible,
+                being_preempted=bool(r["stop_requested"]) and r["stop_reason"] == TerminationReason.PREEMPTED,
+            )
+            for r in rows
+            if r["agent_id"]
+        ]
+
+    def attempts_of(self, job_ids: Sequence[str]) -> dict[str, list[AttemptRow]]:
+        """The earlier attempts of jobs, oldest first."""
+        out: dict[str, list[AttemptRow]] = {}
+        if not job_ids:
+            return out
+        sql = (
+            "SELECT t.*, a.name AS agent_name FROM job_attempts t LEFT JOIN agents a ON a.id = t.agent_id"
+            f" WHERE t.job_id IN ({marks(job_ids)}) ORDER BY t.job_id, t.attempt"
+        )
+        for r in self.db.rows(sql, list(job_ids)):
+            out.setdefault(r["job_id"], []).append(
+                AttemptRow(
+                    r["job_id"],
+                    r["attempt"],
+                    r["agent_name"] or "",
+                    JobStatus(r["status"]),
+                    termination_reason(r["termination_reason"]),
+                    r["message"] or "",
+                    r["started_at"] or 0,
+                    r["finished_at"] or 0,
+                )
+            )
+        return out
+
+
+def format_duration(seconds: int) -> str:
+    """As a workflow would write it: 2h, 30m, 90s, 1h30m."""
+    if seconds <= 0:
+        return "0s"
+    out = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            out += f"{seconds // size}{unit}"
+            seconds %= size
+    return out

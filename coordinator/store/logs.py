@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dstack.coordinator.attempts import SEQ_BITS, attempt_base, parse_wire_job_id, stored_seq
 from dstack.coordinator.model import TERMINAL_JOB, LogAck, LogBatch, LogLine
 from dstack.coordinator.store.base import Db, ints_in
 
@@ -22,24 +23,33 @@ class Logs:
         self.db = db
 
     def insert(self, batches: Sequence[LogBatch]) -> list[LogAck]:
+        """Batches as an agent sends them: by the id and seqs of one attempt (coordinator/attempts.py),
+        stored in the attempt's range of the job's seqs, and acknowledged as sent."""
         acks = []
         with self.db.tx() as c:
             for b in batches:
                 if not b.lines:
                     continue
+                job_id, attempt = parse_wire_job_id(b.job_id)
                 c.executemany(
                     "INSERT OR IGNORE INTO logs (job_id, seq, stream, time_ns, text) VALUES (?, ?, ?, ?, ?)",
-                    [(b.job_id, ln.seq, ln.stream, ln.time_ns, ln.text) for ln in b.lines],
+                    [(job_id, stored_seq(attempt, ln.seq), ln.stream, ln.time_ns, ln.text) for ln in b.lines],
                 )
                 acks.append(LogAck(b.job_id, b.lines[-1].seq))
         return acks
 
-    def positions(self, job_ids: Sequence[str]) -> dict[str, int]:
-        """The last seq stored of each job (0: none)."""
-        return {
-            j: int(self.db.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM logs WHERE job_id = ?", [j]).fetchone()[0])
-            for j in job_ids
-        }
+    def positions(self, wire_ids: Sequence[str]) -> dict[str, int]:
+        """The last seq stored of each attempt an agent runs, in the agent's numbering (0: none)."""
+        out = {}
+        for w in wire_ids:
+            job_id, attempt = parse_wire_job_id(w)
+            base = attempt_base(attempt)
+            row = self.db.conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM logs WHERE job_id = ? AND seq > ? AND seq <= ?",
+                [job_id, base, base + (1 << SEQ_BITS) - 1],
+            ).fetchone()
+            out[w] = int(row[0]) - base if row[0] else 0
+        return out
 
     def read(self, job_id: str, after_seq: int, limit: int, max_bytes: int = 4 << 20) -> list[LogLine]:
         """Lines after `after_seq`, at most `limit` of them and about `max_bytes` (at least one)."""

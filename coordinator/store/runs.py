@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from dstack.coordinator import lifecycle
+from dstack.coordinator.attempts import wire_job_id
 from dstack.coordinator.errors import Conflict, NotFound
 from dstack.coordinator.model import ON_AGENT, TERMINAL_RUN, RunStatus, TerminationReason, termination_reason
 from dstack.coordinator.names import random_run_prefix
@@ -94,7 +95,7 @@ class ExpiredRun:
 
 
 class StopOnAgent(NamedTuple):
-    job_id: str
+    job_id: str  # the id the agent knows the job's current attempt by (coordinator/attempts.py)
     agent_id: str
 
 
@@ -213,11 +214,12 @@ class Runs:
                 at=now,
                 also="stop_requested = 1",
             )
+            # A user's stop wins over a preemption or max_duration asked before: the job ends stopped.
             on_agent = [
-                StopOnAgent(r[0], r[1])
+                StopOnAgent(wire_job_id(r[0], r[2]), r[1])
                 for r in c.execute(
-                    f"UPDATE jobs SET stop_requested = 1 WHERE run_id = ? AND status IN ({ints_in(ON_AGENT)})"
-                    " RETURNING id, agent_id",
+                    "UPDATE jobs SET stop_requested = 1, stop_reason = 0, stop_message = ''"
+                    f" WHERE run_id = ? AND status IN ({ints_in(ON_AGENT)}) RETURNING id, agent_id, attempt",
                     [run.id],
                 ).fetchall()
             ]

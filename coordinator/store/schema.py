@@ -169,6 +169,38 @@ def _v6(db: sqlite_utils.Database) -> None:
 
 
 def _v7(db: sqlite_utils.Database) -> None:
+    """Attempts (workflow `retry`, preemption): a job's current attempt number, why its agent was asked
+    to stop it (0: by its user; else the termination reason the coordinator records: preempted or
+    max_duration, with that message), the agent a requeued attempt should avoid, when its current
+    attempt must end (max_duration, on the coordinator's clock; 0: never), and one row per attempt
+    that ended without ending the job (its agent, times, status and reason)."""
+    for column, kind in (
+        ("attempt", int),
+        ("stop_reason", int),
+        ("stop_message", str),
+        ("avoid_agent", str),
+        ("deadline_at", int),
+    ):
+        if column not in Table(db, "jobs").columns_dict:
+            default: int | str = 1 if column == "attempt" else 0 if kind is int else ""
+            Table(db, "jobs").add_column(column, kind, not_null_default=default)
+    Table(db, "job_attempts").create(
+        {
+            "job_id": str,
+            "attempt": int,
+            "agent_id": str,
+            "status": int,
+            "termination_reason": int,
+            "message": str,
+            "started_at": int,
+            "finished_at": int,
+        },
+        pk=("job_id", "attempt"),
+        if_not_exists=True,
+    )
+
+
+def _v8(db: sqlite_utils.Database) -> None:
     """Users and roles, secrets by scope. Users: when each was last seen (roles stay in `role`: admin,
     member, viewer). Secrets: keyed by (owner, name), owner '' for a team secret, else the user whose
     personal secret it is. The old table's rows become team secrets. The copy, drop and rename run in
@@ -196,7 +228,7 @@ def _v7(db: sqlite_utils.Database) -> None:
     conn.execute("COMMIT")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

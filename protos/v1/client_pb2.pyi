@@ -246,6 +246,8 @@ class Job(_message.Message):
     STARTED_AT_NS_FIELD_NUMBER: _builtins.int
     FINISHED_AT_NS_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     job_name: _builtins.str
     status: _common_pb2.JobStatus.ValueType
@@ -258,10 +260,16 @@ class Job(_message.Message):
     submitted_at_ns: _builtins.int
     started_at_ns: _builtins.int
     finished_at_ns: _builtins.int
+    attempt: _builtins.int
+    """the current attempt's number (1 for a job never requeued)"""
     @_builtins.property
     def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def spec(self) -> _common_pb2.JobSpec: ...
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobAttempt]:
+        """the attempts before the current one, oldest first"""
+
     def __init__(
         self,
         *,
@@ -278,14 +286,55 @@ class Job(_message.Message):
         started_at_ns: _builtins.int = ...,
         finished_at_ns: _builtins.int = ...,
         spec: _common_pb2.JobSpec | None = ...,
+        attempt: _builtins.int = ...,
+        attempts: _abc.Iterable[Global___JobAttempt] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "gpu_indices", b"gpu_indices", "has_exit_code", b"has_exit_code", "id", b"id", "job_name", b"job_name", "message", b"message", "spec", b"spec", "started_at_ns", b"started_at_ns", "status", b"status", "submitted_at_ns", b"submitted_at_ns", "termination_reason", b"termination_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "attempt", b"attempt", "attempts", b"attempts", "exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "gpu_indices", b"gpu_indices", "has_exit_code", b"has_exit_code", "id", b"id", "job_name", b"job_name", "message", b"message", "spec", b"spec", "started_at_ns", b"started_at_ns", "status", b"status", "submitted_at_ns", b"submitted_at_ns", "termination_reason", b"termination_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class JobAttempt(_message.Message):
+    """One earlier attempt of a job: where it ran and how it ended (requeued or preempted)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    AGENT_NAME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    TERMINATION_REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    STARTED_AT_NS_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_NS_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    agent_name: _builtins.str
+    status: _common_pb2.JobStatus.ValueType
+    termination_reason: _common_pb2.TerminationReason.ValueType
+    message: _builtins.str
+    started_at_ns: _builtins.int
+    finished_at_ns: _builtins.int
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        agent_name: _builtins.str = ...,
+        status: _common_pb2.JobStatus.ValueType = ...,
+        termination_reason: _common_pb2.TerminationReason.ValueType = ...,
+        message: _builtins.str = ...,
+        started_at_ns: _builtins.int = ...,
+        finished_at_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "attempt", b"attempt", "finished_at_ns", b"finished_at_ns", "message", b"message", "started_at_ns", b"started_at_ns", "status", b"status", "termination_reason", b"termination_reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobAttempt: _TypeAlias = JobAttempt  # noqa: Y015
 
 @_typing.final
 class Run(_message.Message):
@@ -1628,3 +1677,46 @@ class RotateUserTokenResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RotateUserTokenResponse: _TypeAlias = RotateUserTokenResponse  # noqa: Y015
+
+@_typing.final
+class PreemptRunRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreemptRunRequest: _TypeAlias = PreemptRunRequest  # noqa: Y015
+
+@_typing.final
+class PreemptRunResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREEMPTED_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    preempted: _builtins.int
+    """jobs asked to stop for preemption (interruptible and on an agent)"""
+    @_builtins.property
+    def run(self) -> Global___Run: ...
+    def __init__(
+        self,
+        *,
+        preempted: _builtins.int = ...,
+        run: Global___Run | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["preempted", b"preempted", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreemptRunResponse: _TypeAlias = PreemptRunResponse  # noqa: Y015

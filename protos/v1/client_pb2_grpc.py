@@ -184,6 +184,11 @@ class ClientServiceStub:
                 request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.RotateUserTokenRequest.SerializeToString,
                 response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.RotateUserTokenResponse.FromString,
                 _registered_method=True)
+        self.PreemptRun = channel.unary_unary(
+                '/dstack.v1.ClientService/PreemptRun',
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.PreemptRunRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.PreemptRunResponse.FromString,
+                _registered_method=True)
 
 
 class ClientServiceServicer:
@@ -374,6 +379,13 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PreemptRun(self, request, context):
+        """Admin only: preempts the run's interruptible jobs (requeued as new attempts), `dstack stop --preempt`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -526,6 +538,11 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.RotateUserToken,
                     request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.RotateUserTokenRequest.FromString,
                     response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.RotateUserTokenResponse.SerializeToString,
+            ),
+            'PreemptRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreemptRun,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.PreemptRunRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.PreemptRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1338,6 +1355,33 @@ class ClientService:
             '/dstack.v1.ClientService/RotateUserToken',
             dstack_dot_protos_dot_v1_dot_client__pb2.RotateUserTokenRequest.SerializeToString,
             dstack_dot_protos_dot_v1_dot_client__pb2.RotateUserTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreemptRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/PreemptRun',
+            dstack_dot_protos_dot_v1_dot_client__pb2.PreemptRunRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.PreemptRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,8 @@ class ClientServiceStub:
     ListUsers: _grpc.UnaryUnaryMultiCallable[_client_pb2.ListUsersRequest, _client_pb2.ListUsersResponse]
     RemoveUser: _grpc.UnaryUnaryMultiCallable[_client_pb2.RemoveUserRequest, _client_pb2.RemoveUserResponse]
     RotateUserToken: _grpc.UnaryUnaryMultiCallable[_client_pb2.RotateUserTokenRequest, _client_pb2.RotateUserTokenResponse]
+    PreemptRun: _grpc.UnaryUnaryMultiCallable[_client_pb2.PreemptRunRequest, _client_pb2.PreemptRunResponse]
+    """Admin only: preempts the run's interruptible jobs (requeued as new attempts), `dstack stop --preempt`."""
 
 @_typing.type_check_only
 class ClientServiceAsyncStub(ClientServiceStub):
@@ -107,6 +109,8 @@ class ClientServiceAsyncStub(ClientServiceStub):
     ListUsers: _aio.UnaryUnaryMultiCallable[_client_pb2.ListUsersRequest, _client_pb2.ListUsersResponse]  # type: ignore[assignment]
     RemoveUser: _aio.UnaryUnaryMultiCallable[_client_pb2.RemoveUserRequest, _client_pb2.RemoveUserResponse]  # type: ignore[assignment]
     RotateUserToken: _aio.UnaryUnaryMultiCallable[_client_pb2.RotateUserTokenRequest, _client_pb2.RotateUserTokenResponse]  # type: ignore[assignment]
+    PreemptRun: _aio.UnaryUnaryMultiCallable[_client_pb2.PreemptRunRequest, _client_pb2.PreemptRunResponse]  # type: ignore[assignment]
+    """Admin only: preempts the run's interruptible jobs (requeued as new attempts), `dstack stop --preempt`."""
 
 class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -323,5 +327,13 @@ class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _client_pb2.RotateUserTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_client_pb2.RotateUserTokenResponse, _abc.Awaitable[_client_pb2.RotateUserTokenResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PreemptRun(
+        self,
+        request: _client_pb2.PreemptRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.PreemptRunResponse, _abc.Awaitable[_client_pb2.PreemptRunResponse]]:
+        """Admin only: preempts the run's interruptible jobs (requeued as new attempts), `dstack stop --preempt`."""
 
 def add_ClientServiceServicer_to_server(servicer: ClientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -113,6 +113,10 @@ class _TerminationReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ter
     """the agent could not start the job"""
     TERMINATION_REASON_DEPENDENCY_FAILED: _TerminationReason.ValueType  # 7
     TERMINATION_REASON_ARTIFACT_UPLOAD_FAILED: _TerminationReason.ValueType  # 8
+    TERMINATION_REASON_PREEMPTED: _TerminationReason.ValueType  # 20
+    """preempted (interruptible) and not requeued again"""
+    TERMINATION_REASON_MAX_DURATION: _TerminationReason.ValueType  # 21
+    """ran longer than its workflow's max_duration"""
 
 class TerminationReason(_TerminationReason, metaclass=_TerminationReasonEnumTypeWrapper): ...
 
@@ -130,6 +134,10 @@ TERMINATION_REASON_EXECUTOR_ERROR: TerminationReason.ValueType  # 6
 """the agent could not start the job"""
 TERMINATION_REASON_DEPENDENCY_FAILED: TerminationReason.ValueType  # 7
 TERMINATION_REASON_ARTIFACT_UPLOAD_FAILED: TerminationReason.ValueType  # 8
+TERMINATION_REASON_PREEMPTED: TerminationReason.ValueType  # 20
+"""preempted (interruptible) and not requeued again"""
+TERMINATION_REASON_MAX_DURATION: TerminationReason.ValueType  # 21
+"""ran longer than its workflow's max_duration"""
 Global___TerminationReason: _TypeAlias = TerminationReason  # noqa: Y015
 
 class _LogStream:
@@ -301,6 +309,8 @@ class JobSpec(_message.Message):
     INPUT_WORKFLOWS_FIELD_NUMBER: _builtins.int
     PYTHON_VERSION_FIELD_NUMBER: _builtins.int
     NEEDS_CONTAINER_FIELD_NUMBER: _builtins.int
+    RETRY_FIELD_NUMBER: _builtins.int
+    MAX_DURATION_S_FIELD_NUMBER: _builtins.int
     job_name: _builtins.str
     """unique within the run (usually the workflow name)"""
     workflow: _builtins.str
@@ -313,6 +323,8 @@ class JobSpec(_message.Message):
     """The python provider's version: a container runtime picks its Python image for it (agent config)."""
     needs_container: _builtins.bool
     """Runs only on an agent with a container runtime (the docker provider): never as host processes."""
+    max_duration_s: _builtins.int
+    """0: no limit; longer-running jobs are stopped"""
     @_builtins.property
     def commands(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """run by bash -e in order"""
@@ -337,6 +349,10 @@ class JobSpec(_message.Message):
     def input_workflows(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """the latest run of these workflows that finished done"""
 
+    @_builtins.property
+    def retry(self) -> Global___RetryPolicy:
+        """Attempts (workflow `retry`): what requeues the job as a new attempt, and how often."""
+
     def __init__(
         self,
         *,
@@ -355,14 +371,42 @@ class JobSpec(_message.Message):
         input_workflows: _abc.Iterable[_builtins.str] | None = ...,
         python_version: _builtins.str = ...,
         needs_container: _builtins.bool = ...,
+        retry: Global___RetryPolicy | None = ...,
+        max_duration_s: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources", "retry", b"retry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "commands", b"commands", "depends_on", b"depends_on", "env", b"env", "image", b"image", "input_tags", b"input_tags", "input_workflows", b"input_workflows", "job_name", b"job_name", "needs_container", b"needs_container", "ports", b"ports", "provider", b"provider", "python_version", b"python_version", "resources", b"resources", "workflow", b"workflow", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "commands", b"commands", "depends_on", b"depends_on", "env", b"env", "image", b"image", "input_tags", b"input_tags", "input_workflows", b"input_workflows", "job_name", b"job_name", "max_duration_s", b"max_duration_s", "needs_container", b"needs_container", "ports", b"ports", "provider", b"provider", "python_version", b"python_version", "resources", b"resources", "retry", b"retry", "workflow", b"workflow", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class RetryPolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    ON_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """new attempts at most (attempt numbers 1..limit+1)"""
+    @_builtins.property
+    def on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"agent-lost", "preempted", "error" """
+
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        on: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "on", b"on"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryPolicy: _TypeAlias = RetryPolicy  # noqa: Y015
 
 @_typing.final
 class CodeRef(_message.Message):

@@ -134,6 +134,7 @@ class ConfigOverrides(TypedDict, total=False):
     forget_lost_agents_after_s: float
     heartbeat_interval_s: float
     approve_agents: bool
+    reserve_after_s: float
 
 
 @contextlib.asynccontextmanager
@@ -149,6 +150,9 @@ async def coordinator(tmp: Path, **overrides: Unpack[ConfigOverrides]) -> AsyncI
         storage_url=str(tmp / "storage"),
         admin_token=ADMIN,
         join_token=JOIN,
+        # Plaintext, said so: this tier drives the server's logic in one process (tests/integration/test_tls.py
+        # covers TLS with real processes).
+        insecure=True,
     )
     cfg = dataclasses.replace(base, **overrides)
     running = await start(cfg, clock)
@@ -395,7 +399,13 @@ class GatedRuntime(Runtime):
 async def real_agent(h: Harness, name: str = "agent-1", runtime: Runtime | None = None) -> AsyncIterator[Agent]:
     """The agent of agent/connection.py in this event loop: the null runtime unless `runtime` is given."""
     config = AgentConfig(
-        coordinator=h.address, home=h.tmp / name, join_token=JOIN, name=name, runtime="null", stop_grace_s=1.0
+        coordinator=h.address,
+        home=h.tmp / name,
+        join_token=JOIN,
+        name=name,
+        runtime="null",
+        stop_grace_s=1.0,
+        insecure=True,  # the in-process coordinator is plaintext (see `coordinator`)
     )
     agent = Agent(config)
     if runtime is not None:

@@ -162,10 +162,10 @@ def test_config_saves_the_coordinator_and_checks_the_token(cluster: Cluster, tmp
             [sys.executable, "-m", "dstack.cli", *args], capture_output=True, text=True, env=env, timeout=60
         )
 
-    bad = cli("config", "--coordinator", cluster.address, "--token", "wrong")
+    bad = cli("config", "--coordinator", cluster.address, "--token", "wrong", *cluster.transport_args())
     assert bad.returncode != 0 and "invalid token" in bad.stderr
     assert not (tmp_path / "home" / "config.yaml").exists()  # nothing saved on failure
-    ok = cli("config", "--coordinator", cluster.address, "--token", cluster.admin_token)
+    ok = cli("config", "--coordinator", cluster.address, "--token", cluster.admin_token, *cluster.transport_args())
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "home" / "config.yaml").stat().st_mode & 0o777 == 0o600
     assert cli("ps").returncode == 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dstack.tls import fingerprint
 from tests.conftest import PY, Cluster, LocalMode, free_port, search, wait_for, write_project
 
 pytestmark = pytest.mark.integration
@@ -121,7 +122,11 @@ def test_config_checks_before_saving_and_never_falls_back_to_local(cluster: Clus
     good = cli("config", "--coordinator", cluster.address, "--token", cluster.admin_token)
     assert good.returncode == 0, good.stderr
     shown = cli("config")
-    assert shown.stdout.splitlines() == [f"coordinator: {cluster.address} (from {home / 'config.yaml'})", "user: admin"]
+    assert shown.stdout.splitlines() == [
+        f"coordinator: {cluster.address} (from {home / 'config.yaml'})",
+        f"transport: TLS, CA pinned in {home / 'coordinator-ca.pem'} ({fingerprint(cluster.ca_file.read_bytes())})",
+        "user: admin",
+    ]
 
     assert cluster.coordinator is not None
     cluster.coordinator.terminate()

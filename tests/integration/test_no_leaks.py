@@ -73,7 +73,7 @@ def test_the_coordinator_stores_no_token_an_old_client_sends(cluster: Cluster, t
     """A client older than the CLI's stripping (or a hostile one) sends the URL as git has it."""
     cluster.start_coordinator()
     cluster.start_agent()
-    client = Client(Endpoint(cluster.address, cluster.admin_token), timeout=30.0)
+    client = Client(Endpoint(cluster.address, cluster.admin_token, ca_file=str(cluster.ca_file)), timeout=30.0)
     try:
         spec = common_pb2.JobSpec(job_name="main", workflow="w", provider="bash", commands=['echo "url=$REPO_URL"'])
         url = f"https://oauth2:{TOKEN}@gitlab.example.com:8443/g/r.git"
@@ -141,7 +141,7 @@ def test_an_agent_registers_with_a_token_file_and_no_token_in_argv(cluster: Clus
         popen = subprocess.Popen(
             [
                 *(PY, "-m", "dstack.agent", "--coordinator", cluster.address, "--join-token-file", str(token_file)),
-                *("--home", str(home), "--name", "filed", "--runtime", "null"),
+                *("--home", str(home), "--name", "filed", "--runtime", "null", *cluster.transport_args()),
             ],
             stdout=f,
             stderr=f,

@@ -127,3 +127,22 @@ def test_a_join_token_file_others_may_read_is_used_with_a_warning(
     path.chmod(0o644)
     assert parse_args(["--coordinator", "c:1", "--join-token-file", str(path)]).join_token == "t"
     assert f"{path} is readable by other users of this host: `chmod 600 {path}`" in capsys.readouterr().err
+
+
+def test_tls_options_and_their_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DSTACK_CA_FILE", raising=False)
+    monkeypatch.delenv("DSTACK_CA_FINGERPRINT", raising=False)
+    plain = parse_args(["--coordinator", "c:1"])
+    assert (plain.ca_file, plain.ca_fingerprint, plain.insecure) == (None, "", False)  # TLS, the system's roots
+    monkeypatch.setenv("DSTACK_CA_FINGERPRINT", "SHA256:" + "ab" * 32)
+    assert parse_args(["--coordinator", "c:1"]).ca_fingerprint == "SHA256:" + "ab" * 32
+    # An option given wins over the environment.
+    from_file = parse_args(["--coordinator", "c:1", "--ca-file", str(tmp_path / "ca.pem")])
+    assert (from_file.ca_file, from_file.ca_fingerprint) == (tmp_path / "ca.pem", "")
+    insecure = parse_args(["--coordinator", "c:1", "--insecure"])
+    assert insecure.insecure and insecure.ca_fingerprint == ""
+    with pytest.raises(SystemExit):
+        parse_args(["--coordinator", "c:1", "--insecure", "--ca-file", "x"])
+    monkeypatch.setenv("DSTACK_CA_FILE", "x")
+    with pytest.raises(SystemExit):
+        parse_args(["--coordinator", "c:1"])  # both in the environment: which one?

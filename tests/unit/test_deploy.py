@@ -181,3 +181,28 @@ def test_the_install_passes_the_token_in_the_environment_file_not_in_the_agent_o
         r = host.install("agent", "srv:3000", *bad)
         assert r.returncode == 1 and "do not pass the join token on the command line" in r.stderr
         assert "would run" not in r.stdout
+
+
+def test_the_agent_install_pins_the_coordinators_ca(host: FakeHost, tmp_path: Path) -> None:
+    fp = "SHA256:" + "ab" * 32
+    r = host.install("agent", "srv:3000", "--ca-fingerprint", fp)
+    assert r.returncode == 0, r.stderr
+    assert f'DSTACK_AGENT_ARGS="--ca-fingerprint {fp}"' in r.stdout
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    r = host.install("agent", "srv:3000", "--ca-file", str(ca))
+    assert r.returncode == 0, r.stderr
+    assert f"would run: install -m 0644 {ca} /etc/dstack/coordinator-ca.pem" in r.stdout
+    assert 'DSTACK_AGENT_ARGS="--ca-file /etc/dstack/coordinator-ca.pem"' in r.stdout
+    r = host.install("agent", "srv:3000")  # neither: said, as only a public CA's certificate would verify
+    assert r.returncode == 0 and "no --ca-fingerprint or --ca-file" in r.stderr
+    r = host.install("agent", "srv:3000", "--insecure")
+    assert r.returncode == 0 and "PLAINTEXT" in r.stderr
+
+
+def test_the_coordinator_install_prints_the_ca_fingerprint(host: FakeHost) -> None:
+    r = host.install("coordinator")
+    assert r.returncode == 0, r.stderr
+    assert "would print the fingerprint of /var/lib/dstack/server/tls/ca.pem" in r.stderr
+    r = host.install("coordinator", "0.0.0.0", "3000", "--insecure")
+    assert r.returncode == 0 and "PLAINTEXT" in r.stderr
