@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dstack.agent.envcache import EnvCache
+from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT
 from dstack.agent.runtimes.docker import DockerOptions
 
 
@@ -24,6 +25,7 @@ class AgentConfig:
     store_retry_s: float = 300.0
     mount_sync_s: float = 10.0  # how often `mount: true` artifact folders are saved while a job runs
     env_cache_max_bytes: int = 20 << 30  # Python job environments (requirements venvs); 0: one per job
+    pids_limit: int = DEFAULT_PIDS_LIMIT  # processes and threads per job (cgroup pids, Docker pids_limit); 0: none
     # TCP only (a unix socket is plaintext). TLS verified against ca_file (else the system's roots); a
     # ca_fingerprint is turned into a ca_file at the first connection (agent/connection.py: pin_ca).
     ca_file: Path | None = None

@@ -173,7 +173,12 @@ class Agent:
         self.config = config
         self.outbox = Outbox()
         self.runtime = make_runtime(
-            config.runtime, config.stop_grace_s, config.docker, str(config.home), config.env_cache
+            config.runtime,
+            config.stop_grace_s,
+            config.docker,
+            str(config.home),
+            config.env_cache,
+            config.pids_limit,
         )
         self.inventory = Inventory(config.home, config.runtime, config.max_jobs, config.simulate_gpus)
         self.jobs: dict[str, JobRunner] = {}
@@ -406,5 +411,6 @@ class Agent:
             if r.task is not None:
                 r.task.cancel()
         await asyncio.gather(*(r.task for r in self.jobs.values() if r.task), return_exceptions=True)
+        await self.runtime.close()
         await asyncio.to_thread(self.transfer.close)
         await self.channel.close()

@@ -18,6 +18,7 @@ from dstack.agent.connection import Agent, FatalAgentError, pin_ca
 from dstack.agent.envcache import DEFAULT_SIZE, parse_size
 from dstack.agent.inventory import InventoryError, parse_simulated
 from dstack.agent.runtimes import RUNTIMES, DockerOptions, RuntimeError_, resolve_runtime
+from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT
 
 
 def default_home() -> str:
@@ -142,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
         " e.g. 20GiB or 500MB; least recently used ones not in use go first; 0: a fresh venv per job"
         " (default: %(default)s, from DSTACK_ENV_CACHE_SIZE)",
     )
+    p.add_argument(
+        "--pids-limit",
+        type=int,
+        default=env("DSTACK_PIDS_LIMIT", str(DEFAULT_PIDS_LIMIT)),  # a string: argparse checks it with `type`
+        metavar="N",
+        help="processes and threads each job may have at once (cgroup pids controller, Docker pids_limit),"
+        " so a fork bomb cannot take the host's pid space: every DataLoader worker and thread counts;"
+        " 0: no limit (default: 4096 or 32 per CPU core, whichever is more: %(default)s here;"
+        " from DSTACK_PIDS_LIMIT)",
+    )
     return p
 
 
@@ -183,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
             parse_simulated(a.simulate_gpus)
         except InventoryError as e:
             p.error(str(e))
+    if a.pids_limit < 0:
+        p.error(f"--pids-limit {a.pids_limit}: give a number of processes, or 0 for no limit")
     try:
         env_cache_max_bytes = parse_size(a.env_cache_size)
     except ValueError as e:
@@ -213,6 +226,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         mount_sync_s=a.mount_sync,
         store_retry_s=a.store_retry,
         env_cache_max_bytes=env_cache_max_bytes,
+        pids_limit=a.pids_limit,
     )
 
 

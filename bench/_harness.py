@@ -52,6 +52,11 @@ class Services:
                 str(self.tmp / "server"),
                 "--listen",
                 self.address,
+                # The benches submit thousands of runs as one user: the per-user limits would measure themselves.
+                "--max-queued-per-user",
+                "0",
+                "--max-submissions-per-minute",
+                "0",
                 *([] if self.tls else ["--insecure"]),
                 *extra,
             ],

@@ -16,6 +16,7 @@ from dstack.cli.errors import (
     AuthError,
     CliError,
     CoordinatorUnreachable,
+    LimitReached,
     NotFoundError,
     RequestRejected,
     TlsMismatch,
@@ -111,6 +112,8 @@ def _translate(e: grpc.RpcError, endpoint: Endpoint) -> CliError:
         return NotFoundError(details)
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return AuthError(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a per-user limit: the message names it and the numbers
+        return LimitReached(details)
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
         return RequestRejected(details)
     return CliError(f"the coordinator failed: {code.name}: {details}")

@@ -7,7 +7,8 @@ CliError
 ├── CoordinatorUnreachable
 ├── TlsMismatch          the TLS settings and the coordinator disagree (untrusted certificate, TLS vs plaintext)
 ├── AuthError
-└── RequestRejected      the coordinator refused a request (its message says why)
+├── RequestRejected      the coordinator refused a request (its message says why)
+└── LimitReached         a per-user limit of the coordinator (queued jobs, submission rate)
 """
 
 from __future__ import annotations
@@ -59,4 +60,8 @@ class AuthError(CliError):
 
 
 class RequestRejected(CliError):
+    pass
+
+
+class LimitReached(CliError):
     pass

@@ -34,6 +34,9 @@ class CoordinatorConfig:
     # Delete archived logs (and, with retention_artifacts, artifacts of untagged runs) after this many days.
     retention_days: float | None = None
     retention_artifacts: bool = False
+    # Per user (coordinator/app/limits.py): jobs waiting to start, and runs submitted per minute; 0: no limit.
+    max_queued_per_user: int = 1000
+    max_submissions_per_minute: int = 600
     # A job waiting this long gets an agent reserved for it (when smaller jobs could starve it); inf: never.
     reserve_after_s: float = 300.0
     # TCP only (a unix socket is always plaintext: its folder is the boundary). By default the coordinator

@@ -7,7 +7,8 @@ CoordinatorError
 ├── AlreadyExists       (ALREADY_EXISTS)       a name that someone else holds (e.g. an online agent's)
 ├── Unauthenticated     (UNAUTHENTICATED)      missing or wrong token
 ├── PermissionDenied    (PERMISSION_DENIED)    authenticated, but not allowed this (another user's run)
-└── StorageUnavailable  (UNAVAILABLE)          the artifact store failed; retrying may help
+├── StorageUnavailable  (UNAVAILABLE)          the artifact store failed; retrying may help
+└── LimitExceeded       (RESOURCE_EXHAUSTED)   a per-user limit (queued jobs, submission rate) is reached
 
 The store's own errors (storage/errors.py) reach the RPC layer as they are and are mapped there too:
 StoreUnavailable -> UNAVAILABLE (transient), AccessDenied -> PERMISSION_DENIED (the message names the
@@ -45,4 +46,8 @@ class PermissionDenied(CoordinatorError):
 
 
 class StorageUnavailable(CoordinatorError):
+    pass
+
+
+class LimitExceeded(CoordinatorError):
     pass

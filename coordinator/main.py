@@ -12,6 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
+from dstack.coordinator.app.limits import DEFAULT_MAX_QUEUED_PER_USER, DEFAULT_MAX_SUBMISSIONS_PER_MINUTE
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.server import Coordinator, StartError, serve
 from dstack.storage.private import private_dir
@@ -88,6 +89,20 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         " ('off': never); interruptible jobs are preempted for it where that lets it fit",
     )
     p.add_argument("--fail-unsatisfiable", action="store_true", help="fail jobs no agent can ever run")
+    p.add_argument(
+        "--max-queued-per-user",
+        type=int,
+        default=DEFAULT_MAX_QUEUED_PER_USER,
+        metavar="N",
+        help="jobs a user may have waiting to start; more are refused (0: no limit; default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-submissions-per-minute",
+        type=int,
+        default=DEFAULT_MAX_SUBMISSIONS_PER_MINUTE,
+        metavar="N",
+        help="runs a user may submit per minute, in bursts of up to N (0: no limit; default: %(default)s)",
+    )
     p.add_argument("--local-mode", action="store_true", help=argparse.SUPPRESS)
     tls = p.add_argument_group(
         "TLS (TCP only; a unix socket is always plaintext)",
@@ -133,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         archive_interval_s=a.archive_interval,
         retention_days=a.retention_days,
         retention_artifacts=a.retention_artifacts,
+        max_queued_per_user=max(0, a.max_queued_per_user),
+        max_submissions_per_minute=max(0, a.max_submissions_per_minute),
         reserve_after_s=a.reserve_after,
         insecure=a.insecure,
         tls_cert=Path(a.tls_cert).expanduser().resolve() if a.tls_cert else None,

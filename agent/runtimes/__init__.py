@@ -2,6 +2,7 @@ import logging
 
 from dstack.agent.envcache import EnvCache
 from dstack.agent.runtimes.base import AGENT_MARKER, JobProcess, Runtime, RuntimeError_, RuntimeJob
+from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT
 from dstack.agent.runtimes.docker import DockerOptions, DockerRuntime, engine_address, engine_version
 from dstack.agent.runtimes.host import HostRuntime
 from dstack.agent.runtimes.null import NullRuntime
@@ -31,13 +32,14 @@ def make_runtime(
     docker: DockerOptions | None = None,
     agent_home: str = "",
     env_cache: EnvCache | None = None,
+    pids_limit: int = DEFAULT_PIDS_LIMIT,
 ) -> Runtime:
     if name == "host":
-        return HostRuntime(stop_grace_s, agent_home, env_cache=env_cache)
+        return HostRuntime(stop_grace_s, agent_home, env_cache=env_cache, pids_limit=pids_limit)
     if name == "null":
         return NullRuntime()
     if name == "docker":
-        return DockerRuntime(stop_grace_s, docker, agent_home, env_cache)
+        return DockerRuntime(stop_grace_s, docker, agent_home, env_cache, pids_limit)
     raise RuntimeError_(f"unknown runtime {name!r}: expected host, docker or null")
 
 

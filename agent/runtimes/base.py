@@ -91,6 +91,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def start(self, job: RuntimeJob) -> JobProcess: ...
 
+    async def close(self) -> None:
+        """Called when the agent stops, after its jobs ended: releases what the runtime holds on the host."""
+        return None
+
     async def cleanup_leftovers(self, agent_home: str) -> None:
         """Called at agent start: jobs left by a previous run of the agent with this home are killed."""
         return None

@@ -1,10 +1,22 @@
-"""cgroup v1 groups for host-process jobs: memory and CPU limits, and every process of the job in one place.
+"""cgroups for host-process jobs: memory, CPU and pids limits, and every process of the job in one place.
 
-Each job gets `<agent's own group>/dstack-<agent>/<job>` in the memory and cpu hierarchies (nested under
-the agent's group, so the agent's own limits still apply). The job's shell joins them before it runs
-anything, so all it starts (also what leaves its session with setsid) is in the group, and killed
-with it when the job ends. Where the hierarchies are missing or not writable (cgroup v2, no root),
-jobs run without limits and the agent says so once in its log and in the job's log.
+Two layouts, one code path:
+
+- cgroup v1 (and the hybrid layout, where the controllers are bound to v1 hierarchies): each job gets
+  `<mount>/<agent's own group>/dstack-<agent>/<job>` in the memory, cpu and pids hierarchies;
+- cgroup v2 (the unified hierarchy alone at the root, with `cgroup.controllers`: current Debian and
+  Ubuntu): the job gets `<root>/<agent's own group>/dstack-<agent>/<job>`, with the controllers turned
+  on for it through `cgroup.subtree_control` on the way down. v2 lets no group with processes hand
+  controllers to its children, so the agent first moves itself (and whatever shares its group) into
+  a leaf `<agent's group>/agent`; under systemd that needs `Delegate=yes`, which deploy's unit sets.
+
+Groups nest under the agent's own, so the agent's own limits still apply. The job's shell joins its
+groups before it runs anything, so all it starts (also what leaves its session with setsid) is in
+them, and killed with them when the job ends. Where no controller is writable (no root, no
+delegation) jobs run without those limits and the agent says so once in its log and in the job's log.
+
+The file-system root and the /proc files read are parameters: the v2 path is unit-tested against a
+folder that looks like cgroupfs (tests/unit/test_cgroups.py), as few CI hosts can delegate v2.
 """
 
 from __future__ import annotations
@@ -21,6 +33,14 @@ from pathlib import Path
 
 log = logging.getLogger("dstack.agent")
 CFS_PERIOD_US = 100_000
+# Enough for real ML jobs, far below a host's pid space (32768, or 4194304 under systemd). A process is
+# one pid and each of its threads another, and thread pools size themselves by the cores: a DataLoader
+# worker started with `spawn` loads OpenBLAS/OpenMP (a thread per core), a HF tokenizer has a Rayon pool
+# per process. So 4096, or 32 per core on big hosts (16 workers x 192 cores would pass 4096).
+DEFAULT_PIDS_LIMIT = max(4096, 32 * (os.cpu_count() or 1))
+CONTROLLERS = ("memory", "cpu", "pids")
+ROOT = Path("/sys/fs/cgroup")
+V2_AGENT_LEAF = "agent"  # where a v2 agent moves itself so that its group may delegate controllers
 _warned: set[str] = set()
 
 
@@ -37,13 +57,14 @@ def _mounts(mountinfo: str = "/proc/self/mountinfo") -> dict[str, Path]:
         if len(parts) < 5 or len(rparts) < 3 or rparts[0] != "cgroup":
             continue
         for opt in rparts[2].split(","):
-            if opt in ("memory", "cpu"):
+            if opt in CONTROLLERS:
                 out[opt] = Path(parts[4])
     return out
 
 
 def _own_groups(proc_cgroup: str = "/proc/self/cgroup") -> dict[str, str]:
-    """controller -> this process's group path in it (e.g. memory -> /system.slice/dstack-agent.service)."""
+    """controller -> this process's group path in it (e.g. memory -> /system.slice/dstack-agent.service);
+    the unified (v2) hierarchy's line `0::/path` is under the key ""."""
     out: dict[str, str] = {}
     try:
         text = Path(proc_cgroup).read_text()
@@ -57,16 +78,71 @@ def _own_groups(proc_cgroup: str = "/proc/self/cgroup") -> dict[str, str]:
     return out
 
 
+def is_unified(root: Path = ROOT) -> bool:
+    """The pure v2 layout: the unified hierarchy itself is mounted at the root (it has cgroup.controllers)."""
+    return (root / "cgroup.controllers").is_file()
+
+
+def host_pids_budget(proc_sys: Path = Path("/proc/sys/kernel")) -> int:
+    """The pids all jobs may hold together: three quarters of what the host can have (the smaller of
+    pid_max and threads-max), the rest kept for the agent, sshd and the system. 0 where unknown."""
+    try:
+        room = min(int((proc_sys / name).read_text()) for name in ("pid_max", "threads-max"))
+    except (OSError, ValueError):
+        return 0
+    return room * 3 // 4
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+def _read_int_keys(path: Path) -> dict[str, int]:
+    """A flat-keyed cgroup file (`memory.events`, `pids.events`, `memory.oom_control`) as key -> number."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                out[key] = int(value)
+    return out
+
+
+def pids_limit_line(limit: int, hits: int) -> str:
+    """The job's log line when its forks failed on the pids limit."""
+    return (
+        f"dstack: the job hit its pids limit ({limit}): fork failed {hits} time(s)"
+        " (processes and threads count; the agent's --pids-limit sets it)"
+    )
+
+
+def pids_limit_hits(events: Path) -> int:
+    """How often a fork or clone failed on the pids limit (`max` in pids.events: v1 and v2 alike)."""
+    return _read_int_keys(events).get("max", 0)
+
+
 @dataclass
 class CgroupLayout:
-    """Where this agent's job groups live, per controller (found once at agent start)."""
+    """Where this agent's job groups live (found once at agent start)."""
 
-    dirs: dict[str, Path] = field(default_factory=dict)  # controller -> <mount>/<agent group>/dstack-<agent>
+    dirs: dict[str, Path] = field(default_factory=dict)  # controller -> <hierarchy>/<agent group>/dstack-<agent>
+    v2: bool = False  # one unified dir for every controller
 
     @classmethod
-    def discover(cls, agent_home: str) -> CgroupLayout:
+    def discover(
+        cls,
+        agent_home: str,
+        root: Path = ROOT,
+        mountinfo: str = "/proc/self/mountinfo",
+        proc_cgroup: str = "/proc/self/cgroup",
+    ) -> CgroupLayout:
         tag = "dstack-" + hashlib.sha256(agent_home.encode()).hexdigest()[:12]
-        mounts, own = _mounts(), _own_groups()
+        own = _own_groups(proc_cgroup)
+        if is_unified(root):
+            return cls._discover_v2(root / own.get("", "/").lstrip("/"), tag)
+        mounts = _mounts(mountinfo)
         dirs = {}
         for ctrl, mount in mounts.items():
             d = mount / own.get(ctrl, "/").lstrip("/") / tag
@@ -74,14 +150,64 @@ class CgroupLayout:
                 d.mkdir(parents=True, exist_ok=True)
                 dirs[ctrl] = d
             except OSError as e:
-                _warn_once(ctrl, f"cgroup v1 {ctrl} controller not writable ({e}): no {ctrl} limits for host jobs")
-        for ctrl in ("memory", "cpu"):
+                warn_once(ctrl, f"cgroup v1 {ctrl} controller not writable ({e}): no {ctrl} limits for host jobs")
+        for ctrl in CONTROLLERS:
             if ctrl not in mounts:
-                _warn_once(ctrl, f"no cgroup v1 {ctrl} hierarchy: host jobs run without {ctrl} limits")
+                warn_once(ctrl, f"no cgroup v1 {ctrl} hierarchy: host jobs run without {ctrl} limits")
         return cls(dirs)
 
-    def job(self, job_id: str, memory_bytes: int, cpu: float) -> JobCgroup:
-        return JobCgroup(job_id, {c: d / job_id for c, d in self.dirs.items()}, memory_bytes, cpu)
+    @classmethod
+    def _discover_v2(cls, own: Path, tag: str) -> CgroupLayout:
+        """v2: turns the controllers on from the agent's group down to its jobs' parent."""
+        try:
+            available = set((own / "cgroup.controllers").read_text().split())
+        except OSError as e:
+            warn_once("v2", f"cgroup v2: cannot read {own}/cgroup.controllers ({e}): host jobs run without limits")
+            return cls(v2=True)
+        wanted = [c for c in CONTROLLERS if c in available]
+        for ctrl in CONTROLLERS:
+            if ctrl not in available:
+                warn_once(
+                    ctrl,
+                    f"cgroup v2: the {ctrl} controller is not delegated to {own} (systemd: Delegate=yes):"
+                    f" host jobs run without {ctrl} limits",
+                )
+        if not wanted:
+            return cls(v2=True)
+        parent = own / tag
+        try:
+            _leave_inner_group(own)
+            _enable(own, wanted)
+            parent.mkdir(exist_ok=True)
+            _enable(parent, wanted)
+        except OSError as e:
+            warn_once(
+                "v2",
+                f"cgroup v2: cannot set up job groups under {own} ({e}): host jobs run without limits; the agent"
+                " needs a cgroup of its own (systemd: a service with Delegate=yes, as deploy/systemd sets)",
+            )
+            return cls(v2=True)
+        return cls({c: parent for c in wanted}, v2=True)
+
+    def limit_all_jobs(self, pids: int) -> None:
+        """Bounds the pids of all this agent's jobs together (their parent group), so that several jobs at
+        their own limits (a user's fork bombs, one per job) still leave the host pids to run on."""
+        parent = self.dirs.get("pids")
+        if parent is None or pids <= 0:
+            return
+        try:
+            (parent / "pids.max").write_text(str(pids))
+        except OSError as e:
+            warn_once("pids-all", f"cannot bound the pids of all jobs together in {parent}: {e}")
+
+    def remove(self) -> None:
+        """Removes the jobs' parent groups where they are empty (the agent stops: it leaves no trace)."""
+        for parent in set(self.dirs.values()):
+            with contextlib.suppress(OSError):  # not empty: a job's group is left, for the next start
+                parent.rmdir()
+
+    def job(self, job_id: str, memory_bytes: int, cpu: float, pids_limit: int = 0) -> JobCgroup:
+        return JobCgroup(job_id, {c: d / job_id for c, d in self.dirs.items()}, memory_bytes, cpu, pids_limit, self.v2)
 
     def leftovers(self) -> list[JobCgroup]:
         out: dict[str, dict[str, Path]] = {}
@@ -90,51 +216,88 @@ class CgroupLayout:
                 for sub in d.iterdir():
                     if sub.is_dir():
                         out.setdefault(sub.name, {})[ctrl] = sub
-        return [
-            JobCgroup(job_id, paths, 0, 0.0, [p / "cgroup.procs" for p in paths.values()])
-            for job_id, paths in out.items()
-        ]
+        return [JobCgroup(job_id, paths, v2=self.v2, created=True) for job_id, paths in out.items()]
 
 
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(message)
+def _leave_inner_group(own: Path) -> None:
+    """v2's "no internal processes": a group that hands controllers to its children holds no process
+    itself, so the agent moves into a leaf of its group. Only the agent moves: started from a login
+    shell, its group is the session's, whose processes are not the agent's to move (delegating then
+    fails, and the agent says to give it a group of its own). The host's root group is exempt, and has
+    no `cgroup.type` (a container's namespace root has one: it is not exempt)."""
+    if not (own / "cgroup.type").exists():
+        return
+    leaf = own / V2_AGENT_LEAF
+    leaf.mkdir(exist_ok=True)
+    (leaf / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def _enable(group: Path, controllers: list[str]) -> None:
+    """Turns the controllers on for the group's children (`+memory +cpu +pids` in cgroup.subtree_control)."""
+    (group / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in controllers))
 
 
 @dataclass
 class JobCgroup:
     job_id: str
-    paths: dict[str, Path]  # controller -> the job's group
-    memory_bytes: int
-    cpu: float
-    joined: list[Path] = field(default_factory=list)  # groups created, whose cgroup.procs the shell joins
+    paths: dict[str, Path]  # controller -> the job's group (v2: the same folder for each)
+    memory_bytes: int = 0
+    cpu: float = 0.0
+    pids_limit: int = 0  # 0: none
+    v2: bool = False
+    created: bool = False  # groups exist (made by create(), or found left over)
+    limited: set[str] = field(default_factory=set)  # controllers whose limit was written
+    hits_at_kill: int | None = None  # pids limit hits when the agent closed the group (kill_all)
+
+    def _groups(self) -> list[Path]:
+        return list(dict.fromkeys(self.paths.values()))  # v2: one folder
 
     def create(self) -> list[str]:
         """Creates the groups and sets the limits; returns what could not be enforced (for the job's log)."""
-        missing = []
-        for ctrl, path in self.paths.items():
+        made: list[Path] = []
+        for path in self._groups():
             try:
                 path.mkdir(exist_ok=True)
-                if ctrl == "memory" and self.memory_bytes:
-                    (path / "memory.limit_in_bytes").write_text(str(self.memory_bytes))
-                    with contextlib.suppress(OSError):  # no swap beyond the limit, where swap accounting is on
-                        (path / "memory.memsw.limit_in_bytes").write_text(str(self.memory_bytes))
-                if ctrl == "cpu" and self.cpu:
-                    (path / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-                    (path / "cpu.cfs_quota_us").write_text(str(max(1000, int(self.cpu * CFS_PERIOD_US))))
-                self.joined.append(path / "cgroup.procs")
+                made.append(path)
             except OSError as e:
                 log.warning("job %s: cgroup %s: %s", self.job_id, path, e)
-        if self.memory_bytes and "memory" not in self.paths:
-            missing.append("memory")
-        if self.cpu and "cpu" not in self.paths:
-            missing.append("cpu")
-        for ctrl in ("memory", "cpu"):
-            if ctrl in self.paths and self.paths[ctrl] / "cgroup.procs" not in self.joined:
-                if (ctrl == "memory" and self.memory_bytes) or (ctrl == "cpu" and self.cpu):
-                    missing.append(ctrl)
-        return missing
+        self.paths = {c: p for c, p in self.paths.items() if p in made}
+        self.created = bool(self.paths)
+        wanted = {"memory": bool(self.memory_bytes), "cpu": bool(self.cpu), "pids": bool(self.pids_limit)}
+        for ctrl, path in self.paths.items():
+            if not wanted[ctrl]:
+                continue
+            try:
+                self._write_limit(ctrl, path)
+                self.limited.add(ctrl)
+            except OSError as e:
+                log.warning("job %s: cgroup %s limit in %s: %s", self.job_id, ctrl, path, e)
+        return [c for c in CONTROLLERS if wanted[c] and c not in self.limited]
+
+    def _write_limit(self, ctrl: str, path: Path) -> None:
+        if ctrl == "memory":
+            if self.v2:
+                (path / "memory.max").write_text(str(self.memory_bytes))
+                with contextlib.suppress(OSError):  # no swap beyond the limit, where swap is accounted
+                    (path / "memory.swap.max").write_text("0")
+            else:
+                (path / "memory.limit_in_bytes").write_text(str(self.memory_bytes))
+                with contextlib.suppress(OSError):
+                    (path / "memory.memsw.limit_in_bytes").write_text(str(self.memory_bytes))
+        elif ctrl == "cpu":
+            quota = max(1000, int(self.cpu * CFS_PERIOD_US))
+            if self.v2:
+                (path / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
+            else:
+                (path / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+                (path / "cpu.cfs_quota_us").write_text(str(quota))
+        elif ctrl == "pids":
+            (path / "pids.max").write_text(str(self.pids_limit))  # the same file in v1 and v2
+
+    @property
+    def joined(self) -> list[Path]:
+        """The cgroup.procs files the job's shell writes itself into."""
+        return [p / "cgroup.procs" for p in self._groups()] if self.created else []
 
     def join_script(self) -> str:
         """Shell lines that move the job's shell (and so all it starts) into its groups."""
@@ -151,17 +314,34 @@ class JobCgroup:
         path = self.paths.get("memory")
         if path is None:
             return False
-        with contextlib.suppress(OSError, ValueError):
-            for line in (path / "memory.oom_control").read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill" and int(value) > 0:
-                    return True
-        return False
+        events = path / ("memory.events" if self.v2 else "memory.oom_control")
+        return _read_int_keys(events).get("oom_kill", 0) > 0
+
+    def pids_limit_hits(self) -> int:
+        """How often the job's fork or clone failed on its pids limit (before the agent ended it)."""
+        if self.hits_at_kill is not None:
+            return self.hits_at_kill
+        path = self.paths.get("pids")
+        return pids_limit_hits(path / "pids.events") if path is not None else 0
 
     def kill_all(self) -> int:
-        """SIGKILLs every process still in the job's groups (also those that left its session)."""
+        """SIGKILLs every process still in the job's groups (also those that left its session).
+
+        A fork bomb forks faster than its pids can be listed and killed one by one: its pids.max goes
+        to 0 first, so that nothing in the group can fork any more, then the listed processes die."""
+        pids_group = self.paths.get("pids")
+        if pids_group is not None and self.created and self.hits_at_kill is None:
+            self.hits_at_kill = self.pids_limit_hits()  # what the job hit, not the forks refused from now on
+            with contextlib.suppress(OSError):
+                (pids_group / "pids.max").write_text("0")
+        if self.v2 and self.created:
+            # cgroup.kill (Linux 5.14) kills the whole group at once: nothing forks in between.
+            for path in self._groups():
+                with contextlib.suppress(OSError):
+                    if (path / "cgroup.kill").exists():
+                        (path / "cgroup.kill").write_text("1")
         killed = 0
-        for _ in range(50):  # processes forking while being killed: repeat until the group is empty
+        for _ in range(200):  # processes forking while being killed: repeat until the group is empty
             pids = self.pids()
             if not pids:
                 break
@@ -173,7 +353,7 @@ class JobCgroup:
         return killed
 
     def remove(self) -> None:
-        for path in self.paths.values():
+        for path in self._groups():
             for _ in range(50):  # rmdir fails while the last killed processes are still exiting
                 try:
                     path.rmdir()
@@ -182,3 +362,20 @@ class JobCgroup:
                     break
                 except OSError:
                     time.sleep(0.02)
+
+
+def pids_events_of(pid: int, container_id: str, root: Path = ROOT, proc: Path = Path("/proc")) -> Path | None:
+    """The pids.events of a container's group, found by its first process, or None where it is not
+    visible here (no pids hierarchy). The group's path must name the container (`docker/<id>`,
+    `docker-<id>.scope`): a pid from an engine in another pid namespace, or on another host, may
+    be an unrelated process here."""
+    own = _own_groups(str(proc / str(pid) / "cgroup"))
+    if is_unified(root):
+        group = own.get("")
+        mount: Path | None = root
+    else:
+        group = own.get("pids")
+        mount = _mounts(str(proc / "self" / "mountinfo")).get("pids")
+    if mount is None or group is None or not container_id or container_id not in group:
+        return None
+    return mount / group.lstrip("/") / "pids.events"

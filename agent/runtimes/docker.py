@@ -29,6 +29,7 @@ from docker.utils import parse_repository_tag
 
 from dstack.agent.envcache import EnvCache, applies_to
 from dstack.agent.runtimes.base import JobProcess, Runtime, RuntimeError_, RuntimeJob, gpu_env, gpu_ids, working_subdir
+from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT, pids_events_of, pids_limit_hits, pids_limit_line
 from dstack.protos.v1 import common_pb2
 
 log = logging.getLogger("dstack.agent")
@@ -39,6 +40,7 @@ MOUNT = "/workflow"  # where the job's directory is inside the container
 # Runs the job's script with bash where the image has it, else with sh (busybox, alpine).
 _SHELL = 'if command -v bash >/dev/null 2>&1; then exec bash -c "$1"; else exec sh -c "$1"; fi'
 PULL_PROGRESS_EVERY_S = 2.0
+PIDS_POLL_S = 1.0  # how often a running container's pids.events is read (one small file)
 ENGINE_RETRY_S = 60.0  # how long a running job waits for a restarting Docker engine to answer again
 # What these SDK calls raise when the engine is away or refuses: both mean "the job cannot go on here".
 EngineErrors = (docker.errors.DockerException, requests.exceptions.RequestException)
@@ -138,6 +140,7 @@ def container_config(
     agent_home: str,
     env_cache: EnvCache | None = None,
     image_id: str = "",
+    pids_limit: int = 0,
 ) -> dict[str, Any]:
     """The arguments of `containers.create` for a job (pure: unit-tested without an engine)."""
     rel = working_subdir(job)
@@ -189,6 +192,8 @@ def container_config(
         "memswap_limit": job.memory_bytes or None,  # no swap beyond the limit
         "nano_cpus": int(job.cpu * 1e9) or None,
         "shm_size": job.shm_size_bytes or None,
+        # A fork bomb fails its forks instead of taking the host's pid space (and the agent) with it.
+        "pids_limit": pids_limit or None,
     }
     if job.commands:
         config["entrypoint"] = ["/bin/sh", "-c", _SHELL, "dstack-job", _script(job.commands)]
@@ -245,6 +250,28 @@ class DockerProcess(JobProcess):
         self.lost = ""
         self._stopping = False
         self._closed = threading.Event()
+        self._pids_watch: asyncio.Task[None] | None = None
+        if runtime.pids_limit:
+            self._pids_watch = asyncio.create_task(self._watch_pids())
+
+    async def _watch_pids(self) -> None:
+        """Says in the job's log when its forks fail on the pids limit. The engine removes the container's
+        group as it ends, so its pids.events is read while it runs."""
+        try:
+            state = (await asyncio.to_thread(self.rt.client.api.inspect_container, self.cid)).get("State", {})
+            events = await asyncio.to_thread(pids_events_of, int(state.get("Pid") or 0), self.cid)
+        except (*EngineErrors, ValueError):
+            return
+        if events is None or not state.get("Pid"):
+            return
+        while True:
+            await asyncio.sleep(PIDS_POLL_S)
+            if hits := await asyncio.to_thread(pids_limit_hits, events):
+                self.job.system_line(pids_limit_line(self.rt.pids_limit, hits))
+                self.exit_note = self.exit_note or f"it hit its pids limit ({self.rt.pids_limit})"
+                return
+            if not await asyncio.to_thread(events.exists):
+                return  # the container ended
 
     async def output(self) -> AsyncIterator[tuple[int, bytes]]:
         loop = asyncio.get_running_loop()
@@ -334,6 +361,8 @@ class DockerProcess(JobProcess):
 
     async def cleanup(self) -> None:
         self._closed.set()
+        if self._pids_watch is not None:
+            self._pids_watch.cancel()
         await self.rt.remove(self.cid)
 
 
@@ -346,8 +375,10 @@ class DockerRuntime(Runtime):
         options: DockerOptions | None = None,
         agent_home: str = "",
         env_cache: EnvCache | None = None,
+        pids_limit: int = DEFAULT_PIDS_LIMIT,
     ) -> None:
         self.stop_grace_s = stop_grace_s
+        self.pids_limit = pids_limit
         self.env_cache = env_cache
         self.opts = options or DockerOptions()
         self.agent_home = agent_home
@@ -382,7 +413,7 @@ class DockerRuntime(Runtime):
         container_config(job, self.opts, image, self.agent_home)  # a job this agent cannot run fails before a pull
         try:
             image_id = await self._ensure_image(image, job)
-            config = container_config(job, self.opts, image, self.agent_home, self.env_cache, image_id)
+            config = container_config(job, self.opts, image, self.agent_home, self.env_cache, image_id, self.pids_limit)
             cid, stream = await asyncio.to_thread(self._create_and_start, config)
         except RuntimeError_:
             raise

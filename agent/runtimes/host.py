@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import psutil
 
@@ -21,7 +21,14 @@ from dstack.agent.runtimes.base import (
     gpu_env,
     working_subdir,
 )
-from dstack.agent.runtimes.cgroups import CgroupLayout, JobCgroup
+from dstack.agent.runtimes.cgroups import (
+    DEFAULT_PIDS_LIMIT,
+    CgroupLayout,
+    JobCgroup,
+    host_pids_budget,
+    pids_limit_line,
+    warn_once,
+)
 from dstack.protos.v1 import common_pb2
 
 READ_CHUNK = 1 << 16
@@ -35,10 +42,17 @@ def _script(job: RuntimeJob) -> str:
 
 
 class HostProcess(JobProcess):
-    def __init__(self, proc: asyncio.subprocess.Process, grace_s: float, cgroup: JobCgroup | None = None) -> None:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        grace_s: float,
+        cgroup: JobCgroup | None = None,
+        system_line: Callable[[str], None] = lambda _text: None,
+    ) -> None:
         self.proc = proc
         self.grace_s = grace_s
         self.cgroup = cgroup
+        self.system_line = system_line
 
     async def output(self) -> AsyncIterator[tuple[int, bytes]]:
         q: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=64)
@@ -77,6 +91,10 @@ class HostProcess(JobProcess):
             if await asyncio.to_thread(self.cgroup.oom_killed):
                 limit = self.cgroup.memory_bytes
                 self.exit_note = f"out of memory: the limit is {limit / (1 << 20):.0f} MiB"
+            if hits := await asyncio.to_thread(self.cgroup.pids_limit_hits):
+                limit = self.cgroup.pids_limit
+                self.system_line(pids_limit_line(limit, hits))
+                self.exit_note = self.exit_note or f"it hit its pids limit ({limit})"
         try:
             # On Python 3.11 Process.wait() also waits for the pipes to close...
             return await asyncio.wait_for(asyncio.shield(self.proc.wait()), PIPE_CLOSE_TIMEOUT_S)
@@ -145,9 +163,15 @@ class HostRuntime(Runtime):
     name = "host"
 
     def __init__(
-        self, stop_grace_s: float, agent_home: str = "", cgroups: bool = True, env_cache: EnvCache | None = None
+        self,
+        stop_grace_s: float,
+        agent_home: str = "",
+        cgroups: bool = True,
+        env_cache: EnvCache | None = None,
+        pids_limit: int = DEFAULT_PIDS_LIMIT,
     ) -> None:
         self.stop_grace_s = stop_grace_s
+        self.pids_limit = pids_limit
         self.agent_home = agent_home
         self.use_cgroups = cgroups
         self.env_cache = env_cache
@@ -156,17 +180,26 @@ class HostRuntime(Runtime):
     async def _get_layout(self, agent_home: str) -> CgroupLayout:
         """Where this agent's job cgroups go, found once (the first caller's home names it)."""
         if self._layout is None:
-            self._layout = await asyncio.to_thread(CgroupLayout.discover, agent_home)
+            layout = await asyncio.to_thread(CgroupLayout.discover, agent_home)
+            if self.pids_limit:
+                budget = max(self.pids_limit, await asyncio.to_thread(host_pids_budget))
+                await asyncio.to_thread(layout.limit_all_jobs, budget)
+            self._layout = layout
         return self._layout
 
     async def _cgroup(self, job: RuntimeJob) -> JobCgroup | None:
         if not self.use_cgroups:
             return None
         layout = await self._get_layout(self.agent_home or str(os.getpid()))
-        cg = layout.job(job.job_id, job.memory_bytes, job.cpu)
+        cg = layout.job(job.job_id, job.memory_bytes, job.cpu, self.pids_limit)
         missing = await asyncio.to_thread(cg.create)
+        if "pids" in missing:  # the agent's policy, not the job's request: said once, in the agent's log
+            missing.remove("pids")
+            warn_once("pids-job", f"host jobs run without a pids limit (--pids-limit {self.pids_limit}): no cgroup")
         if missing:
-            job.system_line(f"dstack: this host cannot limit the job's {' and '.join(missing)} (no writable cgroup v1)")
+            job.system_line(
+                f"dstack: this host cannot limit the job's {' and '.join(missing)} (no writable cgroup controller)"
+            )
         return cg
 
     async def start(self, job: RuntimeJob) -> JobProcess:
@@ -200,7 +233,11 @@ class HostRuntime(Runtime):
         except OSError as e:
             await self._release(cgroup)
             raise RuntimeError_(f"cannot start the job: {e}") from e
-        return HostProcess(proc, self.stop_grace_s, cgroup)
+        return HostProcess(proc, self.stop_grace_s, cgroup, job.system_line)
+
+    async def close(self) -> None:
+        if self._layout is not None:  # the jobs' parent groups, empty now (a job left over keeps its own)
+            await asyncio.to_thread(self._layout.remove)
 
     async def _release(self, cgroup: JobCgroup | None) -> None:
         if cgroup is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from dstack.coordinator.app.limits import SubmissionLimits
 from dstack.coordinator.artifacts import Artifacts
 from dstack.coordinator.convert import code_from_bytes
 from dstack.coordinator.engine import Engine
@@ -72,11 +73,14 @@ class Core:
     store: Store = field(init=False)
     db: DbExecutor = field(init=False)
     objects: ArtifactStore = field(init=False)
+    limits: SubmissionLimits = field(init=False)
 
     def __post_init__(self) -> None:
         self.store = self.engine.store
         self.db = self.engine.db
         self.objects = self.artifacts.store
+        config = self.engine.config
+        self.limits = SubmissionLimits(config.max_queued_per_user, config.max_submissions_per_minute, self.engine.clock)
 
     @property
     def local_mode(self) -> bool:

@@ -69,6 +69,7 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
     """Stores a new run and queues its jobs; returns the run as stored. `actor`: the submitting
     user (`owner`), with their role, for the ownership checks (None: trusted, e.g. tests)."""
     _check(sub.jobs)
+    core.limits.take_submission(owner)
     if sub.code.hash and not await core.db(core.store.has_code, sub.code.hash):
         # Uploaded straight to the store with a presigned URL: checked once, then recorded.
         size = await core.artifacts.verify_code(sub.code.hash)
@@ -82,6 +83,8 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
             await check_tag_movable(core, actor, sub.tag_on_done)
 
     def create() -> tuple[CreatedRun, list[JobSpec]]:
+        # Counted in the step that stores the run: two submissions at once cannot both pass at the limit.
+        core.limits.check_queued(owner, core.store.queued_jobs_of(owner), len(sub.jobs))
         # Tag and workflow dependencies resolve now, to the runs they name at submission.
         inputs = [
             [core.store.tag(t).run_id for t in j.input_tags]

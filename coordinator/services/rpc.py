@@ -14,6 +14,7 @@ from dstack.coordinator.errors import (
     Conflict,
     CoordinatorError,
     InvalidRequest,
+    LimitExceeded,
     NotFound,
     PermissionDenied,
     StorageUnavailable,
@@ -43,6 +44,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),  # another user's run: only its owner or an admin
     (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),  # a per-user limit: the message names it
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),  # transient: callers retry
     (ExpiredGrant, grpc.StatusCode.UNAVAILABLE),  # the coordinator's own credentials expired: boto renews them
     (AccessDenied, grpc.StatusCode.PERMISSION_DENIED),  # the store refused the coordinator's credentials

@@ -94,6 +94,7 @@ class Store(Db):
         self.run_by_name = self.runs.by_name
         self.run_by_id = self.runs.by_id
         self.list_runs = self.runs.recent
+        self.queued_jobs_of = self.runs.queued_jobs_of
         self.request_stop = self.runs.request_stop
         self.latest_done_run = self.runs.latest_done
         self.deletable_run = self.runs.deletable

@@ -11,7 +11,7 @@ from typing import NamedTuple
 from dstack.coordinator import lifecycle
 from dstack.coordinator.attempts import wire_job_id
 from dstack.coordinator.errors import Conflict, NotFound
-from dstack.coordinator.model import ON_AGENT, TERMINAL_RUN, RunStatus, TerminationReason, termination_reason
+from dstack.coordinator.model import ON_AGENT, TERMINAL_RUN, WAITING, RunStatus, TerminationReason, termination_reason
 from dstack.coordinator.names import random_run_prefix
 from dstack.coordinator.store.base import Db, ints_in, json_list
 
@@ -182,6 +182,16 @@ class Runs:
         if row is None:
             raise NotFound(f"run {run_id!r} does not exist")
         return RunRow.of(row)
+
+    def queued_jobs_of(self, owner: str) -> int:
+        """How many of the owner's jobs wait to start (submitted or pending): found through the owner's
+        unfinished runs (index runs(owner, status)) and their jobs (index jobs(run_id)), never a scan."""
+        row = self.db.row(
+            f"SELECT COUNT(*) AS n FROM jobs WHERE status IN ({ints_in(WAITING)}) AND run_id IN"
+            f" (SELECT id FROM runs WHERE owner = ? AND status NOT IN ({ints_in(TERMINAL_RUN)}))",
+            [owner],
+        )
+        return int(row["n"]) if row is not None else 0
 
     def recent(self, include_all: bool, limit: int) -> list[RunRow]:
         """The unfinished runs then the most recent finished ones (with `include_all`, every run)."""

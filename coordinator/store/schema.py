@@ -201,6 +201,11 @@ def _v7(db: sqlite_utils.Database) -> None:
 
 
 def _v8(db: sqlite_utils.Database) -> None:
+    """A user's unfinished runs, found by index: the per-user limit on queued jobs counts them at every submission."""
+    Table(db, "runs").create_index(["owner", "status"], if_not_exists=True)
+
+
+def _v9(db: sqlite_utils.Database) -> None:
     """Users and roles, secrets by scope. Users: when each was last seen (roles stay in `role`: admin,
     member, viewer). Secrets: keyed by (owner, name), owner '' for a team secret, else the user whose
     personal secret it is. The old table's rows become team secrets. The copy, drop and rename run in
@@ -228,7 +233,7 @@ def _v8(db: sqlite_utils.Database) -> None:
     conn.execute("COMMIT")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

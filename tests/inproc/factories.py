@@ -134,6 +134,8 @@ class ConfigOverrides(TypedDict, total=False):
     forget_lost_agents_after_s: float
     heartbeat_interval_s: float
     approve_agents: bool
+    max_queued_per_user: int
+    max_submissions_per_minute: int
     reserve_after_s: float
 
 

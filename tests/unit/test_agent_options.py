@@ -146,3 +146,13 @@ def test_tls_options_and_their_environment(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("DSTACK_CA_FILE", "x")
     with pytest.raises(SystemExit):
         parse_args(["--coordinator", "c:1"])  # both in the environment: which one?
+
+
+def test_pids_limit_defaults_to_4096_or_32_per_core_and_0_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DSTACK_PIDS_LIMIT", raising=False)
+    assert parse_args(["--coordinator", "x:1"]).pids_limit == max(4096, 32 * (os.cpu_count() or 1))
+    assert parse_args(["--coordinator", "x:1", "--pids-limit", "0"]).pids_limit == 0
+    monkeypatch.setenv("DSTACK_PIDS_LIMIT", "512")
+    assert build_parser().parse_args(["--coordinator", "x:1"]).pids_limit == 512
+    with pytest.raises(SystemExit):
+        parse_args(["--coordinator", "x:1", "--pids-limit", "-1"])

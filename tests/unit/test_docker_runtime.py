@@ -140,3 +140,8 @@ def test_pull_progress_is_a_few_lines_and_errors_carry_the_engines_message() -> 
     assert len(lines) < 10
     with pytest.raises(RuntimeError_, match=r"cannot pull image 'python:3\.11-slim': manifest unknown"):
         p.feed({"error": "manifest unknown"})
+
+
+def test_the_agents_pids_limit_goes_to_every_container() -> None:
+    assert container_config(job(), OPTS, "x", "/a", pids_limit=4096)["pids_limit"] == 4096
+    assert "pids_limit" not in container_config(job(), OPTS, "x", "/a", pids_limit=0)  # 0: none
