@@ -248,6 +248,10 @@ class Client:
     def delete_tag(self, tag: str) -> None:
         self._call(self.stub.DeleteTag, client_pb2.DeleteTagRequest(tag=tag))
 
+    def set_user_limits(self, request: client_pb2.SetUserLimitsRequest) -> client_pb2.UserLimits:
+        resp: client_pb2.SetUserLimitsResponse = self._call(self.stub.SetUserLimits, request)
+        return resp.user
+
     def add_secret(self, name: str, value: str, personal: bool = False) -> client_pb2.Secret:
         req = client_pb2.AddSecretRequest(name=name, value=value, personal=personal)
         resp: client_pb2.AddSecretResponse = self._call(self.stub.AddSecret, req)

@@ -27,7 +27,8 @@ secrets_app = typer.Typer(help="Secrets every job gets as environment variables.
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(local_app, name="local")
-from dstack.cli.commands.users import users_app  # noqa: E402  (its own module: `users set` joins it)
+# Its own module (add, list, remove, rotate-token); `users set` (fair share and quotas) is below.
+from dstack.cli.commands.users import users_app  # noqa: E402
 
 app.add_typer(users_app, name="users")
 
@@ -40,6 +41,9 @@ def run(
     workflow: Annotated[str, typer.Argument(help="Name of a workflow in .dstack/workflows.yaml")] = "",
     detach: Annotated[bool, typer.Option("-d", "--detach", help="Submit and return at once")] = False,
     tag: Annotated[str, typer.Option("-t", "--tag", help="Tag the run when it finishes done")] = "",
+    priority: Annotated[
+        int, typer.Option("--priority", help="Orders your own waiting jobs: higher first (default 0)")
+    ] = 0,
 ) -> None:
     """Run a workflow and follow its logs until it ends (exit code 0 when done).
 
@@ -54,7 +58,7 @@ def run(
     if not workflow:
         raise no_workflow_error(Path.cwd())
 
-    raise typer.Exit(run_command(workflow, _with_separator(list(ctx.args)), detach, tag))
+    raise typer.Exit(run_command(workflow, _with_separator(list(ctx.args)), detach, tag, priority))
 
 
 def _with_separator(args: list[str]) -> list[str]:
@@ -341,6 +345,21 @@ def whoami() -> None:
     from dstack.cli.commands.users import whoami_command
 
     whoami_command()
+
+
+@users_app.command("set")
+def users_set(
+    name: Annotated[str, typer.Argument(help="User name")],
+    share: Annotated[float | None, typer.Option("--share", help="Weight in fair share (default 1)")] = None,
+    max_gpus: Annotated[int | None, typer.Option("--max-gpus", min=0, help="GPUs held at once (0: no limit)")] = None,
+    max_running: Annotated[
+        int | None, typer.Option("--max-running", min=0, help="Jobs on agents at once (0: no limit)")
+    ] = None,
+) -> None:
+    """Set a user's fair share and quotas (admins only); what is not given is kept."""
+    from dstack.cli.commands.users import set_command
+
+    set_command(name, share, max_gpus, max_running)
 
 
 @local_app.command("stop")

@@ -55,6 +55,32 @@ def waiting_text(status: str, message: str) -> str:
     return f"{status}: {message}" if message else status
 
 
+def eta(ns: int, now: float | None = None) -> str:
+    """An expected start: `in 4 min`, `now`, or `unknown`."""
+    if not ns:
+        return "unknown"
+    delta = ns / 1e9 - (now or time.time())
+    if delta < 1:
+        return "now"
+    if delta < 90:
+        return f"in {int(delta)} sec"
+    if delta < 5400:
+        return f"in {round(delta / 60)} min"
+    if delta < 86400 * 2:
+        return f"in {delta / 3600:.1f} hours"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ns / 1e9))
+
+
+def queue_text(run: client_pb2.Run) -> str:
+    """`#3 (starts in 4 min)` for a run's first waiting job in the scheduler's order ("" when none is
+    in the order); the reason is the run's message (`waiting: ...`, `quota: ...`, `fair share: ...`)."""
+    placed = [j for j in run.jobs if j.queue_position]
+    if not placed:
+        return ""
+    j = min(placed, key=lambda j: j.queue_position)
+    return f"#{j.queue_position} (starts {eta(j.eta_ns)})"
+
+
 def run_summary(run: client_pb2.Run) -> str:
     """One line for the end of `dstack run`: the status and, if it did not finish done, why."""
     text = f"run {run.name} {run_status(run.status)}"
@@ -96,6 +122,10 @@ def run_to_json(run: client_pb2.Run) -> dict[str, object]:
                 "agent": j.agent_name or None,
                 "gpus": list(j.gpu_indices),
                 "exit_code": j.exit_code if j.has_exit_code else None,
+                # While waiting: the position in the scheduler's order, why, and the expected start.
+                "queue_position": j.queue_position or None,
+                "wait_reason": j.wait_reason or None,
+                "eta": iso(j.eta_ns),
                 "attempt": j.attempt or 1,
                 "attempts": [
                     {

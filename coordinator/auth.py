@@ -85,6 +85,8 @@ PERMISSIONS: dict[str, Role] = {
     _C + "PutArtifact": Role.MEMBER,  # and the upload's owner or an admin (app/artifacts.py)
     _C + "CommitUpload": Role.MEMBER,  # and the upload's owner or an admin (app/artifacts.py)
     _C + "DeleteRun": Role.MEMBER,  # and the run's owner or an admin (app/runs.py)
+    # The handler checks the role again, from the database at once (coordinator/app/users.py).
+    _C + "SetUserLimits": Role.ADMIN,
     _C + "CreateJoinToken": Role.ADMIN,
     _C + "ListJoinTokens": Role.ADMIN,
     _C + "RevokeJoinToken": Role.ADMIN,

@@ -34,6 +34,9 @@ class CoordinatorConfig:
     # Delete archived logs (and, with retention_artifacts, artifacts of untagged runs) after this many days.
     retention_days: float | None = None
     retention_artifacts: bool = False
+    # Fair share (coordinator/planner.py): off gives first come, first served (with backfill).
+    fairshare: bool = True
+    fairshare_half_life_s: float = 86400.0
     # Per user (coordinator/app/limits.py): jobs waiting to start, and runs submitted per minute; 0: no limit.
     max_queued_per_user: int = 1000
     max_submissions_per_minute: int = 600

@@ -106,6 +106,9 @@ def job_to_proto(j: JobView) -> client_pb2.Job:
         started_at_ns=j.started_at_ns,
         finished_at_ns=j.finished_at_ns,
         spec=job_spec_proto(j.spec),
+        queue_position=j.queue_position,
+        wait_reason=j.wait_reason,
+        eta_ns=j.eta_ns,
         attempt=j.attempt,
         attempts=[
             client_pb2.JobAttempt(

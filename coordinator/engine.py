@@ -23,13 +23,16 @@ from dstack.coordinator.convert import (
     log_batches_from_proto,
     update_acks_to_proto,
 )
+from dstack.coordinator.durations import Durations, duration_key
 from dstack.coordinator.errors import Unauthenticated
+from dstack.coordinator.fairshare import interval_usage, weight
 from dstack.coordinator.hub import AgentHub
 from dstack.coordinator.lifecycle.agents import AgentStatus
 from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, LogAck
+from dstack.coordinator.planner import DEPENDENCIES, Policy, RunningJob, UserLimits, WaitInfo, plan
 from dstack.coordinator.preemption import victims_for
 from dstack.coordinator.queue import Waiting, WaitingQueue, request_of
-from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest, schedule
+from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest
 from dstack.coordinator.secrets import SecretBox
 from dstack.coordinator.store import Assignment, Placement, Store
 from dstack.coordinator.store.executor import DbExecutor
@@ -69,11 +72,14 @@ class Plan:
     reasons: dict[str, str]  # why each job still waits
     done: list[str]  # jobs that left the queue (placed, failed, or no longer waiting)
     marked_pending: list[str]
+    info: dict[str, WaitInfo]  # position, reason and estimated start of each waiting job
+    reservations: dict[str, str]  # job -> agent held for it
 
 
 class Engine:
     def __init__(self, config: CoordinatorConfig, store: Store, db: DbExecutor, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
+        store.usage.half_life_s = config.fairshare_half_life_s
         # Leases are read and paced by this clock; the store should stamp rows with the same one.
         self.clock = clock
         self.store = store
@@ -87,6 +93,17 @@ class Engine:
         self._inventories: dict[str, tuple[bytes, common_pb2.Inventory]] = {}
         # Why each waiting job waits, from the last scheduling pass (shown by `dstack ps`).
         self.pending_reasons: dict[str, str] = {}
+        # Position, reason and estimated start of each waiting job, from the last pass (docs/state.md).
+        self.wait_info: dict[str, WaitInfo] = {}
+        # Agents held for jobs that waited too long (job -> agent), kept from pass to pass.
+        self.reservations: dict[str, str] = {}
+        self.durations = Durations()
+        self._max_durations: dict[str, float] = {}  # job_id -> its own limit, for jobs that have one
+        self._idle = asyncio.Event()  # no pass asked for or running
+        # Whether a job may have finished since usage was last charged (a submission alone cannot).
+        self._charge_due = True
+        self._limits: dict[str, UserLimits] | None = None  # users' shares and quotas, until one changes
+        self.assignments_sent = 0  # over the engine's life (the fairness bench counts deliveries by it)
         self.queue = WaitingQueue()
         self.secret_box = SecretBox(config.secrets_key_path)
         # Decrypted, for the job hand-off only: owner ('' for the team's) -> name -> value.
@@ -103,9 +120,12 @@ class Engine:
             self.secrets.setdefault(owner, {})[name] = self.secret_box.decrypt(ciphertext)
         for row in await self.db(self.store.waiting_jobs):
             self.queue.add_row(row)
+        recent = await self.db(self.store.recent_durations)
+        self.durations.add((duration_key(f.workflow, f.job_name), f.seconds) for f in reversed(recent))
         self._tasks = [
             asyncio.create_task(self._scheduler_loop(), name="scheduler"),
             asyncio.create_task(self._lease_loop(), name="leases"),
+            asyncio.create_task(self._refresh_loop(), name="queue refresh"),
         ]
         self.kick()
 
@@ -115,9 +135,17 @@ class Engine:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.hub.close_all()
 
-    def kick(self) -> None:
-        """Asks for a scheduling pass; many kicks before a pass cost one pass."""
+    def kick(self, finished: bool = True) -> None:
+        """Asks for a scheduling pass; many kicks before a pass cost one pass. `finished`: whether a job
+        may have ended meanwhile (its usage is then charged in the pass; a new submission says no)."""
+        self._charge_due = self._charge_due or finished
         self._kick.set()
+        self._idle.clear()
+
+    def limits_changed(self) -> None:
+        """A user's share or quotas changed: the next pass reads them again."""
+        self._limits = None
+        self.kick(finished=False)
 
     def lease_until(self, grace_s: float = 0.0) -> int:
         return self.clock.time_ns() + int((self.config.lease_timeout_s + grace_s) * 1e9)
@@ -125,26 +153,53 @@ class Engine:
     # ---- scheduling --------------------------------------------------------------------------
     async def _scheduler_loop(self) -> None:
         while True:
+            if not self._kick.is_set():
+                self._idle.set()
             await self._kick.wait()
             self._kick.clear()
             if not len(self.queue):
                 continue
+            charge, self._charge_due = self._charge_due, False
             try:
-                plan = await self.db(self._plan, self.queue.snapshot(), self.hub.connected_ids())
+                plan = await self.db(self._plan, self.queue.snapshot(), self.hub.connected_ids(), charge)
             except Exception:
                 log.exception("scheduling pass failed")
                 await asyncio.sleep(0.5)
-                self.kick()
+                self.kick(finished=charge)
                 continue
             self.pending_reasons = plan.reasons  # replaced whole: jobs placed or gone drop out
+            self.wait_info = plan.info
+            self.reservations = plan.reservations
             self.queue.discard(plan.done)
             self.queue.mark_pending(plan.marked_pending)
             for a in plan.assignments:
                 self.hub.send(a.agent_id, agent_pb2.CoordinatorMessage(assignments=[self._assignment(a)]))
+            self.assignments_sent += len(plan.assignments)
 
-    def _plan(self, waiting: list[Waiting], connected: set[str]) -> Plan:
-        """One scheduling pass (runs on the DB thread)."""
+    async def settled(self) -> None:
+        """Returns once no scheduling pass is asked for or running (in-process tests and the fairness
+        bench step a manual clock by it)."""
+        await self._idle.wait()
+
+    async def _refresh_loop(self) -> None:
+        """A pass now and then while jobs wait, though nothing happened: waits pass the reservation
+        threshold, and positions and estimates age."""
+        every = max(1.0, min(10.0, self.config.reserve_after_s / 4))  # 10 s when reservations are off (inf)
+        while True:
+            await self.clock.sleep(every)
+            if len(self.queue):
+                self.kick()
+
+    def _plan(self, waiting: list[Waiting], connected: set[str], charge: bool = True) -> Plan:
+        """One scheduling pass (runs on the DB thread); `charge`: count the usage of jobs that ended."""
         store = self.store
+        cfg = self.config
+        now = self.clock.time_ns()
+        half_life = cfg.fairshare_half_life_s
+        if charge:
+            finished = store.charge_finished_usage(now, half_life)
+            self.durations.add((duration_key(f.workflow, f.job_name), f.seconds) for f in finished if f.done)
+        usage = {u: acc.at(now, half_life) for u, acc in store.usage_accumulators().items()}
         agents: dict[str, AgentState] = {}
         for row in store.online_agents():
             if row.id not in connected:
@@ -159,12 +214,33 @@ class Engine:
                 max_jobs=inv.max_jobs or 1_000_000,
                 containers=inv.runtime == "docker",
             )
-        for alloc in store.active_allocations():
-            a = agents.get(alloc.agent_id)
+        running: list[RunningJob] = []
+        for job in store.jobs_on_agents():
+            if job.started_at is not None:  # usage so far of the jobs that run
+                cost = weight(len(job.gpu_indices), job.cpu)
+                so_far = interval_usage(cost, job.started_at, now, now, half_life)
+                usage[job.owner] = usage.get(job.owner, 0.0) + so_far
+            start = job.started_at or now
+            took = self._max_durations.get(job.id) or self.durations.medians.get(
+                duration_key(job.workflow, job.job_name)
+            )
+            running.append(
+                RunningJob(
+                    job.id,
+                    job.agent_id,
+                    job.owner,
+                    job.cpu,
+                    job.memory,
+                    tuple(job.gpu_indices),
+                    start,
+                    None if took is None else start + int(took * 1e9),
+                )
+            )
+            a = agents.get(job.agent_id)
             if a is not None:
-                a.used_cpu += alloc.cpu
-                a.used_memory += alloc.memory
-                a.busy_gpus.update(alloc.gpu_indices)
+                a.used_cpu += job.cpu
+                a.used_memory += job.memory
+                a.busy_gpus.update(job.gpu_indices)
                 a.jobs += 1
         # Statuses within runs that have dependencies: of the dependencies, and of the job itself
         # (a dependant failed by its dependency is no longer waiting).
@@ -172,6 +248,7 @@ class Engine:
         gone: list[str] = []
         queue: list[JobRequest] = []
         reasons: dict[str, str] = {}
+        info: dict[str, WaitInfo] = {}
         for w in waiting:
             if w.depends_on:
                 if statuses.get((w.run_id, "#" + w.job_id), JobStatus.PENDING) not in WAITING:
@@ -180,14 +257,28 @@ class Engine:
                 blocked = [d for d in w.depends_on if statuses.get((w.run_id, d)) != JobStatus.DONE]
                 if blocked:
                     reasons[w.job_id] = "waiting for " + ", ".join(blocked)
+                    info[w.job_id] = WaitInfo(0, DEPENDENCIES, reasons[w.job_id], 0)
                     continue
+            if w.request.max_duration_s:
+                self._max_durations[w.job_id] = w.request.max_duration_s
             queue.append(w.request)
-        decision = schedule(queue, list(agents.values()))
+        policy = Policy(
+            now_ns=now,
+            fairshare=cfg.fairshare,
+            usage=usage,
+            limits=self._user_limits(),
+            reserve_after_s=cfg.reserve_after_s,
+            reservations=self.reservations,
+            durations=self.durations.medians,
+        )
+        decision = plan(queue, list(agents.values()), running, policy)
         reasons.update(decision.waiting)
+        info.update(decision.info)
         failures = []
         for job_id, why in decision.impossible.items():
-            if self.config.fail_unsatisfiable:
+            if cfg.fail_unsatisfiable:
                 failures.append((job_id, why))
+                info.pop(job_id, None)
             else:
                 reasons[job_id] = f"waiting: {why}"
         to_mark = [w.job_id for w in waiting if w.submitted and w.job_id in reasons]
@@ -195,7 +286,16 @@ class Engine:
             [Placement(job, agent, gpus) for job, agent, gpus in decision.placements], to_mark, failures
         )
         done = gone + [p[0] for p in decision.placements] + [f[0] for f in failures]
-        return Plan(assignments, reasons, done, to_mark)
+        live = {j.job_id for j in running} | {p[0] for p in decision.placements}
+        self._max_durations = {j: s for j, s in self._max_durations.items() if j in live or j in reasons}
+        return Plan(assignments, reasons, done, to_mark, info, decision.reservations)
+
+    def _user_limits(self) -> dict[str, UserLimits]:
+        limits = self._limits
+        if limits is None:
+            limits = {u.name: UserLimits(u.share, u.max_gpus, u.max_running) for u in self.store.user_limits()}
+            self._limits = limits
+        return limits
 
     def _inventory(self, agent_id: str, data: bytes) -> common_pb2.Inventory:
         """Parsed inventories, re-parsed only when an agent reports a different one."""
@@ -448,10 +548,19 @@ class Engine:
         return {self._job_runs[j] for j in ids if j in self._job_runs}
 
     # ---- user requests -----------------------------------------------------------------------
-    def enqueue_run(self, run_id: str, jobs: Sequence[tuple[str, JobSpec]]) -> None:
-        """A run just stored joins the scheduling queue: its jobs' ids and specs."""
-        self.queue.add_run(run_id, jobs)
-        self.kick()
+    def enqueue_run(
+        self,
+        run_id: str,
+        jobs: Sequence[tuple[str, JobSpec]],
+        owner: str = "",
+        priority: int = 0,
+        submitted_at: int = 0,
+        workflow: str = "",
+    ) -> None:
+        """A run just stored joins the scheduling queue: its jobs' ids and specs, its owner, priority,
+        submission time and workflow (for fair share and estimates)."""
+        self.queue.add_run(run_id, jobs, owner, priority, submitted_at, workflow)
+        self.kick(finished=False)
 
     def seal_secret(self, value: str) -> bytes:
         """A secret's value as the store keeps it (encrypted)."""

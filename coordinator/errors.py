@@ -6,7 +6,7 @@ CoordinatorError
 ├── Conflict            (FAILED_PRECONDITION)  valid, but not in the current state
 ├── AlreadyExists       (ALREADY_EXISTS)       a name that someone else holds (e.g. an online agent's)
 ├── Unauthenticated     (UNAUTHENTICATED)      missing or wrong token
-├── PermissionDenied    (PERMISSION_DENIED)    authenticated, but not allowed this (another user's run)
+├── PermissionDenied    (PERMISSION_DENIED)    authenticated, but not allowed this (another user's run; `Forbidden`)
 ├── StorageUnavailable  (UNAVAILABLE)          the artifact store failed; retrying may help
 └── LimitExceeded       (RESOURCE_EXHAUSTED)   a per-user limit (queued jobs, submission rate) is reached
 
@@ -43,6 +43,9 @@ class Unauthenticated(CoordinatorError):
 
 class PermissionDenied(CoordinatorError):
     pass
+
+
+Forbidden = PermissionDenied  # the name coordinator/app/users.py (fair share) uses
 
 
 class StorageUnavailable(CoordinatorError):

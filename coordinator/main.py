@@ -75,6 +75,19 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         help="lost agents not heard from for this long leave `dstack agents` (their names are free anyway)",
     )
     p.add_argument(
+        "--fairshare",
+        choices=["on", "off"],
+        default="on",
+        help="order waiting jobs by each user's decayed usage against their share (off: first come, first served)",
+    )
+    p.add_argument(
+        "--fairshare-half-life",
+        type=float,
+        default=86400.0,
+        metavar="SECONDS",
+        help="usage counts half as much this long after it happened (default: one day)",
+    )
+    p.add_argument(
         "--approve-agents",
         action="store_true",
         help="new agents wait in `dstack agents` as `pending approval`, with no job, until"
@@ -124,8 +137,8 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         help="serve plaintext: tokens and secrets cross the network readable by anyone on the path",
     )
     a = p.parse_args(argv)
-    if a.reserve_after < 0:
-        p.error("--reserve-after must not be negative")
+    if a.fairshare_half_life <= 0 or a.reserve_after < 0:
+        p.error("--fairshare-half-life must be positive and --reserve-after not negative")
     if bool(a.tls_cert) != bool(a.tls_key):
         p.error("--tls-cert and --tls-key go together")
     if a.insecure and a.tls_cert:
@@ -148,6 +161,8 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         archive_interval_s=a.archive_interval,
         retention_days=a.retention_days,
         retention_artifacts=a.retention_artifacts,
+        fairshare=a.fairshare == "on",
+        fairshare_half_life_s=a.fairshare_half_life,
         max_queued_per_user=max(0, a.max_queued_per_user),
         max_submissions_per_minute=max(0, a.max_submissions_per_minute),
         reserve_after_s=a.reserve_after,

@@ -215,6 +215,11 @@ class JobView:
     submitted_at_ns: int = 0
     started_at_ns: int = 0
     finished_at_ns: int = 0
+    # While waiting (coordinator/planner.py): position in the scheduler's order (0: not in it), why
+    # (planner's reason constants), and the expected start (0: unknown).
+    queue_position: int = 0
+    wait_reason: str = ""
+    eta_ns: int = 0
     attempt: int = 1
     attempts: list[AttemptView] = field(default_factory=list)  # the earlier ones, oldest first
 

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dstack.coordinator.convert import job_spec_from_bytes
+from dstack.coordinator.durations import duration_key, max_duration_s
 from dstack.coordinator.model import JobSpec, JobStatus
 from dstack.coordinator.scheduler import JobRequest
 from dstack.coordinator.store import WaitingJob
@@ -24,7 +25,15 @@ class Waiting:
     submitted: bool  # still SUBMITTED in the database (not yet marked PENDING)
 
 
-def request_of(job_id: str, spec: JobSpec, avoid_agent: str = "") -> JobRequest:
+def request_of(
+    job_id: str,
+    spec: JobSpec,
+    owner: str = "",
+    priority: int = 0,
+    submitted_at: int = 0,
+    workflow: str = "",
+    avoid_agent: str = "",
+) -> JobRequest:
     resources = spec.resources
     return JobRequest(
         job_id=job_id,
@@ -34,6 +43,11 @@ def request_of(job_id: str, spec: JobSpec, avoid_agent: str = "") -> JobRequest:
         gpu_name=resources.gpu_name,
         gpu_memory=resources.gpu_memory_bytes,
         needs_container=spec.needs_container,
+        owner=owner,
+        priority=priority,
+        submitted_at=submitted_at,
+        duration_key=duration_key(workflow or spec.workflow, spec.job_name),
+        max_duration_s=max_duration_s(spec),
         avoid_agent=avoid_agent,
     )
 
@@ -54,18 +68,28 @@ class WaitingQueue:
         self._jobs[row.id] = Waiting(
             job_id=row.id,
             run_id=row.run_id,
-            request=request_of(row.id, spec, row.avoid_agent),
+            request=request_of(
+                row.id, spec, row.owner, row.priority, row.submitted_at, row.workflow, avoid_agent=row.avoid_agent
+            ),
             depends_on=tuple(row.depends_on),
             submitted=row.status == JobStatus.SUBMITTED,
         )
 
-    def add_run(self, run_id: str, jobs: Iterable[tuple[str, JobSpec]]) -> None:
+    def add_run(
+        self,
+        run_id: str,
+        jobs: Iterable[tuple[str, JobSpec]],
+        owner: str = "",
+        priority: int = 0,
+        submitted_at: int = 0,
+        workflow: str = "",
+    ) -> None:
         """A run just stored: its jobs (id, spec), all submitted."""
         for job_id, spec in jobs:
             self._jobs[job_id] = Waiting(
                 job_id=job_id,
                 run_id=run_id,
-                request=request_of(job_id, spec),
+                request=request_of(job_id, spec, owner, priority, submitted_at, workflow),
                 depends_on=spec.depends_on,
                 submitted=True,
             )

@@ -29,6 +29,13 @@ class JobRequest:
     gpu_name: str = ""
     gpu_memory: int = 0
     needs_container: bool = False  # the docker provider: only agents whose runtime runs containers
+    # For ordering and estimates (coordinator/planner.py): whose job, its run's --priority, when it
+    # was submitted, what its recent durations are filed under, and its own time limit if it has one.
+    owner: str = ""
+    priority: int = 0
+    submitted_at: int = 0
+    duration_key: str = ""
+    max_duration_s: float | None = None
     avoid_agent: str = ""  # a new attempt's last agent (it was lost there): placed elsewhere when another fits
 
 

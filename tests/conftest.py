@@ -79,6 +79,9 @@ class JobJSON(TypedDict):
     agent: str | None
     gpus: list[int]
     exit_code: int | None
+    queue_position: int | None  # while waiting: the position in the scheduler's order
+    wait_reason: str | None  # fair-share, quota, reservation, resources, never-fits, dependencies
+    eta: str | None  # expected start (ISO 8601), when known
     attempt: int  # 1 unless retried or preempted
     attempts: list[AttemptJSON]  # the earlier attempts, oldest first
 

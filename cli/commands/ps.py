@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from dstack.cli.render import ago, attempts, run_status, run_to_json
+from dstack.cli.render import ago, attempts, queue_text, run_status, run_to_json
 
 STYLE = {
     "done": "green",
@@ -39,7 +39,8 @@ def ps_command(show_all: bool, as_json: bool) -> None:
                 (shown, STYLE.get(status, "white")),
                 ago(r.submitted_at_ns),
                 ", ".join(r.tags),
-                r.message,
+                # A waiting run: its place in the scheduler's order and expected start, then why.
+                " ".join(filter(None, [queue_text(r), r.message])),
             ]
         )
     Term().table(("RUN", "WORKFLOW", "STATUS", "SUBMITTED", "TAGS", "MESSAGE"), rows, overflow="fold")

@@ -261,7 +261,7 @@ def upload_code(client: Client, packed: PackedCode, err: Term) -> common_pb2.Cod
     return packed.ref
 
 
-def run_command(workflow: str, args: list[str], detach: bool, tag: str = "") -> int:
+def run_command(workflow: str, args: list[str], detach: bool, tag: str = "", priority: int = 0) -> int:
     from dstack.cli.session import connect
     from dstack.cli.workflows import find_project_root
 
@@ -275,6 +275,7 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "") -> 
     check_code_files(built, packed, root, err)
     request = built.submit
     request.tag_on_done = tag
+    request.priority = priority
     client = connect()
     check_tags(client, built)
     request.code.CopyFrom(upload_code(client, packed, err))

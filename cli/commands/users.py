@@ -1,4 +1,4 @@
-"""`dstack users add|list|remove|rotate-token` (admin only, but listing) and `dstack whoami`.
+"""`dstack users add|list|remove|rotate-token|set` (admin only, but listing) and `dstack whoami`.
 
 A user's token is printed once, when it is made (add, rotate-token): the coordinator keeps only its
 sha256. The commands live in their own typer sub-app (`users_app`), which cli/main.py mounts.
@@ -10,7 +10,12 @@ from typing import Annotated
 
 import typer
 
-users_app = typer.Typer(help="The team's users and their roles (admin; `users list`: everyone).", no_args_is_help=True)
+from dstack.protos.v1 import client_pb2
+
+users_app = typer.Typer(
+    help="The team's users: roles, tokens, fair share and quotas (admin; `users list`: everyone).",
+    no_args_is_help=True,
+)
 
 ROLE_HELP = "admin: users, agents, join tokens, team secrets; member: runs; viewer: reads"
 
@@ -85,3 +90,22 @@ def whoami_command() -> None:
     print(f"user: {info.user}")
     print(f"role: {info.role or 'admin'}")  # a coordinator older than roles: its one user is the admin
     print(f"coordinator: {where}")
+
+
+def set_command(name: str, share: float | None, max_gpus: int | None, max_running: int | None) -> None:
+    from dstack.cli.errors import CliError
+    from dstack.cli.session import connect
+
+    if share is None and max_gpus is None and max_running is None:
+        raise CliError("nothing to set: give --share, --max-gpus or --max-running")
+    req = client_pb2.SetUserLimitsRequest(name=name)
+    if share is not None:
+        req.share = share
+    if max_gpus is not None:
+        req.max_gpus = max_gpus
+    if max_running is not None:
+        req.max_running = max_running
+    u = connect().set_user_limits(req)
+    gpus = u.max_gpus or "no limit"
+    running = u.max_running or "no limit"
+    print(f"{u.name}: share {u.share:g}, max GPUs {gpus}, max running jobs {running}")

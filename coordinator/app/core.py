@@ -10,12 +10,14 @@ from dstack.coordinator.artifacts import Artifacts
 from dstack.coordinator.convert import code_from_bytes
 from dstack.coordinator.engine import Engine
 from dstack.coordinator.model import WAITING, AttemptView, JobView, RunStatus, RunView
+from dstack.coordinator.planner import WaitInfo
 from dstack.coordinator.store import JobRow, RunRow, Store
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.storage import ArtifactStore
 
 
-def job_view(r: JobRow, pending_reasons: Mapping[str, str]) -> JobView:
+def job_view(r: JobRow, pending_reasons: Mapping[str, str], wait_info: Mapping[str, WaitInfo] | None = None) -> JobView:
+    info = wait_info.get(r.id) if wait_info is not None and r.status in WAITING else None
     return JobView(
         id=r.id,
         job_name=r.job_name,
@@ -29,6 +31,9 @@ def job_view(r: JobRow, pending_reasons: Mapping[str, str]) -> JobView:
         submitted_at_ns=r.submitted_at or 0,
         started_at_ns=r.started_at or 0,
         finished_at_ns=r.finished_at or 0,
+        queue_position=info.position if info else 0,
+        wait_reason=info.reason if info else "",
+        eta_ns=info.eta_ns if info else 0,
         attempt=r.attempt,
         attempts=[
             AttemptView(
@@ -45,9 +50,15 @@ def job_view(r: JobRow, pending_reasons: Mapping[str, str]) -> JobView:
     )
 
 
-def run_view(r: RunRow, jobs: list[JobRow], tags: list[str], pending_reasons: Mapping[str, str]) -> RunView:
+def run_view(
+    r: RunRow,
+    jobs: list[JobRow],
+    tags: list[str],
+    pending_reasons: Mapping[str, str],
+    wait_info: Mapping[str, WaitInfo] | None = None,
+) -> RunView:
     """A run as clients see it: a waiting run says why, with its first waiting job's reason."""
-    views = [job_view(j, pending_reasons) for j in jobs]
+    views = [job_view(j, pending_reasons, wait_info) for j in jobs]
     message = r.message
     if r.status in (RunStatus.SUBMITTED, RunStatus.PENDING):
         message = next((j.message for j in views if j.message), "")
@@ -91,7 +102,7 @@ class Core:
         row = self.store.run_by_name(name)
         jobs = self.store.jobs_of_runs([row.id])[row.id]
         tags = self.store.tags_of_runs([row.id])[row.id]
-        return run_view(row, jobs, tags, self.engine.pending_reasons)
+        return run_view(row, jobs, tags, self.engine.pending_reasons, self.engine.wait_info)
 
     async def run(self, name: str) -> RunView:
         return await self.db(self.load_run, name)

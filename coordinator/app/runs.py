@@ -37,6 +37,7 @@ class Submission:
     code: CodeRef = field(default_factory=CodeRef)
     args: Sequence[str] = ()  # extra CLI arguments, recorded for the run
     tag_on_done: str = ""
+    priority: int = 0  # orders the owner's own waiting jobs (higher first)
 
 
 def _check(jobs: Sequence[JobSpec]) -> None:
@@ -69,6 +70,8 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
     """Stores a new run and queues its jobs; returns the run as stored. `actor`: the submitting
     user (`owner`), with their role, for the ownership checks (None: trusted, e.g. tests)."""
     _check(sub.jobs)
+    if abs(sub.priority) > 1_000_000:
+        raise InvalidRequest("--priority must be between -1000000 and 1000000")
     core.limits.take_submission(owner)
     if sub.code.hash and not await core.db(core.store.has_code, sub.code.hash):
         # Uploaded straight to the store with a presigned URL: checked once, then recorded.
@@ -106,7 +109,7 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
             for j, job_inputs in zip(specs, inputs, strict=True)
         ]
         created = core.store.create_run(
-            owner, sub.workflow, code, sub.code.hash, list(sub.args), jobs, name, sub.tag_on_done
+            owner, sub.workflow, code, sub.code.hash, list(sub.args), jobs, name, sub.tag_on_done, sub.priority
         )
         return created, specs
 
@@ -131,7 +134,14 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
                 for job_id, spec in zip(created.job_ids, specs, strict=True)
             ],
         )
-        core.engine.enqueue_run(created.run_id, list(zip(created.job_ids, specs, strict=True)))
+        core.engine.enqueue_run(
+            created.run_id,
+            list(zip(created.job_ids, specs, strict=True)),
+            owner=owner,
+            priority=sub.priority,
+            submitted_at=created.submitted_at,
+            workflow=sub.workflow,
+        )
         return run
 
     # Shielded: a client that gives up (deadline, Ctrl+C) must not leave a stored run unqueued.
@@ -147,7 +157,7 @@ async def list_runs(core: Core, include_all: bool, limit: int = 0) -> list[RunVi
         rows = core.store.list_runs(include_all, limit or 1000)
         ids = [r.id for r in rows]
         jobs, tags = core.store.jobs_of_runs(ids), core.store.tags_of_runs(ids)
-        return [run_view(r, jobs[r.id], tags[r.id], core.engine.pending_reasons) for r in rows]
+        return [run_view(r, jobs[r.id], tags[r.id], core.engine.pending_reasons, core.engine.wait_info) for r in rows]
 
     return await core.db(load)
 

@@ -1,17 +1,19 @@
 """Users (admin only, but listing): add one with a role (its token is returned once and only its
-sha256 stored), list them, remove one, rotate one's token. A removal or rotation is in force for
-the very next call (coordinator/auth.py); a removed user's personal secrets go with them."""
+sha256 stored), list them, remove one, rotate one's token, set one's fair share and quotas
+(`dstack users set`). A removal or rotation is in force for the very next call
+(coordinator/auth.py); a removed user's personal secrets go with them."""
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.ownership import Actor
-from dstack.coordinator.errors import Conflict, InvalidRequest, Unauthenticated
-from dstack.coordinator.store import UserRow
+from dstack.coordinator.errors import Conflict, Forbidden, InvalidRequest, Unauthenticated
+from dstack.coordinator.store import UserLimitsRow, UserRow
 from dstack.coordinator.store.users import MEMBER, ROLES, SERVER_ADMIN
 
 User = UserRow  # as listed: never a token
@@ -88,3 +90,25 @@ class SignedIn:
         if found != (self.actor.name, self.actor.role):
             raise Unauthenticated(REVOKED)
         self.generation = generation
+
+
+# ---- fair share and quotas ----------------------------------------------------------------
+ADMIN_ROLE = "admin"
+MAX_LIMIT = 1_000_000
+
+
+async def set_limits(
+    core: Core, caller: str, name: str, share: float | None, max_gpus: int | None, max_running: int | None
+) -> UserLimitsRow:
+    """Sets what is given (None: unchanged); admins only. The next scheduling pass uses it."""
+    # Checked here, at once, from the database: a demoted admin cannot change limits.
+    if await core.db(core.store.user_role, caller) != ADMIN_ROLE:
+        raise Forbidden(f"only an admin may set users' shares and quotas; {caller!r} is not one")
+    if share is not None and (not math.isfinite(share) or share <= 0 or share > MAX_LIMIT):
+        raise InvalidRequest(f"--share must be a positive number up to {MAX_LIMIT}, not {share:g}")
+    for flag, value in (("--max-gpus", max_gpus), ("--max-running", max_running)):
+        if value is not None and value > MAX_LIMIT:
+            raise InvalidRequest(f"{flag} must be at most {MAX_LIMIT} (0: no limit)")
+    row = await core.db(core.store.set_user_limits, name, share, max_gpus, max_running)
+    core.engine.limits_changed()
+    return row

@@ -61,6 +61,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
             code_from_proto(request.code),
             list(request.args),
             request.tag_on_done,
+            request.priority,
         )
         return client_pb2.SubmitRunResponse(run=run_to_proto(await runs.submit(self.core, user_name(), sub, actor())))
 
@@ -186,6 +187,24 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     ) -> client_pb2.DeleteSecretResponse:
         await secrets.delete(self.core, actor(), request.name, request.personal)
         return client_pb2.DeleteSecretResponse()
+
+    @unary
+    async def SetUserLimits(
+        self, request: client_pb2.SetUserLimitsRequest, context: Ctx
+    ) -> client_pb2.SetUserLimitsResponse:
+        row = await users.set_limits(
+            self.core,
+            user_name(),
+            request.name,
+            request.share if request.HasField("share") else None,
+            request.max_gpus if request.HasField("max_gpus") else None,
+            request.max_running if request.HasField("max_running") else None,
+        )
+        return client_pb2.SetUserLimitsResponse(
+            user=client_pb2.UserLimits(
+                name=row.name, share=row.share, max_gpus=row.max_gpus, max_running=row.max_running
+            )
+        )
 
     # ---- enrolment (admin only) ----------------------------------------------------------------
     @unary

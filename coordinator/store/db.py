@@ -30,6 +30,7 @@ from dstack.coordinator.store.logs import ArchivableJob, Logs
 from dstack.coordinator.store.runs import CreatedRun, ExpiredRun, NewJob, RunRow, Runs, StopOnAgent
 from dstack.coordinator.store.secrets import SecretRow, Secrets
 from dstack.coordinator.store.tags import TagRow, Tags
+from dstack.coordinator.store.usage import FinishedJob, OnAgent, Usage, UserLimitsRow
 from dstack.coordinator.store.users import UserRow, Users, hash_token
 
 __all__ = [
@@ -42,10 +43,12 @@ __all__ = [
     "CreatedRun",
     "ExpiredRun",
     "FileRecord",
+    "FinishedJob",
     "JobLocation",
     "JobRow",
     "JoinTokenRow",
     "NewJob",
+    "OnAgent",
     "Placement",
     "Removal",
     "RunRow",
@@ -55,6 +58,7 @@ __all__ = [
     "TagRow",
     "UpdateResult",
     "UploadJob",
+    "UserLimitsRow",
     "UserRow",
     "WaitingJob",
     "hash_token",
@@ -73,6 +77,8 @@ class Store(Db):
         self.artifacts = Artifacts(self, self.runs)
         self.tags = Tags(self, self.runs)
         self.secrets = Secrets(self)
+        self.usage = Usage(self)
+        self.jobs.charge = self.usage.charge_ended
         self.join_tokens = JoinTokens(self)
 
         # users and code
@@ -165,3 +171,11 @@ class Store(Db):
         self.secret_ciphertexts = self.secrets.ciphertexts
         self.secret_names = self.secrets.names
         self.delete_secret = self.secrets.delete
+        # fair share and quotas
+        self.charge_finished_usage = self.usage.charge_finished
+        self.usage_accumulators = self.usage.accumulators
+        self.recent_durations = self.usage.recent_durations
+        self.jobs_on_agents = self.usage.on_agents
+        self.user_limits = self.usage.limits
+        self.user_role = self.usage.role
+        self.set_user_limits = self.usage.set_limits

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 from dstack.coordinator import lifecycle
@@ -93,6 +93,9 @@ class WaitingJob:
     depends_on: list[str]
     owner: str
     priority: int
+    submitted_at: int = 0
+    workflow: str = ""
+    job_name: str = ""
     avoid_agent: str = ""  # a requeued attempt's last agent: placed elsewhere when another fits
 
 
@@ -233,6 +236,9 @@ def fail_agent_jobs(
 class Jobs:
     def __init__(self, db: Db) -> None:
         self.db = db
+        # Charges a job's fair-share usage in the transaction that ends it (store/usage.py), so that
+        # the common end (an agent's report) needs no second write of the job's row.
+        self.charge: Callable[[sqlite3.Connection, Sequence[str]], None] | None = None
 
     def of_runs(self, run_ids: Sequence[str]) -> dict[str, list[JobRow]]:
         out: dict[str, list[JobRow]] = {r: [] for r in run_ids}
@@ -268,7 +274,8 @@ class Jobs:
     # ---- scheduling --------------------------------------------------------------------------
     def waiting(self) -> list[WaitingJob]:
         rows = self.db.rows(
-            "SELECT j.id, j.run_id, j.status, j.spec, j.depends_on, r.owner, r.priority, j.avoid_agent"
+            "SELECT j.id, j.run_id, j.status, j.spec, j.depends_on, r.owner, r.priority, j.submitted_at, r.workflow,"
+            " j.job_name, j.avoid_agent"
             " FROM jobs j JOIN runs r ON r.id = j.run_id"
             f" WHERE j.status IN ({ints_in(WAITING)}) ORDER BY r.priority DESC, j.submitted_at, j.rowid"
         )
@@ -281,6 +288,9 @@ class Jobs:
                 json_list(r["depends_on"]),
                 r["owner"],
                 r["priority"] or 0,
+                r["submitted_at"],
+                r["workflow"],
+                r["job_name"],
                 r["avoid_agent"] or "",
             )
             for r in rows
@@ -438,6 +448,7 @@ class Jobs:
     def apply_updates(self, agent_id: str, updates: Sequence[JobUpdate]) -> UpdateResult:
         """An agent's reports, each acknowledged; stale or repeated ones change nothing."""
         res = UpdateResult()
+        charge_now: list[str] = []  # ended by this report: their usage is charged in this transaction
         with self.db.tx() as c:
             for u in updates:
                 res.acks.append(UpdateAck(u.job_id, u.status))  # acknowledged by the id the agent sent
@@ -464,11 +475,14 @@ class Jobs:
                     continue
                 if self._apply(c, t, u) and t.dst in TERMINAL_JOB:
                     res.freed = True
+                    charge_now.append(u.job_id)
                     if t.dst != JobStatus.DONE:
                         lifecycle.fail_dependants(c, run_id, self.db.clock())
                 res.changed_runs.add(run_id)
             for run_id in res.changed_runs:  # once per run, however many of its jobs changed
                 lifecycle.refresh_run_status(c, run_id, self.db.clock())
+            if charge_now and self.charge is not None:
+                self.charge(c, charge_now)
         return res
 
     def _end_attempt(
@@ -516,7 +530,10 @@ class Jobs:
         elif t.dst == JobStatus.UPLOADING:
             also = "exit_code = :e, started_at = COALESCE(started_at, :t)"
         else:
+            # Ended: its usage is charged in this transaction (apply_updates), so it is marked counted.
             also = "exit_code = COALESCE(:e, exit_code)"
+            if self.charge is not None:
+                also += ", usage_charged = 1"
         # A job the user asked to stop ends stopped, however its agent saw the end.
         message = "stopped by user" if t is lifecycle.AGENT_STOPPED_ON_REQUEST else u.message
         moved = lifecycle.move_job(

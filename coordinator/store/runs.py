@@ -124,6 +124,7 @@ class Runs:
         jobs: list[NewJob],
         name: str | None = None,
         tag_on_done: str = "",
+        priority: int = 0,
     ) -> CreatedRun:
         """Inserts a run and its jobs in one transaction (under `name`, or a new one)."""
         now = self.db.clock()
@@ -134,7 +135,7 @@ class Runs:
             c.execute(
                 "INSERT INTO runs (id, name, owner, workflow, status, termination_reason, message,"
                 " submitted_at, code_hash, code, args, queue, priority, tag_on_done) VALUES (:id, :name, :owner,"
-                " :wf, :st, 0, '', :now, :ch, :code, :args, '', 0, :tag)",
+                " :wf, :st, 0, '', :now, :ch, :code, :args, '', :prio, :tag)",
                 {
                     "id": run_id,
                     "name": name,
@@ -146,6 +147,7 @@ class Runs:
                     "code": code,
                     "args": json.dumps(args),
                     "tag": tag_on_done or None,
+                    "prio": priority,
                 },
             )
             c.executemany(

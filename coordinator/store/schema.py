@@ -205,7 +205,31 @@ def _v8(db: sqlite_utils.Database) -> None:
     Table(db, "runs").create_index(["owner", "status"], if_not_exists=True)
 
 
-def _v9(db: sqlite_utils.Database) -> None:
+def _fair_share(db: sqlite_utils.Database) -> None:
+    """Fair share and quotas: per-user share and limits (0: none), each user's decayed usage of finished
+    jobs (one accumulator, coordinator/fairshare.py), and which finished jobs it already counts (the
+    partial index finds the ones it does not yet, however many jobs the database holds)."""
+    users = Table(db, "users")
+    for column, kind, default in (("share", float, 1.0), ("max_gpus", int, 0), ("max_running", int, 0)):
+        if column not in users.columns_dict:
+            users.add_column(column, kind, not_null_default=default)
+    if "usage_charged" not in Table(db, "jobs").columns_dict:
+        Table(db, "jobs").add_column("usage_charged", int, not_null_default=0)
+    db.execute(
+        "CREATE INDEX IF NOT EXISTS jobs_uncharged ON jobs (finished_at)"
+        " WHERE usage_charged = 0 AND finished_at IS NOT NULL"
+    )
+    Table(db, "usage").create({"user": str, "value": float, "as_of": int}, pk="user", if_not_exists=True)
+    # Attempts that ended in a requeue (retry, preemption) used GPUs too: counted the same way.
+    if "job_attempts" in db.table_names() and "usage_charged" not in Table(db, "job_attempts").columns_dict:
+        Table(db, "job_attempts").add_column("usage_charged", int, not_null_default=0)
+    if "job_attempts" in db.table_names():
+        db.execute(
+            "CREATE INDEX IF NOT EXISTS attempts_uncharged ON job_attempts (finished_at) WHERE usage_charged = 0"
+        )
+
+
+def _users_and_scoped_secrets(db: sqlite_utils.Database) -> None:
     """Users and roles, secrets by scope. Users: when each was last seen (roles stay in `role`: admin,
     member, viewer). Secrets: keyed by (owner, name), owner '' for a team secret, else the user whose
     personal secret it is. The old table's rows become team secrets. The copy, drop and rename run in
@@ -233,7 +257,18 @@ def _v9(db: sqlite_utils.Database) -> None:
     conn.execute("COMMIT")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _v1,
+    _v2,
+    _v3,
+    _v4,
+    _v5,
+    _v6,
+    _v7,
+    _v8,
+    _fair_share,
+    _users_and_scoped_secrets,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -181,9 +181,12 @@ class SubmitRunRequest(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     ARGS_FIELD_NUMBER: _builtins.int
     TAG_ON_DONE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
     tag_on_done: _builtins.str
     """tag the run with this name when it finishes done"""
+    priority: _builtins.int
+    """`dstack run --priority N`: orders the owner's own waiting jobs (higher first)"""
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.JobSpec]: ...
     @_builtins.property
@@ -200,10 +203,11 @@ class SubmitRunRequest(_message.Message):
         code: _common_pb2.CodeRef | None = ...,
         args: _abc.Iterable[_builtins.str] | None = ...,
         tag_on_done: _builtins.str = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["code", b"code"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "code", b"code", "jobs", b"jobs", "tag_on_done", b"tag_on_done", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "code", b"code", "jobs", b"jobs", "priority", b"priority", "tag_on_done", b"tag_on_done", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -246,6 +250,9 @@ class Job(_message.Message):
     STARTED_AT_NS_FIELD_NUMBER: _builtins.int
     FINISHED_AT_NS_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITION_FIELD_NUMBER: _builtins.int
+    WAIT_REASON_FIELD_NUMBER: _builtins.int
+    ETA_NS_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
@@ -260,6 +267,14 @@ class Job(_message.Message):
     submitted_at_ns: _builtins.int
     started_at_ns: _builtins.int
     finished_at_ns: _builtins.int
+    queue_position: _builtins.int
+    """While the job waits (from the scheduler's last pass, coordinator/waitinfo.py): its 1-based position
+    in the order the scheduler uses (0: not in it, e.g. waiting for a dependency), why it waits
+    (fair-share, quota, reservation, resources, never-fits, dependencies) with `message` saying it in
+    words, and when it is expected to start (0: unknown).
+    """
+    wait_reason: _builtins.str
+    eta_ns: _builtins.int
     attempt: _builtins.int
     """the current attempt's number (1 for a job never requeued)"""
     @_builtins.property
@@ -286,12 +301,15 @@ class Job(_message.Message):
         started_at_ns: _builtins.int = ...,
         finished_at_ns: _builtins.int = ...,
         spec: _common_pb2.JobSpec | None = ...,
+        queue_position: _builtins.int = ...,
+        wait_reason: _builtins.str = ...,
+        eta_ns: _builtins.int = ...,
         attempt: _builtins.int = ...,
         attempts: _abc.Iterable[Global___JobAttempt] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "attempt", b"attempt", "attempts", b"attempts", "exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "gpu_indices", b"gpu_indices", "has_exit_code", b"has_exit_code", "id", b"id", "job_name", b"job_name", "message", b"message", "spec", b"spec", "started_at_ns", b"started_at_ns", "status", b"status", "submitted_at_ns", b"submitted_at_ns", "termination_reason", b"termination_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "attempt", b"attempt", "attempts", b"attempts", "eta_ns", b"eta_ns", "exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "gpu_indices", b"gpu_indices", "has_exit_code", b"has_exit_code", "id", b"id", "job_name", b"job_name", "message", b"message", "queue_position", b"queue_position", "spec", b"spec", "started_at_ns", b"started_at_ns", "status", b"status", "submitted_at_ns", b"submitted_at_ns", "termination_reason", b"termination_reason", "wait_reason", b"wait_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1246,6 +1264,98 @@ class DeleteSecretResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteSecretResponse: _TypeAlias = DeleteSecretResponse  # noqa: Y015
+
+@_typing.final
+class UserLimits(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    MAX_GPUS_FIELD_NUMBER: _builtins.int
+    MAX_RUNNING_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    share: _builtins.float
+    """relative weight in fair share (default 1)"""
+    max_gpus: _builtins.int
+    """GPUs its running jobs may hold at once (0: no limit)"""
+    max_running: _builtins.int
+    """jobs it may have on agents at once (0: no limit)"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        share: _builtins.float = ...,
+        max_gpus: _builtins.int = ...,
+        max_running: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_gpus", b"max_gpus", "max_running", b"max_running", "name", b"name", "share", b"share"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserLimits: _TypeAlias = UserLimits  # noqa: Y015
+
+@_typing.final
+class SetUserLimitsRequest(_message.Message):
+    """Fields not set keep their value."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    MAX_GPUS_FIELD_NUMBER: _builtins.int
+    MAX_RUNNING_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    share: _builtins.float
+    max_gpus: _builtins.int
+    max_running: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        share: _builtins.float | None = ...,
+        max_gpus: _builtins.int | None = ...,
+        max_running: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_gpus", b"_max_gpus", "_max_running", b"_max_running", "_share", b"_share", "max_gpus", b"max_gpus", "max_running", b"max_running", "share", b"share"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_gpus", b"_max_gpus", "_max_running", b"_max_running", "_share", b"_share", "max_gpus", b"max_gpus", "max_running", b"max_running", "name", b"name", "share", b"share"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_gpus: _TypeAlias = _typing.Literal["max_gpus"]  # noqa: Y015
+    _WhichOneofArgType__max_gpus: _TypeAlias = _typing.Literal["_max_gpus", b"_max_gpus"]  # noqa: Y015
+    _WhichOneofReturnType__max_running: _TypeAlias = _typing.Literal["max_running"]  # noqa: Y015
+    _WhichOneofArgType__max_running: _TypeAlias = _typing.Literal["_max_running", b"_max_running"]  # noqa: Y015
+    _WhichOneofReturnType__share: _TypeAlias = _typing.Literal["share"]  # noqa: Y015
+    _WhichOneofArgType__share: _TypeAlias = _typing.Literal["_share", b"_share"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_gpus) -> _WhichOneofReturnType__max_gpus | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_running) -> _WhichOneofReturnType__max_running | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__share) -> _WhichOneofReturnType__share | None: ...
+
+Global___SetUserLimitsRequest: _TypeAlias = SetUserLimitsRequest  # noqa: Y015
+
+@_typing.final
+class SetUserLimitsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> Global___UserLimits: ...
+    def __init__(
+        self,
+        *,
+        user: Global___UserLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetUserLimitsResponse: _TypeAlias = SetUserLimitsResponse  # noqa: Y015
 
 @_typing.final
 class JoinToken(_message.Message):

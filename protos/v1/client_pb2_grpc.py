@@ -139,6 +139,11 @@ class ClientServiceStub:
                 request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunRequest.SerializeToString,
                 response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunResponse.FromString,
                 _registered_method=True)
+        self.SetUserLimits = channel.unary_unary(
+                '/dstack.v1.ClientService/SetUserLimits',
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.SetUserLimitsRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.SetUserLimitsResponse.FromString,
+                _registered_method=True)
         self.CreateJoinToken = channel.unary_unary(
                 '/dstack.v1.ClientService/CreateJoinToken',
                 request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.CreateJoinTokenRequest.SerializeToString,
@@ -323,6 +328,13 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetUserLimits(self, request, context):
+        """`dstack users set NAME --share N --max-gpus N --max-running N` (admins only): fair share and quotas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateJoinToken(self, request, context):
         """Enrolment (admin only): join tokens with limits, removing and approving agents.
         """
@@ -493,6 +505,11 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.DeleteRun,
                     request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunRequest.FromString,
                     response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunResponse.SerializeToString,
+            ),
+            'SetUserLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetUserLimits,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.SetUserLimitsRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.SetUserLimitsResponse.SerializeToString,
             ),
             'CreateJoinToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateJoinToken,
@@ -1112,6 +1129,33 @@ class ClientService:
             '/dstack.v1.ClientService/DeleteRun',
             dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunRequest.SerializeToString,
             dstack_dot_protos_dot_v1_dot_client__pb2.DeleteRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetUserLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/SetUserLimits',
+            dstack_dot_protos_dot_v1_dot_client__pb2.SetUserLimitsRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.SetUserLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,8 @@ class ClientServiceStub:
     CommitUpload: _grpc.UnaryUnaryMultiCallable[_client_pb2.CommitUploadRequest, _client_pb2.CommitUploadResponse]
     DeleteRun: _grpc.UnaryUnaryMultiCallable[_client_pb2.DeleteRunRequest, _client_pb2.DeleteRunResponse]
     """`dstack rm`: a finished run, its logs and its artifacts."""
+    SetUserLimits: _grpc.UnaryUnaryMultiCallable[_client_pb2.SetUserLimitsRequest, _client_pb2.SetUserLimitsResponse]
+    """`dstack users set NAME --share N --max-gpus N --max-running N` (admins only): fair share and quotas."""
     CreateJoinToken: _grpc.UnaryUnaryMultiCallable[_client_pb2.CreateJoinTokenRequest, _client_pb2.CreateJoinTokenResponse]
     """Enrolment (admin only): join tokens with limits, removing and approving agents."""
     ListJoinTokens: _grpc.UnaryUnaryMultiCallable[_client_pb2.ListJoinTokensRequest, _client_pb2.ListJoinTokensResponse]
@@ -98,6 +100,8 @@ class ClientServiceAsyncStub(ClientServiceStub):
     CommitUpload: _aio.UnaryUnaryMultiCallable[_client_pb2.CommitUploadRequest, _client_pb2.CommitUploadResponse]  # type: ignore[assignment]
     DeleteRun: _aio.UnaryUnaryMultiCallable[_client_pb2.DeleteRunRequest, _client_pb2.DeleteRunResponse]  # type: ignore[assignment]
     """`dstack rm`: a finished run, its logs and its artifacts."""
+    SetUserLimits: _aio.UnaryUnaryMultiCallable[_client_pb2.SetUserLimitsRequest, _client_pb2.SetUserLimitsResponse]  # type: ignore[assignment]
+    """`dstack users set NAME --share N --max-gpus N --max-running N` (admins only): fair share and quotas."""
     CreateJoinToken: _aio.UnaryUnaryMultiCallable[_client_pb2.CreateJoinTokenRequest, _client_pb2.CreateJoinTokenResponse]  # type: ignore[assignment]
     """Enrolment (admin only): join tokens with limits, removing and approving agents."""
     ListJoinTokens: _aio.UnaryUnaryMultiCallable[_client_pb2.ListJoinTokensRequest, _client_pb2.ListJoinTokensResponse]  # type: ignore[assignment]
@@ -262,6 +266,14 @@ class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_client_pb2.DeleteRunResponse, _abc.Awaitable[_client_pb2.DeleteRunResponse]]:
         """`dstack rm`: a finished run, its logs and its artifacts."""
+
+    @_abc_1.abstractmethod
+    def SetUserLimits(
+        self,
+        request: _client_pb2.SetUserLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.SetUserLimitsResponse, _abc.Awaitable[_client_pb2.SetUserLimitsResponse]]:
+        """`dstack users set NAME --share N --max-gpus N --max-running N` (admins only): fair share and quotas."""
 
     @_abc_1.abstractmethod
     def CreateJoinToken(

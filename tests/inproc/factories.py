@@ -133,6 +133,8 @@ class ConfigOverrides(TypedDict, total=False):
     lease_timeout_s: float
     forget_lost_agents_after_s: float
     heartbeat_interval_s: float
+    fairshare: bool
+    fairshare_half_life_s: float
     approve_agents: bool
     max_queued_per_user: int
     max_submissions_per_minute: int
@@ -191,8 +193,17 @@ def job_ids(run: client_pb2.Run) -> dict[str, str]:
 
 
 # ---- agents at the protocol level ---------------------------------------------------------------
-def inventory(name: str, cpu: int = 8) -> common_pb2.Inventory:
-    return common_pb2.Inventory(hostname=name, cpu_count=cpu, memory_total_bytes=16 << 30, runtime="null", max_jobs=64)
+def inventory(name: str, cpu: int = 8, gpus: int = 0) -> common_pb2.Inventory:
+    return common_pb2.Inventory(
+        hostname=name,
+        cpu_count=cpu,
+        memory_total_bytes=16 << 30,
+        runtime="null",
+        max_jobs=64,
+        gpus=[
+            common_pb2.GpuInfo(index=i, name="H100", memory_total_bytes=80 << 30, simulated=True) for i in range(gpus)
+        ],
+    )
 
 
 class SimAgent:
@@ -201,8 +212,8 @@ class SimAgent:
     It sends nothing on its own (no heartbeats): a test that wants the lease renewed says so.
     """
 
-    def __init__(self, h: Harness, name: str, cpu: int = 8) -> None:
-        self.h, self.name, self.cpu = h, name, cpu
+    def __init__(self, h: Harness, name: str, cpu: int = 8, gpus: int = 0) -> None:
+        self.h, self.name, self.cpu, self.gpus = h, name, cpu, gpus
         self.agent_id = ""
         self.token = ""
         self.received: list[agent_pb2.CoordinatorMessage] = []
@@ -215,7 +226,7 @@ class SimAgent:
     async def register(self) -> SimAgent:
         self._channel = grpc.aio.insecure_channel(self.h.address)
         stub = agent_pb2_grpc.AgentServiceStub(self._channel)
-        req = agent_pb2.RegisterRequest(name=self.name, inventory=inventory(self.name, self.cpu))
+        req = agent_pb2.RegisterRequest(name=self.name, inventory=inventory(self.name, self.cpu, self.gpus))
         resp = await stub.Register(req, metadata=[("authorization", f"Bearer {JOIN}")])
         self.agent_id, self.token = resp.agent_id, resp.agent_token
         return self
@@ -231,7 +242,8 @@ class SimAgent:
         assert self._channel is not None
         stub = agent_pb2_grpc.AgentServiceStub(self._channel)
         call = stub.Connect(metadata=[("authorization", f"Bearer {self.token}")])
-        hello = agent_pb2.Hello(agent_id=self.agent_id, inventory=inventory(self.name, self.cpu), active_job_ids=active)
+        inv = inventory(self.name, self.cpu, self.gpus)
+        hello = agent_pb2.Hello(agent_id=self.agent_id, inventory=inv, active_job_ids=active)
         await call.write(agent_pb2.AgentMessage(hello=hello))
         first = await call.read()
         assert first is not grpc.aio.EOF, "the coordinator closed the stream instead of answering the hello"
@@ -324,9 +336,9 @@ class SimAgent:
 
 
 @contextlib.asynccontextmanager
-async def sim_agent(h: Harness, name: str = "sim-1", cpu: int = 8) -> AsyncIterator[SimAgent]:
-    """A registered and connected SimAgent, online once this yields."""
-    agent = SimAgent(h, name, cpu)
+async def sim_agent(h: Harness, name: str = "sim-1", cpu: int = 8, gpus: int = 0) -> AsyncIterator[SimAgent]:
+    """A registered and connected SimAgent (with `gpus` simulated GPUs), online once this yields."""
+    agent = SimAgent(h, name, cpu, gpus)
     try:
         await agent.connect()
         yield agent

@@ -27,6 +27,7 @@ def test_every_method_of_every_service_is_in_the_table() -> None:
 
 ADMIN_ONLY = {
     "PreemptRun",
+    "SetUserLimits",
     "CreateJoinToken",
     "ListJoinTokens",
     "RevokeJoinToken",

@@ -10,14 +10,14 @@ import sqlite_utils
 
 from dstack.coordinator.errors import AlreadyExists, Conflict, NotFound
 from dstack.coordinator.store import Store
-from dstack.coordinator.store.schema import MIGRATIONS, _v9
+from dstack.coordinator.store.schema import MIGRATIONS, _users_and_scoped_secrets
 
 
 def test_a_database_of_team_wide_secrets_migrates_to_team_secrets(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
     conn = sqlite3.connect(path, isolation_level=None)
     old = sqlite_utils.Database(conn)
-    before_scopes = MIGRATIONS.index(_v9)  # the migration to scoped secrets
+    before_scopes = MIGRATIONS.index(_users_and_scoped_secrets)  # the migration to scoped secrets
     for version, migration in enumerate(MIGRATIONS[:before_scopes], start=1):
         migration(old)
         old.execute(f"PRAGMA user_version = {version}")

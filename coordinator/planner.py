@@ -1,0 +1,473 @@
+"""One scheduling pass with fair share, quotas, reservations, and why/when for every waiting job.
+
+Pure functions over a snapshot (no I/O, no clock: `now_ns` is given), on top of scheduler.py's
+placement primitives (best fit over AgentState).
+
+Order. With fair share on, users take turns by usage / share (lower first): each user's jobs in
+the user's own order (`--priority` higher first, then submission), and each job taken from a user
+adds its expected cost (weight x expected duration) to that user's usage for the rest of the pass,
+so one pass interleaves users the way their usage will evolve instead of handing every free GPU to
+whoever was lowest when it began. With fair share off, the order is priority then submission (FIFO).
+
+Reservations. A job that has waited longer than `reserve_after` and fits nowhere now, and is bigger
+than the smallest waiting job (only a big job can be starved by small ones backfilling), reserves
+one agent: the one expected to have room for it soonest (its running jobs' expected ends). No other
+job is placed there; the job starts there as soon as it drains. A reservation stays on its agent
+from pass to pass while the job waits and the agent is online.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from dstack.coordinator.fairshare import weight
+from dstack.coordinator.scheduler import (
+    AgentState,
+    Decision,
+    JobRequest,
+    _busy_summary,
+    _fits,
+    _leftover,
+    describe,
+    never_fits,
+)
+
+NS = 1_000_000_000
+# A job whose duration nobody can guess yet is charged this long within a pass's turn-taking.
+UNKNOWN_DURATION_S = 3600.0
+# Estimated start times are worked out for this many waiting jobs in order; later ones read "unknown"
+# (a guess that far down the queue would mislead anyway, and the pass stays cheap).
+ETA_LIMIT = 500
+
+# Why a job waits (client_pb2.Job.wait_reason).
+FAIR_SHARE = "fair-share"
+QUOTA = "quota"
+RESERVATION = "reservation"
+RESOURCES = "resources"
+NEVER_FITS = "never-fits"
+DEPENDENCIES = "dependencies"
+
+
+@dataclass(frozen=True)
+class UserLimits:
+    share: float = 1.0
+    max_gpus: int = 0  # 0: no limit
+    max_running: int = 0  # 0: no limit
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """A job on an agent, holding what it holds until its expected end."""
+
+    job_id: str
+    agent_id: str
+    owner: str
+    cpu: float
+    memory: int
+    gpu_indices: tuple[int, ...]
+    started_ns: int  # when it started (or was placed, if it has not started yet)
+    expected_end_ns: int | None  # None: unknown
+
+
+@dataclass(frozen=True)
+class Policy:
+    now_ns: int
+    fairshare: bool = True
+    usage: Mapping[str, float] = field(default_factory=dict)  # decayed GPU-seconds now, per user
+    limits: Mapping[str, UserLimits] = field(default_factory=dict)
+    reserve_after_s: float = 300.0
+    reservations: Mapping[str, str] = field(default_factory=dict)  # job -> agent, from the last pass
+    durations: Mapping[str, float] = field(default_factory=dict)  # duration_key -> recent median, seconds
+
+
+@dataclass(frozen=True)
+class WaitInfo:
+    position: int  # 1-based, in the order this pass used
+    reason: str  # one of the constants above
+    message: str
+    eta_ns: int  # 0: unknown
+
+
+@dataclass
+class Plan(Decision):
+    info: dict[str, WaitInfo] = field(default_factory=dict)
+    reservations: dict[str, str] = field(default_factory=dict)  # job -> agent
+
+
+def limits_of(policy: Policy, user: str) -> UserLimits:
+    return policy.limits.get(user) or UserLimits()
+
+
+def expected_s(req: JobRequest, policy: Policy) -> float | None:
+    """How long the job is expected to run: its own limit, else its recent runs' median, else None."""
+    if req.max_duration_s:
+        return req.max_duration_s
+    return policy.durations.get(req.duration_key)
+
+
+def order(queue: Sequence[JobRequest], policy: Policy) -> list[JobRequest]:
+    """The order the pass walks the queue in (see the module's docstring)."""
+    own = sorted(range(len(queue)), key=lambda i: (-queue[i].priority, queue[i].submitted_at, i))
+    if not policy.fairshare:
+        return [queue[i] for i in own]
+    per_user: dict[str, list[JobRequest]] = {}
+    for i in own:
+        per_user.setdefault(queue[i].owner, []).append(queue[i])
+    shares = {user: max(limits_of(policy, user).share, 1e-9) for user in per_user}
+    heap: list[tuple[float, int, int, str]] = []
+    for user, jobs in per_user.items():
+        heap.append((policy.usage.get(user, 0.0) / shares[user], -jobs[0].priority, jobs[0].submitted_at, user))
+    heapq.heapify(heap)
+    nexts = dict.fromkeys(per_user, 0)
+    out: list[JobRequest] = []
+    while heap:
+        key, _, _, user = heapq.heappop(heap)
+        jobs, share, i = per_user[user], shares[user], nexts[user]
+        rival = heap[0][0] if heap else math.inf
+        # The user keeps the turn while their key stays the lowest (one heap operation per turn).
+        while i < len(jobs):
+            req = jobs[i]
+            out.append(req)
+            i += 1
+            key += weight(req.gpu_count, req.cpu) * (expected_s(req, policy) or UNKNOWN_DURATION_S) / share
+            if key > rival:
+                break
+        nexts[user] = i
+        if i < len(jobs):
+            heapq.heappush(heap, (key, -jobs[i].priority, jobs[i].submitted_at, user))
+    return out
+
+
+def _size(req: JobRequest) -> tuple[int, float, int]:
+    return (req.gpu_count, req.cpu, req.memory)
+
+
+def _ends(agent_id: str, running: Sequence[RunningJob]) -> list[RunningJob]:
+    """The agent's running jobs, soonest expected end first (unknown ends last, oldest first)."""
+    mine = [r for r in running if r.agent_id == agent_id]
+    return sorted(mine, key=lambda r: (r.expected_end_ns is None, r.expected_end_ns or 0, r.started_ns))
+
+
+def drain(agent: AgentState, req: JobRequest, running: Sequence[RunningJob]) -> tuple[float, int]:
+    """(When `agent` is expected to have room for `req`, how many of its jobs must end first);
+    inf when some of those jobs have no expected end."""
+    a = AgentState(
+        agent.agent_id,
+        agent.name,
+        agent.cpu_total,
+        agent.memory_total,
+        agent.gpus,
+        agent.max_jobs,
+        agent.containers,
+        agent.used_cpu,
+        agent.used_memory,
+        set(agent.busy_gpus),
+        agent.jobs,
+    )
+    if _fits(a, req) is not None:
+        return (0.0, 0)
+    when = 0.0
+    for n, r in enumerate(_ends(agent.agent_id, running), start=1):
+        a.used_cpu -= r.cpu
+        a.used_memory -= r.memory
+        a.busy_gpus.difference_update(r.gpu_indices)
+        a.jobs -= 1
+        when = max(when, math.inf if r.expected_end_ns is None else float(r.expected_end_ns))
+        if _fits(a, req) is not None:
+            return (when, n)
+    return (math.inf, len(_ends(agent.agent_id, running)))
+
+
+def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequence[RunningJob], policy: Policy) -> Plan:
+    """Places what may start now; `agents` is updated in place with the placements made."""
+    p = Plan()
+    if not queue:
+        return p
+    ordered = order(queue, policy)
+    if not agents:
+        for pos, req in enumerate(ordered, start=1):
+            p.info[req.job_id] = WaitInfo(pos, RESOURCES, "waiting: no agent is online", 0)
+            p.waiting[req.job_id] = "waiting: no agent is online"
+        return p
+    by_id = {a.agent_id: a for a in agents}
+    held_gpus: dict[str, int] = {}
+    held_jobs: dict[str, int] = {}
+    for r in running:
+        held_gpus[r.owner] = held_gpus.get(r.owner, 0) + len(r.gpu_indices)
+        held_jobs[r.owner] = held_jobs.get(r.owner, 0) + 1
+
+    # A job its owner's quota holds back earns no reservation: the agent would sit idle for it.
+    reserved = _reserve(
+        ordered,
+        agents,
+        running,
+        policy,
+        lambda r: (
+            not _over_quota(
+                limits_of(policy, r.owner), held_gpus.get(r.owner, 0), held_jobs.get(r.owner, 0), r.gpu_count
+            )
+        ),
+    )
+    p.reservations = dict(reserved)
+    reserved_agents = {agent: job for job, agent in reserved.items()}
+    open_agents = [a for a in agents if a.agent_id not in reserved_agents]
+
+    never: dict[tuple[float, int, int, str, int, bool], str | None] = {}
+    unfit: dict[tuple[float, int, int, str, int, bool], str] = {}
+    waiting_users: dict[str, int] = {}  # user -> jobs of theirs already waiting, ahead in the order
+    reasons: dict[str, tuple[str, str]] = {}
+    limits = {u: limits_of(policy, u) for u in {r.owner for r in ordered}}
+    behind: dict[str, str] = {}  # user -> why their jobs wait behind others' (one text per user)
+    for req in ordered:
+        shape = (req.cpu, req.memory, req.gpu_count, req.gpu_name, req.gpu_memory, req.needs_container)
+        if shape not in never:
+            never[shape] = never_fits(req, agents)
+        if never[shape] is not None:
+            p.impossible[req.job_id] = str(never[shape])
+            reasons[req.job_id] = (NEVER_FITS, f"waiting: {never[shape]}")
+            continue
+        lim = limits[req.owner]
+        gpus_now, jobs_now = held_gpus.get(req.owner, 0), held_jobs.get(req.owner, 0)
+        if lim.max_gpus and req.gpu_count and gpus_now + req.gpu_count > lim.max_gpus:
+            reasons[req.job_id] = (QUOTA, f"quota: {req.owner} holds {gpus_now} of at most {lim.max_gpus} GPUs")
+            continue
+        if lim.max_running and jobs_now + 1 > lim.max_running:
+            reasons[req.job_id] = (QUOTA, f"quota: {req.owner} runs {jobs_now} of at most {lim.max_running} jobs")
+            continue
+        mine = reserved.get(req.job_id)
+        pool = open_agents if mine is None else [*open_agents, by_id[mine]]
+        placed = _place(req, pool, p) if mine is not None or shape not in unfit else False
+        if placed:
+            held_gpus[req.owner] = gpus_now + req.gpu_count
+            held_jobs[req.owner] = jobs_now + 1
+            p.reservations.pop(req.job_id, None)
+            continue
+        if mine is not None:
+            _, n = drain(by_id[mine], req, running)
+            reasons[req.job_id] = (RESERVATION, f"reserved {by_id[mine].name}, draining {_jobs(n)}")
+        elif reserved_agents and (
+            held := [by_id[ag].name for ag in reserved_agents if _fits(by_id[ag], req) is not None]
+        ):
+            reasons[req.job_id] = (RESERVATION, f"waiting: {', '.join(held)} reserved for a job that waited longer")
+        else:
+            if shape not in unfit:
+                unfit[shape] = f"waiting: {describe(req)} free on no agent; busy: {_busy_summary(agents)}"
+            if policy.fairshare and waiting_users.keys() - {req.owner}:
+                if req.owner not in behind:
+                    use = policy.usage.get(req.owner, 0.0) / 3600
+                    behind[req.owner] = (
+                        "fair share: jobs of users with less usage (against their share) come first"
+                        f" ({req.owner}: {use:.3g} GPU-hours, decayed; share {lim.share:g})"
+                    )
+                reasons[req.job_id] = (FAIR_SHARE, behind[req.owner])
+            else:
+                reasons[req.job_id] = (RESOURCES, unfit[shape])
+        waiting_users[req.owner] = waiting_users.get(req.owner, 0) + 1
+    p.reservations = {j: a for j, a in p.reservations.items() if j in reasons}
+    reqs = {r.job_id: r for r in ordered}
+    done = [(reqs[j], a, g) for j, a, g in p.placements]
+    # A job held back by its owner's quota starts when one of the owner's jobs ends, at the soonest;
+    # the others as agents free up, in order.
+    still = [r for r in ordered if r.job_id in reasons and reasons[r.job_id][0] not in (NEVER_FITS, QUOTA)]
+    etas = _etas(still, agents, running, done, p, policy)
+    owner_ends: dict[str, int] = {}
+    for r in running:
+        if r.expected_end_ns is not None:
+            owner_ends[r.owner] = min(owner_ends.get(r.owner, r.expected_end_ns), r.expected_end_ns)
+    for req in ordered:
+        if req.job_id in reasons and reasons[req.job_id][0] == QUOTA and req.owner in owner_ends:
+            etas[req.job_id] = max(owner_ends[req.owner], policy.now_ns)
+    pos = 0
+    for req in ordered:
+        if req.job_id not in reasons:
+            continue
+        pos += 1
+        kind, message = reasons[req.job_id]
+        p.info[req.job_id] = WaitInfo(pos, kind, message, etas.get(req.job_id, 0))
+        if req.job_id not in p.impossible:
+            p.waiting[req.job_id] = message
+    return p
+
+
+def _over_quota(lim: UserLimits, gpus_now: int, jobs_now: int, gpus: int) -> bool:
+    """Whether one more job of `gpus` GPUs would take its user over a quota."""
+    return bool(lim.max_gpus and gpus and gpus_now + gpus > lim.max_gpus) or bool(
+        lim.max_running and jobs_now + 1 > lim.max_running
+    )
+
+
+def _jobs(n: int) -> str:
+    return f"{n} job" + ("" if n == 1 else "s")
+
+
+def _place(req: JobRequest, pool: Sequence[AgentState], p: Plan) -> bool:
+    candidates = [(a, gpus) for a in pool if (gpus := _fits(a, req)) is not None]
+    if not candidates:
+        return False
+    # Best fit; a new attempt's last agent (where it was lost) only if nothing else fits.
+    agent, gpus = min(candidates, key=lambda c: (c[0].agent_id == req.avoid_agent, _leftover(c[0], req)))
+    agent.used_cpu += req.cpu
+    agent.used_memory += req.memory
+    agent.busy_gpus.update(gpus)
+    agent.jobs += 1
+    p.placements.append((req.job_id, agent.agent_id, gpus))
+    return True
+
+
+def _reserve(
+    ordered: Sequence[JobRequest],
+    agents: Sequence[AgentState],
+    running: Sequence[RunningJob],
+    policy: Policy,
+    may_start: Callable[[JobRequest], bool],
+) -> dict[str, str]:
+    """job -> agent: last pass's reservations that still hold, then new ones for jobs that earned one."""
+    online = {a.agent_id: a for a in agents}
+    waiting = {r.job_id for r in ordered}
+    out = {j: a for j, a in policy.reservations.items() if j in waiting and a in online}
+    taken = set(out.values())
+    if math.isinf(policy.reserve_after_s):
+        return out
+    smallest = min(_size(r) for r in ordered)
+    after_ns = int(policy.reserve_after_s * NS)
+    for req in ordered:
+        if req.job_id in out or _size(req) <= smallest or policy.now_ns - req.submitted_at < after_ns:
+            continue
+        if not may_start(req):
+            continue
+        free = [a for a in agents if a.agent_id not in taken]
+        if any(_fits(a, req) is not None for a in free):
+            continue  # it starts this pass
+        able = [a for a in free if never_fits(req, [a]) is None]
+        if not able:
+            continue
+        best = min(able, key=lambda a: drain(a, req, running))
+        out[req.job_id] = best.agent_id
+        taken.add(best.agent_id)
+    return out
+
+
+def _etas(
+    waiting: Sequence[JobRequest],
+    agents: Sequence[AgentState],
+    running: Sequence[RunningJob],
+    placed: Sequence[tuple[JobRequest, str, list[int]]],
+    p: Plan,
+    policy: Policy,
+) -> dict[str, int]:
+    """When each waiting job (in order) is expected to start: every agent's running jobs end at their
+    expected ends, and each waiting job in turn takes the agent where it fits soonest from then on
+    (an agent once taken is not looked at before that instant: a slight overestimate, cheaply)."""
+    now = policy.now_ns
+    state: dict[str, AgentState] = {}
+    events: dict[str, list[_Event]] = {}
+    clock: dict[str, float] = {}
+    for a in agents:
+        state[a.agent_id] = replace(a, busy_gpus=set(a.busy_gpus))
+        events[a.agent_id] = []
+        clock[a.agent_id] = float(now)
+    seq = 0
+    for r in running:
+        if r.agent_id in events:
+            end = math.inf if r.expected_end_ns is None else float(max(r.expected_end_ns, now))
+            events[r.agent_id].append((end, seq, r.cpu, r.memory, r.gpu_indices))
+            seq += 1
+    for req, agent_id, gpus in placed:
+        took = expected_s(req, policy)
+        end = now + took * NS if took is not None else math.inf
+        events[agent_id].append((end, seq, req.cpu, req.memory, tuple(gpus)))
+        seq += 1
+    for ev in events.values():
+        ev.sort()
+    reserved_for = {agent: job for job, agent in p.reservations.items()}
+    # Per job shape, the agents by when that shape fits there next (version: the agent's state it was
+    # worked out from). An agent's answer changes only when a job is put on it, so a long run of
+    # same-shaped jobs costs a heap operation or two each, not one look per agent.
+    heaps: dict[tuple[float, int, int, str, int, bool], list[tuple[float, str, int]]] = {}
+    version = dict.fromkeys(state, 0)
+
+    matching: dict[tuple[str, tuple[float, int, int, str, int, bool]], frozenset[int]] = {}
+
+    def when(aid: str, req: JobRequest, shape: tuple[float, int, int, str, int, bool]) -> float:
+        match = matching.get((aid, shape))
+        if match is None:
+            match = matching[(aid, shape)] = frozenset(g.index for g in state[aid].matching_gpus(req, free_only=False))
+        t = _earliest(state[aid], req, events[aid], clock[aid], match)
+        return math.inf if t is None else t
+
+    out: dict[str, int] = {}
+    for req in waiting[:ETA_LIMIT]:
+        shape = (req.cpu, req.memory, req.gpu_count, req.gpu_name, req.gpu_memory, req.needs_container)
+        heap = heaps.get(shape)
+        if heap is None:
+            able = [a.agent_id for a in agents if a.agent_id not in reserved_for and never_fits(req, [a]) is None]
+            heap = heaps[shape] = [(when(aid, req, shape), aid, version[aid]) for aid in able]
+            heapq.heapify(heap)
+        while heap and heap[0][2] != version[heap[0][1]]:  # worked out before a job went there
+            _, aid, _ = heapq.heappop(heap)
+            heapq.heappush(heap, (when(aid, req, shape), aid, version[aid]))
+        best: tuple[float, str] | None = (heap[0][0], heap[0][1]) if heap else None
+        own = p.reservations.get(req.job_id)
+        if own is not None and (t := when(own, req, shape)) < (best[0] if best else math.inf):
+            best = (t, own)
+        if best is None or best[0] == math.inf:
+            continue
+        t, aid = best
+        _advance(state[aid], events[aid], t)
+        clock[aid] = t
+        version[aid] += 1
+        fit = _fits(state[aid], req)
+        if fit is None:
+            continue
+        a = state[aid]
+        a.used_cpu += req.cpu
+        a.used_memory += req.memory
+        a.busy_gpus.update(fit)
+        a.jobs += 1
+        took = expected_s(req, policy)
+        end = t + took * NS if took is not None else math.inf
+        bisect.insort(events[aid], (end, seq, req.cpu, req.memory, tuple(fit)))
+        seq += 1
+        out[req.job_id] = int(t)
+    return out
+
+
+# (expected end in ns, tie-breaker, cpu, memory, GPU indices) of a job holding an agent's resources
+_Event = tuple[float, int, float, int, tuple[int, ...]]
+
+
+def _earliest(
+    a: AgentState, req: JobRequest, events: list[_Event], since: float, match: frozenset[int]
+) -> float | None:
+    """When `req` first fits on `a` as its jobs end, in order (None: never, or not before a job whose
+    end nobody can guess). `match`: the agent's GPUs of the kind `req` asks for."""
+    cpu, memory, jobs = a.cpu_total - a.used_cpu, a.memory_total - a.used_memory, a.max_jobs - a.jobs
+    gpus = len(match - a.busy_gpus)
+    if cpu >= req.cpu - 1e-9 and memory >= req.memory and jobs >= 1 and gpus >= req.gpu_count:
+        return since
+    for end, _, c, m, g in events:
+        if end == math.inf:
+            return None
+        cpu, memory, jobs = cpu + c, memory + m, jobs + 1
+        gpus += sum(1 for i in g if i in match)
+        if cpu >= req.cpu - 1e-9 and memory >= req.memory and jobs >= 1 and gpus >= req.gpu_count:
+            return max(end, since)
+    return None
+
+
+def _advance(a: AgentState, events: list[_Event], t: float) -> None:
+    """Lets the agent's jobs that end by `t` go."""
+    n = 0
+    for end, _, c, m, g in events:
+        if end > t:
+            break
+        a.used_cpu -= c
+        a.used_memory -= m
+        a.busy_gpus.difference_update(g)
+        a.jobs -= 1
+        n += 1
+    del events[:n]
