@@ -1,7 +1,8 @@
 """`dstack users add|list|remove|rotate-token|set` (admin only, but listing) and `dstack whoami`.
 
 A user's token is printed once, when it is made (add, rotate-token): the coordinator keeps only its
-sha256. The commands live in their own typer sub-app (`users_app`), which cli/main.py mounts.
+sha256. The commands live in their own typer sub-app (`users_app`), which cli/main.py mounts at start-up:
+this module imports only typer at the top (tests/unit/test_cli_imports.py).
 """
 
 import json
@@ -9,8 +10,6 @@ import sys
 from typing import Annotated
 
 import typer
-
-from dstack.protos.v1 import client_pb2
 
 users_app = typer.Typer(
     help="The team's users: roles, tokens, fair share and quotas (admin; `users list`: everyone).",
@@ -95,6 +94,7 @@ def whoami_command() -> None:
 def set_command(name: str, share: float | None, max_gpus: int | None, max_running: int | None) -> None:
     from dstack.cli.errors import CliError
     from dstack.cli.session import connect
+    from dstack.protos.v1 import client_pb2
 
     if share is None and max_gpus is None and max_running is None:
         raise CliError("nothing to set: give --share, --max-gpus or --max-running")
