@@ -196,9 +196,9 @@ class Client:
         return resp
 
     def create_upload(
-        self, workflow: str, tag: str, files: list[common_pb2.FileSize]
+        self, workflow: str, tag: str, files: list[common_pb2.FileSize], repository: str = ""
     ) -> client_pb2.CreateUploadResponse:
-        req = client_pb2.CreateUploadRequest(workflow=workflow, tag=tag, files=files)
+        req = client_pb2.CreateUploadRequest(workflow=workflow, tag=tag, files=files, repository=repository)
         resp: client_pb2.CreateUploadResponse = self._call(self.stub.CreateUpload, req, timeout=300)
         return resp
 
@@ -241,12 +241,18 @@ class Client:
         resp: client_pb2.AddTagResponse = self._call(self.stub.AddTag, client_pb2.AddTagRequest(tag=tag, run_name=run))
         return resp.tag
 
-    def list_tags(self) -> list[client_pb2.Tag]:
-        resp: client_pb2.ListTagsResponse = self._call(self.stub.ListTags, client_pb2.ListTagsRequest())
+    def list_tags(self, repository: str = "", include_all: bool = False) -> list[client_pb2.Tag]:
+        req = client_pb2.ListTagsRequest(repository=repository, all=include_all)
+        resp: client_pb2.ListTagsResponse = self._call(self.stub.ListTags, req)
         return list(resp.tags)
 
-    def delete_tag(self, tag: str) -> None:
-        self._call(self.stub.DeleteTag, client_pb2.DeleteTagRequest(tag=tag))
+    def get_tag(self, ref: str, repository: str) -> client_pb2.Tag:
+        req = client_pb2.GetTagRequest(ref=ref, repository=repository)
+        resp: client_pb2.GetTagResponse = self._call(self.stub.GetTag, req)
+        return resp.tag
+
+    def delete_tag(self, tag: str, repository: str = "") -> None:
+        self._call(self.stub.DeleteTag, client_pb2.DeleteTagRequest(tag=tag, repository=repository))
 
     def set_user_limits(self, request: client_pb2.SetUserLimitsRequest) -> client_pb2.UserLimits:
         resp: client_pb2.SetUserLimitsResponse = self._call(self.stub.SetUserLimits, request)

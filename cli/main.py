@@ -281,28 +281,29 @@ def agent(ctx: typer.Context) -> None:
 def tags_add(
     tag: Annotated[str, typer.Argument(help="Tag name")], run: Annotated[str, typer.Argument(help="Run name")]
 ) -> None:
-    """Tag a run that finished done."""
-    from dstack.cli.session import connect
+    """Tag a run that finished done (in the run's repository)."""
+    from dstack.cli.commands.tags import add_command
 
-    t = connect().add_tag(tag, run)
-    print(f"{t.name} -> {t.run_name} ({t.workflow})")
+    add_command(tag, run)
 
 
 @tags_app.command("list")
-def tags_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
-    """List tags."""
+def tags_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    include_all: Annotated[bool, typer.Option("--all", "-a", help="Tags of every repository")] = False,
+) -> None:
+    """List the tags of the current repository (git remote, else folder)."""
     from dstack.cli.commands.tags import list_command
 
-    list_command(as_json)
+    list_command(as_json, include_all)
 
 
 @tags_app.command("delete")
-def tags_delete(tag: Annotated[str, typer.Argument(help="Tag name")]) -> None:
-    """Delete a tag (the run and its artifacts stay)."""
-    from dstack.cli.session import connect
+def tags_delete(tag: Annotated[str, typer.Argument(help="Tag name, or OWNER/REPO/TAG")]) -> None:
+    """Delete a tag of the current repository (the run and its artifacts stay)."""
+    from dstack.cli.commands.tags import delete_command
 
-    connect().delete_tag(tag)
-    print(f"deleted {tag}")
+    delete_command(tag)
 
 
 @secrets_app.command("add")

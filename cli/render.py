@@ -98,6 +98,7 @@ def run_to_json(run: client_pb2.Run) -> dict[str, object]:
     return {
         "name": run.name,
         "workflow": run.workflow,
+        "repository": run.repository,
         "owner": run.owner,
         "status": run_status(run.status),
         "termination_reason": reason(run.termination_reason) or None,

@@ -14,6 +14,7 @@ from dstack.cli.errors import CliError, Location, WorkflowError
 from dstack.cli.providers import load_provider
 from dstack.cli.spec import Artifact, Workflow
 from dstack.cli.yamlsrc import Node, Seq, load
+from dstack.protos.repos import BadRef, Ref, split_ref
 from dstack.protos.v1 import common_pb2
 
 # The fields every workflow may have, as JSON Schema: the loader accepts exactly these names (plus
@@ -44,15 +45,29 @@ COMMON_SCHEMA: dict[str, Any] = {
     "name": _STR,
     "help": _STR,
     "provider": _STR,
-    "depends-on": {**_STR_LIST, "description": "WORKFLOW (runs it first) or WORKFLOW:TAG (uses a tagged run)"},
+    "depends-on": {
+        **_STR_LIST,
+        "description": "WORKFLOW (runs it first) or WORKFLOW:TAG (uses a tagged run of this repository);"
+        " OWNER/REPO/WORKFLOW[:TAG] uses another repository's tagged or last done run",
+    },
     "deps": {
         "type": "array",
         "items": {
             "oneOf": [
-                {"type": "object", "properties": {"tag": _STR}, "required": ["tag"], "additionalProperties": False},
                 {
                     "type": "object",
-                    "properties": {"workflow": _STR},
+                    "properties": {"tag": {**_STR, "description": "TAG of this repository, or OWNER/REPO/TAG"}},
+                    "required": ["tag"],
+                    "additionalProperties": False,
+                },
+                {
+                    "type": "object",
+                    "properties": {
+                        "workflow": {
+                            **_STR,
+                            "description": "the last done run of WORKFLOW in this repository, or OWNER/REPO/WORKFLOW",
+                        }
+                    },
                     "required": ["workflow"],
                     "additionalProperties": False,
                 },
@@ -197,21 +212,41 @@ class Dependencies:
     runtime: list[str]
     tags: list[str]
     workflows: list[str]
-    tag_workflows: dict[str, str] = field(default_factory=dict)  # `download:latest` -> {latest: download}
+    # `download:latest` -> {latest: download}; `org/repo/download:latest` -> {org/repo/latest: download}
+    tag_workflows: dict[str, str] = field(default_factory=dict)
+
+
+def _ref(text: str, loc: Location | None) -> Ref:
+    try:
+        return split_ref(text)
+    except BadRef as e:
+        raise WorkflowError(str(e), loc) from None
 
 
 def dependencies(node: Node) -> Dependencies:
-    """`depends-on: [download, download:latest]` and the later syntax `deps: [{tag: T}, {workflow: W}]`."""
+    """`depends-on: [download, download:latest]` and the later syntax `deps: [{tag: T}, {workflow: W}]`.
+
+    A name may be qualified with another repository, as 2022 dstack allowed: `OWNER/REPO/WORKFLOW:TAG`
+    (that repository's tag, of that workflow), `deps: [{workflow: OWNER/REPO/WORKFLOW}]` (its last run of
+    WORKFLOW that finished done; so is `depends-on: [OWNER/REPO/WORKFLOW]`, since another repository's
+    workflow cannot run in this run) and `deps: [{tag: OWNER/REPO/TAG}]`; see protos/repos.py."""
     deps = Dependencies([], [], [])
     for item in fields.string_list(node, "depends-on"):
         name, colon, tag = item.partition(":")
-        if not name or (colon and not tag):
+        if not name or (colon and (not tag or "/" in tag)):
             raise WorkflowError(
-                f"invalid dependency {item!r}: expected WORKFLOW or WORKFLOW:TAG", node.at("depends-on")
+                f"invalid dependency {item!r}: expected WORKFLOW, WORKFLOW:TAG or OWNER/REPO/WORKFLOW[:TAG]",
+                node.at("depends-on"),
             )
-        (deps.tags if colon else deps.runtime).append(tag if colon else name)
+        ref = _ref(name, node.at("depends-on"))
         if colon:
-            deps.tag_workflows[tag] = name
+            qualified = str(Ref(ref.repository, tag))
+            deps.tags.append(qualified)
+            deps.tag_workflows[qualified] = ref.name
+        elif ref.repository:
+            deps.workflows.append(name)
+        else:
+            deps.runtime.append(name)
     items = node.get("deps")
     if items is None:
         return deps
@@ -223,6 +258,7 @@ def dependencies(node: Node) -> Dependencies:
             raise WorkflowError("each item of 'deps' must be {tag: NAME} or {workflow: NAME}", loc)
         key = next(iter(item))
         value = fields.string(item, key, required=True)
+        _ref(value, item.at(key))
         (deps.tags if key == "tag" else deps.workflows).append(value)
     return deps
 

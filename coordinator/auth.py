@@ -78,6 +78,7 @@ PERMISSIONS: dict[str, Role] = {
     _C + "AddTag": Role.MEMBER,  # and the tagged run's owner or an admin (app/tags.py)
     _C + "ListTags": Role.USER,
     _C + "DeleteTag": Role.MEMBER,  # and the tagged run's owner or an admin (app/tags.py)
+    _C + "GetTag": Role.USER,
     _C + "AddSecret": Role.MEMBER,  # a team secret: an admin (app/secrets.py)
     _C + "ListSecrets": Role.USER,
     _C + "DeleteSecret": Role.MEMBER,  # a team secret: an admin (app/secrets.py)

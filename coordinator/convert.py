@@ -142,6 +142,7 @@ def run_to_proto(r: RunView) -> client_pb2.Run:
         code=code_to_proto(r.code),
         tags=r.tags,
         jobs=[job_to_proto(j) for j in r.jobs],
+        repository=r.repository,
     )
 
 

@@ -239,6 +239,7 @@ class RunView:
     code: CodeRef = field(default_factory=CodeRef)
     tags: list[str] = field(default_factory=list)
     jobs: list[JobView] = field(default_factory=list)
+    repository: str = ""
 
 
 # ---- agents --------------------------------------------------------------------------------------

@@ -99,6 +99,7 @@ class AttemptJSON(TypedDict):
 class RunJSON(TypedDict):
     name: str
     workflow: str
+    repository: str
     owner: str
     status: str
     termination_reason: str | None

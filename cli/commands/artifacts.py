@@ -157,9 +157,12 @@ def upload_command(folder: Path, tag: str, workflow: str, prefix: str = "") -> N
             f" files are not under it (e.g. {outside[0]}): `--prefix` puts them under a folder",
             file=sys.stderr,
         )
+    from dstack.cli.repository import current_repository
+
     client = connect()
     sizes = [(rel, p, p.stat().st_size) for rel, p in files]
-    created = client.create_upload(workflow, tag, [common_pb2.FileSize(path=r, size=s) for r, _, s in sizes])
+    file_sizes = [common_pb2.FileSize(path=r, size=s) for r, _, s in sizes]
+    created = client.create_upload(workflow, tag, file_sizes, current_repository())
     manifest: list[common_pb2.ArtifactFile] = []
     completed: list[common_pb2.CompletedUpload] = []
     with progress(f"{tag}: {len(sizes)} file(s)", sum(s for _, _, s in sizes)) as advance:
@@ -177,7 +180,10 @@ def upload_command(folder: Path, tag: str, workflow: str, prefix: str = "") -> N
                     raise CliError(f"{e} (the upload {created.run_name} is unfinished: `dstack rm` it)") from None
     run = client.commit_upload(created.run_name, manifest, completed)
     total = sum(f.size for f in manifest)
-    print(f"{tag} -> {run.name}: {len(manifest)} file(s), {_size(total)} ({workflow})", file=sys.stderr)
+    print(
+        f"{tag} -> {run.name}: {len(manifest)} file(s), {_size(total)} ({workflow}, in {run.repository})",
+        file=sys.stderr,
+    )
 
 
 def _chunks(path: Path, advance: Any) -> Any:

@@ -27,6 +27,8 @@ def ps_command(show_all: bool, as_json: bool) -> None:
         return
     from dstack.cli.term import Term
 
+    # The repository only when it tells runs apart: most listings are of one project.
+    several = len({r.repository for r in runs}) > 1
     rows: list[list[str | tuple[str, str]]] = []
     for r in runs:
         status = run_status(r.status)
@@ -35,6 +37,7 @@ def ps_command(show_all: bool, as_json: bool) -> None:
         rows.append(
             [
                 r.name,
+                *([r.repository] if several else []),
                 r.workflow,
                 (shown, STYLE.get(status, "white")),
                 ago(r.submitted_at_ns),
@@ -43,4 +46,5 @@ def ps_command(show_all: bool, as_json: bool) -> None:
                 " ".join(filter(None, [queue_text(r), r.message])),
             ]
         )
-    Term().table(("RUN", "WORKFLOW", "STATUS", "SUBMITTED", "TAGS", "MESSAGE"), rows, overflow="fold")
+    header = ("RUN", *(("REPO",) if several else ()), "WORKFLOW", "STATUS", "SUBMITTED", "TAGS", "MESSAGE")
+    Term().table(header, rows, overflow="fold")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dstack.cli.client import Client
 from dstack.cli.commands.logs import print_logs
-from dstack.cli.errors import CliError, Location, NotFoundError, WorkflowError
+from dstack.cli.errors import CliError, Location, NotFoundError, RequestRejected, WorkflowError
 from dstack.cli.packing import PackedCode
 from dstack.cli.providers import load_provider
 from dstack.cli.render import run_summary
@@ -147,20 +147,19 @@ def check_code_files(request: Request, packed: PackedCode, root: Path, err: Term
 
 
 def check_tags(client: Client, request: Request) -> None:
-    """A tag dependency that does not exist is an error at the line that names it, before anything starts."""
-    if not request.tag_checks:
-        return
-    existing = {t.name: t for t in client.list_tags()}
+    """A tag dependency that does not exist is an error at the line that names it, before anything starts:
+    the coordinator resolves each as the submission will (in the run's repository, or the one an
+    OWNER/REPO/TAG names) and says which repository it searched."""
     for tag, expected, loc in request.tag_checks:
-        if tag not in existing:
-            known = ", ".join(sorted(existing)) or "none"
+        try:
+            found = client.get_tag(tag, request.submit.repository)
+        except (NotFoundError, RequestRejected) as e:
+            hint = "; `dstack tags add` or `dstack run -t`" if isinstance(e, NotFoundError) else ""
+            raise WorkflowError(f"{e}{hint}", loc) from None
+        if expected and found.workflow != expected:
             raise WorkflowError(
-                f"tag {tag!r} does not exist (tags: {known}; `dstack tags add` or `dstack run -t`)", loc
-            )
-        if expected and existing[tag].workflow != expected:
-            raise WorkflowError(
-                f"tag {tag!r} is on run {existing[tag].run_name} of workflow {existing[tag].workflow!r},"
-                f" not of {expected!r}",
+                f"tag {tag!r} is on run {found.run_name} of workflow {found.workflow!r}"
+                f" (repository {found.repository}), not of {expected!r}",
                 loc,
             )
 
@@ -262,6 +261,7 @@ def upload_code(client: Client, packed: PackedCode, err: Term) -> common_pb2.Cod
 
 
 def run_command(workflow: str, args: list[str], detach: bool, tag: str = "", priority: int = 0) -> int:
+    from dstack.cli.repository import repository_of
     from dstack.cli.session import connect
     from dstack.cli.workflows import find_project_root
 
@@ -276,6 +276,7 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "", pri
     request = built.submit
     request.tag_on_done = tag
     request.priority = priority
+    request.repository = repository_of(root, packed.ref.repo_url)
     client = connect()
     check_tags(client, built)
     request.code.CopyFrom(upload_code(client, packed, err))

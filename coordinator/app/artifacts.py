@@ -12,6 +12,7 @@ from dstack.coordinator.app.transfer import put_from_stream, read_chunks
 from dstack.coordinator.artifacts import artifact_key, check_relative_path
 from dstack.coordinator.errors import InvalidRequest
 from dstack.coordinator.model import ArtifactFile, CompletedUpload, FileSize, RunView, UploadGrant
+from dstack.coordinator.repositories import run_repository
 
 FileEntry = tuple[str, int, str]  # path, size, sha256
 
@@ -66,14 +67,18 @@ async def recorded_download_urls(core: Core, files: Sequence[tuple[str, str, str
     return await core.artifacts.download_urls(await core.db(keys))
 
 
-async def create_upload(core: Core, owner: str, workflow: str, tag: str, files: Sequence[FileSize]) -> Upload:
-    """`dstack artifacts upload DIR -t TAG`: a run with one done job whose artifacts are the files."""
+async def create_upload(
+    core: Core, owner: str, workflow: str, tag: str, files: Sequence[FileSize], repository: str = ""
+) -> Upload:
+    """`dstack artifacts upload DIR -t TAG`: a run with one done job whose artifacts are the files, in
+    `repository` (as a submission names it), where the tag goes."""
     check_tag_name(tag)
+    repo = run_repository(repository, "", owner)
     if not NAME.fullmatch(workflow):
         raise InvalidRequest(f"invalid workflow name {workflow!r}")
     for f in files:  # before the run exists: a refused upload leaves nothing behind
         check_relative_path(f.path)
-    _, name, _ = await core.db(core.store.create_upload_run, owner, workflow, tag)
+    _, name, _ = await core.db(core.store.create_upload_run, owner, workflow, tag, repo)
     if not core.artifacts.presigns:
         return Upload(name, stream=True)
     return Upload(name, stream=False, grants=await core.artifacts.grant_uploads(name, workflow, files))

@@ -74,6 +74,7 @@ def run_view(
         code=code_from_bytes(r.code),
         tags=list(tags),
         jobs=views,
+        repository=r.repository,
     )
 
 

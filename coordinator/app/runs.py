@@ -18,6 +18,7 @@ from dstack.coordinator.app.ownership import Actor, check_owner
 from dstack.coordinator.convert import code_to_bytes
 from dstack.coordinator.errors import InvalidRequest, NotFound
 from dstack.coordinator.model import CodeRef, JobSpec, JobStatus, JobView, RunStatus, RunView
+from dstack.coordinator.repositories import run_repository
 from dstack.coordinator.store.db import CreatedRun, NewJob
 from dstack.coordinator.templates import spec_with_run_name
 
@@ -38,6 +39,7 @@ class Submission:
     args: Sequence[str] = ()  # extra CLI arguments, recorded for the run
     tag_on_done: str = ""
     priority: int = 0  # orders the owner's own waiting jobs (higher first)
+    repository: str = ""  # as the client sent it (coordinator/repositories.py)
 
 
 def _check(jobs: Sequence[JobSpec]) -> None:
@@ -54,12 +56,12 @@ def _check(jobs: Sequence[JobSpec]) -> None:
             raise InvalidRequest(f"job {j.job_name!r}: invalid resources")
 
 
-async def check_tag_movable(core: Core, actor: Actor, tag: str) -> None:
-    """`dstack run -t TAG` moves TAG to the new run when it finishes done: if TAG is on another
-    user's run, that changes their run, which only its owner or an admin may (checked at submission;
-    the move itself happens at the end)."""
+async def check_tag_movable(core: Core, actor: Actor, repository: str, tag: str) -> None:
+    """`dstack run -t TAG` moves TAG (of the run's repository) to the new run when it finishes done:
+    if TAG is on another user's run, that changes their run, which only its owner or an admin may
+    (checked at submission; the move itself happens at the end)."""
     try:
-        tagged = await core.db(core.store.tag, tag)
+        tagged = await core.db(core.store.tag, repository, tag)
     except NotFound:
         return
     owner = (await core.db(core.store.run_by_name, tagged.run_name)).owner
@@ -82,16 +84,18 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
     code = code_to_bytes(sub.code)
     if sub.tag_on_done:
         check_tag_name(sub.tag_on_done)
-        if actor is not None:
-            await check_tag_movable(core, actor, sub.tag_on_done)
+    repository = run_repository(sub.repository, sub.code.repo_url, owner)
+    if sub.tag_on_done and actor is not None:
+        await check_tag_movable(core, actor, repository, sub.tag_on_done)
 
     def create() -> tuple[CreatedRun, list[JobSpec]]:
         # Counted in the step that stores the run: two submissions at once cannot both pass at the limit.
         core.limits.check_queued(owner, core.store.queued_jobs_of(owner), len(sub.jobs))
-        # Tag and workflow dependencies resolve now, to the runs they name at submission.
+        # Tag and workflow dependencies resolve now, to the runs they name at submission, in the
+        # run's repository (or the one an OWNER/REPO/NAME reference names).
         inputs = [
-            [core.store.tag(t).run_id for t in j.input_tags]
-            + [core.store.latest_done_run(w).id for w in j.input_workflows]
+            [core.store.resolve_tag(repository, t).run_id for t in j.input_tags]
+            + [core.store.latest_done_run(repository, w).id for w in j.input_workflows]
             for j in sub.jobs
         ]
         name = core.store.reserve_run_name()
@@ -109,7 +113,16 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
             for j, job_inputs in zip(specs, inputs, strict=True)
         ]
         created = core.store.create_run(
-            owner, sub.workflow, code, sub.code.hash, list(sub.args), jobs, name, sub.tag_on_done, sub.priority
+            owner,
+            sub.workflow,
+            code,
+            sub.code.hash,
+            list(sub.args),
+            jobs,
+            name,
+            sub.tag_on_done,
+            sub.priority,
+            repository,
         )
         return created, specs
 
@@ -123,6 +136,7 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
             status=RunStatus.SUBMITTED,
             submitted_at_ns=created.submitted_at,
             code=sub.code,
+            repository=repository,
             jobs=[
                 JobView(
                     id=job_id,

@@ -371,7 +371,7 @@ def derive_run_status(jobs: list[tuple[int, int, str, str]]) -> tuple[RunStatus,
 
 def refresh_run_status(c: sqlite3.Connection, run_id: str, now: int) -> RunStatus | None:
     """Derives a run's status from its jobs and moves the run there; returns the new status if it
-    changed. A run that finishes done gets its `dstack run -t TAG` tag (moved if it existed)."""
+    changed. A run that finishes done gets its `dstack run -t TAG` tag in its repository (moved if it existed)."""
     jobs = [
         (r[0], r[1], r[2] or "", r[3])
         for r in c.execute(
@@ -383,7 +383,7 @@ def refresh_run_status(c: sqlite3.Connection, run_id: str, now: int) -> RunStatu
     t = DERIVED[status]
     row = c.execute(
         "UPDATE runs SET status = :s, termination_reason = :r, message = :m, finished_at = COALESCE(finished_at, :f)"
-        f" WHERE id = :id AND status IN ({_in(t.src)}) RETURNING tag_on_done",
+        f" WHERE id = :id AND status IN ({_in(t.src)}) RETURNING tag_on_done, repository",
         {"s": int(status), "r": int(reason), "m": message, "f": now if status in TERMINAL_RUN else None, "id": run_id},
     ).fetchone()
     if row is None:
@@ -393,9 +393,9 @@ def refresh_run_status(c: sqlite3.Connection, run_id: str, now: int) -> RunStatu
         return None
     if row[0] and status == RS.DONE:
         c.execute(
-            "INSERT INTO tags (name, run_id, created_at) VALUES (?, ?, ?)"
-            " ON CONFLICT(name) DO UPDATE SET run_id = excluded.run_id, created_at = excluded.created_at",
-            [row[0], run_id, now],
+            "INSERT INTO tags (repository, name, run_id, created_at) VALUES (?, ?, ?, ?) ON CONFLICT(repository, name)"
+            " DO UPDATE SET run_id = excluded.run_id, created_at = excluded.created_at",
+            [row[1], row[0], run_id, now],
         )
     return status
 

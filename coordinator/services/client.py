@@ -62,6 +62,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
             list(request.args),
             request.tag_on_done,
             request.priority,
+            request.repository,
         )
         return client_pb2.SubmitRunResponse(run=run_to_proto(await runs.submit(self.core, user_name(), sub, actor())))
 
@@ -128,7 +129,9 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         self, request: client_pb2.CreateUploadRequest, context: Ctx
     ) -> client_pb2.CreateUploadResponse:
         files = file_sizes_from_proto(request.files)
-        up = await artifacts.create_upload(self.core, user_name(), request.workflow, request.tag, files)
+        up = await artifacts.create_upload(
+            self.core, user_name(), request.workflow, request.tag, files, request.repository
+        )
         grants = [upload_grant_to_proto(g) for g in up.grants]
         return client_pb2.CreateUploadResponse(run_name=up.run_name, stream=up.stream, grants=grants)
 
@@ -163,12 +166,18 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def ListTags(self, request: client_pb2.ListTagsRequest, context: Ctx) -> client_pb2.ListTagsResponse:
-        return client_pb2.ListTagsResponse(tags=[tag_to_proto(t) for t in await tags.list_tags(self.core)])
+        found = await tags.list_tags(self.core, user_name(), request.repository, request.all)
+        return client_pb2.ListTagsResponse(tags=[tag_to_proto(t) for t in found])
 
     @unary
     async def DeleteTag(self, request: client_pb2.DeleteTagRequest, context: Ctx) -> client_pb2.DeleteTagResponse:
-        await tags.delete(self.core, actor(), request.tag)
+        await tags.delete(self.core, actor(), request.tag, request.repository)
         return client_pb2.DeleteTagResponse()
+
+    @unary
+    async def GetTag(self, request: client_pb2.GetTagRequest, context: Ctx) -> client_pb2.GetTagResponse:
+        tag = await tags.get(self.core, user_name(), request.repository, request.ref)
+        return client_pb2.GetTagResponse(tag=tag_to_proto(tag))
 
     @unary
     async def AddSecret(self, request: client_pb2.AddSecretRequest, context: Ctx) -> client_pb2.AddSecretResponse:
@@ -291,4 +300,6 @@ def secret_to_proto(s: secrets.Secret) -> client_pb2.Secret:
 
 
 def tag_to_proto(t: tags.Tag) -> client_pb2.Tag:
-    return client_pb2.Tag(name=t.name, run_name=t.run_name, workflow=t.workflow, created_at_ns=t.created_at_ns)
+    return client_pb2.Tag(
+        name=t.name, run_name=t.run_name, workflow=t.workflow, created_at_ns=t.created_at_ns, repository=t.repository
+    )

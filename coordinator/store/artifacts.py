@@ -13,6 +13,7 @@ from dstack.coordinator.errors import Conflict, InvalidRequest, NotFound
 from dstack.coordinator.model import ArtifactFile, ArtifactInput, JobStatus
 from dstack.coordinator.store.base import Db, json_list, rows
 from dstack.coordinator.store.runs import Runs
+from dstack.protos.repos import LEGACY
 from dstack.protos.v1 import common_pb2
 
 # (path, size, sha256) of one file a job saved
@@ -97,10 +98,13 @@ class Artifacts:
         return ArtifactRow.of(row)
 
     # ---- uploaded artifact sets (`dstack artifacts upload`) -------------------------------------
-    def create_upload_run(self, owner: str, workflow: str, tag: str) -> tuple[str, str, str]:
-        """A run with one job, already uploading (never queued); returns run id, name and job id."""
-        if self.db.row("SELECT 1 FROM tags WHERE name = ?", [tag]):
-            raise Conflict(f"tag {tag!r} already exists: delete it first (`dstack tags delete {tag}`)")
+    def create_upload_run(self, owner: str, workflow: str, tag: str, repository: str = LEGACY) -> tuple[str, str, str]:
+        """A run with one job, already uploading (never queued), in `repository`, where its tag goes;
+        returns run id, name and job id."""
+        if self.db.row("SELECT 1 FROM tags WHERE repository = ? AND name = ?", [repository, tag]):
+            raise Conflict(
+                f"tag {tag!r} already exists in repository {repository}: delete it first (`dstack tags delete {tag}`)"
+            )
         name = self.runs.reserve_name()
         now = self.db.clock()
         run_id, job_id = uuid.uuid4().hex, uuid.uuid4().hex
@@ -108,9 +112,9 @@ class Artifacts:
         with self.db.tx() as c:
             c.execute(
                 "INSERT INTO runs (id, name, owner, workflow, status, termination_reason, message, submitted_at,"
-                " code_hash, code, args, queue, priority, tag_on_done, kind) VALUES (?, ?, ?, ?, ?, 0, '', ?, '',"
-                " ?, '[]', '', 0, ?, 'upload')",
-                [run_id, name, owner, workflow, int(lifecycle.UPLOAD_RUN.dst), now, b"", tag],
+                " code_hash, code, args, queue, priority, tag_on_done, kind, repository) VALUES (?, ?, ?, ?, ?, 0, '',"
+                " ?, '', ?, '[]', '', 0, ?, 'upload', ?)",
+                [run_id, name, owner, workflow, int(lifecycle.UPLOAD_RUN.dst), now, b"", tag, repository],
             )
             c.execute(
                 "INSERT INTO jobs (id, run_id, job_name, spec, status, termination_reason, message, agent_id,"

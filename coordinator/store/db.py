@@ -102,7 +102,8 @@ class Store(Db):
         self.list_runs = self.runs.recent
         self.queued_jobs_of = self.runs.queued_jobs_of
         self.request_stop = self.runs.request_stop
-        self.latest_done_run = self.runs.latest_done
+        self.latest_done_run = self.runs.latest_done_ref
+        self.repositories = self.runs.repositories
         self.deletable_run = self.runs.deletable
         self.delete_run = self.runs.delete
         self.expired_runs = self.runs.expired
@@ -163,6 +164,7 @@ class Store(Db):
         self.tags_of_runs = self.tags.of_runs
         self.add_tag = self.tags.add
         self.tag = self.tags.get
+        self.resolve_tag = self.tags.resolve
         self.list_tags = self.tags.all
         self.delete_tag = self.tags.delete
         # secrets

@@ -10,14 +10,16 @@ from typing import NamedTuple
 
 from dstack.coordinator import lifecycle
 from dstack.coordinator.attempts import wire_job_id
-from dstack.coordinator.errors import Conflict, NotFound
+from dstack.coordinator.errors import Conflict, InvalidRequest, NotFound
 from dstack.coordinator.model import ON_AGENT, TERMINAL_RUN, WAITING, RunStatus, TerminationReason, termination_reason
 from dstack.coordinator.names import random_run_prefix
+from dstack.coordinator.repositories import resolve_qualifier
 from dstack.coordinator.store.base import Db, ints_in, json_list
+from dstack.protos.repos import LEGACY, BadRef, reads_legacy, split_ref
 
 _COLUMNS = (
     "id, name, owner, workflow, status, termination_reason, message, submitted_at, finished_at, code_hash, code,"
-    " args, queue, priority, tag_on_done, artifacts_deleted, kind"
+    " args, queue, priority, tag_on_done, artifacts_deleted, kind, repository"
 )
 
 
@@ -40,6 +42,7 @@ class RunRow:
     tag_on_done: str  # "" for none
     artifacts_deleted: bool
     kind: str  # "" for an executed workflow, "upload" for an uploaded artifact set
+    repository: str  # the namespace of its workflow name and tags (coordinator/repositories.py)
 
     @classmethod
     def of(cls, r: sqlite3.Row) -> RunRow:
@@ -61,6 +64,7 @@ class RunRow:
             tag_on_done=r["tag_on_done"] or "",
             artifacts_deleted=bool(r["artifacts_deleted"]),
             kind=r["kind"] or "",
+            repository=r["repository"],
         )
 
 
@@ -125,6 +129,7 @@ class Runs:
         name: str | None = None,
         tag_on_done: str = "",
         priority: int = 0,
+        repository: str = LEGACY,
     ) -> CreatedRun:
         """Inserts a run and its jobs in one transaction (under `name`, or a new one)."""
         now = self.db.clock()
@@ -134,8 +139,8 @@ class Runs:
         with self.db.tx() as c:
             c.execute(
                 "INSERT INTO runs (id, name, owner, workflow, status, termination_reason, message,"
-                " submitted_at, code_hash, code, args, queue, priority, tag_on_done) VALUES (:id, :name, :owner,"
-                " :wf, :st, 0, '', :now, :ch, :code, :args, '', :prio, :tag)",
+                " submitted_at, code_hash, code, args, queue, priority, tag_on_done, repository) VALUES (:id, :name,"
+                " :owner, :wf, :st, 0, '', :now, :ch, :code, :args, '', :prio, :tag, :repo)",
                 {
                     "id": run_id,
                     "name": name,
@@ -148,6 +153,7 @@ class Runs:
                     "args": json.dumps(args),
                     "tag": tag_on_done or None,
                     "prio": priority,
+                    "repo": repository,
                 },
             )
             c.executemany(
@@ -238,14 +244,43 @@ class Runs:
             lifecycle.refresh_run_status(c, run.id, now)
         return on_agent
 
-    def latest_done(self, workflow: str) -> RunRow:
+    def latest_done(self, repository: str, workflow: str) -> RunRow:
+        """The run of `workflow` in `repository` that finished done last."""
         row = self.db.row(
-            f"SELECT {_COLUMNS} FROM runs WHERE workflow = ? AND status = ? ORDER BY finished_at DESC LIMIT 1",
-            [workflow, int(RunStatus.DONE)],
+            f"SELECT {_COLUMNS} FROM runs WHERE repository = ? AND workflow = ? AND status = ?"
+            " ORDER BY finished_at DESC LIMIT 1",
+            [repository, workflow, int(RunStatus.DONE)],
         )
         if row is None:
-            raise NotFound(f"no run of workflow {workflow!r} has finished done yet: run it first")
+            raise NotFound(
+                f"no run of workflow {workflow!r} has finished done in repository {repository} yet: run it first"
+            )
         return RunRow.of(row)
+
+    def latest_done_ref(self, repository: str, ref: str) -> RunRow:
+        """The run a workflow dependency names from a run of `repository`: the last done run of `WORKFLOW`
+        there (else, for a folder without a remote, in `legacy`: protos/repos.py `reads_legacy`), or of
+        `OWNER/REPO/WORKFLOW` there."""
+        try:
+            parsed = split_ref(ref)
+        except BadRef as e:
+            raise InvalidRequest(str(e)) from None
+        if parsed.repository:
+            return self.latest_done(resolve_qualifier(parsed.repository, self.repositories()), parsed.name)
+        try:
+            return self.latest_done(repository, parsed.name)
+        except NotFound:
+            if not reads_legacy(repository):
+                raise
+            try:
+                return self.latest_done(LEGACY, parsed.name)
+            except NotFound:
+                pass
+            raise
+
+    def repositories(self) -> list[str]:
+        """Every repository with a run (index runs(repository, ...): one step per repository)."""
+        return [r["repository"] for r in self.db.rows("SELECT DISTINCT repository FROM runs ORDER BY repository")]
 
     # ---- deletion and retention ----------------------------------------------------------------
     def deletable(self, run_name: str) -> RunRow:

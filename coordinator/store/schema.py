@@ -229,6 +229,38 @@ def _fair_share(db: sqlite_utils.Database) -> None:
         )
 
 
+def _repositories(db: sqlite_utils.Database) -> None:
+    """Repositories as namespaces: each run belongs to a repository (runs stored before get the one their
+    code's remote names, else `legacy`), and a tag name is unique within its repository (the tags table
+    is rebuilt with the key (repository, name); its rows keep their runs)."""
+    from dstack.coordinator.repositories import stored_repository
+    from dstack.protos.v1 import common_pb2
+
+    if "repository" not in Table(db, "runs").columns_dict:
+        Table(db, "runs").add_column("repository", str, not_null_default="")
+    for run_id, code in db.execute("SELECT id, code FROM runs WHERE repository = ''").fetchall():
+        url = common_pb2.CodeRef.FromString(code).repo_url if code else ""
+        db.execute("UPDATE runs SET repository = ? WHERE id = ?", [stored_repository(url), run_id])
+    Table(db, "runs").create_index(["repository", "workflow", "status"], if_not_exists=True)
+    tables = set(db.table_names())
+    if "tags" in tables and "repository" not in Table(db, "tags").columns_dict:
+        # Rebuilt under a new name, then swapped: a crash before the drop leaves the old table whole
+        # (and this step runs again), one after it leaves only tags_by_repository, renamed below.
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS tags_by_repository (repository TEXT NOT NULL, name TEXT NOT NULL,"
+            " run_id TEXT NOT NULL, created_at INTEGER, PRIMARY KEY (repository, name))"
+        )
+        db.execute(
+            "INSERT OR IGNORE INTO tags_by_repository (repository, name, run_id, created_at)"
+            " SELECT r.repository, t.name, t.run_id, t.created_at FROM tags t JOIN runs r ON r.id = t.run_id"
+        )
+        db.execute("DROP TABLE tags")
+        tables.discard("tags")
+    if "tags" not in tables and "tags_by_repository" in set(db.table_names()):
+        db.execute("ALTER TABLE tags_by_repository RENAME TO tags")
+    Table(db, "tags").create_index(["run_id"], if_not_exists=True)
+
+
 def _users_and_scoped_secrets(db: sqlite_utils.Database) -> None:
     """Users and roles, secrets by scope. Users: when each was last seen (roles stay in `role`: admin,
     member, viewer). Secrets: keyed by (owner, name), owner '' for a team secret, else the user whose
@@ -267,6 +299,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v7,
     _v8,
     _fair_share,
+    _repositories,
     _users_and_scoped_secrets,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -182,11 +182,16 @@ class SubmitRunRequest(_message.Message):
     ARGS_FIELD_NUMBER: _builtins.int
     TAG_ON_DONE_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    REPOSITORY_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
     tag_on_done: _builtins.str
     """tag the run with this name when it finishes done"""
     priority: _builtins.int
     """`dstack run --priority N`: orders the owner's own waiting jobs (higher first)"""
+    repository: _builtins.str
+    """The run's repository: a normalised git remote (github.com/org/repo) or local/FOLDER (the coordinator
+    adds the user); its workflow names and tags resolve there. Empty: from the code's repo_url, else legacy.
+    """
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.JobSpec]: ...
     @_builtins.property
@@ -204,10 +209,11 @@ class SubmitRunRequest(_message.Message):
         args: _abc.Iterable[_builtins.str] | None = ...,
         tag_on_done: _builtins.str = ...,
         priority: _builtins.int = ...,
+        repository: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["code", b"code"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "code", b"code", "jobs", b"jobs", "priority", b"priority", "tag_on_done", b"tag_on_done", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "code", b"code", "jobs", b"jobs", "priority", b"priority", "repository", b"repository", "tag_on_done", b"tag_on_done", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -369,6 +375,7 @@ class Run(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     JOBS_FIELD_NUMBER: _builtins.int
+    REPOSITORY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     workflow: _builtins.str
     owner: _builtins.str
@@ -377,6 +384,7 @@ class Run(_message.Message):
     message: _builtins.str
     submitted_at_ns: _builtins.int
     finished_at_ns: _builtins.int
+    repository: _builtins.str
     @_builtins.property
     def code(self) -> _common_pb2.CodeRef: ...
     @_builtins.property
@@ -397,10 +405,11 @@ class Run(_message.Message):
         code: _common_pb2.CodeRef | None = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
         jobs: _abc.Iterable[Global___Job] | None = ...,
+        repository: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["code", b"code"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "finished_at_ns", b"finished_at_ns", "jobs", b"jobs", "message", b"message", "name", b"name", "owner", b"owner", "status", b"status", "submitted_at_ns", b"submitted_at_ns", "tags", b"tags", "termination_reason", b"termination_reason", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "finished_at_ns", b"finished_at_ns", "jobs", b"jobs", "message", b"message", "name", b"name", "owner", b"owner", "repository", b"repository", "status", b"status", "submitted_at_ns", b"submitted_at_ns", "tags", b"tags", "termination_reason", b"termination_reason", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -698,9 +707,12 @@ class CreateUploadRequest(_message.Message):
     WORKFLOW_FIELD_NUMBER: _builtins.int
     TAG_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
+    REPOSITORY_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
     """the workflow name the artifact set stands for (tag references check it)"""
     tag: _builtins.str
+    repository: _builtins.str
+    """where the run and its tag go (as SubmitRunRequest.repository)"""
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.FileSize]: ...
     def __init__(
@@ -709,10 +721,11 @@ class CreateUploadRequest(_message.Message):
         workflow: _builtins.str = ...,
         tag: _builtins.str = ...,
         files: _abc.Iterable[_common_pb2.FileSize] | None = ...,
+        repository: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "tag", b"tag", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "repository", b"repository", "tag", b"tag", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -987,10 +1000,12 @@ class Tag(_message.Message):
     RUN_NAME_FIELD_NUMBER: _builtins.int
     WORKFLOW_FIELD_NUMBER: _builtins.int
     CREATED_AT_NS_FIELD_NUMBER: _builtins.int
+    REPOSITORY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     run_name: _builtins.str
     workflow: _builtins.str
     created_at_ns: _builtins.int
+    repository: _builtins.str
     def __init__(
         self,
         *,
@@ -998,10 +1013,11 @@ class Tag(_message.Message):
         run_name: _builtins.str = ...,
         workflow: _builtins.str = ...,
         created_at_ns: _builtins.int = ...,
+        repository: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ns", b"created_at_ns", "name", b"name", "run_name", b"run_name", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ns", b"created_at_ns", "name", b"name", "repository", b"repository", "run_name", b"run_name", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1009,6 +1025,8 @@ Global___Tag: _TypeAlias = Tag  # noqa: Y015
 
 @_typing.final
 class AddTagRequest(_message.Message):
+    """The tag goes into the run's repository."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TAG_FIELD_NUMBER: _builtins.int
@@ -1053,12 +1071,21 @@ Global___AddTagResponse: _TypeAlias = AddTagResponse  # noqa: Y015
 class ListTagsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    REPOSITORY_FIELD_NUMBER: _builtins.int
+    ALL_FIELD_NUMBER: _builtins.int
+    repository: _builtins.str
+    """the tags of this repository (as SubmitRunRequest.repository)"""
+    all: _builtins.bool
+    """of every repository (also when no repository is given)"""
     def __init__(
         self,
+        *,
+        repository: _builtins.str = ...,
+        all: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "repository", b"repository"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1089,19 +1116,70 @@ class DeleteTagRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TAG_FIELD_NUMBER: _builtins.int
+    REPOSITORY_FIELD_NUMBER: _builtins.int
     tag: _builtins.str
+    """TAG, or OWNER/REPO/TAG"""
+    repository: _builtins.str
+    """where TAG is; empty: wherever it is, if in one repository only"""
     def __init__(
         self,
         *,
         tag: _builtins.str = ...,
+        repository: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["repository", b"repository", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteTagRequest: _TypeAlias = DeleteTagRequest  # noqa: Y015
+
+@_typing.final
+class GetTagRequest(_message.Message):
+    """The tag a workflow's dependency names (TAG, or OWNER/REPO/TAG), resolved as a submission from
+    `repository` would resolve it; NOT_FOUND says which repository was searched.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REF_FIELD_NUMBER: _builtins.int
+    REPOSITORY_FIELD_NUMBER: _builtins.int
+    ref: _builtins.str
+    repository: _builtins.str
+    def __init__(
+        self,
+        *,
+        ref: _builtins.str = ...,
+        repository: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "repository", b"repository"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTagRequest: _TypeAlias = GetTagRequest  # noqa: Y015
+
+@_typing.final
+class GetTagResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tag(self) -> Global___Tag: ...
+    def __init__(
+        self,
+        *,
+        tag: Global___Tag | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tag", b"tag"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeleteTagRequest: _TypeAlias = DeleteTagRequest  # noqa: Y015
+Global___GetTagResponse: _TypeAlias = GetTagResponse  # noqa: Y015
 
 @_typing.final
 class DeleteTagResponse(_message.Message):

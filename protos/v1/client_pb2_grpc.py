@@ -104,6 +104,11 @@ class ClientServiceStub:
                 request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteTagRequest.SerializeToString,
                 response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteTagResponse.FromString,
                 _registered_method=True)
+        self.GetTag = channel.unary_unary(
+                '/dstack.v1.ClientService/GetTag',
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.GetTagRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.GetTagResponse.FromString,
+                _registered_method=True)
         self.AddSecret = channel.unary_unary(
                 '/dstack.v1.ClientService/AddSecret',
                 request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.AddSecretRequest.SerializeToString,
@@ -278,6 +283,12 @@ class ClientServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteTag(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTag(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -470,6 +481,11 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.DeleteTag,
                     request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteTagRequest.FromString,
                     response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DeleteTagResponse.SerializeToString,
+            ),
+            'GetTag': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTag,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.GetTagRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.GetTagResponse.SerializeToString,
             ),
             'AddSecret': grpc.unary_unary_rpc_method_handler(
                     servicer.AddSecret,
@@ -940,6 +956,33 @@ class ClientService:
             '/dstack.v1.ClientService/DeleteTag',
             dstack_dot_protos_dot_v1_dot_client__pb2.DeleteTagRequest.SerializeToString,
             dstack_dot_protos_dot_v1_dot_client__pb2.DeleteTagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/GetTag',
+            dstack_dot_protos_dot_v1_dot_client__pb2.GetTagRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.GetTagResponse.FromString,
             options,
             channel_credentials,
             insecure,

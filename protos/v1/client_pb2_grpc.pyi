@@ -47,6 +47,7 @@ class ClientServiceStub:
     AddTag: _grpc.UnaryUnaryMultiCallable[_client_pb2.AddTagRequest, _client_pb2.AddTagResponse]
     ListTags: _grpc.UnaryUnaryMultiCallable[_client_pb2.ListTagsRequest, _client_pb2.ListTagsResponse]
     DeleteTag: _grpc.UnaryUnaryMultiCallable[_client_pb2.DeleteTagRequest, _client_pb2.DeleteTagResponse]
+    GetTag: _grpc.UnaryUnaryMultiCallable[_client_pb2.GetTagRequest, _client_pb2.GetTagResponse]
     AddSecret: _grpc.UnaryUnaryMultiCallable[_client_pb2.AddSecretRequest, _client_pb2.AddSecretResponse]
     """Values go in, never out: only the job hand-off to an agent carries them."""
     ListSecrets: _grpc.UnaryUnaryMultiCallable[_client_pb2.ListSecretsRequest, _client_pb2.ListSecretsResponse]
@@ -90,6 +91,7 @@ class ClientServiceAsyncStub(ClientServiceStub):
     AddTag: _aio.UnaryUnaryMultiCallable[_client_pb2.AddTagRequest, _client_pb2.AddTagResponse]  # type: ignore[assignment]
     ListTags: _aio.UnaryUnaryMultiCallable[_client_pb2.ListTagsRequest, _client_pb2.ListTagsResponse]  # type: ignore[assignment]
     DeleteTag: _aio.UnaryUnaryMultiCallable[_client_pb2.DeleteTagRequest, _client_pb2.DeleteTagResponse]  # type: ignore[assignment]
+    GetTag: _aio.UnaryUnaryMultiCallable[_client_pb2.GetTagRequest, _client_pb2.GetTagResponse]  # type: ignore[assignment]
     AddSecret: _aio.UnaryUnaryMultiCallable[_client_pb2.AddSecretRequest, _client_pb2.AddSecretResponse]  # type: ignore[assignment]
     """Values go in, never out: only the job hand-off to an agent carries them."""
     ListSecrets: _aio.UnaryUnaryMultiCallable[_client_pb2.ListSecretsRequest, _client_pb2.ListSecretsResponse]  # type: ignore[assignment]
@@ -214,6 +216,13 @@ class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _client_pb2.DeleteTagRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_client_pb2.DeleteTagResponse, _abc.Awaitable[_client_pb2.DeleteTagResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetTag(
+        self,
+        request: _client_pb2.GetTagRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.GetTagResponse, _abc.Awaitable[_client_pb2.GetTagResponse]]: ...
 
     @_abc_1.abstractmethod
     def AddSecret(

@@ -92,7 +92,7 @@ def test_seed_example_runtime_and_tag_dependencies(cluster: Cluster, tmp_path: P
     r = cluster.cli("run", "download", "-t", "latest", cwd=root)
     assert r.returncode == 0, r.stderr
     tagged = submitted(r.stderr)
-    tags = json.loads(cluster.cli("tags", "list", "--json").stdout)
+    tags = json.loads(cluster.cli("tags", "list", "--json", cwd=root).stdout)
     assert [(t["name"], t["run"], t["workflow"]) for t in tags] == [("latest", tagged, "download")]
     downloads_before = len(runs_named(cluster, "download"))
     r = cluster.cli("run", "train-tagged", cwd=root)
@@ -101,11 +101,15 @@ def test_seed_example_runtime_and_tag_dependencies(cluster: Cluster, tmp_path: P
     assert f"trained on data from {tagged} with batch size none" in r.stdout
     assert len(runs_named(cluster, "download")) == downloads_before
 
-    # `download:latest` needs `latest` on a run of download.
+    # `download:on-x` needs `on-x` in this project's repository: another folder's tag is not seen...
     other = write_project(tmp_path / "q", "workflows:\n  - name: x\n    provider: bash\n    commands: [true]\n")
     assert cluster.cli("run", "x", "-t", "on-x", cwd=other).returncode == 0
     wrong = (root / ".dstack" / "workflows.yaml").read_text().replace("download:latest", "download:on-x")
     (root / ".dstack" / "workflows.yaml").write_text(wrong)
+    r = cluster.cli("run", "train-tagged", cwd=root)
+    assert r.returncode == 2 and "tag 'on-x' does not exist in repository local/admin/p" in r.stderr
+    # ... and one here must be on a run of download.
+    assert cluster.cli("tags", "add", "on-x", run).returncode == 0
     r = cluster.cli("run", "train-tagged", cwd=root)
     assert r.returncode == 2 and "tag 'on-x' is on run" in r.stderr and "not of 'download'" in r.stderr
 
@@ -191,8 +195,8 @@ def test_tags_refuse_unfinished_and_failed_runs(cluster: Cluster, tmp_path: Path
     assert cluster.cli("tags", "add", "t1", ok).returncode == 0
     r = cluster.cli("tags", "add", "t1", ok)
     assert r.returncode != 0 and "already exists" in r.stderr
-    assert cluster.cli("tags", "delete", "t1").returncode == 0
-    r = cluster.cli("tags", "delete", "t1")
+    assert cluster.cli("tags", "delete", "t1", cwd=root).returncode == 0
+    r = cluster.cli("tags", "delete", "t1", cwd=root)
     assert r.returncode != 0 and "tag 't1' does not exist" in r.stderr
     cluster.cli("stop", slow)
 
@@ -246,7 +250,7 @@ def test_an_uploaded_folder_serves_as_a_tag_with_the_local_store(cluster: Cluste
     assert "x,y\n3,4" in r.stdout
     listed = json.loads(
         cluster.cli(
-            "artifacts", "list", json.loads(cluster.cli("tags", "list", "--json").stdout)[0]["run"], "--json"
+            "artifacts", "list", json.loads(cluster.cli("tags", "list", "--json", cwd=root).stdout)[0]["run"], "--json"
         ).stdout
     )
     assert sorted(f["path"] for f in listed) == ["data/empty", "data/sub/train.csv"]

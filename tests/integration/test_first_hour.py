@@ -175,7 +175,7 @@ def test_upload_publishes_the_folders_contents_at_their_own_paths(cluster: Clust
     assert "not under it (e.g. dataset.csv): `--prefix` puts them under a folder" in r.stderr
     r = cluster.cli("artifacts", "upload", "flat", "-t", "flat2", "-w", "download", "--prefix", "data", cwd=root)
     assert r.returncode == 0 and "warning" not in r.stderr
-    run = json.loads(cluster.cli("tags", "list", "--json").stdout)
+    run = json.loads(cluster.cli("tags", "list", "--json", cwd=root).stdout)
     flat2 = next(t["run"] for t in run if t["name"] == "flat2")
     listed = json.loads(cluster.cli("artifacts", "list", flat2, "--json").stdout)
     assert [f["path"] for f in listed] == ["data/dataset.csv"]

@@ -199,7 +199,7 @@ def test_upload_a_folder_as_a_tagged_artifact_set_then_rm(
     r = cluster.cli("artifacts", "upload", "data", "-t", "mnist", "-w", "download", "--prefix", "data", cwd=root)
     assert r.returncode == 0, r.stderr
     assert "mnist ->" in r.stderr and "2 file(s)" in r.stderr
-    tags = json.loads(cluster.cli("tags", "list", "--json").stdout)
+    tags = json.loads(cluster.cli("tags", "list", "--json", cwd=root).stdout)
     upload_run = tags[0]["run"]
     assert (tags[0]["name"], tags[0]["workflow"]) == ("mnist", "download")
 
@@ -213,7 +213,7 @@ def test_upload_a_folder_as_a_tagged_artifact_set_then_rm(
     # rm: refused while tagged, then deletes records and objects.
     r = cluster.cli("rm", upload_run)
     assert r.returncode == 1 and "is tagged mnist: delete the tag first" in r.stderr
-    assert cluster.cli("tags", "delete", "mnist").returncode == 0
+    assert cluster.cli("tags", "delete", "mnist", cwd=root).returncode == 0
     assert objects(seaweed, f"{prefix}/runs/{upload_run}/")
     r = cluster.cli("rm", upload_run)
     assert r.returncode == 0, r.stderr

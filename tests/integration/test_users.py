@@ -142,8 +142,10 @@ def test_members_change_only_their_own_runs_viewers_only_read(cluster: Cluster, 
     done = submitted(cli_as(cluster, alice, "run", "quick", cwd=root))
     refused(cli_as(cluster, bob, "tags", "add", "best", done), f"only the owner (alice) or an admin can tag run {done}")
     assert cli_as(cluster, alice, "tags", "add", "best", done).returncode == 0
-    refused(cli_as(cluster, bob, "tags", "delete", "best"), "only the owner (alice) or an admin can delete tag best")
-    assert cluster.cli("tags", "delete", "best").returncode == 0
+    # Tags live in the run's repository (alice's local folder: local/alice/p): named in full from elsewhere.
+    best = f"{cluster.run_info(done)['repository']}/best"
+    refused(cli_as(cluster, bob, "tags", "delete", best), "only the owner (alice) or an admin can delete tag best")
+    assert cluster.cli("tags", "delete", best).returncode == 0
     assert cluster.cli("rm", run).returncode == 0  # an admin may
 
     # The database holds no token in the clear.
