@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dstack.agent.envcache import EnvCache
+from dstack.agent.jobuser import ENVS, JobUser, jobs_root
 from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT
 from dstack.agent.runtimes.docker import DockerOptions
 
@@ -31,6 +32,9 @@ class AgentConfig:
     ca_file: Path | None = None
     ca_fingerprint: str = ""
     insecure: bool = False
+    # Host jobs run as this user (the agent runs as root: agent/jobuser.py); None: as the agent's user.
+    job_user: JobUser | None = None
+    job_user_name: str = ""  # --job-user, resolved into job_user at start (agent/main.py)
 
     @property
     def credentials_path(self) -> Path:
@@ -43,7 +47,8 @@ class AgentConfig:
 
     @property
     def jobs_dir(self) -> Path:
-        return self.home / "jobs"
+        # A job user cannot enter the agent's home (0700): its jobs' folders go next to it.
+        return jobs_root(self.home) if self.job_user is not None else self.home / "jobs"
 
     @property
     def code_dir(self) -> Path:
@@ -51,4 +56,6 @@ class AgentConfig:
 
     @property
     def env_cache(self) -> EnvCache:
-        return EnvCache(self.home / "envs", self.env_cache_max_bytes)
+        # The job user's own cache: no job can write the environments the agent's own user keeps.
+        folder = self.jobs_dir / ENVS if self.job_user is not None else self.home / "envs"
+        return EnvCache(folder, self.env_cache_max_bytes)

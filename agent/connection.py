@@ -21,6 +21,7 @@ from dstack.agent.artifacts import Downloader, Uploader
 from dstack.agent.code import CodeCache
 from dstack.agent.config import AgentConfig
 from dstack.agent.inventory import Inventory
+from dstack.agent.jobuser import JobUserError, prepare_root
 from dstack.agent.outbox import Outbox
 from dstack.agent.retry import SESSION_BACKOFF, Outcome, RetryPolicy, classify, describe
 from dstack.agent.runner import Janitor, JobRunner, RunnerDeps
@@ -179,6 +180,7 @@ class Agent:
             str(config.home),
             config.env_cache,
             config.pids_limit,
+            config.job_user,
         )
         self.inventory = Inventory(config.home, config.runtime, config.max_jobs, config.simulate_gpus)
         self.jobs: dict[str, JobRunner] = {}
@@ -272,6 +274,11 @@ class Agent:
         await asyncio.to_thread(private_dir, self.config.home, log)
         await asyncio.to_thread(tighten_file, self.config.credentials_path, log)
         await self.runtime.cleanup_leftovers(str(self.config.home))
+        if self.config.job_user is not None:  # its folders, outside the home (agent/jobuser.py)
+            try:
+                await asyncio.to_thread(prepare_root, self.config.jobs_dir, self.config.job_user)
+            except JobUserError as e:
+                raise FatalAgentError(str(e)) from e
         # Made by the agent, not by the first job: Docker would create a missing bind-mount source as root.
         await asyncio.to_thread(self.config.env_cache.folder.mkdir, parents=True, exist_ok=True)
         attempts = SESSION_BACKOFF.start()

@@ -13,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from dstack.agent import jobuser
 from dstack.agent.config import AgentConfig
 from dstack.agent.connection import Agent, FatalAgentError, pin_ca
 from dstack.agent.envcache import DEFAULT_SIZE, parse_size
@@ -153,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         " 0: no limit (default: 4096 or 32 per CPU core, whichever is more: %(default)s here;"
         " from DSTACK_PIDS_LIMIT)",
     )
+    p.add_argument(
+        "--job-user",
+        default=env("DSTACK_JOB_USER", jobuser.DEFAULT),
+        help="as root, host-runtime jobs run as this unprivileged user, who cannot read the agent's credential"
+        " (deploy/install.sh creates it: `useradd --system --no-create-home --shell /usr/sbin/nologin"
+        f" {jobuser.DEFAULT}`); {jobuser.NONE}: as the agent's own user (default: %(default)s, from DSTACK_JOB_USER)",
+    )
     return p
 
 
@@ -226,6 +234,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         mount_sync_s=a.mount_sync,
         store_retry_s=a.store_retry,
         env_cache_max_bytes=env_cache_max_bytes,
+        job_user_name=a.job_user,
         pids_limit=a.pids_limit,
     )
 
@@ -285,7 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     try:
         config = dataclasses.replace(config, runtime=resolve_runtime(config.runtime, config.docker))
-    except RuntimeError_ as e:
+        config = dataclasses.replace(config, job_user=jobuser.resolve(config.job_user_name, config.runtime))
+    except (RuntimeError_, jobuser.JobUserError) as e:
         print(f"dstack agent: {e}", file=sys.stderr)
         sys.exit(2)
     _use_pidfd_child_watcher()

@@ -67,7 +67,7 @@ GRPC: dict[grpc.StatusCode, Outcome] = {
     SC.DEADLINE_EXCEEDED: R,  # slow, not refused
     SC.NOT_FOUND: F,  # no such run, job, code blob or artifact
     SC.ALREADY_EXISTS: F,  # the agent's name is held by another agent that is online
-    SC.PERMISSION_DENIED: F,  # the store refused the coordinator's credentials (which bucket, which key)
+    SC.PERMISSION_DENIED: F,  # not this agent's job, code or input; or the store refused the coordinator
     SC.RESOURCE_EXHAUSTED: R,  # overloaded; the agent's messages are batched below gRPC's size limit
     SC.FAILED_PRECONDITION: F,  # not in this state (job not on this agent), or the bucket does not exist
     SC.ABORTED: R,  # a conflicting concurrent change: the same call again will see the new state

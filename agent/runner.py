@@ -229,6 +229,10 @@ class JobRunner:
         finally:
             self.deps.outbox.mark_finished(self.job_id)
             self.deps.janitor.remove(workdir)
+            # The job's secrets live only as long as the job: whoever still holds the assignment (a
+            # message being handled, a reference in a traceback) holds them no more.
+            self.a.secrets.clear()
+            self.proc = None
 
     async def _sync_mounts(self, workdir: Path, mounts: list[common_pb2.ArtifactSpec]) -> None:
         """`mount: true` folders are saved while the job runs (changed files only), not only at the end."""

@@ -173,7 +173,8 @@ def ensure_running() -> Endpoint:
         if _alive(d / "agent.pid", "agent") is None:
             agent = _spawn(
                 "agent",
-                ["--coordinator", ep.address, "--home", str(d / "agent"), "--name", LOCAL_AGENT],
+                # The user's own jobs on their own box, as their own user (no job user to create first).
+                ["--coordinator", ep.address, "--home", str(d / "agent"), "--name", LOCAL_AGENT, "--job-user", "none"],
                 {"DSTACK_JOIN_TOKEN": join},
             )
             _wait_until(ep, agent, lambda client: _agent_online_since(client, agent.started_ns))

@@ -6,7 +6,7 @@ CoordinatorError
 ├── Conflict            (FAILED_PRECONDITION)  valid, but not in the current state
 ├── AlreadyExists       (ALREADY_EXISTS)       a name that someone else holds (e.g. an online agent's)
 ├── Unauthenticated     (UNAUTHENTICATED)      missing or wrong token
-├── PermissionDenied    (PERMISSION_DENIED)    authenticated, but not allowed this (another user's run; `Forbidden`)
+├── Forbidden           (PERMISSION_DENIED)    a valid caller whose role may not do this (or an agent outside its jobs)
 ├── StorageUnavailable  (UNAVAILABLE)          the artifact store failed; retrying may help
 └── LimitExceeded       (RESOURCE_EXHAUSTED)   a per-user limit (queued jobs, submission rate) is reached
 
@@ -41,11 +41,8 @@ class Unauthenticated(CoordinatorError):
     pass
 
 
-class PermissionDenied(CoordinatorError):
+class Forbidden(CoordinatorError):
     pass
-
-
-Forbidden = PermissionDenied  # the name coordinator/app/users.py (fair share) uses
 
 
 class StorageUnavailable(CoordinatorError):

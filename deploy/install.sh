@@ -328,8 +328,11 @@ install_agent() {
   if [ -n "$ca_file" ]; then
     run install -m 0644 "$ca_file" "$ETC/coordinator-ca.pem"
   fi
-  # The agent runs jobs as root by default, as the host-process runtime needs the GPUs and
-  # cgroups; run it as a dedicated user if jobs need no more than that user may do.
+  # The agent runs as root (GPUs, cgroups, Docker); host-process jobs run as dstack-job, an
+  # unprivileged user that cannot read the agent's credential (`dstack agent --job-user`).
+  if ! id dstack-job >/dev/null 2>&1; then
+    run useradd --system --no-create-home --shell /usr/sbin/nologin dstack-job
+  fi
   set_env "$ETC/agent.env" DSTACK_JOIN_TOKEN "DSTACK_COORDINATOR=$coordinator" "DSTACK_JOIN_TOKEN=$token" \
     "DSTACK_AGENT_ARGS=\"$joined\"" "${ca_env[@]+"${ca_env[@]}"}"
   enable_unit dstack-agent

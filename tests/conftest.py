@@ -270,6 +270,8 @@ class Cluster:
                 "2",
                 *([] if "--runtime" in extra else ["--runtime", "host"]),  # not `auto`: a dev box may run Docker
                 *([] if {"--ca-file", "--ca-fingerprint", "--insecure"} & set(extra) else self.transport_args()),
+                # Jobs as the agent's user unless a test names a job user (tests/integration/test_agent_scope.py).
+                *([] if "--job-user" in extra else ["--job-user", "none"]),
                 *extra,
             ],
             stdout=f,

@@ -1,6 +1,7 @@
 import logging
 
 from dstack.agent.envcache import EnvCache
+from dstack.agent.jobuser import JobUser
 from dstack.agent.runtimes.base import AGENT_MARKER, JobProcess, Runtime, RuntimeError_, RuntimeJob
 from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT
 from dstack.agent.runtimes.docker import DockerOptions, DockerRuntime, engine_address, engine_version
@@ -33,9 +34,10 @@ def make_runtime(
     agent_home: str = "",
     env_cache: EnvCache | None = None,
     pids_limit: int = DEFAULT_PIDS_LIMIT,
+    job_user: JobUser | None = None,
 ) -> Runtime:
     if name == "host":
-        return HostRuntime(stop_grace_s, agent_home, env_cache=env_cache, pids_limit=pids_limit)
+        return HostRuntime(stop_grace_s, agent_home, env_cache=env_cache, pids_limit=pids_limit, job_user=job_user)
     if name == "null":
         return NullRuntime()
     if name == "docker":

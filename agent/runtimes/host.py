@@ -11,7 +11,9 @@ from collections.abc import AsyncIterator, Callable
 
 import psutil
 
+from dstack.agent import jobuser
 from dstack.agent.envcache import EnvCache, applies_to
+from dstack.agent.jobuser import JOB_HOME, JobUser, give
 from dstack.agent.runtimes.base import (
     AGENT_MARKER,
     JobProcess,
@@ -168,9 +170,11 @@ class HostRuntime(Runtime):
         agent_home: str = "",
         cgroups: bool = True,
         env_cache: EnvCache | None = None,
+        job_user: JobUser | None = None,
         pids_limit: int = DEFAULT_PIDS_LIMIT,
     ) -> None:
         self.stop_grace_s = stop_grace_s
+        self.job_user = job_user  # None: jobs run as the agent's own user
         self.pids_limit = pids_limit
         self.agent_home = agent_home
         self.use_cgroups = cgroups
@@ -212,15 +216,24 @@ class HostRuntime(Runtime):
             env.setdefault("CUDA_VISIBLE_DEVICES", "")
         if self.env_cache is not None and applies_to(job.provider):
             env.update(self.env_cache.host_env())  # the agent's, whatever the workflow's environment says
+        user = self.job_user
+        if user is not None:  # the job's folder becomes its user's; its HOME is in it
+            await asyncio.to_thread(give, job.workdir, user)
+            env.update(HOME=str(job.workdir / JOB_HOME), USER=user.name, LOGNAME=user.name)
         cgroup = await self._cgroup(job)
+        script = _script(job)
+        if user is None:
+            argv = ["bash", "-c", (cgroup.join_script() if cgroup else "") + script]
+        else:
+            # Not `user=`: that makes the interpreter fork() this process, gRPC threads and all,
+            # instead of vfork(); the job's own user is set by setpriv after exec.
+            argv = jobuser.command(user, script)
         try:
             proc = await asyncio.create_subprocess_exec(
-                "bash",
-                "-c",
-                (cgroup.join_script() if cgroup else "") + _script(job),
+                *argv,
                 cwd=cwd,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
+                env=env if user is None else jobuser.ROOT_ENV,
+                stdin=asyncio.subprocess.DEVNULL if user is None else asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
@@ -233,6 +246,16 @@ class HostRuntime(Runtime):
         except OSError as e:
             await self._release(cgroup)
             raise RuntimeError_(f"cannot start the job: {e}") from e
+        if proc.stdin is not None:  # the job user's shell waits for its environment
+            try:
+                if cgroup is not None:
+                    await asyncio.to_thread(jobuser.join_cgroups, cgroup.joined, proc.pid)
+                proc.stdin.write(jobuser.encode_env(env))
+                await proc.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it died first: its exit code and stderr say why
+            finally:
+                proc.stdin.close()
         return HostProcess(proc, self.stop_grace_s, cgroup, job.system_line)
 
     async def close(self) -> None:

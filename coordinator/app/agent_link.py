@@ -1,33 +1,22 @@
-"""What an agent does with its jobs' files: upload and commit artifacts, get upload grants.
-(Its stream of messages is coordinator/app/agent_stream.py.)"""
+"""What an agent does with its jobs' files: fetch their code and inputs, upload and commit
+artifacts, get grants. Each call first passes coordinator/app/agent_scope.py: only the agent's own
+running jobs, their code and their declared inputs. (Its stream of messages is
+coordinator/app/agent_stream.py.)"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Sequence
 
+from dstack.coordinator.app import artifacts, code
+from dstack.coordinator.app.agent_scope import check_code, check_inputs, own_job
 from dstack.coordinator.app.artifacts import FileEntry
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.transfer import put_from_stream
 from dstack.coordinator.artifacts import artifact_key, check_relative_path
-from dstack.coordinator.attempts import parse_wire_job_id
-from dstack.coordinator.errors import Conflict
 from dstack.coordinator.model import CompletedUpload, FileSize, UploadGrant
-from dstack.coordinator.store import JobLocation
 
 log = logging.getLogger("dstack.coordinator")
-
-
-async def own_job(core: Core, agent_id: str, wire_id: str) -> JobLocation:
-    """The job of the attempt an agent names (coordinator/attempts.py): it must be the job's current
-    attempt, on this agent; a lost agent's late uploads for an attempt that is over are refused."""
-    job_id, attempt = parse_wire_job_id(wire_id)
-    job = await core.db(core.store.job_location, job_id)
-    if job.agent_id != agent_id:
-        raise Conflict(f"job {job_id} is not assigned to this agent")
-    if job.attempt != attempt:
-        raise Conflict(f"attempt {attempt} of job {job_id} is over (the job is at attempt {job.attempt})")
-    return job
 
 
 async def upload_artifact(
@@ -58,3 +47,30 @@ async def grant_uploads(core: Core, agent_id: str, job_id: str, files: Sequence[
     if not core.artifacts.presigns:
         return None
     return await core.artifacts.grant_uploads(job.run_name, job.job_name, files)
+
+
+async def read_code(core: Core, agent_id: str, code_hash: str) -> AsyncIterator[bytes]:
+    """The code of one of the agent's jobs, in chunks."""
+    await check_code(core, agent_id, code_hash)
+    async for chunk in code.read_code(core, code_hash):
+        yield chunk
+
+
+async def code_download_url(core: Core, agent_id: str, code_hash: str) -> str:
+    """A presigned URL of the code of one of the agent's jobs, or "" (then read_code)."""
+    await check_code(core, agent_id, code_hash)
+    return await code.code_download_url(core, code_hash)
+
+
+async def download_input(core: Core, agent_id: str, run_name: str, job_name: str, path: str) -> AsyncIterator[bytes]:
+    """One artifact file that one of the agent's jobs takes as input, in chunks."""
+    await check_inputs(core, agent_id, [(run_name, job_name)])
+    async for chunk in artifacts.download(core, run_name, job_name, path):
+        yield chunk
+
+
+async def input_download_urls(core: Core, agent_id: str, files: Sequence[tuple[str, str, str]]) -> list[str] | None:
+    """Presigned GET URLs of (run, job, path) artifacts that the agent's jobs take as inputs, or None
+    when the store cannot presign (then download_input)."""
+    await check_inputs(core, agent_id, [(run, job) for run, job, _ in files])
+    return await artifacts.recorded_download_urls(core, files)

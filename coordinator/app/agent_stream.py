@@ -5,7 +5,8 @@ stream relays the agent protocol, which has one front end (gRPC) and whose messa
 and answers as they are (coordinator/engine.py: on_hello, on_message; hub.py queues them per agent).
 Its contents are converted to domain values where they are stored (convert.log_batches_from_proto,
 convert.job_updates_from_proto). The agent's unary calls (artifacts, grants, code) are plain:
-coordinator/app/agent_link.py.
+coordinator/app/agent_link.py. Everything the agent sends passes coordinator/app/agent_scope.py
+first: lines and updates of jobs that are not its own never reach the engine.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
+from dstack.coordinator.app import agent_scope
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.hub import AgentConnection
 from dstack.protos.v1 import agent_pb2
@@ -32,12 +34,49 @@ class Session:
     async def start(self, hello: agent_pb2.AgentMessage) -> agent_pb2.CoordinatorMessage:
         self._conn = self.core.engine.hub.attach(self.agent_id)
         log.info("agent %s connected", self.agent_id)
-        return await self.core.engine.on_hello(self.agent_id, hello)
+        hello, dropped = await self._screen(hello)
+        reply = await self.core.engine.on_hello(self.agent_id, hello)
+        reply.MergeFrom(dropped)
+        return reply
 
     async def receive(self, msg: agent_pb2.AgentMessage) -> None:
+        msg, dropped = await self._screen(msg)
         reply = await self.core.engine.on_message(self.agent_id, msg)
-        if reply is not None and self._conn is not None:
+        if reply is None:
+            reply = dropped
+        else:
+            reply.MergeFrom(dropped)
+        if (reply.log_acks or reply.update_acks) and self._conn is not None:
             self._conn.send(reply)
+
+    async def _screen(self, msg: agent_pb2.AgentMessage) -> tuple[agent_pb2.AgentMessage, agent_pb2.CoordinatorMessage]:
+        """The part of `msg` the agent may send (lines and updates of its own acting jobs: the check
+        is agent_scope's), and the acknowledgements of what was dropped, so that an honest agent
+        holding lines of a job it lost (its lease ran out) stops resending them."""
+        acks = agent_pb2.CoordinatorMessage()
+        if not msg.logs and not msg.updates:
+            return msg, acks
+        named = [b.job_id for b in msg.logs] + [u.job_id for u in msg.updates]
+        current, ended = await agent_scope.reportable(self.core, self.agent_id, named)
+        if current.issuperset(named):
+            return msg, acks
+        kept = agent_pb2.AgentMessage()
+        kept.CopyFrom(msg)
+        del kept.logs[:]
+        del kept.updates[:]
+        for b in msg.logs:
+            if b.job_id in current or b.job_id in ended:
+                kept.logs.append(b)
+            elif b.lines:
+                agent_scope.dropped(self.agent_id, "lines", f"{len(b.lines)} log line(s)", b.job_id)
+                acks.log_acks.append(agent_pb2.LogAck(job_id=b.job_id, seq=max(ln.seq for ln in b.lines)))
+        for u in msg.updates:
+            if u.job_id in current:
+                kept.updates.append(u)
+            else:
+                agent_scope.dropped(self.agent_id, "update", "a status update", u.job_id)
+                acks.update_acks.append(agent_pb2.UpdateAck(job_id=u.job_id, status=u.status))
+        return kept, acks
 
     async def outgoing(self) -> AsyncIterator[agent_pb2.CoordinatorMessage]:
         assert self._conn is not None, "start the session first"

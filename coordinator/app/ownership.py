@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dstack.coordinator.errors import PermissionDenied
+from dstack.coordinator.errors import Forbidden
 from dstack.coordinator.store.users import ADMIN
 
 
@@ -25,14 +25,14 @@ class Actor:
 
 
 def check_owner(actor: Actor, owner: str, action: str) -> None:
-    """PermissionDenied unless `actor` is `owner` or an admin; `action` reads "stop run X"."""
+    """Forbidden (PERMISSION_DENIED) unless `actor` is `owner` or an admin; `action` reads "stop run X"."""
     if actor.is_admin or actor.name == owner:
         return
-    raise PermissionDenied(f"only the owner ({owner}) or an admin can {action}; you are {actor.name}")
+    raise Forbidden(f"only the owner ({owner}) or an admin can {action}; you are {actor.name}")
 
 
 def check_admin(actor: Actor, action: str, hint: str = "") -> None:
     if actor.is_admin:
         return
     a = "an" if actor.role[:1] in "aeiou" else "a"
-    raise PermissionDenied(f"{action} needs the admin role; you are {a} {actor.role}{hint}")
+    raise Forbidden(f"{action} needs the admin role; you are {a} {actor.role}{hint}")

@@ -11,7 +11,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from dstack.coordinator.app import agent_link, agent_stream, agents, artifacts, code
+from dstack.coordinator.app import agent_link, agent_stream, agents
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.auth import agent_id, join_token_id
 from dstack.coordinator.convert import (
@@ -78,7 +78,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
     @streaming
     async def GetCode(self, request: agent_pb2.GetCodeRequest, context: Ctx) -> AsyncIterator[client_pb2.DataChunk]:
-        async for chunk in code.read_code(self.core, request.hash):
+        async for chunk in agent_link.read_code(self.core, agent_id(), request.hash):
             yield client_pb2.DataChunk(data=chunk)
 
     @unary
@@ -102,7 +102,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
     @unary
     async def GrantCode(self, request: agent_pb2.GetCodeRequest, context: Ctx) -> agent_pb2.GrantCodeResponse:
-        return agent_pb2.GrantCodeResponse(url=await code.code_download_url(self.core, request.hash))
+        return agent_pb2.GrantCodeResponse(url=await agent_link.code_download_url(self.core, agent_id(), request.hash))
 
     @unary
     async def GrantUploads(
@@ -119,7 +119,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self, request: agent_pb2.GrantDownloadsRequest, context: Ctx
     ) -> agent_pb2.GrantDownloadsResponse:
         files = [(f.run_name, f.job_name, f.path) for f in request.files]
-        urls = await artifacts.recorded_download_urls(self.core, files)
+        urls = await agent_link.input_download_urls(self.core, agent_id(), files)
         if urls is None:
             return agent_pb2.GrantDownloadsResponse(stream=True)
         return agent_pb2.GrantDownloadsResponse(urls=urls)
@@ -128,5 +128,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def DownloadArtifact(
         self, request: client_pb2.DownloadArtifactRequest, context: Ctx
     ) -> AsyncIterator[client_pb2.DataChunk]:
-        async for chunk in artifacts.download(self.core, request.run_name, request.job_name, request.path):
+        async for chunk in agent_link.download_input(
+            self.core, agent_id(), request.run_name, request.job_name, request.path
+        ):
             yield client_pb2.DataChunk(data=chunk)

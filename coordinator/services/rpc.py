@@ -13,10 +13,10 @@ from dstack.coordinator.errors import (
     AlreadyExists,
     Conflict,
     CoordinatorError,
+    Forbidden,
     InvalidRequest,
     LimitExceeded,
     NotFound,
-    PermissionDenied,
     StorageUnavailable,
     Unauthenticated,
 )
@@ -42,7 +42,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),  # another user's run: only its owner or an admin
+    (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
     (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),  # a per-user limit: the message names it
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),  # transient: callers retry

@@ -28,6 +28,7 @@ from dstack.coordinator.store.jobs import (
 from dstack.coordinator.store.join_tokens import JoinTokenRow, JoinTokens
 from dstack.coordinator.store.logs import ArchivableJob, Logs
 from dstack.coordinator.store.runs import CreatedRun, ExpiredRun, NewJob, RunRow, Runs, StopOnAgent
+from dstack.coordinator.store.scope import Scope
 from dstack.coordinator.store.secrets import SecretRow, Secrets
 from dstack.coordinator.store.tags import TagRow, Tags
 from dstack.coordinator.store.usage import FinishedJob, OnAgent, Usage, UserLimitsRow
@@ -77,6 +78,7 @@ class Store(Db):
         self.artifacts = Artifacts(self, self.runs)
         self.tags = Tags(self, self.runs)
         self.secrets = Secrets(self)
+        self.scope = Scope(self)
         self.usage = Usage(self)
         self.jobs.charge = self.usage.charge_ended
         self.join_tokens = JoinTokens(self)
@@ -173,6 +175,11 @@ class Store(Db):
         self.secret_ciphertexts = self.secrets.ciphertexts
         self.secret_names = self.secrets.names
         self.delete_secret = self.secrets.delete
+        # what an agent may touch (coordinator/app/agent_scope.py)
+        self.agent_acting_job = self.scope.acting_job
+        self.agent_reportable = self.scope.reportable
+        self.agent_has_code = self.scope.has_code
+        self.agent_input_sources = self.scope.input_sources
         # fair share and quotas
         self.charge_finished_usage = self.usage.charge_finished
         self.usage_accumulators = self.usage.accumulators

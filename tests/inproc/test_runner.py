@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
 
 from dstack.protos.v1 import client_pb2, common_pb2
-from tests.inproc.factories import JS, TR, GatedRuntime, coordinator, job_ids, job_spec, real_agent, submit_run
+from tests.inproc.factories import (
+    JS,
+    TR,
+    GatedRuntime,
+    coordinator,
+    job_ids,
+    job_spec,
+    real_agent,
+    submit_run,
+    wait_until,
+)
 
 pytestmark = pytest.mark.inproc
 
@@ -75,3 +87,28 @@ async def test_a_non_zero_exit_fails_the_job_and_a_stop_ends_a_running_one(tmp_p
         job = await h.wait_job(stopped.name, "main", [JS.JOB_STATUS_STOPPED])
         assert job.termination_reason == TR.TERMINATION_REASON_STOPPED_BY_USER
         assert (await h.run(stopped.name)).status == common_pb2.RUN_STATUS_STOPPED
+
+
+async def test_a_jobs_secrets_leave_the_agents_memory_when_the_job_ends(tmp_path: Path) -> None:
+    runtime = GatedRuntime()
+    secret = "sk-live-0123456789abcdef"
+    async with coordinator(tmp_path) as h, real_agent(h, runtime=runtime) as agent:
+        await h.client.AddSecret(client_pb2.AddSecretRequest(name="API_KEY", value=secret), metadata=h.meta)
+        run = await submit_run(h, job_spec("main", "echo $API_KEY"))
+        job_id = job_ids(run)["main"]
+        proc = await runtime.started(job_id)
+        assert proc.job.env["API_KEY"] == secret  # it reached the job, through its environment only
+        runner = weakref.ref(agent.jobs[job_id])
+        assignment = agent.jobs[job_id].a
+        proc.exit(0)
+        await h.wait_job(run.name, "main", [JS.JOB_STATUS_DONE])
+        del proc
+
+        async def forgotten() -> bool:
+            return job_id not in agent.jobs
+
+        await wait_until(forgotten, "the agent to forget the finished job")
+        runtime.procs.clear()  # the test's own reference to the job's environment
+        gc.collect()
+        assert runner() is None, gc.get_referrers(runner())
+        assert dict(assignment.secrets) == {}  # even a reference kept elsewhere holds no secret

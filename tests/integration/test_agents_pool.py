@@ -24,7 +24,8 @@ def spawn_agent(cluster: Cluster, name: str, home: Path) -> Proc:
         popen = subprocess.Popen(
             [
                 *(PY, "-m", "dstack.agent", "--coordinator", cluster.address),
-                *("--home", str(home), "--name", name, "--runtime", "host", *cluster.transport_args()),
+                *("--home", str(home), "--name", name, "--runtime", "host", "--job-user", "none"),
+                *cluster.transport_args(),
             ],
             stdout=f,
             stderr=f,

@@ -45,6 +45,7 @@ def spawn_agent(cluster: Cluster, name: str, token: str, *extra: str) -> Proc:
                 *(PY, "-m", "dstack.agent", "--coordinator", cluster.address),
                 *("--home", str(home), "--name", name, "--runtime", "host", "--stop-grace", "2", *extra),
                 *cluster.transport_args(),
+                *("--job-user", "none"),  # jobs as the agent's user, as in tests/conftest.py
             ],
             stdout=f,
             stderr=f,

@@ -1,0 +1,180 @@
+"""The unprivileged user host-runtime jobs run as, when the agent runs as root (`--job-user`).
+
+A job that ran as the agent's user could read the agent's credential (HOME/agent.json), the code
+cache of other runs, and write into what the agent trusts. As root the agent runs each host job
+as the job user (default `dstack-job`, which deploy/install.sh creates), in a folder outside the
+agent's home (which stays 0700 root):
+
+    <home>-jobs/            0711 root: the job user may pass through, not list
+    <home>-jobs/<job id>/   0700 the job user: the job's code, artifacts and HOME (.dstack-home)
+    <home>-jobs/.envs/      0700 the job user: its Python environments (agent/envcache.py), apart
+                            from the agent's own HOME/envs, which no job can write
+
+As any other user the agent cannot switch users: it says so at start (jobs can read its credential).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import re
+import shutil
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("dstack.agent")
+
+DEFAULT = "dstack-job"
+NONE = "none"  # jobs run as the agent's own user (local mode: the user's own jobs on their own box)
+JOB_HOME = ".dstack-home"  # the job's HOME, inside its folder (removed with it)
+ENVS = ".envs"
+
+
+class JobUserError(Exception):
+    """The job user cannot be used: the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class JobUser:
+    name: str
+    uid: int
+    gid: int
+    setpriv: str = "/usr/bin/setpriv"  # util-linux: becomes the user, then execs (no fork in the agent)
+    bash: str = "/bin/bash"
+
+
+def not_root_warning(agent_user: str) -> str:
+    return (
+        f"the agent runs as {agent_user}, not root, so host-runtime jobs run as {agent_user} too and can read"
+        " the agent's credential (HOME/agent.json) and everything else it can: run the agent as root with"
+        f" --job-user (default {DEFAULT}), or use the docker runtime"
+    )
+
+
+def resolve(name: str, runtime: str, euid: int | None = None) -> JobUser | None:
+    """The user host jobs run as; None when they run as the agent's own user."""
+    if runtime != "host" or name == NONE:
+        return None
+    euid = os.geteuid() if euid is None else euid
+    if euid != 0:
+        log.warning("%s", not_root_warning(_user_name(euid)))
+        return None
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise JobUserError(
+            f"the job user {name!r} does not exist: create it with"
+            f" `useradd --system --no-create-home --shell /usr/sbin/nologin {name}` (deploy/install.sh does),"
+            f" or name another unprivileged user with --job-user"
+        ) from None
+    if pw.pw_uid == 0:
+        raise JobUserError(f"--job-user {name}: jobs must not run as root; name an unprivileged user")
+    setpriv, bash = shutil.which("setpriv"), shutil.which("bash")
+    if setpriv is None or bash is None:
+        raise JobUserError(
+            f"--job-user {name} needs setpriv (util-linux) and bash on PATH: install them, or use the docker runtime"
+        )
+    return JobUser(name, pw.pw_uid, pw.pw_gid, setpriv, bash)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def jobs_root(home: Path) -> Path:
+    """Where the job user's folders go: next to the agent's home, never in it."""
+    return home.with_name(home.name + "-jobs")
+
+
+def prepare_root(root: Path, user: JobUser) -> None:
+    """Makes the jobs root (0711 root) and the job user's environment cache (0700, its own), and
+    checks that the job user can reach the root: a parent it cannot pass through fails the agent's
+    start, not every job."""
+    root.mkdir(parents=True, exist_ok=True)
+    os.chown(root, 0, 0)
+    os.chmod(root, 0o711)
+    envs = root / ENVS
+    envs.mkdir(exist_ok=True)
+    os.lchown(envs, user.uid, user.gid)
+    os.chmod(envs, 0o700)
+    for parent in root.parents:
+        st = parent.stat()
+        can_pass = st.st_mode & stat.S_IXOTH or (st.st_uid == user.uid and st.st_mode & stat.S_IXUSR)
+        if not can_pass and not (st.st_gid == user.gid and st.st_mode & stat.S_IXGRP):
+            raise JobUserError(
+                f"the job user {user.name} cannot reach {root}: {parent} is mode {stat.S_IMODE(st.st_mode):04o};"
+                f" `chmod o+x {parent}`, or give the agent a --home whose parent others may pass through"
+            )
+
+
+def give(folder: Path, user: JobUser) -> None:
+    """Hands a job's folder (made by the agent: code, inputs, artifact folders) to the job user,
+    never following a symlink, and makes its HOME in it."""
+    (folder / JOB_HOME).mkdir(exist_ok=True)
+    os.lchown(folder, user.uid, user.gid)
+    os.chmod(folder, 0o700)
+    for top, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                continue  # a hard link (the code unpacker makes none) may be a file outside the folder
+            os.lchown(path, user.uid, user.gid)
+
+
+# The job user's first shell: it imports the job's environment from its stdin (NUL-separated
+# KEY=VALUE, then END), which the agent writes once it has moved the shell into the job's cgroups,
+# and only then runs the job's script ($1). The environment never goes through argv or a file,
+# and no process runs as root with it: what reads it (LD_PRELOAD, BASH_ENV, ...) runs as the job user.
+END = "--dstack-env-end--"
+_IMPORT_ENV = (
+    "ok=\n"
+    "while IFS= read -r -d '' kv; do\n"
+    f'  if [ "$kv" = {END} ]; then ok=1; break; fi\n'
+    '  export "$kv"\n'
+    "done\n"
+    '[ -n "$ok" ] || { echo "dstack: the agent did not hand the job its environment" >&2; exit 1; }\n'
+    'exec bash -c "$1"\n'
+)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# What setpriv itself runs with (as root): nothing of the job's.
+ROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+def command(user: JobUser, script: str) -> list[str]:
+    """The argv of a job as its user: setpriv drops to the user, bash imports the environment."""
+    return [
+        user.setpriv,
+        f"--reuid={user.uid}",
+        f"--regid={user.gid}",
+        "--clear-groups",
+        "--",
+        user.bash,
+        "-c",
+        _IMPORT_ENV,
+        "dstack-job",
+        script,
+    ]
+
+
+def encode_env(env: dict[str, str]) -> bytes:
+    """The job's environment as the first shell reads it (names a shell cannot export are left out)."""
+    items = [f"{k}={v}" for k, v in env.items() if _NAME.fullmatch(k) and "\0" not in v]
+    return b"".join(item.encode() + b"\0" for item in [*items, END])
+
+
+def join_cgroups(cgroup_procs: Sequence[Path], pid: int) -> None:
+    """Moves a job user's process into its job's cgroups: their root-owned files are the agent's to
+    write (the job's own shell could not). The process waits for this before it runs a command
+    (it reads its environment first, written after this), so what it starts is in the cgroups too."""
+    for path in cgroup_procs:
+        try:
+            path.write_text(str(pid))
+        except OSError as e:
+            log.warning("cannot move job process %d into %s: %s", pid, path.parent, e)

@@ -1,0 +1,84 @@
+"""agent/jobuser.py: which user host jobs run as, and how their environment reaches them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dstack.agent import jobuser
+from dstack.agent.jobuser import JobUser, JobUserError
+from dstack.agent.main import parse_args
+
+
+def test_only_a_root_host_agent_switches_users(caplog: pytest.LogCaptureFixture) -> None:
+    assert jobuser.resolve("dstack-job", "docker", euid=0) is None  # containers are the boundary there
+    assert jobuser.resolve(jobuser.NONE, "host", euid=0) is None
+    with caplog.at_level(logging.WARNING, logger="dstack.agent"):
+        assert jobuser.resolve("dstack-job", "host", euid=12345) is None
+    assert "can read the agent's credential" in caplog.text and "--job-user" in caplog.text
+
+
+def test_a_missing_job_user_says_how_to_create_it() -> None:
+    with pytest.raises(JobUserError, match=r"useradd --system .* no-such-user-x"):
+        jobuser.resolve("no-such-user-x", "host", euid=0)
+
+
+def test_root_is_no_job_user() -> None:
+    with pytest.raises(JobUserError, match="must not run as root"):
+        jobuser.resolve("root", "host", euid=0)
+
+
+def test_the_jobs_folder_is_next_to_the_home_never_in_it() -> None:
+    assert jobuser.jobs_root(Path("/var/lib/dstack/agent")) == Path("/var/lib/dstack/agent-jobs")
+
+
+def test_the_environment_goes_through_stdin_not_argv() -> None:
+    user = JobUser("dstack-job", 999, 999, "/usr/bin/setpriv", "/bin/bash")
+    argv = jobuser.command(user, "echo $TOKEN")
+    assert argv[:5] == ["/usr/bin/setpriv", "--reuid=999", "--regid=999", "--clear-groups", "--"]
+    env = {"TOKEN": "s3cret value\nwith a newline", "BAD NAME": "x", "A": "1"}
+    data = jobuser.encode_env(env)
+    assert not any("s3cret" in a for a in argv)
+    assert data.split(b"\0") == [b"TOKEN=s3cret value\nwith a newline", b"A=1", jobuser.END.encode(), b""]
+
+
+def test_the_first_shell_exports_what_it_reads_then_runs_the_script() -> None:
+    # The shell part of `command`, as the current user (setpriv needs root).
+    script = 'printf "%s|" "$TOKEN" "$A"; echo "${LD_PRELOAD:-none}"'
+    argv = jobuser.command(JobUser("u", 0, 0, "", "/bin/bash"), script)[5:]
+    env = {"TOKEN": "two\nlines", "A": "1", "PATH": os.environ["PATH"]}
+    r = subprocess.run(argv, input=jobuser.encode_env(env), capture_output=True, env={"PATH": os.environ["PATH"]})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"two\nlines|1|none\n"
+    # Without the end marker (the agent died while writing) nothing runs.
+    r = subprocess.run(argv, input=b"A=1\0", capture_output=True, env={"PATH": os.environ["PATH"]})
+    assert r.returncode == 1 and r.stdout == b"" and b"did not hand the job its environment" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_handing_a_folder_over_follows_no_link(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.write_text("root's")
+    job = tmp_path / "job"
+    (job / "code").mkdir(parents=True)
+    (job / "code" / "train.py").write_text("print()")
+    (job / "link").symlink_to(outside)
+    os.link(outside, job / "hard")
+    user = JobUser("u", 4242, 4243)
+    jobuser.give(job, user)
+    assert (job.stat().st_uid, (job / "code" / "train.py").stat().st_uid) == (4242, 4242)
+    assert (job / jobuser.JOB_HOME).stat().st_uid == 4242
+    assert (job / "link").lstat().st_uid == 4242
+    assert outside.stat().st_uid == 0  # neither through the symlink nor through the hard link
+
+
+def test_the_default_job_user_is_dstack_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DSTACK_JOB_USER", raising=False)
+    assert parse_args(["--coordinator", "c:1"]).job_user_name == "dstack-job"
+    monkeypatch.setenv("DSTACK_JOB_USER", "trainer")
+    assert parse_args(["--coordinator", "c:1"]).job_user_name == "trainer"
+    assert parse_args(["--coordinator", "c:1", "--job-user", "none"]).job_user_name == "none"
