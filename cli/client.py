@@ -258,8 +258,8 @@ class Client:
         resp: client_pb2.SetUserLimitsResponse = self._call(self.stub.SetUserLimits, request)
         return resp.user
 
-    def add_secret(self, name: str, value: str) -> client_pb2.Secret:
-        req = client_pb2.AddSecretRequest(name=name, value=value)
+    def add_secret(self, name: str, value: str, personal: bool = False) -> client_pb2.Secret:
+        req = client_pb2.AddSecretRequest(name=name, value=value, personal=personal)
         resp: client_pb2.AddSecretResponse = self._call(self.stub.AddSecret, req)
         return resp.secret
 
@@ -267,8 +267,8 @@ class Client:
         resp: client_pb2.ListSecretsResponse = self._call(self.stub.ListSecrets, client_pb2.ListSecretsRequest())
         return list(resp.secrets)
 
-    def delete_secret(self, name: str) -> None:
-        self._call(self.stub.DeleteSecret, client_pb2.DeleteSecretRequest(name=name))
+    def delete_secret(self, name: str, personal: bool = False) -> None:
+        self._call(self.stub.DeleteSecret, client_pb2.DeleteSecretRequest(name=name, personal=personal))
 
     # ---- enrolment (admin only) ----------------------------------------------------------------
     def create_join_token(self, ttl_s: float, max_uses: int) -> client_pb2.CreateJoinTokenResponse:
@@ -297,3 +297,22 @@ class Client:
 
     def approve_agent(self, name: str) -> None:
         self._call(self.stub.ApproveAgent, client_pb2.ApproveAgentRequest(name=name))
+
+    # ---- users (admin only, but listing) -------------------------------------------------------
+    def add_user(self, name: str, role: str) -> client_pb2.AddUserResponse:
+        resp: client_pb2.AddUserResponse = self._call(
+            self.stub.AddUser, client_pb2.AddUserRequest(name=name, role=role)
+        )
+        return resp
+
+    def list_users(self) -> list[client_pb2.User]:
+        resp: client_pb2.ListUsersResponse = self._call(self.stub.ListUsers, client_pb2.ListUsersRequest())
+        return list(resp.users)
+
+    def remove_user(self, name: str) -> None:
+        self._call(self.stub.RemoveUser, client_pb2.RemoveUserRequest(name=name))
+
+    def rotate_user_token(self, name: str) -> client_pb2.RotateUserTokenResponse:
+        req = client_pb2.RotateUserTokenRequest(name=name)
+        resp: client_pb2.RotateUserTokenResponse = self._call(self.stub.RotateUserToken, req)
+        return resp

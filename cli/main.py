@@ -27,7 +27,9 @@ secrets_app = typer.Typer(help="Secrets every job gets as environment variables.
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(local_app, name="local")
-users_app = typer.Typer(help="Users' fair share and quotas.", no_args_is_help=True)
+# Its own module (add, list, remove, rotate-token); `users set` (fair share and quotas) is below.
+from dstack.cli.commands.users import users_app  # noqa: E402
+
 app.add_typer(users_app, name="users")
 
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -308,11 +310,14 @@ def tags_delete(tag: Annotated[str, typer.Argument(help="Tag name, or OWNER/REPO
 def secrets_add(
     name: Annotated[str, typer.Argument(help="Secret name (the job's environment variable)")],
     value: Annotated[str | None, typer.Argument(help="Value; omitted: asked for, hidden (or read from stdin)")] = None,
+    personal: Annotated[
+        bool, typer.Option("--personal", help="Yours only: your jobs get it instead of a team secret of that name")
+    ] = False,
 ) -> None:
-    """Add or replace a secret."""
+    """Add or replace a secret: a team secret (admins; every job gets it) or, with --personal, your own."""
     from dstack.cli.commands.secrets import add_command
 
-    add_command(name, value)
+    add_command(name, value, personal)
 
 
 @secrets_app.command("list")
@@ -324,12 +329,23 @@ def secrets_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
 
 
 @secrets_app.command("delete")
-def secrets_delete(name: Annotated[str, typer.Argument(help="Secret name")]) -> None:
-    """Delete a secret."""
+def secrets_delete(
+    name: Annotated[str, typer.Argument(help="Secret name")],
+    personal: Annotated[bool, typer.Option("--personal", help="Your own, not the team's")] = False,
+) -> None:
+    """Delete a secret (a team secret: admins)."""
     from dstack.cli.session import connect
 
-    connect().delete_secret(name)
-    print(f"deleted {name}")
+    connect().delete_secret(name, personal)
+    print(f"deleted {'your personal secret' if personal else 'team secret'} {name}")
+
+
+@app.command()
+def whoami() -> None:
+    """Show your user name, role and the coordinator the CLI talks to."""
+    from dstack.cli.commands.users import whoami_command
+
+    whoami_command()
 
 
 @users_app.command("set")

@@ -1,10 +1,14 @@
 """Who may call what: one gRPC interceptor authenticates every call against one permission table.
 
 Each RPC needs one role (`PERMISSIONS`):
-- `user`: `authorization: Bearer USER_TOKEN` (what `dstack config` stores);
+- `user`: any user's token, `authorization: Bearer USER_TOKEN` (what `dstack config` stores): a
+  viewer, member or admin. Reading: every listing and log is visible to the whole team;
+- `member`: a member's or an admin's token: submitting runs, and changing runs, tags and personal
+  secrets (the use cases in coordinator/app/ then check that the caller owns what it changes, or
+  is an admin: coordinator/app/ownership.py);
+- `admin`: an admin's token: users, enrolment (join tokens, removing and approving agents);
+  a viewer's or member's token is refused with PERMISSION_DENIED naming the role it needs;
 - `agent`: `authorization: Bearer AGENT_TOKEN` (what Register handed the agent);
-- `admin`: a user token whose user has the role 'admin' (enrolment: join tokens, removing and
-  approving agents); another user's token is refused with PERMISSION_DENIED;
 - `join`: `authorization: Bearer JOIN_TOKEN`, a join token that is not revoked, expired or used up
   (Register, which takes one use; coordinator/store/join_tokens.py). The request's `join_token` field
   is not read: agents still fill it in for coordinators older than this check;
@@ -13,6 +17,11 @@ A method missing from the table is refused. A refused call gets a handler that a
 reading the request, so an unauthenticated upload is not buffered: HTTP/2 flow control stops its
 sender. The caller reaches handlers through `caller()` (a contextvar the interceptor sets; grpc.aio
 runs interceptors and the handler in one contextvars.Context).
+
+User tokens are cached, but every hit is checked against the store's `users.generation`, which
+every removal, rotation and role change bumps (there is one coordinator process): a revoked token
+is refused on the very next call. The cache's time limit only bounds how long an edit made outside
+the coordinator (sqlite3 on the database file) can go unseen.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import enum
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -31,15 +40,23 @@ from dstack.coordinator.errors import Unauthenticated
 from dstack.coordinator.lifecycle.agents import AgentStatus
 from dstack.coordinator.store import Store
 from dstack.coordinator.store.executor import DbExecutor
+from dstack.coordinator.store.users import ADMIN, MEMBER, VIEWER, hash_token
 from dstack.protos.refusals import agent_removed
 
 
 class Role(enum.Enum):
     PUBLIC = "public"
     JOIN = "join"
-    USER = "user"
+    USER = "user"  # any user: viewer, member or admin
+    MEMBER = "member"  # a member or an admin
     ADMIN = "admin"
     AGENT = "agent"
+
+
+# A user may make a call when their role's rank is at least the call's.
+_RANK = {VIEWER: 0, MEMBER: 1, ADMIN: 2}
+_NEEDED_RANK = {Role.USER: 0, Role.MEMBER: 1, Role.ADMIN: 2}
+USER_ROLES = (Role.USER, Role.MEMBER, Role.ADMIN)
 
 
 _C = "/dstack.v1.ClientService/"
@@ -47,28 +64,28 @@ _A = "/dstack.v1.AgentService/"
 
 # Every RPC of every service, once. tests/unit/test_auth.py checks this against the descriptors.
 PERMISSIONS: dict[str, Role] = {
-    _C + "GetInfo": Role.USER,  # answers with the caller's name: `dstack config` checks the token with it
-    _C + "HasCode": Role.USER,
-    _C + "PutCode": Role.USER,
-    _C + "SubmitRun": Role.USER,
+    _C + "GetInfo": Role.USER,  # answers with the caller's name and role: `dstack config` and `whoami`
+    _C + "HasCode": Role.MEMBER,  # code is uploaded to submit a run
+    _C + "PutCode": Role.MEMBER,
+    _C + "SubmitRun": Role.MEMBER,
     _C + "GetRun": Role.USER,
     _C + "ListRuns": Role.USER,
-    _C + "StopRun": Role.USER,
+    _C + "StopRun": Role.MEMBER,  # and the run's owner or an admin (app/runs.py)
     _C + "StreamLogs": Role.USER,
     _C + "ListArtifacts": Role.USER,
     _C + "DownloadArtifact": Role.USER,
     _C + "ListAgents": Role.USER,
-    _C + "AddTag": Role.USER,
+    _C + "AddTag": Role.MEMBER,  # and the tagged run's owner or an admin (app/tags.py)
     _C + "ListTags": Role.USER,
-    _C + "DeleteTag": Role.USER,
+    _C + "DeleteTag": Role.MEMBER,  # and the tagged run's owner or an admin (app/tags.py)
     _C + "GetTag": Role.USER,
-    _C + "AddSecret": Role.USER,
+    _C + "AddSecret": Role.MEMBER,  # a team secret: an admin (app/secrets.py)
     _C + "ListSecrets": Role.USER,
-    _C + "DeleteSecret": Role.USER,
-    _C + "CreateUpload": Role.USER,
-    _C + "PutArtifact": Role.USER,
-    _C + "CommitUpload": Role.USER,
-    _C + "DeleteRun": Role.USER,
+    _C + "DeleteSecret": Role.MEMBER,  # a team secret: an admin (app/secrets.py)
+    _C + "CreateUpload": Role.MEMBER,  # an uploaded artifact set is a run of the caller's
+    _C + "PutArtifact": Role.MEMBER,  # and the upload's owner or an admin (app/artifacts.py)
+    _C + "CommitUpload": Role.MEMBER,  # and the upload's owner or an admin (app/artifacts.py)
+    _C + "DeleteRun": Role.MEMBER,  # and the run's owner or an admin (app/runs.py)
     # The handler checks the role again, from the database at once (coordinator/app/users.py).
     _C + "SetUserLimits": Role.ADMIN,
     _C + "CreateJoinToken": Role.ADMIN,
@@ -77,6 +94,10 @@ PERMISSIONS: dict[str, Role] = {
     _C + "RemoveAgent": Role.ADMIN,
     _C + "ApproveAgent": Role.ADMIN,
     _C + "PreemptRun": Role.ADMIN,
+    _C + "AddUser": Role.ADMIN,
+    _C + "ListUsers": Role.USER,  # names and roles: who the owners in `dstack ps` are
+    _C + "RemoveUser": Role.ADMIN,
+    _C + "RotateUserToken": Role.ADMIN,
     _A + "Register": Role.JOIN,
     _A + "Connect": Role.AGENT,
     _A + "GetCode": Role.AGENT,
@@ -94,14 +115,15 @@ INVALID_USER_TOKEN = "invalid token: check `dstack config`"
 MISSING_AGENT_TOKEN = "missing agent token: register the agent with the join token first"
 UNKNOWN_AGENT_TOKEN = "unknown agent token: register the agent again with the join token"
 INVALID_JOIN_TOKEN = "invalid join token"
-NOT_ADMIN = "needs an admin token"
-ADMIN_ROLE = "admin"  # users.role (the store's `ensure_user(..., "admin")`)
+LAST_SEEN_EVERY_NS = 60 * 10**9  # users.last_seen_at is written at most this often per user
 
 
 @dataclass(frozen=True)
 class Caller:
-    role: Role
+    role: Role  # what the RPC needed
     name: str = ""  # the user's name, the agent's id, or the join token's id; empty for public calls
+    user_role: str = ""  # a user's own role (admin, member, viewer); empty for agents and join tokens
+    token_hash: str = field(default="", repr=False)  # a user's: a long stream re-checks it (app/users.py)
 
 
 _CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("dstack_caller")
@@ -117,8 +139,15 @@ def caller() -> Caller:
 
 def user_name() -> str:
     c = caller()
-    assert c.role in (Role.USER, Role.ADMIN), c
+    assert c.role in USER_ROLES, c
     return c.name
+
+
+def user_caller() -> Caller:
+    """The calling user, with their role (for the use cases' ownership checks)."""
+    c = caller()
+    assert c.role in USER_ROLES, c
+    return c
 
 
 def join_token_id() -> str:
@@ -137,6 +166,7 @@ _NEEDS = {
     Role.PUBLIC: "nothing",
     Role.JOIN: "the join token",
     Role.USER: "a user token",
+    Role.MEMBER: "a user token (a member's or an admin's)",
     Role.ADMIN: "an admin token",
     Role.AGENT: "an agent token",
 }
@@ -154,30 +184,66 @@ class Refused(Exception):
         self.code = code
 
 
+class RoleRefused(Refused):
+    """A valid user token whose role is below the RPC's: the message names both."""
+
+    def __init__(self, needed: Role, user: str, user_role: str) -> None:
+        super().__init__(grpc.StatusCode.PERMISSION_DENIED, f"needs the {needed.value} role")
+        self.needed, self.user, self.user_role = needed, user, user_role
+
+    def message(self, method: str) -> str:
+        a = "an" if self.user_role[:1] in "aeiou" else "a"
+        return f"{method} needs the {self.needed.value} role; you are {a} {self.user_role} (user {self.user})"
+
+
 class Authenticator:
-    """Token -> caller, against the store. User tokens are cached briefly (every call checks one);
-    agent and join tokens are not: a removed agent or a revoked join token is refused at once."""
+    """Token -> caller, against the store. User tokens are cached (every call checks one), each entry
+    valid while the store's users.generation is unchanged: a removal or rotation is in force for the
+    very next call. Agent and join tokens are not cached: a removed agent or a revoked join token is
+    refused at once."""
 
     def __init__(self, store: Store, db: DbExecutor) -> None:
         self.store = store
         self.db = db
-        self._users: dict[str, tuple[tuple[str, str], float]] = {}
+        # token -> ((name, role, token hash), users.generation when looked up, monotonic expiry)
+        self._users: dict[str, tuple[tuple[str, str, str], int, float]] = {}
+        self._seen: dict[str, int] = {}  # user -> when last_seen_at was last written (ns)
 
-    async def user_with_role(self, token: str) -> tuple[str, str] | None:
-        # A revoked token stops working within TOKEN_CACHE_S.
+    def _generation(self) -> int:
+        return self.store.users.generation
+
+    async def _user(self, token: str) -> tuple[str, str, str] | None:
         now = time.monotonic()
+        generation = self._generation()
         hit = self._users.get(token)
-        if hit is not None and hit[1] > now:
+        if hit is not None and hit[1] == generation and hit[2] > now:
             return hit[0]
         found = await self.db(self.store.user_with_role, token)
-        if found is not None:
+        if found is None:
+            self._users.pop(token, None)
+            return None
+        user = (found[0], found[1], hash_token(token))
+        # Not cached if the users changed while it was looked up: the answer may predate the change.
+        if self._generation() == generation:
             if len(self._users) > 10_000:
                 self._users.clear()
-            self._users[token] = (found, now + TOKEN_CACHE_S)
-        return found
+            self._users[token] = (user, generation, now + TOKEN_CACHE_S)
+        await self._touch(user[0])
+        return user
+
+    async def _touch(self, name: str) -> None:
+        # `dstack users list` shows when each user was last seen: one write a minute per user, at most.
+        now = self.store.clock()
+        if now - self._seen.get(name, 0) < LAST_SEEN_EVERY_NS:
+            return
+        self._seen[name] = now
+        try:
+            await self.db(self.store.touch_user, name, now)
+        except sqlite3.Error:
+            pass  # last seen is a courtesy: never refuse a call over it
 
     async def user(self, token: str) -> str | None:
-        found = await self.user_with_role(token)
+        found = await self._user(token)
         return None if found is None else found[0]
 
     async def agent(self, token: str) -> str | None:
@@ -200,24 +266,18 @@ class Authenticator:
                 return Caller(role, await self.db(self.store.check_join_token, token))
             except Unauthenticated as e:  # unknown, revoked, expired or used up: the message says which
                 raise Refused(grpc.StatusCode.UNAUTHENTICATED, str(e)) from None
-        if role is Role.ADMIN:
+        if role in USER_ROLES:
             if token is None:
                 raise Refused(grpc.StatusCode.UNAUTHENTICATED, MISSING_USER_TOKEN)
-            found = await self.user_with_role(token)
+            found = await self._user(token)
             if found is None:
+                if await self.agent(token) is not None:
+                    raise Refused(grpc.StatusCode.PERMISSION_DENIED, "this call needs a user token, not an agent's")
                 raise Refused(grpc.StatusCode.UNAUTHENTICATED, INVALID_USER_TOKEN)
-            if found[1] != ADMIN_ROLE:
-                raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"user {found[0]} is not an admin")
-            return Caller(role, found[0])
-        if role is Role.USER:
-            if token is None:
-                raise Refused(grpc.StatusCode.UNAUTHENTICATED, MISSING_USER_TOKEN)
-            name = await self.user(token)
-            if name is not None:
-                return Caller(role, name)
-            if await self.agent(token) is not None:
-                raise Refused(grpc.StatusCode.PERMISSION_DENIED, "this call needs a user token, not an agent's")
-            raise Refused(grpc.StatusCode.UNAUTHENTICATED, INVALID_USER_TOKEN)
+            name, user_role, token_hash = found
+            if _RANK[user_role] < _NEEDED_RANK[role]:
+                raise RoleRefused(role, name, user_role)
+            return Caller(role, name, user_role, token_hash)
         if token is None:
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, MISSING_AGENT_TOKEN)
         agent = await self.agent(token)
@@ -265,6 +325,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         token = bearer_token(handler_call_details.invocation_metadata)
         try:
             who = await self.auth.check(role, token)
+        except RoleRefused as e:
+            return refusal(e.code, e.message(method.rsplit("/", 1)[-1]))
         except Refused as e:
             return refusal(e.code, f"{e} ({method.rsplit('/', 1)[-1]} needs {_NEEDS[role]})")
         except sqlite3.Error as e:  # the database could not answer: the caller may retry

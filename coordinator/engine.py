@@ -36,6 +36,7 @@ from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest
 from dstack.coordinator.secrets import SecretBox
 from dstack.coordinator.store import Assignment, Placement, Store
 from dstack.coordinator.store.executor import DbExecutor
+from dstack.coordinator.store.secrets import TEAM
 from dstack.protos.refusals import agent_removed
 from dstack.protos.urls import public_repo_url
 from dstack.protos.v1 import agent_pb2, common_pb2
@@ -110,7 +111,8 @@ class Engine:
         self.assignments_sent = 0  # over the engine's life (the fairness bench counts deliveries by it)
         self.queue = WaitingQueue()
         self.secret_box = SecretBox(config.secrets_key_path)
-        self.secrets: dict[str, str] = {}  # decrypted, for the job hand-off only
+        # Decrypted, for the job hand-off only: owner ('' for the team's) -> name -> value.
+        self.secrets: dict[str, dict[str, str]] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -118,7 +120,9 @@ class Engine:
         # its next reconnect attempt: a lease counted from now alone would let a restart make healthy
         # agents "lost" (and fail their jobs) whenever that attempt comes later than the lease timeout.
         await self.db(self.store.extend_all_leases, self.lease_until(self.config.reconnect_grace_s))
-        self.secrets = {n: self.secret_box.decrypt(c) for n, c in await self.db(self.store.secret_ciphertexts)}
+        self.secrets = {}
+        for owner, name, ciphertext in await self.db(self.store.secret_ciphertexts):
+            self.secrets.setdefault(owner, {})[name] = self.secret_box.decrypt(ciphertext)
         for row in await self.db(self.store.waiting_jobs):
             self.queue.add_row(row)
         recent = await self.db(self.store.recent_durations)
@@ -335,7 +339,7 @@ class Engine:
             gpu_indices=a.gpu_indices,
             env=env,
             inputs=[artifact_input_to_proto(i) for i in a.inputs],
-            secrets=self.secrets,
+            secrets=self.secrets_for(a.owner),
         )
 
     # ---- leases ------------------------------------------------------------------------------
@@ -599,12 +603,24 @@ class Engine:
         """A secret's value as the store keeps it (encrypted)."""
         return self.secret_box.encrypt(value)
 
-    def remember_secret(self, name: str, value: str) -> None:
-        """A secret the store now holds: job hand-offs from now on carry it."""
-        self.secrets[name] = value
+    def remember_secret(self, name: str, value: str, owner: str = TEAM) -> None:
+        """A secret the store now holds: job hand-offs from now on carry it (to the owner's jobs only,
+        for a personal one)."""
+        self.secrets.setdefault(owner, {})[name] = value
 
-    def forget_secret(self, name: str) -> None:
-        self.secrets.pop(name, None)
+    def forget_secret(self, name: str, owner: str = TEAM) -> None:
+        self.secrets.get(owner, {}).pop(name, None)
+
+    def forget_secrets_of(self, owner: str) -> None:
+        self.secrets.pop(owner, None)
+
+    def secrets_for(self, owner: str) -> dict[str, str]:
+        """What a job of `owner` gets: the team's secrets, overridden by the owner's personal ones of
+        the same name; never another user's."""
+        out = dict(self.secrets.get(TEAM, {}))
+        if owner != TEAM:
+            out.update(self.secrets.get(owner, {}))
+        return out
 
     async def preempt(self, job_ids: Sequence[str], reason: str) -> int:
         """Preempts interruptible jobs on agents: each gets SIGTERM and the grace period, its artifacts

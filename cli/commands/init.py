@@ -67,6 +67,8 @@ def config_command(coordinator: str, token: str, local: bool, check: bool = True
         print(INSECURE_WARNING, file=sys.stderr)
     # The CA is read (or fetched with the fingerprint) before the token is asked for or sent anywhere.
     ca_pem = _pinned_ca(coordinator, tls)
+    if token == "-" or (not token and not sys.stdin.isatty()):
+        token = sys.stdin.readline().strip()  # `dstack config --token - < FILE`: out of shell history
     if not token:
         import getpass
 

@@ -12,7 +12,7 @@ from dstack.cli.render import ago, iso
 MIN_MASKED_LENGTH = 4  # as the agent's log masking (agent/masking.py)
 
 
-def add_command(name: str, value: str | None) -> None:
+def add_command(name: str, value: str | None, personal: bool = False) -> None:
     from dstack.cli.session import connect
 
     if value is None:
@@ -22,8 +22,11 @@ def add_command(name: str, value: str | None) -> None:
             value = getpass.getpass(f"value of {name} (hidden): ")
     if not value:
         raise CliError("a secret needs a value")
-    s = connect().add_secret(name, value)
-    print(f"secret {s.name} saved; every job gets it as the environment variable {s.name}")
+    s = connect().add_secret(name, value, personal)
+    if s.personal:
+        print(f"personal secret {s.name} saved; your jobs get it as the environment variable {s.name}")
+    else:
+        print(f"team secret {s.name} saved; every job gets it as the environment variable {s.name}")
     if len(value) < MIN_MASKED_LENGTH:
         print(
             f"warning: values shorter than {MIN_MASKED_LENGTH} characters are not masked in logs",
@@ -37,12 +40,18 @@ def list_command(as_json: bool) -> None:
     secrets = connect().list_secrets()
     if as_json:
         out = [
-            {"name": s.name, "created_at": iso(s.created_at_ns), "updated_at": iso(s.updated_at_ns)} for s in secrets
+            {
+                "name": s.name,
+                "scope": "personal" if s.personal else "team",
+                "created_at": iso(s.created_at_ns),
+                "updated_at": iso(s.updated_at_ns),
+            }
+            for s in secrets
         ]
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
     from dstack.cli.term import Term
 
-    rows = [[s.name, ago(s.created_at_ns), ago(s.updated_at_ns)] for s in secrets]
-    Term().table(("SECRET", "CREATED", "UPDATED"), rows)
+    rows = [[s.name, "personal" if s.personal else "team", ago(s.created_at_ns), ago(s.updated_at_ns)] for s in secrets]
+    Term().table(("SECRET", "SCOPE", "CREATED", "UPDATED"), rows)

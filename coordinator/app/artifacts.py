@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from dstack.coordinator.app.core import Core
+from dstack.coordinator.app.ownership import Actor, check_owner
 from dstack.coordinator.app.runs import NAME, check_tag_name
 from dstack.coordinator.app.transfer import put_from_stream, read_chunks
 from dstack.coordinator.artifacts import artifact_key, check_relative_path
@@ -83,16 +84,25 @@ async def create_upload(
     return Upload(name, stream=False, grants=await core.artifacts.grant_uploads(name, workflow, files))
 
 
-async def put_upload_file(core: Core, run_name: str, path: str, chunks: AsyncIterator[bytes]) -> tuple[int, str]:
+async def put_upload_file(
+    core: Core, actor: Actor, run_name: str, path: str, chunks: AsyncIterator[bytes]
+) -> tuple[int, str]:
     """One file of an upload run, streamed through the coordinator; returns size and sha256."""
+    await _check_upload_owner(core, actor, run_name)
     job = await core.db(core.store.upload_job, run_name)
     key = artifact_key(run_name, job.job_name, check_relative_path(path))
     return await put_from_stream(core.objects, key, chunks)
 
 
+async def _check_upload_owner(core: Core, actor: Actor, run_name: str) -> None:
+    run = await core.db(core.store.run_by_name, run_name)
+    check_owner(actor, run.owner, f"add files to the upload {run_name}")
+
+
 async def commit_upload(
-    core: Core, run_name: str, files: Sequence[FileEntry], completed: Sequence[CompletedUpload]
+    core: Core, actor: Actor, run_name: str, files: Sequence[FileEntry], completed: Sequence[CompletedUpload]
 ) -> RunView:
+    await _check_upload_owner(core, actor, run_name)
     job = await core.db(core.store.upload_job, run_name)
     checked = [(check_relative_path(p), size, sha) for p, size, sha in files]
     await core.artifacts.commit(run_name, job.job_name, checked, completed)

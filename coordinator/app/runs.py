@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dstack.coordinator.app.core import Core, run_view
+from dstack.coordinator.app.ownership import Actor, check_owner
 from dstack.coordinator.convert import code_to_bytes
-from dstack.coordinator.errors import InvalidRequest
+from dstack.coordinator.errors import InvalidRequest, NotFound
 from dstack.coordinator.model import CodeRef, JobSpec, JobStatus, JobView, RunStatus, RunView
 from dstack.coordinator.repositories import run_repository
 from dstack.coordinator.store.db import CreatedRun, NewJob
@@ -55,8 +56,21 @@ def _check(jobs: Sequence[JobSpec]) -> None:
             raise InvalidRequest(f"job {j.job_name!r}: invalid resources")
 
 
-async def submit(core: Core, owner: str, sub: Submission) -> RunView:
-    """Stores a new run and queues its jobs; returns the run as stored."""
+async def check_tag_movable(core: Core, actor: Actor, repository: str, tag: str) -> None:
+    """`dstack run -t TAG` moves TAG (of the run's repository) to the new run when it finishes done:
+    if TAG is on another user's run, that changes their run, which only its owner or an admin may
+    (checked at submission; the move itself happens at the end)."""
+    try:
+        tagged = await core.db(core.store.tag, repository, tag)
+    except NotFound:
+        return
+    owner = (await core.db(core.store.run_by_name, tagged.run_name)).owner
+    check_owner(actor, owner, f"move tag {tag} (of run {tagged.run_name})")
+
+
+async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = None) -> RunView:
+    """Stores a new run and queues its jobs; returns the run as stored. `actor`: the submitting
+    user (`owner`), with their role, for the ownership checks (None: trusted, e.g. tests)."""
     _check(sub.jobs)
     if abs(sub.priority) > 1_000_000:
         raise InvalidRequest("--priority must be between -1000000 and 1000000")
@@ -71,6 +85,8 @@ async def submit(core: Core, owner: str, sub: Submission) -> RunView:
     if sub.tag_on_done:
         check_tag_name(sub.tag_on_done)
     repository = run_repository(sub.repository, sub.code.repo_url, owner)
+    if sub.tag_on_done and actor is not None:
+        await check_tag_movable(core, actor, repository, sub.tag_on_done)
 
     def create() -> tuple[CreatedRun, list[JobSpec]]:
         # Counted in the step that stores the run: two submissions at once cannot both pass at the limit.
@@ -160,7 +176,9 @@ async def list_runs(core: Core, include_all: bool, limit: int = 0) -> list[RunVi
     return await core.db(load)
 
 
-async def stop(core: Core, name: str) -> RunView:
+async def stop(core: Core, actor: Actor, name: str) -> RunView:
+    run = await core.db(core.store.run_by_name, name)
+    check_owner(actor, run.owner, f"stop run {name}")
     await asyncio.shield(core.engine.stop_run(name))  # stop messages go out even if the client leaves
     return await core.run(name)
 
@@ -174,8 +192,9 @@ async def preempt(core: Core, name: str) -> tuple[int, RunView]:
     return n, await core.run(name)
 
 
-async def delete(core: Core, name: str) -> int:
+async def delete(core: Core, actor: Actor, name: str) -> int:
     """Deletes a finished run, its logs and artifacts; returns how many objects were deleted."""
+    check_owner(actor, (await core.db(core.store.run_by_name, name)).owner, f"remove run {name}")
     run = await core.db(core.store.deletable_run, name)
     # Objects first: if this fails halfway, the run is still listed and `dstack rm` can be repeated.
     deleted = await core.artifacts.delete_run(run.name)

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from dstack.coordinator.app.core import Core
+from dstack.coordinator.app.ownership import Actor, check_owner
 from dstack.coordinator.app.runs import check_tag_name
 from dstack.coordinator.repositories import run_repository
+from dstack.coordinator.store import TagRow
 
 
 @dataclass(frozen=True)
@@ -28,9 +30,11 @@ def _repository(sent: str, user: str) -> str:
     return run_repository(sent, "", user)
 
 
-async def add(core: Core, tag: str, run_name: str) -> Tag:
-    """Tags a run in the run's repository."""
+async def add(core: Core, actor: Actor, tag: str, run_name: str) -> Tag:
+    """Tags a run in the run's repository (its owner or an admin)."""
     check_tag_name(tag)
+    run = await core.db(core.store.run_by_name, run_name)
+    check_owner(actor, run.owner, f"tag run {run_name}")
     return _tag(await core.db(core.store.add_tag, tag, run_name))
 
 
@@ -45,7 +49,13 @@ async def list_tags(core: Core, user: str, repository: str = "", include_all: bo
     return [_tag(r) for r in await core.db(core.store.list_tags, where)]
 
 
-async def delete(core: Core, user: str, ref: str, repository: str = "") -> Tag:
-    """Deletes `TAG` of `repository`, or `OWNER/REPO/TAG`; returns what it was."""
-    where = _repository(repository, user) if repository else None
-    return _tag(await core.db(core.store.delete_tag, where, ref))
+async def delete(core: Core, actor: Actor, ref: str, repository: str = "") -> Tag:
+    """Deletes `TAG` of `repository`, or `OWNER/REPO/TAG` (the tagged run's owner or an admin);
+    returns what it was."""
+    where = _repository(repository, actor.name) if repository else None
+
+    def owned(row: TagRow) -> None:  # on the DB thread, between finding the tag and deleting it
+        owner = core.store.run_by_name(row.run_name).owner
+        check_owner(actor, owner, f"delete tag {row.name} (of run {row.run_name})")
+
+    return _tag(await core.db(core.store.delete_tag, where, ref, owned))

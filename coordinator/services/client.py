@@ -9,7 +9,8 @@ from typing import Any, TypeAlias
 
 from dstack.coordinator.app import agents, artifacts, code, join_tokens, logs, runs, secrets, tags, users
 from dstack.coordinator.app.core import Core
-from dstack.coordinator.auth import user_name
+from dstack.coordinator.app.ownership import Actor
+from dstack.coordinator.auth import user_caller, user_name
 from dstack.coordinator.convert import (
     agent_to_proto,
     artifact_file_to_proto,
@@ -34,7 +35,10 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def GetInfo(self, request: client_pb2.GetInfoRequest, context: Ctx) -> client_pb2.GetInfoResponse:
-        return client_pb2.GetInfoResponse(version=VERSION, user=user_name(), local_mode=self.core.local_mode)
+        who = user_caller()
+        return client_pb2.GetInfoResponse(
+            version=VERSION, user=who.name, local_mode=self.core.local_mode, role=who.user_role
+        )
 
     @unary
     async def HasCode(self, request: client_pb2.HasCodeRequest, context: Ctx) -> client_pb2.HasCodeResponse:
@@ -60,7 +64,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
             request.priority,
             request.repository,
         )
-        return client_pb2.SubmitRunResponse(run=run_to_proto(await runs.submit(self.core, user_name(), sub)))
+        return client_pb2.SubmitRunResponse(run=run_to_proto(await runs.submit(self.core, user_name(), sub, actor())))
 
     @unary
     async def GetRun(self, request: client_pb2.GetRunRequest, context: Ctx) -> client_pb2.GetRunResponse:
@@ -74,7 +78,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def StopRun(self, request: client_pb2.StopRunRequest, context: Ctx) -> client_pb2.StopRunResponse:
-        return client_pb2.StopRunResponse(run=run_to_proto(await runs.stop(self.core, request.name)))
+        return client_pb2.StopRunResponse(run=run_to_proto(await runs.stop(self.core, actor(), request.name)))
 
     @unary
     async def PreemptRun(self, request: client_pb2.PreemptRunRequest, context: Ctx) -> client_pb2.PreemptRunResponse:
@@ -83,14 +87,17 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def DeleteRun(self, request: client_pb2.DeleteRunRequest, context: Ctx) -> client_pb2.DeleteRunResponse:
-        return client_pb2.DeleteRunResponse(objects_deleted=await runs.delete(self.core, request.name))
+        return client_pb2.DeleteRunResponse(objects_deleted=await runs.delete(self.core, actor(), request.name))
 
     @streaming
     async def StreamLogs(
         self, request: client_pb2.StreamLogsRequest, context: Ctx
     ) -> AsyncIterator[client_pb2.StreamLogsResponse]:
         after = {c.job_name: c.seq for c in request.after}
+        # A user removed (or whose token is rotated) while following: the stream ends on its next message.
+        signed_in = users.SignedIn(self.core, actor())
         async for chunk in logs.stream_logs(self.core, request.run_name, request.follow, after):
+            await signed_in.check()
             yield client_pb2.StreamLogsResponse(
                 jobs=[
                     client_pb2.JobLogs(job_name=j.job_name, lines=[log_line_to_proto(ln) for ln in j.lines])
@@ -134,7 +141,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     ) -> client_pb2.PutArtifactResponse:
         first = await first_message(request_iterator)
         size, digest = await artifacts.put_upload_file(
-            self.core, first.run_name, first.path, data_of(first, request_iterator)
+            self.core, actor(), first.run_name, first.path, data_of(first, request_iterator)
         )
         return client_pb2.PutArtifactResponse(size=size, sha256=digest)
 
@@ -144,7 +151,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     ) -> client_pb2.CommitUploadResponse:
         files = [(f.path, f.size, f.sha256) for f in request.files]
         completed = completed_uploads_from_proto(request.completed)
-        run = await artifacts.commit_upload(self.core, request.run_name, files, completed)
+        run = await artifacts.commit_upload(self.core, actor(), request.run_name, files, completed)
         return client_pb2.CommitUploadResponse(run=run_to_proto(run))
 
     @unary
@@ -153,7 +160,9 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def AddTag(self, request: client_pb2.AddTagRequest, context: Ctx) -> client_pb2.AddTagResponse:
-        return client_pb2.AddTagResponse(tag=tag_to_proto(await tags.add(self.core, request.tag, request.run_name)))
+        return client_pb2.AddTagResponse(
+            tag=tag_to_proto(await tags.add(self.core, actor(), request.tag, request.run_name))
+        )
 
     @unary
     async def ListTags(self, request: client_pb2.ListTagsRequest, context: Ctx) -> client_pb2.ListTagsResponse:
@@ -162,7 +171,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def DeleteTag(self, request: client_pb2.DeleteTagRequest, context: Ctx) -> client_pb2.DeleteTagResponse:
-        await tags.delete(self.core, user_name(), request.tag, request.repository)
+        await tags.delete(self.core, actor(), request.tag, request.repository)
         return client_pb2.DeleteTagResponse()
 
     @unary
@@ -172,20 +181,20 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def AddSecret(self, request: client_pb2.AddSecretRequest, context: Ctx) -> client_pb2.AddSecretResponse:
-        secret = await secrets.add(self.core, request.name, request.value)
+        secret = await secrets.add(self.core, actor(), request.name, request.value, request.personal)
         return client_pb2.AddSecretResponse(secret=secret_to_proto(secret))
 
     @unary
     async def ListSecrets(self, request: client_pb2.ListSecretsRequest, context: Ctx) -> client_pb2.ListSecretsResponse:
         return client_pb2.ListSecretsResponse(
-            secrets=[secret_to_proto(s) for s in await secrets.list_secrets(self.core)]
+            secrets=[secret_to_proto(s) for s in await secrets.list_secrets(self.core, actor())]
         )
 
     @unary
     async def DeleteSecret(
         self, request: client_pb2.DeleteSecretRequest, context: Ctx
     ) -> client_pb2.DeleteSecretResponse:
-        await secrets.delete(self.core, request.name)
+        await secrets.delete(self.core, actor(), request.name, request.personal)
         return client_pb2.DeleteSecretResponse()
 
     @unary
@@ -240,6 +249,38 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         await agents.approve(self.core, request.name, user_name())
         return client_pb2.ApproveAgentResponse()
 
+    # ---- users (admin only, but listing) -------------------------------------------------------
+    @unary
+    async def AddUser(self, request: client_pb2.AddUserRequest, context: Ctx) -> client_pb2.AddUserResponse:
+        new = await users.add(self.core, request.name, request.role, user_name())
+        return client_pb2.AddUserResponse(user=user_to_proto(new.user), token=new.token)
+
+    @unary
+    async def ListUsers(self, request: client_pb2.ListUsersRequest, context: Ctx) -> client_pb2.ListUsersResponse:
+        return client_pb2.ListUsersResponse(users=[user_to_proto(u) for u in await users.list_users(self.core)])
+
+    @unary
+    async def RemoveUser(self, request: client_pb2.RemoveUserRequest, context: Ctx) -> client_pb2.RemoveUserResponse:
+        await users.remove(self.core, request.name, user_name())
+        return client_pb2.RemoveUserResponse()
+
+    @unary
+    async def RotateUserToken(
+        self, request: client_pb2.RotateUserTokenRequest, context: Ctx
+    ) -> client_pb2.RotateUserTokenResponse:
+        new = await users.rotate(self.core, request.name, user_name())
+        return client_pb2.RotateUserTokenResponse(user=user_to_proto(new.user), token=new.token)
+
+
+def actor() -> Actor:
+    """The calling user, for the use cases' ownership checks."""
+    who = user_caller()
+    return Actor(who.name, who.user_role, who.token_hash)
+
+
+def user_to_proto(u: users.User) -> client_pb2.User:
+    return client_pb2.User(name=u.name, role=u.role, created_at_ns=u.created_at, last_seen_at_ns=u.last_seen_at)
+
 
 def join_token_to_proto(r: join_tokens.JoinToken) -> client_pb2.JoinToken:
     return client_pb2.JoinToken(
@@ -253,7 +294,9 @@ def join_token_to_proto(r: join_tokens.JoinToken) -> client_pb2.JoinToken:
 
 
 def secret_to_proto(s: secrets.Secret) -> client_pb2.Secret:
-    return client_pb2.Secret(name=s.name, created_at_ns=s.created_at_ns, updated_at_ns=s.updated_at_ns)
+    return client_pb2.Secret(
+        name=s.name, created_at_ns=s.created_at_ns, updated_at_ns=s.updated_at_ns, personal=s.personal
+    )
 
 
 def tag_to_proto(t: tags.Tag) -> client_pb2.Tag:

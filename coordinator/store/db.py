@@ -32,7 +32,7 @@ from dstack.coordinator.store.scope import Scope
 from dstack.coordinator.store.secrets import SecretRow, Secrets
 from dstack.coordinator.store.tags import TagRow, Tags
 from dstack.coordinator.store.usage import FinishedJob, OnAgent, Usage, UserLimitsRow
-from dstack.coordinator.store.users import Users, hash_token
+from dstack.coordinator.store.users import UserRow, Users, hash_token
 
 __all__ = [
     "AgentJob",
@@ -60,6 +60,7 @@ __all__ = [
     "UpdateResult",
     "UploadJob",
     "UserLimitsRow",
+    "UserRow",
     "WaitingJob",
     "hash_token",
 ]
@@ -86,6 +87,13 @@ class Store(Db):
         self.ensure_user = self.users.ensure
         self.user_for_token = self.users.for_token
         self.user_with_role = self.users.with_role
+        self.user = self.users.get
+        self.user_by_token_hash = self.users.by_token_hash
+        self.list_users = self.users.all
+        self.add_user = self.users.add
+        self.remove_user = self.users.remove
+        self.rotate_user_token = self.users.rotate
+        self.touch_user = self.users.touch
         self.has_code = self.code.has
         self.add_code = self.code.add
         # runs
@@ -165,6 +173,7 @@ class Store(Db):
         self.put_secret = self.secrets.put
         self.list_secrets = self.secrets.all
         self.secret_ciphertexts = self.secrets.ciphertexts
+        self.secret_names = self.secrets.names
         self.delete_secret = self.secrets.delete
         # what an agent may touch (coordinator/app/agent_scope.py)
         self.agent_acting_job = self.scope.acting_job

@@ -148,6 +148,7 @@ class Assignment:
     gpu_indices: list[int]
     inputs: list[ArtifactInput] = field(default_factory=list)
     attempt: int = 1
+    owner: str = ""  # the run's owner: the job gets the team's secrets and this user's own
 
 
 @dataclass
@@ -339,9 +340,11 @@ class Jobs:
                     continue  # stopped meanwhile
                 touched.add(moved.run_id)
                 spec, attempt = c.execute("SELECT spec, attempt FROM jobs WHERE id = ?", [p.job_id]).fetchone()
-                name, code = c.execute("SELECT name, code FROM runs WHERE id = ?", [moved.run_id]).fetchone()
+                name, code, owner = c.execute(
+                    "SELECT name, code, owner FROM runs WHERE id = ?", [moved.run_id]
+                ).fetchone()
                 inputs = inputs_of(c, p.job_id) + attempts.resume_inputs(c, p.job_id)
-                out.append(Assignment(p.job_id, p.agent_id, name, spec, code, p.gpu_indices, inputs, attempt))
+                out.append(Assignment(p.job_id, p.agent_id, name, spec, code, p.gpu_indices, inputs, attempt, owner))
             for job_id in waiting:
                 moved = lifecycle.move_job(c, lifecycle.MARK_PENDING, job_id)
                 if moved is not None:
@@ -359,7 +362,8 @@ class Jobs:
         if not job_ids:
             return []
         rows = self.db.rows(
-            "SELECT j.id, j.spec, j.gpu_indices, j.attempt, r.name, r.code FROM jobs j JOIN runs r ON r.id = j.run_id"
+            "SELECT j.id, j.spec, j.gpu_indices, j.attempt, r.name, r.code, r.owner"
+            " FROM jobs j JOIN runs r ON r.id = j.run_id"
             f" WHERE j.id IN ({marks(job_ids)}) AND j.agent_id = ?",
             [*job_ids, agent_id],
         )
@@ -373,6 +377,7 @@ class Jobs:
                 json_list(r["gpu_indices"]),
                 inputs_of(self.db.conn, r["id"]) + attempts.resume_inputs(self.db.conn, r["id"]),
                 r["attempt"],
+                r["owner"],
             )
             for r in rows
         ]

@@ -261,6 +261,34 @@ def _repositories(db: sqlite_utils.Database) -> None:
     Table(db, "tags").create_index(["run_id"], if_not_exists=True)
 
 
+def _users_and_scoped_secrets(db: sqlite_utils.Database) -> None:
+    """Users and roles, secrets by scope. Users: when each was last seen (roles stay in `role`: admin,
+    member, viewer). Secrets: keyed by (owner, name), owner '' for a team secret, else the user whose
+    personal secret it is. The old table's rows become team secrets. The copy, drop and rename run in
+    one transaction (SQLite's DDL is transactional), so a crash leaves either table whole."""
+    if "last_seen_at" not in Table(db, "users").columns_dict:
+        Table(db, "users").add_column("last_seen_at", int)
+    if "owner" in Table(db, "secrets").columns_dict:
+        return
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "CREATE TABLE secrets_scoped (owner TEXT NOT NULL DEFAULT '', name TEXT NOT NULL, ciphertext BLOB,"
+            " created_at INTEGER, updated_at INTEGER, PRIMARY KEY (owner, name))"
+        )
+        conn.execute(
+            "INSERT INTO secrets_scoped (owner, name, ciphertext, created_at, updated_at)"
+            " SELECT '', name, ciphertext, created_at, updated_at FROM secrets"
+        )
+        conn.execute("DROP TABLE secrets")
+        conn.execute("ALTER TABLE secrets_scoped RENAME TO secrets")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
     _v2,
@@ -272,6 +300,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v8,
     _fair_share,
     _repositories,
+    _users_and_scoped_secrets,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dstack.coordinator.errors import Conflict, InvalidRequest, NotFound
@@ -87,9 +87,10 @@ class Tags:
             return [TagRow.of(r) for r in self.db.rows(f"{_SELECT} ORDER BY t.repository, t.name")]
         return [TagRow.of(r) for r in self.db.rows(f"{_SELECT} WHERE t.repository = ? ORDER BY t.name", [repository])]
 
-    def delete(self, repository: str | None, ref: str) -> TagRow:
+    def delete(self, repository: str | None, ref: str, check: Callable[[TagRow], None] | None = None) -> TagRow:
         """Deletes `TAG` of `repository` (or `OWNER/REPO/TAG`). With no repository (a client from before
-        repositories), the tag of that name wherever it is, if it is in one repository only."""
+        repositories), the tag of that name wherever it is, if it is in one repository only. `check`
+        sees the tag found before it is deleted, and may refuse (the caller's ownership check)."""
         try:
             parsed = split_ref(ref)
         except BadRef as e:
@@ -115,6 +116,8 @@ class Tags:
                 f"{e}; it is in {', '.join(elsewhere)}: delete it from that project, or as"
                 f" `dstack tags delete {elsewhere[0]}/{parsed.name}`"
             ) from None
+        if check is not None:
+            check(row)
         with self.db.tx() as c:
             c.execute("DELETE FROM tags WHERE repository = ? AND name = ?", [repository, parsed.name])
         return row

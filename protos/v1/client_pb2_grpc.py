@@ -174,6 +174,26 @@ class ClientServiceStub:
                 request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ApproveAgentRequest.SerializeToString,
                 response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ApproveAgentResponse.FromString,
                 _registered_method=True)
+        self.AddUser = channel.unary_unary(
+                '/dstack.v1.ClientService/AddUser',
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.AddUserRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.AddUserResponse.FromString,
+                _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/dstack.v1.ClientService/ListUsers',
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
+        self.RemoveUser = channel.unary_unary(
+                '/dstack.v1.ClientService/RemoveUser',
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.RemoveUserRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.RemoveUserResponse.FromString,
+                _registered_method=True)
+        self.RotateUserToken = channel.unary_unary(
+                '/dstack.v1.ClientService/RotateUserToken',
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.RotateUserTokenRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.RotateUserTokenResponse.FromString,
+                _registered_method=True)
         self.PreemptRun = channel.unary_unary(
                 '/dstack.v1.ClientService/PreemptRun',
                 request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.PreemptRunRequest.SerializeToString,
@@ -357,6 +377,31 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddUser(self, request, context):
+        """Users (admin only, but ListUsers): a token is shown once, when it is made, and never stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveUser(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateUserToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PreemptRun(self, request, context):
         """Admin only: preempts the run's interruptible jobs (requeued as new attempts), `dstack stop --preempt`.
         """
@@ -506,6 +551,26 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.ApproveAgent,
                     request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ApproveAgentRequest.FromString,
                     response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ApproveAgentResponse.SerializeToString,
+            ),
+            'AddUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddUser,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.AddUserRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.AddUserResponse.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListUsersRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'RemoveUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveUser,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.RemoveUserRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.RemoveUserResponse.SerializeToString,
+            ),
+            'RotateUserToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateUserToken,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.RotateUserTokenRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.RotateUserTokenResponse.SerializeToString,
             ),
             'PreemptRun': grpc.unary_unary_rpc_method_handler(
                     servicer.PreemptRun,
@@ -1269,6 +1334,114 @@ class ClientService:
             '/dstack.v1.ClientService/ApproveAgent',
             dstack_dot_protos_dot_v1_dot_client__pb2.ApproveAgentRequest.SerializeToString,
             dstack_dot_protos_dot_v1_dot_client__pb2.ApproveAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/AddUser',
+            dstack_dot_protos_dot_v1_dot_client__pb2.AddUserRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.AddUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/ListUsers',
+            dstack_dot_protos_dot_v1_dot_client__pb2.ListUsersRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/RemoveUser',
+            dstack_dot_protos_dot_v1_dot_client__pb2.RemoveUserRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.RemoveUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateUserToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/RotateUserToken',
+            dstack_dot_protos_dot_v1_dot_client__pb2.RotateUserTokenRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.RotateUserTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

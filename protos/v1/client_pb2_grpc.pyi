@@ -66,6 +66,11 @@ class ClientServiceStub:
     RevokeJoinToken: _grpc.UnaryUnaryMultiCallable[_client_pb2.RevokeJoinTokenRequest, _client_pb2.RevokeJoinTokenResponse]
     RemoveAgent: _grpc.UnaryUnaryMultiCallable[_client_pb2.RemoveAgentRequest, _client_pb2.RemoveAgentResponse]
     ApproveAgent: _grpc.UnaryUnaryMultiCallable[_client_pb2.ApproveAgentRequest, _client_pb2.ApproveAgentResponse]
+    AddUser: _grpc.UnaryUnaryMultiCallable[_client_pb2.AddUserRequest, _client_pb2.AddUserResponse]
+    """Users (admin only, but ListUsers): a token is shown once, when it is made, and never stored."""
+    ListUsers: _grpc.UnaryUnaryMultiCallable[_client_pb2.ListUsersRequest, _client_pb2.ListUsersResponse]
+    RemoveUser: _grpc.UnaryUnaryMultiCallable[_client_pb2.RemoveUserRequest, _client_pb2.RemoveUserResponse]
+    RotateUserToken: _grpc.UnaryUnaryMultiCallable[_client_pb2.RotateUserTokenRequest, _client_pb2.RotateUserTokenResponse]
     PreemptRun: _grpc.UnaryUnaryMultiCallable[_client_pb2.PreemptRunRequest, _client_pb2.PreemptRunResponse]
     """Admin only: preempts the run's interruptible jobs (requeued as new attempts), `dstack stop --preempt`."""
 
@@ -105,6 +110,11 @@ class ClientServiceAsyncStub(ClientServiceStub):
     RevokeJoinToken: _aio.UnaryUnaryMultiCallable[_client_pb2.RevokeJoinTokenRequest, _client_pb2.RevokeJoinTokenResponse]  # type: ignore[assignment]
     RemoveAgent: _aio.UnaryUnaryMultiCallable[_client_pb2.RemoveAgentRequest, _client_pb2.RemoveAgentResponse]  # type: ignore[assignment]
     ApproveAgent: _aio.UnaryUnaryMultiCallable[_client_pb2.ApproveAgentRequest, _client_pb2.ApproveAgentResponse]  # type: ignore[assignment]
+    AddUser: _aio.UnaryUnaryMultiCallable[_client_pb2.AddUserRequest, _client_pb2.AddUserResponse]  # type: ignore[assignment]
+    """Users (admin only, but ListUsers): a token is shown once, when it is made, and never stored."""
+    ListUsers: _aio.UnaryUnaryMultiCallable[_client_pb2.ListUsersRequest, _client_pb2.ListUsersResponse]  # type: ignore[assignment]
+    RemoveUser: _aio.UnaryUnaryMultiCallable[_client_pb2.RemoveUserRequest, _client_pb2.RemoveUserResponse]  # type: ignore[assignment]
+    RotateUserToken: _aio.UnaryUnaryMultiCallable[_client_pb2.RotateUserTokenRequest, _client_pb2.RotateUserTokenResponse]  # type: ignore[assignment]
     PreemptRun: _aio.UnaryUnaryMultiCallable[_client_pb2.PreemptRunRequest, _client_pb2.PreemptRunResponse]  # type: ignore[assignment]
     """Admin only: preempts the run's interruptible jobs (requeued as new attempts), `dstack stop --preempt`."""
 
@@ -309,6 +319,35 @@ class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _client_pb2.ApproveAgentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_client_pb2.ApproveAgentResponse, _abc.Awaitable[_client_pb2.ApproveAgentResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AddUser(
+        self,
+        request: _client_pb2.AddUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.AddUserResponse, _abc.Awaitable[_client_pb2.AddUserResponse]]:
+        """Users (admin only, but ListUsers): a token is shown once, when it is made, and never stored."""
+
+    @_abc_1.abstractmethod
+    def ListUsers(
+        self,
+        request: _client_pb2.ListUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.ListUsersResponse, _abc.Awaitable[_client_pb2.ListUsersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveUser(
+        self,
+        request: _client_pb2.RemoveUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.RemoveUserResponse, _abc.Awaitable[_client_pb2.RemoveUserResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RotateUserToken(
+        self,
+        request: _client_pb2.RotateUserTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.RotateUserTokenResponse, _abc.Awaitable[_client_pb2.RotateUserTokenResponse]]: ...
 
     @_abc_1.abstractmethod
     def PreemptRun(

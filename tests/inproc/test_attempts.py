@@ -224,7 +224,7 @@ async def test_only_an_admin_may_preempt(tmp_path: Path) -> None:
                 client_pb2.PreemptRunRequest(name=run.name), metadata=[("authorization", "Bearer alice-token")]
             )
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "needs an admin token" in (refused.value.details() or "")
+        assert "PreemptRun needs the admin role; you are a member" in (refused.value.details() or "")
         assert stops(agent) == [] and (await h.job(run.name)).attempt == 1
 
 

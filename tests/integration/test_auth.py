@@ -124,13 +124,17 @@ def test_register_needs_the_join_token(cluster: Cluster) -> None:
         ok = agent_pb2.RegisterResponse.FromString(
             register(body, metadata=[("authorization", f"Bearer {cluster.join_token}")], timeout=30)
         )
-        # The agent's own token now works for agent calls, and only for them.
+        # The agent's own token now passes authentication for agent calls (and only for them): what it
+        # may then touch is its own jobs' code, which a random hash is not (coordinator/app/agent_scope.py).
         grant = ch.unary_unary("/dstack.v1.AgentService/GrantCode", **RAW)
-        grant(
-            agent_pb2.GetCodeRequest(hash="0" * 64).SerializeToString(),
-            metadata=[("authorization", f"Bearer {ok.agent_token}")],
-            timeout=30,
-        )
+        with pytest.raises(grpc.RpcError) as e:
+            grant(
+                agent_pb2.GetCodeRequest(hash="0" * 64).SerializeToString(),
+                metadata=[("authorization", f"Bearer {ok.agent_token}")],
+                timeout=30,
+            )
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "not the code of a job running on this agent" in (e.value.details() or "")
         info = ch.unary_unary("/dstack.v1.ClientService/GetInfo", **RAW)
         with pytest.raises(grpc.RpcError) as e:
             info(b"", metadata=[("authorization", f"Bearer {ok.agent_token}")], timeout=30)

@@ -311,7 +311,7 @@ def test_a_member_cannot_manage_enrolment(cluster: Cluster) -> None:
     ):
         r = as_member(*args)
         assert r.returncode != 0, args
-        assert "needs an admin token" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert "needs the admin role; you are a member" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     # On the wire: PERMISSION_DENIED; and an agent's token is no admin's either.
     with cluster.channel() as ch:
         stub = client_pb2_grpc.ClientServiceStub(ch)

@@ -25,14 +25,41 @@ def test_every_method_of_every_service_is_in_the_table() -> None:
     assert methods == set(PERMISSIONS), methods ^ set(PERMISSIONS)
 
 
-ADMIN_ONLY = {"CreateJoinToken", "ListJoinTokens", "RevokeJoinToken", "RemoveAgent", "ApproveAgent"}
-ADMIN_ONLY |= {"PreemptRun", "SetUserLimits"}
+ADMIN_ONLY = {
+    "PreemptRun",
+    "SetUserLimits",
+    "CreateJoinToken",
+    "ListJoinTokens",
+    "RevokeJoinToken",
+    "RemoveAgent",
+    "ApproveAgent",
+    "AddUser",
+    "RemoveUser",
+    "RotateUserToken",
+}
+# Calls that change something: a viewer's token is refused (and the use case checks ownership).
+MEMBER_ONLY = {
+    "HasCode",
+    "PutCode",
+    "SubmitRun",
+    "StopRun",
+    "DeleteRun",
+    "AddTag",
+    "DeleteTag",
+    "AddSecret",
+    "DeleteSecret",
+    "CreateUpload",
+    "PutArtifact",
+    "CommitUpload",
+}
 
 
-def test_agent_calls_need_an_agent_and_client_calls_a_user() -> None:
+def test_agent_calls_need_an_agent_and_client_calls_a_user_of_a_role() -> None:
     for method, role in PERMISSIONS.items():
+        name = method.rsplit("/", 1)[1]
         if method.startswith("/dstack.v1.ClientService/"):
-            assert role is (Role.ADMIN if method.rsplit("/", 1)[1] in ADMIN_ONLY else Role.USER), method
+            expected = Role.ADMIN if name in ADMIN_ONLY else Role.MEMBER if name in MEMBER_ONLY else Role.USER
+            assert role is expected, method
         elif method != "/dstack.v1.AgentService/Register":
             assert role is Role.AGENT, method
     assert PERMISSIONS["/dstack.v1.AgentService/Register"] is Role.JOIN
@@ -134,16 +161,47 @@ def test_a_register_without_the_join_token_in_metadata_is_refused_unread(authent
         assert "invalid join token" in aborted[1] and "Register needs the join token" in aborted[1]
 
 
-def test_enrolment_calls_need_an_admin(authenticator: Authenticator) -> None:
-    """A member's token is a user's, not an admin's: refused unread, saying so."""
-    authenticator.store.ensure_user("alice", "alice-token", "member")
-
+def refusal_for(authenticator: Authenticator, method: str, token: str) -> tuple[grpc.StatusCode, str] | None:
     async def continuation(details: object) -> grpc.RpcMethodHandler:
         raise AssertionError("a refused call must not reach its handler")
 
     interceptor = AuthInterceptor(authenticator)
-    for method in ("CreateJoinToken", "ListJoinTokens", "RevokeJoinToken", "RemoveAgent", "ApproveAgent"):
-        details = Details(f"/dstack.v1.ClientService/{method}", (("authorization", "Bearer alice-token"),))
-        aborted = refused_with(asyncio.run(interceptor.intercept_service(continuation, details)))
+    details = Details(f"/dstack.v1.ClientService/{method}", (("authorization", f"Bearer {token}"),))
+    return refused_with(asyncio.run(interceptor.intercept_service(continuation, details)))
+
+
+def test_admin_calls_need_an_admin(authenticator: Authenticator) -> None:
+    """A member's token is a user's, not an admin's: refused unread, saying which role it needs."""
+    authenticator.store.ensure_user("alice", "alice-token", "member")
+    for method in sorted(ADMIN_ONLY):
+        aborted = refusal_for(authenticator, method, "alice-token")
         assert aborted is not None and aborted[0] == grpc.StatusCode.PERMISSION_DENIED, method
-        assert "user alice is not an admin" in aborted[1] and "needs an admin token" in aborted[1]
+        assert aborted[1] == f"{method} needs the admin role; you are a member (user alice)"
+
+
+def test_calls_that_change_something_need_a_member(authenticator: Authenticator) -> None:
+    authenticator.store.ensure_user("vera", "vera-token", "viewer")
+    for method in sorted(MEMBER_ONLY | ADMIN_ONLY):
+        aborted = refusal_for(authenticator, method, "vera-token")
+        assert aborted is not None and aborted[0] == grpc.StatusCode.PERMISSION_DENIED, method
+        needed = "admin" if method in ADMIN_ONLY else "member"
+        assert aborted[1] == f"{method} needs the {needed} role; you are a viewer (user vera)"
+
+
+def test_a_removed_or_rotated_token_is_refused_on_the_very_next_call(authenticator: Authenticator) -> None:
+    """The cache is checked against the store's users generation: no time window."""
+    store = authenticator.store
+
+    async def scenario() -> None:
+        bob, token = await authenticator.db(store.add_user, "bob", "member")
+        assert bob.role == "member"
+        assert await authenticator.user(token) == "bob"  # cached now
+        assert await authenticator.user(token) == "bob"  # from the cache
+        _, token2 = await authenticator.db(store.rotate_user_token, "bob")
+        assert token2 != token
+        assert await authenticator.user(token) is None  # the cached entry is stale at once
+        assert await authenticator.user(token2) == "bob"
+        await authenticator.db(store.remove_user, "bob")
+        assert await authenticator.user(token2) is None
+
+    asyncio.run(scenario())
