@@ -91,7 +91,7 @@ def type_name(value: Any) -> str:
 
 
 def size_bytes(node: Node, key: str) -> int:
-    """`64GB`, `512MB`, `1.5GiB`, or a plain number of bytes."""
+    """`64GB` (decimal, 64 * 10^9), `1.5GiB` or `1.5Gi` (binary, 1.5 * 2^30), or a plain number of bytes."""
     value = node.get(key)
     if value is None:
         return 0
@@ -108,8 +108,10 @@ def size_bytes(node: Node, key: str) -> int:
     letter = unit.replace("I", "").replace("B", "")
     if "I" in unit and not letter:
         raise WorkflowError(f"field {key!r}: {value!r} is not a size", node.at(key))
-    # As in dstack and Docker, K/M/G/T/P (with or without B or iB) are powers of 1024.
-    result = int(number * 1024 ** _POWERS[letter])
+    # As 2022 dstack read them (its `_str_to_mib`) and as Kubernetes reads G and Gi: K/M/G/T/P with or
+    # without B are powers of 1000 (64GB = 64 * 10^9 bytes), KiB/MiB/GiB/... and Ki/Mi/Gi/... powers of 1024.
+    base = 1024 if "I" in unit else 1000
+    result = int(number * base ** _POWERS[letter])
     if result >= MAX_SIZE:
         raise WorkflowError(f"field {key!r}: {value!r} is too large", node.at(key))
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,10 @@ from dstack.protos.v1 import common_pb2
 # the provider's own), and docs/workflows.schema.json is generated from the same tables (cli/schema.py).
 _STR = {"type": "string"}
 _STR_LIST = {"type": "array", "items": _STR}
-_SIZE = {"type": ["string", "integer"], "description": "bytes, or a size like 512MB, 64GB, 1.5GiB"}
+_SIZE = {
+    "type": ["string", "integer"],
+    "description": "bytes, or a size: 512MB, 64GB (decimal: GB = 10^9 bytes), 1.5GiB or 1.5Gi (binary: 2^30)",
+}
 GPU_SCHEMA: dict[str, Any] = {
     "count": {"type": "integer", "minimum": 0, "maximum": 1024},
     "name": {"type": "string", "description": "matches GPU names case-insensitively, e.g. A100"},
@@ -90,7 +94,7 @@ COMMON_SCHEMA: dict[str, Any] = {
     },
     "resources": {"type": "object", "properties": RESOURCE_SCHEMA, "additionalProperties": False},
     "environment": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean", "null"]}},
-    "env": {**_STR_LIST, "description": "K=V, or K to take K from the caller's environment"},
+    "env": {**_STR_LIST, "description": "K=V, or K to take K from the caller's environment (empty when unset)"},
     "working_dir": _STR,
     "before_run": {**_STR_LIST, "description": "commands run before the provider's own"},
     "image": {**_STR, "description": "container image (container runtimes); the provider picks one if omitted"},
@@ -361,7 +365,7 @@ def _ports(node: Node) -> list[tuple[int, int]]:
 
 
 def _environment(node: Node) -> dict[str, str]:
-    """`environment: {K: V}`, and the later syntax `env: [K=V, K]` (a bare K is taken from the caller)."""
+    """`environment: {K: V}`, and the later syntax `env: [K=V, K]` (a bare K is taken from the caller, else empty)."""
     out: dict[str, str] = {}
     env = node.get("environment")
     if env is not None:
@@ -378,9 +382,15 @@ def _environment(node: Node) -> dict[str, str]:
             if not _ENV_NAME.fullmatch(name):
                 raise WorkflowError(f"invalid environment variable name {name!r} in 'env'", loc)
             if not eq:
+                value = os.environ.get(name, "")
                 if name not in os.environ:
-                    raise WorkflowError(f"'env' takes {name} from your environment, but it is not set there", loc)
-                value = os.environ[name]
+                    # 2022 dstack gave a bare NAME the value "" always (it never read the caller's); issue 13 asks
+                    # for the caller's value when set: a note, not an error, when it is not.
+                    print(
+                        f"note: {loc}: 'env' takes {name} from your environment, but it is not set there:"
+                        " the job gets it empty (2022 dstack always set a bare name to empty)",
+                        file=sys.stderr,
+                    )
             out[name] = value
     return out
 

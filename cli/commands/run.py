@@ -108,8 +108,8 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
         provider = load_provider(wf.provider, wf.node)
         has_inputs = bool(wf.depends_on or wf.input_tags or wf.input_workflows)
         for key in provider.code_file_fields:
-            value = wf.node.get(key)
-            if isinstance(value, str) and value:
+            value = provider.code_file(wf, key)
+            if value:
                 path = posixpath.normpath(posixpath.join(wf.working_dir or ".", value))
                 code_files.append(CodeFile(path, key, wf.node.at(key), has_inputs))
         jobs += provider.job_specs(wf)

@@ -35,6 +35,11 @@ class Provider(abc.ABC):
         """The image when the workflow names none; empty: the agent's default for the provider."""
         return ""
 
+    def code_file(self, wf: Workflow, key: str) -> str:
+        """The project file that field `key` of `code_file_fields` names (empty: none)."""
+        value = wf.node.get(key)
+        return value if isinstance(value, str) else ""
+
     def python_version(self, wf: Workflow) -> str:
         """The Python version a container runtime picks its image by (the agent maps it to an image)."""
         return ""

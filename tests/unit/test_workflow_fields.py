@@ -22,8 +22,8 @@ def test_resources_parse(tmp_path: Path) -> None:
         "      gpu: {count: 2, name: A100, memory: 40GB}\n      cpu: 4\n      memory: 64GB\n      shm_size: 1GiB\n",
     )
     r = wfs["t"].resources
-    assert (r.gpu.count, r.gpu.name, r.gpu.memory_bytes) == (2, "A100", 40 << 30)
-    assert r.cpu == 4 and r.memory_bytes == 64 << 30 and r.shm_size_bytes == 1 << 30
+    assert (r.gpu.count, r.gpu.name, r.gpu.memory_bytes) == (2, "A100", 40 * 10**9)  # GB is decimal, as in 2022
+    assert r.cpu == 4 and r.memory_bytes == 64 * 10**9 and r.shm_size_bytes == 1 << 30
 
 
 @pytest.mark.parametrize("gpu", ["-1", "1.5", "lots", "true"])
