@@ -77,13 +77,13 @@ def test_a_job_runs_in_a_container_with_its_limits(cluster: Cluster, dockerd: Do
               - mkdir -p /workflow/out && echo made-inside > /workflow/out/result.txt
             artifacts: [out]
             resources:
-              memory: 64MB
+              memory: 64MiB
               cpu: 0.5
-              shm_size: 32MB
+              shm_size: 32MiB
           - name: hog
             provider: bash
             commands: ["head -c 200000000 /dev/zero | tail > /dev/null"]
-            resources: {memory: 32MB}
+            resources: {memory: 32MiB}
         """,
         {"sub/data.txt": "from the working tree\n"},
     )

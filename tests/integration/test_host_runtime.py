@@ -54,11 +54,11 @@ def test_host_jobs_get_memory_and_cpu_limits_and_lose_their_escapees(cluster: Cl
           - name: limited
             provider: bash
             commands: ["bash limits.sh"]
-            resources: {memory: 48MB, cpu: 0.25, gpu: 1}
+            resources: {memory: 48MiB, cpu: 0.25, gpu: 1}
           - name: hog
             provider: bash
             commands: ["head -c 200000000 /dev/zero | tail > /dev/null"]
-            resources: {memory: 32MB}
+            resources: {memory: 32MiB}
         """,
         {"limits.sh": LIMITS_SH},
     )
