@@ -12,6 +12,7 @@ from dstack.cli.spec import Workflow
 
 _VERSION = re.compile(r"^3(\.\d{1,2})?$")
 VENV = ".dstack-venv"
+BIN = ".dstack-bin"  # where `python` points at the version when no venv can be made
 
 
 def version(wf: Workflow, keys: tuple[str, ...]) -> str:
@@ -54,7 +55,14 @@ def venv_commands(python: str, requirements: str) -> list[str]:
     --system-site-packages: what the image or host already has stays importable. With pip even without
     requirements: 2022 commands run `pip install ...` themselves, which must install here, not into
     whatever other environment's pip is next on PATH."""
-    cmds = [f"{python} -m venv --system-site-packages {VENV}", f". {VENV}/bin/activate"]
+    cmds = [
+        f"if {python} -c 'import ensurepip, venv' 2>/dev/null; then"
+        f" {python} -m venv --system-site-packages {VENV} && . {VENV}/bin/activate;"
+        # An image with a bare interpreter (Debian's python3-minimal has neither venv nor ensurepip): the
+        # commands still get that version as `python`, and requirements go to it, as 2022's images did.
+        f" else echo 'dstack: {python} cannot make a venv here: using it as python directly' >&2;"
+        f' mkdir -p {BIN} && ln -sf "$(command -v {python})" {BIN}/python && export PATH="$PWD/{BIN}:$PATH"; fi'
+    ]
     if requirements:
         cmds += [
             "echo 'dstack: installing requirements into a new environment .dstack-venv'",

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LocalMode, search
+from tests.conftest import Cluster, LocalMode, search, write_project
+from tests.dockerd import Dockerd
+from tests.integration.test_docker import docker_agent
 from tests.tinywheel import build_wheel, offline_requirements
 
 pytestmark = pytest.mark.integration
@@ -82,3 +84,28 @@ def test_python_script_from_the_official_examples(local: LocalMode, tmp_path: Pa
     run = search(r"(\S+) submitted", r.stderr).group(1)
     ps = local.cli("ps", "-a", cwd=project)
     assert run in ps.stdout and "done" in ps.stdout
+
+
+def test_bash_python_picks_the_image_of_that_version_in_a_container(
+    cluster: Cluster, dockerd: Dockerd, tmp_path: Path
+) -> None:
+    """On a container runtime, bash `python: 3.11` runs in the Python image of that version. The tests' image is
+    a bare python3-minimal (no venv, no pip): `python` is still that version."""
+    dockerd.load_images(python=True)
+    cluster.start_coordinator()
+    docker_agent(cluster, dockerd)
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: b
+            provider: bash
+            python: 3.11
+            commands:
+              - python main.py
+        """,
+        {"main.py": "import os, sys\nprint('python', sys.version_info[:2], os.path.exists('/.dockerenv'))\n"},
+    )
+    r = cluster.cli("run", "b", cwd=project, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "python (3, 11) True" in r.stdout
