@@ -3,12 +3,14 @@ the dev-environment / distributed providers refused as "not available yet"."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,6 +219,8 @@ def test_own_providers_yaml_may_define_torchrun(tmp_path: Path) -> None:
 # --- the 2022 corpus: every file REPORT.md lists as needing only item 9 or 10 -------------------------------------
 
 sys.path.insert(0, str(CORPUS))
+# tests/corpus2022/report.py: builds each file's scratch project the way REPORT.md was made.
+report: Any = importlib.import_module("report")
 ENTRIES = {e["file"][:3]: e for e in json.loads((CORPUS / "sources.json").read_text())}
 ITEM9 = [f"{n:03d}" for n in [*range(47, 51), *range(52, 66), 68, 69, 70, 144]]
 TORCHRUN_BRANCH = "provider 'torchrun@experimental' is not available yet"
@@ -244,8 +248,6 @@ def _mirror(tmp_path: Path, entry: dict[str, object]) -> None:
 
 @pytest.mark.parametrize("number", ITEM9)
 def test_corpus_item9_files_are_accepted(tmp_path: Path, number: str) -> None:
-    import report  # tests/corpus2022/report.py: builds the scratch project the way REPORT.md was made
-
     entry = ENTRIES[number]
     if GITHUB_REPO in (CORPUS / entry["file"]).read_text():
         _mirror(tmp_path, entry)
@@ -255,8 +257,6 @@ def test_corpus_item9_files_are_accepted(tmp_path: Path, number: str) -> None:
 
 @pytest.mark.parametrize("number", sorted(NOT_YET))
 def test_corpus_item10_files_are_refused_as_not_available_yet(number: str) -> None:
-    import report
-
     result = report.check_file(ENTRIES[number])
     first = next(m for m in result["workflows"].values() if m)
     assert first.endswith(NOT_YET[number]), result
@@ -264,8 +264,6 @@ def test_corpus_item10_files_are_refused_as_not_available_yet(number: str) -> No
 
 def test_corpus_051_is_still_refused_for_its_typo(tmp_path: Path) -> None:
     """A custom provider's own fields are open, but a misspelt common one (`resources.GPU`) is still caught."""
-    import report
-
     _mirror(tmp_path, ENTRIES["051"])
     result = report.check_file(ENTRIES["051"])
     assert "unknown field 'GPU' in resources" in result["workflows"]["hello"]
