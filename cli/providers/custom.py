@@ -92,15 +92,21 @@ def _git(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProces
     # The user's global git config stays (a mirror through `url.X.insteadOf`, credentials); the system's does not.
     env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCATING}
     env |= {"GIT_ALLOW_PROTOCOL": ALLOWED_PROTOCOLS, "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1"}
-    return subprocess.run(
-        ["git", "-c", "protocol.ext.allow=never", "-c", "core.hooksPath=/dev/null", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=GIT_TIMEOUT_S,
-        check=False,
-    )
+    try:
+        return subprocess.run(
+            ["git", "-c", "protocol.ext.allow=never", "-c", "core.hooksPath=/dev/null", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=GIT_TIMEOUT_S,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise WorkflowError("a provider from a repository needs git on this machine; install git") from None
+    except subprocess.TimeoutExpired:
+        why = f"git did not answer within {GIT_TIMEOUT_S}s"
+        return subprocess.CompletedProcess(args, returncode=1, stdout="", stderr=why)
 
 
 def normalize_repo_url(url: str, base: Path | None) -> str:

@@ -106,6 +106,13 @@ def test_unreachable_repository_is_a_clear_error_at_its_line(tmp_path: Path) -> 
     assert e.value.location is not None and e.value.location.line == 6
 
 
+def test_no_git_on_the_machine_is_an_error_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    project = write_project(tmp_path / "p", remote_workflow(f"file://{tmp_path}/r"))
+    with pytest.raises(WorkflowError, match="needs git on this machine"):
+        build_request(project, "w", [])
+
+
 def test_unknown_name_in_the_repository_lists_what_it_defines(tmp_path: Path) -> None:
     repo = git_repo(tmp_path / "prov", {".dstack/providers.yaml": PROVIDERS_YAML})
     project = write_project(tmp_path / "p", remote_workflow(f"file://{repo}", name="bye"))
