@@ -28,7 +28,7 @@ def workflows_schema() -> dict[str, Any]:
         )
     workflow = {
         "type": "object",
-        "properties": {**COMMON_SCHEMA, "provider": {"enum": known_providers()}},
+        "properties": {**COMMON_SCHEMA, "provider": _provider_schema()},
         "required": ["name", "provider"],
         "allOf": variants,
     }
@@ -40,6 +40,23 @@ def workflows_schema() -> dict[str, Any]:
         "required": ["workflows"],
         "additionalProperties": False,
     }
+
+
+def _provider_schema() -> dict[str, Any]:
+    """A built-in or installed provider, or (2022) `{name, repo}` from a git repository (cli/providers/custom.py).
+
+    A bare name from the project's own .dstack/providers.yaml is not in it: the schema is one for every project,
+    and accepting any string would stop it catching a misspelt provider, the commoner case."""
+    custom = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "description": "NAME or NAME@BRANCH of the repository's providers.yaml"},
+            "repo": {"type": "string", "description": "git URL, file:// URL or local path"},
+        },
+        "required": ["name"],
+        "additionalProperties": False,
+    }
+    return {"anyOf": [{"enum": known_providers()}, custom]}
 
 
 def main() -> None:

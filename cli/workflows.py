@@ -12,7 +12,7 @@ from typing import Any
 
 from dstack.cli import fields
 from dstack.cli.errors import CliError, Location, WorkflowError
-from dstack.cli.providers import load_provider
+from dstack.cli.providers import resolve_provider
 from dstack.cli.spec import Artifact, Workflow
 from dstack.cli.yamlsrc import Node, Seq, load
 from dstack.protos.repos import BadRef, Ref, split_ref
@@ -185,9 +185,9 @@ def _no_templates(node: Node, key: str) -> None:
 
 def parse_workflow(node: Node) -> Workflow:
     name = fields.string(node, "name", required=True)
-    provider_name = fields.string(node, "provider", required=True)
-    provider = load_provider(provider_name, node)
-    fields.check_unknown(node, COMMON_FIELDS | set(provider.fields), f"workflow {name!r}")
+    provider_name, provider = resolve_provider(node)
+    if not provider.open_fields:
+        fields.check_unknown(node, COMMON_FIELDS | set(provider.fields), f"workflow {name!r}")
     wf = Workflow(
         name=name,
         provider=provider_name,
@@ -198,7 +198,7 @@ def parse_workflow(node: Node) -> Workflow:
         input_tags=deps.tags,
         input_workflows=deps.workflows,
         artifacts=_artifacts(node),
-        resources=_resources(node),
+        resources=_resources(node, {"nodes"} if provider.open_fields else set()),
         env=_environment(node),
         working_dir=fields.relative_path(node, "working_dir", fields.string(node, "working_dir", default=".")),
         before_run=fields.string_list(node, "before_run"),
@@ -415,13 +415,14 @@ def _retry(node: Node) -> common_pb2.RetryPolicy | None:
     return common_pb2.RetryPolicy(limit=limit, on=list(dict.fromkeys(on)))
 
 
-def _resources(node: Node) -> common_pb2.Resources:
+def _resources(node: Node, own_fields: set[str]) -> common_pb2.Resources:
+    """`own_fields`: the provider's own resource fields (2022 custom providers' `nodes`), passed on as data."""
     r = node.get("resources")
     if r is None:
         return common_pb2.Resources()
     if not isinstance(r, Node):
         raise WorkflowError("'resources' must be a mapping (gpu, cpu, memory...)", node.at("resources"))
-    fields.check_unknown(r, RESOURCE_FIELDS, "resources")
+    fields.check_unknown(r, RESOURCE_FIELDS | own_fields, "resources")
     out = common_pb2.Resources(
         cpu=fields.number(r, "cpu"),
         memory_bytes=fields.size_bytes(r, "memory"),

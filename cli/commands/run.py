@@ -12,7 +12,7 @@ from dstack.cli.client import Client
 from dstack.cli.commands.logs import print_logs
 from dstack.cli.errors import CliError, Location, NotFoundError, RequestRejected, WorkflowError
 from dstack.cli.packing import PackedCode
-from dstack.cli.providers import load_provider
+from dstack.cli.providers import load_provider, resolve_provider
 from dstack.cli.render import run_summary
 from dstack.cli.term import Term
 from dstack.cli.yamlsrc import Node
@@ -105,7 +105,7 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
         for tag in wf.input_tags:
             loc = node.at("depends-on") if tag in expected else node.at("deps")
             tag_checks.append((tag, expected.get(tag, ""), loc))
-        provider = load_provider(wf.provider, wf.node)
+        _, provider = resolve_provider(wf.node)
         has_inputs = bool(wf.depends_on or wf.input_tags or wf.input_workflows)
         for key in provider.code_file_fields:
             value = provider.code_file(wf, key)

@@ -18,6 +18,8 @@ class Provider(abc.ABC):
     passes_run_args: bool = False
     # Fields that name a file of the project (relative to the working directory): checked before submitting.
     code_file_fields: tuple[str, ...] = ()
+    # Takes fields of its own that the CLI does not know (2022 custom providers: `nodes`, `resources.nodes`...).
+    open_fields: bool = False
 
     @property
     def fields(self) -> frozenset[str]:

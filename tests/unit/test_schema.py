@@ -36,6 +36,8 @@ def test_example_and_seed_files_validate() -> None:
         ]
     }
     jsonschema.validate(seed, schema)
+    custom = {"name": "c", "provider": {"name": "hello", "repo": "file:///r"}, "nodes": 2, "resources": {"cpu": 1}}
+    jsonschema.validate({"workflows": [custom]}, schema)  # 2022 custom provider: its own fields pass through
 
 
 @pytest.mark.parametrize(
@@ -44,6 +46,7 @@ def test_example_and_seed_files_validate() -> None:
         {"name": "a", "provider": "bash"},  # no commands
         {"name": "a", "provider": "bash", "commands": ["x"], "comands": ["y"]},
         {"name": "a", "provider": "nope", "commands": ["x"]},
+        {"name": "a", "provider": {"repo": "file:///r"}},  # a custom provider needs its name
         {"name": "a", "provider": "bash", "commands": ["x"], "resources": {"gpu": -1}},
     ],
 )

@@ -1,0 +1,97 @@
+"""Issue 13 item 9 end to end: a 2022 custom provider from a `file://` repository runs to `done` in local mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LocalMode, search, write_project
+
+pytestmark = pytest.mark.integration
+
+PROVIDERS_YAML = """
+providers:
+  - name: greet
+    image: python:3.11
+    commands:
+      - bash provider.sh
+"""
+# The provider program: reads the workflow's fields (DSTACK_WORKFLOW_DATA), uses a file of its own repository and
+# writes the workflow's artifact in the workflow's folder.
+PROVIDER_SH = """
+set -e
+mkdir -p "$DSTACK_WORKFLOW_DIR/output"
+printf '%s' "$DSTACK_WORKFLOW_DATA" > "$DSTACK_WORKFLOW_DIR/output/data.json"
+echo "$(cat greeting.txt) from $DSTACK_PROVIDER_NAME"
+"""
+
+
+def _git_repo(path: Path, files: dict[str, str]) -> Path:
+    path.mkdir(parents=True)
+    for name, text in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    env = {"PATH": "/usr/bin:/bin", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t"}
+    env |= {"GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "provider"]):
+        subprocess.run(["git", *args], cwd=path, check=True, env=env)
+    return path
+
+
+def test_custom_provider_from_file_repository_runs_to_done(local: LocalMode, tmp_path: Path) -> None:
+    repo = _git_repo(
+        tmp_path / "provider-repo",
+        {".dstack/providers.yaml": PROVIDERS_YAML, "provider.sh": PROVIDER_SH, "greeting.txt": "Hello"},
+    )
+    project = write_project(
+        tmp_path / "p",
+        f"""
+        workflows:
+          - name: hello
+            provider:
+              name: greet
+              repo: file://{repo}
+            nodes: 2
+            resources:
+              nodes: 2
+            artifacts: ["output"]
+        """,
+    )
+    r = local.cli("run", "hello", cwd=project, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "Hello from greet\n"
+    name = search(r"(\S+) submitted", r.stderr).group(1)
+    runs = json.loads(local.cli("ps", "-a", "--json", cwd=project).stdout)
+    assert next(x for x in runs if x["name"] == name)["status"] == "done"
+
+    out = tmp_path / "dl"
+    d = local.cli("artifacts", "download", name, "-o", str(out), cwd=project)
+    assert d.returncode == 0, d.stderr
+    data = json.loads((out / "output" / "data.json").read_text())
+    assert data["nodes"] == 2 and data["resources"] == {"nodes": 2}
+    assert not (repo / "output").exists()  # the provider's repository is read, never written
+
+
+def test_unreachable_provider_repository_fails_before_submitting(local: LocalMode, tmp_path: Path) -> None:
+    project = write_project(
+        tmp_path / "p",
+        f"""
+        workflows:
+          - name: hello
+            provider: {{name: greet, repo: "file://{tmp_path}/missing"}}
+        """,
+    )
+    r = local.cli("run", "hello", cwd=project)
+    assert r.returncode != 0
+    assert "cannot fetch provider repository" in r.stderr and "Traceback" not in r.stderr
+    assert "submitted" not in r.stderr
+
+
+def test_dev_environment_provider_is_not_available_yet(local: LocalMode, tmp_path: Path) -> None:
+    project = write_project(tmp_path / "p", "workflows:\n  - name: ide\n    provider: code\n    version: 1.70\n")
+    r = local.cli("run", "ide", cwd=project)
+    assert r.returncode != 0 and "provider 'code' is not available yet" in r.stderr
+    assert "unknown field" not in r.stderr and "Traceback" not in r.stderr
