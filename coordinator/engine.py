@@ -205,20 +205,7 @@ class Engine:
             finished = store.charge_finished_usage(now, half_life)
             self.durations.add((duration_key(f.workflow, f.job_name), f.seconds) for f in finished if f.done)
         usage = {u: acc.at(now, half_life) for u, acc in store.usage_accumulators().items()}
-        agents: dict[str, AgentState] = {}
-        for row in store.online_agents():
-            if row.id not in connected:
-                continue
-            inv = self._inventory(row.id, row.inventory)
-            agents[row.id] = AgentState(
-                agent_id=row.id,
-                name=row.name,
-                cpu_total=float(inv.cpu_count),
-                memory_total=inv.memory_total_bytes,
-                gpus=[Gpu(g.index, g.name, g.memory_total_bytes) for g in inv.gpus],
-                max_jobs=inv.max_jobs or 1_000_000,
-                containers=inv.runtime == "docker",
-            )
+        agents = self._idle_agent_states(connected)
         running: list[RunningJob] = []
         for job in store.jobs_on_agents():
             if job.started_at is not None:  # usage so far of the jobs that run
@@ -241,12 +228,8 @@ class Engine:
                     None if took is None else start + int(took * 1e9),
                 )
             )
-            a = agents.get(job.agent_id)
-            if a is not None:
-                a.used_cpu += job.cpu
-                a.used_memory += job.memory
-                a.busy_gpus.update(job.gpu_indices)
-                a.jobs += 1
+            if (a := agents.get(job.agent_id)) is not None:
+                a.hold(job.cpu, job.memory, job.gpu_indices)
         # Statuses within runs that have dependencies: of the dependencies, and of the job itself
         # (a dependant failed by its dependency is no longer waiting).
         statuses = store.dependency_statuses(sorted({w.run_id for w in waiting if w.depends_on}))
@@ -432,6 +415,14 @@ class Engine:
 
     def _agent_states(self, connected: set[str]) -> dict[str, AgentState]:
         """The connected agents with what their jobs hold (as a scheduling pass sees them)."""
+        agents = self._idle_agent_states(connected)
+        for alloc in self.store.active_allocations():
+            if (a := agents.get(alloc.agent_id)) is not None:
+                a.hold(alloc.cpu, alloc.memory, alloc.gpu_indices)
+        return agents
+
+    def _idle_agent_states(self, connected: set[str]) -> dict[str, AgentState]:
+        """The connected agents' capacities, with nothing held yet (DB thread)."""
         agents: dict[str, AgentState] = {}
         for row in self.store.online_agents():
             if row.id not in connected:
@@ -446,13 +437,6 @@ class Engine:
                 max_jobs=inv.max_jobs or 1_000_000,
                 containers=inv.runtime == "docker",
             )
-        for alloc in self.store.active_allocations():
-            a = agents.get(alloc.agent_id)
-            if a is not None:
-                a.used_cpu += alloc.cpu
-                a.used_memory += alloc.memory
-                a.busy_gpus.update(alloc.gpu_indices)
-                a.jobs += 1
         return agents
 
     async def _requeued(self) -> None:

@@ -310,10 +310,7 @@ def _place(req: JobRequest, pool: Sequence[AgentState], p: Plan) -> bool:
         return False
     # Best fit; a new attempt's last agent (where it was lost) only if nothing else fits.
     agent, gpus = min(candidates, key=lambda c: (c[0].agent_id == req.avoid_agent, _leftover(c[0], req)))
-    agent.used_cpu += req.cpu
-    agent.used_memory += req.memory
-    agent.busy_gpus.update(gpus)
-    agent.jobs += 1
+    agent.hold(req.cpu, req.memory, gpus)
     p.placements.append((req.job_id, agent.agent_id, gpus))
     return True
 
@@ -423,11 +420,7 @@ def _etas(
         fit = _fits(state[aid], req)
         if fit is None:
             continue
-        a = state[aid]
-        a.used_cpu += req.cpu
-        a.used_memory += req.memory
-        a.busy_gpus.update(fit)
-        a.jobs += 1
+        state[aid].hold(req.cpu, req.memory, fit)
         took = expected_s(req, policy)
         end = t + took * NS if took is not None else math.inf
         bisect.insort(events[aid], (end, seq, req.cpu, req.memory, tuple(fit)))

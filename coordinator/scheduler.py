@@ -8,6 +8,7 @@ jobs scattered over every host.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 GIB = 1 << 30
@@ -52,6 +53,13 @@ class AgentState:
     used_memory: int = 0
     busy_gpus: set[int] = field(default_factory=set)
     jobs: int = 0
+
+    def hold(self, cpu: float, memory: int, gpu_indices: Iterable[int]) -> None:
+        """Counts a job's CPU, memory and GPUs as taken on this agent."""
+        self.used_cpu += cpu
+        self.used_memory += memory
+        self.busy_gpus.update(gpu_indices)
+        self.jobs += 1
 
     def can_run(self, req: JobRequest) -> bool:
         return self.containers or not req.needs_container
@@ -182,9 +190,6 @@ def schedule(queue: list[JobRequest], agents: list[AgentState]) -> Decision:
             d.waiting[req.job_id] = unfit[shape]
             continue
         agent, gpus = min(candidates, key=lambda c: (c[0].agent_id == req.avoid_agent, _leftover(c[0], req)))
-        agent.used_cpu += req.cpu
-        agent.used_memory += req.memory
-        agent.busy_gpus.update(gpus)
-        agent.jobs += 1
+        agent.hold(req.cpu, req.memory, gpus)
         d.placements.append((req.job_id, agent.agent_id, gpus))
     return d
