@@ -252,17 +252,27 @@ class PortSpec(_message.Message):
 
     CONTAINER_PORT_FIELD_NUMBER: _builtins.int
     HOST_PORT_FIELD_NUMBER: _builtins.int
+    APP_FIELD_NUMBER: _builtins.int
+    URL_PATH_FIELD_NUMBER: _builtins.int
     container_port: _builtins.int
     host_port: _builtins.int
+    app: _builtins.str
+    """What the port serves, for `dstack run`/`attach` to print through the tunnel (issue 14):
+    e.g. "lab", "notebook", "code", "tensorboard"; empty: a plain port
+    """
+    url_path: _builtins.str
+    """appended to the tunnelled http://127.0.0.1:LOCAL/, e.g. "lab?token=..." """
     def __init__(
         self,
         *,
         container_port: _builtins.int = ...,
         host_port: _builtins.int = ...,
+        app: _builtins.str = ...,
+        url_path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_port", b"container_port", "host_port", b"host_port"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "container_port", b"container_port", "host_port", b"host_port", "url_path", b"url_path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
