@@ -5,7 +5,7 @@ from __future__ import annotations
 import posixpath
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dstack.cli.client import Client
@@ -60,6 +60,9 @@ class Request:
     # Files the workflows name (a script, a requirements file), relative to the code root, and where: each must
     # be in the packed code, unless the job gets artifacts from dependencies, which may bring it.
     code_files: list[CodeFile]
+    # (WORKFLOW or OWNER/REPO/WORKFLOW whose last done run the jobs take, where it is written): the coordinator
+    # resolves them at submission; an error it gives about one is shown at that line
+    workflow_refs: list[tuple[str, Location]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class CodeFile:
     field: str
     location: Location
     may_come_from_inputs: bool
+    may_be_folder: bool = False  # `depends-on.repo.include` may name a folder
 
 
 def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
@@ -75,12 +79,13 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
 
     Runtime dependencies (`depends-on: [download]`) join the run as jobs of their own, each run once,
     in dependency order; the coordinator starts a job when those it depends on are done."""
+    from dstack.cli.early2022 import expand_commands
     from dstack.cli.variables import check_run_args, load_variables, run_args_text, split_overrides, substitute
     from dstack.cli.workflows import dependencies, load_workflow_nodes, parse_workflow
 
     nodes = load_workflow_nodes(root)
     target = _workflow_node(root, workflow_name)  # a clear error for an unknown name
-    order = _dependency_order(nodes, workflow_name, lambda n: dependencies(n).runtime)
+    order = _dependency_order(nodes, workflow_name, _runtime_dependencies)
     variables = {name: load_variables(root, name) for name in order}
     known = set().union(*(v.defaults for v in variables.values()))
     overrides, rest = split_overrides(args, known)
@@ -91,6 +96,7 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
     check_run_args(args, rest, known, workflow_name, takes_args)
     jobs = []
     tag_checks: list[tuple[str, str, Location]] = []
+    workflow_refs: list[tuple[str, Location]] = []
     code_files: list[CodeFile] = []
     for name in order:
         vs = variables[name]
@@ -98,13 +104,14 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
         run_args = rest if name == workflow_name else []
         node = nodes[name]
         substitute(node, _lookup(vs.values, run_args_text(run_args)))
+        expand_commands(node, vs.values, vs.own)  # `$model`, `$run_name`... of the early-2022 syntax
         wf = parse_workflow(node)
         wf.env = vs.env() | wf.env  # what the workflow sets explicitly wins
         wf.run_args = run_args
-        expected = dependencies(node).tag_workflows
+        deps = dependencies(node)
         for tag in wf.input_tags:
-            loc = node.at("depends-on") if tag in expected else node.at("deps")
-            tag_checks.append((tag, expected.get(tag, ""), loc))
+            tag_checks.append((tag, deps.tag_workflows.get(tag, ""), deps.at("tag", tag, node.location)))
+        workflow_refs += [(w, deps.at("workflow", w, node.location)) for w in wf.input_workflows]
         _, provider = resolve_provider(wf.node)
         has_inputs = bool(wf.depends_on or wf.input_tags or wf.input_workflows)
         for key in provider.code_file_fields:
@@ -112,9 +119,12 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
             if value:
                 path = posixpath.normpath(posixpath.join(wf.working_dir or ".", value))
                 code_files.append(CodeFile(path, key, wf.node.at(key), has_inputs))
+        code_files += [
+            CodeFile(path, "depends-on.repo.include", loc, has_inputs, may_be_folder=True) for path, loc in deps.include
+        ]
         jobs += provider.job_specs(wf)
     submit = client_pb2.SubmitRunRequest(workflow=workflow_name, jobs=jobs, args=args)
-    return Request(submit, tag_checks, code_files)
+    return Request(submit, tag_checks, code_files, workflow_refs)
 
 
 def _mentions(value: object, text: str) -> bool:
@@ -132,7 +142,7 @@ def check_code_files(request: Request, packed: PackedCode, root: Path, err: Term
     """A file the workflow names that is not in the code sent is an error at its line, before anything starts."""
     names = set(packed.names)
     for f in request.code_files:
-        if f.path in names:
+        if f.path in names or (f.may_be_folder and _is_folder_of(f.path, names)):
             continue
         on_disk = (root / f.path).exists()
         why = (
@@ -168,32 +178,57 @@ def _lookup(values: dict[str, str], run_args: str) -> Callable[[str], str | None
     return lambda ref: run_args if ref == "run.args" else values.get(ref)
 
 
-def _dependency_order(nodes: dict[str, Node], target: str, deps_of: Callable[[Node], list[str]]) -> list[str]:
+def _runtime_dependencies(node: Node) -> list[tuple[str, Location]]:
+    """The workflows of this project that `node` runs first, each with where it is written."""
+    from dstack.cli.workflows import dependencies
+
+    deps = dependencies(node)
+    return [(name, deps.at("runtime", name, node.location)) for name in deps.runtime]
+
+
+def _dependency_order(
+    nodes: dict[str, Node], target: str, deps_of: Callable[[Node], list[tuple[str, Location]]]
+) -> list[str]:
     """The target's runtime dependencies, transitively, each once, dependencies first."""
     order: list[str] = []
     state: dict[str, str] = {}  # name -> "visiting" | "done"
 
-    def visit(name: str, path: list[str], referrer: Node | None) -> None:
+    def visit(name: str, path: list[str], where: Location | None) -> None:
         if state.get(name) == "done":
             return
         if state.get(name) == "visiting":
             cycle = " -> ".join([*path[path.index(name) :], name])
-            raise WorkflowError(f"dependency cycle: {cycle}", referrer.at("depends-on") if referrer else None)
+            raise WorkflowError(f"dependency cycle: {cycle}", where)
         node = nodes.get(name)
         if node is None:
             known = ", ".join(sorted(nodes))
-            raise WorkflowError(
-                f"depends-on names {name!r}, which is not a workflow; workflows: {known}",
-                referrer.at("depends-on") if referrer else None,
-            )
+            raise WorkflowError(f"depends-on names {name!r}, which is not a workflow; workflows: {known}", where)
         state[name] = "visiting"
-        for dep in deps_of(node):
-            visit(dep, [*path, name], node)
+        for dep, loc in deps_of(node):
+            visit(dep, [*path, name], loc)
         state[name] = "done"
         order.append(name)
 
     visit(target, [], None)
     return order
+
+
+def _is_folder_of(path: str, names: set[str]) -> bool:
+    prefix = path.rstrip("/") + "/"
+    return path in (".", "") or any(n.startswith(prefix) for n in names)
+
+
+def located(error: CliError, request: Request) -> CliError:
+    """A refusal of the submission about a workflow dependency (`deps: [download]`: no done run yet; an unknown
+    OWNER/REPO), at the line that names it."""
+    from dstack.protos.repos import split_ref
+
+    text = str(error)
+    for ref, loc in request.workflow_refs:
+        parsed = split_ref(ref)
+        if f"workflow {parsed.name!r}" in text or (parsed.repository and repr(parsed.repository) in text):
+            return WorkflowError(text, loc)
+    return error
 
 
 def workflow_help(root: Path, workflow_name: str) -> str:
@@ -280,7 +315,10 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "", pri
     client = connect()
     check_tags(client, built)
     request.code.CopyFrom(upload_code(client, packed, err))
-    run = client.submit(request)
+    try:
+        run = client.submit(request)
+    except (NotFoundError, RequestRejected) as e:
+        raise located(e, built) from None
     err.print((run.name, "bold"), " submitted")
     if detach:
         print(run.name)
