@@ -119,8 +119,9 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
             if value:
                 path = posixpath.normpath(posixpath.join(wf.working_dir or ".", value))
                 code_files.append(CodeFile(path, key, wf.node.at(key), has_inputs))
+        # Files of the repository itself (2022's `repo.include`): a dependency's artifacts do not stand in for them.
         code_files += [
-            CodeFile(path, "depends-on.repo.include", loc, has_inputs, may_be_folder=True) for path, loc in deps.include
+            CodeFile(p, "depends-on.repo.include", loc, False, may_be_folder=True) for p, loc in deps.include
         ]
         jobs += provider.job_specs(wf)
     submit = client_pb2.SubmitRunRequest(workflow=workflow_name, jobs=jobs, args=args)
