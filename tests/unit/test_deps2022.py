@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -266,3 +269,47 @@ def test_early_syntax_mistakes_are_refused_at_their_line(
 ) -> None:
     with pytest.raises(WorkflowError, match=rf"workflows\.yaml:{line}:\d+: .*{message}"):
         build_request(project(tmp_path, "workflows:\n" + workflow), "a", [])
+
+
+# ---- the real 2022 corpus ----------------------------------------------------------------------------
+
+
+def _report() -> Any:
+    spec = importlib.util.spec_from_file_location("corpus2022_report_deps", CORPUS / "report.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CORPUS = Path(__file__).resolve().parents[1] / "corpus2022"
+REPORT = _report()
+ENTRIES = json.loads((CORPUS / "sources.json").read_text())
+# Files that use a dependency form or the early syntax, and otherwise only forms issue 13 items 1, 2, 5, 7 cover.
+USING_6_OR_8 = [
+    e
+    for e in ENTRIES
+    if {"6", "8"} & (items := {i for i, _ in REPORT.forms(e)}) and items <= {"1", "2", "5", "6", "7", "8"}
+]
+
+
+def test_the_corpus_files_with_these_forms_are_the_known_ten() -> None:
+    assert sorted(e["file"][:3] for e in USING_6_OR_8) == [
+        "001",
+        "002",
+        "003",
+        "004",
+        "009",
+        "010",
+        "027",
+        "028",
+        "029",
+        "159",
+    ]
+
+
+@pytest.mark.parametrize("entry", USING_6_OR_8, ids=[e["file"][:3] for e in USING_6_OR_8])
+def test_corpus_files_with_2022_dependencies_or_the_early_syntax_are_accepted(entry: dict[str, Any]) -> None:
+    result = REPORT.check_file(entry)
+    assert result["file_error"] is None
+    assert not any(result["workflows"].values()), result["workflows"]
