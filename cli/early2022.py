@@ -37,7 +37,12 @@ class EarlyNode(Node):
 
 
 def normalize(node: Node) -> Node:
-    """`node` as today's syntax reads it: the `template:` fields hoisted, a missing provider made `docker`."""
+    """`node` as today's syntax reads it: for a workflow without a provider, the `template:` fields hoisted and
+    the provider made `docker`."""
+    if "provider" in node:
+        # A provider's own fields as written: 2022's custom providers of February read theirs under `template`
+        # (cli/providers/custom.py passes them on as they are); a built-in provider refuses the unknown field.
+        return node
     template = "template" in node
     if template:
         node = _hoisted(node)
@@ -64,21 +69,20 @@ def note(node: Node) -> None:
     """The deprecation note for a workflow read by `normalize`, on stderr (not an error)."""
     if not isinstance(node, EarlyNode):
         return
-    name = node.get("name")
-    if node.mapped:
-        what = "'template:' with image and commands and no provider" if node.template else "image and commands"
+    if not node.mapped:  # `template:` holding a provider of its own
         print(
-            f"note: {node.written_at}: workflow {name!r} uses the early-2022 syntax ({what}), which is deprecated:"
-            f" it runs as `provider: {PROVIDER}` (the commands in the image, the code in the working directory);"
-            f" write `provider: {PROVIDER}`{' and the fields without template:' if node.template else ''}",
+            f"note: {node.written_at}: workflow {node.get('name')!r} nests its fields under 'template:' (February"
+            " 2022), which is deprecated: write them directly in the workflow",
             file=sys.stderr,
         )
-    else:
-        print(
-            f"note: {node.written_at}: workflow {name!r} nests its fields under 'template:' (February 2022),"
-            " which is deprecated: write them directly in the workflow",
-            file=sys.stderr,
-        )
+        return
+    what = "'template:' with image and commands and no provider" if node.template else "image and commands"
+    print(
+        f"note: {node.written_at}: workflow {node.get('name')!r} uses the early-2022 syntax ({what}), which is"
+        f" deprecated: it runs as `provider: {PROVIDER}` (the commands in the image, the code in the working"
+        f" directory); write `provider: {PROVIDER}`{' and the fields without template:' if node.template else ''}",
+        file=sys.stderr,
+    )
 
 
 def _copy(node: Node) -> EarlyNode:

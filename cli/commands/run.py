@@ -221,14 +221,19 @@ def _is_folder_of(path: str, names: set[str]) -> bool:
 
 def located(error: CliError, request: Request) -> CliError:
     """A refusal of the submission about a workflow dependency (`deps: [download]`: no done run yet; an unknown
-    OWNER/REPO), at the line that names it."""
+    OWNER/REPO), at the line that names it: the reference whose workflow and qualifier the message names, else the
+    first whose workflow it names, else the first whose qualifier it names."""
     from dstack.protos.repos import split_ref
 
     text = str(error)
-    for ref, loc in request.workflow_refs:
-        parsed = split_ref(ref)
-        if f"workflow {parsed.name!r}" in text or (parsed.repository and repr(parsed.repository) in text):
-            return WorkflowError(text, loc)
+    lowered = text.lower()
+    refs = [(split_ref(ref), loc) for ref, loc in request.workflow_refs]
+    names = sorted(((r, loc) for r, loc in refs if f"workflow {r.name!r}" in text), key=lambda x: bool(x[0].repository))
+    qualified = [(r, loc) for r, loc in refs if r.repository and repr(r.repository).lower() in lowered]
+    both = [(r, loc) for r, loc in names if r.repository and r.repository.lower() in lowered]
+    for candidates in (both, names, qualified):
+        if candidates:
+            return WorkflowError(text, candidates[0][1])
     return error
 
 

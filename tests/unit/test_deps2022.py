@@ -156,6 +156,12 @@ def test_a_refused_submission_about_a_workflow_dependency_is_shown_at_its_line(t
     assert str(located(no_run, request)).startswith(f"{tmp_path}/w.yaml:9:9: no run of workflow 'prep'")
     ghost = NotFoundError("no repository 'org/repo' has runs on this coordinator")
     assert isinstance(located(ghost, request), WorkflowError)
+    here, there = Location(tmp_path / "w.yaml", 3, 1), Location(tmp_path / "w.yaml", 4, 1)
+    same_name = Request(client_pb2.SubmitRunRequest(), [], [], [("org/repo/prep", there), ("prep", here)])
+    mine = NotFoundError("no run of workflow 'prep' has finished done in repository local/u/a yet: run it first")
+    assert getattr(located(mine, same_name), "location", None) == here
+    theirs = NotFoundError("no run of workflow 'prep' has finished done in repository github.com/org/repo yet")
+    assert getattr(located(theirs, same_name), "location", None) == there
     other = NotFoundError("something else")
     assert located(other, request) is other
 
@@ -240,12 +246,19 @@ def test_system_variables_are_only_for_the_early_syntax(tmp_path: Path) -> None:
     assert list(build_request(root, "w", []).submit.jobs[0].commands) == ["echo $model $run_name"]
 
 
-def test_template_with_a_provider_is_hoisted_with_a_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    wf = load_workflows(
-        project(tmp_path, "workflows:\n  - name: w\n    provider: bash\n    template:\n      commands: [x]\n")
-    )
+def test_template_holding_a_provider_is_hoisted_with_a_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = "workflows:\n  - name: w\n    template:\n      provider: bash\n      commands: [x]\n"
+    wf = load_workflows(project(tmp_path, text))
     assert wf["w"].provider == "bash" and wf["w"].node["commands"] == ["x"]
-    assert "workflows.yaml:4:5: workflow 'w' nests its fields under 'template:'" in capsys.readouterr().err
+    assert "workflows.yaml:3:5: workflow 'w' nests its fields under 'template:'" in capsys.readouterr().err
+
+
+def test_template_beside_a_provider_is_that_providers_own(tmp_path: Path) -> None:
+    """February 2022 custom providers read their fields under `template`: left as written for them; a built-in
+    provider has no such field."""
+    text = "workflows:\n  - name: w\n    provider: bash\n    template:\n      commands: [x]\n"
+    with pytest.raises(WorkflowError, match=r"workflows\.yaml:4:\d+: unknown field 'template' in workflow 'w'"):
+        load_workflows(project(tmp_path, text))
 
 
 @pytest.mark.parametrize(
