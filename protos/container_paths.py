@@ -25,7 +25,7 @@ KERNEL_TREES = ("/proc", "/sys", "/dev", "/etc")
 SYSTEM_FOLDERS = frozenset(
     {"/bin", "/boot", "/lib", "/lib32", "/lib64", "/libx32", "/sbin", "/usr", "/var", "/run", "/usr/bin", "/usr/lib"}
 )
-MAX_PATH = 1024
+MAX_PATH = 4096  # PATH_MAX
 # Where an absolute artifact's files are kept in the store and recorded in a run's artifact list: under
 # runs/RUN/JOB/rootfs/ (relative artifacts are under runs/RUN/JOB/artifacts/), so `/opt/x` and a relative
 # `opt/x` never meet. The recorded path keeps the leading `/`.

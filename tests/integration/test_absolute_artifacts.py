@@ -91,6 +91,38 @@ def test_an_absolute_artifact_is_mounted_at_the_same_path_in_dependants(
     wait_for(lambda: not dockerd.containers(home), timeout=20, what="no container left")
 
 
+def test_a_mounted_absolute_artifact_is_saved_while_the_job_runs(
+    cluster: Cluster, dockerd: Dockerd, tmp_path: Path
+) -> None:
+    cluster.start_coordinator()
+    docker_agent(cluster, dockerd, "agent-1", "--mount-sync", "0.3")
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: train
+            provider: bash
+            commands:
+              - echo step-1 > /opt/ckpt/state
+              - sleep 120
+            artifacts:
+              - path: /opt/ckpt
+                mount: true
+        """,
+    )
+    r = cluster.cli("run", "-d", "train", cwd=project)
+    assert r.returncode == 0, r.stderr
+    name = r.stdout.strip()
+
+    def saved() -> bool:
+        listed = cluster.cli("artifacts", "list", name, "--json")
+        return listed.returncode == 0 and "/opt/ckpt/state" in listed.stdout
+
+    wait_for(saved, timeout=90, interval=0.5, what="the checkpoint saved while the job runs")
+    assert cluster.run_info(name)["status"] == "running"
+    assert cluster.cli("stop", name).returncode == 0
+
+
 def _submit_raw(cluster: Cluster, artifacts: list[str], commands: list[str]) -> str:
     from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
 
