@@ -178,6 +178,16 @@ def test_a_pool_of_host_agents_keeps_the_job_waiting_with_the_reason(cluster: Cl
     assert "docker runtime" in " ".join(ps.stdout.split()), ps.stdout
     assert not Path(ENV).exists()
 
+    # a dependant that only receives the folder needs a container too: the coordinator marks it
+    from dstack.protos.v1 import client_pb2, client_pb2_grpc
+
+    r = cluster.cli("run", "-d", "same-run", cwd=project)
+    assert r.returncode == 0, r.stderr
+    stub = client_pb2_grpc.ClientServiceStub(cluster.channel())
+    meta = [("authorization", f"Bearer {cluster.admin_token}")]
+    run_pb = stub.GetRun(client_pb2.GetRunRequest(name=r.stdout.strip()), metadata=meta).run
+    assert {j.job_name: j.spec.needs_container for j in run_pb.jobs} == {"setup": True, "same-run": True}
+
 
 def test_local_mode_without_docker_refuses_at_once(local: LocalMode, tmp_path: Path) -> None:
     project = write_project(tmp_path / "p", WORKFLOWS)  # the local agent runs host processes (the fixture's)
