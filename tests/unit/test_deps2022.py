@@ -240,6 +240,13 @@ def test_early_system_variables_in_commands(tmp_path: Path) -> None:
     assert finetune.env["MODEL"] == "124M" and finetune.env["LEARNING_RATE"] == "0.1"  # env vars, upper case
 
 
+def test_variables_as_args_keeps_each_value_one_word_whatever_it_holds(tmp_path: Path) -> None:
+    """A value with shell syntax (`--note '$(touch pwned); x'` on the command line) is one argument, never code."""
+    root = project(tmp_path, EARLY, VARIABLES.replace("prompt: a b", "note: ok"))
+    r = build_request(root, "finetune-model", ["--note", "$(touch pwned); `id` $model"])
+    assert r.submit.jobs[-1].commands[-2].endswith("--note '$(touch pwned); `id` $model'")
+
+
 def test_system_variables_are_only_for_the_early_syntax(tmp_path: Path) -> None:
     root = project(tmp_path, "workflows:\n  - name: w\n    provider: bash\n    commands: [echo $model $run_name]\n")
     (root / ".dstack" / "variables.yaml").write_text(VARIABLES)
