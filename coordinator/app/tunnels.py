@@ -67,3 +67,8 @@ async def resolve(core: Core, actor: Actor, run_name: str, job_name: str, port: 
         return Target(run_name, job.job_name, job.agent_id, job.agent_name, wire_job_id(job.id, job.attempt), port)
 
     return await core.db(load)
+
+
+def ask_agent(core: Core, target: Target, tunnel_id: str) -> bool:
+    """Sends the agent `OpenTunnel` on its Connect stream; False when it is not connected."""
+    return core.engine.hub.open_tunnel(target.agent_id, tunnel_id, target.wire_job_id, target.port)

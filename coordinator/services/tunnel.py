@@ -28,7 +28,7 @@ from dstack.coordinator.app.ownership import Actor
 from dstack.coordinator.auth import agent_id, user_caller
 from dstack.coordinator.errors import CoordinatorError
 from dstack.coordinator.services.rpc import status_for
-from dstack.protos.v1 import agent_pb2, common_pb2
+from dstack.protos.v1 import common_pb2
 
 Ctx: TypeAlias = Any  # grpc.aio.ServicerContext: grpc ships no type information
 Outcome: TypeAlias = "tuple[grpc.StatusCode, str] | None"  # None: the tunnel ended cleanly
@@ -98,8 +98,7 @@ async def _dial_back(core: Core, context: Ctx, target: tunnels.Target) -> AgentS
     """Asks the job's agent to open the tunnel and waits for its stream (None: aborted with why not)."""
     tunnel_id, answer = core.tunnels.expect(target.agent_id)
     try:
-        order = agent_pb2.OpenTunnel(tunnel_id=tunnel_id, job_id=target.wire_job_id, port=target.port)
-        if not core.engine.hub.send(target.agent_id, agent_pb2.CoordinatorMessage(open_tunnels=[order])):
+        if not tunnels.ask_agent(core, target, tunnel_id):
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 f"the agent {target.agent_name} of job {target.job_name} is not connected right now; try again"

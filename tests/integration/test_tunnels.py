@@ -74,14 +74,16 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Http).serve_forever()
 """
 
 
-def project(tmp: Path, http: int, raw: int) -> Path:
+def project(tmp: Path, http: int, raw: int, idle: int | None = None) -> Path:
+    """`idle`: a port the workflow declares and nothing serves."""
+    ports = ", ".join(str(p) for p in (http, raw, idle) if p)
     return write_project(
         tmp / "p",
         f"""
         workflows:
           - name: serve
             provider: bash
-            ports: [{http}, {raw}]
+            ports: [{ports}]
             commands:
               - python3 serve.py {http} {raw}
         """,
@@ -228,8 +230,8 @@ def test_only_the_owner_or_an_admin_reaches_declared_ports_of_a_running_job(
     cluster.start_agent("agent-1")
     cluster.start_agent("agent-2")
     alice, bob, vera = add_user(cluster, "alice"), add_user(cluster, "bob"), add_user(cluster, "vera", "viewer")
-    http, raw = free_port(), free_port()
-    root = project(tmp_path, http, raw)
+    http, raw, idle = free_port(), free_port(), free_port()
+    root = project(tmp_path, http, raw, idle)
     r = subprocess.run(
         [sys.executable, "-m", "dstack.cli", "run", "serve", "-d"],
         capture_output=True,
@@ -254,7 +256,11 @@ def test_only_the_owner_or_an_admin_reaches_declared_ports_of_a_running_job(
         assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "member role" in e.details(), e.details()
         e = _tunnel_call(ch, alice, common_pb2.TunnelTarget(run_name=name, port=secret_port))
         assert e.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert f"port {secret_port} is not one of the ports run {name} declares ({', '.join(map(str, sorted([http, raw])))})" in e.details()
+        declared = ", ".join(map(str, sorted([http, raw, idle])))
+        assert f"port {secret_port} is not one of the ports run {name} declares ({declared})" in e.details()
+        e = _tunnel_call(ch, alice, common_pb2.TunnelTarget(run_name=name, port=idle))
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"port {idle} of job serve (run {name}): nothing answers on port {idle} inside the job" in e.details()
         e = _tunnel_call(ch, alice, common_pb2.TunnelTarget(run_name="no-such-run", port=http))
         assert e.code() == grpc.StatusCode.NOT_FOUND
 
@@ -304,6 +310,24 @@ def test_only_the_owner_or_an_admin_reaches_declared_ports_of_a_running_job(
         running.append(fwd)
         fwd.wait_line(rf"forwarding http://127\.0\.0\.1:{local}/")
         hello = f"http://127.0.0.1:{local}/hello"
-        wait_for(lambda u=hello: get(u, timeout=5) == b"hello from the job", timeout=60)
+
+        def answers(u: str = hello) -> bool:
+            return get(u, timeout=5) == b"hello from the job"
+
+        wait_for(answers, timeout=60)
         fwd.stop()
     secret.close()
+
+    # dstack attach reopens a tunnel for each port, follows the logs, and says when the run ends.
+    attach = Running.start(cluster, "attach", name, cwd=root, token=alice)
+    running.append(attach)
+    url = attach.wait_line(rf"tunnel port {http}: (http://127\.0\.0\.1:\d+/)").group(1)
+    assert get(url + "hello") == b"hello from the job"
+    assert cluster.cli("stop", name).returncode == 0
+    attach.wait_line(rf"run {name} is (stopped|failed): the tunnels are closed")
+    attach.popen.wait(30)
+    with cluster.channel() as ch:
+        e = _tunnel_call(ch, alice, common_pb2.TunnelTarget(run_name=name, port=http))
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"job serve of run {name} is " in e.details() and "not running" in e.details(), e.details()
+    assert "Traceback" not in attach.text()
