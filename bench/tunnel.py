@@ -228,14 +228,14 @@ def main() -> None:
         added = (statistics.median(figures["tunnel"]["rtt"]) - base_rtt) * 1e3
         print(f"tunnel: {added:.2f} ms added per round trip (target <= 2 ms)")
     finally:
-        for p in extra:
-            if p.poll() is None:
-                p.terminate()
-        for p in extra:
+        for proc in extra:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in extra:
             try:
-                p.wait(10)
+                proc.wait(10)
             except subprocess.TimeoutExpired:
-                p.kill()
+                proc.kill()
         svc.stop()
 
 
