@@ -25,7 +25,7 @@ import grpc
 import pytest
 
 from dstack.protos.v1 import agent_pb2_grpc, client_pb2_grpc, common_pb2
-from tests.conftest import Cluster, free_port, wait_for, write_project
+from tests.conftest import Cluster, LocalMode, free_port, wait_for, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +99,7 @@ class Running:
     err: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, cluster: Cluster, *args: str, cwd: Path, token: str | None = None) -> Running:
+    def start(cls, cluster: Cluster | LocalMode, *args: str, cwd: Path, token: str | None = None) -> Running:
         env = cluster.env() | ({"DSTACK_TOKEN": token} if token else {})
         popen = subprocess.Popen(
             [sys.executable, "-m", "dstack.cli", *args],
@@ -147,6 +147,14 @@ def get(url: str, timeout: float = 60) -> bytes:
         return body
 
 
+def says_hello(url: str) -> bool:
+    """Whether the job's server answers through `url` yet (it listens a moment after the job runs)."""
+    try:
+        return get(url + "hello", timeout=5) == b"hello from the job"
+    except OSError:
+        return False
+
+
 def hash_until_eof(port: int, data: bytes) -> str:
     """The raw protocol: send, half-close, read the answer (HTTP/1.0 style request-then-EOF)."""
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
@@ -177,7 +185,7 @@ def test_run_url_and_port_forward_carry_traffic_until_the_job_ends(
     name = run.wait_line(r"(\S+) submitted").group(1)
     url = run.wait_line(rf"tunnel port {http}: (http://127\.0\.0\.1:\d+/)").group(1)
     raw_local = int(run.wait_line(rf"tunnel port {raw}: http://127\.0\.0\.1:(\d+)/").group(1))
-    wait_for(lambda: get(url + "hello", timeout=5) == b"hello from the job", timeout=60, what="the job's server")
+    wait_for(lambda: says_hello(url), timeout=60, what="the job's server")
 
     # Many connections at once, each its own stream on the one channel.
     with ThreadPoolExecutor(20) as pool:
@@ -309,12 +317,8 @@ def test_only_the_owner_or_an_admin_reaches_declared_ports_of_a_running_job(
         fwd = Running.start(cluster, "port-forward", name, f"{local}:{http}", cwd=root, token=token)
         running.append(fwd)
         fwd.wait_line(rf"forwarding http://127\.0\.0\.1:{local}/")
-        hello = f"http://127.0.0.1:{local}/hello"
-
-        def answers(u: str = hello) -> bool:
-            return get(u, timeout=5) == b"hello from the job"
-
-        wait_for(answers, timeout=60)
+        base = f"http://127.0.0.1:{local}/"
+        wait_for(lambda u=base: says_hello(u), timeout=60)  # type: ignore[misc]
         fwd.stop()
     secret.close()
 
@@ -331,3 +335,19 @@ def test_only_the_owner_or_an_admin_reaches_declared_ports_of_a_running_job(
         assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert f"job serve of run {name} is " in e.details() and "not running" in e.details(), e.details()
     assert "Traceback" not in attach.text()
+
+
+def test_local_mode_run_prints_a_url_that_reaches_the_job(
+    local: LocalMode, tmp_path: Path, running: list[Running]
+) -> None:
+    """The embedded coordinator listens on a Unix socket; the job runs on this very host, so the CLI
+    must not take the job's port number for itself."""
+    http, raw = free_port(), free_port()
+    root = project(tmp_path, http, raw)
+    run = Running.start(local, "run", "serve", cwd=root)
+    running.append(run)
+    url = run.wait_line(rf"tunnel port {http}: (http://127\.0\.0\.1:\d+/)", timeout=120).group(1)
+    assert f":{http}/" not in url
+    wait_for(lambda: says_hello(url), timeout=60, what="the job's server")
+    run.popen.terminate()  # Ctrl-C's cousin: the CLI goes, the run goes on; the fixture stops local mode
+    run.popen.wait(30)
