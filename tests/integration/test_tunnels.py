@@ -11,6 +11,7 @@ import hashlib
 import json
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -349,5 +350,10 @@ def test_local_mode_run_prints_a_url_that_reaches_the_job(
     url = run.wait_line(rf"tunnel port {http}: (http://127\.0\.0\.1:\d+/)", timeout=120).group(1)
     assert f":{http}/" not in url
     wait_for(lambda: says_hello(url), timeout=60, what="the job's server")
-    run.popen.terminate()  # Ctrl-C's cousin: the CLI goes, the run goes on; the fixture stops local mode
-    run.popen.wait(30)
+    run.popen.send_signal(signal.SIGINT)  # Ctrl-C: the tunnels close, the run goes on (no terminal: no question)
+    assert run.popen.wait(30) == 130
+    run.wait_line("the tunnels are closed")
+    run.wait_line("detached; the run goes on")
+    assert "Traceback" not in run.text()
+    with pytest.raises(OSError):
+        get(url + "hello", timeout=5)
