@@ -114,6 +114,13 @@ async def _dial_back(core: Core, context: Ctx, target: tunnels.Target) -> AgentS
             )
             return None
         return side
+    except BaseException:
+        # Cancelled (the client went) just as the agent answered: its stream must not wait forever.
+        if answer.done() and not answer.cancelled():
+            claimed: AgentSide = answer.result()
+            if not claimed.outcome.done():
+                claimed.outcome.set_result((grpc.StatusCode.CANCELLED, "the client closed the tunnel"))
+        raise
     finally:
         core.tunnels.forget(tunnel_id)
 
