@@ -27,6 +27,8 @@ import pytest
 
 from dstack.protos.v1 import agent_pb2_grpc, client_pb2_grpc, common_pb2
 from tests.conftest import Cluster, LocalMode, free_port, wait_for, write_project
+from tests.dockerd import Dockerd
+from tests.integration.test_docker import docker_agent
 
 pytestmark = pytest.mark.integration
 
@@ -357,3 +359,37 @@ def test_local_mode_run_prints_a_url_that_reaches_the_job(
     assert "Traceback" not in run.text()
     with pytest.raises(OSError):
         get(url + "hello", timeout=5)
+
+
+def test_a_container_job_is_reached_on_its_port(
+    cluster: Cluster, dockerd: Dockerd, tmp_path: Path, running: list[Running]
+) -> None:
+    """The Docker runtime: the agent dials the port the container serves (the tests' engine has no
+    bridge, so the container shares the host's network; a bridge publishes the port on the host)."""
+    cluster.start_coordinator()
+    docker_agent(cluster, dockerd, "agent-1", "--docker-network", "host")
+    port = free_port()
+    root = write_project(
+        tmp_path / "p",
+        f"""
+        workflows:
+          - name: web
+            provider: bash
+            ports: [{port}]
+            commands:
+              - mkdir -p www && echo -n hello from the job > www/hello
+              - httpd -f -p 127.0.0.1:{port} -h www
+        """,
+    )
+    r = cluster.cli("run", "web", "-d", cwd=root)
+    assert r.returncode == 0, r.stderr
+    name = r.stdout.strip()
+    cluster.wait_status(name, {"running"}, timeout=90)
+    local = free_port()
+    fwd = Running.start(cluster, "port-forward", name, f"{local}:{port}", cwd=root)
+    running.append(fwd)
+    fwd.wait_line(rf"forwarding http://127\.0\.0\.1:{local}/")
+    wait_for(lambda: says_hello(f"http://127.0.0.1:{local}/"), timeout=60, what="httpd in the container")
+    assert dockerd.containers(cluster.tmp / "agent-1"), "the job runs in a container"
+    assert cluster.cli("stop", name).returncode == 0
+    fwd.wait_line(rf"run {name} is (stopped|failed): the tunnel is closed")
