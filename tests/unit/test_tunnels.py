@@ -11,7 +11,7 @@ import pytest
 
 from dstack.agent.tunnels import JobPorts, Tunnels
 from dstack.cli.errors import RequestRejected
-from dstack.cli.tunnel import PortSpec
+from dstack.cli.tunnel import Forward, PortSpec, describe
 from dstack.coordinator.errors import Forbidden
 from dstack.coordinator.tunnel_registry import TunnelRegistry
 from dstack.protos.v1 import agent_pb2, common_pb2
@@ -95,3 +95,11 @@ def test_port_spec() -> None:
     for bad in ("", "x", "0", "70000", "1:2:3", "a:80", "70000:80"):
         with pytest.raises(RequestRejected):
             PortSpec.parse(bad)
+
+
+def test_printed_urls_carry_the_app_and_its_path() -> None:
+    lab = Forward("r", "lab", 8888, 50123, app="lab", url_path="lab?token=abc")
+    assert lab.url == "http://127.0.0.1:50123/lab?token=abc"
+    assert describe(lab, several_jobs=False) == "lab: http://127.0.0.1:50123/lab?token=abc"
+    plain = Forward("r", "web", 8080, 50124)
+    assert describe(plain, several_jobs=True) == "web: port 8080: http://127.0.0.1:50124/"
