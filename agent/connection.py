@@ -23,6 +23,7 @@ from dstack.agent.config import AgentConfig
 from dstack.agent.inventory import Inventory
 from dstack.agent.jobuser import JobUserError, prepare_root
 from dstack.agent.outbox import Outbox
+from dstack.agent.ports import PortPool
 from dstack.agent.retry import SESSION_BACKOFF, Outcome, RetryPolicy, classify, describe
 from dstack.agent.runner import Janitor, JobRunner, RunnerDeps
 from dstack.agent.runtimes import make_runtime
@@ -208,6 +209,7 @@ class Agent:
             janitor=Janitor(),
             mount_sync_s=config.mount_sync_s,
             agent_home=str(config.home),
+            ports=PortPool(config.job_ports),
         )
 
     def metadata(self) -> list[tuple[str, str]]:

@@ -61,6 +61,7 @@ class Provider(abc.ABC):
                 python_version=self.python_version(wf),
                 needs_container=self.needs_container,
                 ports=[common_pb2.PortSpec(host_port=h, container_port=c) for h, c in wf.ports],
+                port_count=wf.port_count,
                 depends_on=wf.depends_on,
                 input_tags=wf.input_tags,
                 input_workflows=wf.input_workflows,

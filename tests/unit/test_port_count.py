@@ -1,0 +1,154 @@
+"""`ports: N` (issue 13 item 3): parsing on every provider, the agent's picks, what jobs are told."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from dstack.agent.ports import PortError, PortPool, is_free, parse_range
+from dstack.agent.runner import job_env
+from dstack.agent.runtimes.base import RuntimeJob
+from dstack.agent.runtimes.docker import DockerOptions, DockerRuntime, container_config
+from dstack.agent.runtimes.host import HostRuntime
+from dstack.cli.errors import WorkflowError
+from dstack.cli.providers import load_provider
+from dstack.cli.schema import workflows_schema
+from dstack.cli.workflows import load_workflows
+from dstack.protos.v1 import common_pb2
+
+BODIES = {
+    "bash": "    provider: bash\n    commands: [x]\n",
+    "python": "    provider: python\n    file: a.py\n",
+    "docker": "    provider: docker\n    image: busybox\n",
+}
+
+
+def spec(tmp_path: Path, text: str) -> common_pb2.JobSpec:
+    (tmp_path / ".dstack").mkdir(exist_ok=True)
+    (tmp_path / ".dstack" / "workflows.yaml").write_text(text)
+    wf = load_workflows(tmp_path)["w"]
+    return load_provider(wf.provider).job_specs(wf)[0]
+
+
+@pytest.mark.parametrize("provider", sorted(BODIES))
+@pytest.mark.parametrize("value, count", [("2", 2), ("0", 0), ("64", 64), ("'3'", 3)])
+def test_ports_n_travels_in_the_job_spec_on_every_provider(
+    tmp_path: Path, provider: str, value: str, count: int
+) -> None:
+    s = spec(tmp_path, f"workflows:\n  - name: w\n{BODIES[provider]}    ports: {value}\n")
+    assert s.port_count == count
+    assert list(s.ports) == []
+
+
+def test_the_list_form_stays_as_it_was(tmp_path: Path) -> None:
+    s = spec(tmp_path, "workflows:\n  - name: w\n" + BODIES["bash"] + "    ports: [8888, '8080:80']\n")
+    assert [(p.host_port, p.container_port) for p in s.ports] == [(8888, 8888), (8080, 80)]
+    assert s.port_count == 0
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("-1", r"'ports' must be a number of ports to pick \(0-64\) .* got -1"),
+        ("65", "'ports: 65' asks for 65 ports: give a number from 0 to 64"),
+        ("8080", r"'ports: 8080' asks .* or a list such as \[8080\] for that port itself"),
+        ('"x"', "'ports' must be a number of ports to pick .* got 'x'"),
+        ("true", "'ports' must be a number of ports to pick .* got True"),
+        ("1.5", "'ports' must be .* got 1.5"),
+        ("{a: 1}", "'ports' must be"),
+        ('"8080:80"', "'ports' must be .* got '8080:80'"),
+    ],
+)
+@pytest.mark.parametrize("provider", sorted(BODIES))
+def test_bad_port_counts_are_refused_at_their_line(tmp_path: Path, provider: str, value: str, message: str) -> None:
+    body = BODIES[provider]
+    line = 3 + body.count("\n")
+    with pytest.raises(WorkflowError, match=rf"workflows.yaml:{line}:\d+: {message}"):
+        spec(tmp_path, f"workflows:\n  - name: w\n{body}    ports: {value}\n")
+
+
+def test_the_schema_takes_a_count_or_a_list_and_nothing_else() -> None:
+    schema = workflows_schema()
+
+    def check(ports: object) -> None:
+        workflow = {"name": "w", "provider": "bash", "commands": ["x"], "ports": ports}
+        jsonschema.validate({"workflows": [workflow]}, schema)
+
+    check(2)
+    check([8080, "8080:80"])
+    for bad in (-1, 65, "x", True):
+        with pytest.raises(jsonschema.ValidationError):
+            check(bad)
+
+
+# ---- the agent's picks -------------------------------------------------------------------------
+
+
+def test_picks_are_free_and_held_until_the_job_ends() -> None:
+    pool = PortPool()
+    a = pool.reserve("a", 3)
+    b = pool.reserve("b", 3)
+    assert len(set(a)) == 3 and len(set(b)) == 3 and not set(a) & set(b)
+    assert all(is_free(p) for p in a + b)  # nothing listens there yet: the jobs will
+    pool.release("a")
+    assert pool.held() == set(b)
+
+
+def test_a_range_is_shared_without_overlap_and_runs_out_with_a_clear_error() -> None:
+    with socket.socket() as s:  # a port in use on the host is never picked
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        used = s.getsockname()[1]
+        lo = used - 2 if used > 3000 else used
+        pool = PortPool((lo, lo + 4))  # five ports, one of them in use: four to give
+        free = [p for p in range(lo, lo + 5) if p != used]
+        if not all(is_free(p) for p in free):
+            pytest.skip("a port next to the kernel's pick is in use on this host")
+        first = pool.reserve("a", 2)
+        second = pool.reserve("b", 1, fixed=[free[3]])  # a list-form port is held as well
+        assert used not in first + second
+        assert sorted(first + second) == free[:3]
+        with pytest.raises(PortError, match=rf"found only 0 free port\(s\) in its range {lo}-{lo + 4}"):
+            pool.reserve("c", 1)
+        assert "c" not in pool._held  # a failed reservation holds nothing
+        pool.release("a")
+        assert sorted(pool.reserve("c", 2)) == sorted(first)
+
+
+@pytest.mark.parametrize("text", ["", "1-2", "20000", "2-1", "20000-70000", "a-b", "-5"])
+def test_bad_port_ranges_are_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_range(text)
+    assert parse_range("20000-20999") == (20000, 20999)
+
+
+def test_the_job_is_told_its_ports_and_its_host_as_2022_runners_did() -> None:
+    env = job_env("gpu-7", [41000, 41001])
+    assert env == {
+        "JOB_HOSTNAME": "gpu-7",
+        "HOSTNAME": "gpu-7",
+        "PORT_0": "41000",
+        "JOB_PORT_0": "41000",
+        "PORT_1": "41001",
+        "JOB_PORT_1": "41001",
+    }
+
+
+def test_a_picked_port_is_published_with_the_same_number_inside_and_out(tmp_path: Path) -> None:
+    job = RuntimeJob(job_id="j", workdir=tmp_path, working_dir=".", commands=["x"], env={}, ports=[(41000, 41000)])
+    cfg = container_config(job, DockerOptions(network="bridge"), "img", "/a")
+    assert cfg["ports"] == {"41000/tcp": 41000}
+
+
+def test_what_each_runtime_reports_as_published() -> None:
+    ports = [(8080, 80), (41000, 41000)]
+    assert HostRuntime.published_ports(object.__new__(HostRuntime), ports) == [(80, 80), (41000, 41000)]
+    bridge = object.__new__(DockerRuntime)
+    bridge.opts = DockerOptions(network="bridge")
+    assert bridge.published_ports(ports) == ports
+    host = object.__new__(DockerRuntime)
+    host.opts = DockerOptions(network="host")
+    assert host.published_ports([(41000, 41000)]) == [(41000, 41000)]
