@@ -37,13 +37,17 @@ def parse_range(text: str) -> tuple[int, int]:
 
 
 def is_free(port: int) -> bool:
-    """Whether a listener could bind `port` on every IPv4 and IPv6 address of this host now."""
+    """Whether a listener could bind `port` on every IPv4 and IPv6 address of this host now (nothing
+    listens there; with SO_REUSEADDR, as servers bind, so a port in TIME_WAIT counts as free)."""
     for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
         try:
             s = socket.socket(family, socket.SOCK_STREAM)
         except OSError:
             continue  # no IPv6 on this host: nothing can listen there either
         try:
+            # As servers bind (http.server, uvicorn, ...): connections of a job that ended, still in
+            # TIME_WAIT on the port, do not keep the next job from listening there.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             s.bind((address, port))

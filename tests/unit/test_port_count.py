@@ -15,9 +15,15 @@ from dstack.agent.runtimes.docker import DockerOptions, DockerRuntime, container
 from dstack.agent.runtimes.host import HostRuntime
 from dstack.cli.errors import WorkflowError
 from dstack.cli.providers import load_provider
+from dstack.cli.render import ports_text, run_to_json
 from dstack.cli.schema import workflows_schema
 from dstack.cli.workflows import load_workflows
-from dstack.protos.v1 import common_pb2
+from dstack.coordinator.model import JobUpdate
+from dstack.coordinator.store import NewJob, Placement, Store
+from dstack.coordinator.store.jobs import MAX_REPORTED_PORTS
+from dstack.protos.v1 import client_pb2, common_pb2
+
+JS = common_pb2.JobStatus
 
 BODIES = {
     "bash": "    provider: bash\n    commands: [x]\n",
@@ -152,3 +158,40 @@ def test_what_each_runtime_reports_as_published() -> None:
     host = object.__new__(DockerRuntime)
     host.opts = DockerOptions(network="host")
     assert host.published_ports([(41000, 41000)]) == [(41000, 41000)]
+
+
+# ---- the coordinator's record ------------------------------------------------------------------
+
+
+def test_the_ports_an_agent_reports_are_recorded_bounded_and_only_real_port_numbers(tmp_path: Path) -> None:
+    """A broken or hostile agent reports port 0, 70000 and thousands of ports with RUNNING: only real
+    port numbers are kept, at most MAX_REPORTED_PORTS of them; a later report (DONE) keeps the record."""
+    s = Store(tmp_path / "db.sqlite")
+    spec = common_pb2.JobSpec(job_name="a", commands=["true"], port_count=2).SerializeToString()
+    name = s.create_run("admin", "wf", b"", "", [], [NewJob("a", spec, 0, 0, 0, [])]).name
+    run = s.run_by_name(name)
+    jid = s.jobs_of_runs([run.id])[run.id][0].id
+    agent_id = s.register_agent("h", "tok", b"")
+    s.apply_schedule([Placement(jid, agent_id, [])], {}, [])
+    flood = [(0, 80), (41000, 41000), (70000, 1), (41001, 8080)] + [(1024 + i, 1024 + i) for i in range(5000)]
+    s.apply_job_updates(agent_id, [JobUpdate(job_id=jid, status=JS.JOB_STATUS_RUNNING, ports=flood)])
+    row = s.jobs_of_runs([run.id])[run.id][0]
+    assert row.ports[:2] == ((41000, 41000), (41001, 8080))
+    assert len(row.ports) == MAX_REPORTED_PORTS
+    s.apply_job_updates(agent_id, [JobUpdate(job_id=jid, status=JS.JOB_STATUS_DONE)])
+    assert s.jobs_of_runs([run.id])[run.id][0].ports[:2] == ((41000, 41000), (41001, 8080))
+
+
+def test_ps_json_and_the_table_show_the_recorded_ports() -> None:
+    job = client_pb2.Job(job_name="a", status=JS.JOB_STATUS_RUNNING)
+    job.ports.add(host_port=41000, container_port=41000)
+    job.ports.add(host_port=41001, container_port=80)
+    run = client_pb2.Run(name="r", jobs=[job])
+    jobs = run_to_json(run)["jobs"]
+    assert isinstance(jobs, list) and jobs[0]["ports"] == [
+        {"container": 41000, "host": 41000},
+        {"container": 80, "host": 41001},
+    ]
+    assert ports_text(run) == "ports 41000, 41001->80"
+    job.status = JS.JOB_STATUS_DONE  # the table shows them only while the job runs
+    assert ports_text(client_pb2.Run(name="r", jobs=[job])) == ""
