@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -13,6 +16,7 @@ from dstack.agent.runner import job_env
 from dstack.agent.runtimes.base import RuntimeJob
 from dstack.agent.runtimes.docker import DockerOptions, DockerRuntime, container_config
 from dstack.agent.runtimes.host import HostRuntime
+from dstack.cli.commands.run import build_request
 from dstack.cli.errors import WorkflowError
 from dstack.cli.providers import load_provider
 from dstack.cli.render import ports_text, run_to_json
@@ -195,3 +199,62 @@ def test_ps_json_and_the_table_show_the_recorded_ports() -> None:
     assert ports_text(run) == "ports 41000, 41001->80"
     job.status = JS.JOB_STATUS_DONE  # the table shows them only while the job runs
     assert ports_text(client_pb2.Run(name="r", jobs=[job])) == ""
+
+
+# ---- `dstack run WORKFLOW -p N` ------------------------------------------------------------------
+
+
+def _project(tmp_path: Path) -> Path:
+    (tmp_path / ".dstack").mkdir(exist_ok=True)
+    (tmp_path / "a.py").write_text("print(1)\n")
+    (tmp_path / ".dstack" / "workflows.yaml").write_text(
+        "workflows:\n"
+        "  - name: app\n    provider: bash\n    ports: [8080]\n    commands: [x]\n"
+        "  - name: script\n    provider: python\n    file: a.py\n"
+    )
+    return tmp_path
+
+
+@pytest.mark.parametrize("args", [["-p", "3"], ["--ports", "3"], ["--ports=3"]])
+def test_run_p_n_asks_a_bash_workflow_for_n_ports_in_place_of_its_own(tmp_path: Path, args: list[str]) -> None:
+    job = build_request(_project(tmp_path), "app", args).submit.jobs[0]
+    assert job.port_count == 3 and list(job.ports) == []
+
+
+def test_run_p_is_left_to_a_python_script_and_after_the_separator(tmp_path: Path) -> None:
+    root = _project(tmp_path)
+    job = build_request(root, "script", ["-p", "3"]).submit.jobs[0]
+    assert job.port_count == 0 and job.commands[-1].endswith("a.py -p 3")
+    with pytest.raises(WorkflowError, match="takes no arguments"):
+        build_request(root, "app", ["--", "-p", "3"])  # after `--`: the workflow's, and a bash one takes none
+
+
+@pytest.mark.parametrize("args", [["-p"], ["-p", "x"], ["--ports=65"], ["-p", "-1"]])
+def test_run_p_with_a_bad_count_is_refused(tmp_path: Path, args: list[str]) -> None:
+    with pytest.raises(WorkflowError, match="number of ports"):
+        build_request(_project(tmp_path), "app", args)
+
+
+# ---- the real 2022 files -----------------------------------------------------------------------
+
+CORPUS = Path(__file__).resolve().parents[1] / "corpus2022"
+
+
+def _corpus_report() -> Any:
+    loaded = importlib.util.spec_from_file_location("corpus2022_report_ports", CORPUS / "report.py")
+    assert loaded and loaded.loader
+    module = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(module)
+    return module
+
+
+def test_every_corpus_file_with_ports_n_is_accepted() -> None:
+    """tests/corpus2022: dstack-examples' apps (`ports: 1` for uvicorn on $PORT_0) and TRecover's train
+    (bash `python` + `ports: 1`), refused before this item for `ports` alone."""
+    report = _corpus_report()
+    entries = json.loads((CORPUS / "sources.json").read_text())
+    with_ports = [e for e in entries if "3" in {item for item, _ in report.forms(e)}]
+    assert len(with_ports) >= 6
+    for entry in with_ports:
+        result = report.check_file(entry)
+        assert not result["file_error"] and not any(result["workflows"].values()), (entry["file"], result)
