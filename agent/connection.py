@@ -207,6 +207,8 @@ class Agent:
             uploader=Uploader(self.stub, self.metadata, self.policy, self.transfer),
             downloader=Downloader(self.stub, self.metadata, self.policy, self.transfer),
             gpu_uuids=self._gpu_uuids,
+            gpu_infos=self._gpu_infos,
+            gpu_versions=self.inventory.versions,
             gpus_simulated=bool(config.simulate_gpus),
             janitor=Janitor(),
             mount_sync_s=config.mount_sync_s,
@@ -229,6 +231,11 @@ class Agent:
         if inv is None or any(g.simulated for g in inv.gpus):
             return []  # simulated GPUs have no real UUID: pin by index
         by_index = {g.index: g.uuid for g in inv.gpus}
+        return [by_index[i] for i in indices if i in by_index]
+
+    def _gpu_infos(self, indices: list[int]) -> list[common_pb2.GpuInfo]:
+        inv = self._last_inventory
+        by_index = {g.index: g for g in inv.gpus} if inv is not None else {}
         return [by_index[i] for i in indices if i in by_index]
 
     # ---- credentials -------------------------------------------------------------------------

@@ -33,6 +33,10 @@ import time
 ENV_CACHE = "DSTACK_ENV_CACHE"
 ENV_MAX_BYTES = "DSTACK_ENV_CACHE_MAX_BYTES"
 ENV_SCOPE = "DSTACK_ENV_SCOPE"
+# Where to write what the environment resolved to (agent/environment.py reads it): set by the agent.
+ENV_REPORT = "DSTACK_ENV_REPORT"
+REPORT_FILE = ".dstack-env-report.json"
+MAX_FREEZE_CHARS = 256 * 1024
 MARKER = "dstack-env.json"
 LOCAL_VENV = ".dstack-venv"  # where a job's own venv goes when the cache is off
 KEY_CHARS = 16  # of the sha256: short enough for the 127-byte shebang lines pip writes into bin/
@@ -313,6 +317,35 @@ def evict(cache: str, max_bytes: int, keep: str) -> None:
 # ---- running the script --------------------------------------------------------------------------
 
 
+def write_report(env_dir: str, started: float) -> None:
+    """`pip freeze` of the environment and its Python version, into the file the agent named (if any),
+    for the run's record. Never fails the job: a report that cannot be made is left out."""
+    target = os.environ.get(ENV_REPORT, "")
+    if not target:
+        return
+    python = os.path.join(env_dir, "bin", "python")
+    try:
+        out = subprocess.run(
+            [python, "-m", "pip", "freeze", "--disable-pip-version-check", "--all"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
+        )
+        packages = out.stdout.decode("utf-8", errors="replace") if out.returncode == 0 else ""
+        report = {
+            "python_version": platform.python_version(),
+            "os": platform.platform(),
+            "packages": packages[:MAX_FREEZE_CHARS],
+            "packages_truncated": len(packages) > MAX_FREEZE_CHARS,
+            # The environment's setup (made or reused) ran inside the job: the agent counts it apart.
+            "setup_ns": int((time.monotonic() - started) * 1e9),
+        }
+        with open(target, "w", encoding="utf-8") as f:
+            json.dump(report, f)
+    except (OSError, subprocess.SubprocessError) as e:
+        say(f"could not record the environment's packages: {e}")
+
+
 def exec_script(env_dir: str, lock_fd: int | None, script_argv: list[str]) -> None:
     """Replaces this process with the venv's python running the script (signals and the exit code
     reach the script as before). The shared lock's fd goes along, so the lock lives as long as the job."""
@@ -375,6 +408,7 @@ def run(argv: list[str]) -> None:
         remove_tree(env_dir)
         create_env(env_dir, requirements)
         say(f"environment {LOCAL_VENV} ready in {time.monotonic() - started:.2f} s")
+        write_report(env_dir, started)
         exec_script(env_dir, None, script_argv)
         return
     os.makedirs(cache, exist_ok=True)
@@ -392,6 +426,7 @@ def run(argv: list[str]) -> None:
         created = marker.get("created")
         since = f"created {when(created)}" if isinstance(created, (int, float)) else "created earlier"
         say(f"reusing environment {name} ({since}); {took}")
+    write_report(env_dir, started)
     exec_script(env_dir, lock_fd, script_argv)
 
 

@@ -85,6 +85,20 @@ class NvmlGpus:
         return gpus
 
 
+def nvml_versions() -> tuple[str, str]:
+    """The NVIDIA driver's version and the CUDA version it supports ("12.4"); empty without NVML."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        cuda = int(pynvml.nvmlSystemGetCudaDriverVersion())
+    except pynvml.NVMLError:
+        return "", ""
+    driver_text = driver.decode() if isinstance(driver, bytes) else str(driver)
+    return driver_text, f"{cuda // 1000}.{cuda % 1000 // 10}"
+
+
 class Inventory:
     def __init__(self, home: Path, runtime: str, max_jobs: int, simulate_gpus: str = "") -> None:
         self.home = home
@@ -92,6 +106,13 @@ class Inventory:
         self.max_jobs = max_jobs
         self._simulated = parse_simulated(simulate_gpus) if simulate_gpus else None
         self._nvml = NvmlGpus()
+        self._versions: tuple[str, str] | None = None
+
+    def versions(self) -> tuple[str, str]:
+        """(driver, CUDA) versions, read once (blocking: NVML); empty for simulated GPUs."""
+        if self._versions is None:
+            self._versions = ("", "") if self._simulated is not None else nvml_versions()
+        return self._versions
 
     def collect(self) -> common_pb2.Inventory:
         """Blocking (NVML and disk calls): run it in a worker thread."""

@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from dstack.agent.artifacts import (
     prepare_dirs,
 )
 from dstack.agent.code import CodeCache
+from dstack.agent.environment import EnvironmentRecorder, host_facts
 from dstack.agent.masking import Masker
 from dstack.agent.outbox import Outbox
 from dstack.agent.ports import PortPool
@@ -45,6 +47,7 @@ JS = common_pb2.JobStatus
 TR = common_pb2.TerminationReason
 MAX_LINE = 64 * 1024  # longer lines are split, so one line cannot exhaust memory
 DRAIN_TIMEOUT_S = 5.0
+FINAL = (JS.JOB_STATUS_DONE, JS.JOB_STATUS_FAILED, JS.JOB_STATUS_STOPPED)
 
 
 @dataclass
@@ -62,6 +65,9 @@ class RunnerDeps:
     agent_home: str
     ports: PortPool = field(default_factory=PortPool)  # `ports: N`: the agent's picks, held per job
     hostname: str = field(default_factory=socket.gethostname)  # JOB_HOSTNAME: where the job's ports are
+    # The job's GPUs from the inventory, and the (driver, CUDA) versions: for the run's record.
+    gpu_infos: Callable[[list[int]], list[common_pb2.GpuInfo]] = field(default=lambda _indices: [])
+    gpu_versions: Callable[[], tuple[str, str]] = field(default=lambda: ("", ""))
 
 
 class Janitor:
@@ -153,6 +159,7 @@ class JobRunner:
         self.upload_cache: UploadCache = {}  # files already saved (mounted artifacts), by size and mtime
         self.folders: ContainerFolders = {}  # absolute artifact paths -> the job's host folders mounted there
         self.task: asyncio.Task[None] | None = None
+        self.record = EnvironmentRecorder(deps.runtime.name)
 
     def start(self) -> asyncio.Task[None]:
         self.task = asyncio.create_task(self._run(), name=f"job-{self.job_id}")
@@ -171,6 +178,8 @@ class JobRunner:
             u.ports.add(host_port=host, container_port=container)
         if exit_code is not None:
             u.exit_code, u.has_exit_code = exit_code, True
+        if status in FINAL:  # what ran, for the run's record (agent/environment.py)
+            u.environment.CopyFrom(self.record.env)
         self.deps.outbox.add_update(u)
 
     def _system_line(self, text: str) -> None:
@@ -202,9 +211,12 @@ class JobRunner:
                     prepare_dirs(workdir, spec.artifacts)
                     make_container_folders(folders)
 
-                await self.deps.code.materialize(self.a.code, workdir, prepare)
+                await self._record_machine(spec)
+                with self.record.phase("code"):
+                    await self.deps.code.materialize(self.a.code, workdir, prepare)
                 if self.a.inputs:  # the artifacts of its dependencies, at the same paths
-                    n = await self.deps.downloader.fetch(self.a.inputs, workdir, folders)
+                    with self.record.phase("inputs"):
+                        n = await self.deps.downloader.fetch(self.a.inputs, workdir, folders)
                     sources = ", ".join(f"{i.run_name}/{i.job_name}" for i in self.a.inputs)
                     self._system_line(f"dstack: {n} artifact file(s) from {sources}")
                 if self.stop_requested:
@@ -223,6 +235,13 @@ class JobRunner:
                 env |= {k: v for k, v in where.items() if k.startswith(("PORT_", "JOB_PORT_"))}
                 env[AGENT_MARKER] = self.deps.agent_home
                 ports = [(p.host_port, p.container_port) for p in spec.ports] + [(p, p) for p in picked]
+                starting = time.monotonic_ns()
+                pulling_since: list[int] = []
+
+                def on_pulling() -> None:
+                    pulling_since.append(time.monotonic_ns())
+                    self._update(JS.JOB_STATUS_PULLING)
+
                 self.proc = await self.deps.runtime.start(
                     RuntimeJob(
                         job_id=self.job_id,
@@ -242,9 +261,14 @@ class JobRunner:
                         mounts=[(str(host), path) for path, host in folders.items()],
                         gpus_simulated=self.deps.gpus_simulated,
                         system_line=self._system_line,
-                        on_pulling=lambda: self._update(JS.JOB_STATUS_PULLING),
+                        on_pulling=on_pulling,
                     )
                 )
+                started = time.monotonic_ns()
+                pulled = started - pulling_since[0] if pulling_since else 0
+                self.record.add_time("pulling", pulled)
+                self.record.add_time("setup", started - starting - pulled)
+                self.record.set_runtime_facts(self.proc.facts())
             except Exception as e:
                 log.warning("job %s could not start: %s", self.job_id, e)
                 self._system_line(f"dstack: the job could not start: {e}")
@@ -261,8 +285,10 @@ class JobRunner:
             syncer = asyncio.create_task(self._sync_mounts(workdir, mounts)) if mounts else None
             try:
                 # The job ends when its main process does; the runtime then kills what is left of it.
-                code = await self.proc.wait()
+                with self.record.phase("running"):
+                    code = await self.proc.wait()
                 await self._drain(pump)
+                await asyncio.to_thread(self.record.read_report, workdir)
             finally:
                 pump.cancel()
                 if syncer is not None:
@@ -349,7 +375,25 @@ class JobRunner:
             message = describe_exit(code) + (f" ({note})" if note else "")
             self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_EXIT_CODE, message, code)
 
+    async def _record_machine(self, spec: common_pb2.JobSpec) -> None:
+        """The GPUs, driver, and (host runtime) OS and Python of the job, for the run's record."""
+        indices = list(self.a.gpu_indices)
+        versions = await asyncio.to_thread(self.deps.gpu_versions) if indices else ("", "")
+        self.record.set_gpus(self.deps.gpu_infos(indices), versions)
+        if self.deps.runtime.name == "host":
+            python = f"python{spec.python_version}" if spec.python_version else "python3"
+            facts = await asyncio.to_thread(host_facts, python if spec.provider == "python" else "")
+            self.record.env.os = facts.get("os", "")
+            self.record.env.python_version = facts.get("python_version", "")
+
     async def _save_artifacts(self, workdir: Path, spec: common_pb2.JobSpec) -> str | None:
+        started = time.monotonic_ns()
+        try:
+            return await self._upload_artifacts(workdir, spec)
+        finally:
+            self.record.add_time("uploading", time.monotonic_ns() - started)
+
+    async def _upload_artifacts(self, workdir: Path, spec: common_pb2.JobSpec) -> str | None:
         try:
             n = await self.deps.uploader.upload(self.job_id, workdir, spec.artifacts, self.upload_cache, self.folders)
             log.info("job %s: %d artifact file(s) saved", self.job_id, n)

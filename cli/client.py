@@ -234,6 +234,16 @@ class Client:
         for chunk in self._stream(self.stub.DownloadArtifact, req):
             yield chunk.data
 
+    def run_record(self, name: str, grant_code: bool = False) -> client_pb2.GetRunRecordResponse:
+        req = client_pb2.GetRunRecordRequest(run_name=name, grant_code=grant_code)
+        resp: client_pb2.GetRunRecordResponse = self._call(self.stub.GetRunRecord, req)
+        return resp
+
+    def download_run_code(self, name: str, diff: bool) -> Iterator[bytes]:
+        req = client_pb2.DownloadRunCodeRequest(run_name=name, diff=diff)
+        for chunk in self._stream(self.stub.DownloadRunCode, req):
+            yield chunk.data
+
     def list_agents(self) -> list[client_pb2.Agent]:
         return list(self._call(self.stub.ListAgents, client_pb2.ListAgentsRequest()).agents)
 

@@ -99,6 +99,31 @@ def logs(
 
 
 @app.command()
+def show(
+    run: Annotated[str, typer.Argument(help="Run name")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON")] = False,
+) -> None:
+    """Show a run's record: code, resolved workflow, environment, GPUs, timings, inputs and artifacts."""
+    from dstack.cli.commands.record import show_command
+
+    show_command(run, as_json)
+
+
+@app.command()
+def code(
+    run: Annotated[str, typer.Argument(help="Run name")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Restore the exact tree the run's jobs saw into this folder")
+    ] = None,
+    diff: Annotated[bool, typer.Option("--diff", help="Print the run's uncommitted diff (git diff HEAD)")] = False,
+) -> None:
+    """Restore the code of a run (-o DIR), or print its uncommitted diff (--diff)."""
+    from dstack.cli.commands.record import code_command
+
+    code_command(run, output, diff)
+
+
+@app.command()
 def stop(
     run: Annotated[str, typer.Argument(help="Run name")],
     wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for the run to end (0: do not wait)")] = 60.0,

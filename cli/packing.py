@@ -62,6 +62,9 @@ class PackedCode:
     names: list[str]  # the files packed, relative to the root
     left_out: list[str] = field(default_factory=list)  # output folders that held files not packed
     credentials_left_out: list[str] = field(default_factory=list)  # untracked files that look like credentials
+    # `git diff HEAD --binary`: the uncommitted change to tracked files, kept apart for the run's record
+    # (the untracked files packed are listed in ref.untracked); b"" outside git or with no change.
+    diff: bytes = b""
 
     @property
     def files(self) -> int:
@@ -96,6 +99,20 @@ def _git_all(root: Path, *commands: list[str]) -> list[str | None]:
             continue
         outputs.append(out.decode("utf-8", errors="replace") if proc.returncode == 0 else None)
     return outputs
+
+
+def git_diff(root: Path) -> bytes:
+    """`git diff HEAD --binary` as bytes (a patch `git apply` takes back), or b"" (no git, no commit)."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "diff", "HEAD", "--binary", "--no-color", "--no-ext-diff"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return b""
+    return out.stdout if out.returncode == 0 else b""
 
 
 def list_files(root: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[str], set[str], common_pb2.CodeRef]:
@@ -194,4 +211,11 @@ def pack(root: Path, exclude: tuple[Path, ...] = (), outputs: list[str] | None =
     data = buf.getvalue()
     ref.hash = hashlib.sha256(data).hexdigest()
     ref.size = len(data)
-    return PackedCode(data=data, ref=ref, names=names, left_out=left_out, credentials_left_out=credentials)
+    diff = b""
+    if ref.commit:  # in git with a commit: the change since it, and the untracked files sent with it
+        ref.untracked.extend(n for n in names if n not in tracked)
+        diff = git_diff(root) if ref.dirty else b""
+        if diff:
+            ref.diff_hash = hashlib.sha256(diff).hexdigest()
+            ref.diff_size = len(diff)
+    return PackedCode(data=data, ref=ref, names=names, left_out=left_out, credentials_left_out=credentials, diff=diff)

@@ -69,6 +69,8 @@ PERMISSIONS: dict[str, Role] = {
     _C + "PutCode": Role.MEMBER,
     _C + "SubmitRun": Role.MEMBER,
     _C + "GetRun": Role.USER,
+    _C + "GetRunRecord": Role.USER,  # runs are readable by the team; so are their records and code
+    _C + "DownloadRunCode": Role.USER,
     _C + "ListRuns": Role.USER,
     _C + "StopRun": Role.MEMBER,  # and the run's owner or an admin (app/runs.py)
     _C + "StreamLogs": Role.USER,

@@ -35,6 +35,7 @@ from dstack.coordinator.model import (
     UploadGrant,
     termination_reason,
 )
+from dstack.coordinator.records import environment_record
 from dstack.protos.urls import public_repo_url
 from dstack.protos.v1 import agent_pb2, client_pb2, common_pb2
 
@@ -75,13 +76,38 @@ def job_spec_proto(data: bytes) -> common_pb2.JobSpec:
 def code_from_proto(c: common_pb2.CodeRef) -> CodeRef:
     # The CLI strips credentials from the remote URL; an older or hostile client may not, and rows
     # stored before that still hold them: never store, show or hand a job a token (protos/urls.py).
-    return CodeRef(c.hash, c.size, public_repo_url(c.repo_url), c.branch, c.commit, c.dirty)
+    return CodeRef(
+        c.hash,
+        c.size,
+        public_repo_url(c.repo_url),
+        c.branch,
+        c.commit,
+        c.dirty,
+        c.diff_hash,
+        c.diff_size,
+        tuple(c.untracked),
+    )
 
 
 def code_to_proto(c: CodeRef) -> common_pb2.CodeRef:
     return common_pb2.CodeRef(
-        hash=c.hash, size=c.size, repo_url=c.repo_url, branch=c.branch, commit=c.commit, dirty=c.dirty
+        hash=c.hash,
+        size=c.size,
+        repo_url=c.repo_url,
+        branch=c.branch,
+        commit=c.commit,
+        dirty=c.dirty,
+        diff_hash=c.diff_hash,
+        diff_size=c.diff_size,
+        untracked=list(c.untracked),
     )
+
+
+def job_spec_record(encoded: bytes) -> dict[str, Any]:
+    """A stored job spec as plain JSON for the run's record (field names as in protos/v1/common.proto)."""
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(common_pb2.JobSpec.FromString(encoded), preserving_proto_field_name=True)
 
 
 def code_from_bytes(data: bytes) -> CodeRef:
@@ -230,6 +256,34 @@ def job_updates_from_proto(updates: Iterable[agent_pb2.JobUpdate]) -> list[JobUp
         )
         for u in updates
     ]
+
+
+def environment_from_proto(e: common_pb2.JobEnvironment) -> dict[str, Any]:
+    """A job's environment as its agent reported it, bounded and sanitised for the run's record."""
+    return environment_record(
+        runtime=e.runtime,
+        image=e.image,
+        image_id=e.image_id,
+        image_digests=e.image_digests,
+        python_version=e.python_version,
+        os=e.os,
+        packages=e.packages,
+        packages_truncated=e.packages_truncated,
+        phase_ns=dict(e.phase_ns),
+        agent_version=e.agent_version,
+        gpus=[
+            {
+                "index": g.index,
+                "name": g.name,
+                "uuid": g.uuid,
+                "memory_total_bytes": g.memory_total_bytes,
+                "simulated": g.simulated,
+            }
+            for g in e.gpus
+        ],
+        driver_version=e.driver_version,
+        cuda_version=e.cuda_version,
+    )
 
 
 def update_acks_to_proto(acks: Iterable[UpdateAck]) -> list[agent_pb2.UpdateAck]:

@@ -149,6 +149,11 @@ class CodeRef:
     branch: str = ""
     commit: str = ""
     dirty: bool = False
+    # The uncommitted diff (a code blob of its own) and the untracked files in the tree, kept apart
+    # for the run's record (docs/reproducibility.md).
+    diff_hash: str = ""
+    diff_size: int = 0
+    untracked: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,14 @@ import posixpath
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # Every job process carries this variable (set by the runner): after an agent crash, the next agent
 # finds the jobs its predecessor left behind by it, with no bookkeeping file per job.
 AGENT_MARKER = "DSTACK_AGENT_HOME"
+# Where a python job's environment writes what it resolved to (agent/env_helper.py, agent/environment.py).
+REPORT_VAR = "DSTACK_ENV_REPORT"
+REPORT_FILE = ".dstack-env-report.json"
 
 
 class RuntimeError_(Exception):
@@ -77,6 +81,10 @@ class JobProcess(abc.ABC):
     @abc.abstractmethod
     async def stop(self, abort: bool) -> None:
         """Terminates the whole process tree: SIGTERM, then SIGKILL after the grace period (at once if abort)."""
+
+    def facts(self) -> dict[str, Any]:
+        """What was started, for the run's record (agent/environment.py): image, image_id, image_digests, os."""
+        return {}
 
     async def cleanup(self) -> None:
         """Called once the output is drained: releases what the job held (its container, its cgroup)."""

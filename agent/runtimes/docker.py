@@ -28,7 +28,17 @@ from docker.types import DeviceRequest
 from docker.utils import parse_repository_tag
 
 from dstack.agent.envcache import EnvCache, applies_to
-from dstack.agent.runtimes.base import JobProcess, Runtime, RuntimeError_, RuntimeJob, gpu_env, gpu_ids, working_subdir
+from dstack.agent.runtimes.base import (
+    REPORT_FILE,
+    REPORT_VAR,
+    JobProcess,
+    Runtime,
+    RuntimeError_,
+    RuntimeJob,
+    gpu_env,
+    gpu_ids,
+    working_subdir,
+)
 from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT, pids_events_of, pids_limit_hits, pids_limit_line
 from dstack.protos.container_paths import CODE_MOUNT, check_container_path
 from dstack.protos.v1 import common_pb2
@@ -152,6 +162,7 @@ def container_config(
     if env_cache is not None and applies_to(job.provider):
         # The cache at the same path in every container (venvs are not relocatable), the helper read-only.
         env |= env_cache.container_env(image_id)
+        env[REPORT_VAR] = f"{MOUNT}/{REPORT_FILE}"
         volumes |= env_cache.container_volumes()
     device_requests = None
     if job.gpu_indices:
@@ -244,8 +255,16 @@ class _PullProgress:
 
 
 class DockerProcess(JobProcess):
-    def __init__(self, runtime: DockerRuntime, container_id: str, stream: OutputStream, job: RuntimeJob) -> None:
+    def __init__(
+        self,
+        runtime: DockerRuntime,
+        container_id: str,
+        stream: OutputStream,
+        job: RuntimeJob,
+        image_facts: dict[str, Any] | None = None,
+    ) -> None:
         self.rt = runtime
+        self._facts = image_facts or {}
         self.cid = container_id
         self.stream = stream  # attached before the container started: no output is missed
         self.job = job
@@ -256,6 +275,9 @@ class DockerProcess(JobProcess):
         self._pids_watch: asyncio.Task[None] | None = None
         if runtime.pids_limit:
             self._pids_watch = asyncio.create_task(self._watch_pids())
+
+    def facts(self) -> dict[str, Any]:
+        return dict(self._facts)
 
     async def _watch_pids(self) -> None:
         """Says in the job's log when its forks fail on the pids limit. The engine removes the container's
@@ -432,7 +454,18 @@ class DockerRuntime(Runtime):
         except EngineErrors as e:
             raise RuntimeError_(f"the Docker engine at {self.address} does not answer: {e}") from e
         log.info("job %s: container %s (%s)", job.job_id, cid[:12], image)
-        return DockerProcess(self, cid, stream, job)
+        return DockerProcess(self, cid, stream, job, await asyncio.to_thread(self._image_facts, image, image_id))
+
+    def _image_facts(self, image: str, image_id: str) -> dict[str, Any]:
+        """The image the job ran, for the run's record: its ID, its repository digests, its OS."""
+        facts: dict[str, Any] = {"image": image, "image_id": image_id}
+        try:
+            attrs = self.client.images.get(image_id or image).attrs
+        except EngineErrors:
+            return facts
+        facts["image_digests"] = list(attrs.get("RepoDigests") or [])
+        facts["os"] = "/".join(str(attrs[k]) for k in ("Os", "Architecture") if attrs.get(k))
+        return facts
 
     def _create_and_start(self, config: dict[str, Any]) -> tuple[str, OutputStream]:
         try:

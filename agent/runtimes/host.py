@@ -16,6 +16,8 @@ from dstack.agent.envcache import EnvCache, applies_to
 from dstack.agent.jobuser import JOB_HOME, JobUser, give
 from dstack.agent.runtimes.base import (
     AGENT_MARKER,
+    REPORT_FILE,
+    REPORT_VAR,
     JobProcess,
     Runtime,
     RuntimeError_,
@@ -218,6 +220,7 @@ class HostRuntime(Runtime):
             env.setdefault("CUDA_VISIBLE_DEVICES", "")
         if self.env_cache is not None and applies_to(job.provider):
             env.update(self.env_cache.host_env())  # the agent's, whatever the workflow's environment says
+            env[REPORT_VAR] = str(job.workdir / REPORT_FILE)
         user = self.job_user
         if user is not None:  # the job's folder becomes its user's; its HOME is in it
             await asyncio.to_thread(give, job.workdir, user)

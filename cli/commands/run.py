@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import posixpath
 import sys
 from collections.abc import Callable
@@ -85,6 +86,9 @@ class CodeFile:
     may_be_folder: bool = False  # `depends-on.repo.include` may name a folder
 
 
+RECORD_WORKFLOW_LIMIT = 256 * 1024
+
+
 def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
     """Workflow + variables (with `--name value` overrides) -> job specs; every error before anything starts.
 
@@ -113,6 +117,7 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
     code_files: list[CodeFile] = []
     container_needs: list[ContainerNeed] = []
     saved_in_container: dict[str, tuple[str, Location]] = {}  # workflow -> (an absolute artifact, its line)
+    resolved: dict[str, object] = {}
     for name in order:
         vs = variables[name]
         vs.values.update({k: v for k, v in overrides.items() if k in vs.defaults})
@@ -120,6 +125,8 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
         node = nodes[name]
         substitute(node, _lookup(vs.values, run_args_text(run_args)))
         expand_commands(node, vs.values, vs.own)  # `$model`, `$run_name`... of the early-2022 syntax
+        # As it is now (variables, overrides and `${{ }}` resolved): what the run's record keeps.
+        resolved[name] = {"workflow": node, "variables": dict(vs.values), "run_args": list(run_args)}
         wf = parse_workflow(node)
         wf.env = vs.env() | wf.env  # what the workflow sets explicitly wins
         if name == workflow_name and port_count is not None:
@@ -143,6 +150,9 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
         jobs += provider.job_specs(wf)
         container_needs += _container_needs(wf, nodes, saved_in_container)
     submit = client_pb2.SubmitRunRequest(workflow=workflow_name, jobs=jobs, args=args)
+    text = json.dumps(resolved, sort_keys=True, default=str)
+    # The coordinator keeps at most 256 KiB of it (coordinator/records.py): a larger one is said, not sent.
+    submit.resolved_workflow = text if len(text) <= RECORD_WORKFLOW_LIMIT else json.dumps({"omitted_bytes": len(text)})
     return Request(submit, tag_checks, code_files, workflow_refs=workflow_refs, container_needs=container_needs)
 
 
@@ -378,16 +388,25 @@ def upload_code(client: Client, packed: PackedCode, err: Term) -> common_pb2.Cod
                 "yellow",
             )
         )
-    answer = client.has_code(packed.ref.hash)
-    if not answer.present:
-        if answer.upload_url:  # straight to the object store; the coordinator checks it at submit
-            from dstack.cli.transfers import put_bytes
-
-            put_bytes(answer.upload_url, packed.data)
-        else:
-            client.put_code(packed.ref.hash, packed.data)
+    if _upload_blob(client, packed.ref.hash, packed.data):
         err.print((f"code: {plural(packed.files, 'file')}, {packed.ref.size / 1024:.0f} KiB uploaded", "dim"))
+    if packed.diff:  # the uncommitted change, kept apart for the run's record (`dstack code RUN --diff`)
+        _upload_blob(client, packed.ref.diff_hash, packed.diff)
     return packed.ref
+
+
+def _upload_blob(client: Client, blob_hash: str, data: bytes) -> bool:
+    """Uploads a content-addressed code blob the coordinator lacks; False when it has it already."""
+    answer = client.has_code(blob_hash)
+    if answer.present:
+        return False
+    if answer.upload_url:  # straight to the object store; the coordinator checks it at submit
+        from dstack.cli.transfers import put_bytes
+
+        put_bytes(answer.upload_url, data)
+    else:
+        client.put_code(blob_hash, data)
+    return True
 
 
 def run_command(workflow: str, args: list[str], detach: bool, tag: str = "", priority: int = 0) -> int:

@@ -11,11 +11,13 @@ first: lines and updates of jobs that are not its own never reach the engine.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 from dstack.coordinator.app import agent_scope
 from dstack.coordinator.app.core import Core
+from dstack.coordinator.convert import environment_from_proto
 from dstack.coordinator.hub import AgentConnection
 from dstack.protos.v1 import agent_pb2
 
@@ -41,6 +43,7 @@ class Session:
 
     async def receive(self, msg: agent_pb2.AgentMessage) -> None:
         msg, dropped = await self._screen(msg)
+        await self._record_environments(msg)
         reply = await self.core.engine.on_message(self.agent_id, msg)
         if reply is None:
             reply = dropped
@@ -48,6 +51,20 @@ class Session:
             reply.MergeFrom(dropped)
         if (reply.log_acks or reply.update_acks) and self._conn is not None:
             self._conn.send(reply)
+
+    async def _record_environments(self, msg: agent_pb2.AgentMessage) -> None:
+        """Keeps the environments reported with updates (screened: the agent's own jobs only), bounded
+        and sanitised (coordinator/records.py), as parts of their runs' records."""
+        reported = [u for u in msg.updates if u.HasField("environment")]
+        if not reported:
+            return
+        parts = await asyncio.to_thread(lambda: [(u.job_id, environment_from_proto(u.environment)) for u in reported])
+
+        def store() -> None:
+            for job_id, part in parts:
+                self.core.store.records.put_job_part(job_id, "environment", part)
+
+        await self.core.db(store)
 
     async def _screen(self, msg: agent_pb2.AgentMessage) -> tuple[agent_pb2.AgentMessage, agent_pb2.CoordinatorMessage]:
         """The part of `msg` the agent may send (lines and updates of its own acting jobs: the check

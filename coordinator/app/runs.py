@@ -18,9 +18,11 @@ from dstack.coordinator.app.ownership import Actor, check_owner
 from dstack.coordinator.convert import code_to_bytes, job_spec_from_proto, job_spec_proto
 from dstack.coordinator.errors import InvalidRequest, NotFound
 from dstack.coordinator.model import CodeRef, JobSpec, JobStatus, JobView, RunStatus, RunView
+from dstack.coordinator.records import submission_record
 from dstack.coordinator.repositories import run_repository
 from dstack.coordinator.store.artifacts import container_paths_of
 from dstack.coordinator.store.db import CreatedRun, NewJob
+from dstack.coordinator.store.records import RUN_PART
 from dstack.coordinator.templates import spec_with_run_name
 
 # Tags, and the workflow names an uploaded artifact set stands for.
@@ -41,6 +43,7 @@ class Submission:
     tag_on_done: str = ""
     priority: int = 0  # orders the owner's own waiting jobs (higher first)
     repository: str = ""  # as the client sent it (coordinator/repositories.py)
+    resolved_workflow: str = ""  # JSON: the workflows as the client resolved them, for the run's record
 
 
 def _check(jobs: Sequence[JobSpec]) -> None:
@@ -100,6 +103,12 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
         if size is None:
             raise InvalidRequest(f"code {sub.code.hash} was not uploaded")
         await core.db(core.store.add_code, sub.code.hash, size)
+    if sub.code.diff_hash and not await core.db(core.store.has_code, sub.code.diff_hash):
+        diff_size = await core.artifacts.verify_code(sub.code.diff_hash)
+        if diff_size is None:
+            raise InvalidRequest(f"code diff {sub.code.diff_hash} was not uploaded")
+        await core.db(core.store.add_code, sub.code.diff_hash, diff_size)
+    submission_part = submission_record(sub)
     code = code_to_bytes(sub.code)
     if sub.tag_on_done:
         check_tag_name(sub.tag_on_done)
@@ -152,6 +161,7 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
             sub.priority,
             repository,
         )
+        core.store.records.put(created.run_id, RUN_PART, "submission", submission_part)
         return created, specs
 
     async def create_and_enqueue() -> RunView:

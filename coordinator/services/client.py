@@ -4,10 +4,11 @@ caller is authenticated by coordinator/auth.py, and domain errors become status 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
-from dstack.coordinator.app import agents, artifacts, code, join_tokens, logs, runs, secrets, tags, users
+from dstack.coordinator.app import agents, artifacts, code, join_tokens, logs, records, runs, secrets, tags, users
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.ownership import Actor
 from dstack.coordinator.auth import user_caller, user_name
@@ -69,8 +70,24 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
             request.tag_on_done,
             request.priority,
             request.repository,
+            request.resolved_workflow,
         )
         return client_pb2.SubmitRunResponse(run=run_to_proto(await runs.submit(self.core, user_name(), sub, actor())))
+
+    @unary
+    async def GetRunRecord(
+        self, request: client_pb2.GetRunRecordRequest, context: Ctx
+    ) -> client_pb2.GetRunRecordResponse:
+        found = await records.run_record(self.core, request.run_name, request.grant_code)
+        text = await asyncio.to_thread(json.dumps, found.record, sort_keys=True)
+        return client_pb2.GetRunRecordResponse(record_json=text, code_url=found.code_url, diff_url=found.diff_url)
+
+    @streaming
+    async def DownloadRunCode(
+        self, request: client_pb2.DownloadRunCodeRequest, context: Ctx
+    ) -> AsyncIterator[client_pb2.DataChunk]:
+        async for chunk in records.read_run_code(self.core, request.run_name, request.diff):
+            yield client_pb2.DataChunk(data=chunk)
 
     @unary
     async def GetRun(self, request: client_pb2.GetRunRequest, context: Ctx) -> client_pb2.GetRunResponse:

@@ -27,6 +27,7 @@ from dstack.coordinator.store.jobs import (
 )
 from dstack.coordinator.store.join_tokens import JoinTokenRow, JoinTokens
 from dstack.coordinator.store.logs import ArchivableJob, Logs
+from dstack.coordinator.store.records import Records
 from dstack.coordinator.store.runs import CreatedRun, ExpiredRun, NewJob, RunRow, Runs, StopOnAgent
 from dstack.coordinator.store.scope import Scope
 from dstack.coordinator.store.secrets import SecretRow, Secrets
@@ -78,6 +79,7 @@ class Store(Db):
         self.artifacts = Artifacts(self, self.runs)
         self.tags = Tags(self, self.runs)
         self.secrets = Secrets(self)
+        self.records = Records(self)
         self.scope = Scope(self)
         self.usage = Usage(self)
         self.jobs.charge = self.usage.charge_ended

@@ -299,6 +299,7 @@ class Runs:
         with self.db.tx() as c:
             c.execute("DELETE FROM logs WHERE job_id IN (SELECT id FROM jobs WHERE run_id = ?)", [run_id])
             c.execute("DELETE FROM artifacts WHERE job_id IN (SELECT id FROM jobs WHERE run_id = ?)", [run_id])
+            c.execute("DELETE FROM records WHERE run_id = ?", [run_id])  # the run's record (store/records.py)
             c.execute("DELETE FROM jobs WHERE run_id = ?", [run_id])
             c.execute("DELETE FROM runs WHERE id = ?", [run_id])
 

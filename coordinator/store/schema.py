@@ -296,6 +296,14 @@ def _job_ports(db: sqlite_utils.Database) -> None:
         Table(db, "jobs").add_column("ports", str, not_null_default="[]")
 
 
+def _run_records(db: sqlite_utils.Database) -> None:
+    """Parts of runs' records (store/records.py): JSON per (run, job or '' for the run, part)."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS records (run_id TEXT NOT NULL, job_id TEXT NOT NULL, part TEXT NOT NULL,"
+        " body TEXT NOT NULL, written_at INTEGER, PRIMARY KEY (run_id, job_id, part))"
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
     _v2,
@@ -309,6 +317,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _repositories,
     _users_and_scoped_secrets,
     _job_ports,
+    _run_records,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

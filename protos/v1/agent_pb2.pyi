@@ -85,6 +85,7 @@ class JobUpdate(_message.Message):
     HAS_EXIT_CODE_FIELD_NUMBER: _builtins.int
     TIME_NS_FIELD_NUMBER: _builtins.int
     PORTS_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     status: _common_pb2.JobStatus.ValueType
     """RUNNING, UPLOADING, DONE, FAILED, STOPPED"""
@@ -99,6 +100,10 @@ class JobUpdate(_message.Message):
         inside, host_port outside; equal for host processes), both `ports: [..]` and `ports: N` ones.
         """
 
+    @_builtins.property
+    def environment(self) -> _common_pb2.JobEnvironment:
+        """With the final status (DONE, FAILED, STOPPED): what ran, for the run's record."""
+
     def __init__(
         self,
         *,
@@ -110,10 +115,11 @@ class JobUpdate(_message.Message):
         has_exit_code: _builtins.bool = ...,
         time_ns: _builtins.int = ...,
         ports: _abc.Iterable[_common_pb2.PortSpec] | None = ...,
+        environment: _common_pb2.JobEnvironment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "has_exit_code", b"has_exit_code", "job_id", b"job_id", "message", b"message", "ports", b"ports", "status", b"status", "termination_reason", b"termination_reason", "time_ns", b"time_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "exit_code", b"exit_code", "has_exit_code", b"has_exit_code", "job_id", b"job_id", "message", b"message", "ports", b"ports", "status", b"status", "termination_reason", b"termination_reason", "time_ns", b"time_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

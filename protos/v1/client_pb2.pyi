@@ -183,6 +183,7 @@ class SubmitRunRequest(_message.Message):
     TAG_ON_DONE_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     REPOSITORY_FIELD_NUMBER: _builtins.int
+    RESOLVED_WORKFLOW_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
     tag_on_done: _builtins.str
     """tag the run with this name when it finishes done"""
@@ -191,6 +192,10 @@ class SubmitRunRequest(_message.Message):
     repository: _builtins.str
     """The run's repository: a normalised git remote (github.com/org/repo) or local/FOLDER (the coordinator
     adds the user); its workflow names and tags resolve there. Empty: from the code's repo_url, else legacy.
+    """
+    resolved_workflow: _builtins.str
+    """The resolved workflows as the CLI built the jobs from them (after variables, overrides and `${{ }}`):
+    a JSON object, kept in the run's record.
     """
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.JobSpec]: ...
@@ -210,10 +215,11 @@ class SubmitRunRequest(_message.Message):
         tag_on_done: _builtins.str = ...,
         priority: _builtins.int = ...,
         repository: _builtins.str = ...,
+        resolved_workflow: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["code", b"code"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "code", b"code", "jobs", b"jobs", "priority", b"priority", "repository", b"repository", "tag_on_done", b"tag_on_done", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "code", b"code", "jobs", b"jobs", "priority", b"priority", "repository", b"repository", "resolved_workflow", b"resolved_workflow", "tag_on_done", b"tag_on_done", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1916,3 +1922,75 @@ class PreemptRunResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PreemptRunResponse: _TypeAlias = PreemptRunResponse  # noqa: Y015
+
+@_typing.final
+class GetRunRecordRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_NAME_FIELD_NUMBER: _builtins.int
+    GRANT_CODE_FIELD_NUMBER: _builtins.int
+    run_name: _builtins.str
+    grant_code: _builtins.bool
+    """also presign GETs of the code tree and diff"""
+    def __init__(
+        self,
+        *,
+        run_name: _builtins.str = ...,
+        grant_code: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant_code", b"grant_code", "run_name", b"run_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRunRecordRequest: _TypeAlias = GetRunRecordRequest  # noqa: Y015
+
+@_typing.final
+class GetRunRecordResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_JSON_FIELD_NUMBER: _builtins.int
+    CODE_URL_FIELD_NUMBER: _builtins.int
+    DIFF_URL_FIELD_NUMBER: _builtins.int
+    record_json: _builtins.str
+    code_url: _builtins.str
+    """empty: no code, or the store cannot presign (use DownloadRunCode)"""
+    diff_url: _builtins.str
+    def __init__(
+        self,
+        *,
+        record_json: _builtins.str = ...,
+        code_url: _builtins.str = ...,
+        diff_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_url", b"code_url", "diff_url", b"diff_url", "record_json", b"record_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRunRecordResponse: _TypeAlias = GetRunRecordResponse  # noqa: Y015
+
+@_typing.final
+class DownloadRunCodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_NAME_FIELD_NUMBER: _builtins.int
+    DIFF_FIELD_NUMBER: _builtins.int
+    run_name: _builtins.str
+    diff: _builtins.bool
+    """the uncommitted diff instead of the packed tree"""
+    def __init__(
+        self,
+        *,
+        run_name: _builtins.str = ...,
+        diff: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["diff", b"diff", "run_name", b"run_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadRunCodeRequest: _TypeAlias = DownloadRunCodeRequest  # noqa: Y015

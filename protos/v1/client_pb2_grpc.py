@@ -205,6 +205,16 @@ class ClientServiceStub:
                 request_serializer=dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.SerializeToString,
                 response_deserializer=dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.FromString,
                 _registered_method=True)
+        self.GetRunRecord = channel.unary_unary(
+                '/dstack.v1.ClientService/GetRunRecord',
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.GetRunRecordRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.GetRunRecordResponse.FromString,
+                _registered_method=True)
+        self.DownloadRunCode = channel.unary_stream(
+                '/dstack.v1.ClientService/DownloadRunCode',
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DownloadRunCodeRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DataChunk.FromString,
+                _registered_method=True)
 
 
 class ClientServiceServicer:
@@ -423,6 +433,20 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRunRecord(self, request, context):
+        """The run's record (docs/reproducibility.md): a versioned JSON document, `dstack show`; and its code,
+        `dstack code` (presigned GETs when the store presigns, else DownloadRunCode).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadRunCode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -595,6 +619,16 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.Tunnel,
                     request_deserializer=dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.FromString,
                     response_serializer=dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.SerializeToString,
+            ),
+            'GetRunRecord': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunRecord,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.GetRunRecordRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.GetRunRecordResponse.SerializeToString,
+            ),
+            'DownloadRunCode': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadRunCode,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DownloadRunCodeRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DataChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1515,6 +1549,60 @@ class ClientService:
             '/dstack.v1.ClientService/Tunnel',
             dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.SerializeToString,
             dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunRecord(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/GetRunRecord',
+            dstack_dot_protos_dot_v1_dot_client__pb2.GetRunRecordRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.GetRunRecordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadRunCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dstack.v1.ClientService/DownloadRunCode',
+            dstack_dot_protos_dot_v1_dot_client__pb2.DownloadRunCodeRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.DataChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -78,6 +78,11 @@ class ClientServiceStub:
     """One TCP connection to a port of a running job (docs/tunnels.md): the first frame names the run,
     job and port (`open`), then data both ways; the run's owner or an admin only.
     """
+    GetRunRecord: _grpc.UnaryUnaryMultiCallable[_client_pb2.GetRunRecordRequest, _client_pb2.GetRunRecordResponse]
+    """The run's record (docs/reproducibility.md): a versioned JSON document, `dstack show`; and its code,
+    `dstack code` (presigned GETs when the store presigns, else DownloadRunCode).
+    """
+    DownloadRunCode: _grpc.UnaryStreamMultiCallable[_client_pb2.DownloadRunCodeRequest, _client_pb2.DataChunk]
 
 @_typing.type_check_only
 class ClientServiceAsyncStub(ClientServiceStub):
@@ -126,6 +131,11 @@ class ClientServiceAsyncStub(ClientServiceStub):
     """One TCP connection to a port of a running job (docs/tunnels.md): the first frame names the run,
     job and port (`open`), then data both ways; the run's owner or an admin only.
     """
+    GetRunRecord: _aio.UnaryUnaryMultiCallable[_client_pb2.GetRunRecordRequest, _client_pb2.GetRunRecordResponse]  # type: ignore[assignment]
+    """The run's record (docs/reproducibility.md): a versioned JSON document, `dstack show`; and its code,
+    `dstack code` (presigned GETs when the store presigns, else DownloadRunCode).
+    """
+    DownloadRunCode: _aio.UnaryStreamMultiCallable[_client_pb2.DownloadRunCodeRequest, _client_pb2.DataChunk]  # type: ignore[assignment]
 
 class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -375,5 +385,22 @@ class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
         """One TCP connection to a port of a running job (docs/tunnels.md): the first frame names the run,
         job and port (`open`), then data both ways; the run's owner or an admin only.
         """
+
+    @_abc_1.abstractmethod
+    def GetRunRecord(
+        self,
+        request: _client_pb2.GetRunRecordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.GetRunRecordResponse, _abc.Awaitable[_client_pb2.GetRunRecordResponse]]:
+        """The run's record (docs/reproducibility.md): a versioned JSON document, `dstack show`; and its code,
+        `dstack code` (presigned GETs when the store presigns, else DownloadRunCode).
+        """
+
+    @_abc_1.abstractmethod
+    def DownloadRunCode(
+        self,
+        request: _client_pb2.DownloadRunCodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_client_pb2.DataChunk], _abc.AsyncIterator[_client_pb2.DataChunk]]: ...
 
 def add_ClientServiceServicer_to_server(servicer: ClientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -436,6 +436,9 @@ class CodeRef(_message.Message):
     BRANCH_FIELD_NUMBER: _builtins.int
     COMMIT_FIELD_NUMBER: _builtins.int
     DIRTY_FIELD_NUMBER: _builtins.int
+    DIFF_HASH_FIELD_NUMBER: _builtins.int
+    DIFF_SIZE_FIELD_NUMBER: _builtins.int
+    UNTRACKED_FIELD_NUMBER: _builtins.int
     hash: _builtins.str
     """sha256 of the packed tarball"""
     size: _builtins.int
@@ -443,6 +446,13 @@ class CodeRef(_message.Message):
     branch: _builtins.str
     commit: _builtins.str
     dirty: _builtins.bool
+    diff_hash: _builtins.str
+    """Kept apart for the run's record (docs/reproducibility.md): `git diff HEAD --binary` as a code blob of
+    its own (content-addressed like the tree), and the untracked files the tree holds.
+    """
+    diff_size: _builtins.int
+    @_builtins.property
+    def untracked(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -452,10 +462,13 @@ class CodeRef(_message.Message):
         branch: _builtins.str = ...,
         commit: _builtins.str = ...,
         dirty: _builtins.bool = ...,
+        diff_hash: _builtins.str = ...,
+        diff_size: _builtins.int = ...,
+        untracked: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "commit", b"commit", "dirty", b"dirty", "hash", b"hash", "repo_url", b"repo_url", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "commit", b"commit", "diff_hash", b"diff_hash", "diff_size", b"diff_size", "dirty", b"dirty", "hash", b"hash", "repo_url", b"repo_url", "size", b"size", "untracked", b"untracked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -543,6 +556,102 @@ class Inventory(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Inventory: _TypeAlias = Inventory  # noqa: Y015
+
+@_typing.final
+class JobEnvironment(_message.Message):
+    """What an agent saw of a job's environment (docs/reproducibility.md), sent with its final update.
+    The coordinator bounds and sanitises every field: an agent is not trusted.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PhaseNsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    IMAGE_DIGESTS_FIELD_NUMBER: _builtins.int
+    PYTHON_VERSION_FIELD_NUMBER: _builtins.int
+    OS_FIELD_NUMBER: _builtins.int
+    PACKAGES_FIELD_NUMBER: _builtins.int
+    PACKAGES_TRUNCATED_FIELD_NUMBER: _builtins.int
+    PHASE_NS_FIELD_NUMBER: _builtins.int
+    AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    DRIVER_VERSION_FIELD_NUMBER: _builtins.int
+    CUDA_VERSION_FIELD_NUMBER: _builtins.int
+    runtime: _builtins.str
+    """"docker", "host" or "null" """
+    image: _builtins.str
+    """docker: the image as named"""
+    image_id: _builtins.str
+    """docker: the image ID (sha256:...) that ran"""
+    python_version: _builtins.str
+    """the Python the job ran with"""
+    os: _builtins.str
+    """platform.platform() of the host (host runtime) or the image's os-release"""
+    packages: _builtins.str
+    """`pip freeze` in the job's environment after `requirements` (bounded)"""
+    packages_truncated: _builtins.bool
+    agent_version: _builtins.str
+    driver_version: _builtins.str
+    """NVIDIA driver (NVML); empty without NVML"""
+    cuda_version: _builtins.str
+    """the CUDA version the driver supports, e.g. "12.4" """
+    @_builtins.property
+    def image_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """docker: its RepoDigests (name@sha256:...)"""
+
+    @_builtins.property
+    def phase_ns(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """ns per phase: pulling, code, inputs, setup, environment, running, uploading"""
+
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuInfo]:
+        """the job's GPUs, from the agent's inventory (simulated ones marked)"""
+
+    def __init__(
+        self,
+        *,
+        runtime: _builtins.str = ...,
+        image: _builtins.str = ...,
+        image_id: _builtins.str = ...,
+        image_digests: _abc.Iterable[_builtins.str] | None = ...,
+        python_version: _builtins.str = ...,
+        os: _builtins.str = ...,
+        packages: _builtins.str = ...,
+        packages_truncated: _builtins.bool = ...,
+        phase_ns: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        agent_version: _builtins.str = ...,
+        gpus: _abc.Iterable[Global___GpuInfo] | None = ...,
+        driver_version: _builtins.str = ...,
+        cuda_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "cuda_version", b"cuda_version", "driver_version", b"driver_version", "gpus", b"gpus", "image", b"image", "image_digests", b"image_digests", "image_id", b"image_id", "os", b"os", "packages", b"packages", "packages_truncated", b"packages_truncated", "phase_ns", b"phase_ns", "python_version", b"python_version", "runtime", b"runtime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobEnvironment: _TypeAlias = JobEnvironment  # noqa: Y015
 
 @_typing.final
 class LogLine(_message.Message):

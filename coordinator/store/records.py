@@ -1,0 +1,44 @@
+"""Parts of runs' records (docs/reproducibility.md): JSON documents the coordinator keeps per run and job.
+
+A part is written once by whoever knows it (the submission: the resolved workflow; the agent, through
+the coordinator's sanitiser: a job attempt's environment) and read back together by `GetRunRecord`,
+which adds what the other tables already hold (specs, code, statuses, times, inputs, manifests).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dstack.coordinator.store.base import Db
+
+RUN_PART = ""  # job_id of a part that belongs to the run as a whole
+
+
+class Records:
+    def __init__(self, db: Db) -> None:
+        self.db = db
+
+    def put(self, run_id: str, job_id: str, part: str, body: dict[str, Any]) -> None:
+        with self.db.tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO records (run_id, job_id, part, body, written_at) VALUES (?, ?, ?, ?, ?)",
+                [run_id, job_id, part, json.dumps(body, sort_keys=True), self.db.clock()],
+            )
+
+    def put_job_part(self, job_id: str, part: str, body: dict[str, Any]) -> bool:
+        """Writes a job's part; False when the job is unknown."""
+        found = self.db.row("SELECT run_id FROM jobs WHERE id = ?", [job_id])
+        if found is None:
+            return False
+        self.put(found["run_id"], job_id, part, body)
+        return True
+
+    def of_run(self, run_id: str) -> dict[tuple[str, str], dict[str, Any]]:
+        """(job_id, part) -> body of every part of the run."""
+        found = self.db.rows("SELECT job_id, part, body FROM records WHERE run_id = ?", [run_id])
+        return {(r["job_id"], r["part"]): dict(json.loads(r["body"])) for r in found}
+
+    def delete_run(self, run_id: str) -> None:
+        with self.db.tx() as c:
+            c.execute("DELETE FROM records WHERE run_id = ?", [run_id])
