@@ -113,17 +113,17 @@ def test_code_restores_a_dirty_tree_byte_for_byte_and_prints_its_diff(cluster: C
     assert tree(out) == tree(project)  # contents, exec bits, links; the deleted file stays deleted
     assert not (out / "gone.txt").exists()
 
-    r = subprocess.run(
+    printed = subprocess.run(
         [PY, "-m", "dstack.cli", "code", name, "--diff"], capture_output=True, env=cluster.env(), check=False
     )
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == expected_diff  # bytes: the binary part as git wrote it
-    assert b"v2, not committed" in r.stdout and b"GIT binary patch" in r.stdout
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout == expected_diff  # bytes: the binary part as git wrote it
+    assert b"v2, not committed" in printed.stdout and b"GIT binary patch" in printed.stdout
 
     # The diff applies to the commit and, with the untracked files, gives the tree back.
     clean = tmp_path / "clean"
     subprocess.run(["git", "clone", "-q", str(project), str(clean)], check=True)
-    subprocess.run(["git", "apply", "--binary", "-"], input=r.stdout, cwd=clean, check=True)
+    subprocess.run(["git", "apply", "--binary", "-"], input=printed.stdout, cwd=clean, check=True)
     record = show(cluster, name)
     code = record["code"]
     for untracked in code["untracked"]:
