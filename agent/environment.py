@@ -84,14 +84,15 @@ class EnvironmentRecorder:
 
 
 def read_report_file(path: Path) -> dict[str, Any] | None:
-    """The report as a JSON object, or None: missing, a link or not a regular file (a job could point it
-    at a file only the agent may read), too large, or not a JSON object."""
+    """The report as a JSON object, or None: missing, a link (symbolic or hard) or not a regular file (a
+    job could point it at a file only the agent may read), too large, or not a JSON object."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a hard link could be another's file
             return None
         data = f.read(MAX_REPORT_BYTES + 1)
     if len(data) > MAX_REPORT_BYTES:

@@ -79,6 +79,9 @@ def test_the_agent_reads_no_link_no_fifo_and_nothing_oversized(tmp_path: Path) -
     link = tmp_path / "link.json"
     link.symlink_to(secret)
     assert read_report_file(link) is None
+    hard = tmp_path / "hard.json"
+    os.link(secret, hard)
+    assert read_report_file(hard) is None
     fifo = tmp_path / "fifo.json"
     os.mkfifo(fifo)
     assert read_report_file(fifo) is None  # O_NONBLOCK: a fifo with no writer does not hang the agent
