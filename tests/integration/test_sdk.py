@@ -1,0 +1,215 @@
+"""The Python SDK (dstack.api) against a real coordinator and agent: what a notebook or a pipeline does."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from dstack.api import (
+    AuthError,
+    Client,
+    CoordinatorUnreachable,
+    NotFoundError,
+    RunFailed,
+    RunStatus,
+    TlsMismatch,
+    WaitTimeout,
+    WorkflowError,
+)
+from tests.conftest import Cluster, free_port, wait_for, write_project
+
+pytestmark = pytest.mark.integration
+
+WORKFLOWS = """
+workflows:
+  - name: train
+    help: Writes a model
+    provider: bash
+    commands:
+      - echo "epochs=$EPOCHS args=${{ run.args }}"
+      - mkdir -p out/sub && echo "weights $EPOCHS" > out/model.txt && echo deep > out/sub/deep.txt
+      - for i in 1 2 3; do echo "line $i"; done
+    artifacts: [out]
+  - name: broken
+    provider: bash
+    commands: ["echo about to fail", "exit 3"]
+  - name: long
+    provider: bash
+    commands: ["echo started", "sleep 600"]
+  - name: noop
+    provider: bash
+    commands: ["true"]
+"""
+VARIABLES = "variables:\n  train:\n    epochs: 1\n"
+
+
+def project(tmp_path: Path) -> Path:
+    return write_project(tmp_path / "proj", WORKFLOWS, {".dstack/variables.yaml": VARIABLES})
+
+
+def sdk(cluster: Cluster, token: str | None = None, timeout: float = 30.0) -> Client:
+    token = cluster.admin_token if token is None else token
+    return Client(address=cluster.address, token=token, ca_file=cluster.ca_file, timeout=timeout)
+
+
+def test_submit_wait_logs_artifacts_list(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_coordinator()
+    cluster.start_agent()
+    root = project(tmp_path)
+    with sdk(cluster) as client:
+        run = client.runs.submit("train", args=["a b", "c"], repo=root / ".dstack", variables={"epochs": 7})
+        assert run.workflow == "train"
+        followed = list(run.logs(follow=True))
+        assert followed == ["epochs=7 args='a b' c", "line 1", "line 2", "line 3"]
+        assert run.wait(timeout=120, check=True) is RunStatus.DONE
+        assert list(run.logs()) == followed  # read again once it is over, from storage
+        files = {a.path: a for a in run.artifacts.list()}
+        assert {"out/model.txt", "out/sub/deep.txt"} <= set(files)
+        got = run.artifacts.download(to=tmp_path / "dl")
+        assert (tmp_path / "dl" / "out" / "model.txt").read_text() == "weights 7\n"
+        assert tmp_path / "dl" / "out" / "sub" / "deep.txt" in got
+        only = run.artifacts.download("out/sub", to=tmp_path / "dl2")
+        assert [p.relative_to(tmp_path / "dl2").as_posix() for p in only] == ["out/sub/deep.txt"]
+        with pytest.raises(NotFoundError, match="no artifact at 'nothing-here'"):
+            run.artifacts.download("nothing-here", to=tmp_path / "dl3")
+        assert client.runs.get(run.name).status is RunStatus.DONE
+        assert run.name in [r.name for r in client.runs.list(all=True, workflow="train", status="done")]
+        assert client.runs.list(workflow="broken") == []
+    # What `dstack ps` shows of it: the same run, submitted as the CLI would have.
+    info = cluster.run_info(run.name)
+    assert info["status"] == "done" and info["workflow"] == "train"
+
+
+def test_config_from_the_cli_environment(cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Client() reads what the CLI reads (here DSTACK_COORDINATOR, DSTACK_TOKEN, DSTACK_CA_FILE)."""
+    cluster.start_coordinator()
+    cluster.start_agent()
+    for k, v in cluster.env().items():
+        monkeypatch.setenv(k, v)
+    with Client() as client:
+        assert client.address == cluster.address and not client.local
+        run = client.runs.submit("noop", repo=project(tmp_path))
+        assert run.wait(timeout=120) is RunStatus.DONE
+
+
+def test_failing_run_returns_or_raises(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_coordinator()
+    cluster.start_agent()
+    with sdk(cluster) as client:
+        run = client.runs.submit("broken", repo=project(tmp_path))
+        assert run.wait(timeout=120) is RunStatus.FAILED  # returned, as documented
+        assert "about to fail" in list(run.logs())
+        with pytest.raises(RunFailed, match=rf"run {run.name} failed.*dstack logs {run.name}") as e:
+            run.wait(check=True)
+        assert e.value.status == "failed" and e.value.run_name == run.name
+        many = client.runs.submit_many("broken", [[], []], repo=project(tmp_path))
+        with pytest.raises(RunFailed):
+            client.runs.wait(many, timeout=120, check=True)
+
+
+def test_stop_and_wait_timeout(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_coordinator()
+    cluster.start_agent()
+    with sdk(cluster) as client:
+        run = client.runs.submit("long", repo=project(tmp_path))
+        assert next(run.logs(follow=True)) == "started"  # the first line arrives while it runs
+        with pytest.raises(WaitTimeout, match=rf"run {run.name} is still running after 0.5 s"):
+            run.wait(timeout=0.5)
+        assert run.stop() is RunStatus.STOPPED
+        assert client.runs.get(run.name).status is RunStatus.STOPPED
+
+
+def test_errors_are_typed_and_say_what_to_do(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_coordinator()
+    root = project(tmp_path)
+    with sdk(cluster) as client:
+        with pytest.raises(NotFoundError, match="workflow 'nope' is not defined.*workflows: broken, long, noop, train"):
+            client.runs.submit("nope", repo=root)
+        with pytest.raises(WorkflowError, match="'--epoch' is not a variable of workflow 'train'; did you mean"):
+            client.runs.submit("train", repo=root, variables={"epoch": 3})
+        with pytest.raises(NotFoundError):
+            client.runs.get("no-such-run-1")
+        assert client.runs.list(all=True) == []  # nothing was submitted by the refused calls
+    with sdk(cluster, token="not-the-token") as bad, pytest.raises(AuthError):
+        bad.runs.list()
+    # No token at all: refused before any code is taken in.
+    with sdk(cluster, token="") as empty, pytest.raises(AuthError):
+        empty.runs.submit("noop", repo=root)
+    # Nothing listens there: a typed error that names the address, at once.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        with Client(address=f"127.0.0.1:{port}", token="t", ca_file=cluster.ca_file, timeout=5) as gone:
+            t0 = time.monotonic()
+            with pytest.raises(CoordinatorUnreachable, match=f"cannot reach the coordinator at 127.0.0.1:{port}"):
+                gone.runs.list()
+            assert time.monotonic() - t0 < 30
+    # TLS that is not what the coordinator speaks: the CLI's words for it.
+    with Client(address=cluster.address, token=cluster.admin_token, insecure=True) as plain:
+        with pytest.raises(TlsMismatch, match="speaks TLS"):
+            plain.runs.list()
+
+
+def test_code_is_packed_and_uploaded_once_per_tree(cluster: Cluster, tmp_path: Path) -> None:
+    """Many submissions of an unchanged tree send its code once; a changed file is sent anew."""
+    cluster.start_coordinator()
+    cluster.start_agent()
+    root = project(tmp_path)
+    (root / "data.txt").write_text("one")
+    with sdk(cluster) as client:
+        runs = client.runs.submit_many("noop", [[]] * 5, repo=root)
+        runs.append(client.runs.submit("noop", repo=root))
+        assert len({r.info.code.hash for r in runs}) == 1
+        (root / "data.txt").write_text("two!")
+        changed = client.runs.submit("noop", repo=root)
+        assert changed.info.code.hash != runs[0].info.code.hash
+        assert client.runs.wait([*runs, changed], timeout=120) == [RunStatus.DONE] * 7
+
+
+def test_a_thousand_runs_from_one_process(cluster: Cluster, tmp_path: Path) -> None:
+    """The issue's check: 1,000 runs submitted from one process, and waited for. The agent's null runtime
+    finishes each job at once, so what is measured is the SDK and the control plane."""
+    cluster.start_coordinator("--max-queued-per-user", "0", "--max-submissions-per-minute", "0")
+    cluster.start_agent("agent-1", "--runtime", "null", "--max-jobs", "1000")
+    root = project(tmp_path)
+    with sdk(cluster, timeout=120) as client:
+        t0 = time.monotonic()
+        runs = client.runs.submit_many("noop", [[]] * 1000, repo=root)
+        submitted = time.monotonic() - t0
+        assert len({r.name for r in runs}) == 1000
+        statuses = client.runs.wait(runs, timeout=900)
+        waited = time.monotonic() - t0
+    assert statuses == [RunStatus.DONE] * 1000
+    print(f"1000 runs: submitted in {submitted:.1f} s, all done after {waited:.1f} s")
+
+
+def test_local_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No coordinator configured: Client() starts the embedded local coordinator and agent, as `dstack` does."""
+    import os
+
+    for k in [k for k in os.environ if k.startswith("DSTACK_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("DSTACK_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DSTACK_RUNTIME", "host")
+    from dstack.cli import local
+
+    try:
+        with Client() as client:
+            assert client.local
+            run = client.runs.submit("train", repo=project(tmp_path), variables={"epochs": 2})
+            assert run.wait(timeout=120, check=True) is RunStatus.DONE
+            assert list(run.logs())[0] == "epochs=2 args="
+            run.artifacts.download("out/model.txt", to=tmp_path / "dl")
+            assert (tmp_path / "dl" / "out" / "model.txt").read_text() == "weights 2\n"
+    finally:
+        local.stop_all()
+
+
+def test_unreachable_is_typed_without_tls(tmp_path: Path) -> None:
+    with Client(address=f"127.0.0.1:{free_port()}", token="t", insecure=True, timeout=5) as client:
+        with pytest.raises(CoordinatorUnreachable, match="Check `dstack config` and that it is running"):
+            client.runs.get("x")
+    wait_for(lambda: True)
