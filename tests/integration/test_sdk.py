@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from dstack.api import (
     WaitTimeout,
     WorkflowError,
 )
-from tests.conftest import Cluster, free_port, wait_for, write_project
+from tests.conftest import Cluster, free_port, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -126,7 +129,8 @@ def test_errors_are_typed_and_say_what_to_do(cluster: Cluster, tmp_path: Path) -
     cluster.start_coordinator()
     root = project(tmp_path)
     with sdk(cluster) as client:
-        with pytest.raises(NotFoundError, match="workflow 'nope' is not defined.*workflows: broken, long, noop, train"):
+        listed = r"workflow 'nope' is not defined.*workflows: broken, long, noop, train"
+        with pytest.raises(NotFoundError, match=listed):
             client.runs.submit("nope", repo=root)
         with pytest.raises(WorkflowError, match="'--epoch' is not a variable of workflow 'train'; did you mean"):
             client.runs.submit("train", repo=root, variables={"epoch": 3})
@@ -201,7 +205,7 @@ def test_local_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             assert client.local
             run = client.runs.submit("train", repo=project(tmp_path), variables={"epochs": 2})
             assert run.wait(timeout=120, check=True) is RunStatus.DONE
-            assert list(run.logs())[0] == "epochs=2 args="
+            assert next(run.logs()) == "epochs=2 args="
             run.artifacts.download("out/model.txt", to=tmp_path / "dl")
             assert (tmp_path / "dl" / "out" / "model.txt").read_text() == "weights 2\n"
     finally:
@@ -212,4 +216,27 @@ def test_unreachable_is_typed_without_tls(tmp_path: Path) -> None:
     with Client(address=f"127.0.0.1:{free_port()}", token="t", insecure=True, timeout=5) as client:
         with pytest.raises(CoordinatorUnreachable, match="Check `dstack config` and that it is running"):
             client.runs.get("x")
-    wait_for(lambda: True)
+
+
+def doc_blocks(kind: str) -> list[tuple[str, str]]:
+    """docs/sdk.md's fenced blocks of `kind` (python, yaml): (the fence's words after the kind, the text)."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "sdk.md").read_text()
+    return [(m.group(1).strip(), m.group(2)) for m in re.finditer(rf"```{kind}([^\n]*)\n(.*?)```", text, re.S)]
+
+
+def test_the_docs_examples_run(cluster: Cluster, tmp_path: Path) -> None:
+    """docs/sdk.md's examples, as written, in a fresh interpreter configured as the CLI is (its environment)."""
+    cluster.start_coordinator()
+    cluster.start_agent()
+    yaml_blocks = dict(doc_blocks("yaml"))
+    root = write_project(tmp_path / "proj", yaml_blocks[""], {".dstack/variables.yaml": yaml_blocks["variables"]})
+    script = "\n".join(code for words, code in doc_blocks("python") if words != "no-run")
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=cluster.env(), cwd=root, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "training for 3 epochs --seed 7" in r.stdout
+    assert "weights after 3 epochs" in r.stdout
+    assert re.search(r"run \S+ failed.*shows why", r.stdout)
+    assert "workflow 'no-such-workflow' is not defined" in r.stdout
+    assert (root / "downloads" / "model" / "weights.txt").is_file()
