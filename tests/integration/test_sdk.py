@@ -240,3 +240,38 @@ def test_the_docs_examples_run(cluster: Cluster, tmp_path: Path) -> None:
     assert re.search(r"run \S+ failed.*shows why", r.stdout)
     assert "workflow 'no-such-workflow' is not defined" in r.stdout
     assert (root / "downloads" / "model" / "weights.txt").is_file()
+
+
+def test_roles_apply_to_the_sdk_as_to_the_cli(cluster: Cluster, tmp_path: Path) -> None:
+    """Another member's run cannot be stopped with the SDK, a viewer submits nothing: the coordinator's
+    refusals arrive as AuthError with its words, and the run goes on."""
+    from tests.integration.test_users import add_user
+
+    cluster.start_coordinator()
+    cluster.start_agent()
+    root = project(tmp_path)
+    alice, bob, vera = add_user(cluster, "alice"), add_user(cluster, "bob"), add_user(cluster, "vera", "viewer")
+    with sdk(cluster, token=alice) as as_alice, sdk(cluster, token=bob) as as_bob, sdk(cluster, token=vera) as as_vera:
+        run = as_alice.runs.submit("long", repo=root)
+        assert next(run.logs(follow=True)) == "started"
+        with pytest.raises(AuthError, match=f"only the owner \\(alice\\) or an admin can stop run {run.name}"):
+            as_bob.runs.get(run.name).stop()
+        with pytest.raises(AuthError):
+            as_vera.runs.submit("noop", repo=root)
+        assert as_vera.runs.get(run.name).status is RunStatus.RUNNING  # a viewer reads
+        assert run.stop() is RunStatus.STOPPED
+
+
+def test_a_coordinator_with_another_ca_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+    """Something answering with a certificate the pinned CA did not sign (a stand-in for the coordinator):
+    TlsMismatch before the token is sent."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from dstack.coordinator.tls import make_ca
+
+    cluster.start_coordinator()
+    _, other = make_ca()  # a dstack CA, like the real one, but not it
+    (tmp_path / "other-ca.pem").write_bytes(other.public_bytes(Encoding.PEM))
+    with Client(address=cluster.address, token=cluster.admin_token, ca_file=tmp_path / "other-ca.pem") as client:
+        with pytest.raises(TlsMismatch, match="does not match the pinned CA"):
+            client.runs.list()
