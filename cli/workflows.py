@@ -6,17 +6,18 @@ import os
 import posixpath
 import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dstack.cli import fields
+from dstack.cli import early2022, fields
+from dstack.cli.dependencies import Dependencies as Dependencies  # re-exported
+from dstack.cli.dependencies import dependencies as dependencies
+from dstack.cli.dependencies import strings_in
 from dstack.cli.errors import CliError, Location, WorkflowError
 from dstack.cli.providers import resolve_provider
 from dstack.cli.spec import Artifact, Workflow
 from dstack.cli.yamlsrc import Node, Seq, load
 from dstack.protos.container_paths import BadContainerPath, check_container_path, check_disjoint, is_container_path
-from dstack.protos.repos import BadRef, Ref, split_ref
 from dstack.protos.v1 import common_pb2
 
 # The fields every workflow may have, as JSON Schema: the loader accepts exactly these names (plus
@@ -45,23 +46,54 @@ RESOURCE_SCHEMA: dict[str, Any] = {
     "interruptible": {"type": "boolean"},
 }
 RETRY_CAUSES = ("agent-lost", "preempted", "error")
+MAX_PORT_COUNT = 64  # `ports: N`: more is a typo for a port number, not a job's need
 MAX_RETRIES = 100
 COMMON_SCHEMA: dict[str, Any] = {
     "name": _STR,
     "help": _STR,
     "provider": _STR,
     "depends-on": {
-        **_STR_LIST,
-        "description": "WORKFLOW (runs it first) or WORKFLOW:TAG (uses a tagged run of this repository);"
-        " OWNER/REPO/WORKFLOW[:TAG] uses another repository's tagged or last done run",
+        "oneOf": [
+            {
+                **_STR_LIST,
+                "description": "WORKFLOW (runs it first), WORKFLOW:TAG or :TAG (a tagged run of this repository);"
+                " OWNER/REPO/WORKFLOW[:TAG] uses another repository's tagged or last done run",
+            },
+            {
+                "type": "object",
+                "properties": {
+                    "workflows": {**_STR_LIST, "description": "as the list form"},
+                    "repo": {
+                        "type": "object",
+                        "properties": {
+                            "include": {
+                                **_STR_LIST,
+                                "description": "project files the job needs (checked to be in the code sent)",
+                            }
+                        },
+                        "additionalProperties": False,
+                    },
+                },
+                "additionalProperties": False,
+                "description": "April 2022: {repo: {include: [FILES]}, workflows: [WORKFLOWS]}",
+            },
+        ]
     },
     "deps": {
         "type": "array",
         "items": {
             "oneOf": [
                 {
+                    **_STR,
+                    "description": "WORKFLOW (its last done run), WORKFLOW:TAG, :TAG; OWNER/REPO/WORKFLOW,"
+                    " :OWNER/REPO/TAG or OWNER/REPO/:TAG for another repository",
+                },
+                {
                     "type": "object",
-                    "properties": {"tag": {**_STR, "description": "TAG of this repository, or OWNER/REPO/TAG"}},
+                    "properties": {
+                        "tag": {**_STR, "description": "TAG of this repository, or OWNER/REPO/TAG"},
+                        "mount": {"type": "boolean", "description": "2022: accepted; the files are the same"},
+                    },
                     "required": ["tag"],
                     "additionalProperties": False,
                 },
@@ -71,7 +103,8 @@ COMMON_SCHEMA: dict[str, Any] = {
                         "workflow": {
                             **_STR,
                             "description": "the last done run of WORKFLOW in this repository, or OWNER/REPO/WORKFLOW",
-                        }
+                        },
+                        "mount": {"type": "boolean", "description": "2022: accepted; the files are the same"},
                     },
                     "required": ["workflow"],
                     "additionalProperties": False,
@@ -113,9 +146,19 @@ COMMON_SCHEMA: dict[str, Any] = {
         "description": "stop the job when it runs longer: 2h, 30m, 90s, 1h30m, or seconds",
     },
     "ports": {
-        "type": "array",
-        "items": {"oneOf": [{"type": "integer", "minimum": 1, "maximum": 65535}, {"type": "string"}]},
-        "description": "PORT, or HOST_PORT:CONTAINER_PORT",
+        "oneOf": [
+            {
+                "type": "array",
+                "items": {"oneOf": [{"type": "integer", "minimum": 1, "maximum": 65535}, {"type": "string"}]},
+                "description": "PORT, or HOST_PORT:CONTAINER_PORT",
+            },
+            {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": MAX_PORT_COUNT,
+                "description": "N free ports the agent picks when the job starts: $PORT_0 .. $PORT_{N-1} (2022)",
+            },
+        ]
     },
 }
 COMMON_FIELDS = set(COMMON_SCHEMA)
@@ -160,6 +203,7 @@ def load_workflow_nodes(root: Path) -> dict[str, Node]:
         for i, node in enumerate(items):
             if not isinstance(node, Node):
                 raise WorkflowError("each workflow must be a mapping with name and provider", items.item_locations[i])
+            node = early2022.normalize(node)  # the early-2022 syntax, in today's shape
             name = fields.string(node, "name", required=True)
             _no_templates(node, "name")
             _no_templates(node, "depends-on")
@@ -178,14 +222,13 @@ def load_workflows(root: Path) -> dict[str, Workflow]:
 
 def _no_templates(node: Node, key: str) -> None:
     """Names and dependencies decide the run's shape before variables are known: no `${{ }}` there."""
-    value = node.get(key)
-    texts = value if isinstance(value, list) else [value]
-    if any(isinstance(t, str) and "${{" in t for t in texts):
+    if any("${{" in t for t in strings_in(node.get(key))):
         raise WorkflowError(f"'{key}' cannot use ${{{{ }}}} variables", node.at(key))
 
 
 def parse_workflow(node: Node) -> Workflow:
     name = fields.string(node, "name", required=True)
+    early2022.note(node)
     provider_name, provider = resolve_provider(node)
     if not provider.open_fields:
         fields.check_unknown(node, COMMON_FIELDS | set(provider.fields), f"workflow {name!r}")
@@ -205,67 +248,12 @@ def parse_workflow(node: Node) -> Workflow:
         before_run=fields.string_list(node, "before_run"),
         image=fields.image_ref(node, "image"),
         ports=_ports(node),
+        port_count=_port_count(node),
         retry=_retry(node),
         max_duration_s=fields.duration_s(node, "max_duration"),
     )
     provider.validate(wf)
     return wf
-
-
-@dataclass
-class Dependencies:
-    runtime: list[str]
-    tags: list[str]
-    workflows: list[str]
-    # `download:latest` -> {latest: download}; `org/repo/download:latest` -> {org/repo/latest: download}
-    tag_workflows: dict[str, str] = field(default_factory=dict)
-
-
-def _ref(text: str, loc: Location | None) -> Ref:
-    try:
-        return split_ref(text)
-    except BadRef as e:
-        raise WorkflowError(str(e), loc) from None
-
-
-def dependencies(node: Node) -> Dependencies:
-    """`depends-on: [download, download:latest]` and the later syntax `deps: [{tag: T}, {workflow: W}]`.
-
-    A name may be qualified with another repository, as 2022 dstack allowed: `OWNER/REPO/WORKFLOW:TAG`
-    (that repository's tag, of that workflow), `deps: [{workflow: OWNER/REPO/WORKFLOW}]` (its last run of
-    WORKFLOW that finished done; so is `depends-on: [OWNER/REPO/WORKFLOW]`, since another repository's
-    workflow cannot run in this run) and `deps: [{tag: OWNER/REPO/TAG}]`; see protos/repos.py."""
-    deps = Dependencies([], [], [])
-    for item in fields.string_list(node, "depends-on"):
-        name, colon, tag = item.partition(":")
-        if not name or (colon and (not tag or "/" in tag)):
-            raise WorkflowError(
-                f"invalid dependency {item!r}: expected WORKFLOW, WORKFLOW:TAG or OWNER/REPO/WORKFLOW[:TAG]",
-                node.at("depends-on"),
-            )
-        ref = _ref(name, node.at("depends-on"))
-        if colon:
-            qualified = str(Ref(ref.repository, tag))
-            deps.tags.append(qualified)
-            deps.tag_workflows[qualified] = ref.name
-        elif ref.repository:
-            deps.workflows.append(name)
-        else:
-            deps.runtime.append(name)
-    items = node.get("deps")
-    if items is None:
-        return deps
-    if not isinstance(items, Seq):
-        raise WorkflowError("'deps' must be a list of {tag: NAME} or {workflow: NAME}", node.at("deps"))
-    for i, item in enumerate(items):
-        loc = items.item_locations[i]
-        if not isinstance(item, Node) or len(item) != 1 or not set(item) <= {"tag", "workflow"}:
-            raise WorkflowError("each item of 'deps' must be {tag: NAME} or {workflow: NAME}", loc)
-        key = next(iter(item))
-        value = fields.string(item, key, required=True)
-        _ref(value, item.at(key))
-        (deps.tags if key == "tag" else deps.workflows).append(value)
-    return deps
 
 
 def output_paths(root: Path) -> list[str]:
@@ -381,13 +369,36 @@ def _project_root(workflow_file: Path) -> Path | None:
     return None
 
 
+_PORTS_FORMS = f"a number of ports to pick (0-{MAX_PORT_COUNT}) or a list of PORT or HOST:CONTAINER"
+
+
+def _port_count(node: Node) -> int:
+    """`ports: N` (2022): N free ports the agent picks at start, as $PORT_0..$PORT_{N-1}; 0 for the list form.
+
+    A string of digits counts too: that is what `ports: ${{ n }}` becomes once variables are substituted."""
+    value = node.get("ports")
+    if value is None or isinstance(value, Seq):
+        return 0
+    if isinstance(value, str) and value.isascii() and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WorkflowError(f"'ports' must be {_PORTS_FORMS}, got {value!r}", node.at("ports"))
+    if value < 0:
+        raise WorkflowError(f"'ports' must be {_PORTS_FORMS}, got {value}", node.at("ports"))
+    if value > MAX_PORT_COUNT:
+        raise WorkflowError(
+            f"'ports: {value}' asks for {value} ports: give a number from 0 to {MAX_PORT_COUNT},"
+            " or a list such as [8080] for that port itself",
+            node.at("ports"),
+        )
+    return value
+
+
 def _ports(node: Node) -> list[tuple[int, int]]:
-    """`ports: [8888, "8080:80"]` -> (host, container) pairs, each in 1..65535."""
+    """`ports: [8888, "8080:80"]` -> (host, container) pairs, each in 1..65535 (`ports: N`: _port_count)."""
     items = node.get("ports")
-    if items is None:
+    if items is None or not isinstance(items, Seq):
         return []
-    if not isinstance(items, Seq):
-        raise WorkflowError("'ports' must be a list of PORT or HOST:CONTAINER", node.at("ports"))
     out = []
     for i, item in enumerate(items):
         loc = items.item_locations[i]
