@@ -306,12 +306,18 @@ class JobRunner:
     async def _drain(self, pump: asyncio.Task[None]) -> None:
         """Waits for the output the job wrote before it ended; a process that escaped the job's
         process group (setsid) may hold the pipes open, so the wait is bounded."""
-        try:
-            await asyncio.wait_for(asyncio.shield(pump), DRAIN_TIMEOUT_S)
-        except TimeoutError:
-            self._system_line(
-                "dstack: output written after the job ended is not shown (a detached process kept it open)"
-            )
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(pump), DRAIN_TIMEOUT_S)
+                return
+            except TimeoutError:
+                # Waiting for the coordinator (the outbox is full) is not a detached process: keep reading.
+                if self.deps.outbox.throttled(self.job_id):
+                    continue
+                self._system_line(
+                    "dstack: output written after the job ended is not shown (a detached process kept it open)"
+                )
+                return
 
     async def _pump_output(self, proc: JobProcess) -> None:
         outbox, job_id = self.deps.outbox, self.job_id
@@ -326,6 +332,11 @@ class JobRunner:
         }
         async for kind, chunk in proc.output():
             splitters[kind].feed(chunk)
+            # Back-pressure: while the coordinator has not taken enough of this job's lines, its output is
+            # not read (its pipe fills, its writes block). Also a yield, so a job that prints without pause
+            # cannot keep the heartbeat (the same event loop) waiting.
+            await outbox.room(job_id)
+            await asyncio.sleep(0)
         for s in splitters.values():
             s.close()
 
