@@ -126,9 +126,18 @@ class Outbox:
         if jl is None:
             return
         await self._settle(job_id, jl)
+        if not self._over_bounds(jl):
+            return
+        log.info(
+            "job %s: its output waits for the coordinator (%d bytes owed by the job, %d by all jobs)",
+            job_id,
+            jl.owed_bytes,
+            self._owed_bytes,
+        )
         while self._over_bounds(jl):
             self._room.clear()
             await self._room.wait()
+        log.info("job %s: its output is read again", job_id)
 
     def throttled(self, job_id: str) -> bool:
         """Whether the job's output waits for the coordinator's acknowledgements now."""

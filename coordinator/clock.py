@@ -1,7 +1,8 @@
 """The coordinator's sense of time, injectable: tests move a manual clock instead of sleeping.
 
-Leases are wall-clock instants stored in the database (`time_ns`); periodic work is paced with
-`monotonic` and `sleep`. A test replaces all three at once (tests/inproc/clock.py), so "the lease
+Leases are instants of the monotonic clock (`monotonic`, as nanoseconds: engine.lease_now), so a
+step of the wall clock loses no agent; timestamps people see (heartbeats, job times) are `time_ns`;
+periodic work is paced with `monotonic` and `sleep`. A test replaces all three at once (tests/inproc/clock.py), so "the lease
 ran out" is a step the test takes, not a wait.
 """
 
@@ -14,11 +15,11 @@ from typing import Protocol
 
 class Clock(Protocol):
     def time_ns(self) -> int:
-        """Wall-clock time in nanoseconds since the epoch (what leases and timestamps store)."""
+        """Wall-clock time in nanoseconds since the epoch (what timestamps store; it may step)."""
         ...
 
     def monotonic(self) -> float:
-        """Seconds on a clock that never goes back (for intervals)."""
+        """Seconds on a clock that never goes back nor jumps (for intervals and leases)."""
         ...
 
     async def sleep(self, seconds: float) -> None:

@@ -33,7 +33,7 @@ class AgentRow:
     inventory: bytes  # a serialized dstack.v1.Inventory, kept opaque
     registered_at: int
     last_heartbeat: int
-    lease_expires_at: int
+    lease_expires_at: int  # on the coordinator's monotonic clock (engine.lease_now), not wall time
 
     @classmethod
     def of(cls, r: sqlite3.Row) -> AgentRow:
