@@ -23,6 +23,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,8 @@ class _JobLog:
     on_disk: int = 0  # lines in the spool
     spool: Spool | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one spool operation at a time
+    throttled_before: bool = False
+    spool_failed: bool = False
 
     @property
     def owed_bytes(self) -> int:
@@ -125,19 +128,20 @@ class Outbox:
         jl = self._logs.get(job_id)
         if jl is None:
             return
-        await self._settle(job_id, jl)
+        await self._whole(self._settle(job_id, jl))
         if not self._over_bounds(jl):
             return
-        log.info(
+        # Said once per job: a job printing faster than the coordinator stores would fill the agent's log.
+        (log.debug if jl.throttled_before else log.info)(
             "job %s: its output waits for the coordinator (%d bytes owed by the job, %d by all jobs)",
             job_id,
             jl.owed_bytes,
             self._owed_bytes,
         )
+        jl.throttled_before = True
         while self._over_bounds(jl):
             self._room.clear()
             await self._room.wait()
-        log.info("job %s: its output is read again", job_id)
 
     def throttled(self, job_id: str) -> bool:
         """Whether the job's output waits for the coordinator's acknowledgements now."""
@@ -162,34 +166,53 @@ class Outbox:
                 return
             if jl.spool is None:
                 jl.spool = Spool(self.spool_dir / job_id)
-            await asyncio.to_thread(jl.spool.append, batch)
+            try:
+                await asyncio.to_thread(jl.spool.append, batch)
+            except OSError as e:  # a full disk: the lines stay in memory (the job's bound still holds)
+                jl.overflow[:0] = batch
+                if not jl.spool_failed:
+                    log.warning(
+                        "job %s: spooling log lines to %s failed (kept in memory): %s", job_id, self.spool_dir, e
+                    )
+                jl.spool_failed = True
+                return
             jl.on_disk += len(batch)
 
     async def refill(self) -> None:
         """Brings spooled lines back into memory where acknowledgements made room (oldest first)."""
         for job_id, jl in list(self._logs.items()):
-            if not jl.spilled:
-                continue
-            await self._settle(job_id, jl)  # keeps the overflow (memory) small while the coordinator is slow
-            async with jl.lock:
-                room = min(self.bounds.job_memory_bytes - jl.mem_bytes, self.bounds.memory_bytes - self._mem_bytes)
-                if jl.mem:
-                    if room <= 0:
-                        continue
-                else:
-                    room = max(room, 1)
-                lines: list[common_pb2.LogLine] = []
-                if jl.on_disk and jl.spool is not None:
-                    lines = await asyncio.to_thread(jl.spool.read, room)
-                    jl.on_disk -= len(lines)
-                if not jl.on_disk and jl.overflow:  # the spool is empty: what was never written comes next
-                    take = 0
-                    budget = room - sum(map(cost, lines))
-                    while take < len(jl.overflow) and (budget > 0 or not (lines or take)):
-                        budget -= cost(jl.overflow[take])
-                        take += 1
-                    lines.extend(jl.overflow[:take])
-                    del jl.overflow[:take]
+            if jl.spilled:
+                await self._whole(self._settle(job_id, jl))  # keeps the overflow (memory) small meanwhile
+                await self._whole(self._refill_job(jl))
+
+    async def _whole(self, operation: Coroutine[None, None, None]) -> None:
+        """Runs a spool operation to its end even if the caller is cancelled (a session that ends, a
+        stopping job): lines read from or written to disk are always accounted for, never dropped."""
+        task = asyncio.create_task(operation)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        await asyncio.shield(task)
+
+    async def _refill_job(self, jl: _JobLog) -> None:
+        async with jl.lock:
+            room = min(self.bounds.job_memory_bytes - jl.mem_bytes, self.bounds.memory_bytes - self._mem_bytes)
+            if jl.mem:
+                if room <= 0:
+                    return
+            else:
+                room = max(room, 1)
+            lines: list[common_pb2.LogLine] = []
+            if jl.on_disk and jl.spool is not None:
+                lines = await asyncio.to_thread(jl.spool.read, room)
+                jl.on_disk -= len(lines)
+            if not jl.on_disk and jl.overflow:  # the spool is empty: what was never written comes next
+                take = 0
+                budget = room - sum(map(cost, lines))
+                while take < len(jl.overflow) and (budget > 0 or not (lines or take)):
+                    budget -= cost(jl.overflow[take])
+                    take += 1
+                lines.extend(jl.overflow[:take])
+                del jl.overflow[:take]
             moved = sum(map(cost, lines))
             jl.mem.extend(lines)
             jl.mem_bytes += moved

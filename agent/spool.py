@@ -37,8 +37,14 @@ class Spool:
             self._start_segment()
         assert self._writer is not None
         data = b"".join(_LEN.pack(len(b)) + b for b in (ln.SerializeToString() for ln in lines))
-        self._writer.write(data)
-        self._writer.flush()  # the reader has its own handle
+        try:
+            self._writer.write(data)
+            self._writer.flush()  # the reader has its own handle
+        except OSError:
+            # A full disk may have taken part of the batch: cut it off, so no reader sees half a record
+            # (the caller keeps the whole batch and tries again later).
+            self._writer = _reopen_at(self._writer, self._written)
+            raise
         self._written += len(data)
 
     def read(self, max_bytes: int) -> list[common_pb2.LogLine]:
@@ -81,3 +87,15 @@ class Spool:
         self._writer = open(path, "ab")  # kept open across calls
         self._written = 0
         self._segments.append(path)
+
+
+def _reopen_at(writer: BinaryIO, size: int) -> BinaryIO:
+    """The segment cut back to `size` bytes, with a fresh handle (the old one's buffer holds the failed write)."""
+    path = writer.name
+    try:
+        writer.close()
+    except OSError:
+        pass  # the close flushes the failed write again
+    with open(path, "r+b") as f:
+        f.truncate(size)
+    return open(path, "ab")  # kept open across calls

@@ -5,6 +5,7 @@ spool to disk, then the job's output waits) and every line arrives once when it 
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,3 +141,48 @@ def test_the_agent_stays_bounded_while_the_coordinator_is_away_and_every_line_ar
     expected = iter(["first", *(f"line {i} {PAD}" for i in range(1, AWAY_LINES + 1))])
     assert check_sequence(out, expected) == AWAY_LINES + 1
     assert not any(f.is_file() for f in spool.rglob("*"))  # the spool is gone once everything is acknowledged
+
+
+@pytest.mark.parametrize("step_s", [60, -60])
+def test_a_wall_clock_step_on_the_coordinator_leaves_every_healthy_agent_online(
+    cluster: Cluster, tmp_path: Path, step_s: int
+) -> None:
+    """The coordinator's wall clock (only its own: coordinator/clock.py reads the step from a file) jumps
+    while agents run jobs: leases are on the monotonic clock, so no agent is lost and no job fails."""
+    offset = tmp_path / "wall-offset"
+    offset.write_text("0")
+    cluster.coordinator_env["DSTACK_TEST_WALL_OFFSET_FILE"] = str(offset)
+    cluster.start_coordinator()
+    cluster.start_agent("loud", "--max-jobs", "1")
+    cluster.start_agent("quiet", "--max-jobs", "1")
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: long
+            provider: bash
+            commands: ["echo started", "sleep 600"]
+        """,
+    )
+    names = []
+    for _ in range(2):
+        r = cluster.cli("run", "-d", "long", cwd=project)
+        assert r.returncode == 0, r.stderr
+        names.append(r.stdout.strip())
+    for name in names:
+
+        def started(n: str = name) -> bool:
+            return "started" in cluster.cli("logs", n).stdout
+
+        wait_for(started, timeout=60, what="the job to start")
+    assert cluster.coordinator is not None
+    coordinator = cluster.coordinator
+    offset.write_text(str(step_s))
+    wait_for(lambda: "test clock: the wall clock steps" in coordinator.output(), what="the coordinator's clock to step")
+    stepped = time.monotonic()
+    # What is under test is a duration: several lease periods (and lease passes) after the step.
+    wait_for(lambda: time.monotonic() > stepped + 3 * cluster.lease_timeout, timeout=60, interval=0.2)
+    never_lost(cluster)
+    assert [cluster.run_info(n)["status"] for n in names] == ["running", "running"]
+    for name in names:
+        assert cluster.cli("stop", name).returncode == 0

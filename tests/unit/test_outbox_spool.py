@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from dstack.agent.outbox import LINE_OVERHEAD, Outbox, OutboxBounds
 from dstack.agent.spool import Spool
 from dstack.protos.v1 import common_pb2
@@ -167,3 +169,47 @@ def test_spool_segments_are_deleted_once_read(tmp_path: Path) -> None:
     assert [ln.seq for ln in spool.read(10_000)] == [1, 2, 3]
     spool.remove()
     assert not (tmp_path / "s").exists()
+
+
+def test_a_sender_cancelled_mid_refill_loses_no_line(tmp_path: Path) -> None:
+    """The session's sender is cancelled when the stream breaks, maybe while lines are being read back
+    from disk: they are accounted for all the same."""
+
+    async def main() -> None:
+        ob = outbox(tmp_path)
+        await add(ob, "j", 0, 1000)
+        got: list[int] = []
+        for _ in range(200):
+            refill = asyncio.create_task(ob.refill())
+            await asyncio.sleep(0)  # the read is under way in its thread
+            refill.cancel()
+            await asyncio.gather(refill, return_exceptions=True)
+            ob.on_new_stream({"j": got[-1] if got else 0})
+            if (msg := ob.take_logs()) is not None:
+                got.extend(ln.seq for ln in msg.logs[0].lines)
+                ob.ack_logs("j", got[-1])
+        got.extend(seq for seq, _ in (await drain(ob)).get("j", []))
+        assert got == list(range(1, 1001))
+
+    asyncio.run(main())
+
+
+def test_a_full_disk_keeps_the_lines_in_memory_and_spools_them_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        ob = outbox(tmp_path)
+        real = Spool.append
+        failures = iter([True, True])
+
+        def append(self: Spool, lines: list[common_pb2.LogLine]) -> None:
+            if next(failures, False):
+                raise OSError(28, "No space left on device")
+            real(self, lines)
+
+        monkeypatch.setattr(Spool, "append", append)
+        await add(ob, "j", 0, 1000)
+        got = await drain(ob)
+        assert got["j"] == [(i + 1, f"line-{i:05d}") for i in range(1000)]
+
+    asyncio.run(main())
