@@ -4,6 +4,7 @@ spool to disk, then the job's output waits) and every line arrives once when it 
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -151,6 +152,7 @@ def test_a_wall_clock_step_on_the_coordinator_leaves_every_healthy_agent_online(
     while agents run jobs: leases are on the monotonic clock, so no agent is lost and no job fails."""
     offset = tmp_path / "wall-offset"
     offset.write_text("0")
+    cluster.lease_timeout = 10.0  # the agents stop for a few seconds below
     cluster.coordinator_env["DSTACK_TEST_WALL_OFFSET_FILE"] = str(offset)
     cluster.start_coordinator()
     cluster.start_agent("loud", "--max-jobs", "1")
@@ -177,11 +179,21 @@ def test_a_wall_clock_step_on_the_coordinator_leaves_every_healthy_agent_online(
         wait_for(started, timeout=60, what="the job to start")
     assert cluster.coordinator is not None
     coordinator = cluster.coordinator
-    offset.write_text(str(step_s))
-    wait_for(lambda: "test clock: the wall clock steps" in coordinator.output(), what="the coordinator's clock to step")
-    stepped = time.monotonic()
-    # What is under test is a duration: several lease periods (and lease passes) after the step.
-    wait_for(lambda: time.monotonic() > stepped + 3 * cluster.lease_timeout, timeout=60, interval=0.2)
+    # The agents are held still around the step (for well under their lease), so the coordinator's lease
+    # passes see the stepped clock before any heartbeat does: on the wall clock, that made them lost.
+    for agent in cluster.agents:
+        agent.popen.send_signal(signal.SIGSTOP)
+    try:
+        offset.write_text(str(step_s))
+        wait_for(lambda: "test clock: the wall clock steps" in coordinator.output(), what="the clock to step")
+        stepped = time.monotonic()
+        # What is under test is a duration: two lease passes (one a second) after the step.
+        wait_for(lambda: time.monotonic() > stepped + 2.5, interval=0.1)
+    finally:
+        for agent in cluster.agents:
+            agent.popen.send_signal(signal.SIGCONT)
+    resumed = time.monotonic()
+    wait_for(lambda: time.monotonic() > resumed + 2 * cluster.heartbeat + 2, interval=0.2)
     never_lost(cluster)
     assert [cluster.run_info(n)["status"] for n in names] == ["running", "running"]
     for name in names:
