@@ -77,7 +77,7 @@ def test_a_job_printing_5m_lines_loses_no_agent_and_no_line(cluster: Cluster, tm
     assert run["status"] == "done", run
     never_lost(cluster)
     assert cluster.run_info(quiet)["status"] == "running"
-    out = tmp_path / "loud.log"
+    out = tmp_path / "loud-job-output.log"  # not loud.log: the agent named loud logs there
     logs_to_file(cluster, loud, out)
     assert check_sequence(out, (str(i) for i in range(1, LOUD_LINES + 1))) == LOUD_LINES
     never_lost(cluster)
@@ -137,7 +137,7 @@ def test_the_agent_stays_bounded_while_the_coordinator_is_away_and_every_line_ar
     cluster.start_coordinator()
     run = cluster.wait_status(name, {"done", "failed"}, timeout=900)
     assert run["status"] == "done", run
-    out = tmp_path / "chatty.log"
+    out = tmp_path / "chatty-job-output.log"
     logs_to_file(cluster, name, out)
     expected = iter(["first", *(f"line {i} {PAD}" for i in range(1, AWAY_LINES + 1))])
     assert check_sequence(out, expected) == AWAY_LINES + 1
