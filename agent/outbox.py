@@ -128,7 +128,8 @@ class Outbox:
         jl = self._logs.get(job_id)
         if jl is None:
             return
-        await self._whole(self._settle(job_id, jl))
+        if jl.overflow:
+            await self._whole(self._settle(job_id, jl))
         if not self._over_bounds(jl):
             return
         # Said once per job: a job printing faster than the coordinator stores would fill the agent's log.
