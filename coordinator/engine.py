@@ -153,7 +153,13 @@ class Engine:
         self.kick(finished=False)
 
     def lease_until(self, grace_s: float = 0.0) -> int:
-        return self.clock.time_ns() + int((self.config.lease_timeout_s + grace_s) * 1e9)
+        """When a lease given now runs out, in nanoseconds of the monotonic clock (`lease_now`): a step
+        of the wall clock (NTP, an admin's `date -s`) must not make every healthy agent lost at once."""
+        return self.lease_now() + int((self.config.lease_timeout_s + grace_s) * 1e9)
+
+    def lease_now(self) -> int:
+        # Monotonic time means nothing across a restart; start() gives every online agent a fresh lease.
+        return int(self.clock.monotonic() * 1e9)
 
     # ---- scheduling --------------------------------------------------------------------------
     async def _scheduler_loop(self) -> None:
@@ -333,7 +339,7 @@ class Engine:
         while True:
             await self.clock.sleep(interval)
             try:
-                lost = await self.db(self.store.expire_leases, self.clock.time_ns())
+                lost = await self.db(self.store.expire_leases, self.lease_now(), self.clock.time_ns())
             except Exception:
                 log.exception("lease check failed")
                 continue

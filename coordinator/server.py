@@ -19,7 +19,7 @@ import grpc
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.artifacts import Artifacts
 from dstack.coordinator.auth import Authenticator, AuthInterceptor
-from dstack.coordinator.clock import SYSTEM_CLOCK, Clock
+from dstack.coordinator.clock import SYSTEM_CLOCK, Clock, clock_from_env
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.engine import Engine
 from dstack.coordinator.retention import Retention
@@ -236,7 +236,7 @@ async def serve(
     ready: asyncio.Event | None = None,
     on_started: Callable[[Coordinator], None] | None = None,
 ) -> None:
-    coordinator = await start(config)
+    coordinator = await start(config, clock_from_env())
     if on_started is not None:
         on_started(coordinator)
     if ready is not None:
