@@ -17,8 +17,6 @@ from tests.conftest import PY, Cluster, wait_for, write_project
 
 pytestmark = pytest.mark.integration
 
-LOUD_LINES = 5_000_000
-
 
 def logs_to_file(cluster: Cluster, name: str, path: Path) -> None:
     """`dstack logs NAME` into a file: millions of lines are not held in the test's memory."""
@@ -49,7 +47,10 @@ def never_lost(cluster: Cluster) -> None:
     assert {a["name"]: a["status"] for a in cluster.agents_json()} == {"loud": "online", "quiet": "online"}
 
 
-def test_a_job_printing_5m_lines_loses_no_agent_and_no_line(cluster: Cluster, tmp_path: Path) -> None:
+# The issue's 5,000,000 lines take 4-8 minutes on a 2-core machine: run on demand (`pytest -m long`);
+# .ci/run keeps a tenth of it, still minutes of heartbeats competing with the log.
+@pytest.mark.parametrize("lines", [pytest.param(5_000_000, marks=pytest.mark.long), 500_000])
+def test_a_job_printing_5m_lines_loses_no_agent_and_no_line(cluster: Cluster, tmp_path: Path, lines: int) -> None:
     cluster.start_coordinator()
     cluster.start_agent("loud", "--max-jobs", "1")
     project = write_project(
@@ -58,7 +59,7 @@ def test_a_job_printing_5m_lines_loses_no_agent_and_no_line(cluster: Cluster, tm
         workflows:
           - name: loud
             provider: bash
-            commands: ["seq 1 {LOUD_LINES}"]
+            commands: ["seq 1 {lines}"]
           - name: quiet
             provider: bash
             commands: ["echo started", "sleep 600"]
@@ -79,7 +80,7 @@ def test_a_job_printing_5m_lines_loses_no_agent_and_no_line(cluster: Cluster, tm
     assert cluster.run_info(quiet)["status"] == "running"
     out = tmp_path / "loud-job-output.log"  # not loud.log: the agent named loud logs there
     logs_to_file(cluster, loud, out)
-    assert check_sequence(out, (str(i) for i in range(1, LOUD_LINES + 1))) == LOUD_LINES
+    assert check_sequence(out, (str(i) for i in range(1, lines + 1))) == lines
     never_lost(cluster)
     assert cluster.cli("stop", quiet).returncode == 0
 
