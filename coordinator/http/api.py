@@ -1,0 +1,302 @@
+"""The JSON API: one table of endpoints, each with the gRPC method whose permission it shares, its
+handler, and what the OpenAPI document says about it (openapi.py is built from this table, and
+tests check it against the router's routes).
+
+A route missing from the table does not exist (404): nothing is served that the table does not
+authorize. Every handler calls the use cases in coordinator/app/, as the gRPC services do.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from dstack.coordinator.app import agents, artifacts, logs, runs, users, waiting
+from dstack.coordinator.app.core import Core
+from dstack.coordinator.app.ownership import Actor
+from dstack.coordinator.auth import Caller
+from dstack.coordinator.errors import Unauthenticated
+from dstack.coordinator.http.errors import bad_request
+from dstack.coordinator.http.views import agent_json, line_json, queue_json, run_json
+from dstack.coordinator.model import RunStatus
+from dstack.coordinator.store import RunFilters
+
+CORE = web.AppKey("core", Core)
+VERSION = "0.1.0"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    where: str  # "path", "query" or "header"
+    description: str
+    kind: str = "string"  # the JSON schema type
+    repeated: bool = False
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    # The ClientService method whose role (coordinator/auth.py PERMISSIONS) this endpoint needs;
+    # "" for a public one (the OpenAPI document).
+    rpc: str
+    handler: Handler
+    summary: str
+    params: tuple[Param, ...] = ()
+    response: str = "application/json"  # or text/event-stream, text/plain
+    extra_responses: dict[str, str] = field(default_factory=dict)
+
+
+def caller_of(request: web.Request) -> Caller:
+    who: Caller = request["caller"]
+    return who
+
+
+def actor_of(request: web.Request) -> Actor:
+    who = caller_of(request)
+    return Actor(who.name, who.user_role, who.token_hash)
+
+
+# ---- cursors: opaque to clients, checked here ----------------------------------------------------
+def _encode(value: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def _decode(text: str) -> Any:
+    try:
+        return json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except (binascii.Error, ValueError) as e:
+        raise BadParam(f"invalid cursor {text[:40]!r}: pass back a cursor this API returned") from e
+
+
+class BadParam(Exception):
+    pass
+
+
+def run_cursor(after: tuple[int, str]) -> str:
+    return _encode([after[0], after[1]])
+
+
+def parse_run_cursor(text: str) -> tuple[int, str]:
+    v = _decode(text)
+    if not (isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str)):
+        raise BadParam("invalid cursor: pass back a cursor this API returned")
+    return v[0], v[1]
+
+
+def log_cursor(cursor: dict[str, int]) -> str:
+    return _encode(cursor)
+
+
+def parse_log_cursor(text: str) -> dict[str, int]:
+    if not text:
+        return {}
+    v = _decode(text)
+    if not (isinstance(v, dict) and all(isinstance(k, str) and isinstance(s, int) for k, s in v.items())):
+        raise BadParam("invalid cursor: pass back a cursor this API returned")
+    return dict(v)
+
+
+def _int(request: web.Request, name: str, default: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise BadParam(f"{name} must be an integer, not {text[:20]!r}") from None
+
+
+def _statuses(values: list[str]) -> tuple[RunStatus, ...]:
+    out = []
+    for v in values:
+        try:
+            out.append(RunStatus[v.upper()])
+        except KeyError:
+            known = ", ".join(s.name.lower() for s in RunStatus if s.value)
+            raise BadParam(f"unknown status {v[:30]!r}: one of {known}") from None
+    return tuple(out)
+
+
+# ---- handlers ------------------------------------------------------------------------------------
+async def whoami(request: web.Request) -> web.StreamResponse:
+    who = caller_of(request)
+    core = request.app[CORE]
+    return web.json_response(
+        {"user": who.name, "role": who.user_role, "version": VERSION, "local_mode": core.local_mode}
+    )
+
+
+async def list_runs(request: web.Request) -> web.StreamResponse:
+    q = request.query
+    filters = RunFilters(
+        owners=tuple(q.getall("owner", [])),
+        workflows=tuple(q.getall("workflow", [])),
+        statuses=_statuses(q.getall("status", [])),
+        repository=q.get("repository", ""),
+    )
+    after = parse_run_cursor(q["cursor"]) if q.get("cursor") else None
+    page = await runs.page_runs(request.app[CORE], filters, _int(request, "limit", 100), after)
+    return web.json_response(
+        {
+            "runs": [run_json(r) for r in page.runs],
+            "next_cursor": None if page.next_after is None else run_cursor(page.next_after),
+        }
+    )
+
+
+async def get_run(request: web.Request) -> web.StreamResponse:
+    return web.json_response(run_json(await runs.get(request.app[CORE], request.match_info["name"])))
+
+
+async def run_logs(request: web.Request) -> web.StreamResponse:
+    if "text/event-stream" in request.headers.get("Accept", ""):
+        return await follow_logs(request)
+    core = request.app[CORE]
+    name = request.match_info["name"]
+    after = parse_log_cursor(request.query.get("cursor", ""))
+    stream = logs.stream_logs(core, name, follow=False, after=after)
+    lines: list[dict[str, Any]] = []
+    cursor = after
+    try:
+        async for chunk in stream:  # the first chunk only: at most logs.LOG_BATCH lines, 4 MiB
+            lines = [line_json(j.job_name, ln) for j in chunk.jobs for ln in j.lines]
+            cursor = chunk.cursor
+            break
+    finally:
+        await stream.aclose()
+    return web.json_response({"lines": lines, "cursor": log_cursor(cursor)})
+
+
+async def follow_logs(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: each `lines` event carries a batch and, as its id, the cursor after it (a
+    reconnecting EventSource sends it back as Last-Event-ID: no line is lost or repeated); `end`
+    carries the finished run."""
+    core = request.app[CORE]
+    name = request.match_info["name"]
+    after = parse_log_cursor(request.query.get("cursor") or request.headers.get("Last-Event-ID") or "")
+    signed_in = users.SignedIn(core, actor_of(request))
+    stream = logs.stream_logs(core, name, follow=True, after=after)
+    response: web.StreamResponse | None = None
+    try:
+        async for chunk in stream:
+            try:
+                await signed_in.check()
+            except Unauthenticated as e:
+                if response is None:
+                    raise
+                # Headers are sent: the refusal goes as the stream's last event.
+                body = json.dumps({"error": {"code": "unauthenticated", "message": str(e)}})
+                await response.write(f"event: error\ndata: {body}\n\n".encode())
+                break
+            if response is None:  # the run exists (a missing one raised before): start the stream
+                response = web.StreamResponse(
+                    headers={
+                        "Content-Type": "text/event-stream",
+                        "Cache-Control": "no-cache",
+                        "X-Accel-Buffering": "no",
+                    }
+                )
+                await response.prepare(request)
+            if chunk.finished_run is not None:
+                data = json.dumps(run_json(chunk.finished_run))
+                await response.write(f"event: end\nid: {log_cursor(chunk.cursor)}\ndata: {data}\n\n".encode())
+                break
+            lines = [line_json(j.job_name, ln) for j in chunk.jobs for ln in j.lines]
+            cursor = log_cursor(chunk.cursor)
+            data = json.dumps({"lines": lines, "cursor": cursor})
+            await response.write(f"event: lines\nid: {cursor}\ndata: {data}\n\n".encode())
+    finally:
+        await stream.aclose()
+    if response is None:  # a follow that ended before any chunk: not possible, but answer properly
+        return web.json_response({"lines": [], "cursor": log_cursor(after)})
+    await response.write_eof()
+    return response
+
+
+async def list_artifacts(request: web.Request) -> web.StreamResponse:
+    listing = await artifacts.list_artifacts(request.app[CORE], request.match_info["name"])
+    files = [{"job_name": f.job_name, "path": f.path, "size": f.size, "sha256": f.sha256} for f in listing.files]
+    return web.json_response({"files": files})
+
+
+async def list_agents(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"agents": [agent_json(a) for a in await agents.list_agents(request.app[CORE])]})
+
+
+async def queue(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"jobs": [queue_json(e) for e in await waiting.queue(request.app[CORE])]})
+
+
+async def openapi(request: web.Request) -> web.StreamResponse:
+    from dstack.coordinator.http.openapi import document
+
+    return web.json_response(document(ENDPOINTS))
+
+
+_NAME = Param("name", "path", "the run's name")
+_RUN_FILTERS = (
+    Param("owner", "query", "only runs of these users", repeated=True),
+    Param("workflow", "query", "only runs of these workflows", repeated=True),
+    Param("status", "query", "only runs in these statuses (submitted, running, done, ...)", repeated=True),
+    Param("repository", "query", "only runs of this repository"),
+    Param("limit", "query", f"runs per page, 1 to {runs.MAX_PAGE} (default 100)", kind="integer"),
+    Param("cursor", "query", "next_cursor of the previous page"),
+)
+_LOG_CURSOR = Param("cursor", "query", "the cursor of the previous answer (or event): lines after it")
+
+# Every endpoint the coordinator serves under /api. /metrics is served beside them (metrics.py).
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("GET", "/api/openapi.json", "", openapi, "This document"),
+    Endpoint("GET", "/api/whoami", "GetInfo", whoami, "The caller's user name and role"),
+    Endpoint(
+        "GET",
+        "/api/runs",
+        "ListRuns",
+        list_runs,
+        "Runs, newest first, with their jobs; paged (follow next_cursor until it is null)",
+        _RUN_FILTERS,
+    ),
+    Endpoint("GET", "/api/runs/{name}", "GetRun", get_run, "One run with its jobs", (_NAME,)),
+    Endpoint(
+        "GET",
+        "/api/runs/{name}/logs",
+        "StreamLogs",
+        run_logs,
+        "Log lines after a cursor (call again with the returned cursor until lines is empty); with"
+        " `Accept: text/event-stream`, the same as /logs/stream",
+        (_NAME, _LOG_CURSOR),
+    ),
+    Endpoint(
+        "GET",
+        "/api/runs/{name}/logs/stream",
+        "StreamLogs",
+        follow_logs,
+        "Server-Sent Events: `lines` events (id: the cursor after them) until the run ends, then `end`",
+        (_NAME, _LOG_CURSOR, Param("Last-Event-ID", "header", "the id of the last event received: resume after it")),
+        response="text/event-stream",
+    ),
+    Endpoint(
+        "GET", "/api/runs/{name}/artifacts", "ListArtifacts", list_artifacts, "The run's artifact files", (_NAME,)
+    ),
+    Endpoint("GET", "/api/agents", "ListAgents", list_agents, "The agents, each with its GPUs"),
+    Endpoint(
+        "GET",
+        "/api/queue",
+        "ListRuns",
+        queue,
+        "Waiting jobs in the scheduler's order, with why each waits and its estimated start",
+    ),
+)
+
+
+def is_bad_param(e: Exception) -> web.Response | None:
+    return bad_request(str(e)) if isinstance(e, BadParam) else None
