@@ -166,10 +166,15 @@ def test_every_endpoint_with_each_role(api: Api) -> None:
                 assert json.loads(body)["error"]["message"], body
             checked += 1
     assert checked == len(ENDPOINTS) * 6
-    for token, want in [(None, 401), ("not-a-token", 401), (api.tokens["viewer"], 200), ("prometheus-scrape-tokenX", 401)]:
+    for token, want in [
+        (None, 401),
+        ("not-a-token", 401),
+        (api.tokens["viewer"], 200),
+        ("prometheus-scrape-tokenX", 401),
+    ]:
         assert api.get("/metrics", token)[0] == want, token
     assert api.get("/api/nowhere", api.tokens["admin"])[0] == 404
-    assert api.get("/api/runs", api.tokens["admin"], Authorization=f"Basic {api.tokens['admin']}")[0] == 401
+    assert api.get("/api/runs", None, Authorization=f"Basic {api.tokens['admin']}")[0] == 401
 
 
 def test_resources_answer_what_the_cli_sees(api: Api) -> None:
@@ -226,7 +231,8 @@ def test_runs_are_paged_with_no_cap_no_skip_no_repeat(api: Api) -> None:
 
 def sse_events(r: http.client.HTTPResponse) -> Iterator[tuple[str, str, str]]:
     """(event, id, data) of each Server-Sent Event."""
-    event, ident, data = "message", "", []
+    event, ident = "message", ""
+    data: list[str] = []
     while True:
         raw = r.readline()
         if not raw:
@@ -244,13 +250,15 @@ def sse_events(r: http.client.HTTPResponse) -> Iterator[tuple[str, str, str]]:
             data.append(line[6:])
 
 
-def follow(api: Api, name: str, stop_after_events: int = 0, **headers: str) -> tuple[list[dict[str, Any]], str, str]:
+def follow(
+    api: Api, name: str, stop_after_events: int = 0, headers: dict[str, str] | None = None
+) -> tuple[list[dict[str, Any]], str, str]:
     """Lines received, the last event id, and the last event's type."""
     c = api.conn(timeout=300)
     c.request(
         "GET",
         f"/api/runs/{name}/logs",
-        headers={"Authorization": f"Bearer {api.tokens['viewer']}", "Accept": "text/event-stream", **headers},
+        headers={"Authorization": f"Bearer {api.tokens['viewer']}", "Accept": "text/event-stream", **(headers or {})},
     )
     r = c.getresponse()
     assert r.status == 200 and r.getheader("Content-Type", "").startswith("text/event-stream"), r.read()[:300]
@@ -282,7 +290,7 @@ def test_sse_follow_delivers_every_line_of_a_100000_line_job_in_order(api: Api) 
     # A reconnecting client sends the last event's id back: the rest, once.
     first, last_id, _ = follow(api, name, stop_after_events=1)
     assert 0 < len(first) < len(lines)
-    rest, _, last = follow(api, name, **{"Last-Event-ID": last_id})
+    rest, _, last = follow(api, name, headers={"Last-Event-ID": last_id})
     assert last == "end" and first + rest == lines
 
 
