@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from dstack.coordinator.app import agents, artifacts, logs, runs, users, waiting
+from dstack.coordinator.app import agents, artifacts, join_tokens, logs, runs, secrets, tags, users, waiting
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.ownership import Actor
 from dstack.coordinator.auth import Caller
@@ -236,6 +236,122 @@ async def queue(request: web.Request) -> web.StreamResponse:
     return web.json_response({"jobs": [queue_json(e) for e in await waiting.queue(request.app[CORE])]})
 
 
+async def download_artifact(request: web.Request) -> web.StreamResponse:
+    """One artifact file, streamed from the store (no presigned URL: the caller may not reach the store)."""
+    core = request.app[CORE]
+    m = request.match_info
+    chunks = artifacts.download(core, m["name"], m["job"], m["path"])
+    response: web.StreamResponse | None = None
+    try:
+        async for chunk in chunks:  # the first read raises NotFound before anything is sent
+            if response is None:
+                filename = m["path"].rsplit("/", 1)[-1].replace('"', "")
+                response = web.StreamResponse(
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Disposition": f'attachment; filename="{filename}"',
+                        "X-Content-Type-Options": "nosniff",
+                    }
+                )
+                await response.prepare(request)
+            await response.write(chunk)
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+    if response is None:  # an empty file
+        return web.Response(body=b"", headers={"Content-Type": "application/octet-stream"})
+    await response.write_eof()
+    return response
+
+
+async def stop_run(request: web.Request) -> web.StreamResponse:
+    run = await runs.stop(request.app[CORE], actor_of(request), request.match_info["name"])
+    return web.json_response(run_json(run))
+
+
+def _tag_json(t: tags.Tag) -> dict[str, Any]:
+    return {
+        "name": t.name,
+        "run_name": t.run_name,
+        "workflow": t.workflow,
+        "repository": t.repository,
+        "created_at_ns": t.created_at_ns,
+    }
+
+
+async def list_tags(request: web.Request) -> web.StreamResponse:
+    q = request.query
+    found = await tags.list_tags(
+        request.app[CORE], caller_of(request).name, q.get("repository", ""), q.get("all", "") in ("1", "true")
+    )
+    return web.json_response({"tags": [_tag_json(t) for t in found]})
+
+
+def _secret_json(s: secrets.Secret) -> dict[str, Any]:
+    # Never a value: there is none to give (app/secrets.py returns names and times only).
+    return {"name": s.name, "personal": s.personal, "created_at_ns": s.created_at_ns, "updated_at_ns": s.updated_at_ns}
+
+
+async def list_secrets(request: web.Request) -> web.StreamResponse:
+    found = await secrets.list_secrets(request.app[CORE], actor_of(request))
+    return web.json_response({"secrets": [_secret_json(s) for s in found]})
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadParam("the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise BadParam("the body must be a JSON object")
+    return body
+
+
+async def put_secret(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    value, personal = body.get("value"), body.get("personal", False)
+    if not isinstance(value, str) or not isinstance(personal, bool):
+        raise BadParam('the body is {"value": "...", "personal": true|false}')
+    secret = await secrets.add(request.app[CORE], actor_of(request), request.match_info["secret"], value, personal)
+    return web.json_response(_secret_json(secret))
+
+
+async def delete_secret(request: web.Request) -> web.StreamResponse:
+    personal = request.query.get("personal", "") in ("1", "true")
+    await secrets.delete(request.app[CORE], actor_of(request), request.match_info["secret"], personal)
+    return web.json_response({})
+
+
+async def list_users(request: web.Request) -> web.StreamResponse:
+    found = await users.list_users(request.app[CORE])
+    return web.json_response(
+        {
+            "users": [
+                {"name": u.name, "role": u.role, "created_at_ns": u.created_at, "last_seen_at_ns": u.last_seen_at}
+                for u in found
+            ]
+        }
+    )
+
+
+async def list_join_tokens(request: web.Request) -> web.StreamResponse:
+    rows = await join_tokens.list_tokens(request.app[CORE])
+    return web.json_response(
+        {
+            "join_tokens": [
+                {
+                    "id": r.id,
+                    "created_at_ns": r.created_at,
+                    "expires_at_ns": r.expires_at,
+                    "uses": r.uses,
+                    "max_uses": r.max_uses,
+                    "revoked_at_ns": r.revoked_at,
+                }
+                for r in rows
+            ]
+        }
+    )
+
+
 async def openapi(request: web.Request) -> web.StreamResponse:
     from dstack.coordinator.http.openapi import document
 
@@ -287,7 +403,56 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "GET", "/api/runs/{name}/artifacts", "ListArtifacts", list_artifacts, "The run's artifact files", (_NAME,)
     ),
+    Endpoint(
+        "GET",
+        "/api/runs/{name}/artifacts/{job}/{path:.+}",
+        "DownloadArtifact",
+        download_artifact,
+        "One artifact file's bytes",
+        (
+            _NAME,
+            Param("job", "path", "the job's name"),
+            Param("path", "path", "the file's path in the job's artifacts"),
+        ),
+        response="application/octet-stream",
+    ),
+    Endpoint(
+        "POST",
+        "/api/runs/{name}/stop",
+        "StopRun",
+        stop_run,
+        "Stops the run (its owner or an admin); answers the run",
+        (_NAME,),
+    ),
     Endpoint("GET", "/api/agents", "ListAgents", list_agents, "The agents, each with its GPUs"),
+    Endpoint(
+        "GET",
+        "/api/tags",
+        "ListTags",
+        list_tags,
+        "Tags of a repository (default: the caller's uploads'), or all with all=true",
+        (Param("repository", "query", "OWNER/REPO"), Param("all", "query", "true: every repository's", "boolean")),
+    ),
+    Endpoint("GET", "/api/secrets", "ListSecrets", list_secrets, "The team's and the caller's secrets: names only"),
+    Endpoint(
+        "PUT",
+        "/api/secrets/{secret}",
+        "AddSecret",
+        put_secret,
+        'Adds or replaces a secret; body {"value": "...", "personal": false}; a team secret needs an admin.'
+        " The value is never returned, by this or any endpoint",
+        (Param("secret", "path", "the secret's name"),),
+    ),
+    Endpoint(
+        "DELETE",
+        "/api/secrets/{secret}",
+        "DeleteSecret",
+        delete_secret,
+        "Deletes a secret (a team secret: an admin)",
+        (Param("secret", "path", "the secret's name"), Param("personal", "query", "true: the caller's own", "boolean")),
+    ),
+    Endpoint("GET", "/api/users", "ListUsers", list_users, "Users and their roles (never tokens)"),
+    Endpoint("GET", "/api/join-tokens", "ListJoinTokens", list_join_tokens, "Join tokens (admins; never values)"),
     Endpoint(
         "GET",
         "/api/queue",

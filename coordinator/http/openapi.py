@@ -17,6 +17,11 @@ def role_of(rpc: str) -> str:
     return PERMISSIONS[_C + rpc].value if rpc else "public"
 
 
+def openapi_path(path: str) -> str:
+    """aiohttp's `{path:.+}` (a parameter with its pattern) as OpenAPI writes it: `{path}`."""
+    return re.sub(r"\{(\w+):[^}]+\}", r"{\1}", path)
+
+
 def document(endpoints: Sequence[Any]) -> dict[str, Any]:
     from dstack.coordinator.http.api import VERSION
 
@@ -50,7 +55,7 @@ def document(endpoints: Sequence[Any]) -> dict[str, Any]:
             op["responses"]["403"] = {"description": f"The token's role is below `{role}`"}
         else:
             op["security"] = []
-        paths.setdefault(ep.path, {})[ep.method.lower()] = op
+        paths.setdefault(openapi_path(ep.path), {})[ep.method.lower()] = op
     return {
         "openapi": "3.1.0",
         "info": {"title": "dstack coordinator", "version": VERSION},

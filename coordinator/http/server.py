@@ -83,8 +83,31 @@ def metrics_handler(auth: Authenticator, scrape_token: str | None) -> Handler:
     return handle
 
 
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (no such route, a method the route does not take) in the API's JSON shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(e.status, "invalid_argument")
+        headers = {k: v for k, v in e.headers.items() if k == "Allow"}
+        return web.json_response({"error": {"code": code, "message": e.reason}}, status=e.status, headers=headers)
+
+
+async def _safe_headers(request: web.Request, response: web.StreamResponse) -> None:
+    # Answers carry logs and names: never cached, never sniffed into something a browser would run.
+    response.headers.setdefault("Cache-Control", "no-store")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+
+
 def build_app(core: Core, auth: Authenticator, scrape_token: str | None = None) -> web.Application:
-    app = web.Application()
+    # No CORS headers: another site's scripts cannot read answers; tokens travel in a header, never a
+    # cookie, so there is nothing for a cross-site request to ride on.
+    app = web.Application(middlewares=[json_errors], client_max_size=1 << 20)
+    app.on_response_prepare.append(_safe_headers)
     app[CORE] = core
     for ep in ENDPOINTS:
         app.router.add_route(ep.method, ep.path, guarded(ep, auth))

@@ -90,6 +90,12 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
                 provider: bash
                 commands:
                   - echo hello
+                  - mkdir -p out && printf artifact-bytes > out/f.txt
+                artifacts: [out]
+              - name: sleepy
+                provider: bash
+                commands:
+                  - sleep 600
               - name: many
                 provider: bash
                 commands:
@@ -145,9 +151,12 @@ def test_every_endpoint_with_each_role(api: Api) -> None:
         api.finished = api.run("hello")
         api.cluster.wait_status(api.finished, {"done"}, timeout=120)
     agent_token = json.loads((api.cluster.tmp / "agent-1" / "agent.json").read_text())["agent_token"]
+    files = api.json(f"/api/runs/{api.finished}/artifacts", "viewer")["files"]
+    assert [(f["job_name"], f["path"], f["size"]) for f in files] == [("hello", "out/f.txt", 14)], files
+    reads = [ep for ep in ENDPOINTS if ep.method == "GET"]
     checked = 0
-    for ep in ENDPOINTS:
-        path = ep.path.replace("{name}", api.finished)
+    for ep in reads:
+        path = ep.path.replace("{name}", api.finished).replace("{job}", "hello").replace("{path:.+}", "out/f.txt")
         role = role_of(ep.rpc)
         for who, token in [*api.tokens.items(), ("none", None), ("bad", "not-a-token"), ("agent", agent_token)]:
             status, body, r = api.get(path, token)
@@ -165,7 +174,7 @@ def test_every_endpoint_with_each_role(api: Api) -> None:
             if want != 200:
                 assert json.loads(body)["error"]["message"], body
             checked += 1
-    assert checked == len(ENDPOINTS) * 6
+    assert checked == len(reads) * 6 and len(reads) >= 11
     for token, want in [
         (None, 401),
         ("not-a-token", 401),
@@ -175,6 +184,55 @@ def test_every_endpoint_with_each_role(api: Api) -> None:
         assert api.get("/metrics", token)[0] == want, token
     assert api.get("/api/nowhere", api.tokens["admin"])[0] == 404
     assert api.get("/api/runs", None, Authorization=f"Basic {api.tokens['admin']}")[0] == 401
+
+
+def send(api: Api, method: str, path: str, token: str | None, body: Any = None) -> tuple[int, Any]:
+    c = api.conn()
+    try:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+        c.request(method, path, body=data, headers={**headers, "Content-Type": "application/json"})
+        r = c.getresponse()
+        raw = r.read()
+        return r.status, json.loads(raw) if raw else None
+    finally:
+        c.close()
+
+
+def test_writes_with_each_role_and_secret_values_never_come_back(api: Api) -> None:
+    value = "s3cr3t-value-never-shown"
+    personal = {"value": value, "personal": True}
+    for who, want in [("none", 401), ("bad", 401), ("viewer", 403), ("member", 200), ("admin", 200)]:
+        token = {"none": None, "bad": "not-a-token"}.get(who, api.tokens.get(who))
+        status, body = send(api, "PUT", "/api/secrets/API_KEY", token, personal)
+        assert status == want, (who, status, body)
+        assert value not in json.dumps(body)
+    # A team secret: admins only (the use case's check, as over gRPC).
+    status, body = send(api, "PUT", "/api/secrets/TEAM_KEY", api.tokens["member"], {"value": value})
+    assert status == 403 and "admin" in body["error"]["message"], body
+    assert send(api, "PUT", "/api/secrets/TEAM_KEY", api.tokens["admin"], {"value": value})[0] == 200
+    for bad in (b"{not json", b"[1]", json.dumps({"value": 5}).encode(), json.dumps({"personal": "yes"}).encode()):
+        assert send(api, "PUT", "/api/secrets/X", api.tokens["member"], bad)[0] == 400, bad
+    for role in ("viewer", "member", "admin"):
+        status, raw, _ = api.get("/api/secrets", api.tokens[role])
+        assert status == 200 and value.encode() not in raw
+    listed = api.json("/api/secrets", "member")["secrets"]
+    assert {(s["name"], s["personal"]) for s in listed} == {("API_KEY", True), ("TEAM_KEY", False)}
+    assert send(api, "DELETE", "/api/secrets/TEAM_KEY", api.tokens["member"])[0] == 403
+    assert send(api, "DELETE", "/api/secrets/API_KEY?personal=true", api.tokens["viewer"])[0] == 403
+    assert send(api, "DELETE", "/api/secrets/API_KEY?personal=true", api.tokens["member"])[0] == 200
+    assert send(api, "DELETE", "/api/secrets/TEAM_KEY", api.tokens["admin"])[0] == 200
+    # Stopping: a member, but only the owner or an admin.
+    name = api.run("sleepy")
+    api.cluster.wait_status(name, {"running"}, timeout=120)
+    assert send(api, "POST", f"/api/runs/{name}/stop", None)[0] == 401
+    assert send(api, "POST", f"/api/runs/{name}/stop", api.tokens["viewer"])[0] == 403
+    status, body = send(api, "POST", f"/api/runs/{name}/stop", api.tokens["member"])
+    assert status == 403 and "owner" in body["error"]["message"], body
+    assert send(api, "POST", f"/api/runs/{name}/stop", api.tokens["admin"])[0] == 200
+    api.cluster.wait_status(name, {"stopped"}, timeout=120)
+    # A read endpoint does not answer another method.
+    assert send(api, "DELETE", "/api/runs", api.tokens["admin"])[0] == 405
 
 
 def test_resources_answer_what_the_cli_sees(api: Api) -> None:
@@ -194,6 +252,14 @@ def test_resources_answer_what_the_cli_sees(api: Api) -> None:
     assert isinstance(agents[0]["gpus"], list) and agents[0]["cpu_count"] > 0
     assert api.json("/api/queue", "viewer") == {"jobs": []}
     assert api.get("/api/runs/no-such-run", api.tokens["viewer"])[0] == 404
+    status, raw, r = api.get(f"/api/runs/{api.finished}/artifacts/hello/out/f.txt", api.tokens["viewer"])
+    assert (status, raw, r.getheader("Content-Type")) == (200, b"artifact-bytes", "application/octet-stream")
+    for missing in ("hello/out/none.txt", "hello/../../etc/passwd", "nojob/out/f.txt"):
+        assert api.get(f"/api/runs/{api.finished}/artifacts/{missing}", api.tokens["viewer"])[0] in (400, 404)
+    users = {u["name"]: u["role"] for u in api.json("/api/users", "viewer")["users"]}
+    assert users == {"admin": "admin", "mia": "member", "vera": "viewer"}
+    assert [t["id"] for t in api.json("/api/join-tokens", "admin")["join_tokens"]] == ["default"]
+    assert api.json("/api/tags", "viewer", all="true") == {"tags": []}
     for bad in ("limit=0", "limit=100000", "limit=x", "cursor=%%%", "cursor=WzFd", "status=sleeping"):
         status, body, _ = api.get(f"/api/runs?{bad}", api.tokens["viewer"])
         assert status == 400 and json.loads(body)["error"]["message"], (bad, body)
@@ -222,7 +288,10 @@ def test_runs_are_paged_with_no_cap_no_skip_no_repeat(api: Api) -> None:
     mine = api.json("/api/runs", "viewer", owner="mia", limit=500)["runs"]
     assert mine == []
     hello = api.json("/api/runs", "viewer", workflow="hello", owner="admin", limit=500)["runs"]
-    assert {r["name"] for r in hello} == set(seen) | {newer}
+    assert all((r["workflow"], r["owner"]) == ("hello", "admin") for r in hello)
+    assert {r["name"] for r in hello} >= names | {newer}
+    sleepy = api.json("/api/runs", "viewer", workflow="sleepy", limit=500)["runs"]
+    assert not {r["name"] for r in sleepy} & {r["name"] for r in hello}
     for n in names | {newer}:
         api.cluster.wait_status(n, {"done"}, timeout=120)
     done = api.json("/api/runs", "viewer", status=["done", "failed"], limit=500)["runs"]
