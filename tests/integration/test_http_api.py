@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dstack.coordinator.http.api import ENDPOINTS
 from dstack.coordinator.http.openapi import role_of
-from tests.conftest import Cluster, free_port, wait_for, write_project
+from tests.conftest import Cluster, LocalMode, free_port, wait_for, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -396,5 +396,27 @@ def test_http_url_is_recorded_and_plain_http_is_refused(api: Api) -> None:
         c.request("GET", "/api/whoami", headers={"Authorization": f"Bearer {api.tokens['admin']}"})
         with pytest.raises((http.client.HTTPException, ConnectionError)):
             c.getresponse().read()
+    finally:
+        c.close()
+
+
+def test_local_mode_serves_the_api_on_loopback_only(local: LocalMode, tmp_path: Path) -> None:
+    """The embedded coordinator serves HTTP on 127.0.0.1 (a free port, recorded), with the local token."""
+    r = local.cli("ps", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    state = local.home / "local" / "server"
+    url = wait_for(lambda: (state / "http-url").read_text().strip() if (state / "http-url").exists() else None)
+    assert url.startswith("http://127.0.0.1:"), url
+    port = int(url.rsplit(":", 1)[1])
+    token = (local.home / "local" / "admin-token").read_text().strip()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        c.request("GET", "/api/whoami", headers={"Authorization": f"Bearer {token}"})
+        r1 = c.getresponse()
+        assert r1.status == 200 and json.loads(r1.read())["role"] == "admin"
+        c.request("GET", "/api/whoami")
+        r2 = c.getresponse()
+        assert r2.status == 401, r2.read()
+        r2.read()
     finally:
         c.close()
