@@ -8,6 +8,7 @@ authorize. Every handler calls the use cases in coordinator/app/, as the gRPC se
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -21,11 +22,13 @@ from dstack.coordinator.app import agents, artifacts, join_tokens, logs, runs, s
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.ownership import Actor
 from dstack.coordinator.auth import Caller
-from dstack.coordinator.errors import Unauthenticated
+from dstack.coordinator.errors import CoordinatorError
 from dstack.coordinator.http.errors import bad_request
 from dstack.coordinator.http.views import agent_json, line_json, queue_json, run_json
 from dstack.coordinator.model import RunStatus
+from dstack.coordinator.services.rpc import status_for
 from dstack.coordinator.store import RunFilters
+from dstack.storage import StoreError
 
 CORE = web.AppKey("core", Core)
 VERSION = "0.1.0"
@@ -135,12 +138,22 @@ async def whoami(request: web.Request) -> web.StreamResponse:
     )
 
 
+MAX_FILTER_VALUES = 100
+
+
+def _values(request: web.Request, name: str) -> tuple[str, ...]:
+    values = request.query.getall(name, [])
+    if len(values) > MAX_FILTER_VALUES:
+        raise BadParam(f"at most {MAX_FILTER_VALUES} values of {name}")
+    return tuple(values)
+
+
 async def list_runs(request: web.Request) -> web.StreamResponse:
     q = request.query
     filters = RunFilters(
-        owners=tuple(q.getall("owner", [])),
-        workflows=tuple(q.getall("workflow", [])),
-        statuses=_statuses(q.getall("status", [])),
+        owners=_values(request, "owner"),
+        workflows=_values(request, "workflow"),
+        statuses=_statuses(list(_values(request, "status"))),
         repository=q.get("repository", ""),
     )
     after = parse_run_cursor(q["cursor"]) if q.get("cursor") else None
@@ -176,48 +189,66 @@ async def run_logs(request: web.Request) -> web.StreamResponse:
     return web.json_response({"lines": lines, "cursor": log_cursor(cursor)})
 
 
+KEEPALIVE_S = 15.0  # a comment line this often on a quiet stream: proxies keep it, the caller is re-checked
+
+
 async def follow_logs(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: each `lines` event carries a batch and, as its id, the cursor after it (a
     reconnecting EventSource sends it back as Last-Event-ID: no line is lost or repeated); `end`
-    carries the finished run."""
+    carries the finished run. The caller's token is re-checked before every event and keep-alive: a
+    removed user, or one whose token was rotated, gets `event: error` and the stream ends."""
     core = request.app[CORE]
     name = request.match_info["name"]
     after = parse_log_cursor(request.query.get("cursor") or request.headers.get("Last-Event-ID") or "")
     signed_in = users.SignedIn(core, actor_of(request))
-    stream = logs.stream_logs(core, name, follow=True, after=after)
-    response: web.StreamResponse | None = None
+    await runs.get(core, name)  # a missing run is a 404, before the stream starts
+    chunks: asyncio.Queue[logs.LogChunk | BaseException | None] = asyncio.Queue(maxsize=2)
+
+    async def produce() -> None:
+        stream = logs.stream_logs(core, name, follow=True, after=after)
+        try:
+            async for chunk in stream:
+                await chunks.put(chunk)  # waits while the client is slow: memory stays bounded
+            await chunks.put(None)
+        except Exception as e:  # a store error: the consumer reports it as the last event
+            await chunks.put(e)
+        finally:
+            await stream.aclose()
+
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+    producer = asyncio.create_task(produce())
     try:
-        async for chunk in stream:
+        while True:
             try:
+                item = await asyncio.wait_for(chunks.get(), KEEPALIVE_S)
+            except TimeoutError:
                 await signed_in.check()
-            except Unauthenticated as e:
-                if response is None:
-                    raise
-                # Headers are sent: the refusal goes as the stream's last event.
-                body = json.dumps({"error": {"code": "unauthenticated", "message": str(e)}})
-                await response.write(f"event: error\ndata: {body}\n\n".encode())
+                await response.write(b": keep-alive\n\n")
+                continue
+            if item is None:
                 break
-            if response is None:  # the run exists (a missing one raised before): start the stream
-                response = web.StreamResponse(
-                    headers={
-                        "Content-Type": "text/event-stream",
-                        "Cache-Control": "no-cache",
-                        "X-Accel-Buffering": "no",
-                    }
-                )
-                await response.prepare(request)
-            if chunk.finished_run is not None:
-                data = json.dumps(run_json(chunk.finished_run))
-                await response.write(f"event: end\nid: {log_cursor(chunk.cursor)}\ndata: {data}\n\n".encode())
+            if isinstance(item, BaseException):
+                raise item
+            await signed_in.check()
+            if item.finished_run is not None:
+                data = json.dumps(run_json(item.finished_run))
+                await response.write(f"event: end\nid: {log_cursor(item.cursor)}\ndata: {data}\n\n".encode())
                 break
-            lines = [line_json(j.job_name, ln) for j in chunk.jobs for ln in j.lines]
-            cursor = log_cursor(chunk.cursor)
+            lines = [line_json(j.job_name, ln) for j in item.jobs for ln in j.lines]
+            cursor = log_cursor(item.cursor)
             data = json.dumps({"lines": lines, "cursor": cursor})
             await response.write(f"event: lines\nid: {cursor}\ndata: {data}\n\n".encode())
+    except (CoordinatorError, StoreError) as e:
+        # Headers are sent: the error goes as the stream's last event.
+        code = status_for(e)
+        body = json.dumps({"error": {"code": (code.name if code else "internal").lower(), "message": str(e)}})
+        await response.write(f"event: error\ndata: {body}\n\n".encode())
     finally:
-        await stream.aclose()
-    if response is None:  # a follow that ended before any chunk: not possible, but answer properly
-        return web.json_response({"lines": [], "cursor": log_cursor(after)})
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)
     await response.write_eof()
     return response
 

@@ -420,3 +420,27 @@ def test_local_mode_serves_the_api_on_loopback_only(local: LocalMode, tmp_path: 
         r2.read()
     finally:
         c.close()
+
+
+def test_a_followed_stream_ends_when_its_user_is_removed(api: Api) -> None:
+    """A quiet stream (a job that prints nothing) is still re-checked: the removed user's follow ends."""
+    token = add_user(api.cluster, "tom", "viewer")
+    name = api.run("sleepy")
+    try:
+        c = api.conn(timeout=120)
+        c.request(
+            "GET",
+            f"/api/runs/{name}/logs/stream",
+            headers={"Authorization": f"Bearer {token}", "Accept": "text/event-stream"},
+        )
+        r = c.getresponse()
+        assert r.status == 200
+        removed = api.cluster.cli("users", "remove", "tom")
+        assert removed.returncode == 0, removed.stderr
+        events = list(sse_events(r))  # ends when the server closes the stream
+        assert events and events[-1][0] == "error", events
+        assert "revoked" in json.loads(events[-1][2])["error"]["message"]
+        c.close()
+        assert api.get(f"/api/runs/{name}", token)[0] == 401
+    finally:
+        api.cluster.cli("stop", name)

@@ -37,9 +37,7 @@ def test_every_name_the_dashboard_uses_is_exported() -> None:
     names = exported()
     assert all(n.startswith("dstack_") for n in names), names
     dashboard = json.loads((ROOT / "deploy/grafana/dstack-dashboard.json").read_text())
-    used = {
-        m for p in dashboard["panels"] for t in p["targets"] for m in re.findall(r"\bdstack_[a-z_]+", t["expr"])
-    }
+    used = {m for p in dashboard["panels"] for t in p["targets"] for m in re.findall(r"\bdstack_[a-z_]+", t["expr"])}
     docs = set(re.findall(r"`(dstack_[a-z_]+)", (ROOT / "docs/metrics.md").read_text()))
     assert used and docs
     assert used - names == set()
