@@ -81,7 +81,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     scrape.write_text("prometheus-scrape-token\n")
     try:
         cluster.start_coordinator("--http-port", str(port), "--metrics-token-file", str(scrape))
-        cluster.start_agent()
+        cluster.start_agent("agent-1", "--simulate-gpus", "2xA100-80GB")
         project = write_project(
             tmp / "p",
             f"""
@@ -92,6 +92,11 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
                   - echo hello
                   - mkdir -p out && printf artifact-bytes > out/f.txt
                 artifacts: [out]
+              - name: two
+                provider: bash
+                commands:
+                  - sleep 600
+                resources: {{gpu: 2}}
               - name: sleepy
                 provider: bash
                 commands:
@@ -142,6 +147,10 @@ def test_metrics_parse_and_change_after_a_run(api: Api) -> None:
     assert after["dstack_dispatch_latency_seconds_count"] == before["dstack_dispatch_latency_seconds_count"] + 1
     assert after["dstack_assignments_total"] == before["dstack_assignments_total"] + 1
     assert after["dstack_store_errors_total"] == 0
+    gpus = {k: v for k, v in after.items() if k.startswith("dstack_gpu_memory_total_bytes,agent=agent-1,")}
+    assert len(gpus) == 2 and all(v >= 80e9 for v in gpus.values()), gpus
+    held = [v for k, v in after.items() if k.startswith("dstack_gpu_allocated,agent=agent-1,")]
+    assert held == [0, 0]  # the run has ended: no GPU is held
     api.finished = name
 
 
@@ -249,7 +258,8 @@ def test_resources_answer_what_the_cli_sees(api: Api) -> None:
     assert api.json(f"/api/runs/{api.finished}/logs", "viewer", cursor=logs["cursor"])["lines"] == []
     agents = api.json("/api/agents", "viewer")["agents"]
     assert [(a["name"], a["status"]) for a in agents] == [("agent-1", "online")]
-    assert isinstance(agents[0]["gpus"], list) and agents[0]["cpu_count"] > 0
+    assert [g["index"] for g in agents[0]["gpus"]] == [0, 1] and agents[0]["cpu_count"] > 0
+    assert all("A100" in g["name"] and g["memory_total_bytes"] >= 80e9 and not g["busy"] for g in agents[0]["gpus"])
     assert api.json("/api/queue", "viewer") == {"jobs": []}
     assert api.get("/api/runs/no-such-run", api.tokens["viewer"])[0] == 404
     status, raw, r = api.get(f"/api/runs/{api.finished}/artifacts/hello/out/f.txt", api.tokens["viewer"])
@@ -444,3 +454,27 @@ def test_a_followed_stream_ends_when_its_user_is_removed(api: Api) -> None:
         assert api.get(f"/api/runs/{name}", token)[0] == 401
     finally:
         api.cluster.cli("stop", name)
+
+
+def test_queue_shows_order_reasons_and_metrics_the_depth(api: Api) -> None:
+    """Two runs that need both GPUs: one runs, one waits and says why; the GPUs show as held."""
+    first, second = api.run("two"), api.run("two")
+    try:
+        api.cluster.wait_status(first, {"running"}, timeout=120)
+        jobs = wait_for(
+            lambda: q if (q := api.json("/api/queue", "viewer")["jobs"]) and q[0]["message"] else None,
+            timeout=60,
+            what="the waiting job's reason",
+        )
+        assert [(j["run_name"], j["owner"], j["position"]) for j in jobs] == [(second, "admin", 1)], jobs
+        assert jobs[0]["status"] in ("submitted", "pending") and jobs[0]["reason"], jobs
+        run = api.json(f"/api/runs/{second}", "viewer")
+        assert run["jobs"][0]["queue_position"] == 1 and run["jobs"][0]["message"] == jobs[0]["message"]
+        m = metrics(api, api.tokens["viewer"])
+        assert m["dstack_queue_depth,user=admin"] == 1
+        held = [v for k, v in m.items() if k.startswith("dstack_gpu_allocated,agent=agent-1,")]
+        assert held == [1, 1]
+        assert m["dstack_jobs,status=running"] >= 1
+    finally:
+        for name in (first, second):
+            api.cluster.cli("stop", name)
