@@ -150,7 +150,10 @@ async def start_http(
     scrape_token: str | None = None,
 ) -> HttpServer:
     ctx = await asyncio.to_thread(ssl_context, tls, state_dir) if tls is not None else None
-    runner = web.AppRunner(build_app(core, auth, scrape_token), access_log=None, handle_signals=False)
+    # A client holding a stream open (a followed log) must not hold up the coordinator's stop.
+    runner = web.AppRunner(
+        build_app(core, auth, scrape_token), access_log=None, handle_signals=False, shutdown_timeout=2.0
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ctx, reuse_address=True)
     try:

@@ -478,3 +478,26 @@ def test_queue_shows_order_reasons_and_metrics_the_depth(api: Api) -> None:
     finally:
         for name in (first, second):
             api.cluster.cli("stop", name)
+
+
+def test_an_open_stream_does_not_hold_up_the_coordinators_stop(cluster: Cluster, tmp_path: Path) -> None:
+    port = free_port()
+    cluster.start_coordinator("--http-port", str(port))
+    cluster.start_agent()
+    project = write_project(
+        tmp_path / "p", "workflows:\n  - name: quiet\n    provider: bash\n    commands: [sleep 600]\n"
+    )
+    r = cluster.cli("run", "-d", "quiet", cwd=project)
+    assert r.returncode == 0, r.stderr
+    name = r.stdout.strip()
+    cluster.wait_status(name, {"running"}, timeout=120)
+    ctx = ssl.create_default_context(cafile=str(cluster.ca_file))
+    c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=120)
+    c.request("GET", f"/api/runs/{name}/logs/stream", headers={"Authorization": f"Bearer {cluster.admin_token}"})
+    resp = c.getresponse()
+    assert resp.status == 200
+    assert cluster.coordinator is not None
+    cluster.coordinator.popen.terminate()
+    assert cluster.coordinator.popen.wait(timeout=60) == 0, cluster.coordinator.output()[-2000:]
+    list(sse_events(resp))  # the stream ends with the server
+    c.close()
