@@ -56,6 +56,19 @@ def document(endpoints: Sequence[Any]) -> dict[str, Any]:
         else:
             op["security"] = []
         paths.setdefault(openapi_path(ep.path), {})[ep.method.lower()] = op
+    paths["/metrics"] = {
+        "get": {
+            "summary": "Prometheus metrics (docs/metrics.md)",
+            "operationId": "get_metrics",
+            "description": "Needs the `user` role, or the token of `dstack server --metrics-token-file`.",
+            "parameters": [],
+            "security": [{"bearer": []}],
+            "responses": {
+                "200": {"description": "OK", "content": {"text/plain; version=0.0.4": {}}},
+                "401": {"description": "No token, or an invalid one"},
+            },
+        }
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "dstack coordinator", "version": VERSION},

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from dstack.coordinator.http.api import ENDPOINTS
-from dstack.coordinator.http.openapi import role_of
+from dstack.coordinator.http.openapi import openapi_path, role_of
 from tests.conftest import Cluster, LocalMode, free_port, wait_for, write_project
 
 pytestmark = pytest.mark.integration
@@ -248,6 +248,21 @@ def test_resources_answer_what_the_cli_sees(api: Api) -> None:
     if not api.finished:
         api.finished = api.run("hello")
         api.cluster.wait_status(api.finished, {"done"}, timeout=120)
+    status, raw, _ = api.get("/api/openapi.json")  # public: the schema only
+    assert status == 200
+    served = {(m.upper(), p) for p, ops in json.loads(raw)["paths"].items() for m in ops}
+    assert served == {(ep.method, openapi_path(ep.path)) for ep in ENDPOINTS} | {("GET", "/metrics")}
+    for method, path in served:  # every documented route exists: no 404 or 405 (401 without a token)
+        real = path.replace("{name}", api.finished).replace("{job}", "hello").replace("{path}", "out/f.txt")
+        real = real.replace("{secret}", "NOPE")
+        c = api.conn()
+        try:
+            c.request(method, real)
+            got = c.getresponse()
+            got.read()
+            assert got.status in (200, 401), (method, path, got.status)
+        finally:
+            c.close()
     who = api.json("/api/whoami", "viewer")
     assert (who["user"], who["role"]) == ("vera", "viewer")
     run = api.json(f"/api/runs/{api.finished}", "viewer")
