@@ -18,7 +18,18 @@ from typing import Any
 
 from aiohttp import web
 
-from dstack.coordinator.app import agents, artifacts, join_tokens, logs, runs, secrets, tags, users, waiting
+from dstack.coordinator.app import (
+    agents,
+    artifacts,
+    join_tokens,
+    logs,
+    records,
+    runs,
+    secrets,
+    tags,
+    users,
+    waiting,
+)
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.ownership import Actor
 from dstack.coordinator.auth import Caller
@@ -168,6 +179,12 @@ async def list_runs(request: web.Request) -> web.StreamResponse:
 
 async def get_run(request: web.Request) -> web.StreamResponse:
     return web.json_response(run_json(await runs.get(request.app[CORE], request.match_info["name"])))
+
+
+async def get_run_record(request: web.Request) -> web.StreamResponse:
+    """The run's record (docs/reproducibility.md), the same document as `dstack show --json`."""
+    found = await records.run_record(request.app[CORE], request.match_info["name"])
+    return web.json_response(found.record)
 
 
 async def run_logs(request: web.Request) -> web.StreamResponse:
@@ -413,6 +430,15 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         _RUN_FILTERS,
     ),
     Endpoint("GET", "/api/runs/{name}", "GetRun", get_run, "One run with its jobs", (_NAME,)),
+    Endpoint(
+        "GET",
+        "/api/runs/{name}/record",
+        "GetRunRecord",
+        get_run_record,
+        "The run's record: code, resolved workflow, environment, GPUs, timings, inputs and artifacts"
+        " (docs/reproducibility.md)",
+        (_NAME,),
+    ),
     Endpoint(
         "GET",
         "/api/runs/{name}/logs",

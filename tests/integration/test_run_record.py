@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import ssl
 import stat
 import subprocess
 import threading
@@ -24,7 +26,7 @@ from typing import Any
 import pytest
 
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
-from tests.conftest import PY, Cluster, search, write_project
+from tests.conftest import PY, Cluster, free_port, search, write_project
 from tests.tinywheel import build_wheel, offline_requirements
 
 pytestmark = pytest.mark.integration
@@ -254,7 +256,8 @@ def rogue_stream(messages: Iterator[agent_pb2.AgentMessage], done: threading.Eve
 
 
 def test_a_rogue_agents_hostile_environment_is_bounded_and_cleaned(cluster: Cluster, tmp_path: Path) -> None:
-    cluster.start_coordinator()
+    http_port = free_port()
+    cluster.start_coordinator("--http-port", str(http_port))
     project = write_project(
         tmp_path / "p",
         """
@@ -332,6 +335,15 @@ def test_a_rogue_agents_hostile_environment_is_bounded_and_cleaned(cluster: Clus
     assert env["driver_version"] == "535"
     r = cluster.cli("show", name)  # the readable view prints it without a terminal escape
     assert r.returncode == 0 and "\x1b]0;" not in r.stdout and "\x1b[2J" not in r.stdout
+
+    # The HTTP API gives the same document.
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", http_port, context=ssl.create_default_context(cafile=str(cluster.ca_file)), timeout=60
+    )
+    conn.request("GET", f"/api/runs/{name}/record", headers={"Authorization": f"Bearer {cluster.admin_token}"})
+    answer = conn.getresponse()
+    assert answer.status == 200 and json.loads(answer.read()) == record
+    conn.close()
 
 
 HOSTILE_TRAIN = """
