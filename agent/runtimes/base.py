@@ -11,6 +11,10 @@ from pathlib import Path
 # Every job process carries this variable (set by the runner): after an agent crash, the next agent
 # finds the jobs its predecessor left behind by it, with no bookkeeping file per job.
 AGENT_MARKER = "DSTACK_AGENT_HOME"
+# Where a job's servers listen for the agent to reach them (the port tunnels, the dev-environment providers'
+# servers, cli/providers/devenv.py): the loopback address wherever the job shares the agent's network.
+LISTEN_VAR = "DSTACK_LISTEN_ADDRESS"
+LOOPBACK = "127.0.0.1"
 
 
 class RuntimeError_(Exception):
@@ -86,7 +90,7 @@ class Runtime(abc.ABC):
 
     def base_env(self, host_env: dict[str, str]) -> dict[str, str]:
         """What a job's environment starts from; a container keeps its image's PATH and HOME."""
-        return dict(host_env)
+        return dict(host_env) | {LISTEN_VAR: LOOPBACK}
 
     @abc.abstractmethod
     async def start(self, job: RuntimeJob) -> JobProcess: ...
