@@ -126,7 +126,7 @@ class JupyterProvider(DevEnvironmentProvider):
         if not requirements:
             # Already there (an image or host with it, the team's own environment): used as it is, offline.
             check = (
-                f"import importlib.metadata as m, sys; sys.exit(m.version({self.package!r}) != {version!r})"
+                f'import importlib.metadata as m, sys; sys.exit(m.version("{self.package}") != "{version}")'
                 if version
                 else f"import {self.module}"
             )
