@@ -37,6 +37,9 @@ class RuntimeJob:
     provider: str = ""
     python_version: str = ""  # the python provider's `version` (a container runtime picks its image by it)
     ports: list[tuple[int, int]] = field(default_factory=list)  # (host, container)
+    # Container ports of apps reached only through tunnels (a PortSpec with `app`: lab, notebook, code): a
+    # bridge container publishes them on the host's loopback address, not on every interface of the host.
+    loopback_ports: frozenset[int] = frozenset()
     gpus_simulated: bool = False  # simulated GPUs: the assignment goes only into the environment
     # Progress the runtime reports while starting: a system log line, and "pulling the image now".
     system_line: Callable[[str], None] = field(default=lambda _text: None)

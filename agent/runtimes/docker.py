@@ -180,10 +180,15 @@ def container_config(
             device_requests = [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
     else:
         env["NVIDIA_VISIBLE_DEVICES"] = "void"  # a CUDA image's default `all` must not expose the host's GPUs
-    ports: dict[str, int] | None = None
+    ports: dict[str, int | tuple[str, int]] | None = None
     if job.ports:
         if opts.network == "bridge":
-            ports = {f"{container}/tcp": host for host, container in job.ports}
+            # An app's port (its token is readable by the whole team) only on the host's loopback, where the
+            # agent's tunnel connects; other ports on every interface, as `ports` always published them.
+            ports = {
+                f"{container}/tcp": (LOOPBACK, host) if container in job.loopback_ports else host
+                for host, container in job.ports
+            }
         elif opts.network == "host":
             moved = [f"{h}:{c}" for h, c in job.ports if h != c]
             if moved:

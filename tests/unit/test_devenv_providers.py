@@ -19,7 +19,7 @@ import pytest
 from dstack.agent import env_helper
 from dstack.agent.envcache import HELPER, applies_to
 from dstack.agent.runtimes.base import LISTEN_VAR, RuntimeJob
-from dstack.agent.runtimes.docker import DockerOptions, listen_address, pick_image
+from dstack.agent.runtimes.docker import DockerOptions, container_config, listen_address, pick_image
 from dstack.cli.commands.run import build_request
 from dstack.cli.errors import WorkflowError
 from dstack.cli.providers import devenv, known_providers, pyenv
@@ -185,6 +185,23 @@ def test_agents_tell_jobs_where_their_servers_must_listen() -> None:
     assert listen_address(DockerOptions(network="bridge")) == "0.0.0.0"  # the host reaches its interfaces
     assert listen_address(DockerOptions(network="host")) == "127.0.0.1"  # the host's loopback is its own
     assert LISTEN_VAR == devenv.LISTEN_VAR
+
+
+def test_a_bridge_container_publishes_an_apps_port_on_the_hosts_loopback_only() -> None:
+    """The team can read an app's token in the run's spec: its port is for the agent's tunnel, not for every
+    interface of the GPU host (a plain `ports` entry stays published as before)."""
+    lab = RuntimeJob(
+        job_id="j",
+        workdir=Path("/w"),
+        working_dir=".",
+        commands=["x"],
+        env={},
+        provider="lab",
+        ports=[(6006, 6006), (18000, 18000)],
+        loopback_ports=frozenset({18000}),
+    )
+    cfg = container_config(lab, DockerOptions(network="bridge"), "python:3.11-slim", "/agent")
+    assert cfg["ports"] == {"6006/tcp": 6006, "18000/tcp": ("127.0.0.1", 18000)}
 
 
 def test_jupyter_jobs_get_a_python_image_and_the_environment_cache() -> None:
