@@ -199,6 +199,34 @@ def test_lab_in_the_jobs_venv_with_requirements(lab_cluster: Cluster, tmp_path: 
     assert cluster.wait_status(run, {"stopped", "failed", "done"}, timeout=120)["status"] == "stopped"
 
 
+def test_a_missing_jupyter_is_installed_into_the_jobs_environment_and_pip_says_why_it_cannot(
+    lab_cluster: Cluster, tmp_path: Path
+) -> None:
+    """A version the interpreter does not have goes to pip, in the cache's environment; offline (no index),
+    pip's own error fails the job, and no half-made environment is left."""
+    cluster = lab_cluster
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: ide
+            provider: lab
+            version: 0.0.1
+            environment:
+              PIP_NO_INDEX: "1"
+        """,
+    )
+    run = submit(cluster, project, "ide")
+    info = cluster.wait_status(run, {"failed", "done", "stopped"}, timeout=180)
+    assert info["status"] == "failed" and info["jobs"][0]["exit_code"] == 1, info
+    logs = cluster.cli("logs", run)
+    text = logs.stdout + logs.stderr
+    assert "dstack: jupyterlab==0.0.1 is not installed for python3: installing it" in text
+    assert "jupyterlab==0.0.1" in text and "pip install failed" in text
+    envs = cluster.tmp / "agent-1" / "envs"
+    assert not [p for p in envs.iterdir() if p.is_dir()], list(envs.iterdir())
+
+
 CODE_SERVER_STAND_IN = textwrap.dedent(
     """\
     #!{python}
