@@ -40,6 +40,8 @@ class RuntimeJob:
     # Container ports of apps reached only through tunnels (a PortSpec with `app`: lab, notebook, code): a
     # bridge container publishes them on the host's loopback address, not on every interface of the host.
     loopback_ports: frozenset[int] = frozenset()
+    # Absolute artifact paths: (the job's host folder, the path inside the container) to bind-mount.
+    mounts: list[tuple[str, str]] = field(default_factory=list)
     gpus_simulated: bool = False  # simulated GPUs: the assignment goes only into the environment
     # Progress the runtime reports while starting: a system log line, and "pulling the image now".
     system_line: Callable[[str], None] = field(default=lambda _text: None)
