@@ -145,6 +145,14 @@ def test_jupyter_serves_its_api_with_the_token_until_stopped(
     assert token not in " ".join(server.cmdline())
     assert server.environ().get("GREETING") == "hello from the job"  # the workflow's environment
 
+    # A kernel, as a notebook starts one: a process of the job's, in the job's environment.
+    start = urllib.request.Request(
+        f"{base}/api/kernels?token={token}", data=b"{}", method="POST", headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(start, timeout=60) as answer:
+        assert answer.status == 201
+    kernels = wait_for(lambda: [c for c in server.children(recursive=True) if "ipykernel" in " ".join(c.cmdline())])
+
     # It keeps running: a job that serves ends only when stopped.
     assert cluster.run_info(run)["status"] == "running"
     r = cluster.cli("stop", run)
@@ -153,7 +161,8 @@ def test_jupyter_serves_its_api_with_the_token_until_stopped(
     assert info["status"] == "stopped", info
     assert info["jobs"][0]["termination_reason"] == "stopped by user"
     wait_for(lambda: refuses_connections(port.container_port), what="the port to close")
-    wait_for(lambda: not processes_with(token), what="the server and its kernels to exit")
+    wait_for(lambda: not processes_with(token), what="the server to exit")
+    wait_for(lambda: not any(k.is_running() for k in kernels), what="its kernels to exit")
     logs = cluster.cli("logs", run)
     assert "before_run ran, hello from the job" in logs.stdout
     assert "Jupyter Server" in logs.stdout + logs.stderr  # the server's own log, in the job's

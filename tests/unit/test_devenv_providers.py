@@ -63,9 +63,14 @@ def test_the_spec_declares_the_apps_port_with_its_url_and_a_token_of_its_own(
 
 
 def test_the_workflows_own_token_variable_cannot_change_the_printed_url(tmp_path: Path) -> None:
-    spec = job(tmp_path, "    provider: lab\n    environment:\n      JUPYTER_TOKEN: guessable\n      KEEP: me\n")
+    spec = job(
+        tmp_path,
+        "    provider: lab\n    environment:\n"
+        "      JUPYTER_TOKEN: guessable\n      DSTACK_APP_PORT: 22\n      KEEP: me\n",
+    )
     assert spec.env["JUPYTER_TOKEN"] != "guessable" and spec.env["KEEP"] == "me"
     assert app_port(spec).url_path == f"lab?token={spec.env['JUPYTER_TOKEN']}"
+    assert spec.env["DSTACK_APP_PORT"] == str(app_port(spec).container_port)  # the port the tunnel forwards
 
 
 def test_the_workflows_own_ports_stay_and_the_apps_port_is_another(tmp_path: Path) -> None:
