@@ -110,6 +110,7 @@ def job_to_proto(j: JobView) -> client_pb2.Job:
         wait_reason=j.wait_reason,
         eta_ns=j.eta_ns,
         attempt=j.attempt,
+        ports=[common_pb2.PortSpec(host_port=h, container_port=c) for h, c in j.ports],
         attempts=[
             client_pb2.JobAttempt(
                 attempt=a.attempt,
@@ -225,6 +226,7 @@ def job_updates_from_proto(updates: Iterable[agent_pb2.JobUpdate]) -> list[JobUp
             message=u.message,
             exit_code=u.exit_code if u.has_exit_code else None,
             time_ns=u.time_ns,
+            ports=[(p.host_port, p.container_port) for p in u.ports],
         )
         for u in updates
     ]
@@ -245,3 +247,9 @@ def artifact_input_to_proto(i: ArtifactInput) -> agent_pb2.ArtifactInput:
         files=[artifact_file_to_proto(f) for f in i.files],
         mount_paths=list(i.mount_paths),
     )
+
+
+def job_ports(encoded_spec: bytes) -> list[tuple[int, int]]:
+    """(host, container) of each port a stored job spec declares (what a tunnel may reach)."""
+    spec = common_pb2.JobSpec.FromString(encoded_spec)
+    return [(p.host_port, p.container_port) for p in spec.ports]
