@@ -15,7 +15,9 @@ import sys
 import textwrap
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -312,3 +314,96 @@ def test_code_without_code_server_fails_saying_how_to_provide_it(cluster: Cluste
     logs = cluster.cli("logs", run)
     assert "the code provider needs code-server" in logs.stderr + logs.stdout
     assert "image: codercom/code-server" in logs.stderr + logs.stdout
+
+
+# --- through the tunnel (docs/tunnels.md): what a user does after `dstack run lab` ------------------------------
+
+
+def run_in_kernel(base: str, token: str, code: str) -> str:
+    """What a notebook cell does: start a kernel (REST), send it the code and read its output (websocket)."""
+    import websocket
+
+    start = urllib.request.Request(
+        f"{base}api/kernels?token={token}", data=b"{}", method="POST", headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(start, timeout=60) as r:
+        kernel = json.loads(r.read())["id"]
+    ws = websocket.create_connection(f"ws://{base.removeprefix('http://')}api/kernels/{kernel}/channels?token={token}")
+    ws.settimeout(60)
+    msg_id = uuid.uuid4().hex
+    header = {"msg_id": msg_id, "msg_type": "execute_request", "session": uuid.uuid4().hex, "username": "test"}
+    content = {"code": code, "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False}
+    ws.send(
+        json.dumps(
+            {
+                "header": header | {"version": "5.3"},
+                "parent_header": {},
+                "metadata": {},
+                "content": content,
+                "channel": "shell",
+                "buffers": [],
+            }
+        )
+    )
+    out = ""
+    try:
+        while True:
+            msg = json.loads(ws.recv())
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                out += msg["content"]["text"]
+            elif msg["msg_type"] == "error":
+                raise AssertionError(f"the kernel failed: {msg['content']}")
+            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                return out
+    finally:
+        ws.close()
+
+
+def test_dstack_run_lab_prints_a_url_whose_notebook_runs_code_through_the_tunnel(
+    lab_cluster: Cluster, tmp_path: Path
+) -> None:
+    from tests.integration.test_tunnels import Running, add_user
+
+    cluster = lab_cluster
+    alice, bob = add_user(cluster, "alice"), add_user(cluster, "bob")
+    project = write_project(tmp_path / "p", "workflows:\n  - name: ide\n    provider: lab\n")
+    run = Running.start(cluster, "run", "ide", cwd=project, token=alice)
+    try:
+        name = run.wait_line(r"(\S+) submitted").group(1)
+        m = run.wait_line(r"tunnel lab: (http://127\.0\.0\.1:\d+/)(lab\?token=([\w-]+))$", timeout=120)
+        base, url_path, token = m.group(1), m.group(2), m.group(3)
+        port = app_port(job_of(cluster, name))
+        assert url_path == port.url_path and f":{port.container_port}/" not in base  # a local port of its own
+
+        # The printed URL opens JupyterLab (once the server listens, a moment after the job runs).
+        wait_for(lambda: http_get(base + url_path)[0] == 200, timeout=120, interval=0.5, what="lab through the tunnel")
+        assert http_get(f"{base}api/kernelspecs")[0] == 403  # the tunnel is no way around the token
+        # A cell runs in the job: a kernel started over REST, code and output over its websocket.
+        assert run_in_kernel(base, token, "import os; print(6 * 7, os.getcwd() != '')") == "42 True\n"
+        # A browser opens several connections at once.
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda _: http_get(f"{base}api/status?token={token}")[0], range(16)))
+        assert codes == [200] * 16
+
+        # bob, a member, reads the token in the run's spec, but the tunnel is for alice and admins only.
+        refused = subprocess.run(
+            [sys.executable, "-m", "dstack.cli", "port-forward", name, str(port.container_port)],
+            capture_output=True,
+            text=True,
+            env=cluster.env() | {"DSTACK_TOKEN": bob},
+            cwd=project,
+            timeout=60,
+        )
+        assert refused.returncode != 0 and "only the owner (alice) or an admin" in refused.stderr
+
+        # It runs until stopped; then `dstack run` says so and its tunnel closes.
+        assert cluster.run_info(name)["status"] == "running"
+        assert cluster.cli("stop", name).returncode == 0
+        run.wait_line(rf"run {name} is stopped: the tunnels are closed", timeout=120)
+        run.popen.wait(60)
+        assert http_get(f"{base}api/status?token={token}")[0] == 0
+        assert "Traceback" not in run.text()
+    finally:
+        run.stop()
