@@ -15,6 +15,10 @@ AGENT_MARKER = "DSTACK_AGENT_HOME"
 # Where a python job's environment writes what it resolved to (agent/env_helper.py, agent/environment.py).
 REPORT_VAR = "DSTACK_ENV_REPORT"
 REPORT_FILE = ".dstack-env-report.json"
+# Where a job's servers listen for the agent to reach them (the port tunnels, the dev-environment providers'
+# servers, cli/providers/devenv.py): the loopback address wherever the job shares the agent's network.
+LISTEN_VAR = "DSTACK_LISTEN_ADDRESS"
+LOOPBACK = "127.0.0.1"
 
 
 class RuntimeError_(Exception):
@@ -37,6 +41,9 @@ class RuntimeJob:
     provider: str = ""
     python_version: str = ""  # the python provider's `version` (a container runtime picks its image by it)
     ports: list[tuple[int, int]] = field(default_factory=list)  # (host, container)
+    # Container ports of apps reached only through tunnels (a PortSpec with `app`: lab, notebook, code): a
+    # bridge container publishes them on the host's loopback address, not on every interface of the host.
+    loopback_ports: frozenset[int] = frozenset()
     # Absolute artifact paths: (the job's host folder, the path inside the container) to bind-mount.
     mounts: list[tuple[str, str]] = field(default_factory=list)
     gpus_simulated: bool = False  # simulated GPUs: the assignment goes only into the environment
@@ -96,7 +103,7 @@ class Runtime(abc.ABC):
 
     def base_env(self, host_env: dict[str, str]) -> dict[str, str]:
         """What a job's environment starts from; a container keeps its image's PATH and HOME."""
-        return dict(host_env)
+        return dict(host_env) | {LISTEN_VAR: LOOPBACK}
 
     @abc.abstractmethod
     async def start(self, job: RuntimeJob) -> JobProcess: ...
