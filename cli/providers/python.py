@@ -87,7 +87,7 @@ class PythonProvider(Provider):
                 # for the same interpreter and requirements, or makes one, then execs the script.
                 # -I: nothing next to the helper (the agent's own modules) or in PYTHON* shadows its imports.
                 f'if [ -f "${{{HELPER_VAR}:-}}" ]; then'
-                f' exec {python} -I "${HELPER_VAR}" --requirements {req} -- {run}; fi',
+                f' exec {python} -I "${HELPER_VAR}" --requirements {req} -- {self.python_argv(run)}; fi',
                 # An agent without one (older): a venv of the job's own, as before.
                 "echo 'dstack: installing requirements into a new environment .dstack-venv'",
                 f"{python} -m venv --system-site-packages .dstack-venv",
@@ -97,8 +97,16 @@ class PythonProvider(Provider):
             ]
         else:
             cmds.append(f"PYTHON={python}")
-        cmds.append(f"exec $PYTHON {run}")
+        cmds.append(self.launch("$PYTHON", run))
         return cmds
+
+    def python_argv(self, run: str) -> str:
+        """What the environment helper's python runs (after its `--`): the script and its arguments."""
+        return run
+
+    def launch(self, python: str, run: str) -> str:
+        """The last command: `python` (a shell word: $PYTHON) runs the script with its arguments."""
+        return f"exec {python} {run}"
 
     def python_version(self, wf: Workflow) -> str:
         return self._version(wf)  # the agent's --docker-image-python, e.g. python:{version}-slim
