@@ -272,6 +272,7 @@ class Inventory:
     gpus: list[GpuInfo] = field(default_factory=list)
     runtime: str = ""  # "host", "null" or "docker"
     max_jobs: int = 0  # concurrent job slots
+    advertise_address: str = ""  # where other agents reach it (a gang's MASTER_ADDR; docs/multinode.md)
 
 
 @dataclass(frozen=True)
