@@ -39,3 +39,23 @@ def detect(coordinator: str) -> str:
         )
         return "127.0.0.1"
     return address
+
+
+def master_port(gang: str, node_rank: int, env: dict[str, str]) -> int | None:
+    """The MASTER_PORT this agent must serve: a gang's rank 0 only (None for every other job)."""
+    port = env.get("MASTER_PORT", "")
+    return int(port) if gang and node_rank == 0 and port.isdigit() else None
+
+
+def check_port_free(port: int) -> None:
+    """Raises RuntimeError when another program holds `port` here. The coordinator picks a gang's
+    MASTER_PORT among ports no gang of its own holds on this agent, but cannot see other programs';
+    this turns such a clash into a job that fails at once, saying so (with `retry: {on: [error]}` the
+    gang reruns, at another random port), instead of members that wait for a master that never binds."""
+    try:
+        with socket.create_server(("", port)):  # SO_REUSEADDR, as the job's own server will
+            pass
+    except OSError as e:
+        raise RuntimeError(
+            f"MASTER_PORT {port} is taken on this host ({e.strerror or e}): another program listens there"
+        ) from None

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dstack.agent.address import check_port_free, master_port
 from dstack.agent.artifacts import ArtifactError, Downloader, UploadCache, Uploader, prepare_dirs
 from dstack.agent.code import CodeCache
 from dstack.agent.masking import Masker
@@ -170,6 +171,11 @@ class JobRunner:
                     return
                 env = self.deps.runtime.base_env(base_env()) | dict(self.a.secrets) | dict(self.a.env) | dict(spec.env)
                 env[AGENT_MARKER] = self.deps.agent_home
+                ports = [(p.host_port, p.container_port) for p in spec.ports]
+                master = master_port(spec.gang, spec.node_rank, dict(self.a.env))
+                if master is not None:  # a multi-node gang's rank 0: its peers meet here (docs/multinode.md)
+                    check_port_free(master)
+                    ports.append((master, master))  # published, for a container on a bridge network
                 self.proc = await self.deps.runtime.start(
                     RuntimeJob(
                         job_id=self.job_id,
@@ -185,7 +191,7 @@ class JobRunner:
                         shm_size_bytes=spec.resources.shm_size_bytes,
                         provider=spec.provider,
                         python_version=spec.python_version,
-                        ports=[(p.host_port, p.container_port) for p in spec.ports],
+                        ports=ports,
                         gpus_simulated=self.deps.gpus_simulated,
                         system_line=self._system_line,
                         on_pulling=lambda: self._update(JS.JOB_STATUS_PULLING),

@@ -198,7 +198,8 @@ def _busy_summary(agents: list[AgentState]) -> str:
 
 
 def schedule(queue: list[JobRequest], agents: list[AgentState]) -> Decision:
-    """Places what fits now; `agents` is updated in place with the placements made."""
+    """Places what fits now; `agents` is updated in place with the placements made. Every job on its
+    own: gangs (multi-node jobs) are placed by coordinator/planner.py's `plan`, which the engine uses."""
     d = Decision()
     if not queue:
         return d

@@ -331,3 +331,18 @@ def test_torchrun_with_both_nodes_fields_is_refused(tmp_path: Path) -> None:
             tmp_path,
             "  - name: t\n    provider: torchrun\n    file: train.py\n    nodes: 2\n    resources:\n      nodes: 2\n",
         )
+
+
+def test_the_master_port_is_checked_on_rank_0_only_and_a_taken_one_is_said() -> None:
+    import socket
+
+    from dstack.agent.address import check_port_free, master_port
+
+    assert master_port("g", 0, {"MASTER_PORT": "29511"}) == 29511
+    assert master_port("g", 1, {"MASTER_PORT": "29511"}) is None
+    assert master_port("", 0, {"MASTER_PORT": "29511"}) is None  # a job of its own that sets MASTER_PORT itself
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"MASTER_PORT {port} is taken on this host"):
+            check_port_free(port)
+    check_port_free(port)  # free again once let go
