@@ -208,6 +208,11 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
             parse_simulated(a.simulate_gpus)
         except InventoryError as e:
             p.error(str(e))
+    if a.advertise_address:
+        from dstack.protos.addresses import valid_address
+
+        if not valid_address(a.advertise_address):
+            p.error(f"--advertise-address {a.advertise_address!r}: give an IP address or a host name")
     if a.pids_limit < 0:
         p.error(f"--pids-limit {a.pids_limit}: give a number of processes, or 0 for no limit")
     try:

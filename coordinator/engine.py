@@ -38,6 +38,7 @@ from dstack.coordinator.secrets import SecretBox
 from dstack.coordinator.store import Assignment, Placement, Store
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.coordinator.store.secrets import TEAM
+from dstack.protos.addresses import valid_address
 from dstack.protos.refusals import agent_removed
 from dstack.protos.urls import public_repo_url
 from dstack.protos.v1 import agent_pb2, common_pb2
@@ -494,7 +495,8 @@ class Engine:
                 gpus=[Gpu(g.index, g.name, g.memory_total_bytes) for g in inv.gpus],
                 max_jobs=inv.max_jobs or 1_000_000,
                 containers=inv.runtime == "docker",
-                address=inv.advertise_address or inv.hostname,
+                # An address that is none (an agent's own word) is not handed to a gang's other members.
+                address=next((x for x in (inv.advertise_address, inv.hostname) if valid_address(x)), ""),
             )
         return agents
 

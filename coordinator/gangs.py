@@ -31,6 +31,7 @@ def expand(jobs: Sequence[JobSpec]) -> list[JobSpec]:
     """The run's jobs with every multi-node job replaced by its members (rank order); a job that
     depends on a multi-node job depends on all its members."""
     members: dict[str, list[str]] = {}
+    jobs = [_without_gang(j) for j in jobs]  # only the coordinator makes gangs: a client's own fields go
     for j in jobs:
         if j.resources.nodes > MAX_NODES:
             raise InvalidRequest(f"job {j.job_name!r}: resources.nodes is {j.resources.nodes}; at most {MAX_NODES}")
@@ -62,6 +63,18 @@ def expand(jobs: Sequence[JobSpec]) -> list[JobSpec]:
                 )
             )
     return out
+
+
+def _without_gang(j: JobSpec) -> JobSpec:
+    """The spec with no gang fields of the client's: a hand-made `gang`/`node_rank`/`nnodes` would
+    make the coordinator treat a lone job as part of a gang it never built."""
+    if not (j.gang or j.node_rank or j.nnodes > 1):
+        return j
+    proto = common_pb2.JobSpec.FromString(j.encoded)
+    proto.ClearField("gang")
+    proto.ClearField("node_rank")
+    proto.ClearField("nnodes")
+    return dataclasses.replace(j, encoded=proto.SerializeToString(), gang="", node_rank=0, nnodes=1)
 
 
 def pick_port(used: Collection[int], rng: random.Random | None = None) -> int:

@@ -346,3 +346,42 @@ def test_the_master_port_is_checked_on_rank_0_only_and_a_taken_one_is_said() -> 
         with pytest.raises(RuntimeError, match=f"MASTER_PORT {port} is taken on this host"):
             check_port_free(port)
     check_port_free(port)  # free again once let go
+
+
+def test_a_client_cannot_make_its_own_gang_fields() -> None:
+    """A hand-made spec claiming to be node 0 of a 1000-node gang is a lone job: only the coordinator
+    builds gangs (else its run would wait forever for members that do not exist, or a crafted rank
+    would take a rendezvous that is not its own)."""
+    forged = common_pb2.JobSpec(job_name="x", gang="train", node_rank=0, nnodes=1000)
+    [out] = gangs.expand([job_spec_from_proto(forged)])
+    assert (out.gang, out.node_rank, out.nnodes) == ("", 0, 1)
+    proto = common_pb2.JobSpec.FromString(out.encoded)
+    assert not proto.gang and proto.nnodes == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("10.213.0.2", True),
+        ("fe80::1", True),
+        ("gpu-box-3.example.com", True),
+        ("1.2.3.4:99", False),
+        ("a b", False),
+        ("$(reboot)", False),
+        ("", False),
+        ("-x", False),
+    ],
+)
+def test_only_an_ip_or_a_host_name_is_advertised(text: str, ok: bool) -> None:
+    from dstack.protos.addresses import valid_address
+
+    assert valid_address(text) == ok
+
+
+def test_the_agent_refuses_a_bad_advertise_address() -> None:
+    from dstack.agent.main import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--coordinator", "127.0.0.1:1", "--advertise-address", "1.2.3.4:99", "--home", "/tmp/x"])
+    config = parse_args(["--coordinator", "127.0.0.1:1", "--advertise-address", "10.0.0.7", "--home", "/tmp/x"])
+    assert config.advertise_address == "10.0.0.7"
