@@ -62,6 +62,62 @@ print(f"node {rank}: bye", flush=True)
 """
 
 
+# torch is not part of the project's setup (and a GPU machine is not lent to this task): a stand-in
+# `torchrun` that starts --nproc_per_node copies of the script with torchrun's variables (RANK,
+# LOCAL_RANK, WORLD_SIZE = nodes x processes, MASTER_ADDR/PORT from its options), as torchrun does.
+TORCHRUN_STAND_IN = """\
+#!/usr/bin/env python3
+import argparse, os, subprocess, sys
+
+p = argparse.ArgumentParser()
+p.add_argument("--nnodes", type=int, default=1)
+p.add_argument("--node_rank", type=int, default=0)
+p.add_argument("--nproc_per_node", type=int, default=1)
+p.add_argument("--master_addr", default="127.0.0.1")
+p.add_argument("--master_port", type=int, default=29500)
+p.add_argument("--standalone", action="store_true")
+p.add_argument("script")
+p.add_argument("args", nargs=argparse.REMAINDER)
+a = p.parse_args()
+print("torchrun " + " ".join(sys.argv[1:]), flush=True)
+procs = []
+for local in range(a.nproc_per_node):
+    env = dict(os.environ, RANK=str(a.node_rank * a.nproc_per_node + local), LOCAL_RANK=str(local),
+               WORLD_SIZE=str(a.nnodes * a.nproc_per_node), MASTER_ADDR=a.master_addr, MASTER_PORT=str(a.master_port))
+    procs.append(subprocess.Popen([sys.executable, a.script, *a.args], env=env))
+sys.exit(max(proc.wait() for proc in procs))
+"""
+
+# What torch.distributed's all_reduce would do, over plain TCP: global rank 0 sums every rank's value.
+TRAIN = """\
+import os, socket, sys, time
+
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+value = int(sys.argv[sys.argv.index("--base") + 1]) + rank
+if rank == 0:
+    server = socket.create_server((addr, port))
+    peers = [server.accept()[0] for _ in range(world - 1)]
+    total = value + sum(int(p.makefile().readline()) for p in peers)
+    for p in peers:
+        p.sendall(f"{total}\\n".encode())
+else:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            conn = socket.create_connection((addr, port), timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    conn.sendall(f"{value}\\n".encode())
+    total = int(conn.makefile().readline())
+# One write per line: the node's processes share its output pipe.
+os.write(1, f"rank {rank}/{world} local {os.environ['LOCAL_RANK']}: all_reduce {total}\\n".encode())
+"""
+
+
 @dataclass
 class Bed:
     cluster: Cluster
@@ -111,13 +167,52 @@ def bed(tmp_path: Path) -> Iterator[Bed]:
         cluster.start_coordinator()
         for k, ns in enumerate(b.namespaces):
             # One job at a time per agent: a gang member takes its agent whole, so gangs compete.
-            cluster.start_agent(f"node-agent-{k}", "--max-jobs", "1", prefix=ns.prefix())
+            # Two simulated GPUs each: CUDA_VISIBLE_DEVICES, and so torchrun's processes per node.
+            cluster.start_agent(f"node-agent-{k}", "--max-jobs", "1", "--simulate-gpus", "2xA100", prefix=ns.prefix())
         yield b
     finally:
         b.release()
         cluster.stop_all()
         b.kill_leftovers()
         net.close()
+
+
+def test_torchrun_runs_one_process_per_gpu_on_each_node_and_they_all_reduce(bed: Bed) -> None:
+    c = bed.cluster
+    wf = (
+        "workflows:\n"
+        "  - name: ddp\n"
+        "    provider: torchrun\n"
+        "    file: train.py\n"
+        "    args: [--base, '100']\n"
+        "    before_run:\n"
+        "      - chmod +x bin/torchrun\n"
+        '      - export PATH="$PWD/bin:$PATH"\n'
+        "    nodes: 2\n"
+        "    resources:\n"
+        "      gpu: 2\n"
+    )
+    project = write_project(c.tmp / "ddp", wf, {"train.py": TRAIN, "bin/torchrun": TORCHRUN_STAND_IN})
+    run = c.cli("run", "-d", "ddp", cwd=project).stdout.strip()
+    info = c.wait_status(run, {"done", "failed"}, timeout=120)
+    lines = _member_lines(c, run)
+    assert info["status"] == "done", lines
+    jobs = {j["name"]: j for j in bed.jobs(run)}
+    assert sorted(jobs) == ["ddp-node0", "ddp-node1"] and all(len(j["gpus"]) == 2 for j in jobs.values())
+    # The command the provider built, on each node: its rank, the master, 2 processes (its 2 GPUs).
+    master = f"{next(a['address'] for a in c.agents_json() if a['name'] == jobs['ddp-node0']['agent'])}"
+    for k in range(2):
+        cmd = next(ln for ln in lines if ln.startswith(f"node {k} | torchrun "))
+        assert f"--nnodes 2 --node_rank {k} --master_addr {master} --master_port " in cmd, cmd
+        assert cmd.endswith("--nproc_per_node 2 train.py --base 100"), cmd
+    # 4 processes (2 nodes x 2 GPUs) summed 100 + 101 + 102 + 103.
+    reduced = [ln for ln in lines if "all_reduce 406" in ln]
+    assert len(reduced) == 4 and {ln.split(" | ")[1].split(" local")[0] for ln in reduced} == {
+        "rank 0/4",
+        "rank 1/4",
+        "rank 2/4",
+        "rank 3/4",
+    }, lines
 
 
 def _member_lines(cluster: Cluster, run: str, *args: str) -> list[str]:
