@@ -144,11 +144,18 @@ class Bed:
         (self.hold / "release").write_text("")
 
     def kill_leftovers(self) -> None:
-        """Members on a SIGKILLed agent outlive it (nobody stops them): the pids they wrote, only."""
+        """Members on a SIGKILLed agent outlive it (nobody stops them): the pids they wrote, and only
+        while that pid is still one of this test's members (its environment names this hold folder),
+        never a process that got the number since."""
+        mark = f"HOLD_DIR={self.hold}".encode()
         for pid_file in self.hold.glob("*.pid"):
             try:
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
+                pid = int(pid_file.read_text())
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if mark not in f.read().split(b"\0"):
+                        continue
+                os.kill(pid, signal.SIGKILL)
+            except (OSError, ValueError):
                 pass
 
 
