@@ -595,7 +595,7 @@ class Engine:
                 await self._requeued()
             if res.freed:
                 self.kick()
-            if res.changed_runs:
+            if res.requeued or any(u.status in TERMINAL_JOB for u in updates):  # a gang's member may have ended
                 await self.settle_gangs()
             for u in updates:  # a job's last update comes after its last line: forget its run
                 if u.status in TERMINAL_JOB:
