@@ -60,3 +60,14 @@ def test_most_of_the_group_is_accepted() -> None:
         if not (r := REPORT.check_file(e))["file_error"] and not any(r["workflows"].values())
     ]
     assert len(MINE_ONLY) - len(accepted) <= 17, accepted  # the broken ones (BROKEN), 17 when written
+
+
+# Issue 13 item 4: absolute artifact paths (017 conda, 025 stable diffusion, 075-079 mnist-classifier).
+WITH_ABSOLUTE_ARTIFACTS = [e for e in ENTRIES if "4" in {i for i, _ in REPORT.forms(e)}]
+
+
+def test_files_with_absolute_artifact_paths_are_accepted() -> None:
+    assert [e["file"][:3] for e in WITH_ABSOLUTE_ARTIFACTS] == ["017", "025", "075", "076", "077", "078", "079"]
+    for entry in WITH_ABSOLUTE_ARTIFACTS:
+        result = REPORT.check_file(entry)
+        assert not result["file_error"] and not any(result["workflows"].values()), result
