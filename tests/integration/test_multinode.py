@@ -349,3 +349,29 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_a_forged_gang_spec_over_grpc_runs_as_a_lone_job_without_a_rendezvous(cluster: Cluster) -> None:
+    """A client that sends gang fields of its own (node 0 of a 1000-node gang, nodes 0) gets a lone job:
+    it is placed and runs (it does not wait forever for 999 members), and gets no MASTER_* variables."""
+    from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
+
+    cluster.start_coordinator()
+    cluster.start_agent()
+    stub = client_pb2_grpc.ClientServiceStub(cluster.channel())
+    meta = [("authorization", f"Bearer {cluster.admin_token}")]
+    job = common_pb2.JobSpec(
+        job_name="forged",
+        workflow="forged",
+        provider="bash",
+        commands=['echo "master=${MASTER_ADDR:-none} rank=${NODE_RANK:-none}"'],
+        gang="train",
+        node_rank=0,
+        nnodes=1000,
+    )
+    resp = stub.SubmitRun(client_pb2.SubmitRunRequest(workflow="forged", jobs=[job]), metadata=meta)
+    run = cluster.wait_status(resp.run.name, {"done", "failed"}, timeout=90)
+    assert run["status"] == "done", run
+    assert "master=none rank=none" in cluster.cli("logs", resp.run.name).stdout
+    got = stub.GetRun(client_pb2.GetRunRequest(name=resp.run.name), metadata=meta)
+    assert not got.run.jobs[0].spec.gang and got.run.jobs[0].spec.nnodes == 0
