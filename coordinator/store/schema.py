@@ -289,6 +289,13 @@ def _users_and_scoped_secrets(db: sqlite_utils.Database) -> None:
     conn.execute("COMMIT")
 
 
+def _job_ports(db: sqlite_utils.Database) -> None:
+    """The ports a job's current attempt got on its agent (`ports:` as a list or `ports: N`), as the
+    agent reported them with RUNNING: a JSON list of [host_port, container_port]."""
+    if "ports" not in Table(db, "jobs").columns_dict:
+        Table(db, "jobs").add_column("ports", str, not_null_default="[]")
+
+
 def _gangs(db: sqlite_utils.Database) -> None:
     """Multi-node gangs (docs/multinode.md): a member's gang name ('' for a job of its own) and rank,
     and the rendezvous its placement picked (rank 0's agent's ADDRESS:PORT), so a resent assignment
@@ -312,6 +319,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _fair_share,
     _repositories,
     _users_and_scoped_secrets,
+    _job_ports,
     _gangs,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
