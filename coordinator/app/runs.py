@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from dstack.coordinator.app.core import Core, run_view
+from dstack.coordinator.app.key_names import check_key_segment
 from dstack.coordinator.app.ownership import Actor, check_owner
 from dstack.coordinator.convert import code_to_bytes, job_spec_from_proto, job_spec_proto
 from dstack.coordinator.errors import InvalidRequest, NotFound
@@ -49,6 +50,8 @@ def _check(jobs: Sequence[JobSpec]) -> None:
     names = [j.job_name for j in jobs]
     if len(set(names)) != len(names) or not all(names):
         raise InvalidRequest("job names within a run must be unique and non-empty")
+    for name in names:
+        check_key_segment("job name", name)  # it becomes runs/RUN/JOB/... in the store
     for j in jobs:
         unknown = set(j.depends_on) - set(names)
         if unknown:

@@ -73,11 +73,13 @@ class Logs:
             )
         ]
 
-    def jobs_to_archive(self, finished_before: int, limit: int) -> list[ArchivableJob]:
+    def jobs_to_archive(self, finished_before: int, limit: int, after_id: str = "") -> list[ArchivableJob]:
+        """Finished jobs whose logs are still in the database, by id from after `after_id`."""
         rows = self.db.rows(
             "SELECT j.id, j.job_name, r.name AS run_name FROM jobs j JOIN runs r ON r.id = j.run_id"
-            f" WHERE j.logs_state = 0 AND j.status IN ({ints_in(TERMINAL_JOB)}) AND j.finished_at < ? LIMIT ?",
-            [finished_before, limit],
+            f" WHERE j.logs_state = 0 AND j.status IN ({ints_in(TERMINAL_JOB)}) AND j.finished_at < ?"
+            " AND j.id > ? ORDER BY j.id LIMIT ?",
+            [finished_before, after_id, limit],
         )
         return [ArchivableJob(r["id"], r["job_name"], r["run_name"]) for r in rows]
 

@@ -1,0 +1,80 @@
+"""Issue 16, a bounded coordinator: names a client chooses cannot break the store's keys, and a long log
+is archived and served back in constant memory (measured on the real coordinator process)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.conftest import PY, Cluster, wait_for, write_project
+
+pytestmark = pytest.mark.integration
+
+LINES = 1_000_000
+RSS_LIMIT_KIB = 150 * 1024
+
+
+def _kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _submit(cluster: Cluster, job_name: str) -> str:
+    from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
+
+    stub = client_pb2_grpc.ClientServiceStub(cluster.channel())
+    meta = [("authorization", f"Bearer {cluster.admin_token}")]
+    job = common_pb2.JobSpec(job_name=job_name, workflow="w", provider="bash", commands=["echo ok"])
+    resp = stub.SubmitRun(client_pb2.SubmitRunRequest(workflow="w", jobs=[job]), metadata=meta)
+    return str(resp.run.name)
+
+
+@pytest.mark.parametrize("job_name", ["..", ".", "a/b", "../../etc", "x\ny", "a\\b", "x" * 201])
+def test_a_job_name_that_is_not_one_key_segment_is_refused_over_raw_grpc(cluster: Cluster, job_name: str) -> None:
+    cluster.start_coordinator()
+    with pytest.raises(grpc.RpcError) as e:
+        _submit(cluster, job_name)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "invalid job name" in str(e.value.details())
+
+
+def test_a_million_line_log_is_archived_and_served_in_bounded_memory(cluster: Cluster, tmp_path: Path) -> None:
+    coordinator = cluster.start_coordinator("--archive-logs-after", "0", "--archive-interval", "0.5")
+    cluster.start_agent()
+    pid = coordinator.popen.pid
+    before = _kib(pid, "VmRSS")
+    project = write_project(
+        tmp_path / "p",
+        f"""
+        workflows:
+          - name: talk
+            provider: bash
+            commands:
+              - seq 1 {LINES}
+        """,
+    )
+    r = cluster.cli("run", "-d", "talk", cwd=project)
+    assert r.returncode == 0, r.stderr
+    name = r.stdout.strip()
+    cluster.wait_status(name, {"done"}, timeout=600)
+    archive = tmp_path / "server" / "storage" / "runs" / name / "talk" / "logs.jsonl.gz"
+    wait_for(archive.exists, timeout=300, interval=0.5, what="the log archived to the store")
+    out = tmp_path / "logs.out"
+    with out.open("w") as f:
+        logs = subprocess.run(
+            [PY, "-m", "dstack.cli", "logs", name], stdout=f, stderr=subprocess.PIPE, env=cluster.env(), timeout=600
+        )
+    assert logs.returncode == 0, logs.stderr
+    with out.open() as f:
+        count, last = 0, ""
+        for count, last in enumerate(f, 1):  # noqa: B007 (the last line is what is checked)
+            pass
+    assert (count, last) == (LINES, f"{LINES}\n")
+    peak = _kib(pid, "VmHWM")
+    print(f"coordinator RSS before the job {before / 1024:.0f} MiB; peak (VmHWM) {peak / 1024:.0f} MiB")
+    assert peak < RSS_LIMIT_KIB, f"peak RSS {peak / 1024:.0f} MiB"
