@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         " folder (default: STATE_DIR/storage)",
     )
     p.add_argument("--archive-logs-after", type=float, default=600.0, help="seconds after a job ends")
+    p.add_argument(
+        "--max-log-bytes",
+        type=int,
+        default=1 << 30,
+        help="per job: bytes of log kept at most; later lines are dropped, with one line saying so (0: no limit)",
+    )
     p.add_argument("--archive-interval", type=float, default=30.0, help=argparse.SUPPRESS)
     p.add_argument("--retention-days", type=float, default=None, help="delete logs of runs finished this long ago")
     p.add_argument(
@@ -184,6 +190,7 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         approve_agents=a.approve_agents,
         archive_after_s=a.archive_logs_after,
         archive_interval_s=a.archive_interval,
+        max_log_bytes=max(0, a.max_log_bytes),
         retention_days=a.retention_days,
         retention_artifacts=a.retention_artifacts,
         fairshare=a.fairshare == "on",

@@ -78,3 +78,34 @@ def test_a_million_line_log_is_archived_and_served_in_bounded_memory(cluster: Cl
     peak = _kib(pid, "VmHWM")
     print(f"coordinator RSS before the job {before / 1024:.0f} MiB; peak (VmHWM) {peak / 1024:.0f} MiB")
     assert peak < RSS_LIMIT_KIB, f"peak RSS {peak / 1024:.0f} MiB"
+
+
+def test_a_job_past_its_log_quota_keeps_running_and_says_so_once(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_coordinator("--max-log-bytes", "20000")
+    cluster.start_agent()
+    done = tmp_path / "finished"
+    project = write_project(
+        tmp_path / "p",
+        f"""
+        workflows:
+          - name: loud
+            provider: bash
+            commands:
+              - seq 1 100000
+              - touch {done}
+        """,
+    )
+    r = cluster.cli("run", "-d", "loud", cwd=project)
+    assert r.returncode == 0, r.stderr
+    name = r.stdout.strip()
+    run = cluster.wait_status(name, {"done", "failed"}, timeout=300)
+    assert run["status"] == "done", run
+    assert done.exists(), "the job did not run to its end"
+    logs = cluster.cli("logs", name)
+    assert logs.returncode == 0, logs.stderr
+    lines = logs.stdout.splitlines()
+    markers = [ln for ln in lines if "reached the coordinator's quota of 20000 bytes" in ln]
+    assert len(markers) == 1, lines[-5:]
+    numbers = [ln for ln in lines if ln.isdigit()]
+    assert numbers == [str(i) for i in range(1, len(numbers) + 1)]  # a prefix, nothing lost before the quota
+    assert 3000 < len(numbers) < 5000  # about 20000 bytes of "N\n" lines
