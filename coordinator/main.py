@@ -22,14 +22,19 @@ log = logging.getLogger(__name__)
 
 def read_or_create_secret(path: Path) -> str:
     """Tokens live in 0600 files beside the database, created on first start."""
-    if path.exists():
-        return path.read_text().strip()
-    private_dir(path.parent, log)  # the state directory, made before the server locks it
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token
+    try:
+        if path.exists():
+            return path.read_text().strip()
+        private_dir(path.parent, log)  # the state directory, made before the server locks it
+        token = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token
+    except OSError as e:  # a read-only or foreign state folder, a full disk
+        raise StartError(
+            f"cannot write {path}: {e.strerror or e}; the state folder (--state-dir) must be writable by this user"
+        ) from None
 
 
 def _seconds_or_off(text: str) -> float:
@@ -244,7 +249,11 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    config = parse_args(argv)
+    try:
+        config = parse_args(argv)
+    except StartError as e:
+        print(f"dstack server: {e}", file=sys.stderr)
+        sys.exit(1)
 
     def on_started(coordinator: Coordinator) -> None:
         if not config.local_mode:
