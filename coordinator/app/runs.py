@@ -191,6 +191,26 @@ async def get(core: Core, name: str) -> RunView:
     return await core.run(name)
 
 
+MAX_PAGE = 1000
+
+
+async def list_runs_page(core: Core, include_all: bool, limit: int, token: str) -> tuple[list[RunView], str]:
+    """One page of runs and the token of the next ("" after the last): no run is left out however many
+    are active (`list_runs` below stops at its limit)."""
+    size = min(limit or MAX_PAGE, MAX_PAGE)
+
+    def load() -> tuple[list[RunView], str]:
+        page = core.store.runs_page(include_all, size, token)
+        ids = [r.id for r in page.rows]
+        jobs, tags = core.store.jobs_of_runs(ids), core.store.tags_of_runs(ids)
+        views = [
+            run_view(r, jobs[r.id], tags[r.id], core.engine.pending_reasons, core.engine.wait_info) for r in page.rows
+        ]
+        return views, page.next_token
+
+    return await core.db(load)
+
+
 async def list_runs(core: Core, include_all: bool, limit: int = 0) -> list[RunView]:
     def load() -> list[RunView]:
         rows = core.store.list_runs(include_all, limit or 1000)

@@ -102,6 +102,7 @@ class Store(Db):
         self.run_by_name = self.runs.by_name
         self.run_by_id = self.runs.by_id
         self.list_runs = self.runs.recent
+        self.runs_page = self.runs.page
         self.queued_jobs_of = self.runs.queued_jobs_of
         self.request_stop = self.runs.request_stop
         self.latest_done_run = self.runs.latest_done_ref
