@@ -65,6 +65,14 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         default=1 << 30,
         help="per job: bytes of log kept at most; later lines are dropped, with one line saying so (0: no limit)",
     )
+    p.add_argument(
+        "--gc-grace",
+        type=float,
+        default=4 * 3600.0,
+        metavar="SECONDS",
+        help="remove code blobs no run uses, and unfinished uploads, once idle this long (default: %(default)s)",
+    )
+    p.add_argument("--gc-interval", type=float, default=600.0, help=argparse.SUPPRESS)
     p.add_argument("--archive-interval", type=float, default=30.0, help=argparse.SUPPRESS)
     p.add_argument("--retention-days", type=float, default=None, help="delete logs of runs finished this long ago")
     p.add_argument(
@@ -196,6 +204,8 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         archive_after_s=a.archive_logs_after,
         archive_interval_s=a.archive_interval,
         max_log_bytes=max(0, a.max_log_bytes),
+        gc_grace_s=max(0.0, a.gc_grace),
+        gc_interval_s=max(0.1, a.gc_interval),
         retention_days=a.retention_days,
         retention_artifacts=a.retention_artifacts,
         fairshare=a.fairshare == "on",

@@ -13,13 +13,16 @@ import asyncio
 import gzip
 import json
 import logging
+import math
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import BinaryIO
 
 from dstack.coordinator.artifacts import Artifacts, logs_key
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.errors import InvalidRequest
+from dstack.coordinator.gc import GarbageCollector
 from dstack.coordinator.model import LogLine
 from dstack.coordinator.store import Store
 from dstack.coordinator.store.executor import DbExecutor
@@ -61,8 +64,10 @@ class Retention:
         self.store = store
         self.db = db
         self.artifacts = artifacts
+        self.gc = GarbageCollector(store, db, artifacts.store, config.gc_grace_s)
 
     async def run_forever(self) -> None:
+        last_gc = -math.inf
         while True:
             try:
                 await self.pass_once()
@@ -70,7 +75,15 @@ class Retention:
                 raise
             except Exception as e:  # the store may be down: try again next round, lose nothing
                 log.warning("log archiving/retention failed, will retry: %s", e)
-            await asyncio.sleep(self.config.archive_interval_s)
+            if time.monotonic() - last_gc >= self.config.gc_interval_s:
+                last_gc = time.monotonic()
+                try:
+                    await self.gc.pass_once()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    log.warning("garbage collection in the store failed, will retry: %s", e)
+            await asyncio.sleep(min(self.config.archive_interval_s, self.config.gc_interval_s))
 
     async def pass_once(self) -> int:
         now = self.store.clock()

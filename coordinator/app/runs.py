@@ -97,7 +97,8 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
     if abs(sub.priority) > 1_000_000:
         raise InvalidRequest("--priority must be between -1000000 and 1000000")
     core.limits.take_submission(owner)
-    if sub.code.hash and not await core.db(core.store.has_code, sub.code.hash):
+    # Touched, not just looked up: the garbage collector (coordinator/gc.py) keeps it until the run names it.
+    if sub.code.hash and not await core.db(core.store.touch_code, sub.code.hash):
         # Uploaded straight to the store with a presigned URL: checked once, then recorded.
         size = await core.artifacts.verify_code(sub.code.hash)
         if size is None:

@@ -96,6 +96,7 @@ class Store(Db):
         self.touch_user = self.users.touch
         self.has_code = self.code.has
         self.add_code = self.code.add
+        self.touch_code = self.code.touch
         # runs
         self.reserve_run_name = self.runs.reserve_name
         self.create_run = self.runs.create

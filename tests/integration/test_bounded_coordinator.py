@@ -3,7 +3,9 @@ is archived and served back in constant memory (measured on the real coordinator
 
 from __future__ import annotations
 
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import grpc
@@ -109,3 +111,58 @@ def test_a_job_past_its_log_quota_keeps_running_and_says_so_once(cluster: Cluste
     numbers = [ln for ln in lines if ln.isdigit()]
     assert numbers == [str(i) for i in range(1, len(numbers) + 1)]  # a prefix, nothing lost before the quota
     assert 4000 < len(numbers) < 6000  # about 20000 bytes of text (1..5276 without their newlines)
+
+
+def test_garbage_collection_keeps_what_a_queued_job_needs(cluster: Cluster, tmp_path: Path) -> None:
+    """Unused code blobs (of a deleted run, and an upload never submitted) and stale `.tmp-*` objects go
+    after the grace period; the blob of a job still waiting for an agent stays, and the job then runs."""
+    cluster.start_coordinator("--gc-grace", "3", "--gc-interval", "0.5")
+    storage = tmp_path / "server" / "storage"
+    code = storage / "code"
+
+    def run_project(name: str, marker: str) -> str:
+        project = write_project(
+            tmp_path / name,
+            """
+            workflows:
+              - name: hello
+                provider: bash
+                commands:
+                  - cat marker.txt
+            """,
+            {"marker.txt": marker},
+        )
+        r = cluster.cli("run", "-d", "hello", cwd=project)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    queued = run_project("queued", "the queued one")  # no agent yet: it waits
+    blobs_of_queued = set(code.glob("*.tar.gz"))
+    assert len(blobs_of_queued) == 1
+    deleted = run_project("deleted", "the deleted one")
+    assert cluster.cli("stop", deleted).returncode == 0
+    cluster.wait_status(deleted, {"stopped"})
+    r = cluster.cli("rm", deleted)
+    assert r.returncode == 0, r.stderr
+    (blob_of_deleted,) = set(code.glob("*.tar.gz")) - blobs_of_queued
+    orphan = code / (("ab" * 32) + ".tar.gz")  # as a presigned upload never submitted leaves one
+    orphan.write_bytes(b"never submitted")
+    stale, fresh = storage / "runs" / "x" / ".tmp-crashed", storage / "runs" / "x" / ".tmp-writing"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half an object")
+    fresh.write_bytes(b"being written")
+    day = 86400.0
+    os.utime(stale, (time.time() - day, time.time() - day))
+    os.utime(fresh, (time.time() + day, time.time() + day))  # stays fresh however slow this machine is
+
+    wait_for(
+        lambda: not blob_of_deleted.exists() and not orphan.exists() and not stale.exists(),
+        timeout=120,
+        interval=0.5,
+        what="the unused blobs and the stale temporary collected",
+    )
+    assert fresh.exists(), "a temporary still being written was collected"
+    assert blobs_of_queued <= set(code.glob("*.tar.gz")), "the queued job's code was collected"
+    cluster.start_agent()
+    assert cluster.wait_status(queued, {"done", "failed"}, timeout=120)["status"] == "done"
+    assert "the queued one" in cluster.cli("logs", queued).stdout
