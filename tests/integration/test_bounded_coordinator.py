@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -43,6 +44,48 @@ def test_a_job_name_that_is_not_one_key_segment_is_refused_over_raw_grpc(cluster
         _submit(cluster, job_name)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "invalid job name" in str(e.value.details())
+
+
+def test_every_name_that_reaches_a_key_or_a_path_is_checked_over_raw_grpc(cluster: Cluster) -> None:
+    """Names a client chooses, sent as an attacker would (raw gRPC, past the CLI's own checks): each is
+    refused with INVALID_ARGUMENT and a message naming what is wrong."""
+    from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
+
+    cluster.start_coordinator()
+    stub = client_pb2_grpc.ClientServiceStub(cluster.channel())
+    meta = [("authorization", f"Bearer {cluster.admin_token}")]
+    job = common_pb2.JobSpec(job_name="main", workflow="w", provider="bash", commands=["true"])
+    run = stub.SubmitRun(client_pb2.SubmitRunRequest(workflow="w", jobs=[job]), metadata=meta).run.name  # queued
+    attacks: dict[str, Callable[[], object]] = {
+        "workflow of an upload": lambda: stub.CreateUpload(
+            client_pb2.CreateUploadRequest(workflow="../w", tag="t", files=[common_pb2.FileSize(path="a", size=1)]),
+            metadata=meta,
+        ),
+        "artifact path of an upload": lambda: stub.CreateUpload(
+            client_pb2.CreateUploadRequest(workflow="w", tag="t", files=[common_pb2.FileSize(path="../../x", size=1)]),
+            metadata=meta,
+        ),
+        "tag": lambda: stub.AddTag(client_pb2.AddTagRequest(tag="../t", run_name="r"), metadata=meta),
+        "tag on done": lambda: stub.SubmitRun(
+            client_pb2.SubmitRunRequest(workflow="w", jobs=[job], tag_on_done=".."), metadata=meta
+        ),
+        "repository": lambda: stub.SubmitRun(
+            client_pb2.SubmitRunRequest(workflow="w", jobs=[job], repository="github.com/../x"), metadata=meta
+        ),
+        "secret": lambda: stub.AddSecret(client_pb2.AddSecretRequest(name="../S", value="v"), metadata=meta),
+        "user": lambda: stub.AddUser(client_pb2.AddUserRequest(name="../u"), metadata=meta),
+        "code hash": lambda: stub.HasCode(client_pb2.HasCodeRequest(hash="../" + "a" * 61), metadata=meta),
+        "artifact path of a download": lambda: next(
+            stub.DownloadArtifact(
+                client_pb2.DownloadArtifactRequest(run_name=run, job_name="main", path="../../x"), metadata=meta
+            )
+        ),
+    }
+    for what, attack in attacks.items():
+        with pytest.raises(grpc.RpcError) as e:
+            attack()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, e.value.details())
+        assert "invalid" in str(e.value.details()) or "must" in str(e.value.details()), (what, e.value.details())
 
 
 def test_a_million_line_log_is_archived_and_served_in_bounded_memory(cluster: Cluster, tmp_path: Path) -> None:
