@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 
+from dstack.storage.devserver import SeaweedServer
 from tests.conftest import PY, Cluster, wait_for, write_project
 
 pytestmark = pytest.mark.integration
@@ -209,3 +211,27 @@ def test_garbage_collection_keeps_what_a_queued_job_needs(cluster: Cluster, tmp_
     cluster.start_agent()
     assert cluster.wait_status(queued, {"done", "failed"}, timeout=120)["status"] == "done"
     assert "the queued one" in cluster.cli("logs", queued).stdout
+
+
+def test_an_unfinished_s3_multipart_upload_is_collected(
+    seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a crash mid-upload leaves on S3 (a multipart upload never completed) is aborted once stale."""
+    from dstack.storage import open_store
+    from dstack.storage.s3 import S3Store
+
+    for k, v in seaweed.env().items():
+        monkeypatch.setenv(k, v)
+    prefix = f"gc-{uuid.uuid4().hex[:8]}"
+    store = open_store(f"s3://dstack/{prefix}")
+    assert isinstance(store, S3Store)
+    started = store.client.create_multipart_upload(Bucket=store.bucket, Key=f"{prefix}/runs/r/j/big")
+
+    def pending() -> list[str]:
+        uploads = store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=f"{prefix}/").get("Uploads", [])
+        return [u["UploadId"] for u in uploads]
+
+    assert started["UploadId"] in pending()
+    assert store.collect_temporaries(3600.0) == 0  # young: an upload may still be under way
+    assert store.collect_temporaries(-60.0) == 1  # (a negative age: every upload counts as stale)
+    assert started["UploadId"] not in pending()
