@@ -67,6 +67,9 @@ __all__ = [
 
 
 class Store(Db):
+    def rolled_back(self) -> None:
+        self.logs.forget_all()
+
     def __init__(self, path: Path, clock: Callable[[], int] = time.time_ns) -> None:
         super().__init__(path, clock)
         self.users = Users(self)

@@ -77,6 +77,7 @@ class DbExecutor:
                         results.append((fut, False, e))
         except Exception as e:  # the commit itself failed: every call in the batch failed
             results = [(fut, False, e) for _, fut in batch]
+            self.store.rolled_back()
         finally:
             self.store.in_batch = False
         return results

@@ -28,8 +28,9 @@ def quota_marker(max_bytes: int) -> str:
 
 @dataclass
 class _Usage:
-    stored: int  # bytes of text stored for the job (a line resent is counted again: an upper bound)
+    stored: int  # bytes of text stored for the job
     full: bool  # the quota marker is stored: every later line is dropped
+    last_seq: int  # the highest seq stored: a line at or below it is a resend, stored once and counted once
 
 
 class Logs:
@@ -44,18 +45,24 @@ class Logs:
         stored in the attempt's range of the job's seqs, and acknowledged as sent. Past the job's quota,
         lines are acknowledged but dropped, and one marker line (once) says so."""
         acks = []
-        with self.db.tx() as c:
+        try:
+            with self.db.tx() as c:
+                for b in batches:
+                    if not b.lines:
+                        continue
+                    job_id, attempt = parse_wire_job_id(b.job_id)
+                    rows = [(job_id, stored_seq(attempt, ln.seq), ln.stream, ln.time_ns, ln.text) for ln in b.lines]
+                    if self.max_bytes > 0:
+                        rows = self._within_quota(job_id, rows)
+                    c.executemany(
+                        "INSERT OR IGNORE INTO logs (job_id, seq, stream, time_ns, text) VALUES (?, ?, ?, ?, ?)", rows
+                    )
+                    acks.append(LogAck(b.job_id, b.lines[-1].seq))
+        except BaseException:
+            # Not stored (a full disk...): the counts are read again from what the database holds.
             for b in batches:
-                if not b.lines:
-                    continue
-                job_id, attempt = parse_wire_job_id(b.job_id)
-                rows = [(job_id, stored_seq(attempt, ln.seq), ln.stream, ln.time_ns, ln.text) for ln in b.lines]
-                if self.max_bytes > 0:
-                    rows = self._within_quota(job_id, rows)
-                c.executemany(
-                    "INSERT OR IGNORE INTO logs (job_id, seq, stream, time_ns, text) VALUES (?, ?, ?, ?, ?)", rows
-                )
-                acks.append(LogAck(b.job_id, b.lines[-1].seq))
+                self._usage.pop(parse_wire_job_id(b.job_id)[0], None)
+            raise
         return acks
 
     def _within_quota(
@@ -66,6 +73,10 @@ class Logs:
             return []
         kept = []
         for row in rows:
+            if row[1] <= usage.last_seq:  # resent after a reconnect: stored once (INSERT OR IGNORE), counted once
+                kept.append(row)
+                continue
+            usage.last_seq = row[1]
             size = len(row[4].encode())
             if usage.stored + size > self.max_bytes:
                 usage.full = True
@@ -78,14 +89,18 @@ class Logs:
 
     def _load_usage(self, job_id: str) -> _Usage:
         """After a restart: the bytes stored so far, and whether the marker is among them."""
-        stored, marked = self.db.conn.execute(
-            "SELECT COALESCE(SUM(LENGTH(CAST(text AS BLOB))), 0), COALESCE(MAX(stream = ? AND text LIKE ?), 0)"
-            " FROM logs WHERE job_id = ?",
+        stored, marked, last_seq = self.db.conn.execute(
+            "SELECT COALESCE(SUM(LENGTH(CAST(text AS BLOB))), 0), COALESCE(MAX(stream = ? AND text LIKE ?), 0),"
+            " COALESCE(MAX(seq), 0) FROM logs WHERE job_id = ?",
             [int(LogStream.SYSTEM), "[dstack: this job's log reached the coordinator's quota%", job_id],
         ).fetchone()
-        usage = _Usage(int(stored), bool(marked))
+        usage = _Usage(int(stored), bool(marked), int(last_seq))
         self._usage[job_id] = usage
         return usage
+
+    def forget_all(self) -> None:
+        """What was counted may not have been stored: count again from the database on next sight."""
+        self._usage.clear()
 
     def forget(self, job_id: str) -> None:
         """The job has finished and its lines have left the database: no more lines will come for it."""

@@ -68,6 +68,7 @@ def test_the_quota_drops_lines_with_one_marker_also_after_a_restart(tmp_path: Pa
         assert acks[0].seq == first + count - 1  # acknowledged, kept or not: the agent must not resend
 
     send(1, 5)
+    send(1, 5)  # resent after a reconnect: stored once, counted once
     send(6, 10)  # crosses: lines 6..11 kept (99 bytes in all), 12 becomes the marker, the rest dropped
     send(16, 10)
     texts = [ln.text for ln in store.read_logs(job_id, 0, 1000)]
