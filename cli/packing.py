@@ -165,7 +165,16 @@ def _without_credentials(names: list[str], tracked: set[str]) -> tuple[list[str]
 
 
 def pack(root: Path, exclude: tuple[Path, ...] = (), outputs: list[str] | None = None) -> PackedCode:
-    names, tracked, ref = list_files(root, exclude)
+    return pack_listed(root, *list_files(root, exclude), outputs)
+
+
+def pack_listed(
+    root: Path, names: list[str], tracked: set[str], listed_ref: common_pb2.CodeRef, outputs: list[str] | None = None
+) -> PackedCode:
+    """Packs files `list_files` listed (the SDK lists a tree first, to see whether it changed since it
+    was last packed)."""
+    ref = common_pb2.CodeRef()
+    ref.CopyFrom(listed_ref)
     names, left_out = _without_outputs(names, tracked, outputs or [])
     names, credentials = _without_credentials(names, tracked)
     buf = io.BytesIO()

@@ -141,6 +141,25 @@ def _mark(path: Path, event: yaml.Event) -> Location:
     return Location(path, mark.line + 1, mark.column + 1) if mark else Location(path, 1, 1)
 
 
+# The last composed text of each file: `dstack run` reads workflows.yaml more than once, and the SDK (dstack.api)
+# builds a request per run from the same files; composing is most of the time (pure-Python YAML). Keyed by the
+# text itself, so an edited file is composed anew. The graph is only read (_convert builds the values).
+_COMPOSED: dict[Path, tuple[str, yaml.Node | None]] = {}
+_COMPOSED_MAX = 64
+
+
+def _compose(path: Path, text: str) -> yaml.Node | None:
+    hit = _COMPOSED.get(path)
+    if hit is not None and hit[0] == text:
+        return hit[1]
+    _check_bounds(path, text)  # before composing: a hostile file is refused, not built (a cached one passed)
+    root: yaml.Node | None = yaml.compose(text, Loader=yaml.SafeLoader)
+    if len(_COMPOSED) >= _COMPOSED_MAX:
+        _COMPOSED.clear()
+    _COMPOSED[path] = (text, root)
+    return root
+
+
 def load(path: Path) -> Any:
     try:
         size = path.stat().st_size
@@ -155,8 +174,7 @@ def load(path: Path) -> Any:
     except UnicodeDecodeError:
         raise WorkflowError(f"{path} is not UTF-8 text") from None
     try:
-        _check_bounds(path, text)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = _compose(path, text)
     except RecursionError:  # a backstop: _check_bounds stops nesting far below Python's own limit
         raise WorkflowError(f"the YAML nests deeper than {MAX_DEPTH} levels", Location(path, 1, 1)) from None
     except yaml.MarkedYAMLError as e:
