@@ -198,13 +198,13 @@ async def get(core: Core, name: str) -> RunView:
     return await core.run(name)
 
 
-MAX_PAGE = 1000
+MAX_LISTING_PAGE = 1000  # ListRuns (`dstack ps`): runs per page at most, and by default
 
 
 async def list_runs_page(core: Core, include_all: bool, limit: int, token: str) -> tuple[list[RunView], str]:
     """One page of runs and the token of the next ("" after the last): no run is left out however many
     are active (`list_runs` below stops at its limit)."""
-    size = min(limit or MAX_PAGE, MAX_PAGE)
+    size = min(limit or MAX_LISTING_PAGE, MAX_LISTING_PAGE)
 
     def load() -> tuple[list[RunView], str]:
         page = core.store.runs_listing_page(include_all, size, token)
