@@ -141,33 +141,51 @@ def workflow_files(root: Path) -> list[Path]:
     return files
 
 
-def load_workflow_nodes(root: Path) -> dict[str, Node]:
-    """Every workflow of the project, as written (names checked, fields not yet parsed)."""
+def load_workflow_nodes(root: Path, errors: list[WorkflowError] | None = None) -> dict[str, Node]:
+    """Every workflow of the project, as written (names checked, fields not yet parsed).
+
+    With `errors` (`dstack validate`), a file or workflow that cannot be read is recorded there and skipped, so
+    the others are still checked; without, the first such error is raised (`dstack run`)."""
     out: dict[str, Node] = {}
     for path in workflow_files(root):
-        data = load(path)
-        if data is None:
+        try:
+            data = load(path)
+            if data is None:
+                continue
+            if not isinstance(data, Node) or "workflows" not in data:
+                raise WorkflowError("expected a top-level 'workflows:' list", getattr(data, "location", None))
+            fields.check_unknown(data, {"workflows"}, "the file")
+            items = data["workflows"]
+            if items is None:
+                continue
+            if not isinstance(items, Seq):
+                raise WorkflowError("'workflows' must be a list", data.at("workflows"))
+        except WorkflowError as e:
+            if errors is None:
+                raise
+            errors.append(e if e.location else WorkflowError(str(e), Location(path, 1, 1)))
             continue
-        if not isinstance(data, Node) or "workflows" not in data:
-            raise WorkflowError("expected a top-level 'workflows:' list", getattr(data, "location", None))
-        fields.check_unknown(data, {"workflows"}, "the file")
-        items = data["workflows"]
-        if items is None:
-            continue
-        if not isinstance(items, Seq):
-            raise WorkflowError("'workflows' must be a list", data.at("workflows"))
         for i, node in enumerate(items):
-            if not isinstance(node, Node):
-                raise WorkflowError("each workflow must be a mapping with name and provider", items.item_locations[i])
-            name = fields.string(node, "name", required=True)
-            _no_templates(node, "name")
-            _no_templates(node, "depends-on")
-            if name in out:
-                first = out[name].location
-                where = f"line {first.line}" if first.file == path else f"{first.file}:{first.line}"
-                raise WorkflowError(f"workflow {name!r} is defined twice (first at {where})", node.at("name"))
-            out[name] = node
+            try:
+                _add_workflow(out, path, node, items.item_locations[i])
+            except WorkflowError as e:
+                if errors is None:
+                    raise
+                errors.append(e)
     return out
+
+
+def _add_workflow(out: dict[str, Node], path: Path, node: object, loc: Location) -> None:
+    if not isinstance(node, Node):
+        raise WorkflowError("each workflow must be a mapping with name and provider", loc)
+    name = fields.string(node, "name", required=True)
+    _no_templates(node, "name")
+    _no_templates(node, "depends-on")
+    if name in out:
+        first = out[name].location
+        where = f"line {first.line}" if first.file == path else f"{first.file}:{first.line}"
+        raise WorkflowError(f"workflow {name!r} is defined twice (first at {where})", node.at("name"))
+    out[name] = node
 
 
 def load_workflows(root: Path) -> dict[str, Workflow]:

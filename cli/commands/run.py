@@ -22,10 +22,10 @@ LARGE_CODE = 50 << 20
 STOP_WAIT_S = 60.0
 
 
-def _workflow_node(root: Path, workflow_name: str) -> Node:
+def _workflow_node(root: Path, workflow_name: str, nodes: dict[str, Node] | None = None) -> Node:
     from dstack.cli.workflows import load_workflow_nodes
 
-    nodes = load_workflow_nodes(root)
+    nodes = load_workflow_nodes(root) if nodes is None else nodes
     node = nodes.get(workflow_name)
     if node is None:
         known = ", ".join(sorted(nodes)) or "none"
@@ -70,16 +70,17 @@ class CodeFile:
     may_come_from_inputs: bool
 
 
-def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
+def build_request(root: Path, workflow_name: str, args: list[str], nodes: dict[str, Node] | None = None) -> Request:
     """Workflow + variables (with `--name value` overrides) -> job specs; every error before anything starts.
 
     Runtime dependencies (`depends-on: [download]`) join the run as jobs of their own, each run once,
-    in dependency order; the coordinator starts a job when those it depends on are done."""
+    in dependency order; the coordinator starts a job when those it depends on are done. `nodes`: the project's
+    workflows as loaded (fresh: variables are substituted into them in place), else loaded here."""
     from dstack.cli.variables import check_run_args, load_variables, run_args_text, split_overrides, substitute
     from dstack.cli.workflows import dependencies, load_workflow_nodes, parse_workflow
 
-    nodes = load_workflow_nodes(root)
-    target = _workflow_node(root, workflow_name)  # a clear error for an unknown name
+    nodes = load_workflow_nodes(root) if nodes is None else nodes
+    target = _workflow_node(root, workflow_name, nodes)  # a clear error for an unknown name
     order = _dependency_order(nodes, workflow_name, lambda n: dependencies(n).runtime)
     variables = {name: load_variables(root, name) for name in order}
     known = set().union(*(v.defaults for v in variables.values()))
@@ -144,6 +145,23 @@ def check_code_files(request: Request, packed: PackedCode, root: Path, err: Term
             err.print((f"warning: {f.location}: {f.field} {f.path!r}: {why}", "yellow"))
             continue
         raise WorkflowError(f"{f.field} {f.path!r}: {why}", f.location)
+
+
+def check_offline(
+    root: Path,
+    workflow: str,
+    args: list[str],
+    err: Term,
+    packed: PackedCode | None = None,
+    nodes: dict[str, Node] | None = None,
+) -> tuple[Request, PackedCode]:
+    """Everything `dstack run` checks before it contacts the coordinator (`dstack validate` runs the same):
+    the workflow with its variables and dependencies as job specs, and the files it names in the code it sends.
+    `packed`: the code, when the caller packed it already (validate, once for every workflow)."""
+    built = build_request(root, workflow, args, nodes)
+    packed = pack_code(root) if packed is None else packed
+    check_code_files(built, packed, root, err)
+    return built, packed
 
 
 def check_tags(client: Client, request: Request) -> None:
@@ -270,9 +288,7 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "", pri
     if "--help" in args or "-h" in args:
         print(workflow_help(root, workflow))
         return 0
-    built = build_request(root, workflow, args)  # every workflow error before anything starts
-    packed = pack_code(root)
-    check_code_files(built, packed, root, err)
+    built, packed = check_offline(root, workflow, args, err)  # every workflow error before anything starts
     request = built.submit
     request.tag_on_done = tag
     request.priority = priority
