@@ -42,6 +42,16 @@ RESOURCE_SCHEMA: dict[str, Any] = {
     "memory": _SIZE,
     "shm_size": _SIZE,
     "interruptible": {"type": "boolean"},
+    "local": {
+        "type": "boolean",
+        "deprecated": True,
+        "description": "2022: run on this machine; ignored (the coordinator dstack is set up for decides), with a note",
+    },
+    "remote": {
+        "type": "boolean",
+        "deprecated": True,
+        "description": "2022: run in the cloud; ignored (the coordinator dstack is set up for decides), with a note",
+    },
 }
 RETRY_CAUSES = ("agent-lost", "preempted", "error")
 MAX_RETRIES = 100
@@ -110,6 +120,12 @@ COMMON_SCHEMA: dict[str, Any] = {
     "max_duration": {
         "type": ["string", "integer"],
         "description": "stop the job when it runs longer: 2h, 30m, 90s, 1h30m, or seconds",
+    },
+    "gpu": {
+        "type": "integer",
+        "minimum": 0,
+        "deprecated": True,
+        "description": "early 2022, ignored as 2022 dstack ignored it (with a note): resources.gpu asks for GPUs",
     },
     "ports": {
         "type": "array",
@@ -225,8 +241,26 @@ def parse_workflow(node: Node) -> Workflow:
         retry=_retry(node),
         max_duration_s=fields.duration_s(node, "max_duration"),
     )
+    if not provider.open_fields:
+        _top_level_gpu(node)
     provider.validate(wf)
     return wf
+
+
+def _top_level_gpu(node: Node) -> None:
+    """`gpu: 1` beside the provider's fields (dstack-examples, March 2022): that year's python provider read no
+    resources at all (dstackai/dstack 2bde6c2, python.py: `"resources": None`; from 2022-03-15 only `resources:`),
+    so the job ran without a GPU. The same here, with a note saying how to ask for one."""
+    if "gpu" not in node:
+        return
+    gpu = node["gpu"]
+    if isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0:
+        raise WorkflowError("'gpu' must be a whole number (and is ignored: write resources.gpu)", node.at("gpu"))
+    print(
+        f"note: {node.at('gpu')}: a top-level 'gpu' is ignored, as 2022 dstack ignored it: the job gets no GPU;"
+        " write `resources: {gpu: N}` to ask for N",
+        file=sys.stderr,
+    )
 
 
 @dataclass
@@ -450,6 +484,15 @@ def _resources(node: Node, own_fields: set[str]) -> common_pb2.Resources:
     if not isinstance(interruptible, bool):
         raise WorkflowError("'interruptible' must be true or false", r.at("interruptible"))
     out.interruptible = interruptible
+    for key in ("local", "remote"):
+        if key in r:
+            if not isinstance(r[key], bool):
+                raise WorkflowError(f"'{key}' must be true or false", r.at(key))
+            print(
+                f"note: {r.at(key)}: resources.{key} (2022: where the run goes) is ignored: runs go to the"
+                " coordinator dstack is set up for (`dstack local` runs them on this machine)",
+                file=sys.stderr,
+            )
     gpu = r.get("gpu")
     if isinstance(gpu, Node):
         fields.check_unknown(gpu, GPU_FIELDS, "resources.gpu")

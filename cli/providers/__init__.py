@@ -152,9 +152,18 @@ def load_provider(name: str, node: Node | None = None) -> Provider:
     own = local_providers(_project_root(node)).get(name)
     if own is not None:
         return CustomProvider(own)
-    if name.partition("@")[0] in NOT_AVAILABLE_YET:
-        where = node.at("provider") if node is not None else None
+    base, at, branch = name.partition("@")
+    where = node.at("provider") if node is not None else None
+    if base in NOT_AVAILABLE_YET:
         raise WorkflowError(f"provider {name!r} is not available yet", where)
+    if at:
+        # June 2022 dstack read a bare NAME@BRANCH from dstackai/dstack's own providers at that branch (its
+        # developers' test builds); built-in providers are code now, with no branches to pick from.
+        raise WorkflowError(
+            f"provider {name!r}: a branch is read only from a provider repository"
+            f" (`provider: {{name: {base}@{branch}, repo: URL}}`); for the built-in one write {base!r}",
+            where,
+        )
     known = ", ".join(known_providers()) or "none installed"
     raise WorkflowError(
         f"unknown provider {name!r}; known providers: {known}",

@@ -11,11 +11,13 @@ what `dstack run WORKFLOW` does before it contacts the coordinator.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,36 +26,86 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 
+# The one provider repository the corpus names (20 files of ivan-bokov/dstack-test-providers name it, the
+# repository they are in). Its whole history is kept as a git bundle (companions/README.md: source and commits), so
+# `dstack validate` reads it offline: git's `url.<bundle copy>.insteadOf` in a scratch global git config.
+PROVIDER_REPOS = {
+    "https://github.com/ivan-bokov/dstack-test-providers": HERE / "companions" / "ivan-bokov_dstack-test-providers.bundle",
+}
+
+
 def check_file(entry: dict[str, Any]) -> dict[str, Any]:
-    from dstack.cli.commands.run import build_request
-    from dstack.cli.errors import CliError
-    from dstack.cli.workflows import load_workflow_nodes
+    """The file in a scratch project, checked by `validate_project` (what `dstack validate` and `dstack run` run)."""
+    from dstack.cli.commands.validate import validate_project
 
     with tempfile.TemporaryDirectory(prefix="corpus2022-") as tmp:
-        root = Path(tmp)
-        target = root / entry["path"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(HERE / entry["file"], target)
-        for path, companion in entry["companions"].items():
-            shutil.copyfile(HERE / companion, root / path)
-        result: dict[str, Any] = {"file": entry["file"], "workflows": {}, "file_error": None}
-        try:
-            names = list(load_workflow_nodes(root))
-        except CliError as e:
-            result["file_error"] = _text(e, tmp)
-            return result
-        except Exception as e:  # a crash of the loader is a finding too
-            result["file_error"] = f"CRASH {type(e).__name__}: {_text(e, tmp)}"
-            return result
-        for name in names:
-            try:
-                build_request(root, name, [])
-                result["workflows"][name] = None
-            except CliError as e:
-                result["workflows"][name] = _text(e, tmp)
-            except Exception as e:
-                result["workflows"][name] = f"CRASH {type(e).__name__}: {_text(e, tmp)}"
+        root = Path(tmp) / "project"
+        scratch_project(entry, root)
+        with offline_provider_repos(entry, Path(tmp)):
+            check = validate_project(root)
+        result: dict[str, Any] = {
+            "file": entry["file"],
+            "workflows": {w.name: (str(w.errors[0]) if w.errors else None) for w in check.workflows},
+            "file_errors": [str(e) for e in check.file_errors],
+            "file_error": str(check.file_errors[0]) if check.file_errors else None,
+            "notes": [n for w in check.workflows for n in w.notes] + check.notes,
+        }
         return result
+
+
+def scratch_project(entry: dict[str, Any], root: Path) -> None:
+    """The file where its repository had it, with the companion files of the same commit, and an empty file for
+    each script/requirements file the workflows name that existed at that commit (`refs`; a MISSING one is left
+    out, as it was): `dstack run` checks that they are in the code it sends."""
+    target = root / entry["path"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(HERE / entry["file"], target)
+    for path, companion in entry["companions"].items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(HERE / companion, root / path)
+    for ref in entry["refs"]:
+        field, eq, path = ref.partition("=")
+        if eq and "MISSING" not in path and not path.startswith("/") and ".." not in path.split("/"):
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).touch()
+
+
+@contextlib.contextmanager
+def offline_provider_repos(entry: dict[str, Any], tmp: Path) -> Iterator[None]:
+    """Provider repositories from the bundles, as they were when the file was written: the default branch at the
+    file's own commit where the bundle has it (the file's repository is the provider's), else the bundle's HEAD.
+    A fresh DSTACK_HOME (no provider cache from another file) and no other git config (no network redirect)."""
+    import subprocess
+
+    from dstack.cli.providers import custom
+
+    lines = []
+    for i, (url, bundle) in enumerate(PROVIDER_REPOS.items()):
+        mirror = tmp / f"provider-{i}.git"
+        git = ["git", "-c", "core.hooksPath=/dev/null"]
+        subprocess.run([*git, "clone", "--quiet", "--bare", str(bundle), str(mirror)], check=True)
+        commit = entry.get("commit", "")
+        if url.endswith("/" + entry.get("repo", "")) and subprocess.run(
+            [*git, "-C", str(mirror), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True
+        ).returncode == 0:
+            subprocess.run([*git, "-C", str(mirror), "update-ref", "refs/heads/main", commit], check=True)
+            subprocess.run([*git, "-C", str(mirror), "symbolic-ref", "HEAD", "refs/heads/main"], check=True)
+        lines += [f'[url "{mirror}"]', f"\tinsteadOf = {url}"]
+    config = tmp / "gitconfig"
+    config.write_text("\n".join(lines) + "\n")
+    saved = {k: os.environ.get(k) for k in ("GIT_CONFIG_GLOBAL", "DSTACK_HOME")}
+    os.environ["GIT_CONFIG_GLOBAL"] = str(config)
+    os.environ["DSTACK_HOME"] = str(tmp / "home")
+    custom._resolved.clear()  # this process's memo of fetched providers: another file's commit is not this one's
+    try:
+        yield
+    finally:
+        custom._resolved.clear()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # The 2022 forms each workflow uses, by item of issue 13 (or "other" / "broken"), found from the file itself:
