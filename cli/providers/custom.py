@@ -161,7 +161,10 @@ _resolved: dict[tuple[str, str], CustomProvider] = {}  # one fetch per repositor
 
 def remote_provider(name: str, url: str, base: Path | None, loc: Location | None) -> CustomProvider:
     """`provider: {name: NAME[@BRANCH], repo: URL}` -> the provider that repository's providers.yaml defines."""
-    full_url = normalize_repo_url(url, base)
+    try:
+        full_url = normalize_repo_url(url, base)
+    except WorkflowError as e:  # at the `repo:` line (`dstack validate` lists errors by line)
+        raise WorkflowError(str(e), loc) from None
     key = (name, full_url)
     if key not in _resolved:
         _resolved[key] = _remote_provider(name, full_url, url, loc)

@@ -218,6 +218,11 @@ def forms(entry: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def refusals(result: dict[str, Any]) -> list[str]:
+    """Every error of a checked file: those reading it, then each failing workflow's (`WORKFLOW: file:line: ...`)."""
+    return [*result["file_errors"], *(f"{w}: {m}" for w, m in result["workflows"].items() if m)]
+
+
 def _text(e: Exception, tmp: str) -> str:
     return str(e).replace(os.path.realpath(tmp) + "/", "").replace(tmp + "/", "")
 
@@ -225,13 +230,28 @@ def _text(e: Exception, tmp: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", help="write the per-file results here")
+    parser.add_argument(
+        "--table", action="store_true", help="print REFUSED for tests/unit/test_corpus2022.py (every refusal)"
+    )
     args = parser.parse_args()
     entries = json.loads((HERE / "sources.json").read_text())
+    if args.table:
+        print("REFUSED: dict[str, list[str]] = {")
+        for entry in entries:
+            errors = refusals(check_file(entry))
+            if errors:
+                why = ", ".join(sorted({item for item, _ in forms(entry)})) or "-"
+                print(f"    {entry['file'][:3]!r}: [  # {entry['file'][4:]}; 2022 forms by item of issue 13: {why}")
+                for e in errors:
+                    print(f"        {e!r},")
+                print("    ],")
+        print("}")
+        return 0
     results = []
     for entry in entries:
         r = check_file(entry)
         results.append(r)
-        errors = [r["file_error"]] if r["file_error"] else [f"{w}: {m}" for w, m in r["workflows"].items() if m]
+        errors = refusals(r)
         print(f"{'ACCEPTED' if not errors else 'REFUSED '} {r['file']}")
         for line in errors:
             print(f"    {line}")

@@ -229,7 +229,10 @@ sys.path.insert(0, str(CORPUS))
 # tests/corpus2022/report.py: builds each file's scratch project the way REPORT.md was made.
 report: Any = importlib.import_module("report")
 ENTRIES = {e["file"][:3]: e for e in json.loads((CORPUS / "sources.json").read_text())}
-ITEM9 = [f"{n:03d}" for n in [*range(47, 51), *range(52, 66), 68, 69, 70, 144]]
+# report.check_file reads ivan-bokov's repository from its real history (companions/*.bundle, at each file's commit),
+# where 064's `torchrun@experimenta` (a typo of `experimental`) and 065's `torchrun@kuku` name branches the
+# repository does not have: refused at their line (tests/unit/test_corpus2022.py lists them).
+ITEM9 = [f"{n:03d}" for n in [*range(47, 51), *range(52, 64), 68, 69, 70, 144]]
 TORCHRUN_BRANCH = "provider 'torchrun@experimental' is not available yet"
 NOT_YET = {"019": "provider 'code' is not available yet", "066": TORCHRUN_BRANCH, "067": TORCHRUN_BRANCH}
 GITHUB_REPO = "https://github.com/ivan-bokov/dstack-test-providers"
