@@ -30,7 +30,9 @@ sys.path.insert(0, str(HERE.parents[1]))
 # repository they are in). Its whole history is kept as a git bundle (companions/README.md: source and commits), so
 # `dstack validate` reads it offline: git's `url.<bundle copy>.insteadOf` in a scratch global git config.
 PROVIDER_REPOS = {
-    "https://github.com/ivan-bokov/dstack-test-providers": HERE / "companions" / "ivan-bokov_dstack-test-providers.bundle",
+    "https://github.com/ivan-bokov/dstack-test-providers": HERE
+    / "companions"
+    / "ivan-bokov_dstack-test-providers.bundle",
 }
 
 
@@ -64,7 +66,7 @@ def scratch_project(entry: dict[str, Any], root: Path) -> None:
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(HERE / companion, root / path)
     for ref in entry["refs"]:
-        field, eq, path = ref.partition("=")
+        _field, eq, path = ref.partition("=")
         if eq and "MISSING" not in path and not path.startswith("/") and ".." not in path.split("/"):
             (root / path).parent.mkdir(parents=True, exist_ok=True)
             (root / path).touch()
@@ -85,9 +87,13 @@ def offline_provider_repos(entry: dict[str, Any], tmp: Path) -> Iterator[None]:
         git = ["git", "-c", "core.hooksPath=/dev/null"]
         subprocess.run([*git, "clone", "--quiet", "--bare", str(bundle), str(mirror)], check=True)
         commit = entry.get("commit", "")
-        if url.endswith("/" + entry.get("repo", "")) and subprocess.run(
-            [*git, "-C", str(mirror), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True
-        ).returncode == 0:
+        if (
+            url.endswith("/" + entry.get("repo", ""))
+            and subprocess.run(
+                [*git, "-C", str(mirror), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True
+            ).returncode
+            == 0
+        ):
             subprocess.run([*git, "-C", str(mirror), "update-ref", "refs/heads/main", commit], check=True)
             subprocess.run([*git, "-C", str(mirror), "symbolic-ref", "HEAD", "refs/heads/main"], check=True)
         lines += [f'[url "{mirror}"]', f"\tinsteadOf = {url}"]

@@ -72,228 +72,228 @@ def test_most_of_the_group_is_accepted() -> None:
 # refused too, "other": a form the issue does not name). Regenerate with `python tests/corpus2022/report.py --table`
 # when a change accepts more (and say why in the commit).
 REFUSED: dict[str, list[str]] = {
-    '001': [  # dstack-examples_workflows_9940fe8.yaml; 2022 forms by item of issue 13: 8
+    "001": [  # dstack-examples_workflows_9940fe8.yaml; 2022 forms by item of issue 13: 8
         "hello: .dstack/workflows.yaml:2:5: missing required field 'provider'",
     ],
-    '002': [  # dstack-examples_workflows_914c4be.yaml; 2022 forms by item of issue 13: 8
+    "002": [  # dstack-examples_workflows_914c4be.yaml; 2022 forms by item of issue 13: 8
         "hello: .dstack/workflows.yaml:2:5: missing required field 'provider'",
     ],
-    '003': [  # dstack-examples_workflows_b5211af.yaml; 2022 forms by item of issue 13: 8
+    "003": [  # dstack-examples_workflows_b5211af.yaml; 2022 forms by item of issue 13: 8
         "hello: .dstack/workflows.yaml:2:5: missing required field 'provider'",
     ],
-    '004': [  # dstack-examples_workflows_15e74f7.yaml; 2022 forms by item of issue 13: 8
+    "004": [  # dstack-examples_workflows_15e74f7.yaml; 2022 forms by item of issue 13: 8
         "download-mnist: .dstack/workflows.yaml:2:5: missing required field 'provider'",
         "train-mnist: .dstack/workflows.yaml:2:5: missing required field 'provider'",
     ],
-    '009': [  # dstack-examples_workflows_74bd45a.yaml; 2022 forms by item of issue 13: 2, 6
+    "009": [  # dstack-examples_workflows_74bd45a.yaml; 2022 forms by item of issue 13: 2, 6
         "train: .dstack/workflows.yaml:17:9: each item of 'deps' must be {tag: NAME} or {workflow: NAME}",
     ],
-    '010': [  # dstack-examples_workflows_1714ae9.yaml; 2022 forms by item of issue 13: 2, 6
+    "010": [  # dstack-examples_workflows_1714ae9.yaml; 2022 forms by item of issue 13: 2, 6
         "train: .dstack/workflows.yaml:17:9: each item of 'deps' must be {tag: NAME} or {workflow: NAME}",
     ],
-    '014': [  # dstack-examples_workflows-apps_f8c6f11.yaml; 2022 forms by item of issue 13: 3
+    "014": [  # dstack-examples_workflows-apps_f8c6f11.yaml; 2022 forms by item of issue 13: 3
         "hello-fastapi: .dstack/workflows/apps.yaml:5:12: 'ports' must be a list of PORT or HOST:CONTAINER",
     ],
-    '017': [  # dstack-examples_workflows-conda_f8c6f11.yaml; 2022 forms by item of issue 13: 4
+    "017": [  # dstack-examples_workflows-conda_f8c6f11.yaml; 2022 forms by item of issue 13: 4
         "setup-conda: .dstack/workflows/conda.yaml:8:15: artifacts path '/opt/conda/envs/myenv' must be relative and stay inside the working directory",
     ],
-    '019': [  # dstack-examples_workflows-dev-environments_f8c6f11.yaml; 2022 forms by item of issue 13: 10
+    "019": [  # dstack-examples_workflows-dev-environments_f8c6f11.yaml; 2022 forms by item of issue 13: 10
         "ide-code: .dstack/workflows/dev-environments.yaml:4:15: provider 'code' is not available yet",
         "ide-code-gpu: .dstack/workflows/dev-environments.yaml:8:15: provider 'code' is not available yet",
         "ide-lab: .dstack/workflows/dev-environments.yaml:15:15: provider 'lab' is not available yet",
         "ide-notebook: .dstack/workflows/dev-environments.yaml:19:15: provider 'notebook' is not available yet",
     ],
-    '025': [  # dstack-examples_workflows-stability-diffusion_f8c6f11.yaml; 2022 forms by item of issue 13: 4
+    "025": [  # dstack-examples_workflows-stability-diffusion_f8c6f11.yaml; 2022 forms by item of issue 13: 4
         "sd-checkpoints: .dstack/workflows/stability_diffusion.yaml:13:15: artifacts path '/root/.cache/huggingface/hub' must be relative and stay inside the working directory",
     ],
-    '027': [  # gpt-2_workflows_4cc3374.yaml; 2022 forms by item of issue 13: 6, 8
+    "027": [  # gpt-2_workflows_4cc3374.yaml; 2022 forms by item of issue 13: 6, 8
         "download-model: .dstack/workflows.yaml:11:7: field 'depends-on' must be a list of strings, not a mapping",
         "encode-dataset: .dstack/workflows.yaml:27:7: field 'depends-on' must be a list of strings, not a mapping",
         "finetune-model: .dstack/workflows.yaml:11:7: field 'depends-on' must be a list of strings, not a mapping",
     ],
-    '028': [  # gpt-2_workflows_4630ea9.yaml; 2022 forms by item of issue 13: 6, 8
+    "028": [  # gpt-2_workflows_4630ea9.yaml; 2022 forms by item of issue 13: 6, 8
         "download-model: .dstack/workflows.yaml:10:7: field 'depends-on' must be a list of strings, not a mapping",
         "encode-dataset: .dstack/workflows.yaml:25:7: field 'depends-on' must be a list of strings, not a mapping",
         "finetune-model: .dstack/workflows.yaml:10:7: field 'depends-on' must be a list of strings, not a mapping",
     ],
-    '029': [  # gpt-2_workflows_c076deb.yaml; 2022 forms by item of issue 13: 6, 8
+    "029": [  # gpt-2_workflows_c076deb.yaml; 2022 forms by item of issue 13: 6, 8
         "download-model: .dstack/workflows.yaml:10:7: field 'depends-on' must be a list of strings, not a mapping",
         "encode-dataset: .dstack/workflows.yaml:25:7: field 'depends-on' must be a list of strings, not a mapping",
         "finetune-model: .dstack/workflows.yaml:10:7: field 'depends-on' must be a list of strings, not a mapping",
     ],
-    '031': [  # TRecover_workflows_1a94650.yaml; 2022 forms by item of issue 13: 2, 3
+    "031": [  # TRecover_workflows_1a94650.yaml; 2022 forms by item of issue 13: 2, 3
         "train: .dstack/workflows.yaml:6:12: 'ports' must be a list of PORT or HOST:CONTAINER",
     ],
-    '032': [  # TRecover_workflows_ac1f316.yaml; 2022 forms by item of issue 13: 2, 3
+    "032": [  # TRecover_workflows_ac1f316.yaml; 2022 forms by item of issue 13: 2, 3
         "train: .dstack/workflows.yaml:6:12: 'ports' must be a list of PORT or HOST:CONTAINER",
     ],
-    '033': [  # TRecover_workflows_3a32d27.yaml; 2022 forms by item of issue 13: 2, 3
+    "033": [  # TRecover_workflows_3a32d27.yaml; 2022 forms by item of issue 13: 2, 3
         "train: .dstack/workflows.yaml:6:12: 'ports' must be a list of PORT or HOST:CONTAINER",
     ],
-    '034': [  # TRecover_workflows_d4c43d7.yaml; 2022 forms by item of issue 13: 2, 3
+    "034": [  # TRecover_workflows_d4c43d7.yaml; 2022 forms by item of issue 13: 2, 3
         "train: .dstack/workflows.yaml:6:12: 'ports' must be a list of PORT or HOST:CONTAINER",
     ],
-    '035': [  # TRecover_workflows_643becc.yaml; 2022 forms by item of issue 13: 2, 3
+    "035": [  # TRecover_workflows_643becc.yaml; 2022 forms by item of issue 13: 2, 3
         "train: .dstack/workflows.yaml:6:12: 'ports' must be a list of PORT or HOST:CONTAINER",
     ],
-    '036': [  # dewarp_master_abby_workflows_cd6655c.yaml; 2022 forms by item of issue 13: 1, broken
+    "036": [  # dewarp_master_abby_workflows_cd6655c.yaml; 2022 forms by item of issue 13: 1, broken
         "train: .dstack/workflows.yaml:24:15: unknown provider 'python ${{ config }} ${{ overrides }}'; known providers: bash, curl, docker, python",
     ],
-    '043': [  # dstack_workflows_394e456.yaml; 2022 forms by item of issue 13: broken
+    "043": [  # dstack_workflows_394e456.yaml; 2022 forms by item of issue 13: broken
         ".dstack/workflows.yaml:17:1: invalid YAML: could not find expected ':' (while scanning a simple key at line 16)",
     ],
-    '044': [  # dstack_workflows_76315d9.yaml; 2022 forms by item of issue 13: broken
+    "044": [  # dstack_workflows_76315d9.yaml; 2022 forms by item of issue 13: broken
         ".dstack/workflows.yaml:16:12: invalid YAML: could not find expected ':' (while scanning a simple key at line 16)",
     ],
-    '051': [  # dstack-test-providers_workflows_3d9c1db.yaml; 2022 forms by item of issue 13: 9, broken, other
+    "051": [  # dstack-test-providers_workflows_3d9c1db.yaml; 2022 forms by item of issue 13: 9, broken, other
         "hello: .dstack/workflows.yaml:13:7: unknown field 'GPU' in resources; known fields: cpu, gpu, interruptible, local, memory, nodes, remote, shm_size",
     ],
-    '064': [  # dstack-test-providers_workflows_1863bad.yaml; 2022 forms by item of issue 13: 9, other
+    "064": [  # dstack-test-providers_workflows_1863bad.yaml; 2022 forms by item of issue 13: 9, other
         "hello: .dstack/workflows.yaml:4:13: provider repository 'https://github.com/ivan-bokov/dstack-test-providers' has no branch 'experimenta'",
     ],
-    '065': [  # dstack-test-providers_workflows_749a70d.yaml; 2022 forms by item of issue 13: 9, other
+    "065": [  # dstack-test-providers_workflows_749a70d.yaml; 2022 forms by item of issue 13: 9, other
         "hello: .dstack/workflows.yaml:4:13: provider repository 'https://github.com/ivan-bokov/dstack-test-providers' has no branch 'kuku'",
     ],
-    '066': [  # dstack-test-providers_workflows_d83976e.yaml; 2022 forms by item of issue 13: other
+    "066": [  # dstack-test-providers_workflows_d83976e.yaml; 2022 forms by item of issue 13: other
         "hello: .dstack/workflows.yaml:3:15: provider 'torchrun@experimental' is not available yet",
     ],
-    '067': [  # dstack-test-providers_workflows_db040b2.yaml; 2022 forms by item of issue 13: other
+    "067": [  # dstack-test-providers_workflows_db040b2.yaml; 2022 forms by item of issue 13: other
         "hello: .dstack/workflows.yaml:3:15: provider 'torchrun@experimental' is not available yet",
     ],
-    '074': [  # mnist-classifier_workflows_b5c152a.yaml; 2022 forms by item of issue 13: 1, 10
+    "074": [  # mnist-classifier_workflows_b5c152a.yaml; 2022 forms by item of issue 13: 1, 10
         "vscode: .dstack/workflows.yaml:54:15: provider 'code' is not available yet",
     ],
-    '075': [  # mnist-classifier_workflows_69a1ffd.yaml; 2022 forms by item of issue 13: 4
+    "075": [  # mnist-classifier_workflows_69a1ffd.yaml; 2022 forms by item of issue 13: 4
         "conda-setup: .dstack/workflows.yaml:27:15: artifacts path '/opt/conda/envs/mnist' must be relative and stay inside the working directory",
     ],
-    '076': [  # mnist-classifier_workflows_ae35986.yaml; 2022 forms by item of issue 13: 4
+    "076": [  # mnist-classifier_workflows_ae35986.yaml; 2022 forms by item of issue 13: 4
         "setup-conda: .dstack/workflows.yaml:10:15: artifacts path '/opt/conda/envs/mnist' must be relative and stay inside the working directory",
     ],
-    '077': [  # mnist-classifier_workflows_fbeb615.yaml; 2022 forms by item of issue 13: 4
+    "077": [  # mnist-classifier_workflows_fbeb615.yaml; 2022 forms by item of issue 13: 4
         "setup-conda: .dstack/workflows.yaml:22:15: artifacts path '/opt/conda/envs/mnist' must be relative and stay inside the working directory",
     ],
-    '078': [  # mnist-classifier_workflows_0f14192.yaml; 2022 forms by item of issue 13: 4
+    "078": [  # mnist-classifier_workflows_0f14192.yaml; 2022 forms by item of issue 13: 4
         "setup-conda: .dstack/workflows.yaml:18:15: artifacts path '/opt/conda/envs/mnist' must be relative and stay inside the working directory",
     ],
-    '079': [  # mnist-classifier_workflows_15b6903.yaml; 2022 forms by item of issue 13: 4
+    "079": [  # mnist-classifier_workflows_15b6903.yaml; 2022 forms by item of issue 13: 4
         "setup-conda: .dstack/workflows.yaml:19:15: artifacts path '/opt/conda/envs/mnist' must be relative and stay inside the working directory",
     ],
-    '082': [  # dstack_multiple_gpu_workflows_a8ea077.yaml; 2022 forms by item of issue 13: 1
-        'train-mnist: .dstack/workflows.yaml:9:12: ${{ pgpu }} is not defined (define it in .dstack/variables.yaml)',
+    "082": [  # dstack_multiple_gpu_workflows_a8ea077.yaml; 2022 forms by item of issue 13: 1
+        "train-mnist: .dstack/workflows.yaml:9:12: ${{ pgpu }} is not defined (define it in .dstack/variables.yaml)",
     ],
-    '087': [  # dstack_multiple_gpu_workflows_c43b669.yaml; 2022 forms by item of issue 13: broken
-        '.dstack/workflows.yaml:9:13: mapping keys must be plain strings',
+    "087": [  # dstack_multiple_gpu_workflows_c43b669.yaml; 2022 forms by item of issue 13: broken
+        ".dstack/workflows.yaml:9:13: mapping keys must be plain strings",
     ],
-    '089': [  # dstack_multiple_gpu_workflows_91bdce4.yaml; 2022 forms by item of issue 13: 1
-        'check-gpu-count: .dstack/workflows.yaml:25:12: ${{ tgpu }} is not defined (define it in .dstack/variables.yaml)',
+    "089": [  # dstack_multiple_gpu_workflows_91bdce4.yaml; 2022 forms by item of issue 13: 1
+        "check-gpu-count: .dstack/workflows.yaml:25:12: ${{ tgpu }} is not defined (define it in .dstack/variables.yaml)",
     ],
-    '091': [  # dstack_multiple_gpu_workflows_2e3c67d.yaml; 2022 forms by item of issue 13: 1, broken
+    "091": [  # dstack_multiple_gpu_workflows_2e3c67d.yaml; 2022 forms by item of issue 13: 1, broken
         "download-mnist: .dstack/workflows.yaml:3:15: unknown provider 'python3.9'; known providers: bash, curl, docker, python",
         "train-mnist: .dstack/workflows.yaml:10:15: unknown provider 'python3.9'; known providers: bash, curl, docker, python",
     ],
-    '095': [  # dstack_multiple_gpu_workflows_f709754.yaml; 2022 forms by item of issue 13: 1
+    "095": [  # dstack_multiple_gpu_workflows_f709754.yaml; 2022 forms by item of issue 13: 1
         "train-mnist: .dstack/workflows.yaml:11:13: python must look like 3.11, got ['3.9']",
     ],
-    '097': [  # dstack_multiple_gpu_workflows_fb169af.yaml; 2022 forms by item of issue 13: 1
+    "097": [  # dstack_multiple_gpu_workflows_fb169af.yaml; 2022 forms by item of issue 13: 1
         "download-mnist: .dstack/workflows.yaml:5:7: python must look like 3.11, got {'type': 'string', 'default': 3.9}",
         "train-mnist: .dstack/workflows.yaml:5:7: python must look like 3.11, got {'type': 'string', 'default': 3.9}",
     ],
-    '100': [  # dstack_multiple_gpu_workflows_bb62665.yaml; 2022 forms by item of issue 13: 1
-        'download-mnist: .dstack/workflows.yaml:5:7: python must look like 3.11, got [[3.9]]',
-        'train-mnist: .dstack/workflows.yaml:5:7: python must look like 3.11, got [[3.9]]',
+    "100": [  # dstack_multiple_gpu_workflows_bb62665.yaml; 2022 forms by item of issue 13: 1
+        "download-mnist: .dstack/workflows.yaml:5:7: python must look like 3.11, got [[3.9]]",
+        "train-mnist: .dstack/workflows.yaml:5:7: python must look like 3.11, got [[3.9]]",
     ],
-    '101': [  # dstack_multiple_gpu_workflows_ae318cd.yaml; 2022 forms by item of issue 13: 1
+    "101": [  # dstack_multiple_gpu_workflows_ae318cd.yaml; 2022 forms by item of issue 13: 1
         "download-mnist: .dstack/workflows.yaml:5:7: python must look like 3.11, got ['3.9']",
         "train-mnist: .dstack/workflows.yaml:5:7: python must look like 3.11, got ['3.9']",
     ],
-    '102': [  # dstack_multiple_gpu_workflows_4307852.yaml; 2022 forms by item of issue 13: 1
+    "102": [  # dstack_multiple_gpu_workflows_4307852.yaml; 2022 forms by item of issue 13: 1
         "download-mnist: .dstack/workflows.yaml:5:7: python must look like 3.11, got [{'enum': 3.9}]",
         "train-mnist: .dstack/workflows.yaml:5:7: python must look like 3.11, got [{'enum': 3.9}]",
     ],
-    '103': [  # dstack_multiple_gpu_workflows_a5e05a4.yaml; 2022 forms by item of issue 13: 1
+    "103": [  # dstack_multiple_gpu_workflows_a5e05a4.yaml; 2022 forms by item of issue 13: 1
         "download-mnist: .dstack/workflows.yaml:5:7: python must look like 3.11, got [{'type': 'string'}, {'enum': [3.9]}]",
         "train-mnist: .dstack/workflows.yaml:5:7: python must look like 3.11, got [{'type': 'string'}, {'enum': [3.9]}]",
     ],
-    '104': [  # dstack_multiple_gpu_workflows_0a494b8.yaml; 2022 forms by item of issue 13: 1
-        'download-mnist: .dstack/workflows.yaml:5:7: python must look like 3.11, got [3.9]',
-        'train-mnist: .dstack/workflows.yaml:5:7: python must look like 3.11, got [3.9]',
+    "104": [  # dstack_multiple_gpu_workflows_0a494b8.yaml; 2022 forms by item of issue 13: 1
+        "download-mnist: .dstack/workflows.yaml:5:7: python must look like 3.11, got [3.9]",
+        "train-mnist: .dstack/workflows.yaml:5:7: python must look like 3.11, got [3.9]",
     ],
-    '105': [  # dstack_multiple_gpu_workflows_cadc776.yaml; 2022 forms by item of issue 13: 1
+    "105": [  # dstack_multiple_gpu_workflows_cadc776.yaml; 2022 forms by item of issue 13: 1
         "download-mnist: .dstack/workflows.yaml:4:13: python must look like 3.11, got ['3.9']",
         "train-mnist: .dstack/workflows.yaml:4:13: python must look like 3.11, got ['3.9']",
     ],
-    '106': [  # dstack_multiple_gpu_workflows_c5d9dcf.yaml; 2022 forms by item of issue 13: 1, 9
+    "106": [  # dstack_multiple_gpu_workflows_c5d9dcf.yaml; 2022 forms by item of issue 13: 1, 9
         "download-mnist: .dstack/providers.yaml: provider 'train-mnist' needs 'commands', a list of strings",
         "train-mnist: .dstack/providers.yaml: provider 'train-mnist' needs 'commands', a list of strings",
     ],
-    '107': [  # dstack_multiple_gpu_workflows_ccdb80c.yaml; 2022 forms by item of issue 13: 1, broken
+    "107": [  # dstack_multiple_gpu_workflows_ccdb80c.yaml; 2022 forms by item of issue 13: 1, broken
         "download-mnist: .dstack/providers.yaml: provider 'train-mnist' needs 'commands', a list of strings",
         "train-mnist: .dstack/providers.yaml: provider 'train-mnist' needs 'commands', a list of strings",
     ],
-    '110': [  # dstack_multiple_gpu_workflows_41bd074.yaml; 2022 forms by item of issue 13: 1, broken
+    "110": [  # dstack_multiple_gpu_workflows_41bd074.yaml; 2022 forms by item of issue 13: 1, broken
         "download-mnist: .dstack/workflows.yaml:2:5: missing required field 'provider'",
         "train-mnist: .dstack/workflows.yaml:2:5: missing required field 'provider'",
     ],
-    '111': [  # dstack_multiple_gpu_workflows_f98c762.yaml; 2022 forms by item of issue 13: 1, broken
+    "111": [  # dstack_multiple_gpu_workflows_f98c762.yaml; 2022 forms by item of issue 13: 1, broken
         "download-mnist: .dstack/workflows.yaml:4:7: field 'provider' must be a string, not a list",
         "train-mnist: .dstack/workflows.yaml:4:7: field 'provider' must be a string, not a list",
     ],
-    '112': [  # dstack_multiple_gpu_workflows_d05f403.yaml; 2022 forms by item of issue 13: 1, broken
+    "112": [  # dstack_multiple_gpu_workflows_d05f403.yaml; 2022 forms by item of issue 13: 1, broken
         "download-mnist: .dstack/workflows.yaml:4:7: field 'provider' must be a string, not a list",
         "train-mnist: .dstack/workflows.yaml:4:7: field 'provider' must be a string, not a list",
     ],
-    '113': [  # dstack_multiple_gpu_workflows_f9c3e79.yaml; 2022 forms by item of issue 13: 1, broken
+    "113": [  # dstack_multiple_gpu_workflows_f9c3e79.yaml; 2022 forms by item of issue 13: 1, broken
         "download-mnist: .dstack/workflows.yaml:4:7: field 'provider' must be a string, not a list",
         "train-mnist: .dstack/workflows.yaml:4:7: field 'provider' must be a string, not a list",
     ],
-    '122': [  # dstack_multiple_gpu_workflows_265f482.yaml; 2022 forms by item of issue 13: 1, broken
+    "122": [  # dstack_multiple_gpu_workflows_265f482.yaml; 2022 forms by item of issue 13: 1, broken
         "download-mnist: .dstack/workflows.yaml:3:15: unknown provider 'python/3.9'; known providers: bash, curl, docker, python",
         "train-mnist: .dstack/workflows.yaml:11:15: unknown provider 'python/3.9'; known providers: bash, curl, docker, python",
     ],
-    '123': [  # dstack_multiple_gpu_workflows_83be4ec.yaml; 2022 forms by item of issue 13: 1, broken
+    "123": [  # dstack_multiple_gpu_workflows_83be4ec.yaml; 2022 forms by item of issue 13: 1, broken
         "download-mnist: .dstack/workflows.yaml:3:15: unknown provider 'python/3.9'; known providers: bash, curl, docker, python",
     ],
-    '126': [  # dstack_multiple_gpu_workflows_50e5c42.yaml; 2022 forms by item of issue 13: broken
+    "126": [  # dstack_multiple_gpu_workflows_50e5c42.yaml; 2022 forms by item of issue 13: broken
         "train-mnist: .dstack/workflows.yaml:2:5: missing required field 'provider'",
     ],
-    '134': [  # Personalize-Expedia-Hotel-Searches_workflows_ff0708d.yaml; 2022 forms by item of issue 13: 1
-        'train-catboost: .dstack/workflows.yaml:9:12: ${{ gpu }} is not defined (define it in .dstack/variables.yaml)',
+    "134": [  # Personalize-Expedia-Hotel-Searches_workflows_ff0708d.yaml; 2022 forms by item of issue 13: 1
+        "train-catboost: .dstack/workflows.yaml:9:12: ${{ gpu }} is not defined (define it in .dstack/variables.yaml)",
     ],
-    '136': [  # Personalize-Expedia-Hotel-Searches_workflows_02fcc88.yaml; 2022 forms by item of issue 13: 1, broken
+    "136": [  # Personalize-Expedia-Hotel-Searches_workflows_02fcc88.yaml; 2022 forms by item of issue 13: 1, broken
         "train-catboost: .dstack/workflows.yaml:16:9: item 1 of 'depends-on' must be a string, not a mapping",
     ],
-    '137': [  # Personalize-Expedia-Hotel-Searches_workflows_fe4b48b.yaml; 2022 forms by item of issue 13: 1
-        'preprocess-data: .dstack/workflows.yaml:32:12: ${{ gpu }} is not defined (define it in .dstack/variables.yaml)',
+    "137": [  # Personalize-Expedia-Hotel-Searches_workflows_fe4b48b.yaml; 2022 forms by item of issue 13: 1
+        "preprocess-data: .dstack/workflows.yaml:32:12: ${{ gpu }} is not defined (define it in .dstack/variables.yaml)",
     ],
-    '139': [  # Personalize-Expedia-Hotel-Searches_workflows_ec66a48.yaml; 2022 forms by item of issue 13: 1
-        'preprocess-data: .dstack/workflows.yaml:32:12: ${{ gpu }} is not defined (define it in .dstack/variables.yaml)',
+    "139": [  # Personalize-Expedia-Hotel-Searches_workflows_ec66a48.yaml; 2022 forms by item of issue 13: 1
+        "preprocess-data: .dstack/workflows.yaml:32:12: ${{ gpu }} is not defined (define it in .dstack/variables.yaml)",
     ],
-    '140': [  # Personalize-Expedia-Hotel-Searches_workflows_1ca0a75.yaml; 2022 forms by item of issue 13: 1
-        'preprocess-data: .dstack/workflows.yaml:20:12: ${{ gpu }} is not defined (define it in .dstack/variables.yaml)',
+    "140": [  # Personalize-Expedia-Hotel-Searches_workflows_1ca0a75.yaml; 2022 forms by item of issue 13: 1
+        "preprocess-data: .dstack/workflows.yaml:20:12: ${{ gpu }} is not defined (define it in .dstack/variables.yaml)",
     ],
-    '141': [  # Personalize-Expedia-Hotel-Searches_workflows_4aac7c8.yaml; 2022 forms by item of issue 13: 1
-        'preprocess-data: .dstack/workflows.yaml:20:12: ${{ gpu }} is not defined (define it in .dstack/variables.yaml)',
+    "141": [  # Personalize-Expedia-Hotel-Searches_workflows_4aac7c8.yaml; 2022 forms by item of issue 13: 1
+        "preprocess-data: .dstack/workflows.yaml:20:12: ${{ gpu }} is not defined (define it in .dstack/variables.yaml)",
     ],
-    '142': [  # Personalize-Expedia-Hotel-Searches_workflows_ca74edf.yaml; 2022 forms by item of issue 13: 1
-        'preprocess-data: .dstack/workflows.yaml:20:12: ${{ gpu }} is not defined (define it in .dstack/variables.yaml)',
+    "142": [  # Personalize-Expedia-Hotel-Searches_workflows_ca74edf.yaml; 2022 forms by item of issue 13: 1
+        "preprocess-data: .dstack/workflows.yaml:20:12: ${{ gpu }} is not defined (define it in .dstack/variables.yaml)",
     ],
-    '145': [  # dstack_example_workflows_a226fa7.yaml; 2022 forms by item of issue 13: 1, broken
+    "145": [  # dstack_example_workflows_a226fa7.yaml; 2022 forms by item of issue 13: 1, broken
         "download-minst: .dstack/workflows.yaml:6:5: unknown field 'artifiacts' in workflow 'download-minst'; did you mean 'artifacts'?",
         "train-mnist: .dstack/workflows.yaml:6:5: unknown field 'artifiacts' in workflow 'download-minst'; did you mean 'artifacts'?",
     ],
-    '153': [  # dstack-pytorch_workflows_fb13f0f.yaml; 2022 forms by item of issue 13: 1
-        'train: .dstack/workflows.yaml:7:8: each artifact must be a path or {path, mount}',
+    "153": [  # dstack-pytorch_workflows_fb13f0f.yaml; 2022 forms by item of issue 13: 1
+        "train: .dstack/workflows.yaml:7:8: each artifact must be a path or {path, mount}",
     ],
-    '155': [  # ydata-dstack_workflows_4fedf4c.yaml; 2022 forms by item of issue 13: broken
+    "155": [  # ydata-dstack_workflows_4fedf4c.yaml; 2022 forms by item of issue 13: broken
         "train: .dstack/workflows.yaml:3:15: unknown provider 'python==3.8'; known providers: bash, curl, docker, python",
     ],
-    '157': [  # ydata-dstack_workflows_c410efa.yaml; 2022 forms by item of issue 13: broken
+    "157": [  # ydata-dstack_workflows_c410efa.yaml; 2022 forms by item of issue 13: broken
         "train: .dstack/workflows.yaml:4:5: unknown field 'requirements' in workflow 'train'; did you mean 'environment'?",
     ],
-    '159': [  # dstack-trial_workflows_222454a.yaml; 2022 forms by item of issue 13: 8
+    "159": [  # dstack-trial_workflows_222454a.yaml; 2022 forms by item of issue 13: 8
         "hello: .dstack/workflows.yaml:2:5: missing required field 'provider'",
     ],
-    '160': [  # PyTorchLightning_workflows_22d55a5.yaml; 2022 forms by item of issue 13: 1, broken
+    "160": [  # PyTorchLightning_workflows_22d55a5.yaml; 2022 forms by item of issue 13: 1, broken
         "train-mnist: .dstack/workflows.yaml:7:7: depends-on names 'download-mnist', which is not a workflow; workflows: train-mnist",
     ],
 }
