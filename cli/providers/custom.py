@@ -44,28 +44,39 @@ class RepoRef:
     commit: str  # the commit whose providers.yaml was read: the job runs exactly that
 
 
-def parse_providers_yaml(text: str, where: str) -> dict[str, ProviderDef]:
-    """`providers: [{name, image, commands}]` (all required, as 2022 docs/custom-providers.md)."""
+def parse_providers_yaml(text: str, where: str, path: Path | None = None) -> dict[str, ProviderDef]:
+    """`providers: [{name, image, commands}]` (all required, as 2022 docs/custom-providers.md).
+
+    `path`: the file on disk (the project's own), so that errors name its line; a repository's file (read with
+    `git show`) has none and is named by `where`."""
+    from dstack.cli.yamlsrc import Node, load
+
     try:
-        data = yaml.safe_load(text)
+        data = load(path) if path is not None else yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise WorkflowError(f"{where}: invalid YAML: {e}") from None
+
+    def fail(message: str, node: object = None, key: str = "") -> WorkflowError:
+        if isinstance(node, Node):
+            return WorkflowError(message, node.at(key) if key else node.location)
+        return WorkflowError(f"{where}: {message}")
+
     items = data.get("providers") if isinstance(data, dict) else None
     if not isinstance(items, list):
-        raise WorkflowError(f"{where}: expected a top-level 'providers:' list of {{name, image, commands}}")
+        raise fail("expected a top-level 'providers:' list of {name, image, commands}", data, "providers")
     out: dict[str, ProviderDef] = {}
     for item in items:
         if not isinstance(item, dict):
-            raise WorkflowError(f"{where}: each provider must be a mapping with name, image and commands")
+            raise fail("each provider must be a mapping with name, image and commands", data, "providers")
         name, image, commands = item.get("name"), item.get("image"), item.get("commands")
         if not isinstance(name, str) or not name:
-            raise WorkflowError(f"{where}: a provider has no 'name'")
+            raise fail("a provider has no 'name'", item)
         if not isinstance(image, str) or not image:
-            raise WorkflowError(f"{where}: provider {name!r} has no 'image'")
+            raise fail(f"provider {name!r} has no 'image'", item, "image" if "image" in item else "")
         if isinstance(commands, str):
             commands = [commands]
         if not isinstance(commands, list) or not commands or not all(isinstance(c, str) for c in commands):
-            raise WorkflowError(f"{where}: provider {name!r} needs 'commands', a list of strings")
+            raise fail(f"provider {name!r} needs 'commands', a list of strings", item, "commands")
         out[name] = ProviderDef(name, image, list(commands))
     return out
 
@@ -81,7 +92,7 @@ def local_providers(root: Path | None) -> dict[str, ProviderDef]:
         return {}
     if not text.strip():
         return {}
-    return parse_providers_yaml(text, ".dstack/providers.yaml")
+    return parse_providers_yaml(text, ".dstack/providers.yaml", path)
 
 
 # Variables that would point git at another repository than the one it is asked about.
