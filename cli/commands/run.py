@@ -5,8 +5,9 @@ from __future__ import annotations
 import posixpath
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dstack.cli.client import Client
 from dstack.cli.commands.logs import print_logs
@@ -17,6 +18,9 @@ from dstack.cli.render import run_summary
 from dstack.cli.term import Term
 from dstack.cli.yamlsrc import Node
 from dstack.protos.v1 import client_pb2, common_pb2
+
+if TYPE_CHECKING:
+    from dstack.cli.providers.custom import RepoRef
 
 LARGE_CODE = 50 << 20
 STOP_WAIT_S = 60.0
@@ -60,6 +64,8 @@ class Request:
     # Files the workflows name (a script, a requirements file), relative to the code root, and where: each must
     # be in the packed code, unless the job gets artifacts from dependencies, which may bring it.
     code_files: list[CodeFile]
+    # Custom providers from a repository: their pinned commits, whose files are packed with the code.
+    provider_repos: list[RepoRef] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ def build_request(root: Path, workflow_name: str, args: list[str], nodes: dict[s
     Runtime dependencies (`depends-on: [download]`) join the run as jobs of their own, each run once,
     in dependency order; the coordinator starts a job when those it depends on are done. `nodes`: the project's
     workflows as loaded (fresh: variables are substituted into them in place), else loaded here."""
+    from dstack.cli.providers.custom import CustomProvider
     from dstack.cli.variables import check_run_args, load_variables, run_args_text, split_overrides, substitute
     from dstack.cli.workflows import dependencies, load_workflow_nodes, parse_workflow
 
@@ -93,6 +100,7 @@ def build_request(root: Path, workflow_name: str, args: list[str], nodes: dict[s
     jobs = []
     tag_checks: list[tuple[str, str, Location]] = []
     code_files: list[CodeFile] = []
+    provider_repos: list[RepoRef] = []
     for name in order:
         vs = variables[name]
         vs.values.update({k: v for k, v in overrides.items() if k in vs.defaults})
@@ -107,6 +115,8 @@ def build_request(root: Path, workflow_name: str, args: list[str], nodes: dict[s
             loc = node.at("depends-on") if tag in expected else node.at("deps")
             tag_checks.append((tag, expected.get(tag, ""), loc))
         _, provider = resolve_provider(wf.node)
+        if isinstance(provider, CustomProvider) and provider.repo and provider.repo not in provider_repos:
+            provider_repos.append(provider.repo)
         has_inputs = bool(wf.depends_on or wf.input_tags or wf.input_workflows)
         for key in provider.code_file_fields:
             value = provider.code_file(wf, key)
@@ -115,7 +125,7 @@ def build_request(root: Path, workflow_name: str, args: list[str], nodes: dict[s
                 code_files.append(CodeFile(path, key, wf.node.at(key), has_inputs))
         jobs += provider.job_specs(wf)
     submit = client_pb2.SubmitRunRequest(workflow=workflow_name, jobs=jobs, args=args)
-    return Request(submit, tag_checks, code_files)
+    return Request(submit, tag_checks, code_files, provider_repos)
 
 
 def _mentions(value: object, text: str) -> bool:
@@ -159,7 +169,7 @@ def check_offline(
     the workflow with its variables and dependencies as job specs, and the files it names in the code it sends.
     `packed`: the code, when the caller packed it already (validate, once for every workflow)."""
     built = build_request(root, workflow, args, nodes)
-    packed = pack_code(root) if packed is None else packed
+    packed = pack_code(root, built.provider_repos) if packed is None else packed
     check_code_files(built, packed, root, err)
     return built, packed
 
@@ -233,13 +243,15 @@ def workflow_help(root: Path, workflow_name: str) -> str:
     return "\n".join(lines)
 
 
-def pack_code(root: Path) -> PackedCode:
+def pack_code(root: Path, provider_repos: list[RepoRef] | None = None) -> PackedCode:
     from dstack.cli.home import dstack_home
     from dstack.cli.packing import pack
+    from dstack.cli.providers.custom import archive
     from dstack.cli.workflows import output_paths
 
+    trees = {repo.folder: archive(repo) for repo in provider_repos or []}
     # Never dstack's own state; nor artifact folders (downloaded outputs), unless git tracks them.
-    return pack(root, exclude=(dstack_home(),), outputs=output_paths(root))
+    return pack(root, exclude=(dstack_home(),), outputs=output_paths(root), extra_trees=trees)
 
 
 def upload_code(client: Client, packed: PackedCode, err: Term) -> common_pb2.CodeRef:

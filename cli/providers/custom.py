@@ -5,8 +5,9 @@ A 2022 custom provider was not code the CLI ran: `.dstack/providers.yaml` names 
 dstack ran those commands as a job, in that image, from the provider repository's files, with the workflow's
 fields as the provider's input. We do the same: the CLI only reads the repository (git clone/fetch into a cache
 under $DSTACK_HOME, then `git show` of its providers.yaml; no checkout, no hooks, nothing executed), pins the
-commit it read, and the job clones that commit and runs the provider's commands there. The workflow's fields reach
-the provider as JSON in $DSTACK_WORKFLOW_DATA.
+commit it read; that commit's files (`git archive`) are packed with the job's code under .dstack-provider/COMMIT/
+(so an agent that cannot reach the repository runs it too), and the job runs the provider's commands there. The
+workflow's fields reach the provider as JSON in $DSTACK_WORKFLOW_DATA.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
+import posixpath
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,39 @@ class ProviderDef:
 class RepoRef:
     url: str  # as given (a git URL, file:// URL or local path made absolute)
     commit: str  # the commit whose providers.yaml was read: the job runs exactly that
+    git_dir: Path  # the CLI's cached copy, where that commit's files are archived from
+
+    @property
+    def folder(self) -> str:
+        """Where the commit's files are in the job's code, relative to the code's root."""
+        return f"{PROVIDER_FILES}/{self.commit}"
+
+
+# The provider's files travel with the code (`git archive` of the pinned commit, packed under this folder), so any
+# agent runs it: one that cannot reach the repository (a `file://` path on the user's machine, a private URL needing
+# the user's credentials) included, and the job never runs git.
+PROVIDER_FILES = ".dstack-provider"
+
+
+def archive(ref: RepoRef) -> bytes:
+    """The pinned commit's tree as a tar archive (no .git, no hooks: only the files git tracks)."""
+    env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCATING}
+    env |= {"GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0"}
+    try:
+        r = subprocess.run(
+            ["git", "-c", "core.hooksPath=/dev/null", "archive", "--format=tar", ref.commit],
+            cwd=ref.git_dir,
+            capture_output=True,
+            env=env,
+            timeout=GIT_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise WorkflowError(f"cannot read provider repository {ref.url!r} at {ref.commit[:12]}: {e}") from None
+    if r.returncode != 0:
+        why = _last_line(r.stderr.decode("utf-8", "replace"))
+        raise WorkflowError(f"cannot read provider repository {ref.url!r} at {ref.commit[:12]}: {why}")
+    return r.stdout
 
 
 def parse_providers_yaml(text: str, where: str, path: Path | None = None) -> dict[str, ProviderDef]:
@@ -192,7 +226,7 @@ def _remote_provider(name: str, full_url: str, url: str, loc: Location | None) -
     if name not in defs:
         known = ", ".join(sorted(defs)) or "none"
         raise WorkflowError(f"provider repository {url!r} defines no provider {name!r}; it defines: {known}", loc)
-    return CustomProvider(defs[name], RepoRef(full_url, commit))
+    return CustomProvider(defs[name], RepoRef(full_url, commit, git_dir))
 
 
 class CustomProvider(Provider):
@@ -208,17 +242,16 @@ class CustomProvider(Provider):
     def commands(self, wf: Workflow) -> list[str]:
         if self.repo is None:  # the project's own provider: its files are the job's code
             return ['export DSTACK_WORKFLOW_DIR="$PWD"', *self.definition.commands]
-        # Cloned inside the job's own folder (never elsewhere on the host); the provider runs from its repository's
-        # root, as 2022 ran it, and finds the workflow's folder (where its artifacts are) in $DSTACK_WORKFLOW_DIR.
-        checkout = [
+        # The commit's files came with the code (PROVIDER_FILES); the provider runs from its repository's root, as
+        # 2022 ran it, and finds the workflow's folder (where its artifacts are) in $DSTACK_WORKFLOW_DIR. The
+        # folder is named relative to the workflow's working_dir, where the job starts.
+        folder = posixpath.relpath(self.repo.folder, posixpath.normpath(wf.working_dir or "."))
+        enter = [
             'export DSTACK_WORKFLOW_DIR="$PWD"',
-            'export DSTACK_PROVIDER_DIR="$PWD/.dstack-provider"',
-            'rm -rf "$DSTACK_PROVIDER_DIR"',
-            f'git clone --quiet -- {shlex.quote(self.repo.url)} "$DSTACK_PROVIDER_DIR"',
-            f'git -C "$DSTACK_PROVIDER_DIR" checkout --quiet {shlex.quote(self.repo.commit)}',
+            f'export DSTACK_PROVIDER_DIR="$PWD/{folder}"',
             'cd "$DSTACK_PROVIDER_DIR"',
         ]
-        return [*checkout, *self.definition.commands]
+        return [*enter, *self.definition.commands]
 
     def image(self, wf: Workflow) -> str:
         return self.definition.image

@@ -4,10 +4,12 @@ the dev-environment / distributed providers refused as "not available yet"."""
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import re
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -153,13 +155,68 @@ def test_option_like_url_is_refused(tmp_path: Path) -> None:
         build_request(project, "w", [])
 
 
-def test_shell_characters_in_the_url_stay_one_argument(tmp_path: Path) -> None:
-    """Attack: a repository path with `$(...)` must not run in the job's shell: it is quoted."""
+def test_shell_characters_in_the_url_never_reach_the_job_shell(tmp_path: Path) -> None:
+    """Attack: a repository path with `$(...)`: the job's commands name only the pinned commit's folder (hex), the
+    URL never (the files come with the code; nothing in the job runs git)."""
     repo = git_repo(tmp_path / "a $(touch x) b", {".dstack/providers.yaml": PROVIDERS_YAML})
     project = write_project(tmp_path / "p", remote_workflow(f"'file://{repo}'"))
     [job] = build_request(project, "w", []).submit.jobs
-    clone = next(c for c in job.commands if c.startswith("git clone"))
-    assert "'file://" in clone and "$(touch x)" in clone.split("'")[1]
+    assert not any("$(touch x)" in c or "git " in c for c in job.commands), job.commands
+    assert re.fullmatch(r'export DSTACK_PROVIDER_DIR="\$PWD/\.dstack-provider/[0-9a-f]{40}"', job.commands[1])
+
+
+def test_the_provider_files_travel_with_the_code(tmp_path: Path) -> None:
+    """Issue 13 follow-up: the pinned commit's tree (`git archive`: no .git, no untracked or later files) is packed
+    under .dstack-provider/COMMIT/, so an agent that cannot reach the repository runs the provider."""
+    from dstack.cli.commands.run import pack_code
+
+    repo = git_repo(
+        tmp_path / "prov",
+        {".dstack/providers.yaml": PROVIDERS_YAML, "main.py": "print('v1')\n", "bin/run.sh": "echo run\n"},
+    )
+    (repo / "bin" / "run.sh").chmod(0o755)
+    subprocess.run(["git", "-C", str(repo), "update-index", "--chmod=+x", "bin/run.sh"], check=True)
+    subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"], check=True
+    )
+    project = write_project(tmp_path / "p", remote_workflow(f"file://{repo}"))
+    request = build_request(project, "w", [])
+    [ref] = request.provider_repos
+    (repo / "main.py").write_text("print('changed after the CLI read it')\n")  # not committed: not shipped
+    (repo / "untracked.txt").write_text("x")
+    packed = pack_code(project, request.provider_repos)
+    prefix = f".dstack-provider/{ref.commit}/"
+    with tarfile.open(fileobj=io.BytesIO(packed.data), mode="r:gz") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        shipped = {n.removeprefix(prefix) for n in members if n.startswith(prefix)}
+        assert shipped == {".dstack/providers.yaml", "main.py", "bin/run.sh"}
+        main_py = tar.extractfile(members[prefix + "main.py"])
+        assert main_py is not None and main_py.read() == b"print('v1')\n"
+        assert members[prefix + "bin/run.sh"].mode == 0o755 and members[prefix + "main.py"].mode == 0o644
+        assert {m.mtime for m in members.values()} == {0}
+    assert pack_code(project, request.provider_repos).ref.hash == packed.ref.hash  # reproducible
+
+
+def test_the_provider_folder_is_found_from_the_working_dir(tmp_path: Path) -> None:
+    repo = git_repo(tmp_path / "prov", {".dstack/providers.yaml": PROVIDERS_YAML})
+    project = write_project(tmp_path / "p", remote_workflow(f"file://{repo}", extra="working_dir: src/app"))
+    (project / "src" / "app").mkdir(parents=True)
+    [job] = build_request(project, "w", []).submit.jobs
+    assert job.commands[1].startswith('export DSTACK_PROVIDER_DIR="$PWD/../../.dstack-provider/')
+
+
+def test_a_project_file_where_the_provider_goes_is_refused(tmp_path: Path) -> None:
+    """The project cannot plant files in the provider's folder (a `main.py` that the provider would then run)."""
+    from dstack.cli.commands.run import pack_code
+    from dstack.cli.errors import CliError
+
+    repo = git_repo(tmp_path / "prov", {".dstack/providers.yaml": PROVIDERS_YAML})
+    project = write_project(tmp_path / "p", remote_workflow(f"file://{repo}"))
+    request = build_request(project, "w", [])
+    [ref] = request.provider_repos
+    write_project(project, remote_workflow(f"file://{repo}"), {f".dstack-provider/{ref.commit}/main.py": "evil"})
+    with pytest.raises(CliError, match="where dstack puts a provider's files"):
+        pack_code(project, request.provider_repos)
 
 
 def test_the_cli_never_checks_out_or_runs_the_provider(tmp_path: Path, home: Path) -> None:
