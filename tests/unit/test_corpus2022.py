@@ -310,7 +310,10 @@ def test_corpus_files_are_all_there() -> None:
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["file"][:3] for e in ENTRIES])
 def test_every_file_gets_its_verdict(entry: dict[str, Any]) -> None:
     """The shared check (`validate_project`, what `dstack validate` and `dstack run` run before connecting)."""
-    assert REPORT.refusals(REPORT.check_file(entry)) == REFUSED.get(entry["file"][:3], [])
+    # A change that accepts more (another item of issue 13 merged) changes this table on purpose: regenerate it
+    # with `python tests/corpus2022/report.py --table`, and REPORT.md with `--markdown tests/corpus2022/REPORT.md`.
+    got = REPORT.refusals(REPORT.check_file(entry))
+    assert got == REFUSED.get(entry["file"][:3], []), f"{entry['file']}: now {got}; regenerate REFUSED if on purpose"
 
 
 def test_every_refusal_is_at_a_line() -> None:
