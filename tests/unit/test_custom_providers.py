@@ -334,3 +334,40 @@ def test_corpus_051_is_still_refused_for_its_typo(tmp_path: Path) -> None:
     _mirror(tmp_path, ENTRIES["051"])
     result = report.check_file(ENTRIES["051"])
     assert "unknown field 'GPU' in resources" in result["workflows"]["hello"]
+
+
+def test_shipped_provider_files_unpack_and_an_escaping_link_is_refused(tmp_path: Path) -> None:
+    """The agent unpacks the provider's files like the code's: its own links work; a link the provider's repository
+    points outside the job folder (`/etc/passwd`, `../../../..`) makes the whole archive refused, nothing written."""
+    from dstack.agent.unpack import UnpackError, extract
+    from dstack.cli.commands.run import pack_code
+
+    repo = git_repo(tmp_path / "prov", {".dstack/providers.yaml": PROVIDERS_YAML, "lib/x.py": "x = 1\n"})
+    (repo / "near").symlink_to("lib/x.py")
+    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+    subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "l"], check=True
+    )
+    project = write_project(tmp_path / "p", remote_workflow(f"file://{repo}"))
+    request = build_request(project, "w", [])
+    [ref] = request.provider_repos
+    archive = tmp_path / "code.tar.gz"
+    archive.write_bytes(pack_code(project, request.provider_repos).data)
+    extract(archive, tmp_path / "job")
+    assert (tmp_path / "job" / ref.folder / "near").read_text() == "x = 1\n"
+    assert (tmp_path / "job" / ".dstack" / "workflows.yaml").exists()
+
+    for target in ("/etc/passwd", "../../../../etc/passwd"):
+        evil = git_repo(tmp_path / f"evil{len(target)}", {".dstack/providers.yaml": PROVIDERS_YAML})
+        (evil / "leak").symlink_to(target)
+        subprocess.run(["git", "-C", str(evil), "add", "-A"], check=True)
+        subprocess.run(
+            ["git", "-C", str(evil), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "l"], check=True
+        )
+        custom._resolved.clear()
+        project = write_project(tmp_path / f"q{len(target)}", remote_workflow(f"file://{evil}"))
+        request = build_request(project, "w", [])
+        archive.write_bytes(pack_code(project, request.provider_repos).data)
+        job = tmp_path / f"job{len(target)}"
+        with pytest.raises(UnpackError, match="points outside the job folder"):
+            extract(archive, job)
