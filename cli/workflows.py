@@ -104,6 +104,12 @@ COMMON_SCHEMA: dict[str, Any] = {
     },
     "resources": {"type": "object", "properties": RESOURCE_SCHEMA, "additionalProperties": False},
     "environment": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean", "null"]}},
+    "gpu": {
+        "type": "integer",
+        "minimum": 0,
+        "deprecated": True,
+        "description": "early 2022, ignored as 2022 dstack ignored it (with a note): resources.gpu asks for GPUs",
+    },
     "env": {**_STR_LIST, "description": "K=V, or K to take K from the caller's environment (empty when unset)"},
     "working_dir": _STR,
     "before_run": {**_STR_LIST, "description": "commands run before the provider's own"},
@@ -120,12 +126,6 @@ COMMON_SCHEMA: dict[str, Any] = {
     "max_duration": {
         "type": ["string", "integer"],
         "description": "stop the job when it runs longer: 2h, 30m, 90s, 1h30m, or seconds",
-    },
-    "gpu": {
-        "type": "integer",
-        "minimum": 0,
-        "deprecated": True,
-        "description": "early 2022, ignored as 2022 dstack ignored it (with a note): resources.gpu asks for GPUs",
     },
     "ports": {
         "type": "array",
