@@ -190,6 +190,16 @@ def _without_credentials(names: list[str], tracked: set[str]) -> tuple[list[str]
     return kept, left_out
 
 
+def select_files(
+    root: Path, exclude: tuple[Path, ...] = (), outputs: list[str] | None = None
+) -> tuple[list[str], list[str], list[str], common_pb2.CodeRef]:
+    """What `pack` packs, without reading the files: (names, output folders left out, credentials left out, ref)."""
+    names, tracked, ref = list_files(root, exclude)
+    names, left_out = _without_outputs(names, tracked, outputs or [])
+    names, credentials = _without_credentials(names, tracked)
+    return names, left_out, credentials, ref
+
+
 def pack(
     root: Path,
     exclude: tuple[Path, ...] = (),
@@ -198,9 +208,7 @@ def pack(
 ) -> PackedCode:
     """`extra_trees`: PREFIX -> a tar archive (`git archive` of a custom provider's commit) packed under PREFIX/,
     so that the agent gets the provider's files with the code, whatever it can reach (cli/providers/custom.py)."""
-    names, tracked, ref = list_files(root, exclude)
-    names, left_out = _without_outputs(names, tracked, outputs or [])
-    names, credentials = _without_credentials(names, tracked)
+    names, left_out, credentials, ref = select_files(root, exclude, outputs)
     for prefix in extra_trees or {}:
         clash = next((n for n in names if n == prefix or n.startswith(prefix + "/")), None)
         if clash is not None:

@@ -243,6 +243,17 @@ def workflow_help(root: Path, workflow_name: str) -> str:
     return "\n".join(lines)
 
 
+def list_code(root: Path) -> PackedCode:
+    """The files `pack_code` would send, without reading or compressing them (`dstack validate` checks that the
+    files workflows name are among them); `data` is empty."""
+    from dstack.cli.home import dstack_home
+    from dstack.cli.packing import select_files
+    from dstack.cli.workflows import output_paths
+
+    names, left_out, credentials, ref = select_files(root, exclude=(dstack_home(),), outputs=output_paths(root))
+    return PackedCode(data=b"", ref=ref, names=names, left_out=left_out, credentials_left_out=credentials)
+
+
 def pack_code(root: Path, provider_repos: list[RepoRef] | None = None) -> PackedCode:
     from dstack.cli.home import dstack_home
     from dstack.cli.packing import pack

@@ -90,7 +90,7 @@ def validate_project(root: Path, only: str | None = None) -> ProjectCheck:
 
     Errors in a file that cannot be read are always reported, even with `only`: `dstack run` reads every
     workflow file, so such a file stops any run."""
-    from dstack.cli.commands.run import check_offline, pack_code
+    from dstack.cli.commands.run import check_offline, list_code
     from dstack.cli.workflows import load_workflow_nodes
 
     rel = _Relative(root)
@@ -114,7 +114,7 @@ def validate_project(root: Path, only: str | None = None) -> ProjectCheck:
         with _captured() as printed:
             try:
                 if packed is None:
-                    packed = pack_code(root)
+                    packed = list_code(root)  # the files that would be sent: names only
                 fresh = load_workflow_nodes(root, [])  # variables are substituted in place: a copy per workflow
                 check_offline(root, name, [], Term(stderr=True), packed, fresh)
             except CliError as e:

@@ -181,3 +181,22 @@ def test_a_provider_repository_is_fetched_never_run(tmp_path: Path) -> None:
     [error] = by_name["evil"]["errors"]
     assert error["line"] == 9 and "only file, git, http(s) and ssh" in error["message"]
     assert not marker.exists()
+
+
+def test_validate_lists_exactly_the_files_run_would_send(tmp_path: Path, monkeypatch: Any) -> None:
+    """validate checks named files against `list_code` (names only, nothing read): the same files `pack_code`
+    packs, artifact folders and untracked credentials left out alike."""
+    from dstack.cli.commands.run import list_code, pack_code
+
+    monkeypatch.setenv("DSTACK_HOME", str(tmp_path / "home"))
+    project = write_project(
+        tmp_path / "p",
+        "workflows:\n  - name: a\n    provider: python\n    file: .env\n    artifacts: [model]\n",
+        {"train.py": "", ".env": "TOKEN=x\n", "model/weights.bin": "w", "src/lib.py": ""},
+    )
+    listed, packed = list_code(project), pack_code(project)
+    assert listed.names == packed.names and listed.left_out == packed.left_out == ["model"]
+    assert listed.credentials_left_out == packed.credentials_left_out == [".env"]
+    r = _cli(project, "--json")
+    [error] = _json(r)["workflows"][0]["errors"]
+    assert "'.env': it exists but is not sent with the code" in error["message"]
