@@ -11,9 +11,11 @@ import os
 import stat
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from dstack.agent.retry import Outcome, RetryPolicy, classify
+from dstack.protos.container_paths import BadContainerPath, check_container_path, check_disjoint, owning_root
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, common_pb2
 from dstack.storage.errors import ChecksumMismatch, StoreError
 from dstack.storage.granted import put_granted_each
@@ -29,6 +31,44 @@ class ArtifactError(Exception):
     pass
 
 
+# Absolute artifact paths: container path -> the job's own folder on the host that is mounted there.
+ContainerFolders = dict[str, Path]
+
+
+def is_absolute(spec_path: str) -> bool:
+    return spec_path.startswith("/")
+
+
+def plan_container_folders(
+    base: Path, specs: Sequence[common_pb2.ArtifactSpec], inputs: Sequence[agent_pb2.ArtifactInput]
+) -> ContainerFolders:
+    """The folders inside the job's container that its absolute artifact paths and its inputs' name, each
+    given a host folder of its own: base/0, base/1, ... (base is the job's, next to its code folder). Host
+    names come from the position, never from the path, so no path the coordinator sends can lead anywhere
+    else on the host; each path is checked anyway (protos/container_paths.py), and nothing is created here."""
+    roots: list[str] = []
+    try:
+        for path in [*(a.path for a in specs if is_absolute(a.path)), *(p for i in inputs for p in i.mount_paths)]:
+            norm = check_container_path(path)
+            if norm not in roots:
+                roots.append(norm)
+        check_disjoint(roots)
+    except BadContainerPath as e:
+        raise ArtifactError(str(e)) from None
+    return {root: base / str(i) for i, root in enumerate(roots)}
+
+
+def make_container_folders(folders: ContainerFolders) -> None:
+    """Creates the host folders (fresh: a folder left by a job of the same id is not reused)."""
+    for host in folders.values():
+        host.parent.mkdir(mode=0o700, exist_ok=True)
+        host.mkdir(mode=0o755)
+
+
+def relative_specs(specs: Sequence[common_pb2.ArtifactSpec]) -> list[common_pb2.ArtifactSpec]:
+    return [a for a in specs if not is_absolute(a.path)]
+
+
 def resolve_inside(workdir: Path, rel: str) -> Path:
     """The artifact path, refusing absolute paths and paths or symlinks that lead out of workdir."""
     if os.path.isabs(rel):
@@ -40,7 +80,7 @@ def resolve_inside(workdir: Path, rel: str) -> Path:
 
 
 def prepare_dirs(workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]) -> None:
-    for a in specs:
+    for a in relative_specs(specs):
         resolve_inside(workdir, a.path).mkdir(parents=True, exist_ok=True)
 
 
@@ -95,8 +135,9 @@ def open_inside(workdir: Path, rel: str) -> int:
     return fd
 
 
-def _opener(workdir: Path) -> Callable[[Path], int]:
-    return lambda p: open_inside(workdir, p.relative_to(workdir).as_posix())
+def _opener(files: Sequence[Located]) -> Callable[[Path], int]:
+    by_host = {f.host: f for f in files}
+    return lambda p: open_inside(by_host[p].base, by_host[p].rel)
 
 
 # (size, mtime, ctime, inode): a rewrite that keeps size and mtime still changes ctime
@@ -171,8 +212,35 @@ def collect_files(workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]) -> li
 UploadCache = dict[str, tuple[StatKey, common_pb2.ArtifactFile]]
 
 
-def _collect_with_stat(workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]) -> list[tuple[str, Path, StatKey]]:
-    return [(rel, workdir / rel, key) for rel, key in collect_files(workdir, specs)]
+@dataclass(frozen=True)
+class Located:
+    """One file to save: the path it is recorded under (relative, or absolute inside the container), and
+    where it is on the host: a folder and the path under it, opened without following symlinks."""
+
+    path: str
+    base: Path
+    rel: str
+    key: StatKey
+
+    @property
+    def host(self) -> Path:
+        return self.base / self.rel
+
+
+def _collect_with_stat(
+    workdir: Path, specs: Sequence[common_pb2.ArtifactSpec], folders: ContainerFolders
+) -> list[Located]:
+    out = [Located(rel, workdir, rel, key) for rel, key in collect_files(workdir, relative_specs(specs))]
+    for a in specs:
+        if not is_absolute(a.path):
+            continue
+        root = check_container_path(a.path)
+        host = folders.get(root)
+        if host is None:
+            raise ArtifactError(f"artifact path {a.path!r}: no folder was mounted there")
+        whole = common_pb2.ArtifactSpec(path=".")
+        out += [Located(f"{root}/{rel}", host, rel, key) for rel, key in collect_files(host, [whole])]
+    return out
 
 
 def _worst(errors: Sequence[StoreError]) -> StoreError:
@@ -199,27 +267,32 @@ class Uploader:
         self.transfer = transfer
 
     async def upload(
-        self, job_id: str, workdir: Path, specs: Sequence[common_pb2.ArtifactSpec], cache: UploadCache | None = None
+        self,
+        job_id: str,
+        workdir: Path,
+        specs: Sequence[common_pb2.ArtifactSpec],
+        cache: UploadCache | None = None,
+        folders: ContainerFolders | None = None,
     ) -> int:
         """Uploads every file (skipping those in `cache` that did not change since), then commits the
-        manifest; returns the number of files."""
+        manifest; returns the number of files. `folders`: the host folders of the absolute artifact paths."""
         cache = {} if cache is None else cache
-        files = await asyncio.to_thread(_collect_with_stat, workdir, specs)
-        todo = [(rel, p, key) for rel, p, key in files if (hit := cache.get(rel)) is None or hit[0] != key]
+        files = await asyncio.to_thread(_collect_with_stat, workdir, specs, folders or {})
+        todo = [f for f in files if (hit := cache.get(f.path)) is None or hit[0] != f.key]
         fresh: dict[str, tuple[tuple[int, int, int, int], common_pb2.ArtifactFile]] = {}
         completed: list[common_pb2.CompletedUpload] = []
         for i in range(0, len(todo), GRANT_BATCH):
             batch = todo[i : i + GRANT_BATCH]
             grant_req = agent_pb2.GrantUploadsRequest(
-                job_id=job_id, files=[common_pb2.FileSize(path=rel, size=key[0]) for rel, _, key in batch]
+                job_id=job_id, files=[common_pb2.FileSize(path=f.path, size=f.key[0]) for f in batch]
             )
             resp = await self.policy.call("grant uploads", functools.partial(self._grant, grant_req), ArtifactError)
             if resp.stream:
-                done = await self._stream_all(job_id, workdir, batch)
+                done = await self._stream_all(job_id, batch)
             else:
-                done = await self._put_all(job_id, workdir, batch, list(resp.grants), completed)
-            fresh.update({rel: (key, f) for (rel, _, key), f in zip(batch, done, strict=True)})
-        manifest = [fresh[rel][1] if rel in fresh else cache[rel][1] for rel, _, _ in files]
+                done = await self._put_all(job_id, batch, list(resp.grants), completed)
+            fresh.update({f.path: (f.key, d) for f, d in zip(batch, done, strict=True)})
+        manifest = [fresh[f.path][1] if f.path in fresh else cache[f.path][1] for f in files]
         req = agent_pb2.CommitArtifactsRequest(job_id=job_id, files=manifest, completed=completed)
         await self.policy.call(
             "commit manifest", lambda: self.stub.CommitArtifacts(req, metadata=self.metadata()), ArtifactError
@@ -228,18 +301,14 @@ class Uploader:
         cache.update(fresh)
         return len(manifest)
 
-    async def _stream_all(
-        self, job_id: str, workdir: Path, batch: list[tuple[str, Path, tuple[int, int, int, int]]]
-    ) -> list[common_pb2.ArtifactFile]:
+    async def _stream_all(self, job_id: str, batch: list[Located]) -> list[common_pb2.ArtifactFile]:
         sem = asyncio.Semaphore(PARALLEL)
 
-        async def one(rel: str, path: Path) -> common_pb2.ArtifactFile:
+        async def one(f: Located) -> common_pb2.ArtifactFile:
             async with sem:
-                return await self.policy.call(
-                    f"upload {rel}", lambda: self._upload_file(job_id, workdir, rel), ArtifactError
-                )
+                return await self.policy.call(f"upload {f.path}", lambda: self._upload_file(job_id, f), ArtifactError)
 
-        return list(await asyncio.gather(*(one(rel, p) for rel, p, _ in batch)))
+        return list(await asyncio.gather(*(one(f) for f in batch)))
 
     async def _grant(self, req: agent_pb2.GrantUploadsRequest) -> agent_pb2.GrantUploadsResponse:
         resp: agent_pb2.GrantUploadsResponse = await self.stub.GrantUploads(req, metadata=self.metadata())
@@ -248,18 +317,18 @@ class Uploader:
     async def _put_all(
         self,
         job_id: str,
-        workdir: Path,
-        batch: list[tuple[str, Path, tuple[int, int, int, int]]],
+        batch: list[Located],
         grants: list[common_pb2.UploadGrant],
         completed: list[common_pb2.CompletedUpload],
     ) -> list[common_pb2.ArtifactFile]:
-        sizes = {rel: key[0] for rel, _, key in batch}
+        sizes = {f.path: f.key[0] for f in batch}
         saved: dict[str, common_pb2.ArtifactFile] = {}
         fresh: list[common_pb2.UploadGrant] | None = grants
+        opener = _opener(batch)
 
         async def once() -> None:
             nonlocal fresh
-            todo = [(rel, p) for rel, p, _ in batch if rel not in saved]
+            todo = [(f.path, f.host) for f in batch if f.path not in saved]
             if fresh is None:  # a later try: new grants for the files not saved yet (some had expired)
                 req = agent_pb2.GrantUploadsRequest(
                     job_id=job_id, files=[common_pb2.FileSize(path=rel, size=sizes[rel]) for rel, _ in todo]
@@ -268,7 +337,7 @@ class Uploader:
             by_path = {g.path: g for g in fresh}
             fresh = None
             grants = [by_path[r] for r, _ in todo]
-            results = await asyncio.to_thread(put_granted_each, self.transfer, todo, grants, _opener(workdir))
+            results = await asyncio.to_thread(put_granted_each, self.transfer, todo, grants, opener)
             errors = []
             for (rel, _), r in zip(todo, results, strict=True):
                 if isinstance(r, StoreError):
@@ -281,15 +350,16 @@ class Uploader:
                 raise _worst(errors)
 
         await self.policy.call(f"upload of {len(batch)} file(s)", once, ArtifactError)
-        return [saved[rel] for rel, _, _ in batch]
+        return [saved[f.path] for f in batch]
 
-    async def _upload_file(self, job_id: str, workdir: Path, rel: str) -> common_pb2.ArtifactFile:
+    async def _upload_file(self, job_id: str, located: Located) -> common_pb2.ArtifactFile:
+        rel = located.path
         digest = hashlib.sha256()
         size = 0
         read_error: OSError | None = None
         try:
             # Opened without following symlinks and checked on the descriptor it is read from.
-            f = os.fdopen(await asyncio.to_thread(open_inside, workdir, rel), "rb")
+            f = os.fdopen(await asyncio.to_thread(open_inside, located.base, located.rel), "rb")
         except OSError as e:
             raise ArtifactError(f"{rel}: cannot read it: {e.strerror}") from e
 
@@ -325,6 +395,27 @@ class Uploader:
         return common_pb2.ArtifactFile(path=rel, size=size, sha256=resp.sha256)
 
 
+def input_destination(
+    src: agent_pb2.ArtifactInput, f: common_pb2.ArtifactFile, workdir: Path, folders: ContainerFolders
+) -> Path:
+    """Where an input file goes on the host: under workdir (a relative path), or, for a file of one of the
+    producer's absolute artifact paths, under the job's host folder for that path. A path that is neither
+    (not normalised, `..`, outside every path its producer declared) is refused, not written."""
+    if not is_absolute(f.path):
+        return resolve_inside(workdir, f.path)
+    try:
+        norm = check_container_path(f.path)
+    except BadContainerPath as e:
+        raise ArtifactError(f"input {src.run_name}/{src.job_name}: {e}") from None
+    declared = [check_container_path(p) for p in src.mount_paths] if norm == f.path else []
+    root = owning_root(norm, [r for r in declared if r in folders])
+    if root is None:
+        raise ArtifactError(
+            f"input {src.run_name}/{src.job_name}: {f.path!r} is in none of the absolute artifact paths it declares"
+        )
+    return resolve_inside(folders[root], norm[len(root) + 1 :])
+
+
 class Downloader:
     """Fetches the artifacts of the jobs a job depends on into its working directory, in parallel,
     each file checked against the sha256 in its manifest."""
@@ -341,12 +432,22 @@ class Downloader:
         self.policy = policy
         self.transfer = transfer
 
-    async def fetch(self, inputs: Sequence[agent_pb2.ArtifactInput], workdir: Path) -> int:
+    async def fetch(
+        self, inputs: Sequence[agent_pb2.ArtifactInput], workdir: Path, folders: ContainerFolders | None = None
+    ) -> int:
+        """Relative files go under workdir, files of an absolute artifact path into the job's own host
+        folder for it (`folders`, from plan_container_folders), never anywhere else."""
         sem = asyncio.Semaphore(PARALLEL)
+        folders = folders or {}
+        dests = {
+            (src.run_name, src.job_name, f.path): input_destination(src, f, workdir, folders)
+            for src in inputs
+            for f in src.files
+        }
 
         async def one(src: agent_pb2.ArtifactInput, f: common_pb2.ArtifactFile) -> None:
             async with sem:
-                await self._fetch_file(src, f, workdir)
+                await self._fetch_file(src, f, dests[(src.run_name, src.job_name, f.path)])
 
         files = [(src, f) for src in inputs for f in src.files]
         seen: dict[str, agent_pb2.ArtifactInput] = {}
@@ -367,7 +468,7 @@ class Downloader:
             if resp.stream:
                 await asyncio.gather(*(one(src, f) for src, f in batch))
             else:
-                await self._get_all(batch, list(resp.urls), workdir)
+                await self._get_all(batch, list(resp.urls), dests)
         return len(files)
 
     async def _grant(self, req: agent_pb2.GrantDownloadsRequest) -> agent_pb2.GrantDownloadsResponse:
@@ -380,7 +481,7 @@ class Downloader:
         self,
         batch: list[tuple[agent_pb2.ArtifactInput, common_pb2.ArtifactFile]],
         urls: list[str],
-        workdir: Path,
+        dests: dict[tuple[str, str, str], Path],
     ) -> None:
         """Fetches with presigned URLs; a later try asks for new URLs for the files not saved yet."""
         left = list(range(len(batch)))
@@ -401,7 +502,7 @@ class Downloader:
             items = [
                 Download(
                     url,
-                    resolve_inside(workdir, batch[i][1].path),
+                    dests[(batch[i][0].run_name, batch[i][0].job_name, batch[i][1].path)],
                     batch[i][1].size,
                     batch[i][1].sha256,
                     f"{batch[i][1].path} (from {batch[i][0].run_name})",
@@ -417,8 +518,7 @@ class Downloader:
 
         await self.policy.call(f"download of {len(batch)} file(s)", once, ArtifactError)
 
-    async def _fetch_file(self, src: agent_pb2.ArtifactInput, f: common_pb2.ArtifactFile, workdir: Path) -> None:
-        dest = resolve_inside(workdir, f.path)
+    async def _fetch_file(self, src: agent_pb2.ArtifactInput, f: common_pb2.ArtifactFile, dest: Path) -> None:
         what = f"{f.path} (from {src.run_name}/{src.job_name})"
         await self.policy.call(what, lambda: self._stream_file(src, f, dest, what), ArtifactError)
 

@@ -22,7 +22,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dstack.agent.artifacts import ArtifactError, Downloader, UploadCache, Uploader, prepare_dirs
+from dstack.agent.artifacts import (
+    ArtifactError,
+    ContainerFolders,
+    Downloader,
+    UploadCache,
+    Uploader,
+    make_container_folders,
+    plan_container_folders,
+    prepare_dirs,
+)
 from dstack.agent.code import CodeCache
 from dstack.agent.masking import Masker
 from dstack.agent.outbox import Outbox
@@ -128,6 +137,7 @@ class JobRunner:
         self.stop_requested = False
         self.abort = False
         self.upload_cache: UploadCache = {}  # files already saved (mounted artifacts), by size and mtime
+        self.folders: ContainerFolders = {}  # absolute artifact paths -> the job's host folders mounted there
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> asyncio.Task[None]:
@@ -157,12 +167,27 @@ class JobRunner:
 
     async def _run(self) -> None:
         workdir = self.deps.jobs_dir / self.job_id
+        # The host folders of its absolute artifact paths: the job's own, next to its code folder (which is
+        # mounted whole at /workflow, so they cannot be inside it), removed with it.
+        container_dirs = self.deps.jobs_dir / f"{self.job_id}.mounts"
         spec = self.a.spec
         try:
             try:
-                await self.deps.code.materialize(self.a.code, workdir, lambda: prepare_dirs(workdir, spec.artifacts))
-                if self.a.inputs:  # the artifacts of its dependencies, at the same relative paths
-                    n = await self.deps.downloader.fetch(self.a.inputs, workdir)
+                # Checked before anything is written: a path the agent refuses touches nothing on the host.
+                self.folders = folders = plan_container_folders(container_dirs, spec.artifacts, self.a.inputs)
+                if folders and self.deps.runtime.name != "docker":
+                    raise ArtifactError(
+                        f"absolute artifact path {next(iter(folders))} is a folder inside the job's container, and"
+                        f" this agent's runtime is {self.deps.runtime.name} (no containers)"
+                    )
+
+                def prepare() -> None:
+                    prepare_dirs(workdir, spec.artifacts)
+                    make_container_folders(folders)
+
+                await self.deps.code.materialize(self.a.code, workdir, prepare)
+                if self.a.inputs:  # the artifacts of its dependencies, at the same paths
+                    n = await self.deps.downloader.fetch(self.a.inputs, workdir, folders)
                     sources = ", ".join(f"{i.run_name}/{i.job_name}" for i in self.a.inputs)
                     self._system_line(f"dstack: {n} artifact file(s) from {sources}")
                 if self.stop_requested:
@@ -186,6 +211,7 @@ class JobRunner:
                         provider=spec.provider,
                         python_version=spec.python_version,
                         ports=[(p.host_port, p.container_port) for p in spec.ports],
+                        mounts=[(str(host), path) for path, host in folders.items()],
                         gpus_simulated=self.deps.gpus_simulated,
                         system_line=self._system_line,
                         on_pulling=lambda: self._update(JS.JOB_STATUS_PULLING),
@@ -229,6 +255,8 @@ class JobRunner:
         finally:
             self.deps.outbox.mark_finished(self.job_id)
             self.deps.janitor.remove(workdir)
+            if self.folders:
+                self.deps.janitor.remove(container_dirs)
             # The job's secrets live only as long as the job: whoever still holds the assignment (a
             # message being handled, a reference in a traceback) holds them no more.
             self.a.secrets.clear()
@@ -239,7 +267,7 @@ class JobRunner:
         while True:
             await asyncio.sleep(self.deps.mount_sync_s)
             try:
-                await self.deps.uploader.upload(self.job_id, workdir, mounts, self.upload_cache)
+                await self.deps.uploader.upload(self.job_id, workdir, mounts, self.upload_cache, self.folders)
             except (ArtifactError, OSError) as e:
                 log.warning("job %s: syncing mounted artifacts failed (will retry): %s", self.job_id, e)
 
@@ -291,7 +319,7 @@ class JobRunner:
 
     async def _save_artifacts(self, workdir: Path, spec: common_pb2.JobSpec) -> str | None:
         try:
-            n = await self.deps.uploader.upload(self.job_id, workdir, spec.artifacts, self.upload_cache)
+            n = await self.deps.uploader.upload(self.job_id, workdir, spec.artifacts, self.upload_cache, self.folders)
             log.info("job %s: %d artifact file(s) saved", self.job_id, n)
             return None
         except (ArtifactError, OSError) as e:

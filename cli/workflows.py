@@ -15,6 +15,7 @@ from dstack.cli.errors import CliError, Location, WorkflowError
 from dstack.cli.providers import resolve_provider
 from dstack.cli.spec import Artifact, Workflow
 from dstack.cli.yamlsrc import Node, Seq, load
+from dstack.protos.container_paths import BadContainerPath, check_container_path, check_disjoint, is_container_path
 from dstack.protos.repos import BadRef, Ref, split_ref
 from dstack.protos.v1 import common_pb2
 
@@ -334,7 +335,11 @@ def output_paths(root: Path) -> list[str]:
             artifacts = _artifacts(node)
         except WorkflowError:
             continue
-        out += [posixpath.normpath(posixpath.join(base, a.path)) for a in artifacts if "${{" not in a.path]
+        out += [
+            posixpath.normpath(posixpath.join(base, a.path))
+            for a in artifacts
+            if "${{" not in a.path and not is_container_path(a.path)  # absolute: inside the container, not here
+        ]
     return sorted(set(out))
 
 
@@ -346,14 +351,34 @@ def artifact_paths(root: Path, workflow: str) -> list[str]:
     return [a.path for a in _artifacts(node) if "${{" not in a.path]
 
 
+def container_artifact(node: Node) -> tuple[str, Location] | None:
+    """The workflow's first absolute artifact path (a folder inside its container) and its line, if any."""
+    items = node.get("artifacts")
+    if not isinstance(items, Seq):
+        return None
+    for i, item in enumerate(items):
+        path, loc = item, items.item_locations[i]
+        if isinstance(item, Node):
+            path, loc = item.get("path"), item.at("path")
+        if isinstance(path, str) and is_container_path(path):
+            try:
+                return check_container_path(path), loc
+            except BadContainerPath:
+                return path, loc
+    return None
+
+
 def _artifacts(node: Node) -> list[Artifact]:
-    """`artifacts: [model, {path: logs, mount: true}]`: paths relative to the working directory."""
+    """`artifacts: [model, {path: logs, mount: true}]`: paths relative to the working directory, or absolute
+    (`/opt/conda/envs/myenv`, as 2022 examples wrote them): a folder inside the job's container, saved and
+    mounted at the same path in dependants (protos/container_paths.py; the job needs a container runtime)."""
     items = node.get("artifacts")
     if items is None:
         return []
     if not isinstance(items, Seq):
         raise WorkflowError("'artifacts' must be a list of paths or {path, mount}", node.at("artifacts"))
     out = []
+    in_container: list[str] = []  # the absolute paths so far: none may overlap another
     for i, item in enumerate(items):
         loc = items.item_locations[i]
         if isinstance(item, Node):
@@ -366,10 +391,24 @@ def _artifacts(node: Node) -> list[Artifact]:
             out.append(Artifact(_relative(str(item), loc)))
         else:
             raise WorkflowError("each artifact must be a path or {path, mount}", loc)
+        path = out[-1].path
+        if is_container_path(path) and "${{" not in path:
+            try:
+                check_disjoint([*in_container, path])
+            except BadContainerPath as e:
+                raise WorkflowError(str(e), loc) from None
+            in_container.append(path)
     return out
 
 
 def _relative(path: str, loc: Location) -> str:
+    if is_container_path(path):
+        if "${{" in path:  # checked once the variables are substituted (`dstack run` does it first)
+            return path
+        try:
+            return check_container_path(path)
+        except BadContainerPath as e:
+            raise WorkflowError(str(e), loc) from None
     norm = posixpath.normpath(path)
     if not path or path.startswith("/") or norm == ".." or norm.startswith("../"):
         raise WorkflowError(f"artifacts path {path!r} must be relative and stay inside the working directory", loc)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from dstack.coordinator.errors import InvalidRequest
 from dstack.coordinator.model import CompletedUpload, FileSize, UploadGrant
+from dstack.protos.container_paths import ROOTFS_PREFIX, BadContainerPath, check_container_path, is_container_path
 from dstack.storage import ArtifactStore, ObjectNotFound
 from dstack.storage.base import UploadGrant as StoreGrant
 
@@ -35,6 +36,20 @@ def check_relative_path(path: str) -> str:
     return norm
 
 
+def check_job_artifact_path(path: str) -> str:
+    """A path a job's agent saves: relative to its working directory, or absolute, inside its container
+    (an absolute artifact path, protos/container_paths.py), under the same rules the agent and CLI apply."""
+    if not is_container_path(path):
+        return check_relative_path(path)
+    try:
+        norm = check_container_path(path)
+    except BadContainerPath as e:
+        raise InvalidRequest(str(e)) from None
+    if norm != path:  # recorded as sent: one file, one name
+        raise InvalidRequest(f"artifact path {path!r} is not normalised (expected {norm!r})")
+    return norm
+
+
 def code_key(code_hash: str) -> str:
     if not _HASH.fullmatch(code_hash):
         raise InvalidRequest(f"invalid code hash {code_hash!r}")
@@ -46,6 +61,10 @@ def job_prefix(run_name: str, job_name: str) -> str:
 
 
 def artifact_key(run_name: str, job_name: str, path: str) -> str:
+    """Relative paths under artifacts/, absolute ones (files of a folder inside the job's container) under
+    rootfs/, so that `/opt/x` and `opt/x` are two objects."""
+    if is_container_path(path):
+        return f"{job_prefix(run_name, job_name)}/{ROOTFS_PREFIX}{path}"
     return f"{job_prefix(run_name, job_name)}/artifacts/{path}"
 
 
@@ -106,7 +125,7 @@ class Artifacts:
 
     async def grant_uploads(self, run_name: str, job_name: str, files: Sequence[FileSize]) -> list[UploadGrant]:
         """A grant per file, in order; a path that could leave the job's folder is refused first."""
-        keys = [artifact_key(run_name, job_name, check_relative_path(f.path)) for f in files]
+        keys = [artifact_key(run_name, job_name, check_job_artifact_path(f.path)) for f in files]
 
         def grant() -> list[UploadGrant]:
             return [
@@ -135,7 +154,11 @@ class Artifacts:
         def work() -> None:
             for c in completed:
                 self.store.complete_upload(artifact_key(run_name, job_name, c.path), c.upload_id, list(c.etags))
-            present = self.store.list_prefix(f"{job_prefix(run_name, job_name)}/artifacts/") if files else {}
+            present = {}
+            if files:
+                present = self.store.list_prefix(f"{job_prefix(run_name, job_name)}/artifacts/")
+                if any(is_container_path(p) for p, _, _ in files):
+                    present |= self.store.list_prefix(f"{job_prefix(run_name, job_name)}/{ROOTFS_PREFIX}/")
             for path, size, _ in files:
                 got = present.get(artifact_key(run_name, job_name, path))
                 if got is None:
@@ -157,6 +180,7 @@ class Artifacts:
     async def delete_job_artifacts(self, run_name: str, job_name: str) -> int:
         def work() -> int:
             n = self.store.delete_prefix(f"{job_prefix(run_name, job_name)}/artifacts")
+            n += self.store.delete_prefix(f"{job_prefix(run_name, job_name)}/{ROOTFS_PREFIX}/")
             n += self.store.delete_prefix(manifest_key(run_name, job_name))
             return n
 

@@ -240,5 +240,8 @@ def artifact_file_to_proto(f: ArtifactFile) -> common_pb2.ArtifactFile:
 
 def artifact_input_to_proto(i: ArtifactInput) -> agent_pb2.ArtifactInput:
     return agent_pb2.ArtifactInput(
-        run_name=i.run_name, job_name=i.job_name, files=[artifact_file_to_proto(f) for f in i.files]
+        run_name=i.run_name,
+        job_name=i.job_name,
+        files=[artifact_file_to_proto(f) for f in i.files],
+        mount_paths=list(i.mount_paths),
     )

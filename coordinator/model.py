@@ -135,6 +135,8 @@ class ArtifactInput:
     run_name: str
     job_name: str
     files: list[ArtifactFile] = field(default_factory=list)
+    # The producer's absolute artifact paths: mounted at the same paths in the dependant's container.
+    mount_paths: tuple[str, ...] = ()
 
 
 # ---- what a client submits and sees --------------------------------------------------------------

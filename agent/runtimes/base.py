@@ -33,6 +33,8 @@ class RuntimeJob:
     provider: str = ""
     python_version: str = ""  # the python provider's `version` (a container runtime picks its image by it)
     ports: list[tuple[int, int]] = field(default_factory=list)  # (host, container)
+    # Absolute artifact paths: (the job's host folder, the path inside the container) to bind-mount.
+    mounts: list[tuple[str, str]] = field(default_factory=list)
     gpus_simulated: bool = False  # simulated GPUs: the assignment goes only into the environment
     # Progress the runtime reports while starting: a system log line, and "pulling the image now".
     system_line: Callable[[str], None] = field(default=lambda _text: None)

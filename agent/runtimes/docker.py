@@ -30,13 +30,14 @@ from docker.utils import parse_repository_tag
 from dstack.agent.envcache import EnvCache, applies_to
 from dstack.agent.runtimes.base import JobProcess, Runtime, RuntimeError_, RuntimeJob, gpu_env, gpu_ids, working_subdir
 from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT, pids_events_of, pids_limit_hits, pids_limit_line
+from dstack.protos.container_paths import CODE_MOUNT, check_container_path
 from dstack.protos.v1 import common_pb2
 
 log = logging.getLogger("dstack.agent")
 
 LABEL_HOME = "dstack.agent-home"
 LABEL_JOB = "dstack.job-id"
-MOUNT = "/workflow"  # where the job's directory is inside the container
+MOUNT = CODE_MOUNT  # where the job's directory is inside the container
 # Runs the job's script with bash where the image has it, else with sh (busybox, alpine).
 _SHELL = 'if command -v bash >/dev/null 2>&1; then exec bash -c "$1"; else exec sh -c "$1"; fi'
 PULL_PROGRESS_EVERY_S = 2.0
@@ -146,6 +147,8 @@ def container_config(
     rel = working_subdir(job)
     env = dict(job.env) | gpu_env(job)
     volumes = {str(job.workdir): {"bind": MOUNT, "mode": "rw"}}
+    for host, path in job.mounts:  # absolute artifact paths: the job's own folders (agent/artifacts.py)
+        volumes[host] = {"bind": check_container_path(path), "mode": "rw"}
     if env_cache is not None and applies_to(job.provider):
         # The cache at the same path in every container (venvs are not relocatable), the helper read-only.
         env |= env_cache.container_env(image_id)

@@ -207,6 +207,8 @@ class HostRuntime(Runtime):
         return cg
 
     async def start(self, job: RuntimeJob) -> JobProcess:
+        if job.mounts:  # the runner refuses them first; never a folder at that path on the host
+            raise RuntimeError_("absolute artifact paths are folders inside a container: this agent has none")
         rel = working_subdir(job)
         cwd = job.workdir / rel
         env = dict(job.env)

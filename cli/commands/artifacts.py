@@ -40,8 +40,14 @@ def _size(n: int) -> str:
 
 
 def _selected(path: str, wanted: str) -> bool:
-    wanted = wanted.strip("/")
+    wanted, path = wanted.strip("/"), _local(path)
     return not wanted or path == wanted or path.startswith(wanted + "/")
+
+
+def _local(path: str) -> str:
+    """Where a recorded artifact path goes under the output folder: an absolute one (a folder inside the
+    job's container, e.g. /opt/conda/envs/myenv/...) without its leading '/', never at that path here."""
+    return path.lstrip("/")
 
 
 def download_command(run_name: str, output: Path, path: str = "") -> None:
@@ -59,12 +65,12 @@ def download_command(run_name: str, output: Path, path: str = "") -> None:
         raise CliError(f"run {run_name!r} has no artifact at {path!r} (see `dstack artifacts list {run_name}`)")
     root = output.resolve()
     for f, _ in pairs:
-        if not (root / f.path).resolve().is_relative_to(root):
+        if not (root / _local(f.path)).resolve().is_relative_to(root):
             raise CliError(f"artifact path {f.path!r} leads outside {root}; refusing to write it")
     total = sum(f.size for f, _ in pairs)
     with progress(f"{run_name}: {len(pairs)} file(s)", total) as advance:
         if all(u for _, u in pairs):
-            items = [Download(u, root / f.path, f.size, f.sha256, f.path) for f, u in pairs]
+            items = [Download(u, root / _local(f.path), f.size, f.sha256, f.path) for f, u in pairs]
             with Transfer(retry_for=60.0, progress=advance) as t:
                 try:
                     t.get_many(items)
@@ -72,7 +78,7 @@ def download_command(run_name: str, output: Path, path: str = "") -> None:
                     raise CliError(str(e)) from None
         else:  # the coordinator's store cannot presign: it streams the bytes
             for f, _ in pairs:
-                _stream_one(client, run_name, f, root / f.path, advance)
+                _stream_one(client, run_name, f, root / _local(f.path), advance)
     print(f"{len(pairs)} file(s) downloaded to {root}", file=sys.stderr)
 
 

@@ -15,6 +15,7 @@ from dstack.cli.errors import CliError, Location, NotFoundError, RequestRejected
 from dstack.cli.packing import PackedCode
 from dstack.cli.providers import load_provider, resolve_provider
 from dstack.cli.render import run_summary
+from dstack.cli.spec import Workflow
 from dstack.cli.term import Term
 from dstack.cli.yamlsrc import Node
 from dstack.protos.v1 import client_pb2, common_pb2
@@ -66,6 +67,16 @@ class Request:
     code_files: list[CodeFile]
     # Custom providers from a repository: their pinned commits, whose files are packed with the code.
     provider_repos: list[RepoRef] = field(default_factory=list)
+    # Jobs that need a container runtime for an absolute artifact path (their own or a dependency's), and
+    # where that path is written: local mode without Docker refuses them before submitting.
+    container_needs: list[ContainerNeed] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ContainerNeed:
+    job_name: str
+    why: str
+    location: Location
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,8 @@ def build_request(root: Path, workflow_name: str, args: list[str], nodes: dict[s
     tag_checks: list[tuple[str, str, Location]] = []
     code_files: list[CodeFile] = []
     provider_repos: list[RepoRef] = []
+    container_needs: list[ContainerNeed] = []
+    saved_in_container: dict[str, tuple[str, Location]] = {}  # workflow -> (an absolute artifact, its line)
     for name in order:
         vs = variables[name]
         vs.values.update({k: v for k, v in overrides.items() if k in vs.defaults})
@@ -124,8 +137,52 @@ def build_request(root: Path, workflow_name: str, args: list[str], nodes: dict[s
                 path = posixpath.normpath(posixpath.join(wf.working_dir or ".", value))
                 code_files.append(CodeFile(path, key, wf.node.at(key), has_inputs))
         jobs += provider.job_specs(wf)
+        container_needs += _container_needs(wf, nodes, saved_in_container)
     submit = client_pb2.SubmitRunRequest(workflow=workflow_name, jobs=jobs, args=args)
-    return Request(submit, tag_checks, code_files, provider_repos)
+    return Request(submit, tag_checks, code_files, provider_repos, container_needs)
+
+
+def _container_needs(
+    wf: Workflow, nodes: dict[str, Node], saved: dict[str, tuple[str, Location]]
+) -> list[ContainerNeed]:
+    """Why the workflow's job needs a container runtime for an absolute artifact path: it saves one, or a
+    workflow of this file it depends on (in the run, or its last done run) does. A tag's run is not known
+    here: the coordinator marks such a job (it then waits for, or in local mode fails without, Docker)."""
+    from dstack.cli.workflows import container_artifact
+
+    own = container_artifact(wf.node)
+    if own is not None:
+        saved[wf.name] = own
+    out = []
+    if own is not None:
+        out.append(ContainerNeed(wf.name, f"workflow {wf.name!r} saves {own[0]}", own[1]))
+    for dep in [*wf.depends_on, *wf.input_workflows]:
+        found = saved.get(dep) or (container_artifact(nodes[dep]) if dep in nodes else None)
+        if found is not None:
+            loc = wf.node.at("depends-on") if dep in wf.depends_on else wf.node.at("deps")
+            out.append(ContainerNeed(wf.name, f"workflow {wf.name!r} mounts {found[0]}, saved by {dep!r}", loc))
+    return out
+
+
+def check_container_runtime(client: Client, request: Request) -> None:
+    """Local mode: a job with an absolute artifact path fails at once, before anything is sent, when the
+    local agent runs host processes (no Docker engine answered when it started): it could never run there."""
+    if not request.container_needs or not client.endpoint.local:
+        return
+    from dstack.cli.local import LOCAL_AGENT
+
+    runtimes = {a.inventory.runtime for a in client.list_agents() if a.name == LOCAL_AGENT and a.status == "online"}
+    if "docker" in runtimes:
+        return
+    need = request.container_needs[0]
+    runtime = "host processes" if runtimes <= {"host"} else f"the {'/'.join(sorted(runtimes))} runtime"
+    raise WorkflowError(
+        f"{need.why}, an absolute artifact path: a folder inside the job's container, so it needs a container"
+        f" runtime, and the local agent runs {runtime}, not containers. Start Docker (the local agent uses it"
+        " when it answers, or set DSTACK_RUNTIME=docker) and restart the local services (`dstack local stop`;"
+        " the next command starts them), or use a path relative to the working directory",
+        need.location,
+    )
 
 
 def _mentions(value: object, text: str) -> bool:
@@ -317,6 +374,7 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "", pri
     request.priority = priority
     request.repository = repository_of(root, packed.ref.repo_url)
     client = connect()
+    check_container_runtime(client, built)
     check_tags(client, built)
     request.code.CopyFrom(upload_code(client, packed, err))
     run = client.submit(request)

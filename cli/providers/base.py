@@ -6,6 +6,7 @@ import abc
 from typing import Any
 
 from dstack.cli.spec import Workflow
+from dstack.protos.container_paths import is_container_path
 from dstack.protos.v1 import common_pb2
 
 
@@ -59,7 +60,8 @@ class Provider(abc.ABC):
                 resources=wf.resources,
                 image=wf.image or self.image(wf),
                 python_version=self.python_version(wf),
-                needs_container=self.needs_container,
+                # An absolute artifact path is a folder inside the job's container (protos/container_paths.py).
+                needs_container=self.needs_container or any(is_container_path(a.path) for a in wf.artifacts),
                 ports=[common_pb2.PortSpec(host_port=h, container_port=c) for h, c in wf.ports],
                 depends_on=wf.depends_on,
                 input_tags=wf.input_tags,

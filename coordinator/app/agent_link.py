@@ -13,7 +13,7 @@ from dstack.coordinator.app.agent_scope import check_code, check_inputs, own_job
 from dstack.coordinator.app.artifacts import FileEntry
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.transfer import put_from_stream
-from dstack.coordinator.artifacts import artifact_key, check_relative_path
+from dstack.coordinator.artifacts import artifact_key, check_job_artifact_path
 from dstack.coordinator.model import CompletedUpload, FileSize, UploadGrant
 
 log = logging.getLogger("dstack.coordinator")
@@ -24,7 +24,7 @@ async def upload_artifact(
 ) -> tuple[int, str]:
     """One artifact file of the agent's job, streamed through the coordinator; returns size and sha256."""
     job = await own_job(core, agent_id, job_id)
-    key = artifact_key(job.run_name, job.job_name, check_relative_path(path))
+    key = artifact_key(job.run_name, job.job_name, check_job_artifact_path(path))
     return await put_from_stream(core.objects, key, chunks)
 
 
@@ -36,7 +36,7 @@ async def commit_artifacts(
     completed: Sequence[CompletedUpload],
 ) -> None:
     job = await own_job(core, agent_id, job_id)
-    checked = [(check_relative_path(p), size, sha) for p, size, sha in files]
+    checked = [(check_job_artifact_path(p), size, sha) for p, size, sha in files]
     await core.artifacts.commit(job.run_name, job.job_name, checked, completed)
     await core.db(core.store.save_artifacts, job.id, checked)
 

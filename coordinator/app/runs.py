@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from dstack.coordinator.app.core import Core, run_view
 from dstack.coordinator.app.ownership import Actor, check_owner
-from dstack.coordinator.convert import code_to_bytes
+from dstack.coordinator.convert import code_to_bytes, job_spec_from_proto, job_spec_proto
 from dstack.coordinator.errors import InvalidRequest, NotFound
 from dstack.coordinator.model import CodeRef, JobSpec, JobStatus, JobView, RunStatus, RunView
 from dstack.coordinator.repositories import run_repository
+from dstack.coordinator.store.artifacts import container_paths_of
 from dstack.coordinator.store.db import CreatedRun, NewJob
 from dstack.coordinator.templates import spec_with_run_name
 
@@ -54,6 +55,24 @@ def _check(jobs: Sequence[JobSpec]) -> None:
             raise InvalidRequest(f"job {j.job_name!r} depends on unknown jobs: {', '.join(sorted(unknown))}")
         if j.resources.gpu_count > 1024 or j.resources.cpu < 0:
             raise InvalidRequest(f"job {j.job_name!r}: invalid resources")
+
+
+def needing_container(
+    job: JobSpec, run_jobs: Sequence[JobSpec], input_runs: Sequence[str], paths_of_run: Callable[[str], Sequence[str]]
+) -> JobSpec:
+    """The job, marked as needing a container runtime when it saves an absolute artifact path (a folder
+    inside its container) or receives one from a job it depends on or a run it takes as input: those
+    folders exist only inside containers (protos/container_paths.py). On a pool without a container
+    runtime it then waits, saying so, instead of failing on the agent."""
+    if job.needs_container:
+        return job
+    by_name = {j.job_name: j for j in run_jobs}
+    sources = [job, *(by_name[d] for d in job.depends_on if d in by_name)]
+    if not any(container_paths_of(s.encoded) for s in sources) and not any(paths_of_run(r) for r in input_runs):
+        return job
+    spec = job_spec_proto(job.encoded)
+    spec.needs_container = True
+    return job_spec_from_proto(spec)
 
 
 async def check_tag_movable(core: Core, actor: Actor, repository: str, tag: str) -> None:
@@ -99,7 +118,10 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
             for j in sub.jobs
         ]
         name = core.store.reserve_run_name()
-        specs = [spec_with_run_name(j, name) for j in sub.jobs]
+        specs = [
+            needing_container(spec_with_run_name(j, name), sub.jobs, job_inputs, core.store.container_paths_of_run)
+            for j, job_inputs in zip(sub.jobs, inputs, strict=True)
+        ]
         jobs = [
             NewJob(
                 job_name=j.job_name,

@@ -110,4 +110,6 @@ def resume_inputs(c: sqlite3.Connection, job_id: str) -> list[ArtifactInput]:
         for r in found
         if any(m == "." or r["path"] == m or r["path"].startswith(m + "/") for m in mounts)
     ]
-    return [ArtifactInput(found[0]["run_name"], job_name, files)] if files else []
+    # An absolute `mount: true` folder (inside the container) comes back at the same path.
+    roots = tuple(m for m in mounts if m.startswith("/"))
+    return [ArtifactInput(found[0]["run_name"], job_name, files, roots)] if files else []

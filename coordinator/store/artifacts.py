@@ -13,6 +13,7 @@ from dstack.coordinator.errors import Conflict, InvalidRequest, NotFound
 from dstack.coordinator.model import ArtifactFile, ArtifactInput, JobStatus
 from dstack.coordinator.store.base import Db, json_list, rows
 from dstack.coordinator.store.runs import Runs
+from dstack.protos.container_paths import BadContainerPath, check_container_path, is_container_path
 from dstack.protos.repos import LEGACY
 from dstack.protos.v1 import common_pb2
 
@@ -74,8 +75,26 @@ def inputs_of(c: sqlite3.Connection, job_id: str) -> list[ArtifactInput]:
         )
         if found:
             files = [ArtifactFile(job_name, r["path"], r["size"], r["sha256"]) for r in found]
-            out.append(ArtifactInput(found[0]["run_name"], job_name, files))
+            spec = c.execute(
+                "SELECT spec FROM jobs WHERE run_id = ? AND job_name = ?", [source_run, job_name]
+            ).fetchone()
+            mounts = container_paths_of(spec[0]) if spec is not None else ()
+            out.append(ArtifactInput(found[0]["run_name"], job_name, files, mounts))
     return out
+
+
+def container_paths_of(spec: bytes | None) -> tuple[str, ...]:
+    """A stored job spec's absolute artifact paths (folders inside its container), as the agent saved them."""
+    if not spec:
+        return ()
+    out = []
+    for a in common_pb2.JobSpec.FromString(spec).artifacts:
+        if is_container_path(a.path):
+            try:
+                out.append(check_container_path(a.path))
+            except BadContainerPath:
+                continue  # never saved: the agent refused it
+    return tuple(out)
 
 
 class Artifacts:
@@ -90,6 +109,11 @@ class Artifacts:
     def of_run(self, run_id: str) -> list[ArtifactRow]:
         rows = self.db.rows(f"{_SELECT} WHERE j.run_id = ? ORDER BY j.job_name, a.path", [run_id])
         return [ArtifactRow.of(r) for r in rows]
+
+    def container_paths_of_run(self, run_id: str) -> tuple[str, ...]:
+        """The absolute artifact paths of a run's jobs: a job taking the run as input mounts them."""
+        specs = self.db.rows("SELECT spec FROM jobs WHERE run_id = ?", [run_id])
+        return tuple(p for r in specs for p in container_paths_of(r["spec"]))
 
     def get(self, run_id: str, job_name: str, path: str) -> ArtifactRow:
         row = self.db.row(f"{_SELECT} WHERE j.run_id = ? AND j.job_name = ? AND a.path = ?", [run_id, job_name, path])

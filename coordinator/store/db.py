@@ -159,6 +159,7 @@ class Store(Db):
         self.save_artifacts = self.artifacts.save
         self.list_artifacts = self.artifacts.of_run
         self.artifact = self.artifacts.get
+        self.container_paths_of_run = self.artifacts.container_paths_of_run
         self.create_upload_run = self.artifacts.create_upload_run
         self.upload_job = self.artifacts.upload_job
         self.finish_upload_run = self.artifacts.finish_upload_run

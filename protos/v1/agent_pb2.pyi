@@ -320,20 +320,28 @@ class ArtifactInput(_message.Message):
     RUN_NAME_FIELD_NUMBER: _builtins.int
     JOB_NAME_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
+    MOUNT_PATHS_FIELD_NUMBER: _builtins.int
     run_name: _builtins.str
     job_name: _builtins.str
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ArtifactFile]: ...
+    @_builtins.property
+    def mount_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The producer's absolute artifact paths (folders inside its container, protos/container_paths.py): the
+        files under each are mounted at that same path in the dependant's container.
+        """
+
     def __init__(
         self,
         *,
         run_name: _builtins.str = ...,
         job_name: _builtins.str = ...,
         files: _abc.Iterable[_common_pb2.ArtifactFile] | None = ...,
+        mount_paths: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "job_name", b"job_name", "run_name", b"run_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "job_name", b"job_name", "mount_paths", b"mount_paths", "run_name", b"run_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

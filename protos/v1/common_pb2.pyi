@@ -229,7 +229,9 @@ class ArtifactSpec(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     MOUNT_FIELD_NUMBER: _builtins.int
     path: _builtins.str
-    """relative to the job's working directory"""
+    """Relative to the job's working directory, or absolute: a folder inside the job's container
+    (protos/container_paths.py), which makes the job need a container runtime.
+    """
     mount: _builtins.bool
     """saved while the job runs, not only at the end"""
     def __init__(

@@ -14,6 +14,8 @@ Those that do not, and why:
   tests/integration/test_fields2022.py with offline wheels instead;
 - a GPU: `gpu-v100`, `gpu-default`, `gpu-i` (024), 030, 037, 038 and the `*-gpu` workflows;
 - a 64 GB host: `mem-64gb` (024); shared memory of 16 GB, a container setting: `shm-size` (024);
+- conda or Hugging Face downloads (network): 017, 075-079 (`conda create` into an absolute artifact path) and 025
+  (stable diffusion weights, and a GPU);
 - an image pulled from a registry (network): 046 (`docker`, ubuntu), 047-063 and 068-070 (their providers'
   images, `python:3.9`, and `pip3 install` of torch);
 - another repository's runs: `cat-txt-3` (018, `dstackai/dstack/hello-txt`).

@@ -66,6 +66,17 @@ def test_most_of_the_group_is_accepted() -> None:
     assert len(MINE_ONLY) - len(accepted) <= 17, accepted  # the broken ones (BROKEN), 17 when written
 
 
+# Issue 13 item 4: absolute artifact paths (017 conda, 025 stable diffusion, 075-079 mnist-classifier).
+WITH_ABSOLUTE_ARTIFACTS = [e for e in ENTRIES if "4" in {i for i, _ in REPORT.forms(e)}]
+
+
+def test_files_with_absolute_artifact_paths_are_accepted() -> None:
+    assert [e["file"][:3] for e in WITH_ABSOLUTE_ARTIFACTS] == ["017", "025", "075", "076", "077", "078", "079"]
+    for entry in WITH_ABSOLUTE_ARTIFACTS:
+        result = REPORT.check_file(entry)
+        assert not result["file_error"] and not any(result["workflows"].values()), result
+
+
 # Every refusal of the corpus (162 files) by `dstack validate`, file by file: the errors of files that cannot be read,
 # then each failing workflow's first error, as `WORKFLOW: FILE:LINE:COLUMN: REASON`. A file not listed is accepted.
 # The comment: what 2022 forms the file has, by item of issue 13 (report.py's `forms`; "broken": a mistake 2022
@@ -94,17 +105,11 @@ REFUSED: dict[str, list[str]] = {
     "014": [  # dstack-examples_workflows-apps_f8c6f11.yaml; 2022 forms by item of issue 13: 3
         "hello-fastapi: .dstack/workflows/apps.yaml:5:12: 'ports' must be a list of PORT or HOST:CONTAINER",
     ],
-    "017": [  # dstack-examples_workflows-conda_f8c6f11.yaml; 2022 forms by item of issue 13: 4
-        "setup-conda: .dstack/workflows/conda.yaml:8:15: artifacts path '/opt/conda/envs/myenv' must be relative and stay inside the working directory",
-    ],
     "019": [  # dstack-examples_workflows-dev-environments_f8c6f11.yaml; 2022 forms by item of issue 13: 10
         "ide-code: .dstack/workflows/dev-environments.yaml:4:15: provider 'code' is not available yet",
         "ide-code-gpu: .dstack/workflows/dev-environments.yaml:8:15: provider 'code' is not available yet",
         "ide-lab: .dstack/workflows/dev-environments.yaml:15:15: provider 'lab' is not available yet",
         "ide-notebook: .dstack/workflows/dev-environments.yaml:19:15: provider 'notebook' is not available yet",
-    ],
-    "025": [  # dstack-examples_workflows-stability-diffusion_f8c6f11.yaml; 2022 forms by item of issue 13: 4
-        "sd-checkpoints: .dstack/workflows/stability_diffusion.yaml:13:15: artifacts path '/root/.cache/huggingface/hub' must be relative and stay inside the working directory",
     ],
     "027": [  # gpt-2_workflows_4cc3374.yaml; 2022 forms by item of issue 13: 6, 8
         "download-model: .dstack/workflows.yaml:11:7: field 'depends-on' must be a list of strings, not a mapping",
@@ -162,21 +167,6 @@ REFUSED: dict[str, list[str]] = {
     ],
     "074": [  # mnist-classifier_workflows_b5c152a.yaml; 2022 forms by item of issue 13: 1, 10
         "vscode: .dstack/workflows.yaml:54:15: provider 'code' is not available yet",
-    ],
-    "075": [  # mnist-classifier_workflows_69a1ffd.yaml; 2022 forms by item of issue 13: 4
-        "conda-setup: .dstack/workflows.yaml:27:15: artifacts path '/opt/conda/envs/mnist' must be relative and stay inside the working directory",
-    ],
-    "076": [  # mnist-classifier_workflows_ae35986.yaml; 2022 forms by item of issue 13: 4
-        "setup-conda: .dstack/workflows.yaml:10:15: artifacts path '/opt/conda/envs/mnist' must be relative and stay inside the working directory",
-    ],
-    "077": [  # mnist-classifier_workflows_fbeb615.yaml; 2022 forms by item of issue 13: 4
-        "setup-conda: .dstack/workflows.yaml:22:15: artifacts path '/opt/conda/envs/mnist' must be relative and stay inside the working directory",
-    ],
-    "078": [  # mnist-classifier_workflows_0f14192.yaml; 2022 forms by item of issue 13: 4
-        "setup-conda: .dstack/workflows.yaml:18:15: artifacts path '/opt/conda/envs/mnist' must be relative and stay inside the working directory",
-    ],
-    "079": [  # mnist-classifier_workflows_15b6903.yaml; 2022 forms by item of issue 13: 4
-        "setup-conda: .dstack/workflows.yaml:19:15: artifacts path '/opt/conda/envs/mnist' must be relative and stay inside the working directory",
     ],
     "082": [  # dstack_multiple_gpu_workflows_a8ea077.yaml; 2022 forms by item of issue 13: 1
         "train-mnist: .dstack/workflows.yaml:9:12: ${{ pgpu }} is not defined (define it in .dstack/variables.yaml)",
