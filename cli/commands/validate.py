@@ -8,7 +8,8 @@ a duplicate key) is reported and the others are still checked; each workflow get
 often follows from it), so every failing workflow has at least one file:line line. Notes (`note: ...`, such as a
 deprecated 2022 form or a bare `env` name not set here) are shown with the workflow they came from.
 
-Not checked (they need the coordinator): that tags named in `depends-on`/`deps` exist.
+Not checked (they need the coordinator): that tags named in `depends-on`/`deps` exist, and that the pool has a
+container runtime for a job with an absolute artifact path.
 """
 
 from __future__ import annotations
