@@ -125,8 +125,13 @@ def test_all_ok_exits_zero(tmp_path: Path) -> None:
 
 def test_no_coordinator_is_contacted(tmp_path: Path) -> None:
     """A coordinator address and token set: validate still connects to nothing (a CI job has no token, and must
-    never upload code or submit a run)."""
-    write_project(tmp_path, "workflows:\n  - name: a\n    provider: bash\n    commands: [echo a]\n")
+    never upload code or submit a run), and runs none of the workflow's commands."""
+    marker = tmp_path / "ran"
+    write_project(
+        tmp_path,
+        f"workflows:\n  - name: a\n    provider: bash\n    before_run: [touch {marker}]\n"
+        f"    commands: [touch {marker}]\n",
+    )
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
@@ -140,6 +145,7 @@ def test_no_coordinator_is_contacted(tmp_path: Path) -> None:
         except BlockingIOError:
             connected = False
     assert not connected
+    assert not marker.exists()  # nothing of the workflow runs either
 
 
 def test_a_provider_repository_is_fetched_never_run(tmp_path: Path) -> None:
