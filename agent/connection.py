@@ -26,6 +26,7 @@ from dstack.agent.outbox import Outbox
 from dstack.agent.retry import SESSION_BACKOFF, Outcome, RetryPolicy, classify, describe
 from dstack.agent.runner import Janitor, JobRunner, RunnerDeps
 from dstack.agent.runtimes import make_runtime
+from dstack.agent.tunnels import JobPorts, Tunnels
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from dstack.storage.backoff import Backoff
 from dstack.storage.private import private_dir, tighten_file
@@ -195,6 +196,7 @@ class Agent:
         self.transfer = Transfer(backoff=self.policy.backoff, retryable=self.policy.retries_in_place)
         self.code = CodeCache(config.code_dir, self.stub, self.metadata, self.transfer, self.policy)
         self._last_inventory: common_pb2.Inventory | None = None
+        self.tunnels = Tunnels(self.stub, self.metadata, self._job_ports)
         self._background: set[asyncio.Task[None]] = set()
         self.deps = RunnerDeps(
             jobs_dir=config.jobs_dir,
@@ -212,6 +214,13 @@ class Agent:
 
     def metadata(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.token}")]
+
+    def _job_ports(self, job_id: str) -> JobPorts | None:
+        """The ports of a job this agent runs now (started, not ended), for agent/tunnels.py."""
+        runner = self.jobs.get(job_id)
+        if runner is None or runner.proc is None:
+            return None
+        return JobPorts([(p.host_port, p.container_port) for p in runner.a.spec.ports])
 
     def _gpu_uuids(self, indices: list[int]) -> list[str]:
         inv = self._last_inventory
@@ -400,6 +409,8 @@ class Agent:
             runner = JobRunner(self.deps, a)
             self.jobs[a.job_id] = runner
             runner.start().add_done_callback(self._forget_job(a.job_id))
+        for order in msg.open_tunnels:
+            self.tunnels.open(order)
         for stop in msg.stops:
             runner_ = self.jobs.get(stop.job_id)
             if runner_ is not None:
@@ -410,6 +421,7 @@ class Agent:
     def _forget_job(self, job_id: str) -> Callable[[asyncio.Task[None]], None]:
         def forget(_task: asyncio.Task[None]) -> None:
             self.jobs.pop(job_id, None)
+            self.tunnels.job_ended(job_id, "the job ended")
 
         return forget
 
@@ -418,6 +430,7 @@ class Agent:
             if r.task is not None:
                 r.task.cancel()
         await asyncio.gather(*(r.task for r in self.jobs.values() if r.task), return_exceptions=True)
+        await self.tunnels.close()
         await self.runtime.close()
         await asyncio.to_thread(self.transfer.close)
         await self.channel.close()

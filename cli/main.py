@@ -238,6 +238,26 @@ def rm(runs: Annotated[list[str], typer.Argument(help="Run names")]) -> None:
         print(f"deleted {name} ({n} stored object(s))")
 
 
+@app.command("port-forward")
+def port_forward(
+    run: Annotated[str, typer.Argument(help="Run name")],
+    ports: Annotated[str, typer.Argument(metavar="[LOCAL:]REMOTE", help="The job's port, and the local one")],
+    job: Annotated[str, typer.Option("--job", help="The run's job (default: the one that declares the port)")] = "",
+) -> None:
+    """Forward a port of a running job to 127.0.0.1 through the coordinator (docs/tunnels.md)."""
+    from dstack.cli.commands.tunnels import port_forward_command
+
+    raise typer.Exit(port_forward_command(run, ports, job))
+
+
+@app.command()
+def attach(run: Annotated[str, typer.Argument(help="Run name")]) -> None:
+    """Reopen the tunnels to a running run's ports, print their URLs and follow its logs."""
+    from dstack.cli.commands.tunnels import attach_command
+
+    raise typer.Exit(attach_command(run))
+
+
 @app.command()
 def init() -> None:
     """Create .dstack/workflows.yaml in the current folder with an example workflow."""

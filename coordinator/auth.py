@@ -98,6 +98,8 @@ PERMISSIONS: dict[str, Role] = {
     _C + "ListUsers": Role.USER,  # names and roles: who the owners in `dstack ps` are
     _C + "RemoveUser": Role.ADMIN,
     _C + "RotateUserToken": Role.ADMIN,
+    # A tunnel into a job runs code as its owner: the run's owner or an admin only (app/tunnels.py).
+    _C + "Tunnel": Role.MEMBER,
     _A + "Register": Role.JOIN,
     _A + "Connect": Role.AGENT,
     _A + "GetCode": Role.AGENT,
@@ -107,6 +109,7 @@ PERMISSIONS: dict[str, Role] = {
     _A + "GrantCode": Role.AGENT,
     _A + "GrantUploads": Role.AGENT,
     _A + "GrantDownloads": Role.AGENT,
+    _A + "Tunnel": Role.AGENT,  # only a tunnel asked of this agent (coordinator/tunnel_registry.py)
 }
 
 TOKEN_CACHE_S = 30.0

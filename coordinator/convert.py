@@ -245,3 +245,9 @@ def artifact_input_to_proto(i: ArtifactInput) -> agent_pb2.ArtifactInput:
         files=[artifact_file_to_proto(f) for f in i.files],
         mount_paths=list(i.mount_paths),
     )
+
+
+def job_ports(encoded_spec: bytes) -> list[tuple[int, int]]:
+    """(host, container) of each port a stored job spec declares (what a tunnel may reach)."""
+    spec = common_pb2.JobSpec.FromString(encoded_spec)
+    return [(p.host_port, p.container_port) for p in spec.ports]

@@ -65,6 +65,11 @@ class AgentHub:
         conn.send(msg)
         return True
 
+    def open_tunnel(self, agent_id: str, tunnel_id: str, wire_job_id: str, port: int) -> bool:
+        """Asks a connected agent to open a tunnel (docs/tunnels.md); False: it is not connected."""
+        order = agent_pb2.OpenTunnel(tunnel_id=tunnel_id, job_id=wire_job_id, port=port)
+        return self.send(agent_id, agent_pb2.CoordinatorMessage(open_tunnels=[order]))
+
     def connected_ids(self) -> set[str]:
         return set(self._conns)
 

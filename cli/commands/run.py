@@ -385,14 +385,25 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "", pri
     from dstack.cli.waiting import WaitReporter
 
     waiting = WaitReporter(client, run.name, err).start()
+    # A workflow with ports: tunnels to them, open while the logs are followed (docs/tunnels.md).
+    tunnels = None
+    if any(j.ports for j in request.jobs):
+        from dstack.cli.commands.tunnels import RunTunnels
+
+        tunnels = RunTunnels(client, run, err, before_output=waiting.stop).start()
+    final = None
     try:
         final = print_logs(client, run, follow=True, before_output=waiting.stop)
     except KeyboardInterrupt:
         waiting.stop()
+        if tunnels is not None:
+            tunnels.close(None)
         return _interrupted(client, run.name, err)
     finally:
         waiting.stop()
     final = final or client.get_run(run.name)
+    if tunnels is not None:
+        tunnels.close(final)
     style = "green" if final.status == common_pb2.RUN_STATUS_DONE else "red"
     err.print((run_summary(final), style))
     return 0 if final.status == common_pb2.RUN_STATUS_DONE else 1

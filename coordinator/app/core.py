@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from dstack.coordinator.app.limits import SubmissionLimits
 from dstack.coordinator.artifacts import Artifacts
@@ -13,6 +14,7 @@ from dstack.coordinator.model import WAITING, AttemptView, JobView, RunStatus, R
 from dstack.coordinator.planner import WaitInfo
 from dstack.coordinator.store import JobRow, RunRow, Store
 from dstack.coordinator.store.executor import DbExecutor
+from dstack.coordinator.tunnel_registry import TunnelRegistry
 from dstack.storage import ArtifactStore
 
 
@@ -86,6 +88,8 @@ class Core:
     db: DbExecutor = field(init=False)
     objects: ArtifactStore = field(init=False)
     limits: SubmissionLimits = field(init=False)
+    # Tunnels asked of agents, waiting for them to dial back (coordinator/services/tunnel.py holds the peers).
+    tunnels: TunnelRegistry[Any] = field(init=False, default_factory=TunnelRegistry)
 
     def __post_init__(self) -> None:
         self.store = self.engine.store

@@ -22,7 +22,8 @@ from dstack.coordinator.convert import (
 )
 from dstack.coordinator.errors import CoordinatorError
 from dstack.coordinator.services.rpc import data_of, first_message, status_for, streaming, unary
-from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2
+from dstack.coordinator.services.tunnel import agent_tunnel
+from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, common_pb2
 
 Ctx: TypeAlias = Any  # grpc.aio.ServicerContext: grpc ships no type information
 log = logging.getLogger("dstack.coordinator")
@@ -75,6 +76,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader
             session.close()
+
+    async def Tunnel(  # type: ignore[override]  # grpc.aio also takes a handler that writes via its context
+        self, request_iterator: AsyncIterator[common_pb2.TunnelFrame], context: Ctx
+    ) -> None:
+        await agent_tunnel(self.core, context)  # reads and writes through the context (services/tunnel.py)
 
     @streaming
     async def GetCode(self, request: agent_pb2.GetCodeRequest, context: Ctx) -> AsyncIterator[client_pb2.DataChunk]:

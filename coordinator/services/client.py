@@ -23,7 +23,8 @@ from dstack.coordinator.convert import (
     upload_grant_to_proto,
 )
 from dstack.coordinator.services.rpc import data_of, first_message, streaming, unary
-from dstack.protos.v1 import client_pb2, client_pb2_grpc
+from dstack.coordinator.services.tunnel import client_tunnel
+from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
 
 Ctx: TypeAlias = Any  # grpc.aio.ServicerContext: grpc ships no type information
 VERSION = "0.1.0"
@@ -32,6 +33,11 @@ VERSION = "0.1.0"
 class ClientService(client_pb2_grpc.ClientServiceServicer):
     def __init__(self, core: Core) -> None:
         self.core = core
+
+    async def Tunnel(  # type: ignore[override]  # grpc.aio also takes a handler that writes via its context
+        self, request_iterator: AsyncIterator[common_pb2.TunnelFrame], context: Ctx
+    ) -> None:
+        await client_tunnel(self.core, context)  # reads and writes through the context (services/tunnel.py)
 
     @unary
     async def GetInfo(self, request: client_pb2.GetInfoRequest, context: Ctx) -> client_pb2.GetInfoResponse:

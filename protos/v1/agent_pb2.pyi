@@ -452,6 +452,7 @@ class CoordinatorMessage(_message.Message):
     STOPS_FIELD_NUMBER: _builtins.int
     UPDATE_ACKS_FIELD_NUMBER: _builtins.int
     LOG_ACKS_FIELD_NUMBER: _builtins.int
+    OPEN_TUNNELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello_ack(self) -> Global___HelloAck: ...
     @_builtins.property
@@ -462,6 +463,8 @@ class CoordinatorMessage(_message.Message):
     def update_acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpdateAck]: ...
     @_builtins.property
     def log_acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogAck]: ...
+    @_builtins.property
+    def open_tunnels(self) -> _containers.RepeatedCompositeFieldContainer[Global___OpenTunnel]: ...
     def __init__(
         self,
         *,
@@ -470,14 +473,44 @@ class CoordinatorMessage(_message.Message):
         stops: _abc.Iterable[Global___StopJob] | None = ...,
         update_acks: _abc.Iterable[Global___UpdateAck] | None = ...,
         log_acks: _abc.Iterable[Global___LogAck] | None = ...,
+        open_tunnels: _abc.Iterable[Global___OpenTunnel] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hello_ack", b"hello_ack"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "hello_ack", b"hello_ack", "log_acks", b"log_acks", "stops", b"stops", "update_acks", b"update_acks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "hello_ack", b"hello_ack", "log_acks", b"log_acks", "open_tunnels", b"open_tunnels", "stops", b"stops", "update_acks", b"update_acks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CoordinatorMessage: _TypeAlias = CoordinatorMessage  # noqa: Y015
+
+@_typing.final
+class OpenTunnel(_message.Message):
+    """Connect to `port` of the job (as its workflow declares it) and dial back AgentService.Tunnel
+    with `tunnel_id`: a single-use id, valid only for this agent (docs/tunnels.md).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TUNNEL_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    tunnel_id: _builtins.str
+    job_id: _builtins.str
+    port: _builtins.int
+    def __init__(
+        self,
+        *,
+        tunnel_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        port: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "port", b"port", "tunnel_id", b"tunnel_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenTunnel: _TypeAlias = OpenTunnel  # noqa: Y015
 
 @_typing.final
 class GetCodeRequest(_message.Message):

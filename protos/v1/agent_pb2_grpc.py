@@ -5,6 +5,7 @@ import warnings
 
 from dstack.protos.v1 import agent_pb2 as dstack_dot_protos_dot_v1_dot_agent__pb2
 from dstack.protos.v1 import client_pb2 as dstack_dot_protos_dot_v1_dot_client__pb2
+from dstack.protos.v1 import common_pb2 as dstack_dot_protos_dot_v1_dot_common__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -80,6 +81,11 @@ class AgentServiceStub:
                 request_serializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GrantDownloadsRequest.SerializeToString,
                 response_deserializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GrantDownloadsResponse.FromString,
                 _registered_method=True)
+        self.Tunnel = channel.stream_stream(
+                '/dstack.v1.AgentService/Tunnel',
+                request_serializer=dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -144,6 +150,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tunnel(self, request_iterator, context):
+        """The agent's side of a tunnel the coordinator asked for (OpenTunnel): the first frame carries
+        its `tunnel_id` (or the `error` that kept the agent from connecting), then data both ways.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +205,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.GrantDownloads,
                     request_deserializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GrantDownloadsRequest.FromString,
                     response_serializer=dstack_dot_protos_dot_v1_dot_agent__pb2.GrantDownloadsResponse.SerializeToString,
+            ),
+            'Tunnel': grpc.stream_stream_rpc_method_handler(
+                    servicer.Tunnel,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -436,6 +455,33 @@ class AgentService:
             '/dstack.v1.AgentService/GrantDownloads',
             dstack_dot_protos_dot_v1_dot_agent__pb2.GrantDownloadsRequest.SerializeToString,
             dstack_dot_protos_dot_v1_dot_agent__pb2.GrantDownloadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tunnel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dstack.v1.AgentService/Tunnel',
+            dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,6 +8,7 @@ the long-lived Connect stream.
 from collections import abc as _abc
 from dstack.protos.v1 import agent_pb2 as _agent_pb2
 from dstack.protos.v1 import client_pb2 as _client_pb2
+from dstack.protos.v1 import common_pb2 as _common_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -49,6 +50,10 @@ class AgentServiceStub:
     """Presigned URLs for stores that allow them (S3); `stream` answers mean: use the calls above."""
     GrantUploads: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GrantUploadsRequest, _agent_pb2.GrantUploadsResponse]
     GrantDownloads: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GrantDownloadsRequest, _agent_pb2.GrantDownloadsResponse]
+    Tunnel: _grpc.StreamStreamMultiCallable[_common_pb2.TunnelFrame, _common_pb2.TunnelFrame]
+    """The agent's side of a tunnel the coordinator asked for (OpenTunnel): the first frame carries
+    its `tunnel_id` (or the `error` that kept the agent from connecting), then data both ways.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -68,6 +73,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Presigned URLs for stores that allow them (S3); `stream` answers mean: use the calls above."""
     GrantUploads: _aio.UnaryUnaryMultiCallable[_agent_pb2.GrantUploadsRequest, _agent_pb2.GrantUploadsResponse]  # type: ignore[assignment]
     GrantDownloads: _aio.UnaryUnaryMultiCallable[_agent_pb2.GrantDownloadsRequest, _agent_pb2.GrantDownloadsResponse]  # type: ignore[assignment]
+    Tunnel: _aio.StreamStreamMultiCallable[_common_pb2.TunnelFrame, _common_pb2.TunnelFrame]  # type: ignore[assignment]
+    """The agent's side of a tunnel the coordinator asked for (OpenTunnel): the first frame carries
+    its `tunnel_id` (or the `error` that kept the agent from connecting), then data both ways.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -138,5 +147,15 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.GrantDownloadsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.GrantDownloadsResponse, _abc.Awaitable[_agent_pb2.GrantDownloadsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Tunnel(
+        self,
+        request_iterator: _MaybeAsyncIterator[_common_pb2.TunnelFrame],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.TunnelFrame], _abc.AsyncIterator[_common_pb2.TunnelFrame]]:
+        """The agent's side of a tunnel the coordinator asked for (OpenTunnel): the first frame carries
+        its `tunnel_id` (or the `error` that kept the agent from connecting), then data both ways.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

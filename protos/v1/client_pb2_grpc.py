@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from dstack.protos.v1 import client_pb2 as dstack_dot_protos_dot_v1_dot_client__pb2
+from dstack.protos.v1 import common_pb2 as dstack_dot_protos_dot_v1_dot_common__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -198,6 +199,11 @@ class ClientServiceStub:
                 '/dstack.v1.ClientService/PreemptRun',
                 request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.PreemptRunRequest.SerializeToString,
                 response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.PreemptRunResponse.FromString,
+                _registered_method=True)
+        self.Tunnel = channel.stream_stream(
+                '/dstack.v1.ClientService/Tunnel',
+                request_serializer=dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.FromString,
                 _registered_method=True)
 
 
@@ -409,6 +415,14 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tunnel(self, request_iterator, context):
+        """One TCP connection to a port of a running job (docs/tunnels.md): the first frame names the run,
+        job and port (`open`), then data both ways; the run's owner or an admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -576,6 +590,11 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.PreemptRun,
                     request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.PreemptRunRequest.FromString,
                     response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.PreemptRunResponse.SerializeToString,
+            ),
+            'Tunnel': grpc.stream_stream_rpc_method_handler(
+                    servicer.Tunnel,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1469,6 +1488,33 @@ class ClientService:
             '/dstack.v1.ClientService/PreemptRun',
             dstack_dot_protos_dot_v1_dot_client__pb2.PreemptRunRequest.SerializeToString,
             dstack_dot_protos_dot_v1_dot_client__pb2.PreemptRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tunnel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dstack.v1.ClientService/Tunnel',
+            dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_common__pb2.TunnelFrame.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,7 @@ Every call carries `authorization: Bearer TOKEN` metadata.
 
 from collections import abc as _abc
 from dstack.protos.v1 import client_pb2 as _client_pb2
+from dstack.protos.v1 import common_pb2 as _common_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -73,6 +74,10 @@ class ClientServiceStub:
     RotateUserToken: _grpc.UnaryUnaryMultiCallable[_client_pb2.RotateUserTokenRequest, _client_pb2.RotateUserTokenResponse]
     PreemptRun: _grpc.UnaryUnaryMultiCallable[_client_pb2.PreemptRunRequest, _client_pb2.PreemptRunResponse]
     """Admin only: preempts the run's interruptible jobs (requeued as new attempts), `dstack stop --preempt`."""
+    Tunnel: _grpc.StreamStreamMultiCallable[_common_pb2.TunnelFrame, _common_pb2.TunnelFrame]
+    """One TCP connection to a port of a running job (docs/tunnels.md): the first frame names the run,
+    job and port (`open`), then data both ways; the run's owner or an admin only.
+    """
 
 @_typing.type_check_only
 class ClientServiceAsyncStub(ClientServiceStub):
@@ -117,6 +122,10 @@ class ClientServiceAsyncStub(ClientServiceStub):
     RotateUserToken: _aio.UnaryUnaryMultiCallable[_client_pb2.RotateUserTokenRequest, _client_pb2.RotateUserTokenResponse]  # type: ignore[assignment]
     PreemptRun: _aio.UnaryUnaryMultiCallable[_client_pb2.PreemptRunRequest, _client_pb2.PreemptRunResponse]  # type: ignore[assignment]
     """Admin only: preempts the run's interruptible jobs (requeued as new attempts), `dstack stop --preempt`."""
+    Tunnel: _aio.StreamStreamMultiCallable[_common_pb2.TunnelFrame, _common_pb2.TunnelFrame]  # type: ignore[assignment]
+    """One TCP connection to a port of a running job (docs/tunnels.md): the first frame names the run,
+    job and port (`open`), then data both ways; the run's owner or an admin only.
+    """
 
 class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -356,5 +365,15 @@ class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_client_pb2.PreemptRunResponse, _abc.Awaitable[_client_pb2.PreemptRunResponse]]:
         """Admin only: preempts the run's interruptible jobs (requeued as new attempts), `dstack stop --preempt`."""
+
+    @_abc_1.abstractmethod
+    def Tunnel(
+        self,
+        request_iterator: _MaybeAsyncIterator[_common_pb2.TunnelFrame],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.TunnelFrame], _abc.AsyncIterator[_common_pb2.TunnelFrame]]:
+        """One TCP connection to a port of a running job (docs/tunnels.md): the first frame names the run,
+        job and port (`open`), then data both ways; the run's owner or an admin only.
+        """
 
 def add_ClientServiceServicer_to_server(servicer: ClientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

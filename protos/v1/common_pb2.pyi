@@ -680,3 +680,71 @@ class CompletedUpload(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CompletedUpload: _TypeAlias = CompletedUpload  # noqa: Y015
+
+@_typing.final
+class TunnelFrame(_message.Message):
+    """One TCP connection through a tunnel (docs/tunnels.md): frames both ways on one gRPC stream,
+    CLI <-> coordinator <-> agent <-> the job's port.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPEN_FIELD_NUMBER: _builtins.int
+    TUNNEL_ID_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    EOF_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    tunnel_id: _builtins.str
+    """the agent's first frame: which tunnel it answers"""
+    data: _builtins.bytes
+    eof: _builtins.bool
+    """the sender writes no more (a TCP half-close); the other way stays open"""
+    error: _builtins.str
+    """the agent could not connect, or the job ended: why, for the user"""
+    @_builtins.property
+    def open(self) -> Global___TunnelTarget:
+        """the CLI's first frame: where to connect"""
+
+    def __init__(
+        self,
+        *,
+        open: Global___TunnelTarget | None = ...,
+        tunnel_id: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        eof: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["open", b"open"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof", "error", b"error", "open", b"open", "tunnel_id", b"tunnel_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TunnelFrame: _TypeAlias = TunnelFrame  # noqa: Y015
+
+@_typing.final
+class TunnelTarget(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_NAME_FIELD_NUMBER: _builtins.int
+    JOB_NAME_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    run_name: _builtins.str
+    job_name: _builtins.str
+    """empty: the run's job that declares `port`"""
+    port: _builtins.int
+    """as the workflow's `ports` name it (the container's side)"""
+    def __init__(
+        self,
+        *,
+        run_name: _builtins.str = ...,
+        job_name: _builtins.str = ...,
+        port: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_name", b"job_name", "port", b"port", "run_name", b"run_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TunnelTarget: _TypeAlias = TunnelTarget  # noqa: Y015

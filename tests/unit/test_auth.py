@@ -51,6 +51,7 @@ MEMBER_ONLY = {
     "CreateUpload",
     "PutArtifact",
     "CommitUpload",
+    "Tunnel",  # a tunnel into a job runs code as its owner: the owner or an admin (app/tunnels.py)
 }
 
 
