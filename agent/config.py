@@ -35,6 +35,7 @@ class AgentConfig:
     # Host jobs run as this user (the agent runs as root: agent/jobuser.py); None: as the agent's user.
     job_user: JobUser | None = None
     job_user_name: str = ""  # --job-user, resolved into job_user at start (agent/main.py)
+    job_ports: tuple[int, int] | None = None  # --job-ports LO-HI: where `ports: N` picks; None: any free port
 
     @property
     def credentials_path(self) -> Path:

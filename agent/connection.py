@@ -23,6 +23,7 @@ from dstack.agent.config import AgentConfig
 from dstack.agent.inventory import Inventory
 from dstack.agent.jobuser import JobUserError, prepare_root
 from dstack.agent.outbox import Outbox
+from dstack.agent.ports import PortPool
 from dstack.agent.retry import SESSION_BACKOFF, Outcome, RetryPolicy, classify, describe
 from dstack.agent.runner import Janitor, JobRunner, RunnerDeps
 from dstack.agent.runtimes import make_runtime
@@ -210,6 +211,7 @@ class Agent:
             janitor=Janitor(),
             mount_sync_s=config.mount_sync_s,
             agent_home=str(config.home),
+            ports=PortPool(config.job_ports),
         )
 
     def metadata(self) -> list[tuple[str, str]]:
@@ -220,7 +222,7 @@ class Agent:
         runner = self.jobs.get(job_id)
         if runner is None or runner.proc is None:
             return None
-        return JobPorts([(p.host_port, p.container_port) for p in runner.a.spec.ports])
+        return JobPorts(runner.published_ports)
 
     def _gpu_uuids(self, indices: list[int]) -> list[str]:
         inv = self._last_inventory

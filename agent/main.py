@@ -18,6 +18,7 @@ from dstack.agent.config import AgentConfig
 from dstack.agent.connection import Agent, FatalAgentError, pin_ca
 from dstack.agent.envcache import DEFAULT_SIZE, parse_size
 from dstack.agent.inventory import InventoryError, parse_simulated
+from dstack.agent.ports import parse_range
 from dstack.agent.runtimes import RUNTIMES, DockerOptions, RuntimeError_, resolve_runtime
 from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT
 
@@ -161,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         " (deploy/install.sh creates it: `useradd --system --no-create-home --shell /usr/sbin/nologin"
         f" {jobuser.DEFAULT}`); {jobuser.NONE}: as the agent's own user (default: %(default)s, from DSTACK_JOB_USER)",
     )
+    p.add_argument(
+        "--job-ports",
+        default=env("DSTACK_JOB_PORTS", ""),
+        metavar="LO-HI",
+        help="where jobs' `ports: N` are picked, e.g. 20000-20999 (ports your firewall lets through);"
+        " default: any free port the kernel offers (from DSTACK_JOB_PORTS)",
+    )
     return p
 
 
@@ -208,6 +216,10 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         env_cache_max_bytes = parse_size(a.env_cache_size)
     except ValueError as e:
         p.error(f"--env-cache-size: {e}")
+    try:
+        job_ports = parse_range(a.job_ports) if a.job_ports else None
+    except ValueError as e:
+        p.error(f"--job-ports: {e}")
     if not (a.insecure or a.ca_file or a.ca_fingerprint):  # an option given wins over the environment
         a.ca_file, a.ca_fingerprint = env("DSTACK_CA_FILE", ""), env("DSTACK_CA_FINGERPRINT", "")
         if a.ca_file and a.ca_fingerprint:
@@ -236,6 +248,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         env_cache_max_bytes=env_cache_max_bytes,
         job_user_name=a.job_user,
         pids_limit=a.pids_limit,
+        job_ports=job_ports,
     )
 
 

@@ -18,8 +18,9 @@ import logging
 import os
 import shutil
 import signal
+import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dstack.agent.artifacts import (
@@ -35,6 +36,7 @@ from dstack.agent.artifacts import (
 from dstack.agent.code import CodeCache
 from dstack.agent.masking import Masker
 from dstack.agent.outbox import Outbox
+from dstack.agent.ports import PortPool
 from dstack.agent.runtimes import AGENT_MARKER, JobProcess, Runtime, RuntimeJob
 from dstack.protos.v1 import agent_pb2, common_pb2
 
@@ -58,6 +60,8 @@ class RunnerDeps:
     janitor: Janitor
     mount_sync_s: float
     agent_home: str
+    ports: PortPool = field(default_factory=PortPool)  # `ports: N`: the agent's picks, held per job
+    hostname: str = field(default_factory=socket.gethostname)  # JOB_HOSTNAME: where the job's ports are
 
 
 class Janitor:
@@ -119,6 +123,15 @@ def base_env() -> dict[str, str]:
     return env
 
 
+def job_env(hostname: str, ports: list[int]) -> dict[str, str]:
+    """What the 2022 runner told every job: where it runs (JOB_HOSTNAME, HOSTNAME: the agent's host,
+    where its ports are reached) and the ports picked for `ports: N`, as PORT_i and JOB_PORT_i."""
+    env = {"JOB_HOSTNAME": hostname, "HOSTNAME": hostname}
+    for i, port in enumerate(ports):
+        env[f"PORT_{i}"] = env[f"JOB_PORT_{i}"] = str(port)
+    return env
+
+
 def describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -134,6 +147,7 @@ class JobRunner:
         self.a = assignment
         self.job_id = assignment.job_id
         self.proc: JobProcess | None = None
+        self.published_ports: list[tuple[int, int]] = []  # (host, container), once started
         self.stop_requested = False
         self.abort = False
         self.upload_cache: UploadCache = {}  # files already saved (mounted artifacts), by size and mtime
@@ -150,8 +164,11 @@ class JobRunner:
         reason: common_pb2.TerminationReason.ValueType = TR.TERMINATION_REASON_UNSPECIFIED,
         message: str = "",
         exit_code: int | None = None,
+        ports: list[tuple[int, int]] | None = None,
     ) -> None:
         u = agent_pb2.JobUpdate(job_id=self.job_id, status=status, termination_reason=reason, message=message)
+        for host, container in ports or []:
+            u.ports.add(host_port=host, container_port=container)
         if exit_code is not None:
             u.exit_code, u.has_exit_code = exit_code, True
         self.deps.outbox.add_update(u)
@@ -193,8 +210,19 @@ class JobRunner:
                 if self.stop_requested:
                     self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user")
                     return
-                env = self.deps.runtime.base_env(base_env()) | dict(self.a.secrets) | dict(self.a.env) | dict(spec.env)
+                # Held until the job ends (the finally below), so no other job of this agent gets them.
+                picked = self.deps.ports.reserve(self.job_id, spec.port_count, [p.host_port for p in spec.ports])
+                if picked:
+                    names = f"$PORT_0..$PORT_{len(picked) - 1}" if len(picked) > 1 else "$PORT_0"
+                    self._system_line(f"dstack: ports {', '.join(map(str, picked))} as {names}")
+                where = job_env(self.deps.hostname, picked)
+                env = self.deps.runtime.base_env(base_env()) | dict(self.a.secrets) | dict(self.a.env)
+                # The workflow may name its own HOSTNAME; the picked ports are what the job got, always.
+                env |= {k: v for k, v in where.items() if not k.startswith(("PORT_", "JOB_PORT_"))}
+                env |= dict(spec.env)
+                env |= {k: v for k, v in where.items() if k.startswith(("PORT_", "JOB_PORT_"))}
                 env[AGENT_MARKER] = self.deps.agent_home
+                ports = [(p.host_port, p.container_port) for p in spec.ports] + [(p, p) for p in picked]
                 self.proc = await self.deps.runtime.start(
                     RuntimeJob(
                         job_id=self.job_id,
@@ -210,7 +238,7 @@ class JobRunner:
                         shm_size_bytes=spec.resources.shm_size_bytes,
                         provider=spec.provider,
                         python_version=spec.python_version,
-                        ports=[(p.host_port, p.container_port) for p in spec.ports],
+                        ports=ports,
                         mounts=[(str(host), path) for path, host in folders.items()],
                         gpus_simulated=self.deps.gpus_simulated,
                         system_line=self._system_line,
@@ -222,7 +250,10 @@ class JobRunner:
                 self._system_line(f"dstack: the job could not start: {e}")
                 self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_EXECUTOR_ERROR, str(e))
                 return
-            self._update(JS.JOB_STATUS_RUNNING)
+            # The ports as published on the agent's host: what the coordinator records and shows, and what
+            # a tunnel may reach (agent/tunnels.py): the list form and the `ports: N` picks alike.
+            self.published_ports = self.deps.runtime.published_ports(ports)
+            self._update(JS.JOB_STATUS_RUNNING, ports=self.published_ports)
             if self.stop_requested:  # a stop that arrived while the process was starting
                 await self.proc.stop(self.abort)
             pump = asyncio.create_task(self._pump_output(self.proc))
@@ -253,6 +284,7 @@ class JobRunner:
                 await self.proc.cleanup()
             raise
         finally:
+            self.deps.ports.release(self.job_id)
             self.deps.outbox.mark_finished(self.job_id)
             self.deps.janitor.remove(workdir)
             if self.folders:

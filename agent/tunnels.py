@@ -29,7 +29,8 @@ CONNECT_TIMEOUT_S = 10.0
 
 @dataclass(frozen=True)
 class JobPorts:
-    """What the agent knows of a running job's ports: (host, container) pairs, as its spec declares."""
+    """What the agent knows of a running job's ports: (host, container) pairs as it published them (the
+    spec's list and the `ports: N` picks)."""
 
     ports: list[tuple[int, int]]
 

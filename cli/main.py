@@ -49,7 +49,8 @@ def run(
 
     `dstack run WORKFLOW --help` shows the workflow's help and its variables.
 
-    `--NAME VALUE` (or `--NAME=VALUE`) overrides a variable; other arguments go to the workflow."""
+    `--NAME VALUE` (or `--NAME=VALUE`) overrides a variable; other arguments go to the workflow.
+    A bash workflow also takes `-p/--ports N` (as in 2022): N ports picked when the job starts, as $PORT_0..."""
     if workflow in ("--help", "-h"):
         typer.echo(ctx.get_help())
         raise typer.Exit(0)

@@ -107,6 +107,17 @@ def preempted_text(run: client_pb2.Run) -> str:
     return latest[1] if latest else ""
 
 
+def ports_text(run: client_pb2.Run) -> str:
+    """`ports 8080, 41236->80` for a run's running jobs (HOST, or HOST->CONTAINER inside a container)."""
+    texts = [
+        str(p.host_port) if p.host_port == p.container_port else f"{p.host_port}->{p.container_port}"
+        for j in run.jobs
+        if j.status == common_pb2.JOB_STATUS_RUNNING
+        for p in j.ports
+    ]
+    return f"ports {', '.join(texts)}" if texts else ""
+
+
 def run_to_json(run: client_pb2.Run) -> dict[str, object]:
     return {
         "name": run.name,
@@ -136,6 +147,8 @@ def run_to_json(run: client_pb2.Run) -> dict[str, object]:
                 "agent": j.agent_name or None,
                 "gpus": list(j.gpu_indices),
                 "exit_code": j.exit_code if j.has_exit_code else None,
+                # What `ports:` (a list, or N picked at start) resolved to on the job's agent.
+                "ports": [{"container": p.container_port, "host": p.host_port} for p in j.ports],
                 # While waiting: the position in the scheduler's order, why, and the expected start.
                 "queue_position": j.queue_position or None,
                 "wait_reason": j.wait_reason or None,

@@ -32,6 +32,7 @@ class Workflow:
     before_run: list[str] = field(default_factory=list)
     image: str = ""
     ports: list[tuple[int, int]] = field(default_factory=list)  # (host, container)
+    port_count: int = 0  # `ports: N`: free ports the agent picks when the job starts
     run_args: list[str] = field(default_factory=list)
     retry: common_pb2.RetryPolicy | None = None  # `retry: {limit, on}`; None: no new attempts
     max_duration_s: int = 0  # `max_duration`; 0: no limit  # extra `dstack run` arguments, for the provider

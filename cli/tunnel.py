@@ -174,8 +174,19 @@ class Forwarder:
 
 
 def run_ports(run: client_pb2.Run) -> list[tuple[client_pb2.Job, common_pb2.PortSpec]]:
-    """The ports the run's jobs declare, job by job."""
-    return [(j, p) for j in run.jobs for p in j.spec.ports]
+    """The ports of the run's jobs, job by job: those the spec declares (with their app and url_path), then
+    those the agent picked for `ports: N` once the job runs (recorded in Job.ports)."""
+    out = []
+    for j in run.jobs:
+        declared = {p.container_port for p in j.spec.ports}
+        out += [(j, p) for p in j.spec.ports]
+        out += [(j, p) for p in j.ports if p.container_port not in declared]
+    return out
+
+
+def expected_ports(run: client_pb2.Run) -> int:
+    """How many ports the run's jobs will have once they all run (list form plus `ports: N`)."""
+    return sum(len(j.spec.ports) + j.spec.port_count for j in run.jobs)
 
 
 def open_run_tunnels(forwarder: Forwarder, run: client_pb2.Run, running_only: bool = True) -> list[Forward]:

@@ -55,6 +55,7 @@ RESOURCE_SCHEMA: dict[str, Any] = {
     },
 }
 RETRY_CAUSES = ("agent-lost", "preempted", "error")
+MAX_PORT_COUNT = 64  # `ports: N`: more is a typo for a port number, not a job's need
 MAX_RETRIES = 100
 COMMON_SCHEMA: dict[str, Any] = {
     "name": _STR,
@@ -129,9 +130,19 @@ COMMON_SCHEMA: dict[str, Any] = {
         "description": "stop the job when it runs longer: 2h, 30m, 90s, 1h30m, or seconds",
     },
     "ports": {
-        "type": "array",
-        "items": {"oneOf": [{"type": "integer", "minimum": 1, "maximum": 65535}, {"type": "string"}]},
-        "description": "PORT, or HOST_PORT:CONTAINER_PORT",
+        "oneOf": [
+            {
+                "type": "array",
+                "items": {"oneOf": [{"type": "integer", "minimum": 1, "maximum": 65535}, {"type": "string"}]},
+                "description": "PORT, or HOST_PORT:CONTAINER_PORT",
+            },
+            {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": MAX_PORT_COUNT,
+                "description": "N free ports the agent picks when the job starts: $PORT_0 .. $PORT_{N-1} (2022)",
+            },
+        ]
     },
 }
 COMMON_FIELDS = set(COMMON_SCHEMA)
@@ -239,6 +250,7 @@ def parse_workflow(node: Node) -> Workflow:
         before_run=fields.string_list(node, "before_run"),
         image=fields.image_ref(node, "image"),
         ports=_ports(node),
+        port_count=_port_count(node),
         retry=_retry(node),
         max_duration_s=fields.duration_s(node, "max_duration"),
     )
@@ -433,13 +445,36 @@ def _project_root(workflow_file: Path) -> Path | None:
     return None
 
 
+_PORTS_FORMS = f"a number of ports to pick (0-{MAX_PORT_COUNT}) or a list of PORT or HOST:CONTAINER"
+
+
+def _port_count(node: Node) -> int:
+    """`ports: N` (2022): N free ports the agent picks at start, as $PORT_0..$PORT_{N-1}; 0 for the list form.
+
+    A string of digits counts too: that is what `ports: ${{ n }}` becomes once variables are substituted."""
+    value = node.get("ports")
+    if value is None or isinstance(value, Seq):
+        return 0
+    if isinstance(value, str) and value.isascii() and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WorkflowError(f"'ports' must be {_PORTS_FORMS}, got {value!r}", node.at("ports"))
+    if value < 0:
+        raise WorkflowError(f"'ports' must be {_PORTS_FORMS}, got {value}", node.at("ports"))
+    if value > MAX_PORT_COUNT:
+        raise WorkflowError(
+            f"'ports: {value}' asks for {value} ports: give a number from 0 to {MAX_PORT_COUNT},"
+            " or a list such as [8080] for that port itself",
+            node.at("ports"),
+        )
+    return value
+
+
 def _ports(node: Node) -> list[tuple[int, int]]:
-    """`ports: [8888, "8080:80"]` -> (host, container) pairs, each in 1..65535."""
+    """`ports: [8888, "8080:80"]` -> (host, container) pairs, each in 1..65535 (`ports: N`: _port_count)."""
     items = node.get("ports")
-    if items is None:
+    if items is None or not isinstance(items, Seq):
         return []
-    if not isinstance(items, Seq):
-        raise WorkflowError("'ports' must be a list of PORT or HOST:CONTAINER", node.at("ports"))
     out = []
     for i, item in enumerate(items):
         loc = items.item_locations[i]

@@ -110,6 +110,7 @@ def job_to_proto(j: JobView) -> client_pb2.Job:
         wait_reason=j.wait_reason,
         eta_ns=j.eta_ns,
         attempt=j.attempt,
+        ports=[common_pb2.PortSpec(host_port=h, container_port=c) for h, c in j.ports],
         attempts=[
             client_pb2.JobAttempt(
                 attempt=a.attempt,
@@ -225,6 +226,7 @@ def job_updates_from_proto(updates: Iterable[agent_pb2.JobUpdate]) -> list[JobUp
             message=u.message,
             exit_code=u.exit_code if u.has_exit_code else None,
             time_ns=u.time_ns,
+            ports=[(p.host_port, p.container_port) for p in u.ports],
         )
         for u in updates
     ]

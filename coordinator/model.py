@@ -112,6 +112,7 @@ class JobUpdate:
     message: str = ""
     exit_code: int | None = None
     time_ns: int = 0  # when it happened on the agent; 0: unknown (the coordinator's clock is used)
+    ports: list[tuple[int, int]] = field(default_factory=list)  # with RUNNING: (host, container) on the agent
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,7 @@ class JobView:
     eta_ns: int = 0
     attempt: int = 1
     attempts: list[AttemptView] = field(default_factory=list)  # the earlier ones, oldest first
+    ports: list[tuple[int, int]] = field(default_factory=list)  # (host, container) the attempt got on its agent
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,12 @@ class JobJSON(TypedDict):
     eta: str | None  # expected start (ISO 8601), when known
     attempt: int  # 1 unless retried or preempted
     attempts: list[AttemptJSON]  # the earlier attempts, oldest first
+    ports: list[PortJSON]  # what `ports:` resolved to on the job's agent (reported when it started)
+
+
+class PortJSON(TypedDict):
+    container: int
+    host: int
 
 
 class AttemptJSON(TypedDict):

@@ -93,6 +93,11 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def start(self, job: RuntimeJob) -> JobProcess: ...
 
+    def published_ports(self, ports: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """A started job's (host, container) ports as reached on this host. A host process listens
+        on the host itself: on the port it was told, whatever HOST:CONTAINER said."""
+        return [(container, container) for _host, container in ports]
+
     async def close(self) -> None:
         """Called when the agent stops, after its jobs ended: releases what the runtime holds on the host."""
         return None

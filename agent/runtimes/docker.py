@@ -392,6 +392,13 @@ class DockerRuntime(Runtime):
         self._pulls: dict[str, asyncio.Future[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
 
+    def published_ports(self, ports: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """On the bridge network as published (HOST:CONTAINER); on the host network the container's
+        ports are the host's (container_config refuses a remapping there)."""
+        if self.opts.network == "bridge":
+            return list(ports)
+        return super().published_ports(ports)
+
     def base_env(self, host_env: dict[str, str]) -> dict[str, str]:
         # The image's own PATH, HOME and user apply inside the container, not the agent host's.
         return {k: v for k, v in host_env.items() if k not in ("PATH", "HOME", "USER", "LOGNAME")}

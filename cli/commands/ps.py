@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from dstack.cli.render import ago, attempts, preempted_text, queue_text, run_status, run_to_json
+from dstack.cli.render import ago, attempts, ports_text, preempted_text, queue_text, run_status, run_to_json
 
 STYLE = {
     "done": "green",
@@ -43,8 +43,13 @@ def ps_command(show_all: bool, as_json: bool) -> None:
                 ago(r.submitted_at_ns),
                 ", ".join(r.tags),
                 # A waiting run: its place in the scheduler's order and expected start, then why; and
-                # why its last attempt was preempted, if one was.
-                "; ".join(filter(None, [" ".join(filter(None, [queue_text(r), r.message])), preempted_text(r)])),
+                # why its last attempt was preempted, if one was; a running one: the ports it serves.
+                "; ".join(
+                    filter(
+                        None,
+                        [" ".join(filter(None, [queue_text(r), r.message])), preempted_text(r), ports_text(r)],
+                    )
+                ),
             ]
         )
     header = ("RUN", *(("REPO",) if several else ()), "WORKFLOW", "STATUS", "SUBMITTED", "TAGS", "MESSAGE")

@@ -102,12 +102,14 @@ def build_request(root: Path, workflow_name: str, args: list[str], nodes: dict[s
     order = _dependency_order(nodes, workflow_name, lambda n: dependencies(n).runtime)
     variables = {name: load_variables(root, name) for name in order}
     known = set().union(*(v.defaults for v in variables.values()))
-    overrides, rest = split_overrides(args, known)
     provider_name = target.get("provider")
+    # 2022's bash provider read `-p/--ports N` among the run's arguments (`dstack run app -p 2`).
+    port_count, workflow_args = take_ports_option(args) if provider_name == "bash" else (None, args)
+    overrides, rest = split_overrides(workflow_args, known)
     takes_args = _mentions(target, "run.args") or (
         isinstance(provider_name, str) and load_provider(provider_name, target).passes_run_args
     )
-    check_run_args(args, rest, known, workflow_name, takes_args)
+    check_run_args(workflow_args, rest, known, workflow_name, takes_args)
     jobs = []
     tag_checks: list[tuple[str, str, Location]] = []
     code_files: list[CodeFile] = []
@@ -122,6 +124,8 @@ def build_request(root: Path, workflow_name: str, args: list[str], nodes: dict[s
         substitute(node, _lookup(vs.values, run_args_text(run_args)))
         wf = parse_workflow(node)
         wf.env = vs.env() | wf.env  # what the workflow sets explicitly wins
+        if name == workflow_name and port_count is not None:
+            wf.ports, wf.port_count = [], port_count  # in place of the workflow's `ports`, as in 2022
         wf.run_args = run_args
         expected = dependencies(node).tag_workflows
         for tag in wf.input_tags:
@@ -183,6 +187,33 @@ def check_container_runtime(client: Client, request: Request) -> None:
         " the next command starts them), or use a path relative to the working directory",
         need.location,
     )
+
+
+def take_ports_option(args: list[str]) -> tuple[int | None, list[str]]:
+    """`-p N`, `--ports N` or `--ports=N` before `--`: the number of ports to pick (`ports: N`), and the
+    other arguments; None when not given."""
+    from dstack.cli.workflows import MAX_PORT_COUNT
+
+    end = args.index("--") if "--" in args else len(args)
+    count: int | None = None
+    rest: list[str] = []
+    i = 0
+    while i < end:
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if arg in ("-p", "--ports") or (eq and name == "--ports"):
+            if not eq:
+                if i + 1 >= end:
+                    raise WorkflowError(f"{arg} needs a number of ports (e.g. {arg} 2)")
+                value = args[i + 1]
+                i += 1
+            if not (value.isascii() and value.isdigit()) or int(value) > MAX_PORT_COUNT:
+                raise WorkflowError(f"{name}: give a number of ports from 0 to {MAX_PORT_COUNT}, not {value!r}")
+            count = int(value)
+        else:
+            rest.append(arg)
+        i += 1
+    return count, rest + args[end:]
 
 
 def _mentions(value: object, text: str) -> bool:
@@ -387,7 +418,7 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "", pri
     waiting = WaitReporter(client, run.name, err).start()
     # A workflow with ports: tunnels to them, open while the logs are followed (docs/tunnels.md).
     tunnels = None
-    if any(j.ports for j in request.jobs):
+    if any(j.ports or j.port_count for j in request.jobs):
         from dstack.cli.commands.tunnels import RunTunnels
 
         tunnels = RunTunnels(client, run, err, before_output=waiting.stop).start()

@@ -13,7 +13,15 @@ from collections.abc import Callable
 from dstack.cli.client import Client
 from dstack.cli.errors import AuthError, CliError, RequestRejected
 from dstack.cli.term import Term
-from dstack.cli.tunnel import Forward, Forwarder, PortSpec, describe, open_run_tunnels, run_ports
+from dstack.cli.tunnel import (
+    Forward,
+    Forwarder,
+    PortSpec,
+    describe,
+    expected_ports,
+    open_run_tunnels,
+    run_ports,
+)
 from dstack.protos.v1 import client_pb2, common_pb2
 
 FINISHED = (common_pb2.RUN_STATUS_DONE, common_pb2.RUN_STATUS_FAILED, common_pb2.RUN_STATUS_STOPPED)
@@ -114,7 +122,7 @@ def attach_command(name: str) -> int:
     err = Term(stderr=True)
     client = connect()
     run = client.get_run(name)
-    if not run_ports(run):
+    if not expected_ports(run):
         raise RequestRejected(f"run {name} declares no ports: there is nothing to attach to (`dstack logs {name} -f`)")
     check_may_tunnel(client, run)
     run = wait_running(client, name, _any_running_port, err)
@@ -169,7 +177,7 @@ class RunTunnels:
                 ]
                 if fresh:
                     self._open(run, fresh)
-                    if len(self.opened) == len(run_ports(run)):
+                    if len(self.opened) >= expected_ports(run):
                         return
                 self._stop.wait(POLL_S)
         except CliError as e:

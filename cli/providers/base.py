@@ -63,6 +63,7 @@ class Provider(abc.ABC):
                 # An absolute artifact path is a folder inside the job's container (protos/container_paths.py).
                 needs_container=self.needs_container or any(is_container_path(a.path) for a in wf.artifacts),
                 ports=[common_pb2.PortSpec(host_port=h, container_port=c) for h, c in wf.ports],
+                port_count=wf.port_count,
                 depends_on=wf.depends_on,
                 input_tags=wf.input_tags,
                 input_workflows=wf.input_workflows,

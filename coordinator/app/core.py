@@ -37,6 +37,7 @@ def job_view(r: JobRow, pending_reasons: Mapping[str, str], wait_info: Mapping[s
         wait_reason=info.reason if info else "",
         eta_ns=info.eta_ns if info else 0,
         attempt=r.attempt,
+        ports=list(r.ports),
         attempts=[
             AttemptView(
                 a.attempt,

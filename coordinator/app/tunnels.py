@@ -50,7 +50,8 @@ async def resolve(core: Core, actor: Actor, run_name: str, job_name: str, port: 
             jobs = [j for j in jobs if j.job_name == job_name]
             if not jobs:
                 raise NotFound(f"run {run_name} has no job {job_name!r}")
-        declared = {j.id: [c for _, c in job_ports(j.spec)] for j in jobs}
+        # What the attempt got on its agent (list form and `ports: N` picks), else what the spec declares.
+        declared = {j.id: sorted({c for _, c in job_ports(j.spec)} | {c for _, c in j.ports}) for j in jobs}
         serving = [j for j in jobs if port in declared[j.id]]
         if not serving:
             ports = sorted({p for ps in declared.values() for p in ps})

@@ -62,8 +62,9 @@ def end_attempt(
             c,
             requeue,
             job_id,
-            also="attempt = attempt + 1, agent_id = NULL, gpu_indices = '[]', started_at = NULL, exit_code = NULL,"
-            " stop_requested = 0, stop_reason = 0, stop_message = '', deadline_at = 0, avoid_agent = :_avoid,"
+            also="attempt = attempt + 1, agent_id = NULL, gpu_indices = '[]', ports = '[]', started_at = NULL,"
+            " exit_code = NULL, stop_requested = 0, stop_reason = 0, stop_message = '', deadline_at = 0,"
+            " avoid_agent = :_avoid,"
             " termination_reason = 0, message = :_msg",  # the ended attempt's reason is in job_attempts
             params={"_avoid": agent_id or "", "_msg": f"attempt {attempt}: {message}"},
         )

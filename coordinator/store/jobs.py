@@ -55,6 +55,7 @@ class JobRow:
     logs_state: int  # 0: logs in the database, 1: archived to the store, 2: deleted by retention
     attempt: int = 1  # the current attempt's number (coordinator/attempts.py)
     attempts: tuple[AttemptRow, ...] = ()  # the earlier ones, oldest first (filled by Jobs.of_runs)
+    ports: tuple[tuple[int, int], ...] = ()  # (host, container) the current attempt got on its agent
 
     @classmethod
     def of(cls, r: sqlite3.Row) -> JobRow:
@@ -81,6 +82,7 @@ class JobRow:
             inputs=json_list(r["inputs"]),
             logs_state=r["logs_state"] or 0,
             attempt=r["attempt"] if "attempt" in r.keys() else 1,
+            ports=_ports(r["ports"]) if "ports" in r.keys() else (),
         )
 
 
@@ -177,6 +179,18 @@ class StopOrder:
 
     wire_id: str
     agent_id: str
+
+
+MAX_REPORTED_PORTS = 1024
+
+
+def _valid_port(n: int) -> bool:
+    return 1 <= n <= 65535
+
+
+def _ports(text: str | None) -> tuple[tuple[int, int], ...]:
+    """The stored [[host, container], ...] (an agent's report, checked when it was stored)."""
+    return tuple((int(h), int(c)) for h, c in json.loads(text or "[]"))
 
 
 def end_agent_jobs(
@@ -520,12 +534,15 @@ class Jobs:
 
     def _apply(self, c: sqlite3.Connection, t: lifecycle.JobTransition, u: JobUpdate) -> bool:
         at = u.time_ns or self.db.clock()
-        params = {"t": at, "e": u.exit_code, "now": self.db.clock()}
+        params: dict[str, object] = {"t": at, "e": u.exit_code, "now": self.db.clock()}
         if t.dst == JobStatus.PULLING:
             also = ""
         elif t.dst == JobStatus.RUNNING:
             # max_duration counts on the coordinator's clock from when the agent says it runs.
-            also = "started_at = :t, deadline_at = CASE WHEN :limit > 0 THEN :now + :limit ELSE 0 END"
+            also = "started_at = :t, deadline_at = CASE WHEN :limit > 0 THEN :now + :limit ELSE 0 END, ports = :ports"
+            # What the agent says it published (bounded: a broken agent cannot grow the row without end).
+            ports = [[h, c] for h, c in u.ports if _valid_port(h) and _valid_port(c)]
+            params["ports"] = json.dumps(ports[:MAX_REPORTED_PORTS])
             spec = c.execute("SELECT spec FROM jobs WHERE id = ?", [u.job_id]).fetchone()
             params["limit"] = common_pb2.JobSpec.FromString(spec[0]).max_duration_s * 1_000_000_000 if spec else 0
         elif t.dst == JobStatus.UPLOADING:

@@ -289,6 +289,13 @@ def _users_and_scoped_secrets(db: sqlite_utils.Database) -> None:
     conn.execute("COMMIT")
 
 
+def _job_ports(db: sqlite_utils.Database) -> None:
+    """The ports a job's current attempt got on its agent (`ports:` as a list or `ports: N`), as the
+    agent reported them with RUNNING: a JSON list of [host_port, container_port]."""
+    if "ports" not in Table(db, "jobs").columns_dict:
+        Table(db, "jobs").add_column("ports", str, not_null_default="[]")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
     _v2,
@@ -301,6 +308,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _fair_share,
     _repositories,
     _users_and_scoped_secrets,
+    _job_ports,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -84,6 +84,7 @@ class JobUpdate(_message.Message):
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     HAS_EXIT_CODE_FIELD_NUMBER: _builtins.int
     TIME_NS_FIELD_NUMBER: _builtins.int
+    PORTS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     status: _common_pb2.JobStatus.ValueType
     """RUNNING, UPLOADING, DONE, FAILED, STOPPED"""
@@ -92,6 +93,12 @@ class JobUpdate(_message.Message):
     exit_code: _builtins.int
     has_exit_code: _builtins.bool
     time_ns: _builtins.int
+    @_builtins.property
+    def ports(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PortSpec]:
+        """With RUNNING: every port the job serves as it was published on the agent's host (container_port
+        inside, host_port outside; equal for host processes), both `ports: [..]` and `ports: N` ones.
+        """
+
     def __init__(
         self,
         *,
@@ -102,10 +109,11 @@ class JobUpdate(_message.Message):
         exit_code: _builtins.int = ...,
         has_exit_code: _builtins.bool = ...,
         time_ns: _builtins.int = ...,
+        ports: _abc.Iterable[_common_pb2.PortSpec] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "has_exit_code", b"has_exit_code", "job_id", b"job_id", "message", b"message", "status", b"status", "termination_reason", b"termination_reason", "time_ns", b"time_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "has_exit_code", b"has_exit_code", "job_id", b"job_id", "message", b"message", "ports", b"ports", "status", b"status", "termination_reason", b"termination_reason", "time_ns", b"time_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -261,6 +261,7 @@ class Job(_message.Message):
     ETA_NS_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    PORTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     job_name: _builtins.str
     status: _common_pb2.JobStatus.ValueType
@@ -291,6 +292,12 @@ class Job(_message.Message):
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobAttempt]:
         """the attempts before the current one, oldest first"""
 
+    @_builtins.property
+    def ports(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PortSpec]:
+        """The ports the current attempt got on its agent, as the agent reported them when it started the job
+        (container_port inside, host_port on the agent's host): what `ports:` (list or N) resolved to.
+        """
+
     def __init__(
         self,
         *,
@@ -312,10 +319,11 @@ class Job(_message.Message):
         eta_ns: _builtins.int = ...,
         attempt: _builtins.int = ...,
         attempts: _abc.Iterable[Global___JobAttempt] | None = ...,
+        ports: _abc.Iterable[_common_pb2.PortSpec] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "attempt", b"attempt", "attempts", b"attempts", "eta_ns", b"eta_ns", "exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "gpu_indices", b"gpu_indices", "has_exit_code", b"has_exit_code", "id", b"id", "job_name", b"job_name", "message", b"message", "queue_position", b"queue_position", "spec", b"spec", "started_at_ns", b"started_at_ns", "status", b"status", "submitted_at_ns", b"submitted_at_ns", "termination_reason", b"termination_reason", "wait_reason", b"wait_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "attempt", b"attempt", "attempts", b"attempts", "eta_ns", b"eta_ns", "exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "gpu_indices", b"gpu_indices", "has_exit_code", b"has_exit_code", "id", b"id", "job_name", b"job_name", "message", b"message", "ports", b"ports", "queue_position", b"queue_position", "spec", b"spec", "started_at_ns", b"started_at_ns", "status", b"status", "submitted_at_ns", b"submitted_at_ns", "termination_reason", b"termination_reason", "wait_reason", b"wait_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64stack/protos/v1/common.proto\x12\tdstack.v1\"?\n\nGpuRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\"\x81\x01\n\tResources\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\"\n\x03gpu\x18\x03 \x01(\x0b\x32\x15.dstack.v1.GpuRequest\x12\x16\n\x0eshm_size_bytes\x18\x04 \x01(\x04\x12\x15\n\rinterruptible\x18\x05 \x01(\x08\"+\n\x0c\x41rtifactSpec\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05mount\x18\x02 \x01(\x08\"T\n\x08PortSpec\x12\x16\n\x0e\x63ontainer_port\x18\x01 \x01(\r\x12\x11\n\thost_port\x18\x02 \x01(\r\x12\x0b\n\x03\x61pp\x18\x03 \x01(\t\x12\x10\n\x08url_path\x18\x04 \x01(\t\"\xf5\x03\n\x07JobSpec\x12\x10\n\x08job_name\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\x10\n\x08\x63ommands\x18\x04 \x03(\t\x12(\n\x03\x65nv\x18\x05 \x03(\x0b\x32\x1b.dstack.v1.JobSpec.EnvEntry\x12\x13\n\x0bworking_dir\x18\x06 \x01(\t\x12*\n\tartifacts\x18\x07 \x03(\x0b\x32\x17.dstack.v1.ArtifactSpec\x12\'\n\tresources\x18\x08 \x01(\x0b\x32\x14.dstack.v1.Resources\x12\x12\n\ndepends_on\x18\t \x03(\t\x12\r\n\x05image\x18\n \x01(\t\x12\"\n\x05ports\x18\x0b \x03(\x0b\x32\x13.dstack.v1.PortSpec\x12\x12\n\ninput_tags\x18\x0c \x03(\t\x12\x17\n\x0finput_workflows\x18\r \x03(\t\x12\x16\n\x0epython_version\x18\x0e \x01(\t\x12\x17\n\x0fneeds_container\x18\x0f \x01(\x08\x12%\n\x05retry\x18\x1e \x01(\x0b\x32\x16.dstack.v1.RetryPolicy\x12\x16\n\x0emax_duration_s\x18\x1f \x01(\x04\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\x0bRetryPolicy\x12\r\n\x05limit\x18\x01 \x01(\r\x12\n\n\x02on\x18\x02 \x03(\t\"f\n\x07\x43odeRef\x12\x0c\n\x04hash\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08repo_url\x18\x03 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x04 \x01(\t\x12\x0e\n\x06\x63ommit\x18\x05 \x01(\t\x12\r\n\x05\x64irty\x18\x06 \x01(\x08\"\xb2\x01\n\x07GpuInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x04\x12\x1b\n\x13utilization_percent\x18\x06 \x01(\r\x12\x15\n\rtemperature_c\x18\x07 \x01(\r\x12\x11\n\tsimulated\x18\x08 \x01(\x08\"\xca\x01\n\tInventory\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x11\n\tcpu_count\x18\x02 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x04 \x01(\x04\x12\x17\n\x0f\x64isk_free_bytes\x18\x05 \x01(\x04\x12 \n\x04gpus\x18\x06 \x03(\x0b\x32\x12.dstack.v1.GpuInfo\x12\x0f\n\x07runtime\x18\x07 \x01(\t\x12\x10\n\x08max_jobs\x18\x08 \x01(\r\"[\n\x07LogLine\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12$\n\x06stream\x18\x02 \x01(\x0e\x32\x14.dstack.v1.LogStream\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0f\n\x07time_ns\x18\x04 \x01(\x03\"L\n\x0c\x41rtifactFile\x12\x10\n\x08job_name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"&\n\x08\x46ileSize\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"a\n\x0bUploadGrant\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x11\n\tupload_id\x18\x03 \x01(\t\x12\x11\n\tpart_size\x18\x04 \x01(\x04\x12\x11\n\tpart_urls\x18\x05 \x03(\t\"A\n\x0f\x43ompletedUpload\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\r\n\x05\x65tags\x18\x03 \x03(\t\"q\n\x0bTunnelFrame\x12%\n\x04open\x18\x01 \x01(\x0b\x32\x17.dstack.v1.TunnelTarget\x12\x11\n\ttunnel_id\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03\x65of\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"@\n\x0cTunnelTarget\x12\x10\n\x08run_name\x18\x01 \x01(\t\x12\x10\n\x08job_name\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r*\xe7\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14RUN_STATUS_SUBMITTED\x10\x01\x12\x16\n\x12RUN_STATUS_PENDING\x10\x02\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x03\x12\x18\n\x14RUN_STATUS_UPLOADING\x10\x04\x12\x13\n\x0fRUN_STATUS_DONE\x10\x05\x12\x15\n\x11RUN_STATUS_FAILED\x10\x06\x12\x16\n\x12RUN_STATUS_STOPPED\x10\x07\x12\x16\n\x12RUN_STATUS_PULLING\x10\x08*\x80\x02\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14JOB_STATUS_SUBMITTED\x10\x01\x12\x16\n\x12JOB_STATUS_PENDING\x10\x02\x12\x17\n\x13JOB_STATUS_ASSIGNED\x10\x03\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x04\x12\x18\n\x14JOB_STATUS_UPLOADING\x10\x05\x12\x13\n\x0fJOB_STATUS_DONE\x10\x06\x12\x15\n\x11JOB_STATUS_FAILED\x10\x07\x12\x16\n\x12JOB_STATUS_STOPPED\x10\x08\x12\x16\n\x12JOB_STATUS_PULLING\x10\t*\xae\x03\n\x11TerminationReason\x12\"\n\x1eTERMINATION_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17TERMINATION_REASON_DONE\x10\x01\x12 \n\x1cTERMINATION_REASON_EXIT_CODE\x10\x02\x12&\n\"TERMINATION_REASON_STOPPED_BY_USER\x10\x03\x12!\n\x1dTERMINATION_REASON_AGENT_LOST\x10\x04\x12$\n TERMINATION_REASON_UNSCHEDULABLE\x10\x05\x12%\n!TERMINATION_REASON_EXECUTOR_ERROR\x10\x06\x12(\n$TERMINATION_REASON_DEPENDENCY_FAILED\x10\x07\x12-\n)TERMINATION_REASON_ARTIFACT_UPLOAD_FAILED\x10\x08\x12 \n\x1cTERMINATION_REASON_PREEMPTED\x10\x14\x12#\n\x1fTERMINATION_REASON_MAX_DURATION\x10\x15*l\n\tLogStream\x12\x1a\n\x16LOG_STREAM_UNSPECIFIED\x10\x00\x12\x15\n\x11LOG_STREAM_STDOUT\x10\x01\x12\x15\n\x11LOG_STREAM_STDERR\x10\x02\x12\x15\n\x11LOG_STREAM_SYSTEM\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64stack/protos/v1/common.proto\x12\tdstack.v1\"?\n\nGpuRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\"\x81\x01\n\tResources\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\"\n\x03gpu\x18\x03 \x01(\x0b\x32\x15.dstack.v1.GpuRequest\x12\x16\n\x0eshm_size_bytes\x18\x04 \x01(\x04\x12\x15\n\rinterruptible\x18\x05 \x01(\x08\"+\n\x0c\x41rtifactSpec\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05mount\x18\x02 \x01(\x08\"T\n\x08PortSpec\x12\x16\n\x0e\x63ontainer_port\x18\x01 \x01(\r\x12\x11\n\thost_port\x18\x02 \x01(\r\x12\x0b\n\x03\x61pp\x18\x03 \x01(\t\x12\x10\n\x08url_path\x18\x04 \x01(\t\"\x89\x04\n\x07JobSpec\x12\x10\n\x08job_name\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\x10\n\x08\x63ommands\x18\x04 \x03(\t\x12(\n\x03\x65nv\x18\x05 \x03(\x0b\x32\x1b.dstack.v1.JobSpec.EnvEntry\x12\x13\n\x0bworking_dir\x18\x06 \x01(\t\x12*\n\tartifacts\x18\x07 \x03(\x0b\x32\x17.dstack.v1.ArtifactSpec\x12\'\n\tresources\x18\x08 \x01(\x0b\x32\x14.dstack.v1.Resources\x12\x12\n\ndepends_on\x18\t \x03(\t\x12\r\n\x05image\x18\n \x01(\t\x12\"\n\x05ports\x18\x0b \x03(\x0b\x32\x13.dstack.v1.PortSpec\x12\x12\n\ninput_tags\x18\x0c \x03(\t\x12\x17\n\x0finput_workflows\x18\r \x03(\t\x12\x16\n\x0epython_version\x18\x0e \x01(\t\x12\x17\n\x0fneeds_container\x18\x0f \x01(\x08\x12%\n\x05retry\x18\x1e \x01(\x0b\x32\x16.dstack.v1.RetryPolicy\x12\x16\n\x0emax_duration_s\x18\x1f \x01(\x04\x12\x12\n\nport_count\x18( \x01(\r\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\x0bRetryPolicy\x12\r\n\x05limit\x18\x01 \x01(\r\x12\n\n\x02on\x18\x02 \x03(\t\"f\n\x07\x43odeRef\x12\x0c\n\x04hash\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08repo_url\x18\x03 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x04 \x01(\t\x12\x0e\n\x06\x63ommit\x18\x05 \x01(\t\x12\r\n\x05\x64irty\x18\x06 \x01(\x08\"\xb2\x01\n\x07GpuInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x04\x12\x1b\n\x13utilization_percent\x18\x06 \x01(\r\x12\x15\n\rtemperature_c\x18\x07 \x01(\r\x12\x11\n\tsimulated\x18\x08 \x01(\x08\"\xca\x01\n\tInventory\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x11\n\tcpu_count\x18\x02 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x04 \x01(\x04\x12\x17\n\x0f\x64isk_free_bytes\x18\x05 \x01(\x04\x12 \n\x04gpus\x18\x06 \x03(\x0b\x32\x12.dstack.v1.GpuInfo\x12\x0f\n\x07runtime\x18\x07 \x01(\t\x12\x10\n\x08max_jobs\x18\x08 \x01(\r\"[\n\x07LogLine\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12$\n\x06stream\x18\x02 \x01(\x0e\x32\x14.dstack.v1.LogStream\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0f\n\x07time_ns\x18\x04 \x01(\x03\"L\n\x0c\x41rtifactFile\x12\x10\n\x08job_name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"&\n\x08\x46ileSize\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"a\n\x0bUploadGrant\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x11\n\tupload_id\x18\x03 \x01(\t\x12\x11\n\tpart_size\x18\x04 \x01(\x04\x12\x11\n\tpart_urls\x18\x05 \x03(\t\"A\n\x0f\x43ompletedUpload\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\r\n\x05\x65tags\x18\x03 \x03(\t\"q\n\x0bTunnelFrame\x12%\n\x04open\x18\x01 \x01(\x0b\x32\x17.dstack.v1.TunnelTarget\x12\x11\n\ttunnel_id\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03\x65of\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"@\n\x0cTunnelTarget\x12\x10\n\x08run_name\x18\x01 \x01(\t\x12\x10\n\x08job_name\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r*\xe7\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14RUN_STATUS_SUBMITTED\x10\x01\x12\x16\n\x12RUN_STATUS_PENDING\x10\x02\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x03\x12\x18\n\x14RUN_STATUS_UPLOADING\x10\x04\x12\x13\n\x0fRUN_STATUS_DONE\x10\x05\x12\x15\n\x11RUN_STATUS_FAILED\x10\x06\x12\x16\n\x12RUN_STATUS_STOPPED\x10\x07\x12\x16\n\x12RUN_STATUS_PULLING\x10\x08*\x80\x02\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14JOB_STATUS_SUBMITTED\x10\x01\x12\x16\n\x12JOB_STATUS_PENDING\x10\x02\x12\x17\n\x13JOB_STATUS_ASSIGNED\x10\x03\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x04\x12\x18\n\x14JOB_STATUS_UPLOADING\x10\x05\x12\x13\n\x0fJOB_STATUS_DONE\x10\x06\x12\x15\n\x11JOB_STATUS_FAILED\x10\x07\x12\x16\n\x12JOB_STATUS_STOPPED\x10\x08\x12\x16\n\x12JOB_STATUS_PULLING\x10\t*\xae\x03\n\x11TerminationReason\x12\"\n\x1eTERMINATION_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17TERMINATION_REASON_DONE\x10\x01\x12 \n\x1cTERMINATION_REASON_EXIT_CODE\x10\x02\x12&\n\"TERMINATION_REASON_STOPPED_BY_USER\x10\x03\x12!\n\x1dTERMINATION_REASON_AGENT_LOST\x10\x04\x12$\n TERMINATION_REASON_UNSCHEDULABLE\x10\x05\x12%\n!TERMINATION_REASON_EXECUTOR_ERROR\x10\x06\x12(\n$TERMINATION_REASON_DEPENDENCY_FAILED\x10\x07\x12-\n)TERMINATION_REASON_ARTIFACT_UPLOAD_FAILED\x10\x08\x12 \n\x1cTERMINATION_REASON_PREEMPTED\x10\x14\x12#\n\x1fTERMINATION_REASON_MAX_DURATION\x10\x15*l\n\tLogStream\x12\x1a\n\x16LOG_STREAM_UNSPECIFIED\x10\x00\x12\x15\n\x11LOG_STREAM_STDOUT\x10\x01\x12\x15\n\x11LOG_STREAM_STDERR\x10\x02\x12\x15\n\x11LOG_STREAM_SYSTEM\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,14 +33,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBSPEC_ENVENTRY']._loaded_options = None
   _globals['_JOBSPEC_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATUS']._serialized_start=1967
-  _globals['_RUNSTATUS']._serialized_end=2198
-  _globals['_JOBSTATUS']._serialized_start=2201
-  _globals['_JOBSTATUS']._serialized_end=2457
-  _globals['_TERMINATIONREASON']._serialized_start=2460
-  _globals['_TERMINATIONREASON']._serialized_end=2890
-  _globals['_LOGSTREAM']._serialized_start=2892
-  _globals['_LOGSTREAM']._serialized_end=3000
+  _globals['_RUNSTATUS']._serialized_start=1987
+  _globals['_RUNSTATUS']._serialized_end=2218
+  _globals['_JOBSTATUS']._serialized_start=2221
+  _globals['_JOBSTATUS']._serialized_end=2477
+  _globals['_TERMINATIONREASON']._serialized_start=2480
+  _globals['_TERMINATIONREASON']._serialized_end=2910
+  _globals['_LOGSTREAM']._serialized_start=2912
+  _globals['_LOGSTREAM']._serialized_end=3020
   _globals['_GPUREQUEST']._serialized_start=44
   _globals['_GPUREQUEST']._serialized_end=107
   _globals['_RESOURCES']._serialized_start=110
@@ -50,29 +50,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PORTSPEC']._serialized_start=286
   _globals['_PORTSPEC']._serialized_end=370
   _globals['_JOBSPEC']._serialized_start=373
-  _globals['_JOBSPEC']._serialized_end=874
-  _globals['_JOBSPEC_ENVENTRY']._serialized_start=832
-  _globals['_JOBSPEC_ENVENTRY']._serialized_end=874
-  _globals['_RETRYPOLICY']._serialized_start=876
-  _globals['_RETRYPOLICY']._serialized_end=916
-  _globals['_CODEREF']._serialized_start=918
-  _globals['_CODEREF']._serialized_end=1020
-  _globals['_GPUINFO']._serialized_start=1023
-  _globals['_GPUINFO']._serialized_end=1201
-  _globals['_INVENTORY']._serialized_start=1204
-  _globals['_INVENTORY']._serialized_end=1406
-  _globals['_LOGLINE']._serialized_start=1408
-  _globals['_LOGLINE']._serialized_end=1499
-  _globals['_ARTIFACTFILE']._serialized_start=1501
-  _globals['_ARTIFACTFILE']._serialized_end=1577
-  _globals['_FILESIZE']._serialized_start=1579
-  _globals['_FILESIZE']._serialized_end=1617
-  _globals['_UPLOADGRANT']._serialized_start=1619
-  _globals['_UPLOADGRANT']._serialized_end=1716
-  _globals['_COMPLETEDUPLOAD']._serialized_start=1718
-  _globals['_COMPLETEDUPLOAD']._serialized_end=1783
-  _globals['_TUNNELFRAME']._serialized_start=1785
-  _globals['_TUNNELFRAME']._serialized_end=1898
-  _globals['_TUNNELTARGET']._serialized_start=1900
-  _globals['_TUNNELTARGET']._serialized_end=1964
+  _globals['_JOBSPEC']._serialized_end=894
+  _globals['_JOBSPEC_ENVENTRY']._serialized_start=852
+  _globals['_JOBSPEC_ENVENTRY']._serialized_end=894
+  _globals['_RETRYPOLICY']._serialized_start=896
+  _globals['_RETRYPOLICY']._serialized_end=936
+  _globals['_CODEREF']._serialized_start=938
+  _globals['_CODEREF']._serialized_end=1040
+  _globals['_GPUINFO']._serialized_start=1043
+  _globals['_GPUINFO']._serialized_end=1221
+  _globals['_INVENTORY']._serialized_start=1224
+  _globals['_INVENTORY']._serialized_end=1426
+  _globals['_LOGLINE']._serialized_start=1428
+  _globals['_LOGLINE']._serialized_end=1519
+  _globals['_ARTIFACTFILE']._serialized_start=1521
+  _globals['_ARTIFACTFILE']._serialized_end=1597
+  _globals['_FILESIZE']._serialized_start=1599
+  _globals['_FILESIZE']._serialized_end=1637
+  _globals['_UPLOADGRANT']._serialized_start=1639
+  _globals['_UPLOADGRANT']._serialized_end=1736
+  _globals['_COMPLETEDUPLOAD']._serialized_start=1738
+  _globals['_COMPLETEDUPLOAD']._serialized_end=1803
+  _globals['_TUNNELFRAME']._serialized_start=1805
+  _globals['_TUNNELFRAME']._serialized_end=1918
+  _globals['_TUNNELTARGET']._serialized_start=1920
+  _globals['_TUNNELTARGET']._serialized_end=1984
 # @@protoc_insertion_point(module_scope)

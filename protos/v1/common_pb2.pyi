@@ -323,6 +323,7 @@ class JobSpec(_message.Message):
     NEEDS_CONTAINER_FIELD_NUMBER: _builtins.int
     RETRY_FIELD_NUMBER: _builtins.int
     MAX_DURATION_S_FIELD_NUMBER: _builtins.int
+    PORT_COUNT_FIELD_NUMBER: _builtins.int
     job_name: _builtins.str
     """unique within the run (usually the workflow name)"""
     workflow: _builtins.str
@@ -337,6 +338,10 @@ class JobSpec(_message.Message):
     """Runs only on an agent with a container runtime (the docker provider): never as host processes."""
     max_duration_s: _builtins.int
     """0: no limit; longer-running jobs are stopped"""
+    port_count: _builtins.int
+    """`ports: N` (2022): N free ports the agent picks when the job starts, given to it as PORT_0..PORT_{N-1}
+    (and JOB_PORT_i); the ports it got are reported in JobUpdate.ports. `ports` above stay as written.
+    """
     @_builtins.property
     def commands(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """run by bash -e in order"""
@@ -385,10 +390,11 @@ class JobSpec(_message.Message):
         needs_container: _builtins.bool = ...,
         retry: Global___RetryPolicy | None = ...,
         max_duration_s: _builtins.int = ...,
+        port_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources", "retry", b"retry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "commands", b"commands", "depends_on", b"depends_on", "env", b"env", "image", b"image", "input_tags", b"input_tags", "input_workflows", b"input_workflows", "job_name", b"job_name", "max_duration_s", b"max_duration_s", "needs_container", b"needs_container", "ports", b"ports", "provider", b"provider", "python_version", b"python_version", "resources", b"resources", "retry", b"retry", "workflow", b"workflow", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "commands", b"commands", "depends_on", b"depends_on", "env", b"env", "image", b"image", "input_tags", b"input_tags", "input_workflows", b"input_workflows", "job_name", b"job_name", "max_duration_s", b"max_duration_s", "needs_container", b"needs_container", "port_count", b"port_count", "ports", b"ports", "provider", b"provider", "python_version", b"python_version", "resources", b"resources", "retry", b"retry", "workflow", b"workflow", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

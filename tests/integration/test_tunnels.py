@@ -393,3 +393,39 @@ def test_a_container_job_is_reached_on_its_port(
     assert dockerd.containers(cluster.tmp / "agent-1"), "the job runs in a container"
     assert cluster.cli("stop", name).returncode == 0
     fwd.wait_line(rf"run {name} is (stopped|failed): the tunnel is closed")
+
+
+def test_ports_n_picked_by_the_agent_are_reached_through_run_and_attach(
+    cluster: Cluster, tmp_path: Path, running: list[Running]
+) -> None:
+    """`ports: 1` (2022): the agent picks the port when the job starts; `dstack run` learns it from the
+    job's record and opens the tunnel then, and the coordinator and agent let the tunnel reach it."""
+    cluster.start_coordinator()
+    cluster.start_agent()
+    root = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: web
+            provider: bash
+            ports: 1
+            commands:
+              - mkdir -p www && echo -n hello from the job > www/hello
+              - python3 -m http.server --bind 127.0.0.1 --directory www $PORT_0
+        """,
+    )
+    run = Running.start(cluster, "run", "web", cwd=root)
+    running.append(run)
+    m = run.wait_line(r"tunnel port (\d+): (http://127\.0\.0\.1:\d+/)", timeout=120)
+    picked, url = int(m.group(1)), m.group(2)
+    wait_for(lambda: says_hello(url), timeout=60, what="the job's server on its picked port")
+    name = wait_for(lambda: next((r["name"] for r in cluster.runs() if r["status"] == "running"), None))
+    jobs = cluster.run_info(name)["jobs"]
+    assert [p["container"] for p in jobs[0]["ports"]] == [picked], jobs
+    attach = Running.start(cluster, "attach", name, cwd=root)
+    running.append(attach)
+    again = attach.wait_line(rf"tunnel port {picked}: (http://127\.0\.0\.1:\d+/)").group(1)
+    wait_for(lambda: says_hello(again), timeout=60, what="the picked port through attach")
+    assert cluster.cli("stop", name).returncode == 0
+    attach.wait_line(rf"run {name} is (stopped|failed): the tunnels are closed")
+    assert "Traceback" not in run.text() + attach.text()
