@@ -102,9 +102,6 @@ REFUSED: dict[str, list[str]] = {
     "010": [  # dstack-examples_workflows_1714ae9.yaml; 2022 forms by item of issue 13: 2, 6
         "train: .dstack/workflows.yaml:17:9: each item of 'deps' must be {tag: NAME} or {workflow: NAME}",
     ],
-    "014": [  # dstack-examples_workflows-apps_f8c6f11.yaml; 2022 forms by item of issue 13: 3
-        "hello-fastapi: .dstack/workflows/apps.yaml:5:12: 'ports' must be a list of PORT or HOST:CONTAINER",
-    ],
     "019": [  # dstack-examples_workflows-dev-environments_f8c6f11.yaml; 2022 forms by item of issue 13: 10
         "ide-code: .dstack/workflows/dev-environments.yaml:4:15: provider 'code' is not available yet",
         "ide-code-gpu: .dstack/workflows/dev-environments.yaml:8:15: provider 'code' is not available yet",
@@ -125,21 +122,6 @@ REFUSED: dict[str, list[str]] = {
         "download-model: .dstack/workflows.yaml:10:7: field 'depends-on' must be a list of strings, not a mapping",
         "encode-dataset: .dstack/workflows.yaml:25:7: field 'depends-on' must be a list of strings, not a mapping",
         "finetune-model: .dstack/workflows.yaml:10:7: field 'depends-on' must be a list of strings, not a mapping",
-    ],
-    "031": [  # TRecover_workflows_1a94650.yaml; 2022 forms by item of issue 13: 2, 3
-        "train: .dstack/workflows.yaml:6:12: 'ports' must be a list of PORT or HOST:CONTAINER",
-    ],
-    "032": [  # TRecover_workflows_ac1f316.yaml; 2022 forms by item of issue 13: 2, 3
-        "train: .dstack/workflows.yaml:6:12: 'ports' must be a list of PORT or HOST:CONTAINER",
-    ],
-    "033": [  # TRecover_workflows_3a32d27.yaml; 2022 forms by item of issue 13: 2, 3
-        "train: .dstack/workflows.yaml:6:12: 'ports' must be a list of PORT or HOST:CONTAINER",
-    ],
-    "034": [  # TRecover_workflows_d4c43d7.yaml; 2022 forms by item of issue 13: 2, 3
-        "train: .dstack/workflows.yaml:6:12: 'ports' must be a list of PORT or HOST:CONTAINER",
-    ],
-    "035": [  # TRecover_workflows_643becc.yaml; 2022 forms by item of issue 13: 2, 3
-        "train: .dstack/workflows.yaml:6:12: 'ports' must be a list of PORT or HOST:CONTAINER",
     ],
     "036": [  # dewarp_master_abby_workflows_cd6655c.yaml; 2022 forms by item of issue 13: 1, broken
         "train: .dstack/workflows.yaml:24:15: unknown provider 'python ${{ config }} ${{ overrides }}'; known providers: bash, curl, docker, python",
