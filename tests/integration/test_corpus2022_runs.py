@@ -11,8 +11,9 @@ Which workflows qualify, of those `dstack validate` accepts (tests/unit/test_cor
 Those that do not, and why:
 - pip from PyPI (network): every mnist/catboost/gluemrpc workflow (005-013, 022, 071-073, 080-162), `hello-pandas`
   (023), the apps of 014 (`pip install fastapi uvicorn`, streamlit, gradio: they serve `$PORT_0`), 031-035
-  (TRecover: apt, git clone and pip, then peers on the internet), `read_data` (039-045), and 144 (its provider's commands `pip3 install dstack`); their 2022 fields run in
-  tests/integration/test_fields2022.py with offline wheels instead;
+  (TRecover: apt, git clone and pip, then peers on the internet), `read_data` (039-045), and 144 (its provider's
+  commands `pip3 install dstack`); their 2022 fields run in tests/integration/test_fields2022.py with offline
+  wheels instead;
 - a GPU: `gpu-v100`, `gpu-default`, `gpu-i` (024), 030, 037, 038 and the `*-gpu` workflows;
 - a 64 GB host: `mem-64gb` (024); shared memory of 16 GB, a container setting: `shm-size` (024);
 - conda or Hugging Face downloads (network): 017, 075-079 (`conda create` into an absolute artifact path) and 025
