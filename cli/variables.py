@@ -58,6 +58,7 @@ class Variables:
     values: dict[str, str] = field(default_factory=dict)  # name -> value (after overrides)
     defaults: dict[str, str] = field(default_factory=dict)  # name -> value from variables.yaml
     locations: dict[str, Location] = field(default_factory=dict)
+    own: list[str] = field(default_factory=list)  # defined in the workflow's own section (not `global`)
 
     def env(self) -> dict[str, str]:
         return {env_name(k): v for k, v in self.values.items()}
@@ -95,6 +96,8 @@ def load_variables(root: Path, workflow: str) -> Variables:
             # As written (`lr: 1.0` stays "1.0", not "1.0" re-printed from a float).
             out.defaults[name] = vars_.raw_values.get(name, _scalar_text(value))
             out.locations[name] = vars_.at(name)
+            if section == workflow and name not in out.own:
+                out.own.append(name)
     by_env: dict[str, str] = {}
     for name in out.defaults:
         env = env_name(name)

@@ -6,17 +6,18 @@ import os
 import posixpath
 import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dstack.cli import fields
+from dstack.cli import early2022, fields
+from dstack.cli.dependencies import Dependencies as Dependencies  # re-exported
+from dstack.cli.dependencies import dependencies as dependencies
+from dstack.cli.dependencies import strings_in
 from dstack.cli.errors import CliError, Location, WorkflowError
 from dstack.cli.providers import resolve_provider
 from dstack.cli.spec import Artifact, Workflow
 from dstack.cli.yamlsrc import Node, Seq, load
 from dstack.protos.container_paths import BadContainerPath, check_container_path, check_disjoint, is_container_path
-from dstack.protos.repos import BadRef, Ref, split_ref
 from dstack.protos.v1 import common_pb2
 
 # The fields every workflow may have, as JSON Schema: the loader accepts exactly these names (plus
@@ -62,17 +63,47 @@ COMMON_SCHEMA: dict[str, Any] = {
     "help": _STR,
     "provider": _STR,
     "depends-on": {
-        **_STR_LIST,
-        "description": "WORKFLOW (runs it first) or WORKFLOW:TAG (uses a tagged run of this repository);"
-        " OWNER/REPO/WORKFLOW[:TAG] uses another repository's tagged or last done run",
+        "oneOf": [
+            {
+                **_STR_LIST,
+                "description": "WORKFLOW (runs it first), WORKFLOW:TAG or :TAG (a tagged run of this repository);"
+                " OWNER/REPO/WORKFLOW[:TAG] uses another repository's tagged or last done run",
+            },
+            {
+                "type": "object",
+                "properties": {
+                    "workflows": {**_STR_LIST, "description": "as the list form"},
+                    "repo": {
+                        "type": "object",
+                        "properties": {
+                            "include": {
+                                **_STR_LIST,
+                                "description": "project files the job needs (checked to be in the code sent)",
+                            }
+                        },
+                        "additionalProperties": False,
+                    },
+                },
+                "additionalProperties": False,
+                "description": "April 2022: {repo: {include: [FILES]}, workflows: [WORKFLOWS]}",
+            },
+        ]
     },
     "deps": {
         "type": "array",
         "items": {
             "oneOf": [
                 {
+                    **_STR,
+                    "description": "WORKFLOW (its last done run), WORKFLOW:TAG, :TAG; OWNER/REPO/WORKFLOW,"
+                    " :OWNER/REPO/TAG or OWNER/REPO/:TAG for another repository",
+                },
+                {
                     "type": "object",
-                    "properties": {"tag": {**_STR, "description": "TAG of this repository, or OWNER/REPO/TAG"}},
+                    "properties": {
+                        "tag": {**_STR, "description": "TAG of this repository, or OWNER/REPO/TAG"},
+                        "mount": {"type": "boolean", "description": "2022: accepted; the files are the same"},
+                    },
                     "required": ["tag"],
                     "additionalProperties": False,
                 },
@@ -82,7 +113,8 @@ COMMON_SCHEMA: dict[str, Any] = {
                         "workflow": {
                             **_STR,
                             "description": "the last done run of WORKFLOW in this repository, or OWNER/REPO/WORKFLOW",
-                        }
+                        },
+                        "mount": {"type": "boolean", "description": "2022: accepted; the files are the same"},
                     },
                     "required": ["workflow"],
                     "additionalProperties": False,
@@ -206,6 +238,7 @@ def load_workflow_nodes(root: Path, errors: list[WorkflowError] | None = None) -
 def _add_workflow(out: dict[str, Node], path: Path, node: object, loc: Location) -> None:
     if not isinstance(node, Node):
         raise WorkflowError("each workflow must be a mapping with name and provider", loc)
+    node = early2022.normalize(node)  # the early-2022 syntax, in today's shape
     name = fields.string(node, "name", required=True)
     _no_templates(node, "name")
     _no_templates(node, "depends-on")
@@ -223,14 +256,13 @@ def load_workflows(root: Path) -> dict[str, Workflow]:
 
 def _no_templates(node: Node, key: str) -> None:
     """Names and dependencies decide the run's shape before variables are known: no `${{ }}` there."""
-    value = node.get(key)
-    texts = value if isinstance(value, list) else [value]
-    if any(isinstance(t, str) and "${{" in t for t in texts):
+    if any("${{" in t for t in strings_in(node.get(key))):
         raise WorkflowError(f"'{key}' cannot use ${{{{ }}}} variables", node.at(key))
 
 
 def parse_workflow(node: Node) -> Workflow:
     name = fields.string(node, "name", required=True)
+    early2022.note(node)
     provider_name, provider = resolve_provider(node)
     if not provider.open_fields:
         fields.check_unknown(node, COMMON_FIELDS | set(provider.fields), f"workflow {name!r}")
@@ -274,62 +306,6 @@ def _top_level_gpu(node: Node) -> None:
         " write `resources: {gpu: N}` to ask for N",
         file=sys.stderr,
     )
-
-
-@dataclass
-class Dependencies:
-    runtime: list[str]
-    tags: list[str]
-    workflows: list[str]
-    # `download:latest` -> {latest: download}; `org/repo/download:latest` -> {org/repo/latest: download}
-    tag_workflows: dict[str, str] = field(default_factory=dict)
-
-
-def _ref(text: str, loc: Location | None) -> Ref:
-    try:
-        return split_ref(text)
-    except BadRef as e:
-        raise WorkflowError(str(e), loc) from None
-
-
-def dependencies(node: Node) -> Dependencies:
-    """`depends-on: [download, download:latest]` and the later syntax `deps: [{tag: T}, {workflow: W}]`.
-
-    A name may be qualified with another repository, as 2022 dstack allowed: `OWNER/REPO/WORKFLOW:TAG`
-    (that repository's tag, of that workflow), `deps: [{workflow: OWNER/REPO/WORKFLOW}]` (its last run of
-    WORKFLOW that finished done; so is `depends-on: [OWNER/REPO/WORKFLOW]`, since another repository's
-    workflow cannot run in this run) and `deps: [{tag: OWNER/REPO/TAG}]`; see protos/repos.py."""
-    deps = Dependencies([], [], [])
-    for item in fields.string_list(node, "depends-on"):
-        name, colon, tag = item.partition(":")
-        if not name or (colon and (not tag or "/" in tag)):
-            raise WorkflowError(
-                f"invalid dependency {item!r}: expected WORKFLOW, WORKFLOW:TAG or OWNER/REPO/WORKFLOW[:TAG]",
-                node.at("depends-on"),
-            )
-        ref = _ref(name, node.at("depends-on"))
-        if colon:
-            qualified = str(Ref(ref.repository, tag))
-            deps.tags.append(qualified)
-            deps.tag_workflows[qualified] = ref.name
-        elif ref.repository:
-            deps.workflows.append(name)
-        else:
-            deps.runtime.append(name)
-    items = node.get("deps")
-    if items is None:
-        return deps
-    if not isinstance(items, Seq):
-        raise WorkflowError("'deps' must be a list of {tag: NAME} or {workflow: NAME}", node.at("deps"))
-    for i, item in enumerate(items):
-        loc = items.item_locations[i]
-        if not isinstance(item, Node) or len(item) != 1 or not set(item) <= {"tag", "workflow"}:
-            raise WorkflowError("each item of 'deps' must be {tag: NAME} or {workflow: NAME}", loc)
-        key = next(iter(item))
-        value = fields.string(item, key, required=True)
-        _ref(value, item.at(key))
-        (deps.tags if key == "tag" else deps.workflows).append(value)
-    return deps
 
 
 def output_paths(root: Path) -> list[str]:

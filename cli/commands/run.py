@@ -65,11 +65,14 @@ class Request:
     # Files the workflows name (a script, a requirements file), relative to the code root, and where: each must
     # be in the packed code, unless the job gets artifacts from dependencies, which may bring it.
     code_files: list[CodeFile]
-    # Custom providers from a repository: their pinned commits, whose files are packed with the code.
-    provider_repos: list[RepoRef] = field(default_factory=list)
+    # (WORKFLOW or OWNER/REPO/WORKFLOW whose last done run the jobs take, where it is written): the coordinator
+    # resolves them at submission; an error it gives about one is shown at that line
+    workflow_refs: list[tuple[str, Location]] = field(default_factory=list)
     # Jobs that need a container runtime for an absolute artifact path (their own or a dependency's), and
     # where that path is written: local mode without Docker refuses them before submitting.
     container_needs: list[ContainerNeed] = field(default_factory=list)
+    # Custom providers from a repository: their pinned commits, whose files are packed with the code.
+    provider_repos: list[RepoRef] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class CodeFile:
     field: str
     location: Location
     may_come_from_inputs: bool
+    may_be_folder: bool = False  # `depends-on.repo.include` may name a folder
 
 
 def build_request(root: Path, workflow_name: str, args: list[str], nodes: dict[str, Node] | None = None) -> Request:
@@ -93,13 +97,14 @@ def build_request(root: Path, workflow_name: str, args: list[str], nodes: dict[s
     Runtime dependencies (`depends-on: [download]`) join the run as jobs of their own, each run once,
     in dependency order; the coordinator starts a job when those it depends on are done. `nodes`: the project's
     workflows as loaded (fresh: variables are substituted into them in place), else loaded here."""
+    from dstack.cli.early2022 import expand_commands
     from dstack.cli.providers.custom import CustomProvider
     from dstack.cli.variables import check_run_args, load_variables, run_args_text, split_overrides, substitute
     from dstack.cli.workflows import dependencies, load_workflow_nodes, parse_workflow
 
     nodes = load_workflow_nodes(root) if nodes is None else nodes
     target = _workflow_node(root, workflow_name, nodes)  # a clear error for an unknown name
-    order = _dependency_order(nodes, workflow_name, lambda n: dependencies(n).runtime)
+    order = _dependency_order(nodes, workflow_name, _runtime_dependencies)
     variables = {name: load_variables(root, name) for name in order}
     known = set().union(*(v.defaults for v in variables.values()))
     provider_name = target.get("provider")
@@ -112,6 +117,7 @@ def build_request(root: Path, workflow_name: str, args: list[str], nodes: dict[s
     check_run_args(workflow_args, rest, known, workflow_name, takes_args)
     jobs = []
     tag_checks: list[tuple[str, str, Location]] = []
+    workflow_refs: list[tuple[str, Location]] = []
     code_files: list[CodeFile] = []
     provider_repos: list[RepoRef] = []
     container_needs: list[ContainerNeed] = []
@@ -122,15 +128,16 @@ def build_request(root: Path, workflow_name: str, args: list[str], nodes: dict[s
         run_args = rest if name == workflow_name else []
         node = nodes[name]
         substitute(node, _lookup(vs.values, run_args_text(run_args)))
+        expand_commands(node, vs.values, vs.own)  # `$model`, `$run_name`... of the early-2022 syntax
         wf = parse_workflow(node)
         wf.env = vs.env() | wf.env  # what the workflow sets explicitly wins
         if name == workflow_name and port_count is not None:
             wf.ports, wf.port_count = [], port_count  # in place of the workflow's `ports`, as in 2022
         wf.run_args = run_args
-        expected = dependencies(node).tag_workflows
+        deps = dependencies(node)
         for tag in wf.input_tags:
-            loc = node.at("depends-on") if tag in expected else node.at("deps")
-            tag_checks.append((tag, expected.get(tag, ""), loc))
+            tag_checks.append((tag, deps.tag_workflows.get(tag, ""), deps.at("tag", tag, node.location)))
+        workflow_refs += [(w, deps.at("workflow", w, node.location)) for w in wf.input_workflows]
         _, provider = resolve_provider(wf.node)
         if isinstance(provider, CustomProvider) and provider.repo and provider.repo not in provider_repos:
             provider_repos.append(provider.repo)
@@ -140,10 +147,21 @@ def build_request(root: Path, workflow_name: str, args: list[str], nodes: dict[s
             if value:
                 path = posixpath.normpath(posixpath.join(wf.working_dir or ".", value))
                 code_files.append(CodeFile(path, key, wf.node.at(key), has_inputs))
+        # Files of the repository itself (2022's `repo.include`): a dependency's artifacts do not stand in for them.
+        code_files += [
+            CodeFile(p, "depends-on.repo.include", loc, False, may_be_folder=True) for p, loc in deps.include
+        ]
         jobs += provider.job_specs(wf)
         container_needs += _container_needs(wf, nodes, saved_in_container)
     submit = client_pb2.SubmitRunRequest(workflow=workflow_name, jobs=jobs, args=args)
-    return Request(submit, tag_checks, code_files, provider_repos, container_needs)
+    return Request(
+        submit,
+        tag_checks,
+        code_files,
+        provider_repos=provider_repos,
+        workflow_refs=workflow_refs,
+        container_needs=container_needs,
+    )
 
 
 def _container_needs(
@@ -152,8 +170,9 @@ def _container_needs(
     """Why the workflow's job needs a container runtime for an absolute artifact path: it saves one, or a
     workflow of this file it depends on (in the run, or its last done run) does. A tag's run is not known
     here: the coordinator marks such a job (it then waits for, or in local mode fails without, Docker)."""
-    from dstack.cli.workflows import container_artifact
+    from dstack.cli.workflows import container_artifact, dependencies
 
+    deps = dependencies(wf.node)
     own = container_artifact(wf.node)
     if own is not None:
         saved[wf.name] = own
@@ -163,7 +182,7 @@ def _container_needs(
     for dep in [*wf.depends_on, *wf.input_workflows]:
         found = saved.get(dep) or (container_artifact(nodes[dep]) if dep in nodes else None)
         if found is not None:
-            loc = wf.node.at("depends-on") if dep in wf.depends_on else wf.node.at("deps")
+            loc = deps.at("runtime" if dep in wf.depends_on else "workflow", dep, wf.node.location)
             out.append(ContainerNeed(wf.name, f"workflow {wf.name!r} mounts {found[0]}, saved by {dep!r}", loc))
     return out
 
@@ -231,7 +250,7 @@ def check_code_files(request: Request, packed: PackedCode, root: Path, err: Term
     """A file the workflow names that is not in the code sent is an error at its line, before anything starts."""
     names = set(packed.names)
     for f in request.code_files:
-        if f.path in names:
+        if f.path in names or (f.may_be_folder and _is_folder_of(f.path, names)):
             continue
         on_disk = (root / f.path).exists()
         why = (
@@ -284,32 +303,62 @@ def _lookup(values: dict[str, str], run_args: str) -> Callable[[str], str | None
     return lambda ref: run_args if ref == "run.args" else values.get(ref)
 
 
-def _dependency_order(nodes: dict[str, Node], target: str, deps_of: Callable[[Node], list[str]]) -> list[str]:
+def _runtime_dependencies(node: Node) -> list[tuple[str, Location]]:
+    """The workflows of this project that `node` runs first, each with where it is written."""
+    from dstack.cli.workflows import dependencies
+
+    deps = dependencies(node)
+    return [(name, deps.at("runtime", name, node.location)) for name in deps.runtime]
+
+
+def _dependency_order(
+    nodes: dict[str, Node], target: str, deps_of: Callable[[Node], list[tuple[str, Location]]]
+) -> list[str]:
     """The target's runtime dependencies, transitively, each once, dependencies first."""
     order: list[str] = []
     state: dict[str, str] = {}  # name -> "visiting" | "done"
 
-    def visit(name: str, path: list[str], referrer: Node | None) -> None:
+    def visit(name: str, path: list[str], where: Location | None) -> None:
         if state.get(name) == "done":
             return
         if state.get(name) == "visiting":
             cycle = " -> ".join([*path[path.index(name) :], name])
-            raise WorkflowError(f"dependency cycle: {cycle}", referrer.at("depends-on") if referrer else None)
+            raise WorkflowError(f"dependency cycle: {cycle}", where)
         node = nodes.get(name)
         if node is None:
             known = ", ".join(sorted(nodes))
-            raise WorkflowError(
-                f"depends-on names {name!r}, which is not a workflow; workflows: {known}",
-                referrer.at("depends-on") if referrer else None,
-            )
+            raise WorkflowError(f"depends-on names {name!r}, which is not a workflow; workflows: {known}", where)
         state[name] = "visiting"
-        for dep in deps_of(node):
-            visit(dep, [*path, name], node)
+        for dep, loc in deps_of(node):
+            visit(dep, [*path, name], loc)
         state[name] = "done"
         order.append(name)
 
     visit(target, [], None)
     return order
+
+
+def _is_folder_of(path: str, names: set[str]) -> bool:
+    prefix = path.rstrip("/") + "/"
+    return path in (".", "") or any(n.startswith(prefix) for n in names)
+
+
+def located(error: CliError, request: Request) -> CliError:
+    """A refusal of the submission about a workflow dependency (`deps: [download]`: no done run yet; an unknown
+    OWNER/REPO), at the line that names it: the reference whose workflow and qualifier the message names, else the
+    first whose workflow it names, else the first whose qualifier it names."""
+    from dstack.protos.repos import split_ref
+
+    text = str(error)
+    lowered = text.lower()
+    refs = [(split_ref(ref), loc) for ref, loc in request.workflow_refs]
+    names = sorted(((r, loc) for r, loc in refs if f"workflow {r.name!r}" in text), key=lambda x: bool(x[0].repository))
+    qualified = [(r, loc) for r, loc in refs if r.repository and repr(r.repository).lower() in lowered]
+    both = [(r, loc) for r, loc in names if r.repository and r.repository.lower() in lowered]
+    for candidates in (both, names, qualified):
+        if candidates:
+            return WorkflowError(text, candidates[0][1])
+    return error
 
 
 def workflow_help(root: Path, workflow_name: str) -> str:
@@ -408,7 +457,10 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "", pri
     check_container_runtime(client, built)
     check_tags(client, built)
     request.code.CopyFrom(upload_code(client, packed, err))
-    run = client.submit(request)
+    try:
+        run = client.submit(request)
+    except (NotFoundError, RequestRejected) as e:
+        raise located(e, built) from None
     err.print((run.name, "bold"), " submitted")
     if detach:
         print(run.name)

@@ -112,9 +112,15 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
         core.limits.check_queued(owner, core.store.queued_jobs_of(owner), len(sub.jobs))
         # Tag and workflow dependencies resolve now, to the runs they name at submission, in the
         # run's repository (or the one an OWNER/REPO/NAME reference names).
+        # One run named twice (by its tag and as its workflow's last done run) is one input, not two that
+        # would each bring the same files.
         inputs = [
-            [core.store.resolve_tag(repository, t).run_id for t in j.input_tags]
-            + [core.store.latest_done_run(repository, w).id for w in j.input_workflows]
+            list(
+                dict.fromkeys(
+                    [core.store.resolve_tag(repository, t).run_id for t in j.input_tags]
+                    + [core.store.latest_done_run(repository, w).id for w in j.input_workflows]
+                )
+            )
             for j in sub.jobs
         ]
         name = core.store.reserve_run_name()

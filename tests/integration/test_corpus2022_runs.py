@@ -9,12 +9,13 @@ Which workflows qualify, of those `dstack validate` accepts (tests/unit/test_cor
 - dstackai/dstack 48cf9a5 (026): `hello`, a python provider `file:`.
 
 Those that do not, and why:
-- pip from PyPI (network): every mnist/catboost/gluemrpc workflow (005-013, 022, 071-073, 080-162), `hello-pandas`
+- pip from PyPI (network): every mnist/catboost/gluemrpc workflow (004-013, 022, 071-073, 080-162), `hello-pandas`
   (023), the apps of 014 (`pip install fastapi uvicorn`, streamlit, gradio: they serve `$PORT_0`), 031-035
   (TRecover: apt, git clone and pip, then peers on the internet), `read_data` (039-045), and 144 (its provider's
   commands `pip3 install dstack`); their 2022 fields run in tests/integration/test_fields2022.py with offline
   wheels instead;
-- a GPU: `gpu-v100`, `gpu-default`, `gpu-i` (024), 030, 037, 038 and the `*-gpu` workflows;
+- a GPU: `gpu-v100`, `gpu-default`, `gpu-i` (024), 030, 037, 038, the `*-gpu` workflows, 001-003 and 159 (the
+  early-2022 syntax in a TensorFlow GPU image), 027-029 (gpt-2: pip, a model download, then a GPU);
 - a 64 GB host: `mem-64gb` (024); shared memory of 16 GB, a container setting: `shm-size` (024);
 - conda or Hugging Face downloads (network): 017, 075-079 (`conda create` into an absolute artifact path) and 025
   (stable diffusion weights, and a GPU);

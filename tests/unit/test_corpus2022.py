@@ -83,45 +83,11 @@ def test_files_with_absolute_artifact_paths_are_accepted() -> None:
 # refused too, "other": a form the issue does not name). Regenerate with `python tests/corpus2022/report.py --table`
 # when a change accepts more (and say why in the commit).
 REFUSED: dict[str, list[str]] = {
-    "001": [  # dstack-examples_workflows_9940fe8.yaml; 2022 forms by item of issue 13: 8
-        "hello: .dstack/workflows.yaml:2:5: missing required field 'provider'",
-    ],
-    "002": [  # dstack-examples_workflows_914c4be.yaml; 2022 forms by item of issue 13: 8
-        "hello: .dstack/workflows.yaml:2:5: missing required field 'provider'",
-    ],
-    "003": [  # dstack-examples_workflows_b5211af.yaml; 2022 forms by item of issue 13: 8
-        "hello: .dstack/workflows.yaml:2:5: missing required field 'provider'",
-    ],
-    "004": [  # dstack-examples_workflows_15e74f7.yaml; 2022 forms by item of issue 13: 8
-        "download-mnist: .dstack/workflows.yaml:2:5: missing required field 'provider'",
-        "train-mnist: .dstack/workflows.yaml:2:5: missing required field 'provider'",
-    ],
-    "009": [  # dstack-examples_workflows_74bd45a.yaml; 2022 forms by item of issue 13: 2, 6
-        "train: .dstack/workflows.yaml:17:9: each item of 'deps' must be {tag: NAME} or {workflow: NAME}",
-    ],
-    "010": [  # dstack-examples_workflows_1714ae9.yaml; 2022 forms by item of issue 13: 2, 6
-        "train: .dstack/workflows.yaml:17:9: each item of 'deps' must be {tag: NAME} or {workflow: NAME}",
-    ],
     "019": [  # dstack-examples_workflows-dev-environments_f8c6f11.yaml; 2022 forms by item of issue 13: 10
         "ide-code: .dstack/workflows/dev-environments.yaml:4:15: provider 'code' is not available yet",
         "ide-code-gpu: .dstack/workflows/dev-environments.yaml:8:15: provider 'code' is not available yet",
         "ide-lab: .dstack/workflows/dev-environments.yaml:15:15: provider 'lab' is not available yet",
         "ide-notebook: .dstack/workflows/dev-environments.yaml:19:15: provider 'notebook' is not available yet",
-    ],
-    "027": [  # gpt-2_workflows_4cc3374.yaml; 2022 forms by item of issue 13: 6, 8
-        "download-model: .dstack/workflows.yaml:11:7: field 'depends-on' must be a list of strings, not a mapping",
-        "encode-dataset: .dstack/workflows.yaml:27:7: field 'depends-on' must be a list of strings, not a mapping",
-        "finetune-model: .dstack/workflows.yaml:11:7: field 'depends-on' must be a list of strings, not a mapping",
-    ],
-    "028": [  # gpt-2_workflows_4630ea9.yaml; 2022 forms by item of issue 13: 6, 8
-        "download-model: .dstack/workflows.yaml:10:7: field 'depends-on' must be a list of strings, not a mapping",
-        "encode-dataset: .dstack/workflows.yaml:25:7: field 'depends-on' must be a list of strings, not a mapping",
-        "finetune-model: .dstack/workflows.yaml:10:7: field 'depends-on' must be a list of strings, not a mapping",
-    ],
-    "029": [  # gpt-2_workflows_c076deb.yaml; 2022 forms by item of issue 13: 6, 8
-        "download-model: .dstack/workflows.yaml:10:7: field 'depends-on' must be a list of strings, not a mapping",
-        "encode-dataset: .dstack/workflows.yaml:25:7: field 'depends-on' must be a list of strings, not a mapping",
-        "finetune-model: .dstack/workflows.yaml:10:7: field 'depends-on' must be a list of strings, not a mapping",
     ],
     "036": [  # dewarp_master_abby_workflows_cd6655c.yaml; 2022 forms by item of issue 13: 1, broken
         "train: .dstack/workflows.yaml:24:15: unknown provider 'python ${{ config }} ${{ overrides }}'; known providers: bash, curl, docker, python",
@@ -262,11 +228,8 @@ REFUSED: dict[str, list[str]] = {
     "157": [  # ydata-dstack_workflows_c410efa.yaml; 2022 forms by item of issue 13: broken
         "train: .dstack/workflows.yaml:4:5: unknown field 'requirements' in workflow 'train'; did you mean 'environment'?",
     ],
-    "159": [  # dstack-trial_workflows_222454a.yaml; 2022 forms by item of issue 13: 8
-        "hello: .dstack/workflows.yaml:2:5: missing required field 'provider'",
-    ],
     "160": [  # PyTorchLightning_workflows_22d55a5.yaml; 2022 forms by item of issue 13: 1, broken
-        "train-mnist: .dstack/workflows.yaml:7:7: depends-on names 'download-mnist', which is not a workflow; workflows: train-mnist",
+        "train-mnist: .dstack/workflows.yaml:7:9: depends-on names 'download-mnist', which is not a workflow; workflows: train-mnist",
     ],
 }
 
