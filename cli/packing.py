@@ -206,9 +206,25 @@ def pack(
     outputs: list[str] | None = None,
     extra_trees: dict[str, bytes] | None = None,
 ) -> PackedCode:
-    """`extra_trees`: PREFIX -> a tar archive (`git archive` of a custom provider's commit) packed under PREFIX/,
-    so that the agent gets the provider's files with the code, whatever it can reach (cli/providers/custom.py)."""
-    names, left_out, credentials, ref = select_files(root, exclude, outputs)
+    return pack_listed(root, *list_files(root, exclude), outputs, extra_trees)
+
+
+def pack_listed(
+    root: Path,
+    names: list[str],
+    tracked: set[str],
+    listed_ref: common_pb2.CodeRef,
+    outputs: list[str] | None = None,
+    extra_trees: dict[str, bytes] | None = None,
+) -> PackedCode:
+    """Packs files `list_files` listed (the SDK lists a tree first, to see whether it changed since it
+    was last packed). `extra_trees`: PREFIX -> a tar archive (`git archive` of a custom provider's commit) packed
+    under PREFIX/, so that the agent gets the provider's files with the code, whatever it can reach
+    (cli/providers/custom.py)."""
+    ref = common_pb2.CodeRef()
+    ref.CopyFrom(listed_ref)
+    names, left_out = _without_outputs(names, tracked, outputs or [])
+    names, credentials = _without_credentials(names, tracked)
     for prefix in extra_trees or {}:
         clash = next((n for n in names if n == prefix or n.startswith(prefix + "/")), None)
         if clash is not None:

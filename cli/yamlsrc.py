@@ -95,6 +95,24 @@ def _scalar(path: Path, node: yaml.ScalarNode) -> Any:
         ) from None
 
 
+# The last composed text of each file: `dstack run` reads workflows.yaml more than once, and the SDK (dstack.api)
+# builds a request per run from the same files; composing is most of the time (pure-Python YAML). Keyed by the
+# text itself, so an edited file is composed anew. The graph is only read (_convert builds the values).
+_COMPOSED: dict[Path, tuple[str, yaml.Node | None]] = {}
+_COMPOSED_MAX = 64
+
+
+def _compose(path: Path, text: str) -> yaml.Node | None:
+    hit = _COMPOSED.get(path)
+    if hit is not None and hit[0] == text:
+        return hit[1]
+    root: yaml.Node | None = yaml.compose(text, Loader=yaml.SafeLoader)
+    if len(_COMPOSED) >= _COMPOSED_MAX:
+        _COMPOSED.clear()
+    _COMPOSED[path] = (text, root)
+    return root
+
+
 def load(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
@@ -103,7 +121,7 @@ def load(path: Path) -> Any:
     except UnicodeDecodeError:
         raise WorkflowError(f"{path} is not UTF-8 text") from None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = _compose(path, text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         loc = Location(path, mark.line + 1, mark.column + 1) if mark else None

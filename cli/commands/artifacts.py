@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import posixpath
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dstack.cli.errors import CliError
+from dstack.cli.errors import CliError, NotFoundError
+
+if TYPE_CHECKING:
+    from dstack.cli.client import Client
 
 
 def list_command(run_name: str, as_json: bool) -> None:
@@ -55,20 +61,35 @@ def download_command(run_name: str, output: Path, path: str = "") -> None:
     each file is checked by sha256 before it is put in place."""
     from dstack.cli.session import connect
     from dstack.cli.transfers import progress
+
+    root = output.resolve()
+    n = download_artifacts(connect(), run_name, root, path, progress)
+    print(f"{n} file(s) downloaded to {root}", file=sys.stderr)
+
+
+def download_artifacts(
+    client: Client,
+    run_name: str,
+    root: Path,
+    path: str = "",
+    progress: Callable[[str, int], AbstractContextManager[Callable[[int], None]]] | None = None,
+) -> list[Path]:
+    """`dstack artifacts download`'s and the SDK's: the run's artifacts at or under `path` (all for "") into
+    the folder `root`, checked by sha256; returns the files written. `progress(description, total_bytes)`
+    gives an `advance(nbytes)` callback (the CLI's progress bar)."""
     from dstack.storage.transfer import Download, Transfer, TransferError
 
-    client = connect()
     listing = client.list_artifacts_with_urls(run_name)
     pairs = [(f, u) for f, u in zip(listing.files, list(listing.urls) or [""] * len(listing.files), strict=True)]
     pairs = [(f, u) for f, u in pairs if _selected(f.path, path)]
     if path and not pairs:
-        raise CliError(f"run {run_name!r} has no artifact at {path!r} (see `dstack artifacts list {run_name}`)")
-    root = output.resolve()
+        raise NotFoundError(f"run {run_name!r} has no artifact at {path!r} (see `dstack artifacts list {run_name}`)")
+    root = root.resolve()
     for f, _ in pairs:
         if not (root / _local(f.path)).resolve().is_relative_to(root):
             raise CliError(f"artifact path {f.path!r} leads outside {root}; refusing to write it")
     total = sum(f.size for f, _ in pairs)
-    with progress(f"{run_name}: {len(pairs)} file(s)", total) as advance:
+    with (progress or _no_progress)(f"{run_name}: {len(pairs)} file(s)", total) as advance:
         if all(u for _, u in pairs):
             items = [Download(u, root / _local(f.path), f.size, f.sha256, f.path) for f, u in pairs]
             with Transfer(retry_for=60.0, progress=advance) as t:
@@ -79,7 +100,12 @@ def download_command(run_name: str, output: Path, path: str = "") -> None:
         else:  # the coordinator's store cannot presign: it streams the bytes
             for f, _ in pairs:
                 _stream_one(client, run_name, f, root / _local(f.path), advance)
-    print(f"{len(pairs)} file(s) downloaded to {root}", file=sys.stderr)
+    return [root / _local(f.path) for f, _ in pairs]
+
+
+@contextlib.contextmanager
+def _no_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
 
 
 def _stream_one(client: Any, run_name: str, f: Any, dest: Path, advance: Any) -> None:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from dstack.cli.client import Client
 from dstack.cli.errors import CoordinatorUnreachable
-from dstack.protos.v1 import client_pb2
+from dstack.protos.v1 import client_pb2, common_pb2
 
 # How long a broken stream is retried without any progress before the error is shown.
 RESUME_WINDOW_S = 60.0
@@ -30,6 +31,45 @@ def attempt_header(head: str, attempt: int) -> str:
     return f"{head}── attempt {attempt} ──\n"
 
 
+@dataclass
+class LogBatch:
+    """What one message of the log stream brought that was not seen before: each job's new lines."""
+
+    jobs: list[tuple[str, list[common_pb2.LogLine]]]
+    finished_run: client_pb2.Run | None
+
+
+def log_batches(client: Client, run_name: str, follow: bool) -> Iterator[LogBatch]:
+    """The run's log stream, resumed from the last line received when it breaks (each line once, no gap);
+    with follow, until the run finishes (the last batch carries the finished run). `dstack logs`'s and the
+    SDK's."""
+    cursor: dict[str, int] = {}  # job name -> seq of the last line received
+    backoff = 0.1
+    progress = time.monotonic()
+    while True:
+        try:
+            for resp in client.logs(run_name, follow, cursor):
+                progress, backoff = time.monotonic(), 0.1
+                jobs = []
+                for jl in resp.jobs:
+                    last = cursor.get(jl.job_name, 0)
+                    # Lines at or before the cursor were received already (a coordinator that does not
+                    # know cursors sends the stream from the start again).
+                    jobs.append((jl.job_name, [ln for ln in jl.lines if ln.seq > last]))
+                    if jl.lines:
+                        cursor[jl.job_name] = max(last, jl.lines[-1].seq)
+                finished = resp.finished_run if resp.HasField("finished_run") else None
+                yield LogBatch(jobs, finished)
+                if finished is not None:
+                    return
+            return
+        except CoordinatorUnreachable:
+            if time.monotonic() - progress > RESUME_WINDOW_S:
+                raise
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+
 def print_logs(
     client: Client,
     run: client_pb2.Run,
@@ -42,43 +82,27 @@ def print_logs(
     finished run. `before_output` is called before each batch of lines (to clear a status line first)."""
     prefix = len(run.jobs) > 1
     out = sys.stdout
-    cursor: dict[str, int] = {}  # job name -> seq of the last line printed
     # The attempt whose lines each job printed last; 0 where a header is due before attempt 1's.
     shown = {j.job_name: (0 if j.attempt > 1 else 1) for j in run.jobs}
-    backoff = 0.1
-    progress = time.monotonic()
-    while True:
-        try:
-            for resp in client.logs(run.name, follow, cursor):
-                progress, backoff = time.monotonic(), 0.1
-                if resp.jobs:
-                    before_output()
-                for jl in resp.jobs:
-                    head = f"{jl.job_name} | " if prefix else ""
-                    last = cursor.get(jl.job_name, 0)
-                    # Lines at or before the cursor were printed already (a coordinator that does not
-                    # know cursors sends the stream from the start again).
-                    text = []
-                    for ln in jl.lines:
-                        n = attempt_of(ln.seq)
-                        if ln.seq <= last or (attempt is not None and n != attempt):
-                            continue
-                        if n != shown.get(jl.job_name, 1):
-                            text.append(attempt_header(head, n))
-                            shown[jl.job_name] = n
-                        text.append(f"{head}{ln.text}\n")
-                    out.write("".join(text))
-                    if jl.lines:
-                        cursor[jl.job_name] = max(last, jl.lines[-1].seq)
-                out.flush()
-                if resp.HasField("finished_run"):
-                    return resp.finished_run
-            return None
-        except CoordinatorUnreachable:
-            if time.monotonic() - progress > RESUME_WINDOW_S:
-                raise
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+    for batch in log_batches(client, run.name, follow):
+        if batch.jobs:
+            before_output()
+        for job_name, lines in batch.jobs:
+            head = f"{job_name} | " if prefix else ""
+            text = []
+            for ln in lines:
+                n = attempt_of(ln.seq)
+                if attempt is not None and n != attempt:
+                    continue
+                if n != shown.get(job_name, 1):
+                    text.append(attempt_header(head, n))
+                    shown[job_name] = n
+                text.append(f"{head}{ln.text}\n")
+            out.write("".join(text))
+        out.flush()
+        if batch.finished_run is not None:
+            return batch.finished_run
+    return None
 
 
 def logs_command(run_name: str, follow: bool, attempt: int | None = None) -> None:

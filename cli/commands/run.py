@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from dstack.cli.client import Client
 from dstack.cli.commands.logs import print_logs
@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 
 LARGE_CODE = 50 << 20
 STOP_WAIT_S = 60.0
+
+
+class Notes(Protocol):
+    """Where warnings about the code sent go: the CLI's stderr (cli/term.py), or the SDK's logger."""
+
+    def print(self, *parts: str | tuple[str, str]) -> None: ...
 
 
 def _workflow_node(root: Path, workflow_name: str, nodes: dict[str, Node] | None = None) -> Node:
@@ -246,7 +252,7 @@ def _mentions(value: object, text: str) -> bool:
     return False
 
 
-def check_code_files(request: Request, packed: PackedCode, root: Path, err: Term) -> None:
+def check_code_files(request: Request, packed: PackedCode, root: Path, err: Notes) -> None:
     """A file the workflow names that is not in the code sent is an error at its line, before anything starts."""
     names = set(packed.names)
     for f in request.code_files:
@@ -268,7 +274,7 @@ def check_offline(
     root: Path,
     workflow: str,
     args: list[str],
-    err: Term,
+    err: Notes,
     packed: PackedCode | None = None,
     nodes: dict[str, Node] | None = None,
 ) -> tuple[Request, PackedCode]:
@@ -402,7 +408,7 @@ def pack_code(root: Path, provider_repos: list[RepoRef] | None = None) -> Packed
     return pack(root, exclude=(dstack_home(),), outputs=output_paths(root), extra_trees=trees)
 
 
-def upload_code(client: Client, packed: PackedCode, err: Term) -> common_pb2.CodeRef:
+def upload_code(client: Client, packed: PackedCode, err: Notes) -> common_pb2.CodeRef:
     from dstack.cli.render import plural
 
     if packed.left_out:
@@ -438,6 +444,26 @@ def upload_code(client: Client, packed: PackedCode, err: Term) -> common_pb2.Cod
     return packed.ref
 
 
+def submit_built(
+    client: Client, built: Request, packed: PackedCode, err: Notes, uploaded: set[str] | None = None
+) -> client_pb2.Run:
+    """The checks only the coordinator can answer, the code's upload, and the submission: `dstack run`'s and
+    the SDK's (dstack.api). `uploaded`: code hashes this process has seen the coordinator hold (the SDK
+    submits many runs of one tree), which are not asked about again."""
+    check_container_runtime(client, built)
+    check_tags(client, built)
+    if uploaded is not None and packed.ref.hash in uploaded:
+        built.submit.code.CopyFrom(packed.ref)
+    else:
+        built.submit.code.CopyFrom(upload_code(client, packed, err))
+        if uploaded is not None:
+            uploaded.add(packed.ref.hash)
+    try:
+        return client.submit(built.submit)
+    except (NotFoundError, RequestRejected) as e:
+        raise located(e, built) from None
+
+
 def run_command(workflow: str, args: list[str], detach: bool, tag: str = "", priority: int = 0) -> int:
     from dstack.cli.repository import repository_of
     from dstack.cli.session import connect
@@ -454,13 +480,7 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "", pri
     request.priority = priority
     request.repository = repository_of(root, packed.ref.repo_url)
     client = connect()
-    check_container_runtime(client, built)
-    check_tags(client, built)
-    request.code.CopyFrom(upload_code(client, packed, err))
-    try:
-        run = client.submit(request)
-    except (NotFoundError, RequestRejected) as e:
-        raise located(e, built) from None
+    run = submit_built(client, built, packed, err)
     err.print((run.name, "bold"), " submitted")
     if detach:
         print(run.name)

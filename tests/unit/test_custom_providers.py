@@ -371,3 +371,27 @@ def test_shipped_provider_files_unpack_and_an_escaping_link_is_refused(tmp_path:
         job = tmp_path / f"job{len(target)}"
         with pytest.raises(UnpackError, match="points outside the job folder"):
             extract(archive, job)
+
+
+def test_the_sdk_ships_the_provider_files_too(tmp_path: Path) -> None:
+    """dstack.api packs once per tree state: the provider's pinned commit is part of that state, so a new commit of
+    the provider repository is packed again, and its files travel as with `dstack run`."""
+    from dstack.api.code import CodeCache
+
+    repo = git_repo(tmp_path / "prov", {".dstack/providers.yaml": PROVIDERS_YAML, "main.py": "v1\n"})
+    project = write_project(tmp_path / "p", remote_workflow(f"file://{repo}"))
+    cache = CodeCache()
+    [first] = build_request(project, "w", []).provider_repos
+    packed = cache.pack(project, [first])
+    assert f"{first.folder}/main.py" in packed.names
+    assert cache.pack(project, [first]) is packed  # unchanged: packed once
+    (repo / "main.py").write_text("v2\n")
+    subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "2"], check=True
+    )
+    custom._resolved.clear()  # a new CLI process: the repository is fetched again
+    [second] = build_request(project, "w", []).provider_repos
+    assert second.commit != first.commit
+    again = cache.pack(project, [second])
+    assert again is not packed and f"{second.folder}/main.py" in again.names
+    assert cache.pack(project) is not again  # without providers: the project's files only

@@ -26,7 +26,14 @@ def test_a_built_wheel_installs_nothing_but_the_dstack_package(tmp_path: Path) -
     top_level = {path.split("/")[0] for path in recorded}
     assert top_level == {"dstack", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
     # The parts of the checkout are all inside it, with the generated protocol code and the typing marker.
-    for part in ("cli/main.py", "coordinator/engine.py", "agent/main.py", "storage/s3.py", "protos/v1/client_pb2.py"):
+    for part in (
+        "cli/main.py",
+        "coordinator/engine.py",
+        "agent/main.py",
+        "storage/s3.py",
+        "protos/v1/client_pb2.py",
+        "api/client.py",
+    ):
         assert f"dstack/{part}" in recorded
     assert "dstack/py.typed" in recorded
     assert "dstack = dstack.cli.main:main" in entry_points
