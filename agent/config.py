@@ -5,6 +5,7 @@ from pathlib import Path
 
 from dstack.agent.envcache import EnvCache
 from dstack.agent.jobuser import ENVS, JobUser, jobs_root
+from dstack.agent.outbox import OutboxBounds
 from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT
 from dstack.agent.runtimes.docker import DockerOptions
 
@@ -36,10 +37,17 @@ class AgentConfig:
     job_user: JobUser | None = None
     job_user_name: str = ""  # --job-user, resolved into job_user at start (agent/main.py)
     job_ports: tuple[int, int] | None = None  # --job-ports LO-HI: where `ports: N` picks; None: any free port
+    # Log lines owed to the coordinator: in memory, then spooled in outbox_dir, then the job's output waits.
+    outbox: OutboxBounds = field(default_factory=OutboxBounds)
 
     @property
     def credentials_path(self) -> Path:
         return self.home / "agent.json"
+
+    @property
+    def outbox_dir(self) -> Path:
+        """Where log lines beyond the outbox's memory bound wait for the coordinator (one folder per job)."""
+        return self.home / "outbox"
 
     @property
     def pinned_ca_path(self) -> Path:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 
@@ -174,7 +175,7 @@ async def tls_fatal(config: AgentConfig, e: grpc.aio.AioRpcError) -> FatalAgentE
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.outbox = Outbox()
+        self.outbox = Outbox(spool_dir=config.outbox_dir, bounds=config.outbox)
         self.runtime = make_runtime(
             config.runtime,
             config.stop_grace_s,
@@ -285,6 +286,8 @@ class Agent:
         await asyncio.to_thread(private_dir, self.config.home, log)
         await asyncio.to_thread(tighten_file, self.config.credentials_path, log)
         await self.runtime.cleanup_leftovers(str(self.config.home))
+        # A previous agent's spooled lines: its jobs were stopped above and its outbox died with it.
+        await asyncio.to_thread(shutil.rmtree, self.config.outbox_dir, True)
         if self.config.job_user is not None:  # its folders, outside the home (agent/jobuser.py)
             try:
                 await asyncio.to_thread(prepare_root, self.config.jobs_dir, self.config.job_user)
@@ -369,36 +372,38 @@ class Agent:
             await self._handle(msg)
 
     async def _send_loop(self, call: grpc.aio.StreamStreamCall, interval: float) -> None:
+        """Writes, in this order of priority: the heartbeat when due, job updates, then one bounded log
+        batch at a time (agent/outbox.py), so control traffic never waits behind a job's logs."""
         next_beat = time.monotonic() + interval
         next_inventory = time.monotonic() + self.config.inventory_interval_s
-        drained = True
         while True:
-            if drained:
-                timeout = max(0.0, next_beat - time.monotonic())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.outbox.wake.wait(), timeout)
-                self.outbox.wake.clear()
-            drained = False
-            # A job that prints heavily must not hold the heartbeat back: the backlog is sent until the
-            # beat is due, then the beat, then the rest (else the lease can run out mid-burst).
-            while time.monotonic() < next_beat:
-                msg = self.outbox.take()
-                if msg is None:
-                    drained = True
-                    break
-                await call.write(msg)
             now = time.monotonic()
             if now >= next_beat:
-                beat = agent_pb2.Heartbeat()
+                await call.write(agent_pb2.AgentMessage(heartbeat=await self._heartbeat(now >= next_inventory)))
                 if now >= next_inventory:
                     next_inventory = now + self.config.inventory_interval_s
-                    try:
-                        self._last_inventory = await asyncio.to_thread(self.inventory.collect)
-                        beat.inventory.CopyFrom(self._last_inventory)
-                    except Exception:  # a flaky NVML read must not stop the heartbeat
-                        log.exception("reading the inventory failed; heartbeat without it")
-                await call.write(agent_pb2.AgentMessage(heartbeat=beat))
                 next_beat = now + interval
+                continue
+            self.outbox.wake.clear()  # before looking: whatever is added from now on wakes the wait below
+            if (control := self.outbox.take_control()) is not None:
+                await call.write(control)
+                continue
+            await self.outbox.refill()
+            if (logs := self.outbox.take_logs()) is not None:
+                await call.write(logs)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.outbox.wake.wait(), max(0.0, next_beat - time.monotonic()))
+
+    async def _heartbeat(self, with_inventory: bool) -> agent_pb2.Heartbeat:
+        beat = agent_pb2.Heartbeat()
+        if with_inventory:
+            try:
+                self._last_inventory = await asyncio.to_thread(self.inventory.collect)
+                beat.inventory.CopyFrom(self._last_inventory)
+            except Exception:  # a flaky NVML read must not stop the heartbeat
+                log.exception("reading the inventory failed; heartbeat without it")
+        return beat
 
     async def _handle(self, msg: agent_pb2.CoordinatorMessage) -> None:
         for ack in msg.log_acks:

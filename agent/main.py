@@ -18,6 +18,7 @@ from dstack.agent.config import AgentConfig
 from dstack.agent.connection import Agent, FatalAgentError, pin_ca
 from dstack.agent.envcache import DEFAULT_SIZE, parse_size
 from dstack.agent.inventory import InventoryError, parse_simulated
+from dstack.agent.outbox import OutboxBounds
 from dstack.agent.ports import parse_range
 from dstack.agent.runtimes import RUNTIMES, DockerOptions, RuntimeError_, resolve_runtime
 from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT
@@ -169,7 +170,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="where jobs' `ports: N` are picked, e.g. 20000-20999 (ports your firewall lets through);"
         " default: any free port the kernel offers (from DSTACK_JOB_PORTS)",
     )
+    out = p.add_argument_group(
+        "outbox",
+        "Log lines the coordinator has not acknowledged yet (it is away, or slower than a job prints) wait in"
+        " memory, then on disk in HOME/outbox; once a job owes --max-job-outbox-bytes (or all jobs"
+        " --max-outbox-bytes), the job's output is not read until the coordinator catches up: its writes block,"
+        " no line is dropped. Sizes like 512MiB or 2GB.",
+    )
+    out.add_argument(
+        "--outbox-memory",
+        default=env("DSTACK_OUTBOX_MEMORY", "64MiB"),
+        help="lines of all jobs kept in memory (each job at most a quarter); beyond it they spool to disk"
+        " (default: %(default)s, from DSTACK_OUTBOX_MEMORY)",
+    )
+    out.add_argument(
+        "--max-job-outbox-bytes",
+        default=env("DSTACK_MAX_JOB_OUTBOX_BYTES", "1GiB"),
+        help="lines one job may owe, memory and disk, before its output is paused"
+        " (default: %(default)s, from DSTACK_MAX_JOB_OUTBOX_BYTES)",
+    )
+    out.add_argument(
+        "--max-outbox-bytes",
+        default=env("DSTACK_MAX_OUTBOX_BYTES", "4GiB"),
+        help="lines all jobs may owe, memory and disk, before every job's output is paused"
+        " (default: %(default)s, from DSTACK_MAX_OUTBOX_BYTES)",
+    )
     return p
+
+
+def outbox_bounds(p: argparse.ArgumentParser, a: argparse.Namespace) -> OutboxBounds:
+    sizes: dict[str, int] = {}
+    for option in ("outbox_memory", "max_job_outbox_bytes", "max_outbox_bytes"):
+        flag = "--" + option.replace("_", "-")
+        try:
+            sizes[option] = parse_size(getattr(a, option))
+        except ValueError as e:
+            p.error(f"{flag}: {e}")
+        if sizes[option] <= 0:
+            p.error(f"{flag}: give a size above 0, e.g. 256MiB")
+    memory = sizes["outbox_memory"]
+    return OutboxBounds(
+        memory_bytes=memory,
+        job_memory_bytes=max(memory // 4, 1),
+        job_bytes=sizes["max_job_outbox_bytes"],
+        total_bytes=sizes["max_outbox_bytes"],
+        inflight_bytes=min(OutboxBounds.inflight_bytes, max(memory // 4, 1)),
+    )
 
 
 ARGV_TOKEN_WARNING = (
@@ -249,6 +295,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         job_user_name=a.job_user,
         pids_limit=a.pids_limit,
         job_ports=job_ports,
+        outbox=outbox_bounds(p, a),
     )
 
 

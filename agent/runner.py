@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,8 @@ log = logging.getLogger("dstack.agent")
 JS = common_pb2.JobStatus
 TR = common_pb2.TerminationReason
 MAX_LINE = 64 * 1024  # longer lines are split, so one line cannot exhaust memory
-DRAIN_TIMEOUT_S = 5.0
+DRAIN_TIMEOUT_S = 5.0  # without any output read, after the job's main process ended
+DRAIN_MAX_S = 600.0  # in all, unless the outbox holds the reading back
 
 
 @dataclass
@@ -153,6 +155,7 @@ class JobRunner:
         self.upload_cache: UploadCache = {}  # files already saved (mounted artifacts), by size and mtime
         self.folders: ContainerFolders = {}  # absolute artifact paths -> the job's host folders mounted there
         self.task: asyncio.Task[None] | None = None
+        self._pumped = 0  # bytes of output read so far
 
     def start(self) -> asyncio.Task[None]:
         self.task = asyncio.create_task(self._run(), name=f"job-{self.job_id}")
@@ -305,13 +308,26 @@ class JobRunner:
 
     async def _drain(self, pump: asyncio.Task[None]) -> None:
         """Waits for the output the job wrote before it ended; a process that escaped the job's
-        process group (setsid) may hold the pipes open, so the wait is bounded."""
-        try:
-            await asyncio.wait_for(asyncio.shield(pump), DRAIN_TIMEOUT_S)
-        except TimeoutError:
-            self._system_line(
-                "dstack: output written after the job ended is not shown (a detached process kept it open)"
-            )
+        process group (setsid) may hold the pipes open, so the wait is bounded: it ends once no output
+        was read for DRAIN_TIMEOUT_S (or after DRAIN_MAX_S in all), unless the outbox is what holds the
+        reading back (the coordinator is away or slow: that is no reason to drop the job's last lines)."""
+        started = time.monotonic()
+        read = self._pumped
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(pump), DRAIN_TIMEOUT_S)
+                return
+            except TimeoutError:
+                # Megabytes still queued from a job that printed fast take this agent a while to split.
+                progressed, read = self._pumped != read, self._pumped
+                if self.deps.outbox.throttled(self.job_id):
+                    continue
+                if progressed and time.monotonic() - started < DRAIN_MAX_S:
+                    continue
+                self._system_line(
+                    "dstack: output written after the job ended is not shown (a detached process kept it open)"
+                )
+                return
 
     async def _pump_output(self, proc: JobProcess) -> None:
         outbox, job_id = self.deps.outbox, self.job_id
@@ -326,6 +342,12 @@ class JobRunner:
         }
         async for kind, chunk in proc.output():
             splitters[kind].feed(chunk)
+            self._pumped += len(chunk)
+            # Back-pressure: while the coordinator has not taken enough of this job's lines, its output is
+            # not read (its pipe fills, its writes block). Also a yield, so a job that prints without pause
+            # cannot keep the heartbeat (the same event loop) waiting.
+            await outbox.room(job_id)
+            await asyncio.sleep(0)
         for s in splitters.values():
             s.close()
 

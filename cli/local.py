@@ -166,6 +166,9 @@ def ensure_running() -> Endpoint:
                     ep.address,
                     "--local-mode",
                     "--fail-unsatisfiable",
+                    # The HTTP API on 127.0.0.1, a free port (its URL in server/http-url): `dstack dashboard`.
+                    "--http-port",
+                    "0",
                 ],
                 {"DSTACK_ADMIN_TOKEN": ep.token, "DSTACK_JOIN_TOKEN": join},
             )

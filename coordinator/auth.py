@@ -112,6 +112,18 @@ PERMISSIONS: dict[str, Role] = {
     _A + "Tunnel": Role.AGENT,  # only a tunnel asked of this agent (coordinator/tunnel_registry.py)
 }
 
+# The standard gRPC services served beside ours (coordinator/server.py). Health is public: a load
+# balancer probes it without a token, and Check and Watch say only SERVING or NOT_SERVING. Reflection needs a user's
+# token: it reveals only the schema (public in the source), but nothing is offered to strangers that
+# they do not need (`grpcurl -H "authorization: Bearer $TOKEN" ... list`).
+STANDARD_PERMISSIONS: dict[str, Role] = {
+    "/grpc.health.v1.Health/Check": Role.PUBLIC,
+    "/grpc.health.v1.Health/Watch": Role.PUBLIC,
+    "/grpc.health.v1.Health/List": Role.USER,  # names every service, as reflection does
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Role.USER,
+}
+ALL_PERMISSIONS: dict[str, Role] = {**PERMISSIONS, **STANDARD_PERMISSIONS}
+
 TOKEN_CACHE_S = 30.0
 MISSING_USER_TOKEN = "missing token: run `dstack config` with the coordinator's address and your token"
 INVALID_USER_TOKEN = "invalid token: check `dstack config`"
@@ -312,7 +324,7 @@ def refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, auth: Authenticator, permissions: dict[str, Role] = PERMISSIONS) -> None:
+    def __init__(self, auth: Authenticator, permissions: dict[str, Role] = ALL_PERMISSIONS) -> None:
         self.auth = auth
         self.permissions = permissions
 

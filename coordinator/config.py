@@ -55,6 +55,24 @@ class CoordinatorConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_sans: tuple[str, ...] = ()  # more names and addresses for the generated server certificate
+    # The HTTP API and /metrics (coordinator/http/): None: not served; 0: a free port (written to
+    # STATE_DIR/http-url). Same TLS as gRPC; host: gRPC's (127.0.0.1 for a unix socket) unless set.
+    http_port: int | None = None
+    http_host: str = ""
+    # A file holding a token that Prometheus may scrape /metrics with (besides any user's token).
+    metrics_token_file: Path | None = None
+
+    @property
+    def http_bind_host(self) -> str:
+        if self.http_host:
+            return self.http_host
+        if self.listen.startswith("unix://"):
+            return "127.0.0.1"  # local mode: this machine only
+        return self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+
+    @property
+    def http_url_path(self) -> Path:
+        return self.state_dir / "http-url"
 
     @property
     def db_path(self) -> Path:

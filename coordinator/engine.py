@@ -28,6 +28,7 @@ from dstack.coordinator.errors import Unauthenticated
 from dstack.coordinator.fairshare import interval_usage, weight
 from dstack.coordinator.hub import AgentHub
 from dstack.coordinator.lifecycle.agents import AgentStatus
+from dstack.coordinator.metrics import EngineMetrics
 from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, LogAck
 from dstack.coordinator.planner import DEPENDENCIES, Policy, RunningJob, UserLimits, WaitInfo, plan
 from dstack.coordinator.preemption import Preemption, Rules, choose
@@ -108,6 +109,7 @@ class Engine:
         # Whether a job may have finished since usage was last charged (a submission alone cannot).
         self._charge_due = True
         self._limits: dict[str, UserLimits] | None = None  # users' shares and quotas, until one changes
+        self.metrics = EngineMetrics()  # scraped at /metrics (coordinator/http/metrics.py)
         self.assignments_sent = 0  # over the engine's life (the fairness bench counts deliveries by it)
         self.queue = WaitingQueue()
         self.secret_box = SecretBox(config.secrets_key_path)
@@ -153,7 +155,13 @@ class Engine:
         self.kick(finished=False)
 
     def lease_until(self, grace_s: float = 0.0) -> int:
-        return self.clock.time_ns() + int((self.config.lease_timeout_s + grace_s) * 1e9)
+        """When a lease given now runs out, in nanoseconds of the monotonic clock (`lease_now`): a step
+        of the wall clock (NTP, an admin's `date -s`) must not make every healthy agent lost at once."""
+        return self.lease_now() + int((self.config.lease_timeout_s + grace_s) * 1e9)
+
+    def lease_now(self) -> int:
+        # Monotonic time means nothing across a restart; start() gives every online agent a fresh lease.
+        return int(self.clock.monotonic() * 1e9)
 
     # ---- scheduling --------------------------------------------------------------------------
     async def _scheduler_loop(self) -> None:
@@ -165,10 +173,12 @@ class Engine:
             if not len(self.queue):
                 continue
             charge, self._charge_due = self._charge_due, False
+            waiting = self.queue.snapshot()
             try:
-                plan = await self.db(self._plan, self.queue.snapshot(), self.hub.connected_ids(), charge)
+                plan = await self.db(self._timed_plan, waiting, self.hub.connected_ids(), charge)
             except Exception:
                 log.exception("scheduling pass failed")
+                self.metrics.scheduling_failures.inc()
                 await asyncio.sleep(0.5)
                 self.kick(finished=charge)
                 continue
@@ -180,6 +190,7 @@ class Engine:
             for a in plan.assignments:
                 self.hub.send(a.agent_id, agent_pb2.CoordinatorMessage(assignments=[self._assignment(a)]))
             self.assignments_sent += len(plan.assignments)
+            self._observe_dispatch(waiting, plan)
 
     async def settled(self) -> None:
         """Returns once no scheduling pass is asked for or running (in-process tests and the fairness
@@ -194,6 +205,22 @@ class Engine:
             await self.clock.sleep(every)
             if len(self.queue):
                 self.kick()
+
+    def _timed_plan(self, waiting: list[Waiting], connected: set[str], charge: bool) -> Plan:
+        # Timed on the DB thread: the pass itself, not its wait behind other store calls.
+        with self.metrics.scheduling_pass.time():
+            return self._plan(waiting, connected, charge)
+
+    def _observe_dispatch(self, waiting: list[Waiting], plan: Plan) -> None:
+        if not plan.assignments:
+            return
+        submitted = {w.job_id: w.request.submitted_at for w in waiting}
+        now = self.clock.time_ns()
+        for a in plan.assignments:
+            at = submitted.get(a.job_id, 0)
+            if at:
+                self.metrics.dispatch_latency.observe(max(0, now - at) / 1e9)
+        self.metrics.assignments.inc(len(plan.assignments))
 
     def _plan(self, waiting: list[Waiting], connected: set[str], charge: bool = True) -> Plan:
         """One scheduling pass (runs on the DB thread); `charge`: count the usage of jobs that ended."""
@@ -333,7 +360,7 @@ class Engine:
         while True:
             await self.clock.sleep(interval)
             try:
-                lost = await self.db(self.store.expire_leases, self.clock.time_ns())
+                lost = await self.db(self.store.expire_leases, self.lease_now(), self.clock.time_ns())
             except Exception:
                 log.exception("lease check failed")
                 continue
@@ -522,6 +549,7 @@ class Engine:
         changed: set[str] = set()
         await self._renew_lease(agent_id, msg)
         if msg.logs:
+            self.metrics.log_lines.inc(sum(len(b.lines) for b in msg.logs))
             acks = await self.db(self._insert_logs, msg.logs)
             reply.log_acks.extend(log_acks_to_proto(acks))
             changed.update(await self._runs_of(parse_wire_job_id(j.job_id)[0] for j in msg.logs))

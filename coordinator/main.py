@@ -139,6 +139,19 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         metavar="N",
         help="runs a user may submit per minute, in bursts of up to N (0: no limit; default: %(default)s)",
     )
+    http = p.add_argument_group(
+        "HTTP API and metrics (docs/http-api.md, docs/metrics.md)",
+        "Off unless --http-port is given; served with the gRPC server's TLS and tokens.",
+    )
+    http.add_argument(
+        "--http-port", type=int, default=None, metavar="PORT", help="serve /api/... and /metrics (0: a free port)"
+    )
+    http.add_argument("--http-host", default="", metavar="HOST", help="default: the gRPC host (--host/--listen)")
+    http.add_argument(
+        "--metrics-token-file",
+        metavar="FILE",
+        help="a token Prometheus may scrape /metrics with (a user's token works too)",
+    )
     p.add_argument("--local-mode", action="store_true", help=argparse.SUPPRESS)
     tls = p.add_argument_group(
         "TLS (TCP only; a unix socket is always plaintext)",
@@ -164,6 +177,8 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         p.error("--fairshare-half-life must be positive and --reserve-after not negative")
     if a.preempt_after < 0 or a.preempt_min_run < 0 or a.preempt_margin < 1:
         p.error("--preempt-after and --preempt-min-run must not be negative, --preempt-margin at least 1")
+    if a.http_port is not None and not 0 <= a.http_port <= 65535:
+        p.error("--http-port must be between 0 and 65535")
     if bool(a.tls_cert) != bool(a.tls_key):
         p.error("--tls-cert and --tls-key go together")
     if a.insecure and a.tls_cert:
@@ -198,6 +213,9 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         tls_cert=Path(a.tls_cert).expanduser().resolve() if a.tls_cert else None,
         tls_key=Path(a.tls_key).expanduser().resolve() if a.tls_key else None,
         tls_sans=tuple(a.tls_san),
+        http_port=a.http_port,
+        http_host=a.http_host,
+        metrics_token_file=Path(a.metrics_token_file).expanduser().resolve() if a.metrics_token_file else None,
     )
 
 
@@ -224,6 +242,8 @@ def banner(config: CoordinatorConfig, coordinator: Coordinator) -> str:
     lines.append(f"  (JOIN_TOKEN_FILE: a 0600 copy of {state / 'join-token'})")
     lines.append(f"configure a CLI: dstack config --coordinator {address} {pin}")
     lines.append(f"  (it asks for the token; the admin token is in {state / 'admin-token'})")
+    if coordinator.http is not None:
+        lines.append(f"HTTP API: {coordinator.http.url}/api/openapi.json; metrics: {coordinator.http.url}/metrics")
     lines.append(
         "join tokens with an expiry and a use limit: `dstack join-tokens create --ttl 24h --uses 1`"
         + ("; new agents wait for `dstack agents approve NAME`" if config.approve_agents else "")

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.artifacts import Artifacts
 from dstack.coordinator.auth import Authenticator, AuthInterceptor
-from dstack.coordinator.clock import SYSTEM_CLOCK, Clock
+from dstack.coordinator.clock import SYSTEM_CLOCK, Clock, clock_from_env
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.engine import Engine
 from dstack.coordinator.retention import Retention
@@ -27,11 +29,12 @@ from dstack.coordinator.services.agent import AgentService
 from dstack.coordinator.services.client import ClientService
 from dstack.coordinator.store import Store
 from dstack.coordinator.store.executor import DbExecutor
-from dstack.protos.v1 import agent_pb2_grpc, client_pb2_grpc
+from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, client_pb2_grpc
 from dstack.storage import StoreError, open_store
 from dstack.storage.private import private_dir, tighten_file
 
 if TYPE_CHECKING:
+    from dstack.coordinator.http.server import HttpServer
     from dstack.coordinator.tls import ServerTls
 
 log = logging.getLogger("dstack.coordinator")
@@ -130,9 +133,15 @@ class Coordinator:
     _retention: asyncio.Task[None]
     _lock_fd: int
     tls: ServerTls | None = None  # what it serves over TCP; None: plaintext (a unix socket, or --insecure)
+    http: HttpServer | None = None  # the HTTP API and /metrics, when --http-port is given
+    health: health.aio.HealthServicer | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
         log.info("coordinator stopping")
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()  # load balancers stop sending first
+        if self.http is not None:
+            await self.http.stop()
         self._retention.cancel()
         await asyncio.gather(self._retention, return_exceptions=True)
         await self.engine.stop()
@@ -176,6 +185,7 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
     core = Core(engine, artifacts)
     client_pb2_grpc.add_ClientServiceServicer_to_server(ClientService(core), server)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(core), server)
+    health_servicer = await add_health_and_reflection(server)
     if config.listen.startswith("unix://"):
         # A socket file left by a killed coordinator would make the bind fail; one that a live process
         # answers on belongs to another coordinator, which deleting it would silently cut off.
@@ -195,12 +205,58 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
     if port == 0:
         why = _reason(await asyncio.to_thread(tcp_bind_error, config.listen))
         raise StartError(f"cannot listen on {config.listen}: {why}")
+    http = await _start_http(config, core, auth, tls)
     await server.start()
     await engine.start()
     retention_task = asyncio.create_task(retention.run_forever())
     log.info("coordinator listening on %s (pid %d)", config.listen, os.getpid())
     unix = config.listen.startswith("unix://")
-    return Coordinator(server, engine, 0 if unix else port, store, db, retention_task, lock_fd, tls)
+    return Coordinator(
+        server, engine, 0 if unix else port, store, db, retention_task, lock_fd, tls, http, health_servicer
+    )
+
+
+SERVED = (
+    client_pb2.DESCRIPTOR.services_by_name["ClientService"].full_name,
+    agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+)
+
+
+async def add_health_and_reflection(server: grpc.aio.Server) -> health.aio.HealthServicer:
+    """grpc.health.v1 (public: coordinator/auth.py) reports SERVING for the server ("") and each of our
+    services until the coordinator stops; reflection lets `grpcurl` list and call them."""
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ("", *SERVED):
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((*SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    return servicer
+
+
+async def _start_http(
+    config: CoordinatorConfig, core: Core, auth: Authenticator, tls: ServerTls | None
+) -> HttpServer | None:
+    if config.http_port is None:
+        return None
+    from dstack.coordinator.http.server import start_http
+
+    scrape_token = None
+    if config.metrics_token_file is not None:
+        try:
+            scrape_token = (await asyncio.to_thread(config.metrics_token_file.read_text)).strip() or None
+        except OSError as e:
+            raise StartError(f"--metrics-token-file {config.metrics_token_file}: {e.strerror or e}") from None
+        if scrape_token is None:
+            raise StartError(f"--metrics-token-file {config.metrics_token_file} is empty")
+    host = config.http_bind_host
+    try:
+        http = await start_http(core, auth, host, config.http_port, tls, config.state_dir, scrape_token)
+    except OSError as e:
+        why = ADDRESS_IN_USE if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise StartError(f"cannot serve HTTP on {host}:{config.http_port}: {why}") from None
+    await asyncio.to_thread(config.http_url_path.write_text, http.url + "\n")
+    log.info("HTTP API on %s (OpenAPI: %s/api/openapi.json, metrics: %s/metrics)", http.url, http.url, http.url)
+    return http
 
 
 INSECURE_WARNING = (
@@ -236,7 +292,7 @@ async def serve(
     ready: asyncio.Event | None = None,
     on_started: Callable[[Coordinator], None] | None = None,
 ) -> None:
-    coordinator = await start(config)
+    coordinator = await start(config, clock_from_env())
     if on_started is not None:
         on_started(coordinator)
     if ready is not None:

@@ -39,6 +39,7 @@ async def commit_artifacts(
     checked = [(check_job_artifact_path(p), size, sha) for p, size, sha in files]
     await core.artifacts.commit(job.run_name, job.job_name, checked, completed)
     await core.db(core.store.save_artifacts, job.id, checked)
+    core.engine.metrics.artifact_bytes.inc(sum(size for _, size, _ in checked))
 
 
 async def grant_uploads(core: Core, agent_id: str, job_id: str, files: Sequence[FileSize]) -> list[UploadGrant] | None:

@@ -107,4 +107,5 @@ async def commit_upload(
     checked = [(check_relative_path(p), size, sha) for p, size, sha in files]
     await core.artifacts.commit(run_name, job.job_name, checked, completed)
     await core.db(core.store.finish_upload_run, run_name, checked)
+    core.engine.metrics.artifact_bytes.inc(sum(size for _, size, _ in checked))
     return await core.run(run_name)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from dstack.coordinator.app.core import Core
@@ -51,7 +51,7 @@ class _Poll:
 
 async def stream_logs(
     core: Core, run_name: str, follow: bool, after: Mapping[str, int] | None = None
-) -> AsyncIterator[LogChunk]:
+) -> AsyncGenerator[LogChunk, None]:
     """Every line of the run after `after`; with `follow`, until the run has finished (the last
     chunk then carries the finished run)."""
     run = await core.db(core.store.run_by_name, run_name)

@@ -20,7 +20,7 @@ from dstack.coordinator.errors import InvalidRequest, NotFound
 from dstack.coordinator.model import CodeRef, JobSpec, JobStatus, JobView, RunStatus, RunView
 from dstack.coordinator.repositories import run_repository
 from dstack.coordinator.store.artifacts import container_paths_of
-from dstack.coordinator.store.db import CreatedRun, NewJob
+from dstack.coordinator.store.db import CreatedRun, NewJob, RunFilters
 from dstack.coordinator.templates import spec_with_run_name
 
 # Tags, and the workflow names an uploaded artifact set stands for.
@@ -228,3 +228,31 @@ async def delete(core: Core, actor: Actor, name: str) -> int:
     deleted = await core.artifacts.delete_run(run.name)
     await core.db(core.store.delete_run, run.id)
     return deleted
+
+
+MAX_PAGE = 500
+
+
+@dataclass(frozen=True)
+class RunPage:
+    runs: list[RunView]
+    # Where the next page starts ((submitted_at, id) of the last run here); None: this was the last page.
+    next_after: tuple[int, str] | None
+
+
+async def page_runs(core: Core, filters: RunFilters, limit: int = 100, after: tuple[int, str] | None = None) -> RunPage:
+    """One page of runs, newest first, with jobs and tags: every run once across pages (keyset paging)."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE}, not {limit}")
+
+    def load() -> tuple[list[RunView], tuple[int, str] | None]:
+        rows = core.store.runs_page(filters, limit + 1, after)  # one more: is there a next page?
+        more = len(rows) > limit
+        rows = rows[:limit]
+        ids = [r.id for r in rows]
+        jobs, tags = core.store.jobs_of_runs(ids), core.store.tags_of_runs(ids)
+        views = [run_view(r, jobs[r.id], tags[r.id], core.engine.pending_reasons, core.engine.wait_info) for r in rows]
+        return views, ((rows[-1].submitted_at, rows[-1].id) if more else None)
+
+    views, next_after = await core.db(load)
+    return RunPage(views, next_after)

@@ -33,7 +33,7 @@ class AgentRow:
     inventory: bytes  # a serialized dstack.v1.Inventory, kept opaque
     registered_at: int
     last_heartbeat: int
-    lease_expires_at: int
+    lease_expires_at: int  # on the coordinator's monotonic clock (engine.lease_now), not wall time
 
     @classmethod
     def of(cls, r: sqlite3.Row) -> AgentRow:
@@ -183,15 +183,17 @@ class Agents:
         with self.db.tx() as c:
             c.execute("UPDATE agents SET lease_expires_at = ? WHERE status = 'online'", [lease_until])
 
-    def expire_leases(self, now: int) -> list[str]:
-        """Marks agents whose lease ran out as lost, and fails their jobs or requeues them as new
-        attempts (their `retry` lists agent-lost); returns the lost agents' ids."""
+    def expire_leases(self, now: int, at: int | None = None) -> list[str]:
+        """Marks agents whose lease ran out by `now` (the engine's monotonic lease clock) as lost, and
+        fails their jobs or requeues them as new attempts (their `retry` lists agent-lost), stamped with
+        the wall time `at` (default: the store's clock); returns the lost agents' ids."""
+        at = self.db.clock() if at is None else at
         with self.db.tx() as c:
             lost = [
                 r[0] for r in c.execute("SELECT id FROM agents WHERE status = 'online' AND lease_expires_at < ?", [now])
             ]
             for agent_id in lost:
-                end_agent_jobs(c, agent_id, lifecycle.AGENT_LOST, "agent lost", now)
+                end_agent_jobs(c, agent_id, lifecycle.AGENT_LOST, "agent lost", at)
                 al.move_agents(c, al.LOSE, "id = :id", {"id": agent_id})
         return lost
 

@@ -22,12 +22,13 @@ from dstack.coordinator.store.jobs import (
     JobRow,
     Jobs,
     Placement,
+    QueuedJob,
     UpdateResult,
     WaitingJob,
 )
 from dstack.coordinator.store.join_tokens import JoinTokenRow, JoinTokens
 from dstack.coordinator.store.logs import ArchivableJob, Logs
-from dstack.coordinator.store.runs import CreatedRun, ExpiredRun, NewJob, RunRow, Runs, StopOnAgent
+from dstack.coordinator.store.runs import CreatedRun, ExpiredRun, NewJob, RunFilters, RunRow, Runs, StopOnAgent
 from dstack.coordinator.store.scope import Scope
 from dstack.coordinator.store.secrets import SecretRow, Secrets
 from dstack.coordinator.store.tags import TagRow, Tags
@@ -51,7 +52,9 @@ __all__ = [
     "NewJob",
     "OnAgent",
     "Placement",
+    "QueuedJob",
     "Removal",
+    "RunFilters",
     "RunRow",
     "SecretRow",
     "StopOnAgent",
@@ -102,6 +105,8 @@ class Store(Db):
         self.run_by_name = self.runs.by_name
         self.run_by_id = self.runs.by_id
         self.list_runs = self.runs.recent
+        self.runs_page = self.runs.page
+        self.run_counts = self.runs.counts_by_status
         self.queued_jobs_of = self.runs.queued_jobs_of
         self.request_stop = self.runs.request_stop
         self.latest_done_run = self.runs.latest_done_ref
@@ -112,6 +117,8 @@ class Store(Db):
         self.mark_artifacts_deleted = self.runs.mark_artifacts_deleted
         # jobs
         self.jobs_of_runs = self.jobs.of_runs
+        self.job_counts = self.jobs.counts_by_status
+        self.queued_jobs = self.jobs.queued
         self.run_ids_of_jobs = self.jobs.run_ids
         self.job_location = self.jobs.location
         self.waiting_jobs = self.jobs.waiting

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import queue
+import sqlite3
 import threading
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
@@ -29,6 +30,9 @@ class DbExecutor:
         self.store = store
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Calls that failed with a database error (a full disk, a locked or corrupt file): /metrics counts
+        # them. Written by the DB thread only.
+        self.sqlite_errors = 0
         self._thread = threading.Thread(target=self._work, name="db", daemon=True)
         self._thread.start()
 
@@ -72,10 +76,14 @@ class DbExecutor:
                         conn.execute("RELEASE call")
                         results.append((fut, True, value))
                     except Exception as e:
+                        if isinstance(e, sqlite3.Error):
+                            self.sqlite_errors += 1
                         conn.execute("ROLLBACK TO call")
                         conn.execute("RELEASE call")
                         results.append((fut, False, e))
         except Exception as e:  # the commit itself failed: every call in the batch failed
+            if isinstance(e, sqlite3.Error):
+                self.sqlite_errors += len(batch)
             results = [(fut, False, e) for _, fut in batch]
         finally:
             self.store.in_batch = False

@@ -248,6 +248,18 @@ def fail_agent_jobs(
         lifecycle.refresh_run_status(c, run_id, now)
 
 
+@dataclass(frozen=True)
+class QueuedJob:
+    job_id: str
+    run_name: str
+    job_name: str
+    owner: str
+    workflow: str
+    repository: str
+    status: JobStatus
+    submitted_at: int
+
+
 class Jobs:
     def __init__(self, db: Db) -> None:
         self.db = db
@@ -268,6 +280,33 @@ class Jobs:
         earlier = self.attempts_of([j.id for j in jobs if j.attempt > 1])
         for j in jobs:
             out[j.run_id].append(replace(j, attempts=tuple(earlier.get(j.id, ()))) if j.id in earlier else j)
+        return out
+
+    def counts_by_status(self) -> dict[JobStatus, int]:
+        rows = self.db.rows("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
+        return {JobStatus(r["status"]): r["n"] for r in rows}
+
+    def queued(self, job_ids: Sequence[str]) -> dict[str, QueuedJob]:
+        """The waiting jobs among `job_ids` (the engine's queue), with their runs' names and owners."""
+        out: dict[str, QueuedJob] = {}
+        ids = list(job_ids)
+        for i in range(0, len(ids), 500):  # below SQLite's limit on bound parameters
+            part = ids[i : i + 500]
+            for r in self.db.rows(
+                "SELECT j.id, j.job_name, j.status, j.submitted_at, r.name AS run_name, r.owner, r.workflow,"
+                f" r.repository FROM jobs j JOIN runs r ON r.id = j.run_id WHERE j.id IN ({marks(part)})",
+                part,
+            ):
+                out[r["id"]] = QueuedJob(
+                    r["id"],
+                    r["run_name"],
+                    r["job_name"],
+                    r["owner"],
+                    r["workflow"],
+                    r["repository"],
+                    JobStatus(r["status"]),
+                    r["submitted_at"],
+                )
         return out
 
     def run_ids(self, job_ids: Sequence[str]) -> dict[str, str]:

@@ -24,6 +24,16 @@ _COLUMNS = (
 
 
 @dataclass(frozen=True)
+class RunFilters:
+    """Which runs a listing shows; an empty field does not filter."""
+
+    owners: tuple[str, ...] = ()
+    workflows: tuple[str, ...] = ()
+    statuses: tuple[RunStatus, ...] = ()
+    repository: str = ""
+
+
+@dataclass(frozen=True)
 class RunRow:
     id: str
     name: str
@@ -216,6 +226,34 @@ class Runs:
             [max(0, min(10, limit - len(active)))],
         )
         return sorted((RunRow.of(r) for r in active + recent), key=lambda r: -r.submitted_at)
+
+    def page(self, filters: RunFilters, limit: int, before: tuple[int, str] | None) -> list[RunRow]:
+        """Up to `limit` runs matching `filters`, newest first, strictly after the cursor `before`
+        (the (submitted_at, id) of the last run of the previous page): paging never skips or repeats
+        a run, however many are submitted meanwhile."""
+        where: list[str] = []
+        params: list[object] = []
+        for column, values in (("owner", filters.owners), ("workflow", filters.workflows)):
+            if values:
+                where.append(f"{column} IN ({', '.join('?' * len(values))})")
+                params.extend(values)
+        if filters.statuses:
+            where.append(f"status IN ({ints_in(filters.statuses)})")
+        if filters.repository:
+            where.append("repository = ?")
+            params.append(filters.repository)
+        if before is not None:
+            where.append("(submitted_at, id) < (?, ?)")
+            params.extend(before)
+        sql = f"SELECT {_COLUMNS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self.db.rows(sql + " ORDER BY submitted_at DESC, id DESC LIMIT ?", [*params, limit])
+        return [RunRow.of(r) for r in rows]
+
+    def counts_by_status(self) -> dict[RunStatus, int]:
+        rows = self.db.rows("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
+        return {RunStatus(r["status"]): r["n"] for r in rows}
 
     def request_stop(self, run_name: str) -> list[StopOnAgent]:
         """Marks the run's unfinished jobs to stop. Jobs not yet on an agent stop at once; returns

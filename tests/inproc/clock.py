@@ -49,6 +49,10 @@ class ManualClock:
         """How many tasks wait on this clock now."""
         return len(self._sleepers)
 
+    def step_wall(self, seconds: float) -> None:
+        """Steps the wall clock only (NTP, `date -s`): the monotonic clock and sleepers do not move."""
+        self._ns += int(seconds * 1e9)
+
     async def advance(self, seconds: float) -> None:
         """Moves time forward and returns once every task whose sleep ended has slept again (or ended).
 

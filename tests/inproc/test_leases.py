@@ -7,7 +7,18 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.inproc.factories import JS, TR, Harness, coordinator, job_ids, job_spec, sim_agent, submit_run, wait_until
+from tests.inproc.factories import (
+    JS,
+    TR,
+    Harness,
+    SimAgent,
+    coordinator,
+    job_ids,
+    job_spec,
+    sim_agent,
+    submit_run,
+    wait_until,
+)
 
 pytestmark = pytest.mark.inproc
 LEASE_S = 5.0
@@ -100,3 +111,55 @@ async def test_log_batches_renew_the_lease_of_an_agent_whose_heartbeat_is_held_b
             # Silence: now the lease runs out.
             await h.clock.advance(LEASE_S + 0.5)
             assert await status_of(h, "chatty") == "lost"
+
+
+async def beat(h: Harness, agent: SimAgent, name: str) -> None:
+    """A heartbeat, stored before the test moves time on."""
+    at = h.clock.time_ns()
+    await agent.heartbeat()
+
+    async def stored() -> bool:
+        row = await h.agent(name)
+        return row is not None and row.last_heartbeat_ns == at
+
+    await wait_until(stored, f"{name}'s heartbeat to be stored")
+
+
+@pytest.mark.parametrize("step_s", [60.0, -60.0, 3600.0])
+async def test_a_wall_clock_step_leaves_every_healthy_agent_online_and_its_jobs_running(
+    tmp_path: Path, step_s: float
+) -> None:
+    """Leases run on the monotonic clock: a step of the coordinator's wall clock (forward or back) is
+    no reason to declare agents lost, while an agent that stops beating is still lost on time."""
+    async with (
+        coordinator(tmp_path, lease_timeout_s=LEASE_S) as h,
+        sim_agent(h, "a", cpu=1) as a,
+        sim_agent(h, "b", cpu=1) as b,
+    ):
+        run = await submit_run(h, job_spec("x"), job_spec("y"))
+        await a.wait_assignments(1)
+        await b.wait_assignments(1)
+        on_a, on_b = a.assignments()[0].job_id, b.assignments()[0].job_id
+        await a.report(on_a, JS.JOB_STATUS_RUNNING)
+        await b.report(on_b, JS.JOB_STATUS_RUNNING)
+
+        h.clock.step_wall(step_s)
+        await h.clock.advance(1.0)  # a lease pass runs after the step
+        assert await status_of(h, "a") == "online"
+        assert await status_of(h, "b") == "online"
+        for _ in range(3):  # and keeps them online while they beat
+            await beat(h, a, "a")
+            await beat(h, b, "b")
+            await h.clock.advance(LEASE_S - 1.0)
+            assert await status_of(h, "a") == "online"
+            assert await status_of(h, "b") == "online"
+        by_id = {j.id: j for j in (await h.run(run.name)).jobs}
+        assert by_id[on_a].status == by_id[on_b].status == JS.JOB_STATUS_RUNNING
+
+        # A lease still runs out on time: b stops beating.
+        await beat(h, a, "a")
+        await h.clock.advance(LEASE_S - 1.0)
+        await beat(h, a, "a")
+        await h.clock.advance(2.0)
+        assert await status_of(h, "a") == "online"
+        assert await status_of(h, "b") == "lost"

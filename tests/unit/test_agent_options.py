@@ -156,3 +156,20 @@ def test_pids_limit_defaults_to_4096_or_32_per_core_and_0_means_none(monkeypatch
     assert build_parser().parse_args(["--coordinator", "x:1"]).pids_limit == 512
     with pytest.raises(SystemExit):
         parse_args(["--coordinator", "x:1", "--pids-limit", "-1"])
+
+
+def test_outbox_bounds_come_from_the_options_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = parse_args(["--coordinator", "x:1", "--outbox-memory", "8MiB", "--max-job-outbox-bytes", "100MB"])
+    assert config.outbox.memory_bytes == 8 << 20
+    assert config.outbox.job_memory_bytes == 2 << 20  # a quarter: one job cannot take all the memory
+    assert config.outbox.job_bytes == 100_000_000
+    assert config.outbox.total_bytes == 4 << 30
+    monkeypatch.setenv("DSTACK_MAX_OUTBOX_BYTES", "2GiB")
+    assert parse_args(["--coordinator", "x:1"]).outbox.total_bytes == 2 << 30
+
+
+@pytest.mark.parametrize("value", ["0", "lots"])
+def test_an_outbox_bound_that_is_not_a_size_is_refused(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--coordinator", "x:1", "--max-job-outbox-bytes", value])
+    assert "--max-job-outbox-bytes" in capsys.readouterr().err

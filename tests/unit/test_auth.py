@@ -9,7 +9,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from dstack.coordinator.auth import PERMISSIONS, Authenticator, AuthInterceptor, Role, bearer_token
+from dstack.coordinator.auth import (
+    ALL_PERMISSIONS,
+    PERMISSIONS,
+    STANDARD_PERMISSIONS,
+    Authenticator,
+    AuthInterceptor,
+    Role,
+    bearer_token,
+)
 from dstack.coordinator.store import Store
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.protos.v1 import agent_pb2, client_pb2
@@ -23,6 +31,21 @@ def test_every_method_of_every_service_is_in_the_table() -> None:
         for m in service.methods
     }
     assert methods == set(PERMISSIONS), methods ^ set(PERMISSIONS)
+
+
+def test_standard_services_are_in_the_table_health_alone_public() -> None:
+    from grpc_health.v1 import health_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    methods = {
+        f"/{service.full_name}/{m.name}"
+        for file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
+        for service in file.services_by_name.values()
+        for m in service.methods
+    }
+    assert methods == set(STANDARD_PERMISSIONS), methods ^ set(STANDARD_PERMISSIONS)
+    public = {m for m, role in ALL_PERMISSIONS.items() if role is Role.PUBLIC}
+    assert public == {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
 
 
 ADMIN_ONLY = {

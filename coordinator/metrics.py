@@ -1,0 +1,46 @@
+"""The coordinator's own Prometheus instruments: what happens over time (scheduling passes, dispatch
+latency, log lines, artifact bytes, store errors). What the state is now (runs and jobs by state, queue
+depth, agents, GPUs) is read when /metrics is scraped (coordinator/http/metrics.py), not kept here.
+
+One registry per coordinator, not prometheus-client's global one: the in-process tests start several
+coordinators in one interpreter, and each must count only its own.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+# A pass over a big queue takes tens of milliseconds; a dispatch can wait from milliseconds to days.
+PASS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DISPATCH_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
+
+
+class EngineMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.scheduling_pass = Histogram(
+            "dstack_scheduling_pass_seconds",
+            "How long one scheduling pass took (planning and applying it, on the DB thread)",
+            buckets=PASS_BUCKETS,
+            registry=self.registry,
+        )
+        self.dispatch_latency = Histogram(
+            "dstack_dispatch_latency_seconds",
+            "From a job's submission (or requeue) to its assignment to an agent",
+            buckets=DISPATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.assignments = Counter(
+            "dstack_assignments", "Jobs assigned to agents by the scheduler", registry=self.registry
+        )
+        self.log_lines = Counter(
+            "dstack_log_lines", "Log lines received from agents (resends included)", registry=self.registry
+        )
+        self.artifact_bytes = Counter(
+            "dstack_artifact_bytes",
+            "Bytes of artifacts committed (by agents' jobs and uploads)",
+            registry=self.registry,
+        )
+        self.scheduling_failures = Counter(
+            "dstack_scheduling_pass_failures", "Scheduling passes that failed and were retried", registry=self.registry
+        )
