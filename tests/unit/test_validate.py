@@ -206,3 +206,54 @@ def test_validate_lists_exactly_the_files_run_would_send(tmp_path: Path, monkeyp
     r = _cli(project, "--json")
     [error] = _json(r)["workflows"][0]["errors"]
     assert "'.env': it exists but is not sent with the code" in error["message"]
+
+
+# --- the decisions of docs/workflows-2022.md ("Decisions on forms 2022 files use that issue 13 does not name") ---
+
+
+def _check(tmp_path: Path, workflows: str) -> dict[str, Any]:
+    write_project(tmp_path, workflows)
+    return _json(_cli(tmp_path, "--json"))
+
+
+def test_an_empty_duplicate_key_gives_way_with_a_note(tmp_path: Path) -> None:
+    out = _check(
+        tmp_path,
+        "workflows:\n  - name: a\n    provider: bash\n    commands: [ls]\n    artifacts:\n    artifacts: [x]\n",
+    )
+    assert out["ok"], out
+    assert any(":6:5: 'artifacts' is written twice; the empty one at line 5 is ignored" in n for n in out["notes"])
+
+
+def test_a_duplicate_key_with_two_values_is_refused_at_the_second(tmp_path: Path) -> None:
+    out = _check(
+        tmp_path, "workflows:\n  - name: a\n    provider: bash\n    commands: [rm -rf x]\n    commands: [ls]\n"
+    )
+    [error] = out["file_errors"]
+    assert (error["line"], error["column"]) == (5, 5)
+    assert error["message"] == "duplicate key 'commands' (first at line 4); keep one"
+
+
+def test_top_level_gpu_is_ignored_with_a_note_and_must_be_a_number(tmp_path: Path) -> None:
+    out = _check(tmp_path, "workflows:\n  - name: a\n    provider: bash\n    commands: [ls]\n    gpu: 1\n")
+    [w] = out["workflows"]
+    assert w["ok"] and "a top-level 'gpu' is ignored" in w["notes"][0] and ":5:10:" in w["notes"][0]
+    out = _check(tmp_path, "workflows:\n  - name: a\n    provider: bash\n    commands: [ls]\n    gpu: lots\n")
+    [error] = out["workflows"][0]["errors"]
+    assert error["line"] == 5 and "'gpu' must be a whole number" in error["message"]
+
+
+def test_resources_local_is_ignored_with_a_note_and_must_be_a_boolean(tmp_path: Path) -> None:
+    base = "workflows:\n  - name: a\n    provider: bash\n    commands: [ls]\n    resources:\n"
+    out = _check(tmp_path, base + "      local: true\n")
+    assert out["ok"] and "resources.local (2022: where the run goes) is ignored" in out["workflows"][0]["notes"][0]
+    out = _check(tmp_path, base + "      remote: maybe\n")
+    [error] = out["workflows"][0]["errors"]
+    assert error["line"] == 6 and error["message"] == "'remote' must be true or false"
+
+
+def test_a_bare_provider_branch_is_refused_saying_where_a_branch_comes_from(tmp_path: Path) -> None:
+    out = _check(tmp_path, "workflows:\n  - name: a\n    provider: bash@main\n    commands: [ls]\n")
+    [error] = out["workflows"][0]["errors"]
+    assert error["line"] == 3
+    assert "a branch is read only from a provider repository" in error["message"] and "write 'bash'" in error["message"]
