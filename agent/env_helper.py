@@ -37,6 +37,7 @@ MARKER = "dstack-env.json"
 LOCAL_VENV = ".dstack-venv"  # where a job's own venv goes when the cache is off
 KEY_CHARS = 16  # of the sha256: short enough for the 127-byte shebang lines pip writes into bin/
 EVICT_LOCK = ".evict.lock"
+PARENT_PTH = "dstack-parent-env.pth"  # in a venv made by a venv's interpreter: that venv's packages
 
 
 def say(text: str) -> None:
@@ -112,7 +113,12 @@ def interpreter_identity() -> dict[str, str]:
 
 
 def env_key(requirements: str) -> str:
-    material = {"interpreter": interpreter_identity(), "requirements": requirements_digest(requirements)}
+    material: dict[str, object] = {
+        "interpreter": interpreter_identity(),
+        "requirements": requirements_digest(requirements),
+    }
+    if parent_site_dirs():  # environments that see their maker's venv (since dstack-parent-env.pth)
+        material["parent_site_dirs"] = parent_site_dirs()
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
@@ -164,8 +170,30 @@ def _run(argv: list[str], what: str) -> None:
         raise HelperError(f"{what} failed (exit code {code}): {shlex.join(argv)}", code if code > 0 else 1)
 
 
+def parent_site_dirs() -> list[str]:
+    """The site-packages of the venv this interpreter belongs to; none for a base interpreter."""
+    if sys.prefix == sys.base_prefix:
+        return []
+    return list(dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]))
+
+
+def inherit_parent_packages(env_dir: str) -> None:
+    """--system-site-packages shows a new venv the packages of the base interpreter only. Made by the python
+    of another venv (a team's environment with jupyterlab and torch installed, first on PATH), it would miss
+    what that venv has, and offline a job could not get it again: a .pth file adds that venv's site-packages
+    after the new venv's own, as the interpreter that made it sees them (cli/providers/pyenv.py does the same
+    for venvs made without the cache)."""
+    dirs = parent_site_dirs()
+    if not dirs:
+        return
+    own = os.path.join(env_dir, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages")
+    with open(os.path.join(own, PARENT_PTH), "w", encoding="utf-8") as f:
+        f.writelines(f"import site; site.addsitedir({d!r})\n" for d in dirs)  # with the .pth files in them
+
+
 def create_env(path: str, requirements: str) -> None:
     _run([sys.executable, "-m", "venv", "--system-site-packages", path], "creating the venv")
+    inherit_parent_packages(path)
     python = os.path.join(path, "bin", "python")
     _run([python, "-m", "pip", "install", "--disable-pip-version-check", "-r", requirements], "pip install")
 

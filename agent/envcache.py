@@ -63,6 +63,10 @@ class EnvCache:
         }
 
 
+# Providers whose commands run the helper (cli/providers/python.py, cli/providers/devenv.py).
+CACHED_PROVIDERS = frozenset({"python", "lab", "notebook"})
+
+
 def applies_to(provider: str) -> bool:
-    """Only the python provider's jobs get the cache (and, in containers, its mounts)."""
-    return provider == "python"
+    """Only the jobs of providers that use it get the cache (and, in containers, its mounts)."""
+    return provider in CACHED_PROVIDERS

@@ -231,6 +231,7 @@ class JobRunner:
                         job_id=self.job_id,
                         workdir=workdir,
                         working_dir=spec.working_dir or ".",
+                        loopback_ports=frozenset(p.container_port for p in spec.ports if p.app),
                         commands=list(spec.commands),
                         env=env,
                         gpu_indices=list(self.a.gpu_indices),

@@ -11,6 +11,10 @@ from pathlib import Path
 # Every job process carries this variable (set by the runner): after an agent crash, the next agent
 # finds the jobs its predecessor left behind by it, with no bookkeeping file per job.
 AGENT_MARKER = "DSTACK_AGENT_HOME"
+# Where a job's servers listen for the agent to reach them (the port tunnels, the dev-environment providers'
+# servers, cli/providers/devenv.py): the loopback address wherever the job shares the agent's network.
+LISTEN_VAR = "DSTACK_LISTEN_ADDRESS"
+LOOPBACK = "127.0.0.1"
 
 
 class RuntimeError_(Exception):
@@ -33,6 +37,9 @@ class RuntimeJob:
     provider: str = ""
     python_version: str = ""  # the python provider's `version` (a container runtime picks its image by it)
     ports: list[tuple[int, int]] = field(default_factory=list)  # (host, container)
+    # Container ports of apps reached only through tunnels (a PortSpec with `app`: lab, notebook, code): a
+    # bridge container publishes them on the host's loopback address, not on every interface of the host.
+    loopback_ports: frozenset[int] = frozenset()
     # Absolute artifact paths: (the job's host folder, the path inside the container) to bind-mount.
     mounts: list[tuple[str, str]] = field(default_factory=list)
     gpus_simulated: bool = False  # simulated GPUs: the assignment goes only into the environment
@@ -88,7 +95,7 @@ class Runtime(abc.ABC):
 
     def base_env(self, host_env: dict[str, str]) -> dict[str, str]:
         """What a job's environment starts from; a container keeps its image's PATH and HOME."""
-        return dict(host_env)
+        return dict(host_env) | {LISTEN_VAR: LOOPBACK}
 
     @abc.abstractmethod
     async def start(self, job: RuntimeJob) -> JobProcess: ...

@@ -28,7 +28,17 @@ from docker.types import DeviceRequest
 from docker.utils import parse_repository_tag
 
 from dstack.agent.envcache import EnvCache, applies_to
-from dstack.agent.runtimes.base import JobProcess, Runtime, RuntimeError_, RuntimeJob, gpu_env, gpu_ids, working_subdir
+from dstack.agent.runtimes.base import (
+    LISTEN_VAR,
+    LOOPBACK,
+    JobProcess,
+    Runtime,
+    RuntimeError_,
+    RuntimeJob,
+    gpu_env,
+    gpu_ids,
+    working_subdir,
+)
 from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT, pids_events_of, pids_limit_hits, pids_limit_line
 from dstack.protos.container_paths import CODE_MOUNT, check_container_path
 from dstack.protos.v1 import common_pb2
@@ -119,15 +129,26 @@ def engine_address(base_url: str = "") -> str:
     return base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
 
 
+# Providers whose jobs need a Python without naming a version: the agent's Python image by default.
+PYTHON_PROVIDERS = frozenset({"python", "lab", "notebook"})
+
+
 def pick_image(job: RuntimeJob, opts: DockerOptions) -> str:
     """The workflow's `image`, else the agent's image for the provider (python: by version; GPU jobs: CUDA)."""
     if job.image:
         return job.image
-    if job.provider == "python" or job.python_version:
+    if job.provider in PYTHON_PROVIDERS or job.python_version:
         return opts.python_image.format(version=job.python_version or "3.11")
     if job.gpu_indices:
         return opts.cuda_image
     return opts.bash_image
+
+
+def listen_address(opts: DockerOptions) -> str:
+    """On a bridge network the container has interfaces of its own, and the host reaches a server in it
+    only through them (a published port, or the container's address), never through the container's
+    loopback; with the host's network, the host's loopback is the container's."""
+    return "0.0.0.0" if opts.network == "bridge" else LOOPBACK
 
 
 def _script(commands: list[str]) -> str:
@@ -162,10 +183,15 @@ def container_config(
             device_requests = [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
     else:
         env["NVIDIA_VISIBLE_DEVICES"] = "void"  # a CUDA image's default `all` must not expose the host's GPUs
-    ports: dict[str, int] | None = None
+    ports: dict[str, int | tuple[str, int]] | None = None
     if job.ports:
         if opts.network == "bridge":
-            ports = {f"{container}/tcp": host for host, container in job.ports}
+            # An app's port (its token is readable by the whole team) only on the host's loopback, where the
+            # agent's tunnel connects; other ports on every interface, as `ports` always published them.
+            ports = {
+                f"{container}/tcp": (LOOPBACK, host) if container in job.loopback_ports else host
+                for host, container in job.ports
+            }
         elif opts.network == "host":
             moved = [f"{h}:{c}" for h, c in job.ports if h != c]
             if moved:
@@ -401,7 +427,8 @@ class DockerRuntime(Runtime):
 
     def base_env(self, host_env: dict[str, str]) -> dict[str, str]:
         # The image's own PATH, HOME and user apply inside the container, not the agent host's.
-        return {k: v for k, v in host_env.items() if k not in ("PATH", "HOME", "USER", "LOGNAME")}
+        env = {k: v for k, v in host_env.items() if k not in ("PATH", "HOME", "USER", "LOGNAME")}
+        return env | {LISTEN_VAR: listen_address(self.opts)}
 
     async def answers(self) -> bool:
         try:

@@ -28,10 +28,19 @@ def _builtin() -> dict[str, type[Provider]]:
     # Also registered as entry points; listed here so a source checkout without installed metadata works.
     from dstack.cli.providers.bash import BashProvider
     from dstack.cli.providers.curl import CurlProvider
+    from dstack.cli.providers.devenv import CodeProvider, LabProvider, NotebookProvider
     from dstack.cli.providers.docker import DockerProvider
     from dstack.cli.providers.python import PythonProvider
 
-    return {"bash": BashProvider, "curl": CurlProvider, "docker": DockerProvider, "python": PythonProvider}
+    return {
+        "bash": BashProvider,
+        "code": CodeProvider,
+        "curl": CurlProvider,
+        "docker": DockerProvider,
+        "lab": LabProvider,
+        "notebook": NotebookProvider,
+        "python": PythonProvider,
+    }
 
 
 def _installed_key() -> list[list[object]]:
@@ -105,7 +114,7 @@ def known_providers() -> list[str]:
 
 
 # Built in a separate issue; until then named clearly rather than refused as unknown (2022 docs listed them).
-NOT_AVAILABLE_YET = frozenset({"code", "lab", "notebook", "torchrun"})
+NOT_AVAILABLE_YET = frozenset({"torchrun"})
 
 
 def _project_root(node: Node | None) -> Path | None:

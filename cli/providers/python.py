@@ -11,7 +11,6 @@ from dstack.cli.spec import Workflow
 # The script's field by year: `python_script` (early 2022: "the Python script with arguments"), `script`
 # (mid 2022), `file` (late 2022 and today). One of them, not two.
 SCRIPT_FIELDS = ("file", "script", "python_script")
-HELPER_VAR = "DSTACK_ENV_HELPER"  # set by the agent (agent/envcache.py): its environment cache's helper
 
 
 class PythonProvider(Provider):
@@ -83,11 +82,7 @@ class PythonProvider(Provider):
         if requirements:
             req = shlex.quote(fields.relative_path(wf.node, "requirements", requirements))
             cmds += [
-                # An agent with an environment cache says where its helper is: it reuses a venv made
-                # for the same interpreter and requirements, or makes one, then execs the script.
-                # -I: nothing next to the helper (the agent's own modules) or in PYTHON* shadows its imports.
-                f'if [ -f "${{{HELPER_VAR}:-}}" ]; then'
-                f' exec {python} -I "${HELPER_VAR}" --requirements {req} -- {run}; fi',
+                pyenv.cached_env_exec(python, req, run),
                 # An agent without one (older): a venv of the job's own, as before.
                 "echo 'dstack: installing requirements into a new environment .dstack-venv'",
                 f"{python} -m venv --system-site-packages .dstack-venv",

@@ -83,14 +83,8 @@ def test_files_with_absolute_artifact_paths_are_accepted() -> None:
 # refused too, "other": a form the issue does not name). Regenerate with `python tests/corpus2022/report.py --table`
 # when a change accepts more (and say why in the commit).
 REFUSED: dict[str, list[str]] = {
-    "019": [  # dstack-examples_workflows-dev-environments_f8c6f11.yaml; 2022 forms by item of issue 13: 10
-        "ide-code: .dstack/workflows/dev-environments.yaml:4:15: provider 'code' is not available yet",
-        "ide-code-gpu: .dstack/workflows/dev-environments.yaml:8:15: provider 'code' is not available yet",
-        "ide-lab: .dstack/workflows/dev-environments.yaml:15:15: provider 'lab' is not available yet",
-        "ide-notebook: .dstack/workflows/dev-environments.yaml:19:15: provider 'notebook' is not available yet",
-    ],
     "036": [  # dewarp_master_abby_workflows_cd6655c.yaml; 2022 forms by item of issue 13: 1, broken
-        "train: .dstack/workflows.yaml:24:15: unknown provider 'python ${{ config }} ${{ overrides }}'; known providers: bash, curl, docker, python",
+        "train: .dstack/workflows.yaml:24:15: unknown provider 'python ${{ config }} ${{ overrides }}'; known providers: bash, code, curl, docker, lab, notebook, python",
     ],
     "043": [  # dstack_workflows_394e456.yaml; 2022 forms by item of issue 13: broken
         ".dstack/workflows.yaml:17:1: invalid YAML: could not find expected ':' (while scanning a simple key at line 16)",
@@ -113,9 +107,6 @@ REFUSED: dict[str, list[str]] = {
     "067": [  # dstack-test-providers_workflows_db040b2.yaml; 2022 forms by item of issue 13: other
         "hello: .dstack/workflows.yaml:3:15: provider 'torchrun@experimental' is not available yet",
     ],
-    "074": [  # mnist-classifier_workflows_b5c152a.yaml; 2022 forms by item of issue 13: 1, 10
-        "vscode: .dstack/workflows.yaml:54:15: provider 'code' is not available yet",
-    ],
     "082": [  # dstack_multiple_gpu_workflows_a8ea077.yaml; 2022 forms by item of issue 13: 1
         "train-mnist: .dstack/workflows.yaml:9:12: ${{ pgpu }} is not defined (define it in .dstack/variables.yaml)",
     ],
@@ -126,8 +117,8 @@ REFUSED: dict[str, list[str]] = {
         "check-gpu-count: .dstack/workflows.yaml:25:12: ${{ tgpu }} is not defined (define it in .dstack/variables.yaml)",
     ],
     "091": [  # dstack_multiple_gpu_workflows_2e3c67d.yaml; 2022 forms by item of issue 13: 1, broken
-        "download-mnist: .dstack/workflows.yaml:3:15: unknown provider 'python3.9'; known providers: bash, curl, docker, python",
-        "train-mnist: .dstack/workflows.yaml:10:15: unknown provider 'python3.9'; known providers: bash, curl, docker, python",
+        "download-mnist: .dstack/workflows.yaml:3:15: unknown provider 'python3.9'; known providers: bash, code, curl, docker, lab, notebook, python",
+        "train-mnist: .dstack/workflows.yaml:10:15: unknown provider 'python3.9'; known providers: bash, code, curl, docker, lab, notebook, python",
     ],
     "095": [  # dstack_multiple_gpu_workflows_f709754.yaml; 2022 forms by item of issue 13: 1
         "train-mnist: .dstack/workflows.yaml:11:13: python must look like 3.11, got ['3.9']",
@@ -185,11 +176,11 @@ REFUSED: dict[str, list[str]] = {
         "train-mnist: .dstack/workflows.yaml:4:7: field 'provider' must be a string, not a list",
     ],
     "122": [  # dstack_multiple_gpu_workflows_265f482.yaml; 2022 forms by item of issue 13: 1, broken
-        "download-mnist: .dstack/workflows.yaml:3:15: unknown provider 'python/3.9'; known providers: bash, curl, docker, python",
-        "train-mnist: .dstack/workflows.yaml:11:15: unknown provider 'python/3.9'; known providers: bash, curl, docker, python",
+        "download-mnist: .dstack/workflows.yaml:3:15: unknown provider 'python/3.9'; known providers: bash, code, curl, docker, lab, notebook, python",
+        "train-mnist: .dstack/workflows.yaml:11:15: unknown provider 'python/3.9'; known providers: bash, code, curl, docker, lab, notebook, python",
     ],
     "123": [  # dstack_multiple_gpu_workflows_83be4ec.yaml; 2022 forms by item of issue 13: 1, broken
-        "download-mnist: .dstack/workflows.yaml:3:15: unknown provider 'python/3.9'; known providers: bash, curl, docker, python",
+        "download-mnist: .dstack/workflows.yaml:3:15: unknown provider 'python/3.9'; known providers: bash, code, curl, docker, lab, notebook, python",
     ],
     "126": [  # dstack_multiple_gpu_workflows_50e5c42.yaml; 2022 forms by item of issue 13: broken
         "train-mnist: .dstack/workflows.yaml:2:5: missing required field 'provider'",
@@ -223,7 +214,7 @@ REFUSED: dict[str, list[str]] = {
         "train: .dstack/workflows.yaml:7:8: each artifact must be a path or {path, mount}",
     ],
     "155": [  # ydata-dstack_workflows_4fedf4c.yaml; 2022 forms by item of issue 13: broken
-        "train: .dstack/workflows.yaml:3:15: unknown provider 'python==3.8'; known providers: bash, curl, docker, python",
+        "train: .dstack/workflows.yaml:3:15: unknown provider 'python==3.8'; known providers: bash, code, curl, docker, lab, notebook, python",
     ],
     "157": [  # ydata-dstack_workflows_c410efa.yaml; 2022 forms by item of issue 13: broken
         "train: .dstack/workflows.yaml:4:5: unknown field 'requirements' in workflow 'train'; did you mean 'environment'?",

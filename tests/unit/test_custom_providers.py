@@ -1,5 +1,5 @@
 """Issue 13 items 9 and 10: 2022 custom providers (from a git repository or the project's own providers.yaml), and
-the dev-environment / distributed providers refused as "not available yet"."""
+the distributed provider refused as "not available yet"."""
 
 from __future__ import annotations
 
@@ -258,7 +258,7 @@ def test_broken_providers_yaml_names_what_is_missing(tmp_path: Path) -> None:
         build_request(project, "w", [])
 
 
-@pytest.mark.parametrize("name", ["code", "lab", "notebook", "torchrun", "torchrun@experimental"])
+@pytest.mark.parametrize("name", ["torchrun", "torchrun@experimental"])  # code, lab, notebook: devenv.py
 def test_dev_and_distributed_providers_are_not_available_yet(tmp_path: Path, name: str) -> None:
     # With fields of their own (`nodes`, `version`): the provider is named, not a field.
     project = write_project(
@@ -291,7 +291,7 @@ ENTRIES = {e["file"][:3]: e for e in json.loads((CORPUS / "sources.json").read_t
 # repository does not have: refused at their line (tests/unit/test_corpus2022.py lists them).
 ITEM9 = [f"{n:03d}" for n in [*range(47, 51), *range(52, 64), 68, 69, 70, 144]]
 TORCHRUN_BRANCH = "provider 'torchrun@experimental' is not available yet"
-NOT_YET = {"019": "provider 'code' is not available yet", "066": TORCHRUN_BRANCH, "067": TORCHRUN_BRANCH}
+NOT_YET = {"066": TORCHRUN_BRANCH, "067": TORCHRUN_BRANCH}  # 019 (code, lab, notebook): test_devenv_providers
 GITHUB_REPO = "https://github.com/ivan-bokov/dstack-test-providers"
 
 

@@ -122,8 +122,10 @@ def test_the_image_comes_from_the_workflow_else_the_agent_by_provider() -> None:
 
 def test_the_container_keeps_its_images_path_and_home() -> None:
     rt = DockerRuntime.__new__(DockerRuntime)
+    rt.opts = OPTS
     env = rt.base_env({"PATH": "/home/me/.venv/bin", "HOME": "/home/me", "USER": "me", "LANG": "C.UTF-8"})
-    assert env == {"LANG": "C.UTF-8"}
+    # and where its servers listen for the agent to reach them (bridge: the container's own interfaces)
+    assert env == {"LANG": "C.UTF-8", "DSTACK_LISTEN_ADDRESS": "0.0.0.0"}
 
 
 def test_pull_progress_is_a_few_lines_and_errors_carry_the_engines_message() -> None:

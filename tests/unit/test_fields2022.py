@@ -88,7 +88,8 @@ def test_bash_python_and_requirements_run_in_a_venv_before_the_commands(tmp_path
     assert s.python_version == "3.10"
     cmds = list(s.commands)
     assert "python3.10" in cmds[0] and "exit 127" in cmds[0]
-    assert "python3.10 -m venv --system-site-packages .dstack-venv && . .dstack-venv/bin/activate" in cmds[1]
+    assert "python3.10 -m venv --system-site-packages .dstack-venv && python3.10 -c " in cmds[1]
+    assert " .dstack-venv && . .dstack-venv/bin/activate;" in cmds[1]  # seeing what python3.10's venv has
     assert 'ln -sf "$(command -v python3.10)" .dstack-bin/python' in cmds[1]  # no venv module: python is 3.10
     assert cmds[-2] == "python -m pip install --disable-pip-version-check -r req.txt"
     assert cmds[-1] == "python x.py"
