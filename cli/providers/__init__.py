@@ -31,6 +31,7 @@ def _builtin() -> dict[str, type[Provider]]:
     from dstack.cli.providers.devenv import CodeProvider, LabProvider, NotebookProvider
     from dstack.cli.providers.docker import DockerProvider
     from dstack.cli.providers.python import PythonProvider
+    from dstack.cli.providers.torchrun import TorchrunProvider
 
     return {
         "bash": BashProvider,
@@ -40,6 +41,7 @@ def _builtin() -> dict[str, type[Provider]]:
         "lab": LabProvider,
         "notebook": NotebookProvider,
         "python": PythonProvider,
+        "torchrun": TorchrunProvider,
     }
 
 
@@ -114,7 +116,7 @@ def known_providers() -> list[str]:
 
 
 # Built in a separate issue; until then named clearly rather than refused as unknown (2022 docs listed them).
-NOT_AVAILABLE_YET = frozenset({"torchrun"})
+NOT_AVAILABLE_YET: frozenset[str] = frozenset()  # every 2022 built-in is here now (a NAME@BRANCH is not)
 
 
 def _project_root(node: Node | None) -> Path | None:
@@ -145,6 +147,12 @@ def resolve_provider(node: Node) -> tuple[str, Provider]:
 
 
 def load_provider(name: str, node: Node | None = None) -> Provider:
+    from dstack.cli.providers.custom import CustomProvider, local_providers
+
+    # The project's own definition wins (ivan-bokov/dstack-test-providers defined its own `torchrun`).
+    own = local_providers(_project_root(node)).get(name)
+    if own is not None:
+        return CustomProvider(own)
     for ep_name, value in entry_points():
         if ep_name != name:
             continue
@@ -156,22 +164,18 @@ def load_provider(name: str, node: Node | None = None) -> Provider:
     builtin = _builtin().get(name)
     if builtin is not None:
         return builtin()
-    from dstack.cli.providers.custom import CustomProvider, local_providers
-
-    own = local_providers(_project_root(node)).get(name)
-    if own is not None:
-        return CustomProvider(own)
     base, at, branch = name.partition("@")
-    where = node.at("provider") if node is not None else None
-    if base in NOT_AVAILABLE_YET:
+    # `torchrun@experimental` (2022, a branch of a provider's repository): no such built-in.
+    if base in NOT_AVAILABLE_YET or (base != name and base in _builtin()):
+        where = node.at("provider") if node is not None else None
         raise WorkflowError(f"provider {name!r} is not available yet", where)
     if at:
         # June 2022 dstack read a bare NAME@BRANCH from dstackai/dstack's own providers at that branch (its
-        # developers' test builds); built-in providers are code now, with no branches to pick from.
+        # developers' test builds); a name that is no built-in: say where a branch can come from.
         raise WorkflowError(
             f"provider {name!r}: a branch is read only from a provider repository"
-            f" (`provider: {{name: {base}@{branch}, repo: URL}}`); for the built-in one write {base!r}",
-            where,
+            f" (`provider: {{name: {base}@{branch}, repo: URL}}`)",
+            node.at("provider") if node is not None else None,
         )
     known = ", ".join(known_providers()) or "none installed"
     raise WorkflowError(

@@ -84,7 +84,7 @@ def test_files_with_absolute_artifact_paths_are_accepted() -> None:
 # when a change accepts more (and say why in the commit).
 REFUSED: dict[str, list[str]] = {
     "036": [  # dewarp_master_abby_workflows_cd6655c.yaml; 2022 forms by item of issue 13: 1, broken
-        "train: .dstack/workflows.yaml:24:15: unknown provider 'python ${{ config }} ${{ overrides }}'; known providers: bash, code, curl, docker, lab, notebook, python",
+        "train: .dstack/workflows.yaml:24:15: unknown provider 'python ${{ config }} ${{ overrides }}'; known providers: bash, code, curl, docker, lab, notebook, python, torchrun",
     ],
     "043": [  # dstack_workflows_394e456.yaml; 2022 forms by item of issue 13: broken
         ".dstack/workflows.yaml:17:1: invalid YAML: could not find expected ':' (while scanning a simple key at line 16)",
@@ -117,8 +117,8 @@ REFUSED: dict[str, list[str]] = {
         "check-gpu-count: .dstack/workflows.yaml:25:12: ${{ tgpu }} is not defined (define it in .dstack/variables.yaml)",
     ],
     "091": [  # dstack_multiple_gpu_workflows_2e3c67d.yaml; 2022 forms by item of issue 13: 1, broken
-        "download-mnist: .dstack/workflows.yaml:3:15: unknown provider 'python3.9'; known providers: bash, code, curl, docker, lab, notebook, python",
-        "train-mnist: .dstack/workflows.yaml:10:15: unknown provider 'python3.9'; known providers: bash, code, curl, docker, lab, notebook, python",
+        "download-mnist: .dstack/workflows.yaml:3:15: unknown provider 'python3.9'; known providers: bash, code, curl, docker, lab, notebook, python, torchrun",
+        "train-mnist: .dstack/workflows.yaml:10:15: unknown provider 'python3.9'; known providers: bash, code, curl, docker, lab, notebook, python, torchrun",
     ],
     "095": [  # dstack_multiple_gpu_workflows_f709754.yaml; 2022 forms by item of issue 13: 1
         "train-mnist: .dstack/workflows.yaml:11:13: python must look like 3.11, got ['3.9']",
@@ -154,10 +154,12 @@ REFUSED: dict[str, list[str]] = {
     "106": [  # dstack_multiple_gpu_workflows_c5d9dcf.yaml; 2022 forms by item of issue 13: 1, 9
         "download-mnist: .dstack/providers.yaml:2:5: provider 'train-mnist' needs 'commands', a list of strings",
         "train-mnist: .dstack/providers.yaml:2:5: provider 'train-mnist' needs 'commands', a list of strings",
+        "check-gpu-count: .dstack/providers.yaml:2:5: provider 'train-mnist' needs 'commands', a list of strings",
     ],
     "107": [  # dstack_multiple_gpu_workflows_ccdb80c.yaml; 2022 forms by item of issue 13: 1, broken
         "download-mnist: .dstack/providers.yaml:2:5: provider 'train-mnist' needs 'commands', a list of strings",
         "train-mnist: .dstack/providers.yaml:2:5: provider 'train-mnist' needs 'commands', a list of strings",
+        "check-gpu-count: .dstack/providers.yaml:2:5: provider 'train-mnist' needs 'commands', a list of strings",
     ],
     "110": [  # dstack_multiple_gpu_workflows_41bd074.yaml; 2022 forms by item of issue 13: 1, broken
         "download-mnist: .dstack/workflows.yaml:2:5: missing required field 'provider'",
@@ -170,17 +172,19 @@ REFUSED: dict[str, list[str]] = {
     "112": [  # dstack_multiple_gpu_workflows_d05f403.yaml; 2022 forms by item of issue 13: 1, broken
         "download-mnist: .dstack/workflows.yaml:4:7: field 'provider' must be a string, not a list",
         "train-mnist: .dstack/workflows.yaml:4:7: field 'provider' must be a string, not a list",
+        "check-gpu-count: .dstack/providers.yaml:2:7: provider 'download-mnist' needs 'commands', a list of strings",
     ],
     "113": [  # dstack_multiple_gpu_workflows_f9c3e79.yaml; 2022 forms by item of issue 13: 1, broken
         "download-mnist: .dstack/workflows.yaml:4:7: field 'provider' must be a string, not a list",
         "train-mnist: .dstack/workflows.yaml:4:7: field 'provider' must be a string, not a list",
+        "check-gpu-count: .dstack/providers.yaml:2:7: provider 'download-mnist' needs 'commands', a list of strings",
     ],
     "122": [  # dstack_multiple_gpu_workflows_265f482.yaml; 2022 forms by item of issue 13: 1, broken
-        "download-mnist: .dstack/workflows.yaml:3:15: unknown provider 'python/3.9'; known providers: bash, code, curl, docker, lab, notebook, python",
-        "train-mnist: .dstack/workflows.yaml:11:15: unknown provider 'python/3.9'; known providers: bash, code, curl, docker, lab, notebook, python",
+        "download-mnist: .dstack/workflows.yaml:3:15: unknown provider 'python/3.9'; known providers: bash, code, curl, docker, lab, notebook, python, torchrun",
+        "train-mnist: .dstack/workflows.yaml:11:15: unknown provider 'python/3.9'; known providers: bash, code, curl, docker, lab, notebook, python, torchrun",
     ],
     "123": [  # dstack_multiple_gpu_workflows_83be4ec.yaml; 2022 forms by item of issue 13: 1, broken
-        "download-mnist: .dstack/workflows.yaml:3:15: unknown provider 'python/3.9'; known providers: bash, code, curl, docker, lab, notebook, python",
+        "download-mnist: .dstack/workflows.yaml:3:15: unknown provider 'python/3.9'; known providers: bash, code, curl, docker, lab, notebook, python, torchrun",
     ],
     "126": [  # dstack_multiple_gpu_workflows_50e5c42.yaml; 2022 forms by item of issue 13: broken
         "train-mnist: .dstack/workflows.yaml:2:5: missing required field 'provider'",
@@ -214,10 +218,10 @@ REFUSED: dict[str, list[str]] = {
         "train: .dstack/workflows.yaml:7:8: each artifact must be a path or {path, mount}",
     ],
     "155": [  # ydata-dstack_workflows_4fedf4c.yaml; 2022 forms by item of issue 13: broken
-        "train: .dstack/workflows.yaml:3:15: unknown provider 'python==3.8'; known providers: bash, code, curl, docker, lab, notebook, python",
+        "train: .dstack/workflows.yaml:3:15: unknown provider 'python==3.8'; known providers: bash, code, curl, docker, lab, notebook, python, torchrun",
     ],
     "157": [  # ydata-dstack_workflows_c410efa.yaml; 2022 forms by item of issue 13: broken
-        "train: .dstack/workflows.yaml:4:5: unknown field 'requirements' in workflow 'train'; did you mean 'environment'?",
+        "train: .dstack/providers.yaml:2:7: provider 'curl' needs 'commands', a list of strings",
     ],
     "160": [  # PyTorchLightning_workflows_22d55a5.yaml; 2022 forms by item of issue 13: 1, broken
         "train-mnist: .dstack/workflows.yaml:7:9: depends-on names 'download-mnist', which is not a workflow; workflows: train-mnist",

@@ -253,7 +253,15 @@ def test_resources_local_is_ignored_with_a_note_and_must_be_a_boolean(tmp_path: 
 
 
 def test_a_bare_provider_branch_is_refused_saying_where_a_branch_comes_from(tmp_path: Path) -> None:
+    """A branch of a built-in (2022: a developer build from dstackai/dstack's branch) is not available; a branch of
+    any other name can only come from a provider repository, and the error says how to name one."""
     out = _check(tmp_path, "workflows:\n  - name: a\n    provider: bash@main\n    commands: [ls]\n")
     [error] = out["workflows"][0]["errors"]
+    assert error["line"] == 3 and error["message"] == "provider 'bash@main' is not available yet"
+    out = _check(tmp_path, "workflows:\n  - name: a\n    provider: mine@dev\n")
+    [error] = out["workflows"][0]["errors"]
     assert error["line"] == 3
-    assert "a branch is read only from a provider repository" in error["message"] and "write 'bash'" in error["message"]
+    assert error["message"] == (
+        "provider 'mine@dev': a branch is read only from a provider repository"
+        " (`provider: {name: mine@dev, repo: URL}`)"
+    )
