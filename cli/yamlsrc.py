@@ -7,6 +7,7 @@ refused at its line before it is built, in time linear in the file's size.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def _convert(path: Path, node: yaml.Node, open_nodes: frozenset[int] = frozenset
             # Keys as written: YAML 1.1 would make `on:` (retry.on) the boolean True, `yes:` True.
             key = k.value
             if key in out:
-                raise WorkflowError(f"duplicate key {key!r}", _loc(path, k))
+                _duplicate_key(path, key, out, k)
             out[key] = _convert(path, v, open_nodes)
             out.key_locations[key] = _loc(path, k)
             out.value_locations[key] = _loc(path, v)
@@ -73,6 +74,22 @@ def _convert(path: Path, node: yaml.Node, open_nodes: frozenset[int] = frozenset
         return seq
     assert isinstance(node, yaml.ScalarNode)
     return _scalar(path, node)
+
+
+def _duplicate_key(path: Path, key: str, out: Node, k: yaml.Node) -> None:
+    """A key written twice in one mapping. 2022 dstack (PyYAML) kept the last value silently. When the earlier
+    one is empty (`artifacts:` left above `artifacts: [...]`, corpus 042/045) nothing is lost: the last one is
+    used, with a note. When both have values, one would be dropped without a word (two `commands:` blocks where
+    the author expects both to run): refused at the second key's line, as YAML 1.2 requires unique keys."""
+    first = out.key_locations[key]
+    if out[key] is None:
+        print(
+            f"note: {_loc(path, k)}: {key!r} is written twice; the empty one at line {first.line} is ignored"
+            " (as 2022 dstack did): delete it",
+            file=sys.stderr,
+        )
+        return
+    raise WorkflowError(f"duplicate key {key!r} (first at line {first.line}); keep one", _loc(path, k))
 
 
 _CONSTRUCTOR = yaml.constructor.SafeConstructor()
