@@ -91,10 +91,14 @@ def test_unreachable_provider_repository_fails_before_submitting(local: LocalMod
     assert "submitted" not in r.stderr
 
 
-def test_distributed_provider_is_not_available_yet(local: LocalMode, tmp_path: Path) -> None:
-    project = write_project(tmp_path / "p", "workflows:\n  - name: ddp\n    provider: torchrun\n    nodes: 2\n")
+def test_a_branch_of_a_built_in_provider_is_not_available_yet(local: LocalMode, tmp_path: Path) -> None:
+    """`torchrun@experimental` (ivan-bokov/dstack-test-providers, 2022): torchrun is built in now, its
+    branches are not."""
+    project = write_project(
+        tmp_path / "p", "workflows:\n  - name: ddp\n    provider: torchrun@experimental\n    nodes: 2\n"
+    )
     r = local.cli("run", "ddp", cwd=project)
-    assert r.returncode != 0 and "provider 'torchrun' is not available yet" in r.stderr
+    assert r.returncode != 0 and "provider 'torchrun@experimental' is not available yet" in r.stderr
     assert "unknown field" not in r.stderr and "Traceback" not in r.stderr
 
 
