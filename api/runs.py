@@ -199,16 +199,16 @@ class Runs:
 
         root = find_project_root(Path(repo).expanduser().resolve())
         notes = _LogNotes()
-        packed = self._code.pack(root)
+        built = [build_request(root, workflow, [*_variable_args(variables), *run_args]) for run_args in args]
+        # A custom provider's pinned commit travels with the code (cli/providers/custom.py), as in `dstack run`.
+        provider_repos = list(dict.fromkeys(r for b in built for r in b.provider_repos))
+        packed = self._code.pack(root, provider_repos)
         repository = repository_of(root, packed.ref.repo_url)
-        built = []
-        for run_args in args:
-            b = build_request(root, workflow, [*_variable_args(variables), *run_args])
+        for b in built:
             check_code_files(b, packed, root, notes)
             b.submit.tag_on_done = tag
             b.submit.priority = priority
             b.submit.repository = repository
-            built.append(b)
         if not built:
             return []
         # The first alone: it uploads the code (once), then the rest find it there.

@@ -74,6 +74,19 @@ def _with_separator(args: list[str]) -> list[str]:
 
 
 @app.command()
+def validate(
+    workflow: Annotated[str, typer.Argument(help="Only this workflow (default: every workflow)")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (for CI)")] = False,
+) -> None:
+    """Check workflow files as `dstack run` would, without submitting or contacting a coordinator.
+
+    Prints each workflow as ok or with its file:line error, and any notes; exits 1 when any has an error."""
+    from dstack.cli.commands.validate import validate_command
+
+    raise typer.Exit(validate_command(workflow, as_json))
+
+
+@app.command()
 def ps(
     all_: Annotated[bool, typer.Option("-a", "--all", help="Show all runs, not only recent ones")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,

@@ -162,6 +162,32 @@ def _without_outputs(names: list[str], tracked: set[str], outputs: list[str]) ->
     return kept, sorted(left_out)
 
 
+def _add_tree(tar: tarfile.TarFile, prefix: str, archive: bytes) -> list[str]:
+    """Copies a tar archive's files and links into `tar` under `prefix/` (normalised like the code's own entries:
+    no times, owners or other modes); returns the names added. The agent's unpacking refuses any entry that would
+    land outside the job's folder, as it does for the code's."""
+    added: list[str] = []
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as src:
+        for member in src.getmembers():
+            if not (member.isfile() or member.issym()):
+                continue  # folders are made as their files are unpacked; git archive has nothing else
+            info = tarfile.TarInfo(f"{prefix}/{member.name}")
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            if member.issym():
+                info.type = tarfile.SYMTYPE
+                info.linkname = member.linkname
+                info.mode = 0o777
+                tar.addfile(info)
+            else:
+                info.size = member.size
+                info.mode = 0o755 if member.mode & 0o111 else 0o644
+                tar.addfile(info, src.extractfile(member))
+            added.append(info.name)
+    return added
+
+
 def looks_like_credentials(name: str) -> bool:
     """Whether a file (a path relative to the root) is one that usually holds a token or a key."""
     base = name.rsplit("/", 1)[-1]
@@ -181,22 +207,51 @@ def _without_credentials(names: list[str], tracked: set[str]) -> tuple[list[str]
     return kept, left_out
 
 
-def pack(root: Path, exclude: tuple[Path, ...] = (), outputs: list[str] | None = None) -> PackedCode:
-    return pack_listed(root, *list_files(root, exclude), outputs)
+def select_files(
+    root: Path, exclude: tuple[Path, ...] = (), outputs: list[str] | None = None
+) -> tuple[list[str], list[str], list[str], common_pb2.CodeRef]:
+    """What `pack` packs, without reading the files: (names, output folders left out, credentials left out, ref)."""
+    names, tracked, ref = list_files(root, exclude)
+    names, left_out = _without_outputs(names, tracked, outputs or [])
+    names, credentials = _without_credentials(names, tracked)
+    return names, left_out, credentials, ref
+
+
+def pack(
+    root: Path,
+    exclude: tuple[Path, ...] = (),
+    outputs: list[str] | None = None,
+    extra_trees: dict[str, bytes] | None = None,
+) -> PackedCode:
+    return pack_listed(root, *list_files(root, exclude), outputs, extra_trees)
 
 
 def pack_listed(
-    root: Path, names: list[str], tracked: set[str], listed_ref: common_pb2.CodeRef, outputs: list[str] | None = None
+    root: Path,
+    names: list[str],
+    tracked: set[str],
+    listed_ref: common_pb2.CodeRef,
+    outputs: list[str] | None = None,
+    extra_trees: dict[str, bytes] | None = None,
 ) -> PackedCode:
     """Packs files `list_files` listed (the SDK lists a tree first, to see whether it changed since it
-    was last packed)."""
+    was last packed). `extra_trees`: PREFIX -> a tar archive (`git archive` of a custom provider's commit) packed
+    under PREFIX/, so that the agent gets the provider's files with the code, whatever it can reach
+    (cli/providers/custom.py)."""
     ref = common_pb2.CodeRef()
     ref.CopyFrom(listed_ref)
     names, left_out = _without_outputs(names, tracked, outputs or [])
     names, credentials = _without_credentials(names, tracked)
+    for prefix in extra_trees or {}:
+        clash = next((n for n in names if n == prefix or n.startswith(prefix + "/")), None)
+        if clash is not None:
+            raise CliError(f"{clash}: the project has a file where dstack puts a provider's files ({prefix}/)")
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=6) as gz:
         with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            shipped = [
+                n for prefix, archive in sorted((extra_trees or {}).items()) for n in _add_tree(tar, prefix, archive)
+            ]
             for name in names:
                 path = root / name
                 st = path.lstat()
@@ -227,4 +282,6 @@ def pack_listed(
         if diff:
             ref.diff_hash = hashlib.sha256(diff).hexdigest()
             ref.diff_size = len(diff)
-    return PackedCode(data=data, ref=ref, names=names, left_out=left_out, credentials_left_out=credentials, diff=diff)
+    return PackedCode(
+        data=data, ref=ref, names=names + shipped, left_out=left_out, credentials_left_out=credentials, diff=diff
+    )

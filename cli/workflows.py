@@ -44,6 +44,16 @@ RESOURCE_SCHEMA: dict[str, Any] = {
     "memory": _SIZE,
     "shm_size": _SIZE,
     "interruptible": {"type": "boolean"},
+    "local": {
+        "type": "boolean",
+        "deprecated": True,
+        "description": "2022: run on this machine; ignored (the coordinator dstack is set up for decides), with a note",
+    },
+    "remote": {
+        "type": "boolean",
+        "deprecated": True,
+        "description": "2022: run in the cloud; ignored (the coordinator dstack is set up for decides), with a note",
+    },
     "nodes": {
         "type": "integer",
         "minimum": 1,
@@ -134,6 +144,12 @@ COMMON_SCHEMA: dict[str, Any] = {
     },
     "resources": {"type": "object", "properties": RESOURCE_SCHEMA, "additionalProperties": False},
     "environment": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean", "null"]}},
+    "gpu": {
+        "type": "integer",
+        "minimum": 0,
+        "deprecated": True,
+        "description": "early 2022, ignored as 2022 dstack ignored it (with a note): resources.gpu asks for GPUs",
+    },
     "env": {**_STR_LIST, "description": "K=V, or K to take K from the caller's environment (empty when unset)"},
     "working_dir": _STR,
     "before_run": {**_STR_LIST, "description": "commands run before the provider's own"},
@@ -192,34 +208,52 @@ def workflow_files(root: Path) -> list[Path]:
     return files
 
 
-def load_workflow_nodes(root: Path) -> dict[str, Node]:
-    """Every workflow of the project, as written (names checked, fields not yet parsed)."""
+def load_workflow_nodes(root: Path, errors: list[WorkflowError] | None = None) -> dict[str, Node]:
+    """Every workflow of the project, as written (names checked, fields not yet parsed).
+
+    With `errors` (`dstack validate`), a file or workflow that cannot be read is recorded there and skipped, so
+    the others are still checked; without, the first such error is raised (`dstack run`)."""
     out: dict[str, Node] = {}
     for path in workflow_files(root):
-        data = load(path)
-        if data is None:
+        try:
+            data = load(path)
+            if data is None:
+                continue
+            if not isinstance(data, Node) or "workflows" not in data:
+                raise WorkflowError("expected a top-level 'workflows:' list", getattr(data, "location", None))
+            fields.check_unknown(data, {"workflows"}, "the file")
+            items = data["workflows"]
+            if items is None:
+                continue
+            if not isinstance(items, Seq):
+                raise WorkflowError("'workflows' must be a list", data.at("workflows"))
+        except WorkflowError as e:
+            if errors is None:
+                raise
+            errors.append(e if e.location else WorkflowError(str(e), Location(path, 1, 1)))
             continue
-        if not isinstance(data, Node) or "workflows" not in data:
-            raise WorkflowError("expected a top-level 'workflows:' list", getattr(data, "location", None))
-        fields.check_unknown(data, {"workflows"}, "the file")
-        items = data["workflows"]
-        if items is None:
-            continue
-        if not isinstance(items, Seq):
-            raise WorkflowError("'workflows' must be a list", data.at("workflows"))
         for i, node in enumerate(items):
-            if not isinstance(node, Node):
-                raise WorkflowError("each workflow must be a mapping with name and provider", items.item_locations[i])
-            node = early2022.normalize(node)  # the early-2022 syntax, in today's shape
-            name = fields.string(node, "name", required=True)
-            _no_templates(node, "name")
-            _no_templates(node, "depends-on")
-            if name in out:
-                first = out[name].location
-                where = f"line {first.line}" if first.file == path else f"{first.file}:{first.line}"
-                raise WorkflowError(f"workflow {name!r} is defined twice (first at {where})", node.at("name"))
-            out[name] = node
+            try:
+                _add_workflow(out, path, node, items.item_locations[i])
+            except WorkflowError as e:
+                if errors is None:
+                    raise
+                errors.append(e)
     return out
+
+
+def _add_workflow(out: dict[str, Node], path: Path, node: object, loc: Location) -> None:
+    if not isinstance(node, Node):
+        raise WorkflowError("each workflow must be a mapping with name and provider", loc)
+    node = early2022.normalize(node)  # the early-2022 syntax, in today's shape
+    name = fields.string(node, "name", required=True)
+    _no_templates(node, "name")
+    _no_templates(node, "depends-on")
+    if name in out:
+        first = out[name].location
+        where = f"line {first.line}" if first.file == path else f"{first.file}:{first.line}"
+        raise WorkflowError(f"workflow {name!r} is defined twice (first at {where})", node.at("name"))
+    out[name] = node
 
 
 def load_workflows(root: Path) -> dict[str, Workflow]:
@@ -259,8 +293,26 @@ def parse_workflow(node: Node) -> Workflow:
         retry=_retry(node),
         max_duration_s=fields.duration_s(node, "max_duration"),
     )
+    if not provider.open_fields:
+        _top_level_gpu(node)
     provider.validate(wf)
     return wf
+
+
+def _top_level_gpu(node: Node) -> None:
+    """`gpu: 1` beside the provider's fields (dstack-examples, March 2022): that year's python provider read no
+    resources at all (dstackai/dstack 2bde6c2, python.py: `"resources": None`; from 2022-03-15 only `resources:`),
+    so the job ran without a GPU. The same here, with a note saying how to ask for one."""
+    if "gpu" not in node:
+        return
+    gpu = node["gpu"]
+    if isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0:
+        raise WorkflowError("'gpu' must be a whole number (and is ignored: write resources.gpu)", node.at("gpu"))
+    print(
+        f"note: {node.at('gpu')}: a top-level 'gpu' is ignored, as 2022 dstack ignored it: the job gets no GPU;"
+        " write `resources: {gpu: N}` to ask for N",
+        file=sys.stderr,
+    )
 
 
 def output_paths(root: Path) -> list[str]:
@@ -489,6 +541,15 @@ def _resources(node: Node, own_fields: set[str]) -> common_pb2.Resources:
     if not isinstance(interruptible, bool):
         raise WorkflowError("'interruptible' must be true or false", r.at("interruptible"))
     out.interruptible = interruptible
+    for key in ("local", "remote"):
+        if key in r:
+            if not isinstance(r[key], bool):
+                raise WorkflowError(f"'{key}' must be true or false", r.at(key))
+            print(
+                f"note: {r.at(key)}: resources.{key} (2022: where the run goes) is ignored: runs go to the"
+                " coordinator dstack is set up for (`dstack local` runs them on this machine)",
+                file=sys.stderr,
+            )
     if "nodes" in r and "nodes" not in own_fields:  # a custom provider's `nodes` is its own data
         out.nodes = fields.whole_number(r, "nodes", 1, MAX_NODES)
     gpu = r.get("gpu")

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from dstack.cli.client import Client
 from dstack.cli.commands.logs import print_logs
@@ -21,6 +21,9 @@ from dstack.cli.term import Term
 from dstack.cli.yamlsrc import Node
 from dstack.protos.v1 import client_pb2, common_pb2
 
+if TYPE_CHECKING:
+    from dstack.cli.providers.custom import RepoRef
+
 LARGE_CODE = 50 << 20
 STOP_WAIT_S = 60.0
 
@@ -31,10 +34,10 @@ class Notes(Protocol):
     def print(self, *parts: str | tuple[str, str]) -> None: ...
 
 
-def _workflow_node(root: Path, workflow_name: str) -> Node:
+def _workflow_node(root: Path, workflow_name: str, nodes: dict[str, Node] | None = None) -> Node:
     from dstack.cli.workflows import load_workflow_nodes
 
-    nodes = load_workflow_nodes(root)
+    nodes = load_workflow_nodes(root) if nodes is None else nodes
     node = nodes.get(workflow_name)
     if node is None:
         known = ", ".join(sorted(nodes)) or "none"
@@ -75,6 +78,8 @@ class Request:
     # Jobs that need a container runtime for an absolute artifact path (their own or a dependency's), and
     # where that path is written: local mode without Docker refuses them before submitting.
     container_needs: list[ContainerNeed] = field(default_factory=list)
+    # Custom providers from a repository: their pinned commits, whose files are packed with the code.
+    provider_repos: list[RepoRef] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -96,17 +101,19 @@ class CodeFile:
 RECORD_WORKFLOW_LIMIT = 256 * 1024
 
 
-def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
+def build_request(root: Path, workflow_name: str, args: list[str], nodes: dict[str, Node] | None = None) -> Request:
     """Workflow + variables (with `--name value` overrides) -> job specs; every error before anything starts.
 
     Runtime dependencies (`depends-on: [download]`) join the run as jobs of their own, each run once,
-    in dependency order; the coordinator starts a job when those it depends on are done."""
+    in dependency order; the coordinator starts a job when those it depends on are done. `nodes`: the project's
+    workflows as loaded (fresh: variables are substituted into them in place), else loaded here."""
     from dstack.cli.early2022 import expand_commands
+    from dstack.cli.providers.custom import CustomProvider
     from dstack.cli.variables import check_run_args, load_variables, run_args_text, split_overrides, substitute
     from dstack.cli.workflows import dependencies, load_workflow_nodes, parse_workflow
 
-    nodes = load_workflow_nodes(root)
-    target = _workflow_node(root, workflow_name)  # a clear error for an unknown name
+    nodes = load_workflow_nodes(root) if nodes is None else nodes
+    target = _workflow_node(root, workflow_name, nodes)  # a clear error for an unknown name
     order = _dependency_order(nodes, workflow_name, _runtime_dependencies)
     variables = {name: load_variables(root, name) for name in order}
     known = set().union(*(v.defaults for v in variables.values()))
@@ -122,6 +129,7 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
     tag_checks: list[tuple[str, str, Location]] = []
     workflow_refs: list[tuple[str, Location]] = []
     code_files: list[CodeFile] = []
+    provider_repos: list[RepoRef] = []
     container_needs: list[ContainerNeed] = []
     saved_in_container: dict[str, tuple[str, Location]] = {}  # workflow -> (an absolute artifact, its line)
     resolved: dict[str, object] = {}
@@ -144,6 +152,8 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
             tag_checks.append((tag, deps.tag_workflows.get(tag, ""), deps.at("tag", tag, node.location)))
         workflow_refs += [(w, deps.at("workflow", w, node.location)) for w in wf.input_workflows]
         _, provider = resolve_provider(wf.node)
+        if isinstance(provider, CustomProvider) and provider.repo and provider.repo not in provider_repos:
+            provider_repos.append(provider.repo)
         has_inputs = bool(wf.depends_on or wf.input_tags or wf.input_workflows)
         for key in provider.code_file_fields:
             value = provider.code_file(wf, key)
@@ -160,7 +170,14 @@ def build_request(root: Path, workflow_name: str, args: list[str]) -> Request:
     text = json.dumps(resolved, sort_keys=True, default=str)
     # The coordinator keeps at most 256 KiB of it (coordinator/records.py): a larger one is said, not sent.
     submit.resolved_workflow = text if len(text) <= RECORD_WORKFLOW_LIMIT else json.dumps({"omitted_bytes": len(text)})
-    return Request(submit, tag_checks, code_files, workflow_refs=workflow_refs, container_needs=container_needs)
+    return Request(
+        submit,
+        tag_checks,
+        code_files,
+        provider_repos=provider_repos,
+        workflow_refs=workflow_refs,
+        container_needs=container_needs,
+    )
 
 
 def _container_needs(
@@ -263,6 +280,23 @@ def check_code_files(request: Request, packed: PackedCode, root: Path, err: Note
         raise WorkflowError(f"{f.field} {f.path!r}: {why}", f.location)
 
 
+def check_offline(
+    root: Path,
+    workflow: str,
+    args: list[str],
+    err: Notes,
+    packed: PackedCode | None = None,
+    nodes: dict[str, Node] | None = None,
+) -> tuple[Request, PackedCode]:
+    """Everything `dstack run` checks before it contacts the coordinator (`dstack validate` runs the same):
+    the workflow with its variables and dependencies as job specs, and the files it names in the code it sends.
+    `packed`: the code, when the caller packed it already (validate, once for every workflow)."""
+    built = build_request(root, workflow, args, nodes)
+    packed = pack_code(root, built.provider_repos) if packed is None else packed
+    check_code_files(built, packed, root, err)
+    return built, packed
+
+
 def check_tags(client: Client, request: Request) -> None:
     """A tag dependency that does not exist is an error at the line that names it, before anything starts:
     the coordinator resolves each as the submission will (in the run's repository, or the one an
@@ -362,13 +396,26 @@ def workflow_help(root: Path, workflow_name: str) -> str:
     return "\n".join(lines)
 
 
-def pack_code(root: Path) -> PackedCode:
+def list_code(root: Path) -> PackedCode:
+    """The files `pack_code` would send, without reading or compressing them (`dstack validate` checks that the
+    files workflows name are among them); `data` is empty."""
     from dstack.cli.home import dstack_home
-    from dstack.cli.packing import pack
+    from dstack.cli.packing import select_files
     from dstack.cli.workflows import output_paths
 
+    names, left_out, credentials, ref = select_files(root, exclude=(dstack_home(),), outputs=output_paths(root))
+    return PackedCode(data=b"", ref=ref, names=names, left_out=left_out, credentials_left_out=credentials)
+
+
+def pack_code(root: Path, provider_repos: list[RepoRef] | None = None) -> PackedCode:
+    from dstack.cli.home import dstack_home
+    from dstack.cli.packing import pack
+    from dstack.cli.providers.custom import archive
+    from dstack.cli.workflows import output_paths
+
+    trees = {repo.folder: archive(repo) for repo in provider_repos or []}
     # Never dstack's own state; nor artifact folders (downloaded outputs), unless git tracks them.
-    return pack(root, exclude=(dstack_home(),), outputs=output_paths(root))
+    return pack(root, exclude=(dstack_home(),), outputs=output_paths(root), extra_trees=trees)
 
 
 def upload_code(client: Client, packed: PackedCode, err: Notes) -> common_pb2.CodeRef:
@@ -446,9 +493,7 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "", pri
     if "--help" in args or "-h" in args:
         print(workflow_help(root, workflow))
         return 0
-    built = build_request(root, workflow, args)  # every workflow error before anything starts
-    packed = pack_code(root)
-    check_code_files(built, packed, root, err)
+    built, packed = check_offline(root, workflow, args, err)  # every workflow error before anything starts
     request = built.submit
     request.tag_on_done = tag
     request.priority = priority

@@ -164,11 +164,19 @@ def load_provider(name: str, node: Node | None = None) -> Provider:
     builtin = _builtin().get(name)
     if builtin is not None:
         return builtin()
-    base = name.partition("@")[0]
+    base, at, branch = name.partition("@")
     # `torchrun@experimental` (2022, a branch of a provider's repository): no such built-in.
     if base in NOT_AVAILABLE_YET or (base != name and base in _builtin()):
         where = node.at("provider") if node is not None else None
         raise WorkflowError(f"provider {name!r} is not available yet", where)
+    if at:
+        # June 2022 dstack read a bare NAME@BRANCH from dstackai/dstack's own providers at that branch (its
+        # developers' test builds); a name that is no built-in: say where a branch can come from.
+        raise WorkflowError(
+            f"provider {name!r}: a branch is read only from a provider repository"
+            f" (`provider: {{name: {base}@{branch}, repo: URL}}`)",
+            node.at("provider") if node is not None else None,
+        )
     known = ", ".join(known_providers()) or "none installed"
     raise WorkflowError(
         f"unknown provider {name!r}; known providers: {known}",

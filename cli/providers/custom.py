@@ -5,8 +5,9 @@ A 2022 custom provider was not code the CLI ran: `.dstack/providers.yaml` names 
 dstack ran those commands as a job, in that image, from the provider repository's files, with the workflow's
 fields as the provider's input. We do the same: the CLI only reads the repository (git clone/fetch into a cache
 under $DSTACK_HOME, then `git show` of its providers.yaml; no checkout, no hooks, nothing executed), pins the
-commit it read, and the job clones that commit and runs the provider's commands there. The workflow's fields reach
-the provider as JSON in $DSTACK_WORKFLOW_DATA.
+commit it read; that commit's files (`git archive`) are packed with the job's code under .dstack-provider/COMMIT/
+(so an agent that cannot reach the repository runs it too), and the job runs the provider's commands there. The
+workflow's fields reach the provider as JSON in $DSTACK_WORKFLOW_DATA.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
+import posixpath
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,30 +43,74 @@ class ProviderDef:
 class RepoRef:
     url: str  # as given (a git URL, file:// URL or local path made absolute)
     commit: str  # the commit whose providers.yaml was read: the job runs exactly that
+    git_dir: Path  # the CLI's cached copy, where that commit's files are archived from
+
+    @property
+    def folder(self) -> str:
+        """Where the commit's files are in the job's code, relative to the code's root."""
+        return f"{PROVIDER_FILES}/{self.commit}"
 
 
-def parse_providers_yaml(text: str, where: str) -> dict[str, ProviderDef]:
-    """`providers: [{name, image, commands}]` (all required, as 2022 docs/custom-providers.md)."""
+# The provider's files travel with the code (`git archive` of the pinned commit, packed under this folder), so any
+# agent runs it: one that cannot reach the repository (a `file://` path on the user's machine, a private URL needing
+# the user's credentials) included, and the job never runs git.
+PROVIDER_FILES = ".dstack-provider"
+
+
+def archive(ref: RepoRef) -> bytes:
+    """The pinned commit's tree as a tar archive (no .git, no hooks: only the files git tracks)."""
+    env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCATING}
+    env |= {"GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0"}
     try:
-        data = yaml.safe_load(text)
+        r = subprocess.run(
+            ["git", "-c", "core.hooksPath=/dev/null", "archive", "--format=tar", ref.commit],
+            cwd=ref.git_dir,
+            capture_output=True,
+            env=env,
+            timeout=GIT_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise WorkflowError(f"cannot read provider repository {ref.url!r} at {ref.commit[:12]}: {e}") from None
+    if r.returncode != 0:
+        why = _last_line(r.stderr.decode("utf-8", "replace"))
+        raise WorkflowError(f"cannot read provider repository {ref.url!r} at {ref.commit[:12]}: {why}")
+    return r.stdout
+
+
+def parse_providers_yaml(text: str, where: str, path: Path | None = None) -> dict[str, ProviderDef]:
+    """`providers: [{name, image, commands}]` (all required, as 2022 docs/custom-providers.md).
+
+    `path`: the file on disk (the project's own), so that errors name its line; a repository's file (read with
+    `git show`) has none and is named by `where`."""
+    from dstack.cli.yamlsrc import Node, load
+
+    try:
+        data = load(path) if path is not None else yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise WorkflowError(f"{where}: invalid YAML: {e}") from None
+
+    def fail(message: str, node: object = None, key: str = "") -> WorkflowError:
+        if isinstance(node, Node):
+            return WorkflowError(message, node.at(key) if key else node.location)
+        return WorkflowError(f"{where}: {message}")
+
     items = data.get("providers") if isinstance(data, dict) else None
     if not isinstance(items, list):
-        raise WorkflowError(f"{where}: expected a top-level 'providers:' list of {{name, image, commands}}")
+        raise fail("expected a top-level 'providers:' list of {name, image, commands}", data, "providers")
     out: dict[str, ProviderDef] = {}
     for item in items:
         if not isinstance(item, dict):
-            raise WorkflowError(f"{where}: each provider must be a mapping with name, image and commands")
+            raise fail("each provider must be a mapping with name, image and commands", data, "providers")
         name, image, commands = item.get("name"), item.get("image"), item.get("commands")
         if not isinstance(name, str) or not name:
-            raise WorkflowError(f"{where}: a provider has no 'name'")
+            raise fail("a provider has no 'name'", item)
         if not isinstance(image, str) or not image:
-            raise WorkflowError(f"{where}: provider {name!r} has no 'image'")
+            raise fail(f"provider {name!r} has no 'image'", item, "image" if "image" in item else "")
         if isinstance(commands, str):
             commands = [commands]
         if not isinstance(commands, list) or not commands or not all(isinstance(c, str) for c in commands):
-            raise WorkflowError(f"{where}: provider {name!r} needs 'commands', a list of strings")
+            raise fail(f"provider {name!r} needs 'commands', a list of strings", item, "commands")
         out[name] = ProviderDef(name, image, list(commands))
     return out
 
@@ -81,7 +126,7 @@ def local_providers(root: Path | None) -> dict[str, ProviderDef]:
         return {}
     if not text.strip():
         return {}
-    return parse_providers_yaml(text, ".dstack/providers.yaml")
+    return parse_providers_yaml(text, ".dstack/providers.yaml", path)
 
 
 # Variables that would point git at another repository than the one it is asked about.
@@ -161,7 +206,10 @@ _resolved: dict[tuple[str, str], CustomProvider] = {}  # one fetch per repositor
 
 def remote_provider(name: str, url: str, base: Path | None, loc: Location | None) -> CustomProvider:
     """`provider: {name: NAME[@BRANCH], repo: URL}` -> the provider that repository's providers.yaml defines."""
-    full_url = normalize_repo_url(url, base)
+    try:
+        full_url = normalize_repo_url(url, base)
+    except WorkflowError as e:  # at the `repo:` line (`dstack validate` lists errors by line)
+        raise WorkflowError(str(e), loc) from None
     key = (name, full_url)
     if key not in _resolved:
         _resolved[key] = _remote_provider(name, full_url, url, loc)
@@ -178,7 +226,7 @@ def _remote_provider(name: str, full_url: str, url: str, loc: Location | None) -
     if name not in defs:
         known = ", ".join(sorted(defs)) or "none"
         raise WorkflowError(f"provider repository {url!r} defines no provider {name!r}; it defines: {known}", loc)
-    return CustomProvider(defs[name], RepoRef(full_url, commit))
+    return CustomProvider(defs[name], RepoRef(full_url, commit, git_dir))
 
 
 class CustomProvider(Provider):
@@ -194,17 +242,16 @@ class CustomProvider(Provider):
     def commands(self, wf: Workflow) -> list[str]:
         if self.repo is None:  # the project's own provider: its files are the job's code
             return ['export DSTACK_WORKFLOW_DIR="$PWD"', *self.definition.commands]
-        # Cloned inside the job's own folder (never elsewhere on the host); the provider runs from its repository's
-        # root, as 2022 ran it, and finds the workflow's folder (where its artifacts are) in $DSTACK_WORKFLOW_DIR.
-        checkout = [
+        # The commit's files came with the code (PROVIDER_FILES); the provider runs from its repository's root, as
+        # 2022 ran it, and finds the workflow's folder (where its artifacts are) in $DSTACK_WORKFLOW_DIR. The
+        # folder is named relative to the workflow's working_dir, where the job starts.
+        folder = posixpath.relpath(self.repo.folder, posixpath.normpath(wf.working_dir or "."))
+        enter = [
             'export DSTACK_WORKFLOW_DIR="$PWD"',
-            'export DSTACK_PROVIDER_DIR="$PWD/.dstack-provider"',
-            'rm -rf "$DSTACK_PROVIDER_DIR"',
-            f'git clone --quiet -- {shlex.quote(self.repo.url)} "$DSTACK_PROVIDER_DIR"',
-            f'git -C "$DSTACK_PROVIDER_DIR" checkout --quiet {shlex.quote(self.repo.commit)}',
+            f'export DSTACK_PROVIDER_DIR="$PWD/{folder}"',
             'cd "$DSTACK_PROVIDER_DIR"',
         ]
-        return [*checkout, *self.definition.commands]
+        return [*enter, *self.definition.commands]
 
     def image(self, wf: Workflow) -> str:
         return self.definition.image

@@ -11,11 +11,13 @@ what `dstack run WORKFLOW` does before it contacts the coordinator.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,36 +26,92 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 
+# The one provider repository the corpus names (20 files of ivan-bokov/dstack-test-providers name it, the
+# repository they are in). Its whole history is kept as a git bundle (companions/README.md: source and commits), so
+# `dstack validate` reads it offline: git's `url.<bundle copy>.insteadOf` in a scratch global git config.
+PROVIDER_REPOS = {
+    "https://github.com/ivan-bokov/dstack-test-providers": HERE
+    / "companions"
+    / "ivan-bokov_dstack-test-providers.bundle",
+}
+
+
 def check_file(entry: dict[str, Any]) -> dict[str, Any]:
-    from dstack.cli.commands.run import build_request
-    from dstack.cli.errors import CliError
-    from dstack.cli.workflows import load_workflow_nodes
+    """The file in a scratch project, checked by `validate_project` (what `dstack validate` and `dstack run` run)."""
+    from dstack.cli.commands.validate import validate_project
 
     with tempfile.TemporaryDirectory(prefix="corpus2022-") as tmp:
-        root = Path(tmp)
-        target = root / entry["path"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(HERE / entry["file"], target)
-        for path, companion in entry["companions"].items():
-            shutil.copyfile(HERE / companion, root / path)
-        result: dict[str, Any] = {"file": entry["file"], "workflows": {}, "file_error": None}
-        try:
-            names = list(load_workflow_nodes(root))
-        except CliError as e:
-            result["file_error"] = _text(e, tmp)
-            return result
-        except Exception as e:  # a crash of the loader is a finding too
-            result["file_error"] = f"CRASH {type(e).__name__}: {_text(e, tmp)}"
-            return result
-        for name in names:
-            try:
-                build_request(root, name, [])
-                result["workflows"][name] = None
-            except CliError as e:
-                result["workflows"][name] = _text(e, tmp)
-            except Exception as e:
-                result["workflows"][name] = f"CRASH {type(e).__name__}: {_text(e, tmp)}"
+        root = Path(tmp) / "project"
+        scratch_project(entry, root)
+        with offline_provider_repos(entry, Path(tmp)):
+            check = validate_project(root)
+        result: dict[str, Any] = {
+            "file": entry["file"],
+            "workflows": {w.name: (str(w.errors[0]) if w.errors else None) for w in check.workflows},
+            "file_errors": [str(e) for e in check.file_errors],
+            "file_error": str(check.file_errors[0]) if check.file_errors else None,
+            "notes": [n for w in check.workflows for n in w.notes] + check.notes,
+        }
         return result
+
+
+def scratch_project(entry: dict[str, Any], root: Path) -> None:
+    """The file where its repository had it, with the companion files of the same commit, and an empty file for
+    each script/requirements file the workflows name that existed at that commit (`refs`; a MISSING one is left
+    out, as it was): `dstack run` checks that they are in the code it sends."""
+    target = root / entry["path"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(HERE / entry["file"], target)
+    for path, companion in entry["companions"].items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(HERE / companion, root / path)
+    for ref in entry["refs"]:
+        _field, eq, path = ref.partition("=")
+        if eq and "MISSING" not in path and not path.startswith("/") and ".." not in path.split("/"):
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).touch()
+
+
+@contextlib.contextmanager
+def offline_provider_repos(entry: dict[str, Any], tmp: Path) -> Iterator[None]:
+    """Provider repositories from the bundles, as they were when the file was written: the default branch at the
+    file's own commit where the bundle has it (the file's repository is the provider's), else the bundle's HEAD.
+    A fresh DSTACK_HOME (no provider cache from another file) and no other git config (no network redirect)."""
+    import subprocess
+
+    from dstack.cli.providers import custom
+
+    lines = []
+    for i, (url, bundle) in enumerate(PROVIDER_REPOS.items()):
+        mirror = tmp / f"provider-{i}.git"
+        git = ["git", "-c", "core.hooksPath=/dev/null"]
+        subprocess.run([*git, "clone", "--quiet", "--bare", str(bundle), str(mirror)], check=True)
+        commit = entry.get("commit", "")
+        if (
+            url.endswith("/" + entry.get("repo", ""))
+            and subprocess.run(
+                [*git, "-C", str(mirror), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True
+            ).returncode
+            == 0
+        ):
+            subprocess.run([*git, "-C", str(mirror), "update-ref", "refs/heads/main", commit], check=True)
+            subprocess.run([*git, "-C", str(mirror), "symbolic-ref", "HEAD", "refs/heads/main"], check=True)
+        lines += [f'[url "{mirror}"]', f"\tinsteadOf = {url}"]
+    config = tmp / "gitconfig"
+    config.write_text("\n".join(lines) + "\n")
+    saved = {k: os.environ.get(k) for k in ("GIT_CONFIG_GLOBAL", "DSTACK_HOME")}
+    os.environ["GIT_CONFIG_GLOBAL"] = str(config)
+    os.environ["DSTACK_HOME"] = str(tmp / "home")
+    custom._resolved.clear()  # this process's memo of fetched providers: another file's commit is not this one's
+    try:
+        yield
+    finally:
+        custom._resolved.clear()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # The 2022 forms each workflow uses, by item of issue 13 (or "other" / "broken"), found from the file itself:
@@ -166,6 +224,63 @@ def forms(entry: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+# Items of issue 13 built on other branches: a file that needs one is refused until that branch is merged.
+PENDING = {"3": "ports: N", "4": "absolute artifact paths", "6": "2022 deps forms", "8": "early-2022 syntax"}
+
+
+def why_refused(entry: dict[str, Any], errors: list[str]) -> str:
+    """The reason of a refusal, from the 2022 forms the file uses: an item not built yet, or the file's own mistake."""
+    found = {item for item, _ in forms(entry)}
+    pending = sorted(found & set(PENDING))
+    reasons = [f"needs item {i} ({PENDING[i]})" for i in pending]
+    if "10" in found or any("is not available yet" in e for e in errors):
+        reasons.append("item 10: provider not available yet (built in a separate issue)")
+    if "broken" in found or not reasons:
+        reasons.append("plainly broken (a mistake 2022 refused too)")
+    return "; ".join(reasons)
+
+
+def markdown(entries: list[dict[str, Any]], results: list[dict[str, Any]]) -> str:
+    """REPORT.md: what `dstack validate` says of every corpus file, and why each refused one is refused."""
+    from collections import Counter
+
+    refused = [(e, r) for e, r in zip(entries, results, strict=True) if refusals(r)]
+    reasons = {e["file"]: why_refused(e, refusals(r)) for e, r in refused}
+    lines = [
+        "# The 2022 corpus through `dstack validate`",
+        "",
+        "Generated by `python tests/corpus2022/report.py --markdown tests/corpus2022/REPORT.md` (no network, no",
+        "coordinator). Each file is put in a scratch project where its repository had it, with the variables/providers",
+        "files and (empty) script files of the same commit, and checked by `validate_project`, what `dstack validate`",
+        "and `dstack run` run before they connect; the provider repository the corpus names comes from its real",
+        "history (companions/README.md). tests/unit/test_corpus2022.py asserts every verdict below. The report",
+        "written by hand before it (main at 05e2e27, then a section per merged item) is REPORT-history.md.",
+        "",
+        f"**{len(results)} files, {len(results) - len(refused)} accepted, {len(refused)} refused.**",
+        "",
+        "| reason | files |",
+        "|---|---|",
+    ]
+    for reason, n in Counter(reasons.values()).most_common():
+        lines.append(f"| {reason} | {n} |")
+    lines += ["", "## Every refusal", "", "| file | reason | errors (workflow: file:line:column: message) |"]
+    lines.append("|---|---|---|")
+    for entry, result in refused:
+        errors = "<br>".join(e.replace("|", "\\|") for e in refusals(result))
+        lines.append(f"| {entry['file']} | {reasons[entry['file']]} | {errors} |")
+    notes = [(e["file"], n) for e, r in zip(entries, results, strict=True) for n in r["notes"]]
+    lines += ["", "## Notes on accepted files (deprecations and 2022 forms that mean nothing now)", ""]
+    lines += [f"- {f}: {n}" for f, n in notes]
+    accepted = [e["file"][:3] for e, r in zip(entries, results, strict=True) if not refusals(r)]
+    lines += ["", "## Accepted", "", ", ".join(accepted), ""]
+    return "\n".join(lines)
+
+
+def refusals(result: dict[str, Any]) -> list[str]:
+    """Every error of a checked file: those reading it, then each failing workflow's (`WORKFLOW: file:line: ...`)."""
+    return [*result["file_errors"], *(f"{w}: {m}" for w, m in result["workflows"].items() if m)]
+
+
 def _text(e: Exception, tmp: str) -> str:
     return str(e).replace(os.path.realpath(tmp) + "/", "").replace(tmp + "/", "")
 
@@ -173,13 +288,29 @@ def _text(e: Exception, tmp: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", help="write the per-file results here")
+    parser.add_argument("--markdown", help="write REPORT.md (counts, every refusal with its reason) here")
+    parser.add_argument(
+        "--table", action="store_true", help="print REFUSED for tests/unit/test_corpus2022.py (every refusal)"
+    )
     args = parser.parse_args()
     entries = json.loads((HERE / "sources.json").read_text())
+    if args.table:
+        print("REFUSED: dict[str, list[str]] = {")
+        for entry in entries:
+            errors = refusals(check_file(entry))
+            if errors:
+                why = ", ".join(sorted({item for item, _ in forms(entry)})) or "-"
+                print(f"    {entry['file'][:3]!r}: [  # {entry['file'][4:]}; 2022 forms by item of issue 13: {why}")
+                for e in errors:
+                    print(f"        {e!r},")
+                print("    ],")
+        print("}")
+        return 0
     results = []
     for entry in entries:
         r = check_file(entry)
         results.append(r)
-        errors = [r["file_error"]] if r["file_error"] else [f"{w}: {m}" for w, m in r["workflows"].items() if m]
+        errors = refusals(r)
         print(f"{'ACCEPTED' if not errors else 'REFUSED '} {r['file']}")
         for line in errors:
             print(f"    {line}")
@@ -188,6 +319,8 @@ def main() -> int:
             print(f"    [{item}] {what}")
     accepted = sum(1 for r in results if not r["file_error"] and not any(r["workflows"].values()))
     print(f"\n{len(results)} files, {accepted} accepted, {len(results) - accepted} refused")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(entries, results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0

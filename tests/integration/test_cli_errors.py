@@ -73,7 +73,7 @@ def test_wrong_token(cluster: Cluster) -> None:
         ("workflows:\n  - name: a\n    provider: bash\n    commands: [echo\n", "invalid YAML", 5),
         (
             "workflows:\n  - name: a\n    provider: nope\n",
-            "unknown provider 'nope'; known providers: bash, curl, docker, python",
+            "unknown provider 'nope'; known providers: bash, code, curl, docker, lab, notebook, python, torchrun",
             3,
         ),
         ("workflows:\n  - name: a\n    provider: bash\n    comands: [x]\n", "did you mean 'commands'", 4),

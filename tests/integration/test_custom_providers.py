@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import LocalMode, search, write_project
+from tests.conftest import Cluster, LocalMode, search, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -90,8 +91,45 @@ def test_unreachable_provider_repository_fails_before_submitting(local: LocalMod
     assert "submitted" not in r.stderr
 
 
-def test_distributed_provider_is_not_available_yet(local: LocalMode, tmp_path: Path) -> None:
-    project = write_project(tmp_path / "p", "workflows:\n  - name: ddp\n    provider: torchrun\n    nodes: 2\n")
+def test_a_branch_of_a_built_in_provider_is_not_available_yet(local: LocalMode, tmp_path: Path) -> None:
+    """`torchrun@experimental` (ivan-bokov/dstack-test-providers, 2022): torchrun is built in now, its
+    branches are not."""
+    project = write_project(
+        tmp_path / "p", "workflows:\n  - name: ddp\n    provider: torchrun@experimental\n    nodes: 2\n"
+    )
     r = local.cli("run", "ddp", cwd=project)
-    assert r.returncode != 0 and "provider 'torchrun' is not available yet" in r.stderr
+    assert r.returncode != 0 and "provider 'torchrun@experimental' is not available yet" in r.stderr
     assert "unknown field" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_agent_that_cannot_reach_the_repository_runs_the_provider(cluster: Cluster, tmp_path: Path) -> None:
+    """The provider's files travel with the code: submitted while no agent is connected, then the repository and the
+    CLI's cached copy are deleted; the agent that joins afterwards cannot see the `file://` path (nor could one on
+    another machine), and the job still runs the provider's own files at the pinned commit to `done`."""
+    repo = _git_repo(
+        tmp_path / "provider-repo",
+        {".dstack/providers.yaml": PROVIDERS_YAML, "provider.sh": PROVIDER_SH, "greeting.txt": "Hello"},
+    )
+    project = write_project(
+        tmp_path / "p",
+        f"""
+        workflows:
+          - name: hello
+            provider:
+              name: greet
+              repo: file://{repo}
+            working_dir: sub
+        """,
+        {"sub/README": "the workflow's own folder\n"},
+    )
+    cluster.start_coordinator()
+    r = cluster.cli("run", "-d", "hello", cwd=project)
+    assert r.returncode == 0, r.stderr
+    name = r.stdout.strip()
+    shutil.rmtree(repo)
+    shutil.rmtree(tmp_path / "cli-home" / "cache" / "providers")
+    cluster.start_agent()
+    run = cluster.wait_status(name, {"done", "failed"}, timeout=120)
+    logs = cluster.cli("logs", name, cwd=project)
+    assert run["status"] == "done", logs.stdout + logs.stderr
+    assert "Hello from greet" in logs.stdout  # greeting.txt, found from working_dir `sub` through the relative path
