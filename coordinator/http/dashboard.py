@@ -27,6 +27,11 @@ FILES = {
 }
 
 
+# The dashboard's routes: static files, outside the API (no token to load them; the OpenAPI document
+# lists the API only, and tests/unit/test_http_openapi.py leaves these out by this set).
+ROUTES = {("GET", "/"), ("GET", "/static/{file}")}
+
+
 def _load() -> dict[str, bytes]:
     folder = resources.files("dstack.coordinator.http") / "static"
     return {name: (folder / name).read_bytes() for name in FILES}
@@ -55,5 +60,6 @@ def add_routes(app: web.Application) -> None:
             raise web.HTTPNotFound(reason=f"no dashboard file {name[:60]!r}")
         return _serve(name, files[name])
 
-    app.router.add_route("GET", "/", index)
-    app.router.add_route("GET", "/static/{file}", asset)
+    handlers = {"/": index, "/static/{file}": asset}
+    for method, path in sorted(ROUTES):
+        app.router.add_route(method, path, handlers[path])

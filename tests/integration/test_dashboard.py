@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.conftest import Cluster, free_port, write_project
+from tests.conftest import Cluster, LocalMode, free_port, write_project
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -295,6 +295,45 @@ def test_a_member_is_refused_an_admins_action_in_the_ui_and_the_api(dash: Dashbo
     assert "TEAM_KEY" not in [s["name"] for s in body["secrets"]]
 
 
+def test_an_admin_adds_a_user_rotates_its_token_and_manages_join_tokens(dash: Dashboard) -> None:
+    page = dash.page()
+    page.on("dialog", lambda d: d.accept())
+    with dash.on_failure(page, "admin"):
+        dash.login(page, dash.cluster.admin_token)
+        page.click("nav a:has-text('Settings')")
+        page.wait_for_selector("#user-form")
+        page.fill("input[name=user-name]", "noah")
+        page.select_option("select[name=user-role]", "viewer")
+        page.click("#user-form button[type=submit]")
+        first = page.inner_text("#new-token code")
+        assert dash.http("GET", "/api/whoami", first)[1]["role"] == "viewer"
+        page.click("button[data-rotate=noah]")
+        page.wait_for_selector("#new-token:has-text('New token of noah')")
+        second = page.inner_text("#new-token code")
+        assert second != first
+        assert dash.http("GET", "/api/whoami", first)[0] == 401  # the old token stops at once
+        assert dash.http("GET", "/api/whoami", second)[0] == 200
+        page.fill("input[name=join-uses]", "3")
+        page.click("#join-form button[type=submit]")
+        page.wait_for_selector("#new-token:has-text('Join token')")
+        row = page.wait_for_selector("#join-tokens tr[data-join]:has-text('0/3')")
+        assert row is not None
+        dash.shot(page, "settings-admin")
+        row.query_selector("button:has-text('Revoke')").click()  # type: ignore[union-attr]
+        page.wait_for_selector("#join-tokens tr[data-join]:not(:has(button))")
+        page.click("button[data-remove=noah]")
+        page.wait_for_selector("#users:not(:has(tr[data-user=noah]))")
+        assert dash.http("GET", "/api/whoami", second)[0] == 401
+    # A member may not do any of it over the API either.
+    for method, path, body in (
+        ("POST", "/api/users", {"name": "eve", "role": "admin"}),
+        ("POST", "/api/users/mia/token", None),
+        ("DELETE", "/api/users/admin", None),
+        ("POST", "/api/join-tokens", {"ttl_s": 60, "max_uses": 1}),
+    ):
+        assert dash.http(method, path, dash.member_token, body)[0] == 403, path
+
+
 def test_pages_are_served_with_a_strict_csp_and_no_token_in_urls(dash: Dashboard) -> None:
     ctx = ssl.create_default_context(cafile=str(dash.cluster.ca_file))
     for path in ("/", "/static/app.js", "/static/app.css"):
@@ -326,3 +365,28 @@ def test_pages_are_served_with_a_strict_csp_and_no_token_in_urls(dash: Dashboard
             " document.body.append(s); return window.pwned === undefined; }"
         )
         assert blocked
+
+
+def test_dstack_dashboard_prints_the_local_url_and_never_the_token(local: LocalMode, tmp_path: Path) -> None:
+    r = local.cli("dashboard", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    recorded = (local.home / "local" / "server" / "http-url").read_text().strip()
+    assert r.stdout.strip() == recorded + "/"
+    token = (local.home / "local" / "admin-token").read_text().strip()
+    assert token not in r.stdout + r.stderr and "admin-token" in r.stderr
+    c = http.client.HTTPConnection("127.0.0.1", int(recorded.rsplit(":", 1)[1]), timeout=30)
+    try:
+        c.request("GET", "/")
+        page = c.getresponse()
+        assert page.status == 200 and b'src="/static/app.js"' in page.read()
+    finally:
+        c.close()
+
+
+def test_dstack_dashboard_with_a_team_coordinator_needs_its_url(local: LocalMode, tmp_path: Path) -> None:
+    local.extra_env["DSTACK_COORDINATOR"] = "coordinator.example:3000"  # never dialled: nothing to ask it
+    r = local.cli("dashboard", cwd=tmp_path)
+    assert r.returncode == 1 and "--url" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = local.cli("dashboard", "--url", "https://coordinator.example:3001", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "https://coordinator.example:3001/", r.stderr
+    assert not (local.home / "local").exists()  # no local services were started for it

@@ -338,16 +338,54 @@ async function settingsPage() {
     form, formOut, secretsBox,
     h("h2", { text: "Users and join tokens (admins)" }), adminBox);
   renderSecrets();
+  renderAdmin(adminBox);
+}
+
+// Users and join tokens: the API refuses all of it to a non-admin (403), and the section says so.
+async function renderAdmin(box) {
+  const out = h("div", { id: "admin-result" });
+  const again = () => renderAdmin(box);
+  const act = (fn) => async (ev) => {
+    if (ev) ev.preventDefault();
+    try { await fn(); } catch (e) { out.replaceChildren(errorBox(e)); }
+  };
+  // A new token is in one answer only: shown once, here, never stored by the page.
+  const once = (what, tokenValue) => h("div", { class: "note", id: "new-token" }, `${what} (shown once; copy it now): `, h("code", { text: tokenValue }));
+  let users, joins;
   try {
-    const [{ users }, { join_tokens }] = await Promise.all([api("/api/users"), api("/api/join-tokens")]);
-    adminBox.replaceChildren(
-      h("table", { id: "users" }, h("tr", {}, ["User", "Role", "Created", "Last seen"].map((t) => h("th", { text: t }))),
-        users.map((u) => h("tr", {}, h("td", { text: u.name }), h("td", { text: u.role }), h("td", { text: time(u.created_at_ns) }), h("td", { text: time(u.last_seen_at_ns) })))),
-      h("h2", { text: "Join tokens" }),
-      join_tokens.length ? h("table", { id: "join-tokens" }, h("tr", {}, ["Id", "Uses", "Expires", "Revoked"].map((t) => h("th", { text: t }))),
-        join_tokens.map((t) => h("tr", {}, h("td", { text: t.id }), h("td", { text: `${t.uses}/${t.max_uses || "∞"}` }), h("td", { text: time(t.expires_at_ns) }), h("td", { text: time(t.revoked_at_ns) }))))
-        : h("p", { class: "note", text: "No join tokens. `dstack agents join-token` makes one." }));
-  } catch (e) { adminBox.replaceChildren(errorBox(e)); }
+    [{ users }, { join_tokens: joins }] = await Promise.all([api("/api/users"), api("/api/join-tokens")]);
+  } catch (e) { box.replaceChildren(errorBox(e)); return; }
+  const newName = h("input", { name: "user-name", placeholder: "user name", required: true });
+  const newRole = h("select", { name: "user-role" }, ["member", "viewer", "admin"].map((r) => h("option", { value: r, text: r })));
+  const ttl = h("input", { name: "join-ttl", type: "number", min: "0", step: "any", value: "24", title: "hours (0: never expires)" });
+  const uses = h("input", { name: "join-uses", type: "number", min: "0", value: "1", title: "uses (0: unlimited)" });
+  box.replaceChildren(out,
+    h("form", { class: "inline", id: "user-form", onsubmit: act(async () => {
+      const r = await api("/api/users", { method: "POST", body: { name: newName.value, role: newRole.value } });
+      await again(); box.prepend(once(`Token of ${r.user.name}`, r.token));
+    }) }, newName, newRole, h("button", { type: "submit", text: "Add user" })),
+    h("table", { id: "users" }, h("tr", {}, ["User", "Role", "Created", "Last seen", ""].map((t) => h("th", { text: t }))),
+      users.map((u) => h("tr", { "data-user": u.name }, h("td", { text: u.name }), h("td", { text: u.role }), h("td", { text: time(u.created_at_ns) }), h("td", { text: time(u.last_seen_at_ns) }),
+        h("td", {}, u.name === "admin" ? "" : [
+          h("button", { type: "button", class: "secondary", "data-rotate": u.name, text: "Rotate token", onclick: act(async () => {
+            const r = await api(`/api/users/${encodeURIComponent(u.name)}/token`, { method: "POST" });
+            await again(); box.prepend(once(`New token of ${u.name}`, r.token));
+          }) }), " ",
+          h("button", { type: "button", class: "secondary", "data-remove": u.name, text: "Remove", onclick: act(async () => {
+            if (!confirm(`Remove user ${u.name}? Their token stops working at once.`)) return;
+            await api(`/api/users/${encodeURIComponent(u.name)}`, { method: "DELETE" }); await again();
+          }) })])))),
+    h("h2", { text: "Join tokens" }),
+    h("form", { class: "inline", id: "join-form", onsubmit: act(async () => {
+      const r = await api("/api/join-tokens", { method: "POST", body: { ttl_s: Number(ttl.value) * 3600, max_uses: Number(uses.value) } });
+      await again(); box.prepend(once(`Join token ${r.join_token.id}`, r.token));
+    }) }, "valid for (hours)", ttl, "uses", uses, h("button", { type: "submit", text: "Create join token" })),
+    joins.length ? h("table", { id: "join-tokens" }, h("tr", {}, ["Id", "Uses", "Expires", "Revoked", ""].map((t) => h("th", { text: t }))),
+      joins.map((t) => h("tr", { "data-join": t.id }, h("td", { text: t.id }), h("td", { text: `${t.uses}/${t.max_uses || "∞"}` }), h("td", { text: time(t.expires_at_ns) }), h("td", { text: time(t.revoked_at_ns) }),
+        h("td", {}, t.revoked_at_ns ? "" : h("button", { type: "button", class: "secondary", text: "Revoke", onclick: act(async () => {
+          await api(`/api/join-tokens/${encodeURIComponent(t.id)}/revoke`, { method: "POST" }); await again();
+        }) })))))
+      : h("p", { class: "note", text: "No join tokens." }));
 }
 
 // ---- routing -----------------------------------------------------------------------------------
