@@ -153,6 +153,8 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
             workflows:
               - name: ticker
                 provider: bash
+                env:
+                  - MODE=fast
                 commands:
                   - echo first-line
                   - while [ ! -e {gate} ]; do sleep 0.2; done
@@ -161,6 +163,11 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
                 provider: bash
                 commands:
                   - echo "token=$HF_TOKEN"
+              - name: big
+                provider: bash
+                commands:
+                  - echo never
+                resources: {{gpu: 4}}
               - name: build
                 provider: bash
                 commands:
@@ -195,6 +202,7 @@ def test_login_then_a_running_jobs_lines_appear_live(dash: Dashboard) -> None:
         page.wait_for_selector("#logs:has-text('first-line')")
         # The job is still waiting on the gate: the first line came while it ran, not from a finished log.
         assert "second-line" not in page.inner_text("#logs")
+        assert "MODE=fast" in page.inner_text("#variables")
         dash.shot(page, "run")
         (dash.cluster.tmp / "gate").touch()
         page.wait_for_selector("#logs:has-text('second-line')")
@@ -260,10 +268,12 @@ def test_pool_and_queue_pages_show_gpus_and_waiting_jobs(dash: Dashboard) -> Non
         text = row.inner_text()
         assert "A100" in text and "#0" in text and "#1" in text and "util" in text, text
         dash.shot(page, "pool")
+        big = dash.run("big")  # 4 GPUs on a pool of 2: it waits, and says why
         page.click("nav a:has-text('Queue')")
-        page.wait_for_selector("h1:has-text('Queue')")
-        page.wait_for_selector("main table, main p.note")
+        waiting = page.wait_for_selector(f"tr:has(a:has-text('{big}/big'))")
+        assert waiting is not None and "GPU" in waiting.inner_text(), waiting.inner_text()
         dash.shot(page, "queue")
+        assert dash.cluster.cli("stop", big).returncode == 0
 
 
 def test_a_member_is_refused_an_admins_action_in_the_ui_and_the_api(dash: Dashboard) -> None:

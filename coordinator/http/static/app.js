@@ -154,11 +154,23 @@ function runPage(name) {
       h("dt", { text: "Repository" }), h("dd", { text: r.repository || code.repo_url || "—" }),
       h("dt", { text: "Code" }), h("dd", { id: "code", text: code.commit ? `${code.branch || "(detached)"} @ ${code.commit.slice(0, 12)}${code.dirty ? " (dirty: uncommitted changes)" : ""}` : "—" }),
       h("dt", { text: "Tags" }), h("dd", { text: r.tags.length ? r.tags.join(", ") : "—" }),
+      h("dt", { text: "Variables" }), h("dd", { id: "variables" }, variables(r.jobs)),
       h("dt", { text: "Submitted" }), h("dd", { text: time(r.submitted_at_ns) }),
       h("dt", { text: "Finished" }), h("dd", { text: time(r.finished_at_ns) }));
   });
   arts.replaceChildren(h("p", { class: "note", text: "Listed when the run ends." }));
   followLogs(name, logs, logNote, pageAbort.signal);
+}
+
+// Each job's variables (the workflow's env); the jobs of a run usually share them: shown once then.
+function variables(jobs) {
+  const shown = new Map();
+  for (const j of jobs) {
+    const text = Object.entries(j.variables || {}).map(([k, v]) => `${k}=${v}`).join("  ");
+    if (text) shown.set(text, [...(shown.get(text) || []), j.job_name]);
+  }
+  if (!shown.size) return "—";
+  return [...shown].map(([text, names]) => h("div", {}, shown.size > 1 ? `${names.join(", ")}: ` : "", h("code", { text })));
 }
 
 function jobsTable(list) {
@@ -272,7 +284,7 @@ function poolPage() {
 function gpu(g) {
   const used = g.memory_total_bytes ? g.memory_used_bytes / g.memory_total_bytes : 0;
   return h("div", { class: `gpu${g.busy ? " busy" : ""}`, title: g.uuid || "" },
-    `#${g.index} ${g.name}${g.simulated ? " (simulated)" : ""} · ${g.busy ? "held" : "free"} · mem ${bytes(g.memory_used_bytes)}/${bytes(g.memory_total_bytes)} `,
+    `#${g.index} ${g.name}${g.simulated && !g.name.includes("simulated") ? " (simulated)" : ""} · ${g.busy ? "held" : "free"} · mem ${bytes(g.memory_used_bytes)}/${bytes(g.memory_total_bytes)} `,
     h("meter", { min: 0, max: 1, value: used.toFixed(3) }),
     ` util ${g.utilization_percent}% `, h("meter", { min: 0, max: 100, value: g.utilization_percent }));
 }
@@ -332,7 +344,7 @@ async function settingsPage() {
   show(h("h1", { text: "Settings" }),
     h("h2", { text: "You" }),
     h("dl", { class: "facts", id: "whoami" }, h("dt", { text: "User" }), h("dd", { text: me.user }), h("dt", { text: "Role" }), h("dd", { text: me.role }),
-      h("dt", { text: "Token" }), h("dd", { text: "kept in this tab only (sessionStorage); an admin rotates it with `dstack users rotate`" })),
+      h("dt", { text: "Token" }), h("dd", { text: "kept in this tab only (sessionStorage); an admin rotates it (Settings, or `dstack users rotate-token NAME`)" })),
     h("h2", { text: "Secrets" }),
     h("p", { class: "note", text: "Values are write-only: nobody can read them back here or through the API. Jobs get them as environment variables, masked in logs. Team secrets need an admin." }),
     form, formOut, secretsBox,
