@@ -271,7 +271,8 @@ def test_pool_and_queue_pages_show_gpus_and_waiting_jobs(dash: Dashboard) -> Non
         big = dash.run("big")  # 4 GPUs on a pool of 2: it waits, and says why
         page.click("nav a:has-text('Queue')")
         waiting = page.wait_for_selector(f"tr:has(a:has-text('{big}/big'))")
-        assert waiting is not None and "GPU" in waiting.inner_text(), waiting.inner_text()
+        assert waiting is not None
+        assert "GPU" in waiting.inner_text(), waiting.inner_text()
         dash.shot(page, "queue")
         assert dash.cluster.cli("stop", big).returncode == 0
 
