@@ -20,6 +20,7 @@ class AgentConfig:
     docker: DockerOptions = field(default_factory=DockerOptions)
     simulate_gpus: str = ""  # e.g. "8xA100-80GB": test/dev only, never on by default
     max_jobs: int = 64
+    advertise_address: str = ""  # where other agents reach this one (agent/address.py); resolved at start
     stop_grace_s: float = 10.0
     inventory_interval_s: float = 10.0
     # How long a failing coordinator call or store request of a job is retried (transient failures

@@ -185,7 +185,9 @@ class Agent:
             config.pids_limit,
             config.job_user,
         )
-        self.inventory = Inventory(config.home, config.runtime, config.max_jobs, config.simulate_gpus)
+        self.inventory = Inventory(
+            config.home, config.runtime, config.max_jobs, config.simulate_gpus, config.advertise_address
+        )
         self.jobs: dict[str, JobRunner] = {}
         self.agent_id = ""
         self.session_started = False  # set once a session is acknowledged: its end resets the retry delay

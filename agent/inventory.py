@@ -86,8 +86,12 @@ class NvmlGpus:
 
 
 class Inventory:
-    def __init__(self, home: Path, runtime: str, max_jobs: int, simulate_gpus: str = "") -> None:
+    def __init__(
+        self, home: Path, runtime: str, max_jobs: int, simulate_gpus: str = "", advertise_address: str = ""
+    ) -> None:
+        """`advertise_address`: what peers reach this agent at (agent/address.py), reported as given."""
         self.home = home
+        self.advertise_address = advertise_address
         self.runtime = runtime
         self.max_jobs = max_jobs
         self._simulated = parse_simulated(simulate_gpus) if simulate_gpus else None
@@ -107,4 +111,5 @@ class Inventory:
             gpus=gpus,
             runtime=self.runtime,
             max_jobs=self.max_jobs,
+            advertise_address=self.advertise_address,
         )

@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("DSTACK_SIMULATE_GPUS", ""),
         help="test/dev only: report simulated GPUs instead of NVML's, e.g. 8xA100-80GB",
     )
+    p.add_argument(
+        "--advertise-address",
+        default=env("DSTACK_ADVERTISE_ADDRESS", ""),
+        help="the address other agents reach this one at: a multi-node job's MASTER_ADDR when this agent runs"
+        " its rank 0 (default: this host's source address towards the coordinator)",
+    )
     p.add_argument("--max-jobs", type=int, default=64, help="how many jobs may run here at once (default: %(default)s)")
     p.add_argument(
         "--stop-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default: %(default)s)"
@@ -256,6 +262,11 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
             parse_simulated(a.simulate_gpus)
         except InventoryError as e:
             p.error(str(e))
+    if a.advertise_address:
+        from dstack.protos.addresses import valid_address
+
+        if not valid_address(a.advertise_address):
+            p.error(f"--advertise-address {a.advertise_address!r}: give an IP address or a host name")
     if a.pids_limit < 0:
         p.error(f"--pids-limit {a.pids_limit}: give a number of processes, or 0 for no limit")
     try:
@@ -288,6 +299,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         ),
         simulate_gpus=a.simulate_gpus,
         max_jobs=a.max_jobs,
+        advertise_address=a.advertise_address,
         stop_grace_s=a.stop_grace,
         mount_sync_s=a.mount_sync,
         store_retry_s=a.store_retry,
@@ -358,6 +370,10 @@ def main(argv: list[str] | None = None) -> None:
     except (RuntimeError_, jobuser.JobUserError) as e:
         print(f"dstack agent: {e}", file=sys.stderr)
         sys.exit(2)
+    if not config.advertise_address:
+        from dstack.agent.address import detect
+
+        config = dataclasses.replace(config, advertise_address=detect(config.coordinator))
     _use_pidfd_child_watcher()
     try:
         asyncio.run(run_agent(config))

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dstack.agent.address import check_port_free, master_port
 from dstack.agent.artifacts import (
     ArtifactError,
     ContainerFolders,
@@ -226,6 +227,10 @@ class JobRunner:
                 env |= {k: v for k, v in where.items() if k.startswith(("PORT_", "JOB_PORT_"))}
                 env[AGENT_MARKER] = self.deps.agent_home
                 ports = [(p.host_port, p.container_port) for p in spec.ports] + [(p, p) for p in picked]
+                master = master_port(spec.gang, spec.node_rank, dict(self.a.env))
+                if master is not None:  # a multi-node gang's rank 0: its peers meet here (docs/multinode.md)
+                    check_port_free(master)
+                    ports.append((master, master))  # published, for a container on a bridge network
                 self.proc = await self.deps.runtime.start(
                     RuntimeJob(
                         job_id=self.job_id,

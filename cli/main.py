@@ -91,11 +91,15 @@ def logs(
     attempt: Annotated[
         int | None, typer.Option("--attempt", min=1, help="Only this attempt's lines (jobs retried or preempted)")
     ] = None,
+    node: Annotated[
+        int | None, typer.Option("--node", min=0, help="Only this node's lines (a multi-node job; 0: the master)")
+    ] = None,
 ) -> None:
-    """Print the logs of a run (each attempt of a retried job under its own header)."""
+    """Print the logs of a run (each attempt of a retried job under its own header; each node of a
+    multi-node job with a `node K | ` prefix)."""
     from dstack.cli.commands.logs import logs_command
 
-    logs_command(run, follow, attempt)
+    logs_command(run, follow, attempt, node)
 
 
 @app.command()

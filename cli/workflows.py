@@ -44,6 +44,12 @@ RESOURCE_SCHEMA: dict[str, Any] = {
     "memory": _SIZE,
     "shm_size": _SIZE,
     "interruptible": {"type": "boolean"},
+    "nodes": {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 64,
+        "description": "run on this many agents at once, one job per node (docs/multinode.md)",
+    },
 }
 RETRY_CAUSES = ("agent-lost", "preempted", "error")
 MAX_PORT_COUNT = 64  # `ports: N`: more is a typo for a port number, not a job's need
@@ -165,6 +171,7 @@ COMMON_FIELDS = set(COMMON_SCHEMA)
 RESOURCE_FIELDS = set(RESOURCE_SCHEMA)
 GPU_FIELDS = set(GPU_SCHEMA)
 MAX_GPUS = 1024
+MAX_NODES = 64  # coordinator/gangs.py's limit
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -482,6 +489,8 @@ def _resources(node: Node, own_fields: set[str]) -> common_pb2.Resources:
     if not isinstance(interruptible, bool):
         raise WorkflowError("'interruptible' must be true or false", r.at("interruptible"))
     out.interruptible = interruptible
+    if "nodes" in r and "nodes" not in own_fields:  # a custom provider's `nodes` is its own data
+        out.nodes = fields.whole_number(r, "nodes", 1, MAX_NODES)
     gpu = r.get("gpu")
     if isinstance(gpu, Node):
         fields.check_unknown(gpu, GPU_FIELDS, "resources.gpu")

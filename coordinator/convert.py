@@ -52,6 +52,7 @@ def job_spec_from_proto(spec: common_pb2.JobSpec) -> JobSpec:
             gpu_count=r.gpu.count,
             gpu_name=r.gpu.name,
             gpu_memory_bytes=r.gpu.memory_bytes,
+            nodes=max(1, r.nodes),
         ),
         needs_container=spec.needs_container,
         depends_on=tuple(spec.depends_on),
@@ -60,6 +61,9 @@ def job_spec_from_proto(spec: common_pb2.JobSpec) -> JobSpec:
         retry=RetryPolicy(spec.retry.limit, tuple(spec.retry.on)) if spec.HasField("retry") else None,
         max_duration_s=spec.max_duration_s,
         interruptible=r.interruptible,
+        gang=spec.gang,
+        node_rank=spec.node_rank,
+        nnodes=max(1, spec.nnodes),
     )
 
 

@@ -26,6 +26,7 @@ from dstack.coordinator.convert import (
 from dstack.coordinator.durations import Durations, duration_key
 from dstack.coordinator.errors import Unauthenticated
 from dstack.coordinator.fairshare import interval_usage, weight
+from dstack.coordinator.gangs import member_env, pick_port
 from dstack.coordinator.hub import AgentHub
 from dstack.coordinator.lifecycle.agents import AgentStatus
 from dstack.coordinator.metrics import EngineMetrics
@@ -38,6 +39,7 @@ from dstack.coordinator.secrets import SecretBox
 from dstack.coordinator.store import Assignment, Placement, Store
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.coordinator.store.secrets import TEAM
+from dstack.protos.addresses import valid_address
 from dstack.protos.refusals import agent_removed
 from dstack.protos.urls import public_repo_url
 from dstack.protos.v1 import agent_pb2, common_pb2
@@ -288,6 +290,7 @@ class Engine:
         )
         self.last_usage = usage
         decision = plan(queue, list(agents.values()), running, policy)
+        by_job = {r.job_id: r for r in queue}
         reasons.update(decision.waiting)
         info.update(decision.info)
         failures = []
@@ -298,13 +301,43 @@ class Engine:
             else:
                 reasons[job_id] = f"waiting: {why}"
         to_mark = [w.job_id for w in waiting if w.submitted and w.job_id in reasons]
+        masters = self._gang_masters(decision.placements, by_job, agents)
         assignments = store.apply_schedule(
-            [Placement(job, agent, gpus) for job, agent, gpus in decision.placements], to_mark, failures
+            [
+                Placement(job, agent, gpus, masters.get(by_job[job].gang, ""))
+                for job, agent, gpus in decision.placements
+            ],
+            to_mark,
+            failures,
         )
         done = gone + [p[0] for p in decision.placements] + [f[0] for f in failures]
         live = {j.job_id for j in running} | {p[0] for p in decision.placements}
         self._max_durations = {j: s for j, s in self._max_durations.items() if j in live or j in reasons}
         return Plan(assignments, reasons, done, to_mark, info, decision.reservations)
+
+    def _gang_masters(
+        self,
+        placements: Sequence[tuple[str, str, list[int]]],
+        requests: dict[str, JobRequest],
+        agents: dict[str, AgentState],
+    ) -> dict[str, str]:
+        """gang key -> MASTER_ADDR:MASTER_PORT for each gang placed in this pass (DB thread): rank 0's
+        agent's advertised address, and a port in coordinator/gangs.py's range that no gang whose
+        rank 0 runs there holds (nor one placed there earlier in this pass)."""
+        out: dict[str, str] = {}
+        taken: dict[str, set[int]] = {}
+        for job_id, agent_id, _ in placements:
+            req = requests[job_id]
+            if not req.gang or req.node_rank != 0:
+                continue
+            used = taken.get(agent_id)
+            if used is None:
+                used = taken[agent_id] = self.store.gang_ports(agent_id)
+            port = pick_port(used)
+            used.add(port)
+            address = agents[agent_id].address or "127.0.0.1"
+            out[req.gang] = f"{address}:{port}"
+        return out
 
     def _held(self) -> dict[str, str]:
         """Last pass's reservations, with the agents held for jobs that preemption served (those win)."""
@@ -339,6 +372,8 @@ class Engine:
         code.ParseFromString(a.code)
         code.repo_url = public_repo_url(code.repo_url)  # a run stored before the coordinator stripped tokens
         env = {"RUN_NAME": a.run_name, "JOB_ID": a.job_id, "WORKFLOW": spec.workflow, "DSTACK_ATTEMPT": str(a.attempt)}
+        if spec.gang and a.master:  # a member of a multi-node gang: its rendezvous (coordinator/gangs.py)
+            env.update(member_env(a.master, spec.node_rank, spec.nnodes))
         if code.commit:
             env.update(REPO_COMMIT=code.commit, REPO_BRANCH=code.branch, REPO_URL=code.repo_url)
         return agent_pb2.JobAssignment(
@@ -371,11 +406,30 @@ class Engine:
                 await self._requeued()
                 self.watchers.notify_all()
                 self.kick()
+            await self.settle_gangs()
             await self._stop_overdue()
             await self._preempt_by_policy()
             if self.clock.monotonic() >= next_forget:
                 next_forget = self.clock.monotonic() + forget_every
                 await self._forget_lost_agents()
+
+    async def settle_gangs(self) -> None:
+        """The gang sweep (coordinator/store/gangs.py): a member that failed fails its gang, one that
+        was requeued requeues it; the other members are aborted on their agents."""
+        try:
+            settled = await self.db(self.store.settle_gangs)
+        except Exception:
+            log.exception("gang sweep failed")
+            return
+        for wire_id, agent_id in settled.stops:
+            log.info("job %s: aborted with its gang", wire_id)
+            stop = agent_pb2.StopJob(job_id=wire_id, abort=True)
+            self.hub.send(agent_id, agent_pb2.CoordinatorMessage(stops=[stop]))
+        if settled.requeued:
+            await self._requeued()
+        if settled.runs:
+            self.watchers.notify(settled.runs)
+            self.kick()
 
     async def _stop_overdue(self) -> None:
         """Jobs past their `max_duration` are stopped (SIGTERM, the grace period, then killed)."""
@@ -429,10 +483,15 @@ class Engine:
             reservations=self._held(),
             limits=self._user_limits(),
         )
+        # A gang's member alone is no reason to preempt: freeing one agent for it would not start the gang.
+        specs = [(w, job_spec_from_bytes(w.spec)) for w in starved]
         reqs = [
-            request_of(w.id, job_spec_from_bytes(w.spec), w.owner, w.priority, w.submitted_at, "", w.avoid_agent)
-            for w in starved
+            request_of(w.id, spec, w.owner, w.priority, w.submitted_at, "", w.avoid_agent)
+            for w, spec in specs
+            if not spec.gang
         ]
+        if not reqs:
+            return None
         choice = choose(reqs, list(self._agent_states(connected).values()), running, rules)
         if choice is None:
             return None
@@ -463,6 +522,8 @@ class Engine:
                 gpus=[Gpu(g.index, g.name, g.memory_total_bytes) for g in inv.gpus],
                 max_jobs=inv.max_jobs or 1_000_000,
                 containers=inv.runtime == "docker",
+                # An address that is none (an agent's own word) is not handed to a gang's other members.
+                address=next((x for x in (inv.advertise_address, inv.hostname) if valid_address(x)), ""),
             )
         return agents
 
@@ -562,6 +623,8 @@ class Engine:
                 await self._requeued()
             if res.freed:
                 self.kick()
+            if res.requeued or any(u.status in TERMINAL_JOB for u in updates):  # a gang's member may have ended
+                await self.settle_gangs()
             for u in updates:  # a job's last update comes after its last line: forget its run
                 if u.status in TERMINAL_JOB:
                     self._job_runs.pop(parse_wire_job_id(u.job_id)[0], None)

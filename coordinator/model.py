@@ -56,6 +56,7 @@ class TerminationReason(enum.IntEnum):
     ARTIFACT_UPLOAD_FAILED = 8
     PREEMPTED = 20
     MAX_DURATION = 21
+    GANG_FAILED = 30  # another node of its multi-node gang failed
 
     @property
     def label(self) -> str:
@@ -158,6 +159,7 @@ class Resources:
     gpu_count: int = 0
     gpu_name: str = ""  # case-insensitive substring of the GPU name; "" for any
     gpu_memory_bytes: int = 0  # minimum per GPU; 0 for any
+    nodes: int = 1  # > 1: a gang of this many jobs, one per agent (docs/multinode.md)
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,11 @@ class JobSpec:
     retry: RetryPolicy | None = None  # None: no `retry` field
     max_duration_s: int = 0  # 0: no limit
     interruptible: bool = False
+    # A member of a multi-node gang (set by the coordinator when it expands resources.nodes): the
+    # name the members share ("" for a job of its own), its rank, and the gang's size.
+    gang: str = ""
+    node_rank: int = 0
+    nnodes: int = 1
 
 
 @dataclass(frozen=True)
@@ -269,6 +276,7 @@ class Inventory:
     gpus: list[GpuInfo] = field(default_factory=list)
     runtime: str = ""  # "host", "null" or "docker"
     max_jobs: int = 0  # concurrent job slots
+    advertise_address: str = ""  # where other agents reach it (a gang's MASTER_ADDR; docs/multinode.md)
 
 
 @dataclass(frozen=True)

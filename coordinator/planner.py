@@ -33,7 +33,10 @@ from dstack.coordinator.scheduler import (
     _fits,
     _leftover,
     describe,
+    gang_fits_now,
+    gang_never_fits,
     never_fits,
+    place_gang,
 )
 
 NS = 1_000_000_000
@@ -207,7 +210,8 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
         running,
         policy,
         lambda r: (
-            not _over_quota(
+            not r.gang  # a gang reserves nothing: one held agent of several would be a partial hold
+            and not _over_quota(
                 limits_of(policy, r.owner), held_gpus.get(r.owner, 0), held_jobs.get(r.owner, 0), r.gpu_count
             )
         ),
@@ -222,7 +226,18 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
     reasons: dict[str, tuple[str, str]] = {}
     limits = {u: limits_of(policy, u) for u in {r.owner for r in ordered}}
     behind: dict[str, str] = {}  # user -> why their jobs wait behind others' (one text per user)
+    gangs: dict[str, list[JobRequest]] = {}
     for req in ordered:
+        if req.gang:
+            gangs.setdefault(req.gang, []).append(req)
+    for req in ordered:
+        if req.gang:
+            if req.gang in gangs:  # the gang's first member in the order decides for all of them
+                members = gangs.pop(req.gang)
+                placed_gang = _plan_gang(req, members, agents, open_agents, p, reasons, limits, held_gpus, held_jobs)
+                if not placed_gang:
+                    waiting_users[req.owner] = waiting_users.get(req.owner, 0) + len(members)
+            continue
         shape = (req.cpu, req.memory, req.gpu_count, req.gpu_name, req.gpu_memory, req.needs_container)
         if shape not in never:
             never[shape] = never_fits(req, agents)
@@ -272,7 +287,9 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
     done = [(reqs[j], a, g) for j, a, g in p.placements]
     # A job held back by its owner's quota starts when one of the owner's jobs ends, at the soonest;
     # the others as agents free up, in order.
-    still = [r for r in ordered if r.job_id in reasons and reasons[r.job_id][0] not in (NEVER_FITS, QUOTA)]
+    still = [
+        r for r in ordered if r.job_id in reasons and reasons[r.job_id][0] not in (NEVER_FITS, QUOTA) and not r.gang
+    ]
     etas = _etas(still, agents, running, done, p, policy)
     owner_ends: dict[str, int] = {}
     for r in running:
@@ -291,6 +308,55 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
         if req.job_id not in p.impossible:
             p.waiting[req.job_id] = message
     return p
+
+
+def _plan_gang(
+    first: JobRequest,
+    members: list[JobRequest],
+    agents: list[AgentState],
+    pool: Sequence[AgentState],
+    p: Plan,
+    reasons: dict[str, tuple[str, str]],
+    limits: Mapping[str, UserLimits],
+    held_gpus: dict[str, int],
+    held_jobs: dict[str, int],
+) -> bool:
+    """A multi-node gang, as one unit: all its members placed on distinct agents, or none of them
+    (then each gets the gang's reason). Nothing is held for a gang that does not start: two gangs
+    that each could take part of the agents never block each other. Gangs take no reservations and
+    get no estimated start (that needs N agents draining together)."""
+
+    def wait(kind: str, message: str) -> bool:
+        for m in members:
+            reasons[m.job_id] = (kind, message)
+        return False
+
+    if len(members) < first.nnodes:  # some member is not waiting (yet): nothing to place as a whole
+        return wait(RESOURCES, f"waiting for {first.nnodes - len(members)} of the gang's {first.nnodes} nodes")
+    why = gang_never_fits(first, agents)
+    if why is not None:
+        for m in members:
+            p.impossible[m.job_id] = why
+        return wait(NEVER_FITS, f"waiting: {why}")
+    lim, owner = limits[first.owner], first.owner
+    gpus_now, jobs_now, n = held_gpus.get(owner, 0), held_jobs.get(owner, 0), len(members)
+    if lim.max_gpus and first.gpu_count and gpus_now + n * first.gpu_count > lim.max_gpus:
+        return wait(
+            QUOTA,
+            f"quota: {owner} holds {gpus_now} of at most {lim.max_gpus} GPUs; the gang needs {n * first.gpu_count}",
+        )
+    if lim.max_running and jobs_now + n > lim.max_running:
+        return wait(QUOTA, f"quota: {owner} runs {jobs_now} of at most {lim.max_running} jobs; the gang is {n}")
+    placed = place_gang(members, pool)
+    if placed is None:
+        fit = gang_fits_now(first, pool)
+        return wait(RESOURCES, f"waiting for {n} agents with {describe(first)}; {fit} fit now")
+    p.placements.extend(placed)
+    held_gpus[owner] = gpus_now + n * first.gpu_count
+    held_jobs[owner] = jobs_now + n
+    for m in members:
+        p.reservations.pop(m.job_id, None)
+    return True
 
 
 def _over_quota(lim: UserLimits, gpus_now: int, jobs_now: int, gpus: int) -> bool:

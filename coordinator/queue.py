@@ -33,7 +33,9 @@ def request_of(
     submitted_at: int = 0,
     workflow: str = "",
     avoid_agent: str = "",
+    run_id: str = "",
 ) -> JobRequest:
+    """`run_id`: the job's run, which keys a gang's members (a gang's name is unique only in its run)."""
     resources = spec.resources
     return JobRequest(
         job_id=job_id,
@@ -49,6 +51,9 @@ def request_of(
         duration_key=duration_key(workflow or spec.workflow, spec.job_name),
         max_duration_s=max_duration_s(spec),
         avoid_agent=avoid_agent,
+        gang=f"{run_id}/{spec.gang}" if spec.gang else "",
+        nnodes=spec.nnodes,
+        node_rank=spec.node_rank,
     )
 
 
@@ -69,7 +74,14 @@ class WaitingQueue:
             job_id=row.id,
             run_id=row.run_id,
             request=request_of(
-                row.id, spec, row.owner, row.priority, row.submitted_at, row.workflow, avoid_agent=row.avoid_agent
+                row.id,
+                spec,
+                row.owner,
+                row.priority,
+                row.submitted_at,
+                row.workflow,
+                avoid_agent=row.avoid_agent,
+                run_id=row.run_id,
             ),
             depends_on=tuple(row.depends_on),
             submitted=row.status == JobStatus.SUBMITTED,
@@ -89,7 +101,7 @@ class WaitingQueue:
             self._jobs[job_id] = Waiting(
                 job_id=job_id,
                 run_id=run_id,
-                request=request_of(job_id, spec, owner, priority, submitted_at, workflow),
+                request=request_of(job_id, spec, owner, priority, submitted_at, workflow, run_id=run_id),
                 depends_on=spec.depends_on,
                 submitted=True,
             )

@@ -38,6 +38,11 @@ class JobRequest:
     duration_key: str = ""
     max_duration_s: float | None = None
     avoid_agent: str = ""  # a new attempt's last agent (it was lost there): placed elsewhere when another fits
+    # A member of a multi-node gang (coordinator/gangs.py): the gang's key, unique across runs, its
+    # size and this member's rank. A gang is placed whole, on distinct agents, or not at all.
+    gang: str = ""
+    nnodes: int = 1
+    node_rank: int = 0
 
 
 @dataclass
@@ -53,6 +58,7 @@ class AgentState:
     used_memory: int = 0
     busy_gpus: set[int] = field(default_factory=set)
     jobs: int = 0
+    address: str = ""  # where other agents reach it (a gang's MASTER_ADDR when it runs rank 0)
 
     def hold(self, cpu: float, memory: int, gpu_indices: Iterable[int]) -> None:
         """Counts a job's CPU, memory and GPUs as taken on this agent."""
@@ -142,6 +148,37 @@ def _fits(a: AgentState, req: JobRequest) -> list[int] | None:
     return [g.index for g in sorted(free, key=lambda g: g.index)[: req.gpu_count]]
 
 
+def gang_never_fits(req: JobRequest, agents: list[AgentState]) -> str | None:
+    """Why no `req.nnodes` distinct agents could run a gang's members even when idle, or None."""
+    able = [a for a in agents if never_fits(req, [a]) is None]
+    if len(able) >= req.nnodes:
+        return None
+    why = never_fits(req, agents) if not able else None
+    have = f"{len(able)} agent" + ("" if len(able) == 1 else "s") + " could ever run one"
+    return f"needs {req.nnodes} agents with {describe(req)}; {have}" + (f" ({why})" if why else "")
+
+
+def place_gang(members: list[JobRequest], pool: Iterable[AgentState]) -> list[tuple[str, str, list[int]]] | None:
+    """All of a gang's members on distinct agents of `pool` (job, agent, GPUs), held there; or None,
+    with nothing held, when fewer agents than members have room now. Members are alike, so any agent
+    that fits one fits any: the best fits are taken, rank 0 the tightest."""
+    first = members[0]
+    candidates = [(a, gpus) for a in pool if (gpus := _fits(a, first)) is not None]
+    if len(candidates) < len(members):
+        return None
+    candidates.sort(key=lambda c: (c[0].agent_id == first.avoid_agent, _leftover(c[0], first), c[0].agent_id))
+    out = []
+    for req, (agent, gpus) in zip(sorted(members, key=lambda r: r.node_rank), candidates, strict=False):
+        agent.hold(req.cpu, req.memory, gpus)
+        out.append((req.job_id, agent.agent_id, gpus))
+    return out
+
+
+def gang_fits_now(req: JobRequest, pool: Iterable[AgentState]) -> int:
+    """How many agents of `pool` have room for one of the gang's members now."""
+    return sum(1 for a in pool if _fits(a, req) is not None)
+
+
 def _leftover(a: AgentState, req: JobRequest) -> tuple[int, float, int]:
     return (
         len(a.gpus) - len(a.busy_gpus) - req.gpu_count,
@@ -161,7 +198,8 @@ def _busy_summary(agents: list[AgentState]) -> str:
 
 
 def schedule(queue: list[JobRequest], agents: list[AgentState]) -> Decision:
-    """Places what fits now; `agents` is updated in place with the placements made."""
+    """Places what fits now; `agents` is updated in place with the placements made. Every job on its
+    own: gangs (multi-node jobs) are placed by coordinator/planner.py's `plan`, which the engine uses."""
     d = Decision()
     if not queue:
         return d

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict, TypeVar
@@ -140,6 +140,7 @@ class GpuJSON(TypedDict):
 class AgentJSON(TypedDict):
     name: str
     host: str
+    address: str  # where other agents reach it (`dstack agent --advertise-address`)
     status: str
     runtime: str
     cpu: int
@@ -198,10 +199,12 @@ class Cluster:
     coordinator_env: dict[str, str] = field(default_factory=dict)
     # TLS with the coordinator's own CA, as in a team setup; False: everything plaintext (--insecure).
     tls: bool = True
+    # Where the coordinator listens (tests/netns.py: the host's address on a bed of namespaces).
+    host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def ca_file(self) -> Path:
@@ -258,11 +261,13 @@ class Cluster:
         wait_for(lambda: self.cli("ps").returncode == 0, what="the coordinator to answer")
         return self.coordinator
 
-    def start_agent(self, name: str = "agent-1", *extra: str, wait: bool = True) -> Proc:
+    def start_agent(self, name: str = "agent-1", *extra: str, wait: bool = True, prefix: Sequence[str] = ()) -> Proc:
+        """`prefix`: what runs the agent (tests/netns.py: `ip netns exec NS`, inside a namespace)."""
         log = self.tmp / f"{name}.log"
         f = log.open("ab")
         popen = subprocess.Popen(
             [
+                *prefix,
                 PY,
                 "-m",
                 "dstack.agent",

@@ -20,6 +20,7 @@ def agents_command(as_json: bool) -> None:
                 {
                     "name": a.name,
                     "host": inv.hostname,
+                    "address": inv.advertise_address,
                     "status": a.status,
                     "runtime": inv.runtime,
                     "cpu": inv.cpu_count,
@@ -67,6 +68,7 @@ def agents_command(as_json: bool) -> None:
             [
                 a.name,
                 inv.hostname,
+                inv.advertise_address or "-",
                 a.status,
                 inv.runtime,
                 gpus,
@@ -75,7 +77,7 @@ def agents_command(as_json: bool) -> None:
                 str(a.running_jobs),
             ]
         )
-    headers = ("AGENT", "HOST", "STATUS", "RUNTIME", "GPUS", "CPU", "MEMORY", "JOBS")
+    headers = ("AGENT", "HOST", "ADDRESS", "STATUS", "RUNTIME", "GPUS", "CPU", "MEMORY", "JOBS")
     Term().table(headers, rows, overflow="fold")
 
 

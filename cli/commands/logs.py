@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from dstack.cli.client import Client
-from dstack.cli.errors import CoordinatorUnreachable
+from dstack.cli.errors import CoordinatorUnreachable, NotFoundError
 from dstack.protos.v1 import client_pb2, common_pb2
 
 # How long a broken stream is retried without any progress before the error is shown.
@@ -76,11 +76,19 @@ def print_logs(
     follow: bool,
     before_output: Callable[[], None] = lambda: None,
     attempt: int | None = None,
+    node: int | None = None,
 ) -> client_pb2.Run | None:
     """Prints every line of the run (of one attempt of each job, if `attempt`); with follow, until it
     finishes. A job with several attempts gets a header line before each attempt's lines. Returns the
-    finished run. `before_output` is called before each batch of lines (to clear a status line first)."""
-    prefix = len(run.jobs) > 1
+    finished run. `before_output` is called before each batch of lines (to clear a status line first).
+    `node`: only the lines of that node of a multi-node job (docs/multinode.md)."""
+    labels = job_labels(run)
+    wanted = set(labels)
+    if node is not None:
+        wanted = {j.job_name for j in run.jobs if j.spec.gang and j.spec.node_rank == node}
+        if not wanted:
+            raise NotFoundError(f"run {run.name} has no node {node}: {_nodes_of(run)}")
+    prefix = len(wanted) > 1
     out = sys.stdout
     # The attempt whose lines each job printed last; 0 where a header is due before attempt 1's.
     shown = {j.job_name: (0 if j.attempt > 1 else 1) for j in run.jobs}
@@ -88,7 +96,9 @@ def print_logs(
         if batch.jobs:
             before_output()
         for job_name, lines in batch.jobs:
-            head = f"{job_name} | " if prefix else ""
+            if job_name not in wanted:
+                continue
+            head = f"{labels.get(job_name, job_name)} | " if prefix else ""
             text = []
             for ln in lines:
                 n = attempt_of(ln.seq)
@@ -105,9 +115,23 @@ def print_logs(
     return None
 
 
-def logs_command(run_name: str, follow: bool, attempt: int | None = None) -> None:
+def job_labels(run: client_pb2.Run) -> dict[str, str]:
+    """job name -> the prefix of its lines: `node K` for the members of a run's one multi-node job,
+    else the job's name (`train-node1`, the members' names, where the run has other jobs too)."""
+    gangs = {j.spec.gang for j in run.jobs}
+    if len(gangs) == 1 and "" not in gangs:
+        return {j.job_name: f"node {j.spec.node_rank}" for j in run.jobs}
+    return {j.job_name: j.job_name for j in run.jobs}
+
+
+def _nodes_of(run: client_pb2.Run) -> str:
+    ranks = sorted(j.spec.node_rank for j in run.jobs if j.spec.gang)
+    return f"its nodes are {', '.join(map(str, ranks))}" if ranks else "it is not a multi-node run"
+
+
+def logs_command(run_name: str, follow: bool, attempt: int | None = None, node: int | None = None) -> None:
     from dstack.cli.session import connect
 
     client = connect()
     run = client.get_run(run_name)
-    print_logs(client, run, follow, attempt=attempt)
+    print_logs(client, run, follow, attempt=attempt, node=node)

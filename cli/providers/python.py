@@ -82,7 +82,7 @@ class PythonProvider(Provider):
         if requirements:
             req = shlex.quote(fields.relative_path(wf.node, "requirements", requirements))
             cmds += [
-                pyenv.cached_env_exec(python, req, run),
+                pyenv.cached_env_exec(python, req, self.python_argv(run)),
                 # An agent without one (older): a venv of the job's own, as before.
                 "echo 'dstack: installing requirements into a new environment .dstack-venv'",
                 f"{python} -m venv --system-site-packages .dstack-venv",
@@ -92,8 +92,16 @@ class PythonProvider(Provider):
             ]
         else:
             cmds.append(f"PYTHON={python}")
-        cmds.append(f"exec $PYTHON {run}")
+        cmds.append(self.launch("$PYTHON", run))
         return cmds
+
+    def python_argv(self, run: str) -> str:
+        """What the environment helper's python runs (after its `--`): the script and its arguments."""
+        return run
+
+    def launch(self, python: str, run: str) -> str:
+        """The last command: `python` (a shell word: $PYTHON) runs the script with its arguments."""
+        return f"exec {python} {run}"
 
     def python_version(self, wf: Workflow) -> str:
         return self._version(wf)  # the agent's --docker-image-python, e.g. python:{version}-slim

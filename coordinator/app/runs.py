@@ -9,6 +9,7 @@ a second schema with no reader; see model.JobSpec.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from dstack.coordinator.app.core import Core, run_view
 from dstack.coordinator.app.ownership import Actor, check_owner
 from dstack.coordinator.convert import code_to_bytes, job_spec_from_proto, job_spec_proto
 from dstack.coordinator.errors import InvalidRequest, NotFound
+from dstack.coordinator.gangs import expand
 from dstack.coordinator.model import CodeRef, JobSpec, JobStatus, JobView, RunStatus, RunView
 from dstack.coordinator.repositories import run_repository
 from dstack.coordinator.store.artifacts import container_paths_of
@@ -91,6 +93,9 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
     """Stores a new run and queues its jobs; returns the run as stored. `actor`: the submitting
     user (`owner`), with their role, for the ownership checks (None: trusted, e.g. tests)."""
     _check(sub.jobs)
+    # A multi-node job (resources.nodes > 1) is stored as its gang's members (coordinator/gangs.py).
+    sub = dataclasses.replace(sub, jobs=expand(sub.jobs))
+    _check(sub.jobs)
     if abs(sub.priority) > 1_000_000:
         raise InvalidRequest("--priority must be between -1000000 and 1000000")
     core.limits.take_submission(owner)
@@ -137,6 +142,8 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
                 gpu_count=j.resources.gpu_count,
                 depends_on=list(j.depends_on),
                 inputs=job_inputs,
+                gang=j.gang,
+                node_rank=j.node_rank,
             )
             for j, job_inputs in zip(specs, inputs, strict=True)
         ]

@@ -178,6 +178,23 @@ AGENT_MAX_DURATION = _job(
     TR.MAX_DURATION,
     "it ran longer than its `max_duration` and its agent stopped it",
 )
+# Multi-node gangs (docs/multinode.md; coordinator/store/gangs.py): the members share one fate.
+GANG_FAILED = _job(
+    "gang-failed",
+    (*WAITING, *ON_AGENT),
+    JS.FAILED,
+    Actor.SYSTEM,
+    TR.GANG_FAILED,
+    "another node of its multi-node gang failed (or lost its agent) for good; its agent aborts it",
+)
+GANG_REQUEUE = _job(
+    "gang-requeue",
+    (JS.SUBMITTED, *ON_AGENT),
+    JS.PENDING,
+    Actor.SYSTEM,
+    None,
+    "another node of its multi-node gang was requeued as a new attempt (`retry`): the gang runs again as a whole",
+)
 UPLOAD_DONE = _job(
     "upload-done", (JS.UPLOADING,), JS.DONE, Actor.USER, TR.DONE, "`dstack artifacts upload` committed the files"
 )
@@ -206,6 +223,8 @@ JOB_TRANSITIONS: tuple[JobTransition, ...] = (
     REQUEUE_PREEMPTED,
     AGENT_PREEMPTED,
     AGENT_MAX_DURATION,
+    GANG_FAILED,
+    GANG_REQUEUE,
     UPLOAD_DONE,
 )
 _FROM_AGENT: dict[int, JobTransition] = {

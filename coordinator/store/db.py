@@ -136,6 +136,8 @@ class Store(Db):
         self.job_attempts = self.jobs.attempts_of
         self.starved_jobs = self.jobs.starved
         self.running_for_preemption = self.jobs.running_for_preemption
+        self.gang_ports = self.jobs.gang_ports
+        self.settle_gangs = self.jobs.settle_gangs
         # agents
         self.register_agent = self.agents.register
         self.forget_lost_agents = self.agents.forget_lost

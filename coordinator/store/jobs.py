@@ -27,6 +27,7 @@ from dstack.coordinator.model import (
 from dstack.coordinator.preemption import RunningJob
 from dstack.coordinator.store.artifacts import inputs_of
 from dstack.coordinator.store.base import Db, ints_in, json_list, marks
+from dstack.coordinator.store.gangs import GangSettlement, settle
 from dstack.protos.v1 import common_pb2
 
 
@@ -136,6 +137,7 @@ class Placement:
     job_id: str
     agent_id: str
     gpu_indices: list[int]
+    master: str = ""  # a gang member's rendezvous: rank 0's agent's ADDRESS:PORT (coordinator/gangs.py)
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ class Assignment:
     inputs: list[ArtifactInput] = field(default_factory=list)
     attempt: int = 1
     owner: str = ""  # the run's owner: the job gets the team's secrets and this user's own
+    master: str = ""  # a gang member's rendezvous, ADDRESS:PORT ("" for a job of its own)
 
 
 @dataclass
@@ -386,8 +389,8 @@ class Jobs:
                     c,
                     lifecycle.PLACE,
                     p.job_id,
-                    also="agent_id = :agent, gpu_indices = :gpus, message = ''",
-                    params={"agent": p.agent_id, "gpus": json.dumps(p.gpu_indices)},
+                    also="agent_id = :agent, gpu_indices = :gpus, message = '', master = :master",
+                    params={"agent": p.agent_id, "gpus": json.dumps(p.gpu_indices), "master": p.master},
                 )
                 if moved is None:
                     continue  # stopped meanwhile
@@ -397,7 +400,9 @@ class Jobs:
                     "SELECT name, code, owner FROM runs WHERE id = ?", [moved.run_id]
                 ).fetchone()
                 inputs = inputs_of(c, p.job_id) + attempts.resume_inputs(c, p.job_id)
-                out.append(Assignment(p.job_id, p.agent_id, name, spec, code, p.gpu_indices, inputs, attempt, owner))
+                out.append(
+                    Assignment(p.job_id, p.agent_id, name, spec, code, p.gpu_indices, inputs, attempt, owner, p.master)
+                )
             for job_id in waiting:
                 moved = lifecycle.move_job(c, lifecycle.MARK_PENDING, job_id)
                 if moved is not None:
@@ -415,7 +420,7 @@ class Jobs:
         if not job_ids:
             return []
         rows = self.db.rows(
-            "SELECT j.id, j.spec, j.gpu_indices, j.attempt, r.name, r.code, r.owner"
+            "SELECT j.id, j.spec, j.gpu_indices, j.attempt, j.master, r.name, r.code, r.owner"
             " FROM jobs j JOIN runs r ON r.id = j.run_id"
             f" WHERE j.id IN ({marks(job_ids)}) AND j.agent_id = ?",
             [*job_ids, agent_id],
@@ -431,9 +436,24 @@ class Jobs:
                 inputs_of(self.db.conn, r["id"]) + attempts.resume_inputs(self.db.conn, r["id"]),
                 r["attempt"],
                 r["owner"],
+                r["master"] or "",
             )
             for r in rows
         ]
+
+    def gang_ports(self, agent_id: str) -> set[int]:
+        """The MASTER_PORTs of the gangs whose rank 0 is on the agent now."""
+        rows = self.db.rows(
+            f"SELECT master FROM jobs WHERE gang != '' AND status IN ({ints_in(ON_AGENT)}) AND agent_id = ?"
+            " AND node_rank = 0",
+            [agent_id],
+        )
+        return {int(port) for r in rows if (port := (r["master"] or "").rpartition(":")[2]).isdigit()}
+
+    def settle_gangs(self) -> GangSettlement:
+        """The gang sweep (coordinator/store/gangs.py), in one transaction."""
+        with self.db.tx() as c:
+            return settle(c, self.db.clock())
 
     # ---- an agent's jobs ---------------------------------------------------------------------
     def on_agent(self, agent_id: str) -> list[AgentJob]:

@@ -87,6 +87,8 @@ class NewJob:
     gpu_count: int
     depends_on: list[str]
     inputs: list[str] = field(default_factory=list)  # ids of runs whose artifacts the job takes
+    gang: str = ""  # a multi-node gang's shared name ("" for a job of its own), and this member's rank
+    node_rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -168,8 +170,8 @@ class Runs:
             )
             c.executemany(
                 "INSERT INTO jobs (id, run_id, job_name, spec, status, termination_reason, message,"
-                " agent_id, gpu_indices, submitted_at, stop_requested, cpu, memory, gpu_count, depends_on, inputs)"
-                " VALUES (?, ?, ?, ?, ?, 0, '', NULL, '[]', ?, 0, ?, ?, ?, ?, ?)",
+                " agent_id, gpu_indices, submitted_at, stop_requested, cpu, memory, gpu_count, depends_on, inputs,"
+                " gang, node_rank) VALUES (?, ?, ?, ?, ?, 0, '', NULL, '[]', ?, 0, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         job_id,
@@ -183,6 +185,8 @@ class Runs:
                         j.gpu_count,
                         json.dumps(j.depends_on),
                         json.dumps(j.inputs),
+                        j.gang,
+                        j.node_rank,
                     )
                     for job_id, j in zip(job_ids, jobs, strict=True)
                 ],

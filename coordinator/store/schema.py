@@ -296,6 +296,17 @@ def _job_ports(db: sqlite_utils.Database) -> None:
         Table(db, "jobs").add_column("ports", str, not_null_default="[]")
 
 
+def _gangs(db: sqlite_utils.Database) -> None:
+    """Multi-node gangs (docs/multinode.md): a member's gang name ('' for a job of its own) and rank,
+    and the rendezvous its placement picked (rank 0's agent's ADDRESS:PORT), so a resent assignment
+    carries the same one; the gang sweep finds the gangs of a run by the partial index."""
+    jobs = Table(db, "jobs")
+    for name, kind, default in (("gang", str, ""), ("node_rank", int, 0), ("master", str, "")):
+        if name not in jobs.columns_dict:
+            jobs.add_column(name, kind, not_null_default=default)
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_gang ON jobs (status, run_id) WHERE gang != ''")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
     _v2,
@@ -309,6 +320,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _repositories,
     _users_and_scoped_secrets,
     _job_ports,
+    _gangs,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -117,6 +117,8 @@ class _TerminationReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ter
     """preempted (interruptible) and not requeued again"""
     TERMINATION_REASON_MAX_DURATION: _TerminationReason.ValueType  # 21
     """ran longer than its workflow's max_duration"""
+    TERMINATION_REASON_GANG_FAILED: _TerminationReason.ValueType  # 30
+    """another node of its multi-node job failed (docs/multinode.md)"""
 
 class TerminationReason(_TerminationReason, metaclass=_TerminationReasonEnumTypeWrapper): ...
 
@@ -138,6 +140,8 @@ TERMINATION_REASON_PREEMPTED: TerminationReason.ValueType  # 20
 """preempted (interruptible) and not requeued again"""
 TERMINATION_REASON_MAX_DURATION: TerminationReason.ValueType  # 21
 """ran longer than its workflow's max_duration"""
+TERMINATION_REASON_GANG_FAILED: TerminationReason.ValueType  # 30
+"""another node of its multi-node job failed (docs/multinode.md)"""
 Global___TerminationReason: _TypeAlias = TerminationReason  # noqa: Y015
 
 class _LogStream:
@@ -197,12 +201,15 @@ class Resources(_message.Message):
     GPU_FIELD_NUMBER: _builtins.int
     SHM_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     INTERRUPTIBLE_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
     cpu: _builtins.float
     """cores; 0 = no reservation"""
     memory_bytes: _builtins.int
     """0 = no reservation"""
     shm_size_bytes: _builtins.int
     interruptible: _builtins.bool
+    nodes: _builtins.int
+    """Multi-node jobs (docs/multinode.md): 0 or 1 is one job; N > 1 is a gang of N jobs, one per agent."""
     @_builtins.property
     def gpu(self) -> Global___GpuRequest: ...
     def __init__(
@@ -213,10 +220,11 @@ class Resources(_message.Message):
         gpu: Global___GpuRequest | None = ...,
         shm_size_bytes: _builtins.int = ...,
         interruptible: _builtins.bool = ...,
+        nodes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gpu", b"gpu"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "gpu", b"gpu", "interruptible", b"interruptible", "memory_bytes", b"memory_bytes", "shm_size_bytes", b"shm_size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "gpu", b"gpu", "interruptible", b"interruptible", "memory_bytes", b"memory_bytes", "nodes", b"nodes", "shm_size_bytes", b"shm_size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -324,6 +332,9 @@ class JobSpec(_message.Message):
     RETRY_FIELD_NUMBER: _builtins.int
     MAX_DURATION_S_FIELD_NUMBER: _builtins.int
     PORT_COUNT_FIELD_NUMBER: _builtins.int
+    GANG_FIELD_NUMBER: _builtins.int
+    NODE_RANK_FIELD_NUMBER: _builtins.int
+    NNODES_FIELD_NUMBER: _builtins.int
     job_name: _builtins.str
     """unique within the run (usually the workflow name)"""
     workflow: _builtins.str
@@ -342,6 +353,12 @@ class JobSpec(_message.Message):
     """`ports: N` (2022): N free ports the agent picks when the job starts, given to it as PORT_0..PORT_{N-1}
     (and JOB_PORT_i); the ports it got are reported in JobUpdate.ports. `ports` above stay as written.
     """
+    gang: _builtins.str
+    """Set by the coordinator on each member of a multi-node gang (resources.nodes > 1): the job name
+    the members share, this member's rank (0: the master) and the gang's size.
+    """
+    node_rank: _builtins.int
+    nnodes: _builtins.int
     @_builtins.property
     def commands(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """run by bash -e in order"""
@@ -391,10 +408,13 @@ class JobSpec(_message.Message):
         retry: Global___RetryPolicy | None = ...,
         max_duration_s: _builtins.int = ...,
         port_count: _builtins.int = ...,
+        gang: _builtins.str = ...,
+        node_rank: _builtins.int = ...,
+        nnodes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources", "retry", b"retry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "commands", b"commands", "depends_on", b"depends_on", "env", b"env", "image", b"image", "input_tags", b"input_tags", "input_workflows", b"input_workflows", "job_name", b"job_name", "max_duration_s", b"max_duration_s", "needs_container", b"needs_container", "port_count", b"port_count", "ports", b"ports", "provider", b"provider", "python_version", b"python_version", "resources", b"resources", "retry", b"retry", "workflow", b"workflow", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "commands", b"commands", "depends_on", b"depends_on", "env", b"env", "gang", b"gang", "image", b"image", "input_tags", b"input_tags", "input_workflows", b"input_workflows", "job_name", b"job_name", "max_duration_s", b"max_duration_s", "needs_container", b"needs_container", "nnodes", b"nnodes", "node_rank", b"node_rank", "port_count", b"port_count", "ports", b"ports", "provider", b"provider", "python_version", b"python_version", "resources", b"resources", "retry", b"retry", "workflow", b"workflow", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -513,6 +533,7 @@ class Inventory(_message.Message):
     GPUS_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
     MAX_JOBS_FIELD_NUMBER: _builtins.int
+    ADVERTISE_ADDRESS_FIELD_NUMBER: _builtins.int
     hostname: _builtins.str
     cpu_count: _builtins.int
     memory_total_bytes: _builtins.int
@@ -522,6 +543,10 @@ class Inventory(_message.Message):
     """"host", "null" or "docker" """
     max_jobs: _builtins.int
     """concurrent job slots on this agent"""
+    advertise_address: _builtins.str
+    """The address other agents reach this one at (`dstack agent --advertise-address`): a gang's
+    MASTER_ADDR when this agent runs its rank 0.
+    """
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuInfo]: ...
     def __init__(
@@ -535,10 +560,11 @@ class Inventory(_message.Message):
         gpus: _abc.Iterable[Global___GpuInfo] | None = ...,
         runtime: _builtins.str = ...,
         max_jobs: _builtins.int = ...,
+        advertise_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_count", b"cpu_count", "disk_free_bytes", b"disk_free_bytes", "gpus", b"gpus", "hostname", b"hostname", "max_jobs", b"max_jobs", "memory_available_bytes", b"memory_available_bytes", "memory_total_bytes", b"memory_total_bytes", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise_address", b"advertise_address", "cpu_count", b"cpu_count", "disk_free_bytes", b"disk_free_bytes", "gpus", b"gpus", "hostname", b"hostname", "max_jobs", b"max_jobs", "memory_available_bytes", b"memory_available_bytes", "memory_total_bytes", b"memory_total_bytes", "runtime", b"runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -201,7 +201,7 @@ def test_broken_providers_yaml_names_what_is_missing(tmp_path: Path) -> None:
         build_request(project, "w", [])
 
 
-@pytest.mark.parametrize("name", ["torchrun", "torchrun@experimental"])  # code, lab, notebook: devenv.py
+@pytest.mark.parametrize("name", ["torchrun@experimental", "lab@main"])  # a 2022 provider's branch
 def test_dev_and_distributed_providers_are_not_available_yet(tmp_path: Path, name: str) -> None:
     # With fields of their own (`nodes`, `version`): the provider is named, not a field.
     project = write_project(
