@@ -163,6 +163,11 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
                 provider: bash
                 commands:
                   - echo "token=$HF_TOKEN"
+              - name: hostile
+                provider: bash
+                commands:
+                  - echo '<img src=x onerror="window.pwned=1">'
+                  - echo '<script>window.pwned=2</script>'
               - name: big
                 provider: bash
                 commands:
@@ -401,3 +406,41 @@ def test_dstack_dashboard_with_a_team_coordinator_needs_its_url(local: LocalMode
     r = local.cli("dashboard", "--url", "https://coordinator.example:3001", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "https://coordinator.example:3001/", r.stderr
     assert not (local.home / "local").exists()  # no local services were started for it
+
+
+def test_hostile_log_lines_are_shown_as_text_and_never_run(dash: Dashboard) -> None:
+    """Another user's job prints HTML and script: the page shows the characters, runs nothing."""
+    name = dash.run("hostile")
+    page = dash.page()
+    with dash.on_failure(page, "hostile"):
+        dash.login(page, dash.cluster.admin_token)
+        page.goto(f"{dash.url}#/runs/{name}")
+        page.wait_for_selector("#log-state:has-text('ended')")
+        assert page.inner_text("#logs").splitlines() == [
+            '<img src=x onerror="window.pwned=1">',
+            "<script>window.pwned=2</script>",
+        ]
+        assert page.query_selector("#logs img, #logs script") is None
+        assert page.evaluate("window.pwned === undefined")
+
+
+def test_a_cross_site_write_without_the_token_is_refused(dash: Dashboard) -> None:
+    """What a forged form or fetch from another site would send: no Authorization header (there is no
+    cookie to ride on), whatever its Origin. Refused, and nothing changed."""
+    ctx = ssl.create_default_context(cafile=str(dash.cluster.ca_file))
+    for method, path in (("PUT", "/api/secrets/EVIL"), ("POST", "/api/users"), ("POST", "/api/join-tokens")):
+        c = http.client.HTTPSConnection("127.0.0.1", dash.port, context=ctx, timeout=60)
+        c.request(
+            method,
+            path,
+            body=json.dumps({"value": "x" * 12, "name": "eve", "role": "admin"}),
+            headers={"Origin": "https://evil.example", "Content-Type": "text/plain"},
+        )
+        r = c.getresponse()
+        r.read()
+        assert r.status == 401 and r.getheader("Access-Control-Allow-Origin") is None, (path, r.status)
+        c.close()
+    _, listed = dash.http("GET", "/api/secrets", dash.cluster.admin_token)
+    assert "EVIL" not in [s["name"] for s in listed["secrets"]]
+    _, found = dash.http("GET", "/api/users", dash.cluster.admin_token)
+    assert "eve" not in [u["name"] for u in found["users"]]
