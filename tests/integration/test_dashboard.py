@@ -216,6 +216,25 @@ def test_login_then_a_running_jobs_lines_appear_live(dash: Dashboard) -> None:
         assert page.js_errors == []  # type: ignore[attr-defined]
 
 
+def test_runs_filter_by_workflow_and_status_and_logging_out_forgets_the_token(dash: Dashboard) -> None:
+    done = dash.run("show-secret")
+    dash.cluster.wait_status(done, {"done"}, timeout=120)
+    page = dash.page()
+    with dash.on_failure(page, "filters"):
+        dash.login(page, dash.cluster.admin_token)
+        page.fill("input[name=workflow]", "show-secret")
+        page.select_option("select[name=status]", "done")
+        page.click(".filters button[type=submit]")
+        page.wait_for_selector(f"tr[data-run='{done}']")
+        rows = page.query_selector_all("tr[data-run]")
+        assert rows and all("show-secret" in r.inner_text() and "done" in r.inner_text() for r in rows)
+        assert "workflow=show-secret" in page.url and dash.cluster.admin_token not in page.url
+        page.click("#logout")
+        page.wait_for_url("**/#/login")
+        assert page.evaluate("sessionStorage.getItem('dstack-token')") is None
+        assert page.inner_text("#who") == ""
+
+
 def test_a_wrong_token_is_refused_at_login(dash: Dashboard) -> None:
     page = dash.page()
     with dash.on_failure(page, "bad-login"):

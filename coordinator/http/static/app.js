@@ -77,6 +77,7 @@ function poll(box, render) {
 // ---- login -------------------------------------------------------------------------------------
 function logout(why) {
   sessionStorage.removeItem(TOKEN_KEY);
+  document.getElementById("who").textContent = "";
   location.hash = "#/login";
   if (why) setTimeout(() => main.prepend(h("div", { class: "error", text: why })), 0);
 }
@@ -427,6 +428,6 @@ async function route() {
   } catch (e) { show(errorBox(e)); }
 }
 
-document.getElementById("logout").addEventListener("click", () => { document.getElementById("who").textContent = ""; logout(); });
+document.getElementById("logout").addEventListener("click", () => logout());
 window.addEventListener("hashchange", route);
 route();
