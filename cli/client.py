@@ -171,7 +171,18 @@ class Client:
         return resp.run
 
     def list_runs(self, include_all: bool) -> list[client_pb2.Run]:
-        return list(self._call(self.stub.ListRuns, client_pb2.ListRunsRequest(all=include_all)).runs)
+        """Every page of the listing, newest first (a coordinator before pages sends one, and no token)."""
+        runs: list[client_pb2.Run] = []
+        token = ""
+        while True:
+            req = client_pb2.ListRunsRequest(all=include_all, page_token=token)
+            resp: client_pb2.ListRunsResponse = self._call(self.stub.ListRuns, req)
+            runs += resp.runs
+            if not resp.next_page_token or resp.next_page_token == token:
+                break
+            token = resp.next_page_token
+        # Stable: runs submitted in the same nanosecond keep the coordinator's order.
+        return sorted(runs, key=lambda r: -r.submitted_at_ns)
 
     def stop_run(self, name: str) -> client_pb2.Run:
         resp: client_pb2.StopRunResponse = self._call(self.stub.StopRun, client_pb2.StopRunRequest(name=name))

@@ -31,6 +31,12 @@ class CoordinatorConfig:
     # Logs of jobs finished this long ago move from the database to the store (coordinator/retention.py).
     archive_after_s: float = 600.0
     archive_interval_s: float = 30.0
+    # Per job: bytes of log text stored at most; past it lines are dropped, with one marker line (0: no quota).
+    max_log_bytes: int = 1 << 30
+    # Garbage collection (coordinator/gc.py): code blobs no run names and unfinished uploads are removed once
+    # idle this long (longer than a presigned upload URL lives: 1 h), checked every gc_interval_s.
+    gc_grace_s: float = 4 * 3600.0
+    gc_interval_s: float = 600.0
     # Delete archived logs (and, with retention_artifacts, artifacts of untagged runs) after this many days.
     retention_days: float | None = None
     retention_artifacts: bool = False

@@ -83,6 +83,7 @@ class Engine:
     def __init__(self, config: CoordinatorConfig, store: Store, db: DbExecutor, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
         store.usage.half_life_s = config.fairshare_half_life_s
+        store.logs.max_bytes = config.max_log_bytes
         # Leases are read and paced by this clock; the store should stamp rows with the same one.
         self.clock = clock
         self.store = store

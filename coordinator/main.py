@@ -22,14 +22,19 @@ log = logging.getLogger(__name__)
 
 def read_or_create_secret(path: Path) -> str:
     """Tokens live in 0600 files beside the database, created on first start."""
-    if path.exists():
-        return path.read_text().strip()
-    private_dir(path.parent, log)  # the state directory, made before the server locks it
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token
+    try:
+        if path.exists():
+            return path.read_text().strip()
+        private_dir(path.parent, log)  # the state directory, made before the server locks it
+        token = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token
+    except OSError as e:  # a read-only or foreign state folder, a full disk
+        raise StartError(
+            f"cannot write {path}: {e.strerror or e}; the state folder (--state-dir) must be writable by this user"
+        ) from None
 
 
 def _seconds_or_off(text: str) -> float:
@@ -54,6 +59,20 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         " folder (default: STATE_DIR/storage)",
     )
     p.add_argument("--archive-logs-after", type=float, default=600.0, help="seconds after a job ends")
+    p.add_argument(
+        "--max-log-bytes",
+        type=int,
+        default=1 << 30,
+        help="per job: bytes of log kept at most; later lines are dropped, with one line saying so (0: no limit)",
+    )
+    p.add_argument(
+        "--gc-grace",
+        type=float,
+        default=4 * 3600.0,
+        metavar="SECONDS",
+        help="remove code blobs no run uses, and unfinished uploads, once idle this long (default: %(default)s)",
+    )
+    p.add_argument("--gc-interval", type=float, default=600.0, help=argparse.SUPPRESS)
     p.add_argument("--archive-interval", type=float, default=30.0, help=argparse.SUPPRESS)
     p.add_argument("--retention-days", type=float, default=None, help="delete logs of runs finished this long ago")
     p.add_argument(
@@ -199,6 +218,9 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         approve_agents=a.approve_agents,
         archive_after_s=a.archive_logs_after,
         archive_interval_s=a.archive_interval,
+        max_log_bytes=max(0, a.max_log_bytes),
+        gc_grace_s=max(0.0, a.gc_grace),
+        gc_interval_s=max(0.1, a.gc_interval),
         retention_days=a.retention_days,
         retention_artifacts=a.retention_artifacts,
         fairshare=a.fairshare == "on",
@@ -257,7 +279,11 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    config = parse_args(argv)
+    try:
+        config = parse_args(argv)
+    except StartError as e:
+        print(f"dstack server: {e}", file=sys.stderr)
+        sys.exit(1)
 
     def on_started(coordinator: Coordinator) -> None:
         if not config.local_mode:

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,25 @@ SERVER_OPTIONS = [
 
 class StartError(Exception):
     """The coordinator cannot start; the message says why."""
+
+
+UNWRITABLE = {"SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_FULL", "SQLITE_IOERR"}
+
+
+def database_error(path: Path, e: sqlite3.DatabaseError | OSError) -> str:
+    """What an admin can do about a database the coordinator cannot open or write."""
+    if isinstance(e, OSError):
+        return f"cannot open the database {path}: {e.strerror or e}; the state folder must be writable by this user"
+    name = getattr(e, "sqlite_errorname", "")
+    if name in UNWRITABLE or name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR")):
+        return (
+            f"cannot write the database {path} ({e}): the state folder (--state-dir) and the files in it must be"
+            " writable by this user, on a disk with free space"
+        )
+    return (
+        f"the database {path} is damaged or not a dstack database ({e}): restore it from a backup, or move it"
+        " aside to start with an empty state (runs, users and tokens in it are then lost)"
+    )
 
 
 def lock_state_dir(state_dir: Path) -> int:
@@ -153,7 +173,13 @@ class Coordinator:
 
 async def start(config: CoordinatorConfig, clock: Clock = SYSTEM_CLOCK) -> Coordinator:
     """Opens the state, binds, and starts serving; `clock` paces leases (tests pass a manual one)."""
-    lock_fd = lock_state_dir(config.state_dir)
+    try:
+        lock_fd = lock_state_dir(config.state_dir)
+    except OSError as e:  # a read-only or foreign folder, a full disk
+        raise StartError(
+            f"cannot use the state folder {config.state_dir}: {e.strerror or e}; it must be a folder this user"
+            " can write (dstack server --state-dir)"
+        ) from None
     try:
         return await _start(config, clock, lock_fd)
     except BaseException:
@@ -166,11 +192,19 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
     in_use = await asyncio.to_thread(tcp_bind_error, config.listen)
     if in_use is not None and in_use.errno == errno.EADDRINUSE:
         raise StartError(f"cannot listen on {config.listen}: {ADDRESS_IN_USE}")
-    store = Store(config.db_path, clock=clock.time_ns)
+    try:
+        store = Store(config.db_path, clock=clock.time_ns)
+    except (sqlite3.DatabaseError, OSError) as e:
+        raise StartError(database_error(config.db_path, e)) from None
     db = DbExecutor(store)
-    await db(store.ensure_user, "admin", config.admin_token, "admin")
-    # The server's own join token is the join token 'default' (revocable; revoked, it stays so).
-    await db(store.ensure_default_join_token, config.join_token)
+    try:
+        await db(store.ensure_user, "admin", config.admin_token, "admin")
+        # The server's own join token is the join token 'default' (revocable; revoked, it stays so).
+        await db(store.ensure_default_join_token, config.join_token)
+    except (sqlite3.DatabaseError, OSError) as e:
+        db.shutdown()
+        store.close()
+        raise StartError(database_error(config.db_path, e)) from None
     try:
         object_store = open_store(config.storage_url)
         await asyncio.to_thread(object_store.check)

@@ -57,6 +57,11 @@ class ArtifactStore(abc.ABC):
     def delete_prefix(self, prefix: str) -> int:
         """Deletes every object under `prefix`; returns how many."""
 
+    def collect_temporaries(self, older_than_s: float) -> int:
+        """Removes what uploads that never finished left behind (a crash mid-upload), once older than
+        `older_than_s`; returns how many. Nothing by default."""
+        return 0
+
     def check(self) -> None:  # noqa: B027 (optional hook, nothing to check by default)
         """Raises StoreError with an actionable message when the store cannot be used."""
 

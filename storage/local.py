@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -61,6 +62,22 @@ class LocalStore(ArtifactStore):
             Path(tmp).unlink(missing_ok=True)
             raise
         return size
+
+    def collect_temporaries(self, older_than_s: float) -> int:
+        """`.tmp-*` files of writes that never finished (put_stream removes its own unless the process died)."""
+        with self._errors("collect temporaries"):
+            cutoff = time.time() - older_than_s
+            removed = 0
+            for dirpath, _dirs, files in os.walk(self.root):
+                for name in files:
+                    if not name.startswith(".tmp-"):
+                        continue
+                    p = Path(dirpath) / name
+                    with contextlib.suppress(FileNotFoundError):  # finished (renamed) or removed meanwhile
+                        if p.stat().st_mtime < cutoff:
+                            p.unlink()
+                            removed += 1
+            return removed
 
     def open_read(self, key: str) -> BinaryIO:
         try:

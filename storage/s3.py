@@ -8,6 +8,7 @@ storage URL's query: s3://BUCKET/PREFIX?endpoint=URL&region=R&path_style=true|fa
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
@@ -134,6 +135,22 @@ class S3Store(ArtifactStore):
 
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)
+
+    def collect_temporaries(self, older_than_s: float) -> int:
+        """Multipart uploads under the prefix begun longer ago than `older_than_s` and never completed: their
+        parts cost storage and never become an object (S3's lifecycle rule for this may not be set)."""
+        cutoff = time.time() - older_than_s
+        aborted = 0
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.prefix)
+            for page in pages:
+                for up in page.get("Uploads", []):
+                    if up["Initiated"].timestamp() < cutoff:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                        aborted += 1
+        except Exception as e:
+            raise self._error("collect unfinished uploads", e) from e
+        return aborted
 
     def _key_id(self) -> str:
         """The access key id in use (not secret), so that an AccessDenied says which credential."""

@@ -9,7 +9,7 @@ from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.ownership import Actor, check_owner
 from dstack.coordinator.app.runs import NAME, check_tag_name
 from dstack.coordinator.app.transfer import put_from_stream, read_chunks
-from dstack.coordinator.artifacts import artifact_key, check_relative_path
+from dstack.coordinator.artifacts import artifact_key, check_job_artifact_path, check_relative_path
 from dstack.coordinator.errors import InvalidRequest
 from dstack.coordinator.model import ArtifactFile, CompletedUpload, FileSize, RunView, UploadGrant
 from dstack.coordinator.repositories import run_repository
@@ -42,6 +42,7 @@ async def list_artifacts(core: Core, run_name: str, with_urls: bool = False) -> 
 
 async def download(core: Core, run_name: str, job_name: str, path: str) -> AsyncIterator[bytes]:
     """One recorded artifact file of a run's job, in chunks (for users and for agents' job inputs)."""
+    check_job_artifact_path(path)  # only recorded paths are served; one that could never be is refused as such
     run = await core.db(core.store.run_by_name, run_name)
     await core.db(core.store.artifact, run.id, job_name, path)  # NOT_FOUND if not recorded
     async for chunk in read_chunks(core.objects, artifact_key(run.name, job_name, path)):

@@ -18,7 +18,7 @@ class CodePresence:
 
 async def has_code(core: Core, code_hash: str) -> CodePresence:
     code_key(code_hash)  # INVALID_ARGUMENT for a malformed hash
-    if await core.db(core.store.has_code, code_hash):
+    if await core.db(core.store.touch_code, code_hash):  # touched: the collector's grace starts again
         return CodePresence(True)
     return CodePresence(False, await core.artifacts.code_upload_url(code_hash))
 

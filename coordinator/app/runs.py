@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from dstack.coordinator.app.core import Core, run_view
+from dstack.coordinator.app.key_names import check_key_segment
 from dstack.coordinator.app.ownership import Actor, check_owner
 from dstack.coordinator.convert import code_to_bytes, job_spec_from_proto, job_spec_proto
 from dstack.coordinator.errors import InvalidRequest, NotFound
@@ -51,6 +52,8 @@ def _check(jobs: Sequence[JobSpec]) -> None:
     names = [j.job_name for j in jobs]
     if len(set(names)) != len(names) or not all(names):
         raise InvalidRequest("job names within a run must be unique and non-empty")
+    for name in names:
+        check_key_segment("job name", name)  # it becomes runs/RUN/JOB/... in the store
     for j in jobs:
         unknown = set(j.depends_on) - set(names)
         if unknown:
@@ -99,7 +102,8 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
     if abs(sub.priority) > 1_000_000:
         raise InvalidRequest("--priority must be between -1000000 and 1000000")
     core.limits.take_submission(owner)
-    if sub.code.hash and not await core.db(core.store.has_code, sub.code.hash):
+    # Touched, not just looked up: the garbage collector (coordinator/gc.py) keeps it until the run names it.
+    if sub.code.hash and not await core.db(core.store.touch_code, sub.code.hash):
         # Uploaded straight to the store with a presigned URL: checked once, then recorded.
         size = await core.artifacts.verify_code(sub.code.hash)
         if size is None:
@@ -199,6 +203,26 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
 
 async def get(core: Core, name: str) -> RunView:
     return await core.run(name)
+
+
+MAX_LISTING_PAGE = 1000  # ListRuns (`dstack ps`): runs per page at most, and by default
+
+
+async def list_runs_page(core: Core, include_all: bool, limit: int, token: str) -> tuple[list[RunView], str]:
+    """One page of runs and the token of the next ("" after the last): no run is left out however many
+    are active (`list_runs` below stops at its limit)."""
+    size = min(limit or MAX_LISTING_PAGE, MAX_LISTING_PAGE)
+
+    def load() -> tuple[list[RunView], str]:
+        page = core.store.runs_listing_page(include_all, size, token)
+        ids = [r.id for r in page.rows]
+        jobs, tags = core.store.jobs_of_runs(ids), core.store.tags_of_runs(ids)
+        views = [
+            run_view(r, jobs[r.id], tags[r.id], core.engine.pending_reasons, core.engine.wait_info) for r in page.rows
+        ]
+        return views, page.next_token
+
+    return await core.db(load)
 
 
 async def list_runs(core: Core, include_all: bool, limit: int = 0) -> list[RunView]:

@@ -78,9 +78,11 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def ListRuns(self, request: client_pb2.ListRunsRequest, context: Ctx) -> client_pb2.ListRunsResponse:
-        found = await runs.list_runs(self.core, request.all, request.limit)
+        found, next_token = await runs.list_runs_page(self.core, request.all, request.limit, request.page_token)
         # Off the event loop: thousands of runs take a while to build (about 17 ms per 1000).
-        return await asyncio.to_thread(lambda: client_pb2.ListRunsResponse(runs=[run_to_proto(r) for r in found]))
+        return await asyncio.to_thread(
+            lambda: client_pb2.ListRunsResponse(runs=[run_to_proto(r) for r in found], next_page_token=next_token)
+        )
 
     @unary
     async def StopRun(self, request: client_pb2.StopRunRequest, context: Ctx) -> client_pb2.StopRunResponse:

@@ -45,6 +45,10 @@ class Db:
         self.in_batch = False
         migrate(self.db)
 
+    def rolled_back(self) -> None:
+        """A group-commit batch failed to commit: whatever a repository keeps in memory beside the database
+        may be ahead of it (Store drops such caches)."""
+
     def close(self) -> None:
         self.conn.close()
 

@@ -70,6 +70,9 @@ __all__ = [
 
 
 class Store(Db):
+    def rolled_back(self) -> None:
+        self.logs.forget_all()
+
     def __init__(self, path: Path, clock: Callable[[], int] = time.time_ns) -> None:
         super().__init__(path, clock)
         self.users = Users(self)
@@ -99,6 +102,7 @@ class Store(Db):
         self.touch_user = self.users.touch
         self.has_code = self.code.has
         self.add_code = self.code.add
+        self.touch_code = self.code.touch
         # runs
         self.reserve_run_name = self.runs.reserve_name
         self.create_run = self.runs.create
@@ -106,6 +110,7 @@ class Store(Db):
         self.run_by_id = self.runs.by_id
         self.list_runs = self.runs.recent
         self.runs_page = self.runs.page
+        self.runs_listing_page = self.runs.listing_page
         self.run_counts = self.runs.counts_by_status
         self.queued_jobs_of = self.runs.queued_jobs_of
         self.request_stop = self.runs.request_stop

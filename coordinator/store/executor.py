@@ -85,6 +85,7 @@ class DbExecutor:
             if isinstance(e, sqlite3.Error):
                 self.sqlite_errors += len(batch)
             results = [(fut, False, e) for _, fut in batch]
+            self.store.rolled_back()
         finally:
             self.store.in_batch = False
         return results

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dstack.coordinator.attempts import SEQ_BITS, attempt_base, parse_wire_job_id, stored_seq
-from dstack.coordinator.model import TERMINAL_JOB, LogAck, LogBatch, LogLine
+from dstack.coordinator.model import TERMINAL_JOB, LogAck, LogBatch, LogLine, LogStream
 from dstack.coordinator.store.base import Db, ints_in
 
 
@@ -18,25 +18,93 @@ class ArchivableJob:
     run_name: str
 
 
+QUOTA_MARKER = "[dstack: this job's log reached the coordinator's quota of {} bytes (dstack server --max-log-bytes);"
+QUOTA_MARKER_END = " later lines are dropped, the job keeps running]"
+
+
+def quota_marker(max_bytes: int) -> str:
+    return QUOTA_MARKER.format(max_bytes) + QUOTA_MARKER_END
+
+
+@dataclass
+class _Usage:
+    stored: int  # bytes of text stored for the job
+    full: bool  # the quota marker is stored: every later line is dropped
+    last_seq: int  # the highest seq stored: a line at or below it is a resend, stored once and counted once
+
+
 class Logs:
     def __init__(self, db: Db) -> None:
         self.db = db
+        # Per-job log quota in bytes of text (0: none); set from CoordinatorConfig.max_log_bytes.
+        self.max_bytes = 0
+        self._usage: dict[str, _Usage] = {}  # job id -> its usage, loaded on first sight (DB thread only)
 
     def insert(self, batches: Sequence[LogBatch]) -> list[LogAck]:
         """Batches as an agent sends them: by the id and seqs of one attempt (coordinator/attempts.py),
-        stored in the attempt's range of the job's seqs, and acknowledged as sent."""
+        stored in the attempt's range of the job's seqs, and acknowledged as sent. Past the job's quota,
+        lines are acknowledged but dropped, and one marker line (once) says so."""
         acks = []
-        with self.db.tx() as c:
+        try:
+            with self.db.tx() as c:
+                for b in batches:
+                    if not b.lines:
+                        continue
+                    job_id, attempt = parse_wire_job_id(b.job_id)
+                    rows = [(job_id, stored_seq(attempt, ln.seq), ln.stream, ln.time_ns, ln.text) for ln in b.lines]
+                    if self.max_bytes > 0:
+                        rows = self._within_quota(job_id, rows)
+                    c.executemany(
+                        "INSERT OR IGNORE INTO logs (job_id, seq, stream, time_ns, text) VALUES (?, ?, ?, ?, ?)", rows
+                    )
+                    acks.append(LogAck(b.job_id, b.lines[-1].seq))
+        except BaseException:
+            # Not stored (a full disk...): the counts are read again from what the database holds.
             for b in batches:
-                if not b.lines:
-                    continue
-                job_id, attempt = parse_wire_job_id(b.job_id)
-                c.executemany(
-                    "INSERT OR IGNORE INTO logs (job_id, seq, stream, time_ns, text) VALUES (?, ?, ?, ?, ?)",
-                    [(job_id, stored_seq(attempt, ln.seq), ln.stream, ln.time_ns, ln.text) for ln in b.lines],
-                )
-                acks.append(LogAck(b.job_id, b.lines[-1].seq))
+                self._usage.pop(parse_wire_job_id(b.job_id)[0], None)
+            raise
         return acks
+
+    def _within_quota(
+        self, job_id: str, rows: list[tuple[str, int, int, int, str]]
+    ) -> list[tuple[str, int, int, int, str]]:
+        usage = self._usage.get(job_id) or self._load_usage(job_id)
+        if usage.full:
+            return []
+        kept = []
+        for row in rows:
+            if row[1] <= usage.last_seq:  # resent after a reconnect: stored once (INSERT OR IGNORE), counted once
+                kept.append(row)
+                continue
+            usage.last_seq = row[1]
+            size = len(row[4].encode())
+            if usage.stored + size > self.max_bytes:
+                usage.full = True
+                # In the place of the first line dropped: readers see it where the log stops.
+                kept.append((job_id, row[1], int(LogStream.SYSTEM), row[3], quota_marker(self.max_bytes)))
+                break
+            usage.stored += size
+            kept.append(row)
+        return kept
+
+    def _load_usage(self, job_id: str) -> _Usage:
+        """After a restart: the bytes stored so far, and whether the marker is among them."""
+        stored, marked, last_seq = self.db.conn.execute(
+            "SELECT COALESCE(SUM(LENGTH(CAST(text AS BLOB))), 0), COALESCE(MAX(stream = ? AND text LIKE ?), 0),"
+            " COALESCE(MAX(seq), 0) FROM logs WHERE job_id = ?",
+            [int(LogStream.SYSTEM), "[dstack: this job's log reached the coordinator's quota%", job_id],
+        ).fetchone()
+        usage = _Usage(int(stored), bool(marked), int(last_seq))
+        self._usage[job_id] = usage
+        return usage
+
+    def forget_all(self) -> None:
+        """What was counted may not have been stored: count again from the database on next sight."""
+        self._usage.clear()
+
+    def forget(self, job_id: str) -> None:
+        """The job has finished and its lines have left the database: no more lines will come for it."""
+        self._usage.pop(job_id, None)
 
     def positions(self, wire_ids: Sequence[str]) -> dict[str, int]:
         """The last seq stored of each attempt an agent runs, in the agent's numbering (0: none)."""
@@ -73,15 +141,18 @@ class Logs:
             )
         ]
 
-    def jobs_to_archive(self, finished_before: int, limit: int) -> list[ArchivableJob]:
+    def jobs_to_archive(self, finished_before: int, limit: int, after_id: str = "") -> list[ArchivableJob]:
+        """Finished jobs whose logs are still in the database, by id from after `after_id`."""
         rows = self.db.rows(
             "SELECT j.id, j.job_name, r.name AS run_name FROM jobs j JOIN runs r ON r.id = j.run_id"
-            f" WHERE j.logs_state = 0 AND j.status IN ({ints_in(TERMINAL_JOB)}) AND j.finished_at < ? LIMIT ?",
-            [finished_before, limit],
+            f" WHERE j.logs_state = 0 AND j.status IN ({ints_in(TERMINAL_JOB)}) AND j.finished_at < ?"
+            " AND j.id > ? ORDER BY j.id LIMIT ?",
+            [finished_before, after_id, limit],
         )
         return [ArchivableJob(r["id"], r["job_name"], r["run_name"]) for r in rows]
 
     def mark_archived(self, job_id: str) -> None:
+        self.forget(job_id)
         with self.db.tx() as c:
             c.execute("UPDATE jobs SET logs_state = 1 WHERE id = ?", [job_id])
             c.execute("DELETE FROM logs WHERE job_id = ?", [job_id])

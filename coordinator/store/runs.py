@@ -23,6 +23,31 @@ _COLUMNS = (
 )
 
 
+RECENT_FINISHED = 10  # finished runs `dstack ps` shows (without -a)
+PAGE_PHASES = ("all", "active", "finished")
+
+
+@dataclass(frozen=True)
+class RunsPage:
+    rows: list[RunRow]
+    next_token: str  # "" after the last page
+
+
+def _parse_page_token(token: str, first: str) -> tuple[str, tuple[int, str] | None]:
+    """PHASE:SUBMITTED_AT:ID (the last run sent), or PHASE:: (the phase's start); "" is `first`'s start."""
+    if not token:
+        return first, None
+    phase, at, run_id = [*token.split(":", 2), "", ""][:3]
+    if phase not in PAGE_PHASES or (first == "all") != (phase == "all"):
+        raise InvalidRequest(f"invalid page token {token[:80]!r}: pass the next_page_token of the same listing")
+    if not at and not run_id:
+        return phase, None
+    try:
+        return phase, (int(at), run_id)
+    except ValueError:
+        raise InvalidRequest(f"invalid page token {token[:80]!r}") from None
+
+
 @dataclass(frozen=True)
 class RunFilters:
     """Which runs a listing shows; an empty field does not filter."""
@@ -230,6 +255,35 @@ class Runs:
             [max(0, min(10, limit - len(active)))],
         )
         return sorted((RunRow.of(r) for r in active + recent), key=lambda r: -r.submitted_at)
+
+    def listing_page(self, include_all: bool, limit: int, token: str) -> RunsPage:
+        """One page of the listing `recent` gives, with no cap: every run (newest first) with
+        `include_all`, else every unfinished run (newest first) and then the RECENT_FINISHED most
+        recent finished ones. `token`: where the previous page stopped ("" for the first)."""
+        phase, position = _parse_page_token(token, "all" if include_all else "active")
+        if phase == "finished":
+            rows = self._ordered(f"status IN ({ints_in(TERMINAL_RUN)})", None, RECENT_FINISHED)
+            return RunsPage(rows, "")
+        where = "1" if phase == "all" else f"status NOT IN ({ints_in(TERMINAL_RUN)})"
+        rows = self._ordered(where, position, limit + 1)
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            return RunsPage(rows[:limit], f"{phase}:{last.submitted_at}:{last.id}")
+        if phase == "active":  # the finished ones come after the last unfinished one
+            if len(rows) + RECENT_FINISHED > limit:
+                return RunsPage(rows, "finished::")
+            return RunsPage(rows + self._ordered(f"status IN ({ints_in(TERMINAL_RUN)})", None, RECENT_FINISHED), "")
+        return RunsPage(rows, "")
+
+    def _ordered(self, where: str, after: tuple[int, str] | None, limit: int) -> list[RunRow]:
+        params: list[object] = []
+        if after is not None:
+            where += " AND (submitted_at < ? OR (submitted_at = ? AND id < ?))"
+            params += [after[0], after[0], after[1]]
+        rows = self.db.rows(
+            f"SELECT {_COLUMNS} FROM runs WHERE {where} ORDER BY submitted_at DESC, id DESC LIMIT ?", [*params, limit]
+        )
+        return [RunRow.of(r) for r in rows]
 
     def page(self, filters: RunFilters, limit: int, before: tuple[int, str] | None) -> list[RunRow]:
         """Up to `limit` runs matching `filters`, newest first, strictly after the cursor `before`
