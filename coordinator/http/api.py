@@ -377,7 +377,7 @@ async def remove_user(request: web.Request) -> web.StreamResponse:
 
 
 async def rotate_user_token(request: web.Request) -> web.StreamResponse:
-    new = await users.rotate(request.app[CORE], request.match_info["user"], caller_of(request).name)
+    new = await users.rotate(request.app[CORE], request.match_info["user"], actor_of(request))
     return web.json_response({"user": _user_json(new.user), "token": new.token})
 
 

@@ -362,11 +362,32 @@ def test_an_admin_adds_a_user_rotates_its_token_and_manages_join_tokens(dash: Da
     # A member may not do any of it over the API either.
     for method, path, body in (
         ("POST", "/api/users", {"name": "eve", "role": "admin"}),
-        ("POST", "/api/users/mia/token", None),
+        ("POST", "/api/users/admin/token", None),  # another user's token (its own is the member's to rotate)
         ("DELETE", "/api/users/admin", None),
         ("POST", "/api/join-tokens", {"ttl_s": 60, "max_uses": 1}),
     ):
         assert dash.http(method, path, dash.member_token, body)[0] == 403, path
+
+
+def test_a_viewer_rotates_their_own_token_in_settings_and_the_tab_goes_on_with_the_new_one(dash: Dashboard) -> None:
+    r = dash.cluster.cli("users", "add", "olga", "--role", "viewer")
+    assert r.returncode == 0, r.stderr
+    old = r.stdout.splitlines()[1]
+    page = dash.page()
+    page.on("dialog", lambda d: d.accept())
+    with dash.on_failure(page, "rotate-own"):
+        dash.login(page, old)
+        page.click("nav a:has-text('Settings')")
+        page.click("#rotate-own")
+        page.wait_for_selector("#own-token:has-text('Your new token')")
+        new = page.inner_text("#own-token code")
+        assert new != old
+        assert dash.http("GET", "/api/whoami", old)[0] == 401  # the old token stops at once
+        assert dash.http("GET", "/api/whoami", new)[1]["user"] == "olga"
+        page.reload()  # the tab keeps working: it holds the new token now
+        page.wait_for_selector("#whoami:has-text('viewer')")
+    # Another user's token stays an admin's to rotate.
+    assert dash.http("POST", "/api/users/mia/token", new)[0] == 403
 
 
 def test_pages_are_served_with_a_strict_csp_and_no_token_in_urls(dash: Dashboard) -> None:

@@ -342,10 +342,23 @@ async function settingsPage() {
     } catch (e) { secretsBox.replaceChildren(errorBox(e)); }
   };
 
+  // One's own token (a leak, a routine change): the new one replaces the old at once, here too, and is
+  // shown once so the CLI's config can take it (`dstack config --token -`).
+  const rotateOut = h("div", { id: "own-token" });
+  const rotateOwn = h("div", {}, h("button", { type: "button", class: "secondary", id: "rotate-own", text: "Rotate my token",
+    onclick: async () => {
+      if (!confirm("Replace your token? The old one stops working at once, in the CLI too.")) return;
+      try {
+        const r = await api(`/api/users/${encodeURIComponent(me.user)}/token`, { method: "POST" });
+        sessionStorage.setItem(TOKEN_KEY, r.token);
+        rotateOut.replaceChildren(h("div", { class: "note" }, "Your new token (shown once; copy it now): ", h("code", { text: r.token })));
+      } catch (e) { rotateOut.replaceChildren(errorBox(e)); }
+    } }), rotateOut);
   show(h("h1", { text: "Settings" }),
     h("h2", { text: "You" }),
     h("dl", { class: "facts", id: "whoami" }, h("dt", { text: "User" }), h("dd", { text: me.user }), h("dt", { text: "Role" }), h("dd", { text: me.role }),
-      h("dt", { text: "Token" }), h("dd", { text: "kept in this tab only (sessionStorage); an admin rotates it (Settings, or `dstack users rotate-token NAME`)" })),
+      h("dt", { text: "Token" }), h("dd", { text: "kept in this tab only (sessionStorage)" })),
+    rotateOwn,
     h("h2", { text: "Secrets" }),
     h("p", { class: "note", text: "Values are write-only: nobody can read them back here or through the API. Jobs get them as environment variables, masked in logs. Team secrets need an admin." }),
     form, formOut, secretsBox,
