@@ -121,15 +121,20 @@ function runsPage(params) {
   show(h("h1", { text: "Runs" }), filters, box);
   poll(box, async (signal) => {
     const q = new URLSearchParams({ limit: "100" });
-    for (const k of ["owner", "workflow", "repository", "status"]) if (params.get(k)) q.set(k, params.get(k));
-    const { runs } = await api(`/api/runs?${q}`, { signal });
+    for (const k of ["owner", "workflow", "repository", "status", "cursor"]) if (params.get(k)) q.set(k, params.get(k));
+    const { runs, next_cursor } = await api(`/api/runs?${q}`, { signal });
     if (!runs.length) return h("p", { class: "note", text: "No runs." });
-    return h("table", {},
+    // Pages of 100, newest first: no run is out of reach (the API's cursor, as `dstack ps -a` pages).
+    const older = new URLSearchParams(params);
+    if (next_cursor) older.set("cursor", next_cursor);
+    const more = h("p", {}, params.get("cursor") ? h("a", { href: "#/runs", text: "Newest runs" }) : "", " ",
+      next_cursor ? h("a", { id: "older-runs", href: `#/runs?${older}`, text: "Older runs →" }) : "");
+    return h("div", {}, h("table", {},
       h("tr", {}, ["Run", "Workflow", "Owner", "Repository", "Status", "Jobs", "Submitted"].map((t) => h("th", { text: t }))),
       runs.map((r) => h("tr", { "data-run": r.name },
         h("td", {}, h("a", { href: `#/runs/${encodeURIComponent(r.name)}`, text: r.name })),
         h("td", { text: r.workflow }), h("td", { text: r.owner }), h("td", { text: r.repository || "—" }),
-        h("td", {}, status(r.status)), h("td", { text: r.jobs.length }), h("td", { text: time(r.submitted_at_ns) }))));
+        h("td", {}, status(r.status)), h("td", { text: r.jobs.length }), h("td", { text: time(r.submitted_at_ns) })))), more);
   });
 }
 
