@@ -411,6 +411,17 @@ def whoami() -> None:
     whoami_command()
 
 
+@app.command()
+def dashboard(
+    url: Annotated[str | None, typer.Option("--url", help="The coordinator's HTTP URL (a team coordinator's)")] = None,
+    open_browser: Annotated[bool, typer.Option("--open", help="Also open it in a browser")] = False,
+) -> None:
+    """Print the web dashboard's URL (local mode: the embedded coordinator's); --open opens it."""
+    from dstack.cli.commands.dashboard import dashboard_command
+
+    dashboard_command(url, open_browser)
+
+
 @users_app.command("set")
 def users_set(
     name: Annotated[str, typer.Argument(help="User name")],

@@ -99,7 +99,7 @@ PERMISSIONS: dict[str, Role] = {
     _C + "AddUser": Role.ADMIN,
     _C + "ListUsers": Role.USER,  # names and roles: who the owners in `dstack ps` are
     _C + "RemoveUser": Role.ADMIN,
-    _C + "RotateUserToken": Role.ADMIN,
+    _C + "RotateUserToken": Role.USER,  # one's own token; another user's: admins only (app/users.rotate)
     # A tunnel into a job runs code as its owner: the run's owner or an admin only (app/tunnels.py).
     _C + "Tunnel": Role.MEMBER,
     _A + "Register": Role.JOIN,

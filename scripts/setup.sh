@@ -16,6 +16,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# playwright (dev: the browser tests) drives Debian's chromium (scripts/test-deps.sh): never download one.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 if [ "${1:-}" = "--dev" ]; then

@@ -1,4 +1,5 @@
-"""`dstack users add|list|remove|rotate-token|set` (admin only, but listing) and `dstack whoami`.
+"""`dstack users add|list|remove|rotate-token|set` (admin only, but listing and
+rotating one's own token) and `dstack whoami`.
 
 A user's token is printed once, when it is made (add, rotate-token): the coordinator keeps only its
 sha256. The commands live in their own typer sub-app (`users_app`), which cli/main.py mounts at start-up:
@@ -72,7 +73,8 @@ def users_remove(name: Annotated[str, typer.Argument(help="User name")]) -> None
 
 @users_app.command("rotate-token")
 def users_rotate_token(name: Annotated[str, typer.Argument(help="User name")]) -> None:
-    """Give a user a new token (printed once); the old one is refused from the next call on."""
+    """Give a user a new token (printed once); the old one is refused from the next call on. Anyone may
+    rotate their own token; another user's needs the admin role."""
     from dstack.cli.session import connect
 
     resp = connect().rotate_user_token(name)

@@ -1,5 +1,5 @@
-"""Users (admin only, but listing): add one with a role (its token is returned once and only its
-sha256 stored), list them, remove one, rotate one's token, set one's fair share and quotas
+"""Users (admin only, but listing and rotating one's own token): add one with a role (its token is
+returned once and only its sha256 stored), list them, remove one, rotate one's token, set one's fair share and quotas
 (`dstack users set`). A removal or rotation is in force for the very next call
 (coordinator/auth.py); a removed user's personal secrets go with them."""
 
@@ -64,7 +64,16 @@ async def remove(core: Core, name: str, by: str) -> None:
     log.info("user %s removed by %s", name, by)
 
 
-async def rotate(core: Core, name: str, by: str) -> NewToken:
+async def rotate(core: Core, name: str, actor: Actor) -> NewToken:
+    """A new token for `name`: any user may rotate their own (a token that leaked, or a routine change, needs
+    no admin); another user's token is for admins."""
+    if name != actor.name and not actor.is_admin:
+        a = "an" if actor.role[:1] in "aeiou" else "a"
+        raise Forbidden(
+            f"rotating {name}'s token needs the admin role; you are {a} {actor.role} (user {actor.name});"
+            f" your own: `dstack users rotate-token {actor.name}`"
+        )
+    by = actor.name
     if name == SERVER_ADMIN:
         raise Conflict(f"cannot rotate the token of the user admin: {SERVER_ADMIN_HINT}")
     row, token = await core.db(core.store.rotate_user_token, name)

@@ -38,7 +38,7 @@ from dstack.coordinator.http.errors import bad_request
 from dstack.coordinator.http.views import agent_json, line_json, queue_json, run_json
 from dstack.coordinator.model import RunStatus
 from dstack.coordinator.services.rpc import status_for
-from dstack.coordinator.store import RunFilters
+from dstack.coordinator.store import JoinTokenRow, RunFilters
 from dstack.storage import StoreError
 
 CORE = web.AppKey("core", Core)
@@ -369,35 +369,63 @@ async def delete_secret(request: web.Request) -> web.StreamResponse:
     return web.json_response({})
 
 
+def _user_json(u: users.User) -> dict[str, Any]:
+    return {"name": u.name, "role": u.role, "created_at_ns": u.created_at, "last_seen_at_ns": u.last_seen_at}
+
+
 async def list_users(request: web.Request) -> web.StreamResponse:
     found = await users.list_users(request.app[CORE])
-    return web.json_response(
-        {
-            "users": [
-                {"name": u.name, "role": u.role, "created_at_ns": u.created_at, "last_seen_at_ns": u.last_seen_at}
-                for u in found
-            ]
-        }
-    )
+    return web.json_response({"users": [_user_json(u) for u in found]})
+
+
+async def add_user(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    name, role = body.get("name"), body.get("role", "member")
+    if not isinstance(name, str) or not isinstance(role, str):
+        raise BadParam('the body is {"name": "...", "role": "viewer"|"member"|"admin"}')
+    new = await users.add(request.app[CORE], name, role, caller_of(request).name)
+    # The token is in this answer only (stored as a hash): the admin hands it over once.
+    return web.json_response({"user": _user_json(new.user), "token": new.token})
+
+
+async def remove_user(request: web.Request) -> web.StreamResponse:
+    await users.remove(request.app[CORE], request.match_info["user"], caller_of(request).name)
+    return web.json_response({})
+
+
+async def rotate_user_token(request: web.Request) -> web.StreamResponse:
+    new = await users.rotate(request.app[CORE], request.match_info["user"], actor_of(request))
+    return web.json_response({"user": _user_json(new.user), "token": new.token})
+
+
+def _join_token_json(r: JoinTokenRow) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "created_at_ns": r.created_at,
+        "expires_at_ns": r.expires_at,
+        "uses": r.uses,
+        "max_uses": r.max_uses,
+        "revoked_at_ns": r.revoked_at,
+    }
 
 
 async def list_join_tokens(request: web.Request) -> web.StreamResponse:
     rows = await join_tokens.list_tokens(request.app[CORE])
-    return web.json_response(
-        {
-            "join_tokens": [
-                {
-                    "id": r.id,
-                    "created_at_ns": r.created_at,
-                    "expires_at_ns": r.expires_at,
-                    "uses": r.uses,
-                    "max_uses": r.max_uses,
-                    "revoked_at_ns": r.revoked_at,
-                }
-                for r in rows
-            ]
-        }
-    )
+    return web.json_response({"join_tokens": [_join_token_json(r) for r in rows]})
+
+
+async def create_join_token(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    ttl_s, max_uses = body.get("ttl_s", 0), body.get("max_uses", 0)
+    if not isinstance(ttl_s, int | float) or isinstance(ttl_s, bool) or type(max_uses) is not int:
+        raise BadParam('the body is {"ttl_s": seconds (0: never expires), "max_uses": n (0: unlimited)}')
+    new = await join_tokens.create(request.app[CORE], float(ttl_s), max_uses, caller_of(request).name)
+    return web.json_response({"join_token": _join_token_json(new.row), "token": new.token})
+
+
+async def revoke_join_token(request: web.Request) -> web.StreamResponse:
+    row = await join_tokens.revoke(request.app[CORE], request.match_info["id"], caller_of(request).name)
+    return web.json_response({"join_token": _join_token_json(row)})
 
 
 async def openapi(request: web.Request) -> web.StreamResponse:
@@ -407,6 +435,7 @@ async def openapi(request: web.Request) -> web.StreamResponse:
 
 
 _NAME = Param("name", "path", "the run's name")
+_USER = Param("user", "path", "the user's name")
 _RUN_FILTERS = (
     Param("owner", "query", "only runs of these users", repeated=True),
     Param("workflow", "query", "only runs of these workflows", repeated=True),
@@ -509,7 +538,38 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         (Param("secret", "path", "the secret's name"), Param("personal", "query", "true: the caller's own", "boolean")),
     ),
     Endpoint("GET", "/api/users", "ListUsers", list_users, "Users and their roles (never tokens)"),
+    Endpoint(
+        "POST",
+        "/api/users",
+        "AddUser",
+        add_user,
+        'Adds a user; body {"name": "...", "role": "member"}; answers the user and its token (this answer only)',
+    ),
+    Endpoint("DELETE", "/api/users/{user}", "RemoveUser", remove_user, "Removes a user", (_USER,)),
+    Endpoint(
+        "POST",
+        "/api/users/{user}/token",
+        "RotateUserToken",
+        rotate_user_token,
+        "Replaces a user's token (the old one stops working at once); answers the new one, this answer only",
+        (_USER,),
+    ),
     Endpoint("GET", "/api/join-tokens", "ListJoinTokens", list_join_tokens, "Join tokens (admins; never values)"),
+    Endpoint(
+        "POST",
+        "/api/join-tokens",
+        "CreateJoinToken",
+        create_join_token,
+        'Creates a join token for agents; body {"ttl_s": 86400, "max_uses": 1} (0: no limit); answers its value once',
+    ),
+    Endpoint(
+        "POST",
+        "/api/join-tokens/{id}/revoke",
+        "RevokeJoinToken",
+        revoke_join_token,
+        "Revokes a join token: agents can no longer join with it",
+        (Param("id", "path", "the join token's id"),),
+    ),
     Endpoint(
         "GET",
         "/api/queue",

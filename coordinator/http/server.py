@@ -19,7 +19,7 @@ from aiohttp import web
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.auth import PERMISSIONS, Authenticator, Caller, Refused, Role, RoleRefused
 from dstack.coordinator.errors import CoordinatorError
-from dstack.coordinator.http import metrics
+from dstack.coordinator.http import dashboard, metrics
 from dstack.coordinator.http.api import CORE, ENDPOINTS, BadParam, Endpoint, Handler
 from dstack.coordinator.http.errors import bad_request, domain_error_response, error_response
 from dstack.coordinator.tls import ServerTls
@@ -112,6 +112,7 @@ def build_app(core: Core, auth: Authenticator, scrape_token: str | None = None) 
     for ep in ENDPOINTS:
         app.router.add_route(ep.method, ep.path, guarded(ep, auth))
     app.router.add_route("GET", "/metrics", metrics_handler(auth, scrape_token))
+    dashboard.add_routes(app)  # the web dashboard at /: static files, no token needed to load them
     return app
 
 

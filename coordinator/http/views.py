@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from dstack.coordinator.app.waiting import QueueEntry
-from dstack.coordinator.convert import job_spec_from_bytes
+from dstack.coordinator.convert import job_spec_from_proto, job_spec_proto
 from dstack.coordinator.model import AgentView, JobView, LogLine, LogStream, RunView
 
 Json = dict[str, Any]
@@ -18,7 +18,8 @@ def _name(value: Any) -> str:
 
 
 def job_json(j: JobView) -> Json:
-    spec = job_spec_from_bytes(j.spec) if j.spec else None
+    proto = job_spec_proto(j.spec) if j.spec else None
+    spec = job_spec_from_proto(proto) if proto is not None else None
     return {
         "id": j.id,
         "job_name": j.job_name,
@@ -37,6 +38,9 @@ def job_json(j: JobView) -> Json:
         "attempt": j.attempt,
         "resources": dataclasses.asdict(spec.resources) if spec else None,
         "depends_on": list(spec.depends_on) if spec else [],
+        # The workflow's variables (its `env` and 2022 `variables`) from the stored spec, which gRPC's
+        # GetRun already returns whole to any user. Secrets are not among them: the agent adds those.
+        "variables": dict(sorted(proto.env.items())) if proto is not None else {},
         "attempts": [
             {
                 "attempt": a.attempt,

@@ -293,7 +293,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     async def RotateUserToken(
         self, request: client_pb2.RotateUserTokenRequest, context: Ctx
     ) -> client_pb2.RotateUserTokenResponse:
-        new = await users.rotate(self.core, request.name, user_name())
+        new = await users.rotate(self.core, request.name, actor())
         return client_pb2.RotateUserTokenResponse(user=user_to_proto(new.user), token=new.token)
 
 

@@ -88,15 +88,18 @@ async def test_each_role_may_make_only_its_calls(tmp_path: Path) -> None:
         admin_calls: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
             ("AddUser", lambda: c.AddUser(client_pb2.AddUserRequest(name="eve"), metadata=meta(alice))),
             ("RemoveUser", lambda: c.RemoveUser(client_pb2.RemoveUserRequest(name="vera"), metadata=meta(alice))),
-            (
-                "RotateUserToken",
-                lambda: c.RotateUserToken(client_pb2.RotateUserTokenRequest(name="vera"), metadata=meta(alice)),
-            ),
             ("CreateJoinToken", lambda: c.CreateJoinToken(client_pb2.CreateJoinTokenRequest(), metadata=meta(alice))),
             ("RemoveAgent", lambda: c.RemoveAgent(client_pb2.RemoveAgentRequest(name="x"), metadata=meta(alice))),
         ]
         for method, call in admin_calls:
             assert await refused(call()) == (PD, f"{method} needs the admin role; you are a member (user alice)")
+        # Another user's token: admins only (the use case says so; one's own is allowed below).
+        code, details = await refused(
+            c.RotateUserToken(client_pb2.RotateUserTokenRequest(name="vera"), metadata=meta(alice))
+        )
+        assert code == PD and details.startswith("rotating vera's token needs the admin role; you are a member"), (
+            details
+        )
         code, details = await refused(
             c.AddSecret(client_pb2.AddSecretRequest(name="X", value="team-value"), metadata=meta(alice))
         )
@@ -258,3 +261,29 @@ async def test_user_management_refuses_what_would_lock_the_team_out(tmp_path: Pa
         listed: client_pb2.ListUsersResponse = await c.ListUsers(client_pb2.ListUsersRequest(), metadata=h.meta)
         assert [u.name for u in listed.users] == ["admin"]
         assert listed.users[0].last_seen_at_ns > 0 and "token" not in str(listed).lower()
+
+
+async def test_any_user_rotates_their_own_token_and_only_their_own(tmp_path: Path) -> None:
+    """A token that leaked needs no admin: a viewer or member rotates their own; the old one is refused
+    on the next call, and nobody but an admin rotates another user's."""
+    async with coordinator(tmp_path) as h:
+        c = h.client
+        vera = await add_user(h, "vera", "viewer")
+        bob = await add_user(h, "bob")
+        list_runs = client_pb2.ListRunsRequest()
+        for name, token in (("vera", vera), ("bob", bob)):
+            new: client_pb2.RotateUserTokenResponse = await c.RotateUserToken(
+                client_pb2.RotateUserTokenRequest(name=name), metadata=meta(token)
+            )
+            assert new.user.name == name and new.token != token
+            code, details = await refused(c.ListRuns(list_runs, metadata=meta(token)))
+            assert code == grpc.StatusCode.UNAUTHENTICATED and "invalid token" in details
+            await c.ListRuns(list_runs, metadata=meta(new.token))
+            if name == "vera":
+                vera = new.token
+        code, details = await refused(
+            c.RotateUserToken(client_pb2.RotateUserTokenRequest(name="bob"), metadata=meta(vera))
+        )
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "needs the admin role; you are a viewer" in details
+        code, _ = await refused(c.RotateUserToken(client_pb2.RotateUserTokenRequest(name="admin"), metadata=meta(vera)))
+        assert code == grpc.StatusCode.PERMISSION_DENIED

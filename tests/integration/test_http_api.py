@@ -254,7 +254,7 @@ def test_resources_answer_what_the_cli_sees(api: Api) -> None:
     assert served == {(ep.method, openapi_path(ep.path)) for ep in ENDPOINTS} | {("GET", "/metrics")}
     for method, path in served:  # every documented route exists: no 404 or 405 (401 without a token)
         real = path.replace("{name}", api.finished).replace("{job}", "hello").replace("{path}", "out/f.txt")
-        real = real.replace("{secret}", "NOPE")
+        real = real.replace("{secret}", "NOPE").replace("{user}", "nobody").replace("{id}", "nope")
         c = api.conn()
         try:
             c.request(method, real)

@@ -58,7 +58,6 @@ ADMIN_ONLY = {
     "ApproveAgent",
     "AddUser",
     "RemoveUser",
-    "RotateUserToken",
 }
 # Calls that change something: a viewer's token is refused (and the use case checks ownership).
 MEMBER_ONLY = {

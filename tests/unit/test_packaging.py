@@ -36,5 +36,8 @@ def test_a_built_wheel_installs_nothing_but_the_dstack_package(tmp_path: Path) -
     ):
         assert f"dstack/{part}" in recorded
     assert "dstack/py.typed" in recorded
+    # The web dashboard's files (coordinator/http/dashboard.py serves them; no build step, no CDN).
+    for asset in ("index.html", "app.js", "app.css", "favicon.svg"):
+        assert f"dstack/coordinator/http/static/{asset}" in recorded
     assert "dstack = dstack.cli.main:main" in entry_points
     assert "bash = dstack.cli.providers.bash:BashProvider" in entry_points
