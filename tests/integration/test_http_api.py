@@ -208,6 +208,42 @@ def send(api: Api, method: str, path: str, token: str | None, body: Any = None) 
         c.close()
 
 
+def test_every_write_endpoint_refuses_those_below_its_role_and_changes_nothing(api: Api) -> None:
+    """Each write without a token, with a wrong one, an agent's, or a viewer's (and a member's, where an admin
+    is needed): refused before it acts. Another user's token is an admin's to rotate, whatever the role table
+    lets through (a user may rotate their own: app/users.rotate)."""
+    if not api.finished:
+        api.finished = api.run("hello")
+        api.cluster.wait_status(api.finished, {"done"}, timeout=120)
+    agent_token = json.loads((api.cluster.tmp / "agent-1" / "agent.json").read_text())["agent_token"]
+
+    def users() -> list[tuple[str, str, int]]:  # not last_seen: each call is a sighting
+        return [(u["name"], u["role"], u["created_at_ns"]) for u in api.json("/api/users", "admin")["users"]]
+
+    before = (users(), api.json("/api/join-tokens", "admin"), api.json("/api/secrets", "admin"))
+    writes = [ep for ep in ENDPOINTS if ep.method != "GET"]
+    for ep in writes:
+        path = (
+            ep.path.replace("{name}", api.finished)
+            .replace("{user}", "admin")
+            .replace("{id}", "nope")
+            .replace("{secret}", "SOME_KEY")
+        )
+        assert "{" not in path, path
+        role = role_of(ep.rpc)
+        callers = [("none", None, 401), ("bad", "not-a-token", 401), ("agent", agent_token, 403)]
+        callers.append(("viewer", api.tokens["viewer"], 403))
+        if role == "admin" or ep.rpc == "RotateUserToken":
+            callers.append(("member", api.tokens["member"], 403))
+        for who, token, want in callers:
+            status, body = send(api, ep.method, path, token, {"value": "x" * 12, "name": "eve", "role": "admin"})
+            assert status == want, (ep.method, path, who, status, body)
+            assert body["error"]["message"], body
+    after = (users(), api.json("/api/join-tokens", "admin"), api.json("/api/secrets", "admin"))
+    assert after == before
+    assert len(writes) >= 8
+
+
 def test_writes_with_each_role_and_secret_values_never_come_back(api: Api) -> None:
     value = "s3cr3t-value-never-shown"
     personal = {"value": value, "personal": True}
