@@ -23,19 +23,12 @@ import pytest
 from tests.conftest import Cluster, JobJSON, free_port, wait_for, write_project
 from tests.netns import Namespace, NetnsBed, available
 
-# Each member: meet at MASTER_ADDR:MASTER_PORT (rank 0 listens, the others connect and send their
-# value), rank 0 sums and sends the total back, every member prints it. Then, if asked, the member
-# records its pid and waits for the test's release file (or, from attempt 2 on, goes on at once).
-ALLREDUCE = """\
-import os, socket, sys, time
-
-rank, n = int(os.environ["NODE_RANK"]), int(os.environ["NNODES"])
-addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-value = 10 ** rank
-print(f"rank {rank} of {n} (world {os.environ['WORLD_SIZE']}), master {addr}:{port}", flush=True)
+# Rank 0 listens at addr:port, the other `size - 1` connect and send their value; rank 0 sums and sends
+# the total back (what torch.distributed's all_reduce does, over plain TCP). Both job scripts below use it.
+TCP_ALL_REDUCE = """\
 if rank == 0:
     server = socket.create_server((addr, port))
-    peers = [server.accept()[0] for _ in range(n - 1)]
+    peers = [server.accept()[0] for _ in range(size - 1)]
     total = value + sum(int(p.makefile().readline()) for p in peers)
     for p in peers:
         p.sendall(f"{total}\\n".encode())
@@ -51,6 +44,23 @@ else:
             time.sleep(0.2)
     conn.sendall(f"{value}\\n".encode())
     total = int(conn.makefile().readline())
+"""
+
+# Each member: meet at MASTER_ADDR:MASTER_PORT (rank 0 listens, the others connect and send their
+# value), rank 0 sums and sends the total back, every member prints it. Then, if asked, the member
+# records its pid and waits for the test's release file (or, from attempt 2 on, goes on at once).
+ALLREDUCE = (
+    """\
+import os, socket, sys, time
+
+rank, n = int(os.environ["NODE_RANK"]), int(os.environ["NNODES"])
+addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+value = 10 ** rank
+print(f"rank {rank} of {n} (world {os.environ['WORLD_SIZE']}), master {addr}:{port}", flush=True)
+size = n
+"""
+    + TCP_ALL_REDUCE
+    + """\
 print(f"node {rank}: total {total}", flush=True)
 hold = os.environ.get("HOLD_DIR")
 if hold and int(os.environ["DSTACK_ATTEMPT"]) == 1:
@@ -60,6 +70,7 @@ if hold and int(os.environ["DSTACK_ATTEMPT"]) == 1:
         time.sleep(0.2)
 print(f"node {rank}: bye", flush=True)
 """
+)
 
 
 # torch is not part of the project's setup (and a GPU machine is not lent to this task): a stand-in
@@ -89,33 +100,21 @@ sys.exit(max(proc.wait() for proc in procs))
 """
 
 # What torch.distributed's all_reduce would do, over plain TCP: global rank 0 sums every rank's value.
-TRAIN = """\
+TRAIN = (
+    """\
 import os, socket, sys, time
 
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
 value = int(sys.argv[sys.argv.index("--base") + 1]) + rank
-if rank == 0:
-    server = socket.create_server((addr, port))
-    peers = [server.accept()[0] for _ in range(world - 1)]
-    total = value + sum(int(p.makefile().readline()) for p in peers)
-    for p in peers:
-        p.sendall(f"{total}\\n".encode())
-else:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            conn = socket.create_connection((addr, port), timeout=5)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-    conn.sendall(f"{value}\\n".encode())
-    total = int(conn.makefile().readline())
+size = world
+"""
+    + TCP_ALL_REDUCE
+    + """\
 # One write per line: the node's processes share its output pipe.
 os.write(1, f"rank {rank}/{world} local {os.environ['LOCAL_RANK']}: all_reduce {total}\\n".encode())
 """
+)
 
 
 @dataclass
