@@ -317,7 +317,11 @@ class Engine:
                     continue
             if w.cache and self.copy_cached is not None:
                 w.cache = False  # asked once: a miss runs
-                hit = store.cache.find_hit(w.job_id)
+                try:
+                    hit = store.cache.find_hit(w.job_id)
+                except Exception:  # a broken lookup must not stop the pass: the job runs
+                    log.exception("step cache: looking up job %s failed; it runs", w.job_id)
+                    hit = None
                 if hit is not None:
                     hits.append((hit, w))
                     gone.append(w.job_id)
