@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 import pytest
 
+from dstack.storage.devserver import SeaweedServer
 from tests.conftest import Cluster, search, write_project
 
 pytestmark = pytest.mark.integration
@@ -308,3 +309,35 @@ def test_a_member_never_gets_another_users_files_made_with_their_secrets(cluster
     again, err = run_done(cluster, "prep", cwd=project, token=bob)
     assert f"reused from {mine}" in err and ran(side) == ["prep", "prep"]  # his own run, his own files
     assert "alice-private-value" not in json.dumps(show(cluster, again))
+
+
+def test_a_hit_in_s3_copies_inside_the_store(cluster: Cluster, seaweed: SeaweedServer, tmp_path: Path) -> None:
+    """S3: the hit's objects are copies made by the store (CopyObject, in parts for a file over boto3's 8 MiB
+    threshold), byte for byte the source's, with a manifest that names the source."""
+    from tests.integration.test_s3_storage import objects, s3_cluster
+
+    prefix = s3_cluster(cluster, seaweed)
+    cluster.start_agent("a1")
+    side = tmp_path / "side.txt"
+    project = write_project(
+        tmp_path / "p",
+        f"""
+        workflows:
+          - name: big
+            provider: bash
+            cache: true
+            commands:
+              - echo big >> {side}
+              - mkdir -p out && head -c 9437187 /dev/urandom > out/big.bin && echo small > out/small.txt
+            artifacts: [out]
+        """,
+    )
+    first, _ = run_done(cluster, "big", cwd=project)
+    second, err = run_done(cluster, "big", cwd=project)
+    assert f"big: reused from {first}" in err and ran(side) == ["big"]
+    source, copy = objects(seaweed, f"{prefix}/runs/{first}/big/"), objects(seaweed, f"{prefix}/runs/{second}/big/")
+    manifest = json.loads(copy.pop(f"{prefix}/runs/{second}/big/manifest.json"))
+    assert manifest["reused_from"] == {"run": first, "job": "big"}
+    source.pop(f"{prefix}/runs/{first}/big/manifest.json")
+    assert {k.replace(first, second): v for k, v in source.items()} == copy
+    assert len(copy[f"{prefix}/runs/{second}/big/artifacts/out/big.bin"]) == 9437187
