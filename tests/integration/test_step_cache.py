@@ -115,7 +115,9 @@ def test_cached_step_is_skipped_then_runs_after_a_change_and_with_no_cache(clust
     assert hit["hit"] is True and (hit["source_run"], hit["source_job"]) == (first, "prep")
     assert miss["hit"] is False and hit["key"] == miss["key"] and len(hit["key"]) == 64
     assert "by reference" in cluster.cli("show", second).stdout
-    assert f"prep reused from {first}" in cluster.cli("ps", "-a").stdout
+    wide = {**cluster.env(), "COLUMNS": "200"}  # the table folds its columns on a narrow terminal
+    ps = subprocess.run([sys.executable, "-m", "dstack.cli", "ps", "-a"], capture_output=True, text=True, env=wide)
+    assert f"prep reused from {first}" in ps.stdout, ps.stdout
     # The files are the first run's, byte for byte (random bytes: a second run would have made others).
     assert noise(cluster, second, tmp_path) == noise(cluster, first, tmp_path)
 
