@@ -125,4 +125,9 @@ def render_record(record: dict[str, Any], console: Console | None = None) -> Non
                 f"manifest {artifacts.get('manifest_hash', '')[:16]} ({len(files)} files)" if files else "none",
             )
         )
-        out.print(_pairs("", rows + _cache_rows(job.get("cache")) + _env_rows(job.get("environment"))))
+        cache = job.get("cache") or {}
+        if cache.get("hit") and not job.get("environment"):  # nothing ran: the source's record has it
+            env_rows = [("environment", f"none: nothing ran (see `dstack show {cache.get('source_run')}`)")]
+        else:
+            env_rows = _env_rows(job.get("environment"))
+        out.print(_pairs("", rows + _cache_rows(job.get("cache")) + env_rows))
