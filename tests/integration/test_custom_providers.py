@@ -133,3 +133,42 @@ def test_an_agent_that_cannot_reach_the_repository_runs_the_provider(cluster: Cl
     logs = cluster.cli("logs", name, cwd=project)
     assert run["status"] == "done", logs.stdout + logs.stderr
     assert "Hello from greet" in logs.stdout  # greeting.txt, found from working_dir `sub` through the relative path
+
+
+def test_a_built_in_name_runs_the_built_in_and_repo_dot_runs_the_projects_entry(
+    local: LocalMode, tmp_path: Path
+) -> None:
+    """Provider-name precedence both ways, through the real CLI and agent: the project's providers.yaml defines
+    `bash` (as dstack's own July 2022 file did); `provider: bash` runs the built-in, and a note names the shadowed
+    entry at its line; `provider: {name: bash, repo: .}` runs the entry, with a note at the workflow's line."""
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: builtin
+            provider: bash
+            commands: [echo from the built-in]
+          - name: entry
+            provider: {name: bash, repo: .}
+            commands: [echo never run by the built-in]
+        """,
+        {
+            ".dstack/providers.yaml": "providers:\n  - name: bash\n    image: python:3.11\n"
+            "    commands: [echo from the entry]\n",
+        },
+    )
+    v = local.cli("validate", cwd=project)
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert ".dstack/providers.yaml:2:11: the project's provider 'bash' is shadowed" in v.stdout + v.stderr
+    assert ".dstack/workflows.yaml:7:34: provider 'bash' is the project's own entry" in v.stdout + v.stderr
+
+    builtin = local.cli("run", "builtin", cwd=project, timeout=300)
+    assert builtin.returncode == 0, builtin.stderr
+    assert builtin.stdout == "from the built-in\n"
+    assert "providers.yaml:2:11: the project's provider 'bash' is shadowed by the built-in" in builtin.stderr
+
+    entry = local.cli("run", "entry", cwd=project, timeout=300)
+    assert entry.returncode == 0, entry.stderr
+    assert entry.stdout == "from the entry\n"
+    assert "workflows.yaml:7:34: provider 'bash' is the project's own entry" in entry.stderr
+    assert "shadowed" not in entry.stderr
