@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from dstack.coordinator.app.core import Core, run_view
 from dstack.coordinator.app.key_names import check_key_segment
 from dstack.coordinator.app.ownership import Actor, check_owner
+from dstack.coordinator.artifacts import check_working_dir
 from dstack.coordinator.convert import code_to_bytes, job_spec_from_proto, job_spec_proto
 from dstack.coordinator.errors import InvalidRequest, NotFound
 from dstack.coordinator.gangs import expand
@@ -27,7 +28,6 @@ from dstack.coordinator.store.artifacts import container_paths_of
 from dstack.coordinator.store.db import CreatedRun, NewJob, RunFilters
 from dstack.coordinator.store.records import RUN_PART
 from dstack.coordinator.templates import spec_with_run_name
-from dstack.protos.artifact_paths import BadWorkingDir, working_dir_prefix
 
 # Tags, and the workflow names an uploaded artifact set stands for.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -64,10 +64,8 @@ def _check(jobs: Sequence[JobSpec]) -> None:
             raise InvalidRequest(f"job {j.job_name!r} depends on unknown jobs: {', '.join(sorted(unknown))}")
         if j.resources.gpu_count > 1024 or j.resources.cpu < 0:
             raise InvalidRequest(f"job {j.job_name!r}: invalid resources")
-        try:  # its relative artifacts are saved and received under it: it must stay inside the job's code
-            working_dir_prefix(job_spec_proto(j.encoded).working_dir)
-        except BadWorkingDir as e:
-            raise InvalidRequest(f"job {j.job_name!r}: {e}") from None
+        # Its relative artifacts are saved and received under it: it must stay inside the job's code.
+        check_working_dir(j.job_name, job_spec_proto(j.encoded).working_dir)
 
 
 def needing_container(
