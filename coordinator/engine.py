@@ -26,6 +26,7 @@ from dstack.coordinator.convert import (
 from dstack.coordinator.durations import Durations, duration_key
 from dstack.coordinator.errors import Unauthenticated
 from dstack.coordinator.fairshare import interval_usage, weight
+from dstack.coordinator.fencing import Quarantine, Sessions, quarantine_bound_s
 from dstack.coordinator.gangs import member_env, pick_port
 from dstack.coordinator.hub import AgentHub
 from dstack.coordinator.lifecycle.agents import AgentStatus
@@ -89,6 +90,8 @@ class Engine:
         self.store = store
         self.db = db
         self.hub = AgentHub()
+        self.sessions = Sessions()  # each agent stream's epoch (coordinator/fencing.py)
+        self.quarantine = Quarantine()  # agents that may still run attempts that are over
         self.watchers = RunWatchers()
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -402,7 +405,10 @@ class Engine:
                 continue
             for agent_id in lost:
                 log.warning("agent %s lost: its lease ran out", agent_id)
+                self.sessions.end(agent_id)  # nothing read late on its old stream is applied
                 self.hub.drop(agent_id)
+            if self.quarantine.expire(self.clock.monotonic()):
+                self.kick()
             if lost:
                 await self._requeued()
                 self.watchers.notify_all()
@@ -511,9 +517,13 @@ class Engine:
     def _idle_agent_states(self, connected: set[str]) -> dict[str, AgentState]:
         """The connected agents' capacities, with nothing held yet (DB thread)."""
         agents: dict[str, AgentState] = {}
+        held = self.quarantine.held()  # one read: the mapping is replaced, never changed, on the loop
+        now = self.clock.monotonic()
         for row in self.store.online_agents():
             if row.id not in connected:
                 continue
+            if held.get(row.id, -math.inf) > now:
+                continue  # it may still run an attempt that is over, on GPUs it would otherwise offer
             inv = self._inventory(row.id, row.inventory)
             agents[row.id] = AgentState(
                 agent_id=row.id,
@@ -553,11 +563,26 @@ class Engine:
         if failed_jobs:
             stops = [agent_pb2.StopJob(job_id=j, abort=True) for j in failed_jobs]
             self.hub.send(agent_id, agent_pb2.CoordinatorMessage(stops=stops))
+        self.sessions.end(agent_id)
+        self.quarantine.forget(agent_id)
         self.hub.drop(agent_id)
         self._inventories.pop(agent_id, None)
         self._renewed.pop(agent_id, None)
         self.watchers.notify_all()
         self.kick()  # its jobs' dependants may have failed; its resources are gone from the next pass
+
+    def open_session(self, agent_id: str, active: Sequence[str]) -> int:
+        """An agent's new stream, before anything of its hello is read: its session epoch. Until its
+        hello is reconciled, everything it says it runs holds the agent (no new job lands there)."""
+        epoch = self.sessions.open(agent_id)
+        self.quarantine.hold(agent_id, active, self.clock.monotonic() + quarantine_bound_s(self.config.lease_timeout_s))
+        return epoch
+
+    def stale_attempt_ended(self, agent_id: str, wire_id: str) -> None:
+        """The agent reported the end of an attempt that is over (its final update, refused): once
+        none is left, its capacity is offered again."""
+        if self.quarantine.ended(agent_id, wire_id):
+            self.kick()
 
     async def on_hello(self, agent_id: str, msg: agent_pb2.AgentMessage) -> agent_pb2.CoordinatorMessage:
         """Raises Unauthenticated for an agent removed since its stream was authenticated (a removal
@@ -573,7 +598,7 @@ class Engine:
         active = list(hello.active_job_ids)
         reply = agent_pb2.CoordinatorMessage()
 
-        def reconcile() -> tuple[list[str], list[str], list[str], dict[str, int], list[str]]:
+        def reconcile() -> tuple[list[str], list[str], list[str], dict[str, int], list[str], set[str]]:
             # The agent knows each job by its current attempt's id: an id of an earlier attempt (it
             # was lost, and the job requeued meanwhile) is stale like a finished job's, and aborted.
             jobs = {wire_job_id(j.id, j.attempt): j for j in self.store.jobs_on_agent(agent_id)}
@@ -585,9 +610,21 @@ class Engine:
             stop = [w for w, j in jobs.items() if j.stop_requested and w in active]
             requeued += self.store.fail_jobs_lost_by_agent(agent_id, lost)
             stale = [w for w in active if w not in jobs]
-            return resend, stop, stale, self.store.log_positions([w for w in active if w in jobs]), requeued
+            # Of those, the ones ended for its loss may still run: they hold the agent until it confirms
+            # them dead (their final update) or the bound passes (coordinator/fencing.py). The others
+            # ended by the agent's own report (it lists them for lines still owed): nothing runs.
+            fenced = self.store.agent_lost_attempts(agent_id, stale)
+            positions = self.store.log_positions([w for w in active if w in jobs])
+            return resend, stop, stale, positions, requeued, fenced
 
-        resend, stop, stale, positions, requeued = await self.db(reconcile)
+        resend, stop, stale, positions, requeued, fenced = await self.db(reconcile)
+        self.quarantine.narrow(agent_id, fenced)
+        if fenced:
+            log.warning(
+                "agent %s came back running attempts that are over: %s; aborting them",
+                agent_id,
+                ", ".join(sorted(fenced)),
+            )
         if requeued:
             await self._requeued()
         for a in await self.db(self.store.assignments_for_agent, agent_id, resend):
