@@ -10,7 +10,19 @@ import pytest
 
 from dstack.coordinator.fencing import quarantine_bound_s
 from dstack.protos.v1 import agent_pb2, common_pb2
-from tests.inproc.factories import JS, TR, Harness, SimAgent, coordinator, job_spec, sim_agent, submit_run, wait_until
+from tests.inproc.factories import (
+    JS,
+    TR,
+    GatedRuntime,
+    Harness,
+    SimAgent,
+    coordinator,
+    job_spec,
+    real_agent,
+    sim_agent,
+    submit_run,
+    wait_until,
+)
 
 pytestmark = pytest.mark.inproc
 LEASE_S = 5.0
@@ -126,3 +138,33 @@ async def test_a_message_on_a_session_that_is_over_is_refused_and_its_stream_end
         job = await h.job(run.name)
         assert job.status == JS.JOB_STATUS_ASSIGNED  # the RUNNING it carried was not applied
         assert await h.logs(run.name) == []
+
+
+async def test_the_agent_starts_no_job_on_a_gpu_its_own_running_job_still_holds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defence in depth, on the agent: were the coordinator to hand out a GPU that a job of this agent
+    still holds (a stale attempt being killed), the new job waits for that job to end."""
+    runtime = GatedRuntime()
+    async with coordinator(tmp_path) as h, real_agent(h, runtime=runtime, simulate_gpus="1xA100-80GB") as agent:
+        run = await submit_run(h, gpu_job("main"))
+        job_id = run.jobs[0].id
+        holder = await runtime.started(job_id)
+        # The same GPU (and code) for another job id, as an unfenced coordinator could send it.
+        intruder = agent_pb2.JobAssignment()
+        intruder.CopyFrom(agent.jobs[job_id].a)
+        intruder.job_id = "intruder"
+        assert list(intruder.gpu_indices) == [0]
+        await agent._handle(agent_pb2.CoordinatorMessage(assignments=[intruder]))
+        await wait_until(
+            lambda: _true("job intruder waits for GPU(s) [0], still held by " + job_id in caplog.text),
+            "the intruder to say it waits for GPU 0",
+        )
+        assert "intruder" not in runtime.procs
+        holder.exit(0)
+        (await runtime.started("intruder")).exit(0)
+        assert (await h.job(run.name)).status in (JS.JOB_STATUS_RUNNING, JS.JOB_STATUS_UPLOADING, JS.JOB_STATUS_DONE)
+
+
+async def _true(value: bool) -> bool | None:
+    return True if value else None
