@@ -10,7 +10,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dstack.coordinator.attempts import parse_wire_job_id, wire_job_id
 from dstack.coordinator.clock import SYSTEM_CLOCK, Clock
@@ -24,6 +24,7 @@ from dstack.coordinator.convert import (
     update_acks_to_proto,
 )
 from dstack.coordinator.durations import Durations, duration_key
+from dstack.coordinator.elapsed import NS, Instants, Waits
 from dstack.coordinator.errors import Unauthenticated
 from dstack.coordinator.fairshare import interval_usage, weight
 from dstack.coordinator.fencing import Quarantine, Sessions, quarantine_bound_s
@@ -91,6 +92,11 @@ class Engine:
         self.db = db
         self.hub = AgentHub()
         self.sessions = Sessions()  # each agent stream's epoch (coordinator/fencing.py)
+        # Durations on the monotonic clock (coordinator/elapsed.py): since when each job waits, runs
+        # ((job, started_at) -> instant), and each agent has not been heard from.
+        self.waits = Waits(clock)
+        self.started = Instants(clock)
+        self.unheard = Instants(clock)
         self.quarantine = Quarantine()  # agents that may still run attempts that are over
         self.watchers = RunWatchers()
         self._kick = asyncio.Event()
@@ -131,8 +137,10 @@ class Engine:
         self.secrets = {}
         for owner, name, ciphertext in await self.db(self.store.secret_ciphertexts):
             self.secrets.setdefault(owner, {})[name] = self.secret_box.decrypt(ciphertext)
-        for row in await self.db(self.store.waiting_jobs):
+        rows = await self.db(self.store.waiting_jobs)
+        for row in rows:
             self.queue.add_row(row)
+        self.waits.load((row.id, row.submitted_at) for row in rows)
         recent = await self.db(self.store.recent_durations)
         self.durations.add((duration_key(f.workflow, f.job_name), f.seconds) for f in reversed(recent))
         self._tasks = [
@@ -192,6 +200,7 @@ class Engine:
             self.wait_info = plan.info
             self.reservations = plan.reservations
             self.queue.discard(plan.done)
+            self.waits.discard(plan.done)
             self.queue.mark_pending(plan.marked_pending)
             for a in plan.assignments:
                 self.hub.send(a.agent_id, agent_pb2.CoordinatorMessage(assignments=[self._assignment(a)]))
@@ -240,12 +249,16 @@ class Engine:
         usage = {u: acc.at(now, half_life) for u, acc in store.usage_accumulators().items()}
         agents = self._idle_agent_states(connected)
         running: list[RunningJob] = []
-        for job in store.jobs_on_agents():
+        on_agents = store.jobs_on_agents()
+        self.started.keep((job.id, job.started_at) for job in on_agents if job.started_at is not None)
+        for job in on_agents:
+            # When it started, as `now` minus how long it has run on the monotonic clock: a step of
+            # the wall clock changes neither its usage so far nor its expected end.
+            start = now if job.started_at is None else now - self._ran_ns(job.id, job.started_at)
             if job.started_at is not None:  # usage so far of the jobs that run
                 cost = weight(len(job.gpu_indices), job.cpu)
-                so_far = interval_usage(cost, job.started_at, now, now, half_life)
+                so_far = interval_usage(cost, start, now, now, half_life)
                 usage[job.owner] = usage.get(job.owner, 0.0) + so_far
-            start = job.started_at or now
             took = self._max_durations.get(job.id) or self.durations.medians.get(
                 duration_key(job.workflow, job.job_name)
             )
@@ -406,6 +419,8 @@ class Engine:
             for agent_id in lost:
                 log.warning("agent %s lost: its lease ran out", agent_id)
                 self.sessions.end(agent_id)  # nothing read late on its old stream is applied
+                self.unheard.forget(agent_id)
+                self.unheard.mark(agent_id)  # forgotten `--forget-lost-agents-after` from now
                 self.hub.drop(agent_id)
             if self.quarantine.expire(self.clock.monotonic()):
                 self.kick()
@@ -438,10 +453,24 @@ class Engine:
             self.watchers.notify(settled.runs)
             self.kick()
 
+    def _ran_ns(self, job_id: str, started_at: int, seen_at: int = 0) -> int:
+        """How long the job has run, on the monotonic clock (`seen_at`: when the coordinator saw it
+        start, as a wall stamp, a better stamp than the agent's `started_at` for a job it did not see
+        start in this process)."""
+        return int((self.clock.monotonic() - self.started.at((job_id, started_at), seen_at or started_at)) * NS)
+
+    def _overdue(self) -> list[str]:
+        """Jobs that ran past their `max_duration`, timed on the monotonic clock (DB thread)."""
+        return [
+            job_id
+            for job_id, started_at, seen_at, limit_s in self.store.jobs_with_max_duration()
+            if self._ran_ns(job_id, started_at, seen_at) >= limit_s * NS
+        ]
+
     async def _stop_overdue(self) -> None:
         """Jobs past their `max_duration` are stopped (SIGTERM, the grace period, then killed)."""
         try:
-            overdue = await self.db(self.store.stop_overdue, self.clock.time_ns())
+            overdue = await self.db(lambda: self.store.stop_for_max_duration(self._overdue()))
         except Exception:
             log.exception("max_duration check failed")
             return
@@ -458,8 +487,13 @@ class Engine:
             self.queue
         ):
             return
+        after = min(cfg.reserve_after_s, cfg.preempt_after_s if cfg.fairshare else math.inf)
+        starved = self.waits.longer_than(after, self.queue)  # on the monotonic clock
+        if not starved:
+            return
+        waited = {j: int(self.waits.waited_s(j) * NS) for j in starved}
         try:
-            chosen = await self.db(self._victims, self.hub.connected_ids())
+            chosen = await self.db(self._victims, self.hub.connected_ids(), waited)
         except Exception:
             log.exception("preemption check failed")
             return
@@ -467,15 +501,20 @@ class Engine:
             choice, name = chosen
             await self.preempt(list(choice.victims), f"preempted for {choice.for_owner}'s job {name} ({choice.cause})")
 
-    def _victims(self, connected: set[str]) -> tuple[Preemption, str] | None:
-        """What the policy preempts now, and the name of the job it is for (DB thread)."""
+    def _victims(self, connected: set[str], waited: dict[str, int]) -> tuple[Preemption, str] | None:
+        """What the policy preempts now, and the name of the job it is for (DB thread). `waited`: the
+        jobs that waited long enough, and for how long (ns, on the monotonic clock)."""
         cfg = self.config
         now = self.clock.time_ns()
-        after = min(cfg.reserve_after_s, cfg.preempt_after_s if cfg.fairshare else math.inf)
-        starved = self.store.starved_jobs(now - int(after * 1e9))
+        # Times as `now` minus a monotonic duration, so that the policy's wall-clock arithmetic reads
+        # durations a step of the wall clock cannot change.
+        starved = [replace(w, submitted_at=now - waited[w.id]) for w in self.store.starved_among(list(waited))]
         if not starved:
             return None
-        running = self.store.running_for_preemption()
+        running = [
+            replace(j, started_ns=now - self._ran_ns(j.job_id, j.started_ns)) if j.started_ns else j
+            for j in self.store.running_for_preemption()
+        ]
         if not any(j.interruptible and not j.being_preempted for j in running):
             return None
         rules = Rules(
@@ -543,11 +582,19 @@ class Engine:
         for row in await self.db(self.store.waiting_jobs):
             if row.id not in self.queue:
                 self.queue.add_row(row)
+                self.waits.start(row.id)
+
+    def _unheard_for_long(self) -> list[str]:
+        """Agents with no job, lost (or never connected, or removed) and not heard from for
+        `--forget-lost-agents-after` on the monotonic clock (DB thread)."""
+        unused = self.store.unused_agents()
+        self.unheard.keep(agent_id for agent_id, _ in unused)
+        after = self.config.forget_lost_agents_after_s
+        return [a for a, stamp in unused if self.clock.monotonic() - self.unheard.at(a, stamp) >= after]
 
     async def _forget_lost_agents(self) -> None:
-        before = self.clock.time_ns() - int(self.config.forget_lost_agents_after_s * 1e9)
         try:
-            gone = await self.db(self.store.forget_lost_agents, before)
+            gone = await self.db(lambda: self.store.forget_agents(self._unheard_for_long()))
         except Exception:
             log.exception("forgetting lost agents failed")
             return
@@ -565,6 +612,8 @@ class Engine:
             self.hub.send(agent_id, agent_pb2.CoordinatorMessage(stops=stops))
         self.sessions.end(agent_id)
         self.quarantine.forget(agent_id)
+        self.unheard.forget(agent_id)
+        self.unheard.mark(agent_id)
         self.hub.drop(agent_id)
         self._inventories.pop(agent_id, None)
         self._renewed.pop(agent_id, None)
@@ -593,6 +642,7 @@ class Engine:
         )
         if status not in (AgentStatus.ONLINE, AgentStatus.PENDING):
             raise Unauthenticated(agent_removed(agent_id))
+        self.unheard.forget(agent_id)  # heard from: a later loss counts from then
         # Results the agent kept while it could not reach us come first.
         await self.on_message(agent_id, msg)
         active = list(hello.active_job_ids)
@@ -654,6 +704,9 @@ class Engine:
             changed.update(await self._runs_of(parse_wire_job_id(j.job_id)[0] for j in msg.logs))
         if msg.updates:
             updates = job_updates_from_proto(msg.updates)
+            for u in updates:  # a job's run is timed from here, on the monotonic clock (max_duration)
+                if u.status == JobStatus.RUNNING and u.time_ns:
+                    self.started.mark((parse_wire_job_id(u.job_id)[0], u.time_ns))
             res = await self.db(self.store.apply_job_updates, agent_id, updates)
             reply.update_acks.extend(update_acks_to_proto(res.acks))
             changed |= res.changed_runs
@@ -710,6 +763,8 @@ class Engine:
         """A run just stored joins the scheduling queue: its jobs' ids and specs, its owner, priority,
         submission time and workflow (for fair share and estimates)."""
         self.queue.add_run(run_id, jobs, owner, priority, submitted_at, workflow)
+        for job_id, _ in jobs:
+            self.waits.start(job_id)
         self.kick(finished=False)
 
     def seal_secret(self, value: str) -> bytes:
