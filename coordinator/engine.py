@@ -304,6 +304,7 @@ class Engine:
             reserve_after_s=cfg.reserve_after_s,
             reservations=self._held(),
             durations=self.durations.medians,
+            waited_s=self.waits.waited_s,
         )
         self.last_usage = usage
         decision = plan(queue, list(agents.values()), running, policy)

@@ -5,6 +5,7 @@ wall clock alone (`step_wall`); only `advance` moves the monotonic clock."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -123,3 +124,27 @@ def _gone(h: Harness, name: str) -> Callable[[], Awaitable[bool | None]]:
         return True if await h.agent(name) is None else None
 
     return check
+
+
+@STEPS
+async def test_a_wall_clock_step_reserves_no_agent_for_a_job_that_waited_a_moment(tmp_path: Path, step: float) -> None:
+    async with (
+        coordinator(tmp_path, lease_timeout_s=NO_LEASES, reserve_after_s=300.0, preempt_after_s=math.inf) as h,
+        sim_agent(h, "gpu-1", gpus=2) as agent,
+    ):
+        await add_users(h)
+        pool = Pool(h, agent)
+        await submit(h, "alice")
+        await submit(h, "alice")
+        await pool.settle()
+        big = await submit(h, "carol", gpus=2, workflow="big")
+        await submit(h, "alice")  # a smaller job waits too: only jobs above the smallest reserve
+        await pool.settle()
+        h.clock.step_wall(step)
+        h.coordinator.engine.kick()
+        await pool.advance(10)
+        assert (await job_of(h, big)).wait_reason != "reservation"
+        await pool.advance(300)  # now it has waited past --reserve-after
+        h.coordinator.engine.kick()
+        await pool.advance(1)
+        assert (await job_of(h, big)).wait_reason == "reservation"
