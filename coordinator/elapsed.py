@@ -55,11 +55,14 @@ class Instants:
         with self._lock:
             self._at.pop(key, None)
 
-    def keep(self, keys: Iterable[Hashable]) -> None:
-        """Forgets every event but these (the ones still current)."""
+    def keep(self, keys: Iterable[Hashable], grace_s: float = 60.0) -> None:
+        """Forgets every event but these (the ones still current) and those of the last `grace_s`
+        (marked before the row that names them was written: a job's start is marked as its report
+        arrives, and stored a moment later)."""
         live = set(keys)
+        recent = self.clock.monotonic() - grace_s
         with self._lock:
-            self._at = {k: v for k, v in self._at.items() if k in live}
+            self._at = {k: v for k, v in self._at.items() if k in live or v >= recent}
 
 
 class Waits:
