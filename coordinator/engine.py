@@ -492,9 +492,8 @@ class Engine:
         starved = self.waits.longer_than(after, self.queue)  # on the monotonic clock
         if not starved:
             return
-        waited = {j: int(self.waits.waited_s(j) * NS) for j in starved}
         try:
-            chosen = await self.db(self._victims, self.hub.connected_ids(), waited)
+            chosen = await self.db(self._victims, self.hub.connected_ids(), starved)
         except Exception:
             log.exception("preemption check failed")
             return
@@ -502,21 +501,24 @@ class Engine:
             choice, name = chosen
             await self.preempt(list(choice.victims), f"preempted for {choice.for_owner}'s job {name} ({choice.cause})")
 
-    def _victims(self, connected: set[str], waited: dict[str, int]) -> tuple[Preemption, str] | None:
-        """What the policy preempts now, and the name of the job it is for (DB thread). `waited`: the
-        jobs that waited long enough, and for how long (ns, on the monotonic clock)."""
+    def _victims(self, connected: set[str], waited_long: list[str]) -> tuple[Preemption, str] | None:
+        """What the policy preempts now, and the name of the job it is for (DB thread). `waited_long`:
+        the jobs that waited long enough (on the monotonic clock)."""
         cfg = self.config
         now = self.clock.time_ns()
         # Times as `now` minus a monotonic duration, so that the policy's wall-clock arithmetic reads
-        # durations a step of the wall clock cannot change.
-        starved = [replace(w, submitted_at=now - waited[w.id]) for w in self.store.starved_among(list(waited))]
-        if not starved:
-            return None
+        # durations that a step of the wall clock cannot change.
         running = [
             replace(j, started_ns=now - self._ran_ns(j.job_id, j.started_ns)) if j.started_ns else j
             for j in self.store.running_for_preemption()
         ]
         if not any(j.interruptible and not j.being_preempted for j in running):
+            return None
+        starved = [
+            replace(w, submitted_at=now - int(self.waits.waited_s(w.id) * NS))
+            for w in self.store.starved_among(waited_long)
+        ]
+        if not starved:
             return None
         rules = Rules(
             now_ns=now,

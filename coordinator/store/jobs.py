@@ -269,6 +269,7 @@ class Jobs:
         # Charges a job's fair-share usage in the transaction that ends it (store/usage.py), so that
         # the common end (an agent's report) needs no second write of the job's row.
         self.charge: Callable[[sqlite3.Connection, Sequence[str]], None] | None = None
+        self._limits: dict[tuple[str, int], float] = {}  # (job, deadline_at) -> max_duration (DB thread)
 
     def of_runs(self, run_ids: Sequence[str]) -> dict[str, list[JobRow]]:
         out: dict[str, list[JobRow]] = {r: [] for r in run_ids}
@@ -644,13 +645,20 @@ class Jobs:
         coordinator saw them start as a wall stamp, the limit in seconds). The engine times them on
         the monotonic clock (coordinator/elapsed.py); the stored deadline is `seen + limit`."""
         rows = self.db.rows(
-            f"SELECT id, spec, started_at, deadline_at FROM jobs WHERE status IN ({ints_in(ON_AGENT)})"
+            f"SELECT id, started_at, deadline_at FROM jobs WHERE status IN ({ints_in(ON_AGENT)})"
             " AND deadline_at > 0 AND stop_requested = 0"
         )
+        # Asked every second: each job's limit is read from its spec once (a new attempt has a new deadline).
+        known, self._limits = self._limits, {}
         out = []
         for r in rows:
-            limit = common_pb2.JobSpec.FromString(r["spec"]).max_duration_s
-            out.append((r["id"], r["started_at"] or 0, r["deadline_at"] - int(limit * 1e9), float(limit)))
+            key = (r["id"], r["deadline_at"])
+            limit = known.get(key)
+            if limit is None:
+                spec = self.db.row("SELECT spec FROM jobs WHERE id = ?", [r["id"]])
+                limit = float(common_pb2.JobSpec.FromString(spec[0]).max_duration_s) if spec else 0.0
+            self._limits[key] = limit
+            out.append((r["id"], r["started_at"] or 0, r["deadline_at"] - int(limit * 1e9), limit))
         return out
 
     def stop_for_max_duration(self, job_ids: Sequence[str]) -> list[StopOrder]:
@@ -679,8 +687,8 @@ class Jobs:
         preemption may serve: as `starved`."""
         out: list[WaitingJob] = []
         ids = list(job_ids)
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
+        for i in range(0, len(ids), 5000):
+            chunk = ids[i : i + 5000]
             out += self._starved(f"j.id IN ({marks(chunk)})", chunk)
         out.sort(key=lambda w: w.submitted_at)
         return out
