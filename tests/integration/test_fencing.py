@@ -78,7 +78,7 @@ def run_of(cluster: Cluster, project: Path, workflow: str) -> str:
     return next(run["name"] for run in cluster.runs() if run["workflow"] == workflow)
 
 
-# 25 s on a quiet 2-core machine, a minute under load: `pytest -m long`. In .ci/run, the same guards run
+# 24 s to 60 s on the shared 2-core machine (load 20 to 35): `pytest -m long`. In .ci/run, the same guards run
 # in process (tests/inproc/test_fencing.py), and test_attempts.py freezes an agent with real processes.
 @pytest.mark.long
 def test_a_frozen_agent_back_with_its_old_gpu_attempt_never_shares_that_gpu_and_its_reports_are_refused(
