@@ -12,7 +12,7 @@ from rich.text import Text
 
 
 def _value(v: Any) -> str:
-    if v is None or v == "":
+    if v is None or v == "" or v == []:
         return "-"
     if isinstance(v, list | dict):
         return json.dumps(v) if not (isinstance(v, list) and all(isinstance(x, str) for x in v)) else ", ".join(v)

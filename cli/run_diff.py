@@ -73,7 +73,11 @@ def package_changes(a: str, b: str) -> dict[str, Any]:
 
 
 def _gpus(env: dict[str, Any]) -> list[str]:
-    return [str(g.get("name") or "") + (" (simulated)" if g.get("simulated") else "") for g in env.get("gpus") or []]
+    out = []
+    for g in env.get("gpus") or []:
+        name = str(g.get("name") or "")  # a simulated GPU's name may say so already
+        out.append(name + (" (simulated)" if g.get("simulated") and "simulated" not in name else ""))
+    return out
 
 
 def environment_changes(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,9 @@ def test_rerun_reports_a_requirement_that_resolves_differently_and_pin_keeps_it(
     assert r.returncode == 0, r.stderr
     for text in ("variable lr", "0.1", "0.2", "package tinypkg", "1.0", "2.0", "H100"):
         assert text in r.stdout, r.stdout
-    assert "code" not in r.stdout.split()  # equal sections are not printed
+    assert not any(line.split() == ["code"] for line in r.stdout.splitlines())  # equal sections are not printed
+    if os.environ.get("DSTACK_DIFF_SAMPLE"):  # docs/reproducibility.md's sample
+        Path(os.environ["DSTACK_DIFF_SAMPLE"]).write_text(r.stdout)
 
     # rerun follows the job, then says what it did not reproduce: the package, the GPU model.
     r = cluster.cli("rerun", old, timeout=300)
