@@ -37,6 +37,7 @@ from dstack.coordinator.store.records import RUN_PART
 
 FINISHED = (RunStatus.DONE, RunStatus.FAILED, RunStatus.STOPPED)
 # A `pip freeze` line pip accepts in a constraints file: NAME==VERSION (editables and direct URLs are not).
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 PINNABLE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!_-]+")
 # Written by the first command of a pinned job: pip (in the job, and in the agent's environment helper,
 # whose environment cache keys on it) reads PIP_CONSTRAINT as `pip install -c`.
@@ -150,13 +151,18 @@ def _image_pin(image: str, env: dict[str, Any]) -> tuple[str, str]:
     if "@sha256:" in image:
         return "", ""
     repo = image.rsplit(":", 1)[0] if ":" in image.rsplit("/", 1)[-1] else image
-    digests = [d for d in env.get("image_digests") or [] if isinstance(d, str) and "@sha256:" in d]
-    same_repo = [d for d in digests if d.split("@", 1)[0] in (repo, f"docker.io/{repo}", f"docker.io/library/{repo}")]
-    chosen = (same_repo or digests or [""])[0]
-    if not chosen:
+    # Only a digest of the image's own repository, well formed: the agent that reported them is not trusted
+    # to send the rerun to another image.
+    names = (repo, f"docker.io/{repo}", f"docker.io/library/{repo}")
+    digests = [
+        d.split("@", 1)[1]
+        for d in env.get("image_digests") or []
+        if isinstance(d, str) and "@" in d and d.split("@", 1)[0] in names and DIGEST.fullmatch(d.split("@", 1)[1])
+    ]
+    if not digests:
         image_id = env.get("image_id") or "unknown"
-        return "", f"image {image} has no registry digest in the record (ID {image_id}): it runs by its tag"
-    pinned = f"{repo}@{chosen.split('@', 1)[1]}"
+        return "", f"image {image} has no registry digest of {repo} in the record (ID {image_id}): it runs by its tag"
+    pinned = f"{repo}@{digests[0]}"
     return pinned, f"image {image} pinned to {pinned}"
 
 

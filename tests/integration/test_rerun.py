@@ -229,6 +229,17 @@ def test_a_dirty_tree_reruns_byte_for_byte_and_who_may_rerun(cluster: Cluster, t
     assert "code" not in d and "workflows" not in d and d["identical"] is True
     assert d["run"] == {"owner": ["admin", "mia"]}
 
+    # The later tree, run: diff names the files that differ, and --code shows how.
+    later = finished(cluster, cluster.cli("run", "look", "-d", cwd=project))
+    r = cluster.cli("diff", old, later, "--json", "--code")
+    assert r.returncode == 0, r.stderr
+    code = json.loads(r.stdout)["code"]
+    assert code["files"] == {"added": ["new-untracked.txt"], "changed": ["train.py"]}
+    assert code["untracked"] == {"added": ["new-untracked.txt"], "removed": []}
+    assert "-print('v2, not committed')\n+print('v3, later')\n" in code["unified_diff"]
+    r = cluster.cli("diff", old, later)
+    assert r.returncode == 0 and "train.py" in r.stdout and "new-untracked.txt" in r.stdout, r.stdout
+
     # Another user's local repository (no remote) is theirs: a member cannot rerun into it.
     local = write_project(tmp_path / "local", "workflows:\n  - name: hi\n    provider: bash\n    commands: [echo hi]\n")
     mine = finished(cluster, cluster.cli("run", "hi", "-d", cwd=local))
