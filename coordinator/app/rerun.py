@@ -34,6 +34,7 @@ from dstack.coordinator.model import JobSpec, RunStatus, RunView
 from dstack.coordinator.repositories import local_repository_user
 from dstack.coordinator.store.base import json_list
 from dstack.coordinator.store.records import RUN_PART
+from dstack.coordinator.store.secrets import TEAM, SecretRow
 
 FINISHED = (RunStatus.DONE, RunStatus.FAILED, RunStatus.STOPPED)
 # A `pip freeze` line pip accepts in a constraints file: NAME==VERSION (editables and direct URLs are not).
@@ -146,6 +147,32 @@ def _input_notes(core: Core, run: RunView, repository: str, specs: list[JobSpec]
     return notes
 
 
+def _secret_notes(core: Core, run: RunView, caller: str) -> list[str]:
+    """On the DB thread: the secrets whose value the rerun may get otherwise than the old run's jobs did.
+    Values are never read here: a secret set (again) after the old run's first job started may have another
+    value; one the caller has personally, or the old owner had, is another value than the other's."""
+    started = min((j.started_at_ns for j in run.jobs if j.started_at_ns), default=run.submitted_at_ns)
+    rows = core.store.secrets.all()
+
+    def visible(owner: str) -> dict[str, SecretRow]:  # as the engine's secrets_for: personal over team
+        out = {r.name: r for r in rows if r.owner == TEAM}
+        out |= {r.name: r for r in rows if r.owner == owner and owner != TEAM}
+        return out
+
+    before, now = visible(run.owner), visible(caller)
+    notes = []
+    for name in sorted(now):
+        row = now[name]
+        whose = "your personal" if row.personal else "the team's"
+        if row.created_at > started:
+            notes.append(f"secret {name} did not exist when run {run.name} ran: the rerun gets {whose} value")
+        elif name in before and (before[name].owner, before[name].name) != (row.owner, row.name):
+            notes.append(f"secret {name}: the rerun gets {whose} value, not the one run {run.name} got ({run.owner}'s)")
+        elif row.updated_at > started:
+            notes.append(f"secret {name} was set again after run {run.name} ran: its value may differ")
+    return notes
+
+
 def _image_pin(image: str, env: dict[str, Any]) -> tuple[str, str]:
     """(the image by its recorded digest or "", a note)."""
     if "@sha256:" in image:
@@ -236,6 +263,7 @@ async def rerun(
             pinned.append(spec)
             notes += pin_notes
         specs = pinned
+    notes += await core.db(_secret_notes, core, old, actor.name)
     pinned_inputs = await core.db(_pinned_inputs, core, old) if same_inputs else None
     if not same_inputs:
         notes += await core.db(_input_notes, core, old, old.repository, specs)

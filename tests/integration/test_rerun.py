@@ -6,6 +6,7 @@
 - A requirement that resolves differently now (a newer wheel published to the index between the runs) is
   reported when the rerun ends, with the other GPU model; `--pin` makes pip resolve the recorded version.
 - `dstack diff` names a changed variable and a changed package; `--json` has the documented shape.
+- A secret set again since the old run is reported (never its value).
 - A viewer cannot rerun; a member reruns another member's run of a shared repository, not of their local
   one; an unknown run, and one still running, are clear errors.
 - A dirty tree with untracked files reruns byte for byte: `dstack code` of both runs gives the same tree.
@@ -63,6 +64,7 @@ def test_rerun_same_inputs_takes_the_old_input_after_the_tag_moved(cluster: Clus
     project = write_project(
         tmp_path / "p", TAGGED, {".dstack/variables.yaml": "variables:\n  make:\n    content: none\n"}
     )
+    assert cluster.cli("secrets", "add", "API_KEY", "first-s3cr3t-value").returncode == 0
     first = finished(cluster, cluster.cli("run", "make", "--content", "v1", "-t", "data", "-d", cwd=project))
     used = finished(cluster, cluster.cli("run", "use", "-d", cwd=project))
     assert "content v1" in logs(cluster, used)
@@ -76,8 +78,12 @@ def test_rerun_same_inputs_takes_the_old_input_after_the_tag_moved(cluster: Clus
     old_inputs = show(cluster, used)["jobs"][0]["inputs"]
     assert record["jobs"][0]["inputs"] == old_inputs and old_inputs[0]["run"] == first
 
+    # The secret is set again: the rerun says its value may differ, and prints neither value.
+    assert cluster.cli("secrets", "add", "API_KEY", "second-s3cr3t-value").returncode == 0
     r = cluster.cli("rerun", used, "-d")
     assert f"tag data now names run {second}" in r.stderr, r.stderr
+    assert f"secret API_KEY was set again after run {used} ran" in r.stderr, r.stderr
+    assert "s3cr3t" not in r.stderr + r.stdout
     current = finished(cluster, r)
     assert "content v2" in logs(cluster, current)
     assert show(cluster, current)["jobs"][0]["inputs"][0]["run"] == second
