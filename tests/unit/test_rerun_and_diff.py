@@ -6,7 +6,10 @@ digest must not become a shell command, another registry or a malformed referenc
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from dstack.cli.commands.rerun import tree_changes
 from dstack.cli.run_diff import diff_records, package_changes, reproduction_gaps
@@ -133,3 +136,19 @@ def test_tree_changes_list_files_and_a_unified_diff() -> None:
     text = out["unified_diff"]
     assert "-print(1)\n+print(2)\n" in text and "mode of train.py: file 0 -> file 111" in text
     assert "Binary files a/blob" in text and "+++ b/new.txt" in text and "--- a/old.txt" in text
+
+
+def test_the_environment_cache_keys_on_pip_constraints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A venv resolved without `--pin`'s constraints (or with others) is not reused for a pinned job."""
+    from dstack.agent import env_helper
+
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("tinypkg\n")
+    monkeypatch.delenv("PIP_CONSTRAINT", raising=False)
+    plain = env_helper.env_key(str(requirements))
+    constraints = tmp_path / "c.txt"
+    constraints.write_text("tinypkg==1.0\n")
+    monkeypatch.setenv("PIP_CONSTRAINT", str(constraints))
+    pinned = env_helper.env_key(str(requirements))
+    constraints.write_text("tinypkg==2.0\n")
+    assert len({plain, pinned, env_helper.env_key(str(requirements))}) == 3
