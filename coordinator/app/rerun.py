@@ -197,11 +197,14 @@ def _constraints(env: dict[str, Any]) -> tuple[str, int, int]:
     """(constraints text, lines pinned, lines left out) from the recorded `pip freeze`."""
     lines = [ln.strip() for ln in str(env.get("packages") or "").splitlines() if ln.strip()]
     kept = [ln for ln in lines if PINNABLE.fullmatch(ln)]
-    text = "\n".join(kept)
-    while len(text) > MAX_CONSTRAINTS and kept:
-        kept.pop()
-        text = "\n".join(kept)
-    return text, len(kept), len(lines) - len(kept)
+    size, fits = 0, 0
+    for line in kept:  # as many as one environment variable holds
+        size += len(line) + 1
+        if size > MAX_CONSTRAINTS:
+            break
+        fits += 1
+    kept = kept[:fits]
+    return "\n".join(kept), len(kept), len(lines) - len(kept)
 
 
 def _pin(spec: JobSpec, job: dict[str, Any] | None) -> tuple[JobSpec, list[str]]:
@@ -219,7 +222,7 @@ def _pin(spec: JobSpec, job: dict[str, Any] | None) -> tuple[JobSpec, list[str]]
     text, kept, left = _constraints(env)
     spec = pinned_job_spec(spec, pinned, {CONSTRAINTS_ENV: text} if kept else {}, PIN_COMMAND if kept else "")
     if kept:
-        more = f"; {left} line(s) that are not NAME==VERSION left out" if left else ""
+        more = f"; {left} line(s) left out (not NAME==VERSION, or past {MAX_CONSTRAINTS // 1024} KiB)" if left else ""
         cut = " (the recorded freeze was truncated)" if env.get("packages_truncated") else ""
         notes.append(f"job {spec.job_name}: pip constrained to the {kept} recorded package version(s){more}{cut}")
     if not image and not kept:

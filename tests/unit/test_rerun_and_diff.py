@@ -42,6 +42,9 @@ def test_constraints_keep_only_name_equals_version_lines() -> None:
     )
     text, kept, left = _constraints({"packages": freeze})
     assert text.splitlines() == ["tinypkg==1.0", "Torch==2.3.0+cu121"] and (kept, left) == (2, 4)
+    huge = "".join(f"pkg{i}==1.0\n" for i in range(30_000))  # a hostile agent's quarter megabyte
+    text, kept, left = _constraints({"packages": huge})
+    assert len(text) <= 96 * 1024 and kept + left == 30_000 and text.endswith("==1.0")
 
 
 def test_pin_passes_constraints_through_the_environment_not_the_command_line() -> None:
@@ -50,7 +53,7 @@ def test_pin_passes_constraints_through_the_environment_not_the_command_line() -
     pinned = common_pb2.JobSpec.FromString(spec.encoded)
     assert list(pinned.commands) == [PIN_COMMAND, "python train.py"] and "tinypkg" not in PIN_COMMAND
     assert pinned.env[CONSTRAINTS_ENV] == "tinypkg==1.0"
-    assert any("1 recorded package version(s); 1 line(s)" in n for n in notes)
+    assert any("1 recorded package version(s); 1 line(s) left out" in n for n in notes)
     untouched, notes = _pin(job_spec_from_proto(proto), {"environment": None})
     assert untouched.encoded == job_spec_from_proto(proto).encoded and "recorded no environment" in notes[0]
 
