@@ -71,6 +71,15 @@ def test_rerun_same_inputs_takes_the_old_input_after_the_tag_moved(cluster: Clus
     second = finished(cluster, cluster.cli("run", "make", "--content", "v2", "-t", "data", "-d", cwd=project))
     wait_for(lambda: cluster.cli("tags", "list", "--json", cwd=project).stdout.count(second) == 1, what="tag moved")
 
+    r = cluster.cli("diff", first, second, "--json")  # the variable that differs, and the file it made
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["workflows"] == {
+        "make": {"variables": {"content": ["v1", "v2"]}, "workflow": d["workflows"]["make"]["workflow"]}
+    }
+    assert d["workflows"]["make"]["workflow"]["commands[0]"][1].endswith('echo "content v2" > data/x.txt')
+    assert d["run"]["args"] == [["--content", "v1"], ["--content", "v2"]] and "code" not in d
+
     same = finished(cluster, cluster.cli("rerun", used, "--same-inputs", "-d"))
     assert "content v1" in logs(cluster, same)  # the file the old run read, though the tag is on v2 now
     record = show(cluster, same)
@@ -119,6 +128,7 @@ print("tinypkg says", tinypkg.VALUE, "lr", os.environ["LR"])
 """
 
 
+@pytest.mark.long  # four python jobs that make venvs: about a minute alone, minutes on a busy machine
 def test_rerun_reports_a_requirement_that_resolves_differently_and_pin_keeps_it(
     cluster: Cluster, tmp_path: Path
 ) -> None:
