@@ -20,13 +20,14 @@ the key exact.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dstack.coordinator.model import ArtifactInput
+from dstack.coordinator.model import ArtifactInput, JobSpec
 from dstack.coordinator.records import manifest_hash
 from dstack.protos.v1 import common_pb2
 
@@ -70,6 +71,16 @@ def input_manifests(inputs: Sequence[ArtifactInput]) -> list[list[str]]:
 
 def full_key(base: str, inputs: Sequence[ArtifactInput]) -> str:
     return _digest({"v": KEY_VERSION, "base": base, "inputs": input_manifests(inputs)})
+
+
+def without_cache(spec: JobSpec) -> JobSpec:
+    """The spec with its `cache` flag off (`dstack rerun` runs a run's jobs again: a hit would hand back the
+    old run's own files). Its key is the same: the flag is not in it."""
+    if not spec.cache:
+        return spec
+    proto = common_pb2.JobSpec.FromString(spec.encoded)
+    proto.cache = False
+    return dataclasses.replace(spec, encoded=proto.SerializeToString(), cache=False)
 
 
 def image_of(encoded_spec: bytes) -> dict[str, Any]:
