@@ -46,7 +46,10 @@ def provider_env(env: dict[str, str], job_root: str, compat_dir: str) -> dict[st
     """The environment of a provider program's job: where to write its jobs, and the compat `dstack` first on
     its PYTHONPATH (the program imports it; a `dstack` of the job's own image comes after)."""
     path = [compat_dir, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
-    return env | {JOBS_VAR: f"{job_root}/{JOBS_FILE}", "PYTHONPATH": ":".join(path)}
+    # Also as the user site (COMPAT_DIR/lib/python3.X/site-packages/dstack link to it), which comes before the
+    # image's site-packages and survives a command that sets PYTHONPATH itself, as ivan-bokov's torchrun
+    # entry does (`PYTHONPATH=providers python3 providers/torchrun/main.py`).
+    return env | {JOBS_VAR: f"{job_root}/{JOBS_FILE}", "PYTHONPATH": ":".join(path), "PYTHONUSERBASE": compat_dir}
 
 
 def read_jobs_file(workdir: Path) -> bytes | None:
