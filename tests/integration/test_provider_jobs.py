@@ -219,10 +219,10 @@ def test_an_agent_cannot_add_jobs_but_to_its_own_provider_jobs_done_once(cluster
             other.send(done(good, "evil2"))
             other.wait_acks({good}, common_pb2.JOB_STATUS_DONE)
     assert sorted(j["name"] for j in cluster.run_info(runs["good"])["jobs"]) == ["good", "good-1", "good-2"]
-    [job] = cluster.wait_status(runs["dotdot"], {"failed"})["jobs"]
-    assert "the provider's jobs are refused: invalid job name '..'" in job["message"], job
-    [job] = cluster.wait_status(runs["plain"], {"failed"})["jobs"]
-    assert "job 'plain' is not a provider program: it cannot add jobs" in job["message"], job
+    [refused] = cluster.wait_status(runs["dotdot"], {"failed"})["jobs"]
+    assert "the provider's jobs are refused: invalid job name '..'" in (refused["message"] or ""), refused
+    [plain_job] = cluster.wait_status(runs["plain"], {"failed"})["jobs"]
+    assert "job 'plain' is not a provider program: it cannot add jobs" in (plain_job["message"] or ""), plain_job
 
 
 class AgentStream:

@@ -48,7 +48,8 @@ def test_ivan_bokovs_torchrun_program_produces_a_master_and_its_workers(tmp_path
     repo = _checkout(tmp_path)
     workdir = tmp_path / "job"
     workdir.mkdir()
-    data: dict[str, object] = {"name": "ddp", "provider": "torchrun", "script": "main.py", "resources": {"nodes": 3, "gpu": 1}}
+    data: dict[str, object] = {"name": "ddp", "provider": "torchrun", "script": "main.py"}
+    data["resources"] = {"nodes": 3, "gpu": 1}
     r = _run_program(repo, workdir, data)
     assert r.returncode == 0, r.stdout + r.stderr
     parent = common_pb2.JobSpec(job_name="ddp", workflow="ddp", provider="torchrun", provider_program=True)
