@@ -40,6 +40,7 @@ from dstack.agent.environment import EnvironmentRecorder, host_facts
 from dstack.agent.masking import Masker
 from dstack.agent.outbox import Outbox
 from dstack.agent.ports import PortPool
+from dstack.agent.provider_jobs import ProvidedJobsError, parse_jobs, read_jobs_file
 from dstack.agent.runtimes import AGENT_MARKER, JobProcess, Runtime, RuntimeJob
 from dstack.protos.v1 import agent_pb2, common_pb2
 
@@ -176,8 +177,10 @@ class JobRunner:
         message: str = "",
         exit_code: int | None = None,
         ports: list[tuple[int, int]] | None = None,
+        provided: list[common_pb2.JobSpec] | None = None,
     ) -> None:
         u = agent_pb2.JobUpdate(job_id=self.job_id, status=status, termination_reason=reason, message=message)
+        u.provided_jobs.extend(provided or [])
         for host, container in ports or []:
             u.ports.add(host_port=host, container_port=container)
         if exit_code is not None:
@@ -285,6 +288,7 @@ class JobRunner:
                         python_version=spec.python_version,
                         ports=ports,
                         mounts=[(str(host), path) for path, host in folders.items()],
+                        provider_program=spec.provider_program,
                         gpus_simulated=self.deps.gpus_simulated,
                         system_line=self._system_line,
                         on_pulling=on_pulling,
@@ -415,12 +419,25 @@ class JobRunner:
             if error is not None and code == 0:
                 self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_ARTIFACT_UPLOAD_FAILED, error, code)
                 return
+        provided: list[common_pb2.JobSpec] = []
+        if code == 0 and spec.provider_program:  # a 2022 provider program: the jobs it wrote join the run
+            try:
+                provided = await asyncio.to_thread(self._provided_jobs, workdir, spec)
+            except ProvidedJobsError as e:
+                self._system_line(f"dstack: the provider's jobs are refused: {e}")
+                self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_EXECUTOR_ERROR, str(e), code)
+                return
         if code == 0:
-            self._update(JS.JOB_STATUS_DONE, TR.TERMINATION_REASON_DONE, "", code)
+            self._update(JS.JOB_STATUS_DONE, TR.TERMINATION_REASON_DONE, "", code, provided=provided)
         else:
             note = self.proc.exit_note if self.proc is not None else ""
             message = describe_exit(code) + (f" ({note})" if note else "")
             self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_EXIT_CODE, message, code)
+
+    @staticmethod
+    def _provided_jobs(workdir: Path, spec: common_pb2.JobSpec) -> list[common_pb2.JobSpec]:
+        data = read_jobs_file(workdir)
+        return [] if data is None else parse_jobs(data, spec)
 
     async def _record_machine(self, spec: common_pb2.JobSpec) -> None:
         """The GPUs, driver, and (host runtime) OS and Python of the job, for the run's record."""

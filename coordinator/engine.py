@@ -35,6 +35,7 @@ from dstack.coordinator.metrics import EngineMetrics
 from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, LogAck
 from dstack.coordinator.planner import DEPENDENCIES, Policy, RunningJob, UserLimits, WaitInfo, plan
 from dstack.coordinator.preemption import Preemption, Rules, choose
+from dstack.coordinator.provided_jobs import AddedJobs
 from dstack.coordinator.queue import Waiting, WaitingQueue, request_of
 from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest
 from dstack.coordinator.secrets import SecretBox
@@ -715,6 +716,10 @@ class Engine:
             changed |= res.changed_runs
             if res.requeued:
                 await self._requeued()
+            for added in res.added:  # jobs a provider program added to its run (coordinator/provided_jobs.py)
+                assert isinstance(added, AddedJobs)
+                a = added
+                self.enqueue_run(a.run_id, a.jobs, a.owner, a.priority, a.submitted_at, a.workflow)
             if res.freed:
                 self.kick()
             if res.requeued or any(u.status in TERMINAL_JOB for u in updates):  # a gang's member may have ended

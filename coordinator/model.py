@@ -114,6 +114,7 @@ class JobUpdate:
     exit_code: int | None = None
     time_ns: int = 0  # when it happened on the agent; 0: unknown (the coordinator's clock is used)
     ports: list[tuple[int, int]] = field(default_factory=list)  # with RUNNING: (host, container) on the agent
+    provided_jobs: list[bytes] = field(default_factory=list)  # with DONE: a provider program's jobs (encoded)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import psutil
 from dstack.agent import jobuser
 from dstack.agent.envcache import EnvCache, applies_to
 from dstack.agent.jobuser import JOB_HOME, JobUser, give
+from dstack.agent.provider_jobs import COMPAT_DIR, provider_env
 from dstack.agent.runtimes.base import (
     AGENT_MARKER,
     REPORT_FILE,
@@ -221,6 +222,8 @@ class HostRuntime(Runtime):
         if self.env_cache is not None and applies_to(job.provider):
             env.update(self.env_cache.host_env())  # the agent's, whatever the workflow's environment says
             env[REPORT_VAR] = str(job.workdir / REPORT_FILE)
+        if job.provider_program:
+            env = provider_env(env, str(job.workdir), str(COMPAT_DIR))
         user = self.job_user
         if user is not None:  # the job's folder becomes its user's; its HOME is in it
             await asyncio.to_thread(give, job.workdir, user)
