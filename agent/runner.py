@@ -36,7 +36,8 @@ from dstack.agent.artifacts import (
     prepare_dirs,
 )
 from dstack.agent.code import CodeCache
-from dstack.agent.environment import EnvironmentRecorder, host_facts
+from dstack.agent.envcache import applies_to
+from dstack.agent.environment import EnvironmentRecorder, cached_host_facts, host_facts
 from dstack.agent.masking import Masker
 from dstack.agent.outbox import Outbox
 from dstack.agent.ports import PortPool
@@ -296,7 +297,8 @@ class JobRunner:
                 with self.record.phase("running"):
                     code = await self.proc.wait()
                 await self._drain(pump)
-                await asyncio.to_thread(self.record.read_report, workdir)
+                if applies_to(spec.provider):  # only their environment writes a report (env_helper.py)
+                    await asyncio.to_thread(self.record.read_report, workdir)
             finally:
                 pump.cancel()
                 if syncer is not None:
@@ -409,7 +411,10 @@ class JobRunner:
         self.record.set_gpus(self.deps.gpu_infos(indices), versions)
         if self.deps.runtime.name == "host":
             python = f"python{spec.python_version}" if spec.python_version else "python3"
-            facts = await asyncio.to_thread(host_facts, python if spec.provider == "python" else "")
+            python = python if spec.provider == "python" else ""
+            facts = cached_host_facts(python)
+            if facts is None:
+                facts = await asyncio.to_thread(host_facts, python)
             self.record.env.os = facts.get("os", "")
             self.record.env.python_version = facts.get("python_version", "")
 

@@ -52,11 +52,13 @@ class HostProcess(JobProcess):
         grace_s: float,
         cgroup: JobCgroup | None = None,
         system_line: Callable[[str], None] = lambda _text: None,
+        remove_cgroup: Callable[[JobCgroup], None] | None = None,
     ) -> None:
         self.proc = proc
         self.grace_s = grace_s
         self.cgroup = cgroup
         self.system_line = system_line
+        self.remove_cgroup = remove_cgroup  # None: removed here, at cleanup
 
     async def output(self) -> AsyncIterator[tuple[int, bytes]]:
         q: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=64)
@@ -91,11 +93,11 @@ class HostProcess(JobProcess):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         if self.cgroup is not None:  # and what left the group (setsid) but not the job's cgroup
-            await asyncio.to_thread(self.cgroup.kill_all)
-            if await asyncio.to_thread(self.cgroup.oom_killed):
+            oom, hits = await asyncio.to_thread(self.cgroup.close)
+            if oom:
                 limit = self.cgroup.memory_bytes
                 self.exit_note = f"out of memory: the limit is {limit / (1 << 20):.0f} MiB"
-            if hits := await asyncio.to_thread(self.cgroup.pids_limit_hits):
+            if hits:
                 limit = self.cgroup.pids_limit
                 self.system_line(pids_limit_line(limit, hits))
                 self.exit_note = self.exit_note or f"it hit its pids limit ({limit})"
@@ -159,8 +161,46 @@ class HostProcess(JobProcess):
             await asyncio.to_thread(self.cgroup.kill_all)
 
     async def cleanup(self) -> None:
-        if self.cgroup is not None:
-            await asyncio.to_thread(self.cgroup.remove)
+        cgroup, self.cgroup = self.cgroup, None
+        if cgroup is None:
+            return
+        if self.remove_cgroup is not None:
+            self.remove_cgroup(cgroup)  # its processes are dead: the rmdir is off the job's path
+        else:
+            await asyncio.to_thread(cgroup.remove)
+
+
+class GroupRemover:
+    """Removes finished jobs' cgroups in batches, after their final update: an rmdir waits while the
+    kernel lets the last killed processes go, and no job needs the group of one that ended."""
+
+    def __init__(self) -> None:
+        self._groups: list[JobCgroup] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def remove(self, cgroup: JobCgroup) -> None:
+        self._groups.append(cgroup)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        await asyncio.sleep(0.05)  # a burst of finishing jobs shares one trip to the worker thread
+        while self._groups:
+            batch, self._groups = self._groups, []
+            await asyncio.to_thread(_remove_groups, batch)
+
+    async def drain(self) -> None:
+        """Returns once every group handed over is removed (the agent stops)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+        if self._groups:
+            batch, self._groups = self._groups, []
+            await asyncio.to_thread(_remove_groups, batch)
+
+
+def _remove_groups(groups: list[JobCgroup]) -> None:
+    for g in groups:
+        g.remove()
 
 
 class HostRuntime(Runtime):
@@ -182,6 +222,7 @@ class HostRuntime(Runtime):
         self.use_cgroups = cgroups
         self.env_cache = env_cache
         self._layout: CgroupLayout | None = None
+        self._remover = GroupRemover()
 
     async def _get_layout(self, agent_home: str) -> CgroupLayout:
         """Where this agent's job cgroups go, found once (the first caller's home names it)."""
@@ -193,12 +234,22 @@ class HostRuntime(Runtime):
             self._layout = layout
         return self._layout
 
-    async def _cgroup(self, job: RuntimeJob) -> JobCgroup | None:
+    async def _prepare(self, job: RuntimeJob) -> JobCgroup | None:
+        """The job's folder handed to its user, and its cgroups: one trip to a worker thread for both."""
+        user = self.job_user
         if not self.use_cgroups:
+            if user is not None:
+                await asyncio.to_thread(give, job.workdir, user)
             return None
         layout = await self._get_layout(self.agent_home or str(os.getpid()))
         cg = layout.job(job.job_id, job.memory_bytes, job.cpu, self.pids_limit)
-        missing = await asyncio.to_thread(cg.create)
+
+        def prepare() -> list[str]:
+            if user is not None:
+                give(job.workdir, user)
+            return cg.create()
+
+        missing = await asyncio.to_thread(prepare)
         if "pids" in missing:  # the agent's policy, not the job's request: said once, in the agent's log
             missing.remove("pids")
             warn_once("pids-job", f"host jobs run without a pids limit (--pids-limit {self.pids_limit}): no cgroup")
@@ -222,10 +273,9 @@ class HostRuntime(Runtime):
             env.update(self.env_cache.host_env())  # the agent's, whatever the workflow's environment says
             env[REPORT_VAR] = str(job.workdir / REPORT_FILE)
         user = self.job_user
-        if user is not None:  # the job's folder becomes its user's; its HOME is in it
-            await asyncio.to_thread(give, job.workdir, user)
+        if user is not None:  # the job's folder becomes its user's (in _prepare); its HOME is in it
             env.update(HOME=str(job.workdir / JOB_HOME), USER=user.name, LOGNAME=user.name)
-        cgroup = await self._cgroup(job)
+        cgroup = await self._prepare(job)
         script = _script(job)
         if user is None:
             argv = ["bash", "-c", (cgroup.join_script() if cgroup else "") + script]
@@ -261,9 +311,10 @@ class HostRuntime(Runtime):
                 pass  # it died first: its exit code and stderr say why
             finally:
                 proc.stdin.close()
-        return HostProcess(proc, self.stop_grace_s, cgroup, job.system_line)
+        return HostProcess(proc, self.stop_grace_s, cgroup, job.system_line, self._remover.remove)
 
     async def close(self) -> None:
+        await self._remover.drain()
         if self._layout is not None:  # the jobs' parent groups, empty now (a job left over keeps its own)
             await asyncio.to_thread(self._layout.remove)
 
