@@ -20,7 +20,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import psutil
 
 from bench._harness import Services, meta, pct
 from dstack.protos.v1 import client_pb2, common_pb2
@@ -55,6 +57,7 @@ class Result:
     rate: float  # lines/s, first write to last line received
     lags: list[float]  # seconds, one per line
     problems: list[str]
+    cpu_us: dict[str, float] = field(default_factory=dict)  # process -> CPU microseconds per line
 
     def describe(self) -> str:
         lag = (
@@ -64,7 +67,17 @@ class Result:
             else "no lines"
         )
         ok = "every line once, in order" if not self.problems else "; ".join(self.problems)
-        return f"{self.lines:,} lines at {self.rate:,.0f} lines/s, {lag} ({ok})"
+        cpu = ""
+        if self.cpu_us:
+            # What a line costs each process, whatever else the machine runs: with a core each, the
+            # busiest of them bounds the rate at 1e6 / its figure.
+            busiest = max(self.cpu_us.values())
+            cpu = (
+                "; CPU per line: "
+                + ", ".join(f"{k} {v:.1f} us" for k, v in self.cpu_us.items())
+                + f" (a core each: at most {1e6 / busiest:,.0f} lines/s)"
+            )
+        return f"{self.lines:,} lines at {self.rate:,.0f} lines/s, {lag} ({ok}){cpu}"
 
 
 def read_lines(stream: Iterator[bytes], n: int, on_ready: Callable[[], None] | None = None) -> Result:
@@ -133,10 +146,21 @@ def through_dstack(svc: Services, n: int, rate: float) -> Result:
         cwd=svc.tmp,
     )
     assert follower.stdout is not None
+    procs = {"agent": psutil.Process(svc.procs[1].pid), "coordinator": psutil.Process(svc.procs[0].pid)}
+    cpu0: dict[str, float] = {}
+
+    def start() -> None:
+        procs["follower"] = psutil.Process(follower.pid)
+        cpu0.update({k: sum(p.cpu_times()[:2]) for k, p in procs.items()})
+        go.touch(mode=0o644)
+
     try:
         # The go file is made once the follower has printed the job's first line: the lines are timed
         # from then on, not the follower's start.
-        return read_lines(chunks(follower.stdout.fileno()), n, on_ready=lambda: go.touch(mode=0o644))
+        result = read_lines(chunks(follower.stdout.fileno()), n, on_ready=start)
+        if cpu0 and result.lines:
+            result.cpu_us = {k: (sum(p.cpu_times()[:2]) - cpu0[k]) / result.lines * 1e6 for k, p in procs.items()}
+        return result
     finally:
         follower.wait(60)
 

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import psutil
 
@@ -170,6 +171,26 @@ class HostProcess(JobProcess):
             await asyncio.to_thread(cgroup.remove)
 
 
+def _close_pipe(pipe: tuple[int, int] | None) -> None:
+    for fd in pipe or ():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _hand_over_env(fd: int, cgroup_procs: list[Path], pid: int, payload: bytes) -> None:
+    """Moves the job user's shell into its cgroups, then writes it its environment (blocking: the shell
+    reads it at once; it has done nothing else yet) and closes the pipe."""
+    try:
+        if cgroup_procs:
+            jobuser.join_cgroups(cgroup_procs, pid)
+        with open(fd, "wb", closefd=False) as f:
+            f.write(payload)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # it died first: its exit code and stderr say why
+    finally:
+        os.close(fd)
+
+
 class GroupRemover:
     """Removes finished jobs' cgroups in batches, after their final update: an rmdir waits while the
     kernel lets the last killed processes go, and no job needs the group of one that ended."""
@@ -283,34 +304,33 @@ class HostRuntime(Runtime):
             # Not `user=`: that makes the interpreter fork() this process, gRPC threads and all,
             # instead of vfork(); the job's own user is set by setpriv after exec.
             argv = jobuser.command(user, script)
+        # The job user's shell reads its environment from a plain pipe (not an asyncio transport): the
+        # agent moves it into its cgroups and then writes the environment, in one worker-thread trip.
+        env_pipe = os.pipe() if user is not None else None
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 cwd=cwd,
                 env=env if user is None else jobuser.ROOT_ENV,
-                stdin=asyncio.subprocess.DEVNULL if user is None else asyncio.subprocess.PIPE,
+                stdin=asyncio.subprocess.DEVNULL if env_pipe is None else env_pipe[0],
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
             )
         except FileNotFoundError as e:
+            _close_pipe(env_pipe)
             await self._release(cgroup)
             if not await asyncio.to_thread(cwd.is_dir):
                 raise RuntimeError_(f"working_dir {rel!r} does not exist in the code") from e
             raise RuntimeError_(f"cannot start the job: {e}") from e
         except OSError as e:
+            _close_pipe(env_pipe)
             await self._release(cgroup)
             raise RuntimeError_(f"cannot start the job: {e}") from e
-        if proc.stdin is not None:  # the job user's shell waits for its environment
-            try:
-                if cgroup is not None:
-                    await asyncio.to_thread(jobuser.join_cgroups, cgroup.joined, proc.pid)
-                proc.stdin.write(jobuser.encode_env(env))
-                await proc.stdin.drain()
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # it died first: its exit code and stderr say why
-            finally:
-                proc.stdin.close()
+        if env_pipe is not None:  # the job user's shell waits for its environment
+            os.close(env_pipe[0])  # the shell's end
+            joined = cgroup.joined if cgroup is not None else []
+            await asyncio.to_thread(_hand_over_env, env_pipe[1], joined, proc.pid, jobuser.encode_env(env))
         return HostProcess(proc, self.stop_grace_s, cgroup, job.system_line, self._remover.remove)
 
     async def close(self) -> None:
