@@ -3,7 +3,8 @@
 Two layouts, one code path:
 
 - cgroup v1 (and the hybrid layout, where the controllers are bound to v1 hierarchies): each job gets
-  `<mount>/<agent's own group>/dstack-<agent>/<job>` in the memory, cpu and pids hierarchies;
+  `<mount>/<agent's own group>/dstack-<agent>/<job>` in the pids hierarchy, and in the memory and cpu
+  hierarchies where it asks for a memory or CPU limit;
 - cgroup v2 (the unified hierarchy alone at the root, with `cgroup.controllers`: current Debian and
   Ubuntu): the job gets `<root>/<agent's own group>/dstack-<agent>/<job>`, with the controllers turned
   on for it through `cgroup.subtree_control` on the way down. v2 lets no group with processes hand
