@@ -20,7 +20,6 @@ from dstack.coordinator.convert import (
     job_spec_from_bytes,
     job_updates_from_proto,
     log_acks_to_proto,
-    log_batches_from_proto,
     update_acks_to_proto,
 )
 from dstack.coordinator.durations import Durations, duration_key
@@ -747,9 +746,9 @@ class Engine:
         await self.db(self.store.heartbeat, agent_id, inv, self.lease_until())
 
     def _insert_logs(self, logs: Sequence[agent_pb2.LogBatch]) -> list[LogAck]:
-        # Converted on the DB thread, as the store would have read them: a big batch costs the event
-        # loop nothing (heartbeats keep being answered).
-        return self.store.insert_logs(log_batches_from_proto(logs))
+        # Read on the DB thread straight from the agent's message: a big batch costs the event loop
+        # nothing (heartbeats keep being answered), and no line becomes an object on the way.
+        return self.store.insert_logs(logs)
 
     async def _runs_of(self, job_ids: Iterable[str]) -> set[str]:
         ids = set(job_ids)
