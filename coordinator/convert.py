@@ -279,6 +279,7 @@ def job_updates_from_proto(updates: Iterable[agent_pb2.JobUpdate]) -> list[JobUp
             exit_code=u.exit_code if u.has_exit_code else None,
             time_ns=u.time_ns,
             ports=[(p.host_port, p.container_port) for p in u.ports],
+            provided_jobs=[s.SerializeToString() for s in u.provided_jobs],
         )
         for u in updates
     ]

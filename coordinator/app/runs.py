@@ -149,7 +149,9 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
 
     def create() -> tuple[CreatedRun, list[JobSpec]]:
         # Counted in the step that stores the run: two submissions at once cannot both pass at the limit.
-        core.limits.check_queued(owner, core.store.queued_jobs_of(owner), len(sub.jobs))
+        # Only where a limit is set: the count reads every waiting job of the owner's unfinished runs.
+        if core.limits.max_queued_per_user > 0:
+            core.limits.check_queued(owner, core.store.queued_jobs_of(owner), len(sub.jobs))
         # Tag and workflow dependencies resolve now, to the runs they name at submission, in the
         # run's repository (or the one an OWNER/REPO/NAME reference names).
         # One run named twice (by its tag and as its workflow's last done run) is one input, not two that

@@ -31,7 +31,6 @@ from dstack.coordinator.convert import (
     completed_uploads_from_proto,
     file_sizes_from_proto,
     job_spec_from_proto,
-    log_line_to_proto,
     run_to_proto,
     upload_grant_to_proto,
 )
@@ -148,14 +147,15 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         signed_in = users.SignedIn(self.core, actor())
         async for chunk in logs.stream_logs(self.core, request.run_name, request.follow, after):
             await signed_in.check()
-            yield client_pb2.StreamLogsResponse(
-                jobs=[
-                    client_pb2.JobLogs(job_name=j.job_name, lines=[log_line_to_proto(ln) for ln in j.lines])
-                    for j in chunk.jobs
-                ],
+            resp = client_pb2.StreamLogsResponse(
                 finished_run=None if chunk.finished_run is None else run_to_proto(chunk.finished_run),
                 cursor=[client_pb2.LogCursor(job_name=k, seq=v) for k, v in chunk.cursor.items()],
             )
+            for j in chunk.jobs:  # each line made a message once, in place (thousands per response)
+                add = resp.jobs.add(job_name=j.job_name).lines.add
+                for ln in j.lines:
+                    add(seq=ln.seq, stream=ln.stream, time_ns=ln.time_ns, text=ln.text)
+            yield resp
 
     @unary
     async def ListArtifacts(

@@ -200,29 +200,7 @@ class Runs:
                     "repo": repository,
                 },
             )
-            c.executemany(
-                "INSERT INTO jobs (id, run_id, job_name, spec, status, termination_reason, message,"
-                " agent_id, gpu_indices, submitted_at, stop_requested, cpu, memory, gpu_count, depends_on, inputs,"
-                " gang, node_rank) VALUES (?, ?, ?, ?, ?, 0, '', NULL, '[]', ?, 0, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        job_id,
-                        run_id,
-                        j.job_name,
-                        j.spec,
-                        int(lifecycle.SUBMIT.dst),
-                        now,
-                        j.cpu,
-                        j.memory,
-                        j.gpu_count,
-                        json.dumps(j.depends_on),
-                        json.dumps(j.inputs),
-                        j.gang,
-                        j.node_rank,
-                    )
-                    for job_id, j in zip(job_ids, jobs, strict=True)
-                ],
-            )
+            insert_jobs(c, run_id, list(zip(job_ids, jobs, strict=True)), now)
         return CreatedRun(run_id, name, job_ids, now)
 
     def by_name(self, name: str) -> RunRow:
@@ -433,3 +411,31 @@ class Runs:
             c.execute("UPDATE runs SET artifacts_deleted = 1 WHERE id = ?", [run_id])
             # The step cache never offers files that are gone (coordinator/cache.py).
             c.execute("UPDATE jobs SET cache_key = '' WHERE run_id = ?", [run_id])
+
+
+def insert_jobs(c: sqlite3.Connection, run_id: str, jobs: list[tuple[str, NewJob]], now: int) -> None:
+    """Jobs of a run, as submitted: a new run's, or those a provider program added to its run
+    (coordinator/provided_jobs.py), in the caller's transaction."""
+    c.executemany(
+        "INSERT INTO jobs (id, run_id, job_name, spec, status, termination_reason, message,"
+        " agent_id, gpu_indices, submitted_at, stop_requested, cpu, memory, gpu_count, depends_on, inputs,"
+        " gang, node_rank) VALUES (?, ?, ?, ?, ?, 0, '', NULL, '[]', ?, 0, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                job_id,
+                run_id,
+                j.job_name,
+                j.spec,
+                int(lifecycle.SUBMIT.dst),
+                now,
+                j.cpu,
+                j.memory,
+                j.gpu_count,
+                json.dumps(j.depends_on),
+                json.dumps(j.inputs),
+                j.gang,
+                j.node_rank,
+            )
+            for job_id, j in jobs
+        ],
+    )
