@@ -42,6 +42,7 @@ class Verdict:
     requeued: int = 0  # jobs that needed more than one attempt (not a violation: evidence the faults hit)
     interrupted: int = 0  # executions that never finished (killed with their agent, or stopped as stale)
     tail_undelivered: int = 0  # lines an interrupted execution printed that never arrived (not a violation)
+    stale_lines_dropped: int = 0  # lines of an earlier attempt that ran to its end (cut off) never shown
     artifact_mismatches: int = 0
     details: list[str] = field(default_factory=list)
 
@@ -162,7 +163,15 @@ def _check_lines(v: Verdict, r: Reported, execs: list[Execution], shape: JobShap
             missing = [i for i in range(1, shape.lines + 1) if i not in counts]
         else:
             missing = [i for i in range(1, top) if i not in counts]
-            v.tail_undelivered += max(0, e.ticks - top)
+            undelivered = max(0, e.ticks - top)
+            if e.ended:  # it ran to its end, cut off from the coordinator: its lines were sent late
+                v.stale_lines_dropped += undelivered
+                if undelivered:
+                    v.note(
+                        f"{r.run}: {undelivered} line(s) of {e.exe}, an earlier attempt that ran to its end, not shown"
+                    )
+            else:
+                v.tail_undelivered += undelivered
         if missing:
             v.lines_lost += len(missing)
             v.note(f"{r.run}: {len(missing)} line(s) of {e.exe} lost (first {missing[:5]})")
