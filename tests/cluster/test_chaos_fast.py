@@ -39,7 +39,7 @@ def test_invariants_hold_under_faults(scenario: str, tmp_path: Path) -> None:
         scenario,
         tmp_path / scenario,
         JOBS,
-        BedConfig(agents=3, lease_timeout=3.0, heartbeat=0.5),
+        BedConfig(agents=3, lease_timeout=5.0, heartbeat=1.0),
         JobShape(),
         outage=8.0,
         finish_timeout=240.0,
