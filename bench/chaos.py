@@ -46,6 +46,8 @@ def main() -> None:
         print(table([r]), flush=True)
         for line in r.fault_log:
             print(f"   fault: {line}")
+        for what, n in r.verdict.failures.most_common():
+            print(f"   failed: {n} job(s) {what}")
         if r.error:
             print(f"   ERROR: {r.error}")
         for d in r.verdict.details[:20]:

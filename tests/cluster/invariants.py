@@ -44,6 +44,7 @@ class Verdict:
     tail_undelivered: int = 0  # lines an interrupted execution printed that never arrived (not a violation)
     stale_lines_dropped: int = 0  # lines of an earlier attempt that ran to its end (cut off) never shown
     artifact_mismatches: int = 0
+    failures: Counter[str] = field(default_factory=Counter)  # "REASON on AGENT" -> jobs that ended so
     details: list[str] = field(default_factory=list)
 
     def violations(self) -> int:
@@ -101,8 +102,10 @@ def check(
             v.done += 1
         elif r.reason in allowed_failures.get(r.agent, set()):
             v.failed_allowed += 1
+            v.failures[f"{r.reason} on {r.agent}"] += 1
         else:
             v.wrong_reason += 1
+            v.failures[f"{r.reason} on {r.agent or 'no agent'}"] += 1
             v.note(f"{r.run}: {r.status} ({r.reason}) on {r.agent or 'no agent'}, attempt {r.attempt}")
         for attempt, agent, reason in r.attempts:
             if reason == "agent_lost" and "agent_lost" not in allowed_failures.get(agent, set()):
