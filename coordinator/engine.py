@@ -94,7 +94,8 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         self._job_runs: dict[str, str] = {}  # job_id -> run_id, for routing log notifications
         self._renewed: dict[str, float] = {}  # agent_id -> when its lease was last renewed (monotonic)
-        # A heartbeat the store could not record (its disk full): the lease check renews every lease first.
+        # A heartbeat or a lease check the store could not write (its disk full): the next lease check
+        # renews every online agent's lease before it expires any.
         self._renewal_failed = False
         self._inventories: dict[str, tuple[bytes, common_pb2.Inventory]] = {}
         # Why each waiting job waits, from the last scheduling pass (shown by `dstack ps`).
@@ -410,6 +411,8 @@ class Engine:
                         raise
                 lost = await self.db(self.store.expire_leases, self.lease_now(), self.clock.time_ns())
             except Exception:
+                # The store refuses writes (a full disk): agents' hellos and heartbeats fail too.
+                self._renewal_failed = True
                 log.exception("lease check failed")
                 continue
             for agent_id in lost:
