@@ -27,9 +27,10 @@ from tests.cluster.workload import JobShape
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(available() is not None, reason=str(available()))]
 
 JOBS = 50
-# A partitioned agent keeps running its attempt while the coordinator runs the next one elsewhere: the
-# fencing of issue 16 (epoch-fenced assignments) is another item's work. Until it lands, that one invariant
-# may fail here as an expected failure; any other violation fails the test.
+# A partitioned agent keeps running its attempt while the coordinator runs the next one elsewhere: fenced
+# assignments (fence16) stop the stale agent from acting on it once it is back, but nothing stops its process
+# while it is cut off (the agent does not fence itself when it cannot renew its lease). Until it does, that
+# one invariant may fail here as an expected failure; any other violation fails the test.
 KNOWN_UNFENCED = {"mixed"}
 
 
@@ -52,7 +53,7 @@ def test_invariants_hold_under_faults(scenario: str, tmp_path: Path) -> None:
     assert v.gpu_conflicts == v.lines_lost == v.lines_duplicated == v.artifact_mismatches == 0, shown
     assert v.done + v.failed_allowed == JOBS, shown
     if v.duplicated and scenario in KNOWN_UNFENCED:
-        pytest.xfail(f"issue 16 fencing (not yet merged): {v.duplicated} job(s) ran twice at once\n{shown}")
+        pytest.xfail(f"issue 16: a cut-off agent does not stop its jobs: {v.duplicated} job(s) ran twice at once\n{shown}")
     assert v.duplicated == 0, shown
 
 
