@@ -53,7 +53,7 @@ def test_invariants_hold_under_faults(scenario: str, tmp_path: Path) -> None:
     assert v.gpu_conflicts == v.lines_lost == v.lines_duplicated == v.artifact_mismatches == 0, shown
     assert v.done + v.failed_allowed == JOBS, shown
     if v.duplicated and scenario in KNOWN_UNFENCED:
-        pytest.xfail(f"issue 16: a cut-off agent does not stop its jobs: {v.duplicated} job(s) ran twice at once\n{shown}")
+        pytest.xfail(f"issue 16: a cut-off agent does not stop its jobs: {v.duplicated} ran twice at once\n{shown}")
     assert v.duplicated == 0, shown
 
 
