@@ -103,6 +103,9 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         self._job_runs: dict[str, str] = {}  # job_id -> run_id, for routing log notifications
         self._renewed: dict[str, float] = {}  # agent_id -> when its lease was last renewed (monotonic)
+        # A heartbeat or a lease check the store could not write (its disk full): the next lease check
+        # renews every online agent's lease before it expires any.
+        self._renewal_failed = False
         self._inventories: dict[str, tuple[bytes, common_pb2.Inventory]] = {}
         # Why each waiting job waits, from the last scheduling pass (shown by `dstack ps`).
         self.pending_reasons: dict[str, str] = {}
@@ -413,8 +416,20 @@ class Engine:
         while True:
             await self.clock.sleep(interval)
             try:
+                if self._renewal_failed:
+                    # Agents beat while the store could not write it down (a full disk): not their fault.
+                    # Once it writes again, every online agent gets a fresh lease (as at start-up); one
+                    # that is really gone is lost a lease later.
+                    self._renewal_failed = False
+                    try:
+                        await self.db(self.store.extend_all_leases, self.lease_until())
+                    except Exception:
+                        self._renewal_failed = True  # still full: again at the next check
+                        raise
                 lost = await self.db(self.store.expire_leases, self.lease_now(), self.clock.time_ns())
             except Exception:
+                # The store refuses writes (a full disk): agents' hellos and heartbeats fail too.
+                self._renewal_failed = True
                 log.exception("lease check failed")
                 continue
             for agent_id in lost:
@@ -743,7 +758,11 @@ class Engine:
         else:
             return
         self._renewed[agent_id] = now
-        await self.db(self.store.heartbeat, agent_id, inv, self.lease_until())
+        try:
+            await self.db(self.store.heartbeat, agent_id, inv, self.lease_until())
+        except Exception:
+            self._renewal_failed = True
+            raise
 
     def _insert_logs(self, logs: Sequence[agent_pb2.LogBatch]) -> list[LogAck]:
         # Read on the DB thread straight from the agent's message: a big batch costs the event loop
