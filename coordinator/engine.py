@@ -400,6 +400,7 @@ class Engine:
             except Exception:
                 log.exception("lease check failed")
                 continue
+            self.metrics.agents_lost.inc(len(lost))
             for agent_id in lost:
                 log.warning("agent %s lost: its lease ran out", agent_id)
                 self.hub.drop(agent_id)

@@ -64,6 +64,7 @@ MEMBER_ONLY = {
     "HasCode",
     "PutCode",
     "SubmitRun",
+    "SubmitRuns",
     "StopRun",
     "DeleteRun",
     "AddTag",
