@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import ssl
 import statistics
+import sys
 import threading
 import time
 import urllib.request
@@ -289,6 +291,8 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=4, help="agent worker processes")
     ap.add_argument("--no-baseline", action="store_true", help="skip the tenth-size run")
     a = ap.parse_args()
+    # A SIGTERM (timeout, kill) unwinds like Ctrl+C: the coordinator and the worker processes are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"machine: {psutil.cpu_count()} CPUs; load generator and coordinator share them", flush=True)
     base = None
     if not a.no_baseline:

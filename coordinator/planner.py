@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 
 from dstack.coordinator.fairshare import weight
 from dstack.coordinator.scheduler import (
+    BUSY_SHOWN,
     AgentState,
     Decision,
     JobRequest,
@@ -149,15 +150,26 @@ def _size(req: JobRequest) -> tuple[int, float, int]:
     return (req.gpu_count, req.cpu, req.memory)
 
 
-def _ends(agent_id: str, running: Sequence[RunningJob]) -> list[RunningJob]:
-    """The agent's running jobs, soonest expected end first (unknown ends last, oldest first)."""
-    mine = [r for r in running if r.agent_id == agent_id]
-    return sorted(mine, key=lambda r: (r.expected_end_ns is None, r.expected_end_ns or 0, r.started_ns))
+Shape = tuple[float, int, int, str, int, bool]
 
 
-def drain(agent: AgentState, req: JobRequest, running: Sequence[RunningJob]) -> tuple[float, int]:
+def shape_of(req: JobRequest) -> Shape:
+    """What placement looks at: jobs of one shape fit (or not) on the same agents."""
+    return (req.cpu, req.memory, req.gpu_count, req.gpu_name, req.gpu_memory, req.needs_container)
+
+
+def ends_by_agent(running: Sequence[RunningJob]) -> dict[str, list[RunningJob]]:
+    """Each agent's running jobs, soonest expected end first (unknown ends last, oldest first): built once
+    per pass, so looking at one agent costs its own jobs, not every running job."""
+    out: dict[str, list[RunningJob]] = {}
+    for r in sorted(running, key=lambda r: (r.expected_end_ns is None, r.expected_end_ns or 0, r.started_ns)):
+        out.setdefault(r.agent_id, []).append(r)
+    return out
+
+
+def drain(agent: AgentState, req: JobRequest, ends: Sequence[RunningJob]) -> tuple[float, int]:
     """(When `agent` is expected to have room for `req`, how many of its jobs must end first);
-    inf when some of those jobs have no expected end."""
+    inf when some of those jobs have no expected end. `ends`: the agent's jobs (`ends_by_agent`)."""
     a = AgentState(
         agent.agent_id,
         agent.name,
@@ -174,7 +186,7 @@ def drain(agent: AgentState, req: JobRequest, running: Sequence[RunningJob]) -> 
     if _fits(a, req) is not None:
         return (0.0, 0)
     when = 0.0
-    for n, r in enumerate(_ends(agent.agent_id, running), start=1):
+    for n, r in enumerate(ends, start=1):
         a.used_cpu -= r.cpu
         a.used_memory -= r.memory
         a.busy_gpus.difference_update(r.gpu_indices)
@@ -182,7 +194,7 @@ def drain(agent: AgentState, req: JobRequest, running: Sequence[RunningJob]) -> 
         when = max(when, math.inf if r.expected_end_ns is None else float(r.expected_end_ns))
         if _fits(a, req) is not None:
             return (when, n)
-    return (math.inf, len(_ends(agent.agent_id, running)))
+    return (math.inf, len(ends))
 
 
 def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequence[RunningJob], policy: Policy) -> Plan:
@@ -197,6 +209,7 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
             p.waiting[req.job_id] = "waiting: no agent is online"
         return p
     by_id = {a.agent_id: a for a in agents}
+    on_agent = ends_by_agent(running)
     held_gpus: dict[str, int] = {}
     held_jobs: dict[str, int] = {}
     for r in running:
@@ -207,7 +220,7 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
     reserved = _reserve(
         ordered,
         agents,
-        running,
+        on_agent,
         policy,
         lambda r: (
             not r.gang  # a gang reserves nothing: one held agent of several would be a partial hold
@@ -220,8 +233,22 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
     reserved_agents = {agent: job for job, agent in reserved.items()}
     open_agents = [a for a in agents if a.agent_id not in reserved_agents]
 
-    never: dict[tuple[float, int, int, str, int, bool], str | None] = {}
-    unfit: dict[tuple[float, int, int, str, int, bool], str] = {}
+    never: dict[Shape, str | None] = {}
+    unfit: dict[Shape, str] = {}
+    reserved_fits: dict[Shape, str] = {}
+    # Per shape, the reserved agents it would fit on now (why it waits). A reserved agent changes only
+    # when its own job is placed there: the answers are dropped then.
+
+    def reserved_fit(shape: Shape, req: JobRequest) -> str:
+        """Why a job of `shape` waits behind reservations ("" when none of them holds an agent it fits)."""
+        why = reserved_fits.get(shape)
+        if why is None:
+            names = [by_id[ag].name for ag in reserved_agents if _fits(by_id[ag], req) is not None]
+            more = f" and {len(names) - BUSY_SHOWN:,} more" if len(names) > BUSY_SHOWN else ""
+            shown = ", ".join(names[:BUSY_SHOWN]) + more
+            why = reserved_fits[shape] = f"waiting: {shown} reserved for a job that waited longer" if names else ""
+        return why
+
     waiting_users: dict[str, int] = {}  # user -> jobs of theirs already waiting, ahead in the order
     reasons: dict[str, tuple[str, str]] = {}
     limits = {u: limits_of(policy, u) for u in {r.owner for r in ordered}}
@@ -238,7 +265,7 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
                 if not placed_gang:
                     waiting_users[req.owner] = waiting_users.get(req.owner, 0) + len(members)
             continue
-        shape = (req.cpu, req.memory, req.gpu_count, req.gpu_name, req.gpu_memory, req.needs_container)
+        shape = shape_of(req)
         if shape not in never:
             never[shape] = never_fits(req, agents)
         if never[shape] is not None:
@@ -254,20 +281,22 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
             reasons[req.job_id] = (QUOTA, f"quota: {req.owner} runs {jobs_now} of at most {lim.max_running} jobs")
             continue
         mine = reserved.get(req.job_id)
-        pool = open_agents if mine is None else [*open_agents, by_id[mine]]
+        # A shape that fit no open agent earlier in the pass fits none now (placements only take room):
+        # a job with a reservation then looks at its own agent alone.
+        pool = open_agents if mine is None else [*([] if shape in unfit else open_agents), by_id[mine]]
         placed = _place(req, pool, p) if mine is not None or shape not in unfit else False
         if placed:
+            if mine is not None:
+                reserved_fits.clear()
             held_gpus[req.owner] = gpus_now + req.gpu_count
             held_jobs[req.owner] = jobs_now + 1
             p.reservations.pop(req.job_id, None)
             continue
         if mine is not None:
-            _, n = drain(by_id[mine], req, running)
+            _, n = drain(by_id[mine], req, on_agent.get(mine, []))
             reasons[req.job_id] = (RESERVATION, f"reserved {by_id[mine].name}, draining {_jobs(n)}")
-        elif reserved_agents and (
-            held := [by_id[ag].name for ag in reserved_agents if _fits(by_id[ag], req) is not None]
-        ):
-            reasons[req.job_id] = (RESERVATION, f"waiting: {', '.join(held)} reserved for a job that waited longer")
+        elif reserved_agents and (held := reserved_fit(shape, req)):
+            reasons[req.job_id] = (RESERVATION, held)
         else:
             if shape not in unfit:
                 unfit[shape] = f"waiting: {describe(req)} free on no agent; busy: {_busy_summary(agents)}"
@@ -384,7 +413,7 @@ def _place(req: JobRequest, pool: Sequence[AgentState], p: Plan) -> bool:
 def _reserve(
     ordered: Sequence[JobRequest],
     agents: Sequence[AgentState],
-    running: Sequence[RunningJob],
+    on_agent: Mapping[str, Sequence[RunningJob]],
     policy: Policy,
     may_start: Callable[[JobRequest], bool],
 ) -> dict[str, str]:
@@ -397,18 +426,35 @@ def _reserve(
         return out
     smallest = min(_size(r) for r in ordered)
     after_ns = int(policy.reserve_after_s * NS)
+    # Nothing is held here (a reservation only marks its agent taken), so per job shape the agents it
+    # fits on now, and those able to run it ranked by when they drain for it, are worked out once: a
+    # deep queue of starving jobs costs a look each, not a look at every agent each.
+    fits_now: dict[Shape, list[AgentState]] = {}
+    ranked: dict[Shape, list[AgentState]] = {}
+    next_free: dict[Shape, int] = {}
     for req in ordered:
         if req.job_id in out or _size(req) <= smallest or policy.now_ns - req.submitted_at < after_ns:
             continue
         if not may_start(req):
             continue
-        free = [a for a in agents if a.agent_id not in taken]
-        if any(_fits(a, req) is not None for a in free):
+        shape = shape_of(req)
+        fit = fits_now.get(shape)
+        if fit is None:
+            fit = fits_now[shape] = [a for a in agents if _fits(a, req) is not None]
+        if any(a.agent_id not in taken for a in fit):
             continue  # it starts this pass
-        able = [a for a in free if never_fits(req, [a]) is None]
-        if not able:
+        order_ = ranked.get(shape)
+        if order_ is None:
+            able = [a for a in agents if never_fits(req, [a]) is None]
+            # Stable: agents that drain equally soon keep the agents' order, as min() picked before.
+            order_ = ranked[shape] = sorted(able, key=lambda a: drain(a, req, on_agent.get(a.agent_id, [])))
+        i = next_free.get(shape, 0)
+        while i < len(order_) and order_[i].agent_id in taken:
+            i += 1
+        next_free[shape] = i
+        if i == len(order_):
             continue
-        best = min(able, key=lambda a: drain(a, req, running))
+        best = order_[i]
         out[req.job_id] = best.agent_id
         taken.add(best.agent_id)
     return out
