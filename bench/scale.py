@@ -133,7 +133,11 @@ def time_ps(svc: Services, n: int) -> list[float]:
     return out
 
 
-def scenario(agents: int, queued: int, runs: int, procs: int, submitters: int = 2, say: bool = True) -> Figures:
+def scenario(
+    agents: int, queued: int, runs: int, procs: int, submitters: int = 2, steady_s: float = 35.0, say: bool = True
+) -> Figures:
+    """The phases of the module's docstring at one size; `steady_s`: how long the full queue is held (over
+    two lease timeouts, so a starved heartbeat would show as a lost agent)."""
     f = Figures(agents, queued, runs)
 
     def log(msg: str) -> None:
@@ -178,7 +182,7 @@ def scenario(agents: int, queued: int, runs: int, procs: int, submitters: int = 
         # Full queue: `dstack ps`'s call, and the pool held across two lease timeouts' worth of passes.
         fleet.reset_gap()
         f.ps_ms = time_ps(svc, 20)
-        steady_until = time.monotonic() + 35
+        steady_until = time.monotonic() + steady_s
         while time.monotonic() < steady_until:
             stats()
             time.sleep(1)
