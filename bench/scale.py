@@ -260,7 +260,7 @@ def table(base: Figures | None, full: Figures) -> str:
         ),
         row(
             "agents marked lost", *both(lambda f: str(f.lost)), "0", not full.lost and full.online_at_end >= full.agents
-        ),  # noqa: E501
+        ),
         row(
             "`dstack ps` RPC (first page), queue full",
             *both(lambda f: ms(f.ps_ms)),
