@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,9 @@ from dstack.protos.urls import public_repo_url
 from dstack.protos.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger("dstack.coordinator")
+# Passes quicker than this follow each other at once (every small pool, every test); slower ones are paced.
+PACE_AFTER_S = 0.02
+PACE_MAX_S = 1.0
 
 
 class RunWatchers:
@@ -176,6 +180,7 @@ class Engine:
             if not len(self.queue):
                 continue
             charge, self._charge_due = self._charge_due, False
+            began = time.perf_counter()
             waiting = self.queue.snapshot()
             try:
                 plan = await self.db(self._timed_plan, waiting, self.hub.connected_ids(), charge)
@@ -194,6 +199,12 @@ class Engine:
                 self.hub.send(a.agent_id, agent_pb2.CoordinatorMessage(assignments=[self._assignment(a)]))
             self.assignments_sent += len(plan.assignments)
             self._observe_dispatch(waiting, plan)
+            # A pass over a deep queue holds the DB thread (submissions, heartbeats, updates wait behind
+            # it): the next one waits as long as this one took, so passes take at most about half of it,
+            # and what finished meanwhile is placed by one pass rather than by many back to back.
+            took = time.perf_counter() - began
+            if took > PACE_AFTER_S:
+                await asyncio.sleep(min(took, PACE_MAX_S))
 
     async def settled(self) -> None:
         """Returns once no scheduling pass is asked for or running (in-process tests and the fairness

@@ -232,6 +232,8 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
     p.reservations = dict(reserved)
     reserved_agents = {agent: job for job, agent in reserved.items()}
     open_agents = [a for a in agents if a.agent_id not in reserved_agents]
+    best_fit = _BestFit(open_agents)
+    placed_before = 0  # placements the best-fit index has been told of
 
     never: dict[Shape, str | None] = {}
     unfit: dict[Shape, str] = {}
@@ -284,7 +286,13 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
         # A shape that fit no open agent earlier in the pass fits none now (placements only take room):
         # a job with a reservation then looks at its own agent alone.
         pool = open_agents if mine is None else [*([] if shape in unfit else open_agents), by_id[mine]]
-        placed = _place(req, pool, p) if mine is not None or shape not in unfit else False
+        for _, agent_id, _ in p.placements[placed_before:]:  # jobs put on agents since the last look
+            best_fit.held(agent_id)
+        placed_before = len(p.placements)
+        if mine is not None:
+            placed = _place(req, pool, p)
+        else:
+            placed = shape not in unfit and best_fit.place(req, shape, p)
         if placed:
             if mine is not None:
                 reserved_fits.clear()
@@ -397,6 +405,70 @@ def _over_quota(lim: UserLimits, gpus_now: int, jobs_now: int, gpus: int) -> boo
 
 def _jobs(n: int) -> str:
     return f"{n} job" + ("" if n == 1 else "s")
+
+
+class _BestFit:
+    """`_place` over one pool (the open agents) for a pass: per job shape, a heap of the agents it fits on
+    by what would be left over (then pool order, as `min` breaks ties), so a placement costs a heap
+    operation or two instead of a look at every agent. An agent changes only when a job is put on it
+    (`held`): it then gets a fresh entry in every shape's heap and its old ones are skipped; an agent a
+    shape no longer fits leaves that heap for the pass (placements only take room away)."""
+
+    def __init__(self, pool: Sequence[AgentState]) -> None:
+        self.pool = pool
+        self.index = {a.agent_id: i for i, a in enumerate(pool)}
+        self.version = [0] * len(pool)
+        self.heaps: dict[Shape, tuple[JobRequest, list[tuple[tuple[int, float, int], int, int]]]] = {}
+
+    def _heap(self, shape: Shape, req: JobRequest) -> list[tuple[tuple[int, float, int], int, int]]:
+        found = self.heaps.get(shape)
+        if found is None:
+            heap = [
+                (_leftover(a, req), i, self.version[i]) for i, a in enumerate(self.pool) if _fits(a, req) is not None
+            ]
+            heapq.heapify(heap)
+            found = self.heaps[shape] = (req, heap)
+        return found[1]
+
+    def place(self, req: JobRequest, shape: Shape, p: Plan) -> bool:
+        heap = self._heap(shape, req)
+        avoided: tuple[tuple[int, float, int], int, int] | None = None
+        chosen: tuple[int, list[int]] | None = None
+        while heap:
+            _, i, v = heap[0]
+            gpus = _fits(self.pool[i], req) if v == self.version[i] else None
+            if gpus is None:  # an old entry, or it no longer fits
+                heapq.heappop(heap)
+                continue
+            if self.pool[i].agent_id == req.avoid_agent and avoided is None:
+                avoided = heapq.heappop(heap)  # only if nothing else fits (a new attempt's last agent)
+                continue
+            chosen = (i, gpus)
+            break
+        if avoided is not None:
+            heapq.heappush(heap, avoided)
+            if chosen is None:
+                i = avoided[1]
+                gpus = _fits(self.pool[i], req)
+                assert gpus is not None
+                chosen = (i, gpus)
+        if chosen is None:
+            return False
+        agent = self.pool[chosen[0]]
+        agent.hold(req.cpu, req.memory, chosen[1])
+        p.placements.append((req.job_id, agent.agent_id, chosen[1]))
+        return True
+
+    def held(self, agent_id: str) -> None:
+        """A job was put on the agent (here or elsewhere in the pass): its entries are worked out again."""
+        i = self.index.get(agent_id)
+        if i is None:
+            return
+        self.version[i] += 1
+        a = self.pool[i]
+        for req, heap in self.heaps.values():
+            if _fits(a, req) is not None:
+                heapq.heappush(heap, (_leftover(a, req), i, self.version[i]))
 
 
 def _place(req: JobRequest, pool: Sequence[AgentState], p: Plan) -> bool:
