@@ -283,14 +283,11 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
             reasons[req.job_id] = (QUOTA, f"quota: {req.owner} runs {jobs_now} of at most {lim.max_running} jobs")
             continue
         mine = reserved.get(req.job_id)
-        # A shape that fit no open agent earlier in the pass fits none now (placements only take room):
-        # a job with a reservation then looks at its own agent alone.
-        pool = open_agents if mine is None else [*([] if shape in unfit else open_agents), by_id[mine]]
         for _, agent_id, _ in p.placements[placed_before:]:  # jobs put on agents since the last look
             best_fit.held(agent_id)
         placed_before = len(p.placements)
         if mine is not None:
-            placed = _place(req, pool, p)
+            placed = best_fit.place(req, shape, p, own=by_id[mine])
         else:
             placed = shape not in unfit and best_fit.place(req, shape, p)
         if placed:
@@ -430,7 +427,25 @@ class _BestFit:
             found = self.heaps[shape] = (req, heap)
         return found[1]
 
-    def place(self, req: JobRequest, shape: Shape, p: Plan) -> bool:
+    def place(self, req: JobRequest, shape: Shape, p: Plan, own: AgentState | None = None) -> bool:
+        """Best fit among the pool and, for a job with a reservation, its own agent (`own`, after the pool
+        in order: it wins only when strictly better)."""
+        best = self._best(req, shape)
+        agent, gpus = (self.pool[best[0]], best[1]) if best is not None else (None, None)
+        if own is not None and (own_gpus := _fits(own, req)) is not None:
+            if agent is None or (own.agent_id == req.avoid_agent, _leftover(own, req)) < (
+                agent.agent_id == req.avoid_agent,
+                _leftover(agent, req),
+            ):
+                agent, gpus = own, own_gpus
+        if agent is None or gpus is None:
+            return False
+        agent.hold(req.cpu, req.memory, gpus)
+        p.placements.append((req.job_id, agent.agent_id, gpus))
+        return True
+
+    def _best(self, req: JobRequest, shape: Shape) -> tuple[int, list[int]] | None:
+        """(pool index, GPUs) of the pool's best fit for `req`, held nowhere yet; None if none fits."""
         heap = self._heap(shape, req)
         avoided: tuple[tuple[int, float, int], int, int] | None = None
         chosen: tuple[int, list[int]] | None = None
@@ -452,12 +467,7 @@ class _BestFit:
                 gpus = _fits(self.pool[i], req)
                 assert gpus is not None
                 chosen = (i, gpus)
-        if chosen is None:
-            return False
-        agent = self.pool[chosen[0]]
-        agent.hold(req.cpu, req.memory, chosen[1])
-        p.placements.append((req.job_id, agent.agent_id, chosen[1]))
-        return True
+        return chosen
 
     def held(self, agent_id: str) -> None:
         """A job was put on the agent (here or elsewhere in the pass): its entries are worked out again."""
@@ -472,6 +482,7 @@ class _BestFit:
 
 
 def _place(req: JobRequest, pool: Sequence[AgentState], p: Plan) -> bool:
+    """Best fit by looking at every agent of `pool`: what `_BestFit` must agree with (tests/unit/test_best_fit.py)."""
     candidates = [(a, gpus) for a in pool if (gpus := _fits(a, req)) is not None]
     if not candidates:
         return False
