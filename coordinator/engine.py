@@ -478,11 +478,12 @@ class Engine:
         cfg = self.config
         now = self.clock.time_ns()
         after = min(cfg.reserve_after_s, cfg.preempt_after_s if cfg.fairshare else math.inf)
-        starved = self.store.starved_jobs(now - int(after * 1e9))
-        if not starved:
-            return None
+        # Whether anything could be preempted first: with a deep queue, the starved jobs are most of it.
         running = self.store.running_for_preemption()
         if not any(j.interruptible and not j.being_preempted for j in running):
+            return None
+        starved = self.store.starved_jobs(now - int(after * 1e9))
+        if not starved:
             return None
         rules = Rules(
             now_ns=now,
