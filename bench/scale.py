@@ -56,6 +56,7 @@ class Figures:
     passes: int = 0
     max_pass_bucket_s: float = 0.0
     lost: int = 0
+    failed: int = 0  # jobs that ended failed (with a lost agent): counted in the rates' totals
     online_at_end: int = 0
     max_heartbeat_gap_s: float = 0.0  # on the load generator's side: its own lateness, not the coordinator's
     errors: int = 0
@@ -84,6 +85,15 @@ class Scraper:
         for m in re.finditer(r'dstack_scheduling_pass_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)', self.read()):
             out[float(m.group(1))] = float(m.group(2))
         return out
+
+    def ended(self) -> int:
+        """Jobs in a final state (done, failed, stopped): a job failed with a lost agent ends the wait too."""
+        text = self.read()
+        return sum(
+            int(float(m.group(2)))
+            for m in re.finditer(r'^dstack_jobs\{status="([a-z]+)"\} ([0-9.e+]+)$', text, re.M)
+            if m.group(1) in ("done", "failed", "stopped")
+        )
 
     def counter(self, name: str) -> float:
         m = re.search(rf"^{name}_total ([0-9.e+]+)$", self.read(), re.M)
@@ -192,17 +202,18 @@ def scenario(
         t_rel = time.time()
         fleet.release()
         total = queued + agents
-        wait_until("the queue to drain", lambda: stats().done >= total, 300 + total / 100)
+        wait_until("the queue to drain", lambda: stats() is not None and scrape.ended() >= total, 300 + total / 100)
         f.drain_rate = total / max(1e-9, last[0].last_done - t_rel)
         log(f"drained {total} jobs at {f.drain_rate:,.0f}/s")
 
         # Single-job runs through submit -> dispatch -> DONE: one SubmitRun per run, then batched.
         for batch in (1, SUBMIT_BATCH):
-            before = stats().done
+            before = scrape.ended()
             sub = submit_runs(target, runs, procs=submitters, in_flight=16 if batch == 1 else 4, batch=batch)
             if sub.errors:
                 raise RuntimeError(f"{sub.errors} submissions failed; last: {sub.last_error}")
-            wait_until(f"{runs} runs to finish", lambda b=before: stats().done >= b + runs, 300 + runs / 100)  # type: ignore[misc]
+            wait_until(f"{runs} runs to end", lambda b=before: scrape.ended() >= b + runs, 300 + runs / 100)  # type: ignore[misc]
+            stats()
             rate = runs / max(1e-9, last[0].last_done - sub.started)
             if batch == 1:
                 f.single_rate = rate
@@ -214,6 +225,8 @@ def scenario(
         f.max_heartbeat_gap_s = stats().max_heartbeat_gap_s
         f.pass_p99_s, f.max_pass_bucket_s, f.passes = bucket_quantile(scrape.pass_buckets(), 0.99)
         f.lost = int(scrape.counter("dstack_agents_lost"))
+        m = re.search(r'^dstack_jobs\{status="failed"\} ([0-9.e+]+)$', scrape.read(), re.M)
+        f.failed = int(float(m.group(1))) if m else 0
         listed = svc.client_stub().ListAgents(client_pb2.ListAgentsRequest(), metadata=meta(), timeout=60).agents
         f.online_at_end = sum(a.status == "online" for a in listed)
         f.errors = last[0].errors
@@ -258,6 +271,7 @@ def table(base: Figures | None, full: Figures) -> str:
             "<= 50 ms",
             0 < full.pass_p99_s <= 0.05,
         ),
+        row("jobs failed (with lost agents)", *both(lambda f: str(f.failed)), "0", not full.failed),
         row(
             "agents marked lost", *both(lambda f: str(f.lost)), "0", not full.lost and full.online_at_end >= full.agents
         ),
