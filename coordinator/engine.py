@@ -7,6 +7,7 @@ the event loop with no transaction open.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -49,6 +50,13 @@ log = logging.getLogger("dstack.coordinator")
 # Passes quicker than this follow each other at once (every small pool, every test); slower ones are paced.
 PACE_AFTER_S = 0.02
 PACE_MAX_S = 1.0
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _address_of(advertised: str, hostname: str) -> str:
+    """Where other agents reach this one, from its inventory; "" if it names none. Cached: parsing the
+    addresses of 5,000 agents took a tenth of every scheduling pass."""
+    return next((x for x in (advertised, hostname) if valid_address(x)), "")
 
 
 class RunWatchers:
@@ -537,7 +545,7 @@ class Engine:
                 max_jobs=inv.max_jobs or 1_000_000,
                 containers=inv.runtime == "docker",
                 # An address that is none (an agent's own word) is not handed to a gang's other members.
-                address=next((x for x in (inv.advertise_address, inv.hostname) if valid_address(x)), ""),
+                address=_address_of(inv.advertise_address, inv.hostname),
             )
         return agents
 
