@@ -10,6 +10,7 @@ hands the agent: not through a link, bounded in size, and parsed without trustin
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ from typing import Any
 from dstack.agent.runtimes.base import REPORT_FILE, REPORT_VAR
 from dstack.protos.v1 import common_pb2
 
-__all__ = ["REPORT_FILE", "REPORT_VAR", "EnvironmentRecorder", "host_facts", "read_report_file"]
+__all__ = ["REPORT_FILE", "REPORT_VAR", "EnvironmentRecorder", "cached_host_facts", "host_facts", "read_report_file"]
 MAX_REPORT_BYTES = 512 * 1024
 MAX_PACKAGES = 256 * 1024  # characters of `pip freeze` kept; the coordinator bounds it again
 MAX_FIELD = 256
@@ -104,9 +105,36 @@ def read_report_file(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+# What host_facts found, by interpreter, and when: the OS and an interpreter's version do not change
+# from one job to the next, and asking costs a thread hop and a Python start (tens of ms) per job.
+# Kept a minute, so that an upgraded interpreter shows in the records soon (a python job's own
+# environment reports its version anyway, read_report).
+FACTS_TTL_S = 60.0
+_facts: dict[str, tuple[float, dict[str, str]]] = {}
+
+
+def cached_host_facts(python: str) -> dict[str, str] | None:
+    """host_facts(python) as found less than FACTS_TTL_S ago, or None (without blocking)."""
+    hit = _facts.get(python)
+    if hit is None or time.monotonic() - hit[0] > FACTS_TTL_S:
+        return None
+    return dict(hit[1])
+
+
+@functools.cache
+def _platform() -> str:
+    return platform.platform()  # reads the interpreter's binary (libc_ver): once per agent
+
+
 def host_facts(python: str) -> dict[str, str]:
     """The host runtime's OS and the Python a job would run ("": none asked; blocking)."""
-    facts = {"os": platform.platform()}
+    facts = _host_facts(python)
+    _facts[python] = (time.monotonic(), facts)
+    return dict(facts)
+
+
+def _host_facts(python: str) -> dict[str, str]:
+    facts = {"os": _platform()}
     if not python:
         return facts
     try:

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from dstack.agent.spool import Spool
 from dstack.protos.v1 import agent_pb2, common_pb2
@@ -46,22 +47,46 @@ class OutboxBounds:
     job_memory_bytes: int = 16 << 20  # one job's lines in memory
     job_bytes: int = 1 << 30  # one job's lines owed (memory and disk): its output is paused beyond it
     total_bytes: int = 4 << 30  # all jobs' lines owed: every job's output is paused beyond it
-    inflight_bytes: int = 8 << 20  # lines sent and not yet acknowledged: no more log batches beyond it
+    # Lines sent and not yet acknowledged: no more log batches beyond it. What is in flight is what a
+    # heartbeat written now waits behind at the coordinator (its stream is read in order): 2 MiB is about
+    # 15,000 lines, a fraction of a second of a starved coordinator's work (8 MiB took over the 3 s
+    # lease on a loaded 2-core host once the agent read a flooding job's output faster), and still far
+    # more than the round trip needs at 200,000 lines/s.
+    inflight_bytes: int = 2 << 20
 
 
 def cost(line: common_pb2.LogLine) -> int:
     return len(line.text) + LINE_OVERHEAD
 
 
+class _Line(NamedTuple):
+    """A line owed, as plain Python: a job printing 200,000 lines a second makes each one a tuple, and
+    a protobuf message only once, in the batch that is sent (agent_pb2.LogBatch)."""
+
+    seq: int
+    stream: int
+    text: str
+    time_ns: int
+    cost: int
+
+
+def _to_proto(line: _Line) -> common_pb2.LogLine:
+    return common_pb2.LogLine(seq=line.seq, stream=line.stream, text=line.text, time_ns=line.time_ns)  # type: ignore[arg-type]
+
+
+def _from_proto(line: common_pb2.LogLine) -> _Line:
+    return _Line(line.seq, line.stream, line.text, line.time_ns, cost(line))
+
+
 @dataclass
 class _JobLog:
     next_seq: int = 1
-    mem: deque[common_pb2.LogLine] = field(default_factory=deque)  # unacked, oldest first, before the spool's
+    mem: deque[_Line] = field(default_factory=deque)  # unacked, oldest first, before the spool's
     mem_bytes: int = 0
     sent_upto: int = 0  # highest seq written to the current stream
     inflight_bytes: int = 0  # of lines in mem with seq <= sent_upto
     # Lines beyond memory, in order: `overflow` (not yet written), then what is being written, then the spool.
-    overflow: list[common_pb2.LogLine] = field(default_factory=list)
+    overflow: list[_Line] = field(default_factory=list)
     spilled: int = 0  # lines in overflow, being written or on disk
     spilled_bytes: int = 0
     on_disk: int = 0  # lines in the spool
@@ -101,19 +126,30 @@ class Outbox:
 
     # ---- producers ---------------------------------------------------------------------------
     def add_line(self, job_id: str, stream: common_pb2.LogStream.ValueType, text: str) -> None:
+        self.add_lines(job_id, stream, [text])
+
+    def add_lines(self, job_id: str, stream: common_pb2.LogStream.ValueType, texts: list[str]) -> None:
+        """Lines read together (one chunk of the job's output): one timestamp, the time they were read."""
+        if not texts:
+            return
         jl = self._logs.setdefault(job_id, _JobLog())
-        line = common_pb2.LogLine(seq=jl.next_seq, stream=stream, text=text, time_ns=time.time_ns())
-        jl.next_seq += 1
-        n = cost(line)
-        self._owed_bytes += n
-        if self.spool_dir is not None and (jl.spilled or not self._memory_room(jl, n)):
-            jl.overflow.append(line)  # written to the spool by room() or refill()
-            jl.spilled += 1
-            jl.spilled_bytes += n
-        else:
-            jl.mem.append(line)
-            jl.mem_bytes += n
-            self._mem_bytes += n
+        now = time.time_ns()
+        seq = jl.next_seq
+        spool = self.spool_dir is not None
+        for text in texts:
+            n = len(text) + LINE_OVERHEAD
+            line = _Line(seq, stream, text, now, n)
+            seq += 1
+            self._owed_bytes += n
+            if spool and (jl.spilled or not self._memory_room(jl, n)):
+                jl.overflow.append(line)  # written to the spool by room() or refill()
+                jl.spilled += 1
+                jl.spilled_bytes += n
+            else:
+                jl.mem.append(line)
+                jl.mem_bytes += n
+                self._mem_bytes += n
+        jl.next_seq = seq
         self.wake.set()
 
     def add_update(self, update: agent_pb2.JobUpdate) -> None:
@@ -167,8 +203,9 @@ class Outbox:
                 return
             if jl.spool is None:
                 jl.spool = Spool(self.spool_dir / job_id)
+            spool = jl.spool
             try:
-                await asyncio.to_thread(jl.spool.append, batch)
+                await asyncio.to_thread(lambda: spool.append([_to_proto(line) for line in batch]))
             except OSError as e:  # a full disk: the lines stay in memory (the job's bound still holds)
                 jl.overflow[:0] = batch
                 if not jl.spool_failed:
@@ -202,19 +239,20 @@ class Outbox:
                     return
             else:
                 room = max(room, 1)
-            lines: list[common_pb2.LogLine] = []
+            lines: list[_Line] = []
             if jl.on_disk and jl.spool is not None:
-                lines = await asyncio.to_thread(jl.spool.read, room)
+                spool = jl.spool
+                lines = await asyncio.to_thread(lambda: [_from_proto(line) for line in spool.read(room)])
                 jl.on_disk -= len(lines)
             if not jl.on_disk and jl.overflow:  # the spool is empty: what was never written comes next
                 take = 0
-                budget = room - sum(map(cost, lines))
+                budget = room - sum(line.cost for line in lines)
                 while take < len(jl.overflow) and (budget > 0 or not (lines or take)):
-                    budget -= cost(jl.overflow[take])
+                    budget -= jl.overflow[take].cost
                     take += 1
                 lines.extend(jl.overflow[:take])
                 del jl.overflow[:take]
-            moved = sum(map(cost, lines))
+            moved = sum(line.cost for line in lines)
             jl.mem.extend(lines)
             jl.mem_bytes += moved
             self._mem_bytes += moved
@@ -242,17 +280,20 @@ class Outbox:
                 break
             # mem holds consecutive seqs: skip the ones already written to this stream.
             start = max(jl.sent_upto - jl.mem[0].seq + 1, 0) if jl.mem else 0
-            lines: list[common_pb2.LogLine] = []
+            lines: list[_Line] = []
             for ln in itertools.islice(jl.mem, start, start + budget):
-                n = cost(ln)
+                n = ln.cost
                 if lines and n > byte_budget:
                     break
                 lines.append(ln)
                 byte_budget -= n
-                jl.inflight_bytes += n
-                self._inflight_bytes += n
             if lines:
-                msg.logs.append(agent_pb2.LogBatch(job_id=job_id, lines=lines))
+                sent = sum(ln.cost for ln in lines)
+                jl.inflight_bytes += sent
+                self._inflight_bytes += sent
+                add = msg.logs.add(job_id=job_id).lines.add  # each line made a message once, in place
+                for ln in lines:
+                    add(seq=ln.seq, stream=ln.stream, text=ln.text, time_ns=ln.time_ns)
                 jl.sent_upto = lines[-1].seq
                 budget -= len(lines)
         return msg if msg.logs else None
@@ -330,7 +371,7 @@ class Outbox:
         freed = 0
         while jl.mem and jl.mem[0].seq <= seq:
             line = jl.mem.popleft()
-            n = cost(line)
+            n = line.cost
             freed += n
             if line.seq <= jl.sent_upto and jl.inflight_bytes > 0:
                 jl.inflight_bytes -= n

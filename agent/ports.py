@@ -82,6 +82,9 @@ class PortPool:
     def reserve(self, job_id: str, count: int, fixed: Iterable[int] = ()) -> list[int]:
         """`count` free ports for the job, held with its `fixed` host ports until release(job_id)."""
         fixed = set(fixed)
+        if not count and not fixed:  # most jobs: nothing to pick or hold (and no scan of the other jobs' ports)
+            self._held.pop(job_id, None)
+            return []
         taken = self.held() | fixed
         picked: list[int] = []
         if count:

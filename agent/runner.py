@@ -36,10 +36,12 @@ from dstack.agent.artifacts import (
     prepare_dirs,
 )
 from dstack.agent.code import CodeCache
-from dstack.agent.environment import EnvironmentRecorder, host_facts
+from dstack.agent.envcache import applies_to
+from dstack.agent.environment import EnvironmentRecorder, cached_host_facts, host_facts
 from dstack.agent.masking import Masker
 from dstack.agent.outbox import Outbox
 from dstack.agent.ports import PortPool
+from dstack.agent.provider_jobs import ProvidedJobsError, parse_jobs, read_jobs_file
 from dstack.agent.runtimes import AGENT_MARKER, JobProcess, Runtime, RuntimeJob
 from dstack.protos.v1 import agent_pb2, common_pb2
 
@@ -97,15 +99,35 @@ def _remove_all(dirs: list[Path]) -> None:
 
 
 class LineSplitter:
-    def __init__(self, emit: Callable[[str], None]) -> None:
-        self.emit = emit
+    """Splits a stream's chunks into lines (without their newline, or a CR before it). `emit_many` gets
+    the lines of a chunk together (the agent's path: one call, one decode, per chunk rather than per
+    line), `emit` each line."""
+
+    def __init__(
+        self, emit: Callable[[str], None] | None = None, emit_many: Callable[[list[str]], None] | None = None
+    ) -> None:
+        self.emit = emit or _drop
+        self.emit_many = emit_many or self._each
         self.buf = b""
 
-    def feed(self, chunk: bytes) -> None:
-        self.buf += chunk
-        *lines, self.buf = self.buf.split(b"\n")
+    def _each(self, lines: list[str]) -> None:
         for line in lines:
-            self._emit(line)
+            self.emit(line)
+
+    def feed(self, chunk: bytes) -> None:
+        buf = self.buf + chunk if self.buf else chunk
+        end = buf.rfind(b"\n")
+        if end < 0:
+            self.buf = buf
+        else:
+            self.buf = buf[end + 1 :]
+            # Decoded as one block: a newline is never part of a UTF-8 sequence, so this is each line's
+            # own decoding (a broken sequence at a line's end is replaced all the same).
+            text = buf[:end].decode("utf-8", errors="replace")
+            lines = text.split("\n")
+            if "\r" in text:
+                lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+            self.emit_many(lines)
         while len(self.buf) > MAX_LINE:
             self._emit(self.buf[:MAX_LINE])
             self.buf = self.buf[MAX_LINE:]
@@ -113,12 +135,16 @@ class LineSplitter:
     def _emit(self, line: bytes) -> None:
         if line.endswith(b"\r"):
             line = line[:-1]
-        self.emit(line.decode("utf-8", errors="replace"))
+        self.emit_many([line.decode("utf-8", errors="replace")])
 
     def close(self) -> None:
         if self.buf:
             self._emit(self.buf)
             self.buf = b""
+
+
+def _drop(_line: str) -> None:
+    pass
 
 
 @functools.cache
@@ -176,8 +202,10 @@ class JobRunner:
         message: str = "",
         exit_code: int | None = None,
         ports: list[tuple[int, int]] | None = None,
+        provided: list[common_pb2.JobSpec] | None = None,
     ) -> None:
         u = agent_pb2.JobUpdate(job_id=self.job_id, status=status, termination_reason=reason, message=message)
+        u.provided_jobs.extend(provided or [])
         for host, container in ports or []:
             u.ports.add(host_port=host, container_port=container)
         if exit_code is not None:
@@ -285,6 +313,7 @@ class JobRunner:
                         python_version=spec.python_version,
                         ports=ports,
                         mounts=[(str(host), path) for path, host in folders.items()],
+                        provider_program=spec.provider_program,
                         gpus_simulated=self.deps.gpus_simulated,
                         system_line=self._system_line,
                         on_pulling=on_pulling,
@@ -314,7 +343,8 @@ class JobRunner:
                 with self.record.phase("running"):
                     code = await self.proc.wait()
                 await self._drain(pump)
-                await asyncio.to_thread(self.record.read_report, workdir)
+                if applies_to(spec.provider):  # only their environment writes a report (env_helper.py)
+                    await asyncio.to_thread(self.record.read_report, workdir)
             finally:
                 pump.cancel()
                 if syncer is not None:
@@ -382,13 +412,15 @@ class JobRunner:
 
     async def _pump_output(self, proc: JobProcess) -> None:
         outbox, job_id = self.deps.outbox, self.job_id
-        mask = Masker(self.a.secrets.values()).mask
+        mask = Masker(self.a.secrets.values()).mask if self.a.secrets else None  # line by line, as before
 
-        def emitter(kind: common_pb2.LogStream.ValueType) -> Callable[[str], None]:
-            return lambda text: outbox.add_line(job_id, kind, mask(text))
+        def emitter(kind: common_pb2.LogStream.ValueType) -> Callable[[list[str]], None]:
+            if mask is None:
+                return lambda lines: outbox.add_lines(job_id, kind, lines)
+            return lambda lines: outbox.add_lines(job_id, kind, [mask(text) for text in lines])
 
         splitters = {
-            int(kind): LineSplitter(emitter(kind))
+            int(kind): LineSplitter(emit_many=emitter(kind))
             for kind in (common_pb2.LOG_STREAM_STDOUT, common_pb2.LOG_STREAM_STDERR)
         }
         async for kind, chunk in proc.output():
@@ -415,12 +447,25 @@ class JobRunner:
             if error is not None and code == 0:
                 self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_ARTIFACT_UPLOAD_FAILED, error, code)
                 return
+        provided: list[common_pb2.JobSpec] = []
+        if code == 0 and spec.provider_program:  # a 2022 provider program: the jobs it wrote join the run
+            try:
+                provided = await asyncio.to_thread(self._provided_jobs, workdir, spec)
+            except ProvidedJobsError as e:
+                self._system_line(f"dstack: the provider's jobs are refused: {e}")
+                self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_EXECUTOR_ERROR, str(e), code)
+                return
         if code == 0:
-            self._update(JS.JOB_STATUS_DONE, TR.TERMINATION_REASON_DONE, "", code)
+            self._update(JS.JOB_STATUS_DONE, TR.TERMINATION_REASON_DONE, "", code, provided=provided)
         else:
             note = self.proc.exit_note if self.proc is not None else ""
             message = describe_exit(code) + (f" ({note})" if note else "")
             self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_EXIT_CODE, message, code)
+
+    @staticmethod
+    def _provided_jobs(workdir: Path, spec: common_pb2.JobSpec) -> list[common_pb2.JobSpec]:
+        data = read_jobs_file(workdir)
+        return [] if data is None else parse_jobs(data, spec)
 
     async def _record_machine(self, spec: common_pb2.JobSpec) -> None:
         """The GPUs, driver, and (host runtime) OS and Python of the job, for the run's record."""
@@ -429,7 +474,10 @@ class JobRunner:
         self.record.set_gpus(self.deps.gpu_infos(indices), versions)
         if self.deps.runtime.name == "host":
             python = f"python{spec.python_version}" if spec.python_version else "python3"
-            facts = await asyncio.to_thread(host_facts, python if spec.provider == "python" else "")
+            python = python if spec.provider == "python" else ""
+            facts = cached_host_facts(python)
+            if facts is None:
+                facts = await asyncio.to_thread(host_facts, python)
             self.record.env.os = facts.get("os", "")
             self.record.env.python_version = facts.get("python_version", "")
 

@@ -35,6 +35,8 @@ class Services:
     def __init__(self, tls: bool = True) -> None:
         self.tls = tls
         self.tmp = Path(tempfile.mkdtemp(prefix="dstack-bench-"))
+        # As root an agent runs host jobs as its job user, who must pass through to <home>-jobs.
+        self.tmp.chmod(0o711)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen[bytes]] = []

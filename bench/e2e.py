@@ -1,12 +1,15 @@
 """End to end with real processes: N jobs running `true` through a coordinator and local agents.
 
-Usage: python -m bench.e2e [JOBS] [AGENTS] [JOBS_PER_RUN]
+Usage: python -m bench.e2e [JOBS] [AGENTS] [JOBS_PER_RUN] [--plaintext] [--agent-arg ARG ...]
+
+--plaintext: no TLS on either side (what TLS costs); --agent-arg: passed to each agent, e.g.
+`--agent-arg=--job-user --agent-arg=none` (as root: jobs as the agent's user, no setpriv).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import sys
 import time
 
 import psutil
@@ -17,12 +20,12 @@ from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
 FINISHED = (common_pb2.RUN_STATUS_DONE, common_pb2.RUN_STATUS_FAILED, common_pb2.RUN_STATUS_STOPPED)
 
 
-def run(jobs: int, agents: int, per_run: int) -> None:
-    svc = Services()
+def run(jobs: int, agents: int, per_run: int, tls: bool = True, agent_args: tuple[str, ...] = ()) -> None:
+    svc = Services(tls=tls)
     try:
         svc.start_coordinator()
         for i in range(agents):
-            svc.start_agent(f"local-{i}")
+            svc.start_agent(f"local-{i}", *agent_args)
         svc.wait_agents(agents)
         stub = svc.client_stub()
         spec = common_pb2.JobSpec(workflow="t", provider="bash", commands=["true"])
@@ -61,18 +64,24 @@ def run(jobs: int, agents: int, per_run: int) -> None:
             f"{jobs} jobs of `true` on {agents} local agent(s), {per_run} per run: {jobs / wall:,.0f} jobs/s "
             f"({wall:.2f} s, all submitted after {submitted:.2f} s, {failed} failed); "
             f"coordinator RSS {svc.coordinator_rss_mib():.0f} MiB; "
-            f"CPU (share of one core): coordinator {cpu[0]:.0%}, agents {', '.join(f'{c:.0%}' for c in cpu[1:])}"
+            f"CPU (share of one core): coordinator {cpu[0]:.0%}, agents {', '.join(f'{c:.0%}' for c in cpu[1:])};"
+            f" CPU per job: coordinator {cpu[0] * wall / jobs * 1e3:.2f} ms,"
+            f" agents {sum(cpu[1:]) * wall / jobs * 1e3:.2f} ms"
         )
     finally:
         svc.stop()
 
 
 def main() -> None:
-    jobs = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
-    agents = int(sys.argv[2]) if len(sys.argv) > 2 else 2
-    modes = [int(sys.argv[3])] if len(sys.argv) > 3 else [1, 100]
-    for per_run in modes:
-        run(jobs, agents, per_run)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("jobs", type=int, nargs="?", default=1000)
+    p.add_argument("agents", type=int, nargs="?", default=2)
+    p.add_argument("per_run", type=int, nargs="?", help="jobs per run (default: 1, then 100)")
+    p.add_argument("--plaintext", action="store_true", help="no TLS (coordinator and agents --insecure)")
+    p.add_argument("--agent-arg", action="append", default=[], help="an argument for each agent (repeatable)")
+    a = p.parse_args()
+    for per_run in [a.per_run] if a.per_run else [1, 100]:
+        run(a.jobs, a.agents, per_run, not a.plaintext, tuple(a.agent_arg))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from dstack.coordinator.convert import (
     job_spec_from_bytes,
     job_updates_from_proto,
     log_acks_to_proto,
-    log_batches_from_proto,
     update_acks_to_proto,
 )
 from dstack.coordinator.durations import Durations, duration_key
@@ -37,6 +36,7 @@ from dstack.coordinator.metrics import EngineMetrics
 from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, LogAck
 from dstack.coordinator.planner import DEPENDENCIES, Policy, RunningJob, UserLimits, WaitInfo, plan
 from dstack.coordinator.preemption import Preemption, Rules, choose
+from dstack.coordinator.provided_jobs import AddedJobs
 from dstack.coordinator.queue import Waiting, WaitingQueue, request_of
 from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest
 from dstack.coordinator.secrets import SecretBox
@@ -735,6 +735,10 @@ class Engine:
             changed |= res.changed_runs
             if res.requeued:
                 await self._requeued()
+            for added in res.added:  # jobs a provider program added to its run (coordinator/provided_jobs.py)
+                assert isinstance(added, AddedJobs)
+                a = added
+                self.enqueue_run(a.run_id, a.jobs, a.owner, a.priority, a.submitted_at, a.workflow)
             if res.freed:
                 self.kick()
             if res.requeued or any(u.status in TERMINAL_JOB for u in updates):  # a gang's member may have ended
@@ -762,9 +766,9 @@ class Engine:
         await self.db(self.store.heartbeat, agent_id, inv, self.lease_until())
 
     def _insert_logs(self, logs: Sequence[agent_pb2.LogBatch]) -> list[LogAck]:
-        # Converted on the DB thread, as the store would have read them: a big batch costs the event
-        # loop nothing (heartbeats keep being answered).
-        return self.store.insert_logs(log_batches_from_proto(logs))
+        # Read on the DB thread straight from the agent's message: a big batch costs the event loop
+        # nothing (heartbeats keep being answered), and no line becomes an object on the way.
+        return self.store.insert_logs(logs)
 
     async def _runs_of(self, job_ids: Iterable[str]) -> set[str]:
         ids = set(job_ids)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 class JobStatus(enum.IntEnum):
@@ -83,8 +84,9 @@ WAITING = frozenset({JobStatus.SUBMITTED, JobStatus.PENDING})
 TERMINAL_RUN = frozenset({RunStatus.DONE, RunStatus.FAILED, RunStatus.STOPPED})
 
 
-@dataclass(frozen=True)
-class LogLine:
+class LogLine(NamedTuple):
+    """A tuple, not a dataclass: a followed job printing 200,000 lines a second makes one per line."""
+
     seq: int
     stream: int  # dstack.v1.LogStream's number: the store only keeps it
     time_ns: int
@@ -114,6 +116,7 @@ class JobUpdate:
     exit_code: int | None = None
     time_ns: int = 0  # when it happened on the agent; 0: unknown (the coordinator's clock is used)
     ports: list[tuple[int, int]] = field(default_factory=list)  # with RUNNING: (host, container) on the agent
+    provided_jobs: list[bytes] = field(default_factory=list)  # with DONE: a provider program's jobs (encoded)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,9 @@ class RuntimeJob:
     loopback_ports: frozenset[int] = frozenset()
     # Absolute artifact paths: (the job's host folder, the path inside the container) to bind-mount.
     mounts: list[tuple[str, str]] = field(default_factory=list)
+    # A 2022 custom provider's program: it gets the compat `dstack` module and a file for its jobs
+    # (agent/provider_jobs.py provider_env).
+    provider_program: bool = False
     gpus_simulated: bool = False  # simulated GPUs: the assignment goes only into the environment
     # Progress the runtime reports while starting: a system log line, and "pulling the image now".
     system_line: Callable[[str], None] = field(default=lambda _text: None)

@@ -3,7 +3,8 @@
 Two layouts, one code path:
 
 - cgroup v1 (and the hybrid layout, where the controllers are bound to v1 hierarchies): each job gets
-  `<mount>/<agent's own group>/dstack-<agent>/<job>` in the memory, cpu and pids hierarchies;
+  `<mount>/<agent's own group>/dstack-<agent>/<job>` in the pids hierarchy, and in the memory and cpu
+  hierarchies where it asks for a memory or CPU limit;
 - cgroup v2 (the unified hierarchy alone at the root, with `cgroup.controllers`: current Debian and
   Ubuntu): the job gets `<root>/<agent's own group>/dstack-<agent>/<job>`, with the controllers turned
   on for it through `cgroup.subtree_control` on the way down. v2 lets no group with processes hand
@@ -207,7 +208,22 @@ class CgroupLayout:
                 parent.rmdir()
 
     def job(self, job_id: str, memory_bytes: int, cpu: float, pids_limit: int = 0) -> JobCgroup:
-        return JobCgroup(job_id, {c: d / job_id for c, d in self.dirs.items()}, memory_bytes, cpu, pids_limit, self.v2)
+        return JobCgroup(job_id, self._job_paths(job_id, memory_bytes, cpu), memory_bytes, cpu, pids_limit, self.v2)
+
+    def _job_paths(self, job_id: str, memory_bytes: int, cpu: float) -> dict[str, Path]:
+        """v2: the job's one folder. v1: a group in each hierarchy whose controller the job uses: the pids
+        group always (it holds the pids limit and lists every process of the job, for kill_all), memory
+        and cpu only for a job that asks for them. Each v1 group is a mkdir and an rmdir in the kernel
+        (a memory group is the dearest), per job: most jobs ask for neither, and a group without a limit
+        holds nothing back (an out-of-memory kill without a limit of its own is the host's, not the job's)."""
+        if self.v2:
+            return {c: d / job_id for c, d in self.dirs.items()}
+        wanted = {"pids", *(["memory"] if memory_bytes else []), *(["cpu"] if cpu else [])}
+        paths = {c: d / job_id for c, d in self.dirs.items() if c in wanted}
+        if "pids" not in paths and self.dirs:  # no pids hierarchy here: another group lists the job's processes
+            ctrl, d = next(iter(self.dirs.items()))
+            paths.setdefault(ctrl, d / job_id)
+        return paths
 
     def leftovers(self) -> list[JobCgroup]:
         out: dict[str, dict[str, Path]] = {}
@@ -323,6 +339,12 @@ class JobCgroup:
             return self.hits_at_kill
         path = self.paths.get("pids")
         return pids_limit_hits(path / "pids.events") if path is not None else 0
+
+    def close(self) -> tuple[bool, int]:
+        """After the job's main process ended: kills what is left in its groups, then says whether it was
+        killed for memory and how often it hit its pids limit (one trip to a worker thread for the three)."""
+        self.kill_all()
+        return self.oom_killed(), self.pids_limit_hits()
 
     def kill_all(self) -> int:
         """SIGKILLs every process still in the job's groups (also those that left its session).

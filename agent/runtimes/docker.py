@@ -28,6 +28,7 @@ from docker.types import DeviceRequest
 from docker.utils import parse_repository_tag
 
 from dstack.agent.envcache import EnvCache, applies_to
+from dstack.agent.provider_jobs import COMPAT_DIR, COMPAT_MOUNT, provider_env
 from dstack.agent.runtimes.base import (
     LISTEN_VAR,
     LOOPBACK,
@@ -177,6 +178,9 @@ def container_config(
         env |= env_cache.container_env(image_id)
         env[REPORT_VAR] = f"{MOUNT}/{REPORT_FILE}"
         volumes |= env_cache.container_volumes()
+    if job.provider_program:  # the compat `dstack` the program imports, read-only (agent/provider_jobs.py)
+        env = provider_env(env, MOUNT, COMPAT_MOUNT)
+        volumes[str(COMPAT_DIR)] = {"bind": COMPAT_MOUNT, "mode": "ro"}
     device_requests = None
     if job.gpu_indices:
         ids = gpu_ids(job)

@@ -8,12 +8,14 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import psutil
 
 from dstack.agent import jobuser
 from dstack.agent.envcache import EnvCache, applies_to
 from dstack.agent.jobuser import JOB_HOME, JobUser, give
+from dstack.agent.provider_jobs import COMPAT_DIR, provider_env
 from dstack.agent.runtimes.base import (
     AGENT_MARKER,
     REPORT_FILE,
@@ -52,11 +54,13 @@ class HostProcess(JobProcess):
         grace_s: float,
         cgroup: JobCgroup | None = None,
         system_line: Callable[[str], None] = lambda _text: None,
+        remove_cgroup: Callable[[JobCgroup], None] | None = None,
     ) -> None:
         self.proc = proc
         self.grace_s = grace_s
         self.cgroup = cgroup
         self.system_line = system_line
+        self.remove_cgroup = remove_cgroup  # None: removed here, at cleanup
 
     async def output(self) -> AsyncIterator[tuple[int, bytes]]:
         q: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=64)
@@ -91,11 +95,11 @@ class HostProcess(JobProcess):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         if self.cgroup is not None:  # and what left the group (setsid) but not the job's cgroup
-            await asyncio.to_thread(self.cgroup.kill_all)
-            if await asyncio.to_thread(self.cgroup.oom_killed):
+            oom, hits = await asyncio.to_thread(self.cgroup.close)
+            if oom:
                 limit = self.cgroup.memory_bytes
                 self.exit_note = f"out of memory: the limit is {limit / (1 << 20):.0f} MiB"
-            if hits := await asyncio.to_thread(self.cgroup.pids_limit_hits):
+            if hits:
                 limit = self.cgroup.pids_limit
                 self.system_line(pids_limit_line(limit, hits))
                 self.exit_note = self.exit_note or f"it hit its pids limit ({limit})"
@@ -159,8 +163,66 @@ class HostProcess(JobProcess):
             await asyncio.to_thread(self.cgroup.kill_all)
 
     async def cleanup(self) -> None:
-        if self.cgroup is not None:
-            await asyncio.to_thread(self.cgroup.remove)
+        cgroup, self.cgroup = self.cgroup, None
+        if cgroup is None:
+            return
+        if self.remove_cgroup is not None:
+            self.remove_cgroup(cgroup)  # its processes are dead: the rmdir is off the job's path
+        else:
+            await asyncio.to_thread(cgroup.remove)
+
+
+def _close_pipe(pipe: tuple[int, int] | None) -> None:
+    for fd in pipe or ():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _hand_over_env(fd: int, cgroup_procs: list[Path], pid: int, payload: bytes) -> None:
+    """Moves the job user's shell into its cgroups, then writes it its environment (blocking: the shell
+    reads it at once; it has done nothing else yet) and closes the pipe."""
+    try:
+        if cgroup_procs:
+            jobuser.join_cgroups(cgroup_procs, pid)
+        with open(fd, "wb", closefd=False) as f:
+            f.write(payload)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # it died first: its exit code and stderr say why
+    finally:
+        os.close(fd)
+
+
+class GroupRemover:
+    """Removes finished jobs' cgroups in batches, after their final update: an rmdir waits while the
+    kernel lets the last killed processes go, and no job needs the group of one that ended."""
+
+    def __init__(self) -> None:
+        self._groups: list[JobCgroup] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def remove(self, cgroup: JobCgroup) -> None:
+        self._groups.append(cgroup)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        await asyncio.sleep(0.05)  # a burst of finishing jobs shares one trip to the worker thread
+        while self._groups:
+            batch, self._groups = self._groups, []
+            await asyncio.to_thread(_remove_groups, batch)
+
+    async def drain(self) -> None:
+        """Returns once every group handed over is removed (the agent stops)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+        if self._groups:
+            batch, self._groups = self._groups, []
+            await asyncio.to_thread(_remove_groups, batch)
+
+
+def _remove_groups(groups: list[JobCgroup]) -> None:
+    for g in groups:
+        g.remove()
 
 
 class HostRuntime(Runtime):
@@ -182,6 +244,7 @@ class HostRuntime(Runtime):
         self.use_cgroups = cgroups
         self.env_cache = env_cache
         self._layout: CgroupLayout | None = None
+        self._remover = GroupRemover()
 
     async def _get_layout(self, agent_home: str) -> CgroupLayout:
         """Where this agent's job cgroups go, found once (the first caller's home names it)."""
@@ -193,12 +256,22 @@ class HostRuntime(Runtime):
             self._layout = layout
         return self._layout
 
-    async def _cgroup(self, job: RuntimeJob) -> JobCgroup | None:
+    async def _prepare(self, job: RuntimeJob) -> JobCgroup | None:
+        """The job's folder handed to its user, and its cgroups: one trip to a worker thread for both."""
+        user = self.job_user
         if not self.use_cgroups:
+            if user is not None:
+                await asyncio.to_thread(give, job.workdir, user)
             return None
         layout = await self._get_layout(self.agent_home or str(os.getpid()))
         cg = layout.job(job.job_id, job.memory_bytes, job.cpu, self.pids_limit)
-        missing = await asyncio.to_thread(cg.create)
+
+        def prepare() -> list[str]:
+            if user is not None:
+                give(job.workdir, user)
+            return cg.create()
+
+        missing = await asyncio.to_thread(prepare)
         if "pids" in missing:  # the agent's policy, not the job's request: said once, in the agent's log
             missing.remove("pids")
             warn_once("pids-job", f"host jobs run without a pids limit (--pids-limit {self.pids_limit}): no cgroup")
@@ -221,11 +294,12 @@ class HostRuntime(Runtime):
         if self.env_cache is not None and applies_to(job.provider):
             env.update(self.env_cache.host_env())  # the agent's, whatever the workflow's environment says
             env[REPORT_VAR] = str(job.workdir / REPORT_FILE)
+        if job.provider_program:
+            env = provider_env(env, str(job.workdir), str(COMPAT_DIR))
         user = self.job_user
-        if user is not None:  # the job's folder becomes its user's; its HOME is in it
-            await asyncio.to_thread(give, job.workdir, user)
+        if user is not None:  # the job's folder becomes its user's (in _prepare); its HOME is in it
             env.update(HOME=str(job.workdir / JOB_HOME), USER=user.name, LOGNAME=user.name)
-        cgroup = await self._cgroup(job)
+        cgroup = await self._prepare(job)
         script = _script(job)
         if user is None:
             argv = ["bash", "-c", (cgroup.join_script() if cgroup else "") + script]
@@ -233,37 +307,37 @@ class HostRuntime(Runtime):
             # Not `user=`: that makes the interpreter fork() this process, gRPC threads and all,
             # instead of vfork(); the job's own user is set by setpriv after exec.
             argv = jobuser.command(user, script)
+        # The job user's shell reads its environment from a plain pipe (not an asyncio transport): the
+        # agent moves it into its cgroups and then writes the environment, in one worker-thread trip.
+        env_pipe = os.pipe() if user is not None else None
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 cwd=cwd,
                 env=env if user is None else jobuser.ROOT_ENV,
-                stdin=asyncio.subprocess.DEVNULL if user is None else asyncio.subprocess.PIPE,
+                stdin=asyncio.subprocess.DEVNULL if env_pipe is None else env_pipe[0],
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
             )
         except FileNotFoundError as e:
+            _close_pipe(env_pipe)
             await self._release(cgroup)
             if not await asyncio.to_thread(cwd.is_dir):
                 raise RuntimeError_(f"working_dir {rel!r} does not exist in the code") from e
             raise RuntimeError_(f"cannot start the job: {e}") from e
         except OSError as e:
+            _close_pipe(env_pipe)
             await self._release(cgroup)
             raise RuntimeError_(f"cannot start the job: {e}") from e
-        if proc.stdin is not None:  # the job user's shell waits for its environment
-            try:
-                if cgroup is not None:
-                    await asyncio.to_thread(jobuser.join_cgroups, cgroup.joined, proc.pid)
-                proc.stdin.write(jobuser.encode_env(env))
-                await proc.stdin.drain()
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # it died first: its exit code and stderr say why
-            finally:
-                proc.stdin.close()
-        return HostProcess(proc, self.stop_grace_s, cgroup, job.system_line)
+        if env_pipe is not None:  # the job user's shell waits for its environment
+            os.close(env_pipe[0])  # the shell's end
+            joined = cgroup.joined if cgroup is not None else []
+            await asyncio.to_thread(_hand_over_env, env_pipe[1], joined, proc.pid, jobuser.encode_env(env))
+        return HostProcess(proc, self.stop_grace_s, cgroup, job.system_line, self._remover.remove)
 
     async def close(self) -> None:
+        await self._remover.drain()
         if self._layout is not None:  # the jobs' parent groups, empty now (a job left over keeps its own)
             await asyncio.to_thread(self._layout.remove)
 

@@ -96,6 +96,12 @@ def print_logs(
         if batch.jobs:
             before_output()
         for job_name, lines in batch.jobs:
+            if job_name not in wanted and node is None and job_name not in labels and lines:
+                # A job a provider program added to the run while it was followed (agent/provider_jobs.py):
+                # shown too, and from now on every line says its job's name.
+                wanted.add(job_name)
+                labels[job_name] = job_name
+                prefix = True
             if job_name not in wanted:
                 continue
             head = f"{labels.get(job_name, job_name)} | " if prefix else ""

@@ -266,6 +266,9 @@ class CustomProvider(Provider):
             spec.image = self.definition.image  # the provider's image runs the provider (the workflow's is data)
             spec.env["DSTACK_WORKFLOW_DATA"] = data
             spec.env["DSTACK_PROVIDER_NAME"] = self.definition.name
+            # A 2022 provider program: the jobs its `dstack.Provider.start()` writes join the run when it exits 0
+            # (agent/provider_jobs.py); one that writes none is the run's one job, as before.
+            spec.provider_program = True
             if self.repo is not None:
                 spec.env["DSTACK_PROVIDER_REPO"] = self.repo.url
                 spec.env["DSTACK_PROVIDER_COMMIT"] = self.repo.commit

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import sqlite3
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ from dstack.coordinator.convert import code_from_bytes
 from dstack.coordinator.engine import Engine
 from dstack.coordinator.model import WAITING, AttemptView, JobView, RunStatus, RunView
 from dstack.coordinator.planner import WaitInfo
+from dstack.coordinator.provided_jobs import AddedJobs, add_provided_jobs
 from dstack.coordinator.store import JobRow, RunRow, Store
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.coordinator.tunnel_registry import TunnelRegistry
@@ -98,6 +100,14 @@ class Core:
         self.objects = self.artifacts.store
         config = self.engine.config
         self.limits = SubmissionLimits(config.max_queued_per_user, config.max_submissions_per_minute, self.engine.clock)
+        store = self.store
+
+        def provide(c: sqlite3.Connection, job_id: str, run_id: str, specs: Sequence[bytes]) -> AddedJobs:
+            # With the run owner's authority and queued-jobs limit, as a submission (coordinator/provided_jobs.py).
+            now = store.clock()
+            return add_provided_jobs(c, job_id, run_id, specs, now, store.queued_jobs_of, self.limits.check_queued)
+
+        store.jobs.provide = provide
 
     @property
     def local_mode(self) -> bool:

@@ -8,7 +8,19 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
-from dstack.coordinator.app import agents, artifacts, code, join_tokens, logs, records, runs, secrets, tags, users
+from dstack.coordinator.app import (
+    agents,
+    artifacts,
+    code,
+    join_tokens,
+    logs,
+    records,
+    rerun,
+    runs,
+    secrets,
+    tags,
+    users,
+)
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.ownership import Actor
 from dstack.coordinator.auth import user_caller, user_name
@@ -19,7 +31,6 @@ from dstack.coordinator.convert import (
     completed_uploads_from_proto,
     file_sizes_from_proto,
     job_spec_from_proto,
-    log_line_to_proto,
     run_to_proto,
     upload_grant_to_proto,
 )
@@ -108,6 +119,19 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         text = await asyncio.to_thread(json.dumps, found.record, sort_keys=True)
         return client_pb2.GetRunRecordResponse(record_json=text, code_url=found.code_url, diff_url=found.diff_url)
 
+    @unary
+    async def RerunRun(self, request: client_pb2.RerunRunRequest, context: Ctx) -> client_pb2.RerunRunResponse:
+        done = await rerun.rerun(
+            self.core,
+            actor(),
+            request.run_name,
+            request.same_inputs,
+            request.pin,
+            request.tag_on_done,
+            request.priority,
+        )
+        return client_pb2.RerunRunResponse(run=run_to_proto(done.run), notes=done.notes)
+
     @streaming
     async def DownloadRunCode(
         self, request: client_pb2.DownloadRunCodeRequest, context: Ctx
@@ -149,14 +173,15 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         signed_in = users.SignedIn(self.core, actor())
         async for chunk in logs.stream_logs(self.core, request.run_name, request.follow, after):
             await signed_in.check()
-            yield client_pb2.StreamLogsResponse(
-                jobs=[
-                    client_pb2.JobLogs(job_name=j.job_name, lines=[log_line_to_proto(ln) for ln in j.lines])
-                    for j in chunk.jobs
-                ],
+            resp = client_pb2.StreamLogsResponse(
                 finished_run=None if chunk.finished_run is None else run_to_proto(chunk.finished_run),
                 cursor=[client_pb2.LogCursor(job_name=k, seq=v) for k, v in chunk.cursor.items()],
             )
+            for j in chunk.jobs:  # each line made a message once, in place (thousands per response)
+                add = resp.jobs.add(job_name=j.job_name).lines.add
+                for ln in j.lines:
+                    add(seq=ln.seq, stream=ln.stream, time_ns=ln.time_ns, text=ln.text)
+            yield resp
 
     @unary
     async def ListArtifacts(

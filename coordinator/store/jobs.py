@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from dstack.coordinator import lifecycle
 from dstack.coordinator.attempts import parse_wire_job_id, wire_job_id
-from dstack.coordinator.errors import NotFound
+from dstack.coordinator.errors import CoordinatorError, NotFound
 from dstack.coordinator.lifecycle import attempts
 from dstack.coordinator.model import (
     ON_AGENT,
@@ -162,6 +162,7 @@ class UpdateResult:
     changed_runs: set[str] = field(default_factory=set)  # run ids whose status may have changed
     freed: bool = False  # capacity was released: the scheduler should look again
     requeued: list[str] = field(default_factory=list)  # jobs back to waiting as a new attempt
+    added: list[object] = field(default_factory=list)  # what `Jobs.provide` returned: jobs a provider program added
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,9 @@ class Jobs:
         # Charges a job's fair-share usage in the transaction that ends it (store/usage.py), so that
         # the common end (an agent's report) needs no second write of the job's row.
         self.charge: Callable[[sqlite3.Connection, Sequence[str]], None] | None = None
+        # Inserts the jobs a provider program reported with its DONE (job id, run id, encoded specs) into its run,
+        # or raises CoordinatorError saying why not (coordinator/provided_jobs.py; set by the app's Core).
+        self.provide: Callable[[sqlite3.Connection, str, str, Sequence[bytes]], object] | None = None
         self._limits: dict[tuple[str, int], float] = {}  # (job, deadline_at) -> max_duration (DB thread)
 
     def of_runs(self, run_ids: Sequence[str]) -> dict[str, list[JobRow]]:
@@ -541,6 +545,30 @@ class Jobs:
                 if t is None or status not in t.src:
                     lifecycle.refuse_job(u.job_id, status, u.status, "agent report")
                     continue
+                added: object = None
+                if t.dst == JobStatus.DONE and u.provided_jobs:
+                    # Its jobs join the run in this step, before the run's status is derived (it is not over);
+                    # refused, the program's job fails instead, saying why.
+                    c.execute("SAVEPOINT provided")
+                    try:
+                        if self.provide is None:
+                            raise CoordinatorError("this coordinator takes no jobs from provider programs")
+                        added = self.provide(c, job_id, run_id, u.provided_jobs)
+                        c.execute("RELEASE provided")
+                    except CoordinatorError as e:
+                        c.execute("ROLLBACK TO provided")
+                        c.execute("RELEASE provided")
+                        u = replace(
+                            u,
+                            status=JobStatus.FAILED,
+                            termination_reason=TerminationReason.EXECUTOR_ERROR,
+                            message=f"the provider's jobs are refused: {e}",
+                        )
+                        t = lifecycle.agent_transition(u.status, bool(stop_requested))
+                        if t is None or status not in t.src:
+                            continue
+                    if added is not None:
+                        res.added.append(added)
                 ended = self._end_attempt(c, t, u, stop_reason, stop_message or "")
                 if ended is not None:
                     res.freed = True

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from dstack.coordinator.attempts import SEQ_BITS, attempt_base, parse_wire_job_id, stored_seq
 from dstack.coordinator.model import TERMINAL_JOB, LogAck, LogBatch, LogLine, LogStream
 from dstack.coordinator.store.base import Db, ints_in
+from dstack.protos.v1 import agent_pb2
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Logs:
         self.max_bytes = 0
         self._usage: dict[str, _Usage] = {}  # job id -> its usage, loaded on first sight (DB thread only)
 
-    def insert(self, batches: Sequence[LogBatch]) -> list[LogAck]:
+    def insert(self, batches: Sequence[LogBatch | agent_pb2.LogBatch]) -> list[LogAck]:
         """Batches as an agent sends them: by the id and seqs of one attempt (coordinator/attempts.py),
         stored in the attempt's range of the job's seqs, and acknowledged as sent. Past the job's quota,
         lines are acknowledged but dropped, and one marker line (once) says so."""
@@ -51,7 +52,9 @@ class Logs:
                     if not b.lines:
                         continue
                     job_id, attempt = parse_wire_job_id(b.job_id)
-                    rows = [(job_id, stored_seq(attempt, ln.seq), ln.stream, ln.time_ns, ln.text) for ln in b.lines]
+                    base = stored_seq(attempt, 0)
+                    # Straight from the agent's message (or the model's lines): one tuple per line, no object.
+                    rows = [(job_id, base + ln.seq, int(ln.stream), ln.time_ns, ln.text) for ln in b.lines]
                     if self.max_bytes > 0:
                         rows = self._within_quota(job_id, rows)
                     c.executemany(
@@ -71,6 +74,13 @@ class Logs:
         usage = self._usage.get(job_id) or self._load_usage(job_id)
         if usage.full:
             return []
+        if rows and rows[0][1] > usage.last_seq:  # all new lines (a batch's seqs are consecutive)
+            # The whole batch's bytes in one encode; within the quota, every line is kept as it is.
+            size = len("".join(row[4] for row in rows).encode())
+            if usage.stored + size <= self.max_bytes:
+                usage.stored += size
+                usage.last_seq = rows[-1][1]
+                return rows
         kept = []
         for row in rows:
             if row[1] <= usage.last_seq:  # resent after a reconnect: stored once (INSERT OR IGNORE), counted once

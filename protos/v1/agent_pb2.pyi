@@ -86,6 +86,7 @@ class JobUpdate(_message.Message):
     TIME_NS_FIELD_NUMBER: _builtins.int
     PORTS_FIELD_NUMBER: _builtins.int
     ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    PROVIDED_JOBS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     status: _common_pb2.JobStatus.ValueType
     """RUNNING, UPLOADING, DONE, FAILED, STOPPED"""
@@ -104,6 +105,12 @@ class JobUpdate(_message.Message):
     def environment(self) -> _common_pb2.JobEnvironment:
         """With the final status (DONE, FAILED, STOPPED): what ran, for the run's record."""
 
+    @_builtins.property
+    def provided_jobs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.JobSpec]:
+        """With DONE of a provider program's job (JobSpec.provider_program): the jobs it produced, to join its
+        run in the step that records it done. The coordinator checks them all as a submission's.
+        """
+
     def __init__(
         self,
         *,
@@ -116,10 +123,11 @@ class JobUpdate(_message.Message):
         time_ns: _builtins.int = ...,
         ports: _abc.Iterable[_common_pb2.PortSpec] | None = ...,
         environment: _common_pb2.JobEnvironment | None = ...,
+        provided_jobs: _abc.Iterable[_common_pb2.JobSpec] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "exit_code", b"exit_code", "has_exit_code", b"has_exit_code", "job_id", b"job_id", "message", b"message", "ports", b"ports", "status", b"status", "termination_reason", b"termination_reason", "time_ns", b"time_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "exit_code", b"exit_code", "has_exit_code", b"has_exit_code", "job_id", b"job_id", "message", b"message", "ports", b"ports", "provided_jobs", b"provided_jobs", "status", b"status", "termination_reason", b"termination_reason", "time_ns", b"time_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

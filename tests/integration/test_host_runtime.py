@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import re
 import threading
 from collections.abc import Iterator
@@ -122,3 +123,44 @@ def test_curl_provider_saves_the_download_as_an_artifact(cluster: Cluster, tmp_p
     out = tmp_path / "got"
     assert cluster.cli("artifacts", "download", name, "-o", str(out)).returncode == 0
     assert (next(out.rglob("data.csv"))).read_text() == "a,b\n1,2\n"
+
+
+UNLIMITED_SH = """
+cat > .dstack-env-report.json <<'JSON'
+{"python_version": "9.9.9", "packages": "forged==6.6.6\\n", "os": "ForgedOS"}
+JSON
+setsid sleep 1003 &
+echo "escaped $!"
+"""
+
+
+def test_a_job_without_limits_loses_its_escapees_and_cannot_forge_its_record(cluster: Cluster, tmp_path: Path) -> None:
+    """A job that asks for no memory or CPU limit gets no memory or cpu group (v1: one kernel group per
+    job, not three), yet what leaves its session still dies with it (its pids group, or its process
+    group); and a bash job's own `.dstack-env-report.json` is not read into its record: only a Python
+    environment writes one."""
+    cluster.start_coordinator()
+    cluster.start_agent("h1")
+    project = write_project(
+        tmp_path / "p",
+        """
+        workflows:
+          - name: plain
+            provider: bash
+            commands: ["bash unlimited.sh"]
+        """,
+        {"unlimited.sh": UNLIMITED_SH},
+    )
+    r = cluster.cli("run", "plain", cwd=project)
+    assert r.returncode == 0, r.stderr[-3000:]
+    escaped = int(search(r"escaped (\d+)", r.stdout).group(1))
+
+    def gone() -> bool:
+        return not psutil.pid_exists(escaped) or psutil.Process(escaped).status() == "zombie"
+
+    wait_for(gone, timeout=10, what="the process that left the job's session to be killed with the job")
+    (run,) = cluster.runs()
+    record = json.loads(cluster.cli("show", run["name"], "--json").stdout)
+    env = record["jobs"][0]["environment"]
+    assert "forged" not in env["packages"] and env["python_version"] != "9.9.9", env
+    assert env["os"] != "ForgedOS" and env["os"], env

@@ -140,7 +140,8 @@ def test_a_fork_bomb_in_a_host_job_stays_in_its_pids_limit(cluster: Cluster, tmp
     # All of the agent's jobs together are bounded too, below the host's pid space.
     assert (group.parent / "pids.max").read_text().strip() == str(max(PIDS_LIMIT, host_pids_budget()))
     survives_the_bomb(cluster, "h1", name, group, project)
-    assert not group.exists()  # the job's group is removed with it
+    # The job's group is removed with it (after its final update: off the job's path).
+    wait_for(lambda: not group.exists(), timeout=30, what=f"the job's group {group} to be removed")
     marker = str(cluster.tmp / "h1")
 
     def left() -> list[psutil.Process]:

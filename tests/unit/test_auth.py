@@ -65,6 +65,7 @@ MEMBER_ONLY = {
     "PutCode",
     "SubmitRun",
     "SubmitRuns",
+    "RerunRun",  # submits a run: from the old run's record (app/rerun.py)
     "StopRun",
     "DeleteRun",
     "AddTag",
