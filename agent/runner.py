@@ -166,6 +166,19 @@ def job_env(hostname: str, ports: list[int]) -> dict[str, str]:
     return env
 
 
+# Set by the coordinator on the master of a 2022 provider program's gang (coordinator/provided_jobs.py).
+MASTER_SERVES_JOB_PORT_0 = "DSTACK_MASTER_SERVES_JOB_PORT_0"
+
+
+def master_job_env(env: dict[str, str]) -> dict[str, str]:
+    """A 2022 master job listened on its own JOB_HOSTNAME and JOB_PORT_0, where its workers were told
+    MASTER_JOB_HOSTNAME and MASTER_JOB_PORT_0: here those are the gang's MASTER_ADDR and MASTER_PORT."""
+    addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
+    if not addr or not port:
+        return {}
+    return {"JOB_HOSTNAME": addr, "JOB_PORT_0": port, "PORT_0": port}
+
+
 def describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -285,6 +298,8 @@ class JobRunner:
                 env[AGENT_MARKER] = self.deps.agent_home
                 ports = [(p.host_port, p.container_port) for p in spec.ports] + [(p, p) for p in picked]
                 master = master_port(spec.gang, spec.node_rank, dict(self.a.env))
+                if master is not None and env.get(MASTER_SERVES_JOB_PORT_0) == "1":
+                    env |= master_job_env(env)
                 if master is not None:  # a multi-node gang's rank 0: its peers meet here (docs/multinode.md)
                     check_port_free(master)
                     ports.append((master, master))  # published, for a container on a bridge network

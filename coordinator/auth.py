@@ -68,6 +68,7 @@ PERMISSIONS: dict[str, Role] = {
     _C + "HasCode": Role.MEMBER,  # code is uploaded to submit a run
     _C + "PutCode": Role.MEMBER,
     _C + "SubmitRun": Role.MEMBER,
+    _C + "SubmitRuns": Role.MEMBER,
     _C + "GetRun": Role.USER,
     _C + "GetRunRecord": Role.USER,  # runs are readable by the team; so are their records and code
     _C + "DownloadRunCode": Role.USER,

@@ -96,6 +96,10 @@ def member_env(master: str, node_rank: int, nnodes: int) -> dict[str, str]:
     return {
         "MASTER_ADDR": addr,
         "MASTER_PORT": port,
+        # 2022's names for the same place (a provider program's `master` job: its workers started
+        # `torchrun --master_addr $MASTER_JOB_HOSTNAME --master_port $MASTER_JOB_PORT_0`).
+        "MASTER_JOB_HOSTNAME": addr,
+        "MASTER_JOB_PORT_0": port,
         "NODE_RANK": str(node_rank),
         "NNODES": str(nnodes),
         "WORLD_SIZE": str(nnodes),

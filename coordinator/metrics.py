@@ -41,6 +41,9 @@ class EngineMetrics:
             "Bytes of artifacts committed (by agents' jobs and uploads)",
             registry=self.registry,
         )
+        self.agents_lost = Counter(
+            "dstack_agents_lost", "Agents marked lost because their lease ran out", registry=self.registry
+        )
         self.scheduling_failures = Counter(
             "dstack_scheduling_pass_failures", "Scheduling passes that failed and were retried", registry=self.registry
         )

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 
 from dstack.coordinator.fairshare import weight
 from dstack.coordinator.scheduler import (
+    BUSY_SHOWN,
     AgentState,
     Decision,
     JobRequest,
@@ -152,15 +153,26 @@ def _size(req: JobRequest) -> tuple[int, float, int]:
     return (req.gpu_count, req.cpu, req.memory)
 
 
-def _ends(agent_id: str, running: Sequence[RunningJob]) -> list[RunningJob]:
-    """The agent's running jobs, soonest expected end first (unknown ends last, oldest first)."""
-    mine = [r for r in running if r.agent_id == agent_id]
-    return sorted(mine, key=lambda r: (r.expected_end_ns is None, r.expected_end_ns or 0, r.started_ns))
+Shape = tuple[float, int, int, str, int, bool]
 
 
-def drain(agent: AgentState, req: JobRequest, running: Sequence[RunningJob]) -> tuple[float, int]:
+def shape_of(req: JobRequest) -> Shape:
+    """What placement looks at: jobs of one shape fit (or not) on the same agents."""
+    return (req.cpu, req.memory, req.gpu_count, req.gpu_name, req.gpu_memory, req.needs_container)
+
+
+def ends_by_agent(running: Sequence[RunningJob]) -> dict[str, list[RunningJob]]:
+    """Each agent's running jobs, soonest expected end first (unknown ends last, oldest first): built once
+    per pass, so looking at one agent costs its own jobs, not every running job."""
+    out: dict[str, list[RunningJob]] = {}
+    for r in sorted(running, key=lambda r: (r.expected_end_ns is None, r.expected_end_ns or 0, r.started_ns)):
+        out.setdefault(r.agent_id, []).append(r)
+    return out
+
+
+def drain(agent: AgentState, req: JobRequest, ends: Sequence[RunningJob]) -> tuple[float, int]:
     """(When `agent` is expected to have room for `req`, how many of its jobs must end first);
-    inf when some of those jobs have no expected end."""
+    inf when some of those jobs have no expected end. `ends`: the agent's jobs (`ends_by_agent`)."""
     a = AgentState(
         agent.agent_id,
         agent.name,
@@ -177,7 +189,7 @@ def drain(agent: AgentState, req: JobRequest, running: Sequence[RunningJob]) -> 
     if _fits(a, req) is not None:
         return (0.0, 0)
     when = 0.0
-    for n, r in enumerate(_ends(agent.agent_id, running), start=1):
+    for n, r in enumerate(ends, start=1):
         a.used_cpu -= r.cpu
         a.used_memory -= r.memory
         a.busy_gpus.difference_update(r.gpu_indices)
@@ -185,7 +197,7 @@ def drain(agent: AgentState, req: JobRequest, running: Sequence[RunningJob]) -> 
         when = max(when, math.inf if r.expected_end_ns is None else float(r.expected_end_ns))
         if _fits(a, req) is not None:
             return (when, n)
-    return (math.inf, len(_ends(agent.agent_id, running)))
+    return (math.inf, len(ends))
 
 
 def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequence[RunningJob], policy: Policy) -> Plan:
@@ -200,6 +212,7 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
             p.waiting[req.job_id] = "waiting: no agent is online"
         return p
     by_id = {a.agent_id: a for a in agents}
+    on_agent = ends_by_agent(running)
     held_gpus: dict[str, int] = {}
     held_jobs: dict[str, int] = {}
     for r in running:
@@ -210,7 +223,7 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
     reserved = _reserve(
         ordered,
         agents,
-        running,
+        on_agent,
         policy,
         lambda r: (
             not r.gang  # a gang reserves nothing: one held agent of several would be a partial hold
@@ -222,9 +235,25 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
     p.reservations = dict(reserved)
     reserved_agents = {agent: job for job, agent in reserved.items()}
     open_agents = [a for a in agents if a.agent_id not in reserved_agents]
+    best_fit = _BestFit(open_agents)
+    placed_before = 0  # placements the best-fit index has been told of
 
-    never: dict[tuple[float, int, int, str, int, bool], str | None] = {}
-    unfit: dict[tuple[float, int, int, str, int, bool], str] = {}
+    never: dict[Shape, str | None] = {}
+    unfit: dict[Shape, str] = {}
+    reserved_fits: dict[Shape, str] = {}
+    # Per shape, the reserved agents it would fit on now (why it waits). A reserved agent changes only
+    # when its own job is placed there: the answers are dropped then.
+
+    def reserved_fit(shape: Shape, req: JobRequest) -> str:
+        """Why a job of `shape` waits behind reservations ("" when none of them holds an agent it fits)."""
+        why = reserved_fits.get(shape)
+        if why is None:
+            names = [by_id[ag].name for ag in reserved_agents if _fits(by_id[ag], req) is not None]
+            more = f" and {len(names) - BUSY_SHOWN:,} more" if len(names) > BUSY_SHOWN else ""
+            shown = ", ".join(names[:BUSY_SHOWN]) + more
+            why = reserved_fits[shape] = f"waiting: {shown} reserved for a job that waited longer" if names else ""
+        return why
+
     waiting_users: dict[str, int] = {}  # user -> jobs of theirs already waiting, ahead in the order
     reasons: dict[str, tuple[str, str]] = {}
     limits = {u: limits_of(policy, u) for u in {r.owner for r in ordered}}
@@ -241,7 +270,7 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
                 if not placed_gang:
                     waiting_users[req.owner] = waiting_users.get(req.owner, 0) + len(members)
             continue
-        shape = (req.cpu, req.memory, req.gpu_count, req.gpu_name, req.gpu_memory, req.needs_container)
+        shape = shape_of(req)
         if shape not in never:
             never[shape] = never_fits(req, agents)
         if never[shape] is not None:
@@ -257,20 +286,25 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
             reasons[req.job_id] = (QUOTA, f"quota: {req.owner} runs {jobs_now} of at most {lim.max_running} jobs")
             continue
         mine = reserved.get(req.job_id)
-        pool = open_agents if mine is None else [*open_agents, by_id[mine]]
-        placed = _place(req, pool, p) if mine is not None or shape not in unfit else False
+        for _, agent_id, _ in p.placements[placed_before:]:  # jobs put on agents since the last look
+            best_fit.held(agent_id)
+        placed_before = len(p.placements)
+        if mine is not None:
+            placed = best_fit.place(req, shape, p, own=by_id[mine])
+        else:
+            placed = shape not in unfit and best_fit.place(req, shape, p)
         if placed:
+            if mine is not None:
+                reserved_fits.clear()
             held_gpus[req.owner] = gpus_now + req.gpu_count
             held_jobs[req.owner] = jobs_now + 1
             p.reservations.pop(req.job_id, None)
             continue
         if mine is not None:
-            _, n = drain(by_id[mine], req, running)
+            _, n = drain(by_id[mine], req, on_agent.get(mine, []))
             reasons[req.job_id] = (RESERVATION, f"reserved {by_id[mine].name}, draining {_jobs(n)}")
-        elif reserved_agents and (
-            held := [by_id[ag].name for ag in reserved_agents if _fits(by_id[ag], req) is not None]
-        ):
-            reasons[req.job_id] = (RESERVATION, f"waiting: {', '.join(held)} reserved for a job that waited longer")
+        elif reserved_agents and (held := reserved_fit(shape, req)):
+            reasons[req.job_id] = (RESERVATION, held)
         else:
             if shape not in unfit:
                 unfit[shape] = f"waiting: {describe(req)} free on no agent; busy: {_busy_summary(agents)}"
@@ -373,7 +407,85 @@ def _jobs(n: int) -> str:
     return f"{n} job" + ("" if n == 1 else "s")
 
 
+class _BestFit:
+    """`_place` over one pool (the open agents) for a pass: per job shape, a heap of the agents it fits on
+    by what would be left over (then pool order, as `min` breaks ties), so a placement costs a heap
+    operation or two instead of a look at every agent. An agent changes only when a job is put on it
+    (`held`): it then gets a fresh entry in every shape's heap and its old ones are skipped; an agent a
+    shape no longer fits leaves that heap for the pass (placements only take room away)."""
+
+    def __init__(self, pool: Sequence[AgentState]) -> None:
+        self.pool = pool
+        self.index = {a.agent_id: i for i, a in enumerate(pool)}
+        self.version = [0] * len(pool)
+        self.heaps: dict[Shape, tuple[JobRequest, list[tuple[tuple[int, float, int], int, int]]]] = {}
+
+    def _heap(self, shape: Shape, req: JobRequest) -> list[tuple[tuple[int, float, int], int, int]]:
+        found = self.heaps.get(shape)
+        if found is None:
+            heap = [
+                (_leftover(a, req), i, self.version[i]) for i, a in enumerate(self.pool) if _fits(a, req) is not None
+            ]
+            heapq.heapify(heap)
+            found = self.heaps[shape] = (req, heap)
+        return found[1]
+
+    def place(self, req: JobRequest, shape: Shape, p: Plan, own: AgentState | None = None) -> bool:
+        """Best fit among the pool and, for a job with a reservation, its own agent (`own`, after the pool
+        in order: it wins only when strictly better)."""
+        best = self._best(req, shape)
+        agent, gpus = (self.pool[best[0]], best[1]) if best is not None else (None, None)
+        if own is not None and (own_gpus := _fits(own, req)) is not None:
+            if agent is None or (own.agent_id == req.avoid_agent, _leftover(own, req)) < (
+                agent.agent_id == req.avoid_agent,
+                _leftover(agent, req),
+            ):
+                agent, gpus = own, own_gpus
+        if agent is None or gpus is None:
+            return False
+        agent.hold(req.cpu, req.memory, gpus)
+        p.placements.append((req.job_id, agent.agent_id, gpus))
+        return True
+
+    def _best(self, req: JobRequest, shape: Shape) -> tuple[int, list[int]] | None:
+        """(pool index, GPUs) of the pool's best fit for `req`, held nowhere yet; None if none fits."""
+        heap = self._heap(shape, req)
+        avoided: tuple[tuple[int, float, int], int, int] | None = None
+        chosen: tuple[int, list[int]] | None = None
+        while heap:
+            _, i, v = heap[0]
+            gpus = _fits(self.pool[i], req) if v == self.version[i] else None
+            if gpus is None:  # an old entry, or it no longer fits
+                heapq.heappop(heap)
+                continue
+            if self.pool[i].agent_id == req.avoid_agent and avoided is None:
+                avoided = heapq.heappop(heap)  # only if nothing else fits (a new attempt's last agent)
+                continue
+            chosen = (i, gpus)
+            break
+        if avoided is not None:
+            heapq.heappush(heap, avoided)
+            if chosen is None:
+                i = avoided[1]
+                gpus = _fits(self.pool[i], req)
+                assert gpus is not None
+                chosen = (i, gpus)
+        return chosen
+
+    def held(self, agent_id: str) -> None:
+        """A job was put on the agent (here or elsewhere in the pass): its entries are worked out again."""
+        i = self.index.get(agent_id)
+        if i is None:
+            return
+        self.version[i] += 1
+        a = self.pool[i]
+        for req, heap in self.heaps.values():
+            if _fits(a, req) is not None:
+                heapq.heappush(heap, (_leftover(a, req), i, self.version[i]))
+
+
 def _place(req: JobRequest, pool: Sequence[AgentState], p: Plan) -> bool:
+    """Best fit by looking at every agent of `pool`: what `_BestFit` must agree with (tests/unit/test_best_fit.py)."""
     candidates = [(a, gpus) for a in pool if (gpus := _fits(a, req)) is not None]
     if not candidates:
         return False
@@ -387,7 +499,7 @@ def _place(req: JobRequest, pool: Sequence[AgentState], p: Plan) -> bool:
 def _reserve(
     ordered: Sequence[JobRequest],
     agents: Sequence[AgentState],
-    running: Sequence[RunningJob],
+    on_agent: Mapping[str, Sequence[RunningJob]],
     policy: Policy,
     may_start: Callable[[JobRequest], bool],
 ) -> dict[str, str]:
@@ -400,6 +512,12 @@ def _reserve(
         return out
     smallest = min(_size(r) for r in ordered)
     after_ns = int(policy.reserve_after_s * NS)
+    # Nothing is held here (a reservation only marks its agent taken), so per job shape the agents it
+    # fits on now, and those able to run it ranked by when they drain for it, are worked out once: a
+    # deep queue of starving jobs costs a look each, not a look at every agent each.
+    fits_now: dict[Shape, list[AgentState]] = {}
+    ranked: dict[Shape, list[AgentState]] = {}
+    next_free: dict[Shape, int] = {}
     for req in ordered:
         if req.job_id in out or _size(req) <= smallest:
             continue
@@ -410,13 +528,24 @@ def _reserve(
             continue
         if not may_start(req):
             continue
-        free = [a for a in agents if a.agent_id not in taken]
-        if any(_fits(a, req) is not None for a in free):
+        shape = shape_of(req)
+        fit = fits_now.get(shape)
+        if fit is None:
+            fit = fits_now[shape] = [a for a in agents if _fits(a, req) is not None]
+        if any(a.agent_id not in taken for a in fit):
             continue  # it starts this pass
-        able = [a for a in free if never_fits(req, [a]) is None]
-        if not able:
+        order_ = ranked.get(shape)
+        if order_ is None:
+            able = [a for a in agents if never_fits(req, [a]) is None]
+            # Stable: agents that drain equally soon keep the agents' order, as min() picked before.
+            order_ = ranked[shape] = sorted(able, key=lambda a: drain(a, req, on_agent.get(a.agent_id, [])))
+        i = next_free.get(shape, 0)
+        while i < len(order_) and order_[i].agent_id in taken:
+            i += 1
+        next_free[shape] = i
+        if i == len(order_):
             continue
-        best = min(able, key=lambda a: drain(a, req, running))
+        best = order_[i]
         out[req.job_id] = best.agent_id
         taken.add(best.agent_id)
     return out

@@ -154,6 +154,9 @@ def _checked(protos: list[common_pb2.JobSpec], existing: set[str], run_name: str
             raise ProvidedJobsRefused(f"the jobs of master {master!r} run together: none may depend on another")
         for rank, m in enumerate(members):
             by_name[m].gang, by_name[m].node_rank, by_name[m].nnodes = master, rank, len(members)
+        # 2022's master served on its own first port (`--master_addr $JOB_HOSTNAME --master_port
+        # $JOB_PORT_0`): the agent makes those the gang's MASTER_ADDR and MASTER_PORT (agent/runner.py).
+        by_name[master].env[MASTER_SERVES_JOB_PORT_0] = "1"
     out = []
     for p in protos:
         _sanitise(p)
@@ -171,6 +174,9 @@ def _checked(protos: list[common_pb2.JobSpec], existing: set[str], run_name: str
             raise ProvidedJobsRefused(f"job {p.job_name!r}: invalid resources")
         out.append(spec_with_run_name(job_spec_from_proto(p), run_name))
     return out
+
+
+MASTER_SERVES_JOB_PORT_0 = "DSTACK_MASTER_SERVES_JOB_PORT_0"
 
 
 def _sanitise(p: common_pb2.JobSpec) -> None:

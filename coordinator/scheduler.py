@@ -187,13 +187,20 @@ def _leftover(a: AgentState, req: JobRequest) -> tuple[int, float, int]:
     )
 
 
+BUSY_SHOWN = 5  # agents named in a waiting job's reason; a pool of thousands is summed up after them
+
+
 def _busy_summary(agents: list[AgentState]) -> str:
+    # Bounded: every waiting job of the shape carries this text (`dstack ps`, ListRuns pages), and one
+    # naming each of 5,000 agents made a page of 1,000 runs 47 MB.
     parts = []
-    for a in agents:
+    for a in agents[:BUSY_SHOWN]:
         if a.gpus:
             parts.append(f"{a.name} ({len(a.busy_gpus)}/{len(a.gpus)} GPUs)")
         else:
             parts.append(f"{a.name} ({a.jobs} jobs, {a.used_cpu:g}/{a.cpu_total:g} CPU)")
+    if len(agents) > BUSY_SHOWN:
+        parts.append(f"and {len(agents) - BUSY_SHOWN:,} more")
     return ", ".join(parts)
 
 

@@ -77,6 +77,9 @@ class SeaweedServer:
     access_key: str = "dstack-test"
     secret_key: str = "dstack-test-secret"
     buckets: tuple[str, ...] = ("dstack",)
+    # Where it listens, and what runs it (tests/cluster: `nsenter ...`, inside a host's namespaces).
+    host: str = "127.0.0.1"
+    prefix: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -85,7 +88,7 @@ class SeaweedServer:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.base_port + _PORTS['s3.port']}"
+        return f"http://{self.host}:{self.base_port + _PORTS['s3.port']}"
 
     def env(self) -> dict[str, str]:
         """What a client needs in its environment to reach this server (the standard AWS settings)."""
@@ -98,7 +101,14 @@ class SeaweedServer:
 
     def start(self, timeout: float = 30.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+        args = [
+            *self.prefix,
+            weed_binary(),
+            "mini",
+            f"-dir={self.data_dir}",
+            f"-ip={self.host}",
+            f"-ip.bind={self.host}",
+        ]
         args += [f"-{flag}={self.base_port + off}" for flag, off in _PORTS.items()]
         args += ["-admin.ui=false", "-master.telemetry=false"]
         if self.buckets:

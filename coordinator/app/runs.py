@@ -22,7 +22,7 @@ from dstack.coordinator.app.ownership import Actor, check_owner
 from dstack.coordinator.artifacts import check_working_dir
 from dstack.coordinator.cache import base_key
 from dstack.coordinator.convert import code_to_bytes, job_spec_from_proto, job_spec_proto
-from dstack.coordinator.errors import InvalidRequest, NotFound
+from dstack.coordinator.errors import CoordinatorError, InvalidRequest, NotFound
 from dstack.coordinator.gangs import expand
 from dstack.coordinator.model import CodeRef, JobSpec, JobStatus, JobView, RunStatus, RunView
 from dstack.coordinator.records import submission_record
@@ -242,6 +242,26 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
 
     # Shielded: a client that gives up (deadline, Ctrl+C) must not leave a stored run unqueued.
     return await asyncio.shield(create_and_enqueue())
+
+
+MAX_SUBMIT_BATCH = 1000  # SubmitRuns: runs per call at most
+
+
+async def submit_many(
+    core: Core, owner: str, subs: Sequence[Submission], actor: Actor | None = None
+) -> list[RunView | CoordinatorError]:
+    """Each submission as `submit` stores it, all at once: their database steps share the DB thread's
+    group commit (one transaction for the lot instead of one per run). Each stands alone: a refused one
+    (its error, in its place) leaves the others submitted."""
+    if len(subs) > MAX_SUBMIT_BATCH:
+        raise InvalidRequest(f"at most {MAX_SUBMIT_BATCH} runs per call, not {len(subs)}")
+    results = await asyncio.gather(*(submit(core, owner, s, actor) for s in subs), return_exceptions=True)
+    out: list[RunView | CoordinatorError] = []
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, CoordinatorError):
+            raise r  # not a refusal of this run: the call fails, as SubmitRun would
+        out.append(r)
+    return out
 
 
 async def get(core: Core, name: str) -> RunView:

@@ -34,6 +34,7 @@ from dstack.coordinator.convert import (
     run_to_proto,
     upload_grant_to_proto,
 )
+from dstack.coordinator.errors import CoordinatorError
 from dstack.coordinator.services.rpc import data_of, first_message, streaming, unary
 from dstack.coordinator.services.tunnel import client_tunnel
 from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
@@ -84,6 +85,31 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
             request.resolved_workflow,
         )
         return client_pb2.SubmitRunResponse(run=run_to_proto(await runs.submit(self.core, user_name(), sub, actor())))
+
+    @unary
+    async def SubmitRuns(self, request: client_pb2.SubmitRunsRequest, context: Ctx) -> client_pb2.SubmitRunsResponse:
+        subs = [
+            runs.Submission(
+                r.workflow,
+                [job_spec_from_proto(j) for j in r.jobs],
+                code_from_proto(r.code),
+                list(r.args),
+                r.tag_on_done,
+                r.priority,
+                r.repository,
+                r.resolved_workflow,
+            )
+            for r in request.runs
+        ]
+        resp = client_pb2.SubmitRunsResponse()
+        for result in await runs.submit_many(self.core, user_name(), subs, actor()):
+            if isinstance(result, CoordinatorError):
+                resp.runs.add()
+                resp.errors.append(str(result))
+            else:
+                resp.runs.append(run_to_proto(result))
+                resp.errors.append("")
+        return resp
 
     @unary
     async def GetRunRecord(

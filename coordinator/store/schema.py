@@ -315,6 +315,14 @@ def _run_records(db: sqlite_utils.Database) -> None:
     )
 
 
+def _scale_indexes(db: sqlite_utils.Database) -> None:
+    """For a pool of thousands (issue 16, bench/scale.py): an agent's enrolment finds a holder of its name
+    by index (the partial agents_pool_name index does not serve `status IN (...)`: each enrolment read the
+    whole table), and the runs listing walks runs newest first instead of sorting every active run."""
+    db.execute("CREATE INDEX IF NOT EXISTS agents_name ON agents (name)")
+    db.execute("CREATE INDEX IF NOT EXISTS runs_submitted ON runs (submitted_at, id)")
+
+
 def _step_cache(db: sqlite_utils.Database) -> None:
     """The step cache (coordinator/cache.py): each job's key as far as submission knows it (`cache_base`:
     repository, code tree, spec, secrets) and its whole key (with its inputs' manifests) once known; a job
@@ -341,6 +349,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _job_ports,
     _gangs,
     _run_records,
+    _scale_indexes,
     _step_cache,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

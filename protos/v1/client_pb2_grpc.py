@@ -55,6 +55,11 @@ class ClientServiceStub:
                 request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunRequest.SerializeToString,
                 response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunResponse.FromString,
                 _registered_method=True)
+        self.SubmitRuns = channel.unary_unary(
+                '/dstack.v1.ClientService/SubmitRuns',
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunsRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunsResponse.FromString,
+                _registered_method=True)
         self.GetRun = channel.unary_unary(
                 '/dstack.v1.ClientService/GetRun',
                 request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.GetRunRequest.SerializeToString,
@@ -245,6 +250,13 @@ class ClientServiceServicer:
 
     def SubmitRun(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitRuns(self, request, context):
+        """Many runs in one call (a sweep, a load generator): stored together, far cheaper than one call each.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -482,6 +494,11 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.SubmitRun,
                     request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunRequest.FromString,
                     response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunResponse.SerializeToString,
+            ),
+            'SubmitRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitRuns,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunsRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunsResponse.SerializeToString,
             ),
             'GetRun': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRun,
@@ -757,6 +774,33 @@ class ClientService:
             '/dstack.v1.ClientService/SubmitRun',
             dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunRequest.SerializeToString,
             dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/SubmitRuns',
+            dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunsRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.SubmitRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

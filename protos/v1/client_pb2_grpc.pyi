@@ -38,6 +38,8 @@ class ClientServiceStub:
     HasCode: _grpc.UnaryUnaryMultiCallable[_client_pb2.HasCodeRequest, _client_pb2.HasCodeResponse]
     PutCode: _grpc.StreamUnaryMultiCallable[_client_pb2.PutCodeRequest, _client_pb2.PutCodeResponse]
     SubmitRun: _grpc.UnaryUnaryMultiCallable[_client_pb2.SubmitRunRequest, _client_pb2.SubmitRunResponse]
+    SubmitRuns: _grpc.UnaryUnaryMultiCallable[_client_pb2.SubmitRunsRequest, _client_pb2.SubmitRunsResponse]
+    """Many runs in one call (a sweep, a load generator): stored together, far cheaper than one call each."""
     GetRun: _grpc.UnaryUnaryMultiCallable[_client_pb2.GetRunRequest, _client_pb2.GetRunResponse]
     ListRuns: _grpc.UnaryUnaryMultiCallable[_client_pb2.ListRunsRequest, _client_pb2.ListRunsResponse]
     StopRun: _grpc.UnaryUnaryMultiCallable[_client_pb2.StopRunRequest, _client_pb2.StopRunResponse]
@@ -95,6 +97,8 @@ class ClientServiceAsyncStub(ClientServiceStub):
     HasCode: _aio.UnaryUnaryMultiCallable[_client_pb2.HasCodeRequest, _client_pb2.HasCodeResponse]  # type: ignore[assignment]
     PutCode: _aio.StreamUnaryMultiCallable[_client_pb2.PutCodeRequest, _client_pb2.PutCodeResponse]  # type: ignore[assignment]
     SubmitRun: _aio.UnaryUnaryMultiCallable[_client_pb2.SubmitRunRequest, _client_pb2.SubmitRunResponse]  # type: ignore[assignment]
+    SubmitRuns: _aio.UnaryUnaryMultiCallable[_client_pb2.SubmitRunsRequest, _client_pb2.SubmitRunsResponse]  # type: ignore[assignment]
+    """Many runs in one call (a sweep, a load generator): stored together, far cheaper than one call each."""
     GetRun: _aio.UnaryUnaryMultiCallable[_client_pb2.GetRunRequest, _client_pb2.GetRunResponse]  # type: ignore[assignment]
     ListRuns: _aio.UnaryUnaryMultiCallable[_client_pb2.ListRunsRequest, _client_pb2.ListRunsResponse]  # type: ignore[assignment]
     StopRun: _aio.UnaryUnaryMultiCallable[_client_pb2.StopRunRequest, _client_pb2.StopRunResponse]  # type: ignore[assignment]
@@ -173,6 +177,14 @@ class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _client_pb2.SubmitRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_client_pb2.SubmitRunResponse, _abc.Awaitable[_client_pb2.SubmitRunResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SubmitRuns(
+        self,
+        request: _client_pb2.SubmitRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.SubmitRunsResponse, _abc.Awaitable[_client_pb2.SubmitRunsResponse]]:
+        """Many runs in one call (a sweep, a load generator): stored together, far cheaper than one call each."""
 
     @_abc_1.abstractmethod
     def GetRun(

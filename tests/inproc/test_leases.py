@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import grpc
@@ -163,3 +164,45 @@ async def test_a_wall_clock_step_leaves_every_healthy_agent_online_and_its_jobs_
         await h.clock.advance(2.0)
         assert await status_of(h, "a") == "online"
         assert await status_of(h, "b") == "lost"
+
+
+@pytest.mark.parametrize("beat_while_full", [True, False])
+async def test_heartbeats_the_store_could_not_record_lose_no_agent_once_it_writes_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, beat_while_full: bool
+) -> None:
+    """The coordinator's disk fills up (tests/cluster's coordinator-disk-full scenario): a heartbeat arrives
+    but cannot be stored (the agent's stream ends, it will reconnect), nor can the lease check write. When the
+    disk has room again, the first lease check must not find every lease run out in the database: agents get
+    a fresh lease, and one that is really gone is lost a lease later. Without `beat_while_full`, the agents'
+    streams had ended on another write (their logs) and their reconnections failed: no heartbeat reached it."""
+    async with (
+        coordinator(tmp_path, lease_timeout_s=LEASE_S, heartbeat_interval_s=1.0) as h,
+        sim_agent(h, "beating") as beating,
+        sim_agent(h, "gone"),
+    ):
+        store = h.coordinator.engine.store
+
+        def full(*args: object, **kwargs: object) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        real_heartbeat, real_expire = store.heartbeat, store.expire_leases
+        monkeypatch.setattr(store, "heartbeat", full)
+        monkeypatch.setattr(store, "expire_leases", full)
+        if beat_while_full:
+            await beating.heartbeat()
+            await beating.until(lambda: beating.ended, "the end of the stream whose heartbeat was not stored")
+        else:
+            await beating.disconnect()
+        await h.clock.advance(3 * LEASE_S)  # three leases of a full disk: every lease check fails
+        monkeypatch.setattr(store, "heartbeat", real_heartbeat)
+        monkeypatch.setattr(store, "expire_leases", real_expire)
+
+        await h.clock.advance(1.0)  # the first lease check with room on the disk
+        assert await status_of(h, "beating") == "online"
+        assert await status_of(h, "gone") == "online"
+        await beating.connect()  # the agent's reconnection, after its backoff
+        for _ in range(3):
+            await beat(h, beating, "beating")
+            await h.clock.advance(LEASE_S / 2)
+        assert await status_of(h, "beating") == "online"
+        assert await status_of(h, "gone") == "lost"

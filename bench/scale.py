@@ -1,0 +1,323 @@
+"""Coordinator scale (issue 16 item 5): thousands of simulated agents on real gRPC connections, a deep
+queue, and single-job runs dispatched through the real API, against one coordinator process.
+
+Phases, each with its figures: the agents enrol and connect (bench/loadgen.py: their own TLS
+connection each, heartbeats at the interval the coordinator asks); QUEUED + one run per agent are
+submitted while every agent holds the job it gets, so QUEUED runs wait; with the queue full, `ListRuns`
+(the call behind `dstack ps`, its first page) is timed and the pool is watched for a lease timeout; then
+the agents are released (each job DONE at once) and the queue drains; then RUNS more single-job runs go
+through submit -> dispatch -> done, one SubmitRun per run (the old path) and SUBMIT_BATCH runs per
+SubmitRuns call. Scheduling passes are read from the coordinator's /metrics histogram, agents marked
+lost from its counter, RSS sampled throughout.
+
+Baseline in the same run: the same phases at a tenth of the size first. Targets are the issue's.
+Usage: python -m bench.scale [AGENTS] [QUEUED] [RUNS] [--procs N] [--no-baseline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import ssl
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+
+from bench._harness import ADMIN, JOIN, Services, meta, pct
+from bench.loadgen import AgentStats, Fleet, Target, submit_runs
+from dstack.protos.v1 import client_pb2
+
+SUBMIT_BATCH = 100  # runs per SubmitRuns call
+GIB = 1 << 30
+
+
+@dataclass
+class Figures:
+    agents: int
+    queued: int
+    runs: int
+    connect_s: float = 0.0
+    fill_rate: float = 0.0  # runs/s accepted while the queue filled (SubmitRuns)
+    queued_seen: int = 0  # runs waiting once every agent held a job
+    max_rss: float = 0.0  # bytes
+    ps_ms: list[float] = field(default_factory=list)  # ListRuns first page, 100k queued
+    ps_finished_ms: list[float] = field(default_factory=list)  # the same once they finished
+    drain_rate: float = 0.0  # jobs/s from the deep queue to DONE
+    single_rate: float = 0.0  # single-job runs/s, one SubmitRun each, submit -> DONE
+    batch_rate: float = 0.0  # single-job runs/s, SUBMIT_BATCH per SubmitRuns call
+    pass_p99_s: float = 0.0  # upper bound: the histogram bucket holding the 99th percentile
+    passes: int = 0
+    max_pass_bucket_s: float = 0.0
+    lost: int = 0
+    failed: int = 0  # jobs that ended failed (with a lost agent): counted in the rates' totals
+    online_at_end: int = 0
+    max_heartbeat_gap_s: float = 0.0  # on the load generator's side: its own lateness, not the coordinator's
+    errors: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class Scraper:
+    """The coordinator's /metrics over its HTTPS listener, with the admin token."""
+
+    def __init__(self, svc: Services) -> None:
+        path = svc.tmp / "server" / "http-url"
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.url = path.read_text().strip().rstrip("/") + "/metrics"
+        self.ctx = ssl.create_default_context(cafile=str(svc.ca_file))
+        self.ctx.check_hostname = False  # the generated certificate names the coordinator, not 127.0.0.1
+
+    def read(self) -> str:
+        req = urllib.request.Request(self.url, headers={"Authorization": f"Bearer {ADMIN}"})
+        with urllib.request.urlopen(req, context=self.ctx, timeout=60) as resp:
+            return str(resp.read().decode())
+
+    def pass_buckets(self) -> dict[float, float]:
+        out: dict[float, float] = {}
+        for m in re.finditer(r'dstack_scheduling_pass_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)', self.read()):
+            out[float(m.group(1))] = float(m.group(2))
+        return out
+
+    def ended(self) -> int:
+        """Jobs in a final state (done, failed, stopped): a job failed with a lost agent ends the wait too."""
+        text = self.read()
+        return sum(
+            int(float(m.group(2)))
+            for m in re.finditer(r'^dstack_jobs\{status="([a-z]+)"\} ([0-9.e+]+)$', text, re.M)
+            if m.group(1) in ("done", "failed", "stopped")
+        )
+
+    def counter(self, name: str) -> float:
+        m = re.search(rf"^{name}_total ([0-9.e+]+)$", self.read(), re.M)
+        return float(m.group(1)) if m else 0.0
+
+
+def bucket_quantile(buckets: dict[float, float], q: float) -> tuple[float, float, int]:
+    """(upper bound of the q-quantile, largest non-empty bucket, count) of a cumulative histogram."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0.0
+    if not total:
+        return 0.0, 0.0, 0
+    quant = next(b for b in bounds if buckets[b] >= q * total)
+    top = next(b for b in bounds if buckets[b] >= total)
+    return quant, top, int(total)
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.proc, self.max, self.stop_at = psutil.Process(pid), 0, False
+
+    def run(self) -> None:
+        while not self.stop_at:
+            try:
+                self.max = max(self.max, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.2)
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def time_ps(svc: Services, n: int) -> list[float]:
+    stub = svc.client_stub()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        stub.ListRuns(client_pb2.ListRunsRequest(), metadata=meta(), timeout=120)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def scenario(
+    agents: int, queued: int, runs: int, procs: int, submitters: int = 2, steady_s: float = 35.0, say: bool = True
+) -> Figures:
+    """The phases of the module's docstring at one size; `steady_s`: how long the full queue is held (over
+    two lease timeouts, so a starved heartbeat would show as a lost agent)."""
+    f = Figures(agents, queued, runs)
+
+    def log(msg: str) -> None:
+        if say:
+            print(f"  [{agents} agents] {msg}", flush=True)
+
+    svc = Services()
+    fleet: Fleet | None = None
+    sampler: RssSampler | None = None
+    try:
+        svc.start_coordinator("--http-port", "0")
+        assert svc.coordinator is not None
+        sampler = RssSampler(svc.coordinator.pid)
+        sampler.start()
+        scrape = Scraper(svc)
+        target = Target(svc.address, str(svc.ca_file), JOIN, ADMIN)
+        last: list[AgentStats] = []
+
+        def stats() -> AgentStats:
+            assert fleet is not None
+            s = fleet.stats()
+            last[:] = [s]
+            if s.errors:
+                raise RuntimeError(f"{s.errors} simulated agent(s) failed; last: {s.last_error}")
+            return s
+
+        t0 = time.monotonic()
+        fleet = Fleet(target, agents, procs, hold=True)
+        wait_until(f"{agents} agents to connect", lambda: stats().connected >= agents, 120 + agents / 10)
+        f.connect_s = time.monotonic() - t0
+        log(f"{agents} agents connected in {f.connect_s:.1f} s")
+
+        # Fill: one run per agent (each is held) and `queued` more that wait behind them.
+        sub = submit_runs(target, queued + agents, procs=submitters, in_flight=4, batch=SUBMIT_BATCH)
+        if sub.errors:
+            raise RuntimeError(f"{sub.errors} submissions failed; last: {sub.last_error}")
+        f.fill_rate = sub.submitted / max(1e-9, sub.finished - sub.started)
+        wait_until("every agent to hold a job", lambda: stats().assigned >= agents, 120 + queued / 500)
+        f.queued_seen = queued + agents - last[0].assigned
+        log(f"{sub.submitted} runs submitted at {f.fill_rate:,.0f}/s; {f.queued_seen} wait")
+
+        # Full queue: `dstack ps`'s call, and the pool held across two lease timeouts' worth of passes.
+        fleet.reset_gap()
+        f.ps_ms = time_ps(svc, 20)
+        steady_until = time.monotonic() + steady_s
+        while time.monotonic() < steady_until:
+            stats()
+            time.sleep(1)
+        log(f"ListRuns first page with the queue full: median {statistics.median(f.ps_ms):.0f} ms")
+
+        # Drain the deep queue: every held job ends, every later assignment ends at once.
+        t_rel = time.time()
+        fleet.release()
+        total = queued + agents
+        wait_until("the queue to drain", lambda: stats() is not None and scrape.ended() >= total, 300 + total / 100)
+        f.drain_rate = total / max(1e-9, last[0].last_done - t_rel)
+        log(f"drained {total} jobs at {f.drain_rate:,.0f}/s")
+
+        # Single-job runs through submit -> dispatch -> DONE: one SubmitRun per run, then batched.
+        for batch in (1, SUBMIT_BATCH):
+            before = scrape.ended()
+            sub = submit_runs(target, runs, procs=submitters, in_flight=16 if batch == 1 else 4, batch=batch)
+            if sub.errors:
+                raise RuntimeError(f"{sub.errors} submissions failed; last: {sub.last_error}")
+            wait_until(f"{runs} runs to end", lambda b=before: scrape.ended() >= b + runs, 300 + runs / 100)  # type: ignore[misc]
+            stats()
+            rate = runs / max(1e-9, last[0].last_done - sub.started)
+            if batch == 1:
+                f.single_rate = rate
+            else:
+                f.batch_rate = rate
+            log(f"{runs} single-job runs, {batch} per call: {rate:,.0f} runs/s submit -> done")
+
+        f.ps_finished_ms = time_ps(svc, 20)
+        f.max_heartbeat_gap_s = stats().max_heartbeat_gap_s
+        f.pass_p99_s, f.max_pass_bucket_s, f.passes = bucket_quantile(scrape.pass_buckets(), 0.99)
+        f.lost = int(scrape.counter("dstack_agents_lost"))
+        m = re.search(r'^dstack_jobs\{status="failed"\} ([0-9.e+]+)$', scrape.read(), re.M)
+        f.failed = int(float(m.group(1))) if m else 0
+        listed = svc.client_stub().ListAgents(client_pb2.ListAgentsRequest(), metadata=meta(), timeout=60).agents
+        f.online_at_end = sum(a.status == "online" for a in listed)
+        f.errors = last[0].errors
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        if sampler is not None:
+            sampler.stop_at = True
+            f.max_rss = sampler.max
+        svc.stop()
+    return f
+
+
+def row(name: str, base: str, full: str, target: str, ok: bool | None) -> str:
+    verdict = "" if ok is None else ("pass" if ok else "FAIL")
+    return f"| {name} | {base} | {full} | {target} | {verdict} |"
+
+
+def ms(values: list[float]) -> str:
+    return f"p50 {statistics.median(values):.0f} ms, p99 {pct(values, 99):.0f} ms"
+
+
+def table(base: Figures | None, full: Figures) -> str:
+    def both(fn: Callable[[Figures], str]) -> tuple[str, str]:
+        return (fn(base) if base else "-"), fn(full)
+
+    lines = [
+        f"| figure | baseline ({base.agents if base else '-'} agents, {base.queued if base else '-'} queued) "
+        f"| {full.agents} agents, {full.queued} queued | target | |",
+        "| --- | --- | --- | --- | --- |",
+        row("agents connected (time)", *both(lambda f: f"{f.online_at_end} ({f.connect_s:.0f} s)"), "all", None),
+        row("runs waiting with every agent busy", *both(lambda f: f"{f.queued_seen:,}"), "", None),
+        row(
+            "coordinator RSS, max",
+            *both(lambda f: f"{f.max_rss / (1 << 20):,.0f} MiB"),
+            "<= 1 GiB",
+            full.max_rss <= GIB,
+        ),
+        row(
+            "scheduling pass p99 (histogram bucket)",
+            *both(lambda f: f"<= {f.pass_p99_s * 1e3:g} ms ({f.passes} passes, max <= {f.max_pass_bucket_s * 1e3:g})"),
+            "<= 50 ms",
+            0 < full.pass_p99_s <= 0.05,
+        ),
+        row("jobs failed (with lost agents)", *both(lambda f: str(f.failed)), "0", not full.failed),
+        row(
+            "agents marked lost", *both(lambda f: str(f.lost)), "0", not full.lost and full.online_at_end >= full.agents
+        ),
+        row(
+            "`dstack ps` RPC (first page), queue full",
+            *both(lambda f: ms(f.ps_ms)),
+            "<= 300 ms",
+            pct(full.ps_ms, 99) <= 300,
+        ),
+        row(
+            "`dstack ps` RPC (first page), all finished",
+            *both(lambda f: ms(f.ps_finished_ms)),
+            "<= 300 ms",
+            pct(full.ps_finished_ms, 99) <= 300,
+        ),
+        row("fill: runs/s submitted (SubmitRuns)", *both(lambda f: f"{f.fill_rate:,.0f}"), "", None),
+        row("deep queue drained, jobs/s", *both(lambda f: f"{f.drain_rate:,.0f}"), ">= 2,000", full.drain_rate >= 2000),
+        row("single-job runs/s, one SubmitRun each", *both(lambda f: f"{f.single_rate:,.0f}"), "", None),
+        row(
+            f"single-job runs/s, {SUBMIT_BATCH} per SubmitRuns",
+            *both(lambda f: f"{f.batch_rate:,.0f}"),
+            ">= 2,000",
+            full.batch_rate >= 2000,
+        ),
+        row("load generator's longest heartbeat gap", *both(lambda f: f"{f.max_heartbeat_gap_s:.1f} s"), "", None),
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("agents", type=int, nargs="?", default=5000)
+    ap.add_argument("queued", type=int, nargs="?", default=100_000)
+    ap.add_argument("runs", type=int, nargs="?", default=20_000)
+    ap.add_argument("--procs", type=int, default=4, help="agent worker processes")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the tenth-size run")
+    a = ap.parse_args()
+    # A SIGTERM (timeout, kill) unwinds like Ctrl+C: the coordinator and the worker processes are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    print(f"machine: {psutil.cpu_count()} CPUs; load generator and coordinator share them", flush=True)
+    base = None
+    if not a.no_baseline:
+        base = scenario(max(1, a.agents // 10), a.queued // 10, max(1, a.runs // 10), max(1, a.procs // 2))
+    full = scenario(a.agents, a.queued, a.runs, a.procs)
+    print(table(base, full))
+
+
+if __name__ == "__main__":
+    main()

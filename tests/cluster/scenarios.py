@@ -1,0 +1,294 @@
+"""The chaos scenarios: a fresh bed, N one-job runs, faults while they run, then every invariant checked.
+
+Shared by tests/cluster/test_chaos_fast.py (a few, small) and bench/chaos.py (all, 1,000 jobs each).
+A scenario's `inject` runs in a thread once a fifth of the jobs have finished; it records each fault, the
+agents it disturbed (and which failure reasons that makes right for jobs there) and when the last fault
+was healed; recovery is the time from then until every agent is online and a job has finished since.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.cluster.bed import BedConfig, ChaosBed
+from tests.cluster.invariants import Verdict, check
+from tests.cluster.workload import JobShape, collect, read_evidence, submit, write_project
+
+LOST = {"agent_lost"}
+# A job whose agent's disk is full may fail on its own (its script cannot write) or in the agent's hands.
+DISK_FULL = {"agent_lost", "executor_error", "exit_code", "artifact_upload_failed"}
+
+
+@dataclass
+class Faults:
+    """What a scenario's injection did, for the checker and the table."""
+
+    bed: ChaosBed
+    outage: float  # seconds a partition, a full disk or an S3 outage lasts
+    count: int = 0
+    allowed: dict[str, set[str]] = field(default_factory=dict)
+    healed_at: float = 0.0  # monotonic
+    log: list[str] = field(default_factory=list)
+    error: str = ""
+
+    def did(self, what: str, agents: list[str] | None = None, reasons: set[str] | None = None) -> None:
+        self.count += 1
+        self.log.append(f"{time.strftime('%H:%M:%S')} {what}")
+        for a in agents or []:
+            self.allowed.setdefault(a, set()).update(reasons or set())
+
+    def third(self) -> list[str]:
+        names = self.bed.agent_names()
+        return names[: max(1, len(names) // 3)]
+
+
+def _agent_kill(f: Faults) -> None:
+    victims = f.third()
+    for a in victims:
+        f.bed.kill9(a)
+        f.did(f"kill -9 {a}", [a], LOST)
+    time.sleep(5)
+    for a in victims:
+        f.bed.restart(a)
+
+
+def _coordinator_kill(f: Faults) -> None:
+    f.bed.kill9("coordinator")
+    f.did("kill -9 coordinator")
+    time.sleep(3)
+    f.bed.restart("coordinator")
+
+
+def _partition(f: Faults) -> None:
+    victims = f.third()
+    for a in victims:
+        f.bed.cut("coordinator", a)
+        f.did(f"partition coordinator | {a} for {f.outage:.0f}s", [a], LOST)
+    time.sleep(f.outage)
+    for a in victims:
+        f.bed.cut("coordinator", a, cut=False)
+
+
+def _clock_step(f: Faults) -> None:
+    f.bed.step_clock(60)
+    f.did("coordinator clock +60s")
+    time.sleep(f.outage / 2)
+    f.bed.step_clock(-120)
+    f.did("coordinator clock -60s (from true time)")
+    time.sleep(f.outage / 2)
+    f.bed.step_clock(60)
+
+
+def _agent_disk(f: Faults) -> None:
+    a = f.bed.agent_names()[0]
+    written = f.bed.fill_disk(a)
+    f.did(f"{a}'s work folder full ({written >> 20} MiB filler) for {f.outage:.0f}s", [a], DISK_FULL)
+    time.sleep(f.outage)
+    f.bed.free_disk(a)
+
+
+def _coordinator_disk(f: Faults) -> None:
+    written = f.bed.fill_disk("coordinator")
+    f.did(f"coordinator's state folder full ({written >> 20} MiB filler) for {f.outage:.0f}s")
+    time.sleep(f.outage)
+    f.bed.free_disk("coordinator")
+
+
+def _s3_outage(f: Faults) -> None:
+    f.bed.isolate("s3")
+    f.did(f"S3 host unreachable for {f.outage:.0f}s")
+    time.sleep(f.outage)
+    f.bed.isolate("s3", down=False)
+
+
+def _mixed(f: Faults) -> None:
+    names = f.bed.agent_names()
+    cut = f.third()
+    killed = [a for a in names if a not in cut][:1]
+    for a in cut:
+        f.bed.cut("coordinator", a)
+        f.did(f"partition coordinator | {a} for {f.outage:.0f}s", [a], LOST)
+    for a in killed:
+        f.bed.kill9(a)
+        f.did(f"kill -9 {a}", [a], LOST)
+    f.bed.kill9("coordinator")
+    f.did("kill -9 coordinator")
+    time.sleep(3)
+    f.bed.restart("coordinator")
+    time.sleep(2)
+    for a in killed:
+        f.bed.restart(a)
+    time.sleep(max(0.0, f.outage - 5))
+    for a in cut:
+        f.bed.cut("coordinator", a, cut=False)
+
+
+SCENARIOS: dict[str, Callable[[Faults], None]] = {
+    "agent-kill": _agent_kill,
+    "coordinator-kill": _coordinator_kill,
+    "partition": _partition,
+    "clock-step": _clock_step,
+    "agent-disk-full": _agent_disk,
+    "coordinator-disk-full": _coordinator_disk,
+    "s3-outage": _s3_outage,
+    "mixed": _mixed,
+}
+
+
+@dataclass
+class Result:
+    scenario: str
+    jobs: int
+    faults: int
+    verdict: Verdict
+    recover_s: float
+    wall_s: float
+    fault_log: list[str]
+    error: str = ""
+
+
+def run_scenario(
+    name: str,
+    root: Path,
+    jobs: int,
+    config: BedConfig,
+    shape: JobShape,
+    outage: float,
+    finish_timeout: float,
+) -> Result:
+    """One scenario end to end on a fresh bed under `root` (removed after, unless it failed)."""
+    inject = SCENARIOS[name]
+    t0 = time.monotonic()
+    bed = ChaosBed(root / "bed", config)
+    evidence = root / "evidence"
+    project = write_project(root / "project", evidence, shape)
+    faults = Faults(bed, outage)
+    error = ""
+    try:
+        bed.start()
+        with bed.client(timeout=60) as client:
+            names = submit(client, project, jobs, shape)
+
+        def finished() -> int:
+            return sum(1 for p in evidence.iterdir() if p.suffix == ".manifest")
+
+        def injector() -> None:
+            try:
+                deadline = time.monotonic() + finish_timeout
+                while finished() < max(1, jobs // 5) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                inject(faults)
+            except Exception:
+                faults.error = traceback.format_exc()
+            finally:
+                faults.healed_at = time.monotonic()
+
+        thread = threading.Thread(target=injector, name=f"chaos-{name}", daemon=True)
+        thread.start()
+        thread.join(finish_timeout)
+        # Whatever the injection left undone (an error in it) is undone now: the checks need a healed pool.
+        bed.heal_all()
+        recover_s = _recover(bed, evidence, faults.healed_at or time.monotonic(), finish_timeout)
+        with bed.client(timeout=60) as client:
+            _wait_finished(client, names, finish_timeout)
+            reports, listed = collect(client, names, root / "downloads")
+        host_of_netns = {h.netns: h.name for h in bed.hosts.values()}
+        verdict = check(names, listed, reports, read_evidence(evidence), shape, host_of_netns, faults.allowed)
+        error = faults.error
+    except Exception:
+        error = traceback.format_exc()
+        verdict = Verdict(jobs=jobs)
+        recover_s = float("nan")
+    finally:
+        bed.close()
+    result = Result(name, jobs, faults.count, verdict, recover_s, time.monotonic() - t0, faults.log, error)
+    if not error and not verdict.violations():
+        shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+def _recover(bed: ChaosBed, evidence: Path, healed_at: float, timeout: float) -> float:
+    """Seconds from the last heal until every agent is online and some job finished after it."""
+    wall_healed = time.time() - (time.monotonic() - healed_at)
+    deadline = time.monotonic() + timeout
+    bed.wait_agents_online(timeout=timeout)
+    while time.monotonic() < deadline:
+        if any(p.suffix == ".manifest" and p.stat().st_mtime > wall_healed for p in evidence.iterdir()):
+            break
+        time.sleep(0.2)
+    return time.monotonic() - healed_at
+
+
+def _wait_finished(client: object, names: list[str], timeout: float) -> None:
+    from dstack.api import Client, WaitTimeout
+
+    assert isinstance(client, Client)
+    runs = [client.runs.get(n) for n in names]
+    try:
+        client.runs.wait(runs, timeout=timeout)
+    except WaitTimeout:
+        pass  # the checker counts what did not finish
+
+
+COLUMNS = (
+    "scenario",
+    "jobs",
+    "faults",
+    "requeued",
+    "interrupted",
+    "done",
+    "failed (allowed)",
+    "lost",
+    "not terminal",
+    "wrong reason",
+    "false agent-lost",
+    "ran twice at once",
+    "GPU held twice",
+    "lines lost",
+    "lines duplicated",
+    "stale attempts' lines not shown",
+    "artifact mismatches",
+    "recover (s)",
+    "wall (s)",
+)
+
+
+def table(results: list[Result]) -> str:
+    """A markdown table: one row per scenario (the invariants' counts; requeued and interrupted show the faults hit)."""
+    rows = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    for r in results:
+        v = r.verdict
+        cells = [
+            r.scenario + (" (error)" if r.error else ""),
+            *map(
+                str,
+                (
+                    r.jobs,
+                    r.faults,
+                    v.requeued,
+                    v.interrupted,
+                    v.done,
+                    v.failed_allowed,
+                    v.lost,
+                    v.not_terminal,
+                    v.wrong_reason,
+                    v.false_agent_lost,
+                    v.duplicated,
+                    v.gpu_conflicts,
+                    v.lines_lost,
+                    v.lines_duplicated,
+                    v.stale_lines_dropped,
+                    v.artifact_mismatches,
+                ),
+            ),
+            f"{r.recover_s:.1f}",
+            f"{r.wall_s:.0f}",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)

@@ -1,0 +1,90 @@
+"""Issue 16's fast chaos subset on the multi-host bed (tests/cluster/bed.py): real coordinator, weed and agent
+processes, each on a host of its own (network and mount namespaces), 50 one-job runs with logs and artifacts
+per scenario, every invariant checked (tests/cluster/invariants.py). The full set, 1,000 jobs each, is
+`python -m bench.chaos`.
+
+Attacks run here:
+- agents killed with SIGKILL mid-run and restarted: their jobs requeued once each, nothing lost or doubled;
+- the coordinator killed with SIGKILL and restarted while jobs run and log: no run, line or artifact lost;
+- mixed: a third of the agents cut off from the coordinator, another agent killed, the coordinator killed
+  and restarted, all at once;
+- a bed left behind by a crashed run (its owner gone) is removed by the next one, tmpfs and veths included.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import bed as bedmod
+from tests.cluster.bed import BedConfig, ChaosBed, available, cleanup_stale
+from tests.cluster.scenarios import run_scenario, table
+from tests.cluster.workload import JobShape
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(available() is not None, reason=str(available()))]
+
+JOBS = 50
+# A partitioned agent keeps running its attempt while the coordinator runs the next one elsewhere: fenced
+# assignments (fence16) stop the stale agent from acting on it once it is back, but nothing stops its process
+# while it is cut off (the agent does not fence itself when it cannot renew its lease). Until it does, that
+# one invariant may fail here as an expected failure; any other violation fails the test.
+KNOWN_UNFENCED = {"mixed"}
+
+
+@pytest.mark.parametrize("scenario", ["agent-kill", "coordinator-kill", "mixed"])
+def test_invariants_hold_under_faults(scenario: str, tmp_path: Path) -> None:
+    result = run_scenario(
+        scenario,
+        tmp_path / scenario,
+        JOBS,
+        BedConfig(agents=3, lease_timeout=5.0, heartbeat=1.0),
+        JobShape(),
+        outage=8.0,
+        finish_timeout=240.0,
+    )
+    v = result.verdict
+    shown = f"{table([result])}\nfaults: {result.fault_log}\n" + "\n".join(v.details)
+    assert not result.error, shown
+    assert result.faults >= 1, shown
+    assert v.lost == v.not_terminal == v.wrong_reason == v.false_agent_lost == 0, shown
+    assert v.gpu_conflicts == v.lines_lost == v.lines_duplicated == v.artifact_mismatches == 0, shown
+    assert v.done + v.failed_allowed == JOBS, shown
+    if v.duplicated and scenario in KNOWN_UNFENCED:
+        pytest.xfail(f"issue 16: a cut-off agent does not stop its jobs: {v.duplicated} ran twice at once\n{shown}")
+    assert v.duplicated == 0, shown
+
+
+def test_a_bed_left_by_a_crashed_run_is_removed_by_the_next(tmp_path: Path) -> None:
+    """The owner of a bed dies without closing it (SIGKILL): namespaces, the mount namespace holding a tmpfs,
+    and the root's veth are still there; the next bed's cleanup removes them all, and leaves live beds be."""
+    crashed = ChaosBed(tmp_path / "crashed", BedConfig(agents=0))
+    live = ChaosBed(tmp_path / "live", BedConfig(agents=0))
+    try:
+        for b in (crashed, live):
+            bedmod.OWNERS.mkdir(parents=True, exist_ok=True)
+            b._network()
+            b._add_host("coordinator", tmpfs=b.state_dir, size_mib=4)
+        (live.hosts["coordinator"].seen(live.state_dir) / "x").write_text("live")
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        (bedmod.OWNERS / crashed.tag).write_text(f"{dead.pid} 0\n")
+        started = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        (bedmod.OWNERS / live.tag).write_text(f"{os.getpid()} {started}\n")
+        holder = crashed.hosts["coordinator"].holder
+
+        removed = cleanup_stale()
+
+        assert crashed.tag in removed and live.tag not in removed
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert bedmod.PREFIX + crashed.tag not in netns
+        assert bedmod.PREFIX + live.tag in netns
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        assert f"{bedmod.PREFIX}{crashed.tag}@" not in links and f"{bedmod.PREFIX}{live.tag}@" in links
+        assert holder.wait(10) == -9  # the tmpfs went with its mount namespace
+        assert (live.hosts["coordinator"].seen(live.state_dir) / "x").read_text() == "live"
+    finally:
+        crashed.close()
+        live.close()

@@ -1,0 +1,112 @@
+"""The chaos checker itself (tests/cluster/invariants.py): each violation it exists for is caught, from made-up
+evidence and reports (no processes: a checker that never fails would let every scenario pass)."""
+
+from __future__ import annotations
+
+import hashlib
+
+from tests.cluster.invariants import Verdict, check
+from tests.cluster.workload import Execution, JobShape, Reported
+
+SHAPE = JobShape(lines=3)
+HOSTS = {"ns-a": "agent-a", "ns-b": "agent-b"}
+DATA = b"payload"
+
+
+def execution(run: str, attempt: int, host: str, start: float, last: float, gpu: str = "0") -> Execution:
+    exe = f"{run}-job.{attempt}.{int(start)}"
+    return Execution(
+        exe=exe,
+        attempt=attempt,
+        run=run,
+        host=host,
+        gpus=[gpu],
+        start=start,
+        last=last,
+        ticks=SHAPE.lines,
+        ended=True,
+        manifest={"data.bin": hashlib.sha256(DATA).hexdigest(), "who.txt": hashlib.sha256(exe.encode()).hexdigest()},
+    )
+
+
+def report(
+    e: Execution, lines: list[int] | None = None, attempts: list[tuple[int, str, str]] | None = None
+) -> Reported:
+    numbers = list(range(1, SHAPE.lines + 1)) if lines is None else lines
+    who = e.exe.encode()
+    return Reported(
+        run=e.run,
+        status="done",
+        reason="done",
+        attempt=e.attempt,
+        agent=HOSTS[e.host],
+        attempts=attempts or [],
+        lines=[f"chaos {e.exe} {i}" for i in numbers],
+        artifacts={"out/data.bin": e.manifest["data.bin"], "out/who.txt": e.manifest["who.txt"]},
+        downloaded={"out/data.bin": DATA, "out/who.txt": who},
+    )
+
+
+def verdict(
+    executions: list[Execution], reports: list[Reported], allowed: dict[str, set[str]] | None = None
+) -> Verdict:
+    names = [r.run for r in reports]
+    return check(names, set(names), reports, executions, SHAPE, HOSTS, allowed or {})
+
+
+def test_a_clean_scenario_has_no_violation() -> None:
+    a, b = execution("r1", 1, "ns-a", 0, 1), execution("r2", 1, "ns-a", 1, 2)
+    v = verdict([a, b], [report(a), report(b)])
+    assert v.violations() == 0 and v.done == 2, v.details
+
+
+def test_an_attempt_running_while_the_next_runs_elsewhere_is_caught() -> None:
+    stale, new = execution("r1", 1, "ns-a", 0, 10), execution("r1", 2, "ns-b", 5, 7)
+    stale.ended = False
+    v = verdict([stale, new], [report(new, attempts=[(1, "agent-a", "agent_lost")])], {"agent-a": {"agent_lost"}})
+    assert v.duplicated == 1 and v.false_agent_lost == 0, v.details
+
+
+def test_one_gpu_held_by_two_jobs_at_once_is_caught_and_another_gpu_is_not() -> None:
+    a, b = execution("r1", 1, "ns-a", 0, 5, gpu="0"), execution("r2", 1, "ns-a", 4, 6, gpu="0")
+    c = execution("r3", 1, "ns-a", 4, 6, gpu="1")
+    v = verdict([a, b, c], [report(a), report(b), report(c)])
+    assert v.gpu_conflicts == 1, v.details
+
+
+def test_lost_and_doubled_log_lines_are_counted() -> None:
+    a, b = execution("r1", 1, "ns-a", 0, 1), execution("r2", 1, "ns-b", 0, 1)
+    v = verdict([a, b], [report(a, lines=[1, 3]), report(b, lines=[1, 2, 2, 3])])
+    assert (v.lines_lost, v.lines_duplicated) == (1, 1), v.details
+
+
+def test_an_interrupted_attempt_may_lose_its_tail_but_not_a_middle_line() -> None:
+    first, second = execution("r1", 1, "ns-a", 0, 1), execution("r1", 2, "ns-b", 2, 3)
+    first.ended = False
+    r = report(second, attempts=[(1, "agent-a", "agent_lost")])
+    r.lines = [f"chaos {first.exe} 1", *r.lines]  # the first attempt's line 1 arrived, 2 and 3 died with it
+    v = verdict([first, second], [r], {"agent-a": {"agent_lost"}})
+    assert v.violations() == 0 and v.tail_undelivered == 2, v.details
+    r.lines = [f"chaos {first.exe} 1", f"chaos {first.exe} 3", *r.lines[1:]]
+    assert verdict([first, second], [r], {"agent-a": {"agent_lost"}}).lines_lost == 1
+
+
+def test_artifacts_of_an_earlier_attempt_or_unlike_their_manifest_are_mismatches() -> None:
+    first, second = execution("r1", 1, "ns-a", 0, 1), execution("r1", 2, "ns-b", 2, 3)
+    r = report(second, attempts=[(1, "agent-a", "agent_lost")])
+    r.downloaded["out/who.txt"] = first.exe.encode()  # the stale attempt's upload won
+    assert verdict([first, second], [r], {"agent-a": {"agent_lost"}}).artifact_mismatches >= 1
+    r = report(second)
+    r.downloaded["out/data.bin"] = b"corrupt"
+    assert verdict([first, second], [r]).artifact_mismatches == 1
+
+
+def test_a_missing_run_a_false_loss_and_a_wrong_reason_are_caught() -> None:
+    a = execution("r1", 1, "ns-a", 0, 1)
+    r = report(a, attempts=[(1, "agent-b", "agent_lost")])  # agent-b was never disturbed
+    failed = report(execution("r2", 1, "ns-b", 0, 1))
+    failed.status, failed.reason = "failed", "agent_lost"
+    v = check(["r1", "r2", "r3"], {"r1", "r2"}, [r, failed], [a], SHAPE, HOSTS, {})
+    assert (v.lost, v.false_agent_lost, v.wrong_reason) == (1, 1, 1), v.details
+    allowed = check(["r2"], {"r2"}, [failed], [], SHAPE, HOSTS, {"agent-b": {"agent_lost"}})
+    assert allowed.failed_allowed == 1 and allowed.wrong_reason == 0

@@ -1,0 +1,61 @@
+"""Scale (issue 16 item 5) against real processes: the load generator of bench/scale.py at a tiny size so it
+does not rot (no speed thresholds: the figures are the bench's), and SubmitRuns, the batch call it uses,
+attacked: a batch over the cap, a bad run inside a good batch, a batch past the queued-jobs limit, a
+viewer's batch."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from bench.scale import scenario
+from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
+from tests.conftest import Cluster
+from tests.integration.test_users import add_user
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_scale_bench_runs_end_to_end_at_a_tiny_size() -> None:
+    f = scenario(agents=20, queued=200, runs=60, procs=1, submitters=1, steady_s=0, say=False)
+    assert f.errors == 0
+    assert f.online_at_end == 20 and f.lost == 0 and f.failed == 0  # every simulated agent stayed online
+    assert f.queued_seen == 200  # every agent held one job, the rest waited
+    assert f.passes > 0 and f.ps_ms and f.ps_finished_ms
+    assert f.drain_rate > 0 and f.single_rate > 0 and f.batch_rate > 0
+
+
+def run(name: str) -> client_pb2.SubmitRunRequest:
+    job = common_pb2.JobSpec(job_name=name, workflow="w", provider="bash", commands=["true"])
+    return client_pb2.SubmitRunRequest(workflow="w", jobs=[job])
+
+
+def test_submit_runs_takes_each_run_alone_and_refuses_an_oversized_batch(cluster: Cluster) -> None:
+    cluster.start_coordinator("--max-queued-per-user", "3", "--max-submissions-per-minute", "0")
+    stub = client_pb2_grpc.ClientServiceStub(cluster.channel())
+    admin = [("authorization", f"Bearer {cluster.admin_token}")]
+
+    # Over the cap: refused whole, before anything is stored.
+    with pytest.raises(grpc.RpcError) as e:
+        stub.SubmitRuns(client_pb2.SubmitRunsRequest(runs=[run("a")] * 1001), metadata=admin)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 1000 runs per call" in str(e.value.details())
+    assert not stub.ListRuns(client_pb2.ListRunsRequest(all=True), metadata=admin).runs
+
+    # A run whose job name is a path escape, between good ones: it alone is refused. Then the user's
+    # queued-jobs limit (3) holds across the batch: the runs past it are refused, each saying why.
+    batch = [run("a"), run(".."), run("b"), run("c"), run("d")]
+    resp = stub.SubmitRuns(client_pb2.SubmitRunsRequest(runs=batch), metadata=admin)
+    assert len(resp.runs) == len(resp.errors) == 5
+    assert resp.errors[0] == "" and resp.runs[0].name
+    assert "job name" in resp.errors[1] and not resp.runs[1].name
+    stored = [r.name for r, err in zip(resp.runs, resp.errors, strict=True) if not err]
+    assert len(stored) == 3
+    assert sum("--max-queued-per-user" in err for err in resp.errors) == 1
+    listed = {r.name for r in stub.ListRuns(client_pb2.ListRunsRequest(all=True), metadata=admin).runs}
+    assert listed == set(stored)
+
+    # A viewer may not submit, in a batch either.
+    viewer = [("authorization", f"Bearer {add_user(cluster, 'vera', 'viewer')}")]
+    with pytest.raises(grpc.RpcError) as e:
+        stub.SubmitRuns(client_pb2.SubmitRunsRequest(runs=[run("v")]), metadata=viewer)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
