@@ -44,6 +44,10 @@ def run(
     priority: Annotated[
         int, typer.Option("--priority", help="Orders your own waiting jobs: higher first (default 0)")
     ] = 0,
+    reuse: Annotated[
+        bool, typer.Option("--reuse", help="Step cache for every job: reuse a done run's artifacts of the same step")
+    ] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Run every job, even those with `cache: true`")] = False,
 ) -> None:
     """Run a workflow and follow its logs until it ends (exit code 0 when done).
 
@@ -59,7 +63,10 @@ def run(
     if not workflow:
         raise no_workflow_error(Path.cwd())
 
-    raise typer.Exit(run_command(workflow, _with_separator(list(ctx.args)), detach, tag, priority))
+    if reuse and no_cache:
+        raise CliError("--reuse and --no-cache contradict each other: give one")
+    cache = True if reuse else False if no_cache else None
+    raise typer.Exit(run_command(workflow, _with_separator(list(ctx.args)), detach, tag, priority, cache))
 
 
 def _with_separator(args: list[str]) -> list[str]:

@@ -65,6 +65,18 @@ def _env_rows(env: dict[str, Any] | None) -> list[tuple[str, str]]:
     return rows
 
 
+def _cache_rows(cache: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The step cache's view of the job (docs/reproducibility.md): the key, and the run it reused."""
+    if not cache:
+        return []
+    if cache.get("hit"):
+        said = f"hit: reused {cache.get('source_run')}/{cache.get('source_job')} (nothing ran)"
+    else:
+        said = "miss: it ran" if cache.get("asked") else "not asked (`cache: true` or --reuse): it ran"
+    image = f"{cache.get('image') or '-'}" + ("" if cache.get("image_by_digest") else " (by reference, not digest)")
+    return [("cache", said), ("cache key", str(cache.get("key") or "-")), ("cache image", image)]
+
+
 def render_record(record: dict[str, Any], console: Console | None = None) -> None:
     out = console or Console(highlight=False)
     run = record.get("run") or {}
@@ -113,4 +125,9 @@ def render_record(record: dict[str, Any], console: Console | None = None) -> Non
                 f"manifest {artifacts.get('manifest_hash', '')[:16]} ({len(files)} files)" if files else "none",
             )
         )
-        out.print(_pairs("", rows + _env_rows(job.get("environment"))))
+        cache = job.get("cache") or {}
+        if cache.get("hit") and not job.get("environment"):  # nothing ran: the source's record has it
+            env_rows = [("environment", f"none: nothing ran (see `dstack show {cache.get('source_run')}`)")]
+        else:
+            env_rows = _env_rows(job.get("environment"))
+        out.print(_pairs("", rows + _cache_rows(job.get("cache")) + env_rows))

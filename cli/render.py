@@ -107,6 +107,15 @@ def preempted_text(run: client_pb2.Run) -> str:
     return latest[1] if latest else ""
 
 
+def reused_text(run: client_pb2.Run) -> str:
+    """`download reused from bold-owl-3` for the run's jobs the step cache completed (docs/reproducibility.md)."""
+    return ", ".join(
+        f"{j.job_name} {j.message}"
+        for j in run.jobs
+        if j.status == common_pb2.JOB_STATUS_DONE and j.message.startswith("reused from ")
+    )
+
+
 def ports_text(run: client_pb2.Run) -> str:
     """`ports 8080, 41236->80` for a run's running jobs (HOST, or HOST->CONTAINER inside a container)."""
     texts = [

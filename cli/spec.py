@@ -36,3 +36,4 @@ class Workflow:
     run_args: list[str] = field(default_factory=list)
     retry: common_pb2.RetryPolicy | None = None  # `retry: {limit, on}`; None: no new attempts
     max_duration_s: int = 0  # `max_duration`; 0: no limit  # extra `dstack run` arguments, for the provider
+    cache: bool = False  # `cache: true`: the step cache may reuse a done run's artifacts (docs/reproducibility.md)

@@ -165,6 +165,11 @@ COMMON_SCHEMA: dict[str, Any] = {
         "additionalProperties": False,
         "description": "requeue the job as a new attempt when it ends for one of `on` (default: all), `limit` times",
     },
+    "cache": {
+        "type": "boolean",
+        "description": "reuse the artifacts of a done run of the same step (code, spec, inputs, secrets) instead of"
+        " running it again; `dstack run --no-cache` runs it anyway (docs/reproducibility.md)",
+    },
     "max_duration": {
         "type": ["string", "integer"],
         "description": "stop the job when it runs longer: 2h, 30m, 90s, 1h30m, or seconds",
@@ -294,11 +299,19 @@ def parse_workflow(node: Node) -> Workflow:
         port_count=_port_count(node),
         retry=_retry(node),
         max_duration_s=fields.duration_s(node, "max_duration"),
+        cache=_cache(node),
     )
     if not provider.open_fields:
         _top_level_gpu(node)
     provider.validate(wf)
     return wf
+
+
+def _cache(node: Node) -> bool:
+    value = node.get("cache", False)
+    if not isinstance(value, bool):
+        raise WorkflowError(f"'cache' must be true or false, not {fields.type_name(value)}", node.at("cache"))
+    return value
 
 
 def _top_level_gpu(node: Node) -> None:

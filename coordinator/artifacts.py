@@ -15,7 +15,7 @@ import json
 import posixpath
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dstack.coordinator.errors import InvalidRequest
 from dstack.coordinator.model import CompletedUpload, FileSize, UploadGrant
@@ -23,6 +23,9 @@ from dstack.protos.artifact_paths import BadWorkingDir, working_dir_prefix
 from dstack.protos.container_paths import ROOTFS_PREFIX, BadContainerPath, check_container_path, is_container_path
 from dstack.storage import ArtifactStore, ObjectNotFound
 from dstack.storage.base import UploadGrant as StoreGrant
+
+if TYPE_CHECKING:
+    from dstack.coordinator.store.cache import CacheHit
 
 URL_TTL_S = 3600
 T = TypeVar("T")
@@ -181,6 +184,26 @@ class Artifacts:
                 "files": [{"path": p, "size": s, "sha256": h} for p, s, h in files],
             }
             self.store.put_bytes(manifest_key(run_name, job_name), json.dumps(manifest, indent=1).encode())
+
+        await self._io(work)
+
+    async def reuse(self, hit: CacheHit) -> None:
+        """A step cache hit (coordinator/cache.py): the source job's files under the hit job's own keys, by
+        the store's copy (a hard link in a folder store, a copy inside S3: no byte passes through here), then
+        its manifest. The job owns its objects: deleting the source run later leaves them whole."""
+
+        def work() -> None:
+            for path, _, _ in hit.files:
+                self.store.copy(
+                    artifact_key(hit.source_run, hit.source_job, path), artifact_key(hit.run_name, hit.job_name, path)
+                )
+            manifest = {
+                "run": hit.run_name,
+                "job": hit.job_name,
+                "files": [{"path": p, "size": s, "sha256": h} for p, s, h in hit.files],
+                "reused_from": {"run": hit.source_run, "job": hit.source_job},
+            }
+            self.store.put_bytes(manifest_key(hit.run_name, hit.job_name), json.dumps(manifest, indent=1).encode())
 
         await self._io(work)
 

@@ -65,6 +65,7 @@ def job_spec_from_proto(spec: common_pb2.JobSpec) -> JobSpec:
         gang=spec.gang,
         node_rank=spec.node_rank,
         nnodes=max(1, spec.nnodes),
+        cache=spec.cache,
     )
 
 

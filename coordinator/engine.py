@@ -11,10 +11,11 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 
 from dstack.coordinator.attempts import parse_wire_job_id, wire_job_id
+from dstack.coordinator.cache import secrets_digest
 from dstack.coordinator.clock import SYSTEM_CLOCK, Clock
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.convert import (
@@ -41,6 +42,7 @@ from dstack.coordinator.queue import Waiting, WaitingQueue, request_of
 from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest
 from dstack.coordinator.secrets import SecretBox
 from dstack.coordinator.store import Assignment, Placement, Store
+from dstack.coordinator.store.cache import CacheHit
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.coordinator.store.secrets import TEAM
 from dstack.protos.addresses import valid_address
@@ -91,6 +93,7 @@ class Plan:
     marked_pending: list[str]
     info: dict[str, WaitInfo]  # position, reason and estimated start of each waiting job
     reservations: dict[str, str]  # job -> agent held for it
+    cache_hits: list[tuple[CacheHit, Waiting]] = field(default_factory=list)  # jobs the step cache completes
 
 
 class Engine:
@@ -142,6 +145,10 @@ class Engine:
         self.secret_box = SecretBox(config.secrets_key_path)
         # Decrypted, for the job hand-off only: owner ('' for the team's) -> name -> value.
         self.secrets: dict[str, dict[str, str]] = {}
+        # The step cache (coordinator/cache.py): puts a hit's files under the job's own name in the object
+        # store (server.py sets it; without it no job is looked up).
+        self.copy_cached: Callable[[CacheHit], Awaitable[None]] | None = None
+        self._reusing: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -218,6 +225,10 @@ class Engine:
             self.queue.discard(plan.done)
             self.waits.discard(plan.done)
             self.queue.mark_pending(plan.marked_pending)
+            for hit, w in plan.cache_hits:
+                task = asyncio.create_task(self._reuse(hit, w), name=f"reuse {hit.run_name}/{hit.job_name}")
+                self._reusing.add(task)
+                task.add_done_callback(self._reusing.discard)
             for a in plan.assignments:
                 self.hub.send(a.agent_id, agent_pb2.CoordinatorMessage(assignments=[self._assignment(a)]))
             self.assignments_sent += len(plan.assignments)
@@ -228,6 +239,32 @@ class Engine:
             took = time.perf_counter() - began
             if took > PACE_AFTER_S:
                 await asyncio.sleep(min(took, PACE_MAX_S))
+
+    async def _reuse(self, hit: CacheHit, w: Waiting) -> None:
+        """A step cache hit: the source's files under the job's own name, then the job is done. Files that
+        are gone (deleted behind the coordinator's back) make the source useless: it is forgotten and the
+        job goes back to the queue to run."""
+        assert self.copy_cached is not None
+        try:
+            await self.copy_cached(hit)
+            completed = await self.db(self.store.cache.complete_hit, hit)
+        except Exception as e:
+            log.warning(
+                "step cache: %s/%s cannot reuse %s/%s (%s); it runs",
+                hit.run_name,
+                hit.job_name,
+                hit.source_run,
+                hit.source_job,
+                e,
+            )
+            await self.db(self.store.cache.forget, hit.source_job_id)
+            self.queue.add_waiting(w)
+            self.kick(finished=False)
+            return
+        if completed:
+            log.info("step cache: %s/%s reused %s/%s", hit.run_name, hit.job_name, hit.source_run, hit.source_job)
+        self.watchers.notify([hit.run_id])
+        self.kick()  # its dependants may start
 
     async def settled(self) -> None:
         """Returns once no scheduling pass is asked for or running (in-process tests and the fairness
@@ -305,6 +342,7 @@ class Engine:
         queue: list[JobRequest] = []
         reasons: dict[str, str] = {}
         info: dict[str, WaitInfo] = {}
+        hits: list[tuple[CacheHit, Waiting]] = []
         for w in waiting:
             if w.depends_on:
                 if statuses.get((w.run_id, "#" + w.job_id), JobStatus.PENDING) not in WAITING:
@@ -314,6 +352,17 @@ class Engine:
                 if blocked:
                     reasons[w.job_id] = "waiting for " + ", ".join(blocked)
                     info[w.job_id] = WaitInfo(0, DEPENDENCIES, reasons[w.job_id], 0)
+                    continue
+            if w.cache and self.copy_cached is not None:
+                w.cache = False  # asked once: a miss runs
+                try:
+                    hit = store.cache.find_hit(w.job_id)
+                except Exception:  # a broken lookup must not stop the pass: the job runs
+                    log.exception("step cache: looking up job %s failed; it runs", w.job_id)
+                    hit = None
+                if hit is not None:
+                    hits.append((hit, w))
+                    gone.append(w.job_id)
                     continue
             if w.request.max_duration_s:
                 self._max_durations[w.job_id] = w.request.max_duration_s
@@ -353,7 +402,7 @@ class Engine:
         done = gone + [p[0] for p in decision.placements] + [f[0] for f in failures]
         live = {j.job_id for j in running} | {p[0] for p in decision.placements}
         self._max_durations = {j: s for j, s in self._max_durations.items() if j in live or j in reasons}
-        return Plan(assignments, reasons, done, to_mark, info, decision.reservations)
+        return Plan(assignments, reasons, done, to_mark, info, decision.reservations, hits)
 
     def _gang_masters(
         self,
@@ -827,6 +876,10 @@ class Engine:
 
     def forget_secrets_of(self, owner: str) -> None:
         self.secrets.pop(owner, None)
+
+    def secrets_digest(self, owner: str) -> str:
+        """The step cache's fingerprint of the secrets a job of `owner` gets (coordinator/cache.py)."""
+        return secrets_digest(self.secret_box.derive(b"dstack step cache"), self.secrets_for(owner))
 
     def secrets_for(self, owner: str) -> dict[str, str]:
         """What a job of `owner` gets: the team's secrets, overridden by the owner's personal ones of

@@ -198,6 +198,7 @@ class JobSpec:
     gang: str = ""
     node_rank: int = 0
     nnodes: int = 1
+    cache: bool = False  # the step cache may reuse a done job's artifacts (coordinator/cache.py)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ class Waiting:
     request: JobRequest
     depends_on: tuple[str, ...]
     submitted: bool  # still SUBMITTED in the database (not yet marked PENDING)
+    # The step cache is to be asked about it once it may start (coordinator/cache.py); cleared once asked.
+    cache: bool = False
 
 
 def request_of(
@@ -85,6 +87,7 @@ class WaitingQueue:
             ),
             depends_on=tuple(row.depends_on),
             submitted=row.status == JobStatus.SUBMITTED,
+            cache=spec.cache and not spec.gang,
         )
 
     def add_run(
@@ -104,7 +107,12 @@ class WaitingQueue:
                 request=request_of(job_id, spec, owner, priority, submitted_at, workflow, run_id=run_id),
                 depends_on=spec.depends_on,
                 submitted=True,
+                cache=spec.cache and not spec.gang,
             )
+
+    def add_waiting(self, w: Waiting) -> None:
+        """A job taken out for the step cache that has to run after all."""
+        self._jobs[w.job_id] = w
 
     def snapshot(self) -> list[Waiting]:
         return list(self._jobs.values())

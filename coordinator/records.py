@@ -9,9 +9,10 @@ was cut says so (`truncated`), so a reader never mistakes a bounded record for a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from dstack.coordinator.errors import InvalidRequest
@@ -34,6 +35,13 @@ PHASES = ("pulling", "code", "inputs", "setup", "environment", "running", "uploa
 
 # Control characters but newline and tab: they would rewrite a terminal that prints the record.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def manifest_hash(files: Sequence[tuple[str, int, str]]) -> str:
+    """sha256 of a job's artifact manifest: the sorted (path, size, sha256) of its files, as canonical JSON.
+    Two jobs with the same files have the same hash, whatever their run."""
+    canonical = json.dumps(sorted([p, s, h] for p, s, h in files), separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def clean(text: str, limit: int, keep_newlines: bool = False) -> tuple[str, bool]:

@@ -6,6 +6,8 @@ up separately. Values leave the coordinator only in the job hand-off to an agent
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
 from pathlib import Path
@@ -25,7 +27,14 @@ def check_secret_name(name: str) -> None:
 
 class SecretBox:
     def __init__(self, key_path: Path) -> None:
-        self._fernet = Fernet(self._load_or_create(key_path))
+        key = self._load_or_create(key_path)
+        self._fernet = Fernet(key)
+        self._key = key
+
+    def derive(self, purpose: bytes) -> bytes:
+        """A key for `purpose` derived from the secrets key (the step cache's HMAC of secret values): the
+        coordinator's own, so no one without the key file can test a guess against what it stored."""
+        return hmac.new(self._key, purpose, hashlib.sha256).digest()
 
     @staticmethod
     def _load_or_create(path: Path) -> bytes:

@@ -213,6 +213,7 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
     log.info("artifacts in %s", object_store.description)
     artifacts = Artifacts(object_store)
     engine = Engine(config, store, db, clock)
+    engine.copy_cached = artifacts.reuse
     retention = Retention(config, store, db, artifacts)
     auth = Authenticator(store, db)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(auth)])

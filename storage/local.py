@@ -63,6 +63,21 @@ class LocalStore(ArtifactStore):
             raise
         return size
 
+    def copy(self, src: str, dst: str) -> None:
+        """A hard link: no bytes are copied, and deleting either name leaves the other whole (objects are
+        never written in place: put_stream replaces the name). A file system without links copies."""
+        source, dest = self._path(src), self._path(dst)
+        if not source.is_file():
+            raise ObjectNotFound(src)
+        with self._errors(f"copy {src} to {dst}"):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.parent / f".tmp-link-{os.getpid()}-{time.monotonic_ns()}"
+            try:
+                os.link(source, tmp)
+            except OSError:
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, dest)
+
     def collect_temporaries(self, older_than_s: float) -> int:
         """`.tmp-*` files of writes that never finished (put_stream removes its own unless the process died)."""
         with self._errors("collect temporaries"):

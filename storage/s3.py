@@ -216,6 +216,19 @@ class S3Store(ArtifactStore):
             raise self._error(f"put {key}", e) from e
         return len(data)
 
+    def copy(self, src: str, dst: str) -> None:
+        """A copy inside the store (CopyObject, in parts when big): no byte passes through the coordinator."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.copy({"Bucket": self.bucket, "Key": self._key(src)}, self.bucket, self._key(dst))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                raise ObjectNotFound(src) from None
+            raise self._error(f"copy {src}", e) from e
+        except Exception as e:
+            raise self._error(f"copy {src}", e) from e
+
     def open_read(self, key: str) -> BinaryIO:
         from botocore.exceptions import ClientError
 

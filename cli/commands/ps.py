@@ -5,7 +5,16 @@ from __future__ import annotations
 import json
 import sys
 
-from dstack.cli.render import ago, attempts, ports_text, preempted_text, queue_text, run_status, run_to_json
+from dstack.cli.render import (
+    ago,
+    attempts,
+    ports_text,
+    preempted_text,
+    queue_text,
+    reused_text,
+    run_status,
+    run_to_json,
+)
 
 STYLE = {
     "done": "green",
@@ -47,7 +56,12 @@ def ps_command(show_all: bool, as_json: bool) -> None:
                 "; ".join(
                     filter(
                         None,
-                        [" ".join(filter(None, [queue_text(r), r.message])), preempted_text(r), ports_text(r)],
+                        [
+                            " ".join(filter(None, [queue_text(r), r.message])),
+                            preempted_text(r),
+                            reused_text(r),
+                            ports_text(r),
+                        ],
                     )
                 ),
             ]

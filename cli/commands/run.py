@@ -164,7 +164,10 @@ def build_request(root: Path, workflow_name: str, args: list[str], nodes: dict[s
         code_files += [
             CodeFile(p, "depends-on.repo.include", loc, False, may_be_folder=True) for p, loc in deps.include
         ]
-        jobs += provider.job_specs(wf)
+        specs = provider.job_specs(wf)
+        for spec in specs:
+            spec.cache = wf.cache
+        jobs += specs
         container_needs += _container_needs(wf, nodes, saved_in_container)
     submit = client_pb2.SubmitRunRequest(workflow=workflow_name, jobs=jobs, args=args)
     text = json.dumps(resolved, sort_keys=True, default=str)
@@ -483,7 +486,10 @@ def submit_built(
         raise located(e, built) from None
 
 
-def run_command(workflow: str, args: list[str], detach: bool, tag: str = "", priority: int = 0) -> int:
+def run_command(
+    workflow: str, args: list[str], detach: bool, tag: str = "", priority: int = 0, cache: bool | None = None
+) -> int:
+    """`cache`: --reuse (True) or --no-cache (False) for every job, in place of the workflows' `cache`."""
     from dstack.cli.repository import repository_of
     from dstack.cli.session import connect
     from dstack.cli.workflows import find_project_root
@@ -497,6 +503,9 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "", pri
     request = built.submit
     request.tag_on_done = tag
     request.priority = priority
+    if cache is not None:
+        for spec in request.jobs:
+            spec.cache = cache
     request.repository = repository_of(root, packed.ref.repo_url)
     client = connect()
     run = submit_built(client, built, packed, err)
@@ -526,6 +535,9 @@ def run_command(workflow: str, args: list[str], detach: bool, tag: str = "", pri
     final = final or client.get_run(run.name)
     if tunnels is not None:
         tunnels.close(final)
+    for job in final.jobs:  # the step cache's hits (docs/reproducibility.md)
+        if job.status == common_pb2.JOB_STATUS_DONE and job.message.startswith("reused from "):
+            err.print((f"{job.job_name}: {job.message}", "dim"))
     style = "green" if final.status == common_pb2.RUN_STATUS_DONE else "red"
     err.print((run_summary(final), style))
     return 0 if final.status == common_pb2.RUN_STATUS_DONE else 1

@@ -8,19 +8,18 @@ hash. `dstack rerun`, `dstack diff` and the step cache read this same document.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.transfer import read_chunks
 from dstack.coordinator.artifacts import code_key
-from dstack.coordinator.convert import job_spec_record
+from dstack.coordinator.cache import CACHE_PART, image_of
+from dstack.coordinator.convert import job_spec_proto, job_spec_record
 from dstack.coordinator.errors import NotFound
 from dstack.coordinator.model import ArtifactFile, JobView, RunView
-from dstack.coordinator.records import RECORD_VERSION
+from dstack.coordinator.records import RECORD_VERSION, manifest_hash
 from dstack.coordinator.store.artifacts import inputs_of
 from dstack.coordinator.store.records import RUN_PART
 
@@ -30,13 +29,6 @@ class RecordWithCode:
     record: dict[str, Any]
     code_url: str = ""  # presigned GETs; "" when there is none or the store cannot presign
     diff_url: str = ""
-
-
-def manifest_hash(files: Sequence[tuple[str, int, str]]) -> str:
-    """sha256 of a job's artifact manifest: the sorted (path, size, sha256) of its files, as canonical JSON.
-    Two jobs with the same files have the same hash, whatever their run."""
-    canonical = json.dumps(sorted([p, s, h] for p, s, h in files), separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _ns_to_s(ns: int) -> float:
@@ -56,11 +48,24 @@ def _timings(job: JobView, env: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _cache_record(job: JobView, parts: dict[tuple[str, str], dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """How the step cache saw the job (coordinator/cache.py): its key, whether it was a hit and of what; None
+    for a job it never keyed (one that has not started, failed without a key, an upload)."""
+    asked = job_spec_proto(job.spec).cache
+    hit = parts.get((job.id, CACHE_PART))
+    if hit is not None:
+        return {**hit, "asked": asked}
+    if not key:
+        return None
+    return {"key": key, "hit": False, "source_run": "", "source_job": "", "asked": asked, **image_of(job.spec)}
+
+
 def _job_record(
     job: JobView,
     parts: dict[tuple[str, str], dict[str, Any]],
     inputs: list[dict[str, Any]],
     artifacts: list[ArtifactFile],
+    cache_key: str = "",
 ) -> dict[str, Any]:
     env = parts.get((job.id, "environment"), {})
     files = [(a.path, a.size, a.sha256) for a in artifacts]
@@ -80,6 +85,7 @@ def _job_record(
         "inputs": inputs,
         "environment": env or None,
         "timings_s": _timings(job, env),
+        "cache": _cache_record(job, parts, cache_key),
         "artifacts": {
             "manifest_hash": manifest_hash(files) if files else "",
             "files": [{"path": p, "size": s, "sha256": h} for p, s, h in files],
@@ -91,6 +97,7 @@ def _compose(core: Core, run: RunView) -> dict[str, Any]:
     """On the DB thread."""
     row = core.store.run_by_name(run.name)
     parts = core.store.records.of_run(row.id)
+    keys = core.store.cache.keys_of_run(row.id)
     by_job: dict[str, list[ArtifactFile]] = {}
     for a in core.store.list_artifacts(row.id):
         by_job.setdefault(a.job_name, []).append(ArtifactFile(a.job_name, a.path, a.size, a.sha256))
@@ -105,7 +112,7 @@ def _compose(core: Core, run: RunView) -> dict[str, Any]:
             }
             for i in inputs_of(core.store.conn, job.id)
         ]
-        jobs.append(_job_record(job, parts, inputs, by_job.get(job.job_name, [])))
+        jobs.append(_job_record(job, parts, inputs, by_job.get(job.job_name, []), keys.get(job.id, "")))
     submission = parts.get((RUN_PART, "submission"), {})
     code = asdict(run.code)
     code["untracked"] = list(run.code.untracked)

@@ -28,6 +28,7 @@ from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.ownership import Actor
 from dstack.coordinator.app.records import run_record
 from dstack.coordinator.app.runs import SPECS_PART, Submission, submit
+from dstack.coordinator.cache import without_cache
 from dstack.coordinator.convert import job_spec_from_bytes, job_spec_gang, job_spec_image, pinned_job_spec
 from dstack.coordinator.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from dstack.coordinator.model import JobSpec, RunStatus, RunView
@@ -248,7 +249,7 @@ async def rerun(
     _finished(old)
     repository = _repository(old, actor)
     encoded, notes = await core.db(_submitted_specs, core, old)
-    specs = [job_spec_from_bytes(e) for e in encoded]
+    specs = [without_cache(job_spec_from_bytes(e)) for e in encoded]  # run again: no step cache hit
     if old.code.hash and await core.artifacts.verify_code(old.code.hash) is None:
         raise NotFound(
             f"the code of run {name} ({old.code.hash[:12]}) is no longer in the object store: it cannot be rerun;"

@@ -20,6 +20,7 @@ from dstack.coordinator.app.core import Core, run_view
 from dstack.coordinator.app.key_names import check_key_segment
 from dstack.coordinator.app.ownership import Actor, check_owner
 from dstack.coordinator.artifacts import check_working_dir
+from dstack.coordinator.cache import base_key
 from dstack.coordinator.convert import code_to_bytes, job_spec_from_proto, job_spec_proto
 from dstack.coordinator.errors import CoordinatorError, InvalidRequest, NotFound
 from dstack.coordinator.gangs import expand
@@ -144,6 +145,8 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
     if sub.tag_on_done and actor is not None:
         await check_tag_movable(core, actor, repository, sub.tag_on_done)
 
+    secrets = core.engine.secrets_digest(owner)  # the step cache's: coordinator/cache.py
+
     def create() -> tuple[CreatedRun, list[JobSpec]]:
         # Counted in the step that stores the run: two submissions at once cannot both pass at the limit.
         # Only where a limit is set: the count reads every waiting job of the owner's unfinished runs.
@@ -197,6 +200,12 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
         )
         core.store.records.put(created.run_id, RUN_PART, "submission", submission_part)
         core.store.records.put(created.run_id, RUN_PART, SPECS_PART, submitted_specs)
+        core.store.cache.set_bases(
+            {
+                job_id: base_key(repository, sub.code.hash, j.encoded, secrets) if not j.gang else ""
+                for job_id, j in zip(created.job_ids, sub.jobs, strict=True)
+            }
+        )
         return created, specs
 
     async def create_and_enqueue() -> RunView:

@@ -195,6 +195,14 @@ GANG_REQUEUE = _job(
     None,
     "another node of its multi-node gang was requeued as a new attempt (`retry`): the gang runs again as a whole",
 )
+CACHE_HIT = _job(
+    "cache-hit",
+    WAITING,
+    JS.DONE,
+    Actor.SCHEDULER,
+    TR.DONE,
+    "the step cache found a done job with its key: its artifacts are reused, nothing runs (coordinator/cache.py)",
+)
 UPLOAD_DONE = _job(
     "upload-done", (JS.UPLOADING,), JS.DONE, Actor.USER, TR.DONE, "`dstack artifacts upload` committed the files"
 )
@@ -225,6 +233,7 @@ JOB_TRANSITIONS: tuple[JobTransition, ...] = (
     AGENT_MAX_DURATION,
     GANG_FAILED,
     GANG_REQUEUE,
+    CACHE_HIT,
     UPLOAD_DONE,
 )
 _FROM_AGENT: dict[int, JobTransition] = {

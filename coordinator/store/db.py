@@ -13,6 +13,7 @@ from pathlib import Path
 from dstack.coordinator.store.agents import AgentRow, Agents, Removal
 from dstack.coordinator.store.artifacts import ArtifactRow, Artifacts, FileRecord, UploadJob
 from dstack.coordinator.store.base import Db
+from dstack.coordinator.store.cache import StepCache
 from dstack.coordinator.store.code import CodeBlobs
 from dstack.coordinator.store.jobs import (
     AgentJob,
@@ -86,6 +87,7 @@ class Store(Db):
         self.tags = Tags(self, self.runs)
         self.secrets = Secrets(self)
         self.records = Records(self)
+        self.cache = StepCache(self)
         self.scope = Scope(self)
         self.usage = Usage(self)
         self.jobs.charge = self.usage.charge_ended

@@ -27,6 +27,7 @@ from dstack.coordinator.model import (
 from dstack.coordinator.preemption import RunningJob
 from dstack.coordinator.store.artifacts import inputs_of
 from dstack.coordinator.store.base import Db, ints_in, json_list, marks
+from dstack.coordinator.store.cache import key_job
 from dstack.coordinator.store.gangs import GangSettlement, settle
 from dstack.protos.v1 import common_pb2
 
@@ -581,6 +582,8 @@ class Jobs:
                     charge_now.append(u.job_id)
                     if t.dst != JobStatus.DONE:
                         lifecycle.fail_dependants(c, run_id, self.db.clock())
+                    else:
+                        key_job(c, job_id)  # a job that finished done feeds the step cache
                 res.changed_runs.add(run_id)
             for run_id in res.changed_runs:  # once per run, however many of its jobs changed
                 lifecycle.refresh_run_status(c, run_id, self.db.clock())

@@ -409,6 +409,8 @@ class Runs:
         with self.db.tx() as c:
             c.execute("DELETE FROM artifacts WHERE job_id IN (SELECT id FROM jobs WHERE run_id = ?)", [run_id])
             c.execute("UPDATE runs SET artifacts_deleted = 1 WHERE id = ?", [run_id])
+            # The step cache never offers files that are gone (coordinator/cache.py).
+            c.execute("UPDATE jobs SET cache_key = '' WHERE run_id = ?", [run_id])
 
 
 def insert_jobs(c: sqlite3.Connection, run_id: str, jobs: list[tuple[str, NewJob]], now: int) -> None:

@@ -323,6 +323,17 @@ def _scale_indexes(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS runs_submitted ON runs (submitted_at, id)")
 
 
+def _step_cache(db: sqlite_utils.Database) -> None:
+    """The step cache (coordinator/cache.py): each job's key as far as submission knows it (`cache_base`:
+    repository, code tree, spec, secrets) and its whole key (with its inputs' manifests) once known; a job
+    that finished done is found by its key through the partial index."""
+    jobs = Table(db, "jobs")
+    for name in ("cache_base", "cache_key"):
+        if name not in jobs.columns_dict:
+            jobs.add_column(name, str, not_null_default="")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_cache_key ON jobs (cache_key) WHERE cache_key != ''")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
     _v2,
@@ -339,6 +350,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _gangs,
     _run_records,
     _scale_indexes,
+    _step_cache,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

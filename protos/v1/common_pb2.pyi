@@ -335,6 +335,7 @@ class JobSpec(_message.Message):
     GANG_FIELD_NUMBER: _builtins.int
     NODE_RANK_FIELD_NUMBER: _builtins.int
     NNODES_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
     PROVIDER_PROGRAM_FIELD_NUMBER: _builtins.int
     job_name: _builtins.str
     """unique within the run (usually the workflow name)"""
@@ -360,6 +361,10 @@ class JobSpec(_message.Message):
     """
     node_rank: _builtins.int
     nnodes: _builtins.int
+    cache: _builtins.bool
+    """Step cache (docs/reproducibility.md): the workflow's `cache: true` or `dstack run --reuse`. A job whose
+    key (computed by the coordinator, never sent) matches a job that finished done reuses its artifacts.
+    """
     provider_program: _builtins.bool
     """A 2022 custom provider's program (a providers.yaml entry, set by the CLI): when it exits 0, the jobs
     its `dstack.Provider.start()` wrote join its run (agent/provider_jobs.py, coordinator/app/provided_jobs.py).
@@ -416,11 +421,12 @@ class JobSpec(_message.Message):
         gang: _builtins.str = ...,
         node_rank: _builtins.int = ...,
         nnodes: _builtins.int = ...,
+        cache: _builtins.bool = ...,
         provider_program: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources", "retry", b"retry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "commands", b"commands", "depends_on", b"depends_on", "env", b"env", "gang", b"gang", "image", b"image", "input_tags", b"input_tags", "input_workflows", b"input_workflows", "job_name", b"job_name", "max_duration_s", b"max_duration_s", "needs_container", b"needs_container", "nnodes", b"nnodes", "node_rank", b"node_rank", "port_count", b"port_count", "ports", b"ports", "provider", b"provider", "provider_program", b"provider_program", "python_version", b"python_version", "resources", b"resources", "retry", b"retry", "workflow", b"workflow", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "cache", b"cache", "commands", b"commands", "depends_on", b"depends_on", "env", b"env", "gang", b"gang", "image", b"image", "input_tags", b"input_tags", "input_workflows", b"input_workflows", "job_name", b"job_name", "max_duration_s", b"max_duration_s", "needs_container", b"needs_container", "nnodes", b"nnodes", "node_rank", b"node_rank", "port_count", b"port_count", "ports", b"ports", "provider", b"provider", "provider_program", b"provider_program", "python_version", b"python_version", "resources", b"resources", "retry", b"retry", "workflow", b"workflow", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

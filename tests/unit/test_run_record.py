@@ -12,11 +12,16 @@ import pytest
 
 from dstack.agent.environment import MAX_REPORT_BYTES, EnvironmentRecorder, read_report_file
 from dstack.cli.packing import pack
-from dstack.coordinator.app.records import manifest_hash
 from dstack.coordinator.app.runs import Submission
 from dstack.coordinator.errors import InvalidRequest
 from dstack.coordinator.model import CodeRef
-from dstack.coordinator.records import MAX_RESOLVED_WORKFLOW, clean, environment_record, submission_record
+from dstack.coordinator.records import (
+    MAX_RESOLVED_WORKFLOW,
+    clean,
+    environment_record,
+    manifest_hash,
+    submission_record,
+)
 
 
 def test_clean_strips_terminal_controls_and_cuts() -> None:
