@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dstack.agent.retry import Outcome, RetryPolicy, classify
+from dstack.protos.artifact_paths import BadWorkingDir, in_code, recorded, working_dir_prefix
 from dstack.protos.container_paths import BadContainerPath, check_container_path, check_disjoint, owning_root
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, common_pb2
 from dstack.storage.errors import ChecksumMismatch, StoreError
@@ -79,9 +80,23 @@ def resolve_inside(workdir: Path, rel: str) -> Path:
     return p
 
 
-def prepare_dirs(workdir: Path, specs: Sequence[common_pb2.ArtifactSpec]) -> None:
+def code_path(working_dir: str, path: str) -> str:
+    """Where a relative artifact path is under the code root: under the job's working_dir (protos/artifact_paths.py)."""
+    try:
+        return in_code(working_dir, path)
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
+
+
+def prepare_dirs(workdir: Path, specs: Sequence[common_pb2.ArtifactSpec], working_dir: str = "") -> None:
+    try:
+        prefix = working_dir_prefix(working_dir)
+        if prefix and not (workdir / prefix).is_dir():
+            return  # a working_dir the code lacks: the runtime says so, rather than running in a folder made here
+    except BadWorkingDir as e:
+        raise ArtifactError(str(e)) from None
     for a in relative_specs(specs):
-        resolve_inside(workdir, a.path).mkdir(parents=True, exist_ok=True)
+        resolve_inside(workdir, code_path(working_dir, a.path)).mkdir(parents=True, exist_ok=True)
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -228,9 +243,12 @@ class Located:
 
 
 def _collect_with_stat(
-    workdir: Path, specs: Sequence[common_pb2.ArtifactSpec], folders: ContainerFolders
+    workdir: Path, specs: Sequence[common_pb2.ArtifactSpec], folders: ContainerFolders, working_dir: str = ""
 ) -> list[Located]:
-    out = [Located(rel, workdir, rel, key) for rel, key in collect_files(workdir, relative_specs(specs))]
+    # Walked from the code root (each component opened with O_NOFOLLOW, working_dir's included), recorded
+    # relative to working_dir: the path the workflow wrote.
+    in_code_specs = [common_pb2.ArtifactSpec(path=code_path(working_dir, a.path)) for a in relative_specs(specs)]
+    out = [Located(recorded(working_dir, rel), workdir, rel, key) for rel, key in collect_files(workdir, in_code_specs)]
     for a in specs:
         if not is_absolute(a.path):
             continue
@@ -273,11 +291,13 @@ class Uploader:
         specs: Sequence[common_pb2.ArtifactSpec],
         cache: UploadCache | None = None,
         folders: ContainerFolders | None = None,
+        working_dir: str = "",
     ) -> int:
         """Uploads every file (skipping those in `cache` that did not change since), then commits the
-        manifest; returns the number of files. `folders`: the host folders of the absolute artifact paths."""
+        manifest; returns the number of files. `folders`: the host folders of the absolute artifact paths;
+        relative paths are under `working_dir` of the code root `workdir`."""
         cache = {} if cache is None else cache
-        files = await asyncio.to_thread(_collect_with_stat, workdir, specs, folders or {})
+        files = await asyncio.to_thread(_collect_with_stat, workdir, specs, folders or {}, working_dir)
         todo = [f for f in files if (hit := cache.get(f.path)) is None or hit[0] != f.key]
         fresh: dict[str, tuple[tuple[int, int, int, int], common_pb2.ArtifactFile]] = {}
         completed: list[common_pb2.CompletedUpload] = []
@@ -396,13 +416,18 @@ class Uploader:
 
 
 def input_destination(
-    src: agent_pb2.ArtifactInput, f: common_pb2.ArtifactFile, workdir: Path, folders: ContainerFolders
+    src: agent_pb2.ArtifactInput,
+    f: common_pb2.ArtifactFile,
+    workdir: Path,
+    folders: ContainerFolders,
+    working_dir: str = "",
 ) -> Path:
-    """Where an input file goes on the host: under workdir (a relative path), or, for a file of one of the
+    """Where an input file goes on the host: under the job's working_dir in workdir (a relative path: where the
+    producer's was under its own working_dir, as 2022's runner mounted it), or, for a file of one of the
     producer's absolute artifact paths, under the job's host folder for that path. A path that is neither
     (not normalised, `..`, outside every path its producer declared) is refused, not written."""
     if not is_absolute(f.path):
-        return resolve_inside(workdir, f.path)
+        return resolve_inside(workdir, code_path(working_dir, f.path))
     try:
         norm = check_container_path(f.path)
     except BadContainerPath as e:
@@ -433,14 +458,18 @@ class Downloader:
         self.transfer = transfer
 
     async def fetch(
-        self, inputs: Sequence[agent_pb2.ArtifactInput], workdir: Path, folders: ContainerFolders | None = None
+        self,
+        inputs: Sequence[agent_pb2.ArtifactInput],
+        workdir: Path,
+        folders: ContainerFolders | None = None,
+        working_dir: str = "",
     ) -> int:
         """Relative files go under workdir, files of an absolute artifact path into the job's own host
         folder for it (`folders`, from plan_container_folders), never anywhere else."""
         sem = asyncio.Semaphore(PARALLEL)
         folders = folders or {}
         dests = {
-            (src.run_name, src.job_name, f.path): input_destination(src, f, workdir, folders)
+            (src.run_name, src.job_name, f.path): input_destination(src, f, workdir, folders, working_dir)
             for src in inputs
             for f in src.files
         }

@@ -211,7 +211,7 @@ class JobRunner:
                     )
 
                 def prepare() -> None:
-                    prepare_dirs(workdir, spec.artifacts)
+                    prepare_dirs(workdir, spec.artifacts, spec.working_dir)
                     make_container_folders(folders)
 
                 await self._record_machine(spec)
@@ -219,7 +219,7 @@ class JobRunner:
                     await self.deps.code.materialize(self.a.code, workdir, prepare)
                 if self.a.inputs:  # the artifacts of its dependencies, at the same paths
                     with self.record.phase("inputs"):
-                        n = await self.deps.downloader.fetch(self.a.inputs, workdir, folders)
+                        n = await self.deps.downloader.fetch(self.a.inputs, workdir, folders, spec.working_dir)
                     sources = ", ".join(f"{i.run_name}/{i.job_name}" for i in self.a.inputs)
                     self._system_line(f"dstack: {n} artifact file(s) from {sources}")
                 if self.stop_requested:
@@ -333,7 +333,9 @@ class JobRunner:
         while True:
             await asyncio.sleep(self.deps.mount_sync_s)
             try:
-                await self.deps.uploader.upload(self.job_id, workdir, mounts, self.upload_cache, self.folders)
+                await self.deps.uploader.upload(
+                    self.job_id, workdir, mounts, self.upload_cache, self.folders, self.a.spec.working_dir
+                )
             except (ArtifactError, OSError) as e:
                 log.warning("job %s: syncing mounted artifacts failed (will retry): %s", self.job_id, e)
 
@@ -422,7 +424,9 @@ class JobRunner:
 
     async def _upload_artifacts(self, workdir: Path, spec: common_pb2.JobSpec) -> str | None:
         try:
-            n = await self.deps.uploader.upload(self.job_id, workdir, spec.artifacts, self.upload_cache, self.folders)
+            n = await self.deps.uploader.upload(
+                self.job_id, workdir, spec.artifacts, self.upload_cache, self.folders, spec.working_dir
+            )
             log.info("job %s: %d artifact file(s) saved", self.job_id, n)
             return None
         except (ArtifactError, OSError) as e:

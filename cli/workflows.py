@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import re
@@ -17,6 +18,7 @@ from dstack.cli.errors import CliError, Location, WorkflowError
 from dstack.cli.providers import resolve_provider
 from dstack.cli.spec import Artifact, Workflow
 from dstack.cli.yamlsrc import Node, Seq, load
+from dstack.protos.artifact_paths import in_code
 from dstack.protos.container_paths import BadContainerPath, check_container_path, check_disjoint, is_container_path
 from dstack.protos.v1 import common_pb2
 
@@ -324,18 +326,23 @@ def output_paths(root: Path) -> list[str]:
     except WorkflowError:
         return out
     for node in nodes.values():
-        working_dir = node.get("working_dir")
-        base = working_dir if isinstance(working_dir, str) and "${{" not in working_dir else "."
+        base = _literal_working_dir(node)
         try:
             artifacts = _artifacts(node)
         except WorkflowError:
             continue
-        out += [
-            posixpath.normpath(posixpath.join(base, a.path))
-            for a in artifacts
-            if "${{" not in a.path and not is_container_path(a.path)  # absolute: inside the container, not here
-        ]
+        for a in artifacts:
+            if "${{" in a.path or is_container_path(a.path):  # absolute: inside the container, not here
+                continue
+            with contextlib.suppress(ValueError):  # a working_dir out of the code: `dstack run` refuses it
+                out.append(in_code(base, a.path))
     return sorted(set(out))
+
+
+def _literal_working_dir(node: Node) -> str:
+    """The workflow's working_dir as written ("." when absent or still holding a variable)."""
+    working_dir = node.get("working_dir")
+    return working_dir if isinstance(working_dir, str) and "${{" not in working_dir else "."
 
 
 def artifact_paths(root: Path, workflow: str) -> list[str]:
@@ -373,6 +380,7 @@ def _artifacts(node: Node) -> list[Artifact]:
     if not isinstance(items, Seq):
         raise WorkflowError("'artifacts' must be a list of paths or {path, mount}", node.at("artifacts"))
     out = []
+    working_dir = _literal_working_dir(node)  # relative paths are under it (protos/artifact_paths.py)
     in_container: list[str] = []  # the absolute paths so far: none may overlap another
     for i, item in enumerate(items):
         loc = items.item_locations[i]
@@ -381,9 +389,10 @@ def _artifacts(node: Node) -> list[Artifact]:
             mount = item.get("mount", False)
             if not isinstance(mount, bool):
                 raise WorkflowError("'mount' must be true or false", item.at("mount"))
-            out.append(Artifact(_relative(fields.string(item, "path", required=True), item.at("path")), mount))
+            path = fields.string(item, "path", required=True)
+            out.append(Artifact(_relative(path, item.at("path"), working_dir), mount))
         elif isinstance(item, (str, int, float)) and not isinstance(item, bool):
-            out.append(Artifact(_relative(str(item), loc)))
+            out.append(Artifact(_relative(str(item), loc, working_dir)))
         else:
             raise WorkflowError("each artifact must be a path or {path, mount}", loc)
         path = out[-1].path
@@ -396,7 +405,7 @@ def _artifacts(node: Node) -> list[Artifact]:
     return out
 
 
-def _relative(path: str, loc: Location) -> str:
+def _relative(path: str, loc: Location, working_dir: str = ".") -> str:
     if is_container_path(path):
         if "${{" in path:  # checked once the variables are substituted (`dstack run` does it first)
             return path
@@ -408,9 +417,13 @@ def _relative(path: str, loc: Location) -> str:
     if not path or path.startswith("/") or norm == ".." or norm.startswith("../"):
         raise WorkflowError(f"artifacts path {path!r} must be relative and stay inside the working directory", loc)
     root = _project_root(loc.file)
+    try:
+        where = in_code(working_dir, norm)  # where the job saves it: under its working_dir
+    except ValueError:
+        where = norm  # a working_dir out of the code: refused at its own line
     if root is not None:
         try:
-            target = (root / norm).resolve()  # follows links anywhere on the path, not only the last part
+            target = (root / where).resolve()  # follows links anywhere on the path, not only the last part
         except (OSError, RuntimeError) as e:  # a symlink loop
             raise WorkflowError(f"artifacts path {path!r} cannot be resolved: {e}", loc) from None
         if not target.is_relative_to(root.resolve()):

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from dstack.coordinator.errors import InvalidRequest
 from dstack.coordinator.model import CompletedUpload, FileSize, UploadGrant
+from dstack.protos.artifact_paths import BadWorkingDir, working_dir_prefix
 from dstack.protos.container_paths import ROOTFS_PREFIX, BadContainerPath, check_container_path, is_container_path
 from dstack.storage import ArtifactStore, ObjectNotFound
 from dstack.storage.base import UploadGrant as StoreGrant
@@ -34,6 +35,15 @@ def check_relative_path(path: str) -> str:
     if not path or path.startswith("/") or norm.startswith("..") or norm == "." or "\x00" in path:
         raise InvalidRequest(f"artifact path {path!r} must be relative and inside the working directory")
     return norm
+
+
+def check_working_dir(job_name: str, working_dir: str) -> None:
+    """A job's working_dir, under which its relative artifacts are saved and received (protos/artifact_paths.py),
+    must stay inside its code."""
+    try:
+        working_dir_prefix(working_dir)
+    except BadWorkingDir as e:
+        raise InvalidRequest(f"job {job_name!r}: {e}") from None
 
 
 def check_job_artifact_path(path: str) -> str:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import abc
-import posixpath
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dstack.protos.artifact_paths import BadWorkingDir, working_dir_prefix
 
 # Every job process carries this variable (set by the runner): after an agent crash, the next agent
 # finds the jobs its predecessor left behind by it, with no bookkeeping file per job.
@@ -66,10 +67,10 @@ def gpu_env(job: RuntimeJob) -> dict[str, str]:
 
 def working_subdir(job: RuntimeJob) -> str:
     """The job's working_dir, relative to its folder; one that leads out of it is refused."""
-    rel = posixpath.normpath(job.working_dir or ".")
-    if rel.startswith("/") or rel == ".." or rel.startswith("../"):
-        raise RuntimeError_(f"working_dir {job.working_dir!r} escapes the job's directory")
-    return rel
+    try:
+        return working_dir_prefix(job.working_dir) or "."
+    except BadWorkingDir:
+        raise RuntimeError_(f"working_dir {job.working_dir!r} escapes the job's directory") from None
 
 
 class JobProcess(abc.ABC):

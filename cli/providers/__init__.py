@@ -15,7 +15,7 @@ import sys
 from functools import cache
 from pathlib import Path
 
-from dstack.cli.errors import WorkflowError
+from dstack.cli.errors import Location, WorkflowError
 from dstack.cli.providers.base import Provider
 from dstack.cli.yamlsrc import Node
 
@@ -129,6 +129,11 @@ def _project_root(node: Node | None) -> Path | None:
     return None
 
 
+# `provider: {name: NAME, repo: .}`: the project's own `.dstack/providers.yaml` entry, even where a built-in
+# provider has that name (a bare NAME means the built-in then: see load_provider).
+OWN_REPO = frozenset({".", "./"})
+
+
 def resolve_provider(node: Node) -> tuple[str, Provider]:
     """The workflow's `provider:`: a name, or (2022) `{name: NAME, repo: URL}`; -> (its name, the provider)."""
     from dstack.cli import fields
@@ -141,18 +146,68 @@ def resolve_provider(node: Node) -> tuple[str, Provider]:
         repo = fields.string(value, "repo")
         if not repo:  # `{name: python}`: as a bare name
             return name, load_provider(name, node)
+        if repo in OWN_REPO:
+            return name, _own_provider(name, node, value.at("repo"))
         return name, remote_provider(name, repo, _project_root(node), value.at("repo"))
     name = fields.string(node, "provider", required=True)
     return name, load_provider(name, node)
 
 
-def load_provider(name: str, node: Node | None = None) -> Provider:
+def _own_provider(name: str, node: Node, where: Location) -> Provider:
+    """`{name: NAME, repo: .}`: the entry of the project's own providers.yaml, chosen over a built-in NAME."""
     from dstack.cli.providers.custom import CustomProvider, local_providers
 
-    # The project's own definition wins (ivan-bokov/dstack-test-providers defined its own `torchrun`).
+    root = _project_root(node)
+    own = local_providers(root)
+    entry = own.get(name)
+    if entry is None:
+        known = ", ".join(sorted(own)) or "none"
+        raise WorkflowError(
+            f"the project's .dstack/providers.yaml defines no provider {name!r}; it defines: {known}", where
+        )
+    if _installed_or_builtin(name):
+        _note_once(
+            f"note: {where}: provider {name!r} is the project's own entry"
+            f" ({entry.location or '.dstack/providers.yaml'}), chosen by `repo: .` over the built-in of that name"
+        )
+    return CustomProvider(entry)
+
+
+def _installed_or_builtin(name: str) -> bool:
+    return name in _builtin() or any(ep_name == name for ep_name, _ in entry_points())
+
+
+_noted: set[str] = set()  # a note is printed once per CLI process (the run's checks read a workflow more than once)
+
+
+def _note_once(text: str) -> None:
+    if text not in _noted:
+        _noted.add(text)
+        print(text, file=sys.stderr)
+
+
+def load_provider(name: str, node: Node | None = None) -> Provider:
+    """A bare provider NAME: an installed or built-in provider of that name, else the project's own
+    `.dstack/providers.yaml` entry.
+
+    A built-in wins over a project's entry of the same name, as in 2022: the July 2022 CLI ran a bare built-in
+    name as the built-in whatever the project's providers.yaml said (dstackai/dstack 5822fc1,
+    src/dstack/cli/run.py `parse_run_args`: `is_built_in_provider = provider_name in built_in_provider_names and
+    not provider_branch`), and from August 2022 (2dbf9f5) the CLI no longer read a project's providers.yaml at
+    all. dstack's own July 2022 providers.yaml defined its built-ins (`python`, `bash`...) by programs in its
+    tree: those names mean the built-ins. The shadowed entry is named in a note; `repo: .` chooses it."""
+    from dstack.cli.providers.custom import CustomProvider, local_providers
+
     own = local_providers(_project_root(node)).get(name)
     if own is not None:
-        return CustomProvider(own)
+        if not _installed_or_builtin(name):
+            return CustomProvider(own)
+        used = f" ({node.at('provider')})" if node is not None else ""
+        _note_once(
+            f"note: {own.location or '.dstack/providers.yaml'}: the project's provider {name!r} is shadowed by the"
+            f" built-in provider of that name: `provider: {name}`{used} runs the built-in, as 2022 dstack did; to run"
+            f" this entry write `provider: {{name: {name}, repo: .}}`"
+        )
     for ep_name, value in entry_points():
         if ep_name != name:
             continue

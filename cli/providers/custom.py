@@ -17,7 +17,7 @@ import json
 import os
 import posixpath
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -37,6 +37,8 @@ class ProviderDef:
     name: str
     image: str
     commands: list[str]
+    # Where the entry's `name:` is written (the project's own file; a repository's file read by git has none).
+    location: Location | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,8 @@ def parse_providers_yaml(text: str, where: str, path: Path | None = None) -> dic
             commands = [commands]
         if not isinstance(commands, list) or not commands or not all(isinstance(c, str) for c in commands):
             raise fail(f"provider {name!r} needs 'commands', a list of strings", item, "commands")
-        out[name] = ProviderDef(name, image, list(commands))
+        where_name = item.at("name") if isinstance(item, Node) else None
+        out[name] = ProviderDef(name, image, list(commands), where_name)
     return out
 
 

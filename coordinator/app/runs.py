@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from dstack.coordinator.app.core import Core, run_view
 from dstack.coordinator.app.key_names import check_key_segment
 from dstack.coordinator.app.ownership import Actor, check_owner
+from dstack.coordinator.artifacts import check_working_dir
 from dstack.coordinator.convert import code_to_bytes, job_spec_from_proto, job_spec_proto
 from dstack.coordinator.errors import InvalidRequest, NotFound
 from dstack.coordinator.gangs import expand
@@ -63,6 +64,8 @@ def _check(jobs: Sequence[JobSpec]) -> None:
             raise InvalidRequest(f"job {j.job_name!r} depends on unknown jobs: {', '.join(sorted(unknown))}")
         if j.resources.gpu_count > 1024 or j.resources.cpu < 0:
             raise InvalidRequest(f"job {j.job_name!r}: invalid resources")
+        # Its relative artifacts are saved and received under it: it must stay inside the job's code.
+        check_working_dir(j.job_name, job_spec_proto(j.encoded).working_dir)
 
 
 def needing_container(

@@ -117,12 +117,14 @@ def test_dstack_examples_december_2022_run_to_done(local: LocalMode, tmp_path: P
 
 def test_dstack_july_2022_python_file_runs_to_done(local: LocalMode, tmp_path: Path) -> None:
     # dstack's own .dstack/providers.yaml of that commit defined its built-in providers by their program in
-    # dstack's tree (`pip3 install -r providers/python/requirements.txt`, ...), which the corpus does not
-    # hold; a project's providers.yaml now takes precedence over a built-in name (docs/multinode.md), so
-    # it is left out here and `provider: python` is the built-in it meant.
-    project = corpus_project(tmp_path / "p", "dstackai_dstack_48cf9a5", ["026"], leave_out=(".dstack/providers.yaml",))
+    # dstack's tree (`pip3 install -r providers/python/requirements.txt`, ...), which the corpus does not hold.
+    # It stays in the project: a bare built-in name means the built-in (docs/workflows-2022.md, "Custom
+    # providers"), and the shadowed entry is named in a note.
+    project = corpus_project(tmp_path / "p", "dstackai_dstack_48cf9a5", ["026"])
+    assert (project / ".dstack" / "providers.yaml").is_file()
     r = local.cli("run", "hello", cwd=project, timeout=300)
     _ok(r)
+    assert "the project's provider 'python' is shadowed by the built-in provider of that name" in r.stderr
     run = search(r"(\S+) submitted", r.stderr).group(1)
     files = local.cli("artifacts", "list", run, "--json", cwd=project)
     _ok(files)

@@ -74,7 +74,7 @@ def test_a_job_runs_in_a_container_with_its_limits(cluster: Cluster, dockerd: Do
               - echo "quota $(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us) $(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us)"
               - echo "shm $(df -k /dev/shm | tail -1 | awk '{print $2}')"
               - echo "cuda [$CUDA_VISIBLE_DEVICES] nvidia [$NVIDIA_VISIBLE_DEVICES]"
-              - mkdir -p /workflow/out && echo made-inside > /workflow/out/result.txt
+              - echo made-inside > /workflow/sub/out/result.txt  # artifacts are under working_dir
             artifacts: [out]
             resources:
               memory: 64MiB

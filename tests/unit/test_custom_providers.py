@@ -269,15 +269,71 @@ def test_dev_and_distributed_providers_are_not_available_yet(tmp_path: Path, nam
     assert e.value.location is not None and e.value.location.line == 3
 
 
-def test_own_providers_yaml_may_define_torchrun(tmp_path: Path) -> None:
-    """ivan-bokov/dstack-test-providers defined its own `torchrun`: the project's definition wins."""
+def test_a_project_entry_named_like_a_built_in_is_shadowed_by_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """dstack's own July 2022 providers.yaml defined `python`, `bash`... by programs in its tree, and
+    ivan-bokov/dstack-test-providers its own `torchrun`: a bare name means the built-in (2022's CLI: D 5822fc1
+    `parse_run_args`), and the shadowed entry is named in a note at its line."""
     project = write_project(
         tmp_path / "p",
-        "workflows:\n  - name: w\n    provider: torchrun\n",
-        {".dstack/providers.yaml": PROVIDERS_YAML.replace("hello", "torchrun")},
+        "workflows:\n  - name: w\n    provider: bash\n    commands: [echo builtin]\n"
+        "  - name: t\n    provider: torchrun\n    file: train.py\n",
+        {
+            ".dstack/providers.yaml": PROVIDERS_YAML.replace("hello", "bash")
+            + "  - name: torchrun\n    image: python:3.9\n    commands: [python3 ddp.py]\n",
+            "train.py": "",
+        },
     )
     [job] = build_request(project, "w", []).submit.jobs
-    assert job.provider == "torchrun"
+    assert job.commands == ["echo builtin"] and "DSTACK_WORKFLOW_DATA" not in job.env
+    assert job.image != "python:3.11"
+    [ddp] = build_request(project, "t", []).submit.jobs
+    assert "python3 ddp.py" not in ddp.commands and any("torchrun" in c for c in ddp.commands)
+    err = capsys.readouterr().err
+    assert (
+        f"note: {project}/.dstack/providers.yaml:3:11: the project's provider 'bash' is shadowed by the built-in" in err
+    )
+    assert f"`provider: bash` ({project}/.dstack/workflows.yaml:3:15) runs the built-in" in err
+    assert "write `provider: {name: bash, repo: .}`" in err
+    assert f"{project}/.dstack/providers.yaml:7:11: the project's provider 'torchrun' is shadowed" in err
+
+
+def test_repo_dot_chooses_the_projects_entry_over_the_built_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = write_project(
+        tmp_path / "p",
+        "workflows:\n  - name: w\n    provider: {name: bash, repo: .}\n    commands: [echo data]\n",
+        {".dstack/providers.yaml": PROVIDERS_YAML.replace("hello", "bash")},
+    )
+    [job] = build_request(project, "w", []).submit.jobs
+    assert job.image == "python:3.11" and job.commands[-1] == "python3 main.py"
+    assert json.loads(job.env["DSTACK_WORKFLOW_DATA"])["commands"] == ["echo data"]  # the workflow is the data
+    assert "DSTACK_PROVIDER_REPO" not in job.env  # the project's own files: no repository fetched
+    err = capsys.readouterr().err
+    assert f"note: {project}/.dstack/workflows.yaml:3:34: provider 'bash' is the project's own entry" in err
+    assert "chosen by `repo: .` over the built-in" in err
+
+
+def test_repo_dot_without_such_an_entry_is_an_error_at_its_line(tmp_path: Path) -> None:
+    project = write_project(
+        tmp_path / "p",
+        "workflows:\n  - name: w\n    provider: {name: hello, repo: .}\n",
+        {".dstack/providers.yaml": PROVIDERS_YAML.replace("hello", "other")},
+    )
+    with pytest.raises(
+        WorkflowError, match=r":3:35: the project's .dstack/providers.yaml defines no provider 'hello';"
+    ):
+        build_request(project, "w", [])
+
+
+def test_an_entry_no_built_in_has_needs_no_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    project = write_project(
+        tmp_path / "p", "workflows:\n  - name: w\n    provider: hello\n", {".dstack/providers.yaml": PROVIDERS_YAML}
+    )
+    build_request(project, "w", [])
+    assert "shadow" not in capsys.readouterr().err
 
 
 # --- the 2022 corpus: every file REPORT.md lists as needing only item 9 or 10 -------------------------------------
