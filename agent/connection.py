@@ -422,7 +422,11 @@ class Agent:
         for a in msg.assignments:
             if a.job_id in self.jobs:
                 continue  # re-sent after a reconnect: already running
-            runner = JobRunner(self.deps, a)
+            # A job of ours that still holds one of its GPUs (an attempt the coordinator gave up on,
+            # being aborted now) ends first: no GPU runs two jobs at once, whatever the coordinator says.
+            gpus = set(a.gpu_indices)
+            holders = [r for r in self.jobs.values() if gpus & set(r.a.gpu_indices) and r.task and not r.task.done()]
+            runner = JobRunner(self.deps, a, after=holders)
             self.jobs[a.job_id] = runner
             runner.start().add_done_callback(self._forget_job(a.job_id))
         for order in msg.open_tunnels:

@@ -102,6 +102,21 @@ def _os_release() -> str:
     return ""
 
 
+def constraints_digest() -> str:
+    """sha256 of the constraints files PIP_CONSTRAINT names (space-separated, as pip reads it); "" for none."""
+    names = os.environ.get("PIP_CONSTRAINT", "").split()
+    h = hashlib.sha256()
+    for name in names:
+        try:
+            with open(name, "rb") as f:
+                content = f.read()
+        except OSError:
+            content = b""
+        h.update(f"{len(content)}\0".encode())
+        h.update(content)
+    return h.hexdigest() if names else ""
+
+
 def interpreter_identity() -> dict[str, str]:
     """What makes a venv built by this interpreter unusable by another: two images or hosts with
     different Pythons (or the same Python over different system libraries) never share one."""
@@ -123,6 +138,9 @@ def env_key(requirements: str) -> str:
     }
     if parent_site_dirs():  # environments that see their maker's venv (since dstack-parent-env.pth)
         material["parent_site_dirs"] = parent_site_dirs()
+    constraints = constraints_digest()
+    if constraints:  # `dstack rerun --pin` (pip reads PIP_CONSTRAINT as -c): another resolution, another venv
+        material["constraints"] = constraints
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 

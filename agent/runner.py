@@ -20,7 +20,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,9 +150,10 @@ def describe_exit(code: int) -> str:
 
 
 class JobRunner:
-    def __init__(self, deps: RunnerDeps, assignment: agent_pb2.JobAssignment) -> None:
+    def __init__(self, deps: RunnerDeps, assignment: agent_pb2.JobAssignment, after: Sequence[JobRunner] = ()) -> None:
         self.deps = deps
         self.a = assignment
+        self.after = list(after)  # jobs of this agent holding GPUs this one gets: they end first
         self.job_id = assignment.job_id
         self.proc: JobProcess | None = None
         self.published_ports: list[tuple[int, int]] = []  # (host, container), once started
@@ -194,6 +195,19 @@ class JobRunner:
         if self.proc is not None:
             await self.proc.stop(abort)
 
+    async def _wait_for_gpus(self) -> None:
+        """Waits until the jobs holding this job's GPUs have ended (or this one is stopped)."""
+        tasks = {r.task for r in self.after if r.task is not None and not r.task.done()}
+        if not tasks:
+            return
+        held = sorted(set(self.a.gpu_indices) & {g for r in self.after for g in r.a.gpu_indices})
+        names = ", ".join(sorted(r.job_id for r in self.after))
+        log.warning("job %s waits for GPU(s) %s, still held by %s", self.job_id, held, names)
+        self._system_line(f"dstack: waiting for GPU(s) {', '.join(map(str, held))} to be freed by {names}")
+        while tasks and not self.stop_requested:
+            _, tasks = await asyncio.wait(tasks, timeout=0.5)
+        self.after = []
+
     async def _run(self) -> None:
         workdir = self.deps.jobs_dir / self.job_id
         # The host folders of its absolute artifact paths: the job's own, next to its code folder (which is
@@ -201,6 +215,10 @@ class JobRunner:
         container_dirs = self.deps.jobs_dir / f"{self.job_id}.mounts"
         spec = self.a.spec
         try:
+            await self._wait_for_gpus()
+            if self.stop_requested:
+                self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user")
+                return
             try:
                 # Checked before anything is written: a path the agent refuses touches nothing on the host.
                 self.folders = folders = plan_container_folders(container_dirs, spec.artifacts, self.a.inputs)

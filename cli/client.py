@@ -250,6 +250,10 @@ class Client:
         resp: client_pb2.GetRunRecordResponse = self._call(self.stub.GetRunRecord, req)
         return resp
 
+    def rerun(self, request: client_pb2.RerunRunRequest) -> client_pb2.RerunRunResponse:
+        resp: client_pb2.RerunRunResponse = self._call(self.stub.RerunRun, request)
+        return resp
+
     def download_run_code(self, name: str, diff: bool) -> Iterator[bytes]:
         req = client_pb2.DownloadRunCodeRequest(run_name=name, diff=diff)
         for chunk in self._stream(self.stub.DownloadRunCode, req):

@@ -141,6 +141,37 @@ def code(
 
 
 @app.command()
+def rerun(
+    run: Annotated[str, typer.Argument(help="Run name")],
+    same_inputs: Annotated[
+        bool, typer.Option("--same-inputs", help="Take the inputs the run took, even if its tags have moved since")
+    ] = False,
+    pin: Annotated[
+        bool, typer.Option("--pin", help="Pin the image to its recorded digest and pip to the recorded pip freeze")
+    ] = False,
+    detach: Annotated[bool, typer.Option("-d", "--detach", help="Submit and return")] = False,
+    tag: Annotated[str, typer.Option("-t", "--tag", help="Tag the new run with this name when it finishes done")] = "",
+) -> None:
+    """Run a finished run again from its record: the same code, resolved workflows and job specs."""
+    from dstack.cli.commands.rerun import rerun_command
+
+    raise typer.Exit(rerun_command(run, same_inputs, pin, detach, tag))
+
+
+@app.command()
+def diff(
+    run1: Annotated[str, typer.Argument(help="Run name")],
+    run2: Annotated[str, typer.Argument(help="Run name")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the differences as JSON (dstack.run-diff/v1)")] = False,
+    code: Annotated[bool, typer.Option("--code", help="Also a unified diff of the two code trees")] = False,
+) -> None:
+    """What differs between two runs' records: code, variables, inputs, packages, image, GPUs, timings."""
+    from dstack.cli.commands.rerun import diff_command
+
+    diff_command(run1, run2, as_json, code)
+
+
+@app.command()
 def stop(
     run: Annotated[str, typer.Argument(help="Run name")],
     wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for the run to end (0: do not wait)")] = 60.0,

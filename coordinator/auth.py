@@ -71,6 +71,8 @@ PERMISSIONS: dict[str, Role] = {
     _C + "GetRun": Role.USER,
     _C + "GetRunRecord": Role.USER,  # runs are readable by the team; so are their records and code
     _C + "DownloadRunCode": Role.USER,
+    # And reading the old run (every user may) and submitting in its repository (app/rerun.py).
+    _C + "RerunRun": Role.MEMBER,
     _C + "ListRuns": Role.USER,
     _C + "StopRun": Role.MEMBER,  # and the run's owner or an admin (app/runs.py)
     _C + "StreamLogs": Role.USER,

@@ -76,6 +76,27 @@ def job_spec_proto(data: bytes) -> common_pb2.JobSpec:
     return common_pb2.JobSpec.FromString(data)
 
 
+def job_spec_image(data: bytes) -> str:
+    return common_pb2.JobSpec.FromString(data).image
+
+
+def job_spec_gang(data: bytes) -> str:
+    return common_pb2.JobSpec.FromString(data).gang
+
+
+def pinned_job_spec(spec: JobSpec, image: str, env: dict[str, str], first_command: str) -> JobSpec:
+    """`dstack rerun --pin` (app/rerun.py): the spec with its image replaced (if given), variables added to its
+    environment, and a command run before its own (if given)."""
+    proto = common_pb2.JobSpec.FromString(spec.encoded)
+    if image:
+        proto.image = image
+    for k, v in env.items():
+        proto.env[k] = v
+    if first_command:
+        proto.commands.insert(0, first_command)
+    return job_spec_from_proto(proto)
+
+
 # ---- code refs -----------------------------------------------------------------------------------
 def code_from_proto(c: common_pb2.CodeRef) -> CodeRef:
     # The CLI strips credentials from the remote URL; an older or hostile client may not, and rows

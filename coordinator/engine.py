@@ -10,7 +10,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dstack.coordinator.attempts import parse_wire_job_id, wire_job_id
 from dstack.coordinator.clock import SYSTEM_CLOCK, Clock
@@ -24,8 +24,10 @@ from dstack.coordinator.convert import (
     update_acks_to_proto,
 )
 from dstack.coordinator.durations import Durations, duration_key
+from dstack.coordinator.elapsed import NS, Instants, Waits
 from dstack.coordinator.errors import Unauthenticated
 from dstack.coordinator.fairshare import interval_usage, weight
+from dstack.coordinator.fencing import Quarantine, Sessions, quarantine_bound_s
 from dstack.coordinator.gangs import member_env, pick_port
 from dstack.coordinator.hub import AgentHub
 from dstack.coordinator.lifecycle.agents import AgentStatus
@@ -89,6 +91,13 @@ class Engine:
         self.store = store
         self.db = db
         self.hub = AgentHub()
+        self.sessions = Sessions()  # each agent stream's epoch (coordinator/fencing.py)
+        # Durations on the monotonic clock (coordinator/elapsed.py): since when each job waits, runs
+        # ((job, started_at) -> instant), and each agent has not been heard from.
+        self.waits = Waits(clock)
+        self.started = Instants(clock)
+        self.unheard = Instants(clock)
+        self.quarantine = Quarantine()  # agents that may still run attempts that are over
         self.watchers = RunWatchers()
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -128,8 +137,10 @@ class Engine:
         self.secrets = {}
         for owner, name, ciphertext in await self.db(self.store.secret_ciphertexts):
             self.secrets.setdefault(owner, {})[name] = self.secret_box.decrypt(ciphertext)
-        for row in await self.db(self.store.waiting_jobs):
+        rows = await self.db(self.store.waiting_jobs)
+        for row in rows:
             self.queue.add_row(row)
+        self.waits.load((row.id, row.submitted_at) for row in rows)
         recent = await self.db(self.store.recent_durations)
         self.durations.add((duration_key(f.workflow, f.job_name), f.seconds) for f in reversed(recent))
         self._tasks = [
@@ -189,6 +200,7 @@ class Engine:
             self.wait_info = plan.info
             self.reservations = plan.reservations
             self.queue.discard(plan.done)
+            self.waits.discard(plan.done)
             self.queue.mark_pending(plan.marked_pending)
             for a in plan.assignments:
                 self.hub.send(a.agent_id, agent_pb2.CoordinatorMessage(assignments=[self._assignment(a)]))
@@ -237,12 +249,16 @@ class Engine:
         usage = {u: acc.at(now, half_life) for u, acc in store.usage_accumulators().items()}
         agents = self._idle_agent_states(connected)
         running: list[RunningJob] = []
-        for job in store.jobs_on_agents():
+        on_agents = store.jobs_on_agents()
+        self.started.keep((job.id, job.started_at) for job in on_agents if job.started_at is not None)
+        for job in on_agents:
+            # When it started, as `now` minus how long it has run on the monotonic clock: a step of
+            # the wall clock changes neither its usage so far nor its expected end.
+            start = now if job.started_at is None else now - self._ran_ns(job.id, job.started_at)
             if job.started_at is not None:  # usage so far of the jobs that run
                 cost = weight(len(job.gpu_indices), job.cpu)
-                so_far = interval_usage(cost, job.started_at, now, now, half_life)
+                so_far = interval_usage(cost, start, now, now, half_life)
                 usage[job.owner] = usage.get(job.owner, 0.0) + so_far
-            start = job.started_at or now
             took = self._max_durations.get(job.id) or self.durations.medians.get(
                 duration_key(job.workflow, job.job_name)
             )
@@ -288,6 +304,7 @@ class Engine:
             reserve_after_s=cfg.reserve_after_s,
             reservations=self._held(),
             durations=self.durations.medians,
+            waited_s=self.waits.waited_s,
         )
         self.last_usage = usage
         decision = plan(queue, list(agents.values()), running, policy)
@@ -402,7 +419,12 @@ class Engine:
                 continue
             for agent_id in lost:
                 log.warning("agent %s lost: its lease ran out", agent_id)
+                self.sessions.end(agent_id)  # nothing read late on its old stream is applied
+                self.unheard.forget(agent_id)
+                self.unheard.mark(agent_id)  # forgotten `--forget-lost-agents-after` from now
                 self.hub.drop(agent_id)
+            if self.quarantine.expire(self.clock.monotonic()):
+                self.kick()
             if lost:
                 await self._requeued()
                 self.watchers.notify_all()
@@ -432,10 +454,24 @@ class Engine:
             self.watchers.notify(settled.runs)
             self.kick()
 
+    def _ran_ns(self, job_id: str, started_at: int, seen_at: int = 0) -> int:
+        """How long the job has run, on the monotonic clock (`seen_at`: when the coordinator saw it
+        start, as a wall stamp, a better stamp than the agent's `started_at` for a job it did not see
+        start in this process)."""
+        return int((self.clock.monotonic() - self.started.at((job_id, started_at), seen_at or started_at)) * NS)
+
+    def _overdue(self) -> list[str]:
+        """Jobs that ran past their `max_duration`, timed on the monotonic clock (DB thread)."""
+        return [
+            job_id
+            for job_id, started_at, seen_at, limit_s in self.store.jobs_with_max_duration()
+            if self._ran_ns(job_id, started_at, seen_at) >= limit_s * NS
+        ]
+
     async def _stop_overdue(self) -> None:
         """Jobs past their `max_duration` are stopped (SIGTERM, the grace period, then killed)."""
         try:
-            overdue = await self.db(self.store.stop_overdue, self.clock.time_ns())
+            overdue = await self.db(lambda: self.store.stop_for_max_duration(self._overdue()))
         except Exception:
             log.exception("max_duration check failed")
             return
@@ -452,8 +488,12 @@ class Engine:
             self.queue
         ):
             return
+        after = min(cfg.reserve_after_s, cfg.preempt_after_s if cfg.fairshare else math.inf)
+        starved = self.waits.longer_than(after, self.queue)  # on the monotonic clock
+        if not starved:
+            return
         try:
-            chosen = await self.db(self._victims, self.hub.connected_ids())
+            chosen = await self.db(self._victims, self.hub.connected_ids(), starved)
         except Exception:
             log.exception("preemption check failed")
             return
@@ -461,16 +501,24 @@ class Engine:
             choice, name = chosen
             await self.preempt(list(choice.victims), f"preempted for {choice.for_owner}'s job {name} ({choice.cause})")
 
-    def _victims(self, connected: set[str]) -> tuple[Preemption, str] | None:
-        """What the policy preempts now, and the name of the job it is for (DB thread)."""
+    def _victims(self, connected: set[str], waited_long: list[str]) -> tuple[Preemption, str] | None:
+        """What the policy preempts now, and the name of the job it is for (DB thread). `waited_long`:
+        the jobs that waited long enough (on the monotonic clock)."""
         cfg = self.config
         now = self.clock.time_ns()
-        after = min(cfg.reserve_after_s, cfg.preempt_after_s if cfg.fairshare else math.inf)
-        starved = self.store.starved_jobs(now - int(after * 1e9))
-        if not starved:
-            return None
-        running = self.store.running_for_preemption()
+        # Times as `now` minus a monotonic duration, so that the policy's wall-clock arithmetic reads
+        # durations that a step of the wall clock cannot change.
+        running = [
+            replace(j, started_ns=now - self._ran_ns(j.job_id, j.started_ns)) if j.started_ns else j
+            for j in self.store.running_for_preemption()
+        ]
         if not any(j.interruptible and not j.being_preempted for j in running):
+            return None
+        starved = [
+            replace(w, submitted_at=now - int(self.waits.waited_s(w.id) * NS))
+            for w in self.store.starved_among(waited_long)
+        ]
+        if not starved:
             return None
         rules = Rules(
             now_ns=now,
@@ -511,9 +559,13 @@ class Engine:
     def _idle_agent_states(self, connected: set[str]) -> dict[str, AgentState]:
         """The connected agents' capacities, with nothing held yet (DB thread)."""
         agents: dict[str, AgentState] = {}
+        held = self.quarantine.held()  # one read: the mapping is replaced, never changed, on the loop
+        now = self.clock.monotonic()
         for row in self.store.online_agents():
             if row.id not in connected:
                 continue
+            if held.get(row.id, -math.inf) > now:
+                continue  # it may still run an attempt that is over, on GPUs it would otherwise offer
             inv = self._inventory(row.id, row.inventory)
             agents[row.id] = AgentState(
                 agent_id=row.id,
@@ -533,11 +585,19 @@ class Engine:
         for row in await self.db(self.store.waiting_jobs):
             if row.id not in self.queue:
                 self.queue.add_row(row)
+                self.waits.start(row.id)
+
+    def _unheard_for_long(self) -> list[str]:
+        """Agents with no job, lost (or never connected, or removed) and not heard from for
+        `--forget-lost-agents-after` on the monotonic clock (DB thread)."""
+        unused = self.store.unused_agents()
+        self.unheard.keep(agent_id for agent_id, _ in unused)
+        after = self.config.forget_lost_agents_after_s
+        return [a for a, stamp in unused if self.clock.monotonic() - self.unheard.at(a, stamp) >= after]
 
     async def _forget_lost_agents(self) -> None:
-        before = self.clock.time_ns() - int(self.config.forget_lost_agents_after_s * 1e9)
         try:
-            gone = await self.db(self.store.forget_lost_agents, before)
+            gone = await self.db(lambda: self.store.forget_agents(self._unheard_for_long()))
         except Exception:
             log.exception("forgetting lost agents failed")
             return
@@ -553,11 +613,28 @@ class Engine:
         if failed_jobs:
             stops = [agent_pb2.StopJob(job_id=j, abort=True) for j in failed_jobs]
             self.hub.send(agent_id, agent_pb2.CoordinatorMessage(stops=stops))
+        self.sessions.end(agent_id)
+        self.quarantine.forget(agent_id)
+        self.unheard.forget(agent_id)
+        self.unheard.mark(agent_id)
         self.hub.drop(agent_id)
         self._inventories.pop(agent_id, None)
         self._renewed.pop(agent_id, None)
         self.watchers.notify_all()
         self.kick()  # its jobs' dependants may have failed; its resources are gone from the next pass
+
+    def open_session(self, agent_id: str, active: Sequence[str]) -> int:
+        """An agent's new stream, before anything of its hello is read: its session epoch. Until its
+        hello is reconciled, everything it says it runs holds the agent (no new job lands there)."""
+        epoch = self.sessions.open(agent_id)
+        self.quarantine.hold(agent_id, active, self.clock.monotonic() + quarantine_bound_s(self.config.lease_timeout_s))
+        return epoch
+
+    def stale_attempt_ended(self, agent_id: str, wire_id: str) -> None:
+        """The agent reported the end of an attempt that is over (its final update, refused): once
+        none is left, its capacity is offered again."""
+        if self.quarantine.ended(agent_id, wire_id):
+            self.kick()
 
     async def on_hello(self, agent_id: str, msg: agent_pb2.AgentMessage) -> agent_pb2.CoordinatorMessage:
         """Raises Unauthenticated for an agent removed since its stream was authenticated (a removal
@@ -568,12 +645,13 @@ class Engine:
         )
         if status not in (AgentStatus.ONLINE, AgentStatus.PENDING):
             raise Unauthenticated(agent_removed(agent_id))
+        self.unheard.forget(agent_id)  # heard from: a later loss counts from then
         # Results the agent kept while it could not reach us come first.
         await self.on_message(agent_id, msg)
         active = list(hello.active_job_ids)
         reply = agent_pb2.CoordinatorMessage()
 
-        def reconcile() -> tuple[list[str], list[str], list[str], dict[str, int], list[str]]:
+        def reconcile() -> tuple[list[str], list[str], list[str], dict[str, int], list[str], set[str]]:
             # The agent knows each job by its current attempt's id: an id of an earlier attempt (it
             # was lost, and the job requeued meanwhile) is stale like a finished job's, and aborted.
             jobs = {wire_job_id(j.id, j.attempt): j for j in self.store.jobs_on_agent(agent_id)}
@@ -585,9 +663,21 @@ class Engine:
             stop = [w for w, j in jobs.items() if j.stop_requested and w in active]
             requeued += self.store.fail_jobs_lost_by_agent(agent_id, lost)
             stale = [w for w in active if w not in jobs]
-            return resend, stop, stale, self.store.log_positions([w for w in active if w in jobs]), requeued
+            # Of those, the ones ended for its loss may still run: they hold the agent until it confirms
+            # them dead (their final update) or the bound passes (coordinator/fencing.py). The others
+            # ended by the agent's own report (it lists them for lines still owed): nothing runs.
+            fenced = self.store.agent_lost_attempts(agent_id, stale)
+            positions = self.store.log_positions([w for w in active if w in jobs])
+            return resend, stop, stale, positions, requeued, fenced
 
-        resend, stop, stale, positions, requeued = await self.db(reconcile)
+        resend, stop, stale, positions, requeued, fenced = await self.db(reconcile)
+        self.quarantine.narrow(agent_id, fenced)
+        if fenced:
+            log.warning(
+                "agent %s came back running attempts that are over: %s; aborting them",
+                agent_id,
+                ", ".join(sorted(fenced)),
+            )
         if requeued:
             await self._requeued()
         for a in await self.db(self.store.assignments_for_agent, agent_id, resend):
@@ -617,6 +707,9 @@ class Engine:
             changed.update(await self._runs_of(parse_wire_job_id(j.job_id)[0] for j in msg.logs))
         if msg.updates:
             updates = job_updates_from_proto(msg.updates)
+            for u in updates:  # a job's run is timed from here, on the monotonic clock (max_duration)
+                if u.status == JobStatus.RUNNING and u.time_ns:
+                    self.started.mark((parse_wire_job_id(u.job_id)[0], u.time_ns))
             res = await self.db(self.store.apply_job_updates, agent_id, updates)
             reply.update_acks.extend(update_acks_to_proto(res.acks))
             changed |= res.changed_runs
@@ -673,6 +766,8 @@ class Engine:
         """A run just stored joins the scheduling queue: its jobs' ids and specs, its owner, priority,
         submission time and workflow (for fair share and estimates)."""
         self.queue.add_run(run_id, jobs, owner, priority, submitted_at, workflow)
+        for job_id, _ in jobs:
+            self.waits.start(job_id)
         self.kick(finished=False)
 
     def seal_secret(self, value: str) -> bytes:

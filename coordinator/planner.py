@@ -85,6 +85,9 @@ class Policy:
     reserve_after_s: float = 300.0
     reservations: Mapping[str, str] = field(default_factory=dict)  # job -> agent, from the last pass
     durations: Mapping[str, float] = field(default_factory=dict)  # duration_key -> recent median, seconds
+    # How long a job has waited, in seconds on the monotonic clock (the engine's coordinator/elapsed.py);
+    # None: `now_ns - submitted_at`, which a step of the wall clock changes.
+    waited_s: Callable[[str], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -398,7 +401,12 @@ def _reserve(
     smallest = min(_size(r) for r in ordered)
     after_ns = int(policy.reserve_after_s * NS)
     for req in ordered:
-        if req.job_id in out or _size(req) <= smallest or policy.now_ns - req.submitted_at < after_ns:
+        if req.job_id in out or _size(req) <= smallest:
+            continue
+        if policy.waited_s is not None:
+            if policy.waited_s(req.job_id) < policy.reserve_after_s:
+                continue
+        elif policy.now_ns - req.submitted_at < after_ns:
             continue
         if not may_start(req):
             continue

@@ -56,3 +56,9 @@ def resolve_qualifier(qualifier: str, known: Iterable[str]) -> str:
         f"{qualifier!r} matches several repositories: {', '.join(candidates)}; write the whole repository"
         f" instead, e.g. {candidates[0]}/NAME"
     )
+
+
+def local_repository_user(repository: str) -> tuple[str, str] | None:
+    """(user, folder) of a stored local repository (`local/USER/FOLDER`); None for any other."""
+    parts = repository.split("/")
+    return (parts[1], parts[2]) if parts[0] == LOCAL and len(parts) == 3 else None

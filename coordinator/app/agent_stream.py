@@ -19,9 +19,10 @@ from dstack.coordinator.app import agent_scope
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.convert import environment_from_proto
 from dstack.coordinator.hub import AgentConnection
-from dstack.protos.v1 import agent_pb2
+from dstack.protos.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger("dstack.coordinator")
+FINAL = frozenset({common_pb2.JOB_STATUS_DONE, common_pb2.JOB_STATUS_FAILED, common_pb2.JOB_STATUS_STOPPED})
 
 
 class Session:
@@ -32,16 +33,29 @@ class Session:
         self.core = core
         self.agent_id = agent_id
         self._conn: AgentConnection | None = None
+        self.epoch = 0  # this stream's session epoch (coordinator/fencing.py), from its hello
 
     async def start(self, hello: agent_pb2.AgentMessage) -> agent_pb2.CoordinatorMessage:
-        self._conn = self.core.engine.hub.attach(self.agent_id)
-        log.info("agent %s connected", self.agent_id)
+        engine = self.core.engine
+        self._conn = engine.hub.attach(self.agent_id)
+        # No await between attaching and holding: no scheduling pass sees the agent connected before
+        # what it still runs is held (engine.on_hello narrows that to its stale attempts).
+        self.epoch = engine.open_session(self.agent_id, hello.hello.active_job_ids)
+        log.info("agent %s connected (session %d)", self.agent_id, self.epoch)
         hello, dropped = await self._screen(hello)
         reply = await self.core.engine.on_hello(self.agent_id, hello)
         reply.MergeFrom(dropped)
         return reply
 
     async def receive(self, msg: agent_pb2.AgentMessage) -> None:
+        if not self.core.engine.sessions.is_current(self.agent_id, self.epoch):
+            # The agent was lost or removed since this stream's hello, or opened a newer stream: what
+            # comes on this one is stale, applied by nobody; the agent reconnects and says hello.
+            log.warning(
+                "agent %s: a message on its stale session %d refused; the stream ends", self.agent_id, self.epoch
+            )
+            self.end_input()
+            return
         msg, dropped = await self._screen(msg)
         await self._record_environments(msg)
         reply = await self.core.engine.on_message(self.agent_id, msg)
@@ -93,6 +107,8 @@ class Session:
             else:
                 agent_scope.dropped(self.agent_id, "update", "a status update", u.job_id)
                 acks.update_acks.append(agent_pb2.UpdateAck(job_id=u.job_id, status=u.status))
+                if u.status in FINAL:  # a stale attempt's end: its process is gone, its capacity free
+                    self.core.engine.stale_attempt_ended(self.agent_id, u.job_id)
         return kept, acks
 
     async def outgoing(self) -> AsyncIterator[agent_pb2.CoordinatorMessage]:

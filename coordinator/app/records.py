@@ -124,6 +124,8 @@ def _compose(core: Core, run: RunView) -> dict[str, Any]:
         },
         "code": code,
         "resolved_workflow": submission.get("resolved_workflow"),
+        # `dstack rerun`: the run this one reruns, how, and what it could not reproduce at submission.
+        "rerun_of": submission.get("rerun_of"),
         "jobs": jobs,
     }
 

@@ -9,10 +9,12 @@ a second schema with no reader; see model.JobSpec.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from dstack.coordinator.app.core import Core, run_view
 from dstack.coordinator.app.key_names import check_key_segment
@@ -48,6 +50,17 @@ class Submission:
     priority: int = 0  # orders the owner's own waiting jobs (higher first)
     repository: str = ""  # as the client sent it (coordinator/repositories.py)
     resolved_workflow: str = ""  # JSON: the workflows as the client resolved them, for the run's record
+    # `dstack rerun --same-inputs` (app/rerun.py): job name -> the run ids it takes as inputs, in place of
+    # resolving its tags and workflow dependencies now; and what the rerun's record says of its origin.
+    pinned_inputs: Mapping[str, Sequence[str]] | None = None
+    rerun_of: Mapping[str, Any] | None = None
+
+
+SPECS_PART = "specs"  # the job specs as submitted (before gangs and the run's name): what a rerun submits
+
+
+def specs_part(jobs: Sequence[JobSpec]) -> dict[str, Any]:
+    return {"encoded": [base64.b64encode(j.encoded).decode() for j in jobs]}
 
 
 def _check(jobs: Sequence[JobSpec]) -> None:
@@ -102,6 +115,7 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
     """Stores a new run and queues its jobs; returns the run as stored. `actor`: the submitting
     user (`owner`), with their role, for the ownership checks (None: trusted, e.g. tests)."""
     _check(sub.jobs)
+    submitted_specs = specs_part(sub.jobs)
     # A multi-node job (resources.nodes > 1) is stored as its gang's members (coordinator/gangs.py).
     sub = dataclasses.replace(sub, jobs=expand(sub.jobs))
     _check(sub.jobs)
@@ -121,6 +135,8 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
             raise InvalidRequest(f"code diff {sub.code.diff_hash} was not uploaded")
         await core.db(core.store.add_code, sub.code.diff_hash, diff_size)
     submission_part = submission_record(sub)
+    if sub.rerun_of:
+        submission_part["rerun_of"] = dict(sub.rerun_of)
     code = code_to_bytes(sub.code)
     if sub.tag_on_done:
         check_tag_name(sub.tag_on_done)
@@ -136,7 +152,9 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
         # One run named twice (by its tag and as its workflow's last done run) is one input, not two that
         # would each bring the same files.
         inputs = [
-            list(
+            list(sub.pinned_inputs[j.job_name])
+            if sub.pinned_inputs is not None and j.job_name in sub.pinned_inputs
+            else list(
                 dict.fromkeys(
                     [core.store.resolve_tag(repository, t).run_id for t in j.input_tags]
                     + [core.store.latest_done_run(repository, w).id for w in j.input_workflows]
@@ -176,6 +194,7 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
             repository,
         )
         core.store.records.put(created.run_id, RUN_PART, "submission", submission_part)
+        core.store.records.put(created.run_id, RUN_PART, SPECS_PART, submitted_specs)
         return created, specs
 
     async def create_and_enqueue() -> RunView:

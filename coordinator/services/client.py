@@ -8,7 +8,19 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
-from dstack.coordinator.app import agents, artifacts, code, join_tokens, logs, records, runs, secrets, tags, users
+from dstack.coordinator.app import (
+    agents,
+    artifacts,
+    code,
+    join_tokens,
+    logs,
+    records,
+    rerun,
+    runs,
+    secrets,
+    tags,
+    users,
+)
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.ownership import Actor
 from dstack.coordinator.auth import user_caller, user_name
@@ -81,6 +93,19 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         found = await records.run_record(self.core, request.run_name, request.grant_code)
         text = await asyncio.to_thread(json.dumps, found.record, sort_keys=True)
         return client_pb2.GetRunRecordResponse(record_json=text, code_url=found.code_url, diff_url=found.diff_url)
+
+    @unary
+    async def RerunRun(self, request: client_pb2.RerunRunRequest, context: Ctx) -> client_pb2.RerunRunResponse:
+        done = await rerun.rerun(
+            self.core,
+            actor(),
+            request.run_name,
+            request.same_inputs,
+            request.pin,
+            request.tag_on_done,
+            request.priority,
+        )
+        return client_pb2.RerunRunResponse(run=run_to_proto(done.run), notes=done.notes)
 
     @streaming
     async def DownloadRunCode(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dstack.coordinator import lifecycle
@@ -138,6 +138,32 @@ class Agents:
             ]
             for agent_id in gone:
                 _retire(c, agent_id)
+        return gone
+
+    def unused(self) -> list[tuple[str, int]]:
+        """(id, last heard from as a wall stamp) of agents that may be forgotten once not heard from
+        for long enough (timed by the engine on the monotonic clock): lost, registered but never
+        connected, or removed, with no job on them. (Pending ones wait for an admin.)"""
+        rows = self.db.rows(
+            "SELECT id, last_heartbeat FROM agents a WHERE status IN ('lost', 'registered', 'removed')"
+            f" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.agent_id = a.id AND j.status IN ({ints_in(ON_AGENT)}))"
+        )
+        return [(r["id"], r["last_heartbeat"] or 0) for r in rows]
+
+    def forget(self, agent_ids: Sequence[str]) -> list[str]:
+        """These agents leave the pool if they are still unused (as `unused` says); returns those that did."""
+        gone = []
+        with self.db.tx() as c:
+            for agent_id in agent_ids:
+                still = c.execute(
+                    "SELECT 1 FROM agents a WHERE id = ? AND status IN ('lost', 'registered', 'removed')"
+                    " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.agent_id = a.id"
+                    f" AND j.status IN ({ints_in(ON_AGENT)}))",
+                    [agent_id],
+                ).fetchone()
+                if still is not None:
+                    _retire(c, agent_id)
+                    gone.append(agent_id)
         return gone
 
     def by_token(self, token: str) -> AgentRow | None:

@@ -139,15 +139,19 @@ class Store(Db):
         self.fail_jobs_lost_by_agent = self.jobs.fail_lost_by_agent
         self.apply_job_updates = self.jobs.apply_updates
         self.request_preempt = self.jobs.request_preempt
-        self.stop_overdue = self.jobs.stop_overdue
         self.job_attempts = self.jobs.attempts_of
         self.starved_jobs = self.jobs.starved
+        self.starved_among = self.jobs.starved_among
+        self.jobs_with_max_duration = self.jobs.with_max_duration
+        self.stop_for_max_duration = self.jobs.stop_for_max_duration
         self.running_for_preemption = self.jobs.running_for_preemption
         self.gang_ports = self.jobs.gang_ports
         self.settle_gangs = self.jobs.settle_gangs
         # agents
         self.register_agent = self.agents.register
         self.forget_lost_agents = self.agents.forget_lost
+        self.unused_agents = self.agents.unused
+        self.forget_agents = self.agents.forget
         self.agent_by_token = self.agents.by_token
         self.agent_online = self.agents.online
         self.heartbeat = self.agents.heartbeat
@@ -195,6 +199,7 @@ class Store(Db):
         # what an agent may touch (coordinator/app/agent_scope.py)
         self.agent_acting_job = self.scope.acting_job
         self.agent_reportable = self.scope.reportable
+        self.agent_lost_attempts = self.scope.lost_attempts
         self.agent_has_code = self.scope.has_code
         self.agent_input_sources = self.scope.input_sources
         # fair share and quotas

@@ -269,6 +269,7 @@ class Jobs:
         # Charges a job's fair-share usage in the transaction that ends it (store/usage.py), so that
         # the common end (an agent's report) needs no second write of the job's row.
         self.charge: Callable[[sqlite3.Connection, Sequence[str]], None] | None = None
+        self._limits: dict[tuple[str, int], float] = {}  # (job, deadline_at) -> max_duration (DB thread)
 
     def of_runs(self, run_ids: Sequence[str]) -> dict[str, list[JobRow]]:
         out: dict[str, list[JobRow]] = {r: [] for r in run_ids}
@@ -639,18 +640,40 @@ class Jobs:
                 out.append(StopOrder(wire_job_id(job_id, r[0]), r[1]))
         return out
 
-    def stop_overdue(self, now: int) -> list[StopOrder]:
-        """Jobs running past their max_duration: marked to stop with that reason; returns what their
-        agents must stop (each once: a job already asked to stop is not asked again)."""
+    def with_max_duration(self) -> list[tuple[str, int, int, float]]:
+        """Jobs on agents with a max_duration not yet asked to stop: (id, started_at, when the
+        coordinator saw them start as a wall stamp, the limit in seconds). The engine times them on
+        the monotonic clock (coordinator/elapsed.py); the stored deadline is `seen + limit`."""
+        rows = self.db.rows(
+            f"SELECT id, started_at, deadline_at FROM jobs WHERE status IN ({ints_in(ON_AGENT)})"
+            " AND deadline_at > 0 AND stop_requested = 0"
+        )
+        # Asked every second: each job's limit is read from its spec once (a new attempt has a new deadline).
+        known, self._limits = self._limits, {}
+        out = []
+        for r in rows:
+            key = (r["id"], r["deadline_at"])
+            limit = known.get(key)
+            if limit is None:
+                spec = self.db.row("SELECT spec FROM jobs WHERE id = ?", [r["id"]])
+                limit = float(common_pb2.JobSpec.FromString(spec[0]).max_duration_s) if spec else 0.0
+            self._limits[key] = limit
+            out.append((r["id"], r["started_at"] or 0, r["deadline_at"] - int(limit * 1e9), limit))
+        return out
+
+    def stop_for_max_duration(self, job_ids: Sequence[str]) -> list[StopOrder]:
+        """Marks these jobs (still on agents, not yet asked to stop) to stop for their max_duration;
+        returns what their agents must stop."""
         out: list[StopOrder] = []
         with self.db.tx() as c:
-            due = c.execute(
-                f"SELECT id, spec FROM jobs WHERE status IN ({ints_in(ON_AGENT)}) AND deadline_at > 0"
-                " AND deadline_at <= ? AND stop_requested = 0",
-                [now],
-            ).fetchall()
-            for job_id, spec in due:
-                limit = format_duration(common_pb2.JobSpec.FromString(spec).max_duration_s)
+            for job_id in job_ids:
+                row = c.execute(
+                    f"SELECT spec FROM jobs WHERE id = ? AND status IN ({ints_in(ON_AGENT)}) AND stop_requested = 0",
+                    [job_id],
+                ).fetchone()
+                if row is None:
+                    continue
+                limit = format_duration(common_pb2.JobSpec.FromString(row[0]).max_duration_s)
                 r = c.execute(
                     "UPDATE jobs SET stop_requested = 1, stop_reason = ?, stop_message = ? WHERE id = ?"
                     " RETURNING attempt, agent_id",
@@ -659,14 +682,28 @@ class Jobs:
                 out.append(StopOrder(wire_job_id(job_id, r[0]), r[1]))
         return out
 
+    def starved_among(self, job_ids: Sequence[str]) -> list[WaitingJob]:
+        """Of these waiting jobs (those that waited long enough, timed by the engine), the ones
+        preemption may serve: as `starved`."""
+        out: list[WaitingJob] = []
+        ids = list(job_ids)
+        for i in range(0, len(ids), 5000):
+            chunk = ids[i : i + 5000]
+            out += self._starved(f"j.id IN ({marks(chunk)})", chunk)
+        out.sort(key=lambda w: w.submitted_at)
+        return out
+
     def starved(self, waiting_since: int) -> list[WaitingJob]:
         """Waiting jobs that are not interruptible and were submitted (or requeued) before
         `waiting_since`, oldest first, whose dependencies in their run are all done."""
+        return self._starved("j.submitted_at <= ?", [waiting_since])
+
+    def _starved(self, where: str, params: Sequence[object]) -> list[WaitingJob]:
         rows = self.db.rows(
             "SELECT j.id, j.run_id, j.status, j.spec, j.depends_on, r.owner, r.priority, j.avoid_agent,"
             " j.submitted_at, j.job_name, r.name AS run_name FROM jobs j JOIN runs r ON r.id = j.run_id"
-            f" WHERE j.status IN ({ints_in(WAITING)}) AND j.submitted_at <= ? ORDER BY j.submitted_at, j.rowid",
-            [waiting_since],
+            f" WHERE j.status IN ({ints_in(WAITING)}) AND {where} ORDER BY j.submitted_at, j.rowid",
+            list(params),
         )
         out = []
         for r in rows:

@@ -58,6 +58,13 @@ class RunFilters:
     repository: str = ""
 
 
+# The name of a run with an unfinished job that takes run `r.id` as an input (store/artifacts.inputs_of).
+_INPUT_OF_UNFINISHED = (
+    "SELECT t.name FROM jobs j JOIN runs t ON t.id = j.run_id, json_each(j.inputs) i"
+    " WHERE i.value = r.id AND j.finished_at IS NULL LIMIT 1"
+)
+
+
 @dataclass(frozen=True)
 class RunRow:
     id: str
@@ -384,6 +391,13 @@ class Runs:
         unfinished_upload = run.kind == "upload" and run.finished_at is None
         if run.finished_at is None and not unfinished_upload:
             raise Conflict(f"run {run_name!r} has not finished: stop it first (`dstack stop {run_name}`)")
+        # An unfinished job that takes this run's artifacts as an input (a tag's run, or one a rerun with
+        # --same-inputs pinned: app/rerun.py) still needs them.
+        taker = self.db.row(_INPUT_OF_UNFINISHED.replace("r.id", "?"), [run.id])
+        if taker is not None:
+            raise Conflict(
+                f"run {run_name!r} is an input of run {taker['name']}, which has not finished: remove it after that"
+            )
         tags = [r["name"] for r in self.db.rows("SELECT name FROM tags WHERE run_id = ?", [run.id])]
         if tags:
             raise Conflict(
@@ -404,7 +418,8 @@ class Runs:
         rows = self.db.rows(
             "SELECT r.id, r.name, r.artifacts_deleted, EXISTS(SELECT 1 FROM tags t WHERE t.run_id = r.id) AS tagged,"
             " EXISTS(SELECT 1 FROM jobs j WHERE j.run_id = r.id AND j.logs_state < 2) AS has_logs"
-            " FROM runs r WHERE r.finished_at IS NOT NULL AND r.finished_at < ?",
+            " FROM runs r WHERE r.finished_at IS NOT NULL AND r.finished_at < ?"
+            f" AND NOT EXISTS ({_INPUT_OF_UNFINISHED})",  # kept while a job still to run takes it
             [finished_before],
         )
         return [

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from dstack.coordinator.attempts import parse_wire_job_id
-from dstack.coordinator.model import ON_AGENT, TERMINAL_JOB, JobStatus
+from dstack.coordinator.model import ON_AGENT, TERMINAL_JOB, JobStatus, TerminationReason
 from dstack.coordinator.store.base import Db, ints_in, marks
 from dstack.coordinator.store.jobs import JobLocation
 
@@ -40,8 +40,9 @@ class Scope:
     def reportable(self, agent_id: str, wire_ids: Sequence[str]) -> tuple[set[str], set[str]]:
         """Of the attempts an agent's stream message names, (current, ended): those that are the
         agent's acting attempt of their job (lines and updates), and those the agent ran and that
-        ended while their job goes on (a lost agent come back: its late lines go into that attempt's
-        own range of seqs, its updates change nothing)."""
+        ended while their job goes on (a preempted attempt's last lines go into that attempt's own
+        range of seqs; its updates change nothing). An attempt that ended because its agent was lost
+        is neither: its late lines and updates are refused."""
         if not wire_ids:
             return set(), set()
         named = {w: parse_wire_job_id(w) for w in set(wire_ids)}
@@ -49,12 +50,33 @@ class Scope:
         rows = self.db.rows(
             f"SELECT j.id, j.attempt, 1 AS current FROM jobs j WHERE j.id IN ({marks(ids)}) AND {_ACTING}"
             " UNION ALL SELECT a.job_id, a.attempt, 0 FROM job_attempts a JOIN jobs j ON j.id = a.job_id"
-            f" WHERE a.job_id IN ({marks(ids)}) AND a.agent_id = ? AND j.status NOT IN ({ints_in(TERMINAL_JOB)})",
-            [*ids, agent_id, *ids, agent_id],
+            f" WHERE a.job_id IN ({marks(ids)}) AND a.agent_id = ? AND j.status NOT IN ({ints_in(TERMINAL_JOB)})"
+            # An attempt fenced off because its agent was lost is closed: what the agent says of it
+            # now comes from a process the coordinator already gave up on (coordinator/fencing.py).
+            " AND a.termination_reason != ?",
+            [*ids, agent_id, *ids, agent_id, int(TerminationReason.AGENT_LOST)],
         )
         current = {(r["id"], r["attempt"]) for r in rows if r["current"]}
         ended = {(r["id"], r["attempt"]) for r in rows if not r["current"]}
         return {w for w, p in named.items() if p in current}, {w for w, p in named.items() if p in ended}
+
+    def lost_attempts(self, agent_id: str, wire_ids: Sequence[str]) -> set[str]:
+        """Of the attempts named, those the agent ran that were ended because it was lost (the job
+        failed, or went on as a new attempt): the coordinator gave up on them without the agent's word
+        that their processes ended, so they may still hold the agent's GPUs (coordinator/fencing.py)."""
+        if not wire_ids:
+            return set()
+        named = {w: parse_wire_job_id(w) for w in set(wire_ids)}
+        ids = sorted({job for job, _ in named.values()})
+        lost = int(TerminationReason.AGENT_LOST)
+        rows = self.db.rows(
+            f"SELECT id, attempt FROM jobs WHERE id IN ({marks(ids)}) AND agent_id = ? AND termination_reason = ?"
+            f" UNION ALL SELECT job_id, attempt FROM job_attempts WHERE job_id IN ({marks(ids)}) AND agent_id = ?"
+            " AND termination_reason = ?",
+            [*ids, agent_id, lost, *ids, agent_id, lost],
+        )
+        found = {(r["id"], r["attempt"]) for r in rows}
+        return {w for w, p in named.items() if p in found}
 
     def has_code(self, agent_id: str, code_hash: str) -> bool:
         """Whether one of the agent's acting jobs runs this code."""

@@ -2002,3 +2002,64 @@ class DownloadRunCodeRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DownloadRunCodeRequest: _TypeAlias = DownloadRunCodeRequest  # noqa: Y015
+
+@_typing.final
+class RerunRunRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_NAME_FIELD_NUMBER: _builtins.int
+    SAME_INPUTS_FIELD_NUMBER: _builtins.int
+    PIN_FIELD_NUMBER: _builtins.int
+    TAG_ON_DONE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    run_name: _builtins.str
+    same_inputs: _builtins.bool
+    """the input runs the old run took (by manifest hash), not what tags name now"""
+    pin: _builtins.bool
+    """the image by its recorded digest, pip constrained to the recorded `pip freeze`"""
+    tag_on_done: _builtins.str
+    priority: _builtins.int
+    def __init__(
+        self,
+        *,
+        run_name: _builtins.str = ...,
+        same_inputs: _builtins.bool = ...,
+        pin: _builtins.bool = ...,
+        tag_on_done: _builtins.str = ...,
+        priority: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pin", b"pin", "priority", b"priority", "run_name", b"run_name", "same_inputs", b"same_inputs", "tag_on_done", b"tag_on_done"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerunRunRequest: _TypeAlias = RerunRunRequest  # noqa: Y015
+
+@_typing.final
+class RerunRunResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run(self) -> Global___Run: ...
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the rerun cannot reproduce exactly as far as the coordinator knows at submission, or what it
+        pinned; one line each, for people. What only the job knows is in the new run's record (`dstack diff`).
+        """
+
+    def __init__(
+        self,
+        *,
+        run: Global___Run | None = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["notes", b"notes", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerunRunResponse: _TypeAlias = RerunRunResponse  # noqa: Y015

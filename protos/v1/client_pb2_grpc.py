@@ -215,6 +215,11 @@ class ClientServiceStub:
                 request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DownloadRunCodeRequest.SerializeToString,
                 response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DataChunk.FromString,
                 _registered_method=True)
+        self.RerunRun = channel.unary_unary(
+                '/dstack.v1.ClientService/RerunRun',
+                request_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.RerunRunRequest.SerializeToString,
+                response_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.RerunRunResponse.FromString,
+                _registered_method=True)
 
 
 class ClientServiceServicer:
@@ -447,6 +452,14 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RerunRun(self, request, context):
+        """`dstack rerun RUN` (docs/reproducibility.md): a new run from a finished run's record: its code blob,
+        its job specs as submitted and, with same_inputs, the runs its inputs came from (checked by manifest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -629,6 +642,11 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.DownloadRunCode,
                     request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.DownloadRunCodeRequest.FromString,
                     response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.DataChunk.SerializeToString,
+            ),
+            'RerunRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.RerunRun,
+                    request_deserializer=dstack_dot_protos_dot_v1_dot_client__pb2.RerunRunRequest.FromString,
+                    response_serializer=dstack_dot_protos_dot_v1_dot_client__pb2.RerunRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1603,6 +1621,33 @@ class ClientService:
             '/dstack.v1.ClientService/DownloadRunCode',
             dstack_dot_protos_dot_v1_dot_client__pb2.DownloadRunCodeRequest.SerializeToString,
             dstack_dot_protos_dot_v1_dot_client__pb2.DataChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerunRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dstack.v1.ClientService/RerunRun',
+            dstack_dot_protos_dot_v1_dot_client__pb2.RerunRunRequest.SerializeToString,
+            dstack_dot_protos_dot_v1_dot_client__pb2.RerunRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

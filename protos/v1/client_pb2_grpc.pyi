@@ -83,6 +83,10 @@ class ClientServiceStub:
     `dstack code` (presigned GETs when the store presigns, else DownloadRunCode).
     """
     DownloadRunCode: _grpc.UnaryStreamMultiCallable[_client_pb2.DownloadRunCodeRequest, _client_pb2.DataChunk]
+    RerunRun: _grpc.UnaryUnaryMultiCallable[_client_pb2.RerunRunRequest, _client_pb2.RerunRunResponse]
+    """`dstack rerun RUN` (docs/reproducibility.md): a new run from a finished run's record: its code blob,
+    its job specs as submitted and, with same_inputs, the runs its inputs came from (checked by manifest).
+    """
 
 @_typing.type_check_only
 class ClientServiceAsyncStub(ClientServiceStub):
@@ -136,6 +140,10 @@ class ClientServiceAsyncStub(ClientServiceStub):
     `dstack code` (presigned GETs when the store presigns, else DownloadRunCode).
     """
     DownloadRunCode: _aio.UnaryStreamMultiCallable[_client_pb2.DownloadRunCodeRequest, _client_pb2.DataChunk]  # type: ignore[assignment]
+    RerunRun: _aio.UnaryUnaryMultiCallable[_client_pb2.RerunRunRequest, _client_pb2.RerunRunResponse]  # type: ignore[assignment]
+    """`dstack rerun RUN` (docs/reproducibility.md): a new run from a finished run's record: its code blob,
+    its job specs as submitted and, with same_inputs, the runs its inputs came from (checked by manifest).
+    """
 
 class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -402,5 +410,15 @@ class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _client_pb2.DownloadRunCodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_client_pb2.DataChunk], _abc.AsyncIterator[_client_pb2.DataChunk]]: ...
+
+    @_abc_1.abstractmethod
+    def RerunRun(
+        self,
+        request: _client_pb2.RerunRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.RerunRunResponse, _abc.Awaitable[_client_pb2.RerunRunResponse]]:
+        """`dstack rerun RUN` (docs/reproducibility.md): a new run from a finished run's record: its code blob,
+        its job specs as submitted and, with same_inputs, the runs its inputs came from (checked by manifest).
+        """
 
 def add_ClientServiceServicer_to_server(servicer: ClientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

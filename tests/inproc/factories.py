@@ -413,8 +413,11 @@ class GatedRuntime(Runtime):
 
 
 @contextlib.asynccontextmanager
-async def real_agent(h: Harness, name: str = "agent-1", runtime: Runtime | None = None) -> AsyncIterator[Agent]:
-    """The agent of agent/connection.py in this event loop: the null runtime unless `runtime` is given."""
+async def real_agent(
+    h: Harness, name: str = "agent-1", runtime: Runtime | None = None, simulate_gpus: str = ""
+) -> AsyncIterator[Agent]:
+    """The agent of agent/connection.py in this event loop: the null runtime unless `runtime` is given
+    (`simulate_gpus`: as `dstack agent --simulate-gpus`, e.g. "1xA100-80GB")."""
     config = AgentConfig(
         coordinator=h.address,
         home=h.tmp / name,
@@ -423,6 +426,7 @@ async def real_agent(h: Harness, name: str = "agent-1", runtime: Runtime | None 
         runtime="null",
         stop_grace_s=1.0,
         insecure=True,  # the in-process coordinator is plaintext (see `coordinator`)
+        simulate_gpus=simulate_gpus,
     )
     agent = Agent(config)
     if runtime is not None:

@@ -64,6 +64,7 @@ MEMBER_ONLY = {
     "HasCode",
     "PutCode",
     "SubmitRun",
+    "RerunRun",  # submits a run: from the old run's record (app/rerun.py)
     "StopRun",
     "DeleteRun",
     "AddTag",

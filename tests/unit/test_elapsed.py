@@ -1,0 +1,69 @@
+"""coordinator/elapsed.py: durations from monotonic instants, wall stamps read once."""
+
+from __future__ import annotations
+
+from dstack.coordinator.elapsed import NS, Instants, Waits
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.wall_ns = 1_700_000_000 * NS
+        self.mono = 100.0
+
+    def time_ns(self) -> int:
+        return self.wall_ns
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    async def sleep(self, seconds: float) -> None:  # pragma: no cover - not used here
+        self.mono += seconds
+
+    def advance(self, seconds: float) -> None:
+        self.mono += seconds
+        self.wall_ns += int(seconds * NS)
+
+
+def test_an_instant_marked_or_derived_once_ignores_later_wall_steps() -> None:
+    clock = Clock()
+    times = Instants(clock)
+    times.mark("seen")
+    assert times.elapsed_s("unseen", clock.wall_ns - 30 * NS) == 30.0  # derived from its stamp, then kept
+    clock.advance(10)
+    clock.wall_ns += 3600 * NS  # a step forward
+    assert times.elapsed_s("seen", 0) == 10.0
+    assert times.elapsed_s("unseen", 0) == 40.0
+    clock.wall_ns -= 7200 * NS  # and back
+    assert times.elapsed_s("seen", 0) == 10.0
+    times.mark("seen")  # a resent report is no new event
+    assert times.elapsed_s("seen", 0) == 10.0
+
+
+def test_a_stamp_in_the_future_reads_as_now_and_keep_forgets_the_rest_but_recent_marks() -> None:
+    clock = Clock()
+    times = Instants(clock)
+    assert times.elapsed_s("ahead", clock.wall_ns + 3600 * NS) == 0.0
+    times.mark("old")
+    clock.advance(120)
+    times.mark("new")
+    times.keep(["ahead"])
+    clock.wall_ns += 3600 * NS
+    assert times.elapsed_s("new", 0) == 0.0  # kept: marked within the grace
+    assert times.elapsed_s("old", clock.wall_ns) == 0.0  # forgotten, so derived again from the stamp given
+
+
+def test_waits_finds_the_jobs_that_waited_long_enough_oldest_first_and_forgets_those_gone() -> None:
+    clock = Clock()
+    waits = Waits(clock)
+    waits.load([("b", clock.wall_ns - 50 * NS), ("a", clock.wall_ns - 90 * NS)])
+    waits.start("c")
+    clock.advance(20)
+    waits.start("d")
+    clock.wall_ns += 3600 * NS  # changes nothing below
+    assert waits.longer_than(20, {"a", "b", "c", "d"}) == ["a", "b", "c"]
+    assert waits.longer_than(60, {"b", "c"}) == ["b"]  # a no longer waits: forgotten
+    assert waits.waited_s("a") == 0.0 and waits.waited_s("b") == 70.0
+    waits.start("b")  # requeued: waits from now
+    assert waits.longer_than(1, {"b", "c", "d"}) == ["c"]
+    waits.discard(["c"])
+    assert waits.longer_than(0, {"b", "c", "d"}) == ["d", "b"]
