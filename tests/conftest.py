@@ -14,15 +14,19 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypedDict, TypeVar
+from typing import TYPE_CHECKING, TypedDict, TypeVar, cast
 
 import grpc
 import pytest
 
 from dstack.storage.devserver import SeaweedServer
 from tests.dockerd import Dockerd, DockerUnavailable
+
+if TYPE_CHECKING:
+    from dstack.cli.client import Client
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -45,12 +49,17 @@ def wait_for(predicate: Callable[[], T | None], timeout: float = 20.0, interval:
     """Polls `predicate` until it returns a truthy value, and returns that value."""
     deadline = time.monotonic() + timeout
     while True:
+        started = time.monotonic()
         value = predicate()
         if value:
             return value
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
+        # A predicate that starts a process (a CLI call: ~0.15 CPU-seconds) would otherwise poll back to back
+        # and take a whole core from the processes the test waits on; resting as long as it ran (up to 0.5 s) caps
+        # polling near half of one core, and a cheap predicate still polls every `interval`.
+        time.sleep(max(interval, min(now - started, 0.5)))
 
 
 def search(pattern: str, text: str, flags: int = 0) -> re.Match[str]:
@@ -257,9 +266,44 @@ class Cluster:
             cwd=REPO,
         )
         f.close()
-        self.coordinator = Proc(popen, log)
-        wait_for(lambda: self.cli("ps").returncode == 0, what="the coordinator to answer")
-        return self.coordinator
+        coordinator = self.coordinator = Proc(popen, log)
+        wait_for(lambda: self._answers(coordinator), what="the coordinator to answer")
+        return coordinator
+
+    def client(self) -> Client:
+        """An in-process client of the coordinator, as the CLI makes it from `env()` (same address, token and
+        CA). The harness waits through it: polling with a CLI process costs ~0.15 CPU-seconds a call, which
+        on a busy machine slowed the very processes a test waits on. Tests check through `cli()`."""
+        verbosity = os.environ.get("GRPC_VERBOSITY")
+        from dstack.cli.client import Client  # sets GRPC_VERBOSITY for the CLI: not for the processes we start
+        from dstack.cli.home import Endpoint, truthy
+
+        if verbosity is None:
+            os.environ.pop("GRPC_VERBOSITY", None)
+        env = self.env()
+        endpoint = Endpoint(
+            env["DSTACK_COORDINATOR"],
+            env.get("DSTACK_TOKEN", ""),
+            ca_file=env.get("DSTACK_CA_FILE", ""),
+            insecure=truthy(env.get("DSTACK_INSECURE")),
+        )
+        return Client(endpoint, timeout=10)
+
+    def _answers(self, coordinator: Proc) -> bool:
+        """Whether the coordinator answers `dstack ps` (ListRuns with the admin token); fails at once if it
+        exited, with its log, instead of polling until the timeout."""
+        if coordinator.popen.poll() is not None:
+            raise AssertionError(f"the coordinator exited with {coordinator.popen.returncode}:\n{coordinator.output()}")
+        if self.tls and not self.ca_file.exists():
+            return False
+        from dstack.cli.errors import CliError
+
+        try:
+            with closing(self.client()) as client:
+                client.list_runs(False)
+        except CliError:
+            return False
+        return True
 
     def start_agent(self, name: str = "agent-1", *extra: str, wait: bool = True, prefix: Sequence[str] = ()) -> Proc:
         """`prefix`: what runs the agent (tests/netns.py: `ip netns exec NS`, inside a namespace)."""
@@ -296,11 +340,18 @@ class Cluster:
         self.agents.append(proc)
         if not wait:
             return proc
-        wait_for(
-            lambda: any(a["name"] == name and a["status"] == "online" for a in self.agents_json()),
-            what=f"agent {name} online",
-        )
+        wait_for(lambda: self._online(name), what=f"agent {name} online")
         return proc
+
+    def _online(self, name: str) -> bool:
+        """Whether the pool lists agent `name` online (what `dstack agents --json` shows), asked in-process."""
+        from dstack.cli.errors import CliError
+
+        try:
+            with closing(self.client()) as client:
+                return any(a.name == name and a.status == "online" for a in client.list_agents())
+        except CliError:
+            return False
 
     def env(self) -> dict[str, str]:
         return {
@@ -336,12 +387,16 @@ class Cluster:
         return next(r for r in self.runs() if r["name"] == name)
 
     def wait_status(self, name: str, statuses: set[str], timeout: float = 60) -> RunJSON:
-        return wait_for(
-            lambda: r if (r := self.run_info(name))["status"] in statuses else None,
-            timeout=timeout,
-            interval=0.2,
-            what=f"run {name} to be {statuses}",
-        )
+        """Waits until run `name` has one of `statuses`, and returns it as `dstack ps -a --json` prints it
+        (the same rendering, cli/render.py run_to_json), polling in-process rather than with a CLI process."""
+        from dstack.cli.render import run_to_json
+
+        def matching() -> RunJSON | None:
+            with closing(self.client()) as client:
+                found = cast(RunJSON, run_to_json(client.get_run(name)))  # the message ListRuns sends for it
+            return found if found["status"] in statuses else None
+
+        return wait_for(matching, timeout=timeout, interval=0.2, what=f"run {name} to be {statuses}")
 
     def stop_all(self) -> None:
         for a in self.agents:
