@@ -45,10 +45,10 @@ def render_diff(diff: dict[str, Any], console: Console | None = None) -> None:
     if code:
         table = _table("code", names)
         _rows(table, {k: v for k, v in code.items() if isinstance(v, list)})
-        for key, files in (code.get("untracked") or {}).items():
-            table.add_row(Text(f"untracked {key}"), Text(", ".join(files)), Text(""))
-        for key, files in (code.get("files") or {}).items():
-            table.add_row(Text(f"files {key}"), Text(", ".join(files)), Text(""))
+        for group in ("untracked", "files"):
+            for key, files in (code.get(group) or {}).items():
+                if files:
+                    table.add_row(Text(f"{group} {key}"), *_file_cells(key, files))
         out.print(table)
         if code.get("unified_diff"):
             out.print(Text(code["unified_diff"]))
@@ -87,3 +87,13 @@ def render_diff(diff: dict[str, Any], console: Console | None = None) -> None:
         if timings:
             _rows(table, {f"{k} (s)": v for k, v in timings.items()}, "time ")
         out.print(table)
+
+
+def _file_cells(key: str, files: list[str]) -> tuple[Text, Text]:
+    """Files only RUN2 has go under RUN2, files only RUN1 has under RUN1, changed ones under both."""
+    listed = Text(", ".join(files))
+    if key == "added":
+        return Text(""), listed
+    if key == "removed":
+        return listed, Text("")
+    return listed, listed.copy()

@@ -155,3 +155,25 @@ def test_the_environment_cache_keys_on_pip_constraints(tmp_path: Path, monkeypat
     pinned = env_helper.env_key(str(requirements))
     constraints.write_text("tinypkg==2.0\n")
     assert len({plain, pinned, env_helper.env_key(str(requirements))}) == 3
+
+
+def test_the_readable_diff_puts_each_file_under_the_run_that_has_it_and_skips_empty_rows() -> None:
+    from rich.console import Console
+
+    from dstack.cli.diff_view import render_diff
+
+    console = Console(record=True, width=100, color_system=None)
+    diff = {
+        "version": "dstack.run-diff/v1",
+        "runs": ["old-owl-1", "new-owl-1"],
+        "identical": False,
+        "code": {"untracked": {"added": ["helper.py"], "removed": []}, "files": {"removed": ["gone.py"]}},
+    }
+    render_diff(diff, console)
+    lines = console.export_text().splitlines()
+    assert not any("untracked removed" in line for line in lines)
+    added = next(line for line in lines if "untracked added" in line)
+    header = next(line for line in lines if "old-owl-1" in line and "new-owl-1" in line)
+    assert added.index("helper.py") >= header.index("new-owl-1")  # under RUN2, the run that has it
+    removed = next(line for line in lines if "files removed" in line)
+    assert removed.index("gone.py") < header.index("new-owl-1")  # under RUN1
