@@ -11,12 +11,19 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dstack.api.code import CodeCache
 from dstack.api.errors import RunFailed, WaitTimeout
+from dstack.cli.client import SUBMIT_RUNS_MAX, SubmitRunsUnsupported
 from dstack.cli.client import Client as _Channel
+from dstack.cli.errors import RequestRejected
 from dstack.cli.render import run_status
 from dstack.protos.v1 import client_pb2
+
+if TYPE_CHECKING:
+    from dstack.cli.commands.run import Request
+    from dstack.cli.packing import PackedCode
 
 log = logging.getLogger("dstack.api")
 
@@ -215,12 +222,38 @@ class Runs:
         first = submit_built(self._channel, built[0], packed, notes, self._code.uploaded)
         runs = [Run(self._channel, first)]
         if len(built) > 1:
-            with ThreadPoolExecutor(max(1, workers), thread_name_prefix="dstack-submit") as pool:
-                infos = pool.map(
-                    lambda b: submit_built(self._channel, b, packed, notes, self._code.uploaded), built[1:]
-                )
-                runs += [Run(self._channel, info) for info in infos]
+            try:
+                infos = self._submit_batched(built[1:], packed)
+            except SubmitRunsUnsupported:
+                with ThreadPoolExecutor(max(1, workers), thread_name_prefix="dstack-submit") as pool:
+                    uploaded = self._code.uploaded
+                    infos = list(pool.map(lambda b: submit_built(self._channel, b, packed, notes, uploaded), built[1:]))
+            runs += [Run(self._channel, info) for info in infos]
         return runs
+
+    def _submit_batched(self, built: Sequence[Request], packed: PackedCode) -> builtins.list[client_pb2.Run]:
+        """SubmitRuns, SUBMIT_RUNS_MAX at a time (one call, one group commit on the coordinator, instead of
+        one call per run), after the same client-side checks as `dstack run`. The first refusal is raised
+        at its workflow's line; the runs the coordinator stored stay submitted (a batch's runs stand alone,
+        as runs sent one by one from several threads did)."""
+        from dstack.cli.commands.run import check_container_runtime, check_tags, located
+
+        checked: set[tuple[object, ...]] = set()
+        for b in built:
+            key = (tuple((t, e) for t, e, _ in b.tag_checks), b.submit.repository, bool(b.container_needs))
+            if key not in checked:  # the same workflow's runs ask the same questions: once is enough
+                check_container_runtime(self._channel, b)
+                check_tags(self._channel, b)
+                checked.add(key)
+            b.submit.code.CopyFrom(packed.ref)
+        out: builtins.list[client_pb2.Run] = []
+        for i in range(0, len(built), SUBMIT_RUNS_MAX):
+            chunk = built[i : i + SUBMIT_RUNS_MAX]
+            for b, got in zip(chunk, self._channel.submit_runs([b.submit for b in chunk]), strict=True):
+                if isinstance(got, str):
+                    raise located(RequestRejected(got), b)
+                out.append(got)
+        return out
 
     def get(self, name: str) -> Run:
         """The run named `name` (NotFoundError if there is none)."""

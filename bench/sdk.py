@@ -79,7 +79,7 @@ def main() -> None:
                     client,
                 ),
                 timed(
-                    "SDK runs.submit_many (8 in flight)",
+                    "SDK runs.submit_many (SubmitRuns)",
                     sdk_runs,
                     lambda: client.runs.submit_many("noop", [[]] * sdk_runs, repo=root),
                     client,

@@ -27,6 +27,12 @@ from dstack.tls import TlsSetupError, Transport, handshake_failure, read_ca_file
 
 T = TypeVar("T")
 CHUNK = 1 << 20
+SUBMIT_RUNS_MAX = 1000  # runs per SubmitRuns call (the coordinator refuses more: coordinator/app/runs.py)
+
+
+class SubmitRunsUnsupported(Exception):
+    """The coordinator predates SubmitRuns: submit the runs one by one."""
+
 
 CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
     ("grpc.max_receive_message_length", 64 << 20),
@@ -165,6 +171,19 @@ class Client:
     def submit(self, request: client_pb2.SubmitRunRequest) -> client_pb2.Run:
         resp: client_pb2.SubmitRunResponse = self._call(self.stub.SubmitRun, request)
         return resp.run
+
+    def submit_runs(self, requests: list[client_pb2.SubmitRunRequest]) -> list[client_pb2.Run | str]:
+        """Many runs in one call (at most SUBMIT_RUNS_MAX): each stored run, or the reason it was refused, in
+        the order of `requests`. SubmitRunsUnsupported: the coordinator predates the call."""
+        try:
+            resp: client_pb2.SubmitRunsResponse = self.stub.SubmitRuns(
+                client_pb2.SubmitRunsRequest(runs=requests), metadata=self.metadata, timeout=max(self.timeout, 120.0)
+            )
+        except grpc.RpcError as e:
+            if isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise SubmitRunsUnsupported() from None
+            raise _translate(e, self.endpoint) from None
+        return [error or run for run, error in zip(resp.runs, resp.errors, strict=True)]
 
     def get_run(self, name: str) -> client_pb2.Run:
         resp: client_pb2.GetRunResponse = self._call(self.stub.GetRun, client_pb2.GetRunRequest(name=name))

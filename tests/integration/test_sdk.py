@@ -173,6 +173,21 @@ def test_code_is_packed_and_uploaded_once_per_tree(cluster: Cluster, tmp_path: P
         assert client.runs.wait([*runs, changed], timeout=120) == [RunStatus.DONE] * 7
 
 
+def test_submit_many_sends_one_batch_and_stops_at_the_first_refused_run(cluster: Cluster, tmp_path: Path) -> None:
+    """submit_many sends the runs after the first in SubmitRuns batches: the coordinator's per-user limit
+    refuses the third run of the batch alone, the SDK raises that refusal as RequestRejected, and the runs
+    before it stay submitted, as when they were sent one by one."""
+    from dstack.cli.errors import RequestRejected
+
+    cluster.start_coordinator("--max-queued-per-user", "3", "--max-submissions-per-minute", "0")
+    root = project(tmp_path)  # no agent: every run stays queued
+    with sdk(cluster) as client:
+        with pytest.raises(RequestRejected, match=r"the limit is 3 \(--max-queued-per-user\)"):
+            client.runs.submit_many("noop", [[]] * 5, repo=root)
+        listed = client.runs.list(all=True)
+    assert len(listed) == 3  # the first (alone) and the two of the batch before the refused one
+
+
 def test_a_thousand_runs_from_one_process(cluster: Cluster, tmp_path: Path) -> None:
     """The issue's check: 1,000 runs submitted from one process, and waited for. The agent's null runtime
     finishes each job at once, so what is measured is the SDK and the control plane."""
