@@ -67,6 +67,12 @@ def _retire(c: sqlite3.Connection, agent_id: str) -> None:
 
 
 _POOL = al.sql_list(al.IN_POOL)
+# Agents that may leave the pool once not heard from for long enough (timed by the engine): lost,
+# registered but never connected, or removed, with no job on them. (Pending ones wait for an admin.)
+_UNUSED = (
+    "status IN ('lost', 'registered', 'removed') AND NOT EXISTS"
+    f" (SELECT 1 FROM jobs j WHERE j.agent_id = a.id AND j.status IN ({ints_in(ON_AGENT)}))"
+)
 
 
 @dataclass(frozen=True)
@@ -122,32 +128,11 @@ class Agents:
             )
         return agent_id
 
-    def forget_lost(self, not_seen_since: int) -> list[str]:
-        """Agents lost, registered but never connected, or removed, and not heard from since then,
-        with no job on them, leave the pool; returns their ids. (Pending ones wait for an admin.)"""
-        with self.db.tx() as c:
-            gone = [
-                r[0]
-                for r in c.execute(
-                    "SELECT id FROM agents a WHERE status IN ('lost', 'registered', 'removed')"
-                    " AND last_heartbeat < :before"
-                    " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.agent_id = a.id"
-                    f" AND j.status IN ({ints_in(ON_AGENT)}))",
-                    {"before": not_seen_since},
-                )
-            ]
-            for agent_id in gone:
-                _retire(c, agent_id)
-        return gone
-
     def unused(self) -> list[tuple[str, int]]:
         """(id, last heard from as a wall stamp) of agents that may be forgotten once not heard from
         for long enough (timed by the engine on the monotonic clock): lost, registered but never
         connected, or removed, with no job on them. (Pending ones wait for an admin.)"""
-        rows = self.db.rows(
-            "SELECT id, last_heartbeat FROM agents a WHERE status IN ('lost', 'registered', 'removed')"
-            f" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.agent_id = a.id AND j.status IN ({ints_in(ON_AGENT)}))"
-        )
+        rows = self.db.rows(f"SELECT id, last_heartbeat FROM agents a WHERE {_UNUSED}")
         return [(r["id"], r["last_heartbeat"] or 0) for r in rows]
 
     def forget(self, agent_ids: Sequence[str]) -> list[str]:
@@ -155,12 +140,7 @@ class Agents:
         gone = []
         with self.db.tx() as c:
             for agent_id in agent_ids:
-                still = c.execute(
-                    "SELECT 1 FROM agents a WHERE id = ? AND status IN ('lost', 'registered', 'removed')"
-                    " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.agent_id = a.id"
-                    f" AND j.status IN ({ints_in(ON_AGENT)}))",
-                    [agent_id],
-                ).fetchone()
+                still = c.execute(f"SELECT 1 FROM agents a WHERE id = ? AND {_UNUSED}", [agent_id]).fetchone()
                 if still is not None:
                     _retire(c, agent_id)
                     gone.append(agent_id)

@@ -142,7 +142,6 @@ class Store(Db):
         self.apply_job_updates = self.jobs.apply_updates
         self.request_preempt = self.jobs.request_preempt
         self.job_attempts = self.jobs.attempts_of
-        self.starved_jobs = self.jobs.starved
         self.starved_among = self.jobs.starved_among
         self.jobs_with_max_duration = self.jobs.with_max_duration
         self.stop_for_max_duration = self.jobs.stop_for_max_duration
@@ -151,7 +150,6 @@ class Store(Db):
         self.settle_gangs = self.jobs.settle_gangs
         # agents
         self.register_agent = self.agents.register
-        self.forget_lost_agents = self.agents.forget_lost
         self.unused_agents = self.agents.unused
         self.forget_agents = self.agents.forget
         self.agent_by_token = self.agents.by_token

@@ -724,11 +724,6 @@ class Jobs:
         out.sort(key=lambda w: w.submitted_at)
         return out
 
-    def starved(self, waiting_since: int) -> list[WaitingJob]:
-        """Waiting jobs that are not interruptible and were submitted (or requeued) before
-        `waiting_since`, oldest first, whose dependencies in their run are all done."""
-        return self._starved("j.submitted_at <= ?", [waiting_since])
-
     def _starved(self, where: str, params: Sequence[object]) -> list[WaitingJob]:
         rows = self.db.rows(
             "SELECT j.id, j.run_id, j.status, j.spec, j.depends_on, r.owner, r.priority, j.avoid_agent,"

@@ -171,8 +171,9 @@ def test_lost_agents_are_forgotten_after_the_period(tmp_path: Path) -> None:
     s.agent_online(online, b"", 2**62)
     never = s.register_agent("never-connected", "tok-3", b"")
     assert s.expire_leases(now=3_000) == [lost]
-    assert s.forget_lost_agents(not_seen_since=1_000) == []  # not yet
-    assert sorted(s.forget_lost_agents(not_seen_since=1_001)) == sorted([lost, never])
+    # When each was last heard from; how long ago is timed by the engine on the monotonic clock.
+    assert sorted(s.unused_agents()) == sorted([(lost, 1_000), (never, 1_000)])  # never: since it registered
+    assert sorted(s.forget_agents([lost, never, online])) == sorted([lost, never])  # online is in use: stays
     assert [a.name for a in s.list_agents()] == ["online"]
     assert s.agent_by_token("tok-1") is None
     s.register_agent("lost", "tok-4", b"")  # the name is free
