@@ -298,9 +298,9 @@ class JobRunner:
                 env[AGENT_MARKER] = self.deps.agent_home
                 ports = [(p.host_port, p.container_port) for p in spec.ports] + [(p, p) for p in picked]
                 master = master_port(spec.gang, spec.node_rank, dict(self.a.env))
-                if master is not None and env.get(MASTER_SERVES_JOB_PORT_0) == "1":
-                    env |= master_job_env(env)
                 if master is not None:  # a multi-node gang's rank 0: its peers meet here (docs/multinode.md)
+                    if env.get(MASTER_SERVES_JOB_PORT_0) == "1":
+                        env |= master_job_env(env)
                     check_port_free(master)
                     ports.append((master, master))  # published, for a container on a bridge network
                 starting = time.monotonic_ns()
