@@ -408,9 +408,10 @@ def _jobs(n: int) -> str:
 
 
 class _BestFit:
-    """`_place` over one pool (the open agents) for a pass: per job shape, a heap of the agents it fits on
-    by what would be left over (then pool order, as `min` breaks ties), so a placement costs a heap
-    operation or two instead of a look at every agent. An agent changes only when a job is put on it
+    """Best fit over one pool (the open agents) for a pass, as a look at every agent would place
+    (tests/unit/test_best_fit.py checks it): per job shape, a heap of the agents it fits on by what
+    would be left over (then pool order, as `min` breaks ties), so a placement costs a heap operation
+    or two instead of a look at every agent. An agent changes only when a job is put on it
     (`held`): it then gets a fresh entry in every shape's heap and its old ones are skipped; an agent a
     shape no longer fits leaves that heap for the pass (placements only take room away)."""
 
@@ -482,18 +483,6 @@ class _BestFit:
         for req, heap in self.heaps.values():
             if _fits(a, req) is not None:
                 heapq.heappush(heap, (_leftover(a, req), i, self.version[i]))
-
-
-def _place(req: JobRequest, pool: Sequence[AgentState], p: Plan) -> bool:
-    """Best fit by looking at every agent of `pool`: what `_BestFit` must agree with (tests/unit/test_best_fit.py)."""
-    candidates = [(a, gpus) for a in pool if (gpus := _fits(a, req)) is not None]
-    if not candidates:
-        return False
-    # Best fit; a new attempt's last agent (where it was lost) only if nothing else fits.
-    agent, gpus = min(candidates, key=lambda c: (c[0].agent_id == req.avoid_agent, _leftover(c[0], req)))
-    agent.hold(req.cpu, req.memory, gpus)
-    p.placements.append((req.job_id, agent.agent_id, gpus))
-    return True
 
 
 def _reserve(

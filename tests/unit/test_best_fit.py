@@ -1,14 +1,28 @@
 """The planner's best-fit index (planner._BestFit, a heap per job shape) places exactly as the plain scan
-(planner._place: every agent looked at) does, job after job, over random pools and queues: same agent,
+(every agent looked at: `_place` below) does, job after job, over random pools and queues: same agent,
 same GPUs, same refusals, ties broken alike, a new attempt's last agent avoided alike."""
 
 from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Sequence
 
-from dstack.coordinator.planner import Plan, _BestFit, _place, shape_of
-from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest
+from dstack.coordinator.planner import Plan, _BestFit, shape_of
+from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest, _fits, _leftover
+
+
+def _place(req: JobRequest, pool: Sequence[AgentState], p: Plan) -> bool:
+    """Best fit by looking at every agent of `pool` (the planner's placement before its index): what
+    `_BestFit` must agree with."""
+    candidates = [(a, gpus) for a in pool if (gpus := _fits(a, req)) is not None]
+    if not candidates:
+        return False
+    # Best fit; a new attempt's last agent (where it was lost) only if nothing else fits.
+    agent, gpus = min(candidates, key=lambda c: (c[0].agent_id == req.avoid_agent, _leftover(c[0], req)))
+    agent.hold(req.cpu, req.memory, gpus)
+    p.placements.append((req.job_id, agent.agent_id, gpus))
+    return True
 
 
 def world(rng: random.Random) -> tuple[list[AgentState], list[JobRequest]]:
