@@ -21,9 +21,14 @@ from typing import TYPE_CHECKING, TypedDict, TypeVar, cast
 
 import grpc
 import pytest
+from hypothesis import settings
 
 from dstack.storage.devserver import SeaweedServer
 from tests.dockerd import Dockerd, DockerUnavailable
+
+# Property tests run on busy CI machines: a per-example time limit only measures the machine's load.
+settings.register_profile("dstack", deadline=None)
+settings.load_profile("dstack")
 
 if TYPE_CHECKING:
     from dstack.cli.client import Client
