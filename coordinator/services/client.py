@@ -177,10 +177,8 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
                 finished_run=None if chunk.finished_run is None else run_to_proto(chunk.finished_run),
                 cursor=[client_pb2.LogCursor(job_name=k, seq=v) for k, v in chunk.cursor.items()],
             )
-            for j in chunk.jobs:  # each line made a message once, in place (thousands per response)
-                add = resp.jobs.add(job_name=j.job_name).lines.add
-                for ln in j.lines:
-                    add(seq=ln.seq, stream=ln.stream, time_ns=ln.time_ns, text=ln.text)
+            for j in chunk.jobs:  # the lines as stored, serialized: no object per line
+                resp.jobs.add(job_name=j.job_name).MergeFromString(j.body)
             yield resp
 
     @unary
