@@ -48,6 +48,11 @@ from dstack.tls import (
 
 log = logging.getLogger("dstack.agent")
 
+# After a log batch shorter than the outbox's bounds, the next one waits this long for more lines: a
+# job printing steadily sends ~200 batches a second rather than one per read of its output, and the
+# coordinator stores one chunk per batch. Heartbeats and job updates do not wait for it.
+LOG_LINGER_S = 0.005
+
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
@@ -384,6 +389,7 @@ class Agent:
         """Writes, in this order of priority: the heartbeat when due, job updates, then one bounded log
         batch at a time (agent/outbox.py), so control traffic never waits behind a job's logs."""
         next_beat = time.monotonic() + interval
+        logs_not_before = 0.0
         next_inventory = time.monotonic() + self.config.inventory_interval_s
         while True:
             now = time.monotonic()
@@ -398,11 +404,18 @@ class Agent:
                 await call.write(control)
                 continue
             await self.outbox.refill()
-            if (logs := self.outbox.take_logs()) is not None:
+            wait_until = next_beat
+            if now < logs_not_before:
+                # A short batch just went: the next one gathers for LOG_LINGER_S, so heavy output goes
+                # in few large batches (one stored chunk each) and a lone line still goes at once.
+                wait_until = min(next_beat, logs_not_before)
+            elif (logs := self.outbox.take_logs()) is not None:
                 await call.write(logs)
+                if not self.outbox.last_batch_full:
+                    logs_not_before = time.monotonic() + LOG_LINGER_S
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.outbox.wake.wait(), max(0.0, next_beat - time.monotonic()))
+                await asyncio.wait_for(self.outbox.wake.wait(), max(0.0, wait_until - time.monotonic()))
 
     async def _heartbeat(self, with_inventory: bool) -> agent_pb2.Heartbeat:
         beat = agent_pb2.Heartbeat()
