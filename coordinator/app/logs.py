@@ -25,6 +25,9 @@ from dstack.coordinator.store.logs import body_of, lines_of
 LOG_BATCH = 5000
 LOG_BATCH_BYTES = 4 << 20  # one response stays far below gRPC's message limit
 IN_DATABASE, ARCHIVED, DELETED = 0, 1, 2
+# A follower wakes when its run's lines or state change (engine.RunWatchers, set once a chunk is stored);
+# it also reads again after this long without a wake-up, in case a change came some other way.
+FOLLOW_RECHECK_S = 1.0
 DELETED_NOTICE = "[dstack: the logs of this job were deleted by the retention policy]"
 
 
@@ -118,7 +121,7 @@ async def stream_logs(
             yield LogChunk([], dict(cursor), finished_run=await core.run(run.name))
             return
         try:
-            await asyncio.wait_for(event.wait(), timeout=1.0)
+            await asyncio.wait_for(event.wait(), timeout=FOLLOW_RECHECK_S)
         except TimeoutError:
             pass
 
