@@ -154,16 +154,18 @@ class Logs:
             if usage.stored + text_bytes > self.max_bytes:
                 cut, text_bytes = _cut(lines, self.max_bytes - usage.stored)
                 usage.full = marked = True
+                # In the place of the first line dropped: readers see it where the log stops.
+                dropped = lines[min(cut, len(lines) - 1)]
+                marker_seq, marker_time = (dropped.seq if cut < len(lines) else last), dropped.time_ns
                 if msg is None:
                     msg = client_pb2.JobLogs()
                     msg.lines.extend(lines[:cut])
                 else:
                     del msg.lines[cut:]
-                # In the place of the first line dropped: readers see it where the log stops.
                 msg.lines.add(
-                    seq=lines[cut].seq if cut < len(lines) else last,
+                    seq=marker_seq,
                     stream=common_pb2.LogStream.ValueType(int(LogStream.SYSTEM)),
-                    time_ns=lines[min(cut, len(lines) - 1)].time_ns,
+                    time_ns=marker_time,
                     text=quota_marker(self.max_bytes),
                 )
                 lines = msg.lines

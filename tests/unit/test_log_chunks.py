@@ -137,6 +137,20 @@ def test_the_quota_cuts_inside_a_chunk_at_the_first_line_past_it(tmp_path: Path)
         again.close()
 
 
+def test_a_resent_batch_that_crosses_the_quota_is_cut_after_the_stored_lines(tmp_path: Path) -> None:
+    store = Store(tmp_path / "c.db")
+    store.logs.max_bytes = 100
+    try:
+        store.insert_logs([batch(1, 9)])  # 54 bytes
+        store.insert_logs([batch(5, 30)])  # 5..9 resent, then 10..15 fit (96 bytes), 16 is past the quota
+        lines = store.read_logs(JOB, 0, 1000)
+        assert [ln.seq for ln in lines] == list(range(1, 17))
+        assert [ln.text for ln in lines[8:]] == [f"line {s}" for s in range(9, 16)] + [quota_marker(100)]
+        assert chunk_rows(store) == [(1, 9), (10, 16)]
+    finally:
+        store.close()
+
+
 def test_a_database_made_before_chunks_keeps_its_lines(tmp_path: Path) -> None:
     """The schema as main's code left it (every migration before chunks), with line rows in `logs`,
     opened by this code: every line readable in order, positions and the quota marker kept."""
