@@ -11,7 +11,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from dstack.coordinator.attempts import parse_wire_job_id, wire_job_id
@@ -31,17 +31,28 @@ from dstack.coordinator.errors import Unauthenticated
 from dstack.coordinator.fairshare import interval_usage, weight
 from dstack.coordinator.fencing import Quarantine, Sessions, quarantine_bound_s
 from dstack.coordinator.gangs import member_env, pick_port
+from dstack.coordinator.holdings import Held, Holdings
 from dstack.coordinator.hub import AgentHub
 from dstack.coordinator.lifecycle.agents import AgentStatus
 from dstack.coordinator.metrics import EngineMetrics
 from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, LogAck
-from dstack.coordinator.planner import DEPENDENCIES, Policy, RunningJob, UserLimits, WaitInfo, plan
+from dstack.coordinator.planner import (
+    DEPENDENCIES,
+    Policy,
+    RunningJob,
+    Shape,
+    UserLimits,
+    WaitInfo,
+    lazy_order_of,
+    place_heads,
+    plan,
+)
 from dstack.coordinator.preemption import Preemption, Rules, choose
 from dstack.coordinator.provided_jobs import AddedJobs
 from dstack.coordinator.queue import Waiting, WaitingQueue, request_of
 from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest
 from dstack.coordinator.secrets import SecretBox
-from dstack.coordinator.store import Assignment, Placement, Store
+from dstack.coordinator.store import AgentRow, Assignment, Placement, Store
 from dstack.coordinator.store.cache import CacheHit
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.coordinator.store.secrets import TEAM
@@ -54,6 +65,13 @@ log = logging.getLogger("dstack.coordinator")
 # Passes quicker than this follow each other at once (every small pool, every test); slower ones are paced.
 PACE_AFTER_S = 0.02
 PACE_MAX_S = 1.0
+# Full passes (every waiting job's reason, position and estimated start, new reservations, unsatisfiable
+# jobs failed) run every pass while the queue is this short; over a deeper queue, at most one per
+# FULL_EVERY_S, and no more than FULL_SHARE of the time, while heads-only passes (planner.place_heads,
+# costing what they place rather than the queue's depth) place jobs in between.
+FULL_QUEUE = 1000
+FULL_EVERY_S = 1.0
+FULL_SHARE = 0.2
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -94,6 +112,20 @@ class Plan:
     info: dict[str, WaitInfo]  # position, reason and estimated start of each waiting job
     reservations: dict[str, str]  # job -> agent held for it
     cache_hits: list[tuple[CacheHit, Waiting]] = field(default_factory=list)  # jobs the step cache completes
+
+
+@dataclass
+class PassCounts:
+    full: int = 0  # full passes (coordinator/planner.py `plan`)
+    heads: int = 0  # heads-only passes (`place_heads`)
+
+
+def _request(w: Waiting) -> JobRequest:
+    return w.request
+
+
+def _arrival(w: Waiting) -> int:
+    return w.seq
 
 
 class Engine:
@@ -142,6 +174,14 @@ class Engine:
         self.metrics = EngineMetrics()  # scraped at /metrics (coordinator/http/metrics.py)
         self.assignments_sent = 0  # over the engine's life (the fairness bench counts deliveries by it)
         self.queue = WaitingQueue()
+        # Between full passes (FULL_QUEUE): what running jobs hold (coordinator/holdings.py), read again
+        # when a job may have ended; the online agents' rows, read again when the connected set changes.
+        self.holdings = Holdings()
+        self._holdings_read = False
+        self._agent_rows: list[AgentRow] | None = None
+        self._agent_rows_for: frozenset[str] = frozenset()
+        self._next_full = 0.0  # perf_counter: a deep queue's next full pass is due then
+        self.passes = PassCounts()
         self.secret_box = SecretBox(config.secrets_key_path)
         # Decrypted, for the job hand-off only: owner ('' for the team's) -> name -> value.
         self.secrets: dict[str, dict[str, str]] = {}
@@ -210,18 +250,29 @@ class Engine:
                 continue
             charge, self._charge_due = self._charge_due, False
             began = time.perf_counter()
-            waiting = self.queue.snapshot()
+            full = len(self.queue) <= FULL_QUEUE or began >= self._next_full or self._limits is None
+            connected = self.hub.connected_ids()
             try:
-                plan = await self.db(self._timed_plan, waiting, self.hub.connected_ids(), charge)
+                if full:
+                    plan = await self.db(self._timed_plan, self.queue.snapshot(), connected, charge)
+                else:
+                    by_user, shapes = self.queue.by_user(), self.queue.shapes()
+                    plan = await self.db(self._timed_heads, by_user, shapes, connected, charge)
             except Exception:
                 log.exception("scheduling pass failed")
                 self.metrics.scheduling_failures.inc()
+                self._holdings_read = False  # read again: the pass may have failed after placing
                 await asyncio.sleep(0.5)
                 self.kick(finished=charge)
                 continue
-            self.pending_reasons = plan.reasons  # replaced whole: jobs placed or gone drop out
-            self.wait_info = plan.info
-            self.reservations = plan.reservations
+            if full:
+                self.pending_reasons = plan.reasons  # replaced whole: jobs placed or gone drop out
+                self.wait_info = plan.info
+                self.reservations = plan.reservations
+            elif plan.done and self.reservations:
+                # Reasons and positions wait for the next full pass (a listing shows a job's only while
+                # it waits); a reservation lets go at once. Replaced, not changed: listings read it.
+                self.reservations = {j: a for j, a in self.reservations.items() if j not in set(plan.done)}
             self.queue.discard(plan.done)
             self.waits.discard(plan.done)
             self.queue.mark_pending(plan.marked_pending)
@@ -232,11 +283,12 @@ class Engine:
             for a in plan.assignments:
                 self.hub.send(a.agent_id, agent_pb2.CoordinatorMessage(assignments=[self._assignment(a)]))
             self.assignments_sent += len(plan.assignments)
-            self._observe_dispatch(waiting, plan)
+            took = time.perf_counter() - began
+            if full:
+                self._next_full = time.perf_counter() + max(FULL_EVERY_S, took / FULL_SHARE)
             # A pass over a deep queue holds the DB thread (submissions, heartbeats, updates wait behind
             # it): the next one waits as long as this one took, so passes take at most about half of it,
             # and what finished meanwhile is placed by one pass rather than by many back to back.
-            took = time.perf_counter() - began
             if took > PACE_AFTER_S:
                 await asyncio.sleep(min(took, PACE_MAX_S))
 
@@ -282,92 +334,79 @@ class Engine:
 
     def _timed_plan(self, waiting: list[Waiting], connected: set[str], charge: bool) -> Plan:
         # Timed on the DB thread: the pass itself, not its wait behind other store calls.
-        with self.metrics.scheduling_pass.time():
+        with self.metrics.scheduling_pass.time(), self.metrics.full_pass.time():
+            self.passes.full += 1
             return self._plan(waiting, connected, charge)
 
-    def _observe_dispatch(self, waiting: list[Waiting], plan: Plan) -> None:
-        if not plan.assignments:
-            return
-        submitted = {w.job_id: w.request.submitted_at for w in waiting}
-        now = self.clock.time_ns()
-        for a in plan.assignments:
-            at = submitted.get(a.job_id, 0)
-            if at:
-                self.metrics.dispatch_latency.observe(max(0, now - at) / 1e9)
-        self.metrics.assignments.inc(len(plan.assignments))
+    def _timed_heads(
+        self, by_user: dict[str, list[Waiting]], shapes: set[Shape], connected: set[str], charge: bool
+    ) -> Plan:
+        with self.metrics.scheduling_pass.time():
+            self.passes.heads += 1
+            return self._heads(by_user, shapes, connected, charge)
 
-    def _plan(self, waiting: list[Waiting], connected: set[str], charge: bool = True) -> Plan:
-        """One scheduling pass (runs on the DB thread); `charge`: count the usage of jobs that ended."""
+    def _state(
+        self, connected: set[str], charge: bool, full: bool
+    ) -> tuple[int, dict[str, AgentState], list[RunningJob], dict[str, float]]:
+        """What a pass starts from (DB thread): now, the connected agents with what their running jobs
+        hold, those jobs, and users' decayed usage (running jobs' so far included). `charge`: a job may
+        have ended since the last pass (its usage is charged, and running jobs are read again)."""
         store = self.store
-        cfg = self.config
         now = self.clock.time_ns()
-        half_life = cfg.fairshare_half_life_s
+        half_life = self.config.fairshare_half_life_s
         if charge:
             finished = store.charge_finished_usage(now, half_life)
             self.durations.add((duration_key(f.workflow, f.job_name), f.seconds) for f in finished if f.done)
         usage = {u: acc.at(now, half_life) for u, acc in store.usage_accumulators().items()}
-        agents = self._idle_agent_states(connected)
-        running: list[RunningJob] = []
-        on_agents = store.jobs_on_agents()
-        self.started.keep((job.id, job.started_at) for job in on_agents if job.started_at is not None)
-        for job in on_agents:
-            # When it started, as `now` minus how long it has run on the monotonic clock: a step of
-            # the wall clock changes neither its usage so far nor its expected end.
-            start = now if job.started_at is None else now - self._ran_ns(job.id, job.started_at)
-            if job.started_at is not None:  # usage so far of the jobs that run
-                cost = weight(len(job.gpu_indices), job.cpu)
-                so_far = interval_usage(cost, start, now, now, half_life)
-                usage[job.owner] = usage.get(job.owner, 0.0) + so_far
-            took = self._max_durations.get(job.id) or self.durations.medians.get(
-                duration_key(job.workflow, job.job_name)
-            )
-            running.append(
-                RunningJob(
+        if charge or full or not self._holdings_read:
+            on_agents = store.jobs_on_agents()
+            self.started.keep((job.id, job.started_at) for job in on_agents if job.started_at is not None)
+            self.holdings.reset(
+                Held(
                     job.id,
                     job.agent_id,
                     job.owner,
                     job.cpu,
                     job.memory,
                     tuple(job.gpu_indices),
+                    job.started_at,
+                    duration_key(job.workflow, job.job_name),
+                )
+                for job in on_agents
+            )
+            self._holdings_read = True
+        agents = self._idle_agent_states(connected, reread=full)
+        for agent_id, held in self.holdings.agents.items():
+            if (a := agents.get(agent_id)) is not None:
+                a.used_cpu, a.used_memory, a.busy_gpus, a.jobs = held.cpu, held.memory, set(held.gpus), held.jobs
+        running: list[RunningJob] = []
+        for job in self.holdings.jobs.values():
+            # When it started, as `now` minus how long it has run on the monotonic clock: a step of
+            # the wall clock changes neither its usage so far nor its expected end.
+            start = now if job.started_at is None else now - self._ran_ns(job.job_id, job.started_at)
+            if job.started_at is not None:  # usage so far of the jobs that run
+                cost = weight(len(job.gpu_indices), job.cpu)
+                so_far = interval_usage(cost, start, now, now, half_life)
+                usage[job.owner] = usage.get(job.owner, 0.0) + so_far
+            took = self._max_durations.get(job.job_id) or self.durations.medians.get(job.duration_key)
+            running.append(
+                RunningJob(
+                    job.job_id,
+                    job.agent_id,
+                    job.owner,
+                    job.cpu,
+                    job.memory,
+                    job.gpu_indices,
                     start,
                     None if took is None else start + int(took * 1e9),
                 )
             )
-            if (a := agents.get(job.agent_id)) is not None:
-                a.hold(job.cpu, job.memory, job.gpu_indices)
-        # Statuses within runs that have dependencies: of the dependencies, and of the job itself
-        # (a dependant failed by its dependency is no longer waiting).
-        statuses = store.dependency_statuses(sorted({w.run_id for w in waiting if w.depends_on}))
-        gone: list[str] = []
-        queue: list[JobRequest] = []
-        reasons: dict[str, str] = {}
-        info: dict[str, WaitInfo] = {}
-        hits: list[tuple[CacheHit, Waiting]] = []
-        for w in waiting:
-            if w.depends_on:
-                if statuses.get((w.run_id, "#" + w.job_id), JobStatus.PENDING) not in WAITING:
-                    gone.append(w.job_id)
-                    continue
-                blocked = [d for d in w.depends_on if statuses.get((w.run_id, d)) != JobStatus.DONE]
-                if blocked:
-                    reasons[w.job_id] = "waiting for " + ", ".join(blocked)
-                    info[w.job_id] = WaitInfo(0, DEPENDENCIES, reasons[w.job_id], 0)
-                    continue
-            if w.cache and self.copy_cached is not None:
-                w.cache = False  # asked once: a miss runs
-                try:
-                    hit = store.cache.find_hit(w.job_id)
-                except Exception:  # a broken lookup must not stop the pass: the job runs
-                    log.exception("step cache: looking up job %s failed; it runs", w.job_id)
-                    hit = None
-                if hit is not None:
-                    hits.append((hit, w))
-                    gone.append(w.job_id)
-                    continue
-            if w.request.max_duration_s:
-                self._max_durations[w.job_id] = w.request.max_duration_s
-            queue.append(w.request)
-        policy = Policy(
+        return now, agents, running, usage
+
+    def _policy(self, now: int, usage: dict[str, float]) -> Policy:
+        cfg = self.config
+        self.last_usage = usage
+        return Policy(
             now_ns=now,
             fairshare=cfg.fairshare,
             usage=usage,
@@ -377,7 +416,137 @@ class Engine:
             durations=self.durations.medians,
             waited_s=self.waits.waited_s,
         )
-        self.last_usage = usage
+
+    def _apply(
+        self,
+        placements: Sequence[tuple[str, str, list[int]]],
+        by_job: dict[str, JobRequest],
+        agents: dict[str, AgentState],
+        to_mark: Sequence[str],
+        failures: Sequence[tuple[str, str]],
+    ) -> list[Assignment]:
+        """One transaction for the whole pass; what was placed is held from now on (`holdings`)."""
+        masters = self._gang_masters(placements, by_job, agents)
+        assignments = self.store.apply_schedule(
+            [Placement(job, agent, gpus, masters.get(by_job[job].gang, "")) for job, agent, gpus in placements],
+            to_mark,
+            failures,
+        )
+        now = self.clock.time_ns()
+        for a in assignments:
+            req = by_job[a.job_id]
+            if req.submitted_at:
+                self.metrics.dispatch_latency.observe(max(0, now - req.submitted_at) / 1e9)
+            if req.max_duration_s:
+                self._max_durations[a.job_id] = req.max_duration_s
+            self.holdings.add(
+                Held(a.job_id, a.agent_id, a.owner, req.cpu, req.memory, tuple(a.gpu_indices), None, req.duration_key)
+            )
+        if assignments:
+            self.metrics.assignments.inc(len(assignments))
+        return assignments
+
+    def _admit(
+        self,
+        w: Waiting,
+        statuses: dict[tuple[str, str], JobStatus],
+        gone: list[str],
+        hits: list[tuple[CacheHit, Waiting]],
+    ) -> str | None:
+        """Whether a waiting job takes part in the pass (None) or why not: it no longer waits (into
+        `gone`), its dependencies have not finished (the reason returned), or the step cache has its
+        results (into `hits` and `gone`: returns "")."""
+        if w.depends_on:
+            if statuses.get((w.run_id, "#" + w.job_id), JobStatus.PENDING) not in WAITING:
+                gone.append(w.job_id)
+                return ""
+            blocked = [d for d in w.depends_on if statuses.get((w.run_id, d)) != JobStatus.DONE]
+            if blocked:
+                return "waiting for " + ", ".join(blocked)
+        if w.cache and self.copy_cached is not None:
+            w.cache = False  # asked once: a miss runs
+            try:
+                hit = self.store.cache.find_hit(w.job_id)
+            except Exception:  # a broken lookup must not stop the pass: the job runs
+                log.exception("step cache: looking up job %s failed; it runs", w.job_id)
+                hit = None
+            if hit is not None:
+                hits.append((hit, w))
+                gone.append(w.job_id)
+                return ""
+        return None
+
+    def _heads(self, by_user: dict[str, list[Waiting]], shapes: set[Shape], connected: set[str], charge: bool) -> Plan:
+        """A heads-only pass (DB thread): places what the full pass would place (planner.place_heads),
+        walking the queue only as far as something that waits can still be placed."""
+        now, agents, _, usage = self._state(connected, charge, full=False)
+        policy = self._policy(now, usage)
+        gone: list[str] = []
+        hits: list[tuple[CacheHit, Waiting]] = []
+        statuses: dict[str, dict[tuple[str, str], JobStatus]] = {}  # per run, read when first needed
+        queue = self.queue
+
+        def include(w: Waiting) -> bool:
+            if not queue.live(w):
+                return False
+            run = None
+            if w.depends_on:
+                run = statuses.get(w.run_id)
+                if run is None:
+                    run = statuses[w.run_id] = self.store.dependency_statuses([w.run_id])
+            return self._admit(w, run or {}, gone, hits) is None
+
+        by_job: dict[str, JobRequest] = {}
+
+        def heads(dropped: set[str]) -> Iterator[JobRequest]:
+            for w in lazy_order_of(by_user, _request, policy, include, dropped, _arrival):
+                by_job[w.job_id] = w.request
+                yield w.request
+
+        def gang_members(key: str) -> list[JobRequest]:
+            members = [w.request for w in queue.gang(key)]
+            by_job.update((r.job_id, r) for r in members)
+            return members
+
+        done = place_heads(
+            heads,
+            list(agents.values()),
+            dict(self.holdings.user_gpus),
+            dict(self.holdings.user_jobs),
+            replace(policy, reservations={j: a for j, a in policy.reservations.items() if j in queue}),
+            shapes,
+            gang_members,
+        )
+        self.metrics.heads_walked.observe(done.walked)
+        assignments = self._apply(done.placements, by_job, agents, [], [])
+        placed = [p[0] for p in done.placements]
+        return Plan(assignments, {}, gone + placed, [], {}, {}, hits)
+
+    def _plan(self, waiting: list[Waiting], connected: set[str], charge: bool = True) -> Plan:
+        """One full scheduling pass (runs on the DB thread); `charge`: count the usage of jobs that ended."""
+        store = self.store
+        cfg = self.config
+        now, agents, running, usage = self._state(connected, charge, full=True)
+        # Statuses within runs that have dependencies: of the dependencies, and of the job itself
+        # (a dependant failed by its dependency is no longer waiting).
+        statuses = store.dependency_statuses(sorted({w.run_id for w in waiting if w.depends_on}))
+        gone: list[str] = []
+        queue: list[JobRequest] = []
+        reasons: dict[str, str] = {}
+        info: dict[str, WaitInfo] = {}
+        hits: list[tuple[CacheHit, Waiting]] = []
+        for w in waiting:
+            why = self._admit(w, statuses, gone, hits)
+            if why:
+                reasons[w.job_id] = why
+                info[w.job_id] = WaitInfo(0, DEPENDENCIES, why, 0)
+                continue
+            if why is not None:
+                continue
+            if w.request.max_duration_s:
+                self._max_durations[w.job_id] = w.request.max_duration_s
+            queue.append(w.request)
+        policy = self._policy(now, usage)
         decision = plan(queue, list(agents.values()), running, policy)
         by_job = {r.job_id: r for r in queue}
         reasons.update(decision.waiting)
@@ -390,15 +559,7 @@ class Engine:
             else:
                 reasons[job_id] = f"waiting: {why}"
         to_mark = [w.job_id for w in waiting if w.submitted and w.job_id in reasons]
-        masters = self._gang_masters(decision.placements, by_job, agents)
-        assignments = store.apply_schedule(
-            [
-                Placement(job, agent, gpus, masters.get(by_job[job].gang, ""))
-                for job, agent, gpus in decision.placements
-            ],
-            to_mark,
-            failures,
-        )
+        assignments = self._apply(decision.placements, by_job, agents, to_mark, failures)
         done = gone + [p[0] for p in decision.placements] + [f[0] for f in failures]
         live = {j.job_id for j in running} | {p[0] for p in decision.placements}
         self._max_durations = {j: s for j, s in self._max_durations.items() if j in live or j in reasons}
@@ -640,12 +801,17 @@ class Engine:
                 a.hold(alloc.cpu, alloc.memory, alloc.gpu_indices)
         return agents
 
-    def _idle_agent_states(self, connected: set[str]) -> dict[str, AgentState]:
-        """The connected agents' capacities, with nothing held yet (DB thread)."""
+    def _idle_agent_states(self, connected: set[str], reread: bool = True) -> dict[str, AgentState]:
+        """The connected agents' capacities, with nothing held yet (DB thread). `reread`: read the online
+        agents' rows again even if the connected set is as it was (an inventory may have changed)."""
         agents: dict[str, AgentState] = {}
         held = self.quarantine.held()  # one read: the mapping is replaced, never changed, on the loop
         now = self.clock.monotonic()
-        for row in self.store.online_agents():
+        rows = self._agent_rows
+        if rows is None or reread or self._agent_rows_for != connected:
+            rows = self._agent_rows = self.store.online_agents()
+            self._agent_rows_for = frozenset(connected)
+        for row in rows:
             if row.id not in connected:
                 continue
             if held.get(row.id, -math.inf) > now:
