@@ -66,12 +66,15 @@ log = logging.getLogger("dstack.coordinator")
 PACE_AFTER_S = 0.02
 PACE_MAX_S = 1.0
 # Full passes (every waiting job's reason, position and estimated start, new reservations, unsatisfiable
-# jobs failed) run every pass while the queue is this short; over a deeper queue, at most one per
-# FULL_EVERY_S, and no more than FULL_SHARE of the time, while heads-only passes (planner.place_heads,
-# costing what they place rather than the queue's depth) place jobs in between.
+# jobs failed) place jobs while the queue is this short. Over a deeper queue, heads-only passes place
+# (planner.place_heads: they cost what they place, not the queue's depth), and a full pass runs beside
+# them, off the DB thread (Engine._refresh_info): at most one per FULL_EVERY_S, and no more than
+# FULL_SHARE of the time.
 FULL_QUEUE = 1000
 FULL_EVERY_S = 1.0
 FULL_SHARE = 0.2
+# Jobs a deep queue's full pass marks pending at most (one transaction; the rest at the next ones).
+MARK_AT_ONCE = 2000
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -112,6 +115,21 @@ class Plan:
     info: dict[str, WaitInfo]  # position, reason and estimated start of each waiting job
     reservations: dict[str, str]  # job -> agent held for it
     cache_hits: list[tuple[CacheHit, Waiting]] = field(default_factory=list)  # jobs the step cache completes
+
+
+@dataclass
+class InfoSnapshot:
+    """What a deep queue's full pass (Engine._refresh_info) plans from, and what its look found."""
+
+    waiting: list[Waiting]
+    queue: list[JobRequest]  # the jobs that take part (dependencies met, no step cache hit)
+    agents: list[AgentState]
+    running: list[RunningJob]
+    policy: Policy
+    reasons: dict[str, str] = field(default_factory=dict)  # jobs waiting for their dependencies
+    info: dict[str, WaitInfo] = field(default_factory=dict)
+    gone: list[str] = field(default_factory=list)  # no longer waiting
+    hits: list[tuple[CacheHit, Waiting]] = field(default_factory=list)
 
 
 @dataclass
@@ -180,6 +198,17 @@ class Engine:
         self._holdings_read = False
         self._agent_rows: list[AgentRow] | None = None
         self._agent_rows_for: frozenset[str] = frozenset()
+        # Per agent, its capacities as parsed from the inventory bytes of its row (the same bytes object
+        # while the rows are kept between passes): the DB thread's only.
+        self._capacities: dict[str, tuple[bytes, AgentState]] = {}
+        self._info: asyncio.Task[None] | None = None  # `_refresh_info`, while it runs
+        self._info_wanted = True  # something happened since the last one began
+        self._info_timer: asyncio.TimerHandle | None = None
+        # FULL_QUEUE, FULL_EVERY_S, FULL_SHARE, as this engine uses them (tests take the deep queue's
+        # path with a short one).
+        self.full_queue = FULL_QUEUE
+        self.full_every_s = FULL_EVERY_S
+        self.full_share = FULL_SHARE
         self._next_full = 0.0  # perf_counter: a deep queue's next full pass is due then
         self.passes = PassCounts()
         self.secret_box = SecretBox(config.secrets_key_path)
@@ -213,15 +242,25 @@ class Engine:
         self.kick()
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        if self._info_timer is not None:
+            self._info_timer.cancel()
+        tasks = self._tasks + ([self._info] if self._info is not None else [])
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.hub.close_all()
 
     def kick(self, finished: bool = True) -> None:
         """Asks for a scheduling pass; many kicks before a pass cost one pass. `finished`: whether a job
         may have ended meanwhile (its usage is then charged in the pass; a new submission says no)."""
         self._charge_due = self._charge_due or finished
+        self._info_wanted = True
+        self._kick.set()
+        self._idle.clear()
+
+    def _info_due(self) -> None:
+        """A deep queue's full pass is due (`_refresh_info`) and was asked for meanwhile."""
+        self._info_timer = None
         self._kick.set()
         self._idle.clear()
 
@@ -250,7 +289,15 @@ class Engine:
                 continue
             charge, self._charge_due = self._charge_due, False
             began = time.perf_counter()
-            full = len(self.queue) <= FULL_QUEUE or began >= self._next_full or self._limits is None
+            full = len(self.queue) <= self.full_queue
+            if not full and self._info is None and self._info_wanted:
+                # Over a deep queue, reasons, positions, estimates and new reservations are worked out
+                # beside the passes that place (planner.place_heads), not in one of them, on a cadence.
+                if began >= self._next_full or self._limits is None:
+                    self._info_wanted = False
+                    self._info = asyncio.create_task(self._refresh_info(), name="wait info")
+                elif self._info_timer is None:
+                    self._info_timer = asyncio.get_running_loop().call_later(self._next_full - began, self._info_due)
             connected = self.hub.connected_ids()
             try:
                 if full:
@@ -284,13 +331,85 @@ class Engine:
                 self.hub.send(a.agent_id, agent_pb2.CoordinatorMessage(assignments=[self._assignment(a)]))
             self.assignments_sent += len(plan.assignments)
             took = time.perf_counter() - began
-            if full:
-                self._next_full = time.perf_counter() + max(FULL_EVERY_S, took / FULL_SHARE)
             # A pass over a deep queue holds the DB thread (submissions, heartbeats, updates wait behind
             # it): the next one waits as long as this one took, so passes take at most about half of it,
             # and what finished meanwhile is placed by one pass rather than by many back to back.
             if took > PACE_AFTER_S:
                 await asyncio.sleep(min(took, PACE_MAX_S))
+
+    async def _refresh_info(self) -> None:
+        """Every waiting job's reason, position and estimated start, new reservations, unsatisfiable jobs
+        failed and new ones marked pending, over a deep queue: the planner's full pass (`plan`) on a
+        snapshot, off the DB thread (only the snapshot and the writes are on it), while heads-only passes
+        go on placing. Its own placements are not applied: the next heads-only pass makes them (with the
+        reservations it made). At most one at a time, at most one per FULL_EVERY_S and no more than
+        FULL_SHARE of the time."""
+        began = time.perf_counter()
+        try:
+            snap = await self.db(self._info_snapshot, self.queue.snapshot(), self.hub.connected_ids())
+            decision = await asyncio.to_thread(plan, snap.queue, snap.agents, snap.running, snap.policy)
+            reasons, info = snap.reasons, snap.info
+            reasons.update(decision.waiting)
+            info.update(decision.info)
+            failures = []
+            for job_id, why in decision.impossible.items():
+                if self.config.fail_unsatisfiable:
+                    failures.append((job_id, why))
+                    info.pop(job_id, None)
+                else:
+                    reasons[job_id] = f"waiting: {why}"
+            to_mark = [w.job_id for w in snap.waiting if w.submitted and w.job_id in reasons][:MARK_AT_ONCE]
+            await self.db(self._apply_info, to_mark, failures, reasons)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("working out why jobs wait failed")
+            self._next_full = time.perf_counter() + self.full_every_s
+            return
+        finally:
+            self._info = None
+        took = time.perf_counter() - began
+        self.metrics.full_pass.observe(took)
+        self.passes.full += 1
+        self._next_full = time.perf_counter() + max(self.full_every_s, took / self.full_share)
+        self.pending_reasons = reasons  # replaced whole: jobs placed or gone since drop out at the next
+        self.wait_info = info
+        self.reservations = {j: a for j, a in decision.reservations.items() if j in self.queue}
+        done = snap.gone + [f[0] for f in failures]
+        self.queue.discard(done)
+        self.waits.discard(done)
+        self.queue.mark_pending(to_mark)
+        for hit, w in snap.hits:
+            task = asyncio.create_task(self._reuse(hit, w), name=f"reuse {hit.run_name}/{hit.job_name}")
+            self._reusing.add(task)
+            task.add_done_callback(self._reusing.discard)
+        if failures or snap.gone:
+            self.watchers.notify_all()
+        # New reservations: a heads-only pass places by them (not a kick: that would ask for this again).
+        self._kick.set()
+        self._idle.clear()
+
+    def _info_snapshot(self, waiting: list[Waiting], connected: set[str]) -> InfoSnapshot:
+        """What `_refresh_info` plans from (DB thread)."""
+        now, agents, running, usage = self._state(connected, charge=False, full=True)
+        statuses = self.store.dependency_statuses(sorted({w.run_id for w in waiting if w.depends_on}))
+        snap = InfoSnapshot(waiting, [], list(agents.values()), running, self._policy(now, usage))
+        for w in waiting:
+            why = self._admit(w, statuses, snap.gone, snap.hits)
+            if why:
+                snap.reasons[w.job_id] = why
+                snap.info[w.job_id] = WaitInfo(0, DEPENDENCIES, why, 0)
+            elif why is None:
+                if w.request.max_duration_s:
+                    self._max_durations[w.job_id] = w.request.max_duration_s
+                snap.queue.append(w.request)
+        return snap
+
+    def _apply_info(self, to_mark: list[str], failures: list[tuple[str, str]], reasons: dict[str, str]) -> None:
+        """The writes of `_refresh_info` (DB thread): one transaction."""
+        self.store.apply_schedule([], to_mark, failures)
+        holds, queue = self.holdings.jobs, self.queue
+        self._max_durations = {j: s for j, s in self._max_durations.items() if j in holds or j in reasons or j in queue}
 
     async def _reuse(self, hit: CacheHit, w: Waiting) -> None:
         """A step cache hit: the source's files under the job's own name, then the job is done. Files that
@@ -319,9 +438,15 @@ class Engine:
         self.kick()  # its dependants may start
 
     async def settled(self) -> None:
-        """Returns once no scheduling pass is asked for or running (in-process tests and the fairness
-        bench step a manual clock by it)."""
-        await self._idle.wait()
+        """Returns once no scheduling pass is asked for or running, nor a deep queue's full pass
+        (in-process tests and the fairness bench step a manual clock by it)."""
+        while True:
+            await self._idle.wait()
+            info = self._info
+            if info is None and self._idle.is_set():
+                return
+            if info is not None:
+                await asyncio.wait([info])
 
     async def _refresh_loop(self) -> None:
         """A pass now and then while jobs wait, though nothing happened: waits pass the reservation
@@ -381,6 +506,8 @@ class Engine:
                 a.used_cpu, a.used_memory, a.busy_gpus, a.jobs = held.cpu, held.memory, set(held.gpus), held.jobs
         running: list[RunningJob] = []
         for job in self.holdings.jobs.values():
+            if not full and not job.started_at:
+                continue  # neither usage so far nor anything a heads-only pass reads
             # When it started, as `now` minus how long it has run on the monotonic clock: a step of
             # the wall clock changes neither its usage so far nor its expected end.
             start = now if job.started_at is None else now - self._ran_ns(job.job_id, job.started_at)
@@ -816,17 +943,27 @@ class Engine:
                 continue
             if held.get(row.id, -math.inf) > now:
                 continue  # it may still run an attempt that is over, on GPUs it would otherwise offer
-            inv = self._inventory(row.id, row.inventory)
+            cap = self._capacities.get(row.id)
+            if cap is None or cap[0] != row.inventory:
+                inv = self._inventory(row.id, row.inventory)
+                cap = self._capacities[row.id] = (
+                    row.inventory,
+                    AgentState(
+                        agent_id=row.id,
+                        name=row.name,
+                        cpu_total=float(inv.cpu_count),
+                        memory_total=inv.memory_total_bytes,
+                        gpus=[Gpu(g.index, g.name, g.memory_total_bytes) for g in inv.gpus],
+                        max_jobs=inv.max_jobs or 1_000_000,
+                        containers=inv.runtime == "docker",
+                        # An address that is none (an agent's own word) is not handed to a gang's other members.
+                        address=_address_of(inv.advertise_address, inv.hostname),
+                    ),
+                )
+            t = cap[1]
+            # A fresh state per pass on the template's capacities (its GPU list is never changed).
             agents[row.id] = AgentState(
-                agent_id=row.id,
-                name=row.name,
-                cpu_total=float(inv.cpu_count),
-                memory_total=inv.memory_total_bytes,
-                gpus=[Gpu(g.index, g.name, g.memory_total_bytes) for g in inv.gpus],
-                max_jobs=inv.max_jobs or 1_000_000,
-                containers=inv.runtime == "docker",
-                # An address that is none (an agent's own word) is not handed to a gang's other members.
-                address=_address_of(inv.advertise_address, inv.hostname),
+                t.agent_id, row.name, t.cpu_total, t.memory_total, t.gpus, t.max_jobs, t.containers, address=t.address
             )
         return agents
 
