@@ -395,7 +395,9 @@ class Engine:
         statuses = self.store.dependency_statuses(sorted({w.run_id for w in waiting if w.depends_on}))
         snap = InfoSnapshot(waiting, [], list(agents.values()), running, self._policy(now, usage))
         for w in waiting:
-            why = self._admit(w, statuses, snap.gone, snap.hits)
+            # No step cache lookup here: a heads-only pass could place the job before this one's
+            # results arrive, and the hit would complete it as well.
+            why = self._admit(w, statuses, snap.gone, snap.hits, cache=False)
             if why:
                 snap.reasons[w.job_id] = why
                 snap.info[w.job_id] = WaitInfo(0, DEPENDENCIES, why, 0)
@@ -579,10 +581,12 @@ class Engine:
         statuses: dict[tuple[str, str], JobStatus],
         gone: list[str],
         hits: list[tuple[CacheHit, Waiting]],
+        cache: bool = True,
     ) -> str | None:
         """Whether a waiting job takes part in the pass (None) or why not: it no longer waits (into
         `gone`), its dependencies have not finished (the reason returned), or the step cache has its
-        results (into `hits` and `gone`: returns "")."""
+        results (into `hits` and `gone`: returns ""). `cache`: ask the step cache (a pass that places
+        does; a deep queue's full pass, whose results come seconds later, leaves that to one)."""
         if w.depends_on:
             if statuses.get((w.run_id, "#" + w.job_id), JobStatus.PENDING) not in WAITING:
                 gone.append(w.job_id)
@@ -590,7 +594,7 @@ class Engine:
             blocked = [d for d in w.depends_on if statuses.get((w.run_id, d)) != JobStatus.DONE]
             if blocked:
                 return "waiting for " + ", ".join(blocked)
-        if w.cache and self.copy_cached is not None:
+        if cache and w.cache and self.copy_cached is not None:
             w.cache = False  # asked once: a miss runs
             try:
                 hit = self.store.cache.find_hit(w.job_id)
