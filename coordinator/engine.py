@@ -132,12 +132,6 @@ class InfoSnapshot:
     hits: list[tuple[CacheHit, Waiting]] = field(default_factory=list)
 
 
-@dataclass
-class PassCounts:
-    full: int = 0  # full passes (coordinator/planner.py `plan`)
-    heads: int = 0  # heads-only passes (`place_heads`)
-
-
 def _request(w: Waiting) -> JobRequest:
     return w.request
 
@@ -211,7 +205,6 @@ class Engine:
         self.full_every_s = FULL_EVERY_S
         self.full_share = FULL_SHARE
         self._next_full = 0.0  # perf_counter: a deep queue's next full pass is due then
-        self.passes = PassCounts()
         self.secret_box = SecretBox(config.secrets_key_path)
         # Decrypted, for the job hand-off only: owner ('' for the team's) -> name -> value.
         self.secrets: dict[str, dict[str, str]] = {}
@@ -373,7 +366,6 @@ class Engine:
             self._info = None
         took = time.perf_counter() - began
         self.metrics.full_pass.observe(took)
-        self.passes.full += 1
         self._next_full = time.perf_counter() + max(self.full_every_s, took / self.full_share)
         self.pending_reasons = reasons  # replaced whole: jobs placed or gone since drop out at the next
         self.wait_info = info
@@ -465,7 +457,6 @@ class Engine:
     def _timed_plan(self, waiting: list[Waiting], connected: set[str], charge: bool) -> Plan:
         # Timed on the DB thread: the pass itself, not its wait behind other store calls.
         with self.metrics.scheduling_pass.time(), self.metrics.full_pass.time():
-            self.passes.full += 1
             return self._plan(waiting, connected, charge)
 
     def _timed_heads(
@@ -473,7 +464,6 @@ class Engine:
     ) -> Plan:
         began = time.perf_counter()
         with self.metrics.scheduling_pass.time():
-            self.passes.heads += 1
             try:
                 return self._heads(by_user, shapes, connected, charge)
             finally:
