@@ -14,16 +14,16 @@ MIB = 1 << 20
 
 
 def status_of(a: client_pb2.Agent) -> str:
-    """The agent's status, with `draining (disk full)` while its disk is below its floor (no new job)."""
-    if a.status == "online" and a.inventory.disk_full:
-        return "online, draining (disk full)"
-    return a.status
+    """The agent's status: `draining` while its disk is below its floor (no new job goes there)."""
+    return "draining" if a.status == "online" and a.inventory.disk_full else a.status
 
 
 def disk_of(inv: common_pb2.Inventory) -> str:
-    """Free space in its work folder, and the floor it keeps (`dstack agent --min-free-disk`)."""
+    """Free space in its work folder, and the floor it keeps there (`dstack agent --min-free-disk`)."""
     free, floor = inv.disk_free_bytes, inv.min_free_disk_bytes
     text = f"{free / GIB:.1f} GiB free" if free >= GIB else f"{free // MIB} MiB free"
+    if inv.disk_full:
+        return f"{text}: full (below {floor // MIB} MiB)"
     return text + (f" (keeps {floor // MIB} MiB)" if floor else "")
 
 
