@@ -10,14 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from dstack.protos.v1 import agent_pb2
+from dstack.agent.diskspace import MinFree
+from dstack.protos.v1 import agent_pb2, client_pb2
 from tests.inproc.factories import (
     JS,
     TR,
+    GatedRuntime,
     SimAgent,
     coordinator,
     inventory,
+    job_ids,
     job_spec,
+    real_agent,
     sim_agent,
     submit_run,
     wait_until,
@@ -102,3 +106,39 @@ async def test_a_job_its_agents_full_disk_ended_runs_on_another_agent_and_only_s
             assert job.message.endswith("(attempt 3; no more attempts after a full disk)")
             assert "agent disk full on a" in job.message
             assert len(job.attempts) == 2 and len(b.assignments()) == 1
+
+
+async def test_the_real_agent_ends_a_job_that_failed_on_a_full_disk_drains_and_runs_its_next_attempt_once_space_is_back(
+    tmp_path: Path,
+) -> None:
+    """agent/runner.py and agent/connection.py: the job's own writes met the full disk (it exits 1 while the
+    work folder is below the floor): not its code's fault. The floor is raised under the agent's feet, as a
+    disk filling up would look to it."""
+    runtime = GatedRuntime()
+    async with coordinator(tmp_path, heartbeat_interval_s=0.2) as h, real_agent(h, runtime=runtime) as agent:
+        run = await submit_run(h, job_spec("main", "python train.py"))
+        job_id = job_ids(run)["main"]
+        proc = await runtime.started(job_id)
+        agent.disk.min_free = MinFree(size=1 << 62)  # more than any disk: below the floor from now on
+        proc.exit(1)
+
+        async def requeued() -> client_pb2.Job | None:
+            job = await h.job(run.name, "main")
+            return job if job.attempt == 2 else None
+
+        job = await wait_until(requeued, "attempt 2")
+        (ended,) = job.attempts
+        assert ended.termination_reason == TR.TERMINATION_REASON_DISK_FULL
+        assert ended.message.startswith("agent disk full on agent-1: ") and ended.message.endswith(
+            "; the job exited with code 1"
+        )
+        listed = await h.agent("agent-1")
+        assert listed is not None and listed.inventory.disk_full  # draining: attempt 2 waits, saying why
+        waiting = await h.job(run.name, "main")
+        assert waiting.status == JS.JOB_STATUS_PENDING and "(draining: disk full, " in waiting.message
+        assert f"{job_id}-a2" not in runtime.procs
+
+        agent.disk.min_free = MinFree()  # space back: the agent says so at its next heartbeat
+        (await runtime.started(f"{job_id}-a2")).exit(0)
+        done = await h.wait_job(run.name, "main", [JS.JOB_STATUS_DONE])
+        assert done.attempt == 2
