@@ -14,11 +14,13 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import AgentJSON, AttemptJSON, Cluster, Proc, wait_for, write_project
+from dstack.protos.v1 import client_pb2, common_pb2
+from tests.conftest import Cluster, Proc, wait_for, write_project
 
 pytestmark = [
     pytest.mark.integration,
@@ -27,6 +29,7 @@ pytestmark = [
 
 DISK_MIB = 16
 FLOOR = "4MiB"
+DISK_FULL = common_pb2.TERMINATION_REASON_DISK_FULL
 WORKFLOWS = """
 workflows:
   - name: hello
@@ -61,18 +64,21 @@ def fill(path: Path) -> None:
                 chunk = chunk[: len(chunk) // 2]
 
 
-def draining(cluster: Cluster, name: str) -> str | None:
-    """What `dstack agents --json` says agent `name` drains for ("" for nothing; None: not listed)."""
-    return next((a["draining"] for a in cluster.agents_json() if a["name"] == name), None)
+def inventory(cluster: Cluster, name: str) -> common_pb2.Inventory | None:
+    """Agent `name`'s inventory as the pool lists it (asked in-process: a CLI process per poll costs more)."""
+    with closing(cluster.client()) as client:
+        return next((a.inventory for a in client.list_agents() if a.name == name), None)
 
 
-def listed(cluster: Cluster, name: str) -> AgentJSON:
-    return next(a for a in cluster.agents_json() if a["name"] == name)
+def draining(cluster: Cluster, name: str) -> bool:
+    inv = inventory(cluster, name)
+    return inv is not None and inv.disk_full
 
 
-def agent_of(cluster: Cluster, run: str) -> str:
-    (job,) = cluster.run_info(run)["jobs"]
-    return str(job["agent"])
+def job_of(cluster: Cluster, run: str) -> client_pb2.Job:
+    with closing(cluster.client()) as client:
+        (job,) = client.get_run(run).jobs
+    return job
 
 
 def test_a_full_agent_disk_requeues_its_job_elsewhere_drains_the_agent_and_it_recovers(
@@ -89,38 +95,38 @@ def test_a_full_agent_disk_requeues_its_job_elsewhere_drains_the_agent_and_it_re
     assert r.returncode == 0, r.stderr
     (run,) = [str(x["name"]) for x in cluster.runs()]
 
-    def ended_by_disk() -> list[AttemptJSON]:
-        (job,) = cluster.run_info(run)["jobs"]
-        return [a for a in job["attempts"] if a["termination_reason"] == "disk full"]
+    def ended_by_disk() -> list[client_pb2.JobAttempt]:
+        return [a for a in job_of(cluster, run).attempts if a.termination_reason == DISK_FULL]
 
     (first,) = wait_for(ended_by_disk, timeout=90, what="an attempt ended by the full disk")
-    assert first["agent"] == "small" and first["status"] == "failed", first
-    message = str(first["message"])
-    assert message.startswith("agent disk full on small: ") and " MiB free in " in message, message
-    assert "http" not in message and "store" not in message.lower(), message  # not the store's fault
+    assert first.agent_name == "small" and first.status == common_pb2.JOB_STATUS_FAILED, first
+    assert first.message.startswith("agent disk full on small: ") and " MiB free in " in first.message, first
+    assert "http" not in first.message and "store" not in first.message.lower(), first  # not the store's fault
 
-    wait_for(lambda: draining(cluster, "small") == "disk full", timeout=60, what="small to drain")
-    assert listed(cluster, "small")["disk_free_bytes"] < 4 << 20
+    wait_for(lambda: draining(cluster, "small"), timeout=60, what="small to drain")
+    (agent,) = [a for a in cluster.agents_json() if a["name"] == "small"]  # as `dstack agents --json` says it
+    assert agent["draining"] == "disk full" and agent["disk_free_bytes"] < 4 << 20, agent
     table = cluster.cli("agents")
     assert table.returncode == 0 and "draining" in table.stdout and "full" in table.stdout, table.stdout
-    (job,) = cluster.run_info(run)["jobs"]
-    assert job["status"] in ("submitted", "pending") and "draining: disk full" in str(job["message"]), job
+    job = job_of(cluster, run)
+    assert job.status in (common_pb2.JOB_STATUS_SUBMITTED, common_pb2.JOB_STATUS_PENDING), job
+    assert "draining: disk full" in job.message, job
 
     cluster.start_agent("healthy")
     done = cluster.wait_status(run, {"done", "failed", "stopped"}, timeout=120)
     assert done["status"] == "done", done
-    assert agent_of(cluster, run) == "healthy"
+    assert job_of(cluster, run).agent_name == "healthy"
     assert "agent disk full on small" in small.output()
 
     # 2. Space back (an admin clears the code cache): the agent takes jobs again by itself.
     for cached in seen(small, cluster.tmp / "small" / "code").glob("*.tar.gz"):
         cached.unlink()
-    wait_for(lambda: draining(cluster, "small") == "", timeout=60, what="small to take jobs again")
+    wait_for(lambda: not draining(cluster, "small"), timeout=60, what="small to take jobs again")
     wait_for(lambda: "disk space is back" in small.output(), timeout=30, what="the agent to say so")
 
     # 3. Filled behind its back (another process): it drains again without any job failing, and recovers.
     filler = seen(small, cluster.tmp / "small" / "filler")
     fill(filler)
-    wait_for(lambda: draining(cluster, "small") == "disk full", timeout=60, what="small to drain")
+    wait_for(lambda: draining(cluster, "small"), timeout=60, what="small to drain")
     filler.unlink()
-    wait_for(lambda: draining(cluster, "small") == "", timeout=60, what="small to recover")
+    wait_for(lambda: not draining(cluster, "small"), timeout=60, what="small to recover")
