@@ -84,6 +84,18 @@ def _address_of(advertised: str, hostname: str) -> str:
     return next((x for x in (advertised, hostname) if valid_address(x)), "")
 
 
+MAX_WORK_DIR_SHOWN = 200  # an agent's own word, shown in every waiting job's reason: bounded
+
+
+def draining_of(inv: common_pb2.Inventory) -> str:
+    """Why the agent takes no new job for now ("" if it takes jobs): its disk is below its floor
+    (`dstack agent --min-free-disk`, agent/diskspace.py)."""
+    if not inv.disk_full:
+        return ""
+    where = inv.work_dir[:MAX_WORK_DIR_SHOWN] or "its work folder"
+    return f"disk full, {inv.disk_free_bytes >> 20} MiB free in {where}"
+
+
 class RunWatchers:
     """Wakes log followers when something about a run changed."""
 
@@ -166,6 +178,7 @@ class Engine:
         # renews every online agent's lease before it expires any.
         self._renewal_failed = False
         self._inventories: dict[str, tuple[bytes, common_pb2.Inventory]] = {}
+        self._disk_full: set[str] = set()  # agents whose last inventory said their disk is full (draining)
         # Why each waiting job waits, from the last scheduling pass (shown by `dstack ps`).
         self.pending_reasons: dict[str, str] = {}
         # Position, reason and estimated start of each waiting job, from the last pass (docs/state.md).
@@ -959,12 +972,22 @@ class Engine:
                         containers=inv.runtime == "docker",
                         # An address that is none (an agent's own word) is not handed to a gang's other members.
                         address=_address_of(inv.advertise_address, inv.hostname),
+                        # Its disk below its floor (a new inventory, so a new template): it takes no job.
+                        draining=draining_of(inv),
                     ),
                 )
             t = cap[1]
             # A fresh state per pass on the template's capacities (its GPU list is never changed).
             agents[row.id] = AgentState(
-                t.agent_id, row.name, t.cpu_total, t.memory_total, t.gpus, t.max_jobs, t.containers, address=t.address
+                t.agent_id,
+                row.name,
+                t.cpu_total,
+                t.memory_total,
+                t.gpus,
+                t.max_jobs,
+                t.containers,
+                address=t.address,
+                draining=t.draining,
             )
         return agents
 
@@ -1033,6 +1056,7 @@ class Engine:
         )
         if status not in (AgentStatus.ONLINE, AgentStatus.PENDING):
             raise Unauthenticated(agent_removed(agent_id))
+        self._disk_verdict(agent_id, hello.inventory)
         self.unheard.forget(agent_id)  # heard from: a later loss counts from then
         # Results the agent kept while it could not reach us come first.
         await self.on_message(agent_id, msg)
@@ -1136,6 +1160,21 @@ class Engine:
         except Exception:
             self._renewal_failed = True
             raise
+        if inv is not None:  # stored: a pass kicked now reads it
+            self._disk_verdict(agent_id, msg.heartbeat.inventory)
+
+    def _disk_verdict(self, agent_id: str, inv: common_pb2.Inventory) -> None:
+        """Notes an agent's disk becoming full (it drains) or free again: then a pass places jobs there."""
+        if inv.disk_full == (agent_id in self._disk_full):
+            return
+        self._agent_rows = None  # a heads-only pass reads the agents' rows (their inventories) again too
+        if inv.disk_full:
+            self._disk_full.add(agent_id)
+            log.warning("agent %s is draining: %s", agent_id, draining_of(inv))
+        else:
+            self._disk_full.discard(agent_id)
+            log.info("agent %s takes jobs again: its disk has %d MiB free", agent_id, inv.disk_free_bytes >> 20)
+        self.kick(finished=False)
 
     def _insert_logs(self, logs: Sequence[agent_pb2.LogBatch]) -> list[LogAck]:
         # Read on the DB thread straight from the agent's message: a big batch costs the event loop

@@ -161,6 +161,10 @@ class AgentJSON(TypedDict):
     memory_bytes: int
     memory_available_bytes: int
     running_jobs: int
+    disk_free_bytes: int
+    min_free_disk_bytes: int
+    work_dir: str
+    draining: str  # "disk full" while its disk is below --min-free-disk, else ""
     gpus_free: int
     gpus: list[GpuJSON]
 

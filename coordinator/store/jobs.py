@@ -612,7 +612,8 @@ class Jobs:
         self, c: sqlite3.Connection, t: lifecycle.JobTransition, u: JobUpdate, stop_reason: int, stop_message: str
     ) -> bool | None:
         """A report that ends the attempt other than as the agent sees it: stopped by the coordinator
-        (preempted, max_duration), or failed with `retry.on: [error]`. None: not such a report;
+        (preempted, max_duration), failed with `retry.on: [error]`, or failed for its agent's full disk.
+        None: not such a report;
         else whether the job was requeued as a new attempt."""
         if t.dst not in (JobStatus.FAILED, JobStatus.STOPPED):
             return None
@@ -628,6 +629,10 @@ class Jobs:
         if stop_reason == TerminationReason.PREEMPTED:
             cause, final, requeue = attempts.PREEMPTED, lifecycle.AGENT_PREEMPTED, lifecycle.REQUEUE_PREEMPTED
             reason, message = TerminationReason.PREEMPTED, stop_message or "preempted"
+        elif t is lifecycle.AGENT_FAILED and u.termination_reason == TerminationReason.DISK_FULL:
+            # Its agent's disk, not its code: another agent, within a bound (lifecycle/attempts.py).
+            cause, final, requeue = attempts.DISK_FULL, lifecycle.AGENT_FAILED, lifecycle.REQUEUE_DISK_FULL
+            reason, message = TerminationReason.DISK_FULL, u.message
         elif t is lifecycle.AGENT_FAILED and u.termination_reason == TerminationReason.EXIT_CODE:
             cause, final, requeue = attempts.ERROR, lifecycle.AGENT_FAILED, lifecycle.REQUEUE_ERROR
             reason, message = TerminationReason.EXIT_CODE, u.message
