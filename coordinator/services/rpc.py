@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -9,6 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from dstack.coordinator.app.streams import StreamLimits, StreamTicket
 from dstack.coordinator.errors import (
     AlreadyExists,
     Conflict,
@@ -108,3 +110,29 @@ async def data_of(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[bytes]:
     yield first.data
     async for msg in rest:
         yield msg.data
+
+
+def hold_stream(limits: StreamLimits, context: Any, user: str, what: str) -> StreamTicket:
+    """A place among the open long-lived calls (LimitExceeded when there is none), given back when the
+    call is over for gRPC: the client read its status, cancelled, or went away. Not when the handler
+    returns: a handler that gave up on a client that does not read leaves its last messages queued in
+    gRPC until the client takes them or leaves, and the place bounds that memory too."""
+    ticket = limits.open(user, what)
+    context.add_done_callback(lambda _call: ticket.close())
+    return ticket
+
+
+async def write_or_drop(limits: StreamLimits, context: Any, message: Any, what: str) -> None:
+    """Writes one message of a stream; ends the call when its client has taken nothing for the stall
+    timeout (flow control held the write back all that while). The client gets the status after the
+    messages it has not read yet."""
+    try:
+        await asyncio.wait_for(context.write(message), limits.stall_s)
+    except TimeoutError:
+        limits.dropped_slow += 1
+        log.warning("%s: the client took nothing for %.0f s; stream ended", what, limits.stall_s)
+        raise LimitExceeded(
+            f"{what}: the coordinator ended this stream because its client took nothing for"
+            f" {limits.stall_s:.0f} s while data waited (dstack server --stream-stall-timeout); start it again"
+            " to go on"
+        ) from None
