@@ -15,8 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from dstack.coordinator.app.core import Core
-from dstack.coordinator.app.streams import StreamLimits
 from dstack.coordinator.app.stats import StateCounts, state_counts
+from dstack.coordinator.app.streams import StreamLimits
 from dstack.coordinator.model import JobStatus, RunStatus
 
 

@@ -19,6 +19,7 @@ from dstack.coordinator.errors import (
     InvalidRequest,
     LimitExceeded,
     NotFound,
+    NotStored,
     StorageUnavailable,
     Unauthenticated,
 )
@@ -47,6 +48,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
     (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),  # a per-user limit: the message names it
+    (NotStored, grpc.StatusCode.ABORTED),  # undone as a whole: the caller may send it again
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),  # transient: callers retry
     (ExpiredGrant, grpc.StatusCode.UNAVAILABLE),  # the coordinator's own credentials expired: boto renews them
     (AccessDenied, grpc.StatusCode.PERMISSION_DENIED),  # the store refused the coordinator's credentials
