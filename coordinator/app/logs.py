@@ -97,7 +97,10 @@ async def stream_logs(
             yield LogChunk([], dict(cursor), finished_run=await core.run(run.name))
             return
         try:
-            await asyncio.wait_for(event.wait(), timeout=1.0)
+            # Not wait_for: on Python 3.11 it returns when the event is set just as the follower is cancelled,
+            # swallowing the cancel (the stream would then poll on, holding its place, after its client left).
+            async with asyncio.timeout(1.0):
+                await event.wait()
         except TimeoutError:
             pass
 

@@ -226,7 +226,8 @@ async def _write(request: web.Request, response: web.StreamResponse, data: bytes
     send buffer all that while) is cut off: its unsent data would otherwise stay in the coordinator."""
     limits = request.app[CORE].streams
     try:
-        await asyncio.wait_for(response.write(data), limits.stall_s)
+        async with asyncio.timeout(limits.stall_s):  # not wait_for: it may swallow a cancel (rpc.write_or_drop)
+            await response.write(data)
     except TimeoutError:
         limits.dropped_slow += 1
         log.warning("%s: the client took nothing for %.0f s; connection closed", what, limits.stall_s)
@@ -246,7 +247,8 @@ async def _next_chunk(request: web.Request, chunks: asyncio.Queue[Any]) -> Any:
         if _gone(request):
             raise _Dropped
         try:
-            return await asyncio.wait_for(chunks.get(), GONE_CHECK_S)
+            async with asyncio.timeout(GONE_CHECK_S):
+                return await chunks.get()
         except TimeoutError:
             waited += GONE_CHECK_S
     raise TimeoutError

@@ -129,7 +129,11 @@ async def write_or_drop(limits: StreamLimits, context: Any, message: Any, what: 
     timeout (flow control held the write back all that while). The client gets the status after the
     messages it has not read yet."""
     try:
-        await asyncio.wait_for(context.write(message), limits.stall_s)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the write's result when the call is
+        # cancelled just as the write completes, swallowing the cancel: the handler then ran on, holding its
+        # place, until it next wrote (a quiet follow: never). asyncio.timeout lets a cancel from outside through.
+        async with asyncio.timeout(limits.stall_s):
+            await context.write(message)
     except TimeoutError:
         limits.dropped_slow += 1
         log.warning("%s: the client took nothing for %.0f s; stream ended", what, limits.stall_s)
