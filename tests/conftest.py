@@ -219,6 +219,8 @@ class Cluster:
     tls: bool = True
     # Where the coordinator listens (tests/netns.py: the host's address on a bed of namespaces).
     host: str = "127.0.0.1"
+    # What `start_coordinator` runs with `python -m` (tests/old_coordinator.py: one without SubmitRuns).
+    coordinator_module: str = "dstack.coordinator"
 
     @property
     def address(self) -> str:
@@ -252,7 +254,7 @@ class Cluster:
             [
                 PY,
                 "-m",
-                "dstack.coordinator",
+                self.coordinator_module,
                 "--state-dir",
                 str(self.tmp / "server"),
                 "--listen",

@@ -121,7 +121,10 @@ async def stream_logs(
             yield LogChunk([], dict(cursor), finished_run=await core.run(run.name))
             return
         try:
-            await asyncio.wait_for(event.wait(), timeout=FOLLOW_RECHECK_S)
+            # Not wait_for: on Python 3.11 it returns when the event is set just as the follower is cancelled,
+            # swallowing the cancel (the stream would then poll on, holding its place, after its client left).
+            async with asyncio.timeout(FOLLOW_RECHECK_S):
+                await event.wait()
         except TimeoutError:
             pass
 
