@@ -205,6 +205,9 @@ class Cluster:
     port: int
     lease_timeout: float = 3.0
     heartbeat: float = 0.5
+    # Self-fencing's requeue delay past the lease (--fence-margin): short, so tests of lost agents stay
+    # fast; a SIGKILL of a job's process group takes milliseconds.
+    fence_margin: float = 1.5
     coordinator: Proc | None = None
     agents: list[Proc] = field(default_factory=list)
     admin_token: str = "test-admin-token"
@@ -257,6 +260,8 @@ class Cluster:
                 str(self.lease_timeout),
                 "--heartbeat-interval",
                 str(self.heartbeat),
+                "--fence-margin",
+                str(self.fence_margin),
                 *([] if self.tls else ["--insecure"]),
                 *extra,
             ],
