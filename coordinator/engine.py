@@ -201,10 +201,13 @@ class Engine:
         return self.config.fence_margin_s if self.config.self_fence != "off" else 0.0
 
     def fence_policy(self) -> tuple[int, bool]:
-        """What the hello ack tells each agent: (self_fence_after_ms, strict); 0 ms: never fence."""
+        """What the hello ack tells each agent: (self_fence_after_ms, strict); 0 ms: never fence. The agent
+        counts from its send of the last acknowledged renewal, we from the receipt of its last message:
+        it stops its jobs `fence_kill_s` before we may requeue them, and never before the lease itself."""
         if self.config.self_fence == "off":
             return 0, False
-        return int(self.config.lease_timeout_s * 1000), self.config.self_fence == "strict"
+        after = self.config.lease_timeout_s + max(0.0, self.config.fence_margin_s - self.config.fence_kill_s)
+        return int(after * 1000), self.config.self_fence == "strict"
 
     def lease_now(self) -> int:
         # Monotonic time means nothing across a restart; start() gives every online agent a fresh lease.

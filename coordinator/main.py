@@ -93,8 +93,15 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         type=float,
         default=5.0,
         metavar="SECONDS",
-        help="with --self-fence on/strict: a lost agent's jobs are requeued this long after its lease ran out"
-        " (time for the agent to kill them)",
+        help="with --self-fence on/strict: a lost agent's jobs are requeued this long after its lease ran out",
+    )
+    p.add_argument(
+        "--fence-kill-time",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="with --self-fence on/strict: agents stop their jobs this long before the coordinator may requeue"
+        " them (the kill's time, and the drift between the clocks)",
     )
     p.add_argument(
         "--reconnect-grace",
@@ -230,6 +237,7 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         reconnect_grace_s=a.reconnect_grace,
         self_fence=a.self_fence,
         fence_margin_s=max(0.0, a.fence_margin),
+        fence_kill_s=max(0.0, a.fence_kill_time),
         forget_lost_agents_after_s=a.forget_lost_agents_after,
         fail_unsatisfiable=a.fail_unsatisfiable,
         local_mode=a.local_mode,

@@ -144,6 +144,7 @@ class ConfigOverrides(TypedDict, total=False):
     preempt_margin: float
     self_fence: str
     fence_margin_s: float
+    fence_kill_s: float
 
 
 @contextlib.asynccontextmanager

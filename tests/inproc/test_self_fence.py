@@ -44,8 +44,9 @@ from tests.inproc.factories import (
 
 pytestmark = pytest.mark.inproc
 
-LEASE_S = 1.5  # the agent's own lease: it counts on the real clock
-MARGIN_S = 5.0  # what the kill may take: the coordinator requeues this long after the lease
+LEASE_S = 1.5  # the agents' lease: they count on the real clock
+MARGIN_S = 5.0  # the coordinator requeues this long after the lease
+KILL_S = 4.0  # the agent stops its jobs this long before that: 2.5 s after its last acknowledged send
 BEAT_S = 0.25
 
 
@@ -141,7 +142,9 @@ async def test_an_agent_cut_off_kills_its_job_within_the_margin_of_its_lease_and
 ) -> None:
     runtime = GatedRuntime()
     async with (
-        coordinator(tmp_path, lease_timeout_s=LEASE_S, heartbeat_interval_s=BEAT_S, fence_margin_s=MARGIN_S) as h,
+        coordinator(
+            tmp_path, lease_timeout_s=LEASE_S, heartbeat_interval_s=BEAT_S, fence_margin_s=MARGIN_S, fence_kill_s=KILL_S
+        ) as h,
         link_to(h) as link,
         real_agent(h, runtime=runtime, via=link.address),
     ):
@@ -178,7 +181,9 @@ async def test_a_coordinator_whose_port_refuses_for_longer_than_a_lease_stops_no
     caplog.set_level(logging.INFO, "dstack.agent")
     runtime = GatedRuntime()
     async with (
-        coordinator(tmp_path, lease_timeout_s=LEASE_S, heartbeat_interval_s=BEAT_S, fence_margin_s=MARGIN_S) as h,
+        coordinator(
+            tmp_path, lease_timeout_s=LEASE_S, heartbeat_interval_s=BEAT_S, fence_margin_s=MARGIN_S, fence_kill_s=KILL_S
+        ) as h,
         link_to(h) as link,
         real_agent(h, runtime=runtime, via=link.address),
     ):
@@ -210,6 +215,7 @@ async def test_under_strict_fencing_a_refusing_port_is_no_excuse(tmp_path: Path)
             lease_timeout_s=LEASE_S,
             heartbeat_interval_s=BEAT_S,
             fence_margin_s=MARGIN_S,
+            fence_kill_s=KILL_S,
             self_fence="strict",
         ) as h,
         link_to(h) as link,
