@@ -205,9 +205,11 @@ class Cluster:
     port: int
     lease_timeout: float = 3.0
     heartbeat: float = 0.5
-    # Self-fencing's requeue delay past the lease (--fence-margin): short, so tests of lost agents stay
-    # fast; a SIGKILL of a job's process group takes milliseconds.
-    fence_margin: float = 1.5
+    # Self-fencing (docs/lifecycle.md): a lost agent's jobs are requeued lease + margin after its last
+    # message, and the agent stops them `fence_kill` before (a SIGKILL of a process group takes
+    # milliseconds): 5 s after its last acknowledged heartbeat here, slack for acks late on a busy machine.
+    fence_margin: float = 3.0
+    fence_kill: float = 1.0
     coordinator: Proc | None = None
     agents: list[Proc] = field(default_factory=list)
     admin_token: str = "test-admin-token"
@@ -262,6 +264,8 @@ class Cluster:
                 str(self.heartbeat),
                 "--fence-margin",
                 str(self.fence_margin),
+                "--fence-kill-time",
+                str(self.fence_kill),
                 *([] if self.tls else ["--insecure"]),
                 *extra,
             ],
