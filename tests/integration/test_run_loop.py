@@ -381,12 +381,8 @@ def test_a_job_that_ends_while_the_coordinator_is_down_is_reported_after_restart
 
 def test_an_agent_slow_to_reconnect_after_a_coordinator_restart_is_not_lost(cluster: Cluster, tmp_path: Path) -> None:
     """An agent notices a restarted coordinator only at its next retry (its backoff and gRPC's add up,
-    and a loaded host adds more): one lease period from the restart is not enough to declare it lost.
-
-    The coordinator's side alone (--self-fence off): an agent frozen past its own deadline stops its jobs
-    when it wakes, as it cannot know whether they were requeued meanwhile (agent/lease.py); a coordinator
-    down for longer than a lease with a live agent is tests/integration/test_self_fence.py's."""
-    cluster.start_coordinator("--self-fence", "off")
+    and a loaded host adds more): one lease period from the restart is not enough to declare it lost."""
+    cluster.start_coordinator()
     agent = cluster.start_agent()
     name = start_long_job(cluster, tmp_path)
     assert cluster.coordinator is not None
@@ -394,7 +390,7 @@ def test_an_agent_slow_to_reconnect_after_a_coordinator_restart_is_not_lost(clus
     agent.popen.send_signal(signal.SIGSTOP)  # the agent cannot retry: as if its backoff were long
     sessions = agent.output().count("connected to the coordinator")
     try:
-        cluster.start_coordinator("--self-fence", "off")
+        cluster.start_coordinator()
         restarted = time.monotonic()
         # What is under test is a duration: the agent stays away for longer than one lease period
         # (plus two passes of the lease checker) after the restart.

@@ -72,7 +72,7 @@ def test_a_partitioned_agent_kills_its_attempt_before_the_next_one_starts_elsewh
     if (why := available()) is not None:
         pytest.skip(why)
     net = NetnsBed().start()
-    cluster = Cluster(tmp_path, free_port(), host=net.host_address)
+    cluster = Cluster(tmp_path, free_port(), host=net.host_address, self_fence="on")
     evidence, pids = tmp_path / "evidence.txt", tmp_path / "pids"
     pids.mkdir()
     try:
@@ -108,6 +108,7 @@ def test_a_partitioned_agent_kills_its_attempt_before_the_next_one_starts_elsewh
 
 
 def test_a_coordinator_killed_for_longer_than_a_lease_stops_no_job(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.self_fence = "on"
     cluster.start_coordinator()
     agent = cluster.start_agent("a")
     evidence, pids = tmp_path / "evidence.txt", tmp_path / "pids"
