@@ -266,8 +266,8 @@ def _pid_alive_in(pid: int, root: Path) -> bool:
     """pid is alive and is one of this folder's daemons (not a pid reused by something else)."""
     try:
         p = psutil.Process(pid)
-        return p.name() in DAEMONS or str(root) in " ".join(p.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return p.name() in DAEMONS and str(root) in " ".join(p.cmdline()) + p.environ().get("SLURM_CONF", "")
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
 
 
@@ -286,37 +286,61 @@ def _stop_pids(pids: list[int], timeout: float = 10) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-def step_daemons(conf: Path) -> list[int]:
-    """slurmstepd processes of the Slurm with this slurm.conf (they outlive slurmd; SLURM_CONF is in their
-    environment, inherited from slurmd)."""
-    pids = []
+def processes_of(conf: Path) -> dict[int, str]:
+    """Every process of the Slurm with this slurm.conf, by its environment (pid -> name): the daemons (started
+    with SLURM_CONF), slurmstepd (forked by slurmd, outlives it) and client commands (sbatch, squeue)."""
+    out = {}
     for p in psutil.process_iter(["name"]):
         try:
-            if p.info["name"] == "slurmstepd" and p.environ().get("SLURM_CONF") == str(conf):
-                pids.append(p.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            if p.environ().get("SLURM_CONF") == str(conf):
+                out[p.pid] = str(p.info["name"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
-    return pids
+    return out
+
+
+def stop_processes(conf: Path, known: dict[int, str]) -> None:
+    """Stop this Slurm's processes (known: pid -> name, e.g. the daemons by their pid files, with those found
+    by environment): slurmd first (it forks the steps), then steps and clients, then slurmctld (and its
+    slurmscriptd), munged last, each while what it answers to is still there. Each stage looks again,
+    as the stage before may have started a process on its way out."""
+    daemons = {"slurmd", "slurmctld", "slurmscriptd", "munged"}
+    known = dict(known)
+    # Steps and clients get 2 s to go (a slurmstepd may ignore SIGTERM), the daemons longer to save state.
+    for names, grace in (({"slurmd"}, 10), (None, 2), ({"slurmctld", "slurmscriptd"}, 10), ({"munged"}, 5)):
+        procs = {**known, **processes_of(conf)}
+        picked = [pid for pid, name in procs.items() if (name in names if names else name not in daemons)]
+        _stop_pids(picked, grace)
+        for pid in picked:  # stopped: its pid may be reused by the next stage's time
+            known.pop(pid, None)
+
+
+def _owner_alive(pid: int) -> bool:
+    """The bench that made a folder still runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def clean_stale(tmp: Path | None = None) -> list[Path]:
-    """Stop the daemons of folders left by a run that died (its pid in the folder's name is gone) and
+    """Stop the processes of folders left by a run that died (its pid in the folder's name is gone) and
     remove the folders."""
     base = Path(tmp or tempfile.gettempdir())
     removed = []
     for root in base.glob(f"{PREFIX}*"):
         m = re.fullmatch(re.escape(PREFIX) + r"(\d+)-.*", root.name)
-        if not m or psutil.pid_exists(int(m.group(1))):
+        if not m or _owner_alive(int(m.group(1))):
             continue
-        pids = []
-        for daemon in DAEMONS:
+        procs = processes_of(root / "slurm.conf")
+        for daemon in DAEMONS:  # a daemon whose environment cannot be read, by its pid file
             try:
                 pid = int((root / f"{daemon}.pid").read_text().strip())
             except (OSError, ValueError):
                 continue
-            if _pid_alive_in(pid, root):
-                pids.append(pid)
-        _stop_pids(pids + step_daemons(root / "slurm.conf"))
+            if pid not in procs and _pid_alive_in(pid, root):
+                procs[pid] = daemon
+        stop_processes(root / "slurm.conf", procs)
         shutil.rmtree(root, ignore_errors=True)
         removed.append(root)
     return removed
@@ -387,13 +411,9 @@ class Slurm:
         return [p.pid for p in self.procs.values() if p.poll() is None]
 
     def stop(self) -> None:
-        for name in DAEMONS:
-            p = self.procs.get(name)
-            if p is not None and p.poll() is None:
-                _stop_pids([p.pid])
-                p.wait()
-            if name == "slurmd":
-                _stop_pids(step_daemons(self.layout.conf))
+        stop_processes(self.layout.conf, {p.pid: name for name, p in self.procs.items() if p.poll() is None})
+        for p in self.procs.values():
+            p.wait()
         self.procs.clear()
 
     def cleanup(self) -> None:
@@ -421,8 +441,12 @@ class Slurm:
     def throughput(self, jobs: int, timeout: float = 600) -> tuple[float, int, float]:
         """JOBS `sbatch --wrap true` from 16 submitters -> all terminal: (jobs/s, not COMPLETED, submit s)."""
         t0 = time.monotonic()
-        with ThreadPoolExecutor(SUBMITTERS) as pool:
+        pool = ThreadPoolExecutor(SUBMITTERS)
+        try:
             ids = list(pool.map(lambda _: self.sbatch("--wrap", "true", "-o", "/dev/null", "-J", "t"), range(jobs)))
+        finally:
+            # Interrupted (SIGTERM, Ctrl-C, a failed sbatch): drop the submissions not started yet.
+            pool.shutdown(wait=True, cancel_futures=True)
         submitted = time.monotonic() - t0
         deadline = t0 + timeout
         while True:
