@@ -23,6 +23,7 @@ import psutil
 
 from bench._harness import Services, meta
 from bench.slurm import (
+    BATCH,
     SCHED_PARAMS,
     Figures,
     SlurmMissing,
@@ -153,6 +154,13 @@ class DstackCli:
             raise RuntimeError(f"dstack run first exited {proc.returncode}: {b''.join(seen).decode()[-2000:]}")
         return result
 
+    def floor(self) -> float:
+        """A Python process importing what the CLI imports first (`python -c 'import grpc, typer'`, as
+        bench.cli_latency): the part of each `dstack run` figure that sbatch and srun, C programs, do not pay."""
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-c", "import grpc, typer"], env=self.env, check=True)
+        return time.monotonic() - t0
+
     def attached(self) -> float:
         """`dstack run noop` (`true`), attached, to its exit (as `srun true`), seconds."""
         t0 = time.monotonic()
@@ -163,11 +171,18 @@ class DstackCli:
 
 
 def compare_with_slurm(
-    jobs: int, agents: int, rounds: int, latency: int, cpus: int | None = None, sched_params: str = SCHED_PARAMS
+    jobs: int,
+    agents: int,
+    rounds: int,
+    latency: int,
+    cpus: int | None = None,
+    sched_params: str = SCHED_PARAMS,
+    batched: bool = True,
 ) -> None:
     """dstack (TLS coordinator, AGENTS real agents) and a private Slurm (bench.slurm) side by side, taking
-    turns round by round (which goes first alternates): throughput of single-job runs, submit -> start,
-    and an attached run of `true` to its exit; medians and dstack/Slurm printed at the end."""
+    turns round by round (which goes first alternates): throughput of single-job runs (and of runs of 100
+    jobs against job arrays of 100), submit -> start, and an attached run of `true` to its exit; medians and
+    dstack/Slurm printed at the end."""
     slurm = start_slurm(cpus or 64 * agents, sched_params)
     svc = Services()
     try:
@@ -178,6 +193,8 @@ def compare_with_slurm(
             f"{slurm.cpus} job slots, SchedulerParameters={sched_params}; {os.cpu_count()} cores; load {load()}"
         )
         d, s = Figures(), Figures()
+        d_batched, s_batched = Figures(), Figures()
+        floor: list[float] = []
 
         def dstack_round() -> None:
             c0 = cpu_of(slurm.pids())
@@ -191,18 +208,28 @@ def compare_with_slurm(
                 f" agents {sum(r.cpu[1:]) * r.wall / jobs * 1e3:.2f} ms",
                 flush=True,
             )
+            if batched:
+                r = submit_and_wait(svc, jobs, BATCH)
+                d_batched.throughput.append(r.rate)
+                d_batched.not_done += r.failed
+                print(
+                    f"  dstack: {jobs // BATCH} runs of {BATCH} jobs of `true`: {r.rate:,.1f} jobs/s"
+                    f" (submitted in {r.submitted:.2f} s, {r.failed} runs failed)",
+                    flush=True,
+                )
             for _ in range(latency):
                 to_start, to_line = cli.first_line()
                 d.to_start.append(to_start)
                 d.to_first_line.append(to_line)
                 d.attached.append(cli.attached())
+                floor.append(cli.floor())
             s.idle_cpu.append((cpu_of(slurm.pids()) - c0) / (time.monotonic() - t0))
 
         def slurm_turn() -> None:
             pids = [p.pid for p in svc.procs]
             c0 = cpu_of(pids)
             t0 = time.monotonic()
-            slurm_round(slurm, s, jobs, latency)
+            slurm_round(slurm, s, jobs, latency, s_batched if batched else None)
             d.idle_cpu.append((cpu_of(pids) - c0) / (time.monotonic() - t0))
 
         for i in range(rounds):
@@ -215,6 +242,12 @@ def compare_with_slurm(
             side_by_side(
                 [
                     ("single-job runs of `true` end to end", "jobs/s", d.throughput, s.throughput),
+                    (
+                        f"jobs of `true` in runs of {BATCH} / `sbatch --array` of {BATCH}",
+                        "jobs/s",
+                        d_batched.throughput,
+                        s_batched.throughput,
+                    ),
                     (
                         "submit -> the job starts (`dstack run` / `sbatch`), p50",
                         "ms",
@@ -245,11 +278,13 @@ def compare_with_slurm(
                         [p99(d.attached) * ms] if d.attached else [],
                         [p99(s.attached) * ms] if s.attached else [],
                     ),
+                    ("`python -c 'import grpc, typer'` (the CLI's floor), p50", "ms", [x * ms for x in floor], []),
                 ]
             )
         )
         print(
-            f"failed or not COMPLETED: dstack {d.not_done}, Slurm {s.not_done}; idle system's CPU while the other ran"
+            f"failed or not COMPLETED: dstack {d.not_done + d_batched.not_done},"
+            f" Slurm {s.not_done + s_batched.not_done}; idle system's CPU while the other ran"
             f" (share of a core, median): dstack {median(d.idle_cpu):.1%}, Slurm {median(s.idle_cpu):.1%}"
         )
     finally:
@@ -267,12 +302,13 @@ def main() -> None:
     p.add_argument(
         "--slurm",
         action="store_true",
-        help="side by side with a private Slurm on this machine (bench.slurm), taking turns: single-job runs only",
+        help="side by side with a private Slurm on this machine (bench.slurm), taking turns",
     )
     p.add_argument("--rounds", type=int, default=3, help="with --slurm: rounds of each (default: %(default)s)")
     p.add_argument(
         "--latency", type=int, default=10, help="with --slurm: latency samples per round (default: %(default)s)"
     )
+    p.add_argument("--no-batched", action="store_true", help="with --slurm: single-job runs only, no runs of 100")
     a = p.parse_args()
     if a.slurm:
         try:
@@ -280,7 +316,7 @@ def main() -> None:
         except SlurmMissing as e:
             print(f"bench.e2e: {e}", file=sys.stderr)
             sys.exit(2)
-        compare_with_slurm(a.jobs, a.agents, a.rounds, a.latency)
+        compare_with_slurm(a.jobs, a.agents, a.rounds, a.latency, batched=not a.no_batched)
         return
     for per_run in [a.per_run] if a.per_run else [1, 100]:
         run(a.jobs, a.agents, per_run, not a.plaintext, tuple(a.agent_arg))

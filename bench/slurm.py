@@ -65,6 +65,7 @@ TERMINAL = frozenset(
     }
 )
 SUBMITTERS = 16
+BATCH = 100  # jobs per dstack run and per Slurm job array in the batched figure
 # Tuned for short jobs (measured here, 22.05): batch_sched_delay=0, else a batch job waits its default 3 s
 # to be launched (sbatch -> start 3.0 s, 1.0 s without it); sched_min_interval (microseconds) bounds how
 # often an event-triggered pass may run; max_rpc_cnt yields to a burst of RPCs; no `defer` (with it, each
@@ -200,17 +201,24 @@ def parse_sbatch(stdout: str) -> int:
     return int(first)
 
 
-def parse_squeue(stdout: str) -> dict[int, str]:
-    """`squeue -h -t all -o '%i %T'` -> {job id: state}."""
-    out: dict[int, str] = {}
+def parse_squeue(stdout: str) -> dict[str, str]:
+    """`squeue -h -r -t all -o '%i %T'` -> {job id: state}; an array's element is `<array id>_<index>`."""
+    out: dict[str, str] = {}
     for line in stdout.splitlines():
         parts = line.split()
-        if len(parts) == 2 and parts[0].isdigit():
-            out[int(parts[0])] = parts[1]
+        if len(parts) == 2 and re.fullmatch(r"\d+(_\d+)?", parts[0]):
+            out[parts[0]] = parts[1]
     return out
 
 
-def finished(states: dict[int, str], ids: Iterable[int]) -> tuple[int, Counter[str]]:
+def expected_ids(submitted: Iterable[int], array: int) -> list[str]:
+    """The squeue ids of what was submitted: each job, or each element of arrays of `array` jobs."""
+    if array <= 1:
+        return [str(i) for i in submitted]
+    return [f"{i}_{k}" for i in submitted for k in range(array)]
+
+
+def finished(states: dict[str, str], ids: Iterable[str]) -> tuple[int, Counter[str]]:
     """How many of ids are in a terminal state, and the count of each state among them."""
     done: Counter[str] = Counter()
     for i in ids:
@@ -430,24 +438,29 @@ class Slurm:
             raise SlurmFailed(f"sbatch {' '.join(args)}: {r.stderr.strip()}")
         return parse_sbatch(r.stdout)
 
-    def states(self) -> dict[int, str]:
+    def states(self) -> dict[str, str]:
         r = subprocess.run(
-            ["squeue", "-h", "-t", "all", "-o", "%i %T"], env=self.layout.env, capture_output=True, text=True
+            ["squeue", "-h", "-r", "-t", "all", "-o", "%i %T"], env=self.layout.env, capture_output=True, text=True
         )
         if r.returncode != 0:
             raise SlurmFailed(f"squeue: {r.stderr.strip()}")
         return parse_squeue(r.stdout)
 
-    def throughput(self, jobs: int, timeout: float = 600) -> tuple[float, int, float]:
-        """JOBS `sbatch --wrap true` from 16 submitters -> all terminal: (jobs/s, not COMPLETED, submit s)."""
-        t0 = time.monotonic()
+    def throughput(self, jobs: int, array: int = 1, timeout: float = 600) -> tuple[float, int, float]:
+        """JOBS jobs of `true` (`sbatch --wrap true`, or arrays of ARRAY jobs: `sbatch --array`) from 16
+        submitters -> every job in a terminal state: (jobs/s, jobs not COMPLETED, seconds to submit all)."""
+        args = ["--wrap", "true", "-o", "/dev/null", "-J", "t"]
+        if array > 1:
+            args += [f"--array=0-{array - 1}"]
         pool = ThreadPoolExecutor(SUBMITTERS)
+        t0 = time.monotonic()
         try:
-            ids = list(pool.map(lambda _: self.sbatch("--wrap", "true", "-o", "/dev/null", "-J", "t"), range(jobs)))
+            submitted_ids = list(pool.map(lambda _: self.sbatch(*args), range(jobs // array)))
         finally:
             # Interrupted (SIGTERM, Ctrl-C, a failed sbatch): drop the submissions not started yet.
             pool.shutdown(wait=True, cancel_futures=True)
         submitted = time.monotonic() - t0
+        ids = expected_ids(submitted_ids, array)
         deadline = t0 + timeout
         while True:
             n, counts = finished(self.states(), ids)
@@ -457,7 +470,7 @@ class Slurm:
                 raise SlurmFailed(f"{len(ids) - n} of {len(ids)} jobs not finished after {timeout:.0f} s")
             time.sleep(0.1)
         wall = time.monotonic() - t0
-        return jobs / wall, len(ids) - counts["COMPLETED"], submitted
+        return len(ids) / wall, len(ids) - counts["COMPLETED"], submitted
 
     def submit_to_start(self) -> float:
         """One job on the idle node: just before `sbatch` -> the job's own $EPOCHREALTIME, in seconds."""
@@ -533,7 +546,7 @@ def start_slurm(cpus: int, sched_params: str = SCHED_PARAMS, keep: bool = False)
     return slurm
 
 
-def slurm_round(slurm: Slurm, figs: Figures, jobs: int, latency: int) -> None:
+def slurm_round(slurm: Slurm, figs: Figures, jobs: int, latency: int, batched: Figures | None = None) -> None:
     c0, clients0 = cpu_of(slurm.pids()), children_cpu()
     rate, bad, submitted = slurm.throughput(jobs)
     daemons_ms = (cpu_of(slurm.pids()) - c0) / jobs * 1e3
@@ -546,6 +559,15 @@ def slurm_round(slurm: Slurm, figs: Figures, jobs: int, latency: int) -> None:
         f" sbatch and squeue processes {clients_ms:.2f} ms (slurmstepd not counted)",
         flush=True,
     )
+    if batched is not None:
+        rate, bad, submitted = slurm.throughput(jobs, BATCH)
+        batched.throughput.append(rate)
+        batched.not_done += bad
+        print(
+            f"  slurm: {jobs // BATCH} x `sbatch --array=0-{BATCH - 1} --wrap true`: {rate:,.1f} jobs/s"
+            f" (submitted in {submitted:.2f} s, {bad} not COMPLETED)",
+            flush=True,
+        )
     for _ in range(latency):
         figs.to_start.append(slurm.submit_to_start())
         figs.attached.append(slurm.srun_true())
@@ -559,6 +581,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--with-dstack", action="store_true", help="dstack's bench.e2e figures in the same run")
     p.add_argument("--agents", type=int, default=2, help="dstack agents (with --with-dstack)")
     p.add_argument("--cpus", type=int, help="the node's job slots (default: 64 per dstack agent)")
+    p.add_argument("--no-batched", action="store_true", help=f"no job arrays of {BATCH}, single jobs only")
     p.add_argument("--keep", action="store_true", help="keep the Slurm folder (logs) after the run")
     p.add_argument(
         "--sched-params", default=SCHED_PARAMS, help="slurm.conf's SchedulerParameters (default: %(default)s)"
@@ -572,17 +595,18 @@ def main(argv: list[str] | None = None) -> None:
     if a.with_dstack:
         from bench.e2e import compare_with_slurm
 
-        compare_with_slurm(a.jobs, a.agents, a.rounds, a.latency, a.cpus, a.sched_params)
+        compare_with_slurm(a.jobs, a.agents, a.rounds, a.latency, a.cpus, a.sched_params, not a.no_batched)
         return
     slurm = start_slurm(a.cpus or 64 * a.agents, a.sched_params, a.keep)
     try:
         print(f"Slurm {slurm_version()} in {slurm.layout.root}, node with {slurm.cpus} job slots; load {load()}")
-        figs = Figures()
+        figs, batched = Figures(), Figures()
         for r in range(a.rounds):
             print(f"round {r + 1}/{a.rounds}")
-            slurm_round(slurm, figs, a.jobs, a.latency)
+            slurm_round(slurm, figs, a.jobs, a.latency, None if a.no_batched else batched)
         print(
-            f"Slurm: {median(figs.throughput):,.1f} jobs/s (median of {a.rounds}); sbatch -> start p50 "
+            f"Slurm: {median(figs.throughput):,.1f} jobs/s (median of {a.rounds}),"
+            f" {median(batched.throughput):,.1f} in arrays of {BATCH}; sbatch -> start p50 "
             f"{median(figs.to_start) * 1e3:,.0f} ms, p99 {p99(figs.to_start) * 1e3:,.0f} ms; srun true p50 "
             f"{median(figs.attached) * 1e3:,.0f} ms, p99 {p99(figs.attached) * 1e3:,.0f} ms; load {load()}"
         )

@@ -67,9 +67,19 @@ def test_parse_sbatch() -> None:
 
 def test_parse_squeue_and_finished() -> None:
     states = slurm.parse_squeue("1 COMPLETED\n2 RUNNING\n3 FAILED\n 4 PENDING\nJOBID STATE\n\n5 COMPLETED\n")
-    assert states == {1: "COMPLETED", 2: "RUNNING", 3: "FAILED", 4: "PENDING", 5: "COMPLETED"}
-    n, counts = slurm.finished(states, [1, 2, 3, 4, 5, 6])
+    assert states == {"1": "COMPLETED", "2": "RUNNING", "3": "FAILED", "4": "PENDING", "5": "COMPLETED"}
+    n, counts = slurm.finished(states, slurm.expected_ids([1, 2, 3, 4, 5, 6], 1))
     assert n == 3 and counts == Counter({"COMPLETED": 2, "FAILED": 1})  # 6: not listed (yet) is not finished
+
+
+def test_array_elements_are_counted_one_by_one() -> None:
+    # squeue -r lists each element; a pending range (`7_[2-3]`, without -r) is no element and not counted.
+    states = slurm.parse_squeue("7_0 COMPLETED\n7_1 COMPLETED\n7_[2-3] PENDING\n8_0 OUT_OF_MEMORY\n")
+    assert set(states) == {"7_0", "7_1", "8_0"}
+    ids = slurm.expected_ids([7, 8], 4)
+    assert ids[:5] == ["7_0", "7_1", "7_2", "7_3", "8_0"] and len(ids) == 8
+    n, counts = slurm.finished(states, ids)
+    assert n == 3 and counts["COMPLETED"] == 2
 
 
 def test_parse_epoch() -> None:
