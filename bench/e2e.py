@@ -6,7 +6,8 @@ Usage: python -m bench.e2e [JOBS] [AGENTS] [JOBS_PER_RUN] [--plaintext] [--agent
 --plaintext: no TLS on either side (what TLS costs); --agent-arg: passed to each agent, e.g.
 `--agent-arg=--job-user --agent-arg=none` (as root: jobs as the agent's user, no setpriv).
 --slurm: the same single-job runs side by side with a private Slurm (bench/slurm.py; needs root and
-slurm-wlm + munge, `scripts/bench-deps.sh`), taking turns, plus submit -> start and attached-run latency.
+slurm-wlm + munge, `scripts/bench-deps.sh`), taking turns, plus runs of 100 jobs against job arrays of
+100 (--no-batched: not), submit -> start and attached-run latency; --plaintext and --agent-arg apply to dstack.
 """
 
 from __future__ import annotations
@@ -178,18 +179,21 @@ def compare_with_slurm(
     cpus: int | None = None,
     sched_params: str = SCHED_PARAMS,
     batched: bool = True,
+    tls: bool = True,
+    agent_args: tuple[str, ...] = (),
 ) -> None:
     """dstack (TLS coordinator, AGENTS real agents) and a private Slurm (bench.slurm) side by side, taking
     turns round by round (which goes first alternates): throughput of single-job runs (and of runs of 100
     jobs against job arrays of 100), submit -> start, and an attached run of `true` to its exit; medians and
     dstack/Slurm printed at the end."""
     slurm = start_slurm(cpus or 64 * agents, sched_params)
-    svc = Services()
+    svc = Services(tls=tls)
     try:
-        start(svc, agents)
+        start(svc, agents, agent_args)
         cli = DstackCli(svc)
         print(
-            f"dstack: coordinator (TLS) + {agents} agent(s) (--max-jobs 64 each); Slurm {slurm_version()}: one node, "
+            f"dstack: coordinator ({'TLS' if tls else 'plaintext'}) + {agents} agent(s), extra args {list(agent_args)};"
+            f" Slurm {slurm_version()}: one node, "
             f"{slurm.cpus} job slots, SchedulerParameters={sched_params}; {os.cpu_count()} cores; load {load()}"
         )
         d, s = Figures(), Figures()
@@ -316,7 +320,15 @@ def main() -> None:
         except SlurmMissing as e:
             print(f"bench.e2e: {e}", file=sys.stderr)
             sys.exit(2)
-        compare_with_slurm(a.jobs, a.agents, a.rounds, a.latency, batched=not a.no_batched)
+        compare_with_slurm(
+            a.jobs,
+            a.agents,
+            a.rounds,
+            a.latency,
+            batched=not a.no_batched,
+            tls=not a.plaintext,
+            agent_args=tuple(a.agent_arg),
+        )
         return
     for per_run in [a.per_run] if a.per_run else [1, 100]:
         run(a.jobs, a.agents, per_run, not a.plaintext, tuple(a.agent_arg))
