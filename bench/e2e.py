@@ -27,6 +27,7 @@ from bench.slurm import (
     BATCH,
     SCHED_PARAMS,
     Figures,
+    SlurmFailed,
     SlurmMissing,
     cpu_of,
     load,
@@ -320,15 +321,19 @@ def main() -> None:
         except SlurmMissing as e:
             print(f"bench.e2e: {e}", file=sys.stderr)
             sys.exit(2)
-        compare_with_slurm(
-            a.jobs,
-            a.agents,
-            a.rounds,
-            a.latency,
-            batched=not a.no_batched,
-            tls=not a.plaintext,
-            agent_args=tuple(a.agent_arg),
-        )
+        try:
+            compare_with_slurm(
+                a.jobs,
+                a.agents,
+                a.rounds,
+                a.latency,
+                batched=not a.no_batched,
+                tls=not a.plaintext,
+                agent_args=tuple(a.agent_arg),
+            )
+        except SlurmFailed as e:
+            print(f"bench.e2e: Slurm failed: {e}", file=sys.stderr)
+            sys.exit(1)
         return
     for per_run in [a.per_run] if a.per_run else [1, 100]:
         run(a.jobs, a.agents, per_run, not a.plaintext, tuple(a.agent_arg))

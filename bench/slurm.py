@@ -48,7 +48,7 @@ import psutil
 PREFIX = "dstack-bench-slurm-"
 NODE = "bench"
 DAEMONS = ("slurmd", "slurmctld", "munged")  # stop order: the node first, munge last
-BINARIES = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol")
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "sinfo")
 # States a job leaves the queue in (squeue --states=all shows them until MinJobAge).
 TERMINAL = frozenset(
     {
@@ -410,8 +410,10 @@ class Slurm:
         while not cond():
             for name, p in self.procs.items():
                 if p.poll() is not None:
+                    self.keep = True  # the logs it names must outlive the clean-up
                     raise SlurmFailed(f"{name} exited with {p.returncode}; see {self.layout.root}/{name}.out/.log")
             if time.monotonic() > deadline:
+                self.keep = True
                 raise SlurmFailed(f"{what} not ready after {timeout:.0f} s; see the logs in {self.layout.root}")
             time.sleep(0.1)
 
@@ -592,6 +594,14 @@ def main(argv: list[str] | None = None) -> None:
     except SlurmMissing as e:
         print(f"bench.slurm: {e}", file=sys.stderr)
         sys.exit(2)
+    try:
+        run(a)
+    except SlurmFailed as e:
+        print(f"bench.slurm: Slurm failed: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run(a: argparse.Namespace) -> None:
     if a.with_dstack:
         from bench.e2e import compare_with_slurm
 

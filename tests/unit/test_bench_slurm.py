@@ -136,3 +136,27 @@ def test_without_slurm_says_how_to_install_and_exits_2(module: str, tmp_path: Pa
     assert r.returncode == 2, r.stderr
     assert "scripts/bench-deps.sh" in r.stderr and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bench.slurm runs as root only")
+def test_a_daemon_that_fails_to_start_is_named_and_its_logs_kept(tmp_path: Path) -> None:
+    """Fake Slurm binaries whose munged refuses to start: a one-line error naming it and the folder of its log,
+    exit 1, no traceback; the folder is kept for that log and nothing is left running."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in slurm.BINARIES:
+        (bin_dir / name).write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "munged").write_text("#!/bin/sh\necho 'munged: Error: Keyfile is insecure' >&2\nexit 1\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "TMPDIR": str(tmp)}
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.slurm", "10"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "munged exited with 1" in r.stderr and "Traceback" not in r.stderr
+    (kept,) = tmp.iterdir()
+    assert kept.name.startswith(slurm.PREFIX)
+    assert "Keyfile is insecure" in (kept / "munged.out").read_text()
