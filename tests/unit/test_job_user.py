@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from dstack.agent import jobuser
 from dstack.agent.jobuser import JobUser, JobUserError
 from dstack.agent.main import parse_args
+from dstack.agent.runtimes.host import _hand_over_env, _write_rest
 
 
 def test_only_a_root_host_agent_switches_users(caplog: pytest.LogCaptureFixture) -> None:
@@ -82,3 +84,30 @@ def test_the_default_job_user_is_dstack_job(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("DSTACK_JOB_USER", "trainer")
     assert parse_args(["--coordinator", "c:1"]).job_user_name == "trainer"
     assert parse_args(["--coordinator", "c:1", "--job-user", "none"]).job_user_name == "none"
+
+
+@pytest.mark.parametrize("size", [100, 1 << 20])
+def test_the_environment_is_handed_over_whole_however_big(size: int) -> None:
+    # Small: written at once on the event loop's thread (the pipe takes it). Bigger than the pipe: the
+    # rest is written as the shell reads, and the shell still gets every byte before the end marker.
+    env = {"BIG": "x" * size, "A": "1"}
+    payload = jobuser.encode_env(env)
+    r, w = os.pipe()
+    got = bytearray()
+    reader = threading.Thread(target=lambda: got.extend(_read_all(r)))
+    rest = _hand_over_env(w, [], os.getpid(), payload)
+    if size > 1000:
+        assert rest, "a payload bigger than the pipe comes back in part"
+    reader.start()
+    if rest:
+        _write_rest(w, rest)
+    reader.join(10)
+    assert bytes(got) == payload
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
