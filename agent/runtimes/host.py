@@ -375,10 +375,14 @@ class HostRuntime(Runtime):
         # agent moves it into its cgroups and then writes the environment (_hand_over_env).
         env_pipe = os.pipe() if user is not None else None
         try:
+            if env_pipe is not None and user is not None:
+                # Its shell opens the pipe again by name (BASH_ENV=/dev/fd/0), as the job user: the pipe is
+                # the job user's, as everything else of the job is (its own processes may read it anyway).
+                os.fchown(env_pipe[0], user.uid, user.gid)
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 cwd=cwd,
-                env=env if user is None else jobuser.ROOT_ENV,
+                env=env if user is None else jobuser.root_env({AGENT_MARKER: env.get(AGENT_MARKER, "")}),
                 stdin=asyncio.subprocess.DEVNULL if env_pipe is None else env_pipe[0],
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
