@@ -391,6 +391,7 @@ class Jobs:
         touched: set[str] = set()
         out: list[Assignment] = []
         with self.db.tx() as c:
+            placed: list[Placement] = []
             for p in placements:
                 moved = lifecycle.move_job(
                     c,
@@ -402,15 +403,30 @@ class Jobs:
                 if moved is None:
                     continue  # stopped meanwhile
                 touched.add(moved.run_id)
-                spec, attempt, name, code, owner = c.execute(
-                    "SELECT j.spec, j.attempt, r.name, r.code, r.owner FROM jobs j JOIN runs r ON r.id = j.run_id"
-                    " WHERE j.id = ?",
-                    [p.job_id],
-                ).fetchone()
-                inputs = inputs_of(c, p.job_id) + attempts.resume_inputs(c, p.job_id, attempt)
-                out.append(
-                    Assignment(p.job_id, p.agent_id, name, spec, code, p.gpu_indices, inputs, attempt, owner, p.master)
-                )
+                placed.append(p)
+            # What the agents need, read for the whole pass at once (a pass places thousands at scale);
+            # inputs only for the jobs that have any (dependencies, input runs, an earlier attempt).
+            for i in range(0, len(placed), 500):
+                chunk = placed[i : i + 500]
+                ids = [p.job_id for p in chunk]
+                found = {
+                    r[0]: r[1:]
+                    for r in c.execute(
+                        "SELECT j.id, j.spec, j.attempt, j.depends_on, j.inputs, r.name, r.code, r.owner"
+                        f" FROM jobs j JOIN runs r ON r.id = j.run_id WHERE j.id IN ({marks(ids)})",
+                        ids,
+                    )
+                }
+                for p in chunk:
+                    spec, attempt, depends_on, job_inputs, name, code, owner = found[p.job_id]
+                    inputs = inputs_of(c, p.job_id) if json_list(depends_on) or json_list(job_inputs) else []
+                    if attempt > 1:
+                        inputs += attempts.resume_inputs(c, p.job_id)
+                    out.append(
+                        Assignment(
+                            p.job_id, p.agent_id, name, spec, code, p.gpu_indices, inputs, attempt, owner, p.master
+                        )
+                    )
             for job_id in waiting:
                 moved = lifecycle.move_job(c, lifecycle.MARK_PENDING, job_id)
                 if moved is not None:
