@@ -19,6 +19,7 @@ import logging
 import os
 import pwd
 import re
+import shlex
 import shutil
 import stat
 from collections.abc import Sequence
@@ -128,27 +129,36 @@ def give(folder: Path, user: JobUser) -> None:
             os.lchown(path, user.uid, user.gid)
 
 
-# The job user's first shell: it imports the job's environment from its stdin (NUL-separated
-# KEY=VALUE, then END), which the agent writes once it has moved the shell into the job's cgroups,
-# and only then runs the job's script ($1). The environment never goes through argv or a file,
-# and no process runs as root with it: what reads it (LD_PRELOAD, BASH_ENV, ...) runs as the job user.
-END = "--dstack-env-end--"
-_IMPORT_ENV = (
-    "ok=\n"
-    "while IFS= read -r -d '' kv; do\n"
-    f'  if [ "$kv" = {END} ]; then ok=1; break; fi\n'
-    '  export "$kv"\n'
-    "done\n"
-    '[ -n "$ok" ] || { echo "dstack: the agent did not hand the job its environment" >&2; exit 1; }\n'
-    'exec bash -c "$1"\n'
+# The job user's shell reads the job's environment before anything else: setpriv execs `bash -c SCRIPT`
+# with BASH_ENV=/dev/fd/0, so bash, already the job user, sources its stdin (a pipe) at start: `export`
+# lines the agent writes once it has moved the shell into the job's cgroups (bash waits for the end of
+# the pipe), and last a marker the script checks first, so that a job whose environment did not arrive
+# whole (the agent died while writing) runs nothing. One bash, not an importing shell that execs
+# another: a process less per job. The environment never goes through argv or a file, and no process
+# runs as root with it: what reads it (LD_PRELOAD, BASH_ENV, ...) runs as the job user.
+ENV_OK = "__dstack_env_ok"
+_CHECK = (
+    f'[ -n "${{{ENV_OK}-}}" ] || {{ echo "dstack: the agent did not hand the job its environment" >&2; exit 1; }};'
+    f" unset {ENV_OK}; "  # on the script's first line: the job's own line numbers stay as they were
 )
+# The sourced text's first line: BASH_ENV=/dev/fd/0 is the agent's, never the job's children's.
+_PRELUDE = "unset BASH_ENV\n"
+# Its last: a BASH_ENV of the job's own is read as bash would have read it at start.
+_EPILOGUE = f'{ENV_OK}=1\nif [ -n "${{BASH_ENV-}}" ]; then . "$BASH_ENV"; fi\n'
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # What setpriv itself runs with (as root): nothing of the job's.
 ROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
+def root_env(marker: dict[str, str]) -> dict[str, str]:
+    """setpriv's environment, which the job's shell starts with: ROOT_ENV, where bash finds the job's
+    environment, and `marker` (the agent's mark, agent/runtimes/base.py: AGENT_MARKER, not secret: a
+    process left by a crashed agent is found by it in /proc/PID/environ)."""
+    return {**ROOT_ENV, "BASH_ENV": "/dev/fd/0", **marker}
+
+
 def command(user: JobUser, script: str) -> list[str]:
-    """The argv of a job as its user: setpriv drops to the user, bash imports the environment."""
+    """The argv of a job as its user: setpriv drops to the user and execs the job's shell."""
     return [
         user.setpriv,
         f"--reuid={user.uid}",
@@ -157,16 +167,14 @@ def command(user: JobUser, script: str) -> list[str]:
         "--",
         user.bash,
         "-c",
-        _IMPORT_ENV,
-        "dstack-job",
-        script,
+        _CHECK + script,
     ]
 
 
 def encode_env(env: dict[str, str]) -> bytes:
-    """The job's environment as the first shell reads it (names a shell cannot export are left out)."""
-    items = [f"{k}={v}" for k, v in env.items() if _NAME.fullmatch(k) and "\0" not in v]
-    return b"".join(item.encode() + b"\0" for item in [*items, END])
+    """The job's environment as its shell sources it (names a shell cannot export are left out)."""
+    lines = [f"export {k}={shlex.quote(v)}\n" for k, v in env.items() if _NAME.fullmatch(k) and "\0" not in v]
+    return (_PRELUDE + "".join(lines) + _EPILOGUE).encode()
 
 
 def join_cgroups(cgroup_procs: Sequence[Path], pid: int) -> None:

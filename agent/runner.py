@@ -295,9 +295,21 @@ class JobRunner:
                         f" this agent's runtime is {self.deps.runtime.name} (no containers)"
                     )
 
+                # The runtime's own work on the job's folder (its user, its cgroups) rides along on the same
+                # worker-thread trip, unless inputs are still to come into the folder after it.
+                runtime_prep = (
+                    None
+                    if self.a.inputs
+                    else await self.deps.runtime.preparation(
+                        self.job_id, workdir, spec.resources.memory_bytes, spec.resources.cpu
+                    )
+                )
+
                 def prepare() -> None:
                     prepare_dirs(workdir, spec.artifacts, spec.working_dir)
                     make_container_folders(folders)
+                    if runtime_prep is not None:
+                        runtime_prep()
 
                 await self._record_machine(spec)
                 with self.record.phase("code"):
@@ -410,6 +422,7 @@ class JobRunner:
                 await self.proc.cleanup()
             raise
         finally:
+            self.deps.runtime.forget(self.job_id)
             self.deps.ports.release(self.job_id)
             self.deps.outbox.mark_finished(self.job_id)
             self.deps.janitor.remove(workdir)

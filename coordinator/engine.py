@@ -1155,7 +1155,8 @@ class Engine:
                 self.enqueue_run(a.run_id, a.jobs, a.owner, a.priority, a.submitted_at, a.workflow)
             if res.freed:
                 self.kick()
-            if res.requeued or any(u.status in TERMINAL_JOB for u in updates):  # a gang's member may have ended
+            # A gang's member may have ended (or been requeued): only then has the gang sweep work to do.
+            if res.requeued or (res.gangs and any(u.status in TERMINAL_JOB for u in updates)):
                 await self.settle_gangs()
             for u in updates:  # a job's last update comes after its last line: forget its run
                 if u.status in TERMINAL_JOB:

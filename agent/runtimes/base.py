@@ -112,6 +112,16 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def start(self, job: RuntimeJob) -> JobProcess: ...
 
+    async def preparation(self, job_id: str, workdir: Path, memory_bytes: int, cpu: float) -> Callable[[], None] | None:
+        """Blocking work start() would do for the job once its folder is complete, handed to the runner to
+        run on the worker thread that unpacks its code (one trip per job for both); start() then finds
+        it done. None: nothing to do. The runner calls forget() once the job has ended, started or not."""
+        return None
+
+    def forget(self, job_id: str) -> None:
+        """The job has ended: what preparation() made for it and start() did not take is released."""
+        return None
+
     def published_ports(self, ports: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """A started job's (host, container) ports as reached on this host. A host process listens
         on the host itself: on the port it was told, whatever HOST:CONTAINER said."""

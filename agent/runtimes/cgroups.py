@@ -346,22 +346,26 @@ class JobCgroup:
         self.kill_all()
         return self.oom_killed(), self.pids_limit_hits()
 
+    def close_at_once(self) -> tuple[bool, int] | None:
+        """close() without waiting, on the caller's thread: the group is sealed and looked at once (cgroupfs
+        files live in kernel memory: nothing here waits on a disk). None while processes are still in the
+        group (they were sent SIGKILL): the caller then runs close() on a worker thread, which waits for them.
+        After a job's main process, its group is most often empty already: no worker-thread trip per job,
+        and no seal (an empty group stays empty: only the agent moves processes into it)."""
+        if self.pids():
+            self._seal()  # before the kill: what forks from now on is refused
+            for pid in self.pids():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            return None
+        return self.oom_killed(), self.pids_limit_hits()
+
     def kill_all(self) -> int:
         """SIGKILLs every process still in the job's groups (also those that left its session).
 
         A fork bomb forks faster than its pids can be listed and killed one by one: its pids.max goes
         to 0 first, so that nothing in the group can fork any more, then the listed processes die."""
-        pids_group = self.paths.get("pids")
-        if pids_group is not None and self.created and self.hits_at_kill is None:
-            self.hits_at_kill = self.pids_limit_hits()  # what the job hit, not the forks refused from now on
-            with contextlib.suppress(OSError):
-                (pids_group / "pids.max").write_text("0")
-        if self.v2 and self.created:
-            # cgroup.kill (Linux 5.14) kills the whole group at once: nothing forks in between.
-            for path in self._groups():
-                with contextlib.suppress(OSError):
-                    if (path / "cgroup.kill").exists():
-                        (path / "cgroup.kill").write_text("1")
+        self._seal()
         killed = 0
         for _ in range(200):  # processes forking while being killed: repeat until the group is empty
             pids = self.pids()
@@ -373,6 +377,20 @@ class JobCgroup:
                     killed += 1
             time.sleep(0.01)
         return killed
+
+    def _seal(self) -> None:
+        """No process of the group may fork any more (pids.max 0), and (v2) the whole group is killed."""
+        pids_group = self.paths.get("pids")
+        if pids_group is not None and self.created and self.hits_at_kill is None:
+            self.hits_at_kill = self.pids_limit_hits()  # what the job hit, not the forks refused from now on
+            with contextlib.suppress(OSError):
+                (pids_group / "pids.max").write_text("0")
+        if self.v2 and self.created:
+            # cgroup.kill (Linux 5.14) kills the whole group at once: nothing forks in between.
+            for path in self._groups():
+                with contextlib.suppress(OSError):
+                    if (path / "cgroup.kill").exists():
+                        (path / "cgroup.kill").write_text("1")
 
     def remove(self) -> None:
         for path in self._groups():

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -95,7 +96,8 @@ class HostProcess(JobProcess):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         if self.cgroup is not None:  # and what left the group (setsid) but not the job's cgroup
-            oom, hits = await asyncio.to_thread(self.cgroup.close)
+            closed = self.cgroup.close_at_once()  # an empty group: no worker-thread trip
+            oom, hits = closed if closed is not None else await asyncio.to_thread(self.cgroup.close)
             if oom:
                 limit = self.cgroup.memory_bytes
                 self.exit_note = f"out of memory: the limit is {limit / (1 << 20):.0f} MiB"
@@ -178,18 +180,46 @@ def _close_pipe(pipe: tuple[int, int] | None) -> None:
             os.close(fd)
 
 
-def _hand_over_env(fd: int, cgroup_procs: list[Path], pid: int, payload: bytes) -> None:
-    """Moves the job user's shell into its cgroups, then writes it its environment (blocking: the shell
-    reads it at once; it has done nothing else yet) and closes the pipe."""
+def _hand_over_env(fd: int, cgroup_procs: list[Path], pid: int, payload: bytes) -> bytes:
+    """Moves the job user's shell into its cgroups, then writes it its environment and closes the pipe.
+
+    On the event loop's thread: a cgroup.procs write is kernel memory (no disk), and the write to the
+    pipe does not wait (non-blocking), so most jobs' environments (up to the pipe's 64 KiB) cost no
+    worker-thread trip. Returns what the full pipe did not take (the pipe is then still open, blocking
+    again): the caller writes it with _write_rest on a worker thread, as the shell reads."""
     try:
         if cgroup_procs:
             jobuser.join_cgroups(cgroup_procs, pid)
-        with open(fd, "wb", closefd=False) as f:
-            f.write(payload)
+        os.set_blocking(fd, False)
+        try:
+            written = os.write(fd, payload)
+        except BlockingIOError:
+            written = 0
+        if written < len(payload):
+            os.set_blocking(fd, True)
+            return payload[written:]
     except (BrokenPipeError, ConnectionResetError):
         pass  # it died first: its exit code and stderr say why
+    os.close(fd)
+    return b""
+
+
+def _write_rest(fd: int, rest: bytes) -> None:
+    """The rest of the environment, blocking (the shell reads it at once: it has done nothing else yet)."""
+    try:
+        with open(fd, "wb", closefd=False) as f:
+            f.write(rest)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
     finally:
         os.close(fd)
+
+
+@dataclass
+class _Prepared:
+    cgroup: JobCgroup | None
+    missing: list[str] = field(default_factory=list)  # controllers whose limit could not be written
+    done: bool = False  # the trip ran to its end
 
 
 class GroupRemover:
@@ -245,6 +275,7 @@ class HostRuntime(Runtime):
         self.env_cache = env_cache
         self._layout: CgroupLayout | None = None
         self._remover = GroupRemover()
+        self._prepared: dict[str, _Prepared] = {}  # job id -> made by preparation(), for start() to take
 
     async def _get_layout(self, agent_home: str) -> CgroupLayout:
         """Where this agent's job cgroups go, found once (the first caller's home names it)."""
@@ -256,7 +287,48 @@ class HostRuntime(Runtime):
             self._layout = layout
         return self._layout
 
+    async def preparation(self, job_id: str, workdir: Path, memory_bytes: int, cpu: float) -> Callable[[], None] | None:
+        """The job's folder handed to its user and its cgroups made, on the runner's code-unpacking trip."""
+        user = self.job_user
+        if not self.use_cgroups and user is None:
+            return None
+        layout = await self._get_layout(self.agent_home or str(os.getpid())) if self.use_cgroups else None
+        prepared = _Prepared(layout.job(job_id, memory_bytes, cpu, self.pids_limit) if layout else None)
+        self._prepared[job_id] = prepared
+
+        def run() -> None:
+            if user is not None:
+                give(workdir, user)
+            if prepared.cgroup is not None:
+                prepared.missing = prepared.cgroup.create()
+            prepared.done = True
+
+        return run
+
+    def forget(self, job_id: str) -> None:
+        prepared = self._prepared.pop(job_id, None)
+        if prepared is not None and prepared.cgroup is not None:  # never started: its group goes
+            self._remover.remove(prepared.cgroup)
+
     async def _prepare(self, job: RuntimeJob) -> JobCgroup | None:
+        prepared = self._prepared.pop(job.job_id, None)
+        if prepared is not None and prepared.done:
+            return self._created(job, prepared.cgroup, prepared.missing)
+        if prepared is not None and prepared.cgroup is not None:  # its trip failed part way
+            await self._release(prepared.cgroup)
+        return await self._prepare_now(job)
+
+    def _created(self, job: RuntimeJob, cg: JobCgroup | None, missing: list[str]) -> JobCgroup | None:
+        if "pids" in missing:  # the agent's policy, not the job's request: said once, in the agent's log
+            missing.remove("pids")
+            warn_once("pids-job", f"host jobs run without a pids limit (--pids-limit {self.pids_limit}): no cgroup")
+        if missing:
+            job.system_line(
+                f"dstack: this host cannot limit the job's {' and '.join(missing)} (no writable cgroup controller)"
+            )
+        return cg
+
+    async def _prepare_now(self, job: RuntimeJob) -> JobCgroup | None:
         """The job's folder handed to its user, and its cgroups: one trip to a worker thread for both."""
         user = self.job_user
         if not self.use_cgroups:
@@ -271,15 +343,7 @@ class HostRuntime(Runtime):
                 give(job.workdir, user)
             return cg.create()
 
-        missing = await asyncio.to_thread(prepare)
-        if "pids" in missing:  # the agent's policy, not the job's request: said once, in the agent's log
-            missing.remove("pids")
-            warn_once("pids-job", f"host jobs run without a pids limit (--pids-limit {self.pids_limit}): no cgroup")
-        if missing:
-            job.system_line(
-                f"dstack: this host cannot limit the job's {' and '.join(missing)} (no writable cgroup controller)"
-            )
-        return cg
+        return self._created(job, cg, await asyncio.to_thread(prepare))
 
     async def start(self, job: RuntimeJob) -> JobProcess:
         if job.mounts:  # the runner refuses them first; never a folder at that path on the host
@@ -308,13 +372,17 @@ class HostRuntime(Runtime):
             # instead of vfork(); the job's own user is set by setpriv after exec.
             argv = jobuser.command(user, script)
         # The job user's shell reads its environment from a plain pipe (not an asyncio transport): the
-        # agent moves it into its cgroups and then writes the environment, in one worker-thread trip.
+        # agent moves it into its cgroups and then writes the environment (_hand_over_env).
         env_pipe = os.pipe() if user is not None else None
         try:
+            if env_pipe is not None and user is not None:
+                # Its shell opens the pipe again by name (BASH_ENV=/dev/fd/0), as the job user: the pipe is
+                # the job user's, as everything else of the job is (its own processes may read it anyway).
+                os.fchown(env_pipe[0], user.uid, user.gid)
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 cwd=cwd,
-                env=env if user is None else jobuser.ROOT_ENV,
+                env=env if user is None else jobuser.root_env({AGENT_MARKER: env.get(AGENT_MARKER, "")}),
                 stdin=asyncio.subprocess.DEVNULL if env_pipe is None else env_pipe[0],
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -333,7 +401,9 @@ class HostRuntime(Runtime):
         if env_pipe is not None:  # the job user's shell waits for its environment
             os.close(env_pipe[0])  # the shell's end
             joined = cgroup.joined if cgroup is not None else []
-            await asyncio.to_thread(_hand_over_env, env_pipe[1], joined, proc.pid, jobuser.encode_env(env))
+            rest = _hand_over_env(env_pipe[1], joined, proc.pid, jobuser.encode_env(env))
+            if rest:
+                await asyncio.to_thread(_write_rest, env_pipe[1], rest)
         return HostProcess(proc, self.stop_grace_s, cgroup, job.system_line, self._remover.remove)
 
     async def close(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from dstack.coordinator.app import agent_scope
 from dstack.coordinator.app.core import Core
@@ -57,8 +58,12 @@ class Session:
             self.end_input()
             return
         msg, dropped = await self._screen(msg)
-        await self._record_environments(msg)
-        reply = await self.core.engine.on_message(self.agent_id, msg)
+        recorded = await self._record_environments(msg)
+        try:  # the environments are queued first: stored before the updates, most often in their batch
+            reply = await self.core.engine.on_message(self.agent_id, msg)
+        finally:
+            if recorded is not None:
+                await recorded
         if reply is None:
             reply = dropped
         else:
@@ -70,19 +75,26 @@ class Session:
         if (reply.log_acks or reply.update_acks or reply.lease_ack) and self._conn is not None:
             self._conn.send(reply)
 
-    async def _record_environments(self, msg: agent_pb2.AgentMessage) -> None:
+    async def _record_environments(self, msg: agent_pb2.AgentMessage) -> asyncio.Future[None] | None:
         """Keeps the environments reported with updates (screened: the agent's own jobs only), bounded
-        and sanitised (coordinator/records.py), as parts of their runs' records."""
+        and sanitised (coordinator/records.py), as parts of their runs' records. Returns the store call,
+        queued (coordinator/store/executor.py) but not awaited: the caller queues the updates behind it."""
         reported = [u for u in msg.updates if u.HasField("environment")]
         if not reported:
-            return
-        parts = await asyncio.to_thread(lambda: [(u.job_id, environment_from_proto(u.environment)) for u in reported])
+            return None
+
+        def convert() -> list[tuple[str, dict[str, Any]]]:
+            return [(u.job_id, environment_from_proto(u.environment)) for u in reported]
+
+        # A `pip freeze` (up to 256 KiB each) is sanitised on a worker thread; without one (most jobs:
+        # a few short fields) there is nothing to keep off the event loop, and no trip to pay for.
+        parts = await asyncio.to_thread(convert) if any(u.environment.packages for u in reported) else convert()
 
         def store() -> None:
             for job_id, part in parts:
                 self.core.store.records.put_job_part(job_id, "environment", part)
 
-        await self.core.db(store)
+        return self.core.db.submit(store)
 
     async def _screen(self, msg: agent_pb2.AgentMessage) -> tuple[agent_pb2.AgentMessage, agent_pb2.CoordinatorMessage]:
         """The part of `msg` the agent may send (lines and updates of its own acting jobs: the check

@@ -98,9 +98,12 @@ def end_attempt(
     return moved, False
 
 
-def resume_inputs(c: sqlite3.Connection, job_id: str) -> list[ArtifactInput]:
+def resume_inputs(c: sqlite3.Connection, job_id: str, attempt: int | None = None) -> list[ArtifactInput]:
     """What a later attempt starts with besides its dependencies: the files its earlier attempts
-    saved in its `mount: true` folders (a checkpoint to resume from)."""
+    saved in its `mount: true` folders (a checkpoint to resume from). `attempt`: the job's, when the
+    caller has read it (a first attempt, most jobs, has nothing to resume: no query)."""
+    if attempt is not None and attempt <= 1:
+        return []
     spec, attempt, job_name = c.execute("SELECT spec, attempt, job_name FROM jobs WHERE id = ?", [job_id]).fetchone()
     if attempt <= 1:
         return []

@@ -37,11 +37,16 @@ class DbExecutor:
         self._thread.start()
 
     async def __call__(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self.submit(fn, *args, **kwargs)
+
+    def submit(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> asyncio.Future[T]:
+        """Queues the call now and returns its future: calls queued one after another without an await
+        between them run in this order, most often in one batch (one commit, one wake-up)."""
         loop = asyncio.get_running_loop()
         self._loop = loop
         fut: asyncio.Future[T] = loop.create_future()
         self._queue.put((functools.partial(fn, *args, **kwargs), fut))
-        return await fut
+        return fut
 
     def _work(self) -> None:
         while True:

@@ -164,6 +164,7 @@ class UpdateResult:
     freed: bool = False  # capacity was released: the scheduler should look again
     requeued: list[str] = field(default_factory=list)  # jobs back to waiting as a new attempt
     added: list[object] = field(default_factory=list)  # what `Jobs.provide` returned: jobs a provider program added
+    gangs: bool = False  # a report named a member of a gang: the gang sweep may have work (engine.settle_gangs)
 
 
 @dataclass(frozen=True)
@@ -456,7 +457,7 @@ class Jobs:
                 r["spec"],
                 r["code"],
                 json_list(r["gpu_indices"]),
-                inputs_of(self.db.conn, r["id"]) + attempts.resume_inputs(self.db.conn, r["id"]),
+                inputs_of(self.db.conn, r["id"]) + attempts.resume_inputs(self.db.conn, r["id"], r["attempt"]),
                 r["attempt"],
                 r["owner"],
                 r["master"] or "",
@@ -551,13 +552,14 @@ class Jobs:
                 res.acks.append(UpdateAck(u.job_id, u.status))  # acknowledged by the id the agent sent
                 job_id, attempt = parse_wire_job_id(u.job_id)
                 row = c.execute(
-                    "SELECT status, run_id, stop_requested, stop_reason, stop_message FROM jobs"
+                    "SELECT status, run_id, stop_requested, stop_reason, stop_message, gang FROM jobs"
                     " WHERE id = ? AND agent_id = ? AND attempt = ?",
                     [job_id, agent_id, attempt],
                 ).fetchone()
                 if row is None:
                     continue  # not this agent's job, or an attempt that is over: a late report changes nothing
-                status, run_id, stop_requested, stop_reason, stop_message = row
+                status, run_id, stop_requested, stop_reason, stop_message, gang = row
+                res.gangs = res.gangs or bool(gang)
                 u = replace(u, job_id=job_id)
                 t = lifecycle.agent_transition(u.status, bool(stop_requested))
                 if t is None or status not in t.src:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import threading
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -112,3 +115,63 @@ async def test_a_jobs_secrets_leave_the_agents_memory_when_the_job_ends(tmp_path
         gc.collect()
         assert runner() is None, gc.get_referrers(runner())
         assert dict(assignment.secrets) == {}  # even a reference kept elsewhere holds no secret
+
+
+class PreparingRuntime(GatedRuntime):
+    """Records the runtime's preparation (agent/runtimes/base.py: `preparation`, `forget`): where it ran,
+    whether the job's folder was there, and what was forgotten. `hold` keeps the preparation waiting."""
+
+    def __init__(self, hold: bool = False) -> None:
+        super().__init__()
+        self.prepared: dict[str, tuple[bool, bool]] = {}  # job id -> (on a worker thread, folder there)
+        self.forgotten: list[str] = []
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
+        self.preparing = threading.Event()
+
+    async def preparation(self, job_id: str, workdir: Path, memory_bytes: int, cpu: float) -> Callable[[], None] | None:
+        def run() -> None:
+            self.preparing.set()
+            self.release.wait(30)
+            self.prepared[job_id] = (threading.current_thread() is not threading.main_thread(), workdir.is_dir())
+
+        return run
+
+    def forget(self, job_id: str) -> None:
+        self.forgotten.append(job_id)
+
+
+async def test_the_runtimes_preparation_rides_on_the_code_trip_and_is_forgotten_at_the_end(tmp_path: Path) -> None:
+    runtime = PreparingRuntime()
+    async with coordinator(tmp_path) as h, real_agent(h, runtime=runtime):
+        run = await submit_run(h, job_spec("main"))
+        job_id = job_ids(run)["main"]
+        proc = await runtime.started(job_id)
+        assert runtime.prepared == {job_id: (True, True)}  # a worker thread, once the folder is made
+        proc.exit(0)
+        await h.wait_job(run.name, "main", [JS.JOB_STATUS_DONE])
+        await until(lambda: runtime.forgotten == [job_id])
+
+
+async def test_a_job_stopped_while_prepared_never_starts_and_its_preparation_is_forgotten(tmp_path: Path) -> None:
+    # What the runtime made for a job that never starts (its cgroups, on the host runtime) is released.
+    runtime = PreparingRuntime(hold=True)
+    async with coordinator(tmp_path) as h, real_agent(h, runtime=runtime) as agent:
+        run = await submit_run(h, job_spec("main"))
+        job_id = job_ids(run)["main"]
+        await until(runtime.preparing.is_set)
+        await h.client.StopRun(client_pb2.StopRunRequest(name=run.name), metadata=h.meta)
+        await until(lambda: any(r.stop_requested for r in agent.jobs.values()))
+        runtime.release.set()
+        job = await h.wait_job(run.name, "main", [JS.JOB_STATUS_STOPPED])
+        assert job.termination_reason == TR.TERMINATION_REASON_STOPPED_BY_USER
+        await until(lambda: runtime.forgotten == [job_id])
+        assert job_id not in runtime.procs and job_id in runtime.prepared
+
+
+async def until(check: Callable[[], bool]) -> None:
+    """Polls agent-side state (no RPC announces it) until `check` holds."""
+    async with asyncio.timeout(30):
+        while not check():  # noqa: ASYNC110 - agent-side state announces nothing
+            await asyncio.sleep(0.01)

@@ -247,3 +247,38 @@ def test_v2_refused_delegation_runs_jobs_without_limits(tmp_path: Path, caplog: 
     assert layout.v2 and layout.dirs == {}
     assert "needs a cgroup of its own (systemd: a service with Delegate=yes" in caplog.text
     assert layout.job("j", 64 << 20, 1.0, 64).create() == ["memory", "cpu", "pids"]
+
+
+def test_v2_close_at_once_reads_an_empty_group_without_sealing_it(tmp_path: Path) -> None:
+    # The common end of a job: its group is empty once its main process is gone. The result comes on
+    # the caller's thread, and nothing is written (no pids.max 0, no cgroup.kill): nothing is left to stop.
+    root, proc_cgroup = fake_cgroupfs(tmp_path)
+    cg = discover(tmp_path, root, proc_cgroup).job("job5", 0, 0.0, 64)
+    cg.create()
+    group = cg.paths["pids"]
+    (group / "cgroup.procs").write_text("")
+    (group / "pids.events").write_text("max 3\n")
+    assert cg.close_at_once() == (False, 3)
+    assert (group / "pids.max").read_text() == "64"
+    assert not (group / "cgroup.kill").exists()
+
+
+def test_v2_close_at_once_seals_and_kills_what_is_left_then_hands_over(tmp_path: Path) -> None:
+    # A process left in the group (it left the job's session): the group is sealed, the process killed,
+    # and None says "finish on a worker thread" (close() waits until the group is empty).
+    root, proc_cgroup = fake_cgroupfs(tmp_path)
+    cg = discover(tmp_path, root, proc_cgroup).job("job6", 0, 0.0, 64)
+    cg.create()
+    group = cg.paths["pids"]
+    (group / "pids.events").write_text("max 2\n")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (group / "cgroup.procs").write_text(f"{sleeper.pid}\n")
+        assert cg.close_at_once() is None
+        assert sleeper.wait(10) == -9
+        assert (group / "pids.max").read_text() == "0"
+        (group / "pids.events").write_text("max 9\n")  # forks refused after the seal are not the job's
+        (group / "cgroup.procs").write_text("")
+        assert cg.close() == (False, 2)
+    finally:
+        sleeper.kill()

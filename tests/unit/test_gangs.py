@@ -201,9 +201,10 @@ def _statuses(s: Store, ids: list[str]) -> list[tuple[JobStatus, int]]:
 
 def test_one_member_failing_fails_the_others_naming_the_node(tmp_path: Path) -> None:
     s, ids, ag = _store_with_gang(tmp_path)
-    s.apply_job_updates(
+    res = s.apply_job_updates(
         ag[1], [JobUpdate(ids[1], int(JobStatus.FAILED), TerminationReason.EXIT_CODE, "exit code 3", 3)]
     )
+    assert res.gangs  # the engine runs the sweep after a member's report (only then: engine.on_message)
     settled = s.settle_gangs()
     assert sorted(settled.stops) == sorted([(ids[0], ag[0]), (ids[2], ag[2])])
     assert _statuses(s, ids) == [(JobStatus.FAILED, 1)] * 3
@@ -385,3 +386,14 @@ def test_the_agent_refuses_a_bad_advertise_address() -> None:
         parse_args(["--coordinator", "127.0.0.1:1", "--advertise-address", "1.2.3.4:99", "--home", "/tmp/x"])
     config = parse_args(["--coordinator", "127.0.0.1:1", "--advertise-address", "10.0.0.7", "--home", "/tmp/x"])
     assert config.advertise_address == "10.0.0.7"
+
+
+def test_a_report_of_a_job_of_its_own_says_no_gang_is_touched(tmp_path: Path) -> None:
+    # The engine skips the gang sweep (a query and a DB trip) after the end of a job in no gang: most jobs.
+    s = Store(tmp_path / "state.db")
+    spec = common_pb2.JobSpec(job_name="solo", workflow="w")
+    created = s.create_run("u", "w", b"", "", [], [NewJob("solo", spec.SerializeToString(), 0, 0, 0, [])])
+    agent = s.register_agent("a0", "token0", common_pb2.Inventory().SerializeToString())
+    s.apply_schedule([Placement(created.job_ids[0], agent, [])], [], [])
+    res = s.apply_job_updates(agent, [JobUpdate(created.job_ids[0], int(JobStatus.DONE), TerminationReason.DONE)])
+    assert res.changed_runs and not res.gangs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from dstack.agent import jobuser
 from dstack.agent.jobuser import JobUser, JobUserError
 from dstack.agent.main import parse_args
+from dstack.agent.runtimes.host import _hand_over_env, _write_rest
 
 
 def test_only_a_root_host_agent_switches_users(caplog: pytest.LogCaptureFixture) -> None:
@@ -40,23 +42,55 @@ def test_the_environment_goes_through_stdin_not_argv() -> None:
     user = JobUser("dstack-job", 999, 999, "/usr/bin/setpriv", "/bin/bash")
     argv = jobuser.command(user, "echo $TOKEN")
     assert argv[:5] == ["/usr/bin/setpriv", "--reuid=999", "--regid=999", "--clear-groups", "--"]
+    assert argv[5:7] == ["/bin/bash", "-c"] and len(argv) == 8  # one shell: no importer that execs another
     env = {"TOKEN": "s3cret value\nwith a newline", "BAD NAME": "x", "A": "1"}
     data = jobuser.encode_env(env)
     assert not any("s3cret" in a for a in argv)
-    assert data.split(b"\0") == [b"TOKEN=s3cret value\nwith a newline", b"A=1", jobuser.END.encode(), b""]
+    assert b"s3cret" in data and b"BAD NAME" not in data
+    # setpriv (root) gets the path where bash reads the environment and the agent's mark, nothing of the job's.
+    root = jobuser.root_env({"DSTACK_AGENT_HOME": "/agent"})
+    assert root["BASH_ENV"] == "/dev/fd/0" and root["DSTACK_AGENT_HOME"] == "/agent"
+    assert not any("s3cret" in v for v in root.values())
 
 
-def test_the_first_shell_exports_what_it_reads_then_runs_the_script() -> None:
-    # The shell part of `command`, as the current user (setpriv needs root).
-    script = 'printf "%s|" "$TOKEN" "$A"; echo "${LD_PRELOAD:-none}"'
+def _as_job_shell(script: str, payload: bytes) -> subprocess.CompletedProcess[bytes]:
+    """The shell part of `command` (after setpriv, which needs root) as the current user."""
     argv = jobuser.command(JobUser("u", 0, 0, "", "/bin/bash"), script)[5:]
-    env = {"TOKEN": "two\nlines", "A": "1", "PATH": os.environ["PATH"]}
-    r = subprocess.run(argv, input=jobuser.encode_env(env), capture_output=True, env={"PATH": os.environ["PATH"]})
+    root = jobuser.root_env({"DSTACK_AGENT_HOME": "/agent"}) | {"PATH": os.environ["PATH"]}
+    return subprocess.run(argv, input=payload, capture_output=True, env=root)
+
+
+def test_the_shell_exports_what_it_reads_then_runs_the_script() -> None:
+    script = 'printf "%s|" "$TOKEN" "$A" "${BASH_ENV-unset}" "${__dstack_env_ok-unset}"; echo "${LD_PRELOAD:-none}"'
+    env = {"TOKEN": "two\nlines 'quoted' $HOME `x`", "A": "1", "PATH": os.environ["PATH"]}
+    r = _as_job_shell(script, jobuser.encode_env(env))
     assert r.returncode == 0, r.stderr
-    assert r.stdout == b"two\nlines|1|none\n"
-    # Without the end marker (the agent died while writing) nothing runs.
-    r = subprocess.run(argv, input=b"A=1\0", capture_output=True, env={"PATH": os.environ["PATH"]})
-    assert r.returncode == 1 and r.stdout == b"" and b"did not hand the job its environment" in r.stderr
+    # Values arrive verbatim (no expansion); BASH_ENV=/dev/fd/0 and the marker do not reach the job.
+    assert r.stdout == b"two\nlines 'quoted' $HOME `x`|1|unset|unset|none\n"
+    # Its children do not read their stdin as a BASH_ENV either, and carry the agent's mark.
+    r = _as_job_shell('bash -c "echo child:$DSTACK_AGENT_HOME"', jobuser.encode_env(env))
+    assert r.returncode == 0 and r.stdout == b"child:/agent\n", r.stderr
+
+
+def test_a_job_whose_environment_did_not_arrive_whole_runs_nothing() -> None:
+    # The agent died while writing: the marker (last) is missing, or a value is cut in its quotes.
+    payload = jobuser.encode_env({"A": "1", "B": "a long value"})
+    for cut in (payload[: payload.index(b"__dstack")], payload[: payload.index(b"a long") + 3], b""):
+        r = _as_job_shell("echo ran", cut)
+        assert r.returncode == 1 and r.stdout == b"", cut
+        assert b"did not hand the job its environment" in r.stderr
+
+
+def test_a_bash_env_of_the_jobs_own_is_read_as_bash_reads_it(tmp_path: Path) -> None:
+    rc = tmp_path / "rc.sh"
+    rc.write_text("FROM_RC=yes\n")
+    r = _as_job_shell('echo "$FROM_RC $BASH_ENV"', jobuser.encode_env({"BASH_ENV": str(rc)}))
+    assert r.returncode == 0 and r.stdout == f"yes {rc}\n".encode(), r.stderr
+
+
+def test_an_error_in_the_script_names_the_scripts_own_line() -> None:
+    r = _as_job_shell("set -e\ntrue\nno-such-command-xyz\n", jobuser.encode_env({}))
+    assert r.returncode == 127 and b"line 3: no-such-command-xyz" in r.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
@@ -82,3 +116,30 @@ def test_the_default_job_user_is_dstack_job(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("DSTACK_JOB_USER", "trainer")
     assert parse_args(["--coordinator", "c:1"]).job_user_name == "trainer"
     assert parse_args(["--coordinator", "c:1", "--job-user", "none"]).job_user_name == "none"
+
+
+@pytest.mark.parametrize("size", [100, 1 << 20])
+def test_the_environment_is_handed_over_whole_however_big(size: int) -> None:
+    # Small: written at once on the event loop's thread (the pipe takes it). Bigger than the pipe: the
+    # rest is written as the shell reads, and the shell still gets every byte before the end marker.
+    env = {"BIG": "x" * size, "A": "1"}
+    payload = jobuser.encode_env(env)
+    r, w = os.pipe()
+    got = bytearray()
+    reader = threading.Thread(target=lambda: got.extend(_read_all(r)))
+    rest = _hand_over_env(w, [], os.getpid(), payload)
+    if size > 1000:
+        assert rest, "a payload bigger than the pipe comes back in part"
+    reader.start()
+    if rest:
+        _write_rest(w, rest)
+    reader.join(10)
+    assert bytes(got) == payload
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
