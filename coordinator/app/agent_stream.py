@@ -47,6 +47,16 @@ class Session:
         reply.MergeFrom(dropped)
         return reply
 
+    def heard(self) -> bool:
+        """A message was read off this stream: the agent's lease is renewed at once, in memory, before the
+        message waits for the database (coordinator/leases.py). A stale session's message renews nothing
+        (False: `receive` ends the stream)."""
+        engine = self.core.engine
+        if not engine.sessions.is_current(self.agent_id, self.epoch):
+            return False
+        engine.heard(self.agent_id)
+        return True
+
     async def receive(self, msg: agent_pb2.AgentMessage) -> None:
         if not self.core.engine.sessions.is_current(self.agent_id, self.epoch):
             # The agent was lost or removed since this stream's hello, or opened a newer stream: what

@@ -65,7 +65,8 @@ async def list_agents(core: Core) -> list[AgentView]:
                 status=label(r.status),
                 inventory=inventory_from_bytes(r.inventory),
                 running_jobs=count.get(r.id, 0),
-                last_heartbeat_ns=r.last_heartbeat or 0,
+                # Heard from since the last batch was written (coordinator/leases.py): memory is newer.
+                last_heartbeat_ns=core.engine.leases.last_heard(r.id) or r.last_heartbeat or 0,
                 busy_gpu_indices=sorted(busy.get(r.id, [])),
             )
             for r in core.store.list_agents()
@@ -89,5 +90,7 @@ async def approve(core: Core, name: str, by: str) -> None:
     engine = core.engine
     connected = engine.hub.connected_ids()
     agent_id = await core.db(core.store.approve_agent, name, connected.__contains__, engine.lease_until())
+    if agent_id in connected:
+        engine.agent_online(agent_id)  # its lease, in memory (coordinator/leases.py)
     log.info("agent %s (%s) approved by %s", name, agent_id, by)
     engine.kick()

@@ -157,6 +157,9 @@ class Store(Db):
         self.heartbeat = self.agents.heartbeat
         self.extend_all_leases = self.agents.extend_all_leases
         self.expire_leases = self.agents.expire_leases
+        self.record_heard = self.agents.record_heard
+        self.online_agent_ids = self.agents.online_ids
+        self.lose_agents = self.agents.lose
         self.online_agents = self.agents.online_agents
         self.list_agents = self.agents.pool
         self.remove_agent = self.agents.remove
