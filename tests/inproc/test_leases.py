@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import threading
 from pathlib import Path
@@ -253,7 +254,7 @@ async def test_an_agent_that_keeps_beating_is_not_lost_while_the_db_thread_is_bl
                 h.clock.step(LEASE_S / 2)
                 at = h.clock.time_ns()
                 await beating.heartbeat()
-                await wait_until(lambda at=at: _heard(engine, beating_id, at), "the heartbeat read off the stream")
+                await wait_until(functools.partial(_heard, engine, beating_id, at), "the heartbeat read off the stream")
         finally:
             release.set()
             await blocker
