@@ -13,6 +13,7 @@ from dstack.coordinator.convert import inventory_from_bytes, inventory_to_bytes
 from dstack.coordinator.errors import AlreadyExists, Unauthenticated
 from dstack.coordinator.lifecycle.agents import label
 from dstack.coordinator.model import AgentView, Inventory
+from dstack.coordinator.store.db import Store
 
 log = logging.getLogger("dstack.coordinator")
 
@@ -52,10 +53,10 @@ async def register(core: Core, name: str, inventory: Inventory, join_token_id: s
 
 
 async def list_agents(core: Core) -> list[AgentView]:
-    def load() -> list[AgentView]:
+    def load(store: Store) -> list[AgentView]:
         busy: dict[str, list[int]] = {}
         count: dict[str, int] = {}
-        for a in core.store.active_allocations():
+        for a in store.active_allocations():
             busy.setdefault(a.agent_id, []).extend(a.gpu_indices)
             count[a.agent_id] = count.get(a.agent_id, 0) + 1
         return [
@@ -69,10 +70,10 @@ async def list_agents(core: Core) -> list[AgentView]:
                 last_heartbeat_ns=core.engine.leases.last_heard(r.id) or r.last_heartbeat or 0,
                 busy_gpu_indices=sorted(busy.get(r.id, [])),
             )
-            for r in core.store.list_agents()
+            for r in store.list_agents()
         ]
 
-    return await core.db(load)
+    return await core.read(load)
 
 
 async def remove(core: Core, name: str, by: str) -> int:

@@ -16,10 +16,11 @@ import itertools
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 
-from dstack.coordinator.app.core import Core
+from dstack.coordinator.app.core import Core, run_by_name
 from dstack.coordinator.artifacts import logs_key
 from dstack.coordinator.model import LogLine, LogStream, RunView
 from dstack.coordinator.retention import iter_log_archive
+from dstack.coordinator.store.db import Store
 
 LOG_BATCH = 5000
 LOG_BATCH_BYTES = 4 << 20  # one response stays far below gRPC's message limit
@@ -54,21 +55,21 @@ async def stream_logs(
 ) -> AsyncGenerator[LogChunk, None]:
     """Every line of the run after `after`; with `follow`, until the run has finished (the last
     chunk then carries the finished run)."""
-    run = await core.db(core.store.run_by_name, run_name)
+    run = await core.read(run_by_name, run_name)
     run_id: str = run.id
     cursor: dict[str, int] = {k: v for k, v in (after or {}).items() if v > 0}
     done: set[str] = set()  # archived (or deleted) jobs whose lines have all been sent
 
-    def poll() -> _Poll:
+    def poll(store: Store) -> _Poll:
         # The end first: every line of a job is stored before its end is.
-        finished = core.store.run_by_id(run_id).finished_at is not None
-        jobs = core.store.jobs_of_runs([run_id])[run_id]
+        finished = store.run_by_id(run_id).finished_at is not None
+        jobs = store.jobs_of_runs([run_id])[run_id]
         out: list[JobLines] = []
         budget = LOG_BATCH_BYTES
         for j in jobs:
             if j.logs_state != IN_DATABASE or budget <= 0:
                 continue
-            rows = core.store.read_logs(j.id, cursor.get(j.job_name, 0), LOG_BATCH, budget)
+            rows = store.read_logs(j.id, cursor.get(j.job_name, 0), LOG_BATCH, budget)
             budget -= sum(len(r.text) + 32 for r in rows)
             if rows:
                 out.append(JobLines(j.job_name, rows))
@@ -76,7 +77,7 @@ async def stream_logs(
 
     while True:
         event = core.engine.watchers.event(run_id)
-        p = await core.db(poll)
+        p = await core.read(poll)
         moved = False
         for name, state in p.states.items():
             if state != IN_DATABASE and name not in done:

@@ -75,8 +75,8 @@ class Store(Db):
     def rolled_back(self) -> None:
         self.logs.forget_all()
 
-    def __init__(self, path: Path, clock: Callable[[], int] = time.time_ns) -> None:
-        super().__init__(path, clock)
+    def __init__(self, path: Path, clock: Callable[[], int] = time.time_ns, *, read_only: bool = False) -> None:
+        super().__init__(path, clock, read_only=read_only)
         self.users = Users(self)
         self.code = CodeBlobs(self)
         self.runs = Runs(self)
