@@ -528,6 +528,7 @@ class Engine:
                 log.exception("lease check failed")
                 continue
             self.metrics.agents_lost.inc(len(lost))
+            self.metrics.longest_silence.set(self.leases.max_gap_s)
             for agent_id in lost:
                 log.warning(
                     "agent %s lost: its lease ran out (longest silence of any agent so far: %.1f s)",
