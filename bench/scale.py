@@ -153,6 +153,9 @@ def time_cli_ps(svc: Services, n: int) -> tuple[list[float], list[float]]:
     turns with the floor of importing grpc and typer (bench/cli_latency.py), so that the machine's load
     weighs on both alike."""
     env = {**os.environ, **svc.cli_env(), "COLUMNS": "200"}
+    # Bytecode cached as an installed dstack has it (bench/cli_latency.py): else every call compiles the CLI.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(svc.tmp / "pycache")
     cmds = {"ps": [sys.executable, "-m", "dstack.cli", "ps"], "floor": [sys.executable, "-c", "import grpc, typer"]}
     out: dict[str, list[float]] = {"ps": [], "floor": []}
     subprocess.run(cmds["ps"], env=env, cwd=svc.tmp, capture_output=True, check=True, timeout=120)  # warm-up
