@@ -222,6 +222,13 @@ def scenario(
             stats()
             time.sleep(1)
         log(f"ListRuns first page with the queue full: median {statistics.median(f.ps_ms):.0f} ms")
+        lost = scrape.counter("dstack_agents_lost")
+        m = re.search(r"^dstack_agent_longest_silence_seconds ([0-9.e+-]+)$", scrape.read(), re.M)
+        log(
+            f"with the queue full: {lost:.0f} agents lost; longest silence {m.group(1) if m else '?'} s (coordinator),"
+            f" {last[0].max_heartbeat_gap_s:.1f} s (load generator); coordinator RSS so far"
+            f" {(sampler.max if sampler else 0) / (1 << 20):.0f} MiB"
+        )
         log(
             f"`dstack ps` (CLI process) with the queue full: median {statistics.median(f.cli_ps_ms):.0f} ms"
             f" (floor: import grpc, typer {statistics.median(f.cli_floor_ms):.0f} ms)"
