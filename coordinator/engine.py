@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from dstack.coordinator.attempts import parse_wire_job_id, wire_job_id
 from dstack.coordinator.cache import secrets_digest
-from dstack.coordinator.clock import SYSTEM_CLOCK, Clock
+from dstack.coordinator.clock import SYSTEM_CLOCK, Clock, SystemClock
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.convert import (
     artifact_input_to_proto,
@@ -58,6 +58,7 @@ PACE_MAX_S = 1.0
 # How often when agents were last heard from is written down (coordinator/leases.py): `dstack agents`
 # shows the in-memory time meanwhile; a restart gives every online agent a fresh lease anyway.
 HEARD_FLUSH_S = 10.0
+STALL_S = 1.0  # a lease check later than this: the event loop stalled (leases are extended by the stall)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -124,6 +125,11 @@ class Engine:
         # Agents' leases, in memory: renewed as each message is read, never behind the DB thread
         # (coordinator/leases.py); when each was last heard from is written in batches.
         self.leases = Leases()
+        # On the real clock only: a lease check that comes late means the event loop did not run (a stall of
+        # the coordinator's own: a long synchronous step, the process descheduled on a saturated host).
+        # Agents' messages waited unread meanwhile; leases are extended by the stall (see _lease_loop).
+        # A manual clock (tests) jumps by design: its jumps are not stalls.
+        self.guard_stalls = isinstance(clock, SystemClock)
         # A lease check the store could not write (its disk full): the next lease check renews every
         # online agent's lease before it expires any.
         self._renewal_failed = False
@@ -505,7 +511,16 @@ class Engine:
         next_forget = self.clock.monotonic()
         next_flush = self.clock.monotonic() + HEARD_FLUSH_S
         while True:
+            expected = self.clock.monotonic() + interval
             await self.clock.sleep(interval)
+            late = self.clock.monotonic() - expected
+            self.metrics.lease_check_lateness.observe(max(0.0, late))
+            if self.guard_stalls and late > STALL_S:
+                # We did not listen for `late` seconds: what agents sent meanwhile is still unread, and the
+                # check below may run before it is read. Not their silence: every lease starts afresh (as at
+                # start-up); an agent that is really gone is lost a lease later.
+                log.warning("lease check %.1f s late (the coordinator stalled): every lease renewed", late)
+                self.leases.extend_all(self._lease_deadline())
             try:
                 if self._renewal_failed:
                     # The store could not record losses (a full disk), nor agents' hellos: not the agents'

@@ -45,7 +45,8 @@ class Leases:
         self._last_heard_wall[agent_id] = wall_ns
 
     def extend_all(self, until: float) -> None:
-        """Every lease runs at least until `until` (the store could not record a loss; see engine)."""
+        """Every lease runs at least until `until` (the store could not record a loss, or the coordinator
+        stalled: see engine)."""
         for agent_id, current in self._until.items():
             if current < until:
                 self._until[agent_id] = until

@@ -51,6 +51,12 @@ class EngineMetrics:
             "The longest gap between two messages read from one online agent, since the coordinator started",
             registry=self.registry,
         )
+        self.lease_check_lateness = Histogram(
+            "dstack_lease_check_lateness_seconds",
+            "How late each lease check ran (the coordinator's event loop stalled, or its process was descheduled)",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=self.registry,
+        )
         self.scheduling_failures = Counter(
             "dstack_scheduling_pass_failures", "Scheduling passes that failed and were retried", registry=self.registry
         )
