@@ -168,10 +168,18 @@ def time_cli_ps(svc: Services, n: int) -> tuple[list[float], list[float]]:
 
 
 def scenario(
-    agents: int, queued: int, runs: int, procs: int, submitters: int = 2, steady_s: float = 35.0, say: bool = True
+    agents: int,
+    queued: int,
+    runs: int,
+    procs: int,
+    submitters: int = 2,
+    steady_s: float = 35.0,
+    say: bool = True,
+    cli_ps: int = 10,
 ) -> Figures:
     """The phases of the module's docstring at one size; `steady_s`: how long the full queue is held (over
-    two lease timeouts, so a starved heartbeat would show as a lost agent)."""
+    two lease timeouts, so a starved heartbeat would show as a lost agent); `cli_ps`: how many times the
+    real `dstack ps` process is timed (each in turn with the import floor)."""
     f = Figures(agents, queued, runs)
 
     def log(msg: str) -> None:
@@ -216,7 +224,7 @@ def scenario(
         # Full queue: `dstack ps`'s call, and the pool held across two lease timeouts' worth of passes.
         fleet.reset_gap()
         f.ps_ms = time_ps(svc, 20)
-        f.cli_ps_ms, f.cli_floor_ms = time_cli_ps(svc, 10)
+        f.cli_ps_ms, f.cli_floor_ms = time_cli_ps(svc, cli_ps)
         steady_until = time.monotonic() + steady_s
         while time.monotonic() < steady_until:
             stats()
