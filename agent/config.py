@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dstack.agent.diskspace import DEFAULT_MIN_FREE, MinFree
 from dstack.agent.envcache import EnvCache
 from dstack.agent.jobuser import ENVS, JobUser, jobs_root
 from dstack.agent.outbox import OutboxBounds
@@ -40,6 +41,9 @@ class AgentConfig:
     job_ports: tuple[int, int] | None = None  # --job-ports LO-HI: where `ports: N` picks; None: any free port
     # Log lines owed to the coordinator: in memory, then spooled in outbox_dir, then the job's output waits.
     outbox: OutboxBounds = field(default_factory=OutboxBounds)
+    # Below this much free space in its work folders the agent is disk full: it takes no new job until
+    # space is back (agent/diskspace.py).
+    min_free_disk: MinFree = DEFAULT_MIN_FREE
 
     @property
     def credentials_path(self) -> Path:
@@ -59,6 +63,11 @@ class AgentConfig:
     def jobs_dir(self) -> Path:
         # A job user cannot enter the agent's home (0700): its jobs' folders go next to it.
         return jobs_root(self.home) if self.job_user is not None else self.home / "jobs"
+
+    @property
+    def work_dirs(self) -> list[Path]:
+        """Where jobs make the agent write: their folders, and the home (code cache, environments, spool)."""
+        return [self.jobs_dir, self.home]  # the job folders may be a disk of their own
 
     @property
     def code_dir(self) -> Path:

@@ -21,6 +21,7 @@ import grpc
 from dstack.agent.artifacts import Downloader, Uploader
 from dstack.agent.code import CodeCache
 from dstack.agent.config import AgentConfig
+from dstack.agent.diskspace import DiskWatch
 from dstack.agent.inventory import Inventory
 from dstack.agent.jobuser import JobUserError, prepare_root
 from dstack.agent.outbox import Outbox
@@ -47,6 +48,11 @@ from dstack.tls import (
 )
 
 log = logging.getLogger("dstack.agent")
+
+# After a log batch shorter than the outbox's bounds, the next one waits this long for more lines: a
+# job printing steadily sends ~200 batches a second rather than one per read of its output, and the
+# coordinator stores one chunk per batch. Heartbeats and job updates do not wait for it.
+LOG_LINGER_S = 0.005
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
@@ -185,9 +191,11 @@ class Agent:
             config.pids_limit,
             config.job_user,
         )
+        self.disk = DiskWatch(config.work_dirs, config.min_free_disk)
         self.inventory = Inventory(
-            config.home, config.runtime, config.max_jobs, config.simulate_gpus, config.advertise_address
+            config.home, config.runtime, config.max_jobs, config.simulate_gpus, config.advertise_address, self.disk
         )
+        self._inventory_now = False  # a job met a full disk: the next heartbeat carries the inventory at once
         self.jobs: dict[str, JobRunner] = {}
         self.agent_id = ""
         self.session_started = False  # set once a session is acknowledged: its end resets the retry delay
@@ -217,7 +225,16 @@ class Agent:
             mount_sync_s=config.mount_sync_s,
             agent_home=str(config.home),
             ports=PortPool(config.job_ports),
+            disk=self.disk,
+            disk_full=self._disk_full,
+            agent_name=config.name,
         )
+
+    def _disk_full(self) -> None:
+        """A job met a full disk: the coordinator hears it with the next message, not an inventory later,
+        so it places nothing more here meanwhile."""
+        self._inventory_now = True
+        self.outbox.wake.set()
 
     def metadata(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.token}")]
@@ -384,12 +401,15 @@ class Agent:
         """Writes, in this order of priority: the heartbeat when due, job updates, then one bounded log
         batch at a time (agent/outbox.py), so control traffic never waits behind a job's logs."""
         next_beat = time.monotonic() + interval
+        logs_not_before = 0.0
         next_inventory = time.monotonic() + self.config.inventory_interval_s
         while True:
             now = time.monotonic()
-            if now >= next_beat:
-                await call.write(agent_pb2.AgentMessage(heartbeat=await self._heartbeat(now >= next_inventory)))
-                if now >= next_inventory:
+            if now >= next_beat or self._inventory_now:
+                due = now >= next_inventory or self._inventory_now
+                self._inventory_now = False
+                await call.write(agent_pb2.AgentMessage(heartbeat=await self._heartbeat(due)))
+                if due:
                     next_inventory = now + self.config.inventory_interval_s
                 next_beat = now + interval
                 continue
@@ -398,21 +418,53 @@ class Agent:
                 await call.write(control)
                 continue
             await self.outbox.refill()
-            if (logs := self.outbox.take_logs()) is not None:
+            wait_until = next_beat
+            if now < logs_not_before:
+                # A short batch just went: the next one gathers for LOG_LINGER_S, so heavy output goes
+                # in few large batches (one stored chunk each) and a lone line still goes at once.
+                wait_until = min(next_beat, logs_not_before)
+            elif (logs := self.outbox.take_logs()) is not None:
                 await call.write(logs)
+                if not self.outbox.last_batch_full:
+                    logs_not_before = time.monotonic() + LOG_LINGER_S
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.outbox.wake.wait(), max(0.0, next_beat - time.monotonic()))
+                await asyncio.wait_for(self.outbox.wake.wait(), max(0.0, wait_until - time.monotonic()))
 
     async def _heartbeat(self, with_inventory: bool) -> agent_pb2.Heartbeat:
+        """A heartbeat; with the inventory when it is due, or when the disk's verdict changed since the
+        last one sent (its free space is looked at with every heartbeat: a statvfs, and the coordinator
+        learns within a heartbeat that the disk is full, or that the space is back)."""
         beat = agent_pb2.Heartbeat()
-        if with_inventory:
-            try:
-                self._last_inventory = await asyncio.to_thread(self.inventory.collect)
-                beat.inventory.CopyFrom(self._last_inventory)
-            except Exception:  # a flaky NVML read must not stop the heartbeat
-                log.exception("reading the inventory failed; heartbeat without it")
+        try:
+            inv = await asyncio.to_thread(self._look, with_inventory)
+        except Exception:  # a flaky NVML read must not stop the heartbeat
+            log.exception("reading the inventory failed; heartbeat without it")
+            return beat
+        if inv is not None:
+            was_full = self._last_inventory is not None and self._last_inventory.disk_full
+            if inv.disk_full != was_full:
+                state = self.disk.state
+                if inv.disk_full:
+                    log.warning(
+                        "%s (below %d MiB): draining, no new job until space is back",
+                        state.describe(self.config.name),
+                        state.floor >> 20,
+                    )
+                else:
+                    log.info("disk space is back: %d MiB free in %s; taking jobs again", state.free >> 20, state.path)
+            self._last_inventory = inv
+            beat.inventory.CopyFrom(inv)
         return beat
+
+    def _look(self, with_inventory: bool) -> common_pb2.Inventory | None:
+        """(Worker thread) the inventory if due or if the disk became full or free again; else None."""
+        if with_inventory:
+            return self.inventory.collect()
+        last = self._last_inventory
+        if last is not None and self.disk.measure().full == last.disk_full:
+            return None
+        return self.inventory.collect()
 
     async def _handle(self, msg: agent_pb2.CoordinatorMessage) -> None:
         for ack in msg.log_acks:

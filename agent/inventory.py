@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 
+from dstack.agent.diskspace import DiskWatch, MinFree
 from dstack.protos.v1 import common_pb2
 
 log = logging.getLogger("dstack.agent")
@@ -101,10 +102,18 @@ def nvml_versions() -> tuple[str, str]:
 
 class Inventory:
     def __init__(
-        self, home: Path, runtime: str, max_jobs: int, simulate_gpus: str = "", advertise_address: str = ""
+        self,
+        home: Path,
+        runtime: str,
+        max_jobs: int,
+        simulate_gpus: str = "",
+        advertise_address: str = "",
+        disk: DiskWatch | None = None,
     ) -> None:
-        """`advertise_address`: what peers reach this agent at (agent/address.py), reported as given."""
+        """`advertise_address`: what peers reach this agent at (agent/address.py), reported as given.
+        `disk`: the work folders' free space against the agent's floor (default: the home, no floor)."""
         self.home = home
+        self.disk = disk or DiskWatch([home], min_free=MinFree())
         self.advertise_address = advertise_address
         self.runtime = runtime
         self.max_jobs = max_jobs
@@ -123,12 +132,16 @@ class Inventory:
         vm = psutil.virtual_memory()
         self.home.mkdir(parents=True, exist_ok=True)
         gpus = self._simulated if self._simulated is not None else self._nvml.read()
+        disk = self.disk.measure()
         return common_pb2.Inventory(
             hostname=socket.gethostname(),
             cpu_count=psutil.cpu_count() or 1,
             memory_total_bytes=vm.total,
             memory_available_bytes=vm.available,
-            disk_free_bytes=psutil.disk_usage(str(self.home)).free,
+            disk_free_bytes=disk.free,
+            work_dir=disk.path,
+            min_free_disk_bytes=disk.floor,
+            disk_full=disk.full,
             gpus=gpus,
             runtime=self.runtime,
             max_jobs=self.max_jobs,

@@ -16,6 +16,7 @@ from pathlib import Path
 from dstack.agent import jobuser
 from dstack.agent.config import AgentConfig
 from dstack.agent.connection import Agent, FatalAgentError, pin_ca
+from dstack.agent.diskspace import DEFAULT_MIN_FREE, parse_min_free
 from dstack.agent.envcache import DEFAULT_SIZE, parse_size
 from dstack.agent.inventory import InventoryError, parse_simulated
 from dstack.agent.outbox import OutboxBounds
@@ -176,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="where jobs' `ports: N` are picked, e.g. 20000-20999 (ports your firewall lets through);"
         " default: any free port the kernel offers (from DSTACK_JOB_PORTS)",
     )
+    p.add_argument(
+        "--min-free-disk",
+        default=env("DSTACK_MIN_FREE_DISK", ""),
+        metavar="SIZE|PCT",
+        help="free space the agent keeps in its work folders (job folders, code cache), e.g. 2GiB or 5%%; below it"
+        " the agent is draining (disk full): no new job is placed on it until space is back, and a job whose"
+        " preparation meets a full disk is requeued on another agent; 0: no floor"
+        f" (default: {str(DEFAULT_MIN_FREE).replace('%', '%%')}; from DSTACK_MIN_FREE_DISK)",
+    )
     out = p.add_argument_group(
         "outbox",
         "Log lines the coordinator has not acknowledged yet (it is away, or slower than a job prints) wait in"
@@ -277,6 +287,10 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         job_ports = parse_range(a.job_ports) if a.job_ports else None
     except ValueError as e:
         p.error(f"--job-ports: {e}")
+    try:
+        min_free_disk = parse_min_free(a.min_free_disk) if a.min_free_disk else DEFAULT_MIN_FREE
+    except ValueError as e:
+        p.error(f"--min-free-disk: {e}")
     if not (a.insecure or a.ca_file or a.ca_fingerprint):  # an option given wins over the environment
         a.ca_file, a.ca_fingerprint = env("DSTACK_CA_FILE", ""), env("DSTACK_CA_FINGERPRINT", "")
         if a.ca_file and a.ca_fingerprint:
@@ -308,6 +322,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         pids_limit=a.pids_limit,
         job_ports=job_ports,
         outbox=outbox_bounds(p, a),
+        min_free_disk=min_free_disk,
     )
 
 

@@ -122,6 +122,8 @@ class Outbox:
         self._inflight_bytes = 0
         self._background: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
+        # Whether the last batch taken was cut by the batch's bounds (more lines were ready to go).
+        self.last_batch_full = False
         self._room = asyncio.Event()  # set whenever an acknowledgement frees something
 
     # ---- producers ---------------------------------------------------------------------------
@@ -275,6 +277,7 @@ class Outbox:
             return None
         msg = agent_pb2.AgentMessage()
         budget, byte_budget = self.max_lines, self.max_bytes
+        self.last_batch_full = False
         for job_id, jl in self._logs.items():
             if budget <= 0 or byte_budget <= 0:
                 break
@@ -296,6 +299,7 @@ class Outbox:
                     add(seq=ln.seq, stream=ln.stream, text=ln.text, time_ns=ln.time_ns)
                 jl.sent_upto = lines[-1].seq
                 budget -= len(lines)
+        self.last_batch_full = budget <= 0 or byte_budget <= LINE_OVERHEAD
         return msg if msg.logs else None
 
     def take_control(self) -> agent_pb2.AgentMessage | None:

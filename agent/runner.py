@@ -36,6 +36,7 @@ from dstack.agent.artifacts import (
     prepare_dirs,
 )
 from dstack.agent.code import CodeCache
+from dstack.agent.diskspace import DiskState, DiskWatch, caused_by_full_disk
 from dstack.agent.envcache import applies_to
 from dstack.agent.environment import EnvironmentRecorder, cached_host_facts, host_facts
 from dstack.agent.masking import Masker
@@ -72,6 +73,11 @@ class RunnerDeps:
     # The job's GPUs from the inventory, and the (driver, CUDA) versions: for the run's record.
     gpu_infos: Callable[[list[int]], list[common_pb2.GpuInfo]] = field(default=lambda _indices: [])
     gpu_versions: Callable[[], tuple[str, str]] = field(default=lambda: ("", ""))
+    # The work folders' free space (agent/diskspace.py); `disk_full` tells the agent's session a job met a
+    # full disk (the coordinator hears it at once); `agent_name` says where, in the job's reason.
+    disk: DiskWatch | None = None
+    disk_full: Callable[[], None] = field(default=lambda: None)
+    agent_name: str = ""
 
 
 class Janitor:
@@ -260,6 +266,10 @@ class JobRunner:
             if self.stop_requested:
                 self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user")
                 return
+            if self.deps.disk is not None and self.deps.disk.state.full:
+                # Placed before the coordinator heard the disk is full: it goes elsewhere, nothing written here.
+                self._disk_full_end(self.deps.disk.state, "")
+                return
             try:
                 # Checked before anything is written: a path the agent refuses touches nothing on the host.
                 self.folders = folders = plan_container_folders(container_dirs, spec.artifacts, self.a.inputs)
@@ -340,6 +350,9 @@ class JobRunner:
                 self.record.add_time("setup", started - starting - pulled)
                 self.record.set_runtime_facts(self.proc.facts())
             except Exception as e:
+                if caused_by_full_disk(e):
+                    self._disk_full_end(await self._measure_disk(), f" preparing the job: {e}")
+                    return
                 log.warning("job %s could not start: %s", self.job_id, e)
                 self._system_line(f"dstack: the job could not start: {e}")
                 self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_EXECUTOR_ERROR, str(e))
@@ -475,7 +488,26 @@ class JobRunner:
         else:
             note = self.proc.exit_note if self.proc is not None else ""
             message = describe_exit(code) + (f" ({note})" if note else "")
+            disk = await self._measure_disk()
+            if disk.full:  # most likely its writes failed: a full disk is no fault of its code
+                self._disk_full_end(disk, f"; the job {message}", code)
+                return
             self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_EXIT_CODE, message, code)
+
+    async def _measure_disk(self) -> DiskState:
+        """The work folders' free space now (before this job's folder is removed)."""
+        if self.deps.disk is None:
+            return DiskState(str(self.deps.jobs_dir), 0, 0, 0, False)
+        return await asyncio.to_thread(self.deps.disk.measure)
+
+    def _disk_full_end(self, disk: DiskState, detail: str, code: int | None = None) -> None:
+        """Ends the attempt for this agent's full disk: not the job's fault, so the coordinator requeues it
+        on another agent (within a bound), and this agent takes no new job until space is back."""
+        message = disk.describe(self.deps.agent_name or self.deps.hostname) + detail
+        log.warning("job %s: %s", self.job_id, message)
+        self._system_line(f"dstack: {message}")
+        self.deps.disk_full()
+        self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_DISK_FULL, message, code)
 
     @staticmethod
     def _provided_jobs(workdir: Path, spec: common_pb2.JobSpec) -> list[common_pb2.JobSpec]:

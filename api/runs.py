@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dstack.api.code import CodeCache
-from dstack.api.errors import RunFailed, WaitTimeout
-from dstack.cli.client import SUBMIT_RUNS_MAX, SubmitRunsUnsupported
+from dstack.api.errors import PartlySubmitted, RunFailed, WaitTimeout
+from dstack.cli.client import SUBMIT_RUNS_MAX, BatchNotStored, SubmitRunsUnsupported
 from dstack.cli.client import Client as _Channel
-from dstack.cli.errors import RequestRejected
+from dstack.cli.errors import CliError, LimitReached, NotFoundError, RequestRejected
 from dstack.cli.render import run_status
 from dstack.protos.v1 import client_pb2
 
@@ -199,7 +199,11 @@ class Runs:
     ) -> builtins.list[Run]:
         """Submits one run of `workflow` for each item of `args` (its arguments): the code is packed and
         checked once, every request is built before the first is sent, and `workers` submissions are in
-        flight at once on the one channel. Returns the runs in the order of `args`."""
+        flight at once on the one channel. Returns the runs in the order of `args`.
+
+        When some were not submitted, PartlySubmitted says which were (`error.runs`, in the order of `args`)
+        and why each other was not; a run refused alone (a limit) leaves the others submitted, while a batch
+        that a coordinator fault undid was stored not at all (sending those again is safe)."""
         from dstack.cli.commands.run import build_request, check_code_files, submit_built
         from dstack.cli.repository import repository_of
         from dstack.cli.workflows import find_project_root
@@ -218,24 +222,44 @@ class Runs:
             b.submit.repository = repository
         if not built:
             return []
-        # The first alone: it uploads the code (once), then the rest find it there.
+        # The first alone: it uploads the code (once), then the rest find it there. Refused, nothing is submitted.
         first = submit_built(self._channel, built[0], packed, notes, self._code.uploaded)
-        runs = [Run(self._channel, first)]
+        results: builtins.list[client_pb2.Run | str] = [first]
         if len(built) > 1:
             try:
-                infos = self._submit_batched(built[1:], packed)
+                results += self._submit_batched(built[1:], packed)
             except SubmitRunsUnsupported:
-                with ThreadPoolExecutor(max(1, workers), thread_name_prefix="dstack-submit") as pool:
-                    uploaded = self._code.uploaded
-                    infos = list(pool.map(lambda b: submit_built(self._channel, b, packed, notes, uploaded), built[1:]))
-            runs += [Run(self._channel, info) for info in infos]
-        return runs
+                results += self._submit_one_by_one(built[1:], packed, notes, workers)
+        runs = [Run(self._channel, r) if isinstance(r, client_pb2.Run) else None for r in results]
+        if any(r is None for r in runs):
+            raise PartlySubmitted(runs, [r if isinstance(r, str) else "" for r in results])
+        return [r for r in runs if r is not None]
 
-    def _submit_batched(self, built: Sequence[Request], packed: PackedCode) -> builtins.list[client_pb2.Run]:
-        """SubmitRuns, SUBMIT_RUNS_MAX at a time (one call, one group commit on the coordinator, instead of
-        one call per run), after the same client-side checks as `dstack run`. The first refusal is raised
-        at its workflow's line; the runs the coordinator stored stay submitted (a batch's runs stand alone,
-        as runs sent one by one from several threads did)."""
+    def _submit_one_by_one(
+        self, built: Sequence[Request], packed: PackedCode, notes: _LogNotes, workers: int
+    ) -> builtins.list[client_pb2.Run | str]:
+        """To a coordinator without SubmitRuns: one SubmitRun per run, `workers` at once; each run's refusal
+        in its place (the others are submitted, as they were sent)."""
+        from dstack.cli.commands.run import submit_built
+
+        uploaded = self._code.uploaded
+
+        def one(b: Request) -> client_pb2.Run | str:
+            try:
+                return submit_built(self._channel, b, packed, notes, uploaded)
+            except (RequestRejected, LimitReached, NotFoundError) as e:  # refused: this run only
+                return f"refused: {e}"
+            except CliError as e:  # the call failed on the way: it may or may not have been stored
+                return f"unknown: {e} (`dstack ps` shows whether it was submitted)"
+
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="dstack-submit") as pool:
+            return list(pool.map(one, built))
+
+    def _submit_batched(self, built: Sequence[Request], packed: PackedCode) -> builtins.list[client_pb2.Run | str]:
+        """SubmitRuns, SUBMIT_RUNS_MAX at a time (one call, one transaction on the coordinator, instead of
+        one call per run), after the same client-side checks as `dstack run`. Each run, or why it was not
+        submitted, in order: a refused run stands alone; a batch undone by a fault, or a failed call, ends
+        the sending (the runs after it are not sent)."""
         from dstack.cli.commands.run import check_container_runtime, check_tags, located
 
         checked: set[tuple[object, ...]] = set()
@@ -246,13 +270,26 @@ class Runs:
                 check_tags(self._channel, b)
                 checked.add(key)
             b.submit.code.CopyFrom(packed.ref)
-        out: builtins.list[client_pb2.Run] = []
+        out: builtins.list[client_pb2.Run | str] = []
         for i in range(0, len(built), SUBMIT_RUNS_MAX):
             chunk = built[i : i + SUBMIT_RUNS_MAX]
-            for b, got in zip(chunk, self._channel.submit_runs([b.submit for b in chunk]), strict=True):
-                if isinstance(got, str):
-                    raise located(RequestRejected(got), b)
-                out.append(got)
+            try:
+                answers = self._channel.submit_runs([b.submit for b in chunk])
+            except BatchNotStored as e:
+                failed = f"not stored: {e}"
+            except SubmitRunsUnsupported:
+                if i == 0:
+                    raise
+                failed = "not sent: the coordinator no longer accepts SubmitRuns (it was downgraded?)"
+            except CliError as e:  # unreachable, timed out: the coordinator may have stored the batch or not
+                failed = f"unknown: {e} (`dstack ps` shows whether it was submitted)"
+            else:
+                for b, got in zip(chunk, answers, strict=True):
+                    out.append(f"refused: {located(RequestRejected(got), b)}" if isinstance(got, str) else got)
+                continue
+            out += [failed] * len(chunk)
+            out += ["not sent: an earlier batch failed"] * (len(built) - i - len(chunk))
+            break
         return out
 
     def get(self, name: str) -> Run:

@@ -59,7 +59,9 @@ def db_figures(state: Path) -> tuple[float, int]:
     size = sum(p.stat().st_size for p in state.glob("coordinator.db*")) / (1 << 20)
     try:
         with sqlite3.connect(f"file:{state / 'coordinator.db'}?mode=ro", uri=True, timeout=30) as c:
-            rows = int(c.execute("SELECT COUNT(*) FROM logs").fetchone()[0])
+            # Chunks hold consecutive seqs: their lines are last - first + 1.
+            found = c.execute("SELECT COALESCE(SUM(last_seq - first_seq + 1), 0) FROM log_chunks").fetchone()
+            rows = int(found[0])
     except sqlite3.Error:
         rows = -1
     return size, rows

@@ -37,6 +37,11 @@ class SubmitRunsUnsupported(Exception):
     """The coordinator predates SubmitRuns: submit the runs one by one."""
 
 
+class BatchNotStored(CliError):
+    """SubmitRuns failed as a whole on the coordinator (ABORTED: a database fault undid the batch): none
+    of its runs was stored, so sending them again submits each once."""
+
+
 CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
@@ -185,6 +190,8 @@ class Client:
         except grpc.RpcError as e:
             if isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.UNIMPLEMENTED:
                 raise SubmitRunsUnsupported() from None
+            if isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.ABORTED:
+                raise BatchNotStored(e.details() or "the coordinator stored none of these runs") from None
             raise _translate(e, self.endpoint) from None
         return [error or run for run, error in zip(resp.runs, resp.errors, strict=True)]
 

@@ -46,6 +46,12 @@ class CoordinatorConfig:
     # Per user (coordinator/app/limits.py): jobs waiting to start, and runs submitted per minute; 0: no limit.
     max_queued_per_user: int = 1000
     max_submissions_per_minute: int = 600
+    # Long-lived calls (coordinator/app/streams.py): followed logs, HTTP event streams, tunnels, downloads.
+    # Open at once per user and in all (0: no limit); a stream whose client has not taken a message for
+    # stream_stall_s is ended (its unsent data would otherwise sit in the coordinator's memory).
+    max_streams_per_user: int = 64
+    max_streams: int = 4096
+    stream_stall_s: float = 60.0
     # A job waiting this long gets an agent reserved for it (when smaller jobs could starve it); inf: never.
     reserve_after_s: float = 300.0
     # Fair-share preemption (coordinator/preemption.py): a job below its user's fair share that waited this

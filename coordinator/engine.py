@@ -11,7 +11,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from dstack.coordinator.attempts import parse_wire_job_id, wire_job_id
@@ -31,18 +31,29 @@ from dstack.coordinator.errors import Unauthenticated
 from dstack.coordinator.fairshare import interval_usage, weight
 from dstack.coordinator.fencing import Quarantine, Sessions, quarantine_bound_s
 from dstack.coordinator.gangs import member_env, pick_port
+from dstack.coordinator.holdings import Held, Holdings
 from dstack.coordinator.hub import AgentHub
 from dstack.coordinator.leases import Leases
 from dstack.coordinator.lifecycle.agents import AgentStatus
 from dstack.coordinator.metrics import EngineMetrics
 from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, LogAck
-from dstack.coordinator.planner import DEPENDENCIES, Policy, RunningJob, UserLimits, WaitInfo, plan
+from dstack.coordinator.planner import (
+    DEPENDENCIES,
+    Policy,
+    RunningJob,
+    Shape,
+    UserLimits,
+    WaitInfo,
+    lazy_order_of,
+    place_heads,
+    plan,
+)
 from dstack.coordinator.preemption import Preemption, Rules, choose
 from dstack.coordinator.provided_jobs import AddedJobs
 from dstack.coordinator.queue import Waiting, WaitingQueue, request_of
 from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest
 from dstack.coordinator.secrets import SecretBox
-from dstack.coordinator.store import Assignment, Placement, Store
+from dstack.coordinator.store import AgentRow, Assignment, Placement, Store
 from dstack.coordinator.store.cache import CacheHit
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.coordinator.store.secrets import TEAM
@@ -59,6 +70,16 @@ PACE_MAX_S = 1.0
 # shows the in-memory time meanwhile; a restart gives every online agent a fresh lease anyway.
 HEARD_FLUSH_S = 10.0
 STALL_S = 1.0  # a lease check later than this: the event loop stalled (leases are extended by the stall)
+# Full passes (every waiting job's reason, position and estimated start, new reservations, unsatisfiable
+# jobs failed) place jobs while the queue is this short. Over a deeper queue, heads-only passes place
+# (planner.place_heads: they cost what they place, not the queue's depth), and a full pass runs beside
+# them, off the DB thread (Engine._refresh_info): at most one per FULL_EVERY_S, and no more than
+# FULL_SHARE of the time.
+FULL_QUEUE = 1000
+FULL_EVERY_S = 1.0
+FULL_SHARE = 0.2
+# Jobs a deep queue's full pass marks pending at most (one transaction; the rest at the next ones).
+MARK_AT_ONCE = 500
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -66,6 +87,18 @@ def _address_of(advertised: str, hostname: str) -> str:
     """Where other agents reach this one, from its inventory; "" if it names none. Cached: parsing the
     addresses of 5,000 agents took a tenth of every scheduling pass."""
     return next((x for x in (advertised, hostname) if valid_address(x)), "")
+
+
+MAX_WORK_DIR_SHOWN = 200  # an agent's own word, shown in every waiting job's reason: bounded
+
+
+def draining_of(inv: common_pb2.Inventory) -> str:
+    """Why the agent takes no new job for now ("" if it takes jobs): its disk is below its floor
+    (`dstack agent --min-free-disk`, agent/diskspace.py)."""
+    if not inv.disk_full:
+        return ""
+    where = inv.work_dir[:MAX_WORK_DIR_SHOWN] or "its work folder"
+    return f"disk full, {inv.disk_free_bytes >> 20} MiB free in {where}"
 
 
 class RunWatchers:
@@ -101,6 +134,29 @@ class Plan:
     cache_hits: list[tuple[CacheHit, Waiting]] = field(default_factory=list)  # jobs the step cache completes
 
 
+@dataclass
+class InfoSnapshot:
+    """What a deep queue's full pass (Engine._refresh_info) plans from, and what its look found."""
+
+    waiting: list[Waiting]
+    queue: list[JobRequest]  # the jobs that take part (dependencies met, no step cache hit)
+    agents: list[AgentState]
+    running: list[RunningJob]
+    policy: Policy
+    reasons: dict[str, str] = field(default_factory=dict)  # jobs waiting for their dependencies
+    info: dict[str, WaitInfo] = field(default_factory=dict)
+    gone: list[str] = field(default_factory=list)  # no longer waiting
+    hits: list[tuple[CacheHit, Waiting]] = field(default_factory=list)
+
+
+def _request(w: Waiting) -> JobRequest:
+    return w.request
+
+
+def _arrival(w: Waiting) -> int:
+    return w.seq
+
+
 class Engine:
     def __init__(self, config: CoordinatorConfig, store: Store, db: DbExecutor, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
@@ -134,6 +190,7 @@ class Engine:
         # online agent's lease before it expires any.
         self._renewal_failed = False
         self._inventories: dict[str, tuple[bytes, common_pb2.Inventory]] = {}
+        self._disk_full: set[str] = set()  # agents whose last inventory said their disk is full (draining)
         # Why each waiting job waits, from the last scheduling pass (shown by `dstack ps`).
         self.pending_reasons: dict[str, str] = {}
         # Position, reason and estimated start of each waiting job, from the last pass (docs/state.md).
@@ -154,6 +211,25 @@ class Engine:
         self.metrics = EngineMetrics()  # scraped at /metrics (coordinator/http/metrics.py)
         self.assignments_sent = 0  # over the engine's life (the fairness bench counts deliveries by it)
         self.queue = WaitingQueue()
+        # Between full passes (FULL_QUEUE): what running jobs hold (coordinator/holdings.py), read again
+        # when a job may have ended; the online agents' rows, read again when the connected set changes.
+        self.holdings = Holdings()
+        self._holdings_read = False
+        self._agent_rows: list[AgentRow] | None = None
+        self._agent_rows_for: frozenset[str] = frozenset()
+        # Per agent, its capacities as parsed from the inventory bytes of its row (the same bytes object
+        # while the rows are kept between passes): the DB thread's only.
+        self._capacities: dict[str, tuple[bytes, AgentState]] = {}
+        self._info: asyncio.Task[None] | None = None  # `_refresh_info`, while it runs
+        self._info_wanted = True  # something happened since the last one began
+        self._heads_took = 0.0  # the last heads-only pass's time on the DB thread
+        self._info_timer: asyncio.TimerHandle | None = None
+        # FULL_QUEUE, FULL_EVERY_S, FULL_SHARE, as this engine uses them (tests take the deep queue's
+        # path with a short one).
+        self.full_queue = FULL_QUEUE
+        self.full_every_s = FULL_EVERY_S
+        self.full_share = FULL_SHARE
+        self._next_full = 0.0  # perf_counter: a deep queue's next full pass is due then
         self.secret_box = SecretBox(config.secrets_key_path)
         # Decrypted, for the job hand-off only: owner ('' for the team's) -> name -> value.
         self.secrets: dict[str, dict[str, str]] = {}
@@ -187,15 +263,25 @@ class Engine:
         self.kick()
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        if self._info_timer is not None:
+            self._info_timer.cancel()
+        tasks = self._tasks + ([self._info] if self._info is not None else [])
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.hub.close_all()
 
     def kick(self, finished: bool = True) -> None:
         """Asks for a scheduling pass; many kicks before a pass cost one pass. `finished`: whether a job
         may have ended meanwhile (its usage is then charged in the pass; a new submission says no)."""
         self._charge_due = self._charge_due or finished
+        self._info_wanted = True
+        self._kick.set()
+        self._idle.clear()
+
+    def _info_due(self) -> None:
+        """A deep queue's full pass is due (`_refresh_info`) and was asked for meanwhile."""
+        self._info_timer = None
         self._kick.set()
         self._idle.clear()
 
@@ -238,18 +324,37 @@ class Engine:
                 continue
             charge, self._charge_due = self._charge_due, False
             began = time.perf_counter()
-            waiting = self.queue.snapshot()
+            full = len(self.queue) <= self.full_queue
+            if not full and self._info is None and self._info_wanted:
+                # Over a deep queue, reasons, positions, estimates and new reservations are worked out
+                # beside the passes that place (planner.place_heads), not in one of them, on a cadence.
+                if began >= self._next_full or self._limits is None:
+                    self._info_wanted = False
+                    self._info = asyncio.create_task(self._refresh_info(), name="wait info")
+                elif self._info_timer is None:
+                    self._info_timer = asyncio.get_running_loop().call_later(self._next_full - began, self._info_due)
+            connected = self.hub.connected_ids()
             try:
-                plan = await self.db(self._timed_plan, waiting, self.hub.connected_ids(), charge)
+                if full:
+                    plan = await self.db(self._timed_plan, self.queue.snapshot(), connected, charge)
+                else:
+                    by_user, shapes = self.queue.by_user(), self.queue.shapes()
+                    plan = await self.db(self._timed_heads, by_user, shapes, connected, charge)
             except Exception:
                 log.exception("scheduling pass failed")
                 self.metrics.scheduling_failures.inc()
+                self._holdings_read = False  # read again: the pass may have failed after placing
                 await asyncio.sleep(0.5)
                 self.kick(finished=charge)
                 continue
-            self.pending_reasons = plan.reasons  # replaced whole: jobs placed or gone drop out
-            self.wait_info = plan.info
-            self.reservations = plan.reservations
+            if full:
+                self.pending_reasons = plan.reasons  # replaced whole: jobs placed or gone drop out
+                self.wait_info = plan.info
+                self.reservations = plan.reservations
+            elif plan.done and self.reservations:
+                # Reasons and positions wait for the next full pass (a listing shows a job's only while
+                # it waits); a reservation lets go at once. Replaced, not changed: listings read it.
+                self.reservations = {j: a for j, a in self.reservations.items() if j not in set(plan.done)}
             self.queue.discard(plan.done)
             self.waits.discard(plan.done)
             self.queue.mark_pending(plan.marked_pending)
@@ -260,13 +365,89 @@ class Engine:
             for a in plan.assignments:
                 self.hub.send(a.agent_id, agent_pb2.CoordinatorMessage(assignments=[self._assignment(a)]))
             self.assignments_sent += len(plan.assignments)
-            self._observe_dispatch(waiting, plan)
             # A pass over a deep queue holds the DB thread (submissions, heartbeats, updates wait behind
             # it): the next one waits as long as this one took, so passes take at most about half of it,
-            # and what finished meanwhile is placed by one pass rather than by many back to back.
-            took = time.perf_counter() - began
+            # and what finished meanwhile is placed by one pass rather than by many back to back. A
+            # heads-only pass counts its own time on the DB thread, not its wait there behind a deep
+            # queue's full pass (that wait is no cost of its own to pace).
+            took = time.perf_counter() - began if full else self._heads_took
             if took > PACE_AFTER_S:
                 await asyncio.sleep(min(took, PACE_MAX_S))
+
+    async def _refresh_info(self) -> None:
+        """Every waiting job's reason, position and estimated start, new reservations, unsatisfiable jobs
+        failed and new ones marked pending, over a deep queue: the planner's full pass (`plan`) on a
+        snapshot, off the DB thread (only the snapshot and the writes are on it), while heads-only passes
+        go on placing. Its own placements are not applied: the next heads-only pass makes them (with the
+        reservations it made). At most one at a time, at most one per FULL_EVERY_S and no more than
+        FULL_SHARE of the time."""
+        began = time.perf_counter()
+        try:
+            snap = await self.db(self._info_snapshot, self.queue.snapshot(), self.hub.connected_ids())
+            decision = await asyncio.to_thread(plan, snap.queue, snap.agents, snap.running, snap.policy)
+            reasons, info = snap.reasons, snap.info
+            reasons.update(decision.waiting)
+            info.update(decision.info)
+            failures = []
+            for job_id, why in decision.impossible.items():
+                if self.config.fail_unsatisfiable:
+                    failures.append((job_id, why))
+                    info.pop(job_id, None)
+                else:
+                    reasons[job_id] = f"waiting: {why}"
+            to_mark = [w.job_id for w in snap.waiting if w.submitted and w.job_id in reasons][:MARK_AT_ONCE]
+            await self.db(self._apply_info, to_mark, failures, reasons)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("working out why jobs wait failed")
+            self._next_full = time.perf_counter() + self.full_every_s
+            return
+        finally:
+            self._info = None
+        took = time.perf_counter() - began
+        self.metrics.full_pass.observe(took)
+        self._next_full = time.perf_counter() + max(self.full_every_s, took / self.full_share)
+        self.pending_reasons = reasons  # replaced whole: jobs placed or gone since drop out at the next
+        self.wait_info = info
+        self.reservations = {j: a for j, a in decision.reservations.items() if j in self.queue}
+        done = snap.gone + [f[0] for f in failures]
+        self.queue.discard(done)
+        self.waits.discard(done)
+        self.queue.mark_pending(to_mark)
+        for hit, w in snap.hits:
+            task = asyncio.create_task(self._reuse(hit, w), name=f"reuse {hit.run_name}/{hit.job_name}")
+            self._reusing.add(task)
+            task.add_done_callback(self._reusing.discard)
+        if failures or snap.gone:
+            self.watchers.notify_all()
+        # New reservations: a heads-only pass places by them (not a kick: that would ask for this again).
+        self._kick.set()
+        self._idle.clear()
+
+    def _info_snapshot(self, waiting: list[Waiting], connected: set[str]) -> InfoSnapshot:
+        """What `_refresh_info` plans from (DB thread)."""
+        now, agents, running, usage = self._state(connected, charge=False, full=True)
+        statuses = self.store.dependency_statuses(sorted({w.run_id for w in waiting if w.depends_on}))
+        snap = InfoSnapshot(waiting, [], list(agents.values()), running, self._policy(now, usage))
+        for w in waiting:
+            # No step cache lookup here: a heads-only pass could place the job before this one's
+            # results arrive, and the hit would complete it as well.
+            why = self._admit(w, statuses, snap.gone, snap.hits, cache=False)
+            if why:
+                snap.reasons[w.job_id] = why
+                snap.info[w.job_id] = WaitInfo(0, DEPENDENCIES, why, 0)
+            elif why is None:
+                if w.request.max_duration_s:
+                    self._max_durations[w.job_id] = w.request.max_duration_s
+                snap.queue.append(w.request)
+        return snap
+
+    def _apply_info(self, to_mark: list[str], failures: list[tuple[str, str]], reasons: dict[str, str]) -> None:
+        """The writes of `_refresh_info` (DB thread): one transaction."""
+        self.store.apply_schedule([], to_mark, failures)
+        holds, queue = self.holdings.jobs, self.queue
+        self._max_durations = {j: s for j, s in self._max_durations.items() if j in holds or j in reasons or j in queue}
 
     async def _reuse(self, hit: CacheHit, w: Waiting) -> None:
         """A step cache hit: the source's files under the job's own name, then the job is done. Files that
@@ -295,9 +476,15 @@ class Engine:
         self.kick()  # its dependants may start
 
     async def settled(self) -> None:
-        """Returns once no scheduling pass is asked for or running (in-process tests and the fairness
-        bench step a manual clock by it)."""
-        await self._idle.wait()
+        """Returns once no scheduling pass is asked for or running, nor a deep queue's full pass
+        (in-process tests and the fairness bench step a manual clock by it)."""
+        while True:
+            await self._idle.wait()
+            info = self._info
+            if info is None and self._idle.is_set():
+                return
+            if info is not None:
+                await asyncio.wait([info])
 
     async def _refresh_loop(self) -> None:
         """A pass now and then while jobs wait, though nothing happened: waits pass the reservation
@@ -310,92 +497,83 @@ class Engine:
 
     def _timed_plan(self, waiting: list[Waiting], connected: set[str], charge: bool) -> Plan:
         # Timed on the DB thread: the pass itself, not its wait behind other store calls.
-        with self.metrics.scheduling_pass.time():
+        with self.metrics.scheduling_pass.time(), self.metrics.full_pass.time():
             return self._plan(waiting, connected, charge)
 
-    def _observe_dispatch(self, waiting: list[Waiting], plan: Plan) -> None:
-        if not plan.assignments:
-            return
-        submitted = {w.job_id: w.request.submitted_at for w in waiting}
-        now = self.clock.time_ns()
-        for a in plan.assignments:
-            at = submitted.get(a.job_id, 0)
-            if at:
-                self.metrics.dispatch_latency.observe(max(0, now - at) / 1e9)
-        self.metrics.assignments.inc(len(plan.assignments))
+    def _timed_heads(
+        self, by_user: dict[str, list[Waiting]], shapes: set[Shape], connected: set[str], charge: bool
+    ) -> Plan:
+        began = time.perf_counter()
+        with self.metrics.scheduling_pass.time():
+            try:
+                return self._heads(by_user, shapes, connected, charge)
+            finally:
+                self._heads_took = time.perf_counter() - began
 
-    def _plan(self, waiting: list[Waiting], connected: set[str], charge: bool = True) -> Plan:
-        """One scheduling pass (runs on the DB thread); `charge`: count the usage of jobs that ended."""
+    def _state(
+        self, connected: set[str], charge: bool, full: bool
+    ) -> tuple[int, dict[str, AgentState], list[RunningJob], dict[str, float]]:
+        """What a pass starts from (DB thread): now, the connected agents with what their running jobs
+        hold, those jobs, and users' decayed usage (running jobs' so far included). `charge`: a job may
+        have ended since the last pass (its usage is charged, and running jobs are read again)."""
         store = self.store
-        cfg = self.config
         now = self.clock.time_ns()
-        half_life = cfg.fairshare_half_life_s
+        half_life = self.config.fairshare_half_life_s
         if charge:
             finished = store.charge_finished_usage(now, half_life)
             self.durations.add((duration_key(f.workflow, f.job_name), f.seconds) for f in finished if f.done)
         usage = {u: acc.at(now, half_life) for u, acc in store.usage_accumulators().items()}
-        agents = self._idle_agent_states(connected)
-        running: list[RunningJob] = []
-        on_agents = store.jobs_on_agents()
-        self.started.keep((job.id, job.started_at) for job in on_agents if job.started_at is not None)
-        for job in on_agents:
-            # When it started, as `now` minus how long it has run on the monotonic clock: a step of
-            # the wall clock changes neither its usage so far nor its expected end.
-            start = now if job.started_at is None else now - self._ran_ns(job.id, job.started_at)
-            if job.started_at is not None:  # usage so far of the jobs that run
-                cost = weight(len(job.gpu_indices), job.cpu)
-                so_far = interval_usage(cost, start, now, now, half_life)
-                usage[job.owner] = usage.get(job.owner, 0.0) + so_far
-            took = self._max_durations.get(job.id) or self.durations.medians.get(
-                duration_key(job.workflow, job.job_name)
-            )
-            running.append(
-                RunningJob(
+        if charge or full or not self._holdings_read:
+            on_agents = store.jobs_on_agents()
+            self.started.keep((job.id, job.started_at) for job in on_agents if job.started_at is not None)
+            self.holdings.reset(
+                Held(
                     job.id,
                     job.agent_id,
                     job.owner,
                     job.cpu,
                     job.memory,
                     tuple(job.gpu_indices),
+                    job.started_at,
+                    duration_key(job.workflow, job.job_name),
+                )
+                for job in on_agents
+            )
+            self._holdings_read = True
+        agents = self._idle_agent_states(connected, reread=full)
+        for agent_id, held in self.holdings.agents.items():
+            if (a := agents.get(agent_id)) is not None:
+                a.used_cpu, a.used_memory, a.busy_gpus, a.jobs = held.cpu, held.memory, set(held.gpus), held.jobs
+        running: list[RunningJob] = []
+        for job in self.holdings.jobs.values():
+            if not full and not job.started_at:
+                continue  # neither usage so far nor anything a heads-only pass reads
+            # When it started, as `now` minus how long it has run on the monotonic clock: a step of
+            # the wall clock changes neither its usage so far nor its expected end.
+            start = now if job.started_at is None else now - self._ran_ns(job.job_id, job.started_at)
+            if job.started_at is not None:  # usage so far of the jobs that run
+                cost = weight(len(job.gpu_indices), job.cpu)
+                so_far = interval_usage(cost, start, now, now, half_life)
+                usage[job.owner] = usage.get(job.owner, 0.0) + so_far
+            took = self._max_durations.get(job.job_id) or self.durations.medians.get(job.duration_key)
+            running.append(
+                RunningJob(
+                    job.job_id,
+                    job.agent_id,
+                    job.owner,
+                    job.cpu,
+                    job.memory,
+                    job.gpu_indices,
                     start,
                     None if took is None else start + int(took * 1e9),
                 )
             )
-            if (a := agents.get(job.agent_id)) is not None:
-                a.hold(job.cpu, job.memory, job.gpu_indices)
-        # Statuses within runs that have dependencies: of the dependencies, and of the job itself
-        # (a dependant failed by its dependency is no longer waiting).
-        statuses = store.dependency_statuses(sorted({w.run_id for w in waiting if w.depends_on}))
-        gone: list[str] = []
-        queue: list[JobRequest] = []
-        reasons: dict[str, str] = {}
-        info: dict[str, WaitInfo] = {}
-        hits: list[tuple[CacheHit, Waiting]] = []
-        for w in waiting:
-            if w.depends_on:
-                if statuses.get((w.run_id, "#" + w.job_id), JobStatus.PENDING) not in WAITING:
-                    gone.append(w.job_id)
-                    continue
-                blocked = [d for d in w.depends_on if statuses.get((w.run_id, d)) != JobStatus.DONE]
-                if blocked:
-                    reasons[w.job_id] = "waiting for " + ", ".join(blocked)
-                    info[w.job_id] = WaitInfo(0, DEPENDENCIES, reasons[w.job_id], 0)
-                    continue
-            if w.cache and self.copy_cached is not None:
-                w.cache = False  # asked once: a miss runs
-                try:
-                    hit = store.cache.find_hit(w.job_id)
-                except Exception:  # a broken lookup must not stop the pass: the job runs
-                    log.exception("step cache: looking up job %s failed; it runs", w.job_id)
-                    hit = None
-                if hit is not None:
-                    hits.append((hit, w))
-                    gone.append(w.job_id)
-                    continue
-            if w.request.max_duration_s:
-                self._max_durations[w.job_id] = w.request.max_duration_s
-            queue.append(w.request)
-        policy = Policy(
+        return now, agents, running, usage
+
+    def _policy(self, now: int, usage: dict[str, float]) -> Policy:
+        cfg = self.config
+        self.last_usage = usage
+        return Policy(
             now_ns=now,
             fairshare=cfg.fairshare,
             usage=usage,
@@ -405,7 +583,139 @@ class Engine:
             durations=self.durations.medians,
             waited_s=self.waits.waited_s,
         )
-        self.last_usage = usage
+
+    def _apply(
+        self,
+        placements: Sequence[tuple[str, str, list[int]]],
+        by_job: dict[str, JobRequest],
+        agents: dict[str, AgentState],
+        to_mark: Sequence[str],
+        failures: Sequence[tuple[str, str]],
+    ) -> list[Assignment]:
+        """One transaction for the whole pass; what was placed is held from now on (`holdings`)."""
+        masters = self._gang_masters(placements, by_job, agents)
+        assignments = self.store.apply_schedule(
+            [Placement(job, agent, gpus, masters.get(by_job[job].gang, "")) for job, agent, gpus in placements],
+            to_mark,
+            failures,
+        )
+        now = self.clock.time_ns()
+        for a in assignments:
+            req = by_job[a.job_id]
+            if req.submitted_at:
+                self.metrics.dispatch_latency.observe(max(0, now - req.submitted_at) / 1e9)
+            if req.max_duration_s:
+                self._max_durations[a.job_id] = req.max_duration_s
+            self.holdings.add(
+                Held(a.job_id, a.agent_id, a.owner, req.cpu, req.memory, tuple(a.gpu_indices), None, req.duration_key)
+            )
+        if assignments:
+            self.metrics.assignments.inc(len(assignments))
+        return assignments
+
+    def _admit(
+        self,
+        w: Waiting,
+        statuses: dict[tuple[str, str], JobStatus],
+        gone: list[str],
+        hits: list[tuple[CacheHit, Waiting]],
+        cache: bool = True,
+    ) -> str | None:
+        """Whether a waiting job takes part in the pass (None) or why not: it no longer waits (into
+        `gone`), its dependencies have not finished (the reason returned), or the step cache has its
+        results (into `hits` and `gone`: returns ""). `cache`: ask the step cache (a pass that places
+        does; a deep queue's full pass, whose results come seconds later, leaves that to one)."""
+        if w.depends_on:
+            if statuses.get((w.run_id, "#" + w.job_id), JobStatus.PENDING) not in WAITING:
+                gone.append(w.job_id)
+                return ""
+            blocked = [d for d in w.depends_on if statuses.get((w.run_id, d)) != JobStatus.DONE]
+            if blocked:
+                return "waiting for " + ", ".join(blocked)
+        if cache and w.cache and self.copy_cached is not None:
+            w.cache = False  # asked once: a miss runs
+            try:
+                hit = self.store.cache.find_hit(w.job_id)
+            except Exception:  # a broken lookup must not stop the pass: the job runs
+                log.exception("step cache: looking up job %s failed; it runs", w.job_id)
+                hit = None
+            if hit is not None:
+                hits.append((hit, w))
+                gone.append(w.job_id)
+                return ""
+        return None
+
+    def _heads(self, by_user: dict[str, list[Waiting]], shapes: set[Shape], connected: set[str], charge: bool) -> Plan:
+        """A heads-only pass (DB thread): places what the full pass would place (planner.place_heads),
+        walking the queue only as far as something that waits can still be placed."""
+        now, agents, _, usage = self._state(connected, charge, full=False)
+        policy = self._policy(now, usage)
+        gone: list[str] = []
+        hits: list[tuple[CacheHit, Waiting]] = []
+        statuses: dict[str, dict[tuple[str, str], JobStatus]] = {}  # per run, read when first needed
+        queue = self.queue
+
+        def include(w: Waiting) -> bool:
+            if not queue.live(w):
+                return False
+            run = None
+            if w.depends_on:
+                run = statuses.get(w.run_id)
+                if run is None:
+                    run = statuses[w.run_id] = self.store.dependency_statuses([w.run_id])
+            return self._admit(w, run or {}, gone, hits) is None
+
+        by_job: dict[str, JobRequest] = {}
+
+        def heads(dropped: set[str]) -> Iterator[JobRequest]:
+            for w in lazy_order_of(by_user, _request, policy, include, dropped, _arrival):
+                by_job[w.job_id] = w.request
+                yield w.request
+
+        def gang_members(key: str) -> list[JobRequest]:
+            members = [w.request for w in queue.gang(key)]
+            by_job.update((r.job_id, r) for r in members)
+            return members
+
+        done = place_heads(
+            heads,
+            list(agents.values()),
+            dict(self.holdings.user_gpus),
+            dict(self.holdings.user_jobs),
+            replace(policy, reservations={j: a for j, a in policy.reservations.items() if j in queue}),
+            shapes,
+            gang_members,
+        )
+        self.metrics.heads_walked.observe(done.walked)
+        assignments = self._apply(done.placements, by_job, agents, [], [])
+        placed = [p[0] for p in done.placements]
+        return Plan(assignments, {}, gone + placed, [], {}, {}, hits)
+
+    def _plan(self, waiting: list[Waiting], connected: set[str], charge: bool = True) -> Plan:
+        """One full scheduling pass (runs on the DB thread); `charge`: count the usage of jobs that ended."""
+        store = self.store
+        cfg = self.config
+        now, agents, running, usage = self._state(connected, charge, full=True)
+        # Statuses within runs that have dependencies: of the dependencies, and of the job itself
+        # (a dependant failed by its dependency is no longer waiting).
+        statuses = store.dependency_statuses(sorted({w.run_id for w in waiting if w.depends_on}))
+        gone: list[str] = []
+        queue: list[JobRequest] = []
+        reasons: dict[str, str] = {}
+        info: dict[str, WaitInfo] = {}
+        hits: list[tuple[CacheHit, Waiting]] = []
+        for w in waiting:
+            why = self._admit(w, statuses, gone, hits)
+            if why:
+                reasons[w.job_id] = why
+                info[w.job_id] = WaitInfo(0, DEPENDENCIES, why, 0)
+                continue
+            if why is not None:
+                continue
+            if w.request.max_duration_s:
+                self._max_durations[w.job_id] = w.request.max_duration_s
+            queue.append(w.request)
+        policy = self._policy(now, usage)
         decision = plan(queue, list(agents.values()), running, policy)
         by_job = {r.job_id: r for r in queue}
         reasons.update(decision.waiting)
@@ -418,15 +728,7 @@ class Engine:
             else:
                 reasons[job_id] = f"waiting: {why}"
         to_mark = [w.job_id for w in waiting if w.submitted and w.job_id in reasons]
-        masters = self._gang_masters(decision.placements, by_job, agents)
-        assignments = store.apply_schedule(
-            [
-                Placement(job, agent, gpus, masters.get(by_job[job].gang, ""))
-                for job, agent, gpus in decision.placements
-            ],
-            to_mark,
-            failures,
-        )
+        assignments = self._apply(decision.placements, by_job, agents, to_mark, failures)
         done = gone + [p[0] for p in decision.placements] + [f[0] for f in failures]
         live = {j.job_id for j in running} | {p[0] for p in decision.placements}
         self._max_durations = {j: s for j, s in self._max_durations.items() if j in live or j in reasons}
@@ -688,27 +990,52 @@ class Engine:
                 a.hold(alloc.cpu, alloc.memory, alloc.gpu_indices)
         return agents
 
-    def _idle_agent_states(self, connected: set[str]) -> dict[str, AgentState]:
-        """The connected agents' capacities, with nothing held yet (DB thread)."""
+    def _idle_agent_states(self, connected: set[str], reread: bool = True) -> dict[str, AgentState]:
+        """The connected agents' capacities, with nothing held yet (DB thread). `reread`: read the online
+        agents' rows again even if the connected set is as it was (an inventory may have changed)."""
         agents: dict[str, AgentState] = {}
         held = self.quarantine.held()  # one read: the mapping is replaced, never changed, on the loop
         now = self.clock.monotonic()
-        for row in self.store.online_agents():
+        rows = self._agent_rows
+        if rows is None or reread or self._agent_rows_for != connected:
+            rows = self._agent_rows = self.store.online_agents()
+            self._agent_rows_for = frozenset(connected)
+        for row in rows:
             if row.id not in connected:
                 continue
             if held.get(row.id, -math.inf) > now:
                 continue  # it may still run an attempt that is over, on GPUs it would otherwise offer
-            inv = self._inventory(row.id, row.inventory)
+            cap = self._capacities.get(row.id)
+            if cap is None or cap[0] != row.inventory:
+                inv = self._inventory(row.id, row.inventory)
+                cap = self._capacities[row.id] = (
+                    row.inventory,
+                    AgentState(
+                        agent_id=row.id,
+                        name=row.name,
+                        cpu_total=float(inv.cpu_count),
+                        memory_total=inv.memory_total_bytes,
+                        gpus=[Gpu(g.index, g.name, g.memory_total_bytes) for g in inv.gpus],
+                        max_jobs=inv.max_jobs or 1_000_000,
+                        containers=inv.runtime == "docker",
+                        # An address that is none (an agent's own word) is not handed to a gang's other members.
+                        address=_address_of(inv.advertise_address, inv.hostname),
+                        # Its disk below its floor (a new inventory, so a new template): it takes no job.
+                        draining=draining_of(inv),
+                    ),
+                )
+            t = cap[1]
+            # A fresh state per pass on the template's capacities (its GPU list is never changed).
             agents[row.id] = AgentState(
-                agent_id=row.id,
-                name=row.name,
-                cpu_total=float(inv.cpu_count),
-                memory_total=inv.memory_total_bytes,
-                gpus=[Gpu(g.index, g.name, g.memory_total_bytes) for g in inv.gpus],
-                max_jobs=inv.max_jobs or 1_000_000,
-                containers=inv.runtime == "docker",
-                # An address that is none (an agent's own word) is not handed to a gang's other members.
-                address=_address_of(inv.advertise_address, inv.hostname),
+                t.agent_id,
+                row.name,
+                t.cpu_total,
+                t.memory_total,
+                t.gpus,
+                t.max_jobs,
+                t.containers,
+                address=t.address,
+                draining=t.draining,
             )
         return agents
 
@@ -779,6 +1106,7 @@ class Engine:
             raise Unauthenticated(agent_removed(agent_id))
         if status == AgentStatus.ONLINE:
             self.agent_online(agent_id)
+        self._disk_verdict(agent_id, hello.inventory)
         self.unheard.forget(agent_id)  # heard from: a later loss counts from then
         # Results the agent kept while it could not reach us come first.
         await self.on_message(agent_id, msg)
@@ -908,6 +1236,20 @@ class Engine:
         if msg.HasField("heartbeat") and msg.heartbeat.HasField("inventory"):
             inv = msg.heartbeat.inventory.SerializeToString()
             await self.db(self.store.heartbeat, agent_id, inv, self.lease_until())
+            self._disk_verdict(agent_id, msg.heartbeat.inventory)  # stored: a pass kicked now reads it
+
+    def _disk_verdict(self, agent_id: str, inv: common_pb2.Inventory) -> None:
+        """Notes an agent's disk becoming full (it drains) or free again: then a pass places jobs there."""
+        if inv.disk_full == (agent_id in self._disk_full):
+            return
+        self._agent_rows = None  # a heads-only pass reads the agents' rows (their inventories) again too
+        if inv.disk_full:
+            self._disk_full.add(agent_id)
+            log.warning("agent %s is draining: %s", agent_id, draining_of(inv))
+        else:
+            self._disk_full.discard(agent_id)
+            log.info("agent %s takes jobs again: its disk has %d MiB free", agent_id, inv.disk_free_bytes >> 20)
+        self.kick(finished=False)
 
     def _insert_logs(self, logs: Sequence[agent_pb2.LogBatch]) -> list[LogAck]:
         # Read on the DB thread straight from the agent's message: a big batch costs the event loop

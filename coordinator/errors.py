@@ -8,7 +8,8 @@ CoordinatorError
 ├── Unauthenticated     (UNAUTHENTICATED)      missing or wrong token
 ├── Forbidden           (PERMISSION_DENIED)    a valid caller whose role may not do this (or an agent outside its jobs)
 ├── StorageUnavailable  (UNAVAILABLE)          the artifact store failed; retrying may help
-└── LimitExceeded       (RESOURCE_EXHAUSTED)   a per-user limit (queued jobs, submission rate) is reached
+├── LimitExceeded       (RESOURCE_EXHAUSTED)   a per-user limit (queued jobs, submission rate) is reached
+└── NotStored           (ABORTED)              a database failure undid the whole request: sending it again is safe
 
 The store's own errors (storage/errors.py) reach the RPC layer as they are and are mapped there too:
 StoreUnavailable -> UNAVAILABLE (transient), AccessDenied -> PERMISSION_DENIED (the message names the
@@ -51,3 +52,7 @@ class StorageUnavailable(CoordinatorError):
 
 class LimitExceeded(CoordinatorError):
     pass
+
+
+class NotStored(CoordinatorError):
+    """A database failure undid the whole request (one transaction): nothing of it was stored."""

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from dstack.coordinator.app.limits import DEFAULT_MAX_QUEUED_PER_USER, DEFAULT_MAX_SUBMISSIONS_PER_MINUTE
+from dstack.coordinator.app.streams import DEFAULT_MAX_STREAMS, DEFAULT_MAX_STREAMS_PER_USER, DEFAULT_STREAM_STALL_S
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.server import Coordinator, StartError, serve
 from dstack.storage.private import private_dir
@@ -158,6 +159,30 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         metavar="N",
         help="runs a user may submit per minute, in bursts of up to N (0: no limit; default: %(default)s)",
     )
+    p.add_argument(
+        "--max-streams-per-user",
+        type=int,
+        default=DEFAULT_MAX_STREAMS_PER_USER,
+        metavar="N",
+        help="long-lived calls a user may hold open at once: followed logs (`dstack logs -f`, the HTTP API's event"
+        " streams), tunnels (`dstack port-forward`, `attach`) and downloads; more are refused (0: no limit;"
+        " default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-streams",
+        type=int,
+        default=DEFAULT_MAX_STREAMS,
+        metavar="N",
+        help="the same, for all users together (0: no limit; default: %(default)s); the coordinator also needs a"
+        " file descriptor for each agent: keep N well under `ulimit -n`",
+    )
+    p.add_argument(
+        "--stream-stall-timeout",
+        type=float,
+        default=DEFAULT_STREAM_STALL_S,
+        metavar="SECONDS",
+        help="end a stream whose client has taken nothing for this long while data waits for it (default: %(default)s)",
+    )
     http = p.add_argument_group(
         "HTTP API and metrics (docs/http-api.md, docs/metrics.md)",
         "Off unless --http-port is given; served with the gRPC server's TLS and tokens.",
@@ -227,6 +252,9 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         fairshare_half_life_s=a.fairshare_half_life,
         max_queued_per_user=max(0, a.max_queued_per_user),
         max_submissions_per_minute=max(0, a.max_submissions_per_minute),
+        max_streams_per_user=max(0, a.max_streams_per_user),
+        max_streams=max(0, a.max_streams),
+        stream_stall_s=max(0.1, a.stream_stall_timeout),
         reserve_after_s=a.reserve_after,
         preempt_after_s=a.preempt_after,
         preempt_min_run_s=a.preempt_min_run,

@@ -24,6 +24,19 @@ class EngineMetrics:
             buckets=PASS_BUCKETS,
             registry=self.registry,
         )
+        self.full_pass = Histogram(
+            "dstack_scheduling_full_pass_seconds",
+            "How long one full pass took (every waiting job's reason, position and estimated start; also"
+            " counted in dstack_scheduling_pass_seconds): over a deep queue, at most one a second",
+            buckets=PASS_BUCKETS,
+            registry=self.registry,
+        )
+        self.heads_walked = Histogram(
+            "dstack_scheduling_heads_walked",
+            "Waiting jobs a heads-only pass looked at (it stops once nothing that waits fits anywhere)",
+            buckets=(1, 10, 100, 1000, 10_000, 100_000),
+            registry=self.registry,
+        )
         self.dispatch_latency = Histogram(
             "dstack_dispatch_latency_seconds",
             "From a job's submission (or requeue) to its assignment to an agent",

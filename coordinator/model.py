@@ -57,6 +57,7 @@ class TerminationReason(enum.IntEnum):
     ARTIFACT_UPLOAD_FAILED = 8
     PREEMPTED = 20
     MAX_DURATION = 21
+    DISK_FULL = 22  # its agent's disk was full (agent/diskspace.py): requeued within a bound
     GANG_FAILED = 30  # another node of its multi-node gang failed
 
     @property
@@ -286,6 +287,11 @@ class Inventory:
     runtime: str = ""  # "host", "null" or "docker"
     max_jobs: int = 0  # concurrent job slots
     advertise_address: str = ""  # where other agents reach it (a gang's MASTER_ADDR; docs/multinode.md)
+    # Its work folder, the free space it keeps there (--min-free-disk), and whether it is below that:
+    # a disk-full agent is draining (the scheduler places nothing on it) until space is back.
+    work_dir: str = ""
+    min_free_disk_bytes: int = 0
+    disk_full: bool = False
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from dstack.coordinator.fairshare import weight
 from dstack.coordinator.scheduler import (
@@ -41,6 +42,7 @@ from dstack.coordinator.scheduler import (
 )
 
 NS = 1_000_000_000
+T = TypeVar("T")
 # A job whose duration nobody can guess yet is charged this long within a pass's turn-taking.
 UNKNOWN_DURATION_S = 3600.0
 # Estimated start times are worked out for this many waiting jobs in order; later ones read "unknown"
@@ -116,37 +118,121 @@ def expected_s(req: JobRequest, policy: Policy) -> float | None:
     return policy.durations.get(req.duration_key)
 
 
+def own_key(req: JobRequest) -> tuple[int, int]:
+    """A user's own order: `--priority` higher first, then submission (then arrival, kept by the caller)."""
+    return (-req.priority, req.submitted_at)
+
+
 def order(queue: Sequence[JobRequest], policy: Policy) -> list[JobRequest]:
     """The order the pass walks the queue in (see the module's docstring)."""
     own = sorted(range(len(queue)), key=lambda i: (-queue[i].priority, queue[i].submitted_at, i))
-    if not policy.fairshare:
-        return [queue[i] for i in own]
     per_user: dict[str, list[JobRequest]] = {}
     for i in own:
         per_user.setdefault(queue[i].owner, []).append(queue[i])
+    if not policy.fairshare:
+        return [queue[i] for i in own]
+    return list(lazy_order(per_user, policy))
+
+
+def lazy_order(
+    per_user: Mapping[str, Sequence[JobRequest]],
+    policy: Policy,
+    include: Callable[[JobRequest], bool] | None = None,
+    dropped: set[str] | frozenset[str] = frozenset(),
+    arrival: Callable[[JobRequest], int] | None = None,
+) -> Iterator[JobRequest]:
+    return lazy_order_of(per_user, _itself, policy, include, dropped, arrival)
+
+
+def _itself(req: JobRequest) -> JobRequest:
+    return req
+
+
+def lazy_order_of(
+    per_user: Mapping[str, Sequence[T]],
+    request: Callable[[T], JobRequest],
+    policy: Policy,
+    include: Callable[[T], bool] | None = None,
+    dropped: set[str] | frozenset[str] = frozenset(),
+    arrival: Callable[[T], int] | None = None,
+) -> Iterator[T]:
+    """`order`, one job at a time, from each user's jobs already in their own order (`own_key`, then
+    arrival): a pass that stops after its first placements costs those, not a sort of the whole queue.
+    `include`: asked once per job, in order, whether it takes part (a job blocked by its dependencies
+    does not, and is charged no turn); `dropped`: users the caller needs no more jobs of (over a
+    quota), which the caller may add to while walking. With fair share off, users' jobs merge by
+    `own_key`, then `arrival` (the queue's own order: a tie between users' jobs goes to the earlier).
+    `lazy_order_of`: the same over items the jobs are `request(item)` of (the queue's entries)."""
+    if not policy.fairshare:
+        yield from _merged(per_user, request, include, dropped, arrival or (lambda r: 0))
+        return
     shares = {user: max(limits_of(policy, user).share, 1e-9) for user in per_user}
+    nexts: dict[str, int] = {}
+
+    def advance(user: str, i: int) -> int:
+        jobs = per_user[user]
+        while i < len(jobs) and include is not None and not include(jobs[i]):
+            i += 1
+        return i
+
     heap: list[tuple[float, int, int, str]] = []
     for user, jobs in per_user.items():
-        heap.append((policy.usage.get(user, 0.0) / shares[user], -jobs[0].priority, jobs[0].submitted_at, user))
+        i = advance(user, 0)
+        nexts[user] = i
+        if i < len(jobs):
+            first = request(jobs[i])
+            heap.append((policy.usage.get(user, 0.0) / shares[user], -first.priority, first.submitted_at, user))
     heapq.heapify(heap)
-    nexts = dict.fromkeys(per_user, 0)
-    out: list[JobRequest] = []
     while heap:
         key, _, _, user = heapq.heappop(heap)
+        if user in dropped:
+            continue
         jobs, share, i = per_user[user], shares[user], nexts[user]
         rival = heap[0][0] if heap else math.inf
         # The user keeps the turn while their key stays the lowest (one heap operation per turn).
         while i < len(jobs):
-            req = jobs[i]
-            out.append(req)
-            i += 1
+            item = jobs[i]
+            yield item
+            req = request(item)
+            i = advance(user, i + 1)
             key += weight(req.gpu_count, req.cpu) * (expected_s(req, policy) or UNKNOWN_DURATION_S) / share
-            if key > rival:
+            if key > rival or user in dropped:
                 break
         nexts[user] = i
-        if i < len(jobs):
-            heapq.heappush(heap, (key, -jobs[i].priority, jobs[i].submitted_at, user))
-    return out
+        if i < len(jobs) and user not in dropped:
+            nxt = request(jobs[i])
+            heapq.heappush(heap, (key, -nxt.priority, nxt.submitted_at, user))
+
+
+def _merged(
+    per_user: Mapping[str, Sequence[T]],
+    request: Callable[[T], JobRequest],
+    include: Callable[[T], bool] | None,
+    dropped: set[str] | frozenset[str],
+    arrival: Callable[[T], int],
+) -> Iterator[T]:
+    """Priority, then submission, then arrival, across users; within a user, the list's own order."""
+    heap: list[tuple[int, int, int, int, str]] = []
+    users = list(per_user)
+    for u, user in enumerate(users):
+        jobs = per_user[user]
+        if jobs:
+            first = request(jobs[0])
+            heap.append((-first.priority, first.submitted_at, arrival(jobs[0]), u, user))
+    heapq.heapify(heap)
+    pos = dict.fromkeys(users, 0)
+    while heap:
+        _, _, _, u, user = heapq.heappop(heap)
+        if user in dropped:
+            continue
+        jobs, i = per_user[user], pos[user]
+        item = jobs[i]
+        pos[user] = i + 1
+        if i + 1 < len(jobs):
+            nxt = request(jobs[i + 1])
+            heapq.heappush(heap, (-nxt.priority, nxt.submitted_at, arrival(jobs[i + 1]), u, user))
+        if include is None or include(item):
+            yield item
 
 
 def _size(req: JobRequest) -> tuple[int, float, int]:
@@ -345,6 +431,105 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
         if req.job_id not in p.impossible:
             p.waiting[req.job_id] = message
     return p
+
+
+@dataclass
+class Heads:
+    """What a heads-only pass (`place_heads`) did."""
+
+    placements: list[tuple[str, str, list[int]]] = field(default_factory=list)  # job, agent, GPUs
+    walked: int = 0  # jobs it looked at
+
+
+def place_heads(
+    heads: Callable[[set[str]], Iterator[JobRequest]],
+    agents: list[AgentState],
+    held_gpus: dict[str, int],
+    held_jobs: dict[str, int],
+    policy: Policy,
+    shapes: Collection[Shape],
+    gang_members: Callable[[str], list[JobRequest]],
+) -> Heads:
+    """The placements `plan` would make, walking only the heads of the queue: the pass stops once no
+    shape that waits fits on any open agent (placements only take room away, so none will later in
+    the pass), skips a shape once it fits nowhere, and drops a user once their job quota is reached.
+    Reasons, positions, estimates and new reservations are `plan`'s, on a slower cadence; this keeps
+    last pass's reservations (`policy.reservations`: job -> agent, of jobs still waiting).
+
+    `heads(dropped)`: the queue in `plan`'s order, lazily (`lazy_order`), skipping users in `dropped`
+    (which this adds to). `agents`: the online agents with their running jobs held; `held_gpus` and
+    `held_jobs`: what each user's running jobs hold (both updated with the placements made, as
+    `agents` is). `shapes`: every shape in the queue. `gang_members`: a gang's waiting members."""
+    h = Heads()
+    if not agents:
+        return h
+    by_id = {a.agent_id: a for a in agents}
+    reserved = {j: a for j, a in policy.reservations.items() if a in by_id}
+    reserved_agents = set(reserved.values())
+    # An agent with no job slot left takes nothing this pass: leaving it out keeps the pool (and each
+    # shape's heap) to the agents with room, in the agents' order (best fit's tie-break).
+    open_agents = [a for a in agents if a.agent_id not in reserved_agents and a.jobs < a.max_jobs]
+    best_fit = _BestFit(open_agents)
+    placed_before = 0
+    unfit: set[Shape] = set()
+    waiting_shapes = set(shapes)
+    unseen_reserved = {j for j, a in reserved.items() if by_id[a].jobs < by_id[a].max_jobs}
+    gangs_seen: set[str] = set()
+    limits: dict[str, UserLimits] = {}
+    dropped: set[str] = set()
+    gang_reasons: dict[str, tuple[str, str]] = {}
+    scratch = Plan()
+    for req in heads(dropped):
+        h.walked += 1
+        unseen_reserved.discard(req.job_id)
+        if req.gang:
+            if req.gang not in gangs_seen and shape_of(req) not in unfit:
+                gangs_seen.add(req.gang)
+                members = gang_members(req.gang)
+                for _, agent_id, _ in h.placements[placed_before:]:
+                    best_fit.held(agent_id)
+                placed_before = len(h.placements)
+                lims = {req.owner: limits.get(req.owner) or limits_of(policy, req.owner)}
+                before = len(scratch.placements)
+                _plan_gang(req, members, agents, open_agents, scratch, gang_reasons, lims, held_gpus, held_jobs)
+                for member in scratch.placements[before:]:
+                    h.placements.append(member)
+                    best_fit.held(member[1])
+                placed_before = len(h.placements)
+                if len(scratch.placements) == before and gang_fits_now(req, open_agents) == 0:
+                    unfit.add(shape_of(req))  # no member of any gang of this shape fits now
+                    if waiting_shapes <= unfit and not unseen_reserved:
+                        break
+            elif req.gang not in gangs_seen:
+                gangs_seen.add(req.gang)
+            continue
+        shape = shape_of(req)
+        mine = reserved.get(req.job_id)
+        if mine is None and shape in unfit:
+            continue
+        lim = limits.get(req.owner)
+        if lim is None:
+            lim = limits[req.owner] = limits_of(policy, req.owner)
+        gpus_now, jobs_now = held_gpus.get(req.owner, 0), held_jobs.get(req.owner, 0)
+        if lim.max_running and jobs_now + 1 > lim.max_running:
+            dropped.add(req.owner)  # none of theirs starts this pass
+            continue
+        if lim.max_gpus and req.gpu_count and gpus_now + req.gpu_count > lim.max_gpus:
+            continue
+        for _, agent_id, _ in h.placements[placed_before:]:
+            best_fit.held(agent_id)
+        placed_before = len(h.placements)
+        placed = best_fit.place(req, shape, scratch, own=by_id[mine] if mine is not None else None)
+        if placed:
+            h.placements.append(scratch.placements[-1])
+            held_gpus[req.owner] = gpus_now + req.gpu_count
+            held_jobs[req.owner] = jobs_now + 1
+            continue
+        if mine is None:
+            unfit.add(shape)
+            if waiting_shapes <= unfit and not unseen_reserved:
+                break  # nothing that waits fits anywhere now
+    return h
 
 
 def _plan_gang(

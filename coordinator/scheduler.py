@@ -59,6 +59,10 @@ class AgentState:
     busy_gpus: set[int] = field(default_factory=set)
     jobs: int = 0
     address: str = ""  # where other agents reach it (a gang's MASTER_ADDR when it runs rank 0)
+    # Why it takes no new job for now, e.g. "disk full: 3 MiB free in /var/lib/dstack/jobs" (its own word:
+    # agent/diskspace.py); "": it takes jobs. Its capacity still counts for what could ever fit (never_fits):
+    # jobs wait for it, they do not fail as unschedulable.
+    draining: str = ""
 
     def hold(self, cpu: float, memory: int, gpu_indices: Iterable[int]) -> None:
         """Counts a job's CPU, memory and GPUs as taken on this agent."""
@@ -138,7 +142,7 @@ def _gpu_names(agents: list[AgentState]) -> str:
 
 
 def _fits(a: AgentState, req: JobRequest) -> list[int] | None:
-    if a.jobs >= a.max_jobs or not a.can_run(req):
+    if a.draining or a.jobs >= a.max_jobs or not a.can_run(req):
         return None
     if a.cpu_total - a.used_cpu < req.cpu - 1e-9 or a.memory_total - a.used_memory < req.memory:
         return None
@@ -194,8 +198,13 @@ def _busy_summary(agents: list[AgentState]) -> str:
     # Bounded: every waiting job of the shape carries this text (`dstack ps`, ListRuns pages), and one
     # naming each of 5,000 agents made a page of 1,000 runs 47 MB.
     parts = []
-    for a in agents[:BUSY_SHOWN]:
-        if a.gpus:
+    # Draining agents first: a job that waits only for them says why (their disk is full), not just "busy".
+    draining = [a for a in agents if a.draining]
+    shown = (draining + [a for a in agents if not a.draining])[:BUSY_SHOWN] if draining else agents[:BUSY_SHOWN]
+    for a in shown:
+        if a.draining:
+            parts.append(f"{a.name} (draining: {a.draining})")
+        elif a.gpus:
             parts.append(f"{a.name} ({len(a.busy_gpus)}/{len(a.gpus)} GPUs)")
         else:
             parts.append(f"{a.name} ({a.jobs} jobs, {a.used_cpu:g}/{a.cpu_total:g} CPU)")

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -20,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dstack.coordinator.app.core import Core
+from dstack.coordinator.app.streams import raise_fd_limit
 from dstack.coordinator.artifacts import Artifacts
 from dstack.coordinator.auth import Authenticator, AuthInterceptor
 from dstack.coordinator.clock import SYSTEM_CLOCK, Clock, clock_from_env
@@ -191,7 +193,22 @@ async def start(config: CoordinatorConfig, clock: Clock = SYSTEM_CLOCK) -> Coord
         raise
 
 
+def log_fd_limit(config: CoordinatorConfig) -> None:
+    """Raises the open files limit to the hard limit, and says what the coordinator has to work with."""
+    soft, hard = raise_fd_limit()
+    shown = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    log.info("open files limit: %d (hard limit %s); each agent and each open stream holds one", soft, shown)
+    if config.max_streams > 0 and soft < config.max_streams + 1024:
+        log.warning(
+            "the open files limit (%d) leaves little room beside --max-streams %d and the agents' connections:"
+            " raise the hard limit (`ulimit -Hn`, LimitNOFILE= in a systemd unit) or lower --max-streams",
+            soft,
+            config.max_streams,
+        )
+
+
 async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coordinator:
+    log_fd_limit(config)
     # Before anything else starts, and before gRPC's bind, which would log a C-level error first.
     in_use = await asyncio.to_thread(tcp_bind_error, config.listen)
     if in_use is not None and in_use.errno == errno.EADDRINUSE:

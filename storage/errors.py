@@ -12,12 +12,17 @@ StoreError                  anything the store refused or could not do (unclassi
 ├── ChecksumMismatch        the bytes differ from the sha256 they were recorded with
 └── InvalidKey              a key that could leave the store's namespace
 
+Not a store error: DiskFull (an OSError, ENOSPC or EDQUOT) is this machine's disk refusing a downloaded
+file's bytes. No retry helps and the store is not to blame, so it names what was written, not the URL.
+
 Who raises them: storage/s3.py (boto3 calls of the coordinator), storage/transfer.py (presigned
 requests of agents and CLIs), storage/local.py (the folder store). The coordinator maps each to its own
 gRPC status (coordinator/services/rpc.py), and agent/retry.py says which ones an agent retries.
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class StoreError(Exception):
@@ -55,6 +60,21 @@ class ChecksumMismatch(StoreError):
 
 class InvalidKey(StoreError):
     """A key that could escape the store's namespace."""
+
+
+# ENOSPC: no space left on the device; EDQUOT: the user's disk quota is used up. Both are this
+# machine's disk, whoever's write met them.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class DiskFull(OSError):
+    """The local disk refused a write (ENOSPC, EDQUOT): retrying the transfer cannot help."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def from_http(status: int, code: str, message: str, what: str, expired: bool = False) -> StoreError:

@@ -34,7 +34,15 @@ from urllib.parse import parse_qs, urlsplit
 
 from dstack.storage.backoff import Backoff
 from dstack.storage.base import UploadGrant
-from dstack.storage.errors import AccessDenied, ChecksumMismatch, StoreError, StoreUnavailable, from_http
+from dstack.storage.errors import (
+    DISK_FULL_ERRNOS,
+    AccessDenied,
+    ChecksumMismatch,
+    DiskFull,
+    StoreError,
+    StoreUnavailable,
+    from_http,
+)
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +180,8 @@ class Transfer:
             return result
         except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out: transient
             self._drop(u.scheme, u.netloc)
+            if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:  # the sink's write: our disk, not the store
+                raise DiskFull(f"no space left on this machine's disk for {what}") from e
             detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             raise StoreUnavailable(f"{what}: {detail} ({u.scheme}://{u.netloc})") from e
         except BaseException:

@@ -161,6 +161,10 @@ class AgentJSON(TypedDict):
     memory_bytes: int
     memory_available_bytes: int
     running_jobs: int
+    disk_free_bytes: int
+    min_free_disk_bytes: int
+    work_dir: str
+    draining: str  # "disk full" while its disk is below --min-free-disk, else ""
     gpus_free: int
     gpus: list[GpuJSON]
 
@@ -215,6 +219,8 @@ class Cluster:
     tls: bool = True
     # Where the coordinator listens (tests/netns.py: the host's address on a bed of namespaces).
     host: str = "127.0.0.1"
+    # What `start_coordinator` runs with `python -m` (tests/old_coordinator.py: one without SubmitRuns).
+    coordinator_module: str = "dstack.coordinator"
 
     @property
     def address(self) -> str:
@@ -248,7 +254,7 @@ class Cluster:
             [
                 PY,
                 "-m",
-                "dstack.coordinator",
+                self.coordinator_module,
                 "--state-dir",
                 str(self.tmp / "server"),
                 "--listen",

@@ -4,8 +4,27 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dstack.protos.v1 import client_pb2, common_pb2
 
 GIB = 1 << 30
+MIB = 1 << 20
+
+
+def status_of(a: client_pb2.Agent) -> str:
+    """The agent's status: `draining` while its disk is below its floor (no new job goes there)."""
+    return "draining" if a.status == "online" and a.inventory.disk_full else a.status
+
+
+def disk_of(inv: common_pb2.Inventory) -> str:
+    """Free space in its work folder, and the floor it keeps there (`dstack agent --min-free-disk`)."""
+    free, floor = inv.disk_free_bytes, inv.min_free_disk_bytes
+    text = f"{free / GIB:.1f} GiB free" if free >= GIB else f"{free // MIB} MiB free"
+    if inv.disk_full:
+        return f"{text}: full (below {floor // MIB} MiB)"
+    return text + (f" (keeps {floor // MIB} MiB)" if floor else "")
 
 
 def agents_command(as_json: bool) -> None:
@@ -27,6 +46,10 @@ def agents_command(as_json: bool) -> None:
                     "memory_bytes": inv.memory_total_bytes,
                     "memory_available_bytes": inv.memory_available_bytes,
                     "running_jobs": a.running_jobs,
+                    "disk_free_bytes": inv.disk_free_bytes,
+                    "min_free_disk_bytes": inv.min_free_disk_bytes,
+                    "work_dir": inv.work_dir,
+                    "draining": "disk full" if inv.disk_full else "",
                     "gpus_free": len(inv.gpus) - len(a.busy_gpu_indices),
                     "gpus": [
                         {
@@ -69,15 +92,16 @@ def agents_command(as_json: bool) -> None:
                 a.name,
                 inv.hostname,
                 inv.advertise_address or "-",
-                a.status,
+                status_of(a),
                 inv.runtime,
                 gpus,
                 str(inv.cpu_count),
                 f"{inv.memory_available_bytes / GIB:.0f}/{inv.memory_total_bytes / GIB:.0f} GiB free",
+                disk_of(inv),
                 str(a.running_jobs),
             ]
         )
-    headers = ("AGENT", "HOST", "ADDRESS", "STATUS", "RUNTIME", "GPUS", "CPU", "MEMORY", "JOBS")
+    headers = ("AGENT", "HOST", "ADDRESS", "STATUS", "RUNTIME", "GPUS", "CPU", "MEMORY", "DISK", "JOBS")
     Term().table(headers, rows, overflow="fold")
 
 

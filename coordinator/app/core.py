@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from dstack.coordinator.app.limits import SubmissionLimits
+from dstack.coordinator.app.streams import StreamLimits
 from dstack.coordinator.artifacts import Artifacts
 from dstack.coordinator.convert import code_from_bytes
 from dstack.coordinator.engine import Engine
@@ -102,6 +103,7 @@ class Core:
     db: DbExecutor = field(init=False)
     objects: ArtifactStore = field(init=False)
     limits: SubmissionLimits = field(init=False)
+    streams: StreamLimits = field(init=False)  # long-lived calls open, per user and in all
     # Tunnels asked of agents, waiting for them to dial back (coordinator/services/tunnel.py holds the peers).
     tunnels: TunnelRegistry[Any] = field(init=False, default_factory=TunnelRegistry)
 
@@ -111,6 +113,7 @@ class Core:
         self.objects = self.artifacts.store
         config = self.engine.config
         self.limits = SubmissionLimits(config.max_queued_per_user, config.max_submissions_per_minute, self.engine.clock)
+        self.streams = StreamLimits(config.max_streams_per_user, config.max_streams, config.stream_stall_s)
         store = self.store
 
         def provide(c: sqlite3.Connection, job_id: str, run_id: str, specs: Sequence[bytes]) -> AddedJobs:

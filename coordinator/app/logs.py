@@ -21,17 +21,41 @@ from dstack.coordinator.artifacts import logs_key
 from dstack.coordinator.model import LogLine, LogStream, RunView
 from dstack.coordinator.retention import iter_log_archive
 from dstack.coordinator.store.db import Store
+from dstack.coordinator.store.logs import body_of, lines_of
 
 LOG_BATCH = 5000
 LOG_BATCH_BYTES = 4 << 20  # one response stays far below gRPC's message limit
 IN_DATABASE, ARCHIVED, DELETED = 0, 1, 2
+# A follower wakes when its run's lines or state change (engine.RunWatchers, set once a chunk is stored);
+# it also reads again after this long without a wake-up, in case a change came some other way.
+FOLLOW_RECHECK_S = 1.0
 DELETED_NOTICE = "[dstack: the logs of this job were deleted by the retention policy]"
 
 
-@dataclass(frozen=True)
 class JobLines:
-    job_name: str
-    lines: list[LogLine]
+    """Lines of one job: decoded (`lines`), or as the store keeps them (`body`: a serialized list of
+    dstack.v1.LogLine that a gRPC response takes as it is, no object per line), each made from the
+    other on demand."""
+
+    def __init__(self, job_name: str, lines: list[LogLine] | None = None, body: bytes | None = None) -> None:
+        assert lines is not None or body is not None
+        self.job_name = job_name
+        self._lines = lines
+        self._body = body
+
+    @property
+    def lines(self) -> list[LogLine]:
+        if self._lines is None:
+            assert self._body is not None
+            self._lines = lines_of(self._body)
+        return self._lines
+
+    @property
+    def body(self) -> bytes:
+        if self._body is None:
+            assert self._lines is not None
+            self._body = body_of(self._lines)
+        return self._body
 
 
 @dataclass(frozen=True)
@@ -46,7 +70,7 @@ class LogChunk:
 @dataclass(frozen=True)
 class _Poll:
     finished: bool
-    lines: list[JobLines]
+    lines: list[tuple[JobLines, int]]  # with the seq of each job's last line
     states: dict[str, int]  # job name -> logs_state
 
 
@@ -64,15 +88,15 @@ async def stream_logs(
         # The end first: every line of a job is stored before its end is.
         finished = store.run_by_id(run_id).finished_at is not None
         jobs = store.jobs_of_runs([run_id])[run_id]
-        out: list[JobLines] = []
+        out: list[tuple[JobLines, int]] = []
         budget = LOG_BATCH_BYTES
         for j in jobs:
             if j.logs_state != IN_DATABASE or budget <= 0:
                 continue
-            rows = store.read_logs(j.id, cursor.get(j.job_name, 0), LOG_BATCH, budget)
-            budget -= sum(len(r.text) + 32 for r in rows)
-            if rows:
-                out.append(JobLines(j.job_name, rows))
+            page = store.read_log_page(j.id, cursor.get(j.job_name, 0), LOG_BATCH, budget)
+            if page is not None:
+                budget -= len(page.body)
+                out.append((JobLines(j.job_name, body=page.body), page.last_seq))
         return _Poll(finished, out, {j.job_name: j.logs_state for j in jobs})
 
     while True:
@@ -86,9 +110,9 @@ async def stream_logs(
                 done.add(name)
                 moved = True
         if p.lines:
-            for jl in p.lines:
-                cursor[jl.job_name] = jl.lines[-1].seq
-            yield LogChunk(p.lines, dict(cursor))
+            for jl, last_seq in p.lines:
+                cursor[jl.job_name] = last_seq
+            yield LogChunk([jl for jl, _ in p.lines], dict(cursor))
             continue
         if moved:
             continue  # read again: the run may have ended meanwhile
@@ -98,7 +122,10 @@ async def stream_logs(
             yield LogChunk([], dict(cursor), finished_run=await core.run(run.name))
             return
         try:
-            await asyncio.wait_for(event.wait(), timeout=1.0)
+            # Not wait_for: on Python 3.11 it returns when the event is set just as the follower is cancelled,
+            # swallowing the cancel (the stream would then poll on, holding its place, after its client left).
+            async with asyncio.timeout(FOLLOW_RECHECK_S):
+                await event.wait()
         except TimeoutError:
             pass
 

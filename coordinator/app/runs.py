@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import logging
 import re
+import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +24,7 @@ from dstack.coordinator.app.ownership import Actor, check_owner
 from dstack.coordinator.artifacts import check_working_dir
 from dstack.coordinator.cache import base_key
 from dstack.coordinator.convert import code_to_bytes, job_spec_from_proto, job_spec_proto
-from dstack.coordinator.errors import CoordinatorError, InvalidRequest, NotFound
+from dstack.coordinator.errors import CoordinatorError, InvalidRequest, NotFound, NotStored
 from dstack.coordinator.gangs import expand
 from dstack.coordinator.model import CodeRef, JobSpec, JobStatus, JobView, RunStatus, RunView
 from dstack.coordinator.records import submission_record
@@ -31,6 +33,8 @@ from dstack.coordinator.store.artifacts import container_paths_of
 from dstack.coordinator.store.db import CreatedRun, NewJob, RunFilters, Store
 from dstack.coordinator.store.records import RUN_PART
 from dstack.coordinator.templates import spec_with_run_name
+
+log = logging.getLogger("dstack.coordinator")
 
 # Tags, and the workflow names an uploaded artifact set stands for.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -112,9 +116,29 @@ async def check_tag_movable(core: Core, actor: Actor, repository: str, tag: str)
     check_owner(actor, owner, f"move tag {tag} (of run {tagged.run_name})")
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A checked submission: `create` stores it (on the DB thread, in the caller's transaction), `enqueue`
+    queues what it stored (on the loop, once committed) and returns the run as stored."""
+
+    create: Callable[[], tuple[CreatedRun, list[JobSpec]]]
+    enqueue: Callable[[CreatedRun, list[JobSpec]], RunView]
+
+
 async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = None) -> RunView:
     """Stores a new run and queues its jobs; returns the run as stored. `actor`: the submitting
     user (`owner`), with their role, for the ownership checks (None: trusted, e.g. tests)."""
+    prepared = await _prepare(core, owner, sub, actor)
+
+    async def create_and_enqueue() -> RunView:
+        return prepared.enqueue(*await core.db(prepared.create))
+
+    # Shielded: a client that gives up (deadline, Ctrl+C) must not leave a stored run unqueued.
+    return await asyncio.shield(create_and_enqueue())
+
+
+async def _prepare(core: Core, owner: str, sub: Submission, actor: Actor | None) -> _Prepared:
+    """Every check of a submission that can run before its transaction, and the steps that store and queue it."""
     _check(sub.jobs)
     submitted_specs = specs_part(sub.jobs)
     # A multi-node job (resources.nodes > 1) is stored as its gang's members (coordinator/gangs.py).
@@ -208,8 +232,7 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
         )
         return created, specs
 
-    async def create_and_enqueue() -> RunView:
-        created, specs = await core.db(create)
+    def enqueue(created: CreatedRun, specs: list[JobSpec]) -> RunView:
         # The new run, as the database now holds it, built without reading it back.
         run = RunView(
             name=created.name,
@@ -240,8 +263,7 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
         )
         return run
 
-    # Shielded: a client that gives up (deadline, Ctrl+C) must not leave a stored run unqueued.
-    return await asyncio.shield(create_and_enqueue())
+    return _Prepared(create, enqueue)
 
 
 MAX_SUBMIT_BATCH = 1000  # SubmitRuns: runs per call at most
@@ -250,18 +272,60 @@ MAX_SUBMIT_BATCH = 1000  # SubmitRuns: runs per call at most
 async def submit_many(
     core: Core, owner: str, subs: Sequence[Submission], actor: Actor | None = None
 ) -> list[RunView | CoordinatorError]:
-    """Each submission as `submit` stores it, all at once: their database steps share the DB thread's
-    group commit (one transaction for the lot instead of one per run). Each stands alone: a refused one
-    (its error, in its place) leaves the others submitted."""
+    """Each submission as `submit` stores it, all in one transaction on the DB thread.
+
+    A refused run (a limit, an unknown tag: a CoordinatorError) is undone alone, with a savepoint, and its
+    error takes its place: the others are submitted. Anything else that fails while storing (a full disk, a
+    database error) undoes the whole call, and NotStored says so: nothing of it was stored, so the client
+    may send it again without submitting any run twice."""
     if len(subs) > MAX_SUBMIT_BATCH:
         raise InvalidRequest(f"at most {MAX_SUBMIT_BATCH} runs per call, not {len(subs)}")
-    results = await asyncio.gather(*(submit(core, owner, s, actor) for s in subs), return_exceptions=True)
-    out: list[RunView | CoordinatorError] = []
-    for r in results:
+    checked = await asyncio.gather(*(_prepare(core, owner, s, actor) for s in subs), return_exceptions=True)
+    for r in checked:
         if isinstance(r, BaseException) and not isinstance(r, CoordinatorError):
-            raise r  # not a refusal of this run: the call fails, as SubmitRun would
-        out.append(r)
-    return out
+            raise r  # not a refusal of this run: the call fails, as SubmitRun would (nothing is stored yet)
+    todo = [(i, p) for i, p in enumerate(checked) if isinstance(p, _Prepared)]
+    failed_at: list[int] = []  # the run whose storing failed, when one did
+
+    def create_all() -> list[tuple[CreatedRun, list[JobSpec]] | CoordinatorError]:
+        conn = core.store.conn
+        out: list[tuple[CreatedRun, list[JobSpec]] | CoordinatorError] = []
+        for i, p in todo:
+            conn.execute("SAVEPOINT submitted_run")
+            try:
+                out.append(p.create())
+            except CoordinatorError as e:
+                conn.execute("ROLLBACK TO submitted_run")
+                out.append(e)
+            except BaseException:
+                failed_at.append(i)
+                raise  # the DB thread undoes this whole call (its savepoint), every run before this one too
+            conn.execute("RELEASE submitted_run")
+        return out
+
+    async def store_and_enqueue() -> list[RunView | CoordinatorError]:
+        try:
+            created = await core.db(create_all)
+        except Exception as e:
+            if not isinstance(e, sqlite3.Error):
+                log.warning("storing a batch of %d runs failed; none stored", len(subs), exc_info=True)
+            where = f"run {failed_at[0] + 1} of the {len(subs)}" if failed_at else f"the {len(subs)} runs"
+            raise NotStored(
+                f"the coordinator's database failed while storing {where} in this call ({e}): none of the"
+                f" {len(subs)} runs was stored, so sending them again submits each once"
+            ) from None
+        stored = {i: (p, c) for (i, p), c in zip(todo, created, strict=True)}
+        out: list[RunView | CoordinatorError] = []
+        for i, r in enumerate(checked):
+            if isinstance(r, CoordinatorError):
+                out.append(r)  # refused before its transaction
+                continue
+            p, c = stored[i]
+            out.append(c if isinstance(c, CoordinatorError) else p.enqueue(*c))
+        return out
+
+    # Shielded: a client that gives up must not leave stored runs unqueued.
+    return await asyncio.shield(store_and_enqueue())
 
 
 async def get(core: Core, name: str) -> RunView:

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ from dstack.storage import StoreError
 
 CORE = web.AppKey("core", Core)
 VERSION = "0.1.0"
+log = logging.getLogger("dstack.coordinator")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -207,18 +209,76 @@ async def run_logs(request: web.Request) -> web.StreamResponse:
 
 
 KEEPALIVE_S = 15.0  # a comment line this often on a quiet stream: proxies keep it, the caller is re-checked
+GONE_CHECK_S = 1.0  # how often a quiet stream checks that its client is still connected
+
+
+class _Dropped(Exception):
+    """The client went away, or took nothing for the stall timeout: the connection is closed."""
+
+
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _write(request: web.Request, response: web.StreamResponse, data: bytes, what: str) -> None:
+    """Writes to a stream; a client that has taken nothing for the stall timeout (the write waits on a full
+    send buffer all that while) is cut off: its unsent data would otherwise stay in the coordinator."""
+    limits = request.app[CORE].streams
+    try:
+        async with asyncio.timeout(limits.stall_s):  # not wait_for: it may swallow a cancel (rpc.write_or_drop)
+            await response.write(data)
+    except TimeoutError:
+        limits.dropped_slow += 1
+        log.warning("%s: the client took nothing for %.0f s; connection closed", what, limits.stall_s)
+        transport = request.transport
+        if transport is not None:
+            transport.abort()  # not close(): that would wait, forever, to send what the client does not read
+        raise _Dropped from None
+    except ConnectionError:  # the client went away mid-write
+        raise _Dropped from None
+
+
+async def _next_chunk(request: web.Request, chunks: asyncio.Queue[Any]) -> Any:
+    """The next item, or TimeoutError after KEEPALIVE_S; _Dropped as soon as the client is gone
+    (aiohttp does not cancel a handler whose client left: a quiet stream would hold its place until then)."""
+    waited = 0.0
+    while waited < KEEPALIVE_S:
+        if _gone(request):
+            raise _Dropped
+        try:
+            async with asyncio.timeout(GONE_CHECK_S):
+                return await chunks.get()
+        except TimeoutError:
+            waited += GONE_CHECK_S
+    raise TimeoutError
 
 
 async def follow_logs(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: each `lines` event carries a batch and, as its id, the cursor after it (a
     reconnecting EventSource sends it back as Last-Event-ID: no line is lost or repeated); `end`
     carries the finished run. The caller's token is re-checked before every event and keep-alive: a
-    removed user, or one whose token was rotated, gets `event: error` and the stream ends."""
+    removed user, or one whose token was rotated, gets `event: error` and the stream ends.
+
+    Counted among the caller's open streams (app/streams.py: 429 beyond the limit) until it ends, however
+    it ends; a client that takes nothing for the stall timeout is cut off (it may resume from its cursor)."""
     core = request.app[CORE]
     name = request.match_info["name"]
     after = parse_log_cursor(request.query.get("cursor") or request.headers.get("Last-Event-ID") or "")
     signed_in = users.SignedIn(core, actor_of(request))
     await runs.get(core, name)  # a missing run is a 404, before the stream starts
+    what = f"following the logs of run {name} (HTTP)"
+    ticket = core.streams.open(caller_of(request).name, what)
+    try:
+        return await _follow_logs(request, name, after, signed_in, what)
+    finally:
+        ticket.close()
+
+
+async def _follow_logs(
+    request: web.Request, name: str, after: dict[str, int], signed_in: users.SignedIn, what: str
+) -> web.StreamResponse:
+    core = request.app[CORE]
     chunks: asyncio.Queue[logs.LogChunk | BaseException | None] = asyncio.Queue(maxsize=2)
 
     async def produce() -> None:
@@ -240,10 +300,10 @@ async def follow_logs(request: web.Request) -> web.StreamResponse:
     try:
         while True:
             try:
-                item = await asyncio.wait_for(chunks.get(), KEEPALIVE_S)
+                item = await _next_chunk(request, chunks)
             except TimeoutError:
                 await signed_in.check()
-                await response.write(b": keep-alive\n\n")
+                await _write(request, response, b": keep-alive\n\n", what)
                 continue
             if item is None:
                 break
@@ -252,17 +312,24 @@ async def follow_logs(request: web.Request) -> web.StreamResponse:
             await signed_in.check()
             if item.finished_run is not None:
                 data = json.dumps(run_json(item.finished_run))
-                await response.write(f"event: end\nid: {log_cursor(item.cursor)}\ndata: {data}\n\n".encode())
+                await _write(
+                    request, response, f"event: end\nid: {log_cursor(item.cursor)}\ndata: {data}\n\n".encode(), what
+                )
                 break
             lines = [line_json(j.job_name, ln) for j in item.jobs for ln in j.lines]
             cursor = log_cursor(item.cursor)
             data = json.dumps({"lines": lines, "cursor": cursor})
-            await response.write(f"event: lines\nid: {cursor}\ndata: {data}\n\n".encode())
+            await _write(request, response, f"event: lines\nid: {cursor}\ndata: {data}\n\n".encode(), what)
+    except _Dropped:
+        return response
     except (CoordinatorError, StoreError) as e:
         # Headers are sent: the error goes as the stream's last event.
         code = status_for(e)
         body = json.dumps({"error": {"code": (code.name if code else "internal").lower(), "message": str(e)}})
-        await response.write(f"event: error\ndata: {body}\n\n".encode())
+        try:
+            await _write(request, response, f"event: error\ndata: {body}\n\n".encode(), what)
+        except _Dropped:
+            return response
     finally:
         producer.cancel()
         await asyncio.gather(producer, return_exceptions=True)
@@ -285,9 +352,12 @@ async def queue(request: web.Request) -> web.StreamResponse:
 
 
 async def download_artifact(request: web.Request) -> web.StreamResponse:
-    """One artifact file, streamed from the store (no presigned URL: the caller may not reach the store)."""
+    """One artifact file, streamed from the store (no presigned URL: the caller may not reach the store).
+    Counted among the caller's open streams while it lasts."""
     core = request.app[CORE]
     m = request.match_info
+    what = f"downloading {m['path']} of run {m['name']} (HTTP)"
+    ticket = core.streams.open(caller_of(request).name, what)
     chunks = artifacts.download(core, m["name"], m["job"], m["path"])
     response: web.StreamResponse | None = None
     try:
@@ -302,8 +372,12 @@ async def download_artifact(request: web.Request) -> web.StreamResponse:
                     }
                 )
                 await response.prepare(request)
-            await response.write(chunk)
+            await _write(request, response, chunk, what)
+    except _Dropped:
+        assert response is not None
+        return response
     finally:
+        ticket.close()
         await chunks.aclose()  # type: ignore[attr-defined]
     if response is None:  # an empty file
         return web.Response(body=b"", headers={"Content-Type": "application/octet-stream"})

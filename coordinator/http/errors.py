@@ -17,6 +17,7 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.ALREADY_EXISTS: 409,
     grpc.StatusCode.FAILED_PRECONDITION: 409,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.ABORTED: 503,
     grpc.StatusCode.DATA_LOSS: 500,
     grpc.StatusCode.UNAVAILABLE: 503,
 }

@@ -16,12 +16,14 @@ from prometheus_client.registry import Collector
 
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.stats import StateCounts, state_counts
+from dstack.coordinator.app.streams import StreamLimits
 from dstack.coordinator.model import JobStatus, RunStatus
 
 
 class _StateCollector(Collector):
-    def __init__(self, counts: StateCounts) -> None:
+    def __init__(self, counts: StateCounts, streams: StreamLimits) -> None:
         self.counts = counts
+        self.streams = streams
 
     def collect(self) -> Iterator[Metric]:
         c = self.counts
@@ -67,6 +69,14 @@ class _StateCollector(Collector):
         yield CounterMetricFamily(
             "dstack_store_errors", "Database calls that failed with a database error", value=c.store_errors
         )
+        s = self.streams
+        yield GaugeMetricFamily("dstack_streams_open", "Long-lived calls open (logs, tunnels, downloads)", s.open_total)
+        yield CounterMetricFamily(
+            "dstack_streams_refused", "Long-lived calls refused by --max-streams(-per-user)", value=s.refused
+        )
+        yield CounterMetricFamily(
+            "dstack_streams_dropped_slow", "Streams ended because their client took nothing", value=s.dropped_slow
+        )
 
 
 async def exposition(core: Core) -> tuple[bytes, str]:
@@ -75,7 +85,7 @@ async def exposition(core: Core) -> tuple[bytes, str]:
 
     counts = await state_counts(core)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StateCollector(counts))
+    registry.register(_StateCollector(counts, core.streams))
     # Small: a few dozen series plus one per GPU; rendered on the loop (no disk, no lock held long).
     body = generate_latest(registry) + generate_latest(core.engine.metrics.registry)
     return body, CONTENT_TYPE_LATEST

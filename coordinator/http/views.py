@@ -90,6 +90,9 @@ def agent_json(a: AgentView) -> Json:
         "memory_total_bytes": inv.memory_total_bytes,
         "memory_available_bytes": inv.memory_available_bytes,
         "disk_free_bytes": inv.disk_free_bytes,
+        "min_free_disk_bytes": inv.min_free_disk_bytes,
+        "work_dir": inv.work_dir,
+        "draining": "disk full" if inv.disk_full else "",
         "max_jobs": inv.max_jobs,
         "gpus": [{**dataclasses.asdict(g), "busy": g.index in busy} for g in inv.gpus],
     }

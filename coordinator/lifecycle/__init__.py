@@ -154,6 +154,15 @@ REQUEUE_ERROR = _job(
     None,
     "it exited non-zero and `retry.on` lists error",
 )
+REQUEUE_DISK_FULL = _job(
+    "requeue-disk-full",
+    ON_AGENT,
+    JS.PENDING,
+    Actor.AGENT,
+    None,
+    "its agent's disk was full (ENOSPC preparing it, or it failed below the agent's --min-free-disk): requeued on"
+    " another agent, up to 3 attempts (or `retry.limit`, if more)",
+)
 REQUEUE_PREEMPTED = _job(
     "requeue-preempted",
     ON_AGENT,
@@ -228,6 +237,7 @@ JOB_TRANSITIONS: tuple[JobTransition, ...] = (
     LOST_BY_AGENT,
     REQUEUE_AGENT_LOST,
     REQUEUE_ERROR,
+    REQUEUE_DISK_FULL,
     REQUEUE_PREEMPTED,
     AGENT_PREEMPTED,
     AGENT_MAX_DURATION,

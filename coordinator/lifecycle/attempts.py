@@ -19,11 +19,18 @@ from dstack.coordinator.store.base import rows
 from dstack.protos.v1 import common_pb2
 
 AGENT_LOST, PREEMPTED, ERROR = "agent-lost", "preempted", "error"
+# The agent's disk was full (agent/diskspace.py): the coordinator's own cause, not one `retry.on` lists.
+# Infrastructure, not the job, so it is requeued without `retry` too, like preemption; but a job that
+# fills every disk it gets must end, so only up to attempt DISK_FULL_ATTEMPTS (or `retry.limit`, if more).
+DISK_FULL = "disk-full"
+DISK_FULL_ATTEMPTS = 3
 
 
 def retry_allows(spec: bytes, attempt: int, cause: str) -> bool:
     """Whether the attempt `attempt` that ended for `cause` is followed by a new one."""
     s = common_pb2.JobSpec.FromString(spec)
+    if cause == DISK_FULL:
+        return attempt < max(DISK_FULL_ATTEMPTS, s.retry.limit + 1 if s.HasField("retry") else 0)
     listed = s.HasField("retry") and cause in s.retry.on
     if cause == PREEMPTED and not listed:
         return True
@@ -33,6 +40,8 @@ def retry_allows(spec: bytes, attempt: int, cause: str) -> bool:
 def limit_note(spec: bytes, attempt: int, cause: str) -> str:
     """Said of a job that ends although `retry` lists its cause: the limit was reached."""
     s = common_pb2.JobSpec.FromString(spec)
+    if cause == DISK_FULL:
+        return f" (attempt {attempt}; no more attempts after a full disk)"
     if s.HasField("retry") and cause in s.retry.on:
         return f" (attempt {attempt}; retry limit {s.retry.limit} reached)"
     return ""

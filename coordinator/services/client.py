@@ -35,7 +35,7 @@ from dstack.coordinator.convert import (
     upload_grant_to_proto,
 )
 from dstack.coordinator.errors import CoordinatorError
-from dstack.coordinator.services.rpc import data_of, first_message, streaming, unary
+from dstack.coordinator.services.rpc import data_of, first_message, hold_stream, unary, write_or_drop
 from dstack.coordinator.services.tunnel import client_tunnel
 from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
 
@@ -132,12 +132,14 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         )
         return client_pb2.RerunRunResponse(run=run_to_proto(done.run), notes=done.notes)
 
-    @streaming
-    async def DownloadRunCode(
+    @unary
+    async def DownloadRunCode(  # type: ignore[override]  # writes through its context, to bound a slow reader
         self, request: client_pb2.DownloadRunCodeRequest, context: Ctx
-    ) -> AsyncIterator[client_pb2.DataChunk]:
+    ) -> None:
+        what = f"downloading the code of run {request.run_name}"
+        hold_stream(self.core.streams, context, user_name(), what)
         async for chunk in records.read_run_code(self.core, request.run_name, request.diff):
-            yield client_pb2.DataChunk(data=chunk)
+            await write_or_drop(self.core.streams, context, client_pb2.DataChunk(data=chunk), what)
 
     @unary
     async def GetRun(self, request: client_pb2.GetRunRequest, context: Ctx) -> client_pb2.GetRunResponse:
@@ -164,10 +166,12 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
     async def DeleteRun(self, request: client_pb2.DeleteRunRequest, context: Ctx) -> client_pb2.DeleteRunResponse:
         return client_pb2.DeleteRunResponse(objects_deleted=await runs.delete(self.core, actor(), request.name))
 
-    @streaming
-    async def StreamLogs(
+    @unary
+    async def StreamLogs(  # type: ignore[override]  # writes through its context, to bound a slow reader
         self, request: client_pb2.StreamLogsRequest, context: Ctx
-    ) -> AsyncIterator[client_pb2.StreamLogsResponse]:
+    ) -> None:
+        what = f"{'following' if request.follow else 'reading'} the logs of run {request.run_name}"
+        hold_stream(self.core.streams, context, user_name(), what)
         after = {c.job_name: c.seq for c in request.after}
         # A user removed (or whose token is rotated) while following: the stream ends on its next message.
         signed_in = users.SignedIn(self.core, actor())
@@ -177,11 +181,9 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
                 finished_run=None if chunk.finished_run is None else run_to_proto(chunk.finished_run),
                 cursor=[client_pb2.LogCursor(job_name=k, seq=v) for k, v in chunk.cursor.items()],
             )
-            for j in chunk.jobs:  # each line made a message once, in place (thousands per response)
-                add = resp.jobs.add(job_name=j.job_name).lines.add
-                for ln in j.lines:
-                    add(seq=ln.seq, stream=ln.stream, time_ns=ln.time_ns, text=ln.text)
-            yield resp
+            for j in chunk.jobs:  # the lines as stored, serialized: no object per line
+                resp.jobs.add(job_name=j.job_name).MergeFromString(j.body)
+            await write_or_drop(self.core.streams, context, resp, what)
 
     @unary
     async def ListArtifacts(
@@ -193,12 +195,18 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
             urls=listing.urls,
         )
 
-    @streaming
-    async def DownloadArtifact(
+    @unary
+    async def DownloadArtifact(  # type: ignore[override]  # writes through its context, to bound a slow reader
         self, request: client_pb2.DownloadArtifactRequest, context: Ctx
-    ) -> AsyncIterator[client_pb2.DataChunk]:
-        async for chunk in artifacts.download(self.core, request.run_name, request.job_name, request.path):
-            yield client_pb2.DataChunk(data=chunk)
+    ) -> None:
+        what = f"downloading {request.path} of run {request.run_name}"
+        hold_stream(self.core.streams, context, user_name(), what)
+        chunks = artifacts.download(self.core, request.run_name, request.job_name, request.path)
+        try:
+            async for chunk in chunks:
+                await write_or_drop(self.core.streams, context, client_pb2.DataChunk(data=chunk), what)
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]  # the store's stream, at once
 
     @unary
     async def CreateUpload(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -9,6 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from dstack.coordinator.app.streams import StreamLimits, StreamTicket
 from dstack.coordinator.errors import (
     AlreadyExists,
     Conflict,
@@ -17,6 +19,7 @@ from dstack.coordinator.errors import (
     InvalidRequest,
     LimitExceeded,
     NotFound,
+    NotStored,
     StorageUnavailable,
     Unauthenticated,
 )
@@ -45,6 +48,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
     (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),  # a per-user limit: the message names it
+    (NotStored, grpc.StatusCode.ABORTED),  # undone as a whole: the caller may send it again
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),  # transient: callers retry
     (ExpiredGrant, grpc.StatusCode.UNAVAILABLE),  # the coordinator's own credentials expired: boto renews them
     (AccessDenied, grpc.StatusCode.PERMISSION_DENIED),  # the store refused the coordinator's credentials
@@ -108,3 +112,33 @@ async def data_of(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[bytes]:
     yield first.data
     async for msg in rest:
         yield msg.data
+
+
+def hold_stream(limits: StreamLimits, context: Any, user: str, what: str) -> StreamTicket:
+    """A place among the open long-lived calls (LimitExceeded when there is none), given back when the
+    call is over for gRPC: the client read its status, cancelled, or went away. Not when the handler
+    returns: a handler that gave up on a client that does not read leaves its last messages queued in
+    gRPC until the client takes them or leaves, and the place bounds that memory too."""
+    ticket = limits.open(user, what)
+    context.add_done_callback(lambda _call: ticket.close())
+    return ticket
+
+
+async def write_or_drop(limits: StreamLimits, context: Any, message: Any, what: str) -> None:
+    """Writes one message of a stream; ends the call when its client has taken nothing for the stall
+    timeout (flow control held the write back all that while). The client gets the status after the
+    messages it has not read yet."""
+    try:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the write's result when the call is
+        # cancelled just as the write completes, swallowing the cancel: the handler then ran on, holding its
+        # place, until it next wrote (a quiet follow: never). asyncio.timeout lets a cancel from outside through.
+        async with asyncio.timeout(limits.stall_s):
+            await context.write(message)
+    except TimeoutError:
+        limits.dropped_slow += 1
+        log.warning("%s: the client took nothing for %.0f s; stream ended", what, limits.stall_s)
+        raise LimitExceeded(
+            f"{what}: the coordinator ended this stream because its client took nothing for"
+            f" {limits.stall_s:.0f} s while data waited (dstack server --stream-stall-timeout); start it again"
+            " to go on"
+        ) from None

@@ -27,7 +27,7 @@ from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.ownership import Actor
 from dstack.coordinator.auth import agent_id, user_caller
 from dstack.coordinator.errors import CoordinatorError
-from dstack.coordinator.services.rpc import status_for
+from dstack.coordinator.services.rpc import hold_stream, status_for
 from dstack.protos.v1 import common_pb2
 
 Ctx: TypeAlias = Any  # grpc.aio.ServicerContext: grpc ships no type information
@@ -59,6 +59,13 @@ class _Broken(Exception):
 
 async def client_tunnel(core: Core, context: Ctx) -> None:
     """ClientService.Tunnel."""
+    who = user_caller()
+    try:
+        # Counted from the start: a client that opens tunnels and never names a target holds them too.
+        hold_stream(core.streams, context, who.name, "a tunnel (dstack port-forward, attach)")
+    except CoordinatorError as e:
+        await context.abort(status_for(e) or grpc.StatusCode.UNKNOWN, str(e))
+        return
     first = await context.read()
     if first is grpc.aio.EOF or not first.HasField("open"):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must name the run and port (`open`)")
@@ -67,7 +74,6 @@ async def client_tunnel(core: Core, context: Ctx) -> None:
     if not 0 < want.port < 65536:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"port {want.port} is not a TCP port (1..65535)")
         return
-    who = user_caller()
     try:
         target = await tunnels.resolve(
             core, Actor(who.name, who.user_role, who.token_hash), want.run_name, want.job_name, want.port

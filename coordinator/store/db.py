@@ -174,6 +174,7 @@ class Store(Db):
         self.insert_logs = self.logs.insert
         self.log_positions = self.logs.positions
         self.read_logs = self.logs.read
+        self.read_log_page = self.logs.read_page
         self.all_logs = self.logs.all
         self.jobs_to_archive = self.logs.jobs_to_archive
         self.mark_logs_archived = self.logs.mark_archived

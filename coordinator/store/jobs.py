@@ -390,6 +390,7 @@ class Jobs:
         touched: set[str] = set()
         out: list[Assignment] = []
         with self.db.tx() as c:
+            placed: list[Placement] = []
             for p in placements:
                 moved = lifecycle.move_job(
                     c,
@@ -401,14 +402,30 @@ class Jobs:
                 if moved is None:
                     continue  # stopped meanwhile
                 touched.add(moved.run_id)
-                spec, attempt = c.execute("SELECT spec, attempt FROM jobs WHERE id = ?", [p.job_id]).fetchone()
-                name, code, owner = c.execute(
-                    "SELECT name, code, owner FROM runs WHERE id = ?", [moved.run_id]
-                ).fetchone()
-                inputs = inputs_of(c, p.job_id) + attempts.resume_inputs(c, p.job_id)
-                out.append(
-                    Assignment(p.job_id, p.agent_id, name, spec, code, p.gpu_indices, inputs, attempt, owner, p.master)
-                )
+                placed.append(p)
+            # What the agents need, read for the whole pass at once (a pass places thousands at scale);
+            # inputs only for the jobs that have any (dependencies, input runs, an earlier attempt).
+            for i in range(0, len(placed), 500):
+                chunk = placed[i : i + 500]
+                ids = [p.job_id for p in chunk]
+                found = {
+                    r[0]: r[1:]
+                    for r in c.execute(
+                        "SELECT j.id, j.spec, j.attempt, j.depends_on, j.inputs, r.name, r.code, r.owner"
+                        f" FROM jobs j JOIN runs r ON r.id = j.run_id WHERE j.id IN ({marks(ids)})",
+                        ids,
+                    )
+                }
+                for p in chunk:
+                    spec, attempt, depends_on, job_inputs, name, code, owner = found[p.job_id]
+                    inputs = inputs_of(c, p.job_id) if json_list(depends_on) or json_list(job_inputs) else []
+                    if attempt > 1:
+                        inputs += attempts.resume_inputs(c, p.job_id)
+                    out.append(
+                        Assignment(
+                            p.job_id, p.agent_id, name, spec, code, p.gpu_indices, inputs, attempt, owner, p.master
+                        )
+                    )
             for job_id in waiting:
                 moved = lifecycle.move_job(c, lifecycle.MARK_PENDING, job_id)
                 if moved is not None:
@@ -595,7 +612,8 @@ class Jobs:
         self, c: sqlite3.Connection, t: lifecycle.JobTransition, u: JobUpdate, stop_reason: int, stop_message: str
     ) -> bool | None:
         """A report that ends the attempt other than as the agent sees it: stopped by the coordinator
-        (preempted, max_duration), or failed with `retry.on: [error]`. None: not such a report;
+        (preempted, max_duration), failed with `retry.on: [error]`, or failed for its agent's full disk.
+        None: not such a report;
         else whether the job was requeued as a new attempt."""
         if t.dst not in (JobStatus.FAILED, JobStatus.STOPPED):
             return None
@@ -611,6 +629,10 @@ class Jobs:
         if stop_reason == TerminationReason.PREEMPTED:
             cause, final, requeue = attempts.PREEMPTED, lifecycle.AGENT_PREEMPTED, lifecycle.REQUEUE_PREEMPTED
             reason, message = TerminationReason.PREEMPTED, stop_message or "preempted"
+        elif t is lifecycle.AGENT_FAILED and u.termination_reason == TerminationReason.DISK_FULL:
+            # Its agent's disk, not its code: another agent, within a bound (lifecycle/attempts.py).
+            cause, final, requeue = attempts.DISK_FULL, lifecycle.AGENT_FAILED, lifecycle.REQUEUE_DISK_FULL
+            reason, message = TerminationReason.DISK_FULL, u.message
         elif t is lifecycle.AGENT_FAILED and u.termination_reason == TerminationReason.EXIT_CODE:
             cause, final, requeue = attempts.ERROR, lifecycle.AGENT_FAILED, lifecycle.REQUEUE_ERROR
             reason, message = TerminationReason.EXIT_CODE, u.message

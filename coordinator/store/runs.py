@@ -385,7 +385,7 @@ class Runs:
 
     def delete(self, run_id: str) -> None:
         with self.db.tx() as c:
-            c.execute("DELETE FROM logs WHERE job_id IN (SELECT id FROM jobs WHERE run_id = ?)", [run_id])
+            c.execute("DELETE FROM log_chunks WHERE job_id IN (SELECT id FROM jobs WHERE run_id = ?)", [run_id])
             c.execute("DELETE FROM artifacts WHERE job_id IN (SELECT id FROM jobs WHERE run_id = ?)", [run_id])
             c.execute("DELETE FROM records WHERE run_id = ?", [run_id])  # the run's record (store/records.py)
             c.execute("DELETE FROM jobs WHERE run_id = ?", [run_id])

@@ -334,6 +334,53 @@ def _step_cache(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS jobs_cache_key ON jobs (cache_key) WHERE cache_key != ''")
 
 
+def _log_chunks(db: sqlite_utils.Database) -> None:
+    """Logs in chunks (coordinator/store/logs.py): one row per batch an agent sent, its lines serialized,
+    instead of one row per line (SQLite's per-row insert and read bounded a job's log rate). The line rows
+    of a database made before are packed into chunks of consecutive seqs of one attempt (up to 5,000
+    lines) job by job, and the old table dropped, in one transaction: a crash leaves either layout whole."""
+    from dstack.coordinator.store.logs import MIGRATION_CHUNK_LINES, chunk_row_of
+
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS log_chunks (job_id TEXT NOT NULL, first_seq INTEGER NOT NULL,"
+            " last_seq INTEGER NOT NULL, text_bytes INTEGER NOT NULL, marked INTEGER NOT NULL, body BLOB NOT NULL,"
+            " PRIMARY KEY (job_id, first_seq))"
+        )
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'logs'").fetchone():
+            pending: list[tuple[str, int, int, int, str]] = []
+
+            def flush() -> None:
+                if pending:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO log_chunks (job_id, first_seq, last_seq, text_bytes, marked, body)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        chunk_row_of(pending),
+                    )
+                    pending.clear()
+
+            # A second cursor: the rows are read in order while chunks are written to the other table.
+            for row in db.conn.cursor().execute(
+                "SELECT job_id, seq, stream, time_ns, text FROM logs ORDER BY job_id, seq"
+            ):
+                if pending and (
+                    row[0] != pending[-1][0]
+                    or row[1] != pending[-1][1] + 1
+                    or row[1] >> 32 != pending[-1][1] >> 32
+                    or len(pending) >= MIGRATION_CHUNK_LINES
+                ):
+                    flush()
+                pending.append(row)
+            flush()
+            conn.execute("DROP TABLE logs")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
     _v2,
@@ -351,6 +398,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _run_records,
     _scale_indexes,
     _step_cache,
+    _log_chunks,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -117,6 +117,10 @@ class _TerminationReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ter
     """preempted (interruptible) and not requeued again"""
     TERMINATION_REASON_MAX_DURATION: _TerminationReason.ValueType  # 21
     """ran longer than its workflow's max_duration"""
+    TERMINATION_REASON_DISK_FULL: _TerminationReason.ValueType  # 22
+    """Its agent's disk was full (ENOSPC preparing it, or its process failed while the work folder was
+    below the agent's --min-free-disk): not the job's fault; requeued within a bound (docs/lifecycle.md).
+    """
     TERMINATION_REASON_GANG_FAILED: _TerminationReason.ValueType  # 30
     """another node of its multi-node job failed (docs/multinode.md)"""
 
@@ -140,6 +144,10 @@ TERMINATION_REASON_PREEMPTED: TerminationReason.ValueType  # 20
 """preempted (interruptible) and not requeued again"""
 TERMINATION_REASON_MAX_DURATION: TerminationReason.ValueType  # 21
 """ran longer than its workflow's max_duration"""
+TERMINATION_REASON_DISK_FULL: TerminationReason.ValueType  # 22
+"""Its agent's disk was full (ENOSPC preparing it, or its process failed while the work folder was
+below the agent's --min-free-disk): not the job's fault; requeued within a bound (docs/lifecycle.md).
+"""
 TERMINATION_REASON_GANG_FAILED: TerminationReason.ValueType  # 30
 """another node of its multi-node job failed (docs/multinode.md)"""
 Global___TerminationReason: _TypeAlias = TerminationReason  # noqa: Y015
@@ -559,6 +567,9 @@ class Inventory(_message.Message):
     RUNTIME_FIELD_NUMBER: _builtins.int
     MAX_JOBS_FIELD_NUMBER: _builtins.int
     ADVERTISE_ADDRESS_FIELD_NUMBER: _builtins.int
+    WORK_DIR_FIELD_NUMBER: _builtins.int
+    MIN_FREE_DISK_BYTES_FIELD_NUMBER: _builtins.int
+    DISK_FULL_FIELD_NUMBER: _builtins.int
     hostname: _builtins.str
     cpu_count: _builtins.int
     memory_total_bytes: _builtins.int
@@ -572,6 +583,13 @@ class Inventory(_message.Message):
     """The address other agents reach this one at (`dstack agent --advertise-address`): a gang's
     MASTER_ADDR when this agent runs its rank 0.
     """
+    work_dir: _builtins.str
+    """The agent's work folder (job folders, code cache), the free space it keeps there
+    (`dstack agent --min-free-disk`), and whether it is below that now (or a job hit ENOSPC there
+    since the last look): while disk_full the agent is draining, the scheduler places nothing on it.
+    """
+    min_free_disk_bytes: _builtins.int
+    disk_full: _builtins.bool
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuInfo]: ...
     def __init__(
@@ -586,10 +604,13 @@ class Inventory(_message.Message):
         runtime: _builtins.str = ...,
         max_jobs: _builtins.int = ...,
         advertise_address: _builtins.str = ...,
+        work_dir: _builtins.str = ...,
+        min_free_disk_bytes: _builtins.int = ...,
+        disk_full: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise_address", b"advertise_address", "cpu_count", b"cpu_count", "disk_free_bytes", b"disk_free_bytes", "gpus", b"gpus", "hostname", b"hostname", "max_jobs", b"max_jobs", "memory_available_bytes", b"memory_available_bytes", "memory_total_bytes", b"memory_total_bytes", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise_address", b"advertise_address", "cpu_count", b"cpu_count", "disk_free_bytes", b"disk_free_bytes", "disk_full", b"disk_full", "gpus", b"gpus", "hostname", b"hostname", "max_jobs", b"max_jobs", "memory_available_bytes", b"memory_available_bytes", "memory_total_bytes", b"memory_total_bytes", "min_free_disk_bytes", b"min_free_disk_bytes", "runtime", b"runtime", "work_dir", b"work_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -21,8 +21,9 @@ from tests.cluster.invariants import Verdict, check
 from tests.cluster.workload import JobShape, collect, read_evidence, submit, write_project
 
 LOST = {"agent_lost"}
-# A job whose agent's disk is full may fail on its own (its script cannot write) or in the agent's hands.
-DISK_FULL = {"agent_lost", "executor_error", "exit_code", "artifact_upload_failed"}
+# A job whose agent's disk is full fails on no account: the agent drains (agent/diskspace.py), and an attempt
+# the full disk ended (its preparation, or its script's writes) is requeued elsewhere with reason disk_full.
+DISK_FULL: set[str] = set()
 
 
 @dataclass

@@ -143,8 +143,9 @@ def test_a_rogue_agent_cannot_read_write_or_forge_another_agents_run(cluster: Cl
     assert "real line 1" in logs and "real line 2" in logs
     assert "FORGED" not in logs and "GHOST" not in logs
     db = sqlite3.connect(f"file:{cluster.tmp / 'server' / 'coordinator.db'}?mode=ro", uri=True)
-    assert db.execute("SELECT COUNT(*) FROM logs WHERE job_id = 'no-such-job'").fetchone() == (0,)
-    assert db.execute("SELECT COUNT(*) FROM logs WHERE text LIKE 'FORGED%'").fetchone() == (0,)
+    assert db.execute("SELECT COUNT(*) FROM log_chunks WHERE job_id = 'no-such-job'").fetchone() == (0,)
+    # A chunk's body holds its lines' text as UTF-8 bytes (serialized LogLine messages).
+    assert db.execute("SELECT COUNT(*) FROM log_chunks WHERE instr(body, CAST('FORGED' AS BLOB))").fetchone() == (0,)
     db.close()
     coordinator_log = cluster.coordinator.output() if cluster.coordinator else ""
     assert f"agent {rogue_id} sent 5 log line(s) for job {train}" in coordinator_log

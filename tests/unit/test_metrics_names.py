@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dstack.coordinator.app.stats import StateCounts
+from dstack.coordinator.app.streams import StreamLimits
 from dstack.coordinator.http.metrics import _StateCollector
 from dstack.coordinator.metrics import EngineMetrics
 from dstack.coordinator.model import AgentView, GpuInfo, Inventory, JobStatus, RunStatus
@@ -22,7 +23,7 @@ def exported() -> set[str]:
     agent = AgentView("a1", "gpu-1", "online", Inventory(gpus=[gpu]), 1, 0, busy_gpu_indices=[0])
     counts = StateCounts({RunStatus.DONE: 2}, {JobStatus.RUNNING: 1}, {"alice": 3}, [agent], 0)
     registry = CollectorRegistry()
-    registry.register(_StateCollector(counts))
+    registry.register(_StateCollector(counts, StreamLimits(64, 4096)))
     text = (generate_latest(registry) + generate_latest(EngineMetrics().registry)).decode()
     names = set()
     for family in text_string_to_metric_families(text):

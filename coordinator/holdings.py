@@ -1,0 +1,86 @@
+"""What running jobs hold, kept between scheduling passes: per agent (CPU, memory, GPUs, job slots)
+and per user (GPUs and jobs, for quotas), with each job's start and duration key (fair share's
+running usage, expected ends).
+
+A pass used to read every running job from the database (a join over thousands of rows at 5,000
+agents) and sum them up again. Now the engine reads them only when a job may have ended since the
+last read (any kick but a submission's) and on every full pass, and adds its own placements here
+between reads: a job never leaves an agent without such a kick, and only the engine places jobs, so
+what is kept is what a read would give (tests/unit/test_holdings.py checks it against a rebuild).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Held:
+    job_id: str
+    agent_id: str
+    owner: str
+    cpu: float
+    memory: int
+    gpu_indices: tuple[int, ...]
+    started_at: int | None  # wall ns, None until the agent reports it started
+    duration_key: str  # what its recent durations are filed under (coordinator/durations.py)
+
+
+@dataclass
+class AgentHeld:
+    cpu: float = 0.0
+    memory: int = 0
+    gpus: set[int] = field(default_factory=set)
+    jobs: int = 0
+
+
+class Holdings:
+    def __init__(self) -> None:
+        self.jobs: dict[str, Held] = {}
+        self.agents: dict[str, AgentHeld] = {}
+        self.user_gpus: dict[str, int] = {}
+        self.user_jobs: dict[str, int] = {}
+
+    def reset(self, held: Iterable[Held]) -> None:
+        """What the database says runs now (replaces everything kept)."""
+        self.jobs = {}
+        self.agents = {}
+        self.user_gpus = {}
+        self.user_jobs = {}
+        for h in held:
+            self.add(h)
+
+    def add(self, h: Held) -> None:
+        """A job the engine just placed (or one read from the database)."""
+        old = self.jobs.get(h.job_id)
+        if old is not None:
+            self.remove(old.job_id)
+        self.jobs[h.job_id] = h
+        a = self.agents.get(h.agent_id)
+        if a is None:
+            a = self.agents[h.agent_id] = AgentHeld()
+        a.cpu += h.cpu
+        a.memory += h.memory
+        a.gpus.update(h.gpu_indices)
+        a.jobs += 1
+        self.user_gpus[h.owner] = self.user_gpus.get(h.owner, 0) + len(h.gpu_indices)
+        self.user_jobs[h.owner] = self.user_jobs.get(h.owner, 0) + 1
+
+    def remove(self, job_id: str) -> None:
+        h = self.jobs.pop(job_id, None)
+        if h is None:
+            return
+        a = self.agents[h.agent_id]
+        a.jobs -= 1
+        if not a.jobs:
+            del self.agents[h.agent_id]  # nothing left: no float residue of CPU sums
+        else:
+            a.cpu -= h.cpu
+            a.memory -= h.memory
+            a.gpus.difference_update(h.gpu_indices)
+        self.user_gpus[h.owner] -= len(h.gpu_indices)
+        self.user_jobs[h.owner] -= 1
+        if not self.user_jobs[h.owner]:
+            del self.user_jobs[h.owner]
+            del self.user_gpus[h.owner]
