@@ -24,6 +24,7 @@ from dstack.agent.config import AgentConfig
 from dstack.agent.diskspace import DiskWatch
 from dstack.agent.inventory import Inventory
 from dstack.agent.jobuser import JobUserError, prepare_root
+from dstack.agent.lease import FencePolicy, LeaseGuard, refused
 from dstack.agent.outbox import Outbox
 from dstack.agent.ports import PortPool
 from dstack.agent.retry import SESSION_BACKOFF, Outcome, RetryPolicy, classify, describe
@@ -31,7 +32,7 @@ from dstack.agent.runner import Janitor, JobRunner, RunnerDeps
 from dstack.agent.runtimes import make_runtime
 from dstack.agent.tunnels import JobPorts, Tunnels
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
-from dstack.storage.backoff import Backoff
+from dstack.storage.backoff import Attempts, Backoff
 from dstack.storage.private import private_dir, tighten_file
 from dstack.storage.transfer import Transfer
 from dstack.tls import (
@@ -64,6 +65,13 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+
+
+# How long before its lease runs out the agent starts asking whether the coordinator is down (a refused
+# connection), at most: a third of the lease, so a short lease leaves time to renew first.
+PROBE_WINDOW_S = 2.0
+# A probe's connection attempt lasts at most this long (never past the lease's end).
+PROBE_TIMEOUT_S = 1.0
 
 
 class FatalAgentError(Exception):
@@ -210,6 +218,8 @@ class Agent:
         self._last_inventory: common_pb2.Inventory | None = None
         self.tunnels = Tunnels(self.stub, self.metadata, self._job_ports)
         self._background: set[asyncio.Task[None]] = set()
+        # Self-fencing (agent/lease.py): when the jobs must be stopped for want of an acknowledged renewal.
+        self.lease = LeaseGuard()
         self.deps = RunnerDeps(
             jobs_dir=config.jobs_dir,
             runtime=self.runtime,
@@ -323,6 +333,14 @@ class Agent:
         await asyncio.to_thread(self.config.env_cache.folder.mkdir, parents=True, exist_ok=True)
         attempts = SESSION_BACKOFF.start()
         registered = await self._load_credentials()
+        watchdog = asyncio.create_task(self._fence_watch(), name="self-fence")
+        try:
+            await self._sessions(attempts, registered)
+        finally:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+
+    async def _sessions(self, attempts: Attempts, registered: bool) -> None:
         while True:
             try:
                 if not registered:
@@ -363,6 +381,7 @@ class Agent:
         inv = await asyncio.to_thread(self.inventory.collect)
         self._last_inventory = inv
         active = set(self.jobs) | self.outbox.jobs_with_pending()
+        hello_sent_at = self.lease.clock()  # before the coordinator can receive it: the lease counts from here
         await call.write(
             agent_pb2.AgentMessage(
                 hello=agent_pb2.Hello(agent_id=self.agent_id, inventory=inv, active_job_ids=sorted(active))
@@ -372,6 +391,8 @@ class Agent:
         if first is grpc.aio.EOF:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "stream closed")
         ack = first.hello_ack
+        # Before its assignments are started (below): a job is never started outside a counted lease.
+        self.lease.adopt(FencePolicy(ack.self_fence_after_ms / 1000, ack.self_fence_strict), hello_sent_at)
         self.outbox.on_new_stream({p.job_id: p.seq for p in ack.log_positions})
         interval = (ack.heartbeat_interval_ms or 3000) / 1000
         self.session_started = True
@@ -387,6 +408,7 @@ class Agent:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             call.cancel()
+            self.lease.stream_ended()
         for t in done:
             if not t.cancelled() and t.exception() is not None:
                 raise t.exception()  # type: ignore[misc]
@@ -403,12 +425,17 @@ class Agent:
         next_beat = time.monotonic() + interval
         logs_not_before = 0.0
         next_inventory = time.monotonic() + self.config.inventory_interval_s
+        seq = 0  # this stream's heartbeats, numbered for the coordinator's lease acks
         while True:
             now = time.monotonic()
             if now >= next_beat or self._inventory_now:
                 due = now >= next_inventory or self._inventory_now
                 self._inventory_now = False
-                await call.write(agent_pb2.AgentMessage(heartbeat=await self._heartbeat(due)))
+                beat = await self._heartbeat(due)
+                seq += 1
+                beat.seq = seq
+                self.lease.sent(seq, self.lease.clock())
+                await call.write(agent_pb2.AgentMessage(heartbeat=beat))
                 if due:
                     next_inventory = now + self.config.inventory_interval_s
                 next_beat = now + interval
@@ -467,6 +494,8 @@ class Agent:
         return self.inventory.collect()
 
     async def _handle(self, msg: agent_pb2.CoordinatorMessage) -> None:
+        if msg.lease_ack:
+            self.lease.acked(msg.lease_ack)
         for ack in msg.log_acks:
             self.outbox.ack_logs(ack.job_id, ack.seq)
         for uack in msg.update_acks:
@@ -489,6 +518,56 @@ class Agent:
                 task = asyncio.create_task(runner_.stop(stop.abort))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+
+    # ---- self-fencing --------------------------------------------------------------------------
+    async def _fence_watch(self) -> None:
+        """Stops every job once the lease runs out with no renewal acknowledged (agent/lease.py), unless a
+        refused connection shows the coordinator is down. Runs for the agent's whole life, across sessions."""
+        guard = self.lease
+        while True:
+            guard.changed.clear()
+            left = guard.remaining()
+            if left is None:  # no lease counted: nothing to stop for
+                await guard.changed.wait()
+                continue
+            window = min(PROBE_WINDOW_S, guard.policy.after_s / 3)
+            if left > window:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(guard.changed.wait(), left - window)
+                continue
+            if left > 0:
+                if not guard.policy.strict:
+                    probed_at = guard.clock()
+                    if await refused(self.config.coordinator, max(0.05, min(PROBE_TIMEOUT_S, left))):
+                        guard.coordinator_down(probed_at)
+                        log.info("the coordinator is down (its port refuses connections): jobs keep running")
+                        await asyncio.sleep(min(0.5, window))  # a down coordinator is asked again soon
+                        continue
+                left = guard.remaining() or 0.0
+                if left > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(guard.changed.wait(), min(0.25, left))
+                    continue
+            self._fence(guard.policy.after_s)
+            await guard.changed.wait()  # a renewal (the next session's hello ack) counts a lease again
+
+    def _fence(self, after_s: float) -> None:
+        running = [r for r in self.jobs.values() if not r.fenced and r.task is not None and not r.task.done()]
+        if not running:
+            return
+        log.warning(
+            "no lease renewal acknowledged by the coordinator for %.1fs: stopping %d job(s) (self-fence)",
+            after_s,
+            len(running),
+        )
+        message = (
+            f"the agent had no lease renewal acknowledged by the coordinator for {after_s:g}s (cut off from it?)"
+            " and stopped the job itself: the coordinator may run it again elsewhere, never beside this one"
+        )
+        for r in running:
+            task = asyncio.create_task(r.fence(message))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _forget_job(self, job_id: str) -> Callable[[asyncio.Task[None]], None]:
         def forget(_task: asyncio.Task[None]) -> None:

@@ -204,6 +204,8 @@ class JobRunner:
         self.published_ports: list[tuple[int, int]] = []  # (host, container), once started
         self.stop_requested = False
         self.abort = False
+        # Why the agent stopped the job itself (agent/lease.py: its lease ran out); "" if it did not.
+        self.fenced = ""
         self.upload_cache: UploadCache = {}  # files already saved (mounted artifacts), by size and mtime
         self.folders: ContainerFolders = {}  # absolute artifact paths -> the job's host folders mounted there
         self.task: asyncio.Task[None] | None = None
@@ -236,6 +238,20 @@ class JobRunner:
     def _system_line(self, text: str) -> None:
         self.deps.outbox.add_line(self.job_id, common_pb2.LOG_STREAM_SYSTEM, text)
 
+    async def fence(self, message: str) -> None:
+        """Self-fencing: the job is killed now (its process group, its container), and reported failed
+        with `agent lost`: the coordinator requeues it where its `retry` says so, or has already (then the
+        report is refused, and confirms the stale attempt dead, coordinator/fencing.py)."""
+        self.fenced = message
+        self._system_line(f"dstack: {message}")
+        await self.stop(abort=True)
+
+    def _stopped(self, code: int | None = None) -> None:
+        if self.fenced:
+            self._update(JS.JOB_STATUS_FAILED, TR.TERMINATION_REASON_AGENT_LOST, self.fenced, code)
+        else:
+            self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user", code)
+
     async def stop(self, abort: bool) -> None:
         self.stop_requested = True
         self.abort = self.abort or abort
@@ -264,7 +280,7 @@ class JobRunner:
         try:
             await self._wait_for_gpus()
             if self.stop_requested:
-                self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user")
+                self._stopped()
                 return
             if self.deps.disk is not None and self.deps.disk.state.full:
                 # Placed before the coordinator heard the disk is full: it goes elsewhere, nothing written here.
@@ -292,7 +308,7 @@ class JobRunner:
                     sources = ", ".join(f"{i.run_name}/{i.job_name}" for i in self.a.inputs)
                     self._system_line(f"dstack: {n} artifact file(s) from {sources}")
                 if self.stop_requested:
-                    self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user")
+                    self._stopped()
                     return
                 # Held until the job ends (the finally below), so no other job of this agent gets them.
                 picked = self.deps.ports.reserve(self.job_id, spec.port_count, [p.host_port for p in spec.ports])
@@ -467,7 +483,7 @@ class JobRunner:
             if spec.artifacts and not self.abort:
                 self._update(JS.JOB_STATUS_UPLOADING, exit_code=code)
                 await self._save_artifacts(workdir, spec)
-            self._update(JS.JOB_STATUS_STOPPED, TR.TERMINATION_REASON_STOPPED_BY_USER, "stopped by user", code)
+            self._stopped(code)
             return
         if spec.artifacts:
             self._update(JS.JOB_STATUS_UPLOADING, exit_code=code)

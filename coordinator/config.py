@@ -18,6 +18,15 @@ class CoordinatorConfig:
     # reconnect: they could not renew while it was down, and they notice it is back only at their
     # next retry (the agent's own backoff and gRPC's reconnect backoff, each up to about 2.4 s, add up).
     reconnect_grace_s: float = 30.0
+    # Self-fencing (docs/lifecycle.md): "on", an agent with no renewal acknowledged for `lease_timeout_s`
+    # stops its jobs unless the coordinator's port refuses connections (it is down: nobody requeues);
+    # "strict", whatever the cause; "off", never (then a partitioned agent's attempt may run beside its
+    # requeued one). With fencing a lost agent's jobs are requeued `fence_margin_s` after the lease ran out,
+    # and the agents stop theirs `fence_kill_s` before that (time for the kill, a late wake-up and the
+    # drift between the two monotonic clocks), so an ack may come up to lease + margin - kill late.
+    self_fence: str = "on"
+    fence_margin_s: float = 5.0
+    fence_kill_s: float = 2.0
     # Lost agents not heard from for this long (and agents that registered but never connected) leave
     # the pool: `dstack agents` stops listing them and their names are free.
     forget_lost_agents_after_s: float = 86400.0

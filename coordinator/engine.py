@@ -293,7 +293,21 @@ class Engine:
     def lease_until(self, grace_s: float = 0.0) -> int:
         """When a lease given now runs out, in nanoseconds of the monotonic clock (`lease_now`): a step
         of the wall clock (NTP, an admin's `date -s`) must not make every healthy agent lost at once."""
-        return self.lease_now() + int((self.config.lease_timeout_s + grace_s) * 1e9)
+        return self.lease_now() + int((self.config.lease_timeout_s + self.requeue_margin_s() + grace_s) * 1e9)
+
+    def requeue_margin_s(self) -> float:
+        """How long after an agent's own lease deadline its jobs may be requeued: with self-fencing, the
+        time it has to kill them (docs/lifecycle.md, "Self-fencing"); without, none."""
+        return self.config.fence_margin_s if self.config.self_fence != "off" else 0.0
+
+    def fence_policy(self) -> tuple[int, bool]:
+        """What the hello ack tells each agent: (self_fence_after_ms, strict); 0 ms: never fence. The agent
+        counts from its send of the last acknowledged renewal, we from the receipt of its last message:
+        it stops its jobs `fence_kill_s` before we may requeue them, and never before the lease itself."""
+        if self.config.self_fence == "off":
+            return 0, False
+        after = self.config.lease_timeout_s + max(0.0, self.config.fence_margin_s - self.config.fence_kill_s)
+        return int(after * 1000), self.config.self_fence == "strict"
 
     def _lease_deadline(self, grace_s: float = 0.0) -> float:
         """`lease_until` in seconds of the monotonic clock, as the in-memory leases keep it."""
@@ -1146,11 +1160,14 @@ class Engine:
             reply.assignments.append(self._assignment(a))
         reply.stops.extend(agent_pb2.StopJob(job_id=j) for j in stop)
         reply.stops.extend(agent_pb2.StopJob(job_id=j, abort=True) for j in stale)
+        fence_after_ms, strict = self.fence_policy()
         reply.hello_ack.CopyFrom(
             agent_pb2.HelloAck(
                 heartbeat_interval_ms=int(self.config.heartbeat_interval_s * 1000),
                 lease_timeout_ms=int(self.config.lease_timeout_s * 1000),
                 log_positions=[agent_pb2.LogAck(job_id=j, seq=s) for j, s in positions.items()],
+                self_fence_after_ms=fence_after_ms,
+                self_fence_strict=strict,
             )
         )
         self.watchers.notify_all()
@@ -1162,6 +1179,11 @@ class Engine:
         reply = agent_pb2.CoordinatorMessage()
         changed: set[str] = set()
         await self._renew_lease(agent_id, msg)
+        if msg.HasField("heartbeat") and msg.heartbeat.seq:
+            # The renewal is written (a write that fails raised above: no ack), so the agent may count its
+            # lease from when it sent this heartbeat. The stream checks that its session is still current
+            # before it sends the ack (agent_stream.py).
+            reply.lease_ack = msg.heartbeat.seq
         if msg.logs:
             self.metrics.log_lines.inc(sum(len(b.lines) for b in msg.logs))
             acks = await self.db(self._insert_logs, msg.logs)
@@ -1189,7 +1211,7 @@ class Engine:
                 if u.status in TERMINAL_JOB:
                     self._job_runs.pop(parse_wire_job_id(u.job_id)[0], None)
         self.watchers.notify(changed)
-        if reply.log_acks or reply.update_acks:
+        if reply.log_acks or reply.update_acks or reply.lease_ack:
             return reply
         return None
 

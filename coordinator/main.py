@@ -82,6 +82,29 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
     p.add_argument("--lease-timeout", type=float, default=15.0, help="seconds without heartbeat: agent lost")
     p.add_argument("--heartbeat-interval", type=float, default=3.0)
     p.add_argument(
+        "--self-fence",
+        choices=["on", "strict", "off"],
+        default="on",
+        help="agents cut off for --lease-timeout stop their jobs so no job runs twice at once: on (unless the"
+        " coordinator is down: its port refuses connections), strict (even then), off (never; a requeued"
+        " job may run beside its cut-off attempt)",
+    )
+    p.add_argument(
+        "--fence-margin",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="with --self-fence on/strict: a lost agent's jobs are requeued this long after its lease ran out",
+    )
+    p.add_argument(
+        "--fence-kill-time",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="with --self-fence on/strict: agents stop their jobs this long before the coordinator may requeue"
+        " them (the kill's time, and the drift between the clocks)",
+    )
+    p.add_argument(
         "--reconnect-grace",
         type=float,
         default=30.0,
@@ -237,6 +260,9 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         lease_timeout_s=a.lease_timeout,
         heartbeat_interval_s=a.heartbeat_interval,
         reconnect_grace_s=a.reconnect_grace,
+        self_fence=a.self_fence,
+        fence_margin_s=max(0.0, a.fence_margin),
+        fence_kill_s=max(0.0, a.fence_kill_time),
         forget_lost_agents_after_s=a.forget_lost_agents_after,
         fail_unsatisfiable=a.fail_unsatisfiable,
         local_mode=a.local_mode,

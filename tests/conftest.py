@@ -209,6 +209,14 @@ class Cluster:
     port: int
     lease_timeout: float = 3.0
     heartbeat: float = 0.5
+    # Self-fencing (docs/lifecycle.md), off unless a test turns it on (tests/integration/test_self_fence.py):
+    # with a 3 s lease an agent would stop its jobs whenever acks come 5 s late, which a log flood on this
+    # busy machine does (the coordinator handles a stream's messages in order, its heartbeats behind
+    # its log batches). On: a lost agent's jobs are requeued lease + margin after its last message, and
+    # the agent stops them `fence_kill` before (a SIGKILL of a process group takes milliseconds).
+    self_fence: str = "off"
+    fence_margin: float = 3.0
+    fence_kill: float = 1.0
     coordinator: Proc | None = None
     agents: list[Proc] = field(default_factory=list)
     admin_token: str = "test-admin-token"
@@ -263,6 +271,12 @@ class Cluster:
                 str(self.lease_timeout),
                 "--heartbeat-interval",
                 str(self.heartbeat),
+                "--self-fence",
+                self.self_fence,
+                "--fence-margin",
+                str(self.fence_margin),
+                "--fence-kill-time",
+                str(self.fence_kill),
                 *([] if self.tls else ["--insecure"]),
                 *extra,
             ],

@@ -73,7 +73,11 @@ class Session:
             reply = dropped
         else:
             reply.MergeFrom(dropped)
-        if (reply.log_acks or reply.update_acks) and self._conn is not None:
+        if reply.lease_ack and not self.core.engine.sessions.is_current(self.agent_id, self.epoch):
+            # Lost while its heartbeat was being written (the lease check ends the session as soon as its
+            # expiry returns, before this resumes): its jobs are requeued, no lease may be acknowledged.
+            reply.lease_ack = 0
+        if (reply.log_acks or reply.update_acks or reply.lease_ack) and self._conn is not None:
             self._conn.send(reply)
 
     async def _record_environments(self, msg: agent_pb2.AgentMessage) -> None:

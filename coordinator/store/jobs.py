@@ -636,6 +636,11 @@ class Jobs:
         elif t is lifecycle.AGENT_FAILED and u.termination_reason == TerminationReason.EXIT_CODE:
             cause, final, requeue = attempts.ERROR, lifecycle.AGENT_FAILED, lifecycle.REQUEUE_ERROR
             reason, message = TerminationReason.EXIT_CODE, u.message
+        elif t is lifecycle.AGENT_FAILED and u.termination_reason == TerminationReason.AGENT_LOST:
+            # The agent stopped it itself, its lease run out (agent/lease.py) before the coordinator lost it
+            # (it heard the agent, the agent did not hear back): requeued like a loss, where `retry` says so.
+            cause, final, requeue = attempts.AGENT_LOST, lifecycle.AGENT_FAILED, lifecycle.REQUEUE_AGENT_LOST
+            reason, message = TerminationReason.AGENT_LOST, u.message
         else:
             return None
         moved, again = attempts.end_attempt(

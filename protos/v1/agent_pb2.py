@@ -26,7 +26,7 @@ from dstack.protos.v1 import common_pb2 as dstack_dot_protos_dot_v1_dot_common__
 from dstack.protos.v1 import client_pb2 as dstack_dot_protos_dot_v1_dot_client__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64stack/protos/v1/agent.proto\x12\tdstack.v1\x1a\x1d\x64stack/protos/v1/common.proto\x1a\x1d\x64stack/protos/v1/client.proto\"\\\n\x0fRegisterRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\tinventory\x18\x03 \x01(\x0b\x32\x14.dstack.v1.Inventory\"9\n\x10RegisterResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61gent_token\x18\x02 \x01(\t\"\xc6\x02\n\tJobUpdate\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.dstack.v1.JobStatus\x12\x38\n\x12termination_reason\x18\x03 \x01(\x0e\x32\x1c.dstack.v1.TerminationReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x15\n\rhas_exit_code\x18\x06 \x01(\x08\x12\x0f\n\x07time_ns\x18\x07 \x01(\x03\x12\"\n\x05ports\x18\x14 \x03(\x0b\x32\x13.dstack.v1.PortSpec\x12.\n\x0b\x65nvironment\x18\x1e \x01(\x0b\x32\x19.dstack.v1.JobEnvironment\x12)\n\rprovided_jobs\x18( \x03(\x0b\x32\x12.dstack.v1.JobSpec\"=\n\x08LogBatch\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x05lines\x18\x02 \x03(\x0b\x32\x12.dstack.v1.LogLine\"Z\n\x05Hello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\'\n\tinventory\x18\x02 \x01(\x0b\x32\x14.dstack.v1.Inventory\x12\x16\n\x0e\x61\x63tive_job_ids\x18\x03 \x03(\t\"4\n\tHeartbeat\x12\'\n\tinventory\x18\x01 \x01(\x0b\x32\x14.dstack.v1.Inventory\"\xa2\x01\n\x0c\x41gentMessage\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x10.dstack.v1.Hello\x12\'\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.dstack.v1.Heartbeat\x12%\n\x07updates\x18\x03 \x03(\x0b\x32\x14.dstack.v1.JobUpdate\x12!\n\x04logs\x18\x04 \x03(\x0b\x32\x13.dstack.v1.LogBatch\"\xf8\x02\n\rJobAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08run_name\x18\x02 \x01(\t\x12 \n\x04spec\x18\x03 \x01(\x0b\x32\x12.dstack.v1.JobSpec\x12 \n\x04\x63ode\x18\x04 \x01(\x0b\x32\x12.dstack.v1.CodeRef\x12\x13\n\x0bgpu_indices\x18\x05 \x03(\r\x12.\n\x03\x65nv\x18\x06 \x03(\x0b\x32!.dstack.v1.JobAssignment.EnvEntry\x12(\n\x06inputs\x18\x07 \x03(\x0b\x32\x18.dstack.v1.ArtifactInput\x12\x36\n\x07secrets\x18\x08 \x03(\x0b\x32%.dstack.v1.JobAssignment.SecretsEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cSecretsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"p\n\rArtifactInput\x12\x10\n\x08run_name\x18\x01 \x01(\t\x12\x10\n\x08job_name\x18\x02 \x01(\t\x12&\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x17.dstack.v1.ArtifactFile\x12\x13\n\x0bmount_paths\x18\x04 \x03(\t\"(\n\x07StopJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x62ort\x18\x02 \x01(\x08\"A\n\tUpdateAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.dstack.v1.JobStatus\"%\n\x06LogAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"m\n\x08HelloAck\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\x12\x18\n\x10lease_timeout_ms\x18\x02 \x01(\r\x12(\n\rlog_positions\x18\x03 \x03(\x0b\x32\x11.dstack.v1.LogAck\"\x8b\x02\n\x12\x43oordinatorMessage\x12&\n\thello_ack\x18\x01 \x01(\x0b\x32\x13.dstack.v1.HelloAck\x12-\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x18.dstack.v1.JobAssignment\x12!\n\x05stops\x18\x03 \x03(\x0b\x32\x12.dstack.v1.StopJob\x12)\n\x0bupdate_acks\x18\x04 \x03(\x0b\x32\x14.dstack.v1.UpdateAck\x12#\n\x08log_acks\x18\x05 \x03(\x0b\x32\x11.dstack.v1.LogAck\x12+\n\x0copen_tunnels\x18\x0c \x03(\x0b\x32\x15.dstack.v1.OpenTunnel\"=\n\nOpenTunnel\x12\x11\n\ttunnel_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\"\x1e\n\x0eGetCodeRequest\x12\x0c\n\x04hash\x18\x01 \x01(\t\"Q\n\x15UploadArtifactRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"6\n\x16UploadArtifactResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\x7f\n\x16\x43ommitArtifactsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x17.dstack.v1.ArtifactFile\x12-\n\tcompleted\x18\x03 \x03(\x0b\x32\x1a.dstack.v1.CompletedUpload\" \n\x11GrantCodeResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\"I\n\x13GrantUploadsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x13.dstack.v1.FileSize\"N\n\x14GrantUploadsResponse\x12\x0e\n\x06stream\x18\x01 \x01(\x08\x12&\n\x06grants\x18\x02 \x03(\x0b\x32\x16.dstack.v1.UploadGrant\"J\n\x15GrantDownloadsRequest\x12\x31\n\x05\x66iles\x18\x01 \x03(\x0b\x32\".dstack.v1.DownloadArtifactRequest\"6\n\x16GrantDownloadsResponse\x12\x0e\n\x06stream\x18\x01 \x01(\x08\x12\x0c\n\x04urls\x18\x02 \x03(\t\"\x19\n\x17\x43ommitArtifactsResponse2\x87\x06\n\x0c\x41gentService\x12\x43\n\x08Register\x12\x1a.dstack.v1.RegisterRequest\x1a\x1b.dstack.v1.RegisterResponse\x12\x45\n\x07\x43onnect\x12\x17.dstack.v1.AgentMessage\x1a\x1d.dstack.v1.CoordinatorMessage(\x01\x30\x01\x12<\n\x07GetCode\x12\x19.dstack.v1.GetCodeRequest\x1a\x14.dstack.v1.DataChunk0\x01\x12W\n\x0eUploadArtifact\x12 .dstack.v1.UploadArtifactRequest\x1a!.dstack.v1.UploadArtifactResponse(\x01\x12X\n\x0f\x43ommitArtifacts\x12!.dstack.v1.CommitArtifactsRequest\x1a\".dstack.v1.CommitArtifactsResponse\x12N\n\x10\x44ownloadArtifact\x12\".dstack.v1.DownloadArtifactRequest\x1a\x14.dstack.v1.DataChunk0\x01\x12\x44\n\tGrantCode\x12\x19.dstack.v1.GetCodeRequest\x1a\x1c.dstack.v1.GrantCodeResponse\x12O\n\x0cGrantUploads\x12\x1e.dstack.v1.GrantUploadsRequest\x1a\x1f.dstack.v1.GrantUploadsResponse\x12U\n\x0eGrantDownloads\x12 .dstack.v1.GrantDownloadsRequest\x1a!.dstack.v1.GrantDownloadsResponse\x12<\n\x06Tunnel\x12\x16.dstack.v1.TunnelFrame\x1a\x16.dstack.v1.TunnelFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64stack/protos/v1/agent.proto\x12\tdstack.v1\x1a\x1d\x64stack/protos/v1/common.proto\x1a\x1d\x64stack/protos/v1/client.proto\"\\\n\x0fRegisterRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\tinventory\x18\x03 \x01(\x0b\x32\x14.dstack.v1.Inventory\"9\n\x10RegisterResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61gent_token\x18\x02 \x01(\t\"\xc6\x02\n\tJobUpdate\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.dstack.v1.JobStatus\x12\x38\n\x12termination_reason\x18\x03 \x01(\x0e\x32\x1c.dstack.v1.TerminationReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x15\n\rhas_exit_code\x18\x06 \x01(\x08\x12\x0f\n\x07time_ns\x18\x07 \x01(\x03\x12\"\n\x05ports\x18\x14 \x03(\x0b\x32\x13.dstack.v1.PortSpec\x12.\n\x0b\x65nvironment\x18\x1e \x01(\x0b\x32\x19.dstack.v1.JobEnvironment\x12)\n\rprovided_jobs\x18( \x03(\x0b\x32\x12.dstack.v1.JobSpec\"=\n\x08LogBatch\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x05lines\x18\x02 \x03(\x0b\x32\x12.dstack.v1.LogLine\"Z\n\x05Hello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\'\n\tinventory\x18\x02 \x01(\x0b\x32\x14.dstack.v1.Inventory\x12\x16\n\x0e\x61\x63tive_job_ids\x18\x03 \x03(\t\"A\n\tHeartbeat\x12\'\n\tinventory\x18\x01 \x01(\x0b\x32\x14.dstack.v1.Inventory\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\xa2\x01\n\x0c\x41gentMessage\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x10.dstack.v1.Hello\x12\'\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.dstack.v1.Heartbeat\x12%\n\x07updates\x18\x03 \x03(\x0b\x32\x14.dstack.v1.JobUpdate\x12!\n\x04logs\x18\x04 \x03(\x0b\x32\x13.dstack.v1.LogBatch\"\xf8\x02\n\rJobAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08run_name\x18\x02 \x01(\t\x12 \n\x04spec\x18\x03 \x01(\x0b\x32\x12.dstack.v1.JobSpec\x12 \n\x04\x63ode\x18\x04 \x01(\x0b\x32\x12.dstack.v1.CodeRef\x12\x13\n\x0bgpu_indices\x18\x05 \x03(\r\x12.\n\x03\x65nv\x18\x06 \x03(\x0b\x32!.dstack.v1.JobAssignment.EnvEntry\x12(\n\x06inputs\x18\x07 \x03(\x0b\x32\x18.dstack.v1.ArtifactInput\x12\x36\n\x07secrets\x18\x08 \x03(\x0b\x32%.dstack.v1.JobAssignment.SecretsEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cSecretsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"p\n\rArtifactInput\x12\x10\n\x08run_name\x18\x01 \x01(\t\x12\x10\n\x08job_name\x18\x02 \x01(\t\x12&\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x17.dstack.v1.ArtifactFile\x12\x13\n\x0bmount_paths\x18\x04 \x03(\t\"(\n\x07StopJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x62ort\x18\x02 \x01(\x08\"A\n\tUpdateAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.dstack.v1.JobStatus\"%\n\x06LogAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\xa5\x01\n\x08HelloAck\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\x12\x18\n\x10lease_timeout_ms\x18\x02 \x01(\r\x12(\n\rlog_positions\x18\x03 \x03(\x0b\x32\x11.dstack.v1.LogAck\x12\x1b\n\x13self_fence_after_ms\x18\x04 \x01(\r\x12\x19\n\x11self_fence_strict\x18\x05 \x01(\x08\"\x9e\x02\n\x12\x43oordinatorMessage\x12&\n\thello_ack\x18\x01 \x01(\x0b\x32\x13.dstack.v1.HelloAck\x12-\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x18.dstack.v1.JobAssignment\x12!\n\x05stops\x18\x03 \x03(\x0b\x32\x12.dstack.v1.StopJob\x12)\n\x0bupdate_acks\x18\x04 \x03(\x0b\x32\x14.dstack.v1.UpdateAck\x12#\n\x08log_acks\x18\x05 \x03(\x0b\x32\x11.dstack.v1.LogAck\x12+\n\x0copen_tunnels\x18\x0c \x03(\x0b\x32\x15.dstack.v1.OpenTunnel\x12\x11\n\tlease_ack\x18\r \x01(\x04\"=\n\nOpenTunnel\x12\x11\n\ttunnel_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\"\x1e\n\x0eGetCodeRequest\x12\x0c\n\x04hash\x18\x01 \x01(\t\"Q\n\x15UploadArtifactRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"6\n\x16UploadArtifactResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\x7f\n\x16\x43ommitArtifactsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x17.dstack.v1.ArtifactFile\x12-\n\tcompleted\x18\x03 \x03(\x0b\x32\x1a.dstack.v1.CompletedUpload\" \n\x11GrantCodeResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\"I\n\x13GrantUploadsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x13.dstack.v1.FileSize\"N\n\x14GrantUploadsResponse\x12\x0e\n\x06stream\x18\x01 \x01(\x08\x12&\n\x06grants\x18\x02 \x03(\x0b\x32\x16.dstack.v1.UploadGrant\"J\n\x15GrantDownloadsRequest\x12\x31\n\x05\x66iles\x18\x01 \x03(\x0b\x32\".dstack.v1.DownloadArtifactRequest\"6\n\x16GrantDownloadsResponse\x12\x0e\n\x06stream\x18\x01 \x01(\x08\x12\x0c\n\x04urls\x18\x02 \x03(\t\"\x19\n\x17\x43ommitArtifactsResponse2\x87\x06\n\x0c\x41gentService\x12\x43\n\x08Register\x12\x1a.dstack.v1.RegisterRequest\x1a\x1b.dstack.v1.RegisterResponse\x12\x45\n\x07\x43onnect\x12\x17.dstack.v1.AgentMessage\x1a\x1d.dstack.v1.CoordinatorMessage(\x01\x30\x01\x12<\n\x07GetCode\x12\x19.dstack.v1.GetCodeRequest\x1a\x14.dstack.v1.DataChunk0\x01\x12W\n\x0eUploadArtifact\x12 .dstack.v1.UploadArtifactRequest\x1a!.dstack.v1.UploadArtifactResponse(\x01\x12X\n\x0f\x43ommitArtifacts\x12!.dstack.v1.CommitArtifactsRequest\x1a\".dstack.v1.CommitArtifactsResponse\x12N\n\x10\x44ownloadArtifact\x12\".dstack.v1.DownloadArtifactRequest\x1a\x14.dstack.v1.DataChunk0\x01\x12\x44\n\tGrantCode\x12\x19.dstack.v1.GetCodeRequest\x1a\x1c.dstack.v1.GrantCodeResponse\x12O\n\x0cGrantUploads\x12\x1e.dstack.v1.GrantUploadsRequest\x1a\x1f.dstack.v1.GrantUploadsResponse\x12U\n\x0eGrantDownloads\x12 .dstack.v1.GrantDownloadsRequest\x1a!.dstack.v1.GrantDownloadsResponse\x12<\n\x06Tunnel\x12\x16.dstack.v1.TunnelFrame\x1a\x16.dstack.v1.TunnelFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,49 +48,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO']._serialized_start=650
   _globals['_HELLO']._serialized_end=740
   _globals['_HEARTBEAT']._serialized_start=742
-  _globals['_HEARTBEAT']._serialized_end=794
-  _globals['_AGENTMESSAGE']._serialized_start=797
-  _globals['_AGENTMESSAGE']._serialized_end=959
-  _globals['_JOBASSIGNMENT']._serialized_start=962
-  _globals['_JOBASSIGNMENT']._serialized_end=1338
-  _globals['_JOBASSIGNMENT_ENVENTRY']._serialized_start=1248
-  _globals['_JOBASSIGNMENT_ENVENTRY']._serialized_end=1290
-  _globals['_JOBASSIGNMENT_SECRETSENTRY']._serialized_start=1292
-  _globals['_JOBASSIGNMENT_SECRETSENTRY']._serialized_end=1338
-  _globals['_ARTIFACTINPUT']._serialized_start=1340
-  _globals['_ARTIFACTINPUT']._serialized_end=1452
-  _globals['_STOPJOB']._serialized_start=1454
-  _globals['_STOPJOB']._serialized_end=1494
-  _globals['_UPDATEACK']._serialized_start=1496
-  _globals['_UPDATEACK']._serialized_end=1561
-  _globals['_LOGACK']._serialized_start=1563
-  _globals['_LOGACK']._serialized_end=1600
-  _globals['_HELLOACK']._serialized_start=1602
-  _globals['_HELLOACK']._serialized_end=1711
-  _globals['_COORDINATORMESSAGE']._serialized_start=1714
-  _globals['_COORDINATORMESSAGE']._serialized_end=1981
-  _globals['_OPENTUNNEL']._serialized_start=1983
-  _globals['_OPENTUNNEL']._serialized_end=2044
-  _globals['_GETCODEREQUEST']._serialized_start=2046
-  _globals['_GETCODEREQUEST']._serialized_end=2076
-  _globals['_UPLOADARTIFACTREQUEST']._serialized_start=2078
-  _globals['_UPLOADARTIFACTREQUEST']._serialized_end=2159
-  _globals['_UPLOADARTIFACTRESPONSE']._serialized_start=2161
-  _globals['_UPLOADARTIFACTRESPONSE']._serialized_end=2215
-  _globals['_COMMITARTIFACTSREQUEST']._serialized_start=2217
-  _globals['_COMMITARTIFACTSREQUEST']._serialized_end=2344
-  _globals['_GRANTCODERESPONSE']._serialized_start=2346
-  _globals['_GRANTCODERESPONSE']._serialized_end=2378
-  _globals['_GRANTUPLOADSREQUEST']._serialized_start=2380
-  _globals['_GRANTUPLOADSREQUEST']._serialized_end=2453
-  _globals['_GRANTUPLOADSRESPONSE']._serialized_start=2455
-  _globals['_GRANTUPLOADSRESPONSE']._serialized_end=2533
-  _globals['_GRANTDOWNLOADSREQUEST']._serialized_start=2535
-  _globals['_GRANTDOWNLOADSREQUEST']._serialized_end=2609
-  _globals['_GRANTDOWNLOADSRESPONSE']._serialized_start=2611
-  _globals['_GRANTDOWNLOADSRESPONSE']._serialized_end=2665
-  _globals['_COMMITARTIFACTSRESPONSE']._serialized_start=2667
-  _globals['_COMMITARTIFACTSRESPONSE']._serialized_end=2692
-  _globals['_AGENTSERVICE']._serialized_start=2695
-  _globals['_AGENTSERVICE']._serialized_end=3470
+  _globals['_HEARTBEAT']._serialized_end=807
+  _globals['_AGENTMESSAGE']._serialized_start=810
+  _globals['_AGENTMESSAGE']._serialized_end=972
+  _globals['_JOBASSIGNMENT']._serialized_start=975
+  _globals['_JOBASSIGNMENT']._serialized_end=1351
+  _globals['_JOBASSIGNMENT_ENVENTRY']._serialized_start=1261
+  _globals['_JOBASSIGNMENT_ENVENTRY']._serialized_end=1303
+  _globals['_JOBASSIGNMENT_SECRETSENTRY']._serialized_start=1305
+  _globals['_JOBASSIGNMENT_SECRETSENTRY']._serialized_end=1351
+  _globals['_ARTIFACTINPUT']._serialized_start=1353
+  _globals['_ARTIFACTINPUT']._serialized_end=1465
+  _globals['_STOPJOB']._serialized_start=1467
+  _globals['_STOPJOB']._serialized_end=1507
+  _globals['_UPDATEACK']._serialized_start=1509
+  _globals['_UPDATEACK']._serialized_end=1574
+  _globals['_LOGACK']._serialized_start=1576
+  _globals['_LOGACK']._serialized_end=1613
+  _globals['_HELLOACK']._serialized_start=1616
+  _globals['_HELLOACK']._serialized_end=1781
+  _globals['_COORDINATORMESSAGE']._serialized_start=1784
+  _globals['_COORDINATORMESSAGE']._serialized_end=2070
+  _globals['_OPENTUNNEL']._serialized_start=2072
+  _globals['_OPENTUNNEL']._serialized_end=2133
+  _globals['_GETCODEREQUEST']._serialized_start=2135
+  _globals['_GETCODEREQUEST']._serialized_end=2165
+  _globals['_UPLOADARTIFACTREQUEST']._serialized_start=2167
+  _globals['_UPLOADARTIFACTREQUEST']._serialized_end=2248
+  _globals['_UPLOADARTIFACTRESPONSE']._serialized_start=2250
+  _globals['_UPLOADARTIFACTRESPONSE']._serialized_end=2304
+  _globals['_COMMITARTIFACTSREQUEST']._serialized_start=2306
+  _globals['_COMMITARTIFACTSREQUEST']._serialized_end=2433
+  _globals['_GRANTCODERESPONSE']._serialized_start=2435
+  _globals['_GRANTCODERESPONSE']._serialized_end=2467
+  _globals['_GRANTUPLOADSREQUEST']._serialized_start=2469
+  _globals['_GRANTUPLOADSREQUEST']._serialized_end=2542
+  _globals['_GRANTUPLOADSRESPONSE']._serialized_start=2544
+  _globals['_GRANTUPLOADSRESPONSE']._serialized_end=2622
+  _globals['_GRANTDOWNLOADSREQUEST']._serialized_start=2624
+  _globals['_GRANTDOWNLOADSREQUEST']._serialized_end=2698
+  _globals['_GRANTDOWNLOADSRESPONSE']._serialized_start=2700
+  _globals['_GRANTDOWNLOADSRESPONSE']._serialized_end=2754
+  _globals['_COMMITARTIFACTSRESPONSE']._serialized_start=2756
+  _globals['_COMMITARTIFACTSRESPONSE']._serialized_end=2781
+  _globals['_AGENTSERVICE']._serialized_start=2784
+  _globals['_AGENTSERVICE']._serialized_end=3559
 # @@protoc_insertion_point(module_scope)

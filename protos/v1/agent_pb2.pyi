@@ -192,16 +192,23 @@ class Heartbeat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INVENTORY_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """Numbers the heartbeats of one stream (1, 2, ...): the coordinator's `lease_ack` names the latest whose
+    renewal is in force, and the agent counts its lease from when it sent that one (docs/lifecycle.md,
+    "Self-fencing"). 0: an agent that does not count its lease.
+    """
     @_builtins.property
     def inventory(self) -> _common_pb2.Inventory: ...
     def __init__(
         self,
         *,
         inventory: _common_pb2.Inventory | None = ...,
+        seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -444,8 +451,19 @@ class HelloAck(_message.Message):
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     LEASE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     LOG_POSITIONS_FIELD_NUMBER: _builtins.int
+    SELF_FENCE_AFTER_MS_FIELD_NUMBER: _builtins.int
+    SELF_FENCE_STRICT_FIELD_NUMBER: _builtins.int
     heartbeat_interval_ms: _builtins.int
     lease_timeout_ms: _builtins.int
+    self_fence_after_ms: _builtins.int
+    """The pool's self-fencing policy (docs/lifecycle.md, "Self-fencing"): an agent whose last acknowledged
+    renewal (this hello, or a heartbeat named by `lease_ack`) was sent this long ago stops its jobs itself;
+    the coordinator requeues them only later. 0: never (`--self-fence off`, or an older coordinator).
+    """
+    self_fence_strict: _builtins.bool
+    """Stop the jobs even when the coordinator's port refuses connections (false: a refusal shows the
+    coordinator is down, and then nobody requeues them, so they keep running).
+    """
     @_builtins.property
     def log_positions(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogAck]:
         """For each active job, the last log line the coordinator has; the agent resends after it."""
@@ -456,10 +474,12 @@ class HelloAck(_message.Message):
         heartbeat_interval_ms: _builtins.int = ...,
         lease_timeout_ms: _builtins.int = ...,
         log_positions: _abc.Iterable[Global___LogAck] | None = ...,
+        self_fence_after_ms: _builtins.int = ...,
+        self_fence_strict: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "lease_timeout_ms", b"lease_timeout_ms", "log_positions", b"log_positions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "lease_timeout_ms", b"lease_timeout_ms", "log_positions", b"log_positions", "self_fence_after_ms", b"self_fence_after_ms", "self_fence_strict", b"self_fence_strict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -475,6 +495,9 @@ class CoordinatorMessage(_message.Message):
     UPDATE_ACKS_FIELD_NUMBER: _builtins.int
     LOG_ACKS_FIELD_NUMBER: _builtins.int
     OPEN_TUNNELS_FIELD_NUMBER: _builtins.int
+    LEASE_ACK_FIELD_NUMBER: _builtins.int
+    lease_ack: _builtins.int
+    """The seq of the agent's latest heartbeat whose lease renewal is in force (0: none in this message)."""
     @_builtins.property
     def hello_ack(self) -> Global___HelloAck: ...
     @_builtins.property
@@ -496,10 +519,11 @@ class CoordinatorMessage(_message.Message):
         update_acks: _abc.Iterable[Global___UpdateAck] | None = ...,
         log_acks: _abc.Iterable[Global___LogAck] | None = ...,
         open_tunnels: _abc.Iterable[Global___OpenTunnel] | None = ...,
+        lease_ack: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hello_ack", b"hello_ack"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "hello_ack", b"hello_ack", "log_acks", b"log_acks", "open_tunnels", b"open_tunnels", "stops", b"stops", "update_acks", b"update_acks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "hello_ack", b"hello_ack", "lease_ack", b"lease_ack", "log_acks", b"log_acks", "open_tunnels", b"open_tunnels", "stops", b"stops", "update_acks", b"update_acks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -142,6 +142,9 @@ class ConfigOverrides(TypedDict, total=False):
     preempt_after_s: float
     preempt_min_run_s: float
     preempt_margin: float
+    self_fence: str
+    fence_margin_s: float
+    fence_kill_s: float
 
 
 @contextlib.asynccontextmanager
@@ -160,6 +163,9 @@ async def coordinator(tmp: Path, **overrides: Unpack[ConfigOverrides]) -> AsyncI
         # Plaintext, said so: this tier drives the server's logic in one process (tests/integration/test_tls.py
         # covers TLS with real processes).
         insecure=True,
+        # Simulated agents never fence themselves: a lost agent's jobs are requeued when its lease runs out,
+        # as the lease tests expect. Tests of self-fencing's requeue delay set it (test_self_fence.py).
+        fence_margin_s=0.0,
     )
     cfg = dataclasses.replace(base, **overrides)
     running = await start(cfg, clock)
@@ -414,12 +420,13 @@ class GatedRuntime(Runtime):
 
 @contextlib.asynccontextmanager
 async def real_agent(
-    h: Harness, name: str = "agent-1", runtime: Runtime | None = None, simulate_gpus: str = ""
+    h: Harness, name: str = "agent-1", runtime: Runtime | None = None, simulate_gpus: str = "", via: str = ""
 ) -> AsyncIterator[Agent]:
     """The agent of agent/connection.py in this event loop: the null runtime unless `runtime` is given
-    (`simulate_gpus`: as `dstack agent --simulate-gpus`, e.g. "1xA100-80GB")."""
+    (`simulate_gpus`: as `dstack agent --simulate-gpus`, e.g. "1xA100-80GB"; `via`: the address it dials
+    instead of the coordinator's, e.g. a proxy that cuts it off)."""
     config = AgentConfig(
-        coordinator=h.address,
+        coordinator=via or h.address,
         home=h.tmp / name,
         join_token=JOIN,
         name=name,

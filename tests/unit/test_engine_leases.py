@@ -18,9 +18,10 @@ from tests.inproc.clock import ManualClock
 
 LEASE_S = 3.0
 GRACE_S = 30.0
+MARGIN_S = 2.0  # self-fencing's requeue delay past the lease (the agents' own deadline)
 
 
-def test_a_start_gives_online_agents_a_lease_plus_the_reconnect_grace(tmp_path: Path) -> None:
+def test_a_start_gives_online_agents_a_lease_plus_the_fence_margin_plus_the_reconnect_grace(tmp_path: Path) -> None:
     config = CoordinatorConfig(
         state_dir=tmp_path,
         listen="unix:///unused",
@@ -29,6 +30,7 @@ def test_a_start_gives_online_agents_a_lease_plus_the_reconnect_grace(tmp_path: 
         join_token="join",
         lease_timeout_s=LEASE_S,
         reconnect_grace_s=GRACE_S,
+        fence_margin_s=MARGIN_S,
     )
 
     async def restart_and_watch_the_lease() -> None:
@@ -47,9 +49,9 @@ def test_a_start_gives_online_agents_a_lease_plus_the_reconnect_grace(tmp_path: 
         try:
             # On the monotonic clock: a step of the wall clock must not end leases.
             started = int(clock.monotonic() * 1e9)
-            assert await agent() == ("online", started + int((LEASE_S + GRACE_S) * 1e9))
+            assert await agent() == ("online", started + int((LEASE_S + MARGIN_S + GRACE_S) * 1e9))
             # When one lease period alone would have run out, the lease loop has not declared it lost...
-            await clock.advance(LEASE_S + 1)
+            await clock.advance(LEASE_S + MARGIN_S + 1)
             assert (await agent())[0] == "online"
             # ...and once the grace is over too, it has.
             await clock.advance(GRACE_S)
