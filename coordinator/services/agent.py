@@ -33,8 +33,8 @@ INBOX_MESSAGES = 16  # an agent's messages read but not handled yet, at most
 
 
 def _beat_only(msg: agent_pb2.AgentMessage) -> bool:
-    """A heartbeat with nothing to store: no inventory, no lines, no updates, nothing else."""
-    return [f.name for f, _ in msg.ListFields()] == ["heartbeat"] and not msg.heartbeat.ListFields()
+    """A heartbeat with nothing to store: no inventory, no lines, no updates (its seq is acknowledged)."""
+    return [f.name for f, _ in msg.ListFields()] == ["heartbeat"] and not msg.heartbeat.HasField("inventory")
 
 
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
@@ -66,7 +66,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             try:
                 async for msg in request_iterator:
                     if session.heard() and _beat_only(msg):
-                        continue  # nothing in it but proof of life, taken
+                        session.ack_beat(msg.heartbeat.seq)  # renewed in memory: in force at once
+                        continue  # nothing else in it
                     await inbox.put(msg)
             except (asyncio.CancelledError, grpc.aio.AioRpcError):
                 pass
