@@ -310,14 +310,16 @@ class Engine:
         return int(after * 1000), self.config.self_fence == "strict"
 
     def _lease_deadline(self, grace_s: float = 0.0) -> float:
-        """`lease_until` in seconds of the monotonic clock, as the in-memory leases keep it."""
-        return self.clock.monotonic() + self.config.lease_timeout_s + grace_s
+        """`lease_until` in seconds of the monotonic clock, as the in-memory leases keep it (the requeue
+        margin included: a self-fencing agent stops its jobs before we may requeue them)."""
+        return self.clock.monotonic() + self.config.lease_timeout_s + self.requeue_margin_s() + grace_s
 
     def heard(self, agent_id: str) -> None:
         """A message from the agent was read off its stream (its current session's): proof of life, on the
         event loop, before the message waits for anything (coordinator/leases.py)."""
         now = self.clock.monotonic()
-        self.leases.renew(agent_id, now, now + self.config.lease_timeout_s, self.store.clock())
+        until = now + self.config.lease_timeout_s + self.requeue_margin_s()
+        self.leases.renew(agent_id, now, until, self.store.clock())
 
     def agent_online(self, agent_id: str) -> None:
         """The agent is online (its hello, or an admin's approval while it is connected): it holds a lease."""
