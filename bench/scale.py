@@ -17,10 +17,12 @@ Usage: python -m bench.scale [AGENTS] [QUEUED] [RUNS] [--procs N] [--no-baseline
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import ssl
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -49,6 +51,10 @@ class Figures:
     max_rss: float = 0.0  # bytes
     ps_ms: list[float] = field(default_factory=list)  # ListRuns first page, 100k queued
     ps_finished_ms: list[float] = field(default_factory=list)  # the same once they finished
+    ps100_ms: list[float] = field(default_factory=list)  # ListRuns first page of 100 (the CLI's), queue full
+    cli_ps_ms: list[float] = field(default_factory=list)  # the real `dstack ps` process, queue full
+    cli_floor_ms: list[float] = field(default_factory=list)  # `python -c "import grpc, typer"`, in turn with it
+    max_silence_s: float = 0.0  # the coordinator's longest gap between two messages of an agent holding a lease
     drain_rate: float = 0.0  # jobs/s from the deep queue to DONE
     single_rate: float = 0.0  # single-job runs/s, one SubmitRun each, submit -> DONE
     batch_rate: float = 0.0  # single-job runs/s, SUBMIT_BATCH per SubmitRuns call
@@ -139,21 +145,55 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.2)
 
 
-def time_ps(svc: Services, n: int) -> list[float]:
+def time_ps(svc: Services, n: int, limit: int = 0) -> list[float]:
+    """ListRuns' first page: the default 1,000 runs, or `limit` (the CLI's `dstack ps` asks for 100)."""
     stub = svc.client_stub()
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        stub.ListRuns(client_pb2.ListRunsRequest(), metadata=meta(), timeout=120)
+        stub.ListRuns(client_pb2.ListRunsRequest(limit=limit), metadata=meta(), timeout=120)
         out.append((time.perf_counter() - t0) * 1e3)
     return out
 
 
+def time_cli_ps(svc: Services, n: int) -> tuple[list[float], list[float]]:
+    """The real `dstack ps` as a user runs it (a fresh process: imports, TLS, the calls, the table), taking
+    turns with the floor of importing grpc and typer (bench/cli_latency.py), so that the machine's load
+    weighs on both alike."""
+    env = {**os.environ, **svc.cli_env(), "COLUMNS": "200"}
+    # Bytecode cached as an installed dstack has it (bench/cli_latency.py): else every call compiles the CLI.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(svc.tmp / "pycache")
+    cmds = {"ps": [sys.executable, "-m", "dstack.cli", "ps"], "floor": [sys.executable, "-c", "import grpc, typer"]}
+    out: dict[str, list[float]] = {"ps": [], "floor": []}
+
+    def run(cmd: list[str]) -> None:
+        r = subprocess.run(cmd, env=env, cwd=svc.tmp, capture_output=True, text=True, timeout=180)
+        if r.returncode != 0:  # said, with the CLI's own message, and timed all the same
+            print(f"  {' '.join(cmd[-2:])} exited {r.returncode}: {r.stderr.strip()[-300:]}", flush=True)
+
+    run(cmds["ps"])  # warm-up
+    for _ in range(n):
+        for name, cmd in cmds.items():
+            t0 = time.perf_counter()
+            run(cmd)
+            out[name].append((time.perf_counter() - t0) * 1e3)
+    return out["ps"], out["floor"]
+
+
 def scenario(
-    agents: int, queued: int, runs: int, procs: int, submitters: int = 2, steady_s: float = 35.0, say: bool = True
+    agents: int,
+    queued: int,
+    runs: int,
+    procs: int,
+    submitters: int = 2,
+    steady_s: float = 35.0,
+    say: bool = True,
+    cli_ps: int = 10,
 ) -> Figures:
     """The phases of the module's docstring at one size; `steady_s`: how long the full queue is held (over
-    two lease timeouts, so a starved heartbeat would show as a lost agent)."""
+    two lease timeouts, so a starved heartbeat would show as a lost agent); `cli_ps`: how many times the
+    real `dstack ps` process is timed (each in turn with the import floor)."""
     f = Figures(agents, queued, runs)
 
     def log(msg: str) -> None:
@@ -198,11 +238,28 @@ def scenario(
         # Full queue: `dstack ps`'s call, and the pool held across two lease timeouts' worth of passes.
         fleet.reset_gap()
         f.ps_ms = time_ps(svc, 20)
+        f.ps100_ms = time_ps(svc, 20, 100)
+        log(
+            f"ListRuns first page with the queue full: 1,000 runs median {statistics.median(f.ps_ms):.0f} ms,"
+            f" 100 runs (what `dstack ps` asks) median {statistics.median(f.ps100_ms):.0f} ms"
+        )
+        f.cli_ps_ms, f.cli_floor_ms = time_cli_ps(svc, cli_ps)
         steady_until = time.monotonic() + steady_s
         while time.monotonic() < steady_until:
             stats()
             time.sleep(1)
         log(f"ListRuns first page with the queue full: median {statistics.median(f.ps_ms):.0f} ms")
+        lost = scrape.counter("dstack_agents_lost")
+        m = re.search(r"^dstack_agent_longest_silence_seconds ([0-9.e+-]+)$", scrape.read(), re.M)
+        log(
+            f"with the queue full: {lost:.0f} agents lost; longest silence {m.group(1) if m else '?'} s (coordinator),"
+            f" {last[0].max_heartbeat_gap_s:.1f} s (load generator); coordinator RSS so far"
+            f" {(sampler.max if sampler else 0) / (1 << 20):.0f} MiB"
+        )
+        log(
+            f"`dstack ps` (CLI process) with the queue full: median {statistics.median(f.cli_ps_ms):.0f} ms"
+            f" (floor: import grpc, typer {statistics.median(f.cli_floor_ms):.0f} ms)"
+        )
 
         # Drain the deep queue: every held job ends, every later assignment ends at once.
         t_rel = time.time()
@@ -235,6 +292,8 @@ def scenario(
         f.full_p50_s = bucket_quantile(full_buckets, 0.5)[0]
         f.full_p99_s, _, f.full_passes = bucket_quantile(full_buckets, 0.99)
         f.lost = int(scrape.counter("dstack_agents_lost"))
+        m = re.search(r"^dstack_agent_longest_silence_seconds ([0-9.e+-]+)$", scrape.read(), re.M)
+        f.max_silence_s = float(m.group(1)) if m else float("nan")
         m = re.search(r'^dstack_jobs\{status="failed"\} ([0-9.e+]+)$', scrape.read(), re.M)
         f.failed = int(float(m.group(1))) if m else 0
         listed = svc.client_stub().ListAgents(client_pb2.ListAgentsRequest(), metadata=meta(), timeout=60).agents
@@ -304,6 +363,24 @@ def table(base: Figures | None, full: Figures) -> str:
             "<= 300 ms",
             pct(full.ps_finished_ms, 99) <= 300,
         ),
+        row(
+            "ListRuns first page of 100 (what the CLI asks), queue full",
+            *both(lambda f: ms(f.ps100_ms) if f.ps100_ms else "-"),
+            "<= 300 ms",
+            bool(full.ps100_ms) and pct(full.ps100_ms, 99) <= 300,
+        ),
+        row(
+            "`dstack ps` CLI process (end to end), queue full",
+            *both(lambda f: ms(f.cli_ps_ms) if f.cli_ps_ms else "-"),
+            "<= 300 ms",
+            bool(full.cli_ps_ms) and statistics.median(full.cli_ps_ms) <= 300,
+        ),
+        row(
+            "floor: `python -c 'import grpc, typer'`, in turn with it",
+            *both(lambda f: ms(f.cli_floor_ms) if f.cli_floor_ms else "-"),
+            "",
+            None,
+        ),
         row("fill: runs/s submitted (SubmitRuns)", *both(lambda f: f"{f.fill_rate:,.0f}"), "", None),
         row("deep queue drained, jobs/s", *both(lambda f: f"{f.drain_rate:,.0f}"), ">= 2,000", full.drain_rate >= 2000),
         row("single-job runs/s, one SubmitRun each", *both(lambda f: f"{f.single_rate:,.0f}"), "", None),
@@ -314,6 +391,12 @@ def table(base: Figures | None, full: Figures) -> str:
             full.batch_rate >= 2000,
         ),
         row("load generator's longest heartbeat gap", *both(lambda f: f"{f.max_heartbeat_gap_s:.1f} s"), "", None),
+        row(
+            "coordinator: longest silence of an agent (between two messages read)",
+            *both(lambda f: f"{f.max_silence_s:.1f} s"),
+            "< lease",
+            None,
+        ),
     ]
     return "\n".join(lines)
 

@@ -27,6 +27,9 @@ from dstack.tls import TlsSetupError, Transport, handshake_failure, read_ca_file
 
 T = TypeVar("T")
 CHUNK = 1 << 20
+# The page token of the listing's finished part (its latest finished runs; coordinator/store/runs.py
+# listing_page): a token the coordinator hands out itself once the unfinished runs are all sent.
+FINISHED_PAGE = "finished::"
 SUBMIT_RUNS_MAX = 1000  # runs per SubmitRuns call (the coordinator refuses more: coordinator/app/runs.py)
 
 
@@ -209,6 +212,29 @@ class Client:
             token = resp.next_page_token
         # Stable: runs submitted in the same nanosecond keep the coordinator's order.
         return sorted(runs, key=lambda r: -r.submitted_at_ns)
+
+    def list_runs_head(self, include_all: bool, limit: int) -> tuple[list[client_pb2.Run], bool]:
+        """What `dstack ps` shows at once: the first `limit` runs of the listing (unfinished ones newest
+        first, then the latest finished; with `include_all`, every run newest first), and whether more
+        were left out. When unfinished runs alone fill the page (a deep queue), the latest finished ones
+        are added from the listing's finished part, so a run that just ended is still seen: two calls,
+        not the hundred pages of 100,000 queued runs."""
+        runs: list[client_pb2.Run] = []
+        token = ""
+        while len(runs) < limit:
+            req = client_pb2.ListRunsRequest(all=include_all, limit=min(limit - len(runs), 1000), page_token=token)
+            resp: client_pb2.ListRunsResponse = self._call(self.stub.ListRuns, req)
+            runs += resp.runs
+            if not resp.next_page_token or resp.next_page_token == token:
+                return runs, False
+            token = resp.next_page_token
+        if include_all:
+            return runs, True
+        # The page is full and the finished part (the latest RECENT_FINISHED runs) was not reached.
+        resp = self._call(self.stub.ListRuns, client_pb2.ListRunsRequest(page_token=FINISHED_PAGE))
+        names = {r.name for r in runs}
+        runs += [r for r in resp.runs if r.name not in names]
+        return runs, not token.startswith(FINISHED_PAGE)  # unfinished runs were left out
 
     def stop_run(self, name: str) -> client_pb2.Run:
         resp: client_pb2.StopRunResponse = self._call(self.stub.StopRun, client_pb2.StopRunRequest(name=name))

@@ -96,12 +96,20 @@ def validate(
 @app.command()
 def ps(
     all_: Annotated[bool, typer.Option("-a", "--all", help="Show all runs, not only recent ones")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON: every run listed, unless --limit is given")
+    ] = False,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "-n", "--limit", min=0, help="Show the newest N runs (default 100, plus the latest finished); 0: every run"
+        ),
+    ] = None,
 ) -> None:
-    """List runs."""
+    """List runs: unfinished ones (newest first) and the latest finished; -a: every run."""
     from dstack.cli.commands.ps import ps_command
 
-    ps_command(all_, as_json)
+    ps_command(all_, as_json, limit)
 
 
 @app.command()

@@ -26,6 +26,7 @@ the coordinator (sqlite3 on the database file) can go unseen.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import enum
 import sqlite3
@@ -40,6 +41,7 @@ from dstack.coordinator.errors import Unauthenticated
 from dstack.coordinator.lifecycle.agents import AgentStatus
 from dstack.coordinator.store import Store
 from dstack.coordinator.store.executor import DbExecutor
+from dstack.coordinator.store.reader import ReadExecutor
 from dstack.coordinator.store.users import ADMIN, MEMBER, VIEWER, hash_token
 from dstack.protos.refusals import agent_removed
 
@@ -216,15 +218,23 @@ class RoleRefused(Refused):
         return f"{method} needs the {self.needed.value} role; you are {a} {self.user_role} (user {self.user})"
 
 
+def _user_with_role(store: Store, token: str) -> tuple[str, str] | None:
+    return store.user_with_role(token)
+
+
 class Authenticator:
     """Token -> caller, against the store. User tokens are cached (every call checks one), each entry
     valid while the store's users.generation is unchanged: a removal or rotation is in force for the
     very next call. Agent and join tokens are not cached: a removed agent or a revoked join token is
     refused at once."""
 
-    def __init__(self, store: Store, db: DbExecutor) -> None:
+    def __init__(self, store: Store, db: DbExecutor, reads: ReadExecutor | None = None) -> None:
         self.store = store
         self.db = db
+        # A token looked up on a reader thread: a call's authentication never waits behind a scheduling
+        # pass on the DB thread (coordinator/store/reader.py); the writer's when there are none.
+        self.reads = reads
+        self._touching: set[asyncio.Task[None]] = set()
         # token -> ((name, role, token hash), users.generation when looked up, monotonic expiry)
         self._users: dict[str, tuple[tuple[str, str, str], int, float]] = {}
         self._seen: dict[str, int] = {}  # user -> when last_seen_at was last written (ns)
@@ -238,7 +248,10 @@ class Authenticator:
         hit = self._users.get(token)
         if hit is not None and hit[1] == generation and hit[2] > now:
             return hit[0]
-        found = await self.db(self.store.user_with_role, token)
+        if self.reads is not None:
+            found = await self.reads(_user_with_role, token)
+        else:
+            found = await self.db(self.store.user_with_role, token)
         if found is None:
             self._users.pop(token, None)
             return None
@@ -248,15 +261,21 @@ class Authenticator:
             if len(self._users) > 10_000:
                 self._users.clear()
             self._users[token] = (user, generation, now + TOKEN_CACHE_S)
-        await self._touch(user[0])
+        self._touch(user[0])
         return user
 
-    async def _touch(self, name: str) -> None:
-        # `dstack users list` shows when each user was last seen: one write a minute per user, at most.
+    def _touch(self, name: str) -> None:
+        # `dstack users list` shows when each user was last seen: one write a minute per user, at most,
+        # not waited for (the call it came with must not queue behind a scheduling pass for it).
         now = self.store.clock()
         if now - self._seen.get(name, 0) < LAST_SEEN_EVERY_NS:
             return
         self._seen[name] = now
+        task = asyncio.create_task(self._write_seen(name, now), name=f"last seen {name}")
+        self._touching.add(task)
+        task.add_done_callback(self._touching.discard)
+
+    async def _write_seen(self, name: str, now: int) -> None:
         try:
             await self.db(self.store.touch_user, name, now)
         except sqlite3.Error:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from dstack.coordinator.attempts import parse_wire_job_id, wire_job_id
 from dstack.coordinator.cache import secrets_digest
-from dstack.coordinator.clock import SYSTEM_CLOCK, Clock
+from dstack.coordinator.clock import SYSTEM_CLOCK, Clock, SystemClock
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.convert import (
     artifact_input_to_proto,
@@ -33,6 +33,7 @@ from dstack.coordinator.fencing import Quarantine, Sessions, quarantine_bound_s
 from dstack.coordinator.gangs import member_env, pick_port
 from dstack.coordinator.holdings import Held, Holdings
 from dstack.coordinator.hub import AgentHub
+from dstack.coordinator.leases import Leases
 from dstack.coordinator.lifecycle.agents import AgentStatus
 from dstack.coordinator.metrics import EngineMetrics
 from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, LogAck
@@ -65,6 +66,10 @@ log = logging.getLogger("dstack.coordinator")
 # Passes quicker than this follow each other at once (every small pool, every test); slower ones are paced.
 PACE_AFTER_S = 0.02
 PACE_MAX_S = 1.0
+# How often when agents were last heard from is written down (coordinator/leases.py): `dstack agents`
+# shows the in-memory time meanwhile; a restart gives every online agent a fresh lease anyway.
+HEARD_FLUSH_S = 10.0
+STALL_S = 1.0  # a lease check later than this: the event loop stalled (leases are extended by the stall)
 # Full passes (every waiting job's reason, position and estimated start, new reservations, unsatisfiable
 # jobs failed) place jobs while the queue is this short. Over a deeper queue, heads-only passes place
 # (planner.place_heads: they cost what they place, not the queue's depth), and a full pass runs beside
@@ -173,9 +178,16 @@ class Engine:
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._job_runs: dict[str, str] = {}  # job_id -> run_id, for routing log notifications
-        self._renewed: dict[str, float] = {}  # agent_id -> when its lease was last renewed (monotonic)
-        # A heartbeat or a lease check the store could not write (its disk full): the next lease check
-        # renews every online agent's lease before it expires any.
+        # Agents' leases, in memory: renewed as each message is read, never behind the DB thread
+        # (coordinator/leases.py); when each was last heard from is written in batches.
+        self.leases = Leases()
+        # On the real clock only: a lease check that comes late means the event loop did not run (a stall of
+        # the coordinator's own: a long synchronous step, the process descheduled on a saturated host).
+        # Agents' messages waited unread meanwhile; leases are extended by the stall (see _lease_loop).
+        # A manual clock (tests) jumps by design: its jumps are not stalls.
+        self.guard_stalls = isinstance(clock, SystemClock)
+        # A lease check the store could not write (its disk full): the next lease check renews every
+        # online agent's lease before it expires any.
         self._renewal_failed = False
         self._inventories: dict[str, tuple[bytes, common_pb2.Inventory]] = {}
         self._disk_full: set[str] = set()  # agents whose last inventory said their disk is full (draining)
@@ -232,6 +244,8 @@ class Engine:
         # its next reconnect attempt: a lease counted from now alone would let a restart make healthy
         # agents "lost" (and fail their jobs) whenever that attempt comes later than the lease timeout.
         await self.db(self.store.extend_all_leases, self.lease_until(self.config.reconnect_grace_s))
+        for agent_id in await self.db(self.store.online_agent_ids):
+            self.leases.grant(agent_id, self._lease_deadline(self.config.reconnect_grace_s))
         self.secrets = {}
         for owner, name, ciphertext in await self.db(self.store.secret_ciphertexts):
             self.secrets.setdefault(owner, {})[name] = self.secret_box.decrypt(ciphertext)
@@ -294,6 +308,22 @@ class Engine:
             return 0, False
         after = self.config.lease_timeout_s + max(0.0, self.config.fence_margin_s - self.config.fence_kill_s)
         return int(after * 1000), self.config.self_fence == "strict"
+
+    def _lease_deadline(self, grace_s: float = 0.0) -> float:
+        """`lease_until` in seconds of the monotonic clock, as the in-memory leases keep it (the requeue
+        margin included: a self-fencing agent stops its jobs before we may requeue them)."""
+        return self.clock.monotonic() + self.config.lease_timeout_s + self.requeue_margin_s() + grace_s
+
+    def heard(self, agent_id: str) -> None:
+        """A message from the agent was read off its stream (its current session's): proof of life, on the
+        event loop, before the message waits for anything (coordinator/leases.py)."""
+        now = self.clock.monotonic()
+        until = now + self.config.lease_timeout_s + self.requeue_margin_s()
+        self.leases.renew(agent_id, now, until, self.store.clock())
+
+    def agent_online(self, agent_id: str) -> None:
+        """The agent is online (its hello, or an admin's approval while it is connected): it holds a lease."""
+        self.leases.grant(agent_id, self._lease_deadline())
 
     def lease_now(self) -> int:
         # Monotonic time means nothing across a restart; start() gives every online agent a fresh lease.
@@ -797,28 +827,48 @@ class Engine:
         interval = min(1.0, self.config.lease_timeout_s / 4)
         forget_every = min(60.0, self.config.forget_lost_agents_after_s / 2)
         next_forget = self.clock.monotonic()
+        next_flush = self.clock.monotonic() + HEARD_FLUSH_S
         while True:
+            expected = self.clock.monotonic() + interval
             await self.clock.sleep(interval)
+            late = self.clock.monotonic() - expected
+            self.metrics.lease_check_lateness.observe(max(0.0, late))
+            if self.guard_stalls and late > STALL_S:
+                # We did not listen for `late` seconds: what agents sent meanwhile is still unread, and the
+                # check below may run before it is read. Not their silence: every lease starts afresh (as at
+                # start-up); an agent that is really gone is lost a lease later.
+                log.warning("lease check %.1f s late (the coordinator stalled): every lease renewed", late)
+                self.leases.extend_all(self._lease_deadline())
             try:
                 if self._renewal_failed:
-                    # Agents beat while the store could not write it down (a full disk): not their fault.
-                    # Once it writes again, every online agent gets a fresh lease (as at start-up); one
-                    # that is really gone is lost a lease later.
+                    # The store could not record losses (a full disk), nor agents' hellos: not the agents'
+                    # fault. Once it writes again, every online agent gets a fresh lease (as at start-up);
+                    # one that is really gone is lost a lease later.
                     self._renewal_failed = False
                     try:
                         await self.db(self.store.extend_all_leases, self.lease_until())
                     except Exception:
                         self._renewal_failed = True  # still full: again at the next check
                         raise
-                lost = await self.db(self.store.expire_leases, self.lease_now(), self.clock.time_ns())
+                    self.leases.extend_all(self._lease_deadline())
+                if self.clock.monotonic() >= next_flush:
+                    next_flush = self.clock.monotonic() + HEARD_FLUSH_S
+                    await self._flush_heard()
+                lost = await self._expire_leases()
             except Exception:
-                # The store refuses writes (a full disk): agents' hellos and heartbeats fail too.
+                # The store refuses writes (a full disk): agents' hellos fail too.
                 self._renewal_failed = True
                 log.exception("lease check failed")
                 continue
             self.metrics.agents_lost.inc(len(lost))
+            self.metrics.longest_silence.set(self.leases.max_gap_s)
             for agent_id in lost:
-                log.warning("agent %s lost: its lease ran out", agent_id)
+                log.warning(
+                    "agent %s lost: its lease ran out (longest silence of any agent so far: %.1f s)",
+                    agent_id,
+                    self.leases.max_gap_s,
+                )
+                self.leases.forget(agent_id)
                 self.sessions.end(agent_id)  # nothing read late on its old stream is applied
                 self.unheard.forget(agent_id)
                 self.unheard.mark(agent_id)  # forgotten `--forget-lost-agents-after` from now
@@ -1029,7 +1079,7 @@ class Engine:
         for agent_id in gone:
             log.info("agent %s forgotten: lost for over %.0f s", agent_id, self.config.forget_lost_agents_after_s)
             self._inventories.pop(agent_id, None)
-            self._renewed.pop(agent_id, None)
+            self.leases.forget(agent_id)
 
     # ---- agent stream ------------------------------------------------------------------------
     def on_agent_removed(self, agent_id: str, failed_jobs: Sequence[str]) -> None:
@@ -1044,7 +1094,7 @@ class Engine:
         self.unheard.mark(agent_id)
         self.hub.drop(agent_id)
         self._inventories.pop(agent_id, None)
-        self._renewed.pop(agent_id, None)
+        self.leases.forget(agent_id)
         self.watchers.notify_all()
         self.kick()  # its jobs' dependants may have failed; its resources are gone from the next pass
 
@@ -1070,6 +1120,8 @@ class Engine:
         )
         if status not in (AgentStatus.ONLINE, AgentStatus.PENDING):
             raise Unauthenticated(agent_removed(agent_id))
+        if status == AgentStatus.ONLINE:
+            self.agent_online(agent_id)
         self._disk_verdict(agent_id, hello.inventory)
         self.unheard.forget(agent_id)  # heard from: a later loss counts from then
         # Results the agent kept while it could not reach us come first.
@@ -1166,25 +1218,50 @@ class Engine:
             return reply
         return None
 
-    async def _renew_lease(self, agent_id: str, msg: agent_pb2.AgentMessage) -> None:
-        """A heartbeat renews the agent's lease; so does any other message, at most once per heartbeat
-        interval, and before its logs are stored: a burst of log batches is proof of life too, and may
-        reach us for longer than the lease before the agent's next heartbeat does."""
+    async def _expire_leases(self) -> list[str]:
+        """Agents whose lease (in memory) ran out are marked lost in the store, unless a message of theirs
+        is read before the store gets to them. Returns those marked lost."""
         now = self.clock.monotonic()
-        if msg.HasField("heartbeat"):
-            inv = msg.heartbeat.inventory.SerializeToString() if msg.heartbeat.HasField("inventory") else None
-        elif now - self._renewed.get(agent_id, -math.inf) >= self.config.heartbeat_interval_s:
-            inv = None
-        else:
-            return
-        self._renewed[agent_id] = now
+        expired = self.leases.expired(now)
+        if not expired:
+            return []
+        lost = await self.db(
+            self.store.lose_agents, expired, lambda a: self.leases.still_expired(a, now), self.clock.time_ns()
+        )
+        for agent_id in set(expired) - set(lost):
+            if self.leases.still_expired(agent_id, now):  # not online in the store (removed, retired): no lease
+                self.leases.forget(agent_id)
+        return lost
+
+    async def _flush_heard(self) -> None:
+        """When each agent was last heard from, into the store in one batch; and a lease for any agent the
+        store has online that holds none (approved while connected, in a race with its hello)."""
+        heard = self.leases.take_heard()
+
+        def write() -> list[str]:
+            if heard:
+                self.store.record_heard(heard)
+            return self.store.online_agent_ids()
+
         try:
-            await self.db(self.store.heartbeat, agent_id, inv, self.lease_until())
+            online = await self.db(write)
         except Exception:
-            self._renewal_failed = True
+            self.leases.put_back(heard)
             raise
-        if inv is not None:  # stored: a pass kicked now reads it
-            self._disk_verdict(agent_id, msg.heartbeat.inventory)
+        for agent_id in online:
+            if not self.leases.holds(agent_id):
+                self.leases.grant(agent_id, self._lease_deadline())
+
+    async def _renew_lease(self, agent_id: str, msg: agent_pb2.AgentMessage) -> None:
+        """Any message renews the agent's lease in memory (normally already done as it was read: the
+        stream's reader calls `heard`); a heartbeat with a changed inventory is stored. A burst of log
+        batches is proof of life too, and may reach us for longer than the lease before the agent's next
+        heartbeat does."""
+        self.heard(agent_id)
+        if msg.HasField("heartbeat") and msg.heartbeat.HasField("inventory"):
+            inv = msg.heartbeat.inventory.SerializeToString()
+            await self.db(self.store.heartbeat, agent_id, inv, self.lease_until())
+            self._disk_verdict(agent_id, msg.heartbeat.inventory)  # stored: a pass kicked now reads it
 
     def _disk_verdict(self, agent_id: str, inv: common_pb2.Inventory) -> None:
         """Notes an agent's disk becoming full (it drains) or free again: then a pass places jobs there."""

@@ -8,7 +8,7 @@ coordinators in one interpreter, and each must count only its own.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # A pass over a big queue takes tens of milliseconds; a dispatch can wait from milliseconds to days.
 PASS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -56,6 +56,19 @@ class EngineMetrics:
         )
         self.agents_lost = Counter(
             "dstack_agents_lost", "Agents marked lost because their lease ran out", registry=self.registry
+        )
+        # The longest an agent holding a lease went unheard (between two of its messages read): how close
+        # the pool came to a lease timeout (coordinator/leases.py).
+        self.longest_silence = Gauge(
+            "dstack_agent_longest_silence_seconds",
+            "The longest gap between two messages read from one online agent, since the coordinator started",
+            registry=self.registry,
+        )
+        self.lease_check_lateness = Histogram(
+            "dstack_lease_check_lateness_seconds",
+            "How late each lease check ran (the coordinator's event loop stalled, or its process was descheduled)",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=self.registry,
         )
         self.scheduling_failures = Counter(
             "dstack_scheduling_pass_failures", "Scheduling passes that failed and were retried", registry=self.registry

@@ -32,6 +32,7 @@ from dstack.coordinator.services.agent import AgentService
 from dstack.coordinator.services.client import ClientService
 from dstack.coordinator.store import Store
 from dstack.coordinator.store.executor import DbExecutor
+from dstack.coordinator.store.reader import ReadExecutor
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, client_pb2_grpc
 from dstack.storage import StoreError, open_store
 from dstack.storage.private import private_dir, tighten_file
@@ -157,6 +158,7 @@ class Coordinator:
     tls: ServerTls | None = None  # what it serves over TCP; None: plaintext (a unix socket, or --insecure)
     http: HttpServer | None = None  # the HTTP API and /metrics, when --http-port is given
     health: health.aio.HealthServicer | None = None
+    _reads: ReadExecutor | None = None  # read-only calls' threads (coordinator/store/reader.py)
 
     async def stop(self, grace: float = 1.0) -> None:
         log.info("coordinator stopping")
@@ -169,6 +171,8 @@ class Coordinator:
         await self.engine.stop()
         await self.server.stop(grace=grace)
         self._db.shutdown()
+        if self._reads is not None:
+            self._reads.shutdown()
         self._store.close()
         os.close(self._lock_fd)  # a coordinator started again in this process takes the lock anew
 
@@ -229,12 +233,14 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
         raise StartError(f"storage {config.storage_url}: {e}") from None
     log.info("artifacts in %s", object_store.description)
     artifacts = Artifacts(object_store)
+    # Opened once the writer has created and migrated the database.
+    reads = ReadExecutor(config.db_path, clock.time_ns)
     engine = Engine(config, store, db, clock)
     engine.copy_cached = artifacts.reuse
     retention = Retention(config, store, db, artifacts)
-    auth = Authenticator(store, db)
+    auth = Authenticator(store, db, reads)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(auth)])
-    core = Core(engine, artifacts)
+    core = Core(engine, artifacts, reads)
     client_pb2_grpc.add_ClientServiceServicer_to_server(ClientService(core), server)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(core), server)
     health_servicer = await add_health_and_reflection(server)
@@ -264,7 +270,7 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
     log.info("coordinator listening on %s (pid %d)", config.listen, os.getpid())
     unix = config.listen.startswith("unix://")
     return Coordinator(
-        server, engine, 0 if unix else port, store, db, retention_task, lock_fd, tls, http, health_servicer
+        server, engine, 0 if unix else port, store, db, retention_task, lock_fd, tls, http, health_servicer, reads
     )
 
 

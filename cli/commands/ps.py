@@ -26,10 +26,26 @@ STYLE = {
 }
 
 
-def ps_command(show_all: bool, as_json: bool) -> None:
+DEFAULT_LIMIT = 100  # runs the table shows at once (a deep queue has 100,000: pages of them help no one)
+
+
+def ps_command(show_all: bool, as_json: bool, limit: int | None = None) -> None:
+    """The table shows the first `limit` runs (default DEFAULT_LIMIT; 0: every run) plus the latest
+    finished ones, and says when runs were left out. `--json` is complete (every page) unless `--limit`
+    is given: scripts that read it see every run, as before."""
     from dstack.cli.session import connect
 
-    runs = connect().list_runs(show_all)
+    client = connect()
+    if limit is None and as_json:
+        limit = 0
+    elif limit is None:
+        limit = DEFAULT_LIMIT
+    if limit == 0:
+        runs, more = client.list_runs(show_all), False
+    else:
+        runs, more = client.list_runs_head(show_all, limit)
+        # Stable: runs submitted in the same nanosecond keep the coordinator's order.
+        runs = sorted(runs, key=lambda r: -r.submitted_at_ns)
     if as_json:
         json.dump([run_to_json(r) for r in runs], sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -68,3 +84,10 @@ def ps_command(show_all: bool, as_json: bool) -> None:
         )
     header = ("RUN", *(("REPO",) if several else ()), "WORKFLOW", "STATUS", "SUBMITTED", "TAGS", "MESSAGE")
     Term().table(header, rows, overflow="fold")
+    if more:
+        what = "runs" if show_all else "unfinished runs"
+        flag = "-a --limit 0" if show_all else "--limit 0"
+        print(
+            f"Only the newest {limit} {what} are shown; `dstack ps {flag}` lists every one (`--limit N` the newest N)",
+            file=sys.stderr,
+        )

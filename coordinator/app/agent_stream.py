@@ -48,6 +48,22 @@ class Session:
         reply.MergeFrom(dropped)
         return reply
 
+    def heard(self) -> bool:
+        """A message was read off this stream: the agent's lease is renewed at once, in memory, before the
+        message waits for the database (coordinator/leases.py). A stale session's message renews nothing
+        (False: `receive` ends the stream)."""
+        engine = self.core.engine
+        if not engine.sessions.is_current(self.agent_id, self.epoch):
+            return False
+        engine.heard(self.agent_id)
+        return True
+
+    def ack_beat(self, seq: int) -> None:
+        """A heartbeat read on this (current) stream renewed the lease in memory (`heard`): its renewal is
+        in force, so the agent may count its lease from when it sent it (self-fencing, `lease_ack`)."""
+        if seq and self._conn is not None:
+            self._conn.send(agent_pb2.CoordinatorMessage(lease_ack=seq))
+
     async def receive(self, msg: agent_pb2.AgentMessage) -> None:
         if not self.core.engine.sessions.is_current(self.agent_id, self.epoch):
             # The agent was lost or removed since this stream's hello, or opened a newer stream: what

@@ -13,6 +13,7 @@ from dstack.coordinator.convert import inventory_from_bytes, inventory_to_bytes
 from dstack.coordinator.errors import AlreadyExists, Unauthenticated
 from dstack.coordinator.lifecycle.agents import label
 from dstack.coordinator.model import AgentView, Inventory
+from dstack.coordinator.store.db import Store
 
 log = logging.getLogger("dstack.coordinator")
 
@@ -52,10 +53,10 @@ async def register(core: Core, name: str, inventory: Inventory, join_token_id: s
 
 
 async def list_agents(core: Core) -> list[AgentView]:
-    def load() -> list[AgentView]:
+    def load(store: Store) -> list[AgentView]:
         busy: dict[str, list[int]] = {}
         count: dict[str, int] = {}
-        for a in core.store.active_allocations():
+        for a in store.active_allocations():
             busy.setdefault(a.agent_id, []).extend(a.gpu_indices)
             count[a.agent_id] = count.get(a.agent_id, 0) + 1
         return [
@@ -65,13 +66,14 @@ async def list_agents(core: Core) -> list[AgentView]:
                 status=label(r.status),
                 inventory=inventory_from_bytes(r.inventory),
                 running_jobs=count.get(r.id, 0),
-                last_heartbeat_ns=r.last_heartbeat or 0,
+                # Heard from since the last batch was written (coordinator/leases.py): memory is newer.
+                last_heartbeat_ns=core.engine.leases.last_heard(r.id) or r.last_heartbeat or 0,
                 busy_gpu_indices=sorted(busy.get(r.id, [])),
             )
-            for r in core.store.list_agents()
+            for r in store.list_agents()
         ]
 
-    return await core.db(load)
+    return await core.read(load)
 
 
 async def remove(core: Core, name: str, by: str) -> int:
@@ -89,5 +91,7 @@ async def approve(core: Core, name: str, by: str) -> None:
     engine = core.engine
     connected = engine.hub.connected_ids()
     agent_id = await core.db(core.store.approve_agent, name, connected.__contains__, engine.lease_until())
+    if agent_id in connected:
+        engine.agent_online(agent_id)  # its lease, in memory (coordinator/leases.py)
     log.info("agent %s (%s) approved by %s", name, agent_id, by)
     engine.kick()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from dstack.coordinator.app.limits import SubmissionLimits
 from dstack.coordinator.app.streams import StreamLimits
@@ -17,8 +18,12 @@ from dstack.coordinator.planner import WaitInfo
 from dstack.coordinator.provided_jobs import AddedJobs, add_provided_jobs
 from dstack.coordinator.store import JobRow, RunRow, Store
 from dstack.coordinator.store.executor import DbExecutor
+from dstack.coordinator.store.reader import ReadExecutor
 from dstack.coordinator.tunnel_registry import TunnelRegistry
 from dstack.storage import ArtifactStore
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def job_view(r: JobRow, pending_reasons: Mapping[str, str], wait_info: Mapping[str, WaitInfo] | None = None) -> JobView:
@@ -84,10 +89,16 @@ def run_view(
     )
 
 
+def run_by_name(store: Store, name: str) -> RunRow:
+    return store.run_by_name(name)
+
+
 @dataclass
 class Core:
     engine: Engine
     artifacts: Artifacts
+    # Read-only calls' own threads and connections (coordinator/store/reader.py); None: on the DB thread.
+    reads: ReadExecutor | None = None
     store: Store = field(init=False)
     db: DbExecutor = field(init=False)
     objects: ArtifactStore = field(init=False)
@@ -116,12 +127,20 @@ class Core:
     def local_mode(self) -> bool:
         return self.engine.config.local_mode
 
-    def load_run(self, name: str) -> RunView:
-        """A run as clients see it (on the DB thread)."""
-        row = self.store.run_by_name(name)
-        jobs = self.store.jobs_of_runs([row.id])[row.id]
-        tags = self.store.tags_of_runs([row.id])[row.id]
+    def load_run(self, store: Store, name: str) -> RunView:
+        """A run as clients see it (on a reader thread, or the DB thread)."""
+        row = store.run_by_name(name)
+        jobs = store.jobs_of_runs([row.id])[row.id]
+        tags = store.tags_of_runs([row.id])[row.id]
         return run_view(row, jobs, tags, self.engine.pending_reasons, self.engine.wait_info)
 
     async def run(self, name: str) -> RunView:
-        return await self.db(self.load_run, name)
+        return await self.read(self.load_run, name)
+
+    async def read(self, fn: Callable[Concatenate[Store, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`fn(store, *args)` for a call that only reads: on a reader thread, never queued behind the
+        writer's batches or a scheduling pass (coordinator/store/reader.py); without readers, on the DB
+        thread with the writer's store."""
+        if self.reads is not None:
+            return await self.reads(fn, *args, **kwargs)
+        return await self.db(functools.partial(fn, self.store, *args, **kwargs))

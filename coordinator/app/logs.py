@@ -16,10 +16,11 @@ import itertools
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 
-from dstack.coordinator.app.core import Core
+from dstack.coordinator.app.core import Core, run_by_name
 from dstack.coordinator.artifacts import logs_key
 from dstack.coordinator.model import LogLine, LogStream, RunView
 from dstack.coordinator.retention import iter_log_archive
+from dstack.coordinator.store.db import Store
 from dstack.coordinator.store.logs import body_of, lines_of
 
 LOG_BATCH = 5000
@@ -78,21 +79,21 @@ async def stream_logs(
 ) -> AsyncGenerator[LogChunk, None]:
     """Every line of the run after `after`; with `follow`, until the run has finished (the last
     chunk then carries the finished run)."""
-    run = await core.db(core.store.run_by_name, run_name)
+    run = await core.read(run_by_name, run_name)
     run_id: str = run.id
     cursor: dict[str, int] = {k: v for k, v in (after or {}).items() if v > 0}
     done: set[str] = set()  # archived (or deleted) jobs whose lines have all been sent
 
-    def poll() -> _Poll:
+    def poll(store: Store) -> _Poll:
         # The end first: every line of a job is stored before its end is.
-        finished = core.store.run_by_id(run_id).finished_at is not None
-        jobs = core.store.jobs_of_runs([run_id])[run_id]
+        finished = store.run_by_id(run_id).finished_at is not None
+        jobs = store.jobs_of_runs([run_id])[run_id]
         out: list[tuple[JobLines, int]] = []
         budget = LOG_BATCH_BYTES
         for j in jobs:
             if j.logs_state != IN_DATABASE or budget <= 0:
                 continue
-            page = core.store.read_log_page(j.id, cursor.get(j.job_name, 0), LOG_BATCH, budget)
+            page = store.read_log_page(j.id, cursor.get(j.job_name, 0), LOG_BATCH, budget)
             if page is not None:
                 budget -= len(page.body)
                 out.append((JobLines(j.job_name, body=page.body), page.last_seq))
@@ -100,7 +101,7 @@ async def stream_logs(
 
     while True:
         event = core.engine.watchers.event(run_id)
-        p = await core.db(poll)
+        p = await core.read(poll)
         moved = False
         for name, state in p.states.items():
             if state != IN_DATABASE and name not in done:

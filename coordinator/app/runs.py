@@ -30,7 +30,7 @@ from dstack.coordinator.model import CodeRef, JobSpec, JobStatus, JobView, RunSt
 from dstack.coordinator.records import submission_record
 from dstack.coordinator.repositories import run_repository
 from dstack.coordinator.store.artifacts import container_paths_of
-from dstack.coordinator.store.db import CreatedRun, NewJob, RunFilters
+from dstack.coordinator.store.db import CreatedRun, NewJob, RunFilters, Store
 from dstack.coordinator.store.records import RUN_PART
 from dstack.coordinator.templates import spec_with_run_name
 
@@ -340,26 +340,26 @@ async def list_runs_page(core: Core, include_all: bool, limit: int, token: str) 
     are active (`list_runs` below stops at its limit)."""
     size = min(limit or MAX_LISTING_PAGE, MAX_LISTING_PAGE)
 
-    def load() -> tuple[list[RunView], str]:
-        page = core.store.runs_listing_page(include_all, size, token)
+    def load(store: Store) -> tuple[list[RunView], str]:
+        page = store.runs_listing_page(include_all, size, token)
         ids = [r.id for r in page.rows]
-        jobs, tags = core.store.jobs_of_runs(ids), core.store.tags_of_runs(ids)
+        jobs, tags = store.jobs_of_runs(ids), store.tags_of_runs(ids)
         views = [
             run_view(r, jobs[r.id], tags[r.id], core.engine.pending_reasons, core.engine.wait_info) for r in page.rows
         ]
         return views, page.next_token
 
-    return await core.db(load)
+    return await core.read(load)
 
 
 async def list_runs(core: Core, include_all: bool, limit: int = 0) -> list[RunView]:
-    def load() -> list[RunView]:
-        rows = core.store.list_runs(include_all, limit or 1000)
+    def load(store: Store) -> list[RunView]:
+        rows = store.list_runs(include_all, limit or 1000)
         ids = [r.id for r in rows]
-        jobs, tags = core.store.jobs_of_runs(ids), core.store.tags_of_runs(ids)
+        jobs, tags = store.jobs_of_runs(ids), store.tags_of_runs(ids)
         return [run_view(r, jobs[r.id], tags[r.id], core.engine.pending_reasons, core.engine.wait_info) for r in rows]
 
-    return await core.db(load)
+    return await core.read(load)
 
 
 async def stop(core: Core, actor: Actor, name: str) -> RunView:
@@ -403,14 +403,14 @@ async def page_runs(core: Core, filters: RunFilters, limit: int = 100, after: tu
     if not 1 <= limit <= MAX_PAGE:
         raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE}, not {limit}")
 
-    def load() -> tuple[list[RunView], tuple[int, str] | None]:
-        rows = core.store.runs_page(filters, limit + 1, after)  # one more: is there a next page?
+    def load(store: Store) -> tuple[list[RunView], tuple[int, str] | None]:
+        rows = store.runs_page(filters, limit + 1, after)  # one more: is there a next page?
         more = len(rows) > limit
         rows = rows[:limit]
         ids = [r.id for r in rows]
-        jobs, tags = core.store.jobs_of_runs(ids), core.store.tags_of_runs(ids)
+        jobs, tags = store.jobs_of_runs(ids), store.tags_of_runs(ids)
         views = [run_view(r, jobs[r.id], tags[r.id], core.engine.pending_reasons, core.engine.wait_info) for r in rows]
         return views, ((rows[-1].submitted_at, rows[-1].id) if more else None)
 
-    views, next_after = await core.db(load)
+    views, next_after = await core.read(load)
     return RunPage(views, next_after)

@@ -29,6 +29,14 @@ Ctx: TypeAlias = Any  # grpc.aio.ServicerContext: grpc ships no type information
 log = logging.getLogger("dstack.coordinator")
 
 
+INBOX_MESSAGES = 16  # an agent's messages read but not handled yet, at most
+
+
+def _beat_only(msg: agent_pb2.AgentMessage) -> bool:
+    """A heartbeat with nothing to store: no inventory, no lines, no updates (its seq is acknowledged)."""
+    return [f.name for f, _ in msg.ListFields()] == ["heartbeat"] and not msg.heartbeat.HasField("inventory")
+
+
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, core: Core) -> None:
         self.core = core
@@ -48,18 +56,38 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             return
         session = agent_stream.Session(self.core, me)
 
+        # Reading and handling are two tasks: a message renews the agent's lease as it is read, while
+        # the one before it may still wait for the database (behind a scheduling pass): a heartbeat is
+        # never read late because a log batch ahead of it is being stored. The inbox is bounded (the
+        # agent's own window bounds it too): a stalled store slows the agent's logs, not our memory.
+        inbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue(maxsize=INBOX_MESSAGES)
+
         async def read() -> None:
             try:
                 async for msg in request_iterator:
-                    await session.receive(msg)
+                    if session.heard() and _beat_only(msg):
+                        session.ack_beat(msg.heartbeat.seq)  # renewed in memory: in force at once
+                        continue  # nothing else in it
+                    await inbox.put(msg)
             except (asyncio.CancelledError, grpc.aio.AioRpcError):
+                pass
+            except Exception:
+                log.exception("agent %s stream failed", me)
+            finally:
+                await inbox.put(None)
+
+        async def handle() -> None:
+            try:
+                while (msg := await inbox.get()) is not None:
+                    await session.receive(msg)
+            except asyncio.CancelledError:
                 pass
             except Exception:
                 log.exception("agent %s stream failed", me)
             finally:
                 session.end_input()
 
-        reader: asyncio.Task[None] | None = None
+        tasks: list[asyncio.Task[None]] = []
         try:
             try:
                 ack = await session.start(first)
@@ -67,14 +95,15 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 await context.abort(status_for(e) or grpc.StatusCode.UNKNOWN, str(e))
                 return
             yield ack
-            reader = asyncio.create_task(read())
+            tasks = [asyncio.create_task(read()), asyncio.create_task(handle())]
             async for msg in session.outgoing():
                 yield msg
         finally:
-            if reader is not None:
-                reader.cancel()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
-                    await reader
+                    await task
             session.close()
 
     async def Tunnel(  # type: ignore[override]  # grpc.aio also takes a handler that writes via its context

@@ -184,6 +184,34 @@ class Agents:
                     [self.db.clock(), lease_until, inventory, agent_id],
                 )
 
+    def record_heard(self, heard: dict[str, int]) -> None:
+        """When each agent was last heard from (wall ns), written in one batch (coordinator/leases.py keeps
+        leases in memory; this is what `dstack agents` and forgetting lost agents read)."""
+        with self.db.tx() as c:
+            c.executemany(
+                "UPDATE agents SET last_heartbeat = ? WHERE id = ? AND status = 'online'",
+                [(at, agent_id) for agent_id, at in heard.items()],
+            )
+
+    def online_ids(self) -> list[str]:
+        return [r[0] for r in self.db.conn.execute("SELECT id FROM agents WHERE status = 'online'")]
+
+    def lose(self, agent_ids: Sequence[str], still_expired: Callable[[str], bool], at: int) -> list[str]:
+        """Marks these agents lost if they are still online and `still_expired` says their lease (kept in
+        memory) is still over as this runs, and fails their jobs or requeues them as new attempts, stamped
+        with the wall time `at`; returns those marked lost."""
+        lost = []
+        with self.db.tx() as c:
+            for agent_id in agent_ids:
+                if not still_expired(agent_id):
+                    continue
+                if c.execute("SELECT 1 FROM agents WHERE id = ? AND status = 'online'", [agent_id]).fetchone() is None:
+                    continue
+                end_agent_jobs(c, agent_id, lifecycle.AGENT_LOST, "agent lost", at)
+                al.move_agents(c, al.LOSE, "id = :id", {"id": agent_id})
+                lost.append(agent_id)
+        return lost
+
     def extend_all_leases(self, lease_until: int) -> None:
         """At start-up: agents could not renew while the coordinator was down, that is not their fault."""
         with self.db.tx() as c:

@@ -26,7 +26,10 @@ Params = dict[str, Any] | Sequence[Any]
 
 
 class Db:
-    def __init__(self, path: Path, clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(self, path: Path, clock: Callable[[], int] = time.time_ns, *, read_only: bool = False) -> None:
+        if read_only:
+            self._open_reader(path, clock)
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         # The database holds tokens' hashes, runs and logs: 0600 from its first byte. SQLite creates
         # its -wal and -shm files with the database's mode; ones an older version made are tightened.
@@ -44,6 +47,20 @@ class Db:
         self.clock = clock
         self.in_batch = False
         migrate(self.db)
+
+    def _open_reader(self, path: Path, clock: Callable[[], int]) -> None:
+        """A second connection to a database the writer opened (and migrated): reads only (query_only
+        makes a write an error rather than a lock taken behind the writer's back). WAL mode is the
+        file's: a reader sees every transaction committed before its own read transaction began, and
+        never waits for the writer (coordinator/store/reader.py)."""
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA query_only=ON")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        self.db = sqlite_utils.Database(conn)
+        self.conn = conn
+        self.clock = clock
+        self.in_batch = False
 
     def rolled_back(self) -> None:
         """A group-commit batch failed to commit: whatever a repository keeps in memory beside the database

@@ -75,8 +75,8 @@ class Store(Db):
     def rolled_back(self) -> None:
         self.logs.forget_all()
 
-    def __init__(self, path: Path, clock: Callable[[], int] = time.time_ns) -> None:
-        super().__init__(path, clock)
+    def __init__(self, path: Path, clock: Callable[[], int] = time.time_ns, *, read_only: bool = False) -> None:
+        super().__init__(path, clock, read_only=read_only)
         self.users = Users(self)
         self.code = CodeBlobs(self)
         self.runs = Runs(self)
@@ -157,6 +157,9 @@ class Store(Db):
         self.heartbeat = self.agents.heartbeat
         self.extend_all_leases = self.agents.extend_all_leases
         self.expire_leases = self.agents.expire_leases
+        self.record_heard = self.agents.record_heard
+        self.online_agent_ids = self.agents.online_ids
+        self.lose_agents = self.agents.lose
         self.online_agents = self.agents.online_agents
         self.list_agents = self.agents.pool
         self.remove_agent = self.agents.remove

@@ -53,6 +53,12 @@ class ManualClock:
         """Steps the wall clock only (NTP, `date -s`): the monotonic clock and sleepers do not move."""
         self._ns += int(seconds * 1e9)
 
+    def step(self, seconds: float) -> None:
+        """Moves both clocks forward without waking anyone: the sleepers whose time came wake at the next
+        `advance` (a periodic loop that could not run meanwhile, e.g. one waiting on a blocked DB thread)."""
+        self._ns += int(seconds * 1e9)
+        self._mono += seconds
+
     async def advance(self, seconds: float) -> None:
         """Moves time forward and returns once every task whose sleep ended has slept again (or ended).
 

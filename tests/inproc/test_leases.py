@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import sqlite3
+import threading
 from pathlib import Path
 
 import grpc
 import pytest
 
+from dstack.coordinator.engine import Engine
+from dstack.protos.v1 import agent_pb2, common_pb2
 from tests.inproc.factories import (
     JS,
     TR,
@@ -167,14 +172,14 @@ async def test_a_wall_clock_step_leaves_every_healthy_agent_online_and_its_jobs_
 
 
 @pytest.mark.parametrize("beat_while_full", [True, False])
-async def test_heartbeats_the_store_could_not_record_lose_no_agent_once_it_writes_again(
+async def test_losses_the_store_could_not_record_lose_no_agent_once_it_writes_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, beat_while_full: bool
 ) -> None:
-    """The coordinator's disk fills up (tests/cluster's coordinator-disk-full scenario): a heartbeat arrives
-    but cannot be stored (the agent's stream ends, it will reconnect), nor can the lease check write. When the
-    disk has room again, the first lease check must not find every lease run out in the database: agents get
-    a fresh lease, and one that is really gone is lost a lease later. Without `beat_while_full`, the agents'
-    streams had ended on another write (their logs) and their reconnections failed: no heartbeat reached it."""
+    """The coordinator's disk fills up (tests/cluster's coordinator-disk-full scenario): leases are renewed
+    in memory (coordinator/leases.py), but neither a loss nor when agents were last heard from can be
+    written, nor can an agent's hello. When the disk has room again, the first lease check must not find
+    every lease run out: agents get a fresh lease, and one that is really gone is lost a lease later.
+    Without `beat_while_full`, the agent's stream had ended on another write and its reconnections failed."""
     async with (
         coordinator(tmp_path, lease_timeout_s=LEASE_S, heartbeat_interval_s=1.0) as h,
         sim_agent(h, "beating") as beating,
@@ -185,24 +190,79 @@ async def test_heartbeats_the_store_could_not_record_lose_no_agent_once_it_write
         def full(*args: object, **kwargs: object) -> None:
             raise sqlite3.OperationalError("database or disk is full")
 
-        real_heartbeat, real_expire = store.heartbeat, store.expire_leases
-        monkeypatch.setattr(store, "heartbeat", full)
-        monkeypatch.setattr(store, "expire_leases", full)
+        writes = ("heartbeat", "lose_agents", "record_heard")
+        real = {name: getattr(store, name) for name in writes}
+        for name in writes:
+            monkeypatch.setattr(store, name, full)
         if beat_while_full:
-            await beating.heartbeat()
-            await beating.until(lambda: beating.ended, "the end of the stream whose heartbeat was not stored")
+            await beat(h, beating, "beating")  # taken in memory: nothing to write, the stream stays up
+            assert not beating.ended
         else:
             await beating.disconnect()
         await h.clock.advance(3 * LEASE_S)  # three leases of a full disk: every lease check fails
-        monkeypatch.setattr(store, "heartbeat", real_heartbeat)
-        monkeypatch.setattr(store, "expire_leases", real_expire)
+        for name in writes:
+            monkeypatch.setattr(store, name, real[name])
 
         await h.clock.advance(1.0)  # the first lease check with room on the disk
         assert await status_of(h, "beating") == "online"
         assert await status_of(h, "gone") == "online"
-        await beating.connect()  # the agent's reconnection, after its backoff
+        if not beat_while_full:
+            await beating.connect()  # the agent's reconnection, after its backoff
         for _ in range(3):
             await beat(h, beating, "beating")
             await h.clock.advance(LEASE_S / 2)
         assert await status_of(h, "beating") == "online"
         assert await status_of(h, "gone") == "lost"
+
+
+async def test_an_agent_that_keeps_beating_is_not_lost_while_the_db_thread_is_blocked_for_longer_than_a_lease(
+    tmp_path: Path,
+) -> None:
+    """A scheduling pass over a deep queue (or any slow write) holds the one DB thread for longer than a
+    lease. An agent whose log batch waits for that thread keeps sending heartbeats: they are read and renew
+    its lease in memory meanwhile (coordinator/leases.py, services/agent.py), so it is not lost once the
+    thread is free; a silent agent still is. Before, the heartbeats queued behind the batch, unread, and
+    were stored after the lease check had marked the agent lost (issue 16: 118 agents lost at 5,000)."""
+    async with (
+        coordinator(tmp_path, lease_timeout_s=LEASE_S, heartbeat_interval_s=1.0) as h,
+        sim_agent(h, "beating", cpu=1) as beating,
+        sim_agent(h, "silent", cpu=1),
+    ):
+        run = await submit_run(h, job_spec("a"))
+        (job_id,) = job_ids(run).values()
+        await beating.wait_assignments(1)
+        await beating.report(job_id, JS.JOB_STATUS_RUNNING)
+        engine = h.coordinator.engine
+        listed = await h.agent("beating")
+        assert listed is not None
+        beating_id = listed.id
+
+        release = threading.Event()
+        entered = threading.Event()
+
+        def slow_pass() -> None:  # the DB thread is busy until the test says so
+            entered.set()
+            release.wait(60)
+
+        blocker = asyncio.ensure_future(engine.db(slow_pass))
+        try:
+            await asyncio.to_thread(entered.wait, 10)
+            # A log batch first: it waits for the DB thread (its lines are screened and stored there).
+            line = common_pb2.LogLine(seq=1, stream=common_pb2.LOG_STREAM_STDOUT, text="held")
+            await beating.send(agent_pb2.AgentMessage(logs=[agent_pb2.LogBatch(job_id=job_id, lines=[line])]))
+            for _ in range(6):  # 3 leases of clock time, a heartbeat every half lease
+                h.clock.step(LEASE_S / 2)
+                at = h.clock.time_ns()
+                await beating.heartbeat()
+                await wait_until(functools.partial(_heard, engine, beating_id, at), "the heartbeat read off the stream")
+        finally:
+            release.set()
+            await blocker
+        await h.clock.advance(1.0)  # the lease check, with the DB thread free again
+        assert await status_of(h, "beating") == "online"
+        assert await status_of(h, "silent") == "lost"
+        assert engine.metrics.agents_lost._value.get() == 1  # the silent one only
+
+
+async def _heard(engine: Engine, agent_id: str, at: int) -> bool:
+    return engine.leases.last_heard(agent_id) == at

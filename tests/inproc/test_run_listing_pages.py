@@ -62,3 +62,39 @@ async def test_listings_page_past_a_thousand_active_runs(tmp_path: Path) -> None
                 assert "invalid page token" in str(e.details())
             else:
                 raise AssertionError(f"page token {bad!r} accepted")
+
+
+async def test_ps_shows_the_first_page_and_the_latest_finished_runs_behind_a_deep_queue(tmp_path: Path) -> None:
+    """`dstack ps` with a deep queue: two calls give the newest unfinished runs and the latest finished
+    ones (which come after every unfinished run in the listing), and say that runs were left out; the
+    hundred pages of 100,000 queued runs are fetched only on request (`--limit 0`)."""
+    async with coordinator(tmp_path, max_queued_per_user=0, max_submissions_per_minute=0) as h:
+        done = [await submit_run(h) for _ in range(3)]
+        for r in done:
+            await h.client.StopRun(client_pb2.StopRunRequest(name=r.name), metadata=h.meta)
+        engine = h.coordinator.engine
+        spec = job_spec().SerializeToString()
+
+        def insert_active() -> list[str]:
+            job = NewJob(job_name="main", spec=spec, cpu=1.0, memory=0, gpu_count=0, depends_on=[])
+            return [engine.store.create_run("admin", "w", b"", "", [], [job]).name for _ in range(250)]
+
+        active = set(await engine.db(insert_active))  # one clock instant: in the listing's own order (by id)
+        endpoint = Endpoint(address=h.address, token=ADMIN, insecure=True)
+
+        def head(include_all: bool, limit: int) -> tuple[list[str], bool]:
+            client = Client(endpoint)
+            try:
+                runs, more = client.list_runs_head(include_all, limit)
+                return [r.name for r in runs], more
+            finally:
+                client.close()
+
+        names, more = await asyncio.to_thread(head, False, 100)
+        assert more
+        assert len(set(names[:100])) == 100 and set(names[:100]) <= active  # a page of unfinished runs
+        assert sorted(names[100:]) == sorted(r.name for r in done)  # and every finished one (fewer than 10)
+        names, more = await asyncio.to_thread(head, False, 2000)
+        assert not more and sorted(names) == sorted(active | {r.name for r in done})
+        names, more = await asyncio.to_thread(head, True, 50)
+        assert more and len(names) == 50

@@ -17,11 +17,11 @@ pytestmark = pytest.mark.integration
 
 
 def test_the_scale_bench_runs_end_to_end_at_a_tiny_size() -> None:
-    f = scenario(agents=20, queued=200, runs=60, procs=1, submitters=1, steady_s=0, say=False)
+    f = scenario(agents=20, queued=200, runs=60, procs=1, submitters=1, steady_s=0, say=False, cli_ps=1)
     assert f.errors == 0
     assert f.online_at_end == 20 and f.lost == 0 and f.failed == 0  # every simulated agent stayed online
     assert f.queued_seen == 200  # every agent held one job, the rest waited
-    assert f.passes > 0 and f.ps_ms and f.ps_finished_ms
+    assert f.passes > 0 and f.ps_ms and f.ps_finished_ms and len(f.cli_ps_ms) == 1  # the real `dstack ps` ran
     assert f.drain_rate > 0 and f.single_rate > 0 and f.batch_rate > 0
 
 

@@ -7,6 +7,7 @@ waiting for it.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from dstack.coordinator.config import CoordinatorConfig
@@ -61,3 +62,50 @@ def test_a_start_gives_online_agents_a_lease_plus_the_fence_margin_plus_the_reco
             store.close()
 
     asyncio.run(restart_and_watch_the_lease())
+
+
+def test_a_stall_of_the_coordinator_itself_is_not_counted_against_the_agents(tmp_path: Path) -> None:
+    """The coordinator's event loop does not run for longer than a lease (a long synchronous step, its
+    process descheduled on a saturated host): agents' messages wait unread in its sockets, and the first
+    lease check after the stall may run before they are read. It renews every lease instead of declaring
+    every agent lost; an agent that stays silent is still lost a lease later. Real clock."""
+    lease_s = 1.0
+    config = CoordinatorConfig(
+        state_dir=tmp_path,
+        listen="unix:///unused",
+        storage_url=str(tmp_path / "storage"),
+        admin_token="admin",
+        join_token="join",
+        lease_timeout_s=lease_s,
+        reconnect_grace_s=0.0,
+    )
+
+    async def stall_then_watch() -> None:
+        store = Store(tmp_path / "db.sqlite")
+        agent_id = store.register_agent("a", "tok-a", b"")
+        store.agent_online(agent_id, b"", 1)
+        db = DbExecutor(store)
+        engine = Engine(config, store, db)
+        assert engine.guard_stalls
+
+        async def status() -> str:
+            return next(r.status for r in await db(store.list_agents) if r.id == agent_id)
+
+        await engine.start()
+        try:
+            engine.heard(agent_id)
+            await asyncio.sleep(0.05)  # the lease loop is waiting for its next check
+            time.sleep(3 * lease_s)  # the event loop stalls: nothing is read, no check runs  # noqa: ASYNC251
+            await asyncio.sleep(lease_s / 2)  # the check that runs at once after the stall, and the next
+            assert await status() == "online"
+            deadline = time.monotonic() + 30
+            while await status() == "online":  # silent from here on: lost once its (extended) lease is over
+                assert time.monotonic() < deadline, "a silent agent was never lost"
+                await asyncio.sleep(0.1)
+            assert await status() == "lost"
+        finally:
+            await engine.stop()
+            db.shutdown()
+            store.close()
+
+    asyncio.run(stall_then_watch())
