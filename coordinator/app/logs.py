@@ -24,7 +24,7 @@ from dstack.coordinator.store.db import Store
 from dstack.coordinator.store.logs import body_of, lines_of
 
 LOG_BATCH = 5000
-LOG_BATCH_BYTES = 4 << 20  # one response stays far below gRPC's message limit
+LOG_BATCH_BYTES = 3 << 20  # one response (whole chunks, within this) stays below gRPC's 4 MiB default limit
 IN_DATABASE, ARCHIVED, DELETED = 0, 1, 2
 # A follower wakes when its run's lines or state change (engine.RunWatchers, set once a chunk is stored);
 # it also reads again after this long without a wake-up, in case a change came some other way.

@@ -35,6 +35,7 @@ class ArchivableJob:
     run_name: str
 
 
+CHUNK_BYTES = 1 << 20  # a stored chunk at most (bigger batches are split): pages are built of whole chunks
 QUOTA_MARKER = "[dstack: this job's log reached the coordinator's quota of {} bytes (dstack server --max-log-bytes);"
 QUOTA_MARKER_END = " later lines are dropped, the job keeps running]"
 
@@ -104,13 +105,21 @@ class Logs:
                     if not b.lines:
                         continue
                     pb = b if isinstance(b, agent_pb2.LogBatch) else _to_proto(b)
-                    chunk = self._chunk(pb)
-                    if chunk is not None:
-                        c.execute(
-                            "INSERT OR IGNORE INTO log_chunks (job_id, first_seq, last_seq, text_bytes, marked, body)"
-                            " VALUES (?, ?, ?, ?, ?, ?)",
-                            [chunk.job_id, chunk.first_seq, chunk.last_seq, chunk.text_bytes, chunk.marked, chunk.body],
-                        )
+                    for piece in _pieces(pb):
+                        chunk = self._chunk(piece)
+                        if chunk is not None:
+                            c.execute(
+                                "INSERT OR IGNORE INTO log_chunks"
+                                " (job_id, first_seq, last_seq, text_bytes, marked, body) VALUES (?, ?, ?, ?, ?, ?)",
+                                [
+                                    chunk.job_id,
+                                    chunk.first_seq,
+                                    chunk.last_seq,
+                                    chunk.text_bytes,
+                                    chunk.marked,
+                                    chunk.body,
+                                ],
+                            )
                     acks.append(LogAck(b.job_id, pb.lines[-1].seq))
         except BaseException:
             # Not stored (a full disk...): the counts and positions are read again from the database.
@@ -244,6 +253,8 @@ class Logs:
                     body, n = _after(body, after_seq)
                 else:
                     n = last_seq - first + 1
+                if parts and size + len(body) > max_bytes:
+                    break  # a page stays within max_bytes (one response within gRPC's message limit)
                 parts.append(body)
                 count += n
                 size += len(body)
@@ -319,6 +330,23 @@ def _cut(lines: log_lines_type, room: int) -> tuple[int, int]:
             return i, used
         used += n
     return len(lines), used
+
+
+def _pieces(b: agent_pb2.LogBatch) -> list[agent_pb2.LogBatch]:
+    """The batch as stored chunks of at most CHUNK_BYTES each: an agent sends at most 1 MiB per batch,
+    but the coordinator accepts bigger messages, and a page of chunks must fit in one client response."""
+    if b.ByteSize() <= CHUNK_BYTES:
+        return [b]
+    out: list[agent_pb2.LogBatch] = []
+    start = size = 0
+    for i, ln in enumerate(b.lines):
+        n = ln.ByteSize() + 8  # the line's own field header, generously
+        if i > start and size + n > CHUNK_BYTES:
+            out.append(agent_pb2.LogBatch(job_id=b.job_id, lines=b.lines[start:i]))
+            start, size = i, 0
+        size += n
+    out.append(agent_pb2.LogBatch(job_id=b.job_id, lines=b.lines[start:]))
+    return out
 
 
 def _after(body: bytes, after_seq: int) -> tuple[bytes, int]:

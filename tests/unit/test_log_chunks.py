@@ -12,7 +12,7 @@ import sqlite_utils
 from dstack.coordinator.attempts import stored_seq, wire_job_id
 from dstack.coordinator.model import LogAck, LogBatch, LogLine, LogStream
 from dstack.coordinator.store import Store
-from dstack.coordinator.store.logs import quota_marker
+from dstack.coordinator.store.logs import CHUNK_BYTES, quota_marker
 from dstack.coordinator.store.schema import MIGRATIONS
 from dstack.protos.v1 import agent_pb2, client_pb2
 
@@ -188,5 +188,27 @@ def test_a_database_made_before_chunks_keeps_its_lines(tmp_path: Path) -> None:
         assert store.all_logs("a")[-1].text == "line 12002"
         store.insert_logs([batch(3, 4, job="c")])  # the marker is stored: nothing more for c
         assert [ln.text for ln in store.all_logs("c")] == ["c 1", marker]
+    finally:
+        store.close()
+
+
+def test_a_batch_bigger_than_an_agent_sends_is_split_and_a_page_fits_a_default_grpc_message(tmp_path: Path) -> None:
+    """A hostile agent's 3 MiB batch (the coordinator accepts 64 MiB messages) becomes chunks of at most
+    CHUNK_BYTES; a page of whole chunks stays within its byte budget, so a response fits gRPC's 4 MiB."""
+    store = Store(tmp_path / "c.db")
+    try:
+        text = "{} " + "x" * 1000
+        acks = store.insert_logs([batch(1, 3000, text=text)])
+        assert acks == [LogAck(JOB, 3000)]
+        rows = store.conn.execute("SELECT first_seq, last_seq, length(body) FROM log_chunks ORDER BY 1").fetchall()
+        assert len(rows) == 3 and all(size <= CHUNK_BYTES for _, _, size in rows)
+        assert [(f, la) for f, la, _ in rows] == [(1, rows[0][1]), (rows[0][1] + 1, rows[1][1]), (rows[1][1] + 1, 3000)]
+        assert seqs(store) == list(range(1, 3001))
+        budget = CHUNK_BYTES * 3 // 2  # room for one whole chunk, not two
+        after, pages = 0, 0
+        while (p := store.read_log_page(JOB, after, 1_000_000, budget)) is not None:
+            assert len(p.body) <= budget
+            after, pages = p.last_seq, pages + 1
+        assert (after, pages) == (3000, 3)
     finally:
         store.close()
