@@ -270,7 +270,10 @@ def test_a_fake_eight_gpu_agent_gets_no_job_until_approved(cluster: Cluster, tmp
     assert r.returncode != 0 and "not waiting for approval" in r.stderr
 
 
-def test_an_agent_that_registered_and_never_connected_is_listed(cluster: Cluster) -> None:
+def test_an_agent_that_registered_and_never_connected_is_listed(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # each cell on one line, to find it in the table
     cluster.start_coordinator()
     register(cluster, cluster.join_token, "ghost")
     assert status_of(cluster, "ghost") == "never connected"

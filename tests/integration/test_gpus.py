@@ -110,6 +110,8 @@ def test_agents_lists_gpus_free_and_total_and_marks_simulated_ones(cluster: Clus
     assert sum(g["busy"] for g in gpus) == 1
     assert {"memory_total_bytes", "memory_used_bytes", "utilization_percent", "temperature_c", "uuid"} <= set(gpus[0])
     assert agents["cpu-box"]["gpus"] == []
-    table = cluster.cli("agents").stdout
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COLUMNS", "400")  # each cell on one line (the table has a DISK column), to find it
+        table = cluster.cli("agents").stdout
     assert "3/4 free" in table and "simulated" in table
     cluster.cli("stop", name)
