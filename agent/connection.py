@@ -370,6 +370,8 @@ class Agent:
             except Exception:
                 # The agent must outlive any one bad session: its jobs are still running.
                 log.exception("session with the coordinator failed")
+            if not self.session_started:
+                await self._note_refusal()
             if self.session_started:  # a session that got going ended: the next try is a fresh start
                 attempts = SESSION_BACKOFF.start()
             delay = attempts.next_delay() or SESSION_BACKOFF.max_s
@@ -520,6 +522,18 @@ class Agent:
                 task.add_done_callback(self._background.discard)
 
     # ---- self-fencing --------------------------------------------------------------------------
+    async def _note_refusal(self) -> None:
+        """After a failed try to start a session: if the port refuses, the coordinator is down now, which
+        counts as a renewal (agent/lease.py). The watchdog only probes near the deadline; a coordinator
+        that was down, then back while this agent waited out its reconnect backoff, would otherwise be
+        counted from the last ack before it went down, and a healthy job stopped (seen in a CI chaos run)."""
+        guard = self.lease
+        if guard.remaining() is None or guard.policy.strict:
+            return
+        probed_at = guard.clock()
+        if await refused(self.config.coordinator, PROBE_TIMEOUT_S):
+            guard.coordinator_down(probed_at)
+
     async def _fence_watch(self) -> None:
         """Stops every job once the lease runs out with no renewal acknowledged (agent/lease.py), unless a
         refused connection shows the coordinator is down. Runs for the agent's whole life, across sessions."""

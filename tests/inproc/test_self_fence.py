@@ -272,3 +272,42 @@ async def test_a_job_its_agent_fenced_is_requeued_where_its_retry_lists_agent_lo
         assert second.job_id == f"{first.job_id}-a2"
         job = await h.job(run.name)
         assert job.attempt == 2 and job.attempts[0].termination_reason == TR.TERMINATION_REASON_AGENT_LOST
+
+
+async def test_a_coordinator_back_before_the_agent_reconnects_is_counted_down_until_it_came_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart seen in CI's chaos run: the port refused (the coordinator down) and then accepted again
+    while the agent waited out its reconnect backoff. Refusals were only probed near the deadline, by
+    then the port was open, and the agent stopped a healthy job. Each failed reconnect now probes too:
+    the lease counts from the last refusal. (The relay's silence stands for the agent not being back in
+    session yet; the in-process coordinator, which never went down, requeues only after L + M.)"""
+    caplog.set_level(logging.INFO, "dstack.agent")
+    margin, kill = 10.0, 4.0  # the agent stops its jobs 7.5 s after its last renewal; the probes start at 5.5 s
+    runtime = GatedRuntime()
+    async with (
+        coordinator(
+            tmp_path, lease_timeout_s=LEASE_S, heartbeat_interval_s=BEAT_S, fence_margin_s=margin, fence_kill_s=kill
+        ) as h,
+        link_to(h) as link,
+        real_agent(h, runtime=runtime, via=link.address),
+    ):
+        run = await submit_run(h, job_spec("main"))
+        proc = await runtime.started(run.jobs[0].id)
+        await wait_until(lambda: running(h, run.name), "the job to run")
+
+        await link.refuse()  # down: refused until 4.5 s, before the old code's probes began
+        await asyncio.sleep(4.5)
+        await link.restore()
+        link.cut()  # up again, the agent not yet back in session: past the old code's deadline (7.5 s)
+        await asyncio.sleep(4.0)
+        assert "self-fence" not in caplog.text
+        await link.restore()
+        proc.exit(0)
+
+        async def finished() -> common_pb2.JobStatus.ValueType | None:
+            job = await h.job(run.name)
+            return job.status if job.status in (JS.JOB_STATUS_DONE, JS.JOB_STATUS_FAILED) else None
+
+        assert await wait_until(finished, "the job to finish") == JS.JOB_STATUS_DONE
+        assert (await h.job(run.name)).attempt == 1
