@@ -533,6 +533,7 @@ class Agent:
         probed_at = guard.clock()
         if await refused(self.config.coordinator, PROBE_TIMEOUT_S):
             guard.coordinator_down(probed_at)
+            log.info("the coordinator is down (its port refuses connections): jobs keep running")
 
     async def _fence_watch(self) -> None:
         """Stops every job once the lease runs out with no renewal acknowledged (agent/lease.py), unless a

@@ -11,6 +11,7 @@ Attacks run here:
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import psutil
@@ -119,9 +120,15 @@ def test_a_coordinator_killed_for_longer_than_a_lease_stops_no_job(cluster: Clus
     assert cluster.coordinator is not None
 
     cluster.coordinator.kill9()
-    # Each refusal carries the agent's lease one lease further, probed in the lease's last seconds: three
-    # of them mean the coordinator stayed down for more than a lease (3 s here).
-    wait_for(lambda: agent.output().count("the coordinator is down") >= 3, timeout=60, what="three refused probes")
+    down_at = time.monotonic()
+    # Each refusal (probed by a failed reconnect, or near the deadline) carries the agent's lease further.
+    # Down for longer than the agent's deadline (lease 3 s + margin 3 s - kill time 1 s = 5 s, counted
+    # from its last ack), and refused at least three times: without the refusals the job would be stopped.
+    wait_for(
+        lambda: agent.output().count("the coordinator is down") >= 3 and time.monotonic() - down_at > 6.0,
+        timeout=60,
+        what="the coordinator down past the agent's deadline, with three refused probes",
+    )
     assert psutil.pid_exists(pid) and "self-fence" not in agent.output()
     cluster.start_coordinator()
     (pids / "release").touch()
