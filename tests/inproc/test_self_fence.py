@@ -132,6 +132,11 @@ async def link_to(h: Harness) -> AsyncIterator[Link]:
         await link.close()
 
 
+async def finished(h: Harness, run_name: str) -> common_pb2.JobStatus.ValueType | None:
+    job = await h.job(run_name)
+    return job.status if job.status in (JS.JOB_STATUS_DONE, JS.JOB_STATUS_FAILED) else None
+
+
 async def running(h: Harness, run_name: str) -> common_pb2.JobStatus.ValueType | None:
     job = await h.job(run_name)
     return job.status if job.status == JS.JOB_STATUS_RUNNING else None
@@ -197,11 +202,7 @@ async def test_a_coordinator_whose_port_refuses_for_longer_than_a_lease_stops_no
         await link.restore()
         proc.exit(0)
 
-        async def finished() -> common_pb2.JobStatus.ValueType | None:
-            job = await h.job(run.name)
-            return job.status if job.status in (JS.JOB_STATUS_DONE, JS.JOB_STATUS_FAILED) else None
-
-        assert await wait_until(finished, "the job to finish") == JS.JOB_STATUS_DONE
+        assert await wait_until(lambda: finished(h, run.name), "the job to finish") == JS.JOB_STATUS_DONE
         assert (await h.job(run.name)).attempt == 1
 
 
@@ -305,9 +306,5 @@ async def test_a_coordinator_back_before_the_agent_reconnects_is_counted_down_un
         await link.restore()
         proc.exit(0)
 
-        async def finished() -> common_pb2.JobStatus.ValueType | None:
-            job = await h.job(run.name)
-            return job.status if job.status in (JS.JOB_STATUS_DONE, JS.JOB_STATUS_FAILED) else None
-
-        assert await wait_until(finished, "the job to finish") == JS.JOB_STATUS_DONE
+        assert await wait_until(lambda: finished(h, run.name), "the job to finish") == JS.JOB_STATUS_DONE
         assert (await h.job(run.name)).attempt == 1
