@@ -78,6 +78,8 @@ class AgentStats:
     failures: dict[str, int] = field(default_factory=dict)  # errors by cause ("phase: CODE details")
     heartbeats: int = 0
     max_heartbeat_gap_s: float = 0.0  # the longest a simulated agent went between two messages
+    max_write_s: float = 0.0  # the longest one `call.write` took to return (gRPC accepted the message)
+    max_loop_lag_s: float = 0.0  # the worker's own event loop: the most a 0.5 s sleep overslept
     first_done: float = 0.0  # wall clock (time.time), comparable across processes
     last_done: float = 0.0
     last_error: str = ""
@@ -213,6 +215,8 @@ class _Agent:
             now = time.monotonic()
             self.w.stats.max_heartbeat_gap_s = max(self.w.stats.max_heartbeat_gap_s, now - last)
             await call.write(msg)
+            stats = self.w.stats
+            stats.max_write_s = max(stats.max_write_s, time.monotonic() - now)
             last = now
 
     async def _read(self, call: Any, first: agent_pb2.CoordinatorMessage) -> None:
@@ -282,6 +286,7 @@ class _Worker:
     async def main(self, pipe: Connection) -> None:
         gate = asyncio.Semaphore(REGISTER_IN_FLIGHT)
         tasks = [asyncio.create_task(a.run(gate)) for a in self.agents]
+        tasks.append(asyncio.create_task(self._lag()))
         try:
             while True:
                 cmd = await asyncio.to_thread(pipe.recv)
@@ -293,7 +298,7 @@ class _Worker:
                         a.release()
                     pipe.send("ok")
                 elif cmd == "reset-gap":
-                    self.stats.max_heartbeat_gap_s = 0.0
+                    self.stats.max_heartbeat_gap_s = self.stats.max_write_s = self.stats.max_loop_lag_s = 0.0
                     pipe.send("ok")
                 else:
                     break
@@ -302,6 +307,13 @@ class _Worker:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             pipe.send("stopped")
+
+    async def _lag(self) -> None:
+        """How late this process's event loop runs (its agents' heartbeats are as late, at least)."""
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(0.5)
+            self.stats.max_loop_lag_s = max(self.stats.max_loop_lag_s, time.monotonic() - t0 - 0.5)
 
 
 def _agent_worker(target: Target, names: list[tuple[str, int]], hold: bool, pipe: Connection) -> None:
@@ -336,7 +348,8 @@ class Fleet:
                 setattr(total, k, getattr(total, k) + getattr(one, k))
             for cause, n in one.failures.items():
                 total.failures[cause] = total.failures.get(cause, 0) + n
-            total.max_heartbeat_gap_s = max(total.max_heartbeat_gap_s, one.max_heartbeat_gap_s)
+            for k in ("max_heartbeat_gap_s", "max_write_s", "max_loop_lag_s"):
+                setattr(total, k, max(getattr(total, k), getattr(one, k)))
             if one.first_done:
                 total.first_done = min(total.first_done or one.first_done, one.first_done)
             total.last_done = max(total.last_done, one.last_done)

@@ -72,6 +72,9 @@ class Figures:
     failed: int = 0  # jobs that ended failed (with a lost agent): counted in the rates' totals
     online_at_end: int = 0
     max_heartbeat_gap_s: float = 0.0  # on the load generator's side: its own lateness, not the coordinator's
+    max_write_s: float = 0.0  # the load generator's longest wait for gRPC to take one message
+    max_loop_lag_s: float = 0.0  # the load generator's event loops: the most one ran late
+    max_lease_check_late_s: float = 0.0  # the coordinator's lease loop: the most it ran late (its stall guard's log)
     errors: int = 0  # simulated agents' failed sessions (each reconnected, as a real agent does)
     reconnected: int = 0
     failures: dict[str, int] = field(default_factory=dict)  # those errors by cause
@@ -248,6 +251,19 @@ def scenario(
             last[:] = [s]
             return s
 
+        def phase_view() -> str:
+            """Lost agents and silences so far, on both sides: where a false loss comes from."""
+            text = scrape.read()
+            silence = re.search(r"^dstack_agent_longest_silence_seconds ([0-9.e+-]+)$", text, re.M)
+            lost = re.search(r"^dstack_agents_lost_total ([0-9.e+]+)$", text, re.M)
+            s = last[0] if last else AgentStats()
+            return (
+                f"so far: {float(lost.group(1)) if lost else 0:.0f} agents lost, longest silence"
+                f" {float(silence.group(1)) if silence else float('nan'):.1f} s (coordinator),"
+                f" heartbeat gap {s.max_heartbeat_gap_s:.1f} s, write {s.max_write_s:.1f} s, event loop late"
+                f" {s.max_loop_lag_s:.1f} s (load generator); {s.errors} failed sessions"
+            )
+
         def submitted(sub: SubmitStats) -> None:
             if sub.errors:  # reported and counted; what was stored goes on
                 f.submit_errors += sub.errors
@@ -257,7 +273,7 @@ def scenario(
         fleet = Fleet(target, agents, procs, hold=True)
         wait_until(f"{agents} agents to connect", lambda: stats().connected >= agents, 120 + agents / 10)
         f.connect_s = time.monotonic() - t0
-        log(f"{agents} agents connected in {f.connect_s:.1f} s")
+        log(f"{agents} agents connected in {f.connect_s:.1f} s; {phase_view()}")
 
         # Fill: one run per agent (each is held) and `queued` more that wait behind them.
         sub = submit_runs(target, queued + agents, procs=submitters, in_flight=4, batch=SUBMIT_BATCH)
@@ -266,7 +282,7 @@ def scenario(
         wait_until("every agent to hold a job", lambda: stats().assigned >= agents, 120 + queued / 500)
         f.queued_seen = sub.submitted - last[0].assigned
         fill_total = sub.submitted
-        log(f"{sub.submitted} runs submitted at {f.fill_rate:,.0f}/s; {f.queued_seen} wait")
+        log(f"{sub.submitted} runs submitted at {f.fill_rate:,.0f}/s; {f.queued_seen} wait; {phase_view()}")
 
         # Full queue: `dstack ps`'s call, and the pool held across two lease timeouts' worth of passes.
         fleet.reset_gap()
@@ -285,7 +301,8 @@ def scenario(
         m = re.search(r"^dstack_agent_longest_silence_seconds ([0-9.e+-]+)$", scrape.read(), re.M)
         log(
             f"with the queue full: {lost:.0f} agents lost; longest silence {m.group(1) if m else '?'} s (coordinator),"
-            f" {last[0].max_heartbeat_gap_s:.1f} s (load generator); coordinator RSS so far"
+            f" {last[0].max_heartbeat_gap_s:.1f} s (load generator: its writes took up to {last[0].max_write_s:.1f} s,"
+            f" its event loops ran up to {last[0].max_loop_lag_s:.1f} s late); coordinator RSS so far"
             f" {(sampler.max if sampler else 0) / (1 << 20):.0f} MiB"
         )
         log(
@@ -299,7 +316,7 @@ def scenario(
         total = fill_total
         wait_until("the queue to drain", lambda: stats() is not None and scrape.ended() >= total, 300 + total / 100)
         f.drain_rate = total / max(1e-9, last[0].last_done - t_rel)
-        log(f"drained {total} jobs at {f.drain_rate:,.0f}/s")
+        log(f"drained {total} jobs at {f.drain_rate:,.0f}/s; {phase_view()}")
 
         # Single-job runs through submit -> dispatch -> DONE: one SubmitRun per run, then batched.
         for batch in (1, SUBMIT_BATCH):
@@ -317,7 +334,12 @@ def scenario(
             log(f"{runs} single-job runs, {batch} per call: {rate:,.0f} runs/s submit -> done")
 
         f.ps_finished_ms = time_ps(svc, 20, failures=f.ps_failures)
-        f.max_heartbeat_gap_s = stats().max_heartbeat_gap_s
+        end = stats()
+        f.max_heartbeat_gap_s, f.max_write_s, f.max_loop_lag_s = (
+            end.max_heartbeat_gap_s,
+            end.max_write_s,
+            end.max_loop_lag_s,
+        )
         f.pass_p99_s, f.max_pass_bucket_s, f.passes = bucket_quantile(scrape.pass_buckets(), 0.99)
         f.pass_p50_s = bucket_quantile(scrape.pass_buckets(), 0.5)[0]
         full_buckets = scrape.pass_buckets("dstack_scheduling_full_pass_seconds")
@@ -330,6 +352,8 @@ def scenario(
         f.failed = int(float(m.group(1))) if m else 0
         listed = svc.client_stub().ListAgents(client_pb2.ListAgentsRequest(), metadata=meta(), timeout=60).agents
         f.online_at_end = sum(a.status == "online" for a in listed)
+        late = re.findall(r"lease check ([0-9.]+) s late", (svc.tmp / "coordinator.log").read_text(errors="replace"))
+        f.max_lease_check_late_s = max((float(x) for x in late), default=0.0)
         f.errors, f.reconnected, f.failures = last[0].errors, last[0].reconnected, dict(last[0].failures)
     finally:
         if fleet is not None:
@@ -442,6 +466,18 @@ def table(base: Figures | None, full: Figures) -> str:
             not full.ps_failures,
         ),
         row("load generator's longest heartbeat gap", *both(lambda f: f"{f.max_heartbeat_gap_s:.1f} s"), "", None),
+        row(
+            "load generator: longest write / its event loops' worst lateness",
+            *both(lambda f: f"{f.max_write_s:.1f} s / {f.max_loop_lag_s:.1f} s"),
+            "",
+            None,
+        ),
+        row(
+            "coordinator: its lease loop's worst lateness (over 1 s: every lease renewed)",
+            *both(lambda f: f"{f.max_lease_check_late_s:.1f} s"),
+            "",
+            None,
+        ),
         row(
             "coordinator: longest silence of an agent (between two messages read)",
             *both(lambda f: f"{f.max_silence_s:.1f} s"),
