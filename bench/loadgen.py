@@ -134,6 +134,7 @@ class _Agent:
         try:
             while True:
                 phase = "register"
+                call: Any = None
                 try:
                     async with gate:
                         if not self.agent_token:
@@ -160,6 +161,8 @@ class _Agent:
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # counted by cause and shown: never hidden, never fatal to the bench
+                    if call is not None:
+                        call.cancel()  # a hello never answered: its stream goes (the session's own ended already)
                     self._failed(phase, e)
                     if isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.UNAUTHENTICATED:
                         self.agent_token = ""  # as a real agent: register again
