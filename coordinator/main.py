@@ -15,6 +15,7 @@ from pathlib import Path
 from dstack.coordinator.app.limits import DEFAULT_MAX_QUEUED_PER_USER, DEFAULT_MAX_SUBMISSIONS_PER_MINUTE
 from dstack.coordinator.app.streams import DEFAULT_MAX_STREAMS, DEFAULT_MAX_STREAMS_PER_USER, DEFAULT_STREAM_STALL_S
 from dstack.coordinator.config import CoordinatorConfig
+from dstack.coordinator.gc_tuning import tune_gc
 from dstack.coordinator.server import Coordinator, StartError, serve
 from dstack.storage.private import private_dir
 
@@ -343,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         if not config.local_mode:
             print(banner(config, coordinator), file=sys.stderr, flush=True)
 
+    tune_gc()  # the serving process only: not one that merely imports the coordinator (tests)
     try:
         asyncio.run(serve(config, on_started=on_started))
     except StartError as e:
