@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
-from tests.cluster.invariants import Verdict, check
+from tests.cluster.invariants import Verdict, check, self_fenced_jobs
 from tests.cluster.workload import Execution, JobShape, Reported
 
 SHAPE = JobShape(lines=3)
@@ -110,3 +110,23 @@ def test_a_missing_run_a_false_loss_and_a_wrong_reason_are_caught() -> None:
     assert (v.lost, v.false_agent_lost, v.wrong_reason) == (1, 1, 1), v.details
     allowed = check(["r2"], {"r2"}, [failed], [], SHAPE, HOSTS, {"agent-b": {"agent_lost"}})
     assert allowed.failed_allowed == 1 and allowed.wrong_reason == 0
+
+
+def test_jobs_stopped_by_self_fencing_count_only_on_agents_no_fault_cut_off() -> None:
+    """An agent's log says how many jobs it fenced; on an agent that was cut off that is the design, on any
+    other (its acks late behind a busy coordinator, a coordinator restart) a healthy job was stopped."""
+    log = (
+        "12:00:01 WARNING dstack.agent: no lease renewal acknowledged by the coordinator for 8.0s: stopping 3 job(s)"
+        " (self-fence)\n12:00:02 INFO dstack.agent: job x ended\n"
+        "12:01:00 WARNING dstack.agent: no lease renewal acknowledged by the coordinator for 8.0s: stopping 1 job(s)"
+        " (self-fence)\n"
+    )
+    assert self_fenced_jobs(log) == 4 and self_fenced_jobs("stopping jobs") == 0
+    a = execution("r1", 1, "ns-a", 0, 1)
+    fenced = {"agent-a": 2, "agent-b": 4}
+    v = check(["r1"], {"r1"}, [report(a)], [a], SHAPE, HOSTS, {}, fenced=fenced, may_fence={"agent-b"})
+    assert v.healthy_fenced == 2 and v.violations() == 2, v.details
+    assert (
+        check(["r1"], {"r1"}, [report(a)], [a], SHAPE, HOSTS, {}, fenced=fenced, may_fence=set(fenced)).violations()
+        == 0
+    )
