@@ -4,7 +4,10 @@ evidence and reports (no processes: a checker that never fails would let every s
 from __future__ import annotations
 
 import hashlib
+import threading
+from pathlib import Path
 
+from tests.cluster.bed import publish
 from tests.cluster.invariants import Verdict, check, self_fenced_jobs
 from tests.cluster.workload import Execution, JobShape, Reported
 
@@ -130,3 +133,36 @@ def test_jobs_stopped_by_self_fencing_count_only_on_agents_no_fault_cut_off() ->
         check(["r1"], {"r1"}, [report(a)], [a], SHAPE, HOSTS, {}, fenced=fenced, may_fence=set(fenced)).violations()
         == 0
     )
+
+
+def test_the_beds_ca_copy_is_never_seen_empty_while_it_is_published_again(tmp_path: Path) -> None:
+    """Agents read the bed's CA copy as they start while the bed starts the next agent and makes clients,
+    each of which published it again: written in place, a reader could find it empty (an agent exited,
+    "no PEM certificate", and a 1,000-job scenario failed waiting for it). Published atomically, and not
+    rewritten when unchanged, a reader always sees the whole certificate."""
+    source, target = tmp_path / "src.pem", tmp_path / "ca.pem"
+    pem = b"-----BEGIN CERTIFICATE-----\n" + b"A" * 2000 + b"\n-----END CERTIFICATE-----\n"
+    source.write_bytes(pem)
+    publish(source, target)
+    inode = target.stat().st_ino
+    publish(source, target)
+    assert target.stat().st_ino == inode  # unchanged: left alone
+    seen: set[bytes] = set()
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            seen.add(target.read_bytes())
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for t in readers:
+        t.start()
+    try:
+        for i in range(300):  # a new CA each time (a changed one is published too), as fast as it goes
+            source.write_bytes(pem.replace(b"A", b"ABCD"[i % 4 : i % 4 + 1]))
+            publish(source, target)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert all(s.startswith(b"-----BEGIN") and s.endswith(b"-----\n") for s in seen), sorted(map(len, seen))
