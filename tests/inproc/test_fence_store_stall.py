@@ -87,3 +87,38 @@ async def test_a_job_printing_while_the_store_stalls_past_the_fence_deadline_is_
         await wait_until(done, "the job to finish")
         printed = [text for _, _, text in await h.logs(run.name) if text.startswith("line ")]
         assert printed == [f"line {k}" for k in range(1, i + 1)]  # every line once, in order
+
+
+async def test_a_busy_default_thread_pool_does_not_hold_back_the_heartbeat(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The heartbeat looks at the disk (statvfs) and inventory on a worker thread. On the default pool (6
+    threads on 2 cores) it queued behind the agent's other blocking work (artifact uploads, code unpacks,
+    cgroups): with the pool busy for longer than the fence deadline no heartbeat went out, and the agent
+    stopped its own healthy job. Attack: every default worker is held past that deadline."""
+    caplog.set_level(logging.INFO, "dstack.agent")
+    runtime = GatedRuntime()
+    async with (
+        coordinator(
+            tmp_path, lease_timeout_s=LEASE_S, heartbeat_interval_s=BEAT_S, fence_margin_s=MARGIN_S, fence_kill_s=KILL_S
+        ) as h,
+        real_agent(h, runtime=runtime) as agent,
+    ):
+        run = await submit_run(h, job_spec("main"))
+        await runtime.started(run.jobs[0].id)
+        await wait_until(lambda: running(h, run.name), "the job to run")
+
+        loop = asyncio.get_running_loop()
+        busy = [loop.run_in_executor(None, time.sleep, STALL_S) for _ in range(64)]  # more than the pool has
+        closest = float("inf")
+        until = time.monotonic() + STALL_S
+        while time.monotonic() < until:
+            await asyncio.sleep(0.05)
+            left = agent.lease.remaining()
+            assert left is not None
+            closest = min(closest, left)
+        await asyncio.gather(*busy)
+        assert "self-fence" not in caplog.text, caplog.text
+        assert agent.jobs and not any(r.fenced for r in agent.jobs.values()), "the agent stopped its healthy job"
+        fence_after = LEASE_S + MARGIN_S - KILL_S
+        assert closest > fence_after - 1.0, f"the agent's lease fell to {closest:.2f}s of {fence_after:.2f}s"
