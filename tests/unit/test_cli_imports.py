@@ -71,9 +71,12 @@ server.start()
 """
 
 
-def run_cli(home: Path, cwd: Path, argv: list[str]) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+def run_cli(
+    home: Path, cwd: Path, argv: list[str], entry: str = "dstack.cli.main"
+) -> tuple[subprocess.CompletedProcess[str], set[str]]:
     """Runs the CLI in a fresh interpreter, with a fake coordinator in it; returns what it printed and the
-    modules it had loaded when it exited."""
+    modules it had loaded when it exited. `entry`: the module whose main() runs (the console script's is
+    dstack.cli.quick, which hands what it does not take itself to dstack.cli.main's typer app)."""
     out = home / "modules.json"
     address = f"unix://{home}/coordinator.sock"
     script = "\n".join(
@@ -83,14 +86,14 @@ def run_cli(home: Path, cwd: Path, argv: list[str]) -> tuple[subprocess.Complete
             f"ADDRESS = {address!r}",
             FAKE_COORDINATOR,
             f"sys.argv = {['dstack', *argv]!r}",
-            "from dstack.cli.main import main",
+            f"from {entry} import main",
             "main()",
         ]
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSTACK_")}
     env |= {"DSTACK_HOME": str(home), "DSTACK_COORDINATOR": address, "DSTACK_TOKEN": "t"}
     r = subprocess.run([sys.executable, "-c", script], env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, (r.returncode, r.stderr)
     return r, set(json.loads(out.read_text()))
 
 
