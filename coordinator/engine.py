@@ -223,6 +223,7 @@ class Engine:
         self._info: asyncio.Task[None] | None = None  # `_refresh_info`, while it runs
         self._info_wanted = True  # something happened since the last one began
         self._heads_took = 0.0  # the last heads-only pass's time on the DB thread
+        self._pass_took = 0.0  # the last pass's time on the DB thread (either kind)
         self._info_timer: asyncio.TimerHandle | None = None
         # FULL_QUEUE, FULL_EVERY_S, FULL_SHARE, as this engine uses them (tests take the deep queue's
         # path with a short one).
@@ -378,9 +379,11 @@ class Engine:
                 task = asyncio.create_task(self._reuse(hit, w), name=f"reuse {hit.run_name}/{hit.job_name}")
                 self._reusing.add(task)
                 task.add_done_callback(self._reusing.discard)
-            for a in plan.assignments:
-                self.hub.send(a.agent_id, agent_pb2.CoordinatorMessage(assignments=[self._assignment(a)]))
-            self.assignments_sent += len(plan.assignments)
+            sent = time.perf_counter()
+            self._send_assignments(plan.assignments)
+            # The pass itself: its time on the DB thread (placing and writing; not its wait there) and
+            # the assignments' messages built and queued here.
+            self.metrics.scheduling_pass.observe(self._pass_took + time.perf_counter() - sent)
             # A pass over a deep queue holds the DB thread (submissions, heartbeats, updates wait behind
             # it): the next one waits as long as this one took, so passes take at most about half of it,
             # and what finished meanwhile is placed by one pass rather than by many back to back. A
@@ -511,20 +514,32 @@ class Engine:
             if len(self.queue):
                 self.kick()
 
+    def _send_assignments(self, assignments: Sequence[Assignment]) -> None:
+        """One message per agent for all it got in a pass (a pass places thousands at scale)."""
+        by_agent: dict[str, list[agent_pb2.JobAssignment]] = {}
+        for a in assignments:
+            by_agent.setdefault(a.agent_id, []).append(self._assignment(a))
+        for agent_id, theirs in by_agent.items():
+            self.hub.send(agent_id, agent_pb2.CoordinatorMessage(assignments=theirs))
+        self.assignments_sent += len(assignments)
+
     def _timed_plan(self, waiting: list[Waiting], connected: set[str], charge: bool) -> Plan:
         # Timed on the DB thread: the pass itself, not its wait behind other store calls.
-        with self.metrics.scheduling_pass.time(), self.metrics.full_pass.time():
-            return self._plan(waiting, connected, charge)
+        began = time.perf_counter()
+        with self.metrics.full_pass.time():
+            try:
+                return self._plan(waiting, connected, charge)
+            finally:
+                self._pass_took = time.perf_counter() - began
 
     def _timed_heads(
         self, by_user: dict[str, list[Waiting]], shapes: set[Shape], connected: set[str], charge: bool
     ) -> Plan:
         began = time.perf_counter()
-        with self.metrics.scheduling_pass.time():
-            try:
-                return self._heads(by_user, shapes, connected, charge)
-            finally:
-                self._heads_took = time.perf_counter() - began
+        try:
+            return self._heads(by_user, shapes, connected, charge)
+        finally:
+            self._heads_took = self._pass_took = time.perf_counter() - began
 
     def _state(
         self, connected: set[str], charge: bool, full: bool
