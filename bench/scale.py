@@ -58,6 +58,11 @@ class Figures:
     drain_rate: float = 0.0  # jobs/s from the deep queue to DONE
     single_rate: float = 0.0  # single-job runs/s, one SubmitRun each, submit -> DONE
     batch_rate: float = 0.0  # single-job runs/s, SUBMIT_BATCH per SubmitRuns call
+    # The coordinator's CPU time (user + sys) per job in each phase: less disturbed by a shared machine's
+    # load than the wall rates beside them.
+    drain_cpu_ms: float = 0.0
+    single_cpu_ms: float = 0.0
+    batch_cpu_ms: float = 0.0
     pass_p99_s: float = 0.0  # upper bound: the histogram bucket holding the 99th percentile
     pass_p50_s: float = 0.0
     passes: int = 0
@@ -207,6 +212,11 @@ def scenario(
         svc.start_coordinator("--http-port", "0")
         assert svc.coordinator is not None
         sampler = RssSampler(svc.coordinator.pid)
+        coordinator = psutil.Process(svc.coordinator.pid)
+
+        def cpu_s() -> float:
+            return float(sum(coordinator.cpu_times()[:2]))
+
         sampler.start()
         scrape = Scraper(svc)
         target = Target(svc.address, str(svc.ca_file), JOIN, ADMIN)
@@ -243,7 +253,8 @@ def scenario(
             f"ListRuns first page with the queue full: 1,000 runs median {statistics.median(f.ps_ms):.0f} ms,"
             f" 100 runs (what `dstack ps` asks) median {statistics.median(f.ps100_ms):.0f} ms"
         )
-        f.cli_ps_ms, f.cli_floor_ms = time_cli_ps(svc, cli_ps)
+        if cli_ps:
+            f.cli_ps_ms, f.cli_floor_ms = time_cli_ps(svc, cli_ps)
         steady_until = time.monotonic() + steady_s
         while time.monotonic() < steady_until:
             stats()
@@ -256,33 +267,39 @@ def scenario(
             f" {last[0].max_heartbeat_gap_s:.1f} s (load generator); coordinator RSS so far"
             f" {(sampler.max if sampler else 0) / (1 << 20):.0f} MiB"
         )
-        log(
-            f"`dstack ps` (CLI process) with the queue full: median {statistics.median(f.cli_ps_ms):.0f} ms"
-            f" (floor: import grpc, typer {statistics.median(f.cli_floor_ms):.0f} ms)"
-        )
+        if f.cli_ps_ms:
+            log(
+                f"`dstack ps` (CLI process) with the queue full: median {statistics.median(f.cli_ps_ms):.0f} ms"
+                f" (floor: import grpc, typer {statistics.median(f.cli_floor_ms):.0f} ms)"
+            )
 
         # Drain the deep queue: every held job ends, every later assignment ends at once.
-        t_rel = time.time()
+        t_rel, c_rel = time.time(), cpu_s()
         fleet.release()
         total = queued + agents
         wait_until("the queue to drain", lambda: stats() is not None and scrape.ended() >= total, 300 + total / 100)
         f.drain_rate = total / max(1e-9, last[0].last_done - t_rel)
-        log(f"drained {total} jobs at {f.drain_rate:,.0f}/s")
+        f.drain_cpu_ms = (cpu_s() - c_rel) * 1e3 / total
+        log(f"drained {total} jobs at {f.drain_rate:,.0f}/s; coordinator CPU {f.drain_cpu_ms:.2f} ms/job")
 
         # Single-job runs through submit -> dispatch -> DONE: one SubmitRun per run, then batched.
         for batch in (1, SUBMIT_BATCH):
-            before = scrape.ended()
+            before, c_before = scrape.ended(), cpu_s()
             sub = submit_runs(target, runs, procs=submitters, in_flight=16 if batch == 1 else 4, batch=batch)
             if sub.errors:
                 raise RuntimeError(f"{sub.errors} submissions failed; last: {sub.last_error}")
             wait_until(f"{runs} runs to end", lambda b=before: scrape.ended() >= b + runs, 300 + runs / 100)  # type: ignore[misc]
             stats()
             rate = runs / max(1e-9, last[0].last_done - sub.started)
+            cpu_ms = (cpu_s() - c_before) * 1e3 / runs
             if batch == 1:
-                f.single_rate = rate
+                f.single_rate, f.single_cpu_ms = rate, cpu_ms
             else:
-                f.batch_rate = rate
-            log(f"{runs} single-job runs, {batch} per call: {rate:,.0f} runs/s submit -> done")
+                f.batch_rate, f.batch_cpu_ms = rate, cpu_ms
+            log(
+                f"{runs} single-job runs, {batch} per call: {rate:,.0f} runs/s submit -> done;"
+                f" coordinator CPU {cpu_ms:.2f} ms/run"
+            )
 
         f.ps_finished_ms = time_ps(svc, 20)
         f.max_heartbeat_gap_s = stats().max_heartbeat_gap_s
@@ -383,12 +400,20 @@ def table(base: Figures | None, full: Figures) -> str:
         ),
         row("fill: runs/s submitted (SubmitRuns)", *both(lambda f: f"{f.fill_rate:,.0f}"), "", None),
         row("deep queue drained, jobs/s", *both(lambda f: f"{f.drain_rate:,.0f}"), ">= 2,000", full.drain_rate >= 2000),
+        row("coordinator CPU per drained job", *both(lambda f: f"{f.drain_cpu_ms:.2f} ms"), "", None),
         row("single-job runs/s, one SubmitRun each", *both(lambda f: f"{f.single_rate:,.0f}"), "", None),
+        row("coordinator CPU per run, one SubmitRun each", *both(lambda f: f"{f.single_cpu_ms:.2f} ms"), "", None),
         row(
             f"single-job runs/s, {SUBMIT_BATCH} per SubmitRuns",
             *both(lambda f: f"{f.batch_rate:,.0f}"),
             ">= 2,000",
             full.batch_rate >= 2000,
+        ),
+        row(
+            f"coordinator CPU per run, {SUBMIT_BATCH} per SubmitRuns",
+            *both(lambda f: f"{f.batch_cpu_ms:.2f} ms"),
+            "",
+            None,
         ),
         row("load generator's longest heartbeat gap", *both(lambda f: f"{f.max_heartbeat_gap_s:.1f} s"), "", None),
         row(
@@ -408,14 +433,23 @@ def main() -> None:
     ap.add_argument("runs", type=int, nargs="?", default=20_000)
     ap.add_argument("--procs", type=int, default=4, help="agent worker processes")
     ap.add_argument("--no-baseline", action="store_true", help="skip the tenth-size run")
+    ap.add_argument("--steady-s", type=float, default=35.0, help="how long the full queue is held")
+    ap.add_argument("--cli-ps", type=int, default=10, help="times the real `dstack ps` process is timed")
     a = ap.parse_args()
     # A SIGTERM (timeout, kill) unwinds like Ctrl+C: the coordinator and the worker processes are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"machine: {psutil.cpu_count()} CPUs; load generator and coordinator share them", flush=True)
     base = None
     if not a.no_baseline:
-        base = scenario(max(1, a.agents // 10), a.queued // 10, max(1, a.runs // 10), max(1, a.procs // 2))
-    full = scenario(a.agents, a.queued, a.runs, a.procs)
+        base = scenario(
+            max(1, a.agents // 10),
+            a.queued // 10,
+            max(1, a.runs // 10),
+            max(1, a.procs // 2),
+            steady_s=a.steady_s,
+            cli_ps=a.cli_ps,
+        )
+    full = scenario(a.agents, a.queued, a.runs, a.procs, steady_s=a.steady_s, cli_ps=a.cli_ps)
     print(table(base, full))
 
 
