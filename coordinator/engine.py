@@ -57,6 +57,7 @@ from dstack.coordinator.store import AgentRow, Assignment, Placement, Store
 from dstack.coordinator.store.cache import CacheHit
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.coordinator.store.secrets import TEAM
+from dstack.coordinator.store.usage import OnAgent
 from dstack.protos.addresses import valid_address
 from dstack.protos.refusals import agent_removed
 from dstack.protos.urls import public_repo_url
@@ -149,6 +150,19 @@ class InfoSnapshot:
     hits: list[tuple[CacheHit, Waiting]] = field(default_factory=list)
 
 
+def _held(job: OnAgent) -> Held:
+    return Held(
+        job.id,
+        job.agent_id,
+        job.owner,
+        job.cpu,
+        job.memory,
+        tuple(job.gpu_indices),
+        job.started_at,
+        duration_key(job.workflow, job.job_name),
+    )
+
+
 def _request(w: Waiting) -> JobRequest:
     return w.request
 
@@ -223,6 +237,9 @@ class Engine:
         self._info: asyncio.Task[None] | None = None  # `_refresh_info`, while it runs
         self._info_wanted = True  # something happened since the last one began
         self._heads_took = 0.0  # the last heads-only pass's time on the DB thread
+        # Statuses within runs with dependants, as heads-only passes read them (per run), until a job of
+        # the run changes (coordinator/store/journal.py): the DB thread's only.
+        self._dependency_statuses: dict[str, dict[tuple[str, str], JobStatus]] = {}
         self._pass_took = 0.0  # the last pass's time on the DB thread (either kind)
         self._info_timer: asyncio.TimerHandle | None = None
         # FULL_QUEUE, FULL_EVERY_S, FULL_SHARE, as this engine uses them (tests take the deep queue's
@@ -554,23 +571,25 @@ class Engine:
             finished = store.charge_finished_usage(now, half_life)
             self.durations.add((duration_key(f.workflow, f.job_name), f.seconds) for f in finished if f.done)
         usage = {u: acc.at(now, half_life) for u, acc in store.usage_accumulators().items()}
-        if charge or full or not self._holdings_read:
+        changes = None if full or not self._holdings_read else store.journal.drain()
+        if changes is None:
+            # Everything read again (a full pass; the first pass; a failed one; a journal that was lost),
+            # and the journal (coordinator/store/journal.py) counts from here.
+            store.journal.start()
             on_agents = store.jobs_on_agents()
-            self.started.keep((job.id, job.started_at) for job in on_agents if job.started_at is not None)
-            self.holdings.reset(
-                Held(
-                    job.id,
-                    job.agent_id,
-                    job.owner,
-                    job.cpu,
-                    job.memory,
-                    tuple(job.gpu_indices),
-                    job.started_at,
-                    duration_key(job.workflow, job.job_name),
-                )
-                for job in on_agents
-            )
+            self.started.keep((j.id, j.started_at) for j in on_agents if j.started_at is not None)
+            self.holdings.reset(_held(j) for j in on_agents)
+            self._dependency_statuses = {}
             self._holdings_read = True
+        else:
+            # Only the jobs that changed since the last pass: what ended leaves, what started or moved
+            # is read again; no reread of every running job because one of them ended.
+            for job_id in changes.off_agents:
+                self.holdings.remove(job_id)
+            for changed in changes.on_agents:
+                self.holdings.add(_held(changed))
+            for run_id in changes.runs:
+                self._dependency_statuses.pop(run_id, None)
         agents = self._idle_agent_states(connected, reread=full)
         for agent_id, held in self.holdings.agents.items():
             if (a := agents.get(agent_id)) is not None:
@@ -683,7 +702,7 @@ class Engine:
         policy = self._policy(now, usage)
         gone: list[str] = []
         hits: list[tuple[CacheHit, Waiting]] = []
-        statuses: dict[str, dict[tuple[str, str], JobStatus]] = {}  # per run, read when first needed
+        statuses = self._dependency_statuses  # per run, read when first needed
         queue = self.queue
 
         def include(w: Waiting) -> bool:
@@ -691,6 +710,8 @@ class Engine:
                 return False
             run = None
             if w.depends_on:
+                # Kept from pass to pass until a job of the run changes (the journal says so): a
+                # thousand dependants blocked at the head cost no query each per pass.
                 run = statuses.get(w.run_id)
                 if run is None:
                     run = statuses[w.run_id] = self.store.dependency_statuses([w.run_id])
