@@ -25,6 +25,13 @@ class EngineMetrics:
             buckets=PASS_BUCKETS,
             registry=self.registry,
         )
+        self.scheduling_pass_cpu = Histogram(
+            "dstack_scheduling_pass_cpu_seconds",
+            "CPU time one scheduling pass took (its threads' own, as dstack_scheduling_pass_seconds counts it):"
+            " what a loaded host's other processes do not add to",
+            buckets=PASS_BUCKETS,
+            registry=self.registry,
+        )
         self.full_pass = Histogram(
             "dstack_scheduling_full_pass_seconds",
             "How long one full pass took (every waiting job's reason, position and estimated start; also"

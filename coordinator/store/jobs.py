@@ -190,6 +190,11 @@ class StopOrder:
 MAX_REPORTED_PORTS = 1024
 
 
+def _listed(text: str | None) -> bool:
+    """Whether a JSON list column holds anything (as `bool(json_list(text))`, without parsing)."""
+    return bool(text) and text != "[]" and bool(json_list(text))
+
+
 def _valid_port(n: int) -> bool:
     return 1 <= n <= 65535
 
@@ -411,7 +416,8 @@ class Jobs:
                 }
                 for p in chunk:
                     spec, attempt, depends_on, job_inputs, name, code, owner = found[p.job_id]
-                    inputs = inputs_of(c, p.job_id) if json_list(depends_on) or json_list(job_inputs) else []
+                    # Most jobs have neither: their empty lists are told by the text, not parsed per job.
+                    inputs = inputs_of(c, p.job_id) if _listed(depends_on) or _listed(job_inputs) else []
                     if attempt > 1:
                         inputs += attempts.resume_inputs(c, p.job_id)
                     out.append(

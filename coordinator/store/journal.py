@@ -11,7 +11,8 @@ Triggers see every write, whichever code path made it (an agent's report, a leas
 gang's sweep, a requeue): nothing has to remember to say so. A journal entry is written in the
 transaction of the change it notes, so a rolled-back change leaves none. The journal lives in the
 connection (TEMP): a connection opened again has none, and `drain` then says so (None) and sets it up
-again, and the caller reads everything.
+again, and the caller reads everything. Agents' rows (online, name, inventory) are noted the same way,
+so a pass reads them again only when one changed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ _SETUP = (
     "CREATE TEMP TRIGGER IF NOT EXISTS job_changes_delete AFTER DELETE ON main.jobs"
     " BEGIN INSERT INTO job_changes VALUES (old.id, old.run_id, 0)"
     " ON CONFLICT(job_id) DO UPDATE SET placed = 0; END",
+    # Agents whose row a pass reads changed (online or not, name, inventory); not a heartbeat's stamp.
+    "CREATE TEMP TABLE IF NOT EXISTS agent_changes (agent_id TEXT PRIMARY KEY) WITHOUT ROWID",
+    "CREATE TEMP TRIGGER IF NOT EXISTS agent_changes_update AFTER UPDATE OF status, name, inventory ON main.agents"
+    " WHEN old.status IS NOT new.status OR old.name IS NOT new.name OR old.inventory IS NOT new.inventory"
+    " BEGIN INSERT OR IGNORE INTO agent_changes VALUES (new.id); END",
+    "CREATE TEMP TRIGGER IF NOT EXISTS agent_changes_insert AFTER INSERT ON main.agents"
+    " BEGIN INSERT OR IGNORE INTO agent_changes VALUES (new.id); END",
+    "CREATE TEMP TRIGGER IF NOT EXISTS agent_changes_delete AFTER DELETE ON main.agents"
+    " BEGIN INSERT OR IGNORE INTO agent_changes VALUES (old.id); END",
 )
 
 
@@ -49,6 +59,7 @@ class Changes:
     on_agents: list[OnAgent]  # changed jobs that are on an agent now (their rows as read now)
     off_agents: list[str]  # changed jobs that are on no agent now (ended, requeued, deleted, waiting)
     runs: set[str]  # the runs of every changed job, placements included (their statuses changed)
+    agents: bool  # an agent's row changed: online or not, its name or its inventory
 
 
 class JobJournal:
@@ -61,6 +72,7 @@ class JobJournal:
         for sql in _SETUP:
             c.execute(sql)
         c.execute("DELETE FROM temp.job_changes")
+        c.execute("DELETE FROM temp.agent_changes")
 
     def drain(self) -> Changes | None:
         """What changed since the last drain (or `start`), and empties the journal; None: there was no
@@ -68,6 +80,7 @@ class JobJournal:
         with self.db.tx() as c:
             try:
                 noted = c.execute("DELETE FROM temp.job_changes RETURNING job_id, run_id, placed").fetchall()
+                agents = bool(c.execute("DELETE FROM temp.agent_changes RETURNING agent_id").fetchall())
             except Exception as e:
                 if "no such table" not in str(e):
                     raise
@@ -102,4 +115,4 @@ class JobJournal:
                 for r in rows
             ]
         on = {j.id for j in found}
-        return Changes(found, [j for j in ids if j not in on], runs)
+        return Changes(found, [j for j in ids if j not in on], runs, agents)

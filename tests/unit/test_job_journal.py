@@ -226,3 +226,26 @@ def test_runs_refreshed_in_a_batch_move_as_one_at_a_time_does(tmp_path: Path) ->
     assert {r[0] for r in read[0]} >= {RunStatus.DONE, RunStatus.FAILED, RunStatus.RUNNING, RunStatus.PENDING}
     tags = [s.conn.execute("SELECT repository, name FROM tags ORDER BY name").fetchall() for s in stores]
     assert tags[0] == tags[1] and tags[0]
+
+
+def test_an_agents_row_is_noted_when_a_pass_reads_something_new_in_it_and_not_for_a_heartbeat(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db.sqlite")
+    agent_id = s.register_agent("h", "tok", b"")
+    s.agent_online(agent_id, b"inv-1", 2**62)
+    s.journal.start()
+
+    def agents_changed() -> bool:
+        changes = s.journal.drain()
+        assert changes is not None
+        return changes.agents
+
+    s.heartbeat(agent_id, None, 2**62)
+    s.heartbeat(agent_id, b"inv-1", 2**62)  # the same inventory again
+    assert not agents_changed()
+    s.heartbeat(agent_id, b"inv-2", 2**62)  # a disk filled up, a GPU went away
+    assert agents_changed()
+    s.expire_leases(2**63 - 1)  # lost: no longer online
+    assert agents_changed()
+    assert not agents_changed()
+    s.register_agent("h2", "tok2", b"")
+    assert agents_changed()
