@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -70,7 +71,7 @@ step = st.one_of(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(step, max_size=40), st.booleans(), st.integers(3, 50), st.integers(200, 4000))
 def test_every_line_arrives_once_in_order_whatever_the_reads_bounds_and_reconnects(
-    steps: list[tuple], blocks: bool, max_lines: int, max_bytes: int
+    steps: list[tuple[Any, ...]], blocks: bool, max_lines: int, max_bytes: int
 ) -> None:
     async def main(spool_dir: Path) -> None:
         bounds = OutboxBounds(memory_bytes=3000, job_memory_bytes=1500, job_bytes=1 << 30, total_bytes=1 << 30)
