@@ -66,7 +66,7 @@ def block_cost(text: str, count: int) -> int:
 
 
 class _Block(NamedTuple):
-    """Lines of one job's stream read together, as plain Python: seqs first .. first + count - 1, their
+    """Lines of one job's stream read together, as plain Python: seqs first .. first + n_lines - 1, their
     texts joined by "\n", one timestamp. A job printing 200,000 lines a second costs the outbox a few
     operations per block (one read of its output), not per line; a block becomes one `LogBlock` in the
     batch that is sent, or LogLines for a coordinator that reads only those."""
@@ -84,7 +84,7 @@ class _Block(NamedTuple):
 
 
 def _split(b: _Block, k: int) -> tuple[_Block, _Block]:
-    """The block's first k lines (0 < k < count) and the rest."""
+    """The block's first k lines (0 < k < n_lines) and the rest."""
     parts = b.text.split("\n", k)
     head = "\n".join(parts[:k])
     n = block_cost(head, k)
@@ -182,6 +182,10 @@ class Outbox:
             # As much as memory holds (at least one line while the job has none there), the rest to the
             # spool, written by room() or refill().
             k = 0 if jl.spilled else self._fitting_in_memory(jl, block)
+            if k >= block.n_lines:
+                self._to_memory(jl, block)
+                self.wake.set()
+                return
             if k:
                 head, block = _split(block, k)
                 self._to_memory(jl, head)
