@@ -153,6 +153,8 @@ class Outbox:
         self._inflight_bytes = 0
         self._background: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
+        # Set with `wake` by what must not wait for a log batch's linger (agent/connection.py): job updates.
+        self.urgent = asyncio.Event()
         # Whether the last batch taken was cut by the batch's bounds (more lines were ready to go).
         self.last_batch_full = False
         # Whether the coordinator of the current stream stores LogBatch.blocks (HelloAck.log_blocks); if
@@ -212,6 +214,7 @@ class Outbox:
             update.time_ns = time.time_ns()
         self._updates.setdefault(update.job_id, []).append((update, False))
         self.wake.set()
+        self.urgent.set()
 
     async def room(self, job_id: str) -> None:
         """Spools the job's overflow, then returns once the job may add more lines (the job's reader
