@@ -180,7 +180,11 @@ class Outbox:
         block = _Block(jl.next_seq, count, int(stream), text, time.time_ns(), block_cost(text, count))
         jl.next_seq += count
         self._owed_bytes += block.cost
-        if self.spool_dir is not None and (jl.spilled or not self._memory_room(jl, block.cost)):
+        fits = (
+            jl.mem_bytes + block.cost <= self.bounds.job_memory_bytes
+            and self._mem_bytes + block.cost <= self.bounds.memory_bytes
+        )
+        if self.spool_dir is not None and (jl.spilled or not fits):
             # As much as memory holds (at least one line while the job has none there), the rest to the
             # spool, written by room() or refill().
             k = 0 if jl.spilled else self._fitting_in_memory(jl, block)
@@ -246,11 +250,6 @@ class Outbox:
     def _over_bounds(self, jl: _JobLog) -> bool:
         return jl.owed_bytes >= self.bounds.job_bytes or self._owed_bytes >= self.bounds.total_bytes
 
-    def _memory_room(self, jl: _JobLog, n: int) -> bool:
-        if not jl.mem:  # always one line, however long: the job can make progress
-            return True
-        return jl.mem_bytes + n <= self.bounds.job_memory_bytes and self._mem_bytes + n <= self.bounds.memory_bytes
-
     async def _settle(self, job_id: str, jl: _JobLog) -> None:
         """Writes the job's overflow to its spool (off the event loop)."""
         if not jl.overflow or self.spool_dir is None:
@@ -300,7 +299,10 @@ class Outbox:
             blocks: list[_Block] = []
             if jl.on_disk and jl.spool is not None:
                 spool = jl.spool
-                blocks = await asyncio.to_thread(lambda: [_from_proto(b) for b in spool.read(room)])
+                # By their cost, as memory counts them (a block's serialized size is far less): memory
+                # goes over its bound by at most one block, one read of the job's output.
+                records = await asyncio.to_thread(lambda: spool.read(room, lambda b: block_cost(b.text, b.count)))
+                blocks = [_from_proto(b) for b in records]
                 jl.on_disk -= len(blocks)
             if not jl.on_disk and jl.overflow:  # the spool is empty: what was never written comes next
                 take = 0

@@ -57,8 +57,9 @@ class Spool(Generic[R]):
             raise
         self._written += len(data)
 
-    def read(self, max_bytes: int) -> list[R]:
-        """Up to about `max_bytes` of the oldest records (at least one when any is left), removed from the spool."""
+    def read(self, max_bytes: int, size: Callable[[R], int] | None = None) -> list[R]:
+        """Up to about `max_bytes` of the oldest records (at least one when any is left), removed from the spool;
+        a record counts as its serialized size, or as `size` says."""
         out: list[R] = []
         budget = max_bytes
         while self._segments and (budget > 0 or not out):
@@ -67,8 +68,9 @@ class Spool(Generic[R]):
             head = self._reader.read(_LEN.size)
             if len(head) == _LEN.size:
                 (n,) = _LEN.unpack(head)
-                out.append(self.parse(self._reader.read(n)))
-                budget -= n
+                record = self.parse(self._reader.read(n))
+                out.append(record)
+                budget -= n if size is None else size(record)
                 continue
             # The end of this segment: the writer has moved on (it is done), or the reader caught up with it.
             self._reader.close()
