@@ -249,13 +249,13 @@ class Client:
         return resp.run
 
     def logs(
-        self, name: str, follow: bool, after: dict[str, int] | None = None
+        self, name: str, follow: bool, after: dict[str, int] | None = None, blocks: bool = False
     ) -> Iterator[client_pb2.StreamLogsResponse]:
-        """The run's log stream; with `after` (job name -> last seq received), only the lines that follow."""
+        """The run's log stream; with `after` (job name -> last seq received), only the lines that follow;
+        with `blocks`, lines may come packed (JobLogs.blocks)."""
         cursor = [client_pb2.LogCursor(job_name=k, seq=v) for k, v in (after or {}).items()]
-        return self._stream(
-            self.stub.StreamLogs, client_pb2.StreamLogsRequest(run_name=name, follow=follow, after=cursor)
-        )
+        request = client_pb2.StreamLogsRequest(run_name=name, follow=follow, after=cursor, blocks=blocks)
+        return self._stream(self.stub.StreamLogs, request)
 
     def list_artifacts(self, name: str) -> list[Any]:
         return list(self._call(self.stub.ListArtifacts, client_pb2.ListArtifactsRequest(run_name=name)).files)

@@ -56,6 +56,7 @@ from dstack.coordinator.secrets import SecretBox
 from dstack.coordinator.store import AgentRow, Assignment, Placement, Store
 from dstack.coordinator.store.cache import CacheHit
 from dstack.coordinator.store.executor import DbExecutor
+from dstack.coordinator.store.logs import batch_lines
 from dstack.coordinator.store.secrets import TEAM
 from dstack.coordinator.store.usage import OnAgent
 from dstack.protos.addresses import valid_address
@@ -1217,6 +1218,7 @@ class Engine:
                 log_positions=[agent_pb2.LogAck(job_id=j, seq=s) for j, s in positions.items()],
                 self_fence_after_ms=fence_after_ms,
                 self_fence_strict=strict,
+                log_blocks=True,  # the store takes LogBatch.blocks (coordinator/store/logs.py)
             )
         )
         self.watchers.notify_all()
@@ -1234,7 +1236,7 @@ class Engine:
             # before it sends the ack (agent_stream.py).
             reply.lease_ack = msg.heartbeat.seq
         if msg.logs:
-            self.metrics.log_lines.inc(sum(len(b.lines) for b in msg.logs))
+            self.metrics.log_lines.inc(sum(batch_lines(b) for b in msg.logs))
             acks = await self.db(self._insert_logs, msg.logs)
             reply.log_acks.extend(log_acks_to_proto(acks))
             changed.update(await self._runs_of(parse_wire_job_id(j.job_id)[0] for j in msg.logs))
