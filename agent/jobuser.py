@@ -120,13 +120,17 @@ def give(folder: Path, user: JobUser) -> None:
     (folder / JOB_HOME).mkdir(exist_ok=True)
     os.lchown(folder, user.uid, user.gid)
     os.chmod(folder, 0o700)
-    for top, dirs, files in os.walk(folder):
-        for name in (*dirs, *files):
-            path = os.path.join(top, name)
-            st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                continue  # a hard link (the code unpacker makes none) may be a file outside the folder
-            os.lchown(path, user.uid, user.gid)
+    # scandir's entry types, not a stat per entry (os.walk's): one lstat only for a regular file, for its
+    # link count. A stack, not recursion: a code tree's depth is the job's to choose.
+    stack = [os.fspath(folder)]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_nlink > 1:
+                    continue  # a hard link (the code unpacker makes none) may be a file outside the folder
+                os.lchown(entry.path, user.uid, user.gid)
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
 
 
 # The job user's shell reads the job's environment before anything else: setpriv execs `bash -c SCRIPT`
