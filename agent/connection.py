@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -220,6 +221,10 @@ class Agent:
         self._background: set[asyncio.Task[None]] = set()
         # Self-fencing (agent/lease.py): when the jobs must be stopped for want of an acknowledged renewal.
         self.lease = LeaseGuard()
+        # The heartbeat's look at the disk and inventory runs on a thread of its own: on the shared default
+        # pool it waited behind artifact uploads, unpacks and cgroup work (6 threads on 2 cores), under load
+        # for longer than the lease, and the agent stopped its own healthy jobs (self-fence; issue 16 chaos).
+        self._beat_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dstack-heartbeat")
         self.deps = RunnerDeps(
             jobs_dir=config.jobs_dir,
             runtime=self.runtime,
@@ -466,7 +471,7 @@ class Agent:
         learns within a heartbeat that the disk is full, or that the space is back)."""
         beat = agent_pb2.Heartbeat()
         try:
-            inv = await asyncio.to_thread(self._look, with_inventory)
+            inv = await asyncio.get_running_loop().run_in_executor(self._beat_pool, self._look, with_inventory)
         except Exception:  # a flaky NVML read must not stop the heartbeat
             log.exception("reading the inventory failed; heartbeat without it")
             return beat
@@ -600,3 +605,4 @@ class Agent:
         await self.runtime.close()
         await asyncio.to_thread(self.transfer.close)
         await self.channel.close()
+        self._beat_pool.shutdown(wait=False)

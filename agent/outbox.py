@@ -53,6 +53,12 @@ class OutboxBounds:
     # lease on a loaded 2-core host once the agent read a flooding job's output faster), and still far
     # more than the round trip needs at 200,000 lines/s.
     inflight_bytes: int = 2 << 20
+    # Log batches sent and not yet acknowledged: no more beyond it, however small they are. The coordinator
+    # reads a heartbeat (and acknowledges it in memory) only once it has read every message before it, and
+    # it holds at most 16 read but unhandled (coordinator/services/agent.py, INBOX_MESSAGES): with more in
+    # flight, a store stalled for seconds left heartbeats unread and this agent stopped healthy jobs
+    # (self-fence). 2 MiB of one-line batches is thousands of messages; 8 batches leave room for updates.
+    inflight_batches: int = 8
 
 
 def cost(line: common_pb2.LogLine) -> int:
@@ -84,6 +90,7 @@ class _JobLog:
     mem: deque[_Line] = field(default_factory=deque)  # unacked, oldest first, before the spool's
     mem_bytes: int = 0
     sent_upto: int = 0  # highest seq written to the current stream
+    acked_upto: int = 0  # highest seq the coordinator acknowledged
     inflight_bytes: int = 0  # of lines in mem with seq <= sent_upto
     # Lines beyond memory, in order: `overflow` (not yet written), then what is being written, then the spool.
     overflow: list[_Line] = field(default_factory=list)
@@ -120,6 +127,9 @@ class Outbox:
         self._mem_bytes = 0  # all jobs' lines in memory
         self._owed_bytes = 0  # all jobs' lines, memory and disk
         self._inflight_bytes = 0
+        # The log batches written to the current stream and not yet acknowledged, oldest first: each one's
+        # (job, last seq) pairs (`inflight_batches`).
+        self._batches: deque[tuple[tuple[str, int], ...]] = deque()
         self._background: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
         # Whether the last batch taken was cut by the batch's bounds (more lines were ready to go).
@@ -272,8 +282,8 @@ class Outbox:
 
     def take_logs(self) -> agent_pb2.AgentMessage | None:
         """The next log batch: unsent lines in memory, bounded in count and bytes (at least one line),
-        none while `inflight_bytes` wait for acknowledgement."""
-        if self._inflight_bytes >= self.bounds.inflight_bytes:
+        none while `inflight_bytes` or `inflight_batches` wait for acknowledgement."""
+        if self._inflight_bytes >= self.bounds.inflight_bytes or len(self._batches) >= self.bounds.inflight_batches:
             return None
         msg = agent_pb2.AgentMessage()
         budget, byte_budget = self.max_lines, self.max_bytes
@@ -300,7 +310,10 @@ class Outbox:
                 jl.sent_upto = lines[-1].seq
                 budget -= len(lines)
         self.last_batch_full = budget <= 0 or byte_budget <= LINE_OVERHEAD
-        return msg if msg.logs else None
+        if not msg.logs:
+            return None
+        self._batches.append(tuple((b.job_id, b.lines[-1].seq) for b in msg.logs))
+        return msg
 
     def take_control(self) -> agent_pb2.AgentMessage | None:
         """Job updates not yet sent; a final one only once all of its job's lines are sent."""
@@ -318,10 +331,22 @@ class Outbox:
     # ---- acknowledgements --------------------------------------------------------------------
     def ack_logs(self, job_id: str, seq: int) -> None:
         jl = self._logs.get(job_id)
-        if jl is None:
-            return
-        self._drop_upto(jl, seq)
-        self._forget_if_done(job_id)
+        if jl is not None:
+            jl.acked_upto = max(jl.acked_upto, seq)
+            self._drop_upto(jl, seq)
+            self._forget_if_done(job_id)
+        self._settle_batches()
+
+    def _settle_batches(self) -> None:
+        """Batches whose every line is acknowledged (or whose job is forgotten) are no longer in flight."""
+        settled = False
+        while self._batches and all(
+            (jl := self._logs.get(job_id)) is None or jl.acked_upto >= seq for job_id, seq in self._batches[0]
+        ):
+            self._batches.popleft()
+            settled = True
+        if settled:
+            self.wake.set()  # the send loop may take the next batch
 
     def ack_update(self, job_id: str, status: int) -> None:
         items = self._updates.get(job_id)
@@ -352,10 +377,12 @@ class Outbox:
         """A new stream: the coordinator has lines up to `positions`; everything else is re-sent."""
         for job_id, jl in self._logs.items():
             if job_id in positions:
+                jl.acked_upto = max(jl.acked_upto, positions[job_id])
                 self._drop_upto(jl, positions[job_id])
             jl.sent_upto = jl.mem[0].seq - 1 if jl.mem else jl.next_seq - 1 - jl.spilled
             self._inflight_bytes -= jl.inflight_bytes
             jl.inflight_bytes = 0
+        self._batches.clear()  # nothing is in flight on a new stream
         for items in self._updates.values():
             items[:] = [(u, False) for u, _ in items]
         self.wake.set()
