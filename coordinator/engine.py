@@ -258,6 +258,8 @@ class Engine:
         self.secret_box = SecretBox(config.secrets_key_path)
         # Decrypted, for the job hand-off only: owner ('' for the team's) -> name -> value.
         self.secrets: dict[str, dict[str, str]] = {}
+        # owner -> secrets_digest(owner), computed per submission otherwise; dropped whenever a secret changes.
+        self._secrets_digests: dict[str, str] = {}
         # The step cache (coordinator/cache.py): puts a hit's files under the job's own name in the object
         # store (server.py sets it; without it no job is looked up).
         self.copy_cached: Callable[[CacheHit], Awaitable[None]] | None = None
@@ -272,6 +274,7 @@ class Engine:
         for agent_id in await self.db(self.store.online_agent_ids):
             self.leases.grant(agent_id, self._lease_deadline(self.config.reconnect_grace_s))
         self.secrets = {}
+        self._secrets_digests.clear()
         for owner, name, ciphertext in await self.db(self.store.secret_ciphertexts):
             self.secrets.setdefault(owner, {})[name] = self.secret_box.decrypt(ciphertext)
         rows = await self.db(self.store.waiting_jobs)
@@ -1362,16 +1365,22 @@ class Engine:
         """A secret the store now holds: job hand-offs from now on carry it (to the owner's jobs only,
         for a personal one)."""
         self.secrets.setdefault(owner, {})[name] = value
+        self._secrets_digests.clear()
 
     def forget_secret(self, name: str, owner: str = TEAM) -> None:
         self.secrets.get(owner, {}).pop(name, None)
+        self._secrets_digests.clear()
 
     def forget_secrets_of(self, owner: str) -> None:
         self.secrets.pop(owner, None)
+        self._secrets_digests.clear()
 
     def secrets_digest(self, owner: str) -> str:
         """The step cache's fingerprint of the secrets a job of `owner` gets (coordinator/cache.py)."""
-        return secrets_digest(self.secret_box.derive(b"dstack step cache"), self.secrets_for(owner))
+        if (digest := self._secrets_digests.get(owner)) is None:
+            digest = secrets_digest(self.secret_box.derive(b"dstack step cache"), self.secrets_for(owner))
+            self._secrets_digests[owner] = digest
+        return digest
 
     def secrets_for(self, owner: str) -> dict[str, str]:
         """What a job of `owner` gets: the team's secrets, overridden by the owner's personal ones of

@@ -460,15 +460,19 @@ def derive_run_status(jobs: list[tuple[int, int, str, str]]) -> tuple[RunStatus,
 def refresh_run_status(c: sqlite3.Connection, run_id: str, now: int) -> RunStatus | None:
     """Derives a run's status from its jobs and moves the run there; returns the new status if it
     changed. A run that finishes done gets its `dstack run -t TAG` tag in its repository (moved if it existed)."""
-    jobs = [
-        (r[0], r[1], r[2] or "", r[3])
-        for r in c.execute(
-            "SELECT status, termination_reason, message, job_name FROM jobs WHERE run_id = ? ORDER BY finished_at",
-            [run_id],
-        )
-    ]
+    found = c.execute(
+        "SELECT status, termination_reason, message, job_name, (SELECT status FROM runs WHERE id = :id)"
+        " FROM jobs WHERE run_id = :id ORDER BY finished_at",
+        {"id": run_id},
+    ).fetchall()
+    jobs = [(r[0], r[1], r[2] or "", r[3]) for r in found]
     status, reason, message = derive_run_status(jobs)
     t = DERIVED[status]
+    if found and found[0][4] == status and status not in t.src:
+        # Already there, and not a transition that rewrites its own state: the UPDATE below would match no
+        # row and be followed by a read of the status, which is this one (most job changes leave the run's
+        # status as it was: two statements per job saved).
+        return None
     row = c.execute(
         "UPDATE runs SET status = :s, termination_reason = :r, message = :m, finished_at = COALESCE(finished_at, :f)"
         f" WHERE id = :id AND status IN ({_in(t.src)}) RETURNING tag_on_done, repository",

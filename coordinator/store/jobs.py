@@ -546,13 +546,14 @@ class Jobs:
                 res.acks.append(UpdateAck(u.job_id, u.status))  # acknowledged by the id the agent sent
                 job_id, attempt = parse_wire_job_id(u.job_id)
                 row = c.execute(
-                    "SELECT status, run_id, stop_requested, stop_reason, stop_message, gang FROM jobs"
-                    " WHERE id = ? AND agent_id = ? AND attempt = ?",
-                    [job_id, agent_id, attempt],
+                    # The spec only for a report of running (its max_duration starts then, `_apply`).
+                    "SELECT status, run_id, stop_requested, stop_reason, stop_message, gang,"
+                    " CASE WHEN ? THEN spec END FROM jobs WHERE id = ? AND agent_id = ? AND attempt = ?",
+                    [u.status == JobStatus.RUNNING, job_id, agent_id, attempt],
                 ).fetchone()
                 if row is None:
                     continue  # not this agent's job, or an attempt that is over: a late report changes nothing
-                status, run_id, stop_requested, stop_reason, stop_message, gang = row
+                status, run_id, stop_requested, stop_reason, stop_message, gang, spec = row
                 res.gangs = res.gangs or bool(gang)
                 u = replace(u, job_id=job_id)
                 t = lifecycle.agent_transition(u.status, bool(stop_requested))
@@ -590,7 +591,7 @@ class Jobs:
                         res.requeued.append(job_id)
                     res.changed_runs.add(run_id)
                     continue
-                if self._apply(c, t, u) and t.dst in TERMINAL_JOB:
+                if self._apply(c, t, u, spec) and t.dst in TERMINAL_JOB:
                     res.freed = True
                     charge_now.append(u.job_id)
                     if t.dst != JobStatus.DONE:
@@ -646,7 +647,8 @@ class Jobs:
             lifecycle.fail_dependants(c, moved.run_id, now)
         return again
 
-    def _apply(self, c: sqlite3.Connection, t: lifecycle.JobTransition, u: JobUpdate) -> bool:
+    def _apply(self, c: sqlite3.Connection, t: lifecycle.JobTransition, u: JobUpdate, spec: bytes | None) -> bool:
+        """`spec`: the job's stored spec, read with its row for a report of running (else None)."""
         at = u.time_ns or self.db.clock()
         params: dict[str, object] = {"t": at, "e": u.exit_code, "now": self.db.clock()}
         if t.dst == JobStatus.PULLING:
@@ -657,8 +659,7 @@ class Jobs:
             # What the agent says it published (bounded: a broken agent cannot grow the row without end).
             ports = [[h, c] for h, c in u.ports if _valid_port(h) and _valid_port(c)]
             params["ports"] = json.dumps(ports[:MAX_REPORTED_PORTS])
-            spec = c.execute("SELECT spec FROM jobs WHERE id = ?", [u.job_id]).fetchone()
-            params["limit"] = common_pb2.JobSpec.FromString(spec[0]).max_duration_s * 1_000_000_000 if spec else 0
+            params["limit"] = common_pb2.JobSpec.FromString(spec).max_duration_s * 1_000_000_000 if spec else 0
         elif t.dst == JobStatus.UPLOADING:
             also = "exit_code = :e, started_at = COALESCE(started_at, :t)"
         else:
