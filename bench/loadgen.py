@@ -20,13 +20,14 @@ import contextlib
 import multiprocessing as mp
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from dstack.agent.retry import SESSION_BACKOFF
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, client_pb2_grpc, common_pb2
 from dstack.tls import SERVER_NAME
 
@@ -48,7 +49,13 @@ class Target:
     def channel(self, own_connection: bool) -> grpc.aio.Channel:
         # A local subchannel pool gives this channel its own TCP connection and TLS session, as a
         # separate agent host would have; the default pool would share one connection per process.
-        options: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
+        # An agent's channel has a real agent's options too (keepalive pings, reconnect backoff). Imported
+        # here: the agent's modules cost a submitter process half a second it does not need.
+        from dstack.agent.connection import CHANNEL_OPTIONS as AGENT_CHANNEL_OPTIONS
+
+        options: list[tuple[str, Any]] = (
+            [("grpc.use_local_subchannel_pool", 1), *AGENT_CHANNEL_OPTIONS] if own_connection else []
+        )
         if not self.ca_file:
             return grpc.aio.insecure_channel(self.address, options=options)
         creds = grpc.ssl_channel_credentials(root_certificates=Path(self.ca_file).read_bytes())
@@ -66,13 +73,32 @@ class AgentStats:
     assigned: int = 0  # assignments received
     done: int = 0  # DONE acknowledged by the coordinator
     held: int = 0  # jobs reported RUNNING and kept (hold mode)
-    streams_ended: int = 0  # streams the coordinator closed (a lost agent sees this)
-    errors: int = 0
+    streams_ended: int = 0  # streams that ended after their hello was answered (a lost agent sees this)
+    reconnected: int = 0  # sessions after an agent's first one: each followed a failure counted in errors
+    stopped: int = 0  # stops received (an agent's held job failed while it was away)
+    errors: int = 0  # failed Register, Connect or stream: each is retried, as a real agent does
+    failures: dict[str, int] = field(default_factory=dict)  # errors by cause ("phase: CODE details")
     heartbeats: int = 0
     max_heartbeat_gap_s: float = 0.0  # the longest a simulated agent went between two messages
+    max_write_s: float = 0.0  # the longest one `call.write` took to return (gRPC accepted the message)
+    max_loop_lag_s: float = 0.0  # the worker's own event loop: the most a 0.5 s sleep overslept
     first_done: float = 0.0  # wall clock (time.time), comparable across processes
     last_done: float = 0.0
     last_error: str = ""
+
+
+COUNTERS = (
+    "registered",
+    "connected",
+    "assigned",
+    "done",
+    "held",
+    "streams_ended",
+    "reconnected",
+    "stopped",
+    "errors",
+    "heartbeats",
+)
 
 
 def inventory(name: str, index: int) -> common_pb2.Inventory:
@@ -83,47 +109,103 @@ def inventory(name: str, index: int) -> common_pb2.Inventory:
     return inv
 
 
+class _SessionEnded(Exception):
+    """The coordinator ended a simulated agent's stream without an error status (a lost agent sees this)."""
+
+
 class _Agent:
+    """One simulated agent. Like a real one (agent/connection.py) it keeps its session for as long as it
+    runs: a failed Register, Connect or stream is counted by its cause (`AgentStats.failures`) and tried
+    again after SESSION_BACKOFF, with the jobs it holds listed in the new hello and its unacknowledged
+    DONE updates sent again, so that one broken connection costs the bench one reconnect, not the run."""
+
     def __init__(self, worker: _Worker, name: str, index: int) -> None:
         self.w, self.name, self.inv = worker, name, inventory(name, index)
-        self.held: list[str] = []
+        self.agent_id = ""
+        self.agent_token = ""
+        self.held: list[str] = []  # reported RUNNING and kept (hold mode)
+        self.unacked: dict[str, agent_pb2.JobUpdate] = {}  # DONE sent, its ack not yet read
         self.out: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
+        self.sessions = 0
 
     async def run(self, gate: asyncio.Semaphore) -> None:
         w = self.w
         channel = w.target.channel(own_connection=True)
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        attempts = SESSION_BACKOFF.start()
         try:
-            async with gate:
-                stub = agent_pb2_grpc.AgentServiceStub(channel)
-                reg = await stub.Register(
-                    agent_pb2.RegisterRequest(name=self.name, inventory=self.inv),
-                    metadata=[("authorization", f"Bearer {w.target.join_token}")],
-                    timeout=120,
-                )
-                w.stats.registered += 1
-                call = stub.Connect(metadata=[("authorization", f"Bearer {reg.agent_token}")])
-                hello = agent_pb2.Hello(agent_id=reg.agent_id, inventory=self.inv)
-                await call.write(agent_pb2.AgentMessage(hello=hello))
-                ack = await call.read()
-            if ack is grpc.aio.EOF:
-                raise RuntimeError("stream closed before the hello was answered")
-            assert isinstance(ack, agent_pb2.CoordinatorMessage)
-            w.stats.connected += 1
-            interval = (ack.hello_ack.heartbeat_interval_ms or 3000) / 1000
-            writer = asyncio.create_task(self._write(call, interval))
-            try:
-                await self._read(call, ack)
-            finally:
-                writer.cancel()
-            w.stats.connected -= 1
-            w.stats.streams_ended += 1
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # counted and shown: the bench fails on errors, it does not hide them
-            w.stats.errors += 1
-            w.stats.last_error = f"{self.name}: {type(e).__name__}: {str(e)[:200]}"
+            while True:
+                phase = "register"
+                call: Any = None
+                try:
+                    async with gate:
+                        if not self.agent_token:
+                            reg = await stub.Register(
+                                agent_pb2.RegisterRequest(name=self.name, inventory=self.inv),
+                                metadata=[("authorization", f"Bearer {w.target.join_token}")],
+                                timeout=120,
+                            )
+                            self.agent_id, self.agent_token = reg.agent_id, reg.agent_token
+                            w.stats.registered += 1
+                        phase = "hello"
+                        call = stub.Connect(metadata=[("authorization", f"Bearer {self.agent_token}")])
+                        active = sorted({*self.held, *self.unacked})
+                        hello = agent_pb2.Hello(agent_id=self.agent_id, inventory=self.inv, active_job_ids=active)
+                        await call.write(agent_pb2.AgentMessage(hello=hello))
+                        ack = await asyncio.wait_for(call.read(), 120)
+                    if ack is grpc.aio.EOF:
+                        raise _SessionEnded("stream closed before the hello was answered")
+                    assert isinstance(ack, agent_pb2.CoordinatorMessage)
+                    phase = "stream"
+                    await self._session(call, ack)
+                    attempts = SESSION_BACKOFF.start()  # it got going: the next try is a fresh start
+                    raise _SessionEnded("stream ended by the coordinator")
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # counted by cause and shown: never hidden, never fatal to the bench
+                    if call is not None:
+                        call.cancel()  # a hello never answered: its stream goes (the session's own ended already)
+                    self._failed(phase, e)
+                    if isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                        self.agent_token = ""  # as a real agent: register again
+                await asyncio.sleep(attempts.next_delay() or SESSION_BACKOFF.max_s)
         finally:
             await channel.close(grace=None)
+
+    async def _session(self, call: Any, ack: agent_pb2.CoordinatorMessage) -> None:
+        w = self.w
+        w.stats.connected += 1
+        if self.sessions:
+            w.stats.reconnected += 1
+        self.sessions += 1
+        for update in self.unacked.values():  # answered by the old stream, perhaps never read
+            self.out.put_nowait(agent_pb2.AgentMessage(updates=[update]))
+        interval = (ack.hello_ack.heartbeat_interval_ms or 3000) / 1000
+        writer = asyncio.create_task(self._write(call, interval))
+        try:
+            reader = asyncio.create_task(self._read(call, ack))
+            done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()  # a failed write ends the session as a failed read does
+        finally:
+            w.stats.connected -= 1
+            for t in (writer, reader):
+                t.cancel()
+            await asyncio.gather(writer, reader, return_exceptions=True)
+            call.cancel()
+        w.stats.streams_ended += 1
+
+    def _failed(self, phase: str, e: Exception) -> None:
+        stats = self.w.stats
+        stats.errors += 1
+        if isinstance(e, grpc.aio.AioRpcError):
+            cause = f"{phase}: {e.code().name} {(e.details() or '')[:120]}"
+            detail = f"{cause} | {e.debug_error_string()[:600]}"
+        else:
+            cause = f"{phase}: {type(e).__name__} {str(e)[:120]}"
+            detail = cause
+        stats.failures[cause] = stats.failures.get(cause, 0) + 1
+        stats.last_error = f"{self.name} at {time.strftime('%H:%M:%S')}: {detail}"
 
     async def _write(self, call: Any, interval: float) -> None:
         """The one writer of the stream: updates as they come, a heartbeat whenever one is due."""
@@ -138,6 +220,8 @@ class _Agent:
             now = time.monotonic()
             self.w.stats.max_heartbeat_gap_s = max(self.w.stats.max_heartbeat_gap_s, now - last)
             await call.write(msg)
+            stats = self.w.stats
+            stats.max_write_s = max(stats.max_write_s, time.monotonic() - now)
             last = now
 
     async def _read(self, call: Any, first: agent_pb2.CoordinatorMessage) -> None:
@@ -148,36 +232,54 @@ class _Agent:
 
     def _handle(self, msg: agent_pb2.CoordinatorMessage) -> None:
         stats = self.w.stats
+        updates = []
+        now = time.time_ns()
+        for stop in msg.stops:  # a held job failed while this agent was away: it ends here, as a real one
+            if stop.job_id in self.held:
+                self.held.remove(stop.job_id)
+                stats.held -= 1
+            stats.stopped += 1
+            reason = (
+                common_pb2.TERMINATION_REASON_AGENT_LOST
+                if stop.abort
+                else common_pb2.TERMINATION_REASON_STOPPED_BY_USER
+            )
+            status = JS.JOB_STATUS_FAILED if stop.abort else JS.JOB_STATUS_STOPPED
+            updates.append(
+                agent_pb2.JobUpdate(job_id=stop.job_id, status=status, time_ns=now, termination_reason=reason)
+            )
         if msg.assignments:
-            stats.assigned += len(msg.assignments)
-            now = time.time_ns()
-            updates = []
             for a in msg.assignments:
+                if a.job_id in self.held or a.job_id in self.unacked:
+                    continue  # sent again after a reconnect: already running here
+                stats.assigned += 1
                 updates.append(agent_pb2.JobUpdate(job_id=a.job_id, status=JS.JOB_STATUS_RUNNING, time_ns=now))
                 if self.w.hold:
                     self.held.append(a.job_id)
                     stats.held += 1
                 else:
-                    updates.append(_done(a.job_id, now))
+                    updates.append(self._done(a.job_id, now))
+        if updates:
             self.out.put_nowait(agent_pb2.AgentMessage(updates=updates))
         for ack in msg.update_acks:
-            if ack.status == JS.JOB_STATUS_DONE:
+            if ack.status == JS.JOB_STATUS_DONE and self.unacked.pop(ack.job_id, None) is not None:
                 stats.done += 1
                 stats.last_done = time.time()
                 stats.first_done = stats.first_done or stats.last_done
 
+    def _done(self, job_id: str, now: int) -> agent_pb2.JobUpdate:
+        update = agent_pb2.JobUpdate(
+            job_id=job_id, status=JS.JOB_STATUS_DONE, time_ns=now, termination_reason=common_pb2.TERMINATION_REASON_DONE
+        )
+        self.unacked[job_id] = update
+        return update
+
     def release(self) -> None:
         if self.held:
             now = time.time_ns()
-            self.out.put_nowait(agent_pb2.AgentMessage(updates=[_done(j, now) for j in self.held]))
+            self.out.put_nowait(agent_pb2.AgentMessage(updates=[self._done(j, now) for j in self.held]))
             self.w.stats.held -= len(self.held)
             self.held = []
-
-
-def _done(job_id: str, now: int) -> agent_pb2.JobUpdate:
-    return agent_pb2.JobUpdate(
-        job_id=job_id, status=JS.JOB_STATUS_DONE, time_ns=now, termination_reason=common_pb2.TERMINATION_REASON_DONE
-    )
 
 
 class _Worker:
@@ -189,6 +291,7 @@ class _Worker:
     async def main(self, pipe: Connection) -> None:
         gate = asyncio.Semaphore(REGISTER_IN_FLIGHT)
         tasks = [asyncio.create_task(a.run(gate)) for a in self.agents]
+        tasks.append(asyncio.create_task(self._lag()))
         try:
             while True:
                 cmd = await asyncio.to_thread(pipe.recv)
@@ -200,7 +303,7 @@ class _Worker:
                         a.release()
                     pipe.send("ok")
                 elif cmd == "reset-gap":
-                    self.stats.max_heartbeat_gap_s = 0.0
+                    self.stats.max_heartbeat_gap_s = self.stats.max_write_s = self.stats.max_loop_lag_s = 0.0
                     pipe.send("ok")
                 else:
                     break
@@ -209,6 +312,13 @@ class _Worker:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             pipe.send("stopped")
+
+    async def _lag(self) -> None:
+        """How late this process's event loop runs (its agents' heartbeats are as late, at least)."""
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(0.5)
+            self.stats.max_loop_lag_s = max(self.stats.max_loop_lag_s, time.monotonic() - t0 - 0.5)
 
 
 def _agent_worker(target: Target, names: list[tuple[str, int]], hold: bool, pipe: Connection) -> None:
@@ -239,9 +349,12 @@ class Fleet:
         total = AgentStats()
         for s in self._all("stats"):
             one = AgentStats(**s)
-            for k in ("registered", "connected", "assigned", "done", "held", "streams_ended", "errors", "heartbeats"):
+            for k in COUNTERS:
                 setattr(total, k, getattr(total, k) + getattr(one, k))
-            total.max_heartbeat_gap_s = max(total.max_heartbeat_gap_s, one.max_heartbeat_gap_s)
+            for cause, n in one.failures.items():
+                total.failures[cause] = total.failures.get(cause, 0) + n
+            for k in ("max_heartbeat_gap_s", "max_write_s", "max_loop_lag_s"):
+                setattr(total, k, max(getattr(total, k), getattr(one, k)))
             if one.first_done:
                 total.first_done = min(total.first_done or one.first_done, one.first_done)
             total.last_done = max(total.last_done, one.last_done)

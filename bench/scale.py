@@ -30,10 +30,11 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import grpc
 import psutil
 
 from bench._harness import ADMIN, JOIN, Services, meta, pct
-from bench.loadgen import AgentStats, Fleet, Target, submit_runs
+from bench.loadgen import AgentStats, Fleet, SubmitStats, Target, submit_runs
 from dstack.protos.v1 import client_pb2
 
 SUBMIT_BATCH = 100  # runs per SubmitRuns call
@@ -82,7 +83,14 @@ class Figures:
     failed: int = 0  # jobs that ended failed (with a lost agent): counted in the rates' totals
     online_at_end: int = 0
     max_heartbeat_gap_s: float = 0.0  # on the load generator's side: its own lateness, not the coordinator's
-    errors: int = 0
+    max_write_s: float = 0.0  # the load generator's longest wait for gRPC to take one message
+    max_loop_lag_s: float = 0.0  # the load generator's event loops: the most one ran late
+    max_lease_check_late_s: float = 0.0  # the coordinator's lease loop: the most it ran late (its stall guard's log)
+    errors: int = 0  # simulated agents' failed sessions (each reconnected, as a real agent does)
+    reconnected: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # those errors by cause
+    submit_errors: int = 0  # runs whose submission failed (the rates count only what was stored)
+    ps_failures: list[str] = field(default_factory=list)  # ListRuns samples and `dstack ps` processes that failed
     notes: list[str] = field(default_factory=list)
 
 
@@ -180,21 +188,30 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.2)
 
 
-def time_ps(svc: Services, n: int, limit: int = 0) -> list[float]:
-    """ListRuns' first page: the default 1,000 runs, or `limit` (the CLI's `dstack ps` asks for 100)."""
+def time_ps(svc: Services, n: int, limit: int = 0, failures: list[str] | None = None) -> list[float]:
+    """ListRuns' first page: the default 1,000 runs, or `limit` (the CLI's `dstack ps` asks for 100).
+    A failed call is not timed: it goes to `failures` with its status, and the bench goes on."""
     stub = svc.client_stub()
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        stub.ListRuns(client_pb2.ListRunsRequest(limit=limit), metadata=meta(), timeout=120)
+        try:
+            stub.ListRuns(client_pb2.ListRunsRequest(limit=limit), metadata=meta(), timeout=120)
+        except grpc.RpcError as e:
+            msg = f"ListRuns(limit={limit}) after {time.perf_counter() - t0:.1f} s: {e.code().name} {e.details()}"
+            print(f"  {msg}", flush=True)
+            if failures is not None:
+                failures.append(msg)
+            continue
         out.append((time.perf_counter() - t0) * 1e3)
     return out
 
 
-def time_cli_ps(svc: Services, n: int) -> tuple[list[float], list[float]]:
+def time_cli_ps(svc: Services, n: int, failures: list[str] | None = None) -> tuple[list[float], list[float]]:
     """The real `dstack ps` as a user runs it (a fresh process: imports, TLS, the calls, the table), taking
     turns with the floor of importing grpc and typer (bench/cli_latency.py), so that the machine's load
-    weighs on both alike."""
+    weighs on both alike. A `dstack ps` that exits non-zero or hangs is not timed: it goes to `failures`
+    with the CLI's own message, and the bench goes on."""
     env = {**os.environ, **svc.cli_env(), "COLUMNS": "200"}
     # Bytecode cached as an installed dstack has it (bench/cli_latency.py): else every call compiles the CLI.
     env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -202,17 +219,28 @@ def time_cli_ps(svc: Services, n: int) -> tuple[list[float], list[float]]:
     cmds = {"ps": [sys.executable, "-m", "dstack.cli", "ps"], "floor": [sys.executable, "-c", "import grpc, typer"]}
     out: dict[str, list[float]] = {"ps": [], "floor": []}
 
-    def run(cmd: list[str]) -> None:
-        r = subprocess.run(cmd, env=env, cwd=svc.tmp, capture_output=True, text=True, timeout=180)
-        if r.returncode != 0:  # said, with the CLI's own message, and timed all the same
-            print(f"  {' '.join(cmd[-2:])} exited {r.returncode}: {r.stderr.strip()[-300:]}", flush=True)
+    def run(cmd: list[str]) -> bool:
+        t0 = time.perf_counter()
+        try:
+            r = subprocess.run(cmd, env=env, cwd=svc.tmp, capture_output=True, text=True, timeout=180)
+        except subprocess.TimeoutExpired:
+            why = "still running after 180 s (killed)"
+        else:
+            if r.returncode == 0:
+                return True
+            why = f"exited {r.returncode}: {r.stderr.strip()[-300:]}"
+        msg = f"{' '.join(cmd[-2:])} after {time.perf_counter() - t0:.1f} s {why}"
+        print(f"  {msg}", flush=True)
+        if failures is not None:
+            failures.append(msg)
+        return False
 
     run(cmds["ps"])  # warm-up
     for _ in range(n):
         for name, cmd in cmds.items():
             t0 = time.perf_counter()
-            run(cmd)
-            out[name].append((time.perf_counter() - t0) * 1e3)
+            if run(cmd):
+                out[name].append((time.perf_counter() - t0) * 1e3)
     return out["ps"], out["floor"]
 
 
@@ -255,78 +283,99 @@ def scenario(
         def stats() -> AgentStats:
             assert fleet is not None
             s = fleet.stats()
+            if s.errors > (last[0].errors if last else 0):  # said as they happen; counted in the table
+                log(
+                    f"simulated agents: {s.errors} failed sessions so far, {s.reconnected} reconnected;"
+                    f" last: {s.last_error}"
+                )
             last[:] = [s]
-            if s.errors:
-                raise RuntimeError(f"{s.errors} simulated agent(s) failed; last: {s.last_error}")
             return s
+
+        def phase_view() -> str:
+            """Lost agents and silences so far, on both sides: where a false loss comes from."""
+            text = scrape.read()
+            silence = re.search(r"^dstack_agent_longest_silence_seconds ([0-9.e+-]+)$", text, re.M)
+            lost = re.search(r"^dstack_agents_lost_total ([0-9.e+]+)$", text, re.M)
+            s = last[0] if last else AgentStats()
+            return (
+                f"so far: {float(lost.group(1)) if lost else 0:.0f} agents lost, longest silence"
+                f" {float(silence.group(1)) if silence else float('nan'):.1f} s (coordinator),"
+                f" heartbeat gap {s.max_heartbeat_gap_s:.1f} s, write {s.max_write_s:.1f} s, event loop late"
+                f" {s.max_loop_lag_s:.1f} s (load generator); {s.errors} failed sessions"
+            )
+
+        def submitted(sub: SubmitStats) -> None:
+            if sub.errors:  # reported and counted; what was stored goes on
+                f.submit_errors += sub.errors
+                log(f"{sub.errors} submissions failed; last: {sub.last_error}")
 
         t0 = time.monotonic()
         fleet = Fleet(target, agents, procs, hold=True)
         wait_until(f"{agents} agents to connect", lambda: stats().connected >= agents, 120 + agents / 10)
         f.connect_s = time.monotonic() - t0
-        log(f"{agents} agents connected in {f.connect_s:.1f} s")
+        log(f"{agents} agents connected in {f.connect_s:.1f} s; {phase_view()}")
 
         # Fill: one run per agent (each is held) and `queued` more that wait behind them.
         sub = submit_runs(target, queued + agents, procs=submitters, in_flight=4, batch=SUBMIT_BATCH)
-        if sub.errors:
-            raise RuntimeError(f"{sub.errors} submissions failed; last: {sub.last_error}")
+        submitted(sub)
         f.fill_rate = sub.submitted / max(1e-9, sub.finished - sub.started)
         wait_until("every agent to hold a job", lambda: stats().assigned >= agents, 120 + queued / 500)
-        f.queued_seen = queued + agents - last[0].assigned
-        log(f"{sub.submitted} runs submitted at {f.fill_rate:,.0f}/s; {f.queued_seen} wait")
+        f.queued_seen = sub.submitted - last[0].assigned
+        fill_total = sub.submitted
+        log(f"{sub.submitted} runs submitted at {f.fill_rate:,.0f}/s; {f.queued_seen} wait; {phase_view()}")
 
         # Full queue: `dstack ps`'s call, and the pool held across two lease timeouts' worth of passes.
         fleet.reset_gap()
-        f.ps_ms = time_ps(svc, 20)
-        f.ps100_ms = time_ps(svc, 20, 100)
+        f.ps_ms = time_ps(svc, 20, failures=f.ps_failures)
+        f.ps100_ms = time_ps(svc, 20, 100, f.ps_failures)
         log(
-            f"ListRuns first page with the queue full: 1,000 runs median {statistics.median(f.ps_ms):.0f} ms,"
-            f" 100 runs (what `dstack ps` asks) median {statistics.median(f.ps100_ms):.0f} ms"
+            f"ListRuns first page with the queue full: 1,000 runs median {median(f.ps_ms):.0f} ms,"
+            f" 100 runs (what `dstack ps` asks) median {median(f.ps100_ms):.0f} ms"
         )
         if cli_ps:
-            f.cli_ps_ms, f.cli_floor_ms = time_cli_ps(svc, cli_ps)
+            f.cli_ps_ms, f.cli_floor_ms = time_cli_ps(svc, cli_ps, f.ps_failures)
         steady_until = time.monotonic() + steady_s
         while time.monotonic() < steady_until:
             stats()
             time.sleep(1)
-        log(f"ListRuns first page with the queue full: median {statistics.median(f.ps_ms):.0f} ms")
         lost = scrape.counter("dstack_agents_lost")
         m = re.search(r"^dstack_agent_longest_silence_seconds ([0-9.e+-]+)$", scrape.read(), re.M)
         log(
             f"with the queue full: {lost:.0f} agents lost; longest silence {m.group(1) if m else '?'} s (coordinator),"
-            f" {last[0].max_heartbeat_gap_s:.1f} s (load generator); coordinator RSS so far"
+            f" {last[0].max_heartbeat_gap_s:.1f} s (load generator: its writes took up to {last[0].max_write_s:.1f} s,"
+            f" its event loops ran up to {last[0].max_loop_lag_s:.1f} s late); coordinator RSS so far"
             f" {(sampler.max if sampler else 0) / (1 << 20):.0f} MiB"
         )
-        if f.cli_ps_ms:
+        if cli_ps:
             log(
-                f"`dstack ps` (CLI process) with the queue full: median {statistics.median(f.cli_ps_ms):.0f} ms"
-                f" (floor: import grpc, typer {statistics.median(f.cli_floor_ms):.0f} ms)"
+                f"`dstack ps` (CLI process) with the queue full: median {median(f.cli_ps_ms):.0f} ms"
+                f" (floor: import grpc, typer {median(f.cli_floor_ms):.0f} ms)"
             )
 
         # Drain the deep queue: every held job ends, every later assignment ends at once.
         passes0 = scrape.passes()
         t_rel, c_rel = time.time(), cpu_s()
         fleet.release()
-        total = queued + agents
+        total = fill_total
         wait_until("the queue to drain", lambda: stats() is not None and scrape.ended() >= total, 300 + total / 100)
         f.drain_rate = total / max(1e-9, last[0].last_done - t_rel)
         f.drain_cpu_ms = (cpu_s() - c_rel) * 1e3 / total
         f.drain_pass = scrape.passes_since(passes0)
         log(
             f"drained {total} jobs at {f.drain_rate:,.0f}/s; coordinator CPU {f.drain_cpu_ms:.2f} ms/job;"
-            f" {passes_said(f.drain_pass)}"
+            f" {passes_said(f.drain_pass)}; {phase_view()}"
         )
 
         # Single-job runs through submit -> dispatch -> DONE: one SubmitRun per run, then batched.
         for batch in (1, SUBMIT_BATCH):
             before, c_before, passes0 = scrape.ended(), cpu_s(), scrape.passes()
             sub = submit_runs(target, runs, procs=submitters, in_flight=16 if batch == 1 else 4, batch=batch)
-            if sub.errors:
-                raise RuntimeError(f"{sub.errors} submissions failed; last: {sub.last_error}")
-            wait_until(f"{runs} runs to end", lambda b=before: scrape.ended() >= b + runs, 300 + runs / 100)  # type: ignore[misc]
+            submitted(sub)
+            n = sub.submitted
+            wait_until(f"{n} runs to end", lambda b=before, n=n: scrape.ended() >= b + n, 300 + runs / 100)  # type: ignore[misc]
             stats()
-            rate = runs / max(1e-9, last[0].last_done - sub.started)
-            cpu_ms = (cpu_s() - c_before) * 1e3 / runs
+            rate = n / max(1e-9, last[0].last_done - sub.started)
+            cpu_ms = (cpu_s() - c_before) * 1e3 / max(1, n)
             passes = scrape.passes_since(passes0)
             if batch == 1:
                 f.single_rate, f.single_cpu_ms, f.single_pass = rate, cpu_ms, passes
@@ -337,8 +386,13 @@ def scenario(
                 f" coordinator CPU {cpu_ms:.2f} ms/run; {passes_said(passes)}"
             )
 
-        f.ps_finished_ms = time_ps(svc, 20)
-        f.max_heartbeat_gap_s = stats().max_heartbeat_gap_s
+        f.ps_finished_ms = time_ps(svc, 20, failures=f.ps_failures)
+        end = stats()
+        f.max_heartbeat_gap_s, f.max_write_s, f.max_loop_lag_s = (
+            end.max_heartbeat_gap_s,
+            end.max_write_s,
+            end.max_loop_lag_s,
+        )
         f.pass_p99_s, f.max_pass_bucket_s, f.passes = bucket_quantile(scrape.pass_buckets(), 0.99)
         f.pass_p50_s = bucket_quantile(scrape.pass_buckets(), 0.5)[0]
         cpu_buckets = scrape.pass_buckets("dstack_scheduling_pass_cpu_seconds")
@@ -353,7 +407,9 @@ def scenario(
         f.failed = int(float(m.group(1))) if m else 0
         listed = svc.client_stub().ListAgents(client_pb2.ListAgentsRequest(), metadata=meta(), timeout=60).agents
         f.online_at_end = sum(a.status == "online" for a in listed)
-        f.errors = last[0].errors
+        late = re.findall(r"lease check ([0-9.]+) s late", (svc.tmp / "coordinator.log").read_text(errors="replace"))
+        f.max_lease_check_late_s = max((float(x) for x in late), default=0.0)
+        f.errors, f.reconnected, f.failures = last[0].errors, last[0].reconnected, dict(last[0].failures)
     finally:
         if fleet is not None:
             fleet.stop()
@@ -369,8 +425,14 @@ def row(name: str, base: str, full: str, target: str, ok: bool | None) -> str:
     return f"| {name} | {base} | {full} | {target} | {verdict} |"
 
 
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 def ms(values: list[float]) -> str:
-    return f"p50 {statistics.median(values):.0f} ms, p99 {pct(values, 99):.0f} ms"
+    if not values:
+        return "no sample"
+    return f"p50 {statistics.median(values):.0f} ms, p99 {pct(values, 99):.0f} ms ({len(values)})"
 
 
 def table(base: Figures | None, full: Figures) -> str:
@@ -416,13 +478,13 @@ def table(base: Figures | None, full: Figures) -> str:
             "`dstack ps` RPC (first page), queue full",
             *both(lambda f: ms(f.ps_ms)),
             "<= 300 ms",
-            pct(full.ps_ms, 99) <= 300,
+            bool(full.ps_ms) and pct(full.ps_ms, 99) <= 300,
         ),
         row(
             "`dstack ps` RPC (first page), all finished",
             *both(lambda f: ms(f.ps_finished_ms)),
             "<= 300 ms",
-            pct(full.ps_finished_ms, 99) <= 300,
+            bool(full.ps_finished_ms) and pct(full.ps_finished_ms, 99) <= 300,
         ),
         row(
             "ListRuns first page of 100 (what the CLI asks), queue full",
@@ -434,7 +496,7 @@ def table(base: Figures | None, full: Figures) -> str:
             "`dstack ps` CLI process (end to end), queue full",
             *both(lambda f: ms(f.cli_ps_ms) if f.cli_ps_ms else "-"),
             "<= 300 ms",
-            bool(full.cli_ps_ms) and statistics.median(full.cli_ps_ms) <= 300,
+            bool(full.cli_ps_ms) and median(full.cli_ps_ms) <= 300,
         ),
         row(
             "floor: `python -c 'import grpc, typer'`, in turn with it",
@@ -462,7 +524,32 @@ def table(base: Figures | None, full: Figures) -> str:
             "",
             None,
         ),
+        row(
+            "simulated agents' failed sessions (each reconnected)",
+            *both(lambda f: f"{f.errors} ({f.reconnected} reconnects)"),
+            "0",
+            not full.errors,
+        ),
+        row("submissions failed", *both(lambda f: str(f.submit_errors)), "0", not full.submit_errors),
+        row(
+            "`ListRuns` / `dstack ps` samples failed",
+            *both(lambda f: str(len(f.ps_failures))),
+            "0",
+            not full.ps_failures,
+        ),
         row("load generator's longest heartbeat gap", *both(lambda f: f"{f.max_heartbeat_gap_s:.1f} s"), "", None),
+        row(
+            "load generator: longest write / its event loops' worst lateness",
+            *both(lambda f: f"{f.max_write_s:.1f} s / {f.max_loop_lag_s:.1f} s"),
+            "",
+            None,
+        ),
+        row(
+            "coordinator: its lease loop's worst lateness (over 1 s: every lease renewed)",
+            *both(lambda f: f"{f.max_lease_check_late_s:.1f} s"),
+            "",
+            None,
+        ),
         row(
             "coordinator: longest silence of an agent (between two messages read)",
             *both(lambda f: f"{f.max_silence_s:.1f} s"),
@@ -498,6 +585,13 @@ def main() -> None:
         )
     full = scenario(a.agents, a.queued, a.runs, a.procs, steady_s=a.steady_s, cli_ps=a.cli_ps)
     print(table(base, full))
+    for f in (base, full):
+        if f is None:
+            continue
+        for cause, n in sorted(f.failures.items(), key=lambda kv: -kv[1]):
+            print(f"[{f.agents} agents] simulated agents' failed sessions: {n} x {cause}")
+        for msg in f.ps_failures:
+            print(f"[{f.agents} agents] failed sample: {msg}")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from bench.scale import scenario
+from bench._harness import ADMIN, JOIN, Services, meta
+from bench.loadgen import AgentStats, Fleet, Target, submit_runs
+from bench.scale import scenario, time_ps
 from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
-from tests.conftest import Cluster
+from tests.conftest import Cluster, wait_for
 from tests.integration.test_users import add_user
 
 pytestmark = pytest.mark.integration
@@ -23,6 +25,55 @@ def test_the_scale_bench_runs_end_to_end_at_a_tiny_size() -> None:
     assert f.queued_seen == 200  # every agent held one job, the rest waited
     assert f.passes > 0 and f.ps_ms and f.ps_finished_ms and len(f.cli_ps_ms) == 1  # the real `dstack ps` ran
     assert f.drain_rate > 0 and f.single_rate > 0 and f.batch_rate > 0
+
+
+def test_simulated_agents_outlive_a_coordinator_killed_under_them_and_a_failed_sample_is_reported() -> None:
+    """Attack: kill -9 of the coordinator under the load generator's agents, each holding a job, then the
+    coordinator started again on the same state and port. Every agent's session fails: each failure is
+    counted with its cause, and each agent reconnects as a real one does (same credential, its held job
+    listed in its hello), so the job is neither lost nor failed. A `ListRuns` sample taken while the
+    coordinator is down is reported, not raised (the full-size bench used to abort on either)."""
+    svc = Services()
+    fleet: Fleet | None = None
+    try:
+        svc.start_coordinator()
+        target = Target(svc.address, str(svc.ca_file), JOIN, ADMIN)
+        fleet = Fleet(target, 4, 1, hold=True)
+        f = fleet
+        wait_for(lambda: f.stats().connected == 4, 90, 0.2, "4 simulated agents to connect")
+        assert submit_runs(target, 4, procs=1, in_flight=2).submitted == 4
+        wait_for(lambda: f.stats().held == 4, 90, 0.2, "each agent to hold a job")
+
+        assert svc.coordinator is not None
+        svc.coordinator.kill()
+        svc.coordinator.wait()
+        failures: list[str] = []
+        assert time_ps(svc, 1, failures=failures) == []
+        assert len(failures) == 1 and "UNAVAILABLE" in failures[0]
+
+        svc.start_coordinator()
+
+        def reconnected() -> AgentStats | None:
+            s = f.stats()
+            return s if s.reconnected >= 4 and s.connected == 4 else None
+
+        s = wait_for(reconnected, 120, 0.2, "every agent to reconnect")
+        assert s.errors >= 4 and sum(s.failures.values()) == s.errors  # each failure counted with its cause
+        assert s.registered == 4 and s.held == 4  # the same credentials; the jobs still held
+
+        fleet.release()
+        stub = svc.client_stub()
+
+        def statuses() -> list[int]:
+            runs = stub.ListRuns(client_pb2.ListRunsRequest(all=True), metadata=meta(), timeout=30).runs
+            return [j.status for r in runs for j in r.jobs]
+
+        wait_for(lambda: statuses().count(common_pb2.JOB_STATUS_DONE) == 4, 90, 0.2, "the held jobs to end DONE")
+        assert len(statuses()) == 4 and f.stats().done == 4
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        svc.stop()
 
 
 def run(name: str) -> client_pb2.SubmitRunRequest:
