@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -220,6 +221,10 @@ class Agent:
         self._background: set[asyncio.Task[None]] = set()
         # Self-fencing (agent/lease.py): when the jobs must be stopped for want of an acknowledged renewal.
         self.lease = LeaseGuard()
+        # The heartbeat's look at the disk and inventory runs on a thread of its own: on the shared default
+        # pool it waited behind artifact uploads, unpacks and cgroup work (6 threads on 2 cores), under load
+        # for longer than the lease, and the agent stopped its own healthy jobs (self-fence; issue 16 chaos).
+        self._beat_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dstack-heartbeat")
         self.deps = RunnerDeps(
             jobs_dir=config.jobs_dir,
             runtime=self.runtime,
@@ -245,6 +250,7 @@ class Agent:
         so it places nothing more here meanwhile."""
         self._inventory_now = True
         self.outbox.wake.set()
+        self.outbox.urgent.set()
 
     def metadata(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.token}")]
@@ -395,7 +401,7 @@ class Agent:
         ack = first.hello_ack
         # Before its assignments are started (below): a job is never started outside a counted lease.
         self.lease.adopt(FencePolicy(ack.self_fence_after_ms / 1000, ack.self_fence_strict), hello_sent_at)
-        self.outbox.on_new_stream({p.job_id: p.seq for p in ack.log_positions})
+        self.outbox.on_new_stream({p.job_id: p.seq for p in ack.log_positions}, blocks=ack.log_blocks)
         interval = (ack.heartbeat_interval_ms or 3000) / 1000
         self.session_started = True
         log.info("connected to the coordinator (%d active jobs)", len(active))
@@ -443,22 +449,27 @@ class Agent:
                 next_beat = now + interval
                 continue
             self.outbox.wake.clear()  # before looking: whatever is added from now on wakes the wait below
+            self.outbox.urgent.clear()
             if (control := self.outbox.take_control()) is not None:
                 await call.write(control)
                 continue
             await self.outbox.refill()
-            wait_until = next_beat
+            wait_until, woken_by = next_beat, self.outbox.wake
             if now < logs_not_before:
                 # A short batch just went: the next one gathers for LOG_LINGER_S, so heavy output goes
-                # in few large batches (one stored chunk each) and a lone line still goes at once.
-                wait_until = min(next_beat, logs_not_before)
+                # in few large batches (one stored chunk each) and a lone line still goes at once. Lines
+                # read meanwhile wait for the linger's end anyway: only a job update wakes the loop (a
+                # job printing in 1 ms bursts would otherwise wake it for each).
+                wait_until, woken_by = min(next_beat, logs_not_before), self.outbox.urgent
             elif (logs := self.outbox.take_logs()) is not None:
                 await call.write(logs)
                 if not self.outbox.last_batch_full:
                     logs_not_before = time.monotonic() + LOG_LINGER_S
                 continue
+            # asyncio.timeout, not wait_for: no task per wait (Python 3.11), and no swallowed cancel.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.outbox.wake.wait(), max(0.0, wait_until - time.monotonic()))
+                async with asyncio.timeout(max(0.0, wait_until - time.monotonic())):
+                    await woken_by.wait()
 
     async def _heartbeat(self, with_inventory: bool) -> agent_pb2.Heartbeat:
         """A heartbeat; with the inventory when it is due, or when the disk's verdict changed since the
@@ -466,7 +477,7 @@ class Agent:
         learns within a heartbeat that the disk is full, or that the space is back)."""
         beat = agent_pb2.Heartbeat()
         try:
-            inv = await asyncio.to_thread(self._look, with_inventory)
+            inv = await asyncio.get_running_loop().run_in_executor(self._beat_pool, self._look, with_inventory)
         except Exception:  # a flaky NVML read must not stop the heartbeat
             log.exception("reading the inventory failed; heartbeat without it")
             return beat
@@ -600,3 +611,4 @@ class Agent:
         await self.runtime.close()
         await asyncio.to_thread(self.transfer.close)
         await self.channel.close()
+        self._beat_pool.shutdown(wait=False)

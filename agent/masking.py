@@ -23,6 +23,16 @@ class Masker:
         # Longest first, so a value is masked whole rather than only the line of it that matches first.
         ordered = sorted(patterns, key=len, reverse=True)
         self._re = re.compile("|".join(re.escape(p) for p in ordered)) if ordered else None
+        # A value holding a newline could match across two lines of a block: such blocks are masked line by line.
+        self._across_lines = any("\n" in p for p in ordered)
 
     def mask(self, text: str) -> str:
         return self._re.sub(MASK, text) if self._re is not None else text
+
+    def mask_lines(self, text: str) -> str:
+        """Lines joined by "\n", each masked as `mask` masks it alone (the mask holds no newline)."""
+        if self._re is None:
+            return text
+        if self._across_lines:
+            return "\n".join(self._re.sub(MASK, line) for line in text.split("\n"))
+        return self._re.sub(MASK, text)

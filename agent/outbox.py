@@ -19,6 +19,7 @@ bounded too, so a heartbeat written now waits behind little.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import logging
 import time
@@ -53,44 +54,81 @@ class OutboxBounds:
     # lease on a loaded 2-core host once the agent read a flooding job's output faster), and still far
     # more than the round trip needs at 200,000 lines/s.
     inflight_bytes: int = 2 << 20
+    # Log batches sent and not yet acknowledged: no more beyond it, however small they are. The coordinator
+    # reads a heartbeat (and acknowledges it in memory) only once it has read every message before it, and
+    # it holds at most 16 read but unhandled (coordinator/services/agent.py, INBOX_MESSAGES): with more in
+    # flight, a store stalled for seconds left heartbeats unread and this agent stopped healthy jobs
+    # (self-fence). 2 MiB of one-line batches is thousands of messages; 8 batches leave room for updates.
+    inflight_batches: int = 8
 
 
 def cost(line: common_pb2.LogLine) -> int:
     return len(line.text) + LINE_OVERHEAD
 
 
-class _Line(NamedTuple):
-    """A line owed, as plain Python: a job printing 200,000 lines a second makes each one a tuple, and
-    a protobuf message only once, in the batch that is sent (agent_pb2.LogBatch)."""
+def block_cost(text: str, count: int) -> int:
+    """What `count` lines joined by "\n" in `text` cost: the sum of their costs as separate lines."""
+    return len(text) - (count - 1) + LINE_OVERHEAD * count
 
-    seq: int
+
+class _Block(NamedTuple):
+    """Lines of one job's stream read together, as plain Python: seqs first .. first + n_lines - 1, their
+    texts joined by "\n", one timestamp. A job printing 200,000 lines a second costs the outbox a few
+    operations per block (one read of its output), not per line; a block becomes one `LogBlock` in the
+    batch that is sent, or LogLines for a coordinator that reads only those."""
+
+    first: int
+    n_lines: int
     stream: int
     text: str
     time_ns: int
     cost: int
 
+    @property
+    def last(self) -> int:
+        return self.first + self.n_lines - 1
 
-def _to_proto(line: _Line) -> common_pb2.LogLine:
-    return common_pb2.LogLine(seq=line.seq, stream=line.stream, text=line.text, time_ns=line.time_ns)  # type: ignore[arg-type]
+
+def _split(b: _Block, k: int) -> tuple[_Block, _Block]:
+    """The block's first k lines (0 < k < n_lines) and the rest."""
+    parts = b.text.split("\n", k)
+    head = "\n".join(parts[:k])
+    n = block_cost(head, k)
+    return (
+        _Block(b.first, k, b.stream, head, b.time_ns, n),
+        _Block(b.first + k, b.n_lines - k, b.stream, parts[k], b.time_ns, b.cost - n),
+    )
 
 
-def _from_proto(line: common_pb2.LogLine) -> _Line:
-    return _Line(line.seq, line.stream, line.text, line.time_ns, cost(line))
+def _fitting(b: _Block, room: int) -> int:
+    """How many of the block's first lines cost at most `room` (b.cost > room)."""
+    ends = list(itertools.accumulate(map(len, b.text.split("\n"))))  # text up to each line's end
+    return bisect.bisect_right(range(1, b.n_lines + 1), room, key=lambda k: ends[k - 1] + LINE_OVERHEAD * k)
+
+
+def _to_proto(b: _Block) -> common_pb2.LogBlock:
+    return common_pb2.LogBlock(first_seq=b.first, count=b.n_lines, stream=b.stream, text=b.text, time_ns=b.time_ns)  # type: ignore[arg-type]
+
+
+def _from_proto(b: common_pb2.LogBlock) -> _Block:
+    return _Block(b.first_seq, b.count, b.stream, b.text, b.time_ns, block_cost(b.text, b.count))
 
 
 @dataclass
 class _JobLog:
     next_seq: int = 1
-    mem: deque[_Line] = field(default_factory=deque)  # unacked, oldest first, before the spool's
+    mem: deque[_Block] = field(default_factory=deque)  # unacked, oldest first, before the spool's
     mem_bytes: int = 0
-    sent_upto: int = 0  # highest seq written to the current stream
+    sent_upto: int = 0  # highest seq written to the current stream (always a block's last, or before mem)
+    sent_blocks: int = 0  # the blocks at the head of mem written to the current stream
+    acked_upto: int = 0  # highest seq the coordinator acknowledged
     inflight_bytes: int = 0  # of lines in mem with seq <= sent_upto
     # Lines beyond memory, in order: `overflow` (not yet written), then what is being written, then the spool.
-    overflow: list[_Line] = field(default_factory=list)
+    overflow: list[_Block] = field(default_factory=list)
     spilled: int = 0  # lines in overflow, being written or on disk
     spilled_bytes: int = 0
-    on_disk: int = 0  # lines in the spool
-    spool: Spool | None = None
+    on_disk: int = 0  # blocks in the spool
+    spool: Spool[common_pb2.LogBlock] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one spool operation at a time
     throttled_before: bool = False
     spool_failed: bool = False
@@ -120,10 +158,18 @@ class Outbox:
         self._mem_bytes = 0  # all jobs' lines in memory
         self._owed_bytes = 0  # all jobs' lines, memory and disk
         self._inflight_bytes = 0
+        # The log batches written to the current stream and not yet acknowledged, oldest first: each one's
+        # (job, last seq) pairs (`inflight_batches`).
+        self._batches: deque[tuple[tuple[str, int], ...]] = deque()
         self._background: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
+        # Set with `wake` by what must not wait for a log batch's linger (agent/connection.py): job updates.
+        self.urgent = asyncio.Event()
         # Whether the last batch taken was cut by the batch's bounds (more lines were ready to go).
         self.last_batch_full = False
+        # Whether the coordinator of the current stream stores LogBatch.blocks (HelloAck.log_blocks); if
+        # not, each line goes as a LogLine, as to any coordinator before them.
+        self.blocks = False
         self._room = asyncio.Event()  # set whenever an acknowledgement frees something
 
     # ---- producers ---------------------------------------------------------------------------
@@ -131,34 +177,58 @@ class Outbox:
         self.add_lines(job_id, stream, [text])
 
     def add_lines(self, job_id: str, stream: common_pb2.LogStream.ValueType, texts: list[str]) -> None:
-        """Lines read together (one chunk of the job's output): one timestamp, the time they were read."""
-        if not texts:
-            return
+        """Lines read together (one chunk of the job's output): one timestamp, the time they were read.
+        A text holding "\n" counts as the lines it shows (a follower prints them the same)."""
+        if texts:
+            self.add_text(job_id, stream, "\n".join(texts))
+
+    def add_text(self, job_id: str, stream: common_pb2.LogStream.ValueType, text: str) -> None:
+        """The lines of `text` (split at "\n", none without its text: "" is one empty line), read together:
+        one block, one timestamp (the time they were read)."""
         jl = self._logs.setdefault(job_id, _JobLog())
-        now = time.time_ns()
-        seq = jl.next_seq
-        spool = self.spool_dir is not None
-        for text in texts:
-            n = len(text) + LINE_OVERHEAD
-            line = _Line(seq, stream, text, now, n)
-            seq += 1
-            self._owed_bytes += n
-            if spool and (jl.spilled or not self._memory_room(jl, n)):
-                jl.overflow.append(line)  # written to the spool by room() or refill()
-                jl.spilled += 1
-                jl.spilled_bytes += n
-            else:
-                jl.mem.append(line)
-                jl.mem_bytes += n
-                self._mem_bytes += n
-        jl.next_seq = seq
+        count = text.count("\n") + 1
+        block = _Block(jl.next_seq, count, int(stream), text, time.time_ns(), block_cost(text, count))
+        jl.next_seq += count
+        self._owed_bytes += block.cost
+        fits = (
+            jl.mem_bytes + block.cost <= self.bounds.job_memory_bytes
+            and self._mem_bytes + block.cost <= self.bounds.memory_bytes
+        )
+        if self.spool_dir is not None and (jl.spilled or not fits):
+            # As much as memory holds (at least one line while the job has none there), the rest to the
+            # spool, written by room() or refill().
+            k = 0 if jl.spilled else self._fitting_in_memory(jl, block)
+            if k >= block.n_lines:
+                self._to_memory(jl, block)
+                self.wake.set()
+                return
+            if k:
+                head, block = _split(block, k)
+                self._to_memory(jl, head)
+            jl.overflow.append(block)
+            jl.spilled += block.n_lines
+            jl.spilled_bytes += block.cost
+        else:
+            self._to_memory(jl, block)
         self.wake.set()
+
+    def _to_memory(self, jl: _JobLog, block: _Block) -> None:
+        jl.mem.append(block)
+        jl.mem_bytes += block.cost
+        self._mem_bytes += block.cost
+
+    def _fitting_in_memory(self, jl: _JobLog, block: _Block) -> int:
+        """How many of the block's first lines memory holds now (the block as a whole does not fit)."""
+        room = min(self.bounds.job_memory_bytes - jl.mem_bytes, self.bounds.memory_bytes - self._mem_bytes)
+        k = _fitting(block, room) if room > 0 else 0
+        return max(k, 0 if jl.mem else 1)  # always one line, however long: the job can make progress
 
     def add_update(self, update: agent_pb2.JobUpdate) -> None:
         if not update.time_ns:
             update.time_ns = time.time_ns()
         self._updates.setdefault(update.job_id, []).append((update, False))
         self.wake.set()
+        self.urgent.set()
 
     async def room(self, job_id: str) -> None:
         """Spools the job's overflow, then returns once the job may add more lines (the job's reader
@@ -190,11 +260,6 @@ class Outbox:
     def _over_bounds(self, jl: _JobLog) -> bool:
         return jl.owed_bytes >= self.bounds.job_bytes or self._owed_bytes >= self.bounds.total_bytes
 
-    def _memory_room(self, jl: _JobLog, n: int) -> bool:
-        if not jl.mem:  # always one line, however long: the job can make progress
-            return True
-        return jl.mem_bytes + n <= self.bounds.job_memory_bytes and self._mem_bytes + n <= self.bounds.memory_bytes
-
     async def _settle(self, job_id: str, jl: _JobLog) -> None:
         """Writes the job's overflow to its spool (off the event loop)."""
         if not jl.overflow or self.spool_dir is None:
@@ -204,10 +269,10 @@ class Outbox:
             if not batch:
                 return
             if jl.spool is None:
-                jl.spool = Spool(self.spool_dir / job_id)
+                jl.spool = Spool(self.spool_dir / job_id, parse=common_pb2.LogBlock.FromString)
             spool = jl.spool
             try:
-                await asyncio.to_thread(lambda: spool.append([_to_proto(line) for line in batch]))
+                await asyncio.to_thread(lambda: spool.append([_to_proto(block) for block in batch]))
             except OSError as e:  # a full disk: the lines stay in memory (the job's bound still holds)
                 jl.overflow[:0] = batch
                 if not jl.spool_failed:
@@ -241,24 +306,27 @@ class Outbox:
                     return
             else:
                 room = max(room, 1)
-            lines: list[_Line] = []
+            blocks: list[_Block] = []
             if jl.on_disk and jl.spool is not None:
                 spool = jl.spool
-                lines = await asyncio.to_thread(lambda: [_from_proto(line) for line in spool.read(room)])
-                jl.on_disk -= len(lines)
+                # By their cost, as memory counts them (a block's serialized size is far less): memory
+                # goes over its bound by at most one block, one read of the job's output.
+                records = await asyncio.to_thread(lambda: spool.read(room, lambda b: block_cost(b.text, b.count)))
+                blocks = [_from_proto(b) for b in records]
+                jl.on_disk -= len(blocks)
             if not jl.on_disk and jl.overflow:  # the spool is empty: what was never written comes next
                 take = 0
-                budget = room - sum(line.cost for line in lines)
-                while take < len(jl.overflow) and (budget > 0 or not (lines or take)):
+                budget = room - sum(b.cost for b in blocks)
+                while take < len(jl.overflow) and (budget > 0 or not (blocks or take)):
                     budget -= jl.overflow[take].cost
                     take += 1
-                lines.extend(jl.overflow[:take])
+                blocks.extend(jl.overflow[:take])
                 del jl.overflow[:take]
-            moved = sum(line.cost for line in lines)
-            jl.mem.extend(lines)
+            moved = sum(b.cost for b in blocks)
+            jl.mem.extend(blocks)
             jl.mem_bytes += moved
             self._mem_bytes += moved
-            jl.spilled -= len(lines)
+            jl.spilled -= sum(b.n_lines for b in blocks)
             jl.spilled_bytes -= moved
 
     # ---- the sender --------------------------------------------------------------------------
@@ -272,35 +340,62 @@ class Outbox:
 
     def take_logs(self) -> agent_pb2.AgentMessage | None:
         """The next log batch: unsent lines in memory, bounded in count and bytes (at least one line),
-        none while `inflight_bytes` wait for acknowledgement."""
-        if self._inflight_bytes >= self.bounds.inflight_bytes:
+        none while `inflight_bytes` or `inflight_batches` wait for acknowledgement."""
+        if self._inflight_bytes >= self.bounds.inflight_bytes or len(self._batches) >= self.bounds.inflight_batches:
             return None
         msg = agent_pb2.AgentMessage()
         budget, byte_budget = self.max_lines, self.max_bytes
+        in_batch: list[tuple[str, int]] = []  # (job, last seq) of each job in this batch
         self.last_batch_full = False
         for job_id, jl in self._logs.items():
             if budget <= 0 or byte_budget <= 0:
                 break
-            # mem holds consecutive seqs: skip the ones already written to this stream.
-            start = max(jl.sent_upto - jl.mem[0].seq + 1, 0) if jl.mem else 0
-            lines: list[_Line] = []
-            for ln in itertools.islice(jl.mem, start, start + budget):
-                n = ln.cost
-                if lines and n > byte_budget:
+            # mem holds consecutive seqs: skip the blocks already written to this stream.
+            blocks: list[_Block] = []
+            at = jl.sent_blocks
+            for b in itertools.islice(jl.mem, jl.sent_blocks, None):
+                if budget <= 0 or byte_budget <= 0:
                     break
-                lines.append(ln)
-                byte_budget -= n
-            if lines:
-                sent = sum(ln.cost for ln in lines)
+                if b.n_lines > budget or b.cost > byte_budget:  # the batch ends inside this block
+                    k = min(budget, b.n_lines, _fitting(b, byte_budget) if b.cost > byte_budget else b.n_lines)
+                    if k <= 0 and not blocks:
+                        k = 1  # at least one line per job, however long
+                    if k <= 0:
+                        break
+                    if k < b.n_lines:  # split where it is, so what is sent is always whole blocks of mem
+                        b, rest = _split(b, k)
+                        jl.mem[at] = b
+                        jl.mem.insert(at + 1, rest)
+                    blocks.append(b)
+                    budget -= b.n_lines
+                    byte_budget -= b.cost
+                    break
+                blocks.append(b)
+                at += 1
+                budget -= b.n_lines
+                byte_budget -= b.cost
+            if blocks:
+                sent = sum(b.cost for b in blocks)
                 jl.inflight_bytes += sent
                 self._inflight_bytes += sent
-                add = msg.logs.add(job_id=job_id).lines.add  # each line made a message once, in place
-                for ln in lines:
-                    add(seq=ln.seq, stream=ln.stream, text=ln.text, time_ns=ln.time_ns)
-                jl.sent_upto = lines[-1].seq
-                budget -= len(lines)
+                batch = msg.logs.add(job_id=job_id)
+                if self.blocks:
+                    add_block = batch.blocks.add
+                    for b in blocks:
+                        add_block(first_seq=b.first, count=b.n_lines, stream=b.stream, text=b.text, time_ns=b.time_ns)
+                else:  # a coordinator that reads only LogLines: each line made a message once, in place
+                    add = batch.lines.add
+                    for b in blocks:
+                        for i, text in enumerate(b.text.split("\n")):
+                            add(seq=b.first + i, stream=b.stream, text=text, time_ns=b.time_ns)
+                jl.sent_upto = blocks[-1].last
+                jl.sent_blocks += len(blocks)
+                in_batch.append((job_id, jl.sent_upto))
         self.last_batch_full = budget <= 0 or byte_budget <= LINE_OVERHEAD
-        return msg if msg.logs else None
+        if not in_batch:
+            return None
+        self._batches.append(tuple(in_batch))
+        return msg
 
     def take_control(self) -> agent_pb2.AgentMessage | None:
         """Job updates not yet sent; a final one only once all of its job's lines are sent."""
@@ -318,10 +413,22 @@ class Outbox:
     # ---- acknowledgements --------------------------------------------------------------------
     def ack_logs(self, job_id: str, seq: int) -> None:
         jl = self._logs.get(job_id)
-        if jl is None:
-            return
-        self._drop_upto(jl, seq)
-        self._forget_if_done(job_id)
+        if jl is not None:
+            jl.acked_upto = max(jl.acked_upto, seq)
+            self._drop_upto(jl, seq)
+            self._forget_if_done(job_id)
+        self._settle_batches()
+
+    def _settle_batches(self) -> None:
+        """Batches whose every line is acknowledged (or whose job is forgotten) are no longer in flight."""
+        settled = False
+        while self._batches and all(
+            (jl := self._logs.get(job_id)) is None or jl.acked_upto >= seq for job_id, seq in self._batches[0]
+        ):
+            self._batches.popleft()
+            settled = True
+        if settled:
+            self.wake.set()  # the send loop may take the next batch
 
     def ack_update(self, job_id: str, status: int) -> None:
         items = self._updates.get(job_id)
@@ -348,14 +455,19 @@ class Outbox:
         self._finished.add(job_id)
         self._forget_if_done(job_id)
 
-    def on_new_stream(self, positions: dict[str, int]) -> None:
-        """A new stream: the coordinator has lines up to `positions`; everything else is re-sent."""
+    def on_new_stream(self, positions: dict[str, int], blocks: bool = False) -> None:
+        """A new stream: the coordinator has lines up to `positions`; everything else is re-sent (as
+        LogBlocks if `blocks`: the coordinator stores them)."""
+        self.blocks = blocks
         for job_id, jl in self._logs.items():
             if job_id in positions:
+                jl.acked_upto = max(jl.acked_upto, positions[job_id])
                 self._drop_upto(jl, positions[job_id])
-            jl.sent_upto = jl.mem[0].seq - 1 if jl.mem else jl.next_seq - 1 - jl.spilled
+            jl.sent_upto = jl.mem[0].first - 1 if jl.mem else jl.next_seq - 1 - jl.spilled
+            jl.sent_blocks = 0
             self._inflight_bytes -= jl.inflight_bytes
             jl.inflight_bytes = 0
+        self._batches.clear()  # nothing is in flight on a new stream
         for items in self._updates.values():
             items[:] = [(u, False) for u, _ in items]
         self.wake.set()
@@ -373,13 +485,21 @@ class Outbox:
 
     def _drop_upto(self, jl: _JobLog, seq: int) -> None:
         freed = 0
-        while jl.mem and jl.mem[0].seq <= seq:
-            line = jl.mem.popleft()
-            n = line.cost
+        while jl.mem and jl.mem[0].first <= seq:
+            b = jl.mem[0]
+            sent = b.last <= jl.sent_upto
+            if b.last > seq:  # acknowledged in part (a position inside a block): the rest stays
+                b, jl.mem[0] = _split(b, seq - b.first + 1)
+                jl.sent_blocks += sent  # both parts were sent, or neither
+            else:
+                jl.mem.popleft()
+            n = b.cost
             freed += n
-            if line.seq <= jl.sent_upto and jl.inflight_bytes > 0:
-                jl.inflight_bytes -= n
-                self._inflight_bytes -= n
+            if sent:
+                jl.sent_blocks -= 1
+                if jl.inflight_bytes > 0:
+                    jl.inflight_bytes -= n
+                    self._inflight_bytes -= n
         if freed:
             jl.mem_bytes -= freed
             self._mem_bytes -= freed

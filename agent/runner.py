@@ -105,16 +105,23 @@ def _remove_all(dirs: list[Path]) -> None:
 
 
 class LineSplitter:
-    """Splits a stream's chunks into lines (without their newline, or a CR before it). `emit_many` gets
-    the lines of a chunk together (the agent's path: one call, one decode, per chunk rather than per
-    line), `emit` each line."""
+    """Splits a stream's chunks into lines (without their newline, or a CR before it). `emit_text` gets
+    the complete lines of a chunk joined by "\n" (the agent's path: one call, one decode, no object per
+    line), `emit_many` them as a list, `emit` each line."""
 
     def __init__(
-        self, emit: Callable[[str], None] | None = None, emit_many: Callable[[list[str]], None] | None = None
+        self,
+        emit: Callable[[str], None] | None = None,
+        emit_many: Callable[[list[str]], None] | None = None,
+        emit_text: Callable[[str], None] | None = None,
     ) -> None:
         self.emit = emit or _drop
         self.emit_many = emit_many or self._each
+        self.emit_text = emit_text or self._split
         self.buf = b""
+
+    def _split(self, text: str) -> None:
+        self.emit_many(text.split("\n"))
 
     def _each(self, lines: list[str]) -> None:
         for line in lines:
@@ -130,10 +137,11 @@ class LineSplitter:
             # Decoded as one block: a newline is never part of a UTF-8 sequence, so this is each line's
             # own decoding (a broken sequence at a line's end is replaced all the same).
             text = buf[:end].decode("utf-8", errors="replace")
-            lines = text.split("\n")
-            if "\r" in text:
-                lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
-            self.emit_many(lines)
+            if "\r" in text:  # a CR before each newline goes, and before the chunk's last (cut off above)
+                text = text.replace("\r\n", "\n")
+                if text.endswith("\r"):
+                    text = text[:-1]
+            self.emit_text(text)
         while len(self.buf) > MAX_LINE:
             self._emit(self.buf[:MAX_LINE])
             self.buf = self.buf[MAX_LINE:]
@@ -141,7 +149,7 @@ class LineSplitter:
     def _emit(self, line: bytes) -> None:
         if line.endswith(b"\r"):
             line = line[:-1]
-        self.emit_many([line.decode("utf-8", errors="replace")])
+        self.emit_text(line.decode("utf-8", errors="replace"))
 
     def close(self) -> None:
         if self.buf:
@@ -469,15 +477,15 @@ class JobRunner:
 
     async def _pump_output(self, proc: JobProcess) -> None:
         outbox, job_id = self.deps.outbox, self.job_id
-        mask = Masker(self.a.secrets.values()).mask if self.a.secrets else None  # line by line, as before
+        mask = Masker(self.a.secrets.values()).mask_lines if self.a.secrets else None  # line by line, as before
 
-        def emitter(kind: common_pb2.LogStream.ValueType) -> Callable[[list[str]], None]:
+        def emitter(kind: common_pb2.LogStream.ValueType) -> Callable[[str], None]:
             if mask is None:
-                return lambda lines: outbox.add_lines(job_id, kind, lines)
-            return lambda lines: outbox.add_lines(job_id, kind, [mask(text) for text in lines])
+                return lambda text: outbox.add_text(job_id, kind, text)
+            return lambda text: outbox.add_text(job_id, kind, mask(text))
 
         splitters = {
-            int(kind): LineSplitter(emit_many=emitter(kind))
+            int(kind): LineSplitter(emit_text=emitter(kind))
             for kind in (common_pb2.LOG_STREAM_STDOUT, common_pb2.LOG_STREAM_STDERR)
         }
         async for kind, chunk in proc.output():

@@ -1,9 +1,9 @@
 """One job's log lines beyond the outbox's memory bound, on disk, first in first out.
 
-Records are length-prefixed serialized `LogLine`s in segment files (`00000001.log`, ...) of a
-bounded size; a segment is deleted as soon as it has been read back, so the disk holds only lines
-still owed to the coordinator. Blocking file I/O: the outbox calls these methods through
-`asyncio.to_thread`, one call at a time per spool.
+Records are length-prefixed serialized messages (the outbox's `LogBlock`s; `LogLine`s by default) in
+segment files (`00000001.log`, ...) of a bounded size; a segment is deleted as soon as it has been read
+back, so the disk holds only lines still owed to the coordinator. Blocking file I/O: the outbox calls
+these methods through `asyncio.to_thread`, one call at a time per spool.
 """
 
 from __future__ import annotations
@@ -11,18 +11,28 @@ from __future__ import annotations
 import shutil
 import struct
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Generic, TypeVar
+
+from google.protobuf.message import Message
 
 from dstack.protos.v1 import common_pb2
 
 SEGMENT_BYTES = 4 << 20
 _LEN = struct.Struct("<I")
+R = TypeVar("R", bound=Message)
 
 
-class Spool:
-    def __init__(self, folder: Path, segment_bytes: int = SEGMENT_BYTES) -> None:
+class Spool(Generic[R]):
+    def __init__(
+        self,
+        folder: Path,
+        segment_bytes: int = SEGMENT_BYTES,
+        parse: Callable[[bytes], R] = common_pb2.LogLine.FromString,  # type: ignore[assignment]
+    ) -> None:
         self.folder = folder
+        self.parse = parse
         self.segment_bytes = segment_bytes
         self._segments: deque[Path] = deque()  # oldest first; the last one is written to
         self._next = 1
@@ -30,7 +40,7 @@ class Spool:
         self._written = 0  # bytes in the segment being written
         self._reader: BinaryIO | None = None  # on self._segments[0]
 
-    def append(self, lines: list[common_pb2.LogLine]) -> None:
+    def append(self, lines: list[R]) -> None:
         if not lines:
             return
         if self._writer is None or self._written >= self.segment_bytes:
@@ -47,9 +57,10 @@ class Spool:
             raise
         self._written += len(data)
 
-    def read(self, max_bytes: int) -> list[common_pb2.LogLine]:
-        """Up to about `max_bytes` of the oldest lines (at least one when any is left), removed from the spool."""
-        out: list[common_pb2.LogLine] = []
+    def read(self, max_bytes: int, size: Callable[[R], int] | None = None) -> list[R]:
+        """Up to about `max_bytes` of the oldest records (at least one when any is left), removed from the spool;
+        a record counts as its serialized size, or as `size` says."""
+        out: list[R] = []
         budget = max_bytes
         while self._segments and (budget > 0 or not out):
             if self._reader is None:
@@ -57,8 +68,9 @@ class Spool:
             head = self._reader.read(_LEN.size)
             if len(head) == _LEN.size:
                 (n,) = _LEN.unpack(head)
-                out.append(common_pb2.LogLine.FromString(self._reader.read(n)))
-                budget -= n
+                record = self.parse(self._reader.read(n))
+                out.append(record)
+                budget -= n if size is None else size(record)
                 continue
             # The end of this segment: the writer has moved on (it is done), or the reader caught up with it.
             self._reader.close()

@@ -146,11 +146,10 @@ class Run:
         run finishes. A broken stream resumes where it stopped: each line comes once."""
         from dstack.cli.commands.logs import log_batches
 
-        for batch in log_batches(self._channel, self.name, follow):
-            for job_name, lines in batch.jobs:
-                if job is None or job_name == job:
-                    for ln in lines:
-                        yield ln.text
+        for batch in log_batches(self._channel, self.name, follow, blocks=True):
+            for part in batch.jobs:
+                if job is None or part.job_name == job:
+                    yield from part.texts()
             if batch.finished_run is not None:
                 self.info = batch.finished_run
 

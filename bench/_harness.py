@@ -28,6 +28,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+STARTUP_S = 120.0  # how long a coordinator may take to answer after its start
+
+
 class Services:
     """A coordinator and agents over TLS with the coordinator's own CA, as a team runs them (tls=False:
     plaintext, `--insecure` on both sides, to measure what TLS costs)."""
@@ -68,11 +71,12 @@ class Services:
             cwd=REPO,
         )
         self.procs.append(self.coordinator)
-        deadline = time.monotonic() + 20
+        # Starting takes seconds of imports: over 20 s on the shared 2-core machine at load 60.
+        deadline = time.monotonic() + STARTUP_S
         while self.tls and not self.ca_file.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         stub = self.client_stub()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + STARTUP_S
         while True:
             try:
                 stub.GetInfo(client_pb2.GetInfoRequest(), metadata=meta(), timeout=1)

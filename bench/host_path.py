@@ -4,11 +4,11 @@ start, output, wait, cleanup), per variant, rounds alternated; medians.
 
 Usage: python -m bench.host_path [--jobs 300] [--rounds 3] [VARIANT ...]
 
-Variants: plain (no cgroup, the agent's user), pids (a pids-limited cgroup per job, the default), user
-(as the job user: setpriv and the environment pipe; root only), user+pids (root's default). Prints the
-agent process's CPU per job (user+system of this process: its threads, not its children) and the
-children's (setpriv, bash: they exit before the next figure is taken), and jobs/s. The baseline is
-`plain` in the same run: what the job user and the pids cgroup add on this machine.
+Variants: plain (no cgroup, the agent's user), pids (a pids-limited cgroup per job, the default: reused from
+the agent's pool), user (as the job user: setpriv and the environment pipe; root only), user+pids (root's
+default). Prints the agent process's CPU per job (user+system of this process: its threads, not its
+children) and the children's (setpriv, bash: they exit before the next figure is taken), and jobs/s. The
+baseline is `plain` in the same run: what the job user and the pids cgroup add on this machine.
 """
 
 from __future__ import annotations

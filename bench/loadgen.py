@@ -27,7 +27,6 @@ from typing import Any
 
 import grpc
 
-from dstack.agent.connection import CHANNEL_OPTIONS as AGENT_CHANNEL_OPTIONS
 from dstack.agent.retry import SESSION_BACKOFF
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, client_pb2, client_pb2_grpc, common_pb2
 from dstack.tls import SERVER_NAME
@@ -50,7 +49,10 @@ class Target:
     def channel(self, own_connection: bool) -> grpc.aio.Channel:
         # A local subchannel pool gives this channel its own TCP connection and TLS session, as a
         # separate agent host would have; the default pool would share one connection per process.
-        # An agent's channel has a real agent's options too (keepalive pings, reconnect backoff).
+        # An agent's channel has a real agent's options too (keepalive pings, reconnect backoff). Imported
+        # here: the agent's modules cost a submitter process half a second it does not need.
+        from dstack.agent.connection import CHANNEL_OPTIONS as AGENT_CHANNEL_OPTIONS
+
         options: list[tuple[str, Any]] = (
             [("grpc.use_local_subchannel_pool", 1), *AGENT_CHANNEL_OPTIONS] if own_connection else []
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import math
 import os
@@ -343,6 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     def on_started(coordinator: Coordinator) -> None:
         if not config.local_mode:
             print(banner(config, coordinator), file=sys.stderr, flush=True)
+        # What start-up made (modules, protobuf descriptors, the server's objects) lives as long as the
+        # process: out of the collector's sight, a full collection no longer walks it again and again
+        # under load (it was one 25 ms pass per 1,000 jobs).
+        gc.freeze()
 
     tune_gc()  # the serving process only: not one that merely imports the coordinator (tests)
     try:

@@ -30,11 +30,14 @@ class SecretBox:
         key = self._load_or_create(key_path)
         self._fernet = Fernet(key)
         self._key = key
+        self._derived: dict[bytes, bytes] = {}  # the key never changes while the process runs
 
     def derive(self, purpose: bytes) -> bytes:
         """A key for `purpose` derived from the secrets key (the step cache's HMAC of secret values): the
         coordinator's own, so no one without the key file can test a guess against what it stored."""
-        return hmac.new(self._key, purpose, hashlib.sha256).digest()
+        if (derived := self._derived.get(purpose)) is None:
+            derived = self._derived[purpose] = hmac.new(self._key, purpose, hashlib.sha256).digest()
+        return derived
 
     @staticmethod
     def _load_or_create(path: Path) -> bytes:

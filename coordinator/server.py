@@ -30,6 +30,7 @@ from dstack.coordinator.engine import Engine
 from dstack.coordinator.retention import Retention
 from dstack.coordinator.services.agent import AgentService
 from dstack.coordinator.services.client import ClientService
+from dstack.coordinator.services.generic_only import generic_only
 from dstack.coordinator.store import Store
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.coordinator.store.reader import ReadExecutor
@@ -241,8 +242,8 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
     auth = Authenticator(store, db, reads)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(auth)])
     core = Core(engine, artifacts, reads)
-    client_pb2_grpc.add_ClientServiceServicer_to_server(ClientService(core), server)
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(core), server)
+    client_pb2_grpc.add_ClientServiceServicer_to_server(ClientService(core), generic_only(server))
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(core), generic_only(server))
     health_servicer = await add_health_and_reflection(server)
     if config.listen.startswith("unix://"):
         # A socket file left by a killed coordinator would make the bind fail; one that a live process
@@ -284,9 +285,11 @@ async def add_health_and_reflection(server: grpc.aio.Server) -> health.aio.Healt
     """grpc.health.v1 (public: coordinator/auth.py) reports SERVING for the server ("") and each of our
     services until the coordinator stops; reflection lets `grpcurl` list and call them."""
     servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, generic_only(server))
     for name in ("", *SERVED):
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    # Not generic_only: the reflection service checks that it is given a grpc.aio.Server (its one method
+    # adds one pending request to the server's wait, not 55).
     reflection.enable_server_reflection((*SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     return servicer
 

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import secrets
 import shlex
 import signal
 import time
@@ -42,6 +43,10 @@ DEFAULT_PIDS_LIMIT = max(4096, 32 * (os.cpu_count() or 1))
 CONTROLLERS = ("memory", "cpu", "pids")
 ROOT = Path("/sys/fs/cgroup")
 V2_AGENT_LEAF = "agent"  # where a v2 agent moves itself so that its group may delegate controllers
+# Job groups kept for reuse, at most: enough for the jobs one agent runs at once, few enough that an
+# idle agent holds a handful of empty folders in cgroupfs.
+POOL_MAX = 64
+POOL_PREFIX = "pool-"  # a reused group's name: never a job's id (a job's next attempt must not share it)
 _warned: set[str] = set()
 
 
@@ -100,11 +105,20 @@ def warn_once(key: str, message: str) -> None:
         log.warning(message)
 
 
+def _read(path: Path) -> bytes:
+    """A cgroupfs file's content: one open and read, without a text wrapper (a job's path reads several)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
 def _read_int_keys(path: Path) -> dict[str, int]:
     """A flat-keyed cgroup file (`memory.events`, `pids.events`, `memory.oom_control`) as key -> number."""
     out: dict[str, int] = {}
     with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
+        for line in _read(path).decode().splitlines():
             key, _, value = line.partition(" ")
             with contextlib.suppress(ValueError):
                 out[key] = int(value)
@@ -130,6 +144,12 @@ class CgroupLayout:
 
     dirs: dict[str, Path] = field(default_factory=dict)  # controller -> <hierarchy>/<agent group>/dstack-<agent>
     v2: bool = False  # one unified dir for every controller
+    # Empty groups of finished jobs without memory or CPU limits, for the next such job: a job's mkdir, limit
+    # write and rmdir in cgroupfs (and the rmdir's retries while its last processes go) become none.
+    pool: list[JobCgroup] = field(default_factory=list)
+    # Pooled groups found not empty when taken (only a job running as the agent's own user could put a
+    # process there): the runtime kills what is in them and removes them (take_discarded).
+    discarded: list[JobCgroup] = field(default_factory=list)
 
     @classmethod
     def discover(
@@ -202,13 +222,53 @@ class CgroupLayout:
             warn_once("pids-all", f"cannot bound the pids of all jobs together in {parent}: {e}")
 
     def remove(self) -> None:
-        """Removes the jobs' parent groups where they are empty (the agent stops: it leaves no trace)."""
+        """Removes the pooled groups, then the jobs' parent groups where they are empty (the agent stops:
+        it leaves no trace)."""
+        pool, self.pool = self.pool, []
+        for cg in pool:
+            cg.remove()
         for parent in set(self.dirs.values()):
             with contextlib.suppress(OSError):  # not empty: a job's group is left, for the next start
                 parent.rmdir()
 
     def job(self, job_id: str, memory_bytes: int, cpu: float, pids_limit: int = 0) -> JobCgroup:
-        return JobCgroup(job_id, self._job_paths(job_id, memory_bytes, cpu), memory_bytes, cpu, pids_limit, self.v2)
+        """The job's groups: a pooled one where the job asks for no memory or CPU limit (most jobs), else new.
+
+        A pooled group is checked empty here (one read of its cgroup.procs, kernel memory: fine on the
+        event loop): a group with a process in it is never handed to a job; it goes to `discarded`."""
+        poolable = not memory_bytes and not cpu
+        if poolable:
+            while self.pool:
+                cg = self.pool.pop()
+                if cg.pids_limit == pids_limit and not cg.pids():
+                    cg.job_id = job_id
+                    return cg
+                self.discarded.append(cg)
+            name = POOL_PREFIX + secrets.token_hex(6)  # mkdir'd without exist_ok: a name in use is refused
+        else:
+            name = job_id
+        cg = JobCgroup(job_id, self._job_paths(name, memory_bytes, cpu), memory_bytes, cpu, pids_limit, self.v2)
+        cg.poolable = poolable
+        return cg
+
+    def give_back(self, cg: JobCgroup) -> bool:
+        """Keeps a finished job's group for the next job when it can be reused as it is: it was made for a job
+        without memory or CPU limits, it ended clean (empty when its main process exited: never sealed, no
+        out-of-memory kill, no pids limit hit, so its counters still read zero for the next job) and no task
+        is left in it, a zombie not yet reaped included (pids.current, or cgroup.procs without a pids
+        controller). False: the caller removes it."""
+        sealed = cg.hits_at_kill is not None  # pids.max 0 (and v2's cgroup.kill): a stop's kill_all
+        if not (cg.poolable and cg.created and cg.clean) or sealed or len(self.pool) >= POOL_MAX:
+            return False
+        if cg.tasks_left():
+            return False
+        cg.clean = False  # set again by the next job's close_at_once
+        self.pool.append(cg)
+        return True
+
+    def take_discarded(self) -> list[JobCgroup]:
+        out, self.discarded = self.discarded, []
+        return out
 
     def _job_paths(self, job_id: str, memory_bytes: int, cpu: float) -> dict[str, Path]:
         """v2: the job's one folder. v1: a group in each hierarchy whose controller the job uses: the pids
@@ -264,16 +324,21 @@ class JobCgroup:
     created: bool = False  # groups exist (made by create(), or found left over)
     limited: set[str] = field(default_factory=set)  # controllers whose limit was written
     hits_at_kill: int | None = None  # pids limit hits when the agent closed the group (kill_all)
+    poolable: bool = False  # may be reused by another job once this one ended clean (CgroupLayout.give_back)
+    clean: bool = False  # the job's close found the group empty, with no OOM kill and no pids limit hit
 
     def _groups(self) -> list[Path]:
         return list(dict.fromkeys(self.paths.values()))  # v2: one folder
 
     def create(self) -> list[str]:
-        """Creates the groups and sets the limits; returns what could not be enforced (for the job's log)."""
+        """Creates the groups and sets the limits; returns what could not be enforced (for the job's log).
+        A pooled group (created by an earlier job, with its limit in place) is used as it is."""
+        if self.created:
+            return [c for c in CONTROLLERS if c == "pids" and self.pids_limit and c not in self.limited]
         made: list[Path] = []
         for path in self._groups():
             try:
-                path.mkdir(exist_ok=True)
+                path.mkdir(exist_ok=not self.poolable)  # a pooled name in use is never shared
                 made.append(path)
             except OSError as e:
                 log.warning("job %s: cgroup %s: %s", self.job_id, path, e)
@@ -323,8 +388,19 @@ class JobCgroup:
         out: set[int] = set()
         for procs in self.joined:
             with contextlib.suppress(OSError, ValueError):
-                out.update(int(x) for x in procs.read_text().split())
+                out.update(int(x) for x in _read(procs).split())
         return out
+
+    def tasks_left(self) -> bool:
+        """Whether any task still counts in the group: pids.current counts zombies until they are reaped,
+        and threads; without a pids controller, cgroup.procs lists what is left. Unreadable: yes."""
+        group = self.paths.get("pids")
+        if group is None:
+            return bool(self.pids())
+        try:
+            return int(_read(group / "pids.current")) != 0
+        except (OSError, ValueError):
+            return True
 
     def oom_killed(self) -> bool:
         path = self.paths.get("memory")
@@ -358,7 +434,9 @@ class JobCgroup:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
             return None
-        return self.oom_killed(), self.pids_limit_hits()
+        oom, hits = self.oom_killed(), self.pids_limit_hits()
+        self.clean = not oom and not hits and self.hits_at_kill is None  # never sealed (a stop's kill_all)
+        return oom, hits
 
     def kill_all(self) -> int:
         """SIGKILLs every process still in the job's groups (also those that left its session).

@@ -252,6 +252,8 @@ class GroupRemover:
 
 def _remove_groups(groups: list[JobCgroup]) -> None:
     for g in groups:
+        if g.pids():  # a pooled group found with a process in it (CgroupLayout.job): what is there dies
+            g.kill_all()
         g.remove()
 
 
@@ -293,7 +295,7 @@ class HostRuntime(Runtime):
         if not self.use_cgroups and user is None:
             return None
         layout = await self._get_layout(self.agent_home or str(os.getpid())) if self.use_cgroups else None
-        prepared = _Prepared(layout.job(job_id, memory_bytes, cpu, self.pids_limit) if layout else None)
+        prepared = _Prepared(self._job_group(layout, job_id, memory_bytes, cpu) if layout else None)
         self._prepared[job_id] = prepared
 
         def run() -> None:
@@ -304,6 +306,19 @@ class HostRuntime(Runtime):
             prepared.done = True
 
         return run
+
+    def _job_group(self, layout: CgroupLayout, job_id: str, memory_bytes: int, cpu: float) -> JobCgroup:
+        cg = layout.job(job_id, memory_bytes, cpu, self.pids_limit)
+        for bad in layout.take_discarded():  # pooled groups not found empty: never a job's
+            log.warning("a pooled job cgroup %s was not empty: its processes are killed", bad.paths)
+            self._remover.remove(bad)
+        return cg
+
+    def _done_with(self, cgroup: JobCgroup) -> None:
+        """A finished job's group: kept for the next job where it can be (CgroupLayout.give_back), else removed
+        off the job's path."""
+        if self._layout is None or not self._layout.give_back(cgroup):
+            self._remover.remove(cgroup)
 
     def forget(self, job_id: str) -> None:
         prepared = self._prepared.pop(job_id, None)
@@ -336,7 +351,7 @@ class HostRuntime(Runtime):
                 await asyncio.to_thread(give, job.workdir, user)
             return None
         layout = await self._get_layout(self.agent_home or str(os.getpid()))
-        cg = layout.job(job.job_id, job.memory_bytes, job.cpu, self.pids_limit)
+        cg = self._job_group(layout, job.job_id, job.memory_bytes, job.cpu)
 
         def prepare() -> list[str]:
             if user is not None:
@@ -404,7 +419,7 @@ class HostRuntime(Runtime):
             rest = _hand_over_env(env_pipe[1], joined, proc.pid, jobuser.encode_env(env))
             if rest:
                 await asyncio.to_thread(_write_rest, env_pipe[1], rest)
-        return HostProcess(proc, self.stop_grace_s, cgroup, job.system_line, self._remover.remove)
+        return HostProcess(proc, self.stop_grace_s, cgroup, job.system_line, self._done_with)
 
     async def close(self) -> None:
         await self._remover.drain()

@@ -32,32 +32,70 @@ def attempt_header(head: str, attempt: int) -> str:
 
 
 @dataclass
+class JobPart:
+    """A job's lines in one message of the stream that were not received before: as LogLines, then as
+    LogBlocks (lines packed: from a coordinator asked for them), in seq order."""
+
+    job_name: str
+    lines: list[common_pb2.LogLine]
+    blocks: list[common_pb2.LogBlock]
+
+    def texts(self) -> Iterator[str]:
+        for ln in self.lines:
+            yield ln.text
+        for b in self.blocks:
+            yield from b.text.split("\n")
+
+
+@dataclass
 class LogBatch:
     """What one message of the log stream brought that was not seen before: each job's new lines."""
 
-    jobs: list[tuple[str, list[common_pb2.LogLine]]]
+    jobs: list[JobPart]
     finished_run: client_pb2.Run | None
 
 
-def log_batches(client: Client, run_name: str, follow: bool) -> Iterator[LogBatch]:
+def block_last(b: common_pb2.LogBlock) -> int:
+    return b.first_seq + max(b.count, 1) - 1
+
+
+def _new_part(jl: client_pb2.JobLogs, last: int) -> tuple[JobPart, int]:
+    """The lines of `jl` after seq `last` (lines at or before the cursor were received already: a
+    coordinator that does not know cursors sends the stream from the start again), and the new cursor."""
+    lines = list(jl.lines)
+    if lines and lines[0].seq <= last:
+        lines = [ln for ln in lines if ln.seq > last]
+    blocks = list(jl.blocks)
+    if blocks and blocks[0].first_seq <= last:
+        blocks = [_after_seq(b, last) for b in blocks if block_last(b) > last]
+    end = max([last, *(ln.seq for ln in lines[-1:]), *(block_last(b) for b in blocks[-1:])])
+    return JobPart(jl.job_name, lines, blocks), end
+
+
+def _after_seq(b: common_pb2.LogBlock, last: int) -> common_pb2.LogBlock:
+    if b.first_seq > last:
+        return b
+    k = last - b.first_seq + 1
+    return common_pb2.LogBlock(
+        first_seq=last + 1, count=b.count - k, stream=b.stream, time_ns=b.time_ns, text=b.text.split("\n", k)[k]
+    )
+
+
+def log_batches(client: Client, run_name: str, follow: bool, blocks: bool = False) -> Iterator[LogBatch]:
     """The run's log stream, resumed from the last line received when it breaks (each line once, no gap);
     with follow, until the run finishes (the last batch carries the finished run). `dstack logs`'s and the
-    SDK's."""
+    SDK's. With `blocks`, lines may come packed (JobPart.blocks): one object per block, not per line."""
     cursor: dict[str, int] = {}  # job name -> seq of the last line received
     backoff = 0.1
     progress = time.monotonic()
     while True:
         try:
-            for resp in client.logs(run_name, follow, cursor):
+            for resp in client.logs(run_name, follow, cursor, blocks):
                 progress, backoff = time.monotonic(), 0.1
                 jobs = []
                 for jl in resp.jobs:
-                    last = cursor.get(jl.job_name, 0)
-                    # Lines at or before the cursor were received already (a coordinator that does not
-                    # know cursors sends the stream from the start again).
-                    jobs.append((jl.job_name, [ln for ln in jl.lines if ln.seq > last]))
-                    if jl.lines:
-                        cursor[jl.job_name] = max(last, jl.lines[-1].seq)
+                    part, cursor[jl.job_name] = _new_part(jl, cursor.get(jl.job_name, 0))
+                    jobs.append(part)
                 finished = resp.finished_run if resp.HasField("finished_run") else None
                 yield LogBatch(jobs, finished)
                 if finished is not None:
@@ -92,11 +130,12 @@ def print_logs(
     out = sys.stdout
     # The attempt whose lines each job printed last; 0 where a header is due before attempt 1's.
     shown = {j.job_name: (0 if j.attempt > 1 else 1) for j in run.jobs}
-    for batch in log_batches(client, run.name, follow):
+    for batch in log_batches(client, run.name, follow, blocks=True):
         if batch.jobs:
             before_output()
-        for job_name, lines in batch.jobs:
-            if job_name not in wanted and node is None and job_name not in labels and lines:
+        for part in batch.jobs:
+            job_name = part.job_name
+            if job_name not in wanted and node is None and job_name not in labels and (part.lines or part.blocks):
                 # A job a provider program added to the run while it was followed (agent/provider_jobs.py):
                 # shown too, and from now on every line says its job's name.
                 wanted.add(job_name)
@@ -106,7 +145,7 @@ def print_logs(
                 continue
             head = f"{labels.get(job_name, job_name)} | " if prefix else ""
             text = []
-            for ln in lines:
+            for ln in part.lines:
                 n = attempt_of(ln.seq)
                 if attempt is not None and n != attempt:
                     continue
@@ -114,6 +153,14 @@ def print_logs(
                     text.append(attempt_header(head, n))
                     shown[job_name] = n
                 text.append(f"{head}{ln.text}\n")
+            for b in part.blocks:  # a block's lines are of one attempt (its seqs are in one attempt's range)
+                n = attempt_of(b.first_seq)
+                if attempt is not None and n != attempt:
+                    continue
+                if n != shown.get(job_name, 1):
+                    text.append(attempt_header(head, n))
+                    shown[job_name] = n
+                text.append(f"{head}{b.text.replace(chr(10), chr(10) + head) if head else b.text}\n")
             out.write("".join(text))
         out.flush()
         if batch.finished_run is not None:

@@ -20,6 +20,7 @@ from dstack.coordinator.app import agent_scope
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.convert import environment_from_proto
 from dstack.coordinator.hub import AgentConnection
+from dstack.coordinator.store.logs import batch_last_seq, batch_lines
 from dstack.protos.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger("dstack.coordinator")
@@ -130,9 +131,10 @@ class Session:
         for b in msg.logs:
             if b.job_id in current or b.job_id in ended:
                 kept.logs.append(b)
-            elif b.lines:
-                agent_scope.dropped(self.agent_id, "lines", f"{len(b.lines)} log line(s)", b.job_id)
-                acks.log_acks.append(agent_pb2.LogAck(job_id=b.job_id, seq=max(ln.seq for ln in b.lines)))
+            elif b.lines or b.blocks:
+                agent_scope.dropped(self.agent_id, "lines", f"{batch_lines(b)} log line(s)", b.job_id)
+                seq = max([batch_last_seq(b), *(ln.seq for ln in b.lines)])
+                acks.log_acks.append(agent_pb2.LogAck(job_id=b.job_id, seq=seq))
         for u in msg.updates:
             if u.job_id in current:
                 kept.updates.append(u)

@@ -21,7 +21,7 @@ from dstack.coordinator.artifacts import logs_key
 from dstack.coordinator.model import LogLine, LogStream, RunView
 from dstack.coordinator.retention import iter_log_archive
 from dstack.coordinator.store.db import Store
-from dstack.coordinator.store.logs import body_of, lines_of
+from dstack.coordinator.store.logs import body_of, is_blocks, lines_body, lines_of
 
 LOG_BATCH = 5000
 LOG_BATCH_BYTES = 3 << 20  # one response (whole chunks, within this) stays below gRPC's 4 MiB default limit
@@ -75,10 +75,11 @@ class _Poll:
 
 
 async def stream_logs(
-    core: Core, run_name: str, follow: bool, after: Mapping[str, int] | None = None
+    core: Core, run_name: str, follow: bool, after: Mapping[str, int] | None = None, blocks: bool = False
 ) -> AsyncGenerator[LogChunk, None]:
     """Every line of the run after `after`; with `follow`, until the run has finished (the last
-    chunk then carries the finished run)."""
+    chunk then carries the finished run). A JobLines' body may hold LogBlocks only if `blocks` (the
+    client reads them: StreamLogsRequest.blocks)."""
     run = await core.read(run_by_name, run_name)
     run_id: str = run.id
     cursor: dict[str, int] = {k: v for k, v in (after or {}).items() if v > 0}
@@ -95,8 +96,11 @@ async def stream_logs(
                 continue
             page = store.read_log_page(j.id, cursor.get(j.job_name, 0), LOG_BATCH, budget)
             if page is not None:
-                budget -= len(page.body)
-                out.append((JobLines(j.job_name, body=page.body), page.last_seq))
+                body, last_seq = page.body, page.last_seq
+                if not blocks and is_blocks(body):  # as LogLines, as many as the budget holds (on this thread)
+                    body, _, last_seq = lines_body(body, budget)
+                budget -= len(body)
+                out.append((JobLines(j.job_name, body=body), last_seq))
         return _Poll(finished, out, {j.job_name: j.logs_state for j in jobs})
 
     while True:

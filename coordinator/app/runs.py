@@ -142,8 +142,10 @@ async def _prepare(core: Core, owner: str, sub: Submission, actor: Actor | None)
     _check(sub.jobs)
     submitted_specs = specs_part(sub.jobs)
     # A multi-node job (resources.nodes > 1) is stored as its gang's members (coordinator/gangs.py).
-    sub = dataclasses.replace(sub, jobs=expand(sub.jobs))
-    _check(sub.jobs)
+    expanded = expand(sub.jobs)
+    if expanded != list(sub.jobs):  # checked again only where expanding changed something (a gang)
+        _check(expanded)
+    sub = dataclasses.replace(sub, jobs=expanded)
     if abs(sub.priority) > 1_000_000:
         raise InvalidRequest("--priority must be between -1000000 and 1000000")
     core.limits.take_submission(owner)
@@ -207,8 +209,11 @@ async def _prepare(core: Core, owner: str, sub: Submission, actor: Actor | None)
                 inputs=job_inputs,
                 gang=j.gang,
                 node_rank=j.node_rank,
+                # Stored with the row (not a second UPDATE per job): keyed on the spec as submitted, before
+                # the run's name went in; gang members are not keyed.
+                cache_base=base_key(repository, sub.code.hash, submitted.encoded, secrets) if not j.gang else "",
             )
-            for j, job_inputs in zip(specs, inputs, strict=True)
+            for j, submitted, job_inputs in zip(specs, sub.jobs, inputs, strict=True)
         ]
         created = core.store.create_run(
             owner,
@@ -224,12 +229,6 @@ async def _prepare(core: Core, owner: str, sub: Submission, actor: Actor | None)
         )
         core.store.records.put(created.run_id, RUN_PART, "submission", submission_part)
         core.store.records.put(created.run_id, RUN_PART, SPECS_PART, submitted_specs)
-        core.store.cache.set_bases(
-            {
-                job_id: base_key(repository, sub.code.hash, j.encoded, secrets) if not j.gang else ""
-                for job_id, j in zip(created.job_ids, sub.jobs, strict=True)
-            }
-        )
         return created, specs
 
     def enqueue(created: CreatedRun, specs: list[JobSpec]) -> RunView:

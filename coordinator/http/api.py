@@ -195,7 +195,7 @@ async def run_logs(request: web.Request) -> web.StreamResponse:
     core = request.app[CORE]
     name = request.match_info["name"]
     after = parse_log_cursor(request.query.get("cursor", ""))
-    stream = logs.stream_logs(core, name, follow=False, after=after)
+    stream = logs.stream_logs(core, name, follow=False, after=after, blocks=True)
     lines: list[dict[str, Any]] = []
     cursor = after
     try:
@@ -282,7 +282,7 @@ async def _follow_logs(
     chunks: asyncio.Queue[logs.LogChunk | BaseException | None] = asyncio.Queue(maxsize=2)
 
     async def produce() -> None:
-        stream = logs.stream_logs(core, name, follow=True, after=after)
+        stream = logs.stream_logs(core, name, follow=True, after=after, blocks=True)
         try:
             async for chunk in stream:
                 await chunks.put(chunk)  # waits while the client is slow: memory stays bounded

@@ -175,7 +175,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
         after = {c.job_name: c.seq for c in request.after}
         # A user removed (or whose token is rotated) while following: the stream ends on its next message.
         signed_in = users.SignedIn(self.core, actor())
-        async for chunk in logs.stream_logs(self.core, request.run_name, request.follow, after):
+        async for chunk in logs.stream_logs(self.core, request.run_name, request.follow, after, request.blocks):
             await signed_in.check()
             resp = client_pb2.StreamLogsResponse(
                 finished_run=None if chunk.finished_run is None else run_to_proto(chunk.finished_run),

@@ -62,6 +62,11 @@ def inputs_of(c: sqlite3.Connection, job_id: str) -> list[ArtifactInput]:
     run_id, depends_on, inputs = c.execute(
         "SELECT run_id, depends_on, inputs FROM jobs WHERE id = ?", [job_id]
     ).fetchone()
+    return inputs_from(c, run_id, depends_on, inputs)
+
+
+def inputs_from(c: sqlite3.Connection, run_id: str, depends_on: str, inputs: str) -> list[ArtifactInput]:
+    """`inputs_of` for a job whose row (run_id and its depends_on and inputs columns) was read already."""
     sources: list[tuple[str, str]] = [(run_id, n) for n in json_list(depends_on)]
     for source_run in json_list(inputs):
         sources += [(source_run, r[0]) for r in c.execute("SELECT job_name FROM jobs WHERE run_id = ?", [source_run])]

@@ -11,7 +11,7 @@ from typing import Any
 from dstack.coordinator import lifecycle
 from dstack.coordinator.cache import CACHE_PART, full_key, image_of
 from dstack.coordinator.model import JobStatus
-from dstack.coordinator.store.artifacts import FileRecord, inputs_of
+from dstack.coordinator.store.artifacts import FileRecord, inputs_from
 from dstack.coordinator.store.base import Db, rows
 
 
@@ -33,10 +33,10 @@ class CacheHit:
 def key_job(c: sqlite3.Connection, job_id: str) -> str:
     """The job's whole key, now that its inputs are known, stored on it; "" for a job the cache does not
     take (an upload, a gang member, a job stored before the cache)."""
-    row = c.execute("SELECT cache_base FROM jobs WHERE id = ?", [job_id]).fetchone()
+    row = c.execute("SELECT cache_base, run_id, depends_on, inputs FROM jobs WHERE id = ?", [job_id]).fetchone()
     if row is None or not row[0]:
         return ""
-    key = full_key(row[0], inputs_of(c, job_id))
+    key = full_key(row[0], inputs_from(c, row[1], row[2], row[3]))
     c.execute("UPDATE jobs SET cache_key = ? WHERE id = ?", [key, job_id])
     return key
 
@@ -44,11 +44,6 @@ def key_job(c: sqlite3.Connection, job_id: str) -> str:
 class StepCache:
     def __init__(self, db: Db) -> None:
         self.db = db
-
-    def set_bases(self, bases: dict[str, str]) -> None:
-        """job id -> base key, at submission."""
-        with self.db.tx() as c:
-            c.executemany("UPDATE jobs SET cache_base = ? WHERE id = ?", [(b, j) for j, b in bases.items() if b])
 
     def find_hit(self, job_id: str) -> CacheHit | None:
         """Keys a waiting job and finds the newest done job with its key whose artifacts are still kept

@@ -2,11 +2,14 @@
 serialized protobuf), stored once however often an agent resends them, and archived to the object
 store once a job has been finished a while (coordinator/retention.py).
 
-A chunk's body is the serialized `repeated dstack.v1.LogLine` field 2 of a message: what an agent's
-`LogBatch` carries after its job id, and what a client's `JobLogs` carries after its job name. Bodies
+A chunk's body is the serialized `repeated dstack.v1.LogLine` field 2 of a message, or (from an agent
+that sends its lines packed) the `repeated dstack.v1.LogBlock` field 3: what an agent's `LogBatch`
+carries after its job id, and what a client's `JobLogs` carries after its job name. Bodies of one kind
 concatenate into a longer list, so a batch is stored as the agent sent it and served as it is stored,
-without a Python object per line on either side (a job printing 200,000 lines a second). The lines'
-seqs are the stored ones (coordinator/attempts.py): for attempt 1 the agent's own.
+without a Python object per line on either side (a job printing 200,000 lines a second); a page is of
+one kind only (lines and blocks would not keep their order in one message), and a client that does not
+read blocks gets their lines as LogLines (`lines_body`). The lines' seqs are the stored ones
+(coordinator/attempts.py): for attempt 1 the agent's own.
 
 Lines of a job arrive in order (agent/outbox.py: consecutive seqs, resent from the coordinator's
 position after a reconnect), so a line at or below the attempt's last stored seq is a resend: the
@@ -57,8 +60,48 @@ class LogPage:
         return lines_of(self.body)
 
 
+BLOCKS_KIND = b"\x1a"  # a body of LogBlocks starts with JobLogs field 3's tag (LogLines: field 2's, b"\x12")
+
+
+def is_blocks(body: bytes) -> bool:
+    return body[:1] == BLOCKS_KIND
+
+
 def lines_of(body: bytes) -> list[LogLine]:
-    return [LogLine(ln.seq, ln.stream, ln.time_ns, ln.text) for ln in client_pb2.JobLogs.FromString(body).lines]
+    msg = client_pb2.JobLogs.FromString(body)
+    out = [LogLine(ln.seq, ln.stream, ln.time_ns, ln.text) for ln in msg.lines]
+    for b in msg.blocks:
+        first, stream, time_ns = b.first_seq, b.stream, b.time_ns
+        out += [LogLine(first + i, stream, time_ns, text) for i, text in enumerate(b.text.split("\n"))]
+    return out
+
+
+def lines_body(body: bytes, max_bytes: int) -> tuple[bytes, int, int]:
+    """A body's lines as LogLines (for a client that does not read blocks), stopping before `max_bytes`
+    (at least one line): the body, how many lines, the last one's seq."""
+    msg = client_pb2.JobLogs()
+    add = msg.lines.add
+    size = count = last = 0
+    for ln in lines_of(body):
+        size += len(ln.text.encode()) + 32  # the line's text and the rest of its message, generously
+        if count and size > max_bytes:
+            break
+        add(seq=ln.seq, stream=ln.stream, time_ns=ln.time_ns, text=ln.text)
+        count, last = count + 1, ln.seq
+    return msg.SerializeToString(), count, last
+
+
+def batch_lines(b: agent_pb2.LogBatch) -> int:
+    """How many lines an agent's batch says it carries."""
+    return len(b.lines) + sum(blk.count for blk in b.blocks)
+
+
+def batch_last_seq(b: agent_pb2.LogBatch) -> int:
+    """The seq of a batch's last line, in the agent's numbering: what acknowledging it names (0: none)."""
+    if b.blocks:
+        last = b.blocks[-1]
+        return int(last.first_seq) + max(int(last.count), 1) - 1
+    return int(b.lines[-1].seq) if b.lines else 0
 
 
 def body_of(lines: Iterable[LogLine]) -> bytes:
@@ -102,10 +145,12 @@ class Logs:
         try:
             with self.db.tx() as c:
                 for b in batches:
-                    if not b.lines:
-                        continue
                     pb = b if isinstance(b, agent_pb2.LogBatch) else _to_proto(b)
-                    for piece in _pieces(pb):
+                    if not pb.lines and not pb.blocks:
+                        continue
+                    # Lines and blocks in one batch: not what an agent sends (their order would be lost);
+                    # acknowledged and dropped, like lines whose seqs do not follow.
+                    for piece in _pieces(pb) if not (pb.lines and pb.blocks) else []:
                         chunk = self._chunk(piece)
                         if chunk is not None:
                             c.execute(
@@ -120,7 +165,7 @@ class Logs:
                                     chunk.body,
                                 ],
                             )
-                    acks.append(LogAck(b.job_id, pb.lines[-1].seq))
+                    acks.append(LogAck(b.job_id, batch_last_seq(pb)))
         except BaseException:
             # Not stored (a full disk...): the counts and positions are read again from the database.
             for b in batches:
@@ -132,6 +177,8 @@ class Logs:
 
     def _chunk(self, b: agent_pb2.LogBatch) -> _Chunk | None:
         """What of the batch is stored: none of what is stored already or past the quota."""
+        if b.blocks:
+            return self._blocks_chunk(b)
         job_id, attempt = parse_wire_job_id(b.job_id)
         lines = b.lines
         first, last, n = lines[0].seq, lines[-1].seq, len(lines)
@@ -195,6 +242,60 @@ class Logs:
                 ln.seq += base
         return _Chunk(job_id, msg.lines[0].seq, msg.lines[-1].seq, text_bytes, marked, msg.SerializeToString())
 
+    def _blocks_chunk(self, b: agent_pb2.LogBatch) -> _Chunk | None:
+        """_chunk for a batch of LogBlocks: the same cuts (a resend, the quota), made per block; no
+        object per line but where a cut falls inside a block."""
+        job_id, attempt = parse_wire_job_id(b.job_id)
+        blocks = [_Blk(x.first_seq, x.count, int(x.stream), x.time_ns, x.text) for x in b.blocks]
+        first = seq = blocks[0].first
+        for x in blocks:
+            if x.first != seq or x.count < 1 or x.text.count("\n") != x.count - 1:
+                return None  # not consecutive, or a count its text does not have: as _chunk's lines
+            seq += x.count
+        last = seq - 1
+        if first < 1 or last >= 1 << SEQ_BITS:
+            return None
+        key = (job_id, attempt)
+        stored_upto = self._last.get(key)
+        if stored_upto is None:
+            stored_upto = self._load_last(job_id, attempt)
+        if last <= stored_upto:
+            return None  # wholly a resend
+        self._last[key] = last
+        changed = False
+        if first <= stored_upto:  # partly a resend: the rest is stored
+            blocks = _blocks_after(blocks, stored_upto)
+            changed = True
+        text_bytes = sum(len(x.text) if x.text.isascii() else len(x.text.encode()) for x in blocks) - sum(
+            x.count - 1 for x in blocks
+        )
+        marked = False
+        if self.max_bytes > 0:
+            usage = self._usage.get(job_id) or self._load_usage(job_id)
+            if usage.full:
+                return None
+            if usage.stored + text_bytes > self.max_bytes:
+                blocks, text_bytes, dropped = _cut_blocks(blocks, self.max_bytes - usage.stored)
+                usage.full = marked = changed = True
+                # In the place of the first line dropped: readers see it where the log stops.
+                system = int(LogStream.SYSTEM)
+                blocks.append(_Blk(dropped[0], 1, system, dropped[1], quota_marker(self.max_bytes)))
+            usage.stored += text_bytes
+        base = attempt_base(attempt)
+        if not changed and base == 0:
+            # The common case: the agent's serialization, less its job id (serialized first, field 1).
+            whole = b.SerializeToString()
+            head = agent_pb2.LogBatch(job_id=b.job_id).SerializeToString()
+            if whole.startswith(head):
+                return _Chunk(job_id, first, last, text_bytes, marked, whole[len(head) :])
+        msg = client_pb2.JobLogs()
+        add = msg.blocks.add
+        for x in blocks:
+            add(first_seq=x.first + base, count=x.count, stream=x.stream, time_ns=x.time_ns, text=x.text)
+        return _Chunk(
+            job_id, blocks[0].first + base, blocks[-1].last + base, text_bytes, marked, msg.SerializeToString()
+        )
+
     def _load_last(self, job_id: str, attempt: int) -> int:
         base = attempt_base(attempt)
         row = self.db.conn.execute(
@@ -255,6 +356,8 @@ class Logs:
                     n = last_seq - first + 1
                 if parts and size + len(body) > max_bytes:
                     break  # a page stays within max_bytes (one response within gRPC's message limit)
+                if parts and is_blocks(body) != is_blocks(parts[0]):
+                    break  # a page of one kind: lines and blocks in one message would lose their order
                 parts.append(body)
                 count += n
                 size += len(body)
@@ -337,6 +440,8 @@ def _pieces(b: agent_pb2.LogBatch) -> list[agent_pb2.LogBatch]:
     but the coordinator accepts bigger messages, and a page of chunks must fit in one client response."""
     if b.ByteSize() <= CHUNK_BYTES:
         return [b]
+    if b.blocks:
+        return _block_pieces(b)
     out: list[agent_pb2.LogBatch] = []
     start = size = 0
     for i, ln in enumerate(b.lines):
@@ -349,9 +454,109 @@ def _pieces(b: agent_pb2.LogBatch) -> list[agent_pb2.LogBatch]:
     return out
 
 
+def _block_pieces(b: agent_pb2.LogBatch) -> list[agent_pb2.LogBatch]:
+    """_pieces for a batch of blocks: whole blocks, and a block bigger than a chunk cut between its lines."""
+    out: list[agent_pb2.LogBatch] = []
+    part: list[common_pb2.LogBlock] = []
+    size = 0
+    for blk in b.blocks:
+        for piece in _split_block(blk) if blk.ByteSize() > CHUNK_BYTES // 2 else [blk]:
+            n = piece.ByteSize() + 8
+            if part and size + n > CHUNK_BYTES:
+                out.append(agent_pb2.LogBatch(job_id=b.job_id, blocks=part))
+                part, size = [], 0
+            part.append(piece)
+            size += n
+    out.append(agent_pb2.LogBatch(job_id=b.job_id, blocks=part))
+    return out
+
+
+def _split_block(blk: common_pb2.LogBlock) -> list[common_pb2.LogBlock]:
+    """A big block as blocks of about half a chunk each (a line longer than that alone in its block).
+    A block whose count its text does not have is left whole: it is refused as it is (_blocks_chunk)."""
+    lines = blk.text.split("\n")
+    if len(lines) != blk.count:
+        return [blk]
+    out: list[common_pb2.LogBlock] = []
+    start = size = 0
+    for i, line in enumerate(lines):
+        n = len(line.encode()) + 1
+        if i > start and size + n > CHUNK_BYTES // 2:
+            out.append(_sub_block(blk, lines, start, i))
+            start, size = i, 0
+        size += n
+    out.append(_sub_block(blk, lines, start, len(lines)))
+    return out
+
+
+def _sub_block(blk: common_pb2.LogBlock, lines: list[str], start: int, end: int) -> common_pb2.LogBlock:
+    return common_pb2.LogBlock(
+        first_seq=blk.first_seq + start,
+        count=end - start,
+        stream=blk.stream,
+        time_ns=blk.time_ns,
+        text="\n".join(lines[start:end]),
+    )
+
+
+@dataclass(frozen=True)
+class _Blk:
+    """A LogBlock's fields, as plain Python."""
+
+    first: int
+    count: int
+    stream: int
+    time_ns: int
+    text: str
+
+    @property
+    def last(self) -> int:
+        return self.first + self.count - 1
+
+
+def _blocks_after(blocks: list[_Blk], after_seq: int) -> list[_Blk]:
+    """The lines of consecutive blocks after `after_seq`, the block it falls in cut."""
+    out = []
+    for x in blocks:
+        if x.last <= after_seq:
+            continue
+        if x.first <= after_seq:
+            k = after_seq - x.first + 1
+            x = _Blk(after_seq + 1, x.count - k, x.stream, x.time_ns, x.text.split("\n", k)[k])
+        out.append(x)
+    return out
+
+
+def _cut_blocks(blocks: list[_Blk], room: int) -> tuple[list[_Blk], int, tuple[int, int]]:
+    """The lines of the blocks that fit in `room` bytes of text (which all of them do not), their bytes,
+    and the seq and time of the first line that does not fit."""
+    kept: list[_Blk] = []
+    used = 0
+    for x in blocks:
+        lines = x.text.split("\n")
+        for i, line in enumerate(lines):
+            n = len(line.encode())
+            if used + n > room:
+                if i:
+                    kept.append(_Blk(x.first, i, x.stream, x.time_ns, "\n".join(lines[:i])))
+                return kept, used, (x.first + i, x.time_ns)
+            used += n
+        kept.append(x)
+    last = blocks[-1]  # all fit after all (not reached: their bytes were over the room)
+    return kept, used, (last.last, last.time_ns)
+
+
 def _after(body: bytes, after_seq: int) -> tuple[bytes, int]:
     """A chunk's lines after `after_seq` (a cursor inside it), and how many."""
     msg = client_pb2.JobLogs.FromString(body)
+    if msg.blocks:
+        blocks = _blocks_after(
+            [_Blk(x.first_seq, x.count, int(x.stream), x.time_ns, x.text) for x in msg.blocks], after_seq
+        )
+        out = client_pb2.JobLogs()
+        for x in blocks:
+            out.blocks.add(first_seq=x.first, count=x.count, stream=x.stream, time_ns=x.time_ns, text=x.text)
+        return out.SerializeToString(), sum(x.count for x in blocks)
     lines = msg.lines
     k = after_seq - lines[0].seq + 1  # seqs in a chunk are consecutive
     if not (0 <= k <= len(lines) and (k == len(lines) or lines[k].seq == after_seq + 1)):

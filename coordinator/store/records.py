@@ -28,11 +28,14 @@ class Records:
 
     def put_job_part(self, job_id: str, part: str, body: dict[str, Any]) -> bool:
         """Writes a job's part; False when the job is unknown."""
-        found = self.db.row("SELECT run_id FROM jobs WHERE id = ?", [job_id])
-        if found is None:
-            return False
-        self.put(found["run_id"], job_id, part, body)
-        return True
+        with self.db.tx() as c:
+            # Its run found by the write itself: one statement per part (an environment is one per job).
+            written = c.execute(
+                "INSERT OR REPLACE INTO records (run_id, job_id, part, body, written_at)"
+                " SELECT run_id, id, ?, ?, ? FROM jobs WHERE id = ?",
+                [part, json.dumps(body, sort_keys=True), self.db.clock(), job_id],
+            ).rowcount
+        return written > 0
 
     def of_run(self, run_id: str) -> dict[tuple[str, str], dict[str, Any]]:
         """(job_id, part) -> body of every part of the run."""

@@ -121,6 +121,7 @@ class NewJob:
     inputs: list[str] = field(default_factory=list)  # ids of runs whose artifacts the job takes
     gang: str = ""  # a multi-node gang's shared name ("" for a job of its own), and this member's rank
     node_rank: int = 0
+    cache_base: str = ""  # the step cache's key base, known at submission (coordinator/cache.py); "": not keyed
 
 
 @dataclass(frozen=True)
@@ -419,7 +420,7 @@ def insert_jobs(c: sqlite3.Connection, run_id: str, jobs: list[tuple[str, NewJob
     c.executemany(
         "INSERT INTO jobs (id, run_id, job_name, spec, status, termination_reason, message,"
         " agent_id, gpu_indices, submitted_at, stop_requested, cpu, memory, gpu_count, depends_on, inputs,"
-        " gang, node_rank) VALUES (?, ?, ?, ?, ?, 0, '', NULL, '[]', ?, 0, ?, ?, ?, ?, ?, ?, ?)",
+        " gang, node_rank, cache_base) VALUES (?, ?, ?, ?, ?, 0, '', NULL, '[]', ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 job_id,
@@ -435,6 +436,7 @@ def insert_jobs(c: sqlite3.Connection, run_id: str, jobs: list[tuple[str, NewJob
                 json.dumps(j.inputs),
                 j.gang,
                 j.node_rank,
+                j.cache_base,
             )
             for job_id, j in jobs
         ],

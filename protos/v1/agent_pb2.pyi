@@ -139,20 +139,29 @@ class LogBatch(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     LINES_FIELD_NUMBER: _builtins.int
+    BLOCKS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.LogLine]:
         """consecutive seqs"""
+
+    @_builtins.property
+    def blocks(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.LogBlock]:
+        """Or the same lines packed (LogBlock), to a coordinator that said it takes them (HelloAck.log_blocks):
+        consecutive seqs across the blocks. A batch carries lines or blocks, not both. Field 3, as in JobLogs:
+        the coordinator stores the batch's serialization after the job id as it came.
+        """
 
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         lines: _abc.Iterable[_common_pb2.LogLine] | None = ...,
+        blocks: _abc.Iterable[_common_pb2.LogBlock] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "lines", b"lines"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "job_id", b"job_id", "lines", b"lines"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -453,6 +462,7 @@ class HelloAck(_message.Message):
     LOG_POSITIONS_FIELD_NUMBER: _builtins.int
     SELF_FENCE_AFTER_MS_FIELD_NUMBER: _builtins.int
     SELF_FENCE_STRICT_FIELD_NUMBER: _builtins.int
+    LOG_BLOCKS_FIELD_NUMBER: _builtins.int
     heartbeat_interval_ms: _builtins.int
     lease_timeout_ms: _builtins.int
     self_fence_after_ms: _builtins.int
@@ -463,6 +473,10 @@ class HelloAck(_message.Message):
     self_fence_strict: _builtins.bool
     """Stop the jobs even when the coordinator's port refuses connections (false: a refusal shows the
     coordinator is down, and then nobody requeues them, so they keep running).
+    """
+    log_blocks: _builtins.bool
+    """The coordinator stores LogBatch.blocks: the agent may send its lines packed (false: an older one,
+    which reads only LogBatch.lines).
     """
     @_builtins.property
     def log_positions(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogAck]:
@@ -476,10 +490,11 @@ class HelloAck(_message.Message):
         log_positions: _abc.Iterable[Global___LogAck] | None = ...,
         self_fence_after_ms: _builtins.int = ...,
         self_fence_strict: _builtins.bool = ...,
+        log_blocks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "lease_timeout_ms", b"lease_timeout_ms", "log_positions", b"log_positions", "self_fence_after_ms", b"self_fence_after_ms", "self_fence_strict", b"self_fence_strict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "lease_timeout_ms", b"lease_timeout_ms", "log_blocks", b"log_blocks", "log_positions", b"log_positions", "self_fence_after_ms", b"self_fence_after_ms", "self_fence_strict", b"self_fence_strict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -642,9 +642,12 @@ class StreamLogsRequest(_message.Message):
     RUN_NAME_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
     AFTER_FIELD_NUMBER: _builtins.int
+    BLOCKS_FIELD_NUMBER: _builtins.int
     run_name: _builtins.str
     follow: _builtins.bool
     """keep streaming until the run has finished"""
+    blocks: _builtins.bool
+    """The client reads JobLogs.blocks: lines may come packed (false: every line comes as a LogLine)."""
     @_builtins.property
     def after(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogCursor]:
         """Resume: send only lines after these positions (jobs not listed: from their first line). A
@@ -657,10 +660,11 @@ class StreamLogsRequest(_message.Message):
         run_name: _builtins.str = ...,
         follow: _builtins.bool = ...,
         after: _abc.Iterable[Global___LogCursor] | None = ...,
+        blocks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "follow", b"follow", "run_name", b"run_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "blocks", b"blocks", "follow", b"follow", "run_name", b"run_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -672,18 +676,26 @@ class JobLogs(_message.Message):
 
     JOB_NAME_FIELD_NUMBER: _builtins.int
     LINES_FIELD_NUMBER: _builtins.int
+    BLOCKS_FIELD_NUMBER: _builtins.int
     job_name: _builtins.str
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.LogLine]: ...
+    @_builtins.property
+    def blocks(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.LogBlock]:
+        """Lines packed (LogBlock, only to a client that asked for them: StreamLogsRequest.blocks), after `lines`
+        in seq order: a response's lines of one job come all as lines or all as blocks.
+        """
+
     def __init__(
         self,
         *,
         job_name: _builtins.str = ...,
         lines: _abc.Iterable[_common_pb2.LogLine] | None = ...,
+        blocks: _abc.Iterable[_common_pb2.LogBlock] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_name", b"job_name", "lines", b"lines"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "job_name", b"job_name", "lines", b"lines"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

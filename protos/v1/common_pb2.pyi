@@ -742,6 +742,43 @@ class LogLine(_message.Message):
 Global___LogLine: _TypeAlias = LogLine  # noqa: Y015
 
 @_typing.final
+class LogBlock(_message.Message):
+    """`count` consecutive lines of one stream of a job, read together: seqs first_seq .. first_seq + count - 1,
+    each stamped time_ns, their texts joined by "\\n" (a line holds no "\\n": text has count - 1 of them). The
+    LogLines they stand for, in one message rather than one per line: a job printing 200,000 lines a second
+    costs the agent, the coordinator and a follower a few operations per block, not per line.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_SEQ_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    TIME_NS_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    first_seq: _builtins.int
+    count: _builtins.int
+    stream: Global___LogStream.ValueType
+    time_ns: _builtins.int
+    text: _builtins.str
+    def __init__(
+        self,
+        *,
+        first_seq: _builtins.int = ...,
+        count: _builtins.int = ...,
+        stream: Global___LogStream.ValueType = ...,
+        time_ns: _builtins.int = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "first_seq", b"first_seq", "stream", b"stream", "text", b"text", "time_ns", b"time_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogBlock: _TypeAlias = LogBlock  # noqa: Y015
+
+@_typing.final
 class ArtifactFile(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

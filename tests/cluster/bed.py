@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -446,12 +447,12 @@ class ChaosBed:
             *self.config.agent_args,
         ]
         # The agent reads the CA from a file of the client's disk (the coordinator's is on its tmpfs).
-        (self.root / "ca.pem").write_bytes(self.ca_file.read_bytes())
+        publish(self.ca_file, self.root / "ca.pem")
         self.agents[name] = self._popen(host, argv, f"{name}.log", env)
         return self.agents[name]
 
     def client(self, timeout: float = 30.0) -> Client:
-        (self.root / "ca.pem").write_bytes(self.ca_file.read_bytes())
+        publish(self.ca_file, self.root / "ca.pem")
         return Client(
             address=self.coordinator_address, token=ADMIN_TOKEN, ca_file=self.root / "ca.pem", timeout=timeout
         )
@@ -587,6 +588,22 @@ class ChaosBed:
         self.hosts.clear()
         self._hub = ""
         (OWNERS / self.tag).unlink(missing_ok=True)
+
+
+def publish(source: Path, target: Path) -> None:
+    """`target` becomes a copy of `source`, atomically, and is left alone when it already is one. Agents
+    read the CA copy as they start, while the bed starts the next one and clients are made: rewriting it
+    in place (truncate, then write) let an agent read it empty under load and exit ("no PEM certificate"),
+    and the scenario failed waiting for it to come online."""
+    data = source.read_bytes()
+    try:
+        if target.read_bytes() == data:
+            return
+    except FileNotFoundError:
+        pass
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str, proc: Proc | None = None) -> None:

@@ -12,12 +12,16 @@
   execution shows 1..LINES exactly; an earlier one shows no gap below its last line shown (its tail may
   be lost with a killed agent: counted apart, not a violation);
 - every artifact matches its manifest: downloaded (the client checks the sha256 it was given), written
-  by the final attempt's execution, and equal to the manifest that execution wrote beside its evidence.
+  by the final attempt's execution, and equal to the manifest that execution wrote beside its evidence;
+- no healthy job stopped by self-fencing (agent/lease.py): an agent stops its jobs itself only when it was
+  cut off from the coordinator; jobs it stopped on any other account (acks late behind a busy coordinator,
+  a coordinator restart) are counted from the agents' own logs (`fenced`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -44,6 +48,7 @@ class Verdict:
     tail_undelivered: int = 0  # lines an interrupted execution printed that never arrived (not a violation)
     stale_lines_dropped: int = 0  # lines of an earlier attempt that ran to its end (cut off) never shown
     artifact_mismatches: int = 0
+    healthy_fenced: int = 0  # jobs an agent no fault cut off stopped itself for want of an acknowledged renewal
     failures: Counter[str] = field(default_factory=Counter)  # "REASON on AGENT" -> jobs that ended so
     details: list[str] = field(default_factory=list)
 
@@ -58,11 +63,21 @@ class Verdict:
             + self.lines_lost
             + self.lines_duplicated
             + self.artifact_mismatches
+            + self.healthy_fenced
         )
 
     def note(self, text: str) -> None:
         if len(self.details) < 200:
             self.details.append(text)
+
+
+# agent/connection.py's warning when it fences: "... stopping N job(s) (self-fence)".
+_FENCE_LINE = re.compile(r"stopping (\d+) job\(s\) \(self-fence\)")
+
+
+def self_fenced_jobs(agent_log: str) -> int:
+    """How many jobs an agent stopped by self-fencing, from its log (all its lives: the bed appends)."""
+    return sum(int(m.group(1)) for m in _FENCE_LINE.finditer(agent_log))
 
 
 def _overlap(a: Execution, b: Execution) -> float:
@@ -78,10 +93,18 @@ def check(
     shape: JobShape,
     host_of_netns: dict[str, str],
     allowed_failures: dict[str, set[str]],
+    fenced: dict[str, int] | None = None,
+    may_fence: frozenset[str] | set[str] = frozenset(),
 ) -> Verdict:
     """`host_of_netns`: network namespace -> agent name. `allowed_failures`: agent -> the termination reasons
-    the scenario's faults on it make right (agents not named: none)."""
+    the scenario's faults on it make right (agents not named: none). `fenced`: agent -> jobs it stopped by
+    self-fencing (its log, `self_fenced_jobs`); `may_fence`: the agents a fault cut off from the coordinator,
+    the only ones that may."""
     v = Verdict(jobs=len(submitted))
+    for agent, n in sorted((fenced or {}).items()):
+        if n and agent not in may_fence:
+            v.healthy_fenced += n
+            v.note(f"{agent}, which no fault cut off, stopped {n} job(s) itself (self-fence)")
     by_run: dict[str, list[Execution]] = defaultdict(list)
     for e in executions:
         by_run[e.run].append(e)

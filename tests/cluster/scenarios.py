@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.cluster.bed import BedConfig, ChaosBed
-from tests.cluster.invariants import Verdict, check
+from tests.cluster.invariants import Verdict, check, self_fenced_jobs
 from tests.cluster.workload import JobShape, collect, read_evidence, submit, write_project
 
 LOST = {"agent_lost"}
@@ -34,15 +34,21 @@ class Faults:
     outage: float  # seconds a partition, a full disk or an S3 outage lasts
     count: int = 0
     allowed: dict[str, set[str]] = field(default_factory=dict)
+    may_fence: set[str] = field(default_factory=set)  # agents cut off from the coordinator: they stop their jobs
     healed_at: float = 0.0  # monotonic
     log: list[str] = field(default_factory=list)
     error: str = ""
 
-    def did(self, what: str, agents: list[str] | None = None, reasons: set[str] | None = None) -> None:
+    def did(
+        self, what: str, agents: list[str] | None = None, reasons: set[str] | None = None, cut_off: bool = False
+    ) -> None:
+        """`cut_off`: the fault cut `agents` off from the coordinator, so they may stop their jobs (self-fence)."""
         self.count += 1
         self.log.append(f"{time.strftime('%H:%M:%S')} {what}")
         for a in agents or []:
             self.allowed.setdefault(a, set()).update(reasons or set())
+            if cut_off:
+                self.may_fence.add(a)
 
     def third(self) -> list[str]:
         names = self.bed.agent_names()
@@ -70,7 +76,7 @@ def _partition(f: Faults) -> None:
     victims = f.third()
     for a in victims:
         f.bed.cut("coordinator", a)
-        f.did(f"partition coordinator | {a} for {f.outage:.0f}s", [a], LOST)
+        f.did(f"partition coordinator | {a} for {f.outage:.0f}s", [a], LOST, cut_off=True)
     time.sleep(f.outage)
     for a in victims:
         f.bed.cut("coordinator", a, cut=False)
@@ -114,7 +120,7 @@ def _mixed(f: Faults) -> None:
     killed = [a for a in names if a not in cut][:1]
     for a in cut:
         f.bed.cut("coordinator", a)
-        f.did(f"partition coordinator | {a} for {f.outage:.0f}s", [a], LOST)
+        f.did(f"partition coordinator | {a} for {f.outage:.0f}s", [a], LOST, cut_off=True)
     for a in killed:
         f.bed.kill9(a)
         f.did(f"kill -9 {a}", [a], LOST)
@@ -152,6 +158,49 @@ class Result:
     wall_s: float
     fault_log: list[str]
     error: str = ""
+    load: tuple[float, float] = (float("nan"), float("nan"))  # the machine's 1-minute load average, min and max
+
+
+class LoadSampler:
+    """The machine's 1-minute load average every few seconds while a scenario runs (the bed shares the
+    machine: its figures mean little without the load they were taken under)."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        self.every = every
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="chaos-load", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.samples.append(float(Path("/proc/loadavg").read_text().split()[0]))
+            except (OSError, ValueError, IndexError):
+                pass
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def span(self) -> tuple[float, float]:
+        return (min(self.samples), max(self.samples)) if self.samples else (float("nan"), float("nan"))
+
+
+def fenced_by_agent(bed: ChaosBed) -> dict[str, int]:
+    """Jobs each agent stopped by self-fencing, from its log."""
+    out = {}
+    for name in bed.agent_names():
+        try:
+            out[name] = self_fenced_jobs((bed.root / "logs" / f"{name}.log").read_text(errors="replace"))
+        except OSError:
+            out[name] = 0
+    return out
 
 
 def run_scenario(
@@ -162,8 +211,9 @@ def run_scenario(
     shape: JobShape,
     outage: float,
     finish_timeout: float,
+    keep: bool = False,
 ) -> Result:
-    """One scenario end to end on a fresh bed under `root` (removed after, unless it failed)."""
+    """One scenario end to end on a fresh bed under `root` (removed after, unless it failed or `keep`)."""
     inject = SCENARIOS[name]
     t0 = time.monotonic()
     bed = ChaosBed(root / "bed", config)
@@ -171,45 +221,56 @@ def run_scenario(
     project = write_project(root / "project", evidence, shape)
     faults = Faults(bed, outage)
     error = ""
-    try:
-        bed.start()
-        with bed.client(timeout=60) as client:
-            names = submit(client, project, jobs, shape)
+    with LoadSampler() as load:
+        try:
+            bed.start()
+            with bed.client(timeout=60) as client:
+                names = submit(client, project, jobs, shape)
 
-        def finished() -> int:
-            return sum(1 for p in evidence.iterdir() if p.suffix == ".manifest")
+            def finished() -> int:
+                return sum(1 for p in evidence.iterdir() if p.suffix == ".manifest")
 
-        def injector() -> None:
-            try:
-                deadline = time.monotonic() + finish_timeout
-                while finished() < max(1, jobs // 5) and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                inject(faults)
-            except Exception:
-                faults.error = traceback.format_exc()
-            finally:
-                faults.healed_at = time.monotonic()
+            def injector() -> None:
+                try:
+                    deadline = time.monotonic() + finish_timeout
+                    while finished() < max(1, jobs // 5) and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                    inject(faults)
+                except Exception:
+                    faults.error = traceback.format_exc()
+                finally:
+                    faults.healed_at = time.monotonic()
 
-        thread = threading.Thread(target=injector, name=f"chaos-{name}", daemon=True)
-        thread.start()
-        thread.join(finish_timeout)
-        # Whatever the injection left undone (an error in it) is undone now: the checks need a healed pool.
-        bed.heal_all()
-        recover_s = _recover(bed, evidence, faults.healed_at or time.monotonic(), finish_timeout)
-        with bed.client(timeout=60) as client:
-            _wait_finished(client, names, finish_timeout)
-            reports, listed = collect(client, names, root / "downloads")
-        host_of_netns = {h.netns: h.name for h in bed.hosts.values()}
-        verdict = check(names, listed, reports, read_evidence(evidence), shape, host_of_netns, faults.allowed)
-        error = faults.error
-    except Exception:
-        error = traceback.format_exc()
-        verdict = Verdict(jobs=jobs)
-        recover_s = float("nan")
-    finally:
-        bed.close()
-    result = Result(name, jobs, faults.count, verdict, recover_s, time.monotonic() - t0, faults.log, error)
-    if not error and not verdict.violations():
+            thread = threading.Thread(target=injector, name=f"chaos-{name}", daemon=True)
+            thread.start()
+            thread.join(finish_timeout)
+            # Whatever the injection left undone (an error in it) is undone now: the checks need a healed pool.
+            bed.heal_all()
+            recover_s = _recover(bed, evidence, faults.healed_at or time.monotonic(), finish_timeout)
+            with bed.client(timeout=60) as client:
+                _wait_finished(client, names, finish_timeout)
+                reports, listed = collect(client, names, root / "downloads")
+            host_of_netns = {h.netns: h.name for h in bed.hosts.values()}
+            verdict = check(
+                names,
+                listed,
+                reports,
+                read_evidence(evidence),
+                shape,
+                host_of_netns,
+                faults.allowed,
+                fenced=fenced_by_agent(bed),
+                may_fence=faults.may_fence,
+            )
+            error = faults.error
+        except Exception:
+            error = traceback.format_exc()
+            verdict = Verdict(jobs=jobs)
+            recover_s = float("nan")
+        finally:
+            bed.close()
+    result = Result(name, jobs, faults.count, verdict, recover_s, time.monotonic() - t0, faults.log, error, load.span())
+    if not keep and not error and not verdict.violations():
         shutil.rmtree(root, ignore_errors=True)
     return result
 
@@ -255,8 +316,10 @@ COLUMNS = (
     "lines duplicated",
     "stale attempts' lines not shown",
     "artifact mismatches",
+    "healthy jobs self-fenced",
     "recover (s)",
     "wall (s)",
+    "load avg (1 min)",
 )
 
 
@@ -286,10 +349,12 @@ def table(results: list[Result]) -> str:
                     v.lines_duplicated,
                     v.stale_lines_dropped,
                     v.artifact_mismatches,
+                    v.healthy_fenced,
                 ),
             ),
             f"{r.recover_s:.1f}",
             f"{r.wall_s:.0f}",
+            f"{r.load[0]:.0f}-{r.load[1]:.0f}",
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -4,8 +4,11 @@ evidence and reports (no processes: a checker that never fails would let every s
 from __future__ import annotations
 
 import hashlib
+import threading
+from pathlib import Path
 
-from tests.cluster.invariants import Verdict, check
+from tests.cluster.bed import publish
+from tests.cluster.invariants import Verdict, check, self_fenced_jobs
 from tests.cluster.workload import Execution, JobShape, Reported
 
 SHAPE = JobShape(lines=3)
@@ -110,3 +113,56 @@ def test_a_missing_run_a_false_loss_and_a_wrong_reason_are_caught() -> None:
     assert (v.lost, v.false_agent_lost, v.wrong_reason) == (1, 1, 1), v.details
     allowed = check(["r2"], {"r2"}, [failed], [], SHAPE, HOSTS, {"agent-b": {"agent_lost"}})
     assert allowed.failed_allowed == 1 and allowed.wrong_reason == 0
+
+
+def test_jobs_stopped_by_self_fencing_count_only_on_agents_no_fault_cut_off() -> None:
+    """An agent's log says how many jobs it fenced; on an agent that was cut off that is the design, on any
+    other (its acks late behind a busy coordinator, a coordinator restart) a healthy job was stopped."""
+    log = (
+        "12:00:01 WARNING dstack.agent: no lease renewal acknowledged by the coordinator for 8.0s: stopping 3 job(s)"
+        " (self-fence)\n12:00:02 INFO dstack.agent: job x ended\n"
+        "12:01:00 WARNING dstack.agent: no lease renewal acknowledged by the coordinator for 8.0s: stopping 1 job(s)"
+        " (self-fence)\n"
+    )
+    assert self_fenced_jobs(log) == 4 and self_fenced_jobs("stopping jobs") == 0
+    a = execution("r1", 1, "ns-a", 0, 1)
+    fenced = {"agent-a": 2, "agent-b": 4}
+    v = check(["r1"], {"r1"}, [report(a)], [a], SHAPE, HOSTS, {}, fenced=fenced, may_fence={"agent-b"})
+    assert v.healthy_fenced == 2 and v.violations() == 2, v.details
+    assert (
+        check(["r1"], {"r1"}, [report(a)], [a], SHAPE, HOSTS, {}, fenced=fenced, may_fence=set(fenced)).violations()
+        == 0
+    )
+
+
+def test_the_beds_ca_copy_is_never_seen_empty_while_it_is_published_again(tmp_path: Path) -> None:
+    """Agents read the bed's CA copy as they start while the bed starts the next agent and makes clients,
+    each of which published it again: written in place, a reader could find it empty (an agent exited,
+    "no PEM certificate", and a 1,000-job scenario failed waiting for it). Published atomically, and not
+    rewritten when unchanged, a reader always sees the whole certificate."""
+    source, target = tmp_path / "src.pem", tmp_path / "ca.pem"
+    pem = b"-----BEGIN CERTIFICATE-----\n" + b"A" * 2000 + b"\n-----END CERTIFICATE-----\n"
+    source.write_bytes(pem)
+    publish(source, target)
+    inode = target.stat().st_ino
+    publish(source, target)
+    assert target.stat().st_ino == inode  # unchanged: left alone
+    seen: set[bytes] = set()
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            seen.add(target.read_bytes())
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for t in readers:
+        t.start()
+    try:
+        for i in range(300):  # a new CA each time (a changed one is published too), as fast as it goes
+            source.write_bytes(pem.replace(b"A", b"ABCD"[i % 4 : i % 4 + 1]))
+            publish(source, target)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert all(s.startswith(b"-----BEGIN") and s.endswith(b"-----\n") for s in seen), sorted(map(len, seen))

@@ -370,6 +370,10 @@ class GatedProcess(JobProcess):
         for line in lines:
             self._output.put_nowait(line.encode() + b"\n")
 
+    def write(self, data: bytes) -> None:
+        """Output as one chunk (one read of the job's pipe: many lines, or part of one)."""
+        self._output.put_nowait(data)
+
     def exit(self, code: int = 0) -> None:
         if not self._exit.done():
             self._output.put_nowait(None)

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from dstack.protos.v1 import agent_pb2, common_pb2
+from tests.cluster.invariants import self_fenced_jobs
 from tests.inproc.factories import (
     JS,
     TR,
@@ -143,8 +144,9 @@ async def running(h: Harness, run_name: str) -> common_pb2.JobStatus.ValueType |
 
 
 async def test_an_agent_cut_off_kills_its_job_within_the_margin_of_its_lease_and_reports_it_lost_when_back(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "dstack.agent")
     runtime = GatedRuntime()
     async with (
         coordinator(
@@ -166,6 +168,8 @@ async def test_an_agent_cut_off_kills_its_job_within_the_margin_of_its_lease_and
         # requeued and the bound is checked on the agent's side).
         assert killed_after < LEASE_S + MARGIN_S, f"the agent killed its job {killed_after:.2f}s after the cut"
         assert code == -15
+        # The chaos bench counts healthy jobs stopped this way from the agents' logs: its parser reads this line.
+        assert self_fenced_jobs(caplog.text) == 1, caplog.text
 
         await link.restore()  # the agent reconnects; the coordinator never lost it: it takes the agent's report
 

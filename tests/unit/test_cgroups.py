@@ -20,8 +20,11 @@ from pathlib import Path
 import pytest
 
 from dstack.agent.runtimes.cgroups import (
+    POOL_MAX,
+    POOL_PREFIX,
     V2_AGENT_LEAF,
     CgroupLayout,
+    JobCgroup,
     _warned,
     host_pids_budget,
     is_unified,
@@ -137,9 +140,13 @@ def test_v2_kill_uses_cgroup_kill_then_kills_what_is_listed(tmp_path: Path) -> N
 def test_v2_leftovers_of_a_previous_agent_run_are_found(tmp_path: Path) -> None:
     root, proc_cgroup = fake_cgroupfs(tmp_path)
     layout = discover(tmp_path, root, proc_cgroup)
-    layout.job("old-job", 0, 0.0, 64).create()
-    (left,) = layout.leftovers()
-    assert left.job_id == "old-job" and left.v2 and left.joined == [left.paths["pids"] / "cgroup.procs"]
+    layout.job("old-job", 64 << 20, 0.0, 64).create()  # a job with a memory limit: its group has its id
+    pooled = layout.job("other-job", 0, 0.0, 64)  # one without: a reusable group, named pool-*
+    pooled.create()
+    left = {cg.job_id: cg for cg in layout.leftovers()}
+    assert set(left) == {"old-job", pooled.paths["pids"].name}
+    old = left["old-job"]
+    assert old.v2 and old.joined == [old.paths["pids"] / "cgroup.procs"]
 
 
 def test_v2_without_delegated_controllers_runs_without_limits(tmp_path: Path) -> None:
@@ -282,3 +289,113 @@ def test_v2_close_at_once_seals_and_kills_what_is_left_then_hands_over(tmp_path:
         assert cg.close() == (False, 2)
     finally:
         sleeper.kill()
+
+
+# ---- the pool of reusable job groups (CgroupLayout.job / give_back) --------------------------------------
+
+
+def finished_clean(cg: JobCgroup) -> None:
+    """What the kernel shows once a job's last process is gone and reaped, and the job's close saw it."""
+    group = cg.paths["pids"]
+    (group / "cgroup.procs").write_text("")
+    (group / "pids.current").write_text("0\n")
+    (group / "pids.events").write_text("max 0\n")
+    assert cg.close_at_once() == (False, 0)
+
+
+def test_a_clean_jobs_group_is_reused_by_the_next_job_as_it_is(tmp_path: Path) -> None:
+    root, proc_cgroup = fake_cgroupfs(tmp_path)
+    layout = discover(tmp_path, root, proc_cgroup)
+    first = layout.job("job1", 0, 0.0, 64)
+    assert first.create() == []
+    group = first.paths["pids"]
+    assert group.name.startswith(POOL_PREFIX)  # never a job's id: a job's next attempt cannot share it
+    finished_clean(first)
+    assert layout.give_back(first)
+    (group / "pids.max").write_text("64")
+    second = layout.job("job2", 0, 0.0, 64)
+    assert second is first and second.job_id == "job2" and second.paths["pids"] == group
+    assert second.create() == []  # no mkdir, no limit written: the group is as the first job left it
+    assert second.pids_limit_hits() == 0 and not second.oom_killed()
+
+
+def test_a_group_with_a_task_left_is_not_reused(tmp_path: Path) -> None:
+    # A zombie not yet reaped still counts in pids.current (and in the job's limit): the group is removed.
+    root, proc_cgroup = fake_cgroupfs(tmp_path)
+    layout = discover(tmp_path, root, proc_cgroup)
+    cg = layout.job("job1", 0, 0.0, 64)
+    cg.create()
+    finished_clean(cg)
+    (cg.paths["pids"] / "pids.current").write_text("1\n")
+    assert not layout.give_back(cg) and not layout.pool
+    (cg.paths["pids"] / "pids.current").unlink()  # unreadable: not reused either
+    assert not layout.give_back(cg) and not layout.pool
+
+
+def test_a_group_that_was_sealed_hit_its_limit_or_saw_an_oom_kill_is_not_reused(tmp_path: Path) -> None:
+    # Its counters would be the next job's (a pids limit hit or an OOM kill it never had), and a sealed
+    # group's pids.max is 0: it goes, and the next job gets a new one.
+    root, proc_cgroup = fake_cgroupfs(tmp_path)
+    layout = discover(tmp_path, root, proc_cgroup)
+    hit = layout.job("job1", 0, 0.0, 64)
+    hit.create()
+    finished_clean(hit)
+    (hit.paths["pids"] / "pids.events").write_text("max 5\n")
+    assert hit.close_at_once() == (False, 5)
+    assert not layout.give_back(hit)
+    oom = layout.job("job2", 0, 0.0, 64)
+    oom.create()
+    finished_clean(oom)
+    (oom.paths["memory"] / "memory.events").write_text("oom_kill 1\n")
+    assert oom.close_at_once() == (True, 0)
+    assert not layout.give_back(oom)
+    stopped = layout.job("job3", 0, 0.0, 64)
+    stopped.create()
+    finished_clean(stopped)
+    stopped.kill_all()  # `dstack stop`: the group was sealed (pids.max 0) after its close saw it clean
+    assert (stopped.paths["pids"] / "pids.max").read_text() == "0"
+    assert not layout.give_back(stopped) and not layout.pool
+    never_closed = layout.job("job4", 0, 0.0, 64)
+    never_closed.create()
+    assert not layout.give_back(never_closed)
+
+
+def test_a_pooled_group_with_a_process_in_it_is_never_handed_to_a_job(tmp_path: Path) -> None:
+    # The attack: a process put into an idle pooled group (only a job running as the agent's own user could)
+    # would run on in the next job's group, counted in its limit and outside any job of its own.
+    root, proc_cgroup = fake_cgroupfs(tmp_path)
+    layout = discover(tmp_path, root, proc_cgroup)
+    cg = layout.job("job1", 0, 0.0, 64)
+    cg.create()
+    finished_clean(cg)
+    assert layout.give_back(cg)
+    (cg.paths["pids"] / "cgroup.procs").write_text("31337\n")
+    fresh = layout.job("job2", 0, 0.0, 64)
+    assert fresh is not cg and fresh.paths["pids"] != cg.paths["pids"] and not fresh.created
+    assert layout.take_discarded() == [cg] and layout.take_discarded() == []
+
+
+def test_jobs_with_memory_or_cpu_limits_get_groups_of_their_own(tmp_path: Path) -> None:
+    root, proc_cgroup = fake_cgroupfs(tmp_path)
+    layout = discover(tmp_path, root, proc_cgroup)
+    for i, (memory, cpu) in enumerate([(64 << 20, 0.0), (0, 0.5)]):
+        cg = layout.job(f"limited{i}", memory, cpu, 64)
+        cg.create()
+        assert cg.paths["pids"].name == f"limited{i}"
+        finished_clean(cg)
+        assert not layout.give_back(cg)
+
+
+def test_the_pool_is_bounded_and_removed_with_the_layout(tmp_path: Path) -> None:
+    root, proc_cgroup = fake_cgroupfs(tmp_path)
+    layout = discover(tmp_path, root, proc_cgroup)
+    groups = [layout.job(f"job{i}", 0, 0.0, 64) for i in range(POOL_MAX + 1)]
+    for cg in groups:
+        cg.create()
+        finished_clean(cg)
+    assert [layout.give_back(cg) for cg in groups] == [True] * POOL_MAX + [False]
+    for cg in groups:  # the kernel drops the interface files with the folder; the fake's go by hand
+        for f in cg.paths["pids"].iterdir():
+            f.unlink()
+    layout.remove()
+    assert not layout.pool and not any(cg.paths["pids"].exists() for cg in groups[:POOL_MAX])

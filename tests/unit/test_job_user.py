@@ -51,6 +51,16 @@ def test_the_environment_goes_through_stdin_not_argv() -> None:
     root = jobuser.root_env({"DSTACK_AGENT_HOME": "/agent"})
     assert root["BASH_ENV"] == "/dev/fd/0" and root["DSTACK_AGENT_HOME"] == "/agent"
     assert not any("s3cret" in v for v in root.values())
+    assert "LANG" not in root  # no locale for setpriv to load as root: the job's LANG comes with its environment
+
+
+def test_the_jobs_shell_gets_the_jobs_own_locale() -> None:
+    # setpriv and bash start in the C locale (ROOT_ENV has no LANG); the job's LANG, sourced with the rest of
+    # its environment, is what its commands see, and bash itself switches to it (a UTF-8 character is one).
+    script = 'printf "%s|%s\\n" "$LANG" "${#CHAR}"'
+    env = {"LANG": "C.UTF-8", "CHAR": "\u00e9", "PATH": os.environ["PATH"]}
+    r = _as_job_shell(script, jobuser.encode_env(env))
+    assert r.returncode == 0 and r.stdout == b"C.UTF-8|1\n", (r.stdout, r.stderr)
 
 
 def _as_job_shell(script: str, payload: bytes) -> subprocess.CompletedProcess[bytes]:

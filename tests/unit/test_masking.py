@@ -26,3 +26,14 @@ def test_no_secrets_no_change() -> None:
 )
 def test_a_value_never_survives_masking(secret: str, around: str) -> None:
     assert secret not in Masker([secret]).mask(around + secret + around)
+
+
+@given(
+    st.lists(st.text(alphabet="ab\nc", min_size=1, max_size=8), min_size=1, max_size=3),
+    st.lists(st.text(alphabet="abc*", max_size=12), min_size=1, max_size=6),
+)
+def test_a_block_of_lines_is_masked_as_each_line_alone(secrets: list[str], lines: list[str]) -> None:
+    # The agent masks a read's lines joined by "\n" (one call per block): a secret with a newline must not
+    # match across two lines where line-by-line masking would not.
+    m = Masker(secrets)
+    assert m.mask_lines("\n".join(lines)) == "\n".join(m.mask(line) for line in lines)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 
-from dstack.agent.outbox import Outbox
+from dstack.agent.outbox import Outbox, OutboxBounds
 from dstack.protos.v1 import agent_pb2, common_pb2
 
 OUT = common_pb2.LOG_STREAM_STDOUT
@@ -69,7 +69,10 @@ def test_sequence_numbers_are_consecutive_per_job() -> None:
 
 def test_messages_are_bounded_in_bytes_but_carry_at_least_one_line() -> None:
     async def build() -> Outbox:
-        return Outbox(max_lines_per_message=5000, max_bytes_per_message=100_000)
+        # Ten batches taken without acknowledgement: more than the batches allowed in flight by default.
+        return Outbox(
+            max_lines_per_message=5000, max_bytes_per_message=100_000, bounds=OutboxBounds(inflight_batches=20)
+        )
 
     ob = asyncio.run(build())
     for _ in range(10):
@@ -81,3 +84,32 @@ def test_messages_are_bounded_in_bytes_but_carry_at_least_one_line() -> None:
     big = asyncio.run(build())
     big.add_line("j", OUT, "y" * 200_000)
     assert len(texts(big.take())) == 1
+
+
+def test_no_more_log_batches_than_the_bound_wait_for_acknowledgement_however_small() -> None:
+    """The coordinator reads a heartbeat only after every message before it, and holds 16 unhandled: one-line
+    batches piling up behind a stalled store would leave heartbeats unread (healthy jobs self-fenced). The
+    agent keeps at most `inflight_batches` unacknowledged; the lines that wait go together in the next one."""
+
+    async def build() -> Outbox:
+        return Outbox(bounds=OutboxBounds(inflight_batches=3))
+
+    ob = asyncio.run(build())
+    for i in range(3):  # one line per batch, as a slowly printing job sends them
+        ob.add_line("a" if i < 2 else "b", OUT, f"l{i}")
+        assert ob.take_logs() is not None
+    ob.add_line("a", OUT, "waits")
+    ob.add_line("b", OUT, "waits too")
+    assert ob.take_logs() is None  # three batches in flight: the bound
+    ob.ack_logs("a", 1)  # the first batch is stored
+    msg = ob.take_logs()
+    assert texts(msg) == ["waits", "waits too"] and ob.take_logs() is None
+    ob.ack_logs("a", 3)  # the second batch (a's line 2) and a's part of the fourth: b's part is not yet
+    ob.add_line("a", OUT, "next")
+    assert texts(ob.take_logs()) == ["next"]
+    assert ob.take_logs() is None
+    ob.on_new_stream({"a": 4, "b": 2})  # a new stream, which has everything: nothing is in flight any more
+    assert ob.take_logs() is None
+    for i in range(3):
+        ob.add_line("a", OUT, f"new {i}")
+        assert texts(ob.take_logs()) == [f"new {i}"]

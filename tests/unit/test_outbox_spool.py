@@ -155,7 +155,7 @@ def test_updates_are_taken_apart_from_logs(tmp_path: Path) -> None:
 
 
 def test_spool_segments_are_deleted_once_read(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "s", segment_bytes=1000)
+    spool: Spool[common_pb2.LogLine] = Spool(tmp_path / "s", segment_bytes=1000)
     lines = [common_pb2.LogLine(seq=i, text="x" * 100) for i in range(1, 101)]
     for i in range(0, 100, 10):
         spool.append(lines[i : i + 10])
@@ -202,7 +202,7 @@ def test_a_full_disk_keeps_the_lines_in_memory_and_spools_them_later(
         real = Spool.append
         failures = iter([True, True])
 
-        def append(self: Spool, lines: list[common_pb2.LogLine]) -> None:
+        def append(self: Spool[common_pb2.LogBlock], lines: list[common_pb2.LogBlock]) -> None:
             if next(failures, False):
                 raise OSError(28, "No space left on device")
             real(self, lines)

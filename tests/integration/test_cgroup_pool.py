@@ -1,0 +1,203 @@
+"""The pool of reused job cgroups (agent/runtimes/cgroups.py: CgroupLayout.job, give_back) against real
+processes and the host's real cgroupfs, through the host runtime as the runner drives it (no coordinator:
+seconds per test). A group is reused only when its job ended clean; each attack here tries to leave
+something in a group for the next job, or to make the next job inherit a sealed group or a counter.
+
+Run as root, each case runs twice: as the agent's own user, and as the job user (root's default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dstack.agent import jobuser
+from dstack.agent.runtimes.base import RuntimeJob
+from dstack.agent.runtimes.cgroups import POOL_PREFIX, CgroupLayout
+from dstack.agent.runtimes.host import HostProcess, HostRuntime
+from tests.conftest import wait_for
+
+PIDS_LIMIT = 24
+# The job's own pids group, from inside it: v1's pids line, else the unified one.
+WHERE = r"""
+g=$(grep -E '^[0-9]+:pids:' /proc/self/cgroup | cut -d: -f3)
+[ -n "$g" ] || g=$(grep -E '^0::' /proc/self/cgroup | cut -d: -f3)
+echo "group $g"
+"""
+
+
+def pids_group_possible() -> bool:
+    root = Path(tempfile.mkdtemp(prefix="dstack-pool-probe-"))
+    try:
+        layout = CgroupLayout.discover(str(root))
+        ok = "pids" in layout.dirs
+        layout.remove()
+        return ok
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+pytestmark = pytest.mark.skipif(not pids_group_possible(), reason="no writable cgroup pids controller here")
+
+
+def job_users() -> list[str]:
+    users = ["agent"]
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam(jobuser.DEFAULT)
+            users.append(jobuser.DEFAULT)
+        except KeyError:
+            pass
+    return users
+
+
+@pytest.fixture(params=job_users())
+def runtime(request: pytest.FixtureRequest) -> Iterator[tuple[HostRuntime, Path]]:
+    root = Path(tempfile.mkdtemp(prefix="dstack-pool-test-"))  # in /tmp: the job user can pass through
+    root.chmod(0o711)
+    user = jobuser.resolve(jobuser.DEFAULT, "host") if request.param != "agent" else None
+    rt = HostRuntime(5.0, str(root), cgroups=True, job_user=user, pids_limit=PIDS_LIMIT)
+    try:
+        yield rt, root
+    finally:
+        asyncio.run(rt.close())
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class Ran:
+    def __init__(self, code: int, out: str, proc: HostProcess, lines: list[str]) -> None:
+        self.code, self.out, self.proc, self.lines = code, out, proc, lines
+
+    @property
+    def group(self) -> str:
+        m = re.search(r"group (\S+)", self.out)
+        assert m, self.out
+        return m.group(1)
+
+
+async def run_job(rt: HostRuntime, root: Path, name: str, script: str, stop_after: str | None = None) -> Ran:
+    """One job as the runner runs it: preparation on the code trip, start, output, wait, cleanup. With
+    stop_after, `dstack stop` comes once that text is printed."""
+    workdir = root / name
+    prep = await rt.preparation(name, workdir, 0, 0.0)
+
+    def code_trip() -> None:
+        workdir.mkdir()
+        if prep is not None:
+            prep()
+
+    await asyncio.to_thread(code_trip)
+    lines: list[str] = []
+    job = RuntimeJob(
+        job_id=name,
+        workdir=workdir,
+        working_dir=".",
+        commands=[script],
+        env={"PATH": "/usr/bin:/bin"},
+        system_line=lines.append,
+    )
+    proc = await rt.start(job)
+    assert isinstance(proc, HostProcess)
+    out: list[bytes] = []
+
+    async def drain() -> None:
+        async for _, chunk in proc.output():
+            out.append(chunk)
+            if stop_after is not None and stop_after.encode() in b"".join(out):
+                await proc.stop(abort=False)
+
+    pump = asyncio.create_task(drain())
+    code = await proc.wait()
+    await pump
+    await proc.cleanup()
+    rt.forget(name)
+    return Ran(code, b"".join(out).decode(errors="replace"), proc, lines)
+
+
+def pids_max(rt: HostRuntime, group: str) -> str:
+    assert rt._layout is not None
+    return (rt._layout.dirs["pids"] / Path(group).name / "pids.max").read_text().strip()
+
+
+def test_a_clean_jobs_group_is_reused_and_a_process_planted_in_it_never_reaches_a_job(
+    runtime: tuple[HostRuntime, Path],
+) -> None:
+    rt, root = runtime
+    planted = subprocess.Popen(["sleep", "300"])  # the process the attack puts into an idle pooled group
+
+    async def scenario() -> None:
+        first = await run_job(rt, root, "j1", WHERE)
+        assert first.code == 0 and Path(first.group).name.startswith(POOL_PREFIX), first.out
+        second = await run_job(rt, root, "j2", WHERE)
+        assert second.code == 0 and second.group == first.group, (first.out, second.out)
+        assert pids_max(rt, second.group) == str(PIDS_LIMIT)
+        # The attack: a process put into the idle pooled group (only the agent, or a job running as the
+        # agent's own user, can write there) must not run on in the next job's group.
+        assert rt._layout is not None
+        group_dir = rt._layout.dirs["pids"] / Path(second.group).name
+        (group_dir / "cgroup.procs").write_text(str(planted.pid))
+        third = await run_job(rt, root, "j3", WHERE)
+        assert third.code == 0 and third.group != second.group, third.out
+        assert await asyncio.to_thread(planted.wait, 30) == -9  # killed with the group it was in
+        await asyncio.to_thread(
+            wait_for, lambda: not group_dir.exists(), timeout=30, what="the tainted group to be removed"
+        )
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        planted.kill()
+        planted.wait()
+
+
+def test_a_job_that_leaves_a_process_behind_gets_its_group_removed_not_reused(
+    runtime: tuple[HostRuntime, Path],
+) -> None:
+    rt, root = runtime
+
+    async def scenario() -> None:
+        first = await run_job(rt, root, "j1", WHERE + 'setsid sleep 300 >/dev/null 2>&1 < /dev/null &\necho "left $!"')
+        assert first.code == 0, first.out
+        left = int(re.search(r"left (\d+)", first.out).group(1))  # type: ignore[union-attr]
+
+        def gone() -> bool:
+            try:
+                return psutil.Process(left).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        await asyncio.to_thread(wait_for, gone, timeout=30, what="the process the job left to be killed")
+        second = await run_job(rt, root, "j2", WHERE)
+        assert second.code == 0 and second.group != first.group, (first.out, second.out)
+        assert pids_max(rt, second.group) == str(PIDS_LIMIT)  # not the sealed group's 0
+
+    asyncio.run(scenario())
+
+
+def test_a_job_that_hit_its_pids_limit_or_was_stopped_passes_nothing_on(runtime: tuple[HostRuntime, Path]) -> None:
+    # Its pids.events count (or its seal: pids.max 0) would be the next job's: that group is never reused.
+    rt, root = runtime
+
+    async def scenario() -> None:
+        bomb = WHERE + f"for i in $(seq {PIDS_LIMIT * 2}); do sleep 1 & done 2>/dev/null\nwait\necho done"
+        hit = await run_job(rt, root, "j1", bomb)
+        assert hit.code == 0 and any("hit its pids limit" in line for line in hit.lines), (hit.out, hit.lines)
+        after_hit = await run_job(rt, root, "j2", WHERE)
+        assert after_hit.group != hit.group and not after_hit.lines, (after_hit.out, after_hit.lines)
+        stopped = await run_job(rt, root, "j3", WHERE + "echo started\nsleep 300", stop_after="started")
+        assert stopped.code != 0, stopped.out
+        after_stop = await run_job(rt, root, "j4", WHERE + "sleep 0.1 & wait; echo forked")
+        assert after_stop.group != stopped.group and "forked" in after_stop.out, after_stop.out
+        assert pids_max(rt, after_stop.group) == str(PIDS_LIMIT)
+
+    asyncio.run(scenario())
