@@ -58,8 +58,19 @@ class Figures:
     drain_rate: float = 0.0  # jobs/s from the deep queue to DONE
     single_rate: float = 0.0  # single-job runs/s, one SubmitRun each, submit -> DONE
     batch_rate: float = 0.0  # single-job runs/s, SUBMIT_BATCH per SubmitRuns call
+    # The coordinator's CPU time (user + sys) per job in each phase: less disturbed by a shared machine's
+    # load than the wall rates beside them.
+    drain_cpu_ms: float = 0.0
+    single_cpu_ms: float = 0.0
+    batch_cpu_ms: float = 0.0
     pass_p99_s: float = 0.0  # upper bound: the histogram bucket holding the 99th percentile
     pass_p50_s: float = 0.0
+    pass_cpu_p50_s: float = 0.0  # the pass's own CPU time (dstack_scheduling_pass_cpu_seconds)
+    pass_cpu_p99_s: float = 0.0
+    # The passes while the deep queue drained only: (p50, p99) of wall and of CPU time, and their count.
+    drain_pass: tuple[float, float, float, float, int] = (0.0, 0.0, 0.0, 0.0, 0)
+    single_pass: tuple[float, float, float, float, int] = (0.0, 0.0, 0.0, 0.0, 0)
+    batch_pass: tuple[float, float, float, float, int] = (0.0, 0.0, 0.0, 0.0, 0)
     passes: int = 0
     # Full passes (every waiting job's reason, position, estimate; at most about one a second over a
     # deep queue), also counted in the passes above
@@ -98,6 +109,25 @@ class Scraper:
             out[float(m.group(1))] = float(m.group(2))
         return out
 
+    def passes(self) -> tuple[dict[float, float], dict[float, float]]:
+        """The pass histograms as they stand: wall time and CPU time."""
+        return self.pass_buckets(), self.pass_buckets("dstack_scheduling_pass_cpu_seconds")
+
+    def passes_since(
+        self, before: tuple[dict[float, float], dict[float, float]]
+    ) -> tuple[float, float, float, float, int]:
+        """The passes since `before` (`passes`): wall p50, p99, CPU p50, p99 (bucket bounds), count."""
+        walls, cpus = (
+            {k: v - was.get(k, 0.0) for k, v in now.items()} for now, was in zip(self.passes(), before, strict=True)
+        )
+        return (
+            bucket_quantile(walls, 0.5)[0],
+            bucket_quantile(walls, 0.99)[0],
+            bucket_quantile(cpus, 0.5)[0],
+            bucket_quantile(cpus, 0.99)[0],
+            bucket_quantile(walls, 0.5)[2],
+        )
+
     def ended(self) -> int:
         """Jobs in a final state (done, failed, stopped): a job failed with a lost agent ends the wait too."""
         text = self.read()
@@ -110,6 +140,11 @@ class Scraper:
     def counter(self, name: str) -> float:
         m = re.search(rf"^{name}_total ([0-9.e+]+)$", self.read(), re.M)
         return float(m.group(1)) if m else 0.0
+
+
+def passes_said(p: tuple[float, float, float, float, int]) -> str:
+    wall, cpu = f"{p[0] * 1e3:g}/{p[1] * 1e3:g}", f"{p[2] * 1e3:g}/{p[3] * 1e3:g}"
+    return f"{p[4]} passes, p50/p99 <= {wall} ms, their CPU time <= {cpu} ms"
 
 
 def bucket_quantile(buckets: dict[float, float], q: float) -> tuple[float, float, int]:
@@ -207,6 +242,11 @@ def scenario(
         svc.start_coordinator("--http-port", "0")
         assert svc.coordinator is not None
         sampler = RssSampler(svc.coordinator.pid)
+        coordinator = psutil.Process(svc.coordinator.pid)
+
+        def cpu_s() -> float:
+            return float(sum(coordinator.cpu_times()[:2]))
+
         sampler.start()
         scrape = Scraper(svc)
         target = Target(svc.address, str(svc.ca_file), JOIN, ADMIN)
@@ -243,7 +283,8 @@ def scenario(
             f"ListRuns first page with the queue full: 1,000 runs median {statistics.median(f.ps_ms):.0f} ms,"
             f" 100 runs (what `dstack ps` asks) median {statistics.median(f.ps100_ms):.0f} ms"
         )
-        f.cli_ps_ms, f.cli_floor_ms = time_cli_ps(svc, cli_ps)
+        if cli_ps:
+            f.cli_ps_ms, f.cli_floor_ms = time_cli_ps(svc, cli_ps)
         steady_until = time.monotonic() + steady_s
         while time.monotonic() < steady_until:
             stats()
@@ -256,38 +297,52 @@ def scenario(
             f" {last[0].max_heartbeat_gap_s:.1f} s (load generator); coordinator RSS so far"
             f" {(sampler.max if sampler else 0) / (1 << 20):.0f} MiB"
         )
-        log(
-            f"`dstack ps` (CLI process) with the queue full: median {statistics.median(f.cli_ps_ms):.0f} ms"
-            f" (floor: import grpc, typer {statistics.median(f.cli_floor_ms):.0f} ms)"
-        )
+        if f.cli_ps_ms:
+            log(
+                f"`dstack ps` (CLI process) with the queue full: median {statistics.median(f.cli_ps_ms):.0f} ms"
+                f" (floor: import grpc, typer {statistics.median(f.cli_floor_ms):.0f} ms)"
+            )
 
         # Drain the deep queue: every held job ends, every later assignment ends at once.
-        t_rel = time.time()
+        passes0 = scrape.passes()
+        t_rel, c_rel = time.time(), cpu_s()
         fleet.release()
         total = queued + agents
         wait_until("the queue to drain", lambda: stats() is not None and scrape.ended() >= total, 300 + total / 100)
         f.drain_rate = total / max(1e-9, last[0].last_done - t_rel)
-        log(f"drained {total} jobs at {f.drain_rate:,.0f}/s")
+        f.drain_cpu_ms = (cpu_s() - c_rel) * 1e3 / total
+        f.drain_pass = scrape.passes_since(passes0)
+        log(
+            f"drained {total} jobs at {f.drain_rate:,.0f}/s; coordinator CPU {f.drain_cpu_ms:.2f} ms/job;"
+            f" {passes_said(f.drain_pass)}"
+        )
 
         # Single-job runs through submit -> dispatch -> DONE: one SubmitRun per run, then batched.
         for batch in (1, SUBMIT_BATCH):
-            before = scrape.ended()
+            before, c_before, passes0 = scrape.ended(), cpu_s(), scrape.passes()
             sub = submit_runs(target, runs, procs=submitters, in_flight=16 if batch == 1 else 4, batch=batch)
             if sub.errors:
                 raise RuntimeError(f"{sub.errors} submissions failed; last: {sub.last_error}")
             wait_until(f"{runs} runs to end", lambda b=before: scrape.ended() >= b + runs, 300 + runs / 100)  # type: ignore[misc]
             stats()
             rate = runs / max(1e-9, last[0].last_done - sub.started)
+            cpu_ms = (cpu_s() - c_before) * 1e3 / runs
+            passes = scrape.passes_since(passes0)
             if batch == 1:
-                f.single_rate = rate
+                f.single_rate, f.single_cpu_ms, f.single_pass = rate, cpu_ms, passes
             else:
-                f.batch_rate = rate
-            log(f"{runs} single-job runs, {batch} per call: {rate:,.0f} runs/s submit -> done")
+                f.batch_rate, f.batch_cpu_ms, f.batch_pass = rate, cpu_ms, passes
+            log(
+                f"{runs} single-job runs, {batch} per call: {rate:,.0f} runs/s submit -> done;"
+                f" coordinator CPU {cpu_ms:.2f} ms/run; {passes_said(passes)}"
+            )
 
         f.ps_finished_ms = time_ps(svc, 20)
         f.max_heartbeat_gap_s = stats().max_heartbeat_gap_s
         f.pass_p99_s, f.max_pass_bucket_s, f.passes = bucket_quantile(scrape.pass_buckets(), 0.99)
         f.pass_p50_s = bucket_quantile(scrape.pass_buckets(), 0.5)[0]
+        cpu_buckets = scrape.pass_buckets("dstack_scheduling_pass_cpu_seconds")
+        f.pass_cpu_p50_s, f.pass_cpu_p99_s = (bucket_quantile(cpu_buckets, q)[0] for q in (0.5, 0.99))
         full_buckets = scrape.pass_buckets("dstack_scheduling_full_pass_seconds")
         f.full_p50_s = bucket_quantile(full_buckets, 0.5)[0]
         f.full_p99_s, _, f.full_passes = bucket_quantile(full_buckets, 0.99)
@@ -342,6 +397,12 @@ def table(base: Figures | None, full: Figures) -> str:
         ),
         row("scheduling pass p50 (histogram bucket)", *both(lambda f: f"<= {f.pass_p50_s * 1e3:g} ms"), "", None),
         row(
+            "scheduling pass CPU time p50 / p99 (histogram buckets)",
+            *both(lambda f: f"<= {f.pass_cpu_p50_s * 1e3:g} / <= {f.pass_cpu_p99_s * 1e3:g} ms"),
+            "",
+            None,
+        ),
+        row(
             "of which full passes (reasons, positions, estimates): p50 / p99",
             *both(lambda f: f"<= {f.full_p50_s * 1e3:g} / <= {f.full_p99_s * 1e3:g} ms ({f.full_passes} passes)"),
             "",
@@ -383,12 +444,23 @@ def table(base: Figures | None, full: Figures) -> str:
         ),
         row("fill: runs/s submitted (SubmitRuns)", *both(lambda f: f"{f.fill_rate:,.0f}"), "", None),
         row("deep queue drained, jobs/s", *both(lambda f: f"{f.drain_rate:,.0f}"), ">= 2,000", full.drain_rate >= 2000),
+        row("coordinator CPU per drained job", *both(lambda f: f"{f.drain_cpu_ms:.2f} ms"), "", None),
+        row("passes while draining", *both(lambda f: passes_said(f.drain_pass)), "", None),
+        row("passes, single-job runs one per SubmitRun", *both(lambda f: passes_said(f.single_pass)), "", None),
+        row(f"passes, {SUBMIT_BATCH} runs per SubmitRuns", *both(lambda f: passes_said(f.batch_pass)), "", None),
         row("single-job runs/s, one SubmitRun each", *both(lambda f: f"{f.single_rate:,.0f}"), "", None),
+        row("coordinator CPU per run, one SubmitRun each", *both(lambda f: f"{f.single_cpu_ms:.2f} ms"), "", None),
         row(
             f"single-job runs/s, {SUBMIT_BATCH} per SubmitRuns",
             *both(lambda f: f"{f.batch_rate:,.0f}"),
             ">= 2,000",
             full.batch_rate >= 2000,
+        ),
+        row(
+            f"coordinator CPU per run, {SUBMIT_BATCH} per SubmitRuns",
+            *both(lambda f: f"{f.batch_cpu_ms:.2f} ms"),
+            "",
+            None,
         ),
         row("load generator's longest heartbeat gap", *both(lambda f: f"{f.max_heartbeat_gap_s:.1f} s"), "", None),
         row(
@@ -408,14 +480,23 @@ def main() -> None:
     ap.add_argument("runs", type=int, nargs="?", default=20_000)
     ap.add_argument("--procs", type=int, default=4, help="agent worker processes")
     ap.add_argument("--no-baseline", action="store_true", help="skip the tenth-size run")
+    ap.add_argument("--steady-s", type=float, default=35.0, help="how long the full queue is held")
+    ap.add_argument("--cli-ps", type=int, default=10, help="times the real `dstack ps` process is timed")
     a = ap.parse_args()
     # A SIGTERM (timeout, kill) unwinds like Ctrl+C: the coordinator and the worker processes are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"machine: {psutil.cpu_count()} CPUs; load generator and coordinator share them", flush=True)
     base = None
     if not a.no_baseline:
-        base = scenario(max(1, a.agents // 10), a.queued // 10, max(1, a.runs // 10), max(1, a.procs // 2))
-    full = scenario(a.agents, a.queued, a.runs, a.procs)
+        base = scenario(
+            max(1, a.agents // 10),
+            a.queued // 10,
+            max(1, a.runs // 10),
+            max(1, a.procs // 2),
+            steady_s=a.steady_s,
+            cli_ps=a.cli_ps,
+        )
+    full = scenario(a.agents, a.queued, a.runs, a.procs, steady_s=a.steady_s, cli_ps=a.cli_ps)
     print(table(base, full))
 
 

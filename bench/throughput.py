@@ -107,7 +107,8 @@ def main() -> None:
             print(
                 f"{jobs} jobs, {agents} simulated agents, {per_run} job(s) per run: {rate:,.0f} jobs/s end to end "
                 f"(submit {submit_rate:,.0f} jobs/s); coordinator RSS {svc.coordinator_rss_mib():.0f} MiB, "
-                f"CPU: coordinator {c_cpu:.0%}, load generator {m_cpu:.0%} of one core"
+                f"CPU: coordinator {c_cpu:.0%} ({c_cpu * wall * 1e3 / jobs:.2f} ms/job), load generator {m_cpu:.0%}"
+                " of one core"
             )
         finally:
             svc.stop()

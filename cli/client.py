@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 # gRPC's C core logs a failed TLS handshake on stderr at INFO; the CLI says it once, in words (_translate).
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -23,7 +23,9 @@ from dstack.cli.errors import (
 )
 from dstack.cli.home import Endpoint
 from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
-from dstack.tls import TlsSetupError, Transport, handshake_failure, read_ca_file, speaks_tls
+
+if TYPE_CHECKING:  # dstack.tls (and its hashlib) is imported where TLS is set up or diagnosed, not for a socket
+    from dstack.tls import Transport
 
 T = TypeVar("T")
 CHUNK = 1 << 20
@@ -60,6 +62,8 @@ PIN_HINT = (
 
 def transport(endpoint: Endpoint) -> Transport:
     """How the CLI reaches `endpoint`: plaintext, or TLS verified against its CA file (else the system's roots)."""
+    from dstack.tls import TlsSetupError, Transport, read_ca_file
+
     if endpoint.plaintext:
         return Transport(insecure=True)
     if not endpoint.ca_file:
@@ -71,6 +75,8 @@ def transport(endpoint: Endpoint) -> Transport:
 
 
 def open_channel(endpoint: Endpoint, via: Transport | None = None) -> grpc.Channel:
+    if via is None and endpoint.plaintext:
+        return grpc.insecure_channel(endpoint.address, options=CHANNEL_OPTIONS)
     t = via or transport(endpoint)
     if t.insecure:
         return grpc.insecure_channel(endpoint.address, options=CHANNEL_OPTIONS)
@@ -79,6 +85,8 @@ def open_channel(endpoint: Endpoint, via: Transport | None = None) -> grpc.Chann
 
 def _tls_error(endpoint: Endpoint, details: str) -> CliError | None:
     """A handshake failure in words a user can act on, or None when it is none."""
+    from dstack.tls import handshake_failure, speaks_tls
+
     address = endpoint.address
     if endpoint.address.startswith("unix:"):
         return None

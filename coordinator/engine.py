@@ -57,6 +57,7 @@ from dstack.coordinator.store import AgentRow, Assignment, Placement, Store
 from dstack.coordinator.store.cache import CacheHit
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.coordinator.store.secrets import TEAM
+from dstack.coordinator.store.usage import OnAgent
 from dstack.protos.addresses import valid_address
 from dstack.protos.refusals import agent_removed
 from dstack.protos.urls import public_repo_url
@@ -80,6 +81,10 @@ FULL_EVERY_S = 1.0
 FULL_SHARE = 0.2
 # Jobs a deep queue's full pass marks pending at most (one transaction; the rest at the next ones).
 MARK_AT_ONCE = 500
+# Between two complete reads of running jobs and online agents, passes update what they keep from the
+# writer's journal of changed rows (coordinator/store/journal.py); a complete read every this often
+# bounds what a write the journal could not see (another process on the database) would leave wrong.
+REREAD_S = 10.0
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -147,6 +152,19 @@ class InfoSnapshot:
     info: dict[str, WaitInfo] = field(default_factory=dict)
     gone: list[str] = field(default_factory=list)  # no longer waiting
     hits: list[tuple[CacheHit, Waiting]] = field(default_factory=list)
+
+
+def _held(job: OnAgent) -> Held:
+    return Held(
+        job.id,
+        job.agent_id,
+        job.owner,
+        job.cpu,
+        job.memory,
+        tuple(job.gpu_indices),
+        job.started_at,
+        duration_key(job.workflow, job.job_name),
+    )
 
 
 def _request(w: Waiting) -> JobRequest:
@@ -223,6 +241,12 @@ class Engine:
         self._info: asyncio.Task[None] | None = None  # `_refresh_info`, while it runs
         self._info_wanted = True  # something happened since the last one began
         self._heads_took = 0.0  # the last heads-only pass's time on the DB thread
+        # Statuses within runs with dependants, as heads-only passes read them (per run), until a job of
+        # the run changes (coordinator/store/journal.py): the DB thread's only.
+        self._dependency_statuses: dict[str, dict[tuple[str, str], JobStatus]] = {}
+        self._reread_at = 0.0  # perf_counter: passes read every running job and agent again then (REREAD_S)
+        self._pass_took = 0.0  # the last pass's time on the DB thread (either kind)
+        self._pass_cpu = 0.0  # and its CPU time there
         self._info_timer: asyncio.TimerHandle | None = None
         # FULL_QUEUE, FULL_EVERY_S, FULL_SHARE, as this engine uses them (tests take the deep queue's
         # path with a short one).
@@ -378,9 +402,12 @@ class Engine:
                 task = asyncio.create_task(self._reuse(hit, w), name=f"reuse {hit.run_name}/{hit.job_name}")
                 self._reusing.add(task)
                 task.add_done_callback(self._reusing.discard)
-            for a in plan.assignments:
-                self.hub.send(a.agent_id, agent_pb2.CoordinatorMessage(assignments=[self._assignment(a)]))
-            self.assignments_sent += len(plan.assignments)
+            sent, sent_cpu = time.perf_counter(), time.thread_time()
+            self._send_assignments(plan.assignments)
+            # The pass itself: its time on the DB thread (placing and writing; not its wait there) and
+            # the assignments' messages built and queued here; and the CPU time of both.
+            self.metrics.scheduling_pass.observe(self._pass_took + time.perf_counter() - sent)
+            self.metrics.scheduling_pass_cpu.observe(self._pass_cpu + time.thread_time() - sent_cpu)
             # A pass over a deep queue holds the DB thread (submissions, heartbeats, updates wait behind
             # it): the next one waits as long as this one took, so passes take at most about half of it,
             # and what finished meanwhile is placed by one pass rather than by many back to back. A
@@ -511,20 +538,34 @@ class Engine:
             if len(self.queue):
                 self.kick()
 
+    def _send_assignments(self, assignments: Sequence[Assignment]) -> None:
+        """One message per agent for all it got in a pass (a pass places thousands at scale)."""
+        by_agent: dict[str, list[agent_pb2.JobAssignment]] = {}
+        for a in assignments:
+            by_agent.setdefault(a.agent_id, []).append(self._assignment(a))
+        for agent_id, theirs in by_agent.items():
+            self.hub.send(agent_id, agent_pb2.CoordinatorMessage(assignments=theirs))
+        self.assignments_sent += len(assignments)
+
     def _timed_plan(self, waiting: list[Waiting], connected: set[str], charge: bool) -> Plan:
         # Timed on the DB thread: the pass itself, not its wait behind other store calls.
-        with self.metrics.scheduling_pass.time(), self.metrics.full_pass.time():
-            return self._plan(waiting, connected, charge)
+        began, began_cpu = time.perf_counter(), time.thread_time()
+        with self.metrics.full_pass.time():
+            try:
+                return self._plan(waiting, connected, charge)
+            finally:
+                self._pass_took = time.perf_counter() - began
+                self._pass_cpu = time.thread_time() - began_cpu
 
     def _timed_heads(
         self, by_user: dict[str, list[Waiting]], shapes: set[Shape], connected: set[str], charge: bool
     ) -> Plan:
-        began = time.perf_counter()
-        with self.metrics.scheduling_pass.time():
-            try:
-                return self._heads(by_user, shapes, connected, charge)
-            finally:
-                self._heads_took = time.perf_counter() - began
+        began, began_cpu = time.perf_counter(), time.thread_time()
+        try:
+            return self._heads(by_user, shapes, connected, charge)
+        finally:
+            self._heads_took = self._pass_took = time.perf_counter() - began
+            self._pass_cpu = time.thread_time() - began_cpu
 
     def _state(
         self, connected: set[str], charge: bool, full: bool
@@ -539,24 +580,29 @@ class Engine:
             finished = store.charge_finished_usage(now, half_life)
             self.durations.add((duration_key(f.workflow, f.job_name), f.seconds) for f in finished if f.done)
         usage = {u: acc.at(now, half_life) for u, acc in store.usage_accumulators().items()}
-        if charge or full or not self._holdings_read:
+        reread = not self._holdings_read or time.perf_counter() >= self._reread_at
+        changes = None if reread else store.journal.drain()
+        if changes is None:
+            # Everything read again (the first pass; after a failed one; a journal that was lost; and every
+            # REREAD_S, which bounds the harm of a write the journal could not see), and the journal
+            # (coordinator/store/journal.py) counts from here.
+            store.journal.start()
             on_agents = store.jobs_on_agents()
-            self.started.keep((job.id, job.started_at) for job in on_agents if job.started_at is not None)
-            self.holdings.reset(
-                Held(
-                    job.id,
-                    job.agent_id,
-                    job.owner,
-                    job.cpu,
-                    job.memory,
-                    tuple(job.gpu_indices),
-                    job.started_at,
-                    duration_key(job.workflow, job.job_name),
-                )
-                for job in on_agents
-            )
+            self.started.keep((j.id, j.started_at) for j in on_agents if j.started_at is not None)
+            self.holdings.reset(_held(j) for j in on_agents)
+            self._dependency_statuses = {}
             self._holdings_read = True
-        agents = self._idle_agent_states(connected, reread=full)
+            self._reread_at = time.perf_counter() + REREAD_S
+        else:
+            # Only the jobs that changed since the last pass: what ended leaves, what started or moved
+            # is read again; no reread of every running job because one of them ended.
+            for job_id in changes.off_agents:
+                self.holdings.remove(job_id)
+            for changed in changes.on_agents:
+                self.holdings.add(_held(changed))
+            for run_id in changes.runs:
+                self._dependency_statuses.pop(run_id, None)
+        agents = self._idle_agent_states(connected, reread=changes is None or changes.agents)
         for agent_id, held in self.holdings.agents.items():
             if (a := agents.get(agent_id)) is not None:
                 a.used_cpu, a.used_memory, a.busy_gpus, a.jobs = held.cpu, held.memory, set(held.gpus), held.jobs
@@ -668,7 +714,7 @@ class Engine:
         policy = self._policy(now, usage)
         gone: list[str] = []
         hits: list[tuple[CacheHit, Waiting]] = []
-        statuses: dict[str, dict[tuple[str, str], JobStatus]] = {}  # per run, read when first needed
+        statuses = self._dependency_statuses  # per run, read when first needed
         queue = self.queue
 
         def include(w: Waiting) -> bool:
@@ -676,6 +722,8 @@ class Engine:
                 return False
             run = None
             if w.depends_on:
+                # Kept from pass to pass until a job of the run changes (the journal says so): a
+                # thousand dependants blocked at the head cost no query each per pass.
                 run = statuses.get(w.run_id)
                 if run is None:
                     run = statuses[w.run_id] = self.store.dependency_statuses([w.run_id])
@@ -801,26 +849,25 @@ class Engine:
         return inv
 
     def _assignment(self, a: Assignment) -> agent_pb2.JobAssignment:
-        spec = common_pb2.JobSpec()
-        spec.ParseFromString(a.spec)
-        code = common_pb2.CodeRef()
-        code.ParseFromString(a.code)
+        # Spec and code parsed straight into the message (no copies of parsed ones: a pass builds thousands).
+        out = agent_pb2.JobAssignment(job_id=wire_job_id(a.job_id, a.attempt), run_name=a.run_name)
+        spec, code = out.spec, out.code
+        spec.MergeFromString(a.spec)
+        code.MergeFromString(a.code)
         code.repo_url = public_repo_url(code.repo_url)  # a run stored before the coordinator stripped tokens
         env = {"RUN_NAME": a.run_name, "JOB_ID": a.job_id, "WORKFLOW": spec.workflow, "DSTACK_ATTEMPT": str(a.attempt)}
         if spec.gang and a.master:  # a member of a multi-node gang: its rendezvous (coordinator/gangs.py)
             env.update(member_env(a.master, spec.node_rank, spec.nnodes))
         if code.commit:
             env.update(REPO_COMMIT=code.commit, REPO_BRANCH=code.branch, REPO_URL=code.repo_url)
-        return agent_pb2.JobAssignment(
-            job_id=wire_job_id(a.job_id, a.attempt),
-            run_name=a.run_name,
-            spec=spec,
-            code=code,
-            gpu_indices=a.gpu_indices,
-            env=env,
-            inputs=[artifact_input_to_proto(i) for i in a.inputs],
-            secrets=self.secrets_for(a.owner),
-        )
+        out.env.update(env)
+        out.gpu_indices.extend(a.gpu_indices)
+        if a.inputs:
+            out.inputs.extend(artifact_input_to_proto(i) for i in a.inputs)
+        secrets = self.secrets_for(a.owner)
+        if secrets:
+            out.secrets.update(secrets)
+        return out
 
     # ---- leases ------------------------------------------------------------------------------
     async def _lease_loop(self) -> None:

@@ -3,10 +3,11 @@ and per user (GPUs and jobs, for quotas), with each job's start and duration key
 running usage, expected ends).
 
 A pass used to read every running job from the database (a join over thousands of rows at 5,000
-agents) and sum them up again. Now the engine reads them only when a job may have ended since the
-last read (any kick but a submission's) and on every full pass, and adds its own placements here
-between reads: a job never leaves an agent without such a kick, and only the engine places jobs, so
-what is kept is what a read would give (tests/unit/test_holdings.py checks it against a rebuild).
+agents) and sum them up again. Now the engine reads them all only on a full pass (and after a failed
+one); between, it adds its own placements here and rereads only the jobs the writer's journal says
+changed (coordinator/store/journal.py: ended, started, requeued), so what is kept is what a read would
+give (tests/unit/test_incremental_state.py checks it against a rebuild, tests/inproc/test_job_journal.py
+against the database).
 """
 
 from __future__ import annotations

@@ -20,7 +20,15 @@ class EngineMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.scheduling_pass = Histogram(
             "dstack_scheduling_pass_seconds",
-            "How long one scheduling pass took (planning and applying it, on the DB thread)",
+            "How long one scheduling pass took: planning and writing it on the DB thread (not its wait there)"
+            " and sending its assignments",
+            buckets=PASS_BUCKETS,
+            registry=self.registry,
+        )
+        self.scheduling_pass_cpu = Histogram(
+            "dstack_scheduling_pass_cpu_seconds",
+            "CPU time one scheduling pass took (its threads' own, as dstack_scheduling_pass_seconds counts it):"
+            " what a loaded host's other processes do not add to",
             buckets=PASS_BUCKETS,
             registry=self.registry,
         )

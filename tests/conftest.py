@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ import pytest
 from hypothesis import settings
 
 from dstack.storage.devserver import SeaweedServer
+from tests.cleanup import DOCKERD_PREFIX, remove_agent_cgroups, stale_dockerd_roots
 from tests.dockerd import Dockerd, DockerUnavailable
 
 # Property tests run on busy CI machines: a per-example time limit only measures the machine's load.
@@ -489,23 +489,32 @@ def local(tmp_path: Path) -> Iterator[LocalMode]:
         subprocess.run([PY, "-m", "dstack.cli", "local", "stop"], env=lm.env(), capture_output=True, timeout=60)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def agent_cgroups_removed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """At the session's end, the cgroups of its agents that were killed (SIGKILL leaves them; tests/cleanup.py)."""
+    yield
+    if os.geteuid() == 0:
+        remove_agent_cgroups(tmp_path_factory.getbasetemp())
+
+
 @pytest.fixture(scope="session")
 def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockerd]:
     """The tests' own Docker engine (see tests/dockerd.py). Missing Docker fails under CI=true, else skips."""
+    for stale in stale_dockerd_roots():  # engines of sessions killed before their teardown (tests/cleanup.py)
+        Dockerd(stale).remove()
     # A short path: the engine's socket must fit in AF_UNIX's 108 bytes.
-    root = Path(tempfile.mkdtemp(prefix="dstack-dockerd-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix=DOCKERD_PREFIX, dir="/tmp"))
     d = Dockerd(root)
     try:
         d.start()
         d.load_images()
     except DockerUnavailable as e:
-        d.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        d.remove()
         if os.environ.get("CI") == "true":
             pytest.fail(f"Docker is required under CI: {e}")
         pytest.skip(f"no Docker engine for the tests: {e}")
     try:
         yield d
     finally:
-        d.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        left = d.remove()
+        assert not left, f"the tests' dockerd left mounts behind: {left}"

@@ -171,6 +171,17 @@ class Dockerd:
                 self.proc.wait(10)
         self.proc = None
 
+    def remove(self) -> list[Path]:
+        """Stops the engine and removes its folder, with what it left mounted in it (its `netns/default`, which
+        dockerd does not unmount itself); returns what is still mounted there: nothing, since a busy mount is
+        detached (umount --lazy)."""
+        from tests.cleanup import unmount_under
+
+        self.stop()
+        left = unmount_under(self.root)
+        shutil.rmtree(self.root, ignore_errors=True)
+        return left
+
     def client(self) -> docker.DockerClient:
         """One client for the engine's life (made once it answers: the SDK asks for its version)."""
         if self._client is None:

@@ -18,7 +18,7 @@ import enum
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -361,6 +361,56 @@ def move_job(
     return None
 
 
+# Rows per batched statement: 4 values each stays well under SQLite's 32,766 variables.
+BATCH = 500
+
+
+def move_each(c: sqlite3.Connection, t: JobTransition, job_ids: Sequence[str]) -> list[Moved]:
+    """`move_job` for many jobs (a transition that sets nothing else), one UPDATE per BATCH: a pass
+    marks thousands pending at once. Refusals are logged as `move_job` logs them."""
+    out: list[Moved] = []
+    for i in range(0, len(job_ids), BATCH):
+        chunk = list(job_ids[i : i + BATCH])
+        params = {f"_j{k}": job_id for k, job_id in enumerate(chunk)}
+        moved = move_jobs(c, t, f"id IN ({', '.join(':' + k for k in params)})", params)
+        out += moved
+        _log_refused(c, t, chunk, {m.job_id for m in moved})
+    return out
+
+
+def place_jobs(c: sqlite3.Connection, placements: Sequence[tuple[str, str, list[int], str]]) -> list[Moved]:
+    """PLACE for a whole pass: (job id, agent id, GPU indices, gang master) each, one UPDATE per BATCH
+    (the per-job statement cost a pass placing thousands as many round trips). Only jobs still waiting
+    move, as with `move_job`; the others (stopped meanwhile) are logged as refused and left out."""
+    t = PLACE
+    out: list[Moved] = []
+    for i in range(0, len(placements), BATCH):
+        chunk = placements[i : i + BATCH]
+        values = ", ".join("(?, ?, ?, ?)" for _ in chunk)
+        params: list[object] = []
+        for job_id, agent_id, gpus, master in chunk:
+            params += [job_id, agent_id, json.dumps(gpus), master]
+        rows = c.execute(
+            f"WITH v(id, agent, gpus, master) AS (VALUES {values})"
+            f" UPDATE jobs SET status = {int(t.dst)}, agent_id = v.agent, gpu_indices = v.gpus, message = '',"
+            f" master = v.master FROM v WHERE jobs.id = v.id AND jobs.status IN ({_in(t.src)}) RETURNING id, run_id",
+            params,
+        ).fetchall()
+        moved = [Moved(r[0], r[1]) for r in rows]
+        out += moved
+        _log_refused(c, t, [p[0] for p in chunk], {m.job_id for m in moved})
+    return out
+
+
+def _log_refused(c: sqlite3.Connection, t: JobTransition, job_ids: Sequence[str], moved: set[str]) -> None:
+    left = [j for j in job_ids if j not in moved]
+    if not left:
+        return
+    rows = c.execute(f"SELECT id, status FROM jobs WHERE id IN ({', '.join('?' * len(left))})", left)
+    for job_id, status in rows:
+        refuse_job(job_id, status, int(t.dst), f"{t.name}, by {t.actor}")
+
+
 def refuse_job(job_id: str, current: int, target: int, why: str) -> None:
     _refused("job", job_id, current, target, why)
 
@@ -436,6 +486,47 @@ def refresh_run_status(c: sqlite3.Connection, run_id: str, now: int) -> RunStatu
             [row[1], row[0], run_id, now],
         )
     return status
+
+
+def refresh_run_statuses(c: sqlite3.Connection, run_ids: Iterable[str], now: int) -> None:
+    """`refresh_run_status` for many runs (a pass's placements touch one run each for single-job runs):
+    their jobs and current statuses read in one query each per BATCH, and the runs that move to the same
+    unfinished status moved by one UPDATE. A run that finishes goes through `refresh_run_status` (its
+    finish time and tag); one already in the derived status is no transition, as there."""
+    ids = sorted(set(run_ids))
+    for i in range(0, len(ids), BATCH):
+        chunk = ids[i : i + BATCH]
+        marks = ", ".join("?" * len(chunk))
+        jobs: dict[str, list[tuple[int, int, str, str]]] = {run_id: [] for run_id in chunk}
+        for r in c.execute(
+            "SELECT run_id, status, termination_reason, message, job_name FROM jobs"
+            f" WHERE run_id IN ({marks}) ORDER BY finished_at",
+            chunk,
+        ):
+            jobs[r[0]].append((r[1], r[2], r[3] or "", r[4]))
+        current = dict(c.execute(f"SELECT id, status FROM runs WHERE id IN ({marks})", chunk).fetchall())
+        to: dict[RunStatus, list[str]] = {}
+        for run_id, its_jobs in jobs.items():
+            if run_id not in current:
+                continue
+            status = derive_run_status(its_jobs)[0]
+            if status in TERMINAL_RUN:
+                refresh_run_status(c, run_id, now)
+            elif current[run_id] != status:
+                to.setdefault(status, []).append(run_id)
+        for status, movers in to.items():
+            t = DERIVED[status]
+            moved = {
+                r[0]
+                for r in c.execute(
+                    f"UPDATE runs SET status = ?, termination_reason = ?, message = '' WHERE id IN"
+                    f" ({', '.join('?' * len(movers))}) AND status IN ({_in(t.src)}) RETURNING id",
+                    [int(status), int(TR.UNSPECIFIED), *movers],
+                )
+            }
+            for run_id in movers:
+                if run_id not in moved:  # finished meanwhile: no state leaves a final one
+                    _refused("run", run_id, current[run_id], int(status), f"{t.name}, by {t.actor}")
 
 
 # ---- docs/lifecycle.md -------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from dstack.coordinator.store.jobs import (
     WaitingJob,
 )
 from dstack.coordinator.store.join_tokens import JoinTokenRow, JoinTokens
+from dstack.coordinator.store.journal import JobJournal
 from dstack.coordinator.store.logs import ArchivableJob, Logs
 from dstack.coordinator.store.records import Records
 from dstack.coordinator.store.runs import CreatedRun, ExpiredRun, NewJob, RunFilters, RunRow, Runs, StopOnAgent
@@ -90,6 +91,7 @@ class Store(Db):
         self.cache = StepCache(self)
         self.scope = Scope(self)
         self.usage = Usage(self)
+        self.journal = JobJournal(self)  # which jobs changed since a pass last looked (the writer's)
         self.jobs.charge = self.usage.charge_ended
         self.join_tokens = JoinTokens(self)
 

@@ -190,6 +190,11 @@ class StopOrder:
 MAX_REPORTED_PORTS = 1024
 
 
+def _listed(text: str | None) -> bool:
+    """Whether a JSON list column holds anything (as `bool(json_list(text))`, without parsing)."""
+    return bool(text) and text != "[]" and bool(json_list(text))
+
+
 def _valid_port(n: int) -> bool:
     return 1 <= n <= 65535
 
@@ -391,19 +396,11 @@ class Jobs:
         touched: set[str] = set()
         out: list[Assignment] = []
         with self.db.tx() as c:
-            placed: list[Placement] = []
-            for p in placements:
-                moved = lifecycle.move_job(
-                    c,
-                    lifecycle.PLACE,
-                    p.job_id,
-                    also="agent_id = :agent, gpu_indices = :gpus, message = '', master = :master",
-                    params={"agent": p.agent_id, "gpus": json.dumps(p.gpu_indices), "master": p.master},
-                )
-                if moved is None:
-                    continue  # stopped meanwhile
-                touched.add(moved.run_id)
-                placed.append(p)
+            # One statement per 500 placements, not one per job: a pass places thousands at scale.
+            places = lifecycle.place_jobs(c, [(p.job_id, p.agent_id, p.gpu_indices, p.master) for p in placements])
+            touched.update(m.run_id for m in places)
+            placed_ids = {m.job_id for m in places}
+            placed = [p for p in placements if p.job_id in placed_ids]  # the others were stopped meanwhile
             # What the agents need, read for the whole pass at once (a pass places thousands at scale);
             # inputs only for the jobs that have any (dependencies, input runs, an earlier attempt).
             for i in range(0, len(placed), 500):
@@ -419,7 +416,8 @@ class Jobs:
                 }
                 for p in chunk:
                     spec, attempt, depends_on, job_inputs, name, code, owner = found[p.job_id]
-                    inputs = inputs_of(c, p.job_id) if json_list(depends_on) or json_list(job_inputs) else []
+                    # Most jobs have neither: their empty lists are told by the text, not parsed per job.
+                    inputs = inputs_of(c, p.job_id) if _listed(depends_on) or _listed(job_inputs) else []
                     if attempt > 1:
                         inputs += attempts.resume_inputs(c, p.job_id)
                     out.append(
@@ -427,17 +425,13 @@ class Jobs:
                             p.job_id, p.agent_id, name, spec, code, p.gpu_indices, inputs, attempt, owner, p.master
                         )
                     )
-            for job_id in waiting:
-                moved = lifecycle.move_job(c, lifecycle.MARK_PENDING, job_id)
-                if moved is not None:
-                    touched.add(moved.run_id)
+            touched.update(m.run_id for m in lifecycle.move_each(c, lifecycle.MARK_PENDING, list(waiting)))
             for job_id, why in failures:
-                moved = lifecycle.move_job(c, lifecycle.UNSCHEDULABLE, job_id, message=why, at=now)
-                if moved is not None:
-                    touched.add(moved.run_id)
-                    lifecycle.fail_dependants(c, moved.run_id, now)
-            for run_id in touched:
-                lifecycle.refresh_run_status(c, run_id, now)
+                failed = lifecycle.move_job(c, lifecycle.UNSCHEDULABLE, job_id, message=why, at=now)
+                if failed is not None:
+                    touched.add(failed.run_id)
+                    lifecycle.fail_dependants(c, failed.run_id, now)
+            lifecycle.refresh_run_statuses(c, touched, now)
         return out
 
     def assignments_for_agent(self, agent_id: str, job_ids: Sequence[str]) -> list[Assignment]:

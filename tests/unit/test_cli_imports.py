@@ -71,9 +71,12 @@ server.start()
 """
 
 
-def run_cli(home: Path, cwd: Path, argv: list[str]) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+def run_cli(
+    home: Path, cwd: Path, argv: list[str], entry: str = "dstack.cli.main"
+) -> tuple[subprocess.CompletedProcess[str], set[str]]:
     """Runs the CLI in a fresh interpreter, with a fake coordinator in it; returns what it printed and the
-    modules it had loaded when it exited."""
+    modules it had loaded when it exited. `entry`: the module whose main() runs (the console script's is
+    dstack.cli.quick, which hands what it does not take itself to dstack.cli.main's typer app)."""
     out = home / "modules.json"
     address = f"unix://{home}/coordinator.sock"
     script = "\n".join(
@@ -83,14 +86,14 @@ def run_cli(home: Path, cwd: Path, argv: list[str]) -> tuple[subprocess.Complete
             f"ADDRESS = {address!r}",
             FAKE_COORDINATOR,
             f"sys.argv = {['dstack', *argv]!r}",
-            "from dstack.cli.main import main",
+            f"from {entry} import main",
             "main()",
         ]
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSTACK_")}
     env |= {"DSTACK_HOME": str(home), "DSTACK_COORDINATOR": address, "DSTACK_TOKEN": "t"}
     r = subprocess.run([sys.executable, "-c", script], env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, (r.returncode, r.stderr)
     return r, set(json.loads(out.read_text()))
 
 
@@ -122,3 +125,36 @@ def test_run_imports_neither_rich_nor_the_server_side(tmp_path: Path) -> None:
     assert found(first, (*SERVER_SIDE, "rich")) == []
     _, again = run_cli(tmp_path, project, ["run", "hello"])
     assert found(again, (*SERVER_SIDE, *LAZY)) == []  # the providers' entry points came from the cache
+
+
+def test_a_configured_coordinator_is_read_without_yaml(tmp_path: Path) -> None:
+    """`dstack config` writes its file as JSON (which is YAML): every command reads it without importing yaml;
+    a file written by an older dstack (YAML) is still read, then with yaml."""
+    script = "\n".join(
+        [
+            "import json, sys",
+            "from dstack.cli.home import load_configured, save_config",
+            "save_config('gpu-pool:50051', 't0k: \"#x', ca_file='/p/ca.pem')",
+            "e = load_configured()",
+            "print(json.dumps([e.address, e.token, e.ca_file, e.insecure, 'yaml' in sys.modules]))",
+        ]
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSTACK_")} | {"DSTACK_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(r.stdout) == ["gpu-pool:50051", 't0k: "#x', "/p/ca.pem", False, False]
+    import yaml  # what an older dstack does with the file
+
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == {
+        "coordinator": "gpu-pool:50051",
+        "token": 't0k: "#x',
+        "ca_file": "/p/ca.pem",
+    }
+    (tmp_path / "config.yaml").write_text("coordinator: old-pool:50051\ntoken: abc\ninsecure: true\n")
+    r = subprocess.run(
+        [sys.executable, "-c", script.replace("save_config(", "(lambda *a, **k: None)(")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(r.stdout) == ["old-pool:50051", "abc", "", True, True]

@@ -39,5 +39,5 @@ def test_a_built_wheel_installs_nothing_but_the_dstack_package(tmp_path: Path) -
     # The web dashboard's files (coordinator/http/dashboard.py serves them; no build step, no CDN).
     for asset in ("index.html", "app.js", "app.css", "favicon.svg"):
         assert f"dstack/coordinator/http/static/{asset}" in recorded
-    assert "dstack = dstack.cli.main:main" in entry_points
+    assert "dstack = dstack.cli.quick:main" in entry_points
     assert "bash = dstack.cli.providers.bash:BashProvider" in entry_points

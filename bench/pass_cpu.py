@@ -1,0 +1,84 @@
+"""The scheduling pass alone, in process: its CPU time per pass and per placed job while a deep queue
+drains (the engine's heads-only passes, their writes and their assignments' messages), on a real store.
+
+AGENTS online agents (each takes one job at a time) and QUEUED single-job runs; each round, one pass
+places a job on every free agent, then every placed job reports RUNNING and DONE (not timed: that is
+the agent stream's path, not the pass's). CPU time is the thread's own (time.thread_time), which a
+loaded machine does not inflate as it does wall time. Run it on two trees for an A/B:
+`PYTHONPATH=TREE python TREE/bench/pass_cpu.py` (each tree's own engine).
+Usage: python -m bench.pass_cpu [AGENTS] [QUEUED] [ROUNDS]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dstack.coordinator.config import CoordinatorConfig
+from dstack.coordinator.engine import Engine
+from dstack.coordinator.model import JobUpdate, TerminationReason
+from dstack.coordinator.store import NewJob, Store
+from dstack.protos.v1 import agent_pb2, common_pb2
+
+JS = common_pb2.JobStatus
+
+
+def main() -> None:
+    agents_n = int(sys.argv[1]) if len(sys.argv) > 1 else 500
+    queued = int(sys.argv[2]) if len(sys.argv) > 2 else 10_000
+    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 15
+    tmp = Path(tempfile.mkdtemp(prefix="dstack-pass-cpu-"))
+    config = CoordinatorConfig(state_dir=tmp, listen="127.0.0.1:0", storage_url="", admin_token="a", join_token="j")
+    store = Store(tmp / "coordinator.db")
+    engine = Engine(config, store, db=None)  # type: ignore[arg-type]  # the passes are called on this thread
+    inv = common_pb2.Inventory(hostname="h", cpu_count=64, memory_total_bytes=256 << 30, max_jobs=1)
+    agents = []
+    for i in range(agents_n):
+        agent_id = store.register_agent(f"sim-{i}", f"tok-{i}", b"")
+        inv.hostname = f"sim-{i}"
+        store.agent_online(agent_id, inv.SerializeToString(), 2**62)
+        agents.append(agent_id)
+    spec = common_pb2.JobSpec(job_name="main", workflow="t", provider="bash", commands=["true"]).SerializeToString()
+    for k in range(0, queued, 1000):
+        for _ in range(min(1000, queued - k)):
+            store.create_run("admin", "t", b"", "", [], [NewJob("main", spec, 0, 0, 0, [])])
+    for row in store.waiting_jobs():
+        engine.queue.add_row(row)
+    connected = set(agents)
+    engine.hub.connected_ids = lambda: set(connected)  # type: ignore[method-assign]
+    per_pass: list[float] = []
+    per_job: list[float] = []
+    placed_total = 0
+    for _ in range(rounds):
+        t0 = time.thread_time()
+        plan = engine._timed_heads(engine.queue.by_user(), engine.queue.shapes(), connected, True)
+        engine.queue.discard(plan.done)
+        msgs: dict[str, list[agent_pb2.JobAssignment]] = {}
+        for a in plan.assignments:
+            msgs.setdefault(a.agent_id, []).append(engine._assignment(a))
+        for theirs in msgs.values():
+            agent_pb2.CoordinatorMessage(assignments=theirs).SerializeToString()
+        took = time.thread_time() - t0
+        n = len(plan.assignments)
+        if not n:
+            break
+        placed_total += n
+        per_pass.append(took)
+        per_job.append(took / n)
+        now = time.time_ns()
+        for agent_id, theirs in msgs.items():
+            updates = [JobUpdate(a.job_id, JS.JOB_STATUS_RUNNING, time_ns=now) for a in theirs]
+            updates += [JobUpdate(a.job_id, JS.JOB_STATUS_DONE, TerminationReason.DONE, time_ns=now) for a in theirs]
+            store.apply_job_updates(agent_id, updates)
+    print(
+        f"{agents_n} agents, {queued} queued: {len(per_pass)} passes placed {placed_total} jobs;"
+        f" pass CPU median {statistics.median(per_pass) * 1e3:.1f} ms (max {max(per_pass) * 1e3:.1f}),"
+        f" per placed job median {statistics.median(per_job) * 1e6:.0f} us"
+    )
+
+
+if __name__ == "__main__":
+    main()
