@@ -44,6 +44,7 @@ class Services:
         self.address = f"127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.coordinator: subprocess.Popen[bytes] | None = None
+        self.coordinator_module = "dstack.coordinator"  # bench.memprobe: the same, with a memory sampler
 
     def start_coordinator(self, *extra: str) -> None:
         log = open(self.tmp / "coordinator.log", "ab")
@@ -52,7 +53,7 @@ class Services:
             [
                 sys.executable,
                 "-m",
-                "dstack.coordinator",
+                self.coordinator_module,
                 "--state-dir",
                 str(self.tmp / "server"),
                 "--listen",

@@ -1,6 +1,6 @@
 """Soak: moderate load on one coordinator with real agents for a long while, its RSS and database sampled.
 
-Usage: python -m bench.soak [--minutes 60] [--rate 2] [--lines 200] [--interval 60] [--archive-after 30]
+Usage: python -m bench.soak [--minutes 60] [--rate 2] [--lines 200] [--interval 60] [--archive-after 30] [--probe DIR]
 
 Runs of one job printing `--lines` lines are submitted at `--rate` per second (2 agents, host runtime);
 every `--interval` seconds the coordinator's RSS, the size of its database (with -wal and -shm), the log
@@ -16,6 +16,7 @@ user deletes it), so it grows with the runs submitted: its slope is printed, wit
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import threading
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import grpc
 
+from bench import memprobe
 from bench._harness import Services, meta
 from dstack.protos.v1 import client_pb2, common_pb2
 
@@ -109,9 +111,13 @@ def count_statuses(svc: Services) -> dict[str, int]:
             return counts
 
 
-def soak(minutes: float, rate: float, lines: int, interval: float, archive_after: float) -> bool:
+def soak(minutes: float, rate: float, lines: int, interval: float, archive_after: float, probe: str = "") -> bool:
     svc = Services()
     samples: list[Sample] = []
+    if probe:  # the coordinator under bench.memprobe: what its memory is made of, sampled each interval
+        svc.coordinator_module = "bench.memprobe"
+        os.environ["MEMPROBE_OUT"] = str(Path(probe).resolve())
+        os.environ["MEMPROBE_PERIOD"] = str(interval)
     try:
         svc.start_coordinator("--archive-logs-after", str(archive_after))
         for i in range(2):
@@ -151,6 +157,9 @@ def soak(minutes: float, rate: float, lines: int, interval: float, archive_after
         statuses = count_statuses(svc)
     finally:
         svc.stop()
+    if probe:
+        print(f"memory probe (python -m bench.memprobe --report {probe}):", flush=True)
+        memprobe.report(Path(probe))
     return report(samples, statuses, sub.errors, rate, lines, archive_after, interval)
 
 
@@ -194,8 +203,9 @@ def main() -> None:
     p.add_argument("--lines", type=int, default=200, help="log lines each job prints")
     p.add_argument("--interval", type=float, default=60.0, help="seconds between samples")
     p.add_argument("--archive-after", type=float, default=30.0, help="the coordinator's --archive-logs-after")
+    p.add_argument("--probe", default="", help="run the coordinator under bench.memprobe, its samples in this folder")
     a = p.parse_args()
-    ok = soak(a.minutes, a.rate, a.lines, a.interval, a.archive_after)
+    ok = soak(a.minutes, a.rate, a.lines, a.interval, a.archive_after, a.probe)
     raise SystemExit(0 if ok else 1)
 
 

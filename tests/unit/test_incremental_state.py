@@ -29,8 +29,15 @@ def _spec(rng: random.Random, name: str) -> JobSpec:
     )
 
 
+def _kept(q: WaitingQueue) -> int:
+    """Entries in the users' lists, waiting or gone (what the queue holds in memory beside `_jobs`)."""
+    return sum(len(ws) for ws in q._by_user.values())
+
+
 def _check(q: WaitingQueue, rng: random.Random) -> None:
     live = q.snapshot()
+    # Bounded whether or not a heads pass ever tidies (a shallow queue only gets full passes).
+    assert _kept(q) <= 2 * len(live) + 1
     by_user = q.by_user() if rng.random() < 0.7 else None  # tidied at some points only, as passes do
     if by_user is None:
         return
@@ -91,6 +98,21 @@ def test_queue_equals_a_rebuild_after_random_events(seed: int) -> None:
         else:
             q.mark_pending(rng.sample(ids, 1))
         _check(q, rng)
+
+
+def test_jobs_that_pass_through_a_shallow_queue_do_not_stay_in_its_lists() -> None:
+    """The soak's leak: with fewer than FULL_QUEUE waiting, every pass is a full one, which never calls
+    `by_user`; each job that ever waited stayed in its user's list (~5.5 MiB an hour at 2 runs/s)."""
+    q = WaitingQueue()
+    spec = JobSpec(encoded=b"", job_name="j", workflow="w", resources=Resources(cpu=1.0))
+    for i in range(10_000):
+        q.add_run(f"r{i}", [(f"j{i}", spec)], owner=f"u{i % 3}")
+        if i >= 5:  # a few wait at any time, as at steady load
+            q.discard([f"j{i - 5}"])
+    assert len(q) == 5
+    assert _kept(q) <= 2 * len(q) + 3  # one entry gone per user at most beyond twice the waiting
+    q.discard([w.job_id for w in q.snapshot()])
+    assert _kept(q) == 0 and not q._gone
 
 
 def _rebuilt(jobs: list[Held]) -> Holdings:
