@@ -71,12 +71,11 @@ class Result:
         if self.cpu_us:
             # What a line costs each process, whatever else the machine runs: with a core each, the
             # busiest of them bounds the rate at 1e6 / its figure.
+            # A short run can cost every process less than a clock tick (0 us): then there is no bound.
             busiest = max(self.cpu_us.values())
-            cpu = (
-                "; CPU per line: "
-                + ", ".join(f"{k} {v:.1f} us" for k, v in self.cpu_us.items())
-                + f" (a core each: at most {1e6 / busiest:,.0f} lines/s)"
-            )
+            cpu = "; CPU per line: " + ", ".join(f"{k} {v:.1f} us" for k, v in self.cpu_us.items())
+            if busiest > 0:
+                cpu += f" (a core each: at most {1e6 / busiest:,.0f} lines/s)"
         return f"{self.lines:,} lines at {self.rate:,.0f} lines/s, {lag} ({ok}){cpu}"
 
 
