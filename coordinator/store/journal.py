@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dstack.coordinator.model import ON_AGENT, WAITING, JobStatus
-from dstack.coordinator.store.base import Db, ints_in, json_list
-from dstack.coordinator.store.usage import OnAgent
+from dstack.coordinator.store.base import Db, ints_in
+from dstack.coordinator.store.usage import OnAgent, on_agent_from_row
 
 _ON = ints_in(ON_AGENT)
 _WAITING = ints_in(WAITING)
@@ -99,20 +99,6 @@ class JobJournal:
                 f" WHERE j.id IN ({','.join('?' * len(chunk))}) AND j.status IN ({_ON})",
                 chunk,
             )
-            found += [
-                OnAgent(
-                    r["id"],
-                    r["agent_id"],
-                    r["owner"],
-                    r["workflow"],
-                    r["job_name"],
-                    r["cpu"] or 0.0,
-                    r["memory"] or 0,
-                    json_list(r["gpu_indices"]),
-                    r["started_at"],
-                    r["submitted_at"],
-                )
-                for r in rows
-            ]
+            found += [on_agent_from_row(r) for r in rows]
         on = {j.id for j in found}
         return Changes(found, [j for j in ids if j not in on], runs, agents)

@@ -56,6 +56,23 @@ class OnAgent:
     assigned_at: int  # its submission, for a job not started yet
 
 
+def on_agent_from_row(r: sqlite3.Row) -> OnAgent:
+    """An OnAgent from a row of jobs joined with its run (id, agent_id, owner, workflow, job_name, cpu,
+    memory, gpu_indices, started_at, submitted_at)."""
+    return OnAgent(
+        r["id"],
+        r["agent_id"],
+        r["owner"],
+        r["workflow"],
+        r["job_name"],
+        r["cpu"] or 0.0,
+        r["memory"] or 0,
+        json_list(r["gpu_indices"]),
+        r["started_at"],
+        r["submitted_at"],
+    )
+
+
 class Usage:
     def __init__(self, db: Db, half_life_s: float = 86400.0) -> None:
         self.db = db
@@ -154,21 +171,7 @@ class Usage:
             "SELECT j.id, j.agent_id, j.job_name, j.cpu, j.memory, j.gpu_indices, j.started_at, j.submitted_at,"
             f" r.owner, r.workflow FROM jobs j JOIN runs r ON r.id = j.run_id WHERE j.status IN ({ints_in(ON_AGENT)})"
         )
-        return [
-            OnAgent(
-                r["id"],
-                r["agent_id"],
-                r["owner"],
-                r["workflow"],
-                r["job_name"],
-                r["cpu"] or 0.0,
-                r["memory"] or 0,
-                json_list(r["gpu_indices"]),
-                r["started_at"],
-                r["submitted_at"],
-            )
-            for r in rows
-        ]
+        return [on_agent_from_row(r) for r in rows]
 
     # ---- shares and quotas -------------------------------------------------------------------
     def limits(self) -> list[UserLimitsRow]:
