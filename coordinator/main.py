@@ -16,7 +16,6 @@ from pathlib import Path
 from dstack.coordinator.app.limits import DEFAULT_MAX_QUEUED_PER_USER, DEFAULT_MAX_SUBMISSIONS_PER_MINUTE
 from dstack.coordinator.app.streams import DEFAULT_MAX_STREAMS, DEFAULT_MAX_STREAMS_PER_USER, DEFAULT_STREAM_STALL_S
 from dstack.coordinator.config import CoordinatorConfig
-from dstack.coordinator.gc_tuning import tune_gc
 from dstack.coordinator.server import Coordinator, StartError, serve
 from dstack.storage.private import private_dir
 
@@ -349,7 +348,6 @@ def main(argv: list[str] | None = None) -> None:
         # under load (it was one 25 ms pass per 1,000 jobs).
         gc.freeze()
 
-    tune_gc()  # the serving process only: not one that merely imports the coordinator (tests)
     try:
         asyncio.run(serve(config, on_started=on_started))
     except StartError as e:
