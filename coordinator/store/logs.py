@@ -186,13 +186,9 @@ class Logs:
             # Not consecutive from 1: not what an agent sends (agent/outbox.py). Acknowledged (an agent
             # resending it would resend it forever) and dropped: it could not be paged by its seqs.
             return None
-        key = (job_id, attempt)
-        stored_upto = self._last.get(key)
+        stored_upto = self._claim(job_id, attempt, last)
         if stored_upto is None:
-            stored_upto = self._load_last(job_id, attempt)
-        if last <= stored_upto:
             return None  # wholly a resend
-        self._last[key] = last
         base = attempt_base(attempt)
         msg: client_pb2.JobLogs | None = None  # a copy, when the lines stored differ from the ones sent
         if first <= stored_upto:  # partly a resend: the rest is stored
@@ -255,13 +251,9 @@ class Logs:
         last = seq - 1
         if first < 1 or last >= 1 << SEQ_BITS:
             return None
-        key = (job_id, attempt)
-        stored_upto = self._last.get(key)
+        stored_upto = self._claim(job_id, attempt, last)
         if stored_upto is None:
-            stored_upto = self._load_last(job_id, attempt)
-        if last <= stored_upto:
             return None  # wholly a resend
-        self._last[key] = last
         changed = False
         if first <= stored_upto:  # partly a resend: the rest is stored
             blocks = _blocks_after(blocks, stored_upto)
@@ -295,6 +287,18 @@ class Logs:
         return _Chunk(
             job_id, blocks[0].first + base, blocks[-1].last + base, text_bytes, marked, msg.SerializeToString()
         )
+
+    def _claim(self, job_id: str, attempt: int, last: int) -> int | None:
+        """The last seq stored of (job, attempt) before a batch that ends at `last`, which is then taken as
+        stored; None when the batch is wholly a resend."""
+        key = (job_id, attempt)
+        stored_upto = self._last.get(key)
+        if stored_upto is None:
+            stored_upto = self._load_last(job_id, attempt)
+        if last <= stored_upto:
+            return None
+        self._last[key] = last
+        return stored_upto
 
     def _load_last(self, job_id: str, attempt: int) -> int:
         base = attempt_base(attempt)
