@@ -72,6 +72,12 @@ def test_only_the_folders_of_engines_that_are_gone_are_swept(tmp_path: Path) -> 
         fake = subprocess.Popen(
             [sys.executable, "-c", "import time; time.sleep(60)", "dockerd", "--exec-root", str(live_dir)]
         )
+        # Popen returns once exec has begun; the kernel fills the new command line a moment later (a busy
+        # machine showed the old one), and a real dockerd writes its pid file only after it is running.
+        deadline = time.monotonic() + 30
+        while b"dockerd" not in Path(f"/proc/{fake.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the stand-in engine never showed its command line"
+            time.sleep(0.01)
         live = folder("live", fake.pid)
         stale = {folder("dead", dead.pid), folder("reused", other.pid), folder("old", None, STARTING_GRACE_S + 60)}
         starting = folder("starting")
