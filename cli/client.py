@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 # gRPC's C core logs a failed TLS handshake on stderr at INFO; the CLI says it once, in words (_translate).
@@ -69,7 +68,7 @@ def transport(endpoint: Endpoint) -> Transport:
     if not endpoint.ca_file:
         return Transport()
     try:
-        return Transport(ca_pem=read_ca_file(Path(endpoint.ca_file).expanduser()), ca_source=endpoint.ca_file)
+        return Transport(ca_pem=read_ca_file(os.path.expanduser(endpoint.ca_file)), ca_source=endpoint.ca_file)
     except TlsSetupError as e:
         raise TlsMismatch(f"{e}; {PIN_HINT.format(address=endpoint.address)}") from None
 

@@ -13,16 +13,17 @@ CliError
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:  # an annotation only: every command imports this module, few build a Location
+    from pathlib import Path
 
 
 class CliError(Exception):
     exit_code = 1
 
 
-@dataclass(frozen=True)
-class Location:
+class Location(NamedTuple):
     file: Path
     line: int  # 1-based
     column: int  # 1-based

@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from dstack.cli.errors import CliError
 
+if TYPE_CHECKING:  # pathlib costs ~3 ms to import: the quick commands (cli/quick.py) read the config without it
+    from pathlib import Path
+
+CONFIG_FILE = "config.yaml"
+
+
+def _home_dir() -> str:
+    # The same as Path(...).expanduser().resolve() (resolve without strict is realpath).
+    return os.path.realpath(os.path.expanduser(os.environ.get("DSTACK_HOME") or "~/.dstack"))
+
 
 def dstack_home() -> Path:
-    return Path(os.environ.get("DSTACK_HOME") or "~/.dstack").expanduser().resolve()
+    from pathlib import Path
+
+    return Path(_home_dir())
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(NamedTuple):
     address: str  # HOST:PORT or unix:///path
     token: str
     local: bool = False
@@ -39,7 +49,7 @@ def truthy(value: str | None) -> bool:
 
 
 def config_path() -> Path:
-    return dstack_home() / "config.yaml"
+    return dstack_home() / CONFIG_FILE
 
 
 def load_configured() -> Endpoint | None:
@@ -53,9 +63,10 @@ def load_configured() -> Endpoint | None:
             ca_file=os.environ.get("DSTACK_CA_FILE", ""),
             insecure=truthy(os.environ.get("DSTACK_INSECURE")),
         )
-    path = config_path()
+    path = os.path.join(_home_dir(), CONFIG_FILE)  # config_path(), as a string
     try:
-        text = path.read_text()
+        with open(path) as f:
+            text = f.read()
     except FileNotFoundError:
         return None
     data = _read_config(path, text)
@@ -69,7 +80,7 @@ def load_configured() -> Endpoint | None:
     )
 
 
-def _read_config(path: Path, text: str) -> object:
+def _read_config(path: str, text: str) -> object:
     """The config file's document. `dstack config` writes it as JSON, which is YAML too, and which the json
     module reads in a fraction of what importing yaml costs every command (~12 ms of CPU); a file written by
     an older dstack, or edited by hand, is read as YAML."""
