@@ -61,11 +61,16 @@ def _load(module: types.ModuleType) -> None:
     assert spec is not None and spec.loader is not None
     if spec.submodule_search_locations is not None:
         module.__path__ = spec.submodule_search_locations
+    before = dict(module.__dict__)
     _loading.add(spec.name)
     try:
         spec.loader.exec_module(module)
     except BaseException:
-        sys.modules.pop(spec.name, None)  # what a failed import leaves: no module under the name
+        # What a failed import leaves: no module under the name. The stand-in forgets what the code defined
+        # before it failed, so the next read runs it again rather than find half a module.
+        sys.modules.pop(spec.name, None)
+        module.__dict__.clear()
+        module.__dict__.update(before)
         raise
     finally:
         _loading.discard(spec.name)
