@@ -1,13 +1,19 @@
 """`dstack ps` with a deep queue (issue 16: <= 300 ms with 100,000 queued jobs), this tree against a baseline.
 
 A TLS coordinator with no agent gets QUEUED single-job runs through SubmitRuns (bench/loadgen.py), so they all
-stay queued. Then the real `dstack ps`, a fresh process as a user runs it, of this checkout and of BASELINE (another
-checkout, e.g. `git worktree add --detach /tmp/main main`) take turns with the import floor of the same bench
-(`python -c 'import grpc, typer'`) and with `import grpc` alone, ROUNDS times, so that the load of a shared
-machine weighs on all of them alike. Printed: medians of wall time and of the process's CPU time (user + sys,
-which moves much less with the load than wall time), the server's own `ListRuns` page of 100 timed from here,
-and the load average.
-Usage: python -m bench.ps_deep_queue [QUEUED] [--baseline PATH] [--rounds N]
+stay queued (0: none; the listing is then one empty page). Then the real `dstack ps`, a fresh process as a user
+runs it, of this checkout and of BASELINE (another checkout, e.g. `git worktree add --detach /tmp/main main`)
+take turns with the floors `python -c pass`, `import grpc` and `import grpc, typer`, ROUNDS times, so that the
+load of a shared machine weighs on all of them alike. Printed: p50 and p99 of wall time and of the process's
+CPU time (user + sys, which moves much less with the load than wall time), the server's own `ListRuns` page of
+100 timed from here, and the load average.
+
+How dstack is installed changes the figures: run from a checkout (`PYTHONPATH`, the default here) the
+development environment's editable-install finder runs at every start (it imports pathlib and more); with
+--installed each tree is built as a wheel and installed, non-editable and with its bytecode compiled, into a
+virtual environment of its own (its dependencies are this interpreter's), and its `dstack` console script is
+what runs: what a user's `pip install dstack` runs.
+Usage: python -m bench.ps_deep_queue [QUEUED] [--baseline PATH] [--rounds N] [--installed]
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import site
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench._harness import ADMIN, JOIN, REPO, Services
+from bench._harness import ADMIN, JOIN, REPO, Services, pct
 from bench.loadgen import Target, submit_runs
 from bench.scale import time_ps
 
@@ -38,41 +45,81 @@ def tree_env(base: dict[str, str], tree: Path, cache: Path) -> dict[str, str]:
     return env
 
 
+def install(tree: Path, into: Path) -> list[str]:
+    """`tree` as a user's `pip install` leaves it: a wheel, installed non-editable (bytecode compiled) into a
+    virtual environment at `into` that finds its dependencies in this interpreter's; its console script."""
+    wheels = into.parent / f"{into.name}-wheel"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(tree)],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(into)], check=True)
+    (purelib,) = (into / "lib").glob("python3*/site-packages")
+    (purelib / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")  # a path, no hook
+    (wheel,) = wheels.glob("dstack-*.whl")
+    python = str(into / "bin" / "python")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+    )
+    return [python, str(into / "bin" / "dstack"), "ps"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("queued", nargs="?", type=int, default=100_000)
     parser.add_argument("--baseline", type=Path, help="another checkout to compare with (e.g. main's)")
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--installed", action="store_true", help="each tree as a non-editable install")
     args = parser.parse_args()
     svc = Services(tls=True)
     try:
         svc.start_coordinator()
         t0 = time.monotonic()
-        stats = submit_runs(Target(svc.address, str(svc.ca_file), JOIN, ADMIN), args.queued, procs=2, batch=1000)
-        print(
-            f"submitted {stats.submitted} runs ({stats.errors} refused or failed"
-            f"{': ' + stats.last_error if stats.errors else ''}) in {time.monotonic() - t0:.0f} s;"
-            f" load {os.getloadavg()[0]:.1f}",
-            flush=True,
-        )
+        if args.queued:
+            target = Target(svc.address, str(svc.ca_file), JOIN, ADMIN)
+            stats = submit_runs(target, args.queued, procs=2, batch=1000)
+            print(
+                f"submitted {stats.submitted} runs ({stats.errors} refused or failed"
+                f"{': ' + stats.last_error if stats.errors else ''}) in {time.monotonic() - t0:.0f} s;"
+                f" load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
         base = {**{k: v for k, v in os.environ.items() if not k.startswith("DSTACK_")}, **svc.cli_env()}
         base["DSTACK_HOME"] = str(svc.tmp / "home")
         cache = svc.tmp / "pycache"
-        ps = [sys.executable, "-m", "dstack.cli", "ps"]
-        here = tree_env(base, Path(REPO), cache)
-        cmds: dict[str, tuple[list[str], dict[str, str]]] = {
-            "floor: import grpc, typer": ([sys.executable, "-c", "import grpc, typer"], here),
-            "import grpc": ([sys.executable, "-c", "import grpc"], here),
-            f"dstack ps ({Path(REPO).name})": (ps, here),
-        }
+        trees = {Path(REPO).name: Path(REPO)}
         if args.baseline:
-            cmds[f"dstack ps ({args.baseline.name}, baseline)"] = (ps, tree_env(base, args.baseline.resolve(), cache))
-        for cmd, env in cmds.values():  # warm-up: bytecode written, and the output checked once
+            trees[f"{args.baseline.name}, baseline"] = args.baseline.resolve()
+        here = tree_env(base, Path(REPO), cache)
+        ps_cmds: dict[str, tuple[list[str], dict[str, str]]] = {}
+        for i, (name, tree) in enumerate(trees.items()):
+            if args.installed:
+                bare = {k: v for k, v in base.items() if k != "PYTHONPATH"}
+                ps_cmds[f"dstack ps ({name}, installed)"] = (install(tree, svc.tmp / f"venv{i}"), bare)
+            else:
+                ps_cmds[f"dstack ps ({name})"] = (
+                    [sys.executable, "-m", "dstack.cli", "ps"],
+                    tree_env(base, tree, cache),
+                )
+        # The floors run by the interpreter that runs `dstack ps`: an installed one has no editable finder.
+        py, floor_env = sys.executable, here
+        if args.installed:
+            installed, floor_env = next(iter(ps_cmds.values()))
+            py = installed[0]
+        cmds = {
+            "floor: python -c pass": ([py, "-c", "pass"], floor_env),
+            "floor: import grpc": ([py, "-c", "import grpc"], floor_env),
+            "floor: import grpc, typer": ([py, "-c", "import grpc, typer"], floor_env),
+            **ps_cmds,
+        }
+        for name, (cmd, env) in cmds.items():  # warm-up: bytecode written, and the output checked once
             r = subprocess.run(cmd, env=env, cwd=svc.tmp, capture_output=True, text=True, timeout=300)
             if r.returncode != 0:
                 raise SystemExit(f"{' '.join(cmd)} failed: {r.stderr.strip()[-500:]}")
-            if cmd is ps:
-                print(f"  {r.stdout.count(chr(10))} lines; stderr: {r.stderr.strip()}")
+            if name.startswith("dstack ps"):
+                print(f"  {name}: {r.stdout.count(chr(10))} lines; stderr: {r.stderr.strip()}")
         wall: dict[str, list[float]] = {name: [] for name in cmds}
         cpu: dict[str, list[float]] = {name: [] for name in cmds}
         loads = [os.getloadavg()[0]]
@@ -84,13 +131,17 @@ def main() -> None:
                 cpu[name].append((children_cpu() - c) * 1e3)
             loads.append(os.getloadavg()[0])
         page = time_ps(svc, args.rounds, limit=100)
-        print(f"{stats.submitted} queued, {args.rounds} rounds, load {min(loads):.1f}-{max(loads):.1f}:")
+        print(
+            f"{args.queued} queued, {args.rounds} rounds, load {min(loads):.1f}-{max(loads):.1f}"
+            f" (median {statistics.median(loads):.1f}):"
+        )
         for name in cmds:
             print(
-                f"  {name:42s} wall median {statistics.median(wall[name]):6.0f} ms"
-                f" (min {min(wall[name]):5.0f}); CPU median {statistics.median(cpu[name]):5.0f} ms"
+                f"  {name:42s} wall p50 {pct(wall[name], 50):6.0f} p99 {pct(wall[name], 99):6.0f} ms;"
+                f" CPU p50 {pct(cpu[name], 50):5.0f} p99 {pct(cpu[name], 99):5.0f} ms"
             )
-        print(f"  {'ListRuns page of 100, from this process':42s} wall median {statistics.median(page):6.0f} ms")
+        name = "ListRuns page of 100, from this process"
+        print(f"  {name:42s} wall p50 {pct(page, 50):6.0f} p99 {pct(page, 99):6.0f} ms")
     finally:
         svc.stop()
 

@@ -13,6 +13,7 @@ TERM=dumb, COLUMNS, the size of whichever of stdin/stdout/stderr is a terminal),
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import TextIO
@@ -107,7 +108,7 @@ class Term:
         A cell is a str or (text, style); no text is read as markup. A table wider than the terminal is folded
         (overflow="fold") or cut with an ellipsis by rich."""
         cells = [[c if isinstance(c, tuple) else (c, "") for c in row] for row in rows]
-        text = self.render_table(headers, cells)
+        text = self.render_table(headers, cells, fold=overflow == "fold")
         if text is None:
             self._rich_table(headers, cells, overflow)
             return
@@ -115,9 +116,13 @@ class Term:
         f.write(text)
         f.flush()
 
-    def render_table(self, headers: Sequence[str], rows: Sequence[Sequence[tuple[str, str]]]) -> str | None:
-        """The table as rich writes it, or None if it does not fit the width or has a cell that is not plain
-        printable ASCII (rich measures and wraps those)."""
+    def render_table(
+        self, headers: Sequence[str], rows: Sequence[Sequence[tuple[str, str]]], fold: bool = False
+    ) -> str | None:
+        """The table as rich writes it, or None where rich is to write it: a cell that is not plain printable
+        ASCII (rich measures and wraps those), or a table wider than the terminal unless `fold` (rich's
+        overflow="fold", which `dstack ps` and `dstack agents` use: a deep queue's table is wider than 80
+        columns, and rich costs such a `dstack ps` ~100 ms of CPU, as much as all the rest)."""
         widths = [len(h) for h in headers]
         for row in rows:
             if len(row) != len(headers):
@@ -129,7 +134,12 @@ class Term:
         if not all(h.isascii() and h.isprintable() for h in headers):
             return None
         if sum(widths) + 2 * len(widths) > self.width:
-            return None
+            if not fold:
+                return None
+            folded = _folded_widths([w + 2 for w in widths], self.width)
+            if folded is None:
+                return None
+            return self._render_folded(headers, rows, folded)
         pad = self.style(" ", "bold")
         lines = ["".join(pad + self.style(h.ljust(w), "bold") + pad for h, w in zip(headers, widths, strict=True))]
         for row in rows:
@@ -139,6 +149,34 @@ class Term:
                 )
             )
         return "\n".join(lines) + "\n"
+
+    def _render_folded(
+        self, headers: Sequence[str], rows: Sequence[Sequence[tuple[str, str]]], widths: list[int]
+    ) -> str:
+        """A table in columns of `widths` (padding included), each cell wrapped at its words and long words
+        folded, as rich's Table(box=None) renders it: the header's lines at the bottom of its row and bold,
+        padding included; a cell's lines at the top, its padding and the blank lines under it unstyled."""
+        out: list[str] = []
+        header_cells = [_wrap(h, w - 2) for h, w in zip(headers, widths, strict=True)]
+        height = max(len(c) for c in header_cells)
+        pad = self.style(" ", "bold")
+        for n in range(height):
+            line = []
+            for cell, w in zip(header_cells, widths, strict=True):
+                k = n - (height - len(cell))
+                line.append(pad + self.style(cell[k], "bold") + pad if k >= 0 else self.style(" " * w, "bold"))
+            out.append("".join(line))
+        for row in rows:
+            cells = [(_wrap(text, w - 2), style) for (text, style), w in zip(row, widths, strict=True)]
+            height = max(len(c) for c, _ in cells)
+            for n in range(height):
+                out.append(
+                    "".join(
+                        " " + self.style(c[n], style) + " " if n < len(c) else " " * w
+                        for (c, style), w in zip(cells, widths, strict=True)
+                    )
+                )
+        return "\n".join(out) + "\n"
 
     def _rich_table(self, headers: Sequence[str], rows: list[list[tuple[str, str]]], overflow: str) -> None:
         from rich.console import Console
@@ -151,3 +189,81 @@ class Term:
         for row in rows:
             table.add_row(*(Text(text, style=style) for text, style in row))
         Console(file=self.file, highlight=False, width=self._width, _environ=self.environ).print(table)
+
+
+# rich's table layout and word wrap (rich/table.py, rich/_wrap.py, rich/_ratio.py, rich/text.py), for plain
+# printable ASCII, where a character is a cell: the same arithmetic, so the same bytes (tests/unit/test_term.py).
+
+_WORD = re.compile(r"\s*\S+\s*")
+_TRAILING_SPACE = re.compile(r"\s+$")
+
+
+def _ratio_reduce(total: int, ratios: list[int], maximums: list[int], values: list[int]) -> list[int]:
+    ratios = [ratio if maximum else 0 for ratio, maximum in zip(ratios, maximums, strict=True)]
+    total_ratio = sum(ratios)
+    if not total_ratio:
+        return values[:]
+    remaining = total
+    result = []
+    for ratio, maximum, value in zip(ratios, maximums, values, strict=True):
+        if ratio and total_ratio > 0:
+            distributed = min(maximum, round(ratio * remaining / total_ratio))
+            result.append(value - distributed)
+            remaining -= distributed
+            total_ratio -= ratio
+        else:
+            result.append(value)
+    return result
+
+
+def _folded_widths(widths: list[int], max_width: int) -> list[int] | None:
+    """Column widths (padding included) narrowed to `max_width` as rich narrows a table's: the widest columns
+    first, then all evenly. None where a column would have no room for text (rich's corner cases)."""
+    if max_width < 1:
+        return None
+    widths = [min(w, max_width) for w in widths]
+    excess = sum(widths) - max_width
+    while sum(widths) and excess > 0:  # Table._collapse_widths: every column wraps
+        widest = max(widths)
+        second = max(w if w != widest else 0 for w in widths)
+        if not widest - second:
+            break
+        ratios = [1 if w == widest else 0 for w in widths]
+        widths = _ratio_reduce(excess, ratios, [min(excess, widest - second)] * len(widths), widths)
+        excess = sum(widths) - max_width
+    if excess > 0:  # the last resort: every column loses the same
+        widths = _ratio_reduce(excess, [1] * len(widths), widths, widths)
+    return widths if min(widths) >= 3 else None
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """`text`'s lines at `width`, each padded to it: rich's Text.wrap with overflow="fold", justify="left"."""
+    breaks: list[int] = []  # rich/_wrap.py divide_line
+    offset = 0
+    match = _WORD.match(text, 0)
+    while match is not None:
+        start, end = match.span()
+        word = match.group(0)
+        length = len(word.rstrip())
+        if width - offset >= length:
+            offset += len(word)
+        elif length > width:
+            chunks = [word[i : i + width] for i in range(0, len(word), width)]
+            for i, chunk in enumerate(chunks):
+                if start:
+                    breaks.append(start)
+                if i == len(chunks) - 1:
+                    offset = len(chunk)
+                else:
+                    start += len(chunk)
+        elif offset and start:
+            breaks.append(start)
+            offset = len(word)
+        match = _WORD.match(text, end)
+    lines = [text[a:b] for a, b in zip([0, *breaks], [*breaks, len(text)], strict=True)]
+    out = []
+    for line in lines:
+        if len(line) > width and (space := _TRAILING_SPACE.search(line)) is not None:  # Text.rstrip_end
+            line = line[: len(line) - min(len(space.group(0)), len(line) - width)]
+        out.append(line[:width].ljust(width))
+    return out
