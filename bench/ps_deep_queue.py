@@ -13,7 +13,7 @@ development environment's editable-install finder runs at every start (it import
 --installed each tree is built as a wheel and installed, non-editable and with its bytecode compiled, into a
 virtual environment of its own (its dependencies are this interpreter's), and its `dstack` console script is
 what runs: what a user's `pip install dstack` runs.
-Usage: python -m bench.ps_deep_queue [QUEUED] [--baseline PATH] [--rounds N] [--installed]
+Usage: python -m bench.ps_deep_queue [QUEUED] [--baseline PATH] [--rounds N] [--installed] [--columns N]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def children_cpu() -> float:
 
 def tree_env(base: dict[str, str], tree: Path, cache: Path) -> dict[str, str]:
     """The environment that runs `tree`'s CLI, with its bytecode cached as an installed dstack has it."""
-    env = {**base, "PYTHONPATH": str(tree), "PYTHONPYCACHEPREFIX": str(cache / tree.name), "COLUMNS": "200"}
+    env = {**base, "PYTHONPATH": str(tree), "PYTHONPYCACHEPREFIX": str(cache / tree.name)}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="another checkout to compare with (e.g. main's)")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--installed", action="store_true", help="each tree as a non-editable install")
+    parser.add_argument(
+        "--columns", type=int, default=200, help="the terminal's width (80: a deep queue's table folds)"
+    )
     args = parser.parse_args()
     svc = Services(tls=True)
     try:
@@ -88,6 +91,7 @@ def main() -> None:
             )
         base = {**{k: v for k, v in os.environ.items() if not k.startswith("DSTACK_")}, **svc.cli_env()}
         base["DSTACK_HOME"] = str(svc.tmp / "home")
+        base["COLUMNS"] = str(args.columns)
         cache = svc.tmp / "pycache"
         trees = {Path(REPO).name: Path(REPO)}
         if args.baseline:
@@ -132,8 +136,8 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
         page = time_ps(svc, args.rounds, limit=100)
         print(
-            f"{args.queued} queued, {args.rounds} rounds, load {min(loads):.1f}-{max(loads):.1f}"
-            f" (median {statistics.median(loads):.1f}):"
+            f"{args.queued} queued, {args.columns} columns, {args.rounds} rounds,"
+            f" load {min(loads):.1f}-{max(loads):.1f} (median {statistics.median(loads):.1f}):"
         )
         for name in cmds:
             print(
