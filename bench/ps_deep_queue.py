@@ -80,9 +80,11 @@ def main() -> None:
     try:
         svc.start_coordinator()
         t0 = time.monotonic()
+        queued = 0
         if args.queued:
             target = Target(svc.address, str(svc.ca_file), JOIN, ADMIN)
             stats = submit_runs(target, args.queued, procs=2, batch=1000)
+            queued = stats.submitted
             print(
                 f"submitted {stats.submitted} runs ({stats.errors} refused or failed"
                 f"{': ' + stats.last_error if stats.errors else ''}) in {time.monotonic() - t0:.0f} s;"
@@ -136,7 +138,7 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
         page = time_ps(svc, args.rounds, limit=100)
         print(
-            f"{args.queued} queued, {args.columns} columns, {args.rounds} rounds,"
+            f"{queued} queued, {args.columns} columns, {args.rounds} rounds,"
             f" load {min(loads):.1f}-{max(loads):.1f} (median {statistics.median(loads):.1f}):"
         )
         for name in cmds:
