@@ -130,7 +130,9 @@ class GcLog:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.began = 0.0
+        self.began_cpu = 0.0
         self.count = [0, 0, 0]
+        self.cpu_s = [0.0, 0.0, 0.0]  # the collecting thread's CPU time: what a loaded machine does not inflate
         self.total_s = [0.0, 0.0, 0.0]
         self.longest_s = [0.0, 0.0, 0.0]
         self.collected = [0, 0, 0]
@@ -143,9 +145,10 @@ class GcLog:
         if self.paused:
             return
         if phase == "start":
-            self.began = time.perf_counter()
+            self.began, self.began_cpu = time.perf_counter(), time.thread_time()
             return
         took, gen = time.perf_counter() - self.began, info["generation"]
+        self.cpu_s[gen] += time.thread_time() - self.began_cpu
         self.count[gen] += 1
         self.total_s[gen] += took
         self.longest_s[gen] = max(self.longest_s[gen], took)
@@ -161,6 +164,7 @@ class GcLog:
         row = {
             "count": self.count,
             "total_s": self.total_s,
+            "cpu_s": self.cpu_s,
             "longest_s": self.longest_s,
             "collected": self.collected,
             "slow": self.slow,

@@ -580,7 +580,8 @@ def gc_said(f: Figures, gen: int) -> str:
         return "-"
     slow = [s for s in f.gc["slow"] if s[1] == gen]
     return (
-        f"{f.gc['count'][gen]:,} in {f.gc['total_s'][gen]:.1f} s, longest {f.gc['longest_s'][gen] * 1e3:,.0f} ms;"
+        f"{f.gc['count'][gen]:,} in {f.gc['total_s'][gen]:.1f} s ({f.gc['cpu_s'][gen]:.1f} s CPU),"
+        f" longest {f.gc['longest_s'][gen] * 1e3:,.0f} ms;"
         f" {len(slow)} over 0.1 s ({sum(s[2] for s in slow):.1f} s)"
     )
 

@@ -13,8 +13,9 @@ from prometheus_client import CollectorRegistry
 
 from dstack.coordinator.gc_policy import GcMetrics, GcPolicy
 from dstack.coordinator.model import JobSpec
+from dstack.coordinator.planner import RESOURCES, Policy, WaitInfo, WaitInfos, plan
 from dstack.coordinator.queue import Waiting, WaitingQueue
-from dstack.coordinator.scheduler import JobRequest
+from dstack.coordinator.scheduler import AgentState, JobRequest
 
 
 class Clock:
@@ -128,3 +129,23 @@ def test_collections_are_timed_by_generation() -> None:
     assert value("dstack_gc_collection_seconds_count", generation="2") >= 2
     assert value("dstack_gc_thaws_total") == 1
     assert value("dstack_gc_frozen_objects") > 1_000  # the test process: thousands of objects frozen
+
+
+def test_a_full_pass_over_a_deep_queue_leaves_no_tracked_object_per_job_in_its_wait_info() -> None:
+    """A full pass makes a `WaitInfo` per waiting job about every second: kept as objects, they were
+    100,000 promotions per pass towards the next full collection."""
+    queue = [JobRequest(job_id=f"j-{i}", gpu_count=1, owner="u", submitted_at=i) for i in range(5_000)]
+    agents = [AgentState("a-1", "a-1", 8.0, 1 << 34, [], max_jobs=4)]  # no GPU: every job waits
+    p = plan(queue, agents, [], Policy(now_ns=10**18))
+    assert len(p.info) == 5_000 and p.info["j-7"].position == 8 and p.info["j-7"].reason
+    gc.collect()
+    rows = p.info._rows
+    assert not gc.is_tracked(rows) and not any(gc.is_tracked(t) for t in rows.values())
+    merged = WaitInfos()
+    merged["x"] = WaitInfo(1, RESOURCES, "waiting", 5)
+    merged.merge(p.info)
+    gc.collect()
+    assert len(merged) == 5_001 and merged["x"] == WaitInfo(1, RESOURCES, "waiting", 5)
+    assert not gc.is_tracked(merged._rows)
+    del merged["x"]
+    assert "x" not in merged and merged.get("x") is None
