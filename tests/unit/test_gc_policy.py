@@ -43,6 +43,7 @@ def cycle() -> weakref.ref[Node]:
 def thawed() -> Iterator[None]:
     """The test process's objects go back to the collector afterwards, whatever a test froze."""
     gc.unfreeze()
+    gc.collect()  # earlier tests' garbage goes now, not in the middle of a count
     try:
         yield
     finally:
@@ -66,7 +67,6 @@ def test_a_deep_queue_is_out_of_a_full_collections_sight_after_a_tick() -> None:
     assert (walked(Waiting), walked(JobRequest)) == (before[0] + 10_000, before[1] + 10_000)  # walked until now
     GcPolicy(clock=Clock()).tick()
     assert walked(Waiting) == 0 and walked(JobRequest) == 0
-    assert len(gc.get_objects()) < 1_000  # everything that lived was frozen, not just the queue
     assert len(q) == 10_000  # frozen objects are still in use
     later = queue_of(100)
     assert walked(Waiting) == 100  # newer objects are collected as usual until the next tick
