@@ -37,12 +37,39 @@ class Variant:
     rates: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)
     loads: list[float] = field(default_factory=list)
+    threads: list[dict[str, float]] = field(default_factory=list)
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user+system) of a process's threads so far, by kind: its event loop (the main thread),
+    gRPC's C-core threads (named by gRPC; TLS and HTTP/2 framing), and the rest (Python threads: the DB
+    thread, the readers, asyncio.to_thread's workers). What bounds a drain is where its CPU goes."""
+    out = {"event loop": 0.0, "grpc": 0.0, "other threads": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        seconds = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        kind = "event loop" if task.name == str(pid) else "grpc" if _grpc_thread(comm) else "other threads"
+        out[kind] += seconds
+    return out
+
+
+def _grpc_thread(comm: str) -> bool:
+    return comm.startswith(("grpc", "default-exec", "resolver-exec", "timer", "global-"))
 
 
 def drain_once(
     tree: Path, agents: int, queued: int, procs: int, profile: str = "", fill_only: bool = False
-) -> tuple[float, float, float]:
-    """One coordinator from `tree`: (jobs/s drained, coordinator CPU ms per drained job, load average).
+) -> tuple[float, float, float, dict[str, float]]:
+    """One coordinator from `tree`: (jobs/s drained, coordinator CPU ms per drained job, load average, CPU
+    ms per drained job by kind of thread (`thread_cpu`); threads that ended during the drain are not in it).
     `fill_only`: stops once the queue is full (bench.drain --profile subtracts that run's profile)."""
     svc = Services()
     svc.coordinator_tree = tree
@@ -62,16 +89,17 @@ def drain_once(
         wait_until("every agent to hold a job", lambda: fleet is not None and fleet.stats().assigned >= agents, 600)
         time.sleep(2)  # the fill's last full passes and writes settle before the clock starts
         if fill_only:
-            return 0.0, 0.0, os.getloadavg()[0]
+            return 0.0, 0.0, os.getloadavg()[0], {}
         load0 = os.getloadavg()[0]
-        t0, c0 = time.time(), sum(coordinator.cpu_times()[:2])
+        t0, c0, threads0 = time.time(), sum(coordinator.cpu_times()[:2]), thread_cpu(coordinator.pid)
         fleet.release()
         # Counted by the simulated agents (each DONE acknowledged), not read from /metrics: a scrape costs
         # the coordinator ~10 ms of CPU (every agent listed), which would count as the drain's.
         wait_until("the queue to drain", lambda: fleet is not None and fleet.stats().done >= total, 600 + total / 50)
         cpu = sum(coordinator.cpu_times()[:2]) - c0
+        threads = {k: (v - threads0.get(k, 0.0)) * 1e3 / total for k, v in thread_cpu(coordinator.pid).items()}
         last_done = fleet.stats().last_done
-        return total / max(1e-9, last_done - t0), cpu * 1e3 / total, (load0 + os.getloadavg()[0]) / 2
+        return total / max(1e-9, last_done - t0), cpu * 1e3 / total, (load0 + os.getloadavg()[0]) / 2, threads
     finally:
         if fleet is not None:
             fleet.stop()
@@ -103,7 +131,7 @@ def main() -> None:
     a = p.parse_args()
     if a.profile:
         drain_once(REPO, a.agents, a.queued, a.procs, a.profile + ".fill", fill_only=True)
-        rate, cpu_ms, load = drain_once(REPO, a.agents, a.queued, a.procs, a.profile + ".all")
+        rate, cpu_ms, load, _ = drain_once(REPO, a.agents, a.queued, a.procs, a.profile + ".all")
         drained_profile(a.profile + ".all", a.profile + ".fill", a.profile)
         print(f"profiled: {rate:,.0f} jobs/s, coordinator CPU {cpu_ms:.2f} ms/job (under cProfile), load {load:.1f}")
         print(f"{a.profile}: the drain's own profile (the whole run's less a fill-only run's)")
@@ -113,19 +141,23 @@ def main() -> None:
     ]
     for r in range(a.rounds):
         for v in variants if r % 2 == 0 else variants[::-1]:
-            rate, cpu_ms, load = drain_once(v.tree, a.agents, a.queued, a.procs)
+            rate, cpu_ms, load, threads = drain_once(v.tree, a.agents, a.queued, a.procs)
             v.rates.append(rate)
             v.cpu_ms.append(cpu_ms)
             v.loads.append(load)
+            v.threads.append(threads)
+            split = ", ".join(f"{k} {ms:.3f}" for k, ms in threads.items())
             print(
-                f"round {r} {v.label}: {rate:,.0f} jobs/s, coordinator CPU {cpu_ms:.3f} ms/job, load {load:.1f}",
+                f"round {r} {v.label}: {rate:,.0f} jobs/s, coordinator CPU {cpu_ms:.3f} ms/job ({split}),"
+                f" load {load:.1f}",
                 flush=True,
             )
     print(f"{a.queued + a.agents} jobs drained by {a.agents} simulated agents, medians of {a.rounds} rounds:")
     for v in variants:
         print(
             f"  {v.label:>10}: {statistics.median(v.rates):,.0f} jobs/s, coordinator CPU"
-            f" {statistics.median(v.cpu_ms):.3f} ms/job (range {min(v.cpu_ms):.3f}-{max(v.cpu_ms):.3f}),"
+            f" {statistics.median(v.cpu_ms):.3f} ms/job (range {min(v.cpu_ms):.3f}-{max(v.cpu_ms):.3f}; by thread:"
+            f" {', '.join(f'{k} {statistics.median(t[k] for t in v.threads):.3f}' for k in v.threads[0])}),"
             f" load {min(v.loads):.1f}-{max(v.loads):.1f}"
         )
 

@@ -189,6 +189,17 @@ class StopOrder:
 
 
 MAX_REPORTED_PORTS = 1024
+# What a report of running writes: max_duration counts on the coordinator's clock from when the agent says it
+# runs (:now + :limit), and the ports it published.
+_RUNNING_SETS = "started_at = :t, deadline_at = CASE WHEN :limit > 0 THEN :now + :limit ELSE 0 END, ports = :ports"
+
+
+def _reported_ports(u: JobUpdate) -> str:
+    """What the agent says it published (bounded: a broken agent cannot grow the row without end)."""
+    ports = [[h, c] for h, c in u.ports if _valid_port(h) and _valid_port(c)]
+    return json.dumps(ports[:MAX_REPORTED_PORTS])
+
+
 REPORT_ROWS_BATCH = 500  # job ids per read of the rows an agent's reports name (SQLite's bound on variables)
 
 
@@ -607,8 +618,12 @@ class Jobs:
         """`apply_updates`' reports, in order, into `res` (and `charge_now`: the jobs they ended, to charge);
         the runs they changed are left to the caller to refresh, once each."""
         rows: dict[str, list[Any]] | None = None
+        written_with: JobUpdate | None = None  # a report applied with the one before it (`_ran_and_done`)
         for i, u in enumerate(updates):
             res.acks.append(UpdateAck(u.job_id, u.status))  # acknowledged by the id the agent sent
+            if u is written_with:
+                written_with = None
+                continue
             job_id, attempt = parse_wire_job_id(u.job_id)
             if rows is None:  # the first report; or after one whose side effects may have moved other rows
                 rows = self._report_rows(c, agent_id, updates[i:])
@@ -624,6 +639,19 @@ class Jobs:
             t = lifecycle.agent_transition(u.status, bool(stop_requested))
             if t is None or status not in t.src:
                 lifecycle.refuse_job(u.job_id, status, u.status, "agent report")
+                continue
+            done = self._done_next(t, updates, i, bool(stop_requested))
+            if done is not None:
+                # Ran and ended done in one message (a brief job): both in one write, as one after the other.
+                key = key_of_row(c, cache_base, run_id, depends_on, inputs) if cache_base else ""
+                if self._ran_and_done(c, u, replace(done, job_id=job_id), spec, key):
+                    written_with = done
+                    row[1] = int(JobStatus.DONE)
+                    res.freed = True
+                    charge_now.append(job_id)
+                else:
+                    rows = None  # refused as stored: read again
+                res.changed_runs.add(run_id)
                 continue
             added: object = None
             if t.dst == JobStatus.DONE and u.provided_jobs:
@@ -673,6 +701,47 @@ class Jobs:
             else:
                 rows = None  # refused as stored: read again, as each report did before
             res.changed_runs.add(run_id)
+
+    @staticmethod
+    def _done_next(
+        t: lifecycle.JobTransition, updates: Sequence[JobUpdate], i: int, stop_requested: bool
+    ) -> JobUpdate | None:
+        """The report after updates[i] when updates[i] says its job runs and that one says the same attempt
+        ended done, plainly (no provider's jobs; not a stop the coordinator asked for); else None."""
+        if t is not lifecycle.AGENT_RUNNING or i + 1 >= len(updates):
+            return None
+        ran, nxt = updates[i], updates[i + 1]
+        if nxt.job_id != ran.job_id or nxt.status != JobStatus.DONE or nxt.provided_jobs:
+            return None
+        return nxt if lifecycle.agent_transition(nxt.status, stop_requested) is lifecycle.AGENT_DONE else None
+
+    def _ran_and_done(
+        self, c: sqlite3.Connection, ran: JobUpdate, done: JobUpdate, spec: bytes | None, cache_key: str
+    ) -> bool:
+        """`ran` (RUNNING) and `done` (DONE) of one job as one UPDATE: the columns `_apply` writes for each,
+        the move to done only from the states a report of running leaves (so it is refused where the
+        first of the two would be)."""
+        now = self.db.clock()
+        params: dict[str, object] = {"_id": ran.job_id, "t": ran.time_ns or now, "e": done.exit_code, "now": now}
+        also = _RUNNING_SETS + ", exit_code = COALESCE(:e, exit_code)"
+        params["ports"] = _reported_ports(ran)
+        params["limit"] = common_pb2.JobSpec.FromString(spec).max_duration_s * 1_000_000_000 if spec else 0
+        if self.charge is not None:
+            also += ", usage_charged = 1"
+        if cache_key:
+            also += ", cache_key = :ck"
+            params["ck"] = cache_key
+        moved = lifecycle.move_jobs(
+            c,
+            lifecycle.AGENT_DONE,
+            f"id = :_id AND status IN ({ints_in(lifecycle.AGENT_RUNNING.src)})",
+            params,
+            reason=done.termination_reason,
+            message=done.message,
+            at=done.time_ns or now,
+            also=also,
+        )
+        return bool(moved)
 
     def _end_attempt(
         self, c: sqlite3.Connection, t: lifecycle.JobTransition, u: JobUpdate, stop_reason: int, stop_message: str
@@ -726,11 +795,8 @@ class Jobs:
         if t.dst == JobStatus.PULLING:
             also = ""
         elif t.dst == JobStatus.RUNNING:
-            # max_duration counts on the coordinator's clock from when the agent says it runs.
-            also = "started_at = :t, deadline_at = CASE WHEN :limit > 0 THEN :now + :limit ELSE 0 END, ports = :ports"
-            # What the agent says it published (bounded: a broken agent cannot grow the row without end).
-            ports = [[h, c] for h, c in u.ports if _valid_port(h) and _valid_port(c)]
-            params["ports"] = json.dumps(ports[:MAX_REPORTED_PORTS])
+            also = _RUNNING_SETS
+            params["ports"] = _reported_ports(u)
             params["limit"] = common_pb2.JobSpec.FromString(spec).max_duration_s * 1_000_000_000 if spec else 0
         elif t.dst == JobStatus.UPLOADING:
             also = "exit_code = :e, started_at = COALESCE(started_at, :t)"
