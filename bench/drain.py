@@ -47,7 +47,7 @@ def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds (user+system) of a process's threads so far, by kind: its event loop (the main thread),
     gRPC's C-core threads (named by gRPC; TLS and HTTP/2 framing), and the rest (Python threads: the DB
     thread, the readers, asyncio.to_thread's workers). What bounds a drain is where its CPU goes."""
-    out = {"event loop": 0.0, "grpc": 0.0, "other threads": 0.0}
+    out = {"event loop": 0.0, "grpc": 0.0, "other threads": 0.0}  # other: the DB thread above all
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             stat = (task / "stat").read_text()
@@ -62,7 +62,8 @@ def thread_cpu(pid: int) -> dict[str, float]:
 
 
 def _grpc_thread(comm: str) -> bool:
-    return comm.startswith(("grpc", "default-exec", "resolver-exec", "timer", "global-"))
+    # gRPC 1.6x's C-core names its threads so; Python's threads keep the process's name ("python").
+    return comm.startswith(("event_engine", "grpc", "lifeguard", "default-exec", "resolver-exec"))
 
 
 def drain_once(
