@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -17,6 +19,7 @@ from tests.inproc.factories import JS, TR, SimAgent, coordinator, job_spec, sim_
 pytestmark = pytest.mark.inproc
 
 AGENTS = 6
+T = TypeVar("T")
 
 
 def _ran(job_id: str) -> agent_pb2.AgentMessage:
@@ -56,14 +59,25 @@ async def test_reports_that_come_together_are_one_store_call_and_a_stale_session
 
         held = engine.db.submit(hold)
         await asyncio.to_thread(holding.wait, 60)
+        # Each live agent's message waits for its scope check (app/agent_stream.py) behind the hold: counted
+        # as each is queued, so that all of them are in the queue before the DB thread goes on.
+        checks = [0]
+        plain = engine.db.submit
+
+        def counted(fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+            if fn == engine.store.agent_reportable:
+                checks[0] += 1
+            return plain(fn, *args, **kwargs)
+
+        engine.db.submit = counted  # type: ignore[method-assign]
         batches, messages = engine.reports.batches, engine.reports.messages
         await asyncio.gather(*(a.send(_ran(jobs[a.name])) for a in agents), old_call.write(_ran(jobs["stale"])))
 
         async def queued() -> bool | None:
-            # Each live agent's message waits for its scope check (app/agent_stream.py) behind the hold.
-            return engine.db._queue.qsize() >= AGENTS or None
+            return checks[0] >= AGENTS or None
 
         await wait_until(queued, "the agents' messages to wait for the DB thread")
+        engine.db.submit = plain  # type: ignore[method-assign]
         release.set()
         await held
 
