@@ -45,10 +45,17 @@ class Services:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.coordinator_module = "dstack.coordinator"  # bench.memprobe: the same, with a memory sampler
+        # The source tree the coordinator runs from (bench.drain: another commit's, side by side), and
+        # extra environment for it (bench.profiled's PROFILE_OUT).
+        self.coordinator_tree = REPO
+        self.coordinator_env: dict[str, str] = {}
 
     def start_coordinator(self, *extra: str) -> None:
         log = open(self.tmp / "coordinator.log", "ab")
         env = {**os.environ, "DSTACK_ADMIN_TOKEN": ADMIN, "DSTACK_JOIN_TOKEN": JOIN, "DSTACK_LOG_LEVEL": "WARNING"}
+        if self.coordinator_tree != REPO:
+            env["PYTHONPATH"] = str(self.coordinator_tree)
+        env.update(self.coordinator_env)
         self.coordinator = subprocess.Popen(
             [
                 sys.executable,
@@ -69,7 +76,7 @@ class Services:
             stdout=log,
             stderr=log,
             env=env,
-            cwd=REPO,
+            cwd=self.coordinator_tree,
         )
         self.procs.append(self.coordinator)
         # Starting takes seconds of imports: over 20 s on the shared 2-core machine at load 60.

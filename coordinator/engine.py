@@ -52,6 +52,7 @@ from dstack.coordinator.planner import (
 from dstack.coordinator.preemption import Preemption, Rules, choose
 from dstack.coordinator.provided_jobs import AddedJobs
 from dstack.coordinator.queue import Waiting, WaitingQueue, request_of
+from dstack.coordinator.reports import ReportBatcher
 from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest
 from dstack.coordinator.secrets import SecretBox
 from dstack.coordinator.store import AgentRow, Assignment, Placement, Store
@@ -198,6 +199,7 @@ class Engine:
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._job_runs: dict[str, str] = {}  # job_id -> run_id, for routing log notifications
+        self.reports = ReportBatcher(store, db)
         # Agents' leases, in memory: renewed as each message is read, never behind the DB thread
         # (coordinator/leases.py); when each was last heard from is written in batches.
         self.leases = Leases()
@@ -1249,7 +1251,8 @@ class Engine:
             for u in updates:  # a job's run is timed from here, on the monotonic clock (max_duration)
                 if u.status == JobStatus.RUNNING and u.time_ns:
                     self.started.mark((parse_wire_job_id(u.job_id)[0], u.time_ns))
-            res = await self.db(self.store.apply_job_updates, agent_id, updates)
+            # With the other agents' messages of this turn of the loop, in one store call (coordinator/reports.py).
+            res = await self.reports.apply(agent_id, updates)
             reply.update_acks.extend(update_acks_to_proto(res.acks))
             changed |= res.changed_runs
             if res.requeued:

@@ -493,10 +493,11 @@ def refresh_run_status(c: sqlite3.Connection, run_id: str, now: int) -> RunStatu
 
 
 def refresh_run_statuses(c: sqlite3.Connection, run_ids: Iterable[str], now: int) -> None:
-    """`refresh_run_status` for many runs (a pass's placements touch one run each for single-job runs):
-    their jobs and current statuses read in one query each per BATCH, and the runs that move to the same
-    unfinished status moved by one UPDATE. A run that finishes goes through `refresh_run_status` (its
-    finish time and tag); one already in the derived status is no transition, as there."""
+    """`refresh_run_status` for many runs (a pass's placements, and a batch of agents' reports, touch one run
+    each for single-job runs): their jobs and current statuses read in one query each per BATCH, and the
+    runs that move to the same status with the same reason and message moved by one UPDATE (a run that
+    finishes gets its finish time, and its tag if it finished done, as there); one already in the derived
+    status is no transition, as there."""
     ids = sorted(set(run_ids))
     for i in range(0, len(ids), BATCH):
         chunk = ids[i : i + BATCH]
@@ -509,28 +510,34 @@ def refresh_run_statuses(c: sqlite3.Connection, run_ids: Iterable[str], now: int
         ):
             jobs[r[0]].append((r[1], r[2], r[3] or "", r[4]))
         current = dict(c.execute(f"SELECT id, status FROM runs WHERE id IN ({marks})", chunk).fetchall())
-        to: dict[RunStatus, list[str]] = {}
+        to: dict[tuple[RunStatus, TerminationReason, str], list[str]] = {}
         for run_id, its_jobs in jobs.items():
             if run_id not in current:
                 continue
-            status = derive_run_status(its_jobs)[0]
-            if status in TERMINAL_RUN:
-                refresh_run_status(c, run_id, now)
-            elif current[run_id] != status:
-                to.setdefault(status, []).append(run_id)
-        for status, movers in to.items():
+            derived = derive_run_status(its_jobs)
+            if current[run_id] != derived[0]:
+                to.setdefault(derived, []).append(run_id)
+        for (status, reason, message), movers in to.items():
             t = DERIVED[status]
             moved = {
-                r[0]
+                r[0]: (r[1], r[2])
                 for r in c.execute(
-                    f"UPDATE runs SET status = ?, termination_reason = ?, message = '' WHERE id IN"
-                    f" ({', '.join('?' * len(movers))}) AND status IN ({_in(t.src)}) RETURNING id",
-                    [int(status), int(TR.UNSPECIFIED), *movers],
+                    "UPDATE runs SET status = ?, termination_reason = ?, message = ?,"
+                    f" finished_at = COALESCE(finished_at, ?) WHERE id IN ({', '.join('?' * len(movers))})"
+                    f" AND status IN ({_in(t.src)}) RETURNING id, tag_on_done, repository",
+                    [int(status), int(reason), message, now if status in TERMINAL_RUN else None, *movers],
                 )
             }
             for run_id in movers:
                 if run_id not in moved:  # finished meanwhile: no state leaves a final one
                     _refused("run", run_id, current[run_id], int(status), f"{t.name}, by {t.actor}")
+                elif status == RS.DONE and (tag := moved[run_id])[0]:
+                    c.execute(
+                        "INSERT INTO tags (repository, name, run_id, created_at) VALUES (?, ?, ?, ?)"
+                        " ON CONFLICT(repository, name) DO UPDATE SET run_id = excluded.run_id,"
+                        " created_at = excluded.created_at",
+                        [tag[1], tag[0], run_id, now],
+                    )
 
 
 # ---- docs/lifecycle.md -------------------------------------------------------------------------

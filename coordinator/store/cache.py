@@ -36,9 +36,28 @@ def key_job(c: sqlite3.Connection, job_id: str) -> str:
     row = c.execute("SELECT cache_base, run_id, depends_on, inputs FROM jobs WHERE id = ?", [job_id]).fetchone()
     if row is None or not row[0]:
         return ""
-    key = full_key(row[0], inputs_from(c, row[1], row[2], row[3]))
+    key = key_of_row(c, row[0], row[1], row[2], row[3])
     c.execute("UPDATE jobs SET cache_key = ? WHERE id = ?", [key, job_id])
     return key
+
+
+_NO_INPUTS = ("", "[]")
+_KEYS_WITHOUT_INPUTS: dict[str, str] = {}  # base -> whole key, for jobs with no inputs (most of them)
+_KEYS_KEPT = 4096
+
+
+def key_of_row(c: sqlite3.Connection, base: str, run_id: str, depends_on: str | None, inputs: str | None) -> str:
+    """The whole key of a job whose row (its cache_base, run_id, depends_on and inputs columns) was read
+    already. A job with no inputs has a key that is a function of its base alone: many single-job runs of
+    one workflow share it, so it is worked out once (a digest of a JSON document) and kept."""
+    if (depends_on or "") in _NO_INPUTS and (inputs or "") in _NO_INPUTS:
+        key = _KEYS_WITHOUT_INPUTS.get(base)
+        if key is None:
+            if len(_KEYS_WITHOUT_INPUTS) >= _KEYS_KEPT:
+                _KEYS_WITHOUT_INPUTS.clear()
+            key = _KEYS_WITHOUT_INPUTS[base] = full_key(base, [])
+        return key
+    return full_key(base, inputs_from(c, run_id, depends_on or "", inputs or ""))
 
 
 class StepCache:

@@ -142,6 +142,7 @@ class Store(Db):
         self.stop_unstarted = self.jobs.stop_unstarted
         self.fail_jobs_lost_by_agent = self.jobs.fail_lost_by_agent
         self.apply_job_updates = self.jobs.apply_updates
+        self.apply_job_updates_many = self.jobs.apply_updates_many
         self.request_preempt = self.jobs.request_preempt
         self.job_attempts = self.jobs.attempts_of
         self.starved_among = self.jobs.starved_among

@@ -8,6 +8,7 @@ import json
 import sqlite3
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from dstack.coordinator import lifecycle
 from dstack.coordinator.attempts import parse_wire_job_id, wire_job_id
@@ -27,7 +28,7 @@ from dstack.coordinator.model import (
 from dstack.coordinator.preemption import RunningJob
 from dstack.coordinator.store.artifacts import inputs_of
 from dstack.coordinator.store.base import Db, ints_in, json_list, marks
-from dstack.coordinator.store.cache import key_job
+from dstack.coordinator.store.cache import key_of_row
 from dstack.coordinator.store.gangs import GangSettlement, settle
 from dstack.protos.v1 import common_pb2
 
@@ -188,6 +189,18 @@ class StopOrder:
 
 
 MAX_REPORTED_PORTS = 1024
+# What a report of running writes: max_duration counts on the coordinator's clock from when the agent says it
+# runs (:now + :limit), and the ports it published.
+_RUNNING_SETS = "started_at = :t, deadline_at = CASE WHEN :limit > 0 THEN :now + :limit ELSE 0 END, ports = :ports"
+
+
+def _reported_ports(u: JobUpdate) -> str:
+    """What the agent says it published (bounded: a broken agent cannot grow the row without end)."""
+    ports = [[h, c] for h, c in u.ports if _valid_port(h) and _valid_port(c)]
+    return json.dumps(ports[:MAX_REPORTED_PORTS])
+
+
+REPORT_ROWS_BATCH = 500  # job ids per read of the rows an agent's reports name (SQLite's bound on variables)
 
 
 def _listed(text: str | None) -> bool:
@@ -542,68 +555,193 @@ class Jobs:
         res = UpdateResult()
         charge_now: list[str] = []  # ended by this report: their usage is charged in this transaction
         with self.db.tx() as c:
-            for u in updates:
-                res.acks.append(UpdateAck(u.job_id, u.status))  # acknowledged by the id the agent sent
-                job_id, attempt = parse_wire_job_id(u.job_id)
-                row = c.execute(
-                    # The spec only for a report of running (its max_duration starts then, `_apply`).
-                    "SELECT status, run_id, stop_requested, stop_reason, stop_message, gang,"
-                    " CASE WHEN ? THEN spec END FROM jobs WHERE id = ? AND agent_id = ? AND attempt = ?",
-                    [u.status == JobStatus.RUNNING, job_id, agent_id, attempt],
-                ).fetchone()
-                if row is None:
-                    continue  # not this agent's job, or an attempt that is over: a late report changes nothing
-                status, run_id, stop_requested, stop_reason, stop_message, gang, spec = row
-                res.gangs = res.gangs or bool(gang)
-                u = replace(u, job_id=job_id)
-                t = lifecycle.agent_transition(u.status, bool(stop_requested))
-                if t is None or status not in t.src:
-                    lifecycle.refuse_job(u.job_id, status, u.status, "agent report")
-                    continue
-                added: object = None
-                if t.dst == JobStatus.DONE and u.provided_jobs:
-                    # Its jobs join the run in this step, before the run's status is derived (it is not over);
-                    # refused, the program's job fails instead, saying why.
-                    c.execute("SAVEPOINT provided")
-                    try:
-                        if self.provide is None:
-                            raise CoordinatorError("this coordinator takes no jobs from provider programs")
-                        added = self.provide(c, job_id, run_id, u.provided_jobs)
-                        c.execute("RELEASE provided")
-                    except CoordinatorError as e:
-                        c.execute("ROLLBACK TO provided")
-                        c.execute("RELEASE provided")
-                        u = replace(
-                            u,
-                            status=JobStatus.FAILED,
-                            termination_reason=TerminationReason.EXECUTOR_ERROR,
-                            message=f"the provider's jobs are refused: {e}",
-                        )
-                        t = lifecycle.agent_transition(u.status, bool(stop_requested))
-                        if t is None or status not in t.src:
-                            continue
-                    if added is not None:
-                        res.added.append(added)
-                ended = self._end_attempt(c, t, u, stop_reason, stop_message or "")
-                if ended is not None:
-                    res.freed = True
-                    if ended:
-                        res.requeued.append(job_id)
-                    res.changed_runs.add(run_id)
-                    continue
-                if self._apply(c, t, u, spec) and t.dst in TERMINAL_JOB:
-                    res.freed = True
-                    charge_now.append(u.job_id)
-                    if t.dst != JobStatus.DONE:
-                        lifecycle.fail_dependants(c, run_id, self.db.clock())
-                    else:
-                        key_job(c, job_id)  # a job that finished done feeds the step cache
-                res.changed_runs.add(run_id)
-            for run_id in res.changed_runs:  # once per run, however many of its jobs changed
-                lifecycle.refresh_run_status(c, run_id, self.db.clock())
+            self._apply_reports(c, agent_id, updates, res, charge_now)
+            # Once per run, however many of its jobs changed.
+            lifecycle.refresh_run_statuses(c, res.changed_runs, self.db.clock())
             if charge_now and self.charge is not None:
                 self.charge(c, charge_now)
         return res
+
+    def apply_updates_many(self, reports: Sequence[tuple[str, Sequence[JobUpdate]]]) -> list[UpdateResult | Exception]:
+        """Many agents' messages of reports (agent id, its updates in order), in one transaction: each as
+        `apply_updates` applies it, in its own savepoint, so that one that fails (its error in its place
+        in the answer; its agent gets no acknowledgement and sends it again) undoes only its own changes.
+        What is per report today but need not be is done once for all of them: the runs they changed are
+        refreshed in one read (lifecycle.refresh_run_statuses), and the jobs they ended are charged in one."""
+        out: list[UpdateResult | Exception] = []
+        runs: set[str] = set()
+        charge_now: list[str] = []
+        with self.db.tx() as c:
+            for agent_id, updates in reports:
+                res, ended = UpdateResult(), list[str]()
+                c.execute("SAVEPOINT reports")
+                try:
+                    self._apply_reports(c, agent_id, updates, res, ended)
+                except Exception as e:  # its own: handed back in its place, the others go on
+                    c.execute("ROLLBACK TO reports")
+                    c.execute("RELEASE reports")
+                    out.append(e)
+                    continue
+                c.execute("RELEASE reports")
+                out.append(res)
+                runs |= res.changed_runs
+                charge_now += ended
+            lifecycle.refresh_run_statuses(c, runs, self.db.clock())
+            if charge_now and self.charge is not None:
+                self.charge(c, charge_now)
+        return out
+
+    def _report_rows(self, c: sqlite3.Connection, agent_id: str, updates: Sequence[JobUpdate]) -> dict[str, list[Any]]:
+        """The rows the reports name that are this agent's, read in one query (not one per report): job id ->
+        [attempt, status, run_id, stop_requested, stop_reason, stop_message, gang, spec, cache_base, depends_on,
+        inputs]. An agent's RUNNING and DONE of one job come in one message when it runs briefly."""
+        ids = sorted({parse_wire_job_id(u.job_id)[0] for u in updates})
+        out: dict[str, list[Any]] = {}
+        for i in range(0, len(ids), REPORT_ROWS_BATCH):
+            chunk = ids[i : i + REPORT_ROWS_BATCH]
+            for r in c.execute(
+                "SELECT id, attempt, status, run_id, stop_requested, stop_reason, stop_message, gang, spec,"
+                f" cache_base, depends_on, inputs FROM jobs WHERE id IN ({marks(chunk)}) AND agent_id = ?",
+                [*chunk, agent_id],
+            ):
+                out[r[0]] = list(r[1:])
+        return out
+
+    def _apply_reports(
+        self,
+        c: sqlite3.Connection,
+        agent_id: str,
+        updates: Sequence[JobUpdate],
+        res: UpdateResult,
+        charge_now: list[str],
+    ) -> None:
+        """`apply_updates`' reports, in order, into `res` (and `charge_now`: the jobs they ended, to charge);
+        the runs they changed are left to the caller to refresh, once each."""
+        rows: dict[str, list[Any]] | None = None
+        written_with: JobUpdate | None = None  # a report applied with the one before it (`_ran_and_done`)
+        for i, u in enumerate(updates):
+            res.acks.append(UpdateAck(u.job_id, u.status))  # acknowledged by the id the agent sent
+            if u is written_with:
+                written_with = None
+                continue
+            job_id, attempt = parse_wire_job_id(u.job_id)
+            if rows is None:  # the first report; or after one whose side effects may have moved other rows
+                rows = self._report_rows(c, agent_id, updates[i:])
+            row = rows.get(job_id)
+            if row is None or row[0] != attempt:
+                continue  # not this agent's job, or an attempt that is over: a late report changes nothing
+            _, status, run_id, stop_requested, stop_reason, stop_message, gang, spec, cache_base, depends_on, inputs = (
+                row
+            )
+            res.gangs = res.gangs or bool(gang)
+            if job_id != u.job_id:
+                u = replace(u, job_id=job_id)
+            t = lifecycle.agent_transition(u.status, bool(stop_requested))
+            if t is None or status not in t.src:
+                lifecycle.refuse_job(u.job_id, status, u.status, "agent report")
+                continue
+            done = self._done_next(t, updates, i, bool(stop_requested))
+            if done is not None:
+                # Ran and ended done in one message (a brief job): both in one write, as one after the other.
+                key = key_of_row(c, cache_base, run_id, depends_on, inputs) if cache_base else ""
+                if self._ran_and_done(c, u, replace(done, job_id=job_id), spec, key):
+                    written_with = done
+                    row[1] = int(JobStatus.DONE)
+                    res.freed = True
+                    charge_now.append(job_id)
+                else:
+                    rows = None  # refused as stored: read again
+                res.changed_runs.add(run_id)
+                continue
+            added: object = None
+            if t.dst == JobStatus.DONE and u.provided_jobs:
+                rows = None  # a provider's jobs join the run: read the rows again for the reports after this one
+                # Its jobs join the run in this step, before the run's status is derived (it is not over);
+                # refused, the program's job fails instead, saying why.
+                c.execute("SAVEPOINT provided")
+                try:
+                    if self.provide is None:
+                        raise CoordinatorError("this coordinator takes no jobs from provider programs")
+                    added = self.provide(c, job_id, run_id, u.provided_jobs)
+                    c.execute("RELEASE provided")
+                except CoordinatorError as e:
+                    c.execute("ROLLBACK TO provided")
+                    c.execute("RELEASE provided")
+                    u = replace(
+                        u,
+                        status=JobStatus.FAILED,
+                        termination_reason=TerminationReason.EXECUTOR_ERROR,
+                        message=f"the provider's jobs are refused: {e}",
+                    )
+                    t = lifecycle.agent_transition(u.status, bool(stop_requested))
+                    if t is None or status not in t.src:
+                        continue
+                if added is not None:
+                    res.added.append(added)
+            ended = self._end_attempt(c, t, u, stop_reason, stop_message or "")
+            if ended is not None:
+                rows = None  # requeued, or its dependants failed: other rows may have moved
+                res.freed = True
+                if ended:
+                    res.requeued.append(job_id)
+                res.changed_runs.add(run_id)
+                continue
+            # A job that finishes done feeds the step cache: its whole key is written with its end.
+            key = (
+                key_of_row(c, cache_base, run_id, depends_on, inputs) if t.dst == JobStatus.DONE and cache_base else ""
+            )
+            if self._apply(c, t, u, spec if t.dst == JobStatus.RUNNING else None, key):
+                row[1] = int(t.dst)  # as stored now: a later report of this job in the message moves on from it
+                if t.dst in TERMINAL_JOB:
+                    res.freed = True
+                    charge_now.append(u.job_id)
+                    if t.dst != JobStatus.DONE:
+                        rows = None  # its dependants failed: other rows may have moved
+                        lifecycle.fail_dependants(c, run_id, self.db.clock())
+            else:
+                rows = None  # refused as stored: read again, as each report did before
+            res.changed_runs.add(run_id)
+
+    @staticmethod
+    def _done_next(
+        t: lifecycle.JobTransition, updates: Sequence[JobUpdate], i: int, stop_requested: bool
+    ) -> JobUpdate | None:
+        """The report after updates[i] when updates[i] says its job runs and that one says the same attempt
+        ended done, plainly (no provider's jobs; not a stop the coordinator asked for); else None."""
+        if t is not lifecycle.AGENT_RUNNING or i + 1 >= len(updates):
+            return None
+        ran, nxt = updates[i], updates[i + 1]
+        if nxt.job_id != ran.job_id or nxt.status != JobStatus.DONE or nxt.provided_jobs:
+            return None
+        return nxt if lifecycle.agent_transition(nxt.status, stop_requested) is lifecycle.AGENT_DONE else None
+
+    def _ran_and_done(
+        self, c: sqlite3.Connection, ran: JobUpdate, done: JobUpdate, spec: bytes | None, cache_key: str
+    ) -> bool:
+        """`ran` (RUNNING) and `done` (DONE) of one job as one UPDATE: the columns `_apply` writes for each,
+        the move to done only from the states a report of running leaves (so it is refused where the
+        first of the two would be)."""
+        now = self.db.clock()
+        params: dict[str, object] = {"_id": ran.job_id, "t": ran.time_ns or now, "e": done.exit_code, "now": now}
+        also = _RUNNING_SETS + ", exit_code = COALESCE(:e, exit_code)"
+        params["ports"] = _reported_ports(ran)
+        params["limit"] = common_pb2.JobSpec.FromString(spec).max_duration_s * 1_000_000_000 if spec else 0
+        if self.charge is not None:
+            also += ", usage_charged = 1"
+        if cache_key:
+            also += ", cache_key = :ck"
+            params["ck"] = cache_key
+        moved = lifecycle.move_jobs(
+            c,
+            lifecycle.AGENT_DONE,
+            f"id = :_id AND status IN ({ints_in(lifecycle.AGENT_RUNNING.src)})",
+            params,
+            reason=done.termination_reason,
+            message=done.message,
+            at=done.time_ns or now,
+            also=also,
+        )
+        return bool(moved)
 
     def _end_attempt(
         self, c: sqlite3.Connection, t: lifecycle.JobTransition, u: JobUpdate, stop_reason: int, stop_message: str
@@ -647,18 +785,18 @@ class Jobs:
             lifecycle.fail_dependants(c, moved.run_id, now)
         return again
 
-    def _apply(self, c: sqlite3.Connection, t: lifecycle.JobTransition, u: JobUpdate, spec: bytes | None) -> bool:
-        """`spec`: the job's stored spec, read with its row for a report of running (else None)."""
+    def _apply(
+        self, c: sqlite3.Connection, t: lifecycle.JobTransition, u: JobUpdate, spec: bytes | None, cache_key: str = ""
+    ) -> bool:
+        """`spec`: the job's stored spec, read with its row for a report of running (else None);
+        `cache_key`: its step-cache key, written with a report of done."""
         at = u.time_ns or self.db.clock()
         params: dict[str, object] = {"t": at, "e": u.exit_code, "now": self.db.clock()}
         if t.dst == JobStatus.PULLING:
             also = ""
         elif t.dst == JobStatus.RUNNING:
-            # max_duration counts on the coordinator's clock from when the agent says it runs.
-            also = "started_at = :t, deadline_at = CASE WHEN :limit > 0 THEN :now + :limit ELSE 0 END, ports = :ports"
-            # What the agent says it published (bounded: a broken agent cannot grow the row without end).
-            ports = [[h, c] for h, c in u.ports if _valid_port(h) and _valid_port(c)]
-            params["ports"] = json.dumps(ports[:MAX_REPORTED_PORTS])
+            also = _RUNNING_SETS
+            params["ports"] = _reported_ports(u)
             params["limit"] = common_pb2.JobSpec.FromString(spec).max_duration_s * 1_000_000_000 if spec else 0
         elif t.dst == JobStatus.UPLOADING:
             also = "exit_code = :e, started_at = COALESCE(started_at, :t)"
@@ -667,6 +805,9 @@ class Jobs:
             also = "exit_code = COALESCE(:e, exit_code)"
             if self.charge is not None:
                 also += ", usage_charged = 1"
+            if cache_key and t.dst == JobStatus.DONE:
+                also += ", cache_key = :ck"
+                params["ck"] = cache_key
         # A job the user asked to stop ends stopped, however its agent saw the end.
         message = "stopped by user" if t is lifecycle.AGENT_STOPPED_ON_REQUEST else u.message
         moved = lifecycle.move_job(

@@ -1,0 +1,83 @@
+"""Agents' job reports applied in batches: the messages that reach the coordinator in one turn of its
+event loop, from any number of agents, go to the store as one call (store/jobs.py `apply_updates_many`).
+
+One batch is with the store at a time: messages that come while it is applied (or waits behind a
+scheduling pass on the DB thread) go in the next one, so batches grow with the load, as a group commit's.
+Each agent's stream hands its messages to the engine one at a time, in order (services/agent.py), so an
+agent's reports keep their order; several agents' messages share one call, and what is per message but
+need not be (a trip to the DB thread, a savepoint, the runs' status refresh, the fair-share charge) is
+paid once for the batch. Each message keeps its own result: its acknowledgements, or its own error (its
+agent gets no acknowledgement and sends it again), while the others in the batch are applied.
+
+Fencing is unchanged: a stale session's message never gets here (app/agent_stream.py checks the epoch
+first), and the store applies a report only to the reporting agent's current attempt of its job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+
+from dstack.coordinator.model import JobUpdate
+from dstack.coordinator.store import Store
+from dstack.coordinator.store.executor import DbExecutor
+from dstack.coordinator.store.jobs import UpdateResult
+
+_Pending = tuple[str, Sequence[JobUpdate], "asyncio.Future[UpdateResult]"]
+
+
+class ReportBatcher:
+    def __init__(self, store: Store, db: DbExecutor) -> None:
+        self.store, self.db = store, db
+        self._pending: list[_Pending] = []
+        self._sending = False  # a batch is with the store, or about to leave (at the end of this turn)
+        self.batches = 0  # calls made, and messages they carried (for tests and benches)
+        self.messages = 0
+
+    def apply(self, agent_id: str, updates: Sequence[JobUpdate]) -> asyncio.Future[UpdateResult]:
+        """The store's answer to one agent's message of reports, once the batch it joins is applied."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[UpdateResult] = loop.create_future()
+        self._pending.append((agent_id, updates, fut))
+        if not self._sending:  # the batch leaves once this turn's callbacks ran (they may add to it)
+            self._sending = True
+            loop.call_soon(self._send)
+        return fut
+
+    def _send(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            self._sending = False
+            return
+        self.batches += 1
+        self.messages += len(pending)
+        call = self.db.submit(self._apply_all, [(agent_id, updates) for agent_id, updates, _ in pending])
+        call.add_done_callback(lambda done: self._applied(done, pending))
+
+    def _applied(self, call: asyncio.Future[list[UpdateResult | Exception]], pending: list[_Pending]) -> None:
+        _hand_back(call, pending)
+        self._send()  # what came meanwhile, as the next batch
+
+    def _apply_all(self, reports: Sequence[tuple[str, Sequence[JobUpdate]]]) -> list[UpdateResult | Exception]:
+        """On the DB thread. A message's own database error is counted as a call's would be (/metrics)."""
+        out = self.store.apply_job_updates_many(reports)
+        self.db.sqlite_errors += sum(isinstance(r, sqlite3.Error) for r in out)
+        return out
+
+
+def _hand_back(call: asyncio.Future[list[UpdateResult | Exception]], pending: list[_Pending]) -> None:
+    error = None if call.cancelled() else call.exception()
+    for k, (_, _, fut) in enumerate(pending):
+        if fut.done():  # its stream ended meanwhile (cancelled)
+            continue
+        if call.cancelled():
+            fut.cancel()
+        elif error is not None:  # the batch itself failed (its commit): every message in it did
+            fut.set_exception(error)
+        else:
+            result = call.result()[k]
+            if isinstance(result, Exception):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)

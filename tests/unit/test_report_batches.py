@@ -1,0 +1,277 @@
+"""Agents' reports applied in batches (coordinator/reports.py, store/jobs.py `apply_updates_many`): many
+agents' messages in one store call must leave the store exactly as one report at a time does; a message
+that fails undoes only itself; a job's reports keep their order; a report from an agent that does not hold
+the attempt changes nothing, whatever else is in its batch; and the batch pays once for what one message
+at a time paid per message (the count test at the end)."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dstack.coordinator.attempts import wire_job_id
+from dstack.coordinator.model import JobStatus, JobUpdate, RunStatus, TerminationReason
+from dstack.coordinator.store import NewJob, Placement, Store, UpdateResult
+from dstack.protos.v1 import common_pb2
+
+NOW = 5_000_000_000
+
+
+def _job(name: str, retry: bool = False) -> NewJob:
+    spec = common_pb2.JobSpec(job_name=name, commands=["true"])
+    if retry:
+        spec.retry.CopyFrom(common_pb2.RetryPolicy(limit=2, on=["agent-lost", "error"]))
+    return NewJob(name, spec.SerializeToString(), 1.0, 0, 0, [])
+
+
+def _pool(path: Path, agents: int, runs: int, retry_every: int = 0) -> tuple[Store, list[str], list[str]]:
+    """A store with `runs` single-job runs, one placed on each agent in turn (round robin); -> (store,
+    agent ids, job ids). Every `retry_every`-th job is retried on error. The runs' jobs share a step-cache
+    base, as runs of one workflow do."""
+    s = Store(path, clock=lambda: NOW)
+    ids = [s.register_agent(f"h{i}", f"tok{i}", b"") for i in range(agents)]
+    for a in ids:
+        s.agent_online(a, b"", 2**62)
+    jobs = []
+    for k in range(runs):
+        run = s.create_run("u", "wf", b"", "", [], [_job("main", retry=bool(retry_every) and k % retry_every == 0)])
+        jobs += run.job_ids
+    s.apply_schedule([Placement(j, ids[k % agents], []) for k, j in enumerate(jobs)], [], [])
+    s.conn.execute("UPDATE jobs SET cache_base = 'base-of-wf'")  # as a cacheable job's INSERT writes it
+    return s, ids, jobs
+
+
+def _state(s: Store) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]], list[tuple[object, ...]]]:
+    jobs = s.conn.execute(
+        "SELECT id, status, attempt, agent_id, started_at, finished_at, termination_reason, message, exit_code,"
+        " cache_key, usage_charged FROM jobs ORDER BY id"
+    ).fetchall()
+    runs = s.conn.execute(
+        "SELECT id, status, termination_reason, message, finished_at FROM runs ORDER BY id"
+    ).fetchall()
+    attempts = s.conn.execute(
+        "SELECT job_id, attempt, agent_id, termination_reason FROM job_attempts ORDER BY job_id, attempt"
+    ).fetchall()
+    return jobs, runs, attempts
+
+
+def _usage(s: Store) -> dict[str, float]:
+    return {r[0]: r[1] for r in s.conn.execute('SELECT "user", value FROM usage').fetchall()}
+
+
+def _acks(results: Sequence[UpdateResult | Exception]) -> list[list[tuple[str, int]]]:
+    return [[(a.job_id, a.status) for a in r.acks] if isinstance(r, UpdateResult) else [] for r in results]
+
+
+REPORTS = [
+    (JobStatus.RUNNING, TerminationReason.UNSPECIFIED, None),
+    (JobStatus.DONE, TerminationReason.DONE, 0),
+    (JobStatus.FAILED, TerminationReason.EXIT_CODE, 3),
+    (JobStatus.STOPPED, TerminationReason.STOPPED_BY_USER, None),
+]
+
+
+def _copy(s: Store, path: Path) -> Store:
+    """A second store with the same rows (ids included)."""
+    with sqlite3.connect(path) as dest:
+        s.conn.backup(dest)
+    dest.close()
+    return Store(path, clock=lambda: NOW)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(0, 2**32))
+def test_a_batch_leaves_the_store_as_one_report_at_a_time_does(
+    tmp_path_factory: pytest.TempPathFactory, seed: int
+) -> None:
+    """Random messages from 4 agents (RUNNING, DONE, FAILED with and without retry, STOPPED; RUNNING and DONE
+    of a job one after the other; the same job twice in one message; a job of another agent; an attempt that
+    is over), applied as one batch and, in a copy of the store, one report per store call: jobs, attempts,
+    runs, usage and acknowledgements agree."""
+    rng = random.Random(seed)
+    tmp = tmp_path_factory.mktemp("batch")
+    batched, agents, jobs = _pool(tmp / "a.sqlite", 4, 8, retry_every=3)
+    single = _copy(batched, tmp / "b.sqlite")
+    owner = {j: agents[k % 4] for k, j in enumerate(jobs)}
+    messages: list[tuple[str, list[JobUpdate]]] = []
+    for _ in range(rng.randint(1, 10)):
+        agent = rng.choice(agents)
+        updates = []
+        for _ in range(rng.randint(1, 4)):
+            mine = [j for j in jobs if owner[j] == agent]
+            job = rng.choice(mine if rng.random() < 0.85 else jobs)  # now and then another agent's job
+            attempt = 2 if rng.random() < 0.1 else 1  # now and then an attempt it does not hold
+            if rng.random() < 0.3:  # ran and ended done in one message (one write for both: store/jobs.py)
+                updates += _running_and_done(wire_job_id(job, attempt))
+                continue
+            status, reason, code = rng.choice(REPORTS)
+            at = NOW - (3 if status == JobStatus.RUNNING else 1) * 10**9  # ran 2 s: usage to charge
+            updates.append(JobUpdate(wire_job_id(job, attempt), int(status), reason, "m", code, at))
+        messages.append((agent, updates))
+
+    results = batched.apply_job_updates_many(messages)
+    one_by_one: list[UpdateResult] = []
+    for agent, updates in messages:
+        acks = UpdateResult()
+        for u in updates:
+            acks.acks += single.apply_job_updates(agent, [u]).acks
+        one_by_one.append(acks)
+
+    assert _state(batched) == _state(single)
+    assert _usage(batched) == pytest.approx(_usage(single))
+    ran = [r for r in _state(batched)[0] if isinstance(r[4], int) and isinstance(r[5], int) and r[5] > r[4] and r[10]]
+    assert _usage(batched) or not ran  # (the case where it is charged is tried, not only the empty one)
+    assert _acks(results) == _acks(one_by_one)
+    batched.close()
+    single.close()
+
+
+@contextmanager
+def statements(conn: sqlite3.Connection) -> Iterator[list[str]]:
+    """The statements run on `conn` meanwhile. Python reports a statement again for each trigger program
+    it starts (with the statement's own text): consecutive repeats are one statement."""
+    seen: list[str] = []
+    conn.set_trace_callback(lambda sql: seen.append(sql) if not seen or seen[-1] != sql else None)
+    try:
+        yield seen
+    finally:
+        conn.set_trace_callback(None)
+
+
+def _running_and_done(job_id: str) -> list[JobUpdate]:
+    return [
+        JobUpdate(job_id, int(JobStatus.RUNNING), time_ns=NOW - 2 * 10**9),
+        JobUpdate(job_id, int(JobStatus.DONE), TerminationReason.DONE, exit_code=0, time_ns=NOW - 10**9),
+    ]
+
+
+def test_a_message_that_fails_in_a_batch_undoes_only_itself(tmp_path: Path) -> None:
+    """A database error in the second agent's message (a trigger refuses its second job's end): that
+    message's result is the error and none of its reports stay (its first job is not left running); the
+    messages before and after it are applied, their runs finished and charged."""
+    s, agents, jobs = _pool(tmp_path / "db.sqlite", 3, 6)  # agent k holds jobs k and k + 3
+    s.conn.execute(
+        f"CREATE TEMP TRIGGER boom BEFORE UPDATE OF status ON jobs WHEN NEW.id = '{jobs[4]}'"
+        " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+    )
+    messages = [(agents[k], _running_and_done(jobs[k]) + _running_and_done(jobs[k + 3])) for k in range(3)]
+    before = {
+        r[0]: RunStatus(r[1])
+        for r in s.conn.execute("SELECT j.id, r.status FROM jobs j JOIN runs r ON r.id = j.run_id")
+    }
+    results = s.apply_job_updates_many(messages)
+    assert isinstance(results[1], sqlite3.IntegrityError)
+    assert all(isinstance(results[k], UpdateResult) for k in (0, 2))
+    status = dict(s.conn.execute("SELECT id, status FROM jobs").fetchall())
+    assert [JobStatus(status[j]) for j in jobs] == [
+        JobStatus.DONE,
+        JobStatus.ASSIGNED,  # undone with the rest of its message
+        JobStatus.DONE,
+        JobStatus.DONE,
+        JobStatus.ASSIGNED,
+        JobStatus.DONE,
+    ]
+    runs = {
+        r[0]: RunStatus(r[1])
+        for r in s.conn.execute("SELECT j.id, r.status FROM jobs j JOIN runs r ON r.id = j.run_id")
+    }
+    assert [runs[j] for j in jobs] == [
+        RunStatus.DONE,
+        before[jobs[1]],
+        RunStatus.DONE,
+        RunStatus.DONE,
+        before[jobs[4]],
+        RunStatus.DONE,
+    ]
+    charged = dict(s.conn.execute("SELECT id, usage_charged FROM jobs").fetchall())
+    assert [charged[j] for j in jobs] == [1, 0, 1, 1, 0, 1]
+    # Sent again (the agent had no acknowledgement) once the cause is gone, it applies.
+    s.conn.execute("DROP TRIGGER boom")
+    again = s.apply_job_updates_many([messages[1]])
+    assert isinstance(again[0], UpdateResult)
+    assert {JobStatus(s.conn.execute("SELECT status FROM jobs WHERE id = ?", [j]).fetchone()[0]) for j in jobs} == {
+        JobStatus.DONE
+    }
+
+
+def test_a_job_s_reports_keep_their_order_in_a_message_and_across_messages_of_a_batch(tmp_path: Path) -> None:
+    s, agents, jobs = _pool(tmp_path / "db.sqlite", 2, 4)  # agent 0: jobs 0 and 2; agent 1: jobs 1 and 3
+    running, done = _running_and_done(jobs[0])
+    late_running = JobUpdate(jobs[2], int(JobStatus.RUNNING), time_ns=NOW)
+    results = s.apply_job_updates_many(
+        [
+            (agents[0], [running, done]),  # in order: runs, then ends done, started and finished stamped
+            (agents[1], [_running_and_done(jobs[1])[1], _running_and_done(jobs[1])[0]]),  # done, then a late RUNNING
+            (agents[0], [_running_and_done(jobs[2])[1]]),  # job 2 ends in one message ...
+            (agents[0], [late_running]),  # ... and a RUNNING in the next message of the batch is refused
+        ]
+    )
+    assert [len(r.acks) for r in results if isinstance(r, UpdateResult)] == [2, 2, 1, 1]
+    row = {
+        r[0]: (JobStatus(r[1]), r[2], r[3])
+        for r in s.conn.execute("SELECT id, status, started_at, finished_at FROM jobs").fetchall()
+    }
+    assert row[jobs[0]] == (JobStatus.DONE, NOW - 2 * 10**9, NOW - 10**9)
+    assert row[jobs[1]][0] == JobStatus.DONE and row[jobs[1]][1] is None  # the RUNNING after it changed nothing
+    assert row[jobs[2]][0] == JobStatus.DONE and row[jobs[2]][1] is None
+    assert row[jobs[3]][0] == JobStatus.ASSIGNED
+
+
+def test_reports_of_an_attempt_the_agent_does_not_hold_change_nothing_in_a_batch(tmp_path: Path) -> None:
+    """Agent h0 lost its job (requeued as attempt 2 and placed on h1). In one batch: h0's DONE of attempt 1,
+    h0's DONE of the new attempt (not its own), h1's RUNNING of attempt 2, and h1's DONE of a job of h0's:
+    only h1's report of its own attempt applies; every report is acknowledged."""
+    s, agents, jobs = _pool(tmp_path / "db.sqlite", 2, 2)
+    retried = s.create_run("u", "wf", b"", "", [], [_job("main", retry=True)]).job_ids[0]
+    s.apply_schedule([Placement(retried, agents[0], [])], [], [])
+    assert s.jobs.fail_lost_by_agent(agents[0], [retried]) == [retried]  # requeued as attempt 2
+    s.apply_schedule([Placement(retried, agents[1], [])], [], [])
+    second = wire_job_id(retried, 2)
+    results = s.apply_job_updates_many(
+        [
+            (agents[0], [_running_and_done(retried)[1], _running_and_done(second)[1]]),
+            (agents[1], [JobUpdate(second, int(JobStatus.RUNNING), time_ns=NOW), _running_and_done(jobs[0])[1]]),
+        ]
+    )
+    assert [[(a.job_id, a.status) for a in r.acks] for r in results if isinstance(r, UpdateResult)] == [
+        [(retried, JobStatus.DONE), (second, JobStatus.DONE)],
+        [(second, JobStatus.RUNNING), (jobs[0], JobStatus.DONE)],
+    ]
+    row = s.conn.execute("SELECT status, attempt, agent_id FROM jobs WHERE id = ?", [retried]).fetchone()
+    assert (JobStatus(row[0]), row[1], row[2]) == (JobStatus.RUNNING, 2, agents[1])
+    assert JobStatus(s.conn.execute("SELECT status FROM jobs WHERE id = ?", [jobs[0]]).fetchone()[0]) == (
+        JobStatus.ASSIGNED
+    )
+
+
+def test_a_batch_pays_once_for_what_a_message_paid_each_time(tmp_path: Path) -> None:
+    """20 agents each report RUNNING and DONE of their job (20 single-job runs) in one batch: one read of the
+    rows per message and one UPDATE for both reports (nothing per job besides); the runs' statuses in one read of
+    their jobs, one of the runs and one UPDATE for all; the charge in one read; and the step-cache key with
+    the DONE, not a read and a write of its own (each message alone paid all of these: 10 statements a job)."""
+    s, agents, jobs = _pool(tmp_path / "db.sqlite", 20, 20)
+    with statements(s.conn) as seen:
+        results = s.apply_job_updates_many([(a, _running_and_done(j)) for a, j in zip(agents, jobs, strict=True)])
+    assert all(isinstance(r, UpdateResult) for r in results)
+    assert {RunStatus(r[0]) for r in s.conn.execute("SELECT status FROM runs")} == {RunStatus.DONE}
+    assert {r[0] for r in s.conn.execute("SELECT cache_key FROM jobs")} != {None}
+
+    def count(prefix: str) -> int:
+        return sum(1 for q in seen if q.lstrip().startswith(prefix))
+
+    assert count("SELECT id, attempt, status") == 20  # the rows a message names, in one read
+    assert count("UPDATE jobs SET") == 20  # RUNNING and DONE of each job, in one write
+    assert count("SELECT run_id, status") == 1 and count("SELECT id, status FROM runs") == 1
+    assert count("UPDATE runs") == 1
+    assert count("SELECT j.job_name, j.status, j.started_at") == 1  # the charge
+    assert count("SELECT cache_base") == 0 and count("UPDATE jobs SET cache_key") == 0
+    assert count("SELECT status FROM jobs") == 0  # no refusal read
+    # Everything: 20 x (savepoint, read, update, release) and 6 for the batch (a begin and commit included).
+    assert len(seen) <= 20 * 4 + 8, seen
