@@ -35,8 +35,10 @@ class Services:
     """A coordinator and agents over TLS with the coordinator's own CA, as a team runs them (tls=False:
     plaintext, `--insecure` on both sides, to measure what TLS costs)."""
 
-    def __init__(self, tls: bool = True) -> None:
+    def __init__(self, tls: bool = True, tree: Path = REPO) -> None:
         self.tls = tls
+        # The source tree the processes run (bench.logs --tree: another commit's checkout, side by side).
+        self.tree = tree
         self.tmp = Path(tempfile.mkdtemp(prefix="dstack-bench-"))
         # As root an agent runs host jobs as its job user, who must pass through to <home>-jobs.
         self.tmp.chmod(0o711)
@@ -45,14 +47,24 @@ class Services:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.coordinator_module = "dstack.coordinator"  # bench.memprobe: the same, with a memory sampler
+        # What the processes run before their module (bench.logs --trace: ["-m", "bench.logtrace", ROLE]).
+        self.coordinator_wrap: list[str] = []
+        self.agent_wrap: list[str] = []
+        self.env: dict[str, str] = {}  # extra environment of every process started
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        # The tree first on the path: a process started elsewhere (the CLI, in tmp) imports it too.
+        path = os.pathsep.join([str(self.tree), *filter(None, [os.environ.get("PYTHONPATH")])])
+        return {**os.environ, "PYTHONPATH": path, **self.env, **extra}
 
     def start_coordinator(self, *extra: str) -> None:
         log = open(self.tmp / "coordinator.log", "ab")
-        env = {**os.environ, "DSTACK_ADMIN_TOKEN": ADMIN, "DSTACK_JOIN_TOKEN": JOIN, "DSTACK_LOG_LEVEL": "WARNING"}
+        env = self._env(DSTACK_ADMIN_TOKEN=ADMIN, DSTACK_JOIN_TOKEN=JOIN, DSTACK_LOG_LEVEL="WARNING")
         self.coordinator = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
+                *self.coordinator_wrap,
+                *([] if self.coordinator_wrap else ["-m"]),
                 self.coordinator_module,
                 "--state-dir",
                 str(self.tmp / "server"),
@@ -69,7 +81,7 @@ class Services:
             stdout=log,
             stderr=log,
             env=env,
-            cwd=REPO,
+            cwd=self.tree,
         )
         self.procs.append(self.coordinator)
         # Starting takes seconds of imports: over 20 s on the shared 2-core machine at load 60.
@@ -89,12 +101,13 @@ class Services:
 
     def start_agent(self, name: str, *extra: str) -> None:
         log = open(self.tmp / f"{name}.log", "ab")
-        env = {**os.environ, "DSTACK_LOG_LEVEL": "WARNING", "DSTACK_JOIN_TOKEN": JOIN}
+        env = self._env(DSTACK_LOG_LEVEL="WARNING", DSTACK_JOIN_TOKEN=JOIN)
         self.procs.append(
             subprocess.Popen(
                 [
                     sys.executable,
-                    "-m",
+                    *self.agent_wrap,
+                    *([] if self.agent_wrap else ["-m"]),
                     "dstack.agent",
                     "--coordinator",
                     self.address,
@@ -108,7 +121,7 @@ class Services:
                 stdout=log,
                 stderr=log,
                 env=env,
-                cwd=REPO,
+                cwd=self.tree,
             )
         )
 
