@@ -26,7 +26,7 @@ from dstack.agent.diskspace import DiskWatch
 from dstack.agent.inventory import Inventory
 from dstack.agent.jobuser import JobUserError, prepare_root
 from dstack.agent.lease import FencePolicy, LeaseGuard, refused
-from dstack.agent.outbox import Outbox
+from dstack.agent.outbox import SHORT_BATCH_GAP_S, SHORT_BATCHES_INFLIGHT, Outbox
 from dstack.agent.ports import PortPool
 from dstack.agent.retry import SESSION_BACKOFF, Outcome, RetryPolicy, classify, describe
 from dstack.agent.runner import Janitor, JobRunner, RunnerDeps
@@ -50,11 +50,6 @@ from dstack.tls import (
 )
 
 log = logging.getLogger("dstack.agent")
-
-# After a log batch shorter than the outbox's bounds, the next one waits this long for more lines: a
-# job printing steadily sends ~200 batches a second rather than one per read of its output, and the
-# coordinator stores one chunk per batch. Heartbeats and job updates do not wait for it.
-LOG_LINGER_S = 0.005
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
@@ -190,7 +185,12 @@ async def tls_fatal(config: AgentConfig, e: grpc.aio.AioRpcError) -> FatalAgentE
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.outbox = Outbox(spool_dir=config.outbox_dir, bounds=config.outbox)
+        self.outbox = Outbox(
+            spool_dir=config.outbox_dir,
+            bounds=config.outbox,
+            short_batches_inflight=SHORT_BATCHES_INFLIGHT,
+            short_batch_gap_s=SHORT_BATCH_GAP_S,
+        )
         self.runtime = make_runtime(
             config.runtime,
             config.stop_grace_s,
@@ -431,7 +431,6 @@ class Agent:
         """Writes, in this order of priority: the heartbeat when due, job updates, then one bounded log
         batch at a time (agent/outbox.py), so control traffic never waits behind a job's logs."""
         next_beat = time.monotonic() + interval
-        logs_not_before = 0.0
         next_inventory = time.monotonic() + self.config.inventory_interval_s
         seq = 0  # this stream's heartbeats, numbered for the coordinator's lease acks
         while True:
@@ -454,22 +453,18 @@ class Agent:
                 await call.write(control)
                 continue
             await self.outbox.refill()
-            wait_until, woken_by = next_beat, self.outbox.wake
-            if now < logs_not_before:
-                # A short batch just went: the next one gathers for LOG_LINGER_S, so heavy output goes
-                # in few large batches (one stored chunk each) and a lone line still goes at once. Lines
-                # read meanwhile wait for the linger's end anyway: only a job update wakes the loop (a
-                # job printing in 1 ms bursts would otherwise wake it for each).
-                wait_until, woken_by = min(next_beat, logs_not_before), self.outbox.urgent
-            elif (logs := self.outbox.take_logs()) is not None:
+            # No linger between log batches: the outbox batches by acknowledgements (Outbox.take_logs), so
+            # a lone line goes at once and a steady job's lines go together while the last batch is stored.
+            if (logs := self.outbox.take_logs()) is not None:
                 await call.write(logs)
-                if not self.outbox.last_batch_full:
-                    logs_not_before = time.monotonic() + LOG_LINGER_S
                 continue
             # asyncio.timeout, not wait_for: no task per wait (Python 3.11), and no swallowed cancel.
+            wait_until = next_beat
+            if (at := self.outbox.short_batch_at()) is not None:  # lines wait out the short-batch gap
+                wait_until = min(wait_until, at)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, wait_until - time.monotonic())):
-                    await woken_by.wait()
+                    await self.outbox.wake.wait()
 
     async def _heartbeat(self, with_inventory: bool) -> agent_pb2.Heartbeat:
         """A heartbeat; with the inventory when it is due, or when the disk's verdict changed since the

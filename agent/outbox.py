@@ -38,6 +38,14 @@ FINAL = (JS.JOB_STATUS_DONE, JS.JOB_STATUS_FAILED, JS.JOB_STATUS_STOPPED)
 # What a line costs besides its text, in memory (a LogLine object) and on the wire: an estimate, so the
 # bounds hold for a job printing empty lines too.
 LINE_OVERHEAD = 128
+# The agent's `Outbox.short_batches_inflight`: a short log batch goes only when none is unacknowledged.
+SHORT_BATCHES_INFLIGHT = 1
+# The agent's `Outbox.short_batch_gap_s`: at most one short batch per 2 ms (500 a second). The coordinator
+# spends about 0.4-1.5 ms of CPU per batch whatever its size (one trip to its DB thread, an ack, a
+# follower's read; more under load): acknowledgements alone would let a steadily printing job send one
+# batch per round trip, keeping a fast coordinator's log path always busy. Not a wait for a lone line:
+# it goes at once unless a short batch went in the last 2 ms.
+SHORT_BATCH_GAP_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,8 @@ class Outbox:
         max_bytes_per_message: int = 1 << 20,
         spool_dir: Path | None = None,
         bounds: OutboxBounds = OutboxBounds(),
+        short_batches_inflight: int | None = None,
+        short_batch_gap_s: float = 0.0,
     ) -> None:
         # Far below gRPC's 64 MiB message limit, whatever the lines' length (up to 64 KiB each), and small
         # enough that the coordinator stores one batch quickly: a heartbeat written after it waits little.
@@ -162,11 +172,25 @@ class Outbox:
         # (job, last seq) pairs (`inflight_batches`).
         self._batches: deque[tuple[tuple[str, int], ...]] = deque()
         self._background: set[asyncio.Task[None]] = set()
+        # Set when the send loop (agent/connection.py) has something to take: a job update, lines it may
+        # send now (see take_logs), an acknowledgement that frees the window or memory.
         self.wake = asyncio.Event()
-        # Set with `wake` by what must not wait for a log batch's linger (agent/connection.py): job updates.
+        # Set with `wake` by what must go before anything else waits: job updates, a disk verdict.
         self.urgent = asyncio.Event()
         # Whether the last batch taken was cut by the batch's bounds (more lines were ready to go).
         self.last_batch_full = False
+        # Adaptive batching, clocked by acknowledgements, with no timer: a batch shorter than the bounds goes
+        # only while fewer than this many log batches wait for their acknowledgement. A lone line goes at
+        # once (nothing is in flight); under load the lines read while a batch is being stored go together
+        # in the next one when its acknowledgement comes, so batches grow as the coordinator slows, and a
+        # steady job sends one batch per round trip rather than one per read of its output. The agent
+        # uses SHORT_BATCHES_INFLIGHT; None: as many as `inflight_batches` (no gating of short batches).
+        # `short_batch_gap_s`: and at most one short batch per this long (SHORT_BATCH_GAP_S).
+        self.short_batches_inflight = (
+            bounds.inflight_batches if short_batches_inflight is None else short_batches_inflight
+        )
+        self.short_batch_gap_s = short_batch_gap_s
+        self._short_not_before = 0.0  # monotonic: no short batch before (the gap after the last one)
         # Whether the coordinator of the current stream stores LogBatch.blocks (HelloAck.log_blocks); if
         # not, each line goes as a LogLine, as to any coordinator before them.
         self.blocks = False
@@ -200,7 +224,7 @@ class Outbox:
             k = 0 if jl.spilled else self._fitting_in_memory(jl, block)
             if k >= block.n_lines:
                 self._to_memory(jl, block)
-                self.wake.set()
+                self._lines_added()
                 return
             if k:
                 head, block = _split(block, k)
@@ -210,7 +234,22 @@ class Outbox:
             jl.spilled_bytes += block.cost
         else:
             self._to_memory(jl, block)
-        self.wake.set()
+        self._lines_added()
+
+    def _lines_added(self) -> None:
+        """Wakes the send loop if it may take a batch now: not for each read of a job printing while its
+        last batch is being stored (its acknowledgement wakes the loop, and takes them all at once)."""
+        if len(self._batches) < self.short_batches_inflight or self._full_batch_unsent():
+            self.wake.set()
+
+    def _full_batch_unsent(self) -> bool:
+        """Whether the lines in memory not yet sent fill a batch (in count or bytes)."""
+        lines = size = 0
+        for jl in self._logs.values():
+            if jl.mem:
+                lines += jl.mem[-1].last - max(jl.sent_upto, jl.mem[0].first - 1)
+                size += jl.mem_bytes - jl.inflight_bytes
+        return lines >= self.max_lines or size >= self.max_bytes - LINE_OVERHEAD
 
     def _to_memory(self, jl: _JobLog, block: _Block) -> None:
         jl.mem.append(block)
@@ -340,9 +379,15 @@ class Outbox:
 
     def take_logs(self) -> agent_pb2.AgentMessage | None:
         """The next log batch: unsent lines in memory, bounded in count and bytes (at least one line),
-        none while `inflight_bytes` or `inflight_batches` wait for acknowledgement."""
+        none while `inflight_bytes` or `inflight_batches` wait for acknowledgement; a short one (fewer
+        lines than fill a batch) only while fewer than `short_batches_inflight` batches do."""
         if self._inflight_bytes >= self.bounds.inflight_bytes or len(self._batches) >= self.bounds.inflight_batches:
             return None
+        if len(self._batches) >= self.short_batches_inflight or (
+            self.short_batch_gap_s and time.monotonic() < self._short_not_before
+        ):
+            if not self._full_batch_unsent():
+                return None
         msg = agent_pb2.AgentMessage()
         budget, byte_budget = self.max_lines, self.max_bytes
         in_batch: list[tuple[str, int]] = []  # (job, last seq) of each job in this batch
@@ -394,8 +439,19 @@ class Outbox:
         self.last_batch_full = budget <= 0 or byte_budget <= LINE_OVERHEAD
         if not in_batch:
             return None
+        if not self.last_batch_full and self.short_batch_gap_s:
+            self._short_not_before = time.monotonic() + self.short_batch_gap_s
         self._batches.append(tuple(in_batch))
         return msg
+
+    def short_batch_at(self) -> float | None:
+        """When the gap after the last short batch ends (monotonic), if lines wait for it; else None."""
+        if self.short_batch_gap_s and self._short_not_before > time.monotonic() and self._unsent():
+            return self._short_not_before
+        return None
+
+    def _unsent(self) -> bool:
+        return any(jl.mem and jl.mem[-1].last > jl.sent_upto for jl in self._logs.values())
 
     def take_control(self) -> agent_pb2.AgentMessage | None:
         """Job updates not yet sent; a final one only once all of its job's lines are sent."""

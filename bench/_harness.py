@@ -35,8 +35,10 @@ class Services:
     """A coordinator and agents over TLS with the coordinator's own CA, as a team runs them (tls=False:
     plaintext, `--insecure` on both sides, to measure what TLS costs)."""
 
-    def __init__(self, tls: bool = True) -> None:
+    def __init__(self, tls: bool = True, tree: Path = REPO) -> None:
         self.tls = tls
+        # The source tree the processes run (bench.logs --tree: another commit's checkout, side by side).
+        self.tree = tree
         self.tmp = Path(tempfile.mkdtemp(prefix="dstack-bench-"))
         # As root an agent runs host jobs as its job user, who must pass through to <home>-jobs.
         self.tmp.chmod(0o711)
@@ -45,21 +47,33 @@ class Services:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.coordinator_module = "dstack.coordinator"  # bench.memprobe: the same, with a memory sampler
-        # The source tree the coordinator runs from (bench.drain: another commit's, side by side), and
-        # extra environment for it (bench.profiled's PROFILE_OUT).
-        self.coordinator_tree = REPO
+        # What the processes run before their module (bench.logs --trace: ["-m", "bench.logtrace", ROLE]).
+        self.coordinator_wrap: list[str] = []
+        self.agent_wrap: list[str] = []
+        self.env: dict[str, str] = {}  # extra environment of every process started
+        # bench.drain: the coordinator alone from another source tree, with extra environment of its own
+        # (bench.profiled's PROFILE_OUT).
+        self.coordinator_tree: Path | None = None
         self.coordinator_env: dict[str, str] = {}
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        # The tree first on the path: a process started elsewhere (the CLI, in tmp) imports it too.
+        path = os.pathsep.join([str(self.tree), *filter(None, [os.environ.get("PYTHONPATH")])])
+        return {**os.environ, "PYTHONPATH": path, **self.env, **extra}
 
     def start_coordinator(self, *extra: str) -> None:
         log = open(self.tmp / "coordinator.log", "ab")
-        env = {**os.environ, "DSTACK_ADMIN_TOKEN": ADMIN, "DSTACK_JOIN_TOKEN": JOIN, "DSTACK_LOG_LEVEL": "WARNING"}
-        if self.coordinator_tree != REPO:
-            env["PYTHONPATH"] = str(self.coordinator_tree)
+        env = self._env(DSTACK_ADMIN_TOKEN=ADMIN, DSTACK_JOIN_TOKEN=JOIN, DSTACK_LOG_LEVEL="WARNING")
+        if self.coordinator_tree is not None:
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(self.coordinator_tree), *filter(None, [os.environ.get("PYTHONPATH")])]
+            )
         env.update(self.coordinator_env)
         self.coordinator = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
+                *self.coordinator_wrap,
+                *([] if self.coordinator_wrap else ["-m"]),
                 self.coordinator_module,
                 "--state-dir",
                 str(self.tmp / "server"),
@@ -76,7 +90,7 @@ class Services:
             stdout=log,
             stderr=log,
             env=env,
-            cwd=self.coordinator_tree,
+            cwd=self.coordinator_tree or self.tree,
         )
         self.procs.append(self.coordinator)
         # Starting takes seconds of imports: over 20 s on the shared 2-core machine at load 60.
@@ -96,12 +110,13 @@ class Services:
 
     def start_agent(self, name: str, *extra: str) -> None:
         log = open(self.tmp / f"{name}.log", "ab")
-        env = {**os.environ, "DSTACK_LOG_LEVEL": "WARNING", "DSTACK_JOIN_TOKEN": JOIN}
+        env = self._env(DSTACK_LOG_LEVEL="WARNING", DSTACK_JOIN_TOKEN=JOIN)
         self.procs.append(
             subprocess.Popen(
                 [
                     sys.executable,
-                    "-m",
+                    *self.agent_wrap,
+                    *([] if self.agent_wrap else ["-m"]),
                     "dstack.agent",
                     "--coordinator",
                     self.address,
@@ -115,7 +130,7 @@ class Services:
                 stdout=log,
                 stderr=log,
                 env=env,
-                cwd=REPO,
+                cwd=self.tree,
             )
         )
 

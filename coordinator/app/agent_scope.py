@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.errors import Forbidden
 from dstack.coordinator.store import JobLocation
+from dstack.coordinator.store.db import Store
 
 log = logging.getLogger("dstack.coordinator")
 
@@ -61,6 +62,12 @@ async def reportable(core: Core, agent_id: str, wire_ids: Sequence[str]) -> tupl
     and updates) and its own attempts that ended while their job goes on (lines only, into their
     own range). What it says about any other is dropped by coordinator/app/agent_stream.py."""
     return await core.db(core.store.agent_reportable, agent_id, wire_ids)
+
+
+def reportable_now(store: Store, agent_id: str, wire_ids: Sequence[str]) -> tuple[set[str], set[str]]:
+    """`reportable`, on the DB thread itself: for a call that checks and stores in one trip there
+    (coordinator/app/agent_stream.py, a message of log lines alone)."""
+    return store.agent_reportable(agent_id, wire_ids)
 
 
 DROP_LOG_INTERVAL_S = 60.0

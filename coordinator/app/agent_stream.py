@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from dstack.coordinator.app import agent_scope
@@ -74,13 +74,25 @@ class Session:
             )
             self.end_input()
             return
-        msg, dropped = await self._screen(msg)
-        recorded = await self._record_environments(msg)
-        try:  # the environments are queued first: stored before the updates, most often in their batch
-            reply = await self.core.engine.on_message(self.agent_id, msg)
-        finally:
-            if recorded is not None:
-                await recorded
+        if msg.logs and not msg.updates:
+            # Lines alone (a job printing steadily: hundreds of batches a second): whose lines they are is
+            # checked on the DB thread in the same call as their insert, one trip there and back, not two
+            # (each trip is a wake-up of two threads, and waits behind whatever else the DB thread does).
+            dropped = agent_pb2.CoordinatorMessage()
+            notes: list[tuple[str, str]] = []
+            reply = await self.core.engine.on_message(
+                self.agent_id, msg, screen_logs=lambda batches: self._screen_logs(batches, dropped, notes)
+            )
+            for job_id, what in notes:  # logged here, on the event loop (agent_scope keeps a count per agent)
+                agent_scope.dropped(self.agent_id, "lines", what, job_id)
+        else:
+            msg, dropped = await self._screen(msg)
+            recorded = await self._record_environments(msg)
+            try:  # the environments are queued first: stored before the updates, most often in their batch
+                reply = await self.core.engine.on_message(self.agent_id, msg)
+            finally:
+                if recorded is not None:
+                    await recorded
         if reply is None:
             reply = dropped
         else:
@@ -128,13 +140,10 @@ class Session:
         kept.CopyFrom(msg)
         del kept.logs[:]
         del kept.updates[:]
-        for b in msg.logs:
-            if b.job_id in current or b.job_id in ended:
-                kept.logs.append(b)
-            elif b.lines or b.blocks:
-                agent_scope.dropped(self.agent_id, "lines", f"{batch_lines(b)} log line(s)", b.job_id)
-                seq = max([batch_last_seq(b), *(ln.seq for ln in b.lines)])
-                acks.log_acks.append(agent_pb2.LogAck(job_id=b.job_id, seq=seq))
+        notes: list[tuple[str, str]] = []
+        kept.logs.extend(_keep_logs(msg.logs, current | ended, acks, notes))
+        for job_id, what in notes:
+            agent_scope.dropped(self.agent_id, "lines", what, job_id)
         for u in msg.updates:
             if u.job_id in current:
                 kept.updates.append(u)
@@ -144,6 +153,14 @@ class Session:
                 if u.status in FINAL:  # a stale attempt's end: its process is gone, its capacity free
                     self.core.engine.stale_attempt_ended(self.agent_id, u.job_id)
         return kept, acks
+
+    def _screen_logs(
+        self, batches: Sequence[agent_pb2.LogBatch], acks: agent_pb2.CoordinatorMessage, notes: list[tuple[str, str]]
+    ) -> list[agent_pb2.LogBatch]:
+        """(DB thread) `_screen` for a message of log batches alone: the batches of the agent's own
+        attempts; the others acknowledged into `acks`, and noted in `notes` for the warning."""
+        current, ended = agent_scope.reportable_now(self.core.store, self.agent_id, [b.job_id for b in batches])
+        return _keep_logs(batches, current | ended, acks, notes)
 
     async def outgoing(self) -> AsyncIterator[agent_pb2.CoordinatorMessage]:
         assert self._conn is not None, "start the session first"
@@ -159,3 +176,22 @@ class Session:
         if self._conn is not None:
             self.core.engine.hub.detach(self._conn)
             log.info("agent %s disconnected", self.agent_id)
+
+
+def _keep_logs(
+    batches: Sequence[agent_pb2.LogBatch],
+    allowed: set[str],
+    acks: agent_pb2.CoordinatorMessage,
+    notes: list[tuple[str, str]],
+) -> list[agent_pb2.LogBatch]:
+    """The batches of `allowed` attempts; each other one is acknowledged in `acks` (so an honest agent
+    holding lines of a job it lost stops resending them) and noted as (job, what) for the warning."""
+    kept = []
+    for b in batches:
+        if b.job_id in allowed:
+            kept.append(b)
+        elif b.lines or b.blocks:
+            notes.append((b.job_id, f"{batch_lines(b)} log line(s)"))
+            seq = max([batch_last_seq(b), *(ln.seq for ln in b.lines)])
+            acks.log_acks.append(agent_pb2.LogAck(job_id=b.job_id, seq=seq))
+    return kept

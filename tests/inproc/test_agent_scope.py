@@ -336,3 +336,50 @@ async def test_no_agent_adds_lines_to_an_attempt_ended_by_its_agents_loss(tmp_pa
 async def _renewed(h: Harness, name: str, at: int) -> bool:
     agent = await h.agent(name)
     return agent is not None and agent.last_heartbeat_ns >= at
+
+
+async def test_one_message_of_lines_for_its_own_job_and_a_victims_stores_only_its_own_in_one_db_trip(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A message of log lines alone is checked on the DB thread in the call that stores it (one trip, not
+    # two: coordinator/app/agent_stream.py). The attack: a rogue with a job of its own packs, in one
+    # message, a batch for its job and a batch for the victim's, hoping the check sees only the first.
+    monkeypatch.setattr(agent_scope, "DROP_LOG_INTERVAL_S", 0.0)
+    trips: list[str] = []  # the awaited scope check (a DB trip of its own): must not be used for lines alone
+    reportable = agent_scope.reportable
+
+    async def counted(*args: object) -> tuple[set[str], set[str]]:
+        trips.append("reportable")
+        return await reportable(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(agent_scope, "reportable", counted)
+    async with coordinator(tmp_path) as h, sim_agent(h, "victim", cpu=1) as victim:
+        _, ids = await build_then_train(h, victim)  # the victim is full: the rogue's own job goes to it
+        train = ids["train"]
+        await victim.log(train, 1, "real 1")
+        async with sim_agent(h, "rogue") as rogue:
+            own_run = await submit(h, await put_code(h), job_spec("own"))
+            own = job_ids(own_run)["own"]
+            await rogue.wait_assignments(1)
+            await rogue.report(own, JS.JOB_STATUS_RUNNING)
+            trips.clear()
+            with caplog.at_level(logging.WARNING, logger="dstack.coordinator"):
+                line = common_pb2.LogLine
+                await rogue.send(
+                    agent_pb2.AgentMessage(
+                        logs=[
+                            agent_pb2.LogBatch(job_id=own, lines=[line(seq=1, text="mine")]),
+                            agent_pb2.LogBatch(job_id=train, lines=[line(seq=2, text="forged 2")]),
+                        ]
+                    )
+                )
+                # Both acknowledged: its own as stored, the victim's as dropped (so an honest agent that
+                # lost a job stops resending its lines).
+                await rogue.until(lambda: rogue.log_acks() == {own: 1, train: 2}, "both batches acknowledged")
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert any(rogue.agent_id in w and train in w and "log line" in w for w in warnings), warnings
+            assert trips == []  # checked within the insert's own trip
+        assert await stored_lines(h, own) == ["mine"]
+        assert await stored_lines(h, train) == ["real 1"]
+        await victim.log(train, 2, "real 2")
+        assert await stored_lines(h, train) == ["real 1", "real 2"]

@@ -6,6 +6,7 @@ lines, once, in order."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,9 +46,11 @@ async def test_the_same_lines_reach_every_client_whether_the_coordinator_takes_b
             reply.hello_ack.ClearField("log_blocks")
         return reply
 
-    async def message(self: Engine, agent_id: str, msg: agent_pb2.AgentMessage) -> agent_pb2.CoordinatorMessage | None:
+    async def message(
+        self: Engine, agent_id: str, msg: agent_pb2.AgentMessage, **kw: Any
+    ) -> agent_pb2.CoordinatorMessage | None:
         kinds.extend("blocks" if b.blocks else "lines" for b in msg.logs)
-        return await on_message(self, agent_id, msg)
+        return await on_message(self, agent_id, msg, **kw)
 
     monkeypatch.setattr(Engine, "on_hello", hello)
     monkeypatch.setattr(Engine, "on_message", message)

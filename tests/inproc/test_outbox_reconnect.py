@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,14 +27,14 @@ async def test_lines_in_flight_and_lines_made_while_disconnected_arrive_after_re
     on_message = Engine.on_message
 
     async def recording(
-        self: Engine, agent_id: str, msg: agent_pb2.AgentMessage
+        self: Engine, agent_id: str, msg: agent_pb2.AgentMessage, **kw: Any
     ) -> agent_pb2.CoordinatorMessage | None:
         lines.update((b.job_id, ln.seq) for b in msg.logs for ln in b.lines)
         lines.update((b.job_id, k.first_seq + i) for b in msg.logs for k in b.blocks for i in range(k.count))
         updates.update((u.job_id, u.status) for u in msg.updates)
         if swallow_logs and msg.logs:
             await asyncio.Event().wait()  # until the stream's reader is cancelled
-        return await on_message(self, agent_id, msg)
+        return await on_message(self, agent_id, msg, **kw)
 
     monkeypatch.setattr(Engine, "on_message", recording)
     runtime = GatedRuntime()
