@@ -13,7 +13,9 @@ owing `total_bytes`, wait in `room()`: the job's output is not read meanwhile, i
 its writes block, so nothing is dropped and memory does not grow. Control traffic (job updates) is
 taken apart from log batches (`take_control`, `take_logs`): the session writes it, and heartbeats,
 first; a log batch is bounded in lines and bytes, and the bytes sent but not yet acknowledged are
-bounded too, so a heartbeat written now waits behind little.
+bounded too, so a heartbeat written now waits behind little. Messages in flight are bounded in number
+as well (log batches, and messages of updates): the coordinator reads a stream in order and holds only
+a few of its messages unhandled, and a heartbeat behind more would wait unread.
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ class OutboxBounds:
     # flight, a store stalled for seconds left heartbeats unread and this agent stopped healthy jobs
     # (self-fence). 2 MiB of one-line batches is thousands of messages; 8 batches leave room for updates.
     inflight_batches: int = 8
+    # Messages of job updates sent and not yet acknowledged: no more beyond it; the updates that wait go
+    # together in the next one. They are read in order with the log batches, ahead of any heartbeat behind
+    # them: many jobs ending one by one while the store stalled sent one message each, filled the
+    # coordinator's inbox and left heartbeats unread. 8 log batches and 4 of these stay below its 16,
+    # with room for a heartbeat that carries the inventory (tests/unit/test_outbox.py checks the sum).
+    inflight_updates: int = 4
 
 
 def cost(line: common_pb2.LogLine) -> int:
@@ -154,6 +162,9 @@ class Outbox:
         self.bounds = bounds
         self._logs: dict[str, _JobLog] = {}
         self._updates: dict[str, list[tuple[agent_pb2.JobUpdate, bool]]] = {}  # job -> [(update, sent)]
+        # The messages of updates written to the current stream and not yet acknowledged: each one's
+        # (job, status) pairs (`inflight_updates`).
+        self._update_msgs: list[tuple[tuple[str, int], ...]] = []
         self._finished: set[str] = set()  # jobs that will produce no more lines
         self._mem_bytes = 0  # all jobs' lines in memory
         self._owed_bytes = 0  # all jobs' lines, memory and disk
@@ -398,7 +409,10 @@ class Outbox:
         return msg
 
     def take_control(self) -> agent_pb2.AgentMessage | None:
-        """Job updates not yet sent; a final one only once all of its job's lines are sent."""
+        """Job updates not yet sent, all in one message; a final one only once all of its job's lines are
+        sent; none while `inflight_updates` messages wait for acknowledgement."""
+        if len(self._update_msgs) >= self.bounds.inflight_updates:
+            return None
         msg = agent_pb2.AgentMessage()
         for job_id, items in self._updates.items():
             pending = self._logs.get(job_id)
@@ -408,7 +422,10 @@ class Outbox:
                     continue
                 msg.updates.append(u)
                 items[i] = (u, True)
-        return msg if msg.updates else None
+        if not msg.updates:
+            return None
+        self._update_msgs.append(tuple((u.job_id, u.status) for u in msg.updates))
+        return msg
 
     # ---- acknowledgements --------------------------------------------------------------------
     def ack_logs(self, job_id: str, seq: int) -> None:
@@ -438,6 +455,18 @@ class Outbox:
         if not items:
             del self._updates[job_id]
         self._forget_if_done(job_id)
+        self._settle_updates()
+
+    def _unacked(self, job_id: str, status: int) -> bool:
+        return any(u.status == status and sent for u, sent in self._updates.get(job_id, ()))
+
+    def _settle_updates(self) -> None:
+        """Update messages whose every update is acknowledged are no longer in flight."""
+        before = len(self._update_msgs)
+        self._update_msgs = [m for m in self._update_msgs if any(self._unacked(j, st) for j, st in m)]
+        if len(self._update_msgs) < before:
+            self.wake.set()  # the send loop may write the updates that waited
+            self.urgent.set()
 
     def _forget_if_done(self, job_id: str) -> None:
         jl = self._logs.get(job_id)
@@ -468,6 +497,7 @@ class Outbox:
             self._inflight_bytes -= jl.inflight_bytes
             jl.inflight_bytes = 0
         self._batches.clear()  # nothing is in flight on a new stream
+        self._update_msgs.clear()
         for items in self._updates.values():
             items[:] = [(u, False) for u, _ in items]
         self.wake.set()

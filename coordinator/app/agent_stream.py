@@ -12,8 +12,9 @@ first: lines and updates of jobs that are not its own never reach the engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from dstack.coordinator.app import agent_scope
@@ -58,6 +59,21 @@ class Session:
             return False
         engine.heard(self.agent_id)
         return True
+
+    @contextlib.contextmanager
+    def unread(self) -> Iterator[None]:
+        """While the stream is not read (its inbox is full: the messages before wait for the database),
+        the agent's lease does not run out: what it sends meanwhile arrived, unread (engine.stream_unread).
+        A stale session holds nothing."""
+        engine = self.core.engine
+        if not engine.sessions.is_current(self.agent_id, self.epoch):
+            yield
+            return
+        engine.stream_unread(self.agent_id)
+        try:
+            yield
+        finally:
+            engine.stream_read_again(self.agent_id)
 
     def ack_beat(self, seq: int) -> None:
         """A heartbeat read on this (current) stream renewed the lease in memory (`heard`): its renewal is
