@@ -409,19 +409,27 @@ class Outbox:
         return msg
 
     def take_control(self) -> agent_pb2.AgentMessage | None:
-        """Job updates not yet sent, all in one message; a final one only once all of its job's lines are
-        sent; none while `inflight_updates` messages wait for acknowledgement."""
+        """Job updates not yet sent, together in one message of at most `max_bytes` (at least one update: a
+        final one carries its environment, up to a few hundred KiB); a final one only once all of its job's
+        lines are sent; none while `inflight_updates` messages wait for acknowledgement."""
         if len(self._update_msgs) >= self.bounds.inflight_updates:
             return None
         msg = agent_pb2.AgentMessage()
+        size = 0
         for job_id, items in self._updates.items():
             pending = self._logs.get(job_id)
             lines_pending = pending is not None and pending.sent_upto < pending.next_seq - 1
             for i, (u, sent) in enumerate(items):
                 if sent or (u.status in FINAL and lines_pending):
                     continue
+                n = u.ByteSize()
+                if msg.updates and size + n > self.max_bytes:
+                    break  # this job's later updates wait behind this one: its order is kept
+                size += n
                 msg.updates.append(u)
                 items[i] = (u, True)
+            if size >= self.max_bytes:
+                break
         if not msg.updates:
             return None
         self._update_msgs.append(tuple((u.job_id, u.status) for u in msg.updates))

@@ -160,3 +160,25 @@ def test_what_the_agent_keeps_in_flight_stays_below_what_the_coordinator_holds_u
 
     bounds = OutboxBounds()
     assert bounds.inflight_batches + bounds.inflight_updates + 1 < INBOX_MESSAGES
+
+
+def test_updates_that_waited_go_in_messages_of_bounded_size_each_job_in_order() -> None:
+    """A final update carries its job's environment (a `pip freeze` of up to 256 KiB): the updates of
+    hundreds of jobs that ended during a stall must not become one message over gRPC's limit."""
+
+    async def build() -> Outbox:
+        return Outbox(max_bytes_per_message=10_000, bounds=OutboxBounds(inflight_updates=100))
+
+    ob = asyncio.run(build())
+    for k in range(10):
+        ob.add_update(_update(f"j{k}", JS.JOB_STATUS_RUNNING))
+        done = _update(f"j{k}", JS.JOB_STATUS_DONE)
+        done.message = "x" * 3000
+        ob.add_update(done)
+    sent: list[tuple[str, int]] = []
+    while (msg := ob.take_control()) is not None:
+        assert msg.ByteSize() <= 10_000 + 100 or len(msg.updates) == 1
+        sent += [(u.job_id, u.status) for u in msg.updates]
+    assert len(sent) == 20
+    for k in range(10):  # every update once, each job's in order
+        assert sent.index((f"j{k}", JS.JOB_STATUS_RUNNING)) < sent.index((f"j{k}", JS.JOB_STATUS_DONE))
