@@ -86,7 +86,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         async def handle() -> None:
             try:
                 while (msg := await inbox.get()) is not None:
-                    await session.receive(msg)
+                    await session.receive_stored(msg)  # again while the store's disk refuses writes
             except asyncio.CancelledError:
                 pass
             except Exception:
