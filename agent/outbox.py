@@ -13,7 +13,9 @@ owing `total_bytes`, wait in `room()`: the job's output is not read meanwhile, i
 its writes block, so nothing is dropped and memory does not grow. Control traffic (job updates) is
 taken apart from log batches (`take_control`, `take_logs`): the session writes it, and heartbeats,
 first; a log batch is bounded in lines and bytes, and the bytes sent but not yet acknowledged are
-bounded too, so a heartbeat written now waits behind little.
+bounded too, so a heartbeat written now waits behind little. Messages in flight are bounded in number
+as well (log batches, and messages of updates): the coordinator reads a stream in order and holds only
+a few of its messages unhandled, and a heartbeat behind more would wait unread.
 """
 
 from __future__ import annotations
@@ -68,6 +70,12 @@ class OutboxBounds:
     # flight, a store stalled for seconds left heartbeats unread and this agent stopped healthy jobs
     # (self-fence). 2 MiB of one-line batches is thousands of messages; 8 batches leave room for updates.
     inflight_batches: int = 8
+    # Messages of job updates sent and not yet acknowledged: no more beyond it; the updates that wait go
+    # together in the next one. They are read in order with the log batches, ahead of any heartbeat behind
+    # them: many jobs ending one by one while the store stalled sent one message each, filled the
+    # coordinator's inbox and left heartbeats unread. 8 log batches and 4 of these stay below its 16,
+    # with room for a heartbeat that carries the inventory (tests/unit/test_outbox.py checks the sum).
+    inflight_updates: int = 4
 
 
 def cost(line: common_pb2.LogLine) -> int:
@@ -164,6 +172,9 @@ class Outbox:
         self.bounds = bounds
         self._logs: dict[str, _JobLog] = {}
         self._updates: dict[str, list[tuple[agent_pb2.JobUpdate, bool]]] = {}  # job -> [(update, sent)]
+        # The messages of updates written to the current stream and not yet acknowledged: each one's
+        # (job, status) pairs (`inflight_updates`).
+        self._update_msgs: list[tuple[tuple[str, int], ...]] = []
         self._finished: set[str] = set()  # jobs that will produce no more lines
         self._mem_bytes = 0  # all jobs' lines in memory
         self._owed_bytes = 0  # all jobs' lines, memory and disk
@@ -454,17 +465,31 @@ class Outbox:
         return any(jl.mem and jl.mem[-1].last > jl.sent_upto for jl in self._logs.values())
 
     def take_control(self) -> agent_pb2.AgentMessage | None:
-        """Job updates not yet sent; a final one only once all of its job's lines are sent."""
+        """Job updates not yet sent, together in one message of at most `max_bytes` (at least one update: a
+        final one carries its environment, up to a few hundred KiB); a final one only once all of its job's
+        lines are sent; none while `inflight_updates` messages wait for acknowledgement."""
+        if len(self._update_msgs) >= self.bounds.inflight_updates:
+            return None
         msg = agent_pb2.AgentMessage()
+        size = 0
         for job_id, items in self._updates.items():
             pending = self._logs.get(job_id)
             lines_pending = pending is not None and pending.sent_upto < pending.next_seq - 1
             for i, (u, sent) in enumerate(items):
                 if sent or (u.status in FINAL and lines_pending):
                     continue
+                n = u.ByteSize()
+                if msg.updates and size + n > self.max_bytes:
+                    break  # this job's later updates wait behind this one: its order is kept
+                size += n
                 msg.updates.append(u)
                 items[i] = (u, True)
-        return msg if msg.updates else None
+            if size >= self.max_bytes:
+                break
+        if not msg.updates:
+            return None
+        self._update_msgs.append(tuple((u.job_id, u.status) for u in msg.updates))
+        return msg
 
     # ---- acknowledgements --------------------------------------------------------------------
     def ack_logs(self, job_id: str, seq: int) -> None:
@@ -494,6 +519,18 @@ class Outbox:
         if not items:
             del self._updates[job_id]
         self._forget_if_done(job_id)
+        self._settle_updates()
+
+    def _unacked(self, job_id: str, status: int) -> bool:
+        return any(u.status == status and sent for u, sent in self._updates.get(job_id, ()))
+
+    def _settle_updates(self) -> None:
+        """Update messages whose every update is acknowledged are no longer in flight."""
+        before = len(self._update_msgs)
+        self._update_msgs = [m for m in self._update_msgs if any(self._unacked(j, st) for j, st in m)]
+        if len(self._update_msgs) < before:
+            self.wake.set()  # the send loop may write the updates that waited
+            self.urgent.set()
 
     def _forget_if_done(self, job_id: str) -> None:
         jl = self._logs.get(job_id)
@@ -524,6 +561,7 @@ class Outbox:
             self._inflight_bytes -= jl.inflight_bytes
             jl.inflight_bytes = 0
         self._batches.clear()  # nothing is in flight on a new stream
+        self._update_msgs.clear()
         for items in self._updates.values():
             items[:] = [(u, False) for u, _ in items]
         self.wake.set()

@@ -357,8 +357,18 @@ class Engine:
         self.leases.renew(agent_id, now, until, self.store.clock())
 
     def agent_online(self, agent_id: str) -> None:
-        """The agent is online (its hello, or an admin's approval while it is connected): it holds a lease."""
-        self.leases.grant(agent_id, self._lease_deadline())
+        """The agent is online (its hello, or an admin's approval while it is connected): it holds a lease,
+        and was heard from now (its silence is counted from here, not from before a reconnect)."""
+        self.leases.grant(agent_id, self._lease_deadline(), heard_at=self.clock.monotonic())
+
+    def stream_unread(self, agent_id: str) -> None:
+        """We stopped reading the agent's (current) stream: its inbox is full, behind the database. What it
+        sends meanwhile, heartbeats too, waits in the transport: its lease does not run out (leases.hold)."""
+        self.leases.hold(agent_id)
+
+    def stream_read_again(self, agent_id: str) -> None:
+        """The agent's stream is read again: its lease starts afresh from now."""
+        self.leases.release(agent_id, self.clock.monotonic(), self._lease_deadline())
 
     def lease_now(self) -> int:
         # Monotonic time means nothing across a restart; start() gives every online agent a fresh lease.

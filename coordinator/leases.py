@@ -23,10 +23,18 @@ class Leases:
         self._last_heard_wall: dict[str, int] = {}  # agent -> wall ns last heard (shown over the stored one)
         self._last_heard_mono: dict[str, float] = {}  # agent -> monotonic s last heard (gap measurement)
         self.max_gap_s = 0.0  # the longest silence of an agent that held a lease, between two messages
+        # Agents whose stream we stopped reading (their messages wait unread in the transport, behind a full
+        # inbox: coordinator/services/agent.py) -> how many of their streams are so held. Our backlog, not
+        # their silence: such a lease does not run out while held, and starts afresh when it is released.
+        self._backlogged: dict[str, int] = {}
 
-    def grant(self, agent_id: str, until: float) -> None:
-        """The agent is online (its hello, its approval, a start-up): it holds a lease until `until`."""
+    def grant(self, agent_id: str, until: float, heard_at: float | None = None) -> None:
+        """The agent is online (its hello, its approval, a start-up): it holds a lease until `until`.
+        `heard_at` (monotonic s): it was heard from then (a hello): a silence is counted from there, not
+        from its last message on an earlier stream (so `max_gap_s` leaves out its reconnect)."""
         self._until[agent_id] = until
+        if heard_at is not None:
+            self._last_heard_mono[agent_id] = heard_at
 
     def holds(self, agent_id: str) -> bool:
         return agent_id in self._until
@@ -52,12 +60,34 @@ class Leases:
                 self._until[agent_id] = until
 
     def expired(self, now: float) -> list[str]:
-        return [a for a, until in self._until.items() if until < now]
+        return [a for a, until in self._until.items() if until < now and a not in self._backlogged]
 
     def still_expired(self, agent_id: str, now: float) -> bool:
-        """Read on the DB thread as it marks agents lost: a message read meanwhile saves the agent."""
+        """Read on the DB thread as it marks agents lost: a message read meanwhile saves the agent, and so
+        does a stream of its that we stopped reading meanwhile (its messages arrived; we did not read them)."""
         until = self._until.get(agent_id)
-        return until is not None and until < now
+        return until is not None and until < now and agent_id not in self._backlogged
+
+    def hold(self, agent_id: str) -> None:
+        """We stopped reading the agent's stream (its inbox is full: what it sent waits for the database,
+        and what it sends now, heartbeats too, waits unread in the transport). While held its lease does not
+        run out: the agent is not silent, we are not listening (as the stall guard says for a stalled loop)."""
+        self._backlogged[agent_id] = self._backlogged.get(agent_id, 0) + 1
+
+    def release(self, agent_id: str, now: float, until: float) -> None:
+        """We read the agent's stream again: its lease starts afresh (`until`), as after a stall. An agent
+        that is really gone is lost a lease later."""
+        n = self._backlogged.get(agent_id, 0) - 1
+        if n > 0:
+            self._backlogged[agent_id] = n
+            return
+        self._backlogged.pop(agent_id, None)
+        if agent_id in self._until:
+            self._until[agent_id] = max(self._until[agent_id], until)
+            self._last_heard_mono[agent_id] = now  # the time held is our silence, not the agent's
+
+    def backlogged(self, agent_id: str) -> bool:
+        return agent_id in self._backlogged
 
     def forget(self, agent_id: str) -> None:
         """The agent is lost, removed or forgotten: it holds no lease until its next hello."""

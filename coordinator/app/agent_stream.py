@@ -12,8 +12,10 @@ first: lines and updates of jobs that are not its own never reach the engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+import sqlite3
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from dstack.coordinator.app import agent_scope
@@ -25,6 +27,17 @@ from dstack.protos.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger("dstack.coordinator")
 FINAL = frozenset({common_pb2.JOB_STATUS_DONE, common_pb2.JOB_STATUS_FAILED, common_pb2.JOB_STATUS_STOPPED})
+
+
+# A message the store could not write because its disk refused (full, an I/O error) is handled again, after
+# these waits (s), until it is stored: the stream stays up meanwhile.
+REFUSED_WRITE_RETRY_S = (0.25, 2.0)
+
+
+def refused_write(e: BaseException) -> bool:
+    """The store's disk refused a write (SQLITE_FULL, SQLITE_IOERR...): it heals when space is back."""
+    name = getattr(e, "sqlite_errorname", "") or ""
+    return isinstance(e, sqlite3.OperationalError) and (name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR"))
 
 
 class Session:
@@ -58,6 +71,21 @@ class Session:
             return False
         engine.heard(self.agent_id)
         return True
+
+    @contextlib.contextmanager
+    def unread(self) -> Iterator[None]:
+        """While the stream is not read (its inbox is full: the messages before wait for the database),
+        the agent's lease does not run out: what it sends meanwhile arrived, unread (engine.stream_unread).
+        A stale session holds nothing."""
+        engine = self.core.engine
+        if not engine.sessions.is_current(self.agent_id, self.epoch):
+            yield
+            return
+        engine.stream_unread(self.agent_id)
+        try:
+            yield
+        finally:
+            engine.stream_read_again(self.agent_id)
 
     def ack_beat(self, seq: int) -> None:
         """A heartbeat read on this (current) stream renewed the lease in memory (`heard`): its renewal is
@@ -103,6 +131,31 @@ class Session:
             reply.lease_ack = 0
         if (reply.log_acks or reply.update_acks or reply.lease_ack) and self._conn is not None:
             self._conn.send(reply)
+
+    async def receive_stored(self, msg: agent_pb2.AgentMessage) -> None:
+        """`receive`, again until the store writes it, while its disk refuses writes (the coordinator's disk
+        full). The stream stays up: the agent's heartbeats behind this message are still read and acknowledged
+        in memory (the agent keeps only a few messages unacknowledged, agent/outbox.py), so a full disk on the
+        coordinator is a stalled store, not a lost stream: before, the stream failed, the agent's hello failed
+        too, and every agent stopped its healthy jobs (self-fence) once the disk was full for longer than its
+        deadline (issue 16's coordinator-disk-full chaos scenario). What `receive` did before the refused write
+        is done again harmlessly: stored lines are cut from a resend, a repeated update changes nothing."""
+        wait, most = REFUSED_WRITE_RETRY_S
+        said = False
+        while True:
+            try:
+                await self.receive(msg)
+                return
+            except sqlite3.OperationalError as e:
+                if not refused_write(e):
+                    raise
+                if not said:
+                    log.warning(
+                        "agent %s: the store refuses writes (%s); its message waits, its stream stays", self.agent_id, e
+                    )
+                    said = True
+            await asyncio.sleep(wait)
+            wait = min(most, wait * 2)
 
     async def _record_environments(self, msg: agent_pb2.AgentMessage) -> asyncio.Future[None] | None:
         """Keeps the environments reported with updates (screened: the agent's own jobs only), bounded

@@ -68,7 +68,14 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     if session.heard() and _beat_only(msg):
                         session.ack_beat(msg.heartbeat.seq)  # renewed in memory: in force at once
                         continue  # nothing else in it
-                    await inbox.put(msg)
+                    if inbox.full():
+                        # We stop reading: what the agent sends next (its heartbeats too) waits in the
+                        # transport until the handler, behind the database, makes room. Our backlog, not
+                        # the agent's silence: its lease does not run out meanwhile.
+                        with session.unread():
+                            await inbox.put(msg)
+                    else:
+                        inbox.put_nowait(msg)
             except (asyncio.CancelledError, grpc.aio.AioRpcError):
                 pass
             except Exception:
@@ -79,7 +86,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         async def handle() -> None:
             try:
                 while (msg := await inbox.get()) is not None:
-                    await session.receive(msg)
+                    await session.receive_stored(msg)  # again while the store's disk refuses writes
             except asyncio.CancelledError:
                 pass
             except Exception:

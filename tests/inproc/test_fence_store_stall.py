@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,3 +124,70 @@ async def test_a_busy_default_thread_pool_does_not_hold_back_the_heartbeat(
             await asyncio.gather(*busy)
         assert "self-fence" not in caplog.text, f"least lease left {closest:.2f}s\n{caplog.text}"
         assert agent.jobs and not any(r.fenced for r in agent.jobs.values()), "the agent stopped its healthy job"
+
+
+async def test_a_job_printing_while_the_coordinators_disk_is_full_past_the_fence_deadline_is_not_stopped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The coordinator's disk full: every store write fails (SQLITE_FULL). A message whose write failed ended
+    the agent's stream, and its hello failed too, so no heartbeat was acknowledged and every agent stopped its
+    healthy jobs once the disk stayed full past its deadline (bench.chaos coordinator-disk-full: 12 of 12
+    running jobs stopped, 2 of them then failed `agent lost`). Now the message waits and is written again,
+    and the stream stays (agent_stream.Session.receive_stored). Attack: the store refuses every agent write
+    for longer than the fence deadline while a job prints; nothing is stopped and no line is lost."""
+    caplog.set_level(logging.INFO, "dstack.agent")
+    runtime = GatedRuntime()
+    async with (
+        coordinator(
+            tmp_path, lease_timeout_s=LEASE_S, heartbeat_interval_s=BEAT_S, fence_margin_s=MARGIN_S, fence_kill_s=KILL_S
+        ) as h,
+        real_agent(h, runtime=runtime) as agent,
+    ):
+        run = await submit_run(h, job_spec("main"))
+        proc = await runtime.started(run.jobs[0].id)
+        await wait_until(lambda: running(h, run.name), "the job to run")
+
+        store = h.coordinator.engine.store
+        full = threading.Event()
+        refused = 0
+
+        def refusing(write: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                nonlocal refused
+                if full.is_set():
+                    refused += 1
+                    e = sqlite3.OperationalError("database or disk is full")
+                    e.sqlite_errorname = "SQLITE_FULL"  # as SQLite sets it
+                    raise e
+                return write(*args, **kwargs)
+
+            return call
+
+        # What an agent's stream writes: its lines, its updates, its inventory, its hello.
+        for name in ("insert_logs", "apply_job_updates", "heartbeat", "agent_online"):
+            setattr(store, name, refusing(getattr(store, name)))
+        full.set()
+        closest = float("inf")
+        try:
+            until = time.monotonic() + STALL_S
+            i = 0
+            while time.monotonic() < until:
+                i += 1
+                proc.say(f"line {i}")
+                await asyncio.sleep(0.01)
+                left = agent.lease.remaining()
+                assert left is not None
+                closest = min(closest, left)
+        finally:
+            full.clear()
+        assert refused, "the store never refused a write: the attack did not happen"
+        assert "self-fence" not in caplog.text, f"least lease left {closest:.2f}s\n{caplog.text}"
+        assert agent.jobs and not any(r.fenced for r in agent.jobs.values()), "the agent stopped its healthy job"
+        proc.exit(0)
+
+        async def done() -> bool:
+            return (await h.job(run.name)).status == JS.JOB_STATUS_DONE
+
+        await wait_until(done, "the job to finish")
+        printed = [text for _, _, text in await h.logs(run.name) if text.startswith("line ")]
+        assert printed == [f"line {k}" for k in range(1, i + 1)]  # every line once, in order

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sqlite3
 import threading
@@ -262,6 +263,63 @@ async def test_an_agent_that_keeps_beating_is_not_lost_while_the_db_thread_is_bl
         assert await status_of(h, "beating") == "online"
         assert await status_of(h, "silent") == "lost"
         assert engine.metrics.agents_lost._value.get() == 1  # the silent one only
+
+
+async def test_an_agent_whose_messages_wait_unread_behind_a_stalled_db_thread_is_not_lost(tmp_path: Path) -> None:
+    """The coordinator holds at most 16 of an agent's messages read but not handled; with its DB thread
+    stalled, an agent that keeps sending (log batches, updates: an old agent, a simulated one) fills them,
+    and the stream is not read any more: its heartbeats wait unread in the transport. The lease check that
+    ran meanwhile found the lease run out, and its write (behind the stall) marked the agent lost (a 24 s
+    stall in a bench.throughput run lost all 50 simulated agents). Its messages arrived: our backlog is not
+    its silence (coordinator/leases.py, `hold`). Attack: the DB thread is held while the agent sends 40
+    one-line log batches and then heartbeats, and the lease check runs past its lease before the thread is
+    free; a silent agent is still lost."""
+    async with (
+        coordinator(tmp_path, lease_timeout_s=LEASE_S, heartbeat_interval_s=1.0) as h,
+        sim_agent(h, "busy", cpu=1) as busy,
+        sim_agent(h, "silent", cpu=1),
+    ):
+        run = await submit_run(h, job_spec("a"))
+        (job_id,) = job_ids(run).values()
+        await busy.wait_assignments(1)
+        await busy.report(job_id, JS.JOB_STATUS_RUNNING)
+        engine = h.coordinator.engine
+        db_queue = engine.db._queue  # the DB thread's calls not yet taken
+
+        release, entered = threading.Event(), threading.Event()
+
+        def stalled() -> None:  # the DB thread is busy until the test says so
+            entered.set()
+            release.wait(60)
+
+        blocker = asyncio.ensure_future(engine.db(stalled))
+        check: asyncio.Future[None] | None = None
+        try:
+            await asyncio.to_thread(entered.wait, 10)
+            for seq in range(1, 41):  # each waits for the DB thread: more than the inbox holds
+                line = common_pb2.LogLine(seq=seq, stream=common_pb2.LOG_STREAM_STDOUT, text=f"line {seq}")
+                await busy.send(agent_pb2.AgentMessage(logs=[agent_pb2.LogBatch(job_id=job_id, lines=[line])]))
+            for _ in range(3):  # past its lease (and short of the 10 s flush of last-heard times)
+                h.clock.step(LEASE_S / 2)
+                await busy.heartbeat()  # unread: behind the log batches
+            waiting = db_queue.qsize()  # the first batch's store call
+            check = asyncio.ensure_future(h.clock.advance(1.0))  # the lease check, with the DB thread held
+
+            async def loss_queued() -> bool:
+                return db_queue.qsize() > waiting
+
+            with contextlib.suppress(AssertionError):  # the fix: no loss to write, nothing queued
+                async with asyncio.timeout(1.5):
+                    await wait_until(loss_queued, "the lease check's write queued behind the stall")
+        finally:
+            release.set()
+            await blocker
+            if check is not None:
+                await check
+        assert await status_of(h, "busy") == "online"
+        assert await status_of(h, "silent") == "lost"
+        assert engine.metrics.agents_lost._value.get() == 1  # the silent one only
+        await busy.until(lambda: busy.log_acks().get(job_id, 0) >= 40, "every line stored")
 
 
 async def _heard(engine: Engine, agent_id: str, at: int) -> bool:
