@@ -11,6 +11,12 @@ free-but-kept, and every third sample the count of each type of object the garba
 With PYTHONTRACEMALLOC=N set, every fifth sample also dumps a tracemalloc snapshot (snapNNN.tm;
 compare two with `Snapshot.compare_to`): slow, use it for short runs.
 
+With MEMPROBE_GC=1 it also logs the collector (bench/gc_census.py reads it): every collection's
+generation and duration, summed per generation, and the ones over 0.1 s one by one, in DIR/gc.json
+(rewritten at most once a second); and on SIGUSR1 it writes DIR/census-N.json: the tracked objects by
+type (frozen ones, gc.freeze(), are not walked by a collection and are left out) and how long a full
+collection takes at that moment.
+
 How the soak's +5.5 MiB/h (issue 16) was found: `Waiting` and `JobRequest` counted +170 a minute at
 3 runs/s while the queue stayed shallow (coordinator/queue.py kept every job that ever waited).
 """
@@ -23,6 +29,7 @@ import gc
 import json
 import os
 import runpy
+import signal
 import sys
 import threading
 import time
@@ -115,14 +122,123 @@ def report(out: Path) -> None:
             print(f"  {t}: +{n}, {after[t]}")
 
 
+class GcLog:
+    """Every collection's generation and duration (gc.callbacks), summed per generation."""
+
+    SLOW_S = 0.1
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.began = 0.0
+        self.began_cpu = 0.0
+        self.count = [0, 0, 0]
+        self.cpu_s = [0.0, 0.0, 0.0]  # the collecting thread's CPU time: what a loaded machine does not inflate
+        self.total_s = [0.0, 0.0, 0.0]
+        self.longest_s = [0.0, 0.0, 0.0]
+        self.collected = [0, 0, 0]
+        self.slow: list[tuple[float, int, float, int]] = []  # (seconds since start, generation, s, collected)
+        self.t0 = time.monotonic()
+        self.written = 0.0
+        self.paused = False  # the census's own collections are not the process's
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if self.paused:
+            return
+        if phase == "start":
+            self.began, self.began_cpu = time.perf_counter(), time.thread_time()
+            return
+        took, gen = time.perf_counter() - self.began, info["generation"]
+        self.cpu_s[gen] += time.thread_time() - self.began_cpu
+        self.count[gen] += 1
+        self.total_s[gen] += took
+        self.longest_s[gen] = max(self.longest_s[gen], took)
+        self.collected[gen] += info["collected"]
+        if took > self.SLOW_S:
+            self.slow.append((round(time.monotonic() - self.t0, 1), gen, round(took, 3), info["collected"]))
+        now = time.monotonic()
+        if now - self.written > 1.0:  # not per collection: a young one is sub-millisecond
+            self.written = now
+            self.write()
+
+    def write(self) -> None:
+        row = {
+            "count": self.count,
+            "total_s": self.total_s,
+            "cpu_s": self.cpu_s,
+            "longest_s": self.longest_s,
+            "collected": self.collected,
+            "slow": self.slow,
+            "threshold": gc.get_threshold(),
+        }
+        tmp = self.out / "gc.json.tmp"
+        tmp.write_text(json.dumps(row))
+        tmp.replace(self.out / "gc.json")
+
+
+def census(out: Path, n: int) -> None:
+    """The tracked objects by type once cyclic garbage is gone, and how long a full collection of them
+    takes (it runs in the signal handler, on the event loop's thread, as a collection triggered there would)."""
+    collected = gc.collect(2)
+    objects = gc.get_objects()
+    types = collections.Counter(type(o).__qualname__ for o in objects)
+    # A collection's cost is the references it follows, not the objects: one dict of 100,000 entries is
+    # one object and 200,000 references.
+    refs: collections.Counter[str] = collections.Counter()
+    widest: list[tuple[int, str]] = []
+    for o in objects:
+        k = len(gc.get_referents(o))
+        refs[type(o).__qualname__] += k
+        if k > 1000:
+            widest.append((k, type(o).__qualname__))
+    del objects
+    widest.sort(reverse=True)
+    took = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        gc.collect(2)
+        took.append(time.perf_counter() - t0)
+    row = {
+        "tracked": sum(types.values()),
+        "frozen": gc.get_freeze_count(),
+        "full_collection_s": sorted(took)[1],
+        "collected": collected,
+        "types": types.most_common(80),
+        "references": sum(refs.values()),
+        "references_by_type": refs.most_common(30),
+        "widest": widest[:30],
+        "rss": _rss(),
+    }
+    (out / f"census-{n}.json").write_text(json.dumps(row))
+
+
+def _gc_probe(out: Path) -> None:
+    log = GcLog(out)
+    gc.callbacks.append(log)
+    taken = [0]
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.write()
+        log.paused = True
+        try:
+            census(out, taken[0])
+        finally:
+            log.paused = False
+        taken[0] += 1
+
+    signal.signal(signal.SIGUSR1, on_signal)
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--report"]:
         report(Path(sys.argv[2]))
         return
     out = Path(os.environ["MEMPROBE_OUT"])
     out.mkdir(parents=True, exist_ok=True)
-    period = float(os.environ.get("MEMPROBE_PERIOD", "60"))
-    threading.Thread(target=_sampler, args=(out, period), name="memprobe", daemon=True).start()
+    period = float(os.environ.get("MEMPROBE_PERIOD", "60"))  # 0: no sampler
+    if os.environ.get("MEMPROBE_GC"):
+        _gc_probe(out)
+    if period > 0:
+        threading.Thread(target=_sampler, args=(out, period), name="memprobe", daemon=True).start()
     sys.argv = ["dstack.coordinator", *sys.argv[1:]]
     runpy.run_module("dstack.coordinator", run_name="__main__", alter_sys=True)
 

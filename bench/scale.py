@@ -17,6 +17,7 @@ Usage: python -m bench.scale [AGENTS] [QUEUED] [RUNS] [--procs N] [--no-baseline
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -29,6 +30,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import psutil
@@ -92,6 +94,8 @@ class Figures:
     submit_errors: int = 0  # runs whose submission failed (the rates count only what was stored)
     ps_failures: list[str] = field(default_factory=list)  # ListRuns samples and `dstack ps` processes that failed
     notes: list[str] = field(default_factory=list)
+    # With --gc-log: the coordinator's garbage collections (bench/memprobe.py GcLog), summed per generation.
+    gc: dict[str, Any] = field(default_factory=dict)
 
 
 class Scraper:
@@ -253,6 +257,7 @@ def scenario(
     steady_s: float = 35.0,
     say: bool = True,
     cli_ps: int = 10,
+    gc_log: bool = False,
 ) -> Figures:
     """The phases of the module's docstring at one size; `steady_s`: how long the full queue is held (over
     two lease timeouts, so a starved heartbeat would show as a lost agent); `cli_ps`: how many times the
@@ -266,6 +271,10 @@ def scenario(
     svc = Services()
     fleet: Fleet | None = None
     sampler: RssSampler | None = None
+    gc_out = svc.tmp / "gc-probe"
+    if gc_log:  # the coordinator under bench.memprobe, which times every collection (no sampler thread)
+        svc.coordinator_module = "bench.memprobe"
+        os.environ.update(MEMPROBE_OUT=str(gc_out), MEMPROBE_GC="1", MEMPROBE_PERIOD="0")
     try:
         svc.start_coordinator("--http-port", "0")
         assert svc.coordinator is not None
@@ -410,6 +419,8 @@ def scenario(
         late = re.findall(r"lease check ([0-9.]+) s late", (svc.tmp / "coordinator.log").read_text(errors="replace"))
         f.max_lease_check_late_s = max((float(x) for x in late), default=0.0)
         f.errors, f.reconnected, f.failures = last[0].errors, last[0].reconnected, dict(last[0].failures)
+        if gc_log and (gc_out / "gc.json").exists():  # rewritten at most once a second: the last second may miss
+            f.gc = json.loads((gc_out / "gc.json").read_text())
     finally:
         if fleet is not None:
             fleet.stop()
@@ -557,7 +568,22 @@ def table(base: Figures | None, full: Figures) -> str:
             None,
         ),
     ]
+    if full.gc:
+        for g in range(3):
+            lines.append(row(f"garbage collections, generation {g}", *both(lambda f, g=g: gc_said(f, g)), "", None))  # type: ignore[misc]
     return "\n".join(lines)
+
+
+def gc_said(f: Figures, gen: int) -> str:
+    """One generation's collections (--gc-log): how many, their time, the longest, and those over 0.1 s."""
+    if not f.gc:
+        return "-"
+    slow = [s for s in f.gc["slow"] if s[1] == gen]
+    return (
+        f"{f.gc['count'][gen]:,} in {f.gc['total_s'][gen]:.1f} s ({f.gc['cpu_s'][gen]:.1f} s CPU),"
+        f" longest {f.gc['longest_s'][gen] * 1e3:,.0f} ms;"
+        f" {len(slow)} over 0.1 s ({sum(s[2] for s in slow):.1f} s)"
+    )
 
 
 def main() -> None:
@@ -569,6 +595,7 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="skip the tenth-size run")
     ap.add_argument("--steady-s", type=float, default=35.0, help="how long the full queue is held")
     ap.add_argument("--cli-ps", type=int, default=10, help="times the real `dstack ps` process is timed")
+    ap.add_argument("--gc-log", action="store_true", help="time the coordinator's garbage collections (bench.memprobe)")
     a = ap.parse_args()
     # A SIGTERM (timeout, kill) unwinds like Ctrl+C: the coordinator and the worker processes are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -582,8 +609,9 @@ def main() -> None:
             max(1, a.procs // 2),
             steady_s=a.steady_s,
             cli_ps=a.cli_ps,
+            gc_log=a.gc_log,
         )
-    full = scenario(a.agents, a.queued, a.runs, a.procs, steady_s=a.steady_s, cli_ps=a.cli_ps)
+    full = scenario(a.agents, a.queued, a.runs, a.procs, steady_s=a.steady_s, cli_ps=a.cli_ps, gc_log=a.gc_log)
     print(table(base, full))
     for f in (base, full):
         if f is None:

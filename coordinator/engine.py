@@ -44,6 +44,7 @@ from dstack.coordinator.planner import (
     Shape,
     UserLimits,
     WaitInfo,
+    WaitInfos,
     lazy_order_of,
     place_heads,
     plan,
@@ -135,7 +136,7 @@ class Plan:
     reasons: dict[str, str]  # why each job still waits
     done: list[str]  # jobs that left the queue (placed, failed, or no longer waiting)
     marked_pending: list[str]
-    info: dict[str, WaitInfo]  # position, reason and estimated start of each waiting job
+    info: WaitInfos  # position, reason and estimated start of each waiting job
     reservations: dict[str, str]  # job -> agent held for it
     cache_hits: list[tuple[CacheHit, Waiting]] = field(default_factory=list)  # jobs the step cache completes
 
@@ -150,7 +151,7 @@ class InfoSnapshot:
     running: list[RunningJob]
     policy: Policy
     reasons: dict[str, str] = field(default_factory=dict)  # jobs waiting for their dependencies
-    info: dict[str, WaitInfo] = field(default_factory=dict)
+    info: WaitInfos = field(default_factory=WaitInfos)
     gone: list[str] = field(default_factory=list)  # no longer waiting
     hits: list[tuple[CacheHit, Waiting]] = field(default_factory=list)
 
@@ -213,7 +214,7 @@ class Engine:
         # Why each waiting job waits, from the last scheduling pass (shown by `dstack ps`).
         self.pending_reasons: dict[str, str] = {}
         # Position, reason and estimated start of each waiting job, from the last pass (docs/state.md).
-        self.wait_info: dict[str, WaitInfo] = {}
+        self.wait_info = WaitInfos()
         # Agents held for jobs that waited too long (job -> agent), kept from pass to pass.
         self.reservations: dict[str, str] = {}
         # Agents held for jobs that preempted jobs there (job -> agent), until the job leaves the queue:
@@ -434,7 +435,7 @@ class Engine:
             decision = await asyncio.to_thread(plan, snap.queue, snap.agents, snap.running, snap.policy)
             reasons, info = snap.reasons, snap.info
             reasons.update(decision.waiting)
-            info.update(decision.info)
+            info.merge(decision.info)
             failures = []
             for job_id, why in decision.impossible.items():
                 if self.config.fail_unsatisfiable:
@@ -757,7 +758,7 @@ class Engine:
         self.metrics.heads_walked.observe(done.walked)
         assignments = self._apply(done.placements, by_job, agents, [], [])
         placed = [p[0] for p in done.placements]
-        return Plan(assignments, {}, gone + placed, [], {}, {}, hits)
+        return Plan(assignments, {}, gone + placed, [], WaitInfos(), {}, hits)
 
     def _plan(self, waiting: list[Waiting], connected: set[str], charge: bool = True) -> Plan:
         """One full scheduling pass (runs on the DB thread); `charge`: count the usage of jobs that ended."""
@@ -770,7 +771,7 @@ class Engine:
         gone: list[str] = []
         queue: list[JobRequest] = []
         reasons: dict[str, str] = {}
-        info: dict[str, WaitInfo] = {}
+        info = WaitInfos()
         hits: list[tuple[CacheHit, Waiting]] = []
         for w in waiting:
             why = self._admit(w, statuses, gone, hits)
@@ -787,7 +788,7 @@ class Engine:
         decision = plan(queue, list(agents.values()), running, policy)
         by_job = {r.job_id: r for r in queue}
         reasons.update(decision.waiting)
-        info.update(decision.info)
+        info.merge(decision.info)
         failures = []
         for job_id, why in decision.impossible.items():
             if cfg.fail_unsatisfiable:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import math
 import os
@@ -13,6 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
+from dstack.coordinator import gc_policy
 from dstack.coordinator.app.limits import DEFAULT_MAX_QUEUED_PER_USER, DEFAULT_MAX_SUBMISSIONS_PER_MINUTE
 from dstack.coordinator.app.streams import DEFAULT_MAX_STREAMS, DEFAULT_MAX_STREAMS_PER_USER, DEFAULT_STREAM_STALL_S
 from dstack.coordinator.config import CoordinatorConfig
@@ -340,13 +340,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dstack server: {e}", file=sys.stderr)
         sys.exit(1)
 
+    background: list[asyncio.Task[None]] = []  # held: the loop keeps only a weak reference to a task
+
     def on_started(coordinator: Coordinator) -> None:
         if not config.local_mode:
             print(banner(config, coordinator), file=sys.stderr, flush=True)
         # What start-up made (modules, protobuf descriptors, the server's objects) lives as long as the
-        # process: out of the collector's sight, a full collection no longer walks it again and again
-        # under load (it was one 25 ms pass per 1,000 jobs).
-        gc.freeze()
+        # process: frozen at once, out of the collector's sight, and what lives long later (agent
+        # sessions, queued jobs) every few seconds; thawed and collected whole every few minutes.
+        background.append(gc_policy.install(coordinator.engine.metrics.registry))
 
     try:
         asyncio.run(serve(config, on_started=on_started))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -101,9 +101,48 @@ class WaitInfo:
     eta_ns: int  # 0: unknown
 
 
+class WaitInfos(MutableMapping[str, WaitInfo]):
+    """Each waiting job's `WaitInfo`, kept as a plain tuple of its four fields in a plain dict.
+
+    Why not the objects themselves (issue 16): a full pass over a deep queue makes one for each of
+    100,000 jobs, every second or so, and keeps them until the next. As objects they outlived the young
+    generations, so each pass promoted 100,000 objects to the old one, which brought the next full
+    collection (the whole heap walked, the event loop stopped) that much nearer. CPython stops tracking
+    an exact tuple of plain values at its first collection, and a dict holding only such values: these
+    are never promoted nor walked. (A NamedTuple or dataclass would stay tracked: only exact tuples are
+    untracked.) A `WaitInfo` is built when one is read."""
+
+    __slots__ = ("_rows",)
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[int, str, str, int]] = {}
+
+    def __getitem__(self, job_id: str) -> WaitInfo:
+        return WaitInfo(*self._rows[job_id])
+
+    def __setitem__(self, job_id: str, info: WaitInfo) -> None:
+        self._rows[job_id] = (info.position, info.reason, info.message, info.eta_ns)
+
+    def __delitem__(self, job_id: str) -> None:
+        del self._rows[job_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._rows
+
+    def merge(self, other: WaitInfos) -> None:
+        """`update` from another, as one dict update (not one `__setitem__` per job)."""
+        self._rows.update(other._rows)
+
+
 @dataclass
 class Plan(Decision):
-    info: dict[str, WaitInfo] = field(default_factory=dict)
+    info: WaitInfos = field(default_factory=WaitInfos)
     reservations: dict[str, str] = field(default_factory=dict)  # job -> agent
 
 

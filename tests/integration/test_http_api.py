@@ -147,6 +147,10 @@ def test_metrics_parse_and_change_after_a_run(api: Api) -> None:
     assert after["dstack_dispatch_latency_seconds_count"] == before["dstack_dispatch_latency_seconds_count"] + 1
     assert after["dstack_assignments_total"] == before["dstack_assignments_total"] + 1
     assert after["dstack_store_errors_total"] == 0
+    # The serving process runs the GC policy (coordinator/gc_policy.py): start-up's objects frozen at once,
+    # every collection timed.
+    assert after["dstack_gc_frozen_objects"] > 10_000
+    assert after["dstack_gc_collection_seconds_count,generation=0"] > 0
     gpus = {k: v for k, v in after.items() if k.startswith("dstack_gpu_memory_total_bytes,agent=agent-1,")}
     assert len(gpus) == 2 and all(v >= 80e9 for v in gpus.values()), gpus
     held = [v for k, v in after.items() if k.startswith("dstack_gpu_allocated,agent=agent-1,")]
