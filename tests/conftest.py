@@ -23,6 +23,7 @@ import pytest
 from hypothesis import settings
 
 from dstack.storage.devserver import SeaweedServer
+from tests.bytecode import compile_checkout
 from tests.cleanup import DOCKERD_PREFIX, remove_agent_cgroups, stale_dockerd_roots
 from tests.dockerd import Dockerd, DockerUnavailable
 
@@ -39,6 +40,8 @@ PY = sys.executable
 # Every process a test starts (`python -P -m dstack.agent`, the `dstack` script) imports `dstack` from this
 # checkout, not from wherever the venv's editable install points (a git worktree has its own code).
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
+# ... and reads its modules' bytecode instead of compiling them again in each process (tests/bytecode.py).
+compile_checkout(REPO)
 
 
 def free_port() -> int:

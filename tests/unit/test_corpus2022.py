@@ -40,6 +40,15 @@ def _report() -> Any:
 REPORT = _report()
 ENTRIES = json.loads((CORPUS / "sources.json").read_text())
 MINE_ONLY = [e for e in ENTRIES if (items := {i for i, _ in REPORT.forms(e)}) and items <= MY_ITEMS]
+_CHECKED: dict[str, dict[str, Any]] = {}
+
+
+def check_file(entry: dict[str, Any]) -> dict[str, Any]:
+    """REPORT.check_file, once per file in this process: the tests below read the verdicts of the same files
+    (MINE_ONLY is part of ENTRIES), and each check makes a scratch project and clones the providers' bundles."""
+    if entry["file"] not in _CHECKED:
+        _CHECKED[entry["file"]] = REPORT.check_file(entry)
+    return _CHECKED[entry["file"]]
 
 
 def test_the_group_is_the_one_report_md_counts() -> None:
@@ -49,7 +58,7 @@ def test_the_group_is_the_one_report_md_counts() -> None:
 
 @pytest.mark.parametrize("entry", MINE_ONLY, ids=[e["file"][:3] for e in MINE_ONLY])
 def test_files_that_need_only_these_items_are_accepted(entry: dict[str, Any]) -> None:
-    result = REPORT.check_file(entry)
+    result = check_file(entry)
     errors = [result["file_error"]] if result["file_error"] else [m for m in result["workflows"].values() if m]
     for error in errors:
         assert not MINE.search(error) or any(re.search(b, error) for b in BROKEN), error
@@ -59,9 +68,7 @@ def test_files_that_need_only_these_items_are_accepted(entry: dict[str, Any]) ->
 
 def test_most_of_the_group_is_accepted() -> None:
     accepted = [
-        e["file"]
-        for e in MINE_ONLY
-        if not (r := REPORT.check_file(e))["file_error"] and not any(r["workflows"].values())
+        e["file"] for e in MINE_ONLY if not (r := check_file(e))["file_error"] and not any(r["workflows"].values())
     ]
     assert len(MINE_ONLY) - len(accepted) <= 17, accepted  # the broken ones (BROKEN), 17 when written
 
@@ -73,7 +80,7 @@ WITH_ABSOLUTE_ARTIFACTS = [e for e in ENTRIES if "4" in {i for i, _ in REPORT.fo
 def test_files_with_absolute_artifact_paths_are_accepted() -> None:
     assert [e["file"][:3] for e in WITH_ABSOLUTE_ARTIFACTS] == ["017", "025", "075", "076", "077", "078", "079"]
     for entry in WITH_ABSOLUTE_ARTIFACTS:
-        result = REPORT.check_file(entry)
+        result = check_file(entry)
         assert not result["file_error"] and not any(result["workflows"].values()), result
 
 
@@ -242,7 +249,7 @@ def test_every_file_gets_its_verdict(entry: dict[str, Any]) -> None:
     """The shared check (`validate_project`, what `dstack validate` and `dstack run` run before connecting)."""
     # A change that accepts more (another item of issue 13 merged) changes this table on purpose: regenerate it
     # with `python tests/corpus2022/report.py --table`, and REPORT.md with `--markdown tests/corpus2022/REPORT.md`.
-    got = REPORT.refusals(REPORT.check_file(entry))
+    got = REPORT.refusals(check_file(entry))
     assert got == REFUSED.get(entry["file"][:3], []), f"{entry['file']}: now {got}; regenerate REFUSED if on purpose"
 
 

@@ -200,45 +200,39 @@ def test_a_half_created_environment_is_detected_and_rebuilt(project: Path, tmp_p
     assert f"reusing environment {name}" in run_helper(project, cache, "a.txt").stdout
 
 
-def test_eviction_takes_the_least_recently_used_and_never_one_in_use(
+def test_eviction_takes_the_least_recently_used_and_never_one_in_use_or_being_created(
     project: Path, tmp_path: Path, holders: list[Holder]
 ) -> None:
+    # Every job evicts down to its own bound, whether it made its environment or reused it (env_helper.run), so
+    # three environments made once show all of it; the rest are reuses, which cost no venv and no pip.
     cache = tmp_path / "cache"
-    run_helper(project, cache, "a.txt")
-    run_helper(project, cache, "b.txt")
-    a, b, c, d = (name_of(project, f"{x}.txt") for x in "abcd")
+    for requirements in ("a.txt", "b.txt", "c.txt"):
+        run_helper(project, cache, requirements)
+    a, b, c = (name_of(project, f"{x}.txt") for x in "abc")
     size = json.loads((cache / a / env_helper.MARKER).read_text())["size"]
-    assert envs(cache) == {a, b}
-    # a is in use (its job runs), and is now the most recently used as well; b is not in use.
-    holders.append(Holder(project, cache, "a.txt", GIB))
-    # A bound below one environment: c's job evicts every environment it can, which is b only.
-    r = run_helper(project, cache, "c.txt", max_bytes=1)
-    assert evicted(r.stdout) == {b}
-    assert "the rest is in use" in r.stdout
-    assert envs(cache) == {a, c}
-    # a's job ends; c was used after a. Room for two: d's job evicts the least recently used, a.
-    holders[0].release()
+    assert envs(cache) == {a, b, c}
+    # Reusing refreshes the last use: after a runs again, b is the least recently used, then c, then a.
+    assert evicted(run_helper(project, cache, "a.txt").stdout) == set()
+    # Room for two: c's job evicts one environment, the least recently used: b (a, if its reuse were not counted).
     room_for_two = size * 2 + size // 4
-    r = run_helper(project, cache, "d.txt", max_bytes=room_for_two)
-    assert evicted(r.stdout) == {a}
-    assert envs(cache) == {c, d}
-    # Reusing refreshes the last use: after c runs again, d is the older one.
-    assert evicted(run_helper(project, cache, "c.txt", max_bytes=room_for_two).stdout) == set()
-    r = run_helper(project, cache, "a.txt", max_bytes=room_for_two)
-    assert evicted(r.stdout) == {d}
+    r = run_helper(project, cache, "c.txt", max_bytes=room_for_two)
+    assert f"reusing environment {c}" in r.stdout
+    assert evicted(r.stdout) == {b}
     assert envs(cache) == {a, c}
-
-
-def test_an_environment_being_created_is_not_evicted(project: Path, tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    name = name_of(project, "a.txt")
-    # The creator's exclusive lock, held the way a creating job holds it, over a half-made folder.
-    (cache / name).mkdir(parents=True)
-    with open(cache / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        r = run_helper(project, cache, "b.txt", max_bytes=1)
-        assert (cache / name).is_dir()
-        assert "evicted" not in r.stdout
+    # c is in use (its job runs). e is being created: its creator's exclusive lock, held the way a creating job
+    # holds it, over a half-made folder (no marker yet) that is older than every other entry.
+    holders.append(Holder(project, cache, "c.txt", GIB))
+    e = "e" * env_helper.KEY_CHARS  # the name of some environment (a prefix of its key)
+    (cache / e).mkdir()
+    os.utime(cache / e, (1, 1))
+    with open(cache / f"{e}.lock", "w") as creating:
+        fcntl.flock(creating, fcntl.LOCK_EX)
+        # A bound below one environment: a's job would evict every other environment, and may evict none.
+        r = run_helper(project, cache, "a.txt", max_bytes=1)
+        assert evicted(r.stdout) == set()
+        assert "the rest is in use" in r.stdout
+        assert envs(cache) == {a, c, e}
+    holders[0].release()
 
 
 def test_a_bound_of_zero_makes_a_fresh_venv_in_the_job_folder(project: Path, tmp_path: Path) -> None:
