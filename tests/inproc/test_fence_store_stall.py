@@ -164,7 +164,7 @@ async def test_a_job_printing_while_the_coordinators_disk_is_full_past_the_fence
             return call
 
         # What an agent's stream writes: its lines, its updates, its inventory, its hello.
-        for name in ("insert_logs", "apply_job_updates", "heartbeat", "agent_online"):
+        for name in ("insert_logs", "apply_job_updates", "apply_job_updates_many", "heartbeat", "agent_online"):
             setattr(store, name, refusing(getattr(store, name)))
         full.set()
         closest = float("inf")
