@@ -257,7 +257,8 @@ class CgroupLayout:
         out-of-memory kill, no pids limit hit, so its counters still read zero for the next job) and no task
         is left in it, a zombie not yet reaped included (pids.current, or cgroup.procs without a pids
         controller). False: the caller removes it."""
-        sealed = cg.hits_at_kill is not None  # pids.max 0 (and v2's cgroup.kill): a stop's kill_all
+        # Sealed (pids.max 0, and v2's cgroup.kill: a stop's kill_all), or to be sealed by a stop under way.
+        sealed = cg.hits_at_kill is not None or cg.stopping
         if not (cg.poolable and cg.created and cg.clean) or sealed or len(self.pool) >= POOL_MAX:
             return False
         if cg.tasks_left():
@@ -326,6 +327,10 @@ class JobCgroup:
     hits_at_kill: int | None = None  # pids limit hits when the agent closed the group (kill_all)
     poolable: bool = False  # may be reused by another job once this one ended clean (CgroupLayout.give_back)
     clean: bool = False  # the job's close found the group empty, with no OOM kill and no pids limit hit
+    # A stop of the job began (HostProcess.stop): its kill_all, on a worker thread, may seal the group at any
+    # moment after the job's own close saw it clean, so the group is never pooled: sealed after it was given
+    # back, the next job in it could not fork (pids.max 0), and the stop would kill that job's processes.
+    stopping: bool = False
 
     def _groups(self) -> list[Path]:
         return list(dict.fromkeys(self.paths.values()))  # v2: one folder

@@ -153,7 +153,11 @@ class HostProcess(JobProcess):
 
     async def stop(self, abort: bool) -> None:
         if self.proc.returncode is not None:
-            return
+            return  # wait() returned: the group, if given back to the pool, is no longer this job's
+        if self.cgroup is not None:
+            # Before any await: the job may end during the grace period, and its wait() and cleanup give
+            # the group back while the kill_all below has yet to seal it (CgroupLayout.give_back).
+            self.cgroup.stopping = True
         tree = await asyncio.to_thread(self._tree)
         if not abort:
             self._signal(signal.SIGTERM, tree)

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,5 +200,66 @@ def test_a_job_that_hit_its_pids_limit_or_was_stopped_passes_nothing_on(runtime:
         after_stop = await run_job(rt, root, "j4", WHERE + "sleep 0.1 & wait; echo forked")
         assert after_stop.group != stopped.group and "forked" in after_stop.out, after_stop.out
         assert pids_max(rt, after_stop.group) == str(PIDS_LIMIT)
+
+    asyncio.run(scenario())
+
+
+def test_a_job_that_ends_while_its_stop_is_under_way_passes_on_no_sealed_group(
+    runtime: tuple[HostRuntime, Path],
+) -> None:
+    # As the agent runs them, a stop and the job's wait are separate tasks. A job that exits on SIGTERM at once
+    # ends clean: its wait and cleanup gave the group back to the pool while the stop's kill_all, on a worker
+    # thread, had yet to seal it (pids.max 0). The next job then got a group it could not fork in (seen in CI:
+    # a preempted job's next attempt failed with "bash: fork: Resource temporarily unavailable"), and a stop
+    # that came later still would have killed the next job's processes.
+    rt, root = runtime
+
+    async def scenario() -> None:
+        name = "j1"
+        workdir = root / name
+        prep = await rt.preparation(name, workdir, 0, 0.0)
+
+        def code_trip() -> None:
+            workdir.mkdir()
+            if prep is not None:
+                prep()
+
+        await asyncio.to_thread(code_trip)
+        job = RuntimeJob(
+            job_id=name,
+            workdir=workdir,
+            working_dir=".",
+            commands=[WHERE + "echo started\nexec sleep 300"],
+            env={"PATH": "/usr/bin:/bin"},
+            system_line=lambda _: None,
+        )
+        proc = await rt.start(job)
+        assert isinstance(proc, HostProcess)
+        out = b""
+        async for _, chunk in proc.output():
+            out += chunk
+            if b"started" in out:
+                break
+        # The stop's kill_all reaches its worker thread late (a loaded machine): it runs once the cleanup did.
+        cgroup = proc.cgroup
+        assert cgroup is not None
+        kill_all, entered, go_on = cgroup.kill_all, threading.Event(), threading.Event()
+
+        def late_kill_all() -> int:
+            entered.set()
+            go_on.wait(30)
+            return kill_all()
+
+        cgroup.kill_all = late_kill_all  # type: ignore[method-assign]
+        stopping = asyncio.create_task(proc.stop(abort=False))
+        await proc.wait()
+        await asyncio.to_thread(entered.wait, 30)
+        await proc.cleanup()  # as the runner does: once the job ended, not once its stop has finished
+        rt.forget(name)
+        go_on.set()
+        await stopping
+        after = await run_job(rt, root, "j2", WHERE + "sleep 0.1 & wait; echo forked")
+        assert "forked" in after.out, after.out
+        assert pids_max(rt, after.group) == str(PIDS_LIMIT)
 
     asyncio.run(scenario())

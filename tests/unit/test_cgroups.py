@@ -355,6 +355,11 @@ def test_a_group_that_was_sealed_hit_its_limit_or_saw_an_oom_kill_is_not_reused(
     stopped.kill_all()  # `dstack stop`: the group was sealed (pids.max 0) after its close saw it clean
     assert (stopped.paths["pids"] / "pids.max").read_text() == "0"
     assert not layout.give_back(stopped) and not layout.pool
+    being_stopped = layout.job("job5", 0, 0.0, 64)
+    being_stopped.create()
+    finished_clean(being_stopped)
+    being_stopped.stopping = True  # a stop under way: its kill_all may seal the group at any moment
+    assert not layout.give_back(being_stopped) and not layout.pool
     never_closed = layout.job("job4", 0, 0.0, 64)
     never_closed.create()
     assert not layout.give_back(never_closed)
