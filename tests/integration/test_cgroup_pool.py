@@ -86,9 +86,8 @@ class Ran:
         return m.group(1)
 
 
-async def run_job(rt: HostRuntime, root: Path, name: str, script: str, stop_after: str | None = None) -> Ran:
-    """One job as the runner runs it: preparation on the code trip, start, output, wait, cleanup. With
-    stop_after, `dstack stop` comes once that text is printed."""
+async def start_job(rt: HostRuntime, root: Path, name: str, script: str, lines: list[str]) -> HostProcess:
+    """Preparation on the code trip, then the start, as the runner does them."""
     workdir = root / name
     prep = await rt.preparation(name, workdir, 0, 0.0)
 
@@ -98,7 +97,6 @@ async def run_job(rt: HostRuntime, root: Path, name: str, script: str, stop_afte
             prep()
 
     await asyncio.to_thread(code_trip)
-    lines: list[str] = []
     job = RuntimeJob(
         job_id=name,
         workdir=workdir,
@@ -109,6 +107,14 @@ async def run_job(rt: HostRuntime, root: Path, name: str, script: str, stop_afte
     )
     proc = await rt.start(job)
     assert isinstance(proc, HostProcess)
+    return proc
+
+
+async def run_job(rt: HostRuntime, root: Path, name: str, script: str, stop_after: str | None = None) -> Ran:
+    """One job as the runner runs it: preparation on the code trip, start, output, wait, cleanup. With
+    stop_after, `dstack stop` comes once that text is printed."""
+    lines: list[str] = []
+    proc = await start_job(rt, root, name, script, lines)
     out: list[bytes] = []
 
     async def drain() -> None:
@@ -216,25 +222,7 @@ def test_a_job_that_ends_while_its_stop_is_under_way_passes_on_no_sealed_group(
 
     async def scenario() -> None:
         name = "j1"
-        workdir = root / name
-        prep = await rt.preparation(name, workdir, 0, 0.0)
-
-        def code_trip() -> None:
-            workdir.mkdir()
-            if prep is not None:
-                prep()
-
-        await asyncio.to_thread(code_trip)
-        job = RuntimeJob(
-            job_id=name,
-            workdir=workdir,
-            working_dir=".",
-            commands=[WHERE + "echo started\nexec sleep 300"],
-            env={"PATH": "/usr/bin:/bin"},
-            system_line=lambda _: None,
-        )
-        proc = await rt.start(job)
-        assert isinstance(proc, HostProcess)
+        proc = await start_job(rt, root, name, WHERE + "echo started\nexec sleep 300", [])
         out = b""
         async for _, chunk in proc.output():
             out += chunk
