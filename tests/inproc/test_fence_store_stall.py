@@ -23,8 +23,19 @@ from typing import Any
 
 import pytest
 
+from dstack.agent.connection import Agent
 from dstack.protos.v1 import common_pb2
-from tests.inproc.factories import JS, GatedRuntime, Harness, coordinator, job_spec, real_agent, submit_run, wait_until
+from tests.inproc.factories import (
+    JS,
+    GatedProcess,
+    GatedRuntime,
+    Harness,
+    coordinator,
+    job_spec,
+    real_agent,
+    submit_run,
+    wait_until,
+)
 
 pytestmark = pytest.mark.inproc
 
@@ -38,6 +49,44 @@ STALL_S = 6.0  # longer than that
 async def running(h: Harness, run_name: str) -> common_pb2.JobStatus.ValueType | None:
     job = await h.job(run_name)
     return job.status if job.status == JS.JOB_STATUS_RUNNING else None
+
+
+async def print_while(proc: GatedProcess, agent: Agent, seconds: float) -> tuple[int, float]:
+    """The job prints one line at a time (each goes in a batch of its own) for `seconds`. Returns the lines
+    printed and the least lease the agent had left meanwhile."""
+    closest = float("inf")
+    until = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < until:
+        i += 1
+        proc.say(f"line {i}")
+        await asyncio.sleep(0.01)
+        left = agent.lease.remaining()
+        assert left is not None
+        closest = min(closest, left)
+    return i, closest
+
+
+async def assert_unstopped_and_every_line_once(
+    h: Harness,
+    agent: Agent,
+    proc: GatedProcess,
+    run_name: str,
+    caplog: pytest.LogCaptureFixture,
+    lines: int,
+    closest: float,
+) -> None:
+    """The agent stopped nothing; once the job ends, every line it printed is stored once, in order."""
+    assert "self-fence" not in caplog.text, f"least lease left {closest:.2f}s\n{caplog.text}"
+    assert agent.jobs and not any(r.fenced for r in agent.jobs.values()), "the agent stopped its healthy job"
+    proc.exit(0)
+
+    async def done() -> bool:
+        return (await h.job(run_name)).status == JS.JOB_STATUS_DONE
+
+    await wait_until(done, "the job to finish")
+    printed = [text for _, _, text in await h.logs(run_name) if text.startswith("line ")]
+    assert printed == [f"line {k}" for k in range(1, lines + 1)]  # every line once, in order
 
 
 async def test_a_job_printing_while_the_store_stalls_past_the_fence_deadline_is_not_stopped(
@@ -62,31 +111,13 @@ async def test_a_job_printing_while_the_store_stalls_past_the_fence_deadline_is_
             release.wait(60)
 
         blocker = asyncio.ensure_future(h.coordinator.engine.db(stalled_write))
-        closest = float("inf")  # the least lease the agent had left while the store stalled
         try:
             await asyncio.to_thread(entered.wait, 10)
-            until = time.monotonic() + STALL_S
-            i = 0
-            while time.monotonic() < until:
-                i += 1
-                proc.say(f"line {i}")  # one line at a time: each goes in a batch of its own
-                await asyncio.sleep(0.01)
-                left = agent.lease.remaining()
-                assert left is not None
-                closest = min(closest, left)
+            lines, closest = await print_while(proc, agent, STALL_S)
         finally:
             release.set()
             await blocker
-        assert "self-fence" not in caplog.text, f"least lease left {closest:.2f}s\n{caplog.text}"
-        assert agent.jobs and not any(r.fenced for r in agent.jobs.values()), "the agent stopped its healthy job"
-        proc.exit(0)
-
-        async def done() -> bool:
-            return (await h.job(run.name)).status == JS.JOB_STATUS_DONE
-
-        await wait_until(done, "the job to finish")
-        printed = [text for _, _, text in await h.logs(run.name) if text.startswith("line ")]
-        assert printed == [f"line {k}" for k in range(1, i + 1)]  # every line once, in order
+        await assert_unstopped_and_every_line_once(h, agent, proc, run.name, caplog, lines, closest)
 
 
 async def test_a_busy_default_thread_pool_does_not_hold_back_the_heartbeat(
@@ -167,27 +198,9 @@ async def test_a_job_printing_while_the_coordinators_disk_is_full_past_the_fence
         for name in ("insert_logs", "apply_job_updates", "apply_job_updates_many", "heartbeat", "agent_online"):
             setattr(store, name, refusing(getattr(store, name)))
         full.set()
-        closest = float("inf")
         try:
-            until = time.monotonic() + STALL_S
-            i = 0
-            while time.monotonic() < until:
-                i += 1
-                proc.say(f"line {i}")
-                await asyncio.sleep(0.01)
-                left = agent.lease.remaining()
-                assert left is not None
-                closest = min(closest, left)
+            lines, closest = await print_while(proc, agent, STALL_S)
         finally:
             full.clear()
         assert refused, "the store never refused a write: the attack did not happen"
-        assert "self-fence" not in caplog.text, f"least lease left {closest:.2f}s\n{caplog.text}"
-        assert agent.jobs and not any(r.fenced for r in agent.jobs.values()), "the agent stopped its healthy job"
-        proc.exit(0)
-
-        async def done() -> bool:
-            return (await h.job(run.name)).status == JS.JOB_STATUS_DONE
-
-        await wait_until(done, "the job to finish")
-        printed = [text for _, _, text in await h.logs(run.name) if text.startswith("line ")]
-        assert printed == [f"line {k}" for k in range(1, i + 1)]  # every line once, in order
+        await assert_unstopped_and_every_line_once(h, agent, proc, run.name, caplog, lines, closest)
