@@ -92,8 +92,13 @@ def submit_and_wait(svc: Services, jobs: int, per_run: int) -> Round:
     return Round(jobs / wall, wall, submitted, failed, cpu)
 
 
-def run(jobs: int, agents: int, per_run: int, tls: bool = True, agent_args: tuple[str, ...] = ()) -> None:
+def run(
+    jobs: int, agents: int, per_run: int, tls: bool = True, agent_args: tuple[str, ...] = (), profile_agents: str = ""
+) -> None:
     svc = Services(tls=tls)
+    if profile_agents:  # each agent under bench.profiled: PROFILE_AGENTS-<pid>.prof, written as it stops
+        svc.agent_wrap = ["-m", "bench.profiled"]
+        svc.env = {"PROFILE_MODULE": "dstack.agent", "PROFILE_OUT": profile_agents + "-{pid}.prof"}
     try:
         start(svc, agents, agent_args)
         r = submit_and_wait(svc, jobs, per_run)
@@ -314,6 +319,12 @@ def main() -> None:
         "--latency", type=int, default=10, help="with --slurm: latency samples per round (default: %(default)s)"
     )
     p.add_argument("--no-batched", action="store_true", help="with --slurm: single-job runs only, no runs of 100")
+    p.add_argument(
+        "--profile-agents",
+        default="",
+        metavar="PREFIX",
+        help="each agent under bench.profiled (every thread under cProfile): PREFIX-<pid>.prof",
+    )
     a = p.parse_args()
     if a.slurm:
         try:
@@ -336,7 +347,7 @@ def main() -> None:
             sys.exit(1)
         return
     for per_run in [a.per_run] if a.per_run else [1, 100]:
-        run(a.jobs, a.agents, per_run, not a.plaintext, tuple(a.agent_arg))
+        run(a.jobs, a.agents, per_run, not a.plaintext, tuple(a.agent_arg), a.profile_agents)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ and cProfile on its own sees only the thread that enabled it); at exit the threa
 into PROFILE_OUT (a pstats file).
 
     PROFILE_OUT=/tmp/c.prof python -m bench.profiled --state-dir ... (the coordinator's own arguments)
+    PROFILE_MODULE=dstack.agent PROFILE_OUT=/tmp/a-{pid}.prof python -m bench.profiled ...  (an agent; {pid}: its pid)
     python -m bench.drain --profile /tmp/c.prof            the drain bench's coordinator runs under it
     python -c "import pstats; pstats.Stats('/tmp/c.prof').sort_stats('tottime').print_stats(40)"
 
@@ -55,15 +56,19 @@ _plain_run = threading.Thread.run
 
 
 def main() -> None:
-    out = os.environ["PROFILE_OUT"]
+    out = os.environ["PROFILE_OUT"].replace("{pid}", str(os.getpid()))
+    module = os.environ.get("PROFILE_MODULE", "dstack.coordinator")
     threading.Thread.run = _profiled_run  # type: ignore[method-assign]
     main_prof = cProfile.Profile(time.thread_time)
     with _lock:
         _profiles.append(main_prof)
     atexit.register(_dump, out)
-    sys.argv = ["dstack.coordinator", *sys.argv[1:]]
+    args = sys.argv[1:]
+    if args[:1] == [module]:  # bench._harness's agent_wrap: the module is named after the wrapper
+        args = args[1:]
+    sys.argv = [module, *args]
     main_prof.enable()
-    runpy.run_module("dstack.coordinator", run_name="__main__", alter_sys=True)
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":
