@@ -202,6 +202,7 @@ def test_a_host_job_runs_as_the_job_user_and_cannot_reach_the_agents_secrets(
             provider: bash
             commands:
               - echo "as $(id -un)"
+              - echo "ids $(id -u):$(id -g):$(id -G)"
               - cat {home}/agent.json && echo "LEAK credential" || echo "denied credential"
               - ls {state} && echo "LEAK state" || echo "denied state"
               - touch {home}/envs/poison && echo "LEAK envs" || echo "denied envs"
@@ -217,6 +218,9 @@ def test_a_host_job_runs_as_the_job_user_and_cannot_reach_the_agents_secrets(
     assert r.returncode == 0, r.stderr + r.stdout
     out = r.stdout
     assert f"as {job_user}" in out
+    # setpriv is given names (agent/jobuser.py): exactly the job user's ids, and no supplementary group.
+    pw = pwd.getpwnam(job_user)
+    assert f"ids {pw.pw_uid}:{pw.pw_gid}:{pw.pw_gid}\n" in out, out
     for what in ("credential", "state", "envs", "environ"):
         assert f"denied {what}" in out and f"LEAK {what}" not in out, out
     assert "home writable" in out

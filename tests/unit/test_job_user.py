@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
+import pwd
 import subprocess
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,7 +44,7 @@ def test_the_jobs_folder_is_next_to_the_home_never_in_it() -> None:
 def test_the_environment_goes_through_stdin_not_argv() -> None:
     user = JobUser("dstack-job", 999, 999, "/usr/bin/setpriv", "/bin/bash")
     argv = jobuser.command(user, "echo $TOKEN")
-    assert argv[:5] == ["/usr/bin/setpriv", "--reuid=999", "--regid=999", "--clear-groups", "--"]
+    assert argv[:5] == ["/usr/bin/setpriv", "--reuid=999", "--regid=999", "--clear-groups", "--"]  # no names: numbers
     assert argv[5:7] == ["/bin/bash", "-c"] and len(argv) == 8  # one shell: no importer that execs another
     env = {"TOKEN": "s3cret value\nwith a newline", "BAD NAME": "x", "A": "1"}
     data = jobuser.encode_env(env)
@@ -153,3 +156,47 @@ def _read_all(fd: int) -> bytes:
         chunks.append(chunk)
     os.close(fd)
     return b"".join(chunks)
+
+
+def test_setpriv_is_given_the_names_of_the_job_users_ids_where_they_name_exactly_those() -> None:
+    # A number makes setpriv miss /etc/passwd (it looks a name up first) and load NSS modules per job.
+    pw = pwd.getpwuid(os.getuid())
+    group = grp.getgrgid(pw.pw_gid).gr_name
+    assert jobuser.setpriv_names(pw.pw_name, pw.pw_uid, pw.pw_gid) == (pw.pw_name, group)
+    user = JobUser("dstack-job", 999, 995, "/usr/bin/setpriv", "/bin/bash", "dstack-job", "jobs")
+    assert jobuser.command(user, "true")[1:3] == ["--reuid=dstack-job", "--regid=jobs"]
+
+
+def test_a_name_naming_other_ids_is_never_given_to_setpriv(monkeypatch: pytest.MonkeyPatch) -> None:
+    users = {"u": 1001, "1001": 1001}
+    groups_by_id = {1002: "g", 1003: ""}
+    groups = {"g": 1005}  # the group's name now names another group id: the number is given
+
+    def getpwnam(name: str) -> SimpleNamespace:
+        if name not in users:
+            raise KeyError(name)
+        return SimpleNamespace(pw_uid=users[name])
+
+    def getgrgid(gid: int) -> SimpleNamespace:
+        if not groups_by_id.get(gid):
+            raise KeyError(gid)
+        return SimpleNamespace(gr_name=groups_by_id[gid])
+
+    def getgrnam(name: str) -> SimpleNamespace:
+        if name not in groups:
+            raise KeyError(name)
+        return SimpleNamespace(gr_gid=groups[name])
+
+    monkeypatch.setattr(pwd, "getpwnam", getpwnam)
+    monkeypatch.setattr(grp, "getgrgid", getgrgid)
+    monkeypatch.setattr(grp, "getgrnam", getgrnam)
+    assert jobuser.setpriv_names("u", 1001, 1002) == ("u", "")  # g names 1005, not 1002: the number
+    assert jobuser.setpriv_names("x", 1001, 1003) == ("", "")  # no such user name, a group with no name
+    # A number that is another user's or group's name would make setpriv take that one: refused.
+    users["1001"] = 4242
+    with pytest.raises(JobUserError, match="uid 1001 is also another user's name"):
+        jobuser.setpriv_names("x", 1001, 1003)
+    users["1001"] = 1001
+    groups["1003"] = 7
+    with pytest.raises(JobUserError, match="gid 1003 is also another group's name"):
+        jobuser.setpriv_names("x", 1001, 1003)
