@@ -139,6 +139,7 @@ class _JobLog:
     sent_blocks: int = 0  # the blocks at the head of mem written to the current stream
     acked_upto: int = 0  # highest seq the coordinator acknowledged
     inflight_bytes: int = 0  # of lines in mem with seq <= sent_upto
+    inflight_lines: int = 0  # lines in mem with seq <= sent_upto
     # Lines beyond memory, in order: `overflow` (not yet written), then what is being written, then the spool.
     overflow: list[_Block] = field(default_factory=list)
     spilled: int = 0  # lines in overflow, being written or on disk
@@ -174,9 +175,18 @@ class Outbox:
         self._updates: dict[str, list[tuple[agent_pb2.JobUpdate, bool]]] = {}  # job -> [(update, sent)]
         # The messages of updates written to the current stream and not yet acknowledged: each one's
         # (job, status) pairs (`inflight_updates`).
-        self._update_msgs: list[tuple[tuple[str, int], ...]] = []
+        # Kept as counters, so an acknowledgement costs the same however many updates are in flight: each
+        # message's (job, status) pairs not yet acknowledged, by message number, and the messages holding
+        # each pair.
+        self._update_msgs: dict[int, int] = {}
+        self._update_msgs_of: dict[tuple[str, int], list[int]] = {}
+        self._update_msg_numbers = itertools.count()
         self._finished: set[str] = set()  # jobs that will produce no more lines
         self._mem_bytes = 0  # all jobs' lines in memory
+        # All jobs' lines in memory, and those of them written to the current stream: what is ready to go is
+        # the difference, known without a look at every job (`_full_batch_unsent`, on each read of output).
+        self._mem_lines = 0
+        self._inflight_lines = 0
         self._owed_bytes = 0  # all jobs' lines, memory and disk
         self._inflight_bytes = 0
         # The log batches written to the current stream and not yet acknowledged, oldest first: each one's
@@ -255,17 +265,15 @@ class Outbox:
 
     def _full_batch_unsent(self) -> bool:
         """Whether the lines in memory not yet sent fill a batch (in count or bytes)."""
-        lines = size = 0
-        for jl in self._logs.values():
-            if jl.mem:
-                lines += jl.mem[-1].last - max(jl.sent_upto, jl.mem[0].first - 1)
-                size += jl.mem_bytes - jl.inflight_bytes
+        lines = self._mem_lines - self._inflight_lines
+        size = self._mem_bytes - self._inflight_bytes
         return lines >= self.max_lines or size >= self.max_bytes - LINE_OVERHEAD
 
     def _to_memory(self, jl: _JobLog, block: _Block) -> None:
         jl.mem.append(block)
         jl.mem_bytes += block.cost
         self._mem_bytes += block.cost
+        self._mem_lines += block.n_lines
 
     def _fitting_in_memory(self, jl: _JobLog, block: _Block) -> int:
         """How many of the block's first lines memory holds now (the block as a whole does not fit)."""
@@ -373,10 +381,12 @@ class Outbox:
                 blocks.extend(jl.overflow[:take])
                 del jl.overflow[:take]
             moved = sum(b.cost for b in blocks)
+            lines = sum(b.n_lines for b in blocks)
             jl.mem.extend(blocks)
             jl.mem_bytes += moved
             self._mem_bytes += moved
-            jl.spilled -= sum(b.n_lines for b in blocks)
+            self._mem_lines += lines
+            jl.spilled -= lines
             jl.spilled_bytes -= moved
 
     # ---- the sender --------------------------------------------------------------------------
@@ -434,6 +444,9 @@ class Outbox:
                 sent = sum(b.cost for b in blocks)
                 jl.inflight_bytes += sent
                 self._inflight_bytes += sent
+                sent_lines = sum(b.n_lines for b in blocks)
+                jl.inflight_lines += sent_lines
+                self._inflight_lines += sent_lines
                 batch = msg.logs.add(job_id=job_id)
                 if self.blocks:
                     add_block = batch.blocks.add
@@ -488,7 +501,11 @@ class Outbox:
                 break
         if not msg.updates:
             return None
-        self._update_msgs.append(tuple((u.job_id, u.status) for u in msg.updates))
+        number = next(self._update_msg_numbers)
+        pairs = {(u.job_id, int(u.status)) for u in msg.updates}
+        self._update_msgs[number] = len(pairs)
+        for pair in pairs:
+            self._update_msgs_of.setdefault(pair, []).append(number)
         return msg
 
     # ---- acknowledgements --------------------------------------------------------------------
@@ -519,16 +536,22 @@ class Outbox:
         if not items:
             del self._updates[job_id]
         self._forget_if_done(job_id)
-        self._settle_updates()
+        self._settle_updates(job_id, status)
 
-    def _unacked(self, job_id: str, status: int) -> bool:
-        return any(u.status == status and sent for u, sent in self._updates.get(job_id, ()))
-
-    def _settle_updates(self) -> None:
-        """Update messages whose every update is acknowledged are no longer in flight."""
-        before = len(self._update_msgs)
-        self._update_msgs = [m for m in self._update_msgs if any(self._unacked(j, st) for j, st in m)]
-        if len(self._update_msgs) < before:
+    def _settle_updates(self, job_id: str, status: int) -> None:
+        """The job's updates of this status are acknowledged (each of them, sent or not, is gone): a message
+        none of whose (job, status) pairs is left unacknowledged is no longer in flight."""
+        settled = False
+        for number in self._update_msgs_of.pop((job_id, int(status)), ()):
+            left = self._update_msgs.get(number)
+            if left is None:
+                continue
+            if left > 1:
+                self._update_msgs[number] = left - 1
+            else:
+                del self._update_msgs[number]
+                settled = True
+        if settled:
             self.wake.set()  # the send loop may write the updates that waited
             self.urgent.set()
 
@@ -560,8 +583,11 @@ class Outbox:
             jl.sent_blocks = 0
             self._inflight_bytes -= jl.inflight_bytes
             jl.inflight_bytes = 0
+            self._inflight_lines -= jl.inflight_lines
+            jl.inflight_lines = 0
         self._batches.clear()  # nothing is in flight on a new stream
         self._update_msgs.clear()
+        self._update_msgs_of.clear()
         for items in self._updates.values():
             items[:] = [(u, False) for u, _ in items]
         self.wake.set()
@@ -578,7 +604,7 @@ class Outbox:
         return self._owed_bytes
 
     def _drop_upto(self, jl: _JobLog, seq: int) -> None:
-        freed = 0
+        freed = freed_lines = 0
         while jl.mem and jl.mem[0].first <= seq:
             b = jl.mem[0]
             sent = b.last <= jl.sent_upto
@@ -589,11 +615,15 @@ class Outbox:
                 jl.mem.popleft()
             n = b.cost
             freed += n
+            freed_lines += b.n_lines
             if sent:
                 jl.sent_blocks -= 1
                 if jl.inflight_bytes > 0:
                     jl.inflight_bytes -= n
                     self._inflight_bytes -= n
+                    jl.inflight_lines -= b.n_lines
+                    self._inflight_lines -= b.n_lines
+        self._mem_lines -= freed_lines
         if freed:
             jl.mem_bytes -= freed
             self._mem_bytes -= freed

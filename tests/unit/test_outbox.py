@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dstack.agent.outbox import Outbox, OutboxBounds
 from dstack.protos.v1 import agent_pb2, common_pb2
@@ -182,3 +186,54 @@ def test_updates_that_waited_go_in_messages_of_bounded_size_each_job_in_order() 
     assert len(sent) == 20
     for k in range(10):  # every update once, each job's in order
         assert sent.index((f"j{k}", JS.JOB_STATUS_RUNNING)) < sent.index((f"j{k}", JS.JOB_STATUS_DONE))
+
+
+UPDATE_STEP = st.one_of(
+    st.tuples(
+        st.just("add"), st.sampled_from(["a", "b", "c"]), st.sampled_from([JS.JOB_STATUS_RUNNING, JS.JOB_STATUS_DONE])
+    ),
+    st.tuples(st.just("take")),
+    st.tuples(
+        st.just("ack"),
+        st.sampled_from(["a", "b", "c", "x"]),
+        st.sampled_from([JS.JOB_STATUS_RUNNING, JS.JOB_STATUS_DONE]),
+    ),
+    st.tuples(st.just("reconnect")),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(UPDATE_STEP, max_size=60))
+def test_update_messages_in_flight_are_counted_as_a_scan_of_every_message_counts_them(
+    steps: list[tuple[Any, ...]],
+) -> None:
+    """The outbox keeps counters (an acknowledgement costs the same however many updates are in flight);
+    the reference is the scan it replaced: a message is in flight while any of its (job, status) pairs has a
+    sent update not yet acknowledged. Acknowledgements come for unsent, repeated and unknown updates too."""
+
+    async def main() -> None:
+        ob = Outbox(bounds=OutboxBounds(inflight_updates=3))
+        ob.on_new_stream({})
+        messages: list[tuple[tuple[str, int], ...]] = []
+
+        def unacked(job: str, status: int) -> bool:
+            return any(u.status == status and sent for u, sent in ob._updates.get(job, ()))
+
+        for op in steps:
+            if op[0] == "add":
+                ob.add_update(agent_pb2.JobUpdate(job_id=op[1], status=op[2]))
+            elif op[0] == "take":
+                unsent = any(not sent for items in ob._updates.values() for _, sent in items)
+                msg = ob.take_control()
+                assert (msg is None) == (len(messages) >= 3 or not unsent)
+                if msg is not None:
+                    messages.append(tuple((u.job_id, int(u.status)) for u in msg.updates))
+            elif op[0] == "ack":
+                ob.ack_update(op[1], op[2])
+                messages = [m for m in messages if any(unacked(j, s) for j, s in m)]
+            else:
+                ob.on_new_stream({})
+                messages = []
+            assert len(ob._update_msgs) == len(messages)
+
+    asyncio.run(main())

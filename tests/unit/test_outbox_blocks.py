@@ -55,6 +55,21 @@ class Coordinator:
         return {job: len(lines) for job, lines in self.stored.items()}
 
 
+def unsent_in_memory(ob: Outbox) -> tuple[int, int]:
+    """The lines and bytes in memory not yet sent, counted job by job (what the outbox keeps as counters)."""
+    lines = size = 0
+    for jl in ob._logs.values():
+        if jl.mem:
+            lines += jl.mem[-1].last - max(jl.sent_upto, jl.mem[0].first - 1)
+            size += jl.mem_bytes - jl.inflight_bytes
+    return lines, size
+
+
+def assert_counters_agree(ob: Outbox) -> None:
+    assert (ob._mem_lines - ob._inflight_lines, ob._mem_bytes - ob._inflight_bytes) == unsent_in_memory(ob)
+    assert ob._mem_lines == sum(b.n_lines for jl in ob._logs.values() for b in jl.mem)
+
+
 line_text = st.text(alphabet=st.sampled_from(["a", "é", "€", " ", "\r", "\t"]), max_size=30)
 step = st.one_of(
     st.tuples(
@@ -87,7 +102,9 @@ def test_every_line_arrives_once_in_order_whatever_the_reads_bounds_and_reconnec
 
         async def send(ack: bool) -> None:
             await ob.refill()
+            assert_counters_agree(ob)
             msg = ob.take_logs()
+            assert_counters_agree(ob)
             if msg is None:
                 return
             lines = [ln for b in msg.logs for ln in batch_lines(b)]
@@ -99,6 +116,7 @@ def test_every_line_arrives_once_in_order_whatever_the_reads_bounds_and_reconnec
             if ack:
                 for job, seq in acks.items():
                     ob.ack_logs(job, seq)
+                    assert_counters_agree(ob)
 
         for op in steps:
             if op[0] == "add":
@@ -108,6 +126,7 @@ def test_every_line_arrives_once_in_order_whatever_the_reads_bounds_and_reconnec
                 longest = max(longest, *(len(t) + LINE_OVERHEAD for t in texts))
                 biggest = max(biggest, sum(len(t) + LINE_OVERHEAD for t in texts))
                 ob.add_text(job, stream, "\n".join(texts))
+                assert_counters_agree(ob)
                 await ob.room(job)  # what the job's reader does after each read
                 # Memory: within its bound but for one line per job (always one, however long), and one
                 # block (one read) brought back from the spool.
@@ -117,6 +136,7 @@ def test_every_line_arrives_once_in_order_whatever_the_reads_bounds_and_reconnec
             else:
                 takes_blocks = op[1]
                 ob.on_new_stream(coord.positions(), blocks=takes_blocks)
+                assert_counters_agree(ob)
         ob.on_new_stream(coord.positions(), blocks=takes_blocks)  # a lost acknowledgement: the stream was lost
         for _ in range(10_000):
             await send(True)
