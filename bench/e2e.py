@@ -19,10 +19,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
-from bench._harness import Services, meta
+from bench._harness import REPO, Services, meta
 from bench.slurm import (
     BATCH,
     SCHED_PARAMS,
@@ -52,6 +53,8 @@ class Round:
     submitted: float  # when the last submission returned
     failed: int
     cpu: list[float]  # share of one core over the round: the coordinator, then each agent
+    # The jobs' own processes (setpriv, bash), seconds in all: the agents' reaped children's CPU time.
+    jobs_cpu: float = 0.0
 
 
 def submit_and_wait(svc: Services, jobs: int, per_run: int) -> Round:
@@ -79,6 +82,7 @@ def submit_and_wait(svc: Services, jobs: int, per_run: int) -> Round:
 
     procs = [psutil.Process(p.pid) for p in svc.procs]
     cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
+    children0 = sum(sum(p.cpu_times()[2:4]) for p in procs[1:])
     t0 = time.monotonic()
     names = asyncio.run(submit_all())
     submitted = time.monotonic() - t0
@@ -89,13 +93,16 @@ def submit_and_wait(svc: Services, jobs: int, per_run: int) -> Round:
         failed += status != common_pb2.RUN_STATUS_DONE
     wall = time.monotonic() - t0
     cpu = [(sum(p.cpu_times()[:2]) - c) / wall for p, c in zip(procs, cpu0, strict=True)]
-    return Round(jobs / wall, wall, submitted, failed, cpu)
+    children = sum(sum(p.cpu_times()[2:4]) for p in procs[1:]) - children0
+    return Round(jobs / wall, wall, submitted, failed, cpu, children)
 
 
 def run(
     jobs: int, agents: int, per_run: int, tls: bool = True, agent_args: tuple[str, ...] = (), profile_agents: str = ""
 ) -> None:
-    svc = Services(tls=tls)
+    # BENCH_TREE (bench.e2e_ab --bench-from): the coordinator and agents run another source tree's code, this
+    # bench measures them (the jobs' processes' CPU, which an older bench.e2e does not print).
+    svc = Services(tls=tls, tree=Path(os.environ.get("BENCH_TREE") or REPO))
     if profile_agents:  # each agent under bench.profiled: PROFILE_AGENTS-<pid>.prof, written as it stops
         svc.agent_wrap = ["-m", "bench.profiled"]
         svc.env = {"PROFILE_MODULE": "dstack.agent", "PROFILE_OUT": profile_agents + "-{pid}.prof"}
@@ -108,7 +115,7 @@ def run(
             f"coordinator RSS {svc.coordinator_rss_mib():.0f} MiB; "
             f"CPU (share of one core): coordinator {r.cpu[0]:.0%}, agents {', '.join(f'{c:.0%}' for c in r.cpu[1:])};"
             f" CPU per job: coordinator {r.cpu[0] * r.wall / jobs * 1e3:.2f} ms,"
-            f" agents {sum(r.cpu[1:]) * r.wall / jobs * 1e3:.2f} ms"
+            f" agents {sum(r.cpu[1:]) * r.wall / jobs * 1e3:.2f} ms, jobs' processes {r.jobs_cpu / jobs * 1e3:.2f} ms"
         )
     finally:
         svc.stop()
