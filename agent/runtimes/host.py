@@ -228,6 +228,9 @@ class HostProcess(JobProcess):
         for kind in list(self._pipes):  # output() never read them to their end (or never ran)
             self._loop.remove_reader(self._pipes[kind])
             self._close_pipe(kind)
+        # Reaped here if wait() never ran (the agent stopping: stop, then cleanup); one still exiting is
+        # reaped by subprocess's own bookkeeping at the next start (Popen's _active list).
+        self.popen.poll()
         cgroup, self.cgroup = self.cgroup, None
         if cgroup is None:
             return
