@@ -186,7 +186,7 @@ class Engine:
         self.started = Instants(clock)
         self.unheard = Instants(clock)
         self.quarantine = Quarantine()  # agents that may still run attempts that are over
-        self.watchers = RunWatchers()
+        self.watchers = RunWatchers(config.log_follow_buffer_bytes)
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._job_runs: dict[str, str] = {}  # job_id -> run_id, for routing log notifications

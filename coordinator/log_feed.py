@@ -88,12 +88,13 @@ class RunWatchers:
     """The followers of each run (a weak set: a follower whose stream was dropped without its `finally`
     having run yet holds nothing here)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = FOLLOWER_BUFFER_BYTES) -> None:
+        self.max_bytes = max_bytes  # each follower's buffer (dstack server --log-follow-buffer)
         self._followers: dict[str, weakref.WeakSet[Follower]] = {}
 
     @contextlib.contextmanager
-    def follow(self, run_id: str, max_bytes: int = FOLLOWER_BUFFER_BYTES) -> Iterator[Follower]:
-        f = Follower(max_bytes)
+    def follow(self, run_id: str) -> Iterator[Follower]:
+        f = Follower(self.max_bytes)
         self._followers.setdefault(run_id, weakref.WeakSet()).add(f)
         try:
             yield f
