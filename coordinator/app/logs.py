@@ -138,6 +138,8 @@ async def stream_logs(
                     done.add(name)
                     moved = True
             if p.lines:
+                if feed is not None:
+                    feed.changed()  # it reads the store again next: nothing is kept for it meanwhile
                 for jl, last_seq in p.lines:
                     cursor[jl.job_name] = last_seq
                 yield LogChunk([jl for jl, _ in p.lines], dict(cursor))
