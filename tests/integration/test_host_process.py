@@ -11,8 +11,9 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
+from typing import cast
 
 import psutil
 import pytest
@@ -119,7 +120,13 @@ def test_wait_gives_the_exit_code_while_a_detached_process_still_holds_the_pipes
     rt, root = runtime
 
     async def main() -> None:
-        proc = await start(rt, root, "detached", "setsid sleep 600 & echo $!; exit 3")
+        # The main process exits only once the escapee has its own session (field 6 of its stat): before
+        # that, wait()'s kill of the job's process group would still reach it.
+        script = (
+            "setsid sleep 600 & pid=$!;"
+            ' while [ "$(cut -d" " -f6 /proc/$pid/stat)" != "$pid" ]; do sleep 0.01; done; echo $pid; exit 3'
+        )
+        proc = await start(rt, root, "detached", script)
         lines: list[bytes] = []
 
         async def read() -> None:
@@ -141,7 +148,7 @@ def test_wait_gives_the_exit_code_while_a_detached_process_still_holds_the_pipes
     asyncio.run(main())
 
 
-def test_a_stop_ends_a_job_that_ignores_sigterm_and_an_unread_job_leaves_no_pipe_open(
+def test_a_stop_ends_a_job_that_ignores_sigterm_and_its_unread_output_leaves_no_pipe_open(
     runtime: tuple[HostRuntime, Path],
 ) -> None:
     rt, root = runtime
@@ -149,10 +156,13 @@ def test_a_stop_ends_a_job_that_ignores_sigterm_and_an_unread_job_leaves_no_pipe
     async def main() -> None:
         fds_before = len(os.listdir("/proc/self/fd"))
         proc = await start(rt, root, "stubborn", "trap '' TERM; echo up; while :; do sleep 0.05; done")
+        chunks = cast("AsyncGenerator[tuple[int, bytes], None]", proc.output())  # HostProcess's is one
+        assert await anext(chunks) == (OUT, b"up\n")  # its trap is set
         proc.grace_s = 0.2
         await proc.stop(abort=False)  # SIGTERM ignored: SIGKILL after the grace period
         assert await asyncio.wait_for(proc.wait(), 60) == -signal.SIGKILL
-        await proc.cleanup()  # its output was never read: the pipes are closed here
+        await proc.cleanup()  # its output was not read to its end: the pipes are closed here
+        await chunks.aclose()
         assert len(os.listdir("/proc/self/fd")) == fds_before
 
     asyncio.run(main())
