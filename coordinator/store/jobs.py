@@ -199,6 +199,8 @@ _RUNNING_SETS = "started_at = :t, deadline_at = CASE WHEN :limit > 0 THEN :now +
 
 def _reported_ports(u: JobUpdate) -> str:
     """What the agent says it published (bounded: a broken agent cannot grow the row without end)."""
+    if not u.ports:  # most jobs publish none
+        return "[]"
     ports = [[h, c] for h, c in u.ports if _valid_port(h) and _valid_port(c)]
     return json.dumps(ports[:MAX_REPORTED_PORTS])
 
@@ -655,7 +657,7 @@ class Jobs:
             if done is not None:
                 # Ran and ended done in one message (a brief job): both in one write, as one after the other.
                 key = key_of_row(c, cache_base, run_id, depends_on, inputs) if cache_base else ""
-                if self._ran_and_done(c, u, replace(done, job_id=job_id), spec, key):
+                if self._ran_and_done(c, u, done if done.job_id == job_id else replace(done, job_id=job_id), spec, key):
                     written_with = done
                     row[1] = int(JobStatus.DONE)
                     res.freed = True
