@@ -106,7 +106,7 @@ async def test_a_brief_job_s_running_and_done_with_its_environment_cost_one_db_t
             calls.append(getattr(fn, "__qualname__", repr(fn)))
             return plain(fn, *args, **kwargs)  # type: ignore[arg-type]
 
-        engine.db.submit = counted  # type: ignore[method-assign]
+        engine.db.submit = counted  # type: ignore[method-assign,assignment]
         try:
             env = common_pb2.JobEnvironment(runtime="null", python_version="3.11")
             done = TR.TERMINATION_REASON_DONE
