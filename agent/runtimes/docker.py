@@ -42,7 +42,8 @@ from dstack.agent.runtimes.base import (
     working_subdir,
 )
 from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT, pids_events_of, pids_limit_hits, pids_limit_line
-from dstack.agent.runtimes.docker_options import DockerOptions, engine_address
+from dstack.agent.runtimes.docker_options import DockerOptions as DockerOptions  # re-exported: callers import it here
+from dstack.agent.runtimes.docker_options import engine_address
 from dstack.protos.container_paths import CODE_MOUNT, check_container_path
 from dstack.protos.v1 import common_pb2
 
