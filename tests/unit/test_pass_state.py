@@ -4,13 +4,14 @@ fair-share arithmetic (fairshare.interval_usage) gives job by job."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 from pathlib import Path
 
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.engine import Engine
 from dstack.coordinator.fairshare import interval_usage, weight
-from dstack.coordinator.model import JobUpdate
+from dstack.coordinator.model import JobUpdate, TerminationReason
 from dstack.coordinator.store import NewJob, Store
 from dstack.protos.v1 import common_pb2
 
@@ -84,3 +85,65 @@ def test_a_heads_pass_sees_the_usage_so_far_a_full_pass_does(tmp_path: Path) -> 
     assert abs(heads_usage["admin"] - expected) <= 1e-9 * expected and expected > 0
     assert heads_agents == full_agents  # and the same agents, with what their jobs hold
     assert sum(a.jobs for a in heads_agents.values()) == 12
+
+
+def test_the_agent_states_kept_between_heads_passes_equal_fresh_ones_after_any_events(tmp_path: Path) -> None:
+    """Heads-only passes keep the agents' states from pass to pass and build again only the agents whose
+    holdings changed or that they placed on: after jobs start and end, placements the database refuses
+    (the job was stopped meanwhile: the planner held room for it on the kept state), and agents that
+    leave and come back, each pass starts from exactly what fresh states would say, in the same order."""
+    rng = random.Random(7)
+    clock = StillClock()
+    config = CoordinatorConfig(
+        state_dir=tmp_path, listen="127.0.0.1:0", storage_url="", admin_token="a", join_token="j"
+    )
+    store = Store(tmp_path / "coordinator.db")
+    engine = Engine(config, store, db=None, clock=clock)  # type: ignore[arg-type]  # passes called on this thread
+    agents: list[str] = []
+    for i in range(16):
+        inv = common_pb2.Inventory(
+            hostname=f"h{i}", cpu_count=8, memory_total_bytes=32 << 30, max_jobs=rng.choice([1, 2, 3])
+        )
+        inv.gpus.extend(common_pb2.GpuInfo(index=g, name="A100", memory_total_bytes=40 << 30) for g in range(i % 3))
+        agent_id = store.register_agent(f"a-{i}", f"tok-{i}", b"")
+        store.agent_online(agent_id, inv.SerializeToString(), 2**62)
+        agents.append(agent_id)
+    connected = set(agents)
+    engine.hub.connected_ids = lambda: set(connected)  # type: ignore[method-assign]
+    spec = common_pb2.JobSpec(job_name="main", workflow="t", provider="bash", commands=["true"])
+    for _ in range(300):
+        spec.resources.cpu = rng.choice([0, 1, 2, 4])
+        spec.resources.gpu.count = rng.choice([0, 0, 1])
+        store.create_run("admin", "t", b"", "", [], [NewJob("main", spec.SerializeToString(), 0, 0, 0, [])])
+    for row in store.waiting_jobs():
+        engine.queue.add_row(row)
+    assigned: dict[str, str] = {}  # job -> agent, not started
+    running: dict[str, str] = {}
+    refused = placed = 0
+    for _ in range(40):
+        clock.advance(rng.random() * 10)
+        for job_id in rng.sample(sorted(assigned), k=len(assigned) // 2):
+            engine.started.mark((job_id, clock.time_ns()))
+            store.apply_job_updates(
+                assigned[job_id], [JobUpdate(job_id, common_pb2.JOB_STATUS_RUNNING, time_ns=clock.time_ns())]
+            )
+            running[job_id] = assigned.pop(job_id)
+        for job_id in rng.sample(sorted(running), k=len(running) // 3):
+            done = JobUpdate(job_id, common_pb2.JOB_STATUS_DONE, TerminationReason.DONE, time_ns=clock.time_ns())
+            store.apply_job_updates(running.pop(job_id), [done])
+        if rng.random() < 0.3:  # stopped in the database, still in the engine's queue: its placement is refused
+            for w in engine.queue.snapshot()[:3]:
+                store.request_stop(store.runs.by_id(w.run_id).name)
+        if rng.random() < 0.15:
+            connected.symmetric_difference_update({rng.choice(agents)})  # one leaves, or comes back
+
+        _, kept, _, _ = engine._state(set(connected), charge=False, full=False)
+        _, fresh, _, _ = engine._state(set(connected), charge=False, full=True)
+        assert list(kept) == list(fresh) and kept == fresh
+
+        plan = engine._timed_heads(engine.queue.by_user(), engine.queue.shapes(), set(connected), True)
+        engine.queue.discard(plan.done)
+        assigned.update((a.job_id, a.agent_id) for a in plan.assignments)
+        placed += len(plan.assignments)
+        refused += len(plan.done) - len(plan.assignments)
+    assert placed > 50 and refused > 0  # the sequence did place, and did have placements refused
