@@ -8,7 +8,7 @@ from dstack.agent.envcache import EnvCache
 from dstack.agent.jobuser import ENVS, JobUser, jobs_root
 from dstack.agent.outbox import OutboxBounds
 from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT
-from dstack.agent.runtimes.docker import DockerOptions
+from dstack.agent.runtimes.docker_options import DockerOptions
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ How the soak's +5.5 MiB/h (issue 16) was found: `Waiting` and `JobRequest` count
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import gc
 import json
@@ -217,10 +218,14 @@ def _gc_probe(out: Path) -> None:
     taken = [0]
 
     def on_signal(signum: int, frame: object) -> None:
+        from dstack.coordinator import gc_policy  # imported by the coordinator by now
+
         log.write()
         log.paused = True
+        policy = gc_policy.installed()
         try:
-            census(out, taken[0])
+            with policy.hold() if policy is not None else contextlib.nullcontext():  # counted, not frozen
+                census(out, taken[0])
         finally:
             log.paused = False
         taken[0] += 1

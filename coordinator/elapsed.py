@@ -48,6 +48,17 @@ class Instants:
                 m = self._at[key] = derived(self.clock, stamp_ns)
             return m
 
+    def at_many(self, keyed: Iterable[tuple[Hashable, int]]) -> list[float]:
+        """`at` of each (key, stamp), under one lock: a pass asks for every running job's."""
+        out: list[float] = []
+        with self._lock:
+            for key, stamp_ns in keyed:
+                m = self._at.get(key)
+                if m is None:
+                    m = self._at[key] = derived(self.clock, stamp_ns)
+                out.append(m)
+        return out
+
     def elapsed_s(self, key: Hashable, stamp_ns: int) -> float:
         return self.clock.monotonic() - self.at(key, stamp_ns)
 

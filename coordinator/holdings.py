@@ -42,6 +42,13 @@ class Holdings:
         self.agents: dict[str, AgentHeld] = {}
         self.user_gpus: dict[str, int] = {}
         self.user_jobs: dict[str, int] = {}
+        # The agents whose holdings changed since the engine last took them (`take_touched`): a heads-only
+        # pass refreshes only those agents' states.
+        self.touched: set[str] = set()
+
+    def take_touched(self) -> set[str]:
+        touched, self.touched = self.touched, set()
+        return touched
 
     def reset(self, held: Iterable[Held]) -> None:
         """What the database says runs now (replaces everything kept)."""
@@ -58,6 +65,7 @@ class Holdings:
         if old is not None:
             self.remove(old.job_id)
         self.jobs[h.job_id] = h
+        self.touched.add(h.agent_id)
         a = self.agents.get(h.agent_id)
         if a is None:
             a = self.agents[h.agent_id] = AgentHeld()
@@ -72,6 +80,7 @@ class Holdings:
         h = self.jobs.pop(job_id, None)
         if h is None:
             return
+        self.touched.add(h.agent_id)
         a = self.agents[h.agent_id]
         a.jobs -= 1
         if not a.jobs:

@@ -4,7 +4,9 @@ from dstack.agent.envcache import EnvCache
 from dstack.agent.jobuser import JobUser
 from dstack.agent.runtimes.base import AGENT_MARKER, JobProcess, Runtime, RuntimeError_, RuntimeJob
 from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT
-from dstack.agent.runtimes.docker import DockerOptions, DockerRuntime, engine_address, engine_version
+
+# Not runtimes.docker: it imports the Docker SDK, which only a docker agent needs (docker_options.py).
+from dstack.agent.runtimes.docker_options import DockerOptions, engine_address
 from dstack.agent.runtimes.host import HostRuntime
 from dstack.agent.runtimes.null import NullRuntime
 
@@ -16,6 +18,8 @@ def resolve_runtime(name: str, docker: DockerOptions) -> str:
     """`auto`: docker when a Docker engine answers (at --docker-host, DOCKER_HOST or the default socket), else host."""
     if name not in ("auto", "docker"):  # anything else, unknown names too, is make_runtime's to judge
         return name
+    from dstack.agent.runtimes.docker import engine_version
+
     version = engine_version(docker.base_url)
     where = engine_address(docker.base_url)
     if version is not None:
@@ -41,6 +45,8 @@ def make_runtime(
     if name == "null":
         return NullRuntime()
     if name == "docker":
+        from dstack.agent.runtimes.docker import DockerRuntime
+
         return DockerRuntime(stop_grace_s, docker, agent_home, env_cache, pids_limit)
     raise RuntimeError_(f"unknown runtime {name!r}: expected host, docker or null")
 
@@ -49,7 +55,6 @@ __all__ = [
     "AGENT_MARKER",
     "RUNTIMES",
     "DockerOptions",
-    "DockerRuntime",
     "HostRuntime",
     "JobProcess",
     "NullRuntime",

@@ -18,7 +18,6 @@ import posixpath
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import docker
@@ -43,6 +42,8 @@ from dstack.agent.runtimes.base import (
     working_subdir,
 )
 from dstack.agent.runtimes.cgroups import DEFAULT_PIDS_LIMIT, pids_events_of, pids_limit_hits, pids_limit_line
+from dstack.agent.runtimes.docker_options import DockerOptions as DockerOptions  # re-exported: callers import it here
+from dstack.agent.runtimes.docker_options import engine_address
 from dstack.protos.container_paths import CODE_MOUNT, check_container_path
 from dstack.protos.v1 import common_pb2
 
@@ -93,17 +94,6 @@ async def in_own_thread(fn: Callable[[], T]) -> T:
     return await fut
 
 
-@dataclass(frozen=True)
-class DockerOptions:
-    """Per agent (`dstack agent --docker-*`): the images and the network its containers get."""
-
-    bash_image: str = "debian:bookworm-slim"
-    python_image: str = "python:{version}-slim"  # {version}: the python provider's `version`
-    cuda_image: str = "nvidia/cuda:12.4.1-base-ubuntu22.04"  # jobs with GPUs and no image of their own
-    network: str = "bridge"  # bridge (ports published HOST:CONTAINER), host (no mapping), none
-    base_url: str = ""  # empty: DOCKER_HOST, else the default socket
-
-
 def make_client(base_url: str = "", timeout: float | None = 60, version: str | None = None) -> docker.DockerClient:
     """Without `version`, the SDK asks the engine for it: one blocking round trip per client."""
     if base_url:
@@ -126,10 +116,6 @@ def engine_version(base_url: str = "", timeout: float = 3.0) -> str | None:
             client.close()
     except EngineErrors:
         return None
-
-
-def engine_address(base_url: str = "") -> str:
-    return base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
 
 
 # Providers whose jobs need a Python without naming a version: the agent's Python image by default.

@@ -7,14 +7,14 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from dstack.storage.devserver import SeaweedServer
-from tests.conftest import PY, Cluster, wait_for, write_project
+from tests.conftest import PY, Cluster, free_port, wait_for, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -39,11 +39,22 @@ def _submit(cluster: Cluster, job_name: str) -> str:
     return str(resp.run.name)
 
 
+@pytest.fixture(scope="module")
+def refusing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One coordinator for the refusal cases below (a start costs seconds on a busy CI machine, and each
+    case only sends a request that must be refused, which changes nothing a later case could see)."""
+    c = Cluster(tmp_path_factory.mktemp("refusing"), free_port())
+    try:
+        c.start_coordinator()
+        yield c
+    finally:
+        c.stop_all()
+
+
 @pytest.mark.parametrize("job_name", ["..", ".", "a/b", "../../etc", "x\ny", "a\\b", "x" * 201])
-def test_a_job_name_that_is_not_one_key_segment_is_refused_over_raw_grpc(cluster: Cluster, job_name: str) -> None:
-    cluster.start_coordinator()
+def test_a_job_name_that_is_not_one_key_segment_is_refused_over_raw_grpc(refusing: Cluster, job_name: str) -> None:
     with pytest.raises(grpc.RpcError) as e:
-        _submit(cluster, job_name)
+        _submit(refusing, job_name)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "invalid job name" in str(e.value.details())
 

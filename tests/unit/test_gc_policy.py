@@ -5,8 +5,10 @@ collections are timed. Structural properties, not speeds: a deep queue is not wa
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -90,7 +92,7 @@ def test_cyclic_garbage_made_before_a_tick_is_collected_by_it() -> None:
 
 def test_cyclic_garbage_of_frozen_objects_waits_for_the_thaw_and_no_longer() -> None:
     clock = Clock()
-    policy = GcPolicy(clock=clock, thaw_s=300)
+    policy = GcPolicy(clock=clock, thaw_s=300, thaw_growth=0)  # every THAW_S, whatever memory did
     a = Node()
     a.other = Node()
     a.other.other = a
@@ -117,7 +119,7 @@ def test_collections_are_timed_by_generation() -> None:
     try:
         gc.collect(0)
         gc.collect(2)
-        GcPolicy(metrics, clock=Clock(), thaw_s=0).tick()
+        GcPolicy(metrics, clock=Clock(), thaw_s=0, thaw_growth=0).tick()
     finally:
         gc.callbacks.remove(metrics)
 
@@ -150,3 +152,152 @@ def test_a_full_pass_over_a_deep_queue_leaves_no_tracked_object_per_job_in_its_w
     assert not gc.is_tracked(merged._rows)
     del merged["x"]
     assert "x" not in merged and merged.get("x") is None
+
+
+@contextmanager
+def hooked(policy: GcPolicy) -> Iterator[None]:
+    gc.callbacks.append(policy.on_collection)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(policy.on_collection)
+
+
+@contextmanager
+def thresholds(*t: int) -> Iterator[None]:
+    saved = gc.get_threshold()
+    gc.set_threshold(*t)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*saved)
+
+
+def test_cpythons_own_full_collections_freeze_their_survivors_so_none_is_walked_twice() -> None:
+    """Between ticks a fill promoted hundreds of thousands of objects, and each of CPython's full
+    collections walked them all again: now each is walked by one full collection at most."""
+    policy = GcPolicy(clock=Clock())
+    full: list[int] = []  # how many `Waiting`s each full collection found to walk
+
+    def census(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full.append(walked(Waiting))
+
+    kept = []
+    # As in the coordinator, where start-up's objects are frozen before the first tick: CPython's full
+    # collections then start again from a small old generation, whatever the size of this process.
+    gc.freeze()
+    policy.tick()
+    with hooked(policy), thresholds(100, 2, 2):  # CPython's own collections, often, while the queue fills
+        gc.callbacks.insert(0, census)
+        try:
+            for _ in range(20):
+                kept.append(queue_of(500))
+        finally:
+            gc.callbacks.remove(census)
+    assert sum(full) <= 1.2 * 20 * 500  # each job's `Waiting` walked by about one of them, not by each
+    assert len(full) >= 5  # full collections did run, triggered by the allocations alone
+    assert walked(Waiting) <= 500  # what is left unfrozen: at most the last queue, made since the last one
+    assert sum(len(q) for q in kept) == 10_000
+
+
+def test_a_cycle_frozen_by_a_full_collection_is_freed_at_the_next_thaw() -> None:
+    clock = Clock()
+    policy = GcPolicy(clock=clock, thaw_s=300, thaw_growth=0)
+    with hooked(policy):
+        a = Node()
+        a.other = Node()
+        a.other.other = a
+        alive = weakref.ref(a)
+        gc.collect()  # a full collection: `a` survives it and is frozen by the hook
+        del a
+        gc.collect()
+        assert alive() is not None  # frozen cyclic garbage: left for the thaw
+        clock.now += 300
+        policy.tick()
+    assert alive() is None
+
+
+def test_a_census_holds_the_freezing() -> None:
+    policy = GcPolicy(clock=Clock())
+    with hooked(policy):
+        with policy.hold():
+            gc.collect()
+            assert walked(Node) == 0 and gc.get_objects()  # counted, not frozen
+        gc.collect()
+    assert len(gc.get_objects()) < 100  # frozen once the census is over
+
+
+class Blocks:
+    def __init__(self) -> None:
+        self.n = 100_000
+
+    def __call__(self) -> int:
+        return self.n
+
+
+def thaws_after(policy: GcPolicy, clock: Clock, blocks: Blocks, steps: list[tuple[float, int]]) -> list[bool]:
+    """Each step: the clock moves on, the allocator's live blocks become a value, and one tick runs."""
+    out = []
+    for dt, n in steps:
+        a = Node()
+        a.other = Node()
+        a.other.other = a
+        alive = weakref.ref(a)
+        policy.tick()  # `a` frozen
+        del a
+        clock.now += dt
+        blocks.n = n
+        policy.tick()
+        out.append(alive() is None)  # freed: this tick thawed
+    return out
+
+
+def test_a_thaw_is_put_off_while_memory_does_not_grow_and_no_longer_than_thaw_max() -> None:
+    clock, blocks = Clock(), Blocks()
+    policy = GcPolicy(clock=clock, thaw_s=300, thaw_growth=0.05, thaw_max_s=1800, live_blocks=blocks)
+    gc.freeze()  # the ticks that do not thaw walk only the test's own objects, whatever this process holds
+    thawed = thaws_after(
+        policy,
+        clock,
+        blocks,
+        [
+            (299, 200_000),  # not due yet, however much memory grew
+            (1, 104_000),  # due, but live blocks are under 5% above what the last thaw left: put off
+            (299, 104_000),  # looked at again only one THAW_S later
+            (1, 105_000),  # grown 5%: frozen cyclic garbage may be 5% of the heap, thawed
+            (300, 105_000),  # flat since: put off ...
+            (300, 105_000),
+            (300, 90_000),
+            (300, 100_000),
+            (300, 105_000),
+            (300, 105_000),  # ... until THAW_MAX_S after the last thaw
+        ],
+    )
+    assert thawed == [False, False, False, True, False, False, False, False, False, True]
+
+
+def test_frozen_cyclic_garbage_that_grows_the_allocators_live_blocks_is_thawed_at_the_next_check() -> None:
+    """A soak in small, at the scale of this process's heap (the suite's workers hold millions of
+    objects): each round leaves a frozen cycle holding 8% of the allocator's live blocks. With the real
+    sys.getallocatedblocks(), the next due check sees the growth and thaws, though no round is
+    THAW_MAX_S long: no such cycle outlives it, where with no thaw all four would be alive."""
+    clock = Clock()
+    policy = GcPolicy(clock=clock, thaw_s=300, thaw_growth=0.05, thaw_max_s=10**9)
+    payload = int(0.08 * sys.getallocatedblocks())
+    alive: list[weakref.ref[Node]] = []
+    most = 0
+    gc.freeze()
+    for _ in range(4):
+        a = Node()
+        a.other = Node()
+        a.other.other = a
+        a.payload = [object() for _ in range(payload)]  # type: ignore[attr-defined]  # what the cycle holds
+        alive.append(weakref.ref(a))
+        policy.tick()  # frozen
+        del a
+        clock.now += 300
+        policy.tick()
+        alive = [r for r in alive if r() is not None]
+        most = max(most, len(alive))
+    assert most <= 1
