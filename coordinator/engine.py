@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
+from dstack.coordinator import restart_lease
 from dstack.coordinator.attempts import parse_wire_job_id, wire_job_id
 from dstack.coordinator.cache import secrets_digest
 from dstack.coordinator.clock import SYSTEM_CLOCK, Clock, SystemClock
@@ -212,6 +213,9 @@ class Engine:
         # Agents' messages waited unread meanwhile; leases are extended by the stall (see _lease_loop).
         # A manual clock (tests) jumps by design: its jumps are not stalls.
         self.guard_stalls = isinstance(clock, SystemClock)
+        # The lease a start gives every online agent (coordinator/restart_lease.py), once kept durably:
+        # until then, hello acks publish no reconnect grace.
+        self.restart_lease_s: float | None = None
         # A lease check the store could not write (its disk full): the next lease check renews every
         # online agent's lease before it expires any.
         self._renewal_failed = False
@@ -273,13 +277,36 @@ class Engine:
         self._reusing: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------------
+    def own_restart_lease_s(self) -> float:
+        """The lease this coordinator's options give agents at its start: lease + requeue margin + grace."""
+        return self.config.lease_timeout_s + self.requeue_margin_s() + self.config.reconnect_grace_s
+
+    async def keep_restart_lease(self) -> float:
+        """Makes this coordinator's restart lease durable before any hello ack can publish its grace, and
+        learns the largest one ever published on this state, which its start gives (coordinator/restart_lease.py).
+        server.py calls it before it listens; `start` otherwise."""
+        if self.restart_lease_s is None:
+            own = self.own_restart_lease_s()
+            self.restart_lease_s = await asyncio.to_thread(restart_lease.honour, self.config.state_dir, own)
+            if self.restart_lease_s > own:
+                log.info(
+                    "a coordinator before this one promised agents %.1fs after a restart (more than this one's"
+                    " --lease-timeout + --fence-margin + --reconnect-grace, %.1fs): this start gives that",
+                    self.restart_lease_s,
+                    own,
+                )
+        return self.restart_lease_s
+
     async def start(self) -> None:
         # Agents could not renew their leases while we were down, and each notices we are back only at
         # its next reconnect attempt: a lease counted from now alone would let a restart make healthy
         # agents "lost" (and fail their jobs) whenever that attempt comes later than the lease timeout.
-        await self.db(self.store.extend_all_leases, self.lease_until(self.config.reconnect_grace_s))
+        # And an agent refused by our port while we were down counts on the restart lease a coordinator
+        # before us published (coordinator/restart_lease.py): no start gives less.
+        restart_s = await self.keep_restart_lease()
+        await self.db(self.store.extend_all_leases, self.lease_now() + int(restart_s * 1e9))
         for agent_id in await self.db(self.store.online_agent_ids):
-            self.leases.grant(agent_id, self._lease_deadline(self.config.reconnect_grace_s))
+            self.leases.grant(agent_id, self.clock.monotonic() + restart_s)
         self.secrets = {}
         self._secrets_digests.clear()
         for owner, name, ciphertext in await self.db(self.store.secret_ciphertexts):
@@ -343,6 +370,18 @@ class Engine:
             return 0, False
         after = self.config.lease_timeout_s + max(0.0, self.config.fence_margin_s - self.config.fence_kill_s)
         return int(after * 1000), self.config.self_fence == "strict"
+
+    def published_grace_ms(self) -> int:
+        """What the hello ack promises after a refused connection, beyond self_fence_after (agent/lease.py):
+        the reconnect grace, once the restart lease that covers it is kept (coordinator/restart_lease.py);
+        nothing with fencing off or strict (refusals do not count), or before it is kept."""
+        if self.config.self_fence != "on" or self.restart_lease_s is None:
+            return 0
+        # An agent refused at t keeps its jobs until t + self_fence_after + this, and a later start at s > t
+        # gives it until s + restart lease: the same distance, lease + margin - self_fence_after = min(kill
+        # time, margin), separates the two as separates any agent's deadline from its requeue (fence_policy).
+        grace_s = self.restart_lease_s - self.config.lease_timeout_s - self.requeue_margin_s()
+        return max(0, int(grace_s * 1000))
 
     def _lease_deadline(self, grace_s: float = 0.0) -> float:
         """`lease_until` in seconds of the monotonic clock, as the in-memory leases keep it (the requeue
@@ -1238,6 +1277,7 @@ class Engine:
                 log_positions=[agent_pb2.LogAck(job_id=j, seq=s) for j, s in positions.items()],
                 self_fence_after_ms=fence_after_ms,
                 self_fence_strict=strict,
+                reconnect_grace_ms=self.published_grace_ms(),
                 log_blocks=True,  # the store takes LogBatch.blocks (coordinator/store/logs.py)
             )
         )
