@@ -945,6 +945,7 @@ class Engine:
                 # check below may run before it is read. Not their silence: every lease starts afresh (as at
                 # start-up); an agent that is really gone is lost a lease later.
                 log.warning("lease check %.1f s late (the coordinator stalled): every lease renewed", late)
+                self._warn_starved(late)
                 self.leases.extend_all(self._lease_deadline())
             try:
                 if self._renewal_failed:
@@ -1332,6 +1333,20 @@ class Engine:
         if reply.log_acks or reply.update_acks or reply.lease_ack:
             return reply
         return None
+
+    def _warn_starved(self, late: float) -> None:
+        """A stall that ate half of the agents' count or more: while we do not run, no heartbeat is acked, and
+        an agent cannot tell that from a partition, so with a few more seconds it stops its healthy jobs.
+        Nothing an agent may safely count on shows it (docs/lifecycle.md, "Starvation"): a longer lease does."""
+        after_ms, _ = self.fence_policy()
+        if after_ms and late >= after_ms / 2000:
+            log.warning(
+                "agents stop their jobs %.1f s after their last acknowledged heartbeat, and this stall took %.1f s"
+                " of that: if stalls like it recur (the host is starved of CPU), raise --lease-timeout (now %g s)",
+                after_ms / 1000,
+                late,
+                self.config.lease_timeout_s,
+            )
 
     async def _expire_leases(self) -> list[str]:
         """Agents whose lease (in memory) ran out are marked lost in the store, unless a message of theirs
