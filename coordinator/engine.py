@@ -213,9 +213,10 @@ class Engine:
         # Agents' messages waited unread meanwhile; leases are extended by the stall (see _lease_loop).
         # A manual clock (tests) jumps by design: its jumps are not stalls.
         self.guard_stalls = isinstance(clock, SystemClock)
-        # The lease a start gives every online agent (coordinator/restart_lease.py), once kept durably:
-        # until then, hello acks publish no reconnect grace.
+        # The lease this start gives every online agent (coordinator/restart_lease.py), and the one every later
+        # start is sure to give (kept in the state folder): hello acks promise no more than that (none before).
         self.restart_lease_s: float | None = None
+        self._kept_restart_lease_s = 0.0
         # A lease check the store could not write (its disk full): the next lease check renews every
         # online agent's lease before it expires any.
         self._renewal_failed = False
@@ -287,8 +288,19 @@ class Engine:
         server.py calls it before it listens; `start` otherwise."""
         if self.restart_lease_s is None:
             own = self.own_restart_lease_s()
-            self.restart_lease_s = await asyncio.to_thread(restart_lease.honour, self.config.state_dir, own)
-            if self.restart_lease_s > own:
+            try:
+                kept = await asyncio.to_thread(restart_lease.honour, self.config.state_dir, own)
+            except OSError as e:  # a full or read-only state folder: start anyway, promising only what is kept
+                kept = await asyncio.to_thread(restart_lease.kept, self.config.state_dir)
+                log.warning(
+                    "cannot write %s (%s): hello acks promise agents only what the %.1f s kept there covers",
+                    self.config.state_dir / restart_lease.FILE,
+                    e.strerror or e,
+                    kept,
+                )
+            self._kept_restart_lease_s = kept
+            self.restart_lease_s = max(own, kept)
+            if kept > own:
                 log.info(
                     "a coordinator before this one promised agents %.1fs after a restart (more than this one's"
                     " --lease-timeout + --fence-margin + --reconnect-grace, %.1fs): this start gives that",
@@ -375,12 +387,12 @@ class Engine:
         """What the hello ack promises after a refused connection, beyond self_fence_after (agent/lease.py):
         the reconnect grace, once the restart lease that covers it is kept (coordinator/restart_lease.py);
         nothing with fencing off or strict (refusals do not count), or before it is kept."""
-        if self.config.self_fence != "on" or self.restart_lease_s is None:
+        if self.config.self_fence != "on":
             return 0
         # An agent refused at t keeps its jobs until t + self_fence_after + this, and a later start at s > t
         # gives it until s + restart lease: the same distance, lease + margin - self_fence_after = min(kill
         # time, margin), separates the two as separates any agent's deadline from its requeue (fence_policy).
-        grace_s = self.restart_lease_s - self.config.lease_timeout_s - self.requeue_margin_s()
+        grace_s = self._kept_restart_lease_s - self.config.lease_timeout_s - self.requeue_margin_s()
         return max(0, int(grace_s * 1000))
 
     def _lease_deadline(self, grace_s: float = 0.0) -> float:

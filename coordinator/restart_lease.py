@@ -50,9 +50,10 @@ def kept(state_dir: Path) -> float:
 
 
 def honour(state_dir: Path, own_s: float) -> float:
-    """(Blocking: call on a thread.) The restart lease this start must give, `max(own, kept)`; keeps `own`
-    first if it is larger, durably (written, synced, renamed, the folder synced), so that a hello ack that
-    publishes it is never answered by a later start that forgot it."""
+    """(Blocking: call on a thread.) The restart lease kept for every later start, `max(own, kept)`: keeps
+    `own` first if it is larger, durably (written, synced, renamed, the folder synced), so that a hello ack
+    that publishes it is never answered by a later start that forgot it. Raises OSError if it cannot (a full
+    disk): then only what was kept before may be promised (Engine.keep_restart_lease)."""
     before = kept(state_dir)
     if own_s <= before:
         return before

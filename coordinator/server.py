@@ -20,7 +20,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dstack.coordinator import restart_lease
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.streams import raise_fd_limit
 from dstack.coordinator.artifacts import Artifacts
@@ -238,12 +237,9 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
     # Opened once the writer has created and migrated the database.
     reads = ReadExecutor(config.db_path, clock.time_ns)
     engine = Engine(config, store, db, clock)
-    try:
-        # Before we listen (below): a hello ack publishes the reconnect grace only once the lease that covers it is
-        # kept for every later start (coordinator/restart_lease.py).
-        await engine.keep_restart_lease()
-    except OSError as e:
-        raise StartError(f"cannot write {config.state_dir / restart_lease.FILE}: {e.strerror or e}") from None
+    # Before we listen (below): a hello ack publishes the reconnect grace only once the lease that covers it is
+    # kept for every later start (coordinator/restart_lease.py).
+    await engine.keep_restart_lease()
     engine.copy_cached = artifacts.reuse
     retention = Retention(config, store, db, artifacts)
     auth = Authenticator(store, db, reads)

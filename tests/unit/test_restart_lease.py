@@ -45,12 +45,38 @@ def test_the_kept_lease_only_grows_and_is_written_only_when_it_does(tmp_path: Pa
     assert restart_lease.kept(tmp_path) == 0.0
     assert restart_lease.honour(tmp_path, 40.0) == 40.0
     assert json.loads((tmp_path / restart_lease.FILE).read_text()) == {"seconds": 40.0}
-    (tmp_path / restart_lease.FILE).chmod(0o400)  # a start that owes no more writes nothing (a full disk)
+    blocker = (tmp_path / restart_lease.FILE).with_suffix(".tmp")
+    blocker.mkdir()  # any write now fails: a start that owes no more than is kept writes nothing (a full disk)
     assert restart_lease.honour(tmp_path, 10.0) == 40.0
-    (tmp_path / restart_lease.FILE).chmod(0o600)
+    with pytest.raises(OSError):
+        restart_lease.honour(tmp_path, 50.0)
+    blocker.rmdir()
     assert restart_lease.honour(tmp_path, 50.0) == 50.0
     assert restart_lease.kept(tmp_path) == 50.0
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_start_that_cannot_keep_its_lease_starts_and_promises_only_what_is_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full or read-only state folder: the coordinator still starts and gives its own restart lease, but
+    its hello acks publish only the grace that the lease kept there (by an earlier start) covers."""
+    restart_lease.honour(tmp_path, 20.0)  # an earlier start: lease 5 + margin 2 + grace 13
+    (tmp_path / restart_lease.FILE).with_suffix(".tmp").mkdir()
+
+    async def check() -> None:
+        store = Store(tmp_path / "db.sqlite")
+        db = DbExecutor(store)
+        engine = Engine(config(tmp_path, 5.0, 30.0), store, db, ManualClock())
+        try:
+            assert await engine.keep_restart_lease() == 37.0
+            assert engine.published_grace_ms() == 13_000
+        finally:
+            db.shutdown()
+            store.close()
+
+    asyncio.run(check())
+    assert "cannot write" in caplog.text
 
 
 def test_an_unreadable_file_falls_back_to_the_coordinators_own_options(
