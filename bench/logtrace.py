@@ -128,9 +128,9 @@ def install_coordinator() -> None:
         async for reply in connect(self, read_noting(request_iterator), context):
             yield reply
 
-    async def traced_receive(self: Session, msg: Any) -> None:
+    async def traced_receive(self: Session, msg: Any, *args: Any) -> None:
         note_blocks("handled", blocks_of(msg))
-        await receive(self, msg)
+        await receive(self, msg, *args)
 
     # *args: the same for trees whose engine takes more (or fewer) arguments.
     def traced_insert(self: Engine, logs: Any, *args: Any) -> Any:
@@ -149,7 +149,7 @@ def install_coordinator() -> None:
         note_blocks("follower_sent", blocks)
 
     AgentService.Connect = traced_connect  # type: ignore[method-assign]
-    Session.receive = traced_receive  # type: ignore[method-assign]
+    setattr(Session, "receive", traced_receive)  # noqa: B010  (any tree's signature)
     setattr(Engine, "_insert_logs", traced_insert)  # noqa: B010  (any tree's signature)
     setattr(Engine, "on_message", traced_on_message)  # noqa: B010
     setattr(client_service, "write_or_drop", traced_write)  # noqa: B010

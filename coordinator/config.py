@@ -42,6 +42,9 @@ class CoordinatorConfig:
     archive_interval_s: float = 30.0
     # Per job: bytes of log text stored at most; past it lines are dropped, with one marker line (0: no quota).
     max_log_bytes: int = 1 << 30
+    # Per log follower: bytes of stored chunks handed to it and not yet sent; beyond it, it reads the store
+    # again (coordinator/log_feed.py).
+    log_follow_buffer_bytes: int = 2 << 20
     # Garbage collection (coordinator/gc.py): code blobs no run names and unfinished uploads are removed once
     # idle this long (longer than a presigned upload URL lives: 1 h), checked every gc_interval_s.
     gc_grace_s: float = 4 * 3600.0

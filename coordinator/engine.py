@@ -36,6 +36,7 @@ from dstack.coordinator.holdings import Held, Holdings
 from dstack.coordinator.hub import AgentHub
 from dstack.coordinator.leases import Leases
 from dstack.coordinator.lifecycle.agents import AgentStatus
+from dstack.coordinator.log_feed import RunWatchers
 from dstack.coordinator.metrics import EngineMetrics
 from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, LogAck
 from dstack.coordinator.planner import (
@@ -59,7 +60,7 @@ from dstack.coordinator.secrets import SecretBox
 from dstack.coordinator.store import AgentRow, Assignment, Placement, Store
 from dstack.coordinator.store.cache import CacheHit
 from dstack.coordinator.store.executor import DbExecutor
-from dstack.coordinator.store.logs import batch_lines
+from dstack.coordinator.store.logs import StoredChunk, batch_lines
 from dstack.coordinator.store.secrets import TEAM
 from dstack.coordinator.store.usage import OnAgent
 from dstack.protos.addresses import valid_address
@@ -114,26 +115,12 @@ def draining_of(inv: common_pb2.Inventory) -> str:
 LogScreen = Callable[[Sequence[agent_pb2.LogBatch]], Sequence[agent_pb2.LogBatch]]
 
 
-class RunWatchers:
-    """Wakes log followers when something about a run changed."""
+@dataclass
+class Handling:
+    """One agent message's handling, which may be tried again (agent_stream.Session.receive_stored, while
+    the store's disk refuses writes): what an earlier try did already and must not do twice."""
 
-    def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
-
-    def event(self, run_id: str) -> asyncio.Event:
-        ev = self._events.get(run_id)
-        if ev is None:
-            ev = self._events[run_id] = asyncio.Event()
-        return ev
-
-    def notify(self, run_ids: Sequence[str] | set[str]) -> None:
-        for run_id in run_ids:
-            ev = self._events.pop(run_id, None)
-            if ev is not None:
-                ev.set()
-
-    def notify_all(self) -> None:
-        self.notify(list(self._events))
+    lines_counted: bool = False  # dstack_log_lines counted its lines (a try that stored them, then failed)
 
 
 @dataclass
@@ -200,7 +187,7 @@ class Engine:
         self.started = Instants(clock)
         self.unheard = Instants(clock)
         self.quarantine = Quarantine()  # agents that may still run attempts that are over
-        self.watchers = RunWatchers()
+        self.watchers = RunWatchers(config.log_follow_buffer_bytes)
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._job_runs: dict[str, str] = {}  # job_id -> run_id, for routing log notifications
@@ -1299,7 +1286,11 @@ class Engine:
         return reply
 
     async def on_message(
-        self, agent_id: str, msg: agent_pb2.AgentMessage, screen_logs: LogScreen | None = None
+        self,
+        agent_id: str,
+        msg: agent_pb2.AgentMessage,
+        screen_logs: LogScreen | None = None,
+        handling: Handling | None = None,
     ) -> agent_pb2.CoordinatorMessage | None:
         """Stores logs, then updates (logs of a job are stored before it is reported finished).
         `screen_logs`, if given, runs on the DB thread in the same call as the insert and returns the
@@ -1314,10 +1305,14 @@ class Engine:
             # before it sends the ack (agent_stream.py).
             reply.lease_ack = msg.heartbeat.seq
         if msg.logs:
-            kept, acks = await self.db(self._insert_logs, msg.logs, screen_logs)
-            self.metrics.log_lines.inc(sum(batch_lines(b) for b in kept))
+            kept, acks, stored = await self.db(self._insert_logs, msg.logs, screen_logs)
+            if handling is None or not handling.lines_counted:
+                self.metrics.log_lines.inc(sum(batch_lines(b) for b in kept))
+                if handling is not None:
+                    handling.lines_counted = True
             reply.log_acks.extend(log_acks_to_proto(acks))
-            changed.update(await self._runs_of(parse_wire_job_id(j.job_id)[0] for j in kept))
+            if stored:  # committed: handed to the runs' followers (coordinator/log_feed.py), no wake-up to read
+                await self._hand_off(stored)
         if msg.updates:
             updates = job_updates_from_proto(msg.updates)
             for u in updates:  # a job's run is timed from here, on the monotonic clock (max_duration)
@@ -1420,11 +1415,24 @@ class Engine:
 
     def _insert_logs(
         self, logs: Sequence[agent_pb2.LogBatch], screen: LogScreen | None
-    ) -> tuple[Sequence[agent_pb2.LogBatch], list[LogAck]]:
+    ) -> tuple[Sequence[agent_pb2.LogBatch], list[LogAck], list[StoredChunk]]:
         # Read on the DB thread straight from the agent's message: a big batch costs the event loop
         # nothing (heartbeats keep being answered), and no line becomes an object on the way.
         kept = logs if screen is None else screen(logs)
-        return kept, (self.store.insert_logs(kept) if kept else [])
+        stored: list[StoredChunk] = []
+        return kept, (self.store.insert_logs(kept, stored) if kept else []), stored
+
+    async def _hand_off(self, stored: Sequence[StoredChunk]) -> None:
+        """Chunks just committed, to the followers of their runs, in the order they were stored."""
+        await self._runs_of(c.job_id for c in stored)
+        by_run: dict[str, list[StoredChunk]] = {}
+        for c in stored:
+            run_id = self._job_runs.get(c.job_id)
+            if run_id is not None:
+                by_run.setdefault(run_id, []).append(c)
+        for run_id, chunks in by_run.items():
+            if overflowed := self.watchers.stored(run_id, chunks):
+                self.metrics.log_follower_overflows.inc(overflowed)
 
     async def _runs_of(self, job_ids: Iterable[str]) -> set[str]:
         ids = set(job_ids)

@@ -68,6 +68,14 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         help="per job: bytes of log kept at most; later lines are dropped, with one line saying so (0: no limit)",
     )
     p.add_argument(
+        "--log-follow-buffer",
+        type=int,
+        default=2 << 20,
+        metavar="BYTES",
+        help="per `dstack logs -f`: bytes of new lines held for it while it sends earlier ones; a follower"
+        " slower than that reads them from the database instead (default: %(default)s)",
+    )
+    p.add_argument(
         "--gc-grace",
         type=float,
         default=4 * 3600.0,
@@ -271,6 +279,7 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         archive_after_s=a.archive_logs_after,
         archive_interval_s=a.archive_interval,
         max_log_bytes=max(0, a.max_log_bytes),
+        log_follow_buffer_bytes=max(0, a.log_follow_buffer),
         gc_grace_s=max(0.0, a.gc_grace),
         gc_interval_s=max(0.1, a.gc_interval),
         retention_days=a.retention_days,

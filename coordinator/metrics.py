@@ -57,6 +57,18 @@ class EngineMetrics:
         self.log_lines = Counter(
             "dstack_log_lines", "Log lines received from agents (resends included)", registry=self.registry
         )
+        # Followers' hand-off (coordinator/log_feed.py): chunks sent on without a store read, and followers
+        # that did not take theirs in time (they read the store again).
+        self.log_chunks_handed = Counter(
+            "dstack_log_chunks_handed_off",
+            "Stored log chunks a caught-up follower sent on as handed to it, without reading the store",
+            registry=self.registry,
+        )
+        self.log_follower_overflows = Counter(
+            "dstack_log_follower_overflows",
+            "Times a follower's hand-off buffer overflowed (a slow reader): it reads the store again",
+            registry=self.registry,
+        )
         self.artifact_bytes = Counter(
             "dstack_artifact_bytes",
             "Bytes of artifacts committed (by agents' jobs and uploads)",

@@ -21,6 +21,7 @@ from typing import Any
 from dstack.coordinator.app import agent_scope
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.convert import environment_from_proto
+from dstack.coordinator.engine import Handling
 from dstack.coordinator.hub import AgentConnection
 from dstack.coordinator.store.logs import batch_last_seq, batch_lines
 from dstack.protos.v1 import agent_pb2, common_pb2
@@ -93,7 +94,7 @@ class Session:
         if seq and self._conn is not None:
             self._conn.send(agent_pb2.CoordinatorMessage(lease_ack=seq))
 
-    async def receive(self, msg: agent_pb2.AgentMessage) -> None:
+    async def receive(self, msg: agent_pb2.AgentMessage, handling: Handling | None = None) -> None:
         if not self.core.engine.sessions.is_current(self.agent_id, self.epoch):
             # The agent was lost or removed since this stream's hello, or opened a newer stream: what
             # comes on this one is stale, applied by nobody; the agent reconnects and says hello.
@@ -109,7 +110,10 @@ class Session:
             dropped = agent_pb2.CoordinatorMessage()
             notes: list[tuple[str, str]] = []
             reply = await self.core.engine.on_message(
-                self.agent_id, msg, screen_logs=lambda batches: self._screen_logs(batches, dropped, notes)
+                self.agent_id,
+                msg,
+                screen_logs=lambda batches: self._screen_logs(batches, dropped, notes),
+                handling=handling,
             )
             for job_id, what in notes:  # logged here, on the event loop (agent_scope keeps a count per agent)
                 agent_scope.dropped(self.agent_id, "lines", what, job_id)
@@ -117,7 +121,7 @@ class Session:
             msg, dropped = await self._screen(msg)
             recorded = await self._record_environments(msg)
             try:  # the environments are queued first: stored before the updates, most often in their batch
-                reply = await self.core.engine.on_message(self.agent_id, msg)
+                reply = await self.core.engine.on_message(self.agent_id, msg, handling=handling)
             finally:
                 if recorded is not None:
                     await recorded
@@ -139,12 +143,14 @@ class Session:
         coordinator is a stalled store, not a lost stream: before, the stream failed, the agent's hello failed
         too, and every agent stopped its healthy jobs (self-fence) once the disk was full for longer than its
         deadline (issue 16's coordinator-disk-full chaos scenario). What `receive` did before the refused write
-        is done again harmlessly: stored lines are cut from a resend, a repeated update changes nothing."""
+        is done again harmlessly: stored lines are cut from a resend, a repeated update changes nothing, and
+        lines counted by a try whose later write failed are not counted again (`Handling`)."""
         wait, most = REFUSED_WRITE_RETRY_S
         said = False
+        handling = Handling()
         while True:
             try:
-                await self.receive(msg)
+                await self.receive(msg, handling)
                 return
             except sqlite3.OperationalError as e:
                 if not refused_write(e):

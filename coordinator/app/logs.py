@@ -21,13 +21,13 @@ from dstack.coordinator.artifacts import logs_key
 from dstack.coordinator.model import LogLine, LogStream, RunView
 from dstack.coordinator.retention import iter_log_archive
 from dstack.coordinator.store.db import Store
-from dstack.coordinator.store.logs import body_of, is_blocks, lines_body, lines_of
+from dstack.coordinator.store.logs import StoredChunk, body_after, body_of, is_blocks, lines_body, lines_of
 
 LOG_BATCH = 5000
 LOG_BATCH_BYTES = 3 << 20  # one response (whole chunks, within this) stays below gRPC's 4 MiB default limit
 IN_DATABASE, ARCHIVED, DELETED = 0, 1, 2
-# A follower wakes when its run's lines or state change (engine.RunWatchers, set once a chunk is stored);
-# it also reads again after this long without a wake-up, in case a change came some other way.
+# A follower wakes when its run's lines or state change (coordinator/log_feed.py: handed each chunk once it is
+# stored); it also reads again after this long without a wake-up, in case a change came some other way.
 FOLLOW_RECHECK_S = 1.0
 DELETED_NOTICE = "[dstack: the logs of this job were deleted by the retention policy]"
 
@@ -72,6 +72,7 @@ class _Poll:
     finished: bool
     lines: list[tuple[JobLines, int]]  # with the seq of each job's last line
     states: dict[str, int]  # job name -> logs_state
+    names: dict[str, str]  # job id -> job name, of the jobs whose lines are in the database
 
 
 async def stream_logs(
@@ -79,7 +80,11 @@ async def stream_logs(
 ) -> AsyncGenerator[LogChunk, None]:
     """Every line of the run after `after`; with `follow`, until the run has finished (the last
     chunk then carries the finished run). A JobLines' body may hold LogBlocks only if `blocks` (the
-    client reads them: StreamLogsRequest.blocks)."""
+    client reads them: StreamLogsRequest.blocks).
+
+    A follower reads the store until it has every line there (caught up); from then on it sends the chunks
+    the engine hands it as they are committed (coordinator/log_feed.py), and reads the store again only
+    when a chunk does not follow its cursor, its buffer overflowed, or something else about the run changed."""
     run = await core.read(run_by_name, run_name)
     run_id: str = run.id
     cursor: dict[str, int] = {k: v for k, v in (after or {}).items() if v > 0}
@@ -101,37 +106,100 @@ async def stream_logs(
                     body, _, last_seq = lines_body(body, budget)
                 budget -= len(body)
                 out.append((JobLines(j.job_name, body=body), last_seq))
-        return _Poll(finished, out, {j.job_name: j.logs_state for j in jobs})
+        names = {j.id: j.job_name for j in jobs if j.logs_state == IN_DATABASE}
+        return _Poll(finished, out, {j.job_name: j.logs_state for j in jobs}, names)
 
-    while True:
-        event = core.engine.watchers.event(run_id)
-        p = await core.read(poll)
-        moved = False
-        for name, state in p.states.items():
-            if state != IN_DATABASE and name not in done:
-                async for chunk in _from_archive(core, run.name, name, state, cursor):
-                    yield chunk
-                done.add(name)
-                moved = True
-        if p.lines:
-            for jl, last_seq in p.lines:
-                cursor[jl.job_name] = last_seq
-            yield LogChunk([jl for jl, _ in p.lines], dict(cursor))
+    with core.engine.watchers.follow(run_id) if follow else contextlib.nullcontext() as feed:
+        names: dict[str, str] = {}
+        caught_up = False  # the last read of the store found no line after the cursor
+        while True:
+            if feed is not None:
+                # Before any read of the store: what is handed from now on comes after that read.
+                handed, reread = feed.take()
+                if caught_up and not reread:
+                    out, sent, whole = _hand_off(handed, names, cursor, blocks)
+                    if sent:
+                        core.engine.metrics.log_chunks_handed.inc(sent)
+                    for chunk in out:
+                        yield chunk
+                    if whole:
+                        if not out:
+                            await feed.wait_or_recheck(FOLLOW_RECHECK_S)
+                        continue
+                    # A chunk that does not follow (a new attempt, a job not read yet): from the store.
+            caught_up = False
+            p = await core.read(poll)
+            names = p.names
+            moved = False
+            for name, state in p.states.items():
+                if state != IN_DATABASE and name not in done:
+                    async for chunk in _from_archive(core, run.name, name, state, cursor):
+                        yield chunk
+                    done.add(name)
+                    moved = True
+            if p.lines:
+                if feed is not None:
+                    feed.changed()  # it reads the store again next: nothing is kept for it meanwhile
+                for jl, last_seq in p.lines:
+                    cursor[jl.job_name] = last_seq
+                yield LogChunk([jl for jl, _ in p.lines], dict(cursor))
+                continue
+            if moved:
+                continue  # read again: the run may have ended meanwhile
+            if feed is None:
+                return
+            if p.finished:
+                yield LogChunk([], dict(cursor), finished_run=await core.run(run.name))
+                return
+            caught_up = True
+            await feed.wait_or_recheck(FOLLOW_RECHECK_S)
+
+
+def _hand_off(
+    handed: list[StoredChunk], names: Mapping[str, str], cursor: dict[str, int], blocks: bool
+) -> tuple[list[LogChunk], int, bool]:
+    """Responses of the chunks handed to a caught-up follower that follow its cursor (which they advance),
+    in their order; how many chunks they hold; and False if they stop at one that does not follow (the
+    store has what comes between), or that this follower cannot take as it is (LogBlocks for a client
+    that reads LogLines only). Chunks before the cursor (stored before its last read of the store) are
+    skipped."""
+    out: list[LogChunk] = []
+    parts: dict[str, list[bytes]] = {}  # job name -> bodies in this response, in order
+    size = sent = 0
+
+    def respond() -> None:
+        out.append(LogChunk([JobLines(name, body=b"".join(b)) for name, b in parts.items()], dict(cursor)))
+
+    def stop() -> tuple[list[LogChunk], int, bool]:
+        if parts:
+            respond()
+        return out, sent, False
+
+    for c in handed:
+        name = names.get(c.job_id)
+        if name is None:
+            return stop()
+        at = cursor.get(name, 0)
+        if c.last_seq <= at:
             continue
-        if moved:
-            continue  # read again: the run may have ended meanwhile
-        if not follow:
-            return
-        if p.finished:
-            yield LogChunk([], dict(cursor), finished_run=await core.run(run.name))
-            return
-        try:
-            # Not wait_for: on Python 3.11 it returns when the event is set just as the follower is cancelled,
-            # swallowing the cancel (the stream would then poll on, holding its place, after its client left).
-            async with asyncio.timeout(FOLLOW_RECHECK_S):
-                await event.wait()
-        except TimeoutError:
-            pass
+        body = c.body
+        if c.first_seq <= at:  # partly sent by that read (never in practice: a chunk is read whole or not)
+            body, _ = body_after(body, at)
+        elif c.first_seq != at + 1:
+            return stop()
+        if not blocks and is_blocks(body):
+            return stop()
+        mine = parts.get(name)
+        if (mine and is_blocks(mine[0]) != is_blocks(body)) or (size and size + len(body) > LOG_BATCH_BYTES):
+            respond()  # one kind per job's body, and a response within gRPC's message limit
+            parts, size = {}, 0
+        parts.setdefault(name, []).append(body)
+        size += len(body)
+        cursor[name] = c.last_seq
+        sent += 1
+    if parts:
+        respond()
+    return out, sent, True
 
 
 async def _from_archive(

@@ -120,7 +120,10 @@ class _Usage:
 
 
 @dataclass(frozen=True)
-class _Chunk:
+class StoredChunk:
+    """One log_chunks row: what insert stores for a batch, and what it hands to the caller once committed
+    (coordinator/log_feed.py gives it straight to the run's caught-up followers)."""
+
     job_id: str
     first_seq: int
     last_seq: int
@@ -137,11 +140,16 @@ class Logs:
         self._usage: dict[str, _Usage] = {}  # job id -> its usage, loaded on first sight (DB thread only)
         self._last: dict[tuple[str, int], int] = {}  # (job id, attempt) -> last stored seq (DB thread only)
 
-    def insert(self, batches: Sequence[LogBatch | agent_pb2.LogBatch]) -> list[LogAck]:
+    def insert(
+        self, batches: Sequence[LogBatch | agent_pb2.LogBatch], stored: list[StoredChunk] | None = None
+    ) -> list[LogAck]:
         """Batches as an agent sends them: by the id and seqs of one attempt (coordinator/attempts.py),
         each stored as one chunk in the attempt's range of the job's seqs, and acknowledged as sent.
-        Past the job's quota, lines are acknowledged but dropped, and one marker line (once) says so."""
+        Past the job's quota, lines are acknowledged but dropped, and one marker line (once) says so.
+        `stored`, if given, gets the chunks written, in order, once their transaction is over (inside a
+        DbExecutor batch, the batch commits later: its caller learns of them only after that commit)."""
         acks = []
+        written: list[StoredChunk] = []
         try:
             with self.db.tx() as c:
                 for b in batches:
@@ -153,7 +161,7 @@ class Logs:
                     for piece in _pieces(pb) if not (pb.lines and pb.blocks) else []:
                         chunk = self._chunk(piece)
                         if chunk is not None:
-                            c.execute(
+                            cur = c.execute(
                                 "INSERT OR IGNORE INTO log_chunks"
                                 " (job_id, first_seq, last_seq, text_bytes, marked, body) VALUES (?, ?, ?, ?, ?, ?)",
                                 [
@@ -165,6 +173,8 @@ class Logs:
                                     chunk.body,
                                 ],
                             )
+                            if cur.rowcount == 1:
+                                written.append(chunk)
                     acks.append(LogAck(b.job_id, batch_last_seq(pb)))
         except BaseException:
             # Not stored (a full disk...): the counts and positions are read again from the database.
@@ -173,9 +183,11 @@ class Logs:
                 self._usage.pop(job_id, None)
                 self._last.pop((job_id, attempt), None)
             raise
+        if stored is not None:
+            stored.extend(written)
         return acks
 
-    def _chunk(self, b: agent_pb2.LogBatch) -> _Chunk | None:
+    def _chunk(self, b: agent_pb2.LogBatch) -> StoredChunk | None:
         """What of the batch is stored: none of what is stored already or past the quota."""
         if b.blocks:
             return self._blocks_chunk(b)
@@ -229,16 +241,16 @@ class Logs:
             whole = b.SerializeToString()
             head = agent_pb2.LogBatch(job_id=b.job_id).SerializeToString()
             if whole.startswith(head):
-                return _Chunk(job_id, first, last, text_bytes, marked, whole[len(head) :])
+                return StoredChunk(job_id, first, last, text_bytes, marked, whole[len(head) :])
         if msg is None:
             msg = client_pb2.JobLogs()
             msg.lines.extend(lines)
         if base:
             for ln in msg.lines:
                 ln.seq += base
-        return _Chunk(job_id, msg.lines[0].seq, msg.lines[-1].seq, text_bytes, marked, msg.SerializeToString())
+        return StoredChunk(job_id, msg.lines[0].seq, msg.lines[-1].seq, text_bytes, marked, msg.SerializeToString())
 
-    def _blocks_chunk(self, b: agent_pb2.LogBatch) -> _Chunk | None:
+    def _blocks_chunk(self, b: agent_pb2.LogBatch) -> StoredChunk | None:
         """_chunk for a batch of LogBlocks: the same cuts (a resend, the quota), made per block; no
         object per line but where a cut falls inside a block."""
         job_id, attempt = parse_wire_job_id(b.job_id)
@@ -279,12 +291,12 @@ class Logs:
             whole = b.SerializeToString()
             head = agent_pb2.LogBatch(job_id=b.job_id).SerializeToString()
             if whole.startswith(head):
-                return _Chunk(job_id, first, last, text_bytes, marked, whole[len(head) :])
+                return StoredChunk(job_id, first, last, text_bytes, marked, whole[len(head) :])
         msg = client_pb2.JobLogs()
         add = msg.blocks.add
         for x in blocks:
             add(first_seq=x.first + base, count=x.count, stream=x.stream, time_ns=x.time_ns, text=x.text)
-        return _Chunk(
+        return StoredChunk(
             job_id, blocks[0].first + base, blocks[-1].last + base, text_bytes, marked, msg.SerializeToString()
         )
 
@@ -355,7 +367,7 @@ class Logs:
                 if last_seq <= after_seq:
                     continue
                 if first <= after_seq:  # the cursor is inside this chunk
-                    body, n = _after(body, after_seq)
+                    body, n = body_after(body, after_seq)
                 else:
                     n = last_seq - first + 1
                 if parts and size + len(body) > max_bytes:
@@ -550,7 +562,7 @@ def _cut_blocks(blocks: list[_Blk], room: int) -> tuple[list[_Blk], int, tuple[i
     return kept, used, (last.last, last.time_ns)
 
 
-def _after(body: bytes, after_seq: int) -> tuple[bytes, int]:
+def body_after(body: bytes, after_seq: int) -> tuple[bytes, int]:
     """A chunk's lines after `after_seq` (a cursor inside it), and how many."""
     msg = client_pb2.JobLogs.FromString(body)
     if msg.blocks:
