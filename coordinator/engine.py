@@ -38,7 +38,7 @@ from dstack.coordinator.leases import Leases
 from dstack.coordinator.lifecycle.agents import AgentStatus
 from dstack.coordinator.log_feed import RunWatchers
 from dstack.coordinator.metrics import EngineMetrics
-from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, LogAck
+from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, LogAck, UpdateAck
 from dstack.coordinator.planner import (
     DEPENDENCIES,
     Policy,
@@ -54,7 +54,7 @@ from dstack.coordinator.planner import (
 from dstack.coordinator.preemption import Preemption, Rules, choose
 from dstack.coordinator.provided_jobs import AddedJobs
 from dstack.coordinator.queue import Waiting, WaitingQueue, request_of
-from dstack.coordinator.reports import ReportBatcher
+from dstack.coordinator.reports import Environments, ReportBatcher
 from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest
 from dstack.coordinator.secrets import SecretBox
 from dstack.coordinator.store import AgentRow, Assignment, Placement, Store
@@ -1291,11 +1291,16 @@ class Engine:
         msg: agent_pb2.AgentMessage,
         screen_logs: LogScreen | None = None,
         handling: Handling | None = None,
+        environments: Environments = (),
+        on_foreign: Callable[[Sequence[UpdateAck]], None] | None = None,
     ) -> agent_pb2.CoordinatorMessage | None:
         """Stores logs, then updates (logs of a job are stored before it is reported finished).
         `screen_logs`, if given, runs on the DB thread in the same call as the insert and returns the
         batches that may be stored (coordinator/app/agent_stream.py: whose lines they are): one trip
-        to the DB thread per log batch, not two, for an agent sending hundreds a second."""
+        to the DB thread per log batch, not two, for an agent sending hundreds a second. The updates are
+        screened in their batch's store call (coordinator/reports.py): only the agent's acting attempts'
+        are applied, with their `environments` (wire job id, record part); the others are acknowledged
+        unapplied and handed to `on_foreign` (the stream's warning)."""
         reply = agent_pb2.CoordinatorMessage()
         changed: set[str] = set()
         await self._renew_lease(agent_id, msg)
@@ -1315,12 +1320,20 @@ class Engine:
                 await self._hand_off(stored)
         if msg.updates:
             updates = job_updates_from_proto(msg.updates)
+            # With the other agents' messages of this turn of the loop, in one store call (coordinator/reports.py).
+            res = await self.reports.apply(agent_id, updates, environments)
+            reply.update_acks.extend(update_acks_to_proto(res.acks))
+            if res.foreign:
+                foreign = {ack.job_id for ack in res.foreign}
+                updates = [u for u in updates if u.job_id not in foreign]
+                for ack in res.foreign:
+                    if ack.status in TERMINAL_JOB:  # a stale attempt's end: its process is gone, its capacity free
+                        self.stale_attempt_ended(agent_id, ack.job_id)
+                if on_foreign is not None:
+                    on_foreign(res.foreign)
             for u in updates:  # a job's run is timed from here, on the monotonic clock (max_duration)
                 if u.status == JobStatus.RUNNING and u.time_ns:
                     self.started.mark((parse_wire_job_id(u.job_id)[0], u.time_ns))
-            # With the other agents' messages of this turn of the loop, in one store call (coordinator/reports.py).
-            res = await self.reports.apply(agent_id, updates)
-            reply.update_acks.extend(update_acks_to_proto(res.acks))
             changed |= res.changed_runs
             if res.requeued:
                 await self._requeued()

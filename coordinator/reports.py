@@ -11,6 +11,14 @@ agent gets no acknowledgement and sends it again), while the others in the batch
 
 Fencing is unchanged: a stale session's message never gets here (app/agent_stream.py checks the epoch
 first), and the store applies a report only to the reporting agent's current attempt of its job.
+
+Least privilege (coordinator/app/agent_scope.py) is checked here too, in the batch's own store call: the
+reports of attempts that are not the agent's acting ones (another agent's job, an attempt that is over)
+are dropped before any is applied, in one statement for the whole batch (store/scope.py
+`acting_of_many`), not in a DB-thread trip of each message's own before it joins the batch. They are
+acknowledged all the same and handed back as `UpdateResult.foreign` (the stream warns, and a stale
+attempt's end frees its capacity). So are the run records' environments reported with the updates:
+each is written, in its message's savepoint, only for the agent's acting attempts.
 """
 
 from __future__ import annotations
@@ -18,13 +26,17 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Sequence
+from typing import Any
 
-from dstack.coordinator.model import JobUpdate
+from dstack.coordinator.model import JobUpdate, UpdateAck
 from dstack.coordinator.store import Store
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.coordinator.store.jobs import UpdateResult
 
-_Pending = tuple[str, Sequence[JobUpdate], "asyncio.Future[UpdateResult]"]
+# (wire job id, the environment part of its run record), as app/agent_stream.py converted it
+Environments = Sequence[tuple[str, dict[str, Any]]]
+_Report = tuple[str, Sequence[JobUpdate], Environments]
+_Pending = tuple[str, Sequence[JobUpdate], Environments, "asyncio.Future[UpdateResult]"]
 
 
 class ReportBatcher:
@@ -35,15 +47,23 @@ class ReportBatcher:
         self.batches = 0  # calls made, and messages they carried (for tests and benches)
         self.messages = 0
 
-    def apply(self, agent_id: str, updates: Sequence[JobUpdate]) -> asyncio.Future[UpdateResult]:
-        """The store's answer to one agent's message of reports, once the batch it joins is applied."""
+    def apply(
+        self, agent_id: str, updates: Sequence[JobUpdate], environments: Environments = ()
+    ) -> asyncio.Future[UpdateResult]:
+        """The store's answer to one agent's message of reports, once the batch it joins is applied: the
+        reports of the agent's acting attempts applied, the others dropped (`UpdateResult.foreign`)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[UpdateResult] = loop.create_future()
-        self._pending.append((agent_id, updates, fut))
+        self._pending.append((agent_id, updates, environments, fut))
         if not self._sending:  # the batch leaves once this turn's callbacks ran (they may add to it)
             self._sending = True
             loop.call_soon(self._send)
         return fut
+
+    @property
+    def waiting(self) -> int:
+        """Messages waiting for the next batch (for tests)."""
+        return len(self._pending)
 
     def _send(self) -> None:
         pending, self._pending = self._pending, []
@@ -52,23 +72,40 @@ class ReportBatcher:
             return
         self.batches += 1
         self.messages += len(pending)
-        call = self.db.submit(self._apply_all, [(agent_id, updates) for agent_id, updates, _ in pending])
+        call = self.db.submit(self._apply_all, [(agent_id, updates, envs) for agent_id, updates, envs, _ in pending])
         call.add_done_callback(lambda done: self._applied(done, pending))
 
     def _applied(self, call: asyncio.Future[list[UpdateResult | Exception]], pending: list[_Pending]) -> None:
         _hand_back(call, pending)
         self._send()  # what came meanwhile, as the next batch
 
-    def _apply_all(self, reports: Sequence[tuple[str, Sequence[JobUpdate]]]) -> list[UpdateResult | Exception]:
-        """On the DB thread. A message's own database error is counted as a call's would be (/metrics)."""
-        out = self.store.apply_job_updates_many(reports)
+    def _apply_all(self, reports: Sequence[_Report]) -> list[UpdateResult | Exception]:
+        """On the DB thread: each message screened (its agent's acting attempts), then applied. A message's
+        own database error is counted as a call's would be (/metrics)."""
+        acting = self.store.agents_acting_of_many([(agent_id, [u.job_id for u in ups]) for agent_id, ups, _ in reports])
+        kept: list[tuple[str, Sequence[JobUpdate]]] = []
+        foreign: list[list[UpdateAck]] = []
+        for (agent_id, updates, _), current in zip(reports, acting, strict=True):
+            kept.append((agent_id, [u for u in updates if u.job_id in current]))
+            foreign.append([UpdateAck(u.job_id, u.status) for u in updates if u.job_id not in current])
+
+        def environments(k: int) -> None:  # in the k-th message's savepoint, before its reports
+            for wire_id, part in reports[k][2]:
+                if wire_id in acting[k]:
+                    self.store.records.put_job_part(wire_id, "environment", part)
+
+        out = self.store.apply_job_updates_many(kept, environments)
+        for res, dropped in zip(out, foreign, strict=True):
+            if isinstance(res, UpdateResult) and dropped:
+                res.acks += dropped  # acknowledged all the same: an honest agent stops resending them
+                res.foreign = dropped
         self.db.sqlite_errors += sum(isinstance(r, sqlite3.Error) for r in out)
         return out
 
 
 def _hand_back(call: asyncio.Future[list[UpdateResult | Exception]], pending: list[_Pending]) -> None:
     error = None if call.cancelled() else call.exception()
-    for k, (_, _, fut) in enumerate(pending):
+    for k, (_, _, _, fut) in enumerate(pending):
         if fut.done():  # its stream ended meanwhile (cancelled)
             continue
         if call.cancelled():

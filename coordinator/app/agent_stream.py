@@ -23,6 +23,7 @@ from dstack.coordinator.app.core import Core
 from dstack.coordinator.convert import environment_from_proto
 from dstack.coordinator.engine import Handling
 from dstack.coordinator.hub import AgentConnection
+from dstack.coordinator.model import UpdateAck
 from dstack.coordinator.store.logs import batch_last_seq, batch_lines
 from dstack.protos.v1 import agent_pb2, common_pb2
 
@@ -117,14 +118,26 @@ class Session:
             )
             for job_id, what in notes:  # logged here, on the event loop (agent_scope keeps a count per agent)
                 agent_scope.dropped(self.agent_id, "lines", what, job_id)
+        elif msg.updates:
+            # Updates (with lines or not): whose they are is checked in their report batch's own store call
+            # (coordinator/reports.py), with the environments they carry; lines, in their insert's trip. No
+            # trip to the DB thread for the check alone: an agent's job that runs briefly sends its RUNNING
+            # and DONE in one message, so at a deep queue's drain that trip was one per job.
+            dropped = agent_pb2.CoordinatorMessage()
+            notes = []
+            reply = await self.core.engine.on_message(
+                self.agent_id,
+                msg,
+                screen_logs=(lambda batches: self._screen_logs(batches, dropped, notes)) if msg.logs else None,
+                environments=await self._environments(msg),
+                on_foreign=self._foreign_updates,
+                handling=handling,
+            )
+            for job_id, what in notes:
+                agent_scope.dropped(self.agent_id, "lines", what, job_id)
         else:
             msg, dropped = await self._screen(msg)
-            recorded = await self._record_environments(msg)
-            try:  # the environments are queued first: stored before the updates, most often in their batch
-                reply = await self.core.engine.on_message(self.agent_id, msg, handling=handling)
-            finally:
-                if recorded is not None:
-                    await recorded
+            reply = await self.core.engine.on_message(self.agent_id, msg, handling=handling)
         if reply is None:
             reply = dropped
         else:
@@ -163,26 +176,26 @@ class Session:
             await asyncio.sleep(wait)
             wait = min(most, wait * 2)
 
-    async def _record_environments(self, msg: agent_pb2.AgentMessage) -> asyncio.Future[None] | None:
-        """Keeps the environments reported with updates (screened: the agent's own jobs only), bounded
-        and sanitised (coordinator/records.py), as parts of their runs' records. Returns the store call,
-        queued (coordinator/store/executor.py) but not awaited: the caller queues the updates behind it."""
+    async def _environments(self, msg: agent_pb2.AgentMessage) -> list[tuple[str, dict[str, Any]]]:
+        """The environments reported with updates, bounded and sanitised (coordinator/records.py), to keep
+        as parts of their runs' records: their report batch writes those of the agent's own acting
+        attempts only (coordinator/reports.py), with the updates."""
         reported = [u for u in msg.updates if u.HasField("environment")]
         if not reported:
-            return None
+            return []
 
         def convert() -> list[tuple[str, dict[str, Any]]]:
             return [(u.job_id, environment_from_proto(u.environment)) for u in reported]
 
         # A `pip freeze` (up to 256 KiB each) is sanitised on a worker thread; without one (most jobs:
         # a few short fields) there is nothing to keep off the event loop, and no trip to pay for.
-        parts = await asyncio.to_thread(convert) if any(u.environment.packages for u in reported) else convert()
+        return await asyncio.to_thread(convert) if any(u.environment.packages for u in reported) else convert()
 
-        def store() -> None:
-            for job_id, part in parts:
-                self.core.store.records.put_job_part(job_id, "environment", part)
-
-        return self.core.db.submit(store)
+    def _foreign_updates(self, foreign: Sequence[UpdateAck]) -> None:
+        """Updates of attempts that are not the agent's acting ones, dropped by their batch: a warning
+        (at most one a minute per agent, agent_scope.dropped)."""
+        for a in foreign:
+            agent_scope.dropped(self.agent_id, "update", "a status update", a.job_id)
 
     async def _screen(self, msg: agent_pb2.AgentMessage) -> tuple[agent_pb2.AgentMessage, agent_pb2.CoordinatorMessage]:
         """The part of `msg` the agent may send (lines and updates of its own acting jobs: the check

@@ -15,6 +15,7 @@ that section (tests/unit/test_lifecycle.py fails when it is stale).
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
 import sqlite3
@@ -283,6 +284,13 @@ def agent_transition(reported: int, stop_requested: bool) -> JobTransition | Non
 
 
 def _in(values: Iterable[int]) -> str:
+    if isinstance(values, frozenset):  # a transition's states: built once each, not per statement
+        return _in_set(values)
+    return ",".join(str(int(v)) for v in sorted(values))
+
+
+@functools.lru_cache(maxsize=256)
+def _in_set(values: frozenset[int]) -> str:
     return ",".join(str(int(v)) for v in sorted(values))
 
 

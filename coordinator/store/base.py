@@ -6,6 +6,7 @@ The store is blocking by design: the coordinator calls it from one dedicated thr
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sqlite3
@@ -101,11 +102,24 @@ def rows(c: sqlite3.Connection, sql: str, params: Params = ()) -> list[sqlite3.R
 
 def ints_in(values: Collection[int]) -> str:
     """An `IN (...)` list of integers (statuses), inlined: they are ours, never user input."""
+    if isinstance(values, frozenset):  # the status sets (model.py, lifecycle): built once each, not per statement
+        return _ints_of(values)
+    return ",".join(str(int(v)) for v in sorted(values))
+
+
+@functools.lru_cache(maxsize=256)
+def _ints_of(values: frozenset[int]) -> str:
     return ",".join(str(int(v)) for v in sorted(values))
 
 
 def marks(values: Sized) -> str:
-    return ",".join("?" for _ in range(len(values)))
+    """`?, ...` for each value (a report batch's statements ask for it per message: built once per length)."""
+    return _marks(len(values))
+
+
+@functools.lru_cache(maxsize=1024)
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
 
 
 def json_list(text: str | None) -> list[Any]:

@@ -206,6 +206,7 @@ class Store(Db):
         # what an agent may touch (coordinator/app/agent_scope.py)
         self.agent_acting_job = self.scope.acting_job
         self.agent_reportable = self.scope.reportable
+        self.agents_acting_of_many = self.scope.acting_of_many
         self.agent_lost_attempts = self.scope.lost_attempts
         self.agent_has_code = self.scope.has_code
         self.agent_input_sources = self.scope.input_sources

@@ -166,6 +166,9 @@ class UpdateResult:
     requeued: list[str] = field(default_factory=list)  # jobs back to waiting as a new attempt
     added: list[object] = field(default_factory=list)  # what `Jobs.provide` returned: jobs a provider program added
     gangs: bool = False  # a report named a member of a gang: the gang sweep may have work (engine.settle_gangs)
+    # Reports of attempts that are not the agent's acting ones, dropped unapplied (acknowledged all the same):
+    # the report batch's screen (coordinator/reports.py) fills it.
+    foreign: list[UpdateAck] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,8 @@ _RUNNING_SETS = "started_at = :t, deadline_at = CASE WHEN :limit > 0 THEN :now +
 
 def _reported_ports(u: JobUpdate) -> str:
     """What the agent says it published (bounded: a broken agent cannot grow the row without end)."""
+    if not u.ports:  # most jobs publish none
+        return "[]"
     ports = [[h, c] for h, c in u.ports if _valid_port(h) and _valid_port(c)]
     return json.dumps(ports[:MAX_REPORTED_PORTS])
 
@@ -562,12 +567,18 @@ class Jobs:
                 self.charge(c, charge_now)
         return res
 
-    def apply_updates_many(self, reports: Sequence[tuple[str, Sequence[JobUpdate]]]) -> list[UpdateResult | Exception]:
+    def apply_updates_many(
+        self,
+        reports: Sequence[tuple[str, Sequence[JobUpdate]]],
+        first: Callable[[int], None] | None = None,
+    ) -> list[UpdateResult | Exception]:
         """Many agents' messages of reports (agent id, its updates in order), in one transaction: each as
         `apply_updates` applies it, in its own savepoint, so that one that fails (its error in its place
         in the answer; its agent gets no acknowledgement and sends it again) undoes only its own changes.
         What is per report today but need not be is done once for all of them: the runs they changed are
-        refreshed in one read (lifecycle.refresh_run_statuses), and the jobs they ended are charged in one."""
+        refreshed in one read (lifecycle.refresh_run_statuses), and the jobs they ended are charged in one.
+        `first(k)`: what else the k-th message writes before its reports, in its savepoint (the run records'
+        environments reported with them, coordinator/reports.py)."""
         out: list[UpdateResult | Exception] = []
         runs: set[str] = set()
         charge_now: list[str] = []
@@ -576,6 +587,8 @@ class Jobs:
                 res, ended = UpdateResult(), list[str]()
                 c.execute("SAVEPOINT reports")
                 try:
+                    if first is not None:
+                        first(len(out))
                     self._apply_reports(c, agent_id, updates, res, ended)
                 except Exception as e:  # its own: handed back in its place, the others go on
                     c.execute("ROLLBACK TO reports")
@@ -644,7 +657,7 @@ class Jobs:
             if done is not None:
                 # Ran and ended done in one message (a brief job): both in one write, as one after the other.
                 key = key_of_row(c, cache_base, run_id, depends_on, inputs) if cache_base else ""
-                if self._ran_and_done(c, u, replace(done, job_id=job_id), spec, key):
+                if self._ran_and_done(c, u, done if done.job_id == job_id else replace(done, job_id=job_id), spec, key):
                     written_with = done
                     row[1] = int(JobStatus.DONE)
                     res.freed = True

@@ -15,6 +15,7 @@ from dstack.coordinator.model import ON_AGENT, TERMINAL_JOB, JobStatus, Terminat
 from dstack.coordinator.store.base import Db, ints_in, marks
 from dstack.coordinator.store.jobs import JobLocation
 
+ACTING_ROWS_BATCH = 500  # job ids per statement (SQLite's bound on variables)
 _ACTING = f"j.agent_id = ? AND j.status IN ({ints_in(ON_AGENT)})"
 
 
@@ -59,6 +60,27 @@ class Scope:
         current = {(r["id"], r["attempt"]) for r in rows if r["current"]}
         ended = {(r["id"], r["attempt"]) for r in rows if not r["current"]}
         return {w for w, p in named.items() if p in current}, {w for w, p in named.items() if p in ended}
+
+    def acting_of_many(self, messages: Sequence[tuple[str, Sequence[str]]]) -> list[set[str]]:
+        """`reportable`'s first set (the agent's acting attempts) for each of many messages (agent id, the
+        attempts it names), in one statement for all of them rather than one per message: the report batch
+        (coordinator/reports.py) screens its messages' updates in its own store call, not in a trip of
+        each message's own to the DB thread."""
+        named = [[(w, parse_wire_job_id(w)) for w in wire_ids] for _, wire_ids in messages]
+        ids = sorted({job for pairs in named for _, (job, _) in pairs})
+        holder: dict[str, tuple[str, int]] = {}  # job id -> (agent, attempt) of its acting attempt
+        for i in range(0, len(ids), ACTING_ROWS_BATCH):
+            chunk = ids[i : i + ACTING_ROWS_BATCH]
+            for job_id, agent_id, attempt in self.db.conn.execute(
+                f"SELECT id, agent_id, attempt FROM jobs WHERE id IN ({marks(chunk)})"
+                f" AND status IN ({ints_in(ON_AGENT)})",
+                chunk,
+            ):
+                holder[job_id] = (agent_id, attempt)
+        return [
+            {w for w, (job, attempt) in pairs if holder.get(job) == (agent_id, attempt)}
+            for (agent_id, _), pairs in zip(messages, named, strict=True)
+        ]
 
     def lost_attempts(self, agent_id: str, wire_ids: Sequence[str]) -> set[str]:
         """Of the attempts named, those the agent ran that were ended because it was lost (the job

@@ -383,3 +383,99 @@ async def test_one_message_of_lines_for_its_own_job_and_a_victims_stores_only_it
         assert await stored_lines(h, train) == ["real 1"]
         await victim.log(train, 2, "real 2")
         assert await stored_lines(h, train) == ["real 1", "real 2"]
+
+
+async def test_one_message_of_updates_for_its_own_job_and_a_victims_applies_only_its_own_in_its_batch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A message with updates is screened in its report batch's own store call (coordinator/reports.py), not
+    # in a DB trip of its own first. The attack: a rogue with a job of its own packs, in one message, its
+    # job's RUNNING and DONE and the victim's job's FAILED, each with an environment (and lines of both),
+    # hoping that what is checked and what is applied differ.
+    monkeypatch.setattr(agent_scope, "DROP_LOG_INTERVAL_S", 0.0)
+    trips: list[str] = []  # the awaited scope check (a DB trip of its own): must not be used any more
+    reportable = agent_scope.reportable
+
+    async def counted(*args: object) -> tuple[set[str], set[str]]:
+        trips.append("reportable")
+        return await reportable(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(agent_scope, "reportable", counted)
+    async with coordinator(tmp_path) as h, sim_agent(h, "victim", cpu=1) as victim:
+        run, ids = await build_then_train(h, victim)  # the victim is full: the rogue's own job goes to it
+        train = ids["train"]
+        engine = h.coordinator.engine
+        async with sim_agent(h, "rogue") as rogue:
+            own_run = await submit(h, await put_code(h), job_spec("own"))
+            own = job_ids(own_run)["own"]
+            await rogue.wait_assignments(1)
+            trips.clear()
+            env = common_pb2.JobEnvironment(runtime="null", os="forged os")
+            done, failed = TR.TERMINATION_REASON_DONE, TR.TERMINATION_REASON_EXIT_CODE
+            line = common_pb2.LogLine
+            with caplog.at_level(logging.WARNING, logger="dstack.coordinator"):
+                await rogue.send(
+                    agent_pb2.AgentMessage(
+                        logs=[
+                            agent_pb2.LogBatch(job_id=own, lines=[line(seq=1, text="mine")]),
+                            agent_pb2.LogBatch(job_id=train, lines=[line(seq=2, text="forged 2")]),
+                        ],
+                        updates=[
+                            agent_pb2.JobUpdate(job_id=own, status=JS.JOB_STATUS_RUNNING),
+                            agent_pb2.JobUpdate(
+                                job_id=train, status=JS.JOB_STATUS_FAILED, termination_reason=failed, environment=env
+                            ),
+                            agent_pb2.JobUpdate(
+                                job_id=own, status=JS.JOB_STATUS_DONE, termination_reason=done, environment=env
+                            ),
+                        ],
+                    )
+                )
+                # Every update acknowledged: its own as applied, the victim's as dropped (an honest agent
+                # that lost a job stops resending its updates).
+                await rogue.until(
+                    lambda: {(own, JS.JOB_STATUS_DONE), (train, JS.JOB_STATUS_FAILED)} <= rogue.update_acks(),
+                    "every update acknowledged",
+                )
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert any(rogue.agent_id in w and train in w and "status update" in w for w in warnings), warnings
+            assert any(rogue.agent_id in w and train in w and "log line" in w for w in warnings), warnings
+            assert trips == []  # screened in the batch's own call, and the lines in their insert's
+        assert (await h.job(own_run.name, "own")).status == JS.JOB_STATUS_DONE
+        assert (await h.job(run.name, "train")).status == JS.JOB_STATUS_RUNNING
+        assert await stored_lines(h, own) == ["mine"]
+        assert await stored_lines(h, train) == []
+        runs = await engine.db(engine.store.run_ids_of_jobs, [train, own])
+        assert (train, "environment") not in await engine.db(engine.store.records.of_run, runs[train])
+        assert (await engine.db(engine.store.records.of_run, runs[own]))[(own, "environment")]["os"] == "forged os"
+        await victim.report(train, JS.JOB_STATUS_DONE, TR.TERMINATION_REASON_DONE)
+        assert (await h.job(run.name, "train")).status == JS.JOB_STATUS_DONE
+
+
+async def test_an_agent_s_own_final_keeps_its_environment_in_the_run_s_record(tmp_path: Path) -> None:
+    # The environment of an agent's own job, reported with its final update, is written in the update's batch
+    # (coordinator/reports.py): before, in a store call of its own.
+    async with coordinator(tmp_path) as h, sim_agent(h, "agent") as agent:
+        run = await submit_run(h, job_spec("main"))
+        job = job_ids(run)["main"]
+        await agent.wait_assignments(1)
+        env = common_pb2.JobEnvironment(runtime="null", python_version="3.11.7", packages="numpy==2.0.0")
+        await agent.send(
+            agent_pb2.AgentMessage(
+                updates=[
+                    agent_pb2.JobUpdate(job_id=job, status=JS.JOB_STATUS_RUNNING),
+                    agent_pb2.JobUpdate(
+                        job_id=job,
+                        status=JS.JOB_STATUS_DONE,
+                        termination_reason=TR.TERMINATION_REASON_DONE,
+                        environment=env,
+                    ),
+                ]
+            )
+        )
+        await agent.until(lambda: (job, JS.JOB_STATUS_DONE) in agent.update_acks(), "the final acknowledged")
+        engine = h.coordinator.engine
+        run_id = (await engine.db(engine.store.run_ids_of_jobs, [job]))[job]
+        part = (await engine.db(engine.store.records.of_run, run_id))[(job, "environment")]
+        assert part["python_version"] == "3.11.7" and "numpy==2.0.0" in str(part["packages"])
+        assert (await h.job(run.name, "main")).status == JS.JOB_STATUS_DONE

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dstack.protos.v1 import client_pb2, common_pb2
+from dstack.protos.v1 import agent_pb2, client_pb2, common_pb2
 from tests.inproc.factories import JS, TR, Harness, coordinator, job_spec, sim_agent, submit_run
 
 pytestmark = pytest.mark.inproc
@@ -87,3 +87,48 @@ async def test_a_job_part_is_written_for_a_known_job_only_in_one_statement(tmp_p
         parts = await db(records.of_run, run_id)
         assert parts[(run.jobs[0].id, "environment")] == {"runtime": "null"}
         assert [key for key in parts if key[1] == "environment"] == [(run.jobs[0].id, "environment")]
+
+
+async def test_a_brief_job_s_running_and_done_with_its_environment_cost_one_db_thread_call(tmp_path: Path) -> None:
+    # What a brief job costs the DB thread when its agent reports it (bench.drain's dispatch): its RUNNING and
+    # DONE come in one message, with the environment of the final one. Screening whose attempt it is, writing
+    # the environment and applying both reports are one call there, its report batch (coordinator/reports.py):
+    # before, the screen and the environment were each a call (a trip and a wake-up of two threads) of their own.
+    async with coordinator(tmp_path) as h, sim_agent(h, "a", cpu=1) as a:
+        run = await submit_run(h)
+        (assigned,) = await a.wait_assignments(1)
+        engine = h.coordinator.engine
+        await engine.settled()
+        calls: list[str] = []
+        plain = engine.db.submit
+
+        def counted(fn: object, *args: object, **kwargs: object) -> asyncio.Future[object]:
+            calls.append(getattr(fn, "__qualname__", repr(fn)))
+            return plain(fn, *args, **kwargs)  # type: ignore[arg-type]
+
+        engine.db.submit = counted  # type: ignore[method-assign,assignment]
+        try:
+            env = common_pb2.JobEnvironment(runtime="null", python_version="3.11")
+            done = TR.TERMINATION_REASON_DONE
+            await a.send(
+                agent_pb2.AgentMessage(
+                    updates=[
+                        agent_pb2.JobUpdate(job_id=assigned.job_id, status=JS.JOB_STATUS_RUNNING),
+                        agent_pb2.JobUpdate(
+                            job_id=assigned.job_id, status=JS.JOB_STATUS_DONE, termination_reason=done, environment=env
+                        ),
+                    ]
+                )
+            )
+            await a.until(lambda: (assigned.job_id, JS.JOB_STATUS_DONE) in a.update_acks(), "the DONE acknowledged")
+        finally:
+            engine.db.submit = plain  # type: ignore[method-assign]
+        # Only the message's own calls: a scheduling pass kicked by the job's end may have come meanwhile.
+        assert [c for c in calls if "_timed_" not in c and "pass" not in c.lower()] == ["ReportBatcher._apply_all"], (
+            calls
+        )
+        assert (await h.run(run.name)).jobs[0].status == JS.JOB_STATUS_DONE
+        run_id = (await engine.db(engine.store.run_by_name, run.name)).id
+        assert (await engine.db(engine.store.records.of_run, run_id))[(assigned.job_id, "environment")][
+            "runtime"
+        ] == "null"

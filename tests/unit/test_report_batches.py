@@ -6,6 +6,7 @@ at a time paid per message (the count test at the end)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -18,7 +19,9 @@ from hypothesis import strategies as st
 
 from dstack.coordinator.attempts import wire_job_id
 from dstack.coordinator.model import JobStatus, JobUpdate, RunStatus, TerminationReason
+from dstack.coordinator.reports import ReportBatcher
 from dstack.coordinator.store import NewJob, Placement, Store, UpdateResult
+from dstack.coordinator.store.executor import DbExecutor
 from dstack.protos.v1 import common_pb2
 
 NOW = 5_000_000_000
@@ -275,3 +278,62 @@ def test_a_batch_pays_once_for_what_a_message_paid_each_time(tmp_path: Path) -> 
     assert count("SELECT status FROM jobs") == 0  # no refusal read
     # Everything: 20 x (savepoint, read, update, release) and 6 for the batch (a begin and commit included).
     assert len(seen) <= 20 * 4 + 8, seen
+
+
+def test_a_batch_screens_its_messages_in_one_statement_and_applies_only_each_agent_s_own(tmp_path: Path) -> None:
+    """Through the batcher (coordinator/reports.py), with its DB thread: 20 agents' RUNNING and DONE, and a
+    rogue's message that names a victim's job (its DONE, with an environment) beside its own job's, all in
+    one batch. Whose attempt each report is, is read once for the whole batch (one statement, not a DB trip
+    per message); the rogue's report of the victim's job is acknowledged, handed back as foreign, and
+    changes nothing (nor is its environment kept), while its own job's report and environment are applied."""
+    s, agents, jobs = _pool(tmp_path / "db.sqlite", 21, 21)
+    rogue, victim_job, own_job = agents[20], jobs[0], jobs[20]
+    env = {"runtime": "null", "os": "forged"}
+
+    async def batch() -> list[UpdateResult]:
+        db = DbExecutor(s)
+        try:
+            batcher = ReportBatcher(s, db)
+            futs = [batcher.apply(a, _running_and_done(j)) for a, j in zip(agents[:20], jobs[:20], strict=True)]
+            rogue_updates = [_running_and_done(victim_job)[1], *_running_and_done(own_job)]
+            futs.append(batcher.apply(rogue, rogue_updates, [(victim_job, env), (own_job, env)]))
+            out = list(await asyncio.gather(*futs))
+            assert (batcher.batches, batcher.messages) == (1, 21)
+            return out
+        finally:
+            db.shutdown()
+
+    with statements(s.conn) as seen:
+        results = asyncio.run(batch())
+    assert sum(1 for q in seen if q.lstrip().startswith("SELECT id, agent_id, attempt FROM jobs")) == 1
+    assert all(r.foreign == [] for r in results[:20])
+    assert [(a.job_id, a.status) for a in results[20].foreign] == [(victim_job, JobStatus.DONE)]
+    assert {(a.job_id, a.status) for a in results[20].acks} == {
+        (victim_job, JobStatus.DONE),
+        (own_job, JobStatus.RUNNING),
+        (own_job, JobStatus.DONE),
+    }
+    status = dict(s.conn.execute("SELECT id, status FROM jobs").fetchall())
+    assert {JobStatus(v) for v in status.values()} == {JobStatus.DONE}  # the victim's by its own agent's report
+    parts = s.conn.execute("SELECT job_id, body FROM records WHERE part = 'environment'").fetchall()
+    assert [j for j, _ in parts] == [own_job]
+
+
+def test_a_rogue_s_report_alone_in_a_batch_changes_nothing_of_its_victim(tmp_path: Path) -> None:
+    """The victim's job is assigned to h0 and not reported yet: h1's RUNNING and DONE of it, alone in a batch,
+    are acknowledged and foreign, and the job stays assigned, with no environment, run status or charge."""
+    s, agents, jobs = _pool(tmp_path / "db.sqlite", 2, 1)
+    before = _state(s), _usage(s)
+
+    async def batch() -> UpdateResult:
+        db = DbExecutor(s)
+        try:
+            return await ReportBatcher(s, db).apply(agents[1], _running_and_done(jobs[0]), [(jobs[0], {"os": "x"})])
+        finally:
+            db.shutdown()
+
+    res = asyncio.run(batch())
+    assert [(a.job_id, a.status) for a in res.foreign] == [(jobs[0], JobStatus.RUNNING), (jobs[0], JobStatus.DONE)]
+    assert len(res.acks) == 2 and not res.freed and not res.changed_runs
+    assert (_state(s), _usage(s)) == before
+    assert s.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 0
