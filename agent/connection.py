@@ -400,7 +400,8 @@ class Agent:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "stream closed")
         ack = first.hello_ack
         # Before its assignments are started (below): a job is never started outside a counted lease.
-        self.lease.adopt(FencePolicy(ack.self_fence_after_ms / 1000, ack.self_fence_strict), hello_sent_at)
+        policy = FencePolicy(ack.self_fence_after_ms / 1000, ack.self_fence_strict, ack.reconnect_grace_ms / 1000)
+        self.lease.adopt(policy, hello_sent_at)
         self.outbox.on_new_stream({p.job_id: p.seq for p in ack.log_positions}, blocks=ack.log_blocks)
         interval = (ack.heartbeat_interval_ms or 3000) / 1000
         self.session_started = True

@@ -12,7 +12,11 @@ connection to the coordinator's port refused (RST, or a unix socket nobody liste
 shows it was down at some instant after `t`; a coordinator that starts again extends every online
 agent's lease by `lease + margin + reconnect grace` from its start, before its lease loop runs, and a
 coordinator stops its lease loop before it stops listening (coordinator/server.py). So a refusal probed
-at `t` is as good as a renewal sent at `t`. A partition that drops packets gives no refusal; a firewall
+at `t` is as good as a renewal sent at `t`, and better: the hello ack publishes the reconnect grace that
+every later start gives on top (HelloAck.reconnect_grace_ms; coordinator/restart_lease.py keeps it across
+restarts and option changes), so the jobs may run until `t + self_fence_after + grace`. That covers a
+coordinator that is back and listening but answers the hello late (starting, or loaded: 11 s in one chaos
+run, past the 8 s deadline). A partition that drops packets gives no refusal; a firewall
 that *rejects* the port does, which is why the pool can ask for strict fencing (`--self-fence strict`).
 """
 
@@ -36,6 +40,8 @@ class FencePolicy:
 
     after_s: float = 0.0
     strict: bool = False
+    # How much longer than `after_s` a refused connection lets the jobs run (HelloAck.reconnect_grace_ms).
+    refusal_grace_s: float = 0.0
 
     @property
     def on(self) -> bool:
@@ -85,7 +91,7 @@ class LeaseGuard:
         """A refused connection probed at `probed_at`: as good as a renewal, unless the policy is strict."""
         if self.policy.strict:
             return False
-        self.renewed(probed_at)
+        self.renewed(probed_at + self.policy.refusal_grace_s)
         return True
 
     def remaining(self) -> float | None:

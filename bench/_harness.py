@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -35,8 +36,10 @@ class Services:
     """A coordinator and agents over TLS with the coordinator's own CA, as a team runs them (tls=False:
     plaintext, `--insecure` on both sides, to measure what TLS costs)."""
 
-    def __init__(self, tls: bool = True, tree: Path = REPO) -> None:
+    def __init__(self, tls: bool = True, tree: Path = REPO, keep: bool = False) -> None:
         self.tls = tls
+        # Keep the folder (logs, state) after `stop`; DSTACK_BENCH_KEEP=1 keeps every bench's.
+        self.keep = keep or os.environ.get("DSTACK_BENCH_KEEP") == "1"
         # The source tree the processes run (bench.logs --tree: another commit's checkout, side by side).
         self.tree = tree
         self.tmp = Path(tempfile.mkdtemp(prefix="dstack-bench-"))
@@ -45,6 +48,7 @@ class Services:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: dict[int, Path] = {}  # pid -> the log of a process started here (shown if it exits early)
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.coordinator_module = "dstack.coordinator"  # bench.memprobe: the same, with a memory sampler
         # What the processes run before their module (bench.logs --trace: ["-m", "bench.logtrace", ROLE]).
@@ -93,6 +97,7 @@ class Services:
             cwd=self.coordinator_tree or self.tree,
         )
         self.procs.append(self.coordinator)
+        self.logs[self.coordinator.pid] = self.tmp / "coordinator.log"
         # Starting takes seconds of imports: over 20 s on the shared 2-core machine at load 60.
         deadline = time.monotonic() + STARTUP_S
         while self.tls and not self.ca_file.exists() and time.monotonic() < deadline:
@@ -104,6 +109,7 @@ class Services:
                 stub.GetInfo(client_pb2.GetInfoRequest(), metadata=meta(), timeout=1)
                 return
             except grpc.RpcError:
+                self.check_alive()  # a coordinator that exited (a bad option, a taken port) will never answer
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
@@ -112,7 +118,7 @@ class Services:
         log = open(self.tmp / f"{name}.log", "ab")
         env = self._env(DSTACK_LOG_LEVEL="WARNING", DSTACK_JOIN_TOKEN=JOIN)
         self.procs.append(
-            subprocess.Popen(
+            agent := subprocess.Popen(
                 [
                     sys.executable,
                     *self.agent_wrap,
@@ -133,16 +139,33 @@ class Services:
                 cwd=self.tree,
             )
         )
+        self.logs[agent.pid] = self.tmp / f"{name}.log"
 
-    def wait_agents(self, n: int) -> None:
+    def check_alive(self) -> None:
+        """Raises, with the end of its log, if a process started here has exited: waiting for it is futile."""
+        for p in self.procs:
+            if p.poll() is not None:
+                log = self.logs.get(p.pid)
+                tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
+                what = log.stem if log is not None else "a process"  # coordinator, or the agent's name
+                raise RuntimeError(f"{what} (pid {p.pid}) exited with {p.returncode}:\n{tail}")
+
+    def wait_agents(self, n: int, timeout: float = STARTUP_S) -> None:
+        """Until `n` agents are online. An agent's start is seconds of imports and its hello, over 30 s each
+        at load 60 on the shared 2-core machine: the bound is generous, and a process that exited ends the
+        wait at once."""
+        self.check_alive()
         stub = self.client_stub()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            agents = stub.ListAgents(client_pb2.ListAgentsRequest(), metadata=meta()).agents
-            if sum(a.status == "online" for a in agents) >= n:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            agents = stub.ListAgents(client_pb2.ListAgentsRequest(), metadata=meta(), timeout=30).agents
+            online = sum(a.status == "online" for a in agents)
+            if online >= n:
                 return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{online} of {n} agents came online in {timeout:.0f}s")
             time.sleep(0.05)
-        raise RuntimeError(f"{n} agents did not come online")
 
     @property
     def ca_file(self) -> Path:
@@ -183,6 +206,9 @@ class Services:
                 p.wait(15)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+        if not self.keep:  # thousands of them piled up in /tmp over a session of benches
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def meta() -> list[tuple[str, str]]:

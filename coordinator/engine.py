@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
+from dstack.coordinator import restart_lease
 from dstack.coordinator.attempts import parse_wire_job_id, wire_job_id
 from dstack.coordinator.cache import secrets_digest
 from dstack.coordinator.clock import SYSTEM_CLOCK, Clock, SystemClock
@@ -204,6 +205,10 @@ class Engine:
         # Agents' messages waited unread meanwhile; leases are extended by the stall (see _lease_loop).
         # A manual clock (tests) jumps by design: its jumps are not stalls.
         self.guard_stalls = isinstance(clock, SystemClock)
+        # The lease this start gives every online agent (coordinator/restart_lease.py), and the one every later
+        # start is sure to give (kept in the state folder): hello acks promise no more than that (none before).
+        self.restart_lease_s: float | None = None
+        self._kept_restart_lease_s = 0.0
         # A lease check the store could not write (its disk full): the next lease check renews every
         # online agent's lease before it expires any.
         self._renewal_failed = False
@@ -272,13 +277,47 @@ class Engine:
         self._reusing: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------------
+    def own_restart_lease_s(self) -> float:
+        """The lease this coordinator's options give agents at its start: lease + requeue margin + grace."""
+        return self.config.lease_timeout_s + self.requeue_margin_s() + self.config.reconnect_grace_s
+
+    async def keep_restart_lease(self) -> float:
+        """Makes this coordinator's restart lease durable before any hello ack can publish its grace, and
+        learns the largest one ever published on this state, which its start gives (coordinator/restart_lease.py).
+        server.py calls it before it listens; `start` otherwise."""
+        if self.restart_lease_s is None:
+            own = self.own_restart_lease_s()
+            try:
+                kept = await asyncio.to_thread(restart_lease.honour, self.config.state_dir, own)
+            except OSError as e:  # a full or read-only state folder: start anyway, promising only what is kept
+                kept = await asyncio.to_thread(restart_lease.kept, self.config.state_dir)
+                log.warning(
+                    "cannot write %s (%s): hello acks promise agents only what the %.1f s kept there covers",
+                    self.config.state_dir / restart_lease.FILE,
+                    e.strerror or e,
+                    kept,
+                )
+            self._kept_restart_lease_s = kept
+            self.restart_lease_s = max(own, kept)
+            if kept > own:
+                log.info(
+                    "a coordinator before this one promised agents %.1fs after a restart (more than this one's"
+                    " --lease-timeout + --fence-margin + --reconnect-grace, %.1fs): this start gives that",
+                    self.restart_lease_s,
+                    own,
+                )
+        return self.restart_lease_s
+
     async def start(self) -> None:
         # Agents could not renew their leases while we were down, and each notices we are back only at
         # its next reconnect attempt: a lease counted from now alone would let a restart make healthy
         # agents "lost" (and fail their jobs) whenever that attempt comes later than the lease timeout.
-        await self.db(self.store.extend_all_leases, self.lease_until(self.config.reconnect_grace_s))
+        # And an agent refused by our port while we were down counts on the restart lease a coordinator
+        # before us published (coordinator/restart_lease.py): no start gives less.
+        restart_s = await self.keep_restart_lease()
+        await self.db(self.store.extend_all_leases, self.lease_now() + int(restart_s * 1e9))
         for agent_id in await self.db(self.store.online_agent_ids):
-            self.leases.grant(agent_id, self._lease_deadline(self.config.reconnect_grace_s))
+            self.leases.grant(agent_id, self.clock.monotonic() + restart_s)
         self.secrets = {}
         self._secrets_digests.clear()
         for owner, name, ciphertext in await self.db(self.store.secret_ciphertexts):
@@ -342,6 +381,18 @@ class Engine:
             return 0, False
         after = self.config.lease_timeout_s + max(0.0, self.config.fence_margin_s - self.config.fence_kill_s)
         return int(after * 1000), self.config.self_fence == "strict"
+
+    def published_grace_ms(self) -> int:
+        """What the hello ack promises after a refused connection, beyond self_fence_after (agent/lease.py):
+        the reconnect grace, once the restart lease that covers it is kept (coordinator/restart_lease.py);
+        nothing with fencing off or strict (refusals do not count), or before it is kept."""
+        if self.config.self_fence != "on":
+            return 0
+        # An agent refused at t keeps its jobs until t + self_fence_after + this, and a later start at s > t
+        # gives it until s + restart lease: the same distance, lease + margin - self_fence_after = min(kill
+        # time, margin), separates the two as separates any agent's deadline from its requeue (fence_policy).
+        grace_s = self._kept_restart_lease_s - self.config.lease_timeout_s - self.requeue_margin_s()
+        return max(0, int(grace_s * 1000))
 
     def _lease_deadline(self, grace_s: float = 0.0) -> float:
         """`lease_until` in seconds of the monotonic clock, as the in-memory leases keep it (the requeue
@@ -924,6 +975,7 @@ class Engine:
                 # check below may run before it is read. Not their silence: every lease starts afresh (as at
                 # start-up); an agent that is really gone is lost a lease later.
                 log.warning("lease check %.1f s late (the coordinator stalled): every lease renewed", late)
+                self._warn_starved(late)
                 self.leases.extend_all(self._lease_deadline())
             try:
                 if self._renewal_failed:
@@ -1302,6 +1354,7 @@ class Engine:
                 log_positions=[agent_pb2.LogAck(job_id=j, seq=s) for j, s in positions.items()],
                 self_fence_after_ms=fence_after_ms,
                 self_fence_strict=strict,
+                reconnect_grace_ms=self.published_grace_ms(),
                 log_blocks=True,  # the store takes LogBatch.blocks (coordinator/store/logs.py)
             )
         )
@@ -1377,6 +1430,20 @@ class Engine:
         if reply.log_acks or reply.update_acks or reply.lease_ack:
             return reply
         return None
+
+    def _warn_starved(self, late: float) -> None:
+        """A stall that ate half of the agents' count or more: while we do not run, no heartbeat is acked, and
+        an agent cannot tell that from a partition, so with a few more seconds it stops its healthy jobs.
+        Nothing an agent may safely count on shows it (docs/lifecycle.md, "Starvation"): a longer lease does."""
+        after_ms, _ = self.fence_policy()
+        if after_ms and late >= after_ms / 2000:
+            log.warning(
+                "agents stop their jobs %.1f s after their last acknowledged heartbeat, and this stall took %.1f s"
+                " of that: if stalls like it recur (the host is starved of CPU), raise --lease-timeout (now %g s)",
+                after_ms / 1000,
+                late,
+                self.config.lease_timeout_s,
+            )
 
     async def _expire_leases(self) -> list[str]:
         """Agents whose lease (in memory) ran out are marked lost in the store, unless a message of theirs

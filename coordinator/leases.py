@@ -31,8 +31,10 @@ class Leases:
     def grant(self, agent_id: str, until: float, heard_at: float | None = None) -> None:
         """The agent is online (its hello, its approval, a start-up): it holds a lease until `until`.
         `heard_at` (monotonic s): it was heard from then (a hello): a silence is counted from there, not
-        from its last message on an earlier stream (so `max_gap_s` leaves out its reconnect)."""
-        self._until[agent_id] = until
+        from its last message on an earlier stream (so `max_gap_s` leaves out its reconnect).
+        A lease it holds already keeps its later end: a hello soon after a restart must not cut the restart
+        lease, which agents refused while we were down count on (coordinator/restart_lease.py)."""
+        self._until[agent_id] = max(until, self._until.get(agent_id, until))
         if heard_at is not None:
             self._last_heard_mono[agent_id] = heard_at
 

@@ -237,6 +237,9 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
     # Opened once the writer has created and migrated the database.
     reads = ReadExecutor(config.db_path, clock.time_ns)
     engine = Engine(config, store, db, clock)
+    # Before we listen (below): a hello ack publishes the reconnect grace only once the lease that covers it is
+    # kept for every later start (coordinator/restart_lease.py).
+    await engine.keep_restart_lease()
     engine.copy_cached = artifacts.reuse
     retention = Retention(config, store, db, artifacts)
     auth = Authenticator(store, db, reads)

@@ -51,6 +51,10 @@ def free_port() -> int:
 
 
 T = TypeVar("T")
+# How long the cluster fixture waits for a coordinator or an agent it started to answer. Their starts are
+# seconds of imports: over 20 s each at load 60+ on the shared 2-core machine, where the old 20 s bound
+# failed tests that would have passed. Generous, as a process that exited fails the wait at once.
+START_TIMEOUT_S = 120.0
 
 
 def wait_for(predicate: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> T:
@@ -295,7 +299,7 @@ class Cluster:
         )
         f.close()
         coordinator = self.coordinator = Proc(popen, log)
-        wait_for(lambda: self._answers(coordinator), what="the coordinator to answer")
+        wait_for(lambda: self._answers(coordinator), timeout=START_TIMEOUT_S, what="the coordinator to answer")
         return coordinator
 
     def client(self) -> Client:
@@ -368,13 +372,16 @@ class Cluster:
         self.agents.append(proc)
         if not wait:
             return proc
-        wait_for(lambda: self._online(name), what=f"agent {name} online")
+        wait_for(lambda: self._online(name, proc), timeout=START_TIMEOUT_S, what=f"agent {name} online")
         return proc
 
-    def _online(self, name: str) -> bool:
-        """Whether the pool lists agent `name` online (what `dstack agents --json` shows), asked in-process."""
+    def _online(self, name: str, proc: Proc | None = None) -> bool:
+        """Whether the pool lists agent `name` online (what `dstack agents --json` shows), asked in-process;
+        fails at once if its process `proc` exited."""
         from dstack.cli.errors import CliError
 
+        if proc is not None and proc.popen.poll() is not None:
+            raise AssertionError(f"agent {name} exited with {proc.popen.returncode}:\n{proc.output()}")
         try:
             with closing(self.client()) as client:
                 return any(a.name == name and a.status == "online" for a in client.list_agents())

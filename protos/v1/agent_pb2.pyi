@@ -462,6 +462,7 @@ class HelloAck(_message.Message):
     LOG_POSITIONS_FIELD_NUMBER: _builtins.int
     SELF_FENCE_AFTER_MS_FIELD_NUMBER: _builtins.int
     SELF_FENCE_STRICT_FIELD_NUMBER: _builtins.int
+    RECONNECT_GRACE_MS_FIELD_NUMBER: _builtins.int
     LOG_BLOCKS_FIELD_NUMBER: _builtins.int
     heartbeat_interval_ms: _builtins.int
     lease_timeout_ms: _builtins.int
@@ -473,6 +474,13 @@ class HelloAck(_message.Message):
     self_fence_strict: _builtins.bool
     """Stop the jobs even when the coordinator's port refuses connections (false: a refusal shows the
     coordinator is down, and then nobody requeues them, so they keep running).
+    """
+    reconnect_grace_ms: _builtins.int
+    """With fencing on and not strict: after a refused connection to the coordinator's port at instant t, the
+    agent may keep its jobs until t + self_fence_after + this. Every coordinator that starts on this state
+    gives each online agent a lease of at least lease + fence margin + this from its start (the largest it
+    ever published, kept in its state folder before it was published), so nobody requeues them sooner,
+    even when its hello answers late. 0: an older coordinator, which promised only self_fence_after.
     """
     log_blocks: _builtins.bool
     """The coordinator stores LogBatch.blocks: the agent may send its lines packed (false: an older one,
@@ -490,11 +498,12 @@ class HelloAck(_message.Message):
         log_positions: _abc.Iterable[Global___LogAck] | None = ...,
         self_fence_after_ms: _builtins.int = ...,
         self_fence_strict: _builtins.bool = ...,
+        reconnect_grace_ms: _builtins.int = ...,
         log_blocks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "lease_timeout_ms", b"lease_timeout_ms", "log_blocks", b"log_blocks", "log_positions", b"log_positions", "self_fence_after_ms", b"self_fence_after_ms", "self_fence_strict", b"self_fence_strict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "lease_timeout_ms", b"lease_timeout_ms", "log_blocks", b"log_blocks", "log_positions", b"log_positions", "reconnect_grace_ms", b"reconnect_grace_ms", "self_fence_after_ms", b"self_fence_after_ms", "self_fence_strict", b"self_fence_strict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -407,7 +407,9 @@ class ChaosBed:
         self.wait_coordinator()
         return self.coordinator
 
-    def wait_coordinator(self, timeout: float = 90) -> None:
+    def wait_coordinator(self, timeout: float = 300) -> None:
+        # Generous: a restart under chaos at load 80 outgrew 90 s (bench.chaos mixed, issue 16); a coordinator
+        # that exited ends the wait at once (_wait), so only a live, slow one is waited for this long.
         def answers() -> bool:
             if not self.ca_file.exists():
                 return False
@@ -497,6 +499,21 @@ class ChaosBed:
             self.s3.start(timeout=60)
         else:
             self.start_agent(name)
+
+    def hold_coordinator_port(self) -> Proc:
+        """A process on the coordinator's host that listens on its address and answers nothing: a coordinator
+        back and listening that does not answer hellos yet (starting, or starved). Connections are accepted,
+        so an agent's probe sees no refusal. Stop it (`terminate`) before the coordinator starts again."""
+        host, port = self.coordinator_address.rsplit(":", 1)
+        script = (
+            "import socket, sys, time\n"
+            "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            f"s.bind(({host!r}, {int(port)})); s.listen(128); print('listening', flush=True)\n"
+            "while True: time.sleep(60)\n"
+        )
+        proc = self._popen(self.hosts["coordinator"], [PY, "-c", script], "silent-coordinator.log", {})
+        _wait(lambda: "listening" in proc.log.read_text(errors="replace"), 60, "the silent listener", proc)
+        return proc
 
     def isolate(self, name: str, down: bool = True) -> None:
         """The host's cable at the switch goes down (or up again): its packets are dropped silently."""

@@ -72,6 +72,25 @@ def _coordinator_kill(f: Faults) -> None:
     f.bed.restart("coordinator")
 
 
+# How long the coordinator's port accepts and answers nothing after a restart (coordinator-late-hello): the
+# mixed scenario at load 80 saw hellos answered 11 s after the restarted coordinator listened, past the
+# agents' 8 s (lease 5 + margin 5 - kill time 2).
+LATE_HELLO_S = 12.0
+
+
+def _coordinator_late_hello(f: Faults) -> None:
+    """kill -9 of the coordinator, then its port back but silent for LATE_HELLO_S, then the coordinator: the
+    agents were refused while it was down, so none of them may stop a job (HelloAck.reconnect_grace_ms)."""
+    f.bed.kill9("coordinator")
+    f.did("kill -9 coordinator")
+    time.sleep(3)
+    silent = f.bed.hold_coordinator_port()
+    f.did(f"coordinator's port accepting, nothing answering, for {LATE_HELLO_S:.0f}s")
+    time.sleep(LATE_HELLO_S)
+    silent.terminate()
+    f.bed.restart("coordinator")
+
+
 def _partition(f: Faults) -> None:
     victims = f.third()
     for a in victims:
@@ -139,6 +158,7 @@ def _mixed(f: Faults) -> None:
 SCENARIOS: dict[str, Callable[[Faults], None]] = {
     "agent-kill": _agent_kill,
     "coordinator-kill": _coordinator_kill,
+    "coordinator-late-hello": _coordinator_late_hello,
     "partition": _partition,
     "clock-step": _clock_step,
     "agent-disk-full": _agent_disk,

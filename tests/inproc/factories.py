@@ -145,6 +145,7 @@ class ConfigOverrides(TypedDict, total=False):
     self_fence: str
     fence_margin_s: float
     fence_kill_s: float
+    reconnect_grace_s: float
 
 
 @contextlib.asynccontextmanager

@@ -132,10 +132,21 @@ async def test_the_real_agent_ends_a_job_that_failed_on_a_full_disk_drains_and_r
         assert ended.message.startswith("agent disk full on agent-1: ") and ended.message.endswith(
             "; the job exited with code 1"
         )
-        listed = await h.agent("agent-1")
-        assert listed is not None and listed.inventory.disk_full  # draining: attempt 2 waits, saying why
-        waiting = await h.job(run.name, "main")
-        assert waiting.status == JS.JOB_STATUS_PENDING and "(draining: disk full, " in waiting.message
+
+        async def draining() -> bool:
+            listed = await h.agent("agent-1")
+            return listed is not None and listed.inventory.disk_full
+
+        # Draining: attempt 2 waits, saying why. Both come a heartbeat and a pass after the requeue, so they are
+        # waited for (read at once, under load they were not there yet).
+        await wait_until(draining, "the agent to report its disk full")
+
+        async def waits_saying_why() -> client_pb2.Job | None:
+            job = await h.job(run.name, "main")
+            return job if "(draining: disk full, " in job.message else None
+
+        waiting = await wait_until(waits_saying_why, "attempt 2 to wait for the draining agent")
+        assert waiting.status == JS.JOB_STATUS_PENDING
         assert f"{job_id}-a2" not in runtime.procs
 
         agent.disk.min_free = MinFree()  # space back: the agent says so at its next heartbeat

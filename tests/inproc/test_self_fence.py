@@ -312,3 +312,46 @@ async def test_a_coordinator_back_before_the_agent_reconnects_is_counted_down_un
 
         assert await wait_until(lambda: finished(h, run.name), "the job to finish") == JS.JOB_STATUS_DONE
         assert (await h.job(run.name)).attempt == 1
+
+
+async def test_a_coordinator_back_and_listening_that_answers_the_hello_late_stops_no_job(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Seen in the mixed chaos scenario under load: the coordinator restarted, listened again, and answered
+    the agents' hellos 11 s later, past their 8 s deadline; two agents stopped healthy jobs. A refusal now
+    counts for self_fence_after + the reconnect grace the hello ack published (every later start gives that
+    much: coordinator/restart_lease.py), so a late hello within it stops nothing. Here the port refuses
+    (down), then accepts into silence (back, not answering) for longer than the agent's deadline."""
+    caplog.set_level(logging.INFO, "dstack.agent")
+    grace = 20.0  # the agent's deadline: 2.5 s after a renewal, 22.5 s after a refusal
+    runtime = GatedRuntime()
+    async with (
+        coordinator(
+            tmp_path,
+            lease_timeout_s=LEASE_S,
+            heartbeat_interval_s=BEAT_S,
+            fence_margin_s=MARGIN_S,
+            fence_kill_s=KILL_S,
+            reconnect_grace_s=grace,
+        ) as h,
+        link_to(h) as link,
+        real_agent(h, runtime=runtime, via=link.address),
+    ):
+        run = await submit_run(h, job_spec("main"))
+        proc = await runtime.started(run.jobs[0].id)
+        await wait_until(lambda: running(h, run.name), "the job to run")
+
+        async def refused() -> bool:
+            return "the coordinator is down" in caplog.text
+
+        await link.refuse()  # down until the agent has been refused
+        await wait_until(refused, "a refused reconnect")
+        await link.restore()
+        link.cut()  # back and listening, not answering: 1 s past the 2.5 s the agent counted from a refusal before
+        await asyncio.sleep(LEASE_S + MARGIN_S - KILL_S + 1.0)
+        assert "self-fence" not in caplog.text
+        await link.restore()
+        proc.exit(0)
+
+        assert await wait_until(lambda: finished(h, run.name), "the job to finish") == JS.JOB_STATUS_DONE
+        assert (await h.job(run.name)).attempt == 1

@@ -110,3 +110,18 @@ def test_the_probe_tells_a_closed_port_from_an_open_one_and_from_a_missing_unix_
         assert not await refused("no-such-host.invalid:443", 1.0)  # unresolvable: no proof of anything
 
     asyncio.run(probe())
+
+
+def test_a_refusal_counts_for_the_published_reconnect_grace_beyond_the_lease_and_strict_counts_none() -> None:
+    """A coordinator down at the probe publishes its reconnect grace in the hello ack: every later start gives
+    online agents at least that much more (coordinator/restart_lease.py), so the jobs may run that long."""
+    g, clock = guard(FencePolicy(LEASE_S, refusal_grace_s=30.0))
+    clock.now += 4.0
+    assert g.coordinator_down(clock.now)
+    assert g.deadline == clock.now + LEASE_S + 30.0
+    old, old_clock = guard(FencePolicy(LEASE_S))  # an older coordinator publishes no grace: as before
+    old_clock.now += 4.0
+    assert old.coordinator_down(old_clock.now) and old.deadline == old_clock.now + LEASE_S
+    strict, strict_clock = guard(FencePolicy(LEASE_S, strict=True, refusal_grace_s=30.0))
+    strict_clock.now += 4.0
+    assert not strict.coordinator_down(strict_clock.now) and strict.deadline == 100 + LEASE_S

@@ -10,6 +10,8 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.engine import Engine
 from dstack.coordinator.store import Store
@@ -64,7 +66,9 @@ def test_a_start_gives_online_agents_a_lease_plus_the_fence_margin_plus_the_reco
     asyncio.run(restart_and_watch_the_lease())
 
 
-def test_a_stall_of_the_coordinator_itself_is_not_counted_against_the_agents(tmp_path: Path) -> None:
+def test_a_stall_of_the_coordinator_itself_is_not_counted_against_the_agents(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The coordinator's event loop does not run for longer than a lease (a long synchronous step, its
     process descheduled on a saturated host): agents' messages wait unread in its sockets, and the first
     lease check after the stall may run before they are read. It renews every lease instead of declaring
@@ -98,6 +102,8 @@ def test_a_stall_of_the_coordinator_itself_is_not_counted_against_the_agents(tmp
             time.sleep(3 * lease_s)  # the event loop stalls: nothing is read, no check runs  # noqa: ASYNC251
             await asyncio.sleep(lease_s / 2)  # the check that runs at once after the stall, and the next
             assert await status() == "online"
+            # The stall took most of the agents' 4 s count (lease 1 + margin 5 - kill 2): the log says what helps.
+            assert "raise --lease-timeout (now 1 s)" in caplog.text
             deadline = time.monotonic() + 30
             while await status() == "online":  # silent from here on: lost once its (extended) lease is over
                 assert time.monotonic() < deadline, "a silent agent was never lost"

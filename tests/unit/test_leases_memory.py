@@ -45,3 +45,16 @@ def test_the_longest_silence_leaves_out_a_reconnect_because_a_hello_counts_as_he
     assert leases.max_gap_s == 1.0
     leases.renew("a", 16.5, 16.5 + LEASE_S, 3)  # a real silence is still counted
     assert leases.max_gap_s == 3.0
+
+
+def test_a_hello_after_a_restart_keeps_the_longer_restart_lease() -> None:
+    """Agents refused while the coordinator was down count on the restart lease (coordinator/restart_lease.py):
+    a hello soon after the start must not cut it to one lease from the hello."""
+    leases = Leases()
+    leases.grant("a", until=140.0)  # the start: lease + margin + grace
+    leases.grant("a", until=20.0, heard_at=10.0)  # its hello at 10 s
+    assert not leases.expired(100.0)
+    assert leases.expired(141.0) == ["a"]
+    leases.forget("a")  # lost: its next hello starts a lease afresh
+    leases.grant("a", until=160.0, heard_at=150.0)
+    assert not leases.expired(159.0)
