@@ -9,8 +9,6 @@ Run as root, each case runs twice: as the agent's own user, and as the job user 
 from __future__ import annotations
 
 import asyncio
-import os
-import pwd
 import re
 import shutil
 import subprocess
@@ -22,11 +20,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dstack.agent import jobuser
-from dstack.agent.runtimes.base import RuntimeJob
 from dstack.agent.runtimes.cgroups import POOL_PREFIX, CgroupLayout
 from dstack.agent.runtimes.host import HostProcess, HostRuntime
 from tests.conftest import wait_for
+from tests.hostjobs import host_runtime, job_users, start_host_job
 
 PIDS_LIMIT = 24
 # The job's own pids group, from inside it: v1's pids line, else the unified one.
@@ -51,28 +48,10 @@ def pids_group_possible() -> bool:
 pytestmark = pytest.mark.skipif(not pids_group_possible(), reason="no writable cgroup pids controller here")
 
 
-def job_users() -> list[str]:
-    users = ["agent"]
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam(jobuser.DEFAULT)
-            users.append(jobuser.DEFAULT)
-        except KeyError:
-            pass
-    return users
-
-
 @pytest.fixture(params=job_users())
 def runtime(request: pytest.FixtureRequest) -> Iterator[tuple[HostRuntime, Path]]:
-    root = Path(tempfile.mkdtemp(prefix="dstack-pool-test-"))  # in /tmp: the job user can pass through
-    root.chmod(0o711)
-    user = jobuser.resolve(jobuser.DEFAULT, "host") if request.param != "agent" else None
-    rt = HostRuntime(5.0, str(root), cgroups=True, job_user=user, pids_limit=PIDS_LIMIT)
-    try:
-        yield rt, root
-    finally:
-        asyncio.run(rt.close())
-        shutil.rmtree(root, ignore_errors=True)
+    with host_runtime(request.param, "dstack-pool-test-", cgroups=True, pids_limit=PIDS_LIMIT) as made:
+        yield made
 
 
 class Ran:
@@ -86,35 +65,11 @@ class Ran:
         return m.group(1)
 
 
-async def start_job(rt: HostRuntime, root: Path, name: str, script: str, lines: list[str]) -> HostProcess:
-    """Preparation on the code trip, then the start, as the runner does them."""
-    workdir = root / name
-    prep = await rt.preparation(name, workdir, 0, 0.0)
-
-    def code_trip() -> None:
-        workdir.mkdir()
-        if prep is not None:
-            prep()
-
-    await asyncio.to_thread(code_trip)
-    job = RuntimeJob(
-        job_id=name,
-        workdir=workdir,
-        working_dir=".",
-        commands=[script],
-        env={"PATH": "/usr/bin:/bin"},
-        system_line=lines.append,
-    )
-    proc = await rt.start(job)
-    assert isinstance(proc, HostProcess)
-    return proc
-
-
 async def run_job(rt: HostRuntime, root: Path, name: str, script: str, stop_after: str | None = None) -> Ran:
     """One job as the runner runs it: preparation on the code trip, start, output, wait, cleanup. With
     stop_after, `dstack stop` comes once that text is printed."""
     lines: list[str] = []
-    proc = await start_job(rt, root, name, script, lines)
+    proc = await start_host_job(rt, root, name, script, lines.append)
     out: list[bytes] = []
 
     async def drain() -> None:
@@ -224,7 +179,7 @@ def test_a_job_that_ends_while_its_stop_is_under_way_passes_on_no_sealed_group(
 
     async def scenario() -> None:
         name = "j1"
-        proc = await start_job(rt, root, name, WHERE + "echo started\nexec sleep 300", [])
+        proc = await start_host_job(rt, root, name, WHERE + "echo started\nexec sleep 300")
         out = b""
         async for _, chunk in proc.output():
             out += chunk

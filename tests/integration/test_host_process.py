@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import tempfile
 from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import cast
@@ -18,57 +16,21 @@ from typing import cast
 import psutil
 import pytest
 
-from dstack.agent import jobuser
-from dstack.agent.runtimes.base import RuntimeJob
-from dstack.agent.runtimes.host import OUTPUT_QUEUE, READ_CHUNK, HostProcess, HostRuntime
+from dstack.agent.runtimes.host import OUTPUT_QUEUE, READ_CHUNK, HostRuntime
 from dstack.protos.v1 import common_pb2
 from tests.conftest import wait_for
+from tests.hostjobs import host_runtime, job_users, start_host_job
 
 pytestmark = pytest.mark.integration
 
 OUT, ERR = int(common_pb2.LOG_STREAM_STDOUT), int(common_pb2.LOG_STREAM_STDERR)
 
 
-def job_users() -> list[str]:
-    users = ["agent"]
-    if os.geteuid() == 0 and shutil.which("setpriv"):
-        try:
-            jobuser.resolve(jobuser.DEFAULT, "host")
-            users.append("job-user")
-        except jobuser.JobUserError:
-            pass
-    return users
-
-
 @pytest.fixture(params=job_users())
 def runtime(request: pytest.FixtureRequest) -> Iterator[tuple[HostRuntime, Path]]:
-    root = Path(tempfile.mkdtemp(prefix="dstack-proc-test-"))  # in /tmp: the job user can pass through
-    root.chmod(0o711)
-    user = jobuser.resolve(jobuser.DEFAULT, "host") if request.param != "agent" else None
     # No cgroups: what escapes the job's session is not killed with it (the detached-process case).
-    rt = HostRuntime(5.0, str(root), cgroups=False, job_user=user)
-    try:
-        yield rt, root
-    finally:
-        asyncio.run(rt.close())
-        shutil.rmtree(root, ignore_errors=True)
-
-
-async def start(rt: HostRuntime, root: Path, name: str, script: str) -> HostProcess:
-    workdir = root / name
-    prep = await rt.preparation(name, workdir, 0, 0.0)
-
-    def code_trip() -> None:
-        workdir.mkdir()
-        if prep is not None:
-            prep()
-
-    await asyncio.to_thread(code_trip)
-    proc = await rt.start(
-        RuntimeJob(job_id=name, workdir=workdir, working_dir=".", commands=[script], env={"PATH": "/usr/bin:/bin"})
-    )
-    assert isinstance(proc, HostProcess)
-    return proc
+    with host_runtime(request.param, "dstack-proc-test-", cgroups=False) as made:
+        yield made
 
 
 def blocked_in_write(pid: int) -> bool:
@@ -94,7 +56,7 @@ def test_a_job_printing_faster_than_its_output_is_taken_blocks_and_loses_nothing
     assert size > 2 * OUTPUT_QUEUE * READ_CHUNK
 
     async def main() -> None:
-        proc = await start(rt, root, "flood", f"head -c {size} /dev/zero; echo done >&2")
+        proc = await start_host_job(rt, root, "flood", f"head -c {size} /dev/zero; echo done >&2")
         chunks = proc.output()
         first = await anext(chunks)
         # The consumer takes nothing more (the runner waits for the outbox's room): the agent stops reading,
@@ -126,7 +88,7 @@ def test_wait_gives_the_exit_code_while_a_detached_process_still_holds_the_pipes
             "setsid sleep 600 & pid=$!;"
             ' while [ "$(cut -d" " -f6 /proc/$pid/stat)" != "$pid" ]; do sleep 0.01; done; echo $pid; exit 3'
         )
-        proc = await start(rt, root, "detached", script)
+        proc = await start_host_job(rt, root, "detached", script)
         lines: list[bytes] = []
 
         async def read() -> None:
@@ -155,7 +117,7 @@ def test_a_stop_ends_a_job_that_ignores_sigterm_and_its_unread_output_leaves_no_
 
     async def main() -> None:
         fds_before = len(os.listdir("/proc/self/fd"))
-        proc = await start(rt, root, "stubborn", "trap '' TERM; echo up; while :; do sleep 0.05; done")
+        proc = await start_host_job(rt, root, "stubborn", "trap '' TERM; echo up; while :; do sleep 0.05; done")
         chunks = cast("AsyncGenerator[tuple[int, bytes], None]", proc.output())  # HostProcess's is one
         assert await anext(chunks) == (OUT, b"up\n")  # its trap is set
         proc.grace_s = 0.2
