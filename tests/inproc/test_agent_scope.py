@@ -338,14 +338,9 @@ async def _renewed(h: Harness, name: str, at: int) -> bool:
     return agent is not None and agent.last_heartbeat_ns >= at
 
 
-async def test_one_message_of_lines_for_its_own_job_and_a_victims_stores_only_its_own_in_one_db_trip(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A message of log lines alone is checked on the DB thread in the call that stores it (one trip, not
-    # two: coordinator/app/agent_stream.py). The attack: a rogue with a job of its own packs, in one
-    # message, a batch for its job and a batch for the victim's, hoping the check sees only the first.
-    monkeypatch.setattr(agent_scope, "DROP_LOG_INTERVAL_S", 0.0)
-    trips: list[str] = []  # the awaited scope check (a DB trip of its own): must not be used for lines alone
+def count_scope_trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records each awaited scope check (agent_scope.reportable: a DB trip of its own)."""
+    trips: list[str] = []
     reportable = agent_scope.reportable
 
     async def counted(*args: object) -> tuple[set[str], set[str]]:
@@ -353,6 +348,17 @@ async def test_one_message_of_lines_for_its_own_job_and_a_victims_stores_only_it
         return await reportable(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(agent_scope, "reportable", counted)
+    return trips
+
+
+async def test_one_message_of_lines_for_its_own_job_and_a_victims_stores_only_its_own_in_one_db_trip(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A message of log lines alone is checked on the DB thread in the call that stores it (one trip, not
+    # two: coordinator/app/agent_stream.py). The attack: a rogue with a job of its own packs, in one
+    # message, a batch for its job and a batch for the victim's, hoping the check sees only the first.
+    monkeypatch.setattr(agent_scope, "DROP_LOG_INTERVAL_S", 0.0)
+    trips = count_scope_trips(monkeypatch)  # must stay empty: lines alone are checked in their insert's trip
     async with coordinator(tmp_path) as h, sim_agent(h, "victim", cpu=1) as victim:
         _, ids = await build_then_train(h, victim)  # the victim is full: the rogue's own job goes to it
         train = ids["train"]
@@ -393,14 +399,7 @@ async def test_one_message_of_updates_for_its_own_job_and_a_victims_applies_only
     # job's RUNNING and DONE and the victim's job's FAILED, each with an environment (and lines of both),
     # hoping that what is checked and what is applied differ.
     monkeypatch.setattr(agent_scope, "DROP_LOG_INTERVAL_S", 0.0)
-    trips: list[str] = []  # the awaited scope check (a DB trip of its own): must not be used any more
-    reportable = agent_scope.reportable
-
-    async def counted(*args: object) -> tuple[set[str], set[str]]:
-        trips.append("reportable")
-        return await reportable(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(agent_scope, "reportable", counted)
+    trips = count_scope_trips(monkeypatch)  # must stay empty: updates are checked in their batch's call
     async with coordinator(tmp_path) as h, sim_agent(h, "victim", cpu=1) as victim:
         run, ids = await build_then_train(h, victim)  # the victim is full: the rogue's own job goes to it
         train = ids["train"]
