@@ -566,7 +566,10 @@ class ChaosBed:
         self._filled.discard(name)
 
     def heal_all(self) -> None:
-        """Every fault undone: links up, cuts healed, disks freed, processes that are down restarted."""
+        """Every fault undone: links up, cuts healed, disks freed, the coordinator's clock true again,
+        processes that are down restarted."""
+        if self.clock_offset:
+            self.step_clock(-self.clock_offset)
         for name in self.hosts:
             self.isolate(name, down=False)
         for a, b in list(self._cuts):
@@ -580,6 +583,17 @@ class ChaosBed:
         for name, proc in list(self.agents.items()):
             if not proc.alive():
                 self.start_agent(name)
+
+    def log_sizes(self) -> dict[str, int]:
+        """Bytes in each process's log now (agents, coordinator; every life appends): where a scenario run on
+        a bed that earlier ones used starts reading its own evidence."""
+        out = {}
+        for log in (self.root / "logs").glob("*.log"):
+            try:
+                out[log.stem] = log.stat().st_size
+            except OSError:
+                pass
+        return out
 
     # ---- teardown
 

@@ -1,4 +1,5 @@
-"""The chaos scenarios: a fresh bed, N one-job runs, faults while they run, then every invariant checked.
+"""The chaos scenarios: a bed (a fresh one, or one `SharedBed` for several in sequence), N one-job runs,
+faults while they run, then every invariant checked.
 
 Shared by tests/cluster/test_chaos_fast.py (a few, small) and bench/chaos.py (all, 1,000 jobs each).
 A scenario's `inject` runs in a thread once a fifth of the jobs have finished; it records each fault, the
@@ -212,12 +213,15 @@ class LoadSampler:
         return (min(self.samples), max(self.samples)) if self.samples else (float("nan"), float("nan"))
 
 
-def fenced_by_agent(bed: ChaosBed) -> dict[str, int]:
-    """Jobs each agent stopped by self-fencing, from its log."""
+def fenced_by_agent(bed: ChaosBed, since: dict[str, int] | None = None) -> dict[str, int]:
+    """Jobs each agent stopped by self-fencing, from its log (from the byte offsets in `since`, when a bed
+    that earlier scenarios used is read: their fences are theirs)."""
     out = {}
     for name in bed.agent_names():
         try:
-            out[name] = self_fenced_jobs((bed.root / "logs" / f"{name}.log").read_text(errors="replace"))
+            with (bed.root / "logs" / f"{name}.log").open("rb") as f:
+                f.seek((since or {}).get(name, 0))
+                out[name] = self_fenced_jobs(f.read().decode(errors="replace"))
         except OSError:
             out[name] = 0
     return out
@@ -232,18 +236,24 @@ def run_scenario(
     outage: float,
     finish_timeout: float,
     keep: bool = False,
+    bed: ChaosBed | None = None,
 ) -> Result:
-    """One scenario end to end on a fresh bed under `root` (removed after, unless it failed or `keep`)."""
+    """One scenario end to end under `root` (removed after, unless it failed or `keep`): on a fresh bed of
+    `config`, or on `bed`, started and healthy (a `SharedBed`'s), which it leaves healed, with every agent
+    online, for the next scenario. Only this scenario's runs, evidence and agent-log lines are checked."""
     inject = SCENARIOS[name]
     t0 = time.monotonic()
-    bed = ChaosBed(root / "bed", config)
+    own_bed = bed is None
+    bed = bed or ChaosBed(root / "bed", config)
     evidence = root / "evidence"
     project = write_project(root / "project", evidence, shape)
     faults = Faults(bed, outage)
     error = ""
     with LoadSampler() as load:
         try:
-            bed.start()
+            if own_bed:
+                bed.start()
+            log_from = bed.log_sizes()
             with bed.client(timeout=60) as client:
                 names = submit(client, project, jobs, shape)
 
@@ -279,7 +289,7 @@ def run_scenario(
                 shape,
                 host_of_netns,
                 faults.allowed,
-                fenced=fenced_by_agent(bed),
+                fenced=fenced_by_agent(bed, since=log_from),
                 may_fence=faults.may_fence,
             )
             error = faults.error
@@ -288,11 +298,76 @@ def run_scenario(
             verdict = Verdict(jobs=jobs)
             recover_s = float("nan")
         finally:
-            bed.close()
+            if own_bed:
+                bed.close()
+            else:
+                # The next scenario needs the bed as it found it: every fault healed (a killed coordinator or
+                # agent restarted), every agent online. A bed that cannot be restored fails this scenario.
+                try:
+                    bed.heal_all()
+                    bed.wait_agents_online(timeout=finish_timeout)
+                except Exception:
+                    error += f"\nthe bed could not be restored after the scenario:\n{traceback.format_exc()}"
     result = Result(name, jobs, faults.count, verdict, recover_s, time.monotonic() - t0, faults.log, error, load.span())
     if not keep and not error and not verdict.violations():
         shutil.rmtree(root, ignore_errors=True)
     return result
+
+
+class SharedBed:
+    """One bed for scenarios run in sequence (the CI subset: a bed costs a coordinator, weed and the agents
+    started and stopped, and namespaces made and removed). Each scenario gets it healthy: `get` heals what an
+    earlier one left and waits for every agent; a bed that does not come back is replaced by a fresh one, so
+    one scenario's breakage fails that scenario, not the next. Its folder (the processes' logs) is kept when
+    any scenario run on it failed."""
+
+    def __init__(self, root: Path, config: BedConfig) -> None:
+        self.root = root
+        self.config = config
+        self.bed: ChaosBed | None = None
+        self.beds = 0
+        self.failed = False
+
+    def get(self) -> ChaosBed:
+        if self.bed is not None:
+            try:
+                self.bed.heal_all()
+                self.bed.wait_agents_online(timeout=120)
+                return self.bed
+            except Exception:
+                self.failed = True
+                self.bed.close()
+                self.bed = None
+        self.beds += 1
+        self.bed = ChaosBed(self.root / f"bed-{self.beds}", self.config).start()
+        return self.bed
+
+    def run(
+        self,
+        name: str,
+        root: Path,
+        jobs: int,
+        shape: JobShape,
+        outage: float,
+        finish_timeout: float,
+        keep: bool = False,
+    ) -> Result:
+        """`run_scenario` on this bed."""
+        try:
+            bed = self.get()
+        except Exception:
+            self.failed = True
+            return Result(name, jobs, 0, Verdict(jobs=jobs), float("nan"), 0.0, [], traceback.format_exc())
+        result = run_scenario(name, root, jobs, self.config, shape, outage, finish_timeout, keep=keep, bed=bed)
+        self.failed |= bool(result.error or result.verdict.violations())
+        return result
+
+    def close(self, keep: bool = False) -> None:
+        if self.bed is not None:
+            self.bed.close()
+            self.bed = None
+        if not keep and not self.failed:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _recover(bed: ChaosBed, evidence: Path, healed_at: float, timeout: float) -> float:

@@ -8,6 +8,8 @@ Attacks run here:
 - the coordinator killed with SIGKILL and restarted while jobs run and log: no run, line or artifact lost;
 - mixed: a third of the agents cut off from the coordinator, another agent killed, the coordinator killed
   and restarted, all at once: the cut-off agents stop their jobs themselves, none runs twice at once;
+- the three scenarios share one bed, in sequence (each checks only its own runs, evidence and agent-log
+  lines, and leaves the bed healed for the next);
 - a bed left behind by a crashed run (its owner gone) is removed by the next one, tmpfs and veths included.
 """
 
@@ -15,18 +17,32 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.cluster import bed as bedmod
 from tests.cluster.bed import BedConfig, ChaosBed, available, cleanup_stale
-from tests.cluster.scenarios import run_scenario, table
+from tests.cluster.scenarios import SharedBed, table
 from tests.cluster.workload import JobShape
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(available() is not None, reason=str(available()))]
 
 JOBS = 50
+CONFIG = BedConfig(agents=3, lease_timeout=5.0, heartbeat=1.0)
+
+
+@pytest.fixture(scope="module")
+def shared_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedBed]:
+    """One bed for the scenarios below, in sequence (each bed costs its processes' starts and stops: CI's
+    time). Each scenario checks only its own runs, evidence and agent-log lines, and leaves the bed healed;
+    a bed it broke beyond that is replaced before the next (SharedBed.get)."""
+    shared = SharedBed(tmp_path_factory.mktemp("chaos-bed"), CONFIG)
+    try:
+        yield shared
+    finally:
+        shared.close()
 
 
 @pytest.mark.parametrize(
@@ -34,18 +50,11 @@ JOBS = 50
     # agent-disk-full: no job fails (the agent drains, its ended attempts run elsewhere); minutes, so `long`.
     ["agent-kill", "coordinator-kill", "mixed", pytest.param("agent-disk-full", marks=pytest.mark.long)],
 )
-def test_invariants_hold_under_faults(scenario: str, tmp_path: Path) -> None:
-    result = run_scenario(
-        scenario,
-        tmp_path / scenario,
-        JOBS,
-        BedConfig(agents=3, lease_timeout=5.0, heartbeat=1.0),
-        JobShape(),
-        outage=8.0,
-        finish_timeout=240.0,
-    )
+def test_invariants_hold_under_faults(scenario: str, shared_bed: SharedBed, tmp_path: Path) -> None:
+    result = shared_bed.run(scenario, tmp_path / scenario, JOBS, JobShape(), outage=8.0, finish_timeout=240.0)
     v = result.verdict
-    shown = f"{table([result])}\nfaults: {result.fault_log}\n" + "\n".join(v.details)
+    where = f"bed: {shared_bed.bed.root if shared_bed.bed else shared_bed.root}, scenario: {tmp_path / scenario}"
+    shown = f"{table([result])}\nfaults: {result.fault_log}\n{where}\n" + "\n".join(v.details)
     assert not result.error, shown
     assert result.faults >= 1, shown
     assert v.lost == v.not_terminal == v.wrong_reason == v.false_agent_lost == 0, shown

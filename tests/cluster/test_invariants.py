@@ -7,8 +7,9 @@ import hashlib
 import threading
 from pathlib import Path
 
-from tests.cluster.bed import publish
+from tests.cluster.bed import BedConfig, ChaosBed, publish
 from tests.cluster.invariants import Verdict, check, self_fenced_jobs
+from tests.cluster.scenarios import fenced_by_agent
 from tests.cluster.workload import Execution, JobShape, Reported
 
 SHAPE = JobShape(lines=3)
@@ -166,3 +167,20 @@ def test_the_beds_ca_copy_is_never_seen_empty_while_it_is_published_again(tmp_pa
         for t in readers:
             t.join()
     assert all(s.startswith(b"-----BEGIN") and s.endswith(b"-----\n") for s in seen), sorted(map(len, seen))
+
+
+def test_a_scenario_on_a_shared_bed_counts_only_the_fences_logged_after_it_began(tmp_path: Path) -> None:
+    """Scenarios in sequence on one bed read the agents' logs from where each began: a fence an earlier
+    scenario's cut-off agent logged is not charged to the next, and one logged since is (not hidden)."""
+    bed = ChaosBed(tmp_path, BedConfig(agents=2))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    earlier = "WARNING no lease renewal acknowledged by the coordinator for 8.0s: stopping 3 job(s) (self-fence)\n"
+    (logs / "agent-0.log").write_text(earlier)
+    (logs / "agent-1.log").write_text("INFO connected\n")
+    since = bed.log_sizes()
+    assert fenced_by_agent(bed, since) == {"agent-0": 0, "agent-1": 0}
+    with (logs / "agent-1.log").open("a") as f:
+        f.write("WARNING no lease renewal acknowledged by the coordinator for 8.0s: stopping 2 job(s) (self-fence)\n")
+    assert fenced_by_agent(bed, since) == {"agent-0": 0, "agent-1": 2}
+    assert fenced_by_agent(bed) == {"agent-0": 3, "agent-1": 2}  # a fresh bed's reading: every line
