@@ -7,7 +7,10 @@ import hashlib
 import threading
 from pathlib import Path
 
-from tests.cluster.bed import BedConfig, ChaosBed, publish
+import pytest
+
+from tests.cluster import scenarios
+from tests.cluster.bed import BedConfig, BedError, ChaosBed, publish
 from tests.cluster.invariants import Verdict, check, self_fenced_jobs
 from tests.cluster.scenarios import fenced_by_agent
 from tests.cluster.workload import Execution, JobShape, Reported
@@ -184,3 +187,44 @@ def test_a_scenario_on_a_shared_bed_counts_only_the_fences_logged_after_it_began
         f.write("WARNING no lease renewal acknowledged by the coordinator for 8.0s: stopping 2 job(s) (self-fence)\n")
     assert fenced_by_agent(bed, since) == {"agent-0": 0, "agent-1": 2}
     assert fenced_by_agent(bed) == {"agent-0": 3, "agent-1": 2}  # a fresh bed's reading: every line
+
+
+def test_a_shared_bed_a_scenario_broke_beyond_healing_is_replaced_before_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One scenario's breakage fails that scenario, not the next: a bed whose heal or agents do not come
+    back is closed and a fresh one started (its folder kept: a scenario failed on it)."""
+    started: list[Path] = []
+    closed: list[Path] = []
+
+    class FreshBed:
+        def __init__(self, root: Path, config: BedConfig) -> None:
+            self.root = root
+
+        def start(self) -> FreshBed:
+            started.append(self.root)
+            return self
+
+        def heal_all(self) -> None:
+            pass
+
+        def wait_agents_online(self, timeout: float) -> float:
+            return 0.0
+
+        def close(self) -> None:
+            closed.append(self.root)
+
+    monkeypatch.setattr(scenarios, "ChaosBed", FreshBed)
+    shared = scenarios.SharedBed(tmp_path, BedConfig(agents=1))
+    first = shared.get()
+    assert shared.get() is first and len(started) == 1  # healthy: kept
+
+    def agents_never_back(timeout: float) -> float:
+        raise BedError("timed out waiting for agents ['agent-0'] online")
+
+    monkeypatch.setattr(first, "wait_agents_online", agents_never_back)
+    second = shared.get()
+    assert second is not first and started == [tmp_path / "bed-1", tmp_path / "bed-2"]
+    assert closed == [tmp_path / "bed-1"]
+    shared.close()
+    assert closed == [tmp_path / "bed-1", tmp_path / "bed-2"] and tmp_path.exists()  # kept for its logs
