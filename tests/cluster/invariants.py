@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tests.cluster.workload import Execution, JobShape, Reported, chaos_lines
@@ -95,11 +96,13 @@ def check(
     allowed_failures: dict[str, set[str]],
     fenced: dict[str, int] | None = None,
     may_fence: frozenset[str] | set[str] = frozenset(),
+    earlier: Sequence[Execution] = (),
 ) -> Verdict:
     """`host_of_netns`: network namespace -> agent name. `allowed_failures`: agent -> the termination reasons
     the scenario's faults on it make right (agents not named: none). `fenced`: agent -> jobs it stopped by
     self-fencing (its log, `self_fenced_jobs`); `may_fence`: the agents a fault cut off from the coordinator,
-    the only ones that may."""
+    the only ones that may. `earlier`: executions of scenarios run before on the same bed, read again now:
+    one of theirs still holding a GPU when one of these took it is this scenario's GPU conflict."""
     v = Verdict(jobs=len(submitted))
     for agent, n in sorted((fenced or {}).items()):
         if n and agent not in may_fence:
@@ -151,7 +154,8 @@ def check(
 
     # One GPU, two jobs at once.
     by_gpu: dict[tuple[str, str], list[Execution]] = defaultdict(list)
-    for e in executions:
+    mine = {id(e) for e in executions}
+    for e in [*executions, *earlier]:
         for g in e.gpus:
             by_gpu[(e.host, g)].append(e)
     for (host, gpu), execs in by_gpu.items():
@@ -160,7 +164,7 @@ def check(
             for b in execs[i + 1 :]:
                 if b.start >= a.last:
                     break
-                if a.run != b.run and _overlap(a, b) > 0:
+                if a.run != b.run and (id(a) in mine or id(b) in mine) and _overlap(a, b) > 0:
                     v.gpu_conflicts += 1
                     v.note(
                         f"GPU {gpu} of {host_of_netns.get(host, host)}: {a.run} (attempt {a.attempt}) and "

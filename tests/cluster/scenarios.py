@@ -13,7 +13,7 @@ import shutil
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,10 +237,12 @@ def run_scenario(
     finish_timeout: float,
     keep: bool = False,
     bed: ChaosBed | None = None,
+    earlier_evidence: Sequence[Path] = (),
 ) -> Result:
     """One scenario end to end under `root` (removed after, unless it failed or `keep`): on a fresh bed of
     `config`, or on `bed`, started and healthy (a `SharedBed`'s), which it leaves healed, with every agent
-    online, for the next scenario. Only this scenario's runs, evidence and agent-log lines are checked."""
+    online, for the next scenario. Only this scenario's runs, evidence and agent-log lines are checked, and
+    for GPUs held twice also the evidence of the scenarios run on that bed before (`earlier_evidence`)."""
     inject = SCENARIOS[name]
     t0 = time.monotonic()
     own_bed = bed is None
@@ -291,6 +293,7 @@ def run_scenario(
                 faults.allowed,
                 fenced=fenced_by_agent(bed, since=log_from),
                 may_fence=faults.may_fence,
+                earlier=[e for d in earlier_evidence for e in read_evidence(d)],
             )
             error = faults.error
         except Exception:
@@ -318,8 +321,9 @@ class SharedBed:
     """One bed for scenarios run in sequence (the CI subset: a bed costs a coordinator, weed and the agents
     started and stopped, and namespaces made and removed). Each scenario gets it healthy: `get` heals what an
     earlier one left and waits for every agent; a bed that does not come back is replaced by a fresh one, so
-    one scenario's breakage fails that scenario, not the next. Its folder (the processes' logs) is kept when
-    any scenario run on it failed."""
+    one scenario's breakage fails that scenario, not the next. The scenarios' evidence stays until `close`: a
+    job of an earlier one still running (or writing) on a GPU a later one took is a conflict the later one
+    counts. Folders are kept for what failed: a scenario's, and the bed's (the processes' logs)."""
 
     def __init__(self, root: Path, config: BedConfig) -> None:
         self.root = root
@@ -327,6 +331,8 @@ class SharedBed:
         self.bed: ChaosBed | None = None
         self.beds = 0
         self.failed = False
+        self.passed: list[Path] = []  # roots of the scenarios that passed, removed at `close`
+        self.evidence: list[Path] = []
 
     def get(self) -> ChaosBed:
         if self.bed is not None:
@@ -358,14 +364,22 @@ class SharedBed:
         except Exception:
             self.failed = True
             return Result(name, jobs, 0, Verdict(jobs=jobs), float("nan"), 0.0, [], traceback.format_exc())
-        result = run_scenario(name, root, jobs, self.config, shape, outage, finish_timeout, keep=keep, bed=bed)
-        self.failed |= bool(result.error or result.verdict.violations())
+        result = run_scenario(
+            name, root, jobs, self.config, shape, outage, finish_timeout, True, bed, earlier_evidence=self.evidence
+        )
+        self.evidence.append(root / "evidence")
+        if result.error or result.verdict.violations():
+            self.failed = True
+        elif not keep:
+            self.passed.append(root)
         return result
 
     def close(self, keep: bool = False) -> None:
         if self.bed is not None:
             self.bed.close()
             self.bed = None
+        for root in [] if keep else self.passed:
+            shutil.rmtree(root, ignore_errors=True)
         if not keep and not self.failed:
             shutil.rmtree(self.root, ignore_errors=True)
 

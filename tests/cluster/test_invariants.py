@@ -81,6 +81,18 @@ def test_one_gpu_held_by_two_jobs_at_once_is_caught_and_another_gpu_is_not() -> 
     assert v.gpu_conflicts == 1, v.details
 
 
+def test_on_a_shared_bed_an_earlier_scenarios_job_still_on_a_gpu_is_the_later_ones_conflict() -> None:
+    """A job of an earlier scenario on the same bed that still held GPU 0 when this scenario's job took it
+    is caught; earlier jobs' own overlaps, and earlier jobs on other GPUs or hosts, are not this one's."""
+    leftover = execution("old1", 1, "ns-a", 0, 12, gpu="0")  # the earlier scenario's, still ticking
+    old_pair = [execution("old2", 1, "ns-b", 0, 5, gpu="1"), execution("old3", 1, "ns-b", 4, 6, gpu="1")]
+    elsewhere = execution("old4", 1, "ns-b", 0, 12, gpu="0")
+    mine = execution("r1", 1, "ns-a", 10, 14, gpu="0")
+    v = check(["r1"], {"r1"}, [report(mine)], [mine], SHAPE, HOSTS, {}, earlier=[leftover, *old_pair, elsewhere])
+    assert v.gpu_conflicts == 1 and "old1" in v.details[0], v.details
+    assert check(["r1"], {"r1"}, [report(mine)], [mine], SHAPE, HOSTS, {}).gpu_conflicts == 0
+
+
 def test_lost_and_doubled_log_lines_are_counted() -> None:
     a, b = execution("r1", 1, "ns-a", 0, 1), execution("r2", 1, "ns-b", 0, 1)
     v = verdict([a, b], [report(a, lines=[1, 3]), report(b, lines=[1, 2, 2, 3])])
