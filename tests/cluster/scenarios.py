@@ -344,6 +344,7 @@ class SharedBed:
                 self.failed = True
                 self.bed.close()
                 self.bed = None
+                self.evidence.clear()  # its jobs died with it; a new bed's hosts are others
         self.beds += 1
         self.bed = ChaosBed(self.root / f"bed-{self.beds}", self.config).start()
         return self.bed
@@ -364,8 +365,18 @@ class SharedBed:
         except Exception:
             self.failed = True
             return Result(name, jobs, 0, Verdict(jobs=jobs), float("nan"), 0.0, [], traceback.format_exc())
+        # Kept (keep=True) until `close`: the later scenarios read its evidence.
         result = run_scenario(
-            name, root, jobs, self.config, shape, outage, finish_timeout, True, bed, earlier_evidence=self.evidence
+            name,
+            root,
+            jobs,
+            self.config,
+            shape,
+            outage,
+            finish_timeout,
+            keep=True,
+            bed=bed,
+            earlier_evidence=self.evidence,
         )
         self.evidence.append(root / "evidence")
         if result.error or result.verdict.violations():
