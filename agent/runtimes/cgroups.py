@@ -357,11 +357,11 @@ class JobCgroup:
         its path once the group is removed (then it is most likely gone: the open fails, as it did)."""
         with self._fd_lock:
             if self._removed:
-                return os.open(group / name, flags | os.O_CLOEXEC)
+                return os.open(group / name, flags | os.O_CLOEXEC, 0o666)
             folder = self._dir_fds.get(group)
             if folder is None:
                 folder = self._dir_fds[group] = os.open(group, _DIR_FLAGS)
-            return os.open(name, flags | os.O_CLOEXEC, dir_fd=folder)
+            return os.open(name, flags | os.O_CLOEXEC, 0o666, dir_fd=folder)  # Path.write_text's mode
 
     def _read_file(self, group: Path, name: str) -> bytes:
         fd = self._open(group, name, os.O_RDONLY)
