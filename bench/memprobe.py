@@ -15,7 +15,10 @@ With MEMPROBE_GC=1 it also logs the collector (bench/gc_census.py reads it): eve
 generation and duration, summed per generation, and the ones over 0.1 s one by one, in DIR/gc.json
 (rewritten at most once a second); and on SIGUSR1 it writes DIR/census-N.json: the tracked objects by
 type (frozen ones, gc.freeze(), are not walked by a collection and are left out) and how long a full
-collection takes at that moment.
+collection takes at that moment. With MEMPROBE_GC_CENSUS=K[,SKIP] as well, K of CPython's own full
+collections, after the first SKIP, are looked at from their "start" (before the clock starts): what each is
+about to walk, by type and by references followed, and its widest containers with what holds them, with
+its CPU time, in DIR/full-N.json (MEMPROBE_CENSUS_OUT=DIR2: there instead; a bench's DIR is removed).
 
 How the soak's +5.5 MiB/h (issue 16) was found: `Waiting` and `JobRequest` counted +170 a minute at
 3 runs/s while the queue stayed shallow (coordinator/queue.py kept every job that ever waited).
