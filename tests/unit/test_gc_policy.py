@@ -10,15 +10,21 @@ import sys
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from dstack.coordinator.config import CoordinatorConfig
+from dstack.coordinator.engine import Engine
 from dstack.coordinator.gc_policy import GcMetrics, GcPolicy
 from dstack.coordinator.model import JobSpec
 from dstack.coordinator.planner import RESOURCES, Policy, WaitInfo, WaitInfos, plan
 from dstack.coordinator.queue import Waiting, WaitingQueue
 from dstack.coordinator.scheduler import AgentState, JobRequest
+from dstack.coordinator.store import NewJob, Store
+from dstack.protos.v1 import common_pb2
 
 
 class Clock:
@@ -363,3 +369,27 @@ def test_a_window_handed_to_a_pass_keeps_its_entries_whatever_the_queue_does_mea
             for user, window in windows.items():
                 assert [w.job_id for w in window] == seen[user]
                 assert [window[i].job_id for i in range(len(window))] == seen[user]
+
+
+def test_a_full_pass_plans_from_a_snapshot_that_keeps_no_entry_of_the_queue_but_those_it_may_mark(
+    tmp_path: Path,
+) -> None:
+    """The queue's entries (a list as long as the queue) lived through the plan only to find the few
+    entries still to be marked pending: now only those are kept."""
+    config = CoordinatorConfig(
+        state_dir=tmp_path, listen="127.0.0.1:0", storage_url="", admin_token="a", join_token="j"
+    )
+    store = Store(tmp_path / "coordinator.db")
+    engine = Engine(config, store, db=None)  # type: ignore[arg-type]  # called on this thread
+    spec = common_pb2.JobSpec(job_name="main", workflow="t", provider="bash", commands=["true"]).SerializeToString()
+    for _ in range(50):
+        store.create_run("admin", "t", b"", "", [], [NewJob("main", spec, 0, 0, 0, [])])
+    for row in store.waiting_jobs():
+        engine.queue.add_row(row)
+    waiting = engine.queue.snapshot()
+    engine.queue.mark_pending([w.job_id for w in waiting[:47]])
+    snap = engine._info_snapshot(waiting, set())
+    assert [w.job_id for w in snap.submitted] == [w.job_id for w in waiting[47:]]
+    assert len(snap.queue) == 50  # what the planner needs: each job's request
+    kept = [v for f in fields(snap) if isinstance(v := getattr(snap, f.name), list)]
+    assert not any(w in lst for w in waiting[:47] for lst in kept)
