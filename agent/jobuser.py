@@ -23,7 +23,6 @@ import re
 import shlex
 import shutil
 import stat
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,14 +228,3 @@ def encode_env(env: dict[str, str]) -> bytes:
     """The job's environment as its shell sources it (names a shell cannot export are left out)."""
     lines = [f"export {k}={shlex.quote(v)}\n" for k, v in env.items() if _NAME.fullmatch(k) and "\0" not in v]
     return (_PRELUDE + "".join(lines) + _EPILOGUE).encode()
-
-
-def join_cgroups(cgroup_procs: Sequence[Path], pid: int) -> None:
-    """Moves a job user's process into its job's cgroups: their root-owned files are the agent's to
-    write (the job's own shell could not). The process waits for this before it runs a command
-    (it reads its environment first, written after this), so what it starts is in the cgroups too."""
-    for path in cgroup_procs:
-        try:
-            path.write_text(str(pid))
-        except OSError as e:
-            log.warning("cannot move job process %d into %s: %s", pid, path.parent, e)

@@ -15,7 +15,10 @@ With MEMPROBE_GC=1 it also logs the collector (bench/gc_census.py reads it): eve
 generation and duration, summed per generation, and the ones over 0.1 s one by one, in DIR/gc.json
 (rewritten at most once a second); and on SIGUSR1 it writes DIR/census-N.json: the tracked objects by
 type (frozen ones, gc.freeze(), are not walked by a collection and are left out) and how long a full
-collection takes at that moment.
+collection takes at that moment. With MEMPROBE_GC_CENSUS=K[,SKIP] as well, K of CPython's own full
+collections, after the first SKIP, are looked at from their "start" (before the clock starts): what each is
+about to walk, by type and by references followed, and its widest containers with what holds them, with
+its CPU time, in DIR/full-N.json (MEMPROBE_CENSUS_OUT=DIR2: there instead; a bench's DIR is removed).
 
 How the soak's +5.5 MiB/h (issue 16) was found: `Waiting` and `JobRequest` counted +170 a minute at
 3 runs/s while the queue stayed shallow (coordinator/queue.py kept every job that ever waited).
@@ -141,11 +144,22 @@ class GcLog:
         self.t0 = time.monotonic()
         self.written = 0.0
         self.paused = False  # the census's own collections are not the process's
+        # MEMPROBE_GC_CENSUS=K[,SKIP]: what K of CPython's own full collections walk, taken at their start
+        # after SKIP of them (start-up's), each with its CPU time, in DIR/full-N.json (or MEMPROBE_CENSUS_OUT).
+        k, _, skip = os.environ.get("MEMPROBE_GC_CENSUS", "0").partition(",")
+        self.censuses_left, self.census_skip, self.full_seen = int(k), int(skip or 0), 0
+        self.pending_census: dict[str, Any] | None = None
+        self.censuses_taken = 0
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if self.paused:
             return
         if phase == "start":
+            if info["generation"] == 2 and self.censuses_left > 0:
+                self.full_seen += 1
+                if self.full_seen > self.census_skip:
+                    self.censuses_left -= 1
+                    self.pending_census = walk_census()  # before the clock starts: not the collection's time
             self.began, self.began_cpu = time.perf_counter(), time.thread_time()
             return
         took, gen = time.perf_counter() - self.began, info["generation"]
@@ -154,6 +168,13 @@ class GcLog:
         self.total_s[gen] += took
         self.longest_s[gen] = max(self.longest_s[gen], took)
         self.collected[gen] += info["collected"]
+        if self.pending_census is not None and gen == 2:
+            row, self.pending_census = self.pending_census, None
+            row.update(cpu_s=time.thread_time() - self.began_cpu, wall_s=took, collected=info["collected"])
+            row["thread"] = threading.current_thread().name
+            where = Path(os.environ.get("MEMPROBE_CENSUS_OUT", self.out))  # a bench's DIR goes with it
+            (where / f"full-{self.censuses_taken}.json").write_text(json.dumps(row))
+            self.censuses_taken += 1
         if took > self.SLOW_S:
             self.slow.append((round(time.monotonic() - self.t0, 1), gen, round(took, 3), info["collected"]))
         now = time.monotonic()
@@ -174,6 +195,66 @@ class GcLog:
         tmp = self.out / "gc.json.tmp"
         tmp.write_text(json.dumps(row))
         tmp.replace(self.out / "gc.json")
+
+
+def _owner(o: object) -> str:
+    """A short name for a container: its type, and for a frame, a function or a cell, the code it belongs to."""
+    name = type(o).__qualname__
+    code = getattr(o, "f_code", None) or getattr(o, "__code__", None)
+    if code is not None:
+        return f"{name} {code.co_qualname}"
+    return name
+
+
+def walk_census(wide: int = 1000, top: int = 12) -> dict[str, Any]:
+    """What the full collection about to run walks (every generation; frozen objects are not walked), by
+    type and by references followed, and the widest containers with what holds them. Taken from a
+    gc.callbacks "start" hook, where a collection cannot start: it allocates nothing that outlives it."""
+    t0 = time.perf_counter()
+    sizes = [len(gc.get_objects(generation=g)) for g in range(3)]
+    objects = gc.get_objects()
+    types: collections.Counter[str] = collections.Counter()
+    refs: collections.Counter[str] = collections.Counter()
+    widest: list[tuple[int, int]] = []  # (references, index in objects)
+    for i, o in enumerate(objects):
+        name = type(o).__qualname__
+        k = len(gc.get_referents(o))
+        types[name] += 1
+        refs[name] += k
+        if k > wide:
+            widest.append((k, i))
+    widest.sort(reverse=True)
+    described = []
+    for k, i in widest[:top]:
+        o = objects[i]
+        items = (
+            list(o.values())[:3]
+            if isinstance(o, dict)
+            else list(o)[:3]
+            if isinstance(o, list | tuple | set | frozenset)
+            else []
+        )
+        keys = list(o)[:3] if isinstance(o, dict) else []
+        held_by = [_owner(r) for r in gc.get_referrers(o) if r is not objects][:4]
+        described.append(
+            {
+                "references": k,
+                "type": type(o).__qualname__,
+                "items": [type(x).__qualname__ for x in items],
+                "keys": [repr(x)[:40] for x in keys],
+                "held_by": held_by,
+            }
+        )
+    del objects
+    return {
+        "generations": sizes,
+        "tracked": sum(types.values()),
+        "references": sum(refs.values()),
+        "types": types.most_common(25),
+        "references_by_type": refs.most_common(25),
+        "widest": described,
+        "census_s": time.perf_counter() - t0,
+    }
 
 
 def census(out: Path, n: int) -> None:

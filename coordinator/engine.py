@@ -138,7 +138,9 @@ class Plan:
 class InfoSnapshot:
     """What a deep queue's full pass (Engine._refresh_info) plans from, and what its look found."""
 
-    waiting: list[Waiting]
+    # Not the whole queue's entries: that list (one reference per waiting job) would live through the
+    # plan, which runs long enough for CPython's full collections to walk it (bench/memprobe.py's census).
+    submitted: list[Waiting]  # the entries not yet marked pending, which this pass may mark
     queue: list[JobRequest]  # the jobs that take part (dependencies met, no step cache hit)
     agents: list[AgentState]
     running: list[RunningJob]
@@ -509,7 +511,7 @@ class Engine:
                     info.pop(job_id, None)
                 else:
                     reasons[job_id] = f"waiting: {why}"
-            to_mark = [w.job_id for w in snap.waiting if w.submitted and w.job_id in reasons][:MARK_AT_ONCE]
+            to_mark = [w.job_id for w in snap.submitted if w.submitted and w.job_id in reasons][:MARK_AT_ONCE]
             await self.db(self._apply_info, to_mark, failures, reasons)
         except asyncio.CancelledError:
             raise
@@ -543,7 +545,8 @@ class Engine:
         """What `_refresh_info` plans from (DB thread)."""
         now, agents, running, usage = self._state(connected, charge=False, full=True)
         statuses = self.store.dependency_statuses(sorted({w.run_id for w in waiting if w.depends_on}))
-        snap = InfoSnapshot(waiting, [], list(agents.values()), running, self._policy(now, usage))
+        submitted = [w for w in waiting if w.submitted]
+        snap = InfoSnapshot(submitted, [], list(agents.values()), running, self._policy(now, usage))
         for w in waiting:
             # No step cache lookup here: a heads-only pass could place the job before this one's
             # results arrive, and the hit would complete it as well.
@@ -629,7 +632,7 @@ class Engine:
                 self._pass_cpu = time.thread_time() - began_cpu
 
     def _timed_heads(
-        self, by_user: dict[str, list[Waiting]], shapes: set[Shape], connected: set[str], charge: bool
+        self, by_user: dict[str, Sequence[Waiting]], shapes: set[Shape], connected: set[str], charge: bool
     ) -> Plan:
         began, began_cpu = time.perf_counter(), time.thread_time()
         try:
@@ -793,7 +796,9 @@ class Engine:
                 return ""
         return None
 
-    def _heads(self, by_user: dict[str, list[Waiting]], shapes: set[Shape], connected: set[str], charge: bool) -> Plan:
+    def _heads(
+        self, by_user: dict[str, Sequence[Waiting]], shapes: set[Shape], connected: set[str], charge: bool
+    ) -> Plan:
         """A heads-only pass (DB thread): places what the full pass would place (planner.place_heads),
         walking the queue only as far as something that waits can still be placed."""
         now, agents, _, usage = self._state(connected, charge, full=False)

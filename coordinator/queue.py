@@ -13,8 +13,10 @@ as soon as half of it is gone), and is skipped meanwhile: the lists hold at most
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from itertools import islice
+from typing import overload
 
 from dstack.coordinator.convert import job_spec_from_bytes
 from dstack.coordinator.durations import duration_key, max_duration_s
@@ -68,6 +70,43 @@ def request_of(
     )
 
 
+class Window(Sequence[Waiting]):
+    """Entries `start` to `end` of a user's list, as `by_user` hands them to a pass, without a copy.
+
+    Why not a copy (issue 16): a heads-only pass copied each user's whole list (one reference per waiting
+    job) and the copy lived through the pass on the DB thread, long enough for CPython's full
+    collections to walk it (bench/memprobe.py's census at a quarter of full size: 25,000 references in
+    most of them), and the copy itself touched every entry. Safe to read on another thread because the
+    queue never changes a list it may have handed out other than by appending past `end`: its head is
+    skipped by an offset, and a sort or a tidy builds a new list."""
+
+    __slots__ = ("_items", "_len", "_start")
+
+    def __init__(self, items: list[Waiting], start: int, end: int) -> None:
+        self._items, self._start, self._len = items, start, end - start
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, i: int) -> Waiting: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Waiting]: ...
+
+    def __getitem__(self, i: int | slice) -> Waiting | list[Waiting]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self._len))]
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError(i)
+        return self._items[self._start + i]
+
+    def __iter__(self) -> Iterator[Waiting]:
+        return islice(self._items, self._start, self._start + self._len)
+
+
 class WaitingQueue:
     def __init__(self) -> None:
         self._jobs: dict[str, Waiting] = {}
@@ -75,6 +114,7 @@ class WaitingQueue:
         self._by_user: dict[str, list[Waiting]] = {}  # own order once tidied; may hold jobs gone since
         self._unsorted: set[str] = set()  # users whose list took a job out of order
         self._gone: Counter[str] = Counter()  # per user: jobs gone from the queue, still in the list
+        self._start: dict[str, int] = {}  # per user: the entries before it are gone (skipped, not deleted)
         self._shapes: Counter[Shape] = Counter()
         self._gangs: dict[str, dict[str, Waiting]] = {}  # gang key -> job -> waiting member
 
@@ -113,6 +153,7 @@ class WaitingQueue:
         jobs = self._by_user.get(req.owner, [])
         if gone * 2 >= len(jobs):  # amortised: each tidying drops at least as many entries as it keeps
             kept = [x for x in jobs if self.live(x)]
+            self._start.pop(req.owner, None)
             if kept:
                 self._by_user[req.owner] = kept
                 self._gone[req.owner] = 0
@@ -204,34 +245,36 @@ class WaitingQueue:
         """Whether this entry of a user's list still waits (not gone, nor replaced by a later entry)."""
         return self._jobs.get(w.job_id) is w
 
-    def by_user(self) -> dict[str, list[Waiting]]:
-        """Each user's waiting jobs in their own order (`own_key`, then arrival), as copies the caller
-        may walk on another thread while the queue changes; entries for which `live` is False may remain
-        (skip them). Costs the lists' tidying, amortised over the jobs that left, and a copy of each."""
-        out: dict[str, list[Waiting]] = {}
+    def by_user(self) -> dict[str, Sequence[Waiting]]:
+        """Each user's waiting jobs in their own order (`own_key`, then arrival), as windows (`Window`)
+        the caller may walk on another thread while the queue changes; entries for which `live` is False
+        may remain (skip them). Costs the lists' tidying, amortised over the jobs that left."""
+        out: dict[str, Sequence[Waiting]] = {}
         for user in list(self._by_user):
             jobs = self._by_user[user]
             gone = self._gone.get(user, 0)
+            start = self._start.get(user, 0)
             if gone * 2 >= len(jobs):
                 jobs = [w for w in jobs if self.live(w)]
-                gone = 0
+                gone = start = 0
             else:
-                head = 0  # placed jobs leave from the front: drop them at once
-                while head < len(jobs) and not self.live(jobs[head]):
-                    head += 1
-                if head:
-                    del jobs[:head]
-                    gone -= head
+                # Placed jobs leave from the front: skipped at once by moving the offset (still counted
+                # as gone: they are still in the list), not deleted, since an earlier pass may read it.
+                while start < len(jobs) and not self.live(jobs[start]):
+                    start += 1
             if user in self._unsorted:
-                jobs.sort(key=lambda w: (own_key(w.request), w.seq))
+                jobs = sorted(jobs[start:], key=lambda w: (own_key(w.request), w.seq))  # a new list
+                gone, start = gone - start, 0
                 self._unsorted.discard(user)
-            if not jobs:
+            if start >= len(jobs):
                 del self._by_user[user]
                 self._gone.pop(user, None)
+                self._start.pop(user, None)
                 continue
             self._by_user[user] = jobs
             self._gone[user] = gone
-            out[user] = list(jobs)
+            self._start[user] = start
+            out[user] = Window(jobs, start, len(jobs))
         return out
 
     def shapes(self) -> set[Shape]:

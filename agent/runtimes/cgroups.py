@@ -29,6 +29,7 @@ import os
 import secrets
 import shlex
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,10 @@ V2_AGENT_LEAF = "agent"  # where a v2 agent moves itself so that its group may d
 POOL_MAX = 64
 POOL_PREFIX = "pool-"  # a reused group's name: never a job's id (a job's next attempt must not share it)
 _warned: set[str] = set()
+# A job group's folder, held open by the agent while the group lives: its files are opened relative to it
+# (openat), not by walking the group's long path through kernfs on each of a job's ~5 opens. O_PATH: a handle
+# to the folder, not a read of it; O_CLOEXEC: never a job's (a job must hold nothing of the agent's).
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def _mounts(mountinfo: str = "/proc/self/mountinfo") -> dict[str, Path]:
@@ -116,13 +121,10 @@ def _read(path: Path) -> bytes:
 
 def _read_int_keys(path: Path) -> dict[str, int]:
     """A flat-keyed cgroup file (`memory.events`, `pids.events`, `memory.oom_control`) as key -> number."""
-    out: dict[str, int] = {}
-    with contextlib.suppress(OSError):
-        for line in _read(path).decode().splitlines():
-            key, _, value = line.partition(" ")
-            with contextlib.suppress(ValueError):
-                out[key] = int(value)
-    return out
+    try:
+        return _int_keys(_read(path))
+    except OSError:
+        return {}
 
 
 def pids_limit_line(limit: int, hits: int) -> str:
@@ -136,6 +138,15 @@ def pids_limit_line(limit: int, hits: int) -> str:
 def pids_limit_hits(events: Path) -> int:
     """How often a fork or clone failed on the pids limit (`max` in pids.events: v1 and v2 alike)."""
     return _read_int_keys(events).get("max", 0)
+
+
+def _int_keys(text: bytes) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in text.decode().splitlines():
+        key, _, value = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            out[key] = int(value)
+    return out
 
 
 @dataclass
@@ -331,9 +342,57 @@ class JobCgroup:
     # moment after the job's own close saw it clean, so the group is never pooled: sealed after it was given
     # back, the next job in it could not fork (pids.max 0), and the stop would kill that job's processes.
     stopping: bool = False
+    # group folder -> its fd (_DIR_FLAGS), opened at the first use of one of its files, closed by remove().
+    # Behind a lock: the event loop and worker threads both use a group, and an fd closed by one while another
+    # opens relative to it could by then be another folder's (fd numbers are reused).
+    _dir_fds: dict[Path, int] = field(default_factory=dict, repr=False, compare=False)
+    _fd_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _removed: bool = field(default=False, repr=False, compare=False)
 
     def _groups(self) -> list[Path]:
         return list(dict.fromkeys(self.paths.values()))  # v2: one folder
+
+    def _open(self, group: Path, name: str, flags: int) -> int:
+        """A file of one of the job's groups, opened relative to the group's folder fd (see _DIR_FLAGS); by
+        its path once the group is removed (then it is most likely gone: the open fails, as it did)."""
+        with self._fd_lock:
+            if self._removed:
+                return os.open(group / name, flags | os.O_CLOEXEC, 0o666)
+            folder = self._dir_fds.get(group)
+            if folder is None:
+                folder = self._dir_fds[group] = os.open(group, _DIR_FLAGS)
+            return os.open(name, flags | os.O_CLOEXEC, 0o666, dir_fd=folder)  # Path.write_text's mode
+
+    def _read_file(self, group: Path, name: str) -> bytes:
+        fd = self._open(group, name, os.O_RDONLY)
+        try:
+            return os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
+
+    def _write_file(self, group: Path, name: str, value: str, create: bool = True) -> None:
+        """One write of the value, opened as Path.write_text opens (O_CREAT|O_TRUNC change nothing of an
+        existing cgroupfs file); create=False: a file the kernel may not have is not made."""
+        fd = self._open(group, name, os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if create else 0))
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+
+    def _close_dirs(self) -> None:
+        with self._fd_lock:
+            self._removed = True
+            fds, self._dir_fds = list(self._dir_fds.values()), {}
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __del__(self) -> None:
+        # A group dropped without remove() (a test's, or one whose creation failed part way): its folder
+        # fds go with it. No lock: nothing else refers to the object any more.
+        for fd in self.__dict__.get("_dir_fds", {}).values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def create(self) -> list[str]:
         """Creates the groups and sets the limits; returns what could not be enforced (for the job's log).
@@ -361,24 +420,25 @@ class JobCgroup:
         return [c for c in CONTROLLERS if wanted[c] and c not in self.limited]
 
     def _write_limit(self, ctrl: str, path: Path) -> None:
+        write = self._write_file
         if ctrl == "memory":
             if self.v2:
-                (path / "memory.max").write_text(str(self.memory_bytes))
+                write(path, "memory.max", str(self.memory_bytes))
                 with contextlib.suppress(OSError):  # no swap beyond the limit, where swap is accounted
-                    (path / "memory.swap.max").write_text("0")
+                    write(path, "memory.swap.max", "0")
             else:
-                (path / "memory.limit_in_bytes").write_text(str(self.memory_bytes))
+                write(path, "memory.limit_in_bytes", str(self.memory_bytes))
                 with contextlib.suppress(OSError):
-                    (path / "memory.memsw.limit_in_bytes").write_text(str(self.memory_bytes))
+                    write(path, "memory.memsw.limit_in_bytes", str(self.memory_bytes))
         elif ctrl == "cpu":
             quota = max(1000, int(self.cpu * CFS_PERIOD_US))
             if self.v2:
-                (path / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
+                write(path, "cpu.max", f"{quota} {CFS_PERIOD_US}")
             else:
-                (path / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-                (path / "cpu.cfs_quota_us").write_text(str(quota))
+                write(path, "cpu.cfs_period_us", str(CFS_PERIOD_US))
+                write(path, "cpu.cfs_quota_us", str(quota))
         elif ctrl == "pids":
-            (path / "pids.max").write_text(str(self.pids_limit))  # the same file in v1 and v2
+            write(path, "pids.max", str(self.pids_limit))  # the same file in v1 and v2
 
     @property
     def joined(self) -> list[Path]:
@@ -389,11 +449,26 @@ class JobCgroup:
         """Shell lines that move the job's shell (and so all it starts) into its groups."""
         return "".join(f"echo $$ > {shlex.quote(str(p))} 2>/dev/null || true\n" for p in self.joined)
 
+    def join(self, pid: int) -> None:
+        """Moves a job user's process into the job's groups: their root-owned files are the agent's to write
+        (the job's own shell could not). The process waits for this before it runs a command (it reads its
+        environment first, written after this), so what it starts is in the groups too."""
+        if not self.created:
+            return
+        for group in self._groups():
+            try:
+                self._write_file(group, "cgroup.procs", str(pid))
+            except OSError as e:
+                log.warning("cannot move job process %d into %s: %s", pid, group, e)
+
     def pids(self) -> set[int]:
+        """What cgroup.procs lists now: read afresh each time (a kept fd of it reads stale or empty)."""
         out: set[int] = set()
-        for procs in self.joined:
+        if not self.created:
+            return out
+        for group in self._groups():
             with contextlib.suppress(OSError, ValueError):
-                out.update(int(x) for x in _read(procs).split())
+                out.update(int(x) for x in self._read_file(group, "cgroup.procs").split())
         return out
 
     def tasks_left(self) -> bool:
@@ -403,7 +478,7 @@ class JobCgroup:
         if group is None:
             return bool(self.pids())
         try:
-            return int(_read(group / "pids.current")) != 0
+            return int(self._read_file(group, "pids.current")) != 0
         except (OSError, ValueError):
             return True
 
@@ -411,15 +486,20 @@ class JobCgroup:
         path = self.paths.get("memory")
         if path is None:
             return False
-        events = path / ("memory.events" if self.v2 else "memory.oom_control")
-        return _read_int_keys(events).get("oom_kill", 0) > 0
+        return self._int_keys(path, "memory.events" if self.v2 else "memory.oom_control").get("oom_kill", 0) > 0
+
+    def _int_keys(self, group: Path, name: str) -> dict[str, int]:
+        try:
+            return _int_keys(self._read_file(group, name))
+        except OSError:
+            return {}
 
     def pids_limit_hits(self) -> int:
         """How often the job's fork or clone failed on its pids limit (before the agent ended it)."""
         if self.hits_at_kill is not None:
             return self.hits_at_kill
         path = self.paths.get("pids")
-        return pids_limit_hits(path / "pids.events") if path is not None else 0
+        return self._int_keys(path, "pids.events").get("max", 0) if path is not None else 0
 
     def close(self) -> tuple[bool, int]:
         """After the job's main process ended: kills what is left in its groups, then says whether it was
@@ -467,15 +547,18 @@ class JobCgroup:
         if pids_group is not None and self.created and self.hits_at_kill is None:
             self.hits_at_kill = self.pids_limit_hits()  # what the job hit, not the forks refused from now on
             with contextlib.suppress(OSError):
-                (pids_group / "pids.max").write_text("0")
+                self._write_file(pids_group, "pids.max", "0")
         if self.v2 and self.created:
-            # cgroup.kill (Linux 5.14) kills the whole group at once: nothing forks in between.
+            # cgroup.kill (Linux 5.14) kills the whole group at once: nothing forks in between. Older
+            # kernels have no such file: the open fails (ENOENT), and kill_all's loop kills one by one.
             for path in self._groups():
                 with contextlib.suppress(OSError):
-                    if (path / "cgroup.kill").exists():
-                        (path / "cgroup.kill").write_text("1")
+                    self._write_file(path, "cgroup.kill", "1", create=False)
 
     def remove(self) -> None:
+        """Removes the groups, after closing the agent's fds of their folders (an open fd would keep a removed
+        group's kernel state alive, and is the agent's to close in any case)."""
+        self._close_dirs()
         for path in self._groups():
             for _ in range(50):  # rmdir fails while the last killed processes are still exiting
                 try:

@@ -246,7 +246,7 @@ def _close_pipe(pipe: tuple[int, int] | None) -> None:
             os.close(fd)
 
 
-def _hand_over_env(fd: int, cgroup_procs: list[Path], pid: int, payload: bytes) -> bytes:
+def _hand_over_env(fd: int, cgroup: JobCgroup | None, pid: int, payload: bytes) -> bytes:
     """Moves the job user's shell into its cgroups, then writes it its environment and closes the pipe.
 
     On the event loop's thread: a cgroup.procs write is kernel memory (no disk), and the write to the
@@ -254,8 +254,8 @@ def _hand_over_env(fd: int, cgroup_procs: list[Path], pid: int, payload: bytes) 
     worker-thread trip. Returns what the full pipe did not take (the pipe is then still open, blocking
     again): the caller writes it with _write_rest on a worker thread, as the shell reads."""
     try:
-        if cgroup_procs:
-            jobuser.join_cgroups(cgroup_procs, pid)
+        if cgroup is not None:
+            cgroup.join(pid)
         os.set_blocking(fd, False)
         try:
             written = os.write(fd, payload)
@@ -483,8 +483,7 @@ class HostRuntime(Runtime):
             raise RuntimeError_(f"cannot start the job: {e}") from e
         if env_pipe is not None:  # the job user's shell waits for its environment
             os.close(env_pipe[0])  # the shell's end
-            joined = cgroup.joined if cgroup is not None else []
-            rest = _hand_over_env(env_pipe[1], joined, popen.pid, jobuser.encode_env(env))
+            rest = _hand_over_env(env_pipe[1], cgroup, popen.pid, jobuser.encode_env(env))
         proc = HostProcess(popen, self.stop_grace_s, cgroup, job.system_line, self._done_with)
         if rest and env_pipe is not None:
             await asyncio.to_thread(_write_rest, env_pipe[1], rest)

@@ -9,6 +9,8 @@ Run as root, each case runs twice: as the agent's own user, and as the job user 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -206,5 +208,52 @@ def test_a_job_that_ends_while_its_stop_is_under_way_passes_on_no_sealed_group(
         after = await run_job(rt, root, "j2", WHERE + "sleep 0.1 & wait; echo forked")
         assert "forked" in after.out, after.out
         assert pids_max(rt, after.group) == str(PIDS_LIMIT)
+
+    asyncio.run(scenario())
+
+
+def handles_into(folder: Path, pid: int | str = "self") -> list[str]:
+    """What the process's fds are, of those that are in the folder or under it."""
+    out = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{name}").removesuffix(" (deleted)")  # a removed folder's
+            if target == str(folder) or target.startswith(f"{folder}/"):
+                out.append(target)
+    return out
+
+
+def test_the_agents_handle_of_a_group_never_reaches_its_job_and_goes_with_the_group(
+    runtime: tuple[HostRuntime, Path],
+) -> None:
+    # The agent opens a job group's files relative to a handle of its folder. The attack: a job looks for
+    # that handle among its own fds (it could join or seal its group through it), in a reused group whose
+    # handle the agent holds while the job runs; and a removed group's handle must not stay open.
+    rt, root = runtime
+    fds = WHERE + 'for f in /proc/$$/fd/*; do echo "fd $(readlink "$f")"; done\n'
+
+    async def scenario() -> None:
+        first = await run_job(rt, root, "j1", fds)
+        second = await run_job(rt, root, "j2", fds)
+        assert first.code == 0 and second.code == 0 and second.group == first.group, (first.out, second.out)
+        assert rt._layout is not None
+        parent = rt._layout.dirs["pids"]
+        group = parent / Path(second.group).name
+        assert handles_into(group) == [str(group)], "the agent holds the pooled group's folder open"
+        assert re.findall(r"^fd (\S+)", second.out, re.M), second.out  # the job did list its fds
+        assert [line for line in second.out.splitlines() if "cgroup" in line.removeprefix("fd ")] == [], second.out
+        # A stopped job's group is sealed and removed, not pooled: its handle goes with it.
+        stopped = await run_job(rt, root, "j3", WHERE + "echo started\nsleep 300", stop_after="started")
+        stopped_group = parent / Path(stopped.group).name
+        await asyncio.to_thread(
+            wait_for, lambda: not stopped_group.exists(), timeout=30, what="the stopped job's group to be removed"
+        )
+        assert handles_into(stopped_group) == []
+        last = await run_job(rt, root, "j4", WHERE)
+        assert last.code == 0 and handles_into(parent / Path(last.group).name), last.out
+        pooled = list(rt._layout.pool)  # held here: their handles must be closed by the removal itself
+        assert pooled
+        await rt.close()  # the agent stops: its pool goes, and every handle of a group with it
+        assert handles_into(parent) == [] and not any(path.exists() for cg in pooled for path in cg.paths.values())
 
     asyncio.run(scenario())

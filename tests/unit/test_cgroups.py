@@ -11,6 +11,9 @@ pids limit hits. The v1 path, pids included, runs for real in tests/integration/
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import gc
 import logging
 import os
 import subprocess
@@ -404,3 +407,68 @@ def test_the_pool_is_bounded_and_removed_with_the_layout(tmp_path: Path) -> None
             f.unlink()
     layout.remove()
     assert not layout.pool and not any(cg.paths["pids"].exists() for cg in groups[:POOL_MAX])
+
+
+def folder_fds(folder: Path) -> list[int]:
+    """This process's fds that are handles of the folder."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}").removesuffix(" (deleted)") == str(folder):
+                out.append(int(name))
+    return out
+
+
+def test_a_groups_files_are_opened_through_one_close_on_exec_folder_fd_closed_with_the_group(tmp_path: Path) -> None:
+    root, proc_cgroup = fake_cgroupfs(tmp_path)
+    cg = discover(tmp_path, root, proc_cgroup).job("job-fd", 0, 0.0, 64)
+    cg.create()
+    group = cg.paths["pids"]
+    (group / "pids.current").write_text("0\n")
+    (group / "pids.events").write_text("max 0\n")
+    cg.join(os.getpid())
+    assert cg.pids() == {os.getpid()} and not cg.tasks_left() and cg.pids_limit_hits() == 0
+    (fd,) = folder_fds(group)  # one handle, kept for all the group's files
+    assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC, "a job must never inherit the agent's handle"
+    for f in group.iterdir():
+        f.unlink()  # the kernel's files go with the group; here rmdir needs the folder empty
+    cg.remove()
+    assert not group.exists() and folder_fds(group) == []
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_a_removed_groups_freed_fd_number_taken_by_another_folder_is_never_written(tmp_path: Path) -> None:
+    # The attack: once a group's folder fd is closed, the next open takes its number. A late user of the
+    # removed group (a stop's kill_all on a worker thread) must not write pids.max 0 or cgroup.kill there.
+    root, proc_cgroup = fake_cgroupfs(tmp_path)
+    cg = discover(tmp_path, root, proc_cgroup).job("job-late", 0, 0.0, 64)
+    cg.create()
+    group = cg.paths["pids"]
+    (fd,) = folder_fds(group)
+    for f in group.iterdir():
+        f.unlink()
+    cg.remove()
+    decoy = tmp_path / "another-group"
+    decoy.mkdir()
+    (decoy / "cgroup.kill").write_text("")
+    taken = os.open(decoy, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        assert taken == fd, "the lowest free number: the one the group's fd had"
+        cg.kill_all()
+        cg.join(os.getpid())
+        assert sorted(p.name for p in decoy.iterdir()) == ["cgroup.kill"]
+        assert (decoy / "cgroup.kill").read_text() == ""
+    finally:
+        os.close(taken)
+
+
+def test_a_group_dropped_without_remove_closes_its_folder_fd(tmp_path: Path) -> None:
+    root, proc_cgroup = fake_cgroupfs(tmp_path)
+    cg = discover(tmp_path, root, proc_cgroup).job("job-dropped", 0, 0.0, 64)
+    cg.create()
+    group = cg.paths["pids"]
+    assert len(folder_fds(group)) == 1
+    del cg
+    gc.collect()
+    assert folder_fds(group) == []

@@ -5,19 +5,26 @@ collections are timed. Structural properties, not speeds: a deep queue is not wa
 from __future__ import annotations
 
 import gc
+import random
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from dstack.coordinator.config import CoordinatorConfig
+from dstack.coordinator.engine import Engine
 from dstack.coordinator.gc_policy import GcMetrics, GcPolicy
 from dstack.coordinator.model import JobSpec
 from dstack.coordinator.planner import RESOURCES, Policy, WaitInfo, WaitInfos, plan
 from dstack.coordinator.queue import Waiting, WaitingQueue
 from dstack.coordinator.scheduler import AgentState, JobRequest
+from dstack.coordinator.store import NewJob, Store
+from dstack.protos.v1 import common_pb2
 
 
 class Clock:
@@ -140,18 +147,18 @@ def test_a_full_pass_over_a_deep_queue_leaves_no_tracked_object_per_job_in_its_w
     queue = [JobRequest(job_id=f"j-{i}", gpu_count=1, owner="u", submitted_at=i) for i in range(5_000)]
     agents = [AgentState("a-1", "a-1", 8.0, 1 << 34, [], max_jobs=4)]  # no GPU: every job waits
     p = plan(queue, agents, [], Policy(now_ns=10**18))
+    # Not tracked from the start, before any collection: a full collection during the pass has nothing
+    # of them to walk (a dict of fresh tuples was tracked until a full collection untracked it).
+    assert not any(gc.is_tracked(column) for column in p.info.columns())
     assert len(p.info) == 5_000 and p.info["j-7"].position == 8 and p.info["j-7"].reason
-    gc.collect()
-    rows = p.info._rows
-    assert not gc.is_tracked(rows) and not any(gc.is_tracked(t) for t in rows.values())
     merged = WaitInfos()
     merged["x"] = WaitInfo(1, RESOURCES, "waiting", 5)
     merged.merge(p.info)
-    gc.collect()
     assert len(merged) == 5_001 and merged["x"] == WaitInfo(1, RESOURCES, "waiting", 5)
-    assert not gc.is_tracked(merged._rows)
+    assert merged["j-7"] == p.info["j-7"] and list(merged)[:2] == ["x", "j-0"]
+    assert not any(gc.is_tracked(column) for column in merged.columns())
     del merged["x"]
-    assert "x" not in merged and merged.get("x") is None
+    assert "x" not in merged and merged.get("x") is None and len(merged) == 5_000
 
 
 @contextmanager
@@ -301,3 +308,88 @@ def test_frozen_cyclic_garbage_that_grows_the_allocators_live_blocks_is_thawed_a
         alive = [r for r in alive if r() is not None]
         most = max(most, len(alive))
     assert most <= 1
+
+
+def wide_unfrozen(at_least: int = 1_000) -> list[str]:
+    """The containers a full collection would walk that follow this many references or more."""
+    return [type(o).__qualname__ for o in gc.get_objects() if len(gc.get_referents(o)) >= at_least]
+
+
+def test_a_heads_pass_gets_each_users_jobs_without_a_copy_of_the_list() -> None:
+    """A heads-only pass copied each user's whole list (one reference per waiting job), and the copy
+    lived through the pass on the DB thread, where CPython's full collections walked it."""
+    q = queue_of(10_000)
+    q.by_user()  # sorted and tidied as the first pass would
+    gc.freeze()  # the queue is long-lived: frozen by the policy between passes
+    assert wide_unfrozen() == []
+    windows = q.by_user()
+    assert wide_unfrozen() == []  # nothing as wide as the queue to walk while the pass runs
+    assert [w.job_id for w in windows["u"]] == [f"j-{i}" for i in range(10_000)]
+    q.discard([f"j-{i}" for i in range(100)])  # placed: they leave from the front
+    later = q.by_user()["u"]
+    assert len(later) == 9_900 and later[0].job_id == "j-100" and later[-1].job_id == "j-9999"
+    assert wide_unfrozen() == []
+
+
+def test_a_window_handed_to_a_pass_keeps_its_entries_whatever_the_queue_does_meanwhile() -> None:
+    """The pass walks its windows on the DB thread while the event loop changes the queue: jobs come (in
+    and out of a user's order), are placed from the front or leave from the middle, lists are sorted and
+    tidied. A window must keep showing exactly what it showed when handed out, and every new one the
+    live jobs in their user's order."""
+    rng = random.Random(23)
+    q = WaitingQueue()
+    n = 0
+    handed: list[tuple[dict[str, list[str]], dict[str, Sequence[Waiting]]]] = []
+    for _ in range(400):
+        op = rng.random()
+        if op < 0.4:
+            owner, priority = rng.choice("abc"), rng.choice((0, 0, 0, 1, 5))
+            jobs = [
+                (f"j-{n + k}", JobSpec(encoded=b"", job_name=f"j-{n + k}", workflow="w"))
+                for k in range(rng.randint(1, 30))
+            ]
+            n += len(jobs)
+            q.add_run(f"r-{n}", jobs, owner=owner, priority=priority, submitted_at=rng.randint(0, 50))
+        elif op < 0.7:  # placed: the heads of a user's order
+            for window in q.by_user().values():
+                q.discard([w.job_id for w in list(window)[: rng.randint(0, 8)]])
+        elif op < 0.85:  # stopped: anywhere
+            waiting = [w.job_id for w in q.snapshot()]
+            q.discard(rng.sample(waiting, min(len(waiting), rng.randint(0, 20))))
+        else:
+            windows = q.by_user()
+            handed.append(({u: [w.job_id for w in ws] for u, ws in windows.items()}, windows))
+            for user, window in windows.items():
+                live = [w for w in window if q.live(w)]
+                assert live == sorted(
+                    (w for w in q.snapshot() if w.request.owner == user),
+                    key=lambda w: (-w.request.priority, w.request.submitted_at, w.seq),
+                )
+        for seen, windows in handed[-10:]:
+            for user, window in windows.items():
+                assert [w.job_id for w in window] == seen[user]
+                assert [window[i].job_id for i in range(len(window))] == seen[user]
+
+
+def test_a_full_pass_plans_from_a_snapshot_that_keeps_no_entry_of_the_queue_but_those_it_may_mark(
+    tmp_path: Path,
+) -> None:
+    """The queue's entries (a list as long as the queue) lived through the plan only to find the few
+    entries still to be marked pending: now only those are kept."""
+    config = CoordinatorConfig(
+        state_dir=tmp_path, listen="127.0.0.1:0", storage_url="", admin_token="a", join_token="j"
+    )
+    store = Store(tmp_path / "coordinator.db")
+    engine = Engine(config, store, db=None)  # type: ignore[arg-type]  # called on this thread
+    spec = common_pb2.JobSpec(job_name="main", workflow="t", provider="bash", commands=["true"]).SerializeToString()
+    for _ in range(50):
+        store.create_run("admin", "t", b"", "", [], [NewJob("main", spec, 0, 0, 0, [])])
+    for row in store.waiting_jobs():
+        engine.queue.add_row(row)
+    waiting = engine.queue.snapshot()
+    engine.queue.mark_pending([w.job_id for w in waiting[:47]])
+    snap = engine._info_snapshot(waiting, set())
+    assert [w.job_id for w in snap.submitted] == [w.job_id for w in waiting[47:]]
+    assert len(snap.queue) == 50  # what the planner needs: each job's request
+    kept = [v for f in fields(snap) if isinstance(v := getattr(snap, f.name), list)]
+    assert not any(w in lst for w in waiting[:47] for lst in kept)

@@ -140,7 +140,7 @@ def test_the_environment_is_handed_over_whole_however_big(size: int) -> None:
     r, w = os.pipe()
     got = bytearray()
     reader = threading.Thread(target=lambda: got.extend(_read_all(r)))
-    rest = _hand_over_env(w, [], os.getpid(), payload)
+    rest = _hand_over_env(w, None, os.getpid(), payload)
     if size > 1000:
         assert rest, "a payload bigger than the pipe comes back in part"
     reader.start()
