@@ -28,6 +28,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from dstack.coordinator.attempts import parse_wire_job_id
 from dstack.coordinator.model import JobUpdate, UpdateAck
 from dstack.coordinator.store import Store
 from dstack.coordinator.store.executor import DbExecutor
@@ -92,7 +93,10 @@ class ReportBatcher:
         def environments(k: int) -> None:  # in the k-th message's savepoint, before its reports
             for wire_id, part in reports[k][2]:
                 if wire_id in acting[k]:
-                    self.store.records.put_job_part(wire_id, "environment", part)
+                    # Stored under the job's id: an attempt after the first is sent as `<job id>-aN`
+                    # (coordinator/attempts.py), which names no row; the acting attempt's part replaces
+                    # the one before it.
+                    self.store.records.put_job_part(parse_wire_job_id(wire_id)[0], "environment", part)
 
         out = self.store.apply_job_updates_many(kept, environments)
         for res, dropped in zip(out, foreign, strict=True):
