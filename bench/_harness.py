@@ -66,6 +66,10 @@ class Services:
         return {**os.environ, "PYTHONPATH": path, **self.env, **extra}
 
     def start_coordinator(self, *extra: str) -> None:
+        previous = self.coordinator
+        if previous is not None and previous.poll() is not None:
+            # Killed or stopped on purpose before this restart: its exit is no failure of the new one.
+            self.procs.remove(previous)
         log = open(self.tmp / "coordinator.log", "ab")
         env = self._env(DSTACK_ADMIN_TOKEN=ADMIN, DSTACK_JOIN_TOKEN=JOIN, DSTACK_LOG_LEVEL="WARNING")
         if self.coordinator_tree is not None:

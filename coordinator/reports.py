@@ -6,8 +6,9 @@ scheduling pass on the DB thread) go in the next one, so batches grow with the l
 Each agent's stream hands its messages to the engine one at a time, in order (services/agent.py), so an
 agent's reports keep their order; several agents' messages share one call, and what is per message but
 need not be (a trip to the DB thread, a savepoint, the runs' status refresh, the fair-share charge) is
-paid once for the batch. Each message keeps its own result: its acknowledgements, or its own error (its
-agent gets no acknowledgement and sends it again), while the others in the batch are applied.
+paid once for the batch (a savepoint per message only when one fails: store/jobs.py `apply_updates_many`).
+Each message keeps its own result: its acknowledgements, or its own error (its agent gets no
+acknowledgement and sends it again), while the others in the batch are applied.
 
 Fencing is unchanged: a stale session's message never gets here (app/agent_stream.py checks the epoch
 first), and the store applies a report only to the reporting agent's current attempt of its job.
@@ -18,7 +19,7 @@ are dropped before any is applied, in one statement for the whole batch (store/s
 `acting_of_many`), not in a DB-thread trip of each message's own before it joins the batch. They are
 acknowledged all the same and handed back as `UpdateResult.foreign` (the stream warns, and a stale
 attempt's end frees its capacity). So are the run records' environments reported with the updates:
-each is written, in its message's savepoint, only for the agent's acting attempts.
+each is written, undone with its message's reports, only for the agent's acting attempts.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from dstack.coordinator.attempts import parse_wire_job_id
 from dstack.coordinator.model import JobUpdate, UpdateAck
 from dstack.coordinator.store import Store
 from dstack.coordinator.store.executor import DbExecutor
@@ -89,10 +91,13 @@ class ReportBatcher:
             kept.append((agent_id, [u for u in updates if u.job_id in current]))
             foreign.append([UpdateAck(u.job_id, u.status) for u in updates if u.job_id not in current])
 
-        def environments(k: int) -> None:  # in the k-th message's savepoint, before its reports
+        def environments(k: int) -> None:  # undone with the k-th message's reports, written before them
             for wire_id, part in reports[k][2]:
                 if wire_id in acting[k]:
-                    self.store.records.put_job_part(wire_id, "environment", part)
+                    # Stored under the job's id: an attempt after the first is sent as `<job id>-aN`
+                    # (coordinator/attempts.py), which names no row; the acting attempt's part replaces
+                    # the one before it.
+                    self.store.records.put_job_part(parse_wire_job_id(wire_id)[0], "environment", part)
 
         out = self.store.apply_job_updates_many(kept, environments)
         for res, dropped in zip(out, foreign, strict=True):

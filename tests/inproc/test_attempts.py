@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from dstack.coordinator.attempts import SEQ_BITS
-from dstack.protos.v1 import client_pb2, common_pb2
+from dstack.protos.v1 import agent_pb2, client_pb2, common_pb2
 from tests.inproc.factories import (
     JS,
     TR,
@@ -286,3 +286,47 @@ async def test_a_job_preempted_while_its_agent_was_away_before_it_started_is_req
         assert again.job_id == f"{a.job_id}-a2"
         job = await h.job(run.name)
         assert job.attempt == 2 and job.attempts[0].termination_reason == TR.TERMINATION_REASON_PREEMPTED
+
+
+async def test_a_retried_attempt_s_environment_is_kept_in_the_run_s_record_and_a_stale_one_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    # Attempt 2 and later are sent as `<job id>-aN`: their environment is the job's, stored under its id.
+    # Before, it was written under the wire id, which names no job, so the record kept attempt 1's.
+    async with coordinator(tmp_path) as h, sim_agent(h, "only") as agent:
+        run = await submit_run(h, retrying(["error"]))
+        job_id = run.jobs[0].id
+        engine = h.coordinator.engine
+
+        async def report_with_environment(wire: str, status: common_pb2.JobStatus.ValueType, python: str) -> None:
+            env = common_pb2.JobEnvironment(runtime="null", python_version=python)
+            update = agent_pb2.JobUpdate(job_id=wire, status=status, environment=env)
+            if status == JS.JOB_STATUS_FAILED:
+                update.termination_reason = TR.TERMINATION_REASON_EXIT_CODE
+            elif status == JS.JOB_STATUS_DONE:
+                update.termination_reason = TR.TERMINATION_REASON_DONE
+            await agent.send(agent_pb2.AgentMessage(updates=[update]))
+            await agent.until(lambda: (wire, status) in agent.update_acks(), f"ack of {wire} {JS.Name(status)}")
+
+        async def environment() -> dict[str, object]:
+            run_id = (await engine.db(engine.store.run_by_name, run.name)).id
+            parts = await engine.db(engine.store.records.of_run, run_id)
+            assert [key for key in parts if key[1] == "environment"] == [(job_id, "environment")], parts
+            return parts[(job_id, "environment")]
+
+        (first,) = await agent.wait_assignments(1)
+        assert first.job_id == job_id
+        await report_with_environment(job_id, JS.JOB_STATUS_RUNNING, "3.10")
+        await report_with_environment(job_id, JS.JOB_STATUS_FAILED, "3.10")
+        assert (await environment())["python_version"] == "3.10"
+        second = (await agent.wait_assignments(2))[-1]
+        assert second.job_id == f"{job_id}-a2"
+        await report_with_environment(second.job_id, JS.JOB_STATUS_RUNNING, "3.11")
+        assert (await environment())["python_version"] == "3.11"
+        # Attempt 1 is over: its late report (a replayed outbox, or a rogue) is acknowledged and applied to nothing.
+        await report_with_environment(job_id, JS.JOB_STATUS_FAILED, "2.7")
+        assert (await environment())["python_version"] == "3.11"
+        await report_with_environment(second.job_id, JS.JOB_STATUS_DONE, "3.12")
+        job = await h.wait_job(run.name, "main", [JS.JOB_STATUS_DONE])
+        assert job.attempt == 2
+        assert (await environment())["python_version"] == "3.12"

@@ -276,8 +276,10 @@ def test_a_batch_pays_once_for_what_a_message_paid_each_time(tmp_path: Path) -> 
     assert count("SELECT j.job_name, j.status, j.started_at") == 1  # the charge
     assert count("SELECT cache_base") == 0 and count("UPDATE jobs SET cache_key") == 0
     assert count("SELECT status FROM jobs") == 0  # no refusal read
-    # Everything: 20 x (savepoint, read, update, release) and 6 for the batch (a begin and commit included).
-    assert len(seen) <= 20 * 4 + 8, seen
+    # No savepoint per message while none fails (coordinator/store/jobs.py, optimistic): one for the batch.
+    assert count("SAVEPOINT") == 1 and count("RELEASE") == 1 and count("ROLLBACK") == 0
+    # Everything: 20 x (read, update) and 8 for the batch (a begin, its savepoint and commit included).
+    assert len(seen) <= 20 * 2 + 10, seen
 
 
 def test_a_batch_screens_its_messages_in_one_statement_and_applies_only_each_agent_s_own(tmp_path: Path) -> None:
@@ -337,3 +339,59 @@ def test_a_rogue_s_report_alone_in_a_batch_changes_nothing_of_its_victim(tmp_pat
     assert len(res.acks) == 2 and not res.freed and not res.changed_runs
     assert (_state(s), _usage(s)) == before
     assert s.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 0
+
+
+def test_a_batch_whose_optimistic_try_fails_is_applied_again_message_by_message_as_if_the_failing_ones_never_came(
+    tmp_path: Path,
+) -> None:
+    """Through the batcher, 6 agents' RUNNING and DONE with their environments in one batch. The store refuses
+    two messages: one its environment's write (before its reports), one its job's end. The batch, applied first
+    with no savepoint per message, is undone and applied again with one per message: the two get their errors
+    (no acknowledgement: their agents send them again) and nothing of theirs stays, environments included,
+    while the store is left exactly as the four other messages alone leave it, charges and runs included."""
+    s, agents, jobs = _pool(tmp_path / "db.sqlite", 6, 6)
+    expected = _copy(s, tmp_path / "expected.sqlite")
+    refused_env, refused_end = 1, 4
+    s.conn.execute(
+        f"CREATE TEMP TRIGGER env_refused BEFORE INSERT ON records WHEN NEW.job_id = '{jobs[refused_env]}'"
+        " BEGIN SELECT RAISE(ABORT, 'environment refused by the test'); END"
+    )
+    s.conn.execute(
+        f"CREATE TEMP TRIGGER end_refused BEFORE UPDATE OF status ON jobs WHEN NEW.id = '{jobs[refused_end]}'"
+        " BEGIN SELECT RAISE(ABORT, 'end refused by the test'); END"
+    )
+    messages = [
+        (a, _running_and_done(j), [(j, {"runtime": "null", "job": j})]) for a, j in zip(agents, jobs, strict=True)
+    ]
+
+    async def batch(
+        store: Store, sent: Sequence[tuple[str, list[JobUpdate], list[tuple[str, dict[str, str]]]]]
+    ) -> list[UpdateResult | BaseException]:
+        db = DbExecutor(store)
+        try:
+            batcher = ReportBatcher(store, db)
+            futs = [batcher.apply(a, ups, envs) for a, ups, envs in sent]
+            out = list(await asyncio.gather(*futs, return_exceptions=True))
+            assert (batcher.batches, batcher.messages) == (1, len(sent))
+            return out
+        finally:
+            db.shutdown()
+
+    with statements(s.conn) as seen:
+        results = asyncio.run(batch(s, messages))
+    assert [type(r) for r in results] == [
+        sqlite3.IntegrityError if k in (refused_env, refused_end) else UpdateResult for k in range(6)
+    ]
+    assert "environment refused" in str(results[refused_env]) and "end refused" in str(results[refused_end])
+    # The first try, undone once; the second, a savepoint per message.
+    assert sum(1 for q in seen if q.startswith("ROLLBACK TO report_batch")) == 1
+    assert sum(1 for q in seen if q.startswith("SAVEPOINT reports")) == 6
+
+    kept = [m for k, m in enumerate(messages) if k not in (refused_env, refused_end)]
+    assert all(isinstance(r, UpdateResult) for r in asyncio.run(batch(expected, kept)))
+    assert (_state(s), _usage(s)) == (_state(expected), _usage(expected))
+    records = "SELECT job_id, part, body FROM records ORDER BY job_id"
+    assert s.conn.execute(records).fetchall() == expected.conn.execute(records).fetchall()
+    assert {j for j, _, _ in s.conn.execute(records).fetchall()} == {
+        j for k, j in enumerate(jobs) if k not in (refused_env, refused_end)
+    }
