@@ -28,11 +28,12 @@ from pathlib import Path
 
 import pytest
 
-from dstack.protos.v1 import agent_pb2, common_pb2
+from dstack.protos.v1 import agent_pb2, client_pb2, common_pb2
 from tests.cluster.invariants import self_fenced_jobs
 from tests.inproc.factories import (
     JS,
     TR,
+    GatedProcess,
     GatedRuntime,
     Harness,
     coordinator,
@@ -143,22 +144,36 @@ async def running(h: Harness, run_name: str) -> common_pb2.JobStatus.ValueType |
     return job.status if job.status == JS.JOB_STATUS_RUNNING else None
 
 
-async def test_an_agent_cut_off_kills_its_job_within_the_margin_of_its_lease_and_reports_it_lost_when_back(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, "dstack.agent")
+@contextlib.asynccontextmanager
+async def a_job_behind_a_link(
+    tmp_path: Path, **options: object
+) -> AsyncIterator[tuple[Harness, Link, client_pb2.Run, GatedProcess]]:
+    """A coordinator with this file's short leases (unless `options` say otherwise), a real agent reaching it
+    through a link the test cuts, refuses or restores, and one job running on that agent."""
+    settings: dict[str, object] = {
+        "lease_timeout_s": LEASE_S,
+        "heartbeat_interval_s": BEAT_S,
+        "fence_margin_s": MARGIN_S,
+        "fence_kill_s": KILL_S,
+        **options,
+    }
     runtime = GatedRuntime()
     async with (
-        coordinator(
-            tmp_path, lease_timeout_s=LEASE_S, heartbeat_interval_s=BEAT_S, fence_margin_s=MARGIN_S, fence_kill_s=KILL_S
-        ) as h,
+        coordinator(tmp_path, **settings) as h,  # type: ignore[arg-type]
         link_to(h) as link,
         real_agent(h, runtime=runtime, via=link.address),
     ):
         run = await submit_run(h, job_spec("main"))
         proc = await runtime.started(run.jobs[0].id)
         await wait_until(lambda: running(h, run.name), "the job to run")
+        yield h, link, run, proc
 
+
+async def test_an_agent_cut_off_kills_its_job_within_the_margin_of_its_lease_and_reports_it_lost_when_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "dstack.agent")
+    async with a_job_behind_a_link(tmp_path) as (h, link, run, proc):
         cut_at = time.monotonic()
         link.cut()
         code = await asyncio.wait_for(proc.wait(), LEASE_S + MARGIN_S + 30)
@@ -188,18 +203,7 @@ async def test_a_coordinator_whose_port_refuses_for_longer_than_a_lease_stops_no
     """A restart of the coordinator (kill -9, upgrade): nobody requeues while it is down, and it extends
     every lease when it starts, so the agent keeps its job; the run finishes in its first attempt."""
     caplog.set_level(logging.INFO, "dstack.agent")
-    runtime = GatedRuntime()
-    async with (
-        coordinator(
-            tmp_path, lease_timeout_s=LEASE_S, heartbeat_interval_s=BEAT_S, fence_margin_s=MARGIN_S, fence_kill_s=KILL_S
-        ) as h,
-        link_to(h) as link,
-        real_agent(h, runtime=runtime, via=link.address),
-    ):
-        run = await submit_run(h, job_spec("main"))
-        proc = await runtime.started(run.jobs[0].id)
-        await wait_until(lambda: running(h, run.name), "the job to run")
-
+    async with a_job_behind_a_link(tmp_path) as (h, link, run, proc):
         await link.refuse()
         await asyncio.sleep(3 * LEASE_S)  # the outage: three leases with no renewal
         assert "the coordinator is down" in caplog.text
@@ -213,22 +217,7 @@ async def test_a_coordinator_whose_port_refuses_for_longer_than_a_lease_stops_no
 async def test_under_strict_fencing_a_refusing_port_is_no_excuse(tmp_path: Path) -> None:
     """For networks where a firewall rejects (not drops) the coordinator's port: a refusal there is no
     proof that the coordinator is down."""
-    runtime = GatedRuntime()
-    async with (
-        coordinator(
-            tmp_path,
-            lease_timeout_s=LEASE_S,
-            heartbeat_interval_s=BEAT_S,
-            fence_margin_s=MARGIN_S,
-            fence_kill_s=KILL_S,
-            self_fence="strict",
-        ) as h,
-        link_to(h) as link,
-        real_agent(h, runtime=runtime, via=link.address),
-    ):
-        run = await submit_run(h, job_spec("main"))
-        proc = await runtime.started(run.jobs[0].id)
-        await wait_until(lambda: running(h, run.name), "the job to run")
+    async with a_job_behind_a_link(tmp_path, self_fence="strict") as (_, link, _run, proc):
         await link.refuse()
         assert await asyncio.wait_for(proc.wait(), LEASE_S + MARGIN_S + 30) == -15
 
@@ -324,22 +313,7 @@ async def test_a_coordinator_back_and_listening_that_answers_the_hello_late_stop
     (down), then accepts into silence (back, not answering) for longer than the agent's deadline."""
     caplog.set_level(logging.INFO, "dstack.agent")
     grace = 20.0  # the agent's deadline: 2.5 s after a renewal, 22.5 s after a refusal
-    runtime = GatedRuntime()
-    async with (
-        coordinator(
-            tmp_path,
-            lease_timeout_s=LEASE_S,
-            heartbeat_interval_s=BEAT_S,
-            fence_margin_s=MARGIN_S,
-            fence_kill_s=KILL_S,
-            reconnect_grace_s=grace,
-        ) as h,
-        link_to(h) as link,
-        real_agent(h, runtime=runtime, via=link.address),
-    ):
-        run = await submit_run(h, job_spec("main"))
-        proc = await runtime.started(run.jobs[0].id)
-        await wait_until(lambda: running(h, run.name), "the job to run")
+    async with a_job_behind_a_link(tmp_path, reconnect_grace_s=grace) as (h, link, run, proc):
 
         async def refused() -> bool:
             return "the coordinator is down" in caplog.text
