@@ -54,6 +54,12 @@ def fake_cgroupfs(tmp: Path, controllers: str = "cpuset cpu io memory hugetlb pi
     return root, proc_cgroup
 
 
+def empty_fake_group(folder: Path) -> None:
+    """The kernel drops a group's interface files with its folder; the fake's go by hand, so rmdir works."""
+    for f in folder.iterdir():
+        f.unlink()
+
+
 def discover(tmp: Path, root: Path, proc_cgroup: Path) -> CgroupLayout:
     return CgroupLayout.discover("/agent-home", root, str(tmp / "no-mountinfo"), str(proc_cgroup))
 
@@ -133,9 +139,7 @@ def test_v2_kill_uses_cgroup_kill_then_kills_what_is_listed(tmp_path: Path) -> N
     finally:
         sleeper.kill()
     assert (group / "cgroup.kill").read_text() == "1"
-    # Removal: the kernel drops the interface files with the folder; the fake's are removed by hand.
-    for f in group.iterdir():
-        f.unlink()
+    empty_fake_group(group)
     cg.remove()
     assert not group.exists()
 
@@ -402,9 +406,8 @@ def test_the_pool_is_bounded_and_removed_with_the_layout(tmp_path: Path) -> None
         cg.create()
         finished_clean(cg)
     assert [layout.give_back(cg) for cg in groups] == [True] * POOL_MAX + [False]
-    for cg in groups:  # the kernel drops the interface files with the folder; the fake's go by hand
-        for f in cg.paths["pids"].iterdir():
-            f.unlink()
+    for cg in groups:
+        empty_fake_group(cg.paths["pids"])
     layout.remove()
     assert not layout.pool and not any(cg.paths["pids"].exists() for cg in groups[:POOL_MAX])
 
@@ -430,8 +433,7 @@ def test_a_groups_files_are_opened_through_one_close_on_exec_folder_fd_closed_wi
     assert cg.pids() == {os.getpid()} and not cg.tasks_left() and cg.pids_limit_hits() == 0
     (fd,) = folder_fds(group)  # one handle, kept for all the group's files
     assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC, "a job must never inherit the agent's handle"
-    for f in group.iterdir():
-        f.unlink()  # the kernel's files go with the group; here rmdir needs the folder empty
+    empty_fake_group(group)
     cg.remove()
     assert not group.exists() and folder_fds(group) == []
     with pytest.raises(OSError):
@@ -446,8 +448,7 @@ def test_a_removed_groups_freed_fd_number_taken_by_another_folder_is_never_writt
     cg.create()
     group = cg.paths["pids"]
     (fd,) = folder_fds(group)
-    for f in group.iterdir():
-        f.unlink()
+    empty_fake_group(group)
     cg.remove()
     decoy = tmp_path / "another-group"
     decoy.mkdir()
