@@ -6,6 +6,13 @@
 # everything is there.
 set -euo pipefail
 
+# The host runtime's job user (deploy/install.sh makes it on a real agent): with it, the tests that run jobs
+# as another user than the agent's (setpriv, the job's folders, the agent's credential out of reach) run
+# instead of being skipped.
+if [ "$(id -u)" = 0 ] && ! getent passwd dstack-job >/dev/null && command -v useradd >/dev/null; then
+  useradd --system --no-create-home --shell /usr/sbin/nologin dstack-job
+fi
+
 missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
 command -v busybox >/dev/null || missing+=(busybox-static)
