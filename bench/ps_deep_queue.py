@@ -26,10 +26,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench._harness import ADMIN, JOIN, REPO, Services, pct
-from bench.loadgen import Target, submit_runs
+from bench.loadgen import Fleet, Target, submit_runs
 from bench.scale import time_ps
 
 
@@ -75,16 +76,30 @@ def main() -> None:
     parser.add_argument(
         "--columns", type=int, default=200, help="the terminal's width (80: a deep queue's table folds)"
     )
+    parser.add_argument(
+        "--agents", type=int, default=0, help="simulated agents connected throughout, each holding one job"
+    )
+    parser.add_argument("--procs", type=int, default=2, help="the simulated agents' worker processes")
+    parser.add_argument("--coordinator", type=Path, help="the coordinator's source tree (default: this one)")
     args = parser.parse_args()
     svc = Services(tls=True)
+    svc.coordinator_tree = args.coordinator.resolve() if args.coordinator else None
+    fleet: Fleet | None = None
     try:
         svc.start_coordinator()
         t0 = time.monotonic()
         queued = 0
-        if args.queued:
-            target = Target(svc.address, str(svc.ca_file), JOIN, ADMIN)
-            stats = submit_runs(target, args.queued, procs=2, batch=1000)
-            queued = stats.submitted
+        target = Target(svc.address, str(svc.ca_file), JOIN, ADMIN)
+        if args.agents:
+            # The full-size load of issue 16: connected agents (heartbeats, passes over the queue), each busy.
+            fleet = Fleet(target, args.agents, args.procs, hold=True)
+            wait_for(lambda: fleet is not None and fleet.stats().connected >= args.agents, 120 + args.agents / 10)
+            print(f"{args.agents} agents connected in {time.monotonic() - t0:.0f} s", flush=True)
+        if args.queued or args.agents:
+            stats = submit_runs(target, args.queued + args.agents, procs=2, batch=1000)
+            queued = stats.submitted - args.agents
+            if fleet is not None:
+                wait_for(lambda: fleet is not None and fleet.stats().assigned >= args.agents, 120 + args.queued / 500)
             print(
                 f"submitted {stats.submitted} runs ({stats.errors} refused or failed"
                 f"{': ' + stats.last_error if stats.errors else ''}) in {time.monotonic() - t0:.0f} s;"
@@ -148,8 +163,21 @@ def main() -> None:
             )
         name = "ListRuns page of 100, from this process"
         print(f"  {name:42s} wall p50 {pct(page, 50):6.0f} p99 {pct(page, 99):6.0f} ms")
+        if fleet is not None:
+            s = fleet.stats()
+            print(f"  simulated agents: {s.connected} connected, {s.errors} failed sessions ({s.last_error or '-'})")
     finally:
+        if fleet is not None:
+            fleet.stop()
         svc.stop()
+
+
+def wait_for(ready: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"not ready after {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":

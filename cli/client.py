@@ -224,23 +224,33 @@ class Client:
         """What `dstack ps` shows at once: the first `limit` runs of the listing (unfinished ones newest
         first, then the latest finished; with `include_all`, every run newest first), and whether more
         were left out. When unfinished runs alone fill the page (a deep queue), the latest finished ones
-        are added from the listing's finished part, so a run that just ended is still seen: two calls,
-        not the hundred pages of 100,000 queued runs."""
+        are added from the listing's finished part, so a run that just ended is still seen: one call, not
+        the hundred pages of 100,000 queued runs. The call that ends the head asks for them with its page
+        (ListRunsRequest.with_finished: one snapshot, so a run that ends meanwhile is in one or the other);
+        a coordinator that predates that field is asked in a second call, after the page, as before."""
         runs: list[client_pb2.Run] = []
         token = ""
+        finished: list[client_pb2.Run] | None = None
         while len(runs) < limit:
-            req = client_pb2.ListRunsRequest(all=include_all, limit=min(limit - len(runs), 1000), page_token=token)
+            size = min(limit - len(runs), 1000)
+            last = size == limit - len(runs)  # this page ends the head: the finished runs come with it
+            req = client_pb2.ListRunsRequest(
+                all=include_all, limit=size, page_token=token, with_finished=last and not include_all
+            )
             resp: client_pb2.ListRunsResponse = self._call(self.stub.ListRuns, req)
             runs += resp.runs
             if not resp.next_page_token or resp.next_page_token == token:
                 return runs, False
             token = resp.next_page_token
+            if resp.finished_sent:
+                finished = list(resp.finished)
         if include_all:
             return runs, True
         # The page is full and the finished part (the latest RECENT_FINISHED runs) was not reached.
-        resp = self._call(self.stub.ListRuns, client_pb2.ListRunsRequest(page_token=FINISHED_PAGE))
+        if finished is None:
+            finished = list(self._call(self.stub.ListRuns, client_pb2.ListRunsRequest(page_token=FINISHED_PAGE)).runs)
         names = {r.name for r in runs}
-        runs += [r for r in resp.runs if r.name not in names]
+        runs += [r for r in finished if r.name not in names]
         return runs, not token.startswith(FINISHED_PAGE)  # unfinished runs were left out
 
     def stop_run(self, name: str) -> client_pb2.Run:

@@ -33,6 +33,11 @@ UNUSED_BY_BLOCKING_GRPC = (
     "pkgutil",
     "pickle",
     "google.protobuf.text_format",
+    # protobuf's pure-Python message classes (with their codecs and well-known-type mixins): imported by its
+    # descriptor pool and builder for the python implementation, unused under upb.
+    "google.protobuf.internal.python_message",
+    # logging's, for formatting an exception: a blocking call logs none.
+    "traceback",
 )
 
 _locks: dict[str, threading.RLock] = {}

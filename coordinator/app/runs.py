@@ -16,7 +16,7 @@ import re
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from dstack.coordinator.app.core import Core, run_view
 from dstack.coordinator.app.key_names import check_key_segment
@@ -30,9 +30,11 @@ from dstack.coordinator.model import CodeRef, JobSpec, JobStatus, JobView, RunSt
 from dstack.coordinator.records import submission_record
 from dstack.coordinator.repositories import run_repository
 from dstack.coordinator.store.artifacts import container_paths_of
-from dstack.coordinator.store.db import CreatedRun, NewJob, RunFilters, Store
+from dstack.coordinator.store.db import CreatedRun, NewJob, RunFilters, RunRow, Store
 from dstack.coordinator.store.records import RUN_PART
 from dstack.coordinator.templates import spec_with_run_name
+
+T = TypeVar("T")
 
 log = logging.getLogger("dstack.coordinator")
 
@@ -334,19 +336,38 @@ async def get(core: Core, name: str) -> RunView:
 MAX_LISTING_PAGE = 1000  # ListRuns (`dstack ps`): runs per page at most, and by default
 
 
-async def list_runs_page(core: Core, include_all: bool, limit: int, token: str) -> tuple[list[RunView], str]:
-    """One page of runs and the token of the next ("" after the last): no run is left out however many
-    are active (`list_runs` below stops at its limit)."""
+@dataclass(frozen=True)
+class RunsListing:
+    """One ListRuns page: its runs, the next page's token ("" after the last), and, when asked for, the
+    latest finished runs that the page stopped before (store/runs.py listing_page)."""
+
+    runs: list[RunView]
+    next_token: str
+    finished: list[RunView]
+
+
+async def list_runs_page(
+    core: Core,
+    include_all: bool,
+    limit: int,
+    token: str,
+    then: Callable[[RunsListing], T],
+    with_finished: bool = False,
+) -> T:
+    """`then` of one page of runs and the token of the next ("" after the last): no run is left out however
+    many are active (`list_runs` below stops at its limit). `then` runs on the reader thread (it makes the
+    service's response): a listing asked for while the event loop is busy with thousands of agents waits
+    for the loop once, not once more to hand the page to a thread of its own."""
     size = min(limit or MAX_LISTING_PAGE, MAX_LISTING_PAGE)
 
-    def load(store: Store) -> tuple[list[RunView], str]:
-        page = store.runs_listing_page(include_all, size, token)
-        ids = [r.id for r in page.rows]
+    def views(store: Store, rows: list[RunRow]) -> list[RunView]:
+        ids = [r.id for r in rows]
         jobs, tags = store.jobs_of_runs(ids), store.tags_of_runs(ids)
-        views = [
-            run_view(r, jobs[r.id], tags[r.id], core.engine.pending_reasons, core.engine.wait_info) for r in page.rows
-        ]
-        return views, page.next_token
+        return [run_view(r, jobs[r.id], tags[r.id], core.engine.pending_reasons, core.engine.wait_info) for r in rows]
+
+    def load(store: Store) -> T:
+        page = store.runs_listing_page(include_all, size, token, with_finished)
+        return then(RunsListing(views(store, page.rows), page.next_token, views(store, page.finished)))
 
     return await core.read(load)
 

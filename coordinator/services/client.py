@@ -147,10 +147,20 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
 
     @unary
     async def ListRuns(self, request: client_pb2.ListRunsRequest, context: Ctx) -> client_pb2.ListRunsResponse:
-        found, next_token = await runs.list_runs_page(self.core, request.all, request.limit, request.page_token)
-        # Off the event loop: thousands of runs take a while to build (about 17 ms per 1000).
-        return await asyncio.to_thread(
-            lambda: client_pb2.ListRunsResponse(runs=[run_to_proto(r) for r in found], next_page_token=next_token)
+        with_finished = request.with_finished and not request.all
+
+        def response(page: runs.RunsListing) -> client_pb2.ListRunsResponse:
+            # Built on the reader thread, off the event loop: thousands of runs take a while (about 17 ms
+            # per 1000).
+            return client_pb2.ListRunsResponse(
+                runs=[run_to_proto(r) for r in page.runs],
+                next_page_token=page.next_token,
+                finished=[run_to_proto(r) for r in page.finished],
+                finished_sent=with_finished,
+            )
+
+        return await runs.list_runs_page(
+            self.core, request.all, request.limit, request.page_token, response, with_finished
         )
 
     @unary

@@ -31,6 +31,8 @@ PAGE_PHASES = ("all", "active", "finished")
 class RunsPage:
     rows: list[RunRow]
     next_token: str  # "" after the last page
+    # Asked for (`with_finished`): the latest finished runs when `rows` stopped before them, else empty.
+    finished: list[RunRow] = field(default_factory=list)
 
 
 def _parse_page_token(token: str, first: str) -> tuple[str, tuple[int, str] | None]:
@@ -242,24 +244,29 @@ class Runs:
         )
         return sorted((RunRow.of(r) for r in active + recent), key=lambda r: -r.submitted_at)
 
-    def listing_page(self, include_all: bool, limit: int, token: str) -> RunsPage:
+    def listing_page(self, include_all: bool, limit: int, token: str, with_finished: bool = False) -> RunsPage:
         """One page of the listing `recent` gives, with no cap: every run (newest first) with
         `include_all`, else every unfinished run (newest first) and then the RECENT_FINISHED most
-        recent finished ones. `token`: where the previous page stopped ("" for the first)."""
+        recent finished ones. `token`: where the previous page stopped ("" for the first).
+        `with_finished` (not `include_all`): a page of unfinished runs that stops before the finished
+        ones also carries them in `finished`, read with the page (one call, one snapshot, for `dstack ps`)."""
         phase, position = _parse_page_token(token, "all" if include_all else "active")
         if phase == "finished":
-            rows = self._ordered(f"status IN ({ints_in(TERMINAL_RUN)})", None, RECENT_FINISHED)
-            return RunsPage(rows, "")
+            return RunsPage(self._latest_finished(), "")
         where = "1" if phase == "all" else f"status NOT IN ({ints_in(TERMINAL_RUN)})"
         rows = self._ordered(where, position, limit + 1)
+        extra = self._latest_finished() if with_finished and phase == "active" else []
         if len(rows) > limit:
             last = rows[limit - 1]
-            return RunsPage(rows[:limit], f"{phase}:{last.submitted_at}:{last.id}")
+            return RunsPage(rows[:limit], f"{phase}:{last.submitted_at}:{last.id}", extra)
         if phase == "active":  # the finished ones come after the last unfinished one
             if len(rows) + RECENT_FINISHED > limit:
-                return RunsPage(rows, "finished::")
-            return RunsPage(rows + self._ordered(f"status IN ({ints_in(TERMINAL_RUN)})", None, RECENT_FINISHED), "")
+                return RunsPage(rows, "finished::", extra)
+            return RunsPage(rows + (extra if with_finished else self._latest_finished()), "")
         return RunsPage(rows, "")
+
+    def _latest_finished(self) -> list[RunRow]:
+        return self._ordered(f"status IN ({ints_in(TERMINAL_RUN)})", None, RECENT_FINISHED)
 
     def _ordered(self, where: str, after: tuple[int, str] | None, limit: int) -> list[RunRow]:
         params: list[object] = []

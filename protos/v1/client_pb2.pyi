@@ -525,22 +525,28 @@ class ListRunsRequest(_message.Message):
     ALL_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    WITH_FINISHED_FIELD_NUMBER: _builtins.int
     all: _builtins.bool
     """false: unfinished runs and recently finished ones"""
     limit: _builtins.int
     """runs per page; 0 = server default (1000, also the most)"""
     page_token: _builtins.str
     """from ListRunsResponse.next_page_token; empty: the first page"""
+    with_finished: _builtins.bool
+    """Without `all`: the latest finished runs too (ListRunsResponse.finished), read in the same snapshot as
+    this page, for a page that stops before them (a deep queue): `dstack ps` in one call instead of two.
+    """
     def __init__(
         self,
         *,
         all: _builtins.bool = ...,
         limit: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        with_finished: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "limit", b"limit", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "limit", b"limit", "page_token", b"page_token", "with_finished", b"with_finished"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -552,19 +558,29 @@ class ListRunsResponse(_message.Message):
 
     RUNS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    FINISHED_SENT_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """empty: this was the last page"""
+    finished_sent: _builtins.bool
+    """with_finished was honoured (an older coordinator leaves it false)"""
     @_builtins.property
     def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Run]: ...
+    @_builtins.property
+    def finished(self) -> _containers.RepeatedCompositeFieldContainer[Global___Run]:
+        """With with_finished: the latest finished runs when `runs` did not reach them (empty when it did)."""
+
     def __init__(
         self,
         *,
         runs: _abc.Iterable[Global___Run] | None = ...,
         next_page_token: _builtins.str = ...,
+        finished: _abc.Iterable[Global___Run] | None = ...,
+        finished_sent: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "runs", b"runs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "finished_sent", b"finished_sent", "next_page_token", b"next_page_token", "runs", b"runs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,7 +4,9 @@ which follows next_page_token) still lists every active run and the recently fin
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 
@@ -15,6 +17,7 @@ from dstack.protos.v1 import client_pb2
 from tests.inproc.factories import ADMIN, coordinator, job_spec, submit_run
 
 ACTIVE = 1_050
+T = TypeVar("T")
 
 
 async def test_listings_page_past_a_thousand_active_runs(tmp_path: Path) -> None:
@@ -98,3 +101,80 @@ async def test_ps_shows_the_first_page_and_the_latest_finished_runs_behind_a_dee
         assert not more and sorted(names) == sorted(active | {r.name for r in done})
         names, more = await asyncio.to_thread(head, True, 50)
         assert more and len(names) == 50
+
+
+class CountingClient(Client):
+    """The CLI's client, counting its ListRuns calls; `old`: as an older coordinator answers them (it does
+    not know ListRunsRequest.with_finished, so the field is dropped before the call)."""
+
+    def __init__(self, endpoint: Endpoint, old: bool = False) -> None:
+        super().__init__(endpoint)
+        self.requests: list[client_pb2.ListRunsRequest] = []
+        self.old = old
+
+    def _call(self, fn: Callable[..., T], request: Any, **kw: Any) -> T:
+        if isinstance(request, client_pb2.ListRunsRequest):
+            self.requests.append(request)
+            if self.old:
+                request = client_pb2.ListRunsRequest()
+                request.CopyFrom(self.requests[-1])
+                request.ClearField("with_finished")
+        return super()._call(fn, request, **kw)
+
+
+async def test_ps_behind_a_deep_queue_is_one_call_that_brings_the_latest_finished_runs(tmp_path: Path) -> None:
+    """`dstack ps` behind a deep queue makes one ListRuns call, not two: the page asks for the latest
+    finished runs (with_finished), which the coordinator reads with the page, in its snapshot. What is
+    shown is the same as with an older coordinator (which ignores the field: then a second call)."""
+    async with coordinator(tmp_path, max_queued_per_user=0, max_submissions_per_minute=0) as h:
+        done = [await submit_run(h) for _ in range(3)]
+        for r in done:
+            await h.client.StopRun(client_pb2.StopRunRequest(name=r.name), metadata=h.meta)
+        engine = h.coordinator.engine
+        spec = job_spec().SerializeToString()
+
+        def insert_active() -> list[str]:
+            job = NewJob(job_name="main", spec=spec, cpu=1.0, memory=0, gpu_count=0, depends_on=[])
+            return [engine.store.create_run("admin", "w", b"", "", [], [job]).name for _ in range(250)]
+
+        active = set(await engine.db(insert_active))
+        done_names = sorted(r.name for r in done)
+        endpoint = Endpoint(address=h.address, token=ADMIN, insecure=True)
+
+        def head(include_all: bool, limit: int, old: bool = False) -> tuple[list[str], bool, int]:
+            client = CountingClient(endpoint, old)
+            try:
+                runs, more = client.list_runs_head(include_all, limit)
+                return [r.name for r in runs], more, len(client.requests)
+            finally:
+                client.close()
+
+        for old in (False, True):
+            names, more, calls = await asyncio.to_thread(head, False, 100, old)
+            assert calls == (2 if old else 1), (old, calls)
+            assert more and len(set(names[:100])) == 100 and set(names[:100]) <= active
+            assert sorted(names[100:]) == done_names
+            names, more, calls = await asyncio.to_thread(head, False, 2000, old)  # the page reaches them
+            assert calls == 1 and not more and sorted(names) == sorted(active | set(done_names))
+            names, more, calls = await asyncio.to_thread(head, True, 50, old)
+            assert calls == 1 and more and len(names) == 50
+
+        # The coordinator's side: finished runs only where the page stopped before them, never with `all`.
+        page: client_pb2.ListRunsResponse = await h.client.ListRuns(
+            client_pb2.ListRunsRequest(limit=100, with_finished=True), metadata=h.meta
+        )
+        assert page.finished_sent and page.next_page_token.startswith("active:")
+        assert len(page.runs) == 100 and sorted(r.name for r in page.finished) == done_names
+        whole: client_pb2.ListRunsResponse = await h.client.ListRuns(
+            client_pb2.ListRunsRequest(limit=1000, with_finished=True), metadata=h.meta
+        )
+        assert whole.finished_sent and not whole.finished and not whole.next_page_token
+        assert sorted(r.name for r in whole.runs) == sorted(active | set(done_names))
+        every: client_pb2.ListRunsResponse = await h.client.ListRuns(
+            client_pb2.ListRunsRequest(all=True, limit=10, with_finished=True), metadata=h.meta
+        )
+        assert not every.finished_sent and not every.finished and len(every.runs) == 10
+        plain: client_pb2.ListRunsResponse = await h.client.ListRuns(
+            client_pb2.ListRunsRequest(limit=100), metadata=h.meta
+        )
+        assert not plain.finished_sent and not plain.finished  # as before, for an older CLI
