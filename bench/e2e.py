@@ -4,7 +4,8 @@ Usage: python -m bench.e2e [JOBS] [AGENTS] [JOBS_PER_RUN] [--plaintext] [--agent
        python -m bench.e2e [JOBS] [AGENTS] --slurm [--rounds R] [--latency N]
 
 --plaintext: no TLS on either side (what TLS costs); --agent-arg: passed to each agent, e.g.
-`--agent-arg=--job-user --agent-arg=none` (as root: jobs as the agent's user, no setpriv).
+`--agent-arg=--job-user --agent-arg=none` (as root: jobs as the agent's user, no setpriv);
+--profile-coordinator FILE: the coordinator under bench.profiled (every thread under cProfile).
 --slurm: the same single-job runs side by side with a private Slurm (bench/slurm.py; needs root and
 slurm-wlm + munge, `scripts/bench-deps.sh`), taking turns, plus runs of 100 jobs against job arrays of
 100 (--no-batched: not), submit -> start and attached-run latency; --plaintext and --agent-arg apply to dstack.
