@@ -4,7 +4,8 @@ Usage: python -m bench.e2e [JOBS] [AGENTS] [JOBS_PER_RUN] [--plaintext] [--agent
        python -m bench.e2e [JOBS] [AGENTS] --slurm [--rounds R] [--latency N]
 
 --plaintext: no TLS on either side (what TLS costs); --agent-arg: passed to each agent, e.g.
-`--agent-arg=--job-user --agent-arg=none` (as root: jobs as the agent's user, no setpriv).
+`--agent-arg=--job-user --agent-arg=none` (as root: jobs as the agent's user, no setpriv);
+--profile-coordinator FILE: the coordinator under bench.profiled (every thread under cProfile).
 --slurm: the same single-job runs side by side with a private Slurm (bench/slurm.py; needs root and
 slurm-wlm + munge, `scripts/bench-deps.sh`), taking turns, plus runs of 100 jobs against job arrays of
 100 (--no-batched: not), submit -> start and attached-run latency; --plaintext and --agent-arg apply to dstack.
@@ -98,7 +99,13 @@ def submit_and_wait(svc: Services, jobs: int, per_run: int) -> Round:
 
 
 def run(
-    jobs: int, agents: int, per_run: int, tls: bool = True, agent_args: tuple[str, ...] = (), profile_agents: str = ""
+    jobs: int,
+    agents: int,
+    per_run: int,
+    tls: bool = True,
+    agent_args: tuple[str, ...] = (),
+    profile_agents: str = "",
+    profile_coordinator: str = "",
 ) -> None:
     # BENCH_TREE (bench.e2e_ab --bench-from): the coordinator and agents run another source tree's code, this
     # bench measures them (the jobs' processes' CPU, which an older bench.e2e does not print).
@@ -106,6 +113,9 @@ def run(
     if profile_agents:  # each agent under bench.profiled: PROFILE_AGENTS-<pid>.prof, written as it stops
         svc.agent_wrap = ["-m", "bench.profiled"]
         svc.env = {"PROFILE_MODULE": "dstack.agent", "PROFILE_OUT": profile_agents + "-{pid}.prof"}
+    if profile_coordinator:  # the coordinator under bench.profiled, its pstats file written as it stops
+        svc.coordinator_module = "bench.profiled"
+        svc.coordinator_env = {"PROFILE_OUT": profile_coordinator}
     try:
         start(svc, agents, agent_args)
         r = submit_and_wait(svc, jobs, per_run)
@@ -332,6 +342,12 @@ def main() -> None:
         metavar="PREFIX",
         help="each agent under bench.profiled (every thread under cProfile): PREFIX-<pid>.prof",
     )
+    p.add_argument(
+        "--profile-coordinator",
+        default="",
+        metavar="FILE",
+        help="the coordinator under bench.profiled (every thread under cProfile): a pstats file",
+    )
     a = p.parse_args()
     if a.slurm:
         try:
@@ -354,7 +370,7 @@ def main() -> None:
             sys.exit(1)
         return
     for per_run in [a.per_run] if a.per_run else [1, 100]:
-        run(a.jobs, a.agents, per_run, not a.plaintext, tuple(a.agent_arg), a.profile_agents)
+        run(a.jobs, a.agents, per_run, not a.plaintext, tuple(a.agent_arg), a.profile_agents, a.profile_coordinator)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import graphlib
 import sqlite3
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from dstack.coordinator.app.key_names import check_key_segment
 from dstack.coordinator.artifacts import check_working_dir
 from dstack.coordinator.convert import job_spec_from_proto
 from dstack.coordinator.errors import CoordinatorError
+from dstack.coordinator.ids import new_id
 from dstack.coordinator.model import JobSpec
 from dstack.coordinator.store.base import rows
 from dstack.coordinator.store.runs import NewJob, insert_jobs
@@ -91,7 +91,7 @@ def add_provided_jobs(
     existing = {r["job_name"] for r in rows(c, "SELECT job_name FROM jobs WHERE run_id = ?", [run_id])}
     specs = _checked(protos, existing, str(run["name"]))
     check_queued(owner, queued_of(owner), len(specs))
-    ids = [uuid.uuid4().hex for _ in specs]
+    ids = [new_id() for _ in specs]
     new = [
         NewJob(
             job_name=s.job_name,

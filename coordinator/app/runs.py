@@ -131,12 +131,25 @@ async def submit(core: Core, owner: str, sub: Submission, actor: Actor | None = 
     """Stores a new run and queues its jobs; returns the run as stored. `actor`: the submitting
     user (`owner`), with their role, for the ownership checks (None: trusted, e.g. tests)."""
     prepared = await _prepare(core, owner, sub, actor)
+    stored = core.db.submit(prepared.create)
+    queued: asyncio.Future[RunView] = asyncio.get_running_loop().create_future()
 
-    async def create_and_enqueue() -> RunView:
-        return prepared.enqueue(*await core.db(prepared.create))
+    def enqueue(done: asyncio.Future[tuple[CreatedRun, list[JobSpec]]]) -> None:
+        # On the loop, as the DB thread's batch resolves: no task of its own per submission.
+        if done.cancelled():
+            queued.cancel()
+            return
+        try:
+            run = prepared.enqueue(*done.result())
+        except BaseException as e:  # the store's refusal or failure, for the caller
+            queued.set_exception(e)
+        else:
+            queued.set_result(run)
 
-    # Shielded: a client that gives up (deadline, Ctrl+C) must not leave a stored run unqueued.
-    return await asyncio.shield(create_and_enqueue())
+    # Queued by the stored future's own callback: a client that gives up (deadline, Ctrl+C) cancels only
+    # its wait, never the queueing of a run that was stored.
+    stored.add_done_callback(enqueue)
+    return await asyncio.shield(queued)
 
 
 async def _prepare(core: Core, owner: str, sub: Submission, actor: Actor | None) -> _Prepared:
@@ -229,8 +242,9 @@ async def _prepare(core: Core, owner: str, sub: Submission, actor: Actor | None)
             sub.priority,
             repository,
         )
-        core.store.records.put(created.run_id, RUN_PART, "submission", submission_part)
-        core.store.records.put(created.run_id, RUN_PART, SPECS_PART, submitted_specs)
+        core.store.records.put_parts(
+            created.run_id, RUN_PART, {"submission": submission_part, SPECS_PART: submitted_specs}
+        )
         return created, specs
 
     def enqueue(created: CreatedRun, specs: list[JobSpec]) -> RunView:

@@ -4,12 +4,12 @@ starts with, and uploaded artifact sets (`dstack artifacts upload`: a run whose 
 from __future__ import annotations
 
 import sqlite3
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dstack.coordinator import lifecycle
 from dstack.coordinator.errors import Conflict, InvalidRequest, NotFound
+from dstack.coordinator.ids import new_id
 from dstack.coordinator.model import ArtifactFile, ArtifactInput, JobStatus
 from dstack.coordinator.store.base import Db, json_list, rows
 from dstack.coordinator.store.runs import Runs
@@ -136,7 +136,7 @@ class Artifacts:
             )
         name = self.runs.reserve_name()
         now = self.db.clock()
-        run_id, job_id = uuid.uuid4().hex, uuid.uuid4().hex
+        run_id, job_id = new_id(), new_id()
         spec = common_pb2.JobSpec(job_name=workflow, provider="upload").SerializeToString()
         with self.db.tx() as c:
             c.execute(

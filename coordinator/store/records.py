@@ -20,10 +20,15 @@ class Records:
         self.db = db
 
     def put(self, run_id: str, job_id: str, part: str, body: dict[str, Any]) -> None:
+        self.put_parts(run_id, job_id, {part: body})
+
+    def put_parts(self, run_id: str, job_id: str, parts: dict[str, dict[str, Any]]) -> None:
+        """Several parts of one run (or job) in one statement: a submission writes two."""
+        now = self.db.clock()
         with self.db.tx() as c:
-            c.execute(
+            c.executemany(
                 "INSERT OR REPLACE INTO records (run_id, job_id, part, body, written_at) VALUES (?, ?, ?, ?, ?)",
-                [run_id, job_id, part, json.dumps(body, sort_keys=True), self.db.clock()],
+                [(run_id, job_id, part, json.dumps(body, sort_keys=True), now) for part, body in parts.items()],
             )
 
     def put_job_part(self, job_id: str, part: str, body: dict[str, Any]) -> bool:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import uuid
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from dstack.coordinator import lifecycle
 from dstack.coordinator.attempts import wire_job_id
 from dstack.coordinator.errors import Conflict, InvalidRequest, NotFound
+from dstack.coordinator.ids import new_id
 from dstack.coordinator.model import ON_AGENT, TERMINAL_RUN, WAITING, RunStatus, TerminationReason, termination_reason
 from dstack.coordinator.names import random_run_prefix
 from dstack.coordinator.repositories import resolve_qualifier
@@ -180,8 +180,8 @@ class Runs:
     ) -> CreatedRun:
         """Inserts a run and its jobs in one transaction (under `name`, or a new one)."""
         now = self.db.clock()
-        run_id = uuid.uuid4().hex
-        job_ids = [uuid.uuid4().hex for _ in jobs]
+        run_id = new_id()
+        job_ids = [new_id() for _ in jobs]
         name = name or self.reserve_name()
         with self.db.tx() as c:
             c.execute(
