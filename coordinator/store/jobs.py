@@ -206,6 +206,9 @@ def _reported_ports(u: JobUpdate) -> str:
 
 
 REPORT_ROWS_BATCH = 500  # job ids per read of the rows an agent's reports name (SQLite's bound on variables)
+_REPORT_COLUMNS = (
+    "id, attempt, status, run_id, stop_requested, stop_reason, stop_message, gang, spec, cache_base, depends_on, inputs"
+)
 
 
 def _listed(text: str | None) -> bool:
@@ -583,7 +586,11 @@ class Jobs:
         Optimistic: the batch is first applied with no savepoint per message (two of the ~4.5 statements a
         brief job cost). Only when a message fails is all of it undone and applied again, each message in a
         savepoint of its own, so the failing one still undoes only itself. Everything it writes is in the
-        database (the results are built afresh), so the second try starts from what the first found."""
+        database (the results are built afresh), so the second try starts from what the first found.
+
+        The rows the messages name are read once for the batch (`_batch_rows`), not once per message: a
+        message finds its rows there as its own read would have found them, for as long as no message
+        before it in the batch did more than move its own jobs (see `_apply_messages`)."""
         with self.db.tx() as c:
             c.execute("SAVEPOINT report_batch")
             try:
@@ -613,6 +620,11 @@ class Jobs:
         out: list[UpdateResult | Exception] = []
         runs: set[str] = set()
         charge_now: list[str] = []
+        # Read here, in this try (a second try starts after the first was rolled back): then each message's
+        # rows are what its own read would find for as long as every message before it moved only its own
+        # jobs. One that did more (requeued, failed dependants, added a provider's jobs, was refused as
+        # stored, or failed and was undone) ends its use: the messages after it read their own rows.
+        batch_rows = self._batch_rows(c, reports)
         for agent_id, updates in reports:
             res, ended = UpdateResult(), list[str]()
             if each_in_savepoint:
@@ -620,13 +632,15 @@ class Jobs:
             try:
                 if first is not None:
                     first(len(out))
-                self._apply_reports(c, agent_id, updates, res, ended)
+                if not self._apply_reports(c, agent_id, updates, res, ended, batch_rows):
+                    batch_rows = None
             except Exception as e:  # its own: handed back in its place, the others go on
                 if not each_in_savepoint:
                     raise
                 c.execute("ROLLBACK TO reports")
                 c.execute("RELEASE reports")
                 out.append(e)
+                batch_rows = None
                 continue
             if each_in_savepoint:
                 c.execute("RELEASE reports")
@@ -634,6 +648,31 @@ class Jobs:
             runs |= res.changed_runs
             charge_now += ended
         return out, runs, charge_now
+
+    def _batch_rows(
+        self, c: sqlite3.Connection, reports: Sequence[tuple[str, Sequence[JobUpdate]]]
+    ) -> dict[str, tuple[str, list[Any]]] | None:
+        """`_report_rows` for a whole batch in one read per REPORT_ROWS_BATCH ids: job id -> (its agent, its
+        row) for every job the messages name. None (each message reads its own) when two messages name
+        the same job: the later one must see what the earlier one wrote, or for a batch of one message."""
+        if len(reports) < 2:
+            return None
+        ids: set[str] = set()
+        for _, updates in reports:
+            mine = {parse_wire_job_id(u.job_id)[0] for u in updates}
+            if not ids.isdisjoint(mine):
+                return None
+            ids |= mine
+        ordered = sorted(ids)
+        out: dict[str, tuple[str, list[Any]]] = {}
+        for i in range(0, len(ordered), REPORT_ROWS_BATCH):
+            chunk = ordered[i : i + REPORT_ROWS_BATCH]
+            for r in c.execute(
+                f"SELECT {_REPORT_COLUMNS}, agent_id FROM jobs WHERE id IN ({marks(chunk)})",
+                chunk,
+            ):
+                out[r[0]] = (r[-1], list(r[1:-1]))
+        return out
 
     def _report_rows(self, c: sqlite3.Connection, agent_id: str, updates: Sequence[JobUpdate]) -> dict[str, list[Any]]:
         """The rows the reports name that are this agent's, read in one query (not one per report): job id ->
@@ -644,8 +683,7 @@ class Jobs:
         for i in range(0, len(ids), REPORT_ROWS_BATCH):
             chunk = ids[i : i + REPORT_ROWS_BATCH]
             for r in c.execute(
-                "SELECT id, attempt, status, run_id, stop_requested, stop_reason, stop_message, gang, spec,"
-                f" cache_base, depends_on, inputs FROM jobs WHERE id IN ({marks(chunk)}) AND agent_id = ?",
+                f"SELECT {_REPORT_COLUMNS} FROM jobs WHERE id IN ({marks(chunk)}) AND agent_id = ?",
                 [*chunk, agent_id],
             ):
                 out[r[0]] = list(r[1:])
@@ -658,10 +696,22 @@ class Jobs:
         updates: Sequence[JobUpdate],
         res: UpdateResult,
         charge_now: list[str],
-    ) -> None:
+        batch_rows: dict[str, tuple[str, list[Any]]] | None = None,
+    ) -> bool:
         """`apply_updates`' reports, in order, into `res` (and `charge_now`: the jobs they ended, to charge);
-        the runs they changed are left to the caller to refresh, once each."""
+        the runs they changed are left to the caller to refresh, once each. `batch_rows`: the rows of its
+        batch, read before it (`_batch_rows`), its own among them, instead of a read of its own.
+        Whether it moved only the jobs it names, and each as its rows said (else other rows may have moved:
+        a batch's rows read before it are not what a message after it would read)."""
         rows: dict[str, list[Any]] | None = None
+        if batch_rows is not None:
+            rows = {}
+            for u in updates:
+                job_id = parse_wire_job_id(u.job_id)[0]
+                found = batch_rows.get(job_id)
+                if found is not None and found[0] == agent_id:
+                    rows[job_id] = found[1]
+        only_its_own = True
         written_with: JobUpdate | None = None  # a report applied with the one before it (`_ran_and_done`)
         for i, u in enumerate(updates):
             res.acks.append(UpdateAck(u.job_id, u.status))  # acknowledged by the id the agent sent
@@ -694,12 +744,15 @@ class Jobs:
                     res.freed = True
                     charge_now.append(job_id)
                 else:
-                    rows = None  # refused as stored: read again
+                    rows, only_its_own = None, False  # refused as stored: read again
                 res.changed_runs.add(run_id)
                 continue
             added: object = None
             if t.dst == JobStatus.DONE and u.provided_jobs:
-                rows = None  # a provider's jobs join the run: read the rows again for the reports after this one
+                rows, only_its_own = (
+                    None,
+                    False,
+                )  # a provider's jobs join the run: read the rows again for the reports after this one
                 # Its jobs join the run in this step, before the run's status is derived (it is not over);
                 # refused, the program's job fails instead, saying why.
                 c.execute("SAVEPOINT provided")
@@ -724,7 +777,7 @@ class Jobs:
                     res.added.append(added)
             ended = self._end_attempt(c, t, u, stop_reason, stop_message or "")
             if ended is not None:
-                rows = None  # requeued, or its dependants failed: other rows may have moved
+                rows, only_its_own = None, False  # requeued, or its dependants failed: other rows may have moved
                 res.freed = True
                 if ended:
                     res.requeued.append(job_id)
@@ -740,11 +793,12 @@ class Jobs:
                     res.freed = True
                     charge_now.append(u.job_id)
                     if t.dst != JobStatus.DONE:
-                        rows = None  # its dependants failed: other rows may have moved
+                        rows, only_its_own = None, False  # its dependants failed: other rows may have moved
                         lifecycle.fail_dependants(c, run_id, self.db.clock())
             else:
-                rows = None  # refused as stored: read again, as each report did before
+                rows, only_its_own = None, False  # refused as stored: read again, as each report did before
             res.changed_runs.add(run_id)
+        return only_its_own
 
     @staticmethod
     def _done_next(
