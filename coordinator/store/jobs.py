@@ -28,7 +28,7 @@ from dstack.coordinator.model import (
 from dstack.coordinator.preemption import RunningJob
 from dstack.coordinator.store.artifacts import inputs_of
 from dstack.coordinator.store.base import Db, ints_in, json_list, marks
-from dstack.coordinator.store.cache import key_of_row
+from dstack.coordinator.store.cache import key_of_row, key_without_inputs
 from dstack.coordinator.store.gangs import GangSettlement, settle
 from dstack.protos.v1 import common_pb2
 
@@ -203,6 +203,10 @@ def _reported_ports(u: JobUpdate) -> str:
         return "[]"
     ports = [[h, c] for h, c in u.ports if _valid_port(h) and _valid_port(c)]
     return json.dumps(ports[:MAX_REPORTED_PORTS])
+
+
+class _NotAsRead(Exception):
+    """A report batch found a row otherwise than it read it: applied again, message by message."""
 
 
 REPORT_ROWS_BATCH = 500  # job ids per read of the rows an agent's reports name (SQLite's bound on variables)
@@ -625,8 +629,31 @@ class Jobs:
         # jobs. One that did more (requeued, failed dependants, added a provider's jobs, was refused as
         # stored, or failed and was undone) ends its use: the messages after it read their own rows.
         batch_rows = self._batch_rows(c, reports)
+        # Optimistic only (a failure undoes the batch anyway): consecutive messages that are each a brief
+        # job's RUNNING and DONE, plainly (`_plain_ran_and_done`), are written by one UPDATE, each as
+        # `_ran_and_done` writes it, once the next message that is not one comes (they touch their own row
+        # only, so that is as if each was written in turn).
+        group: list[list[Any]] = []
         for agent_id, updates in reports:
             res, ended = UpdateResult(), list[str]()
+            plain = None if each_in_savepoint else self._plain_ran_and_done(agent_id, updates, batch_rows)
+            if plain is not None:
+                if first is not None:
+                    first(len(out))
+                job_id, row = plain
+                key = (key_without_inputs(row[8], row[9], row[10]) or "") if row[8] else ""
+                group.append(self._done_values(job_id, updates[0], updates[1], row[7], key))
+                row[1] = int(JobStatus.DONE)  # as it will be stored (a failed write undoes the batch)
+                res.acks += [UpdateAck(u.job_id, u.status) for u in updates]
+                res.freed, res.gangs = True, bool(row[6])
+                res.changed_runs.add(row[2])
+                out.append(res)
+                runs.add(row[2])
+                charge_now.append(job_id)
+                continue
+            if group:
+                self._ran_and_done_many(c, group)
+                group = []
             if each_in_savepoint:
                 c.execute("SAVEPOINT reports")
             try:
@@ -647,7 +674,75 @@ class Jobs:
             out.append(res)
             runs |= res.changed_runs
             charge_now += ended
+        if group:
+            self._ran_and_done_many(c, group)
         return out, runs, charge_now
+
+    @staticmethod
+    def _plain_ran_and_done(
+        agent_id: str, updates: Sequence[JobUpdate], batch_rows: dict[str, tuple[str, list[Any]]] | None
+    ) -> tuple[str, list[Any]] | None:
+        """(job id, its row) when the message is exactly one job's RUNNING then DONE that `_apply_reports`
+        would write as one `_ran_and_done` and nothing else: the agent's current attempt, in a state a
+        report of running leaves from, not asked to stop, no provider's jobs, and a step-cache key (if any)
+        that reads nothing (no inputs: a key that reads its inputs is read in the message's own turn, after
+        the messages before it are written). Else None: applied as `_apply_reports` does."""
+        if batch_rows is None or len(updates) != 2:
+            return None
+        ran, done = updates
+        if ran.status != JobStatus.RUNNING or done.status != JobStatus.DONE or done.job_id != ran.job_id:
+            return None
+        if done.provided_jobs:
+            return None
+        job_id, attempt = parse_wire_job_id(ran.job_id)
+        found = batch_rows.get(job_id)
+        if found is None or found[0] != agent_id:
+            return None
+        row = found[1]
+        if row[0] != attempt or row[3]:  # attempt, stop_requested
+            return None
+        if row[8] and key_without_inputs(row[8], row[9], row[10]) is None:  # cache_base, depends_on, inputs
+            return None
+        if lifecycle.agent_transition(ran.status, False) is not lifecycle.AGENT_RUNNING:
+            return None
+        if lifecycle.agent_transition(done.status, False) is not lifecycle.AGENT_DONE:
+            return None
+        return (job_id, row) if row[1] in lifecycle.AGENT_RUNNING.src else None
+
+    def _done_values(
+        self, job_id: str, ran: JobUpdate, done: JobUpdate, spec: bytes | None, cache_key: str
+    ) -> list[Any]:
+        """A row of `_ran_and_done_many`: the values `_ran_and_done` writes for this job."""
+        now = self.db.clock()
+        t = lifecycle.AGENT_DONE
+        reason = t.reason if t.reason is not None else done.termination_reason
+        if reason is None:
+            raise ValueError(f"transition {t.name} ends the job: it needs a termination reason")
+        limit = common_pb2.JobSpec.FromString(spec).max_duration_s * 1_000_000_000 if spec else 0
+        at = done.time_ns or now
+        ports = _reported_ports(ran)
+        return [job_id, int(reason), done.message, at, ran.time_ns or now, done.exit_code, ports, limit, now, cache_key]
+
+    def _ran_and_done_many(self, c: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> None:
+        """`_ran_and_done` for many jobs (rows of `_done_values`), one UPDATE per 500. A job that does not move
+        (its row is not as the batch read it) raises: the batch is applied again message by message."""
+        also = (
+            "started_at = v._t, deadline_at = CASE WHEN v._limit > 0 THEN v._now + v._limit ELSE 0 END,"
+            " ports = v._ports, exit_code = COALESCE(v._e, exit_code),"
+            " cache_key = CASE WHEN v._ck = '' THEN cache_key ELSE v._ck END"
+        )
+        if self.charge is not None:
+            also += ", usage_charged = 1"
+        moved = lifecycle.move_jobs_each(
+            c,
+            lifecycle.AGENT_DONE,
+            f"jobs.status IN ({ints_in(lifecycle.AGENT_RUNNING.src)})",
+            ("_t", "_e", "_ports", "_limit", "_now", "_ck"),
+            rows,
+            also,
+        )
+        if len(moved) != len(rows):
+            raise _NotAsRead(f"{len(rows) - len(moved)} of {len(rows)} jobs not as their batch read them")
 
     def _batch_rows(
         self, c: sqlite3.Connection, reports: Sequence[tuple[str, Sequence[JobUpdate]]]

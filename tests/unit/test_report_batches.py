@@ -256,7 +256,7 @@ def test_reports_of_an_attempt_the_agent_does_not_hold_change_nothing_in_a_batch
 
 def test_a_batch_pays_once_for_what_a_message_paid_each_time(tmp_path: Path) -> None:
     """20 agents each report RUNNING and DONE of their job (20 single-job runs) in one batch: one read of the
-    rows all the messages name and one UPDATE per job for both its reports (nothing per job besides); the runs'
+    rows all the messages name and one UPDATE for all their jobs, each job's RUNNING and DONE in it; the runs'
     statuses in one read of their jobs, one of the runs and one UPDATE for all; the charge in one read; and the
     step-cache key with the DONE, not a read and a write of its own (each message alone paid all of these: 10
     statements a job; a read of its rows per message before the batch's one read)."""
@@ -271,7 +271,8 @@ def test_a_batch_pays_once_for_what_a_message_paid_each_time(tmp_path: Path) -> 
         return sum(1 for q in seen if q.lstrip().startswith(prefix))
 
     assert count("SELECT id, attempt, status") == 1  # the rows the batch's messages name, in one read
-    assert count("UPDATE jobs SET") == 20  # RUNNING and DONE of each job, in one write
+    # RUNNING and DONE of every job, in one write for the batch (each job's own values in it).
+    assert count("UPDATE jobs SET") == 0 and count("WITH v(_id") == 1
     assert count("SELECT run_id, status") == 1 and count("SELECT id, status FROM runs") == 1
     assert count("UPDATE runs") == 1
     assert count("SELECT j.job_name, j.status, j.started_at") == 1  # the charge
@@ -279,8 +280,8 @@ def test_a_batch_pays_once_for_what_a_message_paid_each_time(tmp_path: Path) -> 
     assert count("SELECT status FROM jobs") == 0  # no refusal read
     # No savepoint per message while none fails (coordinator/store/jobs.py, optimistic): one for the batch.
     assert count("SAVEPOINT") == 1 and count("RELEASE") == 1 and count("ROLLBACK") == 0
-    # Everything: an update per job and 9 for the batch (a begin, its savepoint and commit included).
-    assert len(seen) <= 20 + 11, seen
+    # Everything: 10 for the batch (a begin, its savepoint and commit included), nothing per job.
+    assert len(seen) <= 12, seen
 
 
 def test_a_batch_screens_its_messages_in_one_statement_and_applies_only_each_agent_s_own(tmp_path: Path) -> None:
