@@ -585,7 +585,7 @@ class Jobs:
         but need not be is done once for all of them: the runs they changed are refreshed in one read
         (lifecycle.refresh_run_statuses), and the jobs they ended are charged in one.
         `first(k)`: what else the k-th message writes before its reports, in the same undo unit (the run
-        records' environments reported with them, coordinator/reports.py).
+        records' environments reported with them, coordinator/reports.py); never a job's row.
 
         Optimistic: the batch is first applied with no savepoint per message (two of the ~4.5 statements a
         brief job cost). Only when a message fails is all of it undone and applied again, each message in a
@@ -624,11 +624,11 @@ class Jobs:
         out: list[UpdateResult | Exception] = []
         runs: set[str] = set()
         charge_now: list[str] = []
-        # Read here, in this try (a second try starts after the first was rolled back): then each message's
-        # rows are what its own read would find for as long as every message before it moved only its own
-        # jobs. One that did more (requeued, failed dependants, added a provider's jobs, was refused as
-        # stored, or failed and was undone) ends its use: the messages after it read their own rows.
-        batch_rows = self._batch_rows(c, reports)
+        # Optimistic only (the second try, after a failure, reads each message's rows as it comes): each
+        # message's rows are then what its own read would find for as long as every message before it moved
+        # only its own jobs (`first` writes no job's row). One that did more (requeued, failed dependants,
+        # added a provider's jobs, was refused as stored) ends its use: the messages after it read their own.
+        batch_rows = None if each_in_savepoint else self._batch_rows(c, reports)
         # Optimistic only (a failure undoes the batch anyway): consecutive messages that are each a brief
         # job's RUNNING and DONE, plainly (`_plain_ran_and_done`), are written by one UPDATE, each as
         # `_ran_and_done` writes it, once the next message that is not one comes (they touch their own row
@@ -667,7 +667,6 @@ class Jobs:
                 c.execute("ROLLBACK TO reports")
                 c.execute("RELEASE reports")
                 out.append(e)
-                batch_rows = None
                 continue
             if each_in_savepoint:
                 c.execute("RELEASE reports")

@@ -397,3 +397,67 @@ def test_a_batch_whose_optimistic_try_fails_is_applied_again_message_by_message_
     assert {j for j, _, _ in s.conn.execute(records).fetchall()} == {
         j for k, j in enumerate(jobs) if k not in (refused_env, refused_end)
     }
+
+
+def test_brief_jobs_written_together_still_fail_alone(tmp_path: Path) -> None:
+    """Three agents each report their one job's RUNNING and DONE (written by one UPDATE for the batch); a
+    trigger refuses the second job's end. The shared write fails, the batch is applied again message by
+    message: the second message's result is the error and its job stays assigned; the others are done and
+    charged."""
+    s, agents, jobs = _pool(tmp_path / "db.sqlite", 3, 3)
+    s.conn.execute(
+        f"CREATE TEMP TRIGGER boom BEFORE UPDATE OF status ON jobs WHEN NEW.id = '{jobs[1]}'"
+        " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+    )
+    with statements(s.conn) as seen:
+        results = s.apply_job_updates_many([(a, _running_and_done(j)) for a, j in zip(agents, jobs, strict=True)])
+    assert sum(1 for q in seen if q.startswith("WITH v(_id")) == 1  # the shared write was tried
+    assert isinstance(results[1], sqlite3.IntegrityError)
+    assert all(isinstance(results[k], UpdateResult) for k in (0, 2))
+    status = dict(s.conn.execute("SELECT id, status FROM jobs").fetchall())
+    assert [JobStatus(status[j]) for j in jobs] == [JobStatus.DONE, JobStatus.ASSIGNED, JobStatus.DONE]
+    charged = dict(s.conn.execute("SELECT id, usage_charged FROM jobs").fetchall())
+    assert [charged[j] for j in jobs] == [1, 0, 1]
+
+
+def test_a_row_moved_after_its_batch_read_it_is_not_written_from_that_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows a batch's messages name are read once, before any is applied, and its brief jobs written
+    together from that read. Nothing in the batch's call moves a row it read but the messages themselves
+    (store/jobs.py `_apply_messages`); were a read not what the row is all the same (here: the third
+    agent's job failed, read as still assigned), the shared write finds it and the batch is applied again message by message, as
+    the job now is: the third message's reports refused, nothing freed or charged for it, exactly as when
+    each message comes alone; the other two are done."""
+    s, agents, jobs = _pool(tmp_path / "db.sqlite", 3, 3)
+    alone = _copy(s, tmp_path / "alone.sqlite")
+    fail_third = (
+        f"UPDATE jobs SET status = {int(JobStatus.FAILED)}, termination_reason = {int(TerminationReason.AGENT_LOST)},"
+        f" finished_at = {NOW} WHERE id = ?"
+    )
+    messages = [(a, _running_and_done(j)) for a, j in zip(agents, jobs, strict=True)]
+    read = s.jobs._batch_rows
+
+    def read_before_the_move(c: sqlite3.Connection, reports: Sequence[tuple[str, Sequence[JobUpdate]]]) -> object:
+        found = read(c, reports)
+        assert found is not None
+        found[jobs[2]][1][1] = int(JobStatus.ASSIGNED)  # the third job as it was before it failed
+        return found
+
+    s.conn.execute(fail_third, [jobs[2]])
+    monkeypatch.setattr(s.jobs, "_batch_rows", read_before_the_move)
+    with statements(s.conn) as seen:
+        batched = s.apply_job_updates_many(messages)
+    assert sum(1 for q in seen if q.startswith("ROLLBACK TO report_batch")) == 1  # applied again
+    alone.conn.execute(fail_third, [jobs[2]])
+    one_by_one = [alone.apply_job_updates_many([m])[0] for m in messages]
+
+    def outcome(results: Sequence[UpdateResult | Exception]) -> list[tuple[bool, list[str]]]:
+        return [(r.freed, sorted(r.changed_runs)) for r in results if isinstance(r, UpdateResult)]
+
+    assert len(outcome(batched)) == 3 and outcome(batched) == outcome(one_by_one)
+    assert _acks(batched) == _acks(one_by_one)
+    assert (_state(s), _usage(s)) == (_state(alone), _usage(alone))
+    status = dict(s.conn.execute("SELECT id, status FROM jobs").fetchall())
+    assert [JobStatus(status[j]) for j in jobs] == [JobStatus.DONE, JobStatus.DONE, JobStatus.FAILED]
+    alone.close()
