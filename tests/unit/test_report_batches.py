@@ -426,9 +426,9 @@ def test_a_row_moved_after_its_batch_read_it_is_not_written_from_that_read(
     """The rows a batch's messages name are read once, before any is applied, and its brief jobs written
     together from that read. Nothing in the batch's call moves a row it read but the messages themselves
     (store/jobs.py `_apply_messages`); were a read not what the row is all the same (here: the third
-    agent's job failed, read as still assigned), the shared write finds it and the batch is applied again message by message, as
-    the job now is: the third message's reports refused, nothing freed or charged for it, exactly as when
-    each message comes alone; the other two are done."""
+    agent's job failed, read as still assigned), the shared write finds it and the batch is applied again
+    message by message, as the job now is: the third message's reports refused, nothing freed or charged
+    for it, exactly as when each message comes alone; the other two are done."""
     s, agents, jobs = _pool(tmp_path / "db.sqlite", 3, 3)
     alone = _copy(s, tmp_path / "alone.sqlite")
     fail_third = (
