@@ -261,9 +261,14 @@ def test_a_batch_pays_once_for_what_a_message_paid_each_time(tmp_path: Path) -> 
     step-cache key with the DONE, not a read and a write of its own (each message alone paid all of these: 10
     statements a job; a read of its rows per message before the batch's one read)."""
     s, agents, jobs = _pool(tmp_path / "db.sqlite", 20, 20)
+    s.journal.drain()  # the journal of changes a pass reads (store/journal.py), empty
     with statements(s.conn) as seen:
         results = s.apply_job_updates_many([(a, _running_and_done(j)) for a, j in zip(agents, jobs, strict=True)])
     assert all(isinstance(r, UpdateResult) for r in results)
+    # The shared write is journaled job by job, as one write per job was: each ended, its run changed.
+    changes = s.journal.drain()
+    assert changes is not None and sorted(changes.off_agents) == sorted(jobs) and not changes.on_agents
+    assert changes.runs == {r[0] for r in s.conn.execute("SELECT id FROM runs")}
     assert {RunStatus(r[0]) for r in s.conn.execute("SELECT status FROM runs")} == {RunStatus.DONE}
     assert {r[0] for r in s.conn.execute("SELECT cache_key FROM jobs")} != {None}
 
