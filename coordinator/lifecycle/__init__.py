@@ -346,6 +346,35 @@ def move_jobs(
     return [Moved(r[0], r[1]) for r in c.execute(sql, values).fetchall()]
 
 
+def move_jobs_each(
+    c: sqlite3.Connection,
+    t: JobTransition,
+    where: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    also: str,
+) -> list[Moved]:
+    """`move_jobs` for many jobs that each get values of their own, one UPDATE per BATCH rows instead of one
+    per job: each row is (job id, termination reason, message, finished at, *the values of `columns`), the
+    three after the id recorded as `move_jobs` records a final state's (pass the transition's own reason
+    where it has one). `where` and `also` name the values as `v.<column>`, the job's own columns plainly."""
+    if not t.src or t.dst not in TERMINAL_JOB:
+        raise ValueError(f"transition {t.name}: move_jobs_each moves jobs to a final state")
+    names = ", ".join(["_id", "_reason", "_message", "_at", *columns])
+    width = 4 + len(columns)
+    out: list[Moved] = []
+    for i in range(0, len(rows), BATCH):
+        chunk = rows[i : i + BATCH]
+        values = ", ".join([f"({', '.join('?' * width)})"] * len(chunk))
+        sql = (
+            f"WITH v({names}) AS (VALUES {values}) UPDATE jobs SET status = {int(t.dst)},"
+            f" termination_reason = v._reason, message = v._message, finished_at = v._at, {also}"
+            f" FROM v WHERE jobs.id = v._id AND ({where}) AND jobs.status IN ({_in(t.src)}) RETURNING id, run_id"
+        )
+        out += [Moved(r[0], r[1]) for r in c.execute(sql, [x for row in chunk for x in row]).fetchall()]
+    return out
+
+
 def move_job(
     c: sqlite3.Connection,
     t: JobTransition,

@@ -50,14 +50,23 @@ def key_of_row(c: sqlite3.Connection, base: str, run_id: str, depends_on: str | 
     """The whole key of a job whose row (its cache_base, run_id, depends_on and inputs columns) was read
     already. A job with no inputs has a key that is a function of its base alone: many single-job runs of
     one workflow share it, so it is worked out once (a digest of a JSON document) and kept."""
-    if (depends_on or "") in _NO_INPUTS and (inputs or "") in _NO_INPUTS:
-        key = _KEYS_WITHOUT_INPUTS.get(base)
-        if key is None:
-            if len(_KEYS_WITHOUT_INPUTS) >= _KEYS_KEPT:
-                _KEYS_WITHOUT_INPUTS.clear()
-            key = _KEYS_WITHOUT_INPUTS[base] = full_key(base, [])
+    key = key_without_inputs(base, depends_on, inputs)
+    if key is not None:
         return key
     return full_key(base, inputs_from(c, run_id, depends_on or "", inputs or ""))
+
+
+def key_without_inputs(base: str, depends_on: str | None, inputs: str | None) -> str | None:
+    """`key_of_row` for a job that has no inputs, without the database; None for one that has (its key
+    reads what its inputs are now)."""
+    if (depends_on or "") not in _NO_INPUTS or (inputs or "") not in _NO_INPUTS:
+        return None
+    key = _KEYS_WITHOUT_INPUTS.get(base)
+    if key is None:
+        if len(_KEYS_WITHOUT_INPUTS) >= _KEYS_KEPT:
+            _KEYS_WITHOUT_INPUTS.clear()
+        key = _KEYS_WITHOUT_INPUTS[base] = full_key(base, [])
+    return key
 
 
 class StepCache:

@@ -28,7 +28,7 @@ from dstack.coordinator.model import (
 from dstack.coordinator.preemption import RunningJob
 from dstack.coordinator.store.artifacts import inputs_of
 from dstack.coordinator.store.base import Db, ints_in, json_list, marks
-from dstack.coordinator.store.cache import key_of_row
+from dstack.coordinator.store.cache import key_of_row, key_without_inputs
 from dstack.coordinator.store.gangs import GangSettlement, settle
 from dstack.protos.v1 import common_pb2
 
@@ -205,7 +205,14 @@ def _reported_ports(u: JobUpdate) -> str:
     return json.dumps(ports[:MAX_REPORTED_PORTS])
 
 
+class _NotAsRead(Exception):
+    """A report batch found a row otherwise than it read it: applied again, message by message."""
+
+
 REPORT_ROWS_BATCH = 500  # job ids per read of the rows an agent's reports name (SQLite's bound on variables)
+_REPORT_COLUMNS = (
+    "id, attempt, status, run_id, stop_requested, stop_reason, stop_message, gang, spec, cache_base, depends_on, inputs"
+)
 
 
 def _listed(text: str | None) -> bool:
@@ -578,12 +585,16 @@ class Jobs:
         but need not be is done once for all of them: the runs they changed are refreshed in one read
         (lifecycle.refresh_run_statuses), and the jobs they ended are charged in one.
         `first(k)`: what else the k-th message writes before its reports, in the same undo unit (the run
-        records' environments reported with them, coordinator/reports.py).
+        records' environments reported with them, coordinator/reports.py); never a job's row.
 
         Optimistic: the batch is first applied with no savepoint per message (two of the ~4.5 statements a
         brief job cost). Only when a message fails is all of it undone and applied again, each message in a
         savepoint of its own, so the failing one still undoes only itself. Everything it writes is in the
-        database (the results are built afresh), so the second try starts from what the first found."""
+        database (the results are built afresh), so the second try starts from what the first found.
+
+        The rows the messages name are read once for the batch (`_batch_rows`), not once per message: a
+        message finds its rows there as its own read would have found them, for as long as no message
+        before it in the batch did more than move its own jobs (see `_apply_messages`)."""
         with self.db.tx() as c:
             c.execute("SAVEPOINT report_batch")
             try:
@@ -613,14 +624,43 @@ class Jobs:
         out: list[UpdateResult | Exception] = []
         runs: set[str] = set()
         charge_now: list[str] = []
+        # Optimistic only (the second try, after a failure, reads each message's rows as it comes): each
+        # message's rows are then what its own read would find for as long as every message before it moved
+        # only its own jobs (`first` writes no job's row). One that did more (requeued, failed dependants,
+        # added a provider's jobs, was refused as stored) ends its use: the messages after it read their own.
+        batch_rows = None if each_in_savepoint else self._batch_rows(c, reports)
+        # Optimistic only (a failure undoes the batch anyway): consecutive messages that are each a brief
+        # job's RUNNING and DONE, plainly (`_plain_ran_and_done`), are written by one UPDATE, each as
+        # `_ran_and_done` writes it, once the next message that is not one comes (they touch their own row
+        # only, so that is as if each was written in turn).
+        group: list[list[Any]] = []
         for agent_id, updates in reports:
             res, ended = UpdateResult(), list[str]()
+            plain = None if each_in_savepoint else self._plain_ran_and_done(agent_id, updates, batch_rows)
+            if plain is not None:
+                if first is not None:
+                    first(len(out))
+                job_id, row = plain
+                key = (key_without_inputs(row[8], row[9], row[10]) or "") if row[8] else ""
+                group.append(self._done_values(job_id, updates[0], updates[1], row[7], key))
+                row[1] = int(JobStatus.DONE)  # as it will be stored (a failed write undoes the batch)
+                res.acks += [UpdateAck(u.job_id, u.status) for u in updates]
+                res.freed, res.gangs = True, bool(row[6])
+                res.changed_runs.add(row[2])
+                out.append(res)
+                runs.add(row[2])
+                charge_now.append(job_id)
+                continue
+            if group:
+                self._ran_and_done_many(c, group)
+                group = []
             if each_in_savepoint:
                 c.execute("SAVEPOINT reports")
             try:
                 if first is not None:
                     first(len(out))
-                self._apply_reports(c, agent_id, updates, res, ended)
+                if not self._apply_reports(c, agent_id, updates, res, ended, batch_rows):
+                    batch_rows = None
             except Exception as e:  # its own: handed back in its place, the others go on
                 if not each_in_savepoint:
                     raise
@@ -633,7 +673,100 @@ class Jobs:
             out.append(res)
             runs |= res.changed_runs
             charge_now += ended
+        if group:
+            self._ran_and_done_many(c, group)
         return out, runs, charge_now
+
+    @staticmethod
+    def _plain_ran_and_done(
+        agent_id: str, updates: Sequence[JobUpdate], batch_rows: dict[str, tuple[str, list[Any]]] | None
+    ) -> tuple[str, list[Any]] | None:
+        """(job id, its row) when the message is exactly one job's RUNNING then DONE that `_apply_reports`
+        would write as one `_ran_and_done` and nothing else: the agent's current attempt, in a state a
+        report of running leaves from, not asked to stop, no provider's jobs, and a step-cache key (if any)
+        that reads nothing (no inputs: a key that reads its inputs is read in the message's own turn, after
+        the messages before it are written). Else None: applied as `_apply_reports` does."""
+        if batch_rows is None or len(updates) != 2:
+            return None
+        ran, done = updates
+        if ran.status != JobStatus.RUNNING or done.status != JobStatus.DONE or done.job_id != ran.job_id:
+            return None
+        if done.provided_jobs:
+            return None
+        job_id, attempt = parse_wire_job_id(ran.job_id)
+        found = batch_rows.get(job_id)
+        if found is None or found[0] != agent_id:
+            return None
+        row = found[1]
+        if row[0] != attempt or row[3]:  # attempt, stop_requested
+            return None
+        if row[8] and key_without_inputs(row[8], row[9], row[10]) is None:  # cache_base, depends_on, inputs
+            return None
+        if lifecycle.agent_transition(ran.status, False) is not lifecycle.AGENT_RUNNING:
+            return None
+        if lifecycle.agent_transition(done.status, False) is not lifecycle.AGENT_DONE:
+            return None
+        return (job_id, row) if row[1] in lifecycle.AGENT_RUNNING.src else None
+
+    def _done_values(
+        self, job_id: str, ran: JobUpdate, done: JobUpdate, spec: bytes | None, cache_key: str
+    ) -> list[Any]:
+        """A row of `_ran_and_done_many`: the values `_ran_and_done` writes for this job."""
+        now = self.db.clock()
+        t = lifecycle.AGENT_DONE
+        reason = t.reason if t.reason is not None else done.termination_reason
+        if reason is None:
+            raise ValueError(f"transition {t.name} ends the job: it needs a termination reason")
+        limit = common_pb2.JobSpec.FromString(spec).max_duration_s * 1_000_000_000 if spec else 0
+        at = done.time_ns or now
+        ports = _reported_ports(ran)
+        return [job_id, int(reason), done.message, at, ran.time_ns or now, done.exit_code, ports, limit, now, cache_key]
+
+    def _ran_and_done_many(self, c: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> None:
+        """`_ran_and_done` for many jobs (rows of `_done_values`), one UPDATE per 500. A job that does not move
+        (its row is not as the batch read it) raises: the batch is applied again message by message."""
+        also = (
+            "started_at = v._t, deadline_at = CASE WHEN v._limit > 0 THEN v._now + v._limit ELSE 0 END,"
+            " ports = v._ports, exit_code = COALESCE(v._e, exit_code),"
+            " cache_key = CASE WHEN v._ck = '' THEN cache_key ELSE v._ck END"
+        )
+        if self.charge is not None:
+            also += ", usage_charged = 1"
+        moved = lifecycle.move_jobs_each(
+            c,
+            lifecycle.AGENT_DONE,
+            f"jobs.status IN ({ints_in(lifecycle.AGENT_RUNNING.src)})",
+            ("_t", "_e", "_ports", "_limit", "_now", "_ck"),
+            rows,
+            also,
+        )
+        if len(moved) != len(rows):
+            raise _NotAsRead(f"{len(rows) - len(moved)} of {len(rows)} jobs not as their batch read them")
+
+    def _batch_rows(
+        self, c: sqlite3.Connection, reports: Sequence[tuple[str, Sequence[JobUpdate]]]
+    ) -> dict[str, tuple[str, list[Any]]] | None:
+        """`_report_rows` for a whole batch in one read per REPORT_ROWS_BATCH ids: job id -> (its agent, its
+        row) for every job the messages name. None (each message reads its own) when two messages name
+        the same job: the later one must see what the earlier one wrote, or for a batch of one message."""
+        if len(reports) < 2:
+            return None
+        ids: set[str] = set()
+        for _, updates in reports:
+            mine = {parse_wire_job_id(u.job_id)[0] for u in updates}
+            if not ids.isdisjoint(mine):
+                return None
+            ids |= mine
+        ordered = sorted(ids)
+        out: dict[str, tuple[str, list[Any]]] = {}
+        for i in range(0, len(ordered), REPORT_ROWS_BATCH):
+            chunk = ordered[i : i + REPORT_ROWS_BATCH]
+            for r in c.execute(
+                f"SELECT {_REPORT_COLUMNS}, agent_id FROM jobs WHERE id IN ({marks(chunk)})",
+                chunk,
+            ):
+                out[r[0]] = (r[-1], list(r[1:-1]))
+        return out
 
     def _report_rows(self, c: sqlite3.Connection, agent_id: str, updates: Sequence[JobUpdate]) -> dict[str, list[Any]]:
         """The rows the reports name that are this agent's, read in one query (not one per report): job id ->
@@ -644,8 +777,7 @@ class Jobs:
         for i in range(0, len(ids), REPORT_ROWS_BATCH):
             chunk = ids[i : i + REPORT_ROWS_BATCH]
             for r in c.execute(
-                "SELECT id, attempt, status, run_id, stop_requested, stop_reason, stop_message, gang, spec,"
-                f" cache_base, depends_on, inputs FROM jobs WHERE id IN ({marks(chunk)}) AND agent_id = ?",
+                f"SELECT {_REPORT_COLUMNS} FROM jobs WHERE id IN ({marks(chunk)}) AND agent_id = ?",
                 [*chunk, agent_id],
             ):
                 out[r[0]] = list(r[1:])
@@ -658,10 +790,22 @@ class Jobs:
         updates: Sequence[JobUpdate],
         res: UpdateResult,
         charge_now: list[str],
-    ) -> None:
+        batch_rows: dict[str, tuple[str, list[Any]]] | None = None,
+    ) -> bool:
         """`apply_updates`' reports, in order, into `res` (and `charge_now`: the jobs they ended, to charge);
-        the runs they changed are left to the caller to refresh, once each."""
+        the runs they changed are left to the caller to refresh, once each. `batch_rows`: the rows of its
+        batch, read before it (`_batch_rows`), its own among them, instead of a read of its own.
+        Whether it moved only the jobs it names, and each as its rows said (else other rows may have moved:
+        a batch's rows read before it are not what a message after it would read)."""
         rows: dict[str, list[Any]] | None = None
+        if batch_rows is not None:
+            rows = {}
+            for u in updates:
+                job_id = parse_wire_job_id(u.job_id)[0]
+                found = batch_rows.get(job_id)
+                if found is not None and found[0] == agent_id:
+                    rows[job_id] = found[1]
+        only_its_own = True
         written_with: JobUpdate | None = None  # a report applied with the one before it (`_ran_and_done`)
         for i, u in enumerate(updates):
             res.acks.append(UpdateAck(u.job_id, u.status))  # acknowledged by the id the agent sent
@@ -694,12 +838,15 @@ class Jobs:
                     res.freed = True
                     charge_now.append(job_id)
                 else:
-                    rows = None  # refused as stored: read again
+                    rows, only_its_own = None, False  # refused as stored: read again
                 res.changed_runs.add(run_id)
                 continue
             added: object = None
             if t.dst == JobStatus.DONE and u.provided_jobs:
-                rows = None  # a provider's jobs join the run: read the rows again for the reports after this one
+                rows, only_its_own = (
+                    None,
+                    False,
+                )  # a provider's jobs join the run: read the rows again for the reports after this one
                 # Its jobs join the run in this step, before the run's status is derived (it is not over);
                 # refused, the program's job fails instead, saying why.
                 c.execute("SAVEPOINT provided")
@@ -724,7 +871,7 @@ class Jobs:
                     res.added.append(added)
             ended = self._end_attempt(c, t, u, stop_reason, stop_message or "")
             if ended is not None:
-                rows = None  # requeued, or its dependants failed: other rows may have moved
+                rows, only_its_own = None, False  # requeued, or its dependants failed: other rows may have moved
                 res.freed = True
                 if ended:
                     res.requeued.append(job_id)
@@ -740,11 +887,12 @@ class Jobs:
                     res.freed = True
                     charge_now.append(u.job_id)
                     if t.dst != JobStatus.DONE:
-                        rows = None  # its dependants failed: other rows may have moved
+                        rows, only_its_own = None, False  # its dependants failed: other rows may have moved
                         lifecycle.fail_dependants(c, run_id, self.db.clock())
             else:
-                rows = None  # refused as stored: read again, as each report did before
+                rows, only_its_own = None, False  # refused as stored: read again, as each report did before
             res.changed_runs.add(run_id)
+        return only_its_own
 
     @staticmethod
     def _done_next(

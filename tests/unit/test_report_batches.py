@@ -256,21 +256,29 @@ def test_reports_of_an_attempt_the_agent_does_not_hold_change_nothing_in_a_batch
 
 def test_a_batch_pays_once_for_what_a_message_paid_each_time(tmp_path: Path) -> None:
     """20 agents each report RUNNING and DONE of their job (20 single-job runs) in one batch: one read of the
-    rows per message and one UPDATE for both reports (nothing per job besides); the runs' statuses in one read of
-    their jobs, one of the runs and one UPDATE for all; the charge in one read; and the step-cache key with
-    the DONE, not a read and a write of its own (each message alone paid all of these: 10 statements a job)."""
+    rows all the messages name and one UPDATE for all their jobs, each job's RUNNING and DONE in it; the runs'
+    statuses in one read of their jobs, one of the runs and one UPDATE for all; the charge in one read; and the
+    step-cache key with the DONE, not a read and a write of its own (each message alone paid all of these: 10
+    statements a job; a read of its rows per message before the batch's one read)."""
     s, agents, jobs = _pool(tmp_path / "db.sqlite", 20, 20)
+    s.journal.drain()  # the journal of changes a pass reads (store/journal.py), empty
     with statements(s.conn) as seen:
         results = s.apply_job_updates_many([(a, _running_and_done(j)) for a, j in zip(agents, jobs, strict=True)])
     assert all(isinstance(r, UpdateResult) for r in results)
+    # The shared write is journaled job by job, as one write per job was: each ended, its run changed.
+    changes = s.journal.drain()
+    assert changes is not None and sorted(changes.off_agents) == sorted(jobs) and not changes.on_agents
+    assert changes.runs == {r[0] for r in s.conn.execute("SELECT id FROM runs")}
     assert {RunStatus(r[0]) for r in s.conn.execute("SELECT status FROM runs")} == {RunStatus.DONE}
-    assert {r[0] for r in s.conn.execute("SELECT cache_key FROM jobs")} != {None}
+    keys = {r[0] for r in s.conn.execute("SELECT cache_key FROM jobs")}
+    assert len(keys) == 1 and "" not in keys  # written with DONE (one workflow's jobs without inputs: one key)
 
     def count(prefix: str) -> int:
         return sum(1 for q in seen if q.lstrip().startswith(prefix))
 
-    assert count("SELECT id, attempt, status") == 20  # the rows a message names, in one read
-    assert count("UPDATE jobs SET") == 20  # RUNNING and DONE of each job, in one write
+    assert count("SELECT id, attempt, status") == 1  # the rows the batch's messages name, in one read
+    # RUNNING and DONE of every job, in one write for the batch (each job's own values in it).
+    assert count("UPDATE jobs SET") == 0 and count("WITH v(_id") == 1
     assert count("SELECT run_id, status") == 1 and count("SELECT id, status FROM runs") == 1
     assert count("UPDATE runs") == 1
     assert count("SELECT j.job_name, j.status, j.started_at") == 1  # the charge
@@ -278,8 +286,8 @@ def test_a_batch_pays_once_for_what_a_message_paid_each_time(tmp_path: Path) -> 
     assert count("SELECT status FROM jobs") == 0  # no refusal read
     # No savepoint per message while none fails (coordinator/store/jobs.py, optimistic): one for the batch.
     assert count("SAVEPOINT") == 1 and count("RELEASE") == 1 and count("ROLLBACK") == 0
-    # Everything: 20 x (read, update) and 8 for the batch (a begin, its savepoint and commit included).
-    assert len(seen) <= 20 * 2 + 10, seen
+    # Everything: 10 for the batch (a begin, its savepoint and commit included), nothing per job.
+    assert len(seen) <= 12, seen
 
 
 def test_a_batch_screens_its_messages_in_one_statement_and_applies_only_each_agent_s_own(tmp_path: Path) -> None:
@@ -395,3 +403,67 @@ def test_a_batch_whose_optimistic_try_fails_is_applied_again_message_by_message_
     assert {j for j, _, _ in s.conn.execute(records).fetchall()} == {
         j for k, j in enumerate(jobs) if k not in (refused_env, refused_end)
     }
+
+
+def test_brief_jobs_written_together_still_fail_alone(tmp_path: Path) -> None:
+    """Three agents each report their one job's RUNNING and DONE (written by one UPDATE for the batch); a
+    trigger refuses the second job's end. The shared write fails, the batch is applied again message by
+    message: the second message's result is the error and its job stays assigned; the others are done and
+    charged."""
+    s, agents, jobs = _pool(tmp_path / "db.sqlite", 3, 3)
+    s.conn.execute(
+        f"CREATE TEMP TRIGGER boom BEFORE UPDATE OF status ON jobs WHEN NEW.id = '{jobs[1]}'"
+        " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+    )
+    with statements(s.conn) as seen:
+        results = s.apply_job_updates_many([(a, _running_and_done(j)) for a, j in zip(agents, jobs, strict=True)])
+    assert sum(1 for q in seen if q.startswith("WITH v(_id")) == 1  # the shared write was tried
+    assert isinstance(results[1], sqlite3.IntegrityError)
+    assert all(isinstance(results[k], UpdateResult) for k in (0, 2))
+    status = dict(s.conn.execute("SELECT id, status FROM jobs").fetchall())
+    assert [JobStatus(status[j]) for j in jobs] == [JobStatus.DONE, JobStatus.ASSIGNED, JobStatus.DONE]
+    charged = dict(s.conn.execute("SELECT id, usage_charged FROM jobs").fetchall())
+    assert [charged[j] for j in jobs] == [1, 0, 1]
+
+
+def test_a_row_moved_after_its_batch_read_it_is_not_written_from_that_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows a batch's messages name are read once, before any is applied, and its brief jobs written
+    together from that read. Nothing in the batch's call moves a row it read but the messages themselves
+    (store/jobs.py `_apply_messages`); were a read not what the row is all the same (here: the third
+    agent's job failed, read as still assigned), the shared write finds it and the batch is applied again
+    message by message, as the job now is: the third message's reports refused, nothing freed or charged
+    for it, exactly as when each message comes alone; the other two are done."""
+    s, agents, jobs = _pool(tmp_path / "db.sqlite", 3, 3)
+    alone = _copy(s, tmp_path / "alone.sqlite")
+    fail_third = (
+        f"UPDATE jobs SET status = {int(JobStatus.FAILED)}, termination_reason = {int(TerminationReason.AGENT_LOST)},"
+        f" finished_at = {NOW} WHERE id = ?"
+    )
+    messages = [(a, _running_and_done(j)) for a, j in zip(agents, jobs, strict=True)]
+    read = s.jobs._batch_rows
+
+    def read_before_the_move(c: sqlite3.Connection, reports: Sequence[tuple[str, Sequence[JobUpdate]]]) -> object:
+        found = read(c, reports)
+        assert found is not None
+        found[jobs[2]][1][1] = int(JobStatus.ASSIGNED)  # the third job as it was before it failed
+        return found
+
+    s.conn.execute(fail_third, [jobs[2]])
+    monkeypatch.setattr(s.jobs, "_batch_rows", read_before_the_move)
+    with statements(s.conn) as seen:
+        batched = s.apply_job_updates_many(messages)
+    assert sum(1 for q in seen if q.startswith("ROLLBACK TO report_batch")) == 1  # applied again
+    alone.conn.execute(fail_third, [jobs[2]])
+    one_by_one = [alone.apply_job_updates_many([m])[0] for m in messages]
+
+    def outcome(results: Sequence[UpdateResult | Exception]) -> list[tuple[bool, list[str]]]:
+        return [(r.freed, sorted(r.changed_runs)) for r in results if isinstance(r, UpdateResult)]
+
+    assert len(outcome(batched)) == 3 and outcome(batched) == outcome(one_by_one)
+    assert _acks(batched) == _acks(one_by_one)
+    assert (_state(s), _usage(s)) == (_state(alone), _usage(alone))
+    status = dict(s.conn.execute("SELECT id, status FROM jobs").fetchall())
+    assert [JobStatus(status[j]) for j in jobs] == [JobStatus.DONE, JobStatus.DONE, JobStatus.FAILED]
+    alone.close()
