@@ -217,10 +217,11 @@ class Spawner:
             else:
                 fut.set_result((msg, fds))
 
-    async def _ask(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> tuple[dict[str, Any], list[int]]:
+    async def _ask(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> tuple[dict[str, Any], list[int], int]:
+        """The answer, its fds, and the pid of the spawner that gave it."""
         await self._ensure()
-        sock, loop = self._sock, self._loop
-        assert sock is not None and loop is not None
+        sock, loop, proc = self._sock, self._loop, self.proc
+        assert sock is not None and loop is not None and proc is not None
         msg["id"] = next(self._ids)
         fut = self._future(msg["id"])
         data = json.dumps(msg).encode()
@@ -242,7 +243,11 @@ class Spawner:
                 self._drop(f"its socket failed: {e}")
                 raise SpawnerGone(str(e)) from e
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), SPAWN_TIMEOUT_S)
+            answer, answer_fds = await asyncio.wait_for(asyncio.shield(fut), SPAWN_TIMEOUT_S)
+            return answer, answer_fds, proc.pid
+        except asyncio.CancelledError:  # the job's start was given up: a shell started anyway is let go
+            fut.add_done_callback(self._late)
+            raise
         except TimeoutError:
             if self._sock is sock:
                 self._drop(f"it did not answer in {SPAWN_TIMEOUT_S:.0f} s")
@@ -250,7 +255,7 @@ class Spawner:
 
     async def spawn(self, argv: list[str], cwd: Path, env: dict[str, str], stdio: tuple[int, int, int]) -> Spawned:
         """The job's shell, started as the job user in a session of its own, with these fds as 0, 1, 2."""
-        msg, fds = await self._ask({"op": "spawn", "argv": argv, "cwd": str(cwd), "env": env}, stdio)
+        msg, fds, owner = await self._ask({"op": "spawn", "argv": argv, "cwd": str(cwd), "env": env}, stdio)
         if "error" in msg:
             _close_all(fds)
             raise SpawnError(int(msg.get("errno") or 0), str(msg["error"]), bool(msg.get("not_found")))
@@ -259,8 +264,7 @@ class Spawner:
             _close_all(fds)
             self._drop(f"its answer named process {pid!r}, not one of the job user's it started")
             raise SpawnerGone("the spawner's answer was refused")
-        assert self.proc is not None
-        return Spawned(pid, fds[0], self.proc.pid)
+        return Spawned(pid, fds[0], owner)
 
     def _is_job_users(self, pid: int, pidfd: int) -> bool:
         """The pidfd names this pid, and the process runs as the job user (not the agent's, not root's)."""
@@ -279,12 +283,23 @@ class Spawner:
             return None
         pid = spawned.pid
         try:
-            msg, fds = await self._ask({"op": "reap", "pid": pid})
+            msg, fds, _ = await self._ask({"op": "reap", "pid": pid})
         except SpawnerGone:
             return None
         _close_all(fds)
         status = msg.get("status")
         return status if isinstance(status, int) else None
+
+    def _late(self, fut: asyncio.Future[tuple[dict[str, Any], list[int]]]) -> None:
+        """An answer nobody waits for any more: its pidfd closed, and a shell it started reaped once it
+        exits (it gets no environment, so it runs nothing of the job's: its check fails)."""
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        msg, fds = fut.result()
+        _close_all(fds)
+        pid = msg.get("pid")
+        if isinstance(pid, int) and self.proc is not None:
+            self.forget(Spawned(pid, -1, self.proc.pid))
 
     def forget(self, spawned: Spawned) -> None:
         """A job the agent will not wait for (it is stopping): reaped once it exits, status unread."""

@@ -575,6 +575,11 @@ class HostRuntime(Runtime):
             _close_pipe(tuple(ours))
             await self._release(cgroup)
             raise RuntimeError_(f"cannot start the job: {e}") from e
+        except asyncio.CancelledError:  # a shell started anyway reads an empty environment and runs nothing
+            _close_pipe(tuple(ours))
+            if cgroup is not None:
+                self._remover.remove(cgroup)
+            raise
         finally:
             _close_pipe((env_pipe[0], out[1], err[1]))  # the shell's ends: its own copies are open
         shell = SpawnedShell(spawner, spawned, out[0], err[0])

@@ -7,11 +7,14 @@ another, and the next job still runs as the job user, never as root."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dstack.agent import spawner as spawner_module
@@ -198,3 +201,49 @@ def test_with_no_python_the_job_user_can_run_jobs_go_through_setpriv(
         assert rt._spawner is not None and rt._spawner.unavailable
 
     asyncio.run(main())
+
+
+def test_a_start_given_up_while_the_spawner_answers_runs_nothing_and_leaks_nothing(
+    runtime: tuple[HostRuntime, Path],
+) -> None:
+    """A job's start cancelled (the job stopped) after its request went to the spawner: the shell started
+    anyway gets no environment, so it runs nothing of the job's; the late answer's pidfd is closed and
+    the shell reaped; the agent keeps no pipe of it."""
+    rt, root = runtime
+    marker = root / "ran"
+
+    def fds() -> list[str]:
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return sorted(link for link in links if not link.startswith("/proc/"))
+
+    async def main() -> None:
+        await run(rt, root, "warm", "true")  # the spawner is up
+        spawner = spawner_of(rt)
+        assert spawner.proc is not None
+        spawner_pid, before = spawner.proc.pid, fds()
+        os.kill(spawner_pid, signal.SIGSTOP)
+        try:
+            start = asyncio.create_task(start_host_job(rt, root, "given-up", f"touch {marker}"))
+            await wait_for_async(lambda: bool(spawner._pending))  # the request is in the spawner's socket
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await start
+        finally:
+            os.kill(spawner_pid, signal.SIGCONT)
+        await wait_for_async(lambda: not spawner._pending and fds() == before)
+        await wait_for_async(lambda: not psutil.Process(spawner_pid).children())  # reaped
+        assert not marker.exists()
+        code, _, _ = await run(rt, root, "after", "id -u")  # the same spawner still serves
+        assert code == 0 and spawner_of(rt) is spawner
+
+    asyncio.run(main())
+
+
+async def wait_for_async(cond: Callable[[], bool]) -> None:
+    deadline = asyncio.get_running_loop().time() + 60
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
