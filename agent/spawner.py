@@ -75,10 +75,11 @@ class Spawner:
         self._pending: dict[Any, asyncio.Future[tuple[dict[str, Any], list[int]]]] = {}
         self._ids = itertools.count(1)
         self._starting: asyncio.Lock | None = None
+        self._source = ""  # spawner_main.py's text, read once (off the event loop)
 
     # -- the process -----------------------------------------------------------------------------------
 
-    def _launch(self, interpreter: str) -> None:
+    def _launch(self, interpreter: str, source: str) -> None:
         agent_end, spawner_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # A job's script can be as long as one argument may be (128 KiB): room for it in one packet.
@@ -93,7 +94,7 @@ class Spawner:
                 "-I",  # no PYTHON* variable, no user site, no script folder on the path
                 "-S",
                 "-c",
-                _SOURCE.read_text(),
+                source,
                 str(spawner_end.fileno()),
             ]
             self.proc = subprocess.Popen(
@@ -125,8 +126,10 @@ class Spawner:
                 return
             self._drop("another event loop uses it" if self._sock is not None else "")
             candidates = [self._interpreter] if self._interpreter else _candidates()
+            if not self._source:
+                self._source = await asyncio.to_thread(_SOURCE.read_text)
             for interpreter in candidates:
-                self._launch(interpreter)
+                self._launch(interpreter, self._source)
                 fut = self._future("ready")
                 try:
                     await asyncio.wait_for(fut, READY_TIMEOUT_S)
@@ -163,7 +166,7 @@ class Spawner:
             if not fut.done():
                 fut.set_exception(SpawnerGone(why or "the spawner exited"))
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """The agent stops: the spawner exits at its end's close (its jobs are the runtime's to stop)."""
         sock, self._sock = self._sock, None
         if sock is not None:
@@ -172,11 +175,7 @@ class Spawner:
             sock.close()
         proc, self.proc = self.proc, None
         if proc is not None:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            await asyncio.to_thread(_end, proc)
 
     async def usable(self) -> bool:
         """Started (at the first job): False where no interpreter the job user can run was found."""
@@ -310,6 +309,15 @@ class Spawner:
         pid = spawned.pid
         with contextlib.suppress(OSError):
             socket.send_fds(self._sock, [json.dumps({"op": "reap", "id": f"forget-{pid}", "pid": pid}).encode()], [])
+
+
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    """Waits for a spawner whose socket was closed to exit (at once), killing one that does not."""
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _candidates() -> list[str]:

@@ -592,7 +592,7 @@ class HostRuntime(Runtime):
     async def close(self) -> None:
         if self._spawner is not None:
             spawner, self._spawner = self._spawner, None
-            await asyncio.to_thread(spawner.close)
+            await spawner.close()
         await self._remover.drain()
         if self._layout is not None:  # the jobs' parent groups, empty now (a job left over keeps its own)
             await asyncio.to_thread(self._layout.remove)
