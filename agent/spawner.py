@@ -36,8 +36,11 @@ from dstack.agent.jobuser import JobUser
 
 log = logging.getLogger("dstack.agent")
 
-SPAWN_TIMEOUT_S = 10.0  # a job's start, or its exit status once it has exited; past it the spawner is replaced
-READY_TIMEOUT_S = 30.0  # its interpreter's start on a loaded machine
+# How often a wait for the spawner (a job's start, or its exit status once it has exited) looks whether it
+# is stopped (SIGSTOP: a job may do that, the same user): a stopped one is replaced. A slow one, on a
+# loaded machine, is waited for: replacing it would fail every job it was starting.
+SPAWN_TIMEOUT_S = 10.0
+READY_TIMEOUT_S = 300.0  # its interpreter's start, however loaded the machine (a stopped one: at once)
 INTERPRETERS = ("/usr/bin/python3", "/usr/local/bin/python3")  # after the agent's own: the job user may not reach it
 _SOURCE = Path(__file__).with_name("spawner_main.py")
 
@@ -132,7 +135,8 @@ class Spawner:
                 self._launch(interpreter, self._source)
                 fut = self._future("ready")
                 try:
-                    await asyncio.wait_for(fut, READY_TIMEOUT_S)
+                    assert self.proc is not None
+                    await asyncio.wait_for(self._while_not_stopped(fut, self.proc), READY_TIMEOUT_S)
                 except (SpawnerGone, TimeoutError):
                     self._drop("")
                     continue
@@ -232,25 +236,31 @@ class Spawner:
                 writable: asyncio.Future[None] = loop.create_future()
                 loop.add_writer(sock.fileno(), _set_once, writable)
                 try:
-                    await asyncio.wait_for(writable, SPAWN_TIMEOUT_S)
-                except TimeoutError:
-                    self._drop(f"it took nothing for {SPAWN_TIMEOUT_S:.0f} s")
-                    raise SpawnerGone("the spawner did not answer") from None
+                    await self._while_not_stopped(writable, proc)
                 finally:
                     loop.remove_writer(sock.fileno())
             except OSError as e:
                 self._drop(f"its socket failed: {e}")
                 raise SpawnerGone(str(e)) from e
         try:
-            answer, answer_fds = await asyncio.wait_for(asyncio.shield(fut), SPAWN_TIMEOUT_S)
-            return answer, answer_fds, proc.pid
+            await self._while_not_stopped(fut, proc)
         except asyncio.CancelledError:  # the job's start was given up: a shell started anyway is let go
             fut.add_done_callback(self._late)
             raise
-        except TimeoutError:
-            if self._sock is sock:
-                self._drop(f"it did not answer in {SPAWN_TIMEOUT_S:.0f} s")
-            raise SpawnerGone("the spawner did not answer") from None
+        answer, answer_fds = fut.result()
+        return answer, answer_fds, proc.pid
+
+    async def _while_not_stopped(self, fut: asyncio.Future[Any], proc: subprocess.Popen[bytes]) -> None:
+        """Waits for fut, however long a running spawner takes; one found stopped is replaced (SpawnerGone)."""
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), SPAWN_TIMEOUT_S)
+                return
+            except TimeoutError:
+                if _stopped(proc.pid):
+                    if self.proc is proc:
+                        self._drop("it was stopped (SIGSTOP)")
+                    raise SpawnerGone("the spawner was stopped") from None
 
     async def spawn(self, argv: list[str], cwd: Path, env: dict[str, str], stdio: tuple[int, int, int]) -> Spawned:
         """The job's shell, started as the job user in a session of its own, with these fds as 0, 1, 2."""
@@ -309,6 +319,15 @@ class Spawner:
         pid = spawned.pid
         with contextlib.suppress(OSError):
             socket.send_fds(self._sock, [json.dumps({"op": "reap", "id": f"forget-{pid}", "pid": pid}).encode()], [])
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped (or gone): its state in /proc/PID/stat, after its name's parenthesis."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t", b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def _end(proc: subprocess.Popen[bytes]) -> None:

@@ -248,3 +248,31 @@ async def wait_for_async(cond: Callable[[], bool]) -> None:
     while not cond():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+def test_a_slow_spawner_is_waited_for_not_replaced(
+    runtime: tuple[HostRuntime, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a loaded machine the spawner may answer late (seen at load 50-70 past a 10 s timeout, failing
+    every job it was starting): a spawner that is not stopped is waited for. Here it is held for 10 waits'
+    length while it does not look stopped; the job then starts, from the same spawner."""
+    monkeypatch.setattr(spawner_module, "SPAWN_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(spawner_module, "_stopped", lambda _pid: False, raising=False)  # busy, as far as the agent sees
+    rt, root = runtime
+
+    async def main() -> None:
+        await run(rt, root, "warm", "true")
+        spawner = spawner_of(rt)
+        assert spawner.proc is not None
+        os.kill(spawner.proc.pid, signal.SIGSTOP)
+        try:
+            start = asyncio.create_task(run(rt, root, "late", "id -u"))
+            await asyncio.sleep(1.0)  # ten timeouts' length: a wait with a deadline would have given up
+            assert not start.done()
+        finally:
+            os.kill(spawner.proc.pid, signal.SIGCONT)
+        code, out, _ = await start
+        assert code == 0 and int(out) == rt.job_user.uid  # type: ignore[union-attr]
+        assert spawner_of(rt) is spawner
+
+    asyncio.run(main())
