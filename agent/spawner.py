@@ -77,7 +77,8 @@ class Spawner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[Any, asyncio.Future[tuple[dict[str, Any], list[int]]]] = {}
         self._ids = itertools.count(1)
-        self._starting: asyncio.Lock | None = None
+        self._starting: asyncio.Lock | None = None  # one start at a time, on its loop: jobs start at once
+        self._starting_loop: asyncio.AbstractEventLoop | None = None
         self._source = ""  # spawner_main.py's text, read once (off the event loop)
 
     # -- the process -----------------------------------------------------------------------------------
@@ -122,8 +123,8 @@ class Spawner:
         loop = asyncio.get_running_loop()
         if self._sock is not None and self._loop is loop:
             return
-        if self._starting is None or self._loop is not loop:
-            self._starting = asyncio.Lock()
+        if self._starting is None or self._starting_loop is not loop:
+            self._starting, self._starting_loop = asyncio.Lock(), loop
         async with self._starting:
             if self._sock is not None and self._loop is loop:
                 return

@@ -276,3 +276,18 @@ def test_a_slow_spawner_is_waited_for_not_replaced(
         assert spawner_of(rt) is spawner
 
     asyncio.run(main())
+
+
+def test_jobs_starting_at_once_share_one_spawner(runtime: tuple[HostRuntime, Path]) -> None:
+    """The first jobs of an agent start together (bench.e2e: 16 at once): one spawner is started for all
+    of them, none is replaced under another's start, and every job runs."""
+    rt, root = runtime
+
+    async def main() -> None:
+        results = await asyncio.gather(*(run(rt, root, f"at-once-{i}", "id -u") for i in range(16)))
+        assert rt.job_user is not None
+        assert [(code, int(out)) for code, out, _ in results] == [(0, rt.job_user.uid)] * 16
+        owners = {p.popen.spawned.spawner_pid for _, _, p in results if isinstance(p.popen, SpawnedShell)}
+        assert owners == {spawner_of(rt).proc.pid}  # type: ignore[union-attr]
+
+    asyncio.run(main())
