@@ -218,10 +218,13 @@ def command(user: JobUser, script: str) -> list[str]:
         f"--regid={user.regid}",
         "--clear-groups",
         "--",
-        user.bash,
-        "-c",
-        _CHECK + script,
+        *shell_command(user, script),
     ]
+
+
+def shell_command(user: JobUser, script: str) -> list[str]:
+    """The argv of a job's shell where the process starting it is the job user already (agent/spawner.py)."""
+    return [user.bash, "-c", _CHECK + script]
 
 
 def encode_env(env: dict[str, str]) -> bytes:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -54,8 +55,21 @@ class Round:
     submitted: float  # when the last submission returned
     failed: int
     cpu: list[float]  # share of one core over the round: the coordinator, then each agent
-    # The jobs' own processes (setpriv, bash), seconds in all: the agents' reaped children's CPU time.
+    # The jobs' own processes (setpriv, bash), seconds in all: the agents' reaped children's CPU time, and
+    # a root agent's job-user spawner's (alive through the round) with the jobs it reaped.
     jobs_cpu: float = 0.0
+
+
+def jobs_cpu(agents: list[psutil.Process]) -> float:
+    """CPU seconds of the agents' reaped children, and of their live children with what those reaped (a
+    root agent's job-user spawner, agent/spawner.py, which starts and reaps its jobs)."""
+    total = 0.0
+    for agent in agents:
+        total += sum(agent.cpu_times()[2:4])
+        for child in agent.children():
+            with contextlib.suppress(psutil.Error):
+                total += sum(child.cpu_times()[:4])
+    return total
 
 
 def submit_and_wait(svc: Services, jobs: int, per_run: int) -> Round:
@@ -83,7 +97,7 @@ def submit_and_wait(svc: Services, jobs: int, per_run: int) -> Round:
 
     procs = [psutil.Process(p.pid) for p in svc.procs]
     cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
-    children0 = sum(sum(p.cpu_times()[2:4]) for p in procs[1:])
+    children0 = jobs_cpu(procs[1:])
     t0 = time.monotonic()
     names = asyncio.run(submit_all())
     submitted = time.monotonic() - t0
@@ -94,7 +108,7 @@ def submit_and_wait(svc: Services, jobs: int, per_run: int) -> Round:
         failed += status != common_pb2.RUN_STATUS_DONE
     wall = time.monotonic() - t0
     cpu = [(sum(p.cpu_times()[:2]) - c) / wall for p, c in zip(procs, cpu0, strict=True)]
-    children = sum(sum(p.cpu_times()[2:4]) for p in procs[1:]) - children0
+    children = jobs_cpu(procs[1:]) - children0
     return Round(jobs / wall, wall, submitted, failed, cpu, children)
 
 

@@ -61,6 +61,8 @@ def run_once(
     if m is None:
         return (out.stdout + out.stderr)[-800:]
     rate = float(m[1].replace(",", ""))
+    if int(m[4]):  # a failed job runs no process: its round's CPU per job would flatter the tree
+        return f"{m[4]} run(s) failed: this round is left out\n" + out.stdout[-400:]
     children = float(c[1]) if (c := JOBS_CPU.search(out.stdout)) else math.nan
     if exact := PER_JOB.search(out.stdout):  # printed by bench.e2e since it has the figure itself
         return rate, float(exact[2]), float(exact[1]), children

@@ -39,6 +39,7 @@ from dstack.agent.runtimes.cgroups import (
     pids_limit_line,
     warn_once,
 )
+from dstack.agent.spawner import Spawned, Spawner, SpawnerGone, SpawnError
 from dstack.protos.v1 import common_pb2
 
 READ_CHUNK = 1 << 16
@@ -51,6 +52,35 @@ def _script(job: RuntimeJob) -> str:
     return "set -e\n" + "\n".join(job.commands) + "\n"
 
 
+class SpawnedShell:
+    """A job's shell started by the job user's spawner (agent/spawner.py): what HostProcess uses of a Popen.
+    Its exit status comes from the spawner, which reaps it only when asked, so its pid stays its own
+    (for killpg) until then."""
+
+    def __init__(self, spawner: Spawner, spawned: Spawned, stdout: int, stderr: int) -> None:
+        self.spawner = spawner
+        self.spawned = spawned
+        self.pid = spawned.pid
+        self.pidfd: int | None = spawned.pidfd  # HostProcess's to watch and close
+        self.stdout: IO[bytes] = open(stdout, "rb", buffering=0)  # HostProcess closes it
+        self.stderr: IO[bytes] = open(stderr, "rb", buffering=0)
+        self.returncode: int | None = None
+        self.lost = False
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    async def reap(self) -> int:
+        code = await self.spawner.reap(self.spawned)
+        if code is None:  # its spawner died and another process reaped it
+            self.lost, code = True, -signal.SIGKILL
+        self.returncode = code
+        return code
+
+
+LOST_STATUS = "its exit status was lost: the job user's spawner exited while the job ran"
+
+
 class HostProcess(JobProcess):
     """The job's main process, started by subprocess.Popen (vfork) rather than asyncio's subprocess
     transport: its two output pipes are read with add_reader and its exit is seen through one pidfd.
@@ -59,7 +89,7 @@ class HostProcess(JobProcess):
 
     def __init__(
         self,
-        popen: subprocess.Popen[bytes],
+        popen: subprocess.Popen[bytes] | SpawnedShell,
         grace_s: float,
         cgroup: JobCgroup | None = None,
         system_line: Callable[[str], None] = lambda _text: None,
@@ -90,11 +120,16 @@ class HostProcess(JobProcess):
         return self.popen.returncode
 
     def _watch_exit(self) -> None:
-        try:
-            fd = os.pidfd_open(self.pid)
-        except (AttributeError, OSError):  # no pidfd on this kernel: poll
-            self._poll_task = asyncio.create_task(self._poll_exit())
-            return
+        if isinstance(self.popen, SpawnedShell):
+            pidfd, self.popen.pidfd = self.popen.pidfd, None
+            assert pidfd is not None
+            fd = pidfd
+        else:
+            try:
+                fd = os.pidfd_open(self.pid)
+            except (AttributeError, OSError):  # no pidfd on this kernel: poll
+                self._poll_task = asyncio.create_task(self._poll_exit())
+                return
 
         def on_exit() -> None:
             self._loop.remove_reader(fd)
@@ -190,6 +225,11 @@ class HostProcess(JobProcess):
                 self.exit_note = self.exit_note or f"it hit its pids limit ({limit})"
         # The main process has exited: reaping it does not wait (and its pipes, which a process that left
         # the group may hold open, are the output's business, bounded by the runner's drain).
+        if isinstance(self.popen, SpawnedShell):
+            status = await self.popen.reap()
+            if self.popen.lost:
+                self.lost = LOST_STATUS
+            return status
         while (code := self.popen.poll()) is None:  # noqa: ASYNC110 - not reapable yet only on a racing kernel
             await asyncio.sleep(0.01)
         return code
@@ -229,8 +269,9 @@ class HostProcess(JobProcess):
             self._loop.remove_reader(self._pipes[kind])
             self._close_pipe(kind)
         # Reaped here if wait() never ran (the agent stopping: stop, then cleanup); one still exiting is
-        # reaped by subprocess's own bookkeeping at the next start (Popen's _active list).
-        self.popen.poll()
+        # reaped by subprocess's own bookkeeping at the next start (Popen's _active list), or by its spawner.
+        if self.popen.poll() is None and isinstance(self.popen, SpawnedShell):
+            self.popen.spawner.forget(self.popen.spawned)
         cgroup, self.cgroup = self.cgroup, None
         if cgroup is None:
             return
@@ -240,7 +281,7 @@ class HostProcess(JobProcess):
             await asyncio.to_thread(cgroup.remove)
 
 
-def _close_pipe(pipe: tuple[int, int] | None) -> None:
+def _close_pipe(pipe: tuple[int, ...] | None) -> None:
     for fd in pipe or ():
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -344,6 +385,8 @@ class HostRuntime(Runtime):
         self._layout: CgroupLayout | None = None
         self._remover = GroupRemover()
         self._prepared: dict[str, _Prepared] = {}  # job id -> made by preparation(), for start() to take
+        # Starts the job user's shells (agent/spawner.py), made at the first job: its marker is the jobs'.
+        self._spawner: Spawner | None = None
 
     async def _get_layout(self, agent_home: str) -> CgroupLayout:
         """Where this agent's job cgroups go, found once (the first caller's home names it)."""
@@ -446,6 +489,10 @@ class HostRuntime(Runtime):
             env.update(HOME=str(job.workdir / JOB_HOME), USER=user.name, LOGNAME=user.name)
         cgroup = await self._prepare(job)
         script = _script(job)
+        if user is not None:
+            spawner = self._spawner_for(user, env)
+            if await spawner.usable():
+                return await self._spawn(spawner, user, job, cwd, rel, env, cgroup, script)
         if user is None:
             argv = ["bash", "-c", (cgroup.join_script() if cgroup else "") + script]
         else:
@@ -489,7 +536,63 @@ class HostRuntime(Runtime):
             await asyncio.to_thread(_write_rest, env_pipe[1], rest)
         return proc
 
+    def _spawner_for(self, user: JobUser, env: dict[str, str]) -> Spawner:
+        if self._spawner is None:
+            self._spawner = Spawner(user, jobuser.root_env({AGENT_MARKER: env.get(AGENT_MARKER, "")}))
+            del self._spawner.env["BASH_ENV"]  # its own environment; each job's shell gets root_env
+        return self._spawner
+
+    async def _spawn(
+        self,
+        spawner: Spawner,
+        user: JobUser,
+        job: RuntimeJob,
+        cwd: Path,
+        rel: str,
+        env: dict[str, str],
+        cgroup: JobCgroup | None,
+        script: str,
+    ) -> JobProcess:
+        """The job's shell started by the job user's spawner; then, as with setpriv, moved into its cgroups
+        before it gets its environment (it runs nothing of the job's until then)."""
+        env_pipe, out, err = os.pipe(), os.pipe(), os.pipe()
+        ours = [env_pipe[1], out[0], err[0]]
+        try:
+            os.fchown(env_pipe[0], user.uid, user.gid)  # the job user's, as everything of the job is
+            spawned = await spawner.spawn(
+                jobuser.shell_command(user, script),
+                cwd,
+                jobuser.root_env({AGENT_MARKER: env.get(AGENT_MARKER, "")}),
+                (env_pipe[0], out[1], err[1]),
+            )
+        except SpawnError as e:
+            _close_pipe(tuple(ours))
+            await self._release(cgroup)
+            if e.not_found and not await asyncio.to_thread(cwd.is_dir):
+                raise RuntimeError_(f"working_dir {rel!r} does not exist in the code") from e
+            raise RuntimeError_(f"cannot start the job: {e.strerror}") from e
+        except (SpawnerGone, OSError) as e:
+            _close_pipe(tuple(ours))
+            await self._release(cgroup)
+            raise RuntimeError_(f"cannot start the job: {e}") from e
+        except asyncio.CancelledError:  # a shell started anyway reads an empty environment and runs nothing
+            _close_pipe(tuple(ours))
+            if cgroup is not None:
+                self._remover.remove(cgroup)
+            raise
+        finally:
+            _close_pipe((env_pipe[0], out[1], err[1]))  # the shell's ends: its own copies are open
+        shell = SpawnedShell(spawner, spawned, out[0], err[0])
+        rest = _hand_over_env(env_pipe[1], cgroup, spawned.pid, jobuser.encode_env(env))
+        proc = HostProcess(shell, self.stop_grace_s, cgroup, job.system_line, self._done_with)
+        if rest:
+            await asyncio.to_thread(_write_rest, env_pipe[1], rest)
+        return proc
+
     async def close(self) -> None:
+        if self._spawner is not None:
+            spawner, self._spawner = self._spawner, None
+            await spawner.close()
         await self._remover.drain()
         if self._layout is not None:  # the jobs' parent groups, empty now (a job left over keeps its own)
             await asyncio.to_thread(self._layout.remove)
