@@ -508,7 +508,7 @@ class Engine:
             for job_id, why in decision.impossible.items():
                 if self.config.fail_unsatisfiable:
                     failures.append((job_id, why))
-                    info.pop(job_id, None)
+                    info.discard(job_id)
                 else:
                     reasons[job_id] = f"waiting: {why}"
             to_mark = [w.job_id for w in snap.submitted if w.submitted and w.job_id in reasons][:MARK_AT_ONCE]
@@ -875,7 +875,10 @@ class Engine:
                 self._max_durations[w.job_id] = w.request.max_duration_s
             queue.append(w.request)
         policy = self._policy(now, usage)
-        decision = plan(queue, list(agents.values()), running, policy)
+        # Estimated starts worked out when first read (a listing), not in the pass: nothing placed depends
+        # on them, and in a drain most passes' are replaced unread. The agents' states and running jobs
+        # are this pass's own: nothing changes them after it.
+        decision = plan(queue, list(agents.values()), running, policy, lazy_etas=True)
         by_job = {r.job_id: r for r in queue}
         reasons.update(decision.waiting)
         info.merge(decision.info)
@@ -883,7 +886,7 @@ class Engine:
         for job_id, why in decision.impossible.items():
             if cfg.fail_unsatisfiable:
                 failures.append((job_id, why))
-                info.pop(job_id, None)
+                info.discard(job_id)
             else:
                 reasons[job_id] = f"waiting: {why}"
         to_mark = [w.job_id for w in waiting if w.submitted and w.job_id in reasons]
