@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import logging
 import math
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping, Sequence
@@ -43,6 +44,7 @@ from dstack.coordinator.scheduler import (
     place_gang,
 )
 
+log = logging.getLogger(__name__)
 NS = 1_000_000_000
 T = TypeVar("T")
 # A job whose duration nobody can guess yet is charged this long within a pass's turn-taking.
@@ -145,7 +147,12 @@ class WaitInfos(MutableMapping[str, WaitInfo]):
         with self._lock:
             for estimates in self._later:
                 position, eta_ns = self._position, self._eta_ns
-                for job_id, eta in estimates().items():
+                try:
+                    worked_out = estimates()
+                except Exception:  # never lose the reasons over it (a KeyError would read as no info at all)
+                    log.exception("working out estimated starts failed; they read unknown")
+                    worked_out = {}
+                for job_id, eta in worked_out.items():
                     if job_id in position:  # not one removed since
                         eta_ns[job_id] = eta
             self._later = []

@@ -153,3 +153,16 @@ def test_two_threads_reading_at_once_both_see_the_estimates() -> None:
     first.join(5)
     second.join(5)
     assert seen == [11, 11]
+
+
+def test_estimates_that_fail_read_unknown_and_every_reason_is_still_there() -> None:
+    """A listing reads a job's info with Mapping.get, which takes a KeyError for "no info": an estimate
+    that failed with one must not hide the job's position and reason."""
+
+    def broken() -> dict[str, int]:
+        raise KeyError("ag9")
+
+    w = WaitInfos()
+    w["a"] = WaitInfo(1, "resources", "waiting: 1 GPU free on no agent", 0)
+    w.estimate_later(broken)
+    assert w.get("a") == WaitInfo(1, "resources", "waiting: 1 GPU free on no agent", 0)
