@@ -24,7 +24,9 @@ engine applies them.
 
 from __future__ import annotations
 
+import atexit
 import gc
+import shutil
 import statistics
 import sys
 import tempfile
@@ -56,6 +58,7 @@ def main() -> None:
     queued = int(args[1]) if len(args) > 1 else 10_000
     rounds = int(args[2]) if len(args) > 2 else 15
     tmp = Path(tempfile.mkdtemp(prefix="dstack-pass-cpu-"))
+    atexit.register(shutil.rmtree, tmp, True)  # its database: up to hundreds of MiB at full size
     config = CoordinatorConfig(state_dir=tmp, listen="127.0.0.1:0", storage_url="", admin_token="a", join_token="j")
     store = Store(tmp / "coordinator.db")
     engine = Engine(config, store, db=None)  # type: ignore[arg-type]  # the passes are called on this thread
