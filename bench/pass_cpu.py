@@ -6,24 +6,37 @@ places a job on every free agent, then every placed job reports RUNNING and DONE
 the agent stream's path, not the pass's). CPU time is the thread's own (time.thread_time), which a
 loaded machine does not inflate as it does wall time. Run it on two trees for an A/B:
 `PYTHONPATH=TREE python TREE/bench/pass_cpu.py` (each tree's own engine).
-Usage: python -m bench.pass_cpu [AGENTS] [QUEUED] [ROUNDS] [--steady K]
+Usage: python -m bench.pass_cpu [AGENTS] [QUEUED] [ROUNDS] [--steady K] [--full]
+
+Each pass's CPU is reported as median, 90th and 99th percentile, with the garbage collections that ran
+inside the timed passes (count and CPU by generation). As in the serving coordinator (coordinator/
+gc_policy.py), what the fill made is frozen once it is done, and survivors of full collections are frozen.
 
 --steady K: the steady state of a full pool instead of a drain: every agent runs a job, and before each
 pass K of them end, so each pass places K. What such a pass costs beyond its K placements is its
 per-pass work over every agent and every running job (issue 16: 42 ms of CPU per pass at 5,000 agents
 before the heads-only pass kept the agents' states and skipped the running jobs' records).
+
+--full: each pass is a full pass (planner.plan: every waiting job's reason, position and estimate), as
+every pass is while the queue is no deeper than FULL_QUEUE; a pass's pending marks are applied as the
+engine applies them.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from dstack.coordinator.config import CoordinatorConfig
-from dstack.coordinator.engine import Engine
+from dstack.coordinator.engine import Engine, Plan
+from dstack.coordinator.gc_policy import GcPolicy
 from dstack.coordinator.model import JobUpdate, TerminationReason
 from dstack.coordinator.store import NewJob, Store
 from dstack.protos.v1 import agent_pb2, common_pb2
@@ -34,6 +47,9 @@ JS = common_pb2.JobStatus
 def main() -> None:
     args = sys.argv[1:]
     steady = 0
+    full = "--full" in args
+    if full:
+        args.remove("--full")
     if "--steady" in args:
         i = args.index("--steady")
         steady = int(args[i + 1])
@@ -42,6 +58,7 @@ def main() -> None:
     queued = int(args[1]) if len(args) > 1 else 10_000
     rounds = int(args[2]) if len(args) > 2 else 15
     tmp = Path(tempfile.mkdtemp(prefix="dstack-pass-cpu-"))
+    atexit.register(shutil.rmtree, tmp, True)  # its database: up to hundreds of MiB at full size
     config = CoordinatorConfig(state_dir=tmp, listen="127.0.0.1:0", storage_url="", admin_token="a", join_token="j")
     store = Store(tmp / "coordinator.db")
     engine = Engine(config, store, db=None)  # type: ignore[arg-type]  # the passes are called on this thread
@@ -60,15 +77,22 @@ def main() -> None:
         engine.queue.add_row(row)
     connected = set(agents)
     engine.hub.connected_ids = lambda: set(connected)  # type: ignore[method-assign]
+    if full:
+        engine.full_queue = 1 << 62
+    gc.collect()
+    gc.freeze()  # what the fill made, as the serving process's policy freezes what lives long
+    gc.callbacks.append(GcPolicy().on_collection)
+    gc.callbacks.append(COLLECTIONS)
     if steady:
-        steady_state(engine, store, agents, connected, rounds, steady)
+        steady_state(engine, store, agents, connected, rounds, steady, full)
         return
     per_pass: list[float] = []
     per_job: list[float] = []
     placed_total = 0
     for _ in range(rounds):
         t0 = time.thread_time()
-        plan = engine._timed_heads(engine.queue.by_user(), engine.queue.shapes(), connected, True)
+        COLLECTIONS.timing = True
+        plan = one_pass(engine, connected, full)
         engine.queue.discard(plan.done)
         msgs: dict[str, list[agent_pb2.JobAssignment]] = {}
         for a in plan.assignments:
@@ -76,6 +100,7 @@ def main() -> None:
         for theirs in msgs.values():
             agent_pb2.CoordinatorMessage(assignments=theirs).SerializeToString()
         took = time.thread_time() - t0
+        COLLECTIONS.timing = False
         n = len(plan.assignments)
         if not n:
             break
@@ -88,15 +113,65 @@ def main() -> None:
             updates += [JobUpdate(a.job_id, JS.JOB_STATUS_DONE, TerminationReason.DONE, time_ns=now) for a in theirs]
             store.apply_job_updates(agent_id, updates)
     print(
-        f"{agents_n} agents, {queued} queued: {len(per_pass)} passes placed {placed_total} jobs;"
-        f" pass CPU median {statistics.median(per_pass) * 1e3:.1f} ms (max {max(per_pass) * 1e3:.1f}),"
-        f" per placed job median {statistics.median(per_job) * 1e6:.0f} us"
+        f"{agents_n} agents, {queued} queued: {len(per_pass)} {'full' if full else 'heads-only'} passes placed"
+        f" {placed_total} jobs; pass CPU {percentiles(per_pass)},"
+        f" per placed job median {statistics.median(per_job) * 1e6:.0f} us; {COLLECTIONS}"
     )
 
 
-def steady_state(engine: Engine, store: Store, agents: list[str], connected: set[str], rounds: int, k: int) -> None:
+class Collections:
+    """A gc.callbacks hook: the collections that ran while `timing`, by generation (count, CPU seconds)."""
+
+    def __init__(self) -> None:
+        self.timing = False
+        self.count = [0, 0, 0]
+        self.cpu = [0.0, 0.0, 0.0]
+        self._began = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if not self.timing:
+            return
+        if phase == "start":
+            self._began = time.thread_time()
+        else:
+            g = info["generation"]
+            self.count[g] += 1
+            self.cpu[g] += time.thread_time() - self._began
+
+    def __str__(self) -> str:
+        return "collections inside passes: " + ", ".join(
+            f"gen{g} {self.count[g]} ({self.cpu[g] * 1e3:.0f} ms)" for g in range(3)
+        )
+
+
+COLLECTIONS = Collections()
+
+
+def percentiles(samples: list[float]) -> str:
+    """Median, 90th and 99th percentile (nearest rank) and max, in ms."""
+    s = sorted(samples)
+
+    def rank(q: float) -> float:
+        return s[min(len(s) - 1, max(0, round(q * len(s)) - 1))] * 1e3
+
+    median = statistics.median(s) * 1e3
+    return f"median {median:.1f} ms, p90 {rank(0.9):.1f} ms, p99 {rank(0.99):.1f} ms, max {s[-1] * 1e3:.1f} ms"
+
+
+def one_pass(engine: Engine, connected: set[str], full: bool) -> Plan:
+    """A pass as the engine's loop makes it: heads-only, or full with its pending marks applied."""
+    if full:
+        plan = engine._timed_plan(engine.queue.snapshot(), connected, True)
+        engine.queue.mark_pending(plan.marked_pending)
+        return plan
+    return engine._timed_heads(engine.queue.by_user(), engine.queue.shapes(), connected, True)
+
+
+def steady_state(
+    engine: Engine, store: Store, agents: list[str], connected: set[str], rounds: int, k: int, full: bool
+) -> None:
     def heads_pass() -> list[tuple[str, str]]:
-        plan = engine._timed_heads(engine.queue.by_user(), engine.queue.shapes(), connected, True)
+        plan = one_pass(engine, connected, full)
         engine.queue.discard(plan.done)
         now = time.time_ns()
         for a in plan.assignments:
@@ -112,14 +187,14 @@ def steady_state(engine: Engine, store: Store, agents: list[str], connected: set
             done = JobUpdate(running[agent_id], JS.JOB_STATUS_DONE, TerminationReason.DONE, time_ns=now)
             store.apply_job_updates(agent_id, [done])
         t0 = time.thread_time()
+        COLLECTIONS.timing = True
         placed = heads_pass()
         per_pass.append(time.thread_time() - t0)
+        COLLECTIONS.timing = False
         running.update(placed)
-    per_pass.sort()
     print(
-        f"{len(agents)} agents all busy, {len(engine.queue)} queued, {k} placed per pass ({rounds} passes):"
-        f" pass CPU median {statistics.median(per_pass) * 1e3:.1f} ms,"
-        f" 90th percentile {per_pass[int(len(per_pass) * 0.9)] * 1e3:.1f} ms, max {per_pass[-1] * 1e3:.1f} ms"
+        f"{len(agents)} agents all busy, {len(engine.queue)} queued, {k} placed per {'full' if full else 'heads-only'}"
+        f" pass ({rounds} passes): pass CPU {percentiles(per_pass)}; {COLLECTIONS}"
     )
 
 

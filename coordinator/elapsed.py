@@ -13,7 +13,7 @@ must: the stamps are all that survive a restart.
 from __future__ import annotations
 
 import threading
-from collections.abc import Container, Hashable, Iterable
+from collections.abc import Container, Iterable
 
 from dstack.coordinator.clock import Clock
 
@@ -28,52 +28,72 @@ def derived(clock: Clock, stamp_ns: int) -> float:
 
 
 class Instants:
-    """Monotonic instants (seconds) of events, by key: the event loop marks, the DB thread reads."""
+    """Monotonic instants (seconds) of events, by key (a job's or an agent's id): the event loop marks,
+    the DB thread reads. A key has one event at a time, told apart from the key's earlier ones by its
+    `event` number (a job's start stamp: each attempt starts anew); an event of a key replaces the one
+    kept for it.
+
+    Kept as two dicts of strings, floats and ints, never tuples (issue 16): the DB thread asks for every
+    running job's start each pass (5,000 at full size), and a dict keyed by (job, stamp) tuples was tracked
+    by the collector, so every full collection followed all its keys (~8% of the references one walked).
+    A dict of atoms is never tracked."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-        self._at: dict[Hashable, float] = {}
+        self._at: dict[str, float] = {}
+        self._event: dict[str, int] = {}  # the event each instant in `_at` is of
         self._lock = threading.Lock()
 
-    def mark(self, key: Hashable) -> None:
+    def mark(self, key: str, event: int = 0) -> None:
         """The event happens now (kept if it was already marked: a resent report is no new event)."""
         with self._lock:
-            self._at.setdefault(key, self.clock.monotonic())
+            if key not in self._at or self._event[key] != event:
+                self._at[key] = self.clock.monotonic()
+                self._event[key] = event
 
-    def at(self, key: Hashable, stamp_ns: int) -> float:
+    def at(self, key: str, stamp_ns: int, event: int = 0) -> float:
         """The event's monotonic instant; `stamp_ns`: its wall-clock stamp, read only at first sight."""
         with self._lock:
-            m = self._at.get(key)
-            if m is None:
-                m = self._at[key] = derived(self.clock, stamp_ns)
-            return m
+            return self._at_locked(key, event, stamp_ns)
 
-    def at_many(self, keyed: Iterable[tuple[Hashable, int]]) -> list[float]:
-        """`at` of each (key, stamp), under one lock: a pass asks for every running job's."""
+    def _at_locked(self, key: str, event: int, stamp_ns: int) -> float:
+        m = self._at.get(key)
+        if m is None or self._event[key] != event:
+            m = self._at[key] = derived(self.clock, stamp_ns)
+            self._event[key] = event
+        return m
+
+    def at_many(self, keyed: Iterable[tuple[str, int, int]]) -> list[float]:
+        """`at` of each (key, event, stamp), under one lock: a pass asks for every running job's."""
         out: list[float] = []
         with self._lock:
-            for key, stamp_ns in keyed:
-                m = self._at.get(key)
-                if m is None:
-                    m = self._at[key] = derived(self.clock, stamp_ns)
+            at, events = self._at, self._event
+            for key, event, stamp_ns in keyed:
+                m = at.get(key)
+                if m is None or events[key] != event:
+                    m = self._at_locked(key, event, stamp_ns)
                 out.append(m)
         return out
 
-    def elapsed_s(self, key: Hashable, stamp_ns: int) -> float:
-        return self.clock.monotonic() - self.at(key, stamp_ns)
+    def elapsed_s(self, key: str, stamp_ns: int, event: int = 0) -> float:
+        return self.clock.monotonic() - self.at(key, stamp_ns, event)
 
-    def forget(self, key: Hashable) -> None:
+    def forget(self, key: str) -> None:
         with self._lock:
             self._at.pop(key, None)
+            self._event.pop(key, None)
 
-    def keep(self, keys: Iterable[Hashable], grace_s: float = 60.0) -> None:
-        """Forgets every event but these (the ones still current) and those of the last `grace_s`
-        (marked before the row that names them was written: a job's start is marked as its report
-        arrives, and stored a moment later)."""
-        live = set(keys)
+    def keep(self, live: Iterable[tuple[str, int]], grace_s: float = 60.0) -> None:
+        """Forgets every event but these (key, event) pairs (the ones still current) and those of the
+        last `grace_s` (marked before the row that names them was written: a job's start is marked as its
+        report arrives, and stored a moment later)."""
+        current = dict(live)
         recent = self.clock.monotonic() - grace_s
         with self._lock:
-            self._at = {k: v for k, v in self._at.items() if k in live or v >= recent}
+            events = self._event
+            kept = {k for k, v in self._at.items() if v >= recent or current.get(k, -1) == events[k]}
+            self._at = {k: v for k, v in self._at.items() if k in kept}
+            self._event = {k: v for k, v in events.items() if k in kept}
 
 
 class Waits:

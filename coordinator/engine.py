@@ -189,7 +189,7 @@ class Engine:
         self.hub = AgentHub()
         self.sessions = Sessions()  # each agent stream's epoch (coordinator/fencing.py)
         # Durations on the monotonic clock (coordinator/elapsed.py): since when each job waits, runs
-        # ((job, started_at) -> instant), and each agent has not been heard from.
+        # (job -> its attempt's started_at and instant), and each agent has not been heard from.
         self.waits = Waits(clock)
         self.started = Instants(clock)
         self.unheard = Instants(clock)
@@ -508,7 +508,7 @@ class Engine:
             for job_id, why in decision.impossible.items():
                 if self.config.fail_unsatisfiable:
                     failures.append((job_id, why))
-                    info.pop(job_id, None)
+                    info.discard(job_id)
                 else:
                     reasons[job_id] = f"waiting: {why}"
             to_mark = [w.job_id for w in snap.submitted if w.submitted and w.job_id in reasons][:MARK_AT_ONCE]
@@ -875,7 +875,10 @@ class Engine:
                 self._max_durations[w.job_id] = w.request.max_duration_s
             queue.append(w.request)
         policy = self._policy(now, usage)
-        decision = plan(queue, list(agents.values()), running, policy)
+        # Estimated starts worked out when first read (a listing), not in the pass: nothing placed depends
+        # on them, and in a drain most passes' are replaced unread. The agents' states and running jobs
+        # are this pass's own: nothing changes them after it.
+        decision = plan(queue, list(agents.values()), running, policy, lazy_etas=True)
         by_job = {r.job_id: r for r in queue}
         reasons.update(decision.waiting)
         info.merge(decision.info)
@@ -883,7 +886,7 @@ class Engine:
         for job_id, why in decision.impossible.items():
             if cfg.fail_unsatisfiable:
                 failures.append((job_id, why))
-                info.pop(job_id, None)
+                info.discard(job_id)
             else:
                 reasons[job_id] = f"waiting: {why}"
         to_mark = [w.job_id for w in waiting if w.submitted and w.job_id in reasons]
@@ -1051,11 +1054,11 @@ class Engine:
         """How long the job has run, on the monotonic clock (`seen_at`: when the coordinator saw it
         start, as a wall stamp, a better stamp than the agent's `started_at` for a job it did not see
         start in this process)."""
-        return int((self.clock.monotonic() - self.started.at((job_id, started_at), seen_at or started_at)) * NS)
+        return int((self.clock.monotonic() - self.started.at(job_id, seen_at or started_at, started_at)) * NS)
 
     def _ran_ns_all(self, jobs: Sequence[Held]) -> list[int]:
         """`_ran_ns` of each of these jobs (all started), at one instant."""
-        at = self.started.at_many(((j.job_id, j.started_at), j.started_at or 0) for j in jobs)
+        at = self.started.at_many((j.job_id, j.started_at or 0, j.started_at or 0) for j in jobs)
         mono = self.clock.monotonic()
         return [int((mono - m) * NS) for m in at]
 
@@ -1255,7 +1258,7 @@ class Engine:
         """Agents with no job, lost (or never connected, or removed) and not heard from for
         `--forget-lost-agents-after` on the monotonic clock (DB thread)."""
         unused = self.store.unused_agents()
-        self.unheard.keep(agent_id for agent_id, _ in unused)
+        self.unheard.keep((agent_id, 0) for agent_id, _ in unused)
         after = self.config.forget_lost_agents_after_s
         return [a for a, stamp in unused if self.clock.monotonic() - self.unheard.at(a, stamp) >= after]
 
@@ -1415,7 +1418,7 @@ class Engine:
                     on_foreign(res.foreign)
             for u in updates:  # a job's run is timed from here, on the monotonic clock (max_duration)
                 if u.status == JobStatus.RUNNING and u.time_ns:
-                    self.started.mark((parse_wire_job_id(u.job_id)[0], u.time_ns))
+                    self.started.mark(parse_wire_job_id(u.job_id)[0], u.time_ns)
             changed |= res.changed_runs
             if res.requeued:
                 await self._requeued()

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import logging
 import math
+import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TypeVar
 
 from dstack.coordinator.fairshare import weight
@@ -41,6 +44,7 @@ from dstack.coordinator.scheduler import (
     place_gang,
 )
 
+log = logging.getLogger(__name__)
 NS = 1_000_000_000
 T = TypeVar("T")
 # A job whose duration nobody can guess yet is charged this long within a pass's turn-taking.
@@ -112,20 +116,53 @@ class WaitInfos(MutableMapping[str, WaitInfo]):
     its first collection, so the dict holding it was tracked too until a full collection untracked it,
     and a full collection during the pass (bench/memprobe.py's census at a quarter of full size found it
     in 4 of 10) followed its 25,000 references, each a cache miss. A dict holding only strings and ints
-    is never tracked at all. A `WaitInfo` is built when one is read."""
+    is never tracked at all. A `WaitInfo` is built when one is read.
 
-    __slots__ = ("_eta_ns", "_message", "_position", "_reason")
+    Estimated starts may come later (`estimate_later`): worked out when one is first read, from the
+    pass's own snapshot. Below FULL_QUEUE every pass is a full one, and in a drain they were about half
+    of each (issue 16): a pass whose infos nobody reads before the next pass replaces them never works
+    them out. They are no input to any placement, so nothing placed changes."""
+
+    __slots__ = ("_eta_ns", "_later", "_lock", "_message", "_position", "_reason")
 
     def __init__(self) -> None:
         self._position: dict[str, int] = {}
         self._reason: dict[str, str] = {}
         self._message: dict[str, str] = {}
         self._eta_ns: dict[str, int] = {}
+        # Estimates still to work out, in the order they were added (a later one wins), each a
+        # job -> eta_ns of some of the jobs here; emptied once they are in `_eta_ns`.
+        self._later: list[Callable[[], Mapping[str, int]]] = []
+        self._lock = threading.Lock()
+
+    def estimate_later(self, estimates: Callable[[], Mapping[str, int]]) -> None:
+        """Estimated starts of jobs already here (their eta_ns 0 until then), worked out at first read."""
+        self._later.append(estimates)
+
+    def _settle(self) -> None:
+        """The estimates still to work out, in: the event loop (listings) and the DB thread may both
+        read, so under a lock, and `_later` is emptied only once they are all in."""
+        if not self._later:
+            return
+        with self._lock:
+            for estimates in self._later:
+                position, eta_ns = self._position, self._eta_ns
+                try:
+                    worked_out = estimates()
+                except Exception:  # never lose the reasons over it (a KeyError would read as no info at all)
+                    log.exception("working out estimated starts failed; they read unknown")
+                    worked_out = {}
+                for job_id, eta in worked_out.items():
+                    if job_id in position:  # not one removed since
+                        eta_ns[job_id] = eta
+            self._later = []
 
     def __getitem__(self, job_id: str) -> WaitInfo:
+        self._settle()
         return WaitInfo(self._position[job_id], self._reason[job_id], self._message[job_id], self._eta_ns[job_id])
 
     def __setitem__(self, job_id: str, info: WaitInfo) -> None:
+        self._settle()  # an estimate to come must not overwrite this one
         self._position[job_id] = info.position
         self._reason[job_id] = info.reason
         self._message[job_id] = info.message
@@ -134,6 +171,11 @@ class WaitInfos(MutableMapping[str, WaitInfo]):
     def __delitem__(self, job_id: str) -> None:
         del self._position[job_id]
         del self._reason[job_id], self._message[job_id], self._eta_ns[job_id]
+
+    def discard(self, job_id: str) -> None:
+        """Drops a job's info if it has one (no estimate is worked out for it: `pop` would read it)."""
+        if job_id in self._position:
+            del self[job_id]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._position)
@@ -145,14 +187,18 @@ class WaitInfos(MutableMapping[str, WaitInfo]):
         return job_id in self._position
 
     def merge(self, other: WaitInfos) -> None:
-        """`update` from another, as one update of each dict (not one `__setitem__` per job)."""
+        """`update` from another, as one update of each dict (not one `__setitem__` per job); the
+        other's estimates still to come come here too."""
+        self._settle()
         self._position.update(other._position)
         self._reason.update(other._reason)
         self._message.update(other._message)
         self._eta_ns.update(other._eta_ns)
+        self._later.extend(other._later)
 
     def columns(self) -> tuple[dict[str, int], dict[str, str], dict[str, str], dict[str, int]]:
         """The four dicts (what a test checks is never tracked)."""
+        self._settle()
         return self._position, self._reason, self._message, self._eta_ns
 
 
@@ -341,8 +387,16 @@ def drain(agent: AgentState, req: JobRequest, ends: Sequence[RunningJob]) -> tup
     return (math.inf, len(ends))
 
 
-def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequence[RunningJob], policy: Policy) -> Plan:
-    """Places what may start now; `agents` is updated in place with the placements made."""
+def plan(
+    queue: Sequence[JobRequest],
+    agents: list[AgentState],
+    running: Sequence[RunningJob],
+    policy: Policy,
+    lazy_etas: bool = False,
+) -> Plan:
+    """Places what may start now; `agents` is updated in place with the placements made. `lazy_etas`:
+    the estimated starts are worked out when first read (WaitInfos.estimate_later), not now; the caller
+    must then change neither `agents` nor `running` after."""
     p = Plan()
     if not queue:
         return p
@@ -468,24 +522,63 @@ def plan(queue: Sequence[JobRequest], agents: list[AgentState], running: Sequenc
     still = [
         r for r in ordered if r.job_id in reasons and reasons[r.job_id][0] not in (NEVER_FITS, QUOTA) and not r.gang
     ]
-    etas = _etas(still, agents, running, done, p, policy)
+    quota = [r for r in ordered if r.job_id in reasons and reasons[r.job_id][0] == QUOTA]
+    # What the estimates are worked out from, kept as it is now: the agents and running jobs are this
+    # pass's own (nothing changes them after it), the reservations and medians are copied.
+    estimates = partial(
+        _estimates,
+        still[:ETA_LIMIT],
+        quota,
+        agents,
+        running,
+        done,
+        dict(p.reservations),
+        replace(policy, durations=dict(policy.durations)),
+    )
+    etas: Mapping[str, int] = {} if lazy_etas else estimates()
+    # Straight into the info's columns (p.info is new and empty): a WaitInfo per waiting job, built and
+    # taken apart again, was a tenth of a pass below FULL_QUEUE.
+    positions, kinds, messages, eta_ns = p.info.columns()
+    waiting, impossible = p.waiting, p.impossible
+    pos = 0
+    for req in ordered:
+        job_id = req.job_id
+        why = reasons.get(job_id)
+        if why is None:
+            continue
+        pos += 1
+        kind, message = why
+        positions[job_id] = pos
+        kinds[job_id] = kind
+        messages[job_id] = message
+        eta_ns[job_id] = etas.get(job_id, 0)
+        if job_id not in impossible:
+            waiting[job_id] = message
+    if lazy_etas:
+        p.info.estimate_later(estimates)
+    return p
+
+
+def _estimates(
+    still: Sequence[JobRequest],
+    quota: Sequence[JobRequest],
+    agents: Sequence[AgentState],
+    running: Sequence[RunningJob],
+    placed: Sequence[tuple[JobRequest, str, list[int]]],
+    reservations: Mapping[str, str],
+    policy: Policy,
+) -> dict[str, int]:
+    """Estimated starts: `still` (in order) as agents free up (`_etas`); a job held back by its owner's
+    quota when one of the owner's jobs ends, at the soonest."""
+    etas = _etas(still, agents, running, placed, reservations, policy)
     owner_ends: dict[str, int] = {}
     for r in running:
         if r.expected_end_ns is not None:
             owner_ends[r.owner] = min(owner_ends.get(r.owner, r.expected_end_ns), r.expected_end_ns)
-    for req in ordered:
-        if req.job_id in reasons and reasons[req.job_id][0] == QUOTA and req.owner in owner_ends:
+    for req in quota:
+        if req.owner in owner_ends:
             etas[req.job_id] = max(owner_ends[req.owner], policy.now_ns)
-    pos = 0
-    for req in ordered:
-        if req.job_id not in reasons:
-            continue
-        pos += 1
-        kind, message = reasons[req.job_id]
-        p.info[req.job_id] = WaitInfo(pos, kind, message, etas.get(req.job_id, 0))
-        if req.job_id not in p.impossible:
-            p.waiting[req.job_id] = message
-    return p
+    return etas
 
 
 @dataclass
@@ -785,7 +878,7 @@ def _etas(
     agents: Sequence[AgentState],
     running: Sequence[RunningJob],
     placed: Sequence[tuple[JobRequest, str, list[int]]],
-    p: Plan,
+    reservations: Mapping[str, str],
     policy: Policy,
 ) -> dict[str, int]:
     """When each waiting job (in order) is expected to start: every agent's running jobs end at their
@@ -812,7 +905,7 @@ def _etas(
         seq += 1
     for ev in events.values():
         ev.sort()
-    reserved_for = {agent: job for job, agent in p.reservations.items()}
+    reserved_for = {agent: job for job, agent in reservations.items()}
     # Per job shape, the agents by when that shape fits there next (version: the agent's state it was
     # worked out from). An agent's answer changes only when a job is put on it, so a long run of
     # same-shaped jobs costs a heap operation or two each, not one look per agent.
@@ -840,7 +933,7 @@ def _etas(
             _, aid, _ = heapq.heappop(heap)
             heapq.heappush(heap, (when(aid, req, shape), aid, version[aid]))
         best: tuple[float, str] | None = (heap[0][0], heap[0][1]) if heap else None
-        own = p.reservations.get(req.job_id)
+        own = reservations.get(req.job_id)
         if own is not None and (t := when(own, req, shape)) < (best[0] if best else math.inf):
             best = (t, own)
         if best is None or best[0] == math.inf:

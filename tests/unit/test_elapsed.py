@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from dstack.coordinator.elapsed import NS, Instants, Waits
 
 
@@ -46,10 +48,51 @@ def test_a_stamp_in_the_future_reads_as_now_and_keep_forgets_the_rest_but_recent
     times.mark("old")
     clock.advance(120)
     times.mark("new")
-    times.keep(["ahead"])
+    times.keep([("ahead", 0)])
     clock.wall_ns += 3600 * NS
     assert times.elapsed_s("new", 0) == 0.0  # kept: marked within the grace
     assert times.elapsed_s("old", clock.wall_ns) == 0.0  # forgotten, so derived again from the stamp given
+
+
+def test_a_job_s_next_attempt_is_a_new_event_and_keep_forgets_an_attempt_that_is_over() -> None:
+    clock = Clock()
+    times = Instants(clock)
+    first = clock.wall_ns
+    times.mark("job", first)
+    clock.advance(50)
+    times.mark("job", first)  # attempt 1's RUNNING resent: no new event
+    assert times.elapsed_s("job", first, first) == 50.0
+    second = clock.wall_ns
+    times.mark("job", second)  # attempt 2 starts: its own instant
+    clock.advance(5)
+    assert times.elapsed_s("job", second, second) == 5.0
+    assert times.at_many([("job", second, second), ("other", 7, clock.wall_ns - 3 * NS)]) == [
+        clock.mono - 5,
+        clock.mono - 3,
+    ]
+    clock.advance(120)
+    times.keep([("job", first)])  # the rows still name attempt 1 (say): attempt 2's instant goes
+    clock.wall_ns += 3600 * NS
+    assert times.elapsed_s("job", clock.wall_ns, second) == 0.0  # derived again from the stamp given
+    times.keep([("job", second)])  # now the current one is kept
+    clock.advance(100)
+    assert times.elapsed_s("job", 0, second) == 100.0
+
+
+def test_a_pass_s_instants_are_never_walked_by_the_collector() -> None:
+    """issue 16: keyed by (job, stamp) tuples, the dict of every running job's start was tracked, and
+    every full collection followed all of it. Atoms only: never tracked, whatever is asked of it."""
+    clock = Clock()
+    times = Instants(clock)
+    for i in range(100):
+        times.mark(f"job-{i}", clock.wall_ns + i)
+    times.at_many((f"job-{i}", clock.wall_ns + i, clock.wall_ns) for i in range(50, 150))
+    assert times.at(f"job-{200}", clock.wall_ns) <= clock.mono
+    times.keep((f"job-{i}", clock.wall_ns + i) for i in range(0, 150, 2))
+    assert times._at and times._event
+    assert not gc.is_tracked(times._at) and not gc.is_tracked(times._event)
+    times.forget("job-0")
+    assert not gc.is_tracked(times._at) and not gc.is_tracked(times._event)
 
 
 def test_waits_finds_the_jobs_that_waited_long_enough_oldest_first_and_forgets_those_gone() -> None:

@@ -66,7 +66,7 @@ def test_a_heads_pass_sees_the_usage_so_far_a_full_pass_does(tmp_path: Path) -> 
     started = []
     for k, a in enumerate(plan.assignments[:9]):  # nine start, at different times; three are still starting
         clock.advance(7 * k)
-        engine.started.mark((a.job_id, clock.time_ns()))
+        engine.started.mark(a.job_id, clock.time_ns())
         running = JobUpdate(a.job_id, common_pb2.JOB_STATUS_RUNNING, time_ns=clock.time_ns())
         store.apply_job_updates(a.agent_id, [running])
         started.append((a.job_id, clock.time_ns()))
@@ -123,7 +123,7 @@ def test_the_agent_states_kept_between_heads_passes_equal_fresh_ones_after_any_e
     for _ in range(40):
         clock.advance(rng.random() * 10)
         for job_id in rng.sample(sorted(assigned), k=len(assigned) // 2):
-            engine.started.mark((job_id, clock.time_ns()))
+            engine.started.mark(job_id, clock.time_ns())
             store.apply_job_updates(
                 assigned[job_id], [JobUpdate(job_id, common_pb2.JOB_STATUS_RUNNING, time_ns=clock.time_ns())]
             )
