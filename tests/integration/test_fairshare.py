@@ -74,7 +74,17 @@ def test_ps_shows_position_reason_and_estimate_and_users_set_sets_quotas(
     cluster.wait_status(done, {"done"})
     running = submit(cluster, project, "whole")
     behind = submit(cluster, project, "whole")
-    job = waiting_job(cluster, behind)
+    # On a busy machine the run ahead (4 s) can end before `behind` is even submitted: then it never waits.
+    job = wait_for(
+        lambda: (
+            j
+            if (j := cluster.run_info(behind)["jobs"][0])["wait_reason"]
+            or cluster.run_info(running)["status"] == "done"
+            else None
+        ),
+        interval=0.2,
+        what=f"a wait reason for {behind}, or the run ahead of it done",
+    )
     table = " ".join(cluster.cli("ps").stdout.split())
     # Only while the job ahead was still running after both looks is an estimate certain (a busy machine
     # can take the 4 s of the run ahead between two CLI calls).
