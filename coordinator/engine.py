@@ -1385,7 +1385,7 @@ class Engine:
         unapplied and handed to `on_foreign` (the stream's warning)."""
         reply = agent_pb2.CoordinatorMessage()
         changed: set[str] = set()
-        await self._renew_lease(agent_id, msg)
+        await self._store_inventory(agent_id, msg)
         if msg.HasField("heartbeat") and msg.heartbeat.seq:
             # The renewal is written (a write that fails raised above: no ack), so the agent may count its
             # lease from when it sent this heartbeat. The stream checks that its session is still current
@@ -1484,12 +1484,12 @@ class Engine:
             if not self.leases.holds(agent_id):
                 self.leases.grant(agent_id, self._lease_deadline())
 
-    async def _renew_lease(self, agent_id: str, msg: agent_pb2.AgentMessage) -> None:
-        """Any message renews the agent's lease in memory (normally already done as it was read: the
-        stream's reader calls `heard`); a heartbeat with a changed inventory is stored. A burst of log
-        batches is proof of life too, and may reach us for longer than the lease before the agent's next
-        heartbeat does."""
-        self.heard(agent_id)
+    async def _store_inventory(self, agent_id: str, msg: agent_pb2.AgentMessage) -> None:
+        """A heartbeat with a changed inventory is stored. The lease is not renewed here: every message
+        renewed it as it was read off the stream (`heard`, services/agent.py), which is when the agent was
+        last heard from. Renewing again here, once the message's turn came behind the database, stretched a
+        silent agent's lease by that wait: the agent counts its own lease (self-fencing) from its send, we
+        from the receipt (`fence_policy`), and the receipt is the read."""
         if msg.HasField("heartbeat") and msg.heartbeat.HasField("inventory"):
             inv = msg.heartbeat.inventory.SerializeToString()
             await self.db(self.store.heartbeat, agent_id, inv, self.lease_until())
