@@ -355,6 +355,7 @@ async def test_a_silent_agent_s_lease_counts_from_its_last_message_s_read_not_fr
         blocker = asyncio.ensure_future(engine.db(stalled))
         try:
             await asyncio.to_thread(entered.wait, 10)
+            h.clock.step(0.5)  # its last message is read later than its report: `_heard` tells the two apart
             read_at = h.clock.time_ns()
             line = common_pb2.LogLine(seq=1, stream=common_pb2.LOG_STREAM_STDOUT, text="last words")
             await quiet.send(agent_pb2.AgentMessage(logs=[agent_pb2.LogBatch(job_id=job_id, lines=[line])]))
