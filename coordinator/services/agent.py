@@ -34,7 +34,14 @@ INBOX_MESSAGES = 16  # an agent's messages read but not handled yet, at most
 
 def _beat_only(msg: agent_pb2.AgentMessage) -> bool:
     """A heartbeat with nothing to store: no inventory, no lines, no updates (its seq is acknowledged)."""
-    return [f.name for f, _ in msg.ListFields()] == ["heartbeat"] and not msg.heartbeat.HasField("inventory")
+    # Field by field (AgentMessage has four), not ListFields(): asked of every message the stream reads.
+    return (
+        msg.HasField("heartbeat")
+        and not msg.updates
+        and not msg.logs
+        and not msg.HasField("hello")
+        and not msg.heartbeat.HasField("inventory")
+    )
 
 
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
@@ -65,7 +72,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
         async def read() -> None:
             try:
-                async for msg in request_iterator:
+                # context.read(), not `async for` over request_iterator: grpc's iterator is an async generator
+                # around the same read, two more layers for every message.
+                while (msg := await context.read()) is not grpc.aio.EOF:
                     if session.heard() and _beat_only(msg):
                         session.ack_beat(msg.heartbeat.seq)  # renewed in memory: in force at once
                         continue  # nothing else in it
@@ -113,8 +122,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 return
             yield ack
             tasks = [asyncio.create_task(read()), asyncio.create_task(handle())]
-            async for msg in session.outgoing():
-                yield msg
+            while (out := await session.next_out()) is not None:
+                yield out
         finally:
             for task in tasks:
                 task.cancel()
