@@ -278,9 +278,8 @@ def job_updates_from_proto(updates: Iterable[agent_pb2.JobUpdate]) -> list[JobUp
             message=u.message,
             exit_code=u.exit_code if u.has_exit_code else None,
             time_ns=u.time_ns,
-            # Most updates carry neither: no iteration over an empty repeated field (a drain's every job).
-            ports=[(p.host_port, p.container_port) for p in u.ports] if u.ports else [],
-            provided_jobs=[s.SerializeToString() for s in u.provided_jobs] if u.provided_jobs else [],
+            ports=[(p.host_port, p.container_port) for p in u.ports],
+            provided_jobs=[s.SerializeToString() for s in u.provided_jobs],
         )
         for u in updates
     ]

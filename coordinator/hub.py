@@ -8,45 +8,30 @@ from dstack.protos.v1 import agent_pb2
 
 
 class AgentConnection:
-    """What is to be sent to one agent's stream, in order; its writer (`next_batch`) takes it all at once.
-
-    A list and one waiter, not an asyncio.Queue: two messages go down per job at a deep queue's drain (its
-    acks, its next assignment), and a queue's bookkeeping (its getters, its unfinished count, its event) was
-    a noticeable share of the event loop's work per job (bench.drain)."""
-
     def __init__(self, agent_id: str) -> None:
         self.agent_id = agent_id
+        self.queue: asyncio.Queue[agent_pb2.CoordinatorMessage | None] = asyncio.Queue()
         self.closed = False
-        self._out: list[agent_pb2.CoordinatorMessage] = []
-        self._waiter: asyncio.Future[None] | None = None  # the writer waiting for something to send
 
     def send(self, msg: agent_pb2.CoordinatorMessage) -> None:
         if not self.closed:
-            self._out.append(msg)
-            self._wake()
+            self.queue.put_nowait(msg)
 
     def close(self) -> None:
-        """No more sends: the writer sends what is queued, then ends."""
         if not self.closed:
             self.closed = True
-            self._wake()
-
-    def _wake(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            self.queue.put_nowait(None)
 
     async def next_batch(self) -> agent_pb2.CoordinatorMessage | None:
-        """Waits for one message and merges whatever else is queued into it (fewer, larger writes); None
-        once the connection is closed and everything before was taken."""
-        while not self._out:
-            if self.closed:
-                return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-        out, self._out = self._out, []
-        first = out[0]
-        for more in out[1:]:
+        """Waits for one message and merges whatever else is queued into it (fewer, larger writes)."""
+        first = await self.queue.get()
+        if first is None:
+            return None
+        while not self.queue.empty():
+            more = self.queue.get_nowait()
+            if more is None:
+                self.queue.put_nowait(None)
+                break
             first.MergeFrom(more)
         return first
 

@@ -73,12 +73,10 @@ class LogStream(enum.IntEnum):
 
 
 def termination_reason(value: int | None) -> TerminationReason:
-    # A newer agent's reason: stored as unspecified rather than refused. A dict, not the enum's own lookup:
-    # called for every report an agent sends and every job row read (a few times per job at a drain).
-    return _REASONS.get(value or 0, TerminationReason.UNSPECIFIED)
-
-
-_REASONS = {int(r): r for r in TerminationReason}
+    try:
+        return TerminationReason(value or 0)
+    except ValueError:  # a newer agent's reason: stored as unspecified rather than refused
+        return TerminationReason.UNSPECIFIED
 
 
 TERMINAL_JOB = frozenset({JobStatus.DONE, JobStatus.FAILED, JobStatus.STOPPED})

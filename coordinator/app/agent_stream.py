@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from typing import Any
 
 from dstack.coordinator.app import agent_scope
@@ -323,11 +323,10 @@ class Session:
         current, ended = agent_scope.reportable_now(self.core.store, self.agent_id, [b.job_id for b in batches])
         return _keep_logs(batches, current | ended, acks, notes)
 
-    async def next_out(self) -> agent_pb2.CoordinatorMessage | None:
-        """What to send the agent next (all that is queued, in one message); None: the stream ends. A
-        coroutine, not an async generator: one layer less for each write (two a job at a drain)."""
+    async def outgoing(self) -> AsyncIterator[agent_pb2.CoordinatorMessage]:
         assert self._conn is not None, "start the session first"
-        return await self._conn.next_batch()
+        while (msg := await self._conn.next_batch()) is not None:
+            yield msg
 
     def end_input(self) -> None:
         """The agent's side of the stream ended: so does ours."""

@@ -34,14 +34,7 @@ INBOX_MESSAGES = 16  # an agent's messages read but not handled yet, at most
 
 def _beat_only(msg: agent_pb2.AgentMessage) -> bool:
     """A heartbeat with nothing to store: no inventory, no lines, no updates (its seq is acknowledged)."""
-    # Field by field (AgentMessage has four), not ListFields(): asked of every message the stream reads.
-    return (
-        msg.HasField("heartbeat")
-        and not msg.updates
-        and not msg.logs
-        and not msg.HasField("hello")
-        and not msg.heartbeat.HasField("inventory")
-    )
+    return [f.name for f, _ in msg.ListFields()] == ["heartbeat"] and not msg.heartbeat.HasField("inventory")
 
 
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
@@ -72,9 +65,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
         async def read() -> None:
             try:
-                # context.read(), not `async for` over request_iterator: grpc's iterator is an async generator
-                # around the same read, two more layers for every message.
-                while (msg := await context.read()) is not grpc.aio.EOF:
+                async for msg in request_iterator:
                     if session.heard() and _beat_only(msg):
                         session.ack_beat(msg.heartbeat.seq)  # renewed in memory: in force at once
                         continue  # nothing else in it
@@ -122,8 +113,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 return
             yield ack
             tasks = [asyncio.create_task(read()), asyncio.create_task(handle())]
-            while (out := await session.next_out()) is not None:
-                yield out
+            async for msg in session.outgoing():
+                yield msg
         finally:
             for task in tasks:
                 task.cancel()
