@@ -76,7 +76,7 @@ def drain_once(
     svc.coordinator_tree = tree
     if profile:
         svc.coordinator_module = "bench.profiled"
-        svc.coordinator_env = {"PROFILE_OUT": profile}
+        svc.coordinator_env = {"PROFILE_OUT": profile, "PROFILE_MAIN_OUT": profile + ".loop"}
     fleet: Fleet | None = None
     try:
         svc.start_coordinator()
@@ -134,8 +134,10 @@ def main() -> None:
         drain_once(REPO, a.agents, a.queued, a.procs, a.profile + ".fill", fill_only=True)
         rate, cpu_ms, load, _ = drain_once(REPO, a.agents, a.queued, a.procs, a.profile + ".all")
         drained_profile(a.profile + ".all", a.profile + ".fill", a.profile)
+        drained_profile(a.profile + ".all.loop", a.profile + ".fill.loop", a.profile + ".loop")
         print(f"profiled: {rate:,.0f} jobs/s, coordinator CPU {cpu_ms:.2f} ms/job (under cProfile), load {load:.1f}")
         print(f"{a.profile}: the drain's own profile (the whole run's less a fill-only run's)")
+        print(f"{a.profile}.loop: the same, of its event loop's thread alone")
         return
     variants = [Variant(t.partition("=")[0], Path(t.partition("=")[2]).resolve()) for t in a.variants] or [
         Variant("this", REPO)

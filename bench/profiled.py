@@ -41,6 +41,9 @@ def _profiled_run(self: threading.Thread) -> None:
 def _dump(out: str) -> None:
     with _lock:
         profiles = list(_profiles)
+    if os.environ.get("PROFILE_MAIN_OUT") and profiles:  # the event loop's thread alone, beside the merged file
+        profiles[0].disable()
+        pstats.Stats(profiles[0]).dump_stats(os.environ["PROFILE_MAIN_OUT"].replace("{pid}", str(os.getpid())))
     stats: pstats.Stats | None = None
     for prof in profiles:
         prof.disable()  # a daemon thread's profile is still enabled: its data so far is what is kept

@@ -11,8 +11,9 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from dstack.coordinator import restart_lease
 from dstack.coordinator.attempts import parse_wire_job_id, wire_job_id
@@ -38,7 +39,7 @@ from dstack.coordinator.leases import Leases
 from dstack.coordinator.lifecycle.agents import AgentStatus
 from dstack.coordinator.log_feed import RunWatchers
 from dstack.coordinator.metrics import EngineMetrics
-from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, LogAck, UpdateAck
+from dstack.coordinator.model import TERMINAL_JOB, WAITING, JobSpec, JobStatus, JobUpdate, LogAck, UpdateAck
 from dstack.coordinator.planner import (
     DEPENDENCIES,
     Policy,
@@ -54,12 +55,13 @@ from dstack.coordinator.planner import (
 from dstack.coordinator.preemption import Preemption, Rules, choose
 from dstack.coordinator.provided_jobs import AddedJobs
 from dstack.coordinator.queue import Waiting, WaitingQueue, request_of
-from dstack.coordinator.reports import Environments, ReportBatcher
+from dstack.coordinator.reports import Environments, Outcome, ReportBatcher
 from dstack.coordinator.scheduler import AgentState, Gpu, JobRequest
 from dstack.coordinator.secrets import SecretBox
 from dstack.coordinator.store import AgentRow, Assignment, Placement, Store
 from dstack.coordinator.store.cache import CacheHit
 from dstack.coordinator.store.executor import DbExecutor
+from dstack.coordinator.store.jobs import UpdateResult
 from dstack.coordinator.store.logs import StoredChunk, batch_lines
 from dstack.coordinator.store.secrets import TEAM
 from dstack.coordinator.store.usage import OnAgent
@@ -113,6 +115,9 @@ def draining_of(inv: common_pb2.Inventory) -> str:
 
 # Of an agent's log batches, those that may be stored (run on the DB thread: Engine.on_message).
 LogScreen = Callable[[Sequence[agent_pb2.LogBatch]], Sequence[agent_pb2.LogBatch]]
+# A message of updates handled without a task (Engine.updates_then): its reply, its error, None (cancelled: we
+# stop), or the coroutine that finishes it when that must wait (a requeue, a gang to settle).
+UpdatesAnswer = agent_pb2.CoordinatorMessage | Coroutine[Any, Any, agent_pb2.CoordinatorMessage] | BaseException | None
 
 
 @dataclass
@@ -1388,7 +1393,7 @@ class Engine:
         unapplied and handed to `on_foreign` (the stream's warning)."""
         reply = agent_pb2.CoordinatorMessage()
         changed: set[str] = set()
-        await self._renew_lease(agent_id, msg)
+        await self._store_inventory(agent_id, msg)
         if msg.HasField("heartbeat") and msg.heartbeat.seq:
             # The renewal is written (a write that fails raised above: no ack), so the agent may count its
             # lease from when it sent this heartbeat. The stream checks that its session is still current
@@ -1407,37 +1412,108 @@ class Engine:
             updates = job_updates_from_proto(msg.updates)
             # With the other agents' messages of this turn of the loop, in one store call (coordinator/reports.py).
             res = await self.reports.apply(agent_id, updates, environments)
-            reply.update_acks.extend(update_acks_to_proto(res.acks))
-            if res.foreign:
-                foreign = {ack.job_id for ack in res.foreign}
-                updates = [u for u in updates if u.job_id not in foreign]
-                for ack in res.foreign:
-                    if ack.status in TERMINAL_JOB:  # a stale attempt's end: its process is gone, its capacity free
-                        self.stale_attempt_ended(agent_id, ack.job_id)
-                if on_foreign is not None:
-                    on_foreign(res.foreign)
-            for u in updates:  # a job's run is timed from here, on the monotonic clock (max_duration)
-                if u.status == JobStatus.RUNNING and u.time_ns:
-                    self.started.mark(parse_wire_job_id(u.job_id)[0], u.time_ns)
-            changed |= res.changed_runs
+            updates = self._updates_applied(agent_id, updates, res, reply, on_foreign)
             if res.requeued:
                 await self._requeued()
-            for added in res.added:  # jobs a provider program added to its run (coordinator/provided_jobs.py)
-                assert isinstance(added, AddedJobs)
-                a = added
-                self.enqueue_run(a.run_id, a.jobs, a.owner, a.priority, a.submitted_at, a.workflow)
-            if res.freed:
-                self.kick()
-            # A gang's member may have ended (or been requeued): only then has the gang sweep work to do.
-            if res.requeued or (res.gangs and any(u.status in TERMINAL_JOB for u in updates)):
+            self._enqueue_added(res)
+            if self._gangs_to_settle(res, updates):
                 await self.settle_gangs()
-            for u in updates:  # a job's last update comes after its last line: forget its run
-                if u.status in TERMINAL_JOB:
-                    self._job_runs.pop(parse_wire_job_id(u.job_id)[0], None)
+            self._updates_over(updates)
+            changed |= res.changed_runs
         self.watchers.notify(changed)
         if reply.log_acks or reply.update_acks or reply.lease_ack:
             return reply
         return None
+
+    def updates_then(
+        self,
+        agent_id: str,
+        msg: agent_pb2.AgentMessage,
+        environments: Environments,
+        on_foreign: Callable[[Sequence[UpdateAck]], None] | None,
+        then: Callable[[UpdatesAnswer], None],
+    ) -> None:
+        """`on_message` for a message of updates alone, without a task: the updates join their report batch
+        now, and `then` is called on the event loop once it is applied, with the reply (its acks), the
+        message's error (no ack: it is sent again), None (the batch's call was cancelled: we stop), or, when
+        what follows must wait (a requeue, a gang to settle: rare), a coroutine that finishes it and returns
+        the reply. The same steps in the same order as `on_message`'s (coordinator/app/agent_stream.py:
+        the stream's direct path, one task step less and no future per message)."""
+        updates = job_updates_from_proto(msg.updates)
+
+        def applied(outcome: Outcome) -> None:
+            if outcome is None or isinstance(outcome, BaseException):
+                then(outcome)
+                return
+            reply = agent_pb2.CoordinatorMessage()
+            try:
+                kept = self._updates_applied(agent_id, updates, outcome, reply, on_foreign)
+                if outcome.requeued or self._gangs_to_settle(outcome, kept):
+                    then(self._updates_finished_later(outcome, kept, reply))
+                    return
+                self._enqueue_added(outcome)
+                self._updates_over(kept)
+                self.watchers.notify(outcome.changed_runs)
+            except Exception as e:  # as on_message's own error would be: the stream ends (services/agent.py)
+                then(e)
+                return
+            then(reply)
+
+        self.reports.apply_then(agent_id, updates, environments, applied)
+
+    async def _updates_finished_later(
+        self, res: UpdateResult, updates: list[JobUpdate], reply: agent_pb2.CoordinatorMessage
+    ) -> agent_pb2.CoordinatorMessage:
+        if res.requeued:
+            await self._requeued()
+        self._enqueue_added(res)
+        if self._gangs_to_settle(res, updates):
+            await self.settle_gangs()
+        self._updates_over(updates)
+        self.watchers.notify(res.changed_runs)
+        return reply
+
+    def _updates_applied(
+        self,
+        agent_id: str,
+        updates: list[JobUpdate],
+        res: UpdateResult,
+        reply: agent_pb2.CoordinatorMessage,
+        on_foreign: Callable[[Sequence[UpdateAck]], None] | None,
+    ) -> list[JobUpdate]:
+        """What follows at once from a message's applied reports: its acks into `reply`, the foreign ones
+        handed to `on_foreign`, the runs of jobs that started timed. Returns its updates that were applied."""
+        reply.update_acks.extend(update_acks_to_proto(res.acks))
+        if res.foreign:
+            foreign = {ack.job_id for ack in res.foreign}
+            updates = [u for u in updates if u.job_id not in foreign]
+            for ack in res.foreign:
+                if ack.status in TERMINAL_JOB:  # a stale attempt's end: its process is gone, its capacity free
+                    self.stale_attempt_ended(agent_id, ack.job_id)
+            if on_foreign is not None:
+                on_foreign(res.foreign)
+        for u in updates:  # a job's run is timed from here, on the monotonic clock (max_duration)
+            if u.status == JobStatus.RUNNING and u.time_ns:
+                self.started.mark(parse_wire_job_id(u.job_id)[0], u.time_ns)
+        return updates
+
+    def _enqueue_added(self, res: UpdateResult) -> None:
+        for added in res.added:  # jobs a provider program added to its run (coordinator/provided_jobs.py)
+            assert isinstance(added, AddedJobs)
+            a = added
+            self.enqueue_run(a.run_id, a.jobs, a.owner, a.priority, a.submitted_at, a.workflow)
+        if res.freed:
+            self.kick()
+
+    @staticmethod
+    def _gangs_to_settle(res: UpdateResult, updates: list[JobUpdate]) -> bool:
+        # A gang's member may have ended (or been requeued): only then has the gang sweep work to do.
+        return bool(res.requeued or (res.gangs and any(u.status in TERMINAL_JOB for u in updates)))
+
+    def _updates_over(self, updates: list[JobUpdate]) -> None:
+        for u in updates:  # a job's last update comes after its last line: forget its run
+            if u.status in TERMINAL_JOB:
+                self._job_runs.pop(parse_wire_job_id(u.job_id)[0], None)
 
     def _warn_starved(self, late: float) -> None:
         """A stall that ate half of the agents' count or more: while we do not run, no heartbeat is acked, and
@@ -1487,12 +1563,12 @@ class Engine:
             if not self.leases.holds(agent_id):
                 self.leases.grant(agent_id, self._lease_deadline())
 
-    async def _renew_lease(self, agent_id: str, msg: agent_pb2.AgentMessage) -> None:
-        """Any message renews the agent's lease in memory (normally already done as it was read: the
-        stream's reader calls `heard`); a heartbeat with a changed inventory is stored. A burst of log
-        batches is proof of life too, and may reach us for longer than the lease before the agent's next
-        heartbeat does."""
-        self.heard(agent_id)
+    async def _store_inventory(self, agent_id: str, msg: agent_pb2.AgentMessage) -> None:
+        """A heartbeat with a changed inventory is stored. The lease is not renewed here: every message
+        renewed it as it was read off the stream (`heard`, services/agent.py), which is when the agent was
+        last heard from. Renewing again here, once the message's turn came behind the database, stretched a
+        silent agent's lease by that wait: the agent counts its own lease (self-fencing) from its send, we
+        from the receipt (`fence_policy`), and the receipt is the read."""
         if msg.HasField("heartbeat") and msg.heartbeat.HasField("inventory"):
             inv = msg.heartbeat.inventory.SerializeToString()
             await self.db(self.store.heartbeat, agent_id, inv, self.lease_until())

@@ -25,8 +25,9 @@ each is written, undone with its message's reports, only for the agent's acting 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dstack.coordinator.attempts import parse_wire_job_id
@@ -35,10 +36,15 @@ from dstack.coordinator.store import Store
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.coordinator.store.jobs import UpdateResult
 
+log = logging.getLogger("dstack.coordinator")
+
 # (wire job id, the environment part of its run record), as app/agent_stream.py converted it
 Environments = Sequence[tuple[str, dict[str, Any]]]
+# What a message's reports came to once their batch was applied: its result, its own error (or the batch's),
+# or None when the batch's call was cancelled (the coordinator stops).
+Outcome = UpdateResult | BaseException | None
 _Report = tuple[str, Sequence[JobUpdate], Environments]
-_Pending = tuple[str, Sequence[JobUpdate], Environments, "asyncio.Future[UpdateResult]"]
+_Pending = tuple[str, Sequence[JobUpdate], Environments, Callable[[Outcome], None]]
 
 
 class ReportBatcher:
@@ -54,13 +60,19 @@ class ReportBatcher:
     ) -> asyncio.Future[UpdateResult]:
         """The store's answer to one agent's message of reports, once the batch it joins is applied: the
         reports of the agent's acting attempts applied, the others dropped (`UpdateResult.foreign`)."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[UpdateResult] = loop.create_future()
-        self._pending.append((agent_id, updates, environments, fut))
+        fut: asyncio.Future[UpdateResult] = asyncio.get_running_loop().create_future()
+        self.apply_then(agent_id, updates, environments, lambda outcome: _settle(fut, outcome))
+        return fut
+
+    def apply_then(
+        self, agent_id: str, updates: Sequence[JobUpdate], environments: Environments, then: Callable[[Outcome], None]
+    ) -> None:
+        """`apply`, answered by a call of `then` on the event loop as the batch's results are handed back, in
+        the order the messages joined it (no future, no task to wake: app/agent_stream.py's direct path)."""
+        self._pending.append((agent_id, updates, environments, then))
         if not self._sending:  # the batch leaves once this turn's callbacks ran (they may add to it)
             self._sending = True
-            loop.call_soon(self._send)
-        return fut
+            asyncio.get_running_loop().call_soon(self._send)
 
     @property
     def waiting(self) -> int:
@@ -110,16 +122,21 @@ class ReportBatcher:
 
 def _hand_back(call: asyncio.Future[list[UpdateResult | Exception]], pending: list[_Pending]) -> None:
     error = None if call.cancelled() else call.exception()
-    for k, (_, _, _, fut) in enumerate(pending):
-        if fut.done():  # its stream ended meanwhile (cancelled)
-            continue
-        if call.cancelled():
-            fut.cancel()
-        elif error is not None:  # the batch itself failed (its commit): every message in it did
-            fut.set_exception(error)
-        else:
-            result = call.result()[k]
-            if isinstance(result, Exception):
-                fut.set_exception(result)
-            else:
-                fut.set_result(result)
+    results = call.result() if error is None and not call.cancelled() else None
+    for k, (agent_id, _, _, then) in enumerate(pending):
+        outcome: Outcome = None if call.cancelled() else error if results is None else results[k]
+        try:
+            then(outcome)
+        except Exception:  # one stream's answer that failed must not keep the others' from theirs
+            log.exception("agent %s: handing back its reports' result failed", agent_id)
+
+
+def _settle(fut: asyncio.Future[UpdateResult], outcome: Outcome) -> None:
+    if fut.done():  # its stream ended meanwhile (cancelled)
+        return
+    if outcome is None:
+        fut.cancel()
+    elif isinstance(outcome, BaseException):  # its own error, or the batch's (its commit): no ack
+        fut.set_exception(outcome)
+    else:
+        fut.set_result(outcome)

@@ -15,13 +15,13 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from typing import Any
 
 from dstack.coordinator.app import agent_scope
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.convert import environment_from_proto
-from dstack.coordinator.engine import Handling
+from dstack.coordinator.engine import Handling, UpdatesAnswer
 from dstack.coordinator.hub import AgentConnection
 from dstack.coordinator.model import UpdateAck
 from dstack.coordinator.store.logs import batch_last_seq, batch_lines
@@ -51,6 +51,11 @@ class Session:
         self.agent_id = agent_id
         self._conn: AgentConnection | None = None
         self.epoch = 0  # this stream's session epoch (coordinator/fencing.py), from its hello
+        # A message taken by the direct path (`receive_now`) and not answered yet (0 or 1), and a waiter for
+        # its answer (`settled`): the messages read after it wait for it, in order.
+        self._in_flight = 0
+        self._settled: asyncio.Future[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # the direct path's rare continuations (ended by `close`)
 
     async def start(self, hello: agent_pb2.AgentMessage) -> agent_pb2.CoordinatorMessage:
         engine = self.core.engine
@@ -149,7 +154,85 @@ class Session:
         if (reply.log_acks or reply.update_acks or reply.lease_ack) and self._conn is not None:
             self._conn.send(reply)
 
-    async def receive_stored(self, msg: agent_pb2.AgentMessage) -> None:
+    def receive_now(self, msg: agent_pb2.AgentMessage) -> bool:
+        """The direct path, for the commonest message at a deep queue's drain: updates alone (a brief job's
+        RUNNING and DONE), read while nothing of this stream's is being handled. Handled as `receive` would,
+        without a task: its updates join their report batch now, and the batch's hand-back sends the acks
+        (Engine.updates_then). No queue, no task step, no future of its own: about a quarter of the event
+        loop's work per message (bench.drain). False: not such a message (nothing done: `receive` takes it).
+        One at a time: the caller sends nothing this way, nor to `receive`, until `settled`."""
+        assert self._in_flight == 0, "one message at a time"
+        if not msg.updates or msg.logs or msg.HasField("heartbeat") or msg.HasField("hello"):
+            return False
+        if not self.core.engine.sessions.is_current(self.agent_id, self.epoch):
+            return False  # `receive` refuses it and ends the stream
+        reported = [u for u in msg.updates if u.HasField("environment")]
+        if any(u.environment.packages for u in reported):
+            return False  # a `pip freeze` to sanitise: on a worker thread (`_environments`)
+        environments = [(u.job_id, environment_from_proto(u.environment)) for u in reported]
+        self._in_flight = 1
+        self.core.engine.updates_then(
+            self.agent_id, msg, environments, self._foreign_updates, lambda answer: self._answered(msg, answer)
+        )
+        return True
+
+    def idle(self) -> bool:
+        """No message taken by the direct path is waiting for its answer."""
+        return not self._in_flight
+
+    async def settled(self) -> None:
+        """Returns once the message the direct path took (if any) is answered: the next one may be handled."""
+        while self._in_flight:
+            self._settled = asyncio.get_running_loop().create_future()
+            await self._settled
+
+    def _answered(self, msg: agent_pb2.AgentMessage, answer: UpdatesAnswer) -> None:
+        """(Event loop, from the report batch's hand-back) the direct path's message was applied, or failed."""
+        if isinstance(answer, Coroutine):  # a requeue or a gang to settle first: it waits, on a task
+            self._spawn(self._answered_later(msg, answer))
+        elif isinstance(answer, sqlite3.OperationalError) and refused_write(answer):
+            self._spawn(self._stored_later(msg, answer))  # tried again until the disk takes it: `receive_stored`
+        else:
+            self._done(answer)
+
+    async def _answered_later(
+        self, msg: agent_pb2.AgentMessage, rest: Coroutine[Any, Any, agent_pb2.CoordinatorMessage]
+    ) -> None:
+        try:
+            answer: UpdatesAnswer = await rest
+        except Exception as e:
+            answer = e
+        self._done(answer)
+
+    async def _stored_later(self, msg: agent_pb2.AgentMessage, refused: BaseException) -> None:
+        try:
+            await self.receive_stored(msg, refused)
+        except Exception as e:
+            self._done(e)
+        else:
+            self._done(agent_pb2.CoordinatorMessage())  # `receive` sent its acks
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _done(self, answer: UpdatesAnswer) -> None:
+        """The direct path's message is over: its acks sent, or (an error) the stream ends, as the handler's
+        would (services/agent.py); the messages behind it may go on."""
+        if isinstance(answer, agent_pb2.CoordinatorMessage):
+            if answer.update_acks and self._conn is not None:
+                self._conn.send(answer)
+        elif isinstance(answer, BaseException):  # its error (not a refused write): no ack; the agent sends it again
+            log.error("agent %s stream failed", self.agent_id, exc_info=answer)
+            self.end_input()
+        else:  # the batch's call was cancelled: the coordinator stops
+            self.end_input()
+        self._in_flight = 0
+        if self._settled is not None and not self._settled.done():
+            self._settled.set_result(None)
+
+    async def receive_stored(self, msg: agent_pb2.AgentMessage, refused: BaseException | None = None) -> None:
         """`receive`, again until the store writes it, while its disk refuses writes (the coordinator's disk
         full). The stream stays up: the agent's heartbeats behind this message are still read and acknowledged
         in memory (the agent keeps only a few messages unacknowledged, agent/outbox.py), so a full disk on the
@@ -157,22 +240,28 @@ class Session:
         too, and every agent stopped its healthy jobs (self-fence) once the disk was full for longer than its
         deadline (issue 16's coordinator-disk-full chaos scenario). What `receive` did before the refused write
         is done again harmlessly: stored lines are cut from a resend, a repeated update changes nothing, and
-        lines counted by a try whose later write failed are not counted again (`Handling`)."""
+        lines counted by a try whose later write failed are not counted again (`Handling`). `refused`: a first
+        try's refusal (the direct path's, `receive_now`): the wait comes first."""
         wait, most = REFUSED_WRITE_RETRY_S
         said = False
         handling = Handling()
         while True:
-            try:
-                await self.receive(msg, handling)
-                return
-            except sqlite3.OperationalError as e:
-                if not refused_write(e):
-                    raise
-                if not said:
-                    log.warning(
-                        "agent %s: the store refuses writes (%s); its message waits, its stream stays", self.agent_id, e
-                    )
-                    said = True
+            if refused is None:
+                try:
+                    await self.receive(msg, handling)
+                    return
+                except sqlite3.OperationalError as e:
+                    if not refused_write(e):
+                        raise
+                    refused = e
+            if not said:
+                log.warning(
+                    "agent %s: the store refuses writes (%s); its message waits, its stream stays",
+                    self.agent_id,
+                    refused,
+                )
+                said = True
+            refused = None
             await asyncio.sleep(wait)
             wait = min(most, wait * 2)
 
@@ -245,6 +334,8 @@ class Session:
             self._conn.close()
 
     def close(self) -> None:
+        for task in self._tasks:  # as the stream's handler task is: what it still waits for, it gives up
+            task.cancel()
         if self._conn is not None:
             self.core.engine.hub.detach(self._conn)
             log.info("agent %s disconnected", self.agent_id)

@@ -61,6 +61,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         # never read late because a log batch ahead of it is being stored. The inbox is bounded (the
         # agent's own window bounds it too): a stalled store slows the agent's logs, not our memory.
         inbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue(maxsize=INBOX_MESSAGES)
+        handling = False  # the handler took a message from the inbox and is not done with it
 
         async def read() -> None:
             try:
@@ -68,6 +69,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     if session.heard() and _beat_only(msg):
                         session.ack_beat(msg.heartbeat.seq)  # renewed in memory: in force at once
                         continue  # nothing else in it
+                    if not handling and inbox.empty() and session.idle() and session.receive_now(msg):
+                        # Nothing of this stream's before it waits: handled without the handler's task (a
+                        # message of updates alone; Session.receive_now). The handler, and this path, wait
+                        # for its answer before the next message (`settled`): the agent's order is kept.
+                        continue
                     if inbox.full():
                         # We stop reading: what the agent sends next (its heartbeats too) waits in the
                         # transport until the handler, behind the database, makes room. Our backlog, not
@@ -84,9 +90,13 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 await inbox.put(None)
 
         async def handle() -> None:
+            nonlocal handling
             try:
                 while (msg := await inbox.get()) is not None:
+                    handling = True
+                    await session.settled()  # a message the direct path took before this one is answered
                     await session.receive_stored(msg)  # again while the store's disk refuses writes
+                    handling = False
             except asyncio.CancelledError:
                 pass
             except Exception:

@@ -324,3 +324,48 @@ async def test_an_agent_whose_messages_wait_unread_behind_a_stalled_db_thread_is
 
 async def _heard(engine: Engine, agent_id: str, at: int) -> bool:
     return engine.leases.last_heard(agent_id) == at
+
+
+async def test_a_silent_agent_s_lease_counts_from_its_last_message_s_read_not_from_when_the_database_took_it(
+    tmp_path: Path,
+) -> None:
+    """A message renews its agent's lease as it is read off the stream: the receipt, from which we count
+    (Engine.fence_policy: the agent counts from its send). Before, its handling renewed the lease again
+    once the message's turn came behind the database, so an agent that fell silent kept its lease (and its
+    jobs their GPUs) for as long again as its last message had waited. Attack: the DB thread is held for
+    most of a lease while the agent's last message waits; the agent then says nothing more and is lost one
+    lease (plus the requeue margin) after that message was read."""
+    async with (
+        coordinator(tmp_path, lease_timeout_s=LEASE_S, heartbeat_interval_s=1.0) as h,
+        sim_agent(h, "quiet", cpu=1) as quiet,
+    ):
+        run = await submit_run(h, job_spec("a"))
+        (job_id,) = job_ids(run).values()
+        await quiet.wait_assignments(1)
+        await quiet.report(job_id, JS.JOB_STATUS_RUNNING)
+        engine = h.coordinator.engine
+        listed = await h.agent("quiet")
+        assert listed is not None
+        release, entered = threading.Event(), threading.Event()
+
+        def stalled() -> None:  # the DB thread is busy until the test says so
+            entered.set()
+            release.wait(60)
+
+        blocker = asyncio.ensure_future(engine.db(stalled))
+        try:
+            await asyncio.to_thread(entered.wait, 10)
+            h.clock.step(0.5)  # its last message is read later than its report: `_heard` tells the two apart
+            read_at = h.clock.time_ns()
+            line = common_pb2.LogLine(seq=1, stream=common_pb2.LOG_STREAM_STDOUT, text="last words")
+            await quiet.send(agent_pb2.AgentMessage(logs=[agent_pb2.LogBatch(job_id=job_id, lines=[line])]))
+            await wait_until(functools.partial(_heard, engine, listed.id, read_at), "the batch read off the stream")
+            h.clock.step(LEASE_S - 1.0)  # it waits for the DB thread meanwhile
+        finally:
+            release.set()
+            await blocker
+        await quiet.until(lambda: quiet.log_acks().get(job_id, 0) >= 1, "the batch stored")
+        assert await status_of(h, "quiet") == "online"
+        # One lease and the margin after the read, short of that after the store took it.
+        await h.clock.advance(1.0 + engine.requeue_margin_s() + 0.5)
+        assert await status_of(h, "quiet") == "lost"

@@ -36,7 +36,15 @@ async def test_lines_in_flight_and_lines_made_while_disconnected_arrive_after_re
             await asyncio.Event().wait()  # until the stream's reader is cancelled
         return await on_message(self, agent_id, msg, **kw)
 
+    updates_then = Engine.updates_then
+
+    def recording_updates(self: Engine, agent_id: str, msg: agent_pb2.AgentMessage, *args: Any) -> None:
+        # A message of updates alone, read while nothing of its stream's waited, takes the stream's direct path.
+        updates.update((u.job_id, u.status) for u in msg.updates)
+        updates_then(self, agent_id, msg, *args)
+
     monkeypatch.setattr(Engine, "on_message", recording)
+    monkeypatch.setattr(Engine, "updates_then", recording_updates)
     runtime = GatedRuntime()
     async with coordinator(tmp_path) as h, real_agent(h, runtime=runtime) as agent:
 
