@@ -293,6 +293,7 @@ def scenario(
     submitters: int = 2,
     fill_batch: int = FILL_BATCH,
     fill_in_flight: int = FILL_IN_FLIGHT,
+    fill_first: bool = True,
     steady_s: float = 35.0,
     say: bool = True,
     cli_ps: int = 10,
@@ -365,31 +366,52 @@ def scenario(
                 f.submit_errors += sub.errors
                 log(f"{sub.errors} submissions failed; last: {sub.last_error}")
 
-        t0 = time.monotonic()
-        fleet = Fleet(target, agents, procs, hold=True)
-        wait_until(f"{agents} agents to connect", lambda: stats().connected >= agents, 120 + agents / 10)
-        f.connect_s = time.monotonic() - t0
-        phase_end("connect")
-        log(f"{agents} agents connected in {f.connect_s:.1f} s; {phase_view()}")
+        def connect() -> Fleet:
+            nonlocal fleet  # stats() reads it while the agents connect
+            t0 = time.monotonic()
+            fleet = started = Fleet(target, agents, procs, hold=True)
+            wait_until(f"{agents} agents to connect", lambda: stats().connected >= agents, 120 + agents / 10)
+            f.connect_s = time.monotonic() - t0
+            log(f"{agents} agents connected in {f.connect_s:.1f} s; {phase_view()}")
+            return started
 
-        # Fill: one run per agent (each is held) and `queued` more that wait behind them.
-        c_fill = cpu_s()
-        sub = submit_runs(
-            target, queued + agents, procs=submitters, in_flight=fill_in_flight, batch=min(fill_batch, queued + agents)
-        )
-        submitted(sub)
-        f.fill_s = sub.finished - sub.started
-        f.fill_rate = sub.submitted / max(1e-9, f.fill_s)
-        f.fill_cpu_ms = (cpu_s() - c_fill) * 1e3 / max(1, sub.submitted)
+        def fill() -> SubmitStats:
+            """One run per agent (each is held) and `queued` more that wait behind them."""
+            c_fill = cpu_s()
+            sub = submit_runs(
+                target,
+                queued + agents,
+                procs=submitters,
+                in_flight=fill_in_flight,
+                batch=min(fill_batch, queued + agents),
+            )
+            submitted(sub)
+            f.fill_s = sub.finished - sub.started
+            f.fill_rate = sub.submitted / max(1e-9, f.fill_s)
+            f.fill_cpu_ms = (cpu_s() - c_fill) * 1e3 / max(1, sub.submitted)
+            log(
+                f"{sub.submitted} runs submitted in {f.fill_s:.0f} s ({f.fill_rate:,.0f}/s, {fill_batch} per call,"
+                f" {fill_in_flight} calls in flight from each of {submitters} processes"
+                f"{', no agent connected yet' if fill_first else ''}); coordinator CPU {f.fill_cpu_ms:.2f} ms/run"
+            )
+            return sub
+
+        if fill_first:
+            # The queue first, then the agents: each agent's hello gets it a job from the deep queue. The
+            # fill then costs the coordinator only its runs, not also 5,000 agents' heartbeats (a third of a
+            # second of CPU per second at full size), which on a shared machine made it the longest phase.
+            sub = fill()
+            phase_end("fill")
+            fleet = connect()
+        else:
+            fleet = connect()
+            phase_end("connect")
+            sub = fill()
         wait_until("every agent to hold a job", lambda: stats().assigned >= agents, 120 + queued / 500)
-        phase_end("fill")
+        phase_end("connect" if fill_first else "fill")
         f.queued_seen = sub.submitted - last[0].assigned
         fill_total = sub.submitted
-        log(
-            f"{sub.submitted} runs submitted in {f.fill_s:.0f} s ({f.fill_rate:,.0f}/s, {fill_batch} per call,"
-            f" {fill_in_flight} calls in flight from each of {submitters} processes); coordinator CPU"
-            f" {f.fill_cpu_ms:.2f} ms/run; {f.queued_seen} wait; {phase_view()}"
-        )
+        log(f"every agent holds a job; {f.queued_seen} wait; {phase_view()}")
 
         # Full queue: `dstack ps`'s call, and the pool held across two lease timeouts' worth of passes.
         fleet.reset_gap()
@@ -688,6 +710,11 @@ def main() -> None:
     ap.add_argument("--submitters", type=int, default=2, help="submitter processes")
     ap.add_argument("--fill-batch", type=int, default=FILL_BATCH, help="runs per SubmitRuns call in the fill")
     ap.add_argument("--fill-in-flight", type=int, default=FILL_IN_FLIGHT, help="fill calls in flight per submitter")
+    ap.add_argument(
+        "--fill-with-agents",
+        action="store_true",
+        help="connect the agents before the fill (the order before 2026-12-01), not after it",
+    )
     ap.add_argument("--no-baseline", action="store_true", help="skip the tenth-size run")
     ap.add_argument("--steady-s", type=float, default=35.0, help="how long the full queue is held")
     ap.add_argument("--cli-ps", type=int, default=10, help="times the real `dstack ps` process is timed")
@@ -706,6 +733,7 @@ def main() -> None:
             submitters=a.submitters,
             fill_batch=a.fill_batch,
             fill_in_flight=a.fill_in_flight,
+            fill_first=not a.fill_with_agents,
             steady_s=a.steady_s,
             cli_ps=a.cli_ps,
             gc_log=a.gc_log,
@@ -718,6 +746,7 @@ def main() -> None:
         submitters=a.submitters,
         fill_batch=a.fill_batch,
         fill_in_flight=a.fill_in_flight,
+        fill_first=not a.fill_with_agents,
         steady_s=a.steady_s,
         cli_ps=a.cli_ps,
         gc_log=a.gc_log,
