@@ -1,17 +1,20 @@
 """Coordinator scale (issue 16 item 5): thousands of simulated agents on real gRPC connections, a deep
 queue, and single-job runs dispatched through the real API, against one coordinator process.
 
-Phases, each with its figures: the agents enrol and connect (bench/loadgen.py: their own TLS
-connection each, heartbeats at the interval the coordinator asks); QUEUED + one run per agent are
-submitted while every agent holds the job it gets, so QUEUED runs wait; with the queue full, `ListRuns`
+Phases, each with its figures: QUEUED + one run per agent are submitted (SubmitRuns); the agents enrol
+and connect (bench/loadgen.py: their own TLS connection each, heartbeats at the interval the coordinator
+asks) and each holds the job it gets, so QUEUED runs wait (--fill-with-agents: the agents connect first,
+and the fill then pays for their heartbeats too); with the queue full, `ListRuns`
 (the call behind `dstack ps`, its first page) is timed and the pool is watched for a lease timeout; then
 the agents are released (each job DONE at once) and the queue drains; then RUNS more single-job runs go
 through submit -> dispatch -> done, one SubmitRun per run (the old path) and SUBMIT_BATCH runs per
 SubmitRuns call. Scheduling passes are read from the coordinator's /metrics histogram, agents marked
-lost from its counter, RSS sampled throughout.
+lost from its counter, RSS sampled throughout, the coordinator's wall and CPU time per phase, and what it
+logged at WARNING and above (by message).
 
 Baseline in the same run: the same phases at a tenth of the size first. Targets are the issue's.
-Usage: python -m bench.scale [AGENTS] [QUEUED] [RUNS] [--procs N] [--no-baseline]
+Usage: python -m bench.scale [AGENTS] [QUEUED] [RUNS] [--procs N] [--no-baseline] [--fill-with-agents]
+  [--fill-batch N] [--fill-in-flight N] [--submitters N] [--steady-s S] [--cli-ps N] [--gc-log]
 """
 
 from __future__ import annotations
