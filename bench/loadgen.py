@@ -35,6 +35,8 @@ JS = common_pb2.JobStatus
 GPU_EVERY = 10  # one simulated agent in ten has eight fake GPUs
 GPU_JOB_EVERY = 20  # one submitted job in twenty asks for one GPU
 REGISTER_IN_FLIGHT = 32  # per worker: enrolments (and TLS handshakes) at once
+# The details grpc.aio gives a write to a call that had already ended (cygrpc `set_internal_error`).
+MASKED_BY_WRITE = "Internal error from Core"
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,13 @@ class _Agent:
     def _failed(self, phase: str, e: Exception) -> None:
         stats = self.w.stats
         stats.errors += 1
-        if isinstance(e, grpc.aio.AioRpcError):
+        if isinstance(e, grpc.aio.AioRpcError) and e.details() == MASKED_BY_WRITE:
+            # Not a status the coordinator sent: the call had ended while this agent wrote (grpc/aio/_call.py
+            # `_write`: `set_internal_error`), which hides the real status. Its cause is on the other side:
+            # the coordinator's log (bench.scale prints its warnings) and its lost-agent counter.
+            cause = f"{phase}: the stream had ended under a write (grpc reports INTERNAL, hiding the status)"
+            detail = f"{cause} | {e.debug_error_string()[:600]}"
+        elif isinstance(e, grpc.aio.AioRpcError):
             cause = f"{phase}: {e.code().name} {(e.details() or '')[:120]}"
             detail = f"{cause} | {e.debug_error_string()[:600]}"
         else:

@@ -1,17 +1,20 @@
 """Coordinator scale (issue 16 item 5): thousands of simulated agents on real gRPC connections, a deep
 queue, and single-job runs dispatched through the real API, against one coordinator process.
 
-Phases, each with its figures: the agents enrol and connect (bench/loadgen.py: their own TLS
-connection each, heartbeats at the interval the coordinator asks); QUEUED + one run per agent are
-submitted while every agent holds the job it gets, so QUEUED runs wait; with the queue full, `ListRuns`
+Phases, each with its figures: QUEUED + one run per agent are submitted (SubmitRuns); the agents enrol
+and connect (bench/loadgen.py: their own TLS connection each, heartbeats at the interval the coordinator
+asks) and each holds the job it gets, so QUEUED runs wait (--fill-with-agents: the agents connect first,
+and the fill then pays for their heartbeats too); with the queue full, `ListRuns`
 (the call behind `dstack ps`, its first page) is timed and the pool is watched for a lease timeout; then
 the agents are released (each job DONE at once) and the queue drains; then RUNS more single-job runs go
 through submit -> dispatch -> done, one SubmitRun per run (the old path) and SUBMIT_BATCH runs per
 SubmitRuns call. Scheduling passes are read from the coordinator's /metrics histogram, agents marked
-lost from its counter, RSS sampled throughout.
+lost from its counter, RSS sampled throughout, the coordinator's wall and CPU time per phase, and what it
+logged at WARNING and above (by message).
 
 Baseline in the same run: the same phases at a tenth of the size first. Targets are the issue's.
-Usage: python -m bench.scale [AGENTS] [QUEUED] [RUNS] [--procs N] [--no-baseline]
+Usage: python -m bench.scale [AGENTS] [QUEUED] [RUNS] [--procs N] [--no-baseline] [--fill-with-agents]
+  [--fill-batch N] [--fill-in-flight N] [--submitters N] [--steady-s S] [--cli-ps N] [--gc-log]
 """
 
 from __future__ import annotations
@@ -39,7 +42,13 @@ from bench._harness import ADMIN, JOIN, Services, meta, pct
 from bench.loadgen import AgentStats, Fleet, SubmitStats, Target, submit_runs
 from dstack.protos.v1 import client_pb2
 
-SUBMIT_BATCH = 100  # runs per SubmitRuns call
+SUBMIT_BATCH = 100  # runs per SubmitRuns call (the batched single-job phase)
+# The fill: runs per SubmitRuns call and calls in flight per submitter process (--fill-batch,
+# --fill-in-flight). On the shared 2-core machine the fill is bound by the CPU share the coordinator gets,
+# not by the calls: its CPU per run stored was 0.58-0.83 ms whatever the batch (100, 500, 1,000) or the
+# calls in flight (2-16 per process), and the rate followed the load (377 runs/s at load 14, 137 at 31).
+FILL_BATCH = 100
+FILL_IN_FLIGHT = 4
 GIB = 1 << 30
 
 
@@ -50,6 +59,8 @@ class Figures:
     runs: int
     connect_s: float = 0.0
     fill_rate: float = 0.0  # runs/s accepted while the queue filled (SubmitRuns)
+    fill_s: float = 0.0  # the fill's wall time, first request to last answer
+    fill_cpu_ms: float = 0.0  # the coordinator's CPU per run stored during the fill (its heartbeats too)
     queued_seen: int = 0  # runs waiting once every agent held a job
     max_rss: float = 0.0  # bytes
     ps_ms: list[float] = field(default_factory=list)  # ListRuns first page, 100k queued
@@ -94,6 +105,11 @@ class Figures:
     submit_errors: int = 0  # runs whose submission failed (the rates count only what was stored)
     ps_failures: list[str] = field(default_factory=list)  # ListRuns samples and `dstack ps` processes that failed
     notes: list[str] = field(default_factory=list)
+    # The coordinator's (wall s, CPU s) per phase: connect, fill, full queue (ps and the hold), drain, single, batch.
+    phases: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # What the coordinator logged at WARNING and above, by message with numbers and ids blanked: what it
+    # said while a simulated agent's session failed (loadgen: "stream already ended under a write").
+    coordinator_said: dict[str, int] = field(default_factory=dict)
     # With --gc-log: the coordinator's garbage collections (bench/memprobe.py GcLog), summed per generation.
     gc: dict[str, Any] = field(default_factory=dict)
 
@@ -278,6 +294,9 @@ def scenario(
     runs: int,
     procs: int,
     submitters: int = 2,
+    fill_batch: int = FILL_BATCH,
+    fill_in_flight: int = FILL_IN_FLIGHT,
+    fill_first: bool = True,
     steady_s: float = 35.0,
     say: bool = True,
     cli_ps: int = 10,
@@ -307,6 +326,14 @@ def scenario(
 
         def cpu_s() -> float:
             return float(sum(coordinator.cpu_times()[:2]))
+
+        phase_start = [time.monotonic(), cpu_s()]
+
+        def phase_end(name: str) -> None:
+            """The coordinator's wall and CPU time since the last phase ended (or it started)."""
+            now, cpu = time.monotonic(), cpu_s()
+            f.phases[name] = (now - phase_start[0], cpu - phase_start[1])
+            phase_start[:] = [now, cpu]
 
         sampler.start()
         scrape = Scraper(svc)
@@ -342,20 +369,52 @@ def scenario(
                 f.submit_errors += sub.errors
                 log(f"{sub.errors} submissions failed; last: {sub.last_error}")
 
-        t0 = time.monotonic()
-        fleet = Fleet(target, agents, procs, hold=True)
-        wait_until(f"{agents} agents to connect", lambda: stats().connected >= agents, 120 + agents / 10)
-        f.connect_s = time.monotonic() - t0
-        log(f"{agents} agents connected in {f.connect_s:.1f} s; {phase_view()}")
+        def connect() -> Fleet:
+            nonlocal fleet  # stats() reads it while the agents connect
+            t0 = time.monotonic()
+            fleet = started = Fleet(target, agents, procs, hold=True)
+            wait_until(f"{agents} agents to connect", lambda: stats().connected >= agents, 120 + agents / 10)
+            f.connect_s = time.monotonic() - t0
+            log(f"{agents} agents connected in {f.connect_s:.1f} s; {phase_view()}")
+            return started
 
-        # Fill: one run per agent (each is held) and `queued` more that wait behind them.
-        sub = submit_runs(target, queued + agents, procs=submitters, in_flight=4, batch=SUBMIT_BATCH)
-        submitted(sub)
-        f.fill_rate = sub.submitted / max(1e-9, sub.finished - sub.started)
+        def fill() -> SubmitStats:
+            """One run per agent (each is held) and `queued` more that wait behind them."""
+            c_fill = cpu_s()
+            sub = submit_runs(
+                target,
+                queued + agents,
+                procs=submitters,
+                in_flight=fill_in_flight,
+                batch=min(fill_batch, queued + agents),
+            )
+            submitted(sub)
+            f.fill_s = sub.finished - sub.started
+            f.fill_rate = sub.submitted / max(1e-9, f.fill_s)
+            f.fill_cpu_ms = (cpu_s() - c_fill) * 1e3 / max(1, sub.submitted)
+            log(
+                f"{sub.submitted} runs submitted in {f.fill_s:.0f} s ({f.fill_rate:,.0f}/s, {fill_batch} per call,"
+                f" {fill_in_flight} calls in flight from each of {submitters} processes"
+                f"{', no agent connected yet' if fill_first else ''}); coordinator CPU {f.fill_cpu_ms:.2f} ms/run"
+            )
+            return sub
+
+        if fill_first:
+            # The queue first, then the agents: each agent's hello gets it a job from the deep queue. The
+            # fill then costs the coordinator only its runs, not also 5,000 agents' heartbeats (a third of a
+            # second of CPU per second at full size), which on a shared machine made it the longest phase.
+            sub = fill()
+            phase_end("fill")
+            fleet = connect()
+        else:
+            fleet = connect()
+            phase_end("connect")
+            sub = fill()
         wait_until("every agent to hold a job", lambda: stats().assigned >= agents, 120 + queued / 500)
+        phase_end("connect" if fill_first else "fill")
         f.queued_seen = sub.submitted - last[0].assigned
         fill_total = sub.submitted
-        log(f"{sub.submitted} runs submitted at {f.fill_rate:,.0f}/s; {f.queued_seen} wait; {phase_view()}")
+        log(f"every agent holds a job; {f.queued_seen} wait; {phase_view()}")
 
         # Full queue: `dstack ps`'s call, and the pool held across two lease timeouts' worth of passes.
         fleet.reset_gap()
@@ -385,6 +444,7 @@ def scenario(
                 f" (floor: import grpc, typer {median(f.cli_floor_ms):.0f} ms)"
             )
 
+        phase_end("full queue")
         # Drain the deep queue: every held job ends, every later assignment ends at once.
         passes0 = scrape.passes()
         total, done0, ended0 = fill_total, stats().done, scrape.ended()
@@ -394,6 +454,7 @@ def scenario(
         f.drain_rate = total / max(1e-9, last[0].last_done - t_rel)
         f.drain_cpu_ms = (cpu_s() - c_rel) * 1e3 / total
         f.drain_pass = scrape.passes_since(passes0)
+        phase_end("drain")
         log(
             f"drained {total} jobs at {f.drain_rate:,.0f}/s; coordinator CPU {f.drain_cpu_ms:.2f} ms/job;"
             f" {passes_said(f.drain_pass)}; {phase_view()}"
@@ -411,6 +472,7 @@ def scenario(
             rate = n / max(1e-9, last[0].last_done - sub.started)
             cpu_ms = (cpu_s() - c_before) * 1e3 / max(1, n)
             passes = scrape.passes_since(passes0)
+            phase_end("single" if batch == 1 else "batch")
             if batch == 1:
                 f.single_rate, f.single_cpu_ms, f.single_pass = rate, cpu_ms, passes
             else:
@@ -441,7 +503,9 @@ def scenario(
         f.failed = int(float(m.group(1))) if m else 0
         listed = svc.client_stub().ListAgents(client_pb2.ListAgentsRequest(), metadata=meta(), timeout=60).agents
         f.online_at_end = sum(a.status == "online" for a in listed)
-        late = re.findall(r"lease check ([0-9.]+) s late", (svc.tmp / "coordinator.log").read_text(errors="replace"))
+        coordinator_log = (svc.tmp / "coordinator.log").read_text(errors="replace")
+        late = re.findall(r"lease check ([0-9.]+) s late", coordinator_log)
+        f.coordinator_said = said(coordinator_log)
         f.max_lease_check_late_s = max((float(x) for x in late), default=0.0)
         f.errors, f.reconnected, f.failures = last[0].errors, last[0].reconnected, dict(last[0].failures)
         if gc_log and (gc_out / "gc.json").exists():  # rewritten at most once a second: the last second may miss
@@ -454,6 +518,18 @@ def scenario(
             f.max_rss = sampler.max
         svc.stop()
     return f
+
+
+def said(log_text: str) -> dict[str, int]:
+    """The coordinator's WARNING and ERROR lines by message, numbers and ids blanked (a traceback's lines
+    after its first are left out)."""
+    out: dict[str, int] = {}
+    for line in log_text.splitlines():
+        m = re.search(r" (WARNING|ERROR|CRITICAL) (.*)$", line)
+        if m:
+            key = re.sub(r"[0-9a-f]{8,}|[0-9]+(\.[0-9]+)?", "#", f"{m.group(1)} {m.group(2)}")[:200]
+            out[key] = out.get(key, 0) + 1
+    return out
 
 
 def row(name: str, base: str, full: str, target: str, ok: bool | None) -> str:
@@ -540,7 +616,24 @@ def table(base: Figures | None, full: Figures) -> str:
             "",
             None,
         ),
-        row("fill: runs/s submitted (SubmitRuns)", *both(lambda f: f"{f.fill_rate:,.0f}"), "", None),
+        row(
+            "fill: runs/s submitted (SubmitRuns), its time",
+            *both(lambda f: f"{f.fill_rate:,.0f} ({f.fill_s:,.0f} s)"),
+            "",
+            None,
+        ),
+        row(
+            "coordinator CPU per run filled (its agents' heartbeats too)",
+            *both(lambda f: f"{f.fill_cpu_ms:.2f} ms"),
+            "",
+            None,
+        ),
+        row(
+            "coordinator wall s / CPU s per phase",
+            *both(lambda f: ", ".join(f"{k} {w:,.0f}/{c:,.0f}" for k, (w, c) in f.phases.items())),
+            "",
+            None,
+        ),
         row("deep queue drained, jobs/s", *both(lambda f: f"{f.drain_rate:,.0f}"), ">= 2,000", full.drain_rate >= 2000),
         row("coordinator CPU per drained job", *both(lambda f: f"{f.drain_cpu_ms:.2f} ms"), "", None),
         row("passes while draining", *both(lambda f: passes_said(f.drain_pass)), "", None),
@@ -617,6 +710,14 @@ def main() -> None:
     ap.add_argument("queued", type=int, nargs="?", default=100_000)
     ap.add_argument("runs", type=int, nargs="?", default=20_000)
     ap.add_argument("--procs", type=int, default=4, help="agent worker processes")
+    ap.add_argument("--submitters", type=int, default=2, help="submitter processes")
+    ap.add_argument("--fill-batch", type=int, default=FILL_BATCH, help="runs per SubmitRuns call in the fill")
+    ap.add_argument("--fill-in-flight", type=int, default=FILL_IN_FLIGHT, help="fill calls in flight per submitter")
+    ap.add_argument(
+        "--fill-with-agents",
+        action="store_true",
+        help="connect the agents before the fill (the order before 2026-12-01), not after it",
+    )
     ap.add_argument("--no-baseline", action="store_true", help="skip the tenth-size run")
     ap.add_argument("--steady-s", type=float, default=35.0, help="how long the full queue is held")
     ap.add_argument("--cli-ps", type=int, default=10, help="times the real `dstack ps` process is timed")
@@ -632,11 +733,27 @@ def main() -> None:
             a.queued // 10,
             max(1, a.runs // 10),
             max(1, a.procs // 2),
+            submitters=a.submitters,
+            fill_batch=a.fill_batch,
+            fill_in_flight=a.fill_in_flight,
+            fill_first=not a.fill_with_agents,
             steady_s=a.steady_s,
             cli_ps=a.cli_ps,
             gc_log=a.gc_log,
         )
-    full = scenario(a.agents, a.queued, a.runs, a.procs, steady_s=a.steady_s, cli_ps=a.cli_ps, gc_log=a.gc_log)
+    full = scenario(
+        a.agents,
+        a.queued,
+        a.runs,
+        a.procs,
+        submitters=a.submitters,
+        fill_batch=a.fill_batch,
+        fill_in_flight=a.fill_in_flight,
+        fill_first=not a.fill_with_agents,
+        steady_s=a.steady_s,
+        cli_ps=a.cli_ps,
+        gc_log=a.gc_log,
+    )
     print(table(base, full))
     for f in (base, full):
         if f is None:
@@ -645,6 +762,8 @@ def main() -> None:
             print(f"[{f.agents} agents] simulated agents' failed sessions: {n} x {cause}")
         for msg in f.ps_failures:
             print(f"[{f.agents} agents] failed sample: {msg}")
+        for msg, n in sorted(f.coordinator_said.items(), key=lambda kv: -kv[1]):
+            print(f"[{f.agents} agents] the coordinator logged {n} x: {msg}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from bench._harness import ADMIN, JOIN, Services, meta
-from bench.loadgen import AgentStats, Fleet, Target, submit_runs
-from bench.scale import scenario, time_ps
+from bench.loadgen import MASKED_BY_WRITE, AgentStats, Fleet, Target, _Worker, submit_runs
+from bench.scale import said, scenario, time_ps
 from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
 from tests.conftest import Cluster, wait_for
 from tests.integration.test_users import add_user
@@ -18,13 +18,49 @@ from tests.integration.test_users import add_user
 pytestmark = pytest.mark.integration
 
 
-def test_the_scale_bench_runs_end_to_end_at_a_tiny_size() -> None:
-    f = scenario(agents=20, queued=200, runs=60, procs=1, submitters=1, steady_s=0, say=False, cli_ps=1)
+@pytest.mark.parametrize("fill_first", [True, False], ids=["fill-first", "agents-first"])
+def test_the_scale_bench_runs_end_to_end_at_a_tiny_size(fill_first: bool) -> None:
+    f = scenario(
+        agents=20, queued=200, runs=60, procs=1, submitters=1, fill_first=fill_first, steady_s=0, say=False, cli_ps=1
+    )
     assert f.errors == 0
     assert f.online_at_end == 20 and f.lost == 0 and f.failed == 0  # every simulated agent stayed online
     assert f.queued_seen == 200  # every agent held one job, the rest waited
     assert f.passes > 0 and f.ps_ms and f.ps_finished_ms and len(f.cli_ps_ms) == 1  # the real `dstack ps` ran
     assert f.drain_rate > 0 and f.single_rate > 0 and f.batch_rate > 0
+    # The coordinator's CPU is counted per phase and per run filled; nothing it logged was a warning.
+    first = ["fill", "connect"] if fill_first else ["connect", "fill"]
+    assert list(f.phases) == [*first, "full queue", "drain", "single", "batch"]
+    assert all(wall > 0 and cpu >= 0 for wall, cpu in f.phases.values()) and f.fill_cpu_ms > 0 and f.fill_s > 0
+    assert f.coordinator_said == {}
+
+
+def test_a_write_to_an_ended_stream_is_counted_as_that_and_the_coordinator_s_warnings_by_message() -> None:
+    """grpc.aio turns a write to a call that had already ended into INTERNAL "Internal error from Core",
+    hiding the status the coordinator sent: the load generator counts it as an ended stream (its cause is
+    the coordinator's, which bench.scale prints from its log by message), and any other status as it is."""
+    worker = _Worker(Target("127.0.0.1:1", ""), [("sim-0", 0)], hold=True)
+    agent = worker.agents[0]
+    masked = grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, None, None, MASKED_BY_WRITE, "send failed")
+    agent._failed("stream", masked)
+    agent._failed("hello", grpc.aio.AioRpcError(grpc.StatusCode.UNAUTHENTICATED, None, None, "unknown agent token", ""))
+    assert worker.stats.failures == {
+        "stream: the stream had ended under a write (grpc reports INTERNAL, hiding the status)": 1,
+        "hello: UNAUTHENTICATED unknown agent token": 1,
+    }
+    assert worker.stats.errors == 2
+
+    log = (
+        "2026-12-01 03:10:01,123 WARNING dstack.coordinator: agent 3f2a9c0d1e lost: its lease ran out (15.2 s)\n"
+        "2026-12-01 03:10:02,456 WARNING dstack.coordinator: agent 77aa00bb11 lost: its lease ran out (16.0 s)\n"
+        "2026-12-01 03:10:03,000 INFO dstack.coordinator: agent 3f2a9c0d1e connected (session 2)\n"
+        "2026-12-01 03:10:04,000 ERROR dstack.coordinator: agent 3f2a9c0d1e stream failed\n"
+        "Traceback (most recent call last):\n"
+    )
+    assert said(log) == {
+        "WARNING dstack.coordinator: agent # lost: its lease ran out (# s)": 2,
+        "ERROR dstack.coordinator: agent # stream failed": 1,
+    }
 
 
 def test_simulated_agents_outlive_a_coordinator_killed_under_them_and_a_failed_sample_is_reported() -> None:
