@@ -115,9 +115,23 @@ def draining_of(inv: common_pb2.Inventory) -> str:
 
 # Of an agent's log batches, those that may be stored (run on the DB thread: Engine.on_message).
 LogScreen = Callable[[Sequence[agent_pb2.LogBatch]], Sequence[agent_pb2.LogBatch]]
-# A message of updates handled without a task (Engine.updates_then): its reply, its error, None (cancelled: we
-# stop), or the coroutine that finishes it when that must wait (a requeue, a gang to settle).
-UpdatesAnswer = agent_pb2.CoordinatorMessage | Coroutine[Any, Any, agent_pb2.CoordinatorMessage] | BaseException | None
+# A message of updates once handled (Engine.updates_then): its reply, its error, or None (cancelled: we stop).
+UpdatesAnswer = agent_pb2.CoordinatorMessage | BaseException | None
+
+
+def _answer(fut: asyncio.Future[UpdatesAnswer], agent_id: str, answer: UpdatesAnswer) -> None:
+    """`on_message`'s wait for its updates, answered. Its stream may have ended meanwhile (the future cancelled
+    with the task that awaited it): what followed a commit is done all the same, and an error is said here, as
+    nobody else will (a write's error: nothing was committed, the agent sends it again)."""
+    if fut.done():
+        if isinstance(answer, BaseException):
+            log.error("agent %s: its reports failed after its stream ended", agent_id, exc_info=answer)
+    elif answer is None:
+        fut.cancel()
+    elif isinstance(answer, BaseException):  # its own error, or the batch's (its commit): no ack
+        fut.set_exception(answer)
+    else:
+        fut.set_result(answer)
 
 
 @dataclass
@@ -282,6 +296,9 @@ class Engine:
         # store (server.py sets it; without it no job is looked up).
         self.copy_cached: Callable[[CacheHit], Awaitable[None]] | None = None
         self._reusing: set[asyncio.Task[None]] = set()
+        # What follows from agents' committed reports when it must wait for the store (a requeue, a gang to
+        # settle): the engine's own, run to its end whether or not the reporting stream still is (`_report`).
+        self._following: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def own_restart_lease_s(self) -> float:
@@ -345,7 +362,9 @@ class Engine:
     async def stop(self) -> None:
         if self._info_timer is not None:
             self._info_timer.cancel()
-        tasks = self._tasks + ([self._info] if self._info is not None else [])
+        # Reports' follow-ups too: what they would do is in the store already, and read back at the next start
+        # (jobs back to waiting join the queue in `start`; the lease loop's gang sweep settles gangs).
+        tasks = self._tasks + ([self._info] if self._info is not None else []) + list(self._following)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -1392,7 +1411,6 @@ class Engine:
         are applied, with their `environments` (wire job id, record part); the others are acknowledged
         unapplied and handed to `on_foreign` (the stream's warning)."""
         reply = agent_pb2.CoordinatorMessage()
-        changed: set[str] = set()
         await self._store_inventory(agent_id, msg)
         if msg.HasField("heartbeat") and msg.heartbeat.seq:
             # The renewal is written (a write that fails raised above: no ack), so the agent may count its
@@ -1409,18 +1427,15 @@ class Engine:
             if stored:  # committed: handed to the runs' followers (coordinator/log_feed.py), no wake-up to read
                 await self._hand_off(stored)
         if msg.updates:
-            updates = job_updates_from_proto(msg.updates)
             # With the other agents' messages of this turn of the loop, in one store call (coordinator/reports.py).
-            res = await self.reports.apply(agent_id, updates, environments)
-            updates = self._updates_applied(agent_id, updates, res, reply, on_foreign)
-            if res.requeued:
-                await self._requeued()
-            self._enqueue_added(res)
-            if self._gangs_to_settle(res, updates):
-                await self.settle_gangs()
-            self._updates_over(updates)
-            changed |= res.changed_runs
-        self.watchers.notify(changed)
+            # Once they are committed, what follows runs to its end whether or not this task is still there to
+            # wait for it (`_report`): the stream's end cancels this task, not the engine's work.
+            answer: asyncio.Future[UpdatesAnswer] = asyncio.get_running_loop().create_future()
+            updates = job_updates_from_proto(msg.updates)
+            self._report(
+                agent_id, updates, environments, on_foreign, reply, functools.partial(_answer, answer, agent_id)
+            )
+            await answer
         if reply.log_acks or reply.update_acks or reply.lease_ack:
             return reply
         return None
@@ -1434,22 +1449,41 @@ class Engine:
         then: Callable[[UpdatesAnswer], None],
     ) -> None:
         """`on_message` for a message of updates alone, without a task: the updates join their report batch
-        now, and `then` is called on the event loop once it is applied, with the reply (its acks), the
-        message's error (no ack: it is sent again), None (the batch's call was cancelled: we stop), or, when
-        what follows must wait (a requeue, a gang to settle: rare), a coroutine that finishes it and returns
-        the reply. The same steps in the same order as `on_message`'s (coordinator/app/agent_stream.py:
-        the stream's direct path, one task step less and no future per message)."""
+        now, and `then` is called on the event loop once they are applied and what follows is done (`_report`),
+        with the reply (its acks), the message's error (no ack: it is sent again), or None (the batch's call
+        was cancelled: we stop) (coordinator/app/agent_stream.py: the stream's direct path, one task step less
+        and no future per message)."""
         updates = job_updates_from_proto(msg.updates)
+        self._report(agent_id, updates, environments, on_foreign, agent_pb2.CoordinatorMessage(), then)
+
+    def _report(
+        self,
+        agent_id: str,
+        updates: list[JobUpdate],
+        environments: Environments,
+        on_foreign: Callable[[Sequence[UpdateAck]], None] | None,
+        reply: agent_pb2.CoordinatorMessage,
+        then: Callable[[UpdatesAnswer], None],
+    ) -> None:
+        """One agent message's updates into their report batch. Once the batch is committed, what follows from
+        them is the engine's, not the stream's: the acks into `reply`, then the jobs requeued and added join the
+        queue, a gang whose member ended is settled, freed capacity asks for a pass, followers are told. It runs
+        in the batch's hand-back, or, when it must wait for the store (a requeue, a gang to settle: rare), on a
+        task of the engine's own (`_following`) that no stream's end cancels: a stream that ends meanwhile (its
+        agent disconnected, partitioned, lost, removed) only gets no answer. Before, the stream's own task did
+        this, and a job whose retry was committed as its agent's stream ended never joined the queue: in a quiet
+        pool it waited until the coordinator restarted. `then` gets `reply` once all of it is done (the acks
+        follow what they acknowledge, as before), the message's error, or None (the batch's call was
+        cancelled, or the follow-up, by `stop`: the coordinator stops)."""
 
         def applied(outcome: Outcome) -> None:
             if outcome is None or isinstance(outcome, BaseException):
                 then(outcome)
                 return
-            reply = agent_pb2.CoordinatorMessage()
             try:
                 kept = self._updates_applied(agent_id, updates, outcome, reply, on_foreign)
                 if outcome.requeued or self._gangs_to_settle(outcome, kept):
-                    then(self._updates_finished_later(outcome, kept, reply))
+                    self._follow_up(self._updates_finished_later(outcome, kept), reply, then)
                     return
                 self._enqueue_added(outcome)
                 self._updates_over(kept)
@@ -1461,9 +1495,18 @@ class Engine:
 
         self.reports.apply_then(agent_id, updates, environments, applied)
 
-    async def _updates_finished_later(
-        self, res: UpdateResult, updates: list[JobUpdate], reply: agent_pb2.CoordinatorMessage
-    ) -> agent_pb2.CoordinatorMessage:
+    def _follow_up(
+        self,
+        steps: Coroutine[Any, Any, None],
+        reply: agent_pb2.CoordinatorMessage,
+        then: Callable[[UpdatesAnswer], None],
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(steps, name="reports' follow-up")
+        self._following.add(task)
+        task.add_done_callback(self._following.discard)
+        task.add_done_callback(lambda t: then(None if t.cancelled() else (t.exception() or reply)))
+
+    async def _updates_finished_later(self, res: UpdateResult, updates: list[JobUpdate]) -> None:
         if res.requeued:
             await self._requeued()
         self._enqueue_added(res)
@@ -1471,7 +1514,6 @@ class Engine:
             await self.settle_gangs()
         self._updates_over(updates)
         self.watchers.notify(res.changed_runs)
-        return reply
 
     def _updates_applied(
         self,

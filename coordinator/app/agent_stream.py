@@ -55,7 +55,8 @@ class Session:
         # its answer (`settled`): the messages read after it wait for it, in order.
         self._in_flight = 0
         self._settled: asyncio.Future[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()  # the direct path's rare continuations (ended by `close`)
+        # The direct path's retries of a write the store's disk refused (nothing of it committed: ended by `close`).
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, hello: agent_pb2.AgentMessage) -> agent_pb2.CoordinatorMessage:
         engine = self.core.engine
@@ -187,22 +188,13 @@ class Session:
             await self._settled
 
     def _answered(self, msg: agent_pb2.AgentMessage, answer: UpdatesAnswer) -> None:
-        """(Event loop, from the report batch's hand-back) the direct path's message was applied, or failed."""
-        if isinstance(answer, Coroutine):  # a requeue or a gang to settle first: it waits, on a task
-            self._spawn(self._answered_later(msg, answer))
-        elif isinstance(answer, sqlite3.OperationalError) and refused_write(answer):
+        """(Event loop, from the report batch's hand-back, or from the engine's follow-up of a requeue or a gang
+        to settle, which is the engine's to finish and no task of ours: Engine._report) the direct path's message
+        was applied, or failed. Its stream may have ended meanwhile: then nothing is sent (`_done`)."""
+        if isinstance(answer, sqlite3.OperationalError) and refused_write(answer):
             self._spawn(self._stored_later(msg, answer))  # tried again until the disk takes it: `receive_stored`
         else:
             self._done(answer)
-
-    async def _answered_later(
-        self, msg: agent_pb2.AgentMessage, rest: Coroutine[Any, Any, agent_pb2.CoordinatorMessage]
-    ) -> None:
-        try:
-            answer: UpdatesAnswer = await rest
-        except Exception as e:
-            answer = e
-        self._done(answer)
 
     async def _stored_later(self, msg: agent_pb2.AgentMessage, refused: BaseException) -> None:
         try:
@@ -334,7 +326,9 @@ class Session:
             self._conn.close()
 
     def close(self) -> None:
-        for task in self._tasks:  # as the stream's handler task is: what it still waits for, it gives up
+        # As the stream's handler task is: a retry of a refused write gives up (the agent sends it again). What
+        # follows from reports already committed is the engine's, and goes on (Engine._report).
+        for task in self._tasks:
             task.cancel()
         if self._conn is not None:
             self.core.engine.hub.detach(self._conn)
