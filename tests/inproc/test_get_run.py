@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from dstack.coordinator.model import RunView
 from dstack.coordinator.services import client as client_service
 from dstack.protos.v1 import client_pb2
 from tests.inproc.factories import JS, coordinator, job_ids, job_spec, sim_agent, submit_run
@@ -31,7 +32,7 @@ async def test_get_run_reads_two_statements_and_builds_its_answer_on_a_reader_th
         built_on: list[str] = []
         plain = client_service._run_response
 
-        def recorded(view: client_service.RunView) -> client_pb2.GetRunResponse:
+        def recorded(view: RunView) -> client_pb2.GetRunResponse:
             built_on.append(threading.current_thread().name)
             return plain(view)
 
