@@ -11,7 +11,7 @@ import pytest
 from dstack.coordinator.model import RunView
 from dstack.coordinator.services import client as client_service
 from dstack.protos.v1 import client_pb2
-from tests.inproc.factories import JS, coordinator, job_ids, job_spec, sim_agent, submit_run
+from tests.inproc.factories import JS, coordinator, job_ids, job_spec, sim_agent, submit_run, wait_until
 
 pytestmark = pytest.mark.inproc
 
@@ -61,12 +61,17 @@ async def test_get_run_answers_as_the_listing_does_tags_attempts_and_exit_codes(
         for tag in ("second-tag", "first-tag"):
             await h.client.AddTag(client_pb2.AddTagRequest(tag=tag, run_name=run.name), metadata=h.meta)
         waiting = await submit_run(h, job_spec("queued", cpu=64))  # never fits: a waiting job with a reason
+
+        async def said_why() -> client_pb2.Job | None:
+            job = await h.job(waiting.name, "queued")
+            return job if job.message else None
+
+        await wait_until(said_why, "the waiting job's reason")
         got = {r.name: await h.run(r.name) for r in (run, waiting)}
         listed = await h.client.ListRuns(client_pb2.ListRunsRequest(all=True), metadata=h.meta)
         assert {r.name: r for r in listed.runs} == got
         assert sorted(got[run.name].tags) == ["first-tag", "second-tag"]
         assert got[run.name].jobs[0].status == JS.JOB_STATUS_DONE
-        assert got[waiting.name].jobs[0].message  # why it waits, as before
 
 
 async def test_get_run_of_an_unknown_run_is_not_found(tmp_path: Path) -> None:
