@@ -3,12 +3,16 @@ profiled: the same single-job runs of `true` and the same client as bench.e2e, t
 
 1. submit: JOBS runs through SubmitRun (bench.e2e's 16 concurrent submitters) into a coordinator with no
    agent: each run stored and queued, nothing dispatched;
-2. get: one GetRun per run (bench.e2e's wait asks each run once it has submitted them all);
+2. get: one GetRun per run, still queued;
 3. run: AGENTS real agents connect and run the queued jobs (dispatch, scheduling passes, the agents'
-   reports, run completion), waited for without asking the coordinator (its log of finished runs is not
-   read: the agents' own CPU shows when they are idle again); then bench.e2e itself, for the whole.
+   reports, run completion), waited for by asking each run until it has finished;
+4. get done: one GetRun per finished run (what bench.e2e's wait asks most: each run once, usually
+   finished by then); then bench.e2e itself, for the whole (`--no-e2e`: not).
 
-Usage: python -m bench.e2e_split [JOBS] [AGENTS] [--rounds 3] [--plaintext]
+`--tree LABEL=TREE` (repeatable): the coordinator from each source tree in turn (e.g. main's checkout),
+rounds alternated, figures per tree; the agents and the client are this tree's.
+
+Usage: python -m bench.e2e_split [JOBS] [AGENTS] [--rounds 3] [--plaintext] [--no-e2e] [--tree LABEL=TREE ...]
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import os
 import statistics
 import time
+from pathlib import Path
 
 import psutil
 
@@ -37,8 +42,11 @@ def per_run(before: dict[str, float], after: dict[str, float], jobs: int) -> dic
     return {k: (after[k] - before.get(k, 0.0)) * 1e3 / jobs for k in after}
 
 
-def one_round(jobs: int, agents: int, tls: bool) -> dict[str, dict[str, float]]:
+def one_round(
+    jobs: int, agents: int, tls: bool, tree: Path | None = None, e2e: bool = True
+) -> dict[str, dict[str, float]]:
     svc = Services(tls=tls)
+    svc.coordinator_tree = tree
     try:
         svc.start_coordinator()
         assert svc.coordinator is not None
@@ -82,8 +90,13 @@ def one_round(jobs: int, agents: int, tls: bool) -> dict[str, dict[str, float]]:
         ran = per_run(c0, cpu(coordinator), jobs)
         out["run"] = {k: v - out["get"][k] for k, v in ran.items()}
         c0 = cpu(coordinator)
-        submit_and_wait(svc, jobs, 1)
-        out["e2e"] = per_run(c0, cpu(coordinator), jobs)
+        for name in names:
+            stub.GetRun(client_pb2.GetRunRequest(name=name), metadata=meta())
+        out["get done"] = per_run(c0, cpu(coordinator), jobs)
+        if e2e:
+            c0 = cpu(coordinator)
+            submit_and_wait(svc, jobs, 1)
+            out["e2e"] = per_run(c0, cpu(coordinator), jobs)
         return out
     finally:
         svc.stop()
@@ -95,20 +108,42 @@ def main() -> None:
     p.add_argument("agents", type=int, nargs="?", default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--plaintext", action="store_true")
+    p.add_argument("--no-e2e", action="store_true", help="leave out the whole bench.e2e round")
+    p.add_argument("--tree", action="append", default=[], metavar="LABEL=TREE")
     a = p.parse_args()
-    rounds: list[dict[str, dict[str, float]]] = []
+    trees: list[tuple[str, Path | None]] = [
+        (t.partition("=")[0], Path(t.partition("=")[2]).resolve()) for t in a.tree
+    ] or [("this", None)]
+    rounds: dict[str, list[dict[str, dict[str, float]]]] = {label: [] for label, _ in trees}
+    loads: list[float] = []
     for r in range(a.rounds):
-        one = one_round(a.jobs, a.agents, not a.plaintext)
-        rounds.append(one)
-        print(f"round {r}: " + ", ".join(f"{k} {v['all']:.3f}" for k, v in one.items()) + " ms/run", flush=True)
+        for label, tree in trees if r % 2 == 0 else trees[::-1]:
+            one = one_round(a.jobs, a.agents, not a.plaintext, tree, not a.no_e2e)
+            rounds[label].append(one)
+            loads.append(os.getloadavg()[0])
+            print(
+                f"round {r} {label}: " + ", ".join(f"{k} {v['all']:.3f}" for k, v in one.items()) + " ms/run"
+                f" (load {loads[-1]:.1f})",
+                flush=True,
+            )
     print(
         f"coordinator CPU ms per single-job run, medians of {a.rounds} rounds of {a.jobs}"
-        f" (load {os.getloadavg()[0]:.1f});"
+        f" (load {min(loads):.1f}-{max(loads):.1f});"
         " run: dispatch, passes, reports, completion (and the agents' start); e2e: bench.e2e's whole round"
     )
-    for phase in rounds[0]:
-        kinds = rounds[0][phase]
-        print(f"  {phase:>7}: " + ", ".join(f"{k} {statistics.median(r[phase][k] for r in rounds):.3f}" for k in kinds))
+    for label, done in rounds.items():
+        if len(rounds) > 1:
+            print(f" {label}:")
+        for phase in done[0]:
+            kinds = done[0][phase]
+            print(
+                f"  {phase:>8}: "
+                + ", ".join(
+                    f"{k} {statistics.median(r[phase][k] for r in done):.3f}"
+                    f" ({min(r[phase][k] for r in done):.3f}-{max(r[phase][k] for r in done):.3f})"
+                    for k in kinds
+                )
+            )
 
 
 if __name__ == "__main__":

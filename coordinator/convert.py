@@ -10,6 +10,7 @@ decode them through here, with plain values on their side.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -137,7 +138,17 @@ def job_spec_record(encoded: bytes) -> dict[str, Any]:
 
 
 def code_from_bytes(data: bytes) -> CodeRef:
+    # Cached: every GetRun and listed run decodes its run's stored ref (and checks its URL), and runs share
+    # few refs. A CodeRef is immutable. Large refs (thousands of untracked files) are decoded each time, so
+    # that the cache stays small (at most 1024 x 4 KiB).
+    return _code_from_small_bytes(data) if len(data) <= 4096 else _code_from_bytes(data)
+
+
+def _code_from_bytes(data: bytes) -> CodeRef:
     return code_from_proto(common_pb2.CodeRef.FromString(data)) if data else CodeRef()
+
+
+_code_from_small_bytes = functools.lru_cache(maxsize=1024)(_code_from_bytes)
 
 
 def code_to_bytes(c: CodeRef) -> bytes:
@@ -157,7 +168,6 @@ def job_to_proto(j: JobView) -> client_pb2.Job:
         submitted_at_ns=j.submitted_at_ns,
         started_at_ns=j.started_at_ns,
         finished_at_ns=j.finished_at_ns,
-        spec=job_spec_proto(j.spec),
         queue_position=j.queue_position,
         wait_reason=j.wait_reason,
         eta_ns=j.eta_ns,
@@ -176,6 +186,7 @@ def job_to_proto(j: JobView) -> client_pb2.Job:
             for a in j.attempts
         ],
     )
+    out.spec.MergeFromString(j.spec)  # parsed once, into its place (not parsed and then copied)
     if j.exit_code is not None:
         out.exit_code = j.exit_code
         out.has_exit_code = True

@@ -129,9 +129,8 @@ class Core:
 
     def load_run(self, store: Store, name: str) -> RunView:
         """A run as clients see it (on a reader thread, or the DB thread)."""
-        row = store.run_by_name(name)
+        row, tags = store.run_with_tags(name)  # two statements in all, in the caller's one snapshot
         jobs = store.jobs_of_runs([row.id])[row.id]
-        tags = store.tags_of_runs([row.id])[row.id]
         return run_view(row, jobs, tags, self.engine.pending_reasons, self.engine.wait_info)
 
     async def run(self, name: str) -> RunView:

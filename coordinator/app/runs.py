@@ -347,6 +347,16 @@ async def get(core: Core, name: str) -> RunView:
     return await core.run(name)
 
 
+async def get_then(core: Core, name: str, then: Callable[[RunView], T]) -> T:
+    """`then` of the run as `get` returns it, run on the reader thread (GetRun makes its response there): the
+    event loop only hands the call over and takes the answer back, as for ListRuns (`list_runs_page`)."""
+
+    def load(store: Store) -> T:
+        return then(core.load_run(store, name))
+
+    return await core.read(load)
+
+
 MAX_LISTING_PAGE = 1000  # ListRuns (`dstack ps`): runs per page at most, and by default
 
 

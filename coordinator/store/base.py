@@ -18,6 +18,7 @@ from typing import Any
 
 import sqlite_utils
 
+from dstack.coordinator.model import TerminationReason, termination_reason
 from dstack.coordinator.store.schema import migrate
 from dstack.storage.private import private_file, tighten_file
 
@@ -128,5 +129,17 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
+_REASONS = {int(r): r for r in TerminationReason}
+
+
+def stored_reason(value: int | None) -> TerminationReason:
+    """`model.termination_reason` of a stored value, by a dict lookup (an enum's call costs microseconds, and
+    GetRun and listings read one per run and per job)."""
+    reason = _REASONS.get(value) if value is not None else TerminationReason.UNSPECIFIED
+    return reason if reason is not None else termination_reason(value)
+
+
 def json_list(text: str | None) -> list[Any]:
-    return list(json.loads(text or "[]"))
+    if not text or text == "[]":  # most stored lists are empty: no decoder for them (GetRun reads four per job)
+        return []
+    return list(json.loads(text))

@@ -113,6 +113,7 @@ class Store(Db):
         self.reserve_run_name = self.runs.reserve_name
         self.create_run = self.runs.create
         self.run_by_name = self.runs.by_name
+        self.run_with_tags = self.runs.by_name_with_tags
         self.run_by_id = self.runs.by_id
         self.list_runs = self.runs.recent
         self.runs_page = self.runs.page

@@ -11,10 +11,10 @@ from dstack.coordinator import lifecycle
 from dstack.coordinator.attempts import wire_job_id
 from dstack.coordinator.errors import Conflict, InvalidRequest, NotFound
 from dstack.coordinator.ids import new_id
-from dstack.coordinator.model import ON_AGENT, TERMINAL_RUN, WAITING, RunStatus, TerminationReason, termination_reason
+from dstack.coordinator.model import ON_AGENT, TERMINAL_RUN, WAITING, RunStatus, TerminationReason
 from dstack.coordinator.names import random_run_prefix
 from dstack.coordinator.repositories import resolve_qualifier
-from dstack.coordinator.store.base import Db, ints_in, json_list
+from dstack.coordinator.store.base import Db, ints_in, json_list, stored_reason
 from dstack.protos.repos import LEGACY, BadRef, reads_legacy, split_ref
 
 _COLUMNS = (
@@ -95,8 +95,8 @@ class RunRow:
             name=r["name"],
             owner=r["owner"],
             workflow=r["workflow"],
-            status=RunStatus(r["status"]),
-            termination_reason=termination_reason(r["termination_reason"]),
+            status=_RUN_STATUS[r["status"]],  # dict lookups, not the enums' calls (GetRun reads a run per call)
+            termination_reason=stored_reason(r["termination_reason"]),
             message=r["message"] or "",
             submitted_at=r["submitted_at"],
             finished_at=r["finished_at"],
@@ -110,6 +110,9 @@ class RunRow:
             kind=r["kind"] or "",
             repository=r["repository"],
         )
+
+
+_RUN_STATUS = {int(s): s for s in RunStatus}
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,18 @@ class Runs:
         if row is None:
             raise NotFound(f"run {name!r} does not exist (see `dstack ps -a`)")
         return RunRow.of(row)
+
+    def by_name_with_tags(self, name: str) -> tuple[RunRow, list[str]]:
+        """The run and the names of its tags, in one statement (GetRun: a call per run of every waiting client).
+        The tags in the order `Tags.of_runs` gives them (its index on run_id, then insertion)."""
+        row = self.db.row(
+            f"SELECT {_COLUMNS}, (SELECT json_group_array(t.name) FROM tags t WHERE t.run_id = runs.id) AS tag_names"
+            " FROM runs WHERE name = ?",
+            [name],
+        )
+        if row is None:
+            raise NotFound(f"run {name!r} does not exist (see `dstack ps -a`)")
+        return RunRow.of(row), json_list(row["tag_names"])
 
     def by_id(self, run_id: str) -> RunRow:
         row = self.db.row(f"SELECT {_COLUMNS} FROM runs WHERE id = ?", [run_id])
