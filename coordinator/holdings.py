@@ -59,6 +59,38 @@ class Holdings:
         for h in held:
             self.add(h)
 
+    def sync(self, held: Iterable[Held]) -> int:
+        """What the database says runs now, as `reset` would leave it, applied as a difference: the jobs it
+        no longer lists leave, the ones it lists differently or newly are added again, the rest stays, and
+        only the agents of what differed are touched (a heads-only pass builds only their states again).
+        A reset rebuilt every record, sum and set (50 ms at 5,000 agents, every REREAD_S) even when the
+        reread found what was kept. Returns how many jobs differed."""
+        read = {h.job_id: h for h in held}
+        gone = [job_id for job_id in self.jobs if job_id not in read]
+        for job_id in gone:
+            self.remove(job_id)
+        differed = len(gone)
+        jobs = self.jobs
+        for job_id, h in read.items():
+            if jobs.get(job_id) != h:
+                self.add(h)
+                differed += 1
+        # Each agent's CPU and GPUs made again from the read, as `reset` makes them: adding and taking away
+        # floats between rereads can leave a residue (0.1 + 0.2 - 0.2) that would decide an exact fit, and
+        # taking away a job frees its GPUs even where a write we did not see gave one to two jobs.
+        cpu: dict[str, float] = {}
+        gpus: dict[str, set[int]] = {}
+        for h in read.values():
+            cpu[h.agent_id] = cpu.get(h.agent_id, 0.0) + h.cpu
+            if h.gpu_indices:
+                gpus.setdefault(h.agent_id, set()).update(h.gpu_indices)
+        for agent_id, a in self.agents.items():
+            fresh_gpus = gpus.get(agent_id, set())
+            if a.cpu != cpu[agent_id] or a.gpus != fresh_gpus:
+                a.cpu, a.gpus = cpu[agent_id], fresh_gpus
+                self.touched.add(agent_id)
+        return differed
+
     def add(self, h: Held) -> None:
         """A job the engine just placed (or one read from the database)."""
         old = self.jobs.get(h.job_id)

@@ -232,7 +232,10 @@ class Agents:
         return lost
 
     def online_agents(self) -> list[AgentRow]:
-        return [AgentRow.of(r) for r in self.db.rows(f"SELECT {_COLUMNS} FROM agents WHERE status = 'online'")]
+        """Every online agent (each scheduling pass that rereads them: 5,000 rows at full size), read as
+        plain tuples: a sqlite3.Row and a lookup by name per column were most of its cost."""
+        cur = self.db.conn.execute(f"SELECT {_COLUMNS} FROM agents WHERE status = 'online'")
+        return [AgentRow(i, n, s, inv or b"", reg or 0, hb or 0, lease or 0) for i, n, s, inv, reg, hb, lease in cur]
 
     def pool(self) -> list[AgentRow]:
         """Every agent that registered and was not retired, by name (`dstack agents`): online, lost,

@@ -167,11 +167,36 @@ class Usage:
         return [FinishedJob(r["workflow"], r["job_name"], (r["finished_at"] - r["started_at"]) / NS) for r in rows]
 
     def on_agents(self) -> list[OnAgent]:
-        rows = self.db.rows(
-            "SELECT j.id, j.agent_id, j.job_name, j.cpu, j.memory, j.gpu_indices, j.started_at, j.submitted_at,"
-            f" r.owner, r.workflow FROM jobs j JOIN runs r ON r.id = j.run_id WHERE j.status IN ({ints_in(ON_AGENT)})"
+        """Every job on an agent (the engine's reread, every REREAD_S: 10,000 rows at 5,000 agents). Read
+        as plain tuples and with each GPU list parsed once per distinct text: column lookup by name and a
+        json.loads per row were half of its cost."""
+        cur = self.db.conn.execute(
+            "SELECT j.id, j.agent_id, r.owner, r.workflow, j.job_name, j.cpu, j.memory, j.gpu_indices,"
+            " j.started_at, j.submitted_at"
+            f" FROM jobs j JOIN runs r ON r.id = j.run_id WHERE j.status IN ({ints_in(ON_AGENT)})"
         )
-        return [on_agent_from_row(r) for r in rows]
+        gpu_lists: dict[str | None, tuple[int, ...]] = {}
+        found: list[OnAgent] = []
+        for job_id, agent_id, owner, workflow, job_name, cpu, memory, gpus, started_at, submitted_at in cur:
+            parsed = gpu_lists.get(gpus)
+            if parsed is None:
+                parsed = gpu_lists[gpus] = tuple(json_list(gpus))
+            gpu_list = list(parsed)
+            found.append(
+                OnAgent(
+                    job_id,
+                    agent_id,
+                    owner,
+                    workflow,
+                    job_name,
+                    cpu or 0.0,
+                    memory or 0,
+                    gpu_list,
+                    started_at,
+                    submitted_at,
+                )
+            )
+        return found
 
     # ---- shares and quotas -------------------------------------------------------------------
     def limits(self) -> list[UserLimitsRow]:
