@@ -62,7 +62,7 @@ from dstack.coordinator.store.cache import CacheHit
 from dstack.coordinator.store.executor import DbExecutor
 from dstack.coordinator.store.logs import StoredChunk, batch_lines
 from dstack.coordinator.store.secrets import TEAM
-from dstack.coordinator.store.usage import OnAgent
+from dstack.coordinator.store.usage import OnAgent, OnAgentRow, on_agent_of
 from dstack.protos.addresses import valid_address
 from dstack.protos.refusals import agent_removed
 from dstack.protos.urls import public_repo_url
@@ -241,6 +241,8 @@ class Engine:
         self.holdings = Holdings()
         self._holdings_read = False
         self._agent_rows: list[AgentRow] | None = None
+        self._agent_row_keys: list[tuple[str, str, bytes | None]] = []  # what `_agent_rows` was read with
+        self._held_of_row: dict[OnAgentRow, Held] = {}  # the last reread's records, by the row each came from
         self._agent_rows_for: frozenset[str] = frozenset()
         # Per agent, its capacities as parsed from the inventory bytes of its row (the same bytes object
         # while the rows are kept between passes): the DB thread's only.
@@ -661,11 +663,12 @@ class Engine:
             # REREAD_S, which bounds the harm of a write the journal could not see), and the journal
             # (coordinator/store/journal.py) counts from here.
             store.journal.start()
-            on_agents = store.jobs_on_agents()
-            self.started.keep((j.id, j.started_at) for j in on_agents if j.started_at is not None)
-            # Applied as a difference (Holdings.sync): a reread that finds what is kept costs its query and
-            # a comparison, not a rebuild of every record and agent state (the 10 s spike at 5,000 agents).
-            self.holdings.sync(_held(j) for j in on_agents)
+            on_agents = store.jobs_on_agent_rows()
+            self.started.keep((r[0], r[8]) for r in on_agents if r[8] is not None)
+            # Applied as a difference (Holdings.sync), with a record made only of a row that differs from
+            # last time's: a reread that finds what is kept costs its query and comparisons, not a record
+            # per job and a rebuild of every sum and agent state (the 10 s spike at 5,000 agents).
+            self.holdings.sync(self._held_of_rows(on_agents))
             self._dependency_statuses = {}
             self._holdings_read = True
             self._reread_at = time.perf_counter() + REREAD_S
@@ -1224,23 +1227,31 @@ class Engine:
             agents[row.id] = self._fresh_state(row)
         return agents
 
+    def _held_of_rows(self, rows: list[OnAgentRow]) -> list[Held]:
+        """The records of the jobs on agents as read (DB thread): the one made last time for a row read the
+        same again, a new one for a row that differs (then Holdings.sync finds it the same object as
+        what it holds, unless a change came between)."""
+        last, made = self._held_of_row, {}
+        held = []
+        for r in rows:
+            h = last.get(r)
+            if h is None:
+                h = _held(on_agent_of(r))
+            made[r] = h
+            held.append(h)
+        self._held_of_row = made  # only what was read this time: it never outgrows the running jobs
+        return held
+
     def _read_agent_rows(self, connected: set[str]) -> list[AgentRow]:
-        """The online agents' rows read again (DB thread). The list kept before stays when no row differs
-        in what a pass uses of it (id, name, inventory), so that the agents' kept states, made from it,
-        stay too (`_heads_agent_states`): every REREAD_S, rebuilding 5,000 states for nothing was a third
-        of the reread's spike."""
-        rows = self.store.online_agents()
-        kept = self._agent_rows
-        if (
-            kept is None
-            or len(kept) != len(rows)
-            or any(
-                a.id != b.id or a.name != b.name or a.inventory != b.inventory for a, b in zip(kept, rows, strict=True)
-            )
-        ):
-            self._agent_rows = kept = rows
+        """The online agents' rows read again (DB thread). What a pass uses of them (id, name, inventory)
+        is read first, and when none differs from the last read the kept list stays, and with it the
+        agents' kept states made from it (`_heads_agent_states`): every REREAD_S, a record per row and a
+        new state per agent for nothing were most of the agents' part of the reread's spike."""
+        keys = self.store.online_agent_keys()
+        if self._agent_rows is None or keys != self._agent_row_keys:
+            self._agent_rows, self._agent_row_keys = self.store.online_agents(), keys
         self._agent_rows_for = frozenset(connected)
-        return kept
+        return self._agent_rows
 
     def _fresh_state(self, row: AgentRow) -> AgentState:
         """An agent's state with nothing held, on its row's capacities (parsed once per inventory)."""

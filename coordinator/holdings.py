@@ -72,9 +72,14 @@ class Holdings:
         differed = len(gone)
         jobs = self.jobs
         for job_id, h in read.items():
-            if jobs.get(job_id) != h:
-                self.add(h)
-                differed += 1
+            kept = jobs.get(job_id)
+            if kept is h:
+                continue
+            if kept == h:
+                jobs[job_id] = h  # the read's own record: the next reread finds it the same object
+                continue
+            self.add(h)
+            differed += 1
         # Each agent's CPU and GPUs made again from the read, as `reset` makes them: adding and taking away
         # floats between rereads can leave a residue (0.1 + 0.2 - 0.2) that would decide an exact fit, and
         # taking away a job frees its GPUs even where a write we did not see gave one to two jobs.

@@ -56,6 +56,15 @@ class OnAgent:
     assigned_at: int  # its submission, for a job not started yet
 
 
+# (id, agent_id, owner, workflow, job_name, cpu, memory, gpu_indices, started_at, submitted_at), as read
+OnAgentRow = tuple[str, str, str, str, str, float | None, int | None, str | None, int | None, int]
+
+
+def on_agent_of(r: OnAgentRow) -> OnAgent:
+    """An OnAgent from a tuple of `Usage.on_agent_rows`."""
+    return OnAgent(r[0], r[1], r[2], r[3], r[4], r[5] or 0.0, r[6] or 0, json_list(r[7]), r[8], r[9])
+
+
 def on_agent_from_row(r: sqlite3.Row) -> OnAgent:
     """An OnAgent from a row of jobs joined with its run (id, agent_id, owner, workflow, job_name, cpu,
     memory, gpu_indices, started_at, submitted_at)."""
@@ -166,37 +175,20 @@ class Usage:
         )
         return [FinishedJob(r["workflow"], r["job_name"], (r["finished_at"] - r["started_at"]) / NS) for r in rows]
 
-    def on_agents(self) -> list[OnAgent]:
-        """Every job on an agent (the engine's reread, every REREAD_S: 10,000 rows at 5,000 agents). Read
-        as plain tuples and with each GPU list parsed once per distinct text: column lookup by name and a
-        json.loads per row were half of its cost."""
+    def on_agent_rows(self) -> list[OnAgentRow]:
+        """Every job on an agent as the database's own tuples (the engine's reread, every REREAD_S:
+        thousands of rows at 5,000 agents): the engine compares them with what it read last time and
+        makes records only of those that differ. A sqlite3.Row, a lookup by name per column and a frozen
+        record per row were most of the reread's cost."""
         cur = self.db.conn.execute(
             "SELECT j.id, j.agent_id, r.owner, r.workflow, j.job_name, j.cpu, j.memory, j.gpu_indices,"
             " j.started_at, j.submitted_at"
             f" FROM jobs j JOIN runs r ON r.id = j.run_id WHERE j.status IN ({ints_in(ON_AGENT)})"
         )
-        gpu_lists: dict[str | None, tuple[int, ...]] = {}
-        found: list[OnAgent] = []
-        for job_id, agent_id, owner, workflow, job_name, cpu, memory, gpus, started_at, submitted_at in cur:
-            parsed = gpu_lists.get(gpus)
-            if parsed is None:
-                parsed = gpu_lists[gpus] = tuple(json_list(gpus))
-            gpu_list = list(parsed)
-            found.append(
-                OnAgent(
-                    job_id,
-                    agent_id,
-                    owner,
-                    workflow,
-                    job_name,
-                    cpu or 0.0,
-                    memory or 0,
-                    gpu_list,
-                    started_at,
-                    submitted_at,
-                )
-            )
-        return found
+        return cur.fetchall()
+
+    def on_agents(self) -> list[OnAgent]:
+        return [on_agent_of(r) for r in self.on_agent_rows()]
 
     # ---- shares and quotas -------------------------------------------------------------------
     def limits(self) -> list[UserLimitsRow]:
