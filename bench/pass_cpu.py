@@ -214,7 +214,7 @@ def steady_state(
         running.update(placed)
     print(
         f"{len(agents)} agents all busy, {len(engine.queue)} queued, {k} placed per {'full' if full else 'heads-only'}"
-        f" pass ({rounds} passes): pass CPU {percentiles(per_pass)}; {COLLECTIONS}"
+        f" pass ({len(per_pass)} passes): pass CPU {percentiles(per_pass)}; {COLLECTIONS}"
     )
     if rereads:
         print(f"  and {len(rereads)} reread passes (not in the line above): pass CPU {percentiles(rereads)}")

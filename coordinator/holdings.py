@@ -7,7 +7,8 @@ agents) and sum them up again. Now the engine reads them all only on a full pass
 one); between, it adds its own placements here and rereads only the jobs the writer's journal says
 changed (coordinator/store/journal.py: ended, started, requeued), so what is kept is what a read would
 give (tests/unit/test_incremental_state.py checks it against a rebuild, tests/inproc/test_job_journal.py
-against the database).
+against the database). The reread every REREAD_S applies what it reads as a difference (`sync`), so
+one that finds what is kept costs comparisons, not a rebuild (tests/unit/test_reread.py).
 """
 
 from __future__ import annotations
