@@ -6,7 +6,7 @@ places a job on every free agent, then every placed job reports RUNNING and DONE
 the agent stream's path, not the pass's). CPU time is the thread's own (time.thread_time), which a
 loaded machine does not inflate as it does wall time. Run it on two trees for an A/B:
 `PYTHONPATH=TREE python TREE/bench/pass_cpu.py` (each tree's own engine).
-Usage: python -m bench.pass_cpu [AGENTS] [QUEUED] [ROUNDS] [--steady K] [--full]
+Usage: python -m bench.pass_cpu [AGENTS] [QUEUED] [ROUNDS] [--steady K] [--full] [--reread-every N]
 
 Each pass's CPU is reported as median, 90th and 99th percentile, with the garbage collections that ran
 inside the timed passes (count and CPU by generation). As in the serving coordinator (coordinator/
@@ -16,6 +16,10 @@ gc_policy.py), what the fill made is frozen once it is done, and survivors of fu
 pass K of them end, so each pass places K. What such a pass costs beyond its K placements is its
 per-pass work over every agent and every running job (issue 16: 42 ms of CPU per pass at 5,000 agents
 before the heads-only pass kept the agents' states and skipped the running jobs' records).
+
+--reread-every N (with --steady): every Nth pass is a reread pass (engine.REREAD_S due: every running
+job and online agent read again), reported apart from the others. The engine rereads every 10 s of wall
+time, so how many of a run's passes are rereads otherwise depends on the machine's load.
 
 --full: each pass is a full pass (planner.plan: every waiting job's reason, position and estimate), as
 every pass is while the queue is no deeper than FULL_QUEUE; a pass's pending marks are applied as the
@@ -50,6 +54,11 @@ def main() -> None:
     full = "--full" in args
     if full:
         args.remove("--full")
+    reread_every = 0
+    if "--reread-every" in args:
+        i = args.index("--reread-every")
+        reread_every = int(args[i + 1])
+        del args[i : i + 2]
     if "--steady" in args:
         i = args.index("--steady")
         steady = int(args[i + 1])
@@ -84,7 +93,7 @@ def main() -> None:
     gc.callbacks.append(GcPolicy().on_collection)
     gc.callbacks.append(COLLECTIONS)
     if steady:
-        steady_state(engine, store, agents, connected, rounds, steady, full)
+        steady_state(engine, store, agents, connected, rounds, steady, full, reread_every)
         return
     per_pass: list[float] = []
     per_job: list[float] = []
@@ -168,7 +177,14 @@ def one_pass(engine: Engine, connected: set[str], full: bool) -> Plan:
 
 
 def steady_state(
-    engine: Engine, store: Store, agents: list[str], connected: set[str], rounds: int, k: int, full: bool
+    engine: Engine,
+    store: Store,
+    agents: list[str],
+    connected: set[str],
+    rounds: int,
+    k: int,
+    full: bool,
+    reread_every: int = 0,
 ) -> None:
     def heads_pass() -> list[tuple[str, str]]:
         plan = one_pass(engine, connected, full)
@@ -180,7 +196,11 @@ def steady_state(
 
     running = dict(heads_pass())  # agent -> its job: every agent busy
     per_pass: list[float] = []
+    rereads: list[float] = []
     for r in range(rounds):
+        reread = reread_every > 0 and r % reread_every == reread_every - 1
+        # Due now, or (between forced ones) not for the whole run: the wall clock decides neither.
+        engine._reread_at = 0.0 if reread else (float("inf") if reread_every else engine._reread_at)
         now = time.time_ns()
         start = (r * k) % len(agents)
         for agent_id in agents[start : start + k]:
@@ -189,13 +209,16 @@ def steady_state(
         t0 = time.thread_time()
         COLLECTIONS.timing = True
         placed = heads_pass()
-        per_pass.append(time.thread_time() - t0)
+        (rereads if reread else per_pass).append(time.thread_time() - t0)
         COLLECTIONS.timing = False
         running.update(placed)
     print(
         f"{len(agents)} agents all busy, {len(engine.queue)} queued, {k} placed per {'full' if full else 'heads-only'}"
-        f" pass ({rounds} passes): pass CPU {percentiles(per_pass)}; {COLLECTIONS}"
+        f" pass ({len(per_pass)} passes): pass CPU {percentiles(per_pass)}; {COLLECTIONS}"
     )
+    if rereads:
+        print(f"  and {len(rereads)} reread passes (not in the line above): pass CPU {percentiles(rereads)}")
+        print(f"  all passes: pass CPU {percentiles(per_pass + rereads)}")
 
 
 if __name__ == "__main__":

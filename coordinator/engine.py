@@ -64,7 +64,7 @@ from dstack.coordinator.store.executor import DbExecutor
 from dstack.coordinator.store.jobs import UpdateResult
 from dstack.coordinator.store.logs import StoredChunk, batch_lines
 from dstack.coordinator.store.secrets import TEAM
-from dstack.coordinator.store.usage import OnAgent
+from dstack.coordinator.store.usage import OnAgent, OnAgentRow, on_agent_of
 from dstack.protos.addresses import valid_address
 from dstack.protos.refusals import agent_removed
 from dstack.protos.urls import public_repo_url
@@ -260,6 +260,8 @@ class Engine:
         self.holdings = Holdings()
         self._holdings_read = False
         self._agent_rows: list[AgentRow] | None = None
+        self._agent_row_keys: list[tuple[str, str, bytes | None]] = []  # what `_agent_rows` was read with
+        self._held_of_row: dict[OnAgentRow, Held] = {}  # the last reread's records, by the row each came from
         self._agent_rows_for: frozenset[str] = frozenset()
         # Per agent, its capacities as parsed from the inventory bytes of its row (the same bytes object
         # while the rows are kept between passes): the DB thread's only.
@@ -685,9 +687,12 @@ class Engine:
             # REREAD_S, which bounds the harm of a write the journal could not see), and the journal
             # (coordinator/store/journal.py) counts from here.
             store.journal.start()
-            on_agents = store.jobs_on_agents()
-            self.started.keep((j.id, j.started_at) for j in on_agents if j.started_at is not None)
-            self.holdings.reset(_held(j) for j in on_agents)
+            on_agents = store.jobs_on_agent_rows()
+            self.started.keep((r[0], r[8]) for r in on_agents if r[8] is not None)
+            # Applied as a difference (Holdings.sync), with a record made only of a row that differs from
+            # last time's: a reread that finds what is kept costs its query and comparisons, not a record
+            # per job and a rebuild of every sum and agent state (the 10 s spike at 5,000 agents).
+            self.holdings.sync(self._held_of_rows(on_agents))
             self._dependency_statuses = {}
             self._holdings_read = True
             self._reread_at = time.perf_counter() + REREAD_S
@@ -1185,22 +1190,33 @@ class Engine:
         touched = self.holdings.take_touched()
         placed, self._placed_on = self._placed_on, set()
         kept = self._kept_states
+        if reread and kept is not None:
+            self._read_agent_rows(connected)  # a new list only if a row differs: then all is built again below
         if (
             kept is None
-            or reread
             or self._agent_rows is None
             or self._agent_rows is not self._kept_from_rows  # a full pass read them again meanwhile
             or self._kept_for != connected
             or self.quarantine.held()
         ):
-            agents = self._idle_agent_states(connected, reread)
+            agents = self._idle_agent_states(connected, reread and kept is None)
             for agent_id, held in self.holdings.agents.items():
                 if (a := agents.get(agent_id)) is not None:
                     _hold_all(a, held)
             self._kept_states, self._kept_for, self._kept_from_rows = agents, frozenset(connected), self._agent_rows
             self._kept_rows = {row.id: row for row in self._agent_rows or () if row.id in agents}
             return agents
-        for agent_id in touched | placed:
+        rebuild = touched | placed
+        if reread:
+            # The safety net for the kept states themselves: any whose holds differ from the holdings is
+            # built again (a comparison per agent, not a new state per agent).
+            empty = AgentHeld()
+            holdings = self.holdings.agents
+            for agent_id, a in kept.items():
+                h = holdings.get(agent_id, empty)
+                if (a.used_cpu, a.used_memory, a.busy_gpus, a.jobs) != (h.cpu, h.memory, h.gpus, h.jobs):
+                    rebuild.add(agent_id)
+        for agent_id in rebuild:
             row = self._kept_rows.get(agent_id)
             if row is None:
                 continue  # not one of the pass's agents
@@ -1226,8 +1242,7 @@ class Engine:
         now = self.clock.monotonic()
         rows = self._agent_rows
         if rows is None or reread or self._agent_rows_for != connected:
-            rows = self._agent_rows = self.store.online_agents()
-            self._agent_rows_for = frozenset(connected)
+            rows = self._read_agent_rows(connected)
         for row in rows:
             if row.id not in connected:
                 continue
@@ -1235,6 +1250,32 @@ class Engine:
                 continue  # it may still run an attempt that is over, on GPUs it would otherwise offer
             agents[row.id] = self._fresh_state(row)
         return agents
+
+    def _held_of_rows(self, rows: list[OnAgentRow]) -> list[Held]:
+        """The records of the jobs on agents as read (DB thread): the one made last time for a row read the
+        same again, a new one for a row that differs (then Holdings.sync finds it the same object as
+        what it holds, unless a change came between)."""
+        last, made = self._held_of_row, {}
+        held = []
+        for r in rows:
+            h = last.get(r)
+            if h is None:
+                h = _held(on_agent_of(r))
+            made[r] = h
+            held.append(h)
+        self._held_of_row = made  # only what was read this time: it never outgrows the running jobs
+        return held
+
+    def _read_agent_rows(self, connected: set[str]) -> list[AgentRow]:
+        """The online agents' rows read again (DB thread). What a pass uses of them (id, name, inventory)
+        is read first, and when none differs from the last read the kept list stays, and with it the
+        agents' kept states made from it (`_heads_agent_states`): every REREAD_S, a record per row and a
+        new state per agent for nothing were most of the agents' part of the reread's spike."""
+        keys = self.store.online_agent_keys()
+        if self._agent_rows is None or keys != self._agent_row_keys:
+            self._agent_rows, self._agent_row_keys = self.store.online_agents(), keys
+        self._agent_rows_for = frozenset(connected)
+        return self._agent_rows
 
     def _fresh_state(self, row: AgentRow) -> AgentState:
         """An agent's state with nothing held, on its row's capacities (parsed once per inventory)."""

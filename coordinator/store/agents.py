@@ -234,6 +234,13 @@ class Agents:
     def online_agents(self) -> list[AgentRow]:
         return [AgentRow.of(r) for r in self.db.rows(f"SELECT {_COLUMNS} FROM agents WHERE status = 'online'")]
 
+    def online_agent_keys(self) -> list[tuple[str, str, bytes | None]]:
+        """Every online agent's id, name and inventory (what a scheduling pass uses of its row), as the
+        database's own tuples: the engine's reread compares them with the last ones and reads the rows
+        (`online_agents`) only if they differ. A record per row was most of the cost of a reread of
+        5,000 agents' rows (25 of 35 ms)."""
+        return self.db.conn.execute("SELECT id, name, inventory FROM agents WHERE status = 'online'").fetchall()
+
     def pool(self) -> list[AgentRow]:
         """Every agent that registered and was not retired, by name (`dstack agents`): online, lost,
         never connected, pending approval and removed."""

@@ -165,6 +165,7 @@ class Store(Db):
         self.online_agent_ids = self.agents.online_ids
         self.lose_agents = self.agents.lose
         self.online_agents = self.agents.online_agents
+        self.online_agent_keys = self.agents.online_agent_keys
         self.list_agents = self.agents.pool
         self.remove_agent = self.agents.remove
         self.approve_agent = self.agents.approve
@@ -216,6 +217,7 @@ class Store(Db):
         self.usage_accumulators = self.usage.accumulators
         self.recent_durations = self.usage.recent_durations
         self.jobs_on_agents = self.usage.on_agents
+        self.jobs_on_agent_rows = self.usage.on_agent_rows
         self.user_limits = self.usage.limits
         self.user_role = self.usage.role
         self.set_user_limits = self.usage.set_limits
