@@ -14,7 +14,7 @@ from dstack.cli.client import Client
 from dstack.cli.home import Endpoint
 from dstack.coordinator.store.runs import NewJob
 from dstack.protos.v1 import client_pb2
-from tests.inproc.factories import ADMIN, coordinator, job_spec, submit_run
+from tests.inproc.factories import ADMIN, Harness, coordinator, job_spec, submit_run
 
 ACTIVE = 1_050
 T = TypeVar("T")
@@ -67,22 +67,28 @@ async def test_listings_page_past_a_thousand_active_runs(tmp_path: Path) -> None
                 raise AssertionError(f"page token {bad!r} accepted")
 
 
+async def three_finished_behind_250_active(h: Harness) -> tuple[list[client_pb2.Run], set[str]]:
+    """Three runs stopped (finished), then 250 unfinished ones inserted in one store call (one clock
+    instant: in the listing's own order, by id): a queue deeper than `dstack ps`'s page of 100."""
+    done = [await submit_run(h) for _ in range(3)]
+    for r in done:
+        await h.client.StopRun(client_pb2.StopRunRequest(name=r.name), metadata=h.meta)
+    engine = h.coordinator.engine
+    spec = job_spec().SerializeToString()
+
+    def insert_active() -> list[str]:
+        job = NewJob(job_name="main", spec=spec, cpu=1.0, memory=0, gpu_count=0, depends_on=[])
+        return [engine.store.create_run("admin", "w", b"", "", [], [job]).name for _ in range(250)]
+
+    return done, set(await engine.db(insert_active))
+
+
 async def test_ps_shows_the_first_page_and_the_latest_finished_runs_behind_a_deep_queue(tmp_path: Path) -> None:
     """`dstack ps` with a deep queue: two calls give the newest unfinished runs and the latest finished
     ones (which come after every unfinished run in the listing), and say that runs were left out; the
     hundred pages of 100,000 queued runs are fetched only on request (`--limit 0`)."""
     async with coordinator(tmp_path, max_queued_per_user=0, max_submissions_per_minute=0) as h:
-        done = [await submit_run(h) for _ in range(3)]
-        for r in done:
-            await h.client.StopRun(client_pb2.StopRunRequest(name=r.name), metadata=h.meta)
-        engine = h.coordinator.engine
-        spec = job_spec().SerializeToString()
-
-        def insert_active() -> list[str]:
-            job = NewJob(job_name="main", spec=spec, cpu=1.0, memory=0, gpu_count=0, depends_on=[])
-            return [engine.store.create_run("admin", "w", b"", "", [], [job]).name for _ in range(250)]
-
-        active = set(await engine.db(insert_active))  # one clock instant: in the listing's own order (by id)
+        done, active = await three_finished_behind_250_active(h)
         endpoint = Endpoint(address=h.address, token=ADMIN, insecure=True)
 
         def head(include_all: bool, limit: int) -> tuple[list[str], bool]:
@@ -127,17 +133,7 @@ async def test_ps_behind_a_deep_queue_is_one_call_that_brings_the_latest_finishe
     finished runs (with_finished), which the coordinator reads with the page, in its snapshot. What is
     shown is the same as with an older coordinator (which ignores the field: then a second call)."""
     async with coordinator(tmp_path, max_queued_per_user=0, max_submissions_per_minute=0) as h:
-        done = [await submit_run(h) for _ in range(3)]
-        for r in done:
-            await h.client.StopRun(client_pb2.StopRunRequest(name=r.name), metadata=h.meta)
-        engine = h.coordinator.engine
-        spec = job_spec().SerializeToString()
-
-        def insert_active() -> list[str]:
-            job = NewJob(job_name="main", spec=spec, cpu=1.0, memory=0, gpu_count=0, depends_on=[])
-            return [engine.store.create_run("admin", "w", b"", "", [], [job]).name for _ in range(250)]
-
-        active = set(await engine.db(insert_active))
+        done, active = await three_finished_behind_250_active(h)
         done_names = sorted(r.name for r in done)
         endpoint = Endpoint(address=h.address, token=ADMIN, insecure=True)
 
