@@ -10,6 +10,7 @@ logs as before.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import threading
@@ -30,6 +31,9 @@ from dstack.protos.v1 import client_pb2, client_pb2_grpc, common_pb2
 T = TypeVar("T")
 LOCALHOST = "127.0.0.1"
 ERROR_REPEAT_S = 10.0  # the same error, for many connections at once, is said once in this time
+# How long closing waits for the connections to reset and the channel to close: a Ctrl-C returns promptly
+# even when a peer or the coordinator does not answer (the process is exiting: what is left is dropped).
+CLOSE_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -158,11 +162,12 @@ class Forwarder:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(RuntimeError):
-            self._run(self._shutdown())
+        with contextlib.suppress(RuntimeError, concurrent.futures.TimeoutError):
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(CLOSE_WAIT_S)
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        self._thread.join(CLOSE_WAIT_S)
+        if not self._thread.is_alive():  # a loop still running cannot be closed: its daemon thread is left
+            self._loop.close()
 
     async def _shutdown(self) -> None:
         for s in self._servers:
