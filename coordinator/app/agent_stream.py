@@ -57,6 +57,10 @@ class Session:
         self._settled: asyncio.Future[None] | None = None
         # The direct path's retries of a write the store's disk refused (nothing of it committed: ended by `close`).
         self._tasks: set[asyncio.Task[None]] = set()
+        # The stream is ending (`end_input`): nothing read after that is handled, not even a message that was
+        # already read and waited behind the direct path's (`settled`). The agent sends it again on its next
+        # stream, once the one ahead of it is stored: its order is kept.
+        self.ended = False
 
     async def start(self, hello: agent_pb2.AgentMessage) -> agent_pb2.CoordinatorMessage:
         engine = self.core.engine
@@ -102,6 +106,8 @@ class Session:
             self._conn.send(agent_pb2.CoordinatorMessage(lease_ack=seq))
 
     async def receive(self, msg: agent_pb2.AgentMessage, handling: Handling | None = None) -> None:
+        if self.ended:  # a message ahead of it failed: not applied, not acknowledged
+            return
         if not self.core.engine.sessions.is_current(self.agent_id, self.epoch):
             # The agent was lost or removed since this stream's hello, or opened a newer stream: what
             # comes on this one is stale, applied by nobody; the agent reconnects and says hello.
@@ -163,6 +169,8 @@ class Session:
         loop's work per message (bench.drain). False: not such a message (nothing done: `receive` takes it).
         One at a time: the caller sends nothing this way, nor to `receive`, until `settled`."""
         assert self._in_flight == 0, "one message at a time"
+        if self.ended:
+            return True  # taken and dropped, as `receive` drops it: the agent sends it again
         if not msg.updates or msg.logs or msg.HasField("heartbeat") or msg.HasField("hello"):
             return False
         if not self.core.engine.sessions.is_current(self.agent_id, self.epoch):
@@ -321,7 +329,8 @@ class Session:
             yield msg
 
     def end_input(self) -> None:
-        """The agent's side of the stream ended: so does ours."""
+        """The agent's side of the stream ended, or a message failed: so does our stream."""
+        self.ended = True
         if self._conn is not None:
             self._conn.close()
 

@@ -95,6 +95,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 while (msg := await inbox.get()) is not None:
                     handling = True
                     await session.settled()  # a message the direct path took before this one is answered
+                    if session.ended:  # ...and failed: nothing behind it is applied on this stream
+                        break
                     await session.receive_stored(msg)  # again while the store's disk refuses writes
                     handling = False
             except asyncio.CancelledError:

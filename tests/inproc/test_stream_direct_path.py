@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from dstack.coordinator.app import agent_stream
 from dstack.coordinator.engine import Engine
 from dstack.protos.v1 import agent_pb2, common_pb2
 from tests.inproc.factories import JS, TR, coordinator, job_ids, job_spec, sim_agent, submit_run, wait_until
@@ -123,11 +124,24 @@ async def test_an_update_whose_write_the_full_disk_refused_is_stored_before_the_
 
 
 async def test_an_update_that_fails_otherwise_ends_the_stream_unacknowledged_and_nothing_behind_it_is_applied(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A message whose write fails with another error (a bug, a corrupt page) ends its stream, as the
     handler's path does: it is not acknowledged (the agent sends it again after its reconnect), and the DONE
-    sent behind it is not applied on this stream."""
+    sent behind it is not applied on this stream. The failure is held until the DONE waits behind it in the
+    handler (`settled`): the order in which CI once applied the DONE all the same (the handler went on once the
+    failed message was answered)."""
+    waiting_behind = threading.Event()
+    plain_settled = agent_stream.Session.settled
+    sessions: list[agent_stream.Session] = []
+
+    async def settled(self: agent_stream.Session) -> None:
+        if not self.idle():
+            sessions.append(self)
+            waiting_behind.set()
+        await plain_settled(self)
+
+    monkeypatch.setattr(agent_stream.Session, "settled", settled)
     async with coordinator(tmp_path) as h, sim_agent(h, "a", cpu=1) as a:
         run = await submit_run(h, job_spec("main"))
         job_id = job_ids(run)["main"]
@@ -140,6 +154,7 @@ async def test_an_update_that_fails_otherwise_ends_the_stream_unacknowledged_and
             nonlocal calls
             calls += 1
             if calls == 1:
+                assert waiting_behind.wait(30), "the DONE never waited behind the RUNNING"
                 raise sqlite3.DatabaseError("database disk image is malformed")
             return plain(*args, **kwargs)
 
@@ -149,4 +164,9 @@ async def test_an_update_that_fails_otherwise_ends_the_stream_unacknowledged_and
         await a.until(lambda: a.ended, "the stream's end")
         assert not a.update_acks()
         assert calls == 1, "a message behind the failed one was applied on its stream"
+        # Whether the handler, woken as the failed message was answered, reaches the store before the stream's
+        # tasks are cancelled is a race (CI lost it once): what it would do then is done here, for certain.
+        (session,) = sessions
+        await session.receive(_update(job_id, JS.JOB_STATUS_DONE))
+        assert calls == 1, "a message read before the stream ended was applied after it"
         assert [j.status for j in (await h.run(run.name)).jobs] != [JS.JOB_STATUS_DONE]
