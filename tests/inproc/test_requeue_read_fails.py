@@ -1,0 +1,171 @@
+"""A committed requeue reaches the queue even when reading it back fails.
+
+When a job's row goes back to waiting as a new attempt (its retry policy after a failure, its agent's loss, an
+agent's hello without it), the engine reads the waiting jobs back into its in-memory queue
+(coordinator/engine.py `Engine._requeued`). Before, a failure of that read (a transient SQLITE_BUSY, IOERR or
+FULL) raised: out of a report's follow-up (the message went unacked and its repeat found nothing more to
+requeue), out of the lease loop (which ended: no agent was ever marked lost again) or out of a hello. The row
+said waiting, the queue never had it, and in a quiet pool nothing placed it until the coordinator restarted.
+Now the read is tried again with a doubling pause, then owed to the lease loop's sweep, which reads again at
+each check until one works; its failure is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dstack.coordinator import engine as engine_module
+from dstack.coordinator.engine import Engine
+from dstack.coordinator.store.cache import CacheHit
+from tests.inproc.factories import JS, coordinator, job_spec, sim_agent, submit_run
+from tests.inproc.test_attempts import LEASE_S, retrying, stored
+from tests.inproc.test_report_follow_up import failed
+
+pytestmark = pytest.mark.inproc
+
+
+class FailingReads:
+    """The engine's reads of the waiting jobs (`Store.waiting_jobs`) raise SQLite's "database is locked" (its
+    SQLITE_BUSY) the next `times` times."""
+
+    def __init__(self, engine: Engine, times: int) -> None:
+        self.left, self.failed = times, 0
+        plain = engine.store.waiting_jobs
+
+        def reading(*args: Any) -> Any:
+            if self.left > 0:
+                self.left -= 1
+                self.failed += 1
+                raise sqlite3.OperationalError("database is locked")
+            return plain(*args)
+
+        engine.store.waiting_jobs = reading  # type: ignore[method-assign]
+
+
+def errors_about_requeues(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and "back to waiting" in r.message]
+
+
+@pytest.mark.parametrize("path", ["handler", "direct"])
+async def test_a_retried_job_is_placed_in_a_quiet_pool_though_reading_it_back_failed_once(
+    tmp_path: Path, path: str
+) -> None:
+    """The only agent, nothing else happening, the clock still: only the follow-up can queue the job again."""
+    async with coordinator(tmp_path) as h, sim_agent(h, "only", cpu=1) as agent:
+        await submit_run(h, retrying(["error"]))
+        (first,) = await agent.wait_assignments(1)
+        await agent.report(first.job_id, JS.JOB_STATUS_RUNNING)
+        reads = FailingReads(h.coordinator.engine, times=1)
+        await agent.send(failed(first.job_id, path))
+        (_, second) = await agent.wait_assignments(2)
+        assert second.job_id == f"{first.job_id}-a2"
+        assert reads.failed == 1
+        await agent.until(lambda: (first.job_id, JS.JOB_STATUS_FAILED) in agent.update_acks(), "the FAILED's ack")
+
+
+async def test_a_retried_job_whose_reads_keep_failing_is_queued_by_the_lease_loop_s_sweep_and_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "dstack.coordinator")
+    async with coordinator(tmp_path) as h, sim_agent(h, "only", cpu=1) as agent:
+        engine = h.coordinator.engine
+        run = await submit_run(h, retrying(["error"]))
+        (first,) = await agent.wait_assignments(1)
+        await agent.report(first.job_id, JS.JOB_STATUS_RUNNING)
+        # Every try of the follow-up fails, and the sweep's first.
+        reads = FailingReads(engine, times=engine_module.REQUEUE_TRIES + 1)
+        await agent.send(failed(first.job_id, "direct"))
+        await agent.until(lambda: (first.job_id, JS.JOB_STATUS_FAILED) in agent.update_acks(), "the FAILED's ack")
+        assert reads.failed == engine_module.REQUEUE_TRIES
+        job = await h.job(run.name)
+        assert (job.status, job.attempt) == (JS.JOB_STATUS_PENDING, 2)  # waiting in its row, not in the queue
+        assert job.id not in engine.queue
+        assert len(errors_about_requeues(caplog)) == 1
+        (stale,) = [r for r in await engine.db(engine.store.jobs.waiting) if r.id == job.id]
+
+        await h.clock.advance(1.0)  # a lease check: its sweep's read fails too, and is not logged again
+        assert reads.failed == engine_module.REQUEUE_TRIES + 1
+        await h.clock.advance(1.0)  # the next one reads
+        (_, second) = await agent.wait_assignments(2)
+        assert second.job_id == f"{first.job_id}-a2"
+        assert len(errors_about_requeues(caplog)) == 1
+        assert "every requeued job is queued" in caplog.text
+
+        # A stale copy of the waiting row put in the queue again (as a read made before the placement and
+        # handed back after it would) is not placed twice: the placement moves only waiting rows.
+        engine.queue.add_row(stale)
+        engine.kick()
+        await engine.settled()
+        await h.clock.advance(1.0)
+        assert [a.job_id for a in agent.assignments()] == [first.job_id, second.job_id]
+        job = await h.job(run.name)
+        assert (job.status, job.attempt) == (JS.JOB_STATUS_ASSIGNED, 2)
+
+
+async def test_a_job_requeued_by_its_agent_s_loss_is_placed_though_reading_it_back_failed_and_leases_are_still_checked(
+    tmp_path: Path,
+) -> None:
+    """Before, the failed read raised out of the lease loop, which ended: the job stayed out of the queue, and
+    no agent was ever marked lost again."""
+    async with coordinator(tmp_path, lease_timeout_s=LEASE_S) as h, sim_agent(h, "a", cpu=1) as a:
+        run = await submit_run(h, retrying(["agent-lost"]))
+        (first,) = await a.wait_assignments(1)
+        await a.report(first.job_id, JS.JOB_STATUS_RUNNING)
+        async with sim_agent(h, "b", cpu=1) as b:
+            await h.clock.advance(LEASE_S - 0.5)
+            await stored(h, b)
+            reads = FailingReads(h.coordinator.engine, times=1)
+            await h.clock.advance(1.0)  # a's lease ran out, b's did not
+            (second,) = await b.wait_assignments(1)
+            assert second.job_id == f"{first.job_id}-a2" and reads.failed == 1
+            assert (await h.job(run.name)).agent_name == "b"
+            await h.clock.advance(LEASE_S + 1)  # b is silent from here: a lease later, it is lost
+            await h.wait_agent("b", "lost")
+
+
+async def test_a_job_its_agent_came_back_without_is_placed_though_reading_it_back_failed(tmp_path: Path) -> None:
+    """Before, the failed read raised out of the hello: the stream ended, and the next hello found nothing to
+    requeue (the job's row already said waiting)."""
+    async with coordinator(tmp_path) as h, sim_agent(h, "only", cpu=1) as agent:
+        await submit_run(h, retrying(["agent-lost"]))
+        (first,) = await agent.wait_assignments(1)
+        await agent.report(first.job_id, JS.JOB_STATUS_RUNNING)
+        await agent.disconnect()
+        reads = FailingReads(h.coordinator.engine, times=1)
+        await agent.connect(active=[])  # it lost the job (a reboot)
+        (second,) = await agent.wait_assignments(1)
+        assert second.job_id == f"{first.job_id}-a2" and reads.failed == 1
+
+
+async def test_a_step_cache_hit_that_cannot_be_used_runs_though_forgetting_its_source_failed(tmp_path: Path) -> None:
+    """A pass took the job out of the queue for a cache hit; copying the files failed, and so did forgetting
+    the source (the store's disk): the job goes back to the queue all the same, and runs."""
+    async with coordinator(tmp_path) as h:
+        engine = h.coordinator.engine
+        spec = job_spec("main", "train")
+        spec.cache = True
+        run = await submit_run(h, spec)
+        job_id = run.jobs[0].id
+        waiting = engine.queue.get(job_id)
+        assert waiting is not None
+        engine.queue.discard([job_id])  # as the pass that found the hit does
+
+        async def copy_fails(hit: CacheHit) -> None:
+            raise OSError("the source's files are gone")
+
+        def forget_fails(source_job_id: str) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        engine.copy_cached = copy_fails
+        engine.store.cache.forget = forget_fails  # type: ignore[method-assign]
+        hit = CacheHit(job_id, waiting.run_id, run.name, "main", "key", "source", "earlier", "main", ())
+        await engine._reuse(hit, waiting)
+        assert job_id in engine.queue
+        async with sim_agent(h, "only", cpu=1) as agent:
+            (assigned,) = await agent.wait_assignments(1)
+            assert assigned.job_id == job_id
