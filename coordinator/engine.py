@@ -1094,12 +1094,13 @@ class Engine:
         except Exception:
             log.exception("gang sweep failed")
             return
+        if settled.requeued:  # committed: owed to the queue (`_requeued`)
+            self._requeue_due()
         for wire_id, agent_id in settled.stops:
             log.info("job %s: aborted with its gang", wire_id)
             stop = agent_pb2.StopJob(job_id=wire_id, abort=True)
             self.hub.send(agent_id, agent_pb2.CoordinatorMessage(stops=[stop]))
         if settled.requeued:
-            self._requeue_due()
             await self._requeued()
         if settled.runs:
             self.watchers.notify(settled.runs)
@@ -1353,6 +1354,8 @@ class Engine:
         A job already in the queue is not added again (the queue is keyed by job; a placed job that a stale
         read adds back is not placed twice: placements move only waiting rows, coordinator/store/jobs.py)."""
         due = self._requeues_due  # what a read from here on sees committed
+        if self._requeue_failing:
+            tries = 1  # reads fail already: one try each, the lease loop's sweep the rest (no pile of retries)
         pause = REQUEUE_PAUSE_S
         for attempt in range(1, tries + 1):
             try:

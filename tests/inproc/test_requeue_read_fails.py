@@ -44,7 +44,7 @@ class FailingReads:
                 raise sqlite3.OperationalError("database is locked")
             return plain(*args)
 
-        engine.store.waiting_jobs = reading  # type: ignore[method-assign]
+        engine.store.waiting_jobs = reading
 
 
 def errors_about_requeues(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -68,43 +68,48 @@ async def test_a_retried_job_is_placed_in_a_quiet_pool_though_reading_it_back_fa
         await agent.until(lambda: (first.job_id, JS.JOB_STATUS_FAILED) in agent.update_acks(), "the FAILED's ack")
 
 
-async def test_a_retried_job_whose_reads_keep_failing_is_queued_by_the_lease_loop_s_sweep_and_said_once(
+async def test_retried_jobs_whose_reads_keep_failing_are_queued_by_the_lease_loop_s_sweep_and_said_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "dstack.coordinator")
-    async with coordinator(tmp_path) as h, sim_agent(h, "only", cpu=1) as agent:
+    async with coordinator(tmp_path) as h, sim_agent(h, "only", cpu=3) as agent:  # room for a third job
         engine = h.coordinator.engine
-        run = await submit_run(h, retrying(["error"]))
-        (first,) = await agent.wait_assignments(1)
-        await agent.report(first.job_id, JS.JOB_STATUS_RUNNING)
-        # Every try of the follow-up fails, and the sweep's first.
-        reads = FailingReads(engine, times=engine_module.REQUEUE_TRIES + 1)
-        await agent.send(failed(first.job_id, "direct"))
-        await agent.until(lambda: (first.job_id, JS.JOB_STATUS_FAILED) in agent.update_acks(), "the FAILED's ack")
-        assert reads.failed == engine_module.REQUEUE_TRIES
-        job = await h.job(run.name)
-        assert (job.status, job.attempt) == (JS.JOB_STATUS_PENDING, 2)  # waiting in its row, not in the queue
-        assert job.id not in engine.queue
+        runs = [await submit_run(h, retrying(["error"])) for _ in range(2)]
+        firsts = [a.job_id for a in await agent.wait_assignments(2)]
+        for job_id in firsts:
+            await agent.report(job_id, JS.JOB_STATUS_RUNNING)
+        reads = FailingReads(engine, times=1_000)
+        tries = engine_module.REQUEUE_TRIES
+        for n, job_id in enumerate(firsts):
+            await agent.send(failed(job_id, "direct"))
+            await agent.until(lambda j=job_id: (j, JS.JOB_STATUS_FAILED) in agent.update_acks(), "the FAILED's ack")
+            # Every try of the first follow-up failed; the second tried once (reads fail already: no pile of
+            # retries), and neither stopped the message's ack (it is committed).
+            assert reads.failed == tries + n
+        jobs = [await h.job(run.name) for run in runs]
+        assert [(j.status, j.attempt) for j in jobs] == [(JS.JOB_STATUS_PENDING, 2)] * 2  # waiting in their rows
+        assert not any(j.id in engine.queue for j in jobs)  # not in the queue
         assert len(errors_about_requeues(caplog)) == 1
-        (stale,) = [r for r in await engine.db(engine.store.jobs.waiting) if r.id == job.id]
+        stale = [r for r in await engine.db(engine.store.jobs.waiting) if r.id == jobs[0].id]
 
         await h.clock.advance(1.0)  # a lease check: its sweep's read fails too, and is not logged again
-        assert reads.failed == engine_module.REQUEUE_TRIES + 1
+        assert reads.failed == tries + 2
+        reads.left = 0
         await h.clock.advance(1.0)  # the next one reads
-        (_, second) = await agent.wait_assignments(2)
-        assert second.job_id == f"{first.job_id}-a2"
+        seconds = [a.job_id for a in (await agent.wait_assignments(4))[2:]]
+        assert sorted(seconds) == sorted(f"{j}-a2" for j in firsts)
         assert len(errors_about_requeues(caplog)) == 1
         assert "every requeued job is queued" in caplog.text
 
-        # A stale copy of the waiting row put in the queue again (as a read made before the placement and
-        # handed back after it would) is not placed twice: the placement moves only waiting rows.
-        engine.queue.add_row(stale)
+        # A stale copy of a waiting row put in the queue again (as a read made before the placement and handed
+        # back after it would) is not placed twice: the pass places it, but the placement moves only waiting rows.
+        engine.queue.add_row(stale[0])
         engine.kick()
         await engine.settled()
+        assert jobs[0].id not in engine.queue  # a pass took it
         await h.clock.advance(1.0)
-        assert [a.job_id for a in agent.assignments()] == [first.job_id, second.job_id]
-        job = await h.job(run.name)
-        assert (job.status, job.attempt) == (JS.JOB_STATUS_ASSIGNED, 2)
+        assert len(agent.assignments()) == 4
+        assert (await h.job(runs[0].name)).status == JS.JOB_STATUS_ASSIGNED
 
 
 async def test_a_job_requeued_by_its_agent_s_loss_is_placed_though_reading_it_back_failed_and_leases_are_still_checked(
@@ -142,7 +147,9 @@ async def test_a_job_its_agent_came_back_without_is_placed_though_reading_it_bac
         assert second.job_id == f"{first.job_id}-a2" and reads.failed == 1
 
 
-async def test_a_step_cache_hit_that_cannot_be_used_runs_though_forgetting_its_source_failed(tmp_path: Path) -> None:
+async def test_a_step_cache_hit_that_cannot_be_used_runs_though_forgetting_its_source_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A pass took the job out of the queue for a cache hit; copying the files failed, and so did forgetting
     the source (the store's disk): the job goes back to the queue all the same, and runs."""
     async with coordinator(tmp_path) as h:
@@ -162,7 +169,7 @@ async def test_a_step_cache_hit_that_cannot_be_used_runs_though_forgetting_its_s
             raise sqlite3.OperationalError("disk I/O error")
 
         engine.copy_cached = copy_fails
-        engine.store.cache.forget = forget_fails  # type: ignore[method-assign]
+        monkeypatch.setattr(engine.store.cache, "forget", forget_fails)
         hit = CacheHit(job_id, waiting.run_id, run.name, "main", "key", "source", "earlier", "main", ())
         await engine._reuse(hit, waiting)
         assert job_id in engine.queue
