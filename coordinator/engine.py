@@ -306,9 +306,9 @@ class Engine:
         # What follows from agents' committed reports when it must wait for the store (a requeue, a gang to
         # settle): the engine's own, run to its end whether or not the reporting stream still is (`_report`).
         self._following: set[asyncio.Task[None]] = set()
-        # Committed requeues (counted as each is handed back) and, of those, how many a read of the waiting
-        # jobs made after them has put in the queue: while the second is behind, jobs back to waiting may be
-        # missing from the queue, and the lease loop reads again (`_requeue_sweep`).
+        # Committed requeues owed a read of every waiting job (a lost agent's, whose jobs are not known; any whose
+        # read back failed) and, of those, how many such a read made after them has paid: while the second is
+        # behind, jobs back to waiting may be missing from the queue, and the lease loop reads (`_requeue_sweep`).
         self._requeues_due = 0
         self._requeues_read = 0
         self._requeue_failing = False  # its failure was logged (once, until a read works again)
@@ -1094,14 +1094,12 @@ class Engine:
         except Exception:
             log.exception("gang sweep failed")
             return
-        if settled.requeued:  # committed: owed to the queue (`_requeued`)
-            self._requeue_due()
         for wire_id, agent_id in settled.stops:
             log.info("job %s: aborted with its gang", wire_id)
             stop = agent_pb2.StopJob(job_id=wire_id, abort=True)
             self.hub.send(agent_id, agent_pb2.CoordinatorMessage(stops=[stop]))
         if settled.requeued:
-            await self._requeued()
+            await self._requeued(settled.requeued)
         if settled.runs:
             self.watchers.notify(settled.runs)
             self.kick()
@@ -1340,26 +1338,31 @@ class Engine:
         )
 
     def _requeue_due(self) -> None:
-        """A requeue was committed (a job's row back to waiting): until a read of the waiting jobs made after
-        now works, the queue may lack it (`_requeued`, `_requeue_sweep`)."""
+        """A requeue was committed (a job's row back to waiting) whose jobs are not known or not read back: until
+        a read of every waiting job made after now works, the queue may lack them (`_requeued`, `_requeue_sweep`)."""
         self._requeues_due += 1
 
-    async def _requeued(self, tries: int = REQUEUE_TRIES) -> bool:
-        """Jobs back to waiting as a new attempt (their rows say so) join the queue; returns whether the read
-        worked. It raises nothing but cancellation: a read that fails is tried again, `tries` in all with a
-        doubling pause; then the requeue is owed and the lease loop reads again at each check until one works
-        (`_requeue_sweep`). Before, a failed read raised out of the report's follow-up (the message unacked,
-        and its repeat found nothing more to requeue) or out of the lease loop (which ended): the job's row
-        said waiting, the queue never had it, and in a quiet pool it waited until the coordinator restarted.
-        A job already in the queue is not added again (the queue is keyed by job; a placed job that a stale
-        read adds back is not placed twice: placements move only waiting rows, coordinator/store/jobs.py)."""
+    async def _requeued(self, job_ids: Sequence[str] | None = None, tries: int = REQUEUE_TRIES) -> bool:
+        """Jobs back to waiting as a new attempt (their rows say so) join the queue: these, or (None) every
+        waiting job the queue lacks; returns whether the read worked. It raises nothing but cancellation: a read
+        that fails is tried again, `tries` in all with a doubling pause; then the requeue is owed and the lease
+        loop reads every waiting job at each check until one such read works (`_requeue_sweep`). Before, a
+        failed read raised out of the report's follow-up (the message unacked, and its repeat found nothing more
+        to requeue), out of a hello, or out of the lease loop (which ended): the job's row said waiting, the
+        queue never had it, and in a quiet pool it waited until the coordinator restarted. A job already in
+        the queue is not added again (the queue is keyed by job; a placed job that a stale read adds back is not
+        placed twice: placements move only waiting rows, coordinator/store/jobs.py)."""
         due = self._requeues_due  # what a read from here on sees committed
         if self._requeue_failing:
             tries = 1  # reads fail already: one try each, the lease loop's sweep the rest (no pile of retries)
         pause = REQUEUE_PAUSE_S
         for attempt in range(1, tries + 1):
             try:
-                rows = await self.db(self.store.waiting_jobs)
+                # By their keys when known: a whole read costs the queue's depth (~80 ms at 10,000 queued).
+                if job_ids is None:
+                    rows = await self.db(self.store.waiting_jobs)
+                else:
+                    rows = await self.db(self.store.waiting_jobs_of, job_ids)
                 break
             except Exception as e:
                 if attempt < tries:
@@ -1385,7 +1388,8 @@ class Engine:
                 self.queue.add_row(row)
                 self.waits.start(row.id)
                 added = True
-        self._requeues_read = max(self._requeues_read, due)
+        if job_ids is None:  # every waiting job: what was owed is paid
+            self._requeues_read = max(self._requeues_read, due)
         if self._requeue_failing and self._requeues_read >= self._requeues_due:
             self._requeue_failing = False
             log.info("the jobs back to waiting were read again: every requeued job is queued")
@@ -1396,7 +1400,7 @@ class Engine:
     async def _requeue_sweep(self) -> None:
         """The lease loop's backstop: a requeue whose read failed (`_requeued`) is read again, once per check."""
         if self._requeues_read < self._requeues_due:
-            await self._requeued(tries=1)
+            await self._requeued(None, tries=1)
 
     def _unheard_for_long(self) -> list[str]:
         """Agents with no job, lost (or never connected, or removed) and not heard from for
@@ -1493,8 +1497,7 @@ class Engine:
                 ", ".join(sorted(fenced)),
             )
         if requeued:
-            self._requeue_due()
-            await self._requeued()
+            await self._requeued(requeued)
         for a in await self.db(self.store.assignments_for_agent, agent_id, resend):
             reply.assignments.append(self._assignment(a))
         reply.stops.extend(agent_pb2.StopJob(job_id=j) for j in stop)
@@ -1601,8 +1604,6 @@ class Engine:
             if outcome is None or isinstance(outcome, BaseException):
                 then(outcome)
                 return
-            if outcome.requeued:  # committed: owed to the queue whatever happens below (`_requeued`)
-                self._requeue_due()
             try:
                 kept = self._updates_applied(agent_id, updates, outcome, reply, on_foreign)
                 if outcome.requeued or self._gangs_to_settle(outcome, kept):
@@ -1612,6 +1613,8 @@ class Engine:
                 self._updates_over(kept)
                 self.watchers.notify(outcome.changed_runs)
             except Exception as e:  # as on_message's own error would be: the stream ends (services/agent.py)
+                if outcome.requeued:  # committed, and not read back: owed to the lease loop's sweep
+                    self._requeue_due()
                 then(e)
                 return
             then(reply)
@@ -1631,7 +1634,7 @@ class Engine:
 
     async def _updates_finished_later(self, res: UpdateResult, updates: list[JobUpdate]) -> None:
         if res.requeued:
-            await self._requeued()
+            await self._requeued(res.requeued)
         self._enqueue_added(res)
         if self._gangs_to_settle(res, updates):
             await self.settle_gangs()
