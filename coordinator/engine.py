@@ -306,9 +306,9 @@ class Engine:
         # What follows from agents' committed reports when it must wait for the store (a requeue, a gang to
         # settle): the engine's own, run to its end whether or not the reporting stream still is (`_report`).
         self._following: set[asyncio.Task[None]] = set()
-        # Committed requeues owed a read of every waiting job (a lost agent's, whose jobs are not known; any whose
-        # read back failed) and, of those, how many such a read made after them has paid: while the second is
-        # behind, jobs back to waiting may be missing from the queue, and the lease loop reads (`_requeue_sweep`).
+        # Committed requeues owed a read of every waiting job (their read back failed, or an error came before
+        # it) and, of those, how many such a read made after them has paid: while the second is behind, jobs
+        # back to waiting may be missing from the queue, and the lease loop reads them all (`_requeue_sweep`).
         self._requeues_due = 0
         self._requeues_read = 0
         self._requeue_failing = False  # its failure was logged (once, until a read works again)
@@ -1051,9 +1051,7 @@ class Engine:
                 if self.clock.monotonic() >= next_flush:
                     next_flush = self.clock.monotonic() + HEARD_FLUSH_S
                     await self._flush_heard()
-                lost = await self._expire_leases()
-                if lost:  # their jobs that retry are back to waiting (committed)
-                    self._requeue_due()
+                lost, requeued = await self._expire_leases()
             except Exception:
                 # The store refuses writes (a full disk): agents' hellos fail too.
                 self._renewal_failed = True
@@ -1074,8 +1072,9 @@ class Engine:
                 self.hub.drop(agent_id)
             if self.quarantine.expire(self.clock.monotonic()):
                 self.kick()
+            if requeued:
+                await self._requeued(requeued)
             if lost:
-                await self._requeued()
                 self.watchers.notify_all()
                 self.kick()
             await self.settle_gangs()
@@ -1697,20 +1696,25 @@ class Engine:
                 self.config.lease_timeout_s,
             )
 
-    async def _expire_leases(self) -> list[str]:
+    async def _expire_leases(self) -> tuple[list[str], list[str]]:
         """Agents whose lease (in memory) ran out are marked lost in the store, unless a message of theirs
-        is read before the store gets to them. Returns those marked lost."""
+        is read before the store gets to them. Returns those marked lost, and their jobs requeued."""
         now = self.clock.monotonic()
         expired = self.leases.expired(now)
         if not expired:
-            return []
+            return [], []
+        requeued: list[str] = []
         lost = await self.db(
-            self.store.lose_agents, expired, lambda a: self.leases.still_expired(a, now), self.clock.time_ns()
+            self.store.lose_agents,
+            expired,
+            lambda a: self.leases.still_expired(a, now),
+            self.clock.time_ns(),
+            requeued,
         )
         for agent_id in set(expired) - set(lost):
             if self.leases.still_expired(agent_id, now):  # not online in the store (removed, retired): no lease
                 self.leases.forget(agent_id)
-        return lost
+        return lost, requeued
 
     async def _flush_heard(self) -> None:
         """When each agent was last heard from, into the store in one batch; and a lease for any agent the
