@@ -12,6 +12,7 @@ each check until one works; its failure is logged once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import pytest
 from dstack.coordinator import engine as engine_module
 from dstack.coordinator.engine import Engine
 from dstack.coordinator.store.cache import CacheHit
-from tests.inproc.factories import JS, coordinator, job_spec, sim_agent, submit_run
+from tests.inproc.factories import JS, SimAgent, coordinator, job_spec, sim_agent, submit_run, wait_until
 from tests.inproc.test_attempts import LEASE_S, retrying, stored
 from tests.inproc.test_report_follow_up import failed
 
@@ -53,6 +54,10 @@ class FailingReads:
         return reading
 
 
+def acked_failed(agent: SimAgent, job_id: str) -> bool:
+    return (job_id, JS.JOB_STATUS_FAILED) in agent.update_acks()
+
+
 def errors_about_requeues(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and "back to waiting" in r.message]
 
@@ -71,7 +76,7 @@ async def test_a_retried_job_is_placed_in_a_quiet_pool_though_reading_it_back_fa
         (_, second) = await agent.wait_assignments(2)
         assert second.job_id == f"{first.job_id}-a2"
         assert (reads.failed, reads.whole) == (1, 0)  # read back by its key: no read of the whole queue
-        await agent.until(lambda: (first.job_id, JS.JOB_STATUS_FAILED) in agent.update_acks(), "the FAILED's ack")
+        await agent.until(functools.partial(acked_failed, agent, first.job_id), "the FAILED's ack")
 
 
 async def test_retried_jobs_whose_reads_keep_failing_are_queued_by_the_lease_loop_s_sweep_and_said_once(
@@ -88,7 +93,7 @@ async def test_retried_jobs_whose_reads_keep_failing_are_queued_by_the_lease_loo
         tries = engine_module.REQUEUE_TRIES
         for n, job_id in enumerate(firsts):
             await agent.send(failed(job_id, "direct"))
-            await agent.until(lambda j=job_id: (j, JS.JOB_STATUS_FAILED) in agent.update_acks(), "the FAILED's ack")
+            await agent.until(functools.partial(acked_failed, agent, job_id), "the FAILED's ack")
             # Every try of the first follow-up failed; the second tried once (reads fail already: no pile of
             # retries), and neither stopped the message's ack (it is committed).
             assert (reads.failed, reads.whole) == (tries + n, 0)  # each by its job's key
@@ -138,6 +143,33 @@ async def test_a_job_requeued_by_its_agent_s_loss_is_placed_though_reading_it_ba
             assert (await h.job(run.name)).agent_name == "b"
             await h.clock.advance(LEASE_S + 1)  # b is silent from here: a lease later, it is lost
             await h.wait_agent("b", "lost")
+
+
+async def test_a_gang_whose_member_failed_and_retries_is_placed_again_whole_though_a_read_back_failed(
+    tmp_path: Path,
+) -> None:
+    """The failed member's requeue (read back by the report's follow-up) and its gang's (by the gang sweep that
+    follows it), each by the jobs' keys."""
+    async with coordinator(tmp_path) as h, sim_agent(h, "a", cpu=1) as a, sim_agent(h, "b", cpu=1) as b:
+        spec = retrying(["error"])
+        spec.resources.nodes = 2
+        await submit_run(h, spec)
+        (on_a,) = await a.wait_assignments(1)
+        (on_b,) = await b.wait_assignments(1)
+        for agent, job in ((a, on_a), (b, on_b)):
+            await agent.report(job.job_id, JS.JOB_STATUS_RUNNING)
+        reads = FailingReads(h.coordinator.engine, times=1)
+        await a.send(failed(on_a.job_id, "direct"))
+        await b.until(lambda: any(s.job_id == on_b.job_id and s.abort for m in b.received for s in m.stops), "abort")
+
+        async def placed_again() -> list[str] | None:
+            ids = sorted(x.job_id for agent in (a, b) for x in agent.assignments()[1:])
+            return ids if len(ids) == 2 else None
+
+        assert await wait_until(placed_again, "both members placed again") == sorted(
+            f"{j.job_id}-a2" for j in (on_a, on_b)
+        )
+        assert (reads.failed, reads.whole) == (1, 0)
 
 
 async def test_a_job_its_agent_came_back_without_is_placed_though_reading_it_back_failed(tmp_path: Path) -> None:
