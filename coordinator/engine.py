@@ -1357,7 +1357,7 @@ class Engine:
         pause = REQUEUE_PAUSE_S
         for attempt in range(1, tries + 1):
             try:
-                # By their keys when known: a whole read costs the queue's depth (~80 ms at 10,000 queued).
+                # By their keys when known: a whole read costs the queue's depth (~1.2 s of CPU at 100,000 queued).
                 if job_ids is None:
                     rows = await self.db(self.store.waiting_jobs)
                 else:
