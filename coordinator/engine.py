@@ -92,6 +92,11 @@ MARK_AT_ONCE = 500
 # writer's journal of changed rows (coordinator/store/journal.py); a complete read every this often
 # bounds what a write the journal could not see (another process on the database) would leave wrong.
 REREAD_S = 10.0
+# A committed requeue's read of the jobs back to waiting (`Engine._requeued`) that fails (a transient
+# SQLITE_BUSY, IOERR or FULL) is tried this many times in all, the pause doubling from REQUEUE_PAUSE_S;
+# after that the lease loop reads again at each of its checks until a read works (`_requeue_sweep`).
+REQUEUE_TRIES = 4
+REQUEUE_PAUSE_S = 0.05
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -301,6 +306,12 @@ class Engine:
         # What follows from agents' committed reports when it must wait for the store (a requeue, a gang to
         # settle): the engine's own, run to its end whether or not the reporting stream still is (`_report`).
         self._following: set[asyncio.Task[None]] = set()
+        # Committed requeues owed a read of every waiting job (their read back failed, or an error came before
+        # it) and, of those, how many such a read made after them has paid: while the second is behind, jobs
+        # back to waiting may be missing from the queue, and the lease loop reads them all (`_requeue_sweep`).
+        self._requeues_due = 0
+        self._requeues_read = 0
+        self._requeue_failing = False  # its failure was logged (once, until a read works again)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def own_restart_lease_s(self) -> float:
@@ -609,9 +620,16 @@ class Engine:
                 hit.source_job,
                 e,
             )
-            await self.db(self.store.cache.forget, hit.source_job_id)
+            # Back in the queue first: its row still waits, and a failure to forget the source (the store's
+            # disk) must not leave it out (before, it did, until a restart).
             self.queue.add_waiting(w)
             self.kick(finished=False)
+            try:
+                await self.db(self.store.cache.forget, hit.source_job_id)
+            except Exception:
+                log.exception(
+                    "step cache: forgetting %s/%s failed; a later hit may try it again", hit.source_run, hit.source_job
+                )
             return
         if completed:
             log.info("step cache: %s/%s reused %s/%s", hit.run_name, hit.job_name, hit.source_run, hit.source_job)
@@ -997,8 +1015,12 @@ class Engine:
         return out
 
     # ---- leases ------------------------------------------------------------------------------
+    def _lease_check_s(self) -> float:
+        """How often the lease loop checks."""
+        return min(1.0, self.config.lease_timeout_s / 4)
+
     async def _lease_loop(self) -> None:
-        interval = min(1.0, self.config.lease_timeout_s / 4)
+        interval = self._lease_check_s()
         forget_every = min(60.0, self.config.forget_lost_agents_after_s / 2)
         next_forget = self.clock.monotonic()
         next_flush = self.clock.monotonic() + HEARD_FLUSH_S
@@ -1029,7 +1051,7 @@ class Engine:
                 if self.clock.monotonic() >= next_flush:
                     next_flush = self.clock.monotonic() + HEARD_FLUSH_S
                     await self._flush_heard()
-                lost = await self._expire_leases()
+                lost, requeued = await self._expire_leases()
             except Exception:
                 # The store refuses writes (a full disk): agents' hellos fail too.
                 self._renewal_failed = True
@@ -1050,11 +1072,13 @@ class Engine:
                 self.hub.drop(agent_id)
             if self.quarantine.expire(self.clock.monotonic()):
                 self.kick()
+            if requeued:
+                await self._requeued(requeued)
             if lost:
-                await self._requeued()
                 self.watchers.notify_all()
                 self.kick()
             await self.settle_gangs()
+            await self._requeue_sweep()
             await self._stop_overdue()
             await self._preempt_by_policy()
             if self.clock.monotonic() >= next_forget:
@@ -1074,7 +1098,7 @@ class Engine:
             stop = agent_pb2.StopJob(job_id=wire_id, abort=True)
             self.hub.send(agent_id, agent_pb2.CoordinatorMessage(stops=[stop]))
         if settled.requeued:
-            await self._requeued()
+            await self._requeued(settled.requeued)
         if settled.runs:
             self.watchers.notify(settled.runs)
             self.kick()
@@ -1312,12 +1336,70 @@ class Engine:
             draining=t.draining,
         )
 
-    async def _requeued(self) -> None:
-        """Jobs back to waiting as a new attempt (their rows say so) join the queue."""
-        for row in await self.db(self.store.waiting_jobs):
+    def _requeue_due(self) -> None:
+        """A requeue was committed (a job's row back to waiting) whose jobs are not known or not read back: until
+        a read of every waiting job made after now works, the queue may lack them (`_requeued`, `_requeue_sweep`)."""
+        self._requeues_due += 1
+
+    async def _requeued(self, job_ids: Sequence[str] | None = None, tries: int = REQUEUE_TRIES) -> bool:
+        """Jobs back to waiting as a new attempt (their rows say so) join the queue: these, or (None) every
+        waiting job the queue lacks; returns whether the read worked. It raises nothing but cancellation: a read
+        that fails is tried again, `tries` in all with a doubling pause; then the requeue is owed and the lease
+        loop reads every waiting job at each check until one such read works (`_requeue_sweep`). Before, a
+        failed read raised out of the report's follow-up (the message unacked, and its repeat found nothing more
+        to requeue), out of a hello, or out of the lease loop (which ended): the job's row said waiting, the
+        queue never had it, and in a quiet pool it waited until the coordinator restarted. A job already in
+        the queue is not added again (the queue is keyed by job; a placed job that a stale read adds back is not
+        placed twice: placements move only waiting rows, coordinator/store/jobs.py)."""
+        due = self._requeues_due  # what a read from here on sees committed
+        if self._requeue_failing:
+            tries = 1  # reads fail already: one try each, the lease loop's sweep the rest (no pile of retries)
+        pause = REQUEUE_PAUSE_S
+        for attempt in range(1, tries + 1):
+            try:
+                # By their keys when known: a whole read costs the queue's depth (~1.2 s of CPU at 100,000 queued).
+                if job_ids is None:
+                    rows = await self.db(self.store.waiting_jobs)
+                else:
+                    rows = await self.db(self.store.waiting_jobs_of, job_ids)
+                break
+            except Exception as e:
+                if attempt < tries:
+                    log.debug("reading the jobs back to waiting failed (%s); trying again in %.2f s", e, pause)
+                    await asyncio.sleep(pause)
+                    pause *= 2
+                    continue
+                self._requeues_due += 1  # owed, whoever called (`_requeue_sweep` reads again)
+                if not self._requeue_failing:
+                    self._requeue_failing = True
+                    log.error(
+                        "reading the jobs back to waiting failed %d times (%s): jobs requeued now are not queued"
+                        " until a read works; read again at every lease check (every %.1f s)",
+                        tries,
+                        e,
+                        self._lease_check_s(),
+                        exc_info=e,
+                    )
+                return False
+        added = False
+        for row in rows:
             if row.id not in self.queue:
                 self.queue.add_row(row)
                 self.waits.start(row.id)
+                added = True
+        if job_ids is None:  # every waiting job: what was owed is paid
+            self._requeues_read = max(self._requeues_read, due)
+        if self._requeue_failing and self._requeues_read >= self._requeues_due:
+            self._requeue_failing = False
+            log.info("the jobs back to waiting were read again: every requeued job is queued")
+        if added:
+            self.kick(finished=False)
+        return True
+
+    async def _requeue_sweep(self) -> None:
+        """The lease loop's backstop: a requeue whose read failed (`_requeued`) is read again, once per check."""
+        if self._requeues_read < self._requeues_due:
+            await self._requeued(None, tries=1)
 
     def _unheard_for_long(self) -> list[str]:
         """Agents with no job, lost (or never connected, or removed) and not heard from for
@@ -1414,7 +1496,7 @@ class Engine:
                 ", ".join(sorted(fenced)),
             )
         if requeued:
-            await self._requeued()
+            await self._requeued(requeued)
         for a in await self.db(self.store.assignments_for_agent, agent_id, resend):
             reply.assignments.append(self._assignment(a))
         reply.stops.extend(agent_pb2.StopJob(job_id=j) for j in stop)
@@ -1530,6 +1612,8 @@ class Engine:
                 self._updates_over(kept)
                 self.watchers.notify(outcome.changed_runs)
             except Exception as e:  # as on_message's own error would be: the stream ends (services/agent.py)
+                if outcome.requeued:  # committed, and not read back: owed to the lease loop's sweep
+                    self._requeue_due()
                 then(e)
                 return
             then(reply)
@@ -1549,7 +1633,7 @@ class Engine:
 
     async def _updates_finished_later(self, res: UpdateResult, updates: list[JobUpdate]) -> None:
         if res.requeued:
-            await self._requeued()
+            await self._requeued(res.requeued)
         self._enqueue_added(res)
         if self._gangs_to_settle(res, updates):
             await self.settle_gangs()
@@ -1612,20 +1696,25 @@ class Engine:
                 self.config.lease_timeout_s,
             )
 
-    async def _expire_leases(self) -> list[str]:
+    async def _expire_leases(self) -> tuple[list[str], list[str]]:
         """Agents whose lease (in memory) ran out are marked lost in the store, unless a message of theirs
-        is read before the store gets to them. Returns those marked lost."""
+        is read before the store gets to them. Returns those marked lost, and their jobs requeued."""
         now = self.clock.monotonic()
         expired = self.leases.expired(now)
         if not expired:
-            return []
+            return [], []
+        requeued: list[str] = []
         lost = await self.db(
-            self.store.lose_agents, expired, lambda a: self.leases.still_expired(a, now), self.clock.time_ns()
+            self.store.lose_agents,
+            expired,
+            lambda a: self.leases.still_expired(a, now),
+            self.clock.time_ns(),
+            requeued,
         )
         for agent_id in set(expired) - set(lost):
             if self.leases.still_expired(agent_id, now):  # not online in the store (removed, retired): no lease
                 self.leases.forget(agent_id)
-        return lost
+        return lost, requeued
 
     async def _flush_heard(self) -> None:
         """When each agent was last heard from, into the store in one batch; and a lease for any agent the

@@ -196,10 +196,16 @@ class Agents:
     def online_ids(self) -> list[str]:
         return [r[0] for r in self.db.conn.execute("SELECT id FROM agents WHERE status = 'online'")]
 
-    def lose(self, agent_ids: Sequence[str], still_expired: Callable[[str], bool], at: int) -> list[str]:
+    def lose(
+        self,
+        agent_ids: Sequence[str],
+        still_expired: Callable[[str], bool],
+        at: int,
+        requeued: list[str] | None = None,
+    ) -> list[str]:
         """Marks these agents lost if they are still online and `still_expired` says their lease (kept in
-        memory) is still over as this runs, and fails their jobs or requeues them as new attempts, stamped
-        with the wall time `at`; returns those marked lost."""
+        memory) is still over as this runs, and fails their jobs or requeues them as new attempts (into
+        `requeued`, if given), stamped with the wall time `at`; returns those marked lost."""
         lost = []
         with self.db.tx() as c:
             for agent_id in agent_ids:
@@ -207,7 +213,9 @@ class Agents:
                     continue
                 if c.execute("SELECT 1 FROM agents WHERE id = ? AND status = 'online'", [agent_id]).fetchone() is None:
                     continue
-                end_agent_jobs(c, agent_id, lifecycle.AGENT_LOST, "agent lost", at)
+                again = end_agent_jobs(c, agent_id, lifecycle.AGENT_LOST, "agent lost", at)
+                if requeued is not None:
+                    requeued += again
                 al.move_agents(c, al.LOSE, "id = :id", {"id": agent_id})
                 lost.append(agent_id)
         return lost

@@ -134,6 +134,7 @@ class Store(Db):
         self.run_ids_of_jobs = self.jobs.run_ids
         self.job_location = self.jobs.location
         self.waiting_jobs = self.jobs.waiting
+        self.waiting_jobs_of = self.jobs.waiting_of
         self.dependency_statuses = self.jobs.dependency_statuses
         self.active_allocations = self.jobs.active_allocations
         self.apply_schedule = self.jobs.apply_schedule

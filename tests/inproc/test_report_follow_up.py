@@ -75,7 +75,7 @@ def hold(engine: Engine, where: str) -> Held:
             "apply_job_updates_many",
             lambda reports, *_: any(u.status == JobStatus.FAILED for _, ups in reports for u in ups),
         )
-    return Held(engine.store, "waiting_jobs", lambda *_: True)
+    return Held(engine.store, "waiting_jobs_of", lambda *_: True)
 
 
 def failed(wire_id: str, path: str) -> agent_pb2.AgentMessage:
