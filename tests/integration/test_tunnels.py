@@ -26,7 +26,7 @@ import grpc
 import pytest
 
 from dstack.protos.v1 import agent_pb2_grpc, client_pb2_grpc, common_pb2
-from tests.conftest import Cluster, LocalMode, free_port, wait_for, write_project
+from tests.conftest import Cluster, LocalMode, free_port, sigint_as_from_a_terminal, wait_for, write_project
 from tests.dockerd import Dockerd
 from tests.integration.test_docker import docker_agent
 
@@ -111,6 +111,7 @@ class Running:
             text=True,
             env=env,
             cwd=cwd,
+            preexec_fn=sigint_as_from_a_terminal,  # tests send it SIGINT as a Ctrl-C
         )
         r = cls(popen)
         threading.Thread(target=r._collect, daemon=True).start()
