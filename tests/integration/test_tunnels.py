@@ -100,10 +100,12 @@ class Running:
 
     popen: subprocess.Popen[str]
     err: list[str] = field(default_factory=list)
+    collector: threading.Thread = field(init=False)
 
     @classmethod
     def start(cls, cluster: Cluster | LocalMode, *args: str, cwd: Path, token: str | None = None) -> Running:
-        env = cluster.env() | ({"DSTACK_TOKEN": token} if token else {})
+        # PYTHONFAULTHANDLER: a CLI that does not exit is sent SIGABRT (`exit_code`) and prints every thread's stack
+        env = cluster.env() | {"PYTHONFAULTHANDLER": "1"} | ({"DSTACK_TOKEN": token} if token else {})
         popen = subprocess.Popen(
             [sys.executable, "-m", "dstack.cli", *args],
             stdout=subprocess.DEVNULL,
@@ -114,8 +116,11 @@ class Running:
             preexec_fn=sigint_as_from_a_terminal,  # tests send it SIGINT as a Ctrl-C
         )
         r = cls(popen)
-        threading.Thread(target=r._collect, daemon=True).start()
+        r.collector.start()
         return r
+
+    def __post_init__(self) -> None:
+        self.collector = threading.Thread(target=self._collect, daemon=True)
 
     def _collect(self) -> None:
         assert self.popen.stderr is not None
@@ -130,6 +135,20 @@ class Running:
             return next((m for line in list(self.err) if (m := re.search(pattern, line))), None)
 
         return wait_for(found, timeout=timeout, interval=0.1, what=f"{pattern!r} in\n{self.text()}")
+
+    def exit_code(self, timeout: float = 30) -> int:
+        """The CLI's exit status; one still running after `timeout` is aborted, and the test fails with its
+        output, which then ends with every thread's stack (faulthandler): a hang explains itself."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.send_signal(signal.SIGABRT)
+            try:
+                self.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+            self.collector.join(10)
+            pytest.fail(f"the CLI did not exit within {timeout} s; its stderr:\n{self.text()}")
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -218,9 +237,9 @@ def test_run_url_and_port_forward_carry_traffic_until_the_job_ends(
     # The job ends: both CLIs say the tunnels are closed, and the local ports stop answering.
     assert cluster.cli("stop", name).returncode == 0
     fwd.wait_line(rf"run {name} is (stopped|failed): the tunnel is closed")
-    assert fwd.popen.wait(30) == 0, fwd.text()
+    assert fwd.exit_code(30) == 0, fwd.text()
     run.wait_line(rf"run {name} is (stopped|failed): the tunnels are closed")
-    run.popen.wait(30)
+    run.exit_code(30)
     with pytest.raises(OSError):
         get(url + "hello", timeout=5)
     assert "Traceback" not in fwd.text() + run.text()
@@ -333,7 +352,7 @@ def test_only_the_owner_or_an_admin_reaches_declared_ports_of_a_running_job(
     assert get(url + "hello") == b"hello from the job"
     assert cluster.cli("stop", name).returncode == 0
     attach.wait_line(rf"run {name} is (stopped|failed): the tunnels are closed")
-    attach.popen.wait(30)
+    attach.exit_code(30)
     with cluster.channel() as ch:
         e = _tunnel_call(ch, alice, common_pb2.TunnelTarget(run_name=name, port=http))
         assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -354,7 +373,7 @@ def test_local_mode_run_prints_a_url_that_reaches_the_job(
     assert f":{http}/" not in url
     wait_for(lambda: says_hello(url), timeout=60, what="the job's server")
     run.popen.send_signal(signal.SIGINT)  # Ctrl-C: the tunnels close, the run goes on (no terminal: no question)
-    assert run.popen.wait(30) == 130
+    assert run.exit_code(30) == 130, run.text()
     run.wait_line("the tunnels are closed")
     run.wait_line("detached; the run goes on")
     assert "Traceback" not in run.text()
