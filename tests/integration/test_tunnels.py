@@ -26,7 +26,15 @@ import grpc
 import pytest
 
 from dstack.protos.v1 import agent_pb2_grpc, client_pb2_grpc, common_pb2
-from tests.conftest import Cluster, LocalMode, free_port, sigint_as_from_a_terminal, wait_for, write_project
+from tests.conftest import (
+    Cluster,
+    LocalMode,
+    free_port,
+    search,
+    sigint_as_from_a_terminal,
+    wait_for,
+    write_project,
+)
 from tests.dockerd import Dockerd
 from tests.integration.test_docker import docker_agent
 
@@ -135,6 +143,14 @@ class Running:
             return next((m for line in list(self.err) if (m := re.search(pattern, line))), None)
 
         return wait_for(found, timeout=timeout, interval=0.1, what=f"{pattern!r} in\n{self.text()}")
+
+    def interrupt(self) -> None:
+        """Ctrl-C. A CLI that ignores SIGINT (started with it ignored: `sigint_as_from_a_terminal` is what
+        prevents that) would never exit; the test says so at once rather than after a timeout."""
+        status = Path(f"/proc/{self.popen.pid}/status").read_text()
+        ignored = int(search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M)[1], 16)
+        assert not ignored & (1 << (signal.SIGINT - 1)), "the CLI ignores SIGINT: a Ctrl-C could not reach it"
+        self.popen.send_signal(signal.SIGINT)
 
     def exit_code(self, timeout: float = 30) -> int:
         """The CLI's exit status; one still running after `timeout` is aborted, and the test fails with its
@@ -372,7 +388,7 @@ def test_local_mode_run_prints_a_url_that_reaches_the_job(
     url = run.wait_line(rf"tunnel port {http}: (http://127\.0\.0\.1:\d+/)", timeout=120).group(1)
     assert f":{http}/" not in url
     wait_for(lambda: says_hello(url), timeout=60, what="the job's server")
-    run.popen.send_signal(signal.SIGINT)  # Ctrl-C: the tunnels close, the run goes on (no terminal: no question)
+    run.interrupt()  # Ctrl-C: the tunnels close, the run goes on (no terminal: no question)
     assert run.exit_code(30) == 130, run.text()
     run.wait_line("the tunnels are closed")
     run.wait_line("detached; the run goes on")
