@@ -44,6 +44,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.g
 compile_checkout(REPO)
 
 
+def sigint_as_from_a_terminal() -> None:
+    """A `preexec_fn` for a CLI a test interrupts with SIGINT: its default disposition, as a terminal's Ctrl-C
+    meets it. A suite started in the background by a script (`cmd &`, `nohup`) inherits SIGINT ignored, and a
+    Python started so never raises KeyboardInterrupt: the CLI would go on as if no signal came."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -402,7 +402,7 @@ def test_dstack_run_lab_prints_a_url_whose_notebook_runs_code_through_the_tunnel
         assert cluster.run_info(name)["status"] == "running"
         assert cluster.cli("stop", name).returncode == 0
         run.wait_line(rf"run {name} is stopped: the tunnels are closed", timeout=120)
-        run.popen.wait(60)
+        run.exit_code(60)
         assert http_get(f"{base}api/status?token={token}")[0] == 0
         assert "Traceback" not in run.text()
     finally:

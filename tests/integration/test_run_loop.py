@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import Cluster, search, wait_for, write_project
+from tests.conftest import Cluster, search, sigint_as_from_a_terminal, wait_for, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -285,9 +285,7 @@ def test_interrupted_run_without_a_terminal_detaches_and_the_run_goes_on(cluster
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # As from a terminal: a suite started in the background by a script (`cmd &`) inherits SIGINT
-        # ignored, and a Python started so never raises KeyboardInterrupt.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=sigint_as_from_a_terminal,
     )
     assert p.stdout is not None
     assert p.stdout.readline() == "started\n"

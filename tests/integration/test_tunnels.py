@@ -26,7 +26,15 @@ import grpc
 import pytest
 
 from dstack.protos.v1 import agent_pb2_grpc, client_pb2_grpc, common_pb2
-from tests.conftest import Cluster, LocalMode, free_port, wait_for, write_project
+from tests.conftest import (
+    Cluster,
+    LocalMode,
+    free_port,
+    search,
+    sigint_as_from_a_terminal,
+    wait_for,
+    write_project,
+)
 from tests.dockerd import Dockerd
 from tests.integration.test_docker import docker_agent
 
@@ -100,10 +108,12 @@ class Running:
 
     popen: subprocess.Popen[str]
     err: list[str] = field(default_factory=list)
+    collector: threading.Thread = field(init=False)
 
     @classmethod
     def start(cls, cluster: Cluster | LocalMode, *args: str, cwd: Path, token: str | None = None) -> Running:
-        env = cluster.env() | ({"DSTACK_TOKEN": token} if token else {})
+        # PYTHONFAULTHANDLER: a CLI that does not exit is sent SIGABRT (`exit_code`) and prints every thread's stack
+        env = cluster.env() | {"PYTHONFAULTHANDLER": "1"} | ({"DSTACK_TOKEN": token} if token else {})
         popen = subprocess.Popen(
             [sys.executable, "-m", "dstack.cli", *args],
             stdout=subprocess.DEVNULL,
@@ -111,10 +121,14 @@ class Running:
             text=True,
             env=env,
             cwd=cwd,
+            preexec_fn=sigint_as_from_a_terminal,  # tests send it SIGINT as a Ctrl-C
         )
         r = cls(popen)
-        threading.Thread(target=r._collect, daemon=True).start()
+        r.collector.start()
         return r
+
+    def __post_init__(self) -> None:
+        self.collector = threading.Thread(target=self._collect, daemon=True)
 
     def _collect(self) -> None:
         assert self.popen.stderr is not None
@@ -129,6 +143,28 @@ class Running:
             return next((m for line in list(self.err) if (m := re.search(pattern, line))), None)
 
         return wait_for(found, timeout=timeout, interval=0.1, what=f"{pattern!r} in\n{self.text()}")
+
+    def interrupt(self) -> None:
+        """Ctrl-C. A CLI that ignores SIGINT (started with it ignored: `sigint_as_from_a_terminal` is what
+        prevents that) would never exit; the test says so at once rather than after a timeout."""
+        status = Path(f"/proc/{self.popen.pid}/status").read_text()
+        ignored = int(search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M)[1], 16)
+        assert not ignored & (1 << (signal.SIGINT - 1)), "the CLI ignores SIGINT: a Ctrl-C could not reach it"
+        self.popen.send_signal(signal.SIGINT)
+
+    def exit_code(self, timeout: float = 30) -> int:
+        """The CLI's exit status; one still running after `timeout` is aborted, and the test fails with its
+        output, which then ends with every thread's stack (faulthandler): a hang explains itself."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.send_signal(signal.SIGABRT)
+            try:
+                self.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+            self.collector.join(10)
+            pytest.fail(f"the CLI did not exit within {timeout} s; its stderr:\n{self.text()}")
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -217,9 +253,9 @@ def test_run_url_and_port_forward_carry_traffic_until_the_job_ends(
     # The job ends: both CLIs say the tunnels are closed, and the local ports stop answering.
     assert cluster.cli("stop", name).returncode == 0
     fwd.wait_line(rf"run {name} is (stopped|failed): the tunnel is closed")
-    assert fwd.popen.wait(30) == 0, fwd.text()
+    assert fwd.exit_code(30) == 0, fwd.text()
     run.wait_line(rf"run {name} is (stopped|failed): the tunnels are closed")
-    run.popen.wait(30)
+    run.exit_code(30)
     with pytest.raises(OSError):
         get(url + "hello", timeout=5)
     assert "Traceback" not in fwd.text() + run.text()
@@ -332,7 +368,7 @@ def test_only_the_owner_or_an_admin_reaches_declared_ports_of_a_running_job(
     assert get(url + "hello") == b"hello from the job"
     assert cluster.cli("stop", name).returncode == 0
     attach.wait_line(rf"run {name} is (stopped|failed): the tunnels are closed")
-    attach.popen.wait(30)
+    attach.exit_code(30)
     with cluster.channel() as ch:
         e = _tunnel_call(ch, alice, common_pb2.TunnelTarget(run_name=name, port=http))
         assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -352,8 +388,8 @@ def test_local_mode_run_prints_a_url_that_reaches_the_job(
     url = run.wait_line(rf"tunnel port {http}: (http://127\.0\.0\.1:\d+/)", timeout=120).group(1)
     assert f":{http}/" not in url
     wait_for(lambda: says_hello(url), timeout=60, what="the job's server")
-    run.popen.send_signal(signal.SIGINT)  # Ctrl-C: the tunnels close, the run goes on (no terminal: no question)
-    assert run.popen.wait(30) == 130
+    run.interrupt()  # Ctrl-C: the tunnels close, the run goes on (no terminal: no question)
+    assert run.exit_code(30) == 130, run.text()
     run.wait_line("the tunnels are closed")
     run.wait_line("detached; the run goes on")
     assert "Traceback" not in run.text()
