@@ -81,6 +81,7 @@ class AgentStats:
     errors: int = 0  # failed Register, Connect or stream: each is retried, as a real agent does
     failures: dict[str, int] = field(default_factory=dict)  # errors by cause ("phase: CODE details")
     heartbeats: int = 0
+    received: int = 0  # messages read off the coordinator's streams (each one of its writes)
     max_heartbeat_gap_s: float = 0.0  # the longest a simulated agent went between two messages
     max_write_s: float = 0.0  # the longest one `call.write` took to return (gRPC accepted the message)
     max_loop_lag_s: float = 0.0  # the worker's own event loop: the most a 0.5 s sleep overslept
@@ -100,6 +101,7 @@ COUNTERS = (
     "stopped",
     "errors",
     "heartbeats",
+    "received",
 )
 
 
@@ -240,6 +242,7 @@ class _Agent:
 
     def _handle(self, msg: agent_pb2.CoordinatorMessage) -> None:
         stats = self.w.stats
+        stats.received += 1
         updates = []
         now = time.time_ns()
         for stop in msg.stops:  # a held job failed while this agent was away: it ends here, as a real one
