@@ -31,7 +31,7 @@ class AgentConnection:
         """Keeps `msg` (acknowledgements alone) to go with the next message sent, not in a write of its own:
         a report that freed capacity is answered by the pass it asked for, so its ack and the agent's next
         assignment leave in one write. The engine sends it alone at the latest after the first pass begun
-        after `passes` (Engine._scheduler_loop, AgentHub.release_held)."""
+        after `passes` (Engine.ack_with_pass, AgentHub.release_held)."""
         if self.closed:
             return
         if self.held is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,10 @@ def _summary(m: agent_pb2.CoordinatorMessage) -> str:
     return "; ".join([*acks, *assigned, *(f"stop {x.job_id[-4:]}" for x in m.stops)])
 
 
+def _acks(m: agent_pb2.CoordinatorMessage) -> list[tuple[str, int]]:
+    return [(u.job_id, u.status) for u in m.update_acks]
+
+
 def _writes(a: SimAgent) -> list[agent_pb2.CoordinatorMessage]:
     """The coordinator's writes on the agent's stream that carry assignments or update acks (not a heartbeat's)."""
     return [m for m in a.received if m.assignments or m.update_acks]
@@ -55,8 +60,8 @@ async def test_a_drain_costs_one_write_per_job_on_the_agent_s_stream(
     """Cost pin (counts, not time): a one-CPU agent drains 12 queued one-CPU jobs, answering each assignment with
     its RUNNING and DONE at once. Each DONE's ack rides with the next assignment: 12 assignments and one ack alone
     at the end, 13 writes (24 before: an ack, then an assignment). Every ack follows its job's DONE in the store.
-    Passes are not paced here (a pause before the next pass sends what is held at once: a loaded machine's slow
-    pass would make the count vary)."""
+    Passes are not paced here (a long pause before the next pass sends what is held at once: on a loaded machine a
+    slow pass would make the count vary)."""
     monkeypatch.setattr(engine_module, "PACE_AFTER_S", 3600.0)
     jobs = 12
     async with coordinator(tmp_path) as h, sim_agent(h, "a", cpu=1) as a:
@@ -92,6 +97,39 @@ async def test_an_ack_is_sent_alone_once_the_pass_after_it_places_nothing_for_it
         await a.send(_ran(job_id))
         await a.until(lambda: (job_id, JS.JOB_STATUS_DONE) in a.update_acks(), "the DONE's ack")
         assert not h.coordinator.engine.hub._holding or all(c.held is None for c in h.coordinator.engine.hub._holding)
+
+
+async def test_an_ack_is_not_held_through_a_long_pause_before_the_next_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bound: a pass that took long is followed by a pause as long (pacing, up to PACE_MAX_S); an ack is not held
+    through one longer than HOLD_THROUGH_PAUSE_S. Here every pass takes 0.3 s; the DONE commits behind one that
+    began before it (a submission asked for it) and places nothing for the agent: the ack goes alone, before the
+    pause, not with the next job's assignment after it."""
+    monkeypatch.setattr(engine_module, "PACE_AFTER_S", 0.02)
+    async with coordinator(tmp_path) as h, sim_agent(h, "a", cpu=1) as a:
+        engine = h.coordinator.engine
+        first = await submit_run(h, job_spec("main", cpu=1))
+        second = await submit_run(h, job_spec("main", cpu=1))
+        await a.wait_assignments(1)
+        job_id = job_ids(first)["main"]
+        plain, in_pass = engine._timed_plan, threading.Event()
+
+        def slow_pass(*args: Any) -> Any:  # (DB thread)
+            in_pass.set()
+            time.sleep(engine_module.HOLD_THROUGH_PAUSE_S + 0.05)
+            return plain(*args)
+
+        monkeypatch.setattr(engine, "_timed_plan", slow_pass)
+        await submit_run(h, job_spec("big", cpu=2))  # never placed: a pass begins, and one after each kick
+        await asyncio.to_thread(in_pass.wait, 30)
+        await a.send(_ran(job_id))  # its batch commits behind that pass
+        nxt = job_ids(second)["main"]
+        await a.until(lambda: any(x.job_id == nxt for x in a.assignments()), "the next job's assignment")
+        kinds = [_summary(m) for m in a.received if m.update_acks or m.assignments]
+        done_ack = [i for i, m in enumerate(a.received) if (job_id, JS.JOB_STATUS_DONE) in _acks(m)]
+        assigned = [i for i, m in enumerate(a.received) if any(x.job_id == nxt for x in m.assignments)]
+        assert done_ack and assigned and done_ack[0] < assigned[0], kinds
 
 
 async def test_an_ack_held_when_its_stream_ends_is_not_lost_the_update_sent_again_is_acknowledged_once_stored(
