@@ -38,6 +38,8 @@ class Variant:
     cpu_ms: list[float] = field(default_factory=list)
     loads: list[float] = field(default_factory=list)
     threads: list[dict[str, float]] = field(default_factory=list)
+    writes: list[float] = field(default_factory=list)
+    beat_writes: list[float] = field(default_factory=list)
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -68,9 +70,11 @@ def _grpc_thread(comm: str) -> bool:
 
 def drain_once(
     tree: Path, agents: int, queued: int, procs: int, profile: str = "", fill_only: bool = False
-) -> tuple[float, float, float, dict[str, float]]:
+) -> tuple[float, float, float, dict[str, float], tuple[float, float]]:
     """One coordinator from `tree`: (jobs/s drained, coordinator CPU ms per drained job, load average, CPU
-    ms per drained job by kind of thread (`thread_cpu`); threads that ended during the drain are not in it).
+    ms per drained job by kind of thread (`thread_cpu`), the coordinator's messages to its agents per drained
+    job (each a write on a stream, counted by the simulated agents) and, of them, heartbeats' acks alone;
+    threads that ended during the drain are not in it).
     `fill_only`: stops once the queue is full (bench.drain --profile subtracts that run's profile)."""
     svc = Services()
     svc.coordinator_tree = tree
@@ -90,8 +94,9 @@ def drain_once(
         wait_until("every agent to hold a job", lambda: fleet is not None and fleet.stats().assigned >= agents, 600)
         time.sleep(2)  # the fill's last full passes and writes settle before the clock starts
         if fill_only:
-            return 0.0, 0.0, os.getloadavg()[0], {}
+            return 0.0, 0.0, os.getloadavg()[0], {}, (0.0, 0.0)
         load0 = os.getloadavg()[0]
+        start = fleet.stats()
         t0, c0, threads0 = time.time(), sum(coordinator.cpu_times()[:2]), thread_cpu(coordinator.pid)
         fleet.release()
         # Counted by the simulated agents (each DONE acknowledged), not read from /metrics: a scrape costs
@@ -99,8 +104,10 @@ def drain_once(
         wait_until("the queue to drain", lambda: fleet is not None and fleet.stats().done >= total, 600 + total / 50)
         cpu = sum(coordinator.cpu_times()[:2]) - c0
         threads = {k: (v - threads0.get(k, 0.0)) * 1e3 / total for k, v in thread_cpu(coordinator.pid).items()}
-        last_done = fleet.stats().last_done
-        return total / max(1e-9, last_done - t0), cpu * 1e3 / total, (load0 + os.getloadavg()[0]) / 2, threads
+        end = fleet.stats()
+        rate, load = total / max(1e-9, end.last_done - t0), (load0 + os.getloadavg()[0]) / 2
+        beats = end.received_lease_acks - start.received_lease_acks
+        return rate, cpu * 1e3 / total, load, threads, ((end.received - start.received) / total, beats / total)
     finally:
         if fleet is not None:
             fleet.stop()
@@ -132,7 +139,7 @@ def main() -> None:
     a = p.parse_args()
     if a.profile:
         drain_once(REPO, a.agents, a.queued, a.procs, a.profile + ".fill", fill_only=True)
-        rate, cpu_ms, load, _ = drain_once(REPO, a.agents, a.queued, a.procs, a.profile + ".all")
+        rate, cpu_ms, load, _, _ = drain_once(REPO, a.agents, a.queued, a.procs, a.profile + ".all")
         drained_profile(a.profile + ".all", a.profile + ".fill", a.profile)
         drained_profile(a.profile + ".all.loop", a.profile + ".fill.loop", a.profile + ".loop")
         print(f"profiled: {rate:,.0f} jobs/s, coordinator CPU {cpu_ms:.2f} ms/job (under cProfile), load {load:.1f}")
@@ -144,7 +151,9 @@ def main() -> None:
     ]
     for r in range(a.rounds):
         for v in variants if r % 2 == 0 else variants[::-1]:
-            rate, cpu_ms, load, threads = drain_once(v.tree, a.agents, a.queued, a.procs)
+            rate, cpu_ms, load, threads, (writes, beat_writes) = drain_once(v.tree, a.agents, a.queued, a.procs)
+            v.writes.append(writes)
+            v.beat_writes.append(beat_writes)
             v.rates.append(rate)
             v.cpu_ms.append(cpu_ms)
             v.loads.append(load)
@@ -152,7 +161,7 @@ def main() -> None:
             split = ", ".join(f"{k} {ms:.3f}" for k, ms in threads.items())
             print(
                 f"round {r} {v.label}: {rate:,.0f} jobs/s, coordinator CPU {cpu_ms:.3f} ms/job ({split}),"
-                f" load {load:.1f}",
+                f" {writes:.2f} writes/job ({beat_writes:.2f} heartbeats' acks), load {load:.1f}",
                 flush=True,
             )
     print(f"{a.queued + a.agents} jobs drained by {a.agents} simulated agents, medians of {a.rounds} rounds:")
@@ -161,6 +170,7 @@ def main() -> None:
             f"  {v.label:>10}: {statistics.median(v.rates):,.0f} jobs/s, coordinator CPU"
             f" {statistics.median(v.cpu_ms):.3f} ms/job (range {min(v.cpu_ms):.3f}-{max(v.cpu_ms):.3f}; by thread:"
             f" {', '.join(f'{k} {statistics.median(t[k] for t in v.threads):.3f}' for k in v.threads[0])}),"
+            f" {statistics.median(v.writes):.2f} writes/job ({statistics.median(v.beat_writes):.2f} heartbeats' acks),"
             f" load {min(v.loads):.1f}-{max(v.loads):.1f}"
         )
 

@@ -81,6 +81,8 @@ class AgentStats:
     errors: int = 0  # failed Register, Connect or stream: each is retried, as a real agent does
     failures: dict[str, int] = field(default_factory=dict)  # errors by cause ("phase: CODE details")
     heartbeats: int = 0
+    received: int = 0  # messages read off the coordinator's streams (each one of its writes)
+    received_lease_acks: int = 0  # ... of them, a heartbeat's ack alone
     max_heartbeat_gap_s: float = 0.0  # the longest a simulated agent went between two messages
     max_write_s: float = 0.0  # the longest one `call.write` took to return (gRPC accepted the message)
     max_loop_lag_s: float = 0.0  # the worker's own event loop: the most a 0.5 s sleep overslept
@@ -100,6 +102,8 @@ COUNTERS = (
     "stopped",
     "errors",
     "heartbeats",
+    "received",
+    "received_lease_acks",
 )
 
 
@@ -240,6 +244,9 @@ class _Agent:
 
     def _handle(self, msg: agent_pb2.CoordinatorMessage) -> None:
         stats = self.w.stats
+        stats.received += 1
+        if msg.lease_ack and not (msg.assignments or msg.update_acks or msg.stops or msg.log_acks):
+            stats.received_lease_acks += 1
         updates = []
         now = time.time_ns()
         for stop in msg.stops:  # a held job failed while this agent was away: it ends here, as a real one

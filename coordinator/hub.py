@@ -12,14 +12,43 @@ class AgentConnection:
         self.agent_id = agent_id
         self.queue: asyncio.Queue[agent_pb2.CoordinatorMessage | None] = asyncio.Queue()
         self.closed = False
+        # Acknowledgements held back to leave with this agent's next message (`hold`), and the number of
+        # scheduling passes begun when the first of them was held (AgentHub.release_held).
+        self.held: agent_pb2.CoordinatorMessage | None = None
+        self.held_at = 0
 
     def send(self, msg: agent_pb2.CoordinatorMessage) -> None:
-        if not self.closed:
-            self.queue.put_nowait(msg)
+        """Queues `msg` for the stream's writer; what was held (`hold`) goes with it, ahead of it."""
+        if self.closed:
+            return
+        held, self.held = self.held, None
+        if held is not None:
+            held.MergeFrom(msg)
+            msg = held
+        self.queue.put_nowait(msg)
+
+    def hold(self, msg: agent_pb2.CoordinatorMessage, passes: int) -> None:
+        """Keeps `msg` (acknowledgements alone) to go with the next message sent, not in a write of its own:
+        a report that freed capacity is answered by the pass it asked for, so its ack and the agent's next
+        assignment leave in one write. The engine sends it alone at the latest after the first pass begun
+        after `passes` (Engine.ack_with_pass, AgentHub.release_held)."""
+        if self.closed:
+            return
+        if self.held is None:
+            self.held, self.held_at = msg, passes
+        else:
+            self.held.MergeFrom(msg)
+
+    def release_held(self) -> None:
+        """Sends what is held, alone."""
+        held, self.held = self.held, None
+        if held is not None and not self.closed:
+            self.queue.put_nowait(held)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self.held = None  # never acknowledged: the agent sends it again on its next stream
             self.queue.put_nowait(None)
 
     async def next_batch(self) -> agent_pb2.CoordinatorMessage | None:
@@ -39,6 +68,25 @@ class AgentConnection:
 class AgentHub:
     def __init__(self) -> None:
         self._conns: dict[str, AgentConnection] = {}
+        self._holding: set[AgentConnection] = set()  # connections that may hold acknowledgements (`hold`)
+
+    def hold(self, conn: AgentConnection, msg: agent_pb2.CoordinatorMessage, passes: int) -> None:
+        """`conn.hold`: `msg` goes with the agent's next message, or alone from `release_held`."""
+        conn.hold(msg, passes)
+        self._holding.add(conn)
+
+    def release_held(self, begun_before: int | None = None) -> None:
+        """Sends alone what connections still hold: all of it, or (`begun_before`) what was held before that
+        many passes had begun (a pass begun after it has ended: what it placed for those agents was sent)."""
+        kept: set[AgentConnection] = set()
+        for conn in self._holding:
+            if conn.held is None:
+                continue  # it went with a message meanwhile, or the stream ended
+            if begun_before is not None and conn.held_at >= begun_before:
+                kept.add(conn)
+            else:
+                conn.release_held()
+        self._holding = kept
 
     def attach(self, agent_id: str) -> AgentConnection:
         old = self._conns.get(agent_id)

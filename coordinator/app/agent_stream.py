@@ -158,8 +158,8 @@ class Session:
             # Lost while its heartbeat was being written (the lease check ends the session as soon as its
             # expiry returns, before this resumes): its jobs are requeued, no lease may be acknowledged.
             reply.lease_ack = 0
-        if (reply.log_acks or reply.update_acks or reply.lease_ack) and self._conn is not None:
-            self._conn.send(reply)
+        if reply.log_acks or reply.update_acks or reply.lease_ack:
+            self._send_acks(msg, reply)
 
     def receive_now(self, msg: agent_pb2.AgentMessage) -> bool:
         """The direct path, for the commonest message at a deep queue's drain: updates alone (a brief job's
@@ -202,27 +202,44 @@ class Session:
         if isinstance(answer, sqlite3.OperationalError) and refused_write(answer):
             self._spawn(self._stored_later(msg, answer))  # tried again until the disk takes it: `receive_stored`
         else:
-            self._done(answer)
+            self._done(msg, answer)
 
     async def _stored_later(self, msg: agent_pb2.AgentMessage, refused: BaseException) -> None:
         try:
             await self.receive_stored(msg, refused)
         except Exception as e:
-            self._done(e)
+            self._done(msg, e)
         else:
-            self._done(agent_pb2.CoordinatorMessage())  # `receive` sent its acks
+            self._done(msg, agent_pb2.CoordinatorMessage())  # `receive` sent its acks
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _done(self, answer: UpdatesAnswer) -> None:
+    def _send_acks(self, msg: agent_pb2.AgentMessage, reply: agent_pb2.CoordinatorMessage) -> None:
+        """Sends the acknowledgements of `msg`. Those of updates alone, of which one ended a job (its capacity
+        freed, a pass asked for), go with the agent's next message, most often that pass's assignment to it
+        (Engine.ack_with_pass): one write for both. A lease's or lines' ack goes at once: the agent's self-fencing
+        counts from the one, its window of lines in flight waits for the other."""
+        conn = self._conn
+        if conn is None:
+            return
+        if (
+            not reply.lease_ack
+            and not reply.log_acks
+            and any(u.status in FINAL for u in msg.updates)
+            and self.core.engine.ack_with_pass(conn, reply)
+        ):
+            return
+        conn.send(reply)
+
+    def _done(self, msg: agent_pb2.AgentMessage, answer: UpdatesAnswer) -> None:
         """The direct path's message is over: its acks sent, or (an error) the stream ends, as the handler's
         would (services/agent.py); the messages behind it may go on."""
         if isinstance(answer, agent_pb2.CoordinatorMessage):
-            if answer.update_acks and self._conn is not None:
-                self._conn.send(answer)
+            if answer.update_acks:
+                self._send_acks(msg, answer)
         elif isinstance(answer, BaseException):  # its error (not a refused write): no ack; the agent sends it again
             log.error("agent %s stream failed", self.agent_id, exc_info=answer)
             self.end_input()
