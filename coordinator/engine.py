@@ -500,15 +500,15 @@ class Engine:
                 await asyncio.sleep(0.5)
                 self.kick(finished=charge)
                 continue
-            if full:
-                self.pending_reasons = plan.reasons  # replaced whole: jobs placed or gone drop out
-                self.wait_info = plan.info
-                self.reservations = plan.reservations
-            elif plan.done and self.reservations:
-                # Reasons and positions wait for the next full pass (a listing shows a job's only while
-                # it waits); a reservation lets go at once. Replaced, not changed: listings read it.
-                self.reservations = {j: a for j, a in self.reservations.items() if j not in set(plan.done)}
             try:
+                if full:
+                    self.pending_reasons = plan.reasons  # replaced whole: jobs placed or gone drop out
+                    self.wait_info = plan.info
+                    self.reservations = plan.reservations
+                elif plan.done and self.reservations:
+                    # Reasons and positions wait for the next full pass (a listing shows a job's only while
+                    # it waits); a reservation lets go at once. Replaced, not changed: listings read it.
+                    self.reservations = {j: a for j, a in self.reservations.items() if j not in set(plan.done)}
                 self.queue.discard(plan.done)
                 self.waits.discard(plan.done)
                 self.queue.mark_pending(plan.marked_pending)
@@ -724,7 +724,7 @@ class Engine:
         """Fails the placed jobs that could not be sent (`_undelivered`) in the store: their agents' capacity
         is free again at the next pass (the store's journal sees the change), their runs' statuses follow.
         A failure of the store keeps them owed, tried after the next pass."""
-        owed, self._undelivered = self._undelivered, []
+        owed, self._undelivered = list(dict.fromkeys(self._undelivered)), []  # a send tried twice lists one twice
         try:
             runs = await self.db(self.store.fail_undelivered, owed)
         except Exception:
@@ -1127,6 +1127,23 @@ class Engine:
                 self._renewal_failed = True
                 log.exception("lease check failed")
                 continue
+            try:
+                await self._after_lease_check(lost, requeued)
+            except Exception:
+                # One of its steps' bugs or store failures must not end the loop: no agent would be marked
+                # lost again, nor any job stopped for its max_duration, preempted or requeued by the sweep.
+                log.exception("the lease check's follow-up failed")
+            if self.clock.monotonic() >= next_forget:
+                next_forget = self.clock.monotonic() + forget_every
+                try:
+                    await self._forget_lost_agents()
+                except Exception:
+                    log.exception("forgetting lost agents failed")
+
+    async def _after_lease_check(self, lost: list[str], requeued: list[str]) -> None:
+        """What a lease check does once the leases that ran out are recorded: the lost agents let go of,
+        and the loop's sweeps, each of which goes on though one before it failed."""
+        try:
             self.metrics.agents_lost.inc(len(lost))
             self.metrics.longest_silence.set(self.leases.max_gap_s)
             for agent_id in lost:
@@ -1144,16 +1161,16 @@ class Engine:
                 self.kick()
             if requeued:
                 await self._requeued(requeued)
+        finally:
             if lost:
                 self.watchers.notify_all()
                 self.kick()
-            await self.settle_gangs()
-            await self._requeue_sweep()
-            await self._stop_overdue()
-            await self._preempt_by_policy()
-            if self.clock.monotonic() >= next_forget:
-                next_forget = self.clock.monotonic() + forget_every
-                await self._forget_lost_agents()
+        steps = (self.settle_gangs, self._requeue_sweep, self._stop_overdue, self._preempt_by_policy)
+        for step in steps:
+            try:
+                await step()
+            except Exception:
+                log.exception("lease check: %s failed", step.__name__.strip("_").replace("_", " "))
 
     async def settle_gangs(self) -> None:
         """The gang sweep (coordinator/store/gangs.py): a member that failed fails its gang, one that
