@@ -699,31 +699,38 @@ class Engine:
         by_agent: dict[str, list[agent_pb2.JobAssignment]] = {}
         built = 0
         for a in assignments:
-            msg = self._assignment_or_none(a)
-            if msg is not None:
-                by_agent.setdefault(a.agent_id, []).append(msg)
-                built += 1
+            try:  # inline, not `_assignment_or_none`: a pass builds thousands
+                msg = self._assignment(a)
+            except Exception as e:
+                self._unbuilt(a, e)
+                continue
+            by_agent.setdefault(a.agent_id, []).append(msg)
+            built += 1
         for agent_id, theirs in by_agent.items():
             self.hub.send(agent_id, agent_pb2.CoordinatorMessage(assignments=theirs))
         self.assignments_sent += built
 
     def _assignment_or_none(self, a: Assignment) -> agent_pb2.JobAssignment | None:
-        """`_assignment`, or None where it cannot be built: the job is then owed to `_fail_undelivered`
-        (a corrupt blob in the store fails as often as it is tried: trying again would place it, fail
-        and free the agent at every pass, while the job never runs and nobody is told)."""
+        """`_assignment`, or None where it cannot be built (`_unbuilt`)."""
         try:
             return self._assignment(a)
         except Exception as e:
-            why = _unbuildable(a, e)
-            log.error("job %s/%s (%s): %s; it fails", a.run_name, a.job_id, wire_job_id(a.job_id, a.attempt), why)
-            self.metrics.scheduling_failures.inc()
-            self._undelivered.append((a.job_id, a.attempt, a.agent_id, why))
+            self._unbuilt(a, e)
             return None
+
+    def _unbuilt(self, a: Assignment, e: Exception) -> None:
+        """A placed job whose assignment could not be built is owed to `_fail_undelivered`: a corrupt blob in
+        the store fails as often as it is tried, and trying again would place it, fail and free its agent at
+        every pass while the job never runs and nobody is told."""
+        why = _unbuildable(a, e)
+        log.error("job %s/%s (%s): %s; it fails", a.run_name, a.job_id, wire_job_id(a.job_id, a.attempt), why)
+        self.metrics.scheduling_failures.inc()
+        self._undelivered.append((a.job_id, a.attempt, a.agent_id, why))
 
     async def _fail_undelivered(self) -> None:
         """Fails the placed jobs that could not be sent (`_undelivered`) in the store: their agents' capacity
         is free again at the next pass (the store's journal sees the change), their runs' statuses follow.
-        A failure of the store keeps them owed, tried after the next pass."""
+        A failure of the store keeps them owed, tried after the next pass or at the next lease check."""
         owed, self._undelivered = list(dict.fromkeys(self._undelivered)), []  # a send tried twice lists one twice
         try:
             runs = await self.db(self.store.fail_undelivered, owed)
@@ -1165,7 +1172,13 @@ class Engine:
             if lost:
                 self.watchers.notify_all()
                 self.kick()
-        steps = (self.settle_gangs, self._requeue_sweep, self._stop_overdue, self._preempt_by_policy)
+        steps = (
+            self.settle_gangs,
+            self._requeue_sweep,
+            self._undelivered_sweep,
+            self._stop_overdue,
+            self._preempt_by_policy,
+        )
         for step in steps:
             try:
                 await step()
@@ -1482,6 +1495,12 @@ class Engine:
         if added:
             self.kick(finished=False)
         return True
+
+    async def _undelivered_sweep(self) -> None:
+        """The lease loop's backstop for `_fail_undelivered`: the scheduler tries it after a pass, and none may
+        come while the queue is empty."""
+        if self._undelivered:
+            await self._fail_undelivered()
 
     async def _requeue_sweep(self) -> None:
         """The lease loop's backstop: a requeue whose read failed (`_requeued`) is read again, once per check."""

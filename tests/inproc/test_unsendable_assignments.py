@@ -128,3 +128,29 @@ async def test_a_hello_that_meets_an_assigned_job_with_a_corrupt_spec_connects_a
             return a is not None and a.status == "online"
 
         await wait_until(connected, "the agent online")
+
+
+async def test_a_job_whose_failure_could_not_be_written_is_failed_by_the_lease_loop(tmp_path: Path) -> None:
+    """The store refused the failure once (a busy or full database): the job stays owed, and the next lease
+    check writes it, though no pass comes (nothing else waits)."""
+    async with coordinator(tmp_path) as h:
+        store = h.coordinator.engine.store
+        plain, refused = store.fail_undelivered, list[int]()
+
+        def busy_once(jobs: Sequence[tuple[str, int, str, str]]) -> list[str]:
+            if not refused:
+                refused.append(len(jobs))
+                raise sqlite3.OperationalError("database is locked")
+            return plain(jobs)
+
+        store.fail_undelivered = busy_once
+        run = await submit_run(h, job_spec())
+        corrupt_spec(h, run.jobs[0].id)
+        async with sim_agent(h, "only", cpu=1):
+            await wait_until(lambda: _true(refused), "the refused write")
+            await h.clock.advance(1.0)  # a lease check
+            assert "stored spec could not be read" in await failed_job(h, run.name)
+
+
+async def _true(value: object) -> bool:
+    return bool(value)
