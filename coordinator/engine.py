@@ -274,6 +274,9 @@ class Engine:
         # Between full passes (FULL_QUEUE): what running jobs hold (coordinator/holdings.py), read again
         # when a job may have ended; the online agents' rows, read again when the connected set changes.
         self.holdings = Holdings()
+        # Placed jobs whose assignment could not be built or sent, to be failed in the store (job id, attempt,
+        # agent id, why): `_fail_undelivered`.
+        self._undelivered: list[tuple[str, int, str, str]] = []
         self._holdings_read = False
         self._agent_rows: list[AgentRow] | None = None
         self._agent_row_keys: list[tuple[str, str, bytes | None]] = []  # what `_agent_rows` was read with
@@ -536,26 +539,34 @@ class Engine:
                 await self._pause(0.5)
                 self.kick(finished=charge)
                 continue
-            if full:
-                self.pending_reasons = plan.reasons  # replaced whole: jobs placed or gone drop out
-                self.wait_info = plan.info
-                self.reservations = plan.reservations
-            elif plan.done and self.reservations:
-                # Reasons and positions wait for the next full pass (a listing shows a job's only while
-                # it waits); a reservation lets go at once. Replaced, not changed: listings read it.
-                self.reservations = {j: a for j, a in self.reservations.items() if j not in set(plan.done)}
-            self.queue.discard(plan.done)
-            self.waits.discard(plan.done)
-            self.queue.mark_pending(plan.marked_pending)
-            for hit, w in plan.cache_hits:
-                task = asyncio.create_task(self._reuse(hit, w), name=f"reuse {hit.run_name}/{hit.job_name}")
-                self._reusing.add(task)
-                task.add_done_callback(self._reusing.discard)
+            try:
+                if full:
+                    self.pending_reasons = plan.reasons  # replaced whole: jobs placed or gone drop out
+                    self.wait_info = plan.info
+                    self.reservations = plan.reservations
+                elif plan.done and self.reservations:
+                    # Reasons and positions wait for the next full pass (a listing shows a job's only while
+                    # it waits); a reservation lets go at once. Replaced, not changed: listings read it.
+                    self.reservations = {j: a for j, a in self.reservations.items() if j not in set(plan.done)}
+                self.queue.discard(plan.done)
+                self.waits.discard(plan.done)
+                self.queue.mark_pending(plan.marked_pending)
+                for hit, w in plan.cache_hits:
+                    task = asyncio.create_task(self._reuse(hit, w), name=f"reuse {hit.run_name}/{hit.job_name}")
+                    self._reusing.add(task)
+                    task.add_done_callback(self._reusing.discard)
+            except Exception:
+                # Nothing here is in the store: what it missed, a later pass finds again (a job the pass
+                # placed and left in the queue is no longer waiting: placing it again moves no row).
+                log.exception("applying a scheduling pass failed")
+                self.metrics.scheduling_failures.inc()
             sent, sent_cpu = time.perf_counter(), time.thread_time()
-            self._send_assignments(plan.assignments)  # with what their agents' streams hold (`ack_with_pass`)
-            # The acks held before this pass began are not for a later one (those held since wait for the next).
-            self.hub.release_held(begun_before=self._passes_begun)
-            self._in_pass = False
+            try:
+                self._deliver(plan.assignments)  # with what their agents' streams hold (`ack_with_pass`)
+            finally:
+                # The acks held before this pass began are not for a later one (those held since wait for the next).
+                self.hub.release_held(begun_before=self._passes_begun)
+                self._in_pass = False
             # The pass itself: its time on the DB thread (placing and writing; not its wait there) and
             # the assignments' messages built and queued here; and the CPU time of both.
             self.metrics.scheduling_pass.observe(self._pass_took + time.perf_counter() - sent)
@@ -566,6 +577,8 @@ class Engine:
             # heads-only pass counts its own time on the DB thread, not its wait there behind a deep
             # queue's full pass (that wait is no cost of its own to pace).
             took = time.perf_counter() - began if full else self._heads_took
+            if self._undelivered:
+                await self._fail_undelivered()
             if took > PACE_AFTER_S:
                 await self._pause(min(took, PACE_MAX_S))
 
@@ -711,14 +724,80 @@ class Engine:
             if len(self.queue):
                 self.kick()
 
-    def _send_assignments(self, assignments: Sequence[Assignment]) -> None:
-        """One message per agent for all it got in a pass (a pass places thousands at scale)."""
-        by_agent: dict[str, list[agent_pb2.JobAssignment]] = {}
+    def _deliver(self, assignments: Sequence[Assignment]) -> None:
+        """`_send_assignments`, which must not end the scheduler: the pass's jobs are ASSIGNED in the store
+        already, and one that is never sent would stay so while its agent stays connected (only a hello
+        sends an agent's ASSIGNED jobs again). A failure of the whole (not of one job's message: those are
+        `_send_assignments`' own) is tried once more at once, in this turn of the event loop, before any of
+        it is written to an agent's stream: an agent drops an assignment whose id it has already. Failed
+        twice: every job of the pass fails (`_fail_undelivered`) and is aborted on its agent, for an agent
+        may have been sent it."""
+        try:
+            self._send_assignments(assignments)
+            return
+        except Exception:
+            log.exception("sending a pass's %d assignments failed; sending them again", len(assignments))
+            self.metrics.scheduling_failures.inc()
+        try:
+            self._send_assignments(assignments)
+            return
+        except Exception as e:
+            log.exception("sending a pass's %d assignments failed again; their jobs fail", len(assignments))
+            why = f"its assignment could not be sent to its agent ({type(e).__name__}: {e})"
         for a in assignments:
-            by_agent.setdefault(a.agent_id, []).append(self._assignment(a))
+            self._undelivered.append((a.job_id, a.attempt, a.agent_id, why))
+            stop = agent_pb2.StopJob(job_id=wire_job_id(a.job_id, a.attempt), abort=True)
+            self.hub.send(a.agent_id, agent_pb2.CoordinatorMessage(stops=[stop]))
+
+    def _send_assignments(self, assignments: Sequence[Assignment]) -> None:
+        """One message per agent for all it got in a pass (a pass places thousands at scale). A job whose
+        message cannot be built (its spec or code in the store is unreadable) is left out, and owed to
+        `_fail_undelivered`: the others are sent, in the pass's order."""
+        by_agent: dict[str, list[agent_pb2.JobAssignment]] = {}
+        built = 0
+        for a in assignments:
+            try:  # inline, not `_assignment_or_none`: a pass builds thousands
+                msg = self._assignment(a)
+            except Exception as e:
+                self._unbuilt(a, e)
+                continue
+            by_agent.setdefault(a.agent_id, []).append(msg)
+            built += 1
         for agent_id, theirs in by_agent.items():
             self.hub.send(agent_id, agent_pb2.CoordinatorMessage(assignments=theirs))
-        self.assignments_sent += len(assignments)
+        self.assignments_sent += built
+
+    def _assignment_or_none(self, a: Assignment) -> agent_pb2.JobAssignment | None:
+        """`_assignment`, or None where it cannot be built (`_unbuilt`)."""
+        try:
+            return self._assignment(a)
+        except Exception as e:
+            self._unbuilt(a, e)
+            return None
+
+    def _unbuilt(self, a: Assignment, e: Exception) -> None:
+        """A placed job whose assignment could not be built is owed to `_fail_undelivered`: a corrupt blob in
+        the store fails as often as it is tried, and trying again would place it, fail and free its agent at
+        every pass while the job never runs and nobody is told."""
+        why = _unbuildable(a, e)
+        log.error("job %s/%s (%s): %s; it fails", a.run_name, a.job_id, wire_job_id(a.job_id, a.attempt), why)
+        self.metrics.scheduling_failures.inc()
+        self._undelivered.append((a.job_id, a.attempt, a.agent_id, why))
+
+    async def _fail_undelivered(self) -> None:
+        """Fails the placed jobs that could not be sent (`_undelivered`) in the store: their agents' capacity
+        is free again at the next pass (the store's journal sees the change), their runs' statuses follow.
+        A failure of the store keeps them owed, tried after the next pass or at the next lease check."""
+        owed, self._undelivered = list(dict.fromkeys(self._undelivered)), []  # a send tried twice lists one twice
+        try:
+            runs = await self.db(self.store.fail_undelivered, owed)
+        except Exception:
+            log.exception("failing %d jobs whose assignments could not be sent failed; tried again later", len(owed))
+            self._undelivered = owed + self._undelivered
+            return
+        if runs:
+            self.watchers.notify(runs)
+        self.kick()  # the capacity they held is free
 
     def _timed_plan(self, waiting: list[Waiting], connected: set[str], charge: bool) -> Plan:
         # Timed on the DB thread: the pass itself, not its wait behind other store calls.
@@ -1112,6 +1191,23 @@ class Engine:
                 self._renewal_failed = True
                 log.exception("lease check failed")
                 continue
+            try:
+                await self._after_lease_check(lost, requeued)
+            except Exception:
+                # One of its steps' bugs or store failures must not end the loop: no agent would be marked
+                # lost again, nor any job stopped for its max_duration, preempted or requeued by the sweep.
+                log.exception("the lease check's follow-up failed")
+            if self.clock.monotonic() >= next_forget:
+                next_forget = self.clock.monotonic() + forget_every
+                try:
+                    await self._forget_lost_agents()
+                except Exception:
+                    log.exception("forgetting lost agents failed")
+
+    async def _after_lease_check(self, lost: list[str], requeued: list[str]) -> None:
+        """What a lease check does once the leases that ran out are recorded: the lost agents let go of,
+        and the loop's sweeps, each of which goes on though one before it failed."""
+        try:
             self.metrics.agents_lost.inc(len(lost))
             self.metrics.longest_silence.set(self.leases.max_gap_s)
             for agent_id in lost:
@@ -1129,16 +1225,22 @@ class Engine:
                 self.kick()
             if requeued:
                 await self._requeued(requeued)
+        finally:
             if lost:
                 self.watchers.notify_all()
                 self.kick()
-            await self.settle_gangs()
-            await self._requeue_sweep()
-            await self._stop_overdue()
-            await self._preempt_by_policy()
-            if self.clock.monotonic() >= next_forget:
-                next_forget = self.clock.monotonic() + forget_every
-                await self._forget_lost_agents()
+        steps = (
+            self.settle_gangs,
+            self._requeue_sweep,
+            self._undelivered_sweep,
+            self._stop_overdue,
+            self._preempt_by_policy,
+        )
+        for step in steps:
+            try:
+                await step()
+            except Exception:
+                log.exception("lease check: %s failed", step.__name__.strip("_").replace("_", " "))
 
     async def settle_gangs(self) -> None:
         """The gang sweep (coordinator/store/gangs.py): a member that failed fails its gang, one that
@@ -1451,6 +1553,12 @@ class Engine:
             self.kick(finished=False)
         return True
 
+    async def _undelivered_sweep(self) -> None:
+        """The lease loop's backstop for `_fail_undelivered`: the scheduler tries it after a pass, and none may
+        come while the queue is empty."""
+        if self._undelivered:
+            await self._fail_undelivered()
+
     async def _requeue_sweep(self) -> None:
         """The lease loop's backstop: a requeue whose read failed (`_requeued`) is read again, once per check."""
         if self._requeues_read < self._requeues_due:
@@ -1553,7 +1661,11 @@ class Engine:
         if requeued:
             await self._requeued(requeued)
         for a in await self.db(self.store.assignments_for_agent, agent_id, resend):
-            reply.assignments.append(self._assignment(a))
+            # One that cannot be built must not fail the hello (the agent could never connect again).
+            if (built := self._assignment_or_none(a)) is not None:
+                reply.assignments.append(built)
+        if self._undelivered:
+            await self._fail_undelivered()
         reply.stops.extend(agent_pb2.StopJob(job_id=j) for j in stop)
         reply.stops.extend(agent_pb2.StopJob(job_id=j, abort=True) for j in stale)
         fence_after_ms, strict = self.fence_policy()
@@ -1914,3 +2026,16 @@ class Engine:
         self.queue.discard_run(run.id)
         self.watchers.notify([run.id])
         self.kick()
+
+
+def _unbuildable(a: Assignment, e: Exception) -> str:
+    """Why a placed job's assignment could not be built, in words its owner can act on."""
+    try:
+        common_pb2.JobSpec().ParseFromString(a.spec)
+    except Exception:
+        return "its stored spec could not be read (the database is damaged): it was never sent to an agent"
+    try:
+        common_pb2.CodeRef().ParseFromString(a.code)
+    except Exception:
+        return "its run's stored code could not be read (the database is damaged): it was never sent to an agent"
+    return f"its assignment could not be built ({type(e).__name__}: {e}): it was never sent to an agent"

@@ -136,6 +136,14 @@ LOST_BY_AGENT = _job(
     TR.EXECUTOR_ERROR,
     "its agent reconnected without it (the agent restarted)",
 )
+UNDELIVERABLE = _job(
+    "undeliverable",
+    (JS.ASSIGNED,),
+    JS.FAILED,
+    Actor.SCHEDULER,
+    TR.EXECUTOR_ERROR,
+    "its assignment could not be built (its stored spec or code is unreadable) or sent to its agent (aborted there)",
+)
 # Attempts (workflow `retry`, preemption; coordinator/lifecycle/attempts.py): the job goes back to
 # waiting as a new attempt, its attempt number counted up; the attempt that ended is kept in
 # job_attempts with its agent, times and reason.
@@ -236,6 +244,7 @@ JOB_TRANSITIONS: tuple[JobTransition, ...] = (
     AGENT_LOST,
     AGENT_REMOVED,
     LOST_BY_AGENT,
+    UNDELIVERABLE,
     REQUEUE_AGENT_LOST,
     REQUEUE_ERROR,
     REQUEUE_DISK_FULL,

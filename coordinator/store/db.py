@@ -143,6 +143,7 @@ class Store(Db):
         self.terminal_or_unknown = self.jobs.terminal_or_unknown
         self.stop_unstarted = self.jobs.stop_unstarted
         self.fail_jobs_lost_by_agent = self.jobs.fail_lost_by_agent
+        self.fail_undelivered = self.jobs.fail_undelivered
         self.apply_job_updates = self.jobs.apply_updates
         self.apply_job_updates_many = self.jobs.apply_updates_many
         self.request_preempt = self.jobs.request_preempt

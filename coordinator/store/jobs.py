@@ -585,6 +585,25 @@ class Jobs:
             message = "the agent restarted and no longer has this job"
             return end_agent_jobs(c, agent_id, lifecycle.LOST_BY_AGENT, message, self.db.clock(), job_ids)
 
+    def fail_undelivered(self, jobs: Sequence[tuple[str, int, str, str]]) -> list[str]:
+        """Placed jobs whose assignment could not be built (job id, attempt, agent id, why): FAILED, with their
+        dependants, if that attempt is still ASSIGNED to that agent (a later attempt, or one the agent reported
+        on, is left alone). Returns the runs changed."""
+        if not jobs:
+            return []
+        runs: set[str] = set()
+        with self.db.tx() as c:
+            now = self.db.clock()
+            for job_id, attempt, agent_id, why in jobs:
+                where = "id = :id AND attempt = :attempt AND agent_id = :agent"
+                params = {"id": job_id, "attempt": attempt, "agent": agent_id}
+                moved = lifecycle.move_jobs(c, lifecycle.UNDELIVERABLE, where, params, message=why, at=now)
+                runs.update(m.run_id for m in moved)
+            for run_id in runs:
+                lifecycle.fail_dependants(c, run_id, now)
+                lifecycle.refresh_run_status(c, run_id, now)
+        return sorted(runs)
+
     def apply_updates(self, agent_id: str, updates: Sequence[JobUpdate]) -> UpdateResult:
         """An agent's reports, each acknowledged; stale or repeated ones change nothing."""
         res = UpdateResult()
