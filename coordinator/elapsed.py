@@ -126,6 +126,14 @@ class Waits:
         since = self._since.get(job_id)
         return 0.0 if since is None else self.clock.monotonic() - since
 
+    def tidy(self, waiting: Container[str], size: int) -> None:
+        """Forgets the jobs that no longer wait once they are as many as those that do (`size`: how many
+        wait): `longer_than` forgets them on its way, but it is not called while no job may be preempted
+        (Engine._preempt_by_policy), and a job stopped or failed while waiting is not `discard`ed. A walk of
+        every entry, once per `size` jobs gone: a constant cost per job."""
+        if len(self._since) > 2 * size + 1000:
+            self._since = {j: t for j, t in self._since.items() if j in waiting}
+
     def longer_than(self, seconds: float, waiting: Container[str]) -> list[str]:
         """The jobs still `waiting` that have waited at least `seconds`, longest first; forgets, on the
         way, the jobs that no longer wait."""

@@ -1300,6 +1300,18 @@ class Engine:
             self.queue
         ):
             return
+        # First whether any job may be preempted at all, on the DB thread (a tuple per job on an agent, each
+        # spec parsed once): only then the jobs that waited long, a walk of all of them here on the event
+        # loop and a read of each on the DB thread. Issue 16: at a deep queue with agents connected, that
+        # walk (every job waiting past the threshold, every second) and a record per running job were
+        # done every second to find no interruptible job, a cost that grew with the queue's depth.
+        try:
+            if not await self.db(self.store.any_preemptible_running):
+                self.waits.tidy(self.queue, len(self.queue))
+                return
+        except Exception:
+            log.exception("preemption check failed")
+            return
         after = min(cfg.reserve_after_s, cfg.preempt_after_s if cfg.fairshare else math.inf)
         starved = self.waits.longer_than(after, self.queue)  # on the monotonic clock
         if not starved:

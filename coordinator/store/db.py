@@ -152,6 +152,7 @@ class Store(Db):
         self.jobs_with_max_duration = self.jobs.with_max_duration
         self.stop_for_max_duration = self.jobs.stop_for_max_duration
         self.running_for_preemption = self.jobs.running_for_preemption
+        self.any_preemptible_running = self.jobs.any_preemptible_running
         self.gang_ports = self.jobs.gang_ports
         self.settle_gangs = self.jobs.settle_gangs
         # agents

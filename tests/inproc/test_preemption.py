@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dstack.cli.render import preempted_text
+from dstack.coordinator.preemption import RunningJob
 from dstack.protos.v1 import client_pb2, common_pb2
 from tests.inproc.factories import JS, TR, Harness, SimAgent, coordinator, sim_agent
 from tests.inproc.test_fairshare import NO_LEASES, Pool, add_users, ids, job_of, meta
@@ -102,6 +103,45 @@ async def test_jobs_that_are_not_interruptible_are_never_preempted(tmp_path: Pat
         assert stops(agent) == [] and len(pool.running(ids(a_runs))) == 4
         job = await job_of(h, b)
         assert job.status == JS.JOB_STATUS_PENDING and job.wait_reason in ("fair-share", "resources")
+
+
+async def test_while_no_job_may_be_preempted_the_lease_loop_neither_walks_the_long_waits_nor_reads_running_jobs(
+    tmp_path: Path,
+) -> None:
+    # Issue 16: every second the preemption check walked every job waiting past --preempt-after (the whole
+    # queue, at a deep one, on the event loop) and built a record per job on an agent, parsing its spec,
+    # to find no interruptible job. Now the DB thread is asked first whether any job may be preempted.
+    async with (
+        coordinator(tmp_path, lease_timeout_s=NO_LEASES, preempt_after_s=60, preempt_min_run_s=60) as h,
+        sim_agent(h, "gpu-1", gpus=4) as agent,
+    ):
+        await add_users(h)
+        pool = Pool(h, agent)
+        engine = h.coordinator.engine
+        walks, reads = [0], [0]
+        longer_than, running_for_preemption = engine.waits.longer_than, engine.store.running_for_preemption
+
+        def counted_walk(seconds: float, waiting: object) -> list[str]:
+            walks[0] += 1
+            return longer_than(seconds, waiting)  # type: ignore[arg-type]
+
+        def counted_read() -> list[RunningJob]:
+            reads[0] += 1
+            return running_for_preemption()
+
+        engine.waits.longer_than = counted_walk  # type: ignore[method-assign]
+        engine.store.running_for_preemption = counted_read
+        a_runs = [await submit(h, "alice") for _ in range(4)]
+        await pool.settle()
+        await pool.advance(30)
+        b_runs = [await submit(h, "bob") for _ in range(10)]
+        await pool.settle()
+        for _ in range(3):
+            await pool.advance(61)
+        assert len(pool.running(ids(a_runs))) == 4 and not pool.running(ids(b_runs))
+        assert stops(agent) == []
+        assert walks[0] == 0 and reads[0] == 0
+        # That the check still preempts once an interruptible job runs: the other tests of this file.
 
 
 async def test_a_reservation_preempts_interruptible_jobs_on_the_reserved_host_only(tmp_path: Path) -> None:

@@ -110,3 +110,20 @@ def test_waits_finds_the_jobs_that_waited_long_enough_oldest_first_and_forgets_t
     assert waits.longer_than(1, {"b", "c", "d"}) == ["c"]
     waits.discard(["c"])
     assert waits.longer_than(0, {"b", "c", "d"}) == ["d", "b"]
+
+
+def test_waits_tidy_forgets_gone_jobs_only_once_they_outnumber_the_waiting_ones_and_keeps_the_order() -> None:
+    # The lease loop's preemption check no longer walks the waits while no job may be preempted
+    # (Engine._preempt_by_policy), so jobs stopped while waiting are forgotten here instead: not every
+    # second (a walk of every entry), only once the gone ones are as many as the waiting ones.
+    clock = Clock()
+    waits = Waits(clock)
+    for i in range(4000):
+        waits.start(f"j{i}")
+        clock.advance(0.001)
+    waiting = {f"j{i}" for i in range(0, 4000, 3)}  # two thirds gone (stopped, failed) without a discard
+    waits.tidy(waiting, 2000)  # 4,000 entries, under 2 x 2,000 + 1,000: nothing walked
+    assert waits.waited_s("j1") > 0
+    waits.tidy(waiting, len(waiting))
+    assert waits.waited_s("j1") == 0.0 and waits.waited_s("j3") > 0
+    assert waits.longer_than(0, waiting) == [f"j{i}" for i in range(0, 4000, 3)]  # oldest first, as before
