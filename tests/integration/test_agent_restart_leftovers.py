@@ -152,8 +152,8 @@ def test_a_restarted_agent_leaves_nothing_of_its_killed_predecessors_jobs(
     wait_for(lambda: not any(alive(p) for p in old_pids), timeout=30, what="the old jobs' processes killed")
     assert not [g for g in old_groups if g.exists()]
     assert all(children == [] for children in tree(home).values()), tree(home)  # its groups: none of a job
-    for d in workdirs:  # removed off the start path
-        wait_for(lambda: not [e for e in d.iterdir() if e.name != jobuser.ENVS], what=f"the old jobs' folders in {d}")
+    # Their work folders: removed off the start path.
+    wait_for(lambda: not [e for d in workdirs for e in d.iterdir() if e.name != jobuser.ENVS], what="folders gone")
 
     # The other agent's job runs on, in its groups.
     assert all(alive(p) for p in other), "the other agent's job was killed"
