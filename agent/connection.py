@@ -333,6 +333,7 @@ class Agent:
         # And its jobs' folders (none of its jobs is adopted): moved aside now, removed off the start path.
         for folder in await asyncio.to_thread(set_aside_job_folders, self.config.jobs_dir):
             self.deps.janitor.remove(folder)
+        await asyncio.to_thread(self.code.remove_partial)  # and its unfinished code downloads
         if self.config.job_user is not None:  # its folders, outside the home (agent/jobuser.py)
             try:
                 await asyncio.to_thread(prepare_root, self.config.jobs_dir, self.config.job_user)

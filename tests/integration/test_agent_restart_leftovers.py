@@ -5,7 +5,8 @@ them), in their cgroups: a job with memory and CPU limits (its own groups, named
 hierarchies) and one without (a pooled `pool-*` group); one of their processes left its session and
 cleared its environment, so that only its cgroup still says whose it is. A second agent on the same host
 runs a job of its own meanwhile. The restarted agent must kill the old jobs' processes, remove their
-groups and their work folders, and touch nothing of the other agent's; the coordinator fails the jobs.
+groups and their work folders (and the unfinished downloads of the code cache), and touch nothing of the
+other agent's; the coordinator fails the jobs. With a job user, the old agent's spawner is gone too.
 """
 
 from __future__ import annotations
@@ -137,7 +138,14 @@ def test_a_restarted_agent_leaves_nothing_of_its_killed_predecessors_jobs(
     other_tree = tree(cluster.tmp / "bystander")
     workdirs = [d for d in (home / "jobs", jobs_root(home)) if d.is_dir() and any(d.iterdir())]
 
+    # The job user's spawner (agent/spawner.py), with --job-user: a child of the agent's, as that user.
+    spawners = [c.pid for c in psutil.Process(victim.popen.pid).children() if c.uids().real != 0]
+    assert bool(spawners) == (jobs_as[1] != "none"), spawners
     victim.kill9()
+    # Killed mid-download, it leaves its unfinished code files (agent/code.py, storage/transfer.py).
+    partial = [home / "code" / ".part-x1y2z3", home / "code" / ".0a1b.tar.gz.0badf00d.part"]
+    for f in partial:
+        f.write_bytes(b"half")
     old_pids = [p for pids in old.values() for p in pids]
     old_groups = set().union(*(groups_of(p) for p in old_pids))
     assert all(alive(p) for p in old_pids)  # nothing on the host kills a dead agent's jobs...
@@ -152,6 +160,8 @@ def test_a_restarted_agent_leaves_nothing_of_its_killed_predecessors_jobs(
     wait_for(lambda: not any(alive(p) for p in old_pids), timeout=30, what="the old jobs' processes killed")
     assert not [g for g in old_groups if g.exists()]
     assert all(children == [] for children in tree(home).values()), tree(home)  # its groups: none of a job
+    assert not [f for f in partial if f.exists()]
+    assert not any(alive(p) for p in spawners)
     # Their work folders: removed off the start path.
     wait_for(lambda: not [e for d in workdirs for e in d.iterdir() if e.name != jobuser.ENVS], what="folders gone")
 
