@@ -40,6 +40,24 @@ class CodeCache:
         self.downloaded_bytes = 0  # what the cache has fetched (a cache hit fetches nothing)
         self._inflight: dict[str, asyncio.Future[Path]] = {}
 
+    def remove_partial(self) -> int:
+        """Removes the downloads a previous agent run did not finish (it was killed mid-download): `.part-*`
+        (streamed through the coordinator) and `.NAME.XXXX.part` (storage/transfer.py's get_file). Called at
+        the agent's start, before any download of its own. Returns how many."""
+        removed = 0
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return 0
+        for name in names:
+            if name.startswith(".part-") or (name.startswith(".") and name.endswith(".part")):
+                try:
+                    os.unlink(self.root / name)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
+
     async def materialize(self, code: common_pb2.CodeRef, dest: Path, then: Callable[[], None] | None = None) -> None:
         """Unpacks the code into dest, then runs `then` on the same worker thread (one hop for both)."""
         archive = await self._get(code.hash, code.size) if code.hash else None

@@ -29,7 +29,7 @@ from dstack.agent.lease import FencePolicy, LeaseGuard, refused
 from dstack.agent.outbox import SHORT_BATCH_GAP_S, SHORT_BATCHES_INFLIGHT, Outbox
 from dstack.agent.ports import PortPool
 from dstack.agent.retry import SESSION_BACKOFF, Outcome, RetryPolicy, classify, describe
-from dstack.agent.runner import Janitor, JobRunner, RunnerDeps
+from dstack.agent.runner import Janitor, JobRunner, RunnerDeps, set_aside_job_folders
 from dstack.agent.runtimes import make_runtime
 from dstack.agent.tunnels import JobPorts, Tunnels
 from dstack.protos.v1 import agent_pb2, agent_pb2_grpc, common_pb2
@@ -330,6 +330,10 @@ class Agent:
         await self.runtime.cleanup_leftovers(str(self.config.home))
         # A previous agent's spooled lines: its jobs were stopped above and its outbox died with it.
         await asyncio.to_thread(shutil.rmtree, self.config.outbox_dir, True)
+        # And its jobs' folders (none of its jobs is adopted): moved aside now, removed off the start path.
+        for folder in await asyncio.to_thread(set_aside_job_folders, self.config.jobs_dir):
+            self.deps.janitor.remove(folder)
+        await asyncio.to_thread(self.code.remove_partial)  # and its unfinished code downloads
         if self.config.job_user is not None:  # its folders, outside the home (agent/jobuser.py)
             try:
                 await asyncio.to_thread(prepare_root, self.config.jobs_dir, self.config.job_user)

@@ -16,6 +16,7 @@ import asyncio
 import functools
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -39,6 +40,7 @@ from dstack.agent.code import CodeCache
 from dstack.agent.diskspace import DiskState, DiskWatch, caused_by_full_disk
 from dstack.agent.envcache import applies_to
 from dstack.agent.environment import EnvironmentRecorder, cached_host_facts, host_facts
+from dstack.agent.jobuser import ENVS
 from dstack.agent.masking import Masker
 from dstack.agent.outbox import Outbox
 from dstack.agent.ports import PortPool
@@ -97,6 +99,36 @@ class Janitor:
         while self._dirs:
             batch, self._dirs = self._dirs, []
             await asyncio.to_thread(_remove_all, batch)
+
+
+# Where an agent's start moves its predecessor's job folders to be removed (set_aside_job_folders).
+SET_ASIDE_PREFIX = ".leftovers-"
+
+
+def set_aside_job_folders(jobs_dir: Path) -> list[Path]:
+    """A previous agent's job folders, moved aside at this agent's start, for the Janitor to remove off the
+    start path; with what an earlier start set aside and did not get to remove (it was killed too).
+
+    Its jobs were killed just before (Runtime.cleanup_leftovers) and none is adopted: the coordinator
+    fails them, and the Janitor of the agent that ran them died with it. Moved, not removed here: a job
+    folder may be large, and a job resent to this agent (assigned, never started) reuses its name.
+    The job user's environment cache (ENVS) stays."""
+    try:
+        entries = [e for e in os.scandir(jobs_dir) if e.name != ENVS]
+    except FileNotFoundError:
+        return []
+    aside = [Path(e.path) for e in entries if e.name.startswith(SET_ASIDE_PREFIX)]
+    left = [e for e in entries if not e.name.startswith(SET_ASIDE_PREFIX)]
+    if left:
+        into = jobs_dir / (SET_ASIDE_PREFIX + secrets.token_hex(6))
+        into.mkdir(mode=0o700)
+        for e in left:
+            try:
+                os.rename(e.path, into / e.name)  # within one folder: a rename of a name, whatever it holds
+            except OSError as err:  # never the agent's start: the folder stays where it is
+                log.warning("cannot remove %s, a job folder of a previous agent run: %s", e.path, err)
+        aside.append(into)
+    return aside
 
 
 def _remove_all(dirs: list[Path]) -> None:

@@ -118,4 +118,7 @@ def spawn(msg: dict[str, Any], fds: list[int], children: dict[int, "subprocess.P
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    try:
+        main(int(sys.argv[1]))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the agent died while an answer was on its way: it is gone, so is this process (no traceback)

@@ -24,7 +24,7 @@ from hypothesis import settings
 
 from dstack.storage.devserver import SeaweedServer
 from tests.bytecode import compile_checkout
-from tests.cleanup import DOCKERD_PREFIX, remove_agent_cgroups, stale_dockerd_roots
+from tests.cleanup import DOCKERD_PREFIX, kill_agent_leftovers, remove_agent_cgroups, stale_dockerd_roots
 from tests.dockerd import Dockerd, DockerUnavailable
 
 # Property tests run on busy CI machines: a per-example time limit only measures the machine's load.
@@ -478,6 +478,15 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield c
     finally:
         c.stop_all()
+        _remove_killed_agents_jobs(tmp_path)
+
+
+def _remove_killed_agents_jobs(homes_under: Path) -> None:
+    """What the jobs of agents killed with SIGKILL left (tests/cleanup.py): their processes, which would run
+    on (a `sleep 600`) and hold their cgroups, then the groups."""
+    kill_agent_leftovers(homes_under)
+    if os.geteuid() == 0:
+        remove_agent_cgroups(homes_under)
 
 
 @dataclass
@@ -508,10 +517,10 @@ def local(tmp_path: Path) -> Iterator[LocalMode]:
 
 @pytest.fixture(scope="session", autouse=True)
 def agent_cgroups_removed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """At the session's end, the cgroups of its agents that were killed (SIGKILL leaves them; tests/cleanup.py)."""
+    """At the session's end, what its agents that were killed left (SIGKILL leaves their jobs and cgroups;
+    tests/cleanup.py), from tests without the `cluster` fixture."""
     yield
-    if os.geteuid() == 0:
-        remove_agent_cgroups(tmp_path_factory.getbasetemp())
+    _remove_killed_agents_jobs(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")

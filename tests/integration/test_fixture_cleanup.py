@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from dstack.agent.runtimes.base import AGENT_MARKER
 from dstack.agent.runtimes.cgroups import CgroupLayout
 from tests.cleanup import (
     DOCKERD_PREFIX,
     STARTING_GRACE_S,
     agent_cgroup_tag,
+    kill_agent_leftovers,
     mounts_under,
     remove_agent_cgroups,
     stale_dockerd_roots,
@@ -141,3 +143,48 @@ def test_the_groups_of_a_killed_agent_go_and_no_one_elses(tmp_path: Path) -> Non
             layout.remove()
         shutil.rmtree(elsewhere)
     assert all(not d.exists() for layout in layouts for d in layout.dirs.values())
+
+
+@root_only
+def test_the_jobs_of_a_killed_agent_are_killed_and_its_groups_go_and_no_one_elses(tmp_path: Path) -> None:
+    """A SIGKILLed agent's jobs run on in its job groups (tests/integration/test_run_loop.py's `sleep 600`
+    held its pooled group for ten minutes, past the session's removal). The teardown kills them: one in a
+    job group that cleared its environment (only the group names it), one outside any group that carries
+    the agent's home; then the groups go. Another session's agent's job, in its group and with its home,
+    runs on."""
+    mine = tmp_path / "session" / "test0" / "agent-home"
+    mine.mkdir(parents=True)
+    elsewhere = Path(tempfile.mkdtemp(prefix="dstack-other-session-"))
+    layouts = [CgroupLayout.discover(str(mine)), CgroupLayout.discover(str(elsewhere))]
+    if "pids" not in layouts[0].dirs:
+        shutil.rmtree(elsewhere)
+        pytest.skip("no writable cgroup pids hierarchy here")
+
+    def job(home: Path, group: Path | None, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(["sleep", "600"], env={"PATH": os.environ["PATH"], **env}, start_new_session=True)
+        if group is not None:
+            group.mkdir(exist_ok=True)
+            (group / "cgroup.procs").write_text(str(p.pid))
+        return p
+
+    in_group = job(mine, layouts[0].dirs["pids"] / "pool-0123", {})
+    marked = job(mine, None, {AGENT_MARKER: str(mine)})
+    theirs = job(elsewhere, layouts[1].dirs["pids"] / "pool-4567", {AGENT_MARKER: str(elsewhere)})
+    try:
+        assert kill_agent_leftovers(tmp_path / "session") >= 2
+        assert in_group.wait(10) == -signal.SIGKILL and marked.wait(10) == -signal.SIGKILL
+        assert theirs.poll() is None
+        removed, left = remove_agent_cgroups(tmp_path / "session")
+        assert left == [] and layouts[0].dirs["pids"] / "pool-0123" in removed
+        assert all(not d.exists() for d in layouts[0].dirs.values())
+        assert (layouts[1].dirs["pids"] / "pool-4567").exists()
+    finally:
+        for p in (in_group, marked, theirs):
+            p.kill()
+            p.wait()
+        for layout in layouts:
+            for d in layout.dirs.values():
+                for g in [g for g in d.iterdir() if g.is_dir()] if d.exists() else []:
+                    g.rmdir()
+            layout.remove()
+        shutil.rmtree(elsewhere)
