@@ -1,0 +1,123 @@
+"""A damaged row shows as damaged; it does not break the views of everything else.
+
+A stored blob (a job's spec, a run's code reference, an agent's inventory) that no longer parses, written
+behind the coordinator's back as a damaged database would hold it: GetRun, ListRuns, ListAgents, the HTTP
+API and the real CLI's `ps`, `agents` and `show` still answer; the other runs, jobs and agents show as
+before; the damaged one shows with its status and a marker saying what could not be read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dstack.coordinator import stored
+from dstack.protos.v1 import client_pb2
+from tests.inproc.factories import ADMIN, Harness, coordinator, job_spec, sim_agent, submit_run
+
+pytestmark = pytest.mark.inproc
+
+GARBAGE = b"\xff\xff\xff\xff"
+
+
+def damage(h: Harness, sql: str, key: str) -> None:
+    """Garbage in one row's blob, written through a second connection (a damaged database)."""
+    with contextlib.closing(sqlite3.connect(h.config.db_path)) as c, c:
+        assert c.execute(sql, [GARBAGE, key]).rowcount == 1
+
+
+async def cli(h: Harness, *args: str) -> tuple[int, str, str]:
+    """The real CLI, in its own process, against this coordinator."""
+    env = {**os.environ, "DSTACK_COORDINATOR": h.address, "DSTACK_TOKEN": ADMIN, "DSTACK_INSECURE": "1"}
+    env["COLUMNS"] = "300"
+    p = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dstack.cli",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await p.communicate()
+    assert p.returncode is not None
+    return p.returncode, out.decode(), err.decode()
+
+
+def http_get(h: Harness, path: str) -> object:
+    url = h.config.http_url_path.read_text().strip() + path
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {ADMIN}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+async def get_json(h: Harness, path: str) -> object:
+    return await asyncio.to_thread(http_get, h, path)
+
+
+async def test_a_job_whose_stored_spec_is_damaged_shows_as_damaged_and_the_others_as_before(tmp_path: Path) -> None:
+    async with coordinator(tmp_path, http_port=0) as h:
+        runs = [await submit_run(h, job_spec("main"), job_spec("other")) for _ in range(2)]
+        bad = runs[0].jobs[0]
+        damage(h, "UPDATE jobs SET spec = ? WHERE id = ?", bad.id)
+        # GetRun: the damaged job with its status and the marker, its sibling whole.
+        run = await h.run(runs[0].name)
+        jobs = {j.job_name: j for j in run.jobs}
+        assert stored.SPEC_DAMAGED in jobs["main"].message
+        assert jobs["main"].status == jobs["other"].status and jobs["main"].id == bad.id
+        assert jobs["other"].spec == runs[0].jobs[1].spec and stored.DAMAGED not in jobs["other"].message
+        # ListRuns: both runs.
+        listed = await h.client.ListRuns(client_pb2.ListRunsRequest(all=True), metadata=h.meta)
+        assert sorted(r.name for r in listed.runs) == sorted(r.name for r in runs)
+        # The HTTP API: the run, and the list.
+        one = await get_json(h, f"/api/runs/{runs[0].name}")
+        assert isinstance(one, dict)
+        main = next(j for j in one["jobs"] if j["job_name"] == "main")
+        assert stored.SPEC_DAMAGED in main["message"] and main["resources"] is None
+        page = await get_json(h, "/api/runs")
+        assert isinstance(page, dict) and sorted(r["name"] for r in page["runs"]) == sorted(r.name for r in runs)
+        # The CLI: no traceback, both runs listed, the damaged job says so.
+        rc, out, err = await cli(h, "ps", "-a")
+        assert rc == 0 and "Traceback" not in err, err
+        assert all(r.name in out for r in runs), out
+        rc, out, err = await cli(h, "ps", "-a", "--json")
+        assert rc == 0 and "Traceback" not in err, err
+        rc, out, err = await cli(h, "show", runs[0].name)
+        assert "Traceback" not in err + out, err
+        assert "damaged" in out + err, out + err
+
+
+async def test_a_run_whose_stored_code_reference_is_damaged_shows_as_damaged(tmp_path: Path) -> None:
+    async with coordinator(tmp_path, http_port=0) as h:
+        runs = [await submit_run(h, job_spec()) for _ in range(2)]
+        damage(h, "UPDATE runs SET code = ? WHERE name = ?", runs[0].name)
+        run = await h.run(runs[0].name)
+        assert stored.CODE_DAMAGED in run.message and run.status == (await h.run(runs[1].name)).status
+        assert run.jobs[0].spec == runs[0].jobs[0].spec
+        listed = await h.client.ListRuns(client_pb2.ListRunsRequest(all=True), metadata=h.meta)
+        assert sorted(r.name for r in listed.runs) == sorted(r.name for r in runs)
+        page = await get_json(h, "/api/runs")
+        assert isinstance(page, dict) and len(page["runs"]) == 2
+        rc, out, err = await cli(h, "ps", "-a")
+        assert rc == 0 and "Traceback" not in err and all(r.name in out for r in runs), err + out
+
+
+async def test_an_agent_whose_stored_inventory_is_damaged_shows_as_damaged(tmp_path: Path) -> None:
+    async with coordinator(tmp_path, http_port=0) as h, sim_agent(h, "good"), sim_agent(h, "bad") as bad:
+        damage(h, "UPDATE agents SET inventory = ? WHERE id = ?", bad.agent_id)
+        listed = await h.client.ListAgents(client_pb2.ListAgentsRequest(), metadata=h.meta)
+        by_name = {a.name: a for a in listed.agents}
+        assert set(by_name) == {"good", "bad"} and by_name["good"].inventory.hostname == "good"
+        assert by_name["bad"].inventory.hostname == stored.INVENTORY_DAMAGED
+        page = await get_json(h, "/api/agents")
+        assert isinstance(page, dict) and {a["name"] for a in page["agents"]} == {"good", "bad"}
+        rc, out, err = await cli(h, "agents")
+        assert rc == 0 and "Traceback" not in err and "good" in out and "bad" in out, err + out
