@@ -20,12 +20,14 @@ from pathlib import Path
 import pytest
 
 from dstack.coordinator import stored
-from dstack.protos.v1 import client_pb2
+from dstack.protos.v1 import client_pb2, common_pb2
 from tests.inproc.factories import ADMIN, Harness, coordinator, job_spec, sim_agent, submit_run
 
 pytestmark = pytest.mark.inproc
 
 GARBAGE = b"\xff\xff\xff\xff"
+WAITING_RUN = (common_pb2.RUN_STATUS_SUBMITTED, common_pb2.RUN_STATUS_PENDING)
+WAITING_JOB = (common_pb2.JOB_STATUS_SUBMITTED, common_pb2.JOB_STATUS_PENDING)
 
 
 def damage(h: Harness, sql: str, key: str) -> None:
@@ -72,7 +74,7 @@ async def test_a_job_whose_stored_spec_is_damaged_shows_as_damaged_and_the_other
         run = await h.run(runs[0].name)
         jobs = {j.job_name: j for j in run.jobs}
         assert stored.SPEC_DAMAGED in jobs["main"].message
-        assert jobs["main"].status == jobs["other"].status and jobs["main"].id == bad.id
+        assert jobs["main"].status in WAITING_JOB and jobs["main"].id == bad.id
         assert jobs["other"].spec == runs[0].jobs[1].spec and stored.DAMAGED not in jobs["other"].message
         # ListRuns: both runs.
         listed = await h.client.ListRuns(client_pb2.ListRunsRequest(all=True), metadata=h.meta)
@@ -100,7 +102,7 @@ async def test_a_run_whose_stored_code_reference_is_damaged_shows_as_damaged(tmp
         runs = [await submit_run(h, job_spec()) for _ in range(2)]
         damage(h, "UPDATE runs SET code = ? WHERE name = ?", runs[0].name)
         run = await h.run(runs[0].name)
-        assert stored.CODE_DAMAGED in run.message and run.status == (await h.run(runs[1].name)).status
+        assert stored.CODE_DAMAGED in run.message and run.status in WAITING_RUN
         assert run.jobs[0].spec == runs[0].jobs[0].spec
         listed = await h.client.ListRuns(client_pb2.ListRunsRequest(all=True), metadata=h.meta)
         assert sorted(r.name for r in listed.runs) == sorted(r.name for r in runs)
@@ -121,3 +123,40 @@ async def test_an_agent_whose_stored_inventory_is_damaged_shows_as_damaged(tmp_p
         assert isinstance(page, dict) and {a["name"] for a in page["agents"]} == {"good", "bad"}
         rc, out, err = await cli(h, "agents")
         assert rc == 0 and "Traceback" not in err and "good" in out and "bad" in out, err + out
+
+
+async def test_a_damaged_chunk_of_log_lines_shows_as_lost_and_the_lines_after_it_still_come(tmp_path: Path) -> None:
+    async with coordinator(tmp_path, http_port=0) as h, sim_agent(h, "a") as agent:
+        run = await submit_run(h, job_spec())
+        (a,) = await agent.wait_assignments(1)
+        await agent.report(a.job_id, common_pb2.JOB_STATUS_RUNNING)
+        await agent.log(a.job_id, 1, "one", "two")
+        await agent.log(a.job_id, 3, "three")
+        damage(h, "UPDATE log_chunks SET body = ? WHERE job_id = ? AND first_seq = 1", a.job_id)
+        lost = "[lines 1-2 could not be read: the database is damaged]"
+        assert await h.logs(run.name) == [("main", 2, lost), ("main", 3, "three")]
+        got = await get_json(h, f"/api/runs/{run.name}/logs")
+        assert isinstance(got, dict) and [ln["text"] for ln in got["lines"]] == [lost, "three"]
+        rc, out, err = await cli(h, "logs", run.name)
+        assert rc == 0 and "Traceback" not in err and out.splitlines() == [lost, "three"], err + out
+
+
+async def test_a_damaged_part_of_a_run_s_record_is_left_out_and_the_record_still_shows(tmp_path: Path) -> None:
+    async with coordinator(tmp_path) as h:
+        run = await submit_run(h, job_spec())
+        with contextlib.closing(sqlite3.connect(h.config.db_path)) as c, c:
+            assert c.execute("UPDATE records SET body = '{not json' WHERE part = 'submission'").rowcount == 1
+        rc, out, err = await cli(h, "show", run.name, "--json")
+        assert rc == 0 and "Traceback" not in err, err
+        record = json.loads(out)
+        assert record["run"]["name"] == run.name and record["resolved_workflow"] is None
+
+
+async def test_a_damaged_row_is_logged_once_not_at_every_call(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with coordinator(tmp_path) as h:
+        run = await submit_run(h, job_spec())
+        damage(h, "UPDATE jobs SET spec = ? WHERE id = ?", run.jobs[0].id)
+        for _ in range(3):
+            assert stored.SPEC_DAMAGED in (await h.run(run.name)).jobs[0].message
+        warned = [r for r in caplog.records if r.name == stored.log.name and run.jobs[0].id in r.getMessage()]
+        assert len(warned) == 1, warned
