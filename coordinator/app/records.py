@@ -23,7 +23,6 @@ from dstack.coordinator.model import ArtifactFile, JobView, RunView
 from dstack.coordinator.records import RECORD_VERSION, manifest_hash
 from dstack.coordinator.store.artifacts import inputs_of
 from dstack.coordinator.store.records import RUN_PART
-from dstack.protos.v1 import common_pb2
 
 
 @dataclass(frozen=True)
@@ -51,11 +50,11 @@ def _timings(job: JobView, env: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cache_record(
-    job: JobView, spec: common_pb2.JobSpec, parts: dict[tuple[str, str], dict[str, Any]], key: str
+    job: JobView, asked: bool, parts: dict[tuple[str, str], dict[str, Any]], key: str
 ) -> dict[str, Any] | None:
-    """How the step cache saw the job (coordinator/cache.py): its key, whether it was a hit and of what; None
-    for a job it never keyed (one that has not started, failed without a key, an upload)."""
-    asked = spec.cache
+    """How the step cache saw the job (coordinator/cache.py): its key, whether it was a hit and of what (`asked`:
+    whether its spec asked for the cache); None for a job it never keyed (one that has not started, failed
+    without a key, an upload)."""
     hit = parts.get((job.id, CACHE_PART))
     if hit is not None:
         return {**hit, "asked": asked}
@@ -90,7 +89,7 @@ def _job_record(
         "inputs": inputs,
         "environment": env or None,
         "timings_s": _timings(job, env),
-        "cache": _cache_record(job, spec, parts, cache_key) if spec is not None else None,
+        "cache": _cache_record(job, spec.cache, parts, cache_key) if spec is not None else None,
         "artifacts": {
             "manifest_hash": manifest_hash(files) if files else "",
             "files": [{"path": p, "size": s, "sha256": h} for p, s, h in files],
