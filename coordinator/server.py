@@ -269,7 +269,19 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
         raise StartError(f"cannot listen on {config.listen}: {why}")
     http = await _start_http(config, core, auth, tls)
     await server.start()
-    await engine.start()
+    try:
+        await engine.start()
+    except (sqlite3.DatabaseError, OSError) as e:
+        # A damaged page that opening and migrating did not read (the waiting jobs', the secrets'): the
+        # same clear exit as a damaged header, with what started so far stopped (tests start in-process).
+        if http is not None:
+            await http.stop()
+        await engine.stop()
+        await server.stop(grace=None)
+        db.shutdown()
+        reads.shutdown()
+        store.close()
+        raise StartError(database_error(config.db_path, e)) from None
     retention_task = asyncio.create_task(retention.run_forever())
     log.info("coordinator listening on %s (pid %d)", config.listen, os.getpid())
     unix = config.listen.startswith("unix://")

@@ -36,6 +36,17 @@ def damage(h: Harness, sql: str, key: str) -> None:
         assert c.execute(sql, [GARBAGE, key]).rowcount == 1
 
 
+def damage_root_page(db: Path, table: str) -> None:
+    """Bytes of garbage over the table's root page, in the file itself (a bad sector)."""
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        (page_size,) = c.execute("PRAGMA page_size").fetchone()
+        (root,) = c.execute("SELECT rootpage FROM sqlite_master WHERE type = 'table' AND name = ?", [table]).fetchone()
+    with open(db, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(b"\xa5" * page_size)
+
+
 async def cli(h: Harness, *args: str) -> tuple[int, str, str]:
     """The real CLI, in its own process, against this coordinator."""
     env = {**os.environ, "DSTACK_COORDINATOR": h.address, "DSTACK_TOKEN": ADMIN, "DSTACK_INSECURE": "1"}
@@ -160,3 +171,23 @@ async def test_a_damaged_row_is_logged_once_not_at_every_call(tmp_path: Path, ca
             assert stored.SPEC_DAMAGED in (await h.run(run.name)).jobs[0].message
         warned = [r for r in caplog.records if r.name == stored.log.name and run.jobs[0].id in r.getMessage()]
         assert len(warned) == 1, warned
+
+
+async def test_a_coordinator_whose_jobs_table_has_a_damaged_page_exits_with_a_clear_message(tmp_path: Path) -> None:
+    """A damaged page that opening and migrating the database do not read, but the start's load of the
+    waiting jobs does: the same clear exit as a damaged header (tests/integration/test_state_errors.py),
+    not a traceback."""
+    async with coordinator(tmp_path) as h:
+        for _ in range(200):  # the jobs table spans pages: its root is an interior page
+            await submit_run(h, job_spec())
+    db = h.config.db_path
+    damage_root_page(db, "jobs")
+    env = {**os.environ, "DSTACK_ADMIN_TOKEN": ADMIN, "DSTACK_JOIN_TOKEN": "j"}
+    cmd = ["-m", "dstack.coordinator", "--state-dir", str(db.parent), "--listen", "127.0.0.1:0", "--insecure"]
+    p = await asyncio.create_subprocess_exec(sys.executable, *cmd, env=env, stderr=asyncio.subprocess.PIPE)
+    _, err_bytes = await asyncio.wait_for(p.communicate(), 60)
+    err = err_bytes.decode()
+    assert p.returncode != 0 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"dstack server: the database {db} is damaged"), err
+    assert "restore it from a backup" in last, err
