@@ -27,6 +27,7 @@ from dstack.coordinator.auth import Authenticator, AuthInterceptor
 from dstack.coordinator.clock import SYSTEM_CLOCK, Clock, clock_from_env
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.engine import Engine
+from dstack.coordinator.errors import SecretUnreadable
 from dstack.coordinator.retention import Retention
 from dstack.coordinator.services.agent import AgentService
 from dstack.coordinator.services.client import ClientService
@@ -271,9 +272,9 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
     await server.start()
     try:
         await engine.start()
-    except (sqlite3.DatabaseError, OSError) as e:
-        # A damaged page that opening and migrating did not read (the waiting jobs', the secrets'): the
-        # same clear exit as a damaged header, with what started so far stopped (tests start in-process).
+    except (sqlite3.DatabaseError, OSError, SecretUnreadable) as e:
+        # A damaged page that opening and migrating did not read (the waiting jobs', the secrets'), a secret
+        # the key cannot decrypt: a clear exit, with what started so far stopped (tests start in-process).
         if http is not None:
             await http.stop()
         await engine.stop()
@@ -281,7 +282,7 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
         db.shutdown()
         reads.shutdown()
         store.close()
-        raise StartError(database_error(config.db_path, e)) from None
+        raise StartError(str(e) if isinstance(e, SecretUnreadable) else database_error(config.db_path, e)) from None
     retention_task = asyncio.create_task(retention.run_forever())
     log.info("coordinator listening on %s (pid %d)", config.listen, os.getpid())
     unix = config.listen.startswith("unix://")

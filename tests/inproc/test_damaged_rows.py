@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet
 
 from dstack.coordinator import stored
 from dstack.protos.v1 import client_pb2, common_pb2
@@ -182,12 +183,30 @@ async def test_a_coordinator_whose_jobs_table_has_a_damaged_page_exits_with_a_cl
             await submit_run(h, job_spec())
     db = h.config.db_path
     damage_root_page(db, "jobs")
+    err = await serve_fails(db.parent)
+    assert err.startswith(f"dstack server: the database {db} is damaged") and "restore it from a backup" in err
+
+
+async def serve_fails(state: Path) -> str:
+    """`dstack server` on `state`, which must exit non-zero with no traceback; its last line of stderr."""
     env = {**os.environ, "DSTACK_ADMIN_TOKEN": ADMIN, "DSTACK_JOIN_TOKEN": "j"}
-    cmd = ["-m", "dstack.coordinator", "--state-dir", str(db.parent), "--listen", "127.0.0.1:0", "--insecure"]
+    cmd = ["-m", "dstack.coordinator", "--state-dir", str(state), "--listen", "127.0.0.1:0", "--insecure"]
     p = await asyncio.create_subprocess_exec(sys.executable, *cmd, env=env, stderr=asyncio.subprocess.PIPE)
     _, err_bytes = await asyncio.wait_for(p.communicate(), 60)
     err = err_bytes.decode()
     assert p.returncode != 0 and "Traceback" not in err, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith(f"dstack server: the database {db} is damaged"), err
-    assert "restore it from a backup" in last, err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("what", ["a damaged ciphertext", "another key file"])
+async def test_a_secret_the_key_cannot_decrypt_stops_the_start_with_a_clear_message(tmp_path: Path, what: str) -> None:
+    async with coordinator(tmp_path) as h:
+        await h.client.AddSecret(client_pb2.AddSecretRequest(name="token", value="v"), metadata=h.meta)
+    if what == "a damaged ciphertext":
+        with contextlib.closing(sqlite3.connect(h.config.db_path)) as c, c:
+            assert c.execute("UPDATE secrets SET ciphertext = ? WHERE name = 'token'", [GARBAGE]).rowcount == 1
+    else:
+        h.config.secrets_key_path.write_bytes(Fernet.generate_key() + b"\n")
+    err = await serve_fails(h.config.state_dir)
+    assert err.startswith("dstack server: the team secret 'token' in the database"), err
+    assert str(h.config.secrets_key_path) in err and "put back the key file" in err, err
