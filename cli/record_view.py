@@ -110,6 +110,8 @@ def render_record(record: dict[str, Any], console: Console | None = None) -> Non
             ("exit code", "-" if job.get("exit_code") is None else str(job.get("exit_code"))),
             ("timings", ", ".join(f"{k} {timings[k]:.2f}s" for k in order if k in timings) or "-"),
         ]
+        if "spec" in job and job["spec"] is None:  # the coordinator could not read it: its message says why
+            rows.insert(0, ("spec", str(job.get("message") or "could not be read")))
         rows += [
             (
                 "input",

@@ -14,6 +14,7 @@ import functools
 from collections.abc import Iterable
 from typing import Any
 
+from dstack.coordinator import stored
 from dstack.coordinator.model import (
     AgentView,
     ArtifactFile,
@@ -130,11 +131,11 @@ def code_to_proto(c: CodeRef) -> common_pb2.CodeRef:
     )
 
 
-def job_spec_record(encoded: bytes) -> dict[str, Any]:
-    """A stored job spec as plain JSON for the run's record (field names as in protos/v1/common.proto)."""
+def job_spec_dict(spec: common_pb2.JobSpec) -> dict[str, Any]:
+    """A job spec as plain JSON for the run's record (field names as in protos/v1/common.proto)."""
     from google.protobuf.json_format import MessageToDict
 
-    return MessageToDict(common_pb2.JobSpec.FromString(encoded), preserving_proto_field_name=True)
+    return MessageToDict(spec, preserving_proto_field_name=True)
 
 
 def code_from_bytes(data: bytes) -> CodeRef:
@@ -162,7 +163,6 @@ def job_to_proto(j: JobView) -> client_pb2.Job:
         job_name=j.job_name,
         status=common_pb2.JobStatus.ValueType(j.status),
         termination_reason=common_pb2.TerminationReason.ValueType(j.termination_reason),
-        message=j.message,
         agent_name=j.agent_name,
         gpu_indices=j.gpu_indices,
         submitted_at_ns=j.submitted_at_ns,
@@ -186,7 +186,10 @@ def job_to_proto(j: JobView) -> client_pb2.Job:
             for a in j.attempts
         ],
     )
-    out.spec.MergeFromString(j.spec)  # parsed once, into its place (not parsed and then copied)
+    # Parsed once, into its place (not parsed and then copied); a damaged one shows as such.
+    out.message = (
+        j.message if stored.merge_spec(out.spec, j.id, j.spec) else stored.with_marker(j.message, stored.SPEC_DAMAGED)
+    )
     if j.exit_code is not None:
         out.exit_code = j.exit_code
         out.has_exit_code = True

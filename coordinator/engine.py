@@ -29,7 +29,7 @@ from dstack.coordinator.convert import (
 )
 from dstack.coordinator.durations import Durations, duration_key
 from dstack.coordinator.elapsed import NS, Instants, Waits
-from dstack.coordinator.errors import Unauthenticated
+from dstack.coordinator.errors import InvalidRequest, SecretUnreadable, Unauthenticated
 from dstack.coordinator.fairshare import decay_factor, weight
 from dstack.coordinator.fencing import Quarantine, Sessions, quarantine_bound_s
 from dstack.coordinator.gangs import member_env, pick_port
@@ -372,7 +372,15 @@ class Engine:
         self.secrets = {}
         self._secrets_digests.clear()
         for owner, name, ciphertext in await self.db(self.store.secret_ciphertexts):
-            self.secrets.setdefault(owner, {})[name] = self.secret_box.decrypt(ciphertext)
+            try:
+                self.secrets.setdefault(owner, {})[name] = self.secret_box.decrypt(ciphertext)
+            except InvalidRequest:
+                whose = f"{owner}'s secret" if owner else "team secret"
+                raise SecretUnreadable(
+                    f"the {whose} {name!r} in the database {self.config.db_path} cannot be decrypted with the key"
+                    f" {self.config.secrets_key_path}: that key file is not the one the database was written with,"
+                    " or the row is damaged; put back the key file of this database, or restore both from a backup"
+                ) from None
         rows = await self.db(self.store.waiting_jobs)
         for row in rows:
             self.queue.add_row(row)

@@ -26,6 +26,11 @@ class NotFound(CoordinatorError):
     pass
 
 
+class SecretUnreadable(CoordinatorError):
+    """A stored secret the coordinator's key cannot decrypt, met at start (the key file is not the one the
+    database was written with, or the row is damaged): the coordinator does not start."""
+
+
 class InvalidRequest(CoordinatorError):
     pass
 

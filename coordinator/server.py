@@ -27,6 +27,7 @@ from dstack.coordinator.auth import Authenticator, AuthInterceptor
 from dstack.coordinator.clock import SYSTEM_CLOCK, Clock, clock_from_env
 from dstack.coordinator.config import CoordinatorConfig
 from dstack.coordinator.engine import Engine
+from dstack.coordinator.errors import SecretUnreadable
 from dstack.coordinator.retention import Retention
 from dstack.coordinator.services.agent import AgentService
 from dstack.coordinator.services.client import ClientService
@@ -269,7 +270,19 @@ async def _start(config: CoordinatorConfig, clock: Clock, lock_fd: int) -> Coord
         raise StartError(f"cannot listen on {config.listen}: {why}")
     http = await _start_http(config, core, auth, tls)
     await server.start()
-    await engine.start()
+    try:
+        await engine.start()
+    except (sqlite3.DatabaseError, OSError, SecretUnreadable) as e:
+        # A damaged page that opening and migrating did not read (the waiting jobs', the secrets'), a secret
+        # the key cannot decrypt: a clear exit, with what started so far stopped (tests start in-process).
+        if http is not None:
+            await http.stop()
+        await engine.stop()
+        await server.stop(grace=None)
+        db.shutdown()
+        reads.shutdown()
+        store.close()
+        raise StartError(str(e) if isinstance(e, SecretUnreadable) else database_error(config.db_path, e)) from None
     retention_task = asyncio.create_task(retention.run_forever())
     log.info("coordinator listening on %s (pid %d)", config.listen, os.getpid())
     unix = config.listen.startswith("unix://")

@@ -8,8 +8,9 @@ import secrets
 import sqlite3
 from dataclasses import dataclass
 
+from dstack.coordinator import stored
 from dstack.coordinator.app.core import Core
-from dstack.coordinator.convert import inventory_from_bytes, inventory_to_bytes
+from dstack.coordinator.convert import inventory_to_bytes
 from dstack.coordinator.errors import AlreadyExists, Unauthenticated
 from dstack.coordinator.lifecycle.agents import label
 from dstack.coordinator.model import AgentView, Inventory
@@ -64,7 +65,7 @@ async def list_agents(core: Core) -> list[AgentView]:
                 id=r.id,
                 name=r.name,
                 status=label(r.status),
-                inventory=inventory_from_bytes(r.inventory),
+                inventory=stored.inventory(r.id, r.inventory),
                 running_jobs=count.get(r.id, 0),
                 # Heard from since the last batch was written (coordinator/leases.py): memory is newer.
                 last_heartbeat_ns=core.engine.leases.last_heard(r.id) or r.last_heartbeat or 0,

@@ -8,12 +8,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from dstack.coordinator import stored
 from dstack.coordinator.app.limits import SubmissionLimits
 from dstack.coordinator.app.streams import StreamLimits
 from dstack.coordinator.artifacts import Artifacts
-from dstack.coordinator.convert import code_from_bytes
 from dstack.coordinator.engine import Engine
-from dstack.coordinator.model import WAITING, AttemptView, JobView, RunStatus, RunView
+from dstack.coordinator.model import WAITING, AttemptView, CodeRef, JobView, RunStatus, RunView
 from dstack.coordinator.planner import WaitInfo
 from dstack.coordinator.provided_jobs import AddedJobs, add_provided_jobs
 from dstack.coordinator.store import JobRow, RunRow, Store
@@ -73,6 +73,9 @@ def run_view(
     message = r.message
     if r.status in (RunStatus.SUBMITTED, RunStatus.PENDING):
         message = next((j.message for j in views if j.message), "")
+    code = stored.code(r.id, r.code)
+    if code is None:
+        code, message = CodeRef(), stored.with_marker(message, stored.CODE_DAMAGED)
     return RunView(
         name=r.name,
         workflow=r.workflow,
@@ -82,7 +85,7 @@ def run_view(
         termination_reason=r.termination_reason,
         message=message,
         finished_at_ns=r.finished_at or 0,
-        code=code_from_bytes(r.code),
+        code=code,
         tags=list(tags),
         jobs=views,
         repository=r.repository,

@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from dstack.coordinator import stored
 from dstack.coordinator.app.core import Core
 from dstack.coordinator.app.transfer import read_chunks
 from dstack.coordinator.artifacts import code_key
 from dstack.coordinator.cache import CACHE_PART, image_of
-from dstack.coordinator.convert import job_spec_proto, job_spec_record
+from dstack.coordinator.convert import job_spec_dict
 from dstack.coordinator.errors import NotFound
 from dstack.coordinator.model import ArtifactFile, JobView, RunView
 from dstack.coordinator.records import RECORD_VERSION, manifest_hash
@@ -48,10 +49,12 @@ def _timings(job: JobView, env: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _cache_record(job: JobView, parts: dict[tuple[str, str], dict[str, Any]], key: str) -> dict[str, Any] | None:
-    """How the step cache saw the job (coordinator/cache.py): its key, whether it was a hit and of what; None
-    for a job it never keyed (one that has not started, failed without a key, an upload)."""
-    asked = job_spec_proto(job.spec).cache
+def _cache_record(
+    job: JobView, asked: bool, parts: dict[tuple[str, str], dict[str, Any]], key: str
+) -> dict[str, Any] | None:
+    """How the step cache saw the job (coordinator/cache.py): its key, whether it was a hit and of what (`asked`:
+    whether its spec asked for the cache); None for a job it never keyed (one that has not started, failed
+    without a key, an upload)."""
     hit = parts.get((job.id, CACHE_PART))
     if hit is not None:
         return {**hit, "asked": asked}
@@ -69,11 +72,12 @@ def _job_record(
 ) -> dict[str, Any]:
     env = parts.get((job.id, "environment"), {})
     files = [(a.path, a.size, a.sha256) for a in artifacts]
+    spec = stored.job_spec(job.id, job.spec)
     return {
         "job_name": job.job_name,
         "status": job.status.name.lower(),
         "termination_reason": job.termination_reason.name.lower(),
-        "message": job.message,
+        "message": job.message if spec is not None else stored.with_marker(job.message, stored.SPEC_DAMAGED),
         "exit_code": job.exit_code,
         "attempt": job.attempt,
         "agent": job.agent_name,
@@ -81,11 +85,11 @@ def _job_record(
         "submitted_at_ns": job.submitted_at_ns,
         "started_at_ns": job.started_at_ns,
         "finished_at_ns": job.finished_at_ns,
-        "spec": job_spec_record(job.spec),
+        "spec": job_spec_dict(spec) if spec is not None else None,
         "inputs": inputs,
         "environment": env or None,
         "timings_s": _timings(job, env),
-        "cache": _cache_record(job, parts, cache_key),
+        "cache": _cache_record(job, spec.cache, parts, cache_key) if spec is not None else None,
         "artifacts": {
             "manifest_hash": manifest_hash(files) if files else "",
             "files": [{"path": p, "size": s, "sha256": h} for p, s, h in files],

@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from dstack.coordinator import stored
 from dstack.coordinator.app.waiting import QueueEntry
-from dstack.coordinator.convert import job_spec_from_proto, job_spec_proto
+from dstack.coordinator.convert import job_spec_from_proto
 from dstack.coordinator.model import AgentView, JobView, LogLine, LogStream, RunView
 
 Json = dict[str, Any]
@@ -18,14 +19,15 @@ def _name(value: Any) -> str:
 
 
 def job_json(j: JobView) -> Json:
-    proto = job_spec_proto(j.spec) if j.spec else None
+    proto = stored.job_spec(j.id, j.spec) if j.spec else None
+    message = j.message if proto is not None or not j.spec else stored.with_marker(j.message, stored.SPEC_DAMAGED)
     spec = job_spec_from_proto(proto) if proto is not None else None
     return {
         "id": j.id,
         "job_name": j.job_name,
         "status": _name(j.status),
         "termination_reason": _name(j.termination_reason),
-        "message": j.message,
+        "message": message,
         "agent_name": j.agent_name,
         "gpu_indices": list(j.gpu_indices),
         "exit_code": j.exit_code,

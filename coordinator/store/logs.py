@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
+from dstack.coordinator import stored
 from dstack.coordinator.attempts import SEQ_BITS, attempt_base, parse_wire_job_id
 from dstack.coordinator.model import TERMINAL_JOB, LogAck, LogBatch, LogLine, LogStream
 from dstack.coordinator.store.base import Db, ints_in
@@ -366,6 +367,7 @@ class Logs:
             for first, last_seq, body in cur:
                 if last_seq <= after_seq:
                     continue
+                body = stored.log_chunk(job_id, first, last_seq, body)
                 if first <= after_seq:  # the cursor is inside this chunk
                     body, n = body_after(body, after_seq)
                 else:
@@ -391,10 +393,10 @@ class Logs:
 
     def all(self, job_id: str) -> list[LogLine]:
         out: list[LogLine] = []
-        for (body,) in self.db.conn.execute(
-            "SELECT body FROM log_chunks WHERE job_id = ? ORDER BY first_seq", [job_id]
+        for first, last, body in self.db.conn.execute(
+            "SELECT first_seq, last_seq, body FROM log_chunks WHERE job_id = ? ORDER BY first_seq", [job_id]
         ):
-            out += lines_of(body)
+            out += lines_of(stored.log_chunk(job_id, first, last, body))
         return out
 
     def jobs_to_archive(self, finished_before: int, limit: int, after_id: str = "") -> list[ArchivableJob]:

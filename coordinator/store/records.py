@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from dstack.coordinator import stored
 from dstack.coordinator.store.base import Db
 
 RUN_PART = ""  # job_id of a part that belongs to the run as a whole
@@ -43,9 +44,12 @@ class Records:
         return written > 0
 
     def of_run(self, run_id: str) -> dict[tuple[str, str], dict[str, Any]]:
-        """(job_id, part) -> body of every part of the run."""
+        """(job_id, part) -> body of every part of the run; a damaged one is left out (logged)."""
         found = self.db.rows("SELECT job_id, part, body FROM records WHERE run_id = ?", [run_id])
-        return {(r["job_id"], r["part"]): dict(json.loads(r["body"])) for r in found}
+        bodies = (
+            (r["job_id"], r["part"], stored.record_part(run_id, r["job_id"], r["part"], r["body"])) for r in found
+        )
+        return {(job_id, part): body for job_id, part, body in bodies if body is not None}
 
     def delete_run(self, run_id: str) -> None:
         with self.db.tx() as c:

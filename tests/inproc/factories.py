@@ -146,6 +146,7 @@ class ConfigOverrides(TypedDict, total=False):
     fence_margin_s: float
     fence_kill_s: float
     reconnect_grace_s: float
+    http_port: int | None
 
 
 @contextlib.asynccontextmanager
