@@ -1,6 +1,8 @@
 """Where bench.e2e's coordinator CPU per run goes, by phase, measured (user+system from /proc) rather than
 profiled: the same single-job runs of `true` and the same client as bench.e2e, taken apart.
 
+0. floor: JOBS GetInfo calls from the same 16 concurrent callers: what any unary call costs the coordinator
+   (gRPC aio, TLS, the auth interceptor) before its handler does anything;
 1. submit: JOBS runs through SubmitRun (bench.e2e's 16 concurrent submitters) into a coordinator with no
    agent: each run stored and queued, nothing dispatched;
 2. get: one GetRun per run, still queued;
@@ -67,7 +69,20 @@ def one_round(
                 await asyncio.gather(*(worker(k) for k in range(16)))
                 return names
 
+        async def floor() -> None:
+            async with svc.aio_channel() as channel:
+                stub = client_pb2_grpc.ClientServiceStub(channel)
+
+                async def worker(k: int) -> None:
+                    for _ in range(k, jobs, 16):
+                        await stub.GetInfo(client_pb2.GetInfoRequest(), metadata=meta())
+
+                await asyncio.gather(*(worker(k) for k in range(16)))
+
         out: dict[str, dict[str, float]] = {}
+        c0 = cpu(coordinator)
+        asyncio.run(floor())
+        out["floor"] = per_run(c0, cpu(coordinator), jobs)
         c0 = cpu(coordinator)
         names = asyncio.run(submit_all())
         out["submit"] = per_run(c0, cpu(coordinator), jobs)
@@ -129,7 +144,8 @@ def main() -> None:
     print(
         f"coordinator CPU ms per single-job run, medians of {a.rounds} rounds of {a.jobs}"
         f" (load {min(loads):.1f}-{max(loads):.1f});"
-        " run: dispatch, passes, reports, completion (and the agents' start); e2e: bench.e2e's whole round"
+        " floor: a GetInfo call; run: dispatch, passes, reports, completion (and the agents' start);"
+        " e2e: bench.e2e's whole round"
     )
     for label, done in rounds.items():
         if len(rounds) > 1:
