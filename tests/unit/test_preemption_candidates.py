@@ -225,3 +225,31 @@ def test_whether_a_job_may_be_preempted_reads_each_running_job_s_spec_once(tmp_p
     finally:
         conn.set_trace_callback(None)
     assert statements and not any("spec" in s for s in statements)  # was: every running job's spec, every call
+
+
+def test_a_job_held_for_an_agent_does_not_hide_a_younger_one_that_any_agent_would_serve(tmp_path: Path) -> None:
+    # bob's older job is reserved on the agent whose job may not be preempted; his younger one, of the same
+    # shape, is not reserved: it gets the interruptible job's agent (the two are separate classes).
+    clock = ManualClock()
+    engine = _engine(tmp_path, clock, reserve_after_s=1.0, fairshare=False, preempt_min_run_s=0.0)
+    connected = {_agent(engine, "a0", 1, 1), _agent(engine, "a1", 1, 1)}
+    spec = common_pb2.JobSpec(job_name="main", workflow="t", provider="bash", commands=["true"])
+    spec.resources.gpu.count = 1
+    for interruptible in (True, False):
+        spec.resources.interruptible = interruptible
+        _submit(engine, "alice", [spec])
+    _queue_all(engine)
+    assert len(_place(engine, connected, clock.time_ns())) == 2
+    spec.resources.interruptible = False
+    older = _submit(engine, "bob", [spec])[0]
+    clock.step(0.001)
+    younger = _submit(engine, "bob", [spec])[0]
+    _queue_all(engine)
+    clock.step(10.0)
+    on_a1 = next(j.agent_id for j in engine.store.running_for_preemption() if not j.interruptible)
+    engine.reservations = {older: on_a1}
+    starved = engine.waits.longer_than(1.0, engine.queue)
+    want = old_preemption.victims(engine, connected, starved)
+    assert want is not None and want[0].for_job == younger
+    engine.preempted_for = {}
+    assert engine._victims(connected, starved) == want
