@@ -1190,11 +1190,20 @@ class Jobs:
         return found
 
     def running_for_preemption(self) -> list[RunningJob]:
+        """The jobs on agents as the preemption policy sees them. Whether each is interruptible is what
+        `any_preemptible_running` (asked just before, in the same check) remembered: a spec is read and
+        parsed only for a job it has not seen."""
         rows = self.db.rows(
-            "SELECT j.id, j.agent_id, j.cpu, j.memory, j.gpu_indices, j.spec, j.stop_requested, j.stop_reason,"
+            "SELECT j.id, j.agent_id, j.cpu, j.memory, j.gpu_indices, j.stop_requested, j.stop_reason,"
             " j.started_at, r.owner FROM jobs j JOIN runs r ON r.id = j.run_id"
             f" WHERE j.status IN ({ints_in(ON_AGENT)})"
         )
+        known = self._interruptible
+        new = [r["id"] for r in rows if r["agent_id"] and r["id"] not in known]
+        for i in range(0, len(new), 5000):
+            chunk = new[i : i + 5000]
+            for job_id, spec in self.db.conn.execute(f"SELECT id, spec FROM jobs WHERE id IN ({marks(chunk)})", chunk):
+                known[job_id] = common_pb2.JobSpec.FromString(spec).resources.interruptible
         return [
             RunningJob(
                 job_id=r["id"],
@@ -1202,13 +1211,13 @@ class Jobs:
                 cpu=r["cpu"] or 0.0,
                 memory=r["memory"] or 0,
                 gpu_indices=tuple(json_list(r["gpu_indices"])),
-                interruptible=common_pb2.JobSpec.FromString(r["spec"]).resources.interruptible,
+                interruptible=known[r["id"]],
                 being_preempted=bool(r["stop_requested"]) and r["stop_reason"] == TerminationReason.PREEMPTED,
                 owner=r["owner"] or "",
                 started_ns=r["started_at"] or 0,
             )
             for r in rows
-            if r["agent_id"]
+            if r["agent_id"] and r["id"] in known
         ]
 
     def attempts_of(self, job_ids: Sequence[str]) -> dict[str, list[AttemptRow]]:
