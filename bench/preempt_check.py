@@ -9,7 +9,11 @@ job on the DB thread every second, only to find no interruptible job. Run it on 
 the median and 90th percentile CPU per call (the event loop's part and the DB thread's, here one thread)
 and the garbage collections the calls ran.
 
-Usage: python -m bench.preempt_check [AGENTS] [QUEUED] [CALLS]
+With `--interruptible N`, N of the running jobs are interruptible (none old enough to be preempted, so
+every call does the whole check, `Engine._victims` included, and preempts nothing): the case where one
+interruptible job in a deep queue made the check read every long-waiting job's row every second.
+
+Usage: python -m bench.preempt_check [AGENTS] [QUEUED] [CALLS] [--interruptible N]
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ JS = common_pb2.JobStatus
 
 def main() -> None:
     args = sys.argv[1:]
+    interruptible = 0
+    if "--interruptible" in args:
+        at = args.index("--interruptible")
+        interruptible = int(args[at + 1])
+        del args[at : at + 2]
     agents_n = int(args[0]) if len(args) > 0 else 2000
     queued = int(args[1]) if len(args) > 1 else 30_000
     calls = int(args[2]) if len(args) > 2 else 30
@@ -59,9 +68,13 @@ def main() -> None:
         inv.hostname = f"sim-{i}"
         store.agent_online(agent_id, inv.SerializeToString(), 2**62)
         agents.append(agent_id)
-    spec = common_pb2.JobSpec(job_name="main", workflow="t", provider="bash", commands=["true"]).SerializeToString()
-    for _ in range(agents_n + queued):
-        store.create_run("admin", "t", b"", "", [], [NewJob("main", spec, 0, 0, 0, [])])
+    spec = common_pb2.JobSpec(job_name="main", workflow="t", provider="bash", commands=["true"])
+    plain = spec.SerializeToString()
+    spec.resources.interruptible = True
+    may_go = spec.SerializeToString()
+    for i in range(agents_n + queued):  # the first ones run (the heads pass below places them)
+        job = NewJob("main", may_go if i < interruptible else plain, 0, 0, 0, [])
+        store.create_run("admin", "t", b"", "", [], [job])
     for row in store.waiting_jobs():
         engine.queue.add_row(row)
         engine.waits.start(row.id)
@@ -93,7 +106,8 @@ def main() -> None:
 
     took = sorted(asyncio.run(run()))
     print(
-        f"{len(plan.assignments)} agents running a job, {len(engine.queue)} queued past --preempt-after:"
+        f"{len(plan.assignments)} agents running a job ({interruptible} interruptible),"
+        f" {len(engine.queue)} queued past --preempt-after:"
         f" preemption check CPU per call median {statistics.median(took) * 1e3:.2f} ms,"
         f" p90 {took[int(0.9 * (len(took) - 1))] * 1e3:.2f} ms;"
         f" collections in {calls} calls: {'/'.join(map(str, counts))}"

@@ -13,7 +13,7 @@ must: the stamps are all that survive a restart.
 from __future__ import annotations
 
 import threading
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Mapping
 
 from dstack.coordinator.clock import Clock
 
@@ -121,6 +121,11 @@ class Waits:
         """These jobs no longer wait (placed, stopped, failed)."""
         for job_id in job_ids:
             self._since.pop(job_id, None)
+
+    def instants(self) -> Mapping[str, float]:
+        """Since when each job waits (monotonic; to read, not to change: the preemption check reads it on
+        the DB thread, one look-up a job, as it reads `waited_s`)."""
+        return self._since
 
     def waited_s(self, job_id: str) -> float:
         since = self._since.get(job_id)

@@ -11,7 +11,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -1346,9 +1346,11 @@ class Engine:
         ]
         if not any(j.interruptible and not j.being_preempted for j in running):
             return None
+        reservations = self._held()
+        since = self._may_be_served(waited_long, now, reservations)
         starved = [
-            replace(w, submitted_at=now - int(self.waits.waited_s(w.id) * NS))
-            for w in self.store.starved_among(waited_long)
+            replace(w, submitted_at=since.get(w.id) or now - int(self.waits.waited_s(w.id) * NS))
+            for w in self.store.starved_among(list(since))
         ]
         if not starved:
             return None
@@ -1361,7 +1363,7 @@ class Engine:
             fairshare=cfg.fairshare,
             usage=self.last_usage,
             shares={u: lim.share for u, lim in self._user_limits().items()},
-            reservations=self._held(),
+            reservations=reservations,
             limits=self._user_limits(),
         )
         # A gang's member alone is no reason to preempt: freeing one agent for it would not start the gang.
@@ -1379,6 +1381,67 @@ class Engine:
         self.preempted_for[choice.for_job] = choice.agent_id
         w = next(w for w in starved if w.id == choice.for_job)
         return choice, f"{w.run_name}/{w.job_name}" if w.job_name else w.run_name
+
+    def _may_be_served(self, waited_long: list[str], now: int, reservations: Mapping[str, str]) -> dict[str, int]:
+        """Of the jobs that waited long, those `preemption.choose` could serve now, each with when it started
+        waiting as the policy reads it (`now` minus its wait; 0: left the queue): the rest are left out
+        before their rows are read (DB thread). Issue 16: every such row was read and its spec parsed every
+        second, 100,000 of them at full size, while `choose` looks at only the first job of each kind.
+
+        Why this leaves the decision as it was: `choose` walks the jobs in their rows' order (`submitted_at`,
+        `store.starved_among`) and tries each cause once per (cause, shape, owner or reserved agent): once
+        one job of such a class found nothing, the others of it are skipped, and whether a job finds victims
+        depends only on its class (its shape, owner, reservation; its quota on owner and shape). So only the
+        first job of a class that is old enough for the cause can decide, and each (owner, shape, reserved
+        agent)'s first for each cause is kept, ties on `submitted_at` all kept (the rows' order settles
+        them). Kept too, since memory cannot say: a job with dependencies at or before its class's first
+        (the store reads whether they are done) and a job that left the queue meanwhile. Left out at once:
+        interruptible jobs and gang members, which the policy never serves. What a job's wait is compared
+        with is worked out as `choose` does (`now` minus the monotonic wait, in whole nanoseconds)."""
+        cfg = self.config
+        causes: list[float] = []
+        if not math.isinf(cfg.reserve_after_s):
+            causes.append(cfg.reserve_after_s)
+        if cfg.fairshare and not math.isinf(cfg.preempt_after_s):
+            causes.append(cfg.preempt_after_s)
+        keep: dict[str, int] = {}
+        Class = tuple[int, tuple[str, Shape], str | None]  # (cause, (owner, shape), reserved agent)
+        firsts: dict[Class, tuple[int, list[str]]] = {}  # class -> (its first's stored_at, the ids at it)
+        waits_from: dict[str, int] = {}
+        with_deps: list[tuple[Class, int, str]] = []
+        get, since_of, mono = self.queue.get, self.waits.instants().get, self.clock.monotonic()
+        for job_id in waited_long:  # one dict look-up or two and a few comparisons each: no row, no parse
+            w = get(job_id)
+            if w is None:
+                keep[job_id] = 0  # left the queue since: the store says whether it still waits
+                continue
+            kind = w.kind
+            if kind is None:
+                continue  # interruptible, or a gang's member
+            at = since_of(job_id)
+            waits_from[job_id] = start = now - int((mono - at) * NS) if at is not None else now
+            waited = (now - start) / NS
+            held = reservations.get(job_id) if reservations else None
+            for i, after in enumerate(causes):
+                if waited < after:
+                    continue
+                cls = (i, kind, held)
+                if w.depends_on:
+                    with_deps.append((cls, w.stored_at, job_id))
+                    continue
+                first = firsts.get(cls)
+                if first is None or w.stored_at < first[0]:
+                    firsts[cls] = (w.stored_at, [job_id])
+                elif w.stored_at == first[0]:
+                    first[1].append(job_id)
+        for dep_cls, stored_at, job_id in with_deps:
+            first = firsts.get(dep_cls)
+            if first is None or stored_at <= first[0]:
+                keep[job_id] = waits_from[job_id]
+        for _, ids in firsts.values():
+            for job_id in ids:
+                keep[job_id] = waits_from[job_id]
+        return keep
 
     def _heads_agent_states(self, connected: set[str], reread: bool) -> dict[str, AgentState]:
         """The connected agents with what their running jobs hold, as a heads-only pass sees them (DB
@@ -1855,7 +1918,7 @@ class Engine:
         for added in res.added:  # jobs a provider program added to its run (coordinator/provided_jobs.py)
             assert isinstance(added, AddedJobs)
             a = added
-            self.enqueue_run(a.run_id, a.jobs, a.owner, a.priority, a.submitted_at, a.workflow)
+            self.enqueue_run(a.run_id, a.jobs, a.owner, a.priority, a.submitted_at, a.workflow, a.stored_at)
         if res.freed:
             self.kick()
 
@@ -1983,10 +2046,12 @@ class Engine:
         priority: int = 0,
         submitted_at: int = 0,
         workflow: str = "",
+        stored_at: int | None = None,
     ) -> None:
         """A run just stored joins the scheduling queue: its jobs' ids and specs, its owner, priority,
-        submission time and workflow (for fair share and estimates)."""
-        self.queue.add_run(run_id, jobs, owner, priority, submitted_at, workflow)
+        submission time and workflow (for fair share and estimates); `stored_at`: the jobs' rows'
+        `submitted_at` when not the run's (jobs a provider program added)."""
+        self.queue.add_run(run_id, jobs, owner, priority, submitted_at, workflow, stored_at)
         for job_id, _ in jobs:
             self.waits.start(job_id)
         self.kick(finished=False)

@@ -59,6 +59,7 @@ class AddedJobs:
     submitted_at: int
     workflow: str
     jobs: list[tuple[str, JobSpec]]
+    stored_at: int = 0  # their rows' `submitted_at`: when they were added
 
 
 QueuedOf = Callable[[str], int]  # the owner's waiting jobs now
@@ -107,7 +108,7 @@ def add_provided_jobs(
     ]
     insert_jobs(c, run_id, list(zip(ids, new, strict=True)), now)
     jobs = list(zip(ids, specs, strict=True))
-    return AddedJobs(run_id, owner, int(run["priority"]), int(run["submitted_at"]), str(run["workflow"]), jobs)
+    return AddedJobs(run_id, owner, int(run["priority"]), int(run["submitted_at"]), str(run["workflow"]), jobs, now)
 
 
 def _check_owner(c: sqlite3.Connection, owner: str) -> None:

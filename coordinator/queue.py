@@ -36,6 +36,14 @@ class Waiting:
     # The step cache is to be asked about it once it may start (coordinator/cache.py); cleared once asked.
     cache: bool = False
     seq: int = 0  # arrival order in the queue (set by WaitingQueue): ties in the order go to the earlier
+    # Read from its spec once, on the way in: preemption's check leaves these out without a read (engine.py).
+    interruptible: bool = False
+    # Its row's `submitted_at` (a provider-added job's is when it was added, its request's is its run's):
+    # the order the preemption policy walks the long waits in (`store.starved_among`).
+    stored_at: int = 0
+    # (owner, shape) as the preemption policy groups the jobs it may serve; None for those it never
+    # serves (interruptible jobs, gangs' members). Set by WaitingQueue.
+    kind: tuple[str, Shape] | None = None
 
 
 def request_of(
@@ -139,7 +147,9 @@ class WaitingQueue:
         if jobs and (own_key(jobs[-1].request), jobs[-1].seq) > (own_key(req), w.seq):
             self._unsorted.add(req.owner)
         jobs.append(w)
-        self._shapes[shape_of(req)] += 1
+        shape = shape_of(req)
+        w.kind = None if w.interruptible or req.gang else (req.owner, shape)
+        self._shapes[shape] += 1
         if req.gang:
             self._gangs.setdefault(req.gang, {})[w.job_id] = w
 
@@ -193,6 +203,8 @@ class WaitingQueue:
                 depends_on=tuple(row.depends_on),
                 submitted=row.status == JobStatus.SUBMITTED,
                 cache=spec.cache and not spec.gang,
+                interruptible=spec.interruptible,
+                stored_at=row.submitted_at,
             )
         )
 
@@ -204,8 +216,10 @@ class WaitingQueue:
         priority: int = 0,
         submitted_at: int = 0,
         workflow: str = "",
+        stored_at: int | None = None,
     ) -> None:
-        """A run just stored: its jobs (id, spec), all submitted."""
+        """A run just stored: its jobs (id, spec), all submitted (`stored_at`: their rows' `submitted_at`
+        when not the run's, as for jobs a provider program added)."""
         for job_id, spec in jobs:
             self._put(
                 Waiting(
@@ -215,6 +229,8 @@ class WaitingQueue:
                     depends_on=spec.depends_on,
                     submitted=True,
                     cache=spec.cache and not spec.gang,
+                    interruptible=spec.interruptible,
+                    stored_at=submitted_at if stored_at is None else stored_at,
                 )
             )
 

@@ -1164,19 +1164,25 @@ class Jobs:
         policy could take (`running_for_preemption`), asked every second by the lease loop. Why not that
         call (issue 16): it built a record per job on an agent and parsed each one's spec, 5,000 of each a
         second at full size, only to find, in the common case, that no job may be preempted. Here a row is
-        a plain tuple and a spec is parsed once per job (remembered for the jobs on agents now)."""
+        a plain tuple and a spec is read and parsed once per job (remembered for the jobs on agents now):
+        the spec's bytes were most of what the read cost when they came with every row."""
         rows = self.db.conn.execute(
-            "SELECT j.id, j.spec, j.stop_requested, j.stop_reason, j.agent_id FROM jobs j"
+            "SELECT j.id, j.stop_requested, j.stop_reason, j.agent_id FROM jobs j"
             f" WHERE j.status IN ({ints_in(ON_AGENT)})"
         ).fetchall()
         known, seen = self._interruptible, {}
+        new = [job_id for job_id, _, _, agent_id in rows if agent_id and job_id not in known]
+        for i in range(0, len(new), 5000):  # specs read and parsed only for jobs not seen before
+            chunk = new[i : i + 5000]
+            for job_id, spec in self.db.conn.execute(f"SELECT id, spec FROM jobs WHERE id IN ({marks(chunk)})", chunk):
+                known[job_id] = common_pb2.JobSpec.FromString(spec).resources.interruptible
         found = False
-        for job_id, spec, stop_requested, stop_reason, agent_id in rows:
+        for job_id, stop_requested, stop_reason, agent_id in rows:
             if not agent_id:
                 continue
             interruptible = known.get(job_id)
             if interruptible is None:
-                interruptible = common_pb2.JobSpec.FromString(spec).resources.interruptible
+                continue  # gone between the two reads: on no agent
             seen[job_id] = interruptible
             being_preempted = bool(stop_requested) and stop_reason == TerminationReason.PREEMPTED
             found = found or (interruptible and not being_preempted)
@@ -1184,11 +1190,20 @@ class Jobs:
         return found
 
     def running_for_preemption(self) -> list[RunningJob]:
+        """The jobs on agents as the preemption policy sees them. Whether each is interruptible is what
+        `any_preemptible_running` (asked just before, in the same check) remembered: a spec is read and
+        parsed only for a job it has not seen."""
         rows = self.db.rows(
-            "SELECT j.id, j.agent_id, j.cpu, j.memory, j.gpu_indices, j.spec, j.stop_requested, j.stop_reason,"
+            "SELECT j.id, j.agent_id, j.cpu, j.memory, j.gpu_indices, j.stop_requested, j.stop_reason,"
             " j.started_at, r.owner FROM jobs j JOIN runs r ON r.id = j.run_id"
             f" WHERE j.status IN ({ints_in(ON_AGENT)})"
         )
+        known = self._interruptible
+        new = [r["id"] for r in rows if r["agent_id"] and r["id"] not in known]
+        for i in range(0, len(new), 5000):
+            chunk = new[i : i + 5000]
+            for job_id, spec in self.db.conn.execute(f"SELECT id, spec FROM jobs WHERE id IN ({marks(chunk)})", chunk):
+                known[job_id] = common_pb2.JobSpec.FromString(spec).resources.interruptible
         return [
             RunningJob(
                 job_id=r["id"],
@@ -1196,13 +1211,13 @@ class Jobs:
                 cpu=r["cpu"] or 0.0,
                 memory=r["memory"] or 0,
                 gpu_indices=tuple(json_list(r["gpu_indices"])),
-                interruptible=common_pb2.JobSpec.FromString(r["spec"]).resources.interruptible,
+                interruptible=known[r["id"]],
                 being_preempted=bool(r["stop_requested"]) and r["stop_reason"] == TerminationReason.PREEMPTED,
                 owner=r["owner"] or "",
                 started_ns=r["started_at"] or 0,
             )
             for r in rows
-            if r["agent_id"]
+            if r["agent_id"] and r["id"] in known
         ]
 
     def attempts_of(self, job_ids: Sequence[str]) -> dict[str, list[AttemptRow]]:
