@@ -1171,11 +1171,7 @@ class Jobs:
             f" WHERE j.status IN ({ints_in(ON_AGENT)})"
         ).fetchall()
         known, seen = self._interruptible, {}
-        new = [job_id for job_id, _, _, agent_id in rows if agent_id and job_id not in known]
-        for i in range(0, len(new), 5000):  # specs read and parsed only for jobs not seen before
-            chunk = new[i : i + 5000]
-            for job_id, spec in self.db.conn.execute(f"SELECT id, spec FROM jobs WHERE id IN ({marks(chunk)})", chunk):
-                known[job_id] = common_pb2.JobSpec.FromString(spec).resources.interruptible
+        self._learn_interruptible([job_id for job_id, _, _, agent_id in rows if agent_id and job_id not in known])
         found = False
         for job_id, stop_requested, stop_reason, agent_id in rows:
             if not agent_id:
@@ -1189,6 +1185,13 @@ class Jobs:
         self._interruptible = seen
         return found
 
+    def _learn_interruptible(self, job_ids: Sequence[str]) -> None:
+        """Whether each of these jobs' specs says interruptible, read and parsed once, into `_interruptible`."""
+        for i in range(0, len(job_ids), 5000):
+            chunk = job_ids[i : i + 5000]
+            for job_id, spec in self.db.conn.execute(f"SELECT id, spec FROM jobs WHERE id IN ({marks(chunk)})", chunk):
+                self._interruptible[job_id] = common_pb2.JobSpec.FromString(spec).resources.interruptible
+
     def running_for_preemption(self) -> list[RunningJob]:
         """The jobs on agents as the preemption policy sees them. Whether each is interruptible is what
         `any_preemptible_running` (asked just before, in the same check) remembered: a spec is read and
@@ -1199,11 +1202,7 @@ class Jobs:
             f" WHERE j.status IN ({ints_in(ON_AGENT)})"
         )
         known = self._interruptible
-        new = [r["id"] for r in rows if r["agent_id"] and r["id"] not in known]
-        for i in range(0, len(new), 5000):
-            chunk = new[i : i + 5000]
-            for job_id, spec in self.db.conn.execute(f"SELECT id, spec FROM jobs WHERE id IN ({marks(chunk)})", chunk):
-                known[job_id] = common_pb2.JobSpec.FromString(spec).resources.interruptible
+        self._learn_interruptible([r["id"] for r in rows if r["agent_id"] and r["id"] not in known])
         return [
             RunningJob(
                 job_id=r["id"],
